@@ -1,0 +1,120 @@
+//! One root prefix for every host path gpuvisor reads (`/sys`, `/proc`, `/dev`), so that tests
+//! point the node layer at a fixture tree instead of the real host.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRoot {
+    root: PathBuf,
+}
+
+impl Default for HostRoot {
+    fn default() -> Self {
+        Self::real()
+    }
+}
+
+impl HostRoot {
+    /// The real host (`/`).
+    pub fn real() -> Self {
+        Self { root: PathBuf::from("/") }
+    }
+
+    /// A fixture tree standing in for `/`.
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn is_real(&self) -> bool {
+        self.root == Path::new("/")
+    }
+
+    /// Maps an absolute host path (`/sys/bus/pci`) into this root.
+    pub fn path(&self, host_path: impl AsRef<Path>) -> PathBuf {
+        let p = host_path.as_ref();
+        let rel = p.strip_prefix("/").unwrap_or(p);
+        self.root.join(rel)
+    }
+
+    /// Reads a small host file, trimmed; `None` if it does not exist or cannot be read.
+    pub fn read_trimmed(&self, host_path: impl AsRef<Path>) -> Option<String> {
+        std::fs::read_to_string(self.path(host_path))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    /// Total memory of the host in bytes, from `/proc/meminfo`.
+    pub fn mem_total(&self) -> Option<u64> {
+        let text = std::fs::read_to_string(self.path("/proc/meminfo")).ok()?;
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    /// Online CPUs of the host, from `/sys/devices/system/cpu/online` (e.g. `0-3,6`).
+    pub fn online_cpus(&self) -> Option<Vec<u32>> {
+        parse_cpu_list(&self.read_trimmed("/sys/devices/system/cpu/online")?)
+    }
+}
+
+/// Parses a kernel CPU list (`0-3,6,8-9`).
+pub fn parse_cpu_list(s: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+                if b < a {
+                    return None;
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().ok()?),
+        }
+    }
+    Some(out)
+}
+
+/// Formats CPUs as a kernel CPU list (`0-3,6`).
+pub fn format_cpu_list(cpus: &[u32]) -> String {
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    parts.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_round_trip() {
+        assert_eq!(parse_cpu_list("0-3,6"), Some(vec![0, 1, 2, 3, 6]));
+        assert_eq!(format_cpu_list(&[6, 0, 1, 2, 3]), "0-3,6");
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn maps_into_root() {
+        let r = HostRoot::at("/tmp/fx");
+        assert_eq!(r.path("/sys/bus"), PathBuf::from("/tmp/fx/sys/bus"));
+        assert!(HostRoot::real().is_real());
+    }
+}

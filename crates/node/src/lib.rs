@@ -1,0 +1,22 @@
+//! The node layer: the only code in gpuvisor that touches the host (/sys, /dev, /proc, cgroups,
+//! mounts, loop devices, netlink, processes). The control layer above it decides *what* should
+//! exist; this crate makes it exist and can list what exists, so the reconciler can adopt it or
+//! remove it.
+//!
+//! Every host object created here carries the instance id in its name or path (cgroup
+//! `gpuvisor/<id>`, mount points under `<data>/instances/<id>`, loop devices backed by
+//! `<data>/disks/<id>.img`, veth `gvh<id>`, netns `gv-<id>`, runc container `<id>`), which is what
+//! makes orphan sweeps after a crash possible. All read-only host paths go through [`HostRoot`] so
+//! tests run against fixture trees.
+
+pub mod cgroup;
+pub mod cmd;
+pub mod disk;
+pub mod gpu;
+pub mod host;
+pub mod image;
+pub mod net;
+pub mod runtime;
+pub mod seccomp;
+
+pub use host::HostRoot;

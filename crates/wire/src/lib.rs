@@ -1,0 +1,353 @@
+//! Wire types of the gpuvisor API: what the REST server sends and receives and what the CLI
+//! client decodes. Kept in their own crate so that server and client cannot drift apart; nothing
+//! here does I/O. Sizes travel as plain byte counts; the human forms (`4GiB`) are parsed here
+//! once, by [`parse_size`], for every front end.
+
+mod size;
+
+pub use size::{format_size, parse_size, SizeError};
+
+use serde::{Deserialize, Serialize};
+
+/// The API version prefix of every route.
+pub const API_PREFIX: &str = "/v1";
+
+/// The header that carries an API key (`Authorization: Bearer <key>` is accepted too).
+pub const API_KEY_HEADER: &str = "x-api-key";
+
+/// Stable, machine-readable error codes. Scripts match on these; never rename one.
+pub mod code {
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const FORBIDDEN: &str = "forbidden";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const INVALID_ARGUMENT: &str = "invalid_argument";
+    pub const ALREADY_EXISTS: &str = "already_exists";
+    pub const INSUFFICIENT_RESOURCES: &str = "insufficient_resources";
+    pub const IN_USE: &str = "in_use";
+    pub const INVALID_STATE: &str = "invalid_state";
+    pub const INTERNAL: &str = "internal";
+}
+
+/// The body of every non-2xx answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: ApiError,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    /// One of [`code`].
+    pub code: String,
+    pub message: String,
+}
+
+/// Lifecycle states of an instance, persisted in the store.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    Pending,
+    Provisioning,
+    Running,
+    Stopping,
+    Stopped,
+    Terminating,
+    Terminated,
+    Failed,
+}
+
+impl InstanceState {
+    pub const ALL: [InstanceState; 8] = [
+        Self::Pending,
+        Self::Provisioning,
+        Self::Running,
+        Self::Stopping,
+        Self::Stopped,
+        Self::Terminating,
+        Self::Terminated,
+        Self::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Provisioning => "provisioning",
+            Self::Running => "running",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Terminating => "terminating",
+            Self::Terminated => "terminated",
+            Self::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// States in which the instance holds host resources (GPUs, CPUs, memory) in placement.
+    pub fn holds_resources(self) -> bool {
+        !matches!(self, Self::Terminated)
+    }
+
+    /// States a `--wait` can end in.
+    pub fn is_settled(self) -> bool {
+        matches!(self, Self::Running | Self::Stopped | Self::Terminated | Self::Failed)
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A volume to mount into an instance: `NAME:/path[:SIZE]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VolumeMount {
+    pub name: String,
+    pub path: String,
+    /// Create the volume with this size if it does not exist yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// A port the instance exposes: `8888/http`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PortSpec {
+    pub port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct CreateInstance {
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Whole GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+    /// A fraction of one GPU, in (0, 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_fraction: Option<f64>,
+    /// VRAM for a fractional GPU, in bytes (default: the fraction of the GPU's VRAM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vram: Option<u64>,
+    /// Only GPUs of this model (as `gpu list` shows it, e.g. `A100-80GB`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_model: Option<String>,
+    pub vcpus: u32,
+    /// Bytes.
+    pub memory: u64,
+    /// Bytes.
+    pub container_disk: u64,
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+    /// `KEY=VALUE` pairs.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    /// Overrides the image's command.
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+/// One GPU (or share of one) bound to an instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GpuBinding {
+    pub uuid: String,
+    pub index: u32,
+    pub model: String,
+    /// Compute share in thousandths of a GPU (1000 = whole).
+    pub milli: u32,
+    /// VRAM reserved, bytes.
+    pub vram: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Instance {
+    pub id: String,
+    pub name: String,
+    pub tenant: String,
+    pub image: String,
+    pub state: InstanceState,
+    /// Why the instance is in its state (failure reason, exit status).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What the user last asked for: running, stopped or terminated.
+    pub desired: InstanceState,
+    pub vcpus: u32,
+    /// Host CPUs the instance is pinned to.
+    pub cpus: Vec<u32>,
+    pub memory: u64,
+    pub container_disk: u64,
+    pub gpus: Vec<GpuBinding>,
+    pub volumes: Vec<VolumeMount>,
+    pub env: Vec<String>,
+    pub ports: Vec<PortSpec>,
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Gpu {
+    pub uuid: String,
+    pub index: u32,
+    pub model: String,
+    pub vram: u64,
+    pub pci_address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// `nvml`, `sysfs` or `simulated`.
+    pub backend: String,
+    /// Compute allocated, thousandths of the GPU.
+    pub allocated_milli: u32,
+    pub allocated_vram: u64,
+    /// Ids of the instances that use it.
+    pub instances: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Image {
+    pub name: String,
+    /// Content digest of the image (`sha256:...`).
+    pub digest: String,
+    /// Layer digests, bottom first.
+    pub layers: Vec<String>,
+    /// Unpacked size, bytes.
+    pub size: u64,
+    /// Default command from the image config, if any.
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImportImage {
+    /// Path on the daemon's host: OCI layout directory, OCI or docker-save tarball, or a rootfs directory.
+    pub path: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Volume {
+    pub name: String,
+    pub tenant: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_use_by: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreateTenant {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Sees and manages everything: tenants, keys, images, all instances.
+    Admin,
+    /// Sees and acts on its tenant's objects only.
+    User,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "user" => Some(Role::User),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiKey {
+    pub id: String,
+    pub tenant: String,
+    pub role: Role,
+    pub created_at: i64,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreateKey {
+    /// Tenant name.
+    pub tenant: String,
+    #[serde(default = "default_role")]
+    pub role: Role,
+}
+
+fn default_role() -> Role {
+    Role::User
+}
+
+/// Answer to key creation: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreatedKey {
+    pub key: ApiKey,
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    pub at: i64,
+    pub instance: String,
+    /// Short machine-readable kind: `created`, `state`, `exited`, `failed`, ...
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ExecRequest {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Logs {
+    /// Bytes of the log returned start at this offset; pass `next` back as `offset` to follow.
+    pub offset: u64,
+    pub next: u64,
+    pub data: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub node: String,
+}
