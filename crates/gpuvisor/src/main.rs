@@ -1,1 +1,11 @@
-fn main() {}
+//! The `gpuvisor` binary: `gpuvisor serve` runs the daemon; every other subcommand is a client of
+//! its REST API.
+
+mod cli;
+mod client;
+mod output;
+mod serve;
+
+fn main() {
+    std::process::exit(cli::main());
+}

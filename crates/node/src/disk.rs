@@ -1,7 +1,61 @@
-//! Container disks, persistent volumes, loop devices and overlay mounts. CONTRACT (to be implemented).
+//! Container disks, persistent volumes, loop devices and overlay mounts.
+//!
+//! Why: an instance's writable layer must have a hard size limit and must not share a filesystem
+//! with the host or with other tenants, and a tenant's volume must outlive any instance. Both are
+//! sparse ext4 images on loop devices; quotas on a shared filesystem would depend on how the
+//! host's data dir was formatted.
+//!
+//! Layout under the data dir (every object carries the instance id, so a crashed daemon can find
+//! orphans with [`Disks::instances_with_objects`]):
+//!
+//! ```text
+//! <data>/disks/<id>.img                      container disk (ext4, sparse, exactly `size` bytes)
+//! <data>/instances/<id>/disk                 the container disk, mounted
+//! <data>/instances/<id>/disk/{upper,work}    overlay upper and work dirs
+//! <data>/instances/<id>/rootfs               overlay: image layers (lower) + upper = bundle rootfs
+//! <data>/instances/<id>/volumes/<name>       an attached volume, mounted
+//! <data>/volumes/<tenant>/<name>.img         persistent volume (ext4, sparse); never deleted here
+//!                                            except by `remove_volume`
+//! ```
+//!
+//! Key decisions:
+//! - Loop devices are attached with the `LOOP_CONFIGURE` ioctl (kernel 5.8+) and the *autoclear*
+//!   flag, and the device is mounted while our handle is still open. The loop device then lives
+//!   exactly as long as the mount: unmounting frees it, and a crash between attach and mount frees
+//!   it too (the kernel clears it when our descriptor closes). Teardown still clears any loop device
+//!   whose backing file is ours, belt and braces.
+//! - Images are built under `<name>.img.partial` and renamed into place after `mkfs.ext4`, so an
+//!   image that exists is always a complete filesystem.
+//! - The same ext4 image must never be mounted through two loop devices (that corrupts it), so a
+//!   volume with any loop device attached is "in use": attach and remove refuse it.
+//! - Nothing is ever recursively deleted while something is still mounted beneath it: teardown
+//!   re-reads `/proc/self/mountinfo` before removing the instance dir.
+//! - Sizes are rounded up to a multiple of 512 bytes (a loop device's size is counted in
+//!   sectors); any size given in whole KiB or MB is therefore kept exactly.
+//!
+//! Callers serialise operations on one instance id; operations on volumes are serialised in this
+//! process by a lock so that two instances can never attach the same volume at once.
 
+use nix::mount::{MntFlags, MsFlags};
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use thiserror::Error;
+
+/// Smallest container disk or volume accepted: below this, ext4's own metadata (journal, inode
+/// tables) leaves almost nothing usable.
+pub const MIN_SIZE: u64 = 16 * 1024 * 1024;
+
+/// How long teardown waits for the kernel to release loop devices after their last unmount.
+const LOOP_RELEASE_WAIT: Duration = Duration::from_secs(2);
+
+/// Serialises volume attach/detach/remove in this process (see the module docs).
+static VOLUME_LOCK: Mutex<()> = Mutex::new(());
 
 #[derive(Debug, Error)]
 pub enum DiskError {
@@ -19,6 +73,44 @@ pub enum DiskError {
         #[source]
         source: nix::Error,
     },
+    #[error("unmount {target}: {source}")]
+    Unmount {
+        target: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "size {size} bytes is below the minimum of {min} bytes (16 MiB); ask for a larger disk"
+    )]
+    TooSmall { size: u64, min: u64 },
+    #[error("{path} already exists with {existing} bytes, not the {requested} asked for; remove it first")]
+    SizeMismatch {
+        path: PathBuf,
+        existing: u64,
+        requested: u64,
+    },
+    #[error("volume {tenant}/{name} does not exist; create it first")]
+    VolumeNotFound { tenant: String, name: String },
+    #[error("{path} is in use ({by}); detach it first")]
+    InUse { path: PathBuf, by: String },
+    #[error("loop device {op} for {path}: {source}")]
+    Loop {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("still mounted after unmounting: {0:?}")]
+    StillMounted(Vec<PathBuf>),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
+    move |source| DiskError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Layout of gpuvisor's disks under the data dir.
@@ -34,42 +126,1336 @@ pub struct InstanceRoot {
     pub rootfs: PathBuf,
 }
 
+/// The data dir resolved to the absolute, symlink-free form the kernel reports in
+/// `/proc/self/mountinfo` and loop `backing_file`s, so paths compare equal.
+struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    fn disks(&self) -> PathBuf {
+        self.root.join("disks")
+    }
+    fn disk_image(&self, id: &str) -> PathBuf {
+        self.disks().join(format!("{id}.img"))
+    }
+    fn instances(&self) -> PathBuf {
+        self.root.join("instances")
+    }
+    fn instance(&self, id: &str) -> PathBuf {
+        self.instances().join(id)
+    }
+    fn disk_mount(&self, id: &str) -> PathBuf {
+        self.instance(id).join("disk")
+    }
+    fn rootfs(&self, id: &str) -> PathBuf {
+        self.instance(id).join("rootfs")
+    }
+    fn volume_mounts(&self, id: &str) -> PathBuf {
+        self.instance(id).join("volumes")
+    }
+    fn volumes(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+    fn volume_image(&self, tenant: &str, name: &str) -> PathBuf {
+        self.volumes().join(tenant).join(format!("{name}.img"))
+    }
+}
+
 impl Disks {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        Self { data_dir: data_dir.into() }
+        Self {
+            data_dir: data_dir.into(),
+        }
+    }
+
+    /// `<data>/disks/<id>.img`.
+    pub fn disk_image(&self, id: &str) -> PathBuf {
+        self.data_dir.join("disks").join(format!("{id}.img"))
+    }
+
+    /// `<data>/instances/<id>`: everything mounted for an instance lives below it.
+    pub fn instance_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("instances").join(id)
+    }
+
+    /// `<data>/volumes/<tenant>/<name>.img`.
+    pub fn volume_image(&self, tenant: &str, name: &str) -> PathBuf {
+        self.data_dir
+            .join("volumes")
+            .join(tenant)
+            .join(format!("{name}.img"))
+    }
+
+    /// Resolves the data dir; with `create`, makes it first (provisioning), otherwise a missing
+    /// data dir is used as given (teardown and listing of nothing).
+    fn layout(&self, create: bool) -> Result<Layout, DiskError> {
+        if create {
+            std::fs::create_dir_all(&self.data_dir).map_err(io_err(&self.data_dir))?;
+        }
+        let root = match std::fs::canonicalize(&self.data_dir) {
+            Ok(p) => p,
+            Err(e) if e.kind() == ErrorKind::NotFound && !create => {
+                if self.data_dir.is_absolute() {
+                    self.data_dir.clone()
+                } else {
+                    let cwd = std::env::current_dir().map_err(io_err(&self.data_dir))?;
+                    cwd.join(&self.data_dir)
+                }
+            }
+            Err(e) => return Err(io_err(&self.data_dir)(e)),
+        };
+        Ok(Layout { root })
     }
 
     /// Creates the container disk (ext4 of exactly `size` bytes on a loop device), mounts it,
-    /// and mounts the overlay rootfs (lower = `layers`, top first) on it. Idempotent.
-    pub fn provision_root(&self, _id: &str, _size: u64, _layers_top_first: &[PathBuf]) -> Result<InstanceRoot, DiskError> {
-        Ok(InstanceRoot { rootfs: PathBuf::new() })
+    /// and mounts the overlay rootfs (lower = `layers`, top first) on it. Idempotent: an existing
+    /// mounted rootfs is returned as is, and an existing disk image (after a host reboot) is
+    /// mounted again with its content.
+    ///
+    /// On error, whatever was made stays for [`Disks::teardown_root`] to remove.
+    pub fn provision_root(
+        &self,
+        id: &str,
+        size: u64,
+        layers_top_first: &[PathBuf],
+    ) -> Result<InstanceRoot, DiskError> {
+        check_id(id)?;
+        let size = checked_size(size)?;
+        for layer in layers_top_first {
+            check_overlay_path(layer)?;
+            if !layer.is_dir() {
+                return Err(DiskError::Invalid(format!(
+                    "image layer {} is not a directory",
+                    layer.display()
+                )));
+            }
+        }
+        let l = self.layout(true)?;
+        check_overlay_path(&l.root)?;
+        let rootfs = l.rootfs(id);
+        if is_mount_point(&rootfs)? {
+            return Ok(InstanceRoot { rootfs });
+        }
+        let disk_mnt = l.disk_mount(id);
+        for dir in [l.disks(), disk_mnt.clone(), rootfs.clone()] {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+
+        if !is_mount_point(&disk_mnt)? {
+            let image = l.disk_image(id);
+            // Not mounted here, so a loop device on the image is stale or used elsewhere; a second
+            // one would mount the same ext4 twice.
+            release_loops_backed_by(&image)?;
+            refuse_if_in_use(&image)?;
+            match std::fs::metadata(&image) {
+                Ok(m) if m.len() == size => {}
+                Ok(m) => {
+                    return Err(DiskError::SizeMismatch {
+                        path: image,
+                        existing: m.len(),
+                        requested: size,
+                    })
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => make_ext4_image(&image, size)?,
+                Err(e) => return Err(io_err(&image)(e)),
+            }
+            mount_image(&image, &disk_mnt, MsFlags::empty())?;
+            tracing::debug!(id, image = %image.display(), "container disk mounted");
+        }
+
+        let upper = disk_mnt.join("upper");
+        let work = disk_mnt.join("work");
+        for dir in [&upper, &work] {
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        let lower = if layers_top_first.is_empty() {
+            // overlayfs needs at least one lower dir; an image with no layers starts empty.
+            let empty = disk_mnt.join("empty");
+            std::fs::create_dir_all(&empty).map_err(io_err(&empty))?;
+            empty.display().to_string()
+        } else {
+            layers_top_first
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        let opts = format!(
+            "lowerdir={lower},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &rootfs,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(|source| DiskError::Mount {
+            target: rootfs.clone(),
+            source,
+        })?;
+        tracing::info!(
+            id,
+            size,
+            layers = layers_top_first.len(),
+            "instance root provisioned"
+        );
+        Ok(InstanceRoot { rootfs })
     }
 
-    /// Unmounts and deletes everything `provision_root` made; wipes the disk. Idempotent.
-    pub fn teardown_root(&self, _id: &str) -> Result<(), DiskError> {
+    /// Unmounts and deletes everything `provision_root` made; wipes the disk. Volumes attached to
+    /// the instance are unmounted (their images are kept). Idempotent, and works on a
+    /// half-provisioned instance.
+    pub fn teardown_root(&self, id: &str) -> Result<(), DiskError> {
+        check_id(id)?;
+        let l = self.layout(false)?;
+        let dir = l.instance(id);
+        let image = l.disk_image(id);
+        // Volumes are unmounted here too; keep attach_volume from racing with that.
+        let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        unmount_tree(&dir)?;
+        release_loops_backed_by(&image)?;
+        for path in [image.clone(), partial_path(&image)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        // remove_dir_all would walk into anything still mounted below; make sure nothing is.
+        let left = mounts_under(&dir)?;
+        if !left.is_empty() {
+            return Err(DiskError::StillMounted(left));
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&dir)(e)),
+        }
+        tracing::info!(id, "instance root torn down");
         Ok(())
     }
 
-    pub fn create_volume(&self, _tenant: &str, _name: &str, _size: u64) -> Result<(), DiskError> {
+    /// Creates a tenant's persistent volume: an ext4 image of exactly `size` bytes. Idempotent
+    /// when a volume of that size exists; a different size is an error.
+    pub fn create_volume(&self, tenant: &str, name: &str, size: u64) -> Result<(), DiskError> {
+        check_name("tenant id", tenant)?;
+        check_name("volume name", name)?;
+        let size = checked_size(size)?;
+        let l = self.layout(true)?;
+        let image = l.volume_image(tenant, name);
+        let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(parent) = image.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        match std::fs::metadata(&image) {
+            Ok(m) if m.len() == size => Ok(()),
+            Ok(m) => Err(DiskError::SizeMismatch {
+                path: image,
+                existing: m.len(),
+                requested: size,
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                make_ext4_image(&image, size)?;
+                tracing::info!(tenant, name, size, "volume created");
+                Ok(())
+            }
+            Err(e) => Err(io_err(&image)(e)),
+        }
+    }
+
+    /// Deletes a volume's image and its data. Refused while the volume is attached anywhere (any
+    /// loop device is backed by it). Idempotent: a missing volume is not an error.
+    pub fn remove_volume(&self, tenant: &str, name: &str) -> Result<(), DiskError> {
+        check_name("tenant id", tenant)?;
+        check_name("volume name", name)?;
+        let l = self.layout(false)?;
+        let image = l.volume_image(tenant, name);
+        let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        refuse_if_in_use(&image)?;
+        for path in [image.clone(), partial_path(&image)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        if let Some(parent) = image.parent() {
+            // Only succeeds once the tenant has no volume left.
+            let _ = std::fs::remove_dir(parent);
+        }
+        tracing::info!(tenant, name, "volume removed");
         Ok(())
     }
-    pub fn remove_volume(&self, _tenant: &str, _name: &str) -> Result<(), DiskError> {
-        Ok(())
+
+    /// Mounts a volume for an instance and returns the host mount point
+    /// (`<data>/instances/<id>/volumes/<name>`). Idempotent. Refused while the volume is
+    /// attached elsewhere.
+    pub fn attach_volume(&self, id: &str, tenant: &str, name: &str) -> Result<PathBuf, DiskError> {
+        check_id(id)?;
+        check_name("tenant id", tenant)?;
+        check_name("volume name", name)?;
+        let l = self.layout(false)?;
+        let image = l.volume_image(tenant, name);
+        let target = l.volume_mounts(id).join(name);
+        let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        if !image.exists() {
+            return Err(DiskError::VolumeNotFound {
+                tenant: tenant.to_string(),
+                name: name.to_string(),
+            });
+        }
+        let table = mount_table()?;
+        let loops = loops_backed_by(&image)?;
+        if let Some(m) = table.iter().rev().find(|m| m.mount_point == target) {
+            if loops.iter().any(|lp| lp.dev_id == m.dev_id) {
+                return Ok(target);
+            }
+            return Err(DiskError::InUse {
+                path: target,
+                by: format!("{} is mounted there", m.source),
+            });
+        }
+        refuse_if_in_use(&image)?;
+        std::fs::create_dir_all(&target).map_err(io_err(&target))?;
+        mount_image(&image, &target, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
+        tracing::info!(id, tenant, name, "volume attached");
+        Ok(target)
     }
-    /// Mounts a volume for an instance and returns the host mount point. Idempotent.
-    pub fn attach_volume(&self, _id: &str, _tenant: &str, _name: &str) -> Result<PathBuf, DiskError> {
-        Ok(PathBuf::new())
-    }
-    /// Unmounts all of an instance's volumes. Idempotent.
-    pub fn detach_volumes(&self, _id: &str) -> Result<(), DiskError> {
+
+    /// Unmounts all of an instance's volumes and frees their loop devices; the images are kept.
+    /// Idempotent.
+    pub fn detach_volumes(&self, id: &str) -> Result<(), DiskError> {
+        check_id(id)?;
+        let l = self.layout(false)?;
+        let dir = l.volume_mounts(id);
+        let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        unmount_tree(&dir)?;
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    // rmdir, never a recursive delete: only empty mount points go.
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&dir)(e)),
+        }
         Ok(())
     }
 
     /// Instance ids that have host objects (mounts, loop devices, disk images, dirs) here.
     pub fn instances_with_objects(&self) -> Result<Vec<String>, DiskError> {
-        Ok(vec![])
+        let l = self.layout(false)?;
+        let mut ids = BTreeSet::new();
+        let instances = l.instances();
+        for entry in read_dir_names(&instances)? {
+            ids.insert(entry);
+        }
+        for entry in read_dir_names(&l.disks())? {
+            if let Some(id) = disk_id_from_file_name(&entry) {
+                ids.insert(id.to_string());
+            }
+        }
+        for lp in loops_backed_under(&l.disks())? {
+            if let Some(id) = lp
+                .backing_file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(disk_id_from_file_name)
+            {
+                ids.insert(id.to_string());
+            }
+        }
+        for mp in mounts_under(&instances)? {
+            if let Ok(rest) = mp.strip_prefix(&instances) {
+                if let Some(first) = rest.components().next() {
+                    ids.insert(first.as_os_str().to_string_lossy().into_owned());
+                }
+            }
+        }
+        Ok(ids.into_iter().collect())
     }
 }
 
-#[allow(dead_code)]
-fn _unused(_: &Path) {}
+fn read_dir_names(dir: &Path) -> Result<Vec<String>, DiskError> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => Ok(entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(vec![]),
+        Err(e) => Err(io_err(dir)(e)),
+    }
+}
+
+/// `<id>.img` or `<id>.img.partial` → `<id>`.
+fn disk_id_from_file_name(name: &str) -> Option<&str> {
+    let stem = name
+        .strip_suffix(".img")
+        .or_else(|| name.strip_suffix(".img.partial"))?;
+    (!stem.is_empty()).then_some(stem)
+}
+
+fn partial_path(image: &Path) -> PathBuf {
+    let mut s = image.as_os_str().to_owned();
+    s.push(".partial");
+    PathBuf::from(s)
+}
+
+/// Instance ids become path components, mount options and loop backing names: keep them plain.
+fn check_id(id: &str) -> Result<(), DiskError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(DiskError::Invalid(format!(
+            "invalid instance id {id:?}: use 1-64 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+/// Tenant ids and volume names are validated by the caller; this only makes sure they cannot
+/// escape their directory.
+fn check_name(what: &str, name: &str) -> Result<(), DiskError> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.len() > 200
+        || name.contains(['/', '\\', '\0'])
+    {
+        return Err(DiskError::Invalid(format!(
+            "invalid {what} {name:?}: must be a plain file name"
+        )));
+    }
+    Ok(())
+}
+
+/// overlayfs splits its options at ',' and lower dirs at ':'.
+fn check_overlay_path(p: &Path) -> Result<(), DiskError> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| DiskError::Invalid(format!("path {} is not valid UTF-8", p.display())))?;
+    if s.contains([',', ':', '\\']) {
+        return Err(DiskError::Invalid(format!(
+            "path {s:?} cannot be used in an overlay mount: it contains ',', ':' or '\\'"
+        )));
+    }
+    Ok(())
+}
+
+fn checked_size(size: u64) -> Result<u64, DiskError> {
+    if size < MIN_SIZE {
+        return Err(DiskError::TooSmall {
+            size,
+            min: MIN_SIZE,
+        });
+    }
+    size.checked_add(511)
+        .map(|s| s & !511)
+        .ok_or_else(|| DiskError::Invalid(format!("size {size} is too large")))
+}
+
+/// Builds a sparse ext4 image of exactly `size` bytes at `image`, atomically (see module docs).
+fn make_ext4_image(image: &Path, size: u64) -> Result<(), DiskError> {
+    let partial = partial_path(image);
+    match std::fs::remove_file(&partial) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&partial)(e)),
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(io_err(&partial))?;
+    file.set_len(size).map_err(io_err(&partial))?;
+    drop(file);
+    let made = crate::cmd::run(
+        "mkfs.ext4",
+        [
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-E".as_ref(),
+            "lazy_itable_init=1,lazy_journal_init=1".as_ref(),
+            "-m".as_ref(),
+            "0".as_ref(),
+            partial.as_os_str(),
+        ],
+    );
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e.into());
+    }
+    std::fs::rename(&partial, image).map_err(io_err(image))?;
+    Ok(())
+}
+
+/// Attaches `image` to a free autoclear loop device and mounts it (ext4) at `target`.
+fn mount_image(image: &Path, target: &Path, flags: MsFlags) -> Result<(), DiskError> {
+    let (dev_file, dev_path) = attach_loop(image)?;
+    let mounted = nix::mount::mount(Some(&dev_path), target, Some("ext4"), flags, None::<&str>);
+    if let Err(source) = mounted {
+        clear_loop_fd(&dev_file);
+        return Err(DiskError::Mount {
+            target: target.to_path_buf(),
+            source,
+        });
+    }
+    // Dropping our handle leaves the mount as the only user: the device goes with the mount.
+    drop(dev_file);
+    Ok(())
+}
+
+// Loop device ioctls and structures from <linux/loop.h>; the libc crate does not carry them.
+const LOOP_CLR_FD: u64 = 0x4C01;
+const LOOP_CONFIGURE: u64 = 0x4C0A;
+const LOOP_CTL_GET_FREE: u64 = 0x4C82;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+const LO_NAME_SIZE: usize = 64;
+
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; LO_NAME_SIZE],
+    lo_crypt_name: [u8; LO_NAME_SIZE],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// Binds `image` to a free loop device with autoclear; returns the open device and its path.
+/// The device stays bound while the returned file is open (or something else holds it).
+fn attach_loop(image: &Path) -> Result<(File, PathBuf), DiskError> {
+    let loop_err = |op: &'static str| {
+        move |source: std::io::Error| DiskError::Loop {
+            op,
+            path: image.to_path_buf(),
+            source,
+        }
+    };
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(image)
+        .map_err(io_err(image))?;
+    let ctl = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")
+        .map_err(loop_err("control"))?;
+    let mut name = [0u8; LO_NAME_SIZE];
+    let bytes = image.as_os_str().as_encoded_bytes();
+    // The kernel keeps only a truncated copy; sysfs `backing_file` has the full path anyway.
+    let tail = &bytes[bytes.len().saturating_sub(LO_NAME_SIZE - 1)..];
+    name[..tail.len()].copy_from_slice(tail);
+    let config = LoopConfig {
+        fd: u32::try_from(backing.as_raw_fd())
+            .map_err(|_| loop_err("configure")(std::io::Error::from_raw_os_error(libc::EBADF)))?,
+        block_size: 0,
+        info: LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: LO_FLAGS_AUTOCLEAR,
+            lo_file_name: name,
+            lo_crypt_name: [0; LO_NAME_SIZE],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        },
+        reserved: [0; 8],
+    };
+    // Another process may take the device between GET_FREE and CONFIGURE (EBUSY): try again.
+    let mut last = std::io::Error::from_raw_os_error(libc::EBUSY);
+    for _ in 0..32 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and only returns an int; `ctl` is an open
+        // descriptor of /dev/loop-control for the duration of the call.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
+        if n < 0 {
+            return Err(loop_err("get free")(std::io::Error::last_os_error()));
+        }
+        let dev_path = PathBuf::from(format!("/dev/loop{n}"));
+        let dev = open_loop_dev(&dev_path, n).map_err(loop_err("open"))?;
+        // SAFETY: LOOP_CONFIGURE reads a `struct loop_config`, which `LoopConfig` mirrors with
+        // #[repr(C)]; the pointer is valid for the call and the kernel does not keep it. The
+        // backing descriptor stays open for the call (the kernel takes its own reference).
+        let r = unsafe {
+            libc::ioctl(
+                dev.as_raw_fd(),
+                LOOP_CONFIGURE as _,
+                &config as *const LoopConfig,
+            )
+        };
+        if r == 0 {
+            return Ok((dev, dev_path));
+        }
+        last = std::io::Error::last_os_error();
+        if last.raw_os_error() != Some(libc::EBUSY) {
+            return Err(loop_err("configure")(last));
+        }
+    }
+    Err(loop_err("configure")(last))
+}
+
+/// Opens `/dev/loopN`, making the node if the host's /dev is not a devtmpfs (e.g. the daemon
+/// itself runs in a container).
+fn open_loop_dev(path: &Path, n: i32) -> std::io::Result<File> {
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+    };
+    match open() {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let dev = std::fs::read_to_string(format!("/sys/block/loop{n}/dev"))?;
+            let (major, minor) = parse_dev_id(dev.trim()).ok_or(e)?;
+            nix::sys::stat::mknod(
+                path,
+                nix::sys::stat::SFlag::S_IFBLK,
+                nix::sys::stat::Mode::from_bits_truncate(0o660),
+                nix::sys::stat::makedev(major.into(), minor.into()),
+            )
+            .map_err(std::io::Error::from)?;
+            open()
+        }
+        other => other,
+    }
+}
+
+/// Asks the kernel to unbind a loop device (immediately if unused, else when its last user goes).
+fn clear_loop_fd(dev: &File) -> bool {
+    // SAFETY: LOOP_CLR_FD takes no argument; `dev` is an open loop device descriptor.
+    let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CLR_FD as _, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
+}
+
+fn clear_loop(lp: &LoopDevice) {
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&lp.dev)
+    {
+        Ok(f) => {
+            if !clear_loop_fd(&f) {
+                tracing::warn!(dev = %lp.dev.display(), err = %std::io::Error::last_os_error(), "cannot clear loop device");
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(dev = %lp.dev.display(), err = %e, "cannot open loop device"),
+    }
+}
+
+/// Clears loop devices and waits a little for the kernel to let them go.
+fn clear_loops_and_wait(loops: &[LoopDevice]) -> Result<(), DiskError> {
+    if loops.is_empty() {
+        return Ok(());
+    }
+    for lp in loops {
+        clear_loop(lp);
+    }
+    let deadline = Instant::now() + LOOP_RELEASE_WAIT;
+    loop {
+        let still: Vec<LoopDevice> = loop_devices()?
+            .into_iter()
+            .filter(|l| {
+                loops
+                    .iter()
+                    .any(|o| o.name == l.name && o.backing_file == l.backing_file)
+            })
+            .collect();
+        if still.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            // Held by someone (another mount namespace, a lazy unmount): autoclear is set, so
+            // the kernel frees it when they let go.
+            tracing::warn!(loops = ?still.iter().map(|l| &l.name).collect::<Vec<_>>(), "loop devices still busy");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Clears every loop device backed by `image` that is not mounted in this namespace.
+fn release_loops_backed_by(image: &Path) -> Result<(), DiskError> {
+    let loops = loops_backed_by(image)?;
+    if loops.is_empty() {
+        return Ok(());
+    }
+    let table = mount_table()?;
+    let unmounted: Vec<LoopDevice> = loops
+        .into_iter()
+        .filter(|lp| !table.iter().any(|m| m.dev_id == lp.dev_id))
+        .collect();
+    clear_loops_and_wait(&unmounted)
+}
+
+fn refuse_if_in_use(image: &Path) -> Result<(), DiskError> {
+    let loops = loops_backed_by(image)?;
+    if loops.is_empty() {
+        return Ok(());
+    }
+    let table = mount_table()?;
+    let by = loops
+        .iter()
+        .map(|lp| {
+            let at: Vec<String> = table
+                .iter()
+                .filter(|m| m.dev_id == lp.dev_id)
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            if at.is_empty() {
+                format!("attached to {}", lp.dev.display())
+            } else {
+                format!(
+                    "attached to {}, mounted at {}",
+                    lp.dev.display(),
+                    at.join(", ")
+                )
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(DiskError::InUse {
+        path: image.to_path_buf(),
+        by,
+    })
+}
+
+/// Unmounts everything at or below `dir`, deepest first (lazily if busy), then frees the loop
+/// devices those mounts used.
+fn unmount_tree(dir: &Path) -> Result<(), DiskError> {
+    let mut loops_seen: Vec<LoopDevice> = Vec::new();
+    let all_loops = loop_devices()?;
+    for _round in 0..16 {
+        let table = mount_table()?;
+        let mut mine: Vec<&MountEntry> = table
+            .iter()
+            .filter(|m| m.mount_point.starts_with(dir))
+            .collect();
+        if mine.is_empty() {
+            break;
+        }
+        // Deepest first; among stacked mounts on one point, the newest (last listed) first.
+        mine.reverse();
+        mine.sort_by_key(|m| std::cmp::Reverse(m.mount_point.components().count()));
+        for m in mine {
+            for lp in &all_loops {
+                if lp.dev_id == m.dev_id && !loops_seen.iter().any(|o| o.name == lp.name) {
+                    loops_seen.push(lp.clone());
+                }
+            }
+            unmount(&m.mount_point)?;
+        }
+    }
+    let left = mounts_under(dir)?;
+    if !left.is_empty() {
+        return Err(DiskError::StillMounted(left));
+    }
+    clear_loops_and_wait(&loops_seen)
+}
+
+fn unmount(target: &Path) -> Result<(), DiskError> {
+    use nix::errno::Errno;
+    match nix::mount::umount2(target, MntFlags::empty()) {
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
+        Err(Errno::EBUSY) => {
+            tracing::warn!(target = %target.display(), "busy, unmounting lazily");
+            match nix::mount::umount2(target, MntFlags::MNT_DETACH) {
+                Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
+                Err(source) => Err(DiskError::Unmount {
+                    target: target.to_path_buf(),
+                    source,
+                }),
+            }
+        }
+        Err(source) => Err(DiskError::Unmount {
+            target: target.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// `(major, minor)` of the mounted device.
+    pub dev_id: (u32, u32),
+    /// The mount point, unescaped.
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    /// The mount source (`/dev/loop3`, `overlay`), unescaped.
+    pub source: String,
+}
+
+/// Parses `/proc/self/mountinfo` text; malformed lines are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut l = left.split(' ');
+            let _id = l.next()?;
+            let _parent = l.next()?;
+            let dev_id = parse_dev_id(l.next()?)?;
+            let _root = l.next()?;
+            let mount_point = PathBuf::from(unescape_mount_field(l.next()?));
+            let mut r = right.split(' ');
+            let fstype = unescape_mount_field(r.next()?);
+            let source = unescape_mount_field(r.next()?);
+            Some(MountEntry {
+                dev_id,
+                mount_point,
+                fstype,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Undoes the kernel's octal escapes (`\040` for a space, `\134` for a backslash, ...).
+pub fn unescape_mount_field(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (u32::from(b[i + 1] - b'0') << 6)
+                | (u32::from(b[i + 2] - b'0') << 3)
+                | u32::from(b[i + 3] - b'0');
+            if let Ok(byte) = u8::try_from(v) {
+                out.push(byte);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_dev_id(s: &str) -> Option<(u32, u32)> {
+    let (a, b) = s.split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// The current mount table of this process's mount namespace.
+pub fn mount_table() -> Result<Vec<MountEntry>, DiskError> {
+    let path = Path::new("/proc/self/mountinfo");
+    // Lossy: a foreign mount point that is not UTF-8 must not make ours unreadable (ours are).
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    Ok(parse_mountinfo(&String::from_utf8_lossy(&bytes)))
+}
+
+/// Mount points at or below `prefix` (an absolute, symlink-free path), in mount order.
+pub fn mounts_under(prefix: &Path) -> Result<Vec<PathBuf>, DiskError> {
+    Ok(mount_table()?
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(prefix))
+        .map(|m| m.mount_point)
+        .collect())
+}
+
+fn is_mount_point(path: &Path) -> Result<bool, DiskError> {
+    Ok(mount_table()?.iter().any(|m| m.mount_point == path))
+}
+
+/// A bound loop device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDevice {
+    /// `loop3`.
+    pub name: String,
+    /// `/dev/loop3`.
+    pub dev: PathBuf,
+    pub dev_id: (u32, u32),
+    /// The backing file, without the kernel's ` (deleted)` suffix.
+    pub backing_file: PathBuf,
+    /// The backing file was deleted while the device was bound.
+    pub deleted: bool,
+}
+
+/// Every bound loop device, from `/sys/block/loop*/loop/backing_file`.
+pub fn loop_devices() -> Result<Vec<LoopDevice>, DiskError> {
+    loop_devices_in(Path::new("/sys/block"))
+}
+
+/// [`loop_devices`] against a sysfs `block` dir (a fixture tree in tests).
+pub fn loop_devices_in(sys_block: &Path) -> Result<Vec<LoopDevice>, DiskError> {
+    let mut out = Vec::new();
+    for name in read_dir_names(sys_block)? {
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let base = sys_block.join(&name);
+        // Unbound devices have no backing_file; a device can also vanish while we look.
+        let Ok(backing) = std::fs::read_to_string(base.join("loop/backing_file")) else {
+            continue;
+        };
+        let Some(dev_id) = std::fs::read_to_string(base.join("dev"))
+            .ok()
+            .and_then(|s| parse_dev_id(s.trim()))
+        else {
+            continue;
+        };
+        let backing = backing.trim_end_matches('\n');
+        let (path, deleted) = match backing.strip_suffix(" (deleted)") {
+            Some(p) => (p, true),
+            None => (backing, false),
+        };
+        out.push(LoopDevice {
+            dev: PathBuf::from("/dev").join(&name),
+            name,
+            dev_id,
+            backing_file: PathBuf::from(path),
+            deleted,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Loop devices whose backing file is at or below `prefix` (an absolute, symlink-free path).
+pub fn loops_backed_under(prefix: &Path) -> Result<Vec<LoopDevice>, DiskError> {
+    Ok(loop_devices()?
+        .into_iter()
+        .filter(|l| l.backing_file.starts_with(prefix))
+        .collect())
+}
+
+fn loops_backed_by(image: &Path) -> Result<Vec<LoopDevice>, DiskError> {
+    Ok(loop_devices()?
+        .into_iter()
+        .filter(|l| l.backing_file == image)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_id() -> String {
+        let mut b = [0u8; 6];
+        getrandom::fill(&mut b).unwrap();
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// A data dir and an instance id, torn down on drop even when the test fails.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        disks: Disks,
+        id: String,
+        others: Vec<String>,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let disks = Disks::new(dir.path().canonicalize().unwrap());
+            Self {
+                dir,
+                disks,
+                id: random_id(),
+                others: Vec::new(),
+            }
+        }
+        fn data(&self) -> PathBuf {
+            self.disks.data_dir.clone()
+        }
+        /// Nothing of ours left on the host.
+        fn assert_clean(&self) {
+            let data = self.data();
+            assert_eq!(mounts_under(&data).unwrap(), Vec::<PathBuf>::new());
+            wait_no_loops_under(&data);
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            for id in std::iter::once(&self.id).chain(&self.others) {
+                let _ = self.disks.teardown_root(id);
+            }
+        }
+    }
+
+    fn wait_no_loops_under(prefix: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let loops = loops_backed_under(prefix).unwrap();
+            if loops.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "loop devices left: {loops:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn layer(root: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let p = root.join("layers").join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        for (f, content) in files {
+            std::fs::write(p.join(f), content).unwrap();
+        }
+        p
+    }
+
+    #[test]
+    fn mountinfo_parsing_and_unescaping() {
+        let text = "36 35 98:0 /mnt1 /mnt/with\\040space rw,noatime master:1 - ext3 /dev/root rw\n\
+                    37 36 7:3 / /data/instances/abc/disk rw,relatime shared:5 - ext4 /dev/loop3 rw\n\
+                    garbage line\n\
+                    38 36 0:52 / /back\\134slash rw - overlay overlay rw,lowerdir=/a\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[0].mount_point, Path::new("/mnt/with space"));
+        assert_eq!(m[0].dev_id, (98, 0));
+        assert_eq!(m[1].source, "/dev/loop3");
+        assert_eq!(m[1].fstype, "ext4");
+        assert_eq!(m[1].dev_id, (7, 3));
+        assert_eq!(m[2].mount_point, Path::new("/back\\slash"));
+        assert_eq!(unescape_mount_field("a\\011b\\012"), "a\tb\n");
+        assert_eq!(unescape_mount_field("trailing\\04"), "trailing\\04");
+    }
+
+    #[test]
+    fn loop_listing_from_fixture() {
+        let root = tempfile::tempdir().unwrap();
+        let sb = root.path();
+        std::fs::create_dir_all(sb.join("loop0/loop")).unwrap();
+        std::fs::write(sb.join("loop0/dev"), "7:0\n").unwrap();
+        std::fs::write(
+            sb.join("loop0/loop/backing_file"),
+            "/d/disks/abc.img (deleted)\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(sb.join("loop1")).unwrap(); // unbound
+        std::fs::write(sb.join("loop1/dev"), "7:1\n").unwrap();
+        std::fs::create_dir_all(sb.join("vda")).unwrap();
+        let loops = loop_devices_in(sb).unwrap();
+        assert_eq!(
+            loops,
+            vec![LoopDevice {
+                name: "loop0".into(),
+                dev: "/dev/loop0".into(),
+                dev_id: (7, 0),
+                backing_file: "/d/disks/abc.img".into(),
+                deleted: true,
+            }]
+        );
+    }
+
+    #[test]
+    fn validation() {
+        let d = Disks::new("/nonexistent-gpuvisor-test");
+        assert!(matches!(
+            d.provision_root("abc", MIN_SIZE - 1, &[]),
+            Err(DiskError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            d.teardown_root("../x"),
+            Err(DiskError::Invalid(_))
+        ));
+        assert!(matches!(
+            d.create_volume("t", "../v", MIN_SIZE),
+            Err(DiskError::Invalid(_))
+        ));
+        assert!(matches!(
+            d.create_volume("a/b", "v", MIN_SIZE),
+            Err(DiskError::Invalid(_))
+        ));
+        assert!(matches!(
+            d.remove_volume("..", "v"),
+            Err(DiskError::Invalid(_))
+        ));
+        assert!(matches!(
+            d.attach_volume("abc", "t", ""),
+            Err(DiskError::Invalid(_))
+        ));
+        assert!(matches!(
+            d.provision_root("abc", MIN_SIZE, &[PathBuf::from("/a:b")]),
+            Err(DiskError::Invalid(_))
+        ));
+        assert_eq!(checked_size(MIN_SIZE + 1).unwrap(), MIN_SIZE + 512);
+        assert_eq!(disk_id_from_file_name("abc.img"), Some("abc"));
+        assert_eq!(disk_id_from_file_name("abc.img.partial"), Some("abc"));
+        assert_eq!(disk_id_from_file_name("abc.txt"), None);
+    }
+
+    #[test]
+    fn disk_has_exact_size_provision_is_idempotent_and_teardown_is_clean() {
+        let f = Fixture::new();
+        let size = 40 * 1024 * 1024 + 4096;
+        let lower = layer(
+            &f.dir.path().canonicalize().unwrap(),
+            "base",
+            &[("hello", "hi")],
+        );
+        let root = f
+            .disks
+            .provision_root(&f.id, size, std::slice::from_ref(&lower))
+            .unwrap();
+        assert_eq!(
+            root.rootfs,
+            f.data().join("instances").join(&f.id).join("rootfs")
+        );
+
+        let image = f.data().join("disks").join(format!("{}.img", f.id));
+        assert_eq!(std::fs::metadata(&image).unwrap().len(), size);
+        let loops = loops_backed_under(&f.data().join("disks")).unwrap();
+        assert_eq!(loops.len(), 1, "{loops:?}");
+        let sectors: u64 = std::fs::read_to_string(format!("/sys/block/{}/size", loops[0].name))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(sectors * 512, size);
+        let st =
+            nix::sys::statfs::statfs(&f.data().join("instances").join(&f.id).join("disk")).unwrap();
+        let fs_bytes = st.blocks() * st.block_size() as u64;
+        assert!(fs_bytes <= size && fs_bytes > size / 2, "{fs_bytes}");
+        assert_eq!(
+            std::fs::read_to_string(root.rootfs.join("hello")).unwrap(),
+            "hi"
+        );
+
+        // Idempotent: same root, no second mount or loop device.
+        let mounts_before = mounts_under(&f.data()).unwrap();
+        let again = f.disks.provision_root(&f.id, size, &[lower]).unwrap();
+        assert_eq!(again, root);
+        assert_eq!(mounts_under(&f.data()).unwrap(), mounts_before);
+        assert_eq!(loops_backed_under(&f.data()).unwrap().len(), 1);
+        assert_eq!(
+            f.disks.instances_with_objects().unwrap(),
+            vec![f.id.clone()]
+        );
+
+        f.disks.teardown_root(&f.id).unwrap();
+        f.assert_clean();
+        assert!(!image.exists());
+        assert!(!f.data().join("instances").join(&f.id).exists());
+        assert_eq!(
+            f.disks.instances_with_objects().unwrap(),
+            Vec::<String>::new()
+        );
+        f.disks.teardown_root(&f.id).unwrap();
+        f.assert_clean();
+    }
+
+    #[test]
+    fn overlay_merges_layers_and_writes_land_in_upper() {
+        let f = Fixture::new();
+        let base = f.dir.path().canonicalize().unwrap();
+        let top = layer(&base, "top", &[("a", "top-a"), ("shared", "top")]);
+        let bottom = layer(&base, "bottom", &[("b", "bottom-b"), ("shared", "bottom")]);
+        let root = f
+            .disks
+            .provision_root(&f.id, MIN_SIZE, &[top.clone(), bottom.clone()])
+            .unwrap();
+        let read = |n: &str| std::fs::read_to_string(root.rootfs.join(n)).unwrap();
+        assert_eq!(read("a"), "top-a");
+        assert_eq!(read("b"), "bottom-b");
+        assert_eq!(read("shared"), "top");
+        std::fs::write(root.rootfs.join("new"), "written").unwrap();
+        std::fs::write(root.rootfs.join("b"), "changed").unwrap();
+        let upper = f.data().join("instances").join(&f.id).join("disk/upper");
+        assert_eq!(
+            std::fs::read_to_string(upper.join("new")).unwrap(),
+            "written"
+        );
+        assert_eq!(std::fs::read_to_string(upper.join("b")).unwrap(), "changed");
+        assert_eq!(
+            std::fs::read_to_string(bottom.join("b")).unwrap(),
+            "bottom-b"
+        );
+        assert!(!top.join("new").exists());
+        f.disks.teardown_root(&f.id).unwrap();
+        f.assert_clean();
+        // The layers are the image store's, never touched by teardown.
+        assert!(bottom.join("b").exists());
+    }
+
+    #[test]
+    fn disk_content_survives_a_host_reboot() {
+        let f = Fixture::new();
+        let root = f.disks.provision_root(&f.id, MIN_SIZE, &[]).unwrap();
+        std::fs::write(root.rootfs.join("kept"), "yes").unwrap();
+        // A reboot drops every mount (and with them the autoclear loop devices).
+        let instance = f.data().join("instances").join(&f.id);
+        unmount_tree(&instance).unwrap();
+        f.assert_clean();
+        assert_eq!(
+            f.disks.instances_with_objects().unwrap(),
+            vec![f.id.clone()]
+        );
+        let again = f.disks.provision_root(&f.id, MIN_SIZE, &[]).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(again.rootfs.join("kept")).unwrap(),
+            "yes"
+        );
+        unmount_tree(&instance).unwrap();
+        assert!(matches!(
+            f.disks.provision_root(&f.id, MIN_SIZE * 2, &[]),
+            Err(DiskError::SizeMismatch { .. })
+        ));
+        f.disks.teardown_root(&f.id).unwrap();
+        f.assert_clean();
+    }
+
+    #[test]
+    fn no_layers_gives_an_empty_writable_root() {
+        let f = Fixture::new();
+        let root = f.disks.provision_root(&f.id, MIN_SIZE, &[]).unwrap();
+        std::fs::write(root.rootfs.join("x"), "1").unwrap();
+        f.disks.teardown_root(&f.id).unwrap();
+        f.assert_clean();
+    }
+
+    #[test]
+    fn teardown_of_half_provisioned_instances() {
+        let f = Fixture::new();
+        let data = f.data();
+        // 1: only dirs and a partial image (crash during mkfs).
+        std::fs::create_dir_all(data.join("instances").join(&f.id).join("rootfs")).unwrap();
+        std::fs::create_dir_all(data.join("disks")).unwrap();
+        std::fs::write(data.join("disks").join(format!("{}.img.partial", f.id)), "").unwrap();
+        assert_eq!(
+            f.disks.instances_with_objects().unwrap(),
+            vec![f.id.clone()]
+        );
+        f.disks.teardown_root(&f.id).unwrap();
+        f.assert_clean();
+        assert_eq!(
+            f.disks.instances_with_objects().unwrap(),
+            Vec::<String>::new()
+        );
+
+        // 2: disk mounted, overlay not (crash before the overlay mount).
+        let image = data.join("disks").join(format!("{}.img", f.id));
+        make_ext4_image(&image, MIN_SIZE).unwrap();
+        let disk_mnt = data.join("instances").join(&f.id).join("disk");
+        std::fs::create_dir_all(&disk_mnt).unwrap();
+        mount_image(&image, &disk_mnt, MsFlags::empty()).unwrap();
+        assert_eq!(
+            f.disks.instances_with_objects().unwrap(),
+            vec![f.id.clone()]
+        );
+        f.disks.teardown_root(&f.id).unwrap();
+        f.assert_clean();
+        assert!(!image.exists());
+
+        // 3: a loop device bound to the image but never mounted (without autoclear, as a
+        // foreign tool would leave it).
+        make_ext4_image(&image, MIN_SIZE).unwrap();
+        let dev = crate::cmd::run(
+            "losetup",
+            ["--find".as_ref(), "--show".as_ref(), image.as_os_str()],
+        )
+        .unwrap();
+        assert!(dev.trim().starts_with("/dev/loop"));
+        assert_eq!(
+            f.disks.instances_with_objects().unwrap(),
+            vec![f.id.clone()]
+        );
+        f.disks.teardown_root(&f.id).unwrap();
+        f.assert_clean();
+        assert_eq!(
+            f.disks.instances_with_objects().unwrap(),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn volume_survives_detach_and_reattach_and_cannot_be_removed_while_attached() {
+        let mut f = Fixture::new();
+        let other = random_id();
+        f.others.push(other.clone());
+        let tenant = format!("t{}", random_id());
+        let size = 24 * 1024 * 1024;
+        f.disks.create_volume(&tenant, "data", size).unwrap();
+        f.disks.create_volume(&tenant, "data", size).unwrap(); // idempotent
+        assert!(matches!(
+            f.disks.create_volume(&tenant, "data", size * 2),
+            Err(DiskError::SizeMismatch { .. })
+        ));
+        let image = f.data().join("volumes").join(&tenant).join("data.img");
+        assert_eq!(std::fs::metadata(&image).unwrap().len(), size);
+
+        let mp = f.disks.attach_volume(&f.id, &tenant, "data").unwrap();
+        assert_eq!(
+            mp,
+            f.data().join("instances").join(&f.id).join("volumes/data")
+        );
+        assert_eq!(f.disks.attach_volume(&f.id, &tenant, "data").unwrap(), mp);
+        assert_eq!(mounts_under(&mp).unwrap().len(), 1);
+        std::fs::write(mp.join("keep"), "precious").unwrap();
+
+        assert!(matches!(
+            f.disks.remove_volume(&tenant, "data"),
+            Err(DiskError::InUse { .. })
+        ));
+        assert!(matches!(
+            f.disks.attach_volume(&other, &tenant, "data"),
+            Err(DiskError::InUse { .. })
+        ));
+        assert!(matches!(
+            f.disks.attach_volume(&f.id, &tenant, "missing"),
+            Err(DiskError::VolumeNotFound { .. })
+        ));
+
+        f.disks.detach_volumes(&f.id).unwrap();
+        f.disks.detach_volumes(&f.id).unwrap();
+        assert!(image.exists());
+        f.assert_clean();
+
+        // Re-attached to another instance, the data is intact.
+        let mp2 = f.disks.attach_volume(&other, &tenant, "data").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(mp2.join("keep")).unwrap(),
+            "precious"
+        );
+        assert!(f.disks.instances_with_objects().unwrap().contains(&other));
+        // Teardown of the instance detaches the volume but keeps it.
+        f.disks.teardown_root(&other).unwrap();
+        f.assert_clean();
+        assert!(image.exists());
+
+        f.disks.remove_volume(&tenant, "data").unwrap();
+        assert!(!image.exists());
+        f.disks.remove_volume(&tenant, "data").unwrap();
+    }
+}

@@ -15,8 +15,10 @@ pub mod disk;
 pub mod gpu;
 pub mod host;
 pub mod image;
+pub mod instance;
 pub mod net;
 pub mod runtime;
 pub mod seccomp;
 
 pub use host::HostRoot;
+pub use instance::{InstancePlan, Node, NodeConfig, NodeError};

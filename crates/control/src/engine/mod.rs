@@ -1,0 +1,882 @@
+//! The engine: gpuvisor's one typed command set. The REST API, and later GraphQL, call these
+//! methods and nothing else; every business rule (who may see what, validation, placement,
+//! state transitions) lives here.
+//!
+//! Key decision: commands only write *desired* state to the store and wake the reconciler
+//! ([`reconcile`]), which alone touches the host. A crash at any point therefore leaves a
+//! store the reconciler can converge from, and the same code path serves normal operation and
+//! recovery.
+
+mod reconcile;
+pub mod validate;
+
+use crate::error::{invalid, EngineError, Result};
+use crate::placement::{Demand, GpuSlot, HostCapacity, Placer};
+use crate::store::{EventRow, ImageRow, InstanceRow, InstanceSpec, KeyRow, Store, TenantRow, VolumeRow};
+use gpuvisor_node::Node;
+use gpuvisor_wire as wire;
+use gpuvisor_wire::{InstanceState, Role};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Engine settings that are policy rather than host facts.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub node_id: String,
+    pub hostname: String,
+    /// Instances allowed per pinned CPU (1 = exclusive).
+    pub cpu_ratio: u32,
+    /// SIGTERM → SIGKILL grace on stop.
+    pub stop_grace: Duration,
+    /// How often the reconciler looks at the host when nothing woke it.
+    pub resync: Duration,
+}
+
+/// Who is calling: resolved from an API key by [`Engine::authenticate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    pub tenant_id: String,
+    pub tenant: String,
+    pub role: Role,
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+    fn scope(&self) -> Option<&str> {
+        (!self.is_admin()).then_some(self.tenant_id.as_str())
+    }
+    fn require_admin(&self, what: &str) -> Result<()> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(EngineError::Forbidden(format!("{what} needs an admin key")))
+        }
+    }
+}
+
+pub struct Engine {
+    pub(crate) store: Store,
+    pub(crate) node: Arc<Node>,
+    placer: Box<dyn Placer>,
+    pub(crate) cfg: EngineConfig,
+    /// Serialises placement decisions (capacity snapshot → insert).
+    place_lock: tokio::sync::Mutex<()>,
+    /// One lock per instance: one host operation on an instance at a time.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) wake: Notify,
+    last_ts: AtomicI64,
+}
+
+pub const ADMIN_TENANT: &str = "admin";
+
+fn random_hex(bytes: usize) -> Result<String> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).map_err(|e| EngineError::Internal(format!("getrandom: {e}")))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Instance ids: 12 lowercase hex characters (they name veths, which allow 15).
+pub fn new_instance_id() -> Result<String> {
+    random_hex(6)
+}
+
+fn hash_key(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Engine {
+    pub fn new(store: Store, node: Arc<Node>, placer: Box<dyn Placer>, cfg: EngineConfig) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            node,
+            placer,
+            cfg,
+            place_lock: tokio::sync::Mutex::new(()),
+            locks: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            last_ts: AtomicI64::new(0),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A strictly increasing timestamp, so events keep their order within one millisecond.
+    pub(crate) fn tick(&self) -> i64 {
+        let now = now_ms();
+        let mut prev = self.last_ts.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(prev + 1);
+            match self.last_ts.compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return next,
+                Err(p) => prev = p,
+            }
+        }
+    }
+
+    pub(crate) fn lock_for(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(id.to_string()).or_default().clone()
+    }
+
+    pub(crate) fn drop_lock(&self, id: &str) {
+        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(id);
+    }
+
+    pub(crate) async fn event(&self, id: &str, kind: &str, message: impl Into<String>) {
+        let e = EventRow {
+            instance_id: id.to_string(),
+            at: self.tick(),
+            kind: kind.to_string(),
+            message: message.into(),
+        };
+        let eid = random_hex(8).unwrap_or_else(|_| format!("{}-{}", e.at, kind));
+        if let Err(err) = self.store.add_event(&eid, &e).await {
+            tracing::warn!(instance = id, "cannot record event: {err}");
+        }
+    }
+
+    // --- start-up ---------------------------------------------------------------------------
+
+    /// Records the node and its GPUs, and creates the admin tenant and its first key on a fresh
+    /// store. Returns that key's secret the one time it is created.
+    pub async fn bootstrap(&self) -> Result<Option<String>> {
+        let now = now_ms();
+        let cpus = self.node.cfg.root.online_cpus().unwrap_or_default().len() as u32;
+        let mem = self.node.cfg.root.mem_total().unwrap_or(0);
+        self.store
+            .upsert_node(&self.cfg.node_id, &self.cfg.hostname, cpus, mem, now)
+            .await?;
+        let rows: Vec<crate::store::GpuRow> = self
+            .node
+            .gpus
+            .iter()
+            .map(|g| crate::store::GpuRow {
+                uuid: g.uuid.clone(),
+                node_id: self.cfg.node_id.clone(),
+                index: g.index,
+                model: g.model.clone(),
+                vram: g.vram,
+                pci_address: g.pci_address.clone(),
+                numa_node: g.numa_node,
+                backend: self.node.backend().as_str().to_string(),
+            })
+            .collect();
+        self.store.replace_gpus(&self.cfg.node_id, &rows, now).await?;
+        if !self.store.tenants().await?.is_empty() {
+            return Ok(None);
+        }
+        let t = self.store.create_tenant(&random_hex(6)?, ADMIN_TENANT, now).await?;
+        let (_, secret) = self.new_key(&t, Role::Admin).await?;
+        Ok(Some(secret))
+    }
+
+    // --- auth, tenants, keys --------------------------------------------------------------------
+
+    pub async fn authenticate(&self, secret: Option<&str>) -> Result<Principal> {
+        let secret = secret.ok_or_else(|| {
+            EngineError::Unauthorized("no API key: pass --api-key or set GPUVISOR_API_KEY".into())
+        })?;
+        let k = self
+            .store
+            .key_by_hash(&hash_key(secret))
+            .await?
+            .ok_or_else(|| EngineError::Unauthorized("the API key is unknown or revoked".into()))?;
+        let t = self
+            .store
+            .tenant(&k.tenant_id)
+            .await?
+            .ok_or_else(|| EngineError::Unauthorized("the key's tenant no longer exists".into()))?;
+        Ok(Principal {
+            tenant_id: t.id,
+            tenant: t.name,
+            role: k.role,
+        })
+    }
+
+    async fn new_key(&self, t: &TenantRow, role: Role) -> Result<(KeyRow, String)> {
+        // 256 bits of entropy; only the SHA-256 is stored. A fast hash is right here: the secret
+        // is random, not a password, so there is nothing for a slow hash to protect.
+        let secret = format!("gv_{}", random_hex(32)?);
+        let row = KeyRow {
+            id: format!("k-{}", random_hex(6)?),
+            tenant_id: t.id.clone(),
+            role,
+            created_at: now_ms(),
+            revoked_at: None,
+        };
+        self.store.insert_key(&row, &hash_key(&secret)).await?;
+        Ok((row, secret))
+    }
+
+    fn wire_key(k: &KeyRow, tenants: &BTreeMap<String, String>) -> wire::ApiKey {
+        wire::ApiKey {
+            id: k.id.clone(),
+            tenant: tenants.get(&k.tenant_id).cloned().unwrap_or_default(),
+            role: k.role,
+            created_at: k.created_at,
+            revoked: k.revoked_at.is_some(),
+        }
+    }
+
+    async fn tenant_names(&self) -> Result<BTreeMap<String, String>> {
+        Ok(self
+            .store
+            .tenants()
+            .await?
+            .into_iter()
+            .map(|t| (t.id, t.name))
+            .collect())
+    }
+
+    pub async fn create_tenant(&self, who: &Principal, req: &wire::CreateTenant) -> Result<wire::Tenant> {
+        who.require_admin("creating tenants")?;
+        validate::name("tenant", &req.name)?;
+        if self.store.tenant_by_name(&req.name).await?.is_some() {
+            return Err(EngineError::AlreadyExists(format!("tenant {:?} already exists", req.name)));
+        }
+        let t = self.store.create_tenant(&random_hex(6)?, &req.name, now_ms()).await?;
+        Ok(wire::Tenant {
+            id: t.id,
+            name: t.name,
+            created_at: t.created_at,
+        })
+    }
+
+    pub async fn list_tenants(&self, who: &Principal) -> Result<Vec<wire::Tenant>> {
+        Ok(self
+            .store
+            .tenants()
+            .await?
+            .into_iter()
+            .filter(|t| who.is_admin() || t.id == who.tenant_id)
+            .map(|t| wire::Tenant {
+                id: t.id,
+                name: t.name,
+                created_at: t.created_at,
+            })
+            .collect())
+    }
+
+    pub async fn create_key(&self, who: &Principal, req: &wire::CreateKey) -> Result<wire::CreatedKey> {
+        who.require_admin("creating keys")?;
+        let t = self
+            .store
+            .tenant_by_name(&req.tenant)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("tenant {:?} not found (see `gpuvisor tenant list`)", req.tenant)))?;
+        let (row, secret) = self.new_key(&t, req.role).await?;
+        Ok(wire::CreatedKey {
+            key: Self::wire_key(&row, &self.tenant_names().await?),
+            secret,
+        })
+    }
+
+    pub async fn list_keys(&self, who: &Principal) -> Result<Vec<wire::ApiKey>> {
+        let names = self.tenant_names().await?;
+        Ok(self
+            .store
+            .keys()
+            .await?
+            .iter()
+            .filter(|k| who.is_admin() || k.tenant_id == who.tenant_id)
+            .map(|k| Self::wire_key(k, &names))
+            .collect())
+    }
+
+    pub async fn revoke_key(&self, who: &Principal, id: &str) -> Result<wire::ApiKey> {
+        who.require_admin("revoking keys")?;
+        let not_found = || EngineError::NotFound(format!("key {id:?} not found"));
+        self.store.key(id).await?.ok_or_else(not_found)?;
+        self.store.revoke_key(id, now_ms()).await?;
+        let k = self.store.key(id).await?.ok_or_else(not_found)?;
+        Ok(Self::wire_key(&k, &self.tenant_names().await?))
+    }
+
+    // --- GPUs ------------------------------------------------------------------------------------
+
+    pub async fn list_gpus(&self, _who: &Principal) -> Result<Vec<wire::Gpu>> {
+        let live = self.store.live_instances(None).await?;
+        let mut out = Vec::new();
+        for g in self.store.gpus().await? {
+            let mut gpu = wire::Gpu {
+                uuid: g.uuid.clone(),
+                index: g.index,
+                model: g.model,
+                vram: g.vram,
+                pci_address: g.pci_address,
+                numa_node: g.numa_node,
+                backend: g.backend,
+                allocated_milli: 0,
+                allocated_vram: 0,
+                instances: vec![],
+            };
+            for i in &live {
+                for b in i.gpus.iter().filter(|b| b.uuid == g.uuid) {
+                    gpu.allocated_milli += b.milli;
+                    gpu.allocated_vram += b.vram;
+                    gpu.instances.push(i.id.clone());
+                }
+            }
+            out.push(gpu);
+        }
+        Ok(out)
+    }
+
+    // --- images ------------------------------------------------------------------------------
+
+    fn wire_image(i: ImageRow) -> wire::Image {
+        wire::Image {
+            name: i.name,
+            digest: i.digest,
+            layers: i.layers,
+            size: i.size,
+            command: i.command,
+            env: i.env,
+            created_at: i.created_at,
+        }
+    }
+
+    pub async fn import_image(&self, who: &Principal, req: &wire::ImportImage) -> Result<wire::Image> {
+        who.require_admin("importing images")?;
+        validate::name("image", &req.name)?;
+        let path = std::path::PathBuf::from(&req.path);
+        if !path.is_absolute() {
+            return Err(invalid(format!("image path {:?} must be absolute on the daemon's host", req.path)));
+        }
+        if !path.exists() {
+            return Err(invalid(format!("image path {:?} does not exist on the daemon's host", req.path)));
+        }
+        if self.store.image(&req.name).await?.is_some() {
+            return Err(EngineError::AlreadyExists(format!(
+                "image {:?} already exists: remove it first or pick another name",
+                req.name
+            )));
+        }
+        let node = self.node.clone();
+        let imported = tokio::task::spawn_blocking(move || node.images.import(&path))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| match e {
+                gpuvisor_node::image::ImageError::BadSource { .. } => invalid(e.to_string()),
+                other => EngineError::Node(other.into()),
+            })?;
+        let row = ImageRow {
+            name: req.name.clone(),
+            digest: imported.digest,
+            layers: imported.layers,
+            size: imported.size,
+            command: imported.command,
+            env: imported.env,
+            created_at: now_ms(),
+        };
+        self.store.insert_image(&row).await?;
+        Ok(Self::wire_image(row))
+    }
+
+    pub async fn list_images(&self, _who: &Principal) -> Result<Vec<wire::Image>> {
+        Ok(self.store.images().await?.into_iter().map(Self::wire_image).collect())
+    }
+
+    pub async fn remove_image(&self, who: &Principal, name: &str) -> Result<wire::Image> {
+        who.require_admin("removing images")?;
+        let img = self
+            .store
+            .image(name)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("image {name:?} not found")))?;
+        let users: Vec<String> = self
+            .store
+            .live_instances(None)
+            .await?
+            .into_iter()
+            .filter(|i| i.image == name)
+            .map(|i| i.id)
+            .collect();
+        if !users.is_empty() {
+            return Err(EngineError::InUse(format!(
+                "image {name:?} is used by instances {}: terminate them first",
+                users.join(", ")
+            )));
+        }
+        self.store.delete_image(name).await?;
+        let keep: Vec<String> = self
+            .store
+            .images()
+            .await?
+            .into_iter()
+            .flat_map(|i| i.layers)
+            .collect();
+        let node = self.node.clone();
+        let _ = tokio::task::spawn_blocking(move || node.images.gc(&keep)).await;
+        Ok(Self::wire_image(img))
+    }
+
+    // --- volumes -----------------------------------------------------------------------------
+
+    async fn volume_user(&self, tenant_id: &str, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .store
+            .live_instances(Some(tenant_id))
+            .await?
+            .into_iter()
+            .find(|i| i.spec.volumes.iter().any(|v| v.name == name))
+            .map(|i| i.id))
+    }
+
+    async fn wire_volume(&self, v: VolumeRow, names: &BTreeMap<String, String>) -> Result<wire::Volume> {
+        Ok(wire::Volume {
+            in_use_by: self.volume_user(&v.tenant_id, &v.name).await?,
+            tenant: names.get(&v.tenant_id).cloned().unwrap_or_default(),
+            name: v.name,
+            size: v.size,
+            created_at: v.created_at,
+        })
+    }
+
+    async fn make_volume(&self, tenant_id: &str, name: &str, size: u64) -> Result<VolumeRow> {
+        validate::name("volume", name)?;
+        validate::volume_size(size)?;
+        if self.store.volume(tenant_id, name).await?.is_some() {
+            return Err(EngineError::AlreadyExists(format!("volume {name:?} already exists")));
+        }
+        let row = VolumeRow {
+            tenant_id: tenant_id.to_string(),
+            name: name.to_string(),
+            size,
+            created_at: now_ms(),
+        };
+        // Row first: a crash after it leaves a volume the user can see and remove, never an
+        // image file nobody knows about.
+        self.store.insert_volume(&row).await?;
+        let (node, t, n) = (self.node.clone(), tenant_id.to_string(), name.to_string());
+        let made = tokio::task::spawn_blocking(move || node.disks.create_volume(&t, &n, size))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        if let Err(e) = made {
+            self.store.delete_volume(tenant_id, name).await?;
+            return Err(EngineError::Node(e.into()));
+        }
+        Ok(row)
+    }
+
+    pub async fn create_volume(&self, who: &Principal, req: &wire::CreateVolume) -> Result<wire::Volume> {
+        let row = self.make_volume(&who.tenant_id, &req.name, req.size).await?;
+        self.wire_volume(row, &self.tenant_names().await?).await
+    }
+
+    pub async fn list_volumes(&self, who: &Principal) -> Result<Vec<wire::Volume>> {
+        let names = self.tenant_names().await?;
+        let mut out = Vec::new();
+        for v in self.store.volumes(who.scope()).await? {
+            out.push(self.wire_volume(v, &names).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn remove_volume(&self, who: &Principal, name: &str) -> Result<wire::Volume> {
+        let v = self
+            .store
+            .volume(&who.tenant_id, name)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("volume {name:?} not found")))?;
+        if let Some(user) = self.volume_user(&who.tenant_id, name).await? {
+            return Err(EngineError::InUse(format!(
+                "volume {name:?} is used by instance {user}: terminate it first"
+            )));
+        }
+        let (node, t, n) = (self.node.clone(), who.tenant_id.clone(), name.to_string());
+        tokio::task::spawn_blocking(move || node.disks.remove_volume(&t, &n))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Node(e.into()))?;
+        self.store.delete_volume(&who.tenant_id, name).await?;
+        self.wire_volume(v, &self.tenant_names().await?).await
+    }
+
+    // --- instances ---------------------------------------------------------------------------
+
+    fn host_capacity(&self, live: &[InstanceRow]) -> HostCapacity {
+        let root = &self.node.cfg.root;
+        let cpus: Vec<(u32, u32)> = root
+            .online_cpus()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| {
+                let node = (0..8)
+                    .find(|n| root.path(format!("/sys/devices/system/cpu/cpu{c}/node{n}")).exists())
+                    .unwrap_or(0);
+                (c, node)
+            })
+            .collect();
+        let mut gpus: Vec<GpuSlot> = self
+            .node
+            .gpus
+            .iter()
+            .map(|g| GpuSlot {
+                uuid: g.uuid.clone(),
+                index: g.index,
+                model: g.model.clone(),
+                vram: g.vram,
+                numa_node: g.numa_node,
+                used_milli: 0,
+                used_vram: 0,
+            })
+            .collect();
+        let mut cpu_use = BTreeMap::new();
+        let mut used_memory = 0;
+        for i in live.iter().filter(|i| i.state.holds_resources()) {
+            for b in &i.gpus {
+                if let Some(s) = gpus.iter_mut().find(|s| s.uuid == b.uuid) {
+                    s.used_milli += b.milli;
+                    s.used_vram += b.vram;
+                }
+            }
+            for c in &i.cpus {
+                *cpu_use.entry(*c).or_insert(0) += 1;
+            }
+            used_memory += i.spec.memory;
+        }
+        HostCapacity {
+            gpus,
+            cpus,
+            cpu_use,
+            cpu_ratio: self.cfg.cpu_ratio,
+            memory: root.mem_total().unwrap_or(0),
+            used_memory,
+        }
+    }
+
+    pub(crate) async fn wire_instance(&self, i: InstanceRow) -> Result<wire::Instance> {
+        let tenant = self.store.tenant(&i.tenant_id).await?;
+        let ip = tenant.map(|t| {
+            self.node
+                .net
+                .address(&gpuvisor_node::net::TenantNet { slot: t.net_slot }, i.ip_host)
+                .to_string()
+        });
+        Ok(wire::Instance {
+            id: i.id,
+            name: i.name,
+            tenant: i.tenant_id,
+            image: i.image,
+            state: i.state,
+            reason: i.reason,
+            desired: i.desired,
+            vcpus: i.spec.vcpus,
+            cpus: i.cpus,
+            memory: i.spec.memory,
+            container_disk: i.spec.container_disk,
+            gpus: i.gpus,
+            volumes: i.spec.volumes,
+            env: i.spec.env,
+            ports: i.spec.ports,
+            command: i.spec.command,
+            ip,
+            created_at: i.created_at,
+            updated_at: i.updated_at,
+        })
+    }
+
+    /// Validates, places and records a new instance; the reconciler provisions it.
+    pub async fn create_instance(&self, who: &Principal, req: &wire::CreateInstance) -> Result<wire::Instance> {
+        let limits = validate::HostLimits {
+            gpus: self.node.gpus.len() as u32,
+            cpus: self.node.cfg.root.online_cpus().map(|c| c.len() as u32).unwrap_or(0),
+            cpu_ratio: self.cfg.cpu_ratio,
+            memory: self.node.cfg.root.mem_total().unwrap_or(0),
+        };
+        validate::create(req, &limits)?;
+        let image = self.store.image(&req.image).await?.ok_or_else(|| {
+            EngineError::NotFound(format!("image {:?} not found (see `gpuvisor image list`)", req.image))
+        })?;
+        if let Some(m) = &req.gpu_model {
+            if !self.node.gpus.iter().any(|g| g.model.eq_ignore_ascii_case(m)) {
+                let known: Vec<&str> = self.node.gpus.iter().map(|g| g.model.as_str()).collect();
+                return Err(EngineError::NotFound(format!(
+                    "GPU model {m:?} is not on this host (it has: {})",
+                    if known.is_empty() { "no GPUs".to_string() } else { known.join(", ") }
+                )));
+            }
+        }
+        let tenant = self
+            .store
+            .tenant(&who.tenant_id)
+            .await?
+            .ok_or_else(|| EngineError::Unauthorized("the key's tenant no longer exists".into()))?;
+
+        let _guard = self.place_lock.lock().await;
+        let live = self.store.live_instances(None).await?;
+        let id = new_instance_id()?;
+        let name = req.name.clone().unwrap_or_else(|| format!("i-{id}"));
+        if live.iter().any(|i| i.tenant_id == who.tenant_id && i.name == name) {
+            return Err(EngineError::AlreadyExists(format!("an instance named {name:?} already exists")));
+        }
+        // Volumes: exist (or have a size to be created with) and are not in use.
+        let mut to_create = Vec::new();
+        for v in &req.volumes {
+            if let Some(user) = live
+                .iter()
+                .find(|i| i.tenant_id == who.tenant_id && i.spec.volumes.iter().any(|m| m.name == v.name))
+            {
+                return Err(EngineError::InUse(format!(
+                    "volume {:?} is already used by instance {}",
+                    v.name, user.id
+                )));
+            }
+            if self.store.volume(&who.tenant_id, &v.name).await?.is_none() {
+                match v.size {
+                    Some(size) => to_create.push((v.name.clone(), size)),
+                    None => {
+                        return Err(EngineError::NotFound(format!(
+                            "volume {:?} not found: create it with `gpuvisor volume create` or give a size (NAME:/path:SIZE)",
+                            v.name
+                        )))
+                    }
+                }
+            }
+        }
+        let demand = Demand {
+            whole_gpus: req.gpus.unwrap_or(0),
+            milli: req.gpu_fraction.map(|f| (f * 1000.0).round() as u32).unwrap_or(0),
+            vram: req.vram,
+            model: req.gpu_model.clone(),
+            vcpus: req.vcpus,
+            memory: req.memory,
+        };
+        let assignment = self
+            .placer
+            .place(&self.host_capacity(&live), &demand)
+            .map_err(|e| EngineError::InsufficientResources(e.to_string()))?;
+        let used_hosts: Vec<u8> = live
+            .iter()
+            .filter(|i| i.tenant_id == who.tenant_id)
+            .map(|i| i.ip_host)
+            .collect();
+        let ip_host = (2u8..=254)
+            .find(|h| !used_hosts.contains(h))
+            .ok_or_else(|| EngineError::InsufficientResources("the tenant's network on this host is full (253 instances)".into()))?;
+        let mut created = Vec::new();
+        for (n, size) in &to_create {
+            match self.make_volume(&who.tenant_id, n, *size).await {
+                Ok(_) => created.push(n.clone()),
+                Err(e) => {
+                    self.rollback_volumes(&who.tenant_id, &created).await;
+                    return Err(e);
+                }
+            }
+        }
+        let now = now_ms();
+        let command = if req.command.is_empty() { image.command.clone() } else { req.command.clone() };
+        if command.is_empty() {
+            return Err(invalid(format!(
+                "image {:?} has no default command: give one after `--`",
+                req.image
+            )));
+        }
+        let mut env = image.env.clone();
+        env.extend(req.env.iter().cloned());
+        let row = InstanceRow {
+            id: id.clone(),
+            name,
+            tenant_id: tenant.id.clone(),
+            node_id: self.cfg.node_id.clone(),
+            image: image.name.clone(),
+            state: InstanceState::Pending,
+            desired: InstanceState::Running,
+            reason: None,
+            spec: InstanceSpec {
+                vcpus: req.vcpus,
+                memory: req.memory,
+                container_disk: req.container_disk,
+                volumes: req.volumes.clone(),
+                env,
+                ports: req.ports.clone(),
+                command,
+            },
+            cpus: assignment.cpus,
+            gpus: assignment
+                .gpus
+                .into_iter()
+                .map(|g| wire::GpuBinding {
+                    uuid: g.uuid,
+                    index: g.index,
+                    model: g.model,
+                    milli: g.milli,
+                    vram: g.vram,
+                })
+                .collect(),
+            ip_host,
+            created_at: now,
+            updated_at: now,
+        };
+        if let Err(e) = self.store.insert_instance(&row).await {
+            self.rollback_volumes(&who.tenant_id, &created).await;
+            return Err(e.into());
+        }
+        drop(_guard);
+        self.event(&id, "created", format!("created by tenant {}", tenant.name)).await;
+        self.wake.notify_one();
+        self.wire_instance(row).await
+    }
+
+    async fn rollback_volumes(&self, tenant_id: &str, names: &[String]) {
+        for n in names {
+            let (node, t, v) = (self.node.clone(), tenant_id.to_string(), n.clone());
+            let _ = tokio::task::spawn_blocking(move || node.disks.remove_volume(&t, &v)).await;
+            let _ = self.store.delete_volume(tenant_id, n).await;
+        }
+    }
+
+    /// Finds an instance by id or name that the caller may see; others' instances are 404.
+    pub(crate) async fn find(&self, who: &Principal, id_or_name: &str) -> Result<InstanceRow> {
+        let not_found = || EngineError::NotFound(format!("instance {id_or_name:?} not found"));
+        let row = match self.store.instance(id_or_name).await? {
+            Some(r) => Some(r),
+            None => self.store.instance_by_name(&who.tenant_id, id_or_name).await?,
+        };
+        match row {
+            Some(r) if who.is_admin() || r.tenant_id == who.tenant_id => Ok(r),
+            _ => Err(not_found()),
+        }
+    }
+
+    pub async fn get_instance(&self, who: &Principal, id: &str) -> Result<wire::Instance> {
+        let row = self.find(who, id).await?;
+        self.wire_instance(row).await
+    }
+
+    pub async fn list_instances(&self, who: &Principal) -> Result<Vec<wire::Instance>> {
+        let mut out = Vec::new();
+        for r in self.store.live_instances(who.scope()).await? {
+            out.push(self.wire_instance(r).await?);
+        }
+        Ok(out)
+    }
+
+    async fn set_desired(&self, who: &Principal, id: &str, desired: InstanceState) -> Result<wire::Instance> {
+        let row = self.find(who, id).await?;
+        let allowed = match desired {
+            InstanceState::Stopped => !matches!(row.state, InstanceState::Terminated | InstanceState::Terminating),
+            InstanceState::Running => matches!(
+                row.state,
+                InstanceState::Stopped | InstanceState::Failed | InstanceState::Running | InstanceState::Pending | InstanceState::Provisioning
+            ) && row.desired != InstanceState::Terminated,
+            _ => row.state != InstanceState::Terminated,
+        };
+        if !allowed {
+            return Err(EngineError::InvalidState(format!(
+                "instance {} is {} and cannot be made {}",
+                row.id, row.state, desired
+            )));
+        }
+        if row.desired != desired {
+            self.store.set_desired(&row.id, desired, now_ms()).await?;
+            if desired == InstanceState::Running && row.state == InstanceState::Failed {
+                self.store.set_state(&row.id, InstanceState::Pending, None, now_ms()).await?;
+            }
+            self.event(&row.id, "requested", format!("{desired} requested")).await;
+        } else if desired == InstanceState::Running && row.state == InstanceState::Failed {
+            self.store.set_state(&row.id, InstanceState::Pending, None, now_ms()).await?;
+            self.event(&row.id, "requested", "retry requested").await;
+        }
+        self.wake.notify_one();
+        self.get_instance(who, &row.id).await
+    }
+
+    pub async fn stop_instance(&self, who: &Principal, id: &str) -> Result<wire::Instance> {
+        self.set_desired(who, id, InstanceState::Stopped).await
+    }
+
+    pub async fn start_instance(&self, who: &Principal, id: &str) -> Result<wire::Instance> {
+        self.set_desired(who, id, InstanceState::Running).await
+    }
+
+    pub async fn terminate_instance(&self, who: &Principal, id: &str) -> Result<wire::Instance> {
+        let row = self.find(who, id).await?;
+        if row.state == InstanceState::Terminated {
+            return self.wire_instance(row).await;
+        }
+        self.set_desired(who, id, InstanceState::Terminated).await
+    }
+
+    pub async fn instance_events(&self, who: &Principal, id: &str) -> Result<Vec<wire::Event>> {
+        let row = self.find(who, id).await?;
+        Ok(self
+            .store
+            .events(&row.id)
+            .await?
+            .into_iter()
+            .map(|e| wire::Event {
+                at: e.at,
+                instance: e.instance_id,
+                kind: e.kind,
+                message: e.message,
+            })
+            .collect())
+    }
+
+    /// Up to 1 MiB of the instance's log from `offset`.
+    pub async fn instance_logs(&self, who: &Principal, id: &str, offset: u64) -> Result<wire::Logs> {
+        use std::io::{Read, Seek, SeekFrom};
+        let row = self.find(who, id).await?;
+        let path = self.node.log_path(&row.id);
+        let mut data = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(&path) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if offset < len {
+                f.seek(SeekFrom::Start(offset))
+                    .and_then(|_| f.take(1 << 20).read_to_end(&mut data))
+                    .map_err(|e| EngineError::Internal(format!("reading log: {e}")))?;
+            }
+        }
+        Ok(wire::Logs {
+            offset,
+            next: offset + data.len() as u64,
+            data: String::from_utf8_lossy(&data).into_owned(),
+        })
+    }
+
+    pub async fn exec(&self, who: &Principal, id: &str, req: &wire::ExecRequest) -> Result<wire::ExecResult> {
+        let row = self.find(who, id).await?;
+        if req.command.is_empty() {
+            return Err(invalid("exec needs a command"));
+        }
+        for e in &req.env {
+            validate::env(e)?;
+        }
+        if row.state != InstanceState::Running {
+            return Err(EngineError::InvalidState(format!(
+                "instance {} is {}, not running",
+                row.id, row.state
+            )));
+        }
+        let (node, rid, cmd, env) = (self.node.clone(), row.id.clone(), req.command.clone(), req.env.clone());
+        let out = tokio::task::spawn_blocking(move || node.exec(&rid, &cmd, &env))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))??;
+        Ok(wire::ExecResult {
+            exit_code: out.exit_code,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+}

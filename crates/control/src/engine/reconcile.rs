@@ -1,0 +1,292 @@
+//! The reconciler: the only part of the engine that changes the host. It compares each
+//! instance's desired state with what the store and the runtime say, and takes one step
+//! towards it under the instance's lock. At start-up and every few seconds it also sweeps host
+//! objects that no live instance owns (what a crash mid-create or mid-terminate leaves behind).
+
+use super::{now_ms, Engine};
+use crate::error::{EngineError, Result};
+use crate::store::InstanceRow;
+use gpuvisor_node::InstancePlan;
+use gpuvisor_wire::InstanceState as S;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the reconciler will do with an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Provision,
+    /// The container ended on its own.
+    Exited,
+    Stop,
+    Terminate,
+}
+
+fn step(i: &InstanceRow, containers: &BTreeMap<String, String>) -> Option<Step> {
+    match (i.desired, i.state) {
+        (S::Terminated, S::Terminated) => None,
+        (S::Terminated, _) => Some(Step::Terminate),
+        (S::Stopped, S::Pending | S::Provisioning | S::Running | S::Stopping) => Some(Step::Stop),
+        (S::Running, S::Pending | S::Provisioning | S::Stopped) => Some(Step::Provision),
+        (S::Running, S::Running) => match containers.get(&i.id).map(String::as_str) {
+            Some("running") | Some("paused") => None,
+            _ => Some(Step::Exited),
+        },
+        (S::Running, S::Stopping) => Some(Step::Stop),
+        _ => None,
+    }
+}
+
+/// States whose instances may own host objects right now.
+fn owns_host_objects(s: S) -> bool {
+    matches!(s, S::Pending | S::Provisioning | S::Running | S::Stopping | S::Terminating)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EngineError::Internal(format!("host task: {e}")))
+}
+
+impl Engine {
+    /// Runs until the process ends: one pass now, then on every wake-up or resync period.
+    pub async fn run_reconciler(self: Arc<Self>) {
+        let sweep_every = Duration::from_secs(30);
+        let mut last_sweep: Option<Instant> = None;
+        loop {
+            if last_sweep.is_none_or(|t| t.elapsed() >= sweep_every) {
+                if let Err(e) = self.sweep_orphans().await {
+                    tracing::warn!("orphan sweep: {e}");
+                }
+                last_sweep = Some(Instant::now());
+            }
+            if let Err(e) = self.reconcile_pass().await {
+                tracing::warn!("reconcile: {e}");
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.cfg.resync) => {}
+            }
+        }
+    }
+
+    /// Looks at every live instance once and starts work where needed (each instance in its own
+    /// task, so a slow stop does not hold up a create).
+    pub async fn reconcile_pass(self: &Arc<Self>) -> Result<()> {
+        let live = self.store.live_instances(None).await?;
+        if live.is_empty() {
+            return Ok(());
+        }
+        let node = self.node.clone();
+        let containers = blocking(move || node.containers()).await??;
+        for i in live {
+            let Some(step) = step(&i, &containers) else {
+                continue;
+            };
+            let lock = self.lock_for(&i.id);
+            let Ok(guard) = lock.try_lock_owned() else {
+                continue; // already being worked on
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let id = i.id.clone();
+                if let Err(e) = me.act(i, step).await {
+                    tracing::warn!(instance = %id, "{e}");
+                }
+                drop(guard);
+                // Something may have changed while we worked: look again.
+                me.wake.notify_one();
+            });
+        }
+        Ok(())
+    }
+
+    async fn plan(&self, i: &InstanceRow) -> Result<InstancePlan> {
+        let tenant = self
+            .store
+            .tenant(&i.tenant_id)
+            .await?
+            .ok_or_else(|| EngineError::Internal(format!("tenant {} of {} is gone", i.tenant_id, i.id)))?;
+        let image = self.store.image(&i.image).await?.ok_or_else(|| {
+            EngineError::Internal(format!("image {} of instance {} is gone", i.image, i.id))
+        })?;
+        Ok(InstancePlan {
+            id: i.id.clone(),
+            tenant_id: i.tenant_id.clone(),
+            hostname: i.name.clone(),
+            layers: image.layers,
+            disk_size: i.spec.container_disk,
+            volumes: i
+                .spec
+                .volumes
+                .iter()
+                .map(|v| (v.name.clone(), PathBuf::from(&v.path)))
+                .collect(),
+            net_slot: tenant.net_slot,
+            ip_host: i.ip_host,
+            args: i.spec.command.clone(),
+            env: i.spec.env.clone(),
+            cpus: i.cpus.clone(),
+            memory: i.spec.memory,
+            gpus: i.gpus.iter().map(|g| g.uuid.clone()).collect(),
+        })
+    }
+
+    async fn set(&self, id: &str, st: S, reason: Option<&str>, kind: &str, msg: String) -> Result<()> {
+        self.store.set_state(id, st, reason, now_ms()).await?;
+        self.event(id, kind, msg).await;
+        Ok(())
+    }
+
+    async fn teardown(&self, id: &str, stop_first: bool) -> Result<()> {
+        let (node, rid, grace) = (self.node.clone(), id.to_string(), self.cfg.stop_grace);
+        blocking(move || {
+            if stop_first {
+                node.stop(&rid, grace)?;
+            }
+            node.teardown(&rid)
+        })
+        .await??;
+        Ok(())
+    }
+
+    async fn act(&self, i: InstanceRow, step: Step) -> Result<()> {
+        // Re-read under the lock: the decision was taken on a snapshot.
+        let Some(i) = self.store.instance(&i.id).await? else {
+            return Ok(());
+        };
+        let id = i.id.clone();
+        match step {
+            Step::Provision => {
+                if !matches!((i.desired, i.state), (S::Running, S::Pending | S::Provisioning | S::Stopped)) {
+                    return Ok(());
+                }
+                if i.state != S::Provisioning {
+                    self.set(&id, S::Provisioning, None, "state", "provisioning".into()).await?;
+                }
+                let plan = self.plan(&i).await;
+                let node = self.node.clone();
+                let result = match plan {
+                    Ok(plan) => blocking(move || node.provision(&plan)).await?.map_err(EngineError::from),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(()) => {
+                        self.set(&id, S::Running, None, "state", "running".into()).await?;
+                    }
+                    Err(e) => {
+                        let reason = e.to_string();
+                        tracing::warn!(instance = %id, "provisioning failed: {reason}");
+                        // Roll back everything the attempt created; the instance keeps its
+                        // reservation so `start` can retry.
+                        if let Err(t) = self.teardown(&id, false).await {
+                            tracing::warn!(instance = %id, "rollback: {t}");
+                        }
+                        self.set(&id, S::Failed, Some(&reason), "failed", reason.clone()).await?;
+                    }
+                }
+            }
+            Step::Exited => {
+                if (i.desired, i.state) != (S::Running, S::Running) {
+                    return Ok(());
+                }
+                self.teardown(&id, false).await?;
+                self.store.set_desired(&id, S::Stopped, now_ms()).await?;
+                self.set(
+                    &id,
+                    S::Stopped,
+                    Some("the main process exited"),
+                    "exited",
+                    "the main process exited; container disk wiped".into(),
+                )
+                .await?;
+            }
+            Step::Stop => {
+                if i.state != S::Stopping {
+                    self.set(&id, S::Stopping, None, "state", "stopping".into()).await?;
+                }
+                self.teardown(&id, true).await?;
+                if self.store.instance(&id).await?.is_some_and(|r| r.desired == S::Running) {
+                    // Started again while we stopped: provision on the next pass.
+                }
+                self.set(&id, S::Stopped, None, "state", "stopped; container disk wiped".into()).await?;
+            }
+            Step::Terminate => {
+                if i.state != S::Terminating {
+                    self.set(&id, S::Terminating, None, "state", "terminating".into()).await?;
+                }
+                self.teardown(&id, owns_host_objects(i.state)).await?;
+                let node = self.node.clone();
+                let rid = id.clone();
+                blocking(move || node.forget(&rid)).await?;
+                self.set(&id, S::Terminated, None, "state", "terminated".into()).await?;
+                self.drop_lock(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes host objects that belong to no instance that should have them: unknown ids,
+    /// terminated, stopped and failed instances. Returns the ids it cleaned.
+    pub async fn sweep_orphans(&self) -> Result<Vec<String>> {
+        let node = self.node.clone();
+        let on_host: BTreeSet<String> = blocking(move || node.ids_with_objects()).await??;
+        let mut cleaned = Vec::new();
+        for id in on_host {
+            let lock = self.lock_for(&id);
+            let Ok(_guard) = lock.try_lock() else {
+                continue; // being worked on right now: not an orphan
+            };
+            let row = self.store.instance(&id).await?;
+            if row.as_ref().is_some_and(|r| owns_host_objects(r.state)) {
+                continue;
+            }
+            tracing::info!(instance = %id, "removing orphaned host objects");
+            self.teardown(&id, false).await?;
+            cleaned.push(id);
+        }
+        Ok(cleaned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::InstanceSpec;
+
+    fn row(desired: S, state: S) -> InstanceRow {
+        InstanceRow {
+            id: "aaaaaaaaaaaa".into(),
+            name: "n".into(),
+            tenant_id: "t".into(),
+            node_id: "n".into(),
+            image: "img".into(),
+            state,
+            desired,
+            reason: None,
+            spec: InstanceSpec::default(),
+            cpus: vec![],
+            gpus: vec![],
+            ip_host: 2,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn steps_follow_desired_state() {
+        let none = BTreeMap::new();
+        let mut running = BTreeMap::new();
+        running.insert("aaaaaaaaaaaa".to_string(), "running".to_string());
+        assert_eq!(step(&row(S::Running, S::Pending), &none), Some(Step::Provision));
+        assert_eq!(step(&row(S::Running, S::Provisioning), &none), Some(Step::Provision));
+        assert_eq!(step(&row(S::Running, S::Running), &running), None);
+        assert_eq!(step(&row(S::Running, S::Running), &none), Some(Step::Exited));
+        assert_eq!(step(&row(S::Stopped, S::Running), &running), Some(Step::Stop));
+        assert_eq!(step(&row(S::Stopped, S::Stopped), &none), None);
+        assert_eq!(step(&row(S::Running, S::Failed), &none), None);
+        assert_eq!(step(&row(S::Terminated, S::Stopped), &none), Some(Step::Terminate));
+        assert_eq!(step(&row(S::Terminated, S::Terminated), &none), None);
+    }
+}

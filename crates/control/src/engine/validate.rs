@@ -1,0 +1,242 @@
+//! Validation of user input, in one place for every front end. Each rule returns a message that
+//! says what is wrong and what to do.
+
+use crate::error::{invalid, Result};
+use gpuvisor_wire::{format_size, CreateInstance, VolumeMount};
+use std::collections::HashSet;
+use std::path::{Component, Path};
+
+pub const MIN_MEMORY: u64 = 16 << 20;
+pub const MIN_DISK: u64 = 64 << 20;
+pub const MAX_DISK: u64 = 16 << 40;
+pub const MIN_VOLUME: u64 = 16 << 20;
+pub const MAX_VOLUME: u64 = 64 << 40;
+pub const MAX_GPUS: u32 = 64;
+
+/// Names of instances, volumes, images and tenants: DNS-label-like.
+pub fn name(kind: &str, s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.')
+        && s.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{kind} name {s:?} is invalid: use 1-63 lowercase letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )))
+    }
+}
+
+pub fn env(kv: &str) -> Result<()> {
+    let Some((k, _)) = kv.split_once('=') else {
+        return Err(invalid(format!("environment entry {kv:?} is not KEY=VALUE")));
+    };
+    let ok = !k.is_empty()
+        && !k.as_bytes()[0].is_ascii_digit()
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !ok {
+        return Err(invalid(format!(
+            "environment variable name {k:?} is invalid: use letters, digits and '_', not starting with a digit"
+        )));
+    }
+    if kv.contains('\0') {
+        return Err(invalid(format!("environment entry {k:?} contains a NUL byte")));
+    }
+    Ok(())
+}
+
+/// A mount path inside the instance: absolute, normalised, not over the kernel filesystems.
+pub fn mount_path(p: &str) -> Result<()> {
+    let path = Path::new(p);
+    if !path.is_absolute() {
+        return Err(invalid(format!("volume path {p:?} must be absolute (e.g. /workspace)")));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        return Err(invalid(format!("volume path {p:?} must not contain '.' or '..'")));
+    }
+    if path == Path::new("/") {
+        return Err(invalid("a volume cannot be mounted over /"));
+    }
+    for forbidden in ["/proc", "/sys", "/dev"] {
+        if path.starts_with(forbidden) {
+            return Err(invalid(format!(
+                "volume path {p:?} is under {forbidden}, which the runtime owns; choose another path"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub fn volume_size(size: u64) -> Result<()> {
+    if !(MIN_VOLUME..=MAX_VOLUME).contains(&size) {
+        return Err(invalid(format!(
+            "volume size {} is out of range: use {} to {}",
+            format_size(size),
+            format_size(MIN_VOLUME),
+            format_size(MAX_VOLUME)
+        )));
+    }
+    Ok(())
+}
+
+/// Host limits the request is checked against before placement.
+pub struct HostLimits {
+    pub gpus: u32,
+    pub cpus: u32,
+    pub cpu_ratio: u32,
+    pub memory: u64,
+}
+
+pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
+    if req.image.is_empty() {
+        return Err(invalid("an image is required (see `gpuvisor image list`)"));
+    }
+    if let Some(n) = &req.name {
+        name("instance", n)?;
+    }
+    match (req.gpus, req.gpu_fraction) {
+        (Some(_), Some(_)) => return Err(invalid("give either --gpus or --gpu-fraction, not both")),
+        (Some(0), _) => return Err(invalid("--gpus must be at least 1 (leave it out for no GPU)")),
+        (Some(n), _) if n > MAX_GPUS => return Err(invalid(format!("--gpus {n} is absurd: at most {MAX_GPUS}"))),
+        (Some(n), _) if n > host.gpus => {
+            return Err(crate::error::EngineError::InsufficientResources(format!(
+                "{n} GPUs requested but this host has {}",
+                host.gpus
+            )))
+        }
+        (_, Some(f)) if !(f.is_finite() && f >= 0.001 && f < 1.0) => {
+            return Err(invalid(format!(
+                "--gpu-fraction {f} is out of range: use a fraction between 0.001 and 1 (exclusive); for whole GPUs use --gpus"
+            )))
+        }
+        (_, Some(_)) if host.gpus == 0 => {
+            return Err(crate::error::EngineError::InsufficientResources(
+                "a GPU fraction was requested but this host has no GPUs".into(),
+            ))
+        }
+        _ => {}
+    }
+    if req.vram.is_some() && req.gpu_fraction.is_none() {
+        return Err(invalid("--vram applies to --gpu-fraction only"));
+    }
+    if req.vram == Some(0) {
+        return Err(invalid("--vram must be more than 0"));
+    }
+    if req.vcpus == 0 {
+        return Err(invalid("--vcpus must be at least 1"));
+    }
+    if req.vcpus > host.cpus {
+        return Err(crate::error::EngineError::InsufficientResources(format!(
+            "{} vCPUs requested but this host has {} CPUs",
+            req.vcpus, host.cpus
+        )));
+    }
+    if req.memory < MIN_MEMORY {
+        return Err(invalid(format!(
+            "--memory {} is too small: at least {}",
+            format_size(req.memory),
+            format_size(MIN_MEMORY)
+        )));
+    }
+    if req.memory > host.memory {
+        return Err(crate::error::EngineError::InsufficientResources(format!(
+            "--memory {} is more than this host has ({})",
+            format_size(req.memory),
+            format_size(host.memory)
+        )));
+    }
+    if !(MIN_DISK..=MAX_DISK).contains(&req.container_disk) {
+        return Err(invalid(format!(
+            "--container-disk {} is out of range: use {} to {}",
+            format_size(req.container_disk),
+            format_size(MIN_DISK),
+            format_size(MAX_DISK)
+        )));
+    }
+    let mut names = HashSet::new();
+    let mut paths = HashSet::new();
+    for VolumeMount { name: n, path, size } in &req.volumes {
+        name("volume", n)?;
+        mount_path(path)?;
+        if let Some(s) = size {
+            volume_size(*s)?;
+        }
+        if !names.insert(n.as_str()) {
+            return Err(invalid(format!("volume {n:?} is mounted twice")));
+        }
+        if !paths.insert(path.trim_end_matches('/')) {
+            return Err(invalid(format!("two volumes are mounted at {path:?}")));
+        }
+    }
+    for e in &req.env {
+        env(e)?;
+    }
+    for p in &req.ports {
+        if p.port == 0 {
+            return Err(invalid("port 0 is not a port"));
+        }
+        if !matches!(p.protocol.as_str(), "http" | "https" | "tcp" | "udp") {
+            return Err(invalid(format!(
+                "port protocol {:?} is unknown: use http, https, tcp or udp",
+                p.protocol
+            )));
+        }
+    }
+    if req.command.iter().any(|a| a.contains('\0')) {
+        return Err(invalid("the command contains a NUL byte"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuvisor_wire::PortSpec;
+
+    fn ok_req() -> CreateInstance {
+        CreateInstance {
+            image: "busybox".into(),
+            vcpus: 1,
+            memory: 256 << 20,
+            container_disk: 1 << 30,
+            ..Default::default()
+        }
+    }
+    const HOST: HostLimits = HostLimits { gpus: 2, cpus: 4, cpu_ratio: 1, memory: 8 << 30 };
+
+    #[test]
+    fn accepts_a_sane_request() {
+        create(&ok_req(), &HOST).unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_right_code() {
+        let cases: Vec<(Box<dyn Fn(&mut CreateInstance)>, &str)> = vec![
+            (Box::new(|r| r.vcpus = 0), "invalid_argument"),
+            (Box::new(|r| r.vcpus = 99), "insufficient_resources"),
+            (Box::new(|r| r.memory = 0), "invalid_argument"),
+            (Box::new(|r| r.memory = 1 << 40), "insufficient_resources"),
+            (Box::new(|r| r.container_disk = 1), "invalid_argument"),
+            (Box::new(|r| r.gpus = Some(3)), "insufficient_resources"),
+            (Box::new(|r| r.gpus = Some(0)), "invalid_argument"),
+            (Box::new(|r| r.gpu_fraction = Some(1.5)), "invalid_argument"),
+            (Box::new(|r| r.gpu_fraction = Some(-0.5)), "invalid_argument"),
+            (Box::new(|r| { r.gpus = Some(1); r.gpu_fraction = Some(0.5) }), "invalid_argument"),
+            (Box::new(|r| r.env = vec!["NOEQUALS".into()]), "invalid_argument"),
+            (Box::new(|r| r.env = vec!["1X=y".into()]), "invalid_argument"),
+            (Box::new(|r| r.name = Some("Bad Name".into())), "invalid_argument"),
+            (Box::new(|r| r.volumes = vec![VolumeMount { name: "v".into(), path: "rel".into(), size: None }]), "invalid_argument"),
+            (Box::new(|r| r.volumes = vec![VolumeMount { name: "v".into(), path: "/a/../etc".into(), size: None }]), "invalid_argument"),
+            (Box::new(|r| r.volumes = vec![VolumeMount { name: "v".into(), path: "/proc/x".into(), size: None }]), "invalid_argument"),
+            (Box::new(|r| r.volumes = vec![VolumeMount { name: "v".into(), path: "/dev".into(), size: None }]), "invalid_argument"),
+            (Box::new(|r| r.ports = vec![PortSpec { port: 80, protocol: "gopher".into() }]), "invalid_argument"),
+        ];
+        for (i, (mutate, code)) in cases.into_iter().enumerate() {
+            let mut r = ok_req();
+            mutate(&mut r);
+            let e = create(&r, &HOST).expect_err(&format!("case {i} must fail"));
+            assert_eq!(e.code(), code, "case {i}: {e}");
+        }
+    }
+}

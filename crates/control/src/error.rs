@@ -1,0 +1,56 @@
+//! The engine's error type. Each variant maps to one stable API error code; the API layer turns
+//! the code into an HTTP status and nothing else decides it.
+
+use gpuvisor_wire::code;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InsufficientResources(String),
+    #[error("{0}")]
+    InUse(String),
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Node(#[from] gpuvisor_node::NodeError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    /// The stable machine-readable code (see `gpuvisor_wire::code`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => code::NOT_FOUND,
+            Self::InvalidArgument(_) => code::INVALID_ARGUMENT,
+            Self::AlreadyExists(_) => code::ALREADY_EXISTS,
+            Self::InsufficientResources(_) => code::INSUFFICIENT_RESOURCES,
+            Self::InUse(_) => code::IN_USE,
+            Self::InvalidState(_) => code::INVALID_STATE,
+            Self::Unauthorized(_) => code::UNAUTHORIZED,
+            Self::Forbidden(_) => code::FORBIDDEN,
+            Self::Store(crate::store::StoreError::Conflict(_)) => code::ALREADY_EXISTS,
+            Self::Store(_) | Self::Node(_) | Self::Internal(_) => code::INTERNAL,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// Shorthand for an invalid-argument error.
+pub fn invalid(msg: impl Into<String>) -> EngineError {
+    EngineError::InvalidArgument(msg.into())
+}

@@ -1,0 +1,661 @@
+//! The store: desired state and history, on SQLite (default, WAL, in the data dir) or PostgreSQL,
+//! through one code path (`sqlx::AnyPool`). Only portable SQL is used: TEXT and BIGINT columns,
+//! JSON as TEXT, `$n` parameters in order of appearance. Everything above talks to [`Store`]; no
+//! SQL lives anywhere else.
+
+use gpuvisor_wire::{InstanceState, Role};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt row in {table}: {why}")]
+    Corrupt { table: &'static str, why: String },
+    #[error("unique constraint: {0}")]
+    Conflict(String),
+}
+
+impl StoreError {
+    fn from_write(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                StoreError::Conflict(d.message().to_string())
+            }
+            _ => StoreError::Db(e),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantRow {
+    pub id: String,
+    pub name: String,
+    pub net_slot: u32,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub role: Role,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuRow {
+    pub uuid: String,
+    pub node_id: String,
+    pub index: u32,
+    pub model: String,
+    pub vram: u64,
+    pub pci_address: String,
+    pub numa_node: Option<u32>,
+    pub backend: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRow {
+    pub name: String,
+    pub digest: String,
+    pub layers: Vec<String>,
+    pub size: u64,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeRow {
+    pub tenant_id: String,
+    pub name: String,
+    pub size: u64,
+    pub created_at: i64,
+}
+
+/// What the user asked for, stored as JSON: everything about an instance that is not placement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct InstanceSpec {
+    pub vcpus: u32,
+    pub memory: u64,
+    pub container_disk: u64,
+    pub volumes: Vec<gpuvisor_wire::VolumeMount>,
+    pub env: Vec<String>,
+    pub ports: Vec<gpuvisor_wire::PortSpec>,
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRow {
+    pub id: String,
+    pub name: String,
+    pub tenant_id: String,
+    pub node_id: String,
+    pub image: String,
+    pub state: InstanceState,
+    pub desired: InstanceState,
+    pub reason: Option<String>,
+    pub spec: InstanceSpec,
+    pub cpus: Vec<u32>,
+    pub gpus: Vec<gpuvisor_wire::GpuBinding>,
+    /// Host number of the instance's address in its tenant's /24.
+    pub ip_host: u8,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub instance_id: String,
+    pub at: i64,
+    pub kind: String,
+    pub message: String,
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    // Serialising plain data structs to JSON cannot fail.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn from_json<T: DeserializeOwned>(table: &'static str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
+        table,
+        why: e.to_string(),
+    })
+}
+
+fn u(table: &'static str, v: i64) -> Result<u64> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt {
+        table,
+        why: format!("negative value {v}"),
+    })
+}
+
+fn tenant(r: &AnyRow) -> Result<TenantRow> {
+    Ok(TenantRow {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        net_slot: u("tenants", r.try_get("net_slot")?)? as u32,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn key(r: &AnyRow) -> Result<KeyRow> {
+    let role: String = r.try_get("role")?;
+    Ok(KeyRow {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        role: Role::parse(&role).ok_or(StoreError::Corrupt {
+            table: "api_keys",
+            why: format!("role {role:?}"),
+        })?,
+        created_at: r.try_get("created_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
+}
+
+fn gpu(r: &AnyRow) -> Result<GpuRow> {
+    let numa: Option<i64> = r.try_get("numa_node")?;
+    Ok(GpuRow {
+        uuid: r.try_get("uuid")?,
+        node_id: r.try_get("node_id")?,
+        index: u("gpus", r.try_get("idx")?)? as u32,
+        model: r.try_get("model")?,
+        vram: u("gpus", r.try_get("vram")?)?,
+        pci_address: r.try_get("pci_address")?,
+        numa_node: numa.map(|n| n as u32),
+        backend: r.try_get("backend")?,
+    })
+}
+
+fn image(r: &AnyRow) -> Result<ImageRow> {
+    Ok(ImageRow {
+        name: r.try_get("name")?,
+        digest: r.try_get("digest")?,
+        layers: from_json("images", &r.try_get::<String, _>("layers")?)?,
+        size: u("images", r.try_get("size")?)?,
+        command: from_json("images", &r.try_get::<String, _>("command")?)?,
+        env: from_json("images", &r.try_get::<String, _>("env")?)?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn volume(r: &AnyRow) -> Result<VolumeRow> {
+    Ok(VolumeRow {
+        tenant_id: r.try_get("tenant_id")?,
+        name: r.try_get("name")?,
+        size: u("volumes", r.try_get("size")?)?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn state(s: &str) -> Result<InstanceState> {
+    InstanceState::parse(s).ok_or(StoreError::Corrupt {
+        table: "instances",
+        why: format!("state {s:?}"),
+    })
+}
+
+fn instance(r: &AnyRow) -> Result<InstanceRow> {
+    Ok(InstanceRow {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        tenant_id: r.try_get("tenant_id")?,
+        node_id: r.try_get("node_id")?,
+        image: r.try_get("image")?,
+        state: state(&r.try_get::<String, _>("state")?)?,
+        desired: state(&r.try_get::<String, _>("desired")?)?,
+        reason: r.try_get("reason")?,
+        spec: from_json("instances", &r.try_get::<String, _>("spec")?)?,
+        cpus: from_json("instances", &r.try_get::<String, _>("cpus")?)?,
+        gpus: from_json("instances", &r.try_get::<String, _>("gpus")?)?,
+        ip_host: u("instances", r.try_get("ip_host")?)? as u8,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+const INSTANCE_COLS: &str = "id, name, tenant_id, node_id, image, state, desired, reason, spec, cpus, gpus, ip_host, created_at, updated_at";
+
+/// The store handle; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+}
+
+impl Store {
+    /// Connects (`sqlite://path?mode=rwc` or `postgres://...`) and applies migrations.
+    pub async fn connect(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let sqlite = url.starts_with("sqlite:");
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 8 })
+            .connect(url)
+            .await?;
+        if sqlite {
+            // WAL: readers never block the writer; the setting persists in the file.
+            sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
+            sqlx::query("PRAGMA synchronous=NORMAL").execute(&pool).await?;
+        }
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The SQLite URL for a file in the data dir.
+    pub fn sqlite_url(path: &std::path::Path) -> String {
+        format!("sqlite://{}?mode=rwc", path.display())
+    }
+
+    // --- tenants -------------------------------------------------------------------------
+
+    /// Creates a tenant with the lowest free network slot.
+    pub async fn create_tenant(&self, id: &str, name: &str, now: i64) -> Result<TenantRow> {
+        let slots: Vec<i64> = sqlx::query("SELECT net_slot FROM tenants ORDER BY net_slot")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<i64, _>("net_slot"))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut slot = 0i64;
+        for s in slots {
+            if s == slot {
+                slot += 1;
+            } else if s > slot {
+                break;
+            }
+        }
+        sqlx::query("INSERT INTO tenants (id, name, net_slot, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(id.to_string())
+            .bind(name.to_string())
+            .bind(slot)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from_write)?;
+        Ok(TenantRow {
+            id: id.into(),
+            name: name.into(),
+            net_slot: slot as u32,
+            created_at: now,
+        })
+    }
+
+    pub async fn tenants(&self) -> Result<Vec<TenantRow>> {
+        sqlx::query("SELECT id, name, net_slot, created_at FROM tenants ORDER BY created_at, name")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(tenant)
+            .collect()
+    }
+
+    pub async fn tenant_by_name(&self, name: &str) -> Result<Option<TenantRow>> {
+        sqlx::query("SELECT id, name, net_slot, created_at FROM tenants WHERE name = $1")
+            .bind(name.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(tenant)
+            .transpose()
+    }
+
+    pub async fn tenant(&self, id: &str) -> Result<Option<TenantRow>> {
+        sqlx::query("SELECT id, name, net_slot, created_at FROM tenants WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(tenant)
+            .transpose()
+    }
+
+    // --- keys ----------------------------------------------------------------------------
+
+    pub async fn insert_key(&self, k: &KeyRow, hash: &str) -> Result<()> {
+        sqlx::query("INSERT INTO api_keys (id, tenant_id, role, hash, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(k.id.clone())
+            .bind(k.tenant_id.clone())
+            .bind(k.role.as_str())
+            .bind(hash.to_string())
+            .bind(k.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from_write)?;
+        Ok(())
+    }
+
+    /// The live (not revoked) key with this hash.
+    pub async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRow>> {
+        sqlx::query("SELECT id, tenant_id, role, created_at, revoked_at FROM api_keys WHERE hash = $1 AND revoked_at IS NULL")
+            .bind(hash.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(key)
+            .transpose()
+    }
+
+    pub async fn keys(&self) -> Result<Vec<KeyRow>> {
+        sqlx::query("SELECT id, tenant_id, role, created_at, revoked_at FROM api_keys ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(key)
+            .collect()
+    }
+
+    pub async fn key(&self, id: &str) -> Result<Option<KeyRow>> {
+        sqlx::query("SELECT id, tenant_id, role, created_at, revoked_at FROM api_keys WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(key)
+            .transpose()
+    }
+
+    pub async fn revoke_key(&self, id: &str, now: i64) -> Result<bool> {
+        let r = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // --- nodes and GPUs -------------------------------------------------------------------
+
+    pub async fn upsert_node(&self, id: &str, hostname: &str, cpus: u32, memory: u64, now: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO nodes (id, hostname, cpus, memory, updated_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, cpus = excluded.cpus, \
+             memory = excluded.memory, updated_at = excluded.updated_at",
+        )
+        .bind(id.to_string())
+        .bind(hostname.to_string())
+        .bind(i64::from(cpus))
+        .bind(memory as i64)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Replaces the node's GPU inventory with `gpus`.
+    pub async fn replace_gpus(&self, node_id: &str, gpus: &[GpuRow], now: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM gpus WHERE node_id = $1")
+            .bind(node_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        for g in gpus {
+            sqlx::query(
+                "INSERT INTO gpus (uuid, node_id, idx, model, vram, pci_address, numa_node, backend, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(g.uuid.clone())
+            .bind(node_id.to_string())
+            .bind(i64::from(g.index))
+            .bind(g.model.clone())
+            .bind(g.vram as i64)
+            .bind(g.pci_address.clone())
+            .bind(g.numa_node.map(i64::from))
+            .bind(g.backend.clone())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_write)?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn gpus(&self) -> Result<Vec<GpuRow>> {
+        sqlx::query("SELECT uuid, node_id, idx, model, vram, pci_address, numa_node, backend FROM gpus ORDER BY node_id, idx")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(gpu)
+            .collect()
+    }
+
+    // --- images ---------------------------------------------------------------------------
+
+    pub async fn insert_image(&self, i: &ImageRow) -> Result<()> {
+        sqlx::query("INSERT INTO images (name, digest, layers, size, command, env, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+            .bind(i.name.clone())
+            .bind(i.digest.clone())
+            .bind(json(&i.layers))
+            .bind(i.size as i64)
+            .bind(json(&i.command))
+            .bind(json(&i.env))
+            .bind(i.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from_write)?;
+        Ok(())
+    }
+
+    pub async fn images(&self) -> Result<Vec<ImageRow>> {
+        sqlx::query("SELECT name, digest, layers, size, command, env, created_at FROM images ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(image)
+            .collect()
+    }
+
+    pub async fn image(&self, name: &str) -> Result<Option<ImageRow>> {
+        sqlx::query("SELECT name, digest, layers, size, command, env, created_at FROM images WHERE name = $1")
+            .bind(name.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(image)
+            .transpose()
+    }
+
+    pub async fn delete_image(&self, name: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM images WHERE name = $1")
+            .bind(name.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // --- volumes --------------------------------------------------------------------------
+
+    pub async fn insert_volume(&self, v: &VolumeRow) -> Result<()> {
+        sqlx::query("INSERT INTO volumes (tenant_id, name, size, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(v.tenant_id.clone())
+            .bind(v.name.clone())
+            .bind(v.size as i64)
+            .bind(v.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from_write)?;
+        Ok(())
+    }
+
+    /// Volumes of one tenant, or of all tenants with `None`.
+    pub async fn volumes(&self, tenant_id: Option<&str>) -> Result<Vec<VolumeRow>> {
+        let rows = match tenant_id {
+            Some(t) => {
+                sqlx::query("SELECT tenant_id, name, size, created_at FROM volumes WHERE tenant_id = $1 ORDER BY name")
+                    .bind(t.to_string())
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT tenant_id, name, size, created_at FROM volumes ORDER BY tenant_id, name")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(volume).collect()
+    }
+
+    pub async fn volume(&self, tenant_id: &str, name: &str) -> Result<Option<VolumeRow>> {
+        sqlx::query("SELECT tenant_id, name, size, created_at FROM volumes WHERE tenant_id = $1 AND name = $2")
+            .bind(tenant_id.to_string())
+            .bind(name.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(volume)
+            .transpose()
+    }
+
+    pub async fn delete_volume(&self, tenant_id: &str, name: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM volumes WHERE tenant_id = $1 AND name = $2")
+            .bind(tenant_id.to_string())
+            .bind(name.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // --- instances ------------------------------------------------------------------------
+
+    pub async fn insert_instance(&self, i: &InstanceRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO instances (id, name, tenant_id, node_id, image, state, desired, reason, spec, cpus, gpus, ip_host, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(i.id.clone())
+        .bind(i.name.clone())
+        .bind(i.tenant_id.clone())
+        .bind(i.node_id.clone())
+        .bind(i.image.clone())
+        .bind(i.state.as_str())
+        .bind(i.desired.as_str())
+        .bind(i.reason.clone())
+        .bind(json(&i.spec))
+        .bind(json(&i.cpus))
+        .bind(json(&i.gpus))
+        .bind(i64::from(i.ip_host))
+        .bind(i.created_at)
+        .bind(i.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_write)?;
+        Ok(())
+    }
+
+    pub async fn instance(&self, id: &str) -> Result<Option<InstanceRow>> {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = $1")))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(instance)
+            .transpose()
+    }
+
+    /// The live (not terminated) instance with this name in a tenant, else the newest
+    /// terminated one.
+    pub async fn instance_by_name(&self, tenant_id: &str, name: &str) -> Result<Option<InstanceRow>> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {INSTANCE_COLS} FROM instances WHERE tenant_id = $1 AND name = $2 \
+             ORDER BY CASE WHEN state = 'terminated' THEN 1 ELSE 0 END, created_at DESC LIMIT 1"
+        )))
+        .bind(tenant_id.to_string())
+        .bind(name.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(instance)
+        .transpose()
+    }
+
+    /// Instances not terminated, of one tenant or all.
+    pub async fn live_instances(&self, tenant_id: Option<&str>) -> Result<Vec<InstanceRow>> {
+        let rows = match tenant_id {
+            Some(t) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {INSTANCE_COLS} FROM instances WHERE state <> 'terminated' AND tenant_id = $1 ORDER BY created_at, id"
+                )))
+                .bind(t.to_string())
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {INSTANCE_COLS} FROM instances WHERE state <> 'terminated' ORDER BY created_at, id"
+                )))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(instance).collect()
+    }
+
+    /// Sets the observed state (and reason); returns false if the instance does not exist.
+    pub async fn set_state(&self, id: &str, st: InstanceState, reason: Option<&str>, now: i64) -> Result<bool> {
+        let r = sqlx::query("UPDATE instances SET state = $1, reason = $2, updated_at = $3 WHERE id = $4")
+            .bind(st.as_str())
+            .bind(reason.map(str::to_string))
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from_write)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn set_desired(&self, id: &str, desired: InstanceState, now: i64) -> Result<bool> {
+        let r = sqlx::query("UPDATE instances SET desired = $1, updated_at = $2 WHERE id = $3")
+            .bind(desired.as_str())
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // --- events ---------------------------------------------------------------------------
+
+    pub async fn add_event(&self, id: &str, e: &EventRow) -> Result<()> {
+        sqlx::query("INSERT INTO events (id, instance_id, at, kind, message) VALUES ($1, $2, $3, $4, $5)")
+            .bind(id.to_string())
+            .bind(e.instance_id.clone())
+            .bind(e.at)
+            .bind(e.kind.clone())
+            .bind(e.message.clone())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn events(&self, instance_id: &str) -> Result<Vec<EventRow>> {
+        sqlx::query("SELECT instance_id, at, kind, message FROM events WHERE instance_id = $1 ORDER BY at, id")
+            .bind(instance_id.to_string())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(EventRow {
+                    instance_id: r.try_get("instance_id")?,
+                    at: r.try_get("at")?,
+                    kind: r.try_get("kind")?,
+                    message: r.try_get("message")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

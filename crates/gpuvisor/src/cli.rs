@@ -1,0 +1,1281 @@
+//! Command-line interface: `gpuvisor serve` runs the daemon, every other subcommand is a client of
+//! its REST API (noun-verb: `gpuvisor instance create`).
+//!
+//! Arguments with a syntax of their own (sizes, `--volume NAME:/path[:SIZE]`, `--port 8888/http`,
+//! `--env K=V`) are parsed here, in clap value parsers, so that a typo is a usage error (exit 2)
+//! before anything is sent; the daemon validates everything again. `--wait` polls the instance
+//! until it settles, because the lifecycle routes answer before the work is done.
+//!
+//! # Exit codes
+//!
+//! Scripts can rely on these; they never change meaning.
+//!
+//! | code | meaning                                                                         |
+//! |------|---------------------------------------------------------------------------------|
+//! | 0    | success (`instance exec`: the command's own exit status instead)                |
+//! | 1    | any other error (transport, unexpected answer, internal daemon error)           |
+//! | 2    | usage error: bad flags or argument syntax (clap)                                |
+//! | 3    | `not_found`                                                                     |
+//! | 4    | `unauthorized` or `forbidden`                                                   |
+//! | 5    | `invalid_argument`, `already_exists`, `in_use` or `invalid_state`               |
+//! | 6    | `insufficient_resources`                                                        |
+//! | 7    | `--wait` ended in `failed` or another settled state than the one waited for     |
+//! | 8    | `--wait` timed out (`--timeout`, default 120s)                                  |
+//! | 9    | the daemon cannot be reached (start `gpuvisor serve` or set `GPUVISOR_ENDPOINT`) |
+//!
+//! Errors are printed on stderr as `error: <message> (<code>)`.
+
+use std::io::{self, IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use gpuvisor_wire::{
+    code, parse_size, CreateInstance, CreateKey, CreateTenant, CreateVolume, ExecRequest,
+    ImportImage, Instance, InstanceState, Logs, PortSpec, Role, VolumeMount,
+};
+use thiserror::Error;
+
+use crate::client::{Client, ClientError};
+use crate::output::{self, Format};
+use crate::serve::{serve, ServeArgs};
+
+/// Exit codes; see the table in the module documentation.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const OTHER: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const NOT_FOUND: i32 = 3;
+    pub const AUTH: i32 = 4;
+    pub const INVALID: i32 = 5;
+    pub const INSUFFICIENT_RESOURCES: i32 = 6;
+    pub const WAIT_FAILED: i32 = 7;
+    pub const WAIT_TIMEOUT: i32 = 8;
+    pub const UNREACHABLE: i32 = 9;
+}
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success (instance exec: the command's exit status)
+  1  other error
+  2  usage error
+  3  not found
+  4  unauthorized or forbidden
+  5  invalid argument, already exists, in use, invalid state
+  6  insufficient resources
+  7  --wait ended in failed or an unexpected state
+  8  --wait timed out
+  9  cannot reach the daemon";
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7070";
+
+const WAIT_POLL: Duration = Duration::from_millis(200);
+const LOGS_POLL: Duration = Duration::from_millis(300);
+/// A logs chunk at least this big suggests more is waiting: fetch again without sleeping.
+const LOGS_FULL_CHUNK: usize = 32 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gpuvisor",
+    version,
+    about = "GPU virtualization engine: `gpuvisor serve` runs the daemon, the other commands talk to it",
+    after_long_help = EXIT_CODES_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Daemon REST endpoint.
+    #[arg(
+        long,
+        global = true,
+        env = "GPUVISOR_ENDPOINT",
+        help_heading = "Global options",
+        default_value = DEFAULT_ENDPOINT,
+        value_name = "URL"
+    )]
+    pub endpoint: String,
+    /// API key, sent in the x-api-key header.
+    #[arg(
+        long,
+        global = true,
+        env = "GPUVISOR_API_KEY",
+        help_heading = "Global options",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
+    /// Output format.
+    #[arg(
+        short = 'o',
+        long,
+        global = true,
+        value_enum,
+        default_value_t = Format::Table,
+        help_heading = "Global options"
+    )]
+    pub output: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Show whether the daemon is up.
+    Health,
+    /// Tenants (admin).
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// API keys (admin).
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// GPUs of the host.
+    #[command(subcommand)]
+    Gpu(GpuCmd),
+    /// OCI images instances start from.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Persistent volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Instances: containers or micro-VMs with GPUs.
+    #[command(subcommand)]
+    Instance(InstanceCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCmd {
+    /// Create a tenant.
+    Create { name: String },
+    /// List tenants.
+    #[command(visible_alias = "ls")]
+    List,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    User,
+    Admin,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::User => Role::User,
+            RoleArg::Admin => Role::Admin,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Create an API key; its secret is printed once.
+    Create {
+        /// Tenant name.
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, value_enum, default_value_t = RoleArg::User)]
+        role: RoleArg,
+    },
+    /// List API keys.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Revoke an API key.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GpuCmd {
+    /// List GPUs and what is allocated on them.
+    #[command(visible_alias = "ls")]
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Import an OCI layout, OCI/docker-save tarball or rootfs directory from this host.
+    Import {
+        path: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// List images.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Remove an image.
+    #[command(visible_alias = "remove")]
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// Create a volume.
+    Create {
+        name: String,
+        /// Size, e.g. 10GiB.
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+    },
+    /// List volumes.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Remove a volume (it must not be in use).
+    #[command(visible_alias = "remove")]
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Wait until the instance reaches the state asked for.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits (e.g. 90s, 5m).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Image name (see `gpuvisor image list`).
+    #[arg(long)]
+    pub image: String,
+    /// Instance name (default: generated).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Whole GPUs.
+    #[arg(long, conflicts_with = "gpu_fraction", value_parser = clap::value_parser!(u32).range(1..))]
+    pub gpus: Option<u32>,
+    /// A fraction of one GPU, in (0, 1), e.g. 0.25.
+    #[arg(long, value_parser = parse_fraction)]
+    pub gpu_fraction: Option<f64>,
+    /// VRAM for a fractional GPU (default: the fraction of the GPU's VRAM).
+    #[arg(long, value_parser = parse_size_arg)]
+    pub vram: Option<u64>,
+    /// Only GPUs of this model, as `gpu list` shows it.
+    #[arg(long)]
+    pub gpu_model: Option<String>,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub vcpus: u32,
+    /// Memory limit, e.g. 16GiB.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
+    pub memory: u64,
+    /// Ephemeral container disk, e.g. 20GiB.
+    #[arg(long, default_value = "10GiB", value_parser = parse_size_arg)]
+    pub container_disk: u64,
+    /// Volume to mount; created with SIZE if it does not exist (repeatable).
+    #[arg(long = "volume", short = 'v', value_name = "NAME:/PATH[:SIZE]", value_parser = parse_volume)]
+    pub volumes: Vec<VolumeMount>,
+    /// Environment variable (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<String>,
+    /// Port to expose (repeatable).
+    #[arg(long = "port", short = 'p', value_name = "PORT[/PROTO]", value_parser = parse_port)]
+    pub ports: Vec<PortSpec>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+    /// Command overriding the image's, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceCmd {
+    /// Create (and start) an instance.
+    Create(Box<CreateArgs>),
+    /// List instances.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one instance.
+    Get { id: String },
+    /// Print the instance's output.
+    Logs {
+        id: String,
+        /// Keep printing until the instance stops.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Run a command in a running instance; exits with its exit status.
+    Exec {
+        id: String,
+        /// Environment variable (repeatable).
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<String>,
+        /// The command, after `--`.
+        #[arg(
+            required = true,
+            num_args = 1..,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<String>,
+    },
+    /// Stop an instance (its disks and volumes stay).
+    Stop {
+        id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Start a stopped instance.
+    Start {
+        id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Terminate an instance and free everything it holds but its volumes.
+    #[command(visible_alias = "rm")]
+    Terminate {
+        id: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Show the instance's events.
+    Events { id: String },
+}
+
+// ---- argument syntax ----
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let f: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number (e.g. 0.25)"))?;
+    if f > 0.0 && f < 1.0 {
+        Ok(f)
+    } else {
+        Err(format!(
+            "GPU fraction {s} must be between 0 and 1 exclusive; use --gpus for whole GPUs"
+        ))
+    }
+}
+
+/// `NAME:/path[:SIZE]`.
+pub fn parse_volume(s: &str) -> Result<VolumeMount, String> {
+    const SYNTAX: &str = "expected NAME:/PATH[:SIZE], e.g. data:/workspace:50GiB";
+    let mut parts = s.splitn(3, ':');
+    let name = parts.next().unwrap_or("");
+    let path = parts.next().ok_or_else(|| format!("{s:?}: {SYNTAX}"))?;
+    if name.is_empty() {
+        return Err(format!("{s:?}: volume name is empty; {SYNTAX}"));
+    }
+    if !path.starts_with('/') {
+        return Err(format!(
+            "{s:?}: mount path {path:?} must be absolute; {SYNTAX}"
+        ));
+    }
+    let size = match parts.next() {
+        None => None,
+        Some(size) => Some(parse_size(size).map_err(|e| format!("{s:?}: {e}"))?),
+    };
+    Ok(VolumeMount {
+        name: name.to_string(),
+        path: path.to_string(),
+        size,
+    })
+}
+
+/// `PORT[/PROTO]`, PROTO one of http, tcp, udp (default tcp).
+pub fn parse_port(s: &str) -> Result<PortSpec, String> {
+    let (port, protocol) = match s.split_once('/') {
+        Some((p, proto)) => (p, proto.to_ascii_lowercase()),
+        None => (s, "tcp".to_string()),
+    };
+    let port: u16 =
+        port.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+            format!("{s:?}: port must be a number from 1 to 65535 (e.g. 8888/http)")
+        })?;
+    if !matches!(protocol.as_str(), "http" | "tcp" | "udp") {
+        return Err(format!(
+            "{s:?}: protocol {protocol:?} is not one of http, tcp, udp"
+        ));
+    }
+    Ok(PortSpec { port, protocol })
+}
+
+/// `KEY=VALUE`; the value may be empty, the key may not.
+pub fn parse_env(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((k, _))
+            if !k.is_empty()
+                && !k.chars().next().is_some_and(|c| c.is_ascii_digit())
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            Ok(s.to_string())
+        }
+        Some((k, _)) => Err(format!(
+            "{s:?}: {k:?} is not a valid variable name (letters, digits, _; not starting with a digit)"
+        )),
+        None => Err(format!("{s:?}: expected KEY=VALUE")),
+    }
+}
+
+// ---- errors ----
+
+#[derive(Debug, Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    WaitFailed(String),
+    #[error("{0}")]
+    WaitTimeout(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("writing output: {0}")]
+    Output(io::Error),
+    /// stdout was closed (`| head`): stop quietly.
+    #[error("broken pipe")]
+    BrokenPipe,
+    #[error("{0:#}")]
+    Serve(anyhow::Error),
+}
+
+impl From<io::Error> for CliError {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            CliError::BrokenPipe
+        } else {
+            CliError::Output(e)
+        }
+    }
+}
+
+impl CliError {
+    pub fn code(&self) -> &str {
+        match self {
+            CliError::Client(e) => e.code(),
+            CliError::WaitFailed(_) => "wait_failed",
+            CliError::WaitTimeout(_) => "timeout",
+            CliError::Invalid(_) => code::INVALID_ARGUMENT,
+            CliError::Output(_) | CliError::BrokenPipe => "io",
+            CliError::Serve(_) => "serve",
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Client(ClientError::Unreachable { .. }) => exit::UNREACHABLE,
+            CliError::Client(ClientError::Api { code, .. }) => exit_code_for_api(code),
+            CliError::Client(_) | CliError::Output(_) | CliError::Serve(_) => exit::OTHER,
+            CliError::WaitFailed(_) => exit::WAIT_FAILED,
+            CliError::WaitTimeout(_) => exit::WAIT_TIMEOUT,
+            CliError::Invalid(_) => exit::INVALID,
+            CliError::BrokenPipe => exit::OK,
+        }
+    }
+}
+
+/// Maps an API error code to the exit code of the table in the module documentation.
+pub fn exit_code_for_api(c: &str) -> i32 {
+    match c {
+        code::NOT_FOUND => exit::NOT_FOUND,
+        code::UNAUTHORIZED | code::FORBIDDEN => exit::AUTH,
+        code::INVALID_ARGUMENT | code::ALREADY_EXISTS | code::IN_USE | code::INVALID_STATE => {
+            exit::INVALID
+        }
+        code::INSUFFICIENT_RESOURCES => exit::INSUFFICIENT_RESOURCES,
+        _ => exit::OTHER,
+    }
+}
+
+// ---- entry point ----
+
+/// Parses the command line, runs it and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version come as "errors" printed on stdout, exit 0.
+            let _ = e.print();
+            return if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(CliError::BrokenPipe) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e} ({})", e.code());
+            e.exit_code()
+        }
+    }
+}
+
+/// Runs a parsed command; `Ok` carries the exit code (not always 0: `instance exec`).
+pub fn run(cli: Cli) -> Result<i32, CliError> {
+    let Cli { global, command } = cli;
+    // Serve needs no client; every other command builds one (and fails early on a bad endpoint).
+    let connect = || -> Result<Ctx, CliError> {
+        Ok(Ctx {
+            client: Client::new(&global.endpoint, global.api_key.clone())?,
+            format: global.output,
+        })
+    };
+    match command {
+        Command::Serve(args) => run_serve(args),
+        Command::Health => connect()?.health(),
+        Command::Tenant(cmd) => connect()?.tenant(cmd),
+        Command::Key(cmd) => connect()?.key(cmd),
+        Command::Gpu(cmd) => connect()?.gpu(cmd),
+        Command::Image(cmd) => connect()?.image(cmd),
+        Command::Volume(cmd) => connect()?.volume(cmd),
+        Command::Instance(cmd) => connect()?.instance(cmd),
+    }
+}
+
+fn run_serve(args: ServeArgs) -> Result<i32, CliError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Serve(anyhow::Error::new(e).context("starting the runtime")))?;
+    runtime.block_on(serve(args)).map_err(CliError::Serve)?;
+    Ok(exit::OK)
+}
+
+struct Ctx {
+    client: Client,
+    format: Format,
+}
+
+impl Ctx {
+    fn health(&self) -> Result<i32, CliError> {
+        let h = self.client.health()?;
+        output::print(self.format, &h, output::health_table)?;
+        Ok(exit::OK)
+    }
+
+    fn gpu(&self, cmd: GpuCmd) -> Result<i32, CliError> {
+        match cmd {
+            GpuCmd::List => {
+                let gpus = self.client.list_gpus()?;
+                output::print(self.format, &gpus, |g| output::gpus_table(g))?;
+            }
+        }
+        Ok(exit::OK)
+    }
+
+    fn tenant(&self, cmd: TenantCmd) -> Result<i32, CliError> {
+        let now = output::now_ms();
+        match cmd {
+            TenantCmd::Create { name } => {
+                let t = self.client.create_tenant(&CreateTenant { name })?;
+                output::print(self.format, &t, |t| {
+                    output::tenants_table(std::slice::from_ref(t), now)
+                })?;
+            }
+            TenantCmd::List => {
+                let ts = self.client.list_tenants()?;
+                output::print(self.format, &ts, |ts| output::tenants_table(ts, now))?;
+            }
+        }
+        Ok(exit::OK)
+    }
+
+    fn key(&self, cmd: KeyCmd) -> Result<i32, CliError> {
+        let now = output::now_ms();
+        match cmd {
+            KeyCmd::Create { tenant, role } => {
+                let created = self.client.create_key(&CreateKey {
+                    tenant,
+                    role: role.into(),
+                })?;
+                output::print(self.format, &created, output::created_key_text)?;
+            }
+            KeyCmd::List => {
+                let keys = self.client.list_keys()?;
+                output::print(self.format, &keys, |k| output::keys_table(k, now))?;
+            }
+            KeyCmd::Revoke { id } => {
+                let key = self.client.revoke_key(&id)?;
+                output::print(self.format, &key, |k| format!("key {} revoked", k.id))?;
+            }
+        }
+        Ok(exit::OK)
+    }
+
+    fn image(&self, cmd: ImageCmd) -> Result<i32, CliError> {
+        let now = output::now_ms();
+        match cmd {
+            ImageCmd::Import { path, name } => {
+                // The daemon runs on this host but in another working directory.
+                let path = std::path::absolute(&path).map_err(|e| {
+                    CliError::Invalid(format!("image path {}: {e}", path.display()))
+                })?;
+                let image = self.client.import_image(&ImportImage {
+                    path: path.to_string_lossy().into_owned(),
+                    name,
+                })?;
+                output::print(self.format, &image, |i| {
+                    output::images_table(std::slice::from_ref(i), now)
+                })?;
+            }
+            ImageCmd::List => {
+                let images = self.client.list_images()?;
+                output::print(self.format, &images, |i| output::images_table(i, now))?;
+            }
+            ImageCmd::Rm { name } => {
+                let image = self.client.remove_image(&name)?;
+                output::print(self.format, &image, |i| format!("image {} removed", i.name))?;
+            }
+        }
+        Ok(exit::OK)
+    }
+
+    fn volume(&self, cmd: VolumeCmd) -> Result<i32, CliError> {
+        let now = output::now_ms();
+        match cmd {
+            VolumeCmd::Create { name, size } => {
+                let v = self.client.create_volume(&CreateVolume { name, size })?;
+                output::print(self.format, &v, |v| {
+                    output::volumes_table(std::slice::from_ref(v), now)
+                })?;
+            }
+            VolumeCmd::List => {
+                let vs = self.client.list_volumes()?;
+                output::print(self.format, &vs, |v| output::volumes_table(v, now))?;
+            }
+            VolumeCmd::Rm { name } => {
+                let v = self.client.remove_volume(&name)?;
+                output::print(self.format, &v, |v| format!("volume {} removed", v.name))?;
+            }
+        }
+        Ok(exit::OK)
+    }
+
+    fn instance(&self, cmd: InstanceCmd) -> Result<i32, CliError> {
+        match cmd {
+            InstanceCmd::Create(args) => {
+                let args = *args;
+                let req = CreateInstance {
+                    image: args.image,
+                    name: args.name,
+                    gpus: args.gpus,
+                    gpu_fraction: args.gpu_fraction,
+                    vram: args.vram,
+                    gpu_model: args.gpu_model,
+                    vcpus: args.vcpus,
+                    memory: args.memory,
+                    container_disk: args.container_disk,
+                    volumes: args.volumes,
+                    env: args.env,
+                    ports: args.ports,
+                    command: args.command,
+                };
+                let inst = self.client.create_instance(&req)?;
+                self.finish_lifecycle(inst, InstanceState::Running, &args.wait)
+            }
+            InstanceCmd::List => {
+                let list = self.client.list_instances()?;
+                let now = output::now_ms();
+                output::print(self.format, &list, |l| output::instances_table(l, now))?;
+                Ok(exit::OK)
+            }
+            InstanceCmd::Get { id } => {
+                let inst = self.client.get_instance(&id)?;
+                let now = output::now_ms();
+                output::print(self.format, &inst, |i| output::instance_detail(i, now))?;
+                Ok(exit::OK)
+            }
+            InstanceCmd::Logs { id, follow } => {
+                let id = self.client.get_instance(&id)?.id;
+                self.logs(&id, follow)?;
+                Ok(exit::OK)
+            }
+            InstanceCmd::Exec { id, env, command } => {
+                let id = self.client.get_instance(&id)?.id;
+                let result = self.client.exec(&id, &ExecRequest { command, env })?;
+                match output::structured(self.format, &result)? {
+                    Some(text) => output::print_text(&text)?,
+                    None => {
+                        output::print_raw(result.stdout.as_bytes())?;
+                        let mut err = io::stderr().lock();
+                        err.write_all(result.stderr.as_bytes())?;
+                        err.flush()?;
+                    }
+                }
+                Ok(exec_exit_code(result.exit_code))
+            }
+            InstanceCmd::Stop { id, wait } => {
+                let id = self.client.get_instance(&id)?.id;
+                let inst = self.client.stop_instance(&id)?;
+                self.finish_lifecycle(inst, InstanceState::Stopped, &wait)
+            }
+            InstanceCmd::Start { id, wait } => {
+                let id = self.client.get_instance(&id)?.id;
+                let inst = self.client.start_instance(&id)?;
+                self.finish_lifecycle(inst, InstanceState::Running, &wait)
+            }
+            InstanceCmd::Terminate { id, wait } => {
+                let inst = self.client.terminate_instance(&id)?;
+                self.finish_lifecycle(inst, InstanceState::Terminated, &wait)
+            }
+            InstanceCmd::Events { id } => {
+                let id = self.client.get_instance(&id)?.id;
+                let events = self.client.events(&id)?;
+                output::print(self.format, &events, |e| output::events_table(e))?;
+                Ok(exit::OK)
+            }
+        }
+    }
+
+    /// Prints the instance a lifecycle call answered, after waiting for `target` if asked to.
+    fn finish_lifecycle(
+        &self,
+        inst: Instance,
+        target: InstanceState,
+        wait: &WaitArgs,
+    ) -> Result<i32, CliError> {
+        let inst = if wait.wait {
+            wait_for(&self.client, inst, target, wait.timeout)?
+        } else {
+            inst
+        };
+        let now = output::now_ms();
+        output::print(self.format, &inst, |i| {
+            output::instances_table(std::slice::from_ref(i), now)
+        })?;
+        Ok(exit::OK)
+    }
+
+    fn logs(&self, id: &str, follow: bool) -> Result<(), CliError> {
+        let mut offset = 0u64;
+        let mut finishing = false;
+        // Without --follow the whole log is gathered into one answer for JSON/YAML.
+        let mut all = Logs {
+            offset: 0,
+            next: 0,
+            data: String::new(),
+        };
+        loop {
+            let chunk = self.client.logs(id, offset)?;
+            let advanced = chunk.next > offset && !chunk.data.is_empty();
+            offset = chunk.next;
+            if !chunk.data.is_empty() {
+                if follow {
+                    self.write_log_chunk(&chunk)?;
+                } else {
+                    all.data.push_str(&chunk.data);
+                }
+            }
+            all.next = chunk.next;
+            if advanced {
+                if chunk.data.len() < LOGS_FULL_CHUNK && follow {
+                    std::thread::sleep(LOGS_POLL);
+                }
+                continue;
+            }
+            if !follow || finishing {
+                break;
+            }
+            match self.client.get_instance(id) {
+                Ok(i) if i.state.is_settled() && i.state != InstanceState::Running => {
+                    // One more read picks up what was written before it stopped.
+                    finishing = true;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => break,
+                Err(e) => return Err(e.into()),
+            }
+            std::thread::sleep(LOGS_POLL);
+        }
+        if !follow {
+            match output::structured(self.format, &all)? {
+                Some(text) => output::print_text(&text)?,
+                None => output::print_raw(all.data.as_bytes())?,
+            }
+        }
+        Ok(())
+    }
+
+    /// `--follow`: raw data in table mode; one JSON object per line or one YAML document per
+    /// chunk otherwise, so that a consumer can parse as it reads.
+    fn write_log_chunk(&self, chunk: &Logs) -> Result<(), CliError> {
+        match self.format {
+            Format::Table => output::print_raw(chunk.data.as_bytes())?,
+            Format::Json => {
+                let line = serde_json::to_string(chunk).map_err(io::Error::other)?;
+                output::print_text(&line)?;
+            }
+            Format::Yaml => {
+                let doc = serde_yaml::to_string(chunk).map_err(io::Error::other)?;
+                output::print_text(&format!("---\n{doc}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A remote exit status as a process exit code: signals (negative) as 128+N like a shell.
+fn exec_exit_code(code: i32) -> i32 {
+    match code {
+        0..=255 => code,
+        c if (-127..0).contains(&c) => 128 - c,
+        _ => exit::OTHER,
+    }
+}
+
+// ---- --wait ----
+
+#[derive(Debug, PartialEq)]
+pub enum WaitStep {
+    Done,
+    Continue,
+    Failed(String),
+}
+
+/// Decides, poll after poll, whether a wait for `target` is over.
+///
+/// Lifecycle calls answer before the reconciler acts, so the first polls may still show the old
+/// settled state (`stopped` right after `start`): a settled state other than the target only
+/// ends the wait once the instance has been seen to change since the call answered.
+pub struct Waiter {
+    target: InstanceState,
+    initial: (InstanceState, i64),
+    moved: bool,
+}
+
+impl Waiter {
+    pub fn new(answer: &Instance, target: InstanceState) -> Self {
+        Waiter {
+            target,
+            initial: (answer.state, answer.updated_at),
+            moved: false,
+        }
+    }
+
+    pub fn step(&mut self, inst: &Instance) -> WaitStep {
+        if inst.state == self.target {
+            return WaitStep::Done;
+        }
+        if (inst.state, inst.updated_at) != self.initial {
+            self.moved = true;
+        }
+        if self.moved && inst.state.is_settled() {
+            let mut msg = format!(
+                "instance {} ({}) is {}, not {}",
+                inst.name, inst.id, inst.state, self.target
+            );
+            if let Some(reason) = inst.reason.as_deref().filter(|r| !r.is_empty()) {
+                msg.push_str(": ");
+                msg.push_str(reason);
+            }
+            return WaitStep::Failed(msg);
+        }
+        WaitStep::Continue
+    }
+}
+
+fn wait_for(
+    client: &Client,
+    answer: Instance,
+    target: InstanceState,
+    timeout: Duration,
+) -> Result<Instance, CliError> {
+    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let progress = Progress::new();
+    let mut waiter = Waiter::new(&answer, target);
+    let mut last = answer;
+    let result = loop {
+        match waiter.step(&last) {
+            WaitStep::Done => break Ok(last),
+            WaitStep::Failed(msg) => break Err(CliError::WaitFailed(msg)),
+            WaitStep::Continue => {}
+        }
+        progress.show(&last, target, started.elapsed());
+        let now = Instant::now();
+        if now >= deadline {
+            break Err(CliError::WaitTimeout(format!(
+                "timed out after {} waiting for instance {} ({}) to be {target}; it is {}",
+                humantime::format_duration(timeout),
+                last.name,
+                last.id,
+                last.state
+            )));
+        }
+        std::thread::sleep(WAIT_POLL.min(deadline - now));
+        match client.get_instance(&last.id) {
+            Ok(inst) => last = inst,
+            // A terminated instance may already be forgotten.
+            Err(e) if e.is_not_found() && target == InstanceState::Terminated => {
+                last.state = InstanceState::Terminated;
+                break Ok(last);
+            }
+            Err(e) => break Err(e.into()),
+        }
+    };
+    progress.clear();
+    result
+}
+
+/// A status line on stderr while waiting, only when stderr is a terminal.
+struct Progress {
+    enabled: bool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            enabled: io::stderr().is_terminal(),
+        }
+    }
+
+    fn show(&self, inst: &Instance, target: InstanceState, elapsed: Duration) {
+        if self.enabled {
+            let mut err = io::stderr().lock();
+            let _ = write!(
+                err,
+                "\r\x1b[2Kwaiting for {} to be {target}: {} ({}s)",
+                inst.name,
+                inst.state,
+                elapsed.as_secs()
+            );
+            let _ = err.flush();
+        }
+    }
+
+    fn clear(&self) {
+        if self.enabled {
+            let mut err = io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K");
+            let _ = err.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("gpuvisor").chain(args.iter().copied()))
+    }
+
+    fn create_args(args: &[&str]) -> CreateArgs {
+        match parse(args).unwrap().command {
+            Command::Instance(InstanceCmd::Create(a)) => *a,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn clap_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn create_full() {
+        let a = create_args(&[
+            "instance",
+            "create",
+            "--image",
+            "pytorch",
+            "--gpu-fraction",
+            "0.25",
+            "--vram",
+            "20GiB",
+            "--vcpus",
+            "4",
+            "--memory",
+            "16G",
+            "--volume",
+            "data:/workspace:50GiB",
+            "--volume",
+            "cache:/cache",
+            "--env",
+            "A=1",
+            "-e",
+            "B=",
+            "--port",
+            "8888/http",
+            "--wait",
+            "--timeout",
+            "5m",
+            "--",
+            "python",
+            "-c",
+            "print(1)",
+        ]);
+        assert_eq!(a.gpu_fraction, Some(0.25));
+        assert_eq!(a.vram, Some(20 << 30));
+        assert_eq!(a.memory, 16 << 30);
+        assert_eq!(a.container_disk, 10 << 30);
+        assert_eq!(
+            a.volumes,
+            vec![
+                VolumeMount {
+                    name: "data".into(),
+                    path: "/workspace".into(),
+                    size: Some(50 << 30)
+                },
+                VolumeMount {
+                    name: "cache".into(),
+                    path: "/cache".into(),
+                    size: None
+                },
+            ]
+        );
+        assert_eq!(a.env, ["A=1", "B="]);
+        assert_eq!(
+            a.ports,
+            vec![PortSpec {
+                port: 8888,
+                protocol: "http".into()
+            }]
+        );
+        assert!(a.wait.wait);
+        assert_eq!(a.wait.timeout, Duration::from_secs(300));
+        assert_eq!(a.command, ["python", "-c", "print(1)"]);
+    }
+
+    #[test]
+    fn create_defaults() {
+        let a = create_args(&["instance", "create", "--image", "x"]);
+        assert_eq!(a.vcpus, 1);
+        assert_eq!(a.memory, 1 << 30);
+        assert_eq!(a.container_disk, 10 << 30);
+        assert_eq!(a.gpus, None);
+        assert!(!a.wait.wait);
+        assert_eq!(a.wait.timeout, Duration::from_secs(120));
+        assert!(a.command.is_empty());
+    }
+
+    #[test]
+    fn gpus_and_fraction_conflict() {
+        let err = parse(&[
+            "instance",
+            "create",
+            "--image",
+            "x",
+            "--gpus",
+            "1",
+            "--gpu-fraction",
+            "0.5",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert_eq!(err.exit_code(), exit::USAGE);
+    }
+
+    #[test]
+    fn bad_syntax_is_a_usage_error() {
+        for bad in [
+            ["--memory", "lots"],
+            ["--gpu-fraction", "1.5"],
+            ["--gpu-fraction", "0"],
+            ["--gpus", "0"],
+            ["--volume", "data"],
+            ["--volume", "data:relative"],
+            ["--volume", ":/x"],
+            ["--volume", "d:/x:big"],
+            ["--port", "http"],
+            ["--port", "70000/tcp"],
+            ["--port", "80/sctp"],
+            ["--env", "NOVALUE"],
+            ["--env", "=x"],
+            ["--timeout", "soon"],
+        ] {
+            let mut args = vec!["instance", "create", "--image", "x"];
+            args.extend(bad);
+            let err = parse(&args).unwrap_err();
+            assert_eq!(err.exit_code(), exit::USAGE, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn argument_syntax() {
+        assert_eq!(
+            parse_port("22"),
+            Ok(PortSpec {
+                port: 22,
+                protocol: "tcp".into()
+            })
+        );
+        assert_eq!(
+            parse_port("8888/HTTP").map(|p| p.protocol),
+            Ok("http".into())
+        );
+        assert!(parse_port("0/tcp").is_err());
+        assert_eq!(parse_env("PATH=/a:/b"), Ok("PATH=/a:/b".into()));
+        assert!(parse_env("1A=x").is_err());
+        assert!(parse_env("A-B=x").is_err());
+        let v = parse_volume("d:/mnt/x:1.5GiB").unwrap();
+        assert_eq!(v.size, Some(3 << 29));
+        assert!(parse_volume("d:/x:").is_err());
+        assert!(parse_fraction("0.5").is_ok());
+        assert!(parse_fraction("abc").is_err());
+    }
+
+    #[test]
+    fn globals_before_or_after() {
+        let cli = parse(&["-o", "json", "instance", "list"]).unwrap();
+        assert_eq!(cli.global.output, Format::Json);
+        let cli = parse(&[
+            "instance",
+            "list",
+            "--output",
+            "yaml",
+            "--endpoint",
+            "http://h:1",
+            "--api-key",
+            "k",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.output, Format::Yaml);
+        assert_eq!(cli.global.endpoint, "http://h:1");
+        assert_eq!(cli.global.api_key.as_deref(), Some("k"));
+        assert!(parse(&["-o", "xml", "gpu", "list"]).is_err());
+    }
+
+    #[test]
+    fn exec_takes_the_rest() {
+        let cli = parse(&["instance", "exec", "web", "--", "ls", "-la", "/"]).unwrap();
+        match cli.command {
+            Command::Instance(InstanceCmd::Exec { id, command, .. }) => {
+                assert_eq!(id, "web");
+                assert_eq!(command, ["ls", "-la", "/"]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Flags after the command belong to the command.
+        let cli = parse(&["instance", "exec", "web", "sh", "-c", "echo -o json"]).unwrap();
+        match cli.command {
+            Command::Instance(InstanceCmd::Exec { command, .. }) => {
+                assert_eq!(command, ["sh", "-c", "echo -o json"]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(parse(&["instance", "exec", "web"]).is_err());
+    }
+
+    #[test]
+    fn other_commands_parse() {
+        assert!(parse(&["key", "create", "--tenant", "acme", "--role", "admin"]).is_ok());
+        assert!(parse(&["key", "create", "--tenant", "acme", "--role", "root"]).is_err());
+        assert!(parse(&["volume", "create", "v", "--size", "10GiB"]).is_ok());
+        assert!(parse(&["volume", "create", "v", "--size", "ten"]).is_err());
+        assert!(parse(&["image", "import", "./img.tar", "--name", "img"]).is_ok());
+        assert!(parse(&["instance", "logs", "web", "-f"]).is_ok());
+        assert!(parse(&["instance", "terminate", "web", "--wait"]).is_ok());
+        assert!(parse(&["instance", "stop", "web", "--wait", "--timeout", "10s"]).is_ok());
+        assert!(parse(&["serve"]).is_ok());
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(exit_code_for_api("not_found"), 3);
+        assert_eq!(exit_code_for_api("unauthorized"), 4);
+        assert_eq!(exit_code_for_api("forbidden"), 4);
+        for c in [
+            "invalid_argument",
+            "already_exists",
+            "in_use",
+            "invalid_state",
+        ] {
+            assert_eq!(exit_code_for_api(c), 5, "{c}");
+        }
+        assert_eq!(exit_code_for_api("insufficient_resources"), 6);
+        assert_eq!(exit_code_for_api("internal"), 1);
+        assert_eq!(exit_code_for_api("something_new"), 1);
+        let unreachable = CliError::Client(ClientError::Unreachable {
+            endpoint: "http://x".into(),
+            reason: "refused".into(),
+        });
+        assert_eq!(unreachable.exit_code(), 9);
+        assert_eq!(CliError::WaitFailed("x".into()).exit_code(), 7);
+        assert_eq!(CliError::WaitTimeout("x".into()).exit_code(), 8);
+        let api = CliError::Client(ClientError::Api {
+            status: 409,
+            code: "in_use".into(),
+            message: "volume data is in use".into(),
+        });
+        assert_eq!(api.exit_code(), 5);
+        assert_eq!(
+            format!("error: {api} ({})", api.code()),
+            "error: volume data is in use (in_use)"
+        );
+        assert_eq!(exec_exit_code(0), 0);
+        assert_eq!(exec_exit_code(42), 42);
+        assert_eq!(exec_exit_code(-9), 137);
+        assert_eq!(exec_exit_code(1000), 1);
+    }
+
+    fn inst(state: InstanceState, updated_at: i64) -> Instance {
+        Instance {
+            id: "i-1".into(),
+            name: "web".into(),
+            tenant: "t".into(),
+            image: "img".into(),
+            state,
+            reason: None,
+            desired: InstanceState::Running,
+            vcpus: 1,
+            cpus: vec![],
+            memory: 1 << 30,
+            container_disk: 10 << 30,
+            gpus: vec![],
+            volumes: vec![],
+            env: vec![],
+            ports: vec![],
+            command: vec![],
+            ip: None,
+            created_at: 0,
+            updated_at,
+        }
+    }
+
+    #[test]
+    fn wait_reaches_target() {
+        use InstanceState::*;
+        let mut w = Waiter::new(&inst(Pending, 1), Running);
+        assert_eq!(w.step(&inst(Pending, 1)), WaitStep::Continue);
+        assert_eq!(w.step(&inst(Provisioning, 2)), WaitStep::Continue);
+        assert_eq!(w.step(&inst(Running, 3)), WaitStep::Done);
+    }
+
+    #[test]
+    fn wait_ignores_the_old_state_until_something_moves() {
+        use InstanceState::*;
+        let mut w = Waiter::new(&inst(Stopped, 5), Running);
+        assert_eq!(w.step(&inst(Stopped, 5)), WaitStep::Continue);
+        assert_eq!(w.step(&inst(Provisioning, 6)), WaitStep::Continue);
+        let mut back = inst(Stopped, 7);
+        back.reason = Some("exited with status 1".into());
+        match w.step(&back) {
+            WaitStep::Failed(msg) => {
+                assert!(msg.contains("is stopped, not running"), "{msg}");
+                assert!(msg.contains("exited with status 1"), "{msg}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wait_fails_on_failed() {
+        use InstanceState::*;
+        let mut w = Waiter::new(&inst(Pending, 1), Running);
+        let mut failed = inst(Failed, 2);
+        failed.reason = Some("no such image".into());
+        assert!(matches!(w.step(&failed), WaitStep::Failed(m) if m.contains("no such image")));
+        // Terminating a failed instance waits through it.
+        let mut w = Waiter::new(&inst(Failed, 1), Terminated);
+        assert_eq!(w.step(&inst(Failed, 1)), WaitStep::Continue);
+        assert_eq!(w.step(&inst(Terminating, 2)), WaitStep::Continue);
+        assert_eq!(w.step(&inst(Terminated, 3)), WaitStep::Done);
+    }
+}

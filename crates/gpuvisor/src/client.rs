@@ -1,0 +1,431 @@
+//! Blocking HTTP client of the daemon's REST API, one typed method per route.
+//!
+//! The CLI is a short-lived process that makes a handful of calls, so it uses blocking `ureq`
+//! rather than a runtime. Non-2xx answers are decoded into [`ClientError::Api`] with the stable
+//! machine-readable code of [`gpuvisor_wire::ErrorBody`] (the agent is configured with
+//! `http_status_as_error(false)` so that the body can be read); a daemon that cannot be reached is
+//! [`ClientError::Unreachable`], which the CLI turns into its own exit code and a hint.
+
+use std::io;
+use std::time::Duration;
+
+use gpuvisor_wire::{
+    code, ApiKey, CreateInstance, CreateKey, CreateTenant, CreateVolume, CreatedKey, ErrorBody,
+    Event, ExecRequest, ExecResult, Gpu, Health, Image, ImportImage, Instance, Logs, Tenant,
+    Volume, API_KEY_HEADER, API_PREFIX,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+use ureq::http::Response;
+use ureq::Body;
+
+/// Largest answer the client reads (exec output and logs can be big; a listing never is).
+const MAX_BODY: u64 = 1 << 30;
+
+/// How long to try to connect before declaring the daemon unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The daemon answered with an error.
+    #[error("{message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error(
+        "cannot reach the daemon at {endpoint} ({reason}): start it with `gpuvisor serve` or set \
+         GPUVISOR_ENDPOINT / --endpoint"
+    )]
+    Unreachable { endpoint: String, reason: String },
+    #[error("request to {endpoint} failed: {reason}")]
+    Transport { endpoint: String, reason: String },
+    #[error("unexpected answer from the daemon: {0}")]
+    Decode(String),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl ClientError {
+    /// The machine-readable code printed after the message; the API's own for API errors.
+    pub fn code(&self) -> &str {
+        match self {
+            ClientError::Api { code, .. } => code,
+            ClientError::Unreachable { .. } => "unavailable",
+            ClientError::Transport { .. } => "transport",
+            ClientError::Decode(_) => "decode",
+            ClientError::Unsupported(_) => "unsupported",
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ClientError::Api { code: c, .. } if c == code::NOT_FOUND)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+pub struct Client {
+    agent: ureq::Agent,
+    /// Endpoint without a trailing slash, e.g. `http://127.0.0.1:7070`.
+    endpoint: String,
+    api_key: Option<String>,
+}
+
+impl Client {
+    pub fn new(endpoint: &str, api_key: Option<String>) -> Result<Self> {
+        let endpoint = endpoint.trim().trim_end_matches('/').to_string();
+        if endpoint.starts_with("https://") {
+            return Err(ClientError::Unsupported(format!(
+                "endpoint {endpoint}: this client speaks plain HTTP only for now; use an http:// endpoint"
+            )));
+        }
+        if !endpoint.starts_with("http://") {
+            return Err(ClientError::Unsupported(format!(
+                "endpoint {endpoint:?} is not an http:// URL (e.g. http://127.0.0.1:7070)"
+            )));
+        }
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .user_agent(concat!("gpuvisor/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(Client {
+            agent: config.into(),
+            endpoint,
+            api_key: api_key.filter(|k| !k.is_empty()),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{API_PREFIX}{path}", self.endpoint)
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let mut req = self.agent.get(self.url(path));
+        if let Some(key) = &self.api_key {
+            req = req.header(API_KEY_HEADER, key);
+        }
+        self.finish(req.call())
+    }
+
+    fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let mut req = self.agent.delete(self.url(path));
+        if let Some(key) = &self.api_key {
+            req = req.header(API_KEY_HEADER, key);
+        }
+        self.finish(req.call())
+    }
+
+    fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: Option<&B>) -> Result<T> {
+        let mut req = self.agent.post(self.url(path));
+        if let Some(key) = &self.api_key {
+            req = req.header(API_KEY_HEADER, key);
+        }
+        let sent = match body {
+            Some(body) => {
+                let bytes = serde_json::to_vec(body)
+                    .map_err(|e| ClientError::Decode(format!("encoding request: {e}")))?;
+                req.content_type("application/json").send(bytes)
+            }
+            None => req.send_empty(),
+        };
+        self.finish(sent)
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        sent: std::result::Result<Response<Body>, ureq::Error>,
+    ) -> Result<T> {
+        let mut resp = sent.map_err(|e| self.transport_error(e))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY)
+            .read_to_vec()
+            .map_err(|e| self.transport_error(e))?;
+        if (200..300).contains(&status) {
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+        } else {
+            Err(api_error(status, &bytes))
+        }
+    }
+
+    fn transport_error(&self, e: ureq::Error) -> ClientError {
+        let endpoint = self.endpoint.clone();
+        if is_unreachable(&e) {
+            ClientError::Unreachable {
+                endpoint,
+                reason: e.to_string(),
+            }
+        } else {
+            ClientError::Transport {
+                endpoint,
+                reason: e.to_string(),
+            }
+        }
+    }
+
+    pub fn health(&self) -> Result<Health> {
+        self.get("/health")
+    }
+
+    pub fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        self.get("/tenants")
+    }
+
+    pub fn create_tenant(&self, req: &CreateTenant) -> Result<Tenant> {
+        self.post("/tenants", Some(req))
+    }
+
+    pub fn list_keys(&self) -> Result<Vec<ApiKey>> {
+        self.get("/keys")
+    }
+
+    pub fn create_key(&self, req: &CreateKey) -> Result<CreatedKey> {
+        self.post("/keys", Some(req))
+    }
+
+    pub fn revoke_key(&self, id: &str) -> Result<ApiKey> {
+        self.delete(&format!("/keys/{}", segment(id)))
+    }
+
+    pub fn list_gpus(&self) -> Result<Vec<Gpu>> {
+        self.get("/gpus")
+    }
+
+    pub fn list_images(&self) -> Result<Vec<Image>> {
+        self.get("/images")
+    }
+
+    pub fn import_image(&self, req: &ImportImage) -> Result<Image> {
+        self.post("/images", Some(req))
+    }
+
+    pub fn remove_image(&self, name: &str) -> Result<Image> {
+        self.delete(&format!("/images/{}", segment(name)))
+    }
+
+    pub fn list_volumes(&self) -> Result<Vec<Volume>> {
+        self.get("/volumes")
+    }
+
+    pub fn create_volume(&self, req: &CreateVolume) -> Result<Volume> {
+        self.post("/volumes", Some(req))
+    }
+
+    pub fn remove_volume(&self, name: &str) -> Result<Volume> {
+        self.delete(&format!("/volumes/{}", segment(name)))
+    }
+
+    pub fn list_instances(&self) -> Result<Vec<Instance>> {
+        self.get("/instances")
+    }
+
+    pub fn create_instance(&self, req: &CreateInstance) -> Result<Instance> {
+        self.post("/instances", Some(req))
+    }
+
+    /// By id or name; a terminated instance is still answered (or 404, depending on age).
+    pub fn get_instance(&self, id_or_name: &str) -> Result<Instance> {
+        self.get(&format!("/instances/{}", segment(id_or_name)))
+    }
+
+    /// Asks for termination; the answer comes before the instance is gone.
+    pub fn terminate_instance(&self, id_or_name: &str) -> Result<Instance> {
+        self.delete(&format!("/instances/{}", segment(id_or_name)))
+    }
+
+    pub fn stop_instance(&self, id: &str) -> Result<Instance> {
+        self.post::<(), _>(&format!("/instances/{}/stop", segment(id)), None)
+    }
+
+    pub fn start_instance(&self, id: &str) -> Result<Instance> {
+        self.post::<(), _>(&format!("/instances/{}/start", segment(id)), None)
+    }
+
+    pub fn logs(&self, id: &str, offset: u64) -> Result<Logs> {
+        self.get(&format!("/instances/{}/logs?offset={offset}", segment(id)))
+    }
+
+    pub fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult> {
+        self.post(&format!("/instances/{}/exec", segment(id)), Some(req))
+    }
+
+    pub fn events(&self, id: &str) -> Result<Vec<Event>> {
+        self.get(&format!("/instances/{}/events", segment(id)))
+    }
+}
+
+/// Decodes a non-2xx answer; a body that is not an [`ErrorBody`] (a proxy, an old daemon) still
+/// gives a code derived from the status so that exit codes stay meaningful.
+fn api_error(status: u16, body: &[u8]) -> ClientError {
+    if let Ok(ErrorBody { error }) = serde_json::from_slice::<ErrorBody>(body) {
+        return ClientError::Api {
+            status,
+            code: error.code,
+            message: error.message,
+        };
+    }
+    let code = match status {
+        400 | 422 => code::INVALID_ARGUMENT,
+        401 => code::UNAUTHORIZED,
+        403 => code::FORBIDDEN,
+        404 => code::NOT_FOUND,
+        409 => code::INVALID_STATE,
+        _ => code::INTERNAL,
+    };
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    let message = if text.is_empty() {
+        format!("the daemon answered HTTP {status}")
+    } else {
+        format!("the daemon answered HTTP {status}: {}", truncate(text, 200))
+    };
+    ClientError::Api {
+        status,
+        code: code.to_string(),
+        message,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn is_unreachable(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Io(io) => matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::HostUnreachable
+                | io::ErrorKind::NetworkUnreachable
+                | io::ErrorKind::AddrNotAvailable
+                | io::ErrorKind::NotFound
+        ),
+        ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => true,
+        ureq::Error::Timeout(t) => matches!(t, ureq::Timeout::Connect | ureq::Timeout::Resolve),
+        _ => false,
+    }
+}
+
+/// Percent-encodes one path segment (names are user input).
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    /// Serves one canned HTTP answer on a free port and returns the endpoint and the request
+    /// text it received.
+    fn one_shot(
+        status_line: &'static str,
+        body: &'static str,
+    ) -> (String, std::thread::JoinHandle<String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let handle = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            let mut buf = vec![0u8; 8192];
+            let mut req = Vec::new();
+            loop {
+                let n = sock.read(&mut buf).unwrap();
+                req.extend_from_slice(&buf[..n]);
+                if n == 0 || req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let resp = format!(
+                "{status_line}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            sock.write_all(resp.as_bytes()).unwrap();
+            String::from_utf8_lossy(&req).into_owned()
+        });
+        (endpoint, handle)
+    }
+
+    #[test]
+    fn decodes_error_body_and_sends_key() {
+        let (endpoint, server) = one_shot(
+            "HTTP/1.1 404 Not Found",
+            r#"{"error":{"code":"not_found","message":"instance web not found"}}"#,
+        );
+        let client = Client::new(&endpoint, Some("sekret".into())).unwrap();
+        let err = client.get_instance("web").unwrap_err();
+        let req = server.join().unwrap();
+        assert!(req.starts_with("GET /v1/instances/web "), "{req}");
+        assert!(req.to_lowercase().contains("x-api-key: sekret"), "{req}");
+        assert!(err.is_not_found());
+        assert_eq!(err.code(), "not_found");
+        assert_eq!(err.to_string(), "instance web not found");
+    }
+
+    #[test]
+    fn non_json_error_gets_code_from_status() {
+        let (endpoint, server) = one_shot("HTTP/1.1 403 Forbidden", "nope");
+        let client = Client::new(&endpoint, None).unwrap();
+        let err = client.list_gpus().unwrap_err();
+        server.join().unwrap();
+        assert_eq!(err.code(), "forbidden");
+    }
+
+    #[test]
+    fn decodes_success() {
+        let (endpoint, server) = one_shot(
+            "HTTP/1.1 200 OK",
+            r#"{"status":"ok","version":"0.1.0","node":"n1"}"#,
+        );
+        let client = Client::new(&endpoint, None).unwrap();
+        let health = client.health().unwrap();
+        server.join().unwrap();
+        assert_eq!(health.node, "n1");
+    }
+
+    #[test]
+    fn refused_connection_is_unreachable() {
+        // Bind then drop to get a port nobody listens on.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = Client::new(&format!("http://127.0.0.1:{port}/"), None).unwrap();
+        let err = client.health().unwrap_err();
+        assert!(matches!(err, ClientError::Unreachable { .. }), "{err:?}");
+        assert!(err.to_string().contains("gpuvisor serve"));
+    }
+
+    #[test]
+    fn rejects_non_http_endpoints() {
+        assert!(matches!(
+            Client::new("https://example.com", None),
+            Err(ClientError::Unsupported(_))
+        ));
+        assert!(Client::new("127.0.0.1:7070", None).is_err());
+    }
+
+    #[test]
+    fn encodes_segments() {
+        assert_eq!(segment("web-1"), "web-1");
+        assert_eq!(segment("a/b c"), "a%2Fb%20c");
+    }
+}

@@ -1,0 +1,537 @@
+//! Everything the CLI prints on stdout: one generic printer for JSON and YAML (the wire types
+//! serialized as they are, so scripts see exactly what the API answers) and the human tables.
+//!
+//! Tables follow kubectl: no borders, upper-case headers, columns separated by spaces, sizes in
+//! binary units through [`gpuvisor_wire::format_size`], times as ages. The table functions are
+//! pure (`now` is passed in) so that tests can pin their output.
+
+use std::io::{self, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use comfy_table::{presets, Table};
+use gpuvisor_wire::{
+    format_size, ApiKey, CreatedKey, Event, GpuBinding, Health, Image, Instance, Tenant, Volume,
+};
+use serde::Serialize;
+
+/// `-o table|json|yaml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+    Yaml,
+}
+
+/// Renders `value` as pretty JSON or YAML; `None` for the table format, which each caller
+/// renders itself.
+pub fn structured<T: Serialize + ?Sized>(format: Format, value: &T) -> io::Result<Option<String>> {
+    match format {
+        Format::Table => Ok(None),
+        Format::Json => serde_json::to_string_pretty(value)
+            .map(Some)
+            .map_err(io::Error::other),
+        Format::Yaml => serde_yaml::to_string(value)
+            .map(Some)
+            .map_err(io::Error::other),
+    }
+}
+
+/// Prints `value` in `format`: JSON/YAML generically, the table through `table`.
+pub fn print<T: Serialize + ?Sized>(
+    format: Format,
+    value: &T,
+    table: impl FnOnce(&T) -> String,
+) -> io::Result<()> {
+    let text = match structured(format, value)? {
+        Some(text) => text,
+        None => table(value),
+    };
+    print_text(&text)
+}
+
+/// Writes `text` to stdout with exactly one trailing newline.
+pub fn print_text(text: &str) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.trim_end_matches('\n').as_bytes())?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+/// Writes bytes to stdout as they are (logs, exec output).
+pub fn print_raw(data: &[u8]) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(data)?;
+    out.flush()
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn table(header: &[&str], rows: impl IntoIterator<Item = Vec<String>>) -> String {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING);
+    t.set_header(header.to_vec());
+    for row in rows {
+        t.add_row(row);
+    }
+    for column in t.column_iter_mut() {
+        column.set_padding((0, 3));
+    }
+    t.trim_fmt()
+}
+
+/// kubectl-style age: `42s`, `5m`, `3h`, `2d`.
+pub fn format_age(then_ms: i64, now_ms: i64) -> String {
+    let secs = now_ms.saturating_sub(then_ms).max(0) / 1000;
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+/// RFC 3339 time of a Unix-milliseconds timestamp.
+pub fn format_time(ms: i64) -> String {
+    match u64::try_from(ms) {
+        Ok(ms) => {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+        }
+        Err(_) => ms.to_string(),
+    }
+}
+
+/// A GPU amount in thousandths as a number of GPUs: `1`, `2`, `0.25`, `0.125`.
+pub fn format_gpus(milli: u32) -> String {
+    let (whole, thousandths) = (milli / 1000, milli % 1000);
+    if thousandths == 0 {
+        return whole.to_string();
+    }
+    let s = format!("{:.3}", f64::from(milli) / 1000.0);
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// CPU list in the kernel's cpuset syntax: `0-3,8,10-11`.
+pub fn format_cpus(cpus: &[u32]) -> String {
+    let mut cpus = cpus.to_vec();
+    cpus.sort_unstable();
+    cpus.dedup();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let start = cpus[i];
+        let mut end = start;
+        while i + 1 < cpus.len() && cpus[i + 1] == end + 1 {
+            i += 1;
+            end = cpus[i];
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+        i += 1;
+    }
+    parts.join(",")
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+fn instance_gpus(gpus: &[GpuBinding]) -> String {
+    if gpus.is_empty() {
+        return "-".to_string();
+    }
+    format_gpus(gpus.iter().map(|g| g.milli).sum())
+}
+
+pub fn instances_table(instances: &[Instance], now_ms: i64) -> String {
+    table(
+        &[
+            "ID", "NAME", "STATE", "IMAGE", "GPUS", "VCPUS", "MEMORY", "IP", "AGE",
+        ],
+        instances.iter().map(|i| {
+            vec![
+                i.id.clone(),
+                i.name.clone(),
+                i.state.to_string(),
+                i.image.clone(),
+                instance_gpus(&i.gpus),
+                i.vcpus.to_string(),
+                format_size(i.memory),
+                or_dash(i.ip.as_deref().unwrap_or("")),
+                format_age(i.created_at, now_ms),
+            ]
+        }),
+    )
+}
+
+/// `instance get` in table mode: `key: value` lines, lists indented below their key.
+pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
+    let mut lines: Vec<(String, String)> = vec![
+        ("ID".into(), i.id.clone()),
+        ("Name".into(), i.name.clone()),
+        ("Tenant".into(), i.tenant.clone()),
+        ("State".into(), i.state.to_string()),
+        ("Desired".into(), i.desired.to_string()),
+        ("Reason".into(), or_dash(i.reason.as_deref().unwrap_or(""))),
+        ("Image".into(), i.image.clone()),
+        ("VCPUs".into(), i.vcpus.to_string()),
+        ("CPUs".into(), or_dash(&format_cpus(&i.cpus))),
+        ("Memory".into(), format_size(i.memory)),
+        ("Container disk".into(), format_size(i.container_disk)),
+        ("IP".into(), or_dash(i.ip.as_deref().unwrap_or(""))),
+        (
+            "Ports".into(),
+            or_dash(
+                &i.ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        ),
+        ("Command".into(), or_dash(&i.command.join(" "))),
+        (
+            "Created".into(),
+            format!(
+                "{} ({} ago)",
+                format_time(i.created_at),
+                format_age(i.created_at, now_ms)
+            ),
+        ),
+        ("Updated".into(), format_time(i.updated_at)),
+    ];
+    let width = lines
+        .iter()
+        .map(|(k, _)| k.len())
+        .chain(["GPUs", "Volumes", "Env"].iter().map(|k| k.len()))
+        .max()
+        .unwrap_or(0)
+        + 2;
+    let mut out = String::new();
+    let mut push = |key: &str, value: &str| {
+        out.push_str(&format!("{:<width$}{value}\n", format!("{key}:")));
+    };
+    for (k, v) in lines.drain(..) {
+        push(&k, &v);
+    }
+    let mut list = |key: &str, items: Vec<String>| {
+        if items.is_empty() {
+            out.push_str(&format!("{:<width$}-\n", format!("{key}:")));
+        } else {
+            out.push_str(&format!("{key}:\n"));
+            for item in items {
+                out.push_str(&format!("  - {item}\n"));
+            }
+        }
+    };
+    list(
+        "GPUs",
+        i.gpus
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} {} ({}) milli={} vram={}",
+                    g.index,
+                    g.uuid,
+                    g.model,
+                    g.milli,
+                    format_size(g.vram)
+                )
+            })
+            .collect(),
+    );
+    list(
+        "Volumes",
+        i.volumes
+            .iter()
+            .map(|v| match v.size {
+                Some(size) => format!("{}:{} ({})", v.name, v.path, format_size(size)),
+                None => format!("{}:{}", v.name, v.path),
+            })
+            .collect(),
+    );
+    list("Env", i.env.clone());
+    out
+}
+
+pub fn gpus_table(gpus: &[gpuvisor_wire::Gpu]) -> String {
+    table(
+        &[
+            "INDEX",
+            "MODEL",
+            "UUID",
+            "VRAM",
+            "ALLOCATED",
+            "INSTANCES",
+            "BACKEND",
+        ],
+        gpus.iter().map(|g| {
+            let allocated = if g.allocated_milli == 0 && g.allocated_vram == 0 {
+                "-".to_string()
+            } else {
+                format!(
+                    "{} GPU / {}",
+                    format_gpus(g.allocated_milli),
+                    format_size(g.allocated_vram)
+                )
+            };
+            vec![
+                g.index.to_string(),
+                g.model.clone(),
+                g.uuid.clone(),
+                format_size(g.vram),
+                allocated,
+                g.instances.len().to_string(),
+                g.backend.clone(),
+            ]
+        }),
+    )
+}
+
+/// `sha256:0123456789ab…` → `0123456789ab`.
+fn short_digest(digest: &str) -> String {
+    let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
+    hex.chars().take(12).collect()
+}
+
+pub fn images_table(images: &[Image], now_ms: i64) -> String {
+    table(
+        &["NAME", "DIGEST", "SIZE", "LAYERS", "AGE"],
+        images.iter().map(|i| {
+            vec![
+                i.name.clone(),
+                short_digest(&i.digest),
+                format_size(i.size),
+                i.layers.len().to_string(),
+                format_age(i.created_at, now_ms),
+            ]
+        }),
+    )
+}
+
+pub fn volumes_table(volumes: &[Volume], now_ms: i64) -> String {
+    table(
+        &["NAME", "TENANT", "SIZE", "IN USE BY", "AGE"],
+        volumes.iter().map(|v| {
+            vec![
+                v.name.clone(),
+                v.tenant.clone(),
+                format_size(v.size),
+                or_dash(v.in_use_by.as_deref().unwrap_or("")),
+                format_age(v.created_at, now_ms),
+            ]
+        }),
+    )
+}
+
+pub fn tenants_table(tenants: &[Tenant], now_ms: i64) -> String {
+    table(
+        &["ID", "NAME", "AGE"],
+        tenants.iter().map(|t| {
+            vec![
+                t.id.clone(),
+                t.name.clone(),
+                format_age(t.created_at, now_ms),
+            ]
+        }),
+    )
+}
+
+pub fn keys_table(keys: &[ApiKey], now_ms: i64) -> String {
+    table(
+        &["ID", "TENANT", "ROLE", "REVOKED", "AGE"],
+        keys.iter().map(|k| {
+            vec![
+                k.id.clone(),
+                k.tenant.clone(),
+                k.role.as_str().to_string(),
+                k.revoked.to_string(),
+                format_age(k.created_at, now_ms),
+            ]
+        }),
+    )
+}
+
+/// The one time a key's secret is shown: on a line of its own, easy to copy.
+pub fn created_key_text(created: &CreatedKey) -> String {
+    format!(
+        "created {} key {} for tenant {}\n\n    {}\n\nthis secret is shown only once: store it now (e.g. export GPUVISOR_API_KEY=...)",
+        created.key.role.as_str(),
+        created.key.id,
+        created.key.tenant,
+        created.secret
+    )
+}
+
+pub fn events_table(events: &[Event]) -> String {
+    table(
+        &["TIME", "KIND", "MESSAGE"],
+        events
+            .iter()
+            .map(|e| vec![format_time(e.at), e.kind.clone(), e.message.clone()]),
+    )
+}
+
+pub fn health_table(h: &Health) -> String {
+    table(
+        &["STATUS", "VERSION", "NODE"],
+        [vec![h.status.clone(), h.version.clone(), h.node.clone()]],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuvisor_wire::{InstanceState, PortSpec, VolumeMount};
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn sample() -> Instance {
+        Instance {
+            id: "i-0a1b2c".into(),
+            name: "train".into(),
+            tenant: "acme".into(),
+            image: "pytorch".into(),
+            state: InstanceState::Running,
+            reason: None,
+            desired: InstanceState::Running,
+            vcpus: 4,
+            cpus: vec![3, 0, 1, 2, 8],
+            memory: 16 << 30,
+            container_disk: 10 << 30,
+            gpus: vec![GpuBinding {
+                uuid: "GPU-1234".into(),
+                index: 0,
+                model: "A100-80GB".into(),
+                milli: 250,
+                vram: 20 << 30,
+            }],
+            volumes: vec![VolumeMount {
+                name: "data".into(),
+                path: "/workspace".into(),
+                size: Some(50 << 30),
+            }],
+            env: vec!["A=1".into()],
+            ports: vec![PortSpec {
+                port: 8888,
+                protocol: "http".into(),
+            }],
+            command: vec!["python".into(), "train.py".into()],
+            ip: Some("10.77.0.2".into()),
+            created_at: NOW - 5 * 60 * 1000,
+            updated_at: NOW,
+        }
+    }
+
+    #[test]
+    fn instance_table() {
+        let text = instances_table(&[sample()], NOW);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(
+            header,
+            ["ID", "NAME", "STATE", "IMAGE", "GPUS", "VCPUS", "MEMORY", "IP", "AGE"]
+        );
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "i-0a1b2c",
+                "train",
+                "running",
+                "pytorch",
+                "0.25",
+                "4",
+                "16GiB",
+                "10.77.0.2",
+                "5m"
+            ]
+        );
+        // No borders, no leading padding, columns aligned.
+        assert!(lines[0].starts_with("ID "));
+        assert_eq!(lines[0].find("NAME"), lines[1].find("train"));
+    }
+
+    #[test]
+    fn instance_detail_lines() {
+        let text = instance_detail(&sample(), NOW);
+        assert!(text.contains("CPUs:"), "{text}");
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with("CPUs:") && l.ends_with("0-3,8")));
+        assert!(text.contains("  - 0 GPU-1234 (A100-80GB) milli=250 vram=20GiB"));
+        assert!(text.contains("  - data:/workspace (50GiB)"));
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with("Reason:") && l.ends_with('-')));
+    }
+
+    #[test]
+    fn empty_table_keeps_header() {
+        assert_eq!(
+            tenants_table(&[], NOW)
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            ["ID", "NAME", "AGE"]
+        );
+    }
+
+    #[test]
+    fn formats() {
+        assert_eq!(format_gpus(250), "0.25");
+        assert_eq!(format_gpus(2000), "2");
+        assert_eq!(format_gpus(125), "0.125");
+        assert_eq!(format_gpus(1500), "1.5");
+        assert_eq!(format_cpus(&[0, 1, 2, 3]), "0-3");
+        assert_eq!(format_cpus(&[5, 1, 2, 9, 10]), "1-2,5,9-10");
+        assert_eq!(format_cpus(&[]), "");
+        assert_eq!(format_age(NOW - 42_000, NOW), "42s");
+        assert_eq!(format_age(NOW - 3 * 3600 * 1000, NOW), "3h");
+        assert_eq!(format_age(NOW + 1000, NOW), "0s");
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(short_digest("sha256:0123456789abcdef"), "0123456789ab");
+    }
+
+    #[test]
+    fn gpu_allocation_column() {
+        let gpu = gpuvisor_wire::Gpu {
+            uuid: "GPU-1".into(),
+            index: 0,
+            model: "H100".into(),
+            vram: 80 << 30,
+            pci_address: "0000:01:00.0".into(),
+            numa_node: Some(0),
+            backend: "simulated".into(),
+            allocated_milli: 250,
+            allocated_vram: 20 << 30,
+            instances: vec!["i-1".into()],
+        };
+        let text = gpus_table(&[gpu]);
+        assert!(text.contains("0.25 GPU / 20GiB"), "{text}");
+    }
+
+    #[test]
+    fn structured_output() {
+        let i = sample();
+        let json = structured(Format::Json, &i).unwrap().unwrap();
+        let back: Instance = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, i);
+        let yaml = structured(Format::Yaml, &i).unwrap().unwrap();
+        assert!(yaml.contains("state: running"));
+        assert!(structured(Format::Table, &i).unwrap().is_none());
+    }
+}

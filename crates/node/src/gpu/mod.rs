@@ -1,0 +1,745 @@
+//! GPU inventory behind one trait, with a probing constructor ([`probe`]): NVML when a driver is
+//! present, a sysfs PCI scan (vendor 0x10de) for GPUs without a usable driver library or bound to
+//! vfio-pci, and a simulated backend for machines without GPUs.
+//!
+//! Why: everything above the node layer (scheduler, engine, API) only needs "which GPUs exist, how
+//! big are they, which device nodes and driver files does a container need". Hiding the three
+//! very different sources behind [`GpuBackend`] lets the same engine run on an H100 host, on a
+//! host whose GPUs are all handed to VMs through vfio-pci, and on a laptop in CI.
+//!
+//! Key decisions:
+//! - The choice is made once, at start-up, in a fixed order: `--simulate-gpus` wins, then NVML if
+//!   `libnvidia-ml.so.1` loads *and* reports at least one GPU, then sysfs (which may find none: a
+//!   host without GPUs still runs CPU instances). NVML is never tried when the [`HostRoot`] is a
+//!   fixture tree, since it would describe the real machine, not the fixture.
+//! - Simulated GPUs are real character devices (major 195, like the driver's) created under the
+//!   data dir, so the container runtime's device plumbing (device cgroup rules, bind mounts) runs
+//!   unchanged against them. Their UUIDs are derived from the data dir, the index and the model, so
+//!   they survive daemon restarts (the store refers to GPUs by UUID) and differ between data dirs.
+//! - Models are short names users type (`A100-80GB`): one table ([`KNOWN_MODELS`]) serves the
+//!   simulator, the sysfs device-id lookup and the NVML name normaliser.
+
+mod nvml;
+mod sim;
+mod sysfs;
+
+pub use nvml::NvmlBackend;
+pub use sim::{parse_sim_spec, sim_uuid, SimulatedBackend};
+pub use sysfs::{scan_sysfs, SysfsBackend};
+
+use crate::HostRoot;
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum GpuError {
+    #[error("bad --simulate-gpus spec {spec:?}: {why}")]
+    BadSimSpec { spec: String, why: String },
+    #[error("simulated gpus need a directory for their device nodes (set the data dir)")]
+    NoSimDevDir,
+    #[error("nvml: {0}")]
+    Nvml(String),
+    #[error("cannot create device node {path}: {source}")]
+    DeviceNode {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("io on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The character-device major of `/dev/nvidia*` (fixed by the NVIDIA driver).
+pub const NVIDIA_MAJOR: u32 = 195;
+/// The minor of `/dev/nvidiactl`.
+pub const NVIDIACTL_MINOR: u32 = 255;
+/// The usual dynamic major of `nvidia-uvm`, used when `/proc/devices` does not list it.
+pub const DEFAULT_UVM_MAJOR: u32 = 510;
+
+const GIB: u64 = 1 << 30;
+
+/// A character device node to expose inside a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceNode {
+    /// Path inside the container (`/dev/nvidia0`).
+    pub container_path: PathBuf,
+    /// Path on the host (for simulated GPUs, under the data dir).
+    pub host_path: PathBuf,
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// One physical (or simulated) GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuDevice {
+    /// `GPU-xxxxxxxx-...` from NVML (or derived, for simulated GPUs); `PCI-<address>` from the
+    /// sysfs backend, which cannot read the real UUID.
+    pub uuid: String,
+    /// Device minor / index (`/dev/nvidia<index>`).
+    pub index: u32,
+    /// Short model name as users type it (`A100-80GB`, `H100-80GB`).
+    pub model: String,
+    /// Bytes; 0 where unknown (sysfs scan of a model not in [`KNOWN_MODELS`]).
+    pub vram: u64,
+    /// PCI address, `0000:3b:00.0`.
+    pub pci_address: String,
+    pub numa_node: Option<u32>,
+    /// The device node of this GPU.
+    pub node: DeviceNode,
+    /// Kernel driver bound to the PCI function (`nvidia`, `vfio-pci`); `None` when unbound or
+    /// simulated.
+    pub driver: Option<String>,
+    /// IOMMU group of the PCI function, when the IOMMU is on; `None` for simulated GPUs.
+    pub iommu_group: Option<u32>,
+}
+
+impl GpuDevice {
+    /// True when the GPU is bound to vfio-pci: it is for PCIe passthrough into a VM, and
+    /// containers cannot use it (its `/dev/nvidia<index>` node does not exist).
+    pub fn is_vfio(&self) -> bool {
+        self.driver.as_deref() == Some("vfio-pci")
+    }
+
+    /// The VFIO group device (`/dev/vfio/<group>`) a VM needs for passthrough, when the GPU is
+    /// bound to vfio-pci and in an IOMMU group.
+    pub fn vfio_group_path(&self) -> Option<PathBuf> {
+        match (self.is_vfio(), self.iommu_group) {
+            (true, Some(g)) => Some(PathBuf::from(format!("/dev/vfio/{g}"))),
+            _ => None,
+        }
+    }
+}
+
+/// Which backend produced the inventory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Nvml,
+    Sysfs,
+    Simulated,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Nvml => "nvml",
+            BackendKind::Sysfs => "sysfs",
+            BackendKind::Simulated => "simulated",
+        }
+    }
+}
+
+pub trait GpuBackend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+    /// All GPUs, sorted by index.
+    fn devices(&self) -> Result<Vec<GpuDevice>, GpuError>;
+    /// Control devices every GPU container needs (`nvidiactl`, `nvidia-uvm`, ...).
+    fn control_devices(&self) -> Vec<DeviceNode>;
+    /// Driver user-space files (libcuda, libnvidia-ml, nvidia-smi) to bind read-only, host paths
+    /// mapped to container paths. Empty where the host has no driver.
+    fn driver_files(&self) -> Vec<(PathBuf, PathBuf)>;
+}
+
+/// How to find GPUs.
+#[derive(Debug, Clone, Default)]
+pub struct GpuConfig {
+    /// `2xA100-80GB,1xH100-80GB`: simulate these instead of probing.
+    pub simulate: Option<String>,
+    /// Where simulated device nodes go (`<data>/dev`).
+    pub sim_dev_dir: PathBuf,
+}
+
+/// Picks the backend: simulated if asked, else NVML if the driver loads and sees a GPU, else a
+/// sysfs scan (which may find no GPU at all; that is not an error).
+pub fn probe(cfg: &GpuConfig, root: &HostRoot) -> Result<Box<dyn GpuBackend>, GpuError> {
+    if let Some(spec) = &cfg.simulate {
+        let backend = SimulatedBackend::new(spec, &cfg.sim_dev_dir, root)?;
+        tracing::info!(
+            backend = "simulated",
+            gpus = backend.len(),
+            dev_dir = %cfg.sim_dev_dir.display(),
+            "gpu backend chosen"
+        );
+        return Ok(Box::new(backend));
+    }
+    if root.is_real() {
+        match NvmlBackend::probe(root) {
+            Ok(Some(backend)) => {
+                tracing::info!(
+                    backend = "nvml",
+                    gpus = backend.count(),
+                    "gpu backend chosen"
+                );
+                return Ok(Box::new(backend));
+            }
+            Ok(None) => tracing::debug!("nvml loaded but reports no gpu; trying sysfs"),
+            Err(e) => tracing::debug!(error = %e, "nvml unavailable; trying sysfs"),
+        }
+    }
+    let backend = SysfsBackend::new(root.clone());
+    let gpus = backend.devices()?.len();
+    tracing::info!(backend = "sysfs", gpus, "gpu backend chosen");
+    Ok(Box::new(backend))
+}
+
+/// A GPU model gpuvisor knows by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnownModel {
+    /// Short name users type (`H100-80GB`).
+    pub model: &'static str,
+    /// The name NVML reports for the common variant.
+    pub full_name: &'static str,
+    /// Nominal VRAM in GiB, as named.
+    pub vram_gib: u64,
+    /// PCI device ids (vendor 0x10de) of this model's variants.
+    pub pci_device_ids: &'static [u16],
+}
+
+impl KnownModel {
+    pub fn vram_bytes(&self) -> u64 {
+        self.vram_gib * GIB
+    }
+
+    /// The model without its memory size (`H100`).
+    pub fn family(&self) -> &'static str {
+        self.model.split_once('-').map_or(self.model, |(f, _)| f)
+    }
+}
+
+/// The models the simulator accepts and the sysfs scan recognises.
+pub const KNOWN_MODELS: &[KnownModel] = &[
+    KnownModel {
+        model: "A100-40GB",
+        full_name: "NVIDIA A100-SXM4-40GB",
+        vram_gib: 40,
+        pci_device_ids: &[0x20b0, 0x20f1],
+    },
+    KnownModel {
+        model: "A100-80GB",
+        full_name: "NVIDIA A100-SXM4-80GB",
+        vram_gib: 80,
+        pci_device_ids: &[0x20b2, 0x20b5],
+    },
+    KnownModel {
+        model: "H100-80GB",
+        full_name: "NVIDIA H100 80GB HBM3",
+        vram_gib: 80,
+        pci_device_ids: &[0x2330, 0x2331],
+    },
+    KnownModel {
+        model: "H200-141GB",
+        full_name: "NVIDIA H200",
+        vram_gib: 141,
+        pci_device_ids: &[0x2335],
+    },
+    KnownModel {
+        model: "L4-24GB",
+        full_name: "NVIDIA L4",
+        vram_gib: 24,
+        pci_device_ids: &[0x27b8],
+    },
+    KnownModel {
+        model: "L40S-48GB",
+        full_name: "NVIDIA L40S",
+        vram_gib: 48,
+        pci_device_ids: &[0x26b9],
+    },
+    KnownModel {
+        model: "A10-24GB",
+        full_name: "NVIDIA A10",
+        vram_gib: 24,
+        pci_device_ids: &[0x2236],
+    },
+    KnownModel {
+        model: "T4-16GB",
+        full_name: "Tesla T4",
+        vram_gib: 16,
+        pci_device_ids: &[0x1eb8],
+    },
+    KnownModel {
+        model: "RTX4090-24GB",
+        full_name: "NVIDIA GeForce RTX 4090",
+        vram_gib: 24,
+        pci_device_ids: &[0x2684],
+    },
+    KnownModel {
+        model: "V100-32GB",
+        full_name: "Tesla V100-SXM2-32GB",
+        vram_gib: 32,
+        pci_device_ids: &[0x1db5],
+    },
+    KnownModel {
+        model: "B200-192GB",
+        full_name: "NVIDIA B200",
+        vram_gib: 192,
+        pci_device_ids: &[],
+    },
+];
+
+/// Looks a short model name up (case-insensitive), returning the table entry.
+pub fn known_model(model: &str) -> Option<&'static KnownModel> {
+    KNOWN_MODELS
+        .iter()
+        .find(|m| m.model.eq_ignore_ascii_case(model.trim()))
+}
+
+/// The known model of an NVIDIA PCI device id.
+pub fn model_for_pci_device_id(device_id: u16) -> Option<&'static KnownModel> {
+    KNOWN_MODELS
+        .iter()
+        .find(|m| m.pci_device_ids.contains(&device_id))
+}
+
+/// Turns the name NVML (or `/proc/driver/nvidia`) reports into the short model users type:
+/// `NVIDIA H100 80GB HBM3` → `H100-80GB`, `NVIDIA H100 PCIe` with 80 GiB → `H100-80GB`,
+/// `Tesla T4` → `T4-16GB`.
+///
+/// Vendor words and form factors (SXM4, PCIe, HBM3, NVL) are dropped. The size is the one in the
+/// name when there is one; else the nominal size of the [`KNOWN_MODELS`] entry of the same family
+/// closest to `memory_total` (bytes; drivers report a little less than the nominal size); else
+/// `memory_total` rounded to a common marketing size. With `memory_total` 0 (unknown), an exact
+/// [`KnownModel::full_name`] still maps to its model; anything else is just the family.
+pub fn normalise_model_name(name: &str, memory_total: u64) -> String {
+    let mut explicit_gb: Option<u64> = None;
+    let mut parts: Vec<String> = Vec::new();
+    for tok in name
+        .split(|c: char| c.is_whitespace() || c == '-' || c == '_')
+        .filter(|t| !t.is_empty())
+    {
+        let up = tok.to_ascii_uppercase();
+        if is_noise_word(&up) {
+            continue;
+        }
+        if let Some(gb) = up.strip_suffix("GB").and_then(|n| n.parse::<u64>().ok()) {
+            explicit_gb.get_or_insert(gb);
+            continue;
+        }
+        parts.push(up);
+    }
+    let mut family = parts.concat();
+    if family.is_empty() {
+        family = "GPU".to_string();
+    }
+    if explicit_gb.is_none() && memory_total == 0 {
+        // No size to go by: only an exact known name is trusted (`H100 NVL` is not 80 GB).
+        if let Some(m) = KNOWN_MODELS
+            .iter()
+            .find(|m| m.full_name.eq_ignore_ascii_case(name.trim()))
+        {
+            return m.model.to_string();
+        }
+        return family;
+    }
+    match explicit_gb.or_else(|| size_from_memory(&family, memory_total)) {
+        Some(gb) => format!("{family}-{gb}GB"),
+        None => family,
+    }
+}
+
+fn is_noise_word(up: &str) -> bool {
+    matches!(
+        up,
+        "NVIDIA"
+            | "TESLA"
+            | "GEFORCE"
+            | "QUADRO"
+            | "GENERATION"
+            | "GPU"
+            | "PCIE"
+            | "NVL"
+            | "NVLINK"
+    ) || up.starts_with("SXM")
+        || up.starts_with("HBM")
+}
+
+fn size_from_memory(family: &str, memory_total: u64) -> Option<u64> {
+    let candidates: Vec<&KnownModel> = KNOWN_MODELS
+        .iter()
+        .filter(|m| m.family().eq_ignore_ascii_case(family))
+        .collect();
+    let measured = memory_total as f64 / GIB as f64;
+    let off = |nominal: u64| (nominal as f64 - measured).abs() / nominal as f64;
+    let closest = candidates
+        .iter()
+        .map(|m| m.vram_gib)
+        .min_by(|a, b| off(*a).total_cmp(&off(*b)));
+    if let Some(gb) = closest.filter(|gb| off(*gb) <= 0.15) {
+        return Some(gb);
+    }
+    const SIZES: &[u64] = &[
+        2, 3, 4, 6, 8, 10, 11, 12, 16, 20, 24, 32, 40, 48, 64, 80, 94, 96, 128, 141, 144, 180, 192,
+        256, 288,
+    ];
+    let snapped = SIZES
+        .iter()
+        .copied()
+        .min_by(|a, b| off(*a).total_cmp(&off(*b)))
+        .filter(|gb| off(*gb) <= 0.08);
+    let gb = snapped.unwrap_or(measured.round() as u64);
+    (gb > 0).then_some(gb)
+}
+
+/// Normalises a PCI address to the kernel's sysfs form, `0000:3b:00.0`: NVML reports
+/// `00000000:3B:00.0`. `None` when it is not a `domain:bus:device.function` address.
+pub fn normalise_pci_address(addr: &str) -> Option<String> {
+    let (domain, rest) = addr.trim().split_once(':')?;
+    let (bus, rest) = rest.split_once(':')?;
+    let (dev, func) = rest.split_once('.')?;
+    let domain = u32::from_str_radix(domain, 16).ok()?;
+    let bus = u8::from_str_radix(bus, 16).ok()?;
+    let dev = u8::from_str_radix(dev, 16).ok().filter(|d| *d < 32)?;
+    let func = u8::from_str_radix(func, 16).ok().filter(|f| *f < 8)?;
+    Some(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}"))
+}
+
+/// NUMA node of a PCI device from sysfs (`-1`, absent or unreadable → `None`).
+pub(crate) fn pci_numa_node(root: &HostRoot, pci_address: &str) -> Option<u32> {
+    root.read_trimmed(format!("/sys/bus/pci/devices/{pci_address}/numa_node"))?
+        .parse::<i64>()
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
+}
+
+/// Basename of a sysfs symlink of a PCI device (`driver` → `nvidia`, `iommu_group` → `42`).
+pub(crate) fn pci_link_name(root: &HostRoot, pci_address: &str, link: &str) -> Option<String> {
+    let target =
+        std::fs::read_link(root.path(format!("/sys/bus/pci/devices/{pci_address}/{link}"))).ok()?;
+    Some(target.file_name()?.to_string_lossy().into_owned())
+}
+
+pub(crate) fn pci_driver(root: &HostRoot, pci_address: &str) -> Option<String> {
+    pci_link_name(root, pci_address, "driver")
+}
+
+pub(crate) fn pci_iommu_group(root: &HostRoot, pci_address: &str) -> Option<u32> {
+    pci_link_name(root, pci_address, "iommu_group")?
+        .parse()
+        .ok()
+}
+
+/// Major and minor of a character device on the host, `None` if absent or not a char device.
+pub fn char_device_at(root: &HostRoot, host_path: impl AsRef<Path>) -> Option<(u32, u32)> {
+    let md = std::fs::metadata(root.path(host_path)).ok()?;
+    if !md.file_type().is_char_device() {
+        return None;
+    }
+    let rdev = md.rdev();
+    let major = u32::try_from(nix::sys::stat::major(rdev)).ok()?;
+    let minor = u32::try_from(nix::sys::stat::minor(rdev)).ok()?;
+    Some((major, minor))
+}
+
+/// The major of a character driver from the host's `/proc/devices` (`nvidia-uvm` → 510).
+pub fn proc_devices_major(root: &HostRoot, driver: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(root.path("/proc/devices")).ok()?;
+    let mut in_char = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.ends_with("devices:") {
+            in_char = line.starts_with("Character");
+            continue;
+        }
+        if !in_char {
+            continue;
+        }
+        if let Some((major, name)) = line.split_once(char::is_whitespace) {
+            if name.trim() == driver {
+                return major.parse().ok();
+            }
+        }
+    }
+    None
+}
+
+/// The driver's control devices present on the host (`nvidiactl`, `nvidia-uvm`,
+/// `nvidia-uvm-tools`, `nvidia-modeset`), with their real major/minor. Missing ones are left out:
+/// `nvidia-uvm` only appears once something loaded the module (`nvidia-modprobe -u -c=0`).
+pub fn host_control_devices(root: &HostRoot) -> Vec<DeviceNode> {
+    [
+        "/dev/nvidiactl",
+        "/dev/nvidia-uvm",
+        "/dev/nvidia-uvm-tools",
+        "/dev/nvidia-modeset",
+    ]
+    .iter()
+    .filter_map(|p| {
+        let (major, minor) = char_device_at(root, p)?;
+        Some(DeviceNode {
+            container_path: PathBuf::from(p),
+            host_path: root.path(p),
+            major,
+            minor,
+        })
+    })
+    .collect()
+}
+
+/// The device node of GPU `index` as the host has it; the driver's fixed major and the index as
+/// minor when the node does not exist (yet).
+pub(crate) fn host_gpu_node(root: &HostRoot, index: u32) -> DeviceNode {
+    let p = format!("/dev/nvidia{index}");
+    let (major, minor) = char_device_at(root, &p).unwrap_or((NVIDIA_MAJOR, index));
+    DeviceNode {
+        container_path: PathBuf::from(&p),
+        host_path: root.path(&p),
+        major,
+        minor,
+    }
+}
+
+const DRIVER_LIB_DIRS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+];
+
+const DRIVER_LIB_PREFIXES: &[&str] = &[
+    "libcuda.so",
+    "libnvidia-ml.so",
+    "libnvidia-ptxjitcompiler.so",
+    "libnvidia-nvvm.so",
+    "libcudadebugger.so",
+];
+
+const DRIVER_BINARIES: &[&str] = &[
+    "/usr/bin/nvidia-smi",
+    "/usr/bin/nvidia-debugdump",
+    "/usr/bin/nvidia-persistenced",
+];
+
+/// The driver's user-space files a CUDA container needs, as (host path, container path) pairs:
+/// the libraries (real files and their soname links) in the usual lib dirs and the tools in
+/// `/usr/bin`. Container paths are the host paths without the [`HostRoot`] prefix, so a
+/// container sees the libraries where its loader looks for them. Sorted, without duplicates.
+pub fn driver_files(root: &HostRoot) -> Vec<(PathBuf, PathBuf)> {
+    let mut found: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
+    for dir in DRIVER_LIB_DIRS {
+        let Ok(entries) = std::fs::read_dir(root.path(dir)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let wanted = DRIVER_LIB_PREFIXES
+                .iter()
+                .any(|p| name == *p || name.strip_prefix(p).is_some_and(|v| v.starts_with('.')));
+            if !wanted {
+                continue;
+            }
+            let container = Path::new(dir).join(name);
+            let host = root.path(&container);
+            if resolves(root, &host) {
+                found.insert(container, host);
+            }
+        }
+    }
+    for bin in DRIVER_BINARIES {
+        let host = root.path(bin);
+        if resolves(root, &host) {
+            found.insert(PathBuf::from(bin), host);
+        }
+    }
+    found
+        .into_iter()
+        .map(|(container, host)| (host, container))
+        .collect()
+}
+
+/// True when `host` (already under the root) is a file, or a symlink whose target exists inside
+/// the root. Absolute link targets are mapped through the root so fixture trees behave like the
+/// host.
+fn resolves(root: &HostRoot, host: &Path) -> bool {
+    let Ok(md) = std::fs::symlink_metadata(host) else {
+        return false;
+    };
+    if !md.file_type().is_symlink() {
+        return md.is_file();
+    }
+    let Ok(target) = std::fs::read_link(host) else {
+        return false;
+    };
+    let resolved = if target.is_absolute() {
+        root.path(&target)
+    } else {
+        match host.parent() {
+            Some(dir) => dir.join(&target),
+            None => return false,
+        }
+    };
+    resolved.is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn normalises_nvml_names() {
+        let mib = 1u64 << 20;
+        let cases: &[(&str, u64, &str)] = &[
+            ("NVIDIA H100 80GB HBM3", 81559 * mib, "H100-80GB"),
+            ("NVIDIA H100 PCIe", 81559 * mib, "H100-80GB"),
+            ("NVIDIA H100 NVL", 95830 * mib, "H100-94GB"),
+            ("NVIDIA A100-SXM4-80GB", 81920 * mib, "A100-80GB"),
+            ("NVIDIA A100-SXM4-40GB", 40960 * mib, "A100-40GB"),
+            ("NVIDIA A100-PCIE-40GB", 40960 * mib, "A100-40GB"),
+            ("NVIDIA A100 80GB PCIe", 81920 * mib, "A100-80GB"),
+            ("NVIDIA H200", 143771 * mib, "H200-141GB"),
+            ("NVIDIA L4", 23034 * mib, "L4-24GB"),
+            ("NVIDIA L40S", 46068 * mib, "L40S-48GB"),
+            ("NVIDIA A10", 23028 * mib, "A10-24GB"),
+            ("Tesla T4", 15360 * mib, "T4-16GB"),
+            ("NVIDIA GeForce RTX 4090", 24564 * mib, "RTX4090-24GB"),
+            ("Tesla V100-SXM2-32GB", 32768 * mib, "V100-32GB"),
+            ("Tesla V100-SXM2-16GB", 16384 * mib, "V100-16GB"),
+            ("NVIDIA B200", 183359 * mib, "B200-192GB"),
+            ("NVIDIA RTX A6000", 49140 * mib, "RTXA6000-48GB"),
+            (
+                "NVIDIA RTX 6000 Ada Generation",
+                49140 * mib,
+                "RTX6000ADA-48GB",
+            ),
+            ("NVIDIA GeForce RTX 3090", 24576 * mib, "RTX3090-24GB"),
+            // No memory figure: the size in the name, an exact known name, else the family.
+            ("NVIDIA H100 80GB HBM3", 0, "H100-80GB"),
+            ("NVIDIA L40S", 0, "L40S-48GB"),
+            ("NVIDIA H100 NVL", 0, "H100"),
+            ("NVIDIA H100 PCIe", 0, "H100"),
+            ("NVIDIA A100-SXM4", 0, "A100"),
+            ("NVIDIA", 0, "GPU"),
+        ];
+        for (name, mem, want) in cases {
+            assert_eq!(normalise_model_name(name, *mem), *want, "{name}");
+        }
+        // Every table entry's own full name maps back to it.
+        for m in KNOWN_MODELS {
+            assert_eq!(
+                normalise_model_name(m.full_name, m.vram_bytes()),
+                m.model,
+                "{}",
+                m.full_name
+            );
+        }
+    }
+
+    #[test]
+    fn normalises_pci_addresses() {
+        assert_eq!(
+            normalise_pci_address("00000000:3B:00.0").as_deref(),
+            Some("0000:3b:00.0")
+        );
+        assert_eq!(
+            normalise_pci_address("0000:1b:00.1").as_deref(),
+            Some("0000:1b:00.1")
+        );
+        assert_eq!(normalise_pci_address("3b:00.0"), None);
+        assert_eq!(normalise_pci_address("0000:3b:40.0"), None);
+        assert_eq!(normalise_pci_address("garbage"), None);
+    }
+
+    #[test]
+    fn table_lookups() {
+        assert_eq!(known_model("h100-80gb").map(|m| m.vram_gib), Some(80));
+        assert_eq!(known_model("H200-141GB").map(|m| m.vram_gib), Some(141));
+        assert_eq!(
+            model_for_pci_device_id(0x2331).map(|m| m.model),
+            Some("H100-80GB")
+        );
+        assert_eq!(model_for_pci_device_id(0x1234), None);
+        assert_eq!(KNOWN_MODELS[0].family(), "A100");
+    }
+
+    #[test]
+    fn reads_majors_from_proc_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("proc")).unwrap();
+        fs::write(
+            dir.path().join("proc/devices"),
+            "Character devices:\n  1 mem\n195 nvidia-frontend\n508 nvidia-uvm\n\n\
+             Block devices:\n  7 loop\n509 nvidia-uvm\n",
+        )
+        .unwrap();
+        let root = HostRoot::at(dir.path());
+        assert_eq!(proc_devices_major(&root, "nvidia-uvm"), Some(508));
+        assert_eq!(proc_devices_major(&root, "loop"), None);
+        assert_eq!(proc_devices_major(&HostRoot::at("/nonexistent"), "x"), None);
+    }
+
+    #[test]
+    fn finds_driver_files_in_a_fixture_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = HostRoot::at(dir.path());
+        let lib = dir.path().join("usr/lib/x86_64-linux-gnu");
+        fs::create_dir_all(&lib).unwrap();
+        fs::create_dir_all(dir.path().join("usr/bin")).unwrap();
+        for f in [
+            "libcuda.so.550.54.15",
+            "libnvidia-ml.so.550.54.15",
+            "libnvidia-ptxjitcompiler.so.550.54.15",
+            "libcudart.so.12",    // the toolkit's, not the driver's
+            "libnvidia-mlx.so.1", // a different library with a shared prefix
+            "libcudadebugger.so.550.54.15",
+        ] {
+            fs::write(lib.join(f), b"elf").unwrap();
+        }
+        symlink("libcuda.so.550.54.15", lib.join("libcuda.so.1")).unwrap();
+        symlink("libcuda.so.1", lib.join("libcuda.so")).unwrap();
+        symlink("libnvidia-ml.so.550.54.15", lib.join("libnvidia-ml.so.1")).unwrap();
+        // Absolute link target, mapped through the root.
+        symlink(
+            "/usr/lib/x86_64-linux-gnu/libcudadebugger.so.550.54.15",
+            lib.join("libcudadebugger.so.1"),
+        )
+        .unwrap();
+        symlink("libnvidia-nvvm.so.4.0.0", lib.join("libnvidia-nvvm.so.4")).unwrap(); // dangling
+        fs::write(dir.path().join("usr/bin/nvidia-smi"), b"elf").unwrap();
+
+        let files = driver_files(&root);
+        let containers: Vec<String> = files.iter().map(|(_, c)| c.display().to_string()).collect();
+        let l = "/usr/lib/x86_64-linux-gnu";
+        assert_eq!(
+            containers,
+            vec![
+                "/usr/bin/nvidia-smi".to_string(),
+                format!("{l}/libcuda.so"),
+                format!("{l}/libcuda.so.1"),
+                format!("{l}/libcuda.so.550.54.15"),
+                format!("{l}/libcudadebugger.so.1"),
+                format!("{l}/libcudadebugger.so.550.54.15"),
+                format!("{l}/libnvidia-ml.so.1"),
+                format!("{l}/libnvidia-ml.so.550.54.15"),
+                format!("{l}/libnvidia-ptxjitcompiler.so.550.54.15"),
+            ]
+        );
+        for (host, container) in &files {
+            assert_eq!(*host, root.path(container));
+        }
+        assert!(driver_files(&HostRoot::at(dir.path().join("empty"))).is_empty());
+    }
+
+    #[test]
+    fn control_devices_come_from_real_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = HostRoot::at(dir.path());
+        let dev = dir.path().join("dev");
+        fs::create_dir_all(&dev).unwrap();
+        sim::ensure_char_device(&dev.join("nvidiactl"), NVIDIA_MAJOR, NVIDIACTL_MINOR).unwrap();
+        sim::ensure_char_device(&dev.join("nvidia-uvm"), 508, 0).unwrap();
+        fs::write(dev.join("nvidia-modeset"), b"not a device").unwrap();
+        let nodes = host_control_devices(&root);
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[0].container_path, PathBuf::from("/dev/nvidiactl"));
+        assert_eq!((nodes[0].major, nodes[0].minor), (195, 255));
+        assert_eq!(nodes[0].host_path, dev.join("nvidiactl"));
+        assert_eq!((nodes[1].major, nodes[1].minor), (508, 0));
+        assert_eq!(host_gpu_node(&root, 3).minor, 3);
+    }
+}

@@ -1,0 +1,146 @@
+//! GPUs as the NVIDIA driver reports them, through NVML (`libnvidia-ml.so.1`, loaded at run time
+//! by nvml-wrapper, so the binary runs on hosts without the driver).
+//!
+//! The inventory is queried on every call rather than cached: it is cheap, and it follows GPUs
+//! that host preparation hands to vfio-pci or back. NUMA nodes, the IOMMU group and the bound
+//! driver come from sysfs, which NVML does not report reliably on every platform.
+
+use super::{
+    driver_files, host_control_devices, host_gpu_node, normalise_model_name, normalise_pci_address,
+    pci_driver, pci_iommu_group, pci_numa_node, BackendKind, DeviceNode, GpuBackend, GpuDevice,
+    GpuError,
+};
+use crate::HostRoot;
+use nvml_wrapper::Nvml;
+use std::path::PathBuf;
+
+/// The NVML backend; holds the initialised library for its lifetime.
+pub struct NvmlBackend {
+    nvml: Nvml,
+    root: HostRoot,
+    count: u32,
+}
+
+impl std::fmt::Debug for NvmlBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvmlBackend")
+            .field("root", &self.root)
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NvmlBackend {
+    /// Loads NVML. `Err` when the library or the driver is missing (the caller falls through to
+    /// sysfs); `Ok(None)` when it loads but sees no GPU.
+    pub fn probe(root: &HostRoot) -> Result<Option<Self>, GpuError> {
+        let nvml = Nvml::init().map_err(|e| GpuError::Nvml(e.to_string()))?;
+        let count = nvml
+            .device_count()
+            .map_err(|e| GpuError::Nvml(format!("device count: {e}")))?;
+        if count == 0 {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            nvml,
+            root: root.clone(),
+            count,
+        }))
+    }
+
+    /// GPUs seen at probe time.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The initialised library, for telemetry and MIG code that needs more than the inventory.
+    pub fn nvml(&self) -> &Nvml {
+        &self.nvml
+    }
+
+    fn device(&self, i: u32) -> Result<GpuDevice, GpuError> {
+        let e = |what: &str, err: nvml_wrapper::error::NvmlError| {
+            GpuError::Nvml(format!("gpu {i}: {what}: {err}"))
+        };
+        let dev = self.nvml.device_by_index(i).map_err(|err| e("open", err))?;
+        let uuid = dev.uuid().map_err(|err| e("uuid", err))?;
+        let name = dev.name().map_err(|err| e("name", err))?;
+        let memory = dev.memory_info().map_err(|err| e("memory", err))?.total;
+        let bus_id = dev.pci_info().map_err(|err| e("pci info", err))?.bus_id;
+        let pci_address = normalise_pci_address(&bus_id).unwrap_or_else(|| bus_id.to_lowercase());
+        // The minor is what /dev/nvidia<N> is named after; NVML's enumeration order can differ.
+        let index = dev.minor_number().unwrap_or(i);
+        Ok(GpuDevice {
+            uuid,
+            index,
+            model: normalise_model_name(&name, memory),
+            vram: memory,
+            numa_node: pci_numa_node(&self.root, &pci_address),
+            node: host_gpu_node(&self.root, index),
+            driver: pci_driver(&self.root, &pci_address).or_else(|| Some("nvidia".to_string())),
+            iommu_group: pci_iommu_group(&self.root, &pci_address),
+            pci_address,
+        })
+    }
+}
+
+impl GpuBackend for NvmlBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Nvml
+    }
+
+    fn devices(&self) -> Result<Vec<GpuDevice>, GpuError> {
+        let count = self
+            .nvml
+            .device_count()
+            .map_err(|e| GpuError::Nvml(format!("device count: {e}")))?;
+        let mut out = (0..count)
+            .map(|i| self.device(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_by_key(|g| g.index);
+        Ok(out)
+    }
+
+    fn control_devices(&self) -> Vec<DeviceNode> {
+        host_control_devices(&self.root)
+    }
+
+    fn driver_files(&self) -> Vec<(PathBuf, PathBuf)> {
+        driver_files(&self.root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs only where asked (`GPUVISOR_GPU_TESTS=1`, on a GPU machine): the real driver.
+    #[test]
+    fn real_driver_inventory() {
+        if std::env::var_os("GPUVISOR_GPU_TESTS").is_none() {
+            return;
+        }
+        let root = HostRoot::real();
+        let b = NvmlBackend::probe(&root).unwrap().unwrap();
+        let gpus = b.devices().unwrap();
+        assert!(!gpus.is_empty());
+        for g in &gpus {
+            eprintln!("{g:?}");
+            assert!(g.uuid.starts_with("GPU-"), "{}", g.uuid);
+            assert!(g.vram > 0);
+            assert_eq!(
+                normalise_pci_address(&g.pci_address).as_ref(),
+                Some(&g.pci_address)
+            );
+            assert!(g.model.contains("GB"), "{}", g.model);
+        }
+        let ctl = b.control_devices();
+        eprintln!("{ctl:?}");
+        assert!(ctl.iter().any(|d| d.container_path.ends_with("nvidiactl")));
+        let files = b.driver_files();
+        eprintln!("{files:?}");
+        assert!(files
+            .iter()
+            .any(|(_, c)| c.to_string_lossy().contains("libcuda.so")));
+    }
+}
