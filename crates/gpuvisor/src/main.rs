@@ -1,7 +1,9 @@
 //! The `gpuvisor` binary: `gpuvisor serve` runs the daemon; every other subcommand is a client of
 //! its REST API.
 
+mod api;
 mod cli;
+mod config;
 mod client;
 mod output;
 mod serve;

@@ -1,15 +1,126 @@
-//! `gpuvisor serve`: the daemon. (stub; the lead fills it in)
+//! `gpuvisor serve`: the daemon. Reads the config (embedded defaults < TOML file < flags and
+//! environment), probes the host, opens the store, prints the admin key on first start, runs
+//! the reconciler and serves the REST API until SIGTERM or SIGINT.
 
+use crate::config::{Config, ConfigOverrides};
+use anyhow::Context;
 use clap::Args;
+use gpuvisor_control::placement::SingleHost;
+use gpuvisor_control::store::Store;
+use gpuvisor_control::{Engine, EngineConfig};
+use gpuvisor_node::{HostRoot, Node, NodeConfig};
+use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// TOML config file.
+    /// TOML config file (values there are overridden by flags).
     #[arg(long, env = "GPUVISOR_CONFIG")]
     pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub overrides: ConfigOverrides,
 }
 
-pub async fn serve(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GPUVISOR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let cfg = Config::load(args.config.as_deref(), &args.overrides)?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+
+    let node_cfg = NodeConfig {
+        data_dir: cfg.data_dir.clone(),
+        runtime: cfg.runtime.clone(),
+        simulate_gpus: cfg.simulate_gpus.clone(),
+        net_pool: cfg.net_pool,
+        nat: cfg.nat,
+        pids_limit: cfg.pids_limit,
+        root: HostRoot::real(),
+    };
+    let node = tokio::task::spawn_blocking(move || Node::open(node_cfg))
+        .await?
+        .context("cannot prepare this host")?;
+    tracing::info!(
+        gpus = node.gpus.len(),
+        backend = node.backend().as_str(),
+        runtime = node.runtime.binary(),
+        "host ready"
+    );
+    let db = cfg
+        .database
+        .clone()
+        .unwrap_or_else(|| Store::sqlite_url(&cfg.data_dir.join("gpuvisor.db")));
+    let store = Store::connect(&db)
+        .await
+        .with_context(|| format!("cannot open the store at {}", redact(&db)))?;
+    let hostname = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let engine = Engine::new(
+        store,
+        Arc::new(node),
+        Box::new(SingleHost),
+        EngineConfig {
+            node_id: hostname.clone(),
+            hostname,
+            cpu_ratio: cfg.cpu_oversubscription,
+            stop_grace: cfg.stop_grace,
+            resync: std::time::Duration::from_secs(1),
+        },
+    );
+    if let Some(secret) = engine.bootstrap().await? {
+        println!("admin API key (shown once, store it now): {secret}");
+        let _ = std::io::stdout().flush();
+        if let Some(path) = &cfg.admin_key_file {
+            write_secret(path, &secret)?;
+        }
+    }
+    tokio::spawn(engine.clone().run_reconciler());
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    tracing::info!("listening on http://{}", cfg.listen);
+    axum::serve(listener, crate::api::router(engine))
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    Ok(())
+}
+
+fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write the admin key to {}", path.display()))?;
+    writeln!(f, "{secret}")?;
+    Ok(())
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down; instances keep running");
 }

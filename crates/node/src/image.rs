@@ -1981,3 +1981,658 @@ struct DescOut {
     digest: String,
     size: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::os::unix::fs::symlink;
+    use tempfile::TempDir;
+
+    const MTIME: u64 = 1_600_000_000;
+
+    /// Builds a layer tar with explicit metadata.
+    struct Layer(tar::Builder<Vec<u8>>);
+
+    impl Layer {
+        fn new() -> Self {
+            Layer(tar::Builder::new(Vec::new()))
+        }
+
+        fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64) -> tar::Header {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_uid(uid);
+            h.set_gid(gid);
+            h.set_mtime(MTIME);
+            h.set_size(0);
+            h
+        }
+
+        fn dir(self, path: &str, mode: u32) -> Self {
+            self.dir_owned(path, mode, 0, 0)
+        }
+
+        fn dir_owned(mut self, path: &str, mode: u32, uid: u64, gid: u64) -> Self {
+            let mut h = Self::header(tar::EntryType::Directory, mode, uid, gid);
+            self.0.append_data(&mut h, path, io::empty()).unwrap();
+            self
+        }
+
+        fn file(mut self, path: &str, data: &[u8], mode: u32) -> Self {
+            let mut h = Self::header(tar::EntryType::Regular, mode, 0, 0);
+            h.set_size(data.len() as u64);
+            self.0.append_data(&mut h, path, data).unwrap();
+            self
+        }
+
+        fn link(mut self, kind: tar::EntryType, path: &str, target: &str) -> Self {
+            let mut h = Self::header(kind, 0o777, 0, 0);
+            self.0.append_link(&mut h, path, target).unwrap();
+            self
+        }
+
+        fn chardev(mut self, path: &str, major: u32, minor: u32) -> Self {
+            let mut h = Self::header(tar::EntryType::Char, 0o666, 0, 0);
+            h.set_device_major(major).unwrap();
+            h.set_device_minor(minor).unwrap();
+            self.0.append_data(&mut h, path, io::empty()).unwrap();
+            self
+        }
+
+        /// An entry whose name (and link name) bypass the tar crate's path checks.
+        fn raw(mut self, kind: tar::EntryType, name: &[u8], link: &[u8]) -> Self {
+            let mut h = Self::header(kind, 0o644, 0, 0);
+            let gnu = h.as_gnu_mut().unwrap();
+            gnu.name[..name.len()].copy_from_slice(name);
+            gnu.linkname[..link.len()].copy_from_slice(link);
+            h.set_cksum();
+            self.0.append(&h, io::empty()).unwrap();
+            self
+        }
+
+        fn build(self) -> Vec<u8> {
+            self.0.into_inner().unwrap()
+        }
+    }
+
+    fn layer1() -> Vec<u8> {
+        Layer::new()
+            .dir("etc", 0o755)
+            .file("etc/passwd", b"root:x:0:0\n", 0o644)
+            .dir("bin", 0o755)
+            .file("bin/sh", b"#!sh", 0o755)
+            .file("bin/su", b"su", 0o4755)
+            .link(tar::EntryType::Symlink, "bin/bash", "sh")
+            .link(tar::EntryType::Link, "bin/sh2", "bin/sh")
+            .dir("dev", 0o755)
+            .chardev("dev/null", 1, 3)
+            .dir("data", 0o755)
+            .file("data/old.txt", b"old", 0o644)
+            .dir_owned("home/user", 0o700, 1000, 1000)
+            .build()
+    }
+
+    fn layer2() -> Vec<u8> {
+        Layer::new()
+            .file("etc/.wh.passwd", b"", 0o644)
+            .dir("data", 0o755)
+            .file("data/.wh..wh..opq", b"", 0o644)
+            .file("data/new.txt", b"new", 0o644)
+            .build()
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(bytes).unwrap();
+        enc.finish().unwrap()
+    }
+
+    fn put_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
+        let digest = sha256_digest(bytes);
+        let dir = layout.join("blobs").join("sha256");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(parse_digest(&digest).unwrap()), bytes).unwrap();
+        (digest, bytes.len())
+    }
+
+    struct Built {
+        manifest: String,
+        manifest_size: usize,
+        diff_ids: Vec<String>,
+    }
+
+    /// Writes layers (gzip), config and manifest blobs into an OCI layout; no index.
+    fn make_image(layout: &Path, layers: &[Vec<u8>], cmd: &[&str], diff_ids: Option<Vec<String>>) -> Built {
+        let real: Vec<String> = layers.iter().map(|l| sha256_digest(l)).collect();
+        let mut descs = Vec::new();
+        for l in layers {
+            let (digest, size) = put_blob(layout, &gzip(l));
+            descs.push(json!({"mediaType": MEDIA_LAYER_GZIP, "digest": digest, "size": size}));
+        }
+        let config = json!({
+            "architecture": host_arch(),
+            "os": "linux",
+            "config": {
+                "Entrypoint": ["/bin/sh"],
+                "Cmd": cmd,
+                "Env": ["PATH=/bin", "A=b"],
+                "WorkingDir": "/work",
+                "User": "1000",
+            },
+            "rootfs": {"type": "layers", "diff_ids": diff_ids.unwrap_or_else(|| real.clone())},
+        });
+        let (config_digest, config_size) = put_blob(layout, &serde_json::to_vec(&config).unwrap());
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_MANIFEST,
+            "config": {"mediaType": MEDIA_OCI_CONFIG, "digest": config_digest, "size": config_size},
+            "layers": descs,
+        });
+        let (manifest, manifest_size) = put_blob(layout, &serde_json::to_vec(&manifest).unwrap());
+        Built {
+            manifest,
+            manifest_size,
+            diff_ids: real,
+        }
+    }
+
+    fn write_index(layout: &Path, manifests: serde_json::Value) {
+        fs::create_dir_all(layout).unwrap();
+        fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let index = json!({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": manifests});
+        fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    }
+
+    /// A one-image OCI layout; returns what was built.
+    fn oci_layout(layout: &Path, layers: &[Vec<u8>], diff_ids: Option<Vec<String>>) -> Built {
+        let built = make_image(layout, layers, &["-c", "echo hi"], diff_ids);
+        write_index(
+            layout,
+            json!([{"mediaType": MEDIA_OCI_MANIFEST, "digest": built.manifest, "size": built.manifest_size}]),
+        );
+        built
+    }
+
+    fn tar_dir(dir: &Path) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        b.follow_symlinks(false);
+        b.append_dir_all(".", dir).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+        let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+        let n = CString::new(name).unwrap();
+        let mut buf = vec![0u8; 256];
+        // SAFETY: both strings are NUL-terminated; `buf` is valid for writes of its length.
+        let len = unsafe {
+            libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        (len >= 0).then(|| buf[..len as usize].to_vec())
+    }
+
+    fn store(t: &TempDir) -> ImageStore {
+        ImageStore::open(t.path().join("store")).unwrap()
+    }
+
+    fn is_empty_dir(path: &Path) -> bool {
+        fs::read_dir(path).unwrap().next().is_none()
+    }
+
+    fn bad_source(err: ImageError) -> String {
+        match err {
+            ImageError::BadSource { why, .. } => why,
+            other => panic!("expected BadSource, got {other}"),
+        }
+    }
+
+    #[test]
+    fn open_creates_layout() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+        for d in ["blobs/sha256", "layers", "tmp"] {
+            assert!(s.root.join(d).is_dir(), "{d}");
+        }
+        assert_eq!(
+            s.layer_dir("sha256:ab"),
+            t.path().join("store/layers/sha256-ab")
+        );
+    }
+
+    #[test]
+    fn oci_layout_dir_unpacks_with_overlay_whiteouts() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+        let src = t.path().join("oci");
+        let built = oci_layout(&src, &[layer1(), layer2()], None);
+        let img = s.import(&src).unwrap();
+        assert_eq!(img.digest, built.manifest);
+        assert_eq!(img.layers, built.diff_ids);
+        assert_eq!(img.command, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(img.env, ["PATH=/bin", "A=b"]);
+        assert_eq!(img.size, 11 + 4 + 2 + 3 + 3);
+
+        let l1 = s.layer_dir(&img.layers[0]);
+        let su = fs::metadata(l1.join("bin/su")).unwrap();
+        assert_eq!(su.mode() & 0o7777, 0o4755, "setuid kept");
+        assert_eq!(fs::read_link(l1.join("bin/bash")).unwrap(), Path::new("sh"));
+        assert_eq!(
+            fs::metadata(l1.join("bin/sh2")).unwrap().ino(),
+            fs::metadata(l1.join("bin/sh")).unwrap().ino()
+        );
+        let null = fs::metadata(l1.join("dev/null")).unwrap();
+        assert!(null.file_type().is_char_device());
+        assert_eq!(null.rdev(), nix::sys::stat::makedev(1, 3));
+        assert_eq!(null.mode() & 0o777, 0o666);
+        let home = fs::metadata(l1.join("home/user")).unwrap();
+        assert_eq!((home.uid(), home.gid(), home.mode() & 0o7777), (1000, 1000, 0o700));
+        assert_eq!(fs::metadata(l1.join("home")).unwrap().mode() & 0o777, 0o755);
+        assert_eq!(fs::metadata(l1.join("etc/passwd")).unwrap().mtime(), MTIME as i64);
+        assert_eq!(fs::metadata(l1.join("etc")).unwrap().mtime(), MTIME as i64);
+
+        let l2 = s.layer_dir(&img.layers[1]);
+        let wh = fs::symlink_metadata(l2.join("etc/passwd")).unwrap();
+        assert!(wh.file_type().is_char_device());
+        assert_eq!(wh.rdev(), 0);
+        assert!(!l2.join("etc/.wh.passwd").exists());
+        assert!(!l2.join("data/.wh..wh..opq").exists());
+        assert_eq!(get_xattr(&l2.join("data"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+        assert_eq!(fs::read(l2.join("data/new.txt")).unwrap(), b"new");
+        assert!(is_empty_dir(&s.root.join("tmp")));
+
+        let config = s.config(&img.digest).unwrap().unwrap();
+        assert_eq!(config.working_dir.as_deref(), Some("/work"));
+        assert_eq!(config.user.as_deref(), Some("1000"));
+        assert_eq!(config.command, img.command);
+
+        // The kernel agrees: mount the two layers and look.
+        let mnt = TempDir::new().unwrap();
+        let opts = format!("lowerdir={}:{}", l2.display(), l1.display());
+        if let Err(e) = nix::mount::mount(
+            Some("overlay"),
+            mnt.path(),
+            Some("overlay"),
+            nix::mount::MsFlags::MS_RDONLY,
+            Some(opts.as_str()),
+        ) {
+            eprintln!("overlay mount unavailable ({e}); skipping the kernel check");
+            return;
+        }
+        let seen = (
+            mnt.path().join("etc/passwd").exists(),
+            mnt.path().join("data/old.txt").exists(),
+            mnt.path().join("data/new.txt").exists(),
+            mnt.path().join("bin/su").exists(),
+        );
+        nix::mount::umount(mnt.path()).unwrap();
+        assert_eq!(seen, (false, false, true, true));
+    }
+
+    #[test]
+    fn oci_tarball_with_nested_index_picks_host_platform() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+        let layout = t.path().join("oci");
+        let host = make_image(&layout, &[layer1(), layer2()], &["host"], None);
+        let other = make_image(&layout, &[layer1()], &["other"], None);
+        let foreign = if host_arch() == "riscv64" { "s390x" } else { "riscv64" };
+        let index = json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_OCI_INDEX,
+            "manifests": [
+                {"mediaType": MEDIA_OCI_MANIFEST, "digest": other.manifest, "size": other.manifest_size,
+                 "platform": {"os": "linux", "architecture": foreign}},
+                {"mediaType": MEDIA_OCI_MANIFEST, "digest": host.manifest, "size": host.manifest_size,
+                 "platform": {"os": "linux", "architecture": host_arch()}},
+            ],
+        });
+        let index_bytes = serde_json::to_vec(&index).unwrap();
+        let (index_digest, index_size) = put_blob(&layout, &index_bytes);
+        write_index(
+            &layout,
+            json!([{"mediaType": MEDIA_OCI_INDEX, "digest": index_digest, "size": index_size}]),
+        );
+        let tarball = t.path().join("image.tar");
+        fs::write(&tarball, tar_dir(&layout)).unwrap();
+        let img = s.import(&tarball).unwrap();
+        assert_eq!(img.digest, host.manifest);
+        assert_eq!(img.layers, host.diff_ids);
+        assert_eq!(img.command, ["/bin/sh", "host"]);
+        let l2 = s.layer_dir(&img.layers[1]);
+        assert!(fs::symlink_metadata(l2.join("etc/passwd")).unwrap().file_type().is_char_device());
+
+        // Same archive, gzip-compressed and with a misleading name.
+        let gz = t.path().join("image.json");
+        fs::write(&gz, gzip(&tar_dir(&layout))).unwrap();
+        assert_eq!(s.import(&gz).unwrap(), img);
+        assert!(is_empty_dir(&s.root.join("tmp")));
+    }
+
+    #[test]
+    fn docker_save_tarball_imports_and_shares_layers() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+        let oci = t.path().join("oci");
+        let built = oci_layout(&oci, &[layer1(), layer2()], None);
+        let from_oci = s.import(&oci).unwrap();
+        let ino = fs::metadata(s.layer_dir(&from_oci.layers[0])).unwrap().ino();
+
+        let config = json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/bin/sh"], "Env": ["X=1"], "WorkingDir": "/srv"},
+            "rootfs": {"type": "layers", "diff_ids": built.diff_ids},
+        });
+        let config_bytes = serde_json::to_vec(&config).unwrap();
+        let config_name = format!("{}.json", parse_digest(&sha256_digest(&config_bytes)).unwrap());
+        let manifest = json!([{
+            "Config": config_name,
+            "RepoTags": ["demo:latest"],
+            "Layers": ["aaaa/layer.tar", "bbbb/layer.tar"],
+        }]);
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut h = Layer::header(tar::EntryType::Regular, 0o644, 0, 0);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        add("real/layer.tar", &layer1());
+        add("bbbb/layer.tar", &gzip(&layer2())); // gzip although named .tar
+        add(&config_name, &config_bytes);
+        add("manifest.json", &serde_json::to_vec(&manifest).unwrap());
+        let mut h = Layer::header(tar::EntryType::Symlink, 0o777, 0, 0);
+        b.append_link(&mut h, "aaaa/layer.tar", "../real/layer.tar").unwrap();
+        let tarball = t.path().join("save.tar");
+        fs::write(&tarball, b.into_inner().unwrap()).unwrap();
+
+        let img = s.import(&tarball).unwrap();
+        assert_eq!(img.layers, built.diff_ids);
+        assert_eq!(img.command, ["/bin/sh"]);
+        assert_eq!(img.env, ["X=1"]);
+        assert_eq!(img.size, from_oci.size);
+        assert_ne!(img.digest, from_oci.digest);
+        let stored = fs::read(s.blob_path_unchecked(&img.digest)).unwrap();
+        assert_eq!(sha256_digest(&stored), img.digest);
+        let manifest: ManifestDoc = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(manifest.layers.len(), 2);
+        assert_eq!(manifest.layers[1].digest, sha256_digest(&gzip(&layer2())));
+        assert_eq!(s.config(&img.digest).unwrap().unwrap().working_dir.as_deref(), Some("/srv"));
+        assert_eq!(
+            fs::metadata(s.layer_dir(&img.layers[0])).unwrap().ino(),
+            ino,
+            "layer shared, not unpacked again"
+        );
+        // Importing the same archive again gives the same synthesised digest.
+        assert_eq!(s.import(&tarball).unwrap().digest, img.digest);
+    }
+
+    #[test]
+    fn rootfs_dir_becomes_one_deterministic_layer() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+        let root = t.path().join("rootfs");
+        fs::create_dir_all(root.join("bin")).unwrap();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::create_dir_all(root.join("run")).unwrap();
+        fs::create_dir_all(root.join("dev")).unwrap();
+        fs::write(root.join("bin/tool"), b"tool").unwrap();
+        fs::set_permissions(root.join("bin/tool"), fs::Permissions::from_mode(0o4750)).unwrap();
+        fs::write(root.join("etc/conf"), b"conf").unwrap();
+        std::os::unix::fs::chown(root.join("etc/conf"), Some(1234), Some(5678)).unwrap();
+        fs::hard_link(root.join("etc/conf"), root.join("etc/conf2")).unwrap();
+        symlink("bin/tool", root.join("link")).unwrap();
+        nix::sys::stat::mknod(&root.join("run/fifo"), SFlag::S_IFIFO, Mode::from_bits_truncate(0o644), 0).unwrap();
+        nix::sys::stat::mknod(
+            &root.join("dev/zero"),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 5),
+        )
+        .unwrap();
+        let xattr_ok = set_xattr(&root.join("etc/conf"), b"user.gpuvisor", b"yes").is_ok();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o751)).unwrap();
+
+        let img = s.import(&root).unwrap();
+        assert_eq!(img.layers, [img.digest.clone()]);
+        assert!(img.command.is_empty() && img.env.is_empty());
+        assert_eq!(img.size, 8);
+        assert_eq!(s.config(&img.digest).unwrap(), None);
+        let l = s.layer_dir(&img.digest);
+        assert_eq!(fs::metadata(&l).unwrap().mode() & 0o7777, 0o751);
+        assert_eq!(fs::metadata(l.join("bin/tool")).unwrap().mode() & 0o7777, 0o4750);
+        let conf = fs::metadata(l.join("etc/conf")).unwrap();
+        assert_eq!((conf.uid(), conf.gid()), (1234, 5678));
+        assert_eq!(conf.ino(), fs::metadata(l.join("etc/conf2")).unwrap().ino());
+        assert_eq!(fs::read_link(l.join("link")).unwrap(), Path::new("bin/tool"));
+        assert!(fs::metadata(l.join("run/fifo")).unwrap().file_type().is_fifo());
+        assert_eq!(fs::metadata(l.join("dev/zero")).unwrap().rdev(), nix::sys::stat::makedev(1, 5));
+        if xattr_ok {
+            assert_eq!(get_xattr(&l.join("etc/conf"), "user.gpuvisor").as_deref(), Some(&b"yes"[..]));
+        }
+        assert_eq!(
+            fs::metadata(root.join("bin/tool")).unwrap().mtime(),
+            fs::metadata(l.join("bin/tool")).unwrap().mtime()
+        );
+
+        let ino = fs::metadata(&l).unwrap().ino();
+        let again = s.import(&root).unwrap();
+        assert_eq!(again, img);
+        assert_eq!(fs::metadata(&l).unwrap().ino(), ino, "not unpacked again");
+        assert!(is_empty_dir(&s.root.join("tmp")));
+
+        fs::write(root.join("etc/conf"), b"changed").unwrap();
+        let changed = s.import(&root).unwrap();
+        assert_ne!(changed.digest, img.digest);
+    }
+
+    #[test]
+    fn reimport_reuses_unpacked_layers() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+        let src = t.path().join("oci");
+        oci_layout(&src, &[layer1(), layer2()], None);
+        let first = s.import(&src).unwrap();
+        let stamp = |d: &str| {
+            let m = fs::metadata(s.layer_dir(d)).unwrap();
+            (m.ino(), m.mtime(), m.mtime_nsec(), m.ctime_nsec())
+        };
+        let before: Vec<_> = first.layers.iter().map(|l| stamp(l)).collect();
+        assert_eq!(s.import(&src).unwrap(), first);
+        let tarball = t.path().join("oci.tar");
+        fs::write(&tarball, tar_dir(&src)).unwrap();
+        assert_eq!(s.import(&tarball).unwrap(), first);
+        let after: Vec<_> = first.layers.iter().map(|l| stamp(l)).collect();
+        assert_eq!(before, after);
+        assert_eq!(fs::read_dir(s.root.join("layers")).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn repeated_layer_keeps_topmost_occurrence() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+        let src = t.path().join("oci");
+        let built = oci_layout(&src, &[layer1(), layer2(), layer1()], None);
+        let img = s.import(&src).unwrap();
+        assert_eq!(img.layers, [built.diff_ids[1].clone(), built.diff_ids[0].clone()]);
+    }
+
+    #[test]
+    fn digest_mismatches_are_refused() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+
+        // A layer blob whose content does not match its descriptor.
+        let src = t.path().join("corrupt");
+        let built = oci_layout(&src, &[layer1(), layer2()], None);
+        let blob = src
+            .join("blobs/sha256")
+            .join(parse_digest(&sha256_digest(&gzip(&layer2()))).unwrap());
+        fs::write(&blob, gzip(&Layer::new().file("x", b"evil", 0o644).build())).unwrap();
+        let why = bad_source(s.import(&src).unwrap_err());
+        assert!(why.contains("blob digest mismatch"), "{why}");
+        assert!(!s.layer_dir(&built.diff_ids[1]).exists());
+        assert!(is_empty_dir(&s.root.join("tmp")));
+
+        // A config whose diff ids lie about the uncompressed content.
+        let src = t.path().join("liar");
+        let wrong = sha256_digest(b"something else");
+        let built = oci_layout(&src, &[layer2()], Some(vec![wrong]));
+        let why = bad_source(s.import(&src).unwrap_err());
+        assert!(why.contains("diff id mismatch"), "{why}");
+        assert!(!s.layer_dir(&built.diff_ids[0]).exists());
+        assert!(is_empty_dir(&s.root.join("tmp")));
+
+        // A tampered config blob.
+        let src = t.path().join("tampered");
+        oci_layout(&src, &[layer2()], None);
+        let manifest_desc: serde_json::Value =
+            serde_json::from_slice(&fs::read(src.join("index.json")).unwrap()).unwrap();
+        let manifest_digest = manifest_desc["manifests"][0]["digest"].as_str().unwrap();
+        let manifest: ManifestDoc = serde_json::from_slice(
+            &fs::read(src.join("blobs/sha256").join(parse_digest(manifest_digest).unwrap())).unwrap(),
+        )
+        .unwrap();
+        let config_digest = manifest.config.unwrap().digest;
+        let config_path = src.join("blobs/sha256").join(parse_digest(&config_digest).unwrap());
+        let mut bytes = fs::read(&config_path).unwrap();
+        bytes.push(b' ');
+        fs::write(&config_path, bytes).unwrap();
+        let why = bad_source(s.import(&src).unwrap_err());
+        assert!(why.contains("digest mismatch"), "{why}");
+    }
+
+    #[test]
+    fn escaping_entries_are_refused() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let outside_str = outside.to_str().unwrap().to_string();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("dotdot", Layer::new().raw(tar::EntryType::Regular, b"a/../../evil", b"").build()),
+            ("absolute", Layer::new().raw(tar::EntryType::Regular, b"/abs", b"").build()),
+            (
+                "through symlink",
+                Layer::new()
+                    .link(tar::EntryType::Symlink, "lnk", &outside_str)
+                    .file("lnk/pwned", b"x", 0o644)
+                    .build(),
+            ),
+            (
+                "hardlink dotdot",
+                Layer::new().raw(tar::EntryType::Link, b"h", b"../../outside/x").build(),
+            ),
+            (
+                "hardlink absolute",
+                Layer::new().raw(tar::EntryType::Link, b"h", b"/etc/passwd").build(),
+            ),
+            (
+                "whiteout through symlink",
+                Layer::new()
+                    .link(tar::EntryType::Symlink, "lnk", &outside_str)
+                    .file("lnk/.wh.victim", b"", 0o644)
+                    .build(),
+            ),
+        ];
+        for (what, layer) in cases {
+            let src = t.path().join(what.replace(' ', "-"));
+            let built = oci_layout(&src, &[layer], None);
+            let why = bad_source(s.import(&src).unwrap_err());
+            eprintln!("{what}: {why}");
+            assert!(why.contains("entry"), "{what}: {why}");
+            assert!(!s.layer_dir(&built.diff_ids[0]).exists(), "{what}");
+        }
+        assert!(is_empty_dir(&outside));
+        assert!(!t.path().join("evil").exists());
+        assert!(is_empty_dir(&s.root.join("layers")));
+        assert!(is_empty_dir(&s.root.join("tmp")));
+    }
+
+    #[test]
+    fn unknown_sources_are_refused() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+        let why = bad_source(s.import(&t.path().join("nope")).unwrap_err());
+        assert!(why.contains("cannot read source"), "{why}");
+
+        let junk = t.path().join("junk.tar");
+        fs::write(&junk, b"definitely not a tar archive").unwrap();
+        let why = bad_source(s.import(&junk).unwrap_err());
+        assert!(why.contains("not a directory or a tar archive"), "{why}");
+
+        let no_index = t.path().join("no-index");
+        fs::create_dir(&no_index).unwrap();
+        fs::write(no_index.join("oci-layout"), b"{}").unwrap();
+        let why = bad_source(s.import(&no_index).unwrap_err());
+        assert!(why.contains("missing index.json"), "{why}");
+
+        let other_tar = t.path().join("other.tar");
+        fs::write(&other_tar, Layer::new().file("hello.txt", b"hi", 0o644).build()).unwrap();
+        let why = bad_source(s.import(&other_tar).unwrap_err());
+        assert!(why.contains("neither an OCI layout"), "{why}");
+
+        let zstd = t.path().join("oci-zstd");
+        let built = oci_layout(&zstd, &[layer2()], None);
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &fs::read(zstd.join("blobs/sha256").join(parse_digest(&built.manifest).unwrap())).unwrap(),
+        )
+        .unwrap();
+        let layer_blob = manifest["layers"][0]["digest"].as_str().unwrap();
+        fs::write(
+            zstd.join("blobs/sha256").join(parse_digest(layer_blob).unwrap()),
+            [0x28, 0xb5, 0x2f, 0xfd, 0, 0],
+        )
+        .unwrap();
+        let why = bad_source(s.import(&zstd).unwrap_err());
+        assert!(why.contains("zstd"), "{why}");
+    }
+
+    #[test]
+    fn gc_removes_what_is_not_kept() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+        let src = t.path().join("oci");
+        oci_layout(&src, &[layer1(), layer2()], None);
+        let oci = s.import(&src).unwrap();
+        let root = t.path().join("rootfs");
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join("file"), b"0123456789").unwrap();
+        let rootfs = s.import(&root).unwrap();
+        fs::write(s.root.join("tmp").join("layer-stale"), b"left by a crash").unwrap();
+
+        assert_eq!(s.gc(&[oci.digest.clone(), rootfs.digest.clone()]).unwrap(), 15);
+        assert!(s.layer_dir(&rootfs.digest).is_dir());
+
+        // An image digest keeps its layers and blobs.
+        assert_eq!(s.gc(std::slice::from_ref(&oci.digest)).unwrap(), 10);
+        assert!(!s.layer_dir(&rootfs.digest).exists());
+        for l in &oci.layers {
+            assert!(s.layer_dir(l).is_dir());
+        }
+        assert!(s.config(&oci.digest).unwrap().is_some());
+
+        // Layer digests alone keep layers but not the image's blobs.
+        let freed = s.gc(&oci.layers).unwrap();
+        assert!(freed > 0);
+        assert!(s.config(&oci.digest).unwrap().is_none());
+        assert!(s.layer_dir(&oci.layers[0]).is_dir());
+
+        assert_eq!(s.gc(&[]).unwrap(), oci.size);
+        assert!(is_empty_dir(&s.root.join("layers")));
+        assert!(is_empty_dir(&s.root.join("blobs/sha256")));
+        assert!(is_empty_dir(&s.root.join("tmp")));
+    }
+
+    #[test]
+    fn pax_records_count_their_own_length() {
+        assert_eq!(pax_record(b"k", b"v"), b"6 k=v\n");
+        let r = pax_record(b"SCHILY.xattr.user.x", &[b'a'; 90]);
+        let len: usize = std::str::from_utf8(&r[..r.iter().position(|b| *b == b' ').unwrap()])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(len, r.len());
+    }
+}

@@ -25,7 +25,9 @@
 //!   (Docker loads it) bridged frames traverse FORWARD too. So each bridge gets its own
 //!   `-i gvbN -o gvbN -j ACCEPT` at the top of GPUVISOR-FWD, ahead of the
 //!   `-i gvb+ -o gvb+ -j DROP` that isolates tenants. Rules are checked (`-C`) before they are
-//!   added, so nothing is ever duplicated, and every rule lives in our own chains.
+//!   added, so nothing is ever duplicated, and every rule lives in our own chains. `init_host`
+//!   never flushes the chains (that would open a gap in the isolation); it re-adds the base rules
+//!   in order when one is missing.
 //! - The veth is created with its peer directly inside the netns (`peer name eth0 netns ...`), so
 //!   no temporary name can collide on the host.
 //! - Everything shells out to `ip` and `iptables` through [`crate::cmd::run`]: they are on every

@@ -118,6 +118,10 @@ impl Engine {
         &self.store
     }
 
+    pub fn node_id(&self) -> &str {
+        &self.cfg.node_id
+    }
+
     /// A strictly increasing timestamp, so events keep their order within one millisecond.
     pub(crate) fn tick(&self) -> i64 {
         let now = now_ms();

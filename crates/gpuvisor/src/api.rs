@@ -1,0 +1,226 @@
+//! The REST API: the only code that knows HTTP and JSON. Each handler authenticates, calls one
+//! engine command and maps the engine's error code to a status. No business rule lives here.
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gpuvisor_control::{Engine, EngineError, Principal};
+use gpuvisor_wire::{self as wire, code, API_KEY_HEADER};
+use serde::Deserialize;
+use std::sync::Arc;
+
+type Eng = Arc<Engine>;
+
+/// An engine error on its way out as `{"error":{"code","message"}}`.
+pub struct ApiError(EngineError);
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        Self(e)
+    }
+}
+
+pub fn status_for(code_: &str) -> StatusCode {
+    match code_ {
+        code::UNAUTHORIZED => StatusCode::UNAUTHORIZED,
+        code::FORBIDDEN => StatusCode::FORBIDDEN,
+        code::NOT_FOUND => StatusCode::NOT_FOUND,
+        code::INVALID_ARGUMENT => StatusCode::BAD_REQUEST,
+        code::ALREADY_EXISTS | code::IN_USE | code::INVALID_STATE => StatusCode::CONFLICT,
+        code::INSUFFICIENT_RESOURCES => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let c = self.0.code();
+        if c == code::INTERNAL {
+            tracing::error!("internal error: {}", self.0);
+        }
+        let body = wire::ErrorBody {
+            error: wire::ApiError {
+                code: c.to_string(),
+                message: self.0.to_string(),
+            },
+        };
+        (status_for(c), Json(body)).into_response()
+    }
+}
+
+type R<T> = Result<Json<T>, ApiError>;
+
+async fn who(e: &Engine, h: &HeaderMap) -> Result<Principal, ApiError> {
+    let key = h
+        .get(API_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            h.get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        });
+    Ok(e.authenticate(key).await?)
+}
+
+/// A JSON body whose decoding errors become our `invalid_argument` answer.
+pub struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = Response;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(rej) => Err(ApiError(EngineError::InvalidArgument(format!("bad request body: {}", rej.body_text())))
+                .into_response()),
+        }
+    }
+}
+
+pub fn router(engine: Eng) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/v1/keys", get(list_keys).post(create_key))
+        .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
+        .route("/v1/gpus", get(list_gpus))
+        .route("/v1/images", get(list_images).post(import_image))
+        .route("/v1/images/{name}", axum::routing::delete(remove_image))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/v1/volumes/{name}", axum::routing::delete(remove_volume))
+        .route("/v1/instances", get(list_instances).post(create_instance))
+        .route("/v1/instances/{id}", get(get_instance).delete(terminate_instance))
+        .route("/v1/instances/{id}/stop", post(stop_instance))
+        .route("/v1/instances/{id}/start", post(start_instance))
+        .route("/v1/instances/{id}/logs", get(logs))
+        .route("/v1/instances/{id}/exec", post(exec))
+        .route("/v1/instances/{id}/events", get(events))
+        .fallback(|| async {
+            ApiError(EngineError::NotFound("no such route (see /v1/...)".into())).into_response()
+        })
+        .with_state(engine)
+}
+
+async fn health(State(e): State<Eng>) -> Json<wire::Health> {
+    Json(wire::Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        node: e.node_id().to_string(),
+    })
+}
+
+async fn list_tenants(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Tenant>> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.list_tenants(&p).await?))
+}
+
+async fn create_tenant(State(e): State<Eng>, h: HeaderMap, Body(b): Body<wire::CreateTenant>) -> R<wire::Tenant> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.create_tenant(&p, &b).await?))
+}
+
+async fn list_keys(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::ApiKey>> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.list_keys(&p).await?))
+}
+
+async fn create_key(State(e): State<Eng>, h: HeaderMap, Body(b): Body<wire::CreateKey>) -> R<wire::CreatedKey> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.create_key(&p, &b).await?))
+}
+
+async fn revoke_key(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::ApiKey> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.revoke_key(&p, &id).await?))
+}
+
+async fn list_gpus(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Gpu>> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.list_gpus(&p).await?))
+}
+
+async fn list_images(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Image>> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.list_images(&p).await?))
+}
+
+async fn import_image(State(e): State<Eng>, h: HeaderMap, Body(b): Body<wire::ImportImage>) -> R<wire::Image> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.import_image(&p, &b).await?))
+}
+
+async fn remove_image(State(e): State<Eng>, h: HeaderMap, Path(name): Path<String>) -> R<wire::Image> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.remove_image(&p, &name).await?))
+}
+
+async fn list_volumes(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Volume>> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.list_volumes(&p).await?))
+}
+
+async fn create_volume(State(e): State<Eng>, h: HeaderMap, Body(b): Body<wire::CreateVolume>) -> R<wire::Volume> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.create_volume(&p, &b).await?))
+}
+
+async fn remove_volume(State(e): State<Eng>, h: HeaderMap, Path(name): Path<String>) -> R<wire::Volume> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.remove_volume(&p, &name).await?))
+}
+
+async fn list_instances(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Instance>> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.list_instances(&p).await?))
+}
+
+async fn create_instance(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Body(b): Body<wire::CreateInstance>,
+) -> Result<(StatusCode, Json<wire::Instance>), ApiError> {
+    let p = who(&e, &h).await?;
+    Ok((StatusCode::CREATED, Json(e.create_instance(&p, &b).await?)))
+}
+
+async fn get_instance(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Instance> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.get_instance(&p, &id).await?))
+}
+
+async fn terminate_instance(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Instance> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.terminate_instance(&p, &id).await?))
+}
+
+async fn stop_instance(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Instance> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.stop_instance(&p, &id).await?))
+}
+
+async fn start_instance(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Instance> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.start_instance(&p, &id).await?))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+async fn logs(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>, Query(q): Query<LogQuery>) -> R<wire::Logs> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.instance_logs(&p, &id, q.offset).await?))
+}
+
+async fn exec(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>, Body(b): Body<wire::ExecRequest>) -> R<wire::ExecResult> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.exec(&p, &id, &b).await?))
+}
+
+async fn events(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<Vec<wire::Event>> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.instance_events(&p, &id).await?))
+}

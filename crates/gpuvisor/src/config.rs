@@ -1,0 +1,166 @@
+//! Daemon configuration: embedded defaults, then a TOML file, then flags and environment. One
+//! struct, so every setting has one name in all three places.
+
+use anyhow::Context;
+use clap::Args;
+use serde::Deserialize;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`; default: SQLite in the data dir.
+    pub database: Option<String>,
+    pub runtime: String,
+    pub simulate_gpus: Option<String>,
+    pub cpu_oversubscription: u32,
+    pub net_pool: Ipv4Addr,
+    pub nat: bool,
+    pub stop_grace: Duration,
+    pub pids_limit: i64,
+    pub admin_key_file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            data_dir: PathBuf::from("/var/lib/gpuvisor"),
+            database: None,
+            runtime: "runc".into(),
+            simulate_gpus: None,
+            cpu_oversubscription: 1,
+            net_pool: Ipv4Addr::new(10, 88, 0, 0),
+            nat: true,
+            stop_grace: Duration::from_secs(10),
+            pids_limit: 4096,
+            admin_key_file: None,
+        }
+    }
+}
+
+/// The TOML file: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    database: Option<String>,
+    runtime: Option<String>,
+    simulate_gpus: Option<String>,
+    cpu_oversubscription: Option<u32>,
+    net_pool: Option<Ipv4Addr>,
+    nat: Option<bool>,
+    stop_grace: Option<String>,
+    pids_limit: Option<i64>,
+    admin_key_file: Option<PathBuf>,
+}
+
+/// Flags (and their environment variables) that override the file.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConfigOverrides {
+    /// Address to listen on [default: 127.0.0.1:7070].
+    #[arg(long, env = "GPUVISOR_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory [default: /var/lib/gpuvisor].
+    #[arg(long, env = "GPUVISOR_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Store URL: postgres://user:pass@host/db (default: SQLite in the data dir).
+    #[arg(long, env = "GPUVISOR_DATABASE")]
+    pub database: Option<String>,
+    /// OCI runtime binary [default: runc].
+    #[arg(long)]
+    pub runtime: Option<String>,
+    /// Simulate GPUs instead of probing, e.g. 2xA100-80GB,1xH100-80GB.
+    #[arg(long, env = "GPUVISOR_SIMULATE_GPUS")]
+    pub simulate_gpus: Option<String>,
+    /// Instances allowed to pin the same CPU [default: 1, exclusive].
+    #[arg(long)]
+    pub cpu_oversubscription: Option<u32>,
+    /// Grace between SIGTERM and SIGKILL on stop, e.g. 10s.
+    #[arg(long)]
+    pub stop_grace: Option<String>,
+    /// Write the first admin key to this file (mode 0600) as well as printing it.
+    #[arg(long)]
+    pub admin_key_file: Option<PathBuf>,
+    /// Disable egress NAT for instances.
+    #[arg(long)]
+    pub no_nat: bool,
+}
+
+fn grace(s: &str) -> anyhow::Result<Duration> {
+    humantime::parse_duration(s).with_context(|| format!("stop_grace {s:?} is not a duration like 10s"))
+}
+
+impl Config {
+    pub fn load(file: Option<&Path>, o: &ConfigOverrides) -> anyhow::Result<Self> {
+        let mut c = Config::default();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config {}", path.display()))?;
+            let f: FileConfig =
+                toml::from_str(&text).with_context(|| format!("bad config {}", path.display()))?;
+            if let Some(v) = f.listen { c.listen = v; }
+            if let Some(v) = f.data_dir { c.data_dir = v; }
+            if f.database.is_some() { c.database = f.database; }
+            if let Some(v) = f.runtime { c.runtime = v; }
+            if f.simulate_gpus.is_some() { c.simulate_gpus = f.simulate_gpus; }
+            if let Some(v) = f.cpu_oversubscription { c.cpu_oversubscription = v; }
+            if let Some(v) = f.net_pool { c.net_pool = v; }
+            if let Some(v) = f.nat { c.nat = v; }
+            if let Some(v) = f.stop_grace { c.stop_grace = grace(&v)?; }
+            if let Some(v) = f.pids_limit { c.pids_limit = v; }
+            if f.admin_key_file.is_some() { c.admin_key_file = f.admin_key_file; }
+        }
+        if let Some(v) = o.listen { c.listen = v; }
+        if let Some(v) = &o.data_dir { c.data_dir = v.clone(); }
+        if o.database.is_some() { c.database = o.database.clone(); }
+        if let Some(v) = &o.runtime { c.runtime = v.clone(); }
+        if o.simulate_gpus.is_some() { c.simulate_gpus = o.simulate_gpus.clone(); }
+        if let Some(v) = o.cpu_oversubscription { c.cpu_oversubscription = v; }
+        if let Some(v) = &o.stop_grace { c.stop_grace = grace(v)?; }
+        if o.admin_key_file.is_some() { c.admin_key_file = o.admin_key_file.clone(); }
+        if o.no_nat { c.nat = false; }
+        if c.cpu_oversubscription == 0 {
+            anyhow::bail!("cpu_oversubscription must be at least 1");
+        }
+        if c.net_pool.octets()[2] != 0 || c.net_pool.octets()[3] != 0 {
+            anyhow::bail!("net_pool {} must be the base of a /16 (like 10.88.0.0)", c.net_pool);
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_then_file_then_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:9000\"\ndata_dir = \"/x\"\nstop_grace = \"2s\"\n").unwrap();
+        let c = Config::load(Some(&f), &ConfigOverrides::default()).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.data_dir, PathBuf::from("/x"));
+        assert_eq!(c.stop_grace, Duration::from_secs(2));
+        assert_eq!(c.runtime, "runc");
+        let o = ConfigOverrides { data_dir: Some("/y".into()), ..Default::default() };
+        assert_eq!(Config::load(Some(&f), &o).unwrap().data_dir, PathBuf::from("/y"));
+        assert_eq!(Config::load(None, &ConfigOverrides::default()).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        std::fs::write(&f, "lisen = \"x\"\n").unwrap();
+        assert!(Config::load(Some(&f), &ConfigOverrides::default()).is_err());
+        std::fs::write(&f, "stop_grace = \"soon\"\n").unwrap();
+        assert!(Config::load(Some(&f), &ConfigOverrides::default()).is_err());
+    }
+}
