@@ -384,7 +384,7 @@ pub fn parse_volume(s: &str) -> Result<VolumeMount, String> {
     })
 }
 
-/// `PORT[/PROTO]`, PROTO one of http, tcp, udp (default tcp).
+/// `PORT[/PROTO]`, PROTO one of http, https, tcp, udp (default tcp).
 pub fn parse_port(s: &str) -> Result<PortSpec, String> {
     let (port, protocol) = match s.split_once('/') {
         Some((p, proto)) => (p, proto.to_ascii_lowercase()),
@@ -394,9 +394,9 @@ pub fn parse_port(s: &str) -> Result<PortSpec, String> {
         port.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
             format!("{s:?}: port must be a number from 1 to 65535 (e.g. 8888/http)")
         })?;
-    if !matches!(protocol.as_str(), "http" | "tcp" | "udp") {
+    if !matches!(protocol.as_str(), "http" | "https" | "tcp" | "udp") {
         return Err(format!(
-            "{s:?}: protocol {protocol:?} is not one of http, tcp, udp"
+            "{s:?}: protocol {protocol:?} is not one of http, https, tcp, udp"
         ));
     }
     Ok(PortSpec { port, protocol })
@@ -1111,6 +1111,7 @@ mod tests {
             Ok("http".into())
         );
         assert!(parse_port("0/tcp").is_err());
+        assert!(parse_port("443/https").is_ok());
         assert_eq!(parse_env("PATH=/a:/b"), Ok("PATH=/a:/b".into()));
         assert!(parse_env("1A=x").is_err());
         assert!(parse_env("A-B=x").is_err());

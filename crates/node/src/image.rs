@@ -41,7 +41,9 @@
 //!   skipped. That stream is exactly what gets unpacked, so the digest is a real diff id. The
 //!   directory is read twice (hash first, then unpack only if the layer is new); a change
 //!   between the two passes is reported as a digest mismatch. The digest is stable for a given
-//!   tar writer; a different writer only costs one extra unpack.
+//!   tar writer; a different writer only costs one extra unpack. Like any layer, names starting
+//!   with `.wh.` are read as whiteouts, and live mounts under the directory are walked into
+//!   (pass a quiescent directory, not a running root).
 //! - **Unpacking** is our own loop over `tar` entries (the `tar` crate's unpacker writes device
 //!   nodes as regular files and silently skips `..` entries): `..` and absolute paths are
 //!   refused, as is any entry whose parent path goes through a symlink or non-directory, and
@@ -161,8 +163,7 @@ impl ImageStore {
                 return self.import_oci(&source, src);
             }
             if let Ok(bytes) = source.read_json(src, "manifest.json") {
-                if serde_json::from_slice::<Vec<DockerEntry>>(&bytes).is_ok_and(|m| !m.is_empty())
-                {
+                if serde_json::from_slice::<Vec<DockerEntry>>(&bytes).is_ok_and(|m| !m.is_empty()) {
                     return self.import_docker(&source, src);
                 }
             }
@@ -218,8 +219,12 @@ impl ImageStore {
         let Some(manifest) = self.read_store_blob(image)? else {
             return Ok(None);
         };
-        let manifest: ManifestDoc = serde_json::from_slice(&manifest)
-            .map_err(|e| bad(&self.blob_path_unchecked(image), format!("bad manifest: {e}")))?;
+        let manifest: ManifestDoc = serde_json::from_slice(&manifest).map_err(|e| {
+            bad(
+                &self.blob_path_unchecked(image),
+                format!("bad manifest: {e}"),
+            )
+        })?;
         let Some(config) = manifest.config else {
             return Ok(None);
         };
@@ -357,7 +362,8 @@ impl ImageStore {
         let diff_ids = config_diff_ids(&config, manifest.layers.len(), src)?;
         let mut layers = Vec::with_capacity(manifest.layers.len());
         for (i, desc) in manifest.layers.iter().enumerate() {
-            let name = blob_name(&desc.digest).map_err(|why| bad(src, format!("layer {i}: {why}")))?;
+            let name =
+                blob_name(&desc.digest).map_err(|why| bad(src, format!("layer {i}: {why}")))?;
             let ctx = Ctx {
                 src,
                 what: format!("layer {i} ({name})"),
@@ -451,7 +457,11 @@ impl ImageStore {
         self.finish_image(digest, layers, &config)
     }
 
-    fn import_rootfs(&self, dir: &Path) -> Result<ImportedImage, ImageError> {
+    fn import_rootfs(&self, src: &Path) -> Result<ImportedImage, ImageError> {
+        // A symlink to the rootfs is fine; symlinks inside it are archived as symlinks.
+        let canonical =
+            fs::canonicalize(src).map_err(|e| bad(src, format!("cannot read rootfs: {e}")))?;
+        let dir = canonical.as_path();
         // Pass 1: hash only, so an existing layer is not copied again.
         let mut hasher = HashWriter::default();
         write_rootfs_tar(dir, &mut hasher)
@@ -517,7 +527,12 @@ impl ImageStore {
             .open(&tmp.path)
             .map_err(io_at(&tmp.path))?;
         let mut dec = MultiGzDecoder::new(BufReader::new(input));
-        copy_split(&mut dec, &mut out, |e| bad(src, format!("bad gzip data: {e}")), &tmp.path)?;
+        copy_split(
+            &mut dec,
+            &mut out,
+            |e| bad(src, format!("bad gzip data: {e}")),
+            &tmp.path,
+        )?;
         Ok(tmp)
     }
 
@@ -700,7 +715,10 @@ impl ImageStore {
             path: self.root.join("tmp"),
             source: io::Error::other(e.to_string()),
         })?;
-        Ok(self.root.join("tmp").join(format!("{prefix}-{}", hex(&bytes))))
+        Ok(self
+            .root
+            .join("tmp")
+            .join(format!("{prefix}-{}", hex(&bytes))))
     }
 
     fn blob_path_unchecked(&self, digest: &str) -> PathBuf {
@@ -759,7 +777,10 @@ struct TarIndex {
 }
 
 enum Member {
-    Data { offset: u64, size: u64 },
+    Data {
+        offset: u64,
+        size: u64,
+    },
     /// Target relative to the link's directory.
     Symlink(String),
     /// Target relative to the archive root.
@@ -858,8 +879,8 @@ impl Source {
                 let (offset, size) = index
                     .lookup(name)
                     .ok_or_else(|| bad(src, format!("{name}: missing from archive")))?;
-                let mut file = File::open(&index.file)
-                    .map_err(|e| bad(src, format!("cannot open: {e}")))?;
+                let mut file =
+                    File::open(&index.file).map_err(|e| bad(src, format!("cannot open: {e}")))?;
                 file.seek(SeekFrom::Start(offset))
                     .map_err(|e| bad(src, format!("cannot read: {e}")))?;
                 Ok(Box::new(BufReader::with_capacity(1 << 16, file.take(size))))
@@ -906,7 +927,11 @@ fn sniff(path: &Path) -> Result<Magic, ImageError> {
 }
 
 /// Reads a JSON blob named by a descriptor and checks its digest and size.
-fn read_verified_json(source: &Source, src: &Path, desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
+fn read_verified_json(
+    source: &Source,
+    src: &Path,
+    desc: &Descriptor,
+) -> Result<Vec<u8>, ImageError> {
     let name = blob_name(&desc.digest).map_err(|why| bad(src, why))?;
     let bytes = source.read_json(src, &name)?;
     let actual = sha256_digest(&bytes);
@@ -919,7 +944,11 @@ fn read_verified_json(source: &Source, src: &Path, desc: &Descriptor) -> Result<
     if desc.size.is_some_and(|s| s != bytes.len() as u64) {
         return Err(bad(
             src,
-            format!("{name}: size mismatch: descriptor says {:?}, content is {} bytes", desc.size, bytes.len()),
+            format!(
+                "{name}: size mismatch: descriptor says {:?}, content is {} bytes",
+                desc.size,
+                bytes.len()
+            ),
         ));
     }
     Ok(bytes)
@@ -951,7 +980,9 @@ fn select_manifest(
             .annotations
             .get("vnd.docker.reference.type")
             .is_some_and(|t| t == "attestation-manifest")
-            || d.platform.as_ref().is_some_and(|p| p.architecture == "unknown");
+            || d.platform
+                .as_ref()
+                .is_some_and(|p| p.architecture == "unknown");
         !attestation
     });
     match host.or(usable).or(present.first()) {
@@ -972,7 +1003,11 @@ fn host_arch() -> &'static str {
     }
 }
 
-fn config_diff_ids(config: &ConfigDoc, layers: usize, src: &Path) -> Result<Vec<String>, ImageError> {
+fn config_diff_ids(
+    config: &ConfigDoc,
+    layers: usize,
+    src: &Path,
+) -> Result<Vec<String>, ImageError> {
     let diff_ids = config
         .rootfs
         .as_ref()
@@ -1072,8 +1107,8 @@ impl Unpacker<'_> {
         let bad = |why: &dyn Display| self.ctx.bad(format!("entry {shown:?}: {why}"));
         let rel = clean_rel(&raw).map_err(|why| bad(&why))?;
         let meta = entry_meta(e).map_err(|why| bad(&why))?;
-        let is_dir = kind.is_dir()
-            || (matches!(kind, tar::EntryType::Regular) && raw.ends_with(b"/"));
+        let is_dir =
+            kind.is_dir() || (matches!(kind, tar::EntryType::Regular) && raw.ends_with(b"/"));
 
         let Some(name) = rel.file_name().map(|n| n.as_bytes().to_vec()) else {
             // The layer root itself ("./").
@@ -1137,7 +1172,8 @@ impl Unpacker<'_> {
                     .link_name_bytes()
                     .map(|t| t.into_owned())
                     .ok_or_else(|| bad(&"hard link without a target"))?;
-                let target_rel = clean_rel(&target).map_err(|why| bad(&format!("link target: {why}")))?;
+                let target_rel =
+                    clean_rel(&target).map_err(|why| bad(&format!("link target: {why}")))?;
                 let target_full = self.existing_file(&target_rel).map_err(|why| {
                     bad(&format!(
                         "link target {:?}: {why}",
@@ -1169,11 +1205,12 @@ impl Unpacker<'_> {
                     }
                 };
                 remove_existing(&full, false)?;
-                nix::sys::stat::mknod(&full, sflag, Mode::from_bits_truncate(0o600), dev)
-                    .map_err(|err| ImageError::Io {
+                nix::sys::stat::mknod(&full, sflag, Mode::from_bits_truncate(0o600), dev).map_err(
+                    |err| ImageError::Io {
                         path: full.clone(),
                         source: err.into(),
-                    })?;
+                    },
+                )?;
                 self.apply_meta(&full, &meta, false)?;
                 set_mtime(&full, meta.mtime).map_err(io_at(&full))?;
             }
@@ -1223,7 +1260,7 @@ impl Unpacker<'_> {
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => {
                     return Err(self.ctx.bad(format!(
-                        "entry {shown:?}: parent {} is not a directory (a symlink cannot be followed out of the layer)",
+                        "entry {shown:?}: parent {} is not a directory (symlinks in entry paths are not followed)",
                         comp.as_os_str().to_string_lossy()
                     )))
                 }
@@ -1264,7 +1301,8 @@ impl Unpacker<'_> {
     fn apply_meta(&self, path: &Path, meta: &Meta, symlink: bool) -> Result<(), ImageError> {
         std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid)).map_err(io_at(path))?;
         if !symlink {
-            fs::set_permissions(path, fs::Permissions::from_mode(meta.mode)).map_err(io_at(path))?;
+            fs::set_permissions(path, fs::Permissions::from_mode(meta.mode))
+                .map_err(io_at(path))?;
         }
         for (name, value) in &meta.xattrs {
             if symlink && name.starts_with(b"user.") {
@@ -1295,7 +1333,10 @@ fn entry_meta<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
         .and_then(|m| i64::try_from(m).ok())
         .unwrap_or(0);
     let mut xattrs = Vec::new();
-    if let Some(exts) = e.pax_extensions().map_err(|e| format!("bad pax header: {e}"))? {
+    if let Some(exts) = e
+        .pax_extensions()
+        .map_err(|e| format!("bad pax header: {e}"))?
+    {
         for ext in exts {
             let ext = ext.map_err(|e| format!("bad pax header: {e}"))?;
             let key = ext.key_bytes();
@@ -1610,7 +1651,9 @@ impl<R: Read> Read for Exact<R> {
         if self.left == 0 || buf.is_empty() {
             return Ok(0);
         }
-        let max = usize::try_from(self.left).unwrap_or(usize::MAX).min(buf.len());
+        let max = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
         let n = self.inner.read(&mut buf[..max])?;
         if n == 0 {
             return Err(io::Error::new(
@@ -1812,7 +1855,11 @@ fn parse_digest(digest: &str) -> Result<&str, String> {
     if alg != "sha256" {
         return Err(format!("unsupported digest algorithm {alg:?}"));
     }
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(format!("bad digest {digest:?}"));
     }
     Ok(hex)
@@ -2104,7 +2151,12 @@ mod tests {
     }
 
     /// Writes layers (gzip), config and manifest blobs into an OCI layout; no index.
-    fn make_image(layout: &Path, layers: &[Vec<u8>], cmd: &[&str], diff_ids: Option<Vec<String>>) -> Built {
+    fn make_image(
+        layout: &Path,
+        layers: &[Vec<u8>],
+        cmd: &[&str],
+        diff_ids: Option<Vec<String>>,
+    ) -> Built {
         let real: Vec<String> = layers.iter().map(|l| sha256_digest(l)).collect();
         let mut descs = Vec::new();
         for l in layers {
@@ -2140,9 +2192,18 @@ mod tests {
 
     fn write_index(layout: &Path, manifests: serde_json::Value) {
         fs::create_dir_all(layout).unwrap();
-        fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-        let index = json!({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": manifests});
-        fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+        fs::write(
+            layout.join("oci-layout"),
+            br#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
+        let index =
+            json!({"schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX, "manifests": manifests});
+        fs::write(
+            layout.join("index.json"),
+            serde_json::to_vec(&index).unwrap(),
+        )
+        .unwrap();
     }
 
     /// A one-image OCI layout; returns what was built.
@@ -2167,9 +2228,8 @@ mod tests {
         let n = CString::new(name).unwrap();
         let mut buf = vec![0u8; 256];
         // SAFETY: both strings are NUL-terminated; `buf` is valid for writes of its length.
-        let len = unsafe {
-            libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
+        let len =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         (len >= 0).then(|| buf[..len as usize].to_vec())
     }
 
@@ -2227,9 +2287,15 @@ mod tests {
         assert_eq!(null.rdev(), nix::sys::stat::makedev(1, 3));
         assert_eq!(null.mode() & 0o777, 0o666);
         let home = fs::metadata(l1.join("home/user")).unwrap();
-        assert_eq!((home.uid(), home.gid(), home.mode() & 0o7777), (1000, 1000, 0o700));
+        assert_eq!(
+            (home.uid(), home.gid(), home.mode() & 0o7777),
+            (1000, 1000, 0o700)
+        );
         assert_eq!(fs::metadata(l1.join("home")).unwrap().mode() & 0o777, 0o755);
-        assert_eq!(fs::metadata(l1.join("etc/passwd")).unwrap().mtime(), MTIME as i64);
+        assert_eq!(
+            fs::metadata(l1.join("etc/passwd")).unwrap().mtime(),
+            MTIME as i64
+        );
         assert_eq!(fs::metadata(l1.join("etc")).unwrap().mtime(), MTIME as i64);
 
         let l2 = s.layer_dir(&img.layers[1]);
@@ -2238,7 +2304,10 @@ mod tests {
         assert_eq!(wh.rdev(), 0);
         assert!(!l2.join("etc/.wh.passwd").exists());
         assert!(!l2.join("data/.wh..wh..opq").exists());
-        assert_eq!(get_xattr(&l2.join("data"), "trusted.overlay.opaque").as_deref(), Some(&b"y"[..]));
+        assert_eq!(
+            get_xattr(&l2.join("data"), "trusted.overlay.opaque").as_deref(),
+            Some(&b"y"[..])
+        );
         assert_eq!(fs::read(l2.join("data/new.txt")).unwrap(), b"new");
         assert!(is_empty_dir(&s.root.join("tmp")));
 
@@ -2277,7 +2346,11 @@ mod tests {
         let layout = t.path().join("oci");
         let host = make_image(&layout, &[layer1(), layer2()], &["host"], None);
         let other = make_image(&layout, &[layer1()], &["other"], None);
-        let foreign = if host_arch() == "riscv64" { "s390x" } else { "riscv64" };
+        let foreign = if host_arch() == "riscv64" {
+            "s390x"
+        } else {
+            "riscv64"
+        };
         let index = json!({
             "schemaVersion": 2,
             "mediaType": MEDIA_OCI_INDEX,
@@ -2301,7 +2374,10 @@ mod tests {
         assert_eq!(img.layers, host.diff_ids);
         assert_eq!(img.command, ["/bin/sh", "host"]);
         let l2 = s.layer_dir(&img.layers[1]);
-        assert!(fs::symlink_metadata(l2.join("etc/passwd")).unwrap().file_type().is_char_device());
+        assert!(fs::symlink_metadata(l2.join("etc/passwd"))
+            .unwrap()
+            .file_type()
+            .is_char_device());
 
         // Same archive, gzip-compressed and with a misleading name.
         let gz = t.path().join("image.json");
@@ -2317,7 +2393,9 @@ mod tests {
         let oci = t.path().join("oci");
         let built = oci_layout(&oci, &[layer1(), layer2()], None);
         let from_oci = s.import(&oci).unwrap();
-        let ino = fs::metadata(s.layer_dir(&from_oci.layers[0])).unwrap().ino();
+        let ino = fs::metadata(s.layer_dir(&from_oci.layers[0]))
+            .unwrap()
+            .ino();
 
         let config = json!({
             "architecture": "amd64",
@@ -2326,7 +2404,10 @@ mod tests {
             "rootfs": {"type": "layers", "diff_ids": built.diff_ids},
         });
         let config_bytes = serde_json::to_vec(&config).unwrap();
-        let config_name = format!("{}.json", parse_digest(&sha256_digest(&config_bytes)).unwrap());
+        let config_name = format!(
+            "{}.json",
+            parse_digest(&sha256_digest(&config_bytes)).unwrap()
+        );
         let manifest = json!([{
             "Config": config_name,
             "RepoTags": ["demo:latest"],
@@ -2343,7 +2424,8 @@ mod tests {
         add(&config_name, &config_bytes);
         add("manifest.json", &serde_json::to_vec(&manifest).unwrap());
         let mut h = Layer::header(tar::EntryType::Symlink, 0o777, 0, 0);
-        b.append_link(&mut h, "aaaa/layer.tar", "../real/layer.tar").unwrap();
+        b.append_link(&mut h, "aaaa/layer.tar", "../real/layer.tar")
+            .unwrap();
         let tarball = t.path().join("save.tar");
         fs::write(&tarball, b.into_inner().unwrap()).unwrap();
 
@@ -2358,7 +2440,14 @@ mod tests {
         let manifest: ManifestDoc = serde_json::from_slice(&stored).unwrap();
         assert_eq!(manifest.layers.len(), 2);
         assert_eq!(manifest.layers[1].digest, sha256_digest(&gzip(&layer2())));
-        assert_eq!(s.config(&img.digest).unwrap().unwrap().working_dir.as_deref(), Some("/srv"));
+        assert_eq!(
+            s.config(&img.digest)
+                .unwrap()
+                .unwrap()
+                .working_dir
+                .as_deref(),
+            Some("/srv")
+        );
         assert_eq!(
             fs::metadata(s.layer_dir(&img.layers[0])).unwrap().ino(),
             ino,
@@ -2383,7 +2472,13 @@ mod tests {
         std::os::unix::fs::chown(root.join("etc/conf"), Some(1234), Some(5678)).unwrap();
         fs::hard_link(root.join("etc/conf"), root.join("etc/conf2")).unwrap();
         symlink("bin/tool", root.join("link")).unwrap();
-        nix::sys::stat::mknod(&root.join("run/fifo"), SFlag::S_IFIFO, Mode::from_bits_truncate(0o644), 0).unwrap();
+        nix::sys::stat::mknod(
+            &root.join("run/fifo"),
+            SFlag::S_IFIFO,
+            Mode::from_bits_truncate(0o644),
+            0,
+        )
+        .unwrap();
         nix::sys::stat::mknod(
             &root.join("dev/zero"),
             SFlag::S_IFCHR,
@@ -2395,21 +2490,36 @@ mod tests {
         fs::set_permissions(&root, fs::Permissions::from_mode(0o751)).unwrap();
 
         let img = s.import(&root).unwrap();
-        assert_eq!(img.layers, [img.digest.clone()]);
+        assert_eq!(img.layers, std::slice::from_ref(&img.digest));
         assert!(img.command.is_empty() && img.env.is_empty());
         assert_eq!(img.size, 8);
         assert_eq!(s.config(&img.digest).unwrap(), None);
         let l = s.layer_dir(&img.digest);
         assert_eq!(fs::metadata(&l).unwrap().mode() & 0o7777, 0o751);
-        assert_eq!(fs::metadata(l.join("bin/tool")).unwrap().mode() & 0o7777, 0o4750);
+        assert_eq!(
+            fs::metadata(l.join("bin/tool")).unwrap().mode() & 0o7777,
+            0o4750
+        );
         let conf = fs::metadata(l.join("etc/conf")).unwrap();
         assert_eq!((conf.uid(), conf.gid()), (1234, 5678));
         assert_eq!(conf.ino(), fs::metadata(l.join("etc/conf2")).unwrap().ino());
-        assert_eq!(fs::read_link(l.join("link")).unwrap(), Path::new("bin/tool"));
-        assert!(fs::metadata(l.join("run/fifo")).unwrap().file_type().is_fifo());
-        assert_eq!(fs::metadata(l.join("dev/zero")).unwrap().rdev(), nix::sys::stat::makedev(1, 5));
+        assert_eq!(
+            fs::read_link(l.join("link")).unwrap(),
+            Path::new("bin/tool")
+        );
+        assert!(fs::metadata(l.join("run/fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        assert_eq!(
+            fs::metadata(l.join("dev/zero")).unwrap().rdev(),
+            nix::sys::stat::makedev(1, 5)
+        );
         if xattr_ok {
-            assert_eq!(get_xattr(&l.join("etc/conf"), "user.gpuvisor").as_deref(), Some(&b"yes"[..]));
+            assert_eq!(
+                get_xattr(&l.join("etc/conf"), "user.gpuvisor").as_deref(),
+                Some(&b"yes"[..])
+            );
         }
         assert_eq!(
             fs::metadata(root.join("bin/tool")).unwrap().mtime(),
@@ -2455,7 +2565,10 @@ mod tests {
         let src = t.path().join("oci");
         let built = oci_layout(&src, &[layer1(), layer2(), layer1()], None);
         let img = s.import(&src).unwrap();
-        assert_eq!(img.layers, [built.diff_ids[1].clone(), built.diff_ids[0].clone()]);
+        assert_eq!(
+            img.layers,
+            [built.diff_ids[1].clone(), built.diff_ids[0].clone()]
+        );
     }
 
     #[test]
@@ -2491,11 +2604,17 @@ mod tests {
             serde_json::from_slice(&fs::read(src.join("index.json")).unwrap()).unwrap();
         let manifest_digest = manifest_desc["manifests"][0]["digest"].as_str().unwrap();
         let manifest: ManifestDoc = serde_json::from_slice(
-            &fs::read(src.join("blobs/sha256").join(parse_digest(manifest_digest).unwrap())).unwrap(),
+            &fs::read(
+                src.join("blobs/sha256")
+                    .join(parse_digest(manifest_digest).unwrap()),
+            )
+            .unwrap(),
         )
         .unwrap();
         let config_digest = manifest.config.unwrap().digest;
-        let config_path = src.join("blobs/sha256").join(parse_digest(&config_digest).unwrap());
+        let config_path = src
+            .join("blobs/sha256")
+            .join(parse_digest(&config_digest).unwrap());
         let mut bytes = fs::read(&config_path).unwrap();
         bytes.push(b' ');
         fs::write(&config_path, bytes).unwrap();
@@ -2511,8 +2630,18 @@ mod tests {
         fs::create_dir(&outside).unwrap();
         let outside_str = outside.to_str().unwrap().to_string();
         let cases: Vec<(&str, Vec<u8>)> = vec![
-            ("dotdot", Layer::new().raw(tar::EntryType::Regular, b"a/../../evil", b"").build()),
-            ("absolute", Layer::new().raw(tar::EntryType::Regular, b"/abs", b"").build()),
+            (
+                "dotdot",
+                Layer::new()
+                    .raw(tar::EntryType::Regular, b"a/../../evil", b"")
+                    .build(),
+            ),
+            (
+                "absolute",
+                Layer::new()
+                    .raw(tar::EntryType::Regular, b"/abs", b"")
+                    .build(),
+            ),
             (
                 "through symlink",
                 Layer::new()
@@ -2522,11 +2651,15 @@ mod tests {
             ),
             (
                 "hardlink dotdot",
-                Layer::new().raw(tar::EntryType::Link, b"h", b"../../outside/x").build(),
+                Layer::new()
+                    .raw(tar::EntryType::Link, b"h", b"../../outside/x")
+                    .build(),
             ),
             (
                 "hardlink absolute",
-                Layer::new().raw(tar::EntryType::Link, b"h", b"/etc/passwd").build(),
+                Layer::new()
+                    .raw(tar::EntryType::Link, b"h", b"/etc/passwd")
+                    .build(),
             ),
             (
                 "whiteout through symlink",
@@ -2540,7 +2673,6 @@ mod tests {
             let src = t.path().join(what.replace(' ', "-"));
             let built = oci_layout(&src, &[layer], None);
             let why = bad_source(s.import(&src).unwrap_err());
-            eprintln!("{what}: {why}");
             assert!(why.contains("entry"), "{what}: {why}");
             assert!(!s.layer_dir(&built.diff_ids[0]).exists(), "{what}");
         }
@@ -2569,19 +2701,28 @@ mod tests {
         assert!(why.contains("missing index.json"), "{why}");
 
         let other_tar = t.path().join("other.tar");
-        fs::write(&other_tar, Layer::new().file("hello.txt", b"hi", 0o644).build()).unwrap();
+        fs::write(
+            &other_tar,
+            Layer::new().file("hello.txt", b"hi", 0o644).build(),
+        )
+        .unwrap();
         let why = bad_source(s.import(&other_tar).unwrap_err());
         assert!(why.contains("neither an OCI layout"), "{why}");
 
         let zstd = t.path().join("oci-zstd");
         let built = oci_layout(&zstd, &[layer2()], None);
         let manifest: serde_json::Value = serde_json::from_slice(
-            &fs::read(zstd.join("blobs/sha256").join(parse_digest(&built.manifest).unwrap())).unwrap(),
+            &fs::read(
+                zstd.join("blobs/sha256")
+                    .join(parse_digest(&built.manifest).unwrap()),
+            )
+            .unwrap(),
         )
         .unwrap();
         let layer_blob = manifest["layers"][0]["digest"].as_str().unwrap();
         fs::write(
-            zstd.join("blobs/sha256").join(parse_digest(layer_blob).unwrap()),
+            zstd.join("blobs/sha256")
+                .join(parse_digest(layer_blob).unwrap()),
             [0x28, 0xb5, 0x2f, 0xfd, 0, 0],
         )
         .unwrap();
@@ -2602,7 +2743,10 @@ mod tests {
         let rootfs = s.import(&root).unwrap();
         fs::write(s.root.join("tmp").join("layer-stale"), b"left by a crash").unwrap();
 
-        assert_eq!(s.gc(&[oci.digest.clone(), rootfs.digest.clone()]).unwrap(), 15);
+        assert_eq!(
+            s.gc(&[oci.digest.clone(), rootfs.digest.clone()]).unwrap(),
+            15
+        );
         assert!(s.layer_dir(&rootfs.digest).is_dir());
 
         // An image digest keeps its layers and blobs.

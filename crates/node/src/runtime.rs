@@ -137,6 +137,14 @@ fn mount(dest: &str, typ: &str, src: &str, opts: &[&str]) -> Result<oci_spec::ru
         .build()
 }
 
+/// Open-file limit for instance processes: Docker's 1048576, capped at the daemon's own hard
+/// limit (the runtime cannot raise a limit above what it was given).
+fn nofile_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, hard)| hard.min(1_048_576))
+        .unwrap_or(1024)
+}
+
 /// Builds the OCI runtime spec for one instance.
 pub fn build_spec(b: &BundleSpec) -> Result<Spec, RuntimeError> {
     let caps: HashSet<Capability> = DEFAULT_CAPS.iter().copied().collect();
@@ -158,8 +166,8 @@ pub fn build_spec(b: &BundleSpec) -> Result<Spec, RuntimeError> {
         )
         .rlimits(vec![PosixRlimitBuilder::default()
             .typ(PosixRlimitType::RlimitNofile)
-            .hard(1_048_576u64)
-            .soft(1_048_576u64)
+            .hard(nofile_limit())
+            .soft(nofile_limit())
             .build()?]);
     let process = match &b.apparmor_profile {
         Some(p) => process.apparmor_profile(p.clone()),
