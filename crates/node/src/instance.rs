@@ -304,16 +304,19 @@ impl Node {
             .collect())
     }
 
-    /// Every instance id that has any host object here, for orphan sweeps.
-    pub fn ids_with_objects(&self) -> Result<BTreeSet<String>, NodeError> {
-        let mut ids: BTreeSet<String> = self.containers()?.into_keys().collect();
-        ids.extend(cgroup::instance_ids(&self.cfg.root));
-        ids.extend(self.disks.instances_with_objects()?);
-        ids.extend(self.net.instances_with_objects()?);
+    /// Instance ids with host objects, split into those with a trace in *this* daemon's data
+    /// dir or runtime root (certainly ours) and those seen only in host-wide namespaces
+    /// (cgroups, netns, veths), which may belong to another gpuvisor on the same host.
+    pub fn ids_with_objects(&self) -> Result<(BTreeSet<String>, BTreeSet<String>), NodeError> {
+        let mut local: BTreeSet<String> = self.containers()?.into_keys().collect();
+        local.extend(self.disks.instances_with_objects()?);
         if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("bundles")) {
-            ids.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
+            local.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
         }
-        Ok(ids)
+        let mut global = cgroup::instance_ids(&self.cfg.root);
+        global.extend(self.net.instances_with_objects()?);
+        global.retain(|id| !local.contains(id));
+        Ok((local, global))
     }
 
     pub fn exec(&self, id: &str, args: &[String], env: &[String]) -> Result<ExecOutput, NodeError> {

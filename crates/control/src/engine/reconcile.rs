@@ -227,19 +227,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Removes host objects that belong to no instance that should have them: unknown ids,
-    /// terminated, stopped and failed instances. Returns the ids it cleaned.
+    /// Removes host objects that belong to no instance that should have them: terminated,
+    /// stopped and failed instances, and unknown ids with a trace in our data dir. An unknown id
+    /// seen only in host-wide namespaces is left alone: it may be another daemon's (every host
+    /// object of ours is created after its instance row, so ours always have a row).
     pub async fn sweep_orphans(&self) -> Result<Vec<String>> {
         let node = self.node.clone();
-        let on_host: BTreeSet<String> = blocking(move || node.ids_with_objects()).await??;
+        let (local, global): (BTreeSet<String>, BTreeSet<String>) =
+            blocking(move || node.ids_with_objects()).await??;
         let mut cleaned = Vec::new();
-        for id in on_host {
+        for (id, ours) in local.into_iter().map(|i| (i, true)).chain(global.into_iter().map(|i| (i, false))) {
             let lock = self.lock_for(&id);
             let Ok(_guard) = lock.try_lock() else {
                 continue; // being worked on right now: not an orphan
             };
             let row = self.store.instance(&id).await?;
-            if row.as_ref().is_some_and(|r| owns_host_objects(r.state)) {
+            if row.as_ref().is_some_and(|r| owns_host_objects(r.state)) || (row.is_none() && !ours) {
                 continue;
             }
             tracing::info!(instance = %id, "removing orphaned host objects");

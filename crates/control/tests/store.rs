@@ -1,0 +1,1090 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Integration tests of [`Store`]: every test body runs against SQLite (a file in a temporary
+//! directory) and, when `GPUVISOR_TEST_POSTGRES_URL` is set (see `scripts/ci-postgres`), against
+//! PostgreSQL in a database created for that test alone and dropped after it. Same code for both:
+//! the store promises one code path, so the tests hold it to that.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use gpuvisor_control::store::{
+    EventRow, GpuRow, ImageRow, InstanceRow, InstanceSpec, KeyRow, Store, StoreError, VolumeRow,
+};
+use gpuvisor_wire::{GpuBinding, InstanceState, PortSpec, Role, VolumeMount};
+use sqlx::{AnyPool, AssertSqlSafe, Connection, Row};
+
+const PG_ENV: &str = "GPUVISOR_TEST_POSTGRES_URL";
+
+/// What a test body gets: the store under test and a second pool on the same database, for
+/// looking at (or arranging) rows that the store has no method for.
+struct Db {
+    store: Store,
+    raw: AnyPool,
+    url: String,
+    backend: &'static str,
+}
+
+/// Runs `test` against every configured backend, each with an empty, migrated database.
+async fn for_each_backend<F, Fut>(test: F)
+where
+    F: Fn(Db) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let url = Store::sqlite_url(&dir.path().join("gpuvisor.db"));
+    if let Err(panic) = run_on(&url, "sqlite", &test).await {
+        std::panic::resume_unwind(panic);
+    }
+
+    let Some(server) = std::env::var(PG_ENV).ok().filter(|s| !s.is_empty()) else {
+        return;
+    };
+    let name = fresh_db_name();
+    let mut admin = sqlx::PgConnection::connect(&server)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {PG_ENV}: {e}"));
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+    let result = run_on(&with_database(&server, &name), "postgres", &test).await;
+    // FORCE: a failed test may leave connections behind.
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap_or_else(|e| panic!("drop database {name}: {e}"));
+    admin.close().await.ok();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Runs one test body on its own task, so that a panic comes back here and the database can
+/// still be cleaned up.
+async fn run_on<F, Fut>(
+    url: &str,
+    backend: &'static str,
+    test: &F,
+) -> Result<(), Box<dyn std::any::Any + Send>>
+where
+    F: Fn(Db) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let store = Store::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{backend}: connect store: {e}"));
+    let raw = AnyPool::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{backend}: connect raw pool: {e}"));
+    let result = tokio::spawn(test(Db {
+        store: store.clone(),
+        raw: raw.clone(),
+        url: url.to_string(),
+        backend,
+    }))
+    .await;
+    store.close().await;
+    raw.close().await;
+    result.map_err(|e| {
+        eprintln!("store test failed on {backend}");
+        match e.try_into_panic() {
+            Ok(panic) => panic,
+            Err(e) => Box::new(e.to_string()),
+        }
+    })
+}
+
+fn fresh_db_name() -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "gv_test_{}_{}_{}",
+        std::process::id(),
+        nanos,
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// `postgres://u:p@host:port/db?opts` with `db` replaced by `name`.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let server = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{server}/{name}?{q}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+fn assert_conflict<T: std::fmt::Debug>(r: Result<T, StoreError>, backend: &str, what: &str) {
+    match r {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("{backend}: {what}: expected a conflict, got {other:?}"),
+    }
+}
+
+// --- fixtures -------------------------------------------------------------------------------
+
+fn key_row(id: &str, tenant: &str, role: Role, at: i64) -> KeyRow {
+    KeyRow {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        role,
+        created_at: at,
+        revoked_at: None,
+    }
+}
+
+fn gpu_row(uuid: &str, node: &str, index: u32, numa: Option<u32>) -> GpuRow {
+    GpuRow {
+        uuid: uuid.into(),
+        node_id: node.into(),
+        index,
+        model: "A100-80GB".into(),
+        vram: 80 * (1 << 30),
+        pci_address: format!("0000:{:02x}:00.0", 0x10 + index),
+        numa_node: numa,
+        backend: "simulated".into(),
+    }
+}
+
+fn image_row(name: &str, at: i64) -> ImageRow {
+    ImageRow {
+        name: name.into(),
+        digest: format!("sha256:{name}"),
+        layers: vec!["sha256:aaa".into(), "sha256:bbb".into()],
+        size: 5_000_000_000,
+        command: vec!["/bin/sh".into(), "-c".into(), "sleep infinity".into()],
+        env: vec!["PATH=/usr/bin:/bin".into()],
+        created_at: at,
+    }
+}
+
+fn instance_row(id: &str, tenant: &str, name: &str, at: i64) -> InstanceRow {
+    InstanceRow {
+        id: id.into(),
+        name: name.into(),
+        tenant_id: tenant.into(),
+        node_id: "node-1".into(),
+        image: "ubuntu".into(),
+        state: InstanceState::Pending,
+        desired: InstanceState::Running,
+        reason: None,
+        spec: InstanceSpec {
+            vcpus: 4,
+            memory: 16 << 30,
+            container_disk: 20 << 30,
+            volumes: vec![VolumeMount {
+                name: "data".into(),
+                path: "/data".into(),
+                size: Some(10 << 30),
+            }],
+            env: vec!["A=1".into()],
+            ports: vec![PortSpec {
+                port: 8888,
+                protocol: "http".into(),
+            }],
+            command: vec!["python".into(), "train.py".into()],
+        },
+        cpus: vec![0, 1, 2, 3],
+        gpus: vec![GpuBinding {
+            uuid: "GPU-1".into(),
+            index: 0,
+            model: "A100-80GB".into(),
+            milli: 500,
+            vram: 40 << 30,
+        }],
+        ip_host: 254,
+        created_at: at,
+        updated_at: at,
+    }
+}
+
+/// Instances reference a tenant; most instance tests need one.
+async fn with_tenant(store: &Store, id: &str) {
+    store
+        .create_tenant(id, &format!("name-{id}"), 1)
+        .await
+        .unwrap();
+}
+
+// --- tenants --------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn tenants_get_lowest_free_net_slot() {
+    for_each_backend(
+        |Db {
+             store,
+             raw,
+             backend,
+             ..
+         }| async move {
+            let a = store.create_tenant("t-a", "alpha", 10).await.unwrap();
+            let b = store.create_tenant("t-b", "beta", 20).await.unwrap();
+            let c = store.create_tenant("t-c", "gamma", 30).await.unwrap();
+            assert_eq!((a.net_slot, b.net_slot, c.net_slot), (0, 1, 2), "{backend}");
+            assert_eq!(
+                a,
+                gpuvisor_control::store::TenantRow {
+                    id: "t-a".into(),
+                    name: "alpha".into(),
+                    net_slot: 0,
+                    created_at: 10,
+                },
+                "{backend}"
+            );
+
+            // The store has no tenant deletion yet; free slots 1 and 0 behind its back.
+            sqlx::query("DELETE FROM tenants WHERE id = $1")
+                .bind("t-b")
+                .execute(&raw)
+                .await
+                .unwrap();
+            let d = store.create_tenant("t-d", "delta", 40).await.unwrap();
+            assert_eq!(d.net_slot, 1, "{backend}: reuses the freed slot");
+            let e = store.create_tenant("t-e", "epsilon", 50).await.unwrap();
+            assert_eq!(e.net_slot, 3, "{backend}: no gap left, next slot");
+
+            sqlx::query("DELETE FROM tenants WHERE id = $1")
+                .bind("t-a")
+                .execute(&raw)
+                .await
+                .unwrap();
+            let f = store.create_tenant("t-f", "zeta", 60).await.unwrap();
+            assert_eq!(f.net_slot, 0, "{backend}: lowest free slot first");
+
+            let all = store.tenants().await.unwrap();
+            let ids: Vec<_> = all.iter().map(|t| t.id.as_str()).collect();
+            assert_eq!(ids, ["t-c", "t-d", "t-e", "t-f"], "{backend}: by creation");
+            let slots: Vec<_> = all.iter().map(|t| t.net_slot).collect();
+            assert_eq!(slots, [2, 1, 3, 0], "{backend}");
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn tenant_lookups_and_name_conflict() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        assert!(store.tenants().await.unwrap().is_empty(), "{backend}");
+        assert_eq!(store.tenant("t-1").await.unwrap(), None, "{backend}");
+        assert_eq!(
+            store.tenant_by_name("acme").await.unwrap(),
+            None,
+            "{backend}"
+        );
+
+        let t = store.create_tenant("t-1", "acme", 100).await.unwrap();
+        assert_eq!(
+            store.tenant("t-1").await.unwrap(),
+            Some(t.clone()),
+            "{backend}"
+        );
+        assert_eq!(
+            store.tenant_by_name("acme").await.unwrap(),
+            Some(t.clone()),
+            "{backend}"
+        );
+
+        assert_conflict(
+            store.create_tenant("t-2", "acme", 200).await,
+            backend,
+            "same tenant name",
+        );
+        assert_conflict(
+            store.create_tenant("t-1", "other", 200).await,
+            backend,
+            "same tenant id",
+        );
+        assert_eq!(store.tenants().await.unwrap(), vec![t], "{backend}");
+
+        // Same creation time: ordered by name.
+        store.create_tenant("t-3", "zulu", 300).await.unwrap();
+        store.create_tenant("t-4", "bravo", 300).await.unwrap();
+        let names: Vec<_> = store
+            .tenants()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(names, ["acme", "bravo", "zulu"], "{backend}");
+    })
+    .await;
+}
+
+// --- keys -----------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn keys_insert_lookup_and_revoke() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        let admin = key_row("k-1", "t-1", Role::Admin, 10);
+        let user = key_row("k-2", "t-1", Role::User, 20);
+        store.insert_key(&admin, "hash-1").await.unwrap();
+        store.insert_key(&user, "hash-2").await.unwrap();
+
+        assert_eq!(
+            store.key_by_hash("hash-1").await.unwrap(),
+            Some(admin.clone()),
+            "{backend}"
+        );
+        assert_eq!(
+            store.key_by_hash("hash-2").await.unwrap(),
+            Some(user.clone()),
+            "{backend}"
+        );
+        assert_eq!(store.key_by_hash("nope").await.unwrap(), None, "{backend}");
+        assert_eq!(
+            store.key("k-2").await.unwrap(),
+            Some(user.clone()),
+            "{backend}"
+        );
+        assert_eq!(store.key("k-9").await.unwrap(), None, "{backend}");
+        assert_eq!(
+            store.keys().await.unwrap(),
+            vec![admin.clone(), user.clone()],
+            "{backend}"
+        );
+
+        assert!(store.revoke_key("k-1", 50).await.unwrap(), "{backend}");
+        assert!(
+            !store.revoke_key("k-1", 60).await.unwrap(),
+            "{backend}: already revoked"
+        );
+        assert!(
+            !store.revoke_key("k-9", 60).await.unwrap(),
+            "{backend}: no such key"
+        );
+        assert_eq!(
+            store.key_by_hash("hash-1").await.unwrap(),
+            None,
+            "{backend}: a revoked key does not authenticate"
+        );
+        let revoked = KeyRow {
+            revoked_at: Some(50),
+            ..admin.clone()
+        };
+        assert_eq!(
+            store.key("k-1").await.unwrap(),
+            Some(revoked.clone()),
+            "{backend}: first revocation time kept"
+        );
+        assert_eq!(
+            store.keys().await.unwrap(),
+            vec![revoked, user.clone()],
+            "{backend}"
+        );
+        assert_eq!(
+            store.key_by_hash("hash-2").await.unwrap(),
+            Some(user),
+            "{backend}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keys_conflicts_and_foreign_keys() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        store
+            .insert_key(&key_row("k-1", "t-1", Role::User, 10), "hash-1")
+            .await
+            .unwrap();
+        assert_conflict(
+            store
+                .insert_key(&key_row("k-2", "t-1", Role::User, 10), "hash-1")
+                .await,
+            backend,
+            "same key hash",
+        );
+        assert_conflict(
+            store
+                .insert_key(&key_row("k-1", "t-1", Role::User, 10), "hash-3")
+                .await,
+            backend,
+            "same key id",
+        );
+        let orphan = store
+            .insert_key(&key_row("k-4", "t-404", Role::User, 10), "hash-4")
+            .await;
+        assert!(
+            matches!(orphan, Err(StoreError::Db(_))),
+            "{backend}: key of an unknown tenant: {orphan:?}"
+        );
+        assert_eq!(store.keys().await.unwrap().len(), 1, "{backend}");
+    })
+    .await;
+}
+
+// --- nodes and GPUs -------------------------------------------------------------------------
+
+#[tokio::test]
+async fn upsert_node_inserts_then_updates() {
+    for_each_backend(
+        |Db {
+             store,
+             raw,
+             backend,
+             ..
+         }| async move {
+            async fn node(raw: &AnyPool, id: &str) -> Vec<(String, i64, i64, i64)> {
+                sqlx::query("SELECT hostname, cpus, memory, updated_at FROM nodes WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_all(raw)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.get::<String, _>("hostname"),
+                            r.get::<i64, _>("cpus"),
+                            r.get::<i64, _>("memory"),
+                            r.get::<i64, _>("updated_at"),
+                        )
+                    })
+                    .collect()
+            }
+
+            let big: u64 = 2 << 40;
+            store
+                .upsert_node("node-1", "gpu-a", 64, big, 10)
+                .await
+                .unwrap();
+            assert_eq!(
+                node(&raw, "node-1").await,
+                [("gpu-a".into(), 64, big as i64, 10)],
+                "{backend}"
+            );
+            store
+                .upsert_node("node-1", "gpu-a.example", 128, big * 2, 20)
+                .await
+                .unwrap();
+            assert_eq!(
+                node(&raw, "node-1").await,
+                [("gpu-a.example".into(), 128, (big * 2) as i64, 20)],
+                "{backend}: updated in place"
+            );
+            store
+                .upsert_node("node-2", "gpu-b", 8, 1 << 30, 30)
+                .await
+                .unwrap();
+            let count: i64 = sqlx::query("SELECT COUNT(*) AS n FROM nodes")
+                .fetch_one(&raw)
+                .await
+                .unwrap()
+                .get("n");
+            assert_eq!(count, 2, "{backend}");
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn replace_gpus_replaces_one_nodes_inventory() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        assert!(store.gpus().await.unwrap().is_empty(), "{backend}");
+        store
+            .upsert_node("node-1", "a", 8, 1 << 30, 1)
+            .await
+            .unwrap();
+        store
+            .upsert_node("node-2", "b", 8, 1 << 30, 1)
+            .await
+            .unwrap();
+
+        let n1 = vec![
+            gpu_row("GPU-b", "node-1", 1, None),
+            gpu_row("GPU-a", "node-1", 0, Some(0)),
+        ];
+        store.replace_gpus("node-1", &n1, 5).await.unwrap();
+        let n2 = vec![gpu_row("GPU-c", "node-2", 0, Some(1))];
+        store.replace_gpus("node-2", &n2, 5).await.unwrap();
+        assert_eq!(
+            store.gpus().await.unwrap(),
+            vec![n1[1].clone(), n1[0].clone(), n2[0].clone()],
+            "{backend}: by node, then index"
+        );
+
+        // The new inventory replaces the old one; the other node's stays.
+        let n1_new = vec![gpu_row("GPU-d", "node-1", 0, Some(1))];
+        store.replace_gpus("node-1", &n1_new, 6).await.unwrap();
+        assert_eq!(
+            store.gpus().await.unwrap(),
+            vec![n1_new[0].clone(), n2[0].clone()],
+            "{backend}"
+        );
+
+        // A failing replacement (duplicate UUID) changes nothing.
+        let dup = vec![
+            gpu_row("GPU-e", "node-1", 0, None),
+            gpu_row("GPU-e", "node-1", 1, None),
+        ];
+        assert_conflict(
+            store.replace_gpus("node-1", &dup, 7).await,
+            backend,
+            "duplicate GPU uuid",
+        );
+        assert_eq!(
+            store.gpus().await.unwrap(),
+            vec![n1_new[0].clone(), n2[0].clone()],
+            "{backend}: rolled back"
+        );
+
+        store.replace_gpus("node-1", &[], 8).await.unwrap();
+        assert_eq!(
+            store.gpus().await.unwrap(),
+            vec![n2[0].clone()],
+            "{backend}: emptied"
+        );
+
+        let unknown = store
+            .replace_gpus("node-404", &[gpu_row("GPU-x", "node-404", 0, None)], 9)
+            .await;
+        assert!(
+            matches!(unknown, Err(StoreError::Db(_))),
+            "{backend}: GPUs of an unknown node: {unknown:?}"
+        );
+    })
+    .await;
+}
+
+// --- images ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn images_insert_get_list_delete() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        assert!(store.images().await.unwrap().is_empty(), "{backend}");
+        let ubuntu = image_row("ubuntu", 10);
+        let alpine = ImageRow {
+            layers: vec![],
+            command: vec![],
+            env: vec![],
+            ..image_row("alpine", 20)
+        };
+        store.insert_image(&ubuntu).await.unwrap();
+        store.insert_image(&alpine).await.unwrap();
+
+        assert_eq!(
+            store.image("ubuntu").await.unwrap(),
+            Some(ubuntu.clone()),
+            "{backend}"
+        );
+        assert_eq!(
+            store.image("alpine").await.unwrap(),
+            Some(alpine.clone()),
+            "{backend}"
+        );
+        assert_eq!(store.image("debian").await.unwrap(), None, "{backend}");
+        assert_eq!(
+            store.images().await.unwrap(),
+            vec![alpine.clone(), ubuntu.clone()],
+            "{backend}: by name"
+        );
+
+        assert_conflict(
+            store.insert_image(&image_row("ubuntu", 30)).await,
+            backend,
+            "same image name",
+        );
+        assert_eq!(
+            store.image("ubuntu").await.unwrap(),
+            Some(ubuntu),
+            "{backend}: first one kept"
+        );
+
+        assert!(store.delete_image("ubuntu").await.unwrap(), "{backend}");
+        assert!(
+            !store.delete_image("ubuntu").await.unwrap(),
+            "{backend}: already gone"
+        );
+        assert_eq!(store.image("ubuntu").await.unwrap(), None, "{backend}");
+        assert_eq!(store.images().await.unwrap(), vec![alpine], "{backend}");
+
+        // The name is free again.
+        store.insert_image(&image_row("ubuntu", 40)).await.unwrap();
+        assert_eq!(store.images().await.unwrap().len(), 2, "{backend}");
+    })
+    .await;
+}
+
+// --- volumes --------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn volumes_are_per_tenant() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        with_tenant(&store, "t-2").await;
+        let vol = |t: &str, n: &str, size: u64| VolumeRow {
+            tenant_id: t.into(),
+            name: n.into(),
+            size,
+            created_at: 7,
+        };
+        let data1 = vol("t-1", "data", 10 << 30);
+        let cache1 = vol("t-1", "cache", 1 << 40);
+        let data2 = vol("t-2", "data", 5 << 30);
+        for v in [&data1, &cache1, &data2] {
+            store.insert_volume(v).await.unwrap();
+        }
+
+        assert_eq!(
+            store.volumes(Some("t-1")).await.unwrap(),
+            vec![cache1.clone(), data1.clone()],
+            "{backend}"
+        );
+        assert_eq!(
+            store.volumes(Some("t-2")).await.unwrap(),
+            vec![data2.clone()],
+            "{backend}"
+        );
+        assert!(
+            store.volumes(Some("t-3")).await.unwrap().is_empty(),
+            "{backend}"
+        );
+        assert_eq!(
+            store.volumes(None).await.unwrap(),
+            vec![cache1.clone(), data1.clone(), data2.clone()],
+            "{backend}: by tenant, then name"
+        );
+        assert_eq!(
+            store.volume("t-2", "data").await.unwrap(),
+            Some(data2.clone()),
+            "{backend}"
+        );
+        assert_eq!(
+            store.volume("t-2", "cache").await.unwrap(),
+            None,
+            "{backend}"
+        );
+
+        assert_conflict(
+            store.insert_volume(&vol("t-1", "data", 1)).await,
+            backend,
+            "same volume name in one tenant",
+        );
+        let orphan = store.insert_volume(&vol("t-404", "data", 1)).await;
+        assert!(
+            matches!(orphan, Err(StoreError::Db(_))),
+            "{backend}: volume of an unknown tenant: {orphan:?}"
+        );
+
+        assert!(
+            store.delete_volume("t-1", "data").await.unwrap(),
+            "{backend}"
+        );
+        assert!(
+            !store.delete_volume("t-1", "data").await.unwrap(),
+            "{backend}: already gone"
+        );
+        assert_eq!(
+            store.volume("t-2", "data").await.unwrap(),
+            Some(data2.clone()),
+            "{backend}: other tenant's volume untouched"
+        );
+        assert_eq!(
+            store.volumes(None).await.unwrap(),
+            vec![cache1, data2],
+            "{backend}"
+        );
+    })
+    .await;
+}
+
+// --- instances ------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn instance_round_trip() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        let full = instance_row("i-1", "t-1", "web", 100);
+        let bare = InstanceRow {
+            reason: Some("exit status 1".into()),
+            spec: InstanceSpec::default(),
+            cpus: vec![],
+            gpus: vec![],
+            ip_host: 2,
+            state: InstanceState::Failed,
+            desired: InstanceState::Stopped,
+            ..instance_row("i-2", "t-1", "batch", 200)
+        };
+        store.insert_instance(&full).await.unwrap();
+        store.insert_instance(&bare).await.unwrap();
+        assert_eq!(
+            store.instance("i-1").await.unwrap(),
+            Some(full),
+            "{backend}"
+        );
+        assert_eq!(
+            store.instance("i-2").await.unwrap(),
+            Some(bare),
+            "{backend}"
+        );
+        assert_eq!(store.instance("i-3").await.unwrap(), None, "{backend}");
+
+        assert_conflict(
+            store
+                .insert_instance(&instance_row("i-1", "t-1", "other", 300))
+                .await,
+            backend,
+            "same instance id",
+        );
+        let orphan = store
+            .insert_instance(&instance_row("i-4", "t-404", "web", 300))
+            .await;
+        assert!(
+            matches!(orphan, Err(StoreError::Db(_))),
+            "{backend}: instance of an unknown tenant: {orphan:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn live_names_are_unique_per_tenant() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        with_tenant(&store, "t-2").await;
+        store
+            .insert_instance(&instance_row("i-1", "t-1", "web", 100))
+            .await
+            .unwrap();
+        assert_conflict(
+            store
+                .insert_instance(&instance_row("i-2", "t-1", "web", 200))
+                .await,
+            backend,
+            "two live instances with one name",
+        );
+        // Another tenant may use the name.
+        store
+            .insert_instance(&instance_row("i-3", "t-2", "web", 300))
+            .await
+            .unwrap();
+
+        // Once terminated, the name is free; terminated ones never block each other.
+        assert!(store
+            .set_state("i-1", InstanceState::Terminated, None, 400)
+            .await
+            .unwrap());
+        store
+            .insert_instance(&instance_row("i-4", "t-1", "web", 500))
+            .await
+            .unwrap();
+        assert!(store
+            .set_state("i-4", InstanceState::Terminated, None, 600)
+            .await
+            .unwrap());
+        let mut born_dead = instance_row("i-5", "t-1", "web", 700);
+        born_dead.state = InstanceState::Terminated;
+        store.insert_instance(&born_dead).await.unwrap();
+        store
+            .insert_instance(&instance_row("i-6", "t-1", "web", 800))
+            .await
+            .unwrap();
+
+        // Bringing a terminated one back to life while the name is taken conflicts.
+        assert_conflict(
+            store
+                .set_state("i-1", InstanceState::Running, None, 900)
+                .await,
+            backend,
+            "reviving onto a taken name",
+        );
+        assert_eq!(
+            store.instance("i-1").await.unwrap().unwrap().state,
+            InstanceState::Terminated,
+            "{backend}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn instance_by_name_prefers_live_then_newest_terminated() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        with_tenant(&store, "t-2").await;
+        let by_name = |t: &'static str, n: &'static str| {
+            let store = store.clone();
+            async move { store.instance_by_name(t, n).await.unwrap().map(|i| i.id) }
+        };
+        assert_eq!(by_name("t-1", "web").await, None, "{backend}");
+
+        let mut old = instance_row("i-old", "t-1", "web", 100);
+        old.state = InstanceState::Terminated;
+        store.insert_instance(&old).await.unwrap();
+        assert_eq!(
+            by_name("t-1", "web").await.as_deref(),
+            Some("i-old"),
+            "{backend}"
+        );
+
+        let mut newer = instance_row("i-newer", "t-1", "web", 300);
+        newer.state = InstanceState::Terminated;
+        store.insert_instance(&newer).await.unwrap();
+        assert_eq!(
+            by_name("t-1", "web").await.as_deref(),
+            Some("i-newer"),
+            "{backend}: newest terminated"
+        );
+
+        // A live one wins even though it is older than the terminated ones.
+        let mut live = instance_row("i-live", "t-1", "web", 200);
+        live.state = InstanceState::Stopped;
+        store.insert_instance(&live).await.unwrap();
+        assert_eq!(
+            by_name("t-1", "web").await.as_deref(),
+            Some("i-live"),
+            "{backend}: live first"
+        );
+
+        assert_eq!(by_name("t-2", "web").await, None, "{backend}: other tenant");
+        assert_eq!(by_name("t-1", "api").await, None, "{backend}: other name");
+        assert_eq!(
+            store.instance_by_name("t-1", "web").await.unwrap(),
+            Some(live),
+            "{backend}: whole row"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn live_instances_filter_terminated_and_tenant() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        with_tenant(&store, "t-2").await;
+        assert!(
+            store.live_instances(None).await.unwrap().is_empty(),
+            "{backend}"
+        );
+
+        // Inserted out of creation order; two share a creation time (then ordered by id).
+        let rows = [
+            ("i-c", "t-1", "c", 300, InstanceState::Running),
+            ("i-a", "t-2", "a", 100, InstanceState::Pending),
+            ("i-e", "t-1", "e", 200, InstanceState::Terminated),
+            ("i-b", "t-1", "b", 300, InstanceState::Failed),
+            ("i-d", "t-2", "d", 50, InstanceState::Terminated),
+            ("i-f", "t-2", "f", 400, InstanceState::Terminating),
+        ];
+        for (id, t, name, at, st) in rows {
+            let mut i = instance_row(id, t, name, at);
+            i.state = st;
+            store.insert_instance(&i).await.unwrap();
+        }
+        let ids = |v: Vec<InstanceRow>| v.into_iter().map(|i| i.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(store.live_instances(None).await.unwrap()),
+            ["i-a", "i-b", "i-c", "i-f"],
+            "{backend}"
+        );
+        assert_eq!(
+            ids(store.live_instances(Some("t-1")).await.unwrap()),
+            ["i-b", "i-c"],
+            "{backend}"
+        );
+        assert_eq!(
+            ids(store.live_instances(Some("t-2")).await.unwrap()),
+            ["i-a", "i-f"],
+            "{backend}"
+        );
+        assert!(
+            store.live_instances(Some("t-3")).await.unwrap().is_empty(),
+            "{backend}"
+        );
+
+        store
+            .set_state("i-c", InstanceState::Terminated, None, 500)
+            .await
+            .unwrap();
+        assert_eq!(
+            ids(store.live_instances(Some("t-1")).await.unwrap()),
+            ["i-b"],
+            "{backend}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn set_state_and_set_desired() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        let orig = instance_row("i-1", "t-1", "web", 100);
+        store.insert_instance(&orig).await.unwrap();
+
+        assert!(store
+            .set_state("i-1", InstanceState::Failed, Some("oom killed"), 200)
+            .await
+            .unwrap());
+        let got = store.instance("i-1").await.unwrap().unwrap();
+        assert_eq!(
+            got,
+            InstanceRow {
+                state: InstanceState::Failed,
+                reason: Some("oom killed".into()),
+                updated_at: 200,
+                ..orig.clone()
+            },
+            "{backend}"
+        );
+
+        // No reason clears the old one.
+        assert!(store
+            .set_state("i-1", InstanceState::Running, None, 300)
+            .await
+            .unwrap());
+        let got = store.instance("i-1").await.unwrap().unwrap();
+        assert_eq!(
+            (got.state, got.reason, got.updated_at),
+            (InstanceState::Running, None, 300),
+            "{backend}"
+        );
+
+        assert!(store
+            .set_desired("i-1", InstanceState::Stopped, 400)
+            .await
+            .unwrap());
+        let got = store.instance("i-1").await.unwrap().unwrap();
+        assert_eq!(
+            got,
+            InstanceRow {
+                state: InstanceState::Running,
+                desired: InstanceState::Stopped,
+                updated_at: 400,
+                ..orig.clone()
+            },
+            "{backend}: desired changes, observed state does not"
+        );
+
+        assert!(
+            !store
+                .set_state("i-404", InstanceState::Running, None, 500)
+                .await
+                .unwrap(),
+            "{backend}"
+        );
+        assert!(
+            !store
+                .set_desired("i-404", InstanceState::Running, 500)
+                .await
+                .unwrap(),
+            "{backend}"
+        );
+    })
+    .await;
+}
+
+// --- events ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn events_ordered_by_time() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        let ev = |i: &str, at: i64, kind: &str| EventRow {
+            instance_id: i.into(),
+            at,
+            kind: kind.into(),
+            message: format!("{kind} at {at}"),
+        };
+        assert!(store.events("i-1").await.unwrap().is_empty(), "{backend}");
+        store
+            .add_event("e-3", &ev("i-1", 300, "started"))
+            .await
+            .unwrap();
+        store
+            .add_event("e-1", &ev("i-1", 100, "created"))
+            .await
+            .unwrap();
+        store
+            .add_event("e-9", &ev("i-2", 150, "created"))
+            .await
+            .unwrap();
+        store
+            .add_event("e-2", &ev("i-1", 200, "scheduled"))
+            .await
+            .unwrap();
+        // Same time: by event id.
+        store
+            .add_event("e-5", &ev("i-1", 300, "ready"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.events("i-1").await.unwrap(),
+            vec![
+                ev("i-1", 100, "created"),
+                ev("i-1", 200, "scheduled"),
+                ev("i-1", 300, "started"),
+                ev("i-1", 300, "ready"),
+            ],
+            "{backend}"
+        );
+        assert_eq!(
+            store.events("i-2").await.unwrap(),
+            vec![ev("i-2", 150, "created")],
+            "{backend}"
+        );
+        assert!(
+            store
+                .add_event("e-1", &ev("i-1", 400, "dup"))
+                .await
+                .is_err(),
+            "{backend}: event ids are unique"
+        );
+    })
+    .await;
+}
+
+// --- the harness itself ---------------------------------------------------------------------
+
+#[test]
+fn with_database_swaps_only_the_database() {
+    assert_eq!(
+        with_database("postgres://u:p@127.0.0.1:5432/postgres", "x"),
+        "postgres://u:p@127.0.0.1:5432/x"
+    );
+    assert_eq!(
+        with_database("postgres://u:p@h/postgres?sslmode=disable", "x"),
+        "postgres://u:p@h/x?sslmode=disable"
+    );
+    assert_eq!(
+        with_database("postgres://h:5432", "x"),
+        "postgres://h:5432/x"
+    );
+}
+
+#[tokio::test]
+async fn store_reopens_with_its_data() {
+    // Migrations must be idempotent: a second connect on the same database changes nothing.
+    for_each_backend(
+        |Db {
+             store,
+             url,
+             backend,
+             ..
+         }| async move {
+            store.create_tenant("t-1", "acme", 1).await.unwrap();
+            let again = Store::connect(&url).await.unwrap();
+            assert_eq!(
+                again.tenant_by_name("acme").await.unwrap().map(|t| t.id),
+                Some("t-1".into()),
+                "{backend}"
+            );
+            again.close().await;
+        },
+    )
+    .await;
+}

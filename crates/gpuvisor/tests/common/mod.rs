@@ -1,0 +1,305 @@
+//! Test harness: runs the real `gpuvisor` binary as a daemon on a private data dir and port, and
+//! drives it through the real CLI. Tests in one binary are serialised by [`serial`]: every
+//! daemon shares the host's bridges and iptables chains, as a daemon per host does in production.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gpuvisor");
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    static M: Mutex<()> = Mutex::new(());
+    M.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A busybox rootfs (built once per test binary), with a static `kprobe` that calls keyctl.
+pub fn busybox_rootfs() -> PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("gv-test-rootfs-{}", std::process::id()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-busybox-rootfs");
+        let st = Command::new(script).arg(&dir).stdout(Stdio::null()).status().unwrap();
+        assert!(st.success(), "make-busybox-rootfs failed (is busybox-static installed?)");
+        let src = dir.join("kprobe.c");
+        std::fs::write(
+            &src,
+            "#include <stdio.h>\n#include <errno.h>\n#include <string.h>\n#include <unistd.h>\n#include <sys/syscall.h>\n\
+             int main(void){long r=syscall(SYS_keyctl,0,-3,0);printf(\"keyctl=%ld errno=%s\\n\",r,r<0?strerror(errno):\"0\");return r<0?1:0;}\n",
+        )
+        .unwrap();
+        let st = Command::new("cc")
+            .args(["-static", "-O1", "-o"])
+            .arg(dir.join("bin/kprobe"))
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(st.success(), "cannot build the static keyctl probe");
+        std::fs::remove_file(src).unwrap();
+        dir
+    })
+    .clone()
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub key: String,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Daemon {
+    pub fn start(extra: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new().prefix("gvtest").tempdir_in("/var/tmp").unwrap();
+        let mut d = Daemon {
+            dir,
+            port: free_port(),
+            key: String::new(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d.key = std::fs::read_to_string(d.data().join("admin.key")).unwrap().trim().to_string();
+        d
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data().join("daemon.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--data-dir"])
+            .arg(self.data())
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--simulate-gpus", "2xA100-80GB,1xH100-80GB", "--stop-grace", "1s"])
+            // CI machines have 2 CPUs; exclusivity is covered by the placement tests.
+            .args(["--cpu-oversubscription", "16"])
+            .arg("--admin-key-file")
+            .arg(self.data().join("admin.key"))
+            .args(&self.extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited ({st}): {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("daemon did not listen: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn cli_as(&self, key: &str, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", self.port))
+            .env("GPUVISOR_API_KEY", key)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(&self.key, args)
+    }
+
+    /// Runs a command that must succeed and returns its `-o json` output.
+    pub fn json_as(&self, key: &str, args: &[&str]) -> Value {
+        // `-o json` before any `--`, which starts the instance's command.
+        let mut a = vec!["-o", "json"];
+        a.extend(args);
+        let out = self.cli_as(key, &a);
+        assert!(
+            out.status.success(),
+            "gpuvisor {args:?} failed ({}): {}\n--- daemon log ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        self.json_as(&self.key.clone(), args)
+    }
+
+    pub fn import_busybox(&self) {
+        let root = busybox_rootfs();
+        self.json(&["image", "import", root.to_str().unwrap(), "--name", "busybox"]);
+    }
+
+    /// Creates an instance with `--wait` and returns its id.
+    pub fn create(&self, args: &[&str]) -> String {
+        self.create_as(&self.key.clone(), args)
+    }
+
+    pub fn create_as(&self, key: &str, args: &[&str]) -> String {
+        let mut a = vec!["instance", "create", "--image", "busybox", "--wait"];
+        a.extend(args);
+        let v = self.json_as(key, &a);
+        assert_eq!(v["state"], "running", "{v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+
+    /// `instance exec` returning (exit code, stdout, stderr).
+    pub fn exec(&self, id: &str, cmd: &str) -> (i32, String, String) {
+        let out = self.cli(&["instance", "exec", id, "--", "sh", "-c", cmd]);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Every host object with one of `ids` (or under our data dir): must be empty after cleanup.
+    pub fn leaks(&self, ids: &[String]) -> Vec<String> {
+        let mut leaks = Vec::new();
+        let data = std::fs::canonicalize(self.data()).unwrap();
+        let data_s = data.to_string_lossy().to_string();
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        for l in mountinfo.lines() {
+            if let Some(mp) = l.split_whitespace().nth(4) {
+                if mp.starts_with(&data_s) {
+                    leaks.push(format!("mount {mp}"));
+                }
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir("/sys/block") {
+            for e in rd.flatten() {
+                let bf = e.path().join("loop/backing_file");
+                if let Ok(f) = std::fs::read_to_string(&bf) {
+                    if f.trim().starts_with(&data_s) {
+                        leaks.push(format!("loop {} -> {}", e.file_name().to_string_lossy(), f.trim()));
+                    }
+                }
+            }
+        }
+        let netns = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).to_string();
+        let links = String::from_utf8_lossy(&Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).to_string();
+        let runc = String::from_utf8_lossy(
+            &Command::new("runc")
+                .arg("--root")
+                .arg(data.join("run/runc"))
+                .args(["list", "-q"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .to_string();
+        for c in runc.lines().filter(|l| !l.is_empty()) {
+            leaks.push(format!("runc container {c}"));
+        }
+        for id in ids {
+            if netns.contains(&format!("gv-{id}")) {
+                leaks.push(format!("netns gv-{id}"));
+            }
+            if links.contains(&format!("gvh{id}")) {
+                leaks.push(format!("veth gvh{id}"));
+            }
+            for ctrl in ["memory", "cpuset", "pids", "devices", "cpu", "freezer", "blkio", "systemd", "unified"] {
+                let p = format!("/sys/fs/cgroup/{ctrl}/gpuvisor/{id}");
+                if Path::new(&p).exists() {
+                    leaks.push(format!("cgroup {p}"));
+                }
+            }
+            for sub in ["instances", "bundles"] {
+                if data.join(sub).join(id).exists() {
+                    leaks.push(format!("dir {sub}/{id}"));
+                }
+            }
+            if data.join("disks").join(format!("{id}.img")).exists() {
+                leaks.push(format!("disk image {id}.img"));
+            }
+        }
+        leaks
+    }
+
+    /// Processes whose cgroup path names one of `ids`.
+    pub fn leaked_processes(&self, ids: &[String]) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            if let Ok(cg) = std::fs::read_to_string(e.path().join("cgroup")) {
+                for id in ids {
+                    if cg.contains(&format!("/gpuvisor/{id}")) {
+                        out.push(format!("pid {name} in {id}"));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Terminates every live instance and waits.
+    pub fn terminate_all(&self) {
+        let list = self.json(&["instance", "list"]);
+        for i in list.as_array().unwrap() {
+            let id = i["id"].as_str().unwrap();
+            self.json(&["instance", "terminate", id, "--wait", "--timeout", "60s"]);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() && !std::thread::panicking() {
+            self.terminate_all();
+        } else if self.child.is_some() {
+            // Best effort on failure: leave nothing behind for the next test.
+            let list = self.cli(&["instance", "list", "-o", "json"]);
+            if let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(&list.stdout) {
+                for i in items {
+                    if let Some(id) = i["id"].as_str() {
+                        let _ = self.cli(&["instance", "terminate", id, "--wait", "--timeout", "30s"]);
+                    }
+                }
+            }
+        }
+        self.kill9();
+    }
+}
