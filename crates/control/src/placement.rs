@@ -156,7 +156,7 @@ impl Placer for SingleHost {
                 .filter_map(|g| {
                     let vram = d.vram.unwrap_or(g.vram / 1000 * u64::from(d.milli));
                     let fits = g.used_milli + d.milli <= 1000 && g.used_vram + vram <= g.vram;
-                    fits.then_some((1000 - g.used_milli - d.milli, g.index, g, vram))
+                    fits.then(|| (1000 - g.used_milli - d.milli, g.index, g, vram))
                 })
                 .min_by_key(|(left, idx, _, _)| (*left, *idx));
             match best {
@@ -264,6 +264,15 @@ mod tests {
         let a = SingleHost.place(&h, &d).unwrap();
         assert_ne!(a.gpus[0].uuid, used[0]);
         assert_eq!(a.gpus[0].vram, (80u64 << 30) / 1000 * 250);
+    }
+
+    #[test]
+    fn full_gpu_is_skipped_not_overflowed() {
+        let mut h = host(2, 4);
+        h.gpus[0].used_milli = 1000;
+        h.gpus[1].used_milli = 950;
+        let d = Demand { milli: 100, vcpus: 1, memory: 1, ..Default::default() };
+        assert!(matches!(SingleHost.place(&h, &d), Err(PlacementError::GpuShare { .. })));
     }
 
     #[test]

@@ -11,7 +11,7 @@ fn bad_input_is_refused_and_creates_nothing() {
     let _s = serial();
     let d = Daemon::start(&[]);
     d.import_busybox();
-    let base = ["instance", "create", "--image", "busybox", "--memory", "64MiB", "--container-disk", "64MiB"];
+    let defaults = [("--image", "busybox"), ("--memory", "64MiB"), ("--container-disk", "64MiB")];
     // (extra args, expected exit code, expected error code in the message)
     let cases: &[(&[&str], i32, &str)] = &[
         (&["--image", "nope"], 3, "not_found"),
@@ -36,8 +36,12 @@ fn bad_input_is_refused_and_creates_nothing() {
         (&["--name", "Not Valid"], 5, "invalid_argument"),
     ];
     for (extra, exit, code) in cases {
-        let mut args = base.to_vec();
-        // later flags win in clap for single-valued options, so the case's value applies
+        let mut args = vec!["instance", "create"];
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
         args.extend(extra.iter());
         args.extend(["--", "true"]);
         let out = d.cli(&args);

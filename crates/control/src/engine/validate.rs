@@ -105,7 +105,7 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
                 host.gpus
             )))
         }
-        (_, Some(f)) if !(f.is_finite() && f >= 0.001 && f < 1.0) => {
+        (_, Some(f)) if !(f.is_finite() && (0.001..1.0).contains(&f)) => {
             return Err(invalid(format!(
                 "--gpu-fraction {f} is out of range: use a fraction between 0.001 and 1 (exclusive); for whole GPUs use --gpus"
             )))

@@ -264,6 +264,12 @@ impl Daemon {
             if !name.bytes().all(|b| b.is_ascii_digit()) {
                 continue;
             }
+            // A zombie keeps the path of its (already removed) cgroup until it is reaped; it
+            // runs nothing and holds nothing, so it is not a leak.
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) {
+                continue;
+            }
             if let Ok(cg) = std::fs::read_to_string(e.path().join("cgroup")) {
                 for id in ids {
                     if cg.contains(&format!("/gpuvisor/{id}")) {
