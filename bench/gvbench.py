@@ -1,0 +1,259 @@
+"""Shared helpers for the gpuvisor benchmarks (Python 3 standard library only).
+
+Starts a private daemon on its own data dir and port, talks to it through the CLI and the REST
+API, and checks that nothing it made is left on the host afterwards. Every benchmark owns its
+daemon from start to finish so runs never see each other's instances.
+"""
+
+import http.client
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+DEFAULT_BINARY = "/tmp/gpuvisor-bench"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(values, p):
+    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(-(-p * len(s) // 100)) - 1))
+    return s[k]
+
+
+def summary(values):
+    return {
+        "n": len(values),
+        "min": min(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values),
+        "mean": statistics.fmean(values),
+    }
+
+
+def print_table(headers, rows, out=sys.stdout):
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
+    print(line, file=out)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
+    for r in cells:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |", file=out)
+    out.flush()
+
+
+def machine():
+    """One line describing the host: CPU model, cores, memory, kernel."""
+    model = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = 0.0
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                mem_gib = int(line.split()[1]) / 1024 / 1024
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, {mem_gib:.1f} GiB RAM, Linux {platform.release()}"
+
+
+def loadavg():
+    return open("/proc/loadavg").read().split()[0]
+
+
+class Daemon:
+    """A private `gpuvisor serve` with its own data dir and port."""
+
+    def __init__(self, binary, data_dir, port, log_path, env_extra=None, log_filter="info",
+                 extra_args=()):
+        self.binary = binary
+        self.data_dir = os.path.abspath(data_dir)
+        self.port = port
+        self.log_path = log_path
+        self.env_extra = env_extra or {}
+        self.log_filter = log_filter
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self.key = None
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        if os.path.exists(self.data_dir):
+            raise SystemExit(f"data dir {self.data_dir} exists; remove it or pick another")
+        os.makedirs(self.data_dir)
+        env = dict(os.environ)
+        env["GPUVISOR_LOG"] = self.log_filter
+        env.update(self.env_extra)
+        keyfile = os.path.join(self.data_dir, "admin.key")
+        args = [self.binary, "serve", "--data-dir", self.data_dir,
+                "--listen", f"127.0.0.1:{self.port}", "--simulate-gpus", "2xA100-80GB",
+                "--admin-key-file", keyfile, "--cpu-oversubscription", "1000",
+                "--stop-grace", "1s", *self.extra_args]
+        self.logf = open(self.log_path, "w")
+        self.proc = subprocess.Popen(args, stdout=self.logf, stderr=subprocess.STDOUT, env=env,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"daemon exited early (rc {self.proc.returncode}); see {self.log_path}")
+            if os.path.exists(keyfile) and os.path.getsize(keyfile) > 0:
+                try:
+                    self.key = open(keyfile).read().strip()
+                    c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                    c.request("GET", "/v1/health")
+                    if c.getresponse().status == 200:
+                        c.close()
+                        return self
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        raise SystemExit("daemon did not come up in 30s")
+
+    def rss_kib(self):
+        for line in open(f"/proc/{self.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def threads(self):
+        for line in open(f"/proc/{self.proc.pid}/status"):
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+        return 0
+
+    def cli_env(self):
+        env = dict(os.environ)
+        env["GPUVISOR_ENDPOINT"] = self.endpoint
+        env["GPUVISOR_API_KEY"] = self.key
+        return env
+
+    def cli(self, *args, check=True):
+        r = subprocess.run([self.binary, *args], env=self.cli_env(), capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"gpuvisor {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+        return r
+
+    def api(self):
+        return Api("127.0.0.1", self.port, self.key)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "logf", None):
+            self.logf.close()
+
+
+class Api:
+    """Keep-alive JSON client (one connection)."""
+
+    def __init__(self, host, port, key):
+        self.conn = http.client.HTTPConnection(host, port, timeout=30)
+        self.headers = {"x-api-key": key, "content-type": "application/json"}
+
+    def call(self, method, path, body=None):
+        data = json.dumps(body).encode() if body is not None else None
+        self.conn.request(method, path, body=data, headers=self.headers)
+        r = self.conn.getresponse()
+        raw = r.read()
+        if r.status >= 300:
+            raise RuntimeError(f"{method} {path}: {r.status} {raw[:300]!r}")
+        return json.loads(raw) if raw else None
+
+    def close(self):
+        self.conn.close()
+
+
+def import_image(daemon, rootfs, name="busybox"):
+    if not os.path.isdir(rootfs):
+        subprocess.run([os.path.join(REPO, "scripts", "make-busybox-rootfs"), rootfs], check=True,
+                       stdout=subprocess.DEVNULL)
+    daemon.cli("image", "import", rootfs, "--name", name)
+
+
+def create_args(image="busybox"):
+    return ["instance", "create", "--image", image, "--vcpus", "1", "--memory", "64MiB",
+            "--container-disk", "256MiB", "--wait", "-o", "json", "--", "sleep", "1000000"]
+
+
+def terminate_all(daemon, parallel=8):
+    """`instance terminate --wait` for every live instance, `parallel` at a time."""
+    api = daemon.api()
+    ids = [i["id"] for i in api.call("GET", "/v1/instances") if i["state"] != "terminated"]
+    api.close()
+    env = daemon.cli_env()
+    pending = list(ids)
+    running = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            iid = pending.pop()
+            p = subprocess.Popen([daemon.binary, "instance", "terminate", iid, "--wait",
+                                  "--timeout", "5m"], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+            running.append((iid, p))
+        time.sleep(0.05)
+        still = []
+        for iid, p in running:
+            if p.poll() is None:
+                still.append((iid, p))
+            elif p.returncode != 0:
+                failed.append((iid, p.stderr.read().strip()))
+        running = still
+    if failed:
+        log(f"terminate failures: {failed[:5]}")
+    return len(ids), failed
+
+
+def leftovers(data_dir, ids):
+    """Host objects of `data_dir` or of the instance `ids` still present."""
+    out = []
+    data_dir = os.path.abspath(data_dir)
+    for line in open("/proc/self/mountinfo"):
+        mp = line.split()[4]
+        if mp.startswith(data_dir):
+            out.append(f"mount {mp}")
+    losetup = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    for line in losetup.splitlines():
+        if data_dir in line:
+            out.append(f"loop {line}")
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    ns_names = {l.split()[0] for l in netns.splitlines() if l.strip()}
+    for iid in ids:
+        if f"gv-{iid}" in ns_names:
+            out.append(f"netns gv-{iid}")
+        for ctl in ("memory", "cpu", "cpuset", "pids", "devices", "freezer", "blkio"):
+            p = f"/sys/fs/cgroup/{ctl}/gpuvisor/{iid}"
+            if os.path.exists(p):
+                out.append(f"cgroup {p}")
+        if os.path.exists(f"/sys/class/net/gvh{iid[:12]}"):
+            out.append(f"veth gvh{iid[:12]}")
+    return out
+
+
+def remove_data_dir(data_dir):
+    shutil.rmtree(data_dir, ignore_errors=True)
