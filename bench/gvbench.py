@@ -49,7 +49,8 @@ def print_table(headers, rows, out=sys.stdout):
     print(line, file=out)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
     for r in cells:
-        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |", file=out)
+        print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(r, widths))) + " |", file=out)
     out.flush()
 
 
