@@ -74,7 +74,11 @@ pub enum PlacementError {
         total: u32,
     },
     #[error("no {model} GPU has {milli} milli-GPU and {vram} bytes of VRAM free")]
-    GpuShare { model: String, milli: u32, vram: u64 },
+    GpuShare {
+        model: String,
+        milli: u32,
+        vram: u64,
+    },
     #[error("not enough CPUs: {wanted} vCPUs wanted, {free} free of {total}")]
     Cpus { wanted: u32, free: u32, total: u32 },
     #[error("not enough memory: {wanted} bytes wanted, {free} bytes free of {total}")]
@@ -92,7 +96,9 @@ pub trait Placer: Send + Sync {
 pub struct SingleHost;
 
 fn model_ok(g: &GpuSlot, model: &Option<String>) -> bool {
-    model.as_ref().is_none_or(|m| g.model.eq_ignore_ascii_case(m))
+    model
+        .as_ref()
+        .is_none_or(|m| g.model.eq_ignore_ascii_case(m))
 }
 
 impl Placer for SingleHost {
@@ -108,7 +114,8 @@ impl Placer for SingleHost {
         let model_name = d.model.clone().unwrap_or_else(|| "any".to_string());
         let mut gpus = Vec::new();
         if d.whole_gpus > 0 {
-            let candidates: Vec<&GpuSlot> = host.gpus.iter().filter(|g| model_ok(g, &d.model)).collect();
+            let candidates: Vec<&GpuSlot> =
+                host.gpus.iter().filter(|g| model_ok(g, &d.model)).collect();
             let free: Vec<&GpuSlot> = candidates
                 .iter()
                 .copied()
@@ -196,7 +203,11 @@ impl Placer for SingleHost {
         }
         // Least used first, the GPUs' NUMA node first, then by id: deterministic.
         free_cpus.sort_by_key(|(cpu, node, used)| (*used, numa.is_some_and(|n| n != *node), *cpu));
-        let mut cpus: Vec<u32> = free_cpus.iter().take(d.vcpus as usize).map(|c| c.0).collect();
+        let mut cpus: Vec<u32> = free_cpus
+            .iter()
+            .take(d.vcpus as usize)
+            .map(|c| c.0)
+            .collect();
         cpus.sort_unstable();
         Ok(Assignment { gpus, cpus })
     }
@@ -212,14 +223,20 @@ mod tests {
                 .map(|i| GpuSlot {
                     uuid: format!("GPU-{i}"),
                     index: i,
-                    model: if i < 2 { "A100-80GB".into() } else { "H100-80GB".into() },
+                    model: if i < 2 {
+                        "A100-80GB".into()
+                    } else {
+                        "H100-80GB".into()
+                    },
                     vram: 80 << 30,
                     numa_node: Some(if i < n_gpus / 2 { 0 } else { 1 }),
                     used_milli: 0,
                     used_vram: 0,
                 })
                 .collect(),
-            cpus: (0..cpus).map(|c| (c, if c < cpus / 2 { 0 } else { 1 })).collect(),
+            cpus: (0..cpus)
+                .map(|c| (c, if c < cpus / 2 { 0 } else { 1 }))
+                .collect(),
             cpu_use: BTreeMap::new(),
             cpu_ratio: 1,
             memory: 64 << 30,
@@ -242,25 +259,48 @@ mod tests {
     #[test]
     fn whole_gpus_are_exclusive() {
         let mut h = host(3, 8);
-        let d = Demand { whole_gpus: 2, vcpus: 2, memory: 1 << 30, ..Default::default() };
+        let d = Demand {
+            whole_gpus: 2,
+            vcpus: 2,
+            memory: 1 << 30,
+            ..Default::default()
+        };
         let a = SingleHost.place(&h, &d).unwrap();
         assert_eq!(a.gpus.len(), 2);
         apply(&mut h, &a, d.memory);
         let e = SingleHost.place(&h, &d).unwrap_err();
-        assert!(matches!(e, PlacementError::Gpus { wanted: 2, free: 1, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                PlacementError::Gpus {
+                    wanted: 2,
+                    free: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
     fn fractions_share_up_to_whole_and_pack() {
         let mut h = host(2, 8);
-        let d = Demand { milli: 250, vcpus: 1, memory: 1 << 30, ..Default::default() };
+        let d = Demand {
+            milli: 250,
+            vcpus: 1,
+            memory: 1 << 30,
+            ..Default::default()
+        };
         let mut used = Vec::new();
         for _ in 0..4 {
             let a = SingleHost.place(&h, &d).unwrap();
             used.push(a.gpus[0].uuid.clone());
             apply(&mut h, &a, d.memory);
         }
-        assert!(used.iter().all(|u| u == &used[0]), "packs onto one GPU: {used:?}");
+        assert!(
+            used.iter().all(|u| u == &used[0]),
+            "packs onto one GPU: {used:?}"
+        );
         let a = SingleHost.place(&h, &d).unwrap();
         assert_ne!(a.gpus[0].uuid, used[0]);
         assert_eq!(a.gpus[0].vram, (80u64 << 30) / 1000 * 250);
@@ -271,35 +311,78 @@ mod tests {
         let mut h = host(2, 4);
         h.gpus[0].used_milli = 1000;
         h.gpus[1].used_milli = 950;
-        let d = Demand { milli: 100, vcpus: 1, memory: 1, ..Default::default() };
-        assert!(matches!(SingleHost.place(&h, &d), Err(PlacementError::GpuShare { .. })));
+        let d = Demand {
+            milli: 100,
+            vcpus: 1,
+            memory: 1,
+            ..Default::default()
+        };
+        assert!(matches!(
+            SingleHost.place(&h, &d),
+            Err(PlacementError::GpuShare { .. })
+        ));
     }
 
     #[test]
     fn fraction_vram_limit() {
         let h = host(1, 4);
-        let d = Demand { milli: 100, vram: Some(81 << 30), vcpus: 1, memory: 1, ..Default::default() };
-        assert!(matches!(SingleHost.place(&h, &d), Err(PlacementError::GpuShare { .. })));
+        let d = Demand {
+            milli: 100,
+            vram: Some(81 << 30),
+            vcpus: 1,
+            memory: 1,
+            ..Default::default()
+        };
+        assert!(matches!(
+            SingleHost.place(&h, &d),
+            Err(PlacementError::GpuShare { .. })
+        ));
     }
 
     #[test]
     fn model_constraint() {
         let h = host(3, 4);
-        let d = Demand { whole_gpus: 1, model: Some("h100-80gb".into()), vcpus: 1, memory: 1, ..Default::default() };
+        let d = Demand {
+            whole_gpus: 1,
+            model: Some("h100-80gb".into()),
+            vcpus: 1,
+            memory: 1,
+            ..Default::default()
+        };
         assert_eq!(SingleHost.place(&h, &d).unwrap().gpus[0].uuid, "GPU-2");
-        let d = Demand { whole_gpus: 2, model: Some("H100-80GB".into()), vcpus: 1, memory: 1, ..Default::default() };
-        assert!(matches!(SingleHost.place(&h, &d), Err(PlacementError::Gpus { total: 1, .. })));
+        let d = Demand {
+            whole_gpus: 2,
+            model: Some("H100-80GB".into()),
+            vcpus: 1,
+            memory: 1,
+            ..Default::default()
+        };
+        assert!(matches!(
+            SingleHost.place(&h, &d),
+            Err(PlacementError::Gpus { total: 1, .. })
+        ));
     }
 
     #[test]
     fn cpus_exclusive_unless_oversubscribed() {
         let mut h = host(0, 2);
-        let d = Demand { vcpus: 2, memory: 1, ..Default::default() };
+        let d = Demand {
+            vcpus: 2,
+            memory: 1,
+            ..Default::default()
+        };
         let a = SingleHost.place(&h, &d).unwrap();
         assert_eq!(a.cpus, vec![0, 1]);
         apply(&mut h, &a, 1);
-        let d1 = Demand { vcpus: 1, memory: 1, ..Default::default() };
-        assert!(matches!(SingleHost.place(&h, &d1), Err(PlacementError::Cpus { free: 0, .. })));
+        let d1 = Demand {
+            vcpus: 1,
+            memory: 1,
+            ..Default::default()
+        };
+        assert!(matches!(
+            SingleHost.place(&h, &d1),
+            Err(PlacementError::Cpus { free: 0, .. })
+        ));
         h.cpu_ratio = 2;
         assert_eq!(SingleHost.place(&h, &d1).unwrap().cpus.len(), 1);
     }
@@ -307,14 +390,27 @@ mod tests {
     #[test]
     fn memory_limit() {
         let h = host(0, 2);
-        let d = Demand { vcpus: 1, memory: 65 << 30, ..Default::default() };
-        assert!(matches!(SingleHost.place(&h, &d), Err(PlacementError::Memory { .. })));
+        let d = Demand {
+            vcpus: 1,
+            memory: 65 << 30,
+            ..Default::default()
+        };
+        assert!(matches!(
+            SingleHost.place(&h, &d),
+            Err(PlacementError::Memory { .. })
+        ));
     }
 
     #[test]
     fn cpus_follow_gpu_numa_node() {
         let h = host(4, 8);
-        let d = Demand { whole_gpus: 1, model: Some("H100-80GB".into()), vcpus: 2, memory: 1, ..Default::default() };
+        let d = Demand {
+            whole_gpus: 1,
+            model: Some("H100-80GB".into()),
+            vcpus: 2,
+            memory: 1,
+            ..Default::default()
+        };
         let a = SingleHost.place(&h, &d).unwrap();
         // GPU 2 is on node 1 -> CPUs 4..8
         assert!(a.cpus.iter().all(|c| *c >= 4), "{:?}", a.cpus);

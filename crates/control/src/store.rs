@@ -245,8 +245,12 @@ impl Store {
             .await?;
         if sqlite {
             // WAL: readers never block the writer; the setting persists in the file.
-            sqlx::query("PRAGMA journal_mode=WAL").execute(&pool).await?;
-            sqlx::query("PRAGMA synchronous=NORMAL").execute(&pool).await?;
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await?;
+            sqlx::query("PRAGMA synchronous=NORMAL")
+                .execute(&pool)
+                .await?;
         }
         MIGRATOR.run(&pool).await?;
         Ok(Self { pool })
@@ -356,27 +360,37 @@ impl Store {
     }
 
     pub async fn key(&self, id: &str) -> Result<Option<KeyRow>> {
-        sqlx::query("SELECT id, tenant_id, role, created_at, revoked_at FROM api_keys WHERE id = $1")
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(key)
-            .transpose()
+        sqlx::query(
+            "SELECT id, tenant_id, role, created_at, revoked_at FROM api_keys WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(key)
+        .transpose()
     }
 
     pub async fn revoke_key(&self, id: &str, now: i64) -> Result<bool> {
-        let r = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(now)
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
+        let r =
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(now)
+                .bind(id.to_string())
+                .execute(&self.pool)
+                .await?;
         Ok(r.rows_affected() > 0)
     }
 
     // --- nodes and GPUs -------------------------------------------------------------------
 
-    pub async fn upsert_node(&self, id: &str, hostname: &str, cpus: u32, memory: u64, now: i64) -> Result<()> {
+    pub async fn upsert_node(
+        &self,
+        id: &str,
+        hostname: &str,
+        cpus: u32,
+        memory: u64,
+        now: i64,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO nodes (id, hostname, cpus, memory, updated_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, cpus = excluded.cpus, \
@@ -448,12 +462,14 @@ impl Store {
     }
 
     pub async fn images(&self) -> Result<Vec<ImageRow>> {
-        sqlx::query("SELECT name, digest, layers, size, command, env, created_at FROM images ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(image)
-            .collect()
+        sqlx::query(
+            "SELECT name, digest, layers, size, command, env, created_at FROM images ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(image)
+        .collect()
     }
 
     pub async fn image(&self, name: &str) -> Result<Option<ImageRow>> {
@@ -477,14 +493,16 @@ impl Store {
     // --- volumes --------------------------------------------------------------------------
 
     pub async fn insert_volume(&self, v: &VolumeRow) -> Result<()> {
-        sqlx::query("INSERT INTO volumes (tenant_id, name, size, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(v.tenant_id.clone())
-            .bind(v.name.clone())
-            .bind(v.size as i64)
-            .bind(v.created_at)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::from_write)?;
+        sqlx::query(
+            "INSERT INTO volumes (tenant_id, name, size, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(v.tenant_id.clone())
+        .bind(v.name.clone())
+        .bind(v.size as i64)
+        .bind(v.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_write)?;
         Ok(())
     }
 
@@ -554,18 +572,24 @@ impl Store {
     }
 
     pub async fn instance(&self, id: &str) -> Result<Option<InstanceRow>> {
-        sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {INSTANCE_COLS} FROM instances WHERE id = $1")))
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(instance)
-            .transpose()
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {INSTANCE_COLS} FROM instances WHERE id = $1"
+        )))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(instance)
+        .transpose()
     }
 
     /// The live (not terminated) instance with this name in a tenant, else the newest
     /// terminated one.
-    pub async fn instance_by_name(&self, tenant_id: &str, name: &str) -> Result<Option<InstanceRow>> {
+    pub async fn instance_by_name(
+        &self,
+        tenant_id: &str,
+        name: &str,
+    ) -> Result<Option<InstanceRow>> {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {INSTANCE_COLS} FROM instances WHERE tenant_id = $1 AND name = $2 \
              ORDER BY CASE WHEN state = 'terminated' THEN 1 ELSE 0 END, created_at DESC LIMIT 1"
@@ -602,15 +626,23 @@ impl Store {
     }
 
     /// Sets the observed state (and reason); returns false if the instance does not exist.
-    pub async fn set_state(&self, id: &str, st: InstanceState, reason: Option<&str>, now: i64) -> Result<bool> {
-        let r = sqlx::query("UPDATE instances SET state = $1, reason = $2, updated_at = $3 WHERE id = $4")
-            .bind(st.as_str())
-            .bind(reason.map(str::to_string))
-            .bind(now)
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::from_write)?;
+    pub async fn set_state(
+        &self,
+        id: &str,
+        st: InstanceState,
+        reason: Option<&str>,
+        now: i64,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE instances SET state = $1, reason = $2, updated_at = $3 WHERE id = $4",
+        )
+        .bind(st.as_str())
+        .bind(reason.map(str::to_string))
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_write)?;
         Ok(r.rows_affected() > 0)
     }
 
@@ -627,14 +659,16 @@ impl Store {
     // --- events ---------------------------------------------------------------------------
 
     pub async fn add_event(&self, id: &str, e: &EventRow) -> Result<()> {
-        sqlx::query("INSERT INTO events (id, instance_id, at, kind, message) VALUES ($1, $2, $3, $4, $5)")
-            .bind(id.to_string())
-            .bind(e.instance_id.clone())
-            .bind(e.at)
-            .bind(e.kind.clone())
-            .bind(e.message.clone())
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO events (id, instance_id, at, kind, message) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id.to_string())
+        .bind(e.instance_id.clone())
+        .bind(e.at)
+        .bind(e.kind.clone())
+        .bind(e.message.clone())
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -72,8 +72,11 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
-            Err(rej) => Err(ApiError(EngineError::InvalidArgument(format!("bad request body: {}", rej.body_text())))
-                .into_response()),
+            Err(rej) => Err(ApiError(EngineError::InvalidArgument(format!(
+                "bad request body: {}",
+                rej.body_text()
+            )))
+            .into_response()),
         }
     }
 }
@@ -90,7 +93,10 @@ pub fn router(engine: Eng) -> Router {
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", axum::routing::delete(remove_volume))
         .route("/v1/instances", get(list_instances).post(create_instance))
-        .route("/v1/instances/{id}", get(get_instance).delete(terminate_instance))
+        .route(
+            "/v1/instances/{id}",
+            get(get_instance).delete(terminate_instance),
+        )
         .route("/v1/instances/{id}/stop", post(stop_instance))
         .route("/v1/instances/{id}/start", post(start_instance))
         .route("/v1/instances/{id}/logs", get(logs))
@@ -115,7 +121,11 @@ async fn list_tenants(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Tenant>
     Ok(Json(e.list_tenants(&p).await?))
 }
 
-async fn create_tenant(State(e): State<Eng>, h: HeaderMap, Body(b): Body<wire::CreateTenant>) -> R<wire::Tenant> {
+async fn create_tenant(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Body(b): Body<wire::CreateTenant>,
+) -> R<wire::Tenant> {
     let p = who(&e, &h).await?;
     Ok(Json(e.create_tenant(&p, &b).await?))
 }
@@ -125,7 +135,11 @@ async fn list_keys(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::ApiKey>> {
     Ok(Json(e.list_keys(&p).await?))
 }
 
-async fn create_key(State(e): State<Eng>, h: HeaderMap, Body(b): Body<wire::CreateKey>) -> R<wire::CreatedKey> {
+async fn create_key(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Body(b): Body<wire::CreateKey>,
+) -> R<wire::CreatedKey> {
     let p = who(&e, &h).await?;
     Ok(Json(e.create_key(&p, &b).await?))
 }
@@ -145,12 +159,20 @@ async fn list_images(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Image>> 
     Ok(Json(e.list_images(&p).await?))
 }
 
-async fn import_image(State(e): State<Eng>, h: HeaderMap, Body(b): Body<wire::ImportImage>) -> R<wire::Image> {
+async fn import_image(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Body(b): Body<wire::ImportImage>,
+) -> R<wire::Image> {
     let p = who(&e, &h).await?;
     Ok(Json(e.import_image(&p, &b).await?))
 }
 
-async fn remove_image(State(e): State<Eng>, h: HeaderMap, Path(name): Path<String>) -> R<wire::Image> {
+async fn remove_image(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> R<wire::Image> {
     let p = who(&e, &h).await?;
     Ok(Json(e.remove_image(&p, &name).await?))
 }
@@ -160,12 +182,20 @@ async fn list_volumes(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Volume>
     Ok(Json(e.list_volumes(&p).await?))
 }
 
-async fn create_volume(State(e): State<Eng>, h: HeaderMap, Body(b): Body<wire::CreateVolume>) -> R<wire::Volume> {
+async fn create_volume(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Body(b): Body<wire::CreateVolume>,
+) -> R<wire::Volume> {
     let p = who(&e, &h).await?;
     Ok(Json(e.create_volume(&p, &b).await?))
 }
 
-async fn remove_volume(State(e): State<Eng>, h: HeaderMap, Path(name): Path<String>) -> R<wire::Volume> {
+async fn remove_volume(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> R<wire::Volume> {
     let p = who(&e, &h).await?;
     Ok(Json(e.remove_volume(&p, &name).await?))
 }
@@ -184,22 +214,38 @@ async fn create_instance(
     Ok((StatusCode::CREATED, Json(e.create_instance(&p, &b).await?)))
 }
 
-async fn get_instance(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Instance> {
+async fn get_instance(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> R<wire::Instance> {
     let p = who(&e, &h).await?;
     Ok(Json(e.get_instance(&p, &id).await?))
 }
 
-async fn terminate_instance(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Instance> {
+async fn terminate_instance(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> R<wire::Instance> {
     let p = who(&e, &h).await?;
     Ok(Json(e.terminate_instance(&p, &id).await?))
 }
 
-async fn stop_instance(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Instance> {
+async fn stop_instance(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> R<wire::Instance> {
     let p = who(&e, &h).await?;
     Ok(Json(e.stop_instance(&p, &id).await?))
 }
 
-async fn start_instance(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Instance> {
+async fn start_instance(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> R<wire::Instance> {
     let p = who(&e, &h).await?;
     Ok(Json(e.start_instance(&p, &id).await?))
 }
@@ -210,12 +256,22 @@ struct LogQuery {
     offset: u64,
 }
 
-async fn logs(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>, Query(q): Query<LogQuery>) -> R<wire::Logs> {
+async fn logs(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> R<wire::Logs> {
     let p = who(&e, &h).await?;
     Ok(Json(e.instance_logs(&p, &id, q.offset).await?))
 }
 
-async fn exec(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>, Body(b): Body<wire::ExecRequest>) -> R<wire::ExecResult> {
+async fn exec(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Body(b): Body<wire::ExecRequest>,
+) -> R<wire::ExecResult> {
     let p = who(&e, &h).await?;
     Ok(Json(e.exec(&p, &id, &b).await?))
 }

@@ -93,7 +93,8 @@ pub struct ConfigOverrides {
 }
 
 fn grace(s: &str) -> anyhow::Result<Duration> {
-    humantime::parse_duration(s).with_context(|| format!("stop_grace {s:?} is not a duration like 10s"))
+    humantime::parse_duration(s)
+        .with_context(|| format!("stop_grace {s:?} is not a duration like 10s"))
 }
 
 impl Config {
@@ -104,32 +105,75 @@ impl Config {
                 .with_context(|| format!("cannot read config {}", path.display()))?;
             let f: FileConfig =
                 toml::from_str(&text).with_context(|| format!("bad config {}", path.display()))?;
-            if let Some(v) = f.listen { c.listen = v; }
-            if let Some(v) = f.data_dir { c.data_dir = v; }
-            if f.database.is_some() { c.database = f.database; }
-            if let Some(v) = f.runtime { c.runtime = v; }
-            if f.simulate_gpus.is_some() { c.simulate_gpus = f.simulate_gpus; }
-            if let Some(v) = f.cpu_oversubscription { c.cpu_oversubscription = v; }
-            if let Some(v) = f.net_pool { c.net_pool = v; }
-            if let Some(v) = f.nat { c.nat = v; }
-            if let Some(v) = f.stop_grace { c.stop_grace = grace(&v)?; }
-            if let Some(v) = f.pids_limit { c.pids_limit = v; }
-            if f.admin_key_file.is_some() { c.admin_key_file = f.admin_key_file; }
+            if let Some(v) = f.listen {
+                c.listen = v;
+            }
+            if let Some(v) = f.data_dir {
+                c.data_dir = v;
+            }
+            if f.database.is_some() {
+                c.database = f.database;
+            }
+            if let Some(v) = f.runtime {
+                c.runtime = v;
+            }
+            if f.simulate_gpus.is_some() {
+                c.simulate_gpus = f.simulate_gpus;
+            }
+            if let Some(v) = f.cpu_oversubscription {
+                c.cpu_oversubscription = v;
+            }
+            if let Some(v) = f.net_pool {
+                c.net_pool = v;
+            }
+            if let Some(v) = f.nat {
+                c.nat = v;
+            }
+            if let Some(v) = f.stop_grace {
+                c.stop_grace = grace(&v)?;
+            }
+            if let Some(v) = f.pids_limit {
+                c.pids_limit = v;
+            }
+            if f.admin_key_file.is_some() {
+                c.admin_key_file = f.admin_key_file;
+            }
         }
-        if let Some(v) = o.listen { c.listen = v; }
-        if let Some(v) = &o.data_dir { c.data_dir = v.clone(); }
-        if o.database.is_some() { c.database = o.database.clone(); }
-        if let Some(v) = &o.runtime { c.runtime = v.clone(); }
-        if o.simulate_gpus.is_some() { c.simulate_gpus = o.simulate_gpus.clone(); }
-        if let Some(v) = o.cpu_oversubscription { c.cpu_oversubscription = v; }
-        if let Some(v) = &o.stop_grace { c.stop_grace = grace(v)?; }
-        if o.admin_key_file.is_some() { c.admin_key_file = o.admin_key_file.clone(); }
-        if o.no_nat { c.nat = false; }
+        if let Some(v) = o.listen {
+            c.listen = v;
+        }
+        if let Some(v) = &o.data_dir {
+            c.data_dir = v.clone();
+        }
+        if o.database.is_some() {
+            c.database = o.database.clone();
+        }
+        if let Some(v) = &o.runtime {
+            c.runtime = v.clone();
+        }
+        if o.simulate_gpus.is_some() {
+            c.simulate_gpus = o.simulate_gpus.clone();
+        }
+        if let Some(v) = o.cpu_oversubscription {
+            c.cpu_oversubscription = v;
+        }
+        if let Some(v) = &o.stop_grace {
+            c.stop_grace = grace(v)?;
+        }
+        if o.admin_key_file.is_some() {
+            c.admin_key_file = o.admin_key_file.clone();
+        }
+        if o.no_nat {
+            c.nat = false;
+        }
         if c.cpu_oversubscription == 0 {
             anyhow::bail!("cpu_oversubscription must be at least 1");
         }
         if c.net_pool.octets()[2] != 0 || c.net_pool.octets()[3] != 0 {
-            anyhow::bail!("net_pool {} must be the base of a /16 (like 10.88.0.0)", c.net_pool);
+            anyhow::bail!(
+                "net_pool {} must be the base of a /16 (like 10.88.0.0)",
+                c.net_pool
+            );
         }
         Ok(c)
     }
@@ -143,15 +187,28 @@ mod tests {
     fn defaults_then_file_then_flags() {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("c.toml");
-        std::fs::write(&f, "listen = \"127.0.0.1:9000\"\ndata_dir = \"/x\"\nstop_grace = \"2s\"\n").unwrap();
+        std::fs::write(
+            &f,
+            "listen = \"127.0.0.1:9000\"\ndata_dir = \"/x\"\nstop_grace = \"2s\"\n",
+        )
+        .unwrap();
         let c = Config::load(Some(&f), &ConfigOverrides::default()).unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.data_dir, PathBuf::from("/x"));
         assert_eq!(c.stop_grace, Duration::from_secs(2));
         assert_eq!(c.runtime, "runc");
-        let o = ConfigOverrides { data_dir: Some("/y".into()), ..Default::default() };
-        assert_eq!(Config::load(Some(&f), &o).unwrap().data_dir, PathBuf::from("/y"));
-        assert_eq!(Config::load(None, &ConfigOverrides::default()).unwrap(), Config::default());
+        let o = ConfigOverrides {
+            data_dir: Some("/y".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::load(Some(&f), &o).unwrap().data_dir,
+            PathBuf::from("/y")
+        );
+        assert_eq!(
+            Config::load(None, &ConfigOverrides::default()).unwrap(),
+            Config::default()
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 
 mod api;
 mod cli;
-mod config;
 mod client;
+mod config;
 mod output;
 mod serve;
 

@@ -11,7 +11,11 @@ fn bad_input_is_refused_and_creates_nothing() {
     let _s = serial();
     let d = Daemon::start(&[]);
     d.import_busybox();
-    let defaults = [("--image", "busybox"), ("--memory", "64MiB"), ("--container-disk", "64MiB")];
+    let defaults = [
+        ("--image", "busybox"),
+        ("--memory", "64MiB"),
+        ("--container-disk", "64MiB"),
+    ];
     // (extra args, expected exit code, expected error code in the message)
     let cases: &[(&[&str], i32, &str)] = &[
         (&["--image", "nope"], 3, "not_found"),
@@ -25,7 +29,11 @@ fn bad_input_is_refused_and_creates_nothing() {
         (&["--container-disk", "1KiB"], 5, "invalid_argument"),
         (&["--container-disk", "999TiB"], 5, "invalid_argument"),
         (&["--gpu-fraction", "1.5"], 5, "invalid_argument"),
-        (&["--volume", "v:relative/path:64MiB"], 5, "invalid_argument"),
+        (
+            &["--volume", "v:relative/path:64MiB"],
+            5,
+            "invalid_argument",
+        ),
         (&["--volume", "v:/a/../../etc:64MiB"], 5, "invalid_argument"),
         (&["--volume", "v:/proc:64MiB"], 5, "invalid_argument"),
         (&["--volume", "v:/sys/x:64MiB"], 5, "invalid_argument"),
@@ -51,27 +59,125 @@ fn bad_input_is_refused_and_creates_nothing() {
             assert!(err.contains(code), "{extra:?}: expected {code}: {err}");
         }
     }
-    assert!(d.json(&["instance", "list"]).as_array().unwrap().is_empty(), "nothing was created");
-    assert!(d.json(&["volume", "list"]).as_array().unwrap().is_empty(), "no volume was created");
+    assert!(
+        d.json(&["instance", "list"]).as_array().unwrap().is_empty(),
+        "nothing was created"
+    );
+    assert!(
+        d.json(&["volume", "list"]).as_array().unwrap().is_empty(),
+        "no volume was created"
+    );
     let gpus = d.json(&["gpu", "list"]);
-    assert!(gpus.as_array().unwrap().iter().all(|g| g["allocated_milli"] == 0));
+    assert!(gpus
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|g| g["allocated_milli"] == 0));
 
     // Duplicate names.
-    let _ = d.create(&["--name", "dup", "--memory", "64MiB", "--container-disk", "64MiB", "--", "sleep", "100000"]);
-    let out = d.cli(&["instance", "create", "--image", "busybox", "--name", "dup", "--memory", "64MiB", "--container-disk", "64MiB", "--", "true"]);
+    let _ = d.create(&[
+        "--name",
+        "dup",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+        "--",
+        "sleep",
+        "100000",
+    ]);
+    let out = d.cli(&[
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--name",
+        "dup",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+        "--",
+        "true",
+    ]);
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already_exists"));
     // GPUs: whole GPUs are exclusive; fractions share up to 100%.
-    let _g = d.create(&["--gpus", "2", "--gpu-model", "A100-80GB", "--memory", "64MiB", "--container-disk", "64MiB", "--", "sleep", "100000"]);
-    let out = d.cli(&["instance", "create", "--image", "busybox", "--gpus", "1", "--gpu-model", "A100-80GB", "--memory", "64MiB", "--container-disk", "64MiB", "--", "true"]);
-    assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
+    let _g = d.create(&[
+        "--gpus",
+        "2",
+        "--gpu-model",
+        "A100-80GB",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+        "--",
+        "sleep",
+        "100000",
+    ]);
+    let out = d.cli(&[
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--gpus",
+        "1",
+        "--gpu-model",
+        "A100-80GB",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+        "--",
+        "true",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for _ in 0..2 {
-        d.create(&["--gpu-fraction", "0.5", "--memory", "64MiB", "--container-disk", "64MiB", "--", "sleep", "100000"]);
+        d.create(&[
+            "--gpu-fraction",
+            "0.5",
+            "--memory",
+            "64MiB",
+            "--container-disk",
+            "64MiB",
+            "--",
+            "sleep",
+            "100000",
+        ]);
     }
-    let out = d.cli(&["instance", "create", "--image", "busybox", "--gpu-fraction", "0.1", "--memory", "64MiB", "--container-disk", "64MiB", "--", "true"]);
-    assert_eq!(out.status.code(), Some(6), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = d.cli(&[
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--gpu-fraction",
+        "0.1",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+        "--",
+        "true",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let gpus = d.json(&["gpu", "list"]);
-    let h100 = gpus.as_array().unwrap().iter().find(|g| g["model"] == "H100-80GB").unwrap();
+    let h100 = gpus
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["model"] == "H100-80GB")
+        .unwrap();
     assert_eq!(h100["allocated_milli"], 1000);
     assert_eq!(h100["instances"].as_array().unwrap().len(), 2);
     // Image in use cannot be removed.
@@ -80,7 +186,10 @@ fn bad_input_is_refused_and_creates_nothing() {
 
 fn wait_settled(d: &Daemon, id: &str) -> String {
     for _ in 0..600 {
-        let st = d.json(&["instance", "get", id])["state"].as_str().unwrap().to_string();
+        let st = d.json(&["instance", "get", id])["state"]
+            .as_str()
+            .unwrap()
+            .to_string();
         if matches!(st.as_str(), "running" | "failed" | "stopped" | "terminated") {
             return st;
         }
@@ -93,7 +202,9 @@ fn wait_settled(d: &Daemon, id: &str) -> String {
 fn delays(seed: u64) -> impl Iterator<Item = Duration> {
     let mut x = seed;
     std::iter::from_fn(move || {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         Some(Duration::from_millis((x >> 33) % 600))
     })
 }
@@ -104,19 +215,44 @@ fn sigkill_mid_create_and_terminate_leaks_nothing() {
     let mut d = Daemon::start(&[]);
     d.import_busybox();
     let mut ids: Vec<String> = Vec::new();
-    let args = ["instance", "create", "--image", "busybox", "--memory", "64MiB", "--container-disk", "64MiB", "--volume", "keep:/data:32MiB", "-o", "json", "--", "sleep", "1000000"];
+    let args = [
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+        "--volume",
+        "keep:/data:32MiB",
+        "-o",
+        "json",
+        "--",
+        "sleep",
+        "1000000",
+    ];
     let mut delay = delays(42);
     // Mid-create: the create returns at once; the kill lands while provisioning runs.
     for round in 0..20 {
         let out = d.cli(&args);
-        assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "round {round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let id = v["id"].as_str().unwrap().to_string();
         std::thread::sleep(delay.next().unwrap());
         d.restart();
         // After the restart the reconciler completes or rolls back: the instance ends running.
         let st = wait_settled(&d, &id);
-        assert_eq!(st, "running", "round {round}: {}", d.json(&["instance", "get", &id]));
+        assert_eq!(
+            st,
+            "running",
+            "round {round}: {}",
+            d.json(&["instance", "get", &id])
+        );
         let out = d.cli(&["instance", "terminate", &id]);
         assert!(out.status.success());
         // Mid-terminate.

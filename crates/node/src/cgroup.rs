@@ -84,7 +84,10 @@ fn kill_procs(dir: &Path) {
         return;
     };
     for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -107,10 +110,14 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let root = HostRoot::at(t.path());
         for ctrl in ["memory", "cpuset"] {
-            std::fs::create_dir_all(t.path().join(format!("sys/fs/cgroup/{ctrl}/gpuvisor/aaa"))).unwrap();
+            std::fs::create_dir_all(t.path().join(format!("sys/fs/cgroup/{ctrl}/gpuvisor/aaa")))
+                .unwrap();
         }
         std::fs::create_dir_all(t.path().join("sys/fs/cgroup/memory/gpuvisor/bbb")).unwrap();
-        assert_eq!(instance_ids(&root).into_iter().collect::<Vec<_>>(), ["aaa", "bbb"]);
+        assert_eq!(
+            instance_ids(&root).into_iter().collect::<Vec<_>>(),
+            ["aaa", "bbb"]
+        );
         remove(&root, "aaa").unwrap();
         remove(&root, "aaa").unwrap();
         assert_eq!(instance_ids(&root).into_iter().collect::<Vec<_>>(), ["bbb"]);

@@ -17,7 +17,9 @@ impl Default for HostRoot {
 impl HostRoot {
     /// The real host (`/`).
     pub fn real() -> Self {
-        Self { root: PathBuf::from("/") }
+        Self {
+            root: PathBuf::from("/"),
+        }
     }
 
     /// A fixture tree standing in for `/`.

@@ -156,7 +156,9 @@ impl Node {
             }
             self.runtime.delete(id, true)?;
         }
-        let tnet = TenantNet { slot: plan.net_slot };
+        let tnet = TenantNet {
+            slot: plan.net_slot,
+        };
         self.net.ensure_tenant(&tnet)?;
         let netns = self.net.setup(id, &tnet, plan.ip_host)?;
 
@@ -236,12 +238,20 @@ impl Node {
     fn write_etc(&self, rootfs: &Path, plan: &InstancePlan) -> Result<(), NodeError> {
         let etc = rootfs.join("etc");
         std::fs::create_dir_all(&etc).map_err(io(&etc))?;
-        let ip = self.net.address(&TenantNet { slot: plan.net_slot }, plan.ip_host);
+        let ip = self.net.address(
+            &TenantNet {
+                slot: plan.net_slot,
+            },
+            plan.ip_host,
+        );
         let files = [
             ("hostname", format!("{}\n", plan.hostname)),
             (
                 "hosts",
-                format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n{ip}\t{}\n", plan.hostname),
+                format!(
+                    "127.0.0.1\tlocalhost\n::1\tlocalhost\n{ip}\t{}\n",
+                    plan.hostname
+                ),
             ),
             ("resolv.conf", resolv_conf(&self.cfg.root)),
         ];
@@ -262,7 +272,9 @@ impl Node {
                 let deadline = Instant::now() + grace;
                 while Instant::now() < deadline {
                     match self.runtime.state(id)? {
-                        Some(s) if s.status == "running" => std::thread::sleep(Duration::from_millis(50)),
+                        Some(s) if s.status == "running" => {
+                            std::thread::sleep(Duration::from_millis(50))
+                        }
                         _ => break,
                     }
                 }
@@ -311,7 +323,10 @@ impl Node {
         let mut local: BTreeSet<String> = self.containers()?.into_keys().collect();
         local.extend(self.disks.instances_with_objects()?);
         if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("bundles")) {
-            local.extend(rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()));
+            local.extend(
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            );
         }
         let mut global = cgroup::instance_ids(&self.cfg.root);
         global.extend(self.net.instances_with_objects()?);

@@ -128,7 +128,12 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-fn mount(dest: &str, typ: &str, src: &str, opts: &[&str]) -> Result<oci_spec::runtime::Mount, OciSpecError> {
+fn mount(
+    dest: &str,
+    typ: &str,
+    src: &str,
+    opts: &[&str],
+) -> Result<oci_spec::runtime::Mount, OciSpecError> {
     MountBuilder::default()
         .destination(dest)
         .typ(typ)
@@ -177,12 +182,49 @@ pub fn build_spec(b: &BundleSpec) -> Result<Spec, RuntimeError> {
 
     let mut mounts = vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
-        mount("/dev", "tmpfs", "tmpfs", &["nosuid", "strictatime", "mode=755", "size=65536k"])?,
-        mount("/dev/pts", "devpts", "devpts", &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"])?,
-        mount("/dev/shm", "tmpfs", "shm", &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"])?,
-        mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"])?,
-        mount("/sys", "sysfs", "sysfs", &["nosuid", "noexec", "nodev", "ro"])?,
-        mount("/sys/fs/cgroup", "cgroup", "cgroup", &["nosuid", "noexec", "nodev", "relatime", "ro"])?,
+        mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+        )?,
+        mount(
+            "/dev/pts",
+            "devpts",
+            "devpts",
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+                "gid=5",
+            ],
+        )?,
+        mount(
+            "/dev/shm",
+            "tmpfs",
+            "shm",
+            &["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        )?,
+        mount(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        )?,
+        mount(
+            "/sys",
+            "sysfs",
+            "sysfs",
+            &["nosuid", "noexec", "nodev", "ro"],
+        )?,
+        mount(
+            "/sys/fs/cgroup",
+            "cgroup",
+            "cgroup",
+            &["nosuid", "noexec", "nodev", "relatime", "ro"],
+        )?,
     ];
     for bind in &b.binds {
         let mut opts = vec!["rbind", "nosuid", "nodev"];
@@ -244,7 +286,11 @@ pub fn build_spec(b: &BundleSpec) -> Result<Spec, RuntimeError> {
     let resources = LinuxResourcesBuilder::default()
         .devices(allow)
         .memory(LinuxMemoryBuilder::default().limit(mem).swap(mem).build()?)
-        .cpu(LinuxCpuBuilder::default().cpus(format_cpu_list(&b.cpus)).build()?)
+        .cpu(
+            LinuxCpuBuilder::default()
+                .cpus(format_cpu_list(&b.cpus))
+                .build()?,
+        )
         .pids(LinuxPidsBuilder::default().limit(b.pids_limit).build()?)
         .build()?;
 
@@ -262,7 +308,12 @@ pub fn build_spec(b: &BundleSpec) -> Result<Spec, RuntimeError> {
 
     Ok(SpecBuilder::default()
         .version("1.0.2-dev")
-        .root(RootBuilder::default().path(b.rootfs.clone()).readonly(false).build()?)
+        .root(
+            RootBuilder::default()
+                .path(b.rootfs.clone())
+                .readonly(false)
+                .build()?,
+        )
         .hostname(b.hostname.clone())
         .process(process)
         .mounts(mounts)
@@ -435,7 +486,12 @@ impl OciRuntime {
     }
 
     /// Runs a command inside the running container and collects its output.
-    pub fn exec(&self, id: &str, args: &[String], env: &[String]) -> Result<ExecOutput, RuntimeError> {
+    pub fn exec(
+        &self,
+        id: &str,
+        args: &[String],
+        env: &[String],
+    ) -> Result<ExecOutput, RuntimeError> {
         let mut c = Command::new(&self.binary);
         c.args(self.base()).arg("exec");
         for e in env {
@@ -513,10 +569,16 @@ mod tests {
         assert_eq!(linux["resources"]["devices"][0]["allow"], false);
         assert_eq!(linux["resources"]["devices"][1]["minor"], 1);
         assert_eq!(json["process"]["noNewPrivileges"], true);
-        let caps = json["process"]["capabilities"]["bounding"].as_array().unwrap();
+        let caps = json["process"]["capabilities"]["bounding"]
+            .as_array()
+            .unwrap();
         assert!(!caps.iter().any(|c| c == "CAP_SYS_ADMIN"));
         assert!(caps.iter().any(|c| c == "CAP_CHOWN"));
         assert!(linux["seccomp"]["syscalls"].as_array().unwrap().len() >= 3);
-        assert!(linux["maskedPaths"].as_array().unwrap().iter().any(|p| p == "/proc/kcore"));
+        assert!(linux["maskedPaths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "/proc/kcore"));
     }
 }

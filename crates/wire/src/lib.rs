@@ -91,7 +91,10 @@ impl InstanceState {
 
     /// States a `--wait` can end in.
     pub fn is_settled(self) -> bool {
-        matches!(self, Self::Running | Self::Stopped | Self::Terminated | Self::Failed)
+        matches!(
+            self,
+            Self::Running | Self::Stopped | Self::Terminated | Self::Failed
+        )
     }
 }
 

@@ -28,7 +28,9 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     if num.is_empty() {
         return Err(SizeError::Malformed(s.to_string()));
     }
-    let value: f64 = num.parse().map_err(|_| SizeError::Malformed(s.to_string()))?;
+    let value: f64 = num
+        .parse()
+        .map_err(|_| SizeError::Malformed(s.to_string()))?;
     let mult: f64 = match unit.trim() {
         "" | "B" | "b" => 1.0,
         "K" | "k" | "KiB" | "Ki" => 1024.0,
@@ -84,7 +86,10 @@ mod tests {
         assert!(matches!(parse_size("-1G"), Err(SizeError::Malformed(_))));
         assert!(matches!(parse_size("GiB"), Err(SizeError::Malformed(_))));
         assert!(matches!(parse_size("4XB"), Err(SizeError::Unit(_))));
-        assert!(matches!(parse_size("99999999999TiB"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999TiB"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]

@@ -12,7 +12,9 @@ pub mod validate;
 
 use crate::error::{invalid, EngineError, Result};
 use crate::placement::{Demand, GpuSlot, HostCapacity, Placer};
-use crate::store::{EventRow, ImageRow, InstanceRow, InstanceSpec, KeyRow, Store, TenantRow, VolumeRow};
+use crate::store::{
+    EventRow, ImageRow, InstanceRow, InstanceSpec, KeyRow, Store, TenantRow, VolumeRow,
+};
 use gpuvisor_node::Node;
 use gpuvisor_wire as wire;
 use gpuvisor_wire::{InstanceState, Role};
@@ -101,7 +103,12 @@ pub fn now_ms() -> i64 {
 }
 
 impl Engine {
-    pub fn new(store: Store, node: Arc<Node>, placer: Box<dyn Placer>, cfg: EngineConfig) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        node: Arc<Node>,
+        placer: Box<dyn Placer>,
+        cfg: EngineConfig,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             node,
@@ -128,7 +135,10 @@ impl Engine {
         let mut prev = self.last_ts.load(Ordering::Relaxed);
         loop {
             let next = now.max(prev + 1);
-            match self.last_ts.compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            match self
+                .last_ts
+                .compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
                 Ok(_) => return next,
                 Err(p) => prev = p,
             }
@@ -184,11 +194,16 @@ impl Engine {
                 backend: self.node.backend().as_str().to_string(),
             })
             .collect();
-        self.store.replace_gpus(&self.cfg.node_id, &rows, now).await?;
+        self.store
+            .replace_gpus(&self.cfg.node_id, &rows, now)
+            .await?;
         if !self.store.tenants().await?.is_empty() {
             return Ok(None);
         }
-        let t = self.store.create_tenant(&random_hex(6)?, ADMIN_TENANT, now).await?;
+        let t = self
+            .store
+            .create_tenant(&random_hex(6)?, ADMIN_TENANT, now)
+            .await?;
         let (_, secret) = self.new_key(&t, Role::Admin).await?;
         Ok(Some(secret))
     }
@@ -204,11 +219,10 @@ impl Engine {
             .key_by_hash(&hash_key(secret))
             .await?
             .ok_or_else(|| EngineError::Unauthorized("the API key is unknown or revoked".into()))?;
-        let t = self
-            .store
-            .tenant(&k.tenant_id)
-            .await?
-            .ok_or_else(|| EngineError::Unauthorized("the key's tenant no longer exists".into()))?;
+        let t =
+            self.store.tenant(&k.tenant_id).await?.ok_or_else(|| {
+                EngineError::Unauthorized("the key's tenant no longer exists".into())
+            })?;
         Ok(Principal {
             tenant_id: t.id,
             tenant: t.name,
@@ -251,13 +265,23 @@ impl Engine {
             .collect())
     }
 
-    pub async fn create_tenant(&self, who: &Principal, req: &wire::CreateTenant) -> Result<wire::Tenant> {
+    pub async fn create_tenant(
+        &self,
+        who: &Principal,
+        req: &wire::CreateTenant,
+    ) -> Result<wire::Tenant> {
         who.require_admin("creating tenants")?;
         validate::name("tenant", &req.name)?;
         if self.store.tenant_by_name(&req.name).await?.is_some() {
-            return Err(EngineError::AlreadyExists(format!("tenant {:?} already exists", req.name)));
+            return Err(EngineError::AlreadyExists(format!(
+                "tenant {:?} already exists",
+                req.name
+            )));
         }
-        let t = self.store.create_tenant(&random_hex(6)?, &req.name, now_ms()).await?;
+        let t = self
+            .store
+            .create_tenant(&random_hex(6)?, &req.name, now_ms())
+            .await?;
         Ok(wire::Tenant {
             id: t.id,
             name: t.name,
@@ -280,13 +304,22 @@ impl Engine {
             .collect())
     }
 
-    pub async fn create_key(&self, who: &Principal, req: &wire::CreateKey) -> Result<wire::CreatedKey> {
+    pub async fn create_key(
+        &self,
+        who: &Principal,
+        req: &wire::CreateKey,
+    ) -> Result<wire::CreatedKey> {
         who.require_admin("creating keys")?;
         let t = self
             .store
             .tenant_by_name(&req.tenant)
             .await?
-            .ok_or_else(|| EngineError::NotFound(format!("tenant {:?} not found (see `gpuvisor tenant list`)", req.tenant)))?;
+            .ok_or_else(|| {
+                EngineError::NotFound(format!(
+                    "tenant {:?} not found (see `gpuvisor tenant list`)",
+                    req.tenant
+                ))
+            })?;
         let (row, secret) = self.new_key(&t, req.role).await?;
         Ok(wire::CreatedKey {
             key: Self::wire_key(&row, &self.tenant_names().await?),
@@ -359,15 +392,25 @@ impl Engine {
         }
     }
 
-    pub async fn import_image(&self, who: &Principal, req: &wire::ImportImage) -> Result<wire::Image> {
+    pub async fn import_image(
+        &self,
+        who: &Principal,
+        req: &wire::ImportImage,
+    ) -> Result<wire::Image> {
         who.require_admin("importing images")?;
         validate::name("image", &req.name)?;
         let path = std::path::PathBuf::from(&req.path);
         if !path.is_absolute() {
-            return Err(invalid(format!("image path {:?} must be absolute on the daemon's host", req.path)));
+            return Err(invalid(format!(
+                "image path {:?} must be absolute on the daemon's host",
+                req.path
+            )));
         }
         if !path.exists() {
-            return Err(invalid(format!("image path {:?} does not exist on the daemon's host", req.path)));
+            return Err(invalid(format!(
+                "image path {:?} does not exist on the daemon's host",
+                req.path
+            )));
         }
         if self.store.image(&req.name).await?.is_some() {
             return Err(EngineError::AlreadyExists(format!(
@@ -397,7 +440,13 @@ impl Engine {
     }
 
     pub async fn list_images(&self, _who: &Principal) -> Result<Vec<wire::Image>> {
-        Ok(self.store.images().await?.into_iter().map(Self::wire_image).collect())
+        Ok(self
+            .store
+            .images()
+            .await?
+            .into_iter()
+            .map(Self::wire_image)
+            .collect())
     }
 
     pub async fn remove_image(&self, who: &Principal, name: &str) -> Result<wire::Image> {
@@ -446,7 +495,11 @@ impl Engine {
             .map(|i| i.id))
     }
 
-    async fn wire_volume(&self, v: VolumeRow, names: &BTreeMap<String, String>) -> Result<wire::Volume> {
+    async fn wire_volume(
+        &self,
+        v: VolumeRow,
+        names: &BTreeMap<String, String>,
+    ) -> Result<wire::Volume> {
         Ok(wire::Volume {
             in_use_by: self.volume_user(&v.tenant_id, &v.name).await?,
             tenant: names.get(&v.tenant_id).cloned().unwrap_or_default(),
@@ -460,7 +513,9 @@ impl Engine {
         validate::name("volume", name)?;
         validate::volume_size(size)?;
         if self.store.volume(tenant_id, name).await?.is_some() {
-            return Err(EngineError::AlreadyExists(format!("volume {name:?} already exists")));
+            return Err(EngineError::AlreadyExists(format!(
+                "volume {name:?} already exists"
+            )));
         }
         let row = VolumeRow {
             tenant_id: tenant_id.to_string(),
@@ -482,8 +537,14 @@ impl Engine {
         Ok(row)
     }
 
-    pub async fn create_volume(&self, who: &Principal, req: &wire::CreateVolume) -> Result<wire::Volume> {
-        let row = self.make_volume(&who.tenant_id, &req.name, req.size).await?;
+    pub async fn create_volume(
+        &self,
+        who: &Principal,
+        req: &wire::CreateVolume,
+    ) -> Result<wire::Volume> {
+        let row = self
+            .make_volume(&who.tenant_id, &req.name, req.size)
+            .await?;
         self.wire_volume(row, &self.tenant_names().await?).await
     }
 
@@ -526,7 +587,10 @@ impl Engine {
             .into_iter()
             .map(|c| {
                 let node = (0..8)
-                    .find(|n| root.path(format!("/sys/devices/system/cpu/cpu{c}/node{n}")).exists())
+                    .find(|n| {
+                        root.path(format!("/sys/devices/system/cpu/cpu{c}/node{n}"))
+                            .exists()
+                    })
                     .unwrap_or(0);
                 (c, node)
             })
@@ -574,7 +638,10 @@ impl Engine {
         let ip = tenant.map(|t| {
             self.node
                 .net
-                .address(&gpuvisor_node::net::TenantNet { slot: t.net_slot }, i.ip_host)
+                .address(
+                    &gpuvisor_node::net::TenantNet { slot: t.net_slot },
+                    i.ip_host,
+                )
                 .to_string()
         });
         Ok(wire::Instance {
@@ -601,46 +668,71 @@ impl Engine {
     }
 
     /// Validates, places and records a new instance; the reconciler provisions it.
-    pub async fn create_instance(&self, who: &Principal, req: &wire::CreateInstance) -> Result<wire::Instance> {
+    pub async fn create_instance(
+        &self,
+        who: &Principal,
+        req: &wire::CreateInstance,
+    ) -> Result<wire::Instance> {
         let limits = validate::HostLimits {
             gpus: self.node.gpus.len() as u32,
-            cpus: self.node.cfg.root.online_cpus().map(|c| c.len() as u32).unwrap_or(0),
+            cpus: self
+                .node
+                .cfg
+                .root
+                .online_cpus()
+                .map(|c| c.len() as u32)
+                .unwrap_or(0),
             cpu_ratio: self.cfg.cpu_ratio,
             memory: self.node.cfg.root.mem_total().unwrap_or(0),
         };
         validate::create(req, &limits)?;
         let image = self.store.image(&req.image).await?.ok_or_else(|| {
-            EngineError::NotFound(format!("image {:?} not found (see `gpuvisor image list`)", req.image))
+            EngineError::NotFound(format!(
+                "image {:?} not found (see `gpuvisor image list`)",
+                req.image
+            ))
         })?;
         if let Some(m) = &req.gpu_model {
-            if !self.node.gpus.iter().any(|g| g.model.eq_ignore_ascii_case(m)) {
+            if !self
+                .node
+                .gpus
+                .iter()
+                .any(|g| g.model.eq_ignore_ascii_case(m))
+            {
                 let known: Vec<&str> = self.node.gpus.iter().map(|g| g.model.as_str()).collect();
                 return Err(EngineError::NotFound(format!(
                     "GPU model {m:?} is not on this host (it has: {})",
-                    if known.is_empty() { "no GPUs".to_string() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "no GPUs".to_string()
+                    } else {
+                        known.join(", ")
+                    }
                 )));
             }
         }
-        let tenant = self
-            .store
-            .tenant(&who.tenant_id)
-            .await?
-            .ok_or_else(|| EngineError::Unauthorized("the key's tenant no longer exists".into()))?;
+        let tenant =
+            self.store.tenant(&who.tenant_id).await?.ok_or_else(|| {
+                EngineError::Unauthorized("the key's tenant no longer exists".into())
+            })?;
 
         let _guard = self.place_lock.lock().await;
         let live = self.store.live_instances(None).await?;
         let id = new_instance_id()?;
         let name = req.name.clone().unwrap_or_else(|| format!("i-{id}"));
-        if live.iter().any(|i| i.tenant_id == who.tenant_id && i.name == name) {
-            return Err(EngineError::AlreadyExists(format!("an instance named {name:?} already exists")));
+        if live
+            .iter()
+            .any(|i| i.tenant_id == who.tenant_id && i.name == name)
+        {
+            return Err(EngineError::AlreadyExists(format!(
+                "an instance named {name:?} already exists"
+            )));
         }
         // Volumes: exist (or have a size to be created with) and are not in use.
         let mut to_create = Vec::new();
         for v in &req.volumes {
-            if let Some(user) = live
-                .iter()
-                .find(|i| i.tenant_id == who.tenant_id && i.spec.volumes.iter().any(|m| m.name == v.name))
-            {
+            if let Some(user) = live.iter().find(|i| {
+                i.tenant_id == who.tenant_id && i.spec.volumes.iter().any(|m| m.name == v.name)
+            }) {
                 return Err(EngineError::InUse(format!(
                     "volume {:?} is already used by instance {}",
                     v.name, user.id
@@ -660,7 +752,10 @@ impl Engine {
         }
         let demand = Demand {
             whole_gpus: req.gpus.unwrap_or(0),
-            milli: req.gpu_fraction.map(|f| (f * 1000.0).round() as u32).unwrap_or(0),
+            milli: req
+                .gpu_fraction
+                .map(|f| (f * 1000.0).round() as u32)
+                .unwrap_or(0),
             vram: req.vram,
             model: req.gpu_model.clone(),
             vcpus: req.vcpus,
@@ -677,7 +772,11 @@ impl Engine {
             .collect();
         let ip_host = (2u8..=254)
             .find(|h| !used_hosts.contains(h))
-            .ok_or_else(|| EngineError::InsufficientResources("the tenant's network on this host is full (253 instances)".into()))?;
+            .ok_or_else(|| {
+                EngineError::InsufficientResources(
+                    "the tenant's network on this host is full (253 instances)".into(),
+                )
+            })?;
         let mut created = Vec::new();
         for (n, size) in &to_create {
             match self.make_volume(&who.tenant_id, n, *size).await {
@@ -689,7 +788,11 @@ impl Engine {
             }
         }
         let now = now_ms();
-        let command = if req.command.is_empty() { image.command.clone() } else { req.command.clone() };
+        let command = if req.command.is_empty() {
+            image.command.clone()
+        } else {
+            req.command.clone()
+        };
         if command.is_empty() {
             return Err(invalid(format!(
                 "image {:?} has no default command: give one after `--`",
@@ -737,7 +840,8 @@ impl Engine {
             return Err(e.into());
         }
         drop(_guard);
-        self.event(&id, "created", format!("created by tenant {}", tenant.name)).await;
+        self.event(&id, "created", format!("created by tenant {}", tenant.name))
+            .await;
         self.wake.notify_one();
         self.wire_instance(row).await
     }
@@ -755,7 +859,11 @@ impl Engine {
         let not_found = || EngineError::NotFound(format!("instance {id_or_name:?} not found"));
         let row = match self.store.instance(id_or_name).await? {
             Some(r) => Some(r),
-            None => self.store.instance_by_name(&who.tenant_id, id_or_name).await?,
+            None => {
+                self.store
+                    .instance_by_name(&who.tenant_id, id_or_name)
+                    .await?
+            }
         };
         match row {
             Some(r) if who.is_admin() || r.tenant_id == who.tenant_id => Ok(r),
@@ -776,14 +884,28 @@ impl Engine {
         Ok(out)
     }
 
-    async fn set_desired(&self, who: &Principal, id: &str, desired: InstanceState) -> Result<wire::Instance> {
+    async fn set_desired(
+        &self,
+        who: &Principal,
+        id: &str,
+        desired: InstanceState,
+    ) -> Result<wire::Instance> {
         let row = self.find(who, id).await?;
         let allowed = match desired {
-            InstanceState::Stopped => !matches!(row.state, InstanceState::Terminated | InstanceState::Terminating),
-            InstanceState::Running => matches!(
+            InstanceState::Stopped => !matches!(
                 row.state,
-                InstanceState::Stopped | InstanceState::Failed | InstanceState::Running | InstanceState::Pending | InstanceState::Provisioning
-            ) && row.desired != InstanceState::Terminated,
+                InstanceState::Terminated | InstanceState::Terminating
+            ),
+            InstanceState::Running => {
+                matches!(
+                    row.state,
+                    InstanceState::Stopped
+                        | InstanceState::Failed
+                        | InstanceState::Running
+                        | InstanceState::Pending
+                        | InstanceState::Provisioning
+                ) && row.desired != InstanceState::Terminated
+            }
             _ => row.state != InstanceState::Terminated,
         };
         if !allowed {
@@ -795,11 +917,16 @@ impl Engine {
         if row.desired != desired {
             self.store.set_desired(&row.id, desired, now_ms()).await?;
             if desired == InstanceState::Running && row.state == InstanceState::Failed {
-                self.store.set_state(&row.id, InstanceState::Pending, None, now_ms()).await?;
+                self.store
+                    .set_state(&row.id, InstanceState::Pending, None, now_ms())
+                    .await?;
             }
-            self.event(&row.id, "requested", format!("{desired} requested")).await;
+            self.event(&row.id, "requested", format!("{desired} requested"))
+                .await;
         } else if desired == InstanceState::Running && row.state == InstanceState::Failed {
-            self.store.set_state(&row.id, InstanceState::Pending, None, now_ms()).await?;
+            self.store
+                .set_state(&row.id, InstanceState::Pending, None, now_ms())
+                .await?;
             self.event(&row.id, "requested", "retry requested").await;
         }
         self.wake.notify_one();
@@ -839,7 +966,12 @@ impl Engine {
     }
 
     /// Up to 1 MiB of the instance's log from `offset`.
-    pub async fn instance_logs(&self, who: &Principal, id: &str, offset: u64) -> Result<wire::Logs> {
+    pub async fn instance_logs(
+        &self,
+        who: &Principal,
+        id: &str,
+        offset: u64,
+    ) -> Result<wire::Logs> {
         use std::io::{Read, Seek, SeekFrom};
         let row = self.find(who, id).await?;
         let path = self.node.log_path(&row.id);
@@ -859,7 +991,12 @@ impl Engine {
         })
     }
 
-    pub async fn exec(&self, who: &Principal, id: &str, req: &wire::ExecRequest) -> Result<wire::ExecResult> {
+    pub async fn exec(
+        &self,
+        who: &Principal,
+        id: &str,
+        req: &wire::ExecRequest,
+    ) -> Result<wire::ExecResult> {
         let row = self.find(who, id).await?;
         if req.command.is_empty() {
             return Err(invalid("exec needs a command"));
@@ -873,7 +1010,12 @@ impl Engine {
                 row.id, row.state
             )));
         }
-        let (node, rid, cmd, env) = (self.node.clone(), row.id.clone(), req.command.clone(), req.env.clone());
+        let (node, rid, cmd, env) = (
+            self.node.clone(),
+            row.id.clone(),
+            req.command.clone(),
+            req.env.clone(),
+        );
         let out = tokio::task::spawn_blocking(move || node.exec(&rid, &cmd, &env))
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))??;

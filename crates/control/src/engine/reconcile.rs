@@ -40,7 +40,10 @@ fn step(i: &InstanceRow, containers: &BTreeMap<String, String>) -> Option<Step> 
 
 /// States whose instances may own host objects right now.
 fn owns_host_objects(s: S) -> bool {
-    matches!(s, S::Pending | S::Provisioning | S::Running | S::Stopping | S::Terminating)
+    matches!(
+        s,
+        S::Pending | S::Provisioning | S::Running | S::Stopping | S::Terminating
+    )
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
@@ -103,11 +106,9 @@ impl Engine {
     }
 
     async fn plan(&self, i: &InstanceRow) -> Result<InstancePlan> {
-        let tenant = self
-            .store
-            .tenant(&i.tenant_id)
-            .await?
-            .ok_or_else(|| EngineError::Internal(format!("tenant {} of {} is gone", i.tenant_id, i.id)))?;
+        let tenant = self.store.tenant(&i.tenant_id).await?.ok_or_else(|| {
+            EngineError::Internal(format!("tenant {} of {} is gone", i.tenant_id, i.id))
+        })?;
         let image = self.store.image(&i.image).await?.ok_or_else(|| {
             EngineError::Internal(format!("image {} of instance {} is gone", i.image, i.id))
         })?;
@@ -133,7 +134,14 @@ impl Engine {
         })
     }
 
-    async fn set(&self, id: &str, st: S, reason: Option<&str>, kind: &str, msg: String) -> Result<()> {
+    async fn set(
+        &self,
+        id: &str,
+        st: S,
+        reason: Option<&str>,
+        kind: &str,
+        msg: String,
+    ) -> Result<()> {
         self.store.set_state(id, st, reason, now_ms()).await?;
         self.event(id, kind, msg).await;
         Ok(())
@@ -159,21 +167,28 @@ impl Engine {
         let id = i.id.clone();
         match step {
             Step::Provision => {
-                if !matches!((i.desired, i.state), (S::Running, S::Pending | S::Provisioning | S::Stopped)) {
+                if !matches!(
+                    (i.desired, i.state),
+                    (S::Running, S::Pending | S::Provisioning | S::Stopped)
+                ) {
                     return Ok(());
                 }
                 if i.state != S::Provisioning {
-                    self.set(&id, S::Provisioning, None, "state", "provisioning".into()).await?;
+                    self.set(&id, S::Provisioning, None, "state", "provisioning".into())
+                        .await?;
                 }
                 let plan = self.plan(&i).await;
                 let node = self.node.clone();
                 let result = match plan {
-                    Ok(plan) => blocking(move || node.provision(&plan)).await?.map_err(EngineError::from),
+                    Ok(plan) => blocking(move || node.provision(&plan))
+                        .await?
+                        .map_err(EngineError::from),
                     Err(e) => Err(e),
                 };
                 match result {
                     Ok(()) => {
-                        self.set(&id, S::Running, None, "state", "running".into()).await?;
+                        self.set(&id, S::Running, None, "state", "running".into())
+                            .await?;
                     }
                     Err(e) => {
                         let reason = e.to_string();
@@ -183,7 +198,8 @@ impl Engine {
                         if let Err(t) = self.teardown(&id, false).await {
                             tracing::warn!(instance = %id, "rollback: {t}");
                         }
-                        self.set(&id, S::Failed, Some(&reason), "failed", reason.clone()).await?;
+                        self.set(&id, S::Failed, Some(&reason), "failed", reason.clone())
+                            .await?;
                     }
                 }
             }
@@ -204,23 +220,38 @@ impl Engine {
             }
             Step::Stop => {
                 if i.state != S::Stopping {
-                    self.set(&id, S::Stopping, None, "state", "stopping".into()).await?;
+                    self.set(&id, S::Stopping, None, "state", "stopping".into())
+                        .await?;
                 }
                 self.teardown(&id, true).await?;
-                if self.store.instance(&id).await?.is_some_and(|r| r.desired == S::Running) {
+                if self
+                    .store
+                    .instance(&id)
+                    .await?
+                    .is_some_and(|r| r.desired == S::Running)
+                {
                     // Started again while we stopped: provision on the next pass.
                 }
-                self.set(&id, S::Stopped, None, "state", "stopped; container disk wiped".into()).await?;
+                self.set(
+                    &id,
+                    S::Stopped,
+                    None,
+                    "state",
+                    "stopped; container disk wiped".into(),
+                )
+                .await?;
             }
             Step::Terminate => {
                 if i.state != S::Terminating {
-                    self.set(&id, S::Terminating, None, "state", "terminating".into()).await?;
+                    self.set(&id, S::Terminating, None, "state", "terminating".into())
+                        .await?;
                 }
                 self.teardown(&id, owns_host_objects(i.state)).await?;
                 let node = self.node.clone();
                 let rid = id.clone();
                 blocking(move || node.forget(&rid)).await?;
-                self.set(&id, S::Terminated, None, "state", "terminated".into()).await?;
+                self.set(&id, S::Terminated, None, "state", "terminated".into())
+                    .await?;
                 self.drop_lock(&id);
             }
         }
@@ -236,13 +267,18 @@ impl Engine {
         let (local, global): (BTreeSet<String>, BTreeSet<String>) =
             blocking(move || node.ids_with_objects()).await??;
         let mut cleaned = Vec::new();
-        for (id, ours) in local.into_iter().map(|i| (i, true)).chain(global.into_iter().map(|i| (i, false))) {
+        for (id, ours) in local
+            .into_iter()
+            .map(|i| (i, true))
+            .chain(global.into_iter().map(|i| (i, false)))
+        {
             let lock = self.lock_for(&id);
             let Ok(_guard) = lock.try_lock() else {
                 continue; // being worked on right now: not an orphan
             };
             let row = self.store.instance(&id).await?;
-            if row.as_ref().is_some_and(|r| owns_host_objects(r.state)) || (row.is_none() && !ours) {
+            if row.as_ref().is_some_and(|r| owns_host_objects(r.state)) || (row.is_none() && !ours)
+            {
                 continue;
             }
             tracing::info!(instance = %id, "removing orphaned host objects");
@@ -282,14 +318,29 @@ mod tests {
         let none = BTreeMap::new();
         let mut running = BTreeMap::new();
         running.insert("aaaaaaaaaaaa".to_string(), "running".to_string());
-        assert_eq!(step(&row(S::Running, S::Pending), &none), Some(Step::Provision));
-        assert_eq!(step(&row(S::Running, S::Provisioning), &none), Some(Step::Provision));
+        assert_eq!(
+            step(&row(S::Running, S::Pending), &none),
+            Some(Step::Provision)
+        );
+        assert_eq!(
+            step(&row(S::Running, S::Provisioning), &none),
+            Some(Step::Provision)
+        );
         assert_eq!(step(&row(S::Running, S::Running), &running), None);
-        assert_eq!(step(&row(S::Running, S::Running), &none), Some(Step::Exited));
-        assert_eq!(step(&row(S::Stopped, S::Running), &running), Some(Step::Stop));
+        assert_eq!(
+            step(&row(S::Running, S::Running), &none),
+            Some(Step::Exited)
+        );
+        assert_eq!(
+            step(&row(S::Stopped, S::Running), &running),
+            Some(Step::Stop)
+        );
         assert_eq!(step(&row(S::Stopped, S::Stopped), &none), None);
         assert_eq!(step(&row(S::Running, S::Failed), &none), None);
-        assert_eq!(step(&row(S::Terminated, S::Stopped), &none), Some(Step::Terminate));
+        assert_eq!(
+            step(&row(S::Terminated, S::Stopped), &none),
+            Some(Step::Terminate)
+        );
         assert_eq!(step(&row(S::Terminated, S::Terminated), &none), None);
     }
 }

@@ -17,7 +17,9 @@ pub const MAX_GPUS: u32 = 64;
 pub fn name(kind: &str, s: &str) -> Result<()> {
     let ok = !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.')
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+        })
         && s.as_bytes()[0].is_ascii_alphanumeric();
     if ok {
         Ok(())
@@ -30,7 +32,9 @@ pub fn name(kind: &str, s: &str) -> Result<()> {
 
 pub fn env(kv: &str) -> Result<()> {
     let Some((k, _)) = kv.split_once('=') else {
-        return Err(invalid(format!("environment entry {kv:?} is not KEY=VALUE")));
+        return Err(invalid(format!(
+            "environment entry {kv:?} is not KEY=VALUE"
+        )));
     };
     let ok = !k.is_empty()
         && !k.as_bytes()[0].is_ascii_digit()
@@ -41,7 +45,9 @@ pub fn env(kv: &str) -> Result<()> {
         )));
     }
     if kv.contains('\0') {
-        return Err(invalid(format!("environment entry {k:?} contains a NUL byte")));
+        return Err(invalid(format!(
+            "environment entry {k:?} contains a NUL byte"
+        )));
     }
     Ok(())
 }
@@ -50,10 +56,17 @@ pub fn env(kv: &str) -> Result<()> {
 pub fn mount_path(p: &str) -> Result<()> {
     let path = Path::new(p);
     if !path.is_absolute() {
-        return Err(invalid(format!("volume path {p:?} must be absolute (e.g. /workspace)")));
+        return Err(invalid(format!(
+            "volume path {p:?} must be absolute (e.g. /workspace)"
+        )));
     }
-    if path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
-        return Err(invalid(format!("volume path {p:?} must not contain '.' or '..'")));
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(invalid(format!(
+            "volume path {p:?} must not contain '.' or '..'"
+        )));
     }
     if path == Path::new("/") {
         return Err(invalid("a volume cannot be mounted over /"));
@@ -156,7 +169,12 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
     }
     let mut names = HashSet::new();
     let mut paths = HashSet::new();
-    for VolumeMount { name: n, path, size } in &req.volumes {
+    for VolumeMount {
+        name: n,
+        path,
+        size,
+    } in &req.volumes
+    {
         name("volume", n)?;
         mount_path(path)?;
         if let Some(s) = size {
@@ -203,7 +221,12 @@ mod tests {
             ..Default::default()
         }
     }
-    const HOST: HostLimits = HostLimits { gpus: 2, cpus: 4, cpu_ratio: 1, memory: 8 << 30 };
+    const HOST: HostLimits = HostLimits {
+        gpus: 2,
+        cpus: 4,
+        cpu_ratio: 1,
+        memory: 8 << 30,
+    };
 
     #[test]
     fn accepts_a_sane_request() {
@@ -212,7 +235,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_input_with_the_right_code() {
-        let cases: Vec<(Box<dyn Fn(&mut CreateInstance)>, &str)> = vec![
+        type Mutate = Box<dyn Fn(&mut CreateInstance)>;
+        let cases: Vec<(Mutate, &str)> = vec![
             (Box::new(|r| r.vcpus = 0), "invalid_argument"),
             (Box::new(|r| r.vcpus = 99), "insufficient_resources"),
             (Box::new(|r| r.memory = 0), "invalid_argument"),
@@ -221,16 +245,78 @@ mod tests {
             (Box::new(|r| r.gpus = Some(3)), "insufficient_resources"),
             (Box::new(|r| r.gpus = Some(0)), "invalid_argument"),
             (Box::new(|r| r.gpu_fraction = Some(1.5)), "invalid_argument"),
-            (Box::new(|r| r.gpu_fraction = Some(-0.5)), "invalid_argument"),
-            (Box::new(|r| { r.gpus = Some(1); r.gpu_fraction = Some(0.5) }), "invalid_argument"),
-            (Box::new(|r| r.env = vec!["NOEQUALS".into()]), "invalid_argument"),
-            (Box::new(|r| r.env = vec!["1X=y".into()]), "invalid_argument"),
-            (Box::new(|r| r.name = Some("Bad Name".into())), "invalid_argument"),
-            (Box::new(|r| r.volumes = vec![VolumeMount { name: "v".into(), path: "rel".into(), size: None }]), "invalid_argument"),
-            (Box::new(|r| r.volumes = vec![VolumeMount { name: "v".into(), path: "/a/../etc".into(), size: None }]), "invalid_argument"),
-            (Box::new(|r| r.volumes = vec![VolumeMount { name: "v".into(), path: "/proc/x".into(), size: None }]), "invalid_argument"),
-            (Box::new(|r| r.volumes = vec![VolumeMount { name: "v".into(), path: "/dev".into(), size: None }]), "invalid_argument"),
-            (Box::new(|r| r.ports = vec![PortSpec { port: 80, protocol: "gopher".into() }]), "invalid_argument"),
+            (
+                Box::new(|r| r.gpu_fraction = Some(-0.5)),
+                "invalid_argument",
+            ),
+            (
+                Box::new(|r| {
+                    r.gpus = Some(1);
+                    r.gpu_fraction = Some(0.5)
+                }),
+                "invalid_argument",
+            ),
+            (
+                Box::new(|r| r.env = vec!["NOEQUALS".into()]),
+                "invalid_argument",
+            ),
+            (
+                Box::new(|r| r.env = vec!["1X=y".into()]),
+                "invalid_argument",
+            ),
+            (
+                Box::new(|r| r.name = Some("Bad Name".into())),
+                "invalid_argument",
+            ),
+            (
+                Box::new(|r| {
+                    r.volumes = vec![VolumeMount {
+                        name: "v".into(),
+                        path: "rel".into(),
+                        size: None,
+                    }]
+                }),
+                "invalid_argument",
+            ),
+            (
+                Box::new(|r| {
+                    r.volumes = vec![VolumeMount {
+                        name: "v".into(),
+                        path: "/a/../etc".into(),
+                        size: None,
+                    }]
+                }),
+                "invalid_argument",
+            ),
+            (
+                Box::new(|r| {
+                    r.volumes = vec![VolumeMount {
+                        name: "v".into(),
+                        path: "/proc/x".into(),
+                        size: None,
+                    }]
+                }),
+                "invalid_argument",
+            ),
+            (
+                Box::new(|r| {
+                    r.volumes = vec![VolumeMount {
+                        name: "v".into(),
+                        path: "/dev".into(),
+                        size: None,
+                    }]
+                }),
+                "invalid_argument",
+            ),
+            (
+                Box::new(|r| {
+                    r.ports = vec![PortSpec {
+                        port: 80,
+                        protocol: "gopher".into(),
+                    }]
+                }),
+                "invalid_argument",
+            ),
         ];
         for (i, (mutate, code)) in cases.into_iter().enumerate() {
             let mut r = ok_req();

@@ -54,12 +54,19 @@ pub struct Daemon {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Daemon {
     pub fn start(extra: &[&str]) -> Daemon {
-        let dir = tempfile::Builder::new().prefix("gvtest").tempdir_in("/var/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("gvtest")
+            .tempdir_in("/var/tmp")
+            .unwrap();
         let mut d = Daemon {
             dir,
             port: free_port(),
@@ -68,7 +75,10 @@ impl Daemon {
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         d.spawn();
-        d.key = std::fs::read_to_string(d.data().join("admin.key")).unwrap().trim().to_string();
+        d.key = std::fs::read_to_string(d.data().join("admin.key"))
+            .unwrap()
+            .trim()
+            .to_string();
         d
     }
 
@@ -86,7 +96,12 @@ impl Daemon {
             .args(["serve", "--data-dir"])
             .arg(self.data())
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--simulate-gpus", "2xA100-80GB,1xH100-80GB", "--stop-grace", "1s"])
+            .args([
+                "--simulate-gpus",
+                "2xA100-80GB,1xH100-80GB",
+                "--stop-grace",
+                "1s",
+            ])
             // CI machines have 2 CPUs; exclusivity is covered by the placement tests.
             .args(["--cpu-oversubscription", "16"])
             .arg("--admin-key-file")
@@ -134,7 +149,10 @@ impl Daemon {
     pub fn cli_as(&self, key: &str, args: &[&str]) -> Output {
         Command::new(BIN)
             .args(args)
-            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", self.port))
+            .env(
+                "GPUVISOR_ENDPOINT",
+                format!("http://127.0.0.1:{}", self.port),
+            )
             .env("GPUVISOR_API_KEY", key)
             .stdin(Stdio::null())
             .output()
@@ -167,7 +185,13 @@ impl Daemon {
 
     pub fn import_busybox(&self) {
         let root = busybox_rootfs();
-        self.json(&["image", "import", root.to_str().unwrap(), "--name", "busybox"]);
+        self.json(&[
+            "image",
+            "import",
+            root.to_str().unwrap(),
+            "--name",
+            "busybox",
+        ]);
     }
 
     /// Creates an instance with `--wait` and returns its id.
@@ -211,13 +235,31 @@ impl Daemon {
                 let bf = e.path().join("loop/backing_file");
                 if let Ok(f) = std::fs::read_to_string(&bf) {
                     if f.trim().starts_with(&data_s) {
-                        leaks.push(format!("loop {} -> {}", e.file_name().to_string_lossy(), f.trim()));
+                        leaks.push(format!(
+                            "loop {} -> {}",
+                            e.file_name().to_string_lossy(),
+                            f.trim()
+                        ));
                     }
                 }
             }
         }
-        let netns = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).to_string();
-        let links = String::from_utf8_lossy(&Command::new("ip").args(["-o", "link"]).output().unwrap().stdout).to_string();
+        let netns = String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["netns", "list"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .to_string();
+        let links = String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-o", "link"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .to_string();
         let runc = String::from_utf8_lossy(
             &Command::new("runc")
                 .arg("--root")
@@ -238,7 +280,10 @@ impl Daemon {
             if links.contains(&format!("gvh{id}")) {
                 leaks.push(format!("veth gvh{id}"));
             }
-            for ctrl in ["memory", "cpuset", "pids", "devices", "cpu", "freezer", "blkio", "systemd", "unified"] {
+            for ctrl in [
+                "memory", "cpuset", "pids", "devices", "cpu", "freezer", "blkio", "systemd",
+                "unified",
+            ] {
                 let p = format!("/sys/fs/cgroup/{ctrl}/gpuvisor/{id}");
                 if Path::new(&p).exists() {
                     leaks.push(format!("cgroup {p}"));
@@ -267,7 +312,11 @@ impl Daemon {
             // A zombie keeps the path of its (already removed) cgroup until it is reaped; it
             // runs nothing and holds nothing, so it is not a leak.
             let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) {
+            if stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            {
                 continue;
             }
             if let Ok(cg) = std::fs::read_to_string(e.path().join("cgroup")) {
@@ -301,7 +350,8 @@ impl Drop for Daemon {
             if let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(&list.stdout) {
                 for i in items {
                     if let Some(id) = i["id"].as_str() {
-                        let _ = self.cli(&["instance", "terminate", id, "--wait", "--timeout", "30s"]);
+                        let _ =
+                            self.cli(&["instance", "terminate", id, "--wait", "--timeout", "30s"]);
                     }
                 }
             }
