@@ -34,6 +34,23 @@ def sample_rss(d, seconds, every=0.5):
     return vals
 
 
+def cpu_ticks(pid):
+    """(own utime+stime, reaped children's cutime+cstime) in clock ticks."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12]), int(f[13]) + int(f[14])
+
+
+def time_runc_list(d, runs=10):
+    import subprocess
+    vals = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(["runc", "--root", os.path.join(d.data_dir, "run", "runc"), "list",
+                        "--format", "json"], stdout=subprocess.DEVNULL, check=True)
+        vals.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(vals)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", default=gb.DEFAULT_BINARY)
@@ -80,7 +97,13 @@ def main():
 
         gb.log(f"settling {a.settle}s, then sampling RSS for 10s")
         time.sleep(a.settle)
+        c0, w0 = cpu_ticks(d.proc.pid), time.time()
         at_n = sample_rss(d, 10)
+        c1, w1 = cpu_ticks(d.proc.pid), time.time()
+        hz = os.sysconf("SC_CLK_TCK")
+        res["idle_cpu_own_pct"] = (c1[0] - c0[0]) / hz / (w1 - w0) * 100
+        res["idle_cpu_children_pct"] = (c1[1] - c0[1]) / hz / (w1 - w0) * 100
+        res["runc_list_ms"] = time_runc_list(d)
         res["rss_at_n_kib"] = statistics.median(at_n)
         res["rss_at_n_max_kib"] = max(at_n)
         res["threads_at_n"] = d.threads()
@@ -139,6 +162,9 @@ def report(a, res):
         ["VmRSS after the list benchmark", f"{res['rss_after_list_kib'] / 1024:.1f} MiB", ""],
         ["threads idle / with instances", f"{res['idle_threads']} / {res['threads_at_n']}", ""],
     ])
+    print(f"\nwith {n} running and no requests, the daemon used {res['idle_cpu_own_pct']:.1f}% of a CPU "
+          f"itself and {res['idle_cpu_children_pct']:.1f}% in the tools it ran (reaped children); "
+          f"`runc list --format json` over its root takes {res['runc_list_ms']:.0f} ms (median of 10)")
     s = gb.summary(res["list_ms"])
     print(f"\nGET /v1/instances with {n} instances, {s['n']} requests, one keep-alive connection, "
           f"{res['list_bytes']} bytes per answer (load avg at end {res['load_end']})\n")

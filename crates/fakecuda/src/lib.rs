@@ -1,0 +1,1 @@
+//! Placeholder: the fake libcuda (issue 3).

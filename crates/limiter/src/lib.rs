@@ -1,0 +1,1 @@
+//! Placeholder: the limiter crate (issue 3).

@@ -1,0 +1,1 @@
+//! Placeholder: the scheduler crate (issue 4).
