@@ -63,6 +63,8 @@ pub struct InstancePlan {
     pub id: String,
     pub tenant_id: String,
     pub hostname: String,
+    /// Image digest (for its config: working dir, user).
+    pub image_digest: String,
     /// Layer digests, bottom first.
     pub layers: Vec<String>,
     pub disk_size: u64,
@@ -87,8 +89,8 @@ pub struct Node {
     pub disks: Disks,
     pub net: Network,
     pub runtime: OciRuntime,
-    /// Whether the host has AppArmor (profiles applied only then).
-    pub apparmor: bool,
+    /// The AppArmor profile for instances, where the host has AppArmor.
+    pub apparmor: Option<String>,
 }
 
 impl Node {
@@ -115,13 +117,7 @@ impl Node {
         });
         net.init_host()?;
         let runtime = OciRuntime::probe(&cfg.runtime, &d.join("run").join("runc"))?;
-        let apparmor = cfg
-            .root
-            .read_trimmed("/sys/module/apparmor/parameters/enabled")
-            .is_some_and(|v| v == "Y");
-        if !apparmor {
-            tracing::info!("AppArmor is not enabled on this host: instances run without a profile");
-        }
+        let apparmor = apparmor_profile(&cfg.root, d);
         Ok(Self {
             cfg,
             gpu,
@@ -212,12 +208,24 @@ impl Node {
             env.push(format!("CUDA_VISIBLE_DEVICES={}", uuids.join(",")));
         }
         env.extend(plan.env.iter().cloned());
+        let image_cfg = self.images.config(&plan.image_digest)?;
+        let cwd = image_cfg
+            .as_ref()
+            .and_then(|c| c.working_dir.clone())
+            .unwrap_or_default();
+        let (uid, gid) = match image_cfg.as_ref().and_then(|c| c.user.as_deref()) {
+            Some(u) if !u.is_empty() => resolve_user(&root.rootfs, u)?,
+            _ => (0, 0),
+        };
         let spec = BundleSpec {
             id: id.to_string(),
             rootfs: root.rootfs.clone(),
             hostname: plan.hostname.clone(),
             args: plan.args.clone(),
             env,
+            cwd,
+            uid,
+            gid,
             cpus: plan.cpus.clone(),
             memory: plan.memory,
             pids_limit: self.cfg.pids_limit,
@@ -225,7 +233,7 @@ impl Node {
             devices,
             binds,
             cgroup_path: cgroup::instance_path(id),
-            apparmor_profile: self.apparmor.then(|| "docker-default".to_string()),
+            apparmor_profile: self.apparmor.clone(),
             seccomp: true,
         };
         let bundle = self.bundle_dir(id);
@@ -339,6 +347,118 @@ impl Node {
     }
 }
 
+/// Our AppArmor profile, modelled on Docker's `docker-default`: no mounts, no writes to
+/// /proc/sys or /sys, no ptrace of processes outside the profile.
+const APPARMOR_PROFILE: &str = r#"#include <tunables/global>
+profile gpuvisor-default flags=(attach_disconnected,mediate_deleted) {
+  #include <abstractions/base>
+  network,
+  capability,
+  file,
+  umount,
+  signal (receive) peer=unconfined,
+  signal (send,receive) peer=gpuvisor-default,
+  deny @{PROC}/* w,
+  deny @{PROC}/{[^1-9],[^1-9][^0-9],[^1-9s][^0-9y][^0-9s],[^1-9][^0-9][^0-9][^0-9/]*}/** w,
+  deny @{PROC}/sys/[^k]** w,
+  deny @{PROC}/sys/kernel/{?,??,[^s][^h][^m]**} w,
+  deny @{PROC}/sysrq-trigger rwklx,
+  deny @{PROC}/kcore rwklx,
+  deny mount,
+  deny /sys/[^f]*/** wklx,
+  deny /sys/f[^s]*/** wklx,
+  deny /sys/fs/[^c]*/** wklx,
+  deny /sys/fs/c[^g]*/** wklx,
+  deny /sys/fs/cg[^r]*/** wklx,
+  deny /sys/firmware/** rwklx,
+  deny /sys/kernel/security/** rwklx,
+  ptrace (trace,read,tracedby,readby) peer=gpuvisor-default,
+}
+"#;
+
+/// Detects AppArmor and makes sure our profile is loaded; `None` (with a logged note) where the
+/// host has no AppArmor or the profile cannot be loaded.
+fn apparmor_profile(root: &HostRoot, data_dir: &Path) -> Option<String> {
+    let enabled = root
+        .read_trimmed("/sys/module/apparmor/parameters/enabled")
+        .is_some_and(|v| v == "Y");
+    if !enabled {
+        tracing::info!("AppArmor is not enabled on this host: instances run without a profile");
+        return None;
+    }
+    let loaded = |name: &str| {
+        std::fs::read_to_string(root.path("/sys/kernel/security/apparmor/profiles"))
+            .is_ok_and(|p| p.lines().any(|l| l.starts_with(name)))
+    };
+    if !loaded("gpuvisor-default") {
+        let file = data_dir.join("apparmor-gpuvisor-default");
+        let load = std::fs::write(&file, APPARMOR_PROFILE)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                crate::cmd::run(
+                    "apparmor_parser",
+                    [std::ffi::OsStr::new("-r"), file.as_os_str()],
+                )
+                .map_err(|e| e.to_string())
+            });
+        if let Err(e) = load {
+            tracing::warn!("cannot load the gpuvisor-default AppArmor profile ({e}): instances run without one");
+            return None;
+        }
+    }
+    Some("gpuvisor-default".to_string())
+}
+
+/// Resolves an image's `User` (`name`, `uid`, `name:group`, `uid:gid`) against the rootfs's
+/// own /etc/passwd and /etc/group, as Docker does; a name the image does not define is an error.
+fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), NodeError> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    // The numeric fields 2 and 3 of the named line: uid, gid in passwd; gid in group.
+    let lookup = |file: &str, name: &str| -> Option<(u32, Option<u32>)> {
+        let text = std::fs::read_to_string(rootfs.join(file)).ok()?;
+        text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.first() != Some(&name) {
+                return None;
+            }
+            Some((
+                f.get(2)?.parse().ok()?,
+                f.get(3).and_then(|v| v.parse().ok()),
+            ))
+        })
+    };
+    let unknown = |what: &str| NodeError::Io {
+        path: rootfs.join("etc"),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("the image's user {what:?} is not in its /etc/passwd or /etc/group"),
+        ),
+    };
+    let (uid, primary_gid) = match u.parse::<u32>() {
+        Ok(uid) => (
+            uid,
+            lookup("etc/passwd", u).and_then(|p| p.1).unwrap_or(uid),
+        ),
+        Err(_) => match lookup("etc/passwd", u) {
+            Some((uid, gid)) => (uid, gid.unwrap_or(uid)),
+            None => return Err(unknown(u)),
+        },
+    };
+    let gid = match g {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => lookup("etc/group", g)
+                .map(|p| p.0)
+                .ok_or_else(|| unknown(g))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
 /// The host's resolver unless it points at a loopback stub the container cannot reach.
 fn resolv_conf(root: &HostRoot) -> String {
     let host = std::fs::read_to_string(root.path("/etc/resolv.conf")).unwrap_or_default();
@@ -350,5 +470,31 @@ fn resolv_conf(root: &HostRoot) -> String {
         "nameserver 1.1.1.1\nnameserver 8.8.8.8\n".to_string()
     } else {
         format!("{}\n", usable.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_image_users() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("etc")).unwrap();
+        std::fs::write(
+            d.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\njovyan:x:1000:100::/home/jovyan:/bin/bash\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("etc/group"),
+            "root:x:0:\nusers:x:100:\nstaff:x:50:\n",
+        )
+        .unwrap();
+        assert_eq!(resolve_user(d.path(), "jovyan").unwrap(), (1000, 100));
+        assert_eq!(resolve_user(d.path(), "jovyan:staff").unwrap(), (1000, 50));
+        assert_eq!(resolve_user(d.path(), "1234").unwrap(), (1234, 1234));
+        assert_eq!(resolve_user(d.path(), "1000:7").unwrap(), (1000, 7));
+        assert!(resolve_user(d.path(), "nobody").is_err());
     }
 }

@@ -66,6 +66,10 @@ pub struct BundleSpec {
     pub hostname: String,
     pub args: Vec<String>,
     pub env: Vec<String>,
+    /// Working directory of the process (`/` when empty).
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
     /// Host CPUs to pin to.
     pub cpus: Vec<u32>,
     /// Memory limit in bytes (swap is not allowed beyond it).
@@ -155,10 +159,14 @@ pub fn build_spec(b: &BundleSpec) -> Result<Spec, RuntimeError> {
     let caps: HashSet<Capability> = DEFAULT_CAPS.iter().copied().collect();
     let process = ProcessBuilder::default()
         .terminal(false)
-        .user(UserBuilder::default().uid(0u32).gid(0u32).build()?)
+        .user(UserBuilder::default().uid(b.uid).gid(b.gid).build()?)
         .args(b.args.clone())
         .env(b.env.clone())
-        .cwd("/")
+        .cwd(if b.cwd.is_empty() {
+            "/"
+        } else {
+            b.cwd.as_str()
+        })
         .no_new_privileges(true)
         .capabilities(
             LinuxCapabilitiesBuilder::default()
@@ -525,6 +533,9 @@ mod tests {
             hostname: "abc".into(),
             args: vec!["sh".into()],
             env: vec!["A=1".into()],
+            cwd: "/work".into(),
+            uid: 1000,
+            gid: 100,
             cpus: vec![0, 1],
             memory: 256 << 20,
             pids_limit: 1024,
@@ -569,6 +580,8 @@ mod tests {
         assert_eq!(linux["resources"]["devices"][0]["allow"], false);
         assert_eq!(linux["resources"]["devices"][1]["minor"], 1);
         assert_eq!(json["process"]["noNewPrivileges"], true);
+        assert_eq!(json["process"]["cwd"], "/work");
+        assert_eq!(json["process"]["user"]["uid"], 1000);
         let caps = json["process"]["capabilities"]["bounding"]
             .as_array()
             .unwrap();

@@ -116,6 +116,7 @@ impl Engine {
             id: i.id.clone(),
             tenant_id: i.tenant_id.clone(),
             hostname: i.name.clone(),
+            image_digest: image.digest,
             layers: image.layers,
             disk_size: i.spec.container_disk,
             volumes: i
