@@ -119,26 +119,7 @@ pub fn format_gpus(milli: u32) -> String {
 
 /// CPU list in the kernel's cpuset syntax: `0-3,8,10-11`.
 pub fn format_cpus(cpus: &[u32]) -> String {
-    let mut cpus = cpus.to_vec();
-    cpus.sort_unstable();
-    cpus.dedup();
-    let mut parts = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let start = cpus[i];
-        let mut end = start;
-        while i + 1 < cpus.len() && cpus[i + 1] == end + 1 {
-            i += 1;
-            end = cpus[i];
-        }
-        parts.push(if start == end {
-            start.to_string()
-        } else {
-            format!("{start}-{end}")
-        });
-        i += 1;
-    }
-    parts.join(",")
+    gpuvisor_wire::format_cpu_list(cpus)
 }
 
 fn or_dash(s: &str) -> String {

@@ -3,8 +3,10 @@
 //! here does I/O. Sizes travel as plain byte counts; the human forms (`4GiB`) are parsed here
 //! once, by [`parse_size`], for every front end.
 
+mod cpulist;
 mod size;
 
+pub use cpulist::{format_cpu_list, parse_cpu_list};
 pub use size::{format_size, parse_size, SizeError};
 
 use serde::{Deserialize, Serialize};
