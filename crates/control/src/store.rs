@@ -263,8 +263,42 @@ impl Store {
 
     // --- tenants -------------------------------------------------------------------------
 
-    /// Creates a tenant with the lowest free network slot.
+    /// Creates a tenant with the lowest free network slot. Two creations racing for one slot
+    /// are told apart from a name clash and the loser retries with the next free slot.
     pub async fn create_tenant(&self, id: &str, name: &str, now: i64) -> Result<TenantRow> {
+        let mut attempt = 0;
+        loop {
+            let slot = self.free_net_slot().await?;
+            let r = sqlx::query(
+                "INSERT INTO tenants (id, name, net_slot, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(id.to_string())
+            .bind(name.to_string())
+            .bind(slot)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from_write);
+            match r {
+                Ok(_) => {
+                    return Ok(TenantRow {
+                        id: id.into(),
+                        name: name.into(),
+                        net_slot: slot as u32,
+                        created_at: now,
+                    })
+                }
+                Err(StoreError::Conflict(_))
+                    if attempt < 8 && self.tenant_by_name(name).await?.is_none() =>
+                {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn free_net_slot(&self) -> Result<i64> {
         let slots: Vec<i64> = sqlx::query("SELECT net_slot FROM tenants ORDER BY net_slot")
             .fetch_all(&self.pool)
             .await?
@@ -279,20 +313,7 @@ impl Store {
                 break;
             }
         }
-        sqlx::query("INSERT INTO tenants (id, name, net_slot, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(id.to_string())
-            .bind(name.to_string())
-            .bind(slot)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::from_write)?;
-        Ok(TenantRow {
-            id: id.into(),
-            name: name.into(),
-            net_slot: slot as u32,
-            created_at: now,
-        })
+        Ok(slot)
     }
 
     pub async fn tenants(&self) -> Result<Vec<TenantRow>> {
