@@ -1,1 +1,1060 @@
-//! Placeholder: the fake libcuda (issue 3).
+//! A test double for the CUDA driver (`libcuda.so.1`) and the few NVML calls the limiter hooks,
+//! so the limiter's tests and benchmark run in CI without a GPU.
+//!
+//! What it models: device memory as a byte count with a configurable total (every allocation
+//! path the limiter counts, each returning distinct pointers or handles; 32-bit pointers for the
+//! CUDA 2.x `_v1` ABIs), launches that take a configurable time, and `cuGetProcAddress(_v2)`
+//! answering for any CUDA version (11.x, 12.x, 13.x) with the versioned and per-thread-stream
+//! variants a real driver returns. Each exported entry counts its calls, so tests can check that
+//! a request reached exactly the variant it should have (`fakecuda_calls`).
+//!
+//! Configuration is read once, on first use, from the environment (acceptable in a double):
+//! `FAKECUDA_TOTAL_MEM` (bytes, default 8 GiB), `FAKECUDA_LAUNCH_NS` (each launch sleeps that
+//! long, default 0), `FAKECUDA_BUSY_FILE` (an 8-byte file; the double adds the nanoseconds it
+//! spent "executing" to it, like the SM-busy time the daemon reads from NVML on a real GPU).
+//!
+//! The entry points deliberately keep the driver's C ABI and names, hence the lint allowances.
+#![allow(non_snake_case, clippy::missing_safety_doc)]
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+type CUresult = c_int;
+type Ptr = *mut c_void;
+
+const SUCCESS: CUresult = 0;
+const INVALID_VALUE: CUresult = 1;
+const OUT_OF_MEMORY: CUresult = 2;
+const NOT_FOUND: CUresult = 500;
+
+// ---------------------------------------------------------------------------------------------
+// Call counters, indexed at compile time
+
+const CALL_NAMES: &[&str] = &[
+    "cuMemAlloc",
+    "cuMemAlloc_v2",
+    "cuMemAllocPitch",
+    "cuMemAllocPitch_v2",
+    "cuMemAllocManaged",
+    "cuMemAllocAsync",
+    "cuMemAllocAsync_ptsz",
+    "cuMemAllocFromPoolAsync",
+    "cuMemAllocFromPoolAsync_ptsz",
+    "cuMemFree",
+    "cuMemFree_v2",
+    "cuMemFreeAsync",
+    "cuMemFreeAsync_ptsz",
+    "cuMemCreate",
+    "cuMemRelease",
+    "cuArrayCreate",
+    "cuArrayCreate_v2",
+    "cuArray3DCreate",
+    "cuArray3DCreate_v2",
+    "cuArrayDestroy",
+    "cuMipmappedArrayCreate",
+    "cuMipmappedArrayDestroy",
+    "cuMemGetInfo",
+    "cuMemGetInfo_v2",
+    "cuDeviceTotalMem",
+    "cuDeviceTotalMem_v2",
+    "cuDevicePrimaryCtxRetain",
+    "cuCtxCreate",
+    "cuCtxCreate_v2",
+    "cuCtxCreate_v3",
+    "cuCtxCreate_v4",
+    "cuLaunchKernel",
+    "cuLaunchKernel_ptsz",
+    "cuLaunchKernelEx",
+    "cuLaunchKernelEx_ptsz",
+    "cuLaunchCooperativeKernel",
+    "cuLaunchCooperativeKernel_ptsz",
+    "cuGraphLaunch",
+    "cuGraphLaunch_ptsz",
+    "cuGetProcAddress",
+    "cuGetProcAddress_v2",
+    "nvmlDeviceGetMemoryInfo",
+    "nvmlDeviceGetMemoryInfo_v2",
+];
+
+static CALLS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+
+const fn pos(name: &str) -> usize {
+    let mut i = 0;
+    while i < CALL_NAMES.len() {
+        let a = CALL_NAMES[i].as_bytes();
+        let b = name.as_bytes();
+        if a.len() == b.len() {
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return i;
+            }
+        }
+        i += 1;
+    }
+    panic!("not in CALL_NAMES")
+}
+
+macro_rules! bump {
+    ($n:literal) => {{
+        const I: usize = pos($n);
+        CALLS[I].fetch_add(1, Ordering::Relaxed);
+    }};
+}
+
+/// Calls made to the entry `name` (exact versioned name) in this process.
+#[no_mangle]
+pub unsafe extern "C" fn fakecuda_calls(name: *const c_char) -> u64 {
+    if name.is_null() {
+        return 0;
+    }
+    // SAFETY: the caller passes a C string.
+    let name = unsafe { CStr::from_ptr(name) }.to_bytes();
+    CALL_NAMES
+        .iter()
+        .position(|n| n.as_bytes() == name)
+        .map_or(0, |i| CALLS[i].load(Ordering::Relaxed))
+}
+
+/// Bytes of device memory currently allocated in this process.
+#[no_mangle]
+pub extern "C" fn fakecuda_mem_used() -> u64 {
+    dev().mem.lock().map_or(0, |m| m.used)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The device
+
+struct Mem {
+    used: u64,
+    next: u64,
+    next32: u64,
+    live: HashMap<u64, u64>,
+}
+
+struct Device {
+    total: u64,
+    launch_ns: u64,
+    busy: Option<&'static AtomicU64>,
+    mem: Mutex<Mem>,
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn map_busy_file() -> Option<&'static AtomicU64> {
+    let path = std::env::var_os("FAKECUDA_BUSY_FILE")?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .ok()?;
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: shared mapping of the first 8 bytes of a file we hold open; checked for failure.
+    let p = unsafe {
+        libc::mmap(
+            null_mut(),
+            8,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: page-aligned, 8 valid bytes, never unmapped.
+    Some(unsafe { &*p.cast::<AtomicU64>() })
+}
+
+fn dev() -> &'static Device {
+    static DEV: OnceLock<Device> = OnceLock::new();
+    DEV.get_or_init(|| Device {
+        total: env_u64("FAKECUDA_TOTAL_MEM", 8 << 30),
+        launch_ns: env_u64("FAKECUDA_LAUNCH_NS", 0),
+        busy: map_busy_file(),
+        mem: Mutex::new(Mem {
+            used: 0,
+            next: 0x7000_0000_0000,
+            next32: 0x1000_0000,
+            live: HashMap::new(),
+        }),
+    })
+}
+
+/// Allocates `bytes`; `small` asks for an address below 4 GiB (the 32-bit `_v1` ABIs).
+fn alloc(bytes: u64, small: bool) -> Result<u64, CUresult> {
+    if bytes == 0 {
+        return Err(INVALID_VALUE);
+    }
+    let d = dev();
+    let Ok(mut m) = d.mem.lock() else {
+        return Err(OUT_OF_MEMORY);
+    };
+    if m.used.saturating_add(bytes) > d.total {
+        return Err(OUT_OF_MEMORY);
+    }
+    let step = bytes.div_ceil(256) * 256;
+    let at = if small {
+        let at = m.next32;
+        if at + step > u64::from(u32::MAX) {
+            return Err(OUT_OF_MEMORY);
+        }
+        m.next32 += step;
+        at
+    } else {
+        let at = m.next;
+        m.next += step;
+        at
+    };
+    m.used += bytes;
+    m.live.insert(at, bytes);
+    Ok(at)
+}
+
+fn free(at: u64) -> CUresult {
+    let Ok(mut m) = dev().mem.lock() else {
+        return INVALID_VALUE;
+    };
+    match m.live.remove(&at) {
+        Some(bytes) => {
+            m.used -= bytes;
+            SUCCESS
+        }
+        None => INVALID_VALUE,
+    }
+}
+
+fn launch() -> CUresult {
+    let d = dev();
+    if d.launch_ns > 0 {
+        let t0 = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_nanos(d.launch_ns));
+        if let Some(b) = d.busy {
+            b.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+    SUCCESS
+}
+
+/// Writes through an out-pointer if non-null.
+fn put<T>(p: *mut T, v: T) -> CUresult {
+    if p.is_null() {
+        return INVALID_VALUE;
+    }
+    // SAFETY: the caller's non-null out-pointer.
+    unsafe { p.write(v) };
+    SUCCESS
+}
+
+fn out<T>(p: *mut T, r: Result<T, CUresult>) -> CUresult {
+    match r {
+        Ok(v) => put(p, v),
+        Err(e) => e,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Init, devices, contexts
+
+#[no_mangle]
+pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
+    let _ = dev();
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuDriverGetVersion(v: *mut c_int) -> CUresult {
+    put(v, 12080)
+}
+
+#[no_mangle]
+pub extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
+    put(n, 1)
+}
+
+#[no_mangle]
+pub extern "C" fn cuDeviceGet(d: *mut c_int, ordinal: c_int) -> CUresult {
+    if ordinal != 0 {
+        return INVALID_VALUE;
+    }
+    put(d, 0)
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxGetDevice(d: *mut c_int) -> CUresult {
+    put(d, 0)
+}
+
+const CTX: usize = 0xc0de;
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Ptr, _dev: c_int) -> CUresult {
+    bump!("cuDevicePrimaryCtxRetain");
+    put(ctx, CTX as Ptr)
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxRelease(_dev: c_int) -> CUresult {
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxRelease_v2(_dev: c_int) -> CUresult {
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxCreate(ctx: *mut Ptr, _f: c_uint, _d: c_int) -> CUresult {
+    bump!("cuCtxCreate");
+    put(ctx, CTX as Ptr)
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxCreate_v2(ctx: *mut Ptr, _f: c_uint, _d: c_int) -> CUresult {
+    bump!("cuCtxCreate_v2");
+    put(ctx, CTX as Ptr)
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxCreate_v3(
+    ctx: *mut Ptr,
+    _p: Ptr,
+    _n: c_int,
+    _f: c_uint,
+    _d: c_int,
+) -> CUresult {
+    bump!("cuCtxCreate_v3");
+    put(ctx, CTX as Ptr)
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxCreate_v4(ctx: *mut Ptr, _p: Ptr, _f: c_uint, _d: c_int) -> CUresult {
+    bump!("cuCtxCreate_v4");
+    put(ctx, CTX as Ptr)
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxDestroy_v2(_ctx: Ptr) -> CUresult {
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSetCurrent(_ctx: Ptr) -> CUresult {
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxSynchronize() -> CUresult {
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamSynchronize(_s: Ptr) -> CUresult {
+    SUCCESS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+
+#[no_mangle]
+pub extern "C" fn cuMemAlloc(p: *mut u32, bytes: c_uint) -> CUresult {
+    bump!("cuMemAlloc");
+    out(p, alloc(u64::from(bytes), true).map(|a| a as u32))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAlloc_v2(p: *mut u64, bytes: usize) -> CUresult {
+    bump!("cuMemAlloc_v2");
+    out(p, alloc(bytes as u64, false))
+}
+
+fn pitch_of(width: u64) -> u64 {
+    width.div_ceil(512) * 512
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocPitch(
+    p: *mut u32,
+    pitch: *mut c_uint,
+    w: c_uint,
+    h: c_uint,
+    _e: c_uint,
+) -> CUresult {
+    bump!("cuMemAllocPitch");
+    let pt = pitch_of(u64::from(w));
+    match alloc(pt * u64::from(h), true) {
+        Ok(a) => {
+            put(pitch, pt as c_uint);
+            put(p, a as u32)
+        }
+        Err(e) => e,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocPitch_v2(
+    p: *mut u64,
+    pitch: *mut usize,
+    w: usize,
+    h: usize,
+    _e: c_uint,
+) -> CUresult {
+    bump!("cuMemAllocPitch_v2");
+    let pt = pitch_of(w as u64);
+    match alloc(pt * h as u64, false) {
+        Ok(a) => {
+            put(pitch, pt as usize);
+            put(p, a)
+        }
+        Err(e) => e,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocManaged(p: *mut u64, bytes: usize, _f: c_uint) -> CUresult {
+    bump!("cuMemAllocManaged");
+    out(p, alloc(bytes as u64, false))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocAsync(p: *mut u64, bytes: usize, _s: Ptr) -> CUresult {
+    bump!("cuMemAllocAsync");
+    out(p, alloc(bytes as u64, false))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocAsync_ptsz(p: *mut u64, bytes: usize, _s: Ptr) -> CUresult {
+    bump!("cuMemAllocAsync_ptsz");
+    out(p, alloc(bytes as u64, false))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocFromPoolAsync(
+    p: *mut u64,
+    bytes: usize,
+    _pool: Ptr,
+    _s: Ptr,
+) -> CUresult {
+    bump!("cuMemAllocFromPoolAsync");
+    out(p, alloc(bytes as u64, false))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemAllocFromPoolAsync_ptsz(
+    p: *mut u64,
+    bytes: usize,
+    _pool: Ptr,
+    _s: Ptr,
+) -> CUresult {
+    bump!("cuMemAllocFromPoolAsync_ptsz");
+    out(p, alloc(bytes as u64, false))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFree(p: u32) -> CUresult {
+    bump!("cuMemFree");
+    free(u64::from(p))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFree_v2(p: u64) -> CUresult {
+    bump!("cuMemFree_v2");
+    free(p)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFreeAsync(p: u64, _s: Ptr) -> CUresult {
+    bump!("cuMemFreeAsync");
+    free(p)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemFreeAsync_ptsz(p: u64, _s: Ptr) -> CUresult {
+    bump!("cuMemFreeAsync_ptsz");
+    free(p)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemCreate(
+    h: *mut u64,
+    bytes: usize,
+    _prop: *const c_void,
+    _f: u64,
+) -> CUresult {
+    bump!("cuMemCreate");
+    // A handle is opaque; the double uses the backing address.
+    out(h, alloc(bytes as u64, false))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemRelease(h: u64) -> CUresult {
+    bump!("cuMemRelease");
+    free(h)
+}
+
+#[repr(C)]
+pub struct ArrayDesc1 {
+    width: c_uint,
+    height: c_uint,
+    format: c_uint,
+    channels: c_uint,
+}
+
+#[repr(C)]
+pub struct ArrayDesc2 {
+    width: usize,
+    height: usize,
+    format: c_uint,
+    channels: c_uint,
+}
+
+#[repr(C)]
+pub struct Array3dDesc1 {
+    width: c_uint,
+    height: c_uint,
+    depth: c_uint,
+    format: c_uint,
+    channels: c_uint,
+    flags: c_uint,
+}
+
+#[repr(C)]
+pub struct Array3dDesc2 {
+    width: usize,
+    height: usize,
+    depth: usize,
+    format: c_uint,
+    channels: c_uint,
+    flags: c_uint,
+}
+
+fn elem(format: c_uint, channels: c_uint) -> u64 {
+    let b = match format {
+        0x01 | 0x08 => 1,
+        0x02 | 0x09 | 0x10 => 2,
+        _ => 4,
+    };
+    b * u64::from(channels.max(1))
+}
+
+fn array(out_arr: *mut Ptr, w: u64, h: u64, d: u64, e: u64) -> CUresult {
+    out(
+        out_arr,
+        alloc(w.max(1) * h.max(1) * d.max(1) * e, false).map(|a| a as Ptr),
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayCreate(a: *mut Ptr, d: *const ArrayDesc1) -> CUresult {
+    bump!("cuArrayCreate");
+    // SAFETY: the caller's descriptor.
+    let Some(d) = (unsafe { d.as_ref() }) else {
+        return INVALID_VALUE;
+    };
+    let e = elem(d.format, d.channels);
+    array(a, d.width.into(), d.height.into(), 1, e)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayCreate_v2(a: *mut Ptr, d: *const ArrayDesc2) -> CUresult {
+    bump!("cuArrayCreate_v2");
+    // SAFETY: the caller's descriptor.
+    let Some(d) = (unsafe { d.as_ref() }) else {
+        return INVALID_VALUE;
+    };
+    array(
+        a,
+        d.width as u64,
+        d.height as u64,
+        1,
+        elem(d.format, d.channels),
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArray3DCreate(a: *mut Ptr, d: *const Array3dDesc1) -> CUresult {
+    bump!("cuArray3DCreate");
+    // SAFETY: the caller's descriptor.
+    let Some(d) = (unsafe { d.as_ref() }) else {
+        return INVALID_VALUE;
+    };
+    let e = elem(d.format, d.channels);
+    array(a, d.width.into(), d.height.into(), d.depth.into(), e)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArray3DCreate_v2(a: *mut Ptr, d: *const Array3dDesc2) -> CUresult {
+    bump!("cuArray3DCreate_v2");
+    // SAFETY: the caller's descriptor.
+    let Some(d) = (unsafe { d.as_ref() }) else {
+        return INVALID_VALUE;
+    };
+    let e = elem(d.format, d.channels);
+    array(a, d.width as u64, d.height as u64, d.depth as u64, e)
+}
+
+#[no_mangle]
+pub extern "C" fn cuArrayDestroy(a: Ptr) -> CUresult {
+    bump!("cuArrayDestroy");
+    free(a as u64)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMipmappedArrayCreate(
+    a: *mut Ptr,
+    d: *const Array3dDesc2,
+    levels: c_uint,
+) -> CUresult {
+    bump!("cuMipmappedArrayCreate");
+    // SAFETY: the caller's descriptor.
+    let Some(d) = (unsafe { d.as_ref() }) else {
+        return INVALID_VALUE;
+    };
+    let e = elem(d.format, d.channels);
+    let bytes: u64 = (0..levels.max(1))
+        .map(|l| {
+            (d.width as u64 >> l).max(1)
+                * (d.height as u64 >> l).max(1)
+                * (d.depth as u64 >> l).max(1)
+                * e
+        })
+        .sum();
+    out(a, alloc(bytes, false).map(|x| x as Ptr))
+}
+
+#[no_mangle]
+pub extern "C" fn cuMipmappedArrayDestroy(a: Ptr) -> CUresult {
+    bump!("cuMipmappedArrayDestroy");
+    free(a as u64)
+}
+
+fn free_bytes() -> u64 {
+    dev().total - fakecuda_mem_used()
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemGetInfo(free: *mut c_uint, total: *mut c_uint) -> CUresult {
+    bump!("cuMemGetInfo");
+    put(free, free_bytes().min(u32::MAX.into()) as c_uint);
+    put(total, dev().total.min(u32::MAX.into()) as c_uint)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    bump!("cuMemGetInfo_v2");
+    put(free, free_bytes() as usize);
+    put(total, dev().total as usize)
+}
+
+#[no_mangle]
+pub extern "C" fn cuDeviceTotalMem(b: *mut c_uint, _d: c_int) -> CUresult {
+    bump!("cuDeviceTotalMem");
+    put(b, dev().total.min(u32::MAX.into()) as c_uint)
+}
+
+#[no_mangle]
+pub extern "C" fn cuDeviceTotalMem_v2(b: *mut usize, _d: c_int) -> CUresult {
+    bump!("cuDeviceTotalMem_v2");
+    put(b, dev().total as usize)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launches
+
+#[no_mangle]
+pub extern "C" fn cuLaunchKernel(
+    _f: Ptr,
+    _gx: c_uint,
+    _gy: c_uint,
+    _gz: c_uint,
+    _bx: c_uint,
+    _by: c_uint,
+    _bz: c_uint,
+    _sh: c_uint,
+    _s: Ptr,
+    _p: *mut Ptr,
+    _e: *mut Ptr,
+) -> CUresult {
+    bump!("cuLaunchKernel");
+    launch()
+}
+
+#[no_mangle]
+pub extern "C" fn cuLaunchKernel_ptsz(
+    _f: Ptr,
+    _gx: c_uint,
+    _gy: c_uint,
+    _gz: c_uint,
+    _bx: c_uint,
+    _by: c_uint,
+    _bz: c_uint,
+    _sh: c_uint,
+    _s: Ptr,
+    _p: *mut Ptr,
+    _e: *mut Ptr,
+) -> CUresult {
+    bump!("cuLaunchKernel_ptsz");
+    launch()
+}
+
+#[no_mangle]
+pub extern "C" fn cuLaunchKernelEx(
+    _c: *const c_void,
+    _f: Ptr,
+    _p: *mut Ptr,
+    _e: *mut Ptr,
+) -> CUresult {
+    bump!("cuLaunchKernelEx");
+    launch()
+}
+
+#[no_mangle]
+pub extern "C" fn cuLaunchKernelEx_ptsz(
+    _c: *const c_void,
+    _f: Ptr,
+    _p: *mut Ptr,
+    _e: *mut Ptr,
+) -> CUresult {
+    bump!("cuLaunchKernelEx_ptsz");
+    launch()
+}
+
+#[no_mangle]
+pub extern "C" fn cuLaunchCooperativeKernel(
+    _f: Ptr,
+    _gx: c_uint,
+    _gy: c_uint,
+    _gz: c_uint,
+    _bx: c_uint,
+    _by: c_uint,
+    _bz: c_uint,
+    _sh: c_uint,
+    _s: Ptr,
+    _p: *mut Ptr,
+) -> CUresult {
+    bump!("cuLaunchCooperativeKernel");
+    launch()
+}
+
+#[no_mangle]
+pub extern "C" fn cuLaunchCooperativeKernel_ptsz(
+    _f: Ptr,
+    _gx: c_uint,
+    _gy: c_uint,
+    _gz: c_uint,
+    _bx: c_uint,
+    _by: c_uint,
+    _bz: c_uint,
+    _sh: c_uint,
+    _s: Ptr,
+    _p: *mut Ptr,
+) -> CUresult {
+    bump!("cuLaunchCooperativeKernel_ptsz");
+    launch()
+}
+
+#[no_mangle]
+pub extern "C" fn cuGraphLaunch(_g: Ptr, _s: Ptr) -> CUresult {
+    bump!("cuGraphLaunch");
+    launch()
+}
+
+#[no_mangle]
+pub extern "C" fn cuGraphLaunch_ptsz(_g: Ptr, _s: Ptr) -> CUresult {
+    bump!("cuGraphLaunch_ptsz");
+    launch()
+}
+
+// ---------------------------------------------------------------------------------------------
+// cuGetProcAddress: an independent description of the driver's versioned entries (what a
+// real driver does), not the limiter's table: (exported name, symbol, since, per-thread stream).
+
+const ENTRIES: &[(&str, &str, c_int, bool)] = &[
+    ("cuInit", "cuInit", 2000, false),
+    ("cuDriverGetVersion", "cuDriverGetVersion", 2020, false),
+    ("cuDeviceGet", "cuDeviceGet", 2000, false),
+    ("cuCtxGetDevice", "cuCtxGetDevice", 2000, false),
+    ("cuStreamSynchronize", "cuStreamSynchronize", 2000, false),
+    ("cuGetProcAddress", "cuGetProcAddress", 11030, false),
+    ("cuGetProcAddress_v2", "cuGetProcAddress", 12000, false),
+    ("cuMemAlloc", "cuMemAlloc", 2000, false),
+    ("cuMemAlloc_v2", "cuMemAlloc", 3020, false),
+    ("cuMemAllocPitch", "cuMemAllocPitch", 2000, false),
+    ("cuMemAllocPitch_v2", "cuMemAllocPitch", 3020, false),
+    ("cuMemAllocManaged", "cuMemAllocManaged", 6000, false),
+    ("cuMemAllocAsync", "cuMemAllocAsync", 11020, false),
+    ("cuMemAllocAsync_ptsz", "cuMemAllocAsync", 11020, true),
+    (
+        "cuMemAllocFromPoolAsync",
+        "cuMemAllocFromPoolAsync",
+        11020,
+        false,
+    ),
+    (
+        "cuMemAllocFromPoolAsync_ptsz",
+        "cuMemAllocFromPoolAsync",
+        11020,
+        true,
+    ),
+    ("cuMemFree", "cuMemFree", 2000, false),
+    ("cuMemFree_v2", "cuMemFree", 3020, false),
+    ("cuMemFreeAsync", "cuMemFreeAsync", 11020, false),
+    ("cuMemFreeAsync_ptsz", "cuMemFreeAsync", 11020, true),
+    ("cuMemCreate", "cuMemCreate", 10020, false),
+    ("cuMemRelease", "cuMemRelease", 10020, false),
+    ("cuArrayCreate", "cuArrayCreate", 2000, false),
+    ("cuArrayCreate_v2", "cuArrayCreate", 3020, false),
+    ("cuArray3DCreate", "cuArray3DCreate", 2000, false),
+    ("cuArray3DCreate_v2", "cuArray3DCreate", 3020, false),
+    ("cuArrayDestroy", "cuArrayDestroy", 2000, false),
+    (
+        "cuMipmappedArrayCreate",
+        "cuMipmappedArrayCreate",
+        5000,
+        false,
+    ),
+    (
+        "cuMipmappedArrayDestroy",
+        "cuMipmappedArrayDestroy",
+        5000,
+        false,
+    ),
+    ("cuMemGetInfo", "cuMemGetInfo", 2000, false),
+    ("cuMemGetInfo_v2", "cuMemGetInfo", 3020, false),
+    ("cuDeviceTotalMem", "cuDeviceTotalMem", 2000, false),
+    ("cuDeviceTotalMem_v2", "cuDeviceTotalMem", 3020, false),
+    (
+        "cuDevicePrimaryCtxRetain",
+        "cuDevicePrimaryCtxRetain",
+        7000,
+        false,
+    ),
+    ("cuCtxCreate", "cuCtxCreate", 2000, false),
+    ("cuCtxCreate_v2", "cuCtxCreate", 3020, false),
+    ("cuCtxCreate_v3", "cuCtxCreate", 11040, false),
+    ("cuCtxCreate_v4", "cuCtxCreate", 12050, false),
+    ("cuLaunchKernel", "cuLaunchKernel", 4000, false),
+    ("cuLaunchKernel_ptsz", "cuLaunchKernel", 7000, true),
+    ("cuLaunchKernelEx", "cuLaunchKernelEx", 11060, false),
+    ("cuLaunchKernelEx_ptsz", "cuLaunchKernelEx", 11060, true),
+    (
+        "cuLaunchCooperativeKernel",
+        "cuLaunchCooperativeKernel",
+        9000,
+        false,
+    ),
+    (
+        "cuLaunchCooperativeKernel_ptsz",
+        "cuLaunchCooperativeKernel",
+        9000,
+        true,
+    ),
+    ("cuGraphLaunch", "cuGraphLaunch", 10000, false),
+    ("cuGraphLaunch_ptsz", "cuGraphLaunch", 10000, true),
+];
+
+fn entry_ptr(name: &str) -> Ptr {
+    let p: Ptr = match name {
+        "cuInit" => cuInit as Ptr,
+        "cuDriverGetVersion" => cuDriverGetVersion as Ptr,
+        "cuDeviceGet" => cuDeviceGet as Ptr,
+        "cuCtxGetDevice" => cuCtxGetDevice as Ptr,
+        "cuStreamSynchronize" => cuStreamSynchronize as Ptr,
+        "cuGetProcAddress" => cuGetProcAddress as Ptr,
+        "cuGetProcAddress_v2" => cuGetProcAddress_v2 as Ptr,
+        "cuMemAlloc" => cuMemAlloc as Ptr,
+        "cuMemAlloc_v2" => cuMemAlloc_v2 as Ptr,
+        "cuMemAllocPitch" => cuMemAllocPitch as Ptr,
+        "cuMemAllocPitch_v2" => cuMemAllocPitch_v2 as Ptr,
+        "cuMemAllocManaged" => cuMemAllocManaged as Ptr,
+        "cuMemAllocAsync" => cuMemAllocAsync as Ptr,
+        "cuMemAllocAsync_ptsz" => cuMemAllocAsync_ptsz as Ptr,
+        "cuMemAllocFromPoolAsync" => cuMemAllocFromPoolAsync as Ptr,
+        "cuMemAllocFromPoolAsync_ptsz" => cuMemAllocFromPoolAsync_ptsz as Ptr,
+        "cuMemFree" => cuMemFree as Ptr,
+        "cuMemFree_v2" => cuMemFree_v2 as Ptr,
+        "cuMemFreeAsync" => cuMemFreeAsync as Ptr,
+        "cuMemFreeAsync_ptsz" => cuMemFreeAsync_ptsz as Ptr,
+        "cuMemCreate" => cuMemCreate as Ptr,
+        "cuMemRelease" => cuMemRelease as Ptr,
+        "cuArrayCreate" => cuArrayCreate as Ptr,
+        "cuArrayCreate_v2" => cuArrayCreate_v2 as Ptr,
+        "cuArray3DCreate" => cuArray3DCreate as Ptr,
+        "cuArray3DCreate_v2" => cuArray3DCreate_v2 as Ptr,
+        "cuArrayDestroy" => cuArrayDestroy as Ptr,
+        "cuMipmappedArrayCreate" => cuMipmappedArrayCreate as Ptr,
+        "cuMipmappedArrayDestroy" => cuMipmappedArrayDestroy as Ptr,
+        "cuMemGetInfo" => cuMemGetInfo as Ptr,
+        "cuMemGetInfo_v2" => cuMemGetInfo_v2 as Ptr,
+        "cuDeviceTotalMem" => cuDeviceTotalMem as Ptr,
+        "cuDeviceTotalMem_v2" => cuDeviceTotalMem_v2 as Ptr,
+        "cuDevicePrimaryCtxRetain" => cuDevicePrimaryCtxRetain as Ptr,
+        "cuCtxCreate" => cuCtxCreate as Ptr,
+        "cuCtxCreate_v2" => cuCtxCreate_v2 as Ptr,
+        "cuCtxCreate_v3" => cuCtxCreate_v3 as Ptr,
+        "cuCtxCreate_v4" => cuCtxCreate_v4 as Ptr,
+        "cuLaunchKernel" => cuLaunchKernel as Ptr,
+        "cuLaunchKernel_ptsz" => cuLaunchKernel_ptsz as Ptr,
+        "cuLaunchKernelEx" => cuLaunchKernelEx as Ptr,
+        "cuLaunchKernelEx_ptsz" => cuLaunchKernelEx_ptsz as Ptr,
+        "cuLaunchCooperativeKernel" => cuLaunchCooperativeKernel as Ptr,
+        "cuLaunchCooperativeKernel_ptsz" => cuLaunchCooperativeKernel_ptsz as Ptr,
+        "cuGraphLaunch" => cuGraphLaunch as Ptr,
+        "cuGraphLaunch_ptsz" => cuGraphLaunch_ptsz as Ptr,
+        _ => null_mut(),
+    };
+    p
+}
+
+/// (result, status): status 0 found, 1 symbol not found, 2 version not sufficient.
+unsafe fn get_proc(
+    symbol: *const c_char,
+    pfn: *mut Ptr,
+    ver: c_int,
+    flags: u64,
+) -> (CUresult, c_int) {
+    if symbol.is_null() || pfn.is_null() {
+        return (INVALID_VALUE, 1);
+    }
+    // SAFETY: the caller's C string.
+    let Ok(sym) = (unsafe { CStr::from_ptr(symbol) }).to_str() else {
+        return (INVALID_VALUE, 1);
+    };
+    let per_thread = flags & 2 != 0;
+    let known: Vec<_> = ENTRIES.iter().filter(|e| e.1 == sym).collect();
+    let pick = |pt: bool| {
+        known
+            .iter()
+            .filter(|e| e.3 == pt && e.2 <= ver)
+            .max_by_key(|e| e.2)
+            .map(|e| e.0)
+    };
+    let chosen = if per_thread {
+        pick(true).or_else(|| pick(false))
+    } else {
+        pick(false)
+    };
+    put(pfn, null_mut());
+    match chosen {
+        Some(name) => (put(pfn, entry_ptr(name)), 0),
+        None if known.is_empty() => (NOT_FOUND, 1),
+        None => (NOT_FOUND, 2),
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetProcAddress(
+    symbol: *const c_char,
+    pfn: *mut Ptr,
+    ver: c_int,
+    flags: u64,
+) -> CUresult {
+    bump!("cuGetProcAddress");
+    // SAFETY: the caller's arguments.
+    unsafe { get_proc(symbol, pfn, ver, flags) }.0
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetProcAddress_v2(
+    symbol: *const c_char,
+    pfn: *mut Ptr,
+    ver: c_int,
+    flags: u64,
+    status: *mut c_int,
+) -> CUresult {
+    bump!("cuGetProcAddress_v2");
+    // SAFETY: the caller's arguments.
+    let (rc, st) = unsafe { get_proc(symbol, pfn, ver, flags) };
+    if !status.is_null() {
+        put(status, st);
+    }
+    rc
+}
+
+// ---------------------------------------------------------------------------------------------
+// NVML (this file is also installed as libnvidia-ml.so.1 by the tests)
+
+#[repr(C)]
+pub struct NvmlMemory {
+    total: u64,
+    free: u64,
+    used: u64,
+}
+
+#[repr(C)]
+pub struct NvmlMemoryV2 {
+    version: c_uint,
+    total: u64,
+    reserved: u64,
+    free: u64,
+    used: u64,
+}
+
+const NVML_DEVICE: usize = 0x4e56;
+
+#[no_mangle]
+pub extern "C" fn nvmlInit_v2() -> c_int {
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlShutdown() -> c_int {
+    0
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetHandleByIndex_v2(i: c_uint, d: *mut Ptr) -> c_int {
+    if i != 0 {
+        return 2;
+    }
+    put(d, NVML_DEVICE as Ptr)
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetIndex(d: Ptr, i: *mut c_uint) -> c_int {
+    if d as usize != NVML_DEVICE {
+        return 2;
+    }
+    put(i, 0)
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetMemoryInfo(_d: Ptr, m: *mut NvmlMemory) -> c_int {
+    bump!("nvmlDeviceGetMemoryInfo");
+    let used = fakecuda_mem_used();
+    put(
+        m,
+        NvmlMemory {
+            total: dev().total,
+            free: dev().total - used,
+            used,
+        },
+    )
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlDeviceGetMemoryInfo_v2(_d: Ptr, m: *mut NvmlMemoryV2) -> c_int {
+    bump!("nvmlDeviceGetMemoryInfo_v2");
+    let used = fakecuda_mem_used();
+    put(
+        m,
+        NvmlMemoryV2 {
+            version: 2,
+            total: dev().total,
+            reserved: 0,
+            free: dev().total - used,
+            used,
+        },
+    )
+}

@@ -1,0 +1,1573 @@
+//! The exported hooks: every CUDA driver and NVML entry the limiter must see, plus `dlsym` and
+//! `cuGetProcAddress(_v2)`, through which frameworks reach the driver without calling an
+//! exported symbol by name.
+//!
+//! Key decisions:
+//! - **Names.** Each hook is the Rust function `gvh_<name>`; the cdylib exports it as `<name>`
+//!   through a linker alias (see `build.rs`), so the rlib, linked into the daemon, interposes
+//!   nothing.
+//! - **Real entries** are found with the real `dlsym` (from `dlvsym(RTLD_NEXT, "dlsym",
+//!   "GLIBC_2.2.5")`) on a handle to the already-loaded `libcuda.so.1` / `libnvidia-ml.so.1`,
+//!   lazily, and cached in one atomic pointer per hook; `cuGetProcAddress` may fill in entries the
+//!   driver does not export.
+//! - **Lazy start.** `/etc/ld.so.preload` loads us into every process of the instance (shells,
+//!   `ls`), so nothing happens at load: the first hook call reads the config, maps the region,
+//!   takes a process slot and reclaims dead processes' usage. Later calls check one atomic.
+//! - **Errors.** A hook never unwinds into C: each body runs under `catch_unwind` and a panic
+//!   becomes `CUDA_ERROR_UNKNOWN` (or a null pointer from `dlsym`).
+//! - **Over quota** the driver is not called at all, so nothing is allocated. Charges happen
+//!   before the driver call and are returned if it fails; frees return the charge only when the
+//!   driver succeeded.
+//! - **Fork.** A child gets its own slot and an empty allocation table (atfork handler); the
+//!   region mapping is inherited.
+#![allow(non_snake_case)]
+
+use std::cell::Cell;
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::panic::AssertUnwindSafe;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use crate::config::{Config, DEFAULT_PATH, ENV_PATH};
+use crate::procaddr;
+use crate::shm::{self, Layout, Region, Slot, MAX_DEVICES};
+use crate::table::{self, Kind};
+use crate::throttle;
+
+include!(concat!(env!("OUT_DIR"), "/hooks_gen.rs"));
+
+type CUresult = c_int;
+type CUdevice = c_int;
+type Ptr = *mut c_void;
+
+const CUDA_SUCCESS: CUresult = 0;
+const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
+const CUDA_ERROR_NOT_INITIALIZED: CUresult = 3;
+const CUDA_ERROR_UNKNOWN: CUresult = 999;
+const NVML_SUCCESS: c_int = 0;
+const NVML_ERROR_UNKNOWN: c_int = 999;
+
+// ---------------------------------------------------------------------------------------------
+// Real entries
+
+static REAL: [AtomicPtr<c_void>; N_HOOKS] = [const { AtomicPtr::new(null_mut()) }; N_HOOKS];
+static REAL_DLSYM: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
+static REAL_CTX_GET_DEVICE: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
+static REAL_NVML_GET_INDEX: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
+static CUDA_HANDLE: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
+static NVML_HANDLE: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
+
+type DlsymFn = unsafe extern "C" fn(Ptr, *const c_char) -> Ptr;
+
+fn real_dlsym() -> Option<DlsymFn> {
+    let mut p = REAL_DLSYM.load(Ordering::Acquire);
+    if p.is_null() {
+        for version in [c"GLIBC_2.2.5", c"GLIBC_2.34"] {
+            // SAFETY: dlvsym with valid C strings; RTLD_NEXT finds libc's dlsym after ours.
+            p = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) };
+            if !p.is_null() {
+                break;
+            }
+        }
+        if p.is_null() {
+            return None;
+        }
+        REAL_DLSYM.store(p, Ordering::Release);
+    }
+    // SAFETY: p is libc's dlsym, whose ABI is DlsymFn.
+    Some(unsafe { std::mem::transmute::<Ptr, DlsymFn>(p) })
+}
+
+fn library(cache: &AtomicPtr<c_void>, name: &CStr) -> Ptr {
+    let h = cache.load(Ordering::Acquire);
+    if !h.is_null() {
+        return h;
+    }
+    // SAFETY: dlopen with a valid C string. NOLOAD first: the application has normally loaded
+    // the library already and we must not load a second copy or change its flags.
+    let mut h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+    if h.is_null() {
+        // SAFETY: as above; a plain local load as a last resort.
+        h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    }
+    if !h.is_null() {
+        cache.store(h, Ordering::Release);
+    }
+    h
+}
+
+fn lookup(cache: &AtomicPtr<c_void>, lib: &CStr, name: &CStr) -> Ptr {
+    let h = library(cache, lib);
+    let Some(dlsym) = real_dlsym() else {
+        return null_mut();
+    };
+    if h.is_null() {
+        return null_mut();
+    }
+    // SAFETY: libc's dlsym on a live handle with a valid C string.
+    unsafe { dlsym(h, name.as_ptr()) }
+}
+
+#[cold]
+fn resolve_slow(i: usize) -> Ptr {
+    let name = HOOK_NAMES[i];
+    let p = if name.to_bytes().starts_with(b"nvml") {
+        lookup(&NVML_HANDLE, c"libnvidia-ml.so.1", name)
+    } else {
+        lookup(&CUDA_HANDLE, c"libcuda.so.1", name)
+    };
+    if !p.is_null() && p != hook_ptr(i) {
+        REAL[i].store(p, Ordering::Release);
+    }
+    REAL[i].load(Ordering::Acquire)
+}
+
+#[inline]
+fn real_ptr(i: usize) -> Ptr {
+    let p = REAL[i].load(Ordering::Acquire);
+    if p.is_null() {
+        resolve_slow(i)
+    } else {
+        p
+    }
+}
+
+macro_rules! real {
+    ($name:ident, $ty:ty) => {{
+        let p = real_ptr(idx::$name);
+        if p.is_null() {
+            None
+        } else {
+            // SAFETY: `p` was resolved for exactly this exported name (or returned by the driver
+            // for it), whose C ABI is `$ty`.
+            Some(unsafe { std::mem::transmute::<Ptr, $ty>(p) })
+        }
+    }};
+}
+
+/// Calls the real entry or answers `CUDA_ERROR_NOT_INITIALIZED` when the driver is not there.
+macro_rules! call_real {
+    ($name:ident, $ty:ty, ($($arg:expr),*)) => {
+        match real!($name, $ty) {
+            // SAFETY: forwarding the caller's own arguments to the entry it meant to call.
+            Some(f) => unsafe { f($($arg),*) },
+            None => CUDA_ERROR_NOT_INITIALIZED,
+        }
+    };
+}
+
+fn ctx_get_device() -> Option<CUdevice> {
+    let mut p = REAL_CTX_GET_DEVICE.load(Ordering::Acquire);
+    if p.is_null() {
+        p = lookup(&CUDA_HANDLE, c"libcuda.so.1", c"cuCtxGetDevice");
+        if p.is_null() {
+            return None;
+        }
+        REAL_CTX_GET_DEVICE.store(p, Ordering::Release);
+    }
+    // SAFETY: cuCtxGetDevice(CUdevice *) -> CUresult.
+    let f =
+        unsafe { std::mem::transmute::<Ptr, unsafe extern "C" fn(*mut CUdevice) -> CUresult>(p) };
+    let mut dev: CUdevice = -1;
+    // SAFETY: valid out-pointer.
+    (unsafe { f(&mut dev) } == CUDA_SUCCESS).then_some(dev)
+}
+
+fn nvml_index(device: Ptr) -> Option<usize> {
+    let mut p = REAL_NVML_GET_INDEX.load(Ordering::Acquire);
+    if p.is_null() {
+        p = lookup(&NVML_HANDLE, c"libnvidia-ml.so.1", c"nvmlDeviceGetIndex");
+        if p.is_null() {
+            return None;
+        }
+        REAL_NVML_GET_INDEX.store(p, Ordering::Release);
+    }
+    // SAFETY: nvmlDeviceGetIndex(nvmlDevice_t, unsigned *) -> nvmlReturn_t.
+    let f =
+        unsafe { std::mem::transmute::<Ptr, unsafe extern "C" fn(Ptr, *mut c_uint) -> c_int>(p) };
+    let mut i: c_uint = 0;
+    // SAFETY: the caller's device handle and a valid out-pointer.
+    (unsafe { f(device, &mut i) } == NVML_SUCCESS).then_some(i as usize)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process state
+
+const UNINIT: u32 = 0;
+const INITIALIZING: u32 = 1;
+const READY: u32 = 2;
+
+static STATE: AtomicU32 = AtomicU32::new(UNINIT);
+static CONFIG_LOADED: AtomicBool = AtomicBool::new(false);
+static LAYOUT: AtomicPtr<Layout> = AtomicPtr::new(null_mut());
+static FAIL_CLOSED: AtomicBool = AtomicBool::new(false);
+static SLOT: AtomicPtr<Slot> = AtomicPtr::new(null_mut());
+static NDEV: AtomicUsize = AtomicUsize::new(0);
+static CTX_BYTES: AtomicU64 = AtomicU64::new(0);
+static CTX_CHARGED: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    static IN_INIT: Cell<bool> = const { Cell::new(false) };
+}
+
+enum Mode {
+    /// No configuration: this process is not limited.
+    Pass,
+    /// Configured but the region is unusable: refuse allocations rather than run unlimited.
+    Closed,
+    Limit(&'static Layout, Option<&'static Slot>),
+}
+
+#[inline]
+fn mode() -> Mode {
+    if STATE.load(Ordering::Acquire) != READY {
+        init_slow();
+    }
+    let l = LAYOUT.load(Ordering::Acquire);
+    if l.is_null() {
+        return if FAIL_CLOSED.load(Ordering::Relaxed) {
+            Mode::Closed
+        } else {
+            Mode::Pass
+        };
+    }
+    let s = SLOT.load(Ordering::Acquire);
+    // SAFETY: LAYOUT is a leaked, never-unmapped region mapping; SLOT points into it.
+    unsafe { Mode::Limit(&*l, s.as_ref()) }
+}
+
+#[cold]
+fn init_slow() {
+    if IN_INIT.with(Cell::get) {
+        return; // a hook called from inside our own initialisation: pass through
+    }
+    loop {
+        match STATE.compare_exchange(UNINIT, INITIALIZING, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                IN_INIT.with(|c| c.set(true));
+                let _ = std::panic::catch_unwind(init);
+                IN_INIT.with(|c| c.set(false));
+                STATE.store(READY, Ordering::Release);
+                return;
+            }
+            Err(READY) => return,
+            // SAFETY: sched_yield has no preconditions.
+            Err(_) => unsafe {
+                libc::sched_yield();
+            },
+        }
+    }
+}
+
+fn init() {
+    if !CONFIG_LOADED.swap(true, Ordering::AcqRel) {
+        load_config();
+        // SAFETY: registering plain extern "C" handlers, once per process.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(after_fork_child));
+            libc::atexit(at_exit);
+        }
+    }
+    let l = LAYOUT.load(Ordering::Acquire);
+    // SAFETY: as in `mode`.
+    let Some(l) = (unsafe { l.as_ref() }) else {
+        return;
+    };
+    shm::reclaim_local(l);
+    let pid = std::process::id();
+    let start = shm::proc_start_time(pid).unwrap_or(0);
+    if let Some(s) = shm::claim_slot(l, pid, start) {
+        SLOT.store(std::ptr::from_ref(s).cast_mut(), Ordering::Release);
+    }
+    table::init();
+}
+
+fn load_config() {
+    let path = std::env::var_os(ENV_PATH)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| DEFAULT_PATH.into());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(_) => {
+            FAIL_CLOSED.store(true, Ordering::Relaxed);
+            return;
+        }
+    };
+    let Ok(config) = Config::parse(&text) else {
+        FAIL_CLOSED.store(true, Ordering::Relaxed);
+        return;
+    };
+    CTX_BYTES.store(config.context_bytes, Ordering::Relaxed);
+    match Region::open(&config.region) {
+        Ok(r) => {
+            NDEV.store(r.devices().min(MAX_DEVICES), Ordering::Relaxed);
+            LAYOUT.store(std::ptr::from_ref(r.leak()).cast_mut(), Ordering::Release);
+        }
+        Err(_) => FAIL_CLOSED.store(true, Ordering::Relaxed),
+    }
+}
+
+extern "C" fn after_fork_child() {
+    // The child is a new process: it holds nothing yet and must take its own slot.
+    SLOT.store(null_mut(), Ordering::Release);
+    CTX_CHARGED.store(0, Ordering::Relaxed);
+    table::reset_after_fork();
+    STATE.store(UNINIT, Ordering::Release);
+}
+
+extern "C" fn at_exit() {
+    let s = SLOT.swap(null_mut(), Ordering::AcqRel);
+    let l = LAYOUT.load(Ordering::Acquire);
+    // SAFETY: as in `mode`; the slot was claimed by this process.
+    if let (Some(l), Some(s)) = unsafe { (l.as_ref(), s.as_ref()) } {
+        if s.pid.load(Ordering::Relaxed) == std::process::id() {
+            shm::release_slot(l, s);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accounting helpers
+
+#[inline]
+fn guard(f: impl FnOnce() -> CUresult) -> CUresult {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or(CUDA_ERROR_UNKNOWN)
+}
+
+/// The device the current context is on, if the region limits it.
+#[inline]
+fn current_dev() -> Option<usize> {
+    let n = ndev();
+    if n == 1 {
+        return Some(0);
+    }
+    let d = usize::try_from(ctx_get_device()?).ok()?;
+    (d < n).then_some(d)
+}
+
+#[inline]
+fn limited_dev(dev: CUdevice) -> Option<usize> {
+    usize::try_from(dev).ok().filter(|d| *d < ndev())
+}
+
+/// Devices the region limits (0 when not limiting); starts the library if needed.
+#[inline]
+fn ndev() -> usize {
+    if STATE.load(Ordering::Acquire) != READY {
+        init_slow();
+    }
+    NDEV.load(Ordering::Relaxed)
+}
+
+#[inline]
+fn charge(l: &Layout, s: Option<&Slot>, dev: usize, bytes: u64) -> bool {
+    shm::try_charge(l, s, dev, bytes) || {
+        // Slow path: a dead peer may still hold memory.
+        shm::reclaim_local(l) > 0 && shm::try_charge(l, s, dev, bytes)
+    }
+}
+
+/// Charge, allocate, record; or refuse without calling the driver.
+#[inline]
+fn counted_alloc(
+    dev: Option<usize>,
+    bytes: u64,
+    kind: Kind,
+    alloc: impl FnOnce() -> CUresult,
+    key: impl FnOnce() -> u64,
+) -> CUresult {
+    match mode() {
+        Mode::Pass => alloc(),
+        Mode::Closed => CUDA_ERROR_OUT_OF_MEMORY,
+        Mode::Limit(l, s) => {
+            let Some(dev) = dev.or_else(current_dev) else {
+                return alloc();
+            };
+            if bytes == 0 {
+                return alloc();
+            }
+            if !charge(l, s, dev, bytes) {
+                return CUDA_ERROR_OUT_OF_MEMORY;
+            }
+            let rc = alloc();
+            if rc != CUDA_SUCCESS {
+                shm::uncharge(l, s, dev, bytes);
+                return rc;
+            }
+            // A full table keeps the charge: over-counted, never under.
+            let _ = table::insert(kind, key(), dev, bytes);
+            rc
+        }
+    }
+}
+
+/// Forget, free, give back (or re-record if the driver refused the free).
+#[inline]
+fn counted_free(kind: Kind, key: u64, free: impl FnOnce() -> CUresult) -> CUresult {
+    let Mode::Limit(l, s) = mode() else {
+        return free();
+    };
+    let held = table::remove(kind, key);
+    let rc = free();
+    if let Some((dev, bytes)) = held {
+        if rc == CUDA_SUCCESS {
+            shm::uncharge(l, s, dev, bytes);
+        } else {
+            let _ = table::insert(kind, key, dev, bytes);
+        }
+    }
+    rc
+}
+
+#[inline]
+fn launch_gate() {
+    if let Mode::Limit(l, _) = mode() {
+        if let Some(dev) = current_dev() {
+            throttle::gate(l, dev);
+        }
+    }
+}
+
+/// Charges the per-process context footprint on `dev` once. Returns whether this call charged
+/// (so a failed context creation can give it back), or the error to return.
+fn charge_context(dev: CUdevice) -> Result<Option<usize>, CUresult> {
+    let Mode::Limit(l, s) = mode() else {
+        return Ok(None);
+    };
+    let bytes = CTX_BYTES.load(Ordering::Relaxed);
+    let Some(dev) = limited_dev(dev) else {
+        return Ok(None);
+    };
+    if bytes == 0 {
+        return Ok(None);
+    }
+    let bit = 1u32 << dev;
+    if CTX_CHARGED.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+        return Ok(None);
+    }
+    if charge(l, s, dev, bytes) {
+        Ok(Some(dev))
+    } else {
+        CTX_CHARGED.fetch_and(!bit, Ordering::AcqRel);
+        Err(CUDA_ERROR_OUT_OF_MEMORY)
+    }
+}
+
+fn context_created(charged: Option<usize>, rc: CUresult) -> CUresult {
+    if let (Some(dev), true) = (charged, rc != CUDA_SUCCESS) {
+        if let Mode::Limit(l, s) = mode() {
+            shm::uncharge(l, s, dev, CTX_BYTES.load(Ordering::Relaxed));
+        }
+        CTX_CHARGED.fetch_and(!(1u32 << dev), Ordering::AcqRel);
+    }
+    rc
+}
+
+/// (total, free) as the instance should see them on the current device, given the driver's.
+fn quota_view(dev: Option<usize>, real_free: u64, real_total: u64) -> (u64, u64) {
+    if let (Mode::Limit(l, _), Some(dev)) = (mode(), dev) {
+        let d = &l.devices[dev];
+        let quota = d.quota.load(Ordering::Relaxed);
+        let used = d.used.load(Ordering::Relaxed);
+        return (quota, real_free.min(quota.saturating_sub(used)));
+    }
+    (real_total, real_free)
+}
+
+// ---------------------------------------------------------------------------------------------
+// dlsym and cuGetProcAddress
+
+/// `dlsym`: answers our hook for any name we hook that the lookup finds, so libcudart's
+/// `dlopen("libcuda.so.1")` + `dlsym` route is caught. Other names pass through. (A caller
+/// passing `RTLD_NEXT` gets "next after the limiter", as for any dlsym interposer.)
+#[no_mangle]
+pub unsafe extern "C" fn gvh_dlsym(handle: Ptr, name: *const c_char) -> Ptr {
+    std::panic::catch_unwind(|| {
+        let Some(real) = real_dlsym() else {
+            return null_mut();
+        };
+        // SAFETY: forwarding the caller's arguments to libc's dlsym.
+        let p = unsafe { real(handle, name) };
+        if p.is_null() || name.is_null() {
+            return p;
+        }
+        // SAFETY: dlsym found a symbol under this name, so it is a valid C string.
+        let bytes = unsafe { CStr::from_ptr(name) }.to_bytes();
+        if !(bytes.starts_with(b"cu") || bytes.starts_with(b"nvml")) {
+            return p;
+        }
+        match hook_index(bytes) {
+            Some(i) => {
+                let hook = hook_ptr(i);
+                if p != hook {
+                    let _ = REAL[i].compare_exchange(
+                        null_mut(),
+                        p,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    );
+                }
+                hook
+            }
+            None => p,
+        }
+    })
+    .unwrap_or(null_mut())
+}
+
+/// After the driver answered a `cuGetProcAddress` request: swap in our hook for the versioned
+/// entry the request means (explicit table, see `procaddr`).
+///
+/// # Safety
+/// `symbol` and `pfn` as the caller passed them to the driver.
+unsafe fn redirect(
+    rc: CUresult,
+    symbol: *const c_char,
+    pfn: *mut Ptr,
+    ver: c_int,
+    flags: u64,
+) -> CUresult {
+    if rc != CUDA_SUCCESS || symbol.is_null() || pfn.is_null() {
+        return rc;
+    }
+    // SAFETY: the driver succeeded, so `pfn` is a valid out-pointer it wrote.
+    let got = unsafe { *pfn };
+    if got.is_null() {
+        return rc;
+    }
+    // SAFETY: the caller's symbol name, a C string the driver just read.
+    let name = unsafe { CStr::from_ptr(symbol) }.to_bytes();
+    if let Some(i) = procaddr::resolve(name, ver, flags).and_then(hook_index) {
+        let hook = hook_ptr(i);
+        if got != hook {
+            let _ = REAL[i].compare_exchange(null_mut(), got, Ordering::AcqRel, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { *pfn = hook };
+    }
+    rc
+}
+
+type GpaV1 = unsafe extern "C" fn(*const c_char, *mut Ptr, c_int, u64) -> CUresult;
+type GpaV2 = unsafe extern "C" fn(*const c_char, *mut Ptr, c_int, u64, *mut c_int) -> CUresult;
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuGetProcAddress(
+    symbol: *const c_char,
+    pfn: *mut Ptr,
+    ver: c_int,
+    flags: u64,
+) -> CUresult {
+    guard(|| {
+        let rc = call_real!(cuGetProcAddress, GpaV1, (symbol, pfn, ver, flags));
+        // SAFETY: the caller's arguments, as passed to the driver.
+        unsafe { redirect(rc, symbol, pfn, ver, flags) }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuGetProcAddress_v2(
+    symbol: *const c_char,
+    pfn: *mut Ptr,
+    ver: c_int,
+    flags: u64,
+    status: *mut c_int,
+) -> CUresult {
+    guard(|| {
+        let rc = call_real!(
+            cuGetProcAddress_v2,
+            GpaV2,
+            (symbol, pfn, ver, flags, status)
+        );
+        // SAFETY: the caller's arguments, as passed to the driver.
+        unsafe { redirect(rc, symbol, pfn, ver, flags) }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear allocations
+
+/// Writes `v` through a caller's out-pointer if it is non-null; reads it back for keys.
+fn read<T: Copy + Default>(p: *const T) -> T {
+    if p.is_null() {
+        T::default()
+    } else {
+        // SAFETY: non-null out-pointer the driver just wrote successfully.
+        unsafe { *p }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemAlloc(dptr: *mut u32, bytes: c_uint) -> CUresult {
+    guard(|| {
+        counted_alloc(
+            None,
+            u64::from(bytes),
+            Kind::DevPtr,
+            || {
+                call_real!(
+                    cuMemAlloc,
+                    unsafe extern "C" fn(*mut u32, c_uint) -> CUresult,
+                    (dptr, bytes)
+                )
+            },
+            || u64::from(read(dptr)),
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemAlloc_v2(dptr: *mut u64, bytes: usize) -> CUresult {
+    guard(|| {
+        counted_alloc(
+            None,
+            bytes as u64,
+            Kind::DevPtr,
+            || {
+                call_real!(
+                    cuMemAlloc_v2,
+                    unsafe extern "C" fn(*mut u64, usize) -> CUresult,
+                    (dptr, bytes)
+                )
+            },
+            || read(dptr),
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemAllocManaged(
+    dptr: *mut u64,
+    bytes: usize,
+    flags: c_uint,
+) -> CUresult {
+    guard(|| {
+        counted_alloc(
+            None,
+            bytes as u64,
+            Kind::DevPtr,
+            || {
+                call_real!(
+                    cuMemAllocManaged,
+                    unsafe extern "C" fn(*mut u64, usize, c_uint) -> CUresult,
+                    (dptr, bytes, flags)
+                )
+            },
+            || read(dptr),
+        )
+    })
+}
+
+/// Pitched allocations: the pitch is known only afterwards, so charge `width × height` first and
+/// the padding after; if the padding does not fit, free and refuse.
+fn pitched(
+    width: u64,
+    height: u64,
+    alloc: impl FnOnce() -> CUresult,
+    result: impl Fn() -> (u64, u64),
+    free: impl FnOnce(u64) -> CUresult,
+) -> CUresult {
+    let base = width.saturating_mul(height);
+    let mut over = false;
+    let rc = counted_alloc(None, base, Kind::DevPtr, alloc, || result().0);
+    if rc != CUDA_SUCCESS {
+        return rc;
+    }
+    if let Mode::Limit(l, s) = mode() {
+        let (ptr, pitch) = result();
+        let padding = pitch.saturating_sub(width).saturating_mul(height);
+        if padding > 0 {
+            if let Some((dev, bytes)) = table::remove(Kind::DevPtr, ptr) {
+                if charge(l, s, dev, padding) {
+                    let _ = table::insert(Kind::DevPtr, ptr, dev, bytes + padding);
+                } else {
+                    over = true;
+                    let _ = table::insert(Kind::DevPtr, ptr, dev, bytes);
+                }
+            }
+        }
+        if over {
+            let _ = counted_free(Kind::DevPtr, ptr, || free(ptr));
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+    }
+    rc
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemAllocPitch(
+    dptr: *mut u32,
+    pitch: *mut c_uint,
+    width: c_uint,
+    height: c_uint,
+    elem: c_uint,
+) -> CUresult {
+    guard(|| {
+        pitched(
+            u64::from(width),
+            u64::from(height),
+            || {
+                call_real!(
+                    cuMemAllocPitch,
+                    unsafe extern "C" fn(*mut u32, *mut c_uint, c_uint, c_uint, c_uint) -> CUresult,
+                    (dptr, pitch, width, height, elem)
+                )
+            },
+            || (u64::from(read(dptr)), u64::from(read(pitch))),
+            |p| call_real!(cuMemFree, unsafe extern "C" fn(u32) -> CUresult, (p as u32)),
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemAllocPitch_v2(
+    dptr: *mut u64,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    elem: c_uint,
+) -> CUresult {
+    guard(|| {
+        pitched(
+            width as u64,
+            height as u64,
+            || {
+                call_real!(
+                    cuMemAllocPitch_v2,
+                    unsafe extern "C" fn(*mut u64, *mut usize, usize, usize, c_uint) -> CUresult,
+                    (dptr, pitch, width, height, elem)
+                )
+            },
+            || (read(dptr), read(pitch) as u64),
+            |p| call_real!(cuMemFree_v2, unsafe extern "C" fn(u64) -> CUresult, (p)),
+        )
+    })
+}
+
+type AllocAsync = unsafe extern "C" fn(*mut u64, usize, Ptr) -> CUresult;
+type AllocPool = unsafe extern "C" fn(*mut u64, usize, Ptr, Ptr) -> CUresult;
+type FreeAsync = unsafe extern "C" fn(u64, Ptr) -> CUresult;
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemAllocAsync(
+    dptr: *mut u64,
+    bytes: usize,
+    stream: Ptr,
+) -> CUresult {
+    guard(|| {
+        counted_alloc(
+            None,
+            bytes as u64,
+            Kind::DevPtr,
+            || call_real!(cuMemAllocAsync, AllocAsync, (dptr, bytes, stream)),
+            || read(dptr),
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemAllocAsync_ptsz(
+    dptr: *mut u64,
+    bytes: usize,
+    stream: Ptr,
+) -> CUresult {
+    guard(|| {
+        counted_alloc(
+            None,
+            bytes as u64,
+            Kind::DevPtr,
+            || call_real!(cuMemAllocAsync_ptsz, AllocAsync, (dptr, bytes, stream)),
+            || read(dptr),
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemAllocFromPoolAsync(
+    dptr: *mut u64,
+    bytes: usize,
+    pool: Ptr,
+    stream: Ptr,
+) -> CUresult {
+    guard(|| {
+        counted_alloc(
+            None,
+            bytes as u64,
+            Kind::DevPtr,
+            || {
+                call_real!(
+                    cuMemAllocFromPoolAsync,
+                    AllocPool,
+                    (dptr, bytes, pool, stream)
+                )
+            },
+            || read(dptr),
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemAllocFromPoolAsync_ptsz(
+    dptr: *mut u64,
+    bytes: usize,
+    pool: Ptr,
+    stream: Ptr,
+) -> CUresult {
+    guard(|| {
+        counted_alloc(
+            None,
+            bytes as u64,
+            Kind::DevPtr,
+            || {
+                call_real!(
+                    cuMemAllocFromPoolAsync_ptsz,
+                    AllocPool,
+                    (dptr, bytes, pool, stream)
+                )
+            },
+            || read(dptr),
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemFree(dptr: u32) -> CUresult {
+    guard(|| {
+        counted_free(Kind::DevPtr, u64::from(dptr), || {
+            call_real!(cuMemFree, unsafe extern "C" fn(u32) -> CUresult, (dptr))
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemFree_v2(dptr: u64) -> CUresult {
+    guard(|| {
+        counted_free(Kind::DevPtr, dptr, || {
+            call_real!(cuMemFree_v2, unsafe extern "C" fn(u64) -> CUresult, (dptr))
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemFreeAsync(dptr: u64, stream: Ptr) -> CUresult {
+    guard(|| {
+        counted_free(Kind::DevPtr, dptr, || {
+            call_real!(cuMemFreeAsync, FreeAsync, (dptr, stream))
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemFreeAsync_ptsz(dptr: u64, stream: Ptr) -> CUresult {
+    guard(|| {
+        counted_free(Kind::DevPtr, dptr, || {
+            call_real!(cuMemFreeAsync_ptsz, FreeAsync, (dptr, stream))
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Virtual memory management (PyTorch expandable segments, NCCL)
+
+/// The leading fields of `CUmemAllocationProp` (type, requestedHandleTypes, location).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct MemAllocPropHead {
+    kind: c_int,
+    handle_types: c_int,
+    location_type: c_int,
+    location_id: c_int,
+}
+
+const CU_MEM_LOCATION_TYPE_DEVICE: c_int = 1;
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemCreate(
+    handle: *mut u64,
+    bytes: usize,
+    prop: *const MemAllocPropHead,
+    flags: u64,
+) -> CUresult {
+    guard(|| {
+        let head = read(prop);
+        let real = || {
+            call_real!(
+                cuMemCreate,
+                unsafe extern "C" fn(*mut u64, usize, *const MemAllocPropHead, u64) -> CUresult,
+                (handle, bytes, prop, flags)
+            )
+        };
+        if head.location_type != CU_MEM_LOCATION_TYPE_DEVICE {
+            return real(); // host memory: not VRAM
+        }
+        let Some(dev) = limited_dev(head.location_id) else {
+            return real();
+        };
+        counted_alloc(Some(dev), bytes as u64, Kind::Handle, real, || read(handle))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemRelease(handle: u64) -> CUresult {
+    guard(|| {
+        counted_free(Kind::Handle, handle, || {
+            call_real!(
+                cuMemRelease,
+                unsafe extern "C" fn(u64) -> CUresult,
+                (handle)
+            )
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arrays
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ArrayDesc1 {
+    width: c_uint,
+    height: c_uint,
+    format: c_uint,
+    channels: c_uint,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ArrayDesc2 {
+    width: usize,
+    height: usize,
+    format: c_uint,
+    channels: c_uint,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Array3dDesc1 {
+    width: c_uint,
+    height: c_uint,
+    depth: c_uint,
+    format: c_uint,
+    channels: c_uint,
+    flags: c_uint,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Array3dDesc2 {
+    width: usize,
+    height: usize,
+    depth: usize,
+    format: c_uint,
+    channels: c_uint,
+    flags: c_uint,
+}
+
+/// Bytes per channel element of a `CUarray_format`; unknown (block-compressed, future) formats
+/// count as 16 so they are over-, never under-charged.
+fn format_bytes(format: c_uint) -> u64 {
+    match format {
+        0x01 | 0x08 | 0xc0 | 0xc6 => 1,
+        0x02 | 0x09 | 0x10 | 0xc1 | 0xc3 | 0xc7 | 0xc9 => 2,
+        0x03 | 0x0a | 0x20 | 0xc2 | 0xc4 | 0xc8 | 0xca => 4,
+        0xc5 | 0xcb => 8,
+        _ => 16,
+    }
+}
+
+/// Footprint of an array (or of `levels` mipmap levels), an estimate: the driver's own tiling
+/// and alignment are not visible through the API.
+pub(crate) fn array_bytes(
+    w: u64,
+    h: u64,
+    d: u64,
+    format: c_uint,
+    channels: c_uint,
+    levels: u32,
+) -> u64 {
+    let elem = format_bytes(format).saturating_mul(u64::from(channels.max(1)));
+    (0..levels.clamp(1, 64)).fold(0u64, |acc, lvl| {
+        let dim = |x: u64| (x >> lvl).max(1);
+        acc.saturating_add(
+            dim(w)
+                .saturating_mul(dim(h))
+                .saturating_mul(dim(d))
+                .saturating_mul(elem),
+        )
+    })
+}
+
+type ArrCreate<D> = unsafe extern "C" fn(*mut Ptr, *const D) -> CUresult;
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuArrayCreate(arr: *mut Ptr, desc: *const ArrayDesc1) -> CUresult {
+    guard(|| {
+        let d = read(desc);
+        let bytes = array_bytes(
+            u64::from(d.width),
+            u64::from(d.height),
+            1,
+            d.format,
+            d.channels,
+            1,
+        );
+        counted_alloc(
+            None,
+            bytes,
+            Kind::Array,
+            || call_real!(cuArrayCreate, ArrCreate<ArrayDesc1>, (arr, desc)),
+            || read(arr) as u64,
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuArrayCreate_v2(arr: *mut Ptr, desc: *const ArrayDesc2) -> CUresult {
+    guard(|| {
+        let d = read(desc);
+        let bytes = array_bytes(d.width as u64, d.height as u64, 1, d.format, d.channels, 1);
+        counted_alloc(
+            None,
+            bytes,
+            Kind::Array,
+            || call_real!(cuArrayCreate_v2, ArrCreate<ArrayDesc2>, (arr, desc)),
+            || read(arr) as u64,
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuArray3DCreate(arr: *mut Ptr, desc: *const Array3dDesc1) -> CUresult {
+    guard(|| {
+        let d = read(desc);
+        let bytes = array_bytes(
+            u64::from(d.width),
+            u64::from(d.height),
+            u64::from(d.depth),
+            d.format,
+            d.channels,
+            1,
+        );
+        counted_alloc(
+            None,
+            bytes,
+            Kind::Array,
+            || call_real!(cuArray3DCreate, ArrCreate<Array3dDesc1>, (arr, desc)),
+            || read(arr) as u64,
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuArray3DCreate_v2(
+    arr: *mut Ptr,
+    desc: *const Array3dDesc2,
+) -> CUresult {
+    guard(|| {
+        let d = read(desc);
+        let bytes = array_bytes(
+            d.width as u64,
+            d.height as u64,
+            d.depth as u64,
+            d.format,
+            d.channels,
+            1,
+        );
+        counted_alloc(
+            None,
+            bytes,
+            Kind::Array,
+            || call_real!(cuArray3DCreate_v2, ArrCreate<Array3dDesc2>, (arr, desc)),
+            || read(arr) as u64,
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuArrayDestroy(arr: Ptr) -> CUresult {
+    guard(|| {
+        counted_free(Kind::Array, arr as u64, || {
+            call_real!(cuArrayDestroy, unsafe extern "C" fn(Ptr) -> CUresult, (arr))
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMipmappedArrayCreate(
+    arr: *mut Ptr,
+    desc: *const Array3dDesc2,
+    levels: c_uint,
+) -> CUresult {
+    guard(|| {
+        let d = read(desc);
+        let bytes = array_bytes(
+            d.width as u64,
+            d.height as u64,
+            d.depth as u64,
+            d.format,
+            d.channels,
+            levels,
+        );
+        counted_alloc(
+            None,
+            bytes,
+            Kind::Mipmap,
+            || {
+                call_real!(
+                    cuMipmappedArrayCreate,
+                    unsafe extern "C" fn(*mut Ptr, *const Array3dDesc2, c_uint) -> CUresult,
+                    (arr, desc, levels)
+                )
+            },
+            || read(arr) as u64,
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMipmappedArrayDestroy(arr: Ptr) -> CUresult {
+    guard(|| {
+        counted_free(Kind::Mipmap, arr as u64, || {
+            call_real!(
+                cuMipmappedArrayDestroy,
+                unsafe extern "C" fn(Ptr) -> CUresult,
+                (arr)
+            )
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the instance sees
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemGetInfo(free: *mut c_uint, total: *mut c_uint) -> CUresult {
+    guard(|| {
+        let rc = call_real!(
+            cuMemGetInfo,
+            unsafe extern "C" fn(*mut c_uint, *mut c_uint) -> CUresult,
+            (free, total)
+        );
+        if rc == CUDA_SUCCESS && !free.is_null() && !total.is_null() {
+            let (t, f) = quota_view(current_dev(), u64::from(read(free)), u64::from(read(total)));
+            // SAFETY: non-null out-pointers the driver just wrote.
+            unsafe {
+                *free = u32::try_from(f).unwrap_or(u32::MAX);
+                *total = u32::try_from(t).unwrap_or(u32::MAX);
+            }
+        }
+        rc
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    guard(|| {
+        let rc = call_real!(
+            cuMemGetInfo_v2,
+            unsafe extern "C" fn(*mut usize, *mut usize) -> CUresult,
+            (free, total)
+        );
+        if rc == CUDA_SUCCESS && !free.is_null() && !total.is_null() {
+            let (t, f) = quota_view(current_dev(), read(free) as u64, read(total) as u64);
+            // SAFETY: non-null out-pointers the driver just wrote.
+            unsafe {
+                *free = f as usize;
+                *total = t as usize;
+            }
+        }
+        rc
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuDeviceTotalMem(bytes: *mut c_uint, dev: CUdevice) -> CUresult {
+    guard(|| {
+        let rc = call_real!(
+            cuDeviceTotalMem,
+            unsafe extern "C" fn(*mut c_uint, CUdevice) -> CUresult,
+            (bytes, dev)
+        );
+        if rc == CUDA_SUCCESS && !bytes.is_null() {
+            let (t, _) = quota_view(limited_dev(dev), 0, u64::from(read(bytes)));
+            // SAFETY: non-null out-pointer the driver just wrote.
+            unsafe { *bytes = u32::try_from(t).unwrap_or(u32::MAX) };
+        }
+        rc
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -> CUresult {
+    guard(|| {
+        let rc = call_real!(
+            cuDeviceTotalMem_v2,
+            unsafe extern "C" fn(*mut usize, CUdevice) -> CUresult,
+            (bytes, dev)
+        );
+        if rc == CUDA_SUCCESS && !bytes.is_null() {
+            let (t, _) = quota_view(limited_dev(dev), 0, read(bytes) as u64);
+            // SAFETY: non-null out-pointer the driver just wrote.
+            unsafe { *bytes = t as usize };
+        }
+        rc
+    })
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct NvmlMemory {
+    total: u64,
+    free: u64,
+    used: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct NvmlMemoryV2 {
+    version: c_uint,
+    total: u64,
+    reserved: u64,
+    free: u64,
+    used: u64,
+}
+
+/// (total, free, used) NVML should report for `device`, if the region limits it.
+fn nvml_view(device: Ptr) -> Option<(u64, u64, u64)> {
+    let Mode::Limit(l, _) = mode() else {
+        return None;
+    };
+    let dev = nvml_index(device).filter(|i| *i < ndev())?;
+    let d = &l.devices[dev];
+    let quota = d.quota.load(Ordering::Relaxed);
+    let used = d.used.load(Ordering::Relaxed).min(quota);
+    Some((quota, quota - used, used))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_nvmlDeviceGetMemoryInfo(device: Ptr, mem: *mut NvmlMemory) -> c_int {
+    std::panic::catch_unwind(|| {
+        let Some(f) = real!(
+            nvmlDeviceGetMemoryInfo,
+            unsafe extern "C" fn(Ptr, *mut NvmlMemory) -> c_int
+        ) else {
+            return NVML_ERROR_UNKNOWN;
+        };
+        // SAFETY: forwarding the caller's arguments.
+        let rc = unsafe { f(device, mem) };
+        if rc == NVML_SUCCESS && !mem.is_null() {
+            if let Some((total, free, used)) = nvml_view(device) {
+                // SAFETY: non-null out-pointer NVML just filled.
+                unsafe { *mem = NvmlMemory { total, free, used } };
+            }
+        }
+        rc
+    })
+    .unwrap_or(NVML_ERROR_UNKNOWN)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_nvmlDeviceGetMemoryInfo_v2(
+    device: Ptr,
+    mem: *mut NvmlMemoryV2,
+) -> c_int {
+    std::panic::catch_unwind(|| {
+        let Some(f) = real!(
+            nvmlDeviceGetMemoryInfo_v2,
+            unsafe extern "C" fn(Ptr, *mut NvmlMemoryV2) -> c_int
+        ) else {
+            return NVML_ERROR_UNKNOWN;
+        };
+        // SAFETY: forwarding the caller's arguments.
+        let rc = unsafe { f(device, mem) };
+        if rc == NVML_SUCCESS && !mem.is_null() {
+            if let Some((total, free, used)) = nvml_view(device) {
+                // SAFETY: non-null out-pointer NVML just filled; `version` is kept.
+                unsafe {
+                    (*mem).total = total;
+                    (*mem).reserved = 0;
+                    (*mem).free = free;
+                    (*mem).used = used;
+                }
+            }
+        }
+        rc
+    })
+    .unwrap_or(NVML_ERROR_UNKNOWN)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contexts: the per-process footprint
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuDevicePrimaryCtxRetain(ctx: *mut Ptr, dev: CUdevice) -> CUresult {
+    guard(|| match charge_context(dev) {
+        Err(rc) => rc,
+        Ok(charged) => {
+            let rc = call_real!(
+                cuDevicePrimaryCtxRetain,
+                unsafe extern "C" fn(*mut Ptr, CUdevice) -> CUresult,
+                (ctx, dev)
+            );
+            context_created(charged, rc)
+        }
+    })
+}
+
+type CtxCreate = unsafe extern "C" fn(*mut Ptr, c_uint, CUdevice) -> CUresult;
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuCtxCreate(ctx: *mut Ptr, flags: c_uint, dev: CUdevice) -> CUresult {
+    guard(|| match charge_context(dev) {
+        Err(rc) => rc,
+        Ok(c) => context_created(c, call_real!(cuCtxCreate, CtxCreate, (ctx, flags, dev))),
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuCtxCreate_v2(
+    ctx: *mut Ptr,
+    flags: c_uint,
+    dev: CUdevice,
+) -> CUresult {
+    guard(|| match charge_context(dev) {
+        Err(rc) => rc,
+        Ok(c) => context_created(c, call_real!(cuCtxCreate_v2, CtxCreate, (ctx, flags, dev))),
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuCtxCreate_v3(
+    ctx: *mut Ptr,
+    params: Ptr,
+    nparams: c_int,
+    flags: c_uint,
+    dev: CUdevice,
+) -> CUresult {
+    guard(|| match charge_context(dev) {
+        Err(rc) => rc,
+        Ok(c) => context_created(
+            c,
+            call_real!(
+                cuCtxCreate_v3,
+                unsafe extern "C" fn(*mut Ptr, Ptr, c_int, c_uint, CUdevice) -> CUresult,
+                (ctx, params, nparams, flags, dev)
+            ),
+        ),
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuCtxCreate_v4(
+    ctx: *mut Ptr,
+    params: Ptr,
+    flags: c_uint,
+    dev: CUdevice,
+) -> CUresult {
+    guard(|| match charge_context(dev) {
+        Err(rc) => rc,
+        Ok(c) => context_created(
+            c,
+            call_real!(
+                cuCtxCreate_v4,
+                unsafe extern "C" fn(*mut Ptr, Ptr, c_uint, CUdevice) -> CUresult,
+                (ctx, params, flags, dev)
+            ),
+        ),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launches
+
+type LaunchKernel = unsafe extern "C" fn(
+    Ptr,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    Ptr,
+    *mut Ptr,
+    *mut Ptr,
+) -> CUresult;
+type LaunchKernelEx = unsafe extern "C" fn(*const c_void, Ptr, *mut Ptr, *mut Ptr) -> CUresult;
+type LaunchCoop = unsafe extern "C" fn(
+    Ptr,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    Ptr,
+    *mut Ptr,
+) -> CUresult;
+type GraphLaunch = unsafe extern "C" fn(Ptr, Ptr) -> CUresult;
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuLaunchKernel(
+    f: Ptr,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shared: c_uint,
+    stream: Ptr,
+    params: *mut Ptr,
+    extra: *mut Ptr,
+) -> CUresult {
+    guard(|| {
+        launch_gate();
+        call_real!(
+            cuLaunchKernel,
+            LaunchKernel,
+            (f, gx, gy, gz, bx, by, bz, shared, stream, params, extra)
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuLaunchKernel_ptsz(
+    f: Ptr,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shared: c_uint,
+    stream: Ptr,
+    params: *mut Ptr,
+    extra: *mut Ptr,
+) -> CUresult {
+    guard(|| {
+        launch_gate();
+        call_real!(
+            cuLaunchKernel_ptsz,
+            LaunchKernel,
+            (f, gx, gy, gz, bx, by, bz, shared, stream, params, extra)
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuLaunchKernelEx(
+    config: *const c_void,
+    f: Ptr,
+    params: *mut Ptr,
+    extra: *mut Ptr,
+) -> CUresult {
+    guard(|| {
+        launch_gate();
+        call_real!(cuLaunchKernelEx, LaunchKernelEx, (config, f, params, extra))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuLaunchKernelEx_ptsz(
+    config: *const c_void,
+    f: Ptr,
+    params: *mut Ptr,
+    extra: *mut Ptr,
+) -> CUresult {
+    guard(|| {
+        launch_gate();
+        call_real!(
+            cuLaunchKernelEx_ptsz,
+            LaunchKernelEx,
+            (config, f, params, extra)
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuLaunchCooperativeKernel(
+    f: Ptr,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shared: c_uint,
+    stream: Ptr,
+    params: *mut Ptr,
+) -> CUresult {
+    guard(|| {
+        launch_gate();
+        call_real!(
+            cuLaunchCooperativeKernel,
+            LaunchCoop,
+            (f, gx, gy, gz, bx, by, bz, shared, stream, params)
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuLaunchCooperativeKernel_ptsz(
+    f: Ptr,
+    gx: c_uint,
+    gy: c_uint,
+    gz: c_uint,
+    bx: c_uint,
+    by: c_uint,
+    bz: c_uint,
+    shared: c_uint,
+    stream: Ptr,
+    params: *mut Ptr,
+) -> CUresult {
+    guard(|| {
+        launch_gate();
+        call_real!(
+            cuLaunchCooperativeKernel_ptsz,
+            LaunchCoop,
+            (f, gx, gy, gz, bx, by, bz, shared, stream, params)
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuGraphLaunch(exec: Ptr, stream: Ptr) -> CUresult {
+    guard(|| {
+        launch_gate();
+        call_real!(cuGraphLaunch, GraphLaunch, (exec, stream))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuGraphLaunch_ptsz(exec: Ptr, stream: Ptr) -> CUresult {
+    guard(|| {
+        launch_gate();
+        call_real!(cuGraphLaunch_ptsz, GraphLaunch, (exec, stream))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_procaddr_answer_is_a_hook() {
+        for name in procaddr::all_names() {
+            assert!(
+                hook_index(name).is_some(),
+                "{} has no hook",
+                String::from_utf8_lossy(name)
+            );
+        }
+    }
+
+    #[test]
+    fn array_sizes() {
+        assert_eq!(array_bytes(1024, 1024, 1, 0x20, 4, 1), 16 << 20);
+        assert_eq!(array_bytes(4, 4, 1, 0x01, 1, 3), 16 + 4 + 1);
+        assert_eq!(array_bytes(8, 0, 0, 0x91, 0, 1), 8 * 16);
+    }
+}

@@ -1,0 +1,192 @@
+//! What this process holds: device pointer / handle → (device, bytes), so a free gives back
+//! exactly what its allocation charged.
+//!
+//! Why a hand-written table: the hot path may not allocate or lock, so `HashMap` behind a
+//! `Mutex` is out. This is a fixed-capacity open-addressing table of atomics in an anonymous
+//! `mmap` made once per process (lazily committed, so its 8 MiB of address space cost only the
+//! pages touched). Insertion claims an empty or deleted slot with one CAS; removal turns the slot
+//! into a tombstone. A key is live in at most one slot because the driver never hands out the
+//! same pointer twice while it is allocated, and frees remove the entry *before* calling the
+//! driver (so the pointer cannot be reissued while its entry is still here).
+//! Keys of different kinds (device pointers, `cuMemCreate` handles, arrays) can collide in
+//! value, so each slot also records its kind.
+
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+/// What a key is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub(crate) enum Kind {
+    DevPtr = 1,
+    Handle = 2,
+    Array = 3,
+    Mipmap = 4,
+}
+
+const CAPACITY: usize = 1 << 19;
+const EMPTY: u64 = 0;
+const TOMBSTONE: u64 = u64::MAX;
+const SIZE_BITS: u64 = 48;
+const SIZE_MASK: u64 = (1 << SIZE_BITS) - 1;
+
+#[repr(C)]
+struct Entry {
+    key: AtomicU64,
+    /// kind (8 bits) | device (8 bits) | bytes (48 bits); 0 while being filled in.
+    meta: AtomicU64,
+}
+
+const TABLE_BYTES: usize = CAPACITY * std::mem::size_of::<Entry>();
+
+static TABLE: AtomicPtr<Entry> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Maps the table (init path). Returns false if the kernel refuses the mapping.
+pub(crate) fn init() -> bool {
+    if !TABLE.load(Ordering::Acquire).is_null() {
+        return true;
+    }
+    // SAFETY: anonymous private mapping, checked for MAP_FAILED; zero-filled, which is the
+    // valid empty table.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            TABLE_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return false;
+    }
+    if TABLE
+        .compare_exchange(
+            std::ptr::null_mut(),
+            p.cast(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .is_err()
+    {
+        // SAFETY: our own mapping, lost the race, never published.
+        unsafe { libc::munmap(p, TABLE_BYTES) };
+    }
+    true
+}
+
+/// In a forked child: what the parent held is not the child's. Replace the pages with fresh
+/// zero pages at the same address (a single syscall, async-signal-safe).
+pub(crate) fn reset_after_fork() {
+    let p = TABLE.load(Ordering::Acquire);
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: remapping our own mapping in place; no other thread exists in the child yet.
+    let r = unsafe {
+        libc::mmap(
+            p.cast(),
+            TABLE_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        TABLE.store(std::ptr::null_mut(), Ordering::Release);
+    }
+}
+
+fn entries() -> Option<&'static [Entry]> {
+    let p = TABLE.load(Ordering::Acquire);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` is a live mapping of CAPACITY zero-initialised entries of atomics, never
+    // unmapped once published.
+    Some(unsafe { std::slice::from_raw_parts(p, CAPACITY) })
+}
+
+#[inline]
+fn hash(key: u64, kind: Kind) -> usize {
+    let h = (key ^ (kind as u64).rotate_right(8)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> (64 - 19)) as usize
+}
+
+/// Records that `key` holds `bytes` on `dev`. False if the table is full (the caller then
+/// keeps the charge: conservative, never under-counted).
+#[inline]
+pub(crate) fn insert(kind: Kind, key: u64, dev: usize, bytes: u64) -> bool {
+    let Some(t) = entries() else { return false };
+    if key == EMPTY || key == TOMBSTONE || bytes > SIZE_MASK {
+        return false;
+    }
+    let meta = ((kind as u64) << 56) | (((dev as u64) & 0xff) << SIZE_BITS) | bytes;
+    let mut i = hash(key, kind);
+    for _ in 0..CAPACITY {
+        let e = &t[i];
+        let k = e.key.load(Ordering::Relaxed);
+        if (k == EMPTY || k == TOMBSTONE)
+            && e.key
+                .compare_exchange(k, key, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            e.meta.store(meta, Ordering::Release);
+            return true;
+        }
+        i = (i + 1) & (CAPACITY - 1);
+    }
+    false
+}
+
+/// Removes `key`, returning (device, bytes) if this process recorded it.
+#[inline]
+pub(crate) fn remove(kind: Kind, key: u64) -> Option<(usize, u64)> {
+    let t = entries()?;
+    let mut i = hash(key, kind);
+    for _ in 0..CAPACITY {
+        let e = &t[i];
+        let k = e.key.load(Ordering::Acquire);
+        if k == EMPTY {
+            return None;
+        }
+        if k == key {
+            let meta = e.meta.load(Ordering::Acquire);
+            if meta >> 56 == kind as u64 {
+                e.meta.store(0, Ordering::Relaxed);
+                if e.key
+                    .compare_exchange(key, TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return Some((((meta >> SIZE_BITS) & 0xff) as usize, meta & SIZE_MASK));
+                }
+                return None;
+            }
+        }
+        i = (i + 1) & (CAPACITY - 1);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn insert_remove_kinds_and_reuse() {
+        assert!(init());
+        assert!(insert(Kind::DevPtr, 0x1000, 0, 10));
+        assert!(insert(Kind::Handle, 0x1000, 1, 20));
+        assert_eq!(remove(Kind::DevPtr, 0x1000), Some((0, 10)));
+        assert_eq!(remove(Kind::DevPtr, 0x1000), None);
+        assert_eq!(remove(Kind::Handle, 0x1000), Some((1, 20)));
+        for k in 1..5000u64 {
+            assert!(insert(Kind::Array, k * 4096, 0, k));
+        }
+        for k in 1..5000u64 {
+            assert_eq!(remove(Kind::Array, k * 4096), Some((0, k)));
+        }
+    }
+}

@@ -1,0 +1,459 @@
+/* Test program driven by tests/interpose.rs: runs under LD_PRELOAD=libgpuvisor_limiter.so over
+ * the fake libcuda.so.1 and checks what an application sees. Exit status 0 = all checks passed;
+ * a failed check prints "FAIL file:line: ..." to stderr and exits 1.
+ * Modes: boundary Q | paths ROUTE | hold BYTES | race CHUNK | nvml | ctx BYTES | rate SECS | fork */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef unsigned long long u64;
+typedef void *CUstream, *CUfunction, *CUarray, *CUgraphExec, *CUcontext, *CUmemoryPool;
+typedef struct { unsigned int w, h, fmt, ch; } DESC1;
+typedef struct { size_t w, h; unsigned int fmt, ch; } DESC2;
+typedef struct { unsigned int w, h, d, fmt, ch, flags; } DESC3D1;
+typedef struct { size_t w, h, d; unsigned int fmt, ch, flags; } DESC3D2;
+typedef struct { int type, handleTypes, locType, locId; void *win32; unsigned char flags[8]; } PROP;
+
+/* Linked directly (the "link" route). */
+CUresult cuInit(unsigned int);
+CUresult cuMemAlloc(unsigned int *, unsigned int);
+CUresult cuMemFree(unsigned int);
+CUresult cuMemAlloc_v2(CUdeviceptr *, size_t);
+CUresult cuMemFree_v2(CUdeviceptr);
+CUresult cuMemGetInfo(unsigned int *, unsigned int *);
+CUresult cuMemGetInfo_v2(size_t *, size_t *);
+CUresult cuDeviceTotalMem_v2(size_t *, int);
+CUresult cuMemAllocPitch(unsigned int *, unsigned int *, unsigned int, unsigned int, unsigned int);
+CUresult cuArrayCreate(CUarray *, const DESC1 *);
+CUresult cuArray3DCreate(CUarray *, const DESC3D1 *);
+CUresult cuArrayDestroy(CUarray);
+CUresult cuDevicePrimaryCtxRetain(CUcontext *, int);
+CUresult cuCtxCreate_v2(CUcontext *, unsigned int, int);
+CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                        unsigned, CUstream, void **, void **);
+u64 fakecuda_mem_used(void);
+u64 fakecuda_calls(const char *);
+
+#define FAIL(...) do { fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); exit(1); } while (0)
+#define CHECK(c, ...) do { if (!(c)) FAIL(__VA_ARGS__); } while (0)
+
+/* The entries one route resolves. */
+typedef struct {
+    CUresult (*memAlloc)(CUdeviceptr *, size_t);
+    CUresult (*memFree)(CUdeviceptr);
+    CUresult (*memGetInfo)(size_t *, size_t *);
+    CUresult (*allocPitch)(CUdeviceptr *, size_t *, size_t, size_t, unsigned);
+    CUresult (*allocManaged)(CUdeviceptr *, size_t, unsigned);
+    CUresult (*allocAsync)(CUdeviceptr *, size_t, CUstream);
+    CUresult (*allocPool)(CUdeviceptr *, size_t, CUmemoryPool, CUstream);
+    CUresult (*freeAsync)(CUdeviceptr, CUstream);
+    CUresult (*memCreate)(u64 *, size_t, const PROP *, u64);
+    CUresult (*memRelease)(u64);
+    CUresult (*arrayCreate)(CUarray *, const DESC2 *);
+    CUresult (*array3DCreate)(CUarray *, const DESC3D2 *);
+    CUresult (*arrayDestroy)(CUarray);
+    CUresult (*mipCreate)(void **, const DESC3D2 *, unsigned);
+    CUresult (*mipDestroy)(void *);
+    CUresult (*launch)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                       unsigned, CUstream, void **, void **);
+    CUresult (*launchEx)(const void *, CUfunction, void **, void **);
+    CUresult (*launchCoop)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                           unsigned, CUstream, void **);
+    CUresult (*graphLaunch)(CUgraphExec, CUstream);
+} Api;
+
+static void *cuda_handle(void) {
+    void *h = dlopen("libcuda.so.1", RTLD_NOW);
+    CHECK(h, "dlopen libcuda.so.1: %s", dlerror());
+    return h;
+}
+
+static int g_ver;
+static unsigned long long g_flags;
+static CUresult (*g_gpa1)(const char *, void **, int, u64);
+static CUresult (*g_gpa2)(const char *, void **, int, u64, int *);
+
+static void *resolve(const char *route, const char *base, const char *versioned) {
+    void *p = NULL;
+    if (!strcmp(route, "dlsym")) {
+        p = dlsym(cuda_handle(), versioned);
+        CHECK(p, "dlsym %s", versioned);
+    } else {
+        int status = -1;
+        CUresult rc = g_gpa2 ? g_gpa2(base, &p, g_ver, g_flags, &status)
+                             : g_gpa1(base, &p, g_ver, g_flags);
+        CHECK(rc == 0 && p, "cuGetProcAddress(%s, %d, %llu) = %d", base, g_ver, g_flags, rc);
+        if (g_gpa2) CHECK(status == 0, "status %d", status);
+    }
+    return p;
+}
+
+static void setup_route(const char *route) {
+    if (!strncmp(route, "gpa", 3)) {
+        /* Like libcudart: dlopen + dlsym the entry point, then ask it for everything. */
+        g_ver = atoi(route + 3) * 1000 + (atoi(route + 3) == 11 ? 80 : 0);
+        g_flags = strstr(route, "ptds") ? 2 : 1;
+        void *h = cuda_handle();
+        if (g_ver >= 12000) {
+            g_gpa2 = dlsym(h, "cuGetProcAddress_v2");
+            CHECK(g_gpa2, "no cuGetProcAddress_v2");
+        } else {
+            g_gpa1 = dlsym(h, "cuGetProcAddress");
+            CHECK(g_gpa1, "no cuGetProcAddress");
+        }
+        /* The entry point handed out by the hook must itself be the hook. */
+        void *self = NULL;
+        if (g_gpa2) {
+            int st;
+            CHECK(g_gpa2("cuGetProcAddress", &self, g_ver, 0, &st) == 0, "gpa self");
+            CHECK(self == (void *)g_gpa2, "cuGetProcAddress_v2 not hooked through itself");
+        }
+    }
+}
+
+static Api api_for(const char *route) {
+    Api a;
+    int pt = !strncmp(route, "gpa", 3) && strstr(route, "ptds");
+    int dl = !strcmp(route, "dlsym");
+    if (!strcmp(route, "link")) {
+        /* Only entries declared above are linked; the rest come through dlsym. */
+        route = "dlsym";
+        dl = 1;
+    }
+    setup_route(route);
+#define R(field, base, ver) a.field = resolve(route, base, ver)
+#define RP(field, base) a.field = resolve(route, base, (pt || (dl && 0)) ? base "_ptsz" : base)
+    R(memAlloc, "cuMemAlloc", "cuMemAlloc_v2");
+    R(memFree, "cuMemFree", "cuMemFree_v2");
+    R(memGetInfo, "cuMemGetInfo", "cuMemGetInfo_v2");
+    R(allocPitch, "cuMemAllocPitch", "cuMemAllocPitch_v2");
+    R(allocManaged, "cuMemAllocManaged", "cuMemAllocManaged");
+    RP(allocAsync, "cuMemAllocAsync");
+    RP(allocPool, "cuMemAllocFromPoolAsync");
+    RP(freeAsync, "cuMemFreeAsync");
+    R(memCreate, "cuMemCreate", "cuMemCreate");
+    R(memRelease, "cuMemRelease", "cuMemRelease");
+    R(arrayCreate, "cuArrayCreate", "cuArrayCreate_v2");
+    R(array3DCreate, "cuArray3DCreate", "cuArray3DCreate_v2");
+    R(arrayDestroy, "cuArrayDestroy", "cuArrayDestroy");
+    R(mipCreate, "cuMipmappedArrayCreate", "cuMipmappedArrayCreate");
+    R(mipDestroy, "cuMipmappedArrayDestroy", "cuMipmappedArrayDestroy");
+    RP(launch, "cuLaunchKernel");
+    RP(launchEx, "cuLaunchKernelEx");
+    RP(launchCoop, "cuLaunchCooperativeKernel");
+    RP(graphLaunch, "cuGraphLaunch");
+    (void)dl;
+    return a;
+}
+
+static size_t g_last_free;
+static Api g_api;
+
+static size_t free_now(void) {
+    size_t f = 0, t = 0;
+    CHECK(g_api.memGetInfo(&f, &t) == 0, "cuMemGetInfo");
+    return f;
+}
+
+/* The allocation just made must have taken exactly `bytes` from the quota. */
+static void expect_taken(const char *what, u64 bytes) {
+    size_t f = free_now();
+    CHECK(g_last_free - f == bytes, "%s: free went %zu -> %zu, expected -%llu", what, g_last_free,
+          f, bytes);
+    g_last_free = f;
+}
+
+static void expect_given_back(const char *what, u64 bytes) {
+    size_t f = free_now();
+    CHECK(f - g_last_free == bytes, "%s: free went %zu -> %zu, expected +%llu", what, g_last_free,
+          f, bytes);
+    g_last_free = f;
+}
+
+static u64 calls(const char *name) { return fakecuda_calls(name); }
+
+static int mode_paths(const char *route, int launches) {
+    cuInit(0);
+    g_api = api_for(route);
+    int pt = strstr(route, "ptds") != NULL;
+    g_last_free = free_now();
+    CUdeviceptr p;
+    size_t pitch;
+    u64 before;
+
+    CHECK(g_api.memAlloc(&p, 1 << 20) == 0, "alloc");
+    expect_taken("cuMemAlloc_v2", 1 << 20);
+    CHECK(g_api.memFree(p) == 0, "free");
+    expect_given_back("cuMemFree_v2", 1 << 20);
+
+    CHECK(g_api.allocPitch(&p, &pitch, 1000, 10, 4) == 0, "pitch");
+    CHECK(pitch == 1024, "pitch %zu", pitch);
+    expect_taken("cuMemAllocPitch_v2", 1024 * 10);
+    CHECK(g_api.memFree(p) == 0, "free");
+    expect_given_back("free pitched", 1024 * 10);
+
+    CHECK(g_api.allocManaged(&p, 3000, 1) == 0, "managed");
+    expect_taken("cuMemAllocManaged", 3000);
+    CHECK(g_api.memFree(p) == 0, "free");
+    expect_given_back("free managed", 3000);
+
+    before = calls(pt ? "cuMemAllocAsync_ptsz" : "cuMemAllocAsync");
+    CHECK(g_api.allocAsync(&p, 5000, NULL) == 0, "async");
+    expect_taken("cuMemAllocAsync", 5000);
+    CHECK(calls(pt ? "cuMemAllocAsync_ptsz" : "cuMemAllocAsync") == before + 1, "async variant");
+    before = calls(pt ? "cuMemFreeAsync_ptsz" : "cuMemFreeAsync");
+    CHECK(g_api.freeAsync(p, NULL) == 0, "free async");
+    expect_given_back("cuMemFreeAsync", 5000);
+    CHECK(calls(pt ? "cuMemFreeAsync_ptsz" : "cuMemFreeAsync") == before + 1, "free variant");
+
+    CHECK(g_api.allocPool(&p, 7000, NULL, NULL) == 0, "pool");
+    expect_taken("cuMemAllocFromPoolAsync", 7000);
+    CHECK(g_api.freeAsync(p, NULL) == 0, "free pool");
+    expect_given_back("free pool", 7000);
+
+    u64 h;
+    PROP prop = {.type = 1, .locType = 1, .locId = 0};
+    CHECK(g_api.memCreate(&h, 2 << 20, &prop, 0) == 0, "cuMemCreate");
+    expect_taken("cuMemCreate", 2 << 20);
+    CHECK(g_api.memRelease(h) == 0, "cuMemRelease");
+    expect_given_back("cuMemRelease", 2 << 20);
+
+    CUarray arr;
+    DESC2 d2 = {.w = 64, .h = 32, .fmt = 0x20, .ch = 4};
+    CHECK(g_api.arrayCreate(&arr, &d2) == 0, "cuArrayCreate_v2");
+    expect_taken("cuArrayCreate_v2", 64 * 32 * 16);
+    CHECK(g_api.arrayDestroy(arr) == 0, "destroy");
+    expect_given_back("cuArrayDestroy", 64 * 32 * 16);
+
+    DESC3D2 d3 = {.w = 16, .h = 16, .d = 16, .fmt = 0x02, .ch = 1};
+    CHECK(g_api.array3DCreate(&arr, &d3) == 0, "cuArray3DCreate_v2");
+    expect_taken("cuArray3DCreate_v2", 16 * 16 * 16 * 2);
+    CHECK(g_api.arrayDestroy(arr) == 0, "destroy 3d");
+    expect_given_back("destroy 3d", 16 * 16 * 16 * 2);
+
+    void *mip;
+    CHECK(g_api.mipCreate(&mip, &d3, 2) == 0, "cuMipmappedArrayCreate");
+    expect_taken("cuMipmappedArrayCreate", (16 * 16 * 16 + 8 * 8 * 8) * 2);
+    CHECK(g_api.mipDestroy(mip) == 0, "mip destroy");
+    expect_given_back("mip destroy", (16 * 16 * 16 + 8 * 8 * 8) * 2);
+
+    const char *lk = pt ? "cuLaunchKernel_ptsz" : "cuLaunchKernel";
+    u64 b0 = calls(lk);
+    for (int i = 0; i < launches; i++) {
+        CHECK(g_api.launch(NULL, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, NULL) == 0, "launch");
+        CHECK(g_api.launchEx(NULL, NULL, NULL, NULL) == 0, "launchEx");
+        CHECK(g_api.launchCoop(NULL, 1, 1, 1, 1, 1, 1, 0, NULL, NULL) == 0, "coop");
+        CHECK(g_api.graphLaunch(NULL, NULL) == 0, "graph");
+    }
+    CHECK(calls(lk) == b0 + launches, "%s called %llu times", lk, calls(lk) - b0);
+    CHECK(fakecuda_mem_used() == 0, "double still holds %llu", fakecuda_mem_used());
+    printf("OK %s\n", route);
+    return 0;
+}
+
+/* The 32-bit-pointer ABIs of CUDA 2.x, reached by linking and by cuGetProcAddress(…, 3000…). */
+static int mode_v1(void) {
+    cuInit(0);
+    g_api = api_for("dlsym");
+    g_last_free = free_now();
+    unsigned int p32, pitch32, f32, t32;
+    CHECK(cuMemAlloc(&p32, 4096) == 0, "cuMemAlloc v1");
+    CHECK(p32 != 0, "v1 pointer");
+    expect_taken("cuMemAlloc", 4096);
+    CHECK(cuMemGetInfo(&f32, &t32) == 0, "cuMemGetInfo v1");
+    CHECK(f32 == g_last_free, "v1 free %u vs %zu", f32, g_last_free);
+    CHECK(cuMemFree(p32) == 0, "cuMemFree v1");
+    expect_given_back("cuMemFree", 4096);
+    CHECK(cuMemAllocPitch(&p32, &pitch32, 100, 4, 4) == 0, "pitch v1");
+    expect_taken("cuMemAllocPitch", 512 * 4);
+    CHECK(cuMemFree(p32) == 0, "free pitch v1");
+    expect_given_back("free pitch v1", 512 * 4);
+    CUarray a;
+    DESC1 d1 = {.w = 10, .h = 10, .fmt = 0x01, .ch = 2};
+    CHECK(cuArrayCreate(&a, &d1) == 0, "cuArrayCreate v1");
+    expect_taken("cuArrayCreate", 200);
+    CHECK(cuArrayDestroy(a) == 0, "destroy");
+    expect_given_back("destroy", 200);
+    DESC3D1 d3 = {.w = 4, .h = 4, .d = 4, .fmt = 0x20, .ch = 1};
+    CHECK(cuArray3DCreate(&a, &d3) == 0, "cuArray3DCreate v1");
+    expect_taken("cuArray3DCreate", 256);
+    CHECK(cuArrayDestroy(a) == 0, "destroy");
+    expect_given_back("destroy", 256);
+
+    /* cuGetProcAddress asked for the CUDA 3.0 ABI must hand out the v1 entry (hooked). */
+    CUresult (*gpa)(const char *, void **, int, u64, int *) =
+        dlsym(cuda_handle(), "cuGetProcAddress_v2");
+    CHECK(gpa, "gpa");
+    CUresult (*alloc1)(unsigned int *, unsigned int) = NULL;
+    int st;
+    CHECK(gpa("cuMemAlloc", (void **)&alloc1, 3000, 0, &st) == 0, "gpa v1");
+    u64 before = calls("cuMemAlloc");
+    CHECK(alloc1(&p32, 8192) == 0, "v1 via gpa");
+    CHECK(calls("cuMemAlloc") == before + 1, "v1 entry not the one called");
+    expect_taken("cuMemAlloc via gpa 3000", 8192);
+    CHECK(cuMemFree(p32) == 0, "free");
+    printf("OK v1\n");
+    return 0;
+}
+
+static int mode_boundary(u64 q) {
+    cuInit(0);
+    size_t f, t, total;
+    CHECK(cuMemGetInfo_v2(&f, &t) == 0, "info");
+    CHECK(t == q && f == q, "cuMemGetInfo reports free %zu total %zu, quota %llu", f, t, q);
+    CHECK(cuDeviceTotalMem_v2(&total, 0) == 0 && total == q, "cuDeviceTotalMem %zu", total);
+    CUdeviceptr a, b, c;
+    CHECK(cuMemAlloc_v2(&a, q) == 0, "alloc exactly the quota");
+    u64 held = fakecuda_mem_used();
+    CHECK(cuMemAlloc_v2(&b, 1) == 2, "one byte over must be CUDA_ERROR_OUT_OF_MEMORY");
+    CHECK(fakecuda_mem_used() == held, "refused allocation reached the driver");
+    CHECK(cuMemFree_v2(a) == 0, "free");
+    CHECK(cuMemAlloc_v2(&a, q - 1) == 0, "q-1");
+    CHECK(cuMemAlloc_v2(&b, 1) == 0, "last byte");
+    CHECK(cuMemAlloc_v2(&c, 1) == 2, "over by one");
+    CHECK(cuMemGetInfo_v2(&f, &t) == 0 && f == 0, "free %zu at quota", f);
+    CHECK(cuMemFree_v2(a) == 0 && cuMemFree_v2(b) == 0, "free");
+    CHECK(cuMemFree_v2(0xdead) != 0, "bogus free must fail");
+    CHECK(cuMemGetInfo_v2(&f, &t) == 0 && f == q, "all given back: free %zu", f);
+    printf("OK boundary\n");
+    return 0;
+}
+
+static int mode_hold(u64 bytes) {
+    cuInit(0);
+    CUdeviceptr p;
+    CHECK(cuMemAlloc_v2(&p, bytes) == 0, "hold alloc");
+    printf("HELD\n");
+    fflush(stdout);
+    for (;;) pause();
+}
+
+static int mode_race(u64 chunk) {
+    cuInit(0);
+    int n = 0;
+    CUdeviceptr p;
+    CUresult rc;
+    while ((rc = cuMemAlloc_v2(&p, chunk)) == 0) n++;
+    CHECK(rc == 2, "stopped with %d", rc);
+    printf("GOT %d\n", n);
+    fflush(stdout);
+    char buf[8];
+    while (read(0, buf, sizeof buf) > 0) {
+    }
+    return 0;
+}
+
+typedef struct { unsigned long long total, free, used; } NVMEM;
+typedef struct { unsigned int version; unsigned long long total, reserved, free, used; } NVMEM2;
+
+static int mode_nvml(u64 q) {
+    cuInit(0);
+    CUdeviceptr p;
+    CHECK(cuMemAlloc_v2(&p, 12345) == 0, "alloc");
+    void *h = dlopen("libnvidia-ml.so.1", RTLD_NOW);
+    CHECK(h, "dlopen nvml");
+    int (*init)(void) = dlsym(h, "nvmlInit_v2");
+    int (*get)(unsigned, void **) = dlsym(h, "nvmlDeviceGetHandleByIndex_v2");
+    int (*mem)(void *, NVMEM *) = dlsym(h, "nvmlDeviceGetMemoryInfo");
+    int (*mem2)(void *, NVMEM2 *) = dlsym(h, "nvmlDeviceGetMemoryInfo_v2");
+    CHECK(init && get && mem && mem2, "nvml symbols");
+    void *dev;
+    CHECK(init() == 0 && get(0, &dev) == 0, "nvml device");
+    NVMEM m;
+    CHECK(mem(dev, &m) == 0, "mem");
+    CHECK(m.total == q && m.used == 12345 && m.free == q - 12345, "nvml v1 %llu/%llu/%llu", m.total,
+          m.used, m.free);
+    NVMEM2 m2 = {.version = 2};
+    CHECK(mem2(dev, &m2) == 0, "mem2");
+    CHECK(m2.total == q && m2.used == 12345 && m2.free == q - 12345, "nvml v2");
+    printf("OK nvml\n");
+    return 0;
+}
+
+static int mode_ctx(u64 ctx_bytes) {
+    cuInit(0);
+    g_api = api_for("dlsym");
+    size_t f0 = free_now();
+    CUcontext c;
+    CHECK(cuDevicePrimaryCtxRetain(&c, 0) == 0, "retain");
+    CHECK(f0 - free_now() == ctx_bytes, "context footprint not charged");
+    CHECK(cuDevicePrimaryCtxRetain(&c, 0) == 0, "retain again");
+    CHECK(cuCtxCreate_v2(&c, 0, 0) == 0, "create");
+    CHECK(f0 - free_now() == ctx_bytes, "footprint charged twice");
+    printf("OK ctx\n");
+    return 0;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* Launch as fast as the (fake) GPU allows for `secs`; report the rate over the second half. */
+static int mode_rate(double secs) {
+    cuInit(0);
+    double t0 = now_s(), half = t0 + secs / 2, end = t0 + secs, th = 0;
+    long n = 0, nh = 0;
+    for (;;) {
+        double t = now_s();
+        if (t >= end) break;
+        if (th == 0 && t >= half) {
+            th = t;
+            nh = n;
+        }
+        CHECK(cuLaunchKernel(NULL, 1, 1, 1, 1, 1, 1, 0, NULL, NULL, NULL) == 0, "launch");
+        n++;
+    }
+    printf("RATE %.1f\n", (n - nh) / (now_s() - th));
+    return 0;
+}
+
+static int mode_fork(void) {
+    cuInit(0);
+    size_t f, t;
+    CUdeviceptr p;
+    CHECK(cuMemAlloc_v2(&p, 1000) == 0, "parent alloc");
+    CHECK(cuMemGetInfo_v2(&f, &t) == 0, "info");
+    pid_t c = fork();
+    CHECK(c >= 0, "fork");
+    if (c == 0) {
+        size_t cf, ct;
+        CUdeviceptr q;
+        CHECK(cuMemGetInfo_v2(&cf, &ct) == 0 && cf == f, "child sees the instance's usage");
+        CHECK(cuMemAlloc_v2(&q, 500) == 0, "child alloc");
+        _exit(0); /* exits holding 500: its slot must be reclaimed */
+    }
+    int st;
+    waitpid(c, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child failed");
+    CHECK(cuMemFree_v2(p) == 0, "parent free");
+    printf("OK fork\n");
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) FAIL("usage");
+    const char *m = argv[1];
+    u64 arg = argc > 2 ? strtoull(argv[2], NULL, 0) : 0;
+    if (!strcmp(m, "boundary")) return mode_boundary(arg);
+    if (!strcmp(m, "paths")) return mode_paths(argv[2], argc > 3 ? atoi(argv[3]) : 10);
+    if (!strcmp(m, "v1")) return mode_v1();
+    if (!strcmp(m, "hold")) return mode_hold(arg);
+    if (!strcmp(m, "race")) return mode_race(arg);
+    if (!strcmp(m, "nvml")) return mode_nvml(arg);
+    if (!strcmp(m, "ctx")) return mode_ctx(arg);
+    if (!strcmp(m, "rate")) return mode_rate(atof(argv[2]));
+    if (!strcmp(m, "fork")) return mode_fork();
+    FAIL("unknown mode %s", m);
+}

@@ -1,0 +1,394 @@
+//! The limiter over the fake driver, in real processes: `tests/c/limtest.c` runs under
+//! `LD_PRELOAD=libgpuvisor_limiter.so` with the double installed as `libcuda.so.1` and
+//! `libnvidia-ml.so.1`, and this harness plays the daemon (creates the region, writes the config,
+//! publishes utilisation samples, kills processes).
+//!
+//! Needs `cc` (gcc). Both shared objects are built here with a nested `cargo build --offline`
+//! into a separate target directory (`<target>/limiter-tests`), so it never waits on the outer
+//! build's lock and never runs a stale `.so`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use gpuvisor_limiter::config::{Config, ENV_PATH};
+use gpuvisor_limiter::shm::{DeviceLimit, Priority, Region, RegionSpec, FULL_SHARE_BP};
+
+const MIB: u64 = 1 << 20;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    limiter: PathBuf,
+    libdir: PathBuf,
+    bin: PathBuf,
+}
+
+fn target_profile_dir() -> PathBuf {
+    // <target>/<profile>/deps/interpose-<hash>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// Builds both shared objects into `<target>/limiter-tests`. `cargo test` compiles this crate's
+/// library for the test as an rlib and does not refresh `target/<profile>/libgpuvisor_limiter.so`,
+/// so the tests build the cdylib themselves rather than trust a possibly stale one.
+fn build_libs(target_root: &Path) -> (PathBuf, PathBuf) {
+    let dir = target_root.join("limiter-tests");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--offline", "-p", "gpuvisor-fakecuda"])
+        .args(["-p", "gpuvisor-limiter", "--lib"])
+        .env("CARGO_TARGET_DIR", &dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("running cargo to build the fake libcuda");
+    assert!(
+        status.success(),
+        "building the limiter and the fake libcuda failed"
+    );
+    let libs = (
+        dir.join("debug/libgpuvisor_limiter.so"),
+        dir.join("debug/libcuda.so"),
+    );
+    for so in [&libs.0, &libs.1] {
+        assert!(so.exists(), "{} missing after build", so.display());
+    }
+    libs
+}
+
+fn harness() -> &'static Harness {
+    static H: OnceLock<Harness> = OnceLock::new();
+    H.get_or_init(|| {
+        let profile = target_profile_dir();
+        let (limiter, fake) = build_libs(profile.parent().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let libdir = dir.path().join("lib");
+        std::fs::create_dir(&libdir).unwrap();
+        for name in ["libcuda.so", "libcuda.so.1", "libnvidia-ml.so.1"] {
+            std::os::unix::fs::symlink(&fake, libdir.join(name)).unwrap();
+        }
+        let bin = dir.path().join("limtest");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/limtest.c");
+        let out = Command::new("cc")
+            .args(["-O1", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(&bin)
+            .arg(&src)
+            .arg(format!("-L{}", libdir.display()))
+            .args(["-lcuda", "-ldl"])
+            .output()
+            .expect("running cc");
+        assert!(
+            out.status.success(),
+            "compiling limtest.c failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Harness {
+            _dir: dir,
+            limiter,
+            libdir,
+            bin,
+        }
+    })
+}
+
+/// One instance: its region and config, as the daemon would make them.
+struct Instance {
+    _dir: tempfile::TempDir,
+    region: Region,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Instance {
+    fn new(quota: u64, share_bp: u32, priority: Priority, context_bytes: u64) -> Instance {
+        let dir = tempfile::tempdir().unwrap();
+        let region_path = dir.path().join("limiter.shm");
+        let region = Region::create(
+            &region_path,
+            &RegionSpec {
+                devices: vec![DeviceLimit {
+                    quota_bytes: quota,
+                    share_bp,
+                }],
+                priority,
+            },
+        )
+        .unwrap();
+        let config = dir.path().join("limiter.conf");
+        Config {
+            region: region_path,
+            context_bytes,
+        }
+        .write(&config)
+        .unwrap();
+        Instance {
+            _dir: dir,
+            region,
+            config,
+            env: Vec::new(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let h = harness();
+        let mut c = Command::new(&h.bin);
+        c.args(args)
+            .env("LD_LIBRARY_PATH", &h.libdir)
+            .env("LD_PRELOAD", &h.limiter)
+            .env(ENV_PATH, &self.config);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "limtest {args:?} failed ({}):\n{}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    fn used(&self) -> u64 {
+        self.region.usage(0).unwrap().used_bytes
+    }
+
+    fn launches(&self) -> u64 {
+        self.region.usage(0).unwrap().launches
+    }
+}
+
+#[test]
+fn quota_is_exact_at_the_boundary_and_frees_give_it_back() {
+    let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
+    i.run(&["boundary", &(64 * MIB).to_string()]);
+    assert_eq!(i.used(), 0);
+    assert!(i.region.processes().is_empty(), "slot not released at exit");
+}
+
+#[test]
+fn every_allocation_and_launch_path_is_counted_on_every_route() {
+    let i = Instance::new(256 * MIB, FULL_SHARE_BP, Priority::High, 0);
+    for route in ["dlsym", "gpa11", "gpa12", "gpa13", "gpa12ptds", "gpa13ptds"] {
+        let before = i.launches();
+        let out = i.run(&["paths", route, "10"]);
+        assert!(out.contains("OK"), "{out}");
+        assert_eq!(
+            i.launches() - before,
+            40,
+            "{route}: kernel, Ex, cooperative and graph launches must all pass the gate"
+        );
+        assert_eq!(i.used(), 0, "{route}");
+    }
+}
+
+#[test]
+fn cuda_2x_abis_with_32_bit_pointers_are_counted() {
+    let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
+    i.run(&["v1"]);
+    assert_eq!(i.used(), 0);
+}
+
+#[test]
+fn eight_processes_share_one_quota_exactly() {
+    const CHUNK: u64 = 4096;
+    const N: u64 = 2000;
+    let i = Instance::new(N * CHUNK, FULL_SHARE_BP, Priority::High, 0);
+    let mut children: Vec<_> = (0..8)
+        .map(|_| {
+            i.cmd(&["race", &CHUNK.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut total = 0;
+    for c in &mut children {
+        let mut line = String::new();
+        BufReader::new(c.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let n: u64 = line
+            .trim()
+            .strip_prefix("GOT ")
+            .unwrap_or_else(|| panic!("unexpected output {line:?}"))
+            .parse()
+            .unwrap();
+        total += n;
+    }
+    assert_eq!(total, N, "the eight processes together got {total} chunks");
+    assert_eq!(i.used(), N * CHUNK);
+    assert_eq!(i.region.processes().len(), 8);
+    for mut c in children {
+        drop(c.stdin.take());
+        assert!(c.wait().unwrap().success());
+    }
+    assert_eq!(i.used(), 0);
+}
+
+fn spawn_holder(i: &Instance, bytes: u64) -> std::process::Child {
+    let mut c = i
+        .cmd(&["hold", &bytes.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "HELD");
+    c
+}
+
+#[test]
+fn a_sigkilled_process_usage_is_reclaimed_by_the_next_process() {
+    let q = 64 * MIB;
+    let i = Instance::new(q, FULL_SHARE_BP, Priority::High, 0);
+    let mut c = spawn_holder(&i, 40 * MIB);
+    assert_eq!(i.used(), 40 * MIB);
+    c.kill().unwrap(); // SIGKILL: no destructor runs
+    c.wait().unwrap();
+    assert_eq!(i.used(), 40 * MIB, "nothing ran at kill time");
+    // The next process attaching reclaims the dead one's usage and sees the whole quota.
+    i.run(&["boundary", &q.to_string()]);
+    assert_eq!(i.used(), 0);
+}
+
+#[test]
+fn the_daemon_can_reclaim_a_sigkilled_process() {
+    let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
+    let mut c = spawn_holder(&i, 10 * MIB);
+    assert_eq!(
+        i.region.reclaim_dead(),
+        0,
+        "a live process is never reclaimed"
+    );
+    c.kill().unwrap();
+    c.wait().unwrap();
+    assert_eq!(i.region.reclaim_dead(), 10 * MIB);
+    assert_eq!(i.used(), 0);
+    assert!(i.region.processes().is_empty());
+}
+
+#[test]
+fn a_forked_child_gets_its_own_slot() {
+    let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
+    i.run(&["fork"]);
+    // The child _exit()ed holding 500 bytes (no destructors): reclaimable, never stale.
+    assert_eq!(i.region.reclaim_dead(), 500);
+    assert_eq!(i.used(), 0);
+}
+
+#[test]
+fn nvml_reports_the_quota() {
+    let q = 32 * MIB;
+    let i = Instance::new(q, FULL_SHARE_BP, Priority::High, 0);
+    i.run(&["nvml", &q.to_string()]);
+}
+
+#[test]
+fn the_context_footprint_is_charged_once_per_process() {
+    let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, MIB);
+    i.run(&["ctx", &MIB.to_string()]);
+    assert_eq!(i.used(), 0);
+}
+
+#[test]
+fn without_config_nothing_is_limited() {
+    let i = Instance::new(MIB, FULL_SHARE_BP, Priority::High, 0);
+    let h = harness();
+    let out = Command::new(&h.bin)
+        .args(["boundary", &(8u64 << 30).to_string()])
+        .env("LD_LIBRARY_PATH", &h.libdir)
+        .env("LD_PRELOAD", &h.limiter)
+        .env(ENV_PATH, i.config.with_extension("absent"))
+        .output()
+        .unwrap();
+    // The double's own total (8 GiB) is what a process outside any instance sees.
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Plays the daemon: publishes the instance's utilisation from the double's busy time.
+fn sampler(i: &Instance, busy: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let region = Region::open(&i.config_region()).unwrap();
+    std::thread::spawn(move || {
+        let read = || u64::from_le_bytes(std::fs::read(&busy).unwrap()[..8].try_into().unwrap());
+        let mut last = (Instant::now(), read());
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = (Instant::now(), read());
+            let dt = now.0.duration_since(last.0).as_nanos() as f64;
+            let util = ((now.1 - last.1) as f64 / dt * 10_000.0).min(10_000.0) as u32;
+            region.publish_sample(0, util, 0).unwrap();
+            last = now;
+        }
+    })
+}
+
+impl Instance {
+    fn config_region(&self) -> PathBuf {
+        Config::parse(&std::fs::read_to_string(&self.config).unwrap())
+            .unwrap()
+            .region
+    }
+}
+
+fn rate(i: &Instance, secs: f64) -> f64 {
+    let out = i.run(&["rate", &secs.to_string()]);
+    out.trim().strip_prefix("RATE ").unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_throttled_instance_launch_rate_follows_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let busy = dir.path().join("busy");
+    std::fs::File::create(&busy)
+        .unwrap()
+        .write_all(&[0u8; 8])
+        .unwrap();
+    let fake_env = |i: &mut Instance| {
+        i.env = vec![
+            ("FAKECUDA_LAUNCH_NS".into(), "1000000".into()),
+            ("FAKECUDA_BUSY_FILE".into(), busy.display().to_string()),
+        ];
+    };
+    let mut full = Instance::new(MIB, FULL_SHARE_BP, Priority::High, 0);
+    fake_env(&mut full);
+    let unthrottled = rate(&full, 2.0);
+    assert!(unthrottled > 100.0, "unthrottled rate {unthrottled}");
+
+    for share in [2500u32, 5000] {
+        let mut i = Instance::new(MIB, share, Priority::High, 0);
+        fake_env(&mut i);
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = sampler(&i, busy.clone(), stop.clone());
+        let r = rate(&i, 6.0);
+        stop.store(true, Ordering::Relaxed);
+        s.join().unwrap();
+        let fraction = r / unthrottled;
+        let want = f64::from(share) / 10_000.0;
+        eprintln!("share {want:.2}: {r:.0} launches/s of {unthrottled:.0} = {fraction:.3}");
+        // Behaviour, not performance: the rate must follow the share, with room for a loaded
+        // CI machine's timer jitter.
+        assert!(
+            (fraction - want).abs() < 0.1,
+            "share {want}: got {fraction:.3} of the unthrottled rate"
+        );
+        assert!(i.region.usage(0).unwrap().interval_ns > 0);
+    }
+}
