@@ -1,0 +1,535 @@
+//! `gpuvisor sim`: replays a GPU-cluster trace (Alibaba openb CSV formats) through the scheduler
+//! crate and reports unallocated GPU % per policy, so a policy change is judged on production
+//! data, side by side with re-implementations of the published best-fit and FGD.
+//!
+//! The protocol is the FGD paper's (USENIX ATC'23), as `shared/data/openb/README.md` states it:
+//! per seed, sort pods by name and shuffle them; inflate to 1.3× GPU capacity by sampling with
+//! replacement; feed them one at a time with no deletions, dropping what does not fit; after
+//! every pod bucket alloc% by the integer arrived%; average the buckets over seeds. The key
+//! decision: file reading and the protocol live here (I/O stays out of the pure scheduler), and
+//! the seeds × policies runs are independent, so they run on all cores.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use gpuvisor_scheduler::{
+    rng::SplitMix64, Gpu, GpuDemand, GpuKind, Node, Policy, Request, Scheduler,
+};
+use serde::Serialize;
+
+use crate::cli::CliError;
+use crate::output::Format;
+
+/// The arrived-% points reported.
+pub const POINTS: [usize; 5] = [90, 95, 100, 110, 130];
+const INFLATE: f64 = 1.3;
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Node list CSV (`sn,cpu_milli,memory_mib,gpu,model`).
+    #[arg(long, value_name = "FILE")]
+    pub nodes: PathBuf,
+    /// Pod list CSV (`name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,...`).
+    #[arg(long, value_name = "FILE")]
+    pub pods: PathBuf,
+    /// Policies to compare (repeat or comma-separate): bestfit, fgd, spread, random, gvfrag.
+    #[arg(long = "policy", value_delimiter = ',', default_values_t = vec!["bestfit".to_string(), "fgd".to_string(), "gvfrag".to_string()])]
+    pub policies: Vec<String>,
+    /// Seeds: `42..51` (inclusive), `42,43` or `42`.
+    #[arg(long, default_value = "42..51")]
+    pub seeds: String,
+    /// Published results to compare with (default: reference_alloc_fgd_atc23.csv beside --pods).
+    #[arg(long, value_name = "FILE")]
+    pub reference: Option<PathBuf>,
+    /// Write the mean allocation curve (arrived % → alloc % per policy) as CSV.
+    #[arg(long, value_name = "FILE")]
+    pub curve: Option<PathBuf>,
+    /// Plot unallocated GPU % against arrived % as SVG.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+}
+
+/// Per integer arrived %: (sum of alloc %, samples).
+type Buckets = Vec<(f64, u32)>;
+/// A named mean curve: alloc % per integer arrived % (`None` where no sample fell).
+type Curve = (String, Vec<Option<f64>>);
+
+#[derive(Debug, Clone)]
+struct Pod {
+    name: String,
+    req: Request,
+}
+
+#[derive(Debug, Serialize)]
+struct Output {
+    results: Vec<PolicyResult>,
+}
+
+#[derive(Debug, Serialize)]
+struct PolicyResult {
+    policy: String,
+    unallocated_pct: BTreeMap<String, f64>,
+}
+
+fn invalid(msg: impl Into<String>) -> CliError {
+    CliError::Invalid(msg.into())
+}
+
+fn read(path: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(|e| invalid(format!("reading {}: {e}", path.display())))
+}
+
+/// Splits a CSV with a header into rows addressed by column name (the openb files have no
+/// quoting).
+fn table(text: &str, path: &Path, want: &[&str]) -> Result<Vec<Vec<String>>, CliError> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or_else(|| invalid(format!("{}: empty file", path.display())))?
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let idx: Vec<usize> = want
+        .iter()
+        .map(|w| {
+            header
+                .iter()
+                .position(|h| h == w)
+                .ok_or_else(|| invalid(format!("{}: no column {w:?}", path.display())))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    for (n, line) in lines.enumerate() {
+        let cells: Vec<&str> = line.split(',').collect();
+        let row = idx
+            .iter()
+            .map(|&i| cells.get(i).map(|c| c.trim().to_string()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{}: line {}: too few columns",
+                    path.display(),
+                    n + 2
+                ))
+            })?;
+        out.push(row);
+    }
+    Ok(out)
+}
+
+fn num(s: &str, what: &str) -> Result<u64, CliError> {
+    if s.is_empty() {
+        return Ok(0);
+    }
+    s.parse::<u64>()
+        .or_else(|_| s.parse::<f64>().map(|f| f.max(0.0) as u64))
+        .map_err(|_| invalid(format!("{what}: not a number: {s:?}")))
+}
+
+fn load_nodes(path: &Path) -> Result<Vec<Node>, CliError> {
+    let rows = table(
+        &read(path)?,
+        path,
+        &["sn", "cpu_milli", "memory_mib", "gpu", "model"],
+    )?;
+    rows.iter()
+        .map(|r| {
+            let gpus = num(&r[3], "gpu")?;
+            let gpus = (0..gpus)
+                .map(|_| Gpu::new(r[4].clone(), 0, GpuKind::Shareable))
+                .collect();
+            Ok(Node::new(
+                r[0].clone(),
+                num(&r[1], "cpu_milli")?,
+                num(&r[2], "memory_mib")?,
+                gpus,
+            ))
+        })
+        .collect()
+}
+
+fn load_pods(path: &Path) -> Result<Vec<Pod>, CliError> {
+    let rows = table(
+        &read(path)?,
+        path,
+        &[
+            "name",
+            "cpu_milli",
+            "memory_mib",
+            "num_gpu",
+            "gpu_milli",
+            "gpu_spec",
+        ],
+    )?;
+    rows.iter()
+        .map(|r| {
+            let n = num(&r[3], "num_gpu")? as u32;
+            let milli = num(&r[4], "gpu_milli")? as u32;
+            let gpu = match (n, milli) {
+                (0, _) | (_, 0) => GpuDemand::None,
+                (1, m) if m < 1000 => GpuDemand::Fraction {
+                    milli: m,
+                    vram_mib: 0,
+                },
+                (n, _) => GpuDemand::Whole(n),
+            };
+            let models = r[5]
+                .split('|')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+            Ok(Pod {
+                name: r[0].clone(),
+                req: Request {
+                    cpu_milli: num(&r[1], "cpu_milli")?,
+                    memory_mib: num(&r[2], "memory_mib")?,
+                    gpu,
+                    models,
+                    ..Request::default()
+                },
+            })
+        })
+        .collect()
+}
+
+fn parse_seeds(s: &str) -> Result<Vec<u64>, CliError> {
+    let bad = || invalid(format!("--seeds {s:?}: expected 42..51, 42,43 or 42"));
+    if let Some((a, b)) = s.split_once("..") {
+        let a: u64 = a.trim().parse().map_err(|_| bad())?;
+        let b: u64 = b
+            .trim()
+            .trim_start_matches('=')
+            .parse()
+            .map_err(|_| bad())?;
+        if b < a {
+            return Err(bad());
+        }
+        return Ok((a..=b).collect());
+    }
+    s.split(',')
+        .map(|x| x.trim().parse().map_err(|_| bad()))
+        .collect()
+}
+
+/// One run of the protocol: sum and count of alloc% per integer arrived%.
+fn run_one(
+    nodes: &[Node],
+    pods: &[Pod],
+    workload: &[Request],
+    policy: Policy,
+    seed: u64,
+) -> Result<Buckets, CliError> {
+    let capacity: u64 = nodes.iter().map(Node::total_gpu_milli).sum();
+    if capacity == 0 {
+        return Err(invalid("the node list has no GPUs"));
+    }
+    let mut order: Vec<usize> = (0..pods.len()).collect();
+    order.sort_by(|&a, &b| pods[a].name.cmp(&pods[b].name));
+    let mut rng = SplitMix64::new(seed);
+    rng.shuffle(&mut order);
+    let target = (INFLATE * capacity as f64) as u64;
+    let mut total: u64 = order.iter().map(|&i| pods[i].req.gpu.milli()).sum();
+    let base = order.clone();
+    let any_gpu = pods.iter().any(|p| p.req.gpu.milli() > 0);
+    while any_gpu && !base.is_empty() {
+        let i = base[rng.below(base.len() as u64) as usize];
+        let m = pods[i].req.gpu.milli();
+        if total + m > target {
+            break;
+        }
+        total += m;
+        order.push(i);
+    }
+    let mut sched =
+        Scheduler::new(nodes.to_vec(), policy, seed).map_err(|e| invalid(format!("nodes: {e}")))?;
+    sched.set_target_workload(workload);
+    let unit = capacity as f64 / 100.0;
+    let mut buckets: Vec<(f64, u32)> = Vec::new();
+    let (mut arrived, mut allocated) = (0u64, 0u64);
+    for (id, &i) in order.iter().enumerate() {
+        let req = &pods[i].req;
+        arrived += req.gpu.milli();
+        if sched.place(id as u64, req).is_ok() {
+            allocated += req.gpu.milli();
+        }
+        let b = (arrived as f64 / unit).round() as usize;
+        if buckets.len() <= b {
+            buckets.resize(b + 1, (0.0, 0));
+        }
+        buckets[b].0 += allocated as f64 / unit;
+        buckets[b].1 += 1;
+    }
+    Ok(buckets)
+}
+
+/// Mean over seeds of the per-seed bucket means; `None` where a bucket is empty in every seed.
+fn mean_curve(runs: &[Vec<(f64, u32)>]) -> Vec<Option<f64>> {
+    let len = runs.iter().map(Vec::len).max().unwrap_or(0);
+    (0..len)
+        .map(|b| {
+            let vals: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.get(b).filter(|x| x.1 > 0).map(|x| x.0 / f64::from(x.1)))
+                .collect();
+            (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64)
+        })
+        .collect()
+}
+
+/// Published curves for this workload: policy name → mean alloc% per arrived%.
+fn load_reference(path: &Path, workload: &str) -> Result<Vec<Curve>, CliError> {
+    let text = read(path)?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(w), Some(p), Some(c0)) = (col("workload"), col("sc_policy"), col("0")) else {
+        return Err(invalid(format!("{}: not a reference file", path.display())));
+    };
+    let mut acc: BTreeMap<String, Vec<Vec<f64>>> = BTreeMap::new();
+    for line in lines {
+        let cells: Vec<&str> = line.split(',').collect();
+        if cells.get(w) != Some(&workload) {
+            continue;
+        }
+        let Some(pol) = cells.get(p) else { continue };
+        let vals: Vec<f64> = cells[c0.min(cells.len())..]
+            .iter()
+            .map(|v| v.parse().unwrap_or(f64::NAN))
+            .collect();
+        acc.entry(pol.to_string()).or_default().push(vals);
+    }
+    Ok(acc
+        .into_iter()
+        .map(|(pol, runs)| {
+            let len = runs.iter().map(Vec::len).max().unwrap_or(0);
+            let curve = (0..len)
+                .map(|b| {
+                    let v: Vec<f64> = runs
+                        .iter()
+                        .filter_map(|r| r.get(b).copied().filter(|x| x.is_finite()))
+                        .collect();
+                    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+                })
+                .collect();
+            // "06-FGD" → "fgd (published)"
+            let name = pol
+                .split_once('-')
+                .map_or(pol.as_str(), |x| x.1)
+                .to_ascii_lowercase();
+            (format!("{name} (published)"), curve)
+        })
+        .collect())
+}
+
+fn unalloc(curve: &[Option<f64>], at: usize) -> Option<f64> {
+    curve.get(at).copied().flatten().map(|a| 100.0 - a)
+}
+
+pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
+    let policies: Vec<Policy> = args
+        .policies
+        .iter()
+        .map(|p| p.parse::<Policy>().map_err(|e| invalid(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    let seeds = parse_seeds(&args.seeds)?;
+    let nodes = load_nodes(&args.nodes)?;
+    let pods = load_pods(&args.pods)?;
+    let workload: Vec<Request> = pods.iter().map(|p| p.req.clone()).collect();
+
+    let jobs: Vec<(usize, u64)> = (0..policies.len())
+        .flat_map(|p| seeds.iter().map(move |&s| (p, s)))
+        .collect();
+    let threads = args
+        .jobs
+        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
+        .unwrap_or(1)
+        .clamp(1, jobs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Result<Vec<(usize, Buckets)>, CliError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(p, seed)) = jobs.get(j) else { break };
+                        out.push((p, run_one(&nodes, &pods, &workload, policies[p], seed)?));
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(invalid("a simulation thread panicked")))
+            })
+            .collect()
+    });
+    let mut per_policy: Vec<Vec<Vec<(f64, u32)>>> = vec![Vec::new(); policies.len()];
+    for r in results {
+        for (p, b) in r? {
+            per_policy[p].push(b);
+        }
+    }
+    let curves: Vec<(String, Vec<Option<f64>>)> = policies
+        .iter()
+        .zip(&per_policy)
+        .map(|(p, runs)| (p.name().to_string(), mean_curve(runs)))
+        .collect();
+
+    let reference_path = args.reference.clone().or_else(|| {
+        let p = args.pods.with_file_name("reference_alloc_fgd_atc23.csv");
+        p.exists().then_some(p)
+    });
+    let workload_name = args
+        .pods
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let published = match &reference_path {
+        Some(p) => load_reference(p, &workload_name)?,
+        None => Vec::new(),
+    };
+
+    if let Some(path) = &args.curve {
+        write_curve(path, &curves)?;
+    }
+    if let Some(path) = &args.plot {
+        write_plot(path, &curves, &published, &workload_name)?;
+    }
+
+    let mut stdout = std::io::stdout().lock();
+    match format {
+        Format::Table => {
+            let mut t = comfy_table::Table::new();
+            let mut header = vec!["policy".to_string()];
+            header.extend(POINTS.iter().map(|p| format!("@{p}%")));
+            t.set_header(header);
+            let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.2}"));
+            for (name, c) in &curves {
+                let mut row = vec![name.clone()];
+                row.extend(POINTS.iter().map(|&p| fmt(unalloc(c, p))));
+                t.add_row(row);
+            }
+            for (name, c) in &published {
+                let mut row = vec![name.clone()];
+                row.extend(POINTS.iter().map(|&p| fmt(unalloc(c, p))));
+                t.add_row(row);
+            }
+            writeln!(
+                stdout,
+                "unallocated GPU % by arrived workload % ({} nodes, {} pods, seeds {}, mean)",
+                nodes.len(),
+                pods.len(),
+                args.seeds
+            )?;
+            writeln!(stdout, "{t}")?;
+        }
+        Format::Json | Format::Yaml => {
+            let out = Output {
+                results: curves
+                    .iter()
+                    .map(|(name, c)| PolicyResult {
+                        policy: name.clone(),
+                        unallocated_pct: POINTS
+                            .iter()
+                            .map(|&p| (p.to_string(), round2(unalloc(c, p).unwrap_or(f64::NAN))))
+                            .collect(),
+                    })
+                    .collect(),
+            };
+            let text = if format == Format::Json {
+                serde_json::to_string(&out).map_err(|e| invalid(e.to_string()))?
+            } else {
+                serde_yaml::to_string(&out).map_err(|e| invalid(e.to_string()))?
+            };
+            writeln!(stdout, "{text}")?;
+        }
+    }
+    Ok(0)
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+fn write_curve(path: &Path, curves: &[(String, Vec<Option<f64>>)]) -> Result<(), CliError> {
+    let len = curves.iter().map(|c| c.1.len()).max().unwrap_or(0);
+    let mut s = String::from("arrived_pct");
+    for (n, _) in curves {
+        let _ = write!(s, ",{n}_alloc_pct");
+    }
+    s.push('\n');
+    for b in 0..len {
+        let _ = write!(s, "{b}");
+        for (_, c) in curves {
+            match c.get(b).copied().flatten() {
+                Some(v) => {
+                    let _ = write!(s, ",{v:.4}");
+                }
+                None => s.push(','),
+            }
+        }
+        s.push('\n');
+    }
+    std::fs::write(path, s).map_err(|e| invalid(format!("writing {}: {e}", path.display())))
+}
+
+fn write_plot(
+    path: &Path,
+    curves: &[(String, Vec<Option<f64>>)],
+    published: &[(String, Vec<Option<f64>>)],
+    title: &str,
+) -> Result<(), CliError> {
+    const COLORS: [&str; 8] = [
+        "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
+    ];
+    let (w, h, l, r, t, b) = (720.0, 440.0, 60.0, 180.0, 30.0, 50.0);
+    let (x0, x1) = (80.0, 130.0);
+    let all = curves.iter().chain(published);
+    let ymax = all
+        .clone()
+        .flat_map(|(_, c)| (80..=130).filter_map(|p| unalloc(c, p)))
+        .fold(5.0_f64, f64::max)
+        .ceil();
+    let px = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - r);
+    let py = |y: f64| h - b - (y / ymax) * (h - t - b);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{l}\" y=\"18\">unallocated GPU % vs arrived workload % — {title}</text>\n"
+    );
+    for k in 0..=5 {
+        let x = x0 + f64::from(k) * 10.0;
+        let _ = writeln!(s, "<line x1=\"{0}\" y1=\"{1}\" x2=\"{0}\" y2=\"{2}\" stroke=\"#ddd\"/><text x=\"{0}\" y=\"{3}\" text-anchor=\"middle\">{x}</text>", px(x), py(0.0), py(ymax), py(0.0) + 16.0);
+        let y = ymax * f64::from(k) / 5.0;
+        let _ = writeln!(s, "<line x1=\"{0}\" y1=\"{1}\" x2=\"{2}\" y2=\"{1}\" stroke=\"#ddd\"/><text x=\"{3}\" y=\"{4}\" text-anchor=\"end\">{y:.1}</text>", px(x0), py(y), px(x1), px(x0) - 6.0, py(y) + 4.0);
+    }
+    for (i, (name, c)) in all.enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let dash = if name.ends_with("(published)") {
+            " stroke-dasharray=\"5,3\""
+        } else {
+            ""
+        };
+        let pts: Vec<String> = (80..=130)
+            .filter_map(|p| unalloc(c, p).map(|y| format!("{:.1},{:.1}", px(p as f64), py(y))))
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\"{dash} points=\"{}\"/>",
+            pts.join(" ")
+        );
+        let ly = t + 16.0 * i as f64 + 10.0;
+        let _ = writeln!(s, "<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/><text x=\"{2}\" y=\"{3}\">{name}</text>", w - r + 10.0, w - r + 30.0, w - r + 36.0, ly + 4.0);
+    }
+    s.push_str("</svg>\n");
+    std::fs::write(path, s).map_err(|e| invalid(format!("writing {}: {e}", path.display())))
+}

@@ -1,0 +1,912 @@
+//! The scheduler: cluster state, placement decisions, release and preemption.
+//!
+//! Key decision: a node's evaluation for a request depends only on the node's state and the
+//! request's *shape* (everything but its identity), never on randomness, so evaluations are
+//! memoised per (shape, node) and invalidated by a per-node version counter. A placement changes
+//! one node, so a decision over thousands of nodes re-evaluates one node and compares the rest.
+//! Randomness only breaks exact ties, from a seeded splitmix64 stream.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::model::{GpuDemand, GpuKind, Node, Placement, Request, MAX_GPUS_PER_NODE, MILLI};
+use crate::policy::Policy;
+use crate::rng::SplitMix64;
+use crate::SchedError;
+
+/// Identifies a placed instance (chosen by the caller).
+pub type InstanceId = u64;
+
+/// The published simulator's normalisation constants (128 CPUs, 8 GPUs).
+const MAX_SPEC_CPU: f64 = 128_000.0;
+const MAX_SPEC_GPU: f64 = 8_000.0;
+
+/// A request compiled against the cluster's model table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Shape {
+    cpu: u64,
+    mem: u64,
+    demand: GpuDemand,
+    /// Allowed model ids as a bitmask (all ones = any).
+    models: u64,
+    passthrough: bool,
+}
+
+impl Shape {
+    fn kind_ok(&self, kind: GpuKind) -> bool {
+        match self.demand {
+            GpuDemand::None => false,
+            GpuDemand::Whole(_) if self.passthrough => kind == GpuKind::Passthrough,
+            GpuDemand::Whole(_) => {
+                matches!(kind, GpuKind::WholeOnly | GpuKind::Shareable | GpuKind::Mig)
+            }
+            GpuDemand::Fraction { .. } => !self.passthrough && kind == GpuKind::Shareable,
+        }
+    }
+
+    /// (GPUs needed, milli needed on each).
+    fn need(&self) -> (u32, u32) {
+        match self.demand {
+            GpuDemand::None => (0, 0),
+            GpuDemand::Whole(n) => (n, MILLI),
+            GpuDemand::Fraction { milli, .. } => (1, milli),
+        }
+    }
+}
+
+/// One spec of the target workload with its popularity.
+#[derive(Debug, Clone)]
+struct Spec {
+    shape: Shape,
+    p: f64,
+}
+
+/// A memoised evaluation of one node for one shape.
+#[derive(Debug, Clone, Copy, Default)]
+struct Eval {
+    version: u32,
+    fits: bool,
+    score: f64,
+    tie: f64,
+    /// GPUs to use (bitmask of indices).
+    gpus: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Instance {
+    req: Request,
+    placement: Placement,
+}
+
+/// A plan to make room for a request by evicting instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreemptionPlan {
+    pub node: usize,
+    /// Instances to evict, ascending.
+    pub victims: Vec<InstanceId>,
+    /// GPU capacity evicted, milli-GPU.
+    pub evicted_milli: u64,
+}
+
+/// Cluster state plus a policy.
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    nodes: Vec<Node>,
+    policy: Policy,
+    rng: SplitMix64,
+    models: Vec<String>,
+    /// Per node, per GPU: model id.
+    gpu_model: Vec<Vec<u8>>,
+    version: Vec<u32>,
+    specs: Vec<Spec>,
+    /// Per node, per spec: bitmask of GPUs whose model and kind suit the spec.
+    spec_elig: Vec<Vec<u64>>,
+    frag_cache: Vec<(u32, f64)>,
+    shapes: HashMap<Shape, usize>,
+    cache: Vec<Vec<Eval>>,
+    instances: BTreeMap<InstanceId, Instance>,
+}
+
+const MAX_CACHED_SHAPES: usize = 4096;
+
+impl Scheduler {
+    /// A scheduler over `nodes` (their free amounts are taken as they are).
+    pub fn new(nodes: Vec<Node>, policy: Policy, seed: u64) -> Result<Self, SchedError> {
+        let mut models: Vec<String> = Vec::new();
+        let mut gpu_model = Vec::with_capacity(nodes.len());
+        for n in &nodes {
+            if n.gpus.len() > MAX_GPUS_PER_NODE {
+                return Err(SchedError::TooManyGpus(n.name.clone()));
+            }
+            let mut ids = Vec::with_capacity(n.gpus.len());
+            for g in &n.gpus {
+                let id = match models.iter().position(|m| *m == g.model) {
+                    Some(i) => i,
+                    None => {
+                        models.push(g.model.clone());
+                        models.len() - 1
+                    }
+                };
+                if id >= 64 {
+                    return Err(SchedError::TooManyModels);
+                }
+                ids.push(id as u8);
+            }
+            gpu_model.push(ids);
+        }
+        let n = nodes.len();
+        Ok(Self {
+            nodes,
+            policy,
+            rng: SplitMix64::new(seed),
+            models,
+            gpu_model,
+            version: vec![1; n],
+            specs: Vec::new(),
+            spec_elig: vec![Vec::new(); n],
+            frag_cache: vec![(0, 0.0); n],
+            shapes: HashMap::new(),
+            cache: Vec::new(),
+            instances: BTreeMap::new(),
+        })
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The instances placed, with their placements.
+    pub fn placements(&self) -> impl Iterator<Item = (InstanceId, &Request, &Placement)> {
+        self.instances
+            .iter()
+            .map(|(id, i)| (*id, &i.req, &i.placement))
+    }
+
+    /// Sets the target workload of the fragmentation measure from a sample of requests: specs
+    /// are (CPU, GPU demand, allowed models), most popular first, kept until they cover ≥ 95%
+    /// of the sample, popularity renormalised over those kept (as FGD does). Memory is the
+    /// smallest seen for the spec (used by `gvfrag` only). Without a workload the measure uses
+    /// the request being placed as the only spec.
+    pub fn set_target_workload(&mut self, sample: &[Request]) {
+        let mut counts: HashMap<Shape, (u64, u64)> = HashMap::new();
+        for r in sample {
+            let mut s = self.compile(r);
+            let mem = s.mem;
+            s.mem = 0;
+            if let GpuDemand::Fraction { milli, .. } = s.demand {
+                s.demand = GpuDemand::Fraction { milli, vram_mib: 0 };
+            }
+            let e = counts.entry(s).or_insert((0, u64::MAX));
+            e.0 += 1;
+            e.1 = e.1.min(mem);
+        }
+        let mut list: Vec<(Shape, u64, u64)> =
+            counts.into_iter().map(|(s, (c, m))| (s, c, m)).collect();
+        list.sort_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then_with(|| shape_order(&a.0).cmp(&shape_order(&b.0)))
+        });
+        let total: u64 = list.iter().map(|x| x.1).sum();
+        let mut kept = Vec::new();
+        let mut cum = 0u64;
+        for (s, c, m) in list {
+            if total > 0 && cum * 100 >= total * 95 {
+                break;
+            }
+            cum += c;
+            let w = c as f64;
+            kept.push(Spec {
+                shape: Shape { mem: m, ..s },
+                p: w,
+            });
+        }
+        let sum: f64 = kept.iter().map(|s| s.p).sum();
+        for s in &mut kept {
+            s.p /= sum;
+        }
+        self.specs = kept;
+        self.rebuild_elig();
+        self.invalidate_all();
+    }
+
+    fn rebuild_elig(&mut self) {
+        for (i, n) in self.nodes.iter().enumerate() {
+            self.spec_elig[i] = self
+                .specs
+                .iter()
+                .map(|s| elig_mask(n, &self.gpu_model[i], &s.shape))
+                .collect();
+        }
+    }
+
+    fn invalidate_all(&mut self) {
+        for v in &mut self.version {
+            *v = v.wrapping_add(1).max(1);
+        }
+    }
+
+    fn touch(&mut self, node: usize) {
+        self.version[node] = self.version[node].wrapping_add(1).max(1);
+    }
+
+    fn compile(&self, r: &Request) -> Shape {
+        let models = if r.models.is_empty() {
+            u64::MAX
+        } else {
+            let mut m = 0u64;
+            for name in &r.models {
+                if let Some(i) = self.models.iter().position(|x| x == name) {
+                    m |= 1 << i;
+                }
+            }
+            m
+        };
+        Shape {
+            cpu: r.cpu_milli,
+            mem: r.memory_mib,
+            demand: r.gpu,
+            models,
+            passthrough: r.passthrough,
+        }
+    }
+
+    /// Picks a node and GPUs for `req` without changing any state except the tie-breaking
+    /// stream. Errors with [`SchedError::NoFit`] when no node can take it.
+    pub fn decide(&mut self, req: &Request) -> Result<Placement, SchedError> {
+        let shape = self.compile(req);
+        if let GpuDemand::Whole(0) = shape.demand {
+            return Err(SchedError::Invalid("zero whole GPUs".into()));
+        }
+        if let GpuDemand::Fraction { milli, .. } = shape.demand {
+            if milli == 0 || milli > MILLI {
+                return Err(SchedError::Invalid(
+                    "fraction must be 1..=1000 milli".into(),
+                ));
+            }
+        }
+        let sid = self.shape_id(shape);
+        let mut best: Option<(f64, f64, usize, u64)> = None;
+        let mut ties = 0u64;
+        // FGD and gvfrag keep the first (lowest-index) of equal nodes: consolidation. With
+        // uniform random ties our FGD leaves 9.9% unallocated at arrived 100% on openb default
+        // instead of the published 4.77; with first-index ties it comes within 0.2.
+        let random_ties = !matches!(self.policy, Policy::Fgd | Policy::GvFrag);
+        for n in 0..self.nodes.len() {
+            let e = self.eval_cached(sid, shape, n);
+            if !e.fits {
+                continue;
+            }
+            match best {
+                None => {
+                    best = Some((e.score, e.tie, n, e.gpus));
+                    ties = 1;
+                }
+                Some((s, t, _, _)) => {
+                    if e.score > s || (e.score == s && e.tie > t) {
+                        best = Some((e.score, e.tie, n, e.gpus));
+                        ties = 1;
+                    } else if e.score == s && e.tie == t {
+                        ties += 1;
+                        if random_ties && self.rng.below(ties) == 0 {
+                            best = Some((e.score, e.tie, n, e.gpus));
+                        }
+                    }
+                }
+            }
+        }
+        let (_, _, node, gpus) = best.ok_or(SchedError::NoFit)?;
+        Ok(self.placement_of(node, gpus, &shape))
+    }
+
+    fn placement_of(&self, node: usize, gpus: u64, shape: &Shape) -> Placement {
+        let mut out = Vec::new();
+        for g in 0..self.nodes[node].gpus.len() {
+            if gpus >> g & 1 == 1 {
+                match shape.demand {
+                    GpuDemand::Whole(_) => out.push((g, MILLI, self.nodes[node].gpus[g].vram_mib)),
+                    GpuDemand::Fraction { milli, vram_mib } => out.push((g, milli, vram_mib)),
+                    GpuDemand::None => {}
+                }
+            }
+        }
+        Placement { node, gpus: out }
+    }
+
+    /// Decides and commits.
+    pub fn place(&mut self, id: InstanceId, req: &Request) -> Result<Placement, SchedError> {
+        if self.instances.contains_key(&id) {
+            return Err(SchedError::DuplicateInstance(id));
+        }
+        let p = self.decide(req)?;
+        self.commit(id, req, p.clone())?;
+        Ok(p)
+    }
+
+    /// Records a placement (checked: it must fit now).
+    pub fn commit(
+        &mut self,
+        id: InstanceId,
+        req: &Request,
+        placement: Placement,
+    ) -> Result<(), SchedError> {
+        if self.instances.contains_key(&id) {
+            return Err(SchedError::DuplicateInstance(id));
+        }
+        let shape = self.compile(req);
+        let node = self
+            .nodes
+            .get(placement.node)
+            .ok_or(SchedError::BadPlacement("no such node"))?;
+        if node.free_cpu_milli < req.cpu_milli || node.free_memory_mib < req.memory_mib {
+            return Err(SchedError::BadPlacement("cpu or memory"));
+        }
+        let (want, _) = shape.need();
+        if placement.gpus.len() != want as usize {
+            return Err(SchedError::BadPlacement("gpu count"));
+        }
+        let mut seen = 0u64;
+        for &(g, milli, vram) in &placement.gpus {
+            let gpu = node
+                .gpus
+                .get(g)
+                .ok_or(SchedError::BadPlacement("no such gpu"))?;
+            if seen >> g & 1 == 1 {
+                return Err(SchedError::BadPlacement("gpu twice"));
+            }
+            seen |= 1 << g;
+            let model_ok = shape.models >> self.gpu_model[placement.node][g] & 1 == 1;
+            let fits = match shape.demand {
+                GpuDemand::Whole(_) => gpu.is_empty() && milli == MILLI,
+                GpuDemand::Fraction { milli: m, vram_mib } => {
+                    m == milli
+                        && vram == vram_mib
+                        && gpu.free_milli >= m
+                        && (gpu.vram_mib == 0 || gpu.free_vram_mib >= vram_mib)
+                }
+                GpuDemand::None => false,
+            };
+            if !model_ok || !shape.kind_ok(gpu.kind) || !fits {
+                return Err(SchedError::BadPlacement("gpu does not fit"));
+            }
+        }
+        let node = &mut self.nodes[placement.node];
+        node.free_cpu_milli -= req.cpu_milli;
+        node.free_memory_mib -= req.memory_mib;
+        for &(g, milli, vram) in &placement.gpus {
+            let gpu = &mut node.gpus[g];
+            gpu.free_milli -= milli;
+            gpu.free_vram_mib = gpu.free_vram_mib.saturating_sub(vram);
+        }
+        self.touch(placement.node);
+        self.instances.insert(
+            id,
+            Instance {
+                req: req.clone(),
+                placement,
+            },
+        );
+        Ok(())
+    }
+
+    /// Frees what an instance holds.
+    pub fn release(&mut self, id: InstanceId) -> Result<Placement, SchedError> {
+        let inst = self
+            .instances
+            .remove(&id)
+            .ok_or(SchedError::UnknownInstance(id))?;
+        let node = &mut self.nodes[inst.placement.node];
+        node.free_cpu_milli += inst.req.cpu_milli;
+        node.free_memory_mib += inst.req.memory_mib;
+        for &(g, milli, vram) in &inst.placement.gpus {
+            let gpu = &mut node.gpus[g];
+            gpu.free_milli += milli;
+            gpu.free_vram_mib = (gpu.free_vram_mib + vram).min(gpu.vram_mib);
+        }
+        self.touch(inst.placement.node);
+        Ok(inst.placement)
+    }
+
+    fn shape_id(&mut self, shape: Shape) -> usize {
+        if let Some(&i) = self.shapes.get(&shape) {
+            return i;
+        }
+        if self.shapes.len() >= MAX_CACHED_SHAPES {
+            self.shapes.clear();
+            self.cache.clear();
+        }
+        let i = self.shapes.len();
+        self.shapes.insert(shape, i);
+        self.cache.push(vec![Eval::default(); self.nodes.len()]);
+        i
+    }
+
+    fn eval_cached(&mut self, sid: usize, shape: Shape, n: usize) -> Eval {
+        let v = self.version[n];
+        let c = self.cache[sid][n];
+        if c.version == v {
+            return c;
+        }
+        let mut e = self.eval(&shape, n);
+        e.version = v;
+        self.cache[sid][n] = e;
+        e
+    }
+
+    /// Fragmentation of node `n` before any change (memoised per node version).
+    fn frag_now(&mut self, n: usize, shape: &Shape) -> f64 {
+        if self.specs.is_empty() {
+            let node = &self.nodes[n];
+            let frees: Vec<u32> = node.gpus.iter().map(|g| g.free_milli).collect();
+            return self.frag_single(n, shape, node.free_cpu_milli, node.free_memory_mib, &frees);
+        }
+        let v = self.version[n];
+        if self.frag_cache[n].0 == v {
+            return self.frag_cache[n].1;
+        }
+        let node = &self.nodes[n];
+        let frees: Vec<u32> = node.gpus.iter().map(|g| g.free_milli).collect();
+        let f = self.frag(n, node.free_cpu_milli, node.free_memory_mib, &frees);
+        self.frag_cache[n] = (v, f);
+        f
+    }
+
+    fn frag_any(&self, n: usize, shape: &Shape, cpu: u64, mem: u64, frees: &[u32]) -> f64 {
+        if self.specs.is_empty() {
+            self.frag_single(n, shape, cpu, mem, frees)
+        } else {
+            self.frag(n, cpu, mem, frees)
+        }
+    }
+
+    /// F_n(M) = Σ_m p_m·F_n(m): the free GPU milli that spec m cannot use on this node.
+    /// A CPU-only spec counts all free GPU milli, as the published code does (it shifts every
+    /// node's score equally, so it does not change a decision).
+    fn frag(&self, n: usize, cpu: u64, mem: u64, frees: &[u32]) -> f64 {
+        let total: u64 = frees.iter().map(|&f| u64::from(f)).sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let use_mem = self.policy == Policy::GvFrag;
+        let elig = &self.spec_elig[n];
+        let mut acc = 0.0;
+        for (s, &mask) in self.specs.iter().zip(elig) {
+            acc += s.p * spec_frag(&s.shape, mask, cpu, mem, frees, total, use_mem) as f64;
+        }
+        acc
+    }
+
+    fn frag_single(&self, n: usize, shape: &Shape, cpu: u64, mem: u64, frees: &[u32]) -> f64 {
+        let total: u64 = frees.iter().map(|&f| u64::from(f)).sum();
+        let mask = elig_mask(&self.nodes[n], &self.gpu_model[n], shape);
+        spec_frag(shape, mask, cpu, mem, frees, total, true) as f64
+    }
+
+    /// Evaluates node `n` for `shape`: whether it fits, the policy's score (higher is better),
+    /// a tie-breaker and the GPUs to use.
+    fn eval(&mut self, shape: &Shape, n: usize) -> Eval {
+        let no = Eval::default();
+        {
+            let node = &self.nodes[n];
+            if node.free_cpu_milli < shape.cpu || node.free_memory_mib < shape.mem {
+                return no;
+            }
+        }
+        let usable = usable_mask(&self.nodes[n], &self.gpu_model[n], shape);
+        let (need, _) = shape.need();
+        if usable.count_ones() < need {
+            return no;
+        }
+        let before = match self.policy {
+            Policy::Fgd | Policy::GvFrag => self.frag_now(n, shape),
+            _ => 0.0,
+        };
+        let node = &self.nodes[n];
+        let cpu_after = node.free_cpu_milli - shape.cpu;
+        let mem_after = node.free_memory_mib - shape.mem;
+        let gpu_free = node.free_gpu_milli();
+        let gpu_after = gpu_free - shape.demand.milli();
+        let mut frees: Vec<u32> = node.gpus.iter().map(|g| g.free_milli).collect();
+        let pack = |cpu_after: u64, gpu_after: u64| pack_of(node, cpu_after, gpu_after);
+        match shape.demand {
+            GpuDemand::Fraction { milli, .. } => {
+                let policy = self.policy;
+                let mut best: Option<(f64, f64, usize)> = None;
+                let mut tried: Vec<(u8, u32)> = Vec::new();
+                for g in 0..node.gpus.len() {
+                    if usable >> g & 1 == 0 {
+                        continue;
+                    }
+                    let key = (self.gpu_model[n][g], node.gpus[g].free_milli);
+                    if tried.contains(&key) {
+                        continue;
+                    }
+                    tried.push(key);
+                    let left = node.gpus[g].free_milli - milli;
+                    let (s, t) = match policy {
+                        Policy::Fgd => {
+                            frees[g] = left;
+                            let after = self.frag_any(n, shape, cpu_after, mem_after, &frees);
+                            frees[g] = node.gpus[g].free_milli;
+                            (fgd_score(before, after), 0.0)
+                        }
+                        Policy::GvFrag => {
+                            frees[g] = left;
+                            let after = self.frag_any(n, shape, cpu_after, mem_after, &frees);
+                            frees[g] = node.gpus[g].free_milli;
+                            (gv(before, after), -f64::from(left))
+                        }
+                        Policy::BestFit | Policy::Random => (-f64::from(left), 0.0),
+                        Policy::Spread => (f64::from(left), 0.0),
+                    };
+                    if best.is_none_or(|(bs, bt, _)| s > bs || (s == bs && t > bt)) {
+                        best = Some((s, t, g));
+                    }
+                }
+                let Some((gpu_s, _, g)) = best else {
+                    return no;
+                };
+                let (score, tie) = match policy {
+                    Policy::Fgd => (gpu_s, 0.0),
+                    Policy::GvFrag => (gpu_s, 0.0),
+                    Policy::BestFit => (bestfit_score(cpu_after, gpu_after), 0.0),
+                    Policy::Spread => (pack(cpu_after, gpu_after), f64::from(gpu_s as u32)),
+                    Policy::Random => (0.0, 0.0),
+                };
+                Eval {
+                    version: 0,
+                    fits: true,
+                    score,
+                    tie,
+                    gpus: 1 << g,
+                }
+            }
+            GpuDemand::Whole(k) => {
+                let gpus = choose_whole(node, usable, k);
+                let (score, tie) = match self.policy {
+                    Policy::Fgd | Policy::GvFrag => {
+                        for (g, f) in frees.iter_mut().enumerate() {
+                            if gpus >> g & 1 == 1 {
+                                *f = 0;
+                            }
+                        }
+                        let after = self.frag_any(n, shape, cpu_after, mem_after, &frees);
+                        if self.policy == Policy::Fgd {
+                            (fgd_score(before, after), 0.0)
+                        } else {
+                            (gv(before, after), -pack(cpu_after, gpu_after))
+                        }
+                    }
+                    Policy::BestFit => (bestfit_score(cpu_after, gpu_after), 0.0),
+                    Policy::Spread => (pack(cpu_after, gpu_after), 0.0),
+                    Policy::Random => (0.0, 0.0),
+                };
+                Eval {
+                    version: 0,
+                    fits: true,
+                    score,
+                    tie,
+                    gpus,
+                }
+            }
+            GpuDemand::None => {
+                let (score, tie) = match self.policy {
+                    Policy::Fgd | Policy::GvFrag => {
+                        let after = self.frag_any(n, shape, cpu_after, mem_after, &frees);
+                        if self.policy == Policy::Fgd {
+                            (fgd_score(before, after), 0.0)
+                        } else {
+                            (gv(before, after), -pack(cpu_after, gpu_after))
+                        }
+                    }
+                    Policy::BestFit => (bestfit_score(cpu_after, gpu_after), 0.0),
+                    Policy::Spread => (pack(cpu_after, gpu_after), 0.0),
+                    Policy::Random => (0.0, 0.0),
+                };
+                Eval {
+                    version: 0,
+                    fits: true,
+                    score,
+                    tie,
+                    gpus: 0,
+                }
+            }
+        }
+    }
+
+    /// The cheapest way to make room for `req` by evicting interruptible instances of strictly
+    /// lower priority: least GPU capacity evicted, then fewest instances, then lowest node
+    /// index. `Ok` with no victims when it already fits; `Err(NoFit)` when no eviction helps.
+    /// Exact for up to 12 candidate victims on a node; greedy (smallest first, then pruned)
+    /// beyond, which still frees enough but may not be the cheapest.
+    pub fn plan_preemption(&self, req: &Request) -> Result<PreemptionPlan, SchedError> {
+        let shape = self.compile(req);
+        for (n, node) in self.nodes.iter().enumerate() {
+            if fits_on(node, &self.gpu_model[n], &shape) {
+                return Ok(PreemptionPlan {
+                    node: n,
+                    victims: Vec::new(),
+                    evicted_milli: 0,
+                });
+            }
+        }
+        let mut by_node: BTreeMap<usize, Vec<(InstanceId, &Instance)>> = BTreeMap::new();
+        for (id, inst) in &self.instances {
+            if inst.req.interruptible && inst.req.priority < req.priority {
+                by_node
+                    .entry(inst.placement.node)
+                    .or_default()
+                    .push((*id, inst));
+            }
+        }
+        let mut best: Option<(u64, usize, usize, Vec<InstanceId>)> = None;
+        for (n, cands) in by_node {
+            let node = &self.nodes[n];
+            let models = &self.gpu_model[n];
+            let cost = |set: &[usize]| -> (u64, usize) {
+                (
+                    set.iter().map(|&i| cands[i].1.req.gpu.milli()).sum(),
+                    set.len(),
+                )
+            };
+            let fits_without = |set: &[usize]| -> bool {
+                let mut tmp = node.clone();
+                for &i in set {
+                    give_back(&mut tmp, cands[i].1);
+                }
+                fits_on(&tmp, models, &shape)
+            };
+            let all: Vec<usize> = (0..cands.len()).collect();
+            if !fits_without(&all) {
+                continue;
+            }
+            let chosen: Vec<usize> = if cands.len() <= 12 {
+                let mut bestset: Option<((u64, usize), Vec<usize>)> = None;
+                for mask in 1u32..(1 << cands.len()) {
+                    let set: Vec<usize> = (0..cands.len()).filter(|i| mask >> i & 1 == 1).collect();
+                    let c = cost(&set);
+                    if bestset.as_ref().is_some_and(|(bc, _)| c >= *bc) {
+                        continue;
+                    }
+                    if fits_without(&set) {
+                        bestset = Some((c, set));
+                    }
+                }
+                match bestset {
+                    Some((_, s)) => s,
+                    None => continue,
+                }
+            } else {
+                let mut order = all.clone();
+                order.sort_by_key(|&i| (cands[i].1.req.gpu.milli(), cands[i].0));
+                let mut set = Vec::new();
+                for i in order {
+                    set.push(i);
+                    if fits_without(&set) {
+                        break;
+                    }
+                }
+                let mut j = set.len();
+                while j > 0 {
+                    j -= 1;
+                    let mut trial = set.clone();
+                    trial.remove(j);
+                    if fits_without(&trial) {
+                        set = trial;
+                    }
+                }
+                set
+            };
+            let (milli, count) = cost(&chosen);
+            let better = best
+                .as_ref()
+                .is_none_or(|(bm, bc, bn, _)| (milli, count, n) < (*bm, *bc, *bn));
+            if better {
+                let mut ids: Vec<InstanceId> = chosen.iter().map(|&i| cands[i].0).collect();
+                ids.sort_unstable();
+                best = Some((milli, count, n, ids));
+            }
+        }
+        let (evicted_milli, _, node, victims) = best.ok_or(SchedError::NoFit)?;
+        Ok(PreemptionPlan {
+            node,
+            victims,
+            evicted_milli,
+        })
+    }
+
+    /// Carries out a plan in the model: releases the victims and places `req` on the plan's
+    /// node (the engine stops the victims first, then calls this).
+    pub fn place_with_plan(
+        &mut self,
+        id: InstanceId,
+        req: &Request,
+        plan: &PreemptionPlan,
+    ) -> Result<Placement, SchedError> {
+        for v in &plan.victims {
+            self.release(*v)?;
+        }
+        let shape = self.compile(req);
+        let e = self.eval(&shape, plan.node);
+        if !e.fits {
+            return Err(SchedError::NoFit);
+        }
+        let p = self.placement_of(plan.node, e.gpus, &shape);
+        self.commit(id, req, p.clone())?;
+        Ok(p)
+    }
+}
+
+fn pack_of(node: &Node, cpu_after: u64, gpu_after: u64) -> f64 {
+    let c = cpu_after as f64 / node.cpu_milli.max(1) as f64;
+    let g = if node.gpus.is_empty() {
+        1.0
+    } else {
+        gpu_after as f64 / node.total_gpu_milli() as f64
+    };
+    0.5 * c + 0.5 * g
+}
+
+fn shape_order(s: &Shape) -> (u64, u64, u32, u32, u64) {
+    let (n, m) = s.need();
+    (s.cpu, s.mem, n, m, s.models)
+}
+
+/// gvfrag compares fragmentation moves at the published score's resolution (about 1/25 GPU
+/// near zero): finer differences are noise from the popularity estimate, and treating them as
+/// equal lets consolidation decide (measured: exact deltas leave ~1.4 points more unallocated).
+fn gv(before: f64, after: f64) -> f64 {
+    fgd_score(before, after)
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The published FGD score: `int64(sigmoid((before − after)/1000) · 100)`.
+fn fgd_score(before: f64, after: f64) -> f64 {
+    (sigmoid((before - after) / 1000.0) * 100.0).trunc()
+}
+
+/// The published best-fit score: `int64((1 − Σ w_i·free_after_i/maxspec_i) · 100)`.
+fn bestfit_score(cpu_after: u64, gpu_after: u64) -> f64 {
+    let s = 0.5 * cpu_after as f64 / MAX_SPEC_CPU + 0.5 * gpu_after as f64 / MAX_SPEC_GPU;
+    ((1.0 - s) * 100.0).trunc()
+}
+
+/// GPUs whose model and kind suit `shape` (regardless of what is free).
+fn elig_mask(node: &Node, models: &[u8], shape: &Shape) -> u64 {
+    let mut m = 0u64;
+    for (g, gpu) in node.gpus.iter().enumerate() {
+        if shape.models >> models[g] & 1 == 1 && shape.kind_ok(gpu.kind) {
+            m |= 1 << g;
+        }
+    }
+    m
+}
+
+/// GPUs that can take (their part of) `shape` now.
+fn usable_mask(node: &Node, models: &[u8], shape: &Shape) -> u64 {
+    let mut m = 0u64;
+    for (g, gpu) in node.gpus.iter().enumerate() {
+        if shape.models >> models[g] & 1 == 0 || !shape.kind_ok(gpu.kind) {
+            continue;
+        }
+        let ok = match shape.demand {
+            GpuDemand::None => false,
+            GpuDemand::Whole(_) => gpu.is_empty(),
+            GpuDemand::Fraction { milli, vram_mib } => {
+                gpu.free_milli >= milli && (gpu.vram_mib == 0 || gpu.free_vram_mib >= vram_mib)
+            }
+        };
+        if ok {
+            m |= 1 << g;
+        }
+    }
+    m
+}
+
+fn fits_on(node: &Node, models: &[u8], shape: &Shape) -> bool {
+    node.free_cpu_milli >= shape.cpu
+        && node.free_memory_mib >= shape.mem
+        && usable_mask(node, models, shape).count_ones() >= shape.need().0
+}
+
+fn give_back(node: &mut Node, inst: &Instance) {
+    node.free_cpu_milli += inst.req.cpu_milli;
+    node.free_memory_mib += inst.req.memory_mib;
+    for &(g, milli, vram) in &inst.placement.gpus {
+        if let Some(gpu) = node.gpus.get_mut(g) {
+            gpu.free_milli += milli;
+            gpu.free_vram_mib = (gpu.free_vram_mib + vram).min(gpu.vram_mib);
+        }
+    }
+}
+
+/// F_n(m) for one spec.
+fn spec_frag(
+    s: &Shape,
+    elig: u64,
+    cpu: u64,
+    mem: u64,
+    frees: &[u32],
+    total: u64,
+    use_mem: bool,
+) -> u64 {
+    let (need, milli) = s.need();
+    if need == 0 || cpu < s.cpu || (use_mem && mem < s.mem) {
+        return total;
+    }
+    let mut count = 0u32;
+    let mut small = 0u64;
+    for (g, &f) in frees.iter().enumerate() {
+        if elig >> g & 1 == 1 && f >= milli {
+            count += 1;
+        } else {
+            small += u64::from(f);
+        }
+    }
+    if count >= need {
+        small
+    } else {
+        total
+    }
+}
+
+/// Picks `k` GPUs from `usable`: the set with the most NVLink links inside it, then the most
+/// GPUs on one NUMA node, then the lowest indices. Without topology this is the first `k`.
+fn choose_whole(node: &Node, usable: u64, k: u32) -> u64 {
+    let idx: Vec<usize> = (0..node.gpus.len())
+        .filter(|&g| usable >> g & 1 == 1)
+        .collect();
+    let first: u64 = idx.iter().take(k as usize).fold(0, |m, &g| m | 1 << g);
+    let topo = idx
+        .iter()
+        .any(|&g| node.gpus[g].nvlink_peers != 0 || node.gpus[g].numa.is_some());
+    if !topo || k <= 1 {
+        return first;
+    }
+    let quality = |set: u64| -> (u32, u32) {
+        let mut links = 0;
+        let mut numa: BTreeMap<u32, u32> = BTreeMap::new();
+        for &g in &idx {
+            if set >> g & 1 == 1 {
+                links += (node.gpus[g].nvlink_peers & set).count_ones();
+                if let Some(z) = node.gpus[g].numa {
+                    *numa.entry(z).or_default() += 1;
+                }
+            }
+        }
+        (links, numa.values().copied().max().unwrap_or(0))
+    };
+    let mut best = (quality(first), first);
+    // Greedy growth from every start: add the usable GPU with most links into the set, then
+    // one on the start's NUMA node, then the lowest index.
+    for &start in &idx {
+        let mut set = 1u64 << start;
+        while set.count_ones() < k {
+            let pick = idx
+                .iter()
+                .filter(|&&g| set >> g & 1 == 0)
+                .max_by_key(|&&g| {
+                    let links = (node.gpus[g].nvlink_peers & set).count_ones();
+                    let same = u32::from(
+                        node.gpus[g].numa.is_some() && node.gpus[g].numa == node.gpus[start].numa,
+                    );
+                    (links, same, std::cmp::Reverse(g))
+                })
+                .copied();
+            match pick {
+                Some(g) => set |= 1 << g,
+                None => break,
+            }
+        }
+        let q = quality(set);
+        if set.count_ones() == k && q > best.0 {
+            best = (q, set);
+        }
+    }
+    best.1
+}

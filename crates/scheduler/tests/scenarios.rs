@@ -1,0 +1,220 @@
+//! Snapshot tests: small hand-made clusters with the placements we expect, written out.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use gpuvisor_scheduler::{
+    Gpu, GpuDemand, GpuKind, Node, Placement, Policy, PreemptionPlan, Request, Scheduler,
+};
+
+fn node(name: &str, gpus: usize) -> Node {
+    Node::new(
+        name,
+        32_000,
+        131_072,
+        (0..gpus)
+            .map(|_| Gpu::new("A100", 40_960, GpuKind::Shareable))
+            .collect(),
+    )
+}
+
+fn frac(milli: u32) -> Request {
+    Request {
+        cpu_milli: 1000,
+        memory_mib: 1024,
+        gpu: GpuDemand::Fraction { milli, vram_mib: 0 },
+        ..Request::default()
+    }
+}
+
+fn whole(n: u32) -> Request {
+    Request {
+        cpu_milli: 1000,
+        memory_mib: 1024,
+        gpu: GpuDemand::Whole(n),
+        ..Request::default()
+    }
+}
+
+#[test]
+fn bestfit_packs_fractions_onto_the_fullest_gpu() {
+    let mut s = Scheduler::new(vec![node("a", 2), node("b", 2)], Policy::BestFit, 1).unwrap();
+    let p1 = s.place(1, &frac(500)).unwrap();
+    let p2 = s.place(2, &frac(300)).unwrap();
+    assert_eq!(p2.node, p1.node);
+    assert_eq!(p2.gpus, vec![(p1.gpus[0].0, 300, 0)]);
+}
+
+#[test]
+fn spread_uses_an_empty_node() {
+    let mut s = Scheduler::new(vec![node("a", 2), node("b", 2)], Policy::Spread, 1).unwrap();
+    let p1 = s.place(1, &frac(500)).unwrap();
+    let p2 = s.place(2, &frac(500)).unwrap();
+    assert_ne!(p1.node, p2.node);
+}
+
+#[test]
+fn frag_policies_keep_a_whole_node_for_a_big_request() {
+    // Target workload: mostly 1-GPU, some 4-GPU. A 1-GPU request should go to the 2-GPU node
+    // so that the 4-GPU node stays whole.
+    for policy in [Policy::Fgd, Policy::GvFrag] {
+        let mut s = Scheduler::new(vec![node("four", 4), node("two", 2)], policy, 3).unwrap();
+        let sample: Vec<Request> = (0..9).map(|_| whole(1)).chain([whole(4)]).collect();
+        s.set_target_workload(&sample);
+        let p = s.place(1, &whole(1)).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                node: 1,
+                gpus: vec![(0, 1000, 40_960)]
+            },
+            "{policy}"
+        );
+        let p = s.place(2, &whole(4)).unwrap();
+        assert_eq!(p.node, 0);
+    }
+}
+
+#[test]
+fn gvfrag_avoids_stranding_gpus_behind_memory() {
+    // Both nodes can take the CPU-only request; on "small" it would use the memory the GPU
+    // workload needs, stranding its GPU. FGD ignores memory; gvfrag does not.
+    let mut small = node("small", 1);
+    small.memory_mib = 40_000;
+    small.free_memory_mib = 40_000;
+    let mut big = Node::new("big", 32_000, 262_144, vec![]);
+    big.name = "cpu".into();
+    let gpu_pod = Request {
+        memory_mib: 30_000,
+        ..whole(1)
+    };
+    let cpu_pod = Request {
+        cpu_milli: 1000,
+        memory_mib: 20_000,
+        ..Request::default()
+    };
+    let mut s = Scheduler::new(vec![small, big], Policy::GvFrag, 1).unwrap();
+    s.set_target_workload(&[gpu_pod.clone(), gpu_pod.clone(), cpu_pod.clone()]);
+    assert_eq!(s.place(1, &cpu_pod).unwrap().node, 1);
+    assert_eq!(s.place(2, &gpu_pod).unwrap().node, 0);
+}
+
+#[test]
+fn multi_gpu_prefers_nvlink_then_numa() {
+    let mut gpus: Vec<Gpu> = (0..4)
+        .map(|_| Gpu::new("H100", 81_920, GpuKind::WholeOnly))
+        .collect();
+    // NVLink pairs (0,3) and (1,2); NUMA 0 = {0,1}, 1 = {2,3}.
+    gpus[0].nvlink_peers = 1 << 3;
+    gpus[3].nvlink_peers = 1;
+    gpus[1].nvlink_peers = 1 << 2;
+    gpus[2].nvlink_peers = 1 << 1;
+    for (i, g) in gpus.iter_mut().enumerate() {
+        g.numa = Some((i / 2) as u32);
+    }
+    let mut s = Scheduler::new(
+        vec![Node::new("h", 64_000, 524_288, gpus)],
+        Policy::BestFit,
+        1,
+    )
+    .unwrap();
+    let p = s.place(1, &whole(2)).unwrap();
+    let mut idx: Vec<usize> = p.gpus.iter().map(|g| g.0).collect();
+    idx.sort_unstable();
+    assert_eq!(idx, vec![0, 3]);
+}
+
+#[test]
+fn model_constraint_and_kinds() {
+    let mut t4 = node("t4", 1);
+    t4.gpus[0].model = "T4".into();
+    let mut mig = node("mig", 1);
+    mig.gpus[0].kind = GpuKind::Mig;
+    let mut s = Scheduler::new(vec![t4, mig], Policy::BestFit, 1).unwrap();
+    let want_t4 = Request {
+        models: vec!["T4".into()],
+        ..frac(100)
+    };
+    assert_eq!(s.place(1, &want_t4).unwrap().node, 0);
+    // A fraction never lands on a MIG slice; a whole request may.
+    let mut s2 = Scheduler::new(
+        vec![node("x", 0), {
+            let mut m = node("mig", 1);
+            m.gpus[0].kind = GpuKind::Mig;
+            m
+        }],
+        Policy::BestFit,
+        1,
+    )
+    .unwrap();
+    assert!(s2.place(1, &frac(100)).is_err());
+    assert_eq!(s2.place(2, &whole(1)).unwrap().node, 1);
+}
+
+#[test]
+fn preemption_picks_the_cheapest_victims() {
+    let mut s = Scheduler::new(vec![node("a", 2), node("b", 2)], Policy::BestFit, 1).unwrap();
+    let spot = |milli: u32, priority: u32| Request {
+        priority,
+        interruptible: true,
+        ..frac(milli)
+    };
+    // Best-fit stacks them on node a: GPU0 = 600 (id 1) + 300 (id 3), GPU1 = 600 (id 2) + 300
+    // (id 4); on-demand fractions then fill node b.
+    let mut id = 0;
+    for (m, prio) in [(600, 0), (600, 0), (300, 0), (300, 0)] {
+        id += 1;
+        s.place(id, &spot(m, prio)).unwrap();
+    }
+    // Fill the rest with on-demand, priority 1, not interruptible.
+    let od = Request {
+        priority: 1,
+        ..frac(400)
+    };
+    while s.place(id + 1, &od).is_ok() {
+        id += 1;
+    }
+    let on_demand = Request {
+        priority: 1,
+        ..whole(1)
+    };
+    assert!(s.place(100, &on_demand).is_err());
+    let plan = s.plan_preemption(&on_demand).unwrap();
+    // A whole GPU needs one of node a's GPUs emptied: 900 milli, two victims, the first GPU.
+    assert_eq!(
+        plan,
+        PreemptionPlan {
+            node: 0,
+            victims: vec![1, 3],
+            evicted_milli: 900
+        }
+    );
+    let p = s.place_with_plan(100, &on_demand, &plan).unwrap();
+    assert_eq!(p.node, plan.node);
+}
+
+#[test]
+fn preemption_never_evicts_equal_priority() {
+    let mut s = Scheduler::new(vec![node("a", 1)], Policy::GvFrag, 1).unwrap();
+    let spot = Request {
+        priority: 1,
+        interruptible: true,
+        ..whole(1)
+    };
+    s.place(1, &spot).unwrap();
+    let same = Request {
+        priority: 1,
+        ..whole(1)
+    };
+    assert!(s.plan_preemption(&same).is_err());
+    let higher = Request {
+        priority: 2,
+        ..whole(1)
+    };
+    assert_eq!(
+        s.plan_preemption(&higher).unwrap(),
+        PreemptionPlan {
+            node: 0,
+            victims: vec![1],
+            evicted_milli: 1000
+        }
+    );
+}
