@@ -104,11 +104,14 @@ def main():
         for name in rc_names:
             subprocess.run([a.runc, "--root", RUNC_ROOT, "delete", "-f", name],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        cleanup_baseline(base, netns)
+        left = [f"runc container {c}" for c in runc_list(a.runc)]
+        cleanup_baseline(a.runc, base, netns)
         n, failed = gb.terminate_all(d)
         d.stop()
-        left = gb.leftovers(a.data_dir, gv_ids) + gb.leftovers(base, [])
-        left += [f"runc container {c}" for c in runc_list(a.runc)]
+        left += gb.leftovers(a.data_dir, gv_ids) + gb.leftovers(base, [])
+        left += [f"netns {ns}" for ns in netns if os.path.exists(f"/var/run/netns/{ns}")]
+        if os.path.exists(RUNC_ROOT):
+            left.append(RUNC_ROOT)
         gb.remove_data_dir(a.data_dir)
         gb.log(f"terminated {n} instances ({len(failed)} failures); leftovers: {left or 'none'}")
 
@@ -157,7 +160,7 @@ def runc_list(runc):
     return r.stdout.split() if r.returncode == 0 else []
 
 
-def cleanup_baseline(base, netns):
+def cleanup_baseline(runc, base, netns):
     for ns in netns:
         subprocess.run(["ip", "netns", "delete", ns], stderr=subprocess.DEVNULL)
     if os.path.isdir(base):
@@ -180,8 +183,9 @@ def cleanup_baseline(base, netns):
                 os.rmdir(p)
             except OSError:
                 pass
-    if not runc_list("runc"):
-        shutil.rmtree(RUNC_ROOT, ignore_errors=True)
+    # `runc list` would make the root again: only remove it once it holds no container
+    if os.path.isdir(RUNC_ROOT) and not [e for e in os.listdir(RUNC_ROOT)]:
+        os.rmdir(RUNC_ROOT)
 
 
 def report(a, samples, load):

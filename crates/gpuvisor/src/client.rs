@@ -234,6 +234,21 @@ impl Client {
         self.get(&format!("/instances/{}", segment(id_or_name)))
     }
 
+    /// Long-polls: answers when the instance's `updated_at` is no longer `since`, or after
+    /// `timeout` with the unchanged instance.
+    pub fn watch_instance(
+        &self,
+        id: &str,
+        since: i64,
+        timeout: std::time::Duration,
+    ) -> Result<Instance> {
+        self.get(&format!(
+            "/instances/{}?since={since}&timeout_ms={}",
+            segment(id),
+            timeout.as_millis()
+        ))
+    }
+
     /// Asks for termination; the answer comes before the instance is gone.
     pub fn terminate_instance(&self, id_or_name: &str) -> Result<Instance> {
         self.delete(&format!("/instances/{}", segment(id_or_name)))

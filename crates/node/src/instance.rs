@@ -324,6 +324,38 @@ impl Node {
             .collect())
     }
 
+    /// Ids of instances whose container is running: the init pid the runtime wrote to the
+    /// bundle's pid file is alive, not a zombie, and in the instance's cgroup (so a recycled pid
+    /// is not mistaken for it). Spawns no process: the reconciler calls this every second, and
+    /// `runc list` would cost about a millisecond per container.
+    pub fn running(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("bundles")) else {
+            return out;
+        };
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let proc_dir = self.cfg.root.path(format!("/proc/{pid}"));
+            let stat = std::fs::read_to_string(proc_dir.join("stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']));
+            let ours = std::fs::read_to_string(proc_dir.join("cgroup"))
+                .is_ok_and(|cg| cg.contains(&format!("/{}/{id}", cgroup::PARENT)));
+            if !stat.is_empty() && !zombie && ours {
+                out.insert(id);
+            }
+        }
+        out
+    }
+
     /// Instance ids with host objects, split into those with a trace in *this* daemon's data
     /// dir or runtime root (certainly ours) and those seen only in host-wide namespaces
     /// (cgroups, netns, veths), which may belong to another gpuvisor on the same host.

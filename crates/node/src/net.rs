@@ -63,6 +63,10 @@ const NETNS_PREFIX: &str = "gv-";
 /// Serialises check-then-create sequences (iptables rules, bridges) within this process.
 static HOST_LOCK: Mutex<()> = Mutex::new(());
 
+/// Tenant slots whose bridge, address and accept rule this process has fully set up.
+static ENSURED_TENANTS: Mutex<std::collections::BTreeSet<u32>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
 #[derive(Debug, Error)]
 pub enum NetError {
     #[error(transparent)]
@@ -307,6 +311,12 @@ impl Network {
         let slot = check_slot(net)?;
         let bridge = net.bridge();
         let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        // Fast path: this process already set the bridge and its rule up and the bridge is
+        // still there; saves five tool runs per instance create.
+        let mut ensured = ENSURED_TENANTS.lock().unwrap_or_else(|p| p.into_inner());
+        if ensured.contains(&u32::from(slot)) && link_exists(&bridge) {
+            return Ok(());
+        }
         if !link_exists(&bridge) {
             // A fixed address: a bridge otherwise takes the lowest port's, which changes as
             // instances come and go and makes neighbours' ARP entries for the gateway stale.
@@ -324,6 +334,7 @@ impl Network {
         ip(["link", "set", &bridge, "up"])?;
         ensure_chain("filter", FWD_CHAIN)?;
         ensure_rule("filter", FWD_CHAIN, &bridge_accept_rule(&bridge), true)?;
+        ensured.insert(u32::from(slot));
         Ok(())
     }
 

@@ -73,6 +73,8 @@ pub struct Engine {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) wake: Notify,
     last_ts: AtomicI64,
+    /// Bumped on every instance state change; long-polling readers wait on it.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 pub const ADMIN_TENANT: &str = "admin";
@@ -118,6 +120,7 @@ impl Engine {
             locks: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             last_ts: AtomicI64::new(0),
+            changed: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -141,6 +144,51 @@ impl Engine {
             {
                 Ok(_) => return next,
                 Err(p) => prev = p,
+            }
+        }
+    }
+
+    /// Records an observed state; `updated_at` comes from [`Engine::tick`], so every change is
+    /// visible to a reader that compares timestamps.
+    pub(crate) async fn set_state(
+        &self,
+        id: &str,
+        st: InstanceState,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        self.store.set_state(id, st, reason, self.tick()).await?;
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    pub(crate) async fn set_desired_state(&self, id: &str, desired: InstanceState) -> Result<()> {
+        self.store.set_desired(id, desired, self.tick()).await?;
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// Answers the instance as soon as its `updated_at` differs from `since`, or at `timeout`:
+    /// `--wait` costs one request per state change instead of a polling loop.
+    pub async fn watch_instance(
+        &self,
+        who: &Principal,
+        id: &str,
+        since: i64,
+        timeout: Duration,
+    ) -> Result<wire::Instance> {
+        let deadline = tokio::time::Instant::now() + timeout.min(Duration::from_secs(30));
+        let mut rx = self.changed.subscribe();
+        loop {
+            rx.mark_unchanged();
+            let row = self.find(who, id).await?;
+            if row.updated_at != since {
+                return self.wire_instance(row).await;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return self.wire_instance(row).await;
             }
         }
     }
@@ -635,6 +683,10 @@ impl Engine {
 
     pub(crate) async fn wire_instance(&self, i: InstanceRow) -> Result<wire::Instance> {
         let tenant = self.store.tenant(&i.tenant_id).await?;
+        Ok(self.wire_instance_of(i, tenant.as_ref()))
+    }
+
+    fn wire_instance_of(&self, i: InstanceRow, tenant: Option<&TenantRow>) -> wire::Instance {
         let ip = tenant.map(|t| {
             self.node
                 .net
@@ -644,10 +696,10 @@ impl Engine {
                 )
                 .to_string()
         });
-        Ok(wire::Instance {
+        wire::Instance {
             id: i.id,
             name: i.name,
-            tenant: i.tenant_id,
+            tenant: tenant.map(|t| t.name.clone()).unwrap_or(i.tenant_id),
             image: i.image,
             state: i.state,
             reason: i.reason,
@@ -664,7 +716,7 @@ impl Engine {
             ip,
             created_at: i.created_at,
             updated_at: i.updated_at,
-        })
+        }
     }
 
     /// Validates, places and records a new instance; the reconciler provisions it.
@@ -787,7 +839,7 @@ impl Engine {
                 }
             }
         }
-        let now = now_ms();
+        let now = self.tick();
         let command = if req.command.is_empty() {
             image.command.clone()
         } else {
@@ -877,11 +929,24 @@ impl Engine {
     }
 
     pub async fn list_instances(&self, who: &Principal) -> Result<Vec<wire::Instance>> {
-        let mut out = Vec::new();
-        for r in self.store.live_instances(who.scope()).await? {
-            out.push(self.wire_instance(r).await?);
-        }
-        Ok(out)
+        // One tenants query for the whole list, not one per instance.
+        let tenants: BTreeMap<String, TenantRow> = self
+            .store
+            .tenants()
+            .await?
+            .into_iter()
+            .map(|t| (t.id.clone(), t))
+            .collect();
+        Ok(self
+            .store
+            .live_instances(who.scope())
+            .await?
+            .into_iter()
+            .map(|r| {
+                let t = tenants.get(&r.tenant_id);
+                self.wire_instance_of(r, t)
+            })
+            .collect())
     }
 
     async fn set_desired(
@@ -915,17 +980,15 @@ impl Engine {
             )));
         }
         if row.desired != desired {
-            self.store.set_desired(&row.id, desired, now_ms()).await?;
+            self.set_desired_state(&row.id, desired).await?;
             if desired == InstanceState::Running && row.state == InstanceState::Failed {
-                self.store
-                    .set_state(&row.id, InstanceState::Pending, None, now_ms())
+                self.set_state(&row.id, InstanceState::Pending, None)
                     .await?;
             }
             self.event(&row.id, "requested", format!("{desired} requested"))
                 .await;
         } else if desired == InstanceState::Running && row.state == InstanceState::Failed {
-            self.store
-                .set_state(&row.id, InstanceState::Pending, None, now_ms())
+            self.set_state(&row.id, InstanceState::Pending, None)
                 .await?;
             self.event(&row.id, "requested", "retry requested").await;
         }

@@ -3,12 +3,12 @@
 //! towards it under the instance's lock. At start-up and every few seconds it also sweeps host
 //! objects that no live instance owns (what a crash mid-create or mid-terminate leaves behind).
 
-use super::{now_ms, Engine};
+use super::Engine;
 use crate::error::{EngineError, Result};
 use crate::store::InstanceRow;
 use gpuvisor_node::InstancePlan;
 use gpuvisor_wire::InstanceState as S;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,16 +23,14 @@ enum Step {
     Terminate,
 }
 
-fn step(i: &InstanceRow, containers: &BTreeMap<String, String>) -> Option<Step> {
+fn step(i: &InstanceRow, running: &BTreeSet<String>) -> Option<Step> {
     match (i.desired, i.state) {
         (S::Terminated, S::Terminated) => None,
         (S::Terminated, _) => Some(Step::Terminate),
         (S::Stopped, S::Pending | S::Provisioning | S::Running | S::Stopping) => Some(Step::Stop),
         (S::Running, S::Pending | S::Provisioning | S::Stopped) => Some(Step::Provision),
-        (S::Running, S::Running) => match containers.get(&i.id).map(String::as_str) {
-            Some("running") | Some("paused") => None,
-            _ => Some(Step::Exited),
-        },
+        (S::Running, S::Running) if running.contains(&i.id) => None,
+        (S::Running, S::Running) => Some(Step::Exited),
         (S::Running, S::Stopping) => Some(Step::Stop),
         _ => None,
     }
@@ -82,9 +80,9 @@ impl Engine {
             return Ok(());
         }
         let node = self.node.clone();
-        let containers = blocking(move || node.containers()).await??;
+        let running = blocking(move || node.running()).await?;
         for i in live {
-            let Some(step) = step(&i, &containers) else {
+            let Some(step) = step(&i, &running) else {
                 continue;
             };
             let lock = self.lock_for(&i.id);
@@ -143,7 +141,7 @@ impl Engine {
         kind: &str,
         msg: String,
     ) -> Result<()> {
-        self.store.set_state(id, st, reason, now_ms()).await?;
+        self.set_state(id, st, reason).await?;
         self.event(id, kind, msg).await;
         Ok(())
     }
@@ -209,7 +207,7 @@ impl Engine {
                     return Ok(());
                 }
                 self.teardown(&id, false).await?;
-                self.store.set_desired(&id, S::Stopped, now_ms()).await?;
+                self.set_desired_state(&id, S::Stopped).await?;
                 self.set(
                     &id,
                     S::Stopped,
@@ -316,9 +314,8 @@ mod tests {
 
     #[test]
     fn steps_follow_desired_state() {
-        let none = BTreeMap::new();
-        let mut running = BTreeMap::new();
-        running.insert("aaaaaaaaaaaa".to_string(), "running".to_string());
+        let none = BTreeSet::new();
+        let running = BTreeSet::from(["aaaaaaaaaaaa".to_string()]);
         assert_eq!(
             step(&row(S::Running, S::Pending), &none),
             Some(Step::Provision)
