@@ -541,6 +541,23 @@ mod tests {
         assert_eq!(REGION_BYTES % 64, 0);
     }
 
+    /// `bench/limiter_gpu.py` (the GPU check, which has only Python on the GPU machine) writes
+    /// regions and samples at these offsets; keep them in step.
+    #[test]
+    fn offsets_used_by_the_python_gpu_check() {
+        use std::mem::offset_of;
+        assert_eq!(offset_of!(Layout, devices), 64);
+        assert_eq!(offset_of!(Layout, slots), 64 + MAX_DEVICES * 256);
+        assert_eq!(offset_of!(DeviceState, used), 8);
+        assert_eq!(offset_of!(DeviceState, share_bp), 64);
+        assert_eq!(offset_of!(DeviceState, util_bp), 68);
+        assert_eq!(offset_of!(DeviceState, high_util_bp), 72);
+        assert_eq!(offset_of!(DeviceState, sample_seq), 80);
+        assert_eq!(offset_of!(DeviceState, interval_ns), 136);
+        assert_eq!(offset_of!(DeviceState, launches), 200);
+        assert_eq!(REGION_BYTES, 64 + MAX_DEVICES * 256 + MAX_SLOTS * 128);
+    }
+
     #[test]
     fn create_open_charge_reclaim() {
         let dir = tempfile::tempdir().unwrap();

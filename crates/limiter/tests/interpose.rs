@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use gpuvisor_limiter::config::{Config, ENV_PATH};
@@ -95,6 +95,18 @@ fn harness() -> &'static Harness {
     })
 }
 
+/// The rate test measures wall-clock behaviour on a 2-core CI machine: it runs alone (write
+/// lock); the other tests of this file run alongside each other (read lock).
+static LOAD: RwLock<()> = RwLock::new(());
+
+fn shared() -> RwLockReadGuard<'static, ()> {
+    LOAD.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn alone() -> RwLockWriteGuard<'static, ()> {
+    LOAD.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One instance: its region and config, as the daemon would make them.
 struct Instance {
     _dir: tempfile::TempDir,
@@ -170,6 +182,7 @@ impl Instance {
 
 #[test]
 fn quota_is_exact_at_the_boundary_and_frees_give_it_back() {
+    let _load = shared();
     let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
     i.run(&["boundary", &(64 * MIB).to_string()]);
     assert_eq!(i.used(), 0);
@@ -178,6 +191,7 @@ fn quota_is_exact_at_the_boundary_and_frees_give_it_back() {
 
 #[test]
 fn every_allocation_and_launch_path_is_counted_on_every_route() {
+    let _load = shared();
     let i = Instance::new(256 * MIB, FULL_SHARE_BP, Priority::High, 0);
     for route in ["dlsym", "gpa11", "gpa12", "gpa13", "gpa12ptds", "gpa13ptds"] {
         let before = i.launches();
@@ -194,6 +208,7 @@ fn every_allocation_and_launch_path_is_counted_on_every_route() {
 
 #[test]
 fn cuda_2x_abis_with_32_bit_pointers_are_counted() {
+    let _load = shared();
     let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
     i.run(&["v1"]);
     assert_eq!(i.used(), 0);
@@ -201,6 +216,7 @@ fn cuda_2x_abis_with_32_bit_pointers_are_counted() {
 
 #[test]
 fn eight_processes_share_one_quota_exactly() {
+    let _load = shared();
     const CHUNK: u64 = 4096;
     const N: u64 = 2000;
     let i = Instance::new(N * CHUNK, FULL_SHARE_BP, Priority::High, 0);
@@ -253,6 +269,7 @@ fn spawn_holder(i: &Instance, bytes: u64) -> std::process::Child {
 
 #[test]
 fn a_sigkilled_process_usage_is_reclaimed_by_the_next_process() {
+    let _load = shared();
     let q = 64 * MIB;
     let i = Instance::new(q, FULL_SHARE_BP, Priority::High, 0);
     let mut c = spawn_holder(&i, 40 * MIB);
@@ -267,6 +284,7 @@ fn a_sigkilled_process_usage_is_reclaimed_by_the_next_process() {
 
 #[test]
 fn the_daemon_can_reclaim_a_sigkilled_process() {
+    let _load = shared();
     let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
     let mut c = spawn_holder(&i, 10 * MIB);
     assert_eq!(
@@ -283,6 +301,7 @@ fn the_daemon_can_reclaim_a_sigkilled_process() {
 
 #[test]
 fn a_forked_child_gets_its_own_slot() {
+    let _load = shared();
     let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
     i.run(&["fork"]);
     // The child _exit()ed holding 500 bytes (no destructors): reclaimable, never stale.
@@ -292,6 +311,7 @@ fn a_forked_child_gets_its_own_slot() {
 
 #[test]
 fn nvml_reports_the_quota() {
+    let _load = shared();
     let q = 32 * MIB;
     let i = Instance::new(q, FULL_SHARE_BP, Priority::High, 0);
     i.run(&["nvml", &q.to_string()]);
@@ -299,6 +319,7 @@ fn nvml_reports_the_quota() {
 
 #[test]
 fn the_context_footprint_is_charged_once_per_process() {
+    let _load = shared();
     let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, MIB);
     i.run(&["ctx", &MIB.to_string()]);
     assert_eq!(i.used(), 0);
@@ -306,6 +327,7 @@ fn the_context_footprint_is_charged_once_per_process() {
 
 #[test]
 fn without_config_nothing_is_limited() {
+    let _load = shared();
     let i = Instance::new(MIB, FULL_SHARE_BP, Priority::High, 0);
     let h = harness();
     let out = Command::new(&h.bin)
@@ -355,6 +377,7 @@ fn rate(i: &Instance, secs: f64) -> f64 {
 
 #[test]
 fn a_throttled_instance_launch_rate_follows_its_share() {
+    let _load = alone();
     let dir = tempfile::tempdir().unwrap();
     let busy = dir.path().join("busy");
     std::fs::File::create(&busy)
@@ -369,10 +392,11 @@ fn a_throttled_instance_launch_rate_follows_its_share() {
     };
     let mut full = Instance::new(MIB, FULL_SHARE_BP, Priority::High, 0);
     fake_env(&mut full);
-    let unthrottled = rate(&full, 2.0);
-    assert!(unthrottled > 100.0, "unthrottled rate {unthrottled}");
 
     for share in [2500u32, 5000] {
+        // Measured next to each throttled run, so both see the same machine load.
+        let unthrottled = rate(&full, 2.0);
+        assert!(unthrottled > 100.0, "unthrottled rate {unthrottled}");
         let mut i = Instance::new(MIB, share, Priority::High, 0);
         fake_env(&mut i);
         let stop = Arc::new(AtomicBool::new(false));
