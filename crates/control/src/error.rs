@@ -19,6 +19,8 @@ pub enum EngineError {
     #[error("{0}")]
     InvalidState(String),
     #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
@@ -40,6 +42,7 @@ impl EngineError {
             Self::InsufficientResources(_) => code::INSUFFICIENT_RESOURCES,
             Self::InUse(_) => code::IN_USE,
             Self::InvalidState(_) => code::INVALID_STATE,
+            Self::Unavailable(_) => code::UNAVAILABLE,
             Self::Unauthorized(_) => code::UNAUTHORIZED,
             Self::Forbidden(_) => code::FORBIDDEN,
             Self::Store(crate::store::StoreError::Conflict(_)) => code::ALREADY_EXISTS,

@@ -30,6 +30,7 @@ pub fn status_for(code_: &str) -> StatusCode {
         code::INVALID_ARGUMENT => StatusCode::BAD_REQUEST,
         code::ALREADY_EXISTS | code::IN_USE | code::INVALID_STATE => StatusCode::CONFLICT,
         code::INSUFFICIENT_RESOURCES => StatusCode::UNPROCESSABLE_ENTITY,
+        code::UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

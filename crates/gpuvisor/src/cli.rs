@@ -470,7 +470,7 @@ pub fn exit_code_for_api(c: &str) -> i32 {
         code::INVALID_ARGUMENT | code::ALREADY_EXISTS | code::IN_USE | code::INVALID_STATE => {
             exit::INVALID
         }
-        code::INSUFFICIENT_RESOURCES => exit::INSUFFICIENT_RESOURCES,
+        code::INSUFFICIENT_RESOURCES | code::UNAVAILABLE => exit::INSUFFICIENT_RESOURCES,
         _ => exit::OTHER,
     }
 }
@@ -1251,6 +1251,7 @@ mod tests {
             ports: vec![],
             command: vec![],
             ip: None,
+            gpu_usage: vec![],
             created_at: 0,
             updated_at,
         }

@@ -23,6 +23,11 @@ pub struct Config {
     pub stop_grace: Duration,
     pub pids_limit: i64,
     pub admin_key_file: Option<PathBuf>,
+    /// `libgpuvisor_limiter.so` for fractional GPUs (default: beside the binary, then
+    /// /usr/local/lib/gpuvisor, /usr/lib/gpuvisor).
+    pub limiter_lib: Option<PathBuf>,
+    /// Bytes the limiter charges each process for its CUDA context (measure per GPU model).
+    pub limiter_context_bytes: u64,
 }
 
 impl Default for Config {
@@ -39,6 +44,8 @@ impl Default for Config {
             stop_grace: Duration::from_secs(10),
             pids_limit: 4096,
             admin_key_file: None,
+            limiter_lib: None,
+            limiter_context_bytes: 0,
         }
     }
 }
@@ -58,6 +65,8 @@ struct FileConfig {
     stop_grace: Option<String>,
     pids_limit: Option<i64>,
     admin_key_file: Option<PathBuf>,
+    limiter_lib: Option<PathBuf>,
+    limiter_context_bytes: Option<String>,
 }
 
 /// Flags (and their environment variables) that override the file.
@@ -87,6 +96,9 @@ pub struct ConfigOverrides {
     /// Write the first admin key to this file (mode 0600) as well as printing it.
     #[arg(long)]
     pub admin_key_file: Option<PathBuf>,
+    /// libgpuvisor_limiter.so to inject for fractional GPUs.
+    #[arg(long)]
+    pub limiter_lib: Option<PathBuf>,
     /// Disable egress NAT for instances.
     #[arg(long)]
     pub no_nat: bool,
@@ -138,6 +150,13 @@ impl Config {
             if f.admin_key_file.is_some() {
                 c.admin_key_file = f.admin_key_file;
             }
+            if f.limiter_lib.is_some() {
+                c.limiter_lib = f.limiter_lib;
+            }
+            if let Some(v) = f.limiter_context_bytes {
+                c.limiter_context_bytes = gpuvisor_wire::parse_size(&v)
+                    .with_context(|| format!("limiter_context_bytes {v:?}"))?;
+            }
         }
         if let Some(v) = o.listen {
             c.listen = v;
@@ -162,6 +181,9 @@ impl Config {
         }
         if o.admin_key_file.is_some() {
             c.admin_key_file = o.admin_key_file.clone();
+        }
+        if o.limiter_lib.is_some() {
+            c.limiter_lib = o.limiter_lib.clone();
         }
         if o.no_nat {
             c.nat = false;

@@ -223,14 +223,25 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
         i.gpus
             .iter()
             .map(|g| {
-                format!(
+                let mut line = format!(
                     "{} {} ({}) milli={} vram={}",
                     g.index,
                     g.uuid,
                     g.model,
                     g.milli,
                     format_size(g.vram)
-                )
+                );
+                if let Some(u) = i.gpu_usage.iter().find(|u| u.uuid == g.uuid) {
+                    line.push_str(&format!(
+                        " | limiter: vram {} / {}, share {}%, util {}%, launches {}",
+                        format_size(u.vram_used),
+                        format_size(u.vram_quota),
+                        u.share_milli / 10,
+                        u.util_milli / 10,
+                        u.launches
+                    ));
+                }
+                line
             })
             .collect(),
     );
@@ -412,6 +423,7 @@ mod tests {
             }],
             command: vec!["python".into(), "train.py".into()],
             ip: Some("10.77.0.2".into()),
+            gpu_usage: vec![],
             created_at: NOW - 5 * 60 * 1000,
             updated_at: NOW,
         }

@@ -42,6 +42,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         nat: cfg.nat,
         pids_limit: cfg.pids_limit,
         root: HostRoot::real(),
+        limiter_lib: cfg.limiter_lib.clone(),
+        limiter_context_bytes: cfg.limiter_context_bytes,
     };
     let node = tokio::task::spawn_blocking(move || Node::open(node_cfg))
         .await?

@@ -6,9 +6,11 @@
 use crate::disk::{DiskError, Disks};
 use crate::gpu::{BackendKind, GpuBackend, GpuConfig, GpuDevice, GpuError};
 use crate::image::{ImageError, ImageStore};
+use crate::limiter::{GpuShare, Limiters};
 use crate::net::{NetConfig, NetError, Network, TenantNet};
 use crate::runtime::{BindMount, BundleSpec, ExecOutput, OciRuntime, RuntimeError};
 use crate::{cgroup, HostRoot};
+pub use gpuvisor_limiter::shm::Priority;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -55,10 +57,14 @@ pub struct NodeConfig {
     pub nat: bool,
     pub pids_limit: i64,
     pub root: HostRoot,
+    /// `libgpuvisor_limiter.so` to inject for fractional GPUs (`None`: look in the usual places).
+    pub limiter_lib: Option<PathBuf>,
+    /// Bytes the limiter charges each process for its CUDA context.
+    pub limiter_context_bytes: u64,
 }
 
 /// Everything the engine decided for one instance.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct InstancePlan {
     pub id: String,
     pub tenant_id: String,
@@ -78,6 +84,9 @@ pub struct InstancePlan {
     pub memory: u64,
     /// UUIDs of the GPUs bound to the instance.
     pub gpus: Vec<String>,
+    /// For a fractional GPU: the limits of each GPU in `gpus` order (empty for whole GPUs).
+    pub gpu_shares: Vec<GpuShare>,
+    pub priority: Priority,
 }
 
 /// The host: its GPUs, image store, disks, network and OCI runtime.
@@ -89,6 +98,7 @@ pub struct Node {
     pub disks: Disks,
     pub net: Network,
     pub runtime: OciRuntime,
+    pub limiters: Limiters,
     /// The AppArmor profile for instances, where the host has AppArmor.
     pub apparmor: Option<String>,
 }
@@ -118,6 +128,14 @@ impl Node {
         net.init_host()?;
         let runtime = OciRuntime::probe(&cfg.runtime, &d.join("run").join("runc"))?;
         let apparmor = apparmor_profile(&cfg.root, d);
+        let lib = crate::limiter::locate_library(cfg.limiter_lib.as_deref());
+        match &lib {
+            Some(p) => {
+                tracing::info!(library = %p.display(), "GPU limiter available for fractional GPUs")
+            }
+            None => tracing::warn!("libgpuvisor_limiter.so not found: fractional GPUs are refused"),
+        }
+        let limiters = Limiters::new(d, lib, cfg.limiter_context_bytes);
         Ok(Self {
             cfg,
             gpu,
@@ -126,6 +144,7 @@ impl Node {
             disks,
             net,
             runtime,
+            limiters,
             apparmor,
         })
     }
@@ -186,6 +205,9 @@ impl Node {
                 .ok_or_else(|| NodeError::UnknownGpu(uuid.clone()))?;
             devices.push(g.node.clone());
             uuids.push(g.uuid.clone());
+        }
+        if !plan.gpu_shares.is_empty() {
+            binds.extend(self.limiters.prepare(id, &plan.gpu_shares, plan.priority)?);
         }
         if !devices.is_empty() {
             devices.extend(self.gpu.control_devices());
@@ -301,6 +323,7 @@ impl Node {
         self.disks.detach_volumes(id)?;
         self.disks.teardown_root(id)?;
         self.net.teardown(id)?;
+        self.limiters.remove(id)?;
         let bundle = self.bundle_dir(id);
         match std::fs::remove_dir_all(&bundle) {
             Ok(()) => Ok(()),
@@ -362,6 +385,7 @@ impl Node {
     pub fn ids_with_objects(&self) -> Result<(BTreeSet<String>, BTreeSet<String>), NodeError> {
         let mut local: BTreeSet<String> = self.containers()?.into_keys().collect();
         local.extend(self.disks.instances_with_objects()?);
+        local.extend(self.limiters.ids());
         if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("bundles")) {
             local.extend(
                 rd.flatten()

@@ -16,6 +16,7 @@ pub mod gpu;
 pub mod host;
 pub mod image;
 pub mod instance;
+pub mod limiter;
 pub mod net;
 pub mod runtime;
 pub mod seccomp;

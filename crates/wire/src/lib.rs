@@ -27,6 +27,8 @@ pub mod code {
     pub const INSUFFICIENT_RESOURCES: &str = "insufficient_resources";
     pub const IN_USE: &str = "in_use";
     pub const INVALID_STATE: &str = "invalid_state";
+    /// The host lacks a capability the request needs (e.g. the GPU limiter for fractions).
+    pub const UNAVAILABLE: &str = "unavailable";
     pub const INTERNAL: &str = "internal";
 }
 
@@ -193,9 +195,27 @@ pub struct Instance {
     pub command: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// Live usage of fractional GPUs from the limiter (only in `get`, not in lists).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_usage: Vec<GpuUsage>,
     /// Unix milliseconds.
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// What the GPU limiter reports for one fractional GPU of an instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GpuUsage {
+    pub uuid: String,
+    /// VRAM the instance's processes hold, bytes.
+    pub vram_used: u64,
+    pub vram_quota: u64,
+    /// Compute share, thousandths of the GPU.
+    pub share_milli: u32,
+    /// Last sampled utilisation of the instance, thousandths of the GPU.
+    pub util_milli: u32,
+    /// Kernel and graph launches through the limiter.
+    pub launches: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

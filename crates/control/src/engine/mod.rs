@@ -714,6 +714,7 @@ impl Engine {
             ports: i.spec.ports,
             command: i.spec.command,
             ip,
+            gpu_usage: Vec::new(),
             created_at: i.created_at,
             updated_at: i.updated_at,
         }
@@ -738,6 +739,11 @@ impl Engine {
             memory: self.node.cfg.root.mem_total().unwrap_or(0),
         };
         validate::create(req, &limits)?;
+        if req.gpu_fraction.is_some() && self.node.limiters.library().is_none() {
+            return Err(EngineError::Unavailable(
+                "fractional GPUs need libgpuvisor_limiter.so on this host: build it with `cargo build --release -p gpuvisor-limiter` and copy it to /usr/local/lib/gpuvisor/, or use --gpus".into(),
+            ));
+        }
         let image = self.store.image(&req.image).await?.ok_or_else(|| {
             EngineError::NotFound(format!(
                 "image {:?} not found (see `gpuvisor image list`)",
@@ -925,7 +931,23 @@ impl Engine {
 
     pub async fn get_instance(&self, who: &Principal, id: &str) -> Result<wire::Instance> {
         let row = self.find(who, id).await?;
-        self.wire_instance(row).await
+        let mut inst = self.wire_instance(row).await?;
+        if let Some(usage) = self.node.limiters.usage(&inst.id) {
+            inst.gpu_usage = inst
+                .gpus
+                .iter()
+                .zip(usage)
+                .map(|(g, u)| wire::GpuUsage {
+                    uuid: g.uuid.clone(),
+                    vram_used: u.used_bytes,
+                    vram_quota: u.quota_bytes,
+                    share_milli: u.share_bp / 10,
+                    util_milli: u.util_bp / 10,
+                    launches: u.launches,
+                })
+                .collect();
+        }
+        Ok(inst)
     }
 
     pub async fn list_instances(&self, who: &Principal) -> Result<Vec<wire::Instance>> {

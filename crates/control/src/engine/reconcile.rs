@@ -6,6 +6,8 @@
 use super::Engine;
 use crate::error::{EngineError, Result};
 use crate::store::InstanceRow;
+use gpuvisor_node::instance::Priority;
+use gpuvisor_node::limiter::GpuShare;
 use gpuvisor_node::InstancePlan;
 use gpuvisor_wire::InstanceState as S;
 use std::collections::BTreeSet;
@@ -130,6 +132,19 @@ impl Engine {
             cpus: i.cpus.clone(),
             memory: i.spec.memory,
             gpus: i.gpus.iter().map(|g| g.uuid.clone()).collect(),
+            // A share of a GPU is enforced by the limiter; whole GPUs need none.
+            gpu_shares: if i.gpus.iter().any(|g| g.milli < 1000) {
+                i.gpus
+                    .iter()
+                    .map(|g| GpuShare {
+                        vram: g.vram,
+                        milli: g.milli,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            priority: Priority::Low,
         })
     }
 

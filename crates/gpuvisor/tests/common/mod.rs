@@ -114,7 +114,7 @@ impl Daemon {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.healthy() {
                 return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -123,6 +123,23 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("daemon did not listen: {}", self.log());
+    }
+
+    /// A real HTTP answer from /v1/health. A bare TCP connect is not enough: polling a free
+    /// port in the ephemeral range can connect the socket to itself.
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /v1/health HTTP/1.0\r\nHost: x\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.") && &buf[9..12] == b"200"
     }
 
     pub fn log(&self) -> String {
