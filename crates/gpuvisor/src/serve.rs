@@ -84,6 +84,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     tokio::spawn(engine.clone().run_reconciler());
+    tokio::spawn(engine.clone().run_limiter_sampler());
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

@@ -379,6 +379,38 @@ impl Node {
         out
     }
 
+    /// One utilisation sample for every fractional-GPU instance: NVML's per-process SM
+    /// utilisation, summed per instance (processes mapped to instances by their cgroup) and
+    /// published into each instance's limiter region. `instances` lists (id, GPU UUIDs in the
+    /// instance's CUDA order). Returns the newest sample timestamp seen, for the next call.
+    pub fn sample_limiters(&self, instances: &[(String, Vec<String>)], since_us: u64) -> u64 {
+        let mut newest = since_us;
+        let mut util: BTreeMap<(String, String), u32> = BTreeMap::new();
+        let uuids: BTreeSet<&String> = instances.iter().flat_map(|(_, g)| g).collect();
+        for uuid in uuids {
+            for (pid, sm) in self.gpu.process_utilisation(uuid, since_us) {
+                let cg = std::fs::read_to_string(self.cfg.root.path(format!("/proc/{pid}/cgroup")))
+                    .unwrap_or_default();
+                let owner = instances
+                    .iter()
+                    .find(|(id, _)| cg.contains(&format!("/{}/{id}", cgroup::PARENT)));
+                if let Some((id, _)) = owner {
+                    *util.entry((id.clone(), uuid.clone())).or_default() += sm * 100;
+                }
+            }
+            newest = newest.max(now_us());
+        }
+        for (id, gpus) in instances {
+            for (dev, uuid) in gpus.iter().enumerate() {
+                let bp = util.get(&(id.clone(), uuid.clone())).copied().unwrap_or(0);
+                if let Err(e) = self.limiters.publish(id, dev, bp.min(10_000), 0) {
+                    tracing::debug!(instance = %id, "limiter sample: {e}");
+                }
+            }
+        }
+        newest
+    }
+
     /// Instance ids with host objects, split into those with a trace in *this* daemon's data
     /// dir or runtime root (certainly ours) and those seen only in host-wide namespaces
     /// (cgroups, netns, veths), which may belong to another gpuvisor on the same host.
@@ -513,6 +545,13 @@ fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), NodeError> {
         },
     };
     Ok((uid, gid))
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 /// The host's resolver unless it points at a loopback stub the container cannot reach.

@@ -154,6 +154,21 @@ impl Limiters {
         (0..r.devices()).map(|d| r.usage(d).ok()).collect()
     }
 
+    /// Feeds the instance's compute-share controller: `util_bp` is the instance's SM utilisation
+    /// of its `dev`-th GPU, `high_util_bp` that of high-priority instances on the same GPU.
+    pub fn publish(
+        &self,
+        id: &str,
+        dev: usize,
+        util_bp: u32,
+        high_util_bp: u32,
+    ) -> Result<(), crate::NodeError> {
+        let path = self.region_path(id);
+        let r = Region::open(&path).map_err(|e| io_err(&path, e))?;
+        r.publish_sample(dev, util_bp, high_util_bp)
+            .map_err(|e| io_err(&path, e))
+    }
+
     /// Removes the instance's region, config and preload file. Idempotent.
     pub fn remove(&self, id: &str) -> Result<(), crate::NodeError> {
         for p in [

@@ -74,6 +74,38 @@ impl Engine {
         }
     }
 
+    /// Feeds the GPU limiters of fractional instances with utilisation samples (4 Hz) where the
+    /// GPU backend can measure per-process utilisation (NVML); elsewhere it returns at once.
+    pub async fn run_limiter_sampler(self: Arc<Self>) {
+        if self.node.backend() != gpuvisor_node::gpu::BackendKind::Nvml {
+            return;
+        }
+        let mut since = 0u64;
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let Ok(live) = self.store.live_instances(None).await else {
+                continue;
+            };
+            let fractional: Vec<(String, Vec<String>)> = live
+                .iter()
+                .filter(|i| i.state == S::Running && i.gpus.iter().any(|g| g.milli < 1000))
+                .map(|i| {
+                    (
+                        i.id.clone(),
+                        i.gpus.iter().map(|g| g.uuid.clone()).collect(),
+                    )
+                })
+                .collect();
+            if fractional.is_empty() {
+                continue;
+            }
+            let node = self.node.clone();
+            if let Ok(next) = blocking(move || node.sample_limiters(&fractional, since)).await {
+                since = next;
+            }
+        }
+    }
+
     /// Looks at every live instance once and starts work where needed (each instance in its own
     /// task, so a slow stop does not hold up a create).
     pub async fn reconcile_pass(self: &Arc<Self>) -> Result<()> {

@@ -143,6 +143,11 @@ pub trait GpuBackend: Send + Sync {
     /// Driver user-space files (libcuda, libnvidia-ml, nvidia-smi) to bind read-only, host paths
     /// mapped to container paths. Empty where the host has no driver.
     fn driver_files(&self) -> Vec<(PathBuf, PathBuf)>;
+    /// SM utilisation per process on one GPU (host pid, percent), from samples newer than
+    /// `since_us` (CPU timestamp, µs). Empty where the backend cannot tell (sysfs, simulated).
+    fn process_utilisation(&self, _uuid: &str, _since_us: u64) -> Vec<(u32, u32)> {
+        Vec::new()
+    }
 }
 
 /// How to find GPUs.

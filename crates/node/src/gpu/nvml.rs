@@ -108,6 +108,24 @@ impl GpuBackend for NvmlBackend {
     fn driver_files(&self) -> Vec<(PathBuf, PathBuf)> {
         driver_files(&self.root)
     }
+
+    fn process_utilisation(&self, uuid: &str, since_us: u64) -> Vec<(u32, u32)> {
+        let Ok(dev) = self.nvml.device_by_uuid(uuid) else {
+            return Vec::new();
+        };
+        let Ok(samples) = dev.process_utilization_stats(since_us) else {
+            return Vec::new();
+        };
+        // Keep the newest sample of each process.
+        let mut newest: std::collections::BTreeMap<u32, (u64, u32)> = Default::default();
+        for s in samples {
+            let e = newest.entry(s.pid).or_insert((0, 0));
+            if s.timestamp >= e.0 {
+                *e = (s.timestamp, s.sm_util);
+            }
+        }
+        newest.into_iter().map(|(pid, (_, u))| (pid, u)).collect()
+    }
 }
 
 #[cfg(test)]
