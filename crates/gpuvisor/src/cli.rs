@@ -159,6 +159,10 @@ pub enum Command {
     Instance(InstanceCmd),
     /// Replay a GPU-cluster trace through the scheduler (local; no daemon needed).
     Sim(sim::SimArgs),
+    /// Print a shell completion script: `gpuvisor completions bash > /etc/bash_completion.d/gpuvisor`.
+    Completions {
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -514,6 +518,15 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     match command {
         Command::Serve(args) => run_serve(args),
         Command::Sim(args) => sim::run(args, global.output),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            // Into a buffer first: clap_complete panics on a write error (e.g. `| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "gpuvisor", &mut script);
+            let _ = std::io::stdout().write_all(&script);
+            Ok(exit::OK)
+        }
         Command::Health => connect()?.health(),
         Command::Tenant(cmd) => connect()?.tenant(cmd),
         Command::Key(cmd) => connect()?.key(cmd),
