@@ -1,6 +1,10 @@
-//! Placement on one host, behind the [`Placer`] trait that the scheduler crate will implement
-//! for many hosts. Pure: it sees a snapshot of capacity and usage and returns an assignment or
+//! Placement on one host, behind the [`Placer`] trait. Pure: it sees a snapshot of capacity and
+//! of the instances already there ([`Resident`]) and returns an assignment, an eviction plan, or
 //! an error naming the missing resource; it never touches the store or the host.
+//!
+//! Two placers: [`SingleHost`] holds the rules (and picks pinned CPUs, and explains refusals);
+//! [`Scheduled`] asks the scheduler crate's policy (`gvfrag` by default) which GPUs to use and
+//! for the cheapest preemption plan, then applies the same rules. The daemon uses `Scheduled`.
 //!
 //! Rules: whole GPUs are exclusive; fractional requests share a GPU up to 100% of its compute
 //! and of its VRAM, packed best-fit so whole GPUs stay free for whole requests; pinned CPUs are
@@ -22,6 +26,20 @@ pub struct GpuSlot {
     pub used_vram: u64,
 }
 
+/// An instance already on the host, as placement sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resident {
+    pub id: String,
+    /// (GPU UUID, milli-GPU, VRAM bytes).
+    pub gpus: Vec<(String, u32, u64)>,
+    pub cpus: Vec<u32>,
+    pub vcpus: u32,
+    pub memory: u64,
+    /// Priority rank (higher is more important).
+    pub priority: u32,
+    pub interruptible: bool,
+}
+
 /// A snapshot of one host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostCapacity {
@@ -34,6 +52,59 @@ pub struct HostCapacity {
     pub cpu_ratio: u32,
     pub memory: u64,
     pub used_memory: u64,
+    /// The instances whose usage is counted above (for preemption plans).
+    pub residents: Vec<Resident>,
+}
+
+impl HostCapacity {
+    /// Capacity with the usage of `residents` counted in.
+    pub fn new(
+        mut gpus: Vec<GpuSlot>,
+        cpus: Vec<(u32, u32)>,
+        cpu_ratio: u32,
+        memory: u64,
+        residents: Vec<Resident>,
+    ) -> Self {
+        let mut cpu_use = BTreeMap::new();
+        let mut used_memory = 0;
+        for r in &residents {
+            for (uuid, milli, vram) in &r.gpus {
+                if let Some(s) = gpus.iter_mut().find(|s| &s.uuid == uuid) {
+                    s.used_milli += milli;
+                    s.used_vram += vram;
+                }
+            }
+            for c in &r.cpus {
+                *cpu_use.entry(*c).or_insert(0) += 1;
+            }
+            used_memory += r.memory;
+        }
+        Self {
+            gpus,
+            cpus,
+            cpu_use,
+            cpu_ratio,
+            memory,
+            used_memory,
+            residents,
+        }
+    }
+
+    /// The same host with some residents gone (as after an eviction).
+    pub fn without(&self, ids: &[String]) -> Self {
+        let mut gpus = self.gpus.clone();
+        for g in &mut gpus {
+            g.used_milli = 0;
+            g.used_vram = 0;
+        }
+        let keep = self
+            .residents
+            .iter()
+            .filter(|r| !ids.contains(&r.id))
+            .cloned()
+            .collect();
+        Self::new(gpus, self.cpus.clone(), self.cpu_ratio, self.memory, keep)
+    }
 }
 
 /// What one instance needs.
@@ -47,6 +118,9 @@ pub struct Demand {
     pub model: Option<String>,
     pub vcpus: u32,
     pub memory: u64,
+    /// Priority rank (higher is more important).
+    pub priority: u32,
+    pub interruptible: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -83,12 +157,26 @@ pub enum PlacementError {
     Cpus { wanted: u32, free: u32, total: u32 },
     #[error("not enough memory: {wanted} bytes wanted, {free} bytes free of {total}")]
     Memory { wanted: u64, free: u64, total: u64 },
+    #[error("no eviction of lower-priority interruptible instances makes room")]
+    NoPreemption,
+    #[error("scheduler model: {0}")]
+    Model(String),
 }
 
-/// Chooses where an instance runs. The scheduler issue replaces the implementation, not the
-/// interface.
+/// Chooses where an instance runs, and whom to evict when it does not fit.
 pub trait Placer: Send + Sync {
     fn place(&self, host: &HostCapacity, demand: &Demand) -> Result<Assignment, PlacementError>;
+
+    /// Residents to evict so that `demand` fits: interruptible ones of strictly lower priority,
+    /// the least GPU capacity first, then the fewest. Empty when it fits as it is.
+    fn plan_preemption(
+        &self,
+        host: &HostCapacity,
+        demand: &Demand,
+    ) -> Result<Vec<String>, PlacementError> {
+        let _ = (host, demand);
+        Err(PlacementError::NoPreemption)
+    }
 }
 
 /// The single-host placer.
@@ -183,33 +271,219 @@ impl Placer for SingleHost {
                 }
             }
         }
-        let numa: Option<u32> = gpus
-            .first()
-            .and_then(|a| host.gpus.iter().find(|g| g.uuid == a.uuid))
-            .and_then(|g| g.numa_node);
-        let ratio = host.cpu_ratio.max(1);
-        let mut free_cpus: Vec<(u32, u32, u32)> = host
-            .cpus
-            .iter()
-            .map(|(cpu, node)| (*cpu, *node, host.cpu_use.get(cpu).copied().unwrap_or(0)))
-            .filter(|(_, _, used)| *used < ratio)
-            .collect();
-        if (free_cpus.len() as u32) < d.vcpus {
-            return Err(PlacementError::Cpus {
-                wanted: d.vcpus,
-                free: free_cpus.len() as u32,
-                total: host.cpus.len() as u32,
-            });
-        }
-        // Least used first, the GPUs' NUMA node first, then by id: deterministic.
-        free_cpus.sort_by_key(|(cpu, node, used)| (*used, numa.is_some_and(|n| n != *node), *cpu));
-        let mut cpus: Vec<u32> = free_cpus
-            .iter()
-            .take(d.vcpus as usize)
-            .map(|c| c.0)
-            .collect();
-        cpus.sort_unstable();
+        let cpus = pick_cpus(host, &gpus, d.vcpus)?;
         Ok(Assignment { gpus, cpus })
+    }
+}
+
+/// Pinned CPUs for an instance: least used first, the NUMA node of its first GPU first, then
+/// by id (deterministic); each CPU takes at most `cpu_ratio` instances.
+fn pick_cpus(
+    host: &HostCapacity,
+    gpus: &[GpuAssignment],
+    vcpus: u32,
+) -> Result<Vec<u32>, PlacementError> {
+    let numa: Option<u32> = gpus
+        .first()
+        .and_then(|a| host.gpus.iter().find(|g| g.uuid == a.uuid))
+        .and_then(|g| g.numa_node);
+    let ratio = host.cpu_ratio.max(1);
+    let mut free_cpus: Vec<(u32, u32, u32)> = host
+        .cpus
+        .iter()
+        .map(|(cpu, node)| (*cpu, *node, host.cpu_use.get(cpu).copied().unwrap_or(0)))
+        .filter(|(_, _, used)| *used < ratio)
+        .collect();
+    if (free_cpus.len() as u32) < vcpus {
+        return Err(PlacementError::Cpus {
+            wanted: vcpus,
+            free: free_cpus.len() as u32,
+            total: host.cpus.len() as u32,
+        });
+    }
+    free_cpus.sort_by_key(|(cpu, node, used)| (*used, numa.is_some_and(|n| n != *node), *cpu));
+    let mut cpus: Vec<u32> = free_cpus.iter().take(vcpus as usize).map(|c| c.0).collect();
+    cpus.sort_unstable();
+    Ok(cpus)
+}
+
+/// The scheduler crate's policies applied to one host.
+#[derive(Debug, Clone, Copy)]
+pub struct Scheduled {
+    pub policy: gpuvisor_scheduler::Policy,
+}
+
+impl Default for Scheduled {
+    fn default() -> Self {
+        Self {
+            policy: gpuvisor_scheduler::Policy::GvFrag,
+        }
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+fn mib_up(bytes: u64) -> u64 {
+    bytes.div_ceil(MIB)
+}
+
+fn sched_request(host: &HostCapacity, d: &Demand) -> gpuvisor_scheduler::Request {
+    use gpuvisor_scheduler::GpuDemand;
+    let gpu = if d.whole_gpus > 0 {
+        GpuDemand::Whole(d.whole_gpus)
+    } else if d.milli > 0 {
+        // VRAM of a share defaults to the same fraction of the GPU's VRAM; the smallest
+        // eligible GPU gives the bound the scheduler checks.
+        let vram = d.vram.unwrap_or_else(|| {
+            host.gpus
+                .iter()
+                .filter(|g| model_ok(g, &d.model))
+                .map(|g| g.vram / 1000 * u64::from(d.milli))
+                .min()
+                .unwrap_or(0)
+        });
+        GpuDemand::Fraction {
+            milli: d.milli,
+            vram_mib: mib_up(vram),
+        }
+    } else {
+        GpuDemand::None
+    };
+    gpuvisor_scheduler::Request {
+        cpu_milli: u64::from(d.vcpus) * 1000,
+        memory_mib: mib_up(d.memory),
+        gpu,
+        models: d.model.iter().cloned().collect(),
+        priority: d.priority,
+        interruptible: d.interruptible,
+        passthrough: false,
+    }
+}
+
+impl Scheduled {
+    /// The host as one scheduler node with every resident committed (instance id = index).
+    fn model(&self, host: &HostCapacity) -> Result<gpuvisor_scheduler::Scheduler, PlacementError> {
+        use gpuvisor_scheduler::{Gpu, GpuDemand, GpuKind, Node, Placement, Request, Scheduler};
+        let err = |e: gpuvisor_scheduler::SchedError| PlacementError::Model(e.to_string());
+        let gpus: Vec<Gpu> = host
+            .gpus
+            .iter()
+            .map(|g| {
+                let mut m = Gpu::new(g.model.clone(), g.vram / MIB, GpuKind::Shareable);
+                m.numa = g.numa_node;
+                m
+            })
+            .collect();
+        let cpu_milli = host.cpus.len() as u64 * u64::from(host.cpu_ratio.max(1)) * 1000;
+        let node = Node::new("host", cpu_milli, host.memory / MIB, gpus);
+        let mut sched = Scheduler::new(vec![node], self.policy, 0).map_err(err)?;
+        for (i, r) in host.residents.iter().enumerate() {
+            let whole = !r.gpus.is_empty() && r.gpus.iter().all(|(_, m, _)| *m >= 1000);
+            let mut placed = Vec::new();
+            for (uuid, milli, vram) in &r.gpus {
+                let Some(g) = host.gpus.iter().position(|s| &s.uuid == uuid) else {
+                    continue;
+                };
+                let vram_mib = if whole {
+                    host.gpus[g].vram / MIB
+                } else {
+                    mib_up(*vram)
+                };
+                placed.push((g, *milli, vram_mib));
+            }
+            let gpu = match (whole, placed.first()) {
+                (_, None) => GpuDemand::None,
+                (true, _) => GpuDemand::Whole(placed.len() as u32),
+                (false, Some(&(_, milli, vram_mib))) => GpuDemand::Fraction { milli, vram_mib },
+            };
+            let req = Request {
+                cpu_milli: u64::from(r.vcpus) * 1000,
+                memory_mib: r.memory / MIB,
+                gpu,
+                models: Vec::new(),
+                priority: r.priority,
+                interruptible: r.interruptible,
+                passthrough: false,
+            };
+            sched
+                .commit(
+                    i as u64,
+                    &req,
+                    Placement {
+                        node: 0,
+                        gpus: placed,
+                    },
+                )
+                .map_err(err)?;
+        }
+        Ok(sched)
+    }
+}
+
+impl Placer for Scheduled {
+    fn place(&self, host: &HostCapacity, d: &Demand) -> Result<Assignment, PlacementError> {
+        // The rules first: they give the precise error when something does not fit.
+        let rules = SingleHost.place(host, d)?;
+        if d.whole_gpus == 0 && d.milli == 0 {
+            return Ok(rules);
+        }
+        let mut sched = self.model(host)?;
+        let Ok(p) = sched.decide(&sched_request(host, d)) else {
+            return Ok(rules);
+        };
+        let gpus: Vec<GpuAssignment> = p
+            .gpus
+            .iter()
+            .filter_map(|&(g, milli, _)| {
+                let slot = host.gpus.get(g)?;
+                Some(GpuAssignment {
+                    uuid: slot.uuid.clone(),
+                    index: slot.index,
+                    model: slot.model.clone(),
+                    milli,
+                    vram: if milli >= 1000 {
+                        slot.vram
+                    } else {
+                        d.vram.unwrap_or(slot.vram / 1000 * u64::from(milli))
+                    },
+                })
+            })
+            .collect();
+        // The scheduler's choice must still satisfy the rules (VRAM in bytes, not MiB).
+        let fits = gpus.iter().all(|a| {
+            host.gpus.iter().any(|g| {
+                g.uuid == a.uuid && g.used_milli + a.milli <= 1000 && g.used_vram + a.vram <= g.vram
+            })
+        });
+        if !fits || gpus.is_empty() {
+            return Ok(rules);
+        }
+        let cpus = pick_cpus(host, &gpus, d.vcpus)?;
+        Ok(Assignment { gpus, cpus })
+    }
+
+    fn plan_preemption(
+        &self,
+        host: &HostCapacity,
+        d: &Demand,
+    ) -> Result<Vec<String>, PlacementError> {
+        if SingleHost.place(host, d).is_ok() {
+            return Ok(Vec::new());
+        }
+        let sched = self.model(host)?;
+        let plan = sched
+            .plan_preemption(&sched_request(host, d))
+            .map_err(|_| PlacementError::NoPreemption)?;
+        let victims: Vec<String> = plan
+            .victims
+            .iter()
+            .filter_map(|&i| host.residents.get(i as usize).map(|r| r.id.clone()))
+            .collect();
+        // The plan must satisfy the rules too (pinned CPUs are not in the scheduler's model).
+        if victims.is_empty() || SingleHost.place(&host.without(&victims), d).is_err() {
+            return Err(PlacementError::NoPreemption);
+        }
+        Ok(victims)
     }
 }
 
@@ -241,6 +515,7 @@ mod tests {
             cpu_ratio: 1,
             memory: 64 << 30,
             used_memory: 0,
+            residents: vec![],
         }
     }
 
@@ -399,6 +674,89 @@ mod tests {
             SingleHost.place(&h, &d),
             Err(PlacementError::Memory { .. })
         ));
+    }
+
+    fn resident(id: &str, gpu: &str, milli: u32, priority: u32, interruptible: bool) -> Resident {
+        Resident {
+            id: id.into(),
+            gpus: vec![(gpu.into(), milli, (80u64 << 30) / 1000 * u64::from(milli))],
+            cpus: vec![0],
+            vcpus: 1,
+            memory: 1 << 30,
+            priority,
+            interruptible,
+        }
+    }
+
+    fn host_with(residents: Vec<Resident>) -> HostCapacity {
+        let h = host(3, 8);
+        HostCapacity::new(h.gpus, h.cpus, 8, h.memory, residents)
+    }
+
+    #[test]
+    fn scheduled_places_like_the_rules_allow() {
+        let h = host_with(vec![resident("a", "GPU-0", 500, 1, false)]);
+        let d = Demand {
+            milli: 500,
+            vcpus: 1,
+            memory: 1 << 30,
+            priority: 1,
+            ..Default::default()
+        };
+        let a = Scheduled::default().place(&h, &d).unwrap();
+        assert_eq!(a.gpus.len(), 1);
+        assert_eq!(a.gpus[0].milli, 500);
+        let d = Demand {
+            whole_gpus: 4,
+            vcpus: 1,
+            memory: 1,
+            ..Default::default()
+        };
+        assert!(matches!(
+            Scheduled::default().place(&h, &d),
+            Err(PlacementError::Gpus { .. })
+        ));
+    }
+
+    #[test]
+    fn preemption_evicts_only_lower_priority_interruptible() {
+        // Every GPU busy: GPU-0 by a low-priority spot instance, the others on-demand.
+        let h = host_with(vec![
+            resident("spot", "GPU-0", 1000, 0, true),
+            resident("od1", "GPU-1", 1000, 1, false),
+            resident("od2", "GPU-2", 1000, 1, false),
+        ]);
+        let d = Demand {
+            whole_gpus: 1,
+            vcpus: 1,
+            memory: 1 << 30,
+            priority: 1,
+            ..Default::default()
+        };
+        let s = Scheduled::default();
+        assert!(s.place(&h, &d).is_err());
+        assert_eq!(s.plan_preemption(&h, &d).unwrap(), vec!["spot".to_string()]);
+        let after = s.place(&h.without(&["spot".to_string()]), &d).unwrap();
+        assert_eq!(after.gpus[0].uuid, "GPU-0");
+        // Equal priority is never evicted, even if interruptible.
+        let d0 = Demand {
+            priority: 0,
+            ..d.clone()
+        };
+        assert_eq!(
+            s.plan_preemption(&h, &d0),
+            Err(PlacementError::NoPreemption)
+        );
+        // Non-interruptible instances are never evicted.
+        let h2 = host_with(vec![
+            resident("od0", "GPU-0", 1000, 0, false),
+            resident("od1", "GPU-1", 1000, 0, false),
+            resident("od2", "GPU-2", 1000, 0, false),
+        ]);
+        assert_eq!(
+            s.plan_preemption(&h2, &d),
+            Err(PlacementError::NoPreemption)
+        );
     }
 
     #[test]

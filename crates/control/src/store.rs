@@ -94,6 +94,10 @@ pub struct InstanceSpec {
     pub env: Vec<String>,
     pub ports: Vec<gpuvisor_wire::PortSpec>,
     pub command: Vec<String>,
+    #[serde(default)]
+    pub priority: gpuvisor_wire::PriorityClass,
+    #[serde(default)]
+    pub interruptible: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

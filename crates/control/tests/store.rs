@@ -196,6 +196,7 @@ fn instance_row(id: &str, tenant: &str, name: &str, at: i64) -> InstanceRow {
                 protocol: "http".into(),
             }],
             command: vec!["python".into(), "train.py".into()],
+            ..Default::default()
         },
         cpus: vec![0, 1, 2, 3],
         gpus: vec![GpuBinding {

@@ -160,9 +160,7 @@ pub enum Command {
     /// Replay a GPU-cluster trace through the scheduler (local; no daemon needed).
     Sim(sim::SimArgs),
     /// Print a shell completion script: `gpuvisor completions bash > /etc/bash_completion.d/gpuvisor`.
-    Completions {
-        shell: clap_complete::Shell,
-    },
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +170,23 @@ pub enum TenantCmd {
     /// List tenants.
     #[command(visible_alias = "ls")]
     List,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PriorityArg {
+    Low,
+    Normal,
+    High,
+}
+
+impl From<PriorityArg> for gpuvisor_wire::PriorityClass {
+    fn from(p: PriorityArg) -> Self {
+        match p {
+            PriorityArg::Low => Self::Low,
+            PriorityArg::Normal => Self::Normal,
+            PriorityArg::High => Self::High,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -293,6 +308,12 @@ pub struct CreateArgs {
     /// Port to expose (repeatable).
     #[arg(long = "port", short = 'p', value_name = "PORT[/PROTO]", value_parser = parse_port)]
     pub ports: Vec<PortSpec>,
+    /// Priority class: a higher class may preempt lower interruptible instances.
+    #[arg(long, value_enum, default_value_t = PriorityArg::Normal)]
+    pub priority: PriorityArg,
+    /// Spot instance: may be stopped and marked `interrupted` for a higher-priority one.
+    #[arg(long)]
+    pub interruptible: bool,
     #[command(flatten)]
     pub wait: WaitArgs,
     /// Command overriding the image's, after `--`.
@@ -674,6 +695,8 @@ impl Ctx {
                     env: args.env,
                     ports: args.ports,
                     command: args.command,
+                    priority: args.priority.into(),
+                    interruptible: args.interruptible,
                 };
                 let inst = self.client.create_instance(&req)?;
                 self.finish_lifecycle(inst, InstanceState::Running, &args.wait)
@@ -1265,6 +1288,8 @@ mod tests {
             command: vec![],
             ip: None,
             gpu_usage: vec![],
+            priority: Default::default(),
+            interruptible: false,
             created_at: 0,
             updated_at,
         }

@@ -28,6 +28,8 @@ pub struct Config {
     pub limiter_lib: Option<PathBuf>,
     /// Bytes the limiter charges each process for its CUDA context (measure per GPU model).
     pub limiter_context_bytes: u64,
+    /// Which GPUs an instance gets and whom preemption evicts (gpuvisor_scheduler policies).
+    pub placement_policy: gpuvisor_scheduler::Policy,
 }
 
 impl Default for Config {
@@ -46,6 +48,7 @@ impl Default for Config {
             admin_key_file: None,
             limiter_lib: None,
             limiter_context_bytes: 0,
+            placement_policy: gpuvisor_scheduler::Policy::GvFrag,
         }
     }
 }
@@ -67,6 +70,7 @@ struct FileConfig {
     admin_key_file: Option<PathBuf>,
     limiter_lib: Option<PathBuf>,
     limiter_context_bytes: Option<String>,
+    placement_policy: Option<String>,
 }
 
 /// Flags (and their environment variables) that override the file.
@@ -99,6 +103,9 @@ pub struct ConfigOverrides {
     /// libgpuvisor_limiter.so to inject for fractional GPUs.
     #[arg(long)]
     pub limiter_lib: Option<PathBuf>,
+    /// Placement policy: gvfrag (default), fgd, bestfit, spread, random.
+    #[arg(long)]
+    pub placement_policy: Option<String>,
     /// Disable egress NAT for instances.
     #[arg(long)]
     pub no_nat: bool,
@@ -153,6 +160,9 @@ impl Config {
             if f.limiter_lib.is_some() {
                 c.limiter_lib = f.limiter_lib;
             }
+            if let Some(v) = f.placement_policy {
+                c.placement_policy = v.parse()?;
+            }
             if let Some(v) = f.limiter_context_bytes {
                 c.limiter_context_bytes = gpuvisor_wire::parse_size(&v)
                     .with_context(|| format!("limiter_context_bytes {v:?}"))?;
@@ -181,6 +191,9 @@ impl Config {
         }
         if o.admin_key_file.is_some() {
             c.admin_key_file = o.admin_key_file.clone();
+        }
+        if let Some(v) = &o.placement_policy {
+            c.placement_policy = v.parse()?;
         }
         if o.limiter_lib.is_some() {
             c.limiter_lib = o.limiter_lib.clone();

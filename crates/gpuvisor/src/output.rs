@@ -185,6 +185,18 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
         ),
         ("Command".into(), or_dash(&i.command.join(" "))),
         (
+            "Priority".into(),
+            format!(
+                "{}{}",
+                i.priority.as_str(),
+                if i.interruptible {
+                    " (interruptible)"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        (
             "Created".into(),
             format!(
                 "{} ({} ago)",
@@ -424,6 +436,8 @@ mod tests {
             command: vec!["python".into(), "train.py".into()],
             ip: Some("10.77.0.2".into()),
             gpu_usage: vec![],
+            priority: Default::default(),
+            interruptible: false,
             created_at: NOW - 5 * 60 * 1000,
             updated_at: NOW,
         }

@@ -5,7 +5,7 @@
 use crate::config::{Config, ConfigOverrides};
 use anyhow::Context;
 use clap::Args;
-use gpuvisor_control::placement::SingleHost;
+use gpuvisor_control::placement::Scheduled;
 use gpuvisor_control::store::Store;
 use gpuvisor_control::{Engine, EngineConfig};
 use gpuvisor_node::{HostRoot, Node, NodeConfig};
@@ -67,7 +67,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let engine = Engine::new(
         store,
         Arc::new(node),
-        Box::new(SingleHost),
+        Box::new(Scheduled {
+            policy: cfg.placement_policy,
+        }),
         EngineConfig {
             node_id: hostname.clone(),
             hostname,

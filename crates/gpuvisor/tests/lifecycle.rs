@@ -272,3 +272,84 @@ fn sigkill_mid_create_and_terminate_leaks_nothing() {
     let vols = d.json(&["volume", "list"]);
     assert_eq!(vols[0]["name"], "keep");
 }
+
+#[test]
+fn on_demand_instance_preempts_a_spot_instance() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    d.import_busybox();
+    let h100 = [
+        "--gpus",
+        "1",
+        "--gpu-model",
+        "H100-80GB",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+    ];
+    let mut spot_args = h100.to_vec();
+    spot_args.extend([
+        "--priority",
+        "low",
+        "--interruptible",
+        "--",
+        "sleep",
+        "1000000",
+    ]);
+    let spot = d.create(&spot_args);
+    let spot_gpu = d.json(&["instance", "get", &spot])["gpus"][0]["uuid"].clone();
+
+    // A low-priority request cannot take the H100 from an equal-priority spot instance.
+    let mut low = h100.to_vec();
+    low.extend(["--priority", "low", "--", "true"]);
+    let mut cmd = vec!["instance", "create", "--image", "busybox"];
+    cmd.extend(&low);
+    assert_eq!(
+        d.cli(&cmd).status.code(),
+        Some(6),
+        "equal priority must not preempt"
+    );
+
+    // An on-demand (normal) request preempts it: the spot ends interrupted, the GPU moves.
+    let mut od_args = h100.to_vec();
+    od_args.extend(["--", "sleep", "1000000"]);
+    let od = d.create(&od_args);
+    let od_inst = d.json(&["instance", "get", &od]);
+    assert_eq!(od_inst["gpus"][0]["uuid"], spot_gpu);
+    let spot_inst = d.json(&["instance", "get", &spot]);
+    assert_eq!(spot_inst["state"], "interrupted", "{spot_inst}");
+    assert_eq!(
+        spot_inst["reason"],
+        "preempted by a higher-priority instance"
+    );
+    let events = d.json(&["instance", "events", &spot]);
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "preempted"),
+        "{events}"
+    );
+    // The evicted instance left nothing on the host (the preemptor's objects are its own).
+    let left: Vec<String> = d
+        .leaks(std::slice::from_ref(&spot))
+        .into_iter()
+        .filter(|l| l.contains(spot.as_str()))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The interrupted instance cannot be restarted (its resources are gone); terminate works.
+    assert_eq!(d.cli(&["instance", "start", &spot]).status.code(), Some(5));
+    // Nothing left to preempt: on-demand instances are never evicted.
+    let mut cmd = vec!["instance", "create", "--image", "busybox"];
+    let mut od2 = h100.to_vec();
+    od2.extend(["--priority", "high", "--", "true"]);
+    cmd.extend(&od2);
+    assert_eq!(
+        d.cli(&cmd).status.code(),
+        Some(6),
+        "non-interruptible must not be evicted"
+    );
+    d.json(&["instance", "terminate", &spot, "--wait"]);
+}

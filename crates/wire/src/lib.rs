@@ -57,10 +57,12 @@ pub enum InstanceState {
     Terminating,
     Terminated,
     Failed,
+    /// Evicted to make room for a higher-priority instance (interruptible instances only).
+    Interrupted,
 }
 
 impl InstanceState {
-    pub const ALL: [InstanceState; 8] = [
+    pub const ALL: [InstanceState; 9] = [
         Self::Pending,
         Self::Provisioning,
         Self::Running,
@@ -69,6 +71,7 @@ impl InstanceState {
         Self::Terminating,
         Self::Terminated,
         Self::Failed,
+        Self::Interrupted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +84,7 @@ impl InstanceState {
             Self::Terminating => "terminating",
             Self::Terminated => "terminated",
             Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
         }
     }
 
@@ -105,6 +109,34 @@ impl InstanceState {
 impl std::fmt::Display for InstanceState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Priority class of an instance: who may preempt whom, and the GPU limiter's priority.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityClass {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl PriorityClass {
+    /// Higher is more important; preemption only evicts strictly lower ranks.
+    pub fn rank(self) -> u32 {
+        match self {
+            Self::Low => 0,
+            Self::Normal => 1,
+            Self::High => 2,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Normal => "normal",
+            Self::High => "high",
+        }
     }
 }
 
@@ -157,6 +189,11 @@ pub struct CreateInstance {
     /// Overrides the image's command.
     #[serde(default)]
     pub command: Vec<String>,
+    #[serde(default)]
+    pub priority: PriorityClass,
+    /// Spot: may be preempted (stopped and marked `interrupted`) for a higher-priority instance.
+    #[serde(default)]
+    pub interruptible: bool,
 }
 
 /// One GPU (or share of one) bound to an instance.
@@ -193,6 +230,10 @@ pub struct Instance {
     pub env: Vec<String>,
     pub ports: Vec<PortSpec>,
     pub command: Vec<String>,
+    #[serde(default)]
+    pub priority: PriorityClass,
+    #[serde(default)]
+    pub interruptible: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
     /// Live usage of fractional GPUs from the limiter (only in `get`, not in lists).

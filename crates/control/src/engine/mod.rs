@@ -11,7 +11,7 @@ mod reconcile;
 pub mod validate;
 
 use crate::error::{invalid, EngineError, Result};
-use crate::placement::{Demand, GpuSlot, HostCapacity, Placer};
+use crate::placement::{Demand, GpuSlot, HostCapacity, Placer, Resident};
 use crate::store::{
     EventRow, ImageRow, InstanceRow, InstanceSpec, KeyRow, Store, TenantRow, VolumeRow,
 };
@@ -643,7 +643,7 @@ impl Engine {
                 (c, node)
             })
             .collect();
-        let mut gpus: Vec<GpuSlot> = self
+        let gpus: Vec<GpuSlot> = self
             .node
             .gpus
             .iter()
@@ -657,28 +657,31 @@ impl Engine {
                 used_vram: 0,
             })
             .collect();
-        let mut cpu_use = BTreeMap::new();
-        let mut used_memory = 0;
-        for i in live.iter().filter(|i| i.state.holds_resources()) {
-            for b in &i.gpus {
-                if let Some(s) = gpus.iter_mut().find(|s| s.uuid == b.uuid) {
-                    s.used_milli += b.milli;
-                    s.used_vram += b.vram;
-                }
-            }
-            for c in &i.cpus {
-                *cpu_use.entry(*c).or_insert(0) += 1;
-            }
-            used_memory += i.spec.memory;
-        }
-        HostCapacity {
+        // Instances being evicted have already given their resources to their preemptor.
+        let residents = live
+            .iter()
+            .filter(|i| i.state.holds_resources() && i.desired != InstanceState::Interrupted)
+            .map(|i| Resident {
+                id: i.id.clone(),
+                gpus: i
+                    .gpus
+                    .iter()
+                    .map(|g| (g.uuid.clone(), g.milli, g.vram))
+                    .collect(),
+                cpus: i.cpus.clone(),
+                vcpus: i.spec.vcpus,
+                memory: i.spec.memory,
+                priority: i.spec.priority.rank(),
+                interruptible: i.spec.interruptible,
+            })
+            .collect();
+        HostCapacity::new(
             gpus,
             cpus,
-            cpu_use,
-            cpu_ratio: self.cfg.cpu_ratio,
-            memory: root.mem_total().unwrap_or(0),
-            used_memory,
-        }
+            self.cfg.cpu_ratio,
+            root.mem_total().unwrap_or(0),
+            residents,
+        )
     }
 
     pub(crate) async fn wire_instance(&self, i: InstanceRow) -> Result<wire::Instance> {
@@ -713,6 +716,8 @@ impl Engine {
             env: i.spec.env,
             ports: i.spec.ports,
             command: i.spec.command,
+            priority: i.spec.priority,
+            interruptible: i.spec.interruptible,
             ip,
             gpu_usage: Vec::new(),
             created_at: i.created_at,
@@ -818,11 +823,27 @@ impl Engine {
             model: req.gpu_model.clone(),
             vcpus: req.vcpus,
             memory: req.memory,
+            priority: req.priority.rank(),
+            interruptible: req.interruptible,
         };
-        let assignment = self
-            .placer
-            .place(&self.host_capacity(&live), &demand)
-            .map_err(|e| EngineError::InsufficientResources(e.to_string()))?;
+        let capacity = self.host_capacity(&live);
+        let (assignment, victims) = match self.placer.place(&capacity, &demand) {
+            Ok(a) => (a, Vec::new()),
+            Err(e) => {
+                // Room may be made by evicting interruptible, strictly lower-priority instances.
+                let victims = self
+                    .placer
+                    .plan_preemption(&capacity, &demand)
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| EngineError::InsufficientResources(e.to_string()))?;
+                let a = self
+                    .placer
+                    .place(&capacity.without(&victims), &demand)
+                    .map_err(|e| EngineError::InsufficientResources(e.to_string()))?;
+                (a, victims)
+            }
+        };
         let used_hosts: Vec<u8> = live
             .iter()
             .filter(|i| i.tenant_id == who.tenant_id)
@@ -876,6 +897,8 @@ impl Engine {
                 env,
                 ports: req.ports.clone(),
                 command,
+                priority: req.priority,
+                interruptible: req.interruptible,
             },
             cpus: assignment.cpus,
             gpus: assignment
@@ -893,6 +916,21 @@ impl Engine {
             created_at: now,
             updated_at: now,
         };
+        // Victims first: a crash after this leaves them evicted and the new instance absent,
+        // never two instances on one GPU.
+        for v in &victims {
+            self.set_desired_state(v, InstanceState::Interrupted)
+                .await?;
+            self.event(
+                v,
+                "preempted",
+                format!(
+                    "preempted by instance {id} ({} priority)",
+                    req.priority.as_str()
+                ),
+            )
+            .await;
+        }
         if let Err(e) = self.store.insert_instance(&row).await {
             self.rollback_volumes(&who.tenant_id, &created).await;
             return Err(e.into());

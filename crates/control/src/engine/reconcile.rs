@@ -23,12 +23,16 @@ enum Step {
     Exited,
     Stop,
     Terminate,
+    /// Evict for a preemptor: stop like `Stop`, end `interrupted`.
+    Interrupt,
 }
 
 fn step(i: &InstanceRow, running: &BTreeSet<String>) -> Option<Step> {
     match (i.desired, i.state) {
         (S::Terminated, S::Terminated) => None,
         (S::Terminated, _) => Some(Step::Terminate),
+        (S::Interrupted, S::Interrupted) => None,
+        (S::Interrupted, _) => Some(Step::Interrupt),
         (S::Stopped, S::Pending | S::Provisioning | S::Running | S::Stopping) => Some(Step::Stop),
         (S::Running, S::Pending | S::Provisioning | S::Stopped) => Some(Step::Provision),
         (S::Running, S::Running) if running.contains(&i.id) => None,
@@ -115,10 +119,19 @@ impl Engine {
         }
         let node = self.node.clone();
         let running = blocking(move || node.running()).await?;
+        // GPUs still held by instances being evicted: their preemptors wait for them.
+        let evicting: BTreeSet<String> = live
+            .iter()
+            .filter(|i| i.desired == S::Interrupted && i.state != S::Interrupted)
+            .flat_map(|i| i.gpus.iter().map(|g| g.uuid.clone()))
+            .collect();
         for i in live {
             let Some(step) = step(&i, &running) else {
                 continue;
             };
+            if step == Step::Provision && i.gpus.iter().any(|g| evicting.contains(&g.uuid)) {
+                continue;
+            }
             let lock = self.lock_for(&i.id);
             let Ok(guard) = lock.try_lock_owned() else {
                 continue; // already being worked on
@@ -176,7 +189,11 @@ impl Engine {
             } else {
                 Vec::new()
             },
-            priority: Priority::Low,
+            priority: if i.spec.priority == gpuvisor_wire::PriorityClass::High {
+                Priority::High
+            } else {
+                Priority::Low
+            },
         })
     }
 
@@ -284,6 +301,27 @@ impl Engine {
                     None,
                     "state",
                     "stopped; container disk wiped".into(),
+                )
+                .await?;
+            }
+            Step::Interrupt => {
+                if !matches!(i.state, S::Stopping) {
+                    self.set(
+                        &id,
+                        S::Stopping,
+                        None,
+                        "state",
+                        "stopping for a preemptor".into(),
+                    )
+                    .await?;
+                }
+                self.teardown(&id, owns_host_objects(i.state)).await?;
+                self.set(
+                    &id,
+                    S::Interrupted,
+                    Some("preempted by a higher-priority instance"),
+                    "state",
+                    "interrupted; resources released".into(),
                 )
                 .await?;
             }
