@@ -286,15 +286,8 @@ impl Engine {
                     self.set(&id, S::Stopping, None, "state", "stopping".into())
                         .await?;
                 }
+                // A `start` that arrives meanwhile finds `stopped` and provisions on the next pass.
                 self.teardown(&id, true).await?;
-                if self
-                    .store
-                    .instance(&id)
-                    .await?
-                    .is_some_and(|r| r.desired == S::Running)
-                {
-                    // Started again while we stopped: provision on the next pass.
-                }
                 self.set(
                     &id,
                     S::Stopped,
