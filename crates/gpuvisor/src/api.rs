@@ -89,6 +89,8 @@ pub fn router(engine: Eng) -> Router {
         .route("/v1/keys", get(list_keys).post(create_key))
         .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
         .route("/v1/gpus", get(list_gpus))
+        .route("/v1/gpus/{id}/bind-vfio", post(bind_vfio))
+        .route("/v1/gpus/{id}/release", post(release_gpu))
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/{name}", axum::routing::delete(remove_image))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
@@ -148,6 +150,16 @@ async fn create_key(
 async fn revoke_key(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::ApiKey> {
     let p = who(&e, &h).await?;
     Ok(Json(e.revoke_key(&p, &id).await?))
+}
+
+async fn bind_vfio(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Gpu> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.bind_vfio(&p, &id).await?))
+}
+
+async fn release_gpu(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Gpu> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.release_gpu(&p, &id).await?))
 }
 
 async fn list_gpus(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Gpu>> {

@@ -47,6 +47,9 @@ use crate::serve::{serve, ServeArgs};
 // in main.rs stays as it is.
 #[path = "sim.rs"]
 pub mod sim;
+// Host preflight and MIG run locally too.
+#[path = "hostcli.rs"]
+pub mod hostcli;
 
 /// Exit codes; see the table in the module documentation.
 pub mod exit {
@@ -159,6 +162,9 @@ pub enum Command {
     Instance(InstanceCmd),
     /// Replay a GPU-cluster trace through the scheduler (local; no daemon needed).
     Sim(sim::SimArgs),
+    /// Host preparation (local; no daemon needed): `gpuvisor host check`.
+    #[command(subcommand)]
+    Host(hostcli::HostCmd),
     /// Print a shell completion script: `gpuvisor completions bash > /etc/bash_completion.d/gpuvisor`.
     Completions { shell: clap_complete::Shell },
 }
@@ -226,6 +232,20 @@ pub enum GpuCmd {
     /// List GPUs and what is allocated on them.
     #[command(visible_alias = "ls")]
     List,
+    /// Hand a GPU (and its audio function) to vfio-pci for passthrough into VMs (admin; refused
+    /// while an instance uses it or when its IOMMU group holds other devices).
+    BindVfio {
+        /// GPU UUID, index or PCI address.
+        gpu: String,
+    },
+    /// Give a GPU back from vfio-pci to the host driver (admin).
+    Release {
+        /// GPU PCI address, UUID or index.
+        gpu: String,
+    },
+    /// MIG partitions (local, through NVML; changes need --yes).
+    #[command(subcommand)]
+    Mig(hostcli::MigCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -539,6 +559,8 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     match command {
         Command::Serve(args) => run_serve(args),
         Command::Sim(args) => sim::run(args, global.output),
+        Command::Host(cmd) => hostcli::run_host(cmd, global.output),
+        Command::Gpu(GpuCmd::Mig(cmd)) => hostcli::run_mig(cmd, global.output),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             use std::io::Write;
@@ -585,6 +607,19 @@ impl Ctx {
                 let gpus = self.client.list_gpus()?;
                 output::print(self.format, &gpus, |g| output::gpus_table(g))?;
             }
+            GpuCmd::BindVfio { gpu } => {
+                let g = self.client.bind_vfio(&gpu)?;
+                output::print(self.format, &g, |g| {
+                    output::gpus_table(std::slice::from_ref(g))
+                })?;
+            }
+            GpuCmd::Release { gpu } => {
+                let g = self.client.release_gpu(&gpu)?;
+                output::print(self.format, &g, |g| {
+                    output::gpus_table(std::slice::from_ref(g))
+                })?;
+            }
+            GpuCmd::Mig(cmd) => return hostcli::run_mig(cmd, self.format),
         }
         Ok(exit::OK)
     }

@@ -197,6 +197,16 @@ impl Client {
         self.get("/gpus")
     }
 
+    /// Binds a GPU (UUID, index or PCI address) to vfio-pci; answers the GPU as listed after.
+    pub fn bind_vfio(&self, gpu: &str) -> Result<Gpu> {
+        self.post::<(), _>(&format!("/gpus/{}/bind-vfio", segment(gpu)), None)
+    }
+
+    /// Gives a GPU back to the host driver.
+    pub fn release_gpu(&self, gpu: &str) -> Result<Gpu> {
+        self.post::<(), _>(&format!("/gpus/{}/release", segment(gpu)), None)
+    }
+
     pub fn list_images(&self) -> Result<Vec<Image>> {
         self.get("/images")
     }

@@ -299,7 +299,11 @@ pub fn gpus_table(gpus: &[gpuvisor_wire::Gpu]) -> String {
                 format_size(g.vram),
                 allocated,
                 g.instances.len().to_string(),
-                g.backend.clone(),
+                if g.passthrough_ready {
+                    format!("{} (vfio-pci)", g.backend)
+                } else {
+                    g.backend.clone()
+                },
             ]
         }),
     )
@@ -526,6 +530,8 @@ mod tests {
             allocated_milli: 250,
             allocated_vram: 20 << 30,
             instances: vec!["i-1".into()],
+            driver: Some("nvidia".into()),
+            passthrough_ready: false,
         };
         let text = gpus_table(&[gpu]);
         assert!(text.contains("0.25 GPU / 20GiB"), "{text}");

@@ -29,6 +29,8 @@ pub enum NodeError {
     Gpu(#[from] GpuError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Vfio(#[from] crate::vfio::VfioError),
     #[error("io on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -14,12 +14,17 @@ pub mod cmd;
 pub mod disk;
 pub mod gpu;
 pub mod host;
+pub mod hostcheck;
 pub mod image;
 pub mod instance;
 pub mod limiter;
+pub mod mig;
 pub mod net;
 pub mod runtime;
 pub mod seccomp;
+#[cfg(test)]
+mod testfx;
+pub mod vfio;
 
 pub use host::HostRoot;
 pub use instance::{InstancePlan, Node, NodeConfig, NodeError};

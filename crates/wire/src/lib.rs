@@ -275,6 +275,12 @@ pub struct Gpu {
     pub allocated_vram: u64,
     /// Ids of the instances that use it.
     pub instances: Vec<String>,
+    /// Kernel driver bound now (`nvidia`, `vfio-pci`); absent when unbound or simulated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// Bound to vfio-pci: ready for PCIe passthrough into a micro-VM (containers cannot use it).
+    #[serde(default)]
+    pub passthrough_ready: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

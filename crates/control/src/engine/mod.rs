@@ -7,6 +7,7 @@
 //! store the reconciler can converge from, and the same code path serves normal operation and
 //! recovery.
 
+mod gpuadmin;
 mod reconcile;
 pub mod validate;
 
@@ -413,7 +414,10 @@ impl Engine {
                 allocated_milli: 0,
                 allocated_vram: 0,
                 instances: vec![],
+                driver: None,
+                passthrough_ready: false,
             };
+            self.fill_driver(&mut gpu);
             for i in &live {
                 for b in i.gpus.iter().filter(|b| b.uuid == g.uuid) {
                     gpu.allocated_milli += b.milli;
@@ -647,6 +651,8 @@ impl Engine {
             .node
             .gpus
             .iter()
+            // A GPU handed to vfio-pci is for VMs; containers cannot open it.
+            .filter(|g| !self.is_passthrough(g))
             .map(|g| GpuSlot {
                 uuid: g.uuid.clone(),
                 index: g.index,

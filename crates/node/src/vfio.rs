@@ -1,0 +1,629 @@
+//! Handing a GPU to vfio-pci for PCIe passthrough into a VM, and giving it back to the host driver.
+//!
+//! Why here: binding is a handful of sysfs writes, but their order matters and a wrong one leaves
+//! a GPU with no driver at all, so the sequence lives in one place and is tested write by write.
+//!
+//! Key decisions:
+//! - `driver_override` + `drivers_probe`, not `new_id`: the override names one device, so other
+//!   GPUs of the same model stay on `nvidia`, and it survives the unbind/probe in between.
+//! - The IOMMU group is the unit of isolation: a VM gets the whole group or none of it. A group
+//!   holding anything but the GPU's own functions (its HDMI audio, USB-C controller: NVIDIA
+//!   functions in the same slot) is refused, naming the intruders; those functions are moved to
+//!   vfio-pci with the GPU, since a group is only usable when all of it is.
+//! - "Is the GPU in use?" is the engine's question (it knows the instances); this module only
+//!   knows the host.
+//! - Every write goes through [`SysWriter`], so tests record the exact sequence against a fixture
+//!   tree whose "kernel" is a double.
+
+use crate::HostRoot;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+const DEVICES: &str = "/sys/bus/pci/devices";
+const DRIVERS: &str = "/sys/bus/pci/drivers";
+pub const VFIO_DRIVER: &str = "vfio-pci";
+const NVIDIA_VENDOR: &str = "0x10de";
+
+#[derive(Debug, Error)]
+pub enum VfioError {
+    #[error("{0:?} is not a PCI address (want 0000:3b:00.0)")]
+    BadAddress(String),
+    #[error("no PCI device {0} on this host")]
+    NoDevice(String),
+    #[error("{pci} is in no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on on the kernel command line, VT-d/AMD-Vi in firmware) and reboot")]
+    NoIommuGroup { pci: String },
+    #[error("IOMMU group {group} of {pci} also holds {}: a VM can only get a whole group; move the GPU to another slot or enable ACS", .others.join(", "))]
+    SharedGroup {
+        pci: String,
+        group: u32,
+        others: Vec<String>,
+    },
+    #[error("vfio-pci is not available: load it with `modprobe vfio-pci`")]
+    NoVfioDriver,
+    #[error("writing {data:?} to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        data: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{pci} is bound to {} after probing, not {want}", .got.as_deref().unwrap_or("no driver"))]
+    NotBound {
+        pci: String,
+        want: String,
+        got: Option<String>,
+    },
+}
+
+/// How sysfs is written. The real one opens existing files only (sysfs attributes are never
+/// created); tests substitute a recording double.
+pub trait SysWriter {
+    /// Writes `data` to `path` (already mapped through the [`HostRoot`]).
+    fn write(&self, path: &Path, data: &str) -> std::io::Result<()>;
+}
+
+/// Writes to the real files.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FsWriter;
+
+impl SysWriter for FsWriter {
+    fn write(&self, path: &Path, data: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+        f.write_all(data.as_bytes())
+    }
+}
+
+/// One PCI function, as sysfs describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciFunction {
+    pub address: String,
+    /// `0x10de`.
+    pub vendor: String,
+    /// `0x030200`.
+    pub class: String,
+    pub driver: Option<String>,
+}
+
+impl PciFunction {
+    pub fn read(root: &HostRoot, address: &str) -> Option<Self> {
+        let dir = format!("{DEVICES}/{address}");
+        if !root.path(&dir).exists() {
+            return None;
+        }
+        let read = |f: &str| {
+            root.read_trimmed(format!("{dir}/{f}"))
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+        };
+        Some(Self {
+            address: address.to_string(),
+            vendor: read("vendor"),
+            class: read("class"),
+            driver: crate::gpu::pci_driver(root, address),
+        })
+    }
+
+    pub fn is_nvidia(&self) -> bool {
+        self.vendor == NVIDIA_VENDOR
+    }
+
+    /// A display or 3D controller (class 0x03xxxx).
+    pub fn is_gpu(&self) -> bool {
+        self.class.starts_with("0x03")
+    }
+
+    /// What it is, for messages: `0000:3a:00.0 (SATA controller, ahci)`.
+    pub fn describe(&self) -> String {
+        let kind = class_name(&self.class);
+        match &self.driver {
+            Some(d) => format!("{} ({kind}, {d})", self.address),
+            None => format!("{} ({kind})", self.address),
+        }
+    }
+}
+
+/// A readable name for the common PCI classes found in IOMMU groups.
+pub fn class_name(class: &str) -> &'static str {
+    let c = class.trim_start_matches("0x");
+    let prefix = |p: &str| c.starts_with(p);
+    if prefix("0300") || prefix("0302") || prefix("0380") {
+        "GPU"
+    } else if prefix("0403") {
+        "audio"
+    } else if prefix("0106") {
+        "SATA controller"
+    } else if prefix("0108") {
+        "NVMe controller"
+    } else if prefix("0200") || prefix("0207") {
+        "network controller"
+    } else if prefix("0604") {
+        "PCI bridge"
+    } else if prefix("0680") {
+        "bridge (NVSwitch)"
+    } else if prefix("0c03") {
+        "USB controller"
+    } else if prefix("0c80") || prefix("0c05") {
+        "serial bus controller"
+    } else {
+        "device"
+    }
+}
+
+/// `0000:3b:00.1` → `0000:3b:00` (the slot: domain, bus, device).
+fn slot(address: &str) -> &str {
+    address.rsplit_once('.').map_or(address, |(s, _)| s)
+}
+
+/// The IOMMU group of `pci` and every function in it (including `pci`), sorted by address.
+/// `None` when the device has no group (IOMMU off).
+pub fn iommu_group(root: &HostRoot, pci: &str) -> Option<(u32, Vec<PciFunction>)> {
+    let group = crate::gpu::pci_iommu_group(root, pci)?;
+    let dir = root.path(format!("/sys/kernel/iommu_groups/{group}/devices"));
+    let mut members: Vec<PciFunction> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| PciFunction::read(root, e.file_name().to_str()?))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !members.iter().any(|m| m.address == pci) {
+        members.extend(PciFunction::read(root, pci));
+    }
+    members.sort_by(|a, b| a.address.cmp(&b.address));
+    Some((group, members))
+}
+
+/// Splits a GPU's group into its companions (NVIDIA functions in the GPU's slot, the GPU
+/// included) and the others (anything else: bridges, storage, other GPUs).
+pub fn split_group(pci: &str, members: Vec<PciFunction>) -> (Vec<PciFunction>, Vec<PciFunction>) {
+    members
+        .into_iter()
+        .partition(|m| m.is_nvidia() && slot(&m.address) == slot(pci))
+}
+
+/// What a bind or release did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub pci: String,
+    pub iommu_group: Option<u32>,
+    /// The functions moved (the GPU first, then its companions).
+    pub functions: Vec<String>,
+    /// The GPU's driver afterwards.
+    pub driver: Option<String>,
+    /// Nothing to do: already in the asked state.
+    pub unchanged: bool,
+}
+
+fn check_address(pci: &str) -> Result<String, VfioError> {
+    crate::gpu::normalise_pci_address(pci).ok_or_else(|| VfioError::BadAddress(pci.to_string()))
+}
+
+fn put(root: &HostRoot, w: &dyn SysWriter, host_path: &str, data: &str) -> Result<(), VfioError> {
+    let path = root.path(host_path);
+    w.write(&path, data).map_err(|source| VfioError::Write {
+        path: PathBuf::from(host_path),
+        data: data.to_string(),
+        source,
+    })
+}
+
+/// The GPU and its companions, GPU first; refuses a group shared with other devices.
+fn group_for_move(root: &HostRoot, pci: &str) -> Result<(u32, Vec<PciFunction>), VfioError> {
+    let (group, members) = iommu_group(root, pci).ok_or_else(|| VfioError::NoIommuGroup {
+        pci: pci.to_string(),
+    })?;
+    let (mut mine, others) = split_group(pci, members);
+    if !others.is_empty() {
+        return Err(VfioError::SharedGroup {
+            pci: pci.to_string(),
+            group,
+            others: others.iter().map(PciFunction::describe).collect(),
+        });
+    }
+    mine.sort_by_key(|m| (m.address != pci, m.address.clone()));
+    Ok((group, mine))
+}
+
+/// Binds the GPU at `pci` (and its companion functions) to vfio-pci with the real writer.
+pub fn bind_vfio(root: &HostRoot, pci: &str) -> Result<Outcome, VfioError> {
+    bind_vfio_with(root, pci, &FsWriter)
+}
+
+/// Binds to vfio-pci. For each function, GPU first:
+/// 1. `vfio-pci` → `/sys/bus/pci/devices/<pci>/driver_override`
+/// 2. `<pci>` → `/sys/bus/pci/drivers/<current driver>/unbind` (when bound to something else)
+/// 3. `<pci>` → `/sys/bus/pci/drivers_probe` (the kernel honours the override)
+///
+/// then checks that the GPU's driver link now names vfio-pci.
+pub fn bind_vfio_with(root: &HostRoot, pci: &str, w: &dyn SysWriter) -> Result<Outcome, VfioError> {
+    let pci = check_address(pci)?;
+    let gpu = PciFunction::read(root, &pci).ok_or_else(|| VfioError::NoDevice(pci.clone()))?;
+    let (group, funcs) = group_for_move(root, &pci)?;
+    if funcs
+        .iter()
+        .all(|f| f.driver.as_deref() == Some(VFIO_DRIVER))
+    {
+        return Ok(Outcome {
+            pci,
+            iommu_group: Some(group),
+            functions: vec![],
+            driver: gpu.driver,
+            unchanged: true,
+        });
+    }
+    if !root.path(format!("{DRIVERS}/{VFIO_DRIVER}")).exists() {
+        return Err(VfioError::NoVfioDriver);
+    }
+    let mut moved = Vec::new();
+    for f in funcs
+        .iter()
+        .filter(|f| f.driver.as_deref() != Some(VFIO_DRIVER))
+    {
+        let a = &f.address;
+        put(
+            root,
+            w,
+            &format!("{DEVICES}/{a}/driver_override"),
+            VFIO_DRIVER,
+        )?;
+        if let Some(d) = &f.driver {
+            put(root, w, &format!("{DRIVERS}/{d}/unbind"), a)?;
+        }
+        put(root, w, "/sys/bus/pci/drivers_probe", a)?;
+        moved.push(a.clone());
+    }
+    let driver = crate::gpu::pci_driver(root, &pci);
+    if driver.as_deref() != Some(VFIO_DRIVER) {
+        return Err(VfioError::NotBound {
+            pci,
+            want: VFIO_DRIVER.into(),
+            got: driver,
+        });
+    }
+    Ok(Outcome {
+        pci,
+        iommu_group: Some(group),
+        functions: moved,
+        driver,
+        unchanged: false,
+    })
+}
+
+/// Gives the GPU at `pci` back to the host with the real writer.
+pub fn release(root: &HostRoot, pci: &str) -> Result<Outcome, VfioError> {
+    release_with(root, pci, &FsWriter)
+}
+
+/// Gives a vfio-pci GPU (and its companions on vfio-pci) back to the host. For each, GPU first:
+/// 1. `\n` → `/sys/bus/pci/devices/<pci>/driver_override` (clears it)
+/// 2. `<pci>` → `/sys/bus/pci/drivers/vfio-pci/unbind`
+/// 3. `<pci>` → `/sys/bus/pci/drivers_probe` (the default driver, `nvidia`, claims it)
+///
+/// and `1` → `/sys/bus/pci/rescan` if a function vanished from the bus meanwhile.
+/// Functions on another driver are left alone; group sharing is not checked (giving a device
+/// back is always safe).
+pub fn release_with(root: &HostRoot, pci: &str, w: &dyn SysWriter) -> Result<Outcome, VfioError> {
+    let pci = check_address(pci)?;
+    let gpu = PciFunction::read(root, &pci).ok_or_else(|| VfioError::NoDevice(pci.clone()))?;
+    let (group, mut funcs) = match iommu_group(root, &pci) {
+        Some((g, members)) => (Some(g), split_group(&pci, members).0),
+        None => (None, vec![gpu.clone()]),
+    };
+    funcs.sort_by_key(|m| (m.address != pci, m.address.clone()));
+    let on_vfio: Vec<&PciFunction> = funcs
+        .iter()
+        .filter(|f| f.driver.as_deref() == Some(VFIO_DRIVER))
+        .collect();
+    if on_vfio.is_empty() {
+        return Ok(Outcome {
+            pci,
+            iommu_group: group,
+            functions: vec![],
+            driver: gpu.driver,
+            unchanged: true,
+        });
+    }
+    let mut moved = Vec::new();
+    for f in on_vfio {
+        let a = &f.address;
+        put(root, w, &format!("{DEVICES}/{a}/driver_override"), "\n")?;
+        put(root, w, &format!("{DRIVERS}/{VFIO_DRIVER}/unbind"), a)?;
+        put(root, w, "/sys/bus/pci/drivers_probe", a)?;
+        moved.push(a.clone());
+    }
+    if moved
+        .iter()
+        .any(|a| !root.path(format!("{DEVICES}/{a}")).exists())
+    {
+        put(root, w, "/sys/bus/pci/rescan", "1")?;
+    }
+    Ok(Outcome {
+        pci: pci.clone(),
+        iommu_group: group,
+        functions: moved,
+        driver: crate::gpu::pci_driver(root, &pci),
+        unchanged: false,
+    })
+}
+
+/// The kernel driver bound to a PCI function now (`nvidia`, `vfio-pci`), from sysfs.
+pub fn current_driver(root: &HostRoot, pci: &str) -> Option<String> {
+    crate::gpu::pci_driver(root, pci)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::testfx::{Fx, GPU, GPU_AUDIO};
+    use std::cell::RefCell;
+
+    /// A recording stand-in for the kernel: logs every write (host path, data) and applies what
+    /// the kernel would: `driver_override` is stored, `unbind` drops the driver link,
+    /// `drivers_probe` binds the override or else the function's default driver, `rescan`
+    /// brings a vanished device back.
+    struct FakeKernel<'a> {
+        fx: &'a Fx,
+        log: RefCell<Vec<(String, String)>>,
+        /// Remove the device from the bus when it is unbound (a GPU that fell off).
+        vanish_on_unbind: bool,
+        fail_on: Option<&'static str>,
+    }
+
+    impl<'a> FakeKernel<'a> {
+        fn new(fx: &'a Fx) -> Self {
+            Self {
+                fx,
+                log: RefCell::new(vec![]),
+                vanish_on_unbind: false,
+                fail_on: None,
+            }
+        }
+        fn log(&self) -> Vec<(String, String)> {
+            self.log.borrow().clone()
+        }
+    }
+
+    impl SysWriter for FakeKernel<'_> {
+        fn write(&self, path: &Path, data: &str) -> std::io::Result<()> {
+            let host = format!(
+                "/{}",
+                path.strip_prefix(self.fx.dir_path()).unwrap().display()
+            );
+            if self.fail_on.is_some_and(|f| host.ends_with(f)) {
+                return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+            }
+            // Like sysfs: the attribute must exist.
+            assert!(path.exists(), "write to missing {host}");
+            self.log.borrow_mut().push((host.clone(), data.to_string()));
+            std::fs::write(path, data).unwrap();
+            let real = |a: &str| self.fx.real_dir(a);
+            if host.ends_with("/unbind") {
+                self.fx.set_driver(data, None);
+                if self.vanish_on_unbind {
+                    std::fs::remove_file(self.fx.path(&format!("{DEVICES}/{data}"))).unwrap();
+                }
+            } else if host == "/sys/bus/pci/drivers_probe" {
+                let ov = std::fs::read_to_string(real(data).join("driver_override")).unwrap();
+                let ov = ov.trim();
+                let drv = if !ov.is_empty() && ov != "(null)" {
+                    ov.to_string()
+                } else if data == GPU_AUDIO {
+                    "snd_hda_intel".into()
+                } else {
+                    "nvidia".into()
+                };
+                self.fx.set_driver(data, Some(&drv));
+            } else if host == "/sys/bus/pci/rescan" {
+                for a in [GPU, GPU_AUDIO] {
+                    self.fx.link_bus(a);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    fn w(path: &str, data: &str) -> (String, String) {
+        (path.to_string(), data.to_string())
+    }
+
+    #[test]
+    fn bind_writes_override_unbind_probe_for_gpu_then_audio() {
+        let fx = Fx::clean();
+        let root = fx.root();
+        let k = FakeKernel::new(&fx);
+        let out = bind_vfio_with(&root, "0000:3B:00.0", &k).unwrap();
+        assert_eq!(
+            k.log(),
+            vec![
+                w(
+                    "/sys/bus/pci/devices/0000:3b:00.0/driver_override",
+                    "vfio-pci"
+                ),
+                w("/sys/bus/pci/drivers/nvidia/unbind", "0000:3b:00.0"),
+                w("/sys/bus/pci/drivers_probe", "0000:3b:00.0"),
+                w(
+                    "/sys/bus/pci/devices/0000:3b:00.1/driver_override",
+                    "vfio-pci"
+                ),
+                w("/sys/bus/pci/drivers/snd_hda_intel/unbind", "0000:3b:00.1"),
+                w("/sys/bus/pci/drivers_probe", "0000:3b:00.1"),
+            ]
+        );
+        assert_eq!(out.driver.as_deref(), Some("vfio-pci"));
+        assert_eq!(out.iommu_group, Some(17));
+        assert_eq!(out.functions, vec![GPU.to_string(), GPU_AUDIO.to_string()]);
+        assert!(!out.unchanged);
+        assert_eq!(
+            current_driver(&root, GPU_AUDIO).as_deref(),
+            Some("vfio-pci")
+        );
+
+        // Again: nothing to do, nothing written.
+        let k2 = FakeKernel::new(&fx);
+        let again = bind_vfio_with(&root, GPU, &k2).unwrap();
+        assert!(again.unchanged);
+        assert!(k2.log().is_empty());
+    }
+
+    #[test]
+    fn bind_of_an_unbound_gpu_skips_unbind() {
+        let fx = Fx::clean();
+        fx.set_driver(GPU, None);
+        fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
+        let k = FakeKernel::new(&fx);
+        bind_vfio_with(&fx.root(), GPU, &k).unwrap();
+        assert_eq!(
+            k.log(),
+            vec![
+                w(
+                    "/sys/bus/pci/devices/0000:3b:00.0/driver_override",
+                    "vfio-pci"
+                ),
+                w("/sys/bus/pci/drivers_probe", "0000:3b:00.0"),
+            ]
+        );
+    }
+
+    #[test]
+    fn bind_refuses_a_shared_group_and_names_the_intruder() {
+        let fx = Fx::shared_group();
+        let k = FakeKernel::new(&fx);
+        let err = bind_vfio_with(&fx.root(), GPU, &k).unwrap_err();
+        match &err {
+            VfioError::SharedGroup { group, others, .. } => {
+                assert_eq!(*group, 17);
+                assert_eq!(
+                    others,
+                    &vec!["0000:3a:00.0 (SATA controller, ahci)".to_string()]
+                );
+            }
+            e => panic!("{e:?}"),
+        }
+        assert!(err.to_string().contains("0000:3a:00.0"), "{err}");
+        assert!(k.log().is_empty(), "nothing written");
+    }
+
+    #[test]
+    fn bind_refuses_without_iommu_or_vfio_or_device() {
+        let fx = Fx::iommu_off();
+        let k = FakeKernel::new(&fx);
+        let err = bind_vfio_with(&fx.root(), GPU, &k).unwrap_err();
+        assert!(matches!(err, VfioError::NoIommuGroup { .. }), "{err:?}");
+        assert!(err.to_string().contains("intel_iommu=on"));
+
+        let fx = Fx::clean();
+        fx.remove("/sys/bus/pci/drivers/vfio-pci");
+        let err = bind_vfio_with(&fx.root(), GPU, &k).unwrap_err();
+        assert!(matches!(err, VfioError::NoVfioDriver), "{err:?}");
+
+        let err = bind_vfio_with(&fx.root(), "0000:99:00.0", &k).unwrap_err();
+        assert!(matches!(err, VfioError::NoDevice(_)), "{err:?}");
+        let err = bind_vfio_with(&fx.root(), "gpu0", &k).unwrap_err();
+        assert!(matches!(err, VfioError::BadAddress(_)), "{err:?}");
+        assert!(k.log().is_empty());
+    }
+
+    #[test]
+    fn bind_reports_a_write_error_and_a_failed_probe() {
+        let fx = Fx::clean();
+        let mut k = FakeKernel::new(&fx);
+        k.fail_on = Some("/unbind");
+        let err = bind_vfio_with(&fx.root(), GPU, &k).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("/sys/bus/pci/drivers/nvidia/unbind"),
+            "{err}"
+        );
+
+        // A kernel that ignores the override: the GPU ends up on nvidia again.
+        struct Stubborn<'a>(&'a Fx);
+        impl SysWriter for Stubborn<'_> {
+            fn write(&self, path: &Path, data: &str) -> std::io::Result<()> {
+                if path.ends_with("drivers_probe") {
+                    self.0.set_driver(data, Some("nvidia"));
+                }
+                Ok(())
+            }
+        }
+        let fx = Fx::clean();
+        let err = bind_vfio_with(&fx.root(), GPU, &Stubborn(&fx)).unwrap_err();
+        assert!(
+            matches!(&err, VfioError::NotBound { got: Some(d), .. } if d == "nvidia"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn release_clears_override_unbinds_and_probes() {
+        let fx = Fx::clean();
+        let root = fx.root();
+        bind_vfio_with(&root, GPU, &FakeKernel::new(&fx)).unwrap();
+        let k = FakeKernel::new(&fx);
+        let out = release_with(&root, GPU, &k).unwrap();
+        assert_eq!(
+            k.log(),
+            vec![
+                w("/sys/bus/pci/devices/0000:3b:00.0/driver_override", "\n"),
+                w("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:3b:00.0"),
+                w("/sys/bus/pci/drivers_probe", "0000:3b:00.0"),
+                w("/sys/bus/pci/devices/0000:3b:00.1/driver_override", "\n"),
+                w("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:3b:00.1"),
+                w("/sys/bus/pci/drivers_probe", "0000:3b:00.1"),
+            ]
+        );
+        assert_eq!(out.driver.as_deref(), Some("nvidia"));
+        assert_eq!(
+            current_driver(&root, GPU_AUDIO).as_deref(),
+            Some("snd_hda_intel")
+        );
+
+        // Already on the host driver: nothing written.
+        let k2 = FakeKernel::new(&fx);
+        assert!(release_with(&root, GPU, &k2).unwrap().unchanged);
+        assert!(k2.log().is_empty());
+    }
+
+    #[test]
+    fn release_rescans_when_the_device_vanished() {
+        let fx = Fx::clean();
+        let root = fx.root();
+        bind_vfio_with(&root, GPU, &FakeKernel::new(&fx)).unwrap();
+        fx.set_driver(GPU_AUDIO, Some("snd_hda_intel"));
+        let mut k = FakeKernel::new(&fx);
+        k.vanish_on_unbind = true;
+        let out = release_with(&root, GPU, &k).unwrap();
+        let log = k.log();
+        assert_eq!(log.len(), 4, "{log:?}");
+        assert_eq!(log[3], w("/sys/bus/pci/rescan", "1"));
+        assert_eq!(out.functions, vec![GPU.to_string()]);
+        assert!(fx.path("/sys/bus/pci/devices/0000:3b:00.0").exists());
+    }
+
+    #[test]
+    fn groups_and_classes() {
+        let fx = Fx::shared_group();
+        let (g, members) = iommu_group(&fx.root(), GPU).unwrap();
+        assert_eq!(g, 17);
+        let addrs: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
+        assert_eq!(addrs, vec!["0000:3a:00.0", GPU, GPU_AUDIO]);
+        let (mine, others) = split_group(GPU, members);
+        assert_eq!(mine.len(), 2);
+        assert_eq!(others[0].describe(), "0000:3a:00.0 (SATA controller, ahci)");
+        assert_eq!(class_name("0x060400"), "PCI bridge");
+        assert_eq!(class_name("0x040300"), "audio");
+        assert!(iommu_group(&Fx::iommu_off().root(), GPU).is_none());
+    }
+
+    #[test]
+    fn real_writer_never_creates_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("driver_override");
+        assert!(FsWriter.write(&p, "vfio-pci").is_err());
+        std::fs::write(&p, "(null)\n").unwrap();
+        FsWriter.write(&p, "vfio-pci").unwrap();
+        assert!(std::fs::read_to_string(&p).unwrap().starts_with("vfio-pci"));
+    }
+}
