@@ -6,6 +6,7 @@ pub mod engine;
 pub mod error;
 pub mod placement;
 pub mod store;
+pub mod telemetry;
 
 pub use engine::{Engine, EngineConfig, Principal};
 pub use error::EngineError;

@@ -91,6 +91,10 @@ pub fn router(engine: Eng) -> Router {
         .route("/v1/gpus", get(list_gpus))
         .route("/v1/gpus/{id}/bind-vfio", post(bind_vfio))
         .route("/v1/gpus/{id}/release", post(release_gpu))
+        .route("/metrics", get(metrics))
+        .route("/v1/gpus/stats", get(gpu_stats))
+        .route("/v1/gpus/{id}/metrics", get(gpu_metrics))
+        .route("/v1/instances/{id}/metrics", get(instance_metrics))
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/{name}", axum::routing::delete(remove_image))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
@@ -292,4 +296,53 @@ async fn exec(
 async fn events(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<Vec<wire::Event>> {
     let p = who(&e, &h).await?;
     Ok(Json(e.instance_events(&p, &id).await?))
+}
+
+/// Prometheus scrape: text 0.0.4, or OpenMetrics when the `Accept` header asks for it. Needs
+/// the metrics token or an admin key (`Authorization: Bearer ...`), since it lists every
+/// tenant's instances.
+async fn metrics(State(e): State<Eng>, h: HeaderMap) -> Result<Response, ApiError> {
+    let key = h
+        .get(API_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            h.get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        });
+    e.authorize_metrics(key).await?;
+    let format = gpuvisor_control::telemetry::prom::Format::from_accept(
+        h.get("accept").and_then(|v| v.to_str().ok()),
+    );
+    let body = e.metrics_text(format);
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, format.content_type())],
+        body,
+    )
+        .into_response())
+}
+
+async fn gpu_stats(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::GpuStats>> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.gpu_stats(&p).await?))
+}
+
+async fn gpu_metrics(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<wire::MetricsQuery>,
+) -> R<wire::MetricsHistory> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.gpu_metrics(&p, &id, &q).await?))
+}
+
+async fn instance_metrics(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<wire::MetricsQuery>,
+) -> R<wire::MetricsHistory> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.instance_metrics(&p, &id, &q).await?))
 }

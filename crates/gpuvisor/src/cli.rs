@@ -246,6 +246,31 @@ pub enum GpuCmd {
     /// MIG partitions (local, through NVML; changes need --yes).
     #[command(subcommand)]
     Mig(hostcli::MigCmd),
+    /// Live view of every GPU (utilisation, memory, temperature, power), refreshed each second;
+    /// Ctrl-C to quit.
+    Top {
+        /// Stop after this many refreshes (default: until Ctrl-C).
+        #[arg(long, short = 'n')]
+        iterations: Option<u32>,
+    },
+    /// Metric history of a GPU (UUID or index).
+    Metrics(MetricsArgs),
+}
+
+/// Which metric history to show.
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// Instance id or name (GPU UUID or index for `gpu metrics`).
+    pub id: String,
+    /// How far back: 90s, 10m, 2h, 7d (1 s points are kept for an hour, 1 min for 7 days).
+    #[arg(long, default_value = "5m")]
+    pub since: String,
+    /// Seconds per point, e.g. 1s, 10s, 1m [default: the finest available].
+    #[arg(long)]
+    pub step: Option<String>,
+    /// Redraw every second until Ctrl-C.
+    #[arg(long, short = 'w')]
+    pub watch: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -394,6 +419,8 @@ pub enum InstanceCmd {
     },
     /// Show the instance's events.
     Events { id: String },
+    /// CPU, memory, disk, network and GPU use over time (`--watch` for a live view).
+    Metrics(MetricsArgs),
 }
 
 // ---- argument syntax ----
@@ -594,6 +621,38 @@ struct Ctx {
     format: Format,
 }
 
+/// Telemetry views: live redraws for `gpu top` and `--watch`.
+impl Ctx {
+    /// Prints `value`; in a table view on a terminal, clears the screen first so the view
+    /// redraws in place (structured output just appends one document per refresh).
+    fn redraw<T: serde::Serialize + ?Sized>(
+        &self,
+        value: &T,
+        table: impl FnOnce(&T) -> String,
+    ) -> Result<(), CliError> {
+        if self.format == Format::Table && io::stdout().is_terminal() {
+            print!("\x1b[2J\x1b[H");
+        }
+        output::print(self.format, value, table)?;
+        Ok(())
+    }
+
+    fn metrics_loop(
+        &self,
+        a: &MetricsArgs,
+        fetch: impl Fn(&Client, &MetricsArgs) -> Result<gpuvisor_wire::MetricsHistory, ClientError>,
+    ) -> Result<(), CliError> {
+        loop {
+            let h = fetch(&self.client, a)?;
+            self.redraw(&h, output::metrics_table)?;
+            if !a.watch {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
 impl Ctx {
     fn health(&self) -> Result<i32, CliError> {
         let h = self.client.health()?;
@@ -620,6 +679,21 @@ impl Ctx {
                 })?;
             }
             GpuCmd::Mig(cmd) => return hostcli::run_mig(cmd, self.format),
+            GpuCmd::Top { iterations } => {
+                let mut n = 0u32;
+                loop {
+                    let stats = self.client.gpu_stats()?;
+                    self.redraw(&stats, |s| output::gpu_top_table(s))?;
+                    n += 1;
+                    if iterations.is_some_and(|max| n >= max) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            GpuCmd::Metrics(a) => {
+                self.metrics_loop(&a, |c, a| c.gpu_metrics(&a.id, &a.since, a.step.as_deref()))?
+            }
         }
         Ok(exit::OK)
     }
@@ -785,6 +859,12 @@ impl Ctx {
                 let id = self.client.get_instance(&id)?.id;
                 let events = self.client.events(&id)?;
                 output::print(self.format, &events, |e| output::events_table(e))?;
+                Ok(exit::OK)
+            }
+            InstanceCmd::Metrics(a) => {
+                self.metrics_loop(&a, |c, a| {
+                    c.instance_metrics(&a.id, &a.since, a.step.as_deref())
+                })?;
                 Ok(exit::OK)
             }
         }

@@ -283,6 +283,45 @@ impl Client {
     pub fn events(&self, id: &str) -> Result<Vec<Event>> {
         self.get(&format!("/instances/{}/events", segment(id)))
     }
+
+    /// Metric history of an instance (`since` like `10m`, `step` like `1s`).
+    pub fn instance_metrics(
+        &self,
+        id: &str,
+        since: &str,
+        step: Option<&str>,
+    ) -> Result<gpuvisor_wire::MetricsHistory> {
+        self.get(&format!(
+            "/instances/{}/metrics?{}",
+            segment(id),
+            metrics_query(since, step)
+        ))
+    }
+
+    pub fn gpu_metrics(
+        &self,
+        id: &str,
+        since: &str,
+        step: Option<&str>,
+    ) -> Result<gpuvisor_wire::MetricsHistory> {
+        self.get(&format!(
+            "/gpus/{}/metrics?{}",
+            segment(id),
+            metrics_query(since, step)
+        ))
+    }
+
+    pub fn gpu_stats(&self) -> Result<Vec<gpuvisor_wire::GpuStats>> {
+        self.get("/gpus/stats")
+    }
+}
+
+fn metrics_query(since: &str, step: Option<&str>) -> String {
+    let mut q = format!("since={}", segment(since));
+    if let Some(step) = step {
+        q.push_str(&format!("&step={}", segment(step)));
+    }
+    q
 }
 
 /// Decodes a non-2xx answer; a body that is not an [`ErrorBody`] (a proxy, an old daemon) still

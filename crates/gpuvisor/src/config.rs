@@ -30,6 +30,10 @@ pub struct Config {
     pub limiter_context_bytes: u64,
     /// Which GPUs an instance gets and whom preemption evicts (gpuvisor_scheduler policies).
     pub placement_policy: gpuvisor_scheduler::Policy,
+    /// A GPU at or above this temperature (°C) raises a thermal alarm.
+    pub thermal_ceiling_c: f64,
+    /// Read-only bearer token Prometheus may scrape `/metrics` with (admin keys always work).
+    pub metrics_token: Option<String>,
 }
 
 impl Default for Config {
@@ -49,6 +53,8 @@ impl Default for Config {
             limiter_lib: None,
             limiter_context_bytes: 0,
             placement_policy: gpuvisor_scheduler::Policy::GvFrag,
+            thermal_ceiling_c: 85.0,
+            metrics_token: None,
         }
     }
 }
@@ -71,6 +77,8 @@ struct FileConfig {
     limiter_lib: Option<PathBuf>,
     limiter_context_bytes: Option<String>,
     placement_policy: Option<String>,
+    thermal_ceiling_c: Option<f64>,
+    metrics_token: Option<String>,
 }
 
 /// Flags (and their environment variables) that override the file.
@@ -109,6 +117,12 @@ pub struct ConfigOverrides {
     /// Disable egress NAT for instances.
     #[arg(long)]
     pub no_nat: bool,
+    /// GPU temperature (°C) that raises a thermal alarm [default: 85].
+    #[arg(long)]
+    pub thermal_ceiling: Option<f64>,
+    /// Bearer token that may scrape /metrics (besides admin keys).
+    #[arg(long, env = "GPUVISOR_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
 }
 
 fn grace(s: &str) -> anyhow::Result<Duration> {
@@ -163,6 +177,12 @@ impl Config {
             if let Some(v) = f.placement_policy {
                 c.placement_policy = v.parse()?;
             }
+            if let Some(v) = f.thermal_ceiling_c {
+                c.thermal_ceiling_c = v;
+            }
+            if f.metrics_token.is_some() {
+                c.metrics_token = f.metrics_token;
+            }
             if let Some(v) = f.limiter_context_bytes {
                 c.limiter_context_bytes = gpuvisor_wire::parse_size(&v)
                     .with_context(|| format!("limiter_context_bytes {v:?}"))?;
@@ -200,6 +220,18 @@ impl Config {
         }
         if o.no_nat {
             c.nat = false;
+        }
+        if let Some(v) = o.thermal_ceiling {
+            c.thermal_ceiling_c = v;
+        }
+        if o.metrics_token.is_some() {
+            c.metrics_token = o.metrics_token.clone();
+        }
+        if !c.thermal_ceiling_c.is_finite() || c.thermal_ceiling_c <= 0.0 {
+            anyhow::bail!("thermal_ceiling_c must be a positive temperature in °C");
+        }
+        if c.metrics_token.as_deref().is_some_and(|t| t.len() < 16) {
+            anyhow::bail!("metrics_token must be at least 16 characters");
         }
         if c.cpu_oversubscription == 0 {
             anyhow::bail!("cpu_oversubscription must be at least 1");

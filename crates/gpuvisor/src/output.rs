@@ -400,6 +400,97 @@ pub fn health_table(h: &Health) -> String {
     )
 }
 
+/// A metric value in its unit (the metric name ends with it).
+fn metric_value(metric: &str, v: f64) -> String {
+    if metric.ends_with("_bytes") {
+        format_size(v.max(0.0) as u64)
+    } else if metric.ends_with("_bytes_per_s") {
+        format!("{}/s", format_size(v.max(0.0) as u64))
+    } else if metric.ends_with("_percent") {
+        format!("{v:.1}%")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// One row per metric: newest value, mean and maximum over the window, and the point count.
+pub fn metrics_table(h: &gpuvisor_wire::MetricsHistory) -> String {
+    let body = table(
+        &["METRIC", "LAST", "AVG", "MAX", "POINTS"],
+        h.series.iter().map(|s| {
+            let m = s.metric.as_str();
+            let last = s
+                .points
+                .last()
+                .map_or("-".into(), |p| metric_value(m, p.avg));
+            let (avg, max) = if s.points.is_empty() {
+                ("-".into(), "-".into())
+            } else {
+                let avg = s.points.iter().map(|p| p.avg).sum::<f64>() / s.points.len() as f64;
+                let max = s.points.iter().map(|p| p.max).fold(f64::MIN, f64::max);
+                (metric_value(m, avg), metric_value(m, max))
+            };
+            vec![m.to_string(), last, avg, max, s.points.len().to_string()]
+        }),
+    );
+    format!("{} {} (step {}s)\n{body}", h.kind, h.id, h.step_s)
+}
+
+/// The `gpu top` view.
+pub fn gpu_top_table(gpus: &[gpuvisor_wire::GpuStats]) -> String {
+    let opt = |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v:.0}{unit}"));
+    table(
+        &[
+            "GPU",
+            "MODEL",
+            "UTIL",
+            "MEMORY",
+            "TEMP",
+            "POWER",
+            "SM MHZ",
+            "PCIE TX/RX",
+            "INST",
+            "XID",
+            "STATUS",
+        ],
+        gpus.iter().map(|g| {
+            let mem = match g.memory_used {
+                Some(u) => format!("{}/{}", format_size(u), format_size(g.memory_total)),
+                None => format!("-/{}", format_size(g.memory_total)),
+            };
+            let pcie = match (g.pcie_tx_kbs, g.pcie_rx_kbs) {
+                (Some(t), Some(r)) => format!("{}/{} MB/s", t / 1000, r / 1000),
+                _ => "-".into(),
+            };
+            let mut status: Vec<String> = g.alarms.clone();
+            if let Some(c) = &g.cordoned {
+                status.push(format!("cordoned: {c}"));
+            }
+            if g.simulated {
+                status.push("simulated".into());
+            }
+            vec![
+                g.index.to_string(),
+                g.model.clone(),
+                opt(g.util_percent, "%"),
+                mem,
+                opt(g.temperature_c, "C"),
+                opt(g.power_w, "W"),
+                g.sm_clock_mhz.map_or("-".into(), |v| v.to_string()),
+                pcie,
+                g.instances.to_string(),
+                g.last_xid
+                    .map_or("-".into(), |x| format!("{x} ({})", g.xid_errors)),
+                if status.is_empty() {
+                    "ok".into()
+                } else {
+                    status.join(", ")
+                },
+            ]
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -87,6 +87,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tokio::spawn(engine.clone().run_reconciler());
     tokio::spawn(engine.clone().run_limiter_sampler());
+    tokio::spawn(
+        engine
+            .clone()
+            .run_telemetry(gpuvisor_control::telemetry::TelemetryConfig {
+                thermal_ceiling_c: cfg.thermal_ceiling_c,
+                metrics_token: cfg.metrics_token.clone(),
+                ..Default::default()
+            }),
+    );
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

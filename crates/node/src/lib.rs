@@ -22,6 +22,7 @@ pub mod mig;
 pub mod net;
 pub mod runtime;
 pub mod seccomp;
+pub mod telemetry;
 #[cfg(test)]
 mod testfx;
 pub mod vfio;

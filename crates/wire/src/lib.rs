@@ -4,9 +4,11 @@
 //! once, by [`parse_size`], for every front end.
 
 mod cpulist;
+pub mod metrics;
 mod size;
 
 pub use cpulist::{format_cpu_list, parse_cpu_list};
+pub use metrics::{GpuStats, MetricPoint, MetricSeries, MetricsHistory, MetricsQuery};
 pub use size::{format_size, parse_size, SizeError};
 
 use serde::{Deserialize, Serialize};

@@ -8,6 +8,7 @@
 //! recovery.
 
 mod gpuadmin;
+mod metrics;
 mod reconcile;
 pub mod validate;
 
@@ -76,6 +77,8 @@ pub struct Engine {
     last_ts: AtomicI64,
     /// Bumped on every instance state change; long-polling readers wait on it.
     changed: tokio::sync::watch::Sender<u64>,
+    /// Newest readings, history, alarms and cordoned GPUs (fed by `run_telemetry`).
+    pub(crate) telemetry: crate::telemetry::Telemetry,
 }
 
 pub const ADMIN_TENANT: &str = "admin";
@@ -112,6 +115,7 @@ impl Engine {
         placer: Box<dyn Placer>,
         cfg: EngineConfig,
     ) -> Arc<Self> {
+        let telemetry = metrics::telemetry_for(&node, &cfg.hostname);
         Arc::new(Self {
             store,
             node,
@@ -122,6 +126,7 @@ impl Engine {
             wake: Notify::new(),
             last_ts: AtomicI64::new(0),
             changed: tokio::sync::watch::Sender::new(0),
+            telemetry,
         })
     }
 
@@ -651,6 +656,8 @@ impl Engine {
             .node
             .gpus
             .iter()
+            // A cordoned GPU (fatal XID, off the bus) takes no new instances.
+            .filter(|g| !self.telemetry.is_cordoned(&g.uuid))
             // A GPU handed to vfio-pci is for VMs; containers cannot open it.
             .filter(|g| !self.is_passthrough(g))
             .map(|g| GpuSlot {

@@ -148,6 +148,19 @@ pub trait GpuBackend: Send + Sync {
     fn process_utilisation(&self, _uuid: &str, _since_us: u64) -> Vec<(u32, u32)> {
         Vec::new()
     }
+    /// GPU memory per process on one GPU (host pid, bytes). Empty where the backend cannot tell.
+    fn process_memory(&self, _uuid: &str) -> Vec<(u32, u64)> {
+        Vec::new()
+    }
+    /// One telemetry reading of `gpu`; `load` is what runs on it (drives simulated values).
+    /// `None` where the backend reads nothing (sysfs: no driver to ask).
+    fn telemetry(
+        &self,
+        _gpu: &GpuDevice,
+        _load: &crate::telemetry::GpuLoad,
+    ) -> Option<crate::telemetry::GpuReading> {
+        None
+    }
 }
 
 /// How to find GPUs.

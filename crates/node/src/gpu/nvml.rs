@@ -126,6 +126,83 @@ impl GpuBackend for NvmlBackend {
         }
         newest.into_iter().map(|(pid, (_, u))| (pid, u)).collect()
     }
+
+    fn process_memory(&self, uuid: &str) -> Vec<(u32, u64)> {
+        use nvml_wrapper::enums::device::UsedGpuMemory;
+        let Ok(dev) = self.nvml.device_by_uuid(uuid) else {
+            return Vec::new();
+        };
+        dev.running_compute_processes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|p| match p.used_gpu_memory {
+                UsedGpuMemory::Used(b) => Some((p.pid, b)),
+                UsedGpuMemory::Unavailable => None,
+            })
+            .collect()
+    }
+
+    /// Every field is queried on its own: a GPU that does not support one (ECC on consumer
+    /// boards, PCIe counters in some virtualised setups) still reports the others.
+    fn telemetry(
+        &self,
+        gpu: &GpuDevice,
+        _load: &crate::telemetry::GpuLoad,
+    ) -> Option<crate::telemetry::GpuReading> {
+        use nvml_wrapper::enum_wrappers::device::{
+            Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor,
+        };
+        use nvml_wrapper::error::NvmlError;
+        let mut r = crate::telemetry::GpuReading {
+            uuid: gpu.uuid.clone(),
+            index: gpu.index,
+            mem_total: gpu.vram,
+            ..Default::default()
+        };
+        let dev = match self.nvml.device_by_uuid(gpu.uuid.as_str()) {
+            Ok(d) => d,
+            Err(NvmlError::GpuLost) => {
+                r.lost = true;
+                return Some(r);
+            }
+            Err(_) => return Some(r),
+        };
+        let mut lost = false;
+        fn keep<T>(lost: &mut bool, res: Result<T, NvmlError>) -> Option<T> {
+            match res {
+                Ok(v) => Some(v),
+                Err(NvmlError::GpuLost) => {
+                    *lost = true;
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+        macro_rules! ok {
+            ($e:expr) => {
+                keep(&mut lost, $e)
+            };
+        }
+        if let Some(u) = ok!(dev.utilization_rates()) {
+            r.util = Some(f64::from(u.gpu));
+        }
+        if let Some(m) = ok!(dev.memory_info()) {
+            r.mem_used = Some(m.used);
+            r.mem_total = m.total;
+        }
+        r.temp_c = ok!(dev.temperature(TemperatureSensor::Gpu)).map(f64::from);
+        r.power_w = ok!(dev.power_usage()).map(|mw| f64::from(mw) / 1000.0);
+        r.sm_clock_mhz = ok!(dev.clock_info(Clock::SM));
+        r.mem_clock_mhz = ok!(dev.clock_info(Clock::Memory));
+        r.throttle_reasons = ok!(dev.current_throttle_reasons()).map(|t| t.bits());
+        r.pcie_tx_kbs = ok!(dev.pcie_throughput(PcieUtilCounter::Send)).map(u64::from);
+        r.pcie_rx_kbs = ok!(dev.pcie_throughput(PcieUtilCounter::Receive)).map(u64::from);
+        r.ecc_corrected = ok!(dev.total_ecc_errors(MemoryError::Corrected, EccCounter::Volatile));
+        r.ecc_uncorrected =
+            ok!(dev.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile));
+        r.lost = lost;
+        Some(r)
+    }
 }
 
 #[cfg(test)]

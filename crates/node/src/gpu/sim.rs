@@ -198,6 +198,14 @@ impl GpuBackend for SimulatedBackend {
     fn driver_files(&self) -> Vec<(PathBuf, PathBuf)> {
         Vec::new()
     }
+
+    fn telemetry(
+        &self,
+        gpu: &GpuDevice,
+        load: &crate::telemetry::GpuLoad,
+    ) -> Option<crate::telemetry::GpuReading> {
+        Some(crate::telemetry::simulated_reading(gpu, load))
+    }
 }
 
 /// Makes `path` a root-owned character device `major:minor` with mode 0660. An existing correct

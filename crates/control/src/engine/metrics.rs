@@ -1,0 +1,258 @@
+//! Telemetry commands: the 1 Hz sampler loop, `/metrics`, metric history and the live GPU view.
+//!
+//! The sampler gathers what the control layer knows (which instances run where, their tenants,
+//! the limiter's VRAM accounting as the load of simulated GPUs), asks the node layer for one
+//! host sample in a blocking task, and hands it to [`Telemetry::ingest`]; alarms become events
+//! on the GPU (keyed by its UUID) and on every live instance placed on it.
+
+use super::{now_ms, Engine, Principal};
+use crate::error::{invalid, EngineError, Result};
+use crate::telemetry::{parse_duration_ms, parse_since, prom, GpuMeta, Telemetry, TelemetryConfig};
+use gpuvisor_node::telemetry::{GpuLoad, HostSampler, InstanceRef};
+use gpuvisor_node::Node;
+use gpuvisor_wire as wire;
+use gpuvisor_wire::InstanceState;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The telemetry state for this node's GPUs.
+pub(super) fn telemetry_for(node: &Node, hostname: &str) -> Telemetry {
+    let gpus = node
+        .gpus
+        .iter()
+        .map(|g| GpuMeta {
+            uuid: g.uuid.clone(),
+            index: g.index,
+            model: g.model.clone(),
+            model_name: gpuvisor_node::gpu::known_model(&g.model)
+                .map_or_else(|| g.model.clone(), |m| m.full_name.to_string()),
+            pci_address: g.pci_address.clone(),
+        })
+        .collect();
+    Telemetry::new(hostname, gpus)
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+impl Engine {
+    /// Samples the host every second until the daemon stops. `cfg` sets the thermal ceiling and
+    /// the `/metrics` token.
+    pub async fn run_telemetry(self: Arc<Self>, cfg: TelemetryConfig) {
+        self.telemetry.configure(cfg);
+        let root = self.node.cfg.root.clone();
+        let mut sampler = match tokio::task::spawn_blocking(move || HostSampler::new(&root)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("telemetry sampler not started: {e}");
+                return;
+            }
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            match self.sample_once(sampler).await {
+                Ok(s) => sampler = s,
+                Err(e) => {
+                    tracing::warn!("telemetry sampler stopped: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One sample: returns the sampler for the next one.
+    pub async fn sample_once(&self, mut sampler: HostSampler) -> Result<HostSampler> {
+        let live = match self.store.live_instances(None).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!("telemetry: {e}");
+                return Ok(sampler);
+            }
+        };
+        let tenants: BTreeMap<String, String> = self
+            .store
+            .tenants()
+            .await
+            .map(|ts| ts.into_iter().map(|t| (t.id, t.name)).collect())
+            .unwrap_or_default();
+        let running: Vec<&crate::store::InstanceRow> = live
+            .iter()
+            .filter(|i| i.state == InstanceState::Running)
+            .collect();
+        let refs: Vec<InstanceRef> = running
+            .iter()
+            .map(|i| InstanceRef {
+                id: i.id.clone(),
+                gpus: i.gpus.iter().map(|g| g.uuid.clone()).collect(),
+            })
+            .collect();
+        let fractional: Vec<(String, Vec<String>)> = running
+            .iter()
+            .filter(|i| i.gpus.iter().any(|g| g.milli < 1000))
+            .map(|i| {
+                (
+                    i.id.clone(),
+                    i.gpus.iter().map(|g| g.uuid.clone()).collect(),
+                )
+            })
+            .collect();
+        let mut loads: BTreeMap<String, GpuLoad> = BTreeMap::new();
+        for i in &running {
+            for g in &i.gpus {
+                loads.entry(g.uuid.clone()).or_default().running_milli += g.milli;
+            }
+        }
+        let inst_tenant: BTreeMap<String, String> = live
+            .iter()
+            .map(|i| {
+                (
+                    i.id.clone(),
+                    tenants.get(&i.tenant_id).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let node = self.node.clone();
+        let (sampler, sample) = tokio::task::spawn_blocking(move || {
+            for (id, gpus) in &fractional {
+                for (uuid, u) in gpus.iter().zip(node.limiters.usage(id).unwrap_or_default()) {
+                    let l = loads.entry(uuid.clone()).or_default();
+                    l.limiter_used += u.used_bytes;
+                    l.limiter_util_bp += u.util_bp;
+                }
+            }
+            let sample = sampler.sample(&node, &loads, &refs);
+            (sampler, sample)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("telemetry sample: {e}")))?;
+        let alarms = self.telemetry.ingest(now_ms(), sample, &inst_tenant);
+        for a in alarms {
+            if a.kind == "thermal_cleared" {
+                tracing::info!(gpu = a.index, "{}", a.message);
+            } else {
+                tracing::warn!(gpu = a.index, kind = a.kind, "{}", a.message);
+            }
+            self.event(&a.gpu, a.kind, a.message.clone()).await;
+            for i in live
+                .iter()
+                .filter(|i| i.gpus.iter().any(|g| g.uuid == a.gpu))
+            {
+                self.event(&i.id, a.kind, a.message.clone()).await;
+            }
+        }
+        Ok(sampler)
+    }
+
+    /// Who may scrape `/metrics`: the configured read-only token, or any admin key. Tenant keys
+    /// are refused: the page shows every tenant's instances.
+    pub async fn authorize_metrics(&self, secret: Option<&str>) -> Result<()> {
+        if let (Some(s), Some(token)) = (secret, self.telemetry.config().metrics_token) {
+            if same_secret(s, &token) {
+                return Ok(());
+            }
+        }
+        let p = self.authenticate(secret).await?;
+        if p.is_admin() {
+            Ok(())
+        } else {
+            Err(EngineError::Forbidden(
+                "/metrics needs an admin key or the metrics token (metrics_token)".into(),
+            ))
+        }
+    }
+
+    /// The newest sample in Prometheus text (or OpenMetrics) form.
+    pub fn metrics_text(&self, format: prom::Format) -> String {
+        self.telemetry.render(format)
+    }
+
+    fn window(q: &wire::MetricsQuery) -> Result<(i64, i64)> {
+        let now = now_ms();
+        let since = match &q.since {
+            Some(s) => parse_since(s, now).ok_or_else(|| {
+                invalid(format!(
+                    "since {s:?}: expected a duration back (90s, 10m, 2h, 7d) or epoch milliseconds"
+                ))
+            })?,
+            None => now - 5 * 60_000,
+        };
+        let step = match &q.step {
+            Some(s) => parse_duration_ms(s).filter(|d| *d >= 1000).ok_or_else(|| {
+                invalid(format!("step {s:?}: expected a duration of at least 1s"))
+            })?,
+            None => 1000,
+        };
+        Ok((since, step))
+    }
+
+    /// History of an instance the caller may see.
+    pub async fn instance_metrics(
+        &self,
+        who: &Principal,
+        id: &str,
+        q: &wire::MetricsQuery,
+    ) -> Result<wire::MetricsHistory> {
+        let row = self.find(who, id).await?;
+        let (since, step) = Self::window(q)?;
+        let (step, series) = self.telemetry.instance_history(&row.id, since, step);
+        Ok(wire::MetricsHistory {
+            kind: "instance".into(),
+            id: row.id,
+            step_s: (step / 1000) as u64,
+            series,
+        })
+    }
+
+    /// History of a GPU, by UUID or index.
+    pub async fn gpu_metrics(
+        &self,
+        _who: &Principal,
+        id: &str,
+        q: &wire::MetricsQuery,
+    ) -> Result<wire::MetricsHistory> {
+        let gpu = self
+            .node
+            .gpus
+            .iter()
+            .find(|g| g.uuid == id || g.index.to_string() == id)
+            .ok_or_else(|| EngineError::NotFound(format!("GPU {id:?} not found")))?;
+        let (since, step) = Self::window(q)?;
+        let (step, series) = self
+            .telemetry
+            .gpu_history(&gpu.uuid, since, step)
+            .ok_or_else(|| EngineError::NotFound(format!("GPU {id:?} not found")))?;
+        Ok(wire::MetricsHistory {
+            kind: "gpu".into(),
+            id: gpu.uuid.clone(),
+            step_s: (step / 1000) as u64,
+            series,
+        })
+    }
+
+    /// The newest sample of every GPU, with the number of live instances on each.
+    pub async fn gpu_stats(&self, _who: &Principal) -> Result<Vec<wire::GpuStats>> {
+        let live = self.store.live_instances(None).await?;
+        let mut stats = self.telemetry.gpu_stats();
+        for s in &mut stats {
+            s.instances = live
+                .iter()
+                .filter(|i| i.gpus.iter().any(|g| g.uuid == s.uuid))
+                .count() as u32;
+        }
+        Ok(stats)
+    }
+
+    /// GPUs no new instance is placed on, and why.
+    pub fn cordoned_gpus(&self) -> BTreeMap<String, String> {
+        self.telemetry.cordoned()
+    }
+}
