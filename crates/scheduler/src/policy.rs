@@ -24,13 +24,16 @@ pub enum Policy {
     Spread,
     /// Uniformly random among the nodes that fit.
     Random,
-    /// Ours: the fragmentation gradient with memory as a hard limit. FGD's measure only asks
-    /// whether a target spec's CPU and GPU still fit, so it happily strands a node's free GPUs
-    /// behind exhausted memory (CPU-heavy traces suffer most); gvfrag counts a spec that no
-    /// longer fits in memory as making all the node's free GPU milli a fragment, and each spec
-    /// carries the smallest memory seen for it. Moves are compared at the published score's
-    /// resolution and equal ones consolidate onto the lowest-index node. No constant is fitted
-    /// to a trace.
+    /// Ours: the fragmentation gradient with memory as a hard limit, then CPU/memory stranding.
+    /// FGD's measure only asks whether a target spec's CPU and GPU still fit, so it happily
+    /// strands a node's free GPUs behind exhausted memory; gvfrag counts a spec that no longer
+    /// fits in memory as making all the node's free GPU milli a fragment (each spec carries the
+    /// smallest memory seen for it). Moves are compared at the published score's resolution;
+    /// equal ones are decided by the stranding move at the same resolution: per spec, the
+    /// share of the GPU capacity it could use that the node's remaining CPU and memory cannot
+    /// feed (seen while the balance drifts, not only once the next copy no longer fits); then
+    /// by packing (whole-GPU and CPU-only) or the tightest GPU (fractions); then the
+    /// lowest-index node. No constant is fitted to a trace.
     GvFrag,
 }
 

@@ -60,13 +60,14 @@ struct Spec {
     p: f64,
 }
 
-/// A memoised evaluation of one node for one shape.
+/// A memoised evaluation of one node for one shape. Nodes compare by (score, tie, tie2).
 #[derive(Debug, Clone, Copy, Default)]
 struct Eval {
     version: u32,
     fits: bool,
     score: f64,
     tie: f64,
+    tie2: f64,
     /// GPUs to use (bitmask of indices).
     gpus: u64,
 }
@@ -100,7 +101,8 @@ pub struct Scheduler {
     specs: Vec<Spec>,
     /// Per node, per spec: bitmask of GPUs whose model and kind suit the spec.
     spec_elig: Vec<Vec<u64>>,
-    frag_cache: Vec<(u32, f64)>,
+    /// Per node: (version, fragmentation, stranding) before any change.
+    frag_cache: Vec<(u32, f64, f64)>,
     shapes: HashMap<Shape, usize>,
     cache: Vec<Vec<Eval>>,
     instances: BTreeMap<InstanceId, Instance>,
@@ -143,7 +145,7 @@ impl Scheduler {
             version: vec![1; n],
             specs: Vec::new(),
             spec_elig: vec![Vec::new(); n],
-            frag_cache: vec![(0, 0.0); n],
+            frag_cache: vec![(0, 0.0, 0.0); n],
             shapes: HashMap::new(),
             cache: Vec::new(),
             instances: BTreeMap::new(),
@@ -268,7 +270,7 @@ impl Scheduler {
             }
         }
         let sid = self.shape_id(shape);
-        let mut best: Option<(f64, f64, usize, u64)> = None;
+        let mut best: Option<(f64, f64, f64, usize, u64)> = None;
         let mut ties = 0u64;
         // FGD and gvfrag keep the first (lowest-index) of equal nodes: consolidation. With
         // uniform random ties our FGD leaves 9.9% unallocated at arrived 100% on openb default
@@ -279,25 +281,28 @@ impl Scheduler {
             if !e.fits {
                 continue;
             }
+            let cand = (e.score, e.tie, e.tie2, n, e.gpus);
             match best {
                 None => {
-                    best = Some((e.score, e.tie, n, e.gpus));
+                    best = Some(cand);
                     ties = 1;
                 }
-                Some((s, t, _, _)) => {
-                    if e.score > s || (e.score == s && e.tie > t) {
-                        best = Some((e.score, e.tie, n, e.gpus));
+                Some((s, t, t2, _, _)) => match (e.score, e.tie, e.tie2).partial_cmp(&(s, t, t2)) {
+                    Some(std::cmp::Ordering::Greater) => {
+                        best = Some(cand);
                         ties = 1;
-                    } else if e.score == s && e.tie == t {
+                    }
+                    Some(std::cmp::Ordering::Equal) => {
                         ties += 1;
                         if random_ties && self.rng.below(ties) == 0 {
-                            best = Some((e.score, e.tie, n, e.gpus));
+                            best = Some(cand);
                         }
                     }
-                }
+                    _ => {}
+                },
             }
         }
-        let (_, _, node, gpus) = best.ok_or(SchedError::NoFit)?;
+        let (_, _, _, node, gpus) = best.ok_or(SchedError::NoFit)?;
         Ok(self.placement_of(node, gpus, &shape))
     }
 
@@ -435,22 +440,47 @@ impl Scheduler {
         e
     }
 
-    /// Fragmentation of node `n` before any change (memoised per node version).
-    fn frag_now(&mut self, n: usize, shape: &Shape) -> f64 {
+    /// Fragmentation and (gvfrag only) stranding of node `n` before any change, memoised per
+    /// node version.
+    fn frag_now(&mut self, n: usize, shape: &Shape) -> (f64, f64) {
+        let node = &self.nodes[n];
+        let (cpu, mem) = (node.free_cpu_milli, node.free_memory_mib);
+        let frees: Vec<u32> = node.gpus.iter().map(|g| g.free_milli).collect();
         if self.specs.is_empty() {
-            let node = &self.nodes[n];
-            let frees: Vec<u32> = node.gpus.iter().map(|g| g.free_milli).collect();
-            return self.frag_single(n, shape, node.free_cpu_milli, node.free_memory_mib, &frees);
+            return (
+                self.frag_single(n, shape, cpu, mem, &frees),
+                self.strand_any(n, shape, cpu, mem, &frees),
+            );
         }
         let v = self.version[n];
         if self.frag_cache[n].0 == v {
-            return self.frag_cache[n].1;
+            return (self.frag_cache[n].1, self.frag_cache[n].2);
         }
-        let node = &self.nodes[n];
-        let frees: Vec<u32> = node.gpus.iter().map(|g| g.free_milli).collect();
-        let f = self.frag(n, node.free_cpu_milli, node.free_memory_mib, &frees);
-        self.frag_cache[n] = (v, f);
-        f
+        let f = self.frag(n, cpu, mem, &frees);
+        let s = self.strand_any(n, shape, cpu, mem, &frees);
+        self.frag_cache[n] = (v, f, s);
+        (f, s)
+    }
+
+    /// gvfrag's stranding measure S_n(M) = Σ_m p_m·S_n(m) (see [`spec_strand`]); 0 for the
+    /// other policies, which do not use it.
+    fn strand_any(&self, n: usize, shape: &Shape, cpu: u64, mem: u64, frees: &[u32]) -> f64 {
+        if self.policy != Policy::GvFrag {
+            return 0.0;
+        }
+        let total: u64 = frees.iter().map(|&f| u64::from(f)).sum();
+        if total == 0 {
+            return 0.0;
+        }
+        if self.specs.is_empty() {
+            let mask = elig_mask(&self.nodes[n], &self.gpu_model[n], shape);
+            return spec_strand(shape, mask, cpu, mem, frees, total);
+        }
+        let mut acc = 0.0;
+        for (s, &mask) in self.specs.iter().zip(&self.spec_elig[n]) {
+            acc += s.p * spec_strand(&s.shape, mask, cpu, mem, frees, total);
+        }
+        acc
     }
 
     fn frag_any(&self, n: usize, shape: &Shape, cpu: u64, mem: u64, frees: &[u32]) -> f64 {
@@ -499,10 +529,12 @@ impl Scheduler {
         if usable.count_ones() < need {
             return no;
         }
-        let before = match self.policy {
+        let (before, strand_before) = match self.policy {
             Policy::Fgd | Policy::GvFrag => self.frag_now(n, shape),
-            _ => 0.0,
+            _ => (0.0, 0.0),
         };
+        // gvfrag's second key: the stranding move, at the same resolution as the first.
+        let strand_gain = |after: f64| gv(strand_before, after);
         let node = &self.nodes[n];
         let cpu_after = node.free_cpu_milli - shape.cpu;
         let mem_after = node.free_memory_mib - shape.mem;
@@ -513,7 +545,7 @@ impl Scheduler {
         match shape.demand {
             GpuDemand::Fraction { milli, .. } => {
                 let policy = self.policy;
-                let mut best: Option<(f64, f64, usize)> = None;
+                let mut best: Option<(f64, f64, f64, usize)> = None;
                 let mut tried: Vec<(u8, u32)> = Vec::new();
                 for g in 0..node.gpus.len() {
                     if usable >> g & 1 == 0 {
@@ -525,47 +557,49 @@ impl Scheduler {
                     }
                     tried.push(key);
                     let left = node.gpus[g].free_milli - milli;
-                    let (s, t) = match policy {
+                    let (s, t, t2) = match policy {
                         Policy::Fgd => {
                             frees[g] = left;
                             let after = self.frag_any(n, shape, cpu_after, mem_after, &frees);
                             frees[g] = node.gpus[g].free_milli;
-                            (fgd_score(before, after), 0.0)
+                            (fgd_score(before, after), 0.0, 0.0)
                         }
                         Policy::GvFrag => {
                             frees[g] = left;
                             let after = self.frag_any(n, shape, cpu_after, mem_after, &frees);
+                            let strand = self.strand_any(n, shape, cpu_after, mem_after, &frees);
                             frees[g] = node.gpus[g].free_milli;
-                            (gv(before, after), -f64::from(left))
+                            (gv(before, after), strand_gain(strand), -f64::from(left))
                         }
-                        Policy::BestFit | Policy::Random => (-f64::from(left), 0.0),
-                        Policy::Spread => (f64::from(left), 0.0),
+                        Policy::BestFit | Policy::Random => (-f64::from(left), 0.0, 0.0),
+                        Policy::Spread => (f64::from(left), 0.0, 0.0),
                     };
-                    if best.is_none_or(|(bs, bt, _)| s > bs || (s == bs && t > bt)) {
-                        best = Some((s, t, g));
+                    if best.is_none_or(|(bs, bt, bt2, _)| (s, t, t2) > (bs, bt, bt2)) {
+                        best = Some((s, t, t2, g));
                     }
                 }
-                let Some((gpu_s, _, g)) = best else {
+                let Some((gpu_s, gpu_t, gpu_t2, g)) = best else {
                     return no;
                 };
-                let (score, tie) = match policy {
-                    Policy::Fgd => (gpu_s, 0.0),
-                    Policy::GvFrag => (gpu_s, 0.0),
-                    Policy::BestFit => (bestfit_score(cpu_after, gpu_after), 0.0),
-                    Policy::Spread => (pack(cpu_after, gpu_after), f64::from(gpu_s as u32)),
-                    Policy::Random => (0.0, 0.0),
+                let (score, tie, tie2) = match policy {
+                    Policy::Fgd => (gpu_s, 0.0, 0.0),
+                    Policy::GvFrag => (gpu_s, gpu_t, gpu_t2),
+                    Policy::BestFit => (bestfit_score(cpu_after, gpu_after), 0.0, 0.0),
+                    Policy::Spread => (pack(cpu_after, gpu_after), f64::from(gpu_s as u32), 0.0),
+                    Policy::Random => (0.0, 0.0, 0.0),
                 };
                 Eval {
                     version: 0,
                     fits: true,
                     score,
                     tie,
+                    tie2,
                     gpus: 1 << g,
                 }
             }
             GpuDemand::Whole(k) => {
                 let gpus = choose_whole(node, usable, k);
-                let (score, tie) = match self.policy {
+                let (score, tie, tie2) = match self.policy {
                     Policy::Fgd | Policy::GvFrag => {
                         for (g, f) in frees.iter_mut().enumerate() {
                             if gpus >> g & 1 == 1 {
@@ -574,42 +608,54 @@ impl Scheduler {
                         }
                         let after = self.frag_any(n, shape, cpu_after, mem_after, &frees);
                         if self.policy == Policy::Fgd {
-                            (fgd_score(before, after), 0.0)
+                            (fgd_score(before, after), 0.0, 0.0)
                         } else {
-                            (gv(before, after), -pack(cpu_after, gpu_after))
+                            let strand = self.strand_any(n, shape, cpu_after, mem_after, &frees);
+                            (
+                                gv(before, after),
+                                strand_gain(strand),
+                                -pack(cpu_after, gpu_after),
+                            )
                         }
                     }
-                    Policy::BestFit => (bestfit_score(cpu_after, gpu_after), 0.0),
-                    Policy::Spread => (pack(cpu_after, gpu_after), 0.0),
-                    Policy::Random => (0.0, 0.0),
+                    Policy::BestFit => (bestfit_score(cpu_after, gpu_after), 0.0, 0.0),
+                    Policy::Spread => (pack(cpu_after, gpu_after), 0.0, 0.0),
+                    Policy::Random => (0.0, 0.0, 0.0),
                 };
                 Eval {
                     version: 0,
                     fits: true,
                     score,
                     tie,
+                    tie2,
                     gpus,
                 }
             }
             GpuDemand::None => {
-                let (score, tie) = match self.policy {
+                let (score, tie, tie2) = match self.policy {
                     Policy::Fgd | Policy::GvFrag => {
                         let after = self.frag_any(n, shape, cpu_after, mem_after, &frees);
                         if self.policy == Policy::Fgd {
-                            (fgd_score(before, after), 0.0)
+                            (fgd_score(before, after), 0.0, 0.0)
                         } else {
-                            (gv(before, after), -pack(cpu_after, gpu_after))
+                            let strand = self.strand_any(n, shape, cpu_after, mem_after, &frees);
+                            (
+                                gv(before, after),
+                                strand_gain(strand),
+                                -pack(cpu_after, gpu_after),
+                            )
                         }
                     }
-                    Policy::BestFit => (bestfit_score(cpu_after, gpu_after), 0.0),
-                    Policy::Spread => (pack(cpu_after, gpu_after), 0.0),
-                    Policy::Random => (0.0, 0.0),
+                    Policy::BestFit => (bestfit_score(cpu_after, gpu_after), 0.0, 0.0),
+                    Policy::Spread => (pack(cpu_after, gpu_after), 0.0, 0.0),
+                    Policy::Random => (0.0, 0.0, 0.0),
                 };
                 Eval {
                     version: 0,
                     fits: true,
                     score,
                     tie,
+                    tie2,
                     gpus: 0,
                 }
             }
@@ -853,6 +899,44 @@ fn spec_frag(
     } else {
         total
     }
+}
+
+/// S_n(m): the free GPU milli of node `n` that spec `m` cannot use because the node's CPU or
+/// memory runs out first. The GPUs where m fits offer `c` copies of it (per GPU
+/// ⌊free/need⌋, or ⌊empty GPUs/N⌋ for N whole GPUs) but CPU and memory only afford
+/// `k = min(cpu/cpu_m, mem/mem_m)` (a real number): a share `(c − k)/c` of that GPU capacity is
+/// stranded. Free milli on GPUs too small for m is counted too, as in F_n(m), and a node that
+/// cannot take m at all strands all its free milli. Unlike F_n(m), which only notices when the
+/// very next copy no longer fits, this sees the CPU/GPU balance drift before it is too late.
+fn spec_strand(s: &Shape, elig: u64, cpu: u64, mem: u64, frees: &[u32], total: u64) -> f64 {
+    let (need, milli) = s.need();
+    if need == 0 || cpu < s.cpu || mem < s.mem {
+        return total as f64;
+    }
+    let mut k = f64::INFINITY;
+    if s.cpu > 0 {
+        k = k.min(cpu as f64 / s.cpu as f64);
+    }
+    if s.mem > 0 {
+        k = k.min(mem as f64 / s.mem as f64);
+    }
+    let mut copies = 0u64;
+    let mut small = 0u64;
+    for (g, &f) in frees.iter().enumerate() {
+        if elig >> g & 1 == 1 && f >= milli {
+            copies += u64::from(f / milli);
+        } else {
+            small += u64::from(f);
+        }
+    }
+    let c = (copies / u64::from(need)) as f64;
+    if c == 0.0 {
+        return total as f64;
+    }
+    if k >= c {
+        return small as f64;
+    }
+    small as f64 + (total - small) as f64 * (c - k) / c
 }
 
 /// Picks `k` GPUs from `usable`: the set with the most NVLink links inside it, then the most

@@ -98,6 +98,49 @@ fn gvfrag_avoids_stranding_gpus_behind_memory() {
 }
 
 #[test]
+fn gvfrag_keeps_cpu_for_the_gpus_before_it_runs_out() {
+    // Two 4-GPU nodes with 48 cores; the workload is 1-GPU pods needing 11 cores each. Node
+    // "a" has 19 cores left for 4 free GPUs (already short: about 1.7 pods' worth), "b" has 48
+    // cores for 2 free GPUs. A small CPU-only pod fits both without making the next GPU pod
+    // unplaceable, so FGD's measure sees no difference and takes the first node (packing
+    // would too); gvfrag sees that on "a" it strands more GPU capacity behind CPU.
+    let mk = |name: &str| {
+        Node::new(
+            name,
+            48_000,
+            262_144,
+            (0..4)
+                .map(|_| Gpu::new("A100", 40_960, GpuKind::Shareable))
+                .collect(),
+        )
+    };
+    let gpu_pod = Request {
+        cpu_milli: 11_000,
+        ..whole(1)
+    };
+    let cpu_pod = |cpu_milli| Request {
+        cpu_milli,
+        memory_mib: 1024,
+        ..Request::default()
+    };
+    let no_cpu_gpu = Request {
+        cpu_milli: 0,
+        ..whole(1)
+    };
+    for (policy, want) in [(Policy::Fgd, 0), (Policy::GvFrag, 1)] {
+        let mut s = Scheduler::new(vec![mk("a"), mk("b")], policy, 1).unwrap();
+        s.set_target_workload(std::slice::from_ref(&gpu_pod));
+        let on = |node, gpus| Placement { node, gpus };
+        s.commit(1, &cpu_pod(29_000), on(0, vec![])).unwrap();
+        s.commit(2, &no_cpu_gpu, on(1, vec![(0, 1000, 40_960)]))
+            .unwrap();
+        s.commit(3, &no_cpu_gpu, on(1, vec![(1, 1000, 40_960)]))
+            .unwrap();
+        assert_eq!(s.decide(&cpu_pod(4000)).unwrap().node, want, "{policy}");
+    }
+}
+
+#[test]
 fn multi_gpu_prefers_nvlink_then_numa() {
     let mut gpus: Vec<Gpu> = (0..4)
         .map(|_| Gpu::new("H100", 81_920, GpuKind::WholeOnly))
