@@ -487,6 +487,227 @@ impl Placer for Scheduled {
     }
 }
 
+/// A simulated node (like a KWOK fake node): capacity only, nothing on this host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimNode {
+    pub id: String,
+    pub cpus: u32,
+    pub memory: u64,
+    /// Every GPU of the node, in index order (`used_*` are ignored: residents count).
+    pub gpus: Vec<GpuSlot>,
+}
+
+/// Where an instance goes on the simulated nodes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterAssignment {
+    pub node_id: String,
+    pub gpus: Vec<GpuAssignment>,
+    /// Instances to evict first (empty when it fits as it is).
+    pub victims: Vec<String>,
+}
+
+/// All simulated nodes as one scheduler, with the instances already on them committed. Built
+/// once per decision (under the engine's placement lock); it never touches the host.
+///
+/// VRAM of a share that gives none is the share's fraction of the smallest eligible GPU, and
+/// that is what is recorded, so what is committed and what is stored always agree.
+pub struct Cluster {
+    sched: gpuvisor_scheduler::Scheduler,
+    nodes: Vec<SimNode>,
+    /// Resident ids, by scheduler instance id.
+    residents: Vec<String>,
+}
+
+impl Cluster {
+    /// `residents` are (node id, instance) pairs; ones on unknown nodes, or that no longer fit
+    /// (the node list shrank), are left out of the model.
+    pub fn new(
+        nodes: Vec<SimNode>,
+        residents: &[(String, Resident)],
+        policy: gpuvisor_scheduler::Policy,
+    ) -> Result<Self, PlacementError> {
+        use gpuvisor_scheduler::{Gpu, GpuDemand, GpuKind, Node, Placement, Request, Scheduler};
+        let err = |e: gpuvisor_scheduler::SchedError| PlacementError::Model(e.to_string());
+        let model: Vec<Node> = nodes
+            .iter()
+            .map(|n| {
+                let gpus = n
+                    .gpus
+                    .iter()
+                    .map(|g| {
+                        let mut m = Gpu::new(g.model.clone(), g.vram / MIB, GpuKind::Shareable);
+                        m.numa = g.numa_node;
+                        m
+                    })
+                    .collect();
+                Node::new(n.id.clone(), u64::from(n.cpus) * 1000, n.memory / MIB, gpus)
+            })
+            .collect();
+        let mut where_gpu: std::collections::HashMap<&str, (usize, usize)> =
+            std::collections::HashMap::new();
+        let mut where_node: std::collections::HashMap<&str, usize> =
+            std::collections::HashMap::new();
+        for (ni, n) in nodes.iter().enumerate() {
+            where_node.insert(n.id.as_str(), ni);
+            for (gi, g) in n.gpus.iter().enumerate() {
+                where_gpu.insert(g.uuid.as_str(), (ni, gi));
+            }
+        }
+        let mut sched = Scheduler::new(model, policy, 0).map_err(err)?;
+        let mut ids = Vec::new();
+        for (node_id, r) in residents {
+            let Some(&node) = where_node.get(node_id.as_str()) else {
+                continue;
+            };
+            let whole = !r.gpus.is_empty() && r.gpus.iter().all(|(_, m, _)| *m >= 1000);
+            let placed: Vec<(usize, u32, u64)> = r
+                .gpus
+                .iter()
+                .filter_map(|(uuid, milli, vram)| {
+                    let &(n, g) = where_gpu.get(uuid.as_str())?;
+                    (n == node).then(|| {
+                        let vram_mib = if whole {
+                            nodes[n].gpus[g].vram / MIB
+                        } else {
+                            mib_up(*vram)
+                        };
+                        (g, *milli, vram_mib)
+                    })
+                })
+                .collect();
+            let gpu = match (whole, placed.first()) {
+                (_, None) => GpuDemand::None,
+                (true, _) => GpuDemand::Whole(placed.len() as u32),
+                (false, Some(&(_, milli, vram_mib))) => GpuDemand::Fraction { milli, vram_mib },
+            };
+            let req = Request {
+                cpu_milli: u64::from(r.vcpus) * 1000,
+                memory_mib: r.memory / MIB,
+                gpu,
+                models: Vec::new(),
+                priority: r.priority,
+                interruptible: r.interruptible,
+                passthrough: false,
+            };
+            let id = ids.len() as u64;
+            let placement = Placement { node, gpus: placed };
+            if sched.commit(id, &req, placement).is_ok() {
+                ids.push(r.id.clone());
+            }
+        }
+        Ok(Self {
+            sched,
+            nodes,
+            residents: ids,
+        })
+    }
+
+    fn request(&self, d: &Demand) -> gpuvisor_scheduler::Request {
+        let mut req = sched_request(
+            &HostCapacity {
+                gpus: Vec::new(),
+                cpus: Vec::new(),
+                cpu_use: BTreeMap::new(),
+                cpu_ratio: 1,
+                memory: 0,
+                used_memory: 0,
+                residents: Vec::new(),
+            },
+            d,
+        );
+        if let gpuvisor_scheduler::GpuDemand::Fraction { milli, vram_mib } = &mut req.gpu {
+            if d.vram.is_none() {
+                *vram_mib = self
+                    .nodes
+                    .iter()
+                    .flat_map(|n| &n.gpus)
+                    .filter(|g| model_ok(g, &d.model))
+                    .map(|g| mib_up(g.vram / 1000 * u64::from(*milli)))
+                    .min()
+                    .unwrap_or(0);
+            }
+        }
+        req
+    }
+
+    fn assignment(
+        &self,
+        p: &gpuvisor_scheduler::Placement,
+        victims: Vec<String>,
+    ) -> Result<ClusterAssignment, PlacementError> {
+        let node = self
+            .nodes
+            .get(p.node)
+            .ok_or_else(|| PlacementError::Model(format!("no node {}", p.node)))?;
+        let gpus =
+            p.gpus
+                .iter()
+                .map(|&(g, milli, vram_mib)| {
+                    let slot = node.gpus.get(g).ok_or_else(|| {
+                        PlacementError::Model(format!("no GPU {g} on {}", node.id))
+                    })?;
+                    Ok(GpuAssignment {
+                        uuid: slot.uuid.clone(),
+                        index: slot.index,
+                        model: slot.model.clone(),
+                        milli,
+                        vram: if milli >= 1000 {
+                            slot.vram
+                        } else {
+                            vram_mib * MIB
+                        },
+                    })
+                })
+                .collect::<Result<Vec<_>, PlacementError>>()?;
+        Ok(ClusterAssignment {
+            node_id: node.id.clone(),
+            gpus,
+            victims,
+        })
+    }
+
+    /// A node where `d` fits as things are.
+    pub fn place(&mut self, d: &Demand) -> Result<ClusterAssignment, PlacementError> {
+        let req = self.request(d);
+        let p = self
+            .sched
+            .decide(&req)
+            .map_err(|_| PlacementError::GpuShare {
+                model: d.model.clone().unwrap_or_else(|| "any".into()),
+                milli: if d.whole_gpus > 0 {
+                    d.whole_gpus * 1000
+                } else {
+                    d.milli
+                },
+                vram: d.vram.unwrap_or(0),
+            })?;
+        self.assignment(&p, Vec::new())
+    }
+
+    /// The scheduler's cheapest eviction plan over all simulated nodes, and where `d` goes
+    /// once the victims are gone.
+    pub fn preempt(&mut self, d: &Demand) -> Result<ClusterAssignment, PlacementError> {
+        let req = self.request(d);
+        let plan = self
+            .sched
+            .plan_preemption(&req)
+            .map_err(|_| PlacementError::NoPreemption)?;
+        if plan.victims.is_empty() {
+            return Err(PlacementError::NoPreemption);
+        }
+        let victims: Vec<String> = plan
+            .victims
+            .iter()
+            .filter_map(|&i| self.residents.get(i as usize).cloned())
+            .collect();
+        let p = self
+            .sched
+            .place_with_plan(u64::MAX, &req, &plan)
+            .map_err(|_| PlacementError::NoPreemption)?;
+        self.assignment(&p, victims)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -772,5 +993,78 @@ mod tests {
         let a = SingleHost.place(&h, &d).unwrap();
         // GPU 2 is on node 1 -> CPUs 4..8
         assert!(a.cpus.iter().all(|c| *c >= 4), "{:?}", a.cpus);
+    }
+
+    fn sim_nodes(n: usize) -> Vec<SimNode> {
+        (0..n)
+            .map(|i| SimNode {
+                id: format!("sim-{i}"),
+                cpus: 8,
+                memory: 64 << 30,
+                gpus: (0..2)
+                    .map(|g| GpuSlot {
+                        uuid: format!("GPU-sim-{i}-{g}"),
+                        index: g,
+                        model: "T4".into(),
+                        vram: 16 << 30,
+                        numa_node: None,
+                        used_milli: 0,
+                        used_vram: 0,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cluster_places_and_preempts_across_nodes() {
+        let policy = gpuvisor_scheduler::Policy::GvFrag;
+        let d = Demand {
+            milli: 500,
+            vcpus: 1,
+            memory: 1 << 30,
+            ..Default::default()
+        };
+        let mut c = Cluster::new(sim_nodes(2), &[], policy).unwrap();
+        let a = c.place(&d).unwrap();
+        assert_eq!(a.gpus[0].milli, 500);
+        assert_eq!(a.gpus[0].vram, mib_up((16u64 << 30) / 1000 * 500) * MIB);
+        // Both nodes full: three on-demand whole GPUs and one spot.
+        let whole = |id: &str, node: usize, g: usize, prio: u32, spot: bool| {
+            (
+                format!("sim-{node}"),
+                Resident {
+                    id: id.into(),
+                    gpus: vec![(format!("GPU-sim-{node}-{g}"), 1000, 16 << 30)],
+                    cpus: vec![],
+                    vcpus: 1,
+                    memory: 1 << 30,
+                    priority: prio,
+                    interruptible: spot,
+                },
+            )
+        };
+        let res = vec![
+            whole("a", 0, 0, 1, false),
+            whole("b", 0, 1, 1, false),
+            whole("c", 1, 0, 1, false),
+            whole("spot", 1, 1, 0, true),
+        ];
+        let mut c = Cluster::new(sim_nodes(2), &res, policy).unwrap();
+        let d = Demand {
+            whole_gpus: 1,
+            vcpus: 1,
+            memory: 1 << 30,
+            priority: 1,
+            ..Default::default()
+        };
+        assert!(c.place(&d).is_err());
+        let a = c.preempt(&d).unwrap();
+        assert_eq!(a.victims, vec!["spot".to_string()]);
+        assert_eq!(a.node_id, "sim-1");
+        assert_eq!(a.gpus[0].uuid, "GPU-sim-1-1");
+        let d0 = Demand { priority: 0, ..d };
+        let mut c = Cluster::new(sim_nodes(2), &res, policy).unwrap();
+        assert_eq!(c.preempt(&d0), Err(PlacementError::NoPreemption));
     }
 }

@@ -54,6 +54,14 @@ pub struct KeyRow {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+pub struct NodeRow {
+    pub id: String,
+    pub hostname: String,
+    pub cpus: u32,
+    pub memory: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct GpuRow {
     pub uuid: String,
     pub node_id: String,
@@ -429,6 +437,22 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeRow>> {
+        sqlx::query("SELECT id, hostname, cpus, memory FROM nodes ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(NodeRow {
+                    id: r.try_get("id")?,
+                    hostname: r.try_get("hostname")?,
+                    cpus: u("nodes", r.try_get("cpus")?)? as u32,
+                    memory: u("nodes", r.try_get("memory")?)?,
+                })
+            })
+            .collect()
     }
 
     /// Replaces the node's GPU inventory with `gpus`.

@@ -1386,6 +1386,7 @@ mod tests {
     fn inst(state: InstanceState, updated_at: i64) -> Instance {
         Instance {
             id: "i-1".into(),
+            node: "host".into(),
             name: "web".into(),
             tenant: "t".into(),
             image: "img".into(),

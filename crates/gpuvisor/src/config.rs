@@ -17,6 +17,8 @@ pub struct Config {
     pub database: Option<String>,
     pub runtime: String,
     pub simulate_gpus: Option<String>,
+    /// openb node list CSV of simulated nodes to register (placement-only, like KWOK nodes).
+    pub simulate_nodes: Option<PathBuf>,
     pub cpu_oversubscription: u32,
     pub net_pool: Ipv4Addr,
     pub nat: bool,
@@ -44,6 +46,7 @@ impl Default for Config {
             database: None,
             runtime: "runc".into(),
             simulate_gpus: None,
+            simulate_nodes: None,
             cpu_oversubscription: 1,
             net_pool: Ipv4Addr::new(10, 88, 0, 0),
             nat: true,
@@ -68,6 +71,7 @@ struct FileConfig {
     database: Option<String>,
     runtime: Option<String>,
     simulate_gpus: Option<String>,
+    simulate_nodes: Option<PathBuf>,
     cpu_oversubscription: Option<u32>,
     net_pool: Option<Ipv4Addr>,
     nat: Option<bool>,
@@ -99,6 +103,10 @@ pub struct ConfigOverrides {
     /// Simulate GPUs instead of probing, e.g. 2xA100-80GB,1xH100-80GB.
     #[arg(long, env = "GPUVISOR_SIMULATE_GPUS")]
     pub simulate_gpus: Option<String>,
+    /// Register simulated nodes from an openb node list CSV (`sn,cpu_milli,memory_mib,gpu,model`);
+    /// instances that do not fit this host are placed on them and never run.
+    #[arg(long, env = "GPUVISOR_SIMULATE_NODES")]
+    pub simulate_nodes: Option<PathBuf>,
     /// Instances allowed to pin the same CPU [default: 1, exclusive].
     #[arg(long)]
     pub cpu_oversubscription: Option<u32>,
@@ -153,6 +161,9 @@ impl Config {
             if f.simulate_gpus.is_some() {
                 c.simulate_gpus = f.simulate_gpus;
             }
+            if f.simulate_nodes.is_some() {
+                c.simulate_nodes = f.simulate_nodes;
+            }
             if let Some(v) = f.cpu_oversubscription {
                 c.cpu_oversubscription = v;
             }
@@ -202,6 +213,9 @@ impl Config {
         }
         if o.simulate_gpus.is_some() {
             c.simulate_gpus = o.simulate_gpus.clone();
+        }
+        if o.simulate_nodes.is_some() {
+            c.simulate_nodes = o.simulate_nodes.clone();
         }
         if let Some(v) = o.cpu_oversubscription {
             c.cpu_oversubscription = v;

@@ -164,6 +164,7 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
         ("ID".into(), i.id.clone()),
         ("Name".into(), i.name.clone()),
         ("Tenant".into(), i.tenant.clone()),
+        ("Node".into(), or_dash(&i.node)),
         ("State".into(), i.state.to_string()),
         ("Desired".into(), i.desired.to_string()),
         ("Reason".into(), or_dash(i.reason.as_deref().unwrap_or(""))),
@@ -501,6 +502,7 @@ mod tests {
     fn sample() -> Instance {
         Instance {
             id: "i-0a1b2c".into(),
+            node: "host".into(),
             name: "train".into(),
             tenant: "acme".into(),
             image: "pytorch".into(),

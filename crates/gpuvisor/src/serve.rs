@@ -76,6 +76,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             cpu_ratio: cfg.cpu_oversubscription,
             stop_grace: cfg.stop_grace,
             resync: std::time::Duration::from_secs(1),
+            simulated_policy: cfg.placement_policy,
         },
     );
     if let Some(secret) = engine.bootstrap().await? {
@@ -84,6 +85,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if let Some(path) = &cfg.admin_key_file {
             write_secret(path, &secret)?;
         }
+    }
+    if let Some(path) = &cfg.simulate_nodes {
+        let nodes = crate::cli::sim::load_nodes(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let started = std::time::Instant::now();
+        let n = engine.register_simulated_nodes(&nodes).await?;
+        tracing::info!(
+            nodes = n,
+            ms = started.elapsed().as_millis() as u64,
+            "simulated nodes registered"
+        );
     }
     tokio::spawn(engine.clone().run_reconciler());
     tokio::spawn(engine.clone().run_limiter_sampler());

@@ -132,7 +132,8 @@ fn num(s: &str, what: &str) -> Result<u64, CliError> {
         .map_err(|_| invalid(format!("{what}: not a number: {s:?}")))
 }
 
-fn load_nodes(path: &Path) -> Result<Vec<Node>, CliError> {
+/// The openb node list (also `serve --simulate-nodes`).
+pub(crate) fn load_nodes(path: &Path) -> Result<Vec<Node>, CliError> {
     let rows = table(
         &read(path)?,
         path,

@@ -213,6 +213,9 @@ pub struct GpuBinding {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Instance {
     pub id: String,
+    /// The node it is placed on: this host's id, or a simulated node's.
+    #[serde(default)]
+    pub node: String,
     pub name: String,
     pub tenant: String,
     pub image: String,

@@ -13,7 +13,9 @@ mod reconcile;
 pub mod validate;
 
 use crate::error::{invalid, EngineError, Result};
-use crate::placement::{Demand, GpuSlot, HostCapacity, Placer, Resident};
+use crate::placement::{
+    Assignment, Cluster, Demand, GpuSlot, HostCapacity, PlacementError, Placer, Resident, SimNode,
+};
 use crate::store::{
     EventRow, ImageRow, InstanceRow, InstanceSpec, KeyRow, Store, TenantRow, VolumeRow,
 };
@@ -38,6 +40,8 @@ pub struct EngineConfig {
     pub stop_grace: Duration,
     /// How often the reconciler looks at the host when nothing woke it.
     pub resync: Duration,
+    /// Scheduler policy over the simulated nodes.
+    pub simulated_policy: gpuvisor_scheduler::Policy,
 }
 
 /// Who is calling: resolved from an API key by [`Engine::authenticate`].
@@ -82,6 +86,23 @@ pub struct Engine {
 }
 
 pub const ADMIN_TENANT: &str = "admin";
+
+/// `gpus.backend` of the GPUs of simulated nodes (see [`Engine::register_simulated_nodes`]).
+pub const SIMULATED_NODE_BACKEND: &str = "simulated-node";
+
+/// A stable synthetic UUID for GPU `index` of simulated node `node`.
+fn simulated_gpu_uuid(node: &str, index: usize) -> String {
+    let h = Sha256::digest(format!("gpuvisor-simulated-node/{node}/{index}").as_bytes());
+    let x: String = h.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &x[0..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..32]
+    )
+}
 
 fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
@@ -262,6 +283,94 @@ impl Engine {
         Ok(Some(secret))
     }
 
+    /// Registers simulated nodes (like KWOK's fake nodes): rows in `nodes` and `gpus` (backend
+    /// `simulated-node`, stable synthetic UUIDs) that placement may use when this host cannot
+    /// take a request. Nothing of theirs exists on the host. Nodes without GPUs are skipped.
+    pub async fn register_simulated_nodes(
+        &self,
+        nodes: &[gpuvisor_scheduler::Node],
+    ) -> Result<usize> {
+        const MIB: u64 = 1 << 20;
+        let now = now_ms();
+        let mut n = 0;
+        for node in nodes.iter().filter(|n| !n.gpus.is_empty()) {
+            if node.name == self.cfg.node_id {
+                return Err(invalid(format!(
+                    "simulated node {:?} has this host's name",
+                    node.name
+                )));
+            }
+            self.store
+                .upsert_node(
+                    &node.name,
+                    &node.name,
+                    (node.cpu_milli / 1000) as u32,
+                    node.memory_mib * MIB,
+                    now,
+                )
+                .await?;
+            let rows: Vec<crate::store::GpuRow> = node
+                .gpus
+                .iter()
+                .enumerate()
+                .map(|(i, g)| crate::store::GpuRow {
+                    uuid: simulated_gpu_uuid(&node.name, i),
+                    node_id: node.name.clone(),
+                    index: i as u32,
+                    model: g.model.clone(),
+                    vram: g.vram_mib * MIB,
+                    pci_address: String::new(),
+                    numa_node: g.numa,
+                    backend: SIMULATED_NODE_BACKEND.to_string(),
+                })
+                .collect();
+            self.store.replace_gpus(&node.name, &rows, now).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The simulated nodes in the store, with their GPUs in index order.
+    async fn simulated_nodes(&self) -> Result<Vec<SimNode>> {
+        let mut gpus: BTreeMap<String, Vec<GpuSlot>> = BTreeMap::new();
+        for g in self.store.gpus().await? {
+            if g.backend == SIMULATED_NODE_BACKEND {
+                gpus.entry(g.node_id).or_default().push(GpuSlot {
+                    uuid: g.uuid,
+                    index: g.index,
+                    model: g.model,
+                    vram: g.vram,
+                    numa_node: g.numa_node,
+                    used_milli: 0,
+                    used_vram: 0,
+                });
+            }
+        }
+        if gpus.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .store
+            .nodes()
+            .await?
+            .into_iter()
+            .filter_map(|n| {
+                let g = gpus.remove(&n.id)?;
+                Some(SimNode {
+                    id: n.id,
+                    cpus: n.cpus,
+                    memory: n.memory,
+                    gpus: g,
+                })
+            })
+            .collect())
+    }
+
+    /// Whether an instance lives on a simulated node rather than on this host.
+    pub(crate) fn is_simulated(&self, i: &InstanceRow) -> bool {
+        i.node_id != self.cfg.node_id
+    }
+
     // --- auth, tenants, keys --------------------------------------------------------------------
 
     pub async fn authenticate(&self, secret: Option<&str>) -> Result<Principal> {
@@ -422,7 +531,9 @@ impl Engine {
                 driver: None,
                 passthrough_ready: false,
             };
-            self.fill_driver(&mut gpu);
+            if gpu.backend != SIMULATED_NODE_BACKEND {
+                self.fill_driver(&mut gpu);
+            }
             for i in &live {
                 for b in i.gpus.iter().filter(|b| b.uuid == g.uuid) {
                     gpu.allocated_milli += b.milli;
@@ -673,20 +784,9 @@ impl Engine {
         // Instances being evicted have already given their resources to their preemptor.
         let residents = live
             .iter()
+            .filter(|i| !self.is_simulated(i))
             .filter(|i| i.state.holds_resources() && i.desired != InstanceState::Interrupted)
-            .map(|i| Resident {
-                id: i.id.clone(),
-                gpus: i
-                    .gpus
-                    .iter()
-                    .map(|g| (g.uuid.clone(), g.milli, g.vram))
-                    .collect(),
-                cpus: i.cpus.clone(),
-                vcpus: i.spec.vcpus,
-                memory: i.spec.memory,
-                priority: i.spec.priority.rank(),
-                interruptible: i.spec.interruptible,
-            })
+            .map(resident)
             .collect();
         HostCapacity::new(
             gpus,
@@ -696,14 +796,45 @@ impl Engine {
             residents,
         )
     }
+}
 
+/// An instance as placement sees it.
+fn simulated_choice(a: crate::placement::ClusterAssignment) -> (String, Assignment, Vec<String>) {
+    (
+        a.node_id,
+        Assignment {
+            gpus: a.gpus,
+            cpus: Vec::new(),
+        },
+        a.victims,
+    )
+}
+
+fn resident(i: &InstanceRow) -> Resident {
+    Resident {
+        id: i.id.clone(),
+        gpus: i
+            .gpus
+            .iter()
+            .map(|g| (g.uuid.clone(), g.milli, g.vram))
+            .collect(),
+        cpus: i.cpus.clone(),
+        vcpus: i.spec.vcpus,
+        memory: i.spec.memory,
+        priority: i.spec.priority.rank(),
+        interruptible: i.spec.interruptible,
+    }
+}
+
+impl Engine {
     pub(crate) async fn wire_instance(&self, i: InstanceRow) -> Result<wire::Instance> {
         let tenant = self.store.tenant(&i.tenant_id).await?;
         Ok(self.wire_instance_of(i, tenant.as_ref()))
     }
 
     fn wire_instance_of(&self, i: InstanceRow, tenant: Option<&TenantRow>) -> wire::Instance {
-        let ip = tenant.map(|t| {
+        let simulated = self.is_simulated(&i);
+        let ip = tenant.filter(|_| !simulated).map(|t| {
             self.node
                 .net
                 .address(
@@ -714,6 +845,7 @@ impl Engine {
         });
         wire::Instance {
             id: i.id,
+            node: i.node_id,
             name: i.name,
             tenant: tenant.map(|t| t.name.clone()).unwrap_or(i.tenant_id),
             image: i.image,
@@ -744,7 +876,8 @@ impl Engine {
         who: &Principal,
         req: &wire::CreateInstance,
     ) -> Result<wire::Instance> {
-        let limits = validate::HostLimits {
+        let sim = self.simulated_nodes().await?;
+        let mut limits = validate::HostLimits {
             gpus: self.node.gpus.len() as u32,
             cpus: self
                 .node
@@ -756,8 +889,18 @@ impl Engine {
             cpu_ratio: self.cfg.cpu_ratio,
             memory: self.node.cfg.root.mem_total().unwrap_or(0),
         };
+        // A request is judged against the largest machine it could land on.
+        for n in &sim {
+            limits.gpus = limits.gpus.max(n.gpus.len() as u32);
+            limits.cpus = limits
+                .cpus
+                .max(n.cpus.saturating_mul(limits.cpu_ratio.max(1)));
+            limits.memory = limits.memory.max(n.memory);
+        }
         validate::create(req, &limits)?;
-        if req.gpu_fraction.is_some() && self.node.limiters.library().is_none() {
+        // Fractions on this host need the limiter; simulated nodes run nothing.
+        let local_ok = req.gpu_fraction.is_none() || self.node.limiters.library().is_some();
+        if !local_ok && sim.is_empty() {
             return Err(EngineError::Unavailable(
                 "fractional GPUs need libgpuvisor_limiter.so on this host: build it with `cargo build --release -p gpuvisor-limiter` and copy it to /usr/local/lib/gpuvisor/, or use --gpus".into(),
             ));
@@ -769,13 +912,14 @@ impl Engine {
             ))
         })?;
         if let Some(m) = &req.gpu_model {
-            if !self
-                .node
-                .gpus
-                .iter()
-                .any(|g| g.model.eq_ignore_ascii_case(m))
-            {
-                let known: Vec<&str> = self.node.gpus.iter().map(|g| g.model.as_str()).collect();
+            let mut known: Vec<&str> = self.node.gpus.iter().map(|g| g.model.as_str()).collect();
+            known.extend(
+                sim.iter()
+                    .flat_map(|n| n.gpus.iter().map(|g| g.model.as_str())),
+            );
+            known.sort_unstable();
+            known.dedup();
+            if !known.iter().any(|k| k.eq_ignore_ascii_case(m)) {
                 return Err(EngineError::NotFound(format!(
                     "GPU model {m:?} is not on this host (it has: {})",
                     if known.is_empty() {
@@ -840,35 +984,26 @@ impl Engine {
             interruptible: req.interruptible,
         };
         let capacity = self.host_capacity(&live);
-        let (assignment, victims) = match self.placer.place(&capacity, &demand) {
-            Ok(a) => (a, Vec::new()),
-            Err(e) => {
-                // Room may be made by evicting interruptible, strictly lower-priority instances.
-                let victims = self
-                    .placer
-                    .plan_preemption(&capacity, &demand)
-                    .ok()
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| EngineError::InsufficientResources(e.to_string()))?;
-                let a = self
-                    .placer
-                    .place(&capacity.without(&victims), &demand)
-                    .map_err(|e| EngineError::InsufficientResources(e.to_string()))?;
-                (a, victims)
-            }
-        };
+        let (node_id, assignment, victims) =
+            self.choose(&capacity, sim, &live, &demand, local_ok)?;
+        let simulated = node_id != self.cfg.node_id;
         let used_hosts: Vec<u8> = live
             .iter()
-            .filter(|i| i.tenant_id == who.tenant_id)
+            .filter(|i| i.tenant_id == who.tenant_id && !self.is_simulated(i))
             .map(|i| i.ip_host)
             .collect();
-        let ip_host = (2u8..=254)
-            .find(|h| !used_hosts.contains(h))
-            .ok_or_else(|| {
-                EngineError::InsufficientResources(
-                    "the tenant's network on this host is full (253 instances)".into(),
-                )
-            })?;
+        // Instances on simulated nodes have no address on this host (ip_host 0).
+        let ip_host = if simulated {
+            0
+        } else {
+            (2u8..=254)
+                .find(|h| !used_hosts.contains(h))
+                .ok_or_else(|| {
+                    EngineError::InsufficientResources(
+                        "the tenant's network on this host is full (253 instances)".into(),
+                    )
+                })?
+        };
         let mut created = Vec::new();
         for (n, size) in &to_create {
             match self.make_volume(&who.tenant_id, n, *size).await {
@@ -897,7 +1032,7 @@ impl Engine {
             id: id.clone(),
             name,
             tenant_id: tenant.id.clone(),
-            node_id: self.cfg.node_id.clone(),
+            node_id,
             image: image.name.clone(),
             state: InstanceState::Pending,
             desired: InstanceState::Running,
@@ -953,6 +1088,63 @@ impl Engine {
             .await;
         self.wake.notify_one();
         self.wire_instance(row).await
+    }
+
+    /// Where a new instance goes: this host as it is, else a simulated node as it is, else
+    /// this host by preemption, else the simulated nodes by the scheduler's cheapest eviction
+    /// plan over all of them. Nobody is evicted while the request fits somewhere.
+    fn choose(
+        &self,
+        capacity: &HostCapacity,
+        sim: Vec<SimNode>,
+        live: &[InstanceRow],
+        demand: &Demand,
+        local_ok: bool,
+    ) -> Result<(String, Assignment, Vec<String>)> {
+        let local_err = if local_ok {
+            match self.placer.place(capacity, demand) {
+                Ok(a) => return Ok((self.cfg.node_id.clone(), a, Vec::new())),
+                Err(e) => e,
+            }
+        } else {
+            PlacementError::GpuShare {
+                model: "any (this host has no GPU limiter)".into(),
+                milli: demand.milli,
+                vram: 0,
+            }
+        };
+        let mut cluster = None;
+        if !sim.is_empty() {
+            let residents: Vec<(String, Resident)> = live
+                .iter()
+                .filter(|i| self.is_simulated(i))
+                .filter(|i| i.state.holds_resources() && i.desired != InstanceState::Interrupted)
+                .map(|i| (i.node_id.clone(), resident(i)))
+                .collect();
+            let mut c = Cluster::new(sim, &residents, self.cfg.simulated_policy)
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
+            if let Ok(a) = c.place(demand) {
+                return Ok(simulated_choice(a));
+            }
+            cluster = Some(c);
+        }
+        if local_ok {
+            // Room may be made by evicting interruptible, strictly lower-priority instances.
+            if let Some(victims) = self
+                .placer
+                .plan_preemption(capacity, demand)
+                .ok()
+                .filter(|v| !v.is_empty())
+            {
+                if let Ok(a) = self.placer.place(&capacity.without(&victims), demand) {
+                    return Ok((self.cfg.node_id.clone(), a, victims));
+                }
+            }
+        }
+        if let Some(a) = cluster.and_then(|mut c| c.preempt(demand).ok()) {
+            return Ok(simulated_choice(a));
+        }
+        Err(EngineError::InsufficientResources(local_err.to_string()))
     }
 
     async fn rollback_volumes(&self, tenant_id: &str, names: &[String]) {
@@ -1144,6 +1336,12 @@ impl Engine {
             return Err(EngineError::InvalidState(format!(
                 "instance {} is {}, not running",
                 row.id, row.state
+            )));
+        }
+        if self.is_simulated(&row) {
+            return Err(EngineError::InvalidState(format!(
+                "instance {} is on simulated node {}: nothing runs there",
+                row.id, row.node_id
             )));
         }
         let (node, rid, cmd, env) = (

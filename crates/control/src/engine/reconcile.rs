@@ -42,6 +42,18 @@ fn step(i: &InstanceRow, running: &BTreeSet<String>) -> Option<Step> {
     }
 }
 
+/// Where a step takes an instance on a simulated node, which owns nothing on this host (it
+/// never "exits": it runs until stopped).
+fn simulated_step(step: Step) -> Option<(S, &'static str)> {
+    match step {
+        Step::Provision => Some((S::Running, "running (simulated node)")),
+        Step::Stop => Some((S::Stopped, "stopped (simulated node)")),
+        Step::Interrupt => Some((S::Interrupted, "interrupted; resources released")),
+        Step::Terminate => Some((S::Terminated, "terminated")),
+        Step::Exited => None,
+    }
+}
+
 /// States whose instances may own host objects right now.
 fn owns_host_objects(s: S) -> bool {
     matches!(
@@ -93,6 +105,7 @@ impl Engine {
             let fractional: Vec<(String, Vec<String>)> = live
                 .iter()
                 .filter(|i| i.state == S::Running && i.gpus.iter().any(|g| g.milli < 1000))
+                .filter(|i| !self.is_simulated(i))
                 .map(|i| {
                     (
                         i.id.clone(),
@@ -126,10 +139,20 @@ impl Engine {
             .flat_map(|i| i.gpus.iter().map(|g| g.uuid.clone()))
             .collect();
         for i in live {
+            let on_host = !self.is_simulated(&i);
             let Some(step) = step(&i, &running) else {
                 continue;
             };
             if step == Step::Provision && i.gpus.iter().any(|g| evicting.contains(&g.uuid)) {
+                continue;
+            }
+            if !on_host {
+                // A simulated node: nothing to provision or stop; only the state moves.
+                if let Some((to, msg)) = simulated_step(step) {
+                    let reason =
+                        (to == S::Interrupted).then_some("preempted by a higher-priority instance");
+                    self.set(&i.id, to, reason, "state", msg.into()).await?;
+                }
                 continue;
             }
             let lock = self.lock_for(&i.id);
