@@ -228,9 +228,9 @@ impl Engine {
         kind: &str,
         msg: String,
     ) -> Result<()> {
-        self.set_state(id, st, reason).await?;
+        // Event first: whoever sees the new state (a `--wait`) also finds its event.
         self.event(id, kind, msg).await;
-        Ok(())
+        self.set_state(id, st, reason).await
     }
 
     async fn teardown(&self, id: &str, stop_first: bool) -> Result<()> {
