@@ -360,10 +360,45 @@ fn sched_request(host: &HostCapacity, d: &Demand) -> gpuvisor_scheduler::Request
     }
 }
 
+/// A resident as the scheduler sees it: its request and where its GPUs are. `gpu_of` maps a
+/// GPU UUID to (index on the node, VRAM bytes); GPUs it does not know are left out.
+fn resident_request(
+    r: &Resident,
+    gpu_of: impl Fn(&str) -> Option<(usize, u64)>,
+) -> (gpuvisor_scheduler::Request, Vec<(usize, u32, u64)>) {
+    use gpuvisor_scheduler::GpuDemand;
+    let whole = !r.gpus.is_empty() && r.gpus.iter().all(|(_, m, _)| *m >= 1000);
+    let placed: Vec<(usize, u32, u64)> = r
+        .gpus
+        .iter()
+        .filter_map(|(uuid, milli, vram)| {
+            let (g, gpu_vram) = gpu_of(uuid)?;
+            // A whole GPU takes all of its VRAM; a share what it reserved.
+            let vram_mib = if whole { gpu_vram / MIB } else { mib_up(*vram) };
+            Some((g, *milli, vram_mib))
+        })
+        .collect();
+    let gpu = match (whole, placed.first()) {
+        (_, None) => GpuDemand::None,
+        (true, _) => GpuDemand::Whole(placed.len() as u32),
+        (false, Some(&(_, milli, vram_mib))) => GpuDemand::Fraction { milli, vram_mib },
+    };
+    let req = gpuvisor_scheduler::Request {
+        cpu_milli: u64::from(r.vcpus) * 1000,
+        memory_mib: r.memory / MIB,
+        gpu,
+        models: Vec::new(),
+        priority: r.priority,
+        interruptible: r.interruptible,
+        passthrough: false,
+    };
+    (req, placed)
+}
+
 impl Scheduled {
     /// The host as one scheduler node with every resident committed (instance id = index).
     fn model(&self, host: &HostCapacity) -> Result<gpuvisor_scheduler::Scheduler, PlacementError> {
-        use gpuvisor_scheduler::{Gpu, GpuDemand, GpuKind, Node, Placement, Request, Scheduler};
+        use gpuvisor_scheduler::{Gpu, GpuKind, Node, Placement, Scheduler};
         let err = |e: gpuvisor_scheduler::SchedError| PlacementError::Model(e.to_string());
         let gpus: Vec<Gpu> = host
             .gpus
@@ -378,33 +413,10 @@ impl Scheduled {
         let node = Node::new("host", cpu_milli, host.memory / MIB, gpus);
         let mut sched = Scheduler::new(vec![node], self.policy, 0).map_err(err)?;
         for (i, r) in host.residents.iter().enumerate() {
-            let whole = !r.gpus.is_empty() && r.gpus.iter().all(|(_, m, _)| *m >= 1000);
-            let mut placed = Vec::new();
-            for (uuid, milli, vram) in &r.gpus {
-                let Some(g) = host.gpus.iter().position(|s| &s.uuid == uuid) else {
-                    continue;
-                };
-                let vram_mib = if whole {
-                    host.gpus[g].vram / MIB
-                } else {
-                    mib_up(*vram)
-                };
-                placed.push((g, *milli, vram_mib));
-            }
-            let gpu = match (whole, placed.first()) {
-                (_, None) => GpuDemand::None,
-                (true, _) => GpuDemand::Whole(placed.len() as u32),
-                (false, Some(&(_, milli, vram_mib))) => GpuDemand::Fraction { milli, vram_mib },
-            };
-            let req = Request {
-                cpu_milli: u64::from(r.vcpus) * 1000,
-                memory_mib: r.memory / MIB,
-                gpu,
-                models: Vec::new(),
-                priority: r.priority,
-                interruptible: r.interruptible,
-                passthrough: false,
-            };
+            let (req, placed) = resident_request(r, |uuid| {
+                let g = host.gpus.iter().position(|s| s.uuid == uuid)?;
+                Some((g, host.gpus[g].vram))
+            });
             sched
                 .commit(
                     i as u64,
@@ -526,7 +538,7 @@ impl Cluster {
         residents: &[(String, Resident)],
         policy: gpuvisor_scheduler::Policy,
     ) -> Result<Self, PlacementError> {
-        use gpuvisor_scheduler::{Gpu, GpuDemand, GpuKind, Node, Placement, Request, Scheduler};
+        use gpuvisor_scheduler::{Gpu, GpuKind, Node, Placement, Scheduler};
         let err = |e: gpuvisor_scheduler::SchedError| PlacementError::Model(e.to_string());
         let model: Vec<Node> = nodes
             .iter()
@@ -559,36 +571,10 @@ impl Cluster {
             let Some(&node) = where_node.get(node_id.as_str()) else {
                 continue;
             };
-            let whole = !r.gpus.is_empty() && r.gpus.iter().all(|(_, m, _)| *m >= 1000);
-            let placed: Vec<(usize, u32, u64)> = r
-                .gpus
-                .iter()
-                .filter_map(|(uuid, milli, vram)| {
-                    let &(n, g) = where_gpu.get(uuid.as_str())?;
-                    (n == node).then(|| {
-                        let vram_mib = if whole {
-                            nodes[n].gpus[g].vram / MIB
-                        } else {
-                            mib_up(*vram)
-                        };
-                        (g, *milli, vram_mib)
-                    })
-                })
-                .collect();
-            let gpu = match (whole, placed.first()) {
-                (_, None) => GpuDemand::None,
-                (true, _) => GpuDemand::Whole(placed.len() as u32),
-                (false, Some(&(_, milli, vram_mib))) => GpuDemand::Fraction { milli, vram_mib },
-            };
-            let req = Request {
-                cpu_milli: u64::from(r.vcpus) * 1000,
-                memory_mib: r.memory / MIB,
-                gpu,
-                models: Vec::new(),
-                priority: r.priority,
-                interruptible: r.interruptible,
-                passthrough: false,
-            };
+            let (req, placed) = resident_request(r, |uuid| {
+                let &(n, g) = where_gpu.get(uuid)?;
+                (n == node).then(|| (g, nodes[n].gpus[g].vram))
+            });
             let id = ids.len() as u64;
             let placement = Placement { node, gpus: placed };
             if sched.commit(id, &req, placement).is_ok() {
