@@ -3,19 +3,30 @@
 //!
 //! What it models: device memory as a byte count with a configurable total (every allocation
 //! path the limiter counts, each returning distinct pointers or handles; 32-bit pointers for the
-//! CUDA 2.x `_v1` ABIs), launches that take a configurable time, and `cuGetProcAddress(_v2)`
-//! answering for any CUDA version (11.x, 12.x, 13.x) with the versioned and per-thread-stream
-//! variants a real driver returns. Each exported entry counts its calls, so tests can check that
-//! a request reached exactly the variant it should have (`fakecuda_calls`).
+//! CUDA 2.x `_v1` ABIs), launches that take a configurable time (every kernel launch entry,
+//! the legacy `cuLaunch`/`cuLaunchGrid`/`cuLaunchGridAsync` and the multi-device cooperative
+//! launch included; `cuLaunchHostFunc` runs its host function at once and is no launch), and
+//! `cuGetProcAddress(_v2)` answering for any CUDA version (11.x, 12.x, 13.x) with the versioned
+//! and per-thread-stream variants a real driver returns. Each exported entry counts its calls, so
+//! tests can check that a request reached exactly the variant it should have (`fakecuda_calls`).
+//!
+//! Devices, contexts and streams are modelled just enough to tell which device a launch is on:
+//! a context handle names its device, each thread has a context stack (`cuCtxSetCurrent`,
+//! `cuCtxPushCurrent_v2`, `cuCtxPopCurrent_v2`; with none current, `cuCtxGetDevice` answers
+//! device 0), and a stream belongs to the device current when it was created
+//! (`cuStreamGetDevice`, `cuStreamGetCtx`).
 //!
 //! Configuration is read once, on first use, from the environment (acceptable in a double):
 //! `FAKECUDA_TOTAL_MEM` (bytes, default 8 GiB), `FAKECUDA_LAUNCH_NS` (each launch sleeps that
 //! long, default 0), `FAKECUDA_BUSY_FILE` (an 8-byte file; the double adds the nanoseconds it
-//! spent "executing" to it, like the SM-busy time the daemon reads from NVML on a real GPU).
+//! spent "executing" to it, like the SM-busy time the daemon reads from NVML on a real GPU),
+//! `FAKECUDA_DEVICES` (default 1), `FAKECUDA_DRIVER_VERSION` (default 12080; below 12080
+//! `cuStreamGetDevice` fails as if the driver did not have it).
 //!
 //! The entry points deliberately keep the driver's C ABI and names, hence the lint allowances.
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::ptr::null_mut;
@@ -28,7 +39,10 @@ type Ptr = *mut c_void;
 const SUCCESS: CUresult = 0;
 const INVALID_VALUE: CUresult = 1;
 const OUT_OF_MEMORY: CUresult = 2;
+const INVALID_DEVICE: CUresult = 101;
+const INVALID_CONTEXT: CUresult = 201;
 const NOT_FOUND: CUresult = 500;
+const NOT_SUPPORTED: CUresult = 801;
 
 // ---------------------------------------------------------------------------------------------
 // Call counters, indexed at compile time
@@ -73,6 +87,14 @@ const CALL_NAMES: &[&str] = &[
     "cuLaunchCooperativeKernel_ptsz",
     "cuGraphLaunch",
     "cuGraphLaunch_ptsz",
+    "cuLaunch",
+    "cuLaunchGrid",
+    "cuLaunchGridAsync",
+    "cuLaunchCooperativeKernelMultiDevice",
+    "cuLaunchHostFunc",
+    "cuLaunchHostFunc_ptsz",
+    "cuStreamGetDevice",
+    "cuStreamGetCtx",
     "cuGetProcAddress",
     "cuGetProcAddress_v2",
     "nvmlDeviceGetMemoryInfo",
@@ -140,6 +162,8 @@ struct Mem {
 struct Device {
     total: u64,
     launch_ns: u64,
+    devices: c_int,
+    driver_version: c_int,
     busy: Option<&'static AtomicU64>,
     mem: Mutex<Mem>,
 }
@@ -182,6 +206,8 @@ fn dev() -> &'static Device {
     DEV.get_or_init(|| Device {
         total: env_u64("FAKECUDA_TOTAL_MEM", 8 << 30),
         launch_ns: env_u64("FAKECUDA_LAUNCH_NS", 0),
+        devices: c_int::try_from(env_u64("FAKECUDA_DEVICES", 1)).unwrap_or(1),
+        driver_version: c_int::try_from(env_u64("FAKECUDA_DRIVER_VERSION", 12080)).unwrap_or(12080),
         busy: map_busy_file(),
         mem: Mutex::new(Mem {
             used: 0,
@@ -275,33 +301,146 @@ pub extern "C" fn cuInit(_flags: c_uint) -> CUresult {
 
 #[no_mangle]
 pub extern "C" fn cuDriverGetVersion(v: *mut c_int) -> CUresult {
-    put(v, 12080)
+    put(v, dev().driver_version)
 }
 
 #[no_mangle]
 pub extern "C" fn cuDeviceGetCount(n: *mut c_int) -> CUresult {
-    put(n, 1)
+    put(n, dev().devices)
+}
+
+fn valid_device(d: c_int) -> bool {
+    (0..dev().devices).contains(&d)
 }
 
 #[no_mangle]
 pub extern "C" fn cuDeviceGet(d: *mut c_int, ordinal: c_int) -> CUresult {
-    if ordinal != 0 {
+    if !valid_device(ordinal) {
         return INVALID_VALUE;
     }
-    put(d, 0)
+    put(d, ordinal)
+}
+
+/// Context handles: `CTX + device` (one context per device is all the double needs).
+const CTX: usize = 0xc0de_0000;
+/// Stream handles: `STREAM + (serial << 8) + device`.
+const STREAM: usize = 0x5700_0000;
+const STREAM_END: usize = 0x5800_0000;
+
+fn ctx_handle(d: c_int) -> Ptr {
+    (CTX + d as usize) as Ptr
+}
+
+fn ctx_device(ctx: Ptr) -> Option<c_int> {
+    let d = c_int::try_from((ctx as usize).checked_sub(CTX)?).ok()?;
+    valid_device(d).then_some(d)
+}
+
+thread_local! {
+    /// This thread's context stack, top last.
+    static CTX_STACK: RefCell<Vec<Ptr>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The current context's device; device 0 when no context is current (lenient: a real driver
+/// answers `CUDA_ERROR_INVALID_CONTEXT`).
+fn current_device() -> c_int {
+    CTX_STACK
+        .with(|s| s.borrow().last().copied())
+        .and_then(ctx_device)
+        .unwrap_or(0)
+}
+
+/// The device a stream belongs to; the NULL, legacy and per-thread streams are the current
+/// context's.
+fn stream_device(s: Ptr) -> c_int {
+    let s = s as usize;
+    if (STREAM..STREAM_END).contains(&s) {
+        (s & 0xff) as c_int
+    } else {
+        current_device()
+    }
 }
 
 #[no_mangle]
 pub extern "C" fn cuCtxGetDevice(d: *mut c_int) -> CUresult {
-    put(d, 0)
+    put(d, current_device())
 }
 
-const CTX: usize = 0xc0de;
+#[no_mangle]
+pub extern "C" fn cuCtxSetCurrent(ctx: Ptr) -> CUresult {
+    if !ctx.is_null() && ctx_device(ctx).is_none() {
+        return INVALID_CONTEXT;
+    }
+    CTX_STACK.with(|s| {
+        let mut s = s.borrow_mut();
+        s.pop();
+        if !ctx.is_null() {
+            s.push(ctx);
+        }
+    });
+    SUCCESS
+}
 
 #[no_mangle]
-pub extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Ptr, _dev: c_int) -> CUresult {
+pub extern "C" fn cuCtxPushCurrent_v2(ctx: Ptr) -> CUresult {
+    if ctx_device(ctx).is_none() {
+        return INVALID_CONTEXT;
+    }
+    CTX_STACK.with(|s| s.borrow_mut().push(ctx));
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxPopCurrent_v2(ctx: *mut Ptr) -> CUresult {
+    match CTX_STACK.with(|s| s.borrow_mut().pop()) {
+        Some(c) => {
+            if !ctx.is_null() {
+                put(ctx, c);
+            }
+            SUCCESS
+        }
+        None => INVALID_CONTEXT,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamCreate(s: *mut Ptr, _flags: c_uint) -> CUresult {
+    static SERIAL: AtomicU64 = AtomicU64::new(1);
+    let serial = SERIAL.fetch_add(1, Ordering::Relaxed) as usize & 0xffff;
+    put(
+        s,
+        (STREAM + (serial << 8) + current_device() as usize) as Ptr,
+    )
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamDestroy_v2(_s: Ptr) -> CUresult {
+    SUCCESS
+}
+
+/// CUDA 12.8; fails on an older `FAKECUDA_DRIVER_VERSION`, as if it were not there.
+#[no_mangle]
+pub extern "C" fn cuStreamGetDevice(s: Ptr, d: *mut c_int) -> CUresult {
+    bump!("cuStreamGetDevice");
+    if dev().driver_version < 12080 {
+        return NOT_SUPPORTED;
+    }
+    put(d, stream_device(s))
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamGetCtx(s: Ptr, ctx: *mut Ptr) -> CUresult {
+    bump!("cuStreamGetCtx");
+    put(ctx, ctx_handle(stream_device(s)))
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Ptr, d: c_int) -> CUresult {
     bump!("cuDevicePrimaryCtxRetain");
-    put(ctx, CTX as Ptr)
+    if !valid_device(d) {
+        return INVALID_DEVICE;
+    }
+    put(ctx, ctx_handle(d))
 }
 
 #[no_mangle]
@@ -314,16 +453,28 @@ pub extern "C" fn cuDevicePrimaryCtxRelease_v2(_dev: c_int) -> CUresult {
     SUCCESS
 }
 
-#[no_mangle]
-pub extern "C" fn cuCtxCreate(ctx: *mut Ptr, _f: c_uint, _d: c_int) -> CUresult {
-    bump!("cuCtxCreate");
-    put(ctx, CTX as Ptr)
+/// `cuCtxCreate*`: the new context becomes current (pushed), as with the driver.
+fn create_ctx(ctx: *mut Ptr, d: c_int) -> CUresult {
+    if !valid_device(d) {
+        return INVALID_DEVICE;
+    }
+    let rc = put(ctx, ctx_handle(d));
+    if rc == SUCCESS {
+        CTX_STACK.with(|s| s.borrow_mut().push(ctx_handle(d)));
+    }
+    rc
 }
 
 #[no_mangle]
-pub extern "C" fn cuCtxCreate_v2(ctx: *mut Ptr, _f: c_uint, _d: c_int) -> CUresult {
+pub extern "C" fn cuCtxCreate(ctx: *mut Ptr, _f: c_uint, d: c_int) -> CUresult {
+    bump!("cuCtxCreate");
+    create_ctx(ctx, d)
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxCreate_v2(ctx: *mut Ptr, _f: c_uint, d: c_int) -> CUresult {
     bump!("cuCtxCreate_v2");
-    put(ctx, CTX as Ptr)
+    create_ctx(ctx, d)
 }
 
 #[no_mangle]
@@ -332,25 +483,20 @@ pub extern "C" fn cuCtxCreate_v3(
     _p: Ptr,
     _n: c_int,
     _f: c_uint,
-    _d: c_int,
+    d: c_int,
 ) -> CUresult {
     bump!("cuCtxCreate_v3");
-    put(ctx, CTX as Ptr)
+    create_ctx(ctx, d)
 }
 
 #[no_mangle]
-pub extern "C" fn cuCtxCreate_v4(ctx: *mut Ptr, _p: Ptr, _f: c_uint, _d: c_int) -> CUresult {
+pub extern "C" fn cuCtxCreate_v4(ctx: *mut Ptr, _p: Ptr, _f: c_uint, d: c_int) -> CUresult {
     bump!("cuCtxCreate_v4");
-    put(ctx, CTX as Ptr)
+    create_ctx(ctx, d)
 }
 
 #[no_mangle]
 pub extern "C" fn cuCtxDestroy_v2(_ctx: Ptr) -> CUresult {
-    SUCCESS
-}
-
-#[no_mangle]
-pub extern "C" fn cuCtxSetCurrent(_ctx: Ptr) -> CUresult {
     SUCCESS
 }
 
@@ -776,6 +922,73 @@ pub extern "C" fn cuGraphLaunch_ptsz(_g: Ptr, _s: Ptr) -> CUresult {
     launch()
 }
 
+// The legacy launch API (deprecated, still exported by the driver).
+
+#[no_mangle]
+pub extern "C" fn cuLaunch(_f: Ptr) -> CUresult {
+    bump!("cuLaunch");
+    launch()
+}
+
+#[no_mangle]
+pub extern "C" fn cuLaunchGrid(_f: Ptr, _gw: c_int, _gh: c_int) -> CUresult {
+    bump!("cuLaunchGrid");
+    launch()
+}
+
+#[no_mangle]
+pub extern "C" fn cuLaunchGridAsync(_f: Ptr, _gw: c_int, _gh: c_int, _s: Ptr) -> CUresult {
+    bump!("cuLaunchGridAsync");
+    launch()
+}
+
+/// `CUDA_LAUNCH_PARAMS` (only its size matters here).
+#[repr(C)]
+pub struct LaunchParams {
+    function: Ptr,
+    dims: [c_uint; 7],
+    stream: Ptr,
+    params: *mut Ptr,
+}
+
+/// One kernel per device; the devices run them side by side, so the call takes one launch time.
+#[no_mangle]
+pub extern "C" fn cuLaunchCooperativeKernelMultiDevice(
+    list: *mut LaunchParams,
+    n: c_uint,
+    _flags: c_uint,
+) -> CUresult {
+    bump!("cuLaunchCooperativeKernelMultiDevice");
+    if list.is_null() || n == 0 {
+        return INVALID_VALUE;
+    }
+    launch()
+}
+
+type HostFn = Option<unsafe extern "C" fn(Ptr)>;
+
+/// A host function, not a kernel: runs it at once and takes no device time.
+fn host_func(f: HostFn, user: Ptr) -> CUresult {
+    match f {
+        // SAFETY: the caller's host function with the caller's argument, as the driver calls it.
+        Some(f) => unsafe { f(user) },
+        None => return INVALID_VALUE,
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuLaunchHostFunc(_s: Ptr, f: HostFn, user: Ptr) -> CUresult {
+    bump!("cuLaunchHostFunc");
+    host_func(f, user)
+}
+
+#[no_mangle]
+pub extern "C" fn cuLaunchHostFunc_ptsz(_s: Ptr, f: HostFn, user: Ptr) -> CUresult {
+    bump!("cuLaunchHostFunc_ptsz");
+    host_func(f, user)
+}
+
 // ---------------------------------------------------------------------------------------------
 // cuGetProcAddress: an independent description of the driver's versioned entries (what a
 // real driver does), not the limiter's table: (exported name, symbol, since, per-thread stream).
@@ -862,6 +1075,24 @@ const ENTRIES: &[(&str, &str, c_int, bool)] = &[
     ),
     ("cuGraphLaunch", "cuGraphLaunch", 10000, false),
     ("cuGraphLaunch_ptsz", "cuGraphLaunch", 10000, true),
+    ("cuLaunch", "cuLaunch", 2000, false),
+    ("cuLaunchGrid", "cuLaunchGrid", 2000, false),
+    ("cuLaunchGridAsync", "cuLaunchGridAsync", 2000, false),
+    (
+        "cuLaunchCooperativeKernelMultiDevice",
+        "cuLaunchCooperativeKernelMultiDevice",
+        9000,
+        false,
+    ),
+    ("cuLaunchHostFunc", "cuLaunchHostFunc", 10000, false),
+    ("cuLaunchHostFunc_ptsz", "cuLaunchHostFunc", 10000, true),
+    ("cuDeviceGetCount", "cuDeviceGetCount", 2000, false),
+    ("cuCtxSetCurrent", "cuCtxSetCurrent", 4000, false),
+    ("cuCtxPushCurrent_v2", "cuCtxPushCurrent", 4000, false),
+    ("cuCtxPopCurrent_v2", "cuCtxPopCurrent", 4000, false),
+    ("cuStreamCreate", "cuStreamCreate", 2000, false),
+    ("cuStreamGetCtx", "cuStreamGetCtx", 9020, false),
+    ("cuStreamGetDevice", "cuStreamGetDevice", 12080, false),
 ];
 
 fn entry_ptr(name: &str) -> Ptr {
@@ -912,6 +1143,19 @@ fn entry_ptr(name: &str) -> Ptr {
         "cuLaunchCooperativeKernel_ptsz" => cuLaunchCooperativeKernel_ptsz as Ptr,
         "cuGraphLaunch" => cuGraphLaunch as Ptr,
         "cuGraphLaunch_ptsz" => cuGraphLaunch_ptsz as Ptr,
+        "cuLaunch" => cuLaunch as Ptr,
+        "cuLaunchGrid" => cuLaunchGrid as Ptr,
+        "cuLaunchGridAsync" => cuLaunchGridAsync as Ptr,
+        "cuLaunchCooperativeKernelMultiDevice" => cuLaunchCooperativeKernelMultiDevice as Ptr,
+        "cuLaunchHostFunc" => cuLaunchHostFunc as Ptr,
+        "cuLaunchHostFunc_ptsz" => cuLaunchHostFunc_ptsz as Ptr,
+        "cuDeviceGetCount" => cuDeviceGetCount as Ptr,
+        "cuCtxSetCurrent" => cuCtxSetCurrent as Ptr,
+        "cuCtxPushCurrent_v2" => cuCtxPushCurrent_v2 as Ptr,
+        "cuCtxPopCurrent_v2" => cuCtxPopCurrent_v2 as Ptr,
+        "cuStreamCreate" => cuStreamCreate as Ptr,
+        "cuStreamGetCtx" => cuStreamGetCtx as Ptr,
+        "cuStreamGetDevice" => cuStreamGetDevice as Ptr,
         _ => null_mut(),
     };
     p

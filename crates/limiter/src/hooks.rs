@@ -53,6 +53,10 @@ const NVML_ERROR_UNKNOWN: c_int = 999;
 static REAL: [AtomicPtr<c_void>; N_HOOKS] = [const { AtomicPtr::new(null_mut()) }; N_HOOKS];
 static REAL_DLSYM: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
 static REAL_CTX_GET_DEVICE: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
+static REAL_STREAM_GET_DEVICE: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
+static REAL_STREAM_GET_CTX: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
+static REAL_CTX_PUSH: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
+static REAL_CTX_POP: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
 static REAL_NVML_GET_INDEX: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
 static CUDA_HANDLE: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
 static NVML_HANDLE: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
@@ -156,21 +160,72 @@ macro_rules! call_real {
     };
 }
 
-fn ctx_get_device() -> Option<CUdevice> {
-    let mut p = REAL_CTX_GET_DEVICE.load(Ordering::Acquire);
+/// A driver entry the limiter calls for itself (never one it hooks), looked up once; `None` when
+/// the driver does not export it.
+fn own_entry(cache: &AtomicPtr<c_void>, name: &CStr) -> Option<Ptr> {
+    let mut p = cache.load(Ordering::Acquire);
     if p.is_null() {
-        p = lookup(&CUDA_HANDLE, c"libcuda.so.1", c"cuCtxGetDevice");
+        p = lookup(&CUDA_HANDLE, c"libcuda.so.1", name);
         if p.is_null() {
             return None;
         }
-        REAL_CTX_GET_DEVICE.store(p, Ordering::Release);
+        cache.store(p, Ordering::Release);
     }
+    Some(p)
+}
+
+fn ctx_get_device() -> Option<CUdevice> {
+    let p = own_entry(&REAL_CTX_GET_DEVICE, c"cuCtxGetDevice")?;
     // SAFETY: cuCtxGetDevice(CUdevice *) -> CUresult.
     let f =
         unsafe { std::mem::transmute::<Ptr, unsafe extern "C" fn(*mut CUdevice) -> CUresult>(p) };
     let mut dev: CUdevice = -1;
     // SAFETY: valid out-pointer.
     (unsafe { f(&mut dev) } == CUDA_SUCCESS).then_some(dev)
+}
+
+/// The device `stream` belongs to: `cuStreamGetDevice` (CUDA 12.8 drivers); on older drivers the
+/// stream's context is made current for one `cuCtxGetDevice` and popped again.
+fn stream_get_device(stream: Ptr) -> Option<CUdevice> {
+    type StreamGetDevice = unsafe extern "C" fn(Ptr, *mut CUdevice) -> CUresult;
+    type StreamGetCtx = unsafe extern "C" fn(Ptr, *mut Ptr) -> CUresult;
+    type CtxPush = unsafe extern "C" fn(Ptr) -> CUresult;
+    type CtxPop = unsafe extern "C" fn(*mut Ptr) -> CUresult;
+    let mut dev: CUdevice = -1;
+    if let Some(p) = own_entry(&REAL_STREAM_GET_DEVICE, c"cuStreamGetDevice") {
+        // SAFETY: cuStreamGetDevice(CUstream, CUdevice *) -> CUresult.
+        let f = unsafe { std::mem::transmute::<Ptr, StreamGetDevice>(p) };
+        // SAFETY: the caller's stream handle and a valid out-pointer.
+        if unsafe { f(stream, &mut dev) } == CUDA_SUCCESS {
+            return Some(dev);
+        }
+    }
+    let get_ctx = own_entry(&REAL_STREAM_GET_CTX, c"cuStreamGetCtx")?;
+    let push = own_entry(&REAL_CTX_PUSH, c"cuCtxPushCurrent_v2")?;
+    let pop = own_entry(&REAL_CTX_POP, c"cuCtxPopCurrent_v2")?;
+    // SAFETY: the driver's ABIs for these three exported names.
+    let (get_ctx, push, pop) = unsafe {
+        (
+            std::mem::transmute::<Ptr, StreamGetCtx>(get_ctx),
+            std::mem::transmute::<Ptr, CtxPush>(push),
+            std::mem::transmute::<Ptr, CtxPop>(pop),
+        )
+    };
+    let mut ctx: Ptr = null_mut();
+    // SAFETY: the caller's stream handle and a valid out-pointer.
+    if unsafe { get_ctx(stream, &mut ctx) } != CUDA_SUCCESS || ctx.is_null() {
+        return None;
+    }
+    // SAFETY: a live context the driver just named; popped again below, so the thread's
+    // context stack is as the caller left it.
+    if unsafe { push(ctx) } != CUDA_SUCCESS {
+        return None;
+    }
+    let dev = ctx_get_device();
+    let mut popped: Ptr = null_mut();
+    // SAFETY: pops the context pushed above; valid out-pointer.
+    unsafe { pop(&mut popped) };
+    dev
 }
 
 fn nvml_index(device: Ptr) -> Option<usize> {
@@ -420,10 +475,30 @@ fn counted_free(kind: Kind, key: u64, free: impl FnOnce() -> CUresult) -> CUresu
     rc
 }
 
+/// The device a launch on `stream` runs on, if the region limits it (multi-device launches name
+/// a stream per device; every other launch runs on the current context's device).
+fn stream_dev(stream: Ptr) -> Option<usize> {
+    let n = ndev();
+    if n == 1 {
+        return Some(0);
+    }
+    let Some(d) = stream_get_device(stream) else {
+        // Device unknown: count it on the current one rather than let it through ungated.
+        return current_dev();
+    };
+    usize::try_from(d).ok().filter(|d| *d < n)
+}
+
+/// The launch gate for a launch on the current context's device.
 #[inline]
 fn launch_gate() {
+    launch_gate_on(current_dev);
+}
+
+#[inline]
+fn launch_gate_on(dev: impl FnOnce() -> Option<usize>) {
     if let Mode::Limit(l, _) = mode() {
-        if let Some(dev) = current_dev() {
+        if let Some(dev) = dev() {
             throttle::gate(l, dev);
         }
     }
@@ -1549,6 +1624,82 @@ pub unsafe extern "C" fn gvh_cuGraphLaunch_ptsz(exec: Ptr, stream: Ptr) -> CUres
     })
 }
 
+// The legacy launch API (deprecated since CUDA 4.0; the multi-device cooperative launch since
+// 11.3), still exported by the driver: the same gate, so it is no way around the compute share.
+// `cuLaunchHostFunc(_ptsz)` is deliberately not hooked: it runs a host function, no kernel.
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuLaunch(f: Ptr) -> CUresult {
+    guard(|| {
+        launch_gate();
+        call_real!(cuLaunch, unsafe extern "C" fn(Ptr) -> CUresult, (f))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuLaunchGrid(f: Ptr, gw: c_int, gh: c_int) -> CUresult {
+    guard(|| {
+        launch_gate();
+        call_real!(
+            cuLaunchGrid,
+            unsafe extern "C" fn(Ptr, c_int, c_int) -> CUresult,
+            (f, gw, gh)
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuLaunchGridAsync(
+    f: Ptr,
+    gw: c_int,
+    gh: c_int,
+    stream: Ptr,
+) -> CUresult {
+    guard(|| {
+        launch_gate();
+        call_real!(
+            cuLaunchGridAsync,
+            unsafe extern "C" fn(Ptr, c_int, c_int, Ptr) -> CUresult,
+            (f, gw, gh, stream)
+        )
+    })
+}
+
+/// `CUDA_LAUNCH_PARAMS`.
+#[repr(C)]
+pub(crate) struct LaunchParams {
+    function: Ptr,
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    shared: c_uint,
+    stream: Ptr,
+    params: *mut Ptr,
+}
+
+/// One kernel per device, each on its own stream: every kernel passes the gate of its device.
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuLaunchCooperativeKernelMultiDevice(
+    list: *mut LaunchParams,
+    count: c_uint,
+    flags: c_uint,
+) -> CUresult {
+    guard(|| {
+        if !list.is_null() {
+            for i in 0..count as usize {
+                // SAFETY: the caller passes `count` entries (the driver reads the same ones);
+                // only the stream handle is read.
+                let stream = unsafe { (*list.add(i)).stream };
+                launch_gate_on(|| stream_dev(stream));
+            }
+        }
+        call_real!(
+            cuLaunchCooperativeKernelMultiDevice,
+            unsafe extern "C" fn(*mut LaunchParams, c_uint, c_uint) -> CUresult,
+            (list, count, flags)
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1562,6 +1713,28 @@ mod tests {
                 String::from_utf8_lossy(name)
             );
         }
+    }
+
+    #[test]
+    fn host_functions_are_not_launches() {
+        for name in [&b"cuLaunchHostFunc"[..], b"cuLaunchHostFunc_ptsz"] {
+            assert!(hook_index(name).is_none());
+        }
+        for name in [
+            &b"cuLaunch"[..],
+            b"cuLaunchGrid",
+            b"cuLaunchGridAsync",
+            b"cuLaunchCooperativeKernelMultiDevice",
+        ] {
+            assert!(hook_index(name).is_some());
+        }
+    }
+
+    #[test]
+    fn launch_params_layout() {
+        // CUDA_LAUNCH_PARAMS on LP64: function, 7 unsigned, (pad), hStream, kernelParams.
+        assert_eq!(std::mem::size_of::<LaunchParams>(), 56);
+        assert_eq!(std::mem::offset_of!(LaunchParams, stream), 40);
     }
 
     #[test]

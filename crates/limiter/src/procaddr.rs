@@ -136,6 +136,15 @@ static TABLE: &[Entry] = &[
         &[(10000, b"cuGraphLaunch")],
         (10000, b"cuGraphLaunch_ptsz"),
     ),
+    // The legacy launch API (deprecated, still exported): one ABI each, no per-thread variant.
+    // `cuLaunchHostFunc` is deliberately absent: it runs a host function, not a kernel.
+    e(b"cuLaunch", &[(2000, b"cuLaunch")]),
+    e(b"cuLaunchGrid", &[(2000, b"cuLaunchGrid")]),
+    e(b"cuLaunchGridAsync", &[(2000, b"cuLaunchGridAsync")]),
+    e(
+        b"cuLaunchCooperativeKernelMultiDevice",
+        &[(9000, b"cuLaunchCooperativeKernelMultiDevice")],
+    ),
 ];
 
 /// The exported name of the entry the driver returns for this request, if it is one we hook.
@@ -205,6 +214,27 @@ mod tests {
             Some(&b"cuGetProcAddress_v2"[..])
         );
         assert_eq!(resolve(b"cuMemCreate", 9000, 0), None);
+        for legacy in [&b"cuLaunch"[..], b"cuLaunchGrid", b"cuLaunchGridAsync"] {
+            for (ver, flags) in [(2000, 0), (11080, 0), (12000, PER_THREAD_DEFAULT_STREAM)] {
+                // No `_v2` and no `_ptsz` exists: a per-thread request gets the one entry.
+                assert_eq!(resolve(legacy, ver, flags), Some(legacy));
+            }
+            assert_eq!(resolve(legacy, 1000, 0), None);
+        }
+        assert_eq!(
+            resolve(
+                b"cuLaunchCooperativeKernelMultiDevice",
+                13000,
+                PER_THREAD_DEFAULT_STREAM
+            ),
+            Some(&b"cuLaunchCooperativeKernelMultiDevice"[..])
+        );
+        // A host function is not a kernel: never redirected to the gate.
+        assert_eq!(resolve(b"cuLaunchHostFunc", 12000, 0), None);
+        assert_eq!(
+            resolve(b"cuLaunchHostFunc", 12000, PER_THREAD_DEFAULT_STREAM),
+            None
+        );
         assert_eq!(resolve(b"cuStreamSynchronize", 12000, 0), None);
         // Never a guessed suffix.
         assert_eq!(resolve(b"cuMemAlloc_v2", 12000, 0), None);

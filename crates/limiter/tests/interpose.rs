@@ -117,19 +117,17 @@ struct Instance {
 
 impl Instance {
     fn new(quota: u64, share_bp: u32, priority: Priority, context_bytes: u64) -> Instance {
+        let limit = DeviceLimit {
+            quota_bytes: quota,
+            share_bp,
+        };
+        Instance::with_devices(vec![limit], priority, context_bytes)
+    }
+
+    fn with_devices(devices: Vec<DeviceLimit>, priority: Priority, context_bytes: u64) -> Instance {
         let dir = tempfile::tempdir().unwrap();
         let region_path = dir.path().join("limiter.shm");
-        let region = Region::create(
-            &region_path,
-            &RegionSpec {
-                devices: vec![DeviceLimit {
-                    quota_bytes: quota,
-                    share_bp,
-                }],
-                priority,
-            },
-        )
-        .unwrap();
+        let region = Region::create(&region_path, &RegionSpec { devices, priority }).unwrap();
         let config = dir.path().join("limiter.conf");
         Config {
             region: region_path,
@@ -203,6 +201,129 @@ fn every_allocation_and_launch_path_is_counted_on_every_route() {
             "{route}: kernel, Ex, cooperative and graph launches must all pass the gate"
         );
         assert_eq!(i.used(), 0, "{route}");
+    }
+}
+
+/// The legacy launch API (`cuLaunch`, `cuLaunchGrid`, `cuLaunchGridAsync`, and the multi-device
+/// cooperative launch) is counted on every route an application can reach it by; the host
+/// function entry is not a launch.
+#[test]
+fn legacy_launch_paths_are_counted_on_every_route() {
+    let _load = shared();
+    let i = Instance::new(MIB, FULL_SHARE_BP, Priority::High, 0);
+    let routes = [
+        "link",
+        "dlsym",
+        "gpa11",
+        "gpa12",
+        "gpa13",
+        "gpa12ptds",
+        "gpa13ptds",
+    ];
+    let counted: Vec<(&str, u64)> = routes
+        .iter()
+        .map(|route| {
+            let before = i.launches();
+            let out = i.run(&["legacy", route, "10"]);
+            assert!(out.contains("OK"), "{out}");
+            (*route, i.launches() - before)
+        })
+        .collect();
+    let want: Vec<(&str, u64)> = routes.iter().map(|r| (*r, 40)).collect();
+    assert_eq!(
+        counted, want,
+        "10 each of cuLaunch, cuLaunchGrid, cuLaunchGridAsync and \
+         cuLaunchCooperativeKernelMultiDevice must pass the gate, cuLaunchHostFunc never"
+    );
+}
+
+const BURST: Duration = Duration::from_millis(2);
+
+/// Puts the instance's controller at a known spacing through `path` (the first launch takes
+/// one sample, the next launch after a second sample sets the spacing), then times `n` launches.
+/// Returns (elapsed, spacing, launches the gate saw).
+fn gated(path: &str, n: u32) -> (Duration, Duration, u64) {
+    let i = Instance::new(MIB, 2500, Priority::High, 0);
+    i.region.publish_sample(0, 10_000, 0).unwrap();
+    let mut c = i
+        .cmd(&["gate", path, &n.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "READY", "{path}");
+    std::thread::sleep(Duration::from_millis(20));
+    // Full utilisation at a 25 % share: the next gated launch sets the spacing to twice the
+    // time since the first one.
+    i.region.publish_sample(0, 10_000, 0).unwrap();
+    c.stdin.take().unwrap().write_all(b"\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert!(c.wait().unwrap().success(), "gate {path} failed: {line}");
+    let ns: u64 = line
+        .trim()
+        .strip_prefix("ELAPSED ")
+        .unwrap_or_else(|| panic!("unexpected output {line:?}"))
+        .parse()
+        .unwrap();
+    let usage = i.region.usage(0).unwrap();
+    (
+        Duration::from_nanos(ns),
+        Duration::from_nanos(usage.interval_ns),
+        usage.launches,
+    )
+}
+
+/// Each legacy path is held to the instance's schedule exactly like `cuLaunchKernel`: once the
+/// controller sets a spacing, `n` launches take at least `n - 1` spacings (less the burst
+/// allowance). Lower bounds only, so a loaded machine cannot make this flaky.
+#[test]
+fn legacy_launch_paths_are_throttled_like_cu_launch_kernel() {
+    let _load = shared();
+    const N: u32 = 4;
+    for path in ["kernel", "launch", "grid", "gridasync", "multi"] {
+        let (elapsed, spacing, launches) = gated(path, N);
+        assert_eq!(launches, u64::from(N) + 1, "{path}: launches the gate saw");
+        assert!(
+            spacing >= Duration::from_millis(40),
+            "{path}: the controller never throttled (spacing {spacing:?})"
+        );
+        let floor = spacing * (N - 1) - BURST;
+        assert!(
+            elapsed >= floor,
+            "{path}: {N} launches took {elapsed:?}, the gate allows no less than {floor:?}"
+        );
+    }
+    // A host function is no kernel: the gate never sees it, so nothing is ever throttled.
+    let (_, spacing, launches) = gated("hostfunc", N);
+    assert_eq!((launches, spacing), (0, Duration::ZERO), "cuLaunchHostFunc");
+}
+
+/// With two devices: a multi-device launch passes the gate of each stream's device (through
+/// `cuStreamGetDevice`, and on drivers before 12.8 through the stream's context, leaving the
+/// caller's current context as it was); legacy launches count on the current context's device.
+#[test]
+fn multi_device_launches_are_gated_per_stream_device() {
+    let _load = shared();
+    let limit = DeviceLimit {
+        quota_bytes: MIB,
+        share_bp: FULL_SHARE_BP,
+    };
+    for driver in ["12080", "12040"] {
+        let mut i = Instance::with_devices(vec![limit, limit], Priority::High, 0);
+        i.env = vec![
+            ("FAKECUDA_DEVICES".into(), "2".into()),
+            ("FAKECUDA_DRIVER_VERSION".into(), driver.into()),
+        ];
+        let out = i.run(&["multidev", "5", "7"]);
+        let l0 = i.region.usage(0).unwrap().launches;
+        let l1 = i.region.usage(1).unwrap().launches;
+        assert_eq!((l0, l1), (5, 5 + 3 * 7), "driver {driver}: {out}");
+        let via_ctx = !out.contains("getctx=0");
+        assert_eq!(via_ctx, driver == "12040", "driver {driver}: {out}");
     }
 }
 

@@ -1,7 +1,8 @@
 /* Test program driven by tests/interpose.rs: runs under LD_PRELOAD=libgpuvisor_limiter.so over
  * the fake libcuda.so.1 and checks what an application sees. Exit status 0 = all checks passed;
  * a failed check prints "FAIL file:line: ..." to stderr and exits 1.
- * Modes: boundary Q | paths ROUTE | hold BYTES | race CHUNK | nvml | ctx BYTES | rate SECS | fork */
+ * Modes: boundary Q | paths ROUTE | legacy ROUTE N | gate PATH N | multidev N M | hold BYTES |
+ * race CHUNK | nvml | ctx BYTES | rate SECS | fork */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <signal.h>
@@ -22,6 +23,12 @@ typedef struct { size_t w, h; unsigned int fmt, ch; } DESC2;
 typedef struct { unsigned int w, h, d, fmt, ch, flags; } DESC3D1;
 typedef struct { size_t w, h, d; unsigned int fmt, ch, flags; } DESC3D2;
 typedef struct { int type, handleTypes, locType, locId; void *win32; unsigned char flags[8]; } PROP;
+typedef struct {
+    CUfunction function;
+    unsigned int gx, gy, gz, bx, by, bz, shared;
+    CUstream stream;
+    void **params;
+} LAUNCH_PARAMS;
 
 /* Linked directly (the "link" route). */
 CUresult cuInit(unsigned int);
@@ -40,6 +47,14 @@ CUresult cuDevicePrimaryCtxRetain(CUcontext *, int);
 CUresult cuCtxCreate_v2(CUcontext *, unsigned int, int);
 CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                         unsigned, CUstream, void **, void **);
+CUresult cuLaunch(CUfunction);
+CUresult cuLaunchGrid(CUfunction, int, int);
+CUresult cuLaunchGridAsync(CUfunction, int, int, CUstream);
+CUresult cuLaunchCooperativeKernelMultiDevice(LAUNCH_PARAMS *, unsigned int, unsigned int);
+CUresult cuLaunchHostFunc(CUstream, void (*)(void *), void *);
+CUresult cuCtxSetCurrent(CUcontext);
+CUresult cuCtxGetDevice(int *);
+CUresult cuStreamCreate(CUstream *, unsigned int);
 u64 fakecuda_mem_used(void);
 u64 fakecuda_calls(const char *);
 
@@ -261,6 +276,97 @@ static int mode_paths(const char *route, int launches) {
     return 0;
 }
 
+/* The legacy launch API, and cuLaunchHostFunc (a host function: must not pass the gate). */
+typedef struct {
+    CUresult (*launch)(CUfunction);
+    CUresult (*grid)(CUfunction, int, int);
+    CUresult (*gridAsync)(CUfunction, int, int, CUstream);
+    CUresult (*multi)(LAUNCH_PARAMS *, unsigned int, unsigned int);
+    CUresult (*hostFunc)(CUstream, void (*)(void *), void *);
+} Legacy;
+
+static Legacy legacy_for(const char *route) {
+    Legacy l;
+    if (!strcmp(route, "link")) {
+        /* Called by name: the dynamic linker binds them to the preloaded limiter. */
+        l.launch = cuLaunch;
+        l.grid = cuLaunchGrid;
+        l.gridAsync = cuLaunchGridAsync;
+        l.multi = cuLaunchCooperativeKernelMultiDevice;
+        l.hostFunc = cuLaunchHostFunc;
+        return l;
+    }
+    setup_route(route);
+    int pt = !strncmp(route, "gpa", 3) && strstr(route, "ptds");
+    /* No _v2 and no _ptsz exists for these: every route names the one entry. */
+    l.launch = resolve(route, "cuLaunch", "cuLaunch");
+    l.grid = resolve(route, "cuLaunchGrid", "cuLaunchGrid");
+    l.gridAsync = resolve(route, "cuLaunchGridAsync", "cuLaunchGridAsync");
+    l.multi = resolve(route, "cuLaunchCooperativeKernelMultiDevice",
+                      "cuLaunchCooperativeKernelMultiDevice");
+    l.hostFunc = resolve(route, "cuLaunchHostFunc", pt ? "cuLaunchHostFunc_ptsz" : "cuLaunchHostFunc");
+    return l;
+}
+
+static void host_fn(void *p) { (*(int *)p)++; }
+
+static int mode_legacy(const char *route, int n) {
+    cuInit(0);
+    Legacy l = legacy_for(route);
+    int pt = strstr(route, "ptds") != NULL;
+    CUstream s;
+    CHECK(cuStreamCreate(&s, 0) == 0, "stream");
+    LAUNCH_PARAMS lp = {.gx = 1, .gy = 1, .gz = 1, .bx = 1, .by = 1, .bz = 1, .stream = s};
+    const char *names[] = {"cuLaunch", "cuLaunchGrid", "cuLaunchGridAsync",
+                           "cuLaunchCooperativeKernelMultiDevice"};
+    const char *hf = pt ? "cuLaunchHostFunc_ptsz" : "cuLaunchHostFunc";
+    u64 before[4], hb = calls(hf);
+    for (int k = 0; k < 4; k++) before[k] = calls(names[k]);
+    int ran = 0;
+    for (int i = 0; i < n; i++) {
+        CHECK(l.launch(NULL) == 0, "cuLaunch");
+        CHECK(l.grid(NULL, 2, 3) == 0, "cuLaunchGrid");
+        CHECK(l.gridAsync(NULL, 2, 3, s) == 0, "cuLaunchGridAsync");
+        CHECK(l.multi(&lp, 1, 0) == 0, "cuLaunchCooperativeKernelMultiDevice");
+        CHECK(l.hostFunc(s, host_fn, &ran) == 0, "cuLaunchHostFunc");
+    }
+    for (int k = 0; k < 4; k++)
+        CHECK(calls(names[k]) == before[k] + n, "%s reached %llu times", names[k],
+              calls(names[k]) - before[k]);
+    CHECK(calls(hf) == hb + n && ran == n, "%s: %llu calls, host function ran %d times", hf,
+          calls(hf) - hb, ran);
+    printf("OK legacy %s\n", route);
+    return 0;
+}
+
+/* Devices from streams and contexts: a multi-device launch passes each stream's device's gate,
+ * every other launch the current context's device's. */
+static int mode_multidev(int n, int m) {
+    cuInit(0);
+    CUcontext c0, c1;
+    CUstream s0, s1;
+    CHECK(cuDevicePrimaryCtxRetain(&c0, 0) == 0 && cuDevicePrimaryCtxRetain(&c1, 1) == 0, "retain");
+    CHECK(cuCtxSetCurrent(c1) == 0 && cuStreamCreate(&s1, 0) == 0, "stream on device 1");
+    CHECK(cuCtxSetCurrent(c0) == 0 && cuStreamCreate(&s0, 0) == 0, "stream on device 0");
+    LAUNCH_PARAMS lp[2] = {
+        {.gx = 1, .gy = 1, .gz = 1, .bx = 1, .by = 1, .bz = 1, .stream = s0},
+        {.gx = 1, .gy = 1, .gz = 1, .bx = 1, .by = 1, .bz = 1, .stream = s1},
+    };
+    for (int i = 0; i < n; i++)
+        CHECK(cuLaunchCooperativeKernelMultiDevice(lp, 2, 0) == 0, "multi-device launch");
+    int d = -1;
+    CHECK(cuCtxGetDevice(&d) == 0 && d == 0, "the caller's current context changed (device %d)", d);
+    CHECK(cuCtxSetCurrent(c1) == 0, "set current 1");
+    for (int i = 0; i < m; i++) {
+        CHECK(cuLaunch(NULL) == 0, "cuLaunch");
+        CHECK(cuLaunchGrid(NULL, 1, 1) == 0, "cuLaunchGrid");
+        CHECK(cuLaunchGridAsync(NULL, 1, 1, s1) == 0, "cuLaunchGridAsync");
+    }
+    printf("OK multidev getdevice=%llu getctx=%llu\n", calls("cuStreamGetDevice"),
+           calls("cuStreamGetCtx"));
+    return 0;
+}
+
 /* The 32-bit-pointer ABIs of CUDA 2.x, reached by linking and by cuGetProcAddress(…, 3000…). */
 static int mode_v1(void) {
     cuInit(0);
@@ -419,6 +525,35 @@ static int mode_rate(double secs) {
     return 0;
 }
 
+static CUresult launch_by(const char *path, CUstream s, LAUNCH_PARAMS *lp, int *ran) {
+    if (!strcmp(path, "kernel")) return cuLaunchKernel(NULL, 1, 1, 1, 1, 1, 1, 0, s, NULL, NULL);
+    if (!strcmp(path, "launch")) return cuLaunch(NULL);
+    if (!strcmp(path, "grid")) return cuLaunchGrid(NULL, 1, 1);
+    if (!strcmp(path, "gridasync")) return cuLaunchGridAsync(NULL, 1, 1, s);
+    if (!strcmp(path, "multi")) return cuLaunchCooperativeKernelMultiDevice(lp, 1, 0);
+    if (!strcmp(path, "hostfunc")) return cuLaunchHostFunc(s, host_fn, ran);
+    FAIL("unknown launch path %s", path);
+}
+
+/* One launch (it takes the harness's first sample), READY, wait for the harness to publish the
+ * next one, then time n launches through the same path. */
+static int mode_gate(const char *path, int n) {
+    cuInit(0);
+    CUstream s;
+    CHECK(cuStreamCreate(&s, 0) == 0, "stream");
+    LAUNCH_PARAMS lp = {.gx = 1, .gy = 1, .gz = 1, .bx = 1, .by = 1, .bz = 1, .stream = s};
+    int ran = 0;
+    CHECK(launch_by(path, s, &lp, &ran) == 0, "first %s", path);
+    printf("READY\n");
+    fflush(stdout);
+    char c;
+    CHECK(read(0, &c, 1) == 1, "no go from the harness");
+    double t0 = now_s();
+    for (int i = 0; i < n; i++) CHECK(launch_by(path, s, &lp, &ran) == 0, "%s", path);
+    printf("ELAPSED %.0f\n", (now_s() - t0) * 1e9);
+    return 0;
+}
+
 static int mode_fork(void) {
     cuInit(0);
     size_t f, t;
@@ -448,6 +583,10 @@ int main(int argc, char **argv) {
     u64 arg = argc > 2 ? strtoull(argv[2], NULL, 0) : 0;
     if (!strcmp(m, "boundary")) return mode_boundary(arg);
     if (!strcmp(m, "paths")) return mode_paths(argv[2], argc > 3 ? atoi(argv[3]) : 10);
+    if (!strcmp(m, "legacy")) return mode_legacy(argv[2], argc > 3 ? atoi(argv[3]) : 10);
+    if (!strcmp(m, "gate")) return mode_gate(argv[2], argc > 3 ? atoi(argv[3]) : 4);
+    if (!strcmp(m, "multidev"))
+        return mode_multidev(atoi(argv[2]), argc > 3 ? atoi(argv[3]) : 0);
     if (!strcmp(m, "v1")) return mode_v1();
     if (!strcmp(m, "hold")) return mode_hold(arg);
     if (!strcmp(m, "race")) return mode_race(arg);
