@@ -62,6 +62,8 @@ fn main() {
             },
             driver: None,
             iommu_group: None,
+            mig_enabled: false,
+            mig: None,
         })
         .collect();
     let tel = Telemetry::new(

@@ -24,6 +24,8 @@ pub struct GpuSlot {
     pub numa_node: Option<u32>,
     pub used_milli: u32,
     pub used_vram: u64,
+    /// A MIG slice: an exclusive whole device, placed on only when asked for by its model.
+    pub mig: bool,
 }
 
 /// An instance already on the host, as placement sees it.
@@ -183,10 +185,13 @@ pub trait Placer: Send + Sync {
 #[derive(Debug, Default, Clone)]
 pub struct SingleHost;
 
+/// The GPU may serve a request for `model`: any whole GPU when none is named, a MIG slice only
+/// when its model (`A100-80GB-3g.40gb`) is named.
 fn model_ok(g: &GpuSlot, model: &Option<String>) -> bool {
-    model
-        .as_ref()
-        .is_none_or(|m| g.model.eq_ignore_ascii_case(m))
+    match model {
+        Some(m) => g.model.eq_ignore_ascii_case(m),
+        None => !g.mig,
+    }
 }
 
 impl Placer for SingleHost {
@@ -247,7 +252,7 @@ impl Placer for SingleHost {
             let best = host
                 .gpus
                 .iter()
-                .filter(|g| model_ok(g, &d.model))
+                .filter(|g| model_ok(g, &d.model) && !g.mig)
                 .filter_map(|g| {
                     let vram = d.vram.unwrap_or(g.vram / 1000 * u64::from(d.milli));
                     let fits = g.used_milli + d.milli <= 1000 && g.used_vram + vram <= g.vram;
@@ -404,7 +409,12 @@ impl Scheduled {
             .gpus
             .iter()
             .map(|g| {
-                let mut m = Gpu::new(g.model.clone(), g.vram / MIB, GpuKind::Shareable);
+                let kind = if g.mig {
+                    GpuKind::Mig
+                } else {
+                    GpuKind::Shareable
+                };
+                let mut m = Gpu::new(g.model.clone(), g.vram / MIB, kind);
                 m.numa = g.numa_node;
                 m
             })
@@ -464,7 +474,11 @@ impl Placer for Scheduled {
         // The scheduler's choice must still satisfy the rules (VRAM in bytes, not MiB).
         let fits = gpus.iter().all(|a| {
             host.gpus.iter().any(|g| {
-                g.uuid == a.uuid && g.used_milli + a.milli <= 1000 && g.used_vram + a.vram <= g.vram
+                g.uuid == a.uuid
+                    && model_ok(g, &d.model)
+                    && (!g.mig || a.milli >= 1000)
+                    && g.used_milli + a.milli <= 1000
+                    && g.used_vram + a.vram <= g.vram
             })
         });
         if !fits || gpus.is_empty() {
@@ -713,6 +727,7 @@ mod tests {
                     numa_node: Some(if i < n_gpus / 2 { 0 } else { 1 }),
                     used_milli: 0,
                     used_vram: 0,
+                    mig: false,
                 })
                 .collect(),
             cpus: (0..cpus)
@@ -762,6 +777,40 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// MIG slices are whole devices, placed on only when asked for by their model, by both
+    /// placers; a fraction never lands on one.
+    #[test]
+    fn mig_slices_only_by_model_and_whole() {
+        let mut h = host(2, 8);
+        for g in &mut h.gpus {
+            g.mig = true;
+            g.model = "A100-80GB-3g.40gb".into();
+            g.vram = 40 << 30;
+        }
+        let plain = Demand {
+            whole_gpus: 1,
+            vcpus: 1,
+            memory: 1 << 30,
+            ..Default::default()
+        };
+        let by_model = Demand {
+            model: Some("a100-80gb-3g.40gb".into()),
+            ..plain.clone()
+        };
+        let fraction = Demand {
+            whole_gpus: 0,
+            milli: 500,
+            ..by_model.clone()
+        };
+        let placers: [&dyn Placer; 2] = [&SingleHost, &Scheduled::default()];
+        for p in placers {
+            assert!(p.place(&h, &plain).is_err(), "no model: no slice");
+            assert!(p.place(&h, &fraction).is_err(), "no fraction of a slice");
+            let a = p.place(&h, &by_model).unwrap();
+            assert_eq!((a.gpus[0].milli, a.gpus[0].vram), (1000, 40 << 30));
+        }
     }
 
     #[test]
@@ -996,6 +1045,7 @@ mod tests {
                         numa_node: None,
                         used_milli: 0,
                         used_vram: 0,
+                        mig: false,
                     })
                     .collect(),
             })

@@ -493,6 +493,39 @@ impl Store {
             .collect()
     }
 
+    /// Cordons a GPU; a GPU already cordoned keeps its first reason. True when newly cordoned.
+    pub async fn cordon(&self, uuid: &str, reason: &str, now: i64) -> Result<bool> {
+        let r = sqlx::query(
+            "INSERT INTO gpu_cordons (uuid, reason, at) VALUES ($1, $2, $3) ON CONFLICT (uuid) DO NOTHING",
+        )
+        .bind(uuid.to_string())
+        .bind(reason.to_string())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_write)?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Lifts a cordon; true when there was one.
+    pub async fn uncordon(&self, uuid: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM gpu_cordons WHERE uuid = $1")
+            .bind(uuid.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// (GPU UUID, reason) of every cordon, oldest first.
+    pub async fn cordons(&self) -> Result<Vec<(String, String)>> {
+        sqlx::query("SELECT uuid, reason FROM gpu_cordons ORDER BY at, uuid")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("uuid")?, r.try_get("reason")?)))
+            .collect()
+    }
+
     // --- images ---------------------------------------------------------------------------
 
     pub async fn insert_image(&self, i: &ImageRow) -> Result<()> {

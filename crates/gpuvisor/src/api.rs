@@ -91,6 +91,12 @@ pub fn router(engine: Eng) -> Router {
         .route("/v1/gpus", get(list_gpus))
         .route("/v1/gpus/{id}/bind-vfio", post(bind_vfio))
         .route("/v1/gpus/{id}/release", post(release_gpu))
+        .route(
+            "/v1/gpus/{id}/cordon",
+            post(cordon_gpu).delete(uncordon_gpu),
+        )
+        .route("/v1/gpus/{id}/mig", get(mig_state).post(mig_create))
+        .route("/v1/gpus/{id}/mig/{gi}", axum::routing::delete(mig_destroy))
         .route("/metrics", get(metrics))
         .route("/v1/gpus/stats", get(gpu_stats))
         .route("/v1/gpus/{id}/metrics", get(gpu_metrics))
@@ -164,6 +170,50 @@ async fn bind_vfio(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -
 async fn release_gpu(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Gpu> {
     let p = who(&e, &h).await?;
     Ok(Json(e.release_gpu(&p, &id).await?))
+}
+
+async fn cordon_gpu(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: Option<Json<wire::CordonGpu>>,
+) -> R<wire::Gpu> {
+    let p = who(&e, &h).await?;
+    let reason = body.as_ref().and_then(|b| b.reason.as_deref());
+    Ok(Json(e.cordon_gpu(&p, &id, reason).await?))
+}
+
+async fn uncordon_gpu(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Gpu> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.uncordon_gpu(&p, &id).await?))
+}
+
+async fn mig_state(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> R<wire::mig::MigState> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.mig_state(&p, &id).await?))
+}
+
+async fn mig_create(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Json(req): Json<wire::mig::CreateMigInstance>,
+) -> R<wire::mig::GpuInstance> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.mig_create(&p, &id, &req.profile).await?))
+}
+
+async fn mig_destroy(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path((id, gi)): Path<(String, u32)>,
+) -> R<wire::mig::GpuInstance> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.mig_destroy(&p, &id, gi).await?))
 }
 
 async fn list_gpus(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Gpu>> {

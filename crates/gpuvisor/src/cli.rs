@@ -243,7 +243,21 @@ pub enum GpuCmd {
         /// GPU PCI address, UUID or index.
         gpu: String,
     },
-    /// MIG partitions (local, through NVML; changes need --yes).
+    /// Take no new instances on a GPU (maintenance); running ones stay (admin).
+    Cordon {
+        /// GPU UUID, index or PCI address.
+        gpu: String,
+        /// Why (shown in `gpu list`).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a cordon, set by hand or by a fatal XID once the GPU was reset (admin).
+    Uncordon {
+        /// GPU UUID, index or PCI address.
+        gpu: String,
+    },
+    /// MIG partitions through the daemon (admin; changes need --yes). New slices are
+    /// schedulable at once as `--gpu-model <model>-<profile>`, e.g. A100-80GB-1g.10gb.
     #[command(subcommand)]
     Mig(hostcli::MigCmd),
     /// Live view of every GPU (utilisation, memory, temperature, power), refreshed each second;
@@ -587,7 +601,6 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Serve(args) => run_serve(args),
         Command::Sim(args) => sim::run(args, global.output),
         Command::Host(cmd) => hostcli::run_host(cmd, global.output),
-        Command::Gpu(GpuCmd::Mig(cmd)) => hostcli::run_mig(cmd, global.output),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             use std::io::Write;
@@ -678,7 +691,19 @@ impl Ctx {
                     output::gpus_table(std::slice::from_ref(g))
                 })?;
             }
-            GpuCmd::Mig(cmd) => return hostcli::run_mig(cmd, self.format),
+            GpuCmd::Cordon { gpu, reason } => {
+                let g = self.client.cordon_gpu(&gpu, reason)?;
+                output::print(self.format, &g, |g| {
+                    output::gpus_table(std::slice::from_ref(g))
+                })?;
+            }
+            GpuCmd::Uncordon { gpu } => {
+                let g = self.client.uncordon_gpu(&gpu)?;
+                output::print(self.format, &g, |g| {
+                    output::gpus_table(std::slice::from_ref(g))
+                })?;
+            }
+            GpuCmd::Mig(cmd) => hostcli::run_mig(&self.client, cmd, self.format)?,
             GpuCmd::Top { iterations } => {
                 let mut n = 0u32;
                 loop {

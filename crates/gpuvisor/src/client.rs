@@ -207,6 +207,32 @@ impl Client {
         self.post::<(), _>(&format!("/gpus/{}/release", segment(gpu)), None)
     }
 
+    /// Cordons a GPU (no new placements); answers the GPU as listed after.
+    pub fn cordon_gpu(&self, gpu: &str, reason: Option<String>) -> Result<Gpu> {
+        let body = gpuvisor_wire::CordonGpu { reason };
+        self.post(&format!("/gpus/{}/cordon", segment(gpu)), Some(&body))
+    }
+
+    /// Lifts a GPU's cordon.
+    pub fn uncordon_gpu(&self, gpu: &str) -> Result<Gpu> {
+        self.delete(&format!("/gpus/{}/cordon", segment(gpu)))
+    }
+
+    pub fn mig_state(&self, gpu: &str) -> Result<gpuvisor_wire::mig::MigState> {
+        self.get(&format!("/gpus/{}/mig", segment(gpu)))
+    }
+
+    pub fn mig_create(&self, gpu: &str, profile: &str) -> Result<gpuvisor_wire::mig::GpuInstance> {
+        let body = gpuvisor_wire::mig::CreateMigInstance {
+            profile: profile.to_string(),
+        };
+        self.post(&format!("/gpus/{}/mig", segment(gpu)), Some(&body))
+    }
+
+    pub fn mig_destroy(&self, gpu: &str, gi: u32) -> Result<gpuvisor_wire::mig::GpuInstance> {
+        self.delete(&format!("/gpus/{}/mig/{gi}", segment(gpu)))
+    }
+
     pub fn list_images(&self) -> Result<Vec<Image>> {
         self.get("/images")
     }

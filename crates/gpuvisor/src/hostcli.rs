@@ -1,20 +1,21 @@
-//! `gpuvisor host check` and `gpuvisor gpu mig ...`: host preparation commands that run locally,
-//! without the daemon, like `gpuvisor sim`.
+//! `gpuvisor host check` (local, without the daemon, like `gpuvisor sim`) and the client side of
+//! `gpuvisor gpu mig ...`.
 //!
-//! Why local: preflight is most needed before the daemon can even start (IOMMU off, driver
-//! mismatch), and MIG partitioning is a host-setup step done as root on the machine. Binding to
-//! vfio-pci is different and goes through the daemon (`gpu bind-vfio`), which knows whether an
-//! instance uses the GPU. MIG changes need `--yes`: they destroy whatever runs on the partitions.
+//! Why preflight is local: it is most needed before the daemon can even start (IOMMU off, driver
+//! mismatch). MIG goes through the daemon, like `gpu bind-vfio`: only the daemon knows whether an
+//! instance holds a slice, and it must re-read its inventory so new slices are schedulable. MIG
+//! changes need `--yes`: they destroy whatever runs on the partitions.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use gpuvisor_node::hostcheck::{self, Check, NvmlFacts, Status};
-use gpuvisor_node::mig::{self, MigControl, MigState, NvmlMig};
+use gpuvisor_node::mig::MigState;
 use gpuvisor_node::HostRoot;
 
 use crate::cli::{exit, CliError};
+use crate::client::Client;
 use crate::output::{self, Format};
 
 #[derive(Debug, Subcommand)]
@@ -105,33 +106,17 @@ pub fn checks_text(checks: &[Check]) -> String {
 const CONFIRM: &str =
     "this changes the GPU's MIG partitions and kills work running on them: add --yes to confirm";
 
-/// Runs `gpu mig ...` against NVML.
-pub fn run_mig(cmd: MigCmd, format: Format) -> Result<i32, CliError> {
-    if matches!(
-        cmd,
-        MigCmd::Create { yes: false, .. } | MigCmd::Destroy { yes: false, .. }
-    ) {
-        return Err(CliError::Invalid(CONFIRM.into()));
-    }
-    match NvmlMig::init() {
-        Ok(ctl) => run_mig_with(&ctl, cmd, format),
-        Err(e) => {
-            eprintln!("error: {e}: MIG needs the NVIDIA driver on this host (mig)");
-            Ok(exit::OTHER)
-        }
-    }
-}
-
-/// `gpu mig ...` against any [`MigControl`] (the tests use the simulated one).
-pub fn run_mig_with(ctl: &dyn MigControl, cmd: MigCmd, format: Format) -> Result<i32, CliError> {
-    let done = match cmd {
-        MigCmd::List { gpu } => mig::state(ctl, &gpu)
-            .map(|s| output::print(format, &s, mig_text).map_err(CliError::from)),
+/// Runs `gpu mig ...` through the daemon, which owns the MIG layout: it refuses to destroy a
+/// slice an instance holds and re-reads its inventory after each change.
+pub fn run_mig(client: &Client, cmd: MigCmd, format: Format) -> Result<(), CliError> {
+    match cmd {
         MigCmd::Create { yes: false, .. } | MigCmd::Destroy { yes: false, .. } => {
-            return Err(CliError::Invalid(CONFIRM.into()));
+            Err(CliError::Invalid(CONFIRM.into()))
         }
-        MigCmd::Create { gpu, profile, .. } => mig::create(ctl, &gpu, &profile).map(|gi| {
-            output::print(format, &gi, |gi| {
+        MigCmd::List { gpu } => Ok(output::print(format, &client.mig_state(&gpu)?, mig_text)?),
+        MigCmd::Create { gpu, profile, .. } => {
+            let gi = client.mig_create(&gpu, &profile)?;
+            Ok(output::print(format, &gi, |gi| {
                 format!(
                     "created GPU instance {} ({}) at slices {}..{} with compute instance {}",
                     gi.id,
@@ -142,32 +127,19 @@ pub fn run_mig_with(ctl: &dyn MigControl, cmd: MigCmd, format: Format) -> Result
                         .first()
                         .map_or("-".to_string(), |c| c.id.to_string())
                 )
-            })
-            .map_err(CliError::from)
-        }),
-        MigCmd::Destroy { gpu, gi, .. } => mig::destroy(ctl, &gpu, gi).map(|g| {
-            output::print(format, &g, |g| {
+            })?)
+        }
+        MigCmd::Destroy { gpu, gi, .. } => {
+            let g = client.mig_destroy(&gpu, gi)?;
+            Ok(output::print(format, &g, |g| {
                 format!(
                     "destroyed GPU instance {} ({}) and {} compute instance(s)",
                     g.id,
                     g.profile,
                     g.compute_instances.len()
                 )
-            })
-            .map_err(CliError::from)
-        }),
-    };
-    match done {
-        Ok(printed) => printed.map(|()| exit::OK),
-        Err(e @ (mig::MigError::NoGpu(_) | mig::MigError::NoInstance { .. })) => {
-            eprintln!("error: {e} (not_found)");
-            Ok(exit::NOT_FOUND)
+            })?)
         }
-        Err(e @ mig::MigError::Nvml(_)) | Err(e @ mig::MigError::MissingSymbol(_)) => {
-            eprintln!("error: {e} (mig)");
-            Ok(exit::OTHER)
-        }
-        Err(e) => Err(CliError::Invalid(e.to_string())),
     }
 }
 
@@ -226,88 +198,37 @@ fn mig_text(s: &MigState) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use gpuvisor_node::mig::SimulatedMig;
-
-    fn sim() -> SimulatedMig {
-        SimulatedMig::new(&[("GPU-aaaa", 81559 << 20, true)])
-    }
 
     #[test]
-    fn mig_create_needs_yes() {
-        let err = run_mig(
+    fn mig_changes_need_yes_before_any_request() {
+        // Nothing listens on port 9: the refusal must come before a request is made.
+        let client = Client::new("http://127.0.0.1:9", None).unwrap();
+        for cmd in [
             MigCmd::Create {
                 gpu: "0".into(),
                 profile: "1g.10gb".into(),
                 yes: false,
             },
-            Format::Json,
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("--yes"));
-        assert_eq!(err.exit_code(), exit::INVALID);
-        let s = sim();
-        let err = run_mig_with(
-            &s,
             MigCmd::Destroy {
                 gpu: "0".into(),
                 gi: 1,
                 yes: false,
             },
-            Format::Json,
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("--yes"));
+        ] {
+            let err = run_mig(&client, cmd, Format::Json).unwrap_err();
+            assert!(err.to_string().contains("--yes"), "{err}");
+            assert_eq!(err.exit_code(), exit::INVALID);
+        }
     }
 
     #[test]
-    fn mig_create_list_destroy_against_the_double() {
-        let s = sim();
-        let create = |profile: &str| {
-            run_mig_with(
-                &s,
-                MigCmd::Create {
-                    gpu: "0".into(),
-                    profile: profile.into(),
-                    yes: true,
-                },
-                Format::Json,
-            )
-            .unwrap()
-        };
-        assert_eq!(create("3g.40gb"), exit::OK);
-        assert_eq!(create("3g.40gb"), exit::OK);
-        // Full: a third refused as invalid (exit 5).
-        let err = run_mig_with(
-            &s,
-            MigCmd::Create {
-                gpu: "0".into(),
-                profile: "3g.40gb".into(),
-                yes: true,
-            },
-            Format::Json,
-        )
-        .unwrap_err();
-        assert_eq!(err.exit_code(), exit::INVALID);
-        let state = mig::state(&s, "0").unwrap();
-        assert_eq!(state.instances.len(), 2);
-        let text = mig_text(&state);
+    fn mig_text_shows_profiles_and_instances() {
+        let s = gpuvisor_node::mig::SimulatedMig::new(&[("GPU-aaaa", 81559 << 20, true)]);
+        gpuvisor_node::mig::create(&s, "0", "3g.40gb").unwrap();
+        gpuvisor_node::mig::create(&s, "0", "3g.40gb").unwrap();
+        let text = mig_text(&gpuvisor_node::mig::state(&s, "0").unwrap());
         assert!(text.contains("3g.40gb"), "{text}");
         assert!(text.contains("0/2"), "{text}");
-        let gi = state.instances[0].id;
-        let code = run_mig_with(
-            &s,
-            MigCmd::Destroy {
-                gpu: "0".into(),
-                gi,
-                yes: true,
-            },
-            Format::Json,
-        )
-        .unwrap();
-        assert_eq!(code, exit::OK);
-        assert_eq!(mig::state(&s, "0").unwrap().instances.len(), 1);
-        let code = run_mig_with(&s, MigCmd::List { gpu: "7".into() }, Format::Json).unwrap();
-        assert_eq!(code, exit::NOT_FOUND);
     }
 
     #[test]

@@ -282,6 +282,7 @@ pub fn gpus_table(gpus: &[gpuvisor_wire::Gpu]) -> String {
             "ALLOCATED",
             "INSTANCES",
             "BACKEND",
+            "STATUS",
         ],
         gpus.iter().map(|g| {
             let allocated = if g.allocated_milli == 0 && g.allocated_vram == 0 {
@@ -293,17 +294,32 @@ pub fn gpus_table(gpus: &[gpuvisor_wire::Gpu]) -> String {
                     format_size(g.allocated_vram)
                 )
             };
+            let mut status = Vec::new();
+            if g.passthrough_ready {
+                status.push("vfio-pci".to_string());
+            }
+            if g.mig_enabled {
+                status.push("MIG mode (use its slices)".to_string());
+            }
+            if let Some(c) = &g.cordoned {
+                status.push(format!("cordoned: {c}"));
+            }
             vec![
-                g.index.to_string(),
+                // A MIG slice: <parent index>/<GPU instance>.
+                match &g.mig {
+                    Some(m) => format!("{}/{}", g.index, m.gi),
+                    None => g.index.to_string(),
+                },
                 g.model.clone(),
                 g.uuid.clone(),
                 format_size(g.vram),
                 allocated,
                 g.instances.len().to_string(),
-                if g.passthrough_ready {
-                    format!("{} (vfio-pci)", g.backend)
+                g.backend.clone(),
+                if status.is_empty() {
+                    "-".to_string()
                 } else {
-                    g.backend.clone()
+                    status.join("; ")
                 },
             ]
         }),
@@ -625,9 +641,27 @@ mod tests {
             instances: vec!["i-1".into()],
             driver: Some("nvidia".into()),
             passthrough_ready: false,
+            mig_enabled: false,
+            mig: None,
+            cordoned: Some("XID 79".into()),
         };
-        let text = gpus_table(&[gpu]);
+        let slice = gpuvisor_wire::Gpu {
+            uuid: "MIG-1".into(),
+            model: "H100-1g.10gb".into(),
+            mig: Some(gpuvisor_wire::mig::MigSlice {
+                parent_uuid: "GPU-1".into(),
+                gi: 3,
+                ci: 0,
+                profile: "1g.10gb".into(),
+                slices: 1,
+            }),
+            cordoned: None,
+            ..gpu.clone()
+        };
+        let text = gpus_table(&[gpu, slice]);
         assert!(text.contains("0.25 GPU / 20GiB"), "{text}");
+        assert!(text.contains("cordoned: XID 79"), "{text}");
+        assert!(text.contains("0/3 "), "{text}");
     }
 
     #[test]

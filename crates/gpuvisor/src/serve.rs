@@ -49,7 +49,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await?
         .context("cannot prepare this host")?;
     tracing::info!(
-        gpus = node.gpus.len(),
+        gpus = node.gpus().len(),
         backend = node.backend().as_str(),
         runtime = node.runtime.binary(),
         "host ready"

@@ -60,7 +60,7 @@ fn wait_for(what: &str, d: &Daemon, mut f: impl FnMut() -> bool) {
 #[test]
 fn metrics_history_alarms_and_cordoning() {
     let _s = serial();
-    let d = Daemon::start(&["--metrics-token", TOKEN, "--thermal-ceiling", "80"]);
+    let mut d = Daemon::start(&["--metrics-token", TOKEN, "--thermal-ceiling", "80"]);
     d.import_busybox();
     let id = d.create(&[
         "--gpus",
@@ -228,5 +228,58 @@ fn metrics_history_alarms_and_cordoning() {
     let other = d.create(&["--gpus", "1", "--memory", "64MiB", "--", "sleep", "1000000"]);
     let o = d.json(&["instance", "get", &other]);
     assert_ne!(o["gpus"][0]["index"], 2);
+
+    // The cordon is persisted: it survives a restart until an operator lifts it. The first
+    // instance holds the H100: free it, so only the cordon stands in the way below.
+    d.json(&["instance", "terminate", &id, "--wait"]);
+    std::fs::remove_file(dev.join("nvidia2.fault")).unwrap();
+    d.restart();
+    let gpus = d.json(&["gpu", "list"]);
+    assert!(
+        gpus[2]["cordoned"].as_str().unwrap().contains("XID 79"),
+        "{gpus}"
+    );
+    let h100 = [
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--gpus",
+        "1",
+        "--gpu-model",
+        "H100-80GB",
+        "--memory",
+        "64MiB",
+        "--",
+        "sleep",
+        "1000000",
+    ];
+    assert_eq!(d.cli(&h100).status.code(), Some(6));
+    // Tenants may not lift it; the admin may, once; then the H100 takes work again.
+    d.json(&["tenant", "create", "t1"]);
+    let tkey = d.json(&["key", "create", "--tenant", "t1"])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        d.cli_as(&tkey, &["gpu", "uncordon", "2"]).status.code(),
+        Some(4)
+    );
+    let g = d.json(&["gpu", "uncordon", "2"]);
+    assert!(g["cordoned"].is_null(), "{g}");
+    assert_eq!(d.cli(&["gpu", "uncordon", "2"]).status.code(), Some(5));
+    // A manual cordon (maintenance) with a reason, shown in `gpu list`, and persisted too.
+    let g = d.json(&["gpu", "cordon", "2", "--reason", "fan swap"]);
+    assert_eq!(g["cordoned"], "operator: fan swap");
+    d.restart();
+    assert_eq!(d.cli(&h100).status.code(), Some(6));
+    let table = d.cli(&["gpu", "list"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("cordoned: operator: fan swap"));
+    d.json(&["gpu", "uncordon", "2"]);
+    let mut a = h100.to_vec();
+    a.insert(4, "--wait");
+    let v = d.json(&a);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["gpus"][0]["index"], 2, "{v}");
     d.terminate_all();
 }

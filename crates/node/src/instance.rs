@@ -95,7 +95,10 @@ pub struct InstancePlan {
 pub struct Node {
     pub cfg: NodeConfig,
     pub gpu: Box<dyn GpuBackend>,
-    pub gpus: Vec<GpuDevice>,
+    /// The schedulable inventory ([`crate::gpu::inventory`]): re-read after MIG changes.
+    gpus: std::sync::RwLock<Vec<GpuDevice>>,
+    /// MIG control of this host's GPUs, where the backend has one.
+    pub mig: Option<Box<dyn crate::mig::MigControl>>,
     pub images: ImageStore,
     pub disks: Disks,
     pub net: Network,
@@ -120,7 +123,8 @@ impl Node {
             },
             &cfg.root,
         )?;
-        let gpus = gpu.devices()?;
+        let mig = gpu.mig_control(&d.join("dev"))?;
+        let gpus = crate::gpu::inventory(&*gpu, mig.as_deref())?;
         let images = ImageStore::open(d.join("images"))?;
         let disks = Disks::new(d.clone());
         let net = Network::new(NetConfig {
@@ -141,7 +145,8 @@ impl Node {
         Ok(Self {
             cfg,
             gpu,
-            gpus,
+            gpus: std::sync::RwLock::new(gpus),
+            mig,
             images,
             disks,
             net,
@@ -149,6 +154,18 @@ impl Node {
             limiters,
             apparmor,
         })
+    }
+
+    /// The GPU inventory: whole GPUs, GPUs in MIG mode and their slices.
+    pub fn gpus(&self) -> Vec<GpuDevice> {
+        self.gpus.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-reads the inventory (after a MIG layout change) and returns it.
+    pub fn refresh_gpus(&self) -> Result<Vec<GpuDevice>, NodeError> {
+        let fresh = crate::gpu::inventory(&*self.gpu, self.mig.as_deref())?;
+        *self.gpus.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+        Ok(fresh)
     }
 
     pub fn backend(&self) -> BackendKind {
@@ -199,13 +216,17 @@ impl Node {
         }
         let mut devices = Vec::new();
         let mut uuids = Vec::new();
+        let inventory = self.gpus();
         for uuid in &plan.gpus {
-            let g = self
-                .gpus
+            let g = inventory
                 .iter()
-                .find(|g| &g.uuid == uuid)
+                .find(|g| &g.uuid == uuid && g.schedulable())
                 .ok_or_else(|| NodeError::UnknownGpu(uuid.clone()))?;
-            devices.push(g.node.clone());
+            for n in g.device_nodes() {
+                if !devices.contains(&n) {
+                    devices.push(n);
+                }
+            }
             uuids.push(g.uuid.clone());
         }
         if !plan.gpu_shares.is_empty() {

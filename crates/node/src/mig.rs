@@ -17,7 +17,6 @@
 //!   the GPU's memory in whole GiB).
 //! - Changing MIG mode itself is out of scope: it needs a GPU reset, which is the operator's call.
 
-use serde::Serialize;
 use std::sync::Mutex;
 use thiserror::Error;
 
@@ -41,61 +40,17 @@ pub enum MigError {
     MissingSymbol(&'static str),
 }
 
-/// A GI placement: `size` memory slices from slice `start`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Placement {
-    pub start: u32,
-    pub size: u32,
-}
+pub use gpuvisor_wire::mig::{ComputeInstance, GiProfile, GpuInstance, MigState, Placement};
 
-impl Placement {
-    fn overlaps(&self, o: &Placement) -> bool {
-        self.start < o.start + o.size && o.start < self.start + self.size
-    }
-}
-
-/// A GPU-instance profile of one GPU.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct GiProfile {
-    /// NVML's profile index (`NVML_GPU_INSTANCE_PROFILE_1_SLICE` = 0, ...): what `create` takes.
-    pub profile: u32,
-    /// NVML's profile id, as in `nvidia-smi mig -lgip`.
-    pub id: u32,
-    /// `1g.10gb`.
-    pub name: String,
-    pub slices: u32,
-    pub memory_mib: u64,
-    pub multiprocessors: u32,
-    /// How many GIs of this profile fit on an empty GPU.
-    pub max_instances: u32,
-    /// How many more fit now.
-    pub free: u32,
-    pub placements: Vec<Placement>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ComputeInstance {
-    pub id: u32,
-    pub profile_id: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct GpuInstance {
-    pub id: u32,
-    pub profile_id: u32,
-    /// Profile name (`1g.10gb`), where known.
-    pub profile: String,
-    pub placement: Placement,
-    pub compute_instances: Vec<ComputeInstance>,
-}
-
-/// One GPU's MIG state, as `gpu mig list` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct MigState {
-    pub gpu: String,
-    pub enabled: bool,
-    pub profiles: Vec<GiProfile>,
-    pub instances: Vec<GpuInstance>,
+/// A MIG device (one compute instance) as the driver names it: what the inventory schedules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigDevice {
+    /// `MIG-xxxxxxxx-...`.
+    pub uuid: String,
+    pub gi: u32,
+    pub ci: u32,
+    /// Bytes of memory of its GPU instance.
+    pub memory: u64,
 }
 
 /// What gpuvisor needs from MIG. `gpu` is an NVML index, a UUID or a PCI address.
@@ -110,6 +65,8 @@ pub trait MigControl: Send + Sync {
         -> Result<u32, MigError>;
     fn destroy_compute_instance(&self, gpu: &str, gi: u32, ci: u32) -> Result<(), MigError>;
     fn destroy_gpu_instance(&self, gpu: &str, gi: u32) -> Result<(), MigError>;
+    /// The MIG devices (one per compute instance) of a GPU in MIG mode, with their UUIDs.
+    fn mig_devices(&self, gpu: &str) -> Result<Vec<MigDevice>, MigError>;
 }
 
 /// NVIDIA's name for a profile: `<slices>g.<GiB>gb` plus a suffix for media-engine variants.
@@ -229,6 +186,8 @@ pub fn destroy(ctl: &dyn MigControl, gpu: &str, gi: u32) -> Result<GpuInstance, 
 pub struct SimulatedMig {
     gpus: Vec<SimGpu>,
     inner: Mutex<SimState>,
+    /// Where the layout is kept across daemon restarts (like the driver keeps it), if anywhere.
+    state_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -238,12 +197,13 @@ struct SimGpu {
     enabled: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct SimState {
     next_id: u32,
     /// (gpu index, instance).
     gis: Vec<(usize, GpuInstance)>,
     /// Fail the next compute-instance creation (to test the clean-up path).
+    #[serde(skip)]
     fail_next_ci: bool,
 }
 
@@ -275,7 +235,56 @@ impl SimulatedMig {
                 next_id: 1,
                 ..Default::default()
             }),
+            state_file: None,
         }
+    }
+
+    /// Like [`SimulatedMig::new`], keeping the layout in `file` (read now if it exists, written
+    /// after every change), so GPU instances outlive a daemon restart as they do on a real GPU.
+    pub fn persistent(
+        gpus: &[(&str, u64, bool)],
+        file: std::path::PathBuf,
+    ) -> Result<Self, MigError> {
+        let mut mig = Self::new(gpus);
+        match std::fs::read(&file) {
+            Ok(bytes) => {
+                let st: SimState = serde_json::from_slice(&bytes).map_err(|e| {
+                    MigError::Nvml(format!("simulated MIG state {}: {e}", file.display()))
+                })?;
+                *mig.lock() = st;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(MigError::Nvml(format!("{}: {e}", file.display()))),
+        }
+        mig.state_file = Some(file);
+        Ok(mig)
+    }
+
+    /// Writes the layout to the state file (atomically), where there is one.
+    fn save(&self, st: &SimState) -> Result<(), MigError> {
+        let Some(file) = &self.state_file else {
+            return Ok(());
+        };
+        let err = |e: std::io::Error| MigError::Nvml(format!("{}: {e}", file.display()));
+        let tmp = file.with_extension("tmp");
+        let bytes = serde_json::to_vec(st).map_err(|e| MigError::Nvml(e.to_string()))?;
+        std::fs::write(&tmp, bytes).map_err(err)?;
+        std::fs::rename(&tmp, file).map_err(err)
+    }
+
+    /// A stable `MIG-` UUID for compute instance `ci` of GI `gi` on `parent`.
+    fn slice_uuid(parent: &str, gi: u32, ci: u32) -> String {
+        use sha2::{Digest, Sha256};
+        let h = Sha256::digest(format!("{parent}/gi{gi}/ci{ci}").as_bytes());
+        let hex: String = h.iter().take(16).map(|b| format!("{b:02x}")).collect();
+        format!(
+            "MIG-{}-{}-{}-{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..32]
+        )
     }
 
     /// Makes the next compute-instance creation fail.
@@ -394,6 +403,7 @@ impl MigControl for SimulatedMig {
                 compute_instances: vec![],
             },
         ));
+        self.save(&st)?;
         Ok(id)
     }
 
@@ -422,6 +432,7 @@ impl MigControl for SimulatedMig {
             id,
             profile_id: ci_profile,
         });
+        self.save(&st)?;
         Ok(id)
     }
 
@@ -438,7 +449,7 @@ impl MigControl for SimulatedMig {
                 gi,
             })?;
         inst.compute_instances.retain(|c| c.id != ci);
-        Ok(())
+        self.save(&st)
     }
 
     fn destroy_gpu_instance(&self, gpu: &str, gi: u32) -> Result<(), MigError> {
@@ -460,7 +471,31 @@ impl MigControl for SimulatedMig {
                 gi,
             });
         }
-        Ok(())
+        self.save(&st)
+    }
+
+    fn mig_devices(&self, gpu: &str) -> Result<Vec<MigDevice>, MigError> {
+        let (i, g) = self.gpu(gpu)?;
+        if !g.enabled {
+            return Ok(Vec::new());
+        }
+        let st = self.lock();
+        let mut out = Vec::new();
+        for (_, gi) in st.gis.iter().filter(|(x, _)| *x == i) {
+            let eighths = SIM_PROFILES
+                .iter()
+                .find(|p| p.1 == gi.profile_id)
+                .map_or(1, |p| p.3);
+            for ci in &gi.compute_instances {
+                out.push(MigDevice {
+                    uuid: Self::slice_uuid(&g.uuid, gi.id, ci.id),
+                    gi: gi.id,
+                    ci: ci.id,
+                    memory: g.memory / (1 << 20) * eighths / 8 * (1 << 20),
+                });
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -601,6 +636,34 @@ impl MigControl for NvmlMig {
         let handle = unsafe { dev.handle() };
         ffi::destroy_gpu_instance(self.nvml.lib(), handle, gi)
     }
+
+    fn mig_devices(&self, gpu: &str) -> Result<Vec<MigDevice>, MigError> {
+        if !self.enabled(gpu)? {
+            return Ok(Vec::new());
+        }
+        let dev = self.device(gpu)?;
+        let max = dev.mig_device_count().map_err(nv)?;
+        let mut out = Vec::new();
+        for i in 0..max {
+            let mig = match dev.mig_device_by_index(i) {
+                Ok(m) => m,
+                // Indices without a compute instance behind them are holes, not errors.
+                Err(nvml_wrapper::error::NvmlError::NotFound)
+                | Err(nvml_wrapper::error::NvmlError::InvalidArg) => continue,
+                Err(e) => return Err(nv(e)),
+            };
+            // SAFETY: the handle comes from a live MIG `Device` of `self.nvml`.
+            let handle = unsafe { mig.handle() };
+            let (gi, ci) = ffi::mig_ids(self.nvml.lib(), handle)?;
+            out.push(MigDevice {
+                uuid: mig.uuid().map_err(nv)?,
+                gi,
+                ci,
+                memory: mig.memory_info().map(|m| m.total).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// The NVML MIG calls nvml-wrapper does not wrap. Every function takes a device handle that the
@@ -648,6 +711,18 @@ mod ffi {
                 size: p.size,
             })
             .collect())
+    }
+
+    /// (GI id, CI id) of a MIG device handle.
+    pub(super) fn mig_ids(lib: &NvmlLib, mig: nvmlDevice_t) -> Result<(u32, u32), MigError> {
+        let gi_of = sym!(lib, nvmlDeviceGetGpuInstanceId);
+        let ci_of = sym!(lib, nvmlDeviceGetComputeInstanceId);
+        let (mut gi, mut ci): (c_uint, c_uint) = (0, 0);
+        // SAFETY: `mig` is a valid MIG device handle; `gi` and `ci` are locals.
+        check(unsafe { gi_of(mig, &mut gi) })?;
+        // SAFETY: as above.
+        check(unsafe { ci_of(mig, &mut ci) })?;
+        Ok((gi, ci))
     }
 
     pub(super) fn remaining(

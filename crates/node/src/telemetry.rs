@@ -158,8 +158,9 @@ impl HostSampler {
     ) -> HostSample {
         let idle = GpuLoad::default();
         let gpus = node
-            .gpus
+            .gpus()
             .iter()
+            .filter(|g| g.is_physical())
             .filter_map(|g| node.gpu.telemetry(g, loads.get(&g.uuid).unwrap_or(&idle)))
             .collect();
         let per_proc = self.gpu_processes(node, instances);
@@ -504,6 +505,8 @@ mod tests {
             },
             driver: None,
             iommu_group: None,
+            mig_enabled: false,
+            mig: None,
         };
         let idle = simulated_reading(&gpu, &GpuLoad::default());
         assert_eq!(idle.util, Some(0.0));

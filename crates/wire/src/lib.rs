@@ -5,6 +5,7 @@
 
 mod cpulist;
 pub mod metrics;
+pub mod mig;
 mod size;
 
 pub use cpulist::{format_cpu_list, parse_cpu_list};
@@ -286,6 +287,22 @@ pub struct Gpu {
     /// Bound to vfio-pci: ready for PCIe passthrough into a micro-VM (containers cannot use it).
     #[serde(default)]
     pub passthrough_ready: bool,
+    /// The physical GPU is in MIG mode: it is scheduled through its MIG slices, not whole.
+    #[serde(default)]
+    pub mig_enabled: bool,
+    /// This device is a MIG slice (its `uuid` is `MIG-...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig: Option<mig::MigSlice>,
+    /// Why the GPU takes no new instances (fatal XID, operator), when cordoned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cordoned: Option<String>,
+}
+
+/// `POST /v1/gpus/{gpu}/cordon`: no new placements on the GPU until it is uncordoned.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CordonGpu {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,4 +1,6 @@
-//! Host preparation commands on GPUs: hand a GPU to vfio-pci for passthrough and give it back.
+//! Host preparation commands on GPUs: hand a GPU to vfio-pci for passthrough and give it back;
+//! cordon and uncordon; MIG layout (list, create, destroy) with the inventory re-read after
+//! each change so new slices are schedulable at once.
 //!
 //! Why in the engine and not a local CLI tool: only the engine knows whether an instance uses the
 //! GPU, and unbinding the driver under a running container kills its CUDA context. The sysfs
@@ -9,6 +11,7 @@
 use super::{Engine, Principal};
 use crate::error::{invalid, EngineError, Result};
 use gpuvisor_node::gpu::{BackendKind, GpuDevice};
+use gpuvisor_node::mig::{self, MigError};
 use gpuvisor_node::vfio::{self, VfioError};
 use gpuvisor_wire as wire;
 
@@ -23,6 +26,176 @@ impl Engine {
         self.vfio_op(who, gpu, false).await
     }
 
+    /// Cordons a GPU by hand (maintenance): placement skips it (and its MIG slices) until
+    /// `uncordon`; instances already on it keep running. Persisted.
+    pub async fn cordon_gpu(
+        &self,
+        who: &Principal,
+        gpu: &str,
+        reason: Option<&str>,
+    ) -> Result<wire::Gpu> {
+        who.require_admin("gpu cordon")?;
+        let dev = self.gpu_by_ref(gpu)?;
+        let reason = match reason.map(str::trim) {
+            Some(r) if !r.is_empty() => format!("operator: {r}"),
+            _ => "operator".to_string(),
+        };
+        if self
+            .store
+            .cordon(&dev.uuid, &reason, super::now_ms())
+            .await?
+        {
+            self.telemetry.cordon(&dev.uuid, &reason);
+            self.event(
+                &dev.uuid,
+                "cordoned",
+                format!("GPU {} cordoned: {reason}", dev.index),
+            )
+            .await;
+        }
+        self.listed_gpu(who, &dev.uuid).await
+    }
+
+    /// Lifts a cordon (after the GPU was reset, or maintenance is over). Refused when the GPU
+    /// is not cordoned, so a typo does not pass silently.
+    pub async fn uncordon_gpu(&self, who: &Principal, gpu: &str) -> Result<wire::Gpu> {
+        who.require_admin("gpu uncordon")?;
+        let dev = self.gpu_by_ref(gpu)?;
+        let stored = self.store.uncordon(&dev.uuid).await?;
+        let live = self.telemetry.uncordon(&dev.uuid);
+        if !stored && !live {
+            return Err(EngineError::InvalidState(format!(
+                "GPU {} is not cordoned",
+                dev.uuid
+            )));
+        }
+        self.event(
+            &dev.uuid,
+            "uncordoned",
+            format!("GPU {} uncordoned", dev.index),
+        )
+        .await;
+        self.listed_gpu(who, &dev.uuid).await
+    }
+
+    /// A GPU's MIG profiles, placements and instances.
+    pub async fn mig_state(&self, who: &Principal, gpu: &str) -> Result<wire::mig::MigState> {
+        who.require_admin("gpu mig list")?;
+        let dev = self.mig_parent(gpu)?;
+        self.mig_task(move |ctl| mig::state(ctl, &dev.uuid)).await
+    }
+
+    /// Makes a GPU instance of `profile` with one compute instance spanning it; the new slice is
+    /// in the inventory (and schedulable) when this returns.
+    pub async fn mig_create(
+        &self,
+        who: &Principal,
+        gpu: &str,
+        profile: &str,
+    ) -> Result<wire::mig::GpuInstance> {
+        who.require_admin("gpu mig create")?;
+        let dev = self.mig_parent(gpu)?;
+        if profile.trim().is_empty() {
+            return Err(invalid(
+                "give a MIG profile, e.g. 1g.10gb (see `gpuvisor gpu mig list`)",
+            ));
+        }
+        let profile = profile.to_string();
+        let _guard = self.place_lock.lock().await;
+        let gi = self
+            .mig_task(move |ctl| mig::create(ctl, &dev.uuid, &profile))
+            .await?;
+        self.refresh_inventory().await?;
+        Ok(gi)
+    }
+
+    /// Destroys GPU instance `gi` and its compute instances; refused while an instance (running
+    /// or stopped) holds one of its slices.
+    pub async fn mig_destroy(
+        &self,
+        who: &Principal,
+        gpu: &str,
+        gi: u32,
+    ) -> Result<wire::mig::GpuInstance> {
+        who.require_admin("gpu mig destroy")?;
+        let dev = self.mig_parent(gpu)?;
+        let _guard = self.place_lock.lock().await;
+        let slices: Vec<String> = self
+            .node
+            .gpus()
+            .into_iter()
+            .filter(|g| {
+                g.mig
+                    .as_ref()
+                    .is_some_and(|m| m.slice.parent_uuid == dev.uuid && m.slice.gi == gi)
+            })
+            .map(|g| g.uuid)
+            .collect();
+        let users: Vec<String> = self
+            .store
+            .live_instances(None)
+            .await?
+            .into_iter()
+            .filter(|i| i.gpus.iter().any(|b| slices.contains(&b.uuid)))
+            .map(|i| i.id)
+            .collect();
+        if !users.is_empty() {
+            return Err(EngineError::InUse(format!(
+                "GPU instance {gi} of GPU {} is used by {}: terminate it first",
+                dev.index,
+                users.join(", ")
+            )));
+        }
+        let done = self
+            .mig_task(move |ctl| mig::destroy(ctl, &dev.uuid, gi))
+            .await?;
+        self.refresh_inventory().await?;
+        Ok(done)
+    }
+
+    /// The physical GPU a MIG command names (a slice's UUID names its parent).
+    fn mig_parent(&self, gpu: &str) -> Result<GpuDevice> {
+        let dev = self.gpu_by_ref(gpu)?;
+        match &dev.mig {
+            Some(m) => self.gpu_by_ref(&m.slice.parent_uuid),
+            None => Ok(dev),
+        }
+    }
+
+    /// Runs `f` against this host's MIG control on a blocking thread.
+    async fn mig_task<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn mig::MigControl) -> std::result::Result<T, MigError> + Send + 'static,
+    ) -> Result<T> {
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || match node.mig.as_deref() {
+            Some(ctl) => f(ctl).map_err(mig_error),
+            None => Err(EngineError::Unavailable(
+                "this host has no MIG control (no NVML; simulate with --simulate-gpus 1xA100-80GB:mig)"
+                    .into(),
+            )),
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("MIG task: {e}")))?
+    }
+
+    /// Re-reads the GPU inventory and writes it to the store.
+    async fn refresh_inventory(&self) -> Result<()> {
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || node.refresh_gpus())
+            .await
+            .map_err(|e| EngineError::Internal(format!("inventory task: {e}")))??;
+        self.sync_gpus(super::now_ms()).await
+    }
+
+    async fn listed_gpu(&self, who: &Principal, uuid: &str) -> Result<wire::Gpu> {
+        self.list_gpus(who)
+            .await?
+            .into_iter()
+            .find(|g| g.uuid == uuid)
+            .ok_or_else(|| EngineError::NotFound(format!("GPU {uuid} is not recorded")))
+    }
+
     async fn vfio_op(&self, who: &Principal, gpu: &str, bind: bool) -> Result<wire::Gpu> {
         let verb = if bind { "bind-vfio" } else { "release" };
         who.require_admin(&format!("gpu {verb}"))?;
@@ -33,12 +206,31 @@ impl Engine {
                 dev.uuid
             )));
         }
+        if let Some(m) = &dev.mig {
+            return Err(EngineError::InvalidState(format!(
+                "{} is a MIG slice of GPU {}: bind or release the whole GPU",
+                dev.uuid, m.slice.parent_uuid
+            )));
+        }
+        // The GPU itself or, in MIG mode, any of its slices.
+        let mut held: Vec<String> = vec![dev.uuid.clone()];
+        held.extend(
+            self.node
+                .gpus()
+                .into_iter()
+                .filter(|g| {
+                    g.mig
+                        .as_ref()
+                        .is_some_and(|m| m.slice.parent_uuid == dev.uuid)
+                })
+                .map(|g| g.uuid),
+        );
         let users: Vec<String> = self
             .store
             .live_instances(None)
             .await?
             .into_iter()
-            .filter(|i| i.gpus.iter().any(|b| b.uuid == dev.uuid))
+            .filter(|i| i.gpus.iter().any(|b| held.contains(&b.uuid)))
             .map(|i| i.id)
             .collect();
         if !users.is_empty() {
@@ -70,29 +262,26 @@ impl Engine {
             unchanged = done.unchanged,
             "gpu {verb}"
         );
-        self.list_gpus(who)
-            .await?
-            .into_iter()
-            .find(|g| g.uuid == dev.uuid)
-            .ok_or_else(|| EngineError::NotFound(format!("GPU {gpu} is not recorded")))
+        self.listed_gpu(who, &dev.uuid).await
     }
 
-    /// A GPU of this host by UUID, index or PCI address.
-    fn gpu_by_ref(&self, gpu: &str) -> Result<GpuDevice> {
+    /// A GPU of this host by UUID, index or PCI address (an index or address names the physical
+    /// GPU, never one of its MIG slices).
+    pub(crate) fn gpu_by_ref(&self, gpu: &str) -> Result<GpuDevice> {
         let g = gpu.trim();
         if g.is_empty() {
             return Err(invalid("give a GPU UUID, index or PCI address"));
         }
         let pci = gpuvisor_node::gpu::normalise_pci_address(g);
         self.node
-            .gpus
-            .iter()
+            .gpus()
+            .into_iter()
             .find(|d| {
                 d.uuid.eq_ignore_ascii_case(g)
-                    || d.index.to_string() == g
-                    || pci.as_deref() == Some(d.pci_address.as_str())
+                    || (d.is_physical()
+                        && (d.index.to_string() == g
+                            || pci.as_deref() == Some(d.pci_address.as_str())))
             })
-            .cloned()
             .ok_or_else(|| {
                 EngineError::NotFound(format!(
                     "no GPU {g:?} on this host (see `gpuvisor gpu list`)"
@@ -127,5 +316,16 @@ fn vfio_error(e: VfioError) -> EngineError {
         | VfioError::SharedGroup { .. }
         | VfioError::NoVfioDriver => EngineError::InvalidState(e.to_string()),
         VfioError::Write { .. } | VfioError::NotBound { .. } => EngineError::Node(e.into()),
+    }
+}
+
+/// MIG refusals are the caller's to fix; driver failures are the host's.
+fn mig_error(e: MigError) -> EngineError {
+    match e {
+        MigError::NoGpu(_) | MigError::NoInstance { .. } => EngineError::NotFound(e.to_string()),
+        MigError::NoProfile { .. } => invalid(e.to_string()),
+        MigError::NotEnabled(_) => EngineError::InvalidState(e.to_string()),
+        MigError::NoCapacity { .. } => EngineError::InsufficientResources(e.to_string()),
+        MigError::Nvml(_) | MigError::MissingSymbol(_) => EngineError::Unavailable(e.to_string()),
     }
 }

@@ -19,8 +19,9 @@ use std::time::Duration;
 /// The telemetry state for this node's GPUs.
 pub(super) fn telemetry_for(node: &Node, hostname: &str) -> Telemetry {
     let gpus = node
-        .gpus
+        .gpus()
         .iter()
+        .filter(|g| g.is_physical())
         .map(|g| GpuMeta {
             uuid: g.uuid.clone(),
             index: g.index,
@@ -105,10 +106,25 @@ impl Engine {
                 )
             })
             .collect();
+        // A MIG slice's load is its parent's: slices/7 of the GPU when in use.
+        let slice_of: BTreeMap<String, (String, u32)> = self
+            .node
+            .gpus()
+            .into_iter()
+            .filter_map(|g| {
+                let m = g.mig?;
+                Some((g.uuid, (m.slice.parent_uuid, m.slice.slices)))
+            })
+            .collect();
         let mut loads: BTreeMap<String, GpuLoad> = BTreeMap::new();
         for i in &running {
             for g in &i.gpus {
-                loads.entry(g.uuid.clone()).or_default().running_milli += g.milli;
+                let (uuid, milli) = match slice_of.get(&g.uuid) {
+                    Some((parent, slices)) => (parent.clone(), slices * 1000 / 7),
+                    None => (g.uuid.clone(), g.milli),
+                };
+                let l = loads.entry(uuid).or_default();
+                l.running_milli = (l.running_milli + milli).min(1000);
             }
         }
         let inst_tenant: BTreeMap<String, String> = live
@@ -134,8 +150,15 @@ impl Engine {
         })
         .await
         .map_err(|e| EngineError::Internal(format!("telemetry sample: {e}")))?;
-        let alarms = self.telemetry.ingest(now_ms(), sample, &inst_tenant);
+        let now = now_ms();
+        let alarms = self.telemetry.ingest(now, sample, &inst_tenant);
         for a in alarms {
+            if a.cordoned {
+                // Persisted so the cordon survives a restart until `gpu uncordon`.
+                if let Err(e) = self.store.cordon(&a.gpu, &a.message, now).await {
+                    tracing::error!(gpu = %a.gpu, error = %e, "cannot persist cordon");
+                }
+            }
             if a.kind == "thermal_cleared" {
                 tracing::info!(gpu = a.index, "{}", a.message);
             } else {
@@ -221,9 +244,9 @@ impl Engine {
     ) -> Result<wire::MetricsHistory> {
         let gpu = self
             .node
-            .gpus
-            .iter()
-            .find(|g| g.uuid == id || g.index.to_string() == id)
+            .gpus()
+            .into_iter()
+            .find(|g| g.is_physical() && (g.uuid == id || g.index.to_string() == id))
             .ok_or_else(|| EngineError::NotFound(format!("GPU {id:?} not found")))?;
         let (since, step) = Self::window(q)?;
         let (step, series) = self

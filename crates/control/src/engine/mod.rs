@@ -254,9 +254,27 @@ impl Engine {
         self.store
             .upsert_node(&self.cfg.node_id, &self.cfg.hostname, cpus, mem, now)
             .await?;
+        self.sync_gpus(now).await?;
+        for (uuid, reason) in self.store.cordons().await? {
+            self.telemetry.cordon(&uuid, &reason);
+        }
+        if !self.store.tenants().await?.is_empty() {
+            return Ok(None);
+        }
+        let t = self
+            .store
+            .create_tenant(&random_hex(6)?, ADMIN_TENANT, now)
+            .await?;
+        let (_, secret) = self.new_key(&t, Role::Admin).await?;
+        Ok(Some(secret))
+    }
+
+    /// Writes this host's GPU inventory (whole GPUs, GPUs in MIG mode and their slices) to the
+    /// store, replacing what was there.
+    pub(crate) async fn sync_gpus(&self, now: i64) -> Result<()> {
         let rows: Vec<crate::store::GpuRow> = self
             .node
-            .gpus
+            .gpus()
             .iter()
             .map(|g| crate::store::GpuRow {
                 uuid: g.uuid.clone(),
@@ -272,15 +290,7 @@ impl Engine {
         self.store
             .replace_gpus(&self.cfg.node_id, &rows, now)
             .await?;
-        if !self.store.tenants().await?.is_empty() {
-            return Ok(None);
-        }
-        let t = self
-            .store
-            .create_tenant(&random_hex(6)?, ADMIN_TENANT, now)
-            .await?;
-        let (_, secret) = self.new_key(&t, Role::Admin).await?;
-        Ok(Some(secret))
+        Ok(())
     }
 
     /// Registers simulated nodes (like KWOK's fake nodes): rows in `nodes` and `gpus` (backend
@@ -343,6 +353,7 @@ impl Engine {
                     numa_node: g.numa_node,
                     used_milli: 0,
                     used_vram: 0,
+                    mig: false,
                 });
             }
         }
@@ -513,12 +524,41 @@ impl Engine {
 
     // --- GPUs ------------------------------------------------------------------------------------
 
+    /// This host's GPUs in inventory order (each GPU in MIG mode followed by its slices), then
+    /// the simulated nodes' GPUs.
     pub async fn list_gpus(&self, _who: &Principal) -> Result<Vec<wire::Gpu>> {
         let live = self.store.live_instances(None).await?;
-        let mut out = Vec::new();
-        for g in self.store.gpus().await? {
+        let cordoned = self.telemetry.cordoned();
+        let backend = self.node.backend().as_str();
+        let host = self.node.gpus().into_iter().map(|g| {
             let mut gpu = wire::Gpu {
-                uuid: g.uuid.clone(),
+                uuid: g.uuid,
+                index: g.index,
+                model: g.model,
+                vram: g.vram,
+                pci_address: g.pci_address,
+                numa_node: g.numa_node,
+                backend: backend.to_string(),
+                allocated_milli: 0,
+                allocated_vram: 0,
+                instances: vec![],
+                driver: None,
+                passthrough_ready: false,
+                mig_enabled: g.mig_enabled,
+                mig: g.mig.map(|m| m.slice),
+                cordoned: None,
+            };
+            self.fill_driver(&mut gpu);
+            gpu
+        });
+        let simulated = self
+            .store
+            .gpus()
+            .await?
+            .into_iter()
+            .filter(|g| g.backend == SIMULATED_NODE_BACKEND)
+            .map(|g| wire::Gpu {
+                uuid: g.uuid,
                 index: g.index,
                 model: g.model,
                 vram: g.vram,
@@ -530,18 +570,20 @@ impl Engine {
                 instances: vec![],
                 driver: None,
                 passthrough_ready: false,
-            };
-            if gpu.backend != SIMULATED_NODE_BACKEND {
-                self.fill_driver(&mut gpu);
-            }
+                mig_enabled: false,
+                mig: None,
+                cordoned: None,
+            });
+        let mut out: Vec<wire::Gpu> = host.chain(simulated).collect();
+        for gpu in &mut out {
+            gpu.cordoned = cordoned.get(&gpu.uuid).cloned();
             for i in &live {
-                for b in i.gpus.iter().filter(|b| b.uuid == g.uuid) {
+                for b in i.gpus.iter().filter(|b| b.uuid == gpu.uuid) {
                     gpu.allocated_milli += b.milli;
                     gpu.allocated_vram += b.vram;
                     gpu.instances.push(i.id.clone());
                 }
             }
-            out.push(gpu);
         }
         Ok(out)
     }
@@ -765,10 +807,18 @@ impl Engine {
             .collect();
         let gpus: Vec<GpuSlot> = self
             .node
-            .gpus
+            .gpus()
             .iter()
-            // A cordoned GPU (fatal XID, off the bus) takes no new instances.
-            .filter(|g| !self.telemetry.is_cordoned(&g.uuid))
+            // A GPU in MIG mode is placed on through its slices only.
+            .filter(|g| g.schedulable())
+            // A cordoned GPU (or a slice of one) (fatal XID, off the bus) takes no new instances.
+            .filter(|g| {
+                !self.telemetry.is_cordoned(&g.uuid)
+                    && !g
+                        .mig
+                        .as_ref()
+                        .is_some_and(|m| self.telemetry.is_cordoned(&m.slice.parent_uuid))
+            })
             // A GPU handed to vfio-pci is for VMs; containers cannot open it.
             .filter(|g| !self.is_passthrough(g))
             .map(|g| GpuSlot {
@@ -779,6 +829,7 @@ impl Engine {
                 numa_node: g.numa_node,
                 used_milli: 0,
                 used_vram: 0,
+                mig: g.mig.is_some(),
             })
             .collect();
         // Instances being evicted have already given their resources to their preemptor.
@@ -878,7 +929,7 @@ impl Engine {
     ) -> Result<wire::Instance> {
         let sim = self.simulated_nodes().await?;
         let mut limits = validate::HostLimits {
-            gpus: self.node.gpus.len() as u32,
+            gpus: self.node.gpus().iter().filter(|g| g.schedulable()).count() as u32,
             cpus: self
                 .node
                 .cfg
@@ -912,7 +963,26 @@ impl Engine {
             ))
         })?;
         if let Some(m) = &req.gpu_model {
-            let mut known: Vec<&str> = self.node.gpus.iter().map(|g| g.model.as_str()).collect();
+            let host_gpus: Vec<_> = self
+                .node
+                .gpus()
+                .into_iter()
+                .filter(|g| g.schedulable())
+                .collect();
+            let slice = host_gpus
+                .iter()
+                .any(|g| g.mig.is_some() && g.model.eq_ignore_ascii_case(m));
+            if slice && req.gpu_fraction.is_some() {
+                return Err(invalid(format!(
+                    "{m} is a MIG slice: it is used whole, not in fractions (use --gpus 1)"
+                )));
+            }
+            if slice && req.gpus.unwrap_or(1) > 1 {
+                return Err(invalid(format!(
+                    "{m} is a MIG slice and a CUDA process sees one MIG device: use --gpus 1"
+                )));
+            }
+            let mut known: Vec<&str> = host_gpus.iter().map(|g| g.model.as_str()).collect();
             known.extend(
                 sim.iter()
                     .flat_map(|n| n.gpus.iter().map(|g| g.model.as_str())),

@@ -10,8 +10,9 @@
 //!
 //! Key decisions: one `std` mutex around everything (ingest takes tens of microseconds; readers
 //! copy out what they need); thermal alarms have a 5 °C hysteresis so a GPU hovering at the
-//! ceiling does not flood the event log; cordons live in memory: a fatal XID needs a GPU reset,
-//! which in practice means a daemon restart, and a restart re-detects a lost GPU.
+//! ceiling does not flood the event log; cordons are kept here for placement and persisted by
+//! the engine (`gpu_cordons`), so they survive a restart until an operator runs `gpu uncordon`
+//! after resetting the GPU.
 
 pub mod history;
 pub mod prom;
@@ -212,6 +213,11 @@ impl Telemetry {
         }
         st.cordoned.insert(uuid.to_string(), reason.to_string());
         true
+    }
+
+    /// Lifts a cordon; true when there was one. Alarms already raised stay in the event log.
+    pub fn uncordon(&self, uuid: &str) -> bool {
+        self.state().cordoned.remove(uuid).is_some()
     }
 
     /// Takes one host sample at `now` (ms); `tenants` maps instance id → tenant name. Returns

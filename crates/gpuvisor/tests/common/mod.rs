@@ -51,6 +51,7 @@ pub struct Daemon {
     pub key: String,
     child: Option<Child>,
     extra: Vec<String>,
+    gpus: String,
 }
 
 fn free_port() -> u16 {
@@ -63,6 +64,11 @@ fn free_port() -> u16 {
 
 impl Daemon {
     pub fn start(extra: &[&str]) -> Daemon {
+        Self::start_with_gpus("2xA100-80GB,1xH100-80GB", extra)
+    }
+
+    /// A daemon simulating `gpus` (a `--simulate-gpus` spec).
+    pub fn start_with_gpus(gpus: &str, extra: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("gvtest")
             .tempdir_in("/var/tmp")
@@ -73,6 +79,7 @@ impl Daemon {
             key: String::new(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            gpus: gpus.to_string(),
         };
         d.spawn();
         d.key = std::fs::read_to_string(d.data().join("admin.key"))
@@ -96,12 +103,7 @@ impl Daemon {
             .args(["serve", "--data-dir"])
             .arg(self.data())
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args([
-                "--simulate-gpus",
-                "2xA100-80GB,1xH100-80GB",
-                "--stop-grace",
-                "1s",
-            ])
+            .args(["--simulate-gpus", &self.gpus, "--stop-grace", "1s"])
             // CI machines have 2 CPUs; exclusivity is covered by the placement tests.
             .args(["--cpu-oversubscription", "16"])
             .arg("--admin-key-file")

@@ -97,9 +97,42 @@ pub struct GpuDevice {
     pub driver: Option<String>,
     /// IOMMU group of the PCI function, when the IOMMU is on; `None` for simulated GPUs.
     pub iommu_group: Option<u32>,
+    /// The GPU is in MIG mode: it is scheduled through its MIG slices, never whole.
+    pub mig_enabled: bool,
+    /// Set on a MIG slice (a compute instance, `MIG-` UUID): what it is a slice of, and the
+    /// capability nodes (`/dev/nvidia-caps/nvidia-cap<N>`) that open its GPU and compute
+    /// instance. `node` is then the parent GPU's node, which a slice needs too.
+    pub mig: Option<MigSliceDevice>,
+}
+
+/// The MIG part of a slice's [`GpuDevice`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigSliceDevice {
+    pub slice: gpuvisor_wire::mig::MigSlice,
+    pub caps: Vec<DeviceNode>,
 }
 
 impl GpuDevice {
+    /// The device nodes a container using this device needs: the GPU's node and, for a MIG
+    /// slice, its capability nodes.
+    pub fn device_nodes(&self) -> Vec<DeviceNode> {
+        let mut out = vec![self.node.clone()];
+        if let Some(m) = &self.mig {
+            out.extend(m.caps.iter().cloned());
+        }
+        out
+    }
+
+    /// Whole GPUs and MIG slices can be placed on; a GPU in MIG mode only through its slices.
+    pub fn schedulable(&self) -> bool {
+        !self.mig_enabled
+    }
+
+    /// A physical GPU (not a MIG slice).
+    pub fn is_physical(&self) -> bool {
+        self.mig.is_none()
+    }
+
     /// True when the GPU is bound to vfio-pci: it is for PCIe passthrough into a VM, and
     /// containers cannot use it (its `/dev/nvidia<index>` node does not exist).
     pub fn is_vfio(&self) -> bool {
@@ -150,6 +183,19 @@ pub trait GpuBackend: Send + Sync {
     }
     /// GPU memory per process on one GPU (host pid, bytes). Empty where the backend cannot tell.
     fn process_memory(&self, _uuid: &str) -> Vec<(u32, u64)> {
+        Vec::new()
+    }
+    /// The MIG control of this backend's GPUs (NVML on a driver host, the in-memory double on a
+    /// simulated one, keeping its layout in `state_dir`); `None` where there is none (sysfs).
+    fn mig_control(
+        &self,
+        _state_dir: &Path,
+    ) -> Result<Option<Box<dyn crate::mig::MigControl>>, GpuError> {
+        Ok(None)
+    }
+    /// The capability device nodes that grant access to GI `gi` / CI `ci` of `gpu`, from the
+    /// driver's `/proc/driver/nvidia-caps/mig-minors` table.
+    fn mig_caps(&self, _gpu: &GpuDevice, _gi: u32, _ci: u32) -> Vec<DeviceNode> {
         Vec::new()
     }
     /// One telemetry reading of `gpu`; `load` is what runs on it (drives simulated values).
@@ -203,6 +249,120 @@ pub fn probe(cfg: &GpuConfig, root: &HostRoot) -> Result<Box<dyn GpuBackend>, Gp
     let gpus = backend.devices()?.len();
     tracing::info!(backend = "sysfs", gpus, "gpu backend chosen");
     Ok(Box::new(backend))
+}
+
+/// The schedulable inventory: the backend's GPUs and, after each GPU in MIG mode, one device per
+/// MIG compute instance (`MIG-` UUID, the memory of its GPU instance, the parent's node plus its
+/// capability nodes, model `<parent model>-<profile>`, e.g. `A100-80GB-3g.40gb`).
+pub fn inventory(
+    backend: &dyn GpuBackend,
+    mig: Option<&dyn crate::mig::MigControl>,
+) -> Result<Vec<GpuDevice>, GpuError> {
+    let mut out = Vec::new();
+    for mut gpu in backend.devices()? {
+        let Some(ctl) = mig else {
+            out.push(gpu);
+            continue;
+        };
+        // A MIG query that fails leaves the GPU whole (mode unknown) or slice-less (listing
+        // failed): the daemon still starts, and the warning says why no slice shows.
+        let warn = |what: &str, e: crate::mig::MigError| {
+            tracing::warn!(gpu = gpu.index, error = %e, "MIG {what} failed");
+        };
+        gpu.mig_enabled = match ctl.enabled(&gpu.uuid) {
+            Ok(on) => on,
+            Err(e) => {
+                warn("mode query", e);
+                false
+            }
+        };
+        if !gpu.mig_enabled {
+            out.push(gpu);
+            continue;
+        }
+        let listed = ctl
+            .gpu_instances(&gpu.uuid)
+            .and_then(|gis| Ok((gis, ctl.profiles(&gpu.uuid)?, ctl.mig_devices(&gpu.uuid)?)));
+        let (gis, profiles, devices) = match listed {
+            Ok(x) => x,
+            Err(e) => {
+                warn("listing", e);
+                out.push(gpu);
+                continue;
+            }
+        };
+        let slices: Vec<GpuDevice> = devices
+            .into_iter()
+            .map(|d| {
+                let gi = gis.iter().find(|g| g.id == d.gi);
+                let profile = gi.map_or_else(|| format!("gi{}", d.gi), |g| g.profile.clone());
+                let compute = gi
+                    .and_then(|g| profiles.iter().find(|p| p.id == g.profile_id))
+                    .map_or(0, |p| p.slices);
+                GpuDevice {
+                    uuid: d.uuid,
+                    model: format!("{}-{profile}", gpu.model),
+                    vram: d.memory,
+                    mig_enabled: false,
+                    mig: Some(MigSliceDevice {
+                        caps: backend.mig_caps(&gpu, d.gi, d.ci),
+                        slice: gpuvisor_wire::mig::MigSlice {
+                            parent_uuid: gpu.uuid.clone(),
+                            gi: d.gi,
+                            ci: d.ci,
+                            profile,
+                            slices: compute,
+                        },
+                    }),
+                    ..gpu.clone()
+                }
+            })
+            .collect();
+        out.push(gpu);
+        out.extend(slices);
+    }
+    Ok(out)
+}
+
+/// The driver's capability minor of `gpu<gpu>/gi<gi>/access` (`ci: None`) or
+/// `gpu<gpu>/gi<gi>/ci<ci>/access` in its fixed table: 15 GIs of 1 + 8 entries per GPU after
+/// `config` (1) and `monitor` (2).
+pub fn mig_cap_minor(gpu: u32, gi: u32, ci: Option<u32>) -> u32 {
+    3 + gpu * 15 * 9 + gi * 9 + ci.map_or(0, |c| c + 1)
+}
+
+/// The capability nodes of one MIG slice on a driver host: minors from
+/// `/proc/driver/nvidia-caps/mig-minors`, major of `nvidia-caps` from `/proc/devices`. Empty
+/// where the driver has no such table (no MIG support).
+pub fn host_mig_caps(root: &HostRoot, gpu_minor: u32, gi: u32, ci: u32) -> Vec<DeviceNode> {
+    let Some(major) = proc_devices_major(root, "nvidia-caps") else {
+        return Vec::new();
+    };
+    let table = root
+        .read_trimmed("/proc/driver/nvidia-caps/mig-minors")
+        .unwrap_or_default();
+    let minor_of = |key: &str| {
+        table.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse::<u32>().ok()).flatten()
+        })
+    };
+    [
+        format!("gpu{gpu_minor}/gi{gi}/access"),
+        format!("gpu{gpu_minor}/gi{gi}/ci{ci}/access"),
+    ]
+    .iter()
+    .filter_map(|k| minor_of(k))
+    .map(|minor| {
+        let p = PathBuf::from(format!("/dev/nvidia-caps/nvidia-cap{minor}"));
+        DeviceNode {
+            host_path: root.path(&p),
+            container_path: p,
+            major,
+            minor,
+        }
+    })
+    .collect()
 }
 
 /// A GPU model gpuvisor knows by name.
@@ -598,6 +758,60 @@ mod tests {
     use super::*;
     use std::fs;
     use std::os::unix::fs::symlink;
+
+    /// The capability nodes of a MIG slice come from the driver's minors table, and the
+    /// simulator's numbering follows the same table.
+    #[test]
+    fn mig_caps_from_the_driver_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = HostRoot::at(dir.path());
+        assert!(
+            host_mig_caps(&root, 0, 1, 0).is_empty(),
+            "no driver, no caps"
+        );
+        fs::create_dir_all(dir.path().join("proc/driver/nvidia-caps")).unwrap();
+        fs::write(
+            dir.path().join("proc/devices"),
+            "Character devices:\n195 nvidia\n236 nvidia-caps\n510 nvidia-uvm\n",
+        )
+        .unwrap();
+        let mut table = String::from("config 1\nmonitor 2\n");
+        let mut minor = 3;
+        for gpu in 0..2 {
+            for gi in 0..15 {
+                table.push_str(&format!("gpu{gpu}/gi{gi}/access {minor}\n"));
+                minor += 1;
+                for ci in 0..8 {
+                    table.push_str(&format!("gpu{gpu}/gi{gi}/ci{ci}/access {minor}\n"));
+                    minor += 1;
+                }
+            }
+        }
+        fs::write(
+            dir.path().join("proc/driver/nvidia-caps/mig-minors"),
+            &table,
+        )
+        .unwrap();
+        let caps = host_mig_caps(&root, 1, 2, 1);
+        let got: Vec<(u32, u32, String)> = caps
+            .iter()
+            .map(|n| (n.major, n.minor, n.container_path.display().to_string()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (236, 156, "/dev/nvidia-caps/nvidia-cap156".to_string()),
+                (236, 158, "/dev/nvidia-caps/nvidia-cap158".to_string()),
+            ]
+        );
+        assert_eq!(
+            caps[0].host_path,
+            dir.path().join("dev/nvidia-caps/nvidia-cap156")
+        );
+        assert_eq!(mig_cap_minor(1, 2, None), 156);
+        assert_eq!(mig_cap_minor(1, 2, Some(1)), 158);
+        assert_eq!(mig_cap_minor(0, 0, Some(0)), 4);
+    }
 
     #[test]
     fn normalises_nvml_names() {

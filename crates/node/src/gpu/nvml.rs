@@ -79,6 +79,8 @@ impl NvmlBackend {
             node: host_gpu_node(&self.root, index),
             driver: pci_driver(&self.root, &pci_address).or_else(|| Some("nvidia".to_string())),
             iommu_group: pci_iommu_group(&self.root, &pci_address),
+            mig_enabled: false,
+            mig: None,
             pci_address,
         })
     }
@@ -107,6 +109,21 @@ impl GpuBackend for NvmlBackend {
 
     fn driver_files(&self) -> Vec<(PathBuf, PathBuf)> {
         driver_files(&self.root)
+    }
+
+    fn mig_control(
+        &self,
+        _state_dir: &std::path::Path,
+    ) -> Result<Option<Box<dyn crate::mig::MigControl>>, GpuError> {
+        // A second NVML handle: init is reference-counted by the library.
+        match crate::mig::NvmlMig::init() {
+            Ok(m) => Ok(Some(Box::new(m))),
+            Err(e) => Err(GpuError::Nvml(format!("MIG control: {e}"))),
+        }
+    }
+
+    fn mig_caps(&self, gpu: &GpuDevice, gi: u32, ci: u32) -> Vec<DeviceNode> {
+        super::host_mig_caps(&self.root, gpu.index, gi, ci)
     }
 
     fn process_utilisation(&self, uuid: &str, since_us: u64) -> Vec<(u32, u32)> {

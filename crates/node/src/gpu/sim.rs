@@ -27,10 +27,13 @@ const MAX_SIM_GPUS: u32 = 255;
 /// Plausible PCI buses of an 8-GPU server; the domain grows past eight GPUs.
 const SIM_PCI_BUSES: [u8; 8] = [0x1b, 0x43, 0x52, 0x61, 0x9d, 0xc3, 0xd1, 0xdf];
 
-/// Parses `2xA100-80GB,1xH100-80GB` into (count, model) pairs, strictly: every item is
-/// `<count>x<model>` with a count of at least 1 and a model from [`KNOWN_MODELS`]
-/// (case-insensitive); at most 255 GPUs in all.
-pub fn parse_sim_spec(spec: &str) -> Result<Vec<(u32, &'static KnownModel)>, GpuError> {
+/// GPU families with MIG (A100, A30, H100, H200, B200).
+const MIG_FAMILIES: &[&str] = &["A100", "A30", "H100", "H200", "B200"];
+
+/// Parses `2xA100-80GB,1xH100-80GB:mig` into (count, model, MIG mode) triples, strictly: every
+/// item is `<count>x<model>[:mig]` with a count of at least 1, a model from [`KNOWN_MODELS`]
+/// (case-insensitive) and `:mig` only on a MIG-capable family; at most 255 GPUs in all.
+pub fn parse_sim_spec(spec: &str) -> Result<Vec<(u32, &'static KnownModel, bool)>, GpuError> {
     let bad = |why: String| GpuError::BadSimSpec {
         spec: spec.to_string(),
         why,
@@ -43,7 +46,17 @@ pub fn parse_sim_spec(spec: &str) -> Result<Vec<(u32, &'static KnownModel)>, Gpu
     let mut out = Vec::new();
     let mut total: u32 = 0;
     for item in spec.split(',').map(str::trim) {
-        let Some((count, model)) = item.split_once(['x', 'X']) else {
+        let (item_model, mig) = match item.rsplit_once(':') {
+            Some((m, opt)) if opt.trim().eq_ignore_ascii_case("mig") => (m, true),
+            Some((_, opt)) => {
+                return Err(bad(format!(
+                    "unknown option {:?} in {item:?}; the only option is :mig",
+                    opt.trim()
+                )))
+            }
+            None => (item, false),
+        };
+        let Some((count, model)) = item_model.split_once(['x', 'X']) else {
             return Err(bad(format!(
                 "item {item:?} is not <count>x<model>, e.g. 2xA100-80GB"
             )));
@@ -65,11 +78,18 @@ pub fn parse_sim_spec(spec: &str) -> Result<Vec<(u32, &'static KnownModel)>, Gpu
                 names.join(", ")
             )));
         };
+        if mig && !MIG_FAMILIES.contains(&known.family()) {
+            return Err(bad(format!(
+                "{} has no MIG; MIG-capable: {}",
+                known.model,
+                MIG_FAMILIES.join(", ")
+            )));
+        }
         total = total.saturating_add(count);
         if total > MAX_SIM_GPUS {
             return Err(bad(format!("at most {MAX_SIM_GPUS} gpus in all")));
         }
-        out.push((count, known));
+        out.push((count, known, mig));
     }
     Ok(out)
 }
@@ -104,7 +124,14 @@ pub fn sim_uuid(dev_dir: &Path, index: u32, model: &str) -> String {
 pub struct SimulatedBackend {
     devices: Vec<GpuDevice>,
     control: Vec<DeviceNode>,
+    /// Per device: simulated in MIG mode.
+    mig: Vec<bool>,
+    dev_dir: PathBuf,
+    caps_major: u32,
 }
+
+/// The dynamic major of `nvidia-caps` when `/proc/devices` does not list it.
+const DEFAULT_CAPS_MAJOR: u32 = 236;
 
 impl SimulatedBackend {
     /// Parses `spec` and creates the device nodes under `dev_dir` (created if missing). The uvm
@@ -124,12 +151,14 @@ impl SimulatedBackend {
             source,
         })?;
 
-        let total: u32 = models.iter().map(|(n, _)| n).sum();
+        let total: u32 = models.iter().map(|(n, _, _)| n).sum();
         let first_half = total.div_ceil(2);
         let mut devices = Vec::new();
+        let mut mig = Vec::new();
         let mut index: u32 = 0;
-        for (count, model) in models {
+        for (count, model, mig_mode) in models {
             for _ in 0..count {
+                mig.push(mig_mode);
                 let host_path = dev_dir.join(format!("nvidia{index}"));
                 ensure_char_device(&host_path, NVIDIA_MAJOR, index)?;
                 let bus = SIM_PCI_BUSES[(index as usize) % SIM_PCI_BUSES.len()];
@@ -149,6 +178,8 @@ impl SimulatedBackend {
                     },
                     driver: None,
                     iommu_group: None,
+                    mig_enabled: false,
+                    mig: None,
                 });
                 index += 1;
             }
@@ -170,7 +201,13 @@ impl SimulatedBackend {
                 minor,
             });
         }
-        Ok(Self { devices, control })
+        Ok(Self {
+            devices,
+            control,
+            mig,
+            caps_major: proc_devices_major(root, "nvidia-caps").unwrap_or(DEFAULT_CAPS_MAJOR),
+            dev_dir,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -197,6 +234,55 @@ impl GpuBackend for SimulatedBackend {
 
     fn driver_files(&self) -> Vec<(PathBuf, PathBuf)> {
         Vec::new()
+    }
+
+    fn mig_control(
+        &self,
+        state_dir: &Path,
+    ) -> Result<Option<Box<dyn crate::mig::MigControl>>, GpuError> {
+        if !self.mig.contains(&true) {
+            return Ok(None);
+        }
+        let gpus: Vec<(&str, u64, bool)> = self
+            .devices
+            .iter()
+            .zip(&self.mig)
+            .map(|(g, m)| (g.uuid.as_str(), g.vram, *m))
+            .collect();
+        let file = state_dir.join("mig-state.json");
+        crate::mig::SimulatedMig::persistent(&gpus, file)
+            .map(|m| Some(Box::new(m) as Box<dyn crate::mig::MigControl>))
+            .map_err(|e| GpuError::Nvml(e.to_string()))
+    }
+
+    /// Real character devices under the data dir, numbered as the driver numbers them.
+    fn mig_caps(&self, gpu: &GpuDevice, gi: u32, ci: u32) -> Vec<DeviceNode> {
+        let dir = self.dev_dir.join("nvidia-caps");
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot create simulated MIG caps");
+            return Vec::new();
+        }
+        [None, Some(ci)]
+            .into_iter()
+            .filter_map(|c| {
+                let minor = super::mig_cap_minor(gpu.index, gi, c);
+                let host_path = dir.join(format!("nvidia-cap{minor}"));
+                match ensure_char_device(&host_path, self.caps_major, minor) {
+                    Ok(()) => Some(DeviceNode {
+                        container_path: PathBuf::from(format!(
+                            "/dev/nvidia-caps/nvidia-cap{minor}"
+                        )),
+                        host_path,
+                        major: self.caps_major,
+                        minor,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot create simulated MIG cap node");
+                        None
+                    }
+                }
+            })
+            .collect()
     }
 
     fn telemetry(
@@ -278,9 +364,9 @@ mod tests {
 
     #[test]
     fn parses_good_specs() {
-        let got = parse_sim_spec("2xA100-80GB, 1xh100-80gb").unwrap();
-        let got: Vec<(u32, &str)> = got.iter().map(|(n, m)| (*n, m.model)).collect();
-        assert_eq!(got, vec![(2, "A100-80GB"), (1, "H100-80GB")]);
+        let got = parse_sim_spec("2xA100-80GB, 1xh100-80gb:MIG").unwrap();
+        let got: Vec<(u32, &str, bool)> = got.iter().map(|(n, m, g)| (*n, m.model, *g)).collect();
+        assert_eq!(got, vec![(2, "A100-80GB", false), (1, "H100-80GB", true)]);
         assert_eq!(parse_sim_spec("1xH200-141GB").unwrap()[0].1.vram_gib, 141);
     }
 
@@ -299,8 +385,64 @@ mod tests {
         assert!(why("-1xA100-80GB").contains("not a number"));
         assert!(why("2xA100-80GB,").contains("not <count>x<model>"));
         assert!(why("200xA100-80GB,100xL4-24GB").contains("at most 255"));
+        assert!(why("1xL4-24GB:mig").contains("L4-24GB has no MIG"));
+        assert!(why("1xA100-80GB:nvlink").contains("the only option is :mig"));
         let e = parse_sim_spec("1xFOO").unwrap_err().to_string();
         assert!(e.starts_with("bad --simulate-gpus spec \"1xFOO\""), "{e}");
+    }
+
+    /// A simulated GPU in MIG mode: its slices join the inventory with their own UUIDs, the
+    /// GI's memory, the parent's node and two real capability nodes numbered as the driver
+    /// numbers them; the layout is kept in the state file across a new backend.
+    #[test]
+    fn mig_slices_join_the_inventory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = HostRoot::at(dir.path());
+        let dev = dir.path().join("dev");
+        let b = SimulatedBackend::new("1xA100-80GB:mig,1xA100-80GB", &dev, &root).unwrap();
+        let ctl = b.mig_control(&dev).unwrap().unwrap();
+        let inv = crate::gpu::inventory(&b, Some(&*ctl)).unwrap();
+        assert_eq!(inv.len(), 2);
+        assert!(inv[0].mig_enabled && !inv[0].schedulable());
+        assert!(!inv[1].mig_enabled && inv[1].schedulable());
+
+        let gi = crate::mig::create(&*ctl, &inv[0].uuid, "2g.20gb").unwrap();
+        let inv = crate::gpu::inventory(&b, Some(&*ctl)).unwrap();
+        assert_eq!(inv.len(), 3);
+        let s = &inv[1];
+        let m = s.mig.as_ref().unwrap();
+        assert!(s.uuid.starts_with("MIG-") && s.schedulable() && !s.is_physical());
+        assert_eq!(s.model, "A100-80GB-2g.20gb");
+        assert_eq!(s.vram, 20 << 30);
+        assert_eq!((m.slice.gi, m.slice.ci, m.slice.slices), (gi.id, 0, 2));
+        assert_eq!(m.slice.parent_uuid, inv[0].uuid);
+        let nodes = s.device_nodes();
+        assert_eq!(nodes[0], inv[0].node);
+        let minors: Vec<u32> = nodes[1..].iter().map(|n| n.minor).collect();
+        assert_eq!(
+            minors,
+            vec![
+                crate::gpu::mig_cap_minor(0, gi.id, None),
+                crate::gpu::mig_cap_minor(0, gi.id, Some(0))
+            ]
+        );
+        for n in &nodes[1..] {
+            assert_eq!(nodes_of(&n.host_path).0, n.major);
+            assert_eq!(nodes_of(&n.host_path).1, n.minor);
+            assert_eq!(
+                n.container_path,
+                PathBuf::from(format!("/dev/nvidia-caps/nvidia-cap{}", n.minor))
+            );
+        }
+
+        // A new backend over the same data dir (a daemon restart) finds the same slice.
+        let b2 = SimulatedBackend::new("1xA100-80GB:mig,1xA100-80GB", &dev, &root).unwrap();
+        let ctl2 = b2.mig_control(&dev).unwrap().unwrap();
+        let again = crate::gpu::inventory(&b2, Some(&*ctl2)).unwrap();
+        assert_eq!(again[1].uuid, s.uuid);
+        // Without `:mig` there is no MIG control at all.
+        let plain = SimulatedBackend::new("1xA100-80GB", &dir.path().join("d2"), &root).unwrap();
+        assert!(plain.mig_control(&dev).unwrap().is_none());
     }
 
     #[test]

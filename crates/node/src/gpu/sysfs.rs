@@ -151,6 +151,8 @@ pub fn scan_sysfs(root: &HostRoot) -> Result<Vec<GpuDevice>, GpuError> {
             node: host_gpu_node(root, index),
             driver: pci_driver(root, &addr),
             iommu_group: pci_iommu_group(root, &addr),
+            mig_enabled: false,
+            mig: None,
             pci_address: addr,
         });
     }

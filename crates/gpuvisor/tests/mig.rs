@@ -1,0 +1,197 @@
+//! MIG slices as schedulable devices, end to end: a daemon simulating one A100 in MIG mode and
+//! one whole A100. `gpu mig create/destroy` go through the daemon, the new slice shows in
+//! `gpu list` and is placed on only when asked for by its model, a container on it gets the
+//! parent's node and the slice's capability nodes, destroy is refused while an instance holds
+//! the slice, and the layout survives a daemon restart. Runs as root (CI does).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use common::{serial, Daemon};
+use serde_json::Value;
+
+fn code(out: &std::process::Output) -> Option<i32> {
+    out.status.code()
+}
+
+fn slices(d: &Daemon) -> Vec<Value> {
+    d.json(&["gpu", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["mig"].is_object())
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn mig_slices_are_schedulable_devices() {
+    let _s = serial();
+    let mut d = Daemon::start_with_gpus("1xA100-80GB:mig,1xA100-80GB", &[]);
+    d.import_busybox();
+
+    // GPU 0 is in MIG mode with no slice yet; GPU 1 is whole.
+    let gpus = d.json(&["gpu", "list"]);
+    assert_eq!(gpus.as_array().unwrap().len(), 2, "{gpus}");
+    assert_eq!(gpus[0]["mig_enabled"], true);
+    assert_eq!(gpus[1]["mig_enabled"], false);
+    let parent = gpus[0]["uuid"].as_str().unwrap().to_string();
+
+    // Changes need --yes; a tenant may not make them.
+    let out = d.cli(&["gpu", "mig", "create", "0", "3g.40gb"]);
+    assert_eq!(
+        code(&out),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tenant = d.json(&["tenant", "create", "t1"]);
+    let key = d.json(&[
+        "key",
+        "create",
+        "--tenant",
+        tenant["name"].as_str().unwrap(),
+    ]);
+    let tkey = key["secret"].as_str().unwrap().to_string();
+    let out = d.cli_as(&tkey, &["gpu", "mig", "create", "0", "3g.40gb", "--yes"]);
+    assert_eq!(
+        code(&out),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An unknown profile is refused by name; a GPU not in MIG mode says how to enable it.
+    let out = d.cli(&["gpu", "mig", "create", "0", "5g.99gb", "--yes"]);
+    assert_eq!(code(&out), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("5g.99gb"));
+    let out = d.cli(&["gpu", "mig", "create", "1", "1g.10gb", "--yes"]);
+    assert_eq!(code(&out), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not in MIG mode"));
+
+    // Two 3g.40gb instances fill the GPU; a third does not fit.
+    let gi = d.json(&["gpu", "mig", "create", "0", "3g.40gb", "--yes"]);
+    assert_eq!(gi["profile"], "3g.40gb");
+    assert_eq!(gi["compute_instances"].as_array().unwrap().len(), 1);
+    let gi2 = d.json(&["gpu", "mig", "create", &parent, "3g.40gb", "--yes"]);
+    let out = d.cli(&["gpu", "mig", "create", "0", "3g.40gb", "--yes"]);
+    assert_eq!(
+        code(&out),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = d.json(&["gpu", "mig", "list", "0"]);
+    assert_eq!(state["instances"].as_array().unwrap().len(), 2, "{state}");
+
+    // Both slices are in the inventory at once, as devices of their own.
+    let s = slices(&d);
+    assert_eq!(s.len(), 2, "{s:?}");
+    for sl in &s {
+        assert!(sl["uuid"].as_str().unwrap().starts_with("MIG-"), "{sl}");
+        assert_eq!(sl["model"], "A100-80GB-3g.40gb");
+        assert_eq!(sl["vram"], 40u64 << 30);
+        assert_eq!(sl["mig"]["parent_uuid"], parent.as_str());
+        assert_eq!(sl["mig"]["slices"], 3);
+    }
+
+    // A plain --gpus 1 takes the whole A100, never the MIG-mode GPU or a slice...
+    let whole = d.create(&["--gpus", "1", "--memory", "64MiB", "--", "sleep", "1000000"]);
+    let w = d.json(&["instance", "get", &whole]);
+    assert_eq!(w["gpus"][0]["index"], 1, "{w}");
+    let out = d.cli(&[
+        "instance", "create", "--image", "busybox", "--gpus", "1", "--", "sleep", "1000",
+    ]);
+    assert_eq!(
+        code(&out),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...a slice is asked for by model, whole, one per instance.
+    for bad in [
+        vec!["--gpu-fraction", "0.5", "--gpu-model", "A100-80GB-3g.40gb"],
+        vec!["--gpus", "2", "--gpu-model", "A100-80GB-3g.40gb"],
+    ] {
+        let mut a = vec!["instance", "create", "--image", "busybox"];
+        a.extend(bad);
+        a.extend(["--", "sleep", "1000"]);
+        let out = d.cli(&a);
+        assert_eq!(
+            code(&out),
+            Some(5),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let on_slice = d.create(&[
+        "--gpus",
+        "1",
+        "--gpu-model",
+        "A100-80GB-3g.40gb",
+        "--memory",
+        "64MiB",
+        "--",
+        "sleep",
+        "1000000",
+    ]);
+    let i = d.json(&["instance", "get", &on_slice]);
+    let got = i["gpus"][0]["uuid"].as_str().unwrap().to_string();
+    assert!(got.starts_with("MIG-"), "{i}");
+    // Inside: the parent's node, exactly two capability nodes, and the slice's UUID.
+    let (rc, out, err) = d.exec(
+        &on_slice,
+        "ls /dev/nvidia0 && ls /dev/nvidia-caps | wc -l && echo $NVIDIA_VISIBLE_DEVICES && ls /dev/nvidia1 2>&1",
+    );
+    assert_eq!(rc, 1, "{out} {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "/dev/nvidia0", "{out}");
+    assert_eq!(lines[1].trim(), "2", "{out}");
+    assert_eq!(lines[2], got, "{out}");
+    // The slice shows as allocated; the other slice is still free and takes the next one.
+    let listed: Vec<Value> = slices(&d);
+    let mine = listed.iter().find(|g| g["uuid"] == got.as_str()).unwrap();
+    assert_eq!(mine["instances"][0], on_slice.as_str());
+    let second = d.create(&[
+        "--gpus",
+        "1",
+        "--gpu-model",
+        "A100-80GB-3g.40gb",
+        "--memory",
+        "64MiB",
+        "--",
+        "sleep",
+        "1000000",
+    ]);
+    let s2 = d.json(&["instance", "get", &second]);
+    assert_ne!(s2["gpus"][0]["uuid"], got.as_str());
+    d.json(&["instance", "terminate", &second, "--wait"]);
+
+    // Destroy is refused while an instance holds the slice, allowed after.
+    let held_gi = listed.iter().find(|g| g["uuid"] == got.as_str()).unwrap()["mig"]["gi"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let out = d.cli(&["gpu", "mig", "destroy", "0", &held_gi, "--yes"]);
+    assert_eq!(
+        code(&out),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&on_slice));
+    d.json(&["instance", "terminate", &on_slice, "--wait"]);
+    d.json(&["gpu", "mig", "destroy", "0", &held_gi, "--yes"]);
+    let left = slices(&d);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_ne!(left[0]["uuid"], got.as_str());
+    let kept = left[0]["uuid"].as_str().unwrap().to_string();
+
+    // The layout outlives the daemon, with the same UUIDs.
+    d.restart();
+    let after = slices(&d);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0]["uuid"], kept.as_str());
+    let gi2_id = gi2["id"].as_u64().unwrap();
+    assert_eq!(after[0]["mig"]["gi"], gi2_id, "{after:?}");
+    d.json(&["instance", "terminate", &whole, "--wait"]);
+    d.terminate_all();
+}
