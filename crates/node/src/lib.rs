@@ -23,8 +23,8 @@ pub mod net;
 pub mod runtime;
 pub mod seccomp;
 pub mod telemetry;
-#[cfg(test)]
-mod testfx;
+#[cfg(any(test, feature = "testfx"))]
+pub mod testfx;
 pub mod vfio;
 
 pub use host::HostRoot;
