@@ -371,9 +371,13 @@ extern "C" fn after_fork_child() {
     STATE.store(UNINIT, Ordering::Release);
 }
 
+/// At `exit`: gives this process's usage back with its slot. Hooks that run later (the
+/// application's own `atexit` handlers registered before the library started, C++ static
+/// destructors freeing memory) must not give it back a second time, so from here on the process
+/// passes through unlimited: the driver frees what is left when the process ends.
 extern "C" fn at_exit() {
+    let l = LAYOUT.swap(null_mut(), Ordering::AcqRel);
     let s = SLOT.swap(null_mut(), Ordering::AcqRel);
-    let l = LAYOUT.load(Ordering::Acquire);
     // SAFETY: as in `mode`; the slot was claimed by this process.
     if let (Some(l), Some(s)) = unsafe { (l.as_ref(), s.as_ref()) } {
         if s.pid.load(Ordering::Relaxed) == std::process::id() {

@@ -439,7 +439,7 @@ pub(crate) fn release_slot(l: &Layout, s: &Slot) -> u64 {
     for (dev, u) in s.used.iter().enumerate() {
         let x = u.swap(0, Ordering::AcqRel);
         if x != 0 {
-            l.devices[dev].used.fetch_sub(x, Ordering::AcqRel);
+            saturating_sub(&l.devices[dev].used, x);
             total += x;
         }
     }
@@ -486,13 +486,33 @@ pub(crate) fn try_charge(l: &Layout, slot: Option<&Slot>, dev: usize, bytes: u64
     true
 }
 
-/// Gives back `bytes` on `dev`.
+/// Gives back `bytes` on `dev`. Never more than the process's slot still holds: what the slot
+/// no longer has was already given back with the slot (at exit, racing a late free on another
+/// thread), and subtracting it again would under-count the instance, or wrap its counter to
+/// "everything in use" and refuse every allocation of every process. Hot path: one CAS on the
+/// process's own slot (uncontended) and one on the shared counter.
 #[inline]
 pub(crate) fn uncharge(l: &Layout, slot: Option<&Slot>, dev: usize, bytes: u64) {
-    if let Some(s) = slot {
-        s.used[dev].fetch_sub(bytes, Ordering::Relaxed);
+    let give = match slot {
+        Some(s) => saturating_sub(&s.used[dev], bytes),
+        None => bytes,
+    };
+    if give != 0 {
+        saturating_sub(&l.devices[dev].used, give);
     }
-    l.devices[dev].used.fetch_sub(bytes, Ordering::AcqRel);
+}
+
+/// Subtracts up to `bytes` from `a` without going below zero; returns what was subtracted.
+#[inline]
+fn saturating_sub(a: &AtomicU64, bytes: u64) -> u64 {
+    let mut cur = a.load(Ordering::Relaxed);
+    loop {
+        let take = cur.min(bytes);
+        match a.compare_exchange_weak(cur, cur - take, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return take,
+            Err(seen) => cur = seen,
+        }
+    }
 }
 
 /// Start time of `pid` (field 22 of /proc/<pid>/stat), clock ticks since boot.

@@ -420,6 +420,24 @@ fn the_daemon_can_reclaim_a_sigkilled_process() {
     assert!(i.region.processes().is_empty());
 }
 
+/// A free after the library's exit handler (an `atexit` handler of the application registered
+/// earlier, a static destructor) must not give the same bytes back twice: with a peer holding
+/// memory, that under-counted the instance (and with nothing held, wrapped the counter so every
+/// allocation of every process was refused).
+#[test]
+fn a_free_after_exit_is_not_given_back_twice() {
+    let _load = shared();
+    let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
+    let mut peer = spawn_holder(&i, 10 * MIB);
+    i.run(&["latefree", &(5 * MIB).to_string()]);
+    let used = i.used();
+    peer.kill().unwrap();
+    peer.wait().unwrap();
+    assert_eq!(used, 10 * MIB, "the peer's 10 MiB must still be counted");
+    i.region.reclaim_dead();
+    assert_eq!(i.used(), 0);
+}
+
 #[test]
 fn a_forked_child_gets_its_own_slot() {
     let _load = shared();

@@ -2,7 +2,7 @@
  * the fake libcuda.so.1 and checks what an application sees. Exit status 0 = all checks passed;
  * a failed check prints "FAIL file:line: ..." to stderr and exits 1.
  * Modes: boundary Q | paths ROUTE | legacy ROUTE N | gate PATH N | multidev N M | hold BYTES |
- * race CHUNK | nvml | ctx BYTES | rate SECS | fork */
+ * race CHUNK | latefree BYTES | nvml | ctx BYTES | rate SECS | fork */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <signal.h>
@@ -444,6 +444,21 @@ static int mode_hold(u64 bytes) {
     for (;;) pause();
 }
 
+/* An atexit handler registered before the limiter started (so it runs after the limiter's own)
+ * frees memory at exit, as C++ static destructors of libraries loaded early do. */
+static CUdeviceptr g_late;
+static void late_free(void) {
+    if (cuMemFree_v2(g_late) != 0) _exit(3);
+}
+
+static int mode_latefree(u64 bytes) {
+    CHECK(atexit(late_free) == 0, "atexit");
+    cuInit(0);
+    CHECK(cuMemAlloc_v2(&g_late, bytes) == 0, "alloc");
+    printf("OK latefree\n");
+    return 0;
+}
+
 static int mode_race(u64 chunk) {
     cuInit(0);
     int n = 0;
@@ -590,6 +605,7 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "v1")) return mode_v1();
     if (!strcmp(m, "hold")) return mode_hold(arg);
     if (!strcmp(m, "race")) return mode_race(arg);
+    if (!strcmp(m, "latefree")) return mode_latefree(arg);
     if (!strcmp(m, "nvml")) return mode_nvml(arg);
     if (!strcmp(m, "ctx")) return mode_ctx(arg);
     if (!strcmp(m, "rate")) return mode_rate(atof(argv[2]));
