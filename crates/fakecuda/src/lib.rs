@@ -99,9 +99,19 @@ const CALL_NAMES: &[&str] = &[
     "cuGetProcAddress_v2",
     "nvmlDeviceGetMemoryInfo",
     "nvmlDeviceGetMemoryInfo_v2",
+    "cuStreamBeginCapture",
+    "cuStreamBeginCapture_ptsz",
+    "cuStreamBeginCapture_v2",
+    "cuStreamBeginCapture_v2_ptsz",
+    "cuStreamBeginCaptureToGraph",
+    "cuStreamBeginCaptureToGraph_ptsz",
+    "cuStreamEndCapture",
+    "cuStreamEndCapture_ptsz",
+    "cuStreamIsCapturing",
+    "cuStreamIsCapturing_ptsz",
 ];
 
-static CALLS: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+static CALLS: [AtomicU64; 96] = [const { AtomicU64::new(0) }; 96];
 
 const fn pos(name: &str) -> usize {
     let mut i = 0;
@@ -271,6 +281,140 @@ fn launch() -> CUresult {
         }
     }
     SUCCESS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream capture: a launch into a capturing stream records a node and runs nothing.
+
+const ILLEGAL_STATE: CUresult = 401;
+const STREAM_CAPTURE_UNSUPPORTED: CUresult = 900;
+/// `CU_STREAM_PER_THREAD`, what the NULL stream means to a `_ptsz` entry.
+const PER_THREAD_STREAM: usize = 2;
+
+/// Streams being captured.
+static CAPTURING: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// The stream a capture call names; `None` for the legacy NULL stream, which cannot capture.
+fn capture_key(s: Ptr, ptsz: bool) -> Option<usize> {
+    match s as usize {
+        0 if ptsz => Some(PER_THREAD_STREAM),
+        0 | 1 => None,
+        k => Some(k),
+    }
+}
+
+fn is_capturing(s: Ptr, ptsz: bool) -> bool {
+    capture_key(s, ptsz).is_some_and(|k| CAPTURING.lock().is_ok_and(|c| c.contains(&k)))
+}
+
+fn begin_capture(s: Ptr, ptsz: bool) -> CUresult {
+    let Some(k) = capture_key(s, ptsz) else {
+        return STREAM_CAPTURE_UNSUPPORTED;
+    };
+    let Ok(mut c) = CAPTURING.lock() else {
+        return ILLEGAL_STATE;
+    };
+    if c.contains(&k) {
+        return ILLEGAL_STATE;
+    }
+    c.push(k);
+    SUCCESS
+}
+
+fn end_capture(s: Ptr, ptsz: bool, graph: *mut Ptr) -> CUresult {
+    let Some(k) = capture_key(s, ptsz) else {
+        return ILLEGAL_STATE;
+    };
+    let Ok(mut c) = CAPTURING.lock() else {
+        return ILLEGAL_STATE;
+    };
+    let Some(i) = c.iter().position(|x| *x == k) else {
+        return ILLEGAL_STATE;
+    };
+    c.swap_remove(i);
+    put(graph, 0x6700_0000 as Ptr)
+}
+
+/// A launch into stream `s`: captured (nothing runs) or executed.
+fn launch_in(s: Ptr, ptsz: bool) -> CUresult {
+    if is_capturing(s, ptsz) {
+        return SUCCESS;
+    }
+    launch()
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamBeginCapture(s: Ptr) -> CUresult {
+    bump!("cuStreamBeginCapture");
+    begin_capture(s, false)
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamBeginCapture_ptsz(s: Ptr) -> CUresult {
+    bump!("cuStreamBeginCapture_ptsz");
+    begin_capture(s, true)
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamBeginCapture_v2(s: Ptr, _mode: c_int) -> CUresult {
+    bump!("cuStreamBeginCapture_v2");
+    begin_capture(s, false)
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamBeginCapture_v2_ptsz(s: Ptr, _mode: c_int) -> CUresult {
+    bump!("cuStreamBeginCapture_v2_ptsz");
+    begin_capture(s, true)
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamBeginCaptureToGraph(
+    s: Ptr,
+    _g: Ptr,
+    _deps: *const Ptr,
+    _edges: *const c_void,
+    _n: usize,
+    _mode: c_int,
+) -> CUresult {
+    bump!("cuStreamBeginCaptureToGraph");
+    begin_capture(s, false)
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamBeginCaptureToGraph_ptsz(
+    s: Ptr,
+    _g: Ptr,
+    _deps: *const Ptr,
+    _edges: *const c_void,
+    _n: usize,
+    _mode: c_int,
+) -> CUresult {
+    bump!("cuStreamBeginCaptureToGraph_ptsz");
+    begin_capture(s, true)
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamEndCapture(s: Ptr, g: *mut Ptr) -> CUresult {
+    bump!("cuStreamEndCapture");
+    end_capture(s, false, g)
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamEndCapture_ptsz(s: Ptr, g: *mut Ptr) -> CUresult {
+    bump!("cuStreamEndCapture_ptsz");
+    end_capture(s, true, g)
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamIsCapturing(s: Ptr, status: *mut c_int) -> CUresult {
+    bump!("cuStreamIsCapturing");
+    put(status, c_int::from(is_capturing(s, false)))
+}
+
+#[no_mangle]
+pub extern "C" fn cuStreamIsCapturing_ptsz(s: Ptr, status: *mut c_int) -> CUresult {
+    bump!("cuStreamIsCapturing_ptsz");
+    put(status, c_int::from(is_capturing(s, true)))
 }
 
 /// Writes through an out-pointer if non-null.
@@ -828,12 +972,12 @@ pub extern "C" fn cuLaunchKernel(
     _by: c_uint,
     _bz: c_uint,
     _sh: c_uint,
-    _s: Ptr,
+    s: Ptr,
     _p: *mut Ptr,
     _e: *mut Ptr,
 ) -> CUresult {
     bump!("cuLaunchKernel");
-    launch()
+    launch_in(s, false)
 }
 
 #[no_mangle]
@@ -846,34 +990,45 @@ pub extern "C" fn cuLaunchKernel_ptsz(
     _by: c_uint,
     _bz: c_uint,
     _sh: c_uint,
-    _s: Ptr,
+    s: Ptr,
     _p: *mut Ptr,
     _e: *mut Ptr,
 ) -> CUresult {
     bump!("cuLaunchKernel_ptsz");
-    launch()
+    launch_in(s, true)
+}
+
+/// The stream of a `CUlaunchConfig` (seven unsigned, then the stream).
+fn config_stream(c: *const c_void) -> Ptr {
+    #[repr(C)]
+    struct Head {
+        dims: [c_uint; 7],
+        stream: Ptr,
+    }
+    // SAFETY: the caller's launch configuration, if any.
+    unsafe { c.cast::<Head>().as_ref() }.map_or(null_mut(), |h| h.stream)
 }
 
 #[no_mangle]
 pub extern "C" fn cuLaunchKernelEx(
-    _c: *const c_void,
+    c: *const c_void,
     _f: Ptr,
     _p: *mut Ptr,
     _e: *mut Ptr,
 ) -> CUresult {
     bump!("cuLaunchKernelEx");
-    launch()
+    launch_in(config_stream(c), false)
 }
 
 #[no_mangle]
 pub extern "C" fn cuLaunchKernelEx_ptsz(
-    _c: *const c_void,
+    c: *const c_void,
     _f: Ptr,
     _p: *mut Ptr,
     _e: *mut Ptr,
 ) -> CUresult {
     bump!("cuLaunchKernelEx_ptsz");
-    launch()
+    launch_in(config_stream(c), true)
 }
 
 #[no_mangle]
@@ -886,11 +1041,11 @@ pub extern "C" fn cuLaunchCooperativeKernel(
     _by: c_uint,
     _bz: c_uint,
     _sh: c_uint,
-    _s: Ptr,
+    s: Ptr,
     _p: *mut Ptr,
 ) -> CUresult {
     bump!("cuLaunchCooperativeKernel");
-    launch()
+    launch_in(s, false)
 }
 
 #[no_mangle]
@@ -903,23 +1058,23 @@ pub extern "C" fn cuLaunchCooperativeKernel_ptsz(
     _by: c_uint,
     _bz: c_uint,
     _sh: c_uint,
-    _s: Ptr,
+    s: Ptr,
     _p: *mut Ptr,
 ) -> CUresult {
     bump!("cuLaunchCooperativeKernel_ptsz");
-    launch()
+    launch_in(s, true)
 }
 
 #[no_mangle]
-pub extern "C" fn cuGraphLaunch(_g: Ptr, _s: Ptr) -> CUresult {
+pub extern "C" fn cuGraphLaunch(_g: Ptr, s: Ptr) -> CUresult {
     bump!("cuGraphLaunch");
-    launch()
+    launch_in(s, false)
 }
 
 #[no_mangle]
-pub extern "C" fn cuGraphLaunch_ptsz(_g: Ptr, _s: Ptr) -> CUresult {
+pub extern "C" fn cuGraphLaunch_ptsz(_g: Ptr, s: Ptr) -> CUresult {
     bump!("cuGraphLaunch_ptsz");
-    launch()
+    launch_in(s, true)
 }
 
 // The legacy launch API (deprecated, still exported by the driver).
@@ -937,9 +1092,9 @@ pub extern "C" fn cuLaunchGrid(_f: Ptr, _gw: c_int, _gh: c_int) -> CUresult {
 }
 
 #[no_mangle]
-pub extern "C" fn cuLaunchGridAsync(_f: Ptr, _gw: c_int, _gh: c_int, _s: Ptr) -> CUresult {
+pub extern "C" fn cuLaunchGridAsync(_f: Ptr, _gw: c_int, _gh: c_int, s: Ptr) -> CUresult {
     bump!("cuLaunchGridAsync");
-    launch()
+    launch_in(s, false)
 }
 
 /// `CUDA_LAUNCH_PARAMS` (only its size matters here).
@@ -1086,6 +1241,46 @@ const ENTRIES: &[(&str, &str, c_int, bool)] = &[
     ),
     ("cuLaunchHostFunc", "cuLaunchHostFunc", 10000, false),
     ("cuLaunchHostFunc_ptsz", "cuLaunchHostFunc", 10000, true),
+    ("cuStreamBeginCapture", "cuStreamBeginCapture", 10000, false),
+    (
+        "cuStreamBeginCapture_ptsz",
+        "cuStreamBeginCapture",
+        10000,
+        true,
+    ),
+    (
+        "cuStreamBeginCapture_v2",
+        "cuStreamBeginCapture",
+        10010,
+        false,
+    ),
+    (
+        "cuStreamBeginCapture_v2_ptsz",
+        "cuStreamBeginCapture",
+        10010,
+        true,
+    ),
+    (
+        "cuStreamBeginCaptureToGraph",
+        "cuStreamBeginCaptureToGraph",
+        12030,
+        false,
+    ),
+    (
+        "cuStreamBeginCaptureToGraph_ptsz",
+        "cuStreamBeginCaptureToGraph",
+        12030,
+        true,
+    ),
+    ("cuStreamEndCapture", "cuStreamEndCapture", 10000, false),
+    ("cuStreamEndCapture_ptsz", "cuStreamEndCapture", 10000, true),
+    ("cuStreamIsCapturing", "cuStreamIsCapturing", 10000, false),
+    (
+        "cuStreamIsCapturing_ptsz",
+        "cuStreamIsCapturing",
+        10000,
+        true,
+    ),
     ("cuDeviceGetCount", "cuDeviceGetCount", 2000, false),
     ("cuCtxSetCurrent", "cuCtxSetCurrent", 4000, false),
     ("cuCtxPushCurrent_v2", "cuCtxPushCurrent", 4000, false),
@@ -1149,6 +1344,16 @@ fn entry_ptr(name: &str) -> Ptr {
         "cuLaunchCooperativeKernelMultiDevice" => cuLaunchCooperativeKernelMultiDevice as Ptr,
         "cuLaunchHostFunc" => cuLaunchHostFunc as Ptr,
         "cuLaunchHostFunc_ptsz" => cuLaunchHostFunc_ptsz as Ptr,
+        "cuStreamBeginCapture" => cuStreamBeginCapture as Ptr,
+        "cuStreamBeginCapture_ptsz" => cuStreamBeginCapture_ptsz as Ptr,
+        "cuStreamBeginCapture_v2" => cuStreamBeginCapture_v2 as Ptr,
+        "cuStreamBeginCapture_v2_ptsz" => cuStreamBeginCapture_v2_ptsz as Ptr,
+        "cuStreamBeginCaptureToGraph" => cuStreamBeginCaptureToGraph as Ptr,
+        "cuStreamBeginCaptureToGraph_ptsz" => cuStreamBeginCaptureToGraph_ptsz as Ptr,
+        "cuStreamEndCapture" => cuStreamEndCapture as Ptr,
+        "cuStreamEndCapture_ptsz" => cuStreamEndCapture_ptsz as Ptr,
+        "cuStreamIsCapturing" => cuStreamIsCapturing as Ptr,
+        "cuStreamIsCapturing_ptsz" => cuStreamIsCapturing_ptsz as Ptr,
         "cuDeviceGetCount" => cuDeviceGetCount as Ptr,
         "cuCtxSetCurrent" => cuCtxSetCurrent as Ptr,
         "cuCtxPushCurrent_v2" => cuCtxPushCurrent_v2 as Ptr,

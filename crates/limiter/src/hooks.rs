@@ -43,6 +43,7 @@ type Ptr = *mut c_void;
 const CUDA_SUCCESS: CUresult = 0;
 const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
 const CUDA_ERROR_NOT_INITIALIZED: CUresult = 3;
+const CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: CUresult = 901;
 const CUDA_ERROR_UNKNOWN: CUresult = 999;
 const NVML_SUCCESS: c_int = 0;
 const NVML_ERROR_UNKNOWN: c_int = 999;
@@ -58,6 +59,8 @@ static REAL_STREAM_GET_CTX: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
 static REAL_CTX_PUSH: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
 static REAL_CTX_POP: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
 static REAL_NVML_GET_INDEX: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
+static REAL_IS_CAPTURING: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
+static REAL_IS_CAPTURING_PTSZ: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
 static CUDA_HANDLE: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
 static NVML_HANDLE: AtomicPtr<c_void> = AtomicPtr::new(null_mut());
 
@@ -506,6 +509,75 @@ fn launch_gate_on(dev: impl FnOnce() -> Option<usize>) {
             throttle::gate(l, dev);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream capture
+//
+// A launch into a stream that is being captured (`cudaStreamBeginCapture`, CUDA graphs, PyTorch
+// `torch.cuda.graph`, `torch.compile(mode="reduce-overhead")`) runs nothing: it records a node
+// of a graph that runs later, through `cuGraphLaunch`, which passes the gate. Gating it would
+// sleep during capture (a graph of a thousand kernels captured at a 20 ms spacing takes 20 s),
+// and counting it would tell the controller of launches that used no GPU time. Asking the driver
+// about the stream on every launch would cost a driver call on the hot path, so the limiter
+// counts the captures this process has in flight and asks only while there are some. A capture
+// begun through a route the limiter does not see only means captured launches are gated again.
+
+/// Captures begun and not yet ended in this process.
+static CAPTURES: AtomicU32 = AtomicU32::new(0);
+
+/// Whether `stream` is capturing (or its capture was invalidated: the launch fails anyway).
+/// `ptsz`: the launch came through a `_ptsz` entry, where the NULL stream is the per-thread one.
+#[cold]
+fn stream_capturing(stream: Ptr, ptsz: bool) -> Option<bool> {
+    let p = if ptsz {
+        own_entry(&REAL_IS_CAPTURING_PTSZ, c"cuStreamIsCapturing_ptsz")?
+    } else {
+        own_entry(&REAL_IS_CAPTURING, c"cuStreamIsCapturing")?
+    };
+    // SAFETY: cuStreamIsCapturing(CUstream, CUstreamCaptureStatus *) -> CUresult (both names).
+    let f =
+        unsafe { std::mem::transmute::<Ptr, unsafe extern "C" fn(Ptr, *mut c_int) -> CUresult>(p) };
+    let mut status: c_int = 0;
+    // SAFETY: the caller's stream handle and a valid out-pointer.
+    (unsafe { f(stream, &mut status) } == CUDA_SUCCESS).then_some(status != 0)
+}
+
+/// The launch gate for a launch into `stream` on the current context's device; a launch that is
+/// only being captured neither waits nor counts.
+#[inline]
+fn launch_gate_stream(stream: Ptr, ptsz: bool) {
+    if CAPTURES.load(Ordering::Acquire) != 0 && stream_capturing(stream, ptsz) == Some(true) {
+        return;
+    }
+    launch_gate();
+}
+
+fn capture_begin(begin: impl FnOnce() -> CUresult) -> CUresult {
+    // Counted before the driver starts the capture, so no captured launch can miss it.
+    CAPTURES.fetch_add(1, Ordering::AcqRel);
+    let rc = begin();
+    if rc != CUDA_SUCCESS {
+        capture_ended();
+    }
+    rc
+}
+
+fn capture_end(stream: Ptr, ptsz: bool, end: impl FnOnce() -> CUresult) -> CUresult {
+    let rc = end();
+    // Success and an invalidated capture both end it; any other error ends it only if the
+    // stream says so.
+    if rc == CUDA_SUCCESS
+        || rc == CUDA_ERROR_STREAM_CAPTURE_INVALIDATED
+        || stream_capturing(stream, ptsz) == Some(false)
+    {
+        capture_ended();
+    }
+    rc
+}
+
+fn capture_ended() {
+    let _ = CAPTURES.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
 }
 
 /// Charges the per-process context footprint on `dev` once. Returns whether this call charged
@@ -1488,6 +1560,111 @@ type LaunchCoop = unsafe extern "C" fn(
 ) -> CUresult;
 type GraphLaunch = unsafe extern "C" fn(Ptr, Ptr) -> CUresult;
 
+/// The leading fields of `CUlaunchConfig`, up to its stream.
+#[repr(C)]
+pub(crate) struct LaunchConfigHead {
+    dims: [c_uint; 7],
+    stream: Ptr,
+}
+
+/// The stream of a `cuLaunchKernelEx` configuration (NULL if there is none; the driver rejects
+/// the launch then).
+#[inline]
+fn config_stream(config: *const c_void) -> Ptr {
+    if config.is_null() {
+        return null_mut();
+    }
+    // SAFETY: the caller's launch configuration, which the driver reads the same way; only the
+    // stream field is read.
+    unsafe { (*config.cast::<LaunchConfigHead>()).stream }
+}
+
+type BeginCapture = unsafe extern "C" fn(Ptr) -> CUresult;
+type BeginCaptureV2 = unsafe extern "C" fn(Ptr, c_int) -> CUresult;
+type BeginCaptureToGraph =
+    unsafe extern "C" fn(Ptr, Ptr, *const Ptr, *const c_void, usize, c_int) -> CUresult;
+type EndCapture = unsafe extern "C" fn(Ptr, *mut Ptr) -> CUresult;
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuStreamBeginCapture(stream: Ptr) -> CUresult {
+    guard(|| capture_begin(|| call_real!(cuStreamBeginCapture, BeginCapture, (stream))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuStreamBeginCapture_ptsz(stream: Ptr) -> CUresult {
+    guard(|| capture_begin(|| call_real!(cuStreamBeginCapture_ptsz, BeginCapture, (stream))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuStreamBeginCapture_v2(stream: Ptr, mode: c_int) -> CUresult {
+    guard(|| capture_begin(|| call_real!(cuStreamBeginCapture_v2, BeginCaptureV2, (stream, mode))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuStreamBeginCapture_v2_ptsz(stream: Ptr, mode: c_int) -> CUresult {
+    guard(|| {
+        capture_begin(|| call_real!(cuStreamBeginCapture_v2_ptsz, BeginCaptureV2, (stream, mode)))
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuStreamBeginCaptureToGraph(
+    stream: Ptr,
+    graph: Ptr,
+    deps: *const Ptr,
+    edges: *const c_void,
+    n: usize,
+    mode: c_int,
+) -> CUresult {
+    guard(|| {
+        capture_begin(|| {
+            call_real!(
+                cuStreamBeginCaptureToGraph,
+                BeginCaptureToGraph,
+                (stream, graph, deps, edges, n, mode)
+            )
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuStreamBeginCaptureToGraph_ptsz(
+    stream: Ptr,
+    graph: Ptr,
+    deps: *const Ptr,
+    edges: *const c_void,
+    n: usize,
+    mode: c_int,
+) -> CUresult {
+    guard(|| {
+        capture_begin(|| {
+            call_real!(
+                cuStreamBeginCaptureToGraph_ptsz,
+                BeginCaptureToGraph,
+                (stream, graph, deps, edges, n, mode)
+            )
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuStreamEndCapture(stream: Ptr, graph: *mut Ptr) -> CUresult {
+    guard(|| {
+        capture_end(stream, false, || {
+            call_real!(cuStreamEndCapture, EndCapture, (stream, graph))
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuStreamEndCapture_ptsz(stream: Ptr, graph: *mut Ptr) -> CUresult {
+    guard(|| {
+        capture_end(stream, true, || {
+            call_real!(cuStreamEndCapture_ptsz, EndCapture, (stream, graph))
+        })
+    })
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn gvh_cuLaunchKernel(
     f: Ptr,
@@ -1503,7 +1680,7 @@ pub unsafe extern "C" fn gvh_cuLaunchKernel(
     extra: *mut Ptr,
 ) -> CUresult {
     guard(|| {
-        launch_gate();
+        launch_gate_stream(stream, false);
         call_real!(
             cuLaunchKernel,
             LaunchKernel,
@@ -1527,7 +1704,7 @@ pub unsafe extern "C" fn gvh_cuLaunchKernel_ptsz(
     extra: *mut Ptr,
 ) -> CUresult {
     guard(|| {
-        launch_gate();
+        launch_gate_stream(stream, true);
         call_real!(
             cuLaunchKernel_ptsz,
             LaunchKernel,
@@ -1544,7 +1721,7 @@ pub unsafe extern "C" fn gvh_cuLaunchKernelEx(
     extra: *mut Ptr,
 ) -> CUresult {
     guard(|| {
-        launch_gate();
+        launch_gate_stream(config_stream(config), false);
         call_real!(cuLaunchKernelEx, LaunchKernelEx, (config, f, params, extra))
     })
 }
@@ -1557,7 +1734,7 @@ pub unsafe extern "C" fn gvh_cuLaunchKernelEx_ptsz(
     extra: *mut Ptr,
 ) -> CUresult {
     guard(|| {
-        launch_gate();
+        launch_gate_stream(config_stream(config), true);
         call_real!(
             cuLaunchKernelEx_ptsz,
             LaunchKernelEx,
@@ -1580,7 +1757,7 @@ pub unsafe extern "C" fn gvh_cuLaunchCooperativeKernel(
     params: *mut Ptr,
 ) -> CUresult {
     guard(|| {
-        launch_gate();
+        launch_gate_stream(stream, false);
         call_real!(
             cuLaunchCooperativeKernel,
             LaunchCoop,
@@ -1603,7 +1780,7 @@ pub unsafe extern "C" fn gvh_cuLaunchCooperativeKernel_ptsz(
     params: *mut Ptr,
 ) -> CUresult {
     guard(|| {
-        launch_gate();
+        launch_gate_stream(stream, true);
         call_real!(
             cuLaunchCooperativeKernel_ptsz,
             LaunchCoop,
@@ -1615,7 +1792,7 @@ pub unsafe extern "C" fn gvh_cuLaunchCooperativeKernel_ptsz(
 #[no_mangle]
 pub unsafe extern "C" fn gvh_cuGraphLaunch(exec: Ptr, stream: Ptr) -> CUresult {
     guard(|| {
-        launch_gate();
+        launch_gate_stream(stream, false);
         call_real!(cuGraphLaunch, GraphLaunch, (exec, stream))
     })
 }
@@ -1623,7 +1800,7 @@ pub unsafe extern "C" fn gvh_cuGraphLaunch(exec: Ptr, stream: Ptr) -> CUresult {
 #[no_mangle]
 pub unsafe extern "C" fn gvh_cuGraphLaunch_ptsz(exec: Ptr, stream: Ptr) -> CUresult {
     guard(|| {
-        launch_gate();
+        launch_gate_stream(stream, true);
         call_real!(cuGraphLaunch_ptsz, GraphLaunch, (exec, stream))
     })
 }
@@ -1660,7 +1837,7 @@ pub unsafe extern "C" fn gvh_cuLaunchGridAsync(
     stream: Ptr,
 ) -> CUresult {
     guard(|| {
-        launch_gate();
+        launch_gate_stream(stream, false);
         call_real!(
             cuLaunchGridAsync,
             unsafe extern "C" fn(Ptr, c_int, c_int, Ptr) -> CUresult,
@@ -1739,6 +1916,12 @@ mod tests {
         // CUDA_LAUNCH_PARAMS on LP64: function, 7 unsigned, (pad), hStream, kernelParams.
         assert_eq!(std::mem::size_of::<LaunchParams>(), 56);
         assert_eq!(std::mem::offset_of!(LaunchParams, stream), 40);
+    }
+
+    #[test]
+    fn launch_config_stream_offset() {
+        // CUlaunchConfig on LP64: seven unsigned, (pad), hStream.
+        assert_eq!(std::mem::offset_of!(LaunchConfigHead, stream), 32);
     }
 
     #[test]

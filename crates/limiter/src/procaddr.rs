@@ -16,27 +16,27 @@ struct Entry {
     symbol: &'static [u8],
     /// (first CUDA version with this ABI, exported name), ascending.
     versions: &'static [(i32, &'static [u8])],
-    /// (first CUDA version, exported name) of the per-thread default stream variant.
-    per_thread: Option<(i32, &'static [u8])>,
+    /// (first CUDA version, exported name) of the per-thread default stream variants, ascending.
+    per_thread: &'static [(i32, &'static [u8])],
 }
 
 const fn e(symbol: &'static [u8], versions: &'static [(i32, &'static [u8])]) -> Entry {
     Entry {
         symbol,
         versions,
-        per_thread: None,
+        per_thread: &[],
     }
 }
 
 const fn pt(
     symbol: &'static [u8],
     versions: &'static [(i32, &'static [u8])],
-    per_thread: (i32, &'static [u8]),
+    per_thread: &'static [(i32, &'static [u8])],
 ) -> Entry {
     Entry {
         symbol,
         versions,
-        per_thread: Some(per_thread),
+        per_thread,
     }
 }
 
@@ -60,12 +60,12 @@ static TABLE: &[Entry] = &[
     pt(
         b"cuMemAllocAsync",
         &[(11020, b"cuMemAllocAsync")],
-        (11020, b"cuMemAllocAsync_ptsz"),
+        &[(11020, b"cuMemAllocAsync_ptsz")],
     ),
     pt(
         b"cuMemAllocFromPoolAsync",
         &[(11020, b"cuMemAllocFromPoolAsync")],
-        (11020, b"cuMemAllocFromPoolAsync_ptsz"),
+        &[(11020, b"cuMemAllocFromPoolAsync_ptsz")],
     ),
     e(
         b"cuMemFree",
@@ -74,7 +74,7 @@ static TABLE: &[Entry] = &[
     pt(
         b"cuMemFreeAsync",
         &[(11020, b"cuMemFreeAsync")],
-        (11020, b"cuMemFreeAsync_ptsz"),
+        &[(11020, b"cuMemFreeAsync_ptsz")],
     ),
     e(b"cuMemCreate", &[(10020, b"cuMemCreate")]),
     e(b"cuMemRelease", &[(10020, b"cuMemRelease")]),
@@ -119,25 +119,48 @@ static TABLE: &[Entry] = &[
     pt(
         b"cuLaunchKernel",
         &[(4000, b"cuLaunchKernel")],
-        (7000, b"cuLaunchKernel_ptsz"),
+        &[(7000, b"cuLaunchKernel_ptsz")],
     ),
     pt(
         b"cuLaunchKernelEx",
         &[(11060, b"cuLaunchKernelEx")],
-        (11060, b"cuLaunchKernelEx_ptsz"),
+        &[(11060, b"cuLaunchKernelEx_ptsz")],
     ),
     pt(
         b"cuLaunchCooperativeKernel",
         &[(9000, b"cuLaunchCooperativeKernel")],
-        (9000, b"cuLaunchCooperativeKernel_ptsz"),
+        &[(9000, b"cuLaunchCooperativeKernel_ptsz")],
     ),
     pt(
         b"cuGraphLaunch",
         &[(10000, b"cuGraphLaunch")],
-        (10000, b"cuGraphLaunch_ptsz"),
+        &[(10000, b"cuGraphLaunch_ptsz")],
     ),
     // The legacy launch API (deprecated, still exported): one ABI each, no per-thread variant.
     // `cuLaunchHostFunc` is deliberately absent: it runs a host function, not a kernel.
+    // Stream capture: a launch into a capturing stream only records a graph node, so the gate
+    // must skip it; the limiter counts the captures in flight (see `hooks`).
+    pt(
+        b"cuStreamBeginCapture",
+        &[
+            (10000, b"cuStreamBeginCapture"),
+            (10010, b"cuStreamBeginCapture_v2"),
+        ],
+        &[
+            (10000, b"cuStreamBeginCapture_ptsz"),
+            (10010, b"cuStreamBeginCapture_v2_ptsz"),
+        ],
+    ),
+    pt(
+        b"cuStreamBeginCaptureToGraph",
+        &[(12030, b"cuStreamBeginCaptureToGraph")],
+        &[(12030, b"cuStreamBeginCaptureToGraph_ptsz")],
+    ),
+    pt(
+        b"cuStreamEndCapture",
+        &[(10000, b"cuStreamEndCapture")],
+        &[(10000, b"cuStreamEndCapture_ptsz")],
+    ),
     e(b"cuLaunch", &[(2000, b"cuLaunch")]),
     e(b"cuLaunchGrid", &[(2000, b"cuLaunchGrid")]),
     e(b"cuLaunchGridAsync", &[(2000, b"cuLaunchGridAsync")]),
@@ -152,19 +175,18 @@ static TABLE: &[Entry] = &[
 /// request itself).
 pub(crate) fn resolve(symbol: &[u8], cuda_version: i32, flags: u64) -> Option<&'static [u8]> {
     let entry = TABLE.iter().find(|e| e.symbol == symbol)?;
+    let newest = |list: &'static [(i32, &'static [u8])]| {
+        list.iter()
+            .rev()
+            .find(|(since, _)| cuda_version >= *since)
+            .map(|(_, name)| *name)
+    };
     if flags & PER_THREAD_DEFAULT_STREAM != 0 {
-        if let Some((since, name)) = entry.per_thread {
-            if cuda_version >= since {
-                return Some(name);
-            }
+        if let Some(name) = newest(entry.per_thread) {
+            return Some(name);
         }
     }
-    entry
-        .versions
-        .iter()
-        .rev()
-        .find(|(since, _)| cuda_version >= *since)
-        .map(|(_, name)| *name)
+    newest(entry.versions)
 }
 
 /// Every exported name the table can produce (checked against the hook list in tests).
@@ -173,8 +195,8 @@ pub(crate) fn all_names() -> impl Iterator<Item = &'static [u8]> {
     TABLE.iter().flat_map(|e| {
         e.versions
             .iter()
+            .chain(e.per_thread.iter())
             .map(|(_, n)| *n)
-            .chain(e.per_thread.map(|(_, n)| n))
     })
 }
 
@@ -236,6 +258,19 @@ mod tests {
             None
         );
         assert_eq!(resolve(b"cuStreamSynchronize", 12000, 0), None);
+        assert_eq!(
+            resolve(b"cuStreamBeginCapture", 10000, PER_THREAD_DEFAULT_STREAM),
+            Some(&b"cuStreamBeginCapture_ptsz"[..])
+        );
+        assert_eq!(
+            resolve(b"cuStreamBeginCapture", 12080, PER_THREAD_DEFAULT_STREAM),
+            Some(&b"cuStreamBeginCapture_v2_ptsz"[..])
+        );
+        assert_eq!(
+            resolve(b"cuStreamBeginCapture", 13000, 0),
+            Some(&b"cuStreamBeginCapture_v2"[..])
+        );
+        assert_eq!(resolve(b"cuStreamBeginCaptureToGraph", 12020, 0), None);
         // Never a guessed suffix.
         assert_eq!(resolve(b"cuMemAlloc_v2", 12000, 0), None);
     }

@@ -204,6 +204,34 @@ fn every_allocation_and_launch_path_is_counted_on_every_route() {
     }
 }
 
+/// CUDA graphs by stream capture (PyTorch `torch.cuda.graph`): a launch into a capturing stream
+/// records a node and runs nothing, so the gate neither counts nor holds it (a throttled capture
+/// of a large graph would otherwise sleep for seconds); each replay counts once. Outside a
+/// capture the launch path never asks the driver about capture.
+#[test]
+fn launches_into_a_capturing_stream_are_not_gated() {
+    let _load = shared();
+    let i = Instance::new(MIB, FULL_SHARE_BP, Priority::High, 0);
+    for route in [
+        "link",
+        "dlsym",
+        "gpa11",
+        "gpa12",
+        "gpa13",
+        "gpa12ptds",
+        "gpa13ptds",
+    ] {
+        let before = i.launches();
+        let out = i.run(&["capture", route, "5", "3"]);
+        assert!(out.contains("OK"), "{out}");
+        assert_eq!(
+            i.launches() - before,
+            5 + 3 + 5,
+            "{route}: 5 launches, 3 replays and 5 launches after must count; 15 captured must not"
+        );
+    }
+}
+
 /// The legacy launch API (`cuLaunch`, `cuLaunchGrid`, `cuLaunchGridAsync`, and the multi-device
 /// cooperative launch) is counted on every route an application can reach it by; the host
 /// function entry is not a launch.

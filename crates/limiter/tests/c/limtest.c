@@ -1,7 +1,7 @@
 /* Test program driven by tests/interpose.rs: runs under LD_PRELOAD=libgpuvisor_limiter.so over
  * the fake libcuda.so.1 and checks what an application sees. Exit status 0 = all checks passed;
  * a failed check prints "FAIL file:line: ..." to stderr and exits 1.
- * Modes: boundary Q | paths ROUTE | legacy ROUTE N | gate PATH N | multidev N M | hold BYTES |
+ * Modes: boundary Q | paths ROUTE | capture ROUTE N M | legacy ROUTE N | gate PATH N | multidev N M | hold BYTES |
  * race CHUNK | latefree BYTES | nvml | ctx BYTES | rate SECS | fork */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -273,6 +273,59 @@ static int mode_paths(const char *route, int launches) {
     CHECK(calls(lk) == b0 + launches, "%s called %llu times", lk, calls(lk) - b0);
     CHECK(fakecuda_mem_used() == 0, "double still holds %llu", fakecuda_mem_used());
     printf("OK %s\n", route);
+    return 0;
+}
+
+/* CUDA graphs by stream capture: launches into a capturing stream record nodes and run nothing,
+ * so they must neither wait at the gate nor count; each replay (cuGraphLaunch) counts once.
+ * n launches before the capture, n of each kernel launch kind captured, m replays. */
+typedef struct {
+    unsigned gx, gy, gz, bx, by, bz, shared;
+    CUstream stream;
+    void *attrs;
+    unsigned nattrs;
+} LAUNCH_CONFIG;
+CUresult cuStreamBeginCapture(CUstream);
+
+static int mode_capture(const char *route, int n, int m) {
+    cuInit(0);
+    int link = !strcmp(route, "link");
+    g_api = api_for(route);
+    int pt = strstr(route, "ptds") != NULL;
+    CUresult (*begin)(CUstream, int) = NULL;
+    CUresult (*end)(CUstream, void **);
+    if (!link) begin = resolve(route, "cuStreamBeginCapture", pt ? "cuStreamBeginCapture_v2_ptsz" : "cuStreamBeginCapture_v2");
+    end = resolve(link ? "dlsym" : route, "cuStreamEndCapture", pt ? "cuStreamEndCapture_ptsz" : "cuStreamEndCapture");
+    CUstream s;
+    CHECK(cuStreamCreate(&s, 0) == 0, "stream");
+    u64 q0 = calls("cuStreamIsCapturing") + calls("cuStreamIsCapturing_ptsz");
+    for (int i = 0; i < n; i++)
+        CHECK(g_api.launch(NULL, 1, 1, 1, 1, 1, 1, 0, s, NULL, NULL) == 0, "launch");
+    CHECK(calls("cuStreamIsCapturing") + calls("cuStreamIsCapturing_ptsz") == q0,
+          "a launch asked the driver about capture while nothing was being captured");
+    CHECK((link ? cuStreamBeginCapture(s) : begin(s, 0)) == 0, "begin capture");
+    LAUNCH_CONFIG cfg = {.gx = 1, .gy = 1, .gz = 1, .bx = 1, .by = 1, .bz = 1, .stream = s};
+    const char *lk = pt ? "cuLaunchKernel_ptsz" : "cuLaunchKernel";
+    u64 k0 = calls(lk);
+    for (int i = 0; i < n; i++) {
+        CHECK(g_api.launch(NULL, 1, 1, 1, 1, 1, 1, 0, s, NULL, NULL) == 0, "captured launch");
+        CHECK(g_api.launchEx(&cfg, NULL, NULL, NULL) == 0, "captured launchEx");
+        CHECK(g_api.launchCoop(NULL, 1, 1, 1, 1, 1, 1, 0, s, NULL) == 0, "captured coop");
+    }
+    CHECK(calls(lk) == k0 + n, "captured launches must still reach the driver");
+    void *graph = NULL;
+    CHECK(end(s, &graph) == 0 && graph, "end capture");
+    u64 q1 = calls("cuStreamIsCapturing") + calls("cuStreamIsCapturing_ptsz");
+    for (int i = 0; i < m; i++) CHECK(g_api.graphLaunch(graph, s) == 0, "replay");
+    CHECK(calls("cuStreamIsCapturing") + calls("cuStreamIsCapturing_ptsz") == q1,
+          "after the capture ended, launches still ask the driver");
+    /* A failed begin (the legacy stream cannot capture) leaves nothing counted in flight. */
+    if (!link) CHECK(begin((CUstream)1, 0) != 0, "capture on the legacy stream must fail");
+    for (int i = 0; i < n; i++)
+        CHECK(g_api.launch(NULL, 1, 1, 1, 1, 1, 1, 0, s, NULL, NULL) == 0, "launch after");
+    CHECK(calls("cuStreamIsCapturing") + calls("cuStreamIsCapturing_ptsz") == q1,
+          "a failed begin left a capture counted");
+    printf("OK capture %s\n", route);
     return 0;
 }
 
@@ -598,6 +651,8 @@ int main(int argc, char **argv) {
     u64 arg = argc > 2 ? strtoull(argv[2], NULL, 0) : 0;
     if (!strcmp(m, "boundary")) return mode_boundary(arg);
     if (!strcmp(m, "paths")) return mode_paths(argv[2], argc > 3 ? atoi(argv[3]) : 10);
+    if (!strcmp(m, "capture"))
+        return mode_capture(argv[2], argc > 3 ? atoi(argv[3]) : 5, argc > 4 ? atoi(argv[4]) : 3);
     if (!strcmp(m, "legacy")) return mode_legacy(argv[2], argc > 3 ? atoi(argv[3]) : 10);
     if (!strcmp(m, "gate")) return mode_gate(argv[2], argc > 3 ? atoi(argv[3]) : 4);
     if (!strcmp(m, "multidev"))
