@@ -63,6 +63,8 @@ const CALL_NAMES: &[&str] = &[
     "cuMemFreeAsync_ptsz",
     "cuMemCreate",
     "cuMemRelease",
+    "cuMemMap",
+    "cuMemUnmap",
     "cuArrayCreate",
     "cuArrayCreate_v2",
     "cuArray3DCreate",
@@ -775,6 +777,12 @@ pub extern "C" fn cuMemFreeAsync_ptsz(p: u64, _s: Ptr) -> CUresult {
     free(p)
 }
 
+/// `cuMemCreate` handles: handle → (mappings, released). As in the driver, the memory is freed
+/// when the handle is released and its last mapping unmapped, in either order.
+static HANDLES: Mutex<Vec<(u64, u32, bool)>> = Mutex::new(Vec::new());
+/// `cuMemMap` mappings: (virtual address, size, handle).
+static MAPPINGS: Mutex<Vec<(u64, u64, u64)>> = Mutex::new(Vec::new());
+
 #[no_mangle]
 pub extern "C" fn cuMemCreate(
     h: *mut u64,
@@ -784,13 +792,73 @@ pub extern "C" fn cuMemCreate(
 ) -> CUresult {
     bump!("cuMemCreate");
     // A handle is opaque; the double uses the backing address.
-    out(h, alloc(bytes as u64, false))
+    let r = alloc(bytes as u64, false);
+    if let (Ok(a), Ok(mut hs)) = (r, HANDLES.lock()) {
+        hs.push((a, 0, false));
+    }
+    out(h, r)
 }
 
 #[no_mangle]
 pub extern "C" fn cuMemRelease(h: u64) -> CUresult {
     bump!("cuMemRelease");
+    let Ok(mut hs) = HANDLES.lock() else {
+        return INVALID_VALUE;
+    };
+    let Some(i) = hs.iter().position(|e| e.0 == h && !e.2) else {
+        return INVALID_VALUE;
+    };
+    if hs[i].1 > 0 {
+        hs[i].2 = true;
+        return SUCCESS;
+    }
+    hs.swap_remove(i);
     free(h)
+}
+
+#[no_mangle]
+pub extern "C" fn cuMemMap(va: u64, size: usize, _off: usize, h: u64, _f: u64) -> CUresult {
+    bump!("cuMemMap");
+    let (Ok(mut hs), Ok(mut ms)) = (HANDLES.lock(), MAPPINGS.lock()) else {
+        return INVALID_VALUE;
+    };
+    let Some(e) = hs.iter_mut().find(|e| e.0 == h && !e.2) else {
+        return INVALID_VALUE;
+    };
+    if size == 0 || ms.iter().any(|m| va < m.0 + m.1 && m.0 < va + size as u64) {
+        return INVALID_VALUE;
+    }
+    e.1 += 1;
+    ms.push((va, size as u64, h));
+    SUCCESS
+}
+
+/// Unmaps whole mappings covering `[va, va + size)`; all or nothing.
+#[no_mangle]
+pub extern "C" fn cuMemUnmap(va: u64, size: usize) -> CUresult {
+    bump!("cuMemUnmap");
+    let (Ok(mut hs), Ok(mut ms)) = (HANDLES.lock(), MAPPINGS.lock()) else {
+        return INVALID_VALUE;
+    };
+    let end = va + size as u64;
+    let inside: Vec<usize> = (0..ms.len())
+        .filter(|&i| ms[i].0 >= va && ms[i].0 + ms[i].1 <= end)
+        .collect();
+    let covered: u64 = inside.iter().map(|&i| ms[i].1).sum();
+    if inside.is_empty() || covered != size as u64 {
+        return INVALID_VALUE;
+    }
+    for &i in inside.iter().rev() {
+        let (_, _, h) = ms.swap_remove(i);
+        if let Some(j) = hs.iter().position(|e| e.0 == h) {
+            hs[j].1 -= 1;
+            if hs[j].1 == 0 && hs[j].2 {
+                hs.swap_remove(j);
+                free(h);
+            }
+        }
+    }
+    SUCCESS
 }
 
 #[repr(C)]
@@ -1181,6 +1249,8 @@ const ENTRIES: &[(&str, &str, c_int, bool)] = &[
     ("cuMemFreeAsync_ptsz", "cuMemFreeAsync", 11020, true),
     ("cuMemCreate", "cuMemCreate", 10020, false),
     ("cuMemRelease", "cuMemRelease", 10020, false),
+    ("cuMemMap", "cuMemMap", 10020, false),
+    ("cuMemUnmap", "cuMemUnmap", 10020, false),
     ("cuArrayCreate", "cuArrayCreate", 2000, false),
     ("cuArrayCreate_v2", "cuArrayCreate", 3020, false),
     ("cuArray3DCreate", "cuArray3DCreate", 2000, false),
@@ -1314,6 +1384,8 @@ fn entry_ptr(name: &str) -> Ptr {
         "cuMemFreeAsync_ptsz" => cuMemFreeAsync_ptsz as Ptr,
         "cuMemCreate" => cuMemCreate as Ptr,
         "cuMemRelease" => cuMemRelease as Ptr,
+        "cuMemMap" => cuMemMap as Ptr,
+        "cuMemUnmap" => cuMemUnmap as Ptr,
         "cuArrayCreate" => cuArrayCreate as Ptr,
         "cuArrayCreate_v2" => cuArrayCreate_v2 as Ptr,
         "cuArray3DCreate" => cuArray3DCreate as Ptr,

@@ -1059,16 +1059,130 @@ pub unsafe extern "C" fn gvh_cuMemCreate(
     })
 }
 
+// The driver frees a `cuMemCreate` allocation when its handle is released *and* its last mapping
+// is unmapped, in either order; releasing right after `cuMemMap` is the documented idiom
+// (cuda-samples, several allocators). So a `Handle` entry's extra word counts the handle's
+// mappings (made through `cuMemMap`, kept as `Mapping` entries by virtual address) and records a
+// release while mapped; the charge is given back at whichever of the two comes last. Imported
+// handles (`cuMemImportFromShareableHandle`, another process's memory) have no entry: neither
+// charged nor tracked.
+
+/// Mappings of a handle (low bits of its entry's extra word).
+const HANDLE_MAPS: u64 = 0xffff_ffff;
+/// The handle was released while still mapped.
+const HANDLE_RELEASED: u64 = 1 << 63;
+/// Mappings one `cuMemUnmap` call gives back; any beyond stay charged (over-, never
+/// under-counted).
+const MAX_UNMAP: usize = 16;
+
 #[no_mangle]
 pub unsafe extern "C" fn gvh_cuMemRelease(handle: u64) -> CUresult {
     guard(|| {
-        counted_free(Kind::Handle, handle, || {
+        let real = || {
             call_real!(
                 cuMemRelease,
                 unsafe extern "C" fn(u64) -> CUresult,
                 (handle)
             )
-        })
+        };
+        if !matches!(mode(), Mode::Limit(..)) {
+            return real();
+        }
+        // Still mapped: the memory lives until the last unmap, and so does the charge.
+        let marked = table::update_aux(Kind::Handle, handle, |a| {
+            (a & HANDLE_MAPS != 0 && a & HANDLE_RELEASED == 0).then_some(a | HANDLE_RELEASED)
+        });
+        if marked.is_some() {
+            let rc = real();
+            if rc != CUDA_SUCCESS {
+                let _ = table::update_aux(Kind::Handle, handle, |a| Some(a & !HANDLE_RELEASED));
+            }
+            return rc;
+        }
+        counted_free(Kind::Handle, handle, real)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemMap(
+    ptr: u64,
+    size: usize,
+    offset: usize,
+    handle: u64,
+    flags: u64,
+) -> CUresult {
+    guard(|| {
+        let rc = call_real!(
+            cuMemMap,
+            unsafe extern "C" fn(u64, usize, usize, u64, u64) -> CUresult,
+            (ptr, size, offset, handle, flags)
+        );
+        if rc == CUDA_SUCCESS
+            && matches!(mode(), Mode::Limit(..))
+            && table::update_aux(Kind::Handle, handle, |a| Some(a + 1)).is_some()
+        {
+            // A full table leaves the mapping unknown: the handle then stays charged.
+            let _ = table::insert_aux(Kind::Mapping, ptr, 0, size as u64, handle);
+        }
+        rc
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemUnmap(ptr: u64, size: usize) -> CUresult {
+    guard(|| {
+        let real = || {
+            call_real!(
+                cuMemUnmap,
+                unsafe extern "C" fn(u64, usize) -> CUresult,
+                (ptr, size)
+            )
+        };
+        let Mode::Limit(l, s) = mode() else {
+            return real();
+        };
+        // Bookkeeping before the driver call (a handle freed here could be reissued by another
+        // thread's cuMemCreate the moment the driver returns), undone if the driver refuses.
+        let end = ptr.saturating_add(size as u64);
+        let mut unmapped = [(0u64, 0u64, 0u64); MAX_UNMAP];
+        let mut freed = [(0u64, 0usize, 0u64); MAX_UNMAP];
+        let (mut n, mut nf) = (0, 0);
+        let mut at = ptr;
+        while at < end && n < MAX_UNMAP {
+            let Some((_, len, handle)) = table::remove_aux(Kind::Mapping, at) else {
+                break;
+            };
+            unmapped[n] = (at, len, handle);
+            n += 1;
+            let now = table::update_aux(Kind::Handle, handle, |a| {
+                (a & HANDLE_MAPS != 0).then(|| a - 1)
+            });
+            if let Some((_, HANDLE_RELEASED)) = now {
+                if let Some((dev, bytes)) = table::remove(Kind::Handle, handle) {
+                    freed[nf] = (handle, dev, bytes);
+                    nf += 1;
+                }
+            }
+            if len == 0 {
+                break;
+            }
+            at = at.saturating_add(len);
+        }
+        let rc = real();
+        if rc == CUDA_SUCCESS {
+            for &(_, dev, bytes) in &freed[..nf] {
+                shm::uncharge(l, s, dev, bytes);
+            }
+        } else {
+            for &(handle, dev, bytes) in &freed[..nf] {
+                let _ = table::insert_aux(Kind::Handle, handle, dev, bytes, HANDLE_RELEASED);
+            }
+            for &(at, len, handle) in &unmapped[..n] {
+                let _ = table::update_aux(Kind::Handle, handle, |a| Some(a + 1));
+                let _ = table::insert_aux(Kind::Mapping, at, 0, len, handle);
+            }
+        }
+        rc
     })
 }
 

@@ -78,6 +78,8 @@ static TABLE: &[Entry] = &[
     ),
     e(b"cuMemCreate", &[(10020, b"cuMemCreate")]),
     e(b"cuMemRelease", &[(10020, b"cuMemRelease")]),
+    e(b"cuMemMap", &[(10020, b"cuMemMap")]),
+    e(b"cuMemUnmap", &[(10020, b"cuMemUnmap")]),
     e(
         b"cuArrayCreate",
         &[(2000, b"cuArrayCreate"), (3020, b"cuArrayCreate_v2")],

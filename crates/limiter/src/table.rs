@@ -3,7 +3,7 @@
 //!
 //! Why a hand-written table: the hot path may not allocate or lock, so `HashMap` behind a
 //! `Mutex` is out. This is a fixed-capacity open-addressing table of atomics in an anonymous
-//! `mmap` made once per process (lazily committed, so its 8 MiB of address space cost only the
+//! `mmap` made once per process (lazily committed, so its 12 MiB of address space cost only the
 //! pages touched). Insertion claims an empty or deleted slot with one CAS; removal turns the slot
 //! into a tombstone. A key is live in at most one slot because the driver never hands out the
 //! same pointer twice while it is allocated, and frees remove the entry *before* calling the
@@ -21,6 +21,9 @@ pub(crate) enum Kind {
     Handle = 2,
     Array = 3,
     Mipmap = 4,
+    /// A `cuMemMap` of a tracked handle: key = virtual address, bytes = mapped size,
+    /// aux = the handle.
+    Mapping = 5,
 }
 
 const CAPACITY: usize = 1 << 19;
@@ -34,6 +37,9 @@ struct Entry {
     key: AtomicU64,
     /// kind (8 bits) | device (8 bits) | bytes (48 bits); 0 while being filled in.
     meta: AtomicU64,
+    /// Per-kind extra state, written before `meta` publishes the entry (see `Kind`, and
+    /// `hooks` for `Handle`: mapping count and released flag).
+    aux: AtomicU64,
 }
 
 const TABLE_BYTES: usize = CAPACITY * std::mem::size_of::<Entry>();
@@ -118,6 +124,12 @@ fn hash(key: u64, kind: Kind) -> usize {
 /// keeps the charge: conservative, never under-counted).
 #[inline]
 pub(crate) fn insert(kind: Kind, key: u64, dev: usize, bytes: u64) -> bool {
+    insert_aux(kind, key, dev, bytes, 0)
+}
+
+/// [`insert`] with the entry's extra word.
+#[inline]
+pub(crate) fn insert_aux(kind: Kind, key: u64, dev: usize, bytes: u64, aux: u64) -> bool {
     let Some(t) = entries() else { return false };
     if key == EMPTY || key == TOMBSTONE || bytes > SIZE_MASK {
         return false;
@@ -132,6 +144,7 @@ pub(crate) fn insert(kind: Kind, key: u64, dev: usize, bytes: u64) -> bool {
                 .compare_exchange(k, key, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
         {
+            e.aux.store(aux, Ordering::Relaxed);
             e.meta.store(meta, Ordering::Release);
             return true;
         }
@@ -143,6 +156,51 @@ pub(crate) fn insert(kind: Kind, key: u64, dev: usize, bytes: u64) -> bool {
 /// Removes `key`, returning (device, bytes) if this process recorded it.
 #[inline]
 pub(crate) fn remove(kind: Kind, key: u64) -> Option<(usize, u64)> {
+    remove_aux(kind, key).map(|(dev, bytes, _)| (dev, bytes))
+}
+
+/// The live entry for `key`, if any.
+fn find(kind: Kind, key: u64) -> Option<&'static Entry> {
+    let t = entries()?;
+    let mut i = hash(key, kind);
+    for _ in 0..CAPACITY {
+        let e = &t[i];
+        let k = e.key.load(Ordering::Acquire);
+        if k == EMPTY {
+            return None;
+        }
+        if k == key && e.meta.load(Ordering::Acquire) >> 56 == kind as u64 {
+            return Some(e);
+        }
+        i = (i + 1) & (CAPACITY - 1);
+    }
+    None
+}
+
+/// Updates the extra word of `key` with `f` (a CAS loop; `f` returns `None` to leave it).
+/// Returns (old, new) if the entry exists and `f` changed it.
+pub(crate) fn update_aux(
+    kind: Kind,
+    key: u64,
+    f: impl Fn(u64) -> Option<u64>,
+) -> Option<(u64, u64)> {
+    let e = find(kind, key)?;
+    let mut cur = e.aux.load(Ordering::Acquire);
+    loop {
+        let next = f(cur)?;
+        match e
+            .aux
+            .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => return Some((cur, next)),
+            Err(seen) => cur = seen,
+        }
+    }
+}
+
+/// Removes `key`, returning (device, bytes, extra word) if this process recorded it.
+#[inline]
+pub(crate) fn remove_aux(kind: Kind, key: u64) -> Option<(usize, u64, u64)> {
     let t = entries()?;
     let mut i = hash(key, kind);
     for _ in 0..CAPACITY {
@@ -154,12 +212,13 @@ pub(crate) fn remove(kind: Kind, key: u64) -> Option<(usize, u64)> {
         if k == key {
             let meta = e.meta.load(Ordering::Acquire);
             if meta >> 56 == kind as u64 {
+                let aux = e.aux.load(Ordering::Acquire);
                 e.meta.store(0, Ordering::Relaxed);
                 if e.key
                     .compare_exchange(key, TOMBSTONE, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
                 {
-                    return Some((((meta >> SIZE_BITS) & 0xff) as usize, meta & SIZE_MASK));
+                    return Some((((meta >> SIZE_BITS) & 0xff) as usize, meta & SIZE_MASK, aux));
                 }
                 return None;
             }
@@ -188,5 +247,20 @@ mod tests {
         for k in 1..5000u64 {
             assert_eq!(remove(Kind::Array, k * 4096), Some((0, k)));
         }
+    }
+
+    #[test]
+    fn extra_word_updates_in_place() {
+        assert!(init());
+        assert!(insert_aux(Kind::Mapping, 0x9000, 0, 64, 7));
+        assert!(insert(Kind::Handle, 0x9000, 2, 128));
+        assert_eq!(
+            update_aux(Kind::Handle, 0x9000, |a| Some(a + 1)),
+            Some((0, 1))
+        );
+        assert_eq!(update_aux(Kind::Handle, 0x9000, |_| None), None);
+        assert_eq!(update_aux(Kind::Mipmap, 0x9000, |a| Some(a + 1)), None);
+        assert_eq!(remove_aux(Kind::Handle, 0x9000), Some((2, 128, 1)));
+        assert_eq!(remove_aux(Kind::Mapping, 0x9000), Some((0, 64, 7)));
     }
 }

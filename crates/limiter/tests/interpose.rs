@@ -204,6 +204,20 @@ fn every_allocation_and_launch_path_is_counted_on_every_route() {
     }
 }
 
+/// `cuMemCreate` memory stays charged while it is mapped, even once its handle is released (the
+/// driver frees it at whichever of release and last unmap comes last): releasing right after
+/// `cuMemMap` was a way around the quota.
+#[test]
+fn a_released_handle_stays_charged_while_mapped() {
+    let _load = shared();
+    let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
+    for route in ["dlsym", "gpa12", "gpa13"] {
+        let out = i.run(&["vmm", route]);
+        assert!(out.contains("OK"), "{out}");
+        assert_eq!(i.used(), 0, "{route}");
+    }
+}
+
 /// CUDA graphs by stream capture (PyTorch `torch.cuda.graph`): a launch into a capturing stream
 /// records a node and runs nothing, so the gate neither counts nor holds it (a throttled capture
 /// of a large graph would otherwise sleep for seconds); each replay counts once. Outside a

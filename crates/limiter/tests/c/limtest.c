@@ -1,7 +1,7 @@
 /* Test program driven by tests/interpose.rs: runs under LD_PRELOAD=libgpuvisor_limiter.so over
  * the fake libcuda.so.1 and checks what an application sees. Exit status 0 = all checks passed;
  * a failed check prints "FAIL file:line: ..." to stderr and exits 1.
- * Modes: boundary Q | paths ROUTE | capture ROUTE N M | legacy ROUTE N | gate PATH N | multidev N M | hold BYTES |
+ * Modes: boundary Q | paths ROUTE | vmm ROUTE | capture ROUTE N M | legacy ROUTE N | gate PATH N | multidev N M | hold BYTES |
  * race CHUNK | latefree BYTES | nvml | ctx BYTES | rate SECS | fork */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -329,6 +329,56 @@ static int mode_capture(const char *route, int n, int m) {
     return 0;
 }
 
+/* Virtual memory management: the driver frees a cuMemCreate allocation when its handle is
+ * released and its last mapping unmapped, in either order; the charge must last as long. */
+static int mode_vmm(const char *route) {
+    cuInit(0);
+    g_api = api_for(route);
+    CUresult (*map)(CUdeviceptr, size_t, size_t, u64, u64) = resolve(route, "cuMemMap", "cuMemMap");
+    CUresult (*unmap)(CUdeviceptr, size_t) = resolve(route, "cuMemUnmap", "cuMemUnmap");
+    const size_t G = 2 << 20;
+    const CUdeviceptr VA = 0x900000000000ull, VB = 0x910000000000ull;
+    PROP prop = {.type = 1, .locType = 1, .locId = 0};
+    u64 h1, h2, h3;
+    g_last_free = free_now();
+
+    /* create, map, release at once (the documented idiom), use, unmap */
+    CHECK(g_api.memCreate(&h1, G, &prop, 0) == 0, "create");
+    expect_taken("cuMemCreate", G);
+    CHECK(map(VA, G, 0, h1, 0) == 0, "map");
+    CHECK(g_api.memRelease(h1) == 0, "release while mapped");
+    expect_taken("release while mapped (memory still in use)", 0);
+    CHECK(fakecuda_mem_used() == G, "the double freed a mapped allocation");
+    CHECK(unmap(VB, G) != 0, "unmapping nothing must fail");
+    expect_taken("failed unmap", 0);
+    CHECK(unmap(VA, G) == 0, "unmap");
+    expect_given_back("last unmap of a released handle", G);
+    CHECK(fakecuda_mem_used() == 0, "double still holds %llu", fakecuda_mem_used());
+
+    /* one handle mapped twice, a second handle next to it, one unmap over two mappings */
+    CHECK(g_api.memCreate(&h2, G, &prop, 0) == 0 && g_api.memCreate(&h3, G, &prop, 0) == 0, "create");
+    expect_taken("two handles", 2 * G);
+    CHECK(map(VA, G, 0, h2, 0) == 0 && map(VA + G, G, 0, h3, 0) == 0 && map(VB, G, 0, h2, 0) == 0,
+          "maps");
+    CHECK(g_api.memRelease(h2) == 0 && g_api.memRelease(h3) == 0, "release");
+    expect_taken("released, all mapped", 0);
+    CHECK(unmap(VA, 2 * G) == 0, "unmap two mappings");
+    expect_given_back("h3 fully unmapped, h2 still mapped", G);
+    CHECK(unmap(VB, G) == 0, "unmap");
+    expect_given_back("h2 unmapped", G);
+
+    /* unmap first, release last (PyTorch expandable segments, vLLM) */
+    CHECK(g_api.memCreate(&h1, G, &prop, 0) == 0 && map(VA, G, 0, h1, 0) == 0, "create+map");
+    expect_taken("create", G);
+    CHECK(unmap(VA, G) == 0, "unmap");
+    expect_taken("unmapped, handle held", 0);
+    CHECK(g_api.memRelease(h1) == 0, "release");
+    expect_given_back("release after unmap", G);
+    CHECK(fakecuda_mem_used() == 0, "double still holds %llu", fakecuda_mem_used());
+    printf("OK vmm %s\n", route);
+    return 0;
+}
+
 /* The legacy launch API, and cuLaunchHostFunc (a host function: must not pass the gate). */
 typedef struct {
     CUresult (*launch)(CUfunction);
@@ -651,6 +701,7 @@ int main(int argc, char **argv) {
     u64 arg = argc > 2 ? strtoull(argv[2], NULL, 0) : 0;
     if (!strcmp(m, "boundary")) return mode_boundary(arg);
     if (!strcmp(m, "paths")) return mode_paths(argv[2], argc > 3 ? atoi(argv[3]) : 10);
+    if (!strcmp(m, "vmm")) return mode_vmm(argv[2]);
     if (!strcmp(m, "capture"))
         return mode_capture(argv[2], argc > 3 ? atoi(argv[3]) : 5, argc > 4 ? atoi(argv[4]) : 3);
     if (!strcmp(m, "legacy")) return mode_legacy(argv[2], argc > 3 ? atoi(argv[3]) : 10);
