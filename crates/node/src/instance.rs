@@ -184,11 +184,14 @@ impl Node {
     /// left alone, a created-but-stopped one is replaced.
     pub fn provision(&self, plan: &InstancePlan) -> Result<(), NodeError> {
         let id = plan.id.as_str();
-        if let Some(st) = self.runtime.state(id)? {
-            if st.status == "running" {
-                return Ok(());
+        // A fresh instance has no runtime state: skip asking the runtime about it.
+        if self.runtime.may_know(id) {
+            if let Some(st) = self.runtime.state(id)? {
+                if st.status == "running" {
+                    return Ok(());
+                }
+                self.runtime.delete(id, true)?;
             }
-            self.runtime.delete(id, true)?;
         }
         let tnet = TenantNet {
             slot: plan.net_slot,
