@@ -122,7 +122,7 @@ fn mig_slices_are_schedulable_devices() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let on_slice = d.create(&[
+    let on_slice_args = [
         "--gpus",
         "1",
         "--gpu-model",
@@ -132,7 +132,8 @@ fn mig_slices_are_schedulable_devices() {
         "--",
         "sleep",
         "1000000",
-    ]);
+    ];
+    let on_slice = d.create(&on_slice_args);
     let i = d.json(&["instance", "get", &on_slice]);
     let got = i["gpus"][0]["uuid"].as_str().unwrap().to_string();
     assert!(got.starts_with("MIG-"), "{i}");
@@ -150,17 +151,7 @@ fn mig_slices_are_schedulable_devices() {
     let listed: Vec<Value> = slices(&d);
     let mine = listed.iter().find(|g| g["uuid"] == got.as_str()).unwrap();
     assert_eq!(mine["instances"][0], on_slice.as_str());
-    let second = d.create(&[
-        "--gpus",
-        "1",
-        "--gpu-model",
-        "A100-80GB-3g.40gb",
-        "--memory",
-        "64MiB",
-        "--",
-        "sleep",
-        "1000000",
-    ]);
+    let second = d.create(&on_slice_args);
     let s2 = d.json(&["instance", "get", &second]);
     assert_ne!(s2["gpus"][0]["uuid"], got.as_str());
     d.json(&["instance", "terminate", &second, "--wait"]);

@@ -265,7 +265,7 @@ pub struct GpuUsage {
     pub launches: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Gpu {
     pub uuid: String,
     pub index: u32,

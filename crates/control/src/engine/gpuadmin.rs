@@ -131,14 +131,7 @@ impl Engine {
             })
             .map(|g| g.uuid)
             .collect();
-        let users: Vec<String> = self
-            .store
-            .live_instances(None)
-            .await?
-            .into_iter()
-            .filter(|i| i.gpus.iter().any(|b| slices.contains(&b.uuid)))
-            .map(|i| i.id)
-            .collect();
+        let users = self.holders(&slices).await?;
         if !users.is_empty() {
             return Err(EngineError::InUse(format!(
                 "GPU instance {gi} of GPU {} is used by {}: terminate it first",
@@ -188,6 +181,19 @@ impl Engine {
         self.sync_gpus(super::now_ms()).await
     }
 
+    /// Ids of the live instances (running or stopped: both keep their reservation) bound to any
+    /// of `uuids`.
+    async fn holders(&self, uuids: &[String]) -> Result<Vec<String>> {
+        Ok(self
+            .store
+            .live_instances(None)
+            .await?
+            .into_iter()
+            .filter(|i| i.gpus.iter().any(|b| uuids.contains(&b.uuid)))
+            .map(|i| i.id)
+            .collect())
+    }
+
     async fn listed_gpu(&self, who: &Principal, uuid: &str) -> Result<wire::Gpu> {
         self.list_gpus(who)
             .await?
@@ -225,14 +231,7 @@ impl Engine {
                 })
                 .map(|g| g.uuid),
         );
-        let users: Vec<String> = self
-            .store
-            .live_instances(None)
-            .await?
-            .into_iter()
-            .filter(|i| i.gpus.iter().any(|b| held.contains(&b.uuid)))
-            .map(|i| i.id)
-            .collect();
+        let users = self.holders(&held).await?;
         if !users.is_empty() {
             return Err(EngineError::InUse(format!(
                 "GPU {} is used by instance{} {}: terminate {} first",

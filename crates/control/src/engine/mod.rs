@@ -539,14 +539,9 @@ impl Engine {
                 pci_address: g.pci_address,
                 numa_node: g.numa_node,
                 backend: backend.to_string(),
-                allocated_milli: 0,
-                allocated_vram: 0,
-                instances: vec![],
-                driver: None,
-                passthrough_ready: false,
                 mig_enabled: g.mig_enabled,
                 mig: g.mig.map(|m| m.slice),
-                cordoned: None,
+                ..Default::default()
             };
             self.fill_driver(&mut gpu);
             gpu
@@ -565,14 +560,7 @@ impl Engine {
                 pci_address: g.pci_address,
                 numa_node: g.numa_node,
                 backend: g.backend,
-                allocated_milli: 0,
-                allocated_vram: 0,
-                instances: vec![],
-                driver: None,
-                passthrough_ready: false,
-                mig_enabled: false,
-                mig: None,
-                cordoned: None,
+                ..Default::default()
             });
         let mut out: Vec<wire::Gpu> = host.chain(simulated).collect();
         for gpu in &mut out {
