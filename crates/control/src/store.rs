@@ -3,10 +3,12 @@
 //! JSON as TEXT, `$n` parameters in order of appearance. Everything above talks to [`Store`]; no
 //! SQL lives anywhere else.
 
+use crate::telemetry::history::MinuteRecord;
 use gpuvisor_wire::{InstanceState, Role};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
+use std::collections::BTreeMap;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -189,6 +191,29 @@ fn gpu(r: &AnyRow) -> Result<GpuRow> {
         numa_node: numa.map(|n| n as u32),
         backend: r.try_get("backend")?,
     })
+}
+
+/// `1.5,,3` for [1.5, NaN, 3]: shortest round-trip form of each value, empty for NaN.
+fn encode_values(v: &[f32]) -> String {
+    v.iter()
+        .map(|x| {
+            if x.is_finite() {
+                x.to_string()
+            } else {
+                String::new()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn decode_values(s: &str) -> Vec<f32> {
+    if s.is_empty() {
+        return Vec::new();
+    }
+    s.split(',')
+        .map(|x| x.parse().unwrap_or(f32::NAN))
+        .collect()
 }
 
 fn image(r: &AnyRow) -> Result<ImageRow> {
@@ -524,6 +549,59 @@ impl Store {
             .iter()
             .map(|r| Ok((r.try_get("uuid")?, r.try_get("reason")?)))
             .collect()
+    }
+
+    // --- metric history ---------------------------------------------------------------------
+
+    /// Saves closed metric minutes (`(entity, record)`); a minute already saved is kept.
+    pub async fn save_metric_minutes(&self, rows: &[(String, MinuteRecord)]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (entity, r) in rows {
+            sqlx::query(
+                "INSERT INTO metric_minutes (entity, at, avg, max) VALUES ($1, $2, $3, $4) ON CONFLICT (entity, at) DO NOTHING",
+            )
+            .bind(entity.clone())
+            .bind(r.start)
+            .bind(encode_values(&r.avg))
+            .bind(encode_values(&r.max))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_write)?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every saved minute from `since` (ms) on, by entity, oldest first.
+    pub async fn metric_minutes(&self, since: i64) -> Result<BTreeMap<String, Vec<MinuteRecord>>> {
+        let rows = sqlx::query(
+            "SELECT entity, at, avg, max FROM metric_minutes WHERE at >= $1 ORDER BY entity, at",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: BTreeMap<String, Vec<MinuteRecord>> = BTreeMap::new();
+        for r in &rows {
+            let entity: String = r.try_get("entity")?;
+            out.entry(entity).or_default().push(MinuteRecord {
+                start: r.try_get("at")?,
+                avg: decode_values(&r.try_get::<String, _>("avg")?),
+                max: decode_values(&r.try_get::<String, _>("max")?),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes saved minutes older than `before` (ms); returns how many.
+    pub async fn prune_metric_minutes(&self, before: i64) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM metric_minutes WHERE at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
     }
 
     // --- images ---------------------------------------------------------------------------

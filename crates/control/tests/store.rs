@@ -1089,3 +1089,110 @@ async fn store_reopens_with_its_data() {
     )
     .await;
 }
+
+/// The 7-day history survives a restart: minutes a `Telemetry` closes are saved, a fresh one
+/// (the restarted daemon) gets them back and answers the same minute query; pruning deletes
+/// what is older than the window; a minute saved twice stays one row.
+#[tokio::test]
+async fn metric_minutes_save_restore_and_prune() {
+    use gpuvisor_control::telemetry::{GpuMeta, Telemetry};
+    use gpuvisor_node::telemetry::{GpuReading, HostSample, InstanceReading};
+    use std::collections::BTreeMap;
+    for_each_backend(|db| async move {
+        let meta = || {
+            vec![GpuMeta {
+                uuid: "GPU-0".into(),
+                index: 0,
+                model: "H100-80GB".into(),
+                model_name: "NVIDIA H100 80GB HBM3".into(),
+                pci_address: "0000:01:00.0".into(),
+            }]
+        };
+        let t = Telemetry::new("host", meta());
+        let t0: i64 = 1_800_000_000_000; // a whole minute
+        let tenants = BTreeMap::from([("i1".to_string(), "acme".to_string())]);
+        for s in 0..185 {
+            let sample = HostSample {
+                gpus: vec![GpuReading {
+                    uuid: "GPU-0".into(),
+                    util: Some((s % 60) as f64),
+                    mem_total: 80 << 30,
+                    ..Default::default()
+                }],
+                instances: vec![InstanceReading {
+                    id: "i1".into(),
+                    mem_bytes: Some(1000 + s as u64),
+                    ..Default::default()
+                }],
+                xids: vec![],
+            };
+            t.ingest(t0 + s * 1000, sample, &tenants);
+        }
+        let rows = t.drain_unsaved();
+        assert_eq!(rows.len(), 6, "3 closed minutes of 2 entities");
+        db.store.save_metric_minutes(&rows).await.unwrap();
+        db.store.save_metric_minutes(&rows[..1]).await.unwrap();
+        let saved = db.store.metric_minutes(0).await.unwrap();
+        assert_eq!(saved.len(), 2, "{:?}", saved.keys());
+        assert_eq!(saved["gpu:GPU-0"].len(), 3);
+        assert_eq!(saved["instance:i1"].len(), 3);
+
+        let fresh = Telemetry::new("host", meta());
+        for (entity, records) in saved {
+            match entity.split_once(':').unwrap() {
+                ("gpu", uuid) => fresh.restore_gpu(uuid, records),
+                (_, id) => fresh.restore_instance(id, "acme", t0 + 200_000, records),
+            }
+        }
+        let until = t0 + 180_000;
+        let strip = |(step, series): (i64, Vec<gpuvisor_wire::MetricSeries>)| {
+            let pts: Vec<Vec<gpuvisor_wire::MetricPoint>> = series
+                .into_iter()
+                .map(|s| s.points.into_iter().filter(|p| p.t < until).collect())
+                .collect();
+            (step, pts)
+        };
+        let before = strip(t.gpu_history("GPU-0", t0, 60_000).unwrap());
+        let after = strip(fresh.gpu_history("GPU-0", t0, 60_000).unwrap());
+        assert_eq!(after, before);
+        assert_eq!(after.1[0].len(), 3, "{:?}", after.1[0]);
+        let before = strip(t.instance_history("i1", t0, 60_000));
+        let after = strip(fresh.instance_history("i1", t0, 60_000));
+        assert_eq!(after, before);
+        assert!(after.1.iter().any(|p| !p.is_empty()));
+
+        assert_eq!(
+            db.store.prune_metric_minutes(t0 + 60_000).await.unwrap(),
+            2,
+            "the first minute of both entities"
+        );
+        let left = db.store.metric_minutes(0).await.unwrap();
+        assert_eq!(left["gpu:GPU-0"].len(), 2);
+    })
+    .await;
+}
+
+/// Cordons are kept until lifted; the first reason wins; lifting twice says so.
+#[tokio::test]
+async fn cordons_persist_until_lifted() {
+    for_each_backend(|db| async move {
+        assert!(db.store.cordon("GPU-1", "XID 79", 10).await.unwrap());
+        assert!(!db.store.cordon("GPU-1", "operator", 20).await.unwrap());
+        assert!(db
+            .store
+            .cordon("GPU-0", "operator: fans", 30)
+            .await
+            .unwrap());
+        assert_eq!(
+            db.store.cordons().await.unwrap(),
+            vec![
+                ("GPU-1".to_string(), "XID 79".to_string()),
+                ("GPU-0".to_string(), "operator: fans".to_string())
+            ]
+        );
+        assert!(db.store.uncordon("GPU-1").await.unwrap());
+        assert!(!db.store.uncordon("GPU-1").await.unwrap());
+        assert_eq!(db.store.cordons().await.unwrap().len(), 1);
+    })
+    .await;
+}

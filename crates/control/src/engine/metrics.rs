@@ -16,6 +16,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How far back the minute aggregates reach, in memory and in the store: seven days.
+const HISTORY_WINDOW_MS: i64 = crate::telemetry::history::MINUTES_KEPT as i64 * 60_000;
+
 /// The telemetry state for this node's GPUs.
 pub(super) fn telemetry_for(node: &Node, hostname: &str) -> Telemetry {
     let gpus = node
@@ -56,10 +59,22 @@ impl Engine {
                 return;
             }
         };
+        self.restore_history().await;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut n: u64 = 0;
         loop {
             tick.tick().await;
+            // Saved minutes older than the history window go once an hour (bounded on disk).
+            if n.is_multiple_of(3600) {
+                let before = now_ms() - HISTORY_WINDOW_MS;
+                match self.store.prune_metric_minutes(before).await {
+                    Ok(k) if k > 0 => tracing::debug!(rows = k, "metric history pruned"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("metric history prune: {e}"),
+                }
+            }
+            n += 1;
             match self.sample_once(sampler).await {
                 Ok(s) => sampler = s,
                 Err(e) => {
@@ -67,6 +82,41 @@ impl Engine {
                     return;
                 }
             }
+        }
+    }
+
+    /// Puts the saved minute aggregates of the last 7 days back into the GPUs' and instances'
+    /// histories (after a restart).
+    async fn restore_history(&self) {
+        let saved = match self
+            .store
+            .metric_minutes(now_ms() - HISTORY_WINDOW_MS)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("metric history not restored: {e}");
+                return;
+            }
+        };
+        let now = now_ms();
+        let mut restored = 0usize;
+        for (entity, records) in saved {
+            restored += records.len();
+            if let Some(uuid) = entity.strip_prefix("gpu:") {
+                self.telemetry.restore_gpu(uuid, records);
+            } else if let Some(id) = entity.strip_prefix("instance:") {
+                self.telemetry.restore_instance(id, "", now, records);
+            }
+        }
+        tracing::info!(minutes = restored, "metric history restored");
+    }
+
+    /// Writes the minutes the histories closed since the last call.
+    async fn save_history(&self) {
+        let rows = self.telemetry.drain_unsaved();
+        if let Err(e) = self.store.save_metric_minutes(&rows).await {
+            tracing::warn!(minutes = rows.len(), "metric history not saved: {e}");
         }
     }
 
@@ -152,6 +202,7 @@ impl Engine {
         .map_err(|e| EngineError::Internal(format!("telemetry sample: {e}")))?;
         let now = now_ms();
         let alarms = self.telemetry.ingest(now, sample, &inst_tenant);
+        self.save_history().await;
         for a in alarms {
             if a.cordoned {
                 // Persisted so the cordon survives a restart until `gpu uncordon`.

@@ -6,6 +6,11 @@
 //! are NaN, skipped by aggregation. Rings grow up to their capacity and never beyond, so one
 //! entity costs at most `3600·(8 + 4·m) + 10080·(8 + 8·m)` bytes for `m` metrics (about 1 MiB
 //! for 8 metrics) however long the daemon runs.
+//!
+//! Persistence: every closed minute is also queued ([`History::take_unsaved`], at most
+//! [`UNSAVED_KEPT`] held) for the engine to write to the store, and [`History::restore`] puts
+//! stored minutes back after a restart, so the 7-day view survives it; the 1 s samples are
+//! memory only (an hour of them is lost on restart, and queries then answer from the minutes).
 
 use gpuvisor_wire::MetricPoint;
 
@@ -13,6 +18,17 @@ use gpuvisor_wire::MetricPoint;
 pub const SECONDS_KEPT: usize = 3600;
 /// 1 min aggregates kept: seven days.
 pub const MINUTES_KEPT: usize = 7 * 24 * 60;
+
+/// Closed minutes waiting to be written out, at most (older ones are dropped if nobody drains).
+pub const UNSAVED_KEPT: usize = 120;
+
+/// One closed minute: start (ms), then per metric its mean and maximum (NaN where missing).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MinuteRecord {
+    pub start: i64,
+    pub avg: Vec<f32>,
+    pub max: Vec<f32>,
+}
 
 /// A ring of at most `cap` items, oldest first on iteration.
 #[derive(Debug, Clone)]
@@ -88,6 +104,7 @@ pub struct History {
     mins_avg: Vec<Ring<f32>>,
     mins_max: Vec<Ring<f32>>,
     cur: Option<Minute>,
+    unsaved: Vec<MinuteRecord>,
 }
 
 const MINUTE_MS: i64 = 60_000;
@@ -105,6 +122,7 @@ impl History {
             mins_avg: (0..metrics).map(|_| Ring::new(minutes)).collect(),
             mins_max: (0..metrics).map(|_| Ring::new(minutes)).collect(),
             cur: None,
+            unsaved: Vec::new(),
         }
     }
 
@@ -152,15 +170,78 @@ impl History {
         let Some(c) = self.cur.take() else {
             return;
         };
-        self.mins_t.push(c.start);
-        for i in 0..self.mins_avg.len() {
-            let avg = if c.n[i] > 0 {
-                (c.sum[i] / f64::from(c.n[i])) as f32
-            } else {
-                f32::NAN
-            };
-            self.mins_avg[i].push(avg);
-            self.mins_max[i].push(c.max[i]);
+        let avg: Vec<f32> = (0..self.mins_avg.len())
+            .map(|i| {
+                if c.n[i] > 0 {
+                    (c.sum[i] / f64::from(c.n[i])) as f32
+                } else {
+                    f32::NAN
+                }
+            })
+            .collect();
+        let rec = MinuteRecord {
+            start: c.start,
+            avg,
+            max: c.max,
+        };
+        self.push_minute(&rec);
+        if self.unsaved.len() >= UNSAVED_KEPT {
+            self.unsaved.remove(0);
+        }
+        self.unsaved.push(rec);
+    }
+
+    fn push_minute(&mut self, rec: &MinuteRecord) {
+        self.mins_t.push(rec.start);
+        for (i, (a, x)) in self.mins_avg.iter_mut().zip(&mut self.mins_max).enumerate() {
+            a.push(rec.avg.get(i).copied().unwrap_or(f32::NAN));
+            x.push(rec.max.get(i).copied().unwrap_or(f32::NAN));
+        }
+    }
+
+    /// Closed minutes not yet handed out for saving, oldest first.
+    pub fn take_unsaved(&mut self) -> Vec<MinuteRecord> {
+        std::mem::take(&mut self.unsaved)
+    }
+
+    /// Puts saved minutes back (after a restart): those older than everything held, in time
+    /// order; the rest are ignored (already here). Records with another metric count are padded
+    /// or cut, so a daemon that gained a metric still restores the others.
+    pub fn restore(&mut self, mut records: Vec<MinuteRecord>) {
+        let first = self
+            .mins_t
+            .get(0)
+            .into_iter()
+            .chain(self.cur.as_ref().map(|c| c.start))
+            .chain(self.secs_t.get(0).map(|t| t - t.rem_euclid(MINUTE_MS)))
+            .min()
+            .unwrap_or(i64::MAX);
+        records.retain(|r| r.start < first);
+        records.sort_by_key(|r| r.start);
+        records.dedup_by_key(|r| r.start);
+        let held: Vec<MinuteRecord> = (0..self.mins_t.len())
+            .filter_map(|k| {
+                Some(MinuteRecord {
+                    start: self.mins_t.get(k)?,
+                    avg: self
+                        .mins_avg
+                        .iter()
+                        .map(|r| r.get(k).unwrap_or(f32::NAN))
+                        .collect(),
+                    max: self
+                        .mins_max
+                        .iter()
+                        .map(|r| r.get(k).unwrap_or(f32::NAN))
+                        .collect(),
+                })
+            })
+            .collect();
+        let (m, cap) = (self.mins_avg.len(), self.mins_t.capacity());
+        self.mins_t = Ring::new(cap);
+        self.mins_avg = (0..m).map(|_| Ring::new(cap)).collect();
+        self.mins_max = (0..m).map(|_| Ring::new(cap)).collect();
+        for r in records.iter().chain(&held) {
+            self.push_minute(r);
         }
     }
 
@@ -173,8 +254,12 @@ impl History {
         let oldest_sec = self.secs_t.get(0).unwrap_or(i64::MAX);
         let m = self.secs.len();
         // The 1 s ring answers when it reaches back to `since`, or when it has never dropped a
-        // sample (then the aggregates hold nothing older).
-        let complete = self.secs_t.len() < self.secs_t.capacity();
+        // sample and no minute lies wholly before it (only restored minutes do).
+        let restored_older = self
+            .mins_t
+            .get(0)
+            .is_some_and(|m| m + MINUTE_MS <= oldest_sec);
+        let complete = self.secs_t.len() < self.secs_t.capacity() && !restored_older;
         if step < MINUTE_MS && (complete || since >= oldest_sec.saturating_sub(1000)) {
             let out = (0..m)
                 .map(|i| {
@@ -334,5 +419,51 @@ mod tests {
         let (_, pts) = h.query(0, 1000);
         assert_eq!(pts[0].len(), 1);
         assert_eq!(pts[0][0].avg, 4.0);
+    }
+
+    /// Closed minutes are handed out once for saving; restored into a fresh history (a daemon
+    /// restart) they answer the minute queries as before, and 1 s queries reaching back past
+    /// the new 1 s samples answer from them.
+    #[test]
+    fn minutes_survive_a_restart_through_save_and_restore() {
+        let t0 = 6_000_000_000_000;
+        let mut h = History::with_capacity(2, 3600, 100);
+        for s in 0..180 {
+            h.push(t0 + s * 1000, &[(s % 60) as f32, f32::NAN]);
+        }
+        let saved = h.take_unsaved();
+        assert_eq!(saved.len(), 2, "two closed minutes");
+        assert!(h.take_unsaved().is_empty(), "handed out once");
+        assert_eq!(saved[0].start, t0);
+        assert_eq!((saved[0].avg[0], saved[0].max[0]), (29.5, 59.0));
+        assert!(saved[0].avg[1].is_nan());
+        let before = h.query(t0, 60_000);
+
+        // The restarted daemon samples again from minute 5 and gets the saved minutes back.
+        let mut r = History::with_capacity(2, 3600, 100);
+        for s in 300..310 {
+            r.push(t0 + s * 1000, &[1.0, 2.0]);
+        }
+        let mut again = saved.clone();
+        again.push(saved[0].clone()); // duplicates are ignored
+        r.restore(again);
+        assert_eq!(r.lens(), (10, 2));
+        let (step, pts) = r.query(t0, 60_000);
+        assert_eq!(step, 60_000);
+        assert_eq!(pts[0][..2], before.1[0][..2]);
+        assert_eq!(pts[0].len(), 3, "two restored minutes and the open one");
+        // A 1 s query from before the restart falls back to the minutes.
+        let (step, _) = r.query(t0, 1000);
+        assert_eq!(step, 60_000);
+        // From after the restart, 1 s points.
+        let (step, pts) = r.query(t0 + 300_000, 1000);
+        assert_eq!((step, pts[0].len()), (1000, 10));
+        // Minutes newer than what is held are not restored over it.
+        r.restore(vec![MinuteRecord {
+            start: t0 + 300_000,
+            avg: vec![99.0, 99.0],
+            max: vec![99.0, 99.0],
+        }]);
+        assert_eq!(r.lens(), (10, 2));
     }
 }

@@ -20,7 +20,7 @@ pub mod xid;
 
 use gpuvisor_node::telemetry::{GpuReading, HostSample, InstanceReading};
 use gpuvisor_wire::{GpuStats, MetricSeries};
-use history::History;
+use history::{History, MinuteRecord};
 use prom::{Format, Kind, Writer};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -121,6 +121,20 @@ struct InstState {
     rx_bps: Option<f64>,
     tx_bps: Option<f64>,
     history: History,
+}
+
+impl InstState {
+    fn new(tenant: String, at: i64) -> Self {
+        Self {
+            tenant,
+            last: InstanceReading::default(),
+            at,
+            cpu_pct: None,
+            rx_bps: None,
+            tx_bps: None,
+            history: History::new(INSTANCE_METRICS.len()),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -346,15 +360,7 @@ impl Telemetry {
             let e = st
                 .instances
                 .entry(r.id.clone())
-                .or_insert_with(|| InstState {
-                    tenant: String::new(),
-                    last: InstanceReading::default(),
-                    at: 0,
-                    cpu_pct: None,
-                    rx_bps: None,
-                    tx_bps: None,
-                    history: History::new(INSTANCE_METRICS.len()),
-                });
+                .or_insert_with(|| InstState::new(String::new(), 0));
             if let Some(t) = tenants.get(&r.id) {
                 e.tenant.clone_from(t);
             }
@@ -396,6 +402,48 @@ impl Telemetry {
             };
         }
         alarms
+    }
+
+    /// Closed minutes of every GPU and instance not yet saved, keyed by entity (`gpu:<uuid>`,
+    /// `instance:<id>`): the engine writes them to the store.
+    pub fn drain_unsaved(&self) -> Vec<(String, MinuteRecord)> {
+        let mut st = self.state();
+        let mut out = Vec::new();
+        for (uuid, g) in &mut st.gpus {
+            out.extend(
+                g.history
+                    .take_unsaved()
+                    .into_iter()
+                    .map(|r| (gpu_entity(uuid), r)),
+            );
+        }
+        for (id, i) in &mut st.instances {
+            out.extend(
+                i.history
+                    .take_unsaved()
+                    .into_iter()
+                    .map(|r| (instance_entity(id), r)),
+            );
+        }
+        out
+    }
+
+    /// Puts saved minutes back into a GPU's history (after a restart); unknown GPUs are skipped.
+    pub fn restore_gpu(&self, uuid: &str, records: Vec<MinuteRecord>) {
+        if let Some(g) = self.state().gpus.get_mut(uuid) {
+            g.history.restore(records);
+        }
+    }
+
+    /// Puts saved minutes back into an instance's history (after a restart), at `now` (ms), so
+    /// it is kept like an instance sampled then.
+    pub fn restore_instance(&self, id: &str, tenant: &str, now: i64, records: Vec<MinuteRecord>) {
+        let mut st = self.state();
+        let e = st
+            .instances
+            .entry(id.to_string())
+            .or_insert_with(|| InstState::new(tenant.to_string(), now));
+        e.history.restore(records);
     }
 
     /// History of a GPU: `None` if unknown.
@@ -733,6 +781,16 @@ impl Telemetry {
         }
         w.finish()
     }
+}
+
+/// The store key of a GPU's saved history.
+pub fn gpu_entity(uuid: &str) -> String {
+    format!("gpu:{uuid}")
+}
+
+/// The store key of an instance's saved history.
+pub fn instance_entity(id: &str) -> String {
+    format!("instance:{id}")
 }
 
 fn series(h: &History, names: &[&str], since: i64, step: i64) -> (i64, Vec<MetricSeries>) {
