@@ -2,10 +2,11 @@
 //! The engine's VFIO commands, `Engine::bind_vfio` and `Engine::release_gpu`, end to end over a
 //! fixture host: `Node::open` on a fixture root (so the GPU backend is the sysfs scan of the
 //! fixture tree; NVML is never tried there), a SQLite store in a temporary directory, the
-//! daemon's placer. The node layer's tests prove the write sequence against a recording writer;
+//! daemon's placer. The node layer's tests prove the write sequence against the kernel double;
 //! these prove the engine's rules around it (admin only, refused while an instance holds the
-//! GPU, passthrough GPUs kept out of placement) and that the engine's real writes, served by
-//! the fixture's kernel double (`testfx::FifoKernel`), leave the host as the kernel would.
+//! GPU, passthrough GPUs kept out of placement) and that the engine's writes, made through the
+//! node's writer (`Node::with_sys_writer`, here the fixture's kernel double `testfx::Kernel`),
+//! leave the host as the kernel would.
 //!
 //! `Node::open` does real host work: base iptables chains (idempotent, host-wide, shared with
 //! the daemon), and a `runc --version` probe. The tests need root and runc, as CI has; they
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use gpuvisor_control::placement::Scheduled;
 use gpuvisor_control::store::{ImageRow, Store};
 use gpuvisor_control::{Engine, EngineConfig, EngineError, Principal};
-use gpuvisor_node::testfx::{FifoKernel, Fx, GPU, GPU_AUDIO, SATA};
+use gpuvisor_node::testfx::{Fx, Kernel, GPU, GPU_AUDIO, SATA};
 use gpuvisor_node::vfio;
 use gpuvisor_node::{Node, NodeConfig};
 use gpuvisor_wire as wire;
@@ -35,8 +36,10 @@ struct Host {
     admin: Principal,
     /// A tenant's key (role user).
     user: Principal,
+    /// The node's writer of sysfs: logs and applies the engine's writes.
+    kernel: Arc<Kernel>,
     /// Dropped after the engine: it removes the fixture tree.
-    kernel: FifoKernel,
+    fx: Fx,
     _data: tempfile::TempDir,
 }
 
@@ -49,7 +52,7 @@ impl Host {
         // The presets say AppArmor is on; Node::open would then load a profile into the real
         // host's AppArmor. Not for a fixture.
         fx.file("/sys/module/apparmor/parameters/enabled", "N\n");
-        let kernel = FifoKernel::install(fx);
+        let kernel = Arc::new(Kernel::new(fx.root()));
         let data = tempfile::tempdir().unwrap();
         let cfg = NodeConfig {
             data_dir: data.path().to_path_buf(),
@@ -58,7 +61,7 @@ impl Host {
             net_pool: NET_POOL,
             nat: false,
             pids_limit: 4096,
-            root: kernel.root(),
+            root: fx.root(),
             limiter_lib: None,
             limiter_context_bytes: 0,
         };
@@ -70,7 +73,8 @@ impl Host {
                     "Node::open on the fixture host failed: {e}\n\
                      these tests run as root with iptables and runc installed (as CI does)"
                 )
-            });
+            })
+            .with_sys_writer(kernel.clone());
         assert_eq!(
             node.backend().as_str(),
             "sysfs",
@@ -138,6 +142,7 @@ impl Host {
             admin,
             user,
             kernel,
+            fx,
             _data: data,
         }
     }
@@ -155,8 +160,7 @@ impl Host {
 
     /// The driver sysfs shows for a function (read as `vfio` reads it).
     fn driver(&self, addr: &str) -> Option<String> {
-        self.kernel.settle();
-        vfio::current_driver(&self.kernel.root(), addr)
+        vfio::current_driver(&self.fx.root(), addr)
     }
 
     /// A tenant instance asking for one whole GPU.

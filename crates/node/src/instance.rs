@@ -9,11 +9,13 @@ use crate::image::{ImageError, ImageStore};
 use crate::limiter::{GpuShare, Limiters};
 use crate::net::{NetConfig, NetError, Network, TenantNet};
 use crate::runtime::{BindMount, BundleSpec, ExecOutput, OciRuntime, RuntimeError};
+use crate::vfio::{FsWriter, SysWriter};
 use crate::{cgroup, HostRoot};
 pub use gpuvisor_limiter::shm::Priority;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -106,6 +108,9 @@ pub struct Node {
     pub limiters: Limiters,
     /// The AppArmor profile for instances, where the host has AppArmor.
     pub apparmor: Option<String>,
+    /// How host attributes (sysfs: VFIO binding) are written: the real files unless replaced
+    /// with [`Node::with_sys_writer`].
+    sys: Arc<dyn SysWriter + Send + Sync>,
 }
 
 impl Node {
@@ -153,7 +158,21 @@ impl Node {
             runtime,
             limiters,
             apparmor,
+            sys: Arc::new(FsWriter),
         })
+    }
+
+    /// Replaces the writer of host attributes. For tests and host doubles (a fixture root's
+    /// kernel, `testfx::Kernel`); the daemon keeps the real [`FsWriter`].
+    #[must_use]
+    pub fn with_sys_writer(mut self, w: Arc<dyn SysWriter + Send + Sync>) -> Self {
+        self.sys = w;
+        self
+    }
+
+    /// The writer of host attributes (sysfs), for the VFIO commands.
+    pub fn sys_writer(&self) -> Arc<dyn SysWriter + Send + Sync> {
+        self.sys.clone()
     }
 
     /// The GPU inventory: whole GPUs, GPUs in MIG mode and their slices.

@@ -7,22 +7,20 @@
 //! IOMMU groups, a GPU sharing its group with a SATA controller, IOMMU off, SR-IOV, MIG.
 //!
 //! Other crates' tests (the engine's `bind_vfio`/`release_gpu`) get this module through the
-//! `testfx` feature. They write sysfs with the real writer, so [`FifoKernel`] plays the kernel
-//! behind the fixture's attributes. The module needs no dev-dependency for that reason:
-//! [`FxDir`] stands in for `tempfile`.
+//! `testfx` feature, so it needs no dev-dependency: [`FxDir`] stands in for `tempfile`. Writes to
+//! the fixture's sysfs go through [`Kernel`], the one kernel double: the `vfio` tests pass it to
+//! `bind_vfio_with`/`release_with`, the engine's tests install it in the node with
+//! `Node::with_sys_writer`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use crate::vfio::SysWriter;
 use crate::HostRoot;
-use std::collections::HashMap;
 use std::fs;
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 pub const GPU: &str = "0000:3b:00.0";
 pub const GPU_AUDIO: &str = "0000:3b:00.1";
@@ -351,391 +349,199 @@ fn link_bus_in(root: &HostRoot, addr: &str) {
     .unwrap();
 }
 
-/// What a FIFO of the [`FifoKernel`] stands for.
-#[derive(Debug, Clone)]
-enum Attr {
-    /// `devices/<addr>/driver_override`.
-    Override(String),
-    /// `drivers/<driver>/bind`.
-    Bind(String),
-    /// `drivers/<driver>/unbind`.
-    Unbind(String),
-    /// `drivers_probe`.
-    Probe,
-    /// `rescan`.
-    Rescan,
-}
-
-struct Fifo {
-    attr: Attr,
-    /// The path a caller writes (`/sys/bus/pci/devices/<addr>/driver_override`), for the log.
-    host: String,
-    /// The FIFO itself, canonical (as `/proc/self/fd` shows it).
-    path: PathBuf,
-    /// Held open read-write and non-blocking: callers' opens never block, and the pipe is kept
-    /// full so their writes do.
-    end: fs::File,
-}
-
-#[derive(Default)]
-struct KernelState {
-    writes: Vec<(String, String)>,
-    overrides: HashMap<String, String>,
-    problems: Vec<String>,
-    cycles: u64,
-}
-
-struct Shared {
-    state: Mutex<KernelState>,
-    cycled: Condvar,
-    stop: AtomicBool,
-}
-
-impl Shared {
-    fn state(&self) -> std::sync::MutexGuard<'_, KernelState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// The kernel behind a fixture's sysfs attributes, for code that writes them with the real
-/// writer (`vfio::FsWriter`, as the engine does), where a recording `SysWriter` cannot be
-/// passed in.
+/// The kernel behind a fixture's sysfs: a [`SysWriter`] that logs every write (host path, data)
+/// and applies it to the fixture tree as the kernel would. `Send + Sync`, so the engine's tests
+/// install it in the node (`Node::with_sys_writer(Arc::new(kernel))`, keeping a clone of the
+/// `Arc` to read the log) and the node's blocking tasks write through it.
 ///
-/// [`FifoKernel::install`] turns every attribute that binding writes (`driver_override` of
-/// each device, `bind`/`unbind` of each driver, `drivers_probe`, `rescan`) into a FIFO, and
-/// one thread serves them all, in order, applying what the kernel would: the override is
-/// stored; `unbind` drops the driver link when the device is bound to that driver; `bind`
-/// binds an unbound device; `drivers_probe` binds an unbound device to its override, else to
-/// the driver the fixture had bound it to (its default); `rescan` puts vanished devices back
-/// on the bus. Every write is logged as (path written, data).
+/// What each attribute does:
+/// - `devices/<a>/driver_override`: stored in the file as sysfs shows it (`vfio-pci`; an empty
+///   write clears it to `(null)`).
+/// - `drivers/<d>/unbind`: drops the device's driver link when it is bound to `<d>`.
+/// - `drivers/<d>/bind`: binds an unbound device to `<d>`.
+/// - `drivers_probe`: binds an unbound device to its override, else to its default driver (by
+///   class, as the kernel matches IDs: NVIDIA GPUs `nvidia`, HD audio `snd_hda_intel`, SATA
+///   `ahci`); a driver that is not loaded (no `drivers/<d>`) binds nothing.
+/// - `rescan`: puts back on the bus every device that vanished from it.
+/// - anything else: the data is stored in the file.
 ///
-/// How a write is made synchronous without hooking the writer: each pipe is kept full, so a
-/// caller's `write` blocks; the thread notices the caller's descriptor in `/proc/self/fd`,
-/// applies everything before it, drains the pipe (the write lands and returns), refills it,
-/// then applies the write. So a caller's next write (to any attribute) finds the previous one
-/// applied. The last write of a call is applied just after the call returns: [`Self::settle`]
-/// waits for it (the accessors settle first). Linux only; build the fixture before installing
-/// (writing an attribute through [`Fx`] afterwards would block).
-pub struct FifoKernel {
-    shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    // Dropped after the thread stops (see `Drop`), which removes the FIFOs.
-    fx: Fx,
+/// Like sysfs, a write to a missing attribute fails (`ENOENT`) and nothing is ever created.
+/// Failed writes are not logged. Writes are applied one at a time, before `write` returns.
+pub struct Kernel {
+    root: HostRoot,
+    log: Mutex<Vec<(String, String)>>,
+    vanish_on_unbind: bool,
+    ignore_override: bool,
+    fail_on: Option<String>,
 }
 
-/// A caller blocked this long on one write means the kernel thread lost track of it.
-const WRITE_DEADLINE: Duration = Duration::from_secs(10);
-
-impl FifoKernel {
-    pub fn install(fx: Fx) -> Self {
-        let root = HostRoot::at(fs::canonicalize(fx.dir_path()).unwrap());
-        let mut fifos = Vec::new();
-        let mut defaults: HashMap<String, Option<String>> = HashMap::new();
-        let mut overrides = HashMap::new();
-        let devices = root.path("/sys/devices/pci0000:00");
-        for e in fs::read_dir(&devices).into_iter().flatten().flatten() {
-            let addr = e.file_name().to_string_lossy().into_owned();
-            defaults.insert(addr.clone(), link_name(&e.path().join("driver")));
-            let ov = e.path().join("driver_override");
-            if let Ok(v) = fs::read_to_string(&ov) {
-                let v = v.trim();
-                if !v.is_empty() && v != "(null)" {
-                    overrides.insert(addr.clone(), v.to_string());
-                }
-            }
-            fifos.push(make_fifo(
-                &ov,
-                Attr::Override(addr.clone()),
-                format!("/sys/bus/pci/devices/{addr}/driver_override"),
-            ));
-        }
-        for e in fs::read_dir(root.path("/sys/bus/pci/drivers"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let d = e.file_name().to_string_lossy().into_owned();
-            fifos.push(make_fifo(
-                &e.path().join("bind"),
-                Attr::Bind(d.clone()),
-                format!("/sys/bus/pci/drivers/{d}/bind"),
-            ));
-            fifos.push(make_fifo(
-                &e.path().join("unbind"),
-                Attr::Unbind(d.clone()),
-                format!("/sys/bus/pci/drivers/{d}/unbind"),
-            ));
-        }
-        for (f, attr) in [("drivers_probe", Attr::Probe), ("rescan", Attr::Rescan)] {
-            let host = format!("/sys/bus/pci/{f}");
-            fifos.push(make_fifo(&root.path(&host), attr, host));
-        }
-        let shared = Arc::new(Shared {
-            state: Mutex::new(KernelState {
-                overrides,
-                ..Default::default()
-            }),
-            cycled: Condvar::new(),
-            stop: AtomicBool::new(false),
-        });
-        let mut kernel = Served {
-            root,
-            fifos,
-            defaults,
-            shared: shared.clone(),
-        };
-        let thread = std::thread::Builder::new()
-            .name("fixture-kernel".into())
-            .spawn(move || kernel.run())
-            .unwrap();
+impl Kernel {
+    /// The kernel of the fixture at `root` (`Fx::root`).
+    pub fn new(root: HostRoot) -> Self {
         Self {
-            shared,
-            thread: Some(thread),
-            fx,
+            root,
+            log: Mutex::new(Vec::new()),
+            vanish_on_unbind: false,
+            ignore_override: false,
+            fail_on: None,
         }
     }
 
-    pub fn fx(&self) -> &Fx {
-        &self.fx
+    /// A device unbound from its driver also falls off the bus (a GPU that dropped out), until
+    /// a `rescan`.
+    #[must_use]
+    pub fn vanish_on_unbind(mut self) -> Self {
+        self.vanish_on_unbind = true;
+        self
     }
 
-    pub fn root(&self) -> HostRoot {
-        self.fx.root()
+    /// `drivers_probe` ignores `driver_override` and binds the default driver (a kernel where
+    /// binding to vfio-pci does not take).
+    #[must_use]
+    pub fn ignoring_override(mut self) -> Self {
+        self.ignore_override = true;
+        self
     }
 
-    /// Waits until every write made so far has been applied; panics if one was lost.
-    pub fn settle(&self) {
-        let s = self.shared.state();
-        let target = s.cycles + 2;
-        let (s, wait) = self
-            .shared
-            .cycled
-            .wait_timeout_while(s, WRITE_DEADLINE, |s| s.cycles < target)
-            .unwrap_or_else(|p| p.into_inner());
-        assert!(!wait.timed_out(), "the fixture kernel thread is stuck");
-        assert!(s.problems.is_empty(), "fixture kernel: {:?}", s.problems);
+    /// Writes to a path ending with `suffix` fail with `EBUSY` (and are not applied or logged).
+    #[must_use]
+    pub fn fail_on(mut self, suffix: &str) -> Self {
+        self.fail_on = Some(suffix.to_string());
+        self
     }
 
-    /// The writes so far, in order: (path written, data).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(String, String)>> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The writes so far, in order: (host path written, data).
     pub fn writes(&self) -> Vec<(String, String)> {
-        self.settle();
-        self.shared.state().writes.clone()
+        self.lock().clone()
     }
 
     /// The writes so far, forgetting them.
     pub fn take_writes(&self) -> Vec<(String, String)> {
-        self.settle();
-        std::mem::take(&mut self.shared.state().writes)
+        std::mem::take(&mut *self.lock())
     }
 
-    /// The device's `driver_override` as the kernel holds it (`None`: not set).
+    /// The device's `driver_override` (`None`: not set).
     pub fn driver_override(&self, addr: &str) -> Option<String> {
-        self.settle();
-        self.shared.state().overrides.get(addr).cloned()
+        let v = fs::read_to_string(real_dir_in(&self.root, addr).join("driver_override")).ok()?;
+        let v = v.trim();
+        (!v.is_empty() && v != "(null)").then(|| v.to_string())
     }
 
     /// The driver the device is bound to now.
     pub fn driver(&self, addr: &str) -> Option<String> {
-        self.settle();
-        link_name(&self.fx.real_dir(addr).join("driver"))
+        link_name(&real_dir_in(&self.root, addr).join("driver"))
+    }
+
+    fn known(&self, addr: &str) -> bool {
+        !addr.is_empty() && !addr.contains('/') && real_dir_in(&self.root, addr).is_dir()
+    }
+
+    fn loaded(&self, driver: &str) -> bool {
+        self.root
+            .path(format!("/sys/bus/pci/drivers/{driver}"))
+            .is_dir()
+    }
+
+    /// The driver the kernel would pick for the device without an override.
+    fn default_driver(&self, addr: &str) -> Option<&'static str> {
+        let read = |f: &str| {
+            fs::read_to_string(real_dir_in(&self.root, addr).join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        };
+        let (vendor, class) = (read("vendor"), read("class"));
+        if class.starts_with("0x03") && vendor == "0x10de" {
+            Some("nvidia")
+        } else if class.starts_with("0x0403") {
+            Some("snd_hda_intel")
+        } else if class.starts_with("0x0106") {
+            Some("ahci")
+        } else {
+            None
+        }
+    }
+
+    fn apply(&self, host: &str, path: &Path, data: &str) -> std::io::Result<()> {
+        let arg = data.trim();
+        let attr = host.strip_prefix("/sys/bus/pci/");
+        if let Some(rest) = attr.and_then(|r| r.strip_prefix("devices/")) {
+            if rest.ends_with("/driver_override") {
+                let v = if arg.is_empty() { "(null)" } else { arg };
+                return fs::write(path, format!("{v}\n"));
+            }
+        }
+        if let Some(rest) = attr.and_then(|r| r.strip_prefix("drivers/")) {
+            if let Some(d) = rest.strip_suffix("/unbind") {
+                if self.known(arg) && self.driver(arg).as_deref() == Some(d) {
+                    set_driver_in(&self.root, arg, None);
+                    if self.vanish_on_unbind {
+                        fs::remove_file(self.root.path(format!("/sys/bus/pci/devices/{arg}")))?;
+                    }
+                }
+                return Ok(());
+            }
+            if let Some(d) = rest.strip_suffix("/bind") {
+                if self.known(arg) && self.driver(arg).is_none() {
+                    set_driver_in(&self.root, arg, Some(d));
+                }
+                return Ok(());
+            }
+        }
+        match attr {
+            Some("drivers_probe") => {
+                if self.known(arg) && self.driver(arg).is_none() {
+                    let want = match self.driver_override(arg) {
+                        Some(o) if !self.ignore_override => Some(o),
+                        _ => self.default_driver(arg).map(str::to_string),
+                    };
+                    if let Some(d) = want.filter(|d| self.loaded(d)) {
+                        set_driver_in(&self.root, arg, Some(&d));
+                    }
+                }
+                Ok(())
+            }
+            Some("rescan") => {
+                let devices = self.root.path("/sys/devices/pci0000:00");
+                for e in fs::read_dir(devices)?.flatten() {
+                    let a = e.file_name().to_string_lossy().into_owned();
+                    let bus = self.root.path(format!("/sys/bus/pci/devices/{a}"));
+                    if fs::symlink_metadata(&bus).is_err() {
+                        link_bus_in(&self.root, &a);
+                    }
+                }
+                Ok(())
+            }
+            _ => fs::write(path, data),
+        }
     }
 }
 
-impl Drop for FifoKernel {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+impl SysWriter for Kernel {
+    fn write(&self, path: &Path, data: &str) -> std::io::Result<()> {
+        // Held throughout: the kernel applies one write at a time.
+        let mut log = self.lock();
+        let rel = path.strip_prefix(self.root.path("/")).map_err(|_| {
+            std::io::Error::other(format!("{} is outside the fixture", path.display()))
+        })?;
+        let host = format!("/{}", rel.display());
+        if self.fail_on.as_deref().is_some_and(|f| host.ends_with(f)) {
+            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
         }
+        // Like sysfs: attributes exist or the open fails; none is created.
+        if !path.exists() {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        log.push((host.clone(), data.to_string()));
+        self.apply(&host, path, data)
     }
 }
 
 fn link_name(link: &Path) -> Option<String> {
     let target = fs::read_link(link).ok()?;
     Some(target.file_name()?.to_string_lossy().into_owned())
-}
-
-fn make_fifo(path: &Path, attr: Attr, host: String) -> Fifo {
-    let _ = fs::remove_file(path);
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))
-        .unwrap_or_else(|e| panic!("mkfifo {}: {e}", path.display()));
-    // Linux opens a FIFO read-write without waiting for a partner.
-    let mut end = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .unwrap();
-    fill(&mut end);
-    Fifo {
-        attr,
-        host,
-        path: path.to_path_buf(),
-        end,
-    }
-}
-
-/// Fills the pipe with NUL bytes (never part of a sysfs write) until a write would block.
-fn fill(end: &mut fs::File) {
-    let page = [0u8; 4096];
-    for chunk in [&page[..], &page[..1]] {
-        while end.write(chunk).is_ok_and(|n| n > 0) {}
-    }
-}
-
-/// Empties the pipe; returns what callers wrote (everything but the NUL filler).
-fn drain(end: &mut fs::File) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 16384];
-    while let Ok(n @ 1..) = end.read(&mut buf) {
-        out.extend(buf[..n].iter().copied().filter(|&b| b != 0));
-    }
-    out
-}
-
-/// The kernel thread's side of a [`FifoKernel`].
-struct Served {
-    root: HostRoot,
-    fifos: Vec<Fifo>,
-    defaults: HashMap<String, Option<String>>,
-    shared: Arc<Shared>,
-}
-
-impl Served {
-    fn run(&mut self) {
-        let mut last_busy = Instant::now();
-        while !self.shared.stop.load(Ordering::SeqCst) {
-            let busy = self.callers();
-            for &i in &busy {
-                self.serve(i);
-            }
-            self.shared.state().cycles += 1;
-            self.shared.cycled.notify_all();
-            if busy.is_empty() {
-                // Writes come in bursts (one bind is six); poll fast just after one.
-                let idle = if last_busy.elapsed() < Duration::from_millis(50) {
-                    Duration::from_micros(100)
-                } else {
-                    Duration::from_millis(2)
-                };
-                std::thread::sleep(idle);
-            } else {
-                last_busy = Instant::now();
-            }
-        }
-    }
-
-    /// The FIFOs some descriptor other than ours has open: callers about to write, or blocked
-    /// writing.
-    fn callers(&self) -> Vec<usize> {
-        let mut out = Vec::new();
-        let Ok(dir) = fs::read_dir("/proc/self/fd") else {
-            return out;
-        };
-        for e in dir.flatten() {
-            let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if self.fifos.iter().any(|f| f.end.as_raw_fd() == fd) {
-                continue;
-            }
-            let Ok(target) = fs::read_link(e.path()) else {
-                continue;
-            };
-            if let Some(i) = self.fifos.iter().position(|f| f.path == target) {
-                if !out.contains(&i) {
-                    out.push(i);
-                }
-            }
-        }
-        out.sort_unstable();
-        out
-    }
-
-    /// Lets one caller's write through and applies it. A descriptor whose write was already
-    /// served (the caller has not closed it yet) writes nothing more: stop when it is gone.
-    fn serve(&mut self, i: usize) {
-        let deadline = Instant::now() + WRITE_DEADLINE;
-        let mut data = drain(&mut self.fifos[i].end);
-        while data.is_empty() {
-            if !self.callers().contains(&i) {
-                data = drain(&mut self.fifos[i].end);
-                break;
-            }
-            if Instant::now() > deadline {
-                let host = self.fifos[i].host.clone();
-                self.shared
-                    .state()
-                    .problems
-                    .push(format!("a writer of {host} never wrote"));
-                break;
-            }
-            std::thread::sleep(Duration::from_micros(20));
-            data = drain(&mut self.fifos[i].end);
-        }
-        fill(&mut self.fifos[i].end);
-        if !data.is_empty() {
-            self.apply(i, &String::from_utf8_lossy(&data));
-        }
-    }
-
-    fn driver_of(&self, addr: &str) -> Option<String> {
-        link_name(&real_dir_in(&self.root, addr).join("driver"))
-    }
-
-    fn has_driver(&self, d: &str) -> bool {
-        self.root.path(format!("/sys/bus/pci/drivers/{d}")).is_dir()
-    }
-
-    fn known(&self, addr: &str) -> bool {
-        real_dir_in(&self.root, addr).is_dir()
-    }
-
-    fn apply(&self, i: usize, data: &str) {
-        let (attr, host) = (self.fifos[i].attr.clone(), self.fifos[i].host.clone());
-        let arg = data.trim_end_matches('\n').trim().to_string();
-        let mut s = self.shared.state();
-        s.writes.push((host, data.to_string()));
-        match attr {
-            Attr::Override(addr) => {
-                if arg.is_empty() {
-                    s.overrides.remove(&addr);
-                } else {
-                    s.overrides.insert(addr, arg);
-                }
-            }
-            Attr::Unbind(d) => {
-                if self.driver_of(&arg).as_deref() == Some(d.as_str()) {
-                    set_driver_in(&self.root, &arg, None);
-                }
-            }
-            Attr::Bind(d) => {
-                if self.known(&arg) && self.driver_of(&arg).is_none() {
-                    set_driver_in(&self.root, &arg, Some(&d));
-                }
-            }
-            Attr::Probe => {
-                if self.known(&arg) && self.driver_of(&arg).is_none() {
-                    // An override names the only driver the device may take.
-                    let want = match s.overrides.get(&arg) {
-                        Some(o) => Some(o.clone()),
-                        None => self.defaults.get(&arg).cloned().flatten(),
-                    };
-                    if let Some(d) = want.filter(|d| self.has_driver(d)) {
-                        set_driver_in(&self.root, &arg, Some(&d));
-                    }
-                }
-            }
-            Attr::Rescan => {
-                let addrs: Vec<String> = self.defaults.keys().cloned().collect();
-                for a in addrs {
-                    let bus = self.root.path(format!("/sys/bus/pci/devices/{a}"));
-                    if self.known(&a) && fs::symlink_metadata(&bus).is_err() {
-                        link_bus_in(&self.root, &a);
-                    }
-                }
-            }
-        }
-    }
 }

@@ -13,7 +13,8 @@
 //! - "Is the GPU in use?" is the engine's question (it knows the instances); this module only
 //!   knows the host.
 //! - Every write goes through [`SysWriter`], so tests record the exact sequence against a fixture
-//!   tree whose "kernel" is a double.
+//!   tree whose "kernel" is a double (`testfx::Kernel`). The daemon's writer is the node's
+//!   (`Node::sys_writer`, [`FsWriter`] unless a test replaced it).
 
 use crate::HostRoot;
 use std::path::{Path, PathBuf};
@@ -56,7 +57,8 @@ pub enum VfioError {
 }
 
 /// How sysfs is written. The real one opens existing files only (sysfs attributes are never
-/// created); tests substitute a recording double.
+/// created); tests substitute a recording double (`testfx::Kernel`), also through
+/// `Node::with_sys_writer`.
 pub trait SysWriter {
     /// Writes `data` to `path` (already mapped through the [`HostRoot`]).
     fn write(&self, path: &Path, data: &str) -> std::io::Result<()>;
@@ -226,11 +228,6 @@ fn group_for_move(root: &HostRoot, pci: &str) -> Result<(u32, Vec<PciFunction>),
     Ok((group, mine))
 }
 
-/// Binds the GPU at `pci` (and its companion functions) to vfio-pci with the real writer.
-pub fn bind_vfio(root: &HostRoot, pci: &str) -> Result<Outcome, VfioError> {
-    bind_vfio_with(root, pci, &FsWriter)
-}
-
 /// Binds to vfio-pci. For each function, GPU first:
 /// 1. `vfio-pci` → `/sys/bus/pci/devices/<pci>/driver_override`
 /// 2. `<pci>` → `/sys/bus/pci/drivers/<current driver>/unbind` (when bound to something else)
@@ -289,11 +286,6 @@ pub fn bind_vfio_with(root: &HostRoot, pci: &str, w: &dyn SysWriter) -> Result<O
         driver,
         unchanged: false,
     })
-}
-
-/// Gives the GPU at `pci` back to the host with the real writer.
-pub fn release(root: &HostRoot, pci: &str) -> Result<Outcome, VfioError> {
-    release_with(root, pci, &FsWriter)
 }
 
 /// Gives a vfio-pci GPU (and its companions on vfio-pci) back to the host. For each, GPU first:
@@ -357,73 +349,7 @@ pub fn current_driver(root: &HostRoot, pci: &str) -> Option<String> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::testfx::{Fx, GPU, GPU_AUDIO};
-    use std::cell::RefCell;
-
-    /// A recording stand-in for the kernel: logs every write (host path, data) and applies what
-    /// the kernel would: `driver_override` is stored, `unbind` drops the driver link,
-    /// `drivers_probe` binds the override or else the function's default driver, `rescan`
-    /// brings a vanished device back.
-    struct FakeKernel<'a> {
-        fx: &'a Fx,
-        log: RefCell<Vec<(String, String)>>,
-        /// Remove the device from the bus when it is unbound (a GPU that fell off).
-        vanish_on_unbind: bool,
-        fail_on: Option<&'static str>,
-    }
-
-    impl<'a> FakeKernel<'a> {
-        fn new(fx: &'a Fx) -> Self {
-            Self {
-                fx,
-                log: RefCell::new(vec![]),
-                vanish_on_unbind: false,
-                fail_on: None,
-            }
-        }
-        fn log(&self) -> Vec<(String, String)> {
-            self.log.borrow().clone()
-        }
-    }
-
-    impl SysWriter for FakeKernel<'_> {
-        fn write(&self, path: &Path, data: &str) -> std::io::Result<()> {
-            let host = format!(
-                "/{}",
-                path.strip_prefix(self.fx.dir_path()).unwrap().display()
-            );
-            if self.fail_on.is_some_and(|f| host.ends_with(f)) {
-                return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
-            }
-            // Like sysfs: the attribute must exist.
-            assert!(path.exists(), "write to missing {host}");
-            self.log.borrow_mut().push((host.clone(), data.to_string()));
-            std::fs::write(path, data).unwrap();
-            let real = |a: &str| self.fx.real_dir(a);
-            if host.ends_with("/unbind") {
-                self.fx.set_driver(data, None);
-                if self.vanish_on_unbind {
-                    std::fs::remove_file(self.fx.path(&format!("{DEVICES}/{data}"))).unwrap();
-                }
-            } else if host == "/sys/bus/pci/drivers_probe" {
-                let ov = std::fs::read_to_string(real(data).join("driver_override")).unwrap();
-                let ov = ov.trim();
-                let drv = if !ov.is_empty() && ov != "(null)" {
-                    ov.to_string()
-                } else if data == GPU_AUDIO {
-                    "snd_hda_intel".into()
-                } else {
-                    "nvidia".into()
-                };
-                self.fx.set_driver(data, Some(&drv));
-            } else if host == "/sys/bus/pci/rescan" {
-                for a in [GPU, GPU_AUDIO] {
-                    self.fx.link_bus(a);
-                }
-            }
-            Ok(())
-        }
-    }
+    use crate::testfx::{Fx, Kernel, GPU, GPU_AUDIO};
 
     fn w(path: &str, data: &str) -> (String, String) {
         (path.to_string(), data.to_string())
@@ -433,10 +359,10 @@ mod tests {
     fn bind_writes_override_unbind_probe_for_gpu_then_audio() {
         let fx = Fx::clean();
         let root = fx.root();
-        let k = FakeKernel::new(&fx);
+        let k = Kernel::new(fx.root());
         let out = bind_vfio_with(&root, "0000:3B:00.0", &k).unwrap();
         assert_eq!(
-            k.log(),
+            k.writes(),
             vec![
                 w(
                     "/sys/bus/pci/devices/0000:3b:00.0/driver_override",
@@ -462,10 +388,10 @@ mod tests {
         );
 
         // Again: nothing to do, nothing written.
-        let k2 = FakeKernel::new(&fx);
+        let k2 = Kernel::new(fx.root());
         let again = bind_vfio_with(&root, GPU, &k2).unwrap();
         assert!(again.unchanged);
-        assert!(k2.log().is_empty());
+        assert!(k2.writes().is_empty());
     }
 
     #[test]
@@ -473,10 +399,10 @@ mod tests {
         let fx = Fx::clean();
         fx.set_driver(GPU, None);
         fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
-        let k = FakeKernel::new(&fx);
+        let k = Kernel::new(fx.root());
         bind_vfio_with(&fx.root(), GPU, &k).unwrap();
         assert_eq!(
-            k.log(),
+            k.writes(),
             vec![
                 w(
                     "/sys/bus/pci/devices/0000:3b:00.0/driver_override",
@@ -490,7 +416,7 @@ mod tests {
     #[test]
     fn bind_refuses_a_shared_group_and_names_the_intruder() {
         let fx = Fx::shared_group();
-        let k = FakeKernel::new(&fx);
+        let k = Kernel::new(fx.root());
         let err = bind_vfio_with(&fx.root(), GPU, &k).unwrap_err();
         match &err {
             VfioError::SharedGroup { group, others, .. } => {
@@ -503,13 +429,13 @@ mod tests {
             e => panic!("{e:?}"),
         }
         assert!(err.to_string().contains("0000:3a:00.0"), "{err}");
-        assert!(k.log().is_empty(), "nothing written");
+        assert!(k.writes().is_empty(), "nothing written");
     }
 
     #[test]
     fn bind_refuses_without_iommu_or_vfio_or_device() {
         let fx = Fx::iommu_off();
-        let k = FakeKernel::new(&fx);
+        let k = Kernel::new(fx.root());
         let err = bind_vfio_with(&fx.root(), GPU, &k).unwrap_err();
         assert!(matches!(err, VfioError::NoIommuGroup { .. }), "{err:?}");
         assert!(err.to_string().contains("intel_iommu=on"));
@@ -523,14 +449,13 @@ mod tests {
         assert!(matches!(err, VfioError::NoDevice(_)), "{err:?}");
         let err = bind_vfio_with(&fx.root(), "gpu0", &k).unwrap_err();
         assert!(matches!(err, VfioError::BadAddress(_)), "{err:?}");
-        assert!(k.log().is_empty());
+        assert!(k.writes().is_empty());
     }
 
     #[test]
     fn bind_reports_a_write_error_and_a_failed_probe() {
         let fx = Fx::clean();
-        let mut k = FakeKernel::new(&fx);
-        k.fail_on = Some("/unbind");
+        let k = Kernel::new(fx.root()).fail_on("/unbind");
         let err = bind_vfio_with(&fx.root(), GPU, &k).unwrap_err();
         assert!(
             err.to_string()
@@ -539,17 +464,9 @@ mod tests {
         );
 
         // A kernel that ignores the override: the GPU ends up on nvidia again.
-        struct Stubborn<'a>(&'a Fx);
-        impl SysWriter for Stubborn<'_> {
-            fn write(&self, path: &Path, data: &str) -> std::io::Result<()> {
-                if path.ends_with("drivers_probe") {
-                    self.0.set_driver(data, Some("nvidia"));
-                }
-                Ok(())
-            }
-        }
         let fx = Fx::clean();
-        let err = bind_vfio_with(&fx.root(), GPU, &Stubborn(&fx)).unwrap_err();
+        let stubborn = Kernel::new(fx.root()).ignoring_override();
+        let err = bind_vfio_with(&fx.root(), GPU, &stubborn).unwrap_err();
         assert!(
             matches!(&err, VfioError::NotBound { got: Some(d), .. } if d == "nvidia"),
             "{err:?}"
@@ -560,11 +477,11 @@ mod tests {
     fn release_clears_override_unbinds_and_probes() {
         let fx = Fx::clean();
         let root = fx.root();
-        bind_vfio_with(&root, GPU, &FakeKernel::new(&fx)).unwrap();
-        let k = FakeKernel::new(&fx);
+        bind_vfio_with(&root, GPU, &Kernel::new(fx.root())).unwrap();
+        let k = Kernel::new(fx.root());
         let out = release_with(&root, GPU, &k).unwrap();
         assert_eq!(
-            k.log(),
+            k.writes(),
             vec![
                 w("/sys/bus/pci/devices/0000:3b:00.0/driver_override", "\n"),
                 w("/sys/bus/pci/drivers/vfio-pci/unbind", "0000:3b:00.0"),
@@ -581,21 +498,20 @@ mod tests {
         );
 
         // Already on the host driver: nothing written.
-        let k2 = FakeKernel::new(&fx);
+        let k2 = Kernel::new(fx.root());
         assert!(release_with(&root, GPU, &k2).unwrap().unchanged);
-        assert!(k2.log().is_empty());
+        assert!(k2.writes().is_empty());
     }
 
     #[test]
     fn release_rescans_when_the_device_vanished() {
         let fx = Fx::clean();
         let root = fx.root();
-        bind_vfio_with(&root, GPU, &FakeKernel::new(&fx)).unwrap();
+        bind_vfio_with(&root, GPU, &Kernel::new(fx.root())).unwrap();
         fx.set_driver(GPU_AUDIO, Some("snd_hda_intel"));
-        let mut k = FakeKernel::new(&fx);
-        k.vanish_on_unbind = true;
+        let k = Kernel::new(fx.root()).vanish_on_unbind();
         let out = release_with(&root, GPU, &k).unwrap();
-        let log = k.log();
+        let log = k.writes();
         assert_eq!(log.len(), 4, "{log:?}");
         assert_eq!(log[3], w("/sys/bus/pci/rescan", "1"));
         assert_eq!(out.functions, vec![GPU.to_string()]);

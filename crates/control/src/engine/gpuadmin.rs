@@ -243,11 +243,12 @@ impl Engine {
         }
         let root = self.node.cfg.root.clone();
         let pci = dev.pci_address.clone();
+        let sys = self.node.sys_writer();
         let done = tokio::task::spawn_blocking(move || {
             if bind {
-                vfio::bind_vfio(&root, &pci)
+                vfio::bind_vfio_with(&root, &pci, &*sys)
             } else {
-                vfio::release(&root, &pci)
+                vfio::release_with(&root, &pci, &*sys)
             }
         })
         .await
