@@ -14,7 +14,11 @@
 //! a context handle names its device, each thread has a context stack (`cuCtxSetCurrent`,
 //! `cuCtxPushCurrent_v2`, `cuCtxPopCurrent_v2`; with none current, `cuCtxGetDevice` answers
 //! device 0), and a stream belongs to the device current when it was created
-//! (`cuStreamGetDevice`, `cuStreamGetCtx`).
+//! (`cuStreamGetDevice`, `cuStreamGetCtx`). Context lifetimes are modelled as the driver
+//! documents them: a created context lives until `cuCtxDestroy(_v2)` (a second destroy fails),
+//! the primary context from a retain until its last release or a reset (which keeps the
+//! references), and a `cuMemCreate` allocation until every reference to its handle (creation and
+//! `cuMemRetainAllocationHandle`) is released and its last mapping unmapped.
 //!
 //! Configuration is read once, on first use, from the environment (acceptable in a double):
 //! `FAKECUDA_TOTAL_MEM` (bytes, default 8 GiB), `FAKECUDA_LAUNCH_NS` (each launch sleeps that
@@ -65,6 +69,7 @@ const CALL_NAMES: &[&str] = &[
     "cuMemRelease",
     "cuMemMap",
     "cuMemUnmap",
+    "cuMemRetainAllocationHandle",
     "cuArrayCreate",
     "cuArrayCreate_v2",
     "cuArray3DCreate",
@@ -77,10 +82,16 @@ const CALL_NAMES: &[&str] = &[
     "cuDeviceTotalMem",
     "cuDeviceTotalMem_v2",
     "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuDevicePrimaryCtxReset",
+    "cuDevicePrimaryCtxReset_v2",
     "cuCtxCreate",
     "cuCtxCreate_v2",
     "cuCtxCreate_v3",
     "cuCtxCreate_v4",
+    "cuCtxDestroy",
+    "cuCtxDestroy_v2",
     "cuLaunchKernel",
     "cuLaunchKernel_ptsz",
     "cuLaunchKernelEx",
@@ -467,8 +478,10 @@ pub extern "C" fn cuDeviceGet(d: *mut c_int, ordinal: c_int) -> CUresult {
     put(d, ordinal)
 }
 
-/// Context handles: `CTX + device` (one context per device is all the double needs).
+/// Context handles: `CTX + device` for the primary context, `CTX + (serial << 8) + device` for
+/// one made by `cuCtxCreate*`.
 const CTX: usize = 0xc0de_0000;
+const CTX_END: usize = CTX + (1 << 24);
 /// Stream handles: `STREAM + (serial << 8) + device`.
 const STREAM: usize = 0x5700_0000;
 const STREAM_END: usize = 0x5800_0000;
@@ -478,9 +491,21 @@ fn ctx_handle(d: c_int) -> Ptr {
 }
 
 fn ctx_device(ctx: Ptr) -> Option<c_int> {
-    let d = c_int::try_from((ctx as usize).checked_sub(CTX)?).ok()?;
-    valid_device(d).then_some(d)
+    let c = ctx as usize;
+    if !(CTX..CTX_END).contains(&c) {
+        return None;
+    }
+    let d = ((c - CTX) & 0xff) as c_int;
+    (valid_device(d) && (c - CTX < 0x100 || CREATED.lock().is_ok_and(|l| l.contains(&c))))
+        .then_some(d)
 }
+
+/// Contexts made by `cuCtxCreate*` and not destroyed yet.
+static CREATED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// Primary contexts, per device: (references, active). As in the driver, a reset destroys the
+/// context but keeps the references; a retain re-creates it.
+static PRIMARY: Mutex<[(u32, bool); 16]> = Mutex::new([(0, false); 16]);
 
 thread_local! {
     /// This thread's context stack, top last.
@@ -583,32 +608,107 @@ pub extern "C" fn cuStreamGetCtx(s: Ptr, ctx: *mut Ptr) -> CUresult {
 #[no_mangle]
 pub extern "C" fn cuDevicePrimaryCtxRetain(ctx: *mut Ptr, d: c_int) -> CUresult {
     bump!("cuDevicePrimaryCtxRetain");
-    if !valid_device(d) {
+    if !valid_device(d) || ctx.is_null() {
         return INVALID_DEVICE;
     }
+    let Ok(mut p) = PRIMARY.lock() else {
+        return INVALID_VALUE;
+    };
+    let e = &mut p[d as usize & 15];
+    *e = (e.0 + 1, true);
     put(ctx, ctx_handle(d))
 }
 
-#[no_mangle]
-pub extern "C" fn cuDevicePrimaryCtxRelease(_dev: c_int) -> CUresult {
-    SUCCESS
-}
-
-#[no_mangle]
-pub extern "C" fn cuDevicePrimaryCtxRelease_v2(_dev: c_int) -> CUresult {
-    SUCCESS
-}
-
-/// `cuCtxCreate*`: the new context becomes current (pushed), as with the driver.
-fn create_ctx(ctx: *mut Ptr, d: c_int) -> CUresult {
+fn primary_release(d: c_int) -> CUresult {
     if !valid_device(d) {
         return INVALID_DEVICE;
     }
-    let rc = put(ctx, ctx_handle(d));
+    let Ok(mut p) = PRIMARY.lock() else {
+        return INVALID_VALUE;
+    };
+    let e = &mut p[d as usize & 15];
+    if e.0 == 0 {
+        return INVALID_CONTEXT;
+    }
+    e.0 -= 1;
+    if e.0 == 0 {
+        e.1 = false;
+    }
+    SUCCESS
+}
+
+fn primary_reset(d: c_int) -> CUresult {
+    if !valid_device(d) {
+        return INVALID_DEVICE;
+    }
+    if let Ok(mut p) = PRIMARY.lock() {
+        p[d as usize & 15].1 = false;
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxRelease(d: c_int) -> CUresult {
+    bump!("cuDevicePrimaryCtxRelease");
+    primary_release(d)
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxRelease_v2(d: c_int) -> CUresult {
+    bump!("cuDevicePrimaryCtxRelease_v2");
+    primary_release(d)
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxReset(d: c_int) -> CUresult {
+    bump!("cuDevicePrimaryCtxReset");
+    primary_reset(d)
+}
+
+#[no_mangle]
+pub extern "C" fn cuDevicePrimaryCtxReset_v2(d: c_int) -> CUresult {
+    bump!("cuDevicePrimaryCtxReset_v2");
+    primary_reset(d)
+}
+
+/// Whether device `d`'s primary context exists (for tests).
+#[no_mangle]
+pub extern "C" fn fakecuda_primary_active(d: c_int) -> c_int {
+    PRIMARY
+        .lock()
+        .map_or(0, |p| c_int::from(valid_device(d) && p[d as usize & 15].1))
+}
+
+/// `cuCtxCreate*`: a new context, which becomes current (pushed), as with the driver.
+fn create_ctx(ctx: *mut Ptr, d: c_int) -> CUresult {
+    static SERIAL: AtomicU64 = AtomicU64::new(1);
+    if !valid_device(d) {
+        return INVALID_DEVICE;
+    }
+    let serial = (SERIAL.fetch_add(1, Ordering::Relaxed) as usize % 0xffff) + 1;
+    let c = CTX + (serial << 8) + d as usize;
+    let rc = put(ctx, c as Ptr);
     if rc == SUCCESS {
-        CTX_STACK.with(|s| s.borrow_mut().push(ctx_handle(d)));
+        if let Ok(mut l) = CREATED.lock() {
+            l.push(c);
+        }
+        CTX_STACK.with(|s| s.borrow_mut().push(c as Ptr));
     }
     rc
+}
+
+/// Destroys a context made by `cuCtxCreate*` (a primary context, or one destroyed already, is
+/// refused) and takes it off this thread's context stack.
+fn destroy_ctx(ctx: Ptr) -> CUresult {
+    let Ok(mut l) = CREATED.lock() else {
+        return INVALID_VALUE;
+    };
+    let Some(i) = l.iter().position(|c| *c == ctx as usize) else {
+        return INVALID_CONTEXT;
+    };
+    l.swap_remove(i);
+    CTX_STACK.with(|s| s.borrow_mut().retain(|c| *c != ctx));
+    SUCCESS
 }
 
 #[no_mangle]
@@ -642,8 +742,15 @@ pub extern "C" fn cuCtxCreate_v4(ctx: *mut Ptr, _p: Ptr, _f: c_uint, d: c_int) -
 }
 
 #[no_mangle]
-pub extern "C" fn cuCtxDestroy_v2(_ctx: Ptr) -> CUresult {
-    SUCCESS
+pub extern "C" fn cuCtxDestroy(ctx: Ptr) -> CUresult {
+    bump!("cuCtxDestroy");
+    destroy_ctx(ctx)
+}
+
+#[no_mangle]
+pub extern "C" fn cuCtxDestroy_v2(ctx: Ptr) -> CUresult {
+    bump!("cuCtxDestroy_v2");
+    destroy_ctx(ctx)
 }
 
 #[no_mangle]
@@ -777,9 +884,10 @@ pub extern "C" fn cuMemFreeAsync_ptsz(p: u64, _s: Ptr) -> CUresult {
     free(p)
 }
 
-/// `cuMemCreate` handles: handle → (mappings, released). As in the driver, the memory is freed
-/// when the handle is released and its last mapping unmapped, in either order.
-static HANDLES: Mutex<Vec<(u64, u32, bool)>> = Mutex::new(Vec::new());
+/// `cuMemCreate` handles: (handle, mappings, references). As in the driver, the memory is freed
+/// when every reference (the creation, each `cuMemRetainAllocationHandle`) is released and its
+/// last mapping unmapped, in any order.
+static HANDLES: Mutex<Vec<(u64, u32, u32)>> = Mutex::new(Vec::new());
 /// `cuMemMap` mappings: (virtual address, size, handle).
 static MAPPINGS: Mutex<Vec<(u64, u64, u64)>> = Mutex::new(Vec::new());
 
@@ -794,7 +902,7 @@ pub extern "C" fn cuMemCreate(
     // A handle is opaque; the double uses the backing address.
     let r = alloc(bytes as u64, false);
     if let (Ok(a), Ok(mut hs)) = (r, HANDLES.lock()) {
-        hs.push((a, 0, false));
+        hs.push((a, 0, 1));
     }
     out(h, r)
 }
@@ -805,11 +913,11 @@ pub extern "C" fn cuMemRelease(h: u64) -> CUresult {
     let Ok(mut hs) = HANDLES.lock() else {
         return INVALID_VALUE;
     };
-    let Some(i) = hs.iter().position(|e| e.0 == h && !e.2) else {
+    let Some(i) = hs.iter().position(|e| e.0 == h && e.2 > 0) else {
         return INVALID_VALUE;
     };
-    if hs[i].1 > 0 {
-        hs[i].2 = true;
+    hs[i].2 -= 1;
+    if hs[i].1 > 0 || hs[i].2 > 0 {
         return SUCCESS;
     }
     hs.swap_remove(i);
@@ -822,7 +930,7 @@ pub extern "C" fn cuMemMap(va: u64, size: usize, _off: usize, h: u64, _f: u64) -
     let (Ok(mut hs), Ok(mut ms)) = (HANDLES.lock(), MAPPINGS.lock()) else {
         return INVALID_VALUE;
     };
-    let Some(e) = hs.iter_mut().find(|e| e.0 == h && !e.2) else {
+    let Some(e) = hs.iter_mut().find(|e| e.0 == h && e.2 > 0) else {
         return INVALID_VALUE;
     };
     if size == 0 || ms.iter().any(|m| va < m.0 + m.1 && m.0 < va + size as u64) {
@@ -852,13 +960,32 @@ pub extern "C" fn cuMemUnmap(va: u64, size: usize) -> CUresult {
         let (_, _, h) = ms.swap_remove(i);
         if let Some(j) = hs.iter().position(|e| e.0 == h) {
             hs[j].1 -= 1;
-            if hs[j].1 == 0 && hs[j].2 {
+            if hs[j].1 == 0 && hs[j].2 == 0 {
                 hs.swap_remove(j);
                 free(h);
             }
         }
     }
     SUCCESS
+}
+
+/// The handle of the allocation mapped at `addr` (anywhere inside a mapping), with one more
+/// reference to it.
+#[no_mangle]
+pub extern "C" fn cuMemRetainAllocationHandle(h: *mut u64, addr: Ptr) -> CUresult {
+    bump!("cuMemRetainAllocationHandle");
+    let (Ok(mut hs), Ok(ms)) = (HANDLES.lock(), MAPPINGS.lock()) else {
+        return INVALID_VALUE;
+    };
+    let a = addr as u64;
+    let Some(m) = ms.iter().find(|m| m.0 <= a && a < m.0 + m.1) else {
+        return INVALID_VALUE;
+    };
+    let Some(e) = hs.iter_mut().find(|e| e.0 == m.2) else {
+        return INVALID_VALUE;
+    };
+    e.2 += 1;
+    put(h, m.2)
 }
 
 #[repr(C)]
@@ -1251,6 +1378,12 @@ const ENTRIES: &[(&str, &str, c_int, bool)] = &[
     ("cuMemRelease", "cuMemRelease", 10020, false),
     ("cuMemMap", "cuMemMap", 10020, false),
     ("cuMemUnmap", "cuMemUnmap", 10020, false),
+    (
+        "cuMemRetainAllocationHandle",
+        "cuMemRetainAllocationHandle",
+        11000,
+        false,
+    ),
     ("cuArrayCreate", "cuArrayCreate", 2000, false),
     ("cuArrayCreate_v2", "cuArrayCreate", 3020, false),
     ("cuArray3DCreate", "cuArray3DCreate", 2000, false),
@@ -1282,6 +1415,32 @@ const ENTRIES: &[(&str, &str, c_int, bool)] = &[
     ("cuCtxCreate_v2", "cuCtxCreate", 3020, false),
     ("cuCtxCreate_v3", "cuCtxCreate", 11040, false),
     ("cuCtxCreate_v4", "cuCtxCreate", 12050, false),
+    ("cuCtxDestroy", "cuCtxDestroy", 2000, false),
+    ("cuCtxDestroy_v2", "cuCtxDestroy", 4000, false),
+    (
+        "cuDevicePrimaryCtxRelease",
+        "cuDevicePrimaryCtxRelease",
+        7000,
+        false,
+    ),
+    (
+        "cuDevicePrimaryCtxRelease_v2",
+        "cuDevicePrimaryCtxRelease",
+        11000,
+        false,
+    ),
+    (
+        "cuDevicePrimaryCtxReset",
+        "cuDevicePrimaryCtxReset",
+        7000,
+        false,
+    ),
+    (
+        "cuDevicePrimaryCtxReset_v2",
+        "cuDevicePrimaryCtxReset",
+        11000,
+        false,
+    ),
     ("cuLaunchKernel", "cuLaunchKernel", 4000, false),
     ("cuLaunchKernel_ptsz", "cuLaunchKernel", 7000, true),
     ("cuLaunchKernelEx", "cuLaunchKernelEx", 11060, false),
@@ -1386,6 +1545,7 @@ fn entry_ptr(name: &str) -> Ptr {
         "cuMemRelease" => cuMemRelease as Ptr,
         "cuMemMap" => cuMemMap as Ptr,
         "cuMemUnmap" => cuMemUnmap as Ptr,
+        "cuMemRetainAllocationHandle" => cuMemRetainAllocationHandle as Ptr,
         "cuArrayCreate" => cuArrayCreate as Ptr,
         "cuArrayCreate_v2" => cuArrayCreate_v2 as Ptr,
         "cuArray3DCreate" => cuArray3DCreate as Ptr,
@@ -1402,6 +1562,12 @@ fn entry_ptr(name: &str) -> Ptr {
         "cuCtxCreate_v2" => cuCtxCreate_v2 as Ptr,
         "cuCtxCreate_v3" => cuCtxCreate_v3 as Ptr,
         "cuCtxCreate_v4" => cuCtxCreate_v4 as Ptr,
+        "cuCtxDestroy" => cuCtxDestroy as Ptr,
+        "cuCtxDestroy_v2" => cuCtxDestroy_v2 as Ptr,
+        "cuDevicePrimaryCtxRelease" => cuDevicePrimaryCtxRelease as Ptr,
+        "cuDevicePrimaryCtxRelease_v2" => cuDevicePrimaryCtxRelease_v2 as Ptr,
+        "cuDevicePrimaryCtxReset" => cuDevicePrimaryCtxReset as Ptr,
+        "cuDevicePrimaryCtxReset_v2" => cuDevicePrimaryCtxReset_v2 as Ptr,
         "cuLaunchKernel" => cuLaunchKernel as Ptr,
         "cuLaunchKernel_ptsz" => cuLaunchKernel_ptsz as Ptr,
         "cuLaunchKernelEx" => cuLaunchKernelEx as Ptr,

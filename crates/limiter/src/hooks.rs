@@ -5,11 +5,12 @@
 //! Key decisions:
 //! - **Names.** Each hook is the Rust function `gvh_<name>`; the cdylib exports it as `<name>`
 //!   through a linker alias (see `build.rs`), so the rlib, linked into the daemon, interposes
-//!   nothing.
-//! - **Real entries** are found with the real `dlsym` (from `dlvsym(RTLD_NEXT, "dlsym",
-//!   "GLIBC_2.2.5")`) on a handle to the already-loaded `libcuda.so.1` / `libnvidia-ml.so.1`,
-//!   lazily, and cached in one atomic pointer per hook; `cuGetProcAddress` may fill in entries the
-//!   driver does not export.
+//!   nothing. `gvh_dlsym` is a small assembly trampoline on x86_64 and aarch64, so that
+//!   `dlsym(RTLD_NEXT | RTLD_DEFAULT, …)` reaches libc with the real caller's return address.
+//! - **Real entries** are found with the real `dlsym` (from `dlvsym(RTLD_NEXT, "dlsym", v)`,
+//!   v = `GLIBC_2.2.5`, `GLIBC_2.17` or `GLIBC_2.34`) on a handle to the already-loaded
+//!   `libcuda.so.1` / `libnvidia-ml.so.1`, lazily, and cached in one atomic pointer per hook;
+//!   `cuGetProcAddress` may fill in entries the driver does not export.
 //! - **Lazy start.** `/etc/ld.so.preload` loads us into every process of the instance (shells,
 //!   `ls`), so nothing happens at load: the first hook call reads the config, maps the region,
 //!   takes a process slot and reclaims dead processes' usage. Later calls check one atomic.
@@ -69,7 +70,9 @@ type DlsymFn = unsafe extern "C" fn(Ptr, *const c_char) -> Ptr;
 fn real_dlsym() -> Option<DlsymFn> {
     let mut p = REAL_DLSYM.load(Ordering::Acquire);
     if p.is_null() {
-        for version in [c"GLIBC_2.2.5", c"GLIBC_2.34"] {
+        // x86_64's base version, aarch64's base version (libdl before glibc 2.34), and the
+        // libc one since 2.34 (the same function).
+        for version in [c"GLIBC_2.2.5", c"GLIBC_2.17", c"GLIBC_2.34"] {
             // SAFETY: dlvsym with valid C strings; RTLD_NEXT finds libc's dlsym after ours.
             p = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) };
             if !p.is_null() {
@@ -262,7 +265,6 @@ static FAIL_CLOSED: AtomicBool = AtomicBool::new(false);
 static SLOT: AtomicPtr<Slot> = AtomicPtr::new(null_mut());
 static NDEV: AtomicUsize = AtomicUsize::new(0);
 static CTX_BYTES: AtomicU64 = AtomicU64::new(0);
-static CTX_CHARGED: AtomicU32 = AtomicU32::new(0);
 
 thread_local! {
     static IN_INIT: Cell<bool> = const { Cell::new(false) };
@@ -369,7 +371,7 @@ fn load_config() {
 extern "C" fn after_fork_child() {
     // The child is a new process: it holds nothing yet and must take its own slot.
     SLOT.store(null_mut(), Ordering::Release);
-    CTX_CHARGED.store(0, Ordering::Relaxed);
+    ctx_book_reset();
     table::reset_after_fork();
     STATE.store(UNINIT, Ordering::Release);
 }
@@ -580,41 +582,6 @@ fn capture_ended() {
     let _ = CAPTURES.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
 }
 
-/// Charges the per-process context footprint on `dev` once. Returns whether this call charged
-/// (so a failed context creation can give it back), or the error to return.
-fn charge_context(dev: CUdevice) -> Result<Option<usize>, CUresult> {
-    let Mode::Limit(l, s) = mode() else {
-        return Ok(None);
-    };
-    let bytes = CTX_BYTES.load(Ordering::Relaxed);
-    let Some(dev) = limited_dev(dev) else {
-        return Ok(None);
-    };
-    if bytes == 0 {
-        return Ok(None);
-    }
-    let bit = 1u32 << dev;
-    if CTX_CHARGED.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
-        return Ok(None);
-    }
-    if charge(l, s, dev, bytes) {
-        Ok(Some(dev))
-    } else {
-        CTX_CHARGED.fetch_and(!bit, Ordering::AcqRel);
-        Err(CUDA_ERROR_OUT_OF_MEMORY)
-    }
-}
-
-fn context_created(charged: Option<usize>, rc: CUresult) -> CUresult {
-    if let (Some(dev), true) = (charged, rc != CUDA_SUCCESS) {
-        if let Mode::Limit(l, s) = mode() {
-            shm::uncharge(l, s, dev, CTX_BYTES.load(Ordering::Relaxed));
-        }
-        CTX_CHARGED.fetch_and(!(1u32 << dev), Ordering::AcqRel);
-    }
-    rc
-}
-
 /// (total, free) as the instance should see them on the current device, given the driver's.
 fn quota_view(dev: Option<usize>, real_free: u64, real_total: u64) -> (u64, u64) {
     if let (Mode::Limit(l, _), Some(dev)) = (mode(), dev) {
@@ -629,11 +596,10 @@ fn quota_view(dev: Option<usize>, real_free: u64, real_total: u64) -> (u64, u64)
 // ---------------------------------------------------------------------------------------------
 // dlsym and cuGetProcAddress
 
-/// `dlsym`: answers our hook for any name we hook that the lookup finds, so libcudart's
-/// `dlopen("libcuda.so.1")` + `dlsym` route is caught. Other names pass through. (A caller
-/// passing `RTLD_NEXT` gets "next after the limiter", as for any dlsym interposer.)
-#[no_mangle]
-pub unsafe extern "C" fn gvh_dlsym(handle: Ptr, name: *const c_char) -> Ptr {
+/// `dlsym` for every handle but `RTLD_NEXT` and `RTLD_DEFAULT` (see the trampoline below):
+/// answers our hook for any name we hook that the lookup finds, so libcudart's
+/// `dlopen("libcuda.so.1")` + `dlsym` route is caught. Other names pass through.
+extern "C" fn dlsym_hook(handle: Ptr, name: *const c_char) -> Ptr {
     std::panic::catch_unwind(|| {
         let Some(real) = real_dlsym() else {
             return null_mut();
@@ -665,6 +631,184 @@ pub unsafe extern "C" fn gvh_dlsym(handle: Ptr, name: *const c_char) -> Ptr {
         }
     })
     .unwrap_or(null_mut())
+}
+
+// `dlsym` itself: a trampoline in assembly (x86_64, aarch64).
+//
+// glibc resolves `RTLD_NEXT` ("the next object after the caller") and `RTLD_DEFAULT` (the
+// caller's lookup scope, which for a library loaded with `RTLD_LOCAL` includes its own
+// dependencies) from the *return address* of the `dlsym` call. A hook written in Rust calls the
+// real `dlsym` itself, so glibc sees the limiter as the caller: a library loaded after the
+// limiter that wraps `foo` with `dlsym(RTLD_NEXT, "foo")` got its own `foo` back and recursed,
+// and `dlsym(RTLD_DEFAULT, …)` from a locally loaded plugin missed the plugin's dependencies.
+// So for those two handles the trampoline tail-jumps to libc's `dlsym` with the stack and the
+// return address untouched (glibc sees the real caller); every other handle goes to
+// `dlsym_hook`. The real `dlsym` is resolved on first use (nothing runs at load): if it is not
+// known yet, the trampoline saves the arguments, calls `trampoline_resolve` and jumps.
+//
+// What this means for the hooks: `dlsym(RTLD_NEXT, "cuMemAlloc_v2")` names the definition after
+// the caller, which for a library loaded after the limiter is the driver's, not ours. That is
+// what the caller asked for (an interposer above us forwarding to "the next one" must not be
+// sent back up), and its own callers reach it through the global scope, where the limiter's
+// export comes first. `dlsym(RTLD_DEFAULT, "cu…")` from anywhere finds the limiter's export
+// first (preloaded, so first in the global scope), so it still answers the hook.
+//
+// Other architectures keep the Rust hook for every handle (the old behaviour: `RTLD_NEXT`
+// searches after the limiter).
+
+/// The thread resolving the real `dlsym` for the trampoline (0: none).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+static RESOLVING: AtomicU32 = AtomicU32::new(0);
+
+/// The trampoline's slow path: libc's `dlsym`, or null if it cannot be found or this thread is
+/// already resolving it (a `malloc` interposer whose start-up calls `dlsym(RTLD_NEXT, …)` from
+/// inside `dlvsym` gets null rather than recursing without end).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+extern "C" fn trampoline_resolve() -> Ptr {
+    // SAFETY: gettid has no preconditions (the raw syscall: glibc's wrapper is 2.30+ only).
+    let me = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+    loop {
+        let p = REAL_DLSYM.load(Ordering::Acquire);
+        if !p.is_null() {
+            return p;
+        }
+        let owner = RESOLVING.load(Ordering::Acquire);
+        if owner == me {
+            return null_mut();
+        }
+        if owner == 0
+            && RESOLVING
+                .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            let p = std::panic::catch_unwind(real_dlsym)
+                .ok()
+                .flatten()
+                .map_or(null_mut(), |f| f as Ptr);
+            RESOLVING.store(0, Ordering::Release);
+            return p;
+        }
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
+    }
+}
+
+// SAFETY: `gvh_dlsym` has `dlsym`'s C ABI: it leaves the argument registers, the stack and
+// the return address as it found them when it jumps (to libc's `dlsym` or to `dlsym_hook`, both
+// `dlsym`-shaped), and around its one call it saves the arguments, keeps the stack aligned as the
+// ABI requires, and uses only caller-saved scratch registers.
+#[cfg(target_arch = "x86_64")]
+core::arch::global_asm!(
+    ".pushsection .text.gvh_dlsym,\"ax\",@progbits",
+    ".globl gvh_dlsym",
+    ".type gvh_dlsym,@function",
+    ".p2align 4",
+    "gvh_dlsym:",
+    ".cfi_startproc",
+    "endbr64",
+    // RTLD_NEXT is (void *)-1, RTLD_DEFAULT is 0.
+    "cmp rdi, -1",
+    "je 2f",
+    "test rdi, rdi",
+    "je 2f",
+    "jmp {hook}@PLT",
+    "2:",
+    "mov rax, qword ptr [rip + {real}@GOTPCREL]",
+    "mov rax, qword ptr [rax]",
+    "test rax, rax",
+    "je 3f",
+    "jmp rax",
+    "3:",
+    // Keep the arguments; 8 + 16 + 8 bytes keep the stack 16-byte aligned for the call.
+    "push rdi",
+    ".cfi_adjust_cfa_offset 8",
+    "push rsi",
+    ".cfi_adjust_cfa_offset 8",
+    "sub rsp, 8",
+    ".cfi_adjust_cfa_offset 8",
+    "call {resolve}@PLT",
+    "add rsp, 8",
+    ".cfi_adjust_cfa_offset -8",
+    "pop rsi",
+    ".cfi_adjust_cfa_offset -8",
+    "pop rdi",
+    ".cfi_adjust_cfa_offset -8",
+    "test rax, rax",
+    "je 4f",
+    "jmp rax",
+    "4:",
+    "ret",
+    ".cfi_endproc",
+    ".size gvh_dlsym, . - gvh_dlsym",
+    ".popsection",
+    hook = sym dlsym_hook,
+    real = sym REAL_DLSYM,
+    resolve = sym trampoline_resolve,
+);
+
+// SAFETY: `gvh_dlsym` has `dlsym`'s C ABI: it leaves the argument registers, the stack and
+// the return address as it found them when it jumps (to libc's `dlsym` or to `dlsym_hook`, both
+// `dlsym`-shaped), and around its one call it saves the arguments, keeps the stack aligned as the
+// ABI requires, and uses only caller-saved scratch registers.
+#[cfg(target_arch = "aarch64")]
+core::arch::global_asm!(
+    ".pushsection .text.gvh_dlsym,\"ax\",%progbits",
+    ".globl gvh_dlsym",
+    ".type gvh_dlsym,%function",
+    ".p2align 2",
+    "gvh_dlsym:",
+    ".cfi_startproc",
+    // BTI landing pad (`bti c`, a NOP without BTI).
+    "hint #34",
+    // RTLD_NEXT is (void *)-1, RTLD_DEFAULT is 0.
+    "cmn x0, #1",
+    "b.eq 2f",
+    "cbz x0, 2f",
+    "b {hook}",
+    "2:",
+    "adrp x16, :got:{real}",
+    "ldr x16, [x16, :got_lo12:{real}]",
+    "ldar x16, [x16]",
+    "cbz x16, 3f",
+    "br x16",
+    "3:",
+    "stp x29, x30, [sp, #-32]!",
+    ".cfi_def_cfa_offset 32",
+    ".cfi_offset 29, -32",
+    ".cfi_offset 30, -24",
+    "mov x29, sp",
+    "stp x0, x1, [sp, #16]",
+    "bl {resolve}",
+    "mov x16, x0",
+    "ldp x0, x1, [sp, #16]",
+    "ldp x29, x30, [sp], #32",
+    ".cfi_def_cfa_offset 0",
+    ".cfi_restore 29",
+    ".cfi_restore 30",
+    "cbz x16, 4f",
+    "br x16",
+    "4:",
+    "mov x0, #0",
+    "ret",
+    ".cfi_endproc",
+    ".size gvh_dlsym, . - gvh_dlsym",
+    ".popsection",
+    hook = sym dlsym_hook,
+    real = sym REAL_DLSYM,
+    resolve = sym trampoline_resolve,
+);
+
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+extern "C" {
+    /// The trampoline above (exported as `dlsym` by the cdylib, see `build.rs`).
+    fn gvh_dlsym(handle: Ptr, name: *const c_char) -> Ptr;
+}
+
+/// `dlsym` where no trampoline exists: the Rust hook for every handle.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+#[no_mangle]
+pub unsafe extern "C" fn gvh_dlsym(handle: Ptr, name: *const c_char) -> Ptr {
+    dlsym_hook(handle, name)
 }
 
 /// After the driver answered a `cuGetProcAddress` request: swap in our hook for the versioned
@@ -1059,21 +1203,40 @@ pub unsafe extern "C" fn gvh_cuMemCreate(
     })
 }
 
-// The driver frees a `cuMemCreate` allocation when its handle is released *and* its last mapping
-// is unmapped, in either order; releasing right after `cuMemMap` is the documented idiom
-// (cuda-samples, several allocators). So a `Handle` entry's extra word counts the handle's
-// mappings (made through `cuMemMap`, kept as `Mapping` entries by virtual address) and records a
-// release while mapped; the charge is given back at whichever of the two comes last. Imported
+// The driver frees a `cuMemCreate` allocation when every reference to its handle is released
+// *and* its last mapping is unmapped, in any order; releasing right after `cuMemMap` is the
+// documented idiom (cuda-samples, several allocators). `cuMemRetainAllocationHandle` takes one
+// more reference to a mapped allocation's handle (the same handle value; NCCL frees with
+// retain, release, unmap, release). So a `Handle` entry's extra word counts the handle's
+// mappings (made through `cuMemMap`, kept as `Mapping` entries by virtual address) and its
+// references beyond the first, and records that the last reference went while still mapped; the
+// charge is given back at whichever of the last release and the last unmap comes last. Imported
 // handles (`cuMemImportFromShareableHandle`, another process's memory) have no entry: neither
 // charged nor tracked.
 
 /// Mappings of a handle (low bits of its entry's extra word).
 const HANDLE_MAPS: u64 = 0xffff_ffff;
-/// The handle was released while still mapped.
+/// References to the handle beyond the first (bits 32..63): retains not yet released.
+const HANDLE_EXTRA_ONE: u64 = 1 << 32;
+const HANDLE_EXTRA: u64 = 0x7fff_ffff << 32;
+/// Every reference was released while the handle was still mapped (then no extra ones remain).
 const HANDLE_RELEASED: u64 = 1 << 63;
 /// Mappings one `cuMemUnmap` call gives back; any beyond stay charged (over-, never
 /// under-counted).
 const MAX_UNMAP: usize = 16;
+
+/// What a `cuMemRelease` does to a tracked handle's extra word.
+fn release_step(a: u64) -> u64 {
+    if a & HANDLE_EXTRA == HANDLE_EXTRA {
+        a // saturated retain count: stays charged until exit (over-, never under-counted)
+    } else if a & HANDLE_EXTRA != 0 {
+        a - HANDLE_EXTRA_ONE // a retained reference: the allocation lives on
+    } else if a & HANDLE_MAPS != 0 && a & HANDLE_RELEASED == 0 {
+        a | HANDLE_RELEASED // the last reference, still mapped: charged until the last unmap
+    } else {
+        a // released already (the driver refuses), or the last reference of an unmapped handle
+    }
+}
 
 #[no_mangle]
 pub unsafe extern "C" fn gvh_cuMemRelease(handle: u64) -> CUresult {
@@ -1085,21 +1248,65 @@ pub unsafe extern "C" fn gvh_cuMemRelease(handle: u64) -> CUresult {
                 (handle)
             )
         };
-        if !matches!(mode(), Mode::Limit(..)) {
+        let Mode::Limit(l, s) = mode() else {
             return real();
-        }
-        // Still mapped: the memory lives until the last unmap, and so does the charge.
-        let marked = table::update_aux(Kind::Handle, handle, |a| {
-            (a & HANDLE_MAPS != 0 && a & HANDLE_RELEASED == 0).then_some(a | HANDLE_RELEASED)
-        });
-        if marked.is_some() {
+        };
+        let Some((old, new)) = table::update_aux(Kind::Handle, handle, |a| Some(release_step(a)))
+        else {
+            return real(); // not ours (imported, or created while the table was full)
+        };
+        if old & (HANDLE_EXTRA | HANDLE_RELEASED | HANDLE_MAPS) != 0 {
+            // Not the end of the allocation: only the bookkeeping changed (undone on failure).
             let rc = real();
-            if rc != CUDA_SUCCESS {
-                let _ = table::update_aux(Kind::Handle, handle, |a| Some(a & !HANDLE_RELEASED));
+            if rc != CUDA_SUCCESS && old != new {
+                let released = new & HANDLE_RELEASED != old & HANDLE_RELEASED;
+                let _ = table::update_aux(Kind::Handle, handle, |a| {
+                    Some(if released {
+                        a & !HANDLE_RELEASED
+                    } else {
+                        a + HANDLE_EXTRA_ONE
+                    })
+                });
             }
             return rc;
         }
-        counted_free(Kind::Handle, handle, real)
+        // The last reference of an unmapped handle: forget, free, give back (or restore).
+        let Some((dev, bytes, aux)) = table::remove_aux(Kind::Handle, handle) else {
+            return real();
+        };
+        let rc = real();
+        if rc == CUDA_SUCCESS {
+            shm::uncharge(l, s, dev, bytes);
+        } else {
+            let _ = table::insert_aux(Kind::Handle, handle, dev, bytes, aux);
+        }
+        rc
+    })
+}
+
+/// `cuMemRetainAllocationHandle`: one more reference to the handle of the allocation mapped at
+/// `addr`, which must be released too before the driver frees the memory.
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuMemRetainAllocationHandle(handle: *mut u64, addr: Ptr) -> CUresult {
+    guard(|| {
+        let rc = call_real!(
+            cuMemRetainAllocationHandle,
+            unsafe extern "C" fn(*mut u64, Ptr) -> CUresult,
+            (handle, addr)
+        );
+        if rc == CUDA_SUCCESS && matches!(mode(), Mode::Limit(..)) {
+            let _ = table::update_aux(Kind::Handle, read(handle), |a| {
+                Some(if a & HANDLE_RELEASED != 0 {
+                    // Every earlier reference was released; this is the only one now.
+                    a & !HANDLE_RELEASED
+                } else if a & HANDLE_EXTRA == HANDLE_EXTRA {
+                    a // saturated: stays charged until exit (over-, never under-)
+                } else {
+                    a + HANDLE_EXTRA_ONE
+                })
+            });
+        }
+        rc
     })
 }
 
@@ -1564,29 +1771,238 @@ pub unsafe extern "C" fn gvh_nvmlDeviceGetMemoryInfo_v2(
 
 // ---------------------------------------------------------------------------------------------
 // Contexts: the per-process footprint
+//
+// `limiter_context_bytes` stands for what the driver keeps per context on a device. It is charged
+// on a device while this process has at least one live context there, once however many:
+// - a context made by `cuCtxCreate*`, until `cuCtxDestroy(_v2)` of it succeeds (kept in the
+//   allocation table by handle, so a destroy of a handle we never saw gives nothing back);
+// - the device's primary context while it is active: from a retain until the release of the
+//   last reference, or a `cuDevicePrimaryCtxReset(_v2)` (`cudaDeviceReset`), which destroys the
+//   context but, as documented, does not release the references; the next retain re-creates it
+//   and charges again, and releases of the old references then give nothing back.
+// The driver frees a context's memory when it is destroyed, so the charge goes back then, not
+// at exit; what is still charged at exit goes back with the process's slot. The bookkeeping
+// sits under a small spin lock (context calls are rare and never on a launch or allocation
+// path), which is never held across a driver call.
+
+struct CtxBook {
+    lock: AtomicBool,
+    /// Live contexts per device: created ones plus the primary one while active.
+    live: [AtomicU32; MAX_DEVICES],
+    /// References to the primary context taken through `cuDevicePrimaryCtxRetain`.
+    primary_refs: [AtomicU32; MAX_DEVICES],
+    /// Whether the primary context exists (counted in `live`).
+    primary_active: [AtomicBool; MAX_DEVICES],
+}
+
+static CTX_BOOK: CtxBook = CtxBook {
+    lock: AtomicBool::new(false),
+    live: [const { AtomicU32::new(0) }; MAX_DEVICES],
+    primary_refs: [const { AtomicU32::new(0) }; MAX_DEVICES],
+    primary_active: [const { AtomicBool::new(false) }; MAX_DEVICES],
+};
+
+/// The book, locked until dropped.
+struct CtxLocked;
+
+impl CtxLocked {
+    fn new() -> CtxLocked {
+        while CTX_BOOK
+            .lock
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+        CtxLocked
+    }
+}
+
+impl Drop for CtxLocked {
+    fn drop(&mut self) {
+        CTX_BOOK.lock.store(false, Ordering::Release);
+    }
+}
+
+/// In a forked child: the parent's contexts are not the child's (and the lock may have been
+/// held by a thread that does not exist here).
+fn ctx_book_reset() {
+    for d in 0..MAX_DEVICES {
+        CTX_BOOK.live[d].store(0, Ordering::Relaxed);
+        CTX_BOOK.primary_refs[d].store(0, Ordering::Relaxed);
+        CTX_BOOK.primary_active[d].store(false, Ordering::Relaxed);
+    }
+    CTX_BOOK.lock.store(false, Ordering::Release);
+}
+
+/// Where a context on `dev` is accounted: the region, this process's slot, the device index and
+/// the footprint. `None` when nothing is charged for it.
+#[derive(Clone, Copy)]
+struct CtxAcct {
+    l: &'static Layout,
+    s: Option<&'static Slot>,
+    dev: usize,
+    bytes: u64,
+}
+
+fn ctx_acct(dev: CUdevice) -> Option<CtxAcct> {
+    let Mode::Limit(l, s) = mode() else {
+        return None;
+    };
+    let bytes = CTX_BYTES.load(Ordering::Relaxed);
+    let dev = limited_dev(dev)?;
+    (bytes != 0).then_some(CtxAcct { l, s, dev, bytes })
+}
+
+impl CtxAcct {
+    /// One more live context; the first charges the footprint. False (nothing changed) if it
+    /// does not fit.
+    fn add(self, _locked: &CtxLocked) -> bool {
+        let live = &CTX_BOOK.live[self.dev];
+        if live.load(Ordering::Relaxed) == 0 && !charge(self.l, self.s, self.dev, self.bytes) {
+            return false;
+        }
+        live.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// One live context fewer; the last gives the footprint back.
+    fn sub(self, _locked: &CtxLocked) {
+        let live = &CTX_BOOK.live[self.dev];
+        match live.load(Ordering::Relaxed) {
+            0 => {}
+            1 => {
+                live.store(0, Ordering::Relaxed);
+                shm::uncharge(self.l, self.s, self.dev, self.bytes);
+            }
+            n => live.store(n - 1, Ordering::Relaxed),
+        }
+    }
+
+    /// The primary context lost its last reference or was reset: it is gone.
+    fn primary_gone(self, locked: &CtxLocked) {
+        if CTX_BOOK.primary_active[self.dev].swap(false, Ordering::Relaxed) {
+            self.sub(locked);
+        }
+    }
+}
 
 #[no_mangle]
 pub unsafe extern "C" fn gvh_cuDevicePrimaryCtxRetain(ctx: *mut Ptr, dev: CUdevice) -> CUresult {
-    guard(|| match charge_context(dev) {
-        Err(rc) => rc,
-        Ok(charged) => {
-            let rc = call_real!(
+    guard(|| {
+        let real = || {
+            call_real!(
                 cuDevicePrimaryCtxRetain,
                 unsafe extern "C" fn(*mut Ptr, CUdevice) -> CUresult,
                 (ctx, dev)
-            );
-            context_created(charged, rc)
+            )
+        };
+        let Some(a) = ctx_acct(dev) else {
+            return real();
+        };
+        {
+            let locked = CtxLocked::new();
+            if !CTX_BOOK.primary_active[a.dev].load(Ordering::Relaxed) {
+                if !a.add(&locked) {
+                    return CUDA_ERROR_OUT_OF_MEMORY;
+                }
+                CTX_BOOK.primary_active[a.dev].store(true, Ordering::Relaxed);
+            }
+            CTX_BOOK.primary_refs[a.dev].fetch_add(1, Ordering::Relaxed);
         }
+        let rc = real();
+        if rc != CUDA_SUCCESS {
+            let locked = CtxLocked::new();
+            let refs = &CTX_BOOK.primary_refs[a.dev];
+            let left = refs.load(Ordering::Relaxed).saturating_sub(1);
+            refs.store(left, Ordering::Relaxed);
+            if left == 0 {
+                a.primary_gone(&locked);
+            }
+        }
+        rc
     })
+}
+
+/// After the driver released a primary context reference: the last one destroys it.
+fn primary_released(dev: CUdevice, rc: CUresult) -> CUresult {
+    if rc == CUDA_SUCCESS {
+        if let Some(a) = ctx_acct(dev) {
+            let locked = CtxLocked::new();
+            let refs = &CTX_BOOK.primary_refs[a.dev];
+            match refs.load(Ordering::Relaxed) {
+                0 => {} // a reference taken where the limiter did not see it
+                1 => {
+                    refs.store(0, Ordering::Relaxed);
+                    a.primary_gone(&locked);
+                }
+                n => refs.store(n - 1, Ordering::Relaxed),
+            }
+        }
+    }
+    rc
+}
+
+/// After the driver reset a primary context: it is destroyed, its references stay.
+fn primary_reset(dev: CUdevice, rc: CUresult) -> CUresult {
+    if rc == CUDA_SUCCESS {
+        if let Some(a) = ctx_acct(dev) {
+            a.primary_gone(&CtxLocked::new());
+        }
+    }
+    rc
+}
+
+type DevFn = unsafe extern "C" fn(CUdevice) -> CUresult;
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuDevicePrimaryCtxRelease(dev: CUdevice) -> CUresult {
+    guard(|| primary_released(dev, call_real!(cuDevicePrimaryCtxRelease, DevFn, (dev))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult {
+    guard(|| primary_released(dev, call_real!(cuDevicePrimaryCtxRelease_v2, DevFn, (dev))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuDevicePrimaryCtxReset(dev: CUdevice) -> CUresult {
+    guard(|| primary_reset(dev, call_real!(cuDevicePrimaryCtxReset, DevFn, (dev))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuDevicePrimaryCtxReset_v2(dev: CUdevice) -> CUresult {
+    guard(|| primary_reset(dev, call_real!(cuDevicePrimaryCtxReset_v2, DevFn, (dev))))
+}
+
+/// `cuCtxCreate*`: counts the new context (charging the footprint if it is the device's first),
+/// creates it, and records its handle for `cuCtxDestroy`.
+fn ctx_create(ctx: *mut Ptr, dev: CUdevice, create: impl FnOnce() -> CUresult) -> CUresult {
+    let Some(a) = ctx_acct(dev) else {
+        return create();
+    };
+    if !a.add(&CtxLocked::new()) {
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    let rc = create();
+    if rc != CUDA_SUCCESS {
+        a.sub(&CtxLocked::new());
+    } else {
+        // Not recorded (table full): it stays counted until exit (over-, never under-).
+        let _ = table::insert(Kind::Context, read(ctx) as u64, a.dev, 0);
+    }
+    rc
 }
 
 type CtxCreate = unsafe extern "C" fn(*mut Ptr, c_uint, CUdevice) -> CUresult;
 
 #[no_mangle]
 pub unsafe extern "C" fn gvh_cuCtxCreate(ctx: *mut Ptr, flags: c_uint, dev: CUdevice) -> CUresult {
-    guard(|| match charge_context(dev) {
-        Err(rc) => rc,
-        Ok(c) => context_created(c, call_real!(cuCtxCreate, CtxCreate, (ctx, flags, dev))),
+    guard(|| {
+        ctx_create(ctx, dev, || {
+            call_real!(cuCtxCreate, CtxCreate, (ctx, flags, dev))
+        })
     })
 }
 
@@ -1596,9 +2012,10 @@ pub unsafe extern "C" fn gvh_cuCtxCreate_v2(
     flags: c_uint,
     dev: CUdevice,
 ) -> CUresult {
-    guard(|| match charge_context(dev) {
-        Err(rc) => rc,
-        Ok(c) => context_created(c, call_real!(cuCtxCreate_v2, CtxCreate, (ctx, flags, dev))),
+    guard(|| {
+        ctx_create(ctx, dev, || {
+            call_real!(cuCtxCreate_v2, CtxCreate, (ctx, flags, dev))
+        })
     })
 }
 
@@ -1610,16 +2027,14 @@ pub unsafe extern "C" fn gvh_cuCtxCreate_v3(
     flags: c_uint,
     dev: CUdevice,
 ) -> CUresult {
-    guard(|| match charge_context(dev) {
-        Err(rc) => rc,
-        Ok(c) => context_created(
-            c,
+    guard(|| {
+        ctx_create(ctx, dev, || {
             call_real!(
                 cuCtxCreate_v3,
                 unsafe extern "C" fn(*mut Ptr, Ptr, c_int, c_uint, CUdevice) -> CUresult,
                 (ctx, params, nparams, flags, dev)
-            ),
-        ),
+            )
+        })
     })
 }
 
@@ -1630,17 +2045,42 @@ pub unsafe extern "C" fn gvh_cuCtxCreate_v4(
     flags: c_uint,
     dev: CUdevice,
 ) -> CUresult {
-    guard(|| match charge_context(dev) {
-        Err(rc) => rc,
-        Ok(c) => context_created(
-            c,
+    guard(|| {
+        ctx_create(ctx, dev, || {
             call_real!(
                 cuCtxCreate_v4,
                 unsafe extern "C" fn(*mut Ptr, Ptr, c_uint, CUdevice) -> CUresult,
                 (ctx, params, flags, dev)
-            ),
-        ),
+            )
+        })
     })
+}
+
+/// After the driver destroyed `ctx`: if it is a context this process created and counted, one
+/// live context fewer on its device. The entry goes only once the driver succeeded, so a failed
+/// or repeated destroy gives nothing back.
+fn ctx_destroyed(ctx: Ptr, rc: CUresult) -> CUresult {
+    if rc == CUDA_SUCCESS {
+        if let Mode::Limit(l, s) = mode() {
+            if let Some((dev, _)) = table::remove(Kind::Context, ctx as u64) {
+                let bytes = CTX_BYTES.load(Ordering::Relaxed);
+                CtxAcct { l, s, dev, bytes }.sub(&CtxLocked::new());
+            }
+        }
+    }
+    rc
+}
+
+type CtxDestroy = unsafe extern "C" fn(Ptr) -> CUresult;
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuCtxDestroy(ctx: Ptr) -> CUresult {
+    guard(|| ctx_destroyed(ctx, call_real!(cuCtxDestroy, CtxDestroy, (ctx))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn gvh_cuCtxDestroy_v2(ctx: Ptr) -> CUresult {
+    guard(|| ctx_destroyed(ctx, call_real!(cuCtxDestroy_v2, CtxDestroy, (ctx))))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -81,6 +81,10 @@ static TABLE: &[Entry] = &[
     e(b"cuMemMap", &[(10020, b"cuMemMap")]),
     e(b"cuMemUnmap", &[(10020, b"cuMemUnmap")]),
     e(
+        b"cuMemRetainAllocationHandle",
+        &[(11000, b"cuMemRetainAllocationHandle")],
+    ),
+    e(
         b"cuArrayCreate",
         &[(2000, b"cuArrayCreate"), (3020, b"cuArrayCreate_v2")],
     ),
@@ -110,6 +114,20 @@ static TABLE: &[Entry] = &[
         &[(7000, b"cuDevicePrimaryCtxRetain")],
     ),
     e(
+        b"cuDevicePrimaryCtxRelease",
+        &[
+            (7000, b"cuDevicePrimaryCtxRelease"),
+            (11000, b"cuDevicePrimaryCtxRelease_v2"),
+        ],
+    ),
+    e(
+        b"cuDevicePrimaryCtxReset",
+        &[
+            (7000, b"cuDevicePrimaryCtxReset"),
+            (11000, b"cuDevicePrimaryCtxReset_v2"),
+        ],
+    ),
+    e(
         b"cuCtxCreate",
         &[
             (2000, b"cuCtxCreate"),
@@ -117,6 +135,10 @@ static TABLE: &[Entry] = &[
             (11040, b"cuCtxCreate_v3"),
             (12050, b"cuCtxCreate_v4"),
         ],
+    ),
+    e(
+        b"cuCtxDestroy",
+        &[(2000, b"cuCtxDestroy"), (4000, b"cuCtxDestroy_v2")],
     ),
     pt(
         b"cuLaunchKernel",
@@ -238,6 +260,27 @@ mod tests {
             Some(&b"cuGetProcAddress_v2"[..])
         );
         assert_eq!(resolve(b"cuMemCreate", 9000, 0), None);
+        assert_eq!(resolve(b"cuMemRetainAllocationHandle", 10020, 0), None);
+        assert_eq!(
+            resolve(b"cuMemRetainAllocationHandle", 11000, 0),
+            Some(&b"cuMemRetainAllocationHandle"[..])
+        );
+        assert_eq!(
+            resolve(b"cuDevicePrimaryCtxRelease", 10020, 0),
+            Some(&b"cuDevicePrimaryCtxRelease"[..])
+        );
+        assert_eq!(
+            resolve(b"cuDevicePrimaryCtxReset", 12000, PER_THREAD_DEFAULT_STREAM),
+            Some(&b"cuDevicePrimaryCtxReset_v2"[..])
+        );
+        assert_eq!(
+            resolve(b"cuCtxDestroy", 3020, 0),
+            Some(&b"cuCtxDestroy"[..])
+        );
+        assert_eq!(
+            resolve(b"cuCtxDestroy", 12000, 0),
+            Some(&b"cuCtxDestroy_v2"[..])
+        );
         for legacy in [&b"cuLaunch"[..], b"cuLaunchGrid", b"cuLaunchGridAsync"] {
             for (ver, flags) in [(2000, 0), (11080, 0), (12000, PER_THREAD_DEFAULT_STREAM)] {
                 // No `_v2` and no `_ptsz` exists: a per-thread request gets the one entry.

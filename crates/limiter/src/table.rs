@@ -24,6 +24,9 @@ pub(crate) enum Kind {
     /// A `cuMemMap` of a tracked handle: key = virtual address, bytes = mapped size,
     /// aux = the handle.
     Mapping = 5,
+    /// A context made by `cuCtxCreate*`: key = handle, device; bytes unused (the footprint is
+    /// charged per device, see `hooks`).
+    Context = 6,
 }
 
 const CAPACITY: usize = 1 << 19;

@@ -218,6 +218,35 @@ fn a_released_handle_stays_charged_while_mapped() {
     }
 }
 
+/// `cuMemRetainAllocationHandle` takes a reference of its own: releasing it (or the first one)
+/// while another reference still holds the allocation gives nothing back; the last release or
+/// unmap does, once.
+#[test]
+fn a_retained_allocation_handle_keeps_the_charge() {
+    let _load = shared();
+    let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
+    for route in ["dlsym", "gpa11", "gpa12", "gpa13"] {
+        let out = i.run(&["vmmretain", route]);
+        assert!(out.contains("OK"), "{out}");
+        assert_eq!(i.used(), 0, "{route}");
+    }
+}
+
+/// The context footprint goes back when the driver frees the context (destroy of a created
+/// context, last release or reset of the primary one), is charged again by the next one, and is
+/// never given back twice; what is still charged at exit goes back with the slot.
+#[test]
+fn the_context_footprint_is_given_back_with_the_context() {
+    let _load = shared();
+    let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, MIB);
+    for route in ["link", "dlsym", "gpa11", "gpa12", "gpa13"] {
+        let out = i.run(&["ctxlife", route, &MIB.to_string()]);
+        assert!(out.contains("OK"), "{out}");
+        assert_eq!(i.used(), 0, "{route}");
+        assert!(i.region.processes().is_empty(), "{route}");
+    }
+}
+
 /// CUDA graphs by stream capture (PyTorch `torch.cuda.graph`): a launch into a capturing stream
 /// records a node and runs nothing, so the gate neither counts nor holds it (a throttled capture
 /// of a large graph would otherwise sleep for seconds); each replay counts once. Outside a
@@ -596,4 +625,119 @@ fn a_throttled_instance_launch_rate_follows_its_share() {
         );
         assert!(i.region.usage(0).unwrap().interval_ns > 0);
     }
+}
+
+/// Builds `tests/c/rtldnext.c` three ways (see the file) into one directory.
+fn rtldnext_dir() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/rtldnext.c");
+        let d = dir.path();
+        let cc = |args: &[&str]| {
+            let out = Command::new("cc")
+                .args(["-O1", "-Wall", "-Wextra", "-Werror"])
+                .arg(&src)
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("running cc");
+            assert!(
+                out.status.success(),
+                "compiling rtldnext.c {args:?} failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        cc(&["-DGV_BASE", "-shared", "-fPIC", "-o", "libgvnextbase.so"]);
+        cc(&[
+            "-DGV_WRAP",
+            "-shared",
+            "-fPIC",
+            "-o",
+            "libgvnextwrap.so",
+            "-L.",
+            // Needed although no symbol of it is referenced (only found through dlsym).
+            "-Wl,--no-as-needed",
+            "-lgvnextbase",
+            "-ldl",
+        ]);
+        cc(&["-o", "rtldnext", "-ldl"]);
+        dir
+    })
+    .path()
+}
+
+/// `dlsym(RTLD_NEXT, …)` and `dlsym(RTLD_DEFAULT, …)` through the limiter's `dlsym` behave as if
+/// the caller had called libc's: a wrapper loaded after the limiter (preloaded after it, or
+/// `dlopen`ed) reaches the next definition instead of itself (endless recursion at start-up),
+/// and a library loaded `RTLD_LOCAL` still finds its own dependencies by `RTLD_DEFAULT`.
+#[test]
+fn dlsym_rtld_next_searches_after_the_real_caller() {
+    let _load = shared();
+    let h = harness();
+    let dir = rtldnext_dir();
+    let wrap = dir.join("libgvnextwrap.so");
+    let i = Instance::new(MIB, FULL_SHARE_BP, Priority::High, 0);
+    for (mode, preload) in [
+        (
+            "preload",
+            format!("{} {}", h.limiter.display(), wrap.display()),
+        ),
+        ("dlopen", h.limiter.display().to_string()),
+    ] {
+        let out = Command::new(dir.join("rtldnext"))
+            .arg(mode)
+            .env(
+                "LD_LIBRARY_PATH",
+                format!("{}:{}", dir.display(), h.libdir.display()),
+            )
+            .env("LD_PRELOAD", preload)
+            .env(ENV_PATH, &i.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rtldnext {mode} ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The cdylib exports `dlsym` (the trampoline) under its own name, and not the trampoline's
+/// internal name.
+#[test]
+fn the_library_exports_dlsym() {
+    let h = harness();
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(&h.limiter)
+        .output()
+        .expect("running nm");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let syms: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let _addr = f.next()?;
+            Some((f.next()?, f.next()?))
+        })
+        .collect();
+    assert!(
+        syms.iter().any(|(t, n)| *t == "T" && *n == "dlsym"),
+        "dlsym not exported:\n{text}"
+    );
+    for name in [
+        "cuMemRetainAllocationHandle",
+        "cuCtxDestroy_v2",
+        "cuDevicePrimaryCtxReset_v2",
+    ] {
+        assert!(
+            syms.iter().any(|(t, n)| *t == "T" && *n == name),
+            "{name} not exported"
+        );
+    }
+    assert!(!syms.iter().any(|(_, n)| *n == "gvh_dlsym"), "{text}");
 }

@@ -1,7 +1,7 @@
 /* Test program driven by tests/interpose.rs: runs under LD_PRELOAD=libgpuvisor_limiter.so over
  * the fake libcuda.so.1 and checks what an application sees. Exit status 0 = all checks passed;
  * a failed check prints "FAIL file:line: ..." to stderr and exits 1.
- * Modes: boundary Q | paths ROUTE | vmm ROUTE | capture ROUTE N M | legacy ROUTE N | gate PATH N | multidev N M | hold BYTES |
+ * Modes: boundary Q | paths ROUTE | vmm ROUTE | vmmretain ROUTE | ctxlife ROUTE BYTES | capture ROUTE N M | legacy ROUTE N | gate PATH N | multidev N M | hold BYTES |
  * race CHUNK | latefree BYTES | nvml | ctx BYTES | rate SECS | fork */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -45,6 +45,10 @@ CUresult cuArray3DCreate(CUarray *, const DESC3D1 *);
 CUresult cuArrayDestroy(CUarray);
 CUresult cuDevicePrimaryCtxRetain(CUcontext *, int);
 CUresult cuCtxCreate_v2(CUcontext *, unsigned int, int);
+CUresult cuDevicePrimaryCtxRelease(int);
+CUresult cuDevicePrimaryCtxReset(int);
+CUresult cuCtxDestroy(CUcontext);
+int fakecuda_primary_active(int);
 CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                         unsigned, CUstream, void **, void **);
 CUresult cuLaunch(CUfunction);
@@ -379,6 +383,155 @@ static int mode_vmm(const char *route) {
     return 0;
 }
 
+/* cuMemRetainAllocationHandle takes one more reference to a mapped allocation's handle: the
+ * driver frees the memory only when every reference is released and the last mapping unmapped. */
+static int mode_vmmretain(const char *route) {
+    cuInit(0);
+    g_api = api_for(route);
+    CUresult (*map)(CUdeviceptr, size_t, size_t, u64, u64) = resolve(route, "cuMemMap", "cuMemMap");
+    CUresult (*unmap)(CUdeviceptr, size_t) = resolve(route, "cuMemUnmap", "cuMemUnmap");
+    CUresult (*retain)(u64 *, void *) =
+        resolve(route, "cuMemRetainAllocationHandle", "cuMemRetainAllocationHandle");
+    u64 b0 = calls("cuMemRetainAllocationHandle");
+    const size_t G = 2 << 20;
+    const CUdeviceptr VA = 0x920000000000ull;
+    PROP prop = {.type = 1, .locType = 1, .locId = 0};
+    u64 h, r;
+    g_last_free = free_now();
+
+    /* create, map, retain, unmap, release the retained reference: the first one still holds it */
+    CHECK(g_api.memCreate(&h, G, &prop, 0) == 0 && map(VA, G, 0, h, 0) == 0, "create+map");
+    expect_taken("cuMemCreate", G);
+    CHECK(retain(&r, (void *)(VA + 4096)) == 0 && r == h, "retain");
+    CHECK(unmap(VA, G) == 0, "unmap");
+    CHECK(g_api.memRelease(r) == 0, "release the retained reference");
+    expect_taken("retained reference released, first one held", 0);
+    CHECK(fakecuda_mem_used() == G, "the double freed a referenced allocation");
+    CHECK(g_api.memRelease(h) == 0, "release");
+    expect_given_back("last reference released", G);
+
+    /* NCCL's free: retain, release, unmap, release */
+    CHECK(g_api.memCreate(&h, G, &prop, 0) == 0 && map(VA, G, 0, h, 0) == 0, "create+map");
+    expect_taken("cuMemCreate", G);
+    CHECK(retain(&r, (void *)VA) == 0 && r == h, "retain");
+    CHECK(g_api.memRelease(h) == 0, "release");
+    CHECK(unmap(VA, G) == 0, "unmap");
+    expect_taken("unmapped, the retained reference holds it", 0);
+    CHECK(fakecuda_mem_used() == G, "the double freed a referenced allocation");
+    CHECK(g_api.memRelease(r) == 0, "release the retained reference");
+    expect_given_back("last reference released", G);
+
+    /* every reference released while mapped, then a new one taken from the mapping */
+    CHECK(g_api.memCreate(&h, G, &prop, 0) == 0 && map(VA, G, 0, h, 0) == 0, "create+map");
+    expect_taken("cuMemCreate", G);
+    CHECK(g_api.memRelease(h) == 0, "release while mapped");
+    CHECK(retain(&r, (void *)VA) == 0 && r == h, "retain from the mapping");
+    CHECK(unmap(VA, G) == 0, "unmap");
+    expect_taken("unmapped, the new reference holds it", 0);
+    CHECK(g_api.memRelease(r) == 0, "release");
+    expect_given_back("last reference released", G);
+    CHECK(g_api.memRelease(r) != 0, "a release too many must fail");
+    expect_taken("failed release", 0);
+    CHECK(retain(&r, (void *)VA) != 0, "retain of an unmapped address must fail");
+    CHECK(calls("cuMemRetainAllocationHandle") == b0 + 4, "retains reached the driver %llu times",
+          calls("cuMemRetainAllocationHandle") - b0);
+    CHECK(fakecuda_mem_used() == 0, "double still holds %llu", fakecuda_mem_used());
+    printf("OK vmmretain %s\n", route);
+    return 0;
+}
+
+/* The context footprint lasts as long as a context on the device: given back by the destroy of
+ * the last created context, the release of the primary context's last reference, or its reset;
+ * charged again by the next retain or create; never given back twice. Leaves one created context
+ * at exit (given back with the slot). */
+static int mode_ctxlife(const char *route, u64 cb) {
+    cuInit(0);
+    int link = !strcmp(route, "link");
+    g_api = api_for(route);
+    CUresult (*retain)(CUcontext *, int);
+    CUresult (*release)(int);
+    CUresult (*reset)(int);
+    CUresult (*create)(CUcontext *, unsigned int, int);
+    CUresult (*destroy)(CUcontext);
+    const char *rel_name = link ? "cuDevicePrimaryCtxRelease" : "cuDevicePrimaryCtxRelease_v2";
+    const char *destroy_name = link ? "cuCtxDestroy" : "cuCtxDestroy_v2";
+    if (link) {
+        /* Called by name: the v1 entries. */
+        retain = cuDevicePrimaryCtxRetain;
+        release = cuDevicePrimaryCtxRelease;
+        reset = cuDevicePrimaryCtxReset;
+        create = cuCtxCreate_v2;
+        destroy = cuCtxDestroy;
+    } else {
+        retain = resolve(route, "cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRetain");
+        release = resolve(route, "cuDevicePrimaryCtxRelease", "cuDevicePrimaryCtxRelease_v2");
+        reset = resolve(route, "cuDevicePrimaryCtxReset", "cuDevicePrimaryCtxReset_v2");
+        /* cuGetProcAddress answers cuCtxCreate_v3/_v4 (other ABIs) for 11.4+: by name here. */
+        create = resolve("dlsym", "cuCtxCreate", "cuCtxCreate_v2");
+        destroy = resolve(route, "cuCtxDestroy", "cuCtxDestroy_v2");
+    }
+    u64 r0 = calls(rel_name), d0 = calls(destroy_name);
+    CUcontext p, c1, c2;
+    g_last_free = free_now();
+
+    /* primary: two references, the last release destroys it */
+    CHECK(retain(&p, 0) == 0, "retain");
+    expect_taken("retain", cb);
+    CHECK(retain(&p, 0) == 0, "retain again");
+    expect_taken("second reference", 0);
+    CHECK(release(0) == 0, "release");
+    expect_taken("one reference left", 0);
+    CHECK(release(0) == 0 && !fakecuda_primary_active(0), "last release");
+    expect_given_back("last release", cb);
+    CHECK(release(0) != 0, "a release too many must fail");
+    expect_taken("failed release", 0);
+
+    /* reset destroys the context but keeps the references; a retain re-creates it */
+    CHECK(retain(&p, 0) == 0, "retain");
+    expect_taken("retain after release", cb);
+    CHECK(reset(0) == 0 && !fakecuda_primary_active(0), "reset");
+    expect_given_back("reset", cb);
+    CHECK(retain(&p, 0) == 0 && fakecuda_primary_active(0), "retain after reset");
+    expect_taken("retain after reset", cb);
+    CHECK(release(0) == 0, "release the reference from before the reset");
+    expect_taken("a reference is left", 0);
+    CHECK(release(0) == 0, "release");
+    expect_given_back("last release after reset", cb);
+    CHECK(reset(0) == 0, "reset with no context");
+    CHECK(release(0) != 0, "no reference left");
+    expect_taken("reset of an inactive context", 0);
+
+    /* created contexts: the footprint lasts until the last is destroyed, once */
+    CHECK(create(&c1, 0, 0) == 0, "create");
+    expect_taken("create", cb);
+    CHECK(create(&c2, 0, 0) == 0 && c2 != c1, "create another");
+    expect_taken("second context", 0);
+    CHECK(destroy(c1) == 0, "destroy");
+    expect_taken("one context left", 0);
+    CHECK(destroy(c1) != 0, "a destroyed context cannot be destroyed again");
+    expect_taken("failed destroy", 0);
+    CHECK(destroy(c2) == 0, "destroy");
+    expect_given_back("last context destroyed", cb);
+
+    /* a primary and a created context on one device */
+    CHECK(retain(&p, 0) == 0 && create(&c1, 0, 0) == 0, "retain+create");
+    expect_taken("retain+create", cb);
+    CHECK(release(0) == 0, "release");
+    expect_taken("created context left", 0);
+    CHECK(destroy(p) != 0, "the primary context is not destroyed by cuCtxDestroy");
+    CHECK(destroy(c1) == 0, "destroy");
+    expect_given_back("both gone", cb);
+
+    CHECK(calls(rel_name) == r0 + 7, "%s reached %llu times", rel_name, calls(rel_name) - r0);
+    CHECK(calls(destroy_name) == d0 + 5, "%s reached %llu times", destroy_name,
+          calls(destroy_name) - d0);
+    /* left at exit */
+    CHECK(create(&c2, 0, 0) == 0, "create");
+    expect_taken("create", cb);
+    printf("OK ctxlife %s\n", route);
+    return 0;
+}
+
 /* The legacy launch API, and cuLaunchHostFunc (a host function: must not pass the gate). */
 typedef struct {
     CUresult (*launch)(CUfunction);
@@ -702,6 +855,8 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "boundary")) return mode_boundary(arg);
     if (!strcmp(m, "paths")) return mode_paths(argv[2], argc > 3 ? atoi(argv[3]) : 10);
     if (!strcmp(m, "vmm")) return mode_vmm(argv[2]);
+    if (!strcmp(m, "vmmretain")) return mode_vmmretain(argv[2]);
+    if (!strcmp(m, "ctxlife")) return mode_ctxlife(argv[2], strtoull(argv[3], NULL, 0));
     if (!strcmp(m, "capture"))
         return mode_capture(argv[2], argc > 3 ? atoi(argv[3]) : 5, argc > 4 ? atoi(argv[4]) : 3);
     if (!strcmp(m, "legacy")) return mode_legacy(argv[2], argc > 3 ? atoi(argv[3]) : 10);
