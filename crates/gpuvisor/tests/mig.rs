@@ -183,6 +183,57 @@ fn mig_slices_are_schedulable_devices() {
     assert_eq!(after[0]["uuid"], kept.as_str());
     let gi2_id = gi2["id"].as_u64().unwrap();
     assert_eq!(after[0]["mig"]["gi"], gi2_id, "{after:?}");
+
+    // A layout change made outside gpuvisor (as `nvidia-smi mig` would) is picked up by the
+    // periodic sweep; an instance on a slice that vanished gets an event.
+    let on_kept = d.create(&on_slice_args);
+    let gpus = d.json(&["gpu", "list"]);
+    let layout: Vec<(String, u64, bool)> = gpus
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["mig"].is_null())
+        .map(|g| {
+            (
+                g["uuid"].as_str().unwrap().to_string(),
+                g["vram"].as_u64().unwrap(),
+                g["mig_enabled"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, u64, bool)> = layout
+        .iter()
+        .map(|(u, v, m)| (u.as_str(), *v, *m))
+        .collect();
+    let tool = gpuvisor_node::mig::SimulatedMig::persistent(
+        &refs,
+        d.data().join("dev").join("mig-state.json"),
+    )
+    .unwrap();
+    gpuvisor_node::mig::destroy(&tool, "0", gi2_id as u32).unwrap();
+    gpuvisor_node::mig::create(&tool, "0", "1g.10gb").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(45);
+    loop {
+        let s = slices(&d);
+        if s.len() == 1 && s[0]["model"] == "A100-80GB-1g.10gb" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sweep did not pick up the change: {s:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let events = d.json(&["instance", "events", &on_kept]);
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "gpu_gone"),
+        "{events}"
+    );
+    d.json(&["instance", "terminate", &on_kept, "--wait"]);
     d.json(&["instance", "terminate", &whole, "--wait"]);
     d.terminate_all();
 }

@@ -205,6 +205,16 @@ struct SimState {
     /// Fail the next compute-instance creation (to test the clean-up path).
     #[serde(skip)]
     fail_next_ci: bool,
+    /// (inode, length, mtime) of the state file when last read or written: another writer
+    /// (a second process, as `nvidia-smi mig` is for the real driver) is noticed and re-read.
+    #[serde(skip)]
+    seen: Option<(u64, u64, std::time::SystemTime)>,
+}
+
+fn file_stamp(file: &std::path::Path) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(file).ok()?;
+    Some((md.ino(), md.len(), md.modified().ok()?))
 }
 
 /// (profile index, id, slices, memory fraction in eighths, SMs, allowed placement starts).
@@ -246,22 +256,31 @@ impl SimulatedMig {
         file: std::path::PathBuf,
     ) -> Result<Self, MigError> {
         let mut mig = Self::new(gpus);
-        match std::fs::read(&file) {
-            Ok(bytes) => {
-                let st: SimState = serde_json::from_slice(&bytes).map_err(|e| {
-                    MigError::Nvml(format!("simulated MIG state {}: {e}", file.display()))
-                })?;
-                *mig.lock() = st;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(MigError::Nvml(format!("{}: {e}", file.display()))),
+        if let Some(st) = Self::load(&file)? {
+            *mig.lock() = st;
         }
         mig.state_file = Some(file);
         Ok(mig)
     }
 
+    /// The layout in `file`, `None` when there is no file yet.
+    fn load(file: &std::path::Path) -> Result<Option<SimState>, MigError> {
+        let stamp = file_stamp(file);
+        match std::fs::read(file) {
+            Ok(bytes) => {
+                let mut st: SimState = serde_json::from_slice(&bytes).map_err(|e| {
+                    MigError::Nvml(format!("simulated MIG state {}: {e}", file.display()))
+                })?;
+                st.seen = stamp;
+                Ok(Some(st))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(MigError::Nvml(format!("{}: {e}", file.display()))),
+        }
+    }
+
     /// Writes the layout to the state file (atomically), where there is one.
-    fn save(&self, st: &SimState) -> Result<(), MigError> {
+    fn save(&self, st: &mut SimState) -> Result<(), MigError> {
         let Some(file) = &self.state_file else {
             return Ok(());
         };
@@ -269,7 +288,9 @@ impl SimulatedMig {
         let tmp = file.with_extension("tmp");
         let bytes = serde_json::to_vec(st).map_err(|e| MigError::Nvml(e.to_string()))?;
         std::fs::write(&tmp, bytes).map_err(err)?;
-        std::fs::rename(&tmp, file).map_err(err)
+        std::fs::rename(&tmp, file).map_err(err)?;
+        st.seen = file_stamp(file);
+        Ok(())
     }
 
     /// A stable `MIG-` UUID for compute instance `ci` of GI `gi` on `parent`.
@@ -292,8 +313,24 @@ impl SimulatedMig {
         self.lock().fail_next_ci = true;
     }
 
+    /// The layout, re-read first when another writer changed the state file.
     fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        let mut st = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(file) = &self.state_file {
+            let stamp = file_stamp(file);
+            if stamp.is_some() && stamp != st.seen {
+                match Self::load(file) {
+                    Ok(Some(fresh)) => {
+                        let fail = st.fail_next_ci;
+                        *st = fresh;
+                        st.fail_next_ci = fail;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "simulated MIG state not re-read"),
+                }
+            }
+        }
+        st
     }
 
     fn gpu(&self, gpu: &str) -> Result<(usize, &SimGpu), MigError> {
@@ -403,7 +440,7 @@ impl MigControl for SimulatedMig {
                 compute_instances: vec![],
             },
         ));
-        self.save(&st)?;
+        self.save(&mut st)?;
         Ok(id)
     }
 
@@ -432,7 +469,7 @@ impl MigControl for SimulatedMig {
             id,
             profile_id: ci_profile,
         });
-        self.save(&st)?;
+        self.save(&mut st)?;
         Ok(id)
     }
 
@@ -449,7 +486,7 @@ impl MigControl for SimulatedMig {
                 gi,
             })?;
         inst.compute_instances.retain(|c| c.id != ci);
-        self.save(&st)
+        self.save(&mut st)
     }
 
     fn destroy_gpu_instance(&self, gpu: &str, gi: u32) -> Result<(), MigError> {
@@ -471,7 +508,7 @@ impl MigControl for SimulatedMig {
                 gi,
             });
         }
-        self.save(&st)
+        self.save(&mut st)
     }
 
     fn mig_devices(&self, gpu: &str) -> Result<Vec<MigDevice>, MigError> {
@@ -990,6 +1027,26 @@ mod tests {
             destroy(&s, "0", 99),
             Err(MigError::NoInstance { .. })
         ));
+    }
+
+    /// Two handles on one state file (the daemon and an operator's tool, like two NVML
+    /// clients of one driver) see each other's changes.
+    #[test]
+    fn a_persistent_layout_is_shared_through_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mig-state.json");
+        let gpus = [("GPU-aaaa", 81559u64 << 20, true)];
+        let daemon = SimulatedMig::persistent(&gpus, file.clone()).unwrap();
+        let tool = SimulatedMig::persistent(&gpus, file.clone()).unwrap();
+        let gi = create(&tool, "0", "1g.10gb").unwrap();
+        let seen = daemon.mig_devices("GPU-aaaa").unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].gi, gi.id);
+        destroy(&daemon, "0", gi.id).unwrap();
+        assert!(tool.mig_devices("0").unwrap().is_empty());
+        // A third handle (a restart) starts from the file too, ids continuing.
+        let later = SimulatedMig::persistent(&gpus, file).unwrap();
+        assert!(create(&later, "0", "1g.10gb").unwrap().id > gi.id);
     }
 
     #[test]

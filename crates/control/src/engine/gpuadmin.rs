@@ -173,12 +173,44 @@ impl Engine {
     }
 
     /// Re-reads the GPU inventory and writes it to the store.
-    async fn refresh_inventory(&self) -> Result<()> {
+    /// Returns whether the inventory changed.
+    async fn refresh_inventory(&self) -> Result<bool> {
+        let before = self.node.gpus();
         let node = self.node.clone();
-        tokio::task::spawn_blocking(move || node.refresh_gpus())
+        let after = tokio::task::spawn_blocking(move || node.refresh_gpus())
             .await
             .map_err(|e| EngineError::Internal(format!("inventory task: {e}")))??;
-        self.sync_gpus(super::now_ms()).await
+        self.sync_gpus(super::now_ms()).await?;
+        Ok(before != after)
+    }
+
+    /// Picks up MIG layout changes made outside gpuvisor (`nvidia-smi mig`, mig-parted): the
+    /// reconciler calls this with its orphan sweep. Instances bound to a slice that is gone
+    /// are reported (their containers lost the device); nothing is moved.
+    pub(crate) async fn follow_mig_changes(&self) -> Result<()> {
+        if self.node.mig.is_none() {
+            return Ok(());
+        }
+        let _guard = self.place_lock.lock().await;
+        if !self.refresh_inventory().await? {
+            return Ok(());
+        }
+        let known: Vec<String> = self.node.gpus().into_iter().map(|g| g.uuid).collect();
+        tracing::info!(devices = known.len(), "GPU inventory changed (MIG layout)");
+        for i in self.store.live_instances(None).await? {
+            if self.is_simulated(&i) {
+                continue;
+            }
+            for b in i.gpus.iter().filter(|b| !known.contains(&b.uuid)) {
+                let msg = format!(
+                    "GPU {} is no longer on this host (MIG layout changed)",
+                    b.uuid
+                );
+                tracing::warn!(instance = %i.id, "{msg}");
+                self.event(&i.id, "gpu_gone", msg).await;
+            }
+        }
+        Ok(())
     }
 
     /// Ids of the live instances (running or stopped: both keep their reservation) bound to any

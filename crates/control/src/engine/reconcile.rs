@@ -78,6 +78,9 @@ impl Engine {
                 if let Err(e) = self.sweep_orphans().await {
                     tracing::warn!("orphan sweep: {e}");
                 }
+                if let Err(e) = self.follow_mig_changes().await {
+                    tracing::warn!("MIG inventory refresh: {e}");
+                }
                 last_sweep = Some(Instant::now());
             }
             if let Err(e) = self.reconcile_pass().await {
