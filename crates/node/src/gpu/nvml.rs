@@ -115,10 +115,14 @@ impl GpuBackend for NvmlBackend {
         &self,
         _state_dir: &std::path::Path,
     ) -> Result<Option<Box<dyn crate::mig::MigControl>>, GpuError> {
-        // A second NVML handle: init is reference-counted by the library.
+        // A second NVML handle: init is reference-counted by the library. Without it the host
+        // still runs whole GPUs: MIG is then simply not offered.
         match crate::mig::NvmlMig::init() {
             Ok(m) => Ok(Some(Box::new(m))),
-            Err(e) => Err(GpuError::Nvml(format!("MIG control: {e}"))),
+            Err(e) => {
+                tracing::warn!(error = %e, "MIG control unavailable: GPUs are used whole");
+                Ok(None)
+            }
         }
     }
 
