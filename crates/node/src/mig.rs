@@ -1029,6 +1029,58 @@ mod tests {
         ));
     }
 
+    /// On a GPU machine (`GPUVISOR_GPU_TESTS=1`, run by `scripts/gpu-check`): NVML's MIG view
+    /// is self-consistent and the inventory builds from it. Read-only: MIG mode and partitions
+    /// are never changed. A GPU in MIG mode has one `MIG-` device per compute instance, each in
+    /// a listed GPU instance, with its capability nodes in the driver's table; a GPU not in MIG
+    /// mode has none.
+    #[test]
+    fn nvml_lists_mig_read_only() {
+        if std::env::var_os("GPUVISOR_GPU_TESTS").is_none() {
+            return;
+        }
+        use crate::gpu::GpuBackend;
+        let root = crate::HostRoot::real();
+        let backend = crate::gpu::NvmlBackend::probe(&root).unwrap().unwrap();
+        let ctl = NvmlMig::init().unwrap();
+        for g in backend.devices().unwrap() {
+            let st = state(&ctl, &g.uuid).unwrap();
+            let devs = ctl.mig_devices(&g.uuid).unwrap();
+            println!(
+                "GPU {} {}: MIG {}, {} profiles, {} GIs, {} MIG devices",
+                g.index,
+                g.model,
+                st.enabled,
+                st.profiles.len(),
+                st.instances.len(),
+                devs.len()
+            );
+            if !st.enabled {
+                assert!(devs.is_empty());
+                continue;
+            }
+            let cis: usize = st.instances.iter().map(|i| i.compute_instances.len()).sum();
+            assert_eq!(devs.len(), cis, "{st:?} {devs:?}");
+            for d in &devs {
+                assert!(d.uuid.starts_with("MIG-"), "{d:?}");
+                assert!(st.instances.iter().any(|i| i.id == d.gi), "{d:?}");
+                assert!(d.memory > 0, "{d:?}");
+                let caps = crate::gpu::host_mig_caps(&root, g.index, d.gi, d.ci);
+                assert_eq!(caps.len(), 2, "{d:?}: {caps:?}");
+            }
+            let inv = crate::gpu::inventory(&backend, Some(&ctl)).unwrap();
+            let slices = inv
+                .iter()
+                .filter(|s| {
+                    s.mig
+                        .as_ref()
+                        .is_some_and(|m| m.slice.parent_uuid == g.uuid)
+                })
+                .count();
+            assert_eq!(slices, devs.len());
+        }
+    }
+
     /// Two handles on one state file (the daemon and an operator's tool, like two NVML
     /// clients of one driver) see each other's changes.
     #[test]
