@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::{serial, Daemon};
+use common::{http_get, serial, Daemon};
 use serde_json::Value;
 
 fn code(out: &std::process::Output) -> Option<i32> {
@@ -147,6 +147,43 @@ fn mig_slices_are_schedulable_devices() {
     assert_eq!(lines[0], "/dev/nvidia0", "{out}");
     assert_eq!(lines[1].trim(), "2", "{out}");
     assert_eq!(lines[2], got, "{out}");
+    // /metrics shows both slices with dcgm-exporter's MIG labels, this one allocated (the
+    // sampler runs each second: wait for it to see the instance).
+    let auth = format!("Bearer {}", d.key);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let text = loop {
+        let (status, _, text) = http_get(d.port, "/metrics", &[("Authorization", &auth)]);
+        assert_eq!(status, 200);
+        let mine = text.lines().find(|l| {
+            l.starts_with("gpuvisor_mig_slice_allocated{")
+                && l.contains(&format!("mig_uuid=\"{got}\""))
+        });
+        if mine.is_some_and(|l| l.ends_with(" 1")) {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    let slice_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("gpuvisor_mig_slice_fb_total{"))
+        .collect();
+    assert_eq!(slice_lines.len(), 2, "{text}");
+    for l in &slice_lines {
+        assert!(
+            l.contains("GPU_I_PROFILE=\"3g.40gb\"") && l.contains("gpu=\"0\""),
+            "{l}"
+        );
+        assert!(l.ends_with(" 40960"), "{l}");
+    }
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("gpuvisor_mig_slice_allocated{") && l.ends_with(" 0"))
+            .count(),
+        1,
+        "{text}"
+    );
+
     // The slice shows as allocated; the other slice is still free and takes the next one.
     let listed: Vec<Value> = slices(&d);
     let mine = listed.iter().find(|g| g["uuid"] == got.as_str()).unwrap();

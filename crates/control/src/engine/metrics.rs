@@ -7,7 +7,9 @@
 
 use super::{now_ms, Engine, Principal};
 use crate::error::{invalid, EngineError, Result};
-use crate::telemetry::{parse_duration_ms, parse_since, prom, GpuMeta, Telemetry, TelemetryConfig};
+use crate::telemetry::{
+    parse_duration_ms, parse_since, prom, GpuMeta, SliceMeta, Telemetry, TelemetryConfig,
+};
 use gpuvisor_node::telemetry::{GpuLoad, HostSampler, InstanceRef};
 use gpuvisor_node::Node;
 use gpuvisor_wire as wire;
@@ -157,15 +159,38 @@ impl Engine {
             })
             .collect();
         // A MIG slice's load is its parent's: slices/7 of the GPU when in use.
-        let slice_of: BTreeMap<String, (String, u32)> = self
-            .node
-            .gpus()
-            .into_iter()
+        let inventory = self.node.gpus();
+        let slice_of: BTreeMap<String, (String, u32)> = inventory
+            .iter()
             .filter_map(|g| {
-                let m = g.mig?;
-                Some((g.uuid, (m.slice.parent_uuid, m.slice.slices)))
+                let m = g.mig.as_ref()?;
+                Some((
+                    g.uuid.clone(),
+                    (m.slice.parent_uuid.clone(), m.slice.slices),
+                ))
             })
             .collect();
+        self.telemetry.set_slices(
+            inventory
+                .iter()
+                .filter_map(|g| {
+                    let m = g.mig.as_ref()?;
+                    Some(SliceMeta {
+                        uuid: g.uuid.clone(),
+                        parent_index: g.index,
+                        parent_uuid: m.slice.parent_uuid.clone(),
+                        gi: m.slice.gi,
+                        ci: m.slice.ci,
+                        profile: m.slice.profile.clone(),
+                        vram: g.vram,
+                        instance: live
+                            .iter()
+                            .find(|i| i.gpus.iter().any(|b| b.uuid == g.uuid))
+                            .map(|i| i.id.clone()),
+                    })
+                })
+                .collect(),
+        );
         let mut loads: BTreeMap<String, GpuLoad> = BTreeMap::new();
         for i in &running {
             for g in &i.gpus {

@@ -87,6 +87,23 @@ pub struct GpuMeta {
     pub pci_address: String,
 }
 
+/// A MIG slice of this host as `/metrics` shows it (set by the engine each sample).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SliceMeta {
+    /// The slice's `MIG-` UUID.
+    pub uuid: String,
+    pub parent_index: u32,
+    pub parent_uuid: String,
+    pub gi: u32,
+    pub ci: u32,
+    /// `3g.40gb`.
+    pub profile: String,
+    /// Bytes of its GPU instance.
+    pub vram: u64,
+    /// The instance holding it, if any.
+    pub instance: Option<String>,
+}
+
 /// An alarm for the event log.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alarm {
@@ -143,6 +160,7 @@ struct State {
     gpus: BTreeMap<String, GpuState>,
     instances: BTreeMap<String, InstState>,
     cordoned: BTreeMap<String, String>,
+    slices: Vec<SliceMeta>,
     /// Time of the newest sample; only instances seen then are exported.
     newest: i64,
 }
@@ -402,6 +420,11 @@ impl Telemetry {
             };
         }
         alarms
+    }
+
+    /// The host's MIG slices and who holds them, for `/metrics`.
+    pub fn set_slices(&self, slices: Vec<SliceMeta>) {
+        self.state().slices = slices;
     }
 
     /// Closed minutes of every GPU and instance not yet saved, keyed by entity (`gpu:<uuid>`,
@@ -682,6 +705,43 @@ impl Telemetry {
                         0.0
                     },
                 );
+            }
+        }
+        if !st.slices.is_empty() {
+            // dcgm-exporter's MIG labels (GPU_I_ID, GPU_I_PROFILE) on the parent's gpu/UUID.
+            let sl: Vec<Vec<(&str, String)>> = st
+                .slices
+                .iter()
+                .map(|m| {
+                    vec![
+                        ("gpu", m.parent_index.to_string()),
+                        ("UUID", m.parent_uuid.clone()),
+                        ("GPU_I_ID", m.gi.to_string()),
+                        ("GPU_I_PROFILE", m.profile.clone()),
+                        ("mig_uuid", m.uuid.clone()),
+                        ("Hostname", st.hostname.clone()),
+                    ]
+                })
+                .collect();
+            type SGet = fn(&SliceMeta) -> f64;
+            let sfam: &[(&str, &str, SGet)] = &[
+                (
+                    "gpuvisor_mig_slice_fb_total",
+                    "Framebuffer memory of the MIG slice's GPU instance (in MiB).",
+                    |m| (m.vram >> 20) as f64,
+                ),
+                (
+                    "gpuvisor_mig_slice_allocated",
+                    "1 while an instance holds the MIG slice.",
+                    |m| if m.instance.is_some() { 1.0 } else { 0.0 },
+                ),
+            ];
+            for (name, help, get) in sfam {
+                w.family(name, help, Kind::Gauge);
+                for (m, l) in st.slices.iter().zip(&sl) {
+                    let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    w.sample(name, &l, get(m));
+                }
             }
         }
         let insts: Vec<(&String, &InstState)> = st
