@@ -1,0 +1,1 @@
+//! Attacks: api_limits (filled in by its owner).

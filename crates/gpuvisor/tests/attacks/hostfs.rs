@@ -1,0 +1,1 @@
+//! Attacks: hostfs (filled in by its owner).

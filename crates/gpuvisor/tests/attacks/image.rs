@@ -1,0 +1,1 @@
+//! Attacks: image (filled in by its owner).

@@ -1,0 +1,1 @@
+//! Attacks: limiter (filled in by its owner).

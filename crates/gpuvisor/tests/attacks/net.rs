@@ -1,0 +1,1 @@
+//! Attacks: net (filled in by its owner).

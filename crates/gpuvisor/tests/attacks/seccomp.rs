@@ -1,0 +1,1 @@
+//! Attacks: seccomp (filled in by its owner).

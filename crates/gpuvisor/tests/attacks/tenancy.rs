@@ -1,0 +1,1 @@
+//! Attacks: tenancy (filled in by its owner).
