@@ -46,13 +46,18 @@ struct Host {
 impl Host {
     /// An engine over `fx`, bootstrapped, with a tenant `acme`, its user key and an image row.
     async fn new(fx: Fx) -> Self {
+        Self::with_kernel(fx, |k| k).await
+    }
+
+    /// Like [`Host::new`], with the kernel double adjusted by `tune` (e.g. slow writes).
+    async fn with_kernel(fx: Fx, tune: impl FnOnce(Kernel) -> Kernel) -> Self {
         // What create_instance sizes requests against.
         fx.file("/sys/devices/system/cpu/online", "0-3\n");
         fx.file("/proc/meminfo", "MemTotal:       16777216 kB\n");
         // The presets say AppArmor is on; Node::open would then load a profile into the real
         // host's AppArmor. Not for a fixture.
         fx.file("/sys/module/apparmor/parameters/enabled", "N\n");
-        let kernel = Arc::new(Kernel::new(fx.root()));
+        let kernel = Arc::new(tune(Kernel::new(fx.root())));
         let data = tempfile::tempdir().unwrap();
         let cfg = NodeConfig {
             data_dir: data.path().to_path_buf(),
@@ -379,4 +384,39 @@ async fn bind_is_refused_while_an_instance_holds_the_gpu() {
     let gpu = h.engine.bind_vfio(&h.admin, UUID).await.unwrap();
     assert!(gpu.passthrough_ready);
     assert_eq!(h.driver(GPU).as_deref(), Some("vfio-pci"));
+}
+
+/// Issue 9 item 11: a create racing a bind must not land on the GPU while it changes hands.
+/// The kernel double makes each sysfs write take 150 ms; the create starts once the bind has
+/// made its first write. Without the placement lock around the bind, the create places on the
+/// GPU that is being handed to vfio-pci (and both succeed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_racing_a_bind_never_lands_on_the_gpu_changing_hands() {
+    let h = Host::with_kernel(Fx::clean(), |k| {
+        k.slow_writes(std::time::Duration::from_millis(150))
+    })
+    .await;
+    let (engine, admin) = (h.engine.clone(), h.admin.clone());
+    let bind = tokio::spawn(async move { engine.bind_vfio(&admin, UUID).await });
+    while h.kernel.writes().is_empty() {
+        assert!(!bind.is_finished(), "bind ended before its first write");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let created = h.create_with_gpu().await;
+    let bound = bind.await.unwrap();
+    let gpu = bound.expect("the bind started first and nothing held the GPU");
+    assert!(gpu.passthrough_ready);
+    let err = created.expect_err("create landed on a GPU being bound to vfio-pci");
+    assert_code(&err, code::INSUFFICIENT_RESOURCES);
+
+    // And the other way: a GPU an instance holds is never bound, however the two interleave.
+    h.engine.release_gpu(&h.admin, UUID).await.unwrap();
+    let (engine, admin) = (h.engine.clone(), h.admin.clone());
+    let (inst, bind) = tokio::join!(h.create_with_gpu(), async move {
+        engine.bind_vfio(&admin, UUID).await
+    });
+    assert!(
+        inst.is_ok() != bind.is_ok(),
+        "exactly one of create and bind gets the GPU: {inst:?} / {bind:?}"
+    );
 }

@@ -4,7 +4,7 @@
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
 use gpuvisor_control::{Engine, EngineError, Principal};
 use gpuvisor_wire::{self as wire, code, API_KEY_HEADER};
@@ -82,43 +82,86 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
     }
 }
 
+/// The router and the table of its routes, built by the same calls so they cannot drift: the
+/// tenancy test (tests/attacks/tenancy.rs) reads the table (`gpuvisor routes`) and fails on a
+/// route it has no row for.
+struct Routes {
+    router: Router<Eng>,
+    table: Vec<(&'static str, &'static str)>,
+}
+
+impl Routes {
+    fn add<H, T>(mut self, method: &'static str, path: &'static str, handler: H) -> Self
+    where
+        H: axum::handler::Handler<T, Eng>,
+        T: 'static,
+    {
+        let filter = match method {
+            "GET" => MethodFilter::GET,
+            "POST" => MethodFilter::POST,
+            "DELETE" => MethodFilter::DELETE,
+            "PUT" => MethodFilter::PUT,
+            "PATCH" => MethodFilter::PATCH,
+            other => unreachable!("route method {other} is not one of ours"),
+        };
+        self.router = self.router.route(path, on(filter, handler));
+        self.table.push((method, path));
+        self
+    }
+}
+
+fn routes() -> Routes {
+    Routes {
+        router: Router::new(),
+        table: Vec::new(),
+    }
+    .add("GET", "/v1/health", health)
+    .add("GET", "/v1/tenants", list_tenants)
+    .add("POST", "/v1/tenants", create_tenant)
+    .add("GET", "/v1/keys", list_keys)
+    .add("POST", "/v1/keys", create_key)
+    .add("DELETE", "/v1/keys/{id}", revoke_key)
+    .add("GET", "/v1/gpus", list_gpus)
+    .add("POST", "/v1/gpus/{id}/bind-vfio", bind_vfio)
+    .add("POST", "/v1/gpus/{id}/release", release_gpu)
+    .add("POST", "/v1/gpus/{id}/cordon", cordon_gpu)
+    .add("DELETE", "/v1/gpus/{id}/cordon", uncordon_gpu)
+    .add("GET", "/v1/gpus/{id}/mig", mig_state)
+    .add("POST", "/v1/gpus/{id}/mig", mig_create)
+    .add("DELETE", "/v1/gpus/{id}/mig/{gi}", mig_destroy)
+    .add("GET", "/metrics", metrics)
+    .add("GET", "/v1/gpus/stats", gpu_stats)
+    .add("GET", "/v1/gpus/{id}/metrics", gpu_metrics)
+    .add("GET", "/v1/instances/{id}/metrics", instance_metrics)
+    .add("GET", "/v1/images", list_images)
+    .add("POST", "/v1/images", import_image)
+    .add("DELETE", "/v1/images/{name}", remove_image)
+    .add("GET", "/v1/volumes", list_volumes)
+    .add("POST", "/v1/volumes", create_volume)
+    .add("DELETE", "/v1/volumes/{name}", remove_volume)
+    .add("GET", "/v1/instances", list_instances)
+    .add("POST", "/v1/instances", create_instance)
+    .add("GET", "/v1/instances/{id}", get_instance)
+    .add("DELETE", "/v1/instances/{id}", terminate_instance)
+    .add("POST", "/v1/instances/{id}/stop", stop_instance)
+    .add("POST", "/v1/instances/{id}/start", start_instance)
+    .add("GET", "/v1/instances/{id}/logs", logs)
+    .add("POST", "/v1/instances/{id}/exec", exec)
+    .add("GET", "/v1/instances/{id}/events", events)
+}
+
 pub fn router(engine: Eng) -> Router {
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/v1/tenants", get(list_tenants).post(create_tenant))
-        .route("/v1/keys", get(list_keys).post(create_key))
-        .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
-        .route("/v1/gpus", get(list_gpus))
-        .route("/v1/gpus/{id}/bind-vfio", post(bind_vfio))
-        .route("/v1/gpus/{id}/release", post(release_gpu))
-        .route(
-            "/v1/gpus/{id}/cordon",
-            post(cordon_gpu).delete(uncordon_gpu),
-        )
-        .route("/v1/gpus/{id}/mig", get(mig_state).post(mig_create))
-        .route("/v1/gpus/{id}/mig/{gi}", axum::routing::delete(mig_destroy))
-        .route("/metrics", get(metrics))
-        .route("/v1/gpus/stats", get(gpu_stats))
-        .route("/v1/gpus/{id}/metrics", get(gpu_metrics))
-        .route("/v1/instances/{id}/metrics", get(instance_metrics))
-        .route("/v1/images", get(list_images).post(import_image))
-        .route("/v1/images/{name}", axum::routing::delete(remove_image))
-        .route("/v1/volumes", get(list_volumes).post(create_volume))
-        .route("/v1/volumes/{name}", axum::routing::delete(remove_volume))
-        .route("/v1/instances", get(list_instances).post(create_instance))
-        .route(
-            "/v1/instances/{id}",
-            get(get_instance).delete(terminate_instance),
-        )
-        .route("/v1/instances/{id}/stop", post(stop_instance))
-        .route("/v1/instances/{id}/start", post(start_instance))
-        .route("/v1/instances/{id}/logs", get(logs))
-        .route("/v1/instances/{id}/exec", post(exec))
-        .route("/v1/instances/{id}/events", get(events))
+    routes()
+        .router
         .fallback(|| async {
             ApiError(EngineError::NotFound("no such route (see /v1/...)".into())).into_response()
         })
         .with_state(engine)
+}
+
+/// Every route as (method, path template), in the order the router adds them.
+pub fn route_table() -> Vec<(&'static str, &'static str)> {
+    routes().table
 }
 
 async fn health(State(e): State<Eng>) -> Json<wire::Health> {
@@ -281,13 +324,28 @@ async fn create_instance(
     Ok((StatusCode::CREATED, Json(e.create_instance(&p, &b).await?)))
 }
 
+/// `?since=<updated_at>&timeout_ms=N` turns the GET into a long poll (what `--wait` uses): the
+/// answer comes when the instance changes or at the timeout (capped by the engine).
+#[derive(Deserialize)]
+struct WatchQuery {
+    since: Option<i64>,
+    timeout_ms: Option<u64>,
+}
+
 async fn get_instance(
     State(e): State<Eng>,
     h: HeaderMap,
     Path(id): Path<String>,
+    Query(q): Query<WatchQuery>,
 ) -> R<wire::Instance> {
     let p = who(&e, &h).await?;
-    Ok(Json(e.get_instance(&p, &id).await?))
+    match q.since {
+        Some(since) => {
+            let timeout = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(30_000));
+            Ok(Json(e.watch_instance(&p, &id, since, timeout).await?))
+        }
+        None => Ok(Json(e.get_instance(&p, &id).await?)),
+    }
 }
 
 async fn terminate_instance(

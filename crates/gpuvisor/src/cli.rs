@@ -167,6 +167,9 @@ pub enum Command {
     Host(hostcli::HostCmd),
     /// Print a shell completion script: `gpuvisor completions bash > /etc/bash_completion.d/gpuvisor`.
     Completions { shell: clap_complete::Shell },
+    /// Print the REST routes, one `METHOD PATH` per line (for tests and API tooling).
+    #[command(hide = true)]
+    Routes,
 }
 
 #[derive(Debug, Subcommand)]
@@ -601,6 +604,12 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Serve(args) => run_serve(args),
         Command::Sim(args) => sim::run(args, global.output),
         Command::Host(cmd) => hostcli::run_host(cmd, global.output),
+        Command::Routes => {
+            for (method, path) in crate::api::route_table() {
+                println!("{method} {path}");
+            }
+            Ok(exit::OK)
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             use std::io::Write;

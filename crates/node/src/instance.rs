@@ -267,14 +267,23 @@ impl Node {
         let mut env = vec![
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
             format!("HOSTNAME={}", plan.hostname),
-            format!("GPUVISOR_INSTANCE_ID={id}"),
-            format!("GPUVISOR_GPU_COUNT={}", uuids.len()),
         ];
+        // Defence in depth behind the API's refusal: no stored entry may carry a platform-owned
+        // name, and ours come last, so they win wherever duplicates are resolved.
+        env.extend(
+            plan.env
+                .iter()
+                .filter(|kv| {
+                    !gpuvisor_wire::platform_env(kv.split_once('=').map_or(kv.as_str(), |(k, _)| k))
+                })
+                .cloned(),
+        );
+        env.push(format!("GPUVISOR_INSTANCE_ID={id}"));
+        env.push(format!("GPUVISOR_GPU_COUNT={}", uuids.len()));
         if !uuids.is_empty() {
             env.push(format!("NVIDIA_VISIBLE_DEVICES={}", uuids.join(",")));
             env.push(format!("CUDA_VISIBLE_DEVICES={}", uuids.join(",")));
         }
-        env.extend(plan.env.iter().cloned());
         let image_cfg = self.images.config(&plan.image_digest)?;
         let cwd = image_cfg
             .as_ref()

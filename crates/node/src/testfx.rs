@@ -373,6 +373,8 @@ pub struct Kernel {
     vanish_on_unbind: bool,
     ignore_override: bool,
     fail_on: Option<String>,
+    /// Time each write takes after it is logged (a slow driver unbind), to open race windows.
+    delay: std::time::Duration,
 }
 
 impl Kernel {
@@ -384,7 +386,16 @@ impl Kernel {
             vanish_on_unbind: false,
             ignore_override: false,
             fail_on: None,
+            delay: std::time::Duration::ZERO,
         }
+    }
+
+    /// Every write takes `delay` after it is logged (real unbinds take hundreds of ms), so a
+    /// test can act while an operation is half done.
+    #[must_use]
+    pub fn slow_writes(mut self, delay: std::time::Duration) -> Self {
+        self.delay = delay;
+        self
     }
 
     /// A device unbound from its driver also falls off the bus (a GPU that dropped out), until
@@ -537,7 +548,10 @@ impl SysWriter for Kernel {
             return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
         }
         log.push((host.clone(), data.to_string()));
-        self.apply(&host, path, data)
+        let applied = self.apply(&host, path, data);
+        drop(log);
+        std::thread::sleep(self.delay);
+        applied
     }
 }
 

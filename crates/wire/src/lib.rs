@@ -20,6 +20,26 @@ pub const API_PREFIX: &str = "/v1";
 /// The header that carries an API key (`Authorization: Bearer <key>` is accepted too).
 pub const API_KEY_HEADER: &str = "x-api-key";
 
+/// Environment variables the platform owns inside an instance: which GPUs it sees, how the
+/// limiter and the NVIDIA stack are set up. A user (`--env`, `exec --env`) may not set them, an
+/// image's `Env` entries for them are dropped, and the node sets them last. `LD_PRELOAD` and
+/// `LD_LIBRARY_PATH` stay the user's: the limiter is loaded through `/etc/ld.so.preload`, which
+/// neither can remove.
+pub fn platform_env(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "CUDA_VISIBLE_DEVICES",
+        "NVIDIA_VISIBLE_DEVICES",
+        "NVIDIA_DRIVER_CAPABILITIES",
+        "NVIDIA_MIG_CONFIG_DEVICES",
+        "NVIDIA_MIG_MONITOR_DEVICES",
+        "CUDA_DEVICE_ORDER",
+    ];
+    // GPUVISOR_* is ours; CUDA_MPS_* would point the CUDA runtime at another tenant's MPS
+    // server; NVIDIA_REQUIRE_* are the container toolkit's checks.
+    const PREFIX: &[&str] = &["GPUVISOR_", "CUDA_MPS_", "NVIDIA_REQUIRE_"];
+    EXACT.contains(&name) || PREFIX.iter().any(|p| name.starts_with(p))
+}
+
 /// Stable, machine-readable error codes. Scripts match on these; never rename one.
 pub mod code {
     pub const UNAUTHORIZED: &str = "unauthorized";

@@ -250,6 +250,9 @@ impl Engine {
                 dev.uuid, m.slice.parent_uuid
             )));
         }
+        // Held from the in-use check to the last sysfs write: a create cannot land on a GPU
+        // while it changes hands, and a bind cannot start under a create being placed.
+        let _guard = self.place_lock.lock().await;
         // The GPU itself or, in MIG mode, any of its slices.
         let mut held: Vec<String> = vec![dev.uuid.clone()];
         held.extend(

@@ -209,13 +209,13 @@ impl Engine {
             rx.mark_unchanged();
             let row = self.find(who, id).await?;
             if row.updated_at != since {
-                return self.wire_instance(row).await;
+                return self.instance_with_usage(row).await;
             }
             if tokio::time::timeout_at(deadline, rx.changed())
                 .await
                 .is_err()
             {
-                return self.wire_instance(row).await;
+                return self.instance_with_usage(row).await;
             }
         }
     }
@@ -1084,7 +1084,17 @@ impl Engine {
                 req.image
             )));
         }
-        let mut env = image.env.clone();
+        // An image is a stranger's: its entries for platform-owned names are dropped (the
+        // user's were refused above).
+        let mut env: Vec<String> = image
+            .env
+            .iter()
+            .filter(|kv| {
+                let name = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
+                !gpuvisor_wire::platform_env(name)
+            })
+            .cloned()
+            .collect();
         env.extend(req.env.iter().cloned());
         let row = InstanceRow {
             id: id.clone(),
@@ -1232,6 +1242,11 @@ impl Engine {
 
     pub async fn get_instance(&self, who: &Principal, id: &str) -> Result<wire::Instance> {
         let row = self.find(who, id).await?;
+        self.instance_with_usage(row).await
+    }
+
+    /// The instance as `get` answers it: with its limiter usage when it has a GPU share.
+    async fn instance_with_usage(&self, row: InstanceRow) -> Result<wire::Instance> {
         let mut inst = self.wire_instance(row).await?;
         if let Some(usage) = self.node.limiters.usage(&inst.id) {
             inst.gpu_usage = inst

@@ -44,6 +44,11 @@ pub fn env(kv: &str) -> Result<()> {
             "environment variable name {k:?} is invalid: use letters, digits and '_', not starting with a digit"
         )));
     }
+    if gpuvisor_wire::platform_env(k) {
+        return Err(invalid(format!(
+            "environment variable {k} is set by the platform and cannot be given (it selects the instance's GPUs or configures its GPU limiter)"
+        )));
+    }
     if kv.contains('\0') {
         return Err(invalid(format!(
             "environment entry {k:?} contains a NUL byte"

@@ -29,7 +29,10 @@ pub fn run(d: &Daemon, id: &str, script: &str) -> Probe {
     let (body, tail) = out
         .rsplit_once(SENTINEL)
         .unwrap_or_else(|| panic!("probe did not reach its end in {id}: {out}\nstderr: {err}"));
-    let rc = tail.trim().parse().unwrap_or_else(|_| panic!("bad sentinel line {tail:?}"));
+    let rc = tail
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("bad sentinel line {tail:?}"));
     Probe {
         rc,
         out: body.to_string(),
