@@ -15,6 +15,8 @@ pub enum EngineError {
     #[error("{0}")]
     InsufficientResources(String),
     #[error("{0}")]
+    QuotaExceeded(String),
+    #[error("{0}")]
     InUse(String),
     #[error("{0}")]
     InvalidState(String),
@@ -40,6 +42,7 @@ impl EngineError {
             Self::InvalidArgument(_) => code::INVALID_ARGUMENT,
             Self::AlreadyExists(_) => code::ALREADY_EXISTS,
             Self::InsufficientResources(_) => code::INSUFFICIENT_RESOURCES,
+            Self::QuotaExceeded(_) => code::QUOTA_EXCEEDED,
             Self::InUse(_) => code::IN_USE,
             Self::InvalidState(_) => code::INVALID_STATE,
             Self::Unavailable(_) => code::UNAVAILABLE,

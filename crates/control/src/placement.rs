@@ -42,6 +42,17 @@ pub struct Resident {
     pub interruptible: bool,
 }
 
+impl HostCapacity {
+    /// The same host with the residents in `ids` made non-interruptible, so no preemption plan
+    /// picks them (a tenant without the right to preempt other tenants).
+    pub fn protecting(mut self, ids: &std::collections::BTreeSet<String>) -> Self {
+        for r in &mut self.residents {
+            r.interruptible &= !ids.contains(&r.id);
+        }
+        self
+    }
+}
+
 /// A snapshot of one host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostCapacity {

@@ -44,6 +44,7 @@ pub struct TenantRow {
     pub name: String,
     pub net_slot: u32,
     pub created_at: i64,
+    pub policy: gpuvisor_wire::TenantPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -162,6 +163,7 @@ fn tenant(r: &AnyRow) -> Result<TenantRow> {
         name: r.try_get("name")?,
         net_slot: u("tenants", r.try_get("net_slot")?)? as u32,
         created_at: r.try_get("created_at")?,
+        policy: from_json("tenants", &r.try_get::<String, _>("policy")?)?,
     })
 }
 
@@ -323,6 +325,7 @@ impl Store {
                         name: name.into(),
                         net_slot: slot as u32,
                         created_at: now,
+                        policy: Default::default(),
                     })
                 }
                 Err(StoreError::Conflict(_))
@@ -354,16 +357,18 @@ impl Store {
     }
 
     pub async fn tenants(&self) -> Result<Vec<TenantRow>> {
-        sqlx::query("SELECT id, name, net_slot, created_at FROM tenants ORDER BY created_at, name")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(tenant)
-            .collect()
+        sqlx::query(
+            "SELECT id, name, net_slot, created_at, policy FROM tenants ORDER BY created_at, name",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(tenant)
+        .collect()
     }
 
     pub async fn tenant_by_name(&self, name: &str) -> Result<Option<TenantRow>> {
-        sqlx::query("SELECT id, name, net_slot, created_at FROM tenants WHERE name = $1")
+        sqlx::query("SELECT id, name, net_slot, created_at, policy FROM tenants WHERE name = $1")
             .bind(name.to_string())
             .fetch_optional(&self.pool)
             .await?
@@ -372,8 +377,22 @@ impl Store {
             .transpose()
     }
 
+    /// Replaces a tenant's policy; false when no such tenant.
+    pub async fn set_tenant_policy(
+        &self,
+        id: &str,
+        policy: &gpuvisor_wire::TenantPolicy,
+    ) -> Result<bool> {
+        let r = sqlx::query("UPDATE tenants SET policy = $1 WHERE id = $2")
+            .bind(json(policy))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     pub async fn tenant(&self, id: &str) -> Result<Option<TenantRow>> {
-        sqlx::query("SELECT id, name, net_slot, created_at FROM tenants WHERE id = $1")
+        sqlx::query("SELECT id, name, net_slot, created_at, policy FROM tenants WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&self.pool)
             .await?

@@ -242,7 +242,28 @@ async fn tenants_get_lowest_free_net_slot() {
                     name: "alpha".into(),
                     net_slot: 0,
                     created_at: 10,
+                    policy: Default::default(),
                 },
+                "{backend}"
+            );
+            // A policy set by an admin is kept and read back whole.
+            let policy = gpuvisor_wire::TenantPolicy {
+                max_vcpus: Some(8),
+                max_memory: Some(64 << 30),
+                max_priority: gpuvisor_wire::PriorityClass::High,
+                preempt_other_tenants: true,
+                ..Default::default()
+            };
+            assert!(store.set_tenant_policy("t-a", &policy).await.unwrap());
+            assert!(!store.set_tenant_policy("nope", &policy).await.unwrap());
+            assert_eq!(
+                store.tenant("t-a").await.unwrap().unwrap().policy,
+                policy,
+                "{backend}"
+            );
+            assert_eq!(
+                store.tenant_by_name("beta").await.unwrap().unwrap().policy,
+                Default::default(),
                 "{backend}"
             );
 

@@ -29,7 +29,7 @@ pub fn status_for(code_: &str) -> StatusCode {
         code::NOT_FOUND => StatusCode::NOT_FOUND,
         code::INVALID_ARGUMENT => StatusCode::BAD_REQUEST,
         code::ALREADY_EXISTS | code::IN_USE | code::INVALID_STATE => StatusCode::CONFLICT,
-        code::INSUFFICIENT_RESOURCES => StatusCode::UNPROCESSABLE_ENTITY,
+        code::INSUFFICIENT_RESOURCES | code::QUOTA_EXCEEDED => StatusCode::UNPROCESSABLE_ENTITY,
         code::UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -118,6 +118,8 @@ fn routes() -> Routes {
     .add("GET", "/v1/health", health)
     .add("GET", "/v1/tenants", list_tenants)
     .add("POST", "/v1/tenants", create_tenant)
+    .add("GET", "/v1/tenants/{name}", get_tenant)
+    .add("PUT", "/v1/tenants/{name}/policy", set_tenant_policy)
     .add("GET", "/v1/keys", list_keys)
     .add("POST", "/v1/keys", create_key)
     .add("DELETE", "/v1/keys/{id}", revoke_key)
@@ -184,6 +186,25 @@ async fn create_tenant(
 ) -> R<wire::Tenant> {
     let p = who(&e, &h).await?;
     Ok(Json(e.create_tenant(&p, &b).await?))
+}
+
+async fn get_tenant(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> R<wire::Tenant> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.get_tenant(&p, &name).await?))
+}
+
+async fn set_tenant_policy(
+    State(e): State<Eng>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Body(b): Body<wire::TenantPolicy>,
+) -> R<wire::Tenant> {
+    let p = who(&e, &h).await?;
+    Ok(Json(e.set_tenant_policy(&p, &name, &b).await?))
 }
 
 async fn list_keys(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::ApiKey>> {

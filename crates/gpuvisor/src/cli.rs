@@ -179,6 +179,87 @@ pub enum TenantCmd {
     /// List tenants.
     #[command(visible_alias = "ls")]
     List,
+    /// A tenant's policy (quotas, priority rights) and what it holds now.
+    Get { name: String },
+    /// Change a tenant's policy (admin). Quotas take a number (sizes like 64GiB) or
+    /// `unlimited`; options not given keep their value.
+    Set(TenantSetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TenantSetArgs {
+    pub name: String,
+    /// Instances (running and stopped).
+    #[arg(long, value_name = "N|unlimited")]
+    pub max_instances: Option<String>,
+    /// Whole GPUs (MIG slices count as whole devices).
+    #[arg(long, value_name = "N|unlimited")]
+    pub max_gpus: Option<String>,
+    /// Sum of GPU fractions, e.g. 2.5.
+    #[arg(long, value_name = "GPUS|unlimited")]
+    pub max_gpu_fraction: Option<String>,
+    #[arg(long, value_name = "N|unlimited")]
+    pub max_vcpus: Option<String>,
+    #[arg(long, value_name = "SIZE|unlimited")]
+    pub max_memory: Option<String>,
+    /// Container disks and volumes together.
+    #[arg(long, value_name = "SIZE|unlimited")]
+    pub max_disk: Option<String>,
+    #[arg(long, value_name = "N|unlimited")]
+    pub max_volumes: Option<String>,
+    /// The highest --priority the tenant may ask for.
+    #[arg(long, value_enum)]
+    pub max_priority: Option<PriorityArg>,
+    /// May the tenant's instances preempt other tenants' interruptible instances?
+    #[arg(long, value_name = "true|false")]
+    pub preempt_other_tenants: Option<bool>,
+}
+
+/// A quota value: `unlimited` (or `none`) clears it.
+fn quota<T>(
+    flag: &str,
+    v: Option<String>,
+    current: Option<T>,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, CliError> {
+    match v.as_deref() {
+        None => Ok(current),
+        Some("unlimited" | "none") => Ok(None),
+        Some(s) => parse(s).map(Some).ok_or_else(|| {
+            CliError::Invalid(format!("--{flag} {s:?}: expected a number or `unlimited`"))
+        }),
+    }
+}
+
+impl TenantSetArgs {
+    fn apply(self, p: &mut gpuvisor_wire::TenantPolicy) -> Result<(), CliError> {
+        let n = |s: &str| s.parse::<u32>().ok();
+        let size = |s: &str| parse_size(s).ok();
+        p.max_instances = quota("max-instances", self.max_instances, p.max_instances, n)?;
+        p.max_gpus = quota("max-gpus", self.max_gpus, p.max_gpus, n)?;
+        p.max_gpu_milli = quota(
+            "max-gpu-fraction",
+            self.max_gpu_fraction,
+            p.max_gpu_milli,
+            |s| {
+                s.parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite() && *f >= 0.0 && *f < 4e6)
+                    .map(|f| (f * 1000.0).round() as u32)
+            },
+        )?;
+        p.max_vcpus = quota("max-vcpus", self.max_vcpus, p.max_vcpus, n)?;
+        p.max_memory = quota("max-memory", self.max_memory, p.max_memory, size)?;
+        p.max_disk = quota("max-disk", self.max_disk, p.max_disk, size)?;
+        p.max_volumes = quota("max-volumes", self.max_volumes, p.max_volumes, n)?;
+        if let Some(m) = self.max_priority {
+            p.max_priority = m.into();
+        }
+        if let Some(b) = self.preempt_other_tenants {
+            p.preempt_other_tenants = b;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -559,7 +640,9 @@ pub fn exit_code_for_api(c: &str) -> i32 {
         code::INVALID_ARGUMENT | code::ALREADY_EXISTS | code::IN_USE | code::INVALID_STATE => {
             exit::INVALID
         }
-        code::INSUFFICIENT_RESOURCES | code::UNAVAILABLE => exit::INSUFFICIENT_RESOURCES,
+        code::INSUFFICIENT_RESOURCES | code::QUOTA_EXCEEDED | code::UNAVAILABLE => {
+            exit::INSUFFICIENT_RESOURCES
+        }
         _ => exit::OTHER,
     }
 }
@@ -744,6 +827,17 @@ impl Ctx {
             TenantCmd::List => {
                 let ts = self.client.list_tenants()?;
                 output::print(self.format, &ts, |ts| output::tenants_table(ts, now))?;
+            }
+            TenantCmd::Get { name } => {
+                let t = self.client.get_tenant(&name)?;
+                output::print(self.format, &t, output::tenant_detail)?;
+            }
+            TenantCmd::Set(args) => {
+                let name = args.name.clone();
+                let mut policy = self.client.get_tenant(&name)?.policy;
+                args.apply(&mut policy)?;
+                let t = self.client.set_tenant_policy(&name, &policy)?;
+                output::print(self.format, &t, output::tenant_detail)?;
             }
         }
         Ok(exit::OK)

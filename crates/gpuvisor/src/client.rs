@@ -12,7 +12,7 @@ use std::time::Duration;
 use gpuvisor_wire::{
     code, ApiKey, CreateInstance, CreateKey, CreateTenant, CreateVolume, CreatedKey, ErrorBody,
     Event, ExecRequest, ExecResult, Gpu, Health, Image, ImportImage, Instance, Logs, Tenant,
-    Volume, API_KEY_HEADER, API_PREFIX,
+    TenantPolicy, Volume, API_KEY_HEADER, API_PREFIX,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -119,6 +119,16 @@ impl Client {
         self.finish(req.call())
     }
 
+    fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let mut req = self.agent.put(self.url(path));
+        if let Some(key) = &self.api_key {
+            req = req.header(API_KEY_HEADER, key);
+        }
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| ClientError::Decode(format!("encoding request: {e}")))?;
+        self.finish(req.content_type("application/json").send(bytes))
+    }
+
     fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: Option<&B>) -> Result<T> {
         let mut req = self.agent.post(self.url(path));
         if let Some(key) = &self.api_key {
@@ -175,6 +185,16 @@ impl Client {
 
     pub fn list_tenants(&self) -> Result<Vec<Tenant>> {
         self.get("/tenants")
+    }
+
+    /// A tenant with its policy and usage.
+    pub fn get_tenant(&self, name: &str) -> Result<Tenant> {
+        self.get(&format!("/tenants/{}", segment(name)))
+    }
+
+    /// Replaces a tenant's policy (admin).
+    pub fn set_tenant_policy(&self, name: &str, policy: &TenantPolicy) -> Result<Tenant> {
+        self.put(&format!("/tenants/{}/policy", segment(name)), policy)
     }
 
     pub fn create_tenant(&self, req: &CreateTenant) -> Result<Tenant> {

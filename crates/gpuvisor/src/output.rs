@@ -375,6 +375,59 @@ pub fn tenants_table(tenants: &[Tenant], now_ms: i64) -> String {
     )
 }
 
+/// `tenant get`: each quota as `used / limit`, then the priority rights.
+pub fn tenant_detail(t: &Tenant) -> String {
+    let p = &t.policy;
+    let u = t.usage.clone().unwrap_or_default();
+    let n = |used: u32, max: Option<u32>| {
+        format!(
+            "{used} / {}",
+            max.map_or("unlimited".to_string(), |m| m.to_string())
+        )
+    };
+    let sz = |used: u64, max: Option<u64>| {
+        format!(
+            "{} / {}",
+            format_size(used),
+            max.map_or("unlimited".to_string(), format_size)
+        )
+    };
+    let frac = |v: u32| format!("{:.3}", f64::from(v) / 1000.0);
+    let rows = [
+        ("ID", t.id.clone()),
+        ("Name", t.name.clone()),
+        ("Instances", n(u.instances, p.max_instances)),
+        ("GPUs", n(u.gpus, p.max_gpus)),
+        (
+            "GPU fractions",
+            format!(
+                "{} / {}",
+                frac(u.gpu_milli),
+                p.max_gpu_milli.map_or("unlimited".to_string(), frac)
+            ),
+        ),
+        ("VCPUs", n(u.vcpus, p.max_vcpus)),
+        ("Memory", sz(u.memory, p.max_memory)),
+        ("Disk", sz(u.disk, p.max_disk)),
+        ("Volumes", n(u.volumes, p.max_volumes)),
+        ("Max priority", p.max_priority.as_str().to_string()),
+        (
+            "Preempts other tenants",
+            if p.preempt_other_tenants { "yes" } else { "no" }.to_string(),
+        ),
+    ];
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
+    rows.iter()
+        .map(|(k, v)| {
+            format!(
+                "{:<width$}{v}
+",
+                format!("{k}:")
+            )
+        })
+        .collect()
+}
+
 pub fn keys_table(keys: &[ApiKey], now_ms: i64) -> String {
     table(
         &["ID", "TENANT", "ROLE", "REVOKED", "AGE"],

@@ -48,6 +48,8 @@ pub mod code {
     pub const INVALID_ARGUMENT: &str = "invalid_argument";
     pub const ALREADY_EXISTS: &str = "already_exists";
     pub const INSUFFICIENT_RESOURCES: &str = "insufficient_resources";
+    /// A tenant quota set by an admin would be exceeded; the message names the quota.
+    pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
     pub const IN_USE: &str = "in_use";
     pub const INVALID_STATE: &str = "invalid_state";
     /// The host lacks a capability the request needs (e.g. the GPU limiter for fractions).
@@ -368,6 +370,54 @@ pub struct Tenant {
     pub id: String,
     pub name: String,
     pub created_at: i64,
+    #[serde(default)]
+    pub policy: TenantPolicy,
+    /// What the tenant holds now (answered by `tenant get`, not by lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TenantUsage>,
+}
+
+/// What an admin allows a tenant. Quotas are `None` when unlimited; they are checked when an
+/// instance or volume is created, against everything the tenant holds (running and stopped
+/// instances keep their reservation; volumes count until removed).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantPolicy {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_instances: Option<u32>,
+    /// Whole GPUs (MIG slices count as whole devices).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_gpus: Option<u32>,
+    /// Sum of GPU fractions, in thousandths of a GPU (2500 = 2.5 GPUs of fractions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_gpu_milli: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    /// Bytes of memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_memory: Option<u64>,
+    /// Bytes of container disks and volumes together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_disk: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_volumes: Option<u32>,
+    /// The highest `--priority` the tenant may ask for (default `normal`).
+    pub max_priority: PriorityClass,
+    /// May the tenant's instances preempt other tenants' interruptible instances? Without it a
+    /// tenant evicts only its own: choosing a priority never takes a neighbour's GPU.
+    pub preempt_other_tenants: bool,
+}
+
+/// What a tenant holds, in the units of [`TenantPolicy`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TenantUsage {
+    pub instances: u32,
+    pub gpus: u32,
+    pub gpu_milli: u32,
+    pub vcpus: u32,
+    pub memory: u64,
+    pub disk: u64,
+    pub volumes: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

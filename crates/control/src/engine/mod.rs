@@ -10,6 +10,7 @@
 mod gpuadmin;
 mod metrics;
 mod reconcile;
+mod tenants;
 pub mod validate;
 
 use crate::error::{invalid, EngineError, Result};
@@ -439,45 +440,6 @@ impl Engine {
             .collect())
     }
 
-    pub async fn create_tenant(
-        &self,
-        who: &Principal,
-        req: &wire::CreateTenant,
-    ) -> Result<wire::Tenant> {
-        who.require_admin("creating tenants")?;
-        validate::name("tenant", &req.name)?;
-        if self.store.tenant_by_name(&req.name).await?.is_some() {
-            return Err(EngineError::AlreadyExists(format!(
-                "tenant {:?} already exists",
-                req.name
-            )));
-        }
-        let t = self
-            .store
-            .create_tenant(&random_hex(6)?, &req.name, now_ms())
-            .await?;
-        Ok(wire::Tenant {
-            id: t.id,
-            name: t.name,
-            created_at: t.created_at,
-        })
-    }
-
-    pub async fn list_tenants(&self, who: &Principal) -> Result<Vec<wire::Tenant>> {
-        Ok(self
-            .store
-            .tenants()
-            .await?
-            .into_iter()
-            .filter(|t| who.is_admin() || t.id == who.tenant_id)
-            .map(|t| wire::Tenant {
-                id: t.id,
-                name: t.name,
-                created_at: t.created_at,
-            })
-            .collect())
-    }
-
     pub async fn create_key(
         &self,
         who: &Principal,
@@ -526,7 +488,7 @@ impl Engine {
 
     /// This host's GPUs in inventory order (each GPU in MIG mode followed by its slices), then
     /// the simulated nodes' GPUs.
-    pub async fn list_gpus(&self, _who: &Principal) -> Result<Vec<wire::Gpu>> {
+    pub async fn list_gpus(&self, who: &Principal) -> Result<Vec<wire::Gpu>> {
         let live = self.store.live_instances(None).await?;
         let cordoned = self.telemetry.cordoned();
         let backend = self.node.backend().as_str();
@@ -569,7 +531,10 @@ impl Engine {
                 for b in i.gpus.iter().filter(|b| b.uuid == gpu.uuid) {
                     gpu.allocated_milli += b.milli;
                     gpu.allocated_vram += b.vram;
-                    gpu.instances.push(i.id.clone());
+                    // Totals are everyone's; ids only the caller's own (or all for admins).
+                    if who.is_admin() || i.tenant_id == who.tenant_id {
+                        gpu.instances.push(i.id.clone());
+                    }
                 }
             }
         }
@@ -740,6 +705,21 @@ impl Engine {
         who: &Principal,
         req: &wire::CreateVolume,
     ) -> Result<wire::Volume> {
+        let tenant =
+            self.store.tenant(&who.tenant_id).await?.ok_or_else(|| {
+                EngineError::Unauthorized("the key's tenant no longer exists".into())
+            })?;
+        // Under the placement lock, like instance creates, so the two cannot race a quota.
+        let _guard = self.place_lock.lock().await;
+        self.check_quota(
+            &tenant,
+            &tenants::Ask {
+                disk: req.size,
+                volumes: 1,
+                ..Default::default()
+            },
+        )
+        .await?;
         let row = self
             .make_volume(&who.tenant_id, &req.name, req.size)
             .await?;
@@ -992,6 +972,7 @@ impl Engine {
             self.store.tenant(&who.tenant_id).await?.ok_or_else(|| {
                 EngineError::Unauthorized("the key's tenant no longer exists".into())
             })?;
+        Self::check_priority(who, &tenant, req.priority)?;
 
         let _guard = self.place_lock.lock().await;
         let live = self.store.live_instances(None).await?;
@@ -1028,12 +1009,37 @@ impl Engine {
                 }
             }
         }
+        let milli = req
+            .gpu_fraction
+            .map(|f| (f * 1000.0).round() as u32)
+            .unwrap_or(0);
+        self.check_quota(
+            &tenant,
+            &tenants::Ask {
+                instances: 1,
+                gpus: req.gpus.unwrap_or(0),
+                gpu_milli: milli,
+                vcpus: req.vcpus,
+                memory: req.memory,
+                disk: req.container_disk + to_create.iter().map(|(_, s)| *s).sum::<u64>(),
+                volumes: to_create.len() as u32,
+            },
+        )
+        .await?;
+        // Without the right to preempt other tenants, their instances are not interruptible
+        // for this request, whatever priority it asks for.
+        let protected: std::collections::BTreeSet<String> =
+            if who.is_admin() || tenant.policy.preempt_other_tenants {
+                Default::default()
+            } else {
+                live.iter()
+                    .filter(|i| i.tenant_id != who.tenant_id)
+                    .map(|i| i.id.clone())
+                    .collect()
+            };
         let demand = Demand {
             whole_gpus: req.gpus.unwrap_or(0),
-            milli: req
-                .gpu_fraction
-                .map(|f| (f * 1000.0).round() as u32)
-                .unwrap_or(0),
+            milli,
             vram: req.vram,
             model: req.gpu_model.clone(),
             vcpus: req.vcpus,
@@ -1041,9 +1047,9 @@ impl Engine {
             priority: req.priority.rank(),
             interruptible: req.interruptible,
         };
-        let capacity = self.host_capacity(&live);
+        let capacity = self.host_capacity(&live).protecting(&protected);
         let (node_id, assignment, victims) =
-            self.choose(&capacity, sim, &live, &demand, local_ok)?;
+            self.choose(&capacity, sim, &live, &protected, &demand, local_ok)?;
         let simulated = node_id != self.cfg.node_id;
         let used_hosts: Vec<u8> = live
             .iter()
@@ -1166,6 +1172,7 @@ impl Engine {
         capacity: &HostCapacity,
         sim: Vec<SimNode>,
         live: &[InstanceRow],
+        protected: &std::collections::BTreeSet<String>,
         demand: &Demand,
         local_ok: bool,
     ) -> Result<(String, Assignment, Vec<String>)> {
@@ -1187,7 +1194,11 @@ impl Engine {
                 .iter()
                 .filter(|i| self.is_simulated(i))
                 .filter(|i| i.state.holds_resources() && i.desired != InstanceState::Interrupted)
-                .map(|i| (i.node_id.clone(), resident(i)))
+                .map(|i| {
+                    let mut r = resident(i);
+                    r.interruptible &= !protected.contains(&i.id);
+                    (i.node_id.clone(), r)
+                })
                 .collect();
             let mut c = Cluster::new(sim, &residents, self.cfg.simulated_policy)
                 .map_err(|e| EngineError::Internal(e.to_string()))?;
