@@ -1131,7 +1131,10 @@ impl Waiter {
         if (inst.state, inst.updated_at) != self.initial {
             self.moved = true;
         }
-        if self.moved && inst.state.is_settled() {
+        // Terminate asked during a stop: `stopped` is a stage on the way, not the end.
+        let headed_there =
+            self.target == InstanceState::Terminated && inst.desired == InstanceState::Terminated;
+        if self.moved && inst.state.is_settled() && !headed_there {
             let mut msg = format!(
                 "instance {} ({}) is {}, not {}",
                 inst.name, inst.id, inst.state, self.target
@@ -1577,5 +1580,20 @@ mod tests {
         assert_eq!(w.step(&inst(Failed, 1)), WaitStep::Continue);
         assert_eq!(w.step(&inst(Terminating, 2)), WaitStep::Continue);
         assert_eq!(w.step(&inst(Terminated, 3)), WaitStep::Done);
+    }
+
+    #[test]
+    fn wait_for_terminated_passes_through_stopped() {
+        use InstanceState::*;
+        let mut w = Waiter::new(&inst(Stopping, 1), Terminated);
+        let mut stopped = inst(Stopped, 2);
+        stopped.desired = Terminated;
+        assert_eq!(w.step(&stopped), WaitStep::Continue);
+        assert_eq!(w.step(&inst(Terminated, 3)), WaitStep::Done);
+        // Stopped with nothing more to come is the end.
+        let mut w = Waiter::new(&inst(Stopping, 1), Terminated);
+        let mut stopped = inst(Stopped, 2);
+        stopped.desired = Stopped;
+        assert!(matches!(w.step(&stopped), WaitStep::Failed(_)));
     }
 }

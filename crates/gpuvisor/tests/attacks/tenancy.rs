@@ -1,1 +1,575 @@
-//! Attacks: tenancy (filled in by its owner).
+//! Attacks through the API with a tenant's key: reading or touching another tenant's objects on
+//! any route, exceeding quotas, choosing a priority to take a neighbour's GPU, setting
+//! platform-owned environment, and a `--wait` that spins the daemon.
+
+use crate::common::{serial, Daemon, BIN};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One raw HTTP/1.0 request: (status, body).
+fn http(port: u16, method: &str, path: &str, key: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let buf = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// A tenant and a user key for it.
+fn tenant(d: &Daemon, name: &str) -> String {
+    d.json(&["tenant", "create", name]);
+    let k = d.json(&["key", "create", "--tenant", name]);
+    k["secret"].as_str().unwrap().to_string()
+}
+
+/// The expected status for (owner, other tenant, admin), and the request body.
+struct Row {
+    owner: u16,
+    other: u16,
+    admin: u16,
+    body: Option<String>,
+}
+
+fn row(owner: u16, other: u16, admin: u16) -> Row {
+    Row {
+        owner,
+        other,
+        admin,
+        body: None,
+    }
+}
+
+fn with(mut r: Row, body: &str) -> Row {
+    r.body = Some(body.to_string());
+    r
+}
+
+/// Every route the router has, asked as the owner of the objects it names, as another tenant
+/// and as an admin. The table is checked against `gpuvisor routes` (built with the router), so
+/// a new route fails this test until it has a row. The other tenant must also never see the
+/// owner's instance id or volume name in any answer.
+#[test]
+fn every_route_is_scoped_by_tenant() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    d.import_busybox();
+    let owner = tenant(&d, "owner");
+    let other = tenant(&d, "other");
+    let admin = d.key.clone();
+    d.json_as(&owner, &["volume", "create", "ownervol", "--size", "16MiB"]);
+    let id = d.create_as(
+        &owner,
+        &[
+            "--gpu-fraction",
+            "0.5",
+            "--memory",
+            "64MiB",
+            "--container-disk",
+            "64MiB",
+            "--",
+            "sleep",
+            "1000000",
+        ],
+    );
+    // A key of the owner's tenant that an admin may revoke.
+    let spare = d.json(&["key", "create", "--tenant", "owner"]);
+    let spare_id = spare["key"]["id"].as_str().unwrap().to_string();
+    let gpu = d.json(&["gpu", "list"])[0]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Rows in the order they run; each runs as other, then admin, then owner.
+    let mut table: Vec<(&str, &str, Row)> = vec![
+        ("GET", "/v1/health", row(200, 200, 200)),
+        ("GET", "/v1/tenants", row(200, 200, 200)),
+        (
+            "POST",
+            "/v1/tenants",
+            with(row(403, 403, 200), r#"{"name":"made-by-admin"}"#),
+        ),
+        ("GET", "/v1/tenants/{name}", row(200, 404, 200)),
+        (
+            "PUT",
+            "/v1/tenants/{name}/policy",
+            with(row(403, 403, 200), r#"{"max_instances":10}"#),
+        ),
+        ("GET", "/v1/keys", row(200, 200, 200)),
+        (
+            "POST",
+            "/v1/keys",
+            with(row(403, 403, 200), r#"{"tenant":"owner","role":"user"}"#),
+        ),
+        ("DELETE", "/v1/keys/{id}", row(403, 403, 200)),
+        ("GET", "/v1/gpus", row(200, 200, 200)),
+        // Simulated GPUs cannot be bound: the admin passes authorisation and gets 409.
+        ("POST", "/v1/gpus/{id}/bind-vfio", row(403, 403, 409)),
+        ("POST", "/v1/gpus/{id}/release", row(403, 403, 409)),
+        (
+            "POST",
+            "/v1/gpus/{id}/cordon",
+            with(row(403, 403, 200), r#"{"reason":"test"}"#),
+        ),
+        ("DELETE", "/v1/gpus/{id}/cordon", row(403, 403, 200)),
+        // No MIG control on this host: the admin passes authorisation and gets 503.
+        ("GET", "/v1/gpus/{id}/mig", row(403, 403, 503)),
+        (
+            "POST",
+            "/v1/gpus/{id}/mig",
+            with(row(403, 403, 503), r#"{"profile":"1g.10gb"}"#),
+        ),
+        ("DELETE", "/v1/gpus/{id}/mig/{gi}", row(403, 403, 503)),
+        ("GET", "/metrics", row(403, 403, 200)),
+        ("GET", "/v1/gpus/stats", row(200, 200, 200)),
+        ("GET", "/v1/gpus/{id}/metrics", row(200, 200, 200)),
+        ("GET", "/v1/instances/{id}/metrics", row(200, 404, 200)),
+        ("GET", "/v1/images", row(200, 200, 200)),
+        (
+            "POST",
+            "/v1/images",
+            with(row(403, 403, 400), r#"{"path":"/nonexistent","name":"x"}"#),
+        ),
+        ("DELETE", "/v1/images/{name}", row(403, 403, 409)),
+        ("GET", "/v1/volumes", row(200, 200, 200)),
+        // Each caller makes its own volume: names are per tenant.
+        (
+            "POST",
+            "/v1/volumes",
+            with(row(200, 200, 200), r#"{"name":"v2","size":16777216}"#),
+        ),
+        ("GET", "/v1/instances", row(200, 200, 200)),
+        // Authorised, then refused for size: nobody is stopped from asking.
+        (
+            "POST",
+            "/v1/instances",
+            with(
+                row(422, 422, 422),
+                r#"{"image":"busybox","vcpus":1,"memory":1099511627776000,"container_disk":67108864}"#,
+            ),
+        ),
+        ("GET", "/v1/instances/{id}", row(200, 404, 200)),
+        ("GET", "/v1/instances/{id}/logs", row(200, 404, 200)),
+        (
+            "POST",
+            "/v1/instances/{id}/exec",
+            with(row(200, 404, 200), r#"{"command":["true"]}"#),
+        ),
+        ("GET", "/v1/instances/{id}/events", row(200, 404, 200)),
+        // The owner's volume is not the other tenant's or the admin's to remove.
+        ("DELETE", "/v1/volumes/{name}", row(200, 404, 404)),
+        ("POST", "/v1/instances/{id}/start", row(200, 404, 200)),
+        ("POST", "/v1/instances/{id}/stop", row(200, 404, 200)),
+        ("DELETE", "/v1/instances/{id}", row(200, 404, 200)),
+    ];
+
+    // The table covers exactly the router's routes.
+    let out = Command::new(BIN).arg("routes").output().unwrap();
+    assert!(out.status.success());
+    let routes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(routes.len() > 20, "{routes:?}");
+    let rows: Vec<String> = table.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
+    for r in &routes {
+        assert!(
+            rows.contains(r),
+            "route {r} has no row in the tenancy table: add one"
+        );
+    }
+    for r in &rows {
+        assert!(routes.contains(r), "row {r} names no route");
+    }
+
+    let mut failures = Vec::new();
+    for (method, template, r) in table.drain(..) {
+        let path = || {
+            let mut p = template.to_string();
+            if template.starts_with("/v1/keys/") {
+                p = p.replace("{id}", &spare_id);
+            } else if template.starts_with("/v1/gpus/") {
+                p = p.replace("{id}", &gpu).replace("{gi}", "1");
+            } else if template.starts_with("/v1/images/") {
+                p = p.replace("{name}", "busybox");
+            } else if template.starts_with("/v1/volumes/") {
+                p = p.replace("{name}", "ownervol");
+            } else if template.starts_with("/v1/tenants/") {
+                p = p.replace("{name}", "owner");
+            } else {
+                p = p.replace("{id}", &id);
+            }
+            p
+        };
+        for (who, key, want) in [
+            ("other", &other, r.other),
+            ("admin", &admin, r.admin),
+            ("owner", &owner, r.owner),
+        ] {
+            let p = path();
+            let (got, body) = http(d.port, method, &p, key, r.body.as_deref());
+            if got != want {
+                failures.push(format!("{method} {p} as {who}: {got}, want {want}: {body}"));
+            }
+            // A 404 may echo the id the caller sent; anything else must not show it.
+            let echoed = p.contains(&id) || p.contains("ownervol");
+            if who == "other" && !echoed && (body.contains(&id) || body.contains("ownervol")) {
+                failures.push(format!(
+                    "{method} {p} as other tenant leaks the owner's objects: {body}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A TCP proxy that counts the HTTP requests it forwards (request lines seen client → server).
+struct CountingProxy {
+    port: u16,
+    requests: Arc<AtomicUsize>,
+}
+
+impl CountingProxy {
+    fn start(upstream: u16) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = requests.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let (mut c, mut up) = (c, up);
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        let n = match c.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let chunk = &buf[..n];
+                        count.fetch_add(
+                            chunk.windows(10).filter(|w| w == b" HTTP/1.1\r").count()
+                                + chunk.windows(10).filter(|w| w == b" HTTP/1.0\r").count(),
+                            Ordering::SeqCst,
+                        );
+                        if up.write_all(chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = up.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        CountingProxy { port, requests }
+    }
+}
+
+/// `--wait` must long-poll, not spin: a stop that takes ~12 s (the container's PID 1 ignores
+/// SIGTERM, so the stop grace runs out) costs a handful of requests, not thousands.
+#[test]
+fn wait_long_polls_instead_of_spinning() {
+    let _s = serial();
+    let d = Daemon::start(&["--stop-grace", "12s"]);
+    d.import_busybox();
+    let id = d.create(&[
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+        "--",
+        "sleep",
+        "1000000",
+    ]);
+    let proxy = CountingProxy::start(d.port);
+    let out = Command::new(BIN)
+        .args(["instance", "stop", &id, "--wait", "--timeout", "60s"])
+        .env(
+            "GPUVISOR_ENDPOINT",
+            format!("http://127.0.0.1:{}", proxy.port),
+        )
+        .env("GPUVISOR_API_KEY", &d.key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stop --wait failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inst = d.json(&["instance", "get", &id]);
+    assert_eq!(inst["state"], "stopped", "{inst}");
+    let n = proxy.requests.load(Ordering::SeqCst);
+    // 1 stop + one long poll per 5 s slice or state change (stopping, stopped): about 5.
+    assert!(n >= 2, "the proxy saw {n} requests: was it used?");
+    assert!(
+        n <= 10,
+        "--wait sent {n} requests during a ~12 s stop: it polls"
+    );
+}
+
+/// Quotas set by an admin are enforced at create, with an error that names the quota; a
+/// tenant cannot raise its own.
+#[test]
+fn tenant_cannot_exceed_its_quotas() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    d.import_busybox();
+    let key = tenant(&d, "capped");
+    d.json(&[
+        "tenant",
+        "set",
+        "capped",
+        "--max-instances",
+        "3",
+        "--max-vcpus",
+        "2",
+        "--max-memory",
+        "256MiB",
+        "--max-gpu-fraction",
+        "0.5",
+        "--max-gpus",
+        "0",
+        "--max-disk",
+        "512MiB",
+        "--max-volumes",
+        "1",
+    ]);
+    // The tenant cannot lift them itself.
+    let out = d.cli_as(
+        &key,
+        &["tenant", "set", "capped", "--max-vcpus", "unlimited"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let small = ["--memory", "64MiB", "--container-disk", "64MiB"];
+    let refused = |args: &[&str], quota: &str| {
+        let mut a = vec!["instance", "create", "--image", "busybox"];
+        a.extend(args);
+        a.extend(["--", "sleep", "1000"]);
+        let out = d.cli_as(&key, &a);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(6), "{args:?} not refused: {err}");
+        assert!(
+            err.contains(quota),
+            "{args:?}: error does not name {quota}: {err}"
+        );
+    };
+    refused(&["--gpus", "1", "--memory", "64MiB"], "max_gpus");
+    refused(
+        &["--gpu-fraction", "0.75", "--memory", "64MiB"],
+        "max_gpu_milli",
+    );
+    refused(&["--memory", "512MiB"], "max_memory");
+    refused(
+        &["--memory", "64MiB", "--container-disk", "1GiB"],
+        "max_disk",
+    );
+    refused(
+        &[
+            "--memory",
+            "64MiB",
+            "--container-disk",
+            "64MiB",
+            "--volume",
+            "a:/a:16MiB",
+            "--volume",
+            "b:/b:16MiB",
+        ],
+        "max_volumes",
+    );
+    // Nothing was made by the refusals.
+    assert_eq!(
+        d.json_as(&key, &["volume", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        d.json_as(&key, &["instance", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    let mut one = vec!["--gpu-fraction", "0.25", "--vcpus", "1"];
+    one.extend(small);
+    d.create_as(&key, &[one.as_slice(), &["--", "sleep", "1000"]].concat());
+    d.create_as(&key, &[one.as_slice(), &["--", "sleep", "1000"]].concat());
+    // Two instances hold the vCPU quota (and the fraction quota) now.
+    refused(&[&small[..], &["--vcpus", "1"]].concat(), "max_vcpus");
+    d.json(&["tenant", "set", "capped", "--max-instances", "2"]);
+    refused(&small, "max_instances");
+    // Standalone volumes count against the same quotas.
+    d.json_as(&key, &["volume", "create", "v1", "--size", "16MiB"]);
+    let out = d.cli_as(&key, &["volume", "create", "v2", "--size", "16MiB"]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_volumes"));
+    let t = d.json_as(&key, &["tenant", "get", "capped"]);
+    assert_eq!(t["usage"]["instances"], 2, "{t}");
+    assert_eq!(t["usage"]["gpu_milli"], 500, "{t}");
+    assert_eq!(t["usage"]["volumes"], 1, "{t}");
+}
+
+/// A tenant cannot choose its way past its neighbours: `--priority high` needs the right, and
+/// even a granted high priority never evicts another tenant's interruptible instance unless an
+/// admin allowed cross-tenant preemption.
+#[test]
+fn tenant_cannot_preempt_a_neighbour_by_choosing_a_priority() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    d.import_busybox();
+    let victim = tenant(&d, "victim");
+    let bully = tenant(&d, "bully");
+    let h100 = [
+        "--gpus",
+        "1",
+        "--gpu-model",
+        "H100-80GB",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+    ];
+    let spot = d.create_as(
+        &victim,
+        &[
+            &h100[..],
+            &[
+                "--priority",
+                "low",
+                "--interruptible",
+                "--",
+                "sleep",
+                "1000000",
+            ],
+        ]
+        .concat(),
+    );
+    let ask = |key: &str, prio: &str| {
+        let mut a = vec!["instance", "create", "--image", "busybox", "--wait"];
+        a.extend(h100);
+        a.extend(["--priority", prio, "--", "sleep", "1000"]);
+        d.cli_as(key, &a)
+    };
+    // Not allowed to ask for high priority at all.
+    let out = ask(&bully, "high");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max-priority"));
+    // Granted high priority, still no right to evict another tenant: refused for capacity.
+    d.json(&["tenant", "set", "bully", "--max-priority", "high"]);
+    let out = ask(&bully, "high");
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.json(&["instance", "get", &spot])["state"], "running");
+    // An admin grants cross-tenant preemption: now the spot instance is evicted.
+    d.json(&["tenant", "set", "bully", "--preempt-other-tenants", "true"]);
+    let out = ask(&bully, "high");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = d.json(&["instance", "get", &spot]);
+    assert_ne!(v["state"], "running", "{v}");
+}
+
+/// Platform-owned environment (which GPUs, where the limiter's config is) cannot be set by a
+/// user at create or exec, and the error names the variable.
+#[test]
+fn user_env_cannot_set_platform_variables() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    d.import_busybox();
+    let key = tenant(&d, "envy");
+    for var in [
+        "GPUVISOR_LIMITER_CONFIG",
+        "CUDA_VISIBLE_DEVICES",
+        "NVIDIA_VISIBLE_DEVICES",
+        "CUDA_MPS_PIPE_DIRECTORY",
+    ] {
+        let kv = format!("{var}=/tmp/x");
+        let out = d.cli_as(
+            &key,
+            &[
+                "instance", "create", "--image", "busybox", "--env", &kv, "--", "true",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(5), "{var} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(var), "error does not name {var}: {err}");
+    }
+    assert_eq!(
+        d.json_as(&key, &["instance", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // LD_PRELOAD and LD_LIBRARY_PATH stay the user's.
+    let id = d.create_as(
+        &key,
+        &[
+            "--env",
+            "LD_LIBRARY_PATH=/opt/lib",
+            "--memory",
+            "64MiB",
+            "--",
+            "sleep",
+            "1000",
+        ],
+    );
+    let out = d.cli_as(
+        &key,
+        &[
+            "instance",
+            "exec",
+            &id,
+            "--env",
+            "GPUVISOR_LIMITER_CONFIG=/x",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(5));
+    let p = crate::probe::allowed(&d, &id, "env of the instance", "env");
+    assert!(p.out.contains("LD_LIBRARY_PATH=/opt/lib"), "{}", p.out);
+    let env: BTreeMap<&str, &str> = p.out.lines().filter_map(|l| l.split_once('=')).collect();
+    assert_eq!(env.get("GPUVISOR_INSTANCE_ID"), Some(&id.as_str()));
+}
