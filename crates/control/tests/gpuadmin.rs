@@ -420,3 +420,45 @@ async fn create_racing_a_bind_never_lands_on_the_gpu_changing_hands() {
         "exactly one of create and bind gets the GPU: {inst:?} / {bind:?}"
     );
 }
+
+/// Issue 9 item 1: an image is a stranger's; its `Env` entries for platform-owned names (the
+/// limiter's config path, which GPUs the instance sees) never reach the instance's stored spec,
+/// while its other entries do. (The user's own are refused by validation: tests/attacks.)
+#[tokio::test]
+async fn an_image_cannot_set_platform_owned_environment() {
+    let h = Host::clean().await;
+    h.engine
+        .store()
+        .insert_image(&ImageRow {
+            name: "hostile".into(),
+            digest: format!("sha256:{}", "cd".repeat(32)),
+            layers: vec![],
+            size: 0,
+            command: vec!["sleep".into(), "infinity".into()],
+            env: vec![
+                "GPUVISOR_LIMITER_CONFIG=/tmp/none".into(),
+                "CUDA_VISIBLE_DEVICES=0,1,2,3".into(),
+                "CUDA_MPS_PIPE_DIRECTORY=/tmp/other-tenant".into(),
+                "LD_LIBRARY_PATH=/opt/lib".into(),
+            ],
+            created_at: 0,
+        })
+        .await
+        .unwrap();
+    let inst = h
+        .engine
+        .create_instance(
+            &h.user,
+            &wire::CreateInstance {
+                image: "hostile".into(),
+                vcpus: 1,
+                memory: 256 << 20,
+                container_disk: 1 << 30,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let row = h.engine.store().instance(&inst.id).await.unwrap().unwrap();
+    assert_eq!(row.spec.env, vec!["LD_LIBRARY_PATH=/opt/lib".to_string()]);
+}
