@@ -62,7 +62,7 @@ use std::fmt::Display;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use flate2::read::MultiGzDecoder;
@@ -140,6 +140,21 @@ impl ImageStore {
     /// Opens (creating if needed) a store rooted at `<data>/images`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
         let store = Self { root: root.into() };
+        // Layers hold whatever images bring (setuid files, device nodes): no other host user may
+        // reach them.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&store.root)
+            .map_err(io_at(&store.root))?;
+        let mode = fs::metadata(&store.root)
+            .map_err(io_at(&store.root))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            fs::set_permissions(&store.root, fs::Permissions::from_mode(mode & 0o700))
+                .map_err(io_at(&store.root))?;
+        }
         for dir in [
             store.root.join("blobs").join("sha256"),
             store.root.join("layers"),
