@@ -665,6 +665,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn data_dir_is_made_private_and_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("data");
+        private_data_dir(&d).unwrap();
+        assert_eq!(mode(&d), 0o711);
+        for sub in PRIVATE_SUBDIRS {
+            assert_eq!(mode(&d.join(sub)), 0o700, "{sub}");
+        }
+        // An operator's (or an older version's) open tree is tightened; 0700 stays 0700.
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(d.join("logs"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_data_dir(&d).unwrap();
+        assert_eq!((mode(&d), mode(&d.join("logs"))), (0o711, 0o700));
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        private_data_dir(&d).unwrap();
+        assert_eq!(mode(&d), 0o700);
+    }
+
+    #[test]
     fn resolves_image_users() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("etc")).unwrap();
