@@ -16,11 +16,11 @@ fn mount_options(mount_point: &Path) -> String {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let mp = mount_point.to_str().unwrap();
     info.lines()
-        .filter_map(|l| {
+        .rev()
+        .find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             (f.get(4) == Some(&mp)).then(|| f[5].to_string())
         })
-        .last()
         .unwrap_or_else(|| panic!("{mp} is not a mount point"))
 }
 

@@ -257,7 +257,10 @@ fn etc_symlink_to_host_dir_is_not_written_through() {
             // Working is fine as long as the files went into the instance's own tree.
             probe::allowed(&d, &id, "hosts inside", "grep -q localhost /etc/hosts");
         }
-        Err(msg) => assert!(msg.contains("/etc"), "unclear error: {msg}"),
+        Err(msg) => {
+            eprintln!("refused as: {msg}");
+            assert!(msg.contains("/etc"), "unclear error: {msg}");
+        }
     }
 }
 
@@ -282,7 +285,10 @@ fn etc_symlink_to_host_etc_is_not_written_through() {
         Ok(id) => {
             probe::allowed(&d, &id, "hosts inside", "grep -q localhost /etc/hosts");
         }
-        Err(msg) => assert!(msg.contains("/etc"), "unclear error: {msg}"),
+        Err(msg) => {
+            eprintln!("refused as: {msg}");
+            assert!(msg.contains("/etc"), "unclear error: {msg}");
+        }
     }
 }
 
@@ -340,10 +346,13 @@ fn etc_passwd_symlink_to_host_file_is_not_read() {
                 p.out.replace('\n', " ")
             );
         }
-        Err(msg) => assert!(
-            msg.contains("gvcanary") && msg.contains("/etc/passwd"),
-            "unclear error: {msg}"
-        ),
+        Err(msg) => {
+            eprintln!("refused as: {msg}");
+            assert!(
+                msg.contains("gvcanary") && msg.contains("/etc/passwd"),
+                "unclear error: {msg}"
+            );
+        }
     }
     canary.assert_untouched();
 }
