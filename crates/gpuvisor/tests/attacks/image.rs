@@ -136,9 +136,10 @@ fn sha256_file(p: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
-/// Writes an OCI image layout at `out`: one uncompressed layer (the tar of `rootfs`) and a
-/// config with `user` as its `User`.
-fn oci_layout(rootfs: &Path, user: &str, out: &Path) {
+/// Writes an OCI image layout at `out`: one uncompressed layer (the tar of `rootfs`) and `cfg`
+/// as the image config's `config` (User, WorkingDir, ...).
+fn oci_layout(rootfs: &Path, mut cfg: serde_json::Value, out: &Path) {
+    cfg["Cmd"] = serde_json::json!(["sleep", "1000000"]);
     let blobs = out.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     let layer = out.join("layer.tar");
@@ -165,7 +166,7 @@ fn oci_layout(rootfs: &Path, user: &str, out: &Path) {
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"User": user, "Cmd": ["sleep", "1000000"]},
+        "config": cfg,
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });
     let (config_digest, config_size) = put(&serde_json::to_vec(&config).unwrap());
@@ -335,7 +336,11 @@ fn etc_passwd_symlink_to_host_file_is_not_read() {
         .prefix("gv-evil-oci")
         .tempdir()
         .unwrap();
-    oci_layout(&r.0, "gvcanary:gvcanarygrp", oci.path());
+    oci_layout(
+        &r.0,
+        serde_json::json!({"User": "gvcanary:gvcanarygrp"}),
+        oci.path(),
+    );
     let d = Daemon::start(&[]);
     import(&d, oci.path(), "evil-passwd");
     match try_create(&d, "evil-passwd") {
@@ -376,7 +381,11 @@ fn etc_passwd_absolute_symlink_inside_the_image_resolves_in_the_image() {
         .prefix("gv-evil-oci")
         .tempdir()
         .unwrap();
-    oci_layout(&r.0, "gvuser:gvgroup", oci.path());
+    oci_layout(
+        &r.0,
+        serde_json::json!({"User": "gvuser:gvgroup"}),
+        oci.path(),
+    );
     let d = Daemon::start(&[]);
     import(&d, oci.path(), "passwd-in");
     let id = try_create(&d, "passwd-in").expect("the instance must work");
@@ -385,4 +394,37 @@ fn etc_passwd_absolute_symlink_inside_the_image_resolves_in_the_image() {
         p.out.split_whitespace().collect::<Vec<_>>(),
         ["3000", "3100"]
     );
+}
+
+/// The image's WorkingDir goes through an absolute symlink to a host directory: it is created
+/// (by runc, inside the container's root) in the instance, never on the host.
+#[test]
+fn workdir_symlink_to_host_dir_is_not_created_through() {
+    let _s = serial();
+    let canary = Canary::new("workdir", &[("keep", "x\n")]);
+    let r = Rootfs::new("workdir");
+    r.link("work", canary.dir.to_str().unwrap());
+    let oci = tempfile::Builder::new()
+        .prefix("gv-evil-oci")
+        .tempdir()
+        .unwrap();
+    oci_layout(
+        &r.0,
+        serde_json::json!({"WorkingDir": "/work/made-by-workdir"}),
+        oci.path(),
+    );
+    let d = Daemon::start(&[]);
+    import(&d, oci.path(), "evil-workdir");
+    let created = try_create(&d, "evil-workdir");
+    canary.assert_untouched();
+    match created {
+        Ok(id) => {
+            let p = probe::allowed(&d, &id, "working dir inside", "pwd");
+            assert!(p.out.contains("made-by-workdir"), "{}", p.out);
+        }
+        Err(msg) => {
+            eprintln!("refused as: {msg}");
+            assert!(msg.contains("work"), "unclear error: {msg}");
+        }
+    }
 }
