@@ -31,8 +31,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .try_init();
     let cfg = Config::load(args.config.as_deref(), &args.overrides)?;
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+    // 0711, with every subtree that holds tenant data or secrets 0700 (tightened if looser).
+    gpuvisor_node::instance::private_data_dir(&cfg.data_dir)
+        .with_context(|| format!("cannot prepare data dir {}", cfg.data_dir.display()))?;
 
     let node_cfg = NodeConfig {
         data_dir: cfg.data_dir.clone(),
@@ -54,10 +55,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         runtime = node.runtime.binary(),
         "host ready"
     );
-    let db = cfg
-        .database
-        .clone()
-        .unwrap_or_else(|| Store::sqlite_url(&cfg.data_dir.join("gpuvisor.db")));
+    let db = match cfg.database.clone() {
+        Some(url) => url,
+        None => {
+            let path = cfg.data_dir.join("gpuvisor.db");
+            private_sqlite(&path)?;
+            Store::sqlite_url(&path)
+        }
+    };
     let store = Store::connect(&db)
         .await
         .with_context(|| format!("cannot open the store at {}", redact(&db)))?;
@@ -118,6 +123,28 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The SQLite store holds key hashes, tenants' env and volumes: 0600, created so before SQLite
+/// opens it (SQLite gives its -wal and -shm files the database's mode).
+fn private_sqlite(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create the store {}", path.display()))?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = std::path::PathBuf::from(p);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("cannot make {} private", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
 fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -127,6 +154,12 @@ fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot write the admin key to {}", path.display()))?;
+    // An existing file keeps its mode on open: make it 0600 before the key goes in.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot make {} private", path.display()))?;
+    }
     writeln!(f, "{secret}")?;
     Ok(())
 }

@@ -260,7 +260,9 @@ impl Disks {
                 Err(e) if e.kind() == ErrorKind::NotFound => make_ext4_image(&image, size)?,
                 Err(e) => return Err(io_err(&image)(e)),
             }
-            mount_image(&image, &disk_mnt, MsFlags::empty())?;
+            // nosuid,nodev: what the tenant writes (a setuid-root binary, a device node) is inert
+            // on the host side.
+            mount_image(&image, &disk_mnt, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
             tracing::debug!(id, image = %image.display(), "container disk mounted");
         }
 
@@ -290,7 +292,10 @@ impl Disks {
             Some("overlay"),
             &rootfs,
             Some("overlay"),
-            MsFlags::empty(),
+            // The container's view keeps these flags (runc bind-mounts this mount as its root),
+            // which costs nothing there: instances run with no_new_privs (setuid has no effect)
+            // and their device nodes live on runc's own /dev.
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             Some(opts.as_str()),
         )
         .map_err(|source| DiskError::Mount {

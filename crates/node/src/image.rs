@@ -62,7 +62,7 @@ use std::fmt::Display;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use flate2::read::MultiGzDecoder;
@@ -140,6 +140,21 @@ impl ImageStore {
     /// Opens (creating if needed) a store rooted at `<data>/images`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ImageError> {
         let store = Self { root: root.into() };
+        // Layers hold whatever images bring (setuid files, device nodes): no other host user may
+        // reach them.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&store.root)
+            .map_err(io_at(&store.root))?;
+        let mode = fs::metadata(&store.root)
+            .map_err(io_at(&store.root))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            fs::set_permissions(&store.root, fs::Permissions::from_mode(mode & 0o700))
+                .map_err(io_at(&store.root))?;
+        }
         for dir in [
             store.root.join("blobs").join("sha256"),
             store.root.join("layers"),
@@ -2680,6 +2695,42 @@ mod tests {
         assert!(!t.path().join("evil").exists());
         assert!(is_empty_dir(&s.root.join("layers")));
         assert!(is_empty_dir(&s.root.join("tmp")));
+    }
+
+    /// A symlink in one layer and an entry "through" it in the next: each layer is unpacked
+    /// into its own directory, so the second layer makes a real directory (which hides the link
+    /// in the overlay, as in Docker) and nothing is written where the link points.
+    #[test]
+    fn entry_through_a_lower_layers_symlink_stays_in_its_layer() {
+        let t = TempDir::new().unwrap();
+        let s = store(&t);
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let l1 = Layer::new()
+            .link(tar::EntryType::Symlink, "a", outside.to_str().unwrap())
+            .build();
+        let l2 = Layer::new().file("a/x", b"x", 0o644).build();
+        let src = t.path().join("src");
+        oci_layout(&src, &[l1, l2], None);
+        let img = s.import(&src).unwrap();
+        assert!(is_empty_dir(&outside));
+        let top = s.layer_dir(&img.layers[1]);
+        assert!(fs::symlink_metadata(top.join("a")).unwrap().is_dir());
+        assert_eq!(fs::read(top.join("a/x")).unwrap(), b"x");
+        let bottom = s.layer_dir(&img.layers[0]);
+        assert!(fs::symlink_metadata(bottom.join("a")).unwrap().is_symlink());
+    }
+
+    /// The store's root is private: layers hold setuid files and device nodes as images bring
+    /// them, and no other host user may reach those.
+    #[test]
+    fn store_is_private() {
+        let t = TempDir::new().unwrap();
+        let root = t.path().join("images");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        let _s = ImageStore::open(&root).unwrap();
+        assert_eq!(fs::metadata(&root).unwrap().mode() & 0o777, 0o700);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::gpu::{BackendKind, GpuBackend, GpuConfig, GpuDevice, GpuError};
 use crate::image::{ImageError, ImageStore};
 use crate::limiter::{GpuShare, Limiters};
 use crate::net::{NetConfig, NetError, Network, TenantNet};
+use crate::rootfs::Rootfs;
 use crate::runtime::{BindMount, BundleSpec, ExecOutput, OciRuntime, RuntimeError};
 use crate::vfio::{FsWriter, SysWriter};
 use crate::{cgroup, HostRoot};
@@ -33,6 +34,8 @@ pub enum NodeError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Vfio(#[from] crate::vfio::VfioError),
+    #[error(transparent)]
+    Rootfs(#[from] crate::rootfs::RootfsError),
     #[error("io on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -117,10 +120,7 @@ impl Node {
     /// Probes the host: GPU backend, runtime binary, network base rules.
     pub fn open(cfg: NodeConfig) -> Result<Self, NodeError> {
         let d = &cfg.data_dir;
-        for sub in ["bundles", "logs", "instances", "disks", "volumes"] {
-            let p = d.join(sub);
-            std::fs::create_dir_all(&p).map_err(io(&p))?;
-        }
+        private_data_dir(d)?;
         let gpu = crate::gpu::probe(
             &GpuConfig {
                 simulate: cfg.simulate_gpus.clone(),
@@ -225,7 +225,9 @@ impl Node {
             .map(|l| self.images.layer_dir(l))
             .collect();
         let root = self.disks.provision_root(id, plan.disk_size, &layers)?;
-        self.write_etc(&root.rootfs, plan)?;
+        // Every host-side access to the rootfs goes through this handle: resolved inside it.
+        let rootfs = Rootfs::open(&root.rootfs)?;
+        self.write_etc(&rootfs, plan)?;
 
         let mut binds = Vec::new();
         for (name, path) in &plan.volumes {
@@ -290,7 +292,7 @@ impl Node {
             .and_then(|c| c.working_dir.clone())
             .unwrap_or_default();
         let (uid, gid) = match image_cfg.as_ref().and_then(|c| c.user.as_deref()) {
-            Some(u) if !u.is_empty() => resolve_user(&root.rootfs, u)?,
+            Some(u) if !u.is_empty() => resolve_user(&rootfs, u)?,
             _ => (0, 0),
         };
         let spec = BundleSpec {
@@ -318,10 +320,10 @@ impl Node {
         Ok(())
     }
 
-    /// /etc/hostname, /etc/hosts and /etc/resolv.conf inside the (ephemeral) rootfs.
-    fn write_etc(&self, rootfs: &Path, plan: &InstancePlan) -> Result<(), NodeError> {
-        let etc = rootfs.join("etc");
-        std::fs::create_dir_all(&etc).map_err(io(&etc))?;
+    /// /etc/hostname, /etc/hosts and /etc/resolv.conf inside the (ephemeral) rootfs. Whatever
+    /// the image has there (a file, a symlink to anywhere) is replaced, never followed; an /etc
+    /// that is not a directory inside the image is an error naming it.
+    fn write_etc(&self, rootfs: &Rootfs, plan: &InstancePlan) -> Result<(), NodeError> {
         let ip = self.net.address(
             &TenantNet {
                 slot: plan.net_slot,
@@ -340,10 +342,7 @@ impl Node {
             ("resolv.conf", resolv_conf(&self.cfg.root)),
         ];
         for (name, text) in files {
-            let p = etc.join(name);
-            // A symlink in the image (resolv.conf -> ../run/...) must not send the write outside.
-            let _ = std::fs::remove_file(&p);
-            std::fs::write(&p, text).map_err(io(&p))?;
+            rootfs.replace_file("etc", name, text.as_bytes())?;
         }
         Ok(())
     }
@@ -489,6 +488,52 @@ impl Node {
     }
 }
 
+/// Subtrees of the data dir, each holding tenant data or secrets: bundles (config.json carries
+/// the instance's env), logs, instance mounts, disk and volume images, images, the runtime's
+/// state, limiter regions, simulated device nodes.
+pub const PRIVATE_SUBDIRS: &[&str] = &[
+    "bundles",
+    "logs",
+    "instances",
+    "disks",
+    "volumes",
+    "images",
+    "run",
+    "limiter",
+    "dev",
+];
+
+/// Makes the data dir 0711 or tighter and each of [`PRIVATE_SUBDIRS`] 0700, creating what is
+/// missing and tightening what an older version (or an operator's umask) left open. Files inside
+/// need no mode of their own: no other host user can reach them.
+pub fn private_data_dir(d: &Path) -> Result<(), NodeError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let tighten = |p: &Path, keep: u32| -> Result<(), NodeError> {
+        let mode = std::fs::metadata(p).map_err(io(p))?.permissions().mode() & 0o7777;
+        if mode & !keep != 0 {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode & keep))
+                .map_err(io(p))?;
+        }
+        Ok(())
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(d)
+        .map_err(io(d))?;
+    tighten(d, 0o711)?;
+    for sub in PRIVATE_SUBDIRS {
+        let p = d.join(sub);
+        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(&p)(e)),
+        }
+        tighten(&p, 0o700)?;
+    }
+    Ok(())
+}
+
 /// Our AppArmor profile, modelled on Docker's `docker-default`: no mounts, no writes to
 /// /proc/sys or /sys, no ptrace of processes outside the profile.
 const APPARMOR_PROFILE: &str = r#"#include <tunables/global>
@@ -551,16 +596,22 @@ fn apparmor_profile(root: &HostRoot, data_dir: &Path) -> Option<String> {
     Some("gpuvisor-default".to_string())
 }
 
+/// Largest /etc/passwd or /etc/group read from an image.
+const MAX_ACCOUNT_FILE: u64 = 4 << 20;
+
 /// Resolves an image's `User` (`name`, `uid`, `name:group`, `uid:gid`) against the rootfs's
 /// own /etc/passwd and /etc/group, as Docker does; a name the image does not define is an error.
-fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), NodeError> {
+/// The files are read through [`Rootfs`], so a link to a host file is resolved inside the image.
+fn resolve_user(rootfs: &Rootfs, user: &str) -> Result<(u32, u32), NodeError> {
     let (u, g) = match user.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),
     };
+    let passwd = rootfs.read_file("etc/passwd", MAX_ACCOUNT_FILE)?;
+    let group = rootfs.read_file("etc/group", MAX_ACCOUNT_FILE)?;
     // The numeric fields 2 and 3 of the named line: uid, gid in passwd; gid in group.
-    let lookup = |file: &str, name: &str| -> Option<(u32, Option<u32>)> {
-        let text = std::fs::read_to_string(rootfs.join(file)).ok()?;
+    let lookup = |text: &Option<Vec<u8>>, name: &str| -> Option<(u32, Option<u32>)> {
+        let text = String::from_utf8_lossy(text.as_deref()?);
         text.lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
             if f.first() != Some(&name) {
@@ -572,19 +623,17 @@ fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), NodeError> {
             ))
         })
     };
-    let unknown = |what: &str| NodeError::Io {
-        path: rootfs.join("etc"),
-        source: std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("the image's user {what:?} is not in its /etc/passwd or /etc/group"),
-        ),
+    let unknown = |what: &str| {
+        NodeError::Rootfs(crate::rootfs::RootfsError::Image {
+            path: "/etc/passwd".into(),
+            why: format!(
+                "and /etc/group do not define user {what:?}, the User in the image's config (links there are resolved inside the image)"
+            ),
+        })
     };
     let (uid, primary_gid) = match u.parse::<u32>() {
-        Ok(uid) => (
-            uid,
-            lookup("etc/passwd", u).and_then(|p| p.1).unwrap_or(uid),
-        ),
-        Err(_) => match lookup("etc/passwd", u) {
+        Ok(uid) => (uid, lookup(&passwd, u).and_then(|p| p.1).unwrap_or(uid)),
+        Err(_) => match lookup(&passwd, u) {
             Some((uid, gid)) => (uid, gid.unwrap_or(uid)),
             None => return Err(unknown(u)),
         },
@@ -593,9 +642,7 @@ fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), NodeError> {
         None => primary_gid,
         Some(g) => match g.parse::<u32>() {
             Ok(gid) => gid,
-            Err(_) => lookup("etc/group", g)
-                .map(|p| p.0)
-                .ok_or_else(|| unknown(g))?,
+            Err(_) => lookup(&group, g).map(|p| p.0).ok_or_else(|| unknown(g))?,
         },
     };
     Ok((uid, gid))
@@ -627,6 +674,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn data_dir_is_made_private_and_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("data");
+        private_data_dir(&d).unwrap();
+        assert_eq!(mode(&d), 0o711);
+        for sub in PRIVATE_SUBDIRS {
+            assert_eq!(mode(&d.join(sub)), 0o700, "{sub}");
+        }
+        // An operator's (or an older version's) open tree is tightened; 0700 stays 0700.
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(d.join("logs"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_data_dir(&d).unwrap();
+        assert_eq!((mode(&d), mode(&d.join("logs"))), (0o711, 0o700));
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        private_data_dir(&d).unwrap();
+        assert_eq!(mode(&d), 0o700);
+    }
+
+    #[test]
     fn resolves_image_users() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("etc")).unwrap();
@@ -640,10 +708,12 @@ mod tests {
             "root:x:0:\nusers:x:100:\nstaff:x:50:\n",
         )
         .unwrap();
-        assert_eq!(resolve_user(d.path(), "jovyan").unwrap(), (1000, 100));
-        assert_eq!(resolve_user(d.path(), "jovyan:staff").unwrap(), (1000, 50));
-        assert_eq!(resolve_user(d.path(), "1234").unwrap(), (1234, 1234));
-        assert_eq!(resolve_user(d.path(), "1000:7").unwrap(), (1000, 7));
-        assert!(resolve_user(d.path(), "nobody").is_err());
+        let r = Rootfs::open(d.path()).unwrap();
+        assert_eq!(resolve_user(&r, "jovyan").unwrap(), (1000, 100));
+        assert_eq!(resolve_user(&r, "jovyan:staff").unwrap(), (1000, 50));
+        assert_eq!(resolve_user(&r, "1234").unwrap(), (1234, 1234));
+        assert_eq!(resolve_user(&r, "1000:7").unwrap(), (1000, 7));
+        let e = resolve_user(&r, "nobody").unwrap_err().to_string();
+        assert!(e.contains("\"nobody\"") && e.contains("/etc/passwd"), "{e}");
     }
 }

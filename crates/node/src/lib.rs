@@ -20,6 +20,7 @@ pub mod instance;
 pub mod limiter;
 pub mod mig;
 pub mod net;
+pub mod rootfs;
 pub mod runtime;
 pub mod seccomp;
 pub mod telemetry;

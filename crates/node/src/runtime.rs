@@ -20,6 +20,7 @@ use oci_spec::OciSpecError;
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use thiserror::Error;
@@ -397,6 +398,7 @@ impl OciRuntime {
         let out = File::options()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(log)
             .map_err(io(log))?;
         let err = out.try_clone().map_err(io(log))?;
