@@ -623,3 +623,373 @@ fn lan_neighbour_cannot_reach_instances() {
     });
     assert!(!reached, "a LAN neighbour reached an instance");
 }
+
+// --- one daemon per data dir and per prefix; node identity -------------------------------------
+
+/// A `gpuvisor serve` started by the test itself (optionally through a wrapper such as
+/// `unshare --uts`), killed on drop.
+struct Serve {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Serve {
+    /// Starts `[wrapper...] gpuvisor serve` on `data` and `port` with the harness's settings.
+    fn spawn(data: &std::path::Path, port: u16, wrapper: &[&str], extra: &[&str]) -> Serve {
+        let log = data.join(format!("serve-{port}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut args: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        args.push(crate::common::BIN.to_string());
+        args.extend(
+            [
+                "serve",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--simulate-gpus",
+                "2xA100-80GB,1xH100-80GB",
+                "--stop-grace",
+                "1s",
+                "--cpu-oversubscription",
+                "16",
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(&args[0])
+            .args(&args[1..])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Serve { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the daemon answers on `port` (true) or exits (false).
+    fn wait_serving_or_exit(&mut self, port: u16) -> bool {
+        loop {
+            if let Some(_st) = self.child.try_wait().unwrap() {
+                return false;
+            }
+            if healthy(port) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn healthy(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /v1/health HTTP/1.0\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).is_ok() && &buf[9..12] == b"200"
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn second_daemon_on_the_same_data_dir_is_refused() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    let port = free_port();
+    // The data dir lock is taken before anything else, the prefix's included.
+    let mut second = Serve::spawn(&d.data(), port, &[], &[]);
+    assert!(
+        !second.wait_serving_or_exit(port),
+        "a second daemon serves the same data dir: {}",
+        second.log()
+    );
+    let log = second.log();
+    assert!(!second.child.wait().unwrap().success());
+    assert!(
+        log.contains(&format!("data dir {} is in use", d.data().display()))
+            && log.contains(&format!("pid {}", d.pid())),
+        "{log}"
+    );
+    // The first one is untouched.
+    assert!(healthy(d.port));
+}
+
+#[test]
+fn second_daemon_with_the_same_prefix_is_refused() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    let other = tempfile::Builder::new()
+        .prefix("gvtest")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let port = free_port();
+    let mut second = Serve::spawn(other.path(), port, &[], &["--net-pool", "10.84.0.0"]);
+    assert!(
+        !second.wait_serving_or_exit(port),
+        "a second daemon shares the network prefix gv: {}",
+        second.log()
+    );
+    let log = second.log();
+    assert!(
+        log.contains("network prefix \"gv\" is in use")
+            && log.contains(&format!("pid {}", d.pid())),
+        "{log}"
+    );
+    assert!(healthy(d.port));
+}
+
+/// Host objects whose name contains `needle`: links, netns, iptables rules (filter and nat).
+fn host_objects(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in sh(&["ip", "-o", "link"]).lines() {
+        if let Some(name) = l.split(": ").nth(1) {
+            if name.split('@').next().unwrap().starts_with(needle) {
+                out.push(format!("link {name}"));
+            }
+        }
+    }
+    for l in sh(&["ip", "netns", "list"]).lines() {
+        if l.starts_with(needle) {
+            out.push(format!("netns {l}"));
+        }
+    }
+    for table in ["filter", "nat"] {
+        for l in sh(&["iptables", "-w", "-t", table, "-S"]).lines() {
+            if l.contains(needle) || l.contains(&needle.to_ascii_uppercase()) {
+                out.push(format!("{table}: {l}"));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn two_daemons_with_different_prefixes_do_not_collide() {
+    let _s = serial();
+    let mut a = daemon(&["--net-prefix", "ga", "--net-pool", "10.86.0.0"]);
+    let mut b = daemon(&["--net-prefix", "gb", "--net-pool", "10.87.0.0"]);
+    let ia = a.create(&SLEEPER);
+    let ib = b.create(&[
+        "--vcpus",
+        "1",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+        "--",
+        "sh",
+        "-c",
+        "nc -ll -p 8080 -e echo hi b",
+    ]);
+    assert!(ip_of(&a, &ia).starts_with("10.86."));
+    let ip_b = ip_of(&b, &ib);
+    assert!(ip_b.starts_with("10.87."));
+    // Each daemon's objects carry its own prefix.
+    let objs_a = host_objects("ga");
+    let objs_b = host_objects("gb");
+    for (objs, id, p) in [(&objs_a, &ia, "ga"), (&objs_b, &ib, "gb")] {
+        assert!(
+            objs.iter()
+                .any(|o| o == &format!("netns {p}-{id}")
+                    || o.starts_with(&format!("netns {p}-{id} "))),
+            "{objs:#?}"
+        );
+        assert!(
+            objs.iter()
+                .any(|o| o.starts_with(&format!("link {p}h{}", &id[..10]))),
+            "{objs:#?}"
+        );
+        assert!(
+            objs.iter().any(|o| o.starts_with(&format!("link {p}b"))),
+            "{objs:#?}"
+        );
+        let chain = format!("GPUVISOR-{}-FWD", p.to_ascii_uppercase());
+        assert!(
+            objs.iter()
+                .any(|o| o.contains(&format!("-A FORWARD -j {chain}"))),
+            "{objs:#?}"
+        );
+    }
+    // Nothing of one is the other's: A's instance does not reach B's.
+    let target: SocketAddr = format!("{ip_b}:8080").parse().unwrap();
+    let answered = (0..100).any(|_| {
+        let ok = TcpStream::connect_timeout(&target, Duration::from_secs(2)).is_ok();
+        if !ok {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ok
+    });
+    assert!(answered, "B's instance server never answered the host");
+    cannot_reach(&a, &ia, "the other daemon's instance", &ip_b, 8080);
+
+    // Terminating A's instance and stopping A leave B's objects exactly as they were.
+    a.json(&["instance", "terminate", &ia, "--wait"]);
+    stop_gracefully(&mut a);
+    assert_eq!(
+        host_objects("ga"),
+        Vec::<String>::new(),
+        "A left objects behind"
+    );
+    assert_eq!(host_objects("gb"), objs_b, "B's objects changed");
+    probe::allowed(&b, &ib, "B's instance still runs", "true");
+    b.terminate_all();
+    stop_gracefully(&mut b);
+    assert_eq!(
+        host_objects("gb"),
+        Vec::<String>::new(),
+        "B left objects behind"
+    );
+}
+
+/// SIGTERM, then waits until the process has exited (a zombie of the harness's child).
+fn stop_gracefully(d: &mut Daemon) {
+    let pid = d.pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let stat = format!("/proc/{pid}/stat");
+    while std::fs::read_to_string(&stat)
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Reaps it; the harness then has no daemon left to clean up after.
+    d.kill9();
+}
+
+/// Runs the daemon of `d` again, in a UTS namespace with another hostname.
+fn restart_renamed(d: &mut Daemon, hostname: &str) -> Serve {
+    d.kill9();
+    let script = format!("hostname {hostname} && exec \"$0\" \"$@\"");
+    let mut s = Serve::spawn(
+        &d.data(),
+        d.port,
+        &["unshare", "--uts", "sh", "-c", &script],
+        &[],
+    );
+    assert!(
+        s.wait_serving_or_exit(d.port),
+        "daemon did not start: {}",
+        s.log()
+    );
+    s
+}
+
+#[test]
+fn renaming_the_host_keeps_its_instances_local() {
+    let _s = serial();
+    let mut d = daemon(&[]);
+    let id = d.create(&SLEEPER);
+    let before = d.json(&["instance", "get", &id]);
+    let renamed = restart_renamed(&mut d, "gv-renamed-host");
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let after = d.json(&["instance", "get", &id]);
+        assert_eq!(after["node"], before["node"], "{after}");
+        assert_eq!(after["state"], "running", "{after}");
+        assert_eq!(after["ip"], before["ip"], "{after}");
+        probe::allowed(&d, &id, "exec in a local instance after a rename", "true");
+    }));
+    // Back to the harness's own daemon, which terminates everything on drop.
+    drop(renamed);
+    d.restart();
+    if let Err(e) = checked {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// Runs `sql` on the daemon's SQLite store (the daemon must be stopped).
+fn sqlite(d: &Daemon, sql: &str) {
+    sh(&[
+        "sqlite3",
+        d.data().join("gpuvisor.db").to_str().unwrap(),
+        sql,
+    ]);
+}
+
+#[test]
+fn instance_of_another_node_id_is_not_taken_for_simulated() {
+    let _s = serial();
+    let mut d = daemon(&[]);
+    let id = d.create(&SLEEPER);
+    d.kill9();
+    // A row written under a node id that is not ours (a renamed host, an older daemon) but
+    // of no simulated node either.
+    sqlite(
+        &d,
+        &format!("UPDATE instances SET node_id = 'old-hostname' WHERE id = '{id}'"),
+    );
+    d.restart();
+    let got = d.json(&["instance", "get", &id]);
+    assert_eq!(got["state"], "running", "{got}");
+    assert!(
+        got["ip"].is_string(),
+        "a local instance has an address: {got}"
+    );
+    probe::allowed(&d, &id, "exec in the instance", "true");
+}
+
+#[test]
+fn old_store_keyed_by_hostname_keeps_its_instances() {
+    let _s = serial();
+    let mut d = daemon(&[]);
+    let id = d.create(&SLEEPER);
+    d.kill9();
+    // What a daemon from before node-id files left: every row under the hostname, no file.
+    sqlite(
+        &d,
+        "UPDATE instances SET node_id = 'old-hostname'; UPDATE gpus SET node_id = 'old-hostname'; \
+         UPDATE nodes SET id = 'old-hostname';",
+    );
+    let _ = std::fs::remove_file(d.data().join("node-id"));
+    d.restart();
+    let got = d.json(&["instance", "get", &id]);
+    assert_eq!(got["node"], "old-hostname", "{got}");
+    assert_eq!(got["state"], "running", "{got}");
+    probe::allowed(&d, &id, "exec in the instance", "true");
+    assert_eq!(
+        std::fs::read_to_string(d.data().join("node-id"))
+            .unwrap()
+            .trim(),
+        "old-hostname"
+    );
+    // A fresh data dir gets a random id, not the hostname.
+    drop(d);
+    let fresh = Daemon::start(&[]);
+    let node = std::fs::read_to_string(fresh.data().join("node-id")).unwrap();
+    let hostname = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    assert!(
+        node.trim().starts_with("node-") && node.trim() != hostname,
+        "{node}"
+    );
+}
