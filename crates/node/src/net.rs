@@ -49,8 +49,8 @@
 //! - The chains are ours and rebuilt whole on every start with one `iptables-restore --noflush`
 //!   (one atomic commit: no window without isolation, no duplicate, no rule of an old config
 //!   left behind). Per-bridge accepts are then added and removed one by one as tenants come and
-//!   go (checked with `-C` first). When the daemon stops with no bridge of its own left,
-//!   [`Network::release_host`] removes the jumps and chains.
+//!   go (checked with `-C` first). When the daemon stops, [`Network::release_host`] removes
+//!   its bridges that no instance uses, and with the last one the jumps and chains.
 //! - Same-bridge traffic is switched at L2 and never routed, but when `br_netfilter` is loaded
 //!   (Docker loads it) bridged frames traverse FORWARD too, hence the per-bridge accepts first.
 //! - The prefix is 1-4 characters, a lowercase letter then letters or digits, and every name
@@ -700,9 +700,14 @@ impl Network {
         Ok(())
     }
 
-    /// Removes our jumps and chains if no bridge of ours is left (no instance needs them).
-    /// Returns whether they are gone. Idempotent.
+    /// Removes our bridges that no instance uses any more, then our jumps and chains if no
+    /// bridge of ours is left. Returns whether the chains are gone. Idempotent. For a daemon
+    /// that stops: a bridge whose last instance goes while the daemon runs is kept (a create
+    /// for the same tenant may be attaching to it) and goes here.
     pub fn release_host(&self) -> Result<bool, NetError> {
+        for slot in self.tenant_bridges()? {
+            self.teardown_tenant(&TenantNet { slot })?;
+        }
         let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         if !self.tenant_bridges()?.is_empty() {
             return Ok(false);
@@ -1284,7 +1289,7 @@ mod tests {
         // A prefix of its own: the default one's chains are shared with running daemons.
         let with = |allow: &[&str]| {
             Network::new(NetConfig {
-                pool: Ipv4Addr::new(10, 86, 0, 0),
+                pool: Ipv4Addr::new(10, 82, 0, 0),
                 nat: true,
                 policy: NetPolicy {
                     prefix: "gu".into(),
@@ -1325,10 +1330,26 @@ mod tests {
             "{after:#?}"
         );
         assert_eq!(after[1], "-A GPUVISOR-GU-FWD -i gub9 -o gub9 -j ACCEPT");
-        // Chains stay while a bridge is there, go with the last one.
-        assert!(!n2.release_host().unwrap());
-        assert!(n2.teardown_tenant(&t).unwrap());
+        // Chains and bridge stay while the bridge has a port, go with it.
+        let port = format!("gvtq{}", &random_id()[..6]);
+        ip([
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{port}p"),
+        ])
+        .unwrap();
+        ip(["link", "set", &port, "master", "gub9"]).unwrap();
+        let kept = n2.release_host();
+        ip(["link", "del", &port]).unwrap();
+        assert!(!kept.unwrap());
+        assert!(n2.tenant_bridges().unwrap().contains(&9));
         assert!(n2.release_host().unwrap());
+        assert!(!n2.tenant_bridges().unwrap().contains(&9));
         for (table, chain, from) in [
             ("filter", "GPUVISOR-GU-FWD", "FORWARD"),
             ("filter", "GPUVISOR-GU-IN", "INPUT"),
