@@ -993,3 +993,135 @@ fn old_store_keyed_by_hostname_keeps_its_instances() {
         "{node}"
     );
 }
+
+#[test]
+fn deny_listed_address_becomes_unreachable() {
+    let _s = serial();
+    let other_public = "198.51.100.20";
+    let lan = Lan::new(POOL, &[PUBLIC, other_public]);
+    let public = lan.server(PUBLIC);
+    let control = lan.server(other_public);
+    let d = daemon(&["--net-deny", "203.0.113.0/24"]);
+    let id = d.create(&SLEEPER);
+    reaches(
+        &d,
+        &id,
+        "a public server that is not denied",
+        other_public,
+        control.port(),
+    );
+    cannot_reach(
+        &d,
+        &id,
+        "a deny-listed public server",
+        PUBLIC,
+        public.port(),
+    );
+}
+
+/// A UDP server that keeps every datagram it receives. Stopped on drop.
+struct UdpSink {
+    got: Arc<std::sync::Mutex<Vec<String>>>,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpSink {
+    fn start(ns: &str, ip: &str) -> UdpSink {
+        let (tx, rx) = mpsc::channel();
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ns2, ip2, got2, stop2) = (ns.to_string(), ip.to_string(), got.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(format!("/var/run/netns/{ns2}")).unwrap();
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let s = std::net::UdpSocket::bind((ip2.as_str(), 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            tx.send(s.local_addr().unwrap()).unwrap();
+            let mut buf = [0u8; 256];
+            while !stop2.load(Ordering::Relaxed) {
+                if let Ok(n) = s.recv(&mut buf) {
+                    got2.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+            }
+        });
+        let addr = rx.recv().unwrap();
+        UdpSink {
+            got,
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn received(&self) -> Vec<String> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+impl Drop for UdpSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn instance_cannot_send_with_another_tenants_address() {
+    let _s = serial();
+    let lan = Lan::new(POOL, &[PUBLIC]);
+    let sink = UdpSink::start(&lan.ns, PUBLIC);
+    let d = daemon(&[]);
+    d.json(&["tenant", "create", "beta"]);
+    let kb = d.json(&["key", "create", "--tenant", "beta"])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mine = d.create(&SLEEPER);
+    let theirs = d.create_as(&kb, &SLEEPER);
+    let (my_ip, their_ip) = (ip_of(&d, &mine), ip_of(&d, &theirs));
+    // Stands in for a tenant with CAP_NET_RAW crafting packets: the host gives the instance's
+    // eth0 the other tenant's address as a second one, and the datagram is sent from it.
+    let ns = format!("gv-{mine}");
+    sh(&[
+        "ip",
+        "-n",
+        &ns,
+        "addr",
+        "add",
+        &format!("{their_ip}/32"),
+        "dev",
+        "eth0",
+    ]);
+    let target = sink.addr;
+    let send = |from: String, payload: &'static str| {
+        in_netns(Some(ns.clone()), move || {
+            let s = std::net::UdpSocket::bind((from.as_str(), 0)).unwrap();
+            s.send_to(payload.as_bytes(), target).unwrap();
+        })
+    };
+    send(their_ip, "spoofed");
+    // Then the same from the instance's own address, which must arrive: once it has, the
+    // spoofed datagram sent before it on the same path had every chance to.
+    let mut tries = 0;
+    while !sink.received().iter().any(|p| p == "control") {
+        assert!(
+            tries < 100,
+            "the control datagram never arrived: {:?}",
+            sink.received()
+        );
+        send(my_ip.clone(), "control");
+        std::thread::sleep(Duration::from_millis(100));
+        tries += 1;
+    }
+    assert!(
+        !sink.received().iter().any(|p| p == "spoofed"),
+        "a datagram with another tenant's source address left the host"
+    );
+}
