@@ -43,6 +43,9 @@
 //! - Refusals towards instances are REJECT (icmp-admin-prohibited), so a tenant's connection
 //!   fails at once instead of hanging; unsolicited traffic from outside towards instances is
 //!   DROPped, as a firewall does for strangers.
+//! - Bridges have the strict reverse-path filter (`rp_filter=1`): a packet whose source address
+//!   is not routed back through the bridge it came from is dropped (no spoofing another
+//!   tenant's address).
 //! - Instances get no IPv6: the bridge has IPv6 disabled, so the kernel drops every IPv6 packet
 //!   an instance sends to the host or through it (link-local included); the instance's own
 //!   link-local address only reaches its tenant's segment.
@@ -748,6 +751,11 @@ impl Network {
         if v6.exists() {
             std::fs::write(&v6, "1").map_err(|source| NetError::Io { path: v6, source })?;
         }
+        // Strict reverse-path filter: a packet from this bridge whose source is not routed back
+        // through it (another tenant's address, anything outside the tenant's /24) is dropped,
+        // so an instance with CAP_NET_RAW cannot speak with another instance's address.
+        let rp = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{bridge}/rp_filter"));
+        std::fs::write(&rp, "1").map_err(|source| NetError::Io { path: rp, source })?;
         let gw = format!("{}/24", self.gateway(net));
         ip(["addr", "replace", &gw, "dev", &bridge])?;
         ip(["link", "set", &bridge, "up"])?;
