@@ -1125,3 +1125,37 @@ fn instance_cannot_send_with_another_tenants_address() {
         "a datagram with another tenant's source address left the host"
     );
 }
+
+#[test]
+fn instance_still_reaches_its_resolver() {
+    let _s = serial();
+    // The resolvers instances are given: the host's own, unless loopback stubs.
+    let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let resolvers: Vec<Ipv4Addr> = conf
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse().ok())
+        .filter(|a: &Ipv4Addr| !a.is_loopback())
+        .collect();
+    if resolvers.is_empty() {
+        eprintln!("the host has no non-loopback IPv4 resolver to give instances: nothing to check");
+        return;
+    }
+    let d = daemon(&[]);
+    let id = d.create(&SLEEPER);
+    // Any answer (NXDOMAIN included) proves the resolver was reached, even in reserved space
+    // (10.255.255.53 on the CI machines) and without internet access.
+    let p = probe::allowed(
+        &d,
+        &id,
+        "a DNS query to the instance's resolver",
+        "command -v nslookup >/dev/null 2>&1 || { echo 'probe: nslookup is missing' >&2; exit 97; }\n\
+         out=$(nslookup example.com 2>&1); echo \"$out\"\n\
+         echo \"$out\" | grep -qE \"can't find|^Name:\"",
+    );
+    assert!(
+        resolvers.iter().any(|r| p.out.contains(&r.to_string())),
+        "{resolvers:?} not asked: {}",
+        p.out
+    );
+}
