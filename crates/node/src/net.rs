@@ -726,13 +726,24 @@ impl Network {
     pub fn ensure_tenant(&self, net: &TenantNet) -> Result<(), NetError> {
         let slot = check_slot(net)?;
         let bridge = self.bridge(net);
-        let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        // Fast path: this network already set the bridge and its rule up and the bridge is
-        // still there; saves five tool runs per instance create.
-        let mut ensured = self.ensured.lock().unwrap_or_else(|p| p.into_inner());
-        if ensured.contains(&bridge) && link_exists(&bridge) {
-            return Ok(());
+        {
+            let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+            // Fast path: this network already set the bridge and its rule up and the bridge is
+            // still there; saves five tool runs per instance create.
+            let ensured = self.ensured.lock().unwrap_or_else(|p| p.into_inner());
+            if ensured.contains(&bridge) && link_exists(&bridge) {
+                return Ok(());
+            }
         }
+        // Our chains must be there before a bridge is used (someone may have flushed iptables
+        // since the start): rebuilt whole if not, never created empty.
+        if !chain_exists("filter", &self.fwd_chain())
+            || !chain_exists("filter", &self.input_chain())
+        {
+            self.init_host()?;
+        }
+        let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ensured = self.ensured.lock().unwrap_or_else(|p| p.into_inner());
         if !link_exists(&bridge) {
             // A fixed address: a bridge otherwise takes the lowest port's, which changes as
             // instances come and go and makes neighbours' ARP entries for the gateway stale.
@@ -759,13 +770,12 @@ impl Network {
         let gw = format!("{}/24", self.gateway(net));
         ip(["addr", "replace", &gw, "dev", &bridge])?;
         ip(["link", "set", &bridge, "up"])?;
-        let fc = self.fwd_chain();
-        if !chain_exists("filter", &fc) {
-            return Err(NetError::Invalid(format!(
-                "iptables chain {fc} is missing: the host network was not prepared (init_host)"
-            )));
-        }
-        ensure_rule("filter", &fc, &self.bridge_accept_rule(&bridge), true)?;
+        ensure_rule(
+            "filter",
+            &self.fwd_chain(),
+            &self.bridge_accept_rule(&bridge),
+            true,
+        )?;
         ensured.insert(bridge);
         Ok(())
     }
@@ -1338,6 +1348,20 @@ mod tests {
             "{after:#?}"
         );
         assert_eq!(after[1], "-A GPUVISOR-GU-FWD -i gub9 -o gub9 -j ACCEPT");
+        // Chains removed behind our back are rebuilt whole before a new tenant's bridge is used.
+        remove_chain("filter", "FORWARD", &n2.fwd_jump(), "GPUVISOR-GU-FWD").unwrap();
+        let t2 = TenantNet { slot: 10 };
+        n2.ensure_tenant(&t2).unwrap();
+        let rebuilt = chain_rules("filter", "GPUVISOR-GU-FWD");
+        assert!(
+            rebuilt.iter().any(|r| r.contains("-d 10.0.0.0/8")),
+            "{rebuilt:#?}"
+        );
+        assert!(
+            rebuilt.iter().any(|r| r.contains("-i gub10 -o gub10")),
+            "{rebuilt:#?}"
+        );
+        assert!(n2.teardown_tenant(&t2).unwrap());
         // Chains and bridge stay while the bridge has a port, go with it.
         let port = format!("gvtq{}", &random_id()[..6]);
         ip([
