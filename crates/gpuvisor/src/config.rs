@@ -183,7 +183,7 @@ pub struct ConfigOverrides {
     #[arg(long, env = "GPUVISOR_NET_PREFIX")]
     pub net_prefix: Option<String>,
     /// Instance pool, the base of a /16 [default: 10.88.0.0].
-    #[arg(long)]
+    #[arg(long, env = "GPUVISOR_NET_POOL")]
     pub net_pool: Option<Ipv4Addr>,
     /// A reserved or host destination instances may reach, a.b.c.d[/len][:port]; repeatable;
     /// replaces the file's `[network] allow`.

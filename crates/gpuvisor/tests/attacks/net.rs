@@ -22,8 +22,17 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// The daemon's default instance pool.
-const POOL: &str = "10.88.0.0/16";
+/// The daemons' instance pool: the default, or `GPUVISOR_NET_POOL` (inherited by the harness's
+/// daemons, with `GPUVISOR_NET_PREFIX`, so that suites can run side by side on one host).
+fn pool() -> String {
+    let base = std::env::var("GPUVISOR_NET_POOL").unwrap_or_else(|_| "10.88.0.0".into());
+    format!("{base}/16")
+}
+
+/// The daemons' network prefix: the default, or `GPUVISOR_NET_PREFIX`.
+fn prefix() -> String {
+    std::env::var("GPUVISOR_NET_PREFIX").unwrap_or_else(|_| "gv".into())
+}
 /// The host end of the LAN link and the LAN end (a /30 of plumbing).
 const LAN_HOST: &str = "172.30.255.1";
 const LAN_PEER: &str = "172.30.255.2";
@@ -317,7 +326,7 @@ fn cannot_reach(d: &Daemon, id: &str, what: &str, host: &str, port: u16) {
 /// One instance, the LAN with `dest` and the public server; asserts the public server answers
 /// and `dest` does not.
 fn assert_lan_destination_blocked(what: &str, dest: &str) {
-    let lan = Lan::new(POOL, &[PUBLIC, dest]);
+    let lan = Lan::new(&pool(), &[PUBLIC, dest]);
     let public = lan.server(PUBLIC);
     let target = lan.server(dest);
     let d = daemon(&[]);
@@ -365,7 +374,7 @@ fn instance_cannot_reach_cloud_metadata() {
 #[test]
 fn instance_reaches_a_public_address_through_nat() {
     let _s = serial();
-    let lan = Lan::new(POOL, &[PUBLIC]);
+    let lan = Lan::new(&pool(), &[PUBLIC]);
     let public = lan.server(PUBLIC);
     let d = daemon(&[]);
     let id = d.create(&SLEEPER);
@@ -377,7 +386,7 @@ fn instance_reaches_a_public_address_through_nat() {
 #[test]
 fn instance_cannot_reach_the_host_through_its_gateway() {
     let _s = serial();
-    let lan = Lan::new(POOL, &[PUBLIC]);
+    let lan = Lan::new(&pool(), &[PUBLIC]);
     let public = lan.server(PUBLIC);
     let host = Server::start(None, IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
     let d = daemon(&[]);
@@ -390,7 +399,7 @@ fn instance_cannot_reach_the_host_through_its_gateway() {
 #[test]
 fn instance_cannot_reach_the_host_on_its_uplink_address() {
     let _s = serial();
-    let lan = Lan::new(POOL, &[PUBLIC]);
+    let lan = Lan::new(&pool(), &[PUBLIC]);
     let public = lan.server(PUBLIC);
     let host = Server::start(None, IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
     // The address the host uses towards the outside.
@@ -416,7 +425,7 @@ fn instance_cannot_reach_the_host_on_its_uplink_address() {
 #[test]
 fn instance_cannot_reach_the_host_on_a_public_address() {
     let _s = serial();
-    let lan = Lan::new(POOL, &[PUBLIC]);
+    let lan = Lan::new(&pool(), &[PUBLIC]);
     let public = lan.server(PUBLIC);
     let _dummy = Dummy::new("198.51.100.77/32");
     let host = Server::start(None, "198.51.100.77".parse().unwrap(), 0);
@@ -435,7 +444,7 @@ fn instance_cannot_reach_the_host_on_a_public_address() {
 #[test]
 fn instance_cannot_reach_another_tenants_gateway() {
     let _s = serial();
-    let lan = Lan::new(POOL, &[PUBLIC]);
+    let lan = Lan::new(&pool(), &[PUBLIC]);
     let public = lan.server(PUBLIC);
     let host = Server::start(None, IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
     let d = daemon(&[]);
@@ -474,7 +483,7 @@ fn instance_cannot_reach_the_host_over_ipv6_link_local() {
         eprintln!("IPv6 is off on this host: nothing to reach");
         return;
     }
-    let lan = Lan::new(POOL, &[PUBLIC]);
+    let lan = Lan::new(&pool(), &[PUBLIC]);
     let public = lan.server(PUBLIC);
     let host = Server::start(None, "::".parse().unwrap(), 0);
     let d = daemon(&[]);
@@ -546,7 +555,7 @@ fn same_tenant_instances_reach_each_other() {
 #[test]
 fn allow_listed_address_becomes_reachable() {
     let _s = serial();
-    let lan = Lan::new(POOL, &[PUBLIC, "10.77.0.5", "10.78.0.9"]);
+    let lan = Lan::new(&pool(), &[PUBLIC, "10.77.0.5", "10.78.0.9"]);
     let public = lan.server(PUBLIC);
     let allowed = lan.server("10.77.0.5");
     let other_port = lan.server("10.77.0.5");
@@ -585,7 +594,7 @@ fn allow_listed_address_becomes_reachable() {
 #[test]
 fn lan_neighbour_cannot_reach_instances() {
     let _s = serial();
-    let lan = Lan::new(POOL, &[PUBLIC]);
+    let lan = Lan::new(&pool(), &[PUBLIC]);
     let d = daemon(&[]);
     let id = d.create(&[
         "--vcpus",
@@ -748,12 +757,12 @@ fn second_daemon_with_the_same_prefix_is_refused() {
     let mut second = Serve::spawn(other.path(), port, &[], &["--net-pool", "10.84.0.0"]);
     assert!(
         !second.wait_serving_or_exit(port),
-        "a second daemon shares the network prefix gv: {}",
+        "a second daemon shares the network prefix: {}",
         second.log()
     );
     let log = second.log();
     assert!(
-        log.contains("network prefix \"gv\" is in use")
+        log.contains(&format!("network prefix {:?} is in use", prefix()))
             && log.contains(&format!("pid {}", d.pid())),
         "{log}"
     );
@@ -998,7 +1007,7 @@ fn old_store_keyed_by_hostname_keeps_its_instances() {
 fn deny_listed_address_becomes_unreachable() {
     let _s = serial();
     let other_public = "198.51.100.20";
-    let lan = Lan::new(POOL, &[PUBLIC, other_public]);
+    let lan = Lan::new(&pool(), &[PUBLIC, other_public]);
     let public = lan.server(PUBLIC);
     let control = lan.server(other_public);
     let d = daemon(&["--net-deny", "203.0.113.0/24"]);
@@ -1075,7 +1084,7 @@ impl Drop for UdpSink {
 #[test]
 fn instance_cannot_send_with_another_tenants_address() {
     let _s = serial();
-    let lan = Lan::new(POOL, &[PUBLIC]);
+    let lan = Lan::new(&pool(), &[PUBLIC]);
     let sink = UdpSink::start(&lan.ns, PUBLIC);
     let d = daemon(&[]);
     d.json(&["tenant", "create", "beta"]);
@@ -1088,7 +1097,7 @@ fn instance_cannot_send_with_another_tenants_address() {
     let (my_ip, their_ip) = (ip_of(&d, &mine), ip_of(&d, &theirs));
     // Stands in for a tenant with CAP_NET_RAW crafting packets: the host gives the instance's
     // eth0 the other tenant's address as a second one, and the datagram is sent from it.
-    let ns = format!("gv-{mine}");
+    let ns = format!("{}-{mine}", prefix());
     sh(&[
         "ip",
         "-n",
