@@ -139,7 +139,7 @@ pub struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Show whether the daemon is up.
     Health,
     /// Tenants (admin).
@@ -684,7 +684,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         })
     };
     match command {
-        Command::Serve(args) => run_serve(args),
+        Command::Serve(args) => run_serve(*args),
         Command::Sim(args) => sim::run(args, global.output),
         Command::Host(cmd) => hostcli::run_host(cmd, global.output),
         Command::Routes => {

@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use clap::Args;
+use gpuvisor_node::net::NetRule;
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -36,6 +37,51 @@ pub struct Config {
     pub thermal_ceiling_c: f64,
     /// Read-only bearer token Prometheus may scrape `/metrics` with (admin keys always work).
     pub metrics_token: Option<String>,
+    /// `[network]`: object prefix, allow- and deny-lists of instance traffic.
+    pub network: NetworkConfig,
+}
+
+/// The `[network]` section: names of this daemon's host objects and what instances may reach
+/// beyond the internet and their own tenant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkConfig {
+    /// Prefix of bridges, veths, netns names and iptables chains (`gv`: `gvb0`, `GPUVISOR-FWD`).
+    /// Two daemons on one host need different prefixes (and pools).
+    pub prefix: String,
+    /// Reserved or host destinations instances may reach anyway: `a.b.c.d[/len][:port]`.
+    pub allow: Vec<NetRule>,
+    /// Further destinations instances may not reach (e.g. a public LAN of the host).
+    pub deny: Vec<NetRule>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            prefix: gpuvisor_node::net::DEFAULT_PREFIX.to_string(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+/// `[network]` in the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkFile {
+    prefix: Option<String>,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+}
+
+/// Parses `list` (named `what` in errors) into rules, naming the first bad entry.
+fn net_rules(what: &str, list: &[String]) -> anyhow::Result<Vec<NetRule>> {
+    list.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.parse::<NetRule>()
+                .map_err(|e| anyhow::anyhow!("network.{what}[{i}]: {e}"))
+        })
+        .collect()
 }
 
 impl Default for Config {
@@ -58,6 +104,7 @@ impl Default for Config {
             placement_policy: gpuvisor_scheduler::Policy::GvFrag,
             thermal_ceiling_c: 85.0,
             metrics_token: None,
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -83,6 +130,7 @@ struct FileConfig {
     placement_policy: Option<String>,
     thermal_ceiling_c: Option<f64>,
     metrics_token: Option<String>,
+    network: Option<NetworkFile>,
 }
 
 /// Flags (and their environment variables) that override the file.
@@ -131,6 +179,20 @@ pub struct ConfigOverrides {
     /// Bearer token that may scrape /metrics (besides admin keys).
     #[arg(long, env = "GPUVISOR_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// Prefix of this daemon's bridges, veths, netns and iptables chains [default: gv].
+    #[arg(long, env = "GPUVISOR_NET_PREFIX")]
+    pub net_prefix: Option<String>,
+    /// Instance pool, the base of a /16 [default: 10.88.0.0].
+    #[arg(long, env = "GPUVISOR_NET_POOL")]
+    pub net_pool: Option<Ipv4Addr>,
+    /// A reserved or host destination instances may reach, a.b.c.d[/len][:port]; repeatable;
+    /// replaces the file's `[network] allow`.
+    #[arg(long = "net-allow", value_name = "DEST")]
+    pub net_allow: Vec<String>,
+    /// A destination instances may not reach, a.b.c.d[/len][:port]; repeatable; replaces the
+    /// file's `[network] deny`.
+    #[arg(long = "net-deny", value_name = "DEST")]
+    pub net_deny: Vec<String>,
 }
 
 fn grace(s: &str) -> anyhow::Result<Duration> {
@@ -194,6 +256,17 @@ impl Config {
             if f.metrics_token.is_some() {
                 c.metrics_token = f.metrics_token;
             }
+            if let Some(n) = f.network {
+                if let Some(v) = n.prefix {
+                    c.network.prefix = v;
+                }
+                if let Some(v) = n.allow {
+                    c.network.allow = net_rules("allow", &v)?;
+                }
+                if let Some(v) = n.deny {
+                    c.network.deny = net_rules("deny", &v)?;
+                }
+            }
             if let Some(v) = f.limiter_context_bytes {
                 c.limiter_context_bytes = gpuvisor_wire::parse_size(&v)
                     .with_context(|| format!("limiter_context_bytes {v:?}"))?;
@@ -241,6 +314,19 @@ impl Config {
         if o.metrics_token.is_some() {
             c.metrics_token = o.metrics_token.clone();
         }
+        if let Some(v) = &o.net_prefix {
+            c.network.prefix = v.clone();
+        }
+        if let Some(v) = o.net_pool {
+            c.net_pool = v;
+        }
+        if !o.net_allow.is_empty() {
+            c.network.allow = net_rules("allow", &o.net_allow)?;
+        }
+        if !o.net_deny.is_empty() {
+            c.network.deny = net_rules("deny", &o.net_deny)?;
+        }
+        gpuvisor_node::net::check_prefix(&c.network.prefix).map_err(|e| anyhow::anyhow!("{e}"))?;
         if !c.thermal_ceiling_c.is_finite() || c.thermal_ceiling_c <= 0.0 {
             anyhow::bail!("thermal_ceiling_c must be a positive temperature in °C");
         }
@@ -300,5 +386,62 @@ mod tests {
         assert!(Config::load(Some(&f), &ConfigOverrides::default()).is_err());
         std::fs::write(&f, "stop_grace = \"soon\"\n").unwrap();
         assert!(Config::load(Some(&f), &ConfigOverrides::default()).is_err());
+    }
+
+    #[test]
+    fn network_section_and_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[network]\nprefix = \"ga\"\nallow = [\"10.1.2.0/24:443\", \"192.168.5.7\"]\n\
+             deny = [\"192.0.2.0/24\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&f), &ConfigOverrides::default()).unwrap();
+        assert_eq!(c.network.prefix, "ga");
+        let allow: Vec<String> = c.network.allow.iter().map(|r| r.to_string()).collect();
+        assert_eq!(allow, ["10.1.2.0/24:443", "192.168.5.7/32"]);
+        assert_eq!(c.network.deny[0].to_string(), "192.0.2.0/24");
+        // Flags replace the file's lists and prefix.
+        let o = ConfigOverrides {
+            net_prefix: Some("gb".into()),
+            net_allow: vec!["10.9.0.0/16".into()],
+            net_pool: Some(Ipv4Addr::new(10, 87, 0, 0)),
+            ..Default::default()
+        };
+        let c = Config::load(Some(&f), &o).unwrap();
+        assert_eq!(c.network.prefix, "gb");
+        assert_eq!(c.network.allow.len(), 1);
+        assert_eq!(c.net_pool, Ipv4Addr::new(10, 87, 0, 0));
+        assert_eq!(Config::default().network.prefix, "gv");
+
+        // Each bad entry is refused at start, naming the entry and what is wrong with it.
+        for (text, needle) in [
+            (
+                "allow = [\"10.1.2.0/24:99999\"]",
+                "network.allow[0]: \"10.1.2.0/24:99999\" has a port",
+            ),
+            (
+                "allow = [\"10.1.2.5/24\"]",
+                "host bits set (the network is 10.1.2.0/24)",
+            ),
+            ("allow = [\"10.1.2.0/33\"]", "prefix length"),
+            (
+                "deny = [\"1.2.3.4\", \"example.com\"]",
+                "network.deny[1]: \"example.com\" is not an IPv4",
+            ),
+            ("allow = [\"fd00::/8\"]", "IPv6"),
+            ("prefix = \"GV\"", "network prefix \"GV\""),
+            ("prefix = \"toolong\"", "1-4 characters"),
+            ("allowed = []", "unknown field"),
+        ] {
+            std::fs::write(&f, format!("[network]\n{text}\n")).unwrap();
+            let err = format!(
+                "{:#}",
+                Config::load(Some(&f), &ConfigOverrides::default()).unwrap_err()
+            );
+            assert!(err.contains(needle), "{text}: {err}");
+        }
     }
 }

@@ -1,6 +1,11 @@
 //! `gpuvisor serve`: the daemon. Reads the config (embedded defaults < TOML file < flags and
-//! environment), probes the host, opens the store, prints the admin key on first start, runs
-//! the reconciler and serves the REST API until SIGTERM or SIGINT.
+//! environment), takes its locks (one daemon per data dir, one per network prefix), probes the
+//! host, opens the store, finds its node id, prints the admin key on first start, runs the
+//! reconciler and serves the REST API until SIGTERM or SIGINT.
+//!
+//! Node identity: a random id made at the first start and kept in `<data>/node-id`, never the
+//! hostname (which an operator may change, and which two daemons on one host share). A data
+//! dir from before the id file keeps the id its store already uses for this host.
 
 use crate::config::{Config, ConfigOverrides};
 use anyhow::Context;
@@ -9,8 +14,8 @@ use gpuvisor_control::placement::Scheduled;
 use gpuvisor_control::store::Store;
 use gpuvisor_control::{Engine, EngineConfig};
 use gpuvisor_node::{HostRoot, Node, NodeConfig};
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Args)]
@@ -34,6 +39,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // 0711, with every subtree that holds tenant data or secrets 0700 (tightened if looser).
     gpuvisor_node::instance::private_data_dir(&cfg.data_dir)
         .with_context(|| format!("cannot prepare data dir {}", cfg.data_dir.display()))?;
+    // Held until the daemon exits (the kernel drops them with the process, even on SIGKILL).
+    let _data_lock = lock_data_dir(&cfg.data_dir)?;
+    let _net_lock = lock_net_prefix(&cfg.network.prefix, &cfg.data_dir)?;
 
     let node_cfg = NodeConfig {
         data_dir: cfg.data_dir.clone(),
@@ -46,7 +54,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limiter_lib: cfg.limiter_lib.clone(),
         limiter_context_bytes: cfg.limiter_context_bytes,
     };
-    let node = tokio::task::spawn_blocking(move || Node::open(node_cfg))
+    let policy = gpuvisor_node::net::NetPolicy {
+        prefix: cfg.network.prefix.clone(),
+        allow: cfg.network.allow.clone(),
+        deny: cfg.network.deny.clone(),
+    };
+    let node = tokio::task::spawn_blocking(move || Node::open_with_network(node_cfg, policy))
         .await?
         .context("cannot prepare this host")?;
     tracing::info!(
@@ -69,14 +82,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let hostname = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "localhost".into());
+    let node_id = node_id(&cfg.data_dir, &store).await?;
+    tracing::info!(node_id, hostname, "node identity");
+    let node = Arc::new(node);
     let engine = Engine::new(
         store,
-        Arc::new(node),
+        node.clone(),
         Box::new(Scheduled {
             policy: cfg.placement_policy,
         }),
         EngineConfig {
-            node_id: hostname.clone(),
+            node_id,
             hostname,
             cpu_ratio: cfg.cpu_oversubscription,
             stop_grace: cfg.stop_grace,
@@ -117,9 +133,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!("listening on http://{}", cfg.listen);
-    axum::serve(listener, crate::api::router(engine))
+    axum::serve(listener, crate::api::router(engine.clone()))
         .with_graceful_shutdown(shutdown())
         .await?;
+    // Our iptables chains go with the last bridge: nothing of ours stays on a host that runs
+    // no instance of ours.
+    match tokio::task::spawn_blocking(move || node.net.release_host()).await? {
+        Ok(true) => tracing::info!("no instance network left: host chains removed"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!("cannot remove the host chains: {e}"),
+    }
     Ok(())
 }
 
@@ -143,6 +166,129 @@ fn private_sqlite(path: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Takes `path`'s exclusive lock (flock, non-blocking) and writes `owner` into it; if another
+/// process holds it, says who from what it wrote.
+fn lock_file(
+    path: &Path,
+    owner: &str,
+    busy: impl FnOnce(&str) -> String,
+) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            let mut f: &std::fs::File = &lock;
+            f.set_len(0)?;
+            f.rewind()?;
+            writeln!(f, "{owner}")?;
+            Ok(lock)
+        }
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            anyhow::bail!("{}", busy(holder.trim()))
+        }
+        Err((_, e)) => Err(anyhow::anyhow!("cannot lock {}: {e}", path.display())),
+    }
+}
+
+/// One daemon per data dir: `<data>/gpuvisor.lock`.
+fn lock_data_dir(data: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let pid = std::process::id();
+    lock_file(
+        &data.join("gpuvisor.lock"),
+        &format!("pid {pid}"),
+        |holder| {
+            format!(
+                "data dir {} is in use by another gpuvisor daemon ({holder}): one daemon per data \
+             dir; stop that one or give this one another --data-dir",
+                data.display()
+            )
+        },
+    )
+}
+
+/// One daemon per network prefix in this mount namespace: its netns names live in the shared
+/// /var/run/netns, its bridges and chains in the network namespace. `/run/gpuvisor/net-<P>.lock`.
+fn lock_net_prefix(prefix: &str, data: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let dir = Path::new("/run/gpuvisor");
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let owner = format!("pid {}, data dir {}", std::process::id(), data.display());
+    lock_file(&dir.join(format!("net-{prefix}.lock")), &owner, |holder| {
+        format!(
+            "network prefix {prefix:?} is in use by another gpuvisor daemon on this host \
+             ({holder}): give each daemon its own --net-prefix and --net-pool"
+        )
+    })
+}
+
+/// This host's node id: `<data>/node-id`, made on the first start (random, not the hostname).
+/// A data dir from before the file adopts the one non-simulated node its store already has, so
+/// its instances stay this host's.
+async fn node_id(data: &Path, store: &Store) -> anyhow::Result<String> {
+    let file = data.join("node-id");
+    match std::fs::read_to_string(&file) {
+        Ok(s) if valid_node_id(s.trim()) => return Ok(s.trim().to_string()),
+        Ok(s) => anyhow::bail!(
+            "{} holds {:?}, not a node id: restore it or remove it to adopt the store's",
+            file.display(),
+            s.trim()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    }
+    let gpus = store.gpus().await?;
+    let simulated = |node: &str| {
+        gpus.iter().any(|g| {
+            g.node_id == node && g.backend == gpuvisor_control::engine::SIMULATED_NODE_BACKEND
+        })
+    };
+    let hosts: Vec<String> = store
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| n.id)
+        .filter(|id| !simulated(id) && valid_node_id(id))
+        .collect();
+    let id = match hosts.as_slice() {
+        [one] => {
+            tracing::info!(
+                node_id = one,
+                "adopting the node id of this data dir's store"
+            );
+            one.clone()
+        }
+        _ => {
+            let mut b = [0u8; 8];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut b))
+                .context("cannot read /dev/urandom for a node id")?;
+            let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            format!("node-{hex}")
+        }
+    };
+    let tmp = data.join("node-id.tmp");
+    std::fs::write(&tmp, format!("{id}\n"))
+        .and_then(|_| std::fs::rename(&tmp, &file))
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    Ok(id)
+}
+
+/// Node ids are printable, short and without spaces (they were hostnames before).
+fn valid_node_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {

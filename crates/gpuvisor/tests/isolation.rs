@@ -319,28 +319,25 @@ fn tenants_cannot_see_or_reach_each_other() {
         "hi",
         "same tenant must connect"
     );
-    let out = d.cli_as(
-        &kb,
-        &[
-            "instance", "exec", &b1, "--", "nc", "-w", "2", &ip_a1, "8080",
-        ],
-    );
-    assert_ne!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "hi",
-        "beta reached alpha"
-    );
-    let out = d.cli_as(
-        &ka,
-        &[
-            "instance", "exec", &a1, "--", "nc", "-w", "2", &ip_b1, "8080",
-        ],
-    );
-    assert_ne!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "hi",
-        "alpha reached beta"
-    );
+    // The other tenant's probes must be seen to run: `exec` failing (or `nc` missing) would
+    // also produce no "hi".
+    let cross = |key: &str, from: &str, to_ip: &str, what: &str| {
+        let script = format!(
+            "command -v nc >/dev/null 2>&1 || exit 97; r=$(nc -w 2 {to_ip} 8080 </dev/null); \
+             echo \"probe-ran: $r\""
+        );
+        let out = d.cli_as(key, &["instance", "exec", from, "--", "sh", "-c", &script]);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success() && stdout.contains("probe-ran:"),
+            "the {what} probe did not run ({}): {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!stdout.contains("probe-ran: hi"), "{what}: {stdout}");
+    };
+    cross(&kb, &b1, &ip_a1, "beta reached alpha");
+    cross(&ka, &a1, &ip_b1, "alpha reached beta");
 
     // A revoked key is refused.
     let keys = d.json(&["key", "list"]);

@@ -7,7 +7,7 @@ use crate::disk::{DiskError, Disks};
 use crate::gpu::{BackendKind, GpuBackend, GpuConfig, GpuDevice, GpuError};
 use crate::image::{ImageError, ImageStore};
 use crate::limiter::{GpuShare, Limiters};
-use crate::net::{NetConfig, NetError, Network, TenantNet};
+use crate::net::{NetConfig, NetError, NetPolicy, Network, TenantNet};
 use crate::rootfs::Rootfs;
 use crate::runtime::{BindMount, BundleSpec, ExecOutput, OciRuntime, RuntimeError};
 use crate::vfio::{FsWriter, SysWriter};
@@ -117,8 +117,14 @@ pub struct Node {
 }
 
 impl Node {
-    /// Probes the host: GPU backend, runtime binary, network base rules.
+    /// Probes the host: GPU backend, runtime binary, network base rules (default prefix, no
+    /// allow- or deny-list).
     pub fn open(cfg: NodeConfig) -> Result<Self, NodeError> {
+        Self::open_with_network(cfg, NetPolicy::default())
+    }
+
+    /// [`Node::open`] with the operator's network policy (object prefix, allow/deny lists).
+    pub fn open_with_network(cfg: NodeConfig, policy: NetPolicy) -> Result<Self, NodeError> {
         let d = &cfg.data_dir;
         private_data_dir(d)?;
         let gpu = crate::gpu::probe(
@@ -135,7 +141,10 @@ impl Node {
         let net = Network::new(NetConfig {
             pool: cfg.net_pool,
             nat: cfg.nat,
-        });
+            policy,
+            // DNS to the resolvers instances are given stays open.
+            dns: crate::net::nameservers(&resolv_conf(&cfg.root)),
+        })?;
         net.init_host()?;
         let runtime = OciRuntime::probe(&cfg.runtime, &d.join("run").join("runc"))?;
         let apparmor = apparmor_profile(&cfg.root, d);

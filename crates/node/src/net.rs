@@ -1,33 +1,65 @@
-//! Instance networks: one bridge and /24 per tenant, one network namespace and veth per instance.
+//! Instance networks: one bridge and /24 per tenant, one network namespace and veth per instance,
+//! and the filter that lets an instance reach its own tenant and the internet, nothing else.
 //!
-//! Why: tenants must not reach each other, while one tenant's instances on a host talk freely and
-//! every instance reaches the outside through the host. A bridge per tenant makes the tenant an L2
-//! segment of its own; traffic between tenants has to be routed by the host, where iptables drops
-//! it.
+//! Why: tenants must not reach each other, the host, the host's LAN or the cloud's metadata
+//! service, while one tenant's instances on a host talk freely and every instance reaches the
+//! outside through the host. A bridge per tenant makes the tenant an L2 segment of its own;
+//! everything else has to go through the host's IP stack, where iptables decides.
 //!
-//! Host objects (each carries the tenant slot or the instance id, for orphan sweeps):
+//! Host objects, all named from the daemon's prefix `P` (default `gv`; each carries the tenant
+//! slot or the instance id, for orphan sweeps):
 //!
 //! ```text
-//! gvb<slot>          bridge of a tenant, <a>.<b>.<slot>.1/24 (pool a.b.0.0/16)
-//! gv-<id>            netns of an instance, /var/run/netns/gv-<id> (`ip netns add`)
-//! gvh<id[..12]>      host end of the instance's veth, a port of the tenant bridge; its peer is
-//!                    `eth0` in the netns, <a>.<b>.<slot>.<host>/24, default route via .1
-//! GPUVISOR-FWD       filter chain, jumped to from FORWARD
+//! Pb<slot>           bridge of a tenant, <a>.<b>.<slot>.1/24 (pool a.b.0.0/16), IPv6 off
+//! P-<id>             netns of an instance, /var/run/netns/P-<id> (`ip netns add`)
+//! Ph<id[..n]>        host end of the instance's veth (n = 14 - len(P): 12 for `gv`), a port of
+//!                    the tenant bridge; its peer is `eth0` in the netns, <a>.<b>.<slot>.<host>/24,
+//!                    default route via .1
+//! GPUVISOR-FWD       filter chain, jumped to from FORWARD   (`GPUVISOR-<P>-FWD` for P != gv)
+//! GPUVISOR-IN        filter chain, jumped to from INPUT for traffic from our bridges
 //! GPUVISOR-NAT       nat chain, jumped to from POSTROUTING
 //! ```
 //!
+//! The policy (filter, first match wins):
+//!
+//! ```text
+//! FWD  -i Pb<n> -o Pb<n>                 ACCEPT   one per bridge: a tenant's own subnet
+//!      ctstate RELATED,ESTABLISHED       ACCEPT   replies
+//!      -i Pb+ -o Pb+                     DROP     tenant to tenant
+//!      -i Pb+ -d <allow>[:port]          ACCEPT   operator allow-list (`[network] allow`)
+//!      -i Pb+ -d <resolver> dport 53     ACCEPT   the resolvers instances are given
+//!      -i Pb+ -d <deny>                  REJECT   operator deny-list (`[network] deny`)
+//!      -i Pb+ -d <reserved>              REJECT   RFC 1918, CGNAT, link-local (metadata), ...
+//!      -i Pb+                            ACCEPT   the internet (masqueraded when NAT is on)
+//!      -o Pb+                            DROP     unsolicited traffic towards instances
+//! IN   ctstate RELATED,ESTABLISHED       ACCEPT   replies to the host's own connections
+//!      -d <allow> / <resolver>           ACCEPT   as above, when the host itself is the target
+//!                                        REJECT   the host (gateway, other tenants' gateways,
+//!                                                 every host address): the daemon serves
+//!                                                 neither DHCP nor DNS to instances
+//! ```
+//!
 //! Key decisions:
-//! - Interface names are limited to 15 bytes, so the veth carries the first 12 characters of the
-//!   instance id. Instance ids are 12 lowercase hex characters, so in practice the veth carries
-//!   the whole id; for longer ids [`Network::instances_with_objects`] reports the 12-character
-//!   prefix and the reconciler matches by prefix.
+//! - Refusals towards instances are REJECT (icmp-admin-prohibited), so a tenant's connection
+//!   fails at once instead of hanging; unsolicited traffic from outside towards instances is
+//!   DROPped, as a firewall does for strangers.
+//! - Bridges have the strict reverse-path filter (`rp_filter=1`): a packet whose source address
+//!   is not routed back through the bridge it came from is dropped (no spoofing another
+//!   tenant's address).
+//! - Instances get no IPv6: the bridge has IPv6 disabled, so the kernel drops every IPv6 packet
+//!   an instance sends to the host or through it (link-local included); the instance's own
+//!   link-local address only reaches its tenant's segment.
+//! - The chains are ours and rebuilt whole on every start with one `iptables-restore --noflush`
+//!   (one atomic commit: no window without isolation, no duplicate, no rule of an old config
+//!   left behind). Per-bridge accepts are then added and removed one by one as tenants come and
+//!   go (checked with `-C` first). When the daemon stops, [`Network::release_host`] removes
+//!   its bridges that no instance uses, and with the last one the jumps and chains.
 //! - Same-bridge traffic is switched at L2 and never routed, but when `br_netfilter` is loaded
-//!   (Docker loads it) bridged frames traverse FORWARD too. So each bridge gets its own
-//!   `-i gvbN -o gvbN -j ACCEPT` at the top of GPUVISOR-FWD, ahead of the
-//!   `-i gvb+ -o gvb+ -j DROP` that isolates tenants. Rules are checked (`-C`) before they are
-//!   added, so nothing is ever duplicated, and every rule lives in our own chains. `init_host`
-//!   never flushes the chains (that would open a gap in the isolation); it re-adds the base rules
-//!   in order when one is missing.
+//!   (Docker loads it) bridged frames traverse FORWARD too, hence the per-bridge accepts first.
+//! - The prefix is 1-4 characters, a lowercase letter then letters or digits, and every name
+//!   puts a fixed letter after it that cannot continue a parsed id (`b` then decimal, `h` then
+//!   hex, `-`): so no daemon ever takes another prefix's object for its own, and two daemons
+//!   with different prefixes (and pools) can share a host or its mount namespace.
 //! - The veth is created with its peer directly inside the netns (`peer name eth0 netns ...`), so
 //!   no temporary name can collide on the host.
 //! - Everything shells out to `ip` and `iptables` through [`crate::cmd`]: they are on every
@@ -42,14 +74,13 @@
 //!   setting up again repairs a half-made instance as before.
 //! - Teardown never trusts an error message: after a failed delete it looks whether the object is
 //!   gone, and only reports an error if it is still there.
-//!
-//! Instances' access to the host itself (INPUT, e.g. another tenant's gateway address) is not
-//! filtered here; services on the host must bind to the addresses they mean to serve.
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::io::ErrorKind;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Mutex;
 use thiserror::Error;
 
@@ -57,23 +88,33 @@ use crate::cmd::{self, CmdError};
 
 /// Where `ip netns` keeps named network namespaces.
 pub const NETNS_DIR: &str = "/var/run/netns";
-/// Filter chain holding the forwarding rules, jumped to from FORWARD.
-pub const FWD_CHAIN: &str = "GPUVISOR-FWD";
-/// Nat chain holding the masquerade rule, jumped to from POSTROUTING.
-pub const NAT_CHAIN: &str = "GPUVISOR-NAT";
-/// Characters of the instance id carried by the veth name (`gvh` + 12 = 15, the kernel limit).
-pub const VETH_ID_LEN: usize = 12;
+/// The default prefix of host-wide objects.
+pub const DEFAULT_PREFIX: &str = "gv";
+/// Longest prefix: the veth keeps at least 10 characters of the instance id.
+pub const MAX_PREFIX_LEN: usize = 4;
+/// The kernel's limit on interface names.
+const IFNAME_MAX: usize = 15;
 
-const BRIDGE_PREFIX: &str = "gvb";
-const VETH_PREFIX: &str = "gvh";
-const NETNS_PREFIX: &str = "gv-";
+/// Destinations no instance reaches unless allow-listed: private, shared, loopback,
+/// link-local (cloud metadata), IETF protocol, benchmarking, multicast and reserved space. The
+/// documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24) are left alone: they
+/// are not routed on the internet anyway, and the tests use them as "public".
+pub const RESERVED: [&str; 11] = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+];
 
 /// Serialises check-then-create sequences (iptables rules, bridges) within this process.
 static HOST_LOCK: Mutex<()> = Mutex::new(());
-
-/// Tenant slots whose bridge, address and accept rule this process has fully set up.
-static ENSURED_TENANTS: Mutex<std::collections::BTreeSet<u32>> =
-    Mutex::new(std::collections::BTreeSet::new());
 
 #[derive(Debug, Error)]
 pub enum NetError {
@@ -96,10 +137,137 @@ pub struct TenantNet {
     pub slot: u32,
 }
 
-impl TenantNet {
-    /// The tenant's bridge, `gvb<slot>`.
-    pub fn bridge(&self) -> String {
-        format!("{BRIDGE_PREFIX}{}", self.slot)
+/// One entry of the operator's allow- or deny-list: `a.b.c.d[/len][:port]`. With a port, TCP
+/// and UDP to that port only; without, everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetRule {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+    pub port: Option<u16>,
+}
+
+impl NetRule {
+    /// `a.b.c.d/len`.
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", self.addr, self.len)
+    }
+
+    /// Whether `ip` is inside the rule's network.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+        u32::from(ip) & mask == u32::from(self.addr)
+    }
+
+    /// The iptables matches of the rule (one per protocol when it has a port).
+    fn matches(&self) -> Vec<Vec<String>> {
+        let d = vec!["-d".to_string(), self.cidr()];
+        match self.port {
+            None => vec![d],
+            Some(p) => ["tcp", "udp"]
+                .iter()
+                .map(|proto| {
+                    let mut m = d.clone();
+                    m.extend(["-p", proto, "--dport"].map(String::from));
+                    m.push(p.to_string());
+                    m
+                })
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Display for NetRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.cidr())?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for NetRule {
+    type Err = NetError;
+
+    fn from_str(s: &str) -> Result<Self, NetError> {
+        let bad = |why: &str| {
+            NetError::Invalid(format!(
+                "{s:?} {why}: use an IPv4 address or network with an optional port, like \
+                 10.1.2.0/24:443 or 192.168.5.7"
+            ))
+        };
+        if s.contains('[') || s.matches(':').count() > 1 {
+            return Err(bad("is IPv6, and instances have no IPv6"));
+        }
+        let (net, port) = match s.split_once(':') {
+            Some((n, p)) => {
+                let port: u16 = p
+                    .parse()
+                    .map_err(|_| bad("has a port that is not 1-65535"))?;
+                if port == 0 {
+                    return Err(bad("has a port that is not 1-65535"));
+                }
+                (n, Some(port))
+            }
+            None => (s, None),
+        };
+        let (addr, len) = match net.split_once('/') {
+            Some((a, l)) => (
+                a,
+                l.parse::<u8>()
+                    .ok()
+                    .filter(|l| *l <= 32)
+                    .ok_or_else(|| bad("has a prefix length that is not 0-32"))?,
+            ),
+            None => (net, 32),
+        };
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad("is not an IPv4 address"))?;
+        let rule = NetRule { addr, len, port };
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        if u32::from(addr) & mask != u32::from(addr) {
+            let base = Ipv4Addr::from(u32::from(addr) & mask);
+            return Err(bad(&format!(
+                "has host bits set (the network is {base}/{len})"
+            )));
+        }
+        Ok(rule)
+    }
+}
+
+/// What the operator decides about instance traffic, and the names of our host objects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetPolicy {
+    /// Prefix of every host-wide object (see the module docs); checked by [`check_prefix`].
+    pub prefix: String,
+    /// Destinations instances may reach although they are reserved (or the host).
+    pub allow: Vec<NetRule>,
+    /// Further destinations no instance reaches (e.g. the host's LAN when it is public space).
+    pub deny: Vec<NetRule>,
+}
+
+impl Default for NetPolicy {
+    fn default() -> Self {
+        Self {
+            prefix: DEFAULT_PREFIX.to_string(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+}
+
+/// Checks a prefix: 1-4 characters, a lowercase letter then lowercase letters or digits.
+pub fn check_prefix(p: &str) -> Result<(), NetError> {
+    let mut chars = p.chars();
+    let ok = (1..=MAX_PREFIX_LEN).contains(&p.len())
+        && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(NetError::Invalid(format!(
+            "network prefix {p:?} must be 1-{MAX_PREFIX_LEN} characters: a lowercase letter, \
+             then lowercase letters or digits (like gv)"
+        )))
     }
 }
 
@@ -109,26 +277,16 @@ pub struct NetConfig {
     pub pool: Ipv4Addr,
     /// Masquerade egress traffic.
     pub nat: bool,
+    pub policy: NetPolicy,
+    /// The resolvers instances are given in /etc/resolv.conf: DNS to them stays open even when
+    /// they are in reserved space (a cloud's resolver usually is).
+    pub dns: Vec<Ipv4Addr>,
 }
 
 pub struct Network {
     pub cfg: NetConfig,
-}
-
-/// `gv-<id>`.
-pub fn netns_name(id: &str) -> String {
-    format!("{NETNS_PREFIX}{id}")
-}
-
-/// `/var/run/netns/gv-<id>`, what the OCI runtime joins.
-pub fn netns_path(id: &str) -> PathBuf {
-    Path::new(NETNS_DIR).join(netns_name(id))
-}
-
-/// `gvh<id[..12]>`, the host end of an instance's veth.
-pub fn veth_name(id: &str) -> String {
-    let short: String = id.chars().take(VETH_ID_LEN).collect();
-    format!("{VETH_PREFIX}{short}")
+    /// Bridges whose address and accept rule this network has fully set up.
+    ensured: Mutex<BTreeSet<String>>,
 }
 
 fn link_exists(name: &str) -> bool {
@@ -184,33 +342,29 @@ fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<(), CmdError> {
     Ok(())
 }
 
-fn iptables(table: &str, args: &[&str]) -> Result<String, CmdError> {
+fn iptables<S: AsRef<str>>(table: &str, args: &[S]) -> Result<String, CmdError> {
     let mut all = vec!["-w", "-t", table];
-    all.extend_from_slice(args);
+    all.extend(args.iter().map(AsRef::as_ref));
     cmd::run("iptables", all)
 }
 
-fn ensure_chain(table: &str, chain: &str) -> Result<(), NetError> {
-    if iptables(table, &["-S", chain]).is_ok() {
-        return Ok(());
-    }
-    if let Err(e) = iptables(table, &["-N", chain]) {
-        // Someone else (another daemon, an operator) may have made it meanwhile.
-        if iptables(table, &["-S", chain]).is_err() {
-            return Err(e.into());
-        }
-    }
-    Ok(())
+fn chain_exists(table: &str, chain: &str) -> bool {
+    iptables(table, &["-S", chain]).is_ok()
 }
 
-fn rule_exists(table: &str, chain: &str, rule: &[&str]) -> bool {
+fn rule_exists<S: AsRef<str>>(table: &str, chain: &str, rule: &[S]) -> bool {
     let mut args = vec!["-C", chain];
-    args.extend_from_slice(rule);
+    args.extend(rule.iter().map(AsRef::as_ref));
     iptables(table, &args).is_ok()
 }
 
 /// Adds `rule` to `chain` unless it is there; `insert` puts it first, otherwise last.
-fn ensure_rule(table: &str, chain: &str, rule: &[&str], insert: bool) -> Result<(), NetError> {
+fn ensure_rule<S: AsRef<str>>(
+    table: &str,
+    chain: &str,
+    rule: &[S],
+    insert: bool,
+) -> Result<(), NetError> {
     if rule_exists(table, chain, rule) {
         return Ok(());
     }
@@ -219,47 +373,144 @@ fn ensure_rule(table: &str, chain: &str, rule: &[&str], insert: bool) -> Result<
     } else {
         vec!["-A", chain]
     };
-    args.extend_from_slice(rule);
+    args.extend(rule.iter().map(AsRef::as_ref));
     iptables(table, &args)?;
     Ok(())
 }
 
 /// Deletes every copy of `rule` from `chain`; a missing chain or rule is fine.
-fn remove_rule(table: &str, chain: &str, rule: &[&str]) -> Result<(), NetError> {
+fn remove_rule<S: AsRef<str>>(table: &str, chain: &str, rule: &[S]) -> Result<(), NetError> {
     for _ in 0..16 {
         if !rule_exists(table, chain, rule) {
             return Ok(());
         }
         let mut args = vec!["-D", chain];
-        args.extend_from_slice(rule);
+        args.extend(rule.iter().map(AsRef::as_ref));
         iptables(table, &args)?;
     }
     Ok(())
 }
 
-/// The ordered base rules of GPUVISOR-FWD (per-bridge accepts are inserted above them).
-const FWD_RULES: [&[&str]; 3] = [
-    &[
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "RELATED,ESTABLISHED",
-        "-j",
-        "ACCEPT",
-    ],
-    // Tenant isolation: routed traffic between two tenant bridges.
-    &["-i", "gvb+", "-o", "gvb+", "-j", "DROP"],
-    // Egress from instances to the outside.
-    &["-i", "gvb+", "-j", "ACCEPT"],
-];
+/// Removes a chain of ours: its jump (`jump`, from `from`), its rules, the chain itself.
+fn remove_chain(table: &str, from: &str, jump: &[String], chain: &str) -> Result<(), NetError> {
+    remove_rule(table, from, jump)?;
+    if chain_exists(table, chain) {
+        iptables(table, &["-F", chain])?;
+        if let Err(e) = iptables(table, &["-X", chain]) {
+            if chain_exists(table, chain) {
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(())
+}
 
-fn bridge_accept_rule(bridge: &str) -> [&str; 6] {
-    ["-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// The IPv4 nameservers of a resolv.conf text.
+pub fn nameservers(resolv_conf: &str) -> Vec<Ipv4Addr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver"))
+                .then(|| w.next()?.parse().ok())
+                .flatten()
+        })
+        .collect()
 }
 
 impl Network {
-    pub fn new(cfg: NetConfig) -> Self {
-        Self { cfg }
+    /// Checks the prefix and the pool; touches nothing on the host.
+    pub fn new(cfg: NetConfig) -> Result<Self, NetError> {
+        check_prefix(&cfg.policy.prefix)?;
+        Ok(Self {
+            cfg,
+            ensured: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    fn prefix(&self) -> &str {
+        &self.cfg.policy.prefix
+    }
+
+    /// The tenant's bridge, `<P>b<slot>`.
+    pub fn bridge(&self, net: &TenantNet) -> String {
+        format!("{}b{}", self.prefix(), net.slot)
+    }
+
+    /// `<P>b+`: every bridge of ours, as iptables matches interfaces.
+    fn bridges_match(&self) -> String {
+        format!("{}b+", self.prefix())
+    }
+
+    /// `<P>-<id>`, the instance's netns.
+    pub fn netns_name(&self, id: &str) -> String {
+        format!("{}-{id}", self.prefix())
+    }
+
+    /// `/var/run/netns/<P>-<id>`, what the OCI runtime joins.
+    pub fn netns_path(&self, id: &str) -> PathBuf {
+        Path::new(NETNS_DIR).join(self.netns_name(id))
+    }
+
+    /// Characters of the instance id the veth carries (12 for the default prefix).
+    pub fn veth_id_len(&self) -> usize {
+        IFNAME_MAX - self.prefix().len() - 1
+    }
+
+    /// `<P>h<id[..n]>`, the host end of an instance's veth.
+    pub fn veth_name(&self, id: &str) -> String {
+        let short: String = id.chars().take(self.veth_id_len()).collect();
+        format!("{}h{short}", self.prefix())
+    }
+
+    /// A filter or nat chain of ours: `GPUVISOR-<what>` for the default prefix, else
+    /// `GPUVISOR-<P>-<what>`.
+    pub fn chain(&self, what: &str) -> String {
+        if self.prefix() == DEFAULT_PREFIX {
+            format!("GPUVISOR-{what}")
+        } else {
+            format!("GPUVISOR-{}-{what}", self.prefix().to_ascii_uppercase())
+        }
+    }
+
+    /// The filter chain jumped to from FORWARD.
+    pub fn fwd_chain(&self) -> String {
+        self.chain("FWD")
+    }
+
+    /// The filter chain jumped to from INPUT for traffic from our bridges.
+    pub fn input_chain(&self) -> String {
+        self.chain("IN")
+    }
+
+    /// The nat chain jumped to from POSTROUTING.
+    pub fn nat_chain(&self) -> String {
+        self.chain("NAT")
+    }
+
+    fn fwd_jump(&self) -> Vec<String> {
+        vec!["-j".into(), self.fwd_chain()]
+    }
+
+    fn input_jump(&self) -> Vec<String> {
+        vec![
+            "-i".into(),
+            self.bridges_match(),
+            "-j".into(),
+            self.input_chain(),
+        ]
+    }
+
+    fn nat_jump(&self) -> Vec<String> {
+        vec!["-j".into(), self.nat_chain()]
+    }
+
+    fn bridge_accept_rule(&self, bridge: &str) -> Vec<String> {
+        strings(&["-i", bridge, "-o", bridge, "-j", "ACCEPT"])
     }
 
     /// The address of host number `host` (2..=254) in a tenant's /24.
@@ -279,8 +530,140 @@ impl Network {
         format!("{a}.{b}.0.0/16")
     }
 
-    /// Prepares the host once per daemon start: IP forwarding, the GPUVISOR-FWD and
-    /// GPUVISOR-NAT chains and the jumps to them, masquerading when `cfg.nat`. Idempotent.
+    /// The rules of our filter chains, in order, without the per-bridge accepts:
+    /// (FWD rules, IN rules), each rule as iptables arguments after `-A CHAIN`.
+    pub fn policy_rules(&self) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+        let br = self.bridges_match();
+        let from_br = || strings(&["-i", &br]);
+        let with = |base: Vec<String>, m: &[String], target: &[&str]| {
+            let mut r = base;
+            r.extend_from_slice(m);
+            r.push("-j".into());
+            r.extend(strings(target));
+            r
+        };
+        let reject = ["REJECT", "--reject-with", "icmp-admin-prohibited"];
+        let established = strings(&[
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
+            "-j",
+            "ACCEPT",
+        ]);
+        let mut opened: Vec<Vec<String>> = Vec::new();
+        for r in &self.cfg.policy.allow {
+            opened.extend(r.matches());
+        }
+        for ns in &self.cfg.dns {
+            for proto in ["udp", "tcp"] {
+                opened.push(strings(&[
+                    "-d",
+                    &format!("{ns}/32"),
+                    "-p",
+                    proto,
+                    "--dport",
+                    "53",
+                ]));
+            }
+        }
+
+        let mut fwd = vec![
+            established.clone(),
+            strings(&["-i", &br, "-o", &br, "-j", "DROP"]),
+        ];
+        for m in &opened {
+            fwd.push(with(from_br(), m, &["ACCEPT"]));
+        }
+        for r in &self.cfg.policy.deny {
+            for m in r.matches() {
+                fwd.push(with(from_br(), &m, &reject));
+            }
+        }
+        for cidr in RESERVED {
+            fwd.push(with(from_br(), &strings(&["-d", cidr]), &reject));
+        }
+        fwd.push(strings(&["-i", &br, "-j", "ACCEPT"]));
+        fwd.push(strings(&["-o", &br, "-j", "DROP"]));
+
+        let mut input = vec![established];
+        for m in &opened {
+            input.push(with(Vec::new(), m, &["ACCEPT"]));
+        }
+        input.push(with(Vec::new(), &[], &reject));
+        (fwd, input)
+    }
+
+    /// The `iptables-restore --noflush` input that replaces our chains' contents.
+    fn restore_input(&self, bridges: &[String]) -> String {
+        let (fwd, input) = self.policy_rules();
+        let (fc, ic, nc) = (self.fwd_chain(), self.input_chain(), self.nat_chain());
+        let mut s = format!("*filter\n:{fc} - [0:0]\n:{ic} - [0:0]\n");
+        let line = |s: &mut String, chain: &str, rule: &[String]| {
+            s.push_str(&format!("-A {chain} {}\n", rule.join(" ")));
+        };
+        for b in bridges {
+            line(&mut s, &fc, &self.bridge_accept_rule(b));
+        }
+        for r in &fwd {
+            line(&mut s, &fc, r);
+        }
+        for r in &input {
+            line(&mut s, &ic, r);
+        }
+        s.push_str("COMMIT\n*nat\n");
+        s.push_str(&format!(":{nc} - [0:0]\n"));
+        if self.cfg.nat {
+            let pool = self.pool_cidr();
+            line(
+                &mut s,
+                &nc,
+                &strings(&["-s", &pool, "!", "-d", &pool, "-j", "MASQUERADE"]),
+            );
+        }
+        s.push_str("COMMIT\n");
+        s
+    }
+
+    /// Refuses a pool that an interface which is not one of our bridges already uses (another
+    /// daemon, the LAN): instances would shadow it or be shadowed.
+    fn check_pool_free(&self) -> Result<(), NetError> {
+        let pool = NetRule {
+            addr: self.cfg.pool,
+            len: 16,
+            port: None,
+        };
+        let out = ip(["-4", "-o", "addr", "show"])?;
+        for l in out.lines() {
+            let mut w = l.split_whitespace();
+            let (Some(dev), Some(addr)) = (w.nth(1), w.nth(1)) else {
+                continue;
+            };
+            let Some(ip) = addr.split('/').next().and_then(|a| a.parse().ok()) else {
+                continue;
+            };
+            if pool.contains(ip) && self.bridge_slot(dev).is_none() {
+                return Err(NetError::Invalid(format!(
+                    "the instance pool {} is already in use on {dev} ({addr}): give this daemon \
+                     another net_pool (and prefix) than any other gpuvisor or network on the host",
+                    self.pool_cidr()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The slot of `name` if it is one of our bridges (`<P>b<decimal>`).
+    fn bridge_slot(&self, name: &str) -> Option<u32> {
+        let rest = name.strip_prefix(self.prefix())?.strip_prefix('b')?;
+        if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        rest.parse().ok()
+    }
+
+    /// Prepares the host once per daemon start: IP forwarding, our chains (rebuilt whole, in one
+    /// atomic commit) and the jumps to them. Idempotent.
     pub fn init_host(&self) -> Result<(), NetError> {
         let fwd = Path::new("/proc/sys/net/ipv4/ip_forward");
         let on = std::fs::read_to_string(fwd)
@@ -294,54 +677,73 @@ impl Network {
         }
 
         let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        ensure_chain("filter", FWD_CHAIN)?;
-        if !FWD_RULES
-            .iter()
-            .all(|r| rule_exists("filter", FWD_CHAIN, r))
-        {
-            // Re-add all of them so their order holds.
-            for r in FWD_RULES {
-                remove_rule("filter", FWD_CHAIN, r)?;
-            }
-            for r in FWD_RULES {
-                ensure_rule("filter", FWD_CHAIN, r, false)?;
-            }
-        }
-        ensure_rule("filter", "FORWARD", &["-j", FWD_CHAIN], true)?;
-
-        ensure_chain("nat", NAT_CHAIN)?;
-        let pool = self.pool_cidr();
-        let masq = [
-            "-s",
-            pool.as_str(),
-            "!",
-            "-d",
-            pool.as_str(),
-            "-j",
-            "MASQUERADE",
-        ];
-        if self.cfg.nat {
-            ensure_rule("nat", NAT_CHAIN, &masq, false)?;
-        } else {
-            remove_rule("nat", NAT_CHAIN, &masq)?;
-        }
-        ensure_rule("nat", "POSTROUTING", &["-j", NAT_CHAIN], true)?;
-        tracing::info!(pool, nat = self.cfg.nat, "host network prepared");
+        self.check_pool_free()?;
+        let bridges: Vec<String> = self
+            .tenant_bridges()?
+            .into_iter()
+            .map(|slot| self.bridge(&TenantNet { slot }))
+            .collect();
+        let input = self.restore_input(&bridges);
+        cmd::run_with_input("iptables-restore", ["-w", "--noflush"], &input)?;
+        // Jumps last: the chains are complete before any traffic is sent to them.
+        ensure_rule("filter", "FORWARD", &self.fwd_jump(), true)?;
+        ensure_rule("filter", "INPUT", &self.input_jump(), true)?;
+        ensure_rule("nat", "POSTROUTING", &self.nat_jump(), true)?;
+        self.ensured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        tracing::info!(
+            pool = self.pool_cidr(),
+            nat = self.cfg.nat,
+            prefix = self.prefix(),
+            allow = self.cfg.policy.allow.len(),
+            "host network prepared"
+        );
         Ok(())
     }
 
-    /// Makes sure the tenant's bridge exists, has the gateway address and is up, and that its
-    /// instances may talk to each other. Idempotent.
+    /// Removes our bridges that no instance uses any more, then our jumps and chains if no
+    /// bridge of ours is left. Returns whether the chains are gone. Idempotent. For a daemon
+    /// that stops: a bridge whose last instance goes while the daemon runs is kept (a create
+    /// for the same tenant may be attaching to it) and goes here.
+    pub fn release_host(&self) -> Result<bool, NetError> {
+        for slot in self.tenant_bridges()? {
+            self.teardown_tenant(&TenantNet { slot })?;
+        }
+        let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.tenant_bridges()?.is_empty() {
+            return Ok(false);
+        }
+        remove_chain("filter", "FORWARD", &self.fwd_jump(), &self.fwd_chain())?;
+        remove_chain("filter", "INPUT", &self.input_jump(), &self.input_chain())?;
+        remove_chain("nat", "POSTROUTING", &self.nat_jump(), &self.nat_chain())?;
+        Ok(true)
+    }
+
+    /// Makes sure the tenant's bridge exists, has the gateway address, no IPv6, and is up, and
+    /// that its instances may talk to each other. Idempotent.
     pub fn ensure_tenant(&self, net: &TenantNet) -> Result<(), NetError> {
         let slot = check_slot(net)?;
-        let bridge = net.bridge();
-        let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        // Fast path: this process already set the bridge and its rule up and the bridge is
-        // still there; saves five tool runs per instance create.
-        let mut ensured = ENSURED_TENANTS.lock().unwrap_or_else(|p| p.into_inner());
-        if ensured.contains(&u32::from(slot)) && link_exists(&bridge) {
-            return Ok(());
+        let bridge = self.bridge(net);
+        {
+            let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+            // Fast path: this network already set the bridge and its rule up and the bridge is
+            // still there; saves five tool runs per instance create.
+            let ensured = self.ensured.lock().unwrap_or_else(|p| p.into_inner());
+            if ensured.contains(&bridge) && link_exists(&bridge) {
+                return Ok(());
+            }
         }
+        // Our chains must be there before a bridge is used (someone may have flushed iptables
+        // since the start): rebuilt whole if not, never created empty.
+        if !chain_exists("filter", &self.fwd_chain())
+            || !chain_exists("filter", &self.input_chain())
+        {
+            self.init_host()?;
+        }
+        let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ensured = self.ensured.lock().unwrap_or_else(|p| p.into_inner());
         if !link_exists(&bridge) {
             // A fixed address: a bridge otherwise takes the lowest port's, which changes as
             // instances come and go and makes neighbours' ARP entries for the gateway stale.
@@ -354,12 +756,27 @@ impl Network {
                 }
             }
         }
+        // No IPv6 on the bridge: the kernel then drops every IPv6 packet instances send to the
+        // host or through it. The file is missing only where the kernel has no IPv6 at all.
+        let v6 = PathBuf::from(format!("/proc/sys/net/ipv6/conf/{bridge}/disable_ipv6"));
+        if v6.exists() {
+            std::fs::write(&v6, "1").map_err(|source| NetError::Io { path: v6, source })?;
+        }
+        // Strict reverse-path filter: a packet from this bridge whose source is not routed back
+        // through it (another tenant's address, anything outside the tenant's /24) is dropped,
+        // so an instance with CAP_NET_RAW cannot speak with another instance's address.
+        let rp = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{bridge}/rp_filter"));
+        std::fs::write(&rp, "1").map_err(|source| NetError::Io { path: rp, source })?;
         let gw = format!("{}/24", self.gateway(net));
         ip(["addr", "replace", &gw, "dev", &bridge])?;
         ip(["link", "set", &bridge, "up"])?;
-        ensure_chain("filter", FWD_CHAIN)?;
-        ensure_rule("filter", FWD_CHAIN, &bridge_accept_rule(&bridge), true)?;
-        ensured.insert(u32::from(slot));
+        ensure_rule(
+            "filter",
+            &self.fwd_chain(),
+            &self.bridge_accept_rule(&bridge),
+            true,
+        )?;
+        ensured.insert(bridge);
         Ok(())
     }
 
@@ -367,7 +784,7 @@ impl Network {
     /// Returns whether it is gone. Idempotent.
     pub fn teardown_tenant(&self, net: &TenantNet) -> Result<bool, NetError> {
         check_slot(net)?;
-        let bridge = net.bridge();
+        let bridge = self.bridge(net);
         let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let ports = Path::new("/sys/class/net").join(&bridge).join("brif");
         match std::fs::read_dir(&ports) {
@@ -391,23 +808,28 @@ impl Network {
                 }
             }
         }
-        if iptables("filter", &["-S", FWD_CHAIN]).is_ok() {
-            remove_rule("filter", FWD_CHAIN, &bridge_accept_rule(&bridge))?;
+        self.ensured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&bridge);
+        let fc = self.fwd_chain();
+        if chain_exists("filter", &fc) {
+            remove_rule("filter", &fc, &self.bridge_accept_rule(&bridge))?;
         }
         Ok(true)
     }
 
-    /// Slots of the tenant bridges on this host.
+    /// Slots of the tenant bridges of ours on this host.
     pub fn tenant_bridges(&self) -> Result<Vec<u32>, NetError> {
         let mut out: Vec<u32> = list_dir("/sys/class/net")?
             .iter()
-            .filter_map(|n| n.strip_prefix(BRIDGE_PREFIX)?.parse().ok())
+            .filter_map(|n| self.bridge_slot(n))
             .collect();
         out.sort_unstable();
         Ok(out)
     }
 
-    /// Creates `netns gv-<id>` with a veth to the tenant bridge and the address; returns the
+    /// Creates `netns <P>-<id>` with a veth to the tenant bridge and the address; returns the
     /// netns path. Idempotent; also repairs a half-made setup (netns without veth, veth without
     /// peer) and moves the instance to another tenant or address if asked.
     pub fn setup(&self, id: &str, net: &TenantNet, host: u8) -> Result<PathBuf, NetError> {
@@ -418,9 +840,9 @@ impl Network {
             )));
         }
         self.ensure_tenant(net)?;
-        let ns = netns_name(id);
-        let path = netns_path(id);
-        let veth = veth_name(id);
+        let ns = self.netns_name(id);
+        let path = self.netns_path(id);
+        let veth = self.veth_name(id);
         let want = format!("{}/24", self.address(net, host));
         let gw = self.gateway(net).to_string();
         // Lines for `ip -batch -` on the host and `ip -n NS -batch -`, in the order of the steps.
@@ -467,7 +889,7 @@ impl Network {
                 "link add name {veth} type veth peer name eth0 netns {ns}"
             ));
         }
-        host_cmds.push(format!("link set {veth} master {} up", net.bridge()));
+        host_cmds.push(format!("link set {veth} master {} up", self.bridge(net)));
 
         match eth0_addrs {
             // A new eth0 has no address yet.
@@ -491,9 +913,9 @@ impl Network {
     /// Removes the instance's netns and veth. Idempotent.
     pub fn teardown(&self, id: &str) -> Result<(), NetError> {
         check_id(id)?;
-        let veth = veth_name(id);
-        let ns = netns_name(id);
-        let path = netns_path(id);
+        let veth = self.veth_name(id);
+        let ns = self.netns_name(id);
+        let path = self.netns_path(id);
         let mut cmds = Vec::new();
         if link_exists(&veth) {
             cmds.push(format!("link del {veth}"));
@@ -523,20 +945,28 @@ impl Network {
         Ok(())
     }
 
-    /// Instance ids that have a netns or veth on this host. Ids found only through a veth are
-    /// the id's first [`VETH_ID_LEN`] characters (the whole id for 12-character ids).
+    /// Instance ids that have a netns or veth of ours on this host. Ids found only through a
+    /// veth are the id's first [`Network::veth_id_len`] characters (the whole id for
+    /// 12-character ids and the default prefix).
     pub fn instances_with_objects(&self) -> Result<Vec<String>, NetError> {
         let mut ids = BTreeSet::new();
+        let ns_prefix = format!("{}-", self.prefix());
         for name in list_dir(NETNS_DIR)? {
-            if let Some(id) = name.strip_prefix(NETNS_PREFIX) {
-                if !id.is_empty() {
+            if let Some(id) = name.strip_prefix(&ns_prefix) {
+                if check_id(id).is_ok() {
                     ids.insert(id.to_string());
                 }
             }
         }
+        let veth_prefix = format!("{}h", self.prefix());
         for name in list_dir("/sys/class/net")? {
-            if let Some(id) = name.strip_prefix(VETH_PREFIX) {
-                if !id.is_empty() {
+            if let Some(id) = name.strip_prefix(&veth_prefix) {
+                // Instance ids are hex; anything else is not a veth of this prefix.
+                if !id.is_empty()
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                {
                     ids.insert(id.to_string());
                 }
             }
@@ -609,7 +1039,22 @@ mod tests {
         Network::new(NetConfig {
             pool: Ipv4Addr::new(10, 88, 0, 0),
             nat: true,
+            policy: NetPolicy::default(),
+            dns: vec![],
         })
+        .unwrap()
+    }
+
+    fn netns_name(id: &str) -> String {
+        network().netns_name(id)
+    }
+
+    fn netns_path(id: &str) -> PathBuf {
+        network().netns_path(id)
+    }
+
+    fn veth_name(id: &str) -> String {
+        network().veth_name(id)
     }
 
     /// Instances and tenants torn down on drop, even when the test fails.
@@ -688,7 +1133,7 @@ mod tests {
     fn naming_and_addresses() {
         let n = network();
         let t = TenantNet { slot: 3 };
-        assert_eq!(t.bridge(), "gvb3");
+        assert_eq!(n.bridge(&t), "gvb3");
         assert_eq!(n.address(&t, 7), Ipv4Addr::new(10, 88, 3, 7));
         assert_eq!(n.gateway(&t), Ipv4Addr::new(10, 88, 3, 1));
         assert_eq!(n.pool_cidr(), "10.88.0.0/16");
@@ -734,6 +1179,243 @@ mod tests {
     }
 
     #[test]
+    fn allow_and_deny_entries_parse_strictly() {
+        let r: NetRule = "10.1.2.0/24:443".parse().unwrap();
+        assert_eq!(r.to_string(), "10.1.2.0/24:443");
+        assert!(r.contains(Ipv4Addr::new(10, 1, 2, 200)));
+        assert!(!r.contains(Ipv4Addr::new(10, 1, 3, 1)));
+        assert_eq!(
+            "192.168.5.7".parse::<NetRule>().unwrap().cidr(),
+            "192.168.5.7/32"
+        );
+        assert_eq!("0.0.0.0/0".parse::<NetRule>().unwrap().len, 0);
+        assert!("0.0.0.0/0"
+            .parse::<NetRule>()
+            .unwrap()
+            .contains(Ipv4Addr::new(8, 8, 8, 8)));
+        for bad in [
+            "10.1.2.5/24",
+            "10.1.2.0/33",
+            "10.1.2.0/24:0",
+            "10.1.2.0/24:65536",
+            "10.1.2.0/24:https",
+            "fd00::/8",
+            "[fd00::1]:443",
+            "example.com",
+            "",
+        ] {
+            assert!(
+                matches!(bad.parse::<NetRule>(), Err(NetError::Invalid(_))),
+                "{bad:?} accepted"
+            );
+        }
+        assert_eq!(
+            nameservers("# x\nnameserver 10.255.255.53\nnameserver ::1\nsearch a\n"),
+            vec![Ipv4Addr::new(10, 255, 255, 53)]
+        );
+    }
+
+    #[test]
+    fn names_follow_the_prefix_and_never_match_another_prefix() {
+        let with = |p: &str| {
+            Network::new(NetConfig {
+                pool: Ipv4Addr::new(10, 87, 0, 0),
+                nat: true,
+                policy: NetPolicy {
+                    prefix: p.into(),
+                    ..Default::default()
+                },
+                dns: vec![],
+            })
+        };
+        let gv = with("gv").unwrap();
+        assert_eq!(gv.fwd_chain(), "GPUVISOR-FWD");
+        assert_eq!(gv.nat_chain(), "GPUVISOR-NAT");
+        assert_eq!(gv.input_chain(), "GPUVISOR-IN");
+        let ga = with("ga1").unwrap();
+        assert_eq!(ga.bridge(&TenantNet { slot: 7 }), "ga1b7");
+        assert_eq!(ga.veth_name("0123456789ab"), "ga1h0123456789a");
+        assert_eq!(ga.netns_name("0123456789ab"), "ga1-0123456789ab");
+        assert_eq!(ga.fwd_chain(), "GPUVISOR-GA1-FWD");
+        let long = with("abcd").unwrap();
+        assert_eq!(long.veth_name("0123456789ab").len(), 15);
+        for bad in ["", "GV", "1a", "g-v", "abcde"] {
+            assert!(with(bad).is_err(), "{bad:?}");
+        }
+        // A name of one prefix is never one of another's: bridges, veths.
+        let g = with("g").unwrap();
+        let gvh = with("gvh").unwrap();
+        assert_eq!(g.bridge_slot("gb3"), Some(3));
+        assert_eq!(g.bridge_slot("gvb3"), None);
+        assert_eq!(gv.bridge_slot("gvbb3"), None);
+        assert_eq!(gv.bridge_slot(&gvh.bridge(&TenantNet { slot: 3 })), None);
+        assert_eq!(with("gvb").unwrap().bridge_slot("gvb3"), None);
+        assert!(gvh.veth_name("0123456789ab").starts_with("gvhh"));
+    }
+
+    #[test]
+    fn policy_rules_order_and_contents() {
+        let n = Network::new(NetConfig {
+            pool: Ipv4Addr::new(10, 88, 0, 0),
+            nat: true,
+            policy: NetPolicy {
+                prefix: "gv".into(),
+                allow: vec!["10.1.2.0/24:443".parse().unwrap()],
+                deny: vec!["192.0.2.0/24".parse().unwrap()],
+            },
+            dns: vec![Ipv4Addr::new(10, 255, 255, 53)],
+        })
+        .unwrap();
+        let (fwd, input) = n.policy_rules();
+        let fwd: Vec<String> = fwd.iter().map(|r| r.join(" ")).collect();
+        let pos = |needle: &str| {
+            fwd.iter()
+                .position(|r| r.contains(needle))
+                .unwrap_or_else(|| panic!("{needle} missing: {fwd:#?}"))
+        };
+        assert_eq!(pos("RELATED,ESTABLISHED"), 0);
+        assert_eq!(fwd[1], "-i gvb+ -o gvb+ -j DROP");
+        assert!(pos("-d 10.1.2.0/24 -p tcp --dport 443 -j ACCEPT") < pos("-d 10.0.0.0/8"));
+        assert!(pos("-d 10.1.2.0/24 -p udp --dport 443 -j ACCEPT") < pos("-d 10.0.0.0/8"));
+        assert!(pos("-d 10.255.255.53/32 -p udp --dport 53 -j ACCEPT") < pos("-d 10.0.0.0/8"));
+        assert!(pos("-d 192.0.2.0/24 -j REJECT") < pos("-i gvb+ -j ACCEPT"));
+        for cidr in RESERVED {
+            assert!(pos(&format!("-i gvb+ -d {cidr} -j REJECT")) < pos("-i gvb+ -j ACCEPT"));
+        }
+        assert_eq!(fwd[fwd.len() - 2], "-i gvb+ -j ACCEPT");
+        assert_eq!(fwd[fwd.len() - 1], "-o gvb+ -j DROP");
+        let input: Vec<String> = input.iter().map(|r| r.join(" ")).collect();
+        assert!(input[0].contains("RELATED,ESTABLISHED"));
+        assert_eq!(
+            input.last().unwrap(),
+            "-j REJECT --reject-with icmp-admin-prohibited"
+        );
+        assert!(input.contains(&"-d 10.255.255.53/32 -p tcp --dport 53 -j ACCEPT".to_string()));
+    }
+
+    /// The rules of one of our chains as `iptables -S` prints them.
+    fn chain_rules(table: &str, chain: &str) -> Vec<String> {
+        iptables(table, &["-S", chain])
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn chains_are_rebuilt_whole_and_released_with_the_last_bridge() {
+        // A prefix of its own: the default one's chains are shared with running daemons.
+        let with = |allow: &[&str]| {
+            Network::new(NetConfig {
+                pool: Ipv4Addr::new(10, 82, 0, 0),
+                nat: true,
+                policy: NetPolicy {
+                    prefix: "gu".into(),
+                    allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
+                    deny: vec![],
+                },
+                dns: vec![],
+            })
+            .unwrap()
+        };
+        let n = with(&["10.1.2.0/24:443"]);
+        n.init_host().unwrap();
+        let t = TenantNet { slot: 9 };
+        n.ensure_tenant(&t).unwrap();
+        let first = chain_rules("filter", "GPUVISOR-GU-FWD");
+        // Idempotent: the same rules, once each, the bridge's accept first.
+        n.init_host().unwrap();
+        assert_eq!(chain_rules("filter", "GPUVISOR-GU-FWD"), first);
+        assert_eq!(first[1], "-A GPUVISOR-GU-FWD -i gub9 -o gub9 -j ACCEPT");
+        assert!(first.iter().any(|r| r.contains("10.1.2.0/24")));
+        let jumps = iptables("filter", &["-S", "FORWARD"]).unwrap();
+        assert_eq!(jumps.matches("-j GPUVISOR-GU-FWD").count(), 1);
+        let input = iptables("filter", &["-S", "INPUT"]).unwrap();
+        assert_eq!(input.matches("-i gub+ -j GPUVISOR-GU-IN").count(), 1);
+        // No IPv6 on the bridge.
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/net/ipv6/conf/gub9/disable_ipv6")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "1".into()),
+            "1"
+        );
+        // A restart with another allow-list leaves nothing of the old one.
+        let n2 = with(&[]);
+        n2.init_host().unwrap();
+        let after = chain_rules("filter", "GPUVISOR-GU-FWD");
+        assert!(
+            !after.iter().any(|r| r.contains("10.1.2.0/24")),
+            "{after:#?}"
+        );
+        assert_eq!(after[1], "-A GPUVISOR-GU-FWD -i gub9 -o gub9 -j ACCEPT");
+        // Chains removed behind our back are rebuilt whole before a new tenant's bridge is used.
+        remove_chain("filter", "FORWARD", &n2.fwd_jump(), "GPUVISOR-GU-FWD").unwrap();
+        let t2 = TenantNet { slot: 10 };
+        n2.ensure_tenant(&t2).unwrap();
+        let rebuilt = chain_rules("filter", "GPUVISOR-GU-FWD");
+        assert!(
+            rebuilt.iter().any(|r| r.contains("-d 10.0.0.0/8")),
+            "{rebuilt:#?}"
+        );
+        assert!(
+            rebuilt.iter().any(|r| r.contains("-i gub10 -o gub10")),
+            "{rebuilt:#?}"
+        );
+        assert!(n2.teardown_tenant(&t2).unwrap());
+        // Chains and bridge stay while the bridge has a port, go with it.
+        let port = format!("gvtq{}", &random_id()[..6]);
+        ip([
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("{port}p"),
+        ])
+        .unwrap();
+        ip(["link", "set", &port, "master", "gub9"]).unwrap();
+        let kept = n2.release_host();
+        ip(["link", "del", &port]).unwrap();
+        assert!(!kept.unwrap());
+        assert!(n2.tenant_bridges().unwrap().contains(&9));
+        assert!(n2.release_host().unwrap());
+        assert!(!n2.tenant_bridges().unwrap().contains(&9));
+        for (table, chain, from) in [
+            ("filter", "GPUVISOR-GU-FWD", "FORWARD"),
+            ("filter", "GPUVISOR-GU-IN", "INPUT"),
+            ("nat", "GPUVISOR-GU-NAT", "POSTROUTING"),
+        ] {
+            assert!(!chain_exists(table, chain), "{chain} left behind");
+            assert!(!iptables(table, &["-S", from]).unwrap().contains(chain));
+        }
+        assert!(n2.release_host().unwrap());
+    }
+
+    #[test]
+    fn a_pool_used_by_another_interface_is_refused() {
+        let n = Network::new(NetConfig {
+            pool: Ipv4Addr::new(10, 85, 0, 0),
+            nat: true,
+            policy: NetPolicy {
+                prefix: "gw".into(),
+                ..Default::default()
+            },
+            dns: vec![],
+        })
+        .unwrap();
+        let other = "gvtp".to_string() + &random_id()[..6];
+        ip(["link", "add", &other, "type", "bridge"]).unwrap();
+        let res = ip(["addr", "add", "10.85.3.1/24", "dev", &other]).map(|_| n.init_host());
+        ip(["link", "del", &other]).unwrap();
+        match res.unwrap() {
+            Err(NetError::Invalid(m)) => assert!(m.contains(&other), "{m}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
     fn same_tenant_instances_reach_each_other() {
         let mut f = Fixture::new();
         let t = TenantNet { slot: 231 };
@@ -743,10 +1425,11 @@ mod tests {
         f.net.setup(&a, &t, 2).unwrap();
         assert!(reachable(&a, &b, f.net.address(&t, 3)));
         assert!(reachable(&b, &a, f.net.address(&t, 2)));
-        // The gateway answers too (the host end of the bridge).
+        // The host's end of the bridge does not: instances get no host service (INPUT).
         let listener = TcpListener::bind((f.net.gateway(&t), 0)).unwrap();
         let addr = listener.local_addr().unwrap();
-        assert!(in_netns(&a, || connects(addr)));
+        assert!(connects(addr), "the host's own connect is not filtered");
+        assert!(!in_netns(&a, || connects(addr)));
         let ids = f.net.instances_with_objects().unwrap();
         assert!(ids.contains(&a) && ids.contains(&b));
     }
@@ -809,8 +1492,8 @@ mod tests {
         assert!(!f.net.tenant_bridges().unwrap().contains(&234));
         assert!(!rule_exists(
             "filter",
-            FWD_CHAIN,
-            &bridge_accept_rule("gvb234")
+            "GPUVISOR-FWD",
+            &f.net.bridge_accept_rule("gvb234")
         ));
         assert!(f.net.teardown_tenant(&t).unwrap());
     }

@@ -84,6 +84,9 @@ pub struct Engine {
     changed: tokio::sync::watch::Sender<u64>,
     /// Newest readings, history, alarms and cordoned GPUs (fed by `run_telemetry`).
     pub(crate) telemetry: crate::telemetry::Telemetry,
+    /// Ids of the simulated nodes (GPU backend `simulated-node`), from the store at
+    /// [`Engine::bootstrap`] and from [`Engine::register_simulated_nodes`].
+    simulated_nodes: std::sync::RwLock<std::collections::HashSet<String>>,
 }
 
 pub const ADMIN_TENANT: &str = "admin";
@@ -149,6 +152,7 @@ impl Engine {
             last_ts: AtomicI64::new(0),
             changed: tokio::sync::watch::Sender::new(0),
             telemetry,
+            simulated_nodes: std::sync::RwLock::new(std::collections::HashSet::new()),
         })
     }
 
@@ -256,6 +260,17 @@ impl Engine {
             .upsert_node(&self.cfg.node_id, &self.cfg.hostname, cpus, mem, now)
             .await?;
         self.sync_gpus(now).await?;
+        let simulated = self
+            .store
+            .gpus()
+            .await?
+            .into_iter()
+            .filter(|g| g.backend == SIMULATED_NODE_BACKEND)
+            .map(|g| g.node_id);
+        self.simulated_nodes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(simulated);
         for (uuid, reason) in self.store.cordons().await? {
             self.telemetry.cordon(&uuid, &reason);
         }
@@ -336,6 +351,10 @@ impl Engine {
                 })
                 .collect();
             self.store.replace_gpus(&node.name, &rows, now).await?;
+            self.simulated_nodes
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node.name.clone());
             n += 1;
         }
         Ok(n)
@@ -378,9 +397,19 @@ impl Engine {
             .collect())
     }
 
-    /// Whether an instance lives on a simulated node rather than on this host.
+    /// Whether an instance lives on a simulated node rather than on this host. Decided by the
+    /// node's kind, never by its id differing from ours (an id from an older store, a renamed
+    /// host): a local instance taken for a simulated one would never be stopped or cleaned up.
     pub(crate) fn is_simulated(&self, i: &InstanceRow) -> bool {
-        i.node_id != self.cfg.node_id
+        self.is_simulated_node(&i.node_id)
+    }
+
+    /// Whether `node` is a simulated node (registered with GPU backend `simulated-node`).
+    pub(crate) fn is_simulated_node(&self, node: &str) -> bool {
+        self.simulated_nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(node)
     }
 
     // --- auth, tenants, keys --------------------------------------------------------------------
@@ -1050,7 +1079,7 @@ impl Engine {
         let capacity = self.host_capacity(&live).protecting(&protected);
         let (node_id, assignment, victims) =
             self.choose(&capacity, sim, &live, &protected, &demand, local_ok)?;
-        let simulated = node_id != self.cfg.node_id;
+        let simulated = self.is_simulated_node(&node_id);
         let used_hosts: Vec<u8> = live
             .iter()
             .filter(|i| i.tenant_id == who.tenant_id && !self.is_simulated(i))
