@@ -12,8 +12,12 @@
 //!   `libcuda.so.1` / `libnvidia-ml.so.1`, lazily, and cached in one atomic pointer per hook;
 //!   `cuGetProcAddress` may fill in entries the driver does not export.
 //! - **Lazy start.** `/etc/ld.so.preload` loads us into every process of the instance (shells,
-//!   `ls`), so nothing happens at load: the first hook call reads the config, maps the region,
-//!   takes a process slot and reclaims dead processes' usage. Later calls check one atomic.
+//!   `ls`), so nothing happens at load: the first hook call reads the config (only from
+//!   `config::PATH`, never from the environment), maps the region, takes a process slot and
+//!   reclaims dead processes' usage. Later calls check one atomic.
+//! - **Fail closed.** A missing, unreadable or invalid config, or a region that cannot be mapped,
+//!   refuses every allocation with `CUDA_ERROR_OUT_OF_MEMORY` (the driver is not called) and says
+//!   why once on stderr: the library is only injected where limits apply.
 //! - **Errors.** A hook never unwinds into C: each body runs under `catch_unwind` and a panic
 //!   becomes `CUDA_ERROR_UNKNOWN` (or a null pointer from `dlsym`).
 //! - **Over quota** the driver is not called at all, so nothing is allocated. Charges happen
@@ -29,7 +33,7 @@ use std::panic::AssertUnwindSafe;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use crate::config::{Config, DEFAULT_PATH, ENV_PATH};
+use crate::config::{Config, PATH};
 use crate::procaddr;
 use crate::shm::{self, Layout, Region, Slot, MAX_DEVICES};
 use crate::table::{self, Kind};
@@ -260,7 +264,7 @@ const READY: u32 = 2;
 
 static STATE: AtomicU32 = AtomicU32::new(UNINIT);
 static CONFIG_LOADED: AtomicBool = AtomicBool::new(false);
-static LAYOUT: AtomicPtr<Layout> = AtomicPtr::new(null_mut());
+static LAYOUT: AtomicPtr<Layout<'static>> = AtomicPtr::new(null_mut());
 static FAIL_CLOSED: AtomicBool = AtomicBool::new(false);
 static SLOT: AtomicPtr<Slot> = AtomicPtr::new(null_mut());
 static NDEV: AtomicUsize = AtomicUsize::new(0);
@@ -271,11 +275,12 @@ thread_local! {
 }
 
 enum Mode {
-    /// No configuration: this process is not limited.
+    /// After the library's exit handler gave this process's usage back: pass through (see
+    /// `at_exit`).
     Pass,
-    /// Configured but the region is unusable: refuse allocations rather than run unlimited.
+    /// No usable configuration or region: refuse allocations rather than run unlimited.
     Closed,
-    Limit(&'static Layout, Option<&'static Slot>),
+    Limit(Layout<'static>, Option<&'static Slot>),
 }
 
 #[inline]
@@ -292,8 +297,8 @@ fn mode() -> Mode {
         };
     }
     let s = SLOT.load(Ordering::Acquire);
-    // SAFETY: LAYOUT is a leaked, never-unmapped region mapping; SLOT points into it.
-    unsafe { Mode::Limit(&*l, s.as_ref()) }
+    // SAFETY: LAYOUT is a leaked Box of leaked, never-unmapped mappings; SLOT points into them.
+    unsafe { Mode::Limit(*l, s.as_ref()) }
 }
 
 #[cold]
@@ -330,7 +335,7 @@ fn init() {
     }
     let l = LAYOUT.load(Ordering::Acquire);
     // SAFETY: as in `mode`.
-    let Some(l) = (unsafe { l.as_ref() }) else {
+    let Some(&l) = (unsafe { l.as_ref() }) else {
         return;
     };
     shm::reclaim_local(l);
@@ -343,29 +348,39 @@ fn init() {
 }
 
 fn load_config() {
-    let path = std::env::var_os(ENV_PATH)
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| DEFAULT_PATH.into());
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-        Err(_) => {
-            FAIL_CLOSED.store(true, Ordering::Relaxed);
-            return;
-        }
-    };
-    let Ok(config) = Config::parse(&text) else {
-        FAIL_CLOSED.store(true, Ordering::Relaxed);
-        return;
+    let config = match std::fs::read_to_string(PATH) {
+        Ok(text) => match Config::parse(&text) {
+            Ok(c) => c,
+            Err(e) => return fail_closed(&format!("{PATH}: {e}")),
+        },
+        Err(e) => return fail_closed(&format!("cannot read {PATH}: {e}")),
     };
     CTX_BYTES.store(config.context_bytes, Ordering::Relaxed);
-    match Region::open(&config.region) {
-        Ok(r) => {
-            NDEV.store(r.devices().min(MAX_DEVICES), Ordering::Relaxed);
-            LAYOUT.store(std::ptr::from_ref(r.leak()).cast_mut(), Ordering::Release);
+    match Region::attach(&config.limits, &config.usage) {
+        Ok(l) => {
+            NDEV.store(l.ndev(), Ordering::Relaxed);
+            let l: &'static Layout<'static> = Box::leak(Box::new(l));
+            LAYOUT.store(std::ptr::from_ref(l).cast_mut(), Ordering::Release);
         }
-        Err(_) => FAIL_CLOSED.store(true, Ordering::Relaxed),
+        Err(e) => fail_closed(&format!(
+            "cannot map the accounting region {} + {}: {e}",
+            config.limits.display(),
+            config.usage.display()
+        )),
     }
+}
+
+/// No limits can be applied: every allocation of this process is refused. Said once, on stderr
+/// (written directly: the application's stdio may be in any state).
+#[cold]
+fn fail_closed(why: &str) {
+    FAIL_CLOSED.store(true, Ordering::Relaxed);
+    let msg = format!(
+        "gpuvisor limiter: {why}; this instance's GPU share cannot be enforced, so CUDA \
+         allocations are refused (CUDA_ERROR_OUT_OF_MEMORY)\n"
+    );
+    // SAFETY: writing a valid buffer to fd 2; a failed write is ignored.
+    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
 }
 
 extern "C" fn after_fork_child() {
@@ -384,7 +399,7 @@ extern "C" fn at_exit() {
     let l = LAYOUT.swap(null_mut(), Ordering::AcqRel);
     let s = SLOT.swap(null_mut(), Ordering::AcqRel);
     // SAFETY: as in `mode`; the slot was claimed by this process.
-    if let (Some(l), Some(s)) = unsafe { (l.as_ref(), s.as_ref()) } {
+    if let (Some(&l), Some(s)) = unsafe { (l.as_ref(), s.as_ref()) } {
         if s.pid.load(Ordering::Relaxed) == std::process::id() {
             shm::release_slot(l, s);
         }
@@ -425,7 +440,7 @@ fn ndev() -> usize {
 }
 
 #[inline]
-fn charge(l: &Layout, s: Option<&Slot>, dev: usize, bytes: u64) -> bool {
+fn charge(l: Layout<'_>, s: Option<&Slot>, dev: usize, bytes: u64) -> bool {
     shm::try_charge(l, s, dev, bytes) || {
         // Slow path: a dead peer may still hold memory.
         shm::reclaim_local(l) > 0 && shm::try_charge(l, s, dev, bytes)
@@ -585,9 +600,8 @@ fn capture_ended() {
 /// (total, free) as the instance should see them on the current device, given the driver's.
 fn quota_view(dev: Option<usize>, real_free: u64, real_total: u64) -> (u64, u64) {
     if let (Mode::Limit(l, _), Some(dev)) = (mode(), dev) {
-        let d = &l.devices[dev];
-        let quota = d.quota.load(Ordering::Relaxed);
-        let used = d.used.load(Ordering::Relaxed);
+        let quota = l.lim.devices[dev].quota.load(Ordering::Relaxed);
+        let used = l.usage.devices[dev].used.load(Ordering::Relaxed);
         return (quota, real_free.min(quota.saturating_sub(used)));
     }
     (real_total, real_free)
@@ -1711,9 +1725,8 @@ fn nvml_view(device: Ptr) -> Option<(u64, u64, u64)> {
         return None;
     };
     let dev = nvml_index(device).filter(|i| *i < ndev())?;
-    let d = &l.devices[dev];
-    let quota = d.quota.load(Ordering::Relaxed);
-    let used = d.used.load(Ordering::Relaxed).min(quota);
+    let quota = l.lim.devices[dev].quota.load(Ordering::Relaxed);
+    let used = l.usage.devices[dev].used.load(Ordering::Relaxed).min(quota);
     Some((quota, quota - used, used))
 }
 
@@ -1840,7 +1853,7 @@ fn ctx_book_reset() {
 /// the footprint. `None` when nothing is charged for it.
 #[derive(Clone, Copy)]
 struct CtxAcct {
-    l: &'static Layout,
+    l: Layout<'static>,
     s: Option<&'static Slot>,
     dev: usize,
     bytes: u64,
