@@ -1429,6 +1429,7 @@ mod tests {
             command: vec![],
             ip: None,
             gpu_usage: vec![],
+            gpu_fraction: None,
             priority: Default::default(),
             interruptible: false,
             created_at: 0,

@@ -30,6 +30,8 @@ pub struct Config {
     pub limiter_lib: Option<PathBuf>,
     /// Bytes the limiter charges each process for its CUDA context (measure per GPU model).
     pub limiter_context_bytes: u64,
+    /// What to do with an instance the driver shows over its VRAM quota: kill (default) or event.
+    pub limiter_over_quota: gpuvisor_node::limiter::OverQuotaAction,
     /// Which GPUs an instance gets and whom preemption evicts (gpuvisor_scheduler policies).
     pub placement_policy: gpuvisor_scheduler::Policy,
     /// A GPU at or above this temperature (°C) raises a thermal alarm.
@@ -55,6 +57,7 @@ impl Default for Config {
             admin_key_file: None,
             limiter_lib: None,
             limiter_context_bytes: 0,
+            limiter_over_quota: Default::default(),
             placement_policy: gpuvisor_scheduler::Policy::GvFrag,
             thermal_ceiling_c: 85.0,
             metrics_token: None,
@@ -80,6 +83,7 @@ struct FileConfig {
     admin_key_file: Option<PathBuf>,
     limiter_lib: Option<PathBuf>,
     limiter_context_bytes: Option<String>,
+    limiter_over_quota: Option<String>,
     placement_policy: Option<String>,
     thermal_ceiling_c: Option<f64>,
     metrics_token: Option<String>,
@@ -119,6 +123,10 @@ pub struct ConfigOverrides {
     /// libgpuvisor_limiter.so to inject for fractional GPUs.
     #[arg(long)]
     pub limiter_lib: Option<PathBuf>,
+    /// An instance whose processes hold more GPU memory than its quota (NVML's count): kill its
+    /// processes on that GPU and record an event (kill, the default), or only record it (event).
+    #[arg(long)]
+    pub limiter_over_quota: Option<String>,
     /// Placement policy: gvfrag (default), fgd, bestfit, spread, random.
     #[arg(long)]
     pub placement_policy: Option<String>,
@@ -194,6 +202,9 @@ impl Config {
             if f.metrics_token.is_some() {
                 c.metrics_token = f.metrics_token;
             }
+            if let Some(v) = f.limiter_over_quota {
+                c.limiter_over_quota = v.parse().map_err(anyhow::Error::msg)?;
+            }
             if let Some(v) = f.limiter_context_bytes {
                 c.limiter_context_bytes = gpuvisor_wire::parse_size(&v)
                     .with_context(|| format!("limiter_context_bytes {v:?}"))?;
@@ -231,6 +242,9 @@ impl Config {
         }
         if o.limiter_lib.is_some() {
             c.limiter_lib = o.limiter_lib.clone();
+        }
+        if let Some(v) = &o.limiter_over_quota {
+            c.limiter_over_quota = v.parse().map_err(anyhow::Error::msg)?;
         }
         if o.no_nat {
             c.nat = false;

@@ -44,6 +44,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         root: HostRoot::real(),
         limiter_lib: cfg.limiter_lib.clone(),
         limiter_context_bytes: cfg.limiter_context_bytes,
+        limiter_over_quota: cfg.limiter_over_quota,
     };
     let node = tokio::task::spawn_blocking(move || Node::open(node_cfg))
         .await?
