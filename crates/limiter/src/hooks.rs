@@ -23,6 +23,13 @@
 //! - **Over quota** the driver is not called at all, so nothing is allocated. Charges happen
 //!   before the driver call and are returned if it fails; frees return the charge only when the
 //!   driver succeeded.
+//! - **Nothing ahead of us.** `LD_PRELOAD` stays the user's, and the dynamic loader puts its
+//!   libraries *before* `/etc/ld.so.preload`'s in the global scope: preloading the driver (or
+//!   anything defining driver entry points) would have the application's calls bind to it and
+//!   never reach a hook. So when `LD_PRELOAD` is set, a constructor checks that every hooked
+//!   `cu*`/`nvml*` name resolves to this library, and otherwise stops the process with a message
+//!   (`on_load`). A wrapper of the user's that forwards with `dlsym(RTLD_NEXT, …)` would be safe
+//!   but cannot be told apart, so it is refused as well.
 //! - **Fork.** A child gets its own slot and an empty allocation table (atfork handler); the
 //!   region mapping is inherited.
 #![allow(non_snake_case)]
@@ -381,6 +388,87 @@ fn fail_closed(why: &str) {
     );
     // SAFETY: writing a valid buffer to fd 2; a failed write is ignored.
     unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+}
+
+/// Runs when the dynamic loader maps the library into a process (before `main`): see "Nothing
+/// ahead of us" above. Only `LD_PRELOAD` (and the executable itself) can put definitions ahead
+/// of a library from `/etc/ld.so.preload`, so without it this is one `getenv`.
+extern "C" fn on_load() {
+    let _ = std::panic::catch_unwind(|| {
+        if std::env::var_os("LD_PRELOAD").is_none_or(|v| v.is_empty()) || !is_interposer() {
+            return;
+        }
+        if let Some((name, object)) = shadowed_hook() {
+            let msg = format!(
+                "gpuvisor limiter: {object} (from LD_PRELOAD or the program) defines {name} ahead \
+                 of the GPU limiter, which would bypass this instance's GPU limits; stopping\n"
+            );
+            // SAFETY: writing a valid buffer to fd 2, then ending the process without running
+            // anything of it.
+            unsafe {
+                libc::write(2, msg.as_ptr().cast(), msg.len());
+                libc::_exit(126);
+            }
+        }
+    });
+}
+
+#[used]
+#[link_section = ".init_array"]
+static ON_LOAD: extern "C" fn() = on_load;
+
+/// Whether this code runs as the injected cdylib (which exports the hooks under the driver's
+/// names) rather than as the rlib linked into the daemon (which must not act here).
+fn is_interposer() -> bool {
+    let Some(dlsym) = real_dlsym() else {
+        return false;
+    };
+    let ours = gvh_cuMemAlloc_v2 as *mut c_void;
+    // SAFETY: dladdr with a valid out-struct, on the address of one of our functions.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    if unsafe { libc::dladdr(ours, &mut info) } == 0 || info.dli_fname.is_null() {
+        return false;
+    }
+    // SAFETY: a NOLOAD dlopen of the object that holds this code, by the name the loader gave.
+    let h = unsafe { libc::dlopen(info.dli_fname, libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+    if h.is_null() {
+        return false;
+    }
+    // SAFETY: libc's dlsym on a live handle with a C string.
+    let found = unsafe { dlsym(h, c"cuMemAlloc_v2".as_ptr()) };
+    // SAFETY: dropping the reference the NOLOAD dlopen took.
+    unsafe { libc::dlclose(h) };
+    found == ours
+}
+
+/// The first hooked driver name whose global definition is not ours, and the object defining
+/// it.
+fn shadowed_hook() -> Option<(String, String)> {
+    let dlsym = real_dlsym()?;
+    for (i, name) in HOOK_NAMES.iter().enumerate() {
+        let b = name.to_bytes();
+        if !(b.starts_with(b"cu") || b.starts_with(b"nvml")) {
+            continue;
+        }
+        // SAFETY: libc's dlsym with a C string; RTLD_DEFAULT searches the global scope in load
+        // order (the executable, LD_PRELOAD, /etc/ld.so.preload, then the rest).
+        let p = unsafe { dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        if p.is_null() || p == hook_ptr(i) {
+            continue;
+        }
+        // SAFETY: dladdr with a valid out-struct.
+        let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+        let object = if unsafe { libc::dladdr(p, &mut info) } != 0 && !info.dli_fname.is_null() {
+            // SAFETY: the loader's C string for the object.
+            unsafe { CStr::from_ptr(info.dli_fname) }
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            "a library".into()
+        };
+        return Some((name.to_string_lossy().into_owned(), object));
+    }
+    None
 }
 
 extern "C" fn after_fork_child() {

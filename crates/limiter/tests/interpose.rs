@@ -597,6 +597,40 @@ fn the_environment_cannot_redirect_the_config() {
     );
 }
 
+/// `LD_PRELOAD` libraries come before `/etc/ld.so.preload`'s in the global scope: with the
+/// driver preloaded ahead of the limiter, the program's calls would never reach a hook, so the
+/// limiter stops the process before `main` (and says why). A library of the user's that defines
+/// no driver entry point is fine.
+#[test]
+fn a_driver_preloaded_ahead_of_the_limiter_stops_the_process() {
+    let _load = shared();
+    let h = harness();
+    let q = 16 * MIB;
+    let i = Instance::new(q, FULL_SHARE_BP, Priority::High, 0);
+    let out = i
+        .cmd(&["grab", &(2 * q).to_string()])
+        .env(
+            "LD_PRELOAD",
+            format!("{} {}", h.libdir.join("libcuda.so.1").display(), h.limiter.display()),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "{stderr}");
+    assert!(out.stdout.is_empty(), "main ran");
+    assert!(stderr.contains("ahead of the GPU limiter"), "{stderr}");
+    let libm = Path::new("/lib/x86_64-linux-gnu/libm.so.6");
+    if libm.exists() {
+        i.cmd(&["over", &q.to_string()])
+            .env("LD_PRELOAD", format!("{} {}", libm.display(), h.limiter.display()))
+            .status()
+            .unwrap()
+            .success()
+            .then_some(())
+            .expect("a user preload of libm broke the limiter");
+    }
+}
+
 /// Plays the daemon: publishes the instance's utilisation from the double's busy time.
 fn sampler(i: &Instance, busy: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     let (limits, usage) = i.config_region();
