@@ -136,7 +136,6 @@ impl Host {
             _data: data,
         }
     }
-
 }
 
 #[tokio::test]

@@ -154,7 +154,14 @@ fn a_low_priority_fraction_yields_to_a_busy_high_priority_one() {
     ];
     let mut args = vec!["--gpu-fraction", "0.5", "--priority", "low"];
     args.extend(common);
-    args.extend(["--env", "FAKECUDA_LAUNCH_NS=1000000", "--", "limtest", "rate", "100000"]);
+    args.extend([
+        "--env",
+        "FAKECUDA_LAUNCH_NS=1000000",
+        "--",
+        "limtest",
+        "rate",
+        "100000",
+    ]);
     let low = d.create(&args);
     let mut args = vec!["--gpu-fraction", "0.4", "--priority", "high"];
     args.extend(common);
@@ -174,12 +181,16 @@ fn a_low_priority_fraction_yields_to_a_busy_high_priority_one() {
     let samples = Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
     let model = {
         let (d_data, low_id) = (d.data(), low.clone());
-        let (high_busy, stop, samples, procs) =
-            (high_busy.clone(), stop.clone(), samples.clone(), procs.clone());
+        let (high_busy, stop, samples, procs) = (
+            high_busy.clone(),
+            stop.clone(),
+            samples.clone(),
+            procs.clone(),
+        );
         std::thread::spawn(move || {
             let read = || {
-                let b = std::fs::read(d_data.join("limiter").join(format!("{low_id}.usage")))
-                    .unwrap();
+                let b =
+                    std::fs::read(d_data.join("limiter").join(format!("{low_id}.usage"))).unwrap();
                 u64::from_le_bytes(b[136..144].try_into().unwrap())
             };
             let mut last = (Instant::now(), read());
@@ -215,7 +226,10 @@ fn a_low_priority_fraction_yields_to_a_busy_high_priority_one() {
     model.join().unwrap();
     eprintln!("low-priority launch rate: alone {alone:.0}/s, high busy {yielding:.0}/s, after {after:.0}/s");
     let usage = d.json(&["instance", "get", &low]);
-    assert!(alone > 0.0, "the low-priority instance never launched: {usage}");
+    assert!(
+        alone > 0.0,
+        "the low-priority instance never launched: {usage}"
+    );
     assert!(
         yielding < 0.6 * alone,
         "did not yield: {alone:.0}/s alone, {yielding:.0}/s next to a busy high-priority instance"

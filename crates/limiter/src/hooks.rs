@@ -424,9 +424,11 @@ fn is_interposer() -> bool {
         return false;
     };
     let ours = gvh_cuMemAlloc_v2 as *mut c_void;
-    // SAFETY: dladdr with a valid out-struct, on the address of one of our functions.
+    // SAFETY: Dl_info is plain C data; all zeroes is a valid value.
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    if unsafe { libc::dladdr(ours, &mut info) } == 0 || info.dli_fname.is_null() {
+    // SAFETY: dladdr with a valid out-struct, on the address of one of our functions.
+    let found_self = unsafe { libc::dladdr(ours, &mut info) } != 0;
+    if !found_self || info.dli_fname.is_null() {
         return false;
     }
     // SAFETY: a NOLOAD dlopen of the object that holds this code, by the name the loader gave.
@@ -456,9 +458,11 @@ fn shadowed_hook() -> Option<(String, String)> {
         if p.is_null() || p == hook_ptr(i) {
             continue;
         }
-        // SAFETY: dladdr with a valid out-struct.
+        // SAFETY: Dl_info is plain C data; all zeroes is a valid value.
         let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-        let object = if unsafe { libc::dladdr(p, &mut info) } != 0 && !info.dli_fname.is_null() {
+        // SAFETY: dladdr with a valid out-struct, on an address the loader just returned.
+        let named = unsafe { libc::dladdr(p, &mut info) } != 0;
+        let object = if named && !info.dli_fname.is_null() {
             // SAFETY: the loader's C string for the object.
             unsafe { CStr::from_ptr(info.dli_fname) }
                 .to_string_lossy()

@@ -325,13 +325,19 @@ impl Region {
         };
         let l = region.layout();
         for (i, d) in spec.devices.iter().enumerate() {
-            l.lim.devices[i].quota.store(d.quota_bytes, Ordering::Relaxed);
+            l.lim.devices[i]
+                .quota
+                .store(d.quota_bytes, Ordering::Relaxed);
             l.lim.devices[i]
                 .share_bp
                 .store(d.share_bp.min(FULL_SHARE_BP), Ordering::Relaxed);
         }
-        l.lim.ndev.store(spec.devices.len() as u32, Ordering::Relaxed);
-        l.lim.priority.store(spec.priority.to_raw(), Ordering::Relaxed);
+        l.lim
+            .ndev
+            .store(spec.devices.len() as u32, Ordering::Relaxed);
+        l.lim
+            .priority
+            .store(spec.priority.to_raw(), Ordering::Relaxed);
         l.lim.version.store(LAYOUT_VERSION, Ordering::Relaxed);
         l.lim.magic.store(MAGIC_LIMITS, Ordering::Release);
         l.usage.version.store(LAYOUT_VERSION, Ordering::Relaxed);
@@ -414,7 +420,10 @@ impl Region {
 
     /// Changes the priority of the instance.
     pub fn set_priority(&self, p: Priority) {
-        self.layout().lim.priority.store(p.to_raw(), Ordering::Relaxed);
+        self.layout()
+            .lim
+            .priority
+            .store(p.to_raw(), Ordering::Relaxed);
     }
 
     /// Changes the limits of device `dev` while the instance runs. Lowering the quota below
@@ -579,7 +588,11 @@ fn resync_idle(l: Layout<'_>) {
         if seen == 0 {
             continue;
         }
-        if l.usage.slots.iter().any(|s| s.pid.load(Ordering::Acquire) != 0) {
+        if l.usage
+            .slots
+            .iter()
+            .any(|s| s.pid.load(Ordering::Acquire) != 0)
+        {
             return;
         }
         let _ = d

@@ -157,9 +157,8 @@ fn lock() -> Option<Locked> {
     }
     // SAFETY: `p` is a live mapping of CAPACITY zero-initialised entries of atomics, never
     // unmapped once published (a fork remaps it in place).
-    Some(Locked {
-        t: unsafe { std::slice::from_raw_parts(p, CAPACITY) },
-    })
+    let t = unsafe { std::slice::from_raw_parts(p, CAPACITY) };
+    Some(Locked { t })
 }
 
 #[inline]
@@ -211,7 +210,8 @@ impl Locked {
             let h = &self.t[hole];
             h.key.store(k, Ordering::Relaxed);
             h.meta.store(meta, Ordering::Relaxed);
-            h.aux.store(e.aux.load(Ordering::Relaxed), Ordering::Relaxed);
+            h.aux
+                .store(e.aux.load(Ordering::Relaxed), Ordering::Relaxed);
             hole = j;
         }
         let h = &self.t[hole];
@@ -342,7 +342,10 @@ mod tests {
         }
         for c in 0..(3 * CAPACITY as u64) {
             let k = BASE + c * 512;
-            assert!(insert(Kind::Mipmap, k, 1, 512), "table full after {c} cycles");
+            assert!(
+                insert(Kind::Mipmap, k, 1, 512),
+                "table full after {c} cycles"
+            );
             assert_eq!(remove(Kind::Mipmap, k), Some((1, 512)));
         }
         let worst_miss = (0..1000u64)

@@ -555,7 +555,10 @@ fn without_config_every_allocation_is_refused() {
     let out = c.output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "allocated without a config: {stdout}{stderr}");
+    assert!(
+        !out.status.success(),
+        "allocated without a config: {stdout}{stderr}"
+    );
     assert!(stdout.contains("REFUSED 2"), "{stdout}{stderr}");
     assert_eq!(
         stderr.matches("gpuvisor limiter:").count(),
@@ -611,7 +614,11 @@ fn a_driver_preloaded_ahead_of_the_limiter_stops_the_process() {
         .cmd(&["grab", &(2 * q).to_string()])
         .env(
             "LD_PRELOAD",
-            format!("{} {}", h.libdir.join("libcuda.so.1").display(), h.limiter.display()),
+            format!(
+                "{} {}",
+                h.libdir.join("libcuda.so.1").display(),
+                h.limiter.display()
+            ),
         )
         .output()
         .unwrap();
@@ -622,7 +629,10 @@ fn a_driver_preloaded_ahead_of_the_limiter_stops_the_process() {
     let libm = Path::new("/lib/x86_64-linux-gnu/libm.so.6");
     if libm.exists() {
         i.cmd(&["over", &q.to_string()])
-            .env("LD_PRELOAD", format!("{} {}", libm.display(), h.limiter.display()))
+            .env(
+                "LD_PRELOAD",
+                format!("{} {}", libm.display(), h.limiter.display()),
+            )
             .status()
             .unwrap()
             .success()

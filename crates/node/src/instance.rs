@@ -448,7 +448,11 @@ impl Node {
     ///
     /// `instances` lists (id, GPU UUIDs in the instance's CUDA order). `since_us`: utilisation
     /// samples newer than this (µs); the result carries the value for the next call.
-    pub fn sample_limiters(&self, instances: &[(String, Vec<String>)], since_us: u64) -> LimiterSample {
+    pub fn sample_limiters(
+        &self,
+        instances: &[(String, Vec<String>)],
+        since_us: u64,
+    ) -> LimiterSample {
         let mut out = LimiterSample {
             newest_us: since_us,
             over_quota: Vec::new(),
@@ -509,7 +513,11 @@ impl Node {
                 let others = if high.contains(id.as_str()) {
                     0
                 } else {
-                    high_load.get(uuid.as_str()).copied().unwrap_or(0).min(10_000)
+                    high_load
+                        .get(uuid.as_str())
+                        .copied()
+                        .unwrap_or(0)
+                        .min(10_000)
                 };
                 if let Err(e) = self.limiters.publish(id, dev, bp, others) {
                     tracing::debug!(instance = %id, "limiter sample: {e}");

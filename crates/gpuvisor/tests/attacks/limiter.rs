@@ -52,11 +52,7 @@ fn fraction() -> Fraction {
     ]);
     // Control: the limiter is there and holds the quota.
     probe::allowed(&d, &id, "the quota holds", &format!("limtest over {QUOTA}"));
-    Fraction {
-        d,
-        id,
-        _rootfs: r,
-    }
+    Fraction { d, id, _rootfs: r }
 }
 
 /// `GPUVISOR_LIMITER_CONFIG` pointed at a missing file used to mean "no limits".

@@ -99,4 +99,3 @@ pub fn cuda_rootfs(fake: &Path, limiter: &Path) -> tempfile::TempDir {
     }
     dir
 }
-
