@@ -748,6 +748,8 @@ mod tests {
         assert_eq!(offset_of!(DeviceLimits, high_util_bp), 16);
         assert_eq!(offset_of!(DeviceLimits, sample_seq), 24);
         assert_eq!(offset_of!(DeviceLimits, interval_ns), 32);
+        assert_eq!(offset_of!(DeviceLimits, ctl_launches), 40);
+        assert_eq!(offset_of!(DeviceLimits, ctl_time_ns), 48);
         assert_eq!(LIMITS_BYTES, 64 + MAX_DEVICES * 64);
         assert_eq!(offset_of!(Usage, devices), 64);
         assert_eq!(offset_of!(DeviceUsageState, used), 0);
