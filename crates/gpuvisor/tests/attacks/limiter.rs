@@ -104,7 +104,14 @@ fn writing_the_limiter_region_does_not_raise_the_quota() {
         "the limits file was writable: {}",
         p.out
     );
-    // Whatever those writes did to the usage file, no allocation beyond the quota succeeds.
+    // The instance still sees its quota as the total, and nothing beyond it is given; whatever
+    // those writes did to the usage file (they may make it refuse more, never less).
+    probe::allowed(
+        &f.d,
+        &f.id,
+        "the quota is unchanged after rewriting the region",
+        &format!("limtest over {QUOTA}"),
+    );
     probe::refused(
         &f.d,
         &f.id,
