@@ -547,25 +547,28 @@ fn without_config_every_allocation_is_refused() {
     let _load = shared();
     let h = harness();
     let empty = tempfile::tempdir().unwrap();
-    let mut c = Command::new(&h.bin);
-    c.args(["grab", &MIB.to_string()])
-        .env("LD_LIBRARY_PATH", &h.libdir)
-        .env("LD_PRELOAD", &h.limiter);
-    ns::confine(&mut c, empty.path());
-    let out = c.output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "allocated without a config: {stdout}{stderr}"
-    );
-    assert!(stdout.contains("REFUSED 2"), "{stdout}{stderr}");
-    assert_eq!(
-        stderr.matches("gpuvisor limiter:").count(),
-        1,
-        "one message on stderr: {stderr}"
-    );
-    assert!(stderr.contains("/etc/gpuvisor/limiter.conf"), "{stderr}");
+    // Linear allocations, and cuMemCreate (whose device is checked before the quota).
+    for mode in ["grab", "grabvmm"] {
+        let mut c = Command::new(&h.bin);
+        c.args([mode, &MIB.to_string()])
+            .env("LD_LIBRARY_PATH", &h.libdir)
+            .env("LD_PRELOAD", &h.limiter);
+        ns::confine(&mut c, empty.path());
+        let out = c.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{mode}: allocated without a config: {stdout}{stderr}"
+        );
+        assert!(stdout.contains("REFUSED 2"), "{mode}: {stdout}{stderr}");
+        assert_eq!(
+            stderr.matches("gpuvisor limiter:").count(),
+            1,
+            "one message on stderr: {stderr}"
+        );
+        assert!(stderr.contains("/etc/gpuvisor/limiter.conf"), "{stderr}");
+    }
 }
 
 /// An unreadable region (the config names files that are not there) is fail-closed as well.

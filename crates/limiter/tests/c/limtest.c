@@ -705,6 +705,21 @@ static int mode_grab(u64 bytes) {
     return 1;
 }
 
+/* `grabvmm N`: the same through cuMemCreate (by dlsym). */
+static int mode_grabvmm(u64 bytes) {
+    cuInit(0);
+    g_api = api_for("dlsym");
+    PROP prop = {.type = 1, .locType = 1, .locId = 0};
+    u64 h;
+    CUresult rc = g_api.memCreate(&h, bytes, &prop, 0);
+    if (rc == 0) {
+        printf("GOT %llu\n", bytes);
+        return 0;
+    }
+    printf("REFUSED %d\n", rc);
+    return 1;
+}
+
 /* The quota still holds: total reported is q, one byte over q is refused. */
 static int mode_over(u64 q) {
     cuInit(0);
@@ -892,6 +907,7 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "v1")) return mode_v1();
     if (!strcmp(m, "hold")) return mode_hold(arg);
     if (!strcmp(m, "grab")) return mode_grab(arg);
+    if (!strcmp(m, "grabvmm")) return mode_grabvmm(arg);
     if (!strcmp(m, "over")) return mode_over(arg);
     if (!strcmp(m, "race")) return mode_race(arg);
     if (!strcmp(m, "latefree")) return mode_latefree(arg);
