@@ -1303,6 +1303,9 @@ pub unsafe extern "C" fn gvh_cuMemCreate(
             return real(); // host memory: not VRAM
         }
         let Some(dev) = limited_dev(head.location_id) else {
+            if matches!(mode(), Mode::Closed) {
+                return CUDA_ERROR_OUT_OF_MEMORY;
+            }
             return real();
         };
         counted_alloc(Some(dev), bytes as u64, Kind::Handle, real, || read(handle))
