@@ -236,6 +236,8 @@ impl Limiters {
         for p in [
             self.limits_path(id),
             self.usage_path(id),
+            // The single region file of layout 1 (daemons before the split).
+            self.dir.join(format!("{id}.region")),
             self.config_path(id),
             self.preload_path(id),
         ] {
