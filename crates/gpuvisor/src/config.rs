@@ -315,4 +315,24 @@ mod tests {
         std::fs::write(&f, "stop_grace = \"soon\"\n").unwrap();
         assert!(Config::load(Some(&f), &ConfigOverrides::default()).is_err());
     }
+
+    #[test]
+    fn limiter_over_quota_action() {
+        use gpuvisor_node::limiter::OverQuotaAction;
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        let none = ConfigOverrides::default();
+        assert_eq!(
+            Config::load(None, &none).unwrap().limiter_over_quota,
+            OverQuotaAction::Kill
+        );
+        std::fs::write(&f, "limiter_over_quota = \"event\"\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&f), &none).unwrap().limiter_over_quota,
+            OverQuotaAction::Event
+        );
+        std::fs::write(&f, "limiter_over_quota = \"ignore\"\n").unwrap();
+        let e = Config::load(Some(&f), &none).unwrap_err().to_string();
+        assert!(e.contains("kill"), "{e}");
+    }
 }
