@@ -39,7 +39,11 @@ pub(crate) const BURST_NS: u64 = 2_000_000;
 pub(crate) const MAX_INTERVAL_NS: u64 = 100_000_000;
 
 /// The share the instance may use now: its own, and for a low-priority instance no more than
-/// what high-priority instances on the GPU leave idle.
+/// what high-priority instances on the GPU leave idle (the daemon publishes their summed
+/// utilisation per GPU). Placement never hands out more than a whole GPU in shares, so while
+/// every instance keeps to its share a low-priority one never has to yield; it yields when
+/// high-priority work runs above its own share: while that instance's controller settles, or
+/// for work the limiter cannot pace.
 pub(crate) fn effective_share(priority: Priority, share_bp: u32, high_util_bp: u32) -> u32 {
     let share = share_bp.min(FULL_SHARE_BP);
     match priority {
