@@ -3,9 +3,11 @@
 
 Needs only Python, PyTorch with CUDA, the NVIDIA driver (libnvidia-ml.so.1, nvidia-smi) and the
 built libgpuvisor_limiter.so: no internet, no daemon. This script plays the daemon: it writes
-the shared region (layout of crates/limiter/src/shm.rs, offsets pinned by the Rust test
-`offsets_used_by_the_python_gpu_check`), the config file, and publishes utilisation samples
-from NVML.
+the region's limits and usage files (layout of crates/limiter/src/shm.rs, offsets pinned by the
+Rust test `offsets_used_by_the_python_gpu_check`) and the config file, publishes utilisation
+samples from NVML and runs the compute-share controller (as `Region::publish_sample` does).
+Children run in a private mount namespace with their config bound at /etc/gpuvisor (the only
+path the library reads): run as root, with util-linux `unshare`.
 
 Usage: limiter_gpu.py --lib path/to/libgpuvisor_limiter.so [--quick] [--out results.md]
 Each check runs in a child process (`child <name> ...`) under LD_PRELOAD.
@@ -24,44 +26,95 @@ import time
 
 MIB = 1 << 20
 # ---- region layout (crates/limiter/src/shm.rs) ----
-MAGIC = int.from_bytes(b"GPUVLIM1", "little")
-LAYOUT_VERSION = 1
+# Two files: the limits (the daemon's; read-only to the instance) and the usage (the processes').
+MAGIC_LIMITS = int.from_bytes(b"GPUVLIML", "little")
+MAGIC_USAGE = int.from_bytes(b"GPUVLIMU", "little")
+LAYOUT_VERSION = 2
 MAX_DEVICES, MAX_SLOTS = 8, 256
-REGION_BYTES = 64 + MAX_DEVICES * 256 + MAX_SLOTS * 128
+LIMITS_BYTES = 64 + MAX_DEVICES * 64
+USAGE_BYTES = 64 + MAX_DEVICES * 128 + MAX_SLOTS * 128
 DEV0 = 64
-OFF_QUOTA, OFF_USED, OFF_SHARE, OFF_UTIL, OFF_HIGH, OFF_SEQ = 0, 8, 64, 68, 72, 80
-OFF_INTERVAL, OFF_LAUNCHES = 136, 200
+# limits, per device
+OFF_QUOTA, OFF_SHARE, OFF_UTIL, OFF_HIGH, OFF_SEQ = 0, 8, 12, 16, 24
+OFF_INTERVAL, OFF_CTL_LAUNCHES, OFF_CTL_TIME = 32, 40, 48
+# usage, per device
+OFF_USED, OFF_LAUNCHES = 0, 72
+
+# ---- the compute-share controller (crates/limiter/src/throttle.rs), which runs in the daemon ----
+GAIN, MAX_UP, MAX_DOWN, MAX_INTERVAL_NS, FULL_SHARE_BP = 0.5, 2.0, 0.125, 100_000_000, 10_000
+
+
+def next_interval(launches, dt_ns, util_bp, share_bp, prev_ns):
+    if launches == 0 or dt_ns == 0:
+        return None
+    achieved = launches * 1e9 / dt_ns
+    factor = MAX_UP if util_bp == 0 else min(max((share_bp / util_bp) ** GAIN, MAX_DOWN), MAX_UP)
+    iv = int(min(max(1e9 / (achieved * factor), 1.0), MAX_INTERVAL_NS))
+    if util_bp > share_bp > 0:
+        grow = min((util_bp / share_bp) ** GAIN, 1 / MAX_DOWN)
+        iv = max(iv, int(min(max(prev_ns, 1) * grow, MAX_INTERVAL_NS)))
+    return iv
 
 
 class Region:
-    def __init__(self, path, quota, share_bp, priority_high=True):
-        self.path = path
-        buf = bytearray(REGION_BYTES)
-        struct.pack_into("<Q", buf, 0, MAGIC)
-        struct.pack_into("<III", buf, 8, LAYOUT_VERSION, 1, 1 if priority_high else 0)
-        struct.pack_into("<Q", buf, DEV0 + OFF_QUOTA, quota)
-        struct.pack_into("<I", buf, DEV0 + OFF_SHARE, share_bp)
-        with open(path, "wb") as f:
-            f.write(buf)
-        os.chmod(path, 0o666)
-        self.f = open(path, "r+b")
-        self.m = mmap.mmap(self.f.fileno(), REGION_BYTES)
+    def __init__(self, dirpath, quota, share_bp, priority_high=True):
+        self.limits_path = os.path.join(dirpath, "limiter.limits")
+        self.usage_path = os.path.join(dirpath, "limiter.usage")
+        lim = bytearray(LIMITS_BYTES)
+        struct.pack_into("<Q", lim, 0, MAGIC_LIMITS)
+        struct.pack_into("<III", lim, 8, LAYOUT_VERSION, 1, 1 if priority_high else 0)
+        struct.pack_into("<Q", lim, DEV0 + OFF_QUOTA, quota)
+        struct.pack_into("<I", lim, DEV0 + OFF_SHARE, share_bp)
+        use = bytearray(USAGE_BYTES)
+        struct.pack_into("<Q", use, 0, MAGIC_USAGE)
+        struct.pack_into("<I", use, 8, LAYOUT_VERSION)
+        for path, buf, mode in ((self.limits_path, lim, 0o644), (self.usage_path, use, 0o666)):
+            with open(path, "wb") as f:
+                f.write(buf)
+            os.chmod(path, mode)
+        self.lf = open(self.limits_path, "r+b")
+        self.lm = mmap.mmap(self.lf.fileno(), LIMITS_BYTES)
+        self.uf = open(self.usage_path, "r+b")
+        self.um = mmap.mmap(self.uf.fileno(), USAGE_BYTES)
+        self.share_bp = min(share_bp, FULL_SHARE_BP)
 
-    def u64(self, off):
-        return struct.unpack_from("<Q", self.m, DEV0 + off)[0]
+    def lim_u64(self, off):
+        return struct.unpack_from("<Q", self.lm, DEV0 + off)[0]
+
+    def used(self):
+        return struct.unpack_from("<Q", self.um, DEV0 + OFF_USED)[0]
+
+    def launches(self):
+        return struct.unpack_from("<Q", self.um, DEV0 + OFF_LAUNCHES)[0]
 
     def publish(self, util_bp, high_bp=0):
-        struct.pack_into("<I", self.m, DEV0 + OFF_UTIL, int(util_bp))
-        struct.pack_into("<I", self.m, DEV0 + OFF_HIGH, int(high_bp))
-        struct.pack_into("<Q", self.m, DEV0 + OFF_SEQ, self.u64(OFF_SEQ) + 1)
+        """The daemon's sample: the feed, and one controller step (Region::publish_sample)."""
+        util_bp = min(int(util_bp), FULL_SHARE_BP)
+        struct.pack_into("<I", self.lm, DEV0 + OFF_UTIL, util_bp)
+        struct.pack_into("<I", self.lm, DEV0 + OFF_HIGH, int(high_bp))
+        now, launches = time.monotonic_ns(), self.launches()
+        prev_l, prev_t = self.lim_u64(OFF_CTL_LAUNCHES), self.lim_u64(OFF_CTL_TIME)
+        struct.pack_into("<QQ", self.lm, DEV0 + OFF_CTL_LAUNCHES, launches, now)
+        if self.share_bp >= FULL_SHARE_BP:
+            struct.pack_into("<Q", self.lm, DEV0 + OFF_INTERVAL, 0)
+        elif prev_t and now > prev_t:
+            iv = next_interval(launches - prev_l, now - prev_t, util_bp, self.share_bp,
+                               self.lim_u64(OFF_INTERVAL))
+            if iv is not None:
+                struct.pack_into("<Q", self.lm, DEV0 + OFF_INTERVAL, iv)
+        struct.pack_into("<Q", self.lm, DEV0 + OFF_SEQ, self.lim_u64(OFF_SEQ) + 1)
 
 
 def make_instance(tmp, name, quota, share_pct, context_bytes=0):
-    region = Region(os.path.join(tmp, name + ".shm"), quota, int(share_pct * 100))
-    conf = os.path.join(tmp, name + ".conf")
-    with open(conf, "w") as f:
-        f.write(f"region={region.path}\ncontext_bytes={context_bytes}\n")
-    return region, conf
+    """A region and its config in a directory of their own, which the child sees bound over
+    /etc/gpuvisor (the only place the library reads its config)."""
+    d = os.path.join(tmp, name)
+    os.makedirs(d)
+    region = Region(d, quota, int(share_pct * 100))
+    with open(os.path.join(d, "limiter.conf"), "w") as f:
+        f.write(f"limits={region.limits_path}\nusage={region.usage_path}\n"
+                f"context_bytes={context_bytes}\n")
+    return region, d
 
 
 # ---- NVML via ctypes (no pynvml on the GPU machine) ----
@@ -210,13 +263,18 @@ class Runner:
         e = dict(os.environ)
         if conf:
             e["LD_PRELOAD"] = self.lib
-            e["GPUVISOR_LIMITER_CONFIG"] = conf
         e.update(extra or {})
         return e
 
     def spawn(self, conf, *args, extra=None):
-        return subprocess.Popen([sys.executable, __file__, "child", *map(str, args)],
-                                env=self.env(conf, extra), stdout=subprocess.PIPE, text=True)
+        """`conf`: the instance's directory (holding limiter.conf), bound over /etc/gpuvisor in
+        a private mount namespace, as the daemon binds it into an instance. Needs root."""
+        cmd = [sys.executable, __file__, "child", *map(str, args)]
+        if conf:
+            os.makedirs("/etc/gpuvisor", exist_ok=True)
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount --bind "$0" /etc/gpuvisor && exec "$@"', conf, *cmd]
+        return subprocess.Popen(cmd, env=self.env(conf, extra), stdout=subprocess.PIPE, text=True)
 
     def run(self, conf, *args, extra=None):
         p = self.spawn(conf, *args, extra=extra)
@@ -253,11 +311,11 @@ def main():
         region, conf_a = make_instance(tmp, "alloc" + str(len(results)), quota, 100)
         x = r.run(conf_a, "alloc", quota, extra=extra)
         check("alloc up to quota, OOM beyond" + label, x["ok_up_to_quota"] and x["oom_beyond"],
-              json.dumps(x) + f" region used after exit={region.u64(OFF_USED)}")
+              json.dumps(x) + f" region used after exit={region.used()}")
     region, conf_g = make_instance(tmp, "graph", quota, 100)
     g = r.run(conf_g, "graph")
-    check("CUDA graph capture + replay", g["graph_ok"] and region.u64(OFF_LAUNCHES) >= 50,
-          f"{g}, launches through the gate={region.u64(OFF_LAUNCHES)}")
+    check("CUDA graph capture + replay", g["graph_ok"] and region.launches() >= 50,
+          f"{g}, launches through the gate={region.launches()}")
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=memory.total,memory.used",
                               "--format=csv,noheader,nounits", "-i", "0"],

@@ -69,6 +69,7 @@ impl Host {
             root: fx.root(),
             limiter_lib: None,
             limiter_context_bytes: 0,
+            limiter_over_quota: Default::default(),
         };
         let node = tokio::task::spawn_blocking(move || Node::open(cfg))
             .await

@@ -1535,6 +1535,7 @@ mod tests {
             command: vec![],
             ip: None,
             gpu_usage: vec![],
+            gpu_fraction: None,
             priority: Default::default(),
             interruptible: false,
             created_at: 0,

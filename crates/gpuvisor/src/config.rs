@@ -31,6 +31,8 @@ pub struct Config {
     pub limiter_lib: Option<PathBuf>,
     /// Bytes the limiter charges each process for its CUDA context (measure per GPU model).
     pub limiter_context_bytes: u64,
+    /// What to do with an instance the driver shows over its VRAM quota: kill (default) or event.
+    pub limiter_over_quota: gpuvisor_node::limiter::OverQuotaAction,
     /// Which GPUs an instance gets and whom preemption evicts (gpuvisor_scheduler policies).
     pub placement_policy: gpuvisor_scheduler::Policy,
     /// A GPU at or above this temperature (°C) raises a thermal alarm.
@@ -101,6 +103,7 @@ impl Default for Config {
             admin_key_file: None,
             limiter_lib: None,
             limiter_context_bytes: 0,
+            limiter_over_quota: Default::default(),
             placement_policy: gpuvisor_scheduler::Policy::GvFrag,
             thermal_ceiling_c: 85.0,
             metrics_token: None,
@@ -127,6 +130,7 @@ struct FileConfig {
     admin_key_file: Option<PathBuf>,
     limiter_lib: Option<PathBuf>,
     limiter_context_bytes: Option<String>,
+    limiter_over_quota: Option<String>,
     placement_policy: Option<String>,
     thermal_ceiling_c: Option<f64>,
     metrics_token: Option<String>,
@@ -167,6 +171,10 @@ pub struct ConfigOverrides {
     /// libgpuvisor_limiter.so to inject for fractional GPUs.
     #[arg(long)]
     pub limiter_lib: Option<PathBuf>,
+    /// An instance whose processes hold more GPU memory than its quota (NVML's count): kill its
+    /// processes on that GPU and record an event (kill, the default), or only record it (event).
+    #[arg(long)]
+    pub limiter_over_quota: Option<String>,
     /// Placement policy: gvfrag (default), fgd, bestfit, spread, random.
     #[arg(long)]
     pub placement_policy: Option<String>,
@@ -267,6 +275,9 @@ impl Config {
                     c.network.deny = net_rules("deny", &v)?;
                 }
             }
+            if let Some(v) = f.limiter_over_quota {
+                c.limiter_over_quota = v.parse().map_err(anyhow::Error::msg)?;
+            }
             if let Some(v) = f.limiter_context_bytes {
                 c.limiter_context_bytes = gpuvisor_wire::parse_size(&v)
                     .with_context(|| format!("limiter_context_bytes {v:?}"))?;
@@ -304,6 +315,9 @@ impl Config {
         }
         if o.limiter_lib.is_some() {
             c.limiter_lib = o.limiter_lib.clone();
+        }
+        if let Some(v) = &o.limiter_over_quota {
+            c.limiter_over_quota = v.parse().map_err(anyhow::Error::msg)?;
         }
         if o.no_nat {
             c.nat = false;
@@ -443,5 +457,25 @@ mod tests {
             );
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn limiter_over_quota_action() {
+        use gpuvisor_node::limiter::OverQuotaAction;
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        let none = ConfigOverrides::default();
+        assert_eq!(
+            Config::load(None, &none).unwrap().limiter_over_quota,
+            OverQuotaAction::Kill
+        );
+        std::fs::write(&f, "limiter_over_quota = \"event\"\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&f), &none).unwrap().limiter_over_quota,
+            OverQuotaAction::Event
+        );
+        std::fs::write(&f, "limiter_over_quota = \"ignore\"\n").unwrap();
+        let e = Config::load(Some(&f), &none).unwrap_err().to_string();
+        assert!(e.contains("kill"), "{e}");
     }
 }

@@ -269,6 +269,9 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
             .collect(),
     );
     list("Env", i.env.clone());
+    if let Some(f) = &i.gpu_fraction {
+        out.push_str(&format!("{:<width$}{}\n", "Fraction:", f.summary));
+    }
     out
 }
 
@@ -602,6 +605,7 @@ mod tests {
             command: vec!["python".into(), "train.py".into()],
             ip: Some("10.77.0.2".into()),
             gpu_usage: vec![],
+            gpu_fraction: None,
             priority: Default::default(),
             interruptible: false,
             created_at: NOW - 5 * 60 * 1000,

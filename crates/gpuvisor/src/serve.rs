@@ -53,6 +53,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         root: HostRoot::real(),
         limiter_lib: cfg.limiter_lib.clone(),
         limiter_context_bytes: cfg.limiter_context_bytes,
+        limiter_over_quota: cfg.limiter_over_quota,
     };
     let policy = gpuvisor_node::net::NetPolicy {
         prefix: cfg.network.prefix.clone(),

@@ -5,101 +5,10 @@
 
 mod common;
 use common::{serial, Daemon};
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
-/// Builds the limiter and the fake driver (into their own target dir: `cargo test` does not
-/// refresh cdylibs) and returns (limiter, fake libcuda).
-fn build_libs() -> (PathBuf, PathBuf) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dir = root.join("target/limiter-tests");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "--offline",
-            "-p",
-            "gpuvisor-fakecuda",
-            "-p",
-            "gpuvisor-limiter",
-            "--lib",
-        ])
-        .env("CARGO_TARGET_DIR", &dir)
-        .current_dir(&root)
-        .status()
-        .unwrap();
-    assert!(
-        st.success(),
-        "building the limiter and the fake libcuda failed"
-    );
-    (
-        dir.join("debug/libgpuvisor_limiter.so"),
-        dir.join("debug/libcuda.so"),
-    )
-}
-
-/// Copies a host file into the rootfs at the same path.
-fn copy_in(rootfs: &Path, host: &Path) {
-    let dest = rootfs.join(host.strip_prefix("/").unwrap());
-    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-    std::fs::copy(host, &dest).unwrap();
-}
-
-/// The shared libraries `ldd` names for `bin`.
-fn ldd(bin: &Path) -> Vec<PathBuf> {
-    let out = Command::new("ldd").arg(bin).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find(|w| w.starts_with('/'))
-                .map(PathBuf::from)
-        })
-        .filter(|p| !p.to_string_lossy().contains("libcuda"))
-        .collect()
-}
-
-/// busybox + glibc + the fake driver + the limiter's C test program.
-fn cuda_rootfs(fake: &Path, limiter: &Path) -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("gv-cuda-rootfs")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let root = dir.path().join("rootfs");
-    let st = Command::new(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-busybox-rootfs"),
-    )
-    .arg(&root)
-    .stdout(std::process::Stdio::null())
-    .status()
-    .unwrap();
-    assert!(st.success());
-    let libdir = root.join("usr/lib/x86_64-linux-gnu");
-    std::fs::create_dir_all(&libdir).unwrap();
-    for name in ["libcuda.so.1", "libcuda.so", "libnvidia-ml.so.1"] {
-        std::fs::copy(fake, libdir.join(name)).unwrap();
-    }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../limiter/tests/c/limtest.c");
-    let bin = root.join("bin/limtest");
-    let out = Command::new("cc")
-        .args(["-O1", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .arg(format!("-L{}", libdir.display()))
-        .args(["-lcuda", "-ldl"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cc limtest.c: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for lib in ldd(&bin).into_iter().chain(ldd(limiter)) {
-        copy_in(&root, &lib);
-    }
-    dir
-}
+#[path = "attacks/limiter_rootfs.rs"]
+mod limiter_rootfs;
+use limiter_rootfs::{build_libs, cuda_rootfs};
 
 #[test]
 fn fractional_gpu_instance_sees_its_quota_through_the_injected_limiter() {
@@ -142,7 +51,7 @@ fn fractional_gpu_instance_sees_its_quota_through_the_injected_limiter() {
     assert_eq!(
         d.exec(
             &id,
-            "test -f /etc/gpuvisor/limiter.conf && test -f /run/gpuvisor/limiter.region"
+            "test -f /etc/gpuvisor/limiter.conf && test -f /run/gpuvisor/limiter.limits && test -f /run/gpuvisor/limiter.usage"
         )
         .0,
         0
@@ -193,5 +102,140 @@ fn whole_gpu_instance_runs_without_the_limiter() {
         d.exec(&id, "test -e /etc/ld.so.preload").0,
         0,
         "no preload for a whole GPU"
+    );
+}
+
+/// Launches through the limiter of instance `id` so far (the usage file's counter of GPU 0).
+fn launches(d: &Daemon, id: &str) -> u64 {
+    let bytes = std::fs::read(d.data().join("limiter").join(format!("{id}.usage"))).unwrap();
+    // Usage layout: 64-byte header, then per GPU `used` (line 1), `tat_ns` and `launches`
+    // (line 2): see `shm::tests::offsets_used_by_the_python_gpu_check`.
+    u64::from_le_bytes(bytes[136..144].try_into().unwrap())
+}
+
+fn init_pid(d: &Daemon, id: &str) -> u32 {
+    std::fs::read_to_string(d.data().join("bundles").join(id).join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Priorities end to end: a low-priority fraction's kernel launch rate drops while a
+/// high-priority instance on the same GPU is busy, and comes back once it is idle. The test
+/// plays the GPU: every 100 ms it turns each instance's launch rate into the per-process SM
+/// utilisation the simulated driver reports (one fake launch is 1 ms of GPU time), and while
+/// the high-priority instance "runs" it reports it at 90 %. The daemon samples those readings,
+/// publishes the high-priority load of the GPU to the low-priority instance, and its controller
+/// spaces the launches. Rates are compared with each other, never with a clock.
+#[test]
+fn a_low_priority_fraction_yields_to_a_busy_high_priority_one() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let _s = serial();
+    let (limiter, fake) = build_libs();
+    let rootfs = cuda_rootfs(&fake, &limiter);
+    let d = Daemon::start_with_gpus("1xA100-80GB", &["--limiter-lib", limiter.to_str().unwrap()]);
+    d.json(&[
+        "image",
+        "import",
+        rootfs.path().join("rootfs").to_str().unwrap(),
+        "--name",
+        "busybox",
+    ]);
+    let common = [
+        "--vram",
+        "64MiB",
+        "--memory",
+        "128MiB",
+        "--container-disk",
+        "128MiB",
+    ];
+    let mut args = vec!["--gpu-fraction", "0.5", "--priority", "low"];
+    args.extend(common);
+    args.extend([
+        "--env",
+        "FAKECUDA_LAUNCH_NS=1000000",
+        "--",
+        "limtest",
+        "rate",
+        "100000",
+    ]);
+    let low = d.create(&args);
+    let mut args = vec!["--gpu-fraction", "0.4", "--priority", "high"];
+    args.extend(common);
+    args.extend(["--", "sleep", "1000000"]);
+    let high = d.create(&args);
+    let inst = d.json(&["instance", "get", &low]);
+    assert_eq!(
+        inst["gpu_fraction"]["compute_share_enforced"], true,
+        "the simulated backend measures per-process utilisation: {inst}"
+    );
+    let (low_pid, high_pid) = (init_pid(&d, &low), init_pid(&d, &high));
+
+    // The GPU model.
+    let procs = d.data().join("dev/nvidia0.procs");
+    let high_busy = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
+    let model = {
+        let (d_data, low_id) = (d.data(), low.clone());
+        let (high_busy, stop, samples, procs) = (
+            high_busy.clone(),
+            stop.clone(),
+            samples.clone(),
+            procs.clone(),
+        );
+        std::thread::spawn(move || {
+            let read = || {
+                let b =
+                    std::fs::read(d_data.join("limiter").join(format!("{low_id}.usage"))).unwrap();
+                u64::from_le_bytes(b[136..144].try_into().unwrap())
+            };
+            let mut last = (Instant::now(), read());
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = (Instant::now(), read());
+                let rate = (now.1 - last.1) as f64 / now.0.duration_since(last.0).as_secs_f64();
+                let util = (rate / 10.0).clamp(0.0, 100.0) as u32;
+                let mut text = format!("{low_pid} sm={util}\n");
+                if high_busy.load(Ordering::Relaxed) {
+                    text.push_str(&format!("{high_pid} sm=90\n"));
+                }
+                std::fs::write(&procs, text).unwrap();
+                samples.lock().unwrap().push(now);
+                last = now;
+            }
+        })
+    };
+    // Launch rate over the second half of a phase of `secs`.
+    let phase = |secs: u64| -> f64 {
+        std::thread::sleep(Duration::from_secs(secs) / 2);
+        let a = (Instant::now(), launches(&d, &low));
+        std::thread::sleep(Duration::from_secs(secs) / 2);
+        let b = (Instant::now(), launches(&d, &low));
+        (b.1 - a.1) as f64 / b.0.duration_since(a.0).as_secs_f64()
+    };
+    let alone = phase(6);
+    high_busy.store(true, Ordering::Relaxed);
+    let yielding = phase(6);
+    high_busy.store(false, Ordering::Relaxed);
+    let after = phase(6);
+    stop.store(true, Ordering::Relaxed);
+    model.join().unwrap();
+    eprintln!("low-priority launch rate: alone {alone:.0}/s, high busy {yielding:.0}/s, after {after:.0}/s");
+    let usage = d.json(&["instance", "get", &low]);
+    assert!(
+        alone > 0.0,
+        "the low-priority instance never launched: {usage}"
+    );
+    assert!(
+        yielding < 0.6 * alone,
+        "did not yield: {alone:.0}/s alone, {yielding:.0}/s next to a busy high-priority instance"
+    );
+    assert!(
+        after > 1.6 * yielding,
+        "did not recover: {yielding:.0}/s while yielding, {after:.0}/s after"
     );
 }

@@ -3,14 +3,23 @@
 //! fake driver directly. Both shared objects are built in release mode into
 //! `<target>/limiter-bench`; the measuring loop is C (`overhead.c`), as an application would be.
 //!
-//! Run: `cargo bench -p gpuvisor-limiter --bench overhead` (prints a table; figures go in
-//! `docs/bench/limiter.md`).
+//! A second table: 10^7 alloc/free cycles through the limiter (`overhead churn`), ns per cycle
+//! for the first and every following million, and the cost of a free the table does not know
+//! (a lookup that misses), which is what grew without bound while deleted entries stayed in the
+//! table as tombstones.
+//!
+//! Run: `cargo bench -p gpuvisor-limiter --bench overhead` (prints the tables; figures go in
+//! `docs/bench/limiter.md`). Needs root: the limited runs get a private mount namespace with the
+//! config at the one path the library reads (see `tests/ns`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gpuvisor_limiter::config::{Config, ENV_PATH};
+#[path = "../tests/ns/mod.rs"]
+mod ns;
+
+use gpuvisor_limiter::config::Config;
 use gpuvisor_limiter::shm::{DeviceLimit, Priority, Region, RegionSpec, FULL_SHARE_BP};
 
 fn main() {
@@ -46,9 +55,11 @@ fn main() {
         .unwrap();
     assert!(cc.success(), "compiling overhead.c failed");
 
-    let region_path = dir.path().join("r.shm");
+    let limits = dir.path().join("r.limits");
+    let usage = dir.path().join("r.usage");
     let _region = Region::create(
-        &region_path,
+        &limits,
+        &usage,
         &RegionSpec {
             devices: vec![DeviceLimit {
                 quota_bytes: 1 << 40,
@@ -59,13 +70,14 @@ fn main() {
     )
     .unwrap();
     let conf = dir.path().join("limiter.conf");
-    Config::new(&region_path).write(&conf).unwrap();
+    Config::new(&limits, &usage).write(&conf).unwrap();
 
     let run = |preload: Option<&PathBuf>| -> (f64, f64) {
         let mut c = Command::new(&bin);
         c.arg("4000000").env("LD_LIBRARY_PATH", &lib);
         if let Some(p) = preload {
-            c.env("LD_PRELOAD", p).env(ENV_PATH, &conf);
+            c.env("LD_PRELOAD", p);
+            ns::confine(&mut c, dir.path());
         }
         let o = c.output().unwrap();
         assert!(o.status.success());
@@ -96,4 +108,21 @@ fn main() {
         limited.1,
         limited.1 - direct.1
     );
+
+    let mut c = Command::new(&bin);
+    c.args(["churn", "10000000"])
+        .env("LD_LIBRARY_PATH", &lib)
+        .env("LD_PRELOAD", rel.join("libgpuvisor_limiter.so"));
+    ns::confine(&mut c, dir.path());
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    println!();
+    println!("| million | alloc + free through the limiter (ns per cycle) | free of an unknown pointer (ns) |");
+    println!("|---|---|---|");
+    for l in String::from_utf8_lossy(&o.stdout).lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() == 4 && f[0] == "churn" {
+            println!("| {} | {} | {} |", f[1], f[2], f[3]);
+        }
+    }
 }

@@ -12,13 +12,24 @@
 //!   `libcuda.so.1` / `libnvidia-ml.so.1`, lazily, and cached in one atomic pointer per hook;
 //!   `cuGetProcAddress` may fill in entries the driver does not export.
 //! - **Lazy start.** `/etc/ld.so.preload` loads us into every process of the instance (shells,
-//!   `ls`), so nothing happens at load: the first hook call reads the config, maps the region,
-//!   takes a process slot and reclaims dead processes' usage. Later calls check one atomic.
+//!   `ls`), so nothing happens at load: the first hook call reads the config (only from
+//!   `config::PATH`, never from the environment), maps the region, takes a process slot and
+//!   reclaims dead processes' usage. Later calls check one atomic.
+//! - **Fail closed.** A missing, unreadable or invalid config, or a region that cannot be mapped,
+//!   refuses every allocation with `CUDA_ERROR_OUT_OF_MEMORY` (the driver is not called) and says
+//!   why once on stderr: the library is only injected where limits apply.
 //! - **Errors.** A hook never unwinds into C: each body runs under `catch_unwind` and a panic
 //!   becomes `CUDA_ERROR_UNKNOWN` (or a null pointer from `dlsym`).
 //! - **Over quota** the driver is not called at all, so nothing is allocated. Charges happen
 //!   before the driver call and are returned if it fails; frees return the charge only when the
 //!   driver succeeded.
+//! - **Nothing ahead of us.** `LD_PRELOAD` stays the user's, and the dynamic loader puts its
+//!   libraries *before* `/etc/ld.so.preload`'s in the global scope: preloading the driver (or
+//!   anything defining driver entry points) would have the application's calls bind to it and
+//!   never reach a hook. So when `LD_PRELOAD` is set, a constructor checks that every hooked
+//!   `cu*`/`nvml*` name resolves to this library, and otherwise stops the process with a message
+//!   (`on_load`). A wrapper of the user's that forwards with `dlsym(RTLD_NEXT, …)` would be safe
+//!   but cannot be told apart, so it is refused as well.
 //! - **Fork.** A child gets its own slot and an empty allocation table (atfork handler); the
 //!   region mapping is inherited.
 #![allow(non_snake_case)]
@@ -29,7 +40,7 @@ use std::panic::AssertUnwindSafe;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use crate::config::{Config, DEFAULT_PATH, ENV_PATH};
+use crate::config::{Config, PATH};
 use crate::procaddr;
 use crate::shm::{self, Layout, Region, Slot, MAX_DEVICES};
 use crate::table::{self, Kind};
@@ -260,7 +271,7 @@ const READY: u32 = 2;
 
 static STATE: AtomicU32 = AtomicU32::new(UNINIT);
 static CONFIG_LOADED: AtomicBool = AtomicBool::new(false);
-static LAYOUT: AtomicPtr<Layout> = AtomicPtr::new(null_mut());
+static LAYOUT: AtomicPtr<Layout<'static>> = AtomicPtr::new(null_mut());
 static FAIL_CLOSED: AtomicBool = AtomicBool::new(false);
 static SLOT: AtomicPtr<Slot> = AtomicPtr::new(null_mut());
 static NDEV: AtomicUsize = AtomicUsize::new(0);
@@ -271,11 +282,12 @@ thread_local! {
 }
 
 enum Mode {
-    /// No configuration: this process is not limited.
+    /// After the library's exit handler gave this process's usage back: pass through (see
+    /// `at_exit`).
     Pass,
-    /// Configured but the region is unusable: refuse allocations rather than run unlimited.
+    /// No usable configuration or region: refuse allocations rather than run unlimited.
     Closed,
-    Limit(&'static Layout, Option<&'static Slot>),
+    Limit(Layout<'static>, Option<&'static Slot>),
 }
 
 #[inline]
@@ -292,8 +304,8 @@ fn mode() -> Mode {
         };
     }
     let s = SLOT.load(Ordering::Acquire);
-    // SAFETY: LAYOUT is a leaked, never-unmapped region mapping; SLOT points into it.
-    unsafe { Mode::Limit(&*l, s.as_ref()) }
+    // SAFETY: LAYOUT is a leaked Box of leaked, never-unmapped mappings; SLOT points into them.
+    unsafe { Mode::Limit(*l, s.as_ref()) }
 }
 
 #[cold]
@@ -330,7 +342,7 @@ fn init() {
     }
     let l = LAYOUT.load(Ordering::Acquire);
     // SAFETY: as in `mode`.
-    let Some(l) = (unsafe { l.as_ref() }) else {
+    let Some(&l) = (unsafe { l.as_ref() }) else {
         return;
     };
     shm::reclaim_local(l);
@@ -343,29 +355,124 @@ fn init() {
 }
 
 fn load_config() {
-    let path = std::env::var_os(ENV_PATH)
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| DEFAULT_PATH.into());
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-        Err(_) => {
-            FAIL_CLOSED.store(true, Ordering::Relaxed);
-            return;
-        }
-    };
-    let Ok(config) = Config::parse(&text) else {
-        FAIL_CLOSED.store(true, Ordering::Relaxed);
-        return;
+    let config = match std::fs::read_to_string(PATH) {
+        Ok(text) => match Config::parse(&text) {
+            Ok(c) => c,
+            Err(e) => return fail_closed(&format!("{PATH}: {e}")),
+        },
+        Err(e) => return fail_closed(&format!("cannot read {PATH}: {e}")),
     };
     CTX_BYTES.store(config.context_bytes, Ordering::Relaxed);
-    match Region::open(&config.region) {
-        Ok(r) => {
-            NDEV.store(r.devices().min(MAX_DEVICES), Ordering::Relaxed);
-            LAYOUT.store(std::ptr::from_ref(r.leak()).cast_mut(), Ordering::Release);
+    match Region::attach(&config.limits, &config.usage) {
+        Ok(l) => {
+            NDEV.store(l.ndev(), Ordering::Relaxed);
+            let l: &'static Layout<'static> = Box::leak(Box::new(l));
+            LAYOUT.store(std::ptr::from_ref(l).cast_mut(), Ordering::Release);
         }
-        Err(_) => FAIL_CLOSED.store(true, Ordering::Relaxed),
+        Err(e) => fail_closed(&format!(
+            "cannot map the accounting region {} + {}: {e}",
+            config.limits.display(),
+            config.usage.display()
+        )),
     }
+}
+
+/// No limits can be applied: every allocation of this process is refused. Said once, on stderr
+/// (written directly: the application's stdio may be in any state).
+#[cold]
+fn fail_closed(why: &str) {
+    FAIL_CLOSED.store(true, Ordering::Relaxed);
+    let msg = format!(
+        "gpuvisor limiter: {why}; this instance's GPU share cannot be enforced, so CUDA \
+         allocations are refused (CUDA_ERROR_OUT_OF_MEMORY)\n"
+    );
+    // SAFETY: writing a valid buffer to fd 2; a failed write is ignored.
+    unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+}
+
+/// Runs when the dynamic loader maps the library into a process (before `main`): see "Nothing
+/// ahead of us" above. Only `LD_PRELOAD` (and the executable itself) can put definitions ahead
+/// of a library from `/etc/ld.so.preload`, so without it this is one `getenv`.
+extern "C" fn on_load() {
+    let _ = std::panic::catch_unwind(|| {
+        if std::env::var_os("LD_PRELOAD").is_none_or(|v| v.is_empty()) || !is_interposer() {
+            return;
+        }
+        if let Some((name, object)) = shadowed_hook() {
+            let msg = format!(
+                "gpuvisor limiter: {object} (from LD_PRELOAD or the program) defines {name} ahead \
+                 of the GPU limiter, which would bypass this instance's GPU limits; stopping\n"
+            );
+            // SAFETY: writing a valid buffer to fd 2, then ending the process without running
+            // anything of it.
+            unsafe {
+                libc::write(2, msg.as_ptr().cast(), msg.len());
+                libc::_exit(126);
+            }
+        }
+    });
+}
+
+#[used]
+#[link_section = ".init_array"]
+static ON_LOAD: extern "C" fn() = on_load;
+
+/// Whether this code runs as the injected cdylib (which exports the hooks under the driver's
+/// names) rather than as the rlib linked into the daemon (which must not act here).
+fn is_interposer() -> bool {
+    let Some(dlsym) = real_dlsym() else {
+        return false;
+    };
+    let ours = gvh_cuMemAlloc_v2 as *mut c_void;
+    // SAFETY: Dl_info is plain C data; all zeroes is a valid value.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr with a valid out-struct, on the address of one of our functions.
+    let found_self = unsafe { libc::dladdr(ours, &mut info) } != 0;
+    if !found_self || info.dli_fname.is_null() {
+        return false;
+    }
+    // SAFETY: a NOLOAD dlopen of the object that holds this code, by the name the loader gave.
+    let h = unsafe { libc::dlopen(info.dli_fname, libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+    if h.is_null() {
+        return false;
+    }
+    // SAFETY: libc's dlsym on a live handle with a C string.
+    let found = unsafe { dlsym(h, c"cuMemAlloc_v2".as_ptr()) };
+    // SAFETY: dropping the reference the NOLOAD dlopen took.
+    unsafe { libc::dlclose(h) };
+    found == ours
+}
+
+/// The first hooked driver name whose global definition is not ours, and the object defining
+/// it.
+fn shadowed_hook() -> Option<(String, String)> {
+    let dlsym = real_dlsym()?;
+    for (i, name) in HOOK_NAMES.iter().enumerate() {
+        let b = name.to_bytes();
+        if !(b.starts_with(b"cu") || b.starts_with(b"nvml")) {
+            continue;
+        }
+        // SAFETY: libc's dlsym with a C string; RTLD_DEFAULT searches the global scope in load
+        // order (the executable, LD_PRELOAD, /etc/ld.so.preload, then the rest).
+        let p = unsafe { dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        if p.is_null() || p == hook_ptr(i) {
+            continue;
+        }
+        // SAFETY: Dl_info is plain C data; all zeroes is a valid value.
+        let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+        // SAFETY: dladdr with a valid out-struct, on an address the loader just returned.
+        let named = unsafe { libc::dladdr(p, &mut info) } != 0;
+        let object = if named && !info.dli_fname.is_null() {
+            // SAFETY: the loader's C string for the object.
+            unsafe { CStr::from_ptr(info.dli_fname) }
+                .to_string_lossy()
+                .into_owned()
+        } else {
+            "a library".into()
+        };
+        return Some((name.to_string_lossy().into_owned(), object));
+    }
+    None
 }
 
 extern "C" fn after_fork_child() {
@@ -384,7 +491,7 @@ extern "C" fn at_exit() {
     let l = LAYOUT.swap(null_mut(), Ordering::AcqRel);
     let s = SLOT.swap(null_mut(), Ordering::AcqRel);
     // SAFETY: as in `mode`; the slot was claimed by this process.
-    if let (Some(l), Some(s)) = unsafe { (l.as_ref(), s.as_ref()) } {
+    if let (Some(&l), Some(s)) = unsafe { (l.as_ref(), s.as_ref()) } {
         if s.pid.load(Ordering::Relaxed) == std::process::id() {
             shm::release_slot(l, s);
         }
@@ -425,7 +532,7 @@ fn ndev() -> usize {
 }
 
 #[inline]
-fn charge(l: &Layout, s: Option<&Slot>, dev: usize, bytes: u64) -> bool {
+fn charge(l: Layout<'_>, s: Option<&Slot>, dev: usize, bytes: u64) -> bool {
     shm::try_charge(l, s, dev, bytes) || {
         // Slow path: a dead peer may still hold memory.
         shm::reclaim_local(l) > 0 && shm::try_charge(l, s, dev, bytes)
@@ -585,9 +692,8 @@ fn capture_ended() {
 /// (total, free) as the instance should see them on the current device, given the driver's.
 fn quota_view(dev: Option<usize>, real_free: u64, real_total: u64) -> (u64, u64) {
     if let (Mode::Limit(l, _), Some(dev)) = (mode(), dev) {
-        let d = &l.devices[dev];
-        let quota = d.quota.load(Ordering::Relaxed);
-        let used = d.used.load(Ordering::Relaxed);
+        let quota = l.lim.devices[dev].quota.load(Ordering::Relaxed);
+        let used = l.usage.devices[dev].used.load(Ordering::Relaxed);
         return (quota, real_free.min(quota.saturating_sub(used)));
     }
     (real_total, real_free)
@@ -1197,6 +1303,9 @@ pub unsafe extern "C" fn gvh_cuMemCreate(
             return real(); // host memory: not VRAM
         }
         let Some(dev) = limited_dev(head.location_id) else {
+            if matches!(mode(), Mode::Closed) {
+                return CUDA_ERROR_OUT_OF_MEMORY;
+            }
             return real();
         };
         counted_alloc(Some(dev), bytes as u64, Kind::Handle, real, || read(handle))
@@ -1711,9 +1820,8 @@ fn nvml_view(device: Ptr) -> Option<(u64, u64, u64)> {
         return None;
     };
     let dev = nvml_index(device).filter(|i| *i < ndev())?;
-    let d = &l.devices[dev];
-    let quota = d.quota.load(Ordering::Relaxed);
-    let used = d.used.load(Ordering::Relaxed).min(quota);
+    let quota = l.lim.devices[dev].quota.load(Ordering::Relaxed);
+    let used = l.usage.devices[dev].used.load(Ordering::Relaxed).min(quota);
     Some((quota, quota - used, used))
 }
 
@@ -1840,7 +1948,7 @@ fn ctx_book_reset() {
 /// the footprint. `None` when nothing is charged for it.
 #[derive(Clone, Copy)]
 struct CtxAcct {
-    l: &'static Layout,
+    l: Layout<'static>,
     s: Option<&'static Slot>,
     dev: usize,
     bytes: u64,

@@ -1,5 +1,5 @@
-//! The shared accounting region of one instance: a small file-backed `mmap` that the daemon
-//! creates (one per instance) and every limited process of that instance maps.
+//! The shared accounting region of one instance: two small file-backed `mmap`s that the daemon
+//! creates (one pair per instance) and every limited process of that instance maps.
 //!
 //! Why shared memory: the quota is per instance, not per process (eight data-loader workers share
 //! one VRAM budget), and it must be exact at the boundary, so every charge is one
@@ -7,26 +7,33 @@
 //! holding a lock would block its peers forever.
 //!
 //! Key decisions:
-//! - **Global counter + per-process slots.** `DeviceState::used` is the authority for admission
-//!   (CAS loop: never above quota, even with many writers). Each process also adds what it holds
-//!   to its own `Slot`, keyed by pid and process start time, so the usage of a process that died
-//!   without cleaning up (SIGKILL) can be subtracted again. Reclaiming is off the hot path: when a
-//!   process attaches, before an allocation is refused, and whenever the daemon calls
-//!   [`Region::reclaim_dead`]. A charge adds to the global counter before the slot and a release
-//!   subtracts from the slot first, so a process killed between the two instructions can only
-//!   leave the region over-counted (never over quota); [`Region::reclaim_dead`] zeroes the counter
-//!   when no process is attached, which removes even that.
+//! - **Two files, split by who may write them.** The *limits* file ([`Limits`]: quota, share,
+//!   priority, the launch spacing, the daemon's utilisation feed and controller state) is written
+//!   only by the daemon: owned by root, mode 0644, bound read-only into the instance and mapped
+//!   `PROT_READ` by the library, so no process of the instance can raise its own quota or share.
+//!   The *usage* file ([`Usage`]: the charge counters, the launch gate, the per-process slots) is
+//!   what the processes must write, mode 0666 and bound read-write. A process that forges the
+//!   usage file can only do what a process that bypasses the library does (allocate or launch
+//!   without being counted); the daemon's outside check (per-process GPU memory from NVML against
+//!   the quota) is what stops that, not this file.
+//! - **The daemon sets the launch spacing.** The compute-share controller (`throttle`) runs in
+//!   the daemon at each utilisation sample ([`Region::publish_sample`]) and writes the spacing into
+//!   the limits file; the launch path only reads it. The one input it takes from the writable file,
+//!   the launch counter, cannot raise the rate above what the measured utilisation allows for long
+//!   (see `throttle::next_interval_guarded`).
+//! - **Global counter + per-process slots.** `DeviceUsageState::used` is the authority for
+//!   admission (CAS loop: never above quota, even with many writers). Each process also adds what
+//!   it holds to its own `Slot`, keyed by pid and process start time, so the usage of a process
+//!   that died without cleaning up (SIGKILL) can be subtracted again. Reclaiming is off the hot
+//!   path: when a process attaches, before an allocation is refused, and whenever the daemon calls
+//!   [`Region::reclaim_dead_with`]. A charge adds to the global counter before the slot and a
+//!   release subtracts from the slot first, so a process killed between the two instructions can
+//!   only leave the region over-counted (never over quota); reclaiming zeroes the counter when no
+//!   process is attached, which removes even that.
 //! - **Limits live here, not in the config file**, so the daemon can resize a running instance.
-//! - **The daemon feeds utilisation** (`publish_sample`): the instance's SM utilisation it samples
-//!   from NVML, and, for a low-priority instance, the utilisation of high-priority instances on the
-//!   same GPU. The launch path only reads these; it never samples anything.
-//! - Layout is `repr(C)` with a magic and a version; every field is an atomic, so a zero-filled
+//! - Layouts are `repr(C)` with a magic and a version; every field is an atomic, so a zero-filled
 //!   file is a valid (empty) region and no process ever sees a torn value. Hot fields sit on their
 //!   own cache lines.
-//!
-//! Threat model: the region is writable by the instance's processes (they must charge it), so it
-//! keeps honest frameworks within limits; it is not a security boundary against code that
-//! deliberately bypasses the library.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -36,10 +43,13 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// `GPUVLIM1`, little-endian.
-pub const MAGIC: u64 = u64::from_le_bytes(*b"GPUVLIM1");
+/// `GPUVLIML`, little-endian: the limits file.
+pub const MAGIC_LIMITS: u64 = u64::from_le_bytes(*b"GPUVLIML");
+/// `GPUVLIMU`, little-endian: the usage file.
+pub const MAGIC_USAGE: u64 = u64::from_le_bytes(*b"GPUVLIMU");
 /// Bumped whenever the layout changes; a library refuses a region of another version.
-pub const LAYOUT_VERSION: u32 = 1;
+/// 2: limits and usage split into two files; the daemon runs the controller.
+pub const LAYOUT_VERSION: u32 = 2;
 /// GPUs one instance can have limits on (CUDA ordinals `0..MAX_DEVICES` inside the instance).
 pub const MAX_DEVICES: usize = 8;
 /// Processes of one instance that can hold GPU memory at the same time.
@@ -68,7 +78,7 @@ impl Priority {
             Priority::High => 1,
         }
     }
-    fn from_raw(raw: u32) -> Priority {
+    pub(crate) fn from_raw(raw: u32) -> Priority {
         if raw == 1 {
             Priority::High
         } else {
@@ -94,30 +104,46 @@ pub struct RegionSpec {
     pub priority: Priority,
 }
 
+/// Per-GPU limits: written by the daemon only.
 #[repr(C, align(64))]
-pub(crate) struct DeviceState {
-    // cache line 1: admission
+pub(crate) struct DeviceLimits {
     pub(crate) quota: AtomicU64,
-    pub(crate) used: AtomicU64,
-    _pad1: [u64; 6],
-    // cache line 2: written by the daemon
     pub(crate) share_bp: AtomicU32,
+    /// The instance's own utilisation at the last sample.
     pub(crate) util_bp: AtomicU32,
+    /// Utilisation of high-priority instances on the same GPU at the last sample.
     pub(crate) high_util_bp: AtomicU32,
-    _pad2a: u32,
+    _pad0: u32,
     pub(crate) sample_seq: AtomicU64,
-    _pad2: [u64; 5],
-    // cache line 3: controller state, written by whichever limited process applies a sample
-    pub(crate) applied_seq: AtomicU64,
     /// Minimum spacing of launches for the whole instance; 0 = not throttled.
     pub(crate) interval_ns: AtomicU64,
+    /// Controller state: launch counter and time at the last sample.
     pub(crate) ctl_launches: AtomicU64,
     pub(crate) ctl_time_ns: AtomicU64,
-    _pad3: [u64; 4],
-    // cache line 4: the launch gate
+    _pad1: u64,
+}
+
+/// The limits file (read-only inside the instance).
+#[repr(C, align(64))]
+pub(crate) struct Limits {
+    pub(crate) magic: AtomicU64,
+    pub(crate) version: AtomicU32,
+    pub(crate) ndev: AtomicU32,
+    pub(crate) priority: AtomicU32,
+    _pad: [u32; 11],
+    pub(crate) devices: [DeviceLimits; MAX_DEVICES],
+}
+
+/// Per-GPU counters the processes write.
+#[repr(C, align(64))]
+pub(crate) struct DeviceUsageState {
+    // cache line 1: admission
+    pub(crate) used: AtomicU64,
+    _pad1: [u64; 7],
+    // cache line 2: the launch gate
     pub(crate) tat_ns: AtomicU64,
     pub(crate) launches: AtomicU64,
-    _pad4: [u64; 6],
+    _pad2: [u64; 6],
 }
 
 #[repr(C, align(64))]
@@ -129,19 +155,36 @@ pub(crate) struct Slot {
     pub(crate) used: [AtomicU64; MAX_DEVICES],
 }
 
+/// The usage file (read-write inside the instance).
 #[repr(C, align(64))]
-pub(crate) struct Layout {
+pub(crate) struct Usage {
     pub(crate) magic: AtomicU64,
     pub(crate) version: AtomicU32,
-    pub(crate) ndev: AtomicU32,
-    pub(crate) priority: AtomicU32,
-    _pad: [u32; 11],
-    pub(crate) devices: [DeviceState; MAX_DEVICES],
+    _pad: [u32; 13],
+    pub(crate) devices: [DeviceUsageState; MAX_DEVICES],
     pub(crate) slots: [Slot; MAX_SLOTS],
 }
 
-/// Size of the region file in bytes.
-pub const REGION_BYTES: usize = std::mem::size_of::<Layout>();
+/// Size of the limits file in bytes.
+pub const LIMITS_BYTES: usize = std::mem::size_of::<Limits>();
+/// Size of the usage file in bytes.
+pub const USAGE_BYTES: usize = std::mem::size_of::<Usage>();
+
+/// Both halves of a mapped region, as the accounting functions see them.
+#[derive(Clone, Copy)]
+pub(crate) struct Layout<'a> {
+    pub(crate) lim: &'a Limits,
+    pub(crate) usage: &'a Usage,
+}
+
+impl Layout<'_> {
+    pub(crate) fn ndev(&self) -> usize {
+        (self.lim.ndev.load(Ordering::Relaxed) as usize).min(MAX_DEVICES)
+    }
+    pub(crate) fn priority(&self) -> Priority {
+        Priority::from_raw(self.lim.priority.load(Ordering::Relaxed))
+    }
+}
 
 /// Usage of one GPU of the instance, for `gpuvisor instance get` and telemetry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +194,8 @@ pub struct DeviceUsage {
     pub share_bp: u32,
     /// Last utilisation the daemon published, basis points.
     pub util_bp: u32,
+    /// Last high-priority utilisation the daemon published for this GPU, basis points.
+    pub high_util_bp: u32,
     /// Kernel and graph launches through the limiter since the region was created.
     pub launches: u64,
     /// Current spacing the controller imposes on launches, 0 when not throttled.
@@ -164,93 +209,32 @@ pub struct ProcessUsage {
     pub used_bytes: Vec<u64>,
 }
 
-/// A mapped region. Cheap to keep open; all methods take `&self` and are safe to call
-/// concurrently with the limited processes.
-pub struct Region {
-    ptr: NonNull<Layout>,
+/// A shared file mapping of `len` bytes.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
 }
 
-// SAFETY: the mapping is shared memory made only of atomics; every access goes through them.
-unsafe impl Send for Region {}
-// SAFETY: as above, concurrent access is through atomics only.
-unsafe impl Sync for Region {}
-
-impl Region {
-    /// Creates (or replaces) the region file at `path` with the given limits and maps it.
-    /// The file is written under a temporary name and renamed, so a process never maps a
-    /// half-initialised region. Mode 0666: the instance's processes may run as any user.
-    pub fn create(path: &Path, spec: &RegionSpec) -> io::Result<Region> {
-        if spec.devices.is_empty() || spec.devices.len() > MAX_DEVICES {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("a region holds 1 to {MAX_DEVICES} devices"),
-            ));
-        }
-        let tmp = path.with_extension("tmp");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o666)
-            .open(&tmp)?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o666))?;
-        file.set_len(REGION_BYTES as u64)?;
-        let region = Region::map(&file)?;
-        let l = region.layout();
-        for (i, d) in spec.devices.iter().enumerate() {
-            l.devices[i].quota.store(d.quota_bytes, Ordering::Relaxed);
-            l.devices[i]
-                .share_bp
-                .store(d.share_bp.min(FULL_SHARE_BP), Ordering::Relaxed);
-        }
-        l.ndev.store(spec.devices.len() as u32, Ordering::Relaxed);
-        l.priority.store(spec.priority.to_raw(), Ordering::Relaxed);
-        l.version.store(LAYOUT_VERSION, Ordering::Relaxed);
-        l.magic.store(MAGIC, Ordering::Release);
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(region)
-    }
-
-    /// Maps an existing region, checking its magic and version.
-    pub fn open(path: &Path) -> io::Result<Region> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        if file.metadata()?.len() < REGION_BYTES as u64 {
+impl Mapping {
+    fn new(file: &std::fs::File, len: usize, writable: bool) -> io::Result<Mapping> {
+        if file.metadata()?.len() < len as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "region file too small",
+                "limiter region file too small",
             ));
         }
-        let region = Region::map(&file)?;
-        let l = region.layout();
-        if l.magic.load(Ordering::Acquire) != MAGIC
-            || l.version.load(Ordering::Relaxed) != LAYOUT_VERSION
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "not a gpuvisor limiter region of this version",
-            ));
-        }
-        Ok(region)
-    }
-
-    /// Removes the region file (existing mappings stay valid until unmapped).
-    pub fn remove(path: &Path) -> io::Result<()> {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            r => r,
-        }
-    }
-
-    fn map(file: &std::fs::File) -> io::Result<Region> {
-        // SAFETY: mapping a file we hold open, shared, with the size it was checked/set to; the
-        // result is checked for MAP_FAILED before use.
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: mapping a file we hold open, shared, no longer than the file; the result is
+        // checked for MAP_FAILED before use.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                REGION_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
+                len,
+                prot,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,
@@ -259,39 +243,187 @@ impl Region {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        NonNull::new(p.cast::<Layout>())
-            .map(|ptr| Region { ptr })
+        NonNull::new(p.cast::<u8>())
+            .map(|ptr| Mapping { ptr, len })
             .ok_or_else(|| io::Error::other("mmap returned null"))
     }
 
-    pub(crate) fn layout(&self) -> &Layout {
-        // SAFETY: `ptr` is a live mapping of REGION_BYTES bytes, page-aligned (so aligned for
-        // Layout), made only of atomics, and unmapped only in Drop.
-        unsafe { self.ptr.as_ref() }
+    /// # Safety
+    /// `T` is a `repr(C)` type made only of atomics and padding, no larger than the mapping.
+    unsafe fn get<T>(&self) -> &T {
+        // SAFETY: page-aligned live mapping of at least size_of::<T>() bytes (caller), unmapped
+        // only in Drop.
+        unsafe { self.ptr.cast::<T>().as_ref() }
     }
 
-    /// Leaks the mapping and returns a `'static` view (the library keeps its region for the
-    /// process's lifetime).
-    pub(crate) fn leak(self) -> &'static Layout {
-        let ptr = self.ptr;
+    /// Keeps the mapping for the life of the process.
+    fn leak(self) -> NonNull<u8> {
+        let p = self.ptr;
         std::mem::forget(self);
-        // SAFETY: the mapping is never unmapped now that Drop will not run.
-        unsafe { ptr.as_ref() }
+        p
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping; no reference outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+fn create_file(
+    path: &Path,
+    mode: u32,
+    len: usize,
+) -> io::Result<(std::fs::File, std::path::PathBuf)> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    file.set_len(len as u64)?;
+    Ok((file, tmp))
+}
+
+/// A mapped region (both files, writable): the daemon's handle. Cheap to keep open; all methods
+/// take `&self` and are safe to call concurrently with the limited processes.
+pub struct Region {
+    lim: Mapping,
+    usage: Mapping,
+}
+
+// SAFETY: the mappings are shared memory made only of atomics; every access goes through them.
+unsafe impl Send for Region {}
+// SAFETY: as above, concurrent access is through atomics only.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Creates (or replaces) the region's files with the given limits and maps them: `limits`
+    /// (mode 0644: only its owner, the daemon, writes it; bind it read-only into the instance)
+    /// and `usage` (mode 0666: the instance's processes may run as any user). Each is written
+    /// under a temporary name and renamed, so a process never maps a half-initialised file.
+    pub fn create(limits: &Path, usage: &Path, spec: &RegionSpec) -> io::Result<Region> {
+        if spec.devices.is_empty() || spec.devices.len() > MAX_DEVICES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a region holds 1 to {MAX_DEVICES} devices"),
+            ));
+        }
+        let (lf, ltmp) = create_file(limits, 0o644, LIMITS_BYTES)?;
+        let (uf, utmp) = create_file(usage, 0o666, USAGE_BYTES)?;
+        let region = Region {
+            lim: Mapping::new(&lf, LIMITS_BYTES, true)?,
+            usage: Mapping::new(&uf, USAGE_BYTES, true)?,
+        };
+        let l = region.layout();
+        for (i, d) in spec.devices.iter().enumerate() {
+            l.lim.devices[i]
+                .quota
+                .store(d.quota_bytes, Ordering::Relaxed);
+            l.lim.devices[i]
+                .share_bp
+                .store(d.share_bp.min(FULL_SHARE_BP), Ordering::Relaxed);
+        }
+        l.lim
+            .ndev
+            .store(spec.devices.len() as u32, Ordering::Relaxed);
+        l.lim
+            .priority
+            .store(spec.priority.to_raw(), Ordering::Relaxed);
+        l.lim.version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        l.lim.magic.store(MAGIC_LIMITS, Ordering::Release);
+        l.usage.version.store(LAYOUT_VERSION, Ordering::Relaxed);
+        l.usage.magic.store(MAGIC_USAGE, Ordering::Release);
+        lf.sync_all()?;
+        uf.sync_all()?;
+        std::fs::rename(&utmp, usage)?;
+        std::fs::rename(&ltmp, limits)?;
+        Ok(region)
+    }
+
+    /// Maps an existing region (both files writable: the daemon's view), checking magics and
+    /// versions.
+    pub fn open(limits: &Path, usage: &Path) -> io::Result<Region> {
+        let lf = OpenOptions::new().read(true).write(true).open(limits)?;
+        let uf = OpenOptions::new().read(true).write(true).open(usage)?;
+        let region = Region {
+            lim: Mapping::new(&lf, LIMITS_BYTES, true)?,
+            usage: Mapping::new(&uf, USAGE_BYTES, true)?,
+        };
+        check(region.layout())?;
+        Ok(region)
+    }
+
+    /// Maps a region as a limited process does: the limits file read-only (`PROT_READ`, opened
+    /// `O_RDONLY`), the usage file read-write. The mappings are kept for the life of the process.
+    pub(crate) fn attach(limits: &Path, usage: &Path) -> io::Result<Layout<'static>> {
+        let lf = OpenOptions::new().read(true).open(limits)?;
+        let uf = OpenOptions::new().read(true).write(true).open(usage)?;
+        let lim = Mapping::new(&lf, LIMITS_BYTES, false)?;
+        let use_ = Mapping::new(&uf, USAGE_BYTES, true)?;
+        // SAFETY: both are repr(C) types of atomics, and the mappings are at least their size.
+        let l = unsafe {
+            Layout {
+                lim: lim.get::<Limits>(),
+                usage: use_.get::<Usage>(),
+            }
+        };
+        check(l)?;
+        let (lp, up) = (lim.leak(), use_.leak());
+        // SAFETY: as above; the mappings are never unmapped now.
+        Ok(unsafe {
+            Layout {
+                lim: lp.cast::<Limits>().as_ref(),
+                usage: up.cast::<Usage>().as_ref(),
+            }
+        })
+    }
+
+    /// Removes the region's files (existing mappings stay valid until unmapped). Idempotent.
+    pub fn remove(limits: &Path, usage: &Path) -> io::Result<()> {
+        for p in [limits, usage] {
+            match std::fs::remove_file(p) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                r => r?,
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn layout(&self) -> Layout<'_> {
+        // SAFETY: both mappings were made with their type's size and hold only atomics.
+        unsafe {
+            Layout {
+                lim: self.lim.get::<Limits>(),
+                usage: self.usage.get::<Usage>(),
+            }
+        }
     }
 
     /// Number of devices the region limits.
     pub fn devices(&self) -> usize {
-        self.layout().ndev.load(Ordering::Relaxed) as usize
+        self.layout().ndev()
     }
 
     /// Current priority.
     pub fn priority(&self) -> Priority {
-        Priority::from_raw(self.layout().priority.load(Ordering::Relaxed))
+        self.layout().priority()
     }
 
     /// Changes the priority of the instance.
     pub fn set_priority(&self, p: Priority) {
-        self.layout().priority.store(p.to_raw(), Ordering::Relaxed);
+        self.layout()
+            .lim
+            .priority
+            .store(p.to_raw(), Ordering::Relaxed);
     }
 
     /// Changes the limits of device `dev` while the instance runs. Lowering the quota below
@@ -304,14 +436,39 @@ impl Region {
         Ok(())
     }
 
-    /// The daemon's utilisation feed for device `dev`, once per NVML sample (every 100-500 ms):
-    /// `util_bp` is the SM utilisation of this instance's processes (sum over its pids from
-    /// `nvmlDeviceGetProcessUtilization`), `high_util_bp` the utilisation of *other,
-    /// high-priority* instances on the same GPU (0 for a high-priority instance). Basis points.
+    /// The daemon's utilisation feed for device `dev`, once per sample (every 100-500 ms), and
+    /// one step of the compute-share controller: `util_bp` is the SM utilisation of this
+    /// instance's processes (sum over its pids from `nvmlDeviceGetProcessUtilization`),
+    /// `high_util_bp` the utilisation of *other, high-priority* instances on the same GPU (0 for
+    /// a high-priority instance). Basis points. Sets the launch spacing the library enforces.
     pub fn publish_sample(&self, dev: usize, util_bp: u32, high_util_bp: u32) -> io::Result<()> {
         let d = self.device(dev)?;
+        let u = &self.layout().usage.devices[dev];
+        let util_bp = util_bp.min(FULL_SHARE_BP);
         d.util_bp.store(util_bp, Ordering::Relaxed);
         d.high_util_bp.store(high_util_bp, Ordering::Relaxed);
+        let now = crate::throttle::now_ns();
+        let launches = u.launches.load(Ordering::Relaxed);
+        let prev_launches = d.ctl_launches.swap(launches, Ordering::Relaxed);
+        let prev_time = d.ctl_time_ns.swap(now, Ordering::Relaxed);
+        let share = crate::throttle::effective_share(
+            self.priority(),
+            d.share_bp.load(Ordering::Relaxed),
+            high_util_bp,
+        );
+        if share >= FULL_SHARE_BP {
+            d.interval_ns.store(0, Ordering::Relaxed);
+        } else if prev_time != 0 && now > prev_time {
+            if let Some(iv) = crate::throttle::next_interval_guarded(
+                launches.wrapping_sub(prev_launches),
+                now - prev_time,
+                util_bp,
+                share,
+                d.interval_ns.load(Ordering::Relaxed),
+            ) {
+                d.interval_ns.store(iv, Ordering::Relaxed);
+            }
+        }
         d.sample_seq.fetch_add(1, Ordering::Release);
         Ok(())
     }
@@ -319,12 +476,14 @@ impl Region {
     /// Usage of device `dev`.
     pub fn usage(&self, dev: usize) -> io::Result<DeviceUsage> {
         let d = self.device(dev)?;
+        let u = &self.layout().usage.devices[dev];
         Ok(DeviceUsage {
             quota_bytes: d.quota.load(Ordering::Relaxed),
-            used_bytes: d.used.load(Ordering::Relaxed),
+            used_bytes: u.used.load(Ordering::Relaxed),
             share_bp: d.share_bp.load(Ordering::Relaxed),
             util_bp: d.util_bp.load(Ordering::Relaxed),
-            launches: d.launches.load(Ordering::Relaxed),
+            high_util_bp: d.high_util_bp.load(Ordering::Relaxed),
+            launches: u.launches.load(Ordering::Relaxed),
             interval_ns: d.interval_ns.load(Ordering::Relaxed),
         })
     }
@@ -333,7 +492,8 @@ impl Region {
     pub fn processes(&self) -> Vec<ProcessUsage> {
         let l = self.layout();
         let ndev = self.devices();
-        l.slots
+        l.usage
+            .slots
             .iter()
             .filter_map(|s| {
                 let pid = s.pid.load(Ordering::Acquire);
@@ -362,35 +522,40 @@ impl Region {
         reclaim(self.layout(), alive)
     }
 
-    fn device(&self, dev: usize) -> io::Result<&DeviceState> {
+    fn device(&self, dev: usize) -> io::Result<&DeviceLimits> {
         if dev >= self.devices() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "no such device in region",
             ));
         }
-        Ok(&self.layout().devices[dev])
+        Ok(&self.layout().lim.devices[dev])
     }
 }
 
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping made in `map`; no reference outlives `self`.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), REGION_BYTES);
-        }
+fn check(l: Layout<'_>) -> io::Result<()> {
+    if l.lim.magic.load(Ordering::Acquire) != MAGIC_LIMITS
+        || l.lim.version.load(Ordering::Relaxed) != LAYOUT_VERSION
+        || l.usage.magic.load(Ordering::Acquire) != MAGIC_USAGE
+        || l.usage.version.load(Ordering::Relaxed) != LAYOUT_VERSION
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a gpuvisor limiter region of this version",
+        ));
     }
+    Ok(())
 }
 
 /// [`Region::reclaim_dead`] for the library's own leaked mapping.
-pub(crate) fn reclaim_local(l: &Layout) -> u64 {
+pub(crate) fn reclaim_local(l: Layout<'_>) -> u64 {
     reclaim(l, process_alive)
 }
 
-pub(crate) fn reclaim(l: &Layout, alive: impl Fn(u32, u64) -> bool) -> u64 {
+pub(crate) fn reclaim(l: Layout<'_>, alive: impl Fn(u32, u64) -> bool) -> u64 {
     let mut total = 0;
     let mut attached = 0;
-    for s in &l.slots {
+    for s in &l.usage.slots {
         let pid = s.pid.load(Ordering::Acquire);
         if pid == 0 || pid == PID_RECLAIMING {
             continue;
@@ -416,14 +581,18 @@ pub(crate) fn reclaim(l: &Layout, alive: impl Fn(u32, u64) -> bool) -> u64 {
 /// With no process attached nothing can be in use: clear any residue a kill between two
 /// instructions of a charge left behind. A process that attaches meanwhile changes the counter
 /// (or takes a slot), so the CAS fails and nothing of it is lost.
-fn resync_idle(l: &Layout) {
-    let ndev = (l.ndev.load(Ordering::Relaxed) as usize).min(MAX_DEVICES);
-    for d in &l.devices[..ndev] {
+fn resync_idle(l: Layout<'_>) {
+    let ndev = l.ndev();
+    for d in &l.usage.devices[..ndev] {
         let seen = d.used.load(Ordering::Acquire);
         if seen == 0 {
             continue;
         }
-        if l.slots.iter().any(|s| s.pid.load(Ordering::Acquire) != 0) {
+        if l.usage
+            .slots
+            .iter()
+            .any(|s| s.pid.load(Ordering::Acquire) != 0)
+        {
             return;
         }
         let _ = d
@@ -434,12 +603,12 @@ fn resync_idle(l: &Layout) {
 
 /// Returns a slot's usage to the devices and frees it. The caller owns the slot (its own, or
 /// one it marked PID_RECLAIMING).
-pub(crate) fn release_slot(l: &Layout, s: &Slot) -> u64 {
+pub(crate) fn release_slot(l: Layout<'_>, s: &Slot) -> u64 {
     let mut total = 0;
     for (dev, u) in s.used.iter().enumerate() {
         let x = u.swap(0, Ordering::AcqRel);
         if x != 0 {
-            saturating_sub(&l.devices[dev].used, x);
+            saturating_sub(&l.usage.devices[dev].used, x);
             total += x;
         }
     }
@@ -449,8 +618,8 @@ pub(crate) fn release_slot(l: &Layout, s: &Slot) -> u64 {
 }
 
 /// Takes a free slot for `pid`; `None` when all are taken.
-pub(crate) fn claim_slot(l: &Layout, pid: u32, start: u64) -> Option<&Slot> {
-    l.slots.iter().find(|s| {
+pub(crate) fn claim_slot<'a>(l: Layout<'a>, pid: u32, start: u64) -> Option<&'a Slot> {
+    l.usage.slots.iter().find(|s| {
         s.pid
             .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
@@ -463,9 +632,9 @@ pub(crate) fn claim_slot(l: &Layout, pid: u32, start: u64) -> Option<&Slot> {
 
 /// Charges `bytes` on `dev` if it fits the quota. Hot path: one CAS loop and one add.
 #[inline]
-pub(crate) fn try_charge(l: &Layout, slot: Option<&Slot>, dev: usize, bytes: u64) -> bool {
-    let d = &l.devices[dev];
-    let quota = d.quota.load(Ordering::Relaxed);
+pub(crate) fn try_charge(l: Layout<'_>, slot: Option<&Slot>, dev: usize, bytes: u64) -> bool {
+    let d = &l.usage.devices[dev];
+    let quota = l.lim.devices[dev].quota.load(Ordering::Relaxed);
     let mut cur = d.used.load(Ordering::Relaxed);
     loop {
         let next = match cur.checked_add(bytes) {
@@ -492,13 +661,13 @@ pub(crate) fn try_charge(l: &Layout, slot: Option<&Slot>, dev: usize, bytes: u64
 /// "everything in use" and refuse every allocation of every process. Hot path: one CAS on the
 /// process's own slot (uncontended) and one on the shared counter.
 #[inline]
-pub(crate) fn uncharge(l: &Layout, slot: Option<&Slot>, dev: usize, bytes: u64) {
+pub(crate) fn uncharge(l: Layout<'_>, slot: Option<&Slot>, dev: usize, bytes: u64) {
     let give = match slot {
         Some(s) => saturating_sub(&s.used[dev], bytes),
         None => bytes,
     };
     if give != 0 {
-        saturating_sub(&l.devices[dev].used, give);
+        saturating_sub(&l.usage.devices[dev].used, give);
     }
 }
 
@@ -554,11 +723,17 @@ mod tests {
         }
     }
 
+    fn paths(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        (dir.join("r.limits"), dir.join("r.usage"))
+    }
+
     #[test]
     fn layout_is_cache_line_aligned() {
-        assert_eq!(std::mem::size_of::<DeviceState>(), 256);
+        assert_eq!(std::mem::size_of::<DeviceLimits>(), 64);
+        assert_eq!(std::mem::size_of::<DeviceUsageState>(), 128);
         assert_eq!(std::mem::size_of::<Slot>(), 128);
-        assert_eq!(REGION_BYTES % 64, 0);
+        assert_eq!(LIMITS_BYTES % 64, 0);
+        assert_eq!(USAGE_BYTES % 64, 0);
     }
 
     /// `bench/limiter_gpu.py` (the GPU check, which has only Python on the GPU machine) writes
@@ -566,24 +741,29 @@ mod tests {
     #[test]
     fn offsets_used_by_the_python_gpu_check() {
         use std::mem::offset_of;
-        assert_eq!(offset_of!(Layout, devices), 64);
-        assert_eq!(offset_of!(Layout, slots), 64 + MAX_DEVICES * 256);
-        assert_eq!(offset_of!(DeviceState, used), 8);
-        assert_eq!(offset_of!(DeviceState, share_bp), 64);
-        assert_eq!(offset_of!(DeviceState, util_bp), 68);
-        assert_eq!(offset_of!(DeviceState, high_util_bp), 72);
-        assert_eq!(offset_of!(DeviceState, sample_seq), 80);
-        assert_eq!(offset_of!(DeviceState, interval_ns), 136);
-        assert_eq!(offset_of!(DeviceState, launches), 200);
-        assert_eq!(REGION_BYTES, 64 + MAX_DEVICES * 256 + MAX_SLOTS * 128);
+        assert_eq!(offset_of!(Limits, devices), 64);
+        assert_eq!(offset_of!(DeviceLimits, quota), 0);
+        assert_eq!(offset_of!(DeviceLimits, share_bp), 8);
+        assert_eq!(offset_of!(DeviceLimits, util_bp), 12);
+        assert_eq!(offset_of!(DeviceLimits, high_util_bp), 16);
+        assert_eq!(offset_of!(DeviceLimits, sample_seq), 24);
+        assert_eq!(offset_of!(DeviceLimits, interval_ns), 32);
+        assert_eq!(offset_of!(DeviceLimits, ctl_launches), 40);
+        assert_eq!(offset_of!(DeviceLimits, ctl_time_ns), 48);
+        assert_eq!(LIMITS_BYTES, 64 + MAX_DEVICES * 64);
+        assert_eq!(offset_of!(Usage, devices), 64);
+        assert_eq!(offset_of!(DeviceUsageState, used), 0);
+        assert_eq!(offset_of!(DeviceUsageState, launches), 72);
+        assert_eq!(offset_of!(Usage, slots), 64 + MAX_DEVICES * 128);
+        assert_eq!(USAGE_BYTES, 64 + MAX_DEVICES * 128 + MAX_SLOTS * 128);
     }
 
     #[test]
     fn create_open_charge_reclaim() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("r.shm");
-        let r = Region::create(&path, &spec(100)).unwrap();
-        let r2 = Region::open(&path).unwrap();
+        let (lp, up) = paths(dir.path());
+        let r = Region::create(&lp, &up, &spec(100)).unwrap();
+        let r2 = Region::open(&lp, &up).unwrap();
         let l = r2.layout();
         let me = claim_slot(l, std::process::id(), 0).unwrap();
         assert!(try_charge(l, Some(me), 0, 60));
@@ -601,15 +781,39 @@ mod tests {
         assert_eq!(r.usage(0).unwrap().used_bytes, 0);
         assert_eq!(r.processes().len(), 1);
         release_slot(l, me);
-        Region::remove(&path).unwrap();
+        Region::remove(&lp, &up).unwrap();
+        Region::remove(&lp, &up).unwrap();
+    }
+
+    /// The limits file is the daemon's: 0644, and a process maps it read-only.
+    #[test]
+    fn limits_are_read_only_to_the_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let (lp, up) = paths(dir.path());
+        let r = Region::create(&lp, &up, &spec(100)).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&lp), mode(&up)), (0o644, 0o666));
+        let l = Region::attach(&lp, &up).unwrap();
+        assert_eq!(l.lim.devices[0].quota.load(Ordering::Relaxed), 100);
+        r.set_limit(
+            0,
+            DeviceLimit {
+                quota_bytes: 7,
+                share_bp: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(l.lim.devices[0].quota.load(Ordering::Relaxed), 7);
     }
 
     #[test]
-    fn rejects_foreign_file() {
+    fn rejects_foreign_files() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x");
-        std::fs::write(&path, vec![0u8; REGION_BYTES]).unwrap();
-        assert!(Region::open(&path).is_err());
+        let (lp, up) = paths(dir.path());
+        std::fs::write(&lp, vec![0u8; LIMITS_BYTES]).unwrap();
+        std::fs::write(&up, vec![0u8; USAGE_BYTES]).unwrap();
+        assert!(Region::open(&lp, &up).is_err());
+        assert!(Region::attach(&lp, &up).is_err());
     }
 
     #[test]

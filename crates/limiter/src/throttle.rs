@@ -15,12 +15,15 @@
 //! `a` rather than the previous budget is the anti-windup: an instance that was idle or CPU-bound
 //! does not bank an unbounded budget. Each step is clamped to ×2 / ÷8.
 //!
+//! The controller runs in the daemon, at each utilisation sample (`Region::publish_sample`), and
+//! writes the spacing into the instance's read-only limits file; the launch path only reads it.
+//!
 //! The gate itself is lock-free and shared by all processes of the instance: one CAS advances the
 //! theoretical arrival time `tat`; a launch that would run ahead of it by more than the burst
 //! allowance sleeps (absolute `clock_nanosleep`) until its turn. When the instance is not
-//! throttled (`interval_ns == 0`) the gate is two relaxed loads and one add.
+//! throttled (`interval_ns == 0`) the gate is one relaxed load and one add.
 
-use crate::shm::{DeviceState, Layout, Priority, FULL_SHARE_BP, MIN_SHARE_BP};
+use crate::shm::{DeviceUsageState, Layout, Priority, FULL_SHARE_BP, MIN_SHARE_BP};
 use std::sync::atomic::Ordering;
 
 /// Loop gain (exponent of the correction).
@@ -36,7 +39,11 @@ pub(crate) const BURST_NS: u64 = 2_000_000;
 pub(crate) const MAX_INTERVAL_NS: u64 = 100_000_000;
 
 /// The share the instance may use now: its own, and for a low-priority instance no more than
-/// what high-priority instances on the GPU leave idle.
+/// what high-priority instances on the GPU leave idle (the daemon publishes their summed
+/// utilisation per GPU). Placement never hands out more than a whole GPU in shares, so while
+/// every instance keeps to its share a low-priority one never has to yield; it yields when
+/// high-priority work runs above its own share: while that instance's controller settles, or
+/// for work the limiter cannot pace.
 pub(crate) fn effective_share(priority: Priority, share_bp: u32, high_util_bp: u32) -> u32 {
     let share = share_bp.min(FULL_SHARE_BP);
     match priority {
@@ -78,65 +85,44 @@ pub(crate) fn now_ns() -> u64 {
         .wrapping_add(ts.tv_nsec as u64)
 }
 
-/// Applies a new daemon sample, once per sample for the whole instance (the process that wins
-/// the CAS on `applied_seq` does it).
-#[cold]
-fn apply_sample(l: &Layout, d: &DeviceState, seq: u64, applied: u64) {
-    if d.applied_seq
-        .compare_exchange(applied, seq, Ordering::AcqRel, Ordering::Relaxed)
-        .is_err()
-    {
-        return;
+/// [`next_interval`] for the daemon, which cannot trust the launch counter (it lives in the
+/// instance's writable usage file). While the measured utilisation is above the share, the
+/// spacing never shrinks and grows at least as fast as an honest counter would make it grow
+/// (`prev · (util / share)^K`, at most ×8 per sample): a forged counter can delay throttling by
+/// a few samples, never prevent it. No launches through the library: nothing to space.
+pub(crate) fn next_interval_guarded(
+    launches: u64,
+    dt_ns: u64,
+    util_bp: u32,
+    share_bp: u32,
+    prev_ns: u64,
+) -> Option<u64> {
+    let iv = next_interval(launches, dt_ns, util_bp, share_bp)?;
+    if util_bp <= share_bp || share_bp == 0 {
+        return Some(iv);
     }
-    let now = now_ns();
-    let launches = d.launches.load(Ordering::Relaxed);
-    let prev_launches = d.ctl_launches.swap(launches, Ordering::Relaxed);
-    let prev_time = d.ctl_time_ns.swap(now, Ordering::Relaxed);
-    let priority = match l.priority.load(Ordering::Relaxed) {
-        1 => Priority::High,
-        _ => Priority::Low,
-    };
-    let share = effective_share(
-        priority,
-        d.share_bp.load(Ordering::Relaxed),
-        d.high_util_bp.load(Ordering::Relaxed),
-    );
-    if share >= FULL_SHARE_BP {
-        d.interval_ns.store(0, Ordering::Relaxed);
-        return;
-    }
-    if prev_time == 0 || now <= prev_time {
-        return;
-    }
-    if let Some(iv) = next_interval(
-        launches.wrapping_sub(prev_launches),
-        now - prev_time,
-        d.util_bp.load(Ordering::Relaxed),
-        share,
-    ) {
-        d.interval_ns.store(iv, Ordering::Relaxed);
-    }
+    let grow = (f64::from(util_bp) / f64::from(share_bp))
+        .powf(GAIN)
+        .min(1.0 / MAX_DOWN);
+    let floor = ((prev_ns.max(1) as f64) * grow).min(MAX_INTERVAL_NS as f64) as u64;
+    Some(iv.max(floor))
 }
 
 /// The launch gate for device `dev`: counts the launch and waits for its turn when throttled.
+/// The spacing comes from the read-only limits (the daemon's controller sets it).
 #[inline]
-pub(crate) fn gate(l: &Layout, dev: usize) {
-    let d = &l.devices[dev];
-    d.launches.fetch_add(1, Ordering::Relaxed);
-    let seq = d.sample_seq.load(Ordering::Acquire);
-    let applied = d.applied_seq.load(Ordering::Relaxed);
-    if seq != applied {
-        apply_sample(l, d, seq, applied);
-    }
-    let interval = d.interval_ns.load(Ordering::Relaxed);
+pub(crate) fn gate(l: Layout<'_>, dev: usize) {
+    let u = &l.usage.devices[dev];
+    u.launches.fetch_add(1, Ordering::Relaxed);
+    let interval = l.lim.devices[dev].interval_ns.load(Ordering::Relaxed);
     if interval == 0 {
         return;
     }
-    wait_turn(d, interval);
+    wait_turn(u, interval);
 }
 
 #[inline]
-fn wait_turn(d: &DeviceState, interval: u64) {
+fn wait_turn(d: &DeviceUsageState, interval: u64) {
     let now = now_ns();
     let floor = now.saturating_sub(BURST_NS);
     let mut tat = d.tat_ns.load(Ordering::Relaxed);
@@ -207,6 +193,17 @@ mod tests {
         assert_eq!(effective_share(Priority::Low, 7000, 0), 7000);
         assert_eq!(effective_share(Priority::Low, 7000, 6000), 4000);
         assert_eq!(effective_share(Priority::Low, 7000, 10_000), MIN_SHARE_BP);
+    }
+
+    /// A launch counter forged upwards (to make the achieved rate look huge) cannot keep the
+    /// spacing down while the measured utilisation is over the share.
+    #[test]
+    fn a_forged_launch_counter_cannot_hold_the_spacing_down() {
+        let mut iv = 0;
+        for _ in 0..40 {
+            iv = next_interval_guarded(u64::MAX / 4, 250_000_000, 10_000, 2500, iv).unwrap();
+        }
+        assert_eq!(iv, MAX_INTERVAL_NS);
     }
 
     #[test]

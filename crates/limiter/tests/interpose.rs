@@ -1,7 +1,8 @@
 //! The limiter over the fake driver, in real processes: `tests/c/limtest.c` runs under
 //! `LD_PRELOAD=libgpuvisor_limiter.so` with the double installed as `libcuda.so.1` and
 //! `libnvidia-ml.so.1`, and this harness plays the daemon (creates the region, writes the config,
-//! publishes utilisation samples, kills processes).
+//! publishes utilisation samples, kills processes). Each limited process runs in a private mount
+//! namespace with its instance's config at the one path the library reads (`ns::confine`).
 //!
 //! Needs `cc` (gcc). Both shared objects are built here with a nested `cargo build --offline`
 //! into a separate target directory (`<target>/limiter-tests`), so it never waits on the outer
@@ -15,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use gpuvisor_limiter::config::{Config, ENV_PATH};
+mod ns;
+
+use gpuvisor_limiter::config::Config;
 use gpuvisor_limiter::shm::{DeviceLimit, Priority, Region, RegionSpec, FULL_SHARE_BP};
 
 const MIB: u64 = 1 << 20;
@@ -126,11 +129,13 @@ impl Instance {
 
     fn with_devices(devices: Vec<DeviceLimit>, priority: Priority, context_bytes: u64) -> Instance {
         let dir = tempfile::tempdir().unwrap();
-        let region_path = dir.path().join("limiter.shm");
-        let region = Region::create(&region_path, &RegionSpec { devices, priority }).unwrap();
+        let limits = dir.path().join("limiter.limits");
+        let usage = dir.path().join("limiter.usage");
+        let region = Region::create(&limits, &usage, &RegionSpec { devices, priority }).unwrap();
         let config = dir.path().join("limiter.conf");
         Config {
-            region: region_path,
+            limits,
+            usage,
             context_bytes,
         }
         .write(&config)
@@ -148,8 +153,8 @@ impl Instance {
         let mut c = Command::new(&h.bin);
         c.args(args)
             .env("LD_LIBRARY_PATH", &h.libdir)
-            .env("LD_PRELOAD", &h.limiter)
-            .env(ENV_PATH, &self.config);
+            .env("LD_PRELOAD", &h.limiter);
+        ns::confine(&mut c, self.config.parent().unwrap());
         for (k, v) in &self.env {
             c.env(k, v);
         }
@@ -535,29 +540,114 @@ fn the_context_footprint_is_charged_once_per_process() {
     assert_eq!(i.used(), 0);
 }
 
+/// No configuration at the one path the library reads: every allocation is refused, the driver
+/// is never asked, and the process is told why once on stderr.
 #[test]
-fn without_config_nothing_is_limited() {
+fn without_config_every_allocation_is_refused() {
     let _load = shared();
-    let i = Instance::new(MIB, FULL_SHARE_BP, Priority::High, 0);
     let h = harness();
-    let out = Command::new(&h.bin)
-        .args(["boundary", &(8u64 << 30).to_string()])
-        .env("LD_LIBRARY_PATH", &h.libdir)
-        .env("LD_PRELOAD", &h.limiter)
-        .env(ENV_PATH, i.config.with_extension("absent"))
+    let empty = tempfile::tempdir().unwrap();
+    // Linear allocations, and cuMemCreate (whose device is checked before the quota).
+    for mode in ["grab", "grabvmm"] {
+        let mut c = Command::new(&h.bin);
+        c.args([mode, &MIB.to_string()])
+            .env("LD_LIBRARY_PATH", &h.libdir)
+            .env("LD_PRELOAD", &h.limiter);
+        ns::confine(&mut c, empty.path());
+        let out = c.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{mode}: allocated without a config: {stdout}{stderr}"
+        );
+        assert!(stdout.contains("REFUSED 2"), "{mode}: {stdout}{stderr}");
+        assert_eq!(
+            stderr.matches("gpuvisor limiter:").count(),
+            1,
+            "one message on stderr: {stderr}"
+        );
+        assert!(stderr.contains("/etc/gpuvisor/limiter.conf"), "{stderr}");
+    }
+}
+
+/// An unreadable region (the config names files that are not there) is fail-closed as well.
+#[test]
+fn an_unusable_region_refuses_every_allocation() {
+    let _load = shared();
+    let i = Instance::new(64 * MIB, FULL_SHARE_BP, Priority::High, 0);
+    std::fs::remove_file(i.config.with_file_name("limiter.usage")).unwrap();
+    let out = i.cmd(&["grab", &MIB.to_string()]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("REFUSED 2"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot map"));
+}
+
+/// `GPUVISOR_LIMITER_CONFIG` (which used to name another config file) neither redirects nor
+/// disables the library: pointed at a missing file, the quota still holds.
+#[test]
+fn the_environment_cannot_redirect_the_config() {
+    let _load = shared();
+    let q = 16 * MIB;
+    let i = Instance::new(q, FULL_SHARE_BP, Priority::High, 0);
+    let out = i
+        .cmd(&["boundary", &q.to_string()])
+        .env("GPUVISOR_LIMITER_CONFIG", "/nonexistent/limiter.conf")
         .output()
         .unwrap();
-    // The double's own total (8 GiB) is what a process outside any instance sees.
     assert!(
         out.status.success(),
-        "{}",
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
 }
 
+/// `LD_PRELOAD` libraries come before `/etc/ld.so.preload`'s in the global scope: with the
+/// driver preloaded ahead of the limiter, the program's calls would never reach a hook, so the
+/// limiter stops the process before `main` (and says why). A library of the user's that defines
+/// no driver entry point is fine.
+#[test]
+fn a_driver_preloaded_ahead_of_the_limiter_stops_the_process() {
+    let _load = shared();
+    let h = harness();
+    let q = 16 * MIB;
+    let i = Instance::new(q, FULL_SHARE_BP, Priority::High, 0);
+    let out = i
+        .cmd(&["grab", &(2 * q).to_string()])
+        .env(
+            "LD_PRELOAD",
+            format!(
+                "{} {}",
+                h.libdir.join("libcuda.so.1").display(),
+                h.limiter.display()
+            ),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "{stderr}");
+    assert!(out.stdout.is_empty(), "main ran");
+    assert!(stderr.contains("ahead of the GPU limiter"), "{stderr}");
+    let libm = Path::new("/lib/x86_64-linux-gnu/libm.so.6");
+    if libm.exists() {
+        i.cmd(&["over", &q.to_string()])
+            .env(
+                "LD_PRELOAD",
+                format!("{} {}", libm.display(), h.limiter.display()),
+            )
+            .status()
+            .unwrap()
+            .success()
+            .then_some(())
+            .expect("a user preload of libm broke the limiter");
+    }
+}
+
 /// Plays the daemon: publishes the instance's utilisation from the double's busy time.
 fn sampler(i: &Instance, busy: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    let region = Region::open(&i.config_region()).unwrap();
+    let (limits, usage) = i.config_region();
+    let region = Region::open(&limits, &usage).unwrap();
     std::thread::spawn(move || {
         let read = || u64::from_le_bytes(std::fs::read(&busy).unwrap()[..8].try_into().unwrap());
         let mut last = (Instant::now(), read());
@@ -573,10 +663,9 @@ fn sampler(i: &Instance, busy: PathBuf, stop: Arc<AtomicBool>) -> std::thread::J
 }
 
 impl Instance {
-    fn config_region(&self) -> PathBuf {
-        Config::parse(&std::fs::read_to_string(&self.config).unwrap())
-            .unwrap()
-            .region
+    fn config_region(&self) -> (PathBuf, PathBuf) {
+        let c = Config::parse(&std::fs::read_to_string(&self.config).unwrap()).unwrap();
+        (c.limits, c.usage)
     }
 }
 
@@ -685,16 +774,15 @@ fn dlsym_rtld_next_searches_after_the_real_caller() {
         ),
         ("dlopen", h.limiter.display().to_string()),
     ] {
-        let out = Command::new(dir.join("rtldnext"))
-            .arg(mode)
+        let mut c = Command::new(dir.join("rtldnext"));
+        c.arg(mode)
             .env(
                 "LD_LIBRARY_PATH",
                 format!("{}:{}", dir.display(), h.libdir.display()),
             )
-            .env("LD_PRELOAD", preload)
-            .env(ENV_PATH, &i.config)
-            .output()
-            .unwrap();
+            .env("LD_PRELOAD", preload);
+        ns::confine(&mut c, i.config.parent().unwrap());
+        let out = c.output().unwrap();
         assert!(
             out.status.success(),
             "rtldnext {mode} ({}):\n{}{}",

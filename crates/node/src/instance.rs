@@ -6,7 +6,7 @@
 use crate::disk::{DiskError, Disks};
 use crate::gpu::{BackendKind, GpuBackend, GpuConfig, GpuDevice, GpuError};
 use crate::image::{ImageError, ImageStore};
-use crate::limiter::{GpuShare, Limiters};
+use crate::limiter::{GpuShare, Limiters, OverQuota};
 use crate::net::{NetConfig, NetError, NetPolicy, Network, TenantNet};
 use crate::rootfs::Rootfs;
 use crate::runtime::{BindMount, BundleSpec, ExecOutput, OciRuntime, RuntimeError};
@@ -68,6 +68,9 @@ pub struct NodeConfig {
     pub limiter_lib: Option<PathBuf>,
     /// Bytes the limiter charges each process for its CUDA context.
     pub limiter_context_bytes: u64,
+    /// What the daemon does to an instance whose processes hold more GPU memory than its quota
+    /// (as the driver counts it per process: a bypass of the limiter).
+    pub limiter_over_quota: crate::limiter::OverQuotaAction,
 }
 
 /// Everything the engine decided for one instance.
@@ -94,6 +97,15 @@ pub struct InstancePlan {
     /// For a fractional GPU: the limits of each GPU in `gpus` order (empty for whole GPUs).
     pub gpu_shares: Vec<GpuShare>,
     pub priority: Priority,
+}
+
+/// What one limiter sample found (see [`Node::sample_limiters`]).
+#[derive(Debug, Clone, Default)]
+pub struct LimiterSample {
+    /// Newest utilisation timestamp seen (µs), for the next call.
+    pub newest_us: u64,
+    /// Instances holding more GPU memory than their quota, as the driver counts it.
+    pub over_quota: Vec<OverQuota>,
 }
 
 /// The host: its GPUs, image store, disks, network and OCI runtime.
@@ -441,36 +453,132 @@ impl Node {
         out
     }
 
-    /// One utilisation sample for every fractional-GPU instance: NVML's per-process SM
-    /// utilisation, summed per instance (processes mapped to instances by their cgroup) and
-    /// published into each instance's limiter region. `instances` lists (id, GPU UUIDs in the
-    /// instance's CUDA order). Returns the newest sample timestamp seen, for the next call.
-    pub fn sample_limiters(&self, instances: &[(String, Vec<String>)], since_us: u64) -> u64 {
-        let mut newest = since_us;
-        let mut util: BTreeMap<(String, String), u32> = BTreeMap::new();
-        let uuids: BTreeSet<&String> = instances.iter().flat_map(|(_, g)| g).collect();
-        for uuid in uuids {
-            for (pid, sm) in self.gpu.process_utilisation(uuid, since_us) {
+    /// One sample for every fractional-GPU instance, from the GPU backend's per-process
+    /// readings (NVML; the simulated backend's process tables), processes mapped to instances by
+    /// their cgroup:
+    /// - each instance's SM utilisation, and for a low-priority instance the summed utilisation
+    ///   of the high-priority instances on the same GPU, published into its limiter region (which
+    ///   also runs one step of its compute-share controller);
+    /// - each instance's GPU memory per GPU as the driver counts it, against its quota: what is
+    ///   over (beyond a per-process allowance for the CUDA context when the limiter does not
+    ///   charge one) is returned, with the pids, for the engine to act on.
+    ///
+    /// `instances` lists (id, GPU UUIDs in the instance's CUDA order). `since_us`: utilisation
+    /// samples newer than this (µs); the result carries the value for the next call.
+    pub fn sample_limiters(
+        &self,
+        instances: &[(String, Vec<String>)],
+        since_us: u64,
+    ) -> LimiterSample {
+        let mut out = LimiterSample {
+            newest_us: since_us,
+            over_quota: Vec::new(),
+        };
+        let mut util: BTreeMap<(&str, &str), u32> = BTreeMap::new();
+        let mut mem: BTreeMap<(&str, &str), (u64, Vec<u32>)> = BTreeMap::new();
+        let mut owners: BTreeMap<u32, Option<&str>> = BTreeMap::new();
+        let mut owner = |pid: u32| -> Option<&str> {
+            *owners.entry(pid).or_insert_with(|| {
                 let cg = std::fs::read_to_string(self.cfg.root.path(format!("/proc/{pid}/cgroup")))
                     .unwrap_or_default();
-                let owner = instances
+                instances
                     .iter()
-                    .find(|(id, _)| cg.contains(&format!("/{}/{id}", cgroup::PARENT)));
-                if let Some((id, _)) = owner {
-                    *util.entry((id.clone(), uuid.clone())).or_default() += sm * 100;
+                    .find(|(id, _)| cg.contains(&format!("/{}/{id}", cgroup::PARENT)))
+                    .map(|(id, _)| id.as_str())
+            })
+        };
+        let uuids: BTreeSet<&str> = instances
+            .iter()
+            .flat_map(|(_, g)| g.iter().map(String::as_str))
+            .collect();
+        for &uuid in &uuids {
+            for (pid, sm) in self.gpu.process_utilisation(uuid, since_us) {
+                if let Some(id) = owner(pid) {
+                    *util.entry((id, uuid)).or_default() += sm.saturating_mul(100);
                 }
             }
-            newest = newest.max(now_us());
+            for (pid, bytes) in self.gpu.process_memory(uuid) {
+                if let Some(id) = owner(pid) {
+                    let e = mem.entry((id, uuid)).or_default();
+                    e.0 = e.0.saturating_add(bytes);
+                    e.1.push(pid);
+                }
+            }
+            out.newest_us = out.newest_us.max(now_us());
         }
+        let high: BTreeSet<&str> = instances
+            .iter()
+            .filter(|(id, _)| self.limiters.priority(id) == Some(Priority::High))
+            .map(|(id, _)| id.as_str())
+            .collect();
+        let mut high_load: BTreeMap<&str, u32> = BTreeMap::new();
+        for ((id, uuid), bp) in &util {
+            if high.contains(id) {
+                *high_load.entry(uuid).or_default() += *bp;
+            }
+        }
+        let slack = if self.cfg.limiter_context_bytes > 0 {
+            crate::limiter::OVER_QUOTA_SLACK
+        } else {
+            crate::limiter::OVER_QUOTA_SLACK_UNCHARGED_CONTEXT
+        };
         for (id, gpus) in instances {
+            let usage = self.limiters.usage(id).unwrap_or_default();
             for (dev, uuid) in gpus.iter().enumerate() {
-                let bp = util.get(&(id.clone(), uuid.clone())).copied().unwrap_or(0);
-                if let Err(e) = self.limiters.publish(id, dev, bp.min(10_000), 0) {
+                let key = (id.as_str(), uuid.as_str());
+                let bp = util.get(&key).copied().unwrap_or(0).min(10_000);
+                let others = if high.contains(id.as_str()) {
+                    0
+                } else {
+                    high_load
+                        .get(uuid.as_str())
+                        .copied()
+                        .unwrap_or(0)
+                        .min(10_000)
+                };
+                if let Err(e) = self.limiters.publish(id, dev, bp, others) {
                     tracing::debug!(instance = %id, "limiter sample: {e}");
                 }
+                let (Some(u), Some((used, pids))) = (usage.get(dev), mem.get(&key)) else {
+                    continue;
+                };
+                let allowed = u
+                    .quota_bytes
+                    .saturating_add(slack.saturating_mul(pids.len() as u64));
+                if *used > allowed {
+                    out.over_quota.push(OverQuota {
+                        id: id.clone(),
+                        uuid: uuid.clone(),
+                        used: *used,
+                        quota: u.quota_bytes,
+                        pids: pids.clone(),
+                    });
+                }
             }
         }
-        newest
+        out
+    }
+
+    /// SIGKILLs `pids` that are still processes of instance `id` (the cgroup is read again
+    /// right before each kill, so a recycled pid of another process is left alone). Returns the
+    /// pids killed.
+    pub fn kill_instance_processes(&self, id: &str, pids: &[u32]) -> Vec<u32> {
+        let mut killed = Vec::new();
+        for &pid in pids {
+            let cg = std::fs::read_to_string(self.cfg.root.path(format!("/proc/{pid}/cgroup")))
+                .unwrap_or_default();
+            if !cg.contains(&format!("/{}/{id}", cgroup::PARENT)) {
+                continue;
+            }
+            let Ok(raw) = i32::try_from(pid) else {
+                continue;
+            };
+            // SAFETY: kill(2) on a pid just checked to be in the instance's cgroup.
+            if unsafe { libc::kill(raw, libc::SIGKILL) } == 0 {
+                killed.push(pid);
+            }
+        }
+        killed
     }
 
     /// Instance ids with host objects, split into those with a trace in *this* daemon's data

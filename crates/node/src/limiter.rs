@@ -2,10 +2,13 @@
 //! accounting region, its read-only config, and the bind mounts that inject
 //! `libgpuvisor_limiter.so` into every process of the instance through `/etc/ld.so.preload`.
 //!
-//! Key decision: the preload file, the config and the library are bound *read-only* from the
-//! host, so root inside the instance cannot remove the limiter (it has no CAP_SYS_ADMIN and
-//! seccomp refuses mount/umount). The region file lives under `<data>/limiter/<id>.region` and is
-//! named by the instance id like every other host object, so the orphan sweep finds it.
+//! Key decisions: the preload file, the config, the library and the region's *limits* file are
+//! bound *read-only* from the host, so root inside the instance cannot remove the limiter or
+//! raise its own quota or share (it has no CAP_SYS_ADMIN and seccomp refuses mount/umount); only
+//! the *usage* file (charges, launch gate, process slots) is bound read-write. The library reads
+//! its config only at the fixed path it is bound to (no environment override). The files live
+//! under `<data>/limiter/<id>.*` and are named by the instance id like every other host object,
+//! so the orphan sweep finds them.
 
 use crate::runtime::BindMount;
 use gpuvisor_limiter::config::Config;
@@ -15,9 +18,55 @@ use std::path::{Path, PathBuf};
 
 /// Where the library, region and config appear inside an instance.
 pub const CONTAINER_LIB: &str = "/usr/lib/gpuvisor/libgpuvisor_limiter.so";
-pub const CONTAINER_REGION: &str = "/run/gpuvisor/limiter.region";
-pub const CONTAINER_CONFIG: &str = gpuvisor_limiter::config::DEFAULT_PATH;
+pub const CONTAINER_LIMITS: &str = "/run/gpuvisor/limiter.limits";
+pub const CONTAINER_USAGE: &str = "/run/gpuvisor/limiter.usage";
+pub const CONTAINER_CONFIG: &str = gpuvisor_limiter::config::PATH;
 pub const LIB_NAME: &str = "libgpuvisor_limiter.so";
+
+/// GPU memory the daemon's outside check allows beyond the quota for each process of an
+/// instance when the limiter charges a context footprint (`limiter_context_bytes`): driver
+/// rounding and allocation granularity.
+pub const OVER_QUOTA_SLACK: u64 = 64 << 20;
+/// The same when the limiter charges no context footprint: the driver's own context (about
+/// 300-500 MiB per process on current GPUs) is then outside what the library counts.
+pub const OVER_QUOTA_SLACK_UNCHARGED_CONTEXT: u64 = 640 << 20;
+
+/// What the daemon does when the driver shows an instance holding more GPU memory than its
+/// quota (a process that bypassed the limiter: a static binary, `dlmopen`, raw ioctls, a forged
+/// usage file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverQuotaAction {
+    /// SIGKILL the instance's processes that hold memory on that GPU, and record an event.
+    #[default]
+    Kill,
+    /// Only record an event.
+    Event,
+}
+
+impl std::str::FromStr for OverQuotaAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kill" => Ok(OverQuotaAction::Kill),
+            "event" => Ok(OverQuotaAction::Event),
+            _ => Err(format!(
+                "limiter_over_quota {s:?}: expected \"kill\" or \"event\""
+            )),
+        }
+    }
+}
+
+/// An instance over its VRAM quota on one GPU, by the driver's per-process count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverQuota {
+    pub id: String,
+    pub uuid: String,
+    /// Bytes its processes hold on the GPU.
+    pub used: u64,
+    pub quota: u64,
+    /// Its processes holding memory there (host pids).
+    pub pids: Vec<u32>,
+}
 
 /// One GPU's limits for an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +123,14 @@ impl Limiters {
         self.lib.as_deref()
     }
 
-    fn region_path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.region"))
+    fn limits_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.limits"))
+    }
+    fn usage_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.usage"))
+    }
+    fn open(&self, id: &str) -> std::io::Result<Region> {
+        Region::open(&self.limits_path(id), &self.usage_path(id))
     }
     fn config_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.conf"))
@@ -113,22 +168,23 @@ impl Limiters {
                     .min(gpuvisor_limiter::shm::FULL_SHARE_BP),
             })
             .collect();
-        let region = self.region_path(id);
-        match Region::open(&region) {
+        let (limits, usage) = (self.limits_path(id), self.usage_path(id));
+        match self.open(id) {
             Ok(r) if r.devices() == devices.len() => {
                 for (i, d) in devices.iter().enumerate() {
-                    r.set_limit(i, *d).map_err(|e| io_err(&region, e))?;
+                    r.set_limit(i, *d).map_err(|e| io_err(&limits, e))?;
                 }
                 r.set_priority(priority);
             }
             _ => {
-                Region::create(&region, &RegionSpec { devices, priority })
-                    .map_err(|e| io_err(&region, e))?;
+                Region::create(&limits, &usage, &RegionSpec { devices, priority })
+                    .map_err(|e| io_err(&limits, e))?;
             }
         }
         let config = self.config_path(id);
         Config {
-            region: PathBuf::from(CONTAINER_REGION),
+            limits: PathBuf::from(CONTAINER_LIMITS),
+            usage: PathBuf::from(CONTAINER_USAGE),
             context_bytes: self.context_bytes,
         }
         .write(&config)
@@ -143,15 +199,21 @@ impl Limiters {
         Ok(vec![
             bind(lib, CONTAINER_LIB, true),
             bind(config, CONTAINER_CONFIG, true),
-            bind(region, CONTAINER_REGION, false),
+            bind(limits, CONTAINER_LIMITS, true),
+            bind(usage, CONTAINER_USAGE, false),
             bind(preload, "/etc/ld.so.preload", true),
         ])
     }
 
     /// Per-GPU usage for `instance get`; `None` when the instance has no region.
     pub fn usage(&self, id: &str) -> Option<Vec<DeviceUsage>> {
-        let r = Region::open(&self.region_path(id)).ok()?;
+        let r = self.open(id).ok()?;
         (0..r.devices()).map(|d| r.usage(d).ok()).collect()
+    }
+
+    /// The instance's priority as its region says; `None` when it has no region.
+    pub fn priority(&self, id: &str) -> Option<Priority> {
+        self.open(id).ok().map(|r| r.priority())
     }
 
     /// Feeds the instance's compute-share controller: `util_bp` is the instance's SM utilisation
@@ -163,8 +225,8 @@ impl Limiters {
         util_bp: u32,
         high_util_bp: u32,
     ) -> Result<(), crate::NodeError> {
-        let path = self.region_path(id);
-        let r = Region::open(&path).map_err(|e| io_err(&path, e))?;
+        let path = self.limits_path(id);
+        let r = self.open(id).map_err(|e| io_err(&path, e))?;
         r.publish_sample(dev, util_bp, high_util_bp)
             .map_err(|e| io_err(&path, e))
     }
@@ -172,7 +234,10 @@ impl Limiters {
     /// Removes the instance's region, config and preload file. Idempotent.
     pub fn remove(&self, id: &str) -> Result<(), crate::NodeError> {
         for p in [
-            self.region_path(id),
+            self.limits_path(id),
+            self.usage_path(id),
+            // The single region file of layout 1 (daemons before the split).
+            self.dir.join(format!("{id}.region")),
             self.config_path(id),
             self.preload_path(id),
         ] {
@@ -214,7 +279,20 @@ mod tests {
             milli: 250,
         };
         let binds = l.prepare("abc123abc123", &[share], Priority::Low).unwrap();
-        assert_eq!(binds.len(), 4);
+        assert_eq!(binds.len(), 5);
+        // Only the usage file is writable from inside.
+        let writable: Vec<_> = binds.iter().filter(|b| !b.readonly).collect();
+        assert_eq!(writable.len(), 1);
+        assert_eq!(writable[0].destination, Path::new(CONTAINER_USAGE));
+        let mode = |p: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(d.path().join("limiter").join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("abc123abc123.limits"), 0o644);
         assert!(binds
             .iter()
             .any(|b| b.destination == Path::new("/etc/ld.so.preload") && b.readonly));
@@ -223,7 +301,8 @@ mod tests {
         assert_eq!(usage[0].quota_bytes, 20 << 30);
         assert_eq!(usage[0].share_bp, 2500);
         let conf = std::fs::read_to_string(d.path().join("limiter/abc123abc123.conf")).unwrap();
-        assert!(conf.contains(CONTAINER_REGION), "{conf}");
+        assert!(conf.contains(CONTAINER_LIMITS), "{conf}");
+        assert!(conf.contains(CONTAINER_USAGE), "{conf}");
         // Re-prepare with a new share keeps the region and updates the limit.
         l.prepare(
             "abc123abc123",

@@ -267,9 +267,29 @@ pub struct Instance {
     /// Live usage of fractional GPUs from the limiter (only in `get`, not in lists).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_usage: Vec<GpuUsage>,
+    /// For a fractional GPU: what the fraction guarantees on its host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_fraction: Option<FractionGuarantee>,
     /// Unix milliseconds.
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+/// What a fractional GPU guarantees on the host it runs on. A fraction is enforced in user
+/// space by `libgpuvisor_limiter.so` (and, where the driver can be asked per process, checked
+/// from outside); real isolation needs a MIG slice or a whole GPU.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FractionGuarantee {
+    /// The VRAM quota is enforced for programs that use the CUDA driver API through the
+    /// dynamic loader.
+    pub vram_quota_enforced: bool,
+    /// The compute share is enforced (only where per-process utilisation can be measured).
+    pub compute_share_enforced: bool,
+    /// A process that bypasses the limiter and goes over the VRAM quota is detected (and by
+    /// default killed).
+    pub bypass_detection: bool,
+    /// The same, in words.
+    pub summary: String,
 }
 
 /// What the GPU limiter reports for one fractional GPU of an instance.

@@ -891,7 +891,9 @@ impl Engine {
                 )
                 .to_string()
         });
+        let gpu_fraction = self.fraction_guarantee(&i.gpus);
         wire::Instance {
+            gpu_fraction,
             id: i.id,
             node: i.node_id,
             name: i.name,

@@ -93,10 +93,15 @@ impl Engine {
         }
     }
 
-    /// Feeds the GPU limiters of fractional instances with utilisation samples (4 Hz) where the
-    /// GPU backend can measure per-process utilisation (NVML); elsewhere it returns at once.
+    /// Feeds the GPU limiters of fractional instances (4 Hz) where the GPU backend measures
+    /// per-process utilisation and memory (NVML; the simulated backend's process tables): each
+    /// instance's utilisation and the high-priority load on its GPUs go into its region (the
+    /// compute-share controller runs there), and an instance whose processes hold more GPU
+    /// memory than its quota, as the driver counts it, gets the configured action (kill those
+    /// processes, by default) and an event. Elsewhere (sysfs) it returns at once: fractions are
+    /// VRAM-only there, enforced by the library alone (see [`Engine::fraction_guarantee`]).
     pub async fn run_limiter_sampler(self: Arc<Self>) {
-        if self.node.backend() != gpuvisor_node::gpu::BackendKind::Nvml {
+        if !self.node.gpu.measures_processes() {
             return;
         }
         let mut since = 0u64;
@@ -120,10 +125,76 @@ impl Engine {
                 continue;
             }
             let node = self.node.clone();
-            if let Ok(next) = blocking(move || node.sample_limiters(&fractional, since)).await {
-                since = next;
+            let Ok(sample) = blocking(move || node.sample_limiters(&fractional, since)).await
+            else {
+                continue;
+            };
+            since = sample.newest_us;
+            for over in sample.over_quota {
+                self.over_quota(over).await;
             }
         }
+    }
+
+    /// The outside check's action on an instance over its VRAM quota.
+    async fn over_quota(&self, o: gpuvisor_node::limiter::OverQuota) {
+        use gpuvisor_node::limiter::OverQuotaAction;
+        let what = format!(
+            "GPU {}: its processes hold {} bytes, quota {} (the limiter was bypassed)",
+            o.uuid, o.used, o.quota
+        );
+        match self.node.cfg.limiter_over_quota {
+            OverQuotaAction::Event => {
+                self.event(&o.id, "gpu_over_quota", what).await;
+            }
+            OverQuotaAction::Kill => {
+                let (node, id, pids) = (self.node.clone(), o.id.clone(), o.pids.clone());
+                let killed = blocking(move || node.kill_instance_processes(&id, &pids))
+                    .await
+                    .unwrap_or_default();
+                if killed.is_empty() {
+                    return;
+                }
+                tracing::warn!(instance = %o.id, pids = ?killed, "over GPU memory quota: killed");
+                self.event(
+                    &o.id,
+                    "gpu_over_quota",
+                    format!("{what}; killed processes {killed:?}"),
+                )
+                .await;
+            }
+        }
+    }
+
+    /// What a GPU fraction of an instance with `gpus` guarantees on this host, for the create
+    /// answer and `instance get`; `None` for whole GPUs (and instances without GPUs).
+    pub(crate) fn fraction_guarantee(
+        &self,
+        gpus: &[gpuvisor_wire::GpuBinding],
+    ) -> Option<gpuvisor_wire::FractionGuarantee> {
+        if !gpus.iter().any(|g| g.milli < 1000) {
+            return None;
+        }
+        let measured = self.node.gpu.measures_processes();
+        Some(gpuvisor_wire::FractionGuarantee {
+            vram_quota_enforced: true,
+            compute_share_enforced: measured,
+            bypass_detection: measured,
+            summary: if measured {
+                "VRAM quota and compute share enforced for programs that use the CUDA driver API \
+                 through the dynamic loader (libgpuvisor_limiter.so); a process that bypasses it \
+                 and goes over the VRAM quota is detected from the driver's per-process counts \
+                 and killed; no fault or memory isolation from other instances on the GPU (that \
+                 needs a MIG slice or a whole GPU)"
+                    .into()
+            } else {
+                "VRAM quota only, for programs that use the CUDA driver API through the dynamic \
+                 loader (libgpuvisor_limiter.so): this host's GPU backend cannot measure \
+                 per-process utilisation, so the compute share is NOT enforced and bypasses are \
+                 not detected; no fault or memory isolation (that needs a MIG slice or a whole GPU)"
+                    .into()
+            },
+        })
     }
 
     /// Looks at every live instance once and starts work where needed (each instance in its own

@@ -691,6 +691,47 @@ static int mode_boundary(u64 q) {
     return 0;
 }
 
+/* One allocation of `bytes`: "GOT" and exit 0 if the driver gave it, "REFUSED <rc>" and exit 1
+ * if not (the attack tests: an allocation over the quota must not succeed). */
+static int mode_grab(u64 bytes) {
+    cuInit(0);
+    CUdeviceptr p;
+    CUresult rc = cuMemAlloc_v2(&p, bytes);
+    if (rc == 0) {
+        printf("GOT %llu\n", bytes);
+        return 0;
+    }
+    printf("REFUSED %d\n", rc);
+    return 1;
+}
+
+/* `grabvmm N`: the same through cuMemCreate (by dlsym). */
+static int mode_grabvmm(u64 bytes) {
+    cuInit(0);
+    g_api = api_for("dlsym");
+    PROP prop = {.type = 1, .locType = 1, .locId = 0};
+    u64 h;
+    CUresult rc = g_api.memCreate(&h, bytes, &prop, 0);
+    if (rc == 0) {
+        printf("GOT %llu\n", bytes);
+        return 0;
+    }
+    printf("REFUSED %d\n", rc);
+    return 1;
+}
+
+/* The quota still holds: total reported is q, one byte over q is refused. */
+static int mode_over(u64 q) {
+    cuInit(0);
+    size_t f, t;
+    CHECK(cuMemGetInfo_v2(&f, &t) == 0, "info");
+    CHECK(t == q, "cuMemGetInfo total %zu, quota %llu", t, q);
+    CUdeviceptr a;
+    CHECK(cuMemAlloc_v2(&a, q + 1) == 2, "an allocation over the quota succeeded");
+    printf("OK over\n");
+    return 0;
+}
+
 static int mode_hold(u64 bytes) {
     cuInit(0);
     CUdeviceptr p;
@@ -865,6 +906,9 @@ int main(int argc, char **argv) {
         return mode_multidev(atoi(argv[2]), argc > 3 ? atoi(argv[3]) : 0);
     if (!strcmp(m, "v1")) return mode_v1();
     if (!strcmp(m, "hold")) return mode_hold(arg);
+    if (!strcmp(m, "grab")) return mode_grab(arg);
+    if (!strcmp(m, "grabvmm")) return mode_grabvmm(arg);
+    if (!strcmp(m, "over")) return mode_over(arg);
     if (!strcmp(m, "race")) return mode_race(arg);
     if (!strcmp(m, "latefree")) return mode_latefree(arg);
     if (!strcmp(m, "nvml")) return mode_nvml(arg);

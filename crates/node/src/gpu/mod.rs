@@ -177,13 +177,22 @@ pub trait GpuBackend: Send + Sync {
     /// mapped to container paths. Empty where the host has no driver.
     fn driver_files(&self) -> Vec<(PathBuf, PathBuf)>;
     /// SM utilisation per process on one GPU (host pid, percent), from samples newer than
-    /// `since_us` (CPU timestamp, µs). Empty where the backend cannot tell (sysfs, simulated).
+    /// `since_us` (CPU timestamp, µs). Empty where the backend cannot tell (sysfs).
     fn process_utilisation(&self, _uuid: &str, _since_us: u64) -> Vec<(u32, u32)> {
         Vec::new()
     }
-    /// GPU memory per process on one GPU (host pid, bytes). Empty where the backend cannot tell.
+    /// GPU memory per process on one GPU (host pid, bytes): compute and graphics processes as
+    /// the driver counts them, whatever route they took to the GPU. Empty where the backend
+    /// cannot tell (sysfs).
     fn process_memory(&self, _uuid: &str) -> Vec<(u32, u64)> {
         Vec::new()
+    }
+    /// Whether this backend measures per-process utilisation and memory (NVML; the simulated
+    /// backend from its process tables). Where it does not, a GPU fraction's compute share is
+    /// not enforced (the limiter's controller has nothing to follow) and nothing checks the
+    /// VRAM quota from outside: fractions there are VRAM-only, enforced by the library alone.
+    fn measures_processes(&self) -> bool {
+        false
     }
     /// The MIG control of this backend's GPUs (NVML on a driver host, the in-memory double on a
     /// simulated one, keeping its layout in `state_dir`); `None` where there is none (sysfs).

@@ -148,19 +148,28 @@ impl GpuBackend for NvmlBackend {
         newest.into_iter().map(|(pid, (_, u))| (pid, u)).collect()
     }
 
+    /// `nvmlDeviceGetComputeRunningProcesses` and `nvmlDeviceGetGraphicsRunningProcesses`
+    /// (a process in both lists is counted once, with its larger figure). Not yet run on a GPU
+    /// host: the simulated backend's process table is what the tests exercise.
     fn process_memory(&self, uuid: &str) -> Vec<(u32, u64)> {
         use nvml_wrapper::enums::device::UsedGpuMemory;
         let Ok(dev) = self.nvml.device_by_uuid(uuid) else {
             return Vec::new();
         };
-        dev.running_compute_processes()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|p| match p.used_gpu_memory {
-                UsedGpuMemory::Used(b) => Some((p.pid, b)),
-                UsedGpuMemory::Unavailable => None,
-            })
-            .collect()
+        let mut by_pid: std::collections::BTreeMap<u32, u64> = Default::default();
+        let compute = dev.running_compute_processes().unwrap_or_default();
+        let graphics = dev.running_graphics_processes().unwrap_or_default();
+        for p in compute.into_iter().chain(graphics) {
+            if let UsedGpuMemory::Used(b) = p.used_gpu_memory {
+                let e = by_pid.entry(p.pid).or_default();
+                *e = (*e).max(b);
+            }
+        }
+        by_pid.into_iter().collect()
+    }
+
+    fn measures_processes(&self) -> bool {
+        true
     }
 
     /// Every field is queried on its own: a GPU that does not support one (ECC on consumer

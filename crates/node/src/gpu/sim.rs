@@ -292,6 +292,74 @@ impl GpuBackend for SimulatedBackend {
     ) -> Option<crate::telemetry::GpuReading> {
         Some(crate::telemetry::simulated_reading(gpu, load))
     }
+
+    fn process_utilisation(&self, uuid: &str, _since_us: u64) -> Vec<(u32, u32)> {
+        self.processes(uuid)
+            .into_iter()
+            .filter_map(|p| Some((p.pid, p.sm?)))
+            .collect()
+    }
+
+    fn process_memory(&self, uuid: &str) -> Vec<(u32, u64)> {
+        self.processes(uuid)
+            .into_iter()
+            .filter_map(|p| Some((p.pid, p.mem?)))
+            .collect()
+    }
+
+    fn measures_processes(&self) -> bool {
+        true
+    }
+}
+
+/// One process line of a simulated GPU's process table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SimProcess {
+    pub pid: u32,
+    /// SM utilisation, percent.
+    pub sm: Option<u32>,
+    /// GPU memory, bytes.
+    pub mem: Option<u64>,
+}
+
+/// Parses `nvidia<i>.procs`: one process per line, `<host pid> [sm=<percent>] [mem=<bytes>]`,
+/// `#` comments. Bad lines are skipped.
+pub(crate) fn parse_procs(text: &str) -> Vec<SimProcess> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.split('#').next()?.trim();
+            let mut f = l.split_whitespace();
+            let pid = f.next()?.parse().ok()?;
+            let mut p = SimProcess {
+                pid,
+                sm: None,
+                mem: None,
+            };
+            for kv in f {
+                match kv.split_once('=') {
+                    Some(("sm", v)) => p.sm = v.parse().ok(),
+                    Some(("mem", v)) => p.mem = v.parse().ok(),
+                    _ => {}
+                }
+            }
+            Some(p)
+        })
+        .collect()
+}
+
+impl SimulatedBackend {
+    /// The simulated driver's per-process table of GPU `uuid`: a file beside its device node,
+    /// `<dev dir>/nvidia<i>.procs`, that tests (or an operator trying things out) write, as
+    /// `nvidia<i>.fault` injects faults. It stands in for NVML's
+    /// `nvmlDeviceGetComputeRunningProcesses` and `nvmlDeviceGetProcessUtilization`.
+    fn processes(&self, uuid: &str) -> Vec<SimProcess> {
+        let Some(g) = self.devices.iter().find(|g| g.uuid == uuid) else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(self.dev_dir.join(format!("nvidia{}.procs", g.index)))
+            .map(|t| parse_procs(&t))
+            .unwrap_or_default()
+    }
 }
 
 /// Makes `path` a root-owned character device `major:minor` with mode 0660. An existing correct
@@ -360,6 +428,25 @@ mod tests {
             nix::sys::stat::minor(rdev) as u32,
             md.mode() & 0o7777,
         )
+    }
+
+    #[test]
+    fn parses_process_tables() {
+        assert_eq!(
+            parse_procs("# pid sm mem\n42 sm=80 mem=1024\n\nbad\n7 mem=5\n"),
+            vec![
+                SimProcess {
+                    pid: 42,
+                    sm: Some(80),
+                    mem: Some(1024)
+                },
+                SimProcess {
+                    pid: 7,
+                    sm: None,
+                    mem: Some(5)
+                },
+            ]
+        );
     }
 
     #[test]
