@@ -43,9 +43,10 @@
 //! - Refusals towards instances are REJECT (icmp-admin-prohibited), so a tenant's connection
 //!   fails at once instead of hanging; unsolicited traffic from outside towards instances is
 //!   DROPped, as a firewall does for strangers.
-//! - Bridges have the strict reverse-path filter (`rp_filter=1`): a packet whose source address
-//!   is not routed back through the bridge it came from is dropped (no spoofing another
-//!   tenant's address).
+//! - No spoofing: the first rule of our FWD and IN chains for each tenant bridge drops packets
+//!   whose source is outside that tenant's /24 (before the established accept, so a forged
+//!   packet cannot ride another instance's connection). The bridge's strict `rp_filter=1` is
+//!   set too, as a second layer, but the kernel honours the looser of it and the host's `all`.
 //! - Instances get no IPv6: the bridge has IPv6 disabled, so the kernel drops every IPv6 packet
 //!   an instance sends to the host or through it (link-local included); the instance's own
 //!   link-local address only reaches its tenant's segment.
@@ -99,8 +100,10 @@ const IFNAME_MAX: usize = 15;
 /// link-local (cloud metadata), IETF protocol, benchmarking, multicast and reserved space. The
 /// documentation ranges (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24) are left alone: they
 /// are not routed on the internet anyway, and the tests use them as "public".
-pub const RESERVED: [&str; 11] = [
+pub const RESERVED: [&str; 12] = [
     "0.0.0.0/8",
+    // Azure's platform endpoint (WireServer): the VM's goal state and extension settings.
+    "168.63.129.16/32",
     "10.0.0.0/8",
     "100.64.0.0/10",
     "127.0.0.0/8",
@@ -513,6 +516,17 @@ impl Network {
         strings(&["-i", bridge, "-o", bridge, "-j", "ACCEPT"])
     }
 
+    /// Anti-spoofing in our own rules, first in the FWD and IN chains (before the established
+    /// accept, so a forged packet cannot ride another instance's connection): from a tenant's
+    /// bridge only sources in that tenant's /24. The bridge's `rp_filter` does the same only while
+    /// the host's `all` setting is not loose (Ubuntu sets 2) and udev does not rewrite it.
+    fn bridge_spoof_rule(&self, bridge: &str) -> Option<Vec<String>> {
+        let slot = self.bridge_slot(bridge)?;
+        let [a, b, _, _] = self.cfg.pool.octets();
+        let subnet = format!("{a}.{b}.{slot}.0/24");
+        Some(strings(&["-i", bridge, "!", "-s", &subnet, "-j", "DROP"]))
+    }
+
     /// The address of host number `host` (2..=254) in a tenant's /24.
     pub fn address(&self, net: &TenantNet, host: u8) -> Ipv4Addr {
         let [a, b, _, _] = self.cfg.pool.octets();
@@ -603,6 +617,10 @@ impl Network {
             s.push_str(&format!("-A {chain} {}\n", rule.join(" ")));
         };
         for b in bridges {
+            if let Some(r) = self.bridge_spoof_rule(b) {
+                line(&mut s, &fc, &r);
+                line(&mut s, &ic, &r);
+            }
             line(&mut s, &fc, &self.bridge_accept_rule(b));
         }
         for r in &fwd {
@@ -776,6 +794,11 @@ impl Network {
             &self.bridge_accept_rule(&bridge),
             true,
         )?;
+        // Inserted after the accept, so it is the first rule of each chain.
+        if let Some(r) = self.bridge_spoof_rule(&bridge) {
+            ensure_rule("filter", &self.fwd_chain(), &r, true)?;
+            ensure_rule("filter", &self.input_chain(), &r, true)?;
+        }
         ensured.insert(bridge);
         Ok(())
     }
@@ -815,6 +838,13 @@ impl Network {
         let fc = self.fwd_chain();
         if chain_exists("filter", &fc) {
             remove_rule("filter", &fc, &self.bridge_accept_rule(&bridge))?;
+        }
+        if let Some(r) = self.bridge_spoof_rule(&bridge) {
+            for chain in [fc, self.input_chain()] {
+                if chain_exists("filter", &chain) {
+                    remove_rule("filter", &chain, &r)?;
+                }
+            }
         }
         Ok(true)
     }

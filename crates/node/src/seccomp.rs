@@ -6,7 +6,9 @@
 //! (`process_vm_*`, `pidfd_getfd`, `kcmp`) and clock changes are refused. `socket` is refused for
 //! AF_ALG and AF_VSOCK, `personality` allows only Docker's five values, and `io_uring_*` answer
 //! ENOSYS. `clone3` answers ENOSYS, as in Docker, so that glibc falls back to `clone`, whose flags
-//! we *can* inspect (clone3 passes them in memory where seccomp cannot look).
+//! we *can* inspect (clone3 passes them in memory where seccomp cannot look). Only the native
+//! x86_64 ABI is allowed: i386 (`int $0x80`, whose `socketcall` hides the socket family from
+//! seccomp) and x32 system calls are refused outright, so 32-bit programs do not run.
 //!
 //! Key decision: every argument rule is one comparison on the whole 64-bit register. runc turns
 //! two comparisons on the same argument into two alternative rules (an OR), and a bare
@@ -476,11 +478,12 @@ pub fn default_profile() -> Result<LinuxSeccomp, OciSpecError> {
     LinuxSeccompBuilder::default()
         .default_action(LinuxSeccompAction::ScmpActErrno)
         .default_errno_ret(libc::EPERM as u32)
-        .architectures(vec![
-            Arch::ScmpArchX86_64,
-            Arch::ScmpArchX86,
-            Arch::ScmpArchX32,
-        ])
+        // Native x86_64 only, unlike Docker: through the i386 ABI (`int $0x80`) `socketcall`
+        // opens any socket family, and libseccomp compiles even our filtered `socket` rule into
+        // an unfiltered `socketcall(SYS_SOCKET)` allow there. No GPU stack runs 32-bit code, so
+        // i386 and x32 system calls get the filter's bad-architecture action (the call fails or
+        // the thread is killed) instead.
+        .architectures(vec![Arch::ScmpArchX86_64])
         .syscalls(syscalls)
         .build()
 }

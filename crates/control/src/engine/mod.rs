@@ -702,6 +702,12 @@ impl Engine {
     }
 
     async fn make_volume(&self, tenant_id: &str, name: &str, size: u64) -> Result<VolumeRow> {
+        let row = self.reserve_volume(tenant_id, name, size).await?;
+        self.format_volume(row).await
+    }
+
+    /// Validates and records a new volume (the row only).
+    async fn reserve_volume(&self, tenant_id: &str, name: &str, size: u64) -> Result<VolumeRow> {
         validate::name("volume", name)?;
         validate::volume_size(size)?;
         if self.store.volume(tenant_id, name).await?.is_some() {
@@ -718,12 +724,22 @@ impl Engine {
         // Row first: a crash after it leaves a volume the user can see and remove, never an
         // image file nobody knows about.
         self.store.insert_volume(&row).await?;
-        let (node, t, n) = (self.node.clone(), tenant_id.to_string(), name.to_string());
+        Ok(row)
+    }
+
+    /// Makes the image of a reserved volume; the row goes again if that fails.
+    async fn format_volume(&self, row: VolumeRow) -> Result<VolumeRow> {
+        let (node, t, n, size) = (
+            self.node.clone(),
+            row.tenant_id.clone(),
+            row.name.clone(),
+            row.size,
+        );
         let made = tokio::task::spawn_blocking(move || node.disks.create_volume(&t, &n, size))
             .await
             .map_err(|e| EngineError::Internal(e.to_string()))?;
         if let Err(e) = made {
-            self.store.delete_volume(tenant_id, name).await?;
+            self.store.delete_volume(&row.tenant_id, &row.name).await?;
             return Err(EngineError::Node(e.into()));
         }
         Ok(row)
@@ -738,20 +754,23 @@ impl Engine {
             self.store.tenant(&who.tenant_id).await?.ok_or_else(|| {
                 EngineError::Unauthorized("the key's tenant no longer exists".into())
             })?;
-        // Under the placement lock, like instance creates, so the two cannot race a quota.
-        let _guard = self.place_lock.lock().await;
-        self.check_quota(
-            &tenant,
-            &tenants::Ask {
-                disk: req.size,
-                volumes: 1,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let row = self
-            .make_volume(&who.tenant_id, &req.name, req.size)
+        // Quota check and row under the placement lock, like instance creates, so the two
+        // cannot race a quota; the image is made after, without holding everyone's creates.
+        let row = {
+            let _guard = self.place_lock.lock().await;
+            self.check_quota(
+                &tenant,
+                &tenants::Ask {
+                    disk: req.size,
+                    volumes: 1,
+                    ..Default::default()
+                },
+            )
             .await?;
+            self.reserve_volume(&who.tenant_id, &req.name, req.size)
+                .await?
+        };
+        let row = self.format_volume(row).await?;
         self.wire_volume(row, &self.tenant_names().await?).await
     }
 
@@ -1174,13 +1193,19 @@ impl Engine {
         for v in &victims {
             self.set_desired_state(v, InstanceState::Interrupted)
                 .await?;
+            // Another tenant's victim learns the priority, not the preemptor's id.
+            let same_tenant = live
+                .iter()
+                .any(|i| &i.id == v && i.tenant_id == who.tenant_id);
+            let by = if same_tenant {
+                format!("instance {id}")
+            } else {
+                "another tenant's instance".to_string()
+            };
             self.event(
                 v,
                 "preempted",
-                format!(
-                    "preempted by instance {id} ({} priority)",
-                    req.priority.as_str()
-                ),
+                format!("preempted by {by} ({} priority)", req.priority.as_str()),
             )
             .await;
         }

@@ -123,9 +123,11 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
                 host.gpus
             )))
         }
-        (_, Some(f)) if !(f.is_finite() && (0.001..1.0).contains(&f)) => {
+        // Fractions are held in thousandths: one that rounds to a whole GPU (0.9995 and up)
+        // would be a whole GPU counted as a fraction, past the tenant's GPU quotas.
+        (_, Some(f)) if !(f.is_finite() && (0.001..0.9995).contains(&f)) => {
             return Err(invalid(format!(
-                "--gpu-fraction {f} is out of range: use a fraction between 0.001 and 1 (exclusive); for whole GPUs use --gpus"
+                "--gpu-fraction {f} is out of range: use a fraction from 0.001 to 0.999; for whole GPUs use --gpus"
             )))
         }
         (_, Some(_)) if host.gpus == 0 => {
@@ -250,6 +252,10 @@ mod tests {
             (Box::new(|r| r.gpus = Some(3)), "insufficient_resources"),
             (Box::new(|r| r.gpus = Some(0)), "invalid_argument"),
             (Box::new(|r| r.gpu_fraction = Some(1.5)), "invalid_argument"),
+            (
+                Box::new(|r| r.gpu_fraction = Some(0.9999)),
+                "invalid_argument",
+            ),
             (
                 Box::new(|r| r.gpu_fraction = Some(-0.5)),
                 "invalid_argument",

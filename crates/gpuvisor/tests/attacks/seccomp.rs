@@ -20,6 +20,7 @@ const PROBE_C: &str = r#"
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #ifndef SYS_io_uring_setup
@@ -47,6 +48,22 @@ int main(int argc, char **argv) {
     if (!strcmp(m, "socket_hi")) {
         /* The family with high bits set: the kernel reads an int, a filter sees 64 bits. */
         return report("socket_hi", syscall(SYS_socket, arg | 0x100000000L, SOCK_STREAM, 0));
+    }
+    if (!strcmp(m, "socketcall32")) {
+        /* The i386 ABI from a 64-bit program: socketcall(SYS_SOCKET, {family, STREAM, 0}),
+           its arguments in memory below 4 GiB where seccomp cannot look. */
+        unsigned int *a = mmap(0, 4096, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_32BIT, -1, 0);
+        if (a == MAP_FAILED) { fprintf(stderr, "gvprobe: mmap failed\n"); return 2; }
+        a[0] = (unsigned int)arg; a[1] = SOCK_STREAM; a[2] = 0;
+        long r;
+        __asm__ volatile ("int $0x80" : "=a"(r) : "a"(102L), "b"(1L), "c"((long)a) : "memory");
+        if (r < 0 && r > -4096) { errno = (int)-r; r = -1; }
+        return report("socketcall32", r);
+    }
+    if (!strcmp(m, "x32socket")) {
+        /* The x32 ABI: socket is syscall 41 with __X32_SYSCALL_BIT. */
+        return report("x32socket", syscall(0x40000000L | 41, arg, SOCK_STREAM, 0));
     }
     if (!strcmp(m, "io_uring_setup")) {
         char params[256];
@@ -189,6 +206,29 @@ fn vsock_socket_with_high_bits_in_family_is_refused() {
         "gvprobe socket_hi 2",
         libc::EPERM,
     );
+}
+
+/// The i386 and x32 ABIs from a 64-bit program: `int $0x80` socketcall hides the family from
+/// seccomp, so only refusing those ABIs outright closes AF_VSOCK there. A refusal here is an
+/// error return or the process killed by the filter (SIGSYS), never a descriptor.
+#[test]
+fn vsock_socket_through_the_32bit_abis_is_refused() {
+    let _s = serial();
+    let (d, id) = instance();
+    probe::allowed(&d, &id, "native socket(AF_INET)", "gvprobe socket 2");
+    for mode in ["socketcall32", "x32socket"] {
+        let p = probe::refused(
+            &d,
+            &id,
+            &format!("{mode} AF_VSOCK"),
+            &format!("gvprobe {mode} 40"),
+        );
+        assert!(
+            !p.err.contains("unknown mode") && !p.err.contains("mmap failed"),
+            "{mode}: the probe did not make the call: {}",
+            p.err
+        );
+    }
 }
 
 #[test]

@@ -381,6 +381,26 @@ fn tenant_cannot_exceed_its_quotas() {
         );
     };
     refused(&["--gpus", "1", "--memory", "64MiB"], "max_gpus");
+    // A fraction that rounds to a whole GPU is not a way around both GPU quotas.
+    let out = d.cli_as(
+        &key,
+        &[
+            "instance",
+            "create",
+            "--image",
+            "busybox",
+            "--gpu-fraction",
+            "0.9999",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     refused(
         &["--gpu-fraction", "0.75", "--memory", "64MiB"],
         "max_gpu_milli",
