@@ -1021,6 +1021,13 @@ impl Ctx {
         };
         loop {
             let chunk = self.client.logs(id, offset)?;
+            if chunk.offset > offset && matches!(self.format, Format::Table) {
+                // Older output was rotated away (the daemon keeps limits.log_max_bytes).
+                eprintln!(
+                    "gpuvisor: {} bytes of log were rotated away before they could be read",
+                    chunk.offset - offset
+                );
+            }
             let advanced = chunk.next > offset && !chunk.data.is_empty();
             offset = chunk.next;
             if !chunk.data.is_empty() {

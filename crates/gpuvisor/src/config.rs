@@ -135,8 +135,9 @@ pub struct ConfigOverrides {
     /// Bearer token that may scrape /metrics (besides admin keys).
     #[arg(long, env = "GPUVISOR_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// Boxed: the `serve` variant of the CLI stays small.
     #[command(flatten)]
-    pub limits: LimitsOverrides,
+    pub limits: Box<LimitsOverrides>,
 }
 
 fn grace(s: &str) -> anyhow::Result<Duration> {

@@ -163,8 +163,7 @@ impl LogWriter {
 
     fn disk_low(&self) -> bool {
         nix::sys::statvfs::statvfs(&self.dir).is_ok_and(|s| {
-            (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64)
-                < self.limits.reserve
+            s.blocks_available().saturating_mul(s.fragment_size()) < self.limits.reserve
         })
     }
 

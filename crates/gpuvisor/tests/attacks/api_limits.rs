@@ -379,7 +379,11 @@ fn instance_log_flood_stays_within_the_cap() {
     d.json(&["instance", "terminate", &id, "--wait"]);
     assert!(pids_with(&relay).is_empty(), "log relay left behind");
     assert!(!d.data().join("logs").join(&id).exists(), "log left behind");
-    assert!(d.leaks(&[id.clone()]).is_empty(), "{:?}", d.leaks(&[id]));
+    assert!(
+        d.leaks(std::slice::from_ref(&id)).is_empty(),
+        "{:?}",
+        d.leaks(&[id])
+    );
 }
 
 #[test]
