@@ -278,7 +278,11 @@ async fn read_some<R: tokio::io::AsyncRead + Unpin>(
 impl ExecRun {
     async fn run(self, mut child: tokio::process::Child, tx: mpsc::Sender<Vec<u8>>) {
         let deadline = Instant::now() + self.timeout;
-        let ended = self.pump(&mut child, &tx, deadline).await;
+        // The pipes stay open until the command is dead: a command cut at the cap is killed
+        // by us (137), not by SIGPIPE from a pipe closed under it.
+        let mut out = child.stdout.take();
+        let mut err = child.stderr.take();
+        let ended = self.pump(&mut out, &mut err, &tx, deadline).await;
         let (status, ended) = match ended {
             Ended::Eof => {
                 // Outputs closed; the command may still run (it closed them itself).
@@ -292,6 +296,7 @@ impl ExecRun {
             }
             other => (self.kill(&mut child).await, other),
         };
+        drop((out, err));
         let _ = std::fs::remove_file(&self.pid_file);
         let exit_code = status.map_or(128 + 9, |s| {
             use std::os::unix::process::ExitStatusExt;
@@ -335,19 +340,18 @@ impl ExecRun {
     /// goes away.
     async fn pump(
         &self,
-        child: &mut tokio::process::Child,
+        out: &mut Option<tokio::process::ChildStdout>,
+        err: &mut Option<tokio::process::ChildStderr>,
         tx: &mpsc::Sender<Vec<u8>>,
         deadline: Instant,
     ) -> Ended {
-        let mut out = child.stdout.take();
-        let mut err = child.stderr.take();
         let mut b_out = vec![0u8; 32 * 1024];
         let mut b_err = vec![0u8; 32 * 1024];
         let mut sent = 0u64;
         while out.is_some() || err.is_some() {
             let (kind, n) = tokio::select! {
-                r = read_some(&mut out, &mut b_out) => (frame::STDOUT, r),
-                r = read_some(&mut err, &mut b_err) => (frame::STDERR, r),
+                r = read_some(out, &mut b_out) => (frame::STDOUT, r),
+                r = read_some(err, &mut b_err) => (frame::STDERR, r),
                 _ = tokio::time::sleep_until(deadline) => {
                     return Ended::Limit(wire::ExecLimit::Deadline)
                 }
@@ -357,9 +361,9 @@ impl ExecRun {
                 Ok(n) if n > 0 => n,
                 _ => {
                     if kind == frame::STDOUT {
-                        out = None;
+                        *out = None;
                     } else {
-                        err = None;
+                        *err = None;
                     }
                     continue;
                 }
