@@ -407,8 +407,10 @@ impl ExecRun {
             .await
             .unwrap_or(0);
         tracing::debug!(instance = %self.id, processes = killed, "exec killed");
-        // runc exits once its command is dead; if it does not, kill it too.
-        match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+        // runc exits once its command is dead. Now and then (a command killed right after it
+        // started) runc 1.1 misses the exit and waits for ever: its command is gone by then,
+        // so kill runc too after a short wait.
+        match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
             Ok(s) => s.ok(),
             Err(_) => {
                 let _ = child.start_kill();

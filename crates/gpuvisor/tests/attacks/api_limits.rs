@@ -59,6 +59,18 @@ fn pids_with(needle: &str) -> Vec<u32> {
     out
 }
 
+/// Pids of processes inside instance `id` (its cgroup) whose command line contains `needle`:
+/// the exec'd commands themselves, not the clients or `runc exec` that name them too.
+fn instance_pids_with(id: &str, needle: &str) -> Vec<u32> {
+    pids_with(needle)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cgroup"))
+                .is_ok_and(|cg| cg.contains(&format!("/gpuvisor/{id}")))
+        })
+        .collect()
+}
+
 /// Waits (bounded: a liveness check, not a timing assertion) until `f` holds.
 fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + limit;
@@ -90,6 +102,31 @@ fn raw_request(port: u16, req: &[u8]) -> Option<(u16, String)> {
     s.write_all(req).ok()?;
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.get(9..12)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
+    Some((status, body))
+}
+
+/// Like [`raw_request`], but writes from another thread while this one reads: a server that
+/// answers before reading the whole body (and then closes) is heard before its reset.
+fn raw_request_reading(port: u16, req: Vec<u8>) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&req);
+    });
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = s.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    drop(s);
+    let _ = writer.join();
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.get(9..12)?.parse().ok()?;
     let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
@@ -194,7 +231,7 @@ fn hanging_execs(d: &Daemon, key: &str, id: &str, n: usize, marker: &str) -> Vec
     eventually(
         &format!("{n} hanging execs running"),
         Duration::from_secs(60),
-        || pids_with(&format!("sleep {marker}")).len() >= n,
+        || instance_pids_with(id, &format!("sleep {marker}")).len() >= n,
     );
     clients
 }
@@ -306,7 +343,7 @@ fn a_thousand_hanging_execs_do_not_stall_the_reconciler_or_telemetry_and_leak_no
     });
     // Hanging execs are really there while this happened.
     assert!(
-        !pids_with("sleep 1000003").is_empty(),
+        !instance_pids_with(&id, "sleep 1000003").is_empty(),
         "no exec was accepted"
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -397,7 +434,7 @@ fn oversized_request_body_is_refused_with_413() {
         d.key,
         body.len()
     );
-    let (status, answer) = raw_request(d.port, req.as_bytes()).expect("no answer");
+    let (status, answer) = raw_request_reading(d.port, req.into_bytes()).expect("no answer");
     assert_eq!(status, 413, "{}", &answer[..answer.len().min(300)]);
     assert_eq!(error_code(&answer), "payload_too_large");
     // Without a declared length (chunked), the body is cut at the limit too.
@@ -411,7 +448,7 @@ fn oversized_request_body_is_refused_with_413() {
         req.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
     }
     req.push_str("0\r\n\r\n");
-    let (status, answer) = raw_request(d.port, req.as_bytes()).expect("no answer");
+    let (status, answer) = raw_request_reading(d.port, req.into_bytes()).expect("no answer");
     assert_eq!(status, 413, "{}", &answer[..answer.len().min(300)]);
     assert_eq!(error_code(&answer), "payload_too_large");
 }
