@@ -444,7 +444,11 @@ pub fn router_with_limits(engine: Eng, limits: ApiLimits) -> Router {
         limits,
         slots: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
-    router(engine).layer(axum::middleware::from_fn_with_state(guard, limit_request))
+    let max_body = usize::try_from(guard.limits.max_body).unwrap_or(usize::MAX);
+    router(engine)
+        // The extractors' own limit (2 MB by default) follows ours.
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(guard, limit_request))
 }
 
 struct Guard {
