@@ -26,6 +26,13 @@ pub enum EngineError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A concurrency limit was reached (execs per tenant, requests per key).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -48,6 +55,9 @@ impl EngineError {
             Self::Unavailable(_) => code::UNAVAILABLE,
             Self::Unauthorized(_) => code::UNAUTHORIZED,
             Self::Forbidden(_) => code::FORBIDDEN,
+            Self::ResourceExhausted(_) => code::RESOURCE_EXHAUSTED,
+            Self::PayloadTooLarge(_) => code::PAYLOAD_TOO_LARGE,
+            Self::DeadlineExceeded(_) => code::DEADLINE_EXCEEDED,
             Self::Store(crate::store::StoreError::Conflict(_)) => code::ALREADY_EXISTS,
             Self::Store(_) | Self::Node(_) | Self::Internal(_) => code::INTERNAL,
         }

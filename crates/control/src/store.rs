@@ -868,6 +868,49 @@ impl Store {
             .collect()
     }
 
+    // --- retention --------------------------------------------------------------------------
+
+    /// Deletes events older than `before` (ms) and, per instance, all but the newest
+    /// `keep_per_instance`. Returns how many rows went.
+    pub async fn prune_events(&self, before: i64, keep_per_instance: u64) -> Result<u64> {
+        let old = sqlx::query("DELETE FROM events WHERE at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        let keep = i64::try_from(keep_per_instance).unwrap_or(i64::MAX);
+        let extra = sqlx::query(
+            "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER \
+             (PARTITION BY instance_id ORDER BY at DESC, id DESC) AS rn FROM events) ranked \
+             WHERE rn > $1)",
+        )
+        .bind(keep)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(old + extra)
+    }
+
+    /// Deletes instances terminated before `before` (ms; by their last change) with their
+    /// events. Returns how many instance rows went.
+    pub async fn prune_terminated(&self, before: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM events WHERE instance_id IN (SELECT id FROM instances \
+             WHERE state = 'terminated' AND updated_at < $1)",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
+        let n = sqlx::query("DELETE FROM instances WHERE state = 'terminated' AND updated_at < $1")
+            .bind(before)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

@@ -1070,6 +1070,103 @@ async fn events_ordered_by_time() {
     .await;
 }
 
+#[tokio::test]
+async fn retention_prunes_old_events_and_caps_them_per_instance() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        let ev = |i: &str, at: i64| EventRow {
+            instance_id: i.into(),
+            at,
+            kind: "state".into(),
+            message: format!("at {at}"),
+        };
+        for at in 1..=10 {
+            store
+                .add_event(&format!("a-{at:02}"), &ev("i-1", at * 100))
+                .await
+                .unwrap();
+        }
+        store.add_event("b-1", &ev("i-2", 50)).await.unwrap();
+        store.add_event("b-2", &ev("i-2", 5000)).await.unwrap();
+        // Older than 250 goes (i-1: 100, 200; i-2: 50), then at most 3 per instance (newest).
+        let n = store.prune_events(250, 3).await.unwrap();
+        assert_eq!(n, 3 + 5, "{backend}");
+        let ats: Vec<i64> = store
+            .events("i-1")
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.at)
+            .collect();
+        assert_eq!(ats, vec![800, 900, 1000], "{backend}");
+        assert_eq!(
+            store.events("i-2").await.unwrap(),
+            vec![ev("i-2", 5000)],
+            "{backend}"
+        );
+        assert_eq!(
+            store.prune_events(250, 3).await.unwrap(),
+            0,
+            "{backend}: idempotent"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn retention_prunes_terminated_instances_with_their_events() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        for (id, state, at) in [
+            ("old-term", InstanceState::Terminated, 100),
+            ("new-term", InstanceState::Terminated, 900),
+            ("old-live", InstanceState::Running, 100),
+        ] {
+            store
+                .insert_instance(&instance_row(id, "t-1", id, at))
+                .await
+                .unwrap();
+            store.set_state(id, state, None, at).await.unwrap();
+            store
+                .add_event(
+                    &format!("e-{id}"),
+                    &EventRow {
+                        instance_id: id.into(),
+                        at,
+                        kind: "state".into(),
+                        message: "x".into(),
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.prune_terminated(500).await.unwrap(), 1, "{backend}");
+        assert!(
+            store.instance("old-term").await.unwrap().is_none(),
+            "{backend}"
+        );
+        assert!(
+            store.events("old-term").await.unwrap().is_empty(),
+            "{backend}"
+        );
+        // A recent terminated row and a live old one stay, with their events.
+        assert!(
+            store.instance("new-term").await.unwrap().is_some(),
+            "{backend}"
+        );
+        assert!(
+            store.instance("old-live").await.unwrap().is_some(),
+            "{backend}"
+        );
+        assert_eq!(
+            store.events("old-live").await.unwrap().len(),
+            1,
+            "{backend}"
+        );
+        assert_eq!(store.prune_terminated(500).await.unwrap(), 0, "{backend}");
+    })
+    .await;
+}
+
 // --- the harness itself ---------------------------------------------------------------------
 
 #[test]

@@ -31,6 +31,9 @@ pub fn status_for(code_: &str) -> StatusCode {
         code::ALREADY_EXISTS | code::IN_USE | code::INVALID_STATE => StatusCode::CONFLICT,
         code::INSUFFICIENT_RESOURCES | code::QUOTA_EXCEEDED => StatusCode::UNPROCESSABLE_ENTITY,
         code::UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
+        code::RESOURCE_EXHAUSTED => StatusCode::TOO_MANY_REQUESTS,
+        code::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+        code::DEADLINE_EXCEEDED => StatusCode::REQUEST_TIMEOUT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -412,14 +415,40 @@ async fn logs(
     Ok(Json(e.instance_logs(&p, &id, q.offset).await?))
 }
 
+/// Streams the command's output as it comes: frames of [`wire::exec`], the last one `END` with
+/// the exit status and, when the daemon killed the command, why. Errors before the command
+/// starts (not found, not running, too many execs) are ordinary JSON errors.
 async fn exec(
     State(e): State<Eng>,
     h: HeaderMap,
     Path(id): Path<String>,
     Body(b): Body<wire::ExecRequest>,
-) -> R<wire::ExecResult> {
+) -> Result<Response, ApiError> {
     let p = who(&e, &h).await?;
-    Ok(Json(e.exec(&p, &id, &b).await?))
+    let stream = e.exec(&p, &id, &b).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, wire::exec::CONTENT_TYPE)],
+        axum::body::Body::new(FrameBody(stream.frames)),
+    )
+        .into_response())
+}
+
+/// A response body fed by the exec task; dropping it (the client went away) closes the
+/// channel, which kills the command.
+struct FrameBody(tokio::sync::mpsc::Receiver<Vec<u8>>);
+
+impl http_body::Body for FrameBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|f| f.map(|v| Ok(http_body::Frame::data(bytes::Bytes::from(v)))))
+    }
 }
 
 async fn events(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<Vec<wire::Event>> {
@@ -474,4 +503,122 @@ async fn instance_metrics(
 ) -> R<wire::MetricsHistory> {
     let p = who(&e, &h).await?;
     Ok(Json(e.instance_metrics(&p, &id, &q).await?))
+}
+
+// ---- request limits ----------------------------------------------------------------------
+
+/// Bounds every request: its body's size and the time to send it, and how many requests one
+/// principal has in flight.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    pub max_body: u64,
+    pub body_timeout: std::time::Duration,
+    pub requests_per_key: usize,
+}
+
+/// The router with [`ApiLimits`] in front of every route.
+pub fn router_with_limits(engine: Eng, limits: ApiLimits) -> Router {
+    let guard = Arc::new(Guard {
+        engine: engine.clone(),
+        limits,
+        slots: std::sync::Mutex::new(std::collections::HashMap::new()),
+    });
+    let max_body = usize::try_from(guard.limits.max_body).unwrap_or(usize::MAX);
+    router(engine)
+        // The extractors' own limit (2 MB by default) follows ours.
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(guard, limit_request))
+}
+
+struct Guard {
+    engine: Eng,
+    limits: ApiLimits,
+    /// Requests in flight per principal (tenant id; `""` for requests without a valid key).
+    slots: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Guard {
+    fn slot(&self, principal: &str) -> Arc<tokio::sync::Semaphore> {
+        let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(principal.to_string())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.limits.requests_per_key)))
+            .clone()
+    }
+}
+
+fn error_response(e: EngineError) -> Response {
+    ApiError(e).into_response()
+}
+
+/// The middleware: a declared length over the limit is refused before anything is read; the
+/// key is checked before the body is read (a bad key is answered at once, except on /metrics,
+/// which takes its own token); the principal's allowance of requests in flight is taken; the
+/// body is read within `max_body` bytes and `body_timeout`; then the route runs.
+async fn limit_request(
+    State(g): State<Arc<Guard>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let max = g.limits.max_body;
+    let too_large = || {
+        error_response(EngineError::PayloadTooLarge(format!(
+            "the request body is larger than {max} bytes (limits.max_body)"
+        )))
+    };
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return too_large();
+    }
+    let key = req
+        .headers()
+        .get(API_KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            req.headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        })
+        .map(str::to_string);
+    let principal = match key {
+        None => String::new(),
+        Some(k) => match g.engine.authenticate(Some(&k)).await {
+            Ok(p) => p.tenant_id,
+            Err(_) if req.uri().path() == "/metrics" => String::new(),
+            Err(e) => return error_response(e),
+        },
+    };
+    let slot = g.slot(&principal);
+    let Ok(_permit) = slot.try_acquire_owned() else {
+        let who = if principal.is_empty() {
+            "unauthenticated requests".to_string()
+        } else {
+            format!("this tenant ({principal})")
+        };
+        return error_response(EngineError::ResourceExhausted(format!(
+            "{who} already {} {} requests in flight, the limit (limits.requests_per_key): retry later",
+            if principal.is_empty() { "have" } else { "has" },
+            g.limits.requests_per_key
+        )));
+    };
+    let (parts, body) = req.into_parts();
+    let limit = usize::try_from(max).unwrap_or(usize::MAX);
+    let bytes = match tokio::time::timeout(g.limits.body_timeout, axum::body::to_bytes(body, limit))
+        .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => return too_large(),
+        Err(_) => {
+            return error_response(EngineError::DeadlineExceeded(format!(
+                "the request body did not arrive within {} s (limits.body_timeout)",
+                g.limits.body_timeout.as_secs()
+            )))
+        }
+    };
+    let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    next.run(req).await
 }

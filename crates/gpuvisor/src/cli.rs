@@ -15,7 +15,8 @@
 //!
 //! | code | meaning                                                                         |
 //! |------|---------------------------------------------------------------------------------|
-//! | 0    | success (`instance exec`: the command's own exit status instead)                |
+//! | 0    | success (`instance exec`: the command's own exit status instead; 124 when the   |
+//! |      | daemon killed it at its deadline)                                               |
 //! | 1    | any other error (transport, unexpected answer, internal daemon error)           |
 //! | 2    | usage error: bad flags or argument syntax (clap)                                |
 //! | 3    | `not_found`                                                                     |
@@ -25,6 +26,7 @@
 //! | 7    | `--wait` ended in `failed` or another settled state than the one waited for     |
 //! | 8    | `--wait` timed out (`--timeout`, default 120s)                                  |
 //! | 9    | the daemon cannot be reached (start `gpuvisor serve` or set `GPUVISOR_ENDPOINT`) |
+//! | 10   | `resource_exhausted`: a limit on concurrent work was reached; retry later       |
 //!
 //! Errors are printed on stderr as `error: <message> (<code>)`.
 
@@ -63,6 +65,7 @@ pub mod exit {
     pub const WAIT_FAILED: i32 = 7;
     pub const WAIT_TIMEOUT: i32 = 8;
     pub const UNREACHABLE: i32 = 9;
+    pub const EXHAUSTED: i32 = 10;
 }
 
 const EXIT_CODES_HELP: &str = "\
@@ -76,7 +79,8 @@ Exit codes:
   6  insufficient resources
   7  --wait ended in failed or an unexpected state
   8  --wait timed out
-  9  cannot reach the daemon";
+  9  cannot reach the daemon
+  10 a limit on concurrent work was reached (retry later)";
 
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7070";
 
@@ -170,6 +174,23 @@ pub enum Command {
     /// Print the REST routes, one `METHOD PATH` per line (for tests and API tooling).
     #[command(hide = true)]
     Routes,
+    /// Internal: relays an instance's output from stdin into its capped, rotated log (started
+    /// by the daemon, one per running instance).
+    #[command(name = "log-relay", hide = true)]
+    LogRelay(LogRelayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LogRelayArgs {
+    /// The daemon's logs directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    #[arg(long)]
+    pub max_bytes: u64,
+    #[arg(long)]
+    pub reserve: u64,
+    /// Instance id.
+    pub id: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -480,12 +501,17 @@ pub enum InstanceCmd {
         #[arg(short = 'f', long)]
         follow: bool,
     },
-    /// Run a command in a running instance; exits with its exit status.
+    /// Run a command in a running instance; its output streams as it comes; exits with its exit
+    /// status (124 when the deadline killed it).
     Exec {
         id: String,
         /// Environment variable (repeatable).
         #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// Kill the command after this long, e.g. 30s (default and maximum: the daemon's
+        /// exec_timeout and exec_max_timeout).
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        timeout: Option<Duration>,
         /// The command, after `--`.
         #[arg(
             required = true,
@@ -643,6 +669,8 @@ pub fn exit_code_for_api(c: &str) -> i32 {
         code::INSUFFICIENT_RESOURCES | code::QUOTA_EXCEEDED | code::UNAVAILABLE => {
             exit::INSUFFICIENT_RESOURCES
         }
+        code::RESOURCE_EXHAUSTED => exit::EXHAUSTED,
+        code::PAYLOAD_TOO_LARGE => exit::INVALID,
         _ => exit::OTHER,
     }
 }
@@ -700,6 +728,25 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "gpuvisor", &mut script);
             let _ = std::io::stdout().write_all(&script);
+            Ok(exit::OK)
+        }
+        Command::LogRelay(a) => {
+            // Only SIGKILL (teardown, after the container is gone) ends a relay early: a relay
+            // that died would break the container's stdout.
+            for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGPIPE] {
+                // SAFETY: setting a signal's disposition to SIG_IGN has no handler to race with.
+                unsafe {
+                    libc::signal(sig, libc::SIG_IGN);
+                }
+            }
+            let limits = gpuvisor_node::logs::LogLimits {
+                max_bytes: a.max_bytes,
+                reserve: a.reserve,
+                relay: None,
+            };
+            let dir = gpuvisor_node::logs::instance_dir(&a.dir, &a.id);
+            gpuvisor_node::logs::relay(io::stdin().lock(), &dir, limits)
+                .map_err(|e| CliError::Invalid(format!("log relay {}: {e}", a.id)))?;
             Ok(exit::OK)
         }
         Command::Health => connect()?.health(),
@@ -955,19 +1002,19 @@ impl Ctx {
                 self.logs(&id, follow)?;
                 Ok(exit::OK)
             }
-            InstanceCmd::Exec { id, env, command } => {
+            InstanceCmd::Exec {
+                id,
+                env,
+                timeout,
+                command,
+            } => {
                 let id = self.client.get_instance(&id)?.id;
-                let result = self.client.exec(&id, &ExecRequest { command, env })?;
-                match output::structured(self.format, &result)? {
-                    Some(text) => output::print_text(&text)?,
-                    None => {
-                        output::print_raw(result.stdout.as_bytes())?;
-                        let mut err = io::stderr().lock();
-                        err.write_all(result.stderr.as_bytes())?;
-                        err.flush()?;
-                    }
-                }
-                Ok(exec_exit_code(result.exit_code))
+                let req = ExecRequest {
+                    command,
+                    env,
+                    timeout_ms: timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                };
+                self.exec(&id, &req)
             }
             InstanceCmd::Stop { id, wait } => {
                 let id = self.client.get_instance(&id)?.id;
@@ -1017,6 +1064,55 @@ impl Ctx {
         Ok(exit::OK)
     }
 
+    /// `instance exec`: output printed as it arrives (table format) or gathered into one
+    /// `ExecResult` (JSON/YAML). A command the daemon killed (output cap, deadline) gets a line
+    /// on stderr saying so.
+    fn exec(&self, id: &str, req: &ExecRequest) -> Result<i32, CliError> {
+        use gpuvisor_wire::exec::STDOUT;
+        let structured = !matches!(self.format, Format::Table);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut write_error: Option<io::Error> = None;
+        let ended = self.client.exec(id, req, |kind, data| {
+            if structured {
+                if kind == STDOUT { &mut out } else { &mut err }.extend_from_slice(data);
+                return Ok(());
+            }
+            let r = if kind == STDOUT {
+                let mut o = io::stdout().lock();
+                o.write_all(data).and_then(|()| o.flush())
+            } else {
+                let mut e = io::stderr().lock();
+                e.write_all(data).and_then(|()| e.flush())
+            };
+            if let Err(e) = &r {
+                write_error = Some(io::Error::new(e.kind(), e.to_string()));
+            }
+            r
+        });
+        if let Some(e) = write_error {
+            return Err(e.into());
+        }
+        let end = ended?;
+        if structured {
+            let result = gpuvisor_wire::ExecResult {
+                exit_code: end.exit_code,
+                stdout: String::from_utf8_lossy(&out).into_owned(),
+                stderr: String::from_utf8_lossy(&err).into_owned(),
+                limit: end.limit,
+                message: end.message.clone(),
+            };
+            if let Some(text) = output::structured(self.format, &result)? {
+                output::print_text(&text)?;
+            }
+        } else if let Some(msg) = &end.message {
+            eprintln!("gpuvisor: {msg}");
+        }
+        Ok(match end.limit {
+            Some(gpuvisor_wire::ExecLimit::Deadline) => 124,
+            _ => exec_exit_code(end.exit_code),
+        })
+    }
+
     fn logs(&self, id: &str, follow: bool) -> Result<(), CliError> {
         let mut offset = 0u64;
         let mut finishing = false;
@@ -1028,6 +1124,13 @@ impl Ctx {
         };
         loop {
             let chunk = self.client.logs(id, offset)?;
+            if chunk.offset > offset && matches!(self.format, Format::Table) {
+                // Older output was rotated away (the daemon keeps limits.log_max_bytes).
+                eprintln!(
+                    "gpuvisor: {} bytes of log were rotated away before they could be read",
+                    chunk.offset - offset
+                );
+            }
             let advanced = chunk.next > offset && !chunk.data.is_empty();
             offset = chunk.next;
             if !chunk.data.is_empty() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use gpuvisor_wire::{
     code, ApiKey, CreateInstance, CreateKey, CreateTenant, CreateVolume, CreatedKey, ErrorBody,
-    Event, ExecRequest, ExecResult, Gpu, Health, Image, ImportImage, Instance, Logs, Tenant,
+    Event, ExecEnd, ExecRequest, Gpu, Health, Image, ImportImage, Instance, Logs, Tenant,
     TenantPolicy, Volume, API_KEY_HEADER, API_PREFIX,
 };
 use serde::de::DeserializeOwned;
@@ -322,8 +322,64 @@ impl Client {
         self.get(&format!("/instances/{}/logs?offset={offset}", segment(id)))
     }
 
-    pub fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult> {
-        self.post(&format!("/instances/{}/exec", segment(id)), Some(req))
+    /// Runs a command in an instance; `on_output(kind, bytes)` gets its output as it arrives
+    /// ([`gpuvisor_wire::exec::STDOUT`] or `STDERR`). Answers how it ended.
+    pub fn exec(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+        mut on_output: impl FnMut(u8, &[u8]) -> io::Result<()>,
+    ) -> Result<ExecEnd> {
+        use gpuvisor_wire::exec as frame;
+        use std::io::Read;
+        let mut r = self
+            .agent
+            .post(self.url(&format!("/instances/{}/exec", segment(id))));
+        if let Some(key) = &self.api_key {
+            r = r.header(API_KEY_HEADER, key);
+        }
+        let bytes = serde_json::to_vec(req)
+            .map_err(|e| ClientError::Decode(format!("encoding request: {e}")))?;
+        let mut resp = r
+            .content_type("application/json")
+            .send(bytes)
+            .map_err(|e| self.transport_error(e))?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = resp
+                .body_mut()
+                .with_config()
+                .limit(1 << 20)
+                .read_to_vec()
+                .map_err(|e| self.transport_error(e))?;
+            return Err(api_error(status, &body));
+        }
+        let mut reader = resp.into_body().into_reader();
+        let cut = |e: io::Error| ClientError::Transport {
+            endpoint: self.endpoint.clone(),
+            reason: format!("the exec stream was cut: {e}"),
+        };
+        let mut payload = Vec::new();
+        loop {
+            let mut head = [0u8; frame::HEADER];
+            reader.read_exact(&mut head).map_err(cut)?;
+            let (kind, len) = frame::parse_header(head);
+            payload.resize(len, 0);
+            reader.read_exact(&mut payload).map_err(cut)?;
+            match kind {
+                frame::END => {
+                    return serde_json::from_slice(&payload)
+                        .map_err(|e| ClientError::Decode(format!("exec end: {e}")))
+                }
+                frame::STDOUT | frame::STDERR => {
+                    on_output(kind, &payload).map_err(|e| ClientError::Transport {
+                        endpoint: self.endpoint.clone(),
+                        reason: format!("writing the command's output: {e}"),
+                    })?
+                }
+                _ => {} // unknown frames are for newer clients
+            }
+        }
     }
 
     pub fn events(&self, id: &str) -> Result<Vec<Event>> {

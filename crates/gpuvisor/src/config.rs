@@ -39,6 +39,8 @@ pub struct Config {
     pub thermal_ceiling_c: f64,
     /// Read-only bearer token Prometheus may scrape `/metrics` with (admin keys always work).
     pub metrics_token: Option<String>,
+    /// What one tenant can make the daemon do (`[limits]`).
+    pub limits: Limits,
     /// `[network]`: object prefix, allow- and deny-lists of instance traffic.
     pub network: NetworkConfig,
 }
@@ -108,6 +110,7 @@ impl Default for Config {
             thermal_ceiling_c: 85.0,
             metrics_token: None,
             network: NetworkConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -135,6 +138,7 @@ struct FileConfig {
     thermal_ceiling_c: Option<f64>,
     metrics_token: Option<String>,
     network: Option<NetworkFile>,
+    limits: Option<LimitsFile>,
 }
 
 /// Flags (and their environment variables) that override the file.
@@ -201,6 +205,9 @@ pub struct ConfigOverrides {
     /// file's `[network] deny`.
     #[arg(long = "net-deny", value_name = "DEST")]
     pub net_deny: Vec<String>,
+    /// Boxed: the `serve` variant of the CLI stays small.
+    #[command(flatten)]
+    pub limits: Box<LimitsOverrides>,
 }
 
 fn grace(s: &str) -> anyhow::Result<Duration> {
@@ -278,6 +285,9 @@ impl Config {
             if let Some(v) = f.limiter_over_quota {
                 c.limiter_over_quota = v.parse().map_err(anyhow::Error::msg)?;
             }
+            if let Some(l) = f.limits {
+                c.limits.apply_file(l)?;
+            }
             if let Some(v) = f.limiter_context_bytes {
                 c.limiter_context_bytes = gpuvisor_wire::parse_size(&v)
                     .with_context(|| format!("limiter_context_bytes {v:?}"))?;
@@ -341,6 +351,7 @@ impl Config {
             c.network.deny = net_rules("deny", &o.net_deny)?;
         }
         gpuvisor_node::net::check_prefix(&c.network.prefix).map_err(|e| anyhow::anyhow!("{e}"))?;
+        c.limits.apply_flags(&o.limits)?;
         if !c.thermal_ceiling_c.is_finite() || c.thermal_ceiling_c <= 0.0 {
             anyhow::bail!("thermal_ceiling_c must be a positive temperature in °C");
         }
@@ -357,6 +368,250 @@ impl Config {
             );
         }
         Ok(c)
+    }
+}
+
+/// `[limits]`: what one tenant can make the daemon do. Sizes like `64MiB`, durations like
+/// `30s` or `7days`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Most bytes of output one exec streams; the command is killed past it.
+    pub exec_max_output: u64,
+    /// Exec deadline when the request gives none.
+    pub exec_timeout: Duration,
+    /// Longest exec deadline a request may ask for.
+    pub exec_max_timeout: Duration,
+    /// Execs one tenant may run at once.
+    pub exec_per_tenant: usize,
+    /// Execs the daemon runs at once.
+    pub exec_total: usize,
+    /// Log bytes kept on disk per instance (current + one rotated segment).
+    pub log_max_bytes: u64,
+    /// Instance output is dropped while the logs' filesystem has less free than this.
+    pub log_reserve: u64,
+    /// Largest request body.
+    pub max_body: u64,
+    /// Time a client has to send a request's headers (slow-loris protection).
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body.
+    pub body_timeout: Duration,
+    /// Requests one principal (tenant) may have in flight; unauthenticated requests share one
+    /// such allowance.
+    pub requests_per_key: usize,
+    /// Open connections; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Events older than this are pruned.
+    pub events_max_age: Duration,
+    /// Events kept per instance.
+    pub events_per_instance: u64,
+    /// Terminated instances are pruned this long after they ended.
+    pub terminated_max_age: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            exec_max_output: 16 << 20,
+            exec_timeout: Duration::from_secs(300),
+            exec_max_timeout: Duration::from_secs(3600),
+            exec_per_tenant: 8,
+            exec_total: 64,
+            log_max_bytes: 64 << 20,
+            log_reserve: 1 << 30,
+            max_body: 1 << 20,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            requests_per_key: 32,
+            max_connections: 1024,
+            events_max_age: Duration::from_secs(30 * 86_400),
+            events_per_instance: 1000,
+            terminated_max_age: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+/// `[limits]` in the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    exec_max_output: Option<String>,
+    exec_timeout: Option<String>,
+    exec_max_timeout: Option<String>,
+    exec_per_tenant: Option<usize>,
+    exec_total: Option<usize>,
+    log_max_bytes: Option<String>,
+    log_reserve: Option<String>,
+    max_body: Option<String>,
+    header_timeout: Option<String>,
+    body_timeout: Option<String>,
+    requests_per_key: Option<usize>,
+    max_connections: Option<usize>,
+    events_max_age: Option<String>,
+    events_per_instance: Option<u64>,
+    terminated_max_age: Option<String>,
+}
+
+/// Flags for `[limits]`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LimitsOverrides {
+    /// Most bytes of output one exec streams, e.g. 16MiB [limits.exec_max_output].
+    #[arg(long)]
+    pub exec_max_output: Option<String>,
+    /// Default exec deadline, e.g. 5m [limits.exec_timeout].
+    #[arg(long)]
+    pub exec_timeout: Option<String>,
+    /// Longest exec deadline a client may ask for, e.g. 1h [limits.exec_max_timeout].
+    #[arg(long)]
+    pub exec_max_timeout: Option<String>,
+    /// Execs one tenant may run at once [limits.exec_per_tenant].
+    #[arg(long)]
+    pub exec_per_tenant: Option<usize>,
+    /// Execs the daemon runs at once [limits.exec_total].
+    #[arg(long)]
+    pub exec_total: Option<usize>,
+    /// Log bytes kept per instance, e.g. 64MiB [limits.log_max_bytes].
+    #[arg(long)]
+    pub log_max_bytes: Option<String>,
+    /// Free space kept on the logs' filesystem, e.g. 1GiB [limits.log_reserve].
+    #[arg(long)]
+    pub log_reserve: Option<String>,
+    /// Largest request body, e.g. 1MiB [limits.max_body].
+    #[arg(long)]
+    pub max_body: Option<String>,
+    /// Time to send request headers, e.g. 10s [limits.header_timeout].
+    #[arg(long)]
+    pub header_timeout: Option<String>,
+    /// Time to send a request body, e.g. 30s [limits.body_timeout].
+    #[arg(long)]
+    pub body_timeout: Option<String>,
+    /// Requests in flight per tenant [limits.requests_per_key].
+    #[arg(long)]
+    pub requests_per_key: Option<usize>,
+}
+
+fn size(key: &str, v: &str) -> anyhow::Result<u64> {
+    gpuvisor_wire::parse_size(v)
+        .with_context(|| format!("limits.{key} {v:?} is not a size like 64MiB"))
+}
+
+fn duration(key: &str, v: &str) -> anyhow::Result<Duration> {
+    humantime::parse_duration(v)
+        .with_context(|| format!("limits.{key} {v:?} is not a duration like 30s"))
+}
+
+impl Limits {
+    fn apply_file(&mut self, f: LimitsFile) -> anyhow::Result<()> {
+        macro_rules! set {
+            ($field:ident, size) => {
+                if let Some(v) = &f.$field {
+                    self.$field = size(stringify!($field), v)?;
+                }
+            };
+            ($field:ident, duration) => {
+                if let Some(v) = &f.$field {
+                    self.$field = duration(stringify!($field), v)?;
+                }
+            };
+            ($field:ident) => {
+                if let Some(v) = f.$field {
+                    self.$field = v;
+                }
+            };
+        }
+        set!(exec_max_output, size);
+        set!(exec_timeout, duration);
+        set!(exec_max_timeout, duration);
+        set!(exec_per_tenant);
+        set!(exec_total);
+        set!(log_max_bytes, size);
+        set!(log_reserve, size);
+        set!(max_body, size);
+        set!(header_timeout, duration);
+        set!(body_timeout, duration);
+        set!(requests_per_key);
+        set!(max_connections);
+        set!(events_max_age, duration);
+        set!(events_per_instance);
+        set!(terminated_max_age, duration);
+        self.check()
+    }
+
+    fn apply_flags(&mut self, o: &LimitsOverrides) -> anyhow::Result<()> {
+        macro_rules! set {
+            ($field:ident, $parse:ident) => {
+                if let Some(v) = &o.$field {
+                    self.$field = $parse(stringify!($field), v)?;
+                }
+            };
+            ($field:ident) => {
+                if let Some(v) = o.$field {
+                    self.$field = v;
+                }
+            };
+        }
+        set!(exec_max_output, size);
+        set!(exec_timeout, duration);
+        set!(exec_max_timeout, duration);
+        set!(exec_per_tenant);
+        set!(exec_total);
+        set!(log_max_bytes, size);
+        set!(log_reserve, size);
+        set!(max_body, size);
+        set!(header_timeout, duration);
+        set!(body_timeout, duration);
+        set!(requests_per_key);
+        self.check()
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("exec_per_tenant", self.exec_per_tenant as u64),
+            ("exec_total", self.exec_total as u64),
+            ("requests_per_key", self.requests_per_key as u64),
+            ("max_connections", self.max_connections as u64),
+            ("exec_max_output", self.exec_max_output),
+            ("max_body", self.max_body),
+            ("events_per_instance", self.events_per_instance),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                anyhow::bail!("limits.{k} must be at least 1");
+            }
+        }
+        if self.log_max_bytes < 64 << 10 {
+            anyhow::bail!("limits.log_max_bytes must be at least 64KiB");
+        }
+        for (k, v) in [
+            ("exec_timeout", self.exec_timeout),
+            ("exec_max_timeout", self.exec_max_timeout),
+            ("header_timeout", self.header_timeout),
+            ("body_timeout", self.body_timeout),
+        ] {
+            if v.is_zero() {
+                anyhow::bail!("limits.{k} must be longer than 0");
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine's share: exec bounds and retention.
+    pub fn engine(&self) -> gpuvisor_control::engine::limits::Limits {
+        use gpuvisor_control::engine::limits::{ExecLimits, Limits, Retention};
+        Limits {
+            exec: ExecLimits {
+                max_output: self.exec_max_output,
+                default_timeout: self.exec_timeout.min(self.exec_max_timeout),
+                max_timeout: self.exec_max_timeout,
+                per_tenant: self.exec_per_tenant,
+                total: self.exec_total,
+            },
+            retention: Retention {
+                events_max_age: self.events_max_age,
+                events_per_instance: self.events_per_instance,
+                terminated_max_age: self.terminated_max_age,
+                ..Retention::default()
+            },
+        }
     }
 }
 
@@ -400,6 +655,37 @@ mod tests {
         assert!(Config::load(Some(&f), &ConfigOverrides::default()).is_err());
         std::fs::write(&f, "stop_grace = \"soon\"\n").unwrap();
         assert!(Config::load(Some(&f), &ConfigOverrides::default()).is_err());
+        std::fs::write(&f, "[limits]\nexec_per_tenant = 0\n").unwrap();
+        assert!(Config::load(Some(&f), &ConfigOverrides::default()).is_err());
+        std::fs::write(&f, "[limits]\nexec_timout = \"1s\"\n").unwrap();
+        assert!(Config::load(Some(&f), &ConfigOverrides::default()).is_err());
+    }
+
+    #[test]
+    fn limits_from_file_then_flags() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[limits]\nexec_max_output = \"1MiB\"\nexec_timeout = \"20s\"\nexec_per_tenant = 2\nevents_max_age = \"3days\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&f), &ConfigOverrides::default()).unwrap();
+        assert_eq!(c.limits.exec_max_output, 1 << 20);
+        assert_eq!(c.limits.exec_timeout, Duration::from_secs(20));
+        assert_eq!(c.limits.exec_per_tenant, 2);
+        assert_eq!(c.limits.events_max_age, Duration::from_secs(3 * 86_400));
+        assert_eq!(c.limits.log_max_bytes, 64 << 20);
+        let mut o = ConfigOverrides::default();
+        o.limits.exec_per_tenant = Some(5);
+        o.limits.log_max_bytes = Some("1MiB".into());
+        let c = Config::load(Some(&f), &o).unwrap();
+        assert_eq!(c.limits.exec_per_tenant, 5);
+        assert_eq!(c.limits.log_max_bytes, 1 << 20);
+        assert_eq!(
+            c.limits.engine().exec.default_timeout,
+            Duration::from_secs(20)
+        );
     }
 
     #[test]

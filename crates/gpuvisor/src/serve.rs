@@ -60,9 +60,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         allow: cfg.network.allow.clone(),
         deny: cfg.network.deny.clone(),
     };
+    let log_limits = gpuvisor_node::logs::LogLimits {
+        max_bytes: cfg.limits.log_max_bytes,
+        reserve: cfg.limits.log_reserve,
+        // Instance output goes through this binary's `log-relay` mode.
+        relay: std::env::current_exe().ok(),
+    };
     let node = tokio::task::spawn_blocking(move || Node::open_with_network(node_cfg, policy))
         .await?
-        .context("cannot prepare this host")?;
+        .context("cannot prepare this host")?
+        .with_log_limits(log_limits);
     tracing::info!(
         gpus = node.gpus().len(),
         backend = node.backend().as_str(),
@@ -101,6 +108,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             simulated_policy: cfg.placement_policy,
         },
     );
+    engine.set_limits(cfg.limits.engine());
     if let Some(secret) = engine.bootstrap().await? {
         println!("admin API key (shown once, store it now): {secret}");
         let _ = std::io::stdout().flush();
@@ -120,6 +128,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tokio::spawn(engine.clone().run_reconciler());
     tokio::spawn(engine.clone().run_limiter_sampler());
+    tokio::spawn(engine.clone().run_retention());
     tokio::spawn(
         engine
             .clone()
@@ -134,9 +143,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!("listening on http://{}", cfg.listen);
-    axum::serve(listener, crate::api::router(engine.clone()))
-        .with_graceful_shutdown(shutdown())
-        .await?;
+    let app = crate::api::router_with_limits(
+        engine,
+        crate::api::ApiLimits {
+            max_body: cfg.limits.max_body,
+            body_timeout: cfg.limits.body_timeout,
+            requests_per_key: cfg.limits.requests_per_key,
+        },
+    );
+    serve_http(
+        listener,
+        app,
+        cfg.limits.header_timeout,
+        cfg.limits.max_connections,
+    )
+    .await?;
     // Our iptables chains go with the last bridge: nothing of ours stays on a host that runs
     // no instance of ours.
     match tokio::task::spawn_blocking(move || node.net.release_host()).await? {
@@ -144,6 +165,70 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Ok(false) => {}
         Err(e) => tracing::warn!("cannot remove the host chains: {e}"),
     }
+    Ok(())
+}
+
+/// The HTTP/1 accept loop: at most `max_connections` open connections (more wait in the
+/// backlog), and a client that has not sent a request's headers within `header_timeout` is
+/// disconnected (slow loris; idle keep-alive connections too). On SIGTERM/SIGINT: stop
+/// accepting, let requests in flight finish (10 s at most).
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_timeout: std::time::Duration,
+    max_connections: usize,
+) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    let stop = shutdown();
+    tokio::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p?,
+            _ = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut stop_rx = stop_rx.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!("connection: {e}");
+                    }
+                }
+                _ = stop_rx.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
     Ok(())
 }
 

@@ -7,9 +7,10 @@ use crate::disk::{DiskError, Disks};
 use crate::gpu::{BackendKind, GpuBackend, GpuConfig, GpuDevice, GpuError};
 use crate::image::{ImageError, ImageStore};
 use crate::limiter::{GpuShare, Limiters, OverQuota};
+use crate::logs::LogLimits;
 use crate::net::{NetConfig, NetError, NetPolicy, Network, TenantNet};
 use crate::rootfs::Rootfs;
-use crate::runtime::{BindMount, BundleSpec, ExecOutput, OciRuntime, RuntimeError};
+use crate::runtime::{BindMount, BundleSpec, OciRuntime, RuntimeError};
 use crate::vfio::{FsWriter, SysWriter};
 use crate::{cgroup, HostRoot};
 pub use gpuvisor_limiter::shm::Priority;
@@ -126,6 +127,8 @@ pub struct Node {
     /// How host attributes (sysfs: VFIO binding) are written: the real files unless replaced
     /// with [`Node::with_sys_writer`].
     sys: Arc<dyn SysWriter + Send + Sync>,
+    /// Instance log cap, disk reserve and relay binary ([`crate::logs`]).
+    log_limits: LogLimits,
 }
 
 impl Node {
@@ -180,6 +183,7 @@ impl Node {
             limiters,
             apparmor,
             sys: Arc::new(FsWriter),
+            log_limits: LogLimits::default(),
         })
     }
 
@@ -188,6 +192,13 @@ impl Node {
     #[must_use]
     pub fn with_sys_writer(mut self, w: Arc<dyn SysWriter + Send + Sync>) -> Self {
         self.sys = w;
+        self
+    }
+
+    /// Sets the log cap, disk reserve and relay binary (the daemon passes itself).
+    #[must_use]
+    pub fn with_log_limits(mut self, l: LogLimits) -> Self {
+        self.log_limits = l;
         self
     }
 
@@ -216,8 +227,33 @@ impl Node {
         self.cfg.data_dir.join("bundles").join(id)
     }
 
-    pub fn log_path(&self, id: &str) -> PathBuf {
-        self.cfg.data_dir.join("logs").join(format!("{id}.log"))
+    fn logs_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("logs")
+    }
+
+    /// The directory of the instance's log segments (see [`crate::logs`]).
+    pub fn log_dir(&self, id: &str) -> PathBuf {
+        crate::logs::instance_dir(&self.logs_dir(), id)
+    }
+
+    /// Up to `max` bytes of the instance's output from logical `offset`: (offset of the first
+    /// byte returned, bytes).
+    pub fn read_log(&self, id: &str, offset: u64, max: usize) -> Result<(u64, Vec<u8>), NodeError> {
+        let dir = self.log_dir(id);
+        crate::logs::read(&dir, offset, max).map_err(io(&dir))
+    }
+
+    /// Where the container's stdout and stderr go: a fresh relay's pipe (any relay left from
+    /// an earlier run is ended first), or the segment file itself without a relay binary.
+    fn container_output(&self, id: &str) -> Result<std::os::fd::OwnedFd, NodeError> {
+        let logs = self.logs_dir();
+        crate::logs::stop_relay(&self.cfg.root, &logs, id, Duration::from_secs(2));
+        match &self.log_limits.relay {
+            Some(bin) => {
+                crate::logs::start_relay(bin, &logs, id, &self.log_limits).map_err(io(bin))
+            }
+            None => crate::logs::direct_output(&logs, id).map_err(io(&logs)),
+        }
     }
 
     /// Creates everything the instance needs and starts it. Idempotent: a running container is
@@ -337,7 +373,9 @@ impl Node {
         };
         let bundle = self.bundle_dir(id);
         crate::runtime::write_bundle(&bundle, &spec)?;
-        self.runtime.run_detached(id, &bundle, &self.log_path(id))?;
+        let output = self.container_output(id)?;
+        // `output` is closed here whatever happens: on failure the relay sees end of file.
+        self.runtime.run_detached(id, &bundle, output)?;
         Ok(())
     }
 
@@ -393,6 +431,8 @@ impl Node {
     /// container disk, netns, veth, bundle). Never touches volume images. Idempotent.
     pub fn teardown(&self, id: &str) -> Result<(), NodeError> {
         self.runtime.delete(id, true)?;
+        // The container is gone: its relay reaches end of file and exits; wait for it.
+        crate::logs::stop_relay(&self.cfg.root, &self.logs_dir(), id, Duration::from_secs(5));
         cgroup::remove(&self.cfg.root, id).map_err(io(Path::new("/sys/fs/cgroup")))?;
         self.disks.detach_volumes(id)?;
         self.disks.teardown_root(id)?;
@@ -408,7 +448,8 @@ impl Node {
 
     /// Removes the instance's log (on terminate).
     pub fn forget(&self, id: &str) {
-        let _ = std::fs::remove_file(self.log_path(id));
+        crate::logs::stop_relay(&self.cfg.root, &self.logs_dir(), id, Duration::ZERO);
+        let _ = std::fs::remove_dir_all(self.log_dir(id));
     }
 
     /// Status of every container gpuvisor runs, by instance id.
@@ -588,6 +629,11 @@ impl Node {
         let mut local: BTreeSet<String> = self.containers()?.into_keys().collect();
         local.extend(self.disks.instances_with_objects()?);
         local.extend(self.limiters.ids());
+        local.extend(
+            crate::logs::relay_processes(&self.cfg.root, &self.logs_dir())
+                .into_iter()
+                .map(|(_, id)| id),
+        );
         if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("bundles")) {
             local.extend(
                 rd.flatten()
@@ -600,8 +646,37 @@ impl Node {
         Ok((local, global))
     }
 
-    pub fn exec(&self, id: &str, args: &[String], env: &[String]) -> Result<ExecOutput, NodeError> {
-        Ok(self.runtime.exec(id, args, env)?)
+    /// The `runc exec` command for `args` in instance `id` and the file it writes the
+    /// command's pid to (in the bundle, so teardown removes it). See
+    /// [`crate::runtime::OciRuntime::exec_command`].
+    pub fn exec_command(
+        &self,
+        id: &str,
+        args: &[String],
+        env: &[String],
+    ) -> Result<(std::process::Command, PathBuf), NodeError> {
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).map_err(|e| NodeError::Io {
+            path: PathBuf::from("getrandom"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let tag: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        let pid_file = self.bundle_dir(id).join(format!("exec-{tag}.pid"));
+        Ok((
+            self.runtime.exec_command(id, args, env, &pid_file),
+            pid_file,
+        ))
+    }
+
+    /// Kills the process tree of an exec (its pid from `pid_file`, which is removed). Returns
+    /// how many processes were killed; 0 when the command had not started or already ended.
+    pub fn kill_exec(&self, id: &str, pid_file: &Path) -> usize {
+        let pid = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        let n = pid.map_or(0, |p| crate::runtime::kill_exec_tree(&self.cfg.root, id, p));
+        let _ = std::fs::remove_file(pid_file);
+        n
     }
 }
 

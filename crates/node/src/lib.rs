@@ -18,6 +18,7 @@ pub mod hostcheck;
 pub mod image;
 pub mod instance;
 pub mod limiter;
+pub mod logs;
 pub mod mig;
 pub mod net;
 pub mod rootfs;

@@ -2,8 +2,8 @@
 //! `config.json` with `oci-spec` and drive the runtime's CLI, the way containerd's shim does,
 //! because the runtime binary is what operators already trust and audit.
 //!
-//! Key decision: containers run *detached* (`runc run -d`) with stdio passed through to a log
-//! file, so the container never depends on the daemon's process: a SIGKILLed daemon leaves its
+//! Key decision: containers run *detached* (`runc run -d`) with stdio passed to the instance's
+//! log relay (a pipe; see [`crate::logs`]), so the container never depends on the daemon's process: a SIGKILLed daemon leaves its
 //! instances running, and on restart adopts them with `runc state`. The runtime keeps its state
 //! under our own `--root`, so `list()` sees only gpuvisor's containers.
 
@@ -19,8 +19,6 @@ use oci_spec::runtime::{
 use oci_spec::OciSpecError;
 use serde::Deserialize;
 use std::collections::HashSet;
-use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use thiserror::Error;
@@ -350,14 +348,6 @@ pub struct ContainerState {
     pub pid: i32,
 }
 
-/// The outcome of `exec`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ExecOutput {
-    pub exit_code: i32,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-}
-
 /// An OCI runtime binary with its own state root.
 #[derive(Debug, Clone)]
 pub struct OciRuntime {
@@ -393,26 +383,30 @@ impl OciRuntime {
         Ok(cmd::run(&self.binary, all)?)
     }
 
-    /// Starts the container detached; its stdout and stderr append to `log`.
-    pub fn run_detached(&self, id: &str, bundle: &Path, log: &Path) -> Result<(), RuntimeError> {
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(log)
-            .map_err(io(log))?;
-        let err = out.try_clone().map_err(io(log))?;
+    /// Starts the container detached; its stdout and stderr go to `output` (the write end of
+    /// the instance's log relay pipe, or a file). The runtime's own errors go to
+    /// `<bundle>/runc.log` as well, whose tail a failure shows.
+    pub fn run_detached(
+        &self,
+        id: &str,
+        bundle: &Path,
+        output: std::os::fd::OwnedFd,
+    ) -> Result<(), RuntimeError> {
+        let err = output.try_clone().map_err(io(bundle))?;
         let pid_file = bundle.join("pid");
+        let runc_log = bundle.join("runc.log");
         let status = Command::new(&self.binary)
             .args(self.base())
+            .arg("--log")
+            .arg(&runc_log)
             .args(["run", "--detach", "--bundle"])
             .arg(bundle)
             .arg("--pid-file")
             .arg(&pid_file)
             .arg(id)
             .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
+            .stdout(Stdio::from(output))
+            .stderr(Stdio::from(err))
             .status()
             .map_err(|source| RuntimeError::Io {
                 path: PathBuf::from(&self.binary),
@@ -421,8 +415,7 @@ impl OciRuntime {
         if status.success() {
             return Ok(());
         }
-        // runc writes its own errors to the same stream: show the log's tail to the user.
-        let tail = std::fs::read_to_string(log).unwrap_or_default();
+        let tail = std::fs::read_to_string(&runc_log).unwrap_or_default();
         let tail: String = tail.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
         Err(RuntimeError::Cmd(CmdError::Failed {
             command: format!("{} run {id}", self.binary),
@@ -502,33 +495,87 @@ impl OciRuntime {
         }
     }
 
-    /// Runs a command inside the running container and collects its output.
-    pub fn exec(
+    /// The `runc exec` command line for `args` in container `id`: stdin closed, stdout and
+    /// stderr piped, the pid of the command (as seen from the host) written to `pid_file`. The
+    /// caller runs it asynchronously, bounds it, and ends it with [`kill_exec_tree`].
+    pub fn exec_command(
         &self,
         id: &str,
         args: &[String],
         env: &[String],
-    ) -> Result<ExecOutput, RuntimeError> {
+        pid_file: &Path,
+    ) -> Command {
         let mut c = Command::new(&self.binary);
-        c.args(self.base()).arg("exec");
+        c.args(self.base())
+            .arg("exec")
+            .arg("--pid-file")
+            .arg(pid_file);
         for e in env {
             c.arg("--env").arg(e);
         }
-        let out = c
-            .arg(id)
+        c.arg(id)
             .args(args)
             .stdin(Stdio::null())
-            .output()
-            .map_err(|source| RuntimeError::Io {
-                path: PathBuf::from(&self.binary),
-                source,
-            })?;
-        Ok(ExecOutput {
-            exit_code: out.status.code().unwrap_or(128 + 9),
-            stdout: out.stdout,
-            stderr: out.stderr,
-        })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
     }
+}
+
+/// Kills an exec'd command and every process it started that is still its descendant: stops
+/// them all first (SIGSTOP, repeated until no new child appears, so nothing forks while the
+/// tree is collected), then SIGKILLs them. `pid` is only trusted while it is in the instance's
+/// cgroup (a recycled pid is left alone). Processes that detached themselves from the tree
+/// (double fork) belong to the instance like any it starts itself and end with it. Returns how
+/// many processes were killed.
+pub fn kill_exec_tree(root: &crate::HostRoot, id: &str, pid: i32) -> usize {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let in_instance = |p: i32| {
+        std::fs::read_to_string(root.path(format!("/proc/{p}/cgroup")))
+            .is_ok_and(|cg| cg.contains(&format!("/{}/{id}", crate::cgroup::PARENT)))
+    };
+    if pid <= 1 || !in_instance(pid) {
+        return 0;
+    }
+    let mut tree: Vec<i32> = vec![pid];
+    let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+    // Bounded: each round stops what it finds; a tree that keeps growing is cut at the limit.
+    for _ in 0..64 {
+        let parents = proc_parents(root);
+        let mut grew = false;
+        for (child, parent) in parents {
+            if tree.contains(&parent) && !tree.contains(&child) && in_instance(child) {
+                let _ = kill(Pid::from_raw(child), Signal::SIGSTOP);
+                tree.push(child);
+                grew = true;
+            }
+        }
+        if !grew {
+            break;
+        }
+    }
+    for p in &tree {
+        let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
+    }
+    tree.len()
+}
+
+/// (pid, parent pid) of every process.
+fn proc_parents(root: &crate::HostRoot) -> Vec<(i32, i32)> {
+    let Ok(rd) = std::fs::read_dir(root.path("/proc")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid ...`: comm may hold spaces and parentheses.
+            let rest = stat.rsplit_once(')')?.1;
+            let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -55,6 +55,13 @@ pub mod code {
     /// The host lacks a capability the request needs (e.g. the GPU limiter for fractions).
     pub const UNAVAILABLE: &str = "unavailable";
     pub const INTERNAL: &str = "internal";
+    /// A limit on concurrent work was reached (execs per tenant, requests per key): retry
+    /// later. HTTP 429.
+    pub const RESOURCE_EXHAUSTED: &str = "resource_exhausted";
+    /// The request body is larger than the daemon accepts. HTTP 413.
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    /// The request did not arrive in time (a body sent too slowly). HTTP 408.
+    pub const DEADLINE_EXCEEDED: &str = "deadline_exceeded";
 }
 
 /// The body of every non-2xx answer.
@@ -512,6 +519,10 @@ pub struct ExecRequest {
     pub command: Vec<String>,
     #[serde(default)]
     pub env: Vec<String>,
+    /// Deadline in milliseconds (default: the daemon's `exec_timeout`; at most its
+    /// `exec_max_timeout`). The command is killed when it passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -519,11 +530,69 @@ pub struct ExecResult {
     pub exit_code: i32,
     pub stdout: String,
     pub stderr: String,
+    /// Set when the daemon killed the command (output cap, deadline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<ExecLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The streamed answer of `POST /v1/instances/{id}/exec` (content type
+/// [`exec::CONTENT_TYPE`]): frames of a 1-byte kind ([`exec::STDOUT`], [`exec::STDERR`],
+/// [`exec::END`]), a 4-byte big-endian length and that many bytes, sent as the command writes.
+/// The last frame is `END` with an [`ExecEnd`] in JSON; a stream without it was cut (daemon
+/// gone).
+pub mod exec {
+    pub const CONTENT_TYPE: &str = "application/vnd.gpuvisor.exec-stream";
+    pub const STDOUT: u8 = 1;
+    pub const STDERR: u8 = 2;
+    pub const END: u8 = 3;
+    /// Bytes of a frame header.
+    pub const HEADER: usize = 5;
+
+    /// One frame, header and payload.
+    pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(HEADER + payload.len());
+        f.push(kind);
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// (kind, payload length) of a frame header.
+    pub fn parse_header(h: [u8; HEADER]) -> (u8, usize) {
+        (h[0], u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize)
+    }
+}
+
+/// Why the daemon ended an exec before the command did.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecLimit {
+    /// The output reached `exec_max_output` bytes: the command was killed.
+    OutputLimit,
+    /// The deadline passed: the command was killed.
+    Deadline,
+}
+
+/// The last frame of an exec stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecEnd {
+    /// The command's exit status (128+N when killed by signal N).
+    pub exit_code: i32,
+    /// Set when the daemon killed the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<ExecLimit>,
+    /// What happened, for people (set with `limit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Logs {
     /// Bytes of the log returned start at this offset; pass `next` back as `offset` to follow.
+    /// Offsets count every byte the instance ever wrote: when older output was rotated away,
+    /// `offset` is later than the one asked for.
     pub offset: u64,
     pub next: u64,
     pub data: String,

@@ -8,6 +8,7 @@
 //! recovery.
 
 mod gpuadmin;
+pub mod limits;
 mod metrics;
 mod reconcile;
 mod tenants;
@@ -87,6 +88,8 @@ pub struct Engine {
     /// Ids of the simulated nodes (GPU backend `simulated-node`), from the store at
     /// [`Engine::bootstrap`] and from [`Engine::register_simulated_nodes`].
     simulated_nodes: std::sync::RwLock<std::collections::HashSet<String>>,
+    /// Exec bounds and running execs, retention policy ([`limits`]).
+    limits: limits::LimitState,
 }
 
 pub const ADMIN_TENANT: &str = "admin";
@@ -153,6 +156,7 @@ impl Engine {
             changed: tokio::sync::watch::Sender::new(0),
             telemetry,
             simulated_nodes: std::sync::RwLock::new(std::collections::HashSet::new()),
+            limits: Default::default(),
         })
     }
 
@@ -1433,70 +1437,24 @@ impl Engine {
             .collect())
     }
 
-    /// Up to 1 MiB of the instance's log from `offset`.
+    /// Up to 1 MiB of the instance's log from logical `offset` (offsets count every byte the
+    /// instance wrote; an offset rotated away answers from the oldest byte kept).
     pub async fn instance_logs(
         &self,
         who: &Principal,
         id: &str,
         offset: u64,
     ) -> Result<wire::Logs> {
-        use std::io::{Read, Seek, SeekFrom};
         let row = self.find(who, id).await?;
-        let path = self.node.log_path(&row.id);
-        let mut data = Vec::new();
-        if let Ok(mut f) = std::fs::File::open(&path) {
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            if offset < len {
-                f.seek(SeekFrom::Start(offset))
-                    .and_then(|_| f.take(1 << 20).read_to_end(&mut data))
-                    .map_err(|e| EngineError::Internal(format!("reading log: {e}")))?;
-            }
-        }
+        let (node, rid) = (self.node.clone(), row.id.clone());
+        let (start, data) =
+            tokio::task::spawn_blocking(move || node.read_log(&rid, offset, 1 << 20))
+                .await
+                .map_err(|e| EngineError::Internal(format!("reading log: {e}")))??;
         Ok(wire::Logs {
-            offset,
-            next: offset + data.len() as u64,
+            offset: start,
+            next: start + data.len() as u64,
             data: String::from_utf8_lossy(&data).into_owned(),
-        })
-    }
-
-    pub async fn exec(
-        &self,
-        who: &Principal,
-        id: &str,
-        req: &wire::ExecRequest,
-    ) -> Result<wire::ExecResult> {
-        let row = self.find(who, id).await?;
-        if req.command.is_empty() {
-            return Err(invalid("exec needs a command"));
-        }
-        for e in &req.env {
-            validate::env(e)?;
-        }
-        if row.state != InstanceState::Running {
-            return Err(EngineError::InvalidState(format!(
-                "instance {} is {}, not running",
-                row.id, row.state
-            )));
-        }
-        if self.is_simulated(&row) {
-            return Err(EngineError::InvalidState(format!(
-                "instance {} is on simulated node {}: nothing runs there",
-                row.id, row.node_id
-            )));
-        }
-        let (node, rid, cmd, env) = (
-            self.node.clone(),
-            row.id.clone(),
-            req.command.clone(),
-            req.env.clone(),
-        );
-        let out = tokio::task::spawn_blocking(move || node.exec(&rid, &cmd, &env))
-            .await
-            .map_err(|e| EngineError::Internal(e.to_string()))??;
-        Ok(wire::ExecResult {
-            exit_code: out.exit_code,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
     }
 }

@@ -292,6 +292,27 @@ impl Daemon {
         for c in runc.lines().filter(|l| !l.is_empty()) {
             leaks.push(format!("runc container {c}"));
         }
+        // Log relays (`gpuvisor log-relay --dir <data>/logs ... <id>`) of these instances.
+        let relay_dir = data.join("logs").to_string_lossy().to_string();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.get(1).is_some_and(|a| a == "log-relay")
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == "--dir" && w[1] == relay_dir)
+                && args
+                    .iter()
+                    .rev()
+                    .find(|a| !a.is_empty())
+                    .is_some_and(|id| ids.contains(id))
+            {
+                leaks.push(format!("log relay pid {}", e.file_name().to_string_lossy()));
+            }
+        }
         for id in ids {
             if netns.contains(&format!("gv-{id}")) {
                 leaks.push(format!("netns gv-{id}"));
