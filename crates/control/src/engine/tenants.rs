@@ -43,6 +43,9 @@ pub(crate) fn usage(instances: &[InstanceRow], volumes: &[VolumeRow]) -> TenantU
     u
 }
 
+/// (quota name, limit, held, asked, how to show an amount).
+type QuotaCheck = (&'static str, Option<u64>, u64, u64, fn(u64) -> String);
+
 /// The first quota `ask` would break, as a message naming it; `None` when all hold.
 pub(crate) fn over_quota(
     tenant: &str,
@@ -51,7 +54,7 @@ pub(crate) fn over_quota(
     ask: &Ask,
 ) -> Option<String> {
     let fmt = |v: u64| wire::format_size(v);
-    let checks: [(&str, Option<u64>, u64, u64, fn(u64) -> String); 7] = [
+    let checks: [QuotaCheck; 7] = [
         (
             "max_instances",
             p.max_instances.map(u64::from),
