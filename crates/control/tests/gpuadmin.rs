@@ -463,3 +463,59 @@ async fn an_image_cannot_set_platform_owned_environment() {
     let row = h.engine.store().instance(&inst.id).await.unwrap().unwrap();
     assert_eq!(row.spec.env, vec!["LD_LIBRARY_PATH=/opt/lib".to_string()]);
 }
+
+/// What a GPU fraction promises on a host whose GPU backend cannot measure per-process
+/// utilisation (sysfs, as this fixture host is): the VRAM quota only. The create answer and
+/// `instance get` must say so (`gpu_fraction.compute_share_enforced: false`), never claim a share
+/// that nothing enforces.
+#[tokio::test]
+async fn a_fraction_on_a_sysfs_host_is_vram_only_and_says_so() {
+    let h = Host::clean().await;
+    let created = h
+        .engine
+        .create_instance(
+            &h.user,
+            &wire::CreateInstance {
+                image: IMAGE.into(),
+                gpu_fraction: Some(0.25),
+                vram: Some(1 << 30),
+                vcpus: 1,
+                memory: 256 << 20,
+                container_disk: 1 << 30,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for inst in [
+        created.clone(),
+        h.engine.get_instance(&h.user, &created.id).await.unwrap(),
+    ] {
+        let f = inst
+            .gpu_fraction
+            .clone()
+            .unwrap_or_else(|| panic!("no gpu_fraction in {inst:?}"));
+        assert!(f.vram_quota_enforced);
+        assert!(!f.compute_share_enforced, "{f:?}");
+        assert!(!f.bypass_detection, "{f:?}");
+        assert!(f.summary.contains("NOT enforced"), "{}", f.summary);
+    }
+    // A whole GPU promises nothing of the kind.
+    let whole = h
+        .engine
+        .create_instance(
+            &h.user,
+            &wire::CreateInstance {
+                image: IMAGE.into(),
+                gpus: Some(1),
+                vcpus: 1,
+                memory: 256 << 20,
+                container_disk: 1 << 30,
+                ..Default::default()
+            },
+        )
+        .await;
+    if let Ok(w) = whole {
+        assert!(w.gpu_fraction.is_none(), "{w:?}");
+    }
+}

@@ -41,7 +41,7 @@ fn fractional_gpu_instance_sees_its_quota_through_the_injected_limiter() {
     // The preload, config and region are there, and root inside cannot remove the preload.
     let (rc, out, _) = d.exec(&id, "cat /etc/ld.so.preload");
     assert_eq!(rc, 0);
-    assert_eq!(out.trim(), "/usr/lib/gpuvisor/libgpuvisor_limiter.so");
+    assert_eq!(out.trim(), "/etc/gpuvisor/libgpuvisor_limiter.so");
     assert_ne!(
         d.exec(&id, "rm -f /etc/ld.so.preload && echo > /etc/ld.so.preload")
             .0,
@@ -51,7 +51,7 @@ fn fractional_gpu_instance_sees_its_quota_through_the_injected_limiter() {
     assert_eq!(
         d.exec(
             &id,
-            "test -f /etc/gpuvisor/limiter.conf && test -f /run/gpuvisor/limiter.limits && test -f /run/gpuvisor/limiter.usage"
+            "test -f /etc/gpuvisor/limiter.conf && test -f /etc/gpuvisor/limiter.limits && test -f /run/gpuvisor/limiter.usage"
         )
         .0,
         0

@@ -16,7 +16,7 @@
 //!
 //! Format (comments with `#`, unknown keys rejected so typos do not silently disable limits):
 //! ```text
-//! limits=/run/gpuvisor/limiter.limits
+//! limits=/etc/gpuvisor/limiter.limits
 //! usage=/run/gpuvisor/limiter.usage
 //! context_bytes=314572800
 //! ```

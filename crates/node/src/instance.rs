@@ -311,7 +311,20 @@ impl Node {
             uuids.push(g.uuid.clone());
         }
         if !plan.gpu_shares.is_empty() {
-            binds.extend(self.limiters.prepare(id, &plan.gpu_shares, plan.priority)?);
+            // `/etc` is bound onto itself (see `limiter`): the source is a host path, so it must
+            // be the rootfs's own directory, never a symlink the host would follow.
+            let etc = root.rootfs.join("etc");
+            if !std::fs::symlink_metadata(&etc).is_ok_and(|m| m.is_dir()) {
+                return Err(NodeError::Rootfs(crate::rootfs::RootfsError::Image {
+                    path: "/etc".into(),
+                    why: "is not a directory: a GPU fraction needs a real /etc to hold the limiter"
+                        .into(),
+                }));
+            }
+            binds.extend(
+                self.limiters
+                    .prepare(id, &plan.gpu_shares, plan.priority, &etc)?,
+            );
         }
         if !devices.is_empty() {
             devices.extend(self.gpu.control_devices());
@@ -583,9 +596,10 @@ impl Node {
                 let (Some(u), Some((used, pids))) = (usage.get(dev), mem.get(&key)) else {
                     continue;
                 };
-                let allowed = u
-                    .quota_bytes
-                    .saturating_add(slack.saturating_mul(pids.len() as u64));
+                // The per-process allowance stops growing at MAX_SLACK_PROCESSES: otherwise a
+                // tenant buys VRAM past its quota by opening contexts in ever more processes.
+                let counted = pids.len().min(crate::limiter::MAX_SLACK_PROCESSES) as u64;
+                let allowed = u.quota_bytes.saturating_add(slack.saturating_mul(counted));
                 if *used > allowed {
                     out.over_quota.push(OverQuota {
                         id: id.clone(),

@@ -3,12 +3,22 @@
 //! `libgpuvisor_limiter.so` into every process of the instance through `/etc/ld.so.preload`.
 //!
 //! Key decisions: the preload file, the config, the library and the region's *limits* file are
-//! bound *read-only* from the host, so root inside the instance cannot remove the limiter or
-//! raise its own quota or share (it has no CAP_SYS_ADMIN and seccomp refuses mount/umount); only
-//! the *usage* file (charges, launch gate, process slots) is bound read-write. The library reads
-//! its config only at the fixed path it is bound to (no environment override). The files live
-//! under `<data>/limiter/<id>.*` and are named by the instance id like every other host object,
-//! so the orphan sweep finds them.
+//! bound *read-only* from the host, so root inside the instance cannot write them (it has no
+//! CAP_SYS_ADMIN and seccomp refuses mount/umount); only the *usage* file (charges, launch gate,
+//! process slots) is bound read-write. The library reads its config only at the fixed path it is
+//! bound to (no environment override).
+//!
+//! Read-only binds are not enough on their own: Linux refuses to rename a mount point, but not a
+//! directory that merely *contains* one, so `mv /etc /etc.o; mkdir /etc` (or the same with the
+//! directory of the config) would move the binds aside and let root put its own files at their
+//! paths. So every ancestor of what the limiter reads is a mount point: `/etc` is bound onto
+//! itself, the config, the limits and the library sit in one read-only *directory* bind at
+//! `/etc/gpuvisor` (the library file bound over a placeholder in it), and `/etc/ld.so.preload`
+//! is a bind in the self-bound `/etc`. None of them can be renamed, removed or shadowed.
+//!
+//! Host layout: `<data>/limiter/<id>/` (config, limits, library placeholder; the directory bound
+//! at `/etc/gpuvisor`), `<data>/limiter/<id>.usage`, `<data>/limiter/<id>.preload`; everything
+//! is named by the instance id like every other host object, so the orphan sweep finds it.
 
 use crate::runtime::BindMount;
 use gpuvisor_limiter::config::Config;
@@ -16,9 +26,11 @@ use gpuvisor_limiter::shm::{DeviceLimit, DeviceUsage, Priority, Region, RegionSp
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// Where the library, region and config appear inside an instance.
-pub const CONTAINER_LIB: &str = "/usr/lib/gpuvisor/libgpuvisor_limiter.so";
-pub const CONTAINER_LIMITS: &str = "/run/gpuvisor/limiter.limits";
+/// Where the library, region and config appear inside an instance. The first three are in the
+/// read-only directory bind `CONTAINER_DIR`.
+pub const CONTAINER_DIR: &str = "/etc/gpuvisor";
+pub const CONTAINER_LIB: &str = "/etc/gpuvisor/libgpuvisor_limiter.so";
+pub const CONTAINER_LIMITS: &str = "/etc/gpuvisor/limiter.limits";
 pub const CONTAINER_USAGE: &str = "/run/gpuvisor/limiter.usage";
 pub const CONTAINER_CONFIG: &str = gpuvisor_limiter::config::PATH;
 pub const LIB_NAME: &str = "libgpuvisor_limiter.so";
@@ -30,6 +42,12 @@ pub const OVER_QUOTA_SLACK: u64 = 64 << 20;
 /// The same when the limiter charges no context footprint: the driver's own context (about
 /// 300-500 MiB per process on current GPUs) is then outside what the library counts.
 pub const OVER_QUOTA_SLACK_UNCHARGED_CONTEXT: u64 = 640 << 20;
+
+/// Processes of one instance on one GPU that get the per-process allowance above; more add
+/// nothing. Without it, an instance could hold `quota + N x allowance` (uncharged contexts: about
+/// 0.5 GiB each) simply by starting N processes. Charging the context in the library
+/// (`limiter_context_bytes`, per GPU model) is what makes contexts count against the quota.
+pub const MAX_SLACK_PROCESSES: usize = 8;
 
 /// What the daemon does when the driver shows an instance holding more GPU memory than its
 /// quota (a process that bypassed the limiter: a static binary, `dlmopen`, raw ioctls, a forged
@@ -123,8 +141,12 @@ impl Limiters {
         self.lib.as_deref()
     }
 
+    /// The directory bound read-only at [`CONTAINER_DIR`].
+    fn ro_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
     fn limits_path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.limits"))
+        self.ro_dir(id).join("limiter.limits")
     }
     fn usage_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.usage"))
@@ -133,20 +155,22 @@ impl Limiters {
         Region::open(&self.limits_path(id), &self.usage_path(id))
     }
     fn config_path(&self, id: &str) -> PathBuf {
-        self.dir.join(format!("{id}.conf"))
+        self.ro_dir(id).join("limiter.conf")
     }
     fn preload_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.preload"))
     }
 
     /// Creates the region (GPUs in the instance's CUDA order), the config and the preload file,
-    /// and returns the binds that put them and the library into the instance. Idempotent: an
-    /// existing region keeps its accounting and gets the new limits.
+    /// and returns the binds that put them and the library into the instance, starting with
+    /// `rootfs_etc` (the instance's `/etc` on the host) bound onto itself (see the module doc).
+    /// Idempotent: an existing region keeps its accounting and gets the new limits.
     pub fn prepare(
         &self,
         id: &str,
         gpus: &[GpuShare],
         priority: Priority,
+        rootfs_etc: &Path,
     ) -> Result<Vec<BindMount>, crate::NodeError> {
         let lib = self.lib.clone().ok_or_else(|| {
             io_err(
@@ -158,6 +182,18 @@ impl Limiters {
             )
         })?;
         std::fs::create_dir_all(&self.dir).map_err(|e| io_err(&self.dir, e))?;
+        let ro = self.ro_dir(id);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir_all(&ro).map_err(|e| io_err(&ro, e))?;
+            // Readable by the instance's users (any uid), writable by nobody but host root.
+            std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| io_err(&ro, e))?;
+            let placeholder = ro.join(LIB_NAME);
+            if !placeholder.exists() {
+                std::fs::write(&placeholder, b"").map_err(|e| io_err(&placeholder, e))?;
+            }
+        }
         let devices: Vec<DeviceLimit> = gpus
             .iter()
             .map(|g| DeviceLimit {
@@ -196,10 +232,16 @@ impl Limiters {
             destination: PathBuf::from(dest),
             readonly,
         };
+        let _ = limits;
         Ok(vec![
+            // Order matters: each bind lands inside the ones before it.
+            BindMount {
+                source: rootfs_etc.to_path_buf(),
+                destination: PathBuf::from("/etc"),
+                readonly: false,
+            },
+            bind(ro, CONTAINER_DIR, true),
             bind(lib, CONTAINER_LIB, true),
-            bind(config, CONTAINER_CONFIG, true),
-            bind(limits, CONTAINER_LIMITS, true),
             bind(usage, CONTAINER_USAGE, false),
             bind(preload, "/etc/ld.so.preload", true),
         ])
@@ -233,12 +275,19 @@ impl Limiters {
 
     /// Removes the instance's region, config and preload file. Idempotent.
     pub fn remove(&self, id: &str) -> Result<(), crate::NodeError> {
+        let ro = self.ro_dir(id);
+        match std::fs::remove_dir_all(&ro) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&ro, e)),
+        }
         for p in [
-            self.limits_path(id),
+            // Files of the layout before the read-only directory.
+            self.dir.join(format!("{id}.limits")),
+            self.dir.join(format!("{id}.conf")),
             self.usage_path(id),
             // The single region file of layout 1 (daemons before the split).
             self.dir.join(format!("{id}.region")),
-            self.config_path(id),
             self.preload_path(id),
         ] {
             match std::fs::remove_file(&p) {
@@ -256,9 +305,12 @@ impl Limiters {
             return BTreeSet::new();
         };
         rd.flatten()
-            .filter_map(|e| {
+            .map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                name.split_once('.').map(|(id, _)| id.to_string())
+                // `<id>` (the read-only directory) or `<id>.<kind>`.
+                name.split_once('.')
+                    .map_or(name.as_str(), |(id, _)| id)
+                    .to_string()
             })
             .collect()
     }
@@ -278,12 +330,28 @@ mod tests {
             vram: 20 << 30,
             milli: 250,
         };
-        let binds = l.prepare("abc123abc123", &[share], Priority::Low).unwrap();
-        assert_eq!(binds.len(), 5);
-        // Only the usage file is writable from inside.
+        let etc = d.path().join("rootfs-etc");
+        let binds = l
+            .prepare("abc123abc123", &[share], Priority::Low, &etc)
+            .unwrap();
+        // Every ancestor of what the library reads is a mount point, in this order.
+        let dests: Vec<_> = binds.iter().map(|b| b.destination.clone()).collect();
+        assert_eq!(
+            dests,
+            [
+                "/etc",
+                CONTAINER_DIR,
+                CONTAINER_LIB,
+                CONTAINER_USAGE,
+                "/etc/ld.so.preload"
+            ]
+            .map(PathBuf::from)
+        );
+        assert_eq!(binds[0].source, etc);
+        // Only the usage file (and /etc itself, bound onto itself) is writable from inside.
         let writable: Vec<_> = binds.iter().filter(|b| !b.readonly).collect();
-        assert_eq!(writable.len(), 1);
-        assert_eq!(writable[0].destination, Path::new(CONTAINER_USAGE));
+        assert_eq!(writable.len(), 2);
+        assert_eq!(writable[1].destination, Path::new(CONTAINER_USAGE));
         let mode = |p: &str| {
             use std::os::unix::fs::PermissionsExt;
             std::fs::metadata(d.path().join("limiter").join(p))
@@ -292,7 +360,13 @@ mod tests {
                 .mode()
                 & 0o777
         };
-        assert_eq!(mode("abc123abc123.limits"), 0o644);
+        assert_eq!(mode("abc123abc123/limiter.limits"), 0o644);
+        assert_eq!(mode("abc123abc123"), 0o755);
+        assert!(d
+            .path()
+            .join("limiter/abc123abc123")
+            .join(LIB_NAME)
+            .is_file());
         assert!(binds
             .iter()
             .any(|b| b.destination == Path::new("/etc/ld.so.preload") && b.readonly));
@@ -300,7 +374,8 @@ mod tests {
         let usage = l.usage("abc123abc123").unwrap();
         assert_eq!(usage[0].quota_bytes, 20 << 30);
         assert_eq!(usage[0].share_bp, 2500);
-        let conf = std::fs::read_to_string(d.path().join("limiter/abc123abc123.conf")).unwrap();
+        let conf =
+            std::fs::read_to_string(d.path().join("limiter/abc123abc123/limiter.conf")).unwrap();
         assert!(conf.contains(CONTAINER_LIMITS), "{conf}");
         assert!(conf.contains(CONTAINER_USAGE), "{conf}");
         // Re-prepare with a new share keeps the region and updates the limit.
@@ -311,6 +386,7 @@ mod tests {
                 milli: 500,
             }],
             Priority::High,
+            &etc,
         )
         .unwrap();
         assert_eq!(l.usage("abc123abc123").unwrap()[0].share_bp, 5000);
@@ -333,6 +409,7 @@ mod tests {
                     milli: 100,
                 }],
                 Priority::Low,
+                Path::new("/nonexistent/etc"),
             )
             .unwrap_err();
         assert!(

@@ -260,7 +260,7 @@ fn data_dir_is_private_to_root() {
         data.join("admin.key"),
         data.join("gpuvisor.db"),
         data.join("bundles").join(&id).join("config.json"),
-        data.join("logs").join(format!("{id}.log")),
+        data.join("logs").join(&id),
         data.join("disks").join(format!("{id}.img")),
         data.join("instances").join(&id).join("rootfs/etc/passwd"),
         data.join("instances").join(&id).join("volumes/work"),

@@ -92,7 +92,7 @@ fn writing_the_limiter_region_does_not_raise_the_quota() {
     let p = probe::run(
         &f.d,
         &f.id,
-        "for file in /run/gpuvisor/*; do \
+        "for file in /etc/gpuvisor/* /run/gpuvisor/*; do \
            for off in 64 72 128; do \
              printf '\\377\\377\\377\\377\\377\\377\\377\\017' \
                | dd of=$file bs=1 seek=$off conv=notrunc 2>/dev/null && echo \"wrote $file@$off\"; \
@@ -122,7 +122,59 @@ fn writing_the_limiter_region_does_not_raise_the_quota() {
         &f.d,
         &f.id,
         "remounting the limits file read-write",
-        "mount -o remount,rw /run/gpuvisor/limiter.limits",
+        "mount -o remount,rw /etc/gpuvisor/limiter.limits",
+    );
+}
+
+/// Read-only binds can still be moved aside with their parent directory (Linux refuses to
+/// rename a mount point, not a directory that contains one): root renames the directories that
+/// hold the config, limits, library and preload, puts forged ones in their place, or removes
+/// the preload. Every ancestor is a mount point, so each step is refused and the quota holds.
+#[test]
+fn moving_the_limiter_files_aside_does_not_replace_them() {
+    let _s = serial();
+    let f = fraction();
+    // The probes must have something to act on: the files are where the limiter reads them.
+    probe::allowed(
+        &f.d,
+        &f.id,
+        "the limiter's files are in place",
+        "test -s /etc/gpuvisor/limiter.conf && test -s /etc/gpuvisor/limiter.limits && \
+         test -s /etc/gpuvisor/libgpuvisor_limiter.so && test -s /etc/ld.so.preload",
+    );
+    for (what, cmd) in [
+        ("renaming /etc", "mv /etc /etc.o"),
+        ("renaming /etc/gpuvisor", "mv /etc/gpuvisor /etc/g.o"),
+        (
+            "renaming the config",
+            "mv /etc/gpuvisor/limiter.conf /tmp/c",
+        ),
+        (
+            "renaming the limits",
+            "mv /etc/gpuvisor/limiter.limits /tmp/l",
+        ),
+        ("removing the preload", "rm /etc/ld.so.preload"),
+        ("renaming the preload", "mv /etc/ld.so.preload /etc/p.o"),
+        (
+            "replacing the library",
+            "cp /bin/busybox /etc/gpuvisor/libgpuvisor_limiter.so",
+        ),
+        ("a file beside the config", "touch /etc/gpuvisor/x"),
+    ] {
+        probe::refused(&f.d, &f.id, what, cmd);
+    }
+    // Whatever moved, new processes still get the limiter and its quota.
+    probe::allowed(
+        &f.d,
+        &f.id,
+        "the quota is unchanged after the attempts",
+        &format!("limtest over {QUOTA}"),
+    );
+    probe::refused(
+        &f.d,
+        &f.id,
+        "allocating twice the quota after the attempts",
+        &format!("limtest grab {}", 2 * QUOTA),
     );
 }
 
@@ -240,5 +292,53 @@ fn vram_allocated_around_the_limiter_is_caught_and_killed() {
                 && e["message"].as_str().unwrap().contains("killed")),
         "{events}"
     );
+    let _ = std::fs::remove_file(procs_file(&f.d));
+}
+
+/// Pids of processes in the instance's cgroup (seen from the host).
+fn instance_pids(id: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cg = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
+        if cg.contains(&format!("/gpuvisor/{id}")) && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The outside check allows each process some VRAM beyond the quota for its driver context.
+/// A tenant must not multiply that allowance by starting many processes that each stay just
+/// under it: past `MAX_SLACK_PROCESSES` (8) processes no more is allowed, and 12 processes of
+/// 600 MiB on a 64 MiB quota are caught.
+#[test]
+fn many_processes_do_not_multiply_the_vram_allowance() {
+    let _s = serial();
+    let f = fraction();
+    probe::allowed(
+        &f.d,
+        &f.id,
+        "starting 12 holders",
+        "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do setsid sleep 100000 </dev/null >/dev/null 2>&1 & done",
+    );
+    let pids = instance_pids(&f.id);
+    assert!(pids.len() >= 13, "the holders did not start: {pids:?}");
+    let table: String = pids
+        .iter()
+        .map(|p| format!("{p} mem={}\n", 600u64 << 20))
+        .collect();
+    std::fs::write(procs_file(&f.d), table).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "13 processes of 600 MiB each on a 64 MiB quota were not stopped: {}",
+            f.d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let _ = std::fs::remove_file(procs_file(&f.d));
 }
