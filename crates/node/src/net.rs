@@ -52,7 +52,8 @@
 //!   link-local address only reaches its tenant's segment.
 //! - The chains are ours and rebuilt whole on every start with one `iptables-restore --noflush`
 //!   (one atomic commit: no window without isolation, no duplicate, no rule of an old config
-//!   left behind). Per-bridge accepts are then added and removed one by one as tenants come and
+//!   left behind), and again by [`Network::repair_host`] (the reconciler's 30 s sweep) when
+//!   they or their jumps were flushed while the daemon runs. Per-bridge accepts are then added and removed one by one as tenants come and
 //!   go (checked with `-C` first). When the daemon stops, [`Network::release_host`] removes
 //!   its bridges that no instance uses, and with the last one the jumps and chains.
 //! - Same-bridge traffic is switched at L2 and never routed, but when `br_netfilter` is loaded
@@ -682,6 +683,25 @@ impl Network {
 
     /// Prepares the host once per daemon start: IP forwarding, our chains (rebuilt whole, in one
     /// atomic commit) and the jumps to them. Idempotent.
+    /// Rebuilds our chains (as at start) when they are not whole any more: someone flushed or
+    /// deleted them, or the jumps to them, while the daemon runs. Cheap when they are intact
+    /// (three `iptables -C`); the reconciler's sweep calls it every 30 s. Returns whether it
+    /// rebuilt.
+    pub fn repair_host(&self) -> Result<bool, NetError> {
+        let (fwd, _) = self.policy_rules();
+        let intact = rule_exists("filter", "FORWARD", &self.fwd_jump())
+            && rule_exists("filter", "INPUT", &self.input_jump())
+            && fwd
+                .last()
+                .is_some_and(|last| rule_exists("filter", &self.fwd_chain(), last));
+        if intact {
+            return Ok(false);
+        }
+        tracing::warn!("our iptables chains were changed outside gpuvisor: rebuilding them");
+        self.init_host()?;
+        Ok(true)
+    }
+
     pub fn init_host(&self) -> Result<(), NetError> {
         let fwd = Path::new("/proc/sys/net/ipv4/ip_forward");
         let on = std::fs::read_to_string(fwd)

@@ -437,6 +437,11 @@ impl Engine {
     /// seen only in host-wide namespaces is left alone: it may be another daemon's (every host
     /// object of ours is created after its instance row, so ours always have a row).
     pub async fn sweep_orphans(&self) -> Result<Vec<String>> {
+        // Instance isolation lives in our iptables chains: put them back if they were flushed.
+        let node = self.node.clone();
+        if let Err(e) = blocking(move || node.net.repair_host()).await? {
+            tracing::warn!("cannot rebuild the instance network chains: {e}");
+        }
         let node = self.node.clone();
         let (local, global): (BTreeSet<String>, BTreeSet<String>) =
             blocking(move || node.ids_with_objects()).await??;

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The daemons' instance pool: the default, or `GPUVISOR_NET_POOL` (inherited by the harness's
 /// daemons, with `GPUVISOR_NET_PREFIX`, so that suites can run side by side on one host).
@@ -1184,5 +1184,60 @@ fn instance_still_reaches_its_resolver() {
         resolvers.iter().any(|r| p.out.contains(&r.to_string())),
         "{resolvers:?} not asked: {}",
         p.out
+    );
+}
+
+/// Someone (an admin's script, a firewall tool) flushes iptables while the daemon runs: the
+/// isolation rules are gone until someone notices. The reconciler's sweep (every 30 s) checks
+/// our chains and jumps and rebuilds them, so the LAN is unreachable again without a restart.
+#[test]
+fn flushed_chains_are_rebuilt_by_the_sweep() {
+    let _s = serial();
+    let lan = Lan::new(&pool(), &[PUBLIC, "10.20.30.40"]);
+    let public = lan.server(PUBLIC);
+    let target = lan.server("10.20.30.40");
+    let d = daemon(&[]);
+    let id = d.create(&SLEEPER);
+    cannot_reach(
+        &d,
+        &id,
+        "a 10/8 server before the flush",
+        "10.20.30.40",
+        target.port(),
+    );
+    let p = prefix();
+    let chain = if p == "gv" {
+        "GPUVISOR-FWD".to_string()
+    } else {
+        format!("GPUVISOR-{}-FWD", p.to_ascii_uppercase())
+    };
+    sh(&["iptables", "-w", "-F", &chain]);
+    // Our FWD chain is empty now: the instance's packets fall through to FORWARD's policy.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rules = sh(&["iptables", "-w", "-S", &chain]);
+        if rules.lines().count() > 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flushed chain was not rebuilt within 60 s: {rules}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    reaches(
+        &d,
+        &id,
+        "the public server after the rebuild",
+        PUBLIC,
+        public.port(),
+    );
+    cannot_reach(
+        &d,
+        &id,
+        "a 10/8 server after the rebuild",
+        "10.20.30.40",
+        target.port(),
     );
 }
