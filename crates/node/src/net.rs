@@ -1373,10 +1373,24 @@ mod tests {
         let t = TenantNet { slot: 9 };
         n.ensure_tenant(&t).unwrap();
         let first = chain_rules("filter", "GPUVISOR-GU-FWD");
-        // Idempotent: the same rules, once each, the bridge's accept first.
+        // Idempotent: the same rules, once each, the bridge's anti-spoofing drop first, then
+        // its accept.
         n.init_host().unwrap();
         assert_eq!(chain_rules("filter", "GPUVISOR-GU-FWD"), first);
-        assert_eq!(first[1], "-A GPUVISOR-GU-FWD -i gub9 -o gub9 -j ACCEPT");
+        assert_eq!(
+            first[1],
+            "-A GPUVISOR-GU-FWD ! -s 10.82.9.0/24 -i gub9 -j DROP"
+        );
+        assert_eq!(first[2], "-A GPUVISOR-GU-FWD -i gub9 -o gub9 -j ACCEPT");
+        assert_eq!(
+            chain_rules("filter", "GPUVISOR-GU-IN")[1],
+            "-A GPUVISOR-GU-IN ! -s 10.82.9.0/24 -i gub9 -j DROP"
+        );
+        // A flush while running is seen and repaired; an intact host is left alone.
+        assert!(!n.repair_host().unwrap());
+        iptables("filter", &["-F", "GPUVISOR-GU-FWD"]).unwrap();
+        assert!(n.repair_host().unwrap());
+        assert_eq!(chain_rules("filter", "GPUVISOR-GU-FWD"), first);
         assert!(first.iter().any(|r| r.contains("10.1.2.0/24")));
         let jumps = iptables("filter", &["-S", "FORWARD"]).unwrap();
         assert_eq!(jumps.matches("-j GPUVISOR-GU-FWD").count(), 1);
@@ -1397,7 +1411,7 @@ mod tests {
             !after.iter().any(|r| r.contains("10.1.2.0/24")),
             "{after:#?}"
         );
-        assert_eq!(after[1], "-A GPUVISOR-GU-FWD -i gub9 -o gub9 -j ACCEPT");
+        assert_eq!(after[2], "-A GPUVISOR-GU-FWD -i gub9 -o gub9 -j ACCEPT");
         // Chains removed behind our back are rebuilt whole before a new tenant's bridge is used.
         remove_chain("filter", "FORWARD", &n2.fwd_jump(), "GPUVISOR-GU-FWD").unwrap();
         let t2 = TenantNet { slot: 10 };
@@ -1412,6 +1426,11 @@ mod tests {
             "{rebuilt:#?}"
         );
         assert!(n2.teardown_tenant(&t2).unwrap());
+        // Its rules went with it, in both chains.
+        for chain in ["GPUVISOR-GU-FWD", "GPUVISOR-GU-IN"] {
+            let left = chain_rules("filter", chain);
+            assert!(!left.iter().any(|r| r.contains("gub10")), "{left:#?}");
+        }
         // Chains and bridge stay while the bridge has a port, go with it.
         let port = format!("gvtq{}", &random_id()[..6]);
         ip([
