@@ -83,24 +83,10 @@ fn exec_as_nobody(path: &Path, args: &str) -> String {
 }
 
 fn instance_with_volume(d: &Daemon, image: &str) -> String {
-    let v = d.json(&[
-        "instance",
-        "create",
-        "--image",
+    let v = d.json(&crate::common::sleeper_create(
         image,
-        "--wait",
-        "--vcpus",
-        "1",
-        "--memory",
-        "64MiB",
-        "--container-disk",
-        "64MiB",
-        "--volume",
-        "work:/workspace:32MiB",
-        "--",
-        "sleep",
-        "1000000",
-    ]);
+        &["--volume", "work:/workspace:32MiB"],
+    ));
     assert_eq!(v["state"], "running", "{v}");
     v["id"].as_str().unwrap().to_string()
 }

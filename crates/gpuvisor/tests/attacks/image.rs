@@ -205,24 +205,9 @@ fn import(d: &Daemon, src: &Path, name: &str) {
 /// the instance failed (the message is what the user sees: the CLI's error or the instance's
 /// last error).
 fn try_create(d: &Daemon, image: &str) -> Result<String, String> {
-    let out = d.cli(&[
-        "-o",
-        "json",
-        "instance",
-        "create",
-        "--image",
-        image,
-        "--wait",
-        "--vcpus",
-        "1",
-        "--memory",
-        "64MiB",
-        "--container-disk",
-        "64MiB",
-        "--",
-        "sleep",
-        "1000000",
-    ]);
+    let mut args = vec!["-o", "json"];
+    args.extend(crate::common::sleeper_create(image, &[]));
+    let out = d.cli(&args);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
         return Err(stderr);

@@ -12,7 +12,7 @@
 //! Every namespace, interface, route, rule and server is removed by a guard's `Drop`, also when
 //! the test fails.
 
-use crate::common::{serial, Daemon};
+use crate::common::{serial, sleeper, Daemon};
 use crate::probe;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -278,18 +278,6 @@ fn daemon(extra: &[&str]) -> Daemon {
     d
 }
 
-const SLEEPER: [&str; 9] = [
-    "--vcpus",
-    "1",
-    "--memory",
-    "64MiB",
-    "--container-disk",
-    "64MiB",
-    "--",
-    "sleep",
-    "1000000",
-];
-
 fn ip_of(d: &Daemon, id: &str) -> String {
     d.json(&["instance", "get", id])["ip"]
         .as_str()
@@ -330,7 +318,7 @@ fn assert_lan_destination_blocked(what: &str, dest: &str) {
     let public = lan.server(PUBLIC);
     let target = lan.server(dest);
     let d = daemon(&[]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     reaches(&d, &id, "the public control server", PUBLIC, public.port());
     cannot_reach(&d, &id, what, dest, target.port());
 }
@@ -377,7 +365,7 @@ fn instance_reaches_a_public_address_through_nat() {
     let lan = Lan::new(&pool(), &[PUBLIC]);
     let public = lan.server(PUBLIC);
     let d = daemon(&[]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     let p = reaches(&d, &id, "the public server", PUBLIC, public.port());
     // The server saw the host's address on the LAN, not the instance's: masqueraded.
     assert!(p.out.contains(&format!("hi {LAN_HOST}")), "{}", p.out);
@@ -390,7 +378,7 @@ fn instance_cannot_reach_the_host_through_its_gateway() {
     let public = lan.server(PUBLIC);
     let host = Server::start(None, IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
     let d = daemon(&[]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     reaches(&d, &id, "the public control server", PUBLIC, public.port());
     let gw = gateway_of(&d, &id);
     cannot_reach(&d, &id, "a host service on the gateway", &gw, host.port());
@@ -411,7 +399,7 @@ fn instance_cannot_reach_the_host_on_its_uplink_address() {
         .unwrap()
         .to_string();
     let d = daemon(&[]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     reaches(&d, &id, "the public control server", PUBLIC, public.port());
     cannot_reach(
         &d,
@@ -430,7 +418,7 @@ fn instance_cannot_reach_the_host_on_a_public_address() {
     let _dummy = Dummy::new("198.51.100.77/32");
     let host = Server::start(None, "198.51.100.77".parse().unwrap(), 0);
     let d = daemon(&[]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     reaches(&d, &id, "the public control server", PUBLIC, public.port());
     cannot_reach(
         &d,
@@ -453,8 +441,8 @@ fn instance_cannot_reach_another_tenants_gateway() {
         .as_str()
         .unwrap()
         .to_string();
-    let mine = d.create(&SLEEPER);
-    let theirs = d.create_as(&kb, &SLEEPER);
+    let mine = d.create(&sleeper());
+    let theirs = d.create_as(&kb, &sleeper());
     let their_gw = gateway_of(&d, &theirs);
     assert_ne!(their_gw, gateway_of(&d, &mine));
     reaches(
@@ -487,7 +475,7 @@ fn instance_cannot_reach_the_host_over_ipv6_link_local() {
     let public = lan.server(PUBLIC);
     let host = Server::start(None, "::".parse().unwrap(), 0);
     let d = daemon(&[]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     reaches(&d, &id, "the public control server", PUBLIC, public.port());
     // The bridge that holds the instance's gateway, and its link-local address: the kernel's
     // if it has one, else the EUI-64 one its MAC would give.
@@ -547,7 +535,7 @@ fn same_tenant_instances_reach_each_other() {
         "-c",
         "nc -ll -p 8080 -e echo hi peer",
     ]);
-    let client = d.create(&SLEEPER);
+    let client = d.create(&sleeper());
     let ip = ip_of(&d, &server);
     reaches(&d, &client, "an instance of the same tenant", &ip, 8080);
 }
@@ -566,7 +554,7 @@ fn allow_listed_address_becomes_reachable() {
         "--net-allow",
         "10.78.0.0/24",
     ]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     reaches(&d, &id, "the public control server", PUBLIC, public.port());
     reaches(
         &d,
@@ -799,7 +787,7 @@ fn two_daemons_with_different_prefixes_do_not_collide() {
     let _s = serial();
     let mut a = daemon(&["--net-prefix", "ga", "--net-pool", "10.86.0.0"]);
     let mut b = daemon(&["--net-prefix", "gb", "--net-pool", "10.87.0.0"]);
-    let ia = a.create(&SLEEPER);
+    let ia = a.create(&sleeper());
     let ib = b.create(&[
         "--vcpus",
         "1",
@@ -919,7 +907,7 @@ fn restart_renamed(d: &mut Daemon, hostname: &str) -> Serve {
 fn renaming_the_host_keeps_its_instances_local() {
     let _s = serial();
     let mut d = daemon(&[]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     let before = d.json(&["instance", "get", &id]);
     let renamed = restart_renamed(&mut d, "gv-renamed-host");
     let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -950,7 +938,7 @@ fn sqlite(d: &Daemon, sql: &str) {
 fn instance_of_another_node_id_is_not_taken_for_simulated() {
     let _s = serial();
     let mut d = daemon(&[]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     d.kill9();
     // A row written under a node id that is not ours (a renamed host, an older daemon) but
     // of no simulated node either.
@@ -972,7 +960,7 @@ fn instance_of_another_node_id_is_not_taken_for_simulated() {
 fn old_store_keyed_by_hostname_keeps_its_instances() {
     let _s = serial();
     let mut d = daemon(&[]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     d.kill9();
     // What a daemon from before node-id files left: every row under the hostname, no file.
     sqlite(
@@ -1011,7 +999,7 @@ fn deny_listed_address_becomes_unreachable() {
     let public = lan.server(PUBLIC);
     let control = lan.server(other_public);
     let d = daemon(&["--net-deny", "203.0.113.0/24"]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     reaches(
         &d,
         &id,
@@ -1092,8 +1080,8 @@ fn instance_cannot_send_with_another_tenants_address() {
         .as_str()
         .unwrap()
         .to_string();
-    let mine = d.create(&SLEEPER);
-    let theirs = d.create_as(&kb, &SLEEPER);
+    let mine = d.create(&sleeper());
+    let theirs = d.create_as(&kb, &sleeper());
     let (my_ip, their_ip) = (ip_of(&d, &mine), ip_of(&d, &theirs));
     // Stands in for a tenant with CAP_NET_RAW crafting packets: the host gives the instance's
     // eth0 the other tenant's address as a second one, and the datagram is sent from it.
@@ -1169,7 +1157,7 @@ fn instance_still_reaches_its_resolver() {
         return;
     }
     let d = daemon(&[]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     // Any answer (NXDOMAIN included) proves the resolver was reached, even in reserved space
     // (10.255.255.53 on the CI machines) and without internet access.
     let p = probe::allowed(
@@ -1197,7 +1185,7 @@ fn flushed_chains_are_rebuilt_by_the_sweep() {
     let public = lan.server(PUBLIC);
     let target = lan.server("10.20.30.40");
     let d = daemon(&[]);
-    let id = d.create(&SLEEPER);
+    let id = d.create(&sleeper());
     cannot_reach(
         &d,
         &id,

@@ -139,22 +139,7 @@ pub fn import_dir(d: &Daemon, root: &Path, name: &str) {
 fn instance() -> (Daemon, String) {
     let d = Daemon::start(&[]);
     import_probe(&d);
-    let v = d.json(&[
-        "instance",
-        "create",
-        "--image",
-        "probe",
-        "--wait",
-        "--vcpus",
-        "1",
-        "--memory",
-        "64MiB",
-        "--container-disk",
-        "64MiB",
-        "--",
-        "sleep",
-        "1000000",
-    ]);
+    let v = d.json(&crate::common::sleeper_create("probe", &[]));
     assert_eq!(v["state"], "running", "{v}");
     let id = v["id"].as_str().unwrap().to_string();
     (d, id)

@@ -45,6 +45,33 @@ pub fn busybox_rootfs() -> PathBuf {
     .clone()
 }
 
+/// A small instance: 1 vCPU, 64 MiB of memory, a 64 MiB container disk.
+pub const SMALL: [&str; 6] = [
+    "--vcpus",
+    "1",
+    "--memory",
+    "64MiB",
+    "--container-disk",
+    "64MiB",
+];
+/// The command of an instance that only has to stay up.
+pub const SLEEP: [&str; 3] = ["--", "sleep", "1000000"];
+
+/// `instance create` options of a small instance that sleeps (for [`Daemon::create`]).
+pub fn sleeper() -> Vec<&'static str> {
+    [&SMALL[..], &SLEEP[..]].concat()
+}
+
+/// `instance create --image IMAGE --wait` of a small sleeping instance, `extra` options before
+/// its command (for `Daemon::json`/`cli`).
+pub fn sleeper_create<'a>(image: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["instance", "create", "--image", image, "--wait"];
+    a.extend(SMALL);
+    a.extend(extra);
+    a.extend(SLEEP);
+    a
+}
+
 pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub port: u16,
