@@ -400,6 +400,9 @@ pub struct Limits {
     pub requests_per_key: usize,
     /// Open connections; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Open connections from one client address; more are closed at once, so one client
+    /// cannot hold every connection slot.
+    pub max_connections_per_ip: usize,
     /// Events older than this are pruned.
     pub events_max_age: Duration,
     /// Events kept per instance.
@@ -423,6 +426,7 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             requests_per_key: 32,
             max_connections: 1024,
+            max_connections_per_ip: 128,
             events_max_age: Duration::from_secs(30 * 86_400),
             events_per_instance: 1000,
             terminated_max_age: Duration::from_secs(7 * 86_400),
@@ -446,6 +450,7 @@ struct LimitsFile {
     body_timeout: Option<String>,
     requests_per_key: Option<usize>,
     max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
     events_max_age: Option<String>,
     events_per_instance: Option<u64>,
     terminated_max_age: Option<String>,
@@ -487,6 +492,9 @@ pub struct LimitsOverrides {
     /// Requests in flight per tenant [limits.requests_per_key].
     #[arg(long)]
     pub requests_per_key: Option<usize>,
+    /// Open connections from one client address [limits.max_connections_per_ip].
+    #[arg(long)]
+    pub max_connections_per_ip: Option<usize>,
 }
 
 fn size(key: &str, v: &str) -> anyhow::Result<u64> {
@@ -530,6 +538,7 @@ impl Limits {
         set!(body_timeout, duration);
         set!(requests_per_key);
         set!(max_connections);
+        set!(max_connections_per_ip);
         set!(events_max_age, duration);
         set!(events_per_instance);
         set!(terminated_max_age, duration);
@@ -560,6 +569,7 @@ impl Limits {
         set!(header_timeout, duration);
         set!(body_timeout, duration);
         set!(requests_per_key);
+        set!(max_connections_per_ip);
         self.check()
     }
 
@@ -569,6 +579,7 @@ impl Limits {
             ("exec_total", self.exec_total as u64),
             ("requests_per_key", self.requests_per_key as u64),
             ("max_connections", self.max_connections as u64),
+            ("max_connections_per_ip", self.max_connections_per_ip as u64),
             ("exec_max_output", self.exec_max_output),
             ("max_body", self.max_body),
             ("events_per_instance", self.events_per_instance),

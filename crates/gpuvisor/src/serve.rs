@@ -156,6 +156,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         app,
         cfg.limits.header_timeout,
         cfg.limits.max_connections,
+        cfg.limits.max_connections_per_ip,
     )
     .await?;
     // Our iptables chains go with the last bridge: nothing of ours stays on a host that runs
@@ -168,6 +169,43 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Open connections per client address.
+#[derive(Default)]
+struct PerIp(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One open connection of `ip`; given back when dropped.
+struct IpSlot {
+    map: Arc<PerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn take(map: &Arc<PerIp>, ip: std::net::IpAddr, max: usize) -> Option<IpSlot> {
+        let mut m = map.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// The HTTP/1 accept loop: at most `max_connections` open connections (more wait in the
 /// backlog), and a client that has not sent a request's headers within `header_timeout` is
 /// disconnected (slow loris; idle keep-alive connections too). On SIGTERM/SIGINT: stop
@@ -177,9 +215,11 @@ async fn serve_http(
     app: axum::Router,
     header_timeout: std::time::Duration,
     max_connections: usize,
+    max_per_ip: usize,
 ) -> anyhow::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let per_ip = Arc::new(PerIp::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     let stop = shutdown();
@@ -189,9 +229,9 @@ async fn serve_http(
             p = slots.clone().acquire_owned() => p?,
             _ = &mut stop => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok((s, peer)) => (s, peer.ip()),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!("accept: {e}");
@@ -201,10 +241,16 @@ async fn serve_http(
             },
             _ = &mut stop => break,
         };
+        // One client never holds more than its share of the slots: closed at once.
+        let Some(ip_slot) = PerIp::take(&per_ip, peer, max_per_ip) else {
+            drop(stream);
+            continue;
+        };
         let svc = hyper_util::service::TowerToHyperService::new(app.clone());
         let mut stop_rx = stop_rx.clone();
         conns.spawn(async move {
             let _permit = permit;
+            let _ip_slot = ip_slot;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)

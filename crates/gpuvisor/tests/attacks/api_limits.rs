@@ -3,26 +3,15 @@
 //! its log, oversized bodies, slow-loris headers and more requests in flight than a key may
 //! have. Each test asserts the limit held *and* that the daemon kept working.
 
-use crate::common::{serial, Daemon, BIN};
+use crate::common::{serial, Daemon, BIN, SMALL};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SMALL: [&str; 6] = [
-    "--vcpus",
-    "1",
-    "--memory",
-    "64MiB",
-    "--container-disk",
-    "64MiB",
-];
-
 fn create_sleeper(d: &Daemon, key: &str) -> String {
-    let mut a: Vec<&str> = SMALL.to_vec();
-    a.extend(["--", "sleep", "1000000"]);
-    d.create_as(key, &a)
+    d.create_as(key, &crate::common::sleeper())
 }
 
 /// A tenant and a user key for it.
@@ -493,6 +482,89 @@ fn slow_loris_headers_are_disconnected() {
     );
     // Others are served meanwhile and after.
     assert_eq!(crate::common::http_get(d.port, "/v1/health", &[]).0, 200);
+}
+
+/// One client address opens connections and sends nothing, to hold every connection slot of
+/// the daemon (no key needed). Past `max_connections_per_ip` its connections are closed at
+/// once, while a client from another address and the liveness probe are still answered.
+#[test]
+fn one_client_cannot_hold_every_connection() {
+    let _s = serial();
+    let d = Daemon::start(&["--max-connections-per-ip", "8"]);
+    let held: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(("127.0.0.1", d.port)).unwrap())
+        .collect();
+    // Let the daemon accept them all before the ninth.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut ninth = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    ninth
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = ninth.write_all(b"GET /v1/health HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut buf = [0u8; 64];
+    let n = ninth.read(&mut buf);
+    assert!(
+        matches!(n, Ok(0))
+            || n.as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a ninth connection from one address was served: {n:?} {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    // Another client address (any 127/8 source reaches loopback) is served meanwhile.
+    let status = {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a fresh socket fd from libc::socket, owned by the TcpStream from here on.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a valid, unowned socket.
+        let s = unsafe { TcpStream::from_raw_fd(fd) };
+        let src = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 2]),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: src is a valid sockaddr_in of the given length.
+        let rc = unsafe {
+            libc::bind(
+                fd,
+                (&src as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "bind to 127.0.0.2");
+        let dst = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: d.port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: dst is a valid sockaddr_in of the given length.
+        let rc = unsafe {
+            libc::connect(
+                fd,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "connect from 127.0.0.2");
+        let mut s = s;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /v1/health HTTP/1.0\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    assert!(
+        status.starts_with("HTTP/1.1 200") || status.starts_with("HTTP/1.0 200"),
+        "{status}"
+    );
+    drop(held);
 }
 
 #[test]
