@@ -56,16 +56,32 @@ impl IntoResponse for ApiError {
 
 type R<T> = Result<Json<T>, ApiError>;
 
-async fn who(e: &Engine, h: &HeaderMap) -> Result<Principal, ApiError> {
-    let key = h
-        .get(API_KEY_HEADER)
+/// The API key of a request: `x-api-key`, else `Authorization: Bearer`.
+fn api_key(h: &HeaderMap) -> Option<&str> {
+    h.get(API_KEY_HEADER)
         .and_then(|v| v.to_str().ok())
         .or_else(|| {
             h.get("authorization")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
-        });
-    Ok(e.authenticate(key).await?)
+        })
+}
+
+/// The caller, authenticated once per request: by [`limit_request`] when the limits are in
+/// front (it leaves the principal in the request's extensions), else here.
+pub struct Who(Principal);
+
+impl axum::extract::FromRequestParts<Eng> for Who {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        e: &Eng,
+    ) -> Result<Self, Self::Rejection> {
+        if let Some(p) = parts.extensions.get::<Principal>() {
+            return Ok(Who(p.clone()));
+        }
+        Ok(Who(e.authenticate(api_key(&parts.headers)).await?))
+    }
 }
 
 /// A JSON body whose decoding errors become our `invalid_argument` answer.
@@ -177,174 +193,151 @@ async fn health(State(e): State<Eng>) -> Json<wire::Health> {
     })
 }
 
-async fn list_tenants(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Tenant>> {
-    let p = who(&e, &h).await?;
+async fn list_tenants(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Tenant>> {
     Ok(Json(e.list_tenants(&p).await?))
 }
 
 async fn create_tenant(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Body(b): Body<wire::CreateTenant>,
 ) -> R<wire::Tenant> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.create_tenant(&p, &b).await?))
 }
 
 async fn get_tenant(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(name): Path<String>,
 ) -> R<wire::Tenant> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.get_tenant(&p, &name).await?))
 }
 
 async fn set_tenant_policy(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(name): Path<String>,
     Body(b): Body<wire::TenantPolicy>,
 ) -> R<wire::Tenant> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.set_tenant_policy(&p, &name, &b).await?))
 }
 
-async fn list_keys(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::ApiKey>> {
-    let p = who(&e, &h).await?;
+async fn list_keys(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::ApiKey>> {
     Ok(Json(e.list_keys(&p).await?))
 }
 
 async fn create_key(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Body(b): Body<wire::CreateKey>,
 ) -> R<wire::CreatedKey> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.create_key(&p, &b).await?))
 }
 
-async fn revoke_key(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::ApiKey> {
-    let p = who(&e, &h).await?;
+async fn revoke_key(State(e): State<Eng>, Who(p): Who, Path(id): Path<String>) -> R<wire::ApiKey> {
     Ok(Json(e.revoke_key(&p, &id).await?))
 }
 
-async fn bind_vfio(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Gpu> {
-    let p = who(&e, &h).await?;
+async fn bind_vfio(State(e): State<Eng>, Who(p): Who, Path(id): Path<String>) -> R<wire::Gpu> {
     Ok(Json(e.bind_vfio(&p, &id).await?))
 }
 
-async fn release_gpu(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Gpu> {
-    let p = who(&e, &h).await?;
+async fn release_gpu(State(e): State<Eng>, Who(p): Who, Path(id): Path<String>) -> R<wire::Gpu> {
     Ok(Json(e.release_gpu(&p, &id).await?))
 }
 
 async fn cordon_gpu(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(id): Path<String>,
     body: Option<Json<wire::CordonGpu>>,
 ) -> R<wire::Gpu> {
-    let p = who(&e, &h).await?;
     let reason = body.as_ref().and_then(|b| b.reason.as_deref());
     Ok(Json(e.cordon_gpu(&p, &id, reason).await?))
 }
 
-async fn uncordon_gpu(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<wire::Gpu> {
-    let p = who(&e, &h).await?;
+async fn uncordon_gpu(State(e): State<Eng>, Who(p): Who, Path(id): Path<String>) -> R<wire::Gpu> {
     Ok(Json(e.uncordon_gpu(&p, &id).await?))
 }
 
 async fn mig_state(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(id): Path<String>,
 ) -> R<wire::mig::MigState> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.mig_state(&p, &id).await?))
 }
 
 async fn mig_create(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(id): Path<String>,
     Json(req): Json<wire::mig::CreateMigInstance>,
 ) -> R<wire::mig::GpuInstance> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.mig_create(&p, &id, &req.profile).await?))
 }
 
 async fn mig_destroy(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path((id, gi)): Path<(String, u32)>,
 ) -> R<wire::mig::GpuInstance> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.mig_destroy(&p, &id, gi).await?))
 }
 
-async fn list_gpus(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Gpu>> {
-    let p = who(&e, &h).await?;
+async fn list_gpus(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Gpu>> {
     Ok(Json(e.list_gpus(&p).await?))
 }
 
-async fn list_images(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Image>> {
-    let p = who(&e, &h).await?;
+async fn list_images(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Image>> {
     Ok(Json(e.list_images(&p).await?))
 }
 
 async fn import_image(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Body(b): Body<wire::ImportImage>,
 ) -> R<wire::Image> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.import_image(&p, &b).await?))
 }
 
 async fn remove_image(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(name): Path<String>,
 ) -> R<wire::Image> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.remove_image(&p, &name).await?))
 }
 
-async fn list_volumes(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Volume>> {
-    let p = who(&e, &h).await?;
+async fn list_volumes(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Volume>> {
     Ok(Json(e.list_volumes(&p).await?))
 }
 
 async fn create_volume(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Body(b): Body<wire::CreateVolume>,
 ) -> R<wire::Volume> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.create_volume(&p, &b).await?))
 }
 
 async fn remove_volume(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(name): Path<String>,
 ) -> R<wire::Volume> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.remove_volume(&p, &name).await?))
 }
 
-async fn list_instances(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::Instance>> {
-    let p = who(&e, &h).await?;
+async fn list_instances(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Instance>> {
     Ok(Json(e.list_instances(&p).await?))
 }
 
 async fn create_instance(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Body(b): Body<wire::CreateInstance>,
 ) -> Result<(StatusCode, Json<wire::Instance>), ApiError> {
-    let p = who(&e, &h).await?;
     Ok((StatusCode::CREATED, Json(e.create_instance(&p, &b).await?)))
 }
 
@@ -358,11 +351,10 @@ struct WatchQuery {
 
 async fn get_instance(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(id): Path<String>,
     Query(q): Query<WatchQuery>,
 ) -> R<wire::Instance> {
-    let p = who(&e, &h).await?;
     match q.since {
         Some(since) => {
             let timeout = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(30_000));
@@ -374,28 +366,25 @@ async fn get_instance(
 
 async fn terminate_instance(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(id): Path<String>,
 ) -> R<wire::Instance> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.terminate_instance(&p, &id).await?))
 }
 
 async fn stop_instance(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(id): Path<String>,
 ) -> R<wire::Instance> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.stop_instance(&p, &id).await?))
 }
 
 async fn start_instance(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(id): Path<String>,
 ) -> R<wire::Instance> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.start_instance(&p, &id).await?))
 }
 
@@ -407,11 +396,10 @@ struct LogQuery {
 
 async fn logs(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> R<wire::Logs> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.instance_logs(&p, &id, q.offset).await?))
 }
 
@@ -420,11 +408,10 @@ async fn logs(
 /// starts (not found, not running, too many execs) are ordinary JSON errors.
 async fn exec(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(id): Path<String>,
     Body(b): Body<wire::ExecRequest>,
 ) -> Result<Response, ApiError> {
-    let p = who(&e, &h).await?;
     let stream = e.exec(&p, &id, &b).await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, wire::exec::CONTENT_TYPE)],
@@ -451,8 +438,7 @@ impl http_body::Body for FrameBody {
     }
 }
 
-async fn events(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R<Vec<wire::Event>> {
-    let p = who(&e, &h).await?;
+async fn events(State(e): State<Eng>, Who(p): Who, Path(id): Path<String>) -> R<Vec<wire::Event>> {
     Ok(Json(e.instance_events(&p, &id).await?))
 }
 
@@ -460,15 +446,7 @@ async fn events(State(e): State<Eng>, h: HeaderMap, Path(id): Path<String>) -> R
 /// the metrics token or an admin key (`Authorization: Bearer ...`), since it lists every
 /// tenant's instances.
 async fn metrics(State(e): State<Eng>, h: HeaderMap) -> Result<Response, ApiError> {
-    let key = h
-        .get(API_KEY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            h.get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-        });
-    e.authorize_metrics(key).await?;
+    e.authorize_metrics(api_key(&h)).await?;
     let format = gpuvisor_control::telemetry::prom::Format::from_accept(
         h.get("accept").and_then(|v| v.to_str().ok()),
     );
@@ -480,28 +458,25 @@ async fn metrics(State(e): State<Eng>, h: HeaderMap) -> Result<Response, ApiErro
         .into_response())
 }
 
-async fn gpu_stats(State(e): State<Eng>, h: HeaderMap) -> R<Vec<wire::GpuStats>> {
-    let p = who(&e, &h).await?;
+async fn gpu_stats(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::GpuStats>> {
     Ok(Json(e.gpu_stats(&p).await?))
 }
 
 async fn gpu_metrics(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(id): Path<String>,
     Query(q): Query<wire::MetricsQuery>,
 ) -> R<wire::MetricsHistory> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.gpu_metrics(&p, &id, &q).await?))
 }
 
 async fn instance_metrics(
     State(e): State<Eng>,
-    h: HeaderMap,
+    Who(p): Who,
     Path(id): Path<String>,
     Query(q): Query<wire::MetricsQuery>,
 ) -> R<wire::MetricsHistory> {
-    let p = who(&e, &h).await?;
     Ok(Json(e.instance_metrics(&p, &id, &q).await?))
 }
 
@@ -556,7 +531,7 @@ fn error_response(e: EngineError) -> Response {
 /// body is read within `max_body` bytes and `body_timeout`; then the route runs.
 async fn limit_request(
     State(g): State<Arc<Guard>>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     // Liveness probes answer whatever else is going on: no key, no slot, no body.
@@ -577,21 +552,16 @@ async fn limit_request(
     if declared.is_some_and(|n| n > max) {
         return too_large();
     }
-    let key = req
-        .headers()
-        .get(API_KEY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            req.headers()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-        })
-        .map(str::to_string);
+    let key = api_key(req.headers()).map(str::to_string);
     let principal = match key {
         None => String::new(),
         Some(k) => match g.engine.authenticate(Some(&k)).await {
-            Ok(p) => p.tenant_id,
+            Ok(p) => {
+                let tenant = p.tenant_id.clone();
+                // The handler's `Who` takes it from here: one key lookup per request.
+                req.extensions_mut().insert(p);
+                tenant
+            }
             Err(_) if req.uri().path() == "/metrics" => String::new(),
             Err(e) => return error_response(e),
         },

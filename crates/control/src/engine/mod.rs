@@ -427,10 +427,7 @@ impl Engine {
             .key_by_hash(&hash_key(secret))
             .await?
             .ok_or_else(|| EngineError::Unauthorized("the API key is unknown or revoked".into()))?;
-        let t =
-            self.store.tenant(&k.tenant_id).await?.ok_or_else(|| {
-                EngineError::Unauthorized("the key's tenant no longer exists".into())
-            })?;
+        let t = self.key_tenant(&k.tenant_id).await?;
         Ok(Principal {
             tenant_id: t.id,
             tenant: t.name,
@@ -754,16 +751,15 @@ impl Engine {
         who: &Principal,
         req: &wire::CreateVolume,
     ) -> Result<wire::Volume> {
-        let tenant =
-            self.store.tenant(&who.tenant_id).await?.ok_or_else(|| {
-                EngineError::Unauthorized("the key's tenant no longer exists".into())
-            })?;
+        let tenant = self.key_tenant(&who.tenant_id).await?;
         // Quota check and row under the placement lock, like instance creates, so the two
         // cannot race a quota; the image is made after, without holding everyone's creates.
         let row = {
             let _guard = self.place_lock.lock().await;
+            let live = self.store.live_instances(Some(&tenant.id)).await?;
             self.check_quota(
                 &tenant,
+                &live,
                 &tenants::Ask {
                     disk: req.size,
                     volumes: 1,
@@ -1022,10 +1018,7 @@ impl Engine {
                 )));
             }
         }
-        let tenant =
-            self.store.tenant(&who.tenant_id).await?.ok_or_else(|| {
-                EngineError::Unauthorized("the key's tenant no longer exists".into())
-            })?;
+        let tenant = self.key_tenant(&who.tenant_id).await?;
         Self::check_priority(who, &tenant, req.priority)?;
 
         let _guard = self.place_lock.lock().await;
@@ -1069,6 +1062,7 @@ impl Engine {
             .unwrap_or(0);
         self.check_quota(
             &tenant,
+            &live,
             &tenants::Ask {
                 instances: 1,
                 gpus: req.gpus.unwrap_or(0),

@@ -23,7 +23,10 @@ pub(crate) struct Ask {
 }
 
 /// What a tenant holds: its live instances and its volumes.
-pub(crate) fn usage(instances: &[InstanceRow], volumes: &[VolumeRow]) -> TenantUsage {
+pub(crate) fn usage<'a>(
+    instances: impl IntoIterator<Item = &'a InstanceRow>,
+    volumes: &[VolumeRow],
+) -> TenantUsage {
     let mut u = TenantUsage::default();
     for i in instances {
         u.instances += 1;
@@ -179,6 +182,14 @@ impl Engine {
         self.get_tenant(who, name).await
     }
 
+    /// The tenant a key belongs to (with its policy); gone means the key is no good.
+    pub(crate) async fn key_tenant(&self, tenant_id: &str) -> Result<TenantRow> {
+        self.store
+            .tenant(tenant_id)
+            .await?
+            .ok_or_else(|| EngineError::Unauthorized("the key's tenant no longer exists".into()))
+    }
+
     pub(crate) async fn tenant_usage(&self, tenant_id: &str) -> Result<TenantUsage> {
         let live = self.store.live_instances(Some(tenant_id)).await?;
         let volumes = self.store.volumes(Some(tenant_id)).await?;
@@ -187,8 +198,16 @@ impl Engine {
 
     /// Refuses `ask` when it breaks one of the tenant's quotas. Admin keys are the operator's
     /// and bypass quotas of their own tenant only by having none set.
-    pub(crate) async fn check_quota(&self, tenant: &TenantRow, ask: &Ask) -> Result<()> {
-        let u = self.tenant_usage(&tenant.id).await?;
+    /// `live` is the live instances the caller already read under the placement lock (any
+    /// tenants'; only `tenant`'s count), so the check costs one more query (volumes), not two.
+    pub(crate) async fn check_quota(
+        &self,
+        tenant: &TenantRow,
+        live: &[InstanceRow],
+        ask: &Ask,
+    ) -> Result<()> {
+        let volumes = self.store.volumes(Some(&tenant.id)).await?;
+        let u = usage(live.iter().filter(|i| i.tenant_id == tenant.id), &volumes);
         match over_quota(&tenant.name, &tenant.policy, &u, ask) {
             Some(msg) => Err(EngineError::QuotaExceeded(msg)),
             None => Ok(()),
