@@ -545,32 +545,23 @@ impl Limits {
         self.check()
     }
 
+    /// Flags are the file's settings given once more: one parser for both.
     fn apply_flags(&mut self, o: &LimitsOverrides) -> anyhow::Result<()> {
-        macro_rules! set {
-            ($field:ident, $parse:ident) => {
-                if let Some(v) = &o.$field {
-                    self.$field = $parse(stringify!($field), v)?;
-                }
-            };
-            ($field:ident) => {
-                if let Some(v) = o.$field {
-                    self.$field = v;
-                }
-            };
-        }
-        set!(exec_max_output, size);
-        set!(exec_timeout, duration);
-        set!(exec_max_timeout, duration);
-        set!(exec_per_tenant);
-        set!(exec_total);
-        set!(log_max_bytes, size);
-        set!(log_reserve, size);
-        set!(max_body, size);
-        set!(header_timeout, duration);
-        set!(body_timeout, duration);
-        set!(requests_per_key);
-        set!(max_connections_per_ip);
-        self.check()
+        self.apply_file(LimitsFile {
+            exec_max_output: o.exec_max_output.clone(),
+            exec_timeout: o.exec_timeout.clone(),
+            exec_max_timeout: o.exec_max_timeout.clone(),
+            exec_per_tenant: o.exec_per_tenant,
+            exec_total: o.exec_total,
+            log_max_bytes: o.log_max_bytes.clone(),
+            log_reserve: o.log_reserve.clone(),
+            max_body: o.max_body.clone(),
+            header_timeout: o.header_timeout.clone(),
+            body_timeout: o.body_timeout.clone(),
+            requests_per_key: o.requests_per_key,
+            max_connections_per_ip: o.max_connections_per_ip,
+            ..Default::default()
+        })
     }
 
     fn check(&self) -> anyhow::Result<()> {
