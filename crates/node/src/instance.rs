@@ -560,10 +560,15 @@ impl Node {
             }
             out.newest_us = out.newest_us.max(now_us());
         }
-        let high: BTreeSet<&str> = instances
+        // Each instance's region is mapped once for this tick.
+        let regions: BTreeMap<&str, gpuvisor_limiter::shm::Region> = instances
             .iter()
-            .filter(|(id, _)| self.limiters.priority(id) == Some(Priority::High))
-            .map(|(id, _)| id.as_str())
+            .filter_map(|(id, _)| Some((id.as_str(), self.limiters.region(id)?)))
+            .collect();
+        let high: BTreeSet<&str> = regions
+            .iter()
+            .filter(|(_, r)| r.priority() == Priority::High)
+            .map(|(id, _)| *id)
             .collect();
         let mut high_load: BTreeMap<&str, u32> = BTreeMap::new();
         for ((id, uuid), bp) in &util {
@@ -577,7 +582,10 @@ impl Node {
             crate::limiter::OVER_QUOTA_SLACK_UNCHARGED_CONTEXT
         };
         for (id, gpus) in instances {
-            let usage = self.limiters.usage(id).unwrap_or_default();
+            let Some(region) = regions.get(id.as_str()) else {
+                continue;
+            };
+            let usage = crate::limiter::region_usage(region).unwrap_or_default();
             for (dev, uuid) in gpus.iter().enumerate() {
                 let key = (id.as_str(), uuid.as_str());
                 let bp = util.get(&key).copied().unwrap_or(0).min(10_000);
@@ -590,7 +598,7 @@ impl Node {
                         .unwrap_or(0)
                         .min(10_000)
                 };
-                if let Err(e) = self.limiters.publish(id, dev, bp, others) {
+                if let Err(e) = region.publish_sample(dev, bp, others) {
                     tracing::debug!(instance = %id, "limiter sample: {e}");
                 }
                 let (Some(u), Some((used, pids))) = (usage.get(dev), mem.get(&key)) else {

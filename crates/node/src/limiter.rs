@@ -120,6 +120,11 @@ pub fn locate_library(configured: Option<&Path>) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Per-GPU usage from a mapped region.
+pub fn region_usage(r: &Region) -> Option<Vec<DeviceUsage>> {
+    (0..r.devices()).map(|d| r.usage(d).ok()).collect()
+}
+
 fn io_err(path: &Path, source: std::io::Error) -> crate::NodeError {
     crate::NodeError::Io {
         path: path.to_path_buf(),
@@ -247,30 +252,15 @@ impl Limiters {
         ])
     }
 
+    /// The instance's region, mapped; `None` when it has none. The sampler maps it once per
+    /// tick and reads the priority and usage and feeds the controller through it.
+    pub fn region(&self, id: &str) -> Option<Region> {
+        self.open(id).ok()
+    }
+
     /// Per-GPU usage for `instance get`; `None` when the instance has no region.
     pub fn usage(&self, id: &str) -> Option<Vec<DeviceUsage>> {
-        let r = self.open(id).ok()?;
-        (0..r.devices()).map(|d| r.usage(d).ok()).collect()
-    }
-
-    /// The instance's priority as its region says; `None` when it has no region.
-    pub fn priority(&self, id: &str) -> Option<Priority> {
-        self.open(id).ok().map(|r| r.priority())
-    }
-
-    /// Feeds the instance's compute-share controller: `util_bp` is the instance's SM utilisation
-    /// of its `dev`-th GPU, `high_util_bp` that of high-priority instances on the same GPU.
-    pub fn publish(
-        &self,
-        id: &str,
-        dev: usize,
-        util_bp: u32,
-        high_util_bp: u32,
-    ) -> Result<(), crate::NodeError> {
-        let path = self.limits_path(id);
-        let r = self.open(id).map_err(|e| io_err(&path, e))?;
-        r.publish_sample(dev, util_bp, high_util_bp)
-            .map_err(|e| io_err(&path, e))
+        region_usage(&self.region(id)?)
     }
 
     /// Removes the instance's region, config and preload file. Idempotent.
