@@ -91,6 +91,24 @@ fn kill_procs(dir: &Path) {
     }
 }
 
+/// The instance whose cgroup holds process `pid` (read from `/proc/<pid>/cgroup`); `None` for
+/// a process of no instance, or one that is gone.
+pub fn instance_of(root: &HostRoot, pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(root.path(format!("/proc/{pid}/cgroup"))).ok()?;
+    let marker = format!("/{PARENT}/");
+    text.lines().find_map(|l| {
+        let (_, rest) = l.split_once(&marker)?;
+        let id = rest.split('/').next()?;
+        (!id.is_empty()).then(|| id.to_string())
+    })
+}
+
+/// Whether process `pid` is in instance `id`'s cgroup: checked right before the daemon signals
+/// a pid it learnt earlier, so a recycled pid of another process is left alone.
+pub fn holds(root: &HostRoot, id: &str, pid: i32) -> bool {
+    instance_of(root, pid).as_deref() == Some(id)
+}
+
 /// Pids in the instance's cgroup (first hierarchy that has it), for `exec` checks and metering.
 pub fn pids(root: &HostRoot, id: &str) -> Vec<i32> {
     for parent in parents(root) {
@@ -104,6 +122,25 @@ pub fn pids(root: &HostRoot, id: &str) -> Vec<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_of_a_process_from_its_cgroup_file() {
+        let t = tempfile::tempdir().unwrap();
+        let root = HostRoot::at(t.path());
+        std::fs::create_dir_all(t.path().join("proc/7")).unwrap();
+        std::fs::write(
+            t.path().join("proc/7/cgroup"),
+            "12:memory:/gpuvisor/abc123abc123\n0::/\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(t.path().join("proc/8")).unwrap();
+        std::fs::write(t.path().join("proc/8/cgroup"), "0::/user.slice\n").unwrap();
+        assert_eq!(instance_of(&root, 7).as_deref(), Some("abc123abc123"));
+        assert!(holds(&root, "abc123abc123", 7));
+        assert!(!holds(&root, "abc123", 7), "a prefix is not the instance");
+        assert_eq!(instance_of(&root, 8), None);
+        assert_eq!(instance_of(&root, 9), None);
+    }
 
     #[test]
     fn finds_and_removes_fixture_cgroups() {

@@ -498,8 +498,7 @@ impl Node {
                 .rsplit(')')
                 .next()
                 .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']));
-            let ours = std::fs::read_to_string(proc_dir.join("cgroup"))
-                .is_ok_and(|cg| cg.contains(&format!("/{}/{id}", cgroup::PARENT)));
+            let ours = i32::try_from(pid).is_ok_and(|p| cgroup::holds(&self.cfg.root, &id, p));
             if !stat.is_empty() && !zombie && ours {
                 out.insert(id);
             }
@@ -533,12 +532,11 @@ impl Node {
         let mut owners: BTreeMap<u32, Option<&str>> = BTreeMap::new();
         let mut owner = |pid: u32| -> Option<&str> {
             *owners.entry(pid).or_insert_with(|| {
-                let cg = std::fs::read_to_string(self.cfg.root.path(format!("/proc/{pid}/cgroup")))
-                    .unwrap_or_default();
+                let id = cgroup::instance_of(&self.cfg.root, i32::try_from(pid).ok()?)?;
                 instances
                     .iter()
-                    .find(|(id, _)| cg.contains(&format!("/{}/{id}", cgroup::PARENT)))
-                    .map(|(id, _)| id.as_str())
+                    .find(|(i, _)| *i == id)
+                    .map(|(i, _)| i.as_str())
             })
         };
         let uuids: BTreeSet<&str> = instances
@@ -628,16 +626,17 @@ impl Node {
     pub fn kill_instance_processes(&self, id: &str, pids: &[u32]) -> Vec<u32> {
         let mut killed = Vec::new();
         for &pid in pids {
-            let cg = std::fs::read_to_string(self.cfg.root.path(format!("/proc/{pid}/cgroup")))
-                .unwrap_or_default();
-            if !cg.contains(&format!("/{}/{id}", cgroup::PARENT)) {
-                continue;
-            }
             let Ok(raw) = i32::try_from(pid) else {
                 continue;
             };
-            // SAFETY: kill(2) on a pid just checked to be in the instance's cgroup.
-            if unsafe { libc::kill(raw, libc::SIGKILL) } == 0 {
+            if !cgroup::holds(&self.cfg.root, id, raw) {
+                continue;
+            }
+            let signalled = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(raw),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            if signalled.is_ok() {
                 killed.push(pid);
             }
         }

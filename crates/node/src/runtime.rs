@@ -531,10 +531,7 @@ impl OciRuntime {
 pub fn kill_exec_tree(root: &crate::HostRoot, id: &str, pid: i32) -> usize {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    let in_instance = |p: i32| {
-        std::fs::read_to_string(root.path(format!("/proc/{p}/cgroup")))
-            .is_ok_and(|cg| cg.contains(&format!("/{}/{id}", crate::cgroup::PARENT)))
-    };
+    let in_instance = |p: i32| crate::cgroup::holds(root, id, p);
     if pid <= 1 || !in_instance(pid) {
         return 0;
     }
