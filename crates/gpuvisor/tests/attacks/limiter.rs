@@ -295,21 +295,6 @@ fn vram_allocated_around_the_limiter_is_caught_and_killed() {
     let _ = std::fs::remove_file(procs_file(&f.d));
 }
 
-/// Pids of processes in the instance's cgroup (seen from the host).
-fn instance_pids(id: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cg = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
-        if cg.contains(&format!("/gpuvisor/{id}")) && alive(pid) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 /// The outside check allows each process some VRAM beyond the quota for its driver context.
 /// A tenant must not multiply that allowance by starting many processes that each stay just
 /// under it: past `MAX_SLACK_PROCESSES` (8) processes no more is allowed, and 12 processes of
@@ -324,7 +309,7 @@ fn many_processes_do_not_multiply_the_vram_allowance() {
         "starting 12 holders",
         "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do setsid sleep 100000 </dev/null >/dev/null 2>&1 & done",
     );
-    let pids = instance_pids(&f.id);
+    let pids = crate::common::instance_pids(&f.id);
     assert!(pids.len() >= 13, "the holders did not start: {pids:?}");
     let table: String = pids
         .iter()

@@ -370,31 +370,13 @@ impl Daemon {
 
     /// Processes whose cgroup path names one of `ids`.
     pub fn leaked_processes(&self, ids: &[String]) -> Vec<String> {
-        let mut out = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if !name.bytes().all(|b| b.is_ascii_digit()) {
-                continue;
-            }
-            // A zombie keeps the path of its (already removed) cgroup until it is reaped; it
-            // runs nothing and holds nothing, so it is not a leak.
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            if stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-            {
-                continue;
-            }
-            if let Ok(cg) = std::fs::read_to_string(e.path().join("cgroup")) {
-                for id in ids {
-                    if cg.contains(&format!("/gpuvisor/{id}")) {
-                        out.push(format!("pid {name} in {id}"));
-                    }
-                }
-            }
-        }
-        out
+        ids.iter()
+            .flat_map(|id| {
+                instance_pids(id)
+                    .into_iter()
+                    .map(move |pid| format!("pid {pid} in {id}"))
+            })
+            .collect()
     }
 
     /// Terminates every live instance and waits.
@@ -425,6 +407,33 @@ impl Drop for Daemon {
         }
         self.kill9();
     }
+}
+
+/// Live (not zombie) processes in instance `id`'s cgroup, seen from the host. A zombie keeps the
+/// path of its (already removed) cgroup until it is reaped; it runs nothing and holds nothing.
+pub fn instance_pids(id: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if stat.is_empty()
+            || stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']))
+        {
+            continue;
+        }
+        let cg = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
+        if cg.lines().any(|l| {
+            l.ends_with(&format!("/gpuvisor/{id}")) || l.contains(&format!("/gpuvisor/{id}/"))
+        }) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// A raw HTTP/1.0 GET: (status, content type, body).
