@@ -45,6 +45,9 @@ pub struct TenantRow {
     pub net_slot: u32,
     pub created_at: i64,
     pub policy: gpuvisor_wire::TenantPolicy,
+    /// Set by `tenant rm --cascade`: its keys are revoked and its instances terminating; the
+    /// reconciler removes the rest and then the row.
+    pub deleting_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +167,7 @@ fn tenant(r: &AnyRow) -> Result<TenantRow> {
         net_slot: u("tenants", r.try_get("net_slot")?)? as u32,
         created_at: r.try_get("created_at")?,
         policy: from_json("tenants", &r.try_get::<String, _>("policy")?)?,
+        deleting_at: r.try_get("deleting_at")?,
     })
 }
 
@@ -302,12 +306,22 @@ impl Store {
 
     // --- tenants -------------------------------------------------------------------------
 
-    /// Creates a tenant with the lowest free network slot. Two creations racing for one slot
-    /// are told apart from a name clash and the loser retries with the next free slot.
-    pub async fn create_tenant(&self, id: &str, name: &str, now: i64) -> Result<TenantRow> {
+    /// Creates a tenant with the lowest free network slot below `slots`; `None` when every
+    /// slot is taken. Two creations racing for one slot are told apart from a name clash and
+    /// the loser retries with the next free slot.
+    pub async fn create_tenant(
+        &self,
+        id: &str,
+        name: &str,
+        now: i64,
+        slots: u32,
+    ) -> Result<Option<TenantRow>> {
         let mut attempt = 0;
         loop {
             let slot = self.free_net_slot().await?;
+            if slot >= i64::from(slots) {
+                return Ok(None);
+            }
             let r = sqlx::query(
                 "INSERT INTO tenants (id, name, net_slot, created_at) VALUES ($1, $2, $3, $4)",
             )
@@ -320,13 +334,14 @@ impl Store {
             .map_err(StoreError::from_write);
             match r {
                 Ok(_) => {
-                    return Ok(TenantRow {
+                    return Ok(Some(TenantRow {
                         id: id.into(),
                         name: name.into(),
                         net_slot: slot as u32,
                         created_at: now,
                         policy: Default::default(),
-                    })
+                        deleting_at: None,
+                    }))
                 }
                 Err(StoreError::Conflict(_))
                     if attempt < 8 && self.tenant_by_name(name).await?.is_none() =>
@@ -358,7 +373,7 @@ impl Store {
 
     pub async fn tenants(&self) -> Result<Vec<TenantRow>> {
         sqlx::query(
-            "SELECT id, name, net_slot, created_at, policy FROM tenants ORDER BY created_at, name",
+            "SELECT id, name, net_slot, created_at, policy, deleting_at FROM tenants ORDER BY created_at, name",
         )
         .fetch_all(&self.pool)
         .await?
@@ -368,7 +383,7 @@ impl Store {
     }
 
     pub async fn tenant_by_name(&self, name: &str) -> Result<Option<TenantRow>> {
-        sqlx::query("SELECT id, name, net_slot, created_at, policy FROM tenants WHERE name = $1")
+        sqlx::query("SELECT id, name, net_slot, created_at, policy, deleting_at FROM tenants WHERE name = $1")
             .bind(name.to_string())
             .fetch_optional(&self.pool)
             .await?
@@ -391,14 +406,76 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
-    pub async fn tenant(&self, id: &str) -> Result<Option<TenantRow>> {
-        sqlx::query("SELECT id, name, net_slot, created_at, policy FROM tenants WHERE id = $1")
+    /// Marks a tenant as being deleted and revokes its keys, in one transaction.
+    pub async fn mark_tenant_deleting(&self, id: &str, now: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE tenants SET deleting_at = $1 WHERE id = $2 AND deleting_at IS NULL")
+            .bind(now)
             .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(tenant)
-            .transpose()
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE tenant_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Tenants being deleted (`tenant rm --cascade`).
+    pub async fn deleting_tenants(&self) -> Result<Vec<TenantRow>> {
+        sqlx::query(
+            "SELECT id, name, net_slot, created_at, policy, deleting_at FROM tenants \
+             WHERE deleting_at IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(tenant)
+        .collect()
+    }
+
+    /// Deletes a tenant that holds nothing any more: its keys, its terminated instances and
+    /// their events, then the row (its network slot is free again). Refused (false, nothing
+    /// deleted) while it has an instance that is not terminated or a volume.
+    pub async fn delete_tenant(&self, id: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let held: i64 = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM instances WHERE tenant_id = $1 AND state <> 'terminated') \
+             + (SELECT COUNT(*) FROM volumes WHERE tenant_id = $1) AS n",
+        )
+        .bind(id.to_string())
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
+        if held > 0 {
+            return Ok(false);
+        }
+        for q in [
+            "DELETE FROM events WHERE instance_id IN (SELECT id FROM instances WHERE tenant_id = $1)",
+            "DELETE FROM instances WHERE tenant_id = $1",
+            "DELETE FROM api_keys WHERE tenant_id = $1",
+            "DELETE FROM tenants WHERE id = $1",
+        ] {
+            sqlx::query(q).bind(id.to_string()).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn tenant(&self, id: &str) -> Result<Option<TenantRow>> {
+        sqlx::query(
+            "SELECT id, name, net_slot, created_at, policy, deleting_at FROM tenants WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(tenant)
+        .transpose()
     }
 
     // --- keys ----------------------------------------------------------------------------

@@ -63,7 +63,14 @@ impl Host {
             data_dir: data.path().to_path_buf(),
             runtime: "runc".into(),
             simulate_gpus: None,
-            net_pool: NET_POOL,
+            net_plan: gpuvisor_node::ipam::AddressPlan::new(
+                gpuvisor_node::ipam::Cidr {
+                    addr: NET_POOL,
+                    len: 16,
+                },
+                24,
+            )
+            .unwrap(),
             nat: false,
             pids_limit: 4096,
             root: fx.root(),

@@ -215,7 +215,7 @@ fn instance_row(id: &str, tenant: &str, name: &str, at: i64) -> InstanceRow {
 /// Instances reference a tenant; most instance tests need one.
 async fn with_tenant(store: &Store, id: &str) {
     store
-        .create_tenant(id, &format!("name-{id}"), 1)
+        .create_tenant(id, &format!("name-{id}"), 1, u32::MAX)
         .await
         .unwrap();
 }
@@ -231,9 +231,21 @@ async fn tenants_get_lowest_free_net_slot() {
              backend,
              ..
          }| async move {
-            let a = store.create_tenant("t-a", "alpha", 10).await.unwrap();
-            let b = store.create_tenant("t-b", "beta", 20).await.unwrap();
-            let c = store.create_tenant("t-c", "gamma", 30).await.unwrap();
+            let a = store
+                .create_tenant("t-a", "alpha", 10, u32::MAX)
+                .await
+                .unwrap()
+                .unwrap();
+            let b = store
+                .create_tenant("t-b", "beta", 20, u32::MAX)
+                .await
+                .unwrap()
+                .unwrap();
+            let c = store
+                .create_tenant("t-c", "gamma", 30, u32::MAX)
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!((a.net_slot, b.net_slot, c.net_slot), (0, 1, 2), "{backend}");
             assert_eq!(
                 a,
@@ -243,6 +255,7 @@ async fn tenants_get_lowest_free_net_slot() {
                     net_slot: 0,
                     created_at: 10,
                     policy: Default::default(),
+                    deleting_at: None,
                 },
                 "{backend}"
             );
@@ -267,24 +280,86 @@ async fn tenants_get_lowest_free_net_slot() {
                 "{backend}"
             );
 
-            // The store has no tenant deletion yet; free slots 1 and 0 behind its back.
-            sqlx::query("DELETE FROM tenants WHERE id = $1")
-                .bind("t-b")
-                .execute(&raw)
+            // Deleting a tenant frees its slot (and its keys go with it).
+            store
+                .insert_key(
+                    &gpuvisor_control::store::KeyRow {
+                        id: "k-b".into(),
+                        tenant_id: "t-b".into(),
+                        role: Role::User,
+                        created_at: 21,
+                        revoked_at: None,
+                    },
+                    "hash-b",
+                )
                 .await
                 .unwrap();
-            let d = store.create_tenant("t-d", "delta", 40).await.unwrap();
+            assert!(store.delete_tenant("t-b").await.unwrap(), "{backend}");
+            assert!(
+                store.key("k-b").await.unwrap().is_none(),
+                "{backend}: keys deleted"
+            );
+            let d = store
+                .create_tenant("t-d", "delta", 40, u32::MAX)
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(d.net_slot, 1, "{backend}: reuses the freed slot");
-            let e = store.create_tenant("t-e", "epsilon", 50).await.unwrap();
+            let e = store
+                .create_tenant("t-e", "epsilon", 50, u32::MAX)
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(e.net_slot, 3, "{backend}: no gap left, next slot");
 
-            sqlx::query("DELETE FROM tenants WHERE id = $1")
-                .bind("t-a")
-                .execute(&raw)
+            // Refused while it holds a volume; then marked, keys revoked, and deleted.
+            store
+                .insert_key(
+                    &gpuvisor_control::store::KeyRow {
+                        id: "k-a".into(),
+                        tenant_id: "t-a".into(),
+                        role: Role::User,
+                        created_at: 11,
+                        revoked_at: None,
+                    },
+                    "hash-a",
+                )
                 .await
                 .unwrap();
-            let f = store.create_tenant("t-f", "zeta", 60).await.unwrap();
+            sqlx::query(
+                "INSERT INTO volumes (tenant_id, name, size, created_at) VALUES ($1, 'v', 1, 1)",
+            )
+            .bind("t-a")
+            .execute(&raw)
+            .await
+            .unwrap();
+            assert!(
+                !store.delete_tenant("t-a").await.unwrap(),
+                "{backend}: holds a volume"
+            );
+            store.mark_tenant_deleting("t-a", 70).await.unwrap();
+            assert_eq!(
+                store.key("k-a").await.unwrap().unwrap().revoked_at,
+                Some(70)
+            );
+            let deleting = store.deleting_tenants().await.unwrap();
+            assert_eq!(deleting.len(), 1, "{backend}");
+            assert_eq!(deleting[0].deleting_at, Some(70), "{backend}");
+            assert!(store.delete_volume("t-a", "v").await.unwrap());
+            assert!(store.delete_tenant("t-a").await.unwrap(), "{backend}");
+            assert!(store.deleting_tenants().await.unwrap().is_empty());
+            let f = store
+                .create_tenant("t-f", "zeta", 60, u32::MAX)
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(f.net_slot, 0, "{backend}: lowest free slot first");
+            // A pool of 4 slots is full now: no tenant, no row.
+            assert_eq!(
+                store.create_tenant("t-g", "eta", 70, 4).await.unwrap(),
+                None
+            );
+            assert!(store.tenant("t-g").await.unwrap().is_none(), "{backend}");
 
             let all = store.tenants().await.unwrap();
             let ids: Vec<_> = all.iter().map(|t| t.id.as_str()).collect();
@@ -307,7 +382,11 @@ async fn tenant_lookups_and_name_conflict() {
             "{backend}"
         );
 
-        let t = store.create_tenant("t-1", "acme", 100).await.unwrap();
+        let t = store
+            .create_tenant("t-1", "acme", 100, u32::MAX)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(
             store.tenant("t-1").await.unwrap(),
             Some(t.clone()),
@@ -320,20 +399,28 @@ async fn tenant_lookups_and_name_conflict() {
         );
 
         assert_conflict(
-            store.create_tenant("t-2", "acme", 200).await,
+            store.create_tenant("t-2", "acme", 200, u32::MAX).await,
             backend,
             "same tenant name",
         );
         assert_conflict(
-            store.create_tenant("t-1", "other", 200).await,
+            store.create_tenant("t-1", "other", 200, u32::MAX).await,
             backend,
             "same tenant id",
         );
         assert_eq!(store.tenants().await.unwrap(), vec![t], "{backend}");
 
         // Same creation time: ordered by name.
-        store.create_tenant("t-3", "zulu", 300).await.unwrap();
-        store.create_tenant("t-4", "bravo", 300).await.unwrap();
+        store
+            .create_tenant("t-3", "zulu", 300, u32::MAX)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .create_tenant("t-4", "bravo", 300, u32::MAX)
+            .await
+            .unwrap()
+            .unwrap();
         let names: Vec<_> = store
             .tenants()
             .await
@@ -1195,7 +1282,11 @@ async fn store_reopens_with_its_data() {
              backend,
              ..
          }| async move {
-            store.create_tenant("t-1", "acme", 1).await.unwrap();
+            store
+                .create_tenant("t-1", "acme", 1, u32::MAX)
+                .await
+                .unwrap()
+                .unwrap();
             let again = Store::connect(&url).await.unwrap();
             assert_eq!(
                 again.tenant_by_name("acme").await.unwrap().map(|t| t.id),

@@ -139,6 +139,7 @@ fn routes() -> Routes {
     .add("POST", "/v1/tenants", create_tenant)
     .add("GET", "/v1/tenants/{name}", get_tenant)
     .add("PUT", "/v1/tenants/{name}/policy", set_tenant_policy)
+    .add("DELETE", "/v1/tenants/{name}", delete_tenant)
     .add("GET", "/v1/keys", list_keys)
     .add("POST", "/v1/keys", create_key)
     .add("DELETE", "/v1/keys/{id}", revoke_key)
@@ -211,6 +212,21 @@ async fn get_tenant(
     Path(name): Path<String>,
 ) -> R<wire::Tenant> {
     Ok(Json(e.get_tenant(&p, &name).await?))
+}
+
+#[derive(Deserialize)]
+struct DeleteTenantQuery {
+    #[serde(default)]
+    cascade: bool,
+}
+
+async fn delete_tenant(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteTenantQuery>,
+) -> R<wire::TenantRemoval> {
+    Ok(Json(e.delete_tenant(&p, &name, q.cascade).await?))
 }
 
 async fn set_tenant_policy(

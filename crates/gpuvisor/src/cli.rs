@@ -205,6 +205,18 @@ pub enum TenantCmd {
     /// Change a tenant's policy (admin). Quotas take a number (sizes like 64GiB) or
     /// `unlimited`; options not given keep their value.
     Set(TenantSetArgs),
+    /// Delete a tenant (admin): refused while it owns instances or volumes, unless --cascade.
+    /// Its network slot is reused by the next tenant.
+    #[command(visible_alias = "delete")]
+    Rm {
+        name: String,
+        /// Also terminate its instances and delete its volumes and keys.
+        #[arg(long)]
+        cascade: bool,
+        /// --wait: until the tenant is gone (a cascade finishes once its instances are down).
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -878,6 +890,43 @@ impl Ctx {
             TenantCmd::Get { name } => {
                 let t = self.client.get_tenant(&name)?;
                 output::print(self.format, &t, output::tenant_detail)?;
+            }
+            TenantCmd::Rm {
+                name,
+                cascade,
+                wait,
+            } => {
+                let r = self.client.delete_tenant(&name, cascade)?;
+                if wait.wait && !r.deleted {
+                    let deadline = Instant::now() + wait.timeout;
+                    loop {
+                        match self.client.get_tenant(&name) {
+                            Err(ClientError::Api { code, .. }) if code == code::NOT_FOUND => break,
+                            Err(e) => return Err(e.into()),
+                            Ok(_) if Instant::now() > deadline => {
+                                return Err(CliError::WaitTimeout(format!(
+                                    "tenant {name:?} is still being deleted after {}",
+                                    humantime::format_duration(wait.timeout)
+                                )))
+                            }
+                            Ok(_) => std::thread::sleep(Duration::from_millis(250)),
+                        }
+                    }
+                }
+                let gone = r.deleted || wait.wait;
+                output::print(self.format, &r, |r| {
+                    if gone {
+                        format!("tenant {} deleted", r.name)
+                    } else {
+                        format!(
+                            "tenant {} is being deleted: {} instance(s) terminating, then {} \
+                             volume(s) and the tenant are removed",
+                            r.name,
+                            r.instances.len(),
+                            r.volumes.len()
+                        )
+                    }
+                })?;
             }
             TenantCmd::Set(args) => {
                 let name = args.name.clone();

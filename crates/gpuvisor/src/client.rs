@@ -197,6 +197,11 @@ impl Client {
         self.put(&format!("/tenants/{}/policy", segment(name)), policy)
     }
 
+    /// Deletes a tenant (admin); with `cascade`, also everything it owns.
+    pub fn delete_tenant(&self, name: &str, cascade: bool) -> Result<gpuvisor_wire::TenantRemoval> {
+        self.delete(&format!("/tenants/{}?cascade={cascade}", segment(name)))
+    }
+
     pub fn create_tenant(&self, req: &CreateTenant) -> Result<Tenant> {
         self.post("/tenants", Some(req))
     }

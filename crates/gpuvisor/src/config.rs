@@ -3,9 +3,10 @@
 
 use anyhow::Context;
 use clap::Args;
+use gpuvisor_node::ipam::AddressPlan;
 use gpuvisor_node::net::NetRule;
 use serde::Deserialize;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,7 +22,9 @@ pub struct Config {
     /// openb node list CSV of simulated nodes to register (placement-only, like KWOK nodes).
     pub simulate_nodes: Option<PathBuf>,
     pub cpu_oversubscription: u32,
-    pub net_pool: Ipv4Addr,
+    /// The instance address pool and each tenant's subnet in it (`net_pool`,
+    /// `net_tenant_prefix`).
+    pub net_plan: AddressPlan,
     pub nat: bool,
     pub stop_grace: Duration,
     pub pids_limit: i64,
@@ -98,7 +101,7 @@ impl Default for Config {
             simulate_gpus: None,
             simulate_nodes: None,
             cpu_oversubscription: 1,
-            net_pool: Ipv4Addr::new(10, 88, 0, 0),
+            net_plan: AddressPlan::default(),
             nat: true,
             stop_grace: Duration::from_secs(10),
             pids_limit: 4096,
@@ -126,7 +129,8 @@ struct FileConfig {
     simulate_gpus: Option<String>,
     simulate_nodes: Option<PathBuf>,
     cpu_oversubscription: Option<u32>,
-    net_pool: Option<Ipv4Addr>,
+    net_pool: Option<String>,
+    net_tenant_prefix: Option<u8>,
     nat: Option<bool>,
     stop_grace: Option<String>,
     pids_limit: Option<i64>,
@@ -194,9 +198,15 @@ pub struct ConfigOverrides {
     /// Prefix of this daemon's bridges, veths, netns and iptables chains [default: gv].
     #[arg(long, env = "GPUVISOR_NET_PREFIX")]
     pub net_prefix: Option<String>,
-    /// Instance pool, the base of a /16 [default: 10.88.0.0].
+    /// Instance address pool, a CIDR from /8 to /29 (a bare address is a /16)
+    /// [default: 10.88.0.0/16].
     #[arg(long, env = "GPUVISOR_NET_POOL")]
-    pub net_pool: Option<Ipv4Addr>,
+    pub net_pool: Option<String>,
+    /// Size of each tenant's subnet in the pool, 24 to 29: the pool holds
+    /// 2^(this - pool length) tenants, each with 2^(32 - this) - 3 instance addresses
+    /// [default: 24].
+    #[arg(long, env = "GPUVISOR_NET_TENANT_PREFIX")]
+    pub net_tenant_prefix: Option<u8>,
     /// A reserved or host destination instances may reach, a.b.c.d[/len][:port]; repeatable;
     /// replaces the file's `[network] allow`.
     #[arg(long = "net-allow", value_name = "DEST")]
@@ -218,6 +228,7 @@ fn grace(s: &str) -> anyhow::Result<Duration> {
 impl Config {
     pub fn load(file: Option<&Path>, o: &ConfigOverrides) -> anyhow::Result<Self> {
         let mut c = Config::default();
+        let (mut pool, mut tenant_len) = (None, None);
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read config {}", path.display()))?;
@@ -244,9 +255,8 @@ impl Config {
             if let Some(v) = f.cpu_oversubscription {
                 c.cpu_oversubscription = v;
             }
-            if let Some(v) = f.net_pool {
-                c.net_pool = v;
-            }
+            pool = f.net_pool.or(pool);
+            tenant_len = f.net_tenant_prefix.or(tenant_len);
             if let Some(v) = f.nat {
                 c.nat = v;
             }
@@ -341,9 +351,14 @@ impl Config {
         if let Some(v) = &o.net_prefix {
             c.network.prefix = v.clone();
         }
-        if let Some(v) = o.net_pool {
-            c.net_pool = v;
-        }
+        pool = o.net_pool.clone().or(pool);
+        tenant_len = o.net_tenant_prefix.or(tenant_len);
+        let pool = match pool {
+            Some(p) => p.parse().map_err(|e| anyhow::anyhow!("net_pool: {e}"))?,
+            None => c.net_plan.pool(),
+        };
+        c.net_plan = AddressPlan::new(pool, tenant_len.unwrap_or(c.net_plan.tenant_len()))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         if !o.net_allow.is_empty() {
             c.network.allow = net_rules("allow", &o.net_allow)?;
         }
@@ -360,12 +375,6 @@ impl Config {
         }
         if c.cpu_oversubscription == 0 {
             anyhow::bail!("cpu_oversubscription must be at least 1");
-        }
-        if c.net_pool.octets()[2] != 0 || c.net_pool.octets()[3] != 0 {
-            anyhow::bail!(
-                "net_pool {} must be the base of a /16 (like 10.88.0.0)",
-                c.net_pool
-            );
         }
         Ok(c)
     }
@@ -709,13 +718,34 @@ mod tests {
         let o = ConfigOverrides {
             net_prefix: Some("gb".into()),
             net_allow: vec!["10.9.0.0/16".into()],
-            net_pool: Some(Ipv4Addr::new(10, 87, 0, 0)),
+            net_pool: Some("10.87.0.0".into()),
             ..Default::default()
         };
         let c = Config::load(Some(&f), &o).unwrap();
         assert_eq!(c.network.prefix, "gb");
         assert_eq!(c.network.allow.len(), 1);
-        assert_eq!(c.net_pool, Ipv4Addr::new(10, 87, 0, 0));
+        assert_eq!(c.net_plan.pool().to_string(), "10.87.0.0/16");
+        assert_eq!(c.net_plan.tenants(), 256);
+        // The tenant subnet size from the file, the pool from a flag; bad plans are refused.
+        std::fs::write(&f, "net_tenant_prefix = 26\n").unwrap();
+        let o = ConfigOverrides {
+            net_pool: Some("10.80.0.0/14".into()),
+            ..Default::default()
+        };
+        let c = Config::load(Some(&f), &o).unwrap();
+        assert_eq!(c.net_plan.tenants(), 4096);
+        assert_eq!(c.net_plan.hosts(), 2..=62);
+        for (pool, needle) in [
+            ("10.80.1.0/16", "host bits"),
+            ("10.80.0.0/27", "cannot be larger"),
+        ] {
+            let o = ConfigOverrides {
+                net_pool: Some(pool.into()),
+                ..Default::default()
+            };
+            let e = Config::load(Some(&f), &o).unwrap_err().to_string();
+            assert!(e.contains(needle), "{pool}: {e}");
+        }
         assert_eq!(Config::default().network.prefix, "gv");
 
         // Each bad entry is refused at start, naming the entry and what is wrong with it.

@@ -47,7 +47,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: cfg.data_dir.clone(),
         runtime: cfg.runtime.clone(),
         simulate_gpus: cfg.simulate_gpus.clone(),
-        net_pool: cfg.net_pool,
+        net_plan: cfg.net_plan,
         nat: cfg.nat,
         pids_limit: cfg.pids_limit,
         root: HostRoot::real(),

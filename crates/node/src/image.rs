@@ -2341,7 +2341,7 @@ mod tests {
             nix::mount::MsFlags::MS_RDONLY,
             Some(opts.as_str()),
         ) {
-            eprintln!("overlay mount unavailable ({e}); skipping the kernel check");
+            crate::testfx::prerequisite_missing(&format!("an overlay mount ({e})"));
             return;
         }
         let seen = (

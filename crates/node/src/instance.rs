@@ -15,7 +15,6 @@ use crate::vfio::{FsWriter, SysWriter};
 use crate::{cgroup, HostRoot};
 pub use gpuvisor_limiter::shm::Priority;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,7 +60,7 @@ pub struct NodeConfig {
     /// OCI runtime binary.
     pub runtime: String,
     pub simulate_gpus: Option<String>,
-    pub net_pool: Ipv4Addr,
+    pub net_plan: crate::ipam::AddressPlan,
     pub nat: bool,
     pub pids_limit: i64,
     pub root: HostRoot,
@@ -154,7 +153,7 @@ impl Node {
         let images = ImageStore::open(d.join("images"))?;
         let disks = Disks::new(d.clone());
         let net = Network::new(NetConfig {
-            pool: cfg.net_pool,
+            plan: cfg.net_plan,
             nat: cfg.nat,
             policy,
             // DNS to the resolvers instances are given stays open.
@@ -401,7 +400,7 @@ impl Node {
                 slot: plan.net_slot,
             },
             plan.ip_host,
-        );
+        )?;
         let files = [
             ("hostname", format!("{}\n", plan.hostname)),
             (

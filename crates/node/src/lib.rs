@@ -17,6 +17,7 @@ pub mod host;
 pub mod hostcheck;
 pub mod image;
 pub mod instance;
+pub mod ipam;
 pub mod limiter;
 pub mod logs;
 pub mod mig;

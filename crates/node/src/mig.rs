@@ -1036,7 +1036,7 @@ mod tests {
     /// mode has none.
     #[test]
     fn nvml_lists_mig_read_only() {
-        if std::env::var_os("GPUVISOR_GPU_TESTS").is_none() {
+        if !crate::testfx::gpu_tests_enabled() {
             return;
         }
         use crate::gpu::GpuBackend;

@@ -1,4 +1,4 @@
-//! Instance networks: one bridge and /24 per tenant, one network namespace and veth per instance,
+//! Instance networks: one bridge and subnet (a /24 by default, `ipam::AddressPlan`) per tenant, one network namespace and veth per instance,
 //! and the filter that lets an instance reach its own tenant and the internet, nothing else.
 //!
 //! Why: tenants must not reach each other, the host, the host's LAN or the cloud's metadata
@@ -87,6 +87,7 @@ use std::sync::Mutex;
 use thiserror::Error;
 
 use crate::cmd::{self, CmdError};
+use crate::ipam::{AddressPlan, PlanError};
 
 /// Where `ip netns` keeps named network namespaces.
 pub const NETNS_DIR: &str = "/var/run/netns";
@@ -134,10 +135,10 @@ pub enum NetError {
     Invalid(String),
 }
 
-/// A tenant's network on this host: its bridge and /24.
+/// A tenant's network on this host: its bridge and subnet.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TenantNet {
-    /// Index of the tenant's /24 inside the pool (0..=255).
+    /// Index of the tenant's subnet inside the pool (`0..AddressPlan::tenants()`).
     pub slot: u32,
 }
 
@@ -277,8 +278,8 @@ pub fn check_prefix(p: &str) -> Result<(), NetError> {
 
 #[derive(Debug, Clone)]
 pub struct NetConfig {
-    /// Base of the address pool, a /16 (`10.88.0.0`).
-    pub pool: Ipv4Addr,
+    /// The address pool and each tenant's subnet size.
+    pub plan: AddressPlan,
     /// Masquerade egress traffic.
     pub nat: bool,
     pub policy: NetPolicy,
@@ -312,13 +313,10 @@ fn check_id(id: &str) -> Result<(), NetError> {
     }
 }
 
-fn check_slot(net: &TenantNet) -> Result<u8, NetError> {
-    u8::try_from(net.slot).map_err(|_| {
-        NetError::Invalid(format!(
-            "tenant slot {} is outside the pool's 256 /24s",
-            net.slot
-        ))
-    })
+impl From<PlanError> for NetError {
+    fn from(e: PlanError) -> Self {
+        NetError::Invalid(e.0)
+    }
 }
 
 fn ip<I, S>(args: I) -> Result<String, CmdError>
@@ -523,26 +521,32 @@ impl Network {
     /// the host's `all` setting is not loose (Ubuntu sets 2) and udev does not rewrite it.
     fn bridge_spoof_rule(&self, bridge: &str) -> Option<Vec<String>> {
         let slot = self.bridge_slot(bridge)?;
-        let [a, b, _, _] = self.cfg.pool.octets();
-        let subnet = format!("{a}.{b}.{slot}.0/24");
+        let subnet = self.cfg.plan.subnet(slot).ok()?.to_string();
         Some(strings(&["-i", bridge, "!", "-s", &subnet, "-j", "DROP"]))
     }
 
-    /// The address of host number `host` (2..=254) in a tenant's /24.
-    pub fn address(&self, net: &TenantNet, host: u8) -> Ipv4Addr {
-        let [a, b, _, _] = self.cfg.pool.octets();
-        Ipv4Addr::new(a, b, net.slot as u8, host)
+    /// The address of host number `host` (2..=254 in a /24) in a tenant's subnet.
+    pub fn address(&self, net: &TenantNet, host: u8) -> Result<Ipv4Addr, NetError> {
+        Ok(self.cfg.plan.address(net.slot, host)?)
     }
 
-    /// The tenant's gateway, `.1` of its /24, on its bridge.
-    pub fn gateway(&self, net: &TenantNet) -> Ipv4Addr {
+    /// `address/len` of host number `host` in the tenant's subnet (what an interface gets).
+    fn address_cidr(&self, net: &TenantNet, host: u8) -> Result<String, NetError> {
+        Ok(format!(
+            "{}/{}",
+            self.address(net, host)?,
+            self.cfg.plan.tenant_len()
+        ))
+    }
+
+    /// The tenant's gateway, host 1 of its subnet, on its bridge.
+    pub fn gateway(&self, net: &TenantNet) -> Result<Ipv4Addr, NetError> {
         self.address(net, 1)
     }
 
-    /// The pool as CIDR, `a.b.0.0/16`.
+    /// The pool as CIDR (`10.88.0.0/16`).
     pub fn pool_cidr(&self) -> String {
-        let [a, b, _, _] = self.cfg.pool.octets();
-        format!("{a}.{b}.0.0/16")
+        self.cfg.plan.pool().to_string()
     }
 
     /// The rules of our filter chains, in order, without the per-bridge accepts:
@@ -647,11 +651,7 @@ impl Network {
     /// Refuses a pool that an interface which is not one of our bridges already uses (another
     /// daemon, the LAN): instances would shadow it or be shadowed.
     fn check_pool_free(&self) -> Result<(), NetError> {
-        let pool = NetRule {
-            addr: self.cfg.pool,
-            len: 16,
-            port: None,
-        };
+        let pool = self.cfg.plan.pool();
         let out = ip(["-4", "-o", "addr", "show"])?;
         for l in out.lines() {
             let mut w = l.split_whitespace();
@@ -762,7 +762,7 @@ impl Network {
     /// Makes sure the tenant's bridge exists, has the gateway address, no IPv6, and is up, and
     /// that its instances may talk to each other. Idempotent.
     pub fn ensure_tenant(&self, net: &TenantNet) -> Result<(), NetError> {
-        let slot = check_slot(net)?;
+        let subnet = self.cfg.plan.subnet(net.slot)?;
         let bridge = self.bridge(net);
         {
             let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
@@ -785,7 +785,7 @@ impl Network {
         if !link_exists(&bridge) {
             // A fixed address: a bridge otherwise takes the lowest port's, which changes as
             // instances come and go and makes neighbours' ARP entries for the gateway stale.
-            let mac = format!("02:67:76:62:00:{slot:02x}");
+            let mac = self.cfg.plan.bridge_mac(net.slot);
             if let Err(e) = ip([
                 "link", "add", "name", &bridge, "address", &mac, "type", "bridge",
             ]) {
@@ -805,7 +805,8 @@ impl Network {
         // so an instance with CAP_NET_RAW cannot speak with another instance's address.
         let rp = PathBuf::from(format!("/proc/sys/net/ipv4/conf/{bridge}/rp_filter"));
         std::fs::write(&rp, "1").map_err(|source| NetError::Io { path: rp, source })?;
-        let gw = format!("{}/24", self.gateway(net));
+        let gw = self.address_cidr(net, 1)?;
+        debug_assert!(subnet.contains(self.gateway(net)?));
         ip(["addr", "replace", &gw, "dev", &bridge])?;
         ip(["link", "set", &bridge, "up"])?;
         ensure_rule(
@@ -826,7 +827,6 @@ impl Network {
     /// Removes the tenant's bridge and its rule if no instance is attached to it any more.
     /// Returns whether it is gone. Idempotent.
     pub fn teardown_tenant(&self, net: &TenantNet) -> Result<bool, NetError> {
-        check_slot(net)?;
         let bridge = self.bridge(net);
         let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         let ports = Path::new("/sys/class/net").join(&bridge).join("brif");
@@ -884,17 +884,21 @@ impl Network {
     /// peer) and moves the instance to another tenant or address if asked.
     pub fn setup(&self, id: &str, net: &TenantNet, host: u8) -> Result<PathBuf, NetError> {
         check_id(id)?;
-        if !(2..=254).contains(&host) {
+        let hosts = self.cfg.plan.hosts();
+        if !hosts.contains(&host) {
             return Err(NetError::Invalid(format!(
-                "host number {host} is outside 2..=254"
+                "host number {host} is outside {}..={} of a /{}",
+                hosts.start(),
+                hosts.end(),
+                self.cfg.plan.tenant_len()
             )));
         }
         self.ensure_tenant(net)?;
         let ns = self.netns_name(id);
         let path = self.netns_path(id);
         let veth = self.veth_name(id);
-        let want = format!("{}/24", self.address(net, host));
-        let gw = self.gateway(net).to_string();
+        let want = self.address_cidr(net, host)?;
+        let gw = self.gateway(net)?.to_string();
         // Lines for `ip -batch -` on the host and `ip -n NS -batch -`, in the order of the steps.
         let mut host_cmds: Vec<String> = Vec::new();
         let mut ns_cmds: Vec<String> = Vec::new();
@@ -1085,9 +1089,14 @@ mod tests {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
+    /// `10.<b>.0.0/16` with a /24 per tenant.
+    fn plan16(b: u8) -> AddressPlan {
+        AddressPlan::new(format!("10.{b}.0.0/16").parse().unwrap(), 24).unwrap()
+    }
+
     fn network() -> Network {
         Network::new(NetConfig {
-            pool: Ipv4Addr::new(10, 88, 0, 0),
+            plan: plan16(88),
             nat: true,
             policy: NetPolicy::default(),
             dns: vec![],
@@ -1184,8 +1193,8 @@ mod tests {
         let n = network();
         let t = TenantNet { slot: 3 };
         assert_eq!(n.bridge(&t), "gvb3");
-        assert_eq!(n.address(&t, 7), Ipv4Addr::new(10, 88, 3, 7));
-        assert_eq!(n.gateway(&t), Ipv4Addr::new(10, 88, 3, 1));
+        assert_eq!(n.address(&t, 7).unwrap(), Ipv4Addr::new(10, 88, 3, 7));
+        assert_eq!(n.gateway(&t).unwrap(), Ipv4Addr::new(10, 88, 3, 1));
         assert_eq!(n.pool_cidr(), "10.88.0.0/16");
         assert_eq!(veth_name("0123456789ab"), "gvh0123456789ab");
         assert_eq!(veth_name("0123456789abcdef"), "gvh0123456789ab");
@@ -1269,7 +1278,7 @@ mod tests {
     fn names_follow_the_prefix_and_never_match_another_prefix() {
         let with = |p: &str| {
             Network::new(NetConfig {
-                pool: Ipv4Addr::new(10, 87, 0, 0),
+                plan: plan16(87),
                 nat: true,
                 policy: NetPolicy {
                     prefix: p.into(),
@@ -1306,7 +1315,7 @@ mod tests {
     #[test]
     fn policy_rules_order_and_contents() {
         let n = Network::new(NetConfig {
-            pool: Ipv4Addr::new(10, 88, 0, 0),
+            plan: plan16(88),
             nat: true,
             policy: NetPolicy {
                 prefix: "gv".into(),
@@ -1357,7 +1366,7 @@ mod tests {
         // A prefix of its own: the default one's chains are shared with running daemons.
         let with = |allow: &[&str]| {
             Network::new(NetConfig {
-                pool: Ipv4Addr::new(10, 82, 0, 0),
+                plan: plan16(82),
                 nat: true,
                 policy: NetPolicy {
                     prefix: "gu".into(),
@@ -1465,7 +1474,7 @@ mod tests {
     #[test]
     fn a_pool_used_by_another_interface_is_refused() {
         let n = Network::new(NetConfig {
-            pool: Ipv4Addr::new(10, 85, 0, 0),
+            plan: plan16(85),
             nat: true,
             policy: NetPolicy {
                 prefix: "gw".into(),
@@ -1492,10 +1501,10 @@ mod tests {
         let b = f.instance(&t, 3);
         // Idempotent setup changes nothing.
         f.net.setup(&a, &t, 2).unwrap();
-        assert!(reachable(&a, &b, f.net.address(&t, 3)));
-        assert!(reachable(&b, &a, f.net.address(&t, 2)));
+        assert!(reachable(&a, &b, f.net.address(&t, 3).unwrap()));
+        assert!(reachable(&b, &a, f.net.address(&t, 2).unwrap()));
         // The host's end of the bridge does not: instances get no host service (INPUT).
-        let listener = TcpListener::bind((f.net.gateway(&t), 0)).unwrap();
+        let listener = TcpListener::bind((f.net.gateway(&t).unwrap(), 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         assert!(connects(addr), "the host's own connect is not filtered");
         assert!(!in_netns(&a, || connects(addr)));
@@ -1513,9 +1522,12 @@ mod tests {
         // The host routes to both (so the drop below is the isolation rule, not a broken route).
         let listener = listen_in(&b);
         let port = listener.local_addr().unwrap().port();
-        assert!(connects(SocketAddr::from((f.net.address(&t2, 2), port))));
-        assert!(!reachable(&a, &b, f.net.address(&t2, 2)));
-        assert!(!reachable(&b, &a, f.net.address(&t1, 2)));
+        assert!(connects(SocketAddr::from((
+            f.net.address(&t2, 2).unwrap(),
+            port
+        ))));
+        assert!(!reachable(&a, &b, f.net.address(&t2, 2).unwrap()));
+        assert!(!reachable(&b, &a, f.net.address(&t1, 2).unwrap()));
     }
 
     #[test]
@@ -1623,7 +1635,7 @@ mod tests {
         std::fs::write(netns_path(&stale), b"").unwrap();
         f.net.setup(&stale, &t, 3).unwrap();
         assert_eq!(eth0_addrs(&stale), vec!["10.88.236.3/24".to_string()]);
-        assert!(reachable(&stale, &other, f.net.address(&t, 2)));
+        assert!(reachable(&stale, &other, f.net.address(&t, 2).unwrap()));
 
         // An eth0 in the netns that is not the peer of our veth (and no host end at all), plus
         // extra addresses: replaced by a fresh pair with exactly the one address.
@@ -1638,7 +1650,7 @@ mod tests {
         ip(["-n", &ns, "addr", "add", "10.99.0.1/24", "dev", "eth0"]).unwrap();
         f.net.setup(&odd, &t, 4).unwrap();
         assert_eq!(eth0_addrs(&odd), vec!["10.88.236.4/24".to_string()]);
-        assert!(reachable(&odd, &other, f.net.address(&t, 2)));
+        assert!(reachable(&odd, &other, f.net.address(&t, 2).unwrap()));
 
         // Intact but with a wrong extra address and eth0 down: fixed in place.
         ip(["-n", &ns, "addr", "add", "10.99.0.2/24", "dev", "eth0"]).unwrap();
@@ -1652,7 +1664,7 @@ mod tests {
             index_after.split(':').next(),
             "the intact pair is kept"
         );
-        assert!(reachable(&odd, &other, f.net.address(&t, 2)));
+        assert!(reachable(&odd, &other, f.net.address(&t, 2).unwrap()));
 
         // Only the host end is left (its peer's netns file was removed): recreated.
         f.net.teardown(&stale).unwrap();
@@ -1669,7 +1681,7 @@ mod tests {
         ])
         .unwrap();
         f.net.setup(&stale, &t, 3).unwrap();
-        assert!(reachable(&stale, &other, f.net.address(&t, 2)));
+        assert!(reachable(&stale, &other, f.net.address(&t, 2).unwrap()));
 
         // Teardown with one of the two objects already gone, then with both gone.
         ip(["link", "del", &veth_name(&stale)]).unwrap();

@@ -536,7 +536,7 @@ mod tests {
     /// ±5 %, SM clock ±15 % (boost moves between the two reads), utilisation ±25 points.
     #[test]
     fn nvml_matches_nvidia_smi() {
-        if std::env::var_os("GPUVISOR_GPU_TESTS").is_none() {
+        if !crate::testfx::gpu_tests_enabled() {
             return;
         }
         use crate::gpu::GpuBackend;

@@ -402,6 +402,23 @@ pub struct Tenant {
     /// What the tenant holds now (answered by `tenant get`, not by lists).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<TenantUsage>,
+    /// When `tenant rm --cascade` began (unix ms); the tenant is gone once its instances are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleting_since: Option<i64>,
+}
+
+/// The answer to `DELETE /v1/tenants/{name}[?cascade=true]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TenantRemoval {
+    pub name: String,
+    /// The tenant is gone; false while a cascade waits for its instances to terminate.
+    pub deleted: bool,
+    /// Instances (names) it owned that were not terminated.
+    #[serde(default)]
+    pub instances: Vec<String>,
+    /// Volumes it owned.
+    #[serde(default)]
+    pub volumes: Vec<String>,
 }
 
 /// What an admin allows a tenant. Quotas are `None` when unlimited; they are checked when an

@@ -283,8 +283,9 @@ impl Engine {
         }
         let t = self
             .store
-            .create_tenant(&random_hex(6)?, ADMIN_TENANT, now)
-            .await?;
+            .create_tenant(&random_hex(6)?, ADMIN_TENANT, now, u32::MAX)
+            .await?
+            .ok_or_else(|| EngineError::Internal("no network slot for the admin tenant".into()))?;
         let (_, secret) = self.new_key(&t, Role::Admin).await?;
         Ok(Some(secret))
     }
@@ -901,14 +902,16 @@ impl Engine {
 
     fn wire_instance_of(&self, i: InstanceRow, tenant: Option<&TenantRow>) -> wire::Instance {
         let simulated = self.is_simulated(&i);
-        let ip = tenant.filter(|_| !simulated).map(|t| {
+        // No address when the tenant's slot is outside the pool (the plan was shrunk).
+        let ip = tenant.filter(|_| !simulated).and_then(|t| {
             self.node
                 .net
                 .address(
                     &gpuvisor_node::net::TenantNet { slot: t.net_slot },
                     i.ip_host,
                 )
-                .to_string()
+                .ok()
+                .map(|a| a.to_string())
         });
         let gpu_fraction = self.fraction_guarantee(&i.gpus);
         wire::Instance {
@@ -1108,12 +1111,16 @@ impl Engine {
         let ip_host = if simulated {
             0
         } else {
-            (2u8..=254)
+            let hosts = self.node.net.cfg.plan.hosts();
+            let n = hosts.clone().count();
+            hosts
+                .into_iter()
                 .find(|h| !used_hosts.contains(h))
                 .ok_or_else(|| {
-                    EngineError::InsufficientResources(
-                        "the tenant's network on this host is full (253 instances)".into(),
-                    )
+                    EngineError::InsufficientResources(format!(
+                        "the tenant's network on this host is full ({n} instances in a /{})",
+                        self.node.net.cfg.plan.tenant_len()
+                    ))
                 })?
         };
         let mut created = Vec::new();
@@ -1278,6 +1285,17 @@ impl Engine {
             return Ok(simulated_choice(a));
         }
         Err(EngineError::InsufficientResources(local_err.to_string()))
+    }
+
+    /// Removes a volume's image and then its row (a tenant being deleted).
+    pub(crate) async fn destroy_volume(&self, tenant_id: &str, name: &str) -> Result<()> {
+        let (node, t, n) = (self.node.clone(), tenant_id.to_string(), name.to_string());
+        tokio::task::spawn_blocking(move || node.disks.remove_volume(&t, &n))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Node(e.into()))?;
+        self.store.delete_volume(tenant_id, name).await?;
+        Ok(())
     }
 
     async fn rollback_volumes(&self, tenant_id: &str, names: &[String]) {

@@ -200,6 +200,8 @@ impl Engine {
     /// Looks at every live instance once and starts work where needed (each instance in its own
     /// task, so a slow stop does not hold up a create).
     pub async fn reconcile_pass(self: &Arc<Self>) -> Result<()> {
+        // `tenant rm --cascade`: a tenant whose last instance is gone goes too.
+        self.finish_tenant_deletions().await?;
         let live = self.store.live_instances(None).await?;
         if live.is_empty() {
             return Ok(());
@@ -463,6 +465,28 @@ impl Engine {
             tracing::info!(instance = %id, "removing orphaned host objects");
             self.teardown(&id, false).await?;
             cleaned.push(id);
+        }
+        // Bridges of deleted tenants (`tenant rm` removes its bridge, unless a port was still
+        // attached then). Listed before the tenants are read: a bridge is only made after its
+        // tenant's row, so a tenant created meanwhile is never mistaken for a deleted one.
+        let node = self.node.clone();
+        let bridges = blocking(move || node.net.tenant_bridges())
+            .await?
+            .map_err(|e| EngineError::Node(e.into()))?;
+        let slots: BTreeSet<u32> = self
+            .store
+            .tenants()
+            .await?
+            .iter()
+            .map(|t| t.net_slot)
+            .collect();
+        for slot in bridges.into_iter().filter(|s| !slots.contains(s)) {
+            let node = self.node.clone();
+            let net = gpuvisor_node::net::TenantNet { slot };
+            tracing::info!(slot, "removing the bridge of a deleted tenant");
+            if let Err(e) = blocking(move || node.net.teardown_tenant(&net)).await? {
+                tracing::warn!(slot, "cannot remove the bridge of a deleted tenant: {e}");
+            }
         }
         Ok(cleaned)
     }

@@ -110,6 +110,23 @@ pub(crate) fn over_quota(
     })
 }
 
+/// `2 instances (a, b) and 1 volume (data)`.
+fn holdings(instances: &[String], volumes: &[String]) -> String {
+    let part = |n: &[String], what: &str| {
+        let s = if n.len() == 1 { "" } else { "s" };
+        format!("{} {what}{s} ({})", n.len(), n.join(", "))
+    };
+    match (instances.is_empty(), volumes.is_empty()) {
+        (false, false) => format!(
+            "{} and {}",
+            part(instances, "instance"),
+            part(volumes, "volume")
+        ),
+        (false, true) => part(instances, "instance"),
+        _ => part(volumes, "volume"),
+    }
+}
+
 fn wire_tenant(t: TenantRow, usage: Option<TenantUsage>) -> wire::Tenant {
     wire::Tenant {
         id: t.id,
@@ -117,6 +134,7 @@ fn wire_tenant(t: TenantRow, usage: Option<TenantUsage>) -> wire::Tenant {
         created_at: t.created_at,
         policy: t.policy,
         usage,
+        deleting_since: t.deleting_at,
     }
 }
 
@@ -134,11 +152,120 @@ impl Engine {
                 req.name
             )));
         }
+        let plan = self.node.net.cfg.plan;
         let t = self
             .store
-            .create_tenant(&random_hex(6)?, &req.name, now_ms())
-            .await?;
+            .create_tenant(&random_hex(6)?, &req.name, now_ms(), plan.tenants())
+            .await?
+            .ok_or_else(|| {
+                EngineError::InsufficientResources(format!(
+                    "the instance address pool {} holds {} tenant networks (/{} each) and every \
+                     one is taken: delete a tenant (tenant rm) or give the daemon a larger \
+                     --net-pool or a longer --net-tenant-prefix",
+                    plan.pool(),
+                    plan.tenants(),
+                    plan.tenant_len()
+                ))
+            })?;
         Ok(wire_tenant(t, None))
+    }
+
+    /// Deletes a tenant (admin). Refused while it owns instances or volumes, unless `cascade`:
+    /// then its keys are revoked at once, its instances terminated, and the reconciler removes
+    /// its volumes and the tenant when the last instance is gone (`finish_tenant_deletions`),
+    /// also after a daemon restart. A tenant that owns nothing is deleted at once. The caller's
+    /// own tenant cannot be deleted.
+    pub async fn delete_tenant(
+        &self,
+        who: &Principal,
+        name: &str,
+        cascade: bool,
+    ) -> Result<wire::TenantRemoval> {
+        who.require_admin("deleting tenants")?;
+        let t = self
+            .store
+            .tenant_by_name(name)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("tenant {name:?} not found")))?;
+        if t.id == who.tenant_id {
+            return Err(EngineError::InvalidArgument(format!(
+                "tenant {name:?} is the tenant of the key making this request: it cannot delete \
+                 itself"
+            )));
+        }
+        let instances: Vec<String> = self
+            .store
+            .live_instances(Some(&t.id))
+            .await?
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        let volumes: Vec<String> = self
+            .store
+            .volumes(Some(&t.id))
+            .await?
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        if !cascade && t.deleting_at.is_none() && !(instances.is_empty() && volumes.is_empty()) {
+            return Err(EngineError::InUse(format!(
+                "tenant {name:?} still owns {}: remove them first, or delete it with --cascade",
+                holdings(&instances, &volumes)
+            )));
+        }
+        self.store.mark_tenant_deleting(&t.id, now_ms()).await?;
+        let placement = self.place_lock.lock().await;
+        for i in self.store.live_instances(Some(&t.id)).await? {
+            if i.desired != wire::InstanceState::Terminated {
+                self.set_desired_state(&i.id, wire::InstanceState::Terminated)
+                    .await?;
+                self.event(&i.id, "requested", format!("tenant {name} deleted"))
+                    .await;
+            }
+        }
+        drop(placement);
+        let done = self.finish_tenant_deletion(&t).await?;
+        self.wake.notify_one();
+        Ok(wire::TenantRemoval {
+            name: t.name,
+            deleted: done,
+            instances,
+            volumes,
+        })
+    }
+
+    /// Finishes every tenant deletion whose instances are all terminated (the reconciler calls
+    /// it on each pass).
+    pub(crate) async fn finish_tenant_deletions(&self) -> Result<()> {
+        for t in self.store.deleting_tenants().await? {
+            if let Err(e) = self.finish_tenant_deletion(&t).await {
+                tracing::warn!(tenant = %t.name, "cannot finish deleting the tenant: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a deleting tenant's volumes and then the tenant once no instance of it is left
+    /// that is not terminated; its bridge goes with it. Returns whether the tenant is gone.
+    async fn finish_tenant_deletion(&self, t: &TenantRow) -> Result<bool> {
+        if !self.store.live_instances(Some(&t.id)).await?.is_empty() {
+            return Ok(false);
+        }
+        for v in self.store.volumes(Some(&t.id)).await? {
+            self.destroy_volume(&t.id, &v.name).await?;
+        }
+        if !self.store.delete_tenant(&t.id).await? {
+            return Ok(false);
+        }
+        let (node, slot) = (self.node.clone(), t.net_slot);
+        let net = gpuvisor_node::net::TenantNet { slot };
+        match tokio::task::spawn_blocking(move || node.net.teardown_tenant(&net)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(slot, "cannot remove the bridge of a deleted tenant: {e}"),
+            Err(e) => tracing::warn!(slot, "cannot remove the bridge of a deleted tenant: {e}"),
+        }
+        tracing::info!(tenant = %t.name, "tenant deleted");
+        Ok(true)
     }
 
     pub async fn list_tenants(&self, who: &Principal) -> Result<Vec<wire::Tenant>> {

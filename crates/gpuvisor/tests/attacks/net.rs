@@ -1229,3 +1229,44 @@ fn flushed_chains_are_rebuilt_by_the_sweep() {
         target.port(),
     );
 }
+
+/// With /29 tenant subnets two tenants' networks are adjacent in the pool (x.0.0/29 and
+/// x.0.8/29): a tenant's instance still cannot reach its neighbour's server, while an instance
+/// of the server's own tenant can (so the probe works).
+#[test]
+fn instance_cannot_reach_a_neighbour_tenant_in_the_adjacent_small_subnet() {
+    let _s = serial();
+    let d = daemon(&["--net-tenant-prefix", "29"]);
+    d.json(&["tenant", "create", "beta"]);
+    let kb = d.json(&["key", "create", "--tenant", "beta"])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut server_args = vec![
+        "--vcpus",
+        "1",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+    ];
+    server_args.extend(["--", "sh", "-c", "nc -ll -p 8080 -e echo hi peer"]);
+    let server = d.create_as(&kb, &server_args);
+    let friend = d.create_as(&kb, &sleeper());
+    let mine = d.create(&sleeper());
+    let (ip, my_ip) = (ip_of(&d, &server), ip_of(&d, &mine));
+    let last = |a: &str| a.rsplit('.').next().unwrap().parse::<u8>().unwrap();
+    assert_eq!(
+        (last(&my_ip) / 8, last(&ip) / 8),
+        (0, 1),
+        "adjacent /29s: {my_ip} {ip}"
+    );
+    reaches(&d, &friend, "an instance of the same tenant", &ip, 8080);
+    cannot_reach(
+        &d,
+        &mine,
+        "another tenant's instance in the next /29",
+        &ip,
+        8080,
+    );
+}

@@ -109,6 +109,9 @@ fn every_route_is_scoped_by_tenant() {
             "/v1/tenants/{name}/policy",
             with(row(403, 403, 200), r#"{"max_instances":10}"#),
         ),
+        // The owner still owns an instance and a volume: the admin passes authorisation and is
+        // refused (409) without --cascade.
+        ("DELETE", "/v1/tenants/{name}", row(403, 403, 409)),
         ("GET", "/v1/keys", row(200, 200, 200)),
         (
             "POST",

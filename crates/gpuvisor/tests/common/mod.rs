@@ -45,6 +45,38 @@ pub fn busybox_rootfs() -> PathBuf {
     .clone()
 }
 
+/// `../shared/data/<rel>` beside the checkout (the workspace's parent directory), or under
+/// `GPUVISOR_SHARED_DATA` when set. When it is missing: under CI (`CI=true`) the test fails;
+/// elsewhere a skip is printed and recorded (`gpuvisor_node::testfx::skip_log`, which `.ci/run`
+/// prints) and `None` is returned.
+pub fn shared_data(rel: &str) -> Option<PathBuf> {
+    let base = std::env::var_os("GPUVISOR_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"));
+    let path = base.join(rel);
+    if path.is_file() {
+        return Some(path);
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let test = std::thread::current().name().unwrap_or("test").to_string();
+    assert!(
+        !ci,
+        "{test}: missing data file {} under CI=true",
+        path.display()
+    );
+    let line = format!("SKIP {test}: {} not found\n", path.display());
+    eprint!("{line}");
+    let log = std::env::var_os("GPUVISOR_SKIP_LOG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("gpuvisor-test-skips.log"));
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+    None
+}
+
 /// A small instance: 1 vCPU, 64 MiB of memory, a 64 MiB container disk.
 pub const SMALL: [&str; 6] = [
     "--vcpus",

@@ -242,7 +242,7 @@ mod tests {
     /// Runs only where asked (`GPUVISOR_GPU_TESTS=1`, on a GPU machine): the real driver.
     #[test]
     fn real_driver_inventory() {
-        if std::env::var_os("GPUVISOR_GPU_TESTS").is_none() {
+        if !crate::testfx::gpu_tests_enabled() {
             return;
         }
         let root = HostRoot::real();
