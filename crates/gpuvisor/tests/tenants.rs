@@ -138,6 +138,9 @@ fn full_pool_is_refused_and_tenant_rm_frees_a_slot() {
     // The tenant's keys stop working at once.
     let out = d.cli_as(&kc, &["instance", "list"]);
     assert_eq!(out.status.code(), Some(4), "revoked key: {out:?}");
+    // No new key brings it back while it is being deleted.
+    let out = d.cli(&["key", "create", "--tenant", "c"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
     d.kill9();
     d.restart();
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -487,6 +487,12 @@ impl Engine {
                     req.tenant
                 ))
             })?;
+        if t.deleting_at.is_some() {
+            return Err(EngineError::InvalidState(format!(
+                "tenant {:?} is being deleted: no new keys",
+                t.name
+            )));
+        }
         let (row, secret) = self.new_key(&t, req.role).await?;
         Ok(wire::CreatedKey {
             key: Self::wire_key(&row, &self.tenant_names().await?),

@@ -170,6 +170,14 @@ impl Engine {
         Ok(wire_tenant(t, None))
     }
 
+    /// The tenant called `name`, or `not_found`.
+    async fn tenant_named(&self, name: &str) -> Result<TenantRow> {
+        self.store
+            .tenant_by_name(name)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("tenant {name:?} not found")))
+    }
+
     /// Deletes a tenant (admin). Refused while it owns instances or volumes, unless `cascade`:
     /// then its keys are revoked at once, its instances terminated, and the reconciler removes
     /// its volumes and the tenant when the last instance is gone (`finish_tenant_deletions`),
@@ -182,11 +190,7 @@ impl Engine {
         cascade: bool,
     ) -> Result<wire::TenantRemoval> {
         who.require_admin("deleting tenants")?;
-        let t = self
-            .store
-            .tenant_by_name(name)
-            .await?
-            .ok_or_else(|| EngineError::NotFound(format!("tenant {name:?} not found")))?;
+        let t = self.tenant_named(name).await?;
         if t.id == who.tenant_id {
             return Err(EngineError::InvalidArgument(format!(
                 "tenant {name:?} is the tenant of the key making this request: it cannot delete \
@@ -300,11 +304,7 @@ impl Engine {
         policy: &TenantPolicy,
     ) -> Result<wire::Tenant> {
         who.require_admin("setting a tenant's policy")?;
-        let t = self
-            .store
-            .tenant_by_name(name)
-            .await?
-            .ok_or_else(|| EngineError::NotFound(format!("tenant {name:?} not found")))?;
+        let t = self.tenant_named(name).await?;
         self.store.set_tenant_policy(&t.id, policy).await?;
         self.get_tenant(who, name).await
     }

@@ -12,7 +12,7 @@
 //! Every namespace, interface, route, rule and server is removed by a guard's `Drop`, also when
 //! the test fails.
 
-use crate::common::{serial, sleeper, Daemon};
+use crate::common::{serial, sleeper, Daemon, SMALL};
 use crate::probe;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -278,6 +278,13 @@ fn daemon(extra: &[&str]) -> Daemon {
     d
 }
 
+/// A small instance that greets every TCP connection on port 8080 with `hi peer`.
+fn peer_server() -> Vec<&'static str> {
+    let mut a = SMALL.to_vec();
+    a.extend(["--", "sh", "-c", "nc -ll -p 8080 -e echo hi peer"]);
+    a
+}
+
 fn ip_of(d: &Daemon, id: &str) -> String {
     d.json(&["instance", "get", id])["ip"]
         .as_str()
@@ -523,18 +530,7 @@ fn instance_cannot_reach_the_host_over_ipv6_link_local() {
 fn same_tenant_instances_reach_each_other() {
     let _s = serial();
     let d = daemon(&[]);
-    let server = d.create(&[
-        "--vcpus",
-        "1",
-        "--memory",
-        "64MiB",
-        "--container-disk",
-        "64MiB",
-        "--",
-        "sh",
-        "-c",
-        "nc -ll -p 8080 -e echo hi peer",
-    ]);
+    let server = d.create(&peer_server());
     let client = d.create(&sleeper());
     let ip = ip_of(&d, &server);
     reaches(&d, &client, "an instance of the same tenant", &ip, 8080);
@@ -1242,16 +1238,7 @@ fn instance_cannot_reach_a_neighbour_tenant_in_the_adjacent_small_subnet() {
         .as_str()
         .unwrap()
         .to_string();
-    let mut server_args = vec![
-        "--vcpus",
-        "1",
-        "--memory",
-        "64MiB",
-        "--container-disk",
-        "64MiB",
-    ];
-    server_args.extend(["--", "sh", "-c", "nc -ll -p 8080 -e echo hi peer"]);
-    let server = d.create_as(&kb, &server_args);
+    let server = d.create_as(&kb, &peer_server());
     let friend = d.create_as(&kb, &sleeper());
     let mine = d.create(&sleeper());
     let (ip, my_ip) = (ip_of(&d, &server), ip_of(&d, &mine));
