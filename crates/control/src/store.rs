@@ -425,6 +425,31 @@ impl Store {
         Ok(())
     }
 
+    /// A daemon setting (`settings` table).
+    pub async fn setting(&self, name: &str) -> Result<Option<String>> {
+        Ok(sqlx::query("SELECT value FROM settings WHERE name = $1")
+            .bind(name.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get::<String, _>("value"))
+            .transpose()?)
+    }
+
+    pub async fn set_setting(&self, name: &str, value: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM settings WHERE name = $1")
+            .bind(name.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2)")
+            .bind(name.to_string())
+            .bind(value.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Tenants being deleted (`tenant rm --cascade`).
     pub async fn deleting_tenants(&self) -> Result<Vec<TenantRow>> {
         sqlx::query(
@@ -440,7 +465,8 @@ impl Store {
 
     /// Deletes a tenant that holds nothing any more: its keys, its terminated instances and
     /// their events, then the row (its network slot is free again). Refused (false, nothing
-    /// deleted) while it has an instance that is not terminated or a volume.
+    /// deleted) while it has an instance that is not terminated or a volume; false too when
+    /// the row was already gone (only one caller sees true).
     pub async fn delete_tenant(&self, id: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let held: i64 = sqlx::query(
@@ -455,15 +481,27 @@ impl Store {
             return Ok(false);
         }
         for q in [
-            "DELETE FROM events WHERE instance_id IN (SELECT id FROM instances WHERE tenant_id = $1)",
-            "DELETE FROM instances WHERE tenant_id = $1",
+            "DELETE FROM events WHERE instance_id IN \
+             (SELECT id FROM instances WHERE tenant_id = $1 AND state = 'terminated')",
+            "DELETE FROM instances WHERE tenant_id = $1 AND state = 'terminated'",
             "DELETE FROM api_keys WHERE tenant_id = $1",
-            "DELETE FROM tenants WHERE id = $1",
         ] {
-            sqlx::query(q).bind(id.to_string()).execute(&mut *tx).await?;
+            sqlx::query(q)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
         }
+        // A row committed after the count (PostgreSQL's read committed) makes this fail on its
+        // foreign key: nothing is deleted and the caller tries again.
+        let gone = sqlx::query("DELETE FROM tenants WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_write)?
+            .rows_affected()
+            == 1;
         tx.commit().await?;
-        Ok(true)
+        Ok(gone)
     }
 
     pub async fn tenant(&self, id: &str) -> Result<Option<TenantRow>> {

@@ -37,6 +37,9 @@ where
     }
 
     let Some(server) = std::env::var(PG_ENV).ok().filter(|s| !s.is_empty()) else {
+        gpuvisor_node::testfx::prerequisite_missing(&format!(
+            "PostgreSQL ({PG_ENV}; `eval \"$(scripts/ci-postgres)\"` sets it)"
+        ));
         return;
     };
     let name = fresh_db_name();

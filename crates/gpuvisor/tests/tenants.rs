@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 /// The harness's pool base (`GPUVISOR_NET_POOL` lets suites run side by side) and prefix.
 fn pool_base() -> String {
-    std::env::var("GPUVISOR_NET_POOL").unwrap_or_else(|_| "10.88.0.0".into())
+    let p = std::env::var("GPUVISOR_NET_POOL").unwrap_or_else(|_| "10.88.0.0".into());
+    p.split('/').next().unwrap().to_string()
 }
 
 fn net_prefix() -> String {
@@ -173,5 +174,63 @@ fn full_pool_is_refused_and_tenant_rm_frees_a_slot() {
     );
     // Its slot is free again.
     d.json(&["tenant", "create", "e"]);
+    d.terminate_all();
+}
+
+/// The address plan is kept with the tenants' slots: a daemon started with another plan while
+/// instances live is refused (their addresses and bridges were made under the old one); once
+/// they are gone the new plan is taken, and the old bridges (whose addresses could shadow a
+/// neighbour's new subnet) are made again.
+#[test]
+fn address_plan_change_is_refused_while_instances_live() {
+    let _s = serial();
+    let mut d = Daemon::start(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    d.kill9();
+    // The same data dir under /26s: refused at start, naming both plans.
+    let out = std::process::Command::new(common::BIN)
+        .args(["serve", "--data-dir"])
+        .arg(d.data())
+        .args(["--listen", "127.0.0.1:0", "--simulate-gpus", "1xA100-80GB"])
+        .args(["--net-tenant-prefix", "26"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let base = pool_base();
+    assert!(!out.status.success(), "started with another plan: {err}");
+    assert!(
+        err.contains(&format!("changed from {base}/16 /24 to {base}/16 /26"))
+            && err.contains("1 instance(s)"),
+        "{err}"
+    );
+    // Back on the old plan it runs on; with its instance gone the new plan is taken.
+    d.restart();
+    assert_eq!(d.json(&["instance", "get", &id])["state"], "running");
+    let out = d.cli(&["instance", "terminate", &id, "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    d.kill9();
+    d.restart_with(&["--net-tenant-prefix", "26"]);
+    let id = d.create(&sleeper());
+    let [a, b, ..] = base.parse::<std::net::Ipv4Addr>().unwrap().octets();
+    assert_eq!(netns_addr(&id), format!("{a}.{b}.0.2/26"));
+    let out = std::process::Command::new("ip")
+        .args([
+            "-4",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            &format!("{}b0", net_prefix()),
+        ])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        shown.matches(" inet ").count(),
+        1,
+        "one gateway address on the bridge: {shown}"
+    );
+    assert!(shown.contains(&format!("{a}.{b}.0.1/26")), "{shown}");
     d.terminate_all();
 }

@@ -521,8 +521,11 @@ impl Network {
     /// the host's `all` setting is not loose (Ubuntu sets 2) and udev does not rewrite it.
     fn bridge_spoof_rule(&self, bridge: &str) -> Option<Vec<String>> {
         let slot = self.bridge_slot(bridge)?;
-        let subnet = self.cfg.plan.subnet(slot).ok()?.to_string();
-        Some(strings(&["-i", bridge, "!", "-s", &subnet, "-j", "DROP"]))
+        // A bridge whose slot is outside the plan (the plan changed) carries no traffic at all.
+        Some(match self.cfg.plan.subnet(slot) {
+            Ok(subnet) => strings(&["-i", bridge, "!", "-s", &subnet.to_string(), "-j", "DROP"]),
+            Err(_) => strings(&["-i", bridge, "-j", "DROP"]),
+        })
     }
 
     /// The address of host number `host` (2..=254 in a /24) in a tenant's subnet.
@@ -808,6 +811,12 @@ impl Network {
         let gw = self.address_cidr(net, 1)?;
         debug_assert!(subnet.contains(self.gateway(net)?));
         ip(["addr", "replace", &gw, "dev", &bridge])?;
+        // Any other address (left by an older address plan) would route another tenant's
+        // subnet, or part of it, onto this bridge.
+        let shown = ip(["-4", "-o", "addr", "show", "dev", &bridge])?;
+        for stale in parse_inet_addrs(&shown).into_iter().filter(|a| *a != gw) {
+            ip(["addr", "del", &stale, "dev", &bridge])?;
+        }
         ip(["link", "set", &bridge, "up"])?;
         ensure_rule(
             "filter",
@@ -867,6 +876,27 @@ impl Network {
             }
         }
         Ok(true)
+    }
+
+    /// Forgets the connection-tracking entries of a deleted tenant's subnet, so that a new
+    /// tenant given the slot (and the same addresses) never receives a late reply meant for
+    /// the old one. Best effort: without the `conntrack` tool it only warns.
+    pub fn forget_tenant_connections(&self, net: &TenantNet) -> Result<(), NetError> {
+        let subnet = self.cfg.plan.subnet(net.slot)?;
+        let mask = Ipv4Addr::from(u32::MAX << (32 - u32::from(subnet.len))).to_string();
+        let addr = subnet.addr.to_string();
+        for (dir, mask_flag) in [("--orig-src", "--mask-src"), ("--orig-dst", "--mask-dst")] {
+            match cmd::run("conntrack", ["-D", dir, &addr, mask_flag, &mask]) {
+                Ok(_) => {}
+                // Exit 1 with "0 flow entries have been deleted": nothing to forget.
+                Err(CmdError::Failed { stderr, .. }) if stderr.contains(" 0 flow entries") => {}
+                Err(e) => {
+                    tracing::warn!(subnet = %subnet, "cannot flush the tenant's connections: {e}");
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Slots of the tenant bridges of ours on this host.
@@ -1066,7 +1096,6 @@ fn parse_addr_show(out: &str) -> Vec<(String, Vec<String>)> {
 }
 
 /// `a.b.c.d/n` entries of `ip -4 -o addr show` output.
-#[cfg(test)]
 fn parse_inet_addrs(out: &str) -> Vec<String> {
     out.lines()
         .filter_map(|l| {

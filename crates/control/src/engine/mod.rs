@@ -90,6 +90,9 @@ pub struct Engine {
     simulated_nodes: std::sync::RwLock<std::collections::HashSet<String>>,
     /// Exec bounds and running execs, retention policy ([`limits`]).
     limits: limits::LimitState,
+    /// A tenant deletion may be pending (`tenant rm --cascade`): the reconciler looks at the
+    /// store only then. True at start, so a deletion a crash interrupted is found.
+    pub(crate) tenant_deletions: std::sync::atomic::AtomicBool,
 }
 
 pub const ADMIN_TENANT: &str = "admin";
@@ -157,6 +160,7 @@ impl Engine {
             telemetry,
             simulated_nodes: std::sync::RwLock::new(std::collections::HashSet::new()),
             limits: Default::default(),
+            tenant_deletions: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -278,6 +282,7 @@ impl Engine {
         for (uuid, reason) in self.store.cordons().await? {
             self.telemetry.cordon(&uuid, &reason);
         }
+        self.check_net_plan().await?;
         if !self.store.tenants().await?.is_empty() {
             return Ok(None);
         }
@@ -763,6 +768,7 @@ impl Engine {
         // cannot race a quota; the image is made after, without holding everyone's creates.
         let row = {
             let _guard = self.place_lock.lock().await;
+            self.key_tenant(&who.tenant_id).await?; // not being deleted meanwhile
             let live = self.store.live_instances(Some(&tenant.id)).await?;
             self.check_quota(
                 &tenant,
@@ -1031,6 +1037,7 @@ impl Engine {
         Self::check_priority(who, &tenant, req.priority)?;
 
         let _guard = self.place_lock.lock().await;
+        self.key_tenant(&who.tenant_id).await?; // not being deleted meanwhile
         let live = self.store.live_instances(None).await?;
         let id = new_instance_id()?;
         let name = req.name.clone().unwrap_or_else(|| format!("i-{id}"));

@@ -9,6 +9,7 @@ use super::{now_ms, random_hex, validate, Engine, Principal};
 use crate::error::{EngineError, Result};
 use crate::store::{InstanceRow, TenantRow, VolumeRow};
 use gpuvisor_wire::{self as wire, PriorityClass, TenantPolicy, TenantUsage};
+use std::sync::atomic::Ordering;
 
 /// What one create (or volume create) adds to a tenant's holdings.
 #[derive(Debug, Default, Clone)]
@@ -146,9 +147,14 @@ impl Engine {
     ) -> Result<wire::Tenant> {
         who.require_admin("creating tenants")?;
         validate::name("tenant", &req.name)?;
-        if self.store.tenant_by_name(&req.name).await?.is_some() {
+        if let Some(t) = self.store.tenant_by_name(&req.name).await? {
+            let why = if t.deleting_at.is_some() {
+                "is still being deleted: try again once it is gone"
+            } else {
+                "already exists"
+            };
             return Err(EngineError::AlreadyExists(format!(
-                "tenant {:?} already exists",
+                "tenant {:?} {why}",
                 req.name
             )));
         }
@@ -168,6 +174,68 @@ impl Engine {
                 ))
             })?;
         Ok(wire_tenant(t, None))
+    }
+
+    /// The address plan tenants' slots were given under is kept in the store (per node). A
+    /// different plan at start is refused while this host has live instances or a tenant's
+    /// slot is outside it; otherwise it is recorded, and our bridges (made under the old plan,
+    /// whose addresses could shadow another tenant's new subnet) are removed, to be made again
+    /// on first use.
+    pub(crate) async fn check_net_plan(&self) -> Result<()> {
+        let plan = self.node.net.cfg.plan;
+        let now = format!("{} /{}", plan.pool(), plan.tenant_len());
+        let key = format!("net_plan/{}", self.cfg.node_id);
+        let before = self.store.setting(&key).await?;
+        if before.as_deref() == Some(now.as_str()) {
+            return Ok(());
+        }
+        if let Some(before) = &before {
+            let live = self
+                .store
+                .live_instances(None)
+                .await?
+                .into_iter()
+                .filter(|i| !self.is_simulated(i))
+                .count();
+            if live > 0 {
+                return Err(EngineError::InvalidArgument(format!(
+                    "the instance address plan changed from {before} to {now} while {live} \
+                     instance(s) of this host are not terminated: terminate them first, or \
+                     start with the old --net-pool and --net-tenant-prefix"
+                )));
+            }
+            if let Some(t) = self
+                .store
+                .tenants()
+                .await?
+                .into_iter()
+                .find(|t| t.net_slot >= plan.tenants())
+            {
+                return Err(EngineError::InvalidArgument(format!(
+                    "tenant {:?} has network slot {}, outside the new address plan {now} ({} \
+                     tenant networks): delete tenants, or give a larger plan",
+                    t.name,
+                    t.net_slot,
+                    plan.tenants()
+                )));
+            }
+            let node = self.node.clone();
+            tokio::task::spawn_blocking(
+                move || -> std::result::Result<(), gpuvisor_node::net::NetError> {
+                    for slot in node.net.tenant_bridges()? {
+                        node.net
+                            .teardown_tenant(&gpuvisor_node::net::TenantNet { slot })?;
+                    }
+                    Ok(())
+                },
+            )
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::Node(e.into()))?;
+            tracing::info!(before = %before, now = %now, "instance address plan changed");
+        }
+        self.store.set_setting(&key, &now).await?;
+        Ok(())
     }
 
     /// The tenant called `name`, or `not_found`.
@@ -197,6 +265,9 @@ impl Engine {
                  itself"
             )));
         }
+        // Under the placement lock: no instance or volume of the tenant appears between the
+        // ownership check and the mark (creates re-read the tenant under this lock).
+        let placement = self.place_lock.lock().await;
         let instances: Vec<String> = self
             .store
             .live_instances(Some(&t.id))
@@ -218,16 +289,8 @@ impl Engine {
             )));
         }
         self.store.mark_tenant_deleting(&t.id, now_ms()).await?;
-        let placement = self.place_lock.lock().await;
-        for i in self.store.live_instances(Some(&t.id)).await? {
-            if i.desired != wire::InstanceState::Terminated {
-                self.set_desired_state(&i.id, wire::InstanceState::Terminated)
-                    .await?;
-                self.event(&i.id, "requested", format!("tenant {name} deleted"))
-                    .await;
-            }
-        }
         drop(placement);
+        self.tenant_deletions.store(true, Ordering::Relaxed);
         let done = self.finish_tenant_deletion(&t).await?;
         self.wake.notify_one();
         Ok(wire::TenantRemoval {
@@ -238,32 +301,58 @@ impl Engine {
         })
     }
 
-    /// Finishes every tenant deletion whose instances are all terminated (the reconciler calls
-    /// it on each pass).
+    /// Moves every tenant deletion on (the reconciler calls it on each pass while one is
+    /// pending: `tenant_deletions`).
     pub(crate) async fn finish_tenant_deletions(&self) -> Result<()> {
-        for t in self.store.deleting_tenants().await? {
-            if let Err(e) = self.finish_tenant_deletion(&t).await {
+        if !self.tenant_deletions.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let pending = self.store.deleting_tenants().await?;
+        for t in &pending {
+            if let Err(e) = self.finish_tenant_deletion(t).await {
                 tracing::warn!(tenant = %t.name, "cannot finish deleting the tenant: {e}");
             }
+        }
+        if !pending.is_empty() {
+            // Look again on the next pass (an instance terminating, a crash before the mark).
+            self.tenant_deletions.store(true, Ordering::Relaxed);
         }
         Ok(())
     }
 
-    /// Removes a deleting tenant's volumes and then the tenant once no instance of it is left
-    /// that is not terminated; its bridge goes with it. Returns whether the tenant is gone.
+    /// One step of deleting a marked tenant, idempotent, so a crash anywhere converges: asks
+    /// every instance of it that is not terminated to terminate; once none is left, removes its
+    /// volumes, then the tenant (keys, terminated instances, events) and its bridge. Returns
+    /// whether the tenant is gone.
     async fn finish_tenant_deletion(&self, t: &TenantRow) -> Result<bool> {
-        if !self.store.live_instances(Some(&t.id)).await?.is_empty() {
+        let live = self.store.live_instances(Some(&t.id)).await?;
+        if !live.is_empty() {
+            for i in live {
+                if i.desired != wire::InstanceState::Terminated {
+                    self.set_desired_state(&i.id, wire::InstanceState::Terminated)
+                        .await?;
+                    self.event(&i.id, "requested", format!("tenant {} deleted", t.name))
+                        .await;
+                }
+            }
+            self.wake.notify_one();
             return Ok(false);
         }
         for v in self.store.volumes(Some(&t.id)).await? {
             self.destroy_volume(&t.id, &v.name).await?;
         }
+        // Only the caller whose delete removed the row tears the bridge down: its slot may be
+        // a new tenant's right after.
         if !self.store.delete_tenant(&t.id).await? {
             return Ok(false);
         }
         let (node, slot) = (self.node.clone(), t.net_slot);
         let net = gpuvisor_node::net::TenantNet { slot };
-        match tokio::task::spawn_blocking(move || node.net.teardown_tenant(&net)).await {
+        let forget = move || {
+            node.net.teardown_tenant(&net)?;
+            node.net.forget_tenant_connections(&net)
+        };
+        match tokio::task::spawn_blocking(forget).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(slot, "cannot remove the bridge of a deleted tenant: {e}"),
             Err(e) => tracing::warn!(slot, "cannot remove the bridge of a deleted tenant: {e}"),
@@ -310,11 +399,19 @@ impl Engine {
     }
 
     /// The tenant a key belongs to (with its policy); gone means the key is no good.
+    /// The key's tenant, refused when it is gone or being deleted. Creates call it again under
+    /// the placement lock, so nothing new is made for a tenant once `tenant rm` has begun.
     pub(crate) async fn key_tenant(&self, tenant_id: &str) -> Result<TenantRow> {
-        self.store
-            .tenant(tenant_id)
-            .await?
-            .ok_or_else(|| EngineError::Unauthorized("the key's tenant no longer exists".into()))
+        let t =
+            self.store.tenant(tenant_id).await?.ok_or_else(|| {
+                EngineError::Unauthorized("the key's tenant no longer exists".into())
+            })?;
+        if t.deleting_at.is_some() {
+            return Err(EngineError::Unauthorized(
+                "the key's tenant is being deleted".into(),
+            ));
+        }
+        Ok(t)
     }
 
     pub(crate) async fn tenant_usage(&self, tenant_id: &str) -> Result<TenantUsage> {

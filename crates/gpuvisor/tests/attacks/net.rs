@@ -475,7 +475,7 @@ fn instance_cannot_reach_the_host_over_ipv6_link_local() {
         .map(|v| v.trim() != "0")
         .unwrap_or(true)
     {
-        eprintln!("IPv6 is off on this host: nothing to reach");
+        crate::common::prerequisite_missing("IPv6 on the host (it is off: nothing to reach)");
         return;
     }
     let lan = Lan::new(&pool(), &[PUBLIC]);
@@ -1068,9 +1068,22 @@ impl Drop for UdpSink {
 #[test]
 fn instance_cannot_send_with_another_tenants_address() {
     let _s = serial();
+    assert_cannot_send_with_another_tenants_address(&[]);
+}
+
+/// With /29 tenant subnets the other tenant's address is in the next /29 (same /24): only an
+/// anti-spoofing rule of the tenant's own subnet size stops it.
+#[test]
+fn instance_cannot_send_with_a_neighbour_tenants_address_in_small_subnets() {
+    let _s = serial();
+    assert_cannot_send_with_another_tenants_address(&["--net-tenant-prefix", "29"]);
+}
+
+/// An instance gives itself another tenant's address and sends from it: nothing leaves the host.
+fn assert_cannot_send_with_another_tenants_address(extra: &[&str]) {
     let lan = Lan::new(&pool(), &[PUBLIC]);
     let sink = UdpSink::start(&lan.ns, PUBLIC);
-    let d = daemon(&[]);
+    let d = daemon(extra);
     d.json(&["tenant", "create", "beta"]);
     let kb = d.json(&["key", "create", "--tenant", "beta"])["secret"]
         .as_str()
@@ -1149,7 +1162,9 @@ fn instance_still_reaches_its_resolver() {
         .filter(|a: &Ipv4Addr| !a.is_loopback())
         .collect();
     if resolvers.is_empty() {
-        eprintln!("the host has no non-loopback IPv4 resolver to give instances: nothing to check");
+        crate::common::prerequisite_missing(
+            "a non-loopback IPv4 resolver of the host to give instances",
+        );
         return;
     }
     let d = daemon(&[]);

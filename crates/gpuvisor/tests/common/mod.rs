@@ -57,14 +57,19 @@ pub fn shared_data(rel: &str) -> Option<PathBuf> {
     if path.is_file() {
         return Some(path);
     }
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    prerequisite_missing(&format!("data file {} not found", path.display()));
+    None
+}
+
+/// The rule for a test whose prerequisite is missing: under CI (`CI=true`) the test fails;
+/// elsewhere a skip is printed and recorded in `GPUVISOR_SKIP_LOG` (default
+/// `$TMPDIR/gpuvisor-test-skips.log`, what `gpuvisor_node::testfx` records to; `.ci/run` lists
+/// it), and the caller returns.
+pub fn prerequisite_missing(what: &str) {
     let test = std::thread::current().name().unwrap_or("test").to_string();
-    assert!(
-        !ci,
-        "{test}: missing data file {} under CI=true",
-        path.display()
-    );
-    let line = format!("SKIP {test}: {} not found\n", path.display());
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(!ci, "{test}: missing prerequisite under CI=true: {what}");
+    let line = format!("SKIP {test}: {what}\n");
     eprint!("{line}");
     let log = std::env::var_os("GPUVISOR_SKIP_LOG")
         .map(PathBuf::from)
@@ -74,7 +79,6 @@ pub fn shared_data(rel: &str) -> Option<PathBuf> {
         .append(true)
         .open(log)
         .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
-    None
 }
 
 /// A small instance: 1 vCPU, 64 MiB of memory, a 64 MiB container disk.
@@ -213,6 +217,12 @@ impl Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Restarts the daemon with other extra `serve` options.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart();
     }
 
     pub fn restart(&mut self) {
