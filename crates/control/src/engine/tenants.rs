@@ -219,21 +219,23 @@ impl Engine {
                     plan.tenants()
                 )));
             }
-            let node = self.node.clone();
-            tokio::task::spawn_blocking(
-                move || -> std::result::Result<(), gpuvisor_node::net::NetError> {
-                    for slot in node.net.tenant_bridges()? {
-                        node.net
-                            .teardown_tenant(&gpuvisor_node::net::TenantNet { slot })?;
-                    }
-                    Ok(())
-                },
-            )
-            .await
-            .map_err(|e| EngineError::Internal(e.to_string()))?
-            .map_err(|e| EngineError::Node(e.into()))?;
             tracing::info!(before = %before, now = %now, "instance address plan changed");
         }
+        // A new plan, or a new store (bridges of ours left by an earlier install): no bridge of
+        // ours was made under it. One with a port attached is left alone (`teardown_tenant`).
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(
+            move || -> std::result::Result<(), gpuvisor_node::net::NetError> {
+                for slot in node.net.tenant_bridges()? {
+                    node.net
+                        .teardown_tenant(&gpuvisor_node::net::TenantNet { slot })?;
+                }
+                Ok(())
+            },
+        )
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?
+        .map_err(|e| EngineError::Node(e.into()))?;
         self.store.set_setting(&key, &now).await?;
         Ok(())
     }
