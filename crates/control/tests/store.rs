@@ -161,6 +161,8 @@ fn gpu_row(uuid: &str, node: &str, index: u32, numa: Option<u32>) -> GpuRow {
 
 fn image_row(name: &str, at: i64) -> ImageRow {
     ImageRow {
+        owner: String::new(),
+        source: String::new(),
         name: name.into(),
         digest: format!("sha256:{name}"),
         layers: vec!["sha256:aaa".into(), "sha256:bbb".into()],
