@@ -280,6 +280,8 @@ impl Client {
         if let Ok(m) = file.metadata() {
             req = req.header("content-length", m.len().to_string());
         }
+        // A refusal (size, rights, name) comes before a byte is sent.
+        req = req.header("expect", "100-continue");
         let sent = req
             .content_type("application/octet-stream")
             .send(ureq::SendBody::from_owned_reader(io::BufReader::with_capacity(
