@@ -357,10 +357,7 @@ async fn upload_image(
         max: 64 << 30,
         idle: std::time::Duration::from_secs(30),
     });
-    let name = q
-        .name
-        .ok_or_else(|| EngineError::InvalidArgument("give the image name: ?name=NAME".into()))?;
-    let mut up = e.begin_upload(&p, &name).await?;
+    let mut up = e.begin_upload(&p, q.name.as_deref()).await?;
     let mut body = body;
     loop {
         let frame = match tokio::time::timeout(limits.idle, body.frame()).await {

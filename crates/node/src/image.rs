@@ -268,22 +268,24 @@ impl ImageStore {
     /// `digest`) and the config and layer blobs under `dir/blobs/sha256/` (an OCI layout
     /// without `index.json`). Layer blobs in `known` may be absent: they must then be layers
     /// this store verified before ([`ImageStore::known_blob`]). Every present blob is verified
-    /// and unpacked exactly like an OCI layout import.
+    /// and unpacked exactly like an OCI layout import. Messages name `shown` (the reference),
+    /// not our download directory.
     pub fn import_fetched(
         &self,
         dir: &Path,
+        shown: &Path,
         digest: &str,
         manifest: &[u8],
         known: &HashSet<String>,
     ) -> Result<ImportedImage, ImageError> {
         let _lock = self.lock(FlockArg::LockShared)?;
         if sha256_digest(manifest) != digest {
-            return Err(bad(dir, format!("manifest digest mismatch: expected {digest}")));
+            return Err(bad(shown, format!("manifest digest mismatch: expected {digest}")));
         }
         let doc: ManifestDoc = serde_json::from_slice(manifest)
-            .map_err(|e| bad(dir, format!("manifest {digest}: {e}")))?;
+            .map_err(|e| bad(shown, format!("manifest {digest}: {e}")))?;
         let source = Source::Dir(dir.to_path_buf());
-        self.import_manifest(&source, dir, digest, manifest, doc, known)
+        self.import_manifest(&source, shown, digest, manifest, doc, known)
     }
 
     /// Starts staging an uploaded archive (`image import` of a client's local file) in `tmp/`;
@@ -1921,7 +1923,9 @@ impl<R: Read> Read for ZstdFrames<R> {
         use io::BufRead;
         loop {
             if let Some(frame) = &mut self.frame {
-                let n = frame.read(buf)?;
+                let n = frame
+                    .read(buf)
+                    .map_err(|e| io::Error::new(e.kind(), format!("zstd: {e}")))?;
                 if n > 0 || buf.is_empty() {
                     return Ok(n);
                 }

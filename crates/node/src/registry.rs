@@ -30,7 +30,6 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt;
@@ -144,18 +143,21 @@ pub struct Puller {
     cfg: RegistryConfig,
     /// Per blob digest: held while that blob is being fetched.
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Pulls running; complete blobs are removed when the last one ends.
-    active: Arc<AtomicUsize>,
+    /// Pulls running; complete blobs are removed when the last one ends (under this lock, so
+    /// a pull starting meanwhile waits for the cleanup instead of losing its blobs to it).
+    active: Arc<Mutex<usize>>,
 }
 
 struct ActiveGuard {
-    active: Arc<AtomicUsize>,
+    active: Arc<Mutex<usize>>,
     blobs: PathBuf,
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        if self.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+        let mut n = self.active.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
             // The layers are unpacked (or the pulls failed); the compressed copies are not
             // needed any more. Partial downloads stay for a resume.
             if let Ok(entries) = fs::read_dir(&self.blobs) {
@@ -173,7 +175,7 @@ impl Puller {
             root: images.root().join("pull"),
             cfg,
             inflight: Mutex::new(HashMap::new()),
-            active: Arc::new(AtomicUsize::new(0)),
+            active: Arc::new(Mutex::new(0)),
         }
     }
 
@@ -222,7 +224,7 @@ impl Puller {
         creds: Option<&Credentials>,
         report: &(dyn Fn(PullEvent) + Send + Sync),
     ) -> Result<ImportedImage, RegistryError> {
-        self.active.fetch_add(1, Ordering::SeqCst);
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         let _guard = ActiveGuard {
             active: self.active.clone(),
             blobs: self.root.join("blobs").join("sha256"),
@@ -341,9 +343,10 @@ impl Puller {
         report(PullEvent::Unpacking);
         let node = node.clone();
         let dir = self.root.clone();
+        let shown = PathBuf::from(reference);
         tokio::task::spawn_blocking(move || {
             node.images
-                .import_fetched(&dir, &digest, &manifest, &known)
+                .import_fetched(&dir, &shown, &digest, &manifest, &known)
         })
         .await
         .map_err(|e| RegistryError::Unavailable(format!("unpacking task failed: {e}")))?

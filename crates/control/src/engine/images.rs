@@ -258,8 +258,9 @@ impl Engine {
     }
 
     /// Starts an upload of an archive from the client (`image import ./x.tar`); admin, public.
-    pub async fn begin_upload(&self, who: &Principal, name: &str) -> Result<ImageUpload> {
+    pub async fn begin_upload(&self, who: &Principal, name: Option<&str>) -> Result<ImageUpload> {
         who.require_admin("importing images")?;
+        let name = name.ok_or_else(|| invalid("give the image name: ?name=NAME"))?;
         validate::name("image", name)?;
         self.public_name_free(name).await?;
         let node = self.node.clone();
