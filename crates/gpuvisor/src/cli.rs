@@ -994,7 +994,9 @@ impl Ctx {
             }
             ImageCmd::Publish { name, tenant } => {
                 let image = self.client.publish_image(&name, tenant.as_deref())?;
-                output::print(self.format, &image, |i| format!("image {} is public", i.name))?;
+                output::print(self.format, &image, |i| {
+                    format!("image {} is public", i.name)
+                })?;
             }
             ImageCmd::List => {
                 let images = self.client.list_images()?;

@@ -282,12 +282,11 @@ impl Client {
         }
         // A refusal (size, rights, name) comes before a byte is sent.
         req = req.header("expect", "100-continue");
-        let sent = req
-            .content_type("application/octet-stream")
-            .send(ureq::SendBody::from_owned_reader(io::BufReader::with_capacity(
-                1 << 20,
-                file,
-            )));
+        let sent =
+            req.content_type("application/octet-stream")
+                .send(ureq::SendBody::from_owned_reader(
+                    io::BufReader::with_capacity(1 << 20, file),
+                ));
         self.finish(sent)
     }
 

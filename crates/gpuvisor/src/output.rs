@@ -390,7 +390,11 @@ impl PullProgress {
             .iter()
             .filter(|l| l.state == "done" || l.state == "present")
             .count();
-        let what = if job.unpacking { "unpacking" } else { "pulling" };
+        let what = if job.unpacking {
+            "unpacking"
+        } else {
+            "pulling"
+        };
         format!(
             "{what} {}: layers {finished}/{}  {} / {}",
             job.reference,
@@ -411,7 +415,11 @@ impl PullProgress {
                 if (l.state == "done" || l.state == "present") && !self.reported.contains(&l.digest)
                 {
                     self.reported.push(l.digest.clone());
-                    let how = if l.state == "present" { "already here" } else { "downloaded" };
+                    let how = if l.state == "present" {
+                        "already here"
+                    } else {
+                        "downloaded"
+                    };
                     let _ = writeln!(
                         err,
                         "layer {} {how} ({})",
@@ -431,7 +439,12 @@ impl PullProgress {
             let _ = writeln!(err);
         }
         if job.state == "done" && !job.id.is_empty() {
-            let _ = writeln!(err, "pulled {} ({})", job.reference, job.digest.as_deref().unwrap_or(""));
+            let _ = writeln!(
+                err,
+                "pulled {} ({})",
+                job.reference,
+                job.digest.as_deref().unwrap_or("")
+            );
         }
     }
 }

@@ -106,7 +106,11 @@ impl Registry {
                  openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out srv.pem 2>/dev/null",
                 d = d.display()
             );
-            assert!(Command::new("sh").args(["-c", &sh]).status().unwrap().success());
+            assert!(Command::new("sh")
+                .args(["-c", &sh])
+                .status()
+                .unwrap()
+                .success());
             cfg.push_str(&format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
                 d.join("srv.pem").display(),
@@ -158,7 +162,12 @@ impl Registry {
     /// Pushes the image tagged `tag` in the OCI layout `layout` to `repo:tag`.
     fn push(&self, layout: &Path, tag: &str, repo: &str, extra: &[&str]) {
         let mut cmd = Command::new("skopeo");
-        cmd.args(["--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"]);
+        cmd.args([
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+        ]);
         // Layers as built (uncompressed stays uncompressed), unless a format change is asked.
         if !extra.contains(&"--format") {
             cmd.arg("--preserve-digests");
@@ -181,12 +190,22 @@ impl Registry {
     /// manifest it pushes, so it is asked, not computed).
     fn digest(&self, reference: &str) -> String {
         let mut cmd = Command::new("skopeo");
-        cmd.args(["--insecure-policy", "inspect", "--tls-verify=false", "--format", "{{.Digest}}"]);
+        cmd.args([
+            "--insecure-policy",
+            "inspect",
+            "--tls-verify=false",
+            "--format",
+            "{{.Digest}}",
+        ]);
         if let Some((u, p)) = &self.auth {
             cmd.args(["--creds", &format!("{u}:{p}")]);
         }
         let out = cmd.arg(format!("docker://{reference}")).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
@@ -443,7 +462,11 @@ fn pull(d: &Daemon, key: &str, args: &[&str]) -> (bool, Value, String) {
 
 fn pull_ok(d: &Daemon, key: &str, args: &[&str]) -> (Value, String) {
     let (ok, v, err) = pull(d, key, args);
-    assert!(ok, "pull {args:?} failed: {err}\n--- daemon log ---\n{}", d.log());
+    assert!(
+        ok,
+        "pull {args:?} failed: {err}\n--- daemon log ---\n{}",
+        d.log()
+    );
     (v, err)
 }
 
@@ -458,7 +481,14 @@ fn tenant(d: &Daemon, name: &str) -> String {
 
 fn login(d: &Daemon, key: &str, host: &str, user: &str, password: &str) -> std::process::Output {
     let mut c = Command::new(BIN)
-        .args(["registry", "login", host, "--username", user, "--password-stdin"])
+        .args([
+            "registry",
+            "login",
+            host,
+            "--username",
+            user,
+            "--password-stdin",
+        ])
         .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
         .env("GPUVISOR_API_KEY", key)
         .stdin(Stdio::piped())
@@ -494,20 +524,30 @@ fn api(d: &Daemon, key: &str, method: &str, path: &str, body: &str) -> (u16, Val
 /// Files left in the daemon's pull and staging areas.
 fn leftovers(d: &Daemon) -> Vec<String> {
     let mut out = Vec::new();
-    for sub in ["images/pull/partial", "images/pull/blobs/sha256", "images/tmp"] {
+    for sub in [
+        "images/pull/partial",
+        "images/pull/blobs/sha256",
+        "images/tmp",
+    ] {
         if let Ok(entries) = std::fs::read_dir(d.data().join(sub)) {
-            out.extend(entries.map(|e| format!("{sub}/{}", e.unwrap().file_name().to_string_lossy())));
+            out.extend(
+                entries.map(|e| format!("{sub}/{}", e.unwrap().file_name().to_string_lossy())),
+            );
         }
     }
     out
 }
 
 fn layer_dir(d: &Daemon, diff_id: &str) -> PathBuf {
-    d.data().join("images/layers").join(diff_id.replace(':', "-"))
+    d.data()
+        .join("images/layers")
+        .join(diff_id.replace(':', "-"))
 }
 
 fn layer_count(d: &Daemon) -> usize {
-    std::fs::read_dir(d.data().join("images/layers")).unwrap().count()
+    std::fs::read_dir(d.data().join("images/layers"))
+        .unwrap()
+        .count()
 }
 
 /// Waits (bounded) for `cond`; the bound only stops a hung test.
@@ -547,7 +587,11 @@ fn pulls_from_a_plain_http_registry() {
     let l2 = tar_of(&[(".wh.gone", Some(b"")), ("etc/two", Some(b"layer 2\n"))]);
     let l3 = tar_of(&[("etc/zstd", Some(b"from a zstd layer\n"))]);
     let multi = lay.image(
-        &[(l1.clone(), Comp::Gzip), (l2, Comp::Plain), (l3, Comp::Zstd)],
+        &[
+            (l1.clone(), Comp::Gzip),
+            (l2, Comp::Plain),
+            (l3, Comp::Zstd),
+        ],
         host_arch(),
         &["/bin/sh"],
     );
@@ -583,19 +627,41 @@ fn pulls_from_a_plain_http_registry() {
 
     // Docker v2 schema 2, sharing the gzip layer: downloaded and unpacked once.
     let l4 = tar_of(&[("etc/four", Some(b"four\n"))]);
-    let v2 = lay.image(&[(l1, Comp::Gzip), (l4, Comp::Gzip)], host_arch(), &["/bin/sh"]);
+    let v2 = lay.image(
+        &[(l1, Comp::Gzip), (l4, Comp::Gzip)],
+        host_arch(),
+        &["/bin/sh"],
+    );
     lay.tag(&v2, "v2");
     reg.push(&lay.dir, "v2", "test/docker", &["--format", "v2s2"]);
     let before = layer_count(&d);
-    let (img2, err) = pull_ok(&d, &d.key, &[&format!("{host}/test/docker:v2"), "--name", "dockerish"]);
+    let (img2, err) = pull_ok(
+        &d,
+        &d.key,
+        &[&format!("{host}/test/docker:v2"), "--name", "dockerish"],
+    );
     assert_eq!(img2["name"], "dockerish");
-    assert_eq!(layer_count(&d), before + 1, "only the new layer is unpacked");
-    assert!(err.contains("already here"), "the shared layer was downloaded again: {err}");
+    assert_eq!(
+        layer_count(&d),
+        before + 1,
+        "only the new layer is unpacked"
+    );
+    assert!(
+        err.contains("already here"),
+        "the shared layer was downloaded again: {err}"
+    );
 
     // A manifest list with two platforms: the host's is pulled.
-    let other = if host_arch() == "amd64" { "arm64" } else { "amd64" };
+    let other = if host_arch() == "amd64" {
+        "arm64"
+    } else {
+        "amd64"
+    };
     let mine = lay.image(
-        &[(tar_of(&[("platform", Some(host_arch().as_bytes()))]), Comp::Gzip)],
+        &[(
+            tar_of(&[("platform", Some(host_arch().as_bytes()))]),
+            Comp::Gzip,
+        )],
         host_arch(),
         &["/bin/sh"],
     );
@@ -606,7 +672,11 @@ fn pulls_from_a_plain_http_registry() {
     );
     lay.tag_list(&[(&theirs, other), (&mine, host_arch())], "multiarch");
     reg.push(&lay.dir, "multiarch", "test/list", &["--all"]);
-    let (img3, _) = pull_ok(&d, &d.key, &[&format!("{host}/test/list:multiarch"), "--name", "listed"]);
+    let (img3, _) = pull_ok(
+        &d,
+        &d.key,
+        &[&format!("{host}/test/list:multiarch"), "--name", "listed"],
+    );
     // `--all` pushes the index and its manifests as they are.
     assert_eq!(img3["digest"], mine.manifest.as_str(), "{img3}");
     assert_eq!(
@@ -626,12 +696,22 @@ fn pulls_from_a_plain_http_registry() {
     let served = reg.blob_file(&bad.layers[0].0);
     let len = std::fs::metadata(&served).unwrap().len() as usize;
     std::fs::write(&served, noise(len, 7)).unwrap();
-    let (ok, _, err) = pull(&d, &d.key, &[&format!("{host}/test/bad:bad"), "--name", "bad"]);
+    let (ok, _, err) = pull(
+        &d,
+        &d.key,
+        &[&format!("{host}/test/bad:bad"), "--name", "bad"],
+    );
     assert!(!ok);
     assert!(err.contains("digest mismatch"), "{err}");
     assert!(!layer_dir(&d, &bad.layers[0].1).exists());
     assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
-    let names: Vec<String> = d.json(&["image", "list"]).as_array().unwrap().iter().map(|i| i["name"].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = d
+        .json(&["image", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
     assert!(!names.contains(&"bad".to_string()), "{names:?}");
 
     // A tenant pulls on first use with `instance create --image REF`; the image is its own.
@@ -639,7 +719,10 @@ fn pulls_from_a_plain_http_registry() {
     let bb = lay.image(
         &[
             (tar_dir(&rootfs), Comp::Gzip),
-            (tar_of(&[("marker", Some(b"pulled and running\n"))]), Comp::Zstd),
+            (
+                tar_of(&[("marker", Some(b"pulled and running\n"))]),
+                Comp::Zstd,
+            ),
         ],
         host_arch(),
         &["sleep", "1000000"],
@@ -649,7 +732,9 @@ fn pulls_from_a_plain_http_registry() {
     let alice = tenant(&d, "alice");
     let bob = tenant(&d, "bob");
     let bbref = format!("{host}/test/busybox:1");
-    let mut args = vec!["-o", "json", "instance", "create", "--image", &bbref, "--wait"];
+    let mut args = vec![
+        "-o", "json", "instance", "create", "--image", &bbref, "--wait",
+    ];
     args.extend(common::SMALL);
     let out = d.cli_as(&alice, &args);
     assert!(
@@ -667,7 +752,11 @@ fn pulls_from_a_plain_http_registry() {
     let mut again = args.clone();
     again.extend(["--name", "second"]);
     let out = d.cli_as(&alice, &again);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("pulled"));
 
     // Bob sees neither the image nor can start from it; alice sees hers and the public ones.
@@ -676,13 +765,21 @@ fn pulls_from_a_plain_http_registry() {
     let alices = d.json_as(&alice, &["image", "list"]);
     assert!(alices.to_string().contains("test/busybox"), "{alices}");
     let out = d.cli_as(&bob, &["image", "rm", &bbref]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = d.cli_as(&bob, &["image", "publish", &bbref]);
     assert!(!out.status.success());
     // Publishing (admin) makes it everyone's.
     let p = d.json(&["image", "publish", &bbref]);
     assert!(p.get("tenant").is_none(), "{p}");
-    assert!(d.json_as(&bob, &["image", "list"]).to_string().contains("test/busybox"));
+    assert!(d
+        .json_as(&bob, &["image", "list"])
+        .to_string()
+        .contains("test/busybox"));
     d.terminate_all();
 }
 
@@ -700,7 +797,11 @@ fn pulls_over_tls_with_per_tenant_credentials() {
     let d = daemon(&["--registry-ca", ca.to_str().unwrap()]);
     let layouts = tempfile::TempDir::new().unwrap();
     let mut lay = Layout::new(layouts.path().join("oci"));
-    let img = lay.image(&[(tar_of(&[("secret", Some(b"private\n"))]), Comp::Gzip)], host_arch(), &["/bin/sh"]);
+    let img = lay.image(
+        &[(tar_of(&[("secret", Some(b"private\n"))]), Comp::Gzip)],
+        host_arch(),
+        &["/bin/sh"],
+    );
     lay.tag(&img, "v1");
     reg.push(&lay.dir, "v1", "team/private", &[]);
     let reference = format!("{host}/team/private:v1");
@@ -710,21 +811,39 @@ fn pulls_over_tls_with_per_tenant_credentials() {
     // No login: refused, and the message says what to do.
     let (ok, _, err) = pull(&d, &alice, &[&reference]);
     assert!(!ok);
-    assert!(err.contains("refused access") && err.contains("registry login"), "{err}");
+    assert!(
+        err.contains("refused access") && err.contains("registry login"),
+        "{err}"
+    );
     // A wrong password: the same.
     let out = login(&d, &alice, &host, "pusher", "wrong");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (ok, _, err) = pull(&d, &alice, &[&reference]);
     assert!(!ok && err.contains("refused access"), "{err}");
     // The right one.
     let out = login(&d, &alice, &host, "pusher", "s3cret-Passw0rd");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (v, _) = pull_ok(&d, &alice, &[&reference]);
     assert_eq!(v["digest"], reg.digest(&reference).as_str());
     // Bob has no login: alice's is not his.
     let (ok, _, err) = pull(&d, &bob, &[&reference, "--name", "bobs"]);
-    assert!(!ok && err.contains("refused access"), "bob used alice's login: {err}");
-    assert!(d.json_as(&bob, &["registry", "list"]).as_array().unwrap().is_empty());
+    assert!(
+        !ok && err.contains("refused access"),
+        "bob used alice's login: {err}"
+    );
+    assert!(d
+        .json_as(&bob, &["registry", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
 
     // Hosts and usernames only, never the password: not in answers, logs or the store file.
     let list = d.json_as(&alice, &["registry", "list"]);
@@ -745,7 +864,10 @@ fn pulls_over_tls_with_per_tenant_credentials() {
     }
     let key = d.data().join("keys/registry.key");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     // Logout forgets it.
     d.json_as(&alice, &["registry", "logout", &host]);
     let (ok, _, _) = pull(&d, &alice, &[&reference, "--name", "again"]);
@@ -765,7 +887,11 @@ fn pull_policy_and_uploads() {
     let d = daemon(&["--tenant-pull", "deny", "--max-upload", "64KiB"]);
     let layouts = tempfile::TempDir::new().unwrap();
     let mut lay = Layout::new(layouts.path().join("oci"));
-    let img = lay.image(&[(tar_of(&[("f", Some(b"x\n"))]), Comp::Gzip)], host_arch(), &["/bin/sh"]);
+    let img = lay.image(
+        &[(tar_of(&[("f", Some(b"x\n"))]), Comp::Gzip)],
+        host_arch(),
+        &["/bin/sh"],
+    );
     lay.tag(&img, "v1");
     tls.push(&lay.dir, "v1", "a/b", &[]);
     plain.push(&lay.dir, "v1", "a/b", &[]);
@@ -774,16 +900,29 @@ fn pull_policy_and_uploads() {
     let (ok, _, err) = pull(&d, &t, &[&format!("{}/a/b:v1", plain.host())]);
     assert!(!ok && err.contains("reserved to admins"), "{err}");
     let (ok, _, err) = pull(&d, &d.key, &[&format!("{}/a/b:v1", tls.host())]);
-    assert!(!ok && err.to_ascii_lowercase().contains("certificate"), "{err}");
+    assert!(
+        !ok && err.to_ascii_lowercase().contains("certificate"),
+        "{err}"
+    );
     let (ok, _, err) = pull(&d, &d.key, &[&format!("{}/a/b:v1", plain.host())]);
     assert!(!ok, "plain HTTP without --insecure-registry: {err}");
 
     // An upload over the cap is refused before it is read.
     let tarball = layouts.path().join("img.tar");
     std::fs::write(&tarball, noise(1 << 20, 3)).unwrap();
-    let out = d.cli(&["image", "import", tarball.to_str().unwrap(), "--name", "big"]);
+    let out = d.cli(&[
+        "image",
+        "import",
+        tarball.to_str().unwrap(),
+        "--name",
+        "big",
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("limits.max_upload"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("limits.max_upload"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
 }
 
@@ -797,27 +936,45 @@ fn import_uploads_a_local_archive() {
     let d = daemon(&[]);
     let t = tempfile::TempDir::new().unwrap();
     let mut lay = Layout::new(t.path().join("oci"));
-    let img = lay.image(&[(tar_of(&[("up", Some(b"uploaded\n"))]), Comp::Zstd)], host_arch(), &["/bin/sh"]);
+    let img = lay.image(
+        &[(tar_of(&[("up", Some(b"uploaded\n"))]), Comp::Zstd)],
+        host_arch(),
+        &["/bin/sh"],
+    );
     lay.tag(&img, "v1");
     // The daemon runs in another directory: a relative path only works as an upload.
     let tarball = t.path().join("img.tar");
     std::fs::write(&tarball, tar_dir(&lay.dir)).unwrap();
     let out = Command::new(BIN)
         .current_dir(t.path())
-        .args(["-o", "json", "image", "import", "img.tar", "--name", "uploaded"])
+        .args([
+            "-o", "json", "image", "import", "img.tar", "--name", "uploaded",
+        ])
         .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
         .env("GPUVISOR_API_KEY", &d.key)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["digest"], img.manifest.as_str());
     assert!(layer_dir(&d, &img.layers[0].1).join("up").is_file());
     assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
     // Tenants may not upload.
     let tk = tenant(&d, "t");
-    let out = d.cli_as(&tk, &["image", "import", tarball.to_str().unwrap(), "--name", "t"]);
-    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = d.cli_as(
+        &tk,
+        &["image", "import", tarball.to_str().unwrap(), "--name", "t"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // ---- a proxy that cuts or holds a blob download ------------------------------------------------
@@ -881,10 +1038,16 @@ fn proxy_conn(client: TcpStream, upstream: u16, st: Arc<ProxyState>) {
             };
             let text = String::from_utf8_lossy(&buf[..n]).into_owned();
             let watch = st2.watch.lock().unwrap().clone();
-            if !watch.is_empty() && text.starts_with("GET ") && text.lines().next().unwrap_or("").contains(&watch) {
+            if !watch.is_empty()
+                && text.starts_with("GET ")
+                && text.lines().next().unwrap_or("").contains(&watch)
+            {
                 st2.gets.fetch_add(1, Ordering::SeqCst);
                 w2.store(true, Ordering::SeqCst);
-                if let Some(r) = text.lines().find(|l| l.to_ascii_lowercase().starts_with("range:")) {
+                if let Some(r) = text
+                    .lines()
+                    .find(|l| l.to_ascii_lowercase().starts_with("range:"))
+                {
                     st2.ranges.lock().unwrap().push(r.to_string());
                 }
             } else if text.starts_with("GET ") || text.starts_with("HEAD ") {
@@ -956,12 +1119,21 @@ fn interrupted_pulls_resume() {
     let reference = format!("{host}/big/one:one");
     let (ok, _, err) = pull(&d, &d.key, &[&reference]);
     assert!(!ok);
-    assert!(err.contains("lost the connection") || err.contains("ended early"), "{err}");
-    let partial = d.data().join("images/pull/partial").join(hex(&one.layers[0].0));
+    assert!(
+        err.contains("lost the connection") || err.contains("ended early"),
+        "{err}"
+    );
+    let partial = d
+        .data()
+        .join("images/pull/partial")
+        .join(hex(&one.layers[0].0));
     let kept = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
     assert!(kept > 0, "the partial download was not kept");
     let (v, _) = pull_ok(&d, &d.key, &[&reference]);
-    assert_eq!(v["digest"], reg.digest(&format!("{}/big/one:one", reg.host())).as_str());
+    assert_eq!(
+        v["digest"],
+        reg.digest(&format!("{}/big/one:one", reg.host())).as_str()
+    );
     let ranges = proxy.state.ranges.lock().unwrap().clone();
     assert!(
         ranges.iter().any(|r| r.contains(&format!("bytes={kept}-"))),
@@ -979,7 +1151,10 @@ fn interrupted_pulls_resume() {
     let body = json!({"reference": format!("{host}/big/two:two")}).to_string();
     let (st, job) = api(&d, &d.key, "POST", "/v1/images/pulls", &body);
     assert_eq!(st, 200, "{job}");
-    let partial = d.data().join("images/pull/partial").join(hex(&two.layers[0].0));
+    let partial = d
+        .data()
+        .join("images/pull/partial")
+        .join(hex(&two.layers[0].0));
     wait_for("a partial download", || {
         std::fs::metadata(&partial).is_ok_and(|m| m.len() >= 2 << 20)
     });
@@ -993,7 +1168,10 @@ fn interrupted_pulls_resume() {
         j["state"] == "done"
     });
     let ranges = proxy.state.ranges.lock().unwrap().clone();
-    assert!(ranges.iter().any(|r| !r.contains("bytes=0-")), "not resumed: {ranges:?}");
+    assert!(
+        ranges.iter().any(|r| !r.contains("bytes=0-")),
+        "not resumed: {ranges:?}"
+    );
     assert!(d.json(&["image", "list"]).to_string().contains("big/two"));
 
     // 3. Two pulls of one layer at once: one download; the second waits for it.
@@ -1004,12 +1182,30 @@ fn interrupted_pulls_resume() {
     proxy.state.released.store(false, Ordering::SeqCst);
     proxy.state.hold_after.store(1 << 20, Ordering::SeqCst);
     let r3 = format!("{host}/big/three:three");
-    let (_, a) = api(&d, &d.key, "POST", "/v1/images/pulls", &json!({"reference": r3, "name": "copy-a"}).to_string());
-    let (_, b) = api(&d, &d.key, "POST", "/v1/images/pulls", &json!({"reference": r3, "name": "copy-b"}).to_string());
-    let (ia, ib) = (a["id"].as_str().unwrap().to_string(), b["id"].as_str().unwrap().to_string());
+    let (_, a) = api(
+        &d,
+        &d.key,
+        "POST",
+        "/v1/images/pulls",
+        &json!({"reference": r3, "name": "copy-a"}).to_string(),
+    );
+    let (_, b) = api(
+        &d,
+        &d.key,
+        "POST",
+        "/v1/images/pulls",
+        &json!({"reference": r3, "name": "copy-b"}).to_string(),
+    );
+    let (ia, ib) = (
+        a["id"].as_str().unwrap().to_string(),
+        b["id"].as_str().unwrap().to_string(),
+    );
     wait_for("both pulls to reach the layer", || {
         let (_, jb) = api(&d, &d.key, "GET", &format!("/v1/images/pulls/{ib}"), "");
-        !jb["layers"].as_array().map(|l| l.is_empty()).unwrap_or(true)
+        !jb["layers"]
+            .as_array()
+            .map(|l| l.is_empty())
+            .unwrap_or(true)
             && proxy.state.gets.load(Ordering::SeqCst) >= 1
     });
     proxy.state.released.store(true, Ordering::SeqCst);
@@ -1020,6 +1216,10 @@ fn interrupted_pulls_resume() {
             j["state"] == "done"
         });
     }
-    assert_eq!(proxy.state.gets.load(Ordering::SeqCst), 1, "the layer was downloaded twice");
+    assert_eq!(
+        proxy.state.gets.load(Ordering::SeqCst),
+        1,
+        "the layer was downloaded twice"
+    );
     assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
 }

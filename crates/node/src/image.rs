@@ -280,7 +280,10 @@ impl ImageStore {
     ) -> Result<ImportedImage, ImageError> {
         let _lock = self.lock(FlockArg::LockShared)?;
         if sha256_digest(manifest) != digest {
-            return Err(bad(shown, format!("manifest digest mismatch: expected {digest}")));
+            return Err(bad(
+                shown,
+                format!("manifest digest mismatch: expected {digest}"),
+            ));
         }
         let doc: ManifestDoc = serde_json::from_slice(manifest)
             .map_err(|e| bad(shown, format!("manifest {digest}: {e}")))?;
@@ -895,9 +898,7 @@ pub struct Upload {
 
 impl Upload {
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), ImageError> {
-        self.file
-            .write_all(bytes)
-            .map_err(io_at(&self.tmp.path))?;
+        self.file.write_all(bytes).map_err(io_at(&self.tmp.path))?;
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -910,7 +911,11 @@ impl Upload {
     /// file is removed whatever the outcome.
     pub fn finish(self) -> Result<ImportedImage, ImageError> {
         self.file.sync_all().map_err(io_at(&self.tmp.path))?;
-        if fs::metadata(&self.tmp.path).map_err(io_at(&self.tmp.path))?.len() == 0 {
+        if fs::metadata(&self.tmp.path)
+            .map_err(io_at(&self.tmp.path))?
+            .len()
+            == 0
+        {
             return Err(bad(Path::new("upload"), "the uploaded archive is empty"));
         }
         let out = self.store.import(&self.tmp.path);
@@ -1904,7 +1909,9 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// gzip), decoded by `ruzstd` (pure Rust: no C library to build).
 struct ZstdFrames<R: Read> {
     /// The decoder of the current frame; `None` between frames.
-    frame: Option<ruzstd::decoding::StreamingDecoder<io::BufReader<R>, ruzstd::decoding::FrameDecoder>>,
+    frame: Option<
+        ruzstd::decoding::StreamingDecoder<io::BufReader<R>, ruzstd::decoding::FrameDecoder>,
+    >,
     /// The source between frames.
     source: Option<io::BufReader<R>>,
 }

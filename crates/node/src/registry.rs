@@ -587,7 +587,11 @@ pub fn host_arch() -> &'static str {
 
 fn hex_of(digest: &str) -> Result<String, RegistryError> {
     match digest.strip_prefix("sha256:") {
-        Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) => {
+        Some(h)
+            if h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+        {
             Ok(h.to_string())
         }
         _ => Err(RegistryError::Invalid(format!(
@@ -715,10 +719,12 @@ impl Sealer {
             }
             Err(e) => return Err(io_err(&path)(e)),
         }
-        let unbound = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key)
-            .map_err(|_| RegistryError::Io {
-                path: path.clone(),
-                why: "bad key".into(),
+        let unbound =
+            ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key).map_err(|_| {
+                RegistryError::Io {
+                    path: path.clone(),
+                    why: "bad key".into(),
+                }
             })?;
         Ok(Self {
             key: ring::aead::LessSafeKey::new(unbound),
@@ -747,7 +753,9 @@ impl Sealer {
 
     /// Opens what [`Sealer::seal`] made with the same `aad`.
     pub fn unseal(&self, aad: &[u8], sealed: &str) -> Result<Vec<u8>, RegistryError> {
-        let fail = || RegistryError::Invalid("stored credentials do not open with this daemon's key (keys/registry.key changed?): log in again".into());
+        let fail = || {
+            RegistryError::Invalid("stored credentials do not open with this daemon's key (keys/registry.key changed?): log in again".into())
+        };
         let hexed = sealed.strip_prefix(SEAL_PREFIX).ok_or_else(fail)?;
         if hexed.len() % 2 != 0 || hexed.len() < 2 * (12 + 16) {
             return Err(fail());
@@ -781,11 +789,17 @@ mod tests {
         let s = Sealer::open(t.path()).unwrap();
         let sealed = s.seal(b"tenant-a\0reg:5000", b"hunter2").unwrap();
         assert!(!sealed.contains("hunter2"));
-        assert_eq!(s.unseal(b"tenant-a\0reg:5000", &sealed).unwrap(), b"hunter2");
+        assert_eq!(
+            s.unseal(b"tenant-a\0reg:5000", &sealed).unwrap(),
+            b"hunter2"
+        );
         assert!(s.unseal(b"tenant-b\0reg:5000", &sealed).is_err());
         // The key persists: a second open reads the same key.
         let again = Sealer::open(t.path()).unwrap();
-        assert_eq!(again.unseal(b"tenant-a\0reg:5000", &sealed).unwrap(), b"hunter2");
+        assert_eq!(
+            again.unseal(b"tenant-a\0reg:5000", &sealed).unwrap(),
+            b"hunter2"
+        );
         let mode = fs::metadata(t.path().join("keys/registry.key"))
             .unwrap()
             .permissions()

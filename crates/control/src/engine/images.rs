@@ -89,8 +89,7 @@ fn normal_host(host: &str) -> Result<String> {
     };
     let ok = !h.is_empty()
         && h.len() <= 255
-        && h
-            .bytes()
+        && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
     if ok {
         Ok(h.to_string())
@@ -492,7 +491,11 @@ impl Engine {
             .collect())
     }
 
-    async fn credentials_for(&self, tenant_id: &str, reference: &str) -> Result<Option<Credentials>> {
+    async fn credentials_for(
+        &self,
+        tenant_id: &str,
+        reference: &str,
+    ) -> Result<Option<Credentials>> {
         let host = gpuvisor_node::registry::reference_host(reference)
             .map_err(|e| invalid(e.to_string()))?;
         let host = normal_host(&host)?;
@@ -782,7 +785,10 @@ impl Engine {
                 name: row.name,
                 tenant: names.get(&row.tenant_id).cloned().unwrap_or_default(),
                 state: row.state,
-                code: row.error.as_ref().map(|_| wire::code::UNAVAILABLE.to_string()),
+                code: row
+                    .error
+                    .as_ref()
+                    .map(|_| wire::code::UNAVAILABLE.to_string()),
                 error: row.error,
                 digest: row.digest,
                 layers: Vec::new(),
@@ -804,7 +810,10 @@ impl Engine {
             if since.is_none_or(|v| v != view.version) || view.state != RUNNING {
                 return Ok(view);
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return Ok(view);
             }
         }

@@ -19,9 +19,7 @@ use crate::error::{invalid, EngineError, Result};
 use crate::placement::{
     Assignment, Cluster, Demand, GpuSlot, HostCapacity, PlacementError, Placer, Resident, SimNode,
 };
-use crate::store::{
-    EventRow, InstanceRow, InstanceSpec, KeyRow, Store, TenantRow, VolumeRow,
-};
+use crate::store::{EventRow, InstanceRow, InstanceSpec, KeyRow, Store, TenantRow, VolumeRow};
 use gpuvisor_node::Node;
 use gpuvisor_wire as wire;
 use gpuvisor_wire::{InstanceState, Role};
@@ -876,12 +874,16 @@ impl Engine {
             ));
         }
         // The tenant's own image of that name, else the public one (engine::images).
-        let image = self.store.image_visible(&who.tenant_id, &req.image).await?.ok_or_else(|| {
-            EngineError::NotFound(format!(
-                "image {:?} not found (see `gpuvisor image list`)",
-                req.image
-            ))
-        })?;
+        let image = self
+            .store
+            .image_visible(&who.tenant_id, &req.image)
+            .await?
+            .ok_or_else(|| {
+                EngineError::NotFound(format!(
+                    "image {:?} not found (see `gpuvisor image list`)",
+                    req.image
+                ))
+            })?;
         if let Some(m) = &req.gpu_model {
             let host_gpus: Vec<_> = self
                 .node

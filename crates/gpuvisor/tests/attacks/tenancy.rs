@@ -154,7 +154,10 @@ fn every_route_is_scoped_by_tenant() {
         (
             "POST",
             "/v1/images/pulls",
-            with(row(200, 200, 200), r#"{"reference":"127.0.0.1:9/none/none:x","name":"nothing"}"#),
+            with(
+                row(200, 200, 200),
+                r#"{"reference":"127.0.0.1:9/none/none:x","name":"nothing"}"#,
+            ),
         ),
         ("GET", "/v1/images/pulls/{id}", row(404, 404, 404)),
         ("GET", "/v1/registries", row(200, 200, 200)),
@@ -162,7 +165,10 @@ fn every_route_is_scoped_by_tenant() {
         (
             "POST",
             "/v1/registries",
-            with(row(200, 200, 200), r#"{"host":"reg.example:5000","username":"u","password":"p"}"#),
+            with(
+                row(200, 200, 200),
+                r#"{"host":"reg.example:5000","username":"u","password":"p"}"#,
+            ),
         ),
         ("DELETE", "/v1/registries/{host}", row(200, 200, 200)),
         ("GET", "/v1/volumes", row(200, 200, 200)),
