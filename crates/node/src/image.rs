@@ -405,6 +405,21 @@ impl ImageStore {
             fs::remove_dir_all(&trash).map_err(io_at(&trash))?;
             tracing::debug!(layer = %hex, "removed unused layer");
         }
+        // Registry downloads abandoned for a day (a resumed pull keeps writing its file).
+        let partial = self.root.join("pull").join("partial");
+        if let Ok(entries) = fs::read_dir(&partial) {
+            let day = std::time::Duration::from_secs(86_400);
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let stale = fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > day));
+                if stale {
+                    freed += tree_size(&path).unwrap_or(0);
+                    remove_any(&path).map_err(io_at(&path))?;
+                }
+            }
+        }
         let blobmap = self.root.join("blobmap");
         for entry in fs::read_dir(&blobmap).map_err(io_at(&blobmap))? {
             let path = entry.map_err(io_at(&blobmap))?.path();

@@ -48,9 +48,18 @@ pub struct RegistryState {
     settings: RwLock<RegistrySettings>,
     puller: Mutex<Option<Arc<Puller>>>,
     sealer: Mutex<Option<Arc<Sealer>>>,
-    jobs: Mutex<HashMap<String, Arc<Mutex<wire::ImagePull>>>>,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
     changed: tokio::sync::watch::Sender<u64>,
 }
+
+/// A pull job in memory: its tenant (by id) and what readers see.
+struct Job {
+    tenant_id: String,
+    view: Mutex<wire::ImagePull>,
+}
+
+/// Finished jobs stay in memory this long (then their row answers, without layer detail).
+const KEEP_FINISHED_MS: i64 = 10 * 60 * 1000;
 
 const RUNNING: &str = "running";
 const DONE: &str = "done";
@@ -561,10 +570,10 @@ impl Engine {
         // One job per tenant and name at a time: a second `create --image REF` joins it.
         {
             let jobs = self.registry.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            for j in jobs.values() {
-                let j = j.lock().unwrap_or_else(|p| p.into_inner());
-                if j.state == RUNNING && j.name == name && j.tenant == who.tenant {
-                    return Ok(j.clone());
+            for j in jobs.values().filter(|j| j.tenant_id == who.tenant_id) {
+                let v = j.view.lock().unwrap_or_else(|p| p.into_inner());
+                if v.state == RUNNING && v.name == name {
+                    return Ok(v.clone());
                 }
             }
         }
@@ -605,20 +614,27 @@ impl Engine {
             created_at: row.created_at,
             updated_at: row.updated_at,
         };
-        let job = Arc::new(Mutex::new(view.clone()));
-        self.registry
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(row.id.clone(), job.clone());
+        let job = Arc::new(Job {
+            tenant_id: row.tenant_id.clone(),
+            view: Mutex::new(view.clone()),
+        });
+        {
+            let mut jobs = self.registry.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let old = now_ms() - KEEP_FINISHED_MS;
+            jobs.retain(|_, j| {
+                let v = j.view.lock().unwrap_or_else(|p| p.into_inner());
+                v.state == RUNNING || v.updated_at > old
+            });
+            jobs.insert(row.id.clone(), job.clone());
+        }
         let engine = self.clone();
         tokio::spawn(async move { engine.run_pull(row, job).await });
         view
     }
 
-    fn bump(&self, job: &Mutex<wire::ImagePull>, f: impl FnOnce(&mut wire::ImagePull)) {
+    fn bump(&self, job: &Job, f: impl FnOnce(&mut wire::ImagePull)) {
         {
-            let mut j = job.lock().unwrap_or_else(|p| p.into_inner());
+            let mut j = job.view.lock().unwrap_or_else(|p| p.into_inner());
             f(&mut j);
             j.version += 1;
             j.updated_at = now_ms();
@@ -626,7 +642,7 @@ impl Engine {
         self.registry.changed.send_modify(|v| *v += 1);
     }
 
-    async fn run_pull(self: Arc<Self>, row: PullRow, job: Arc<Mutex<wire::ImagePull>>) {
+    async fn run_pull(self: Arc<Self>, row: PullRow, job: Arc<Job>) {
         tracing::info!(pull = %row.id, reference = %row.reference, "pull started");
         let outcome = self.do_pull(&row, &job).await;
         let at = now_ms();
@@ -670,7 +686,7 @@ impl Engine {
     async fn do_pull(
         &self,
         row: &PullRow,
-        job: &Arc<Mutex<wire::ImagePull>>,
+        job: &Arc<Job>,
     ) -> std::result::Result<wire::Image, (&'static str, String)> {
         let engine_err = |e: EngineError| (e.code(), e.to_string());
         let creds = self
@@ -734,6 +750,14 @@ impl Engine {
             source: row.reference.clone(),
             created_at: now_ms(),
         };
+        // A daemon killed between recording the image and the job resumes the job: the image
+        // it finds is this pull's own.
+        if let Ok(Some(same)) = self.store.image_of(&row.tenant_id, &row.name).await {
+            if same.digest == img.digest && same.source == img.source {
+                let names = self.tenant_names().await.map_err(engine_err)?;
+                return Ok(Self::wire_image(same, &names));
+            }
+        }
         self.store.insert_image(&img).await.map_err(|e| match e {
             crate::store::StoreError::Conflict(_) => (
                 wire::code::ALREADY_EXISTS,
@@ -803,10 +827,10 @@ impl Engine {
         let mut rx = self.registry.changed.subscribe();
         loop {
             rx.mark_unchanged();
-            let view = job.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            if !who.is_admin() && view.tenant != who.tenant {
+            if !who.is_admin() && job.tenant_id != who.tenant_id {
                 return Err(missing());
             }
+            let view = job.view.lock().unwrap_or_else(|p| p.into_inner()).clone();
             if since.is_none_or(|v| v != view.version) || view.state != RUNNING {
                 return Ok(view);
             }
