@@ -1048,7 +1048,17 @@ impl Ctx {
                 }
             }
             let since = job.version;
-            job = self.client.get_pull(&job.id, Some(since), 5000)?;
+            // A daemon restarting resumes the job: wait for it to come back (bounded).
+            let mut tries = 0;
+            job = loop {
+                match self.client.get_pull(&job.id, Some(since), 5000) {
+                    Err(ClientError::Unreachable { .. }) if tries < 60 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    other => break other?,
+                }
+            };
             // At most ~5 redraws a second however fast bytes arrive.
             if job.state == "running" {
                 std::thread::sleep(Duration::from_millis(200));
