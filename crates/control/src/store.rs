@@ -875,6 +875,38 @@ impl Store {
         .collect()
     }
 
+    /// How many private images a tenant owns (for `tenant rm`: objects it still owns).
+    pub async fn tenant_image_count(&self, tenant_id: &str) -> Result<u64> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM images WHERE owner = $1")
+            .bind(tenant_id.to_string())
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Removes a tenant's private images, registry logins and pull jobs (for `tenant rm`; the
+    /// caller garbage-collects the layers afterwards). Returns the images removed.
+    pub async fn delete_tenant_registry_data(&self, tenant_id: &str) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let images = sqlx::query("DELETE FROM images WHERE owner = $1")
+            .bind(tenant_id.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        for sql in [
+            "DELETE FROM registry_credentials WHERE tenant_id = $1",
+            "DELETE FROM image_pulls WHERE tenant_id = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(tenant_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(images)
+    }
+
     /// Forgets finished pull jobs older than `before`.
     pub async fn prune_pulls(&self, before: i64) -> Result<u64> {
         let r = sqlx::query("DELETE FROM image_pulls WHERE state <> 'running' AND updated_at < $1")

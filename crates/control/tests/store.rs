@@ -767,6 +767,37 @@ async fn image_owners_credentials_and_pulls() {
             "{backend}"
         );
         assert_eq!(store.prune_pulls(10).await.unwrap(), 1, "{backend}");
+
+        // What `tenant rm` removes of a tenant's registry data.
+        let theirs = ImageRow {
+            owner: b.id.clone(),
+            ..image_row("b-app", 3)
+        };
+        store.insert_image(&theirs).await.unwrap();
+        store.put_credential(&cred(&b.id, "u")).await.unwrap();
+        assert_eq!(
+            store.tenant_image_count(&b.id).await.unwrap(),
+            1,
+            "{backend}"
+        );
+        assert_eq!(
+            store.delete_tenant_registry_data(&b.id).await.unwrap(),
+            1,
+            "{backend}"
+        );
+        assert_eq!(
+            store.tenant_image_count(&b.id).await.unwrap(),
+            0,
+            "{backend}"
+        );
+        assert!(
+            store.credentials(&b.id).await.unwrap().is_empty(),
+            "{backend}"
+        );
+        assert!(
+            store.image("app").await.unwrap().is_some(),
+            "{backend}: public kept"
+        );
     })
     .await;
 }

@@ -843,6 +843,45 @@ impl Engine {
         }
     }
 
+    /// For `tenant rm --cascade`: drops the tenant's private images (refused while one of its
+    /// instances still uses one), registry logins and pull jobs, then the layers no image
+    /// needs any more. Running pulls of the tenant finish into nothing: their insert fails.
+    pub async fn forget_tenant_images(&self, tenant_id: &str) -> Result<u64> {
+        let mine: Vec<String> = self
+            .store
+            .images()
+            .await?
+            .into_iter()
+            .filter(|i| i.owner == tenant_id)
+            .map(|i| i.name)
+            .collect();
+        if let Some(user) = self
+            .store
+            .live_instances(Some(tenant_id))
+            .await?
+            .into_iter()
+            .find(|i| mine.contains(&i.image))
+        {
+            return Err(EngineError::InUse(format!(
+                "image {:?} is used by instance {}: terminate it first",
+                user.image, user.id
+            )));
+        }
+        let n = self.store.delete_tenant_registry_data(tenant_id).await?;
+        if n > 0 {
+            let keep: Vec<String> = self
+                .store
+                .images()
+                .await?
+                .into_iter()
+                .flat_map(|i| i.layers)
+                .collect();
+            let node = self.node.clone();
+            let _ = tokio::task::spawn_blocking(move || node.images.gc(&keep)).await;
+        }
+        Ok(n)
+    }
+
     /// Resumes pull jobs a previous daemon left running (at start-up); forgets finished jobs
     /// older than a day.
     pub async fn resume_pulls(self: &Arc<Self>) -> Result<usize> {
