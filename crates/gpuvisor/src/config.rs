@@ -52,6 +52,8 @@ pub struct Config {
 pub struct RegistrySection {
     /// Whether tenants (not only admins) may pull images [default: true].
     pub tenant_pull: bool,
+    /// Registries tenants may pull from (empty: any).
+    pub tenant_hosts: Vec<String>,
     /// Registries (`host[:port]`) spoken to over plain HTTP; every other one over verified TLS.
     pub insecure: Vec<String>,
     /// A PEM file of extra CA certificates trusted for registry TLS.
@@ -62,6 +64,7 @@ impl Default for RegistrySection {
     fn default() -> Self {
         Self {
             tenant_pull: true,
+            tenant_hosts: Vec::new(),
             insecure: Vec::new(),
             ca_file: None,
         }
@@ -73,6 +76,7 @@ impl Default for RegistrySection {
 #[serde(deny_unknown_fields)]
 struct RegistryFile {
     tenant_pull: Option<bool>,
+    tenant_hosts: Option<Vec<String>>,
     insecure: Option<Vec<String>>,
     ca_file: Option<PathBuf>,
 }
@@ -89,12 +93,19 @@ pub struct RegistryOverrides {
     /// Whether tenants may pull images: allow or deny [registry.tenant_pull].
     #[arg(long = "tenant-pull", value_name = "allow|deny")]
     pub tenant_pull: Option<String>,
+    /// A registry (host[:port]) tenants may pull from; repeatable; none: any
+    /// [registry.tenant_hosts].
+    #[arg(long = "tenant-registry", value_name = "HOST")]
+    pub tenant_registry: Vec<String>,
 }
 
 impl RegistrySection {
     fn apply_file(&mut self, f: RegistryFile) {
         if let Some(v) = f.tenant_pull {
             self.tenant_pull = v;
+        }
+        if let Some(v) = f.tenant_hosts {
+            self.tenant_hosts = v;
         }
         if let Some(v) = f.insecure {
             self.insecure = v;
@@ -105,6 +116,9 @@ impl RegistrySection {
     }
 
     fn apply_flags(&mut self, o: &RegistryOverrides) -> anyhow::Result<()> {
+        if !o.tenant_registry.is_empty() {
+            self.tenant_hosts = o.tenant_registry.clone();
+        }
         if !o.insecure_registry.is_empty() {
             self.insecure = o.insecure_registry.clone();
         }

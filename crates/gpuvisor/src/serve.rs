@@ -111,6 +111,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     engine.set_limits(cfg.limits.engine());
     engine.configure_registry(gpuvisor_control::engine::images::RegistrySettings {
         tenant_pull: cfg.registry.tenant_pull,
+        tenant_hosts: cfg.registry.tenant_hosts.clone(),
         registry: gpuvisor_node::registry::RegistryConfig {
             insecure: cfg.registry.insecure.clone(),
             ca_file: cfg.registry.ca_file.clone(),

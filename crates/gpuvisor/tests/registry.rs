@@ -442,7 +442,11 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 /// A daemon with its own network prefix and pool, so these tests share no bridge or chain
 /// with other suites running on the host at the same time.
 fn daemon(extra: &[&str]) -> Daemon {
-    let mut a = vec!["--net-prefix", "rg", "--net-pool", "10.91.0.0"];
+    daemon_on("rg", "10.91.0.0", extra)
+}
+
+fn daemon_on(prefix: &str, pool: &str, extra: &[&str]) -> Daemon {
+    let mut a = vec!["--net-prefix", prefix, "--net-pool", pool];
     a.extend(extra);
     Daemon::start(&a)
 }
@@ -885,6 +889,16 @@ fn pull_policy_and_uploads() {
     let tls = Registry::start(true, None);
     let plain = Registry::start(false, None);
     let d = daemon(&["--tenant-pull", "deny", "--max-upload", "64KiB"]);
+    // Tenants limited to one registry: another host is refused before any connection.
+    let only = daemon_on(
+        "rh",
+        "10.93.0.0",
+        &["--tenant-registry", "registry.example.com"],
+    );
+    let t2 = tenant(&only, "t2");
+    let (ok, _, err) = pull(&only, &t2, &[&format!("{}/a/b:v1", plain.host())]);
+    assert!(!ok && err.contains("registry.tenant_hosts"), "{err}");
+    drop(only);
     let layouts = tempfile::TempDir::new().unwrap();
     let mut lay = Layout::new(layouts.path().join("oci"));
     let img = lay.image(

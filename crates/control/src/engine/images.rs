@@ -30,6 +30,9 @@ use std::time::Duration;
 pub struct RegistrySettings {
     /// Whether tenants (not only admins) may pull.
     pub tenant_pull: bool,
+    /// Registries (`host[:port]`) tenants may pull from; empty: any. The daemon connects from
+    /// the host's network, so this keeps tenants from making it probe internal addresses.
+    pub tenant_hosts: Vec<String>,
     pub registry: RegistryConfig,
 }
 
@@ -37,6 +40,7 @@ impl Default for RegistrySettings {
     fn default() -> Self {
         Self {
             tenant_pull: true,
+            tenant_hosts: Vec::new(),
             registry: RegistryConfig::default(),
         }
     }
@@ -530,19 +534,28 @@ impl Engine {
         who: &Principal,
         req: &wire::PullImage,
     ) -> Result<wire::ImagePull> {
-        let allowed = self
-            .registry
-            .settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .tenant_pull;
+        let (allowed, hosts) = {
+            let s = self
+                .registry
+                .settings
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            (s.tenant_pull, s.tenant_hosts.clone())
+        };
         if !who.is_admin() && !allowed {
             return Err(EngineError::Forbidden(
                 "pulling images is reserved to admins on this daemon (registry.tenant_pull = false): ask an admin to pull and publish it".into(),
             ));
         }
-        gpuvisor_node::registry::parse_reference(&req.reference)
+        let host = gpuvisor_node::registry::reference_host(&req.reference)
             .map_err(|e| invalid(e.to_string()))?;
+        let host = normal_host(&host)?;
+        if !who.is_admin() && !hosts.is_empty() && !hosts.contains(&host) {
+            return Err(EngineError::Forbidden(format!(
+                "tenants may pull from {} only (registry.tenant_hosts), not from {host}",
+                hosts.join(", ")
+            )));
+        }
         let name = req.name.clone().unwrap_or_else(|| req.reference.clone());
         image_name(&name)?;
         let now = now_ms();
