@@ -918,8 +918,9 @@ pub struct ImageUpload {
 }
 
 impl ImageUpload {
-    /// Appends a chunk (on a blocking thread: it is a file write).
-    pub async fn write(&mut self, chunk: bytes_like::Chunk) -> Result<u64> {
+    /// Appends a chunk (on a blocking thread: it is a file write); returns the bytes so far.
+    /// Chunks are plain byte vectors: the control layer knows no HTTP body type.
+    pub async fn write(&mut self, chunk: Vec<u8>) -> Result<u64> {
         let mut upload = self
             .upload
             .take()
@@ -935,9 +936,4 @@ impl ImageUpload {
         r.map_err(Engine::import_err)?;
         Ok(written)
     }
-}
-
-/// Chunks are owned byte vectors: the control layer knows no HTTP body types.
-pub mod bytes_like {
-    pub type Chunk = Vec<u8>;
 }
