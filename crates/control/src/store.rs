@@ -79,15 +79,43 @@ pub struct GpuRow {
     pub backend: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct ImageRow {
+    /// The tenant id of the tenant that pulled it; `""` = public (admin import, or published).
+    pub owner: String,
     pub name: String,
     pub digest: String,
     pub layers: Vec<String>,
     pub size: u64,
     pub command: Vec<String>,
     pub env: Vec<String>,
+    /// Where it came from: the registry reference of a pull, `""` for imports.
+    pub source: String,
     pub created_at: i64,
+}
+
+/// A tenant's login to one registry; `secret` is the sealed password.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CredentialRow {
+    pub tenant_id: String,
+    pub host: String,
+    pub username: String,
+    pub secret: String,
+    pub created_at: i64,
+}
+
+/// A registry pull job (`running`, `done`, `failed`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PullRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub reference: String,
+    pub name: String,
+    pub state: String,
+    pub error: Option<String>,
+    pub digest: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -224,6 +252,8 @@ fn decode_values(s: &str) -> Vec<f32> {
 
 fn image(r: &AnyRow) -> Result<ImageRow> {
     Ok(ImageRow {
+        owner: r.try_get("owner")?,
+        source: r.try_get("source")?,
         name: r.try_get("name")?,
         digest: r.try_get("digest")?,
         layers: from_json("images", &r.try_get::<String, _>("layers")?)?,
@@ -231,6 +261,30 @@ fn image(r: &AnyRow) -> Result<ImageRow> {
         command: from_json("images", &r.try_get::<String, _>("command")?)?,
         env: from_json("images", &r.try_get::<String, _>("env")?)?,
         created_at: r.try_get("created_at")?,
+    })
+}
+
+fn credential(r: &AnyRow) -> Result<CredentialRow> {
+    Ok(CredentialRow {
+        tenant_id: r.try_get("tenant_id")?,
+        host: r.try_get("host")?,
+        username: r.try_get("username")?,
+        secret: r.try_get("secret")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn pull(r: &AnyRow) -> Result<PullRow> {
+    Ok(PullRow {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        reference: r.try_get("reference")?,
+        name: r.try_get("name")?,
+        state: r.try_get("state")?,
+        error: r.try_get("error")?,
+        digest: r.try_get("digest")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
     })
 }
 
@@ -738,16 +792,18 @@ impl Store {
         Ok(r.rows_affected())
     }
 
-    // --- images ---------------------------------------------------------------------------
+    // --- images (owner '' = public), registry credentials, pull jobs ----------------------
 
     pub async fn insert_image(&self, i: &ImageRow) -> Result<()> {
-        sqlx::query("INSERT INTO images (name, digest, layers, size, command, env, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+        sqlx::query("INSERT INTO images (owner, name, digest, layers, size, command, env, source, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            .bind(i.owner.clone())
             .bind(i.name.clone())
             .bind(i.digest.clone())
             .bind(json(&i.layers))
             .bind(i.size as i64)
             .bind(json(&i.command))
             .bind(json(&i.env))
+            .bind(i.source.clone())
             .bind(i.created_at)
             .execute(&self.pool)
             .await
@@ -755,10 +811,20 @@ impl Store {
         Ok(())
     }
 
+    /// Every image, public and private.
     pub async fn images(&self) -> Result<Vec<ImageRow>> {
-        sqlx::query(
-            "SELECT name, digest, layers, size, command, env, created_at FROM images ORDER BY name",
-        )
+        sqlx::query("SELECT owner, name, digest, layers, size, command, env, source, created_at FROM images ORDER BY name, owner")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(image)
+            .collect()
+    }
+
+    /// The images a tenant sees: its own and the public ones.
+    pub async fn images_visible(&self, tenant_id: &str) -> Result<Vec<ImageRow>> {
+        sqlx::query("SELECT owner, name, digest, layers, size, command, env, source, created_at FROM images WHERE owner = '' OR owner = $1 ORDER BY name, owner")
+        .bind(tenant_id.to_string())
         .fetch_all(&self.pool)
         .await?
         .iter()
@@ -766,22 +832,203 @@ impl Store {
         .collect()
     }
 
+    /// The public image of that name.
     pub async fn image(&self, name: &str) -> Result<Option<ImageRow>> {
-        sqlx::query("SELECT name, digest, layers, size, command, env, created_at FROM images WHERE name = $1")
-            .bind(name.to_string())
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(image)
-            .transpose()
+        self.image_of("", name).await
     }
 
+    /// The image `name` of `owner` (`""`: public).
+    pub async fn image_of(&self, owner: &str, name: &str) -> Result<Option<ImageRow>> {
+        sqlx::query("SELECT owner, name, digest, layers, size, command, env, source, created_at FROM images WHERE owner = $1 AND name = $2")
+        .bind(owner.to_string())
+        .bind(name.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(image)
+        .transpose()
+    }
+
+    /// The image `name` as `tenant_id` sees it: its own, else the public one.
+    pub async fn image_visible(&self, tenant_id: &str, name: &str) -> Result<Option<ImageRow>> {
+        if let Some(own) = self.image_of(tenant_id, name).await? {
+            return Ok(Some(own));
+        }
+        self.image_of("", name).await
+    }
+
+    /// Deletes the public image `name`.
     pub async fn delete_image(&self, name: &str) -> Result<bool> {
-        let r = sqlx::query("DELETE FROM images WHERE name = $1")
+        self.delete_image_of("", name).await
+    }
+
+    pub async fn delete_image_of(&self, owner: &str, name: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM images WHERE owner = $1 AND name = $2")
+            .bind(owner.to_string())
             .bind(name.to_string())
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// Makes `owner`'s image public; a public image of the same name is a conflict.
+    pub async fn publish_image(&self, owner: &str, name: &str) -> Result<bool> {
+        let r = sqlx::query("UPDATE images SET owner = '' WHERE owner = $1 AND name = $2")
+            .bind(owner.to_string())
+            .bind(name.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from_write)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Inserts or replaces a tenant's login to `host`.
+    pub async fn put_credential(&self, c: &CredentialRow) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM registry_credentials WHERE tenant_id = $1 AND host = $2")
+            .bind(c.tenant_id.clone())
+            .bind(c.host.clone())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO registry_credentials (tenant_id, host, username, secret, created_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(c.tenant_id.clone())
+            .bind(c.host.clone())
+            .bind(c.username.clone())
+            .bind(c.secret.clone())
+            .bind(c.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_write)?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn credential(&self, tenant_id: &str, host: &str) -> Result<Option<CredentialRow>> {
+        sqlx::query("SELECT tenant_id, host, username, secret, created_at FROM registry_credentials WHERE tenant_id = $1 AND host = $2")
+            .bind(tenant_id.to_string())
+            .bind(host.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(credential)
+            .transpose()
+    }
+
+    pub async fn credentials(&self, tenant_id: &str) -> Result<Vec<CredentialRow>> {
+        sqlx::query("SELECT tenant_id, host, username, secret, created_at FROM registry_credentials WHERE tenant_id = $1 ORDER BY host")
+            .bind(tenant_id.to_string())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(credential)
+            .collect()
+    }
+
+    pub async fn delete_credential(&self, tenant_id: &str, host: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM registry_credentials WHERE tenant_id = $1 AND host = $2")
+            .bind(tenant_id.to_string())
+            .bind(host.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    pub async fn insert_pull(&self, p: &PullRow) -> Result<()> {
+        sqlx::query("INSERT INTO image_pulls (id, tenant_id, reference, name, state, error, digest, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            .bind(p.id.clone())
+            .bind(p.tenant_id.clone())
+            .bind(p.reference.clone())
+            .bind(p.name.clone())
+            .bind(p.state.clone())
+            .bind(p.error.clone())
+            .bind(p.digest.clone())
+            .bind(p.created_at)
+            .bind(p.updated_at)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::from_write)?;
+        Ok(())
+    }
+
+    pub async fn finish_pull(
+        &self,
+        id: &str,
+        state: &str,
+        error: Option<&str>,
+        digest: Option<&str>,
+        at: i64,
+    ) -> Result<()> {
+        sqlx::query("UPDATE image_pulls SET state = $1, error = $2, digest = $3, updated_at = $4 WHERE id = $5")
+            .bind(state.to_string())
+            .bind(error.map(str::to_string))
+            .bind(digest.map(str::to_string))
+            .bind(at)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn pull(&self, id: &str) -> Result<Option<PullRow>> {
+        sqlx::query("SELECT id, tenant_id, reference, name, state, error, digest, created_at, updated_at FROM image_pulls WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(pull)
+            .transpose()
+    }
+
+    /// Pulls in state `state`, oldest first.
+    pub async fn pulls_in(&self, state: &str) -> Result<Vec<PullRow>> {
+        sqlx::query("SELECT id, tenant_id, reference, name, state, error, digest, created_at, updated_at FROM image_pulls WHERE state = $1 ORDER BY created_at")
+        .bind(state.to_string())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(pull)
+        .collect()
+    }
+
+    /// How many private images a tenant owns (for `tenant rm`: objects it still owns).
+    pub async fn tenant_image_count(&self, tenant_id: &str) -> Result<u64> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM images WHERE owner = $1")
+            .bind(tenant_id.to_string())
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Removes a tenant's private images, registry logins and pull jobs (for `tenant rm`; the
+    /// caller garbage-collects the layers afterwards). Returns the images removed.
+    pub async fn delete_tenant_registry_data(&self, tenant_id: &str) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let images = sqlx::query("DELETE FROM images WHERE owner = $1")
+            .bind(tenant_id.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        for sql in [
+            "DELETE FROM registry_credentials WHERE tenant_id = $1",
+            "DELETE FROM image_pulls WHERE tenant_id = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(tenant_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(images)
+    }
+
+    /// Forgets finished pull jobs older than `before`.
+    pub async fn prune_pulls(&self, before: i64) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM image_pulls WHERE state <> 'running' AND updated_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
     }
 
     // --- volumes --------------------------------------------------------------------------

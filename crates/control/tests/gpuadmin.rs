@@ -140,6 +140,8 @@ impl Host {
         engine
             .store()
             .insert_image(&ImageRow {
+                owner: String::new(),
+                source: String::new(),
                 name: IMAGE.into(),
                 digest: format!("sha256:{}", "ab".repeat(32)),
                 layers: vec![],
@@ -438,6 +440,8 @@ async fn an_image_cannot_set_platform_owned_environment() {
     h.engine
         .store()
         .insert_image(&ImageRow {
+            owner: String::new(),
+            source: String::new(),
             name: "hostile".into(),
             digest: format!("sha256:{}", "cd".repeat(32)),
             layers: vec![],

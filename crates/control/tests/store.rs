@@ -164,6 +164,8 @@ fn gpu_row(uuid: &str, node: &str, index: u32, numa: Option<u32>) -> GpuRow {
 
 fn image_row(name: &str, at: i64) -> ImageRow {
     ImageRow {
+        owner: String::new(),
+        source: String::new(),
         name: name.into(),
         digest: format!("sha256:{name}"),
         layers: vec!["sha256:aaa".into(), "sha256:bbb".into()],
@@ -728,6 +730,164 @@ async fn images_insert_get_list_delete() {
         // The name is free again.
         store.insert_image(&image_row("ubuntu", 40)).await.unwrap();
         assert_eq!(store.images().await.unwrap().len(), 2, "{backend}");
+    })
+    .await;
+}
+
+/// Registry pulls (migration 0006): images owned by a tenant beside public ones of the same
+/// name, publishing, sealed credentials per tenant and host, pull jobs.
+#[tokio::test]
+async fn image_owners_credentials_and_pulls() {
+    use gpuvisor_control::store::{CredentialRow, PullRow};
+    for_each_backend(|Db { store, backend, .. }| async move {
+        let a = store.create_tenant("t-a", "alpha", 10).await.unwrap();
+        let b = store.create_tenant("t-b", "beta", 20).await.unwrap();
+        store.insert_image(&image_row("app", 1)).await.unwrap();
+        let mine = ImageRow {
+            owner: a.id.clone(),
+            source: "reg:5000/app:1".into(),
+            ..image_row("app", 2)
+        };
+        store.insert_image(&mine).await.unwrap();
+        // The owner sees its own first; another tenant the public one.
+        assert_eq!(
+            store.image_visible(&a.id, "app").await.unwrap(),
+            Some(mine.clone()),
+            "{backend}"
+        );
+        assert_eq!(
+            store
+                .image_visible(&b.id, "app")
+                .await
+                .unwrap()
+                .unwrap()
+                .owner,
+            "",
+            "{backend}"
+        );
+        assert_eq!(
+            store.images_visible(&b.id).await.unwrap().len(),
+            1,
+            "{backend}"
+        );
+        assert_eq!(
+            store.images_visible(&a.id).await.unwrap().len(),
+            2,
+            "{backend}"
+        );
+        // Publishing onto a public name conflicts; after removing that, it works.
+        assert_conflict(
+            store.publish_image(&a.id, "app").await.map(|_| ()),
+            backend,
+            "publish over a public image",
+        );
+        assert!(store.delete_image("app").await.unwrap(), "{backend}");
+        assert!(
+            store.publish_image(&a.id, "app").await.unwrap(),
+            "{backend}"
+        );
+        assert_eq!(
+            store.image("app").await.unwrap().unwrap().source,
+            "reg:5000/app:1",
+            "{backend}"
+        );
+        assert_eq!(
+            store.image_of(&a.id, "app").await.unwrap(),
+            None,
+            "{backend}"
+        );
+
+        let cred = |t: &str, user: &str| CredentialRow {
+            tenant_id: t.to_string(),
+            host: "reg:5000".into(),
+            username: user.into(),
+            secret: "v1:sealed".into(),
+            created_at: 5,
+        };
+        store.put_credential(&cred(&a.id, "u1")).await.unwrap();
+        store.put_credential(&cred(&a.id, "u2")).await.unwrap();
+        assert_eq!(
+            store.credentials(&a.id).await.unwrap(),
+            vec![cred(&a.id, "u2")],
+            "{backend}: replaced"
+        );
+        assert_eq!(
+            store.credential(&b.id, "reg:5000").await.unwrap(),
+            None,
+            "{backend}"
+        );
+        assert!(
+            store.delete_credential(&a.id, "reg:5000").await.unwrap(),
+            "{backend}"
+        );
+        assert!(
+            store.credentials(&a.id).await.unwrap().is_empty(),
+            "{backend}"
+        );
+
+        let job = PullRow {
+            id: "pull-1".into(),
+            tenant_id: a.id.clone(),
+            reference: "reg:5000/app:1".into(),
+            name: "app".into(),
+            state: "running".into(),
+            error: None,
+            digest: None,
+            created_at: 1,
+            updated_at: 1,
+        };
+        store.insert_pull(&job).await.unwrap();
+        assert_eq!(
+            store.pulls_in("running").await.unwrap(),
+            vec![job.clone()],
+            "{backend}"
+        );
+        store
+            .finish_pull("pull-1", "failed", Some("cut"), None, 9)
+            .await
+            .unwrap();
+        let got = store.pull("pull-1").await.unwrap().unwrap();
+        assert_eq!(
+            (got.state.as_str(), got.error.as_deref(), got.updated_at),
+            ("failed", Some("cut"), 9),
+            "{backend}"
+        );
+        assert!(
+            store.pulls_in("running").await.unwrap().is_empty(),
+            "{backend}"
+        );
+        assert_eq!(store.prune_pulls(10).await.unwrap(), 1, "{backend}");
+
+        // What `tenant rm` removes of a tenant's registry data.
+        let theirs = ImageRow {
+            owner: b.id.clone(),
+            ..image_row("b-app", 3)
+        };
+        store.insert_image(&theirs).await.unwrap();
+        store.put_credential(&cred(&b.id, "u")).await.unwrap();
+        assert_eq!(
+            store.tenant_image_count(&b.id).await.unwrap(),
+            1,
+            "{backend}"
+        );
+        assert_eq!(
+            store.delete_tenant_registry_data(&b.id).await.unwrap(),
+            1,
+            "{backend}"
+        );
+        assert_eq!(
+            store.tenant_image_count(&b.id).await.unwrap(),
+            0,
+            "{backend}"
+        );
+        assert!(
+            store.credentials(&b.id).await.unwrap().is_empty(),
+            "{backend}"
+        );
+        assert!(
+            store.image("app").await.unwrap().is_some(),
+            "{backend}: public kept"
+        );
     })
     .await;
 }

@@ -158,6 +158,14 @@ fn routes() -> Routes {
     .add("GET", "/v1/images", list_images)
     .add("POST", "/v1/images", import_image)
     .add("DELETE", "/v1/images/{name}", remove_image)
+    // Registry pulls, uploads, publishing, credentials (handlers below `remove_image`).
+    .add("POST", UPLOAD_PATH, upload_image)
+    .add("POST", "/v1/images/{name}/publish", publish_image)
+    .add("POST", "/v1/images/pulls", start_pull)
+    .add("GET", "/v1/images/pulls/{id}", get_pull)
+    .add("GET", "/v1/registries", list_registries)
+    .add("POST", "/v1/registries", registry_login)
+    .add("DELETE", "/v1/registries/{host}", registry_logout)
     .add("GET", "/v1/volumes", list_volumes)
     .add("POST", "/v1/volumes", create_volume)
     .add("DELETE", "/v1/volumes/{name}", remove_volume)
@@ -319,10 +327,135 @@ async fn import_image(
 
 async fn remove_image(
     State(e): State<Eng>,
+    Query(q): Query<OwnerQuery>,
     Who(p): Who,
     Path(name): Path<String>,
 ) -> R<wire::Image> {
-    Ok(Json(e.remove_image(&p, &name).await?))
+    Ok(Json(e.remove_image(&p, &name, q.tenant.as_deref()).await?))
+}
+
+// ---- registry pulls, uploads, publishing, credentials -------------------------------------
+
+/// The upload route: its body is streamed (not buffered by [`limit_request`]) and bounded by
+/// [`ApiLimits::max_upload`].
+pub const UPLOAD_PATH: &str = "/v1/images/upload";
+
+/// `?tenant=` picks among tenants' private images of one name (admin).
+#[derive(Debug, Deserialize)]
+struct OwnerQuery {
+    tenant: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct UploadQuery {
+    name: Option<String>,
+}
+
+/// The upload bounds, from [`ApiLimits`], for the handler.
+#[derive(Clone, Copy)]
+struct UploadLimits {
+    max: u64,
+    idle: std::time::Duration,
+}
+
+static UPLOAD_LIMITS: std::sync::OnceLock<UploadLimits> = std::sync::OnceLock::new();
+
+/// `POST /v1/images/upload?name=N`: the body is an image archive (OCI layout or docker save
+/// tar, optionally gzip) streamed to the daemon (`gpuvisor image import ./x.tar`).
+async fn upload_image(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Query(q): Query<UploadQuery>,
+    body: axum::body::Body,
+) -> R<wire::Image> {
+    use http_body_util::BodyExt;
+    let limits = UPLOAD_LIMITS.get().copied().unwrap_or(UploadLimits {
+        max: 64 << 30,
+        idle: std::time::Duration::from_secs(30),
+    });
+    let mut up = e.begin_upload(&p, q.name.as_deref()).await?;
+    let mut body = body;
+    loop {
+        let frame = match tokio::time::timeout(limits.idle, body.frame()).await {
+            Err(_) => {
+                return Err(EngineError::DeadlineExceeded(format!(
+                    "the upload stalled: no data for {} s (limits.body_timeout)",
+                    limits.idle.as_secs()
+                ))
+                .into())
+            }
+            Ok(None) => break,
+            Ok(Some(Err(err))) => {
+                return Err(EngineError::InvalidArgument(format!("upload body: {err}")).into())
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let written = up.write(data.to_vec()).await?;
+        if written > limits.max {
+            return Err(EngineError::PayloadTooLarge(format!(
+                "the upload is larger than {} bytes (limits.max_upload)",
+                limits.max
+            ))
+            .into());
+        }
+    }
+    Ok(Json(e.finish_upload(up).await?))
+}
+
+async fn publish_image(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(name): Path<String>,
+    Query(q): Query<OwnerQuery>,
+) -> R<wire::Image> {
+    Ok(Json(e.publish_image(&p, &name, q.tenant.as_deref()).await?))
+}
+
+async fn start_pull(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Body(b): Body<wire::PullImage>,
+) -> R<wire::ImagePull> {
+    Ok(Json(e.start_pull(&p, &b).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct PullQuery {
+    since: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+async fn get_pull(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    Query(q): Query<PullQuery>,
+) -> R<wire::ImagePull> {
+    let timeout = std::time::Duration::from_millis(q.timeout_ms.unwrap_or(0));
+    Ok(Json(e.get_pull(&p, &id, q.since, timeout).await?))
+}
+
+async fn list_registries(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::RegistryCredential>> {
+    Ok(Json(e.registry_list(&p).await?))
+}
+
+async fn registry_login(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Body(b): Body<wire::RegistryLogin>,
+) -> R<wire::RegistryCredential> {
+    Ok(Json(e.registry_login(&p, &b).await?))
+}
+
+async fn registry_logout(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(host): Path<String>,
+) -> R<wire::RegistryCredential> {
+    Ok(Json(e.registry_logout(&p, &host).await?))
 }
 
 async fn list_volumes(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Volume>> {
@@ -503,6 +636,8 @@ async fn instance_metrics(
 #[derive(Debug, Clone)]
 pub struct ApiLimits {
     pub max_body: u64,
+    /// Largest image upload ([`UPLOAD_PATH`]), streamed to disk rather than buffered.
+    pub max_upload: u64,
     pub body_timeout: std::time::Duration,
     pub requests_per_key: usize,
 }
@@ -515,6 +650,10 @@ pub fn router_with_limits(engine: Eng, limits: ApiLimits) -> Router {
         slots: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let max_body = usize::try_from(guard.limits.max_body).unwrap_or(usize::MAX);
+    let _ = UPLOAD_LIMITS.set(UploadLimits {
+        max: guard.limits.max_upload,
+        idle: guard.limits.body_timeout,
+    });
     router(engine)
         // The extractors' own limit (2 MB by default) follows ours.
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
@@ -554,10 +693,16 @@ async fn limit_request(
     if req.uri().path() == "/v1/health" {
         return next.run(req).await;
     }
-    let max = g.limits.max_body;
+    // Image uploads stream to disk under their own cap (the handler counts the bytes).
+    let upload = req.uri().path() == UPLOAD_PATH && req.method() == axum::http::Method::POST;
+    let (max, what) = if upload {
+        (g.limits.max_upload, "limits.max_upload")
+    } else {
+        (g.limits.max_body, "limits.max_body")
+    };
     let too_large = || {
         error_response(EngineError::PayloadTooLarge(format!(
-            "the request body is larger than {max} bytes (limits.max_body)"
+            "the request body is larger than {max} bytes ({what})"
         )))
     };
     let declared = req
@@ -595,6 +740,9 @@ async fn limit_request(
             g.limits.requests_per_key
         )));
     };
+    if upload {
+        return next.run(req).await;
+    }
     let (parts, body) = req.into_parts();
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
     let bytes = match tokio::time::timeout(g.limits.body_timeout, axum::body::to_bytes(body, limit))

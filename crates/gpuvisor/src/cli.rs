@@ -158,6 +158,9 @@ pub enum Command {
     /// OCI images instances start from.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Registry logins of this tenant (used by `image pull`).
+    #[command(subcommand)]
+    Registry(RegistryCmd),
     /// Persistent volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -406,18 +409,60 @@ pub struct MetricsArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
-    /// Import an OCI layout, OCI/docker-save tarball or rootfs directory from this host.
+    /// Import an image: a local OCI/docker-save tarball (optionally gzip) is uploaded to the
+    /// daemon; a directory (OCI layout, docker save, rootfs) is read on the daemon's host.
     Import {
         path: PathBuf,
         #[arg(long)]
         name: String,
+        /// PATH is on the daemon's host (not uploaded), even for a file.
+        #[arg(long)]
+        daemon_path: bool,
+    },
+    /// Pull an image from an OCI registry (e.g. registry.example.com:5000/team/app:1.0).
+    Pull {
+        reference: String,
+        /// Image name [default: the reference].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Make a tenant's pulled image visible to every tenant (admin).
+    Publish {
+        name: String,
+        /// The tenant whose image it is, when several have one of that name.
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// List images.
     #[command(visible_alias = "ls")]
     List,
     /// Remove an image.
     #[command(visible_alias = "remove")]
-    Rm { name: String },
+    Rm {
+        name: String,
+        /// The tenant whose image it is, when several have one of that name (admin).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegistryCmd {
+    /// Store this tenant's login to a registry (the password is read from stdin).
+    Login {
+        /// Registry host[:port], e.g. registry.example.com:5000 or docker.io.
+        host: String,
+        #[arg(long, short = 'u')]
+        username: String,
+        /// Read the password (or token) from standard input (one line).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Forget this tenant's login to a registry.
+    Logout { host: String },
+    /// This tenant's registry logins (hosts and usernames).
+    #[command(visible_alias = "ls")]
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -766,6 +811,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Key(cmd) => connect()?.key(cmd),
         Command::Gpu(cmd) => connect()?.gpu(cmd),
         Command::Image(cmd) => connect()?.image(cmd),
+        Command::Registry(cmd) => connect()?.registry(cmd),
         Command::Volume(cmd) => connect()?.volume(cmd),
         Command::Instance(cmd) => connect()?.instance(cmd),
     }
@@ -964,26 +1010,145 @@ impl Ctx {
     fn image(&self, cmd: ImageCmd) -> Result<i32, CliError> {
         let now = output::now_ms();
         match cmd {
-            ImageCmd::Import { path, name } => {
-                // The daemon runs on this host but in another working directory.
-                let path = std::path::absolute(&path).map_err(|e| {
-                    CliError::Invalid(format!("image path {}: {e}", path.display()))
-                })?;
-                let image = self.client.import_image(&ImportImage {
-                    path: path.to_string_lossy().into_owned(),
-                    name,
-                })?;
+            ImageCmd::Import {
+                path,
+                name,
+                daemon_path,
+            } => {
+                let image = if !daemon_path && path.is_file() {
+                    // A local archive goes to the daemon in the request body.
+                    let file = std::fs::File::open(&path).map_err(|e| {
+                        CliError::Invalid(format!("image file {}: {e}", path.display()))
+                    })?;
+                    self.client.upload_image(&name, file)?
+                } else {
+                    // A directory is read where the daemon runs, in its own working directory.
+                    let path = std::path::absolute(&path).map_err(|e| {
+                        CliError::Invalid(format!("image path {}: {e}", path.display()))
+                    })?;
+                    self.client.import_image(&ImportImage {
+                        path: path.to_string_lossy().into_owned(),
+                        name,
+                    })?
+                };
                 output::print(self.format, &image, |i| {
                     output::images_table(std::slice::from_ref(i), now)
+                })?;
+            }
+            ImageCmd::Pull { reference, name } => {
+                let image = self.pull(&reference, name, false)?;
+                output::print(self.format, &image, |i| {
+                    output::images_table(std::slice::from_ref(i), now)
+                })?;
+            }
+            ImageCmd::Publish { name, tenant } => {
+                let image = self.client.publish_image(&name, tenant.as_deref())?;
+                output::print(self.format, &image, |i| {
+                    format!("image {} is public", i.name)
                 })?;
             }
             ImageCmd::List => {
                 let images = self.client.list_images()?;
                 output::print(self.format, &images, |i| output::images_table(i, now))?;
             }
-            ImageCmd::Rm { name } => {
-                let image = self.client.remove_image(&name)?;
+            ImageCmd::Rm { name, tenant } => {
+                let image = self.client.remove_image(&name, tenant.as_deref())?;
                 output::print(self.format, &image, |i| format!("image {} removed", i.name))?;
+            }
+        }
+        Ok(exit::OK)
+    }
+
+    /// Starts a pull (or joins one) and follows it to the end, drawing progress on stderr.
+    fn pull(
+        &self,
+        reference: &str,
+        name: Option<String>,
+        if_missing: bool,
+    ) -> Result<gpuvisor_wire::Image, CliError> {
+        let mut job = self.client.pull_image(&gpuvisor_wire::PullImage {
+            reference: reference.to_string(),
+            name,
+            if_missing,
+        })?;
+        let mut progress = output::PullProgress::new(io::stderr().is_terminal());
+        loop {
+            progress.show(&job);
+            match job.state.as_str() {
+                "running" => {}
+                "done" => {
+                    progress.finish(&job);
+                    return job.image.ok_or_else(|| {
+                        CliError::Client(ClientError::Decode(
+                            "the finished pull names no image".into(),
+                        ))
+                    });
+                }
+                _ => {
+                    progress.finish(&job);
+                    return Err(CliError::Client(ClientError::Api {
+                        status: 0,
+                        code: job.code.clone().unwrap_or_else(|| "unavailable".into()),
+                        message: job
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| format!("pull of {reference} failed")),
+                    }));
+                }
+            }
+            let since = job.version;
+            // A daemon restarting resumes the job: wait for it to come back (bounded).
+            let mut tries = 0;
+            job = loop {
+                match self.client.get_pull(&job.id, Some(since), 5000) {
+                    Err(ClientError::Unreachable { .. }) if tries < 60 => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    other => break other?,
+                }
+            };
+            // At most ~5 redraws a second however fast bytes arrive.
+            if job.state == "running" {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    fn registry(&self, cmd: RegistryCmd) -> Result<i32, CliError> {
+        let now = output::now_ms();
+        match cmd {
+            RegistryCmd::Login {
+                host,
+                username,
+                password_stdin,
+            } => {
+                if !password_stdin {
+                    return Err(CliError::Invalid(
+                        "give the password on standard input with --password-stdin (never on the command line)".into(),
+                    ));
+                }
+                let mut password = String::new();
+                io::stdin()
+                    .read_line(&mut password)
+                    .map_err(|e| CliError::Invalid(format!("reading the password: {e}")))?;
+                let password = password.trim_end_matches(['\n', '\r']).to_string();
+                let c = self.client.registry_login(&gpuvisor_wire::RegistryLogin {
+                    host,
+                    username,
+                    password,
+                })?;
+                output::print(self.format, &c, |c| {
+                    format!("logged in to {} as {}", c.host, c.username)
+                })?;
+            }
+            RegistryCmd::Logout { host } => {
+                let c = self.client.registry_logout(&host)?;
+                output::print(self.format, &c, |c| format!("logged out of {}", c.host))?;
+            }
+            RegistryCmd::List => {
+                let list = self.client.registry_list()?;
+                output::print(self.format, &list, |l| output::registries_table(l, now))?;
             }
         }
         Ok(exit::OK)
@@ -1013,7 +1178,12 @@ impl Ctx {
     fn instance(&self, cmd: InstanceCmd) -> Result<i32, CliError> {
         match cmd {
             InstanceCmd::Create(args) => {
-                let args = *args;
+                let mut args = *args;
+                // A registry reference no image is named after is pulled first, with progress.
+                if gpuvisor_wire::looks_like_reference(&args.image) {
+                    let image = self.pull(&args.image, None, true)?;
+                    args.image = image.name;
+                }
                 let req = CreateInstance {
                     image: args.image,
                     name: args.name,

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use gpuvisor_wire::{
     code, ApiKey, CreateInstance, CreateKey, CreateTenant, CreateVolume, CreatedKey, ErrorBody,
-    Event, ExecEnd, ExecRequest, Gpu, Health, Image, ImportImage, Instance, Logs, Tenant,
-    TenantPolicy, Volume, API_KEY_HEADER, API_PREFIX,
+    Event, ExecEnd, ExecRequest, Gpu, Health, Image, ImagePull, ImportImage, Instance, Logs,
+    PullImage, RegistryCredential, RegistryLogin, Tenant, TenantPolicy, Volume, API_KEY_HEADER,
+    API_PREFIX,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -266,8 +267,66 @@ impl Client {
         self.post("/images", Some(req))
     }
 
-    pub fn remove_image(&self, name: &str) -> Result<Image> {
-        self.delete(&format!("/images/{}", segment(name)))
+    /// Removes an image; `tenant` picks among tenants' private images of that name (admin).
+    pub fn remove_image(&self, name: &str, tenant: Option<&str>) -> Result<Image> {
+        self.delete(&format!("/images/{}{}", segment(name), owner_query(tenant)))
+    }
+
+    // ---- registry pulls, uploads, publishing, credentials ----------------------------------
+
+    /// Streams a local archive to the daemon (`POST /images/upload?name=N`).
+    pub fn upload_image(&self, name: &str, file: std::fs::File) -> Result<Image> {
+        let mut req = self
+            .agent
+            .post(self.url(&format!("/images/upload?name={}", segment(name))));
+        if let Some(key) = &self.api_key {
+            req = req.header(API_KEY_HEADER, key);
+        }
+        if let Ok(m) = file.metadata() {
+            req = req.header("content-length", m.len().to_string());
+        }
+        // A refusal (size, rights, name) comes before a byte is sent.
+        req = req.header("expect", "100-continue");
+        let sent =
+            req.content_type("application/octet-stream")
+                .send(ureq::SendBody::from_owned_reader(
+                    io::BufReader::with_capacity(1 << 20, file),
+                ));
+        self.finish(sent)
+    }
+
+    pub fn publish_image(&self, name: &str, tenant: Option<&str>) -> Result<Image> {
+        self.post::<(), _>(
+            &format!("/images/{}/publish{}", segment(name), owner_query(tenant)),
+            None,
+        )
+    }
+
+    pub fn pull_image(&self, req: &PullImage) -> Result<ImagePull> {
+        self.post("/images/pulls", Some(req))
+    }
+
+    /// A pull job; with `since`, the daemon answers at the next change (or after `wait_ms`).
+    pub fn get_pull(&self, id: &str, since: Option<u64>, wait_ms: u64) -> Result<ImagePull> {
+        match since {
+            Some(v) => self.get(&format!(
+                "/images/pulls/{}?since={v}&timeout_ms={wait_ms}",
+                segment(id)
+            )),
+            None => self.get(&format!("/images/pulls/{}", segment(id))),
+        }
+    }
+
+    pub fn registry_login(&self, req: &RegistryLogin) -> Result<RegistryCredential> {
+        self.post("/registries", Some(req))
+    }
+
+    pub fn registry_logout(&self, host: &str) -> Result<RegistryCredential> {
+        self.delete(&format!("/registries/{}", segment(host)))
+    }
+
+    pub fn registry_list(&self) -> Result<Vec<RegistryCredential>> {
+        self.get("/registries")
     }
 
     pub fn list_volumes(&self) -> Result<Vec<Volume>> {
@@ -487,6 +546,10 @@ fn is_unreachable(e: &ureq::Error) -> bool {
 }
 
 /// Percent-encodes one path segment (names are user input).
+fn owner_query(tenant: Option<&str>) -> String {
+    tenant.map_or(String::new(), |t| format!("?tenant={}", segment(t)))
+}
+
 fn segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

@@ -46,6 +46,96 @@ pub struct Config {
     pub limits: Limits,
     /// `[network]`: object prefix, allow- and deny-lists of instance traffic.
     pub network: NetworkConfig,
+    /// `[registry]`: who may pull, plain-HTTP registries, extra CA.
+    pub registry: RegistrySection,
+}
+
+/// The `[registry]` section: image pulls from OCI registries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistrySection {
+    /// Whether tenants (not only admins) may pull images [default: true].
+    pub tenant_pull: bool,
+    /// Registries tenants may pull from (empty: any).
+    pub tenant_hosts: Vec<String>,
+    /// Registries (`host[:port]`) spoken to over plain HTTP; every other one over verified TLS.
+    pub insecure: Vec<String>,
+    /// A PEM file of extra CA certificates trusted for registry TLS.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        Self {
+            tenant_pull: true,
+            tenant_hosts: Vec::new(),
+            insecure: Vec::new(),
+            ca_file: None,
+        }
+    }
+}
+
+/// `[registry]` in the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    tenant_pull: Option<bool>,
+    tenant_hosts: Option<Vec<String>>,
+    insecure: Option<Vec<String>>,
+    ca_file: Option<PathBuf>,
+}
+
+/// Flags for `[registry]`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RegistryOverrides {
+    /// A registry (host[:port]) to pull from over plain HTTP; repeatable [registry.insecure].
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure_registry: Vec<String>,
+    /// Extra CA certificates (PEM) for registry TLS [registry.ca_file].
+    #[arg(long = "registry-ca", value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
+    /// Whether tenants may pull images: allow or deny [registry.tenant_pull].
+    #[arg(long = "tenant-pull", value_name = "allow|deny")]
+    pub tenant_pull: Option<String>,
+    /// A registry (host[:port]) tenants may pull from; repeatable; none: any
+    /// [registry.tenant_hosts].
+    #[arg(long = "tenant-registry", value_name = "HOST")]
+    pub tenant_registry: Vec<String>,
+}
+
+impl RegistrySection {
+    fn apply_file(&mut self, f: RegistryFile) {
+        if let Some(v) = f.tenant_pull {
+            self.tenant_pull = v;
+        }
+        if let Some(v) = f.tenant_hosts {
+            self.tenant_hosts = v;
+        }
+        if let Some(v) = f.insecure {
+            self.insecure = v;
+        }
+        if f.ca_file.is_some() {
+            self.ca_file = f.ca_file;
+        }
+    }
+
+    fn apply_flags(&mut self, o: &RegistryOverrides) -> anyhow::Result<()> {
+        if !o.tenant_registry.is_empty() {
+            self.tenant_hosts = o.tenant_registry.clone();
+        }
+        if !o.insecure_registry.is_empty() {
+            self.insecure = o.insecure_registry.clone();
+        }
+        if o.registry_ca.is_some() {
+            self.ca_file = o.registry_ca.clone();
+        }
+        match o.tenant_pull.as_deref() {
+            None => {}
+            Some("allow") => self.tenant_pull = true,
+            Some("deny") => self.tenant_pull = false,
+            Some(other) => anyhow::bail!("--tenant-pull {other:?}: use allow or deny"),
+        }
+        Ok(())
+    }
 }
 
 /// The `[network]` section: names of this daemon's host objects and what instances may reach
@@ -114,6 +204,7 @@ impl Default for Config {
             metrics_token: None,
             network: NetworkConfig::default(),
             limits: Limits::default(),
+            registry: RegistrySection::default(),
         }
     }
 }
@@ -143,6 +234,7 @@ struct FileConfig {
     metrics_token: Option<String>,
     network: Option<NetworkFile>,
     limits: Option<LimitsFile>,
+    registry: Option<RegistryFile>,
 }
 
 /// Flags (and their environment variables) that override the file.
@@ -218,6 +310,8 @@ pub struct ConfigOverrides {
     /// Boxed: the `serve` variant of the CLI stays small.
     #[command(flatten)]
     pub limits: Box<LimitsOverrides>,
+    #[command(flatten)]
+    pub registry: Box<RegistryOverrides>,
 }
 
 fn grace(s: &str) -> anyhow::Result<Duration> {
@@ -298,6 +392,9 @@ impl Config {
             if let Some(l) = f.limits {
                 c.limits.apply_file(l)?;
             }
+            if let Some(r) = f.registry {
+                c.registry.apply_file(r);
+            }
             if let Some(v) = f.limiter_context_bytes {
                 c.limiter_context_bytes = gpuvisor_wire::parse_size(&v)
                     .with_context(|| format!("limiter_context_bytes {v:?}"))?;
@@ -367,6 +464,7 @@ impl Config {
         }
         gpuvisor_node::net::check_prefix(&c.network.prefix).map_err(|e| anyhow::anyhow!("{e}"))?;
         c.limits.apply_flags(&o.limits)?;
+        c.registry.apply_flags(&o.registry)?;
         if !c.thermal_ceiling_c.is_finite() || c.thermal_ceiling_c <= 0.0 {
             anyhow::bail!("thermal_ceiling_c must be a positive temperature in °C");
         }
@@ -400,6 +498,8 @@ pub struct Limits {
     pub log_reserve: u64,
     /// Largest request body.
     pub max_body: u64,
+    /// Largest image upload (`image import ./x.tar`, streamed to disk).
+    pub max_upload: u64,
     /// Time a client has to send a request's headers (slow-loris protection).
     pub header_timeout: Duration,
     /// Time a client has to send a request's body.
@@ -431,6 +531,7 @@ impl Default for Limits {
             log_max_bytes: 64 << 20,
             log_reserve: 1 << 30,
             max_body: 1 << 20,
+            max_upload: 64 << 30,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             requests_per_key: 32,
@@ -455,6 +556,7 @@ struct LimitsFile {
     log_max_bytes: Option<String>,
     log_reserve: Option<String>,
     max_body: Option<String>,
+    max_upload: Option<String>,
     header_timeout: Option<String>,
     body_timeout: Option<String>,
     requests_per_key: Option<usize>,
@@ -492,6 +594,9 @@ pub struct LimitsOverrides {
     /// Largest request body, e.g. 1MiB [limits.max_body].
     #[arg(long)]
     pub max_body: Option<String>,
+    /// Largest image upload, e.g. 64GiB [limits.max_upload].
+    #[arg(long)]
+    pub max_upload: Option<String>,
     /// Time to send request headers, e.g. 10s [limits.header_timeout].
     #[arg(long)]
     pub header_timeout: Option<String>,
@@ -543,6 +648,7 @@ impl Limits {
         set!(log_max_bytes, size);
         set!(log_reserve, size);
         set!(max_body, size);
+        set!(max_upload, size);
         set!(header_timeout, duration);
         set!(body_timeout, duration);
         set!(requests_per_key);
@@ -565,6 +671,7 @@ impl Limits {
             log_max_bytes: o.log_max_bytes.clone(),
             log_reserve: o.log_reserve.clone(),
             max_body: o.max_body.clone(),
+            max_upload: o.max_upload.clone(),
             header_timeout: o.header_timeout.clone(),
             body_timeout: o.body_timeout.clone(),
             requests_per_key: o.requests_per_key,
@@ -582,6 +689,7 @@ impl Limits {
             ("max_connections_per_ip", self.max_connections_per_ip as u64),
             ("exec_max_output", self.exec_max_output),
             ("max_body", self.max_body),
+            ("max_upload", self.max_upload),
             ("events_per_instance", self.events_per_instance),
         ];
         for (k, v) in positive {

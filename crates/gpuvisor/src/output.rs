@@ -337,17 +337,116 @@ fn short_digest(digest: &str) -> String {
 
 pub fn images_table(images: &[Image], now_ms: i64) -> String {
     table(
-        &["NAME", "DIGEST", "SIZE", "LAYERS", "AGE"],
+        &["NAME", "DIGEST", "SIZE", "LAYERS", "VISIBLE TO", "AGE"],
         images.iter().map(|i| {
             vec![
                 i.name.clone(),
                 short_digest(&i.digest),
                 format_size(i.size),
                 i.layers.len().to_string(),
+                i.tenant.clone().unwrap_or_else(|| "everyone".into()),
                 format_age(i.created_at, now_ms),
             ]
         }),
     )
+}
+
+pub fn registries_table(list: &[gpuvisor_wire::RegistryCredential], now_ms: i64) -> String {
+    table(
+        &["HOST", "USERNAME", "AGE"],
+        list.iter().map(|c| {
+            vec![
+                c.host.clone(),
+                c.username.clone(),
+                format_age(c.created_at, now_ms),
+            ]
+        }),
+    )
+}
+
+/// The progress of an image pull on stderr: one redrawn line on a terminal, otherwise a line
+/// per layer as it finishes.
+pub struct PullProgress {
+    tty: bool,
+    reported: Vec<String>,
+    drawn: bool,
+}
+
+impl PullProgress {
+    pub fn new(tty: bool) -> Self {
+        Self {
+            tty,
+            reported: Vec::new(),
+            drawn: false,
+        }
+    }
+
+    /// `layers 2/3  12.0 MiB / 40.0 MiB`.
+    pub fn summary(job: &gpuvisor_wire::ImagePull) -> String {
+        let total: u64 = job.layers.iter().map(|l| l.size).sum();
+        let done: u64 = job.layers.iter().map(|l| l.done.min(l.size)).sum();
+        let finished = job
+            .layers
+            .iter()
+            .filter(|l| l.state == "done" || l.state == "present")
+            .count();
+        let what = if job.unpacking {
+            "unpacking"
+        } else {
+            "pulling"
+        };
+        format!(
+            "{what} {}: layers {finished}/{}  {} / {}",
+            job.reference,
+            job.layers.len(),
+            format_size(done),
+            format_size(total)
+        )
+    }
+
+    pub fn show(&mut self, job: &gpuvisor_wire::ImagePull) {
+        use std::io::Write as _;
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[2K{}", Self::summary(job));
+            self.drawn = true;
+        } else {
+            for l in &job.layers {
+                if (l.state == "done" || l.state == "present") && !self.reported.contains(&l.digest)
+                {
+                    self.reported.push(l.digest.clone());
+                    let how = if l.state == "present" {
+                        "already here"
+                    } else {
+                        "downloaded"
+                    };
+                    let _ = writeln!(
+                        err,
+                        "layer {} {how} ({})",
+                        short_digest(&l.digest),
+                        format_size(l.size)
+                    );
+                }
+            }
+        }
+        let _ = err.flush();
+    }
+
+    pub fn finish(&mut self, job: &gpuvisor_wire::ImagePull) {
+        use std::io::Write as _;
+        let mut err = std::io::stderr().lock();
+        if self.tty && self.drawn {
+            let _ = writeln!(err);
+        }
+        if job.state == "done" && !job.id.is_empty() {
+            let _ = writeln!(
+                err,
+                "pulled {} ({})",
+                job.reference,
+                job.digest.as_deref().unwrap_or("")
+            );
+        }
+    }
 }
 
 pub fn volumes_table(volumes: &[Volume], now_ms: i64) -> String {

@@ -109,6 +109,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     engine.set_limits(cfg.limits.engine());
+    engine.configure_registry(gpuvisor_control::engine::images::RegistrySettings {
+        tenant_pull: cfg.registry.tenant_pull,
+        tenant_hosts: cfg.registry.tenant_hosts.clone(),
+        registry: gpuvisor_node::registry::RegistryConfig {
+            insecure: cfg.registry.insecure.clone(),
+            ca_file: cfg.registry.ca_file.clone(),
+        },
+    });
     if let Some(secret) = engine.bootstrap().await? {
         println!("admin API key (shown once, store it now): {secret}");
         let _ = std::io::stdout().flush();
@@ -125,6 +133,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ms = started.elapsed().as_millis() as u64,
             "simulated nodes registered"
         );
+    }
+    // Pulls a previous daemon left running go on from their partial downloads.
+    let resumed = engine.resume_pulls().await?;
+    if resumed > 0 {
+        tracing::info!(pulls = resumed, "resumed interrupted image pulls");
     }
     tokio::spawn(engine.clone().run_reconciler());
     tokio::spawn(engine.clone().run_limiter_sampler());
@@ -147,6 +160,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         engine,
         crate::api::ApiLimits {
             max_body: cfg.limits.max_body,
+            max_upload: cfg.limits.max_upload,
             body_timeout: cfg.limits.body_timeout,
             requests_per_key: cfg.limits.requests_per_key,
         },

@@ -13,6 +13,12 @@
 //! - `tmp/`: work area. Layers are unpacked into `tmp/` and renamed into `layers/` with
 //!   `RENAME_NOREPLACE` after `syncfs`, so a crash never leaves a half layer under `layers/`;
 //!   leftovers in `tmp/` are removed by [`ImageStore::gc`].
+//! - `blobmap/<hex>`: for each layer blob we verified, the diff id it decompresses to. A
+//!   registry pull ([`crate::registry`]) uses it to skip downloading a layer that is already
+//!   unpacked (after the registry confirms it serves that blob to the puller).
+//! - `pull/`: registry downloads: `partial/<hex>` (kept across restarts, resumed with HTTP
+//!   Range) and `blobs/sha256/<hex>` (complete and verified; the import reads them like an OCI
+//!   layout and they are removed once no pull is running).
 //! - `lock`: `flock`ed shared by imports and exclusively by gc, so gc never removes the work
 //!   files of a running import (in this process or another one).
 //!
@@ -22,7 +28,7 @@
 //!   docker-save manifest is an extracted `docker save`; any other directory is a rootfs. A
 //!   regular file must be a tar (optionally gzip-compressed) holding an OCI layout (preferred,
 //!   docker >= 25 writes both) or a docker-save `manifest.json`. Layer compression is detected
-//!   by magic bytes (gzip or none; zstd is refused with a clear error).
+//!   by magic bytes (gzip, zstd or none; zstd archives as a whole are refused).
 //! - **Everything is verified**: manifest, config and layer blobs against their descriptor
 //!   digests (and sizes), and every layer's uncompressed stream against the config's
 //!   `rootfs.diff_ids`. A layer that already exists is not unpacked again, but its blob is still
@@ -113,7 +119,7 @@ pub struct ImageConfig {
     pub user: Option<String>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
 }
@@ -159,6 +165,9 @@ impl ImageStore {
             store.root.join("blobs").join("sha256"),
             store.root.join("layers"),
             store.root.join("tmp"),
+            store.root.join("blobmap"),
+            store.root.join("pull").join("partial"),
+            store.root.join("pull").join("blobs").join("sha256"),
         ] {
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         }
@@ -225,6 +234,85 @@ impl ImageStore {
     /// The directory a layer is unpacked into (read-only lower dir for overlayfs).
     pub fn layer_dir(&self, digest: &str) -> PathBuf {
         self.root.join("layers").join(digest.replace(':', "-"))
+    }
+
+    /// The store's root directory (`<data>/images`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The diff id a blob was verified to unpack to, if its layer was imported before.
+    pub fn known_blob(&self, blob: &str) -> Option<String> {
+        let hex = parse_digest(blob).ok()?;
+        let diff = fs::read_to_string(self.root.join("blobmap").join(hex)).ok()?;
+        let diff = diff.trim().to_string();
+        parse_digest(&diff).ok()?;
+        Some(diff)
+    }
+
+    /// Best effort: a missing entry only costs a download later.
+    fn remember_blob(&self, blob: &str, diff_id: &str) {
+        let Ok(hex) = parse_digest(blob) else {
+            return;
+        };
+        let path = self.root.join("blobmap").join(hex);
+        if path.is_file() {
+            return;
+        }
+        if let Err(e) = fs::write(&path, diff_id) {
+            tracing::debug!(path = %path.display(), "cannot record blob: {e}");
+        }
+    }
+
+    /// Imports an image fetched from a registry: `manifest` (already verified against
+    /// `digest`) and the config and layer blobs under `dir/blobs/sha256/` (an OCI layout
+    /// without `index.json`). Layer blobs in `known` may be absent: they must then be layers
+    /// this store verified before ([`ImageStore::known_blob`]). Every present blob is verified
+    /// and unpacked exactly like an OCI layout import. Messages name `shown` (the reference),
+    /// not our download directory.
+    pub fn import_fetched(
+        &self,
+        dir: &Path,
+        shown: &Path,
+        digest: &str,
+        manifest: &[u8],
+        known: &HashSet<String>,
+    ) -> Result<ImportedImage, ImageError> {
+        let _lock = self.lock(FlockArg::LockShared)?;
+        if sha256_digest(manifest) != digest {
+            return Err(bad(
+                shown,
+                format!("manifest digest mismatch: expected {digest}"),
+            ));
+        }
+        let doc: ManifestDoc = serde_json::from_slice(manifest)
+            .map_err(|e| bad(shown, format!("manifest {digest}: {e}")))?;
+        let source = Source::Dir(dir.to_path_buf());
+        self.import_manifest(&source, shown, digest, manifest, doc, known)
+    }
+
+    /// Starts staging an uploaded archive (`image import` of a client's local file) in `tmp/`;
+    /// [`Upload::finish`] imports it. The shared lock is held from the first byte so a gc
+    /// cannot remove the staged file.
+    pub fn begin_upload(&self) -> Result<Upload, ImageError> {
+        let lock = self.lock(FlockArg::LockShared)?;
+        let tmp = TmpPath {
+            path: self.tmp_path("upload")?,
+            keep: false,
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp.path)
+            .map_err(io_at(&tmp.path))?;
+        Ok(Upload {
+            store: self.clone(),
+            tmp,
+            file,
+            written: 0,
+            _lock: lock,
+        })
     }
 
     /// The stored config of an image imported from an OCI layout or `docker save`, by image
@@ -317,6 +405,29 @@ impl ImageStore {
             fs::remove_dir_all(&trash).map_err(io_at(&trash))?;
             tracing::debug!(layer = %hex, "removed unused layer");
         }
+        // Registry downloads abandoned for a day (a resumed pull keeps writing its file).
+        let partial = self.root.join("pull").join("partial");
+        if let Ok(entries) = fs::read_dir(&partial) {
+            let day = std::time::Duration::from_secs(86_400);
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let stale = fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > day));
+                if stale {
+                    freed += tree_size(&path).unwrap_or(0);
+                    remove_any(&path).map_err(io_at(&path))?;
+                }
+            }
+        }
+        let blobmap = self.root.join("blobmap");
+        for entry in fs::read_dir(&blobmap).map_err(io_at(&blobmap))? {
+            let path = entry.map_err(io_at(&blobmap))?.path();
+            let diff = fs::read_to_string(&path).unwrap_or_default();
+            if !self.layer_dir(diff.trim()).is_dir() || !keep_layers.contains(diff.trim()) {
+                remove_any(&path).map_err(io_at(&path))?;
+            }
+        }
         let blobs = self.root.join("blobs").join("sha256");
         for entry in fs::read_dir(&blobs).map_err(io_at(&blobs))? {
             let entry = entry.map_err(io_at(&blobs))?;
@@ -352,7 +463,7 @@ impl ImageStore {
                 desc = select_manifest(&doc.manifests, source, src, &desc.digest)?;
                 continue;
             }
-            return self.import_manifest(source, src, &desc.digest, &bytes, doc);
+            return self.import_manifest(source, src, &desc.digest, &bytes, doc, &HashSet::new());
         }
         Err(bad(src, "image indexes nest too deep"))
     }
@@ -364,6 +475,7 @@ impl ImageStore {
         digest: &str,
         manifest_bytes: &[u8],
         manifest: ManifestDoc,
+        known: &HashSet<String>,
     ) -> Result<ImportedImage, ImageError> {
         let Some(config_desc) = manifest.config else {
             return Err(bad(
@@ -383,6 +495,18 @@ impl ImageStore {
                 src,
                 what: format!("layer {i} ({name})"),
             };
+            if known.contains(&desc.digest) && !source.exists(&name) {
+                // A registry pull skipped the download: the blob was verified to unpack to this
+                // diff id before, and the registry serves it to this puller.
+                let diff = diff_ids.get(i).map(String::as_str);
+                match (diff, self.known_blob(&desc.digest)) {
+                    (Some(want), Some(have)) if want == have && self.layer_dir(want).is_dir() => {
+                        layers.push(have);
+                        continue;
+                    }
+                    _ => return Err(ctx.bad("blob was not downloaded and is not a known layer")),
+                }
+            }
             let reader = source.open(src, &name)?;
             let out = self.import_layer(
                 &ctx,
@@ -567,13 +691,13 @@ impl ImageStore {
             .take(4)
             .read_to_end(&mut magic)
             .map_err(|e| ctx.bad(format!("cannot read: {e}")))?;
-        if magic == [0x28, 0xb5, 0x2f, 0xfd] {
-            return Err(ctx.bad("zstd-compressed layers are not supported"));
-        }
+        let zstd = magic == ZSTD_MAGIC;
         let gzip = magic.starts_with(&[0x1f, 0x8b]);
         let head = io::Cursor::new(magic).chain(&mut raw);
         let decoded = if gzip {
             Decoded::Gzip(Box::new(MultiGzDecoder::new(head)))
+        } else if zstd {
+            Decoded::Zstd(Box::new(ZstdFrames::new(head)))
         } else {
             Decoded::Plain(head)
         };
@@ -627,6 +751,7 @@ impl ImageStore {
         } else {
             tracing::debug!(layer = %diff_id, "layer already present");
         }
+        self.remember_blob(&blob_digest, &diff_id);
         Ok(LayerOut {
             diff_id,
             blob_digest,
@@ -774,6 +899,49 @@ impl ImageStore {
             .map_err(io_at(&tmp.path))?;
         fs::rename(&tmp.path, &path).map_err(io_at(&path))?;
         Ok(digest)
+    }
+}
+
+/// An archive being uploaded into the store's `tmp/`; removed when dropped.
+pub struct Upload {
+    store: ImageStore,
+    tmp: TmpPath,
+    file: File,
+    written: u64,
+    _lock: Flock<File>,
+}
+
+impl Upload {
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), ImageError> {
+        self.file.write_all(bytes).map_err(io_at(&self.tmp.path))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Imports the uploaded archive (a tar or gzip tar: OCI layout or docker save); the staged
+    /// file is removed whatever the outcome.
+    pub fn finish(self) -> Result<ImportedImage, ImageError> {
+        self.file.sync_all().map_err(io_at(&self.tmp.path))?;
+        if fs::metadata(&self.tmp.path)
+            .map_err(io_at(&self.tmp.path))?
+            .len()
+            == 0
+        {
+            return Err(bad(Path::new("upload"), "the uploaded archive is empty"));
+        }
+        let out = self.store.import(&self.tmp.path);
+        // Name the upload, not our staging file, in messages.
+        out.map_err(|e| match e {
+            ImageError::BadSource { why, .. } => ImageError::BadSource {
+                path: PathBuf::from("upload"),
+                why,
+            },
+            other => other,
+        })
     }
 }
 
@@ -1737,6 +1905,7 @@ impl Write for HashWriter {
 enum Decoded<R: Read> {
     Plain(R),
     Gzip(Box<MultiGzDecoder<R>>),
+    Zstd(Box<ZstdFrames<R>>),
 }
 
 impl<R: Read> Read for Decoded<R> {
@@ -1744,6 +1913,57 @@ impl<R: Read> Read for Decoded<R> {
         match self {
             Decoded::Plain(r) => r.read(buf),
             Decoded::Gzip(r) => r.read(buf),
+            Decoded::Zstd(r) => r.read(buf),
+        }
+    }
+}
+
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// A zstd stream of one or more frames (zstd writers may emit several, like multi-member
+/// gzip), decoded by `ruzstd` (pure Rust: no C library to build).
+struct ZstdFrames<R: Read> {
+    /// The decoder of the current frame; `None` between frames.
+    frame: Option<
+        ruzstd::decoding::StreamingDecoder<io::BufReader<R>, ruzstd::decoding::FrameDecoder>,
+    >,
+    /// The source between frames.
+    source: Option<io::BufReader<R>>,
+}
+
+impl<R: Read> ZstdFrames<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            frame: None,
+            source: Some(io::BufReader::with_capacity(1 << 16, inner)),
+        }
+    }
+}
+
+impl<R: Read> Read for ZstdFrames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use io::BufRead;
+        loop {
+            if let Some(frame) = &mut self.frame {
+                let n = frame
+                    .read(buf)
+                    .map_err(|e| io::Error::new(e.kind(), format!("zstd: {e}")))?;
+                if n > 0 || buf.is_empty() {
+                    return Ok(n);
+                }
+                let done = self.frame.take().map(|f| f.into_inner());
+                self.source = done;
+                continue;
+            }
+            let Some(mut source) = self.source.take() else {
+                return Ok(0);
+            };
+            if source.fill_buf()?.is_empty() {
+                return Ok(0);
+            }
+            let frame = ruzstd::decoding::StreamingDecoder::new(source)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("zstd: {e}")))?;
+            self.frame = Some(frame);
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod limiter;
 pub mod logs;
 pub mod mig;
 pub mod net;
+pub mod registry;
 pub mod rootfs;
 pub mod runtime;
 pub mod seccomp;

@@ -367,6 +367,106 @@ pub struct Image {
     pub command: Vec<String>,
     pub env: Vec<String>,
     pub created_at: i64,
+    /// The tenant that pulled it and alone sees it; absent: public.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The registry reference it was pulled from; absent for imports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+// ---- registry pulls and credentials ------------------------------------------------------------
+
+/// `POST /v1/images/pulls`: pull `reference` from its registry into an image named `name`
+/// (default: the reference as given).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PullImage {
+    pub reference: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// When an image of that name is already visible to the caller, answer a finished job
+    /// at once instead of pulling again (what `instance create --image REF` uses).
+    #[serde(default)]
+    pub if_missing: bool,
+}
+
+/// One layer of a pull job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PullLayer {
+    /// Blob digest.
+    pub digest: String,
+    /// Compressed size, bytes.
+    pub size: u64,
+    /// Bytes on disk so far.
+    pub done: u64,
+    /// `waiting`, `downloading`, `done`, or `present` (no download needed).
+    pub state: String,
+}
+
+/// A pull job (`GET /v1/images/pulls/{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImagePull {
+    pub id: String,
+    pub reference: String,
+    pub name: String,
+    pub tenant: String,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Stable code of the failure (`unauthorized`, `not_found`, `unavailable`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Manifest digest, once resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default)]
+    pub layers: Vec<PullLayer>,
+    /// All blobs are here and the layers are being unpacked.
+    #[serde(default)]
+    pub unpacking: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<Image>,
+    /// Bumped on every change: `?since=<version>` long-polls for the next one.
+    pub version: u64,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// `POST /v1/registries`: a tenant's login to one registry.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegistryLogin {
+    pub host: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryLogin")
+            .field("host", &self.host)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A stored registry login as shown: never the password.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegistryCredential {
+    pub host: String,
+    pub username: String,
+    pub created_at: i64,
+}
+
+/// Whether an image name is meant as a registry reference (`host/repo:tag`, `repo:tag`,
+/// `repo@sha256:...`): what `instance create --image` pulls when no image has that name.
+/// Plain names (`busybox`) are local image names only.
+pub fn looks_like_reference(s: &str) -> bool {
+    !s.is_empty()
+        && s.contains(['/', ':', '@'])
+        && !s.starts_with(['/', '.'])
+        && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -8,6 +8,7 @@
 //! recovery.
 
 mod gpuadmin;
+pub mod images;
 pub mod limits;
 mod metrics;
 mod reconcile;
@@ -18,9 +19,7 @@ use crate::error::{invalid, EngineError, Result};
 use crate::placement::{
     Assignment, Cluster, Demand, GpuSlot, HostCapacity, PlacementError, Placer, Resident, SimNode,
 };
-use crate::store::{
-    EventRow, ImageRow, InstanceRow, InstanceSpec, KeyRow, Store, TenantRow, VolumeRow,
-};
+use crate::store::{EventRow, InstanceRow, InstanceSpec, KeyRow, Store, TenantRow, VolumeRow};
 use gpuvisor_node::Node;
 use gpuvisor_wire as wire;
 use gpuvisor_wire::{InstanceState, Role};
@@ -93,6 +92,8 @@ pub struct Engine {
     /// A tenant deletion may be pending (`tenant rm --cascade`): the reconciler looks at the
     /// store only then. True at start, so a deletion a crash interrupted is found.
     pub(crate) tenant_deletions: std::sync::atomic::AtomicBool,
+    /// Registry settings, pull jobs, the credential key ([`images`]).
+    registry: images::RegistryState,
 }
 
 pub const ADMIN_TENANT: &str = "admin";
@@ -161,6 +162,7 @@ impl Engine {
             simulated_nodes: std::sync::RwLock::new(std::collections::HashSet::new()),
             limits: Default::default(),
             tenant_deletions: std::sync::atomic::AtomicBool::new(true),
+            registry: Default::default(),
         })
     }
 
@@ -583,110 +585,7 @@ impl Engine {
         Ok(out)
     }
 
-    // --- images ------------------------------------------------------------------------------
-
-    fn wire_image(i: ImageRow) -> wire::Image {
-        wire::Image {
-            name: i.name,
-            digest: i.digest,
-            layers: i.layers,
-            size: i.size,
-            command: i.command,
-            env: i.env,
-            created_at: i.created_at,
-        }
-    }
-
-    pub async fn import_image(
-        &self,
-        who: &Principal,
-        req: &wire::ImportImage,
-    ) -> Result<wire::Image> {
-        who.require_admin("importing images")?;
-        validate::name("image", &req.name)?;
-        let path = std::path::PathBuf::from(&req.path);
-        if !path.is_absolute() {
-            return Err(invalid(format!(
-                "image path {:?} must be absolute on the daemon's host",
-                req.path
-            )));
-        }
-        if !path.exists() {
-            return Err(invalid(format!(
-                "image path {:?} does not exist on the daemon's host",
-                req.path
-            )));
-        }
-        if self.store.image(&req.name).await?.is_some() {
-            return Err(EngineError::AlreadyExists(format!(
-                "image {:?} already exists: remove it first or pick another name",
-                req.name
-            )));
-        }
-        let node = self.node.clone();
-        let imported = tokio::task::spawn_blocking(move || node.images.import(&path))
-            .await
-            .map_err(|e| EngineError::Internal(e.to_string()))?
-            .map_err(|e| match e {
-                gpuvisor_node::image::ImageError::BadSource { .. } => invalid(e.to_string()),
-                other => EngineError::Node(other.into()),
-            })?;
-        let row = ImageRow {
-            name: req.name.clone(),
-            digest: imported.digest,
-            layers: imported.layers,
-            size: imported.size,
-            command: imported.command,
-            env: imported.env,
-            created_at: now_ms(),
-        };
-        self.store.insert_image(&row).await?;
-        Ok(Self::wire_image(row))
-    }
-
-    pub async fn list_images(&self, _who: &Principal) -> Result<Vec<wire::Image>> {
-        Ok(self
-            .store
-            .images()
-            .await?
-            .into_iter()
-            .map(Self::wire_image)
-            .collect())
-    }
-
-    pub async fn remove_image(&self, who: &Principal, name: &str) -> Result<wire::Image> {
-        who.require_admin("removing images")?;
-        let img = self
-            .store
-            .image(name)
-            .await?
-            .ok_or_else(|| EngineError::NotFound(format!("image {name:?} not found")))?;
-        let users: Vec<String> = self
-            .store
-            .live_instances(None)
-            .await?
-            .into_iter()
-            .filter(|i| i.image == name)
-            .map(|i| i.id)
-            .collect();
-        if !users.is_empty() {
-            return Err(EngineError::InUse(format!(
-                "image {name:?} is used by instances {}: terminate them first",
-                users.join(", ")
-            )));
-        }
-        self.store.delete_image(name).await?;
-        let keep: Vec<String> = self
-            .store
-            .images()
-            .await?
-            .into_iter()
-            .flat_map(|i| i.layers)
-            .collect();
-        let node = self.node.clone();
-        let _ = tokio::task::spawn_blocking(move || node.images.gc(&keep)).await;
-        Ok(Self::wire_image(img))
-    }
+    // --- images: engine::images -------------------------------------------------------------
 
     // --- volumes -----------------------------------------------------------------------------
 
@@ -989,12 +888,17 @@ impl Engine {
                 "fractional GPUs need libgpuvisor_limiter.so on this host: build it with `cargo build --release -p gpuvisor-limiter` and copy it to /usr/local/lib/gpuvisor/, or use --gpus".into(),
             ));
         }
-        let image = self.store.image(&req.image).await?.ok_or_else(|| {
-            EngineError::NotFound(format!(
-                "image {:?} not found (see `gpuvisor image list`)",
-                req.image
-            ))
-        })?;
+        // The tenant's own image of that name, else the public one (engine::images).
+        let image = self
+            .store
+            .image_visible(&who.tenant_id, &req.image)
+            .await?
+            .ok_or_else(|| {
+                EngineError::NotFound(format!(
+                    "image {:?} not found (see `gpuvisor image list`)",
+                    req.image
+                ))
+            })?;
         if let Some(m) = &req.gpu_model {
             let host_gpus: Vec<_> = self
                 .node

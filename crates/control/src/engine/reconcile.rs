@@ -253,9 +253,13 @@ impl Engine {
         let tenant = self.store.tenant(&i.tenant_id).await?.ok_or_else(|| {
             EngineError::Internal(format!("tenant {} of {} is gone", i.tenant_id, i.id))
         })?;
-        let image = self.store.image(&i.image).await?.ok_or_else(|| {
-            EngineError::Internal(format!("image {} of instance {} is gone", i.image, i.id))
-        })?;
+        let image = self
+            .store
+            .image_visible(&i.tenant_id, &i.image)
+            .await?
+            .ok_or_else(|| {
+                EngineError::Internal(format!("image {} of instance {} is gone", i.image, i.id))
+            })?;
         Ok(InstancePlan {
             id: i.id.clone(),
             tenant_id: i.tenant_id.clone(),

@@ -124,7 +124,8 @@ fn holdings(instances: &[String], volumes: &[String]) -> String {
             part(volumes, "volume")
         ),
         (false, true) => part(instances, "instance"),
-        _ => part(volumes, "volume"),
+        (true, false) => part(volumes, "volume"),
+        (true, true) => String::new(),
     }
 }
 
@@ -284,10 +285,20 @@ impl Engine {
             .into_iter()
             .map(|v| v.name)
             .collect();
-        if !cascade && t.deleting_at.is_none() && !(instances.is_empty() && volumes.is_empty()) {
+        let images = self.store.tenant_image_count(&t.id).await?;
+        let owns = !(instances.is_empty() && volumes.is_empty()) || images > 0;
+        if !cascade && t.deleting_at.is_none() && owns {
+            let mut what = holdings(&instances, &volumes);
+            if images > 0 {
+                let s = if images == 1 { "" } else { "s" };
+                what = if what.is_empty() {
+                    format!("{images} pulled image{s}")
+                } else {
+                    format!("{what} and {images} pulled image{s}")
+                };
+            }
             return Err(EngineError::InUse(format!(
-                "tenant {name:?} still owns {}: remove them first, or delete it with --cascade",
-                holdings(&instances, &volumes)
+                "tenant {name:?} still owns {what}: remove them first, or delete it with --cascade"
             )));
         }
         self.store.mark_tenant_deleting(&t.id, now_ms()).await?;
@@ -343,6 +354,8 @@ impl Engine {
         for v in self.store.volumes(Some(&t.id)).await? {
             self.destroy_volume(&t.id, &v.name).await?;
         }
+        // Its private images, registry logins and pull jobs (the logins reference the row).
+        self.forget_tenant_images(&t.id).await?;
         // Only the caller whose delete removed the row tears the bridge down: its slot may be
         // a new tenant's right after.
         if !self.store.delete_tenant(&t.id).await? {

@@ -147,7 +147,33 @@ fn every_route_is_scoped_by_tenant() {
             "/v1/images",
             with(row(403, 403, 400), r#"{"path":"/nonexistent","name":"x"}"#),
         ),
-        ("DELETE", "/v1/images/{name}", row(403, 403, 409)),
+        // Tenants remove only their own (pulled) images: the public one is not theirs.
+        ("DELETE", "/v1/images/{name}", row(404, 404, 409)),
+        // Uploads are an admin's (no name given: refused after authorisation).
+        ("POST", "/v1/images/upload", row(403, 403, 400)),
+        // busybox is public already.
+        ("POST", "/v1/images/{name}/publish", row(403, 403, 409)),
+        // Every caller may start a pull (it fails later: nothing listens there).
+        (
+            "POST",
+            "/v1/images/pulls",
+            with(
+                row(200, 200, 200),
+                r#"{"reference":"127.0.0.1:9/none/none:x","name":"nothing"}"#,
+            ),
+        ),
+        ("GET", "/v1/images/pulls/{id}", row(404, 404, 404)),
+        ("GET", "/v1/registries", row(200, 200, 200)),
+        // Each caller stores its own login; each removes only its own.
+        (
+            "POST",
+            "/v1/registries",
+            with(
+                row(200, 200, 200),
+                r#"{"host":"reg.example:5000","username":"u","password":"p"}"#,
+            ),
+        ),
+        ("DELETE", "/v1/registries/{host}", row(200, 200, 200)),
         ("GET", "/v1/volumes", row(200, 200, 200)),
         // Each caller makes its own volume: names are per tenant.
         (
@@ -207,8 +233,12 @@ fn every_route_is_scoped_by_tenant() {
                 p = p.replace("{id}", &spare_id);
             } else if template.starts_with("/v1/gpus/") {
                 p = p.replace("{id}", &gpu).replace("{gi}", "1");
+            } else if template.starts_with("/v1/images/pulls/") {
+                p = p.replace("{id}", "pull-000000000000");
             } else if template.starts_with("/v1/images/") {
                 p = p.replace("{name}", "busybox");
+            } else if template.starts_with("/v1/registries/") {
+                p = p.replace("{host}", "reg.example:5000");
             } else if template.starts_with("/v1/volumes/") {
                 p = p.replace("{name}", "ownervol");
             } else if template.starts_with("/v1/tenants/") {
