@@ -740,8 +740,16 @@ async fn images_insert_get_list_delete() {
 async fn image_owners_credentials_and_pulls() {
     use gpuvisor_control::store::{CredentialRow, PullRow};
     for_each_backend(|Db { store, backend, .. }| async move {
-        let a = store.create_tenant("t-a", "alpha", 10).await.unwrap();
-        let b = store.create_tenant("t-b", "beta", 20).await.unwrap();
+        let a = store
+            .create_tenant("t-a", "alpha", 10, u32::MAX)
+            .await
+            .unwrap()
+            .unwrap();
+        let b = store
+            .create_tenant("t-b", "beta", 20, u32::MAX)
+            .await
+            .unwrap()
+            .unwrap();
         store.insert_image(&image_row("app", 1)).await.unwrap();
         let mine = ImageRow {
             owner: a.id.clone(),

@@ -483,31 +483,6 @@ fn tenant(d: &Daemon, name: &str) -> String {
         .to_string()
 }
 
-fn login(d: &Daemon, key: &str, host: &str, user: &str, password: &str) -> std::process::Output {
-    let mut c = Command::new(BIN)
-        .args([
-            "registry",
-            "login",
-            host,
-            "--username",
-            user,
-            "--password-stdin",
-        ])
-        .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
-        .env("GPUVISOR_API_KEY", key)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    c.wait_with_output().unwrap()
-}
-
 /// One raw HTTP/1.0 request to the daemon: (status, json body).
 fn api(d: &Daemon, key: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
     let mut s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
@@ -820,7 +795,7 @@ fn pulls_over_tls_with_per_tenant_credentials() {
         "{err}"
     );
     // A wrong password: the same.
-    let out = login(&d, &alice, &host, "pusher", "wrong");
+    let out = d.registry_login(&alice, &host, "pusher", "wrong");
     assert!(
         out.status.success(),
         "{}",
@@ -829,7 +804,7 @@ fn pulls_over_tls_with_per_tenant_credentials() {
     let (ok, _, err) = pull(&d, &alice, &[&reference]);
     assert!(!ok && err.contains("refused access"), "{err}");
     // The right one.
-    let out = login(&d, &alice, &host, "pusher", "s3cret-Passw0rd");
+    let out = d.registry_login(&alice, &host, "pusher", "s3cret-Passw0rd");
     assert!(
         out.status.success(),
         "{}",

@@ -133,6 +133,9 @@ fn full_pool_is_refused_and_tenant_rm_frees_a_slot() {
         "b's slot 2 reused"
     );
 
+    // A registry login of c's (its row references the tenant) goes with it too.
+    let out = d.registry_login(&kc, "registry.example.com", "c", "pw");
+    assert!(out.status.success(), "{out:?}");
     // Cascade, with the daemon killed right after it began: the restarted daemon finishes.
     let r = d.json(&["tenant", "rm", "c", "--cascade"]);
     assert_eq!(r["instances"], serde_json::json!(["web"]), "{r}");

@@ -295,6 +295,36 @@ impl Daemon {
         v["id"].as_str().unwrap().to_string()
     }
 
+    /// `registry login HOST --username USER --password-stdin` as `key`.
+    pub fn registry_login(&self, key: &str, host: &str, user: &str, password: &str) -> Output {
+        use std::io::Write;
+        let mut c = Command::new(BIN)
+            .args([
+                "registry",
+                "login",
+                host,
+                "--username",
+                user,
+                "--password-stdin",
+            ])
+            .env(
+                "GPUVISOR_ENDPOINT",
+                format!("http://127.0.0.1:{}", self.port),
+            )
+            .env("GPUVISOR_API_KEY", key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{password}\n").as_bytes())
+            .unwrap();
+        c.wait_with_output().unwrap()
+    }
+
     /// `instance exec` returning (exit code, stdout, stderr).
     pub fn exec(&self, id: &str, cmd: &str) -> (i32, String, String) {
         let out = self.cli(&["instance", "exec", id, "--", "sh", "-c", cmd]);
