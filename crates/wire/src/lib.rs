@@ -569,10 +569,80 @@ pub mod exec {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecLimit {
-    /// The output reached `exec_max_output` bytes: the command was killed.
+    /// The output reached `exec_max_output` bytes (a session: `exec_session_max_bytes` of
+    /// input and output): the command was killed.
     OutputLimit,
     /// The deadline passed: the command was killed.
     Deadline,
+    /// A session saw no input and no output for `exec_session_idle_timeout`: killed.
+    Idle,
+}
+
+// ---- interactive exec (`instance exec -i/-t`) ----------------------------------------------
+
+/// An interactive exec session, asked with `GET /v1/instances/{id}/exec/ws?request=<this as
+/// JSON>` and a WebSocket upgrade (the protocol is [`session`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ExecSessionRequest {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Run the command on a terminal (stdout and stderr are then one stream).
+    #[serde(default)]
+    pub tty: bool,
+    /// Forward the client's input (without it the command's stdin is closed).
+    #[serde(default)]
+    pub stdin: bool,
+    /// The terminal's first size (with `tty`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<session::Size>,
+    /// Total deadline in milliseconds (default and maximum: the daemon's
+    /// `exec_session_max_time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The WebSocket protocol of an exec session. Binary messages carry data: one channel byte
+/// ([`STDIN`] from the client; [`STDOUT`], [`STDERR`] from the daemon — a terminal has only
+/// `STDOUT`) then the bytes. Text messages are JSON [`Control`]s: `resize` and `eof` (stdin
+/// closed) from the client, and last from the daemon `exit` with the command's status; then the
+/// daemon closes. A client that goes away (close, or the connection drops) ends the session and
+/// the command's process tree is killed.
+pub mod session {
+    use serde::{Deserialize, Serialize};
+
+    /// The path under `/v1/instances/{id}/`.
+    pub const PATH: &str = "exec/ws";
+    /// The query parameter carrying the [`super::ExecSessionRequest`] JSON.
+    pub const QUERY: &str = "request";
+    pub const STDIN: u8 = 0;
+    pub const STDOUT: u8 = super::exec::STDOUT;
+    pub const STDERR: u8 = super::exec::STDERR;
+
+    #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+    pub struct Size {
+        pub rows: u16,
+        pub cols: u16,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub enum Control {
+        /// The client's terminal changed size.
+        Resize(Size),
+        /// The client's input ended: the command's stdin is closed (ignored on a terminal).
+        Eof,
+        /// The command ended (last message from the daemon).
+        Exit(super::ExecEnd),
+    }
+
+    /// A data message: the channel byte, then `data`.
+    pub fn data(channel: u8, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(1 + data.len());
+        v.push(channel);
+        v.extend_from_slice(data);
+        v
+    }
 }
 
 /// The last frame of an exec stream.

@@ -11,6 +11,7 @@ mod gpuadmin;
 pub mod limits;
 mod metrics;
 mod reconcile;
+pub mod session;
 mod tenants;
 pub mod validate;
 
