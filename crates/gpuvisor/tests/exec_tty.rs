@@ -13,6 +13,14 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A daemon with a network prefix and pool of this test's own, so that bridges other suites
+/// leave or make on the same host never meet ours.
+fn daemon(extra: &[&str]) -> Daemon {
+    let mut a = vec!["--net-prefix", "gx", "--net-pool", "10.83.0.0"];
+    a.extend(extra);
+    Daemon::start(&a)
+}
+
 /// Longest any step may take before the test gives up (a hang guard, not a measurement).
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -241,7 +249,7 @@ const PS1: &str = "PS1=gv$ ";
 #[test]
 fn terminal_session_types_resizes_interrupts_and_exits() {
     let _s = serial();
-    let d = Daemon::start(&[]);
+    let d = daemon(&[]);
     d.import_busybox();
     let id = d.create(&sleeper());
     let key = d.key.clone();
@@ -303,7 +311,7 @@ fn terminal_session_types_resizes_interrupts_and_exits() {
 #[test]
 fn a_client_that_goes_away_leaves_nothing_running() {
     let _s = serial();
-    let d = Daemon::start(&["--exec-per-tenant", "1"]);
+    let d = daemon(&["--exec-per-tenant", "1"]);
     d.import_busybox();
     let id = d.create(&sleeper());
     let key = d.key.clone();
@@ -364,7 +372,8 @@ fn a_client_that_goes_away_leaves_nothing_running() {
 #[test]
 fn piped_input_arrives_exactly() {
     let _s = serial();
-    let d = Daemon::start(&[]);
+    // A session that never sees its input's end is idle, then ended: a failure, not a hang.
+    let d = daemon(&["--exec-session-idle-timeout", "20s"]);
     d.import_busybox();
     let id = d.create(&sleeper());
     let input: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 256) as u8).collect();
@@ -447,7 +456,7 @@ fn handshake(port: u16, key: &str, id: &str, request: &str) -> (u16, String) {
 #[test]
 fn another_tenant_cannot_attach() {
     let _s = serial();
-    let d = Daemon::start(&[]);
+    let d = daemon(&[]);
     d.import_busybox();
     d.json(&["tenant", "create", "alice"]);
     d.json(&["tenant", "create", "mallory"]);
@@ -470,10 +479,10 @@ fn another_tenant_cannot_attach() {
         d.port,
         &alice,
         &id,
-        r#"{"command":["true"],"env":["LD_PRELOAD=/x.so"]}"#,
+        r#"{"command":["true"],"env":["CUDA_VISIBLE_DEVICES=0,1"]}"#,
     );
     assert_eq!(status, 400, "{body}");
-    assert!(body.contains("LD_PRELOAD"), "{body}");
+    assert!(body.contains("CUDA_VISIBLE_DEVICES"), "{body}");
     let (status, body) = handshake(d.port, &alice, &id, req);
     assert_eq!(status, 101, "{body}");
 }
@@ -483,7 +492,7 @@ fn another_tenant_cannot_attach() {
 #[test]
 fn an_idle_session_is_ended() {
     let _s = serial();
-    let d = Daemon::start(&["--exec-session-idle-timeout", "2s"]);
+    let d = daemon(&["--exec-session-idle-timeout", "2s"]);
     d.import_busybox();
     let id = d.create(&sleeper());
     let mut c = Command::new(BIN)
