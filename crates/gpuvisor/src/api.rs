@@ -463,7 +463,10 @@ async fn exec_session(
     Who(p): Who,
     Path(id): Path<String>,
     uri: axum::http::Uri,
-    ws: Result<axum::extract::ws::WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    ws: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
 ) -> Result<Response, ApiError> {
     let parsed = Query::<SessionQuery>::try_from_uri(&uri)
         .map_err(|r| r.body_text())

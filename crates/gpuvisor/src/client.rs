@@ -481,7 +481,6 @@ fn is_unreachable(e: &ureq::Error) -> bool {
     }
 }
 
-/// Percent-encodes one path segment (names are user input).
 // ---- interactive exec (WebSocket) ----------------------------------------------------------
 
 /// A connected exec session ([`gpuvisor_wire::session`]), blocking; the caller may make its
@@ -550,7 +549,10 @@ impl Client {
             Ok((ws, _)) => Ok(ws),
             Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
                 let status = resp.status().as_u16();
-                Err(api_error(status, resp.body().as_deref().unwrap_or_default()))
+                Err(api_error(
+                    status,
+                    resp.body().as_deref().unwrap_or_default(),
+                ))
             }
             Err(e) => Err(ClientError::Transport {
                 endpoint: self.endpoint.clone(),
@@ -560,6 +562,7 @@ impl Client {
     }
 }
 
+/// Percent-encodes one path segment (names are user input).
 fn segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

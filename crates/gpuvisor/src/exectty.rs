@@ -263,9 +263,9 @@ pub fn run(mut ws: SessionSocket, tty: bool, stdin: bool) -> Result<Outcome, Cli
                     }
                 }
                 Ok(Message::Close(_)) => {
-                    return end.map(Outcome::Exit).ok_or_else(|| {
-                        cut("the daemon closed it before the command ended")
-                    });
+                    return end
+                        .map(Outcome::Exit)
+                        .ok_or_else(|| cut("the daemon closed it before the command ended"));
                 }
                 Ok(_) => {}
                 Err(e) if would_block(&e) => break,

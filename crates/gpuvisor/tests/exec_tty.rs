@@ -4,6 +4,8 @@
 //! checks nothing is left in the instance; pipes bytes through `-i`; and tries another tenant's
 //! key. Runs as root (CI does).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{instance_pids, serial, sleeper, Daemon, BIN};
@@ -132,7 +134,10 @@ impl Term {
             );
             if !self.pump(Duration::from_millis(200)) {
                 let s = self.screen();
-                assert!(s.contains(text), "the CLI ended before {text:?} showed:\n{s}");
+                assert!(
+                    s.contains(text),
+                    "the CLI ended before {text:?} showed:\n{s}"
+                );
             }
         }
     }
@@ -175,10 +180,8 @@ impl Term {
             ws_ypixel: 0,
         };
         // SAFETY: TIOCSWINSZ reads one winsize from a live pointer.
-        assert_eq!(
-            unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
-            0
-        );
+        let r = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0);
         // The kernel signals the terminal's foreground group; say it once more to the CLI in
         // case it is not that group's leader.
         let _ = nix::sys::signal::kill(
@@ -197,7 +200,10 @@ impl Drop for Term {
 
 /// Pids in instance `id` whose command line is exactly `argv`.
 fn pids_running(id: &str, argv: &[&str]) -> Vec<u32> {
-    let want: Vec<u8> = argv.iter().flat_map(|a| [a.as_bytes(), b"\0"].concat()).collect();
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
     instance_pids(id)
         .into_iter()
         .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default() == want)
@@ -406,8 +412,15 @@ fn piped_input_arrives_exactly() {
     assert_eq!(String::from_utf8_lossy(&out).trim(), "300000");
     let (code, out, _) = run(&["cat"], &input);
     assert_eq!(code, Some(0));
-    assert!(out == input, "cat gave back {} bytes, not the same", out.len());
-    let (code, out, err) = run(&["sh", "-c", "cat >/dev/null; echo out; echo err >&2; exit 3"], b"x");
+    assert!(
+        out == input,
+        "cat gave back {} bytes, not the same",
+        out.len()
+    );
+    let (code, out, err) = run(
+        &["sh", "-c", "cat >/dev/null; echo out; echo err >&2; exit 3"],
+        b"x",
+    );
     assert_eq!(code, Some(3));
     assert_eq!(String::from_utf8_lossy(&out), "out\n");
     assert_eq!(String::from_utf8_lossy(&err), "err\n");
@@ -474,7 +487,12 @@ fn another_tenant_cannot_attach() {
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("not_found"), "{body}");
     let out = d.cli_as(&mallory, &["instance", "exec", "-i", &id, "--", "true"]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (status, body) = handshake(
         d.port,
         &alice,

@@ -22,8 +22,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::{unix::AsyncFd, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -334,7 +334,8 @@ impl Run {
             limit,
             message,
         };
-        let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(SessionOutput::End(end))).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), tx.send(SessionOutput::End(end))).await;
     }
 
     fn limit_message(&self, l: wire::ExecLimit) -> String {
@@ -421,7 +422,11 @@ async fn tty_input(
                 }
             }
             SessionInput::Resize(s) => {
-                let _ = gpuvisor_node::console::set_window_size(master.get_ref().as_fd(), s.rows, s.cols);
+                let _ = gpuvisor_node::console::set_window_size(
+                    master.get_ref().as_fd(),
+                    s.rows,
+                    s.cols,
+                );
             }
             SessionInput::Eof => {}
         }
