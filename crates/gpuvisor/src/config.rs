@@ -801,4 +801,27 @@ mod tests {
         let e = Config::load(Some(&f), &none).unwrap_err().to_string();
         assert!(e.contains("kill"), "{e}");
     }
+    /// The interactive exec session bounds: read from the file, handed to the engine, and a
+    /// zero refused like the other limits.
+    #[test]
+    fn exec_session_limits() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[limits]\nexec_session_idle_timeout = \"10m\"\nexec_session_max_time = \"2h\"\nexec_session_max_bytes = \"64MiB\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&f), &ConfigOverrides::default()).unwrap();
+        let e = c.limits.engine().exec;
+        assert_eq!(e.session_idle_timeout, Duration::from_secs(600));
+        assert_eq!(e.session_max_time, Duration::from_secs(7200));
+        assert_eq!(e.session_max_bytes, 64 << 20);
+        std::fs::write(&f, "[limits]\nexec_session_idle_timeout = \"0s\"\n").unwrap();
+        let err = Config::load(Some(&f), &ConfigOverrides::default()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("exec_session_idle_timeout"),
+            "{err:#}"
+        );
+    }
 }

@@ -674,3 +674,37 @@ pub struct Health {
     pub version: String,
     pub node: String,
 }
+
+#[cfg(test)]
+mod session_tests {
+    use super::session::{Control, Size};
+    use super::*;
+
+    /// The session's control messages as a browser client would write and read them.
+    #[test]
+    fn control_messages_are_tagged_json() {
+        let r: Control = serde_json::from_str(r#"{"type":"resize","rows":40,"cols":132}"#)
+            .unwrap_or(Control::Eof);
+        assert_eq!(
+            r,
+            Control::Resize(Size {
+                rows: 40,
+                cols: 132
+            })
+        );
+        let e = Control::Exit(ExecEnd {
+            exit_code: 7,
+            limit: Some(ExecLimit::Idle),
+            message: None,
+        });
+        assert_eq!(
+            serde_json::to_string(&e).unwrap_or_default(),
+            r#"{"type":"exit","exit_code":7,"limit":"idle"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Control::Eof).unwrap_or_default(),
+            r#"{"type":"eof"}"#
+        );
+        assert_eq!(session::data(session::STDIN, b"ls"), b"\0ls".to_vec());
+    }
+}

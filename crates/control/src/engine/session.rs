@@ -172,9 +172,10 @@ impl SessionTicket {
             .map_err(internal("console socket"))?;
         let listener =
             tokio::net::UnixListener::from_std(listener).map_err(internal("console socket"))?;
-        let mut cmd = tokio::process::Command::from(exec.shim);
-        cmd.kill_on_drop(true);
-        let mut shim = cmd
+        // Not killed on drop: a SIGKILLed shim would leave its command running, orphaned. The
+        // session kills the command's tree itself, and when the daemon exits (a shutdown drops
+        // every task) the shim's parent-death signal makes it do so.
+        let mut shim = tokio::process::Command::from(exec.shim)
             .spawn()
             .map_err(internal("cannot start the exec shim"))?;
         let mut stderr = shim.stderr.take();
