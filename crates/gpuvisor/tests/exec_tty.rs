@@ -372,6 +372,43 @@ fn a_client_that_goes_away_leaves_nothing_running() {
     assert!(exec_files(&d, &id).is_empty(), "{:?}", exec_files(&d, &id));
 }
 
+/// A daemon that dies mid-session (SIGKILL) takes the session's command with it: the exec
+/// shim's parent-death signal kills the command's tree. The CLI says the session was cut and
+/// gives its terminal back.
+#[test]
+fn a_daemon_that_dies_takes_its_terminal_sessions_with_it() {
+    let _s = serial();
+    let mut d = daemon(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let key = d.key.clone();
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", "-e", PS1, &id, "--", "sh"],
+        24,
+        80,
+    );
+    t.expect("gv$ ");
+    t.type_("sleep 4747\r");
+    until("sleep 4747 runs", || {
+        !pids_running(&id, &["sleep", "4747"]).is_empty()
+    });
+    d.kill9();
+    until("sleep 4747 is gone with the daemon", || {
+        pids_running(&id, &["sleep", "4747"]).is_empty()
+    });
+    let st = t.wait();
+    assert_eq!(st.code(), Some(1), "screen:\n{}", t.screen());
+    t.expect("cut");
+    assert!(t
+        .lflags()
+        .contains(nix::sys::termios::LocalFlags::ICANON | nix::sys::termios::LocalFlags::ECHO));
+    assert!(exec_helpers(&d).is_empty(), "{:?}", exec_helpers(&d));
+    // Back up, so that the instance is cleaned away as usual.
+    d.restart();
+}
+
 /// `-i` without a terminal: stdin arrives byte for byte (every byte value, more than one
 /// message's worth), stdin's end is the command's end of file, stdout and stderr stay apart,
 /// and the exit status comes back.
