@@ -390,7 +390,8 @@ fn a_daemon_that_dies_takes_its_terminal_sessions_with_it() {
         80,
     );
     t.expect("gv$ ");
-    t.type_("sleep 4747\r");
+    // Deaf to the terminal's hangup (the pty closes with the daemon): only a kill ends it.
+    t.type_("trap '' HUP; sleep 4747\r");
     until("sleep 4747 runs", || {
         !pids_running(&id, &["sleep", "4747"]).is_empty()
     });
