@@ -16,7 +16,8 @@
 //! | code | meaning                                                                         |
 //! |------|---------------------------------------------------------------------------------|
 //! | 0    | success (`instance exec`: the command's own exit status instead; 124 when the   |
-//! |      | daemon killed it at its deadline)                                               |
+//! |      | daemon killed it at its deadline; `exec -i/-t`: 128+N when signal N ended the   |
+//! |      | CLI itself)                                                                     |
 //! | 1    | any other error (transport, unexpected answer, internal daemon error)           |
 //! | 2    | usage error: bad flags or argument syntax (clap)                                |
 //! | 3    | `not_found`                                                                     |
