@@ -300,7 +300,8 @@ fn terminal_session_types_resizes_interrupts_and_exits() {
 
     t.type_("exit 7\r");
     let st = t.wait();
-    assert_eq!(st.code(), Some(7), "screen:\n{}", t.screen());
+    let exit7 = t.screen();
+    assert_eq!(st.code(), Some(7), "screen:\n{exit7}");
     let lf = t.lflags();
     assert!(
         lf.contains(nix::sys::termios::LocalFlags::ICANON | nix::sys::termios::LocalFlags::ECHO),
@@ -309,6 +310,32 @@ fn terminal_session_types_resizes_interrupts_and_exits() {
     until("the session's files and helpers are gone", || {
         exec_files(&d, &id).is_empty() && exec_helpers(&d).is_empty()
     });
+
+    // A command the image does not have: the runtime's complaint, a failing status, and
+    // nothing left behind.
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", &id, "--", "no-such-command"],
+        24,
+        80,
+    );
+    let st = t.wait();
+    let screen = t.screen();
+    assert!(!st.success(), "{screen}");
+    assert!(screen.contains("no-such-command"), "{screen}");
+    until("the failed session's files and helpers are gone", || {
+        exec_files(&d, &id).is_empty() && exec_helpers(&d).is_empty()
+    });
+    // A command that is over at once still gives its status.
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", &id, "--", "sh", "-c", "exit 3"],
+        24,
+        80,
+    );
+    assert_eq!(t.wait().code(), Some(3), "{}", t.screen());
 }
 
 /// Killing the CLI mid-session (as a dropped network or a closed laptop would end it) kills

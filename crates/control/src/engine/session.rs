@@ -131,9 +131,9 @@ impl SessionTicket {
         };
         if self.req.tty {
             let tty = self.start_tty(&run).await?;
-            let permit = self.permit;
+            let (permit, stdin) = (self.permit, self.req.stdin);
             tokio::spawn(async move {
-                tty.run(run, in_rx, out_tx).await;
+                tty.run(run, stdin, in_rx, out_tx).await;
                 drop(permit);
             });
         } else {
@@ -180,8 +180,18 @@ impl SessionTicket {
             .map_err(internal("cannot start the exec shim"))?;
         let mut stderr = shim.stderr.take();
         let got = tokio::select! {
+            biased;
             m = accept_master(&listener) => m.map_err(internal("receiving the terminal")),
-            _ = shim.wait() => {
+            // A quick command may be over, and the shim gone, before we accepted: the
+            // terminal is then waiting in the socket's backlog.
+            Ok(st) = shim.wait() => if st.success() {
+                tokio::time::timeout(Duration::from_secs(5), accept_master(&listener))
+                    .await
+                    .map_err(|_| EngineError::Internal(
+                        "the OCI runtime started the command but sent no terminal".into(),
+                    ))
+                    .and_then(|m| m.map_err(internal("receiving the terminal")))
+            } else {
                 let mut msg = String::new();
                 if let Some(e) = stderr.as_mut() {
                     let _ = e.take(64 << 10).read_to_string(&mut msg).await;
@@ -190,7 +200,7 @@ impl SessionTicket {
                     "the OCI runtime could not start the command: {}",
                     msg.trim()
                 )))
-            }
+            },
             _ = tokio::time::sleep(CONSOLE_TIMEOUT) => Err(EngineError::Internal(
                 "the OCI runtime did not hand over a terminal in time".into(),
             )),
@@ -222,15 +232,21 @@ impl SessionTicket {
                 return Err(e);
             }
         };
-        // Whatever the shim says on stderr after this is runc's noise: drained, not kept.
-        if let Some(mut e) = stderr {
+        // The runtime may still fail after it handed over the terminal (a command the image
+        // does not have): what it says then is the session's last message. Kept bounded, the
+        // rest drained.
+        let complaint = stderr.map(|mut e| {
             tokio::spawn(async move {
+                let mut msg = String::new();
+                let _ = (&mut e).take(64 << 10).read_to_string(&mut msg).await;
                 let _ = tokio::io::copy(&mut e, &mut tokio::io::sink()).await;
-            });
-        }
+                msg
+            })
+        });
         Ok(Tty {
             master,
             shim,
+            complaint,
             pid_file: exec.pid_file,
         })
     }
@@ -272,6 +288,8 @@ struct Run {
 enum Ended {
     /// The command ended by itself.
     Exited,
+    /// The runtime could not start it (the message says why).
+    Failed(String),
     Limit(wire::ExecLimit),
     /// The client went away.
     Cancelled,
@@ -328,6 +346,7 @@ impl Run {
                 return;
             }
             Ended::Exited => (None, None),
+            Ended::Failed(m) => (None, Some(m)),
             Ended::Limit(l) => (Some(l), Some(self.limit_message(l))),
         };
         let end = wire::ExecEnd {
@@ -386,12 +405,15 @@ struct Tty {
     master: Arc<AsyncFd<OwnedFd>>,
     shim: tokio::process::Child,
     pid_file: PathBuf,
+    /// The shim's stderr (runc's errors), once it closes.
+    complaint: Option<tokio::task::JoinHandle<String>>,
 }
 
 /// Copies the client's input into the terminal and applies resizes until the input ends.
 /// Returns a limit when the session went over its byte cap.
 async fn tty_input(
     master: Arc<AsyncFd<OwnedFd>>,
+    stdin: bool,
     mut input: mpsc::Receiver<SessionInput>,
     activity: Arc<Activity>,
     max_bytes: u64,
@@ -399,6 +421,8 @@ async fn tty_input(
 ) -> Option<wire::ExecLimit> {
     while let Some(i) = input.recv().await {
         match i {
+            // A session without input (`-t` alone) takes resizes only.
+            SessionInput::Stdin(_) if !stdin => {}
             SessionInput::Stdin(data) => {
                 let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 activity.last_ms.fetch_max(ms, Ordering::Relaxed);
@@ -439,11 +463,13 @@ impl Tty {
     async fn run(
         mut self,
         run: Run,
+        stdin: bool,
         input: mpsc::Receiver<SessionInput>,
         tx: mpsc::Sender<SessionOutput>,
     ) {
         let mut input_task = tokio::spawn(tty_input(
             self.master.clone(),
+            stdin,
             input,
             run.activity.clone(),
             run.bounds.max_bytes,
@@ -482,17 +508,22 @@ impl Tty {
             }
         };
         input_task.abort();
-        let exit_code = match ended {
+        let (ended, exit_code) = match ended {
             Ended::Exited => {
                 // What the command wrote just before it ended is still in the terminal.
                 self.drain(&run, &tx).await;
-                self.exit_code().await
+                match self.exit_code().await {
+                    // No status: the runtime failed to start the command (status 255, as
+                    // `runc exec` in the foreground gives).
+                    -1 => (Ended::Failed(self.complaint().await), 255),
+                    c => (Ended::Exited, c),
+                }
             }
-            _ => {
+            ended => {
                 kill_tree(&run, &self.pid_file, &mut self.shim).await;
                 match self.exit_code().await {
-                    -1 => 128 + 9,
-                    c => c,
+                    -1 => (ended, 128 + 9),
+                    c => (ended, c),
                 }
             }
         };
@@ -524,6 +555,29 @@ impl Tty {
                 _ => return,
             }
         }
+    }
+
+    /// What the runtime said on its way out, as a message for the client.
+    async fn complaint(&mut self) -> String {
+        let said = match self.complaint.take() {
+            Some(h) => tokio::time::timeout(Duration::from_secs(2), h)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_default(),
+            None => String::new(),
+        };
+        // runc's log lines: `time=... level=error msg="exec failed: ..."`.
+        let said = said
+            .lines()
+            .filter_map(|l| l.split_once("msg=").map(|(_, m)| m.trim_matches('"')))
+            .last()
+            .map(str::to_string)
+            .unwrap_or_else(|| said.trim().to_string());
+        format!(
+            "the OCI runtime could not start the command: {}",
+            said.replace("\\\"", "\"")
+        )
     }
 
     /// The command's exit status from the shim's `exit N` line; -1 when it printed none (the
