@@ -570,8 +570,8 @@ impl Tty {
         // runc's log lines: `time=... level=error msg="exec failed: ..."`.
         let said = said
             .lines()
-            .filter_map(|l| l.split_once("msg=").map(|(_, m)| m.trim_matches('"')))
-            .last()
+            .rev()
+            .find_map(|l| l.split_once("msg=").map(|(_, m)| m.trim_matches('"')))
             .map(str::to_string)
             .unwrap_or_else(|| said.trim().to_string());
         format!(
