@@ -177,6 +177,7 @@ fn routes() -> Routes {
     .add("POST", "/v1/instances/{id}/start", start_instance)
     .add("GET", "/v1/instances/{id}/logs", logs)
     .add("POST", "/v1/instances/{id}/exec", exec)
+    .add("GET", "/v1/instances/{id}/exec/ws", exec_session)
     .add("GET", "/v1/instances/{id}/events", events)
 }
 
@@ -584,6 +585,150 @@ impl http_body::Body for FrameBody {
         self.0
             .poll_recv(cx)
             .map(|f| f.map(|v| Ok(http_body::Frame::data(bytes::Bytes::from(v)))))
+    }
+}
+
+// ---- interactive exec (WebSocket) ----------------------------------------------------------
+
+/// `?request=<ExecSessionRequest JSON>`.
+#[derive(Deserialize)]
+struct SessionQuery {
+    request: String,
+}
+
+/// Largest WebSocket message a client may send (stdin chunks and control messages are small).
+const SESSION_MAX_MESSAGE: usize = 1 << 20;
+/// How often the daemon pings an idle session's client, and how long it waits for any sign of
+/// life before it takes the client for gone (a dropped network sends no FIN).
+const SESSION_PING: std::time::Duration = std::time::Duration::from_secs(15);
+const SESSION_DEAD: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// An interactive exec over a WebSocket ([`wire::session`]): every check runs before the
+/// upgrade (not found, not running, too many execs and a bad request are plain JSON errors),
+/// the command starts, then the connection is upgraded and pumped. The command is killed when
+/// the client goes away.
+async fn exec_session(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    uri: axum::http::Uri,
+    ws: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Result<Response, ApiError> {
+    let parsed = Query::<SessionQuery>::try_from_uri(&uri)
+        .map_err(|r| r.body_text())
+        .and_then(|Query(q)| {
+            serde_json::from_str::<wire::ExecSessionRequest>(&q.request)
+                .map_err(|e| format!("bad session request: {e}"))
+        });
+    let req = match parsed {
+        Ok(r) => r,
+        Err(msg) => {
+            // Tenancy first: another tenant's instance is not found, whatever it asked.
+            let any = wire::ExecSessionRequest::default();
+            return Err(match e.exec_session(&p, &id, &any).await {
+                Err(EngineError::InvalidArgument(_)) | Ok(_) => EngineError::InvalidArgument(
+                    format!("{msg} (expected ?{}=<JSON>)", wire::session::QUERY),
+                ),
+                Err(other) => other,
+            }
+            .into());
+        }
+    };
+    let ticket = e.exec_session(&p, &id, &req).await?;
+    let ws = ws.map_err(|r| {
+        EngineError::InvalidArgument(format!(
+            "this route is a WebSocket: connect with `Upgrade: websocket` (as `gpuvisor instance exec -it` does): {}",
+            r.body_text()
+        ))
+    })?;
+    let session = ticket.start().await?;
+    Ok(ws
+        .max_message_size(SESSION_MAX_MESSAGE)
+        .max_frame_size(SESSION_MAX_MESSAGE)
+        .on_upgrade(move |socket| pump_session(socket, session)))
+}
+
+/// Moves messages between the WebSocket and the session until either ends. Input is taken off
+/// the socket only when the session can take it, so a command that does not read its input
+/// slows its client down instead of filling the daemon's memory.
+async fn pump_session(
+    mut socket: axum::extract::ws::WebSocket,
+    mut session: gpuvisor_control::engine::session::ExecSession,
+) {
+    use axum::extract::ws::Message;
+    use gpuvisor_control::engine::session::{SessionInput, SessionOutput};
+    use wire::session::{self as proto, Control};
+    let mut pending: Option<SessionInput> = None;
+    let mut input_open = true;
+    let mut last_seen = tokio::time::Instant::now();
+    let mut ping = tokio::time::interval(SESSION_PING);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            m = socket.recv(), if pending.is_none() => {
+                last_seen = tokio::time::Instant::now();
+                match m {
+                    Some(Ok(Message::Binary(b))) => {
+                        if b.first() == Some(&proto::STDIN) && b.len() > 1 && input_open {
+                            pending = Some(SessionInput::Stdin(b[1..].to_vec()));
+                        }
+                    }
+                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<Control>(t.as_str()) {
+                        Ok(Control::Resize(s)) => pending = Some(SessionInput::Resize(s)),
+                        Ok(Control::Eof) => pending = Some(SessionInput::Eof),
+                        // Unknown or daemon-only messages: ignored.
+                        _ => {}
+                    },
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    // Closed, or the connection broke: the client is gone.
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                }
+            }
+            permit = session.input.reserve(), if pending.is_some() => match permit {
+                Ok(permit) => {
+                    if let Some(i) = pending.take() {
+                        permit.send(i);
+                    }
+                }
+                // The session no longer reads input (its command ended): drop what comes.
+                Err(_) => {
+                    pending = None;
+                    input_open = false;
+                }
+            },
+            o = session.output.recv() => {
+                let msg = match o {
+                    Some(SessionOutput::Stdout(d)) => Message::Binary(proto::data(proto::STDOUT, &d).into()),
+                    Some(SessionOutput::Stderr(d)) => Message::Binary(proto::data(proto::STDERR, &d).into()),
+                    Some(SessionOutput::End(end)) => {
+                        let text = serde_json::to_string(&Control::Exit(end)).unwrap_or_default();
+                        let _ = socket.send(Message::Text(text.into())).await;
+                        let _ = socket.send(Message::Close(None)).await;
+                        return;
+                    }
+                    // Ended without a status (the daemon is shutting down): just close.
+                    None => {
+                        let _ = socket.send(Message::Close(None)).await;
+                        return;
+                    }
+                };
+                if socket.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() > SESSION_DEAD {
+                    tracing::debug!("exec session: client silent for {} s, taken for gone", SESSION_DEAD.as_secs());
+                    return;
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 

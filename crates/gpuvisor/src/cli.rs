@@ -16,7 +16,8 @@
 //! | code | meaning                                                                         |
 //! |------|---------------------------------------------------------------------------------|
 //! | 0    | success (`instance exec`: the command's own exit status instead; 124 when the   |
-//! |      | daemon killed it at its deadline)                                               |
+//! |      | daemon killed it at its deadline; `exec -i/-t`: 128+N when signal N ended the   |
+//! |      | CLI itself)                                                                     |
 //! | 1    | any other error (transport, unexpected answer, internal daemon error)           |
 //! | 2    | usage error: bad flags or argument syntax (clap)                                |
 //! | 3    | `not_found`                                                                     |
@@ -181,6 +182,23 @@ pub enum Command {
     /// by the daemon, one per running instance).
     #[command(name = "log-relay", hide = true)]
     LogRelay(LogRelayArgs),
+    /// Internal: runs the OCI runtime for `instance exec -t` and reports the command's exit
+    /// status (started by the daemon, one per terminal session).
+    #[command(name = "exec-shim", hide = true)]
+    ExecShim(ExecShimArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExecShimArgs {
+    /// Where the runtime writes the command's pid.
+    #[arg(long)]
+    pub pid_file: PathBuf,
+    /// Instance id.
+    #[arg(long)]
+    pub instance: String,
+    /// The runtime's command line, after `--`.
+    #[arg(last = true, required = true)]
+    pub runtime: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -559,12 +577,19 @@ pub enum InstanceCmd {
         follow: bool,
     },
     /// Run a command in a running instance; its output streams as it comes; exits with its exit
-    /// status (124 when the deadline killed it).
+    /// status (124 when the deadline killed it). `-it` opens a terminal: `exec -it web -- sh`.
     Exec {
         id: String,
         /// Environment variable (repeatable).
         #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
         env: Vec<String>,
+        /// Send this terminal's input to the command (its stdin).
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Run the command on a terminal (window size and resizes follow this one; keys such
+        /// as ^C go to the command).
+        #[arg(short = 't', long)]
+        tty: bool,
         /// Kill the command after this long, e.g. 30s (default and maximum: the daemon's
         /// exec_timeout and exec_max_timeout).
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -806,6 +831,12 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
                 .map_err(|e| CliError::Invalid(format!("log relay {}: {e}", a.id)))?;
             Ok(exit::OK)
         }
+        Command::ExecShim(a) => Ok(gpuvisor_node::console::shim_main(
+            &gpuvisor_node::HostRoot::real(),
+            &a.instance,
+            &a.pid_file,
+            &a.runtime,
+        )),
         Command::Health => connect()?.health(),
         Command::Tenant(cmd) => connect()?.tenant(cmd),
         Command::Key(cmd) => connect()?.key(cmd),
@@ -1224,9 +1255,14 @@ impl Ctx {
             InstanceCmd::Exec {
                 id,
                 env,
+                interactive,
+                tty,
                 timeout,
                 command,
             } => {
+                if interactive || tty {
+                    return self.exec_interactive(&id, command, env, interactive, tty, timeout);
+                }
                 let id = self.client.get_instance(&id)?.id;
                 let req = ExecRequest {
                     command,
@@ -1330,6 +1366,68 @@ impl Ctx {
             Some(gpuvisor_wire::ExecLimit::Deadline) => 124,
             _ => exec_exit_code(end.exit_code),
         })
+    }
+
+    /// `instance exec -i/-t`: an interactive session over a WebSocket. With `-it` this
+    /// terminal is in raw mode while it runs. Exits with the command's status (124 when the
+    /// daemon's deadline ended it; 128+N when a signal ended this client).
+    fn exec_interactive(
+        &self,
+        id: &str,
+        command: Vec<String>,
+        mut env: Vec<String>,
+        stdin: bool,
+        tty: bool,
+        timeout: Option<Duration>,
+    ) -> Result<i32, CliError> {
+        use std::os::fd::AsFd;
+        if tty && stdin && !io::stdin().is_terminal() {
+            return Err(CliError::Invalid(
+                "-t needs a terminal on stdin: use -i alone to pipe input".into(),
+            ));
+        }
+        let id = self.client.get_instance(id)?.id;
+        if tty && !env.iter().any(|e| e.starts_with("TERM=")) {
+            env.push(format!(
+                "TERM={}",
+                std::env::var("TERM").unwrap_or_else(|_| "xterm".into())
+            ));
+        }
+        let size = tty
+            .then(|| {
+                crate::exectty::window_size(io::stdout().as_fd())
+                    .or_else(|| crate::exectty::window_size(io::stdin().as_fd()))
+            })
+            .flatten();
+        let req = gpuvisor_wire::ExecSessionRequest {
+            command,
+            env,
+            tty,
+            stdin,
+            size,
+            timeout_ms: timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        };
+        let ws = self.client.exec_session(&id, &req)?;
+        let raw = if tty && stdin {
+            Some(crate::exectty::RawMode::enter(io::stdin().as_fd())?)
+        } else {
+            None
+        };
+        let outcome = crate::exectty::run(ws, tty, stdin);
+        // The terminal is ours again before anything is printed.
+        drop(raw);
+        match outcome? {
+            crate::exectty::Outcome::Signalled(code) => Ok(code),
+            crate::exectty::Outcome::Exit(end) => {
+                if let Some(msg) = &end.message {
+                    eprintln!("gpuvisor: {msg}");
+                }
+                Ok(match end.limit {
+                    Some(gpuvisor_wire::ExecLimit::Deadline) => 124,
+                    _ => exec_exit_code(end.exit_code),
+                })
+            }
+        }
     }
 
     fn logs(&self, id: &str, follow: bool) -> Result<(), CliError> {

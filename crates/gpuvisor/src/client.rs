@@ -545,6 +545,87 @@ fn is_unreachable(e: &ureq::Error) -> bool {
     }
 }
 
+// ---- interactive exec (WebSocket) ----------------------------------------------------------
+
+/// A connected exec session ([`gpuvisor_wire::session`]), blocking; the caller may make its
+/// stream non-blocking.
+pub type SessionSocket = tungstenite::WebSocket<std::net::TcpStream>;
+
+impl Client {
+    /// Opens an interactive exec session: `GET .../exec/ws?request=...` upgraded to a
+    /// WebSocket. Errors the daemon answers before the upgrade (not found, not running, too
+    /// many execs) come back as [`ClientError::Api`], like every other call.
+    pub fn exec_session(
+        &self,
+        id: &str,
+        req: &gpuvisor_wire::ExecSessionRequest,
+    ) -> Result<SessionSocket> {
+        use std::net::ToSocketAddrs;
+        let json = serde_json::to_string(req)
+            .map_err(|e| ClientError::Decode(format!("encoding request: {e}")))?;
+        let authority = self
+            .endpoint
+            .strip_prefix("http://")
+            .unwrap_or(&self.endpoint)
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let url = format!(
+            "ws://{authority}{API_PREFIX}/instances/{}/{}?{}={}",
+            segment(id),
+            gpuvisor_wire::session::PATH,
+            gpuvisor_wire::session::QUERY,
+            segment(&json)
+        );
+        let unreachable = |reason: String| ClientError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            reason,
+        };
+        let addrs: Vec<_> = authority
+            .to_socket_addrs()
+            .map_err(|e| unreachable(e.to_string()))?
+            .collect();
+        let mut last = String::from("no address");
+        let mut stream = None;
+        for a in addrs {
+            match std::net::TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        let stream = stream.ok_or_else(|| unreachable(last))?;
+        let _ = stream.set_nodelay(true);
+        let uri: tungstenite::http::Uri = url
+            .parse()
+            .map_err(|e| ClientError::Decode(format!("session url: {e}")))?;
+        let mut builder = tungstenite::ClientRequestBuilder::new(uri).with_header(
+            "user-agent",
+            concat!("gpuvisor/", env!("CARGO_PKG_VERSION")),
+        );
+        if let Some(key) = &self.api_key {
+            builder = builder.with_header(API_KEY_HEADER, key.as_str());
+        }
+        match tungstenite::client::client(builder, stream) {
+            Ok((ws, _)) => Ok(ws),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp))) => {
+                let status = resp.status().as_u16();
+                Err(api_error(
+                    status,
+                    resp.body().as_deref().unwrap_or_default(),
+                ))
+            }
+            Err(e) => Err(ClientError::Transport {
+                endpoint: self.endpoint.clone(),
+                reason: format!("opening the exec session: {e}"),
+            }),
+        }
+    }
+}
+
 /// Percent-encodes one path segment (names are user input).
 fn owner_query(tenant: Option<&str>) -> String {
     tenant.map_or(String::new(), |t| format!("?tenant={}", segment(t)))

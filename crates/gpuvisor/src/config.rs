@@ -492,6 +492,12 @@ pub struct Limits {
     pub exec_per_tenant: usize,
     /// Execs the daemon runs at once.
     pub exec_total: usize,
+    /// An interactive exec session with no input and no output for this long is ended.
+    pub exec_session_idle_timeout: Duration,
+    /// Longest an interactive exec session lasts.
+    pub exec_session_max_time: Duration,
+    /// Most bytes (input and output) one interactive exec session moves.
+    pub exec_session_max_bytes: u64,
     /// Log bytes kept on disk per instance (current + one rotated segment).
     pub log_max_bytes: u64,
     /// Instance output is dropped while the logs' filesystem has less free than this.
@@ -528,6 +534,9 @@ impl Default for Limits {
             exec_max_timeout: Duration::from_secs(3600),
             exec_per_tenant: 8,
             exec_total: 64,
+            exec_session_idle_timeout: Duration::from_secs(3600),
+            exec_session_max_time: Duration::from_secs(24 * 3600),
+            exec_session_max_bytes: 1 << 30,
             log_max_bytes: 64 << 20,
             log_reserve: 1 << 30,
             max_body: 1 << 20,
@@ -553,6 +562,9 @@ struct LimitsFile {
     exec_max_timeout: Option<String>,
     exec_per_tenant: Option<usize>,
     exec_total: Option<usize>,
+    exec_session_idle_timeout: Option<String>,
+    exec_session_max_time: Option<String>,
+    exec_session_max_bytes: Option<String>,
     log_max_bytes: Option<String>,
     log_reserve: Option<String>,
     max_body: Option<String>,
@@ -585,6 +597,17 @@ pub struct LimitsOverrides {
     /// Execs the daemon runs at once [limits.exec_total].
     #[arg(long)]
     pub exec_total: Option<usize>,
+    /// End an interactive exec session idle this long, e.g. 1h
+    /// [limits.exec_session_idle_timeout].
+    #[arg(long)]
+    pub exec_session_idle_timeout: Option<String>,
+    /// Longest interactive exec session, e.g. 24h [limits.exec_session_max_time].
+    #[arg(long)]
+    pub exec_session_max_time: Option<String>,
+    /// Most bytes one interactive exec session moves, e.g. 1GiB
+    /// [limits.exec_session_max_bytes].
+    #[arg(long)]
+    pub exec_session_max_bytes: Option<String>,
     /// Log bytes kept per instance, e.g. 64MiB [limits.log_max_bytes].
     #[arg(long)]
     pub log_max_bytes: Option<String>,
@@ -645,6 +668,9 @@ impl Limits {
         set!(exec_max_timeout, duration);
         set!(exec_per_tenant);
         set!(exec_total);
+        set!(exec_session_idle_timeout, duration);
+        set!(exec_session_max_time, duration);
+        set!(exec_session_max_bytes, size);
         set!(log_max_bytes, size);
         set!(log_reserve, size);
         set!(max_body, size);
@@ -668,6 +694,9 @@ impl Limits {
             exec_max_timeout: o.exec_max_timeout.clone(),
             exec_per_tenant: o.exec_per_tenant,
             exec_total: o.exec_total,
+            exec_session_idle_timeout: o.exec_session_idle_timeout.clone(),
+            exec_session_max_time: o.exec_session_max_time.clone(),
+            exec_session_max_bytes: o.exec_session_max_bytes.clone(),
             log_max_bytes: o.log_max_bytes.clone(),
             log_reserve: o.log_reserve.clone(),
             max_body: o.max_body.clone(),
@@ -688,6 +717,7 @@ impl Limits {
             ("max_connections", self.max_connections as u64),
             ("max_connections_per_ip", self.max_connections_per_ip as u64),
             ("exec_max_output", self.exec_max_output),
+            ("exec_session_max_bytes", self.exec_session_max_bytes),
             ("max_body", self.max_body),
             ("max_upload", self.max_upload),
             ("events_per_instance", self.events_per_instance),
@@ -703,6 +733,8 @@ impl Limits {
         for (k, v) in [
             ("exec_timeout", self.exec_timeout),
             ("exec_max_timeout", self.exec_max_timeout),
+            ("exec_session_idle_timeout", self.exec_session_idle_timeout),
+            ("exec_session_max_time", self.exec_session_max_time),
             ("header_timeout", self.header_timeout),
             ("body_timeout", self.body_timeout),
         ] {
@@ -723,6 +755,9 @@ impl Limits {
                 max_timeout: self.exec_max_timeout,
                 per_tenant: self.exec_per_tenant,
                 total: self.exec_total,
+                session_idle_timeout: self.exec_session_idle_timeout,
+                session_max_time: self.exec_session_max_time,
+                session_max_bytes: self.exec_session_max_bytes,
             },
             retention: Retention {
                 events_max_age: self.events_max_age,
@@ -903,5 +938,28 @@ mod tests {
         std::fs::write(&f, "limiter_over_quota = \"ignore\"\n").unwrap();
         let e = Config::load(Some(&f), &none).unwrap_err().to_string();
         assert!(e.contains("kill"), "{e}");
+    }
+    /// The interactive exec session bounds: read from the file, handed to the engine, and a
+    /// zero refused like the other limits.
+    #[test]
+    fn exec_session_limits() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[limits]\nexec_session_idle_timeout = \"10m\"\nexec_session_max_time = \"2h\"\nexec_session_max_bytes = \"64MiB\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&f), &ConfigOverrides::default()).unwrap();
+        let e = c.limits.engine().exec;
+        assert_eq!(e.session_idle_timeout, Duration::from_secs(600));
+        assert_eq!(e.session_max_time, Duration::from_secs(7200));
+        assert_eq!(e.session_max_bytes, 64 << 20);
+        std::fs::write(&f, "[limits]\nexec_session_idle_timeout = \"0s\"\n").unwrap();
+        let err = Config::load(Some(&f), &ConfigOverrides::default()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("exec_session_idle_timeout"),
+            "{err:#}"
+        );
     }
 }

@@ -674,18 +674,58 @@ impl Node {
         id: &str,
         args: &[String],
         env: &[String],
+        stdin: bool,
     ) -> Result<(std::process::Command, PathBuf), NodeError> {
-        let mut nonce = [0u8; 8];
-        getrandom::fill(&mut nonce).map_err(|e| NodeError::Io {
-            path: PathBuf::from("getrandom"),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let tag: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        let tag = exec_tag()?;
         let pid_file = self.bundle_dir(id).join(format!("exec-{tag}.pid"));
         Ok((
-            self.runtime.exec_command(id, args, env, &pid_file),
+            self.runtime.exec_command(id, args, env, &pid_file, stdin),
             pid_file,
         ))
+    }
+
+    /// An exec of `args` in instance `id` on a terminal ([`crate::console`]): the exec shim's
+    /// command (this binary; stdout and stderr piped, its own process group), the pid file, and
+    /// the console socket the runtime sends the pty master to (both in the bundle).
+    pub fn exec_tty_command(
+        &self,
+        id: &str,
+        args: &[String],
+        env: &[String],
+    ) -> Result<ExecTty, NodeError> {
+        use std::os::unix::process::CommandExt;
+        let shim = self.log_limits.relay.clone().ok_or_else(|| NodeError::Io {
+            path: PathBuf::from(crate::console::SHIM_SUBCOMMAND),
+            source: std::io::Error::other(
+                "no gpuvisor binary configured for the exec shim (daemon without a relay binary)",
+            ),
+        })?;
+        let tag = exec_tag()?;
+        let bundle = self.bundle_dir(id);
+        let pid_file = bundle.join(format!("exec-{tag}.pid"));
+        let sock_path = bundle.join(format!("exec-{tag}.sock"));
+        let socket = crate::console::ConsoleSocket::bind(&sock_path).map_err(io(&sock_path))?;
+        let argv = self
+            .runtime
+            .exec_tty_argv(id, args, env, &pid_file, &sock_path);
+        let mut cmd = std::process::Command::new(shim);
+        cmd.arg(crate::console::SHIM_SUBCOMMAND)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg("--instance")
+            .arg(id)
+            .arg("--")
+            .args(argv)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            // Not in the daemon's process group: a ^C at the daemon's terminal is not for it.
+            .process_group(0);
+        Ok(ExecTty {
+            shim: cmd,
+            pid_file,
+            socket,
+        })
     }
 
     /// Kills the process tree of an exec (its pid from `pid_file`, which is removed). Returns
@@ -698,6 +738,24 @@ impl Node {
         let _ = std::fs::remove_file(pid_file);
         n
     }
+}
+
+/// A terminal exec, ready to start: see [`Node::exec_tty_command`].
+#[derive(Debug)]
+pub struct ExecTty {
+    pub shim: std::process::Command,
+    pub pid_file: PathBuf,
+    pub socket: crate::console::ConsoleSocket,
+}
+
+/// A random tag naming one exec's files.
+fn exec_tag() -> Result<String, NodeError> {
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| NodeError::Io {
+        path: PathBuf::from("getrandom"),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(nonce.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Subtrees of the data dir, each holding tenant data or secrets: bundles (config.json carries

@@ -11,6 +11,7 @@
 
 pub mod cgroup;
 pub mod cmd;
+pub mod console;
 pub mod disk;
 pub mod gpu;
 pub mod host;

@@ -495,15 +495,17 @@ impl OciRuntime {
         }
     }
 
-    /// The `runc exec` command line for `args` in container `id`: stdin closed, stdout and
-    /// stderr piped, the pid of the command (as seen from the host) written to `pid_file`. The
-    /// caller runs it asynchronously, bounds it, and ends it with [`kill_exec_tree`].
+    /// The `runc exec` command line for `args` in container `id`: stdin piped when `stdin`
+    /// (closed otherwise), stdout and stderr piped, the pid of the command (as seen from the
+    /// host) written to `pid_file`. The caller runs it asynchronously, bounds it, and ends it
+    /// with [`kill_exec_tree`].
     pub fn exec_command(
         &self,
         id: &str,
         args: &[String],
         env: &[String],
         pid_file: &Path,
+        stdin: bool,
     ) -> Command {
         let mut c = Command::new(&self.binary);
         c.args(self.base())
@@ -515,10 +517,41 @@ impl OciRuntime {
         }
         c.arg(id)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         c
+    }
+
+    /// The argv of a detached `runc exec --tty` of `args` in container `id` that sends the pty
+    /// master to `console_socket` and writes the command's host pid to `pid_file` (run by the
+    /// exec shim, [`crate::console`]).
+    pub fn exec_tty_argv(
+        &self,
+        id: &str,
+        args: &[String],
+        env: &[String],
+        pid_file: &Path,
+        console_socket: &Path,
+    ) -> Vec<String> {
+        let mut v = vec![self.binary.clone()];
+        v.extend(self.base());
+        v.extend([
+            "exec".into(),
+            "--detach".into(),
+            "--tty".into(),
+            "--console-socket".into(),
+            console_socket.to_string_lossy().into_owned(),
+            "--pid-file".into(),
+            pid_file.to_string_lossy().into_owned(),
+        ]);
+        for e in env {
+            v.push("--env".into());
+            v.push(e.clone());
+        }
+        v.push(id.into());
+        v.extend(args.iter().cloned());
+        v
     }
 }
 

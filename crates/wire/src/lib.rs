@@ -686,10 +686,80 @@ pub mod exec {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecLimit {
-    /// The output reached `exec_max_output` bytes: the command was killed.
+    /// The output reached `exec_max_output` bytes (a session: `exec_session_max_bytes` of
+    /// input and output): the command was killed.
     OutputLimit,
     /// The deadline passed: the command was killed.
     Deadline,
+    /// A session saw no input and no output for `exec_session_idle_timeout`: killed.
+    Idle,
+}
+
+// ---- interactive exec (`instance exec -i/-t`) ----------------------------------------------
+
+/// An interactive exec session, asked with `GET /v1/instances/{id}/exec/ws?request=<this as
+/// JSON>` and a WebSocket upgrade (the protocol is [`session`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ExecSessionRequest {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Run the command on a terminal (stdout and stderr are then one stream).
+    #[serde(default)]
+    pub tty: bool,
+    /// Forward the client's input (without it the command's stdin is closed).
+    #[serde(default)]
+    pub stdin: bool,
+    /// The terminal's first size (with `tty`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<session::Size>,
+    /// Total deadline in milliseconds (default and maximum: the daemon's
+    /// `exec_session_max_time`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The WebSocket protocol of an exec session. Binary messages carry data: one channel byte
+/// ([`STDIN`] from the client; [`STDOUT`], [`STDERR`] from the daemon — a terminal has only
+/// `STDOUT`) then the bytes. Text messages are JSON [`Control`]s: `resize` and `eof` (stdin
+/// closed) from the client, and last from the daemon `exit` with the command's status; then the
+/// daemon closes. A client that goes away (close, or the connection drops) ends the session and
+/// the command's process tree is killed.
+pub mod session {
+    use serde::{Deserialize, Serialize};
+
+    /// The path under `/v1/instances/{id}/`.
+    pub const PATH: &str = "exec/ws";
+    /// The query parameter carrying the [`super::ExecSessionRequest`] JSON.
+    pub const QUERY: &str = "request";
+    pub const STDIN: u8 = 0;
+    pub const STDOUT: u8 = super::exec::STDOUT;
+    pub const STDERR: u8 = super::exec::STDERR;
+
+    #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+    pub struct Size {
+        pub rows: u16,
+        pub cols: u16,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub enum Control {
+        /// The client's terminal changed size.
+        Resize(Size),
+        /// The client's input ended: the command's stdin is closed (ignored on a terminal).
+        Eof,
+        /// The command ended (last message from the daemon).
+        Exit(super::ExecEnd),
+    }
+
+    /// A data message: the channel byte, then `data`.
+    pub fn data(channel: u8, data: &[u8]) -> Vec<u8> {
+        let mut v = Vec::with_capacity(1 + data.len());
+        v.push(channel);
+        v.extend_from_slice(data);
+        v
+    }
 }
 
 /// The last frame of an exec stream.
@@ -720,4 +790,38 @@ pub struct Health {
     pub status: String,
     pub version: String,
     pub node: String,
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::session::{Control, Size};
+    use super::*;
+
+    /// The session's control messages as a browser client would write and read them.
+    #[test]
+    fn control_messages_are_tagged_json() {
+        let r: Control = serde_json::from_str(r#"{"type":"resize","rows":40,"cols":132}"#)
+            .unwrap_or(Control::Eof);
+        assert_eq!(
+            r,
+            Control::Resize(Size {
+                rows: 40,
+                cols: 132
+            })
+        );
+        let e = Control::Exit(ExecEnd {
+            exit_code: 7,
+            limit: Some(ExecLimit::Idle),
+            message: None,
+        });
+        assert_eq!(
+            serde_json::to_string(&e).unwrap_or_default(),
+            r#"{"type":"exit","exit_code":7,"limit":"idle"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Control::Eof).unwrap_or_default(),
+            r#"{"type":"eof"}"#
+        );
+        assert_eq!(session::data(session::STDIN, b"ls"), b"\0ls".to_vec());
+    }
 }

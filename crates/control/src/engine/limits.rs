@@ -28,6 +28,13 @@ pub struct ExecLimits {
     pub per_tenant: usize,
     /// Execs the daemon runs at once, all tenants together.
     pub total: usize,
+    /// An interactive session ([`Engine::exec_session`]) with no input and no output for this
+    /// long is ended (its command killed).
+    pub session_idle_timeout: Duration,
+    /// Longest an interactive session may last (and its default deadline).
+    pub session_max_time: Duration,
+    /// Most bytes (input and output together) one interactive session moves.
+    pub session_max_bytes: u64,
 }
 
 impl Default for ExecLimits {
@@ -38,6 +45,9 @@ impl Default for ExecLimits {
             max_timeout: Duration::from_secs(3600),
             per_tenant: 8,
             total: 64,
+            session_idle_timeout: Duration::from_secs(3600),
+            session_max_time: Duration::from_secs(24 * 3600),
+            session_max_bytes: 1 << 30,
         }
     }
 }
@@ -87,7 +97,7 @@ struct ExecGate {
 }
 
 /// One running exec's place in the gate; given back on drop.
-struct ExecPermit {
+pub(super) struct ExecPermit {
     gate: Arc<ExecGate>,
     tenant: String,
 }
@@ -160,25 +170,7 @@ impl Engine {
         id: &str,
         req: &wire::ExecRequest,
     ) -> Result<ExecStream> {
-        let row = self.find(who, id).await?;
-        if req.command.is_empty() {
-            return Err(invalid("exec needs a command"));
-        }
-        for e in &req.env {
-            super::validate::env(e)?;
-        }
-        if row.state != InstanceState::Running {
-            return Err(EngineError::InvalidState(format!(
-                "instance {} is {}, not running",
-                row.id, row.state
-            )));
-        }
-        if self.is_simulated(&row) {
-            return Err(EngineError::InvalidState(format!(
-                "instance {} is on simulated node {}: nothing runs there",
-                row.id, row.node_id
-            )));
-        }
+        let row = self.exec_target(who, id, &req.command, &req.env).await?;
         let l = self.limits().exec;
         let timeout = match req.timeout_ms {
             None => l.default_timeout.min(l.max_timeout),
@@ -191,8 +183,10 @@ impl Engine {
             }
             Some(ms) => Duration::from_millis(ms),
         };
-        let permit = self.limits.gate.acquire(who, &l)?;
-        let (cmd, pid_file) = self.node.exec_command(&row.id, &req.command, &req.env)?;
+        let permit = self.exec_permit(who, &l)?;
+        let (cmd, pid_file) = self
+            .node
+            .exec_command(&row.id, &req.command, &req.env, false)?;
         let mut cmd = tokio::process::Command::from(cmd);
         cmd.kill_on_drop(true);
         let child = cmd
@@ -211,6 +205,42 @@ impl Engine {
             drop(permit);
         });
         Ok(ExecStream { frames: rx })
+    }
+
+    /// A place in the exec gate (one-shot execs and sessions alike), given back on drop.
+    pub(super) fn exec_permit(&self, who: &Principal, l: &ExecLimits) -> Result<ExecPermit> {
+        self.limits.gate.acquire(who, l)
+    }
+
+    /// The running instance an exec may start in: the caller's, running, on this host; the
+    /// command non-empty and its environment allowed (platform-owned names are refused).
+    pub(super) async fn exec_target(
+        &self,
+        who: &Principal,
+        id: &str,
+        command: &[String],
+        env: &[String],
+    ) -> Result<crate::store::InstanceRow> {
+        let row = self.find(who, id).await?;
+        if command.is_empty() {
+            return Err(invalid("exec needs a command"));
+        }
+        for e in env {
+            super::validate::env(e)?;
+        }
+        if row.state != InstanceState::Running {
+            return Err(EngineError::InvalidState(format!(
+                "instance {} is {}, not running",
+                row.id, row.state
+            )));
+        }
+        if self.is_simulated(&row) {
+            return Err(EngineError::InvalidState(format!(
+                "instance {} is on simulated node {}: nothing runs there",
+                row.id, row.node_id
+            )));
+        }
+        Ok(row)
     }
 
     /// Prunes events and terminated instances by the retention policy, now and then every
@@ -315,7 +345,7 @@ impl ExecRun {
                     self.max_output
                 )),
             ),
-            Ended::Limit(l @ wire::ExecLimit::Deadline) => (
+            Ended::Limit(l @ (wire::ExecLimit::Deadline | wire::ExecLimit::Idle)) => (
                 Some(l),
                 Some(format!(
                     "the command ran past its deadline of {}: it was killed",

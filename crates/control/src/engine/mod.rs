@@ -12,6 +12,7 @@ pub mod images;
 pub mod limits;
 mod metrics;
 mod reconcile;
+pub mod session;
 mod tenants;
 pub mod validate;
 

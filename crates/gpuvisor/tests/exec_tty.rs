@@ -1,0 +1,605 @@
+//! Interactive exec (`instance exec -i/-t`) end to end: the real CLI runs under a pty this test
+//! opens (its controlling terminal, as a user's shell would give it), types into a shell in a
+//! real instance and reads the screen; resizes the outer terminal; sends ^C; kills the CLI and
+//! checks nothing is left in the instance; pipes bytes through `-i`; and tries another tenant's
+//! key. Runs as root (CI does).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{instance_pids, serial, sleeper, Daemon, BIN};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A daemon with a network prefix and pool of this test's own, so that bridges other suites
+/// leave or make on the same host never meet ours.
+fn daemon(extra: &[&str]) -> Daemon {
+    let mut a = vec!["--net-prefix", "gx", "--net-pool", "10.83.0.0"];
+    a.extend(extra);
+    Daemon::start(&a)
+}
+
+/// Longest any step may take before the test gives up (a hang guard, not a measurement).
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The CLI running under a pty whose master we hold.
+struct Term {
+    child: Child,
+    master: OwnedFd,
+    /// Everything read from the screen, and where the next `expect` starts looking.
+    seen: Vec<u8>,
+    from: usize,
+}
+
+impl Term {
+    /// `gpuvisor ARGS` on a new terminal of `rows`×`cols`, in its own session with the terminal
+    /// as its controlling tty.
+    fn spawn(d: &Daemon, key: &str, args: &[&str], rows: u16, cols: u16) -> Term {
+        let ws = nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&ws), None).unwrap();
+        let slave = pty.slave;
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+            .env("GPUVISOR_API_KEY", key)
+            .env("TERM", "dumb")
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave.try_clone().unwrap()));
+        // SAFETY: between fork and exec only async-signal-safe calls: setsid and ioctl.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(slave);
+        let flags = nix::fcntl::fcntl(&pty.master, nix::fcntl::FcntlArg::F_GETFL).unwrap();
+        nix::fcntl::fcntl(
+            &pty.master,
+            nix::fcntl::FcntlArg::F_SETFL(
+                nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK,
+            ),
+        )
+        .unwrap();
+        Term {
+            child,
+            master: pty.master,
+            seen: Vec::new(),
+            from: 0,
+        }
+    }
+
+    fn type_(&mut self, s: &str) {
+        let mut at = 0;
+        let b = s.as_bytes();
+        while at < b.len() {
+            match nix::unistd::write(&self.master, &b[at..]) {
+                Ok(n) => at += n,
+                Err(nix::errno::Errno::EAGAIN) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => panic!("typing into the terminal: {e}"),
+            }
+        }
+    }
+
+    /// Reads what the terminal shows for up to `wait`; false when the CLI's side is gone.
+    fn pump(&mut self, wait: Duration) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.master.as_fd(), PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(wait.as_millis() as i32).unwrap();
+        if poll(&mut fds, ms).unwrap_or(0) == 0 {
+            return true;
+        }
+        let mut buf = [0u8; 8192];
+        match nix::unistd::read(&self.master, &mut buf) {
+            Ok(0) | Err(nix::errno::Errno::EIO) => false,
+            Ok(n) => {
+                self.seen.extend_from_slice(&buf[..n]);
+                true
+            }
+            Err(_) => true,
+        }
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.seen[self.from..]).into_owned()
+    }
+
+    /// Waits until `text` shows on the screen after what earlier calls matched; moves past it.
+    fn expect(&mut self, text: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let s = String::from_utf8_lossy(&self.seen[self.from..]).into_owned();
+            if let Some(i) = s.find(text) {
+                // `i` is in the lossy string; the screen is ASCII here.
+                self.from += (i + text.len()).min(self.seen.len() - self.from);
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} never showed; the screen after the last match:\n{s}"
+            );
+            if !self.pump(Duration::from_millis(200)) {
+                let s = self.screen();
+                assert!(
+                    s.contains(text),
+                    "the CLI ended before {text:?} showed:\n{s}"
+                );
+            }
+        }
+    }
+
+    /// Waits for the CLI to exit (reading its screen meanwhile) and returns its status.
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                // What it printed last is still in the terminal.
+                loop {
+                    let before = self.seen.len();
+                    if !self.pump(Duration::from_millis(50)) || self.seen.len() == before {
+                        break;
+                    }
+                }
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the CLI did not exit; screen:\n{}",
+                self.screen()
+            );
+            self.pump(Duration::from_millis(100));
+        }
+    }
+
+    /// Local mode flags of the outer terminal (raw mode clears ICANON and ECHO).
+    fn lflags(&self) -> nix::sys::termios::LocalFlags {
+        nix::sys::termios::tcgetattr(&self.master)
+            .unwrap()
+            .local_flags
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from a live pointer.
+        let r = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0);
+        // The kernel signals the terminal's foreground group; say it once more to the CLI in
+        // case it is not that group's leader.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGWINCH,
+        );
+    }
+}
+
+impl Drop for Term {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Pids in instance `id` whose command line is exactly `argv`.
+fn pids_running(id: &str, argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    instance_pids(id)
+        .into_iter()
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default() == want)
+        .collect()
+}
+
+/// Waits until `cond` holds (a hang guard: PATIENCE at most).
+fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: never happened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Exec processes of this daemon: exec shims and `runc exec` under our data dir.
+fn exec_helpers(d: &Daemon) -> Vec<String> {
+    let data = d.data().to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let s = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if s.contains(&data) && (s.contains("exec-shim") || s.contains(" exec ")) {
+            out.push(format!("{}: {s}", e.file_name().to_string_lossy()));
+        }
+    }
+    out
+}
+
+/// Files an exec session leaves in the instance's bundle while it runs.
+fn exec_files(d: &Daemon, id: &str) -> Vec<String> {
+    std::fs::read_dir(d.data().join("bundles").join(id))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("exec-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The shell prompt the tests set, so that a prompt is recognisable on the screen.
+const PS1: &str = "PS1=gv$ ";
+
+/// A shell on a real terminal: typed commands run and their output shows; the window size is
+/// the outer terminal's and follows a resize; ^C interrupts the foreground command (the shell
+/// survives; the command's status is 130); `exit 7` is the CLI's exit status; the outer
+/// terminal is out of raw mode again afterwards.
+#[test]
+fn terminal_session_types_resizes_interrupts_and_exits() {
+    let _s = serial();
+    let d = daemon(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let key = d.key.clone();
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", "-e", PS1, &id, "--", "sh"],
+        24,
+        80,
+    );
+    t.expect("gv$ ");
+    assert!(
+        !t.lflags().contains(nix::sys::termios::LocalFlags::ICANON),
+        "the CLI left the outer terminal in canonical mode while the session runs"
+    );
+    t.type_("echo hello-$((6*7))\r");
+    t.expect("hello-42");
+    t.expect("gv$ ");
+    t.type_("stty size\r");
+    t.expect("24 80");
+    t.expect("gv$ ");
+
+    // Resize: the shell sees the new size (the resize travels ahead of later keys).
+    t.resize(40, 132);
+    t.type_("stty size\r");
+    t.expect("40 132");
+    t.expect("gv$ ");
+
+    // ^C reaches the remote line discipline: the sleep dies of SIGINT, the shell lives on.
+    t.type_("sleep 4242\r");
+    until("sleep 4242 runs in the instance", || {
+        !pids_running(&id, &["sleep", "4242"]).is_empty()
+    });
+    t.type_("\x03");
+    until("^C ends sleep 4242", || {
+        pids_running(&id, &["sleep", "4242"]).is_empty()
+    });
+    t.expect("gv$ ");
+    t.type_("echo status=$?\r");
+    t.expect("status=130");
+    t.expect("gv$ ");
+
+    t.type_("exit 7\r");
+    let st = t.wait();
+    let exit7 = t.screen();
+    assert_eq!(st.code(), Some(7), "screen:\n{exit7}");
+    let lf = t.lflags();
+    assert!(
+        lf.contains(nix::sys::termios::LocalFlags::ICANON | nix::sys::termios::LocalFlags::ECHO),
+        "the outer terminal was left in raw mode: {lf:?}"
+    );
+    until("the session's files and helpers are gone", || {
+        exec_files(&d, &id).is_empty() && exec_helpers(&d).is_empty()
+    });
+
+    // A command the image does not have: the runtime's complaint, a failing status, and
+    // nothing left behind.
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", &id, "--", "no-such-command"],
+        24,
+        80,
+    );
+    let st = t.wait();
+    let screen = t.screen();
+    assert!(!st.success(), "{screen}");
+    assert!(screen.contains("no-such-command"), "{screen}");
+    until("the failed session's files and helpers are gone", || {
+        exec_files(&d, &id).is_empty() && exec_helpers(&d).is_empty()
+    });
+    // A command that is over at once still gives its status.
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", &id, "--", "sh", "-c", "exit 3"],
+        24,
+        80,
+    );
+    assert_eq!(t.wait().code(), Some(3), "{}", t.screen());
+}
+
+/// Killing the CLI mid-session (as a dropped network or a closed laptop would end it) kills
+/// the command's whole process tree in the instance, removes the session's files and frees
+/// its exec slot — on a terminal and on pipes.
+#[test]
+fn a_client_that_goes_away_leaves_nothing_running() {
+    let _s = serial();
+    let d = daemon(&["--exec-per-tenant", "1"]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let key = d.key.clone();
+
+    // On a terminal: a shell with a child of its own.
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", "-e", PS1, &id, "--", "sh"],
+        24,
+        80,
+    );
+    t.expect("gv$ ");
+    t.type_("sleep 4343 & sleep 4344\r");
+    until("both sleeps run", || {
+        !pids_running(&id, &["sleep", "4343"]).is_empty()
+            && !pids_running(&id, &["sleep", "4344"]).is_empty()
+    });
+    // The session holds the tenant's only exec slot.
+    let (code, _, err) = d.exec(&id, "true");
+    assert_eq!(code, 10, "a second exec past exec_per_tenant=1: {err}");
+    let _ = t.child.kill();
+    let _ = t.child.wait();
+    until("the shell and both sleeps are gone", || {
+        pids_running(&id, &["sleep", "4343"]).is_empty()
+            && pids_running(&id, &["sleep", "4344"]).is_empty()
+            && pids_running(&id, &["sh"]).is_empty()
+    });
+    until("the session's files and helpers are gone", || {
+        exec_files(&d, &id).is_empty() && exec_helpers(&d).is_empty()
+    });
+    until("the exec slot is free again", || d.exec(&id, "true").0 == 0);
+
+    // On pipes.
+    let mut c = Command::new(BIN)
+        .args(["instance", "exec", "-i", &id, "--", "sleep", "4545"])
+        .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+        .env("GPUVISOR_API_KEY", &key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    until("sleep 4545 runs", || {
+        !pids_running(&id, &["sleep", "4545"]).is_empty()
+    });
+    let _ = c.kill();
+    let _ = c.wait();
+    until("sleep 4545 is gone", || {
+        pids_running(&id, &["sleep", "4545"]).is_empty()
+    });
+    until("the exec slot is free again", || d.exec(&id, "true").0 == 0);
+    assert!(exec_files(&d, &id).is_empty(), "{:?}", exec_files(&d, &id));
+}
+
+/// A daemon that dies mid-session (SIGKILL) takes the session's command with it: the exec
+/// shim's parent-death signal kills the command's tree. The CLI says the session was cut and
+/// gives its terminal back.
+#[test]
+fn a_daemon_that_dies_takes_its_terminal_sessions_with_it() {
+    let _s = serial();
+    let mut d = daemon(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let key = d.key.clone();
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", "-e", PS1, &id, "--", "sh"],
+        24,
+        80,
+    );
+    t.expect("gv$ ");
+    // Deaf to the terminal's hangup (the pty closes with the daemon): only a kill ends it.
+    t.type_("trap '' HUP; sleep 4747\r");
+    until("sleep 4747 runs", || {
+        !pids_running(&id, &["sleep", "4747"]).is_empty()
+    });
+    d.kill9();
+    until("sleep 4747 is gone with the daemon", || {
+        pids_running(&id, &["sleep", "4747"]).is_empty()
+    });
+    let st = t.wait();
+    assert_eq!(st.code(), Some(1), "screen:\n{}", t.screen());
+    t.expect("cut");
+    assert!(t
+        .lflags()
+        .contains(nix::sys::termios::LocalFlags::ICANON | nix::sys::termios::LocalFlags::ECHO));
+    assert!(exec_helpers(&d).is_empty(), "{:?}", exec_helpers(&d));
+    // Back up, so that the instance is cleaned away as usual.
+    d.restart();
+}
+
+/// `-i` without a terminal: stdin arrives byte for byte (every byte value, more than one
+/// message's worth), stdin's end is the command's end of file, stdout and stderr stay apart,
+/// and the exit status comes back.
+#[test]
+fn piped_input_arrives_exactly() {
+    let _s = serial();
+    // A session that never sees its input's end is idle, then ended: a failure, not a hang.
+    let d = daemon(&["--exec-session-idle-timeout", "20s"]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let input: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 256) as u8).collect();
+    let run = |cmd: &[&str], input: &[u8]| {
+        let mut a = vec!["instance", "exec", "-i", id.as_str(), "--"];
+        a.extend(cmd);
+        let mut c = Command::new(BIN)
+            .args(&a)
+            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+            .env("GPUVISOR_API_KEY", &d.key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = c.stdin.take().unwrap();
+        let data = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            stdin.write_all(&data).unwrap();
+        });
+        let mut out = Vec::new();
+        c.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+        let mut err = Vec::new();
+        c.stderr.take().unwrap().read_to_end(&mut err).unwrap();
+        writer.join().unwrap();
+        (c.wait().unwrap().code(), out, err)
+    };
+    let (code, out, err) = run(&["wc", "-c"], &input);
+    assert_eq!(code, Some(0), "{}", String::from_utf8_lossy(&err));
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "300000");
+    let (code, out, _) = run(&["cat"], &input);
+    assert_eq!(code, Some(0));
+    assert!(
+        out == input,
+        "cat gave back {} bytes, not the same",
+        out.len()
+    );
+    let (code, out, err) = run(
+        &["sh", "-c", "cat >/dev/null; echo out; echo err >&2; exit 3"],
+        b"x",
+    );
+    assert_eq!(code, Some(3));
+    assert_eq!(String::from_utf8_lossy(&out), "out\n");
+    assert_eq!(String::from_utf8_lossy(&err), "err\n");
+}
+
+/// The WebSocket handshake itself, raw: (status line, body).
+fn handshake(port: u16, key: &str, id: &str, request: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let enc: String = request
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let req = format!(
+        "GET /v1/instances/{id}/exec/ws?request={enc} HTTP/1.1\r\nHost: x\r\nx-api-key: {key}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).unwrap() == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head.get(9..12).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let mut body = String::new();
+    if status != 101 {
+        let _ = s.read_to_string(&mut body);
+    }
+    (status, body)
+}
+
+/// Another tenant's key cannot open a session on an instance it does not own (404, as on
+/// every instance route), through the CLI or a raw handshake; platform-owned environment is
+/// refused as for any exec; the owner's handshake is accepted.
+#[test]
+fn another_tenant_cannot_attach() {
+    let _s = serial();
+    let d = daemon(&[]);
+    d.import_busybox();
+    d.json(&["tenant", "create", "alice"]);
+    d.json(&["tenant", "create", "mallory"]);
+    let alice = d.json(&["key", "create", "--tenant", "alice"])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mallory = d.json(&["key", "create", "--tenant", "mallory"])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id = d.create_as(&alice, &sleeper());
+    let req = r#"{"command":["sh"],"tty":true,"stdin":true}"#;
+    let (status, body) = handshake(d.port, &mallory, &id, req);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("not_found"), "{body}");
+    let out = d.cli_as(&mallory, &["instance", "exec", "-i", &id, "--", "true"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, body) = handshake(
+        d.port,
+        &alice,
+        &id,
+        r#"{"command":["true"],"env":["CUDA_VISIBLE_DEVICES=0,1"]}"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("CUDA_VISIBLE_DEVICES"), "{body}");
+    let (status, body) = handshake(d.port, &alice, &id, req);
+    assert_eq!(status, 101, "{body}");
+}
+
+/// The session bounds: a session with no input and no output for the idle timeout is ended
+/// (the command killed, a message saying why).
+#[test]
+fn an_idle_session_is_ended() {
+    let _s = serial();
+    let d = daemon(&["--exec-session-idle-timeout", "2s"]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let mut c = Command::new(BIN)
+        .args(["instance", "exec", "-i", &id, "--", "sleep", "4646"])
+        .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+        .env("GPUVISOR_API_KEY", &d.key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stdin stays open: only the idle bound can end this.
+    let _stdin = c.stdin.take();
+    let mut st = None;
+    until("the idle session ends", || {
+        st = c.try_wait().unwrap();
+        st.is_some()
+    });
+    let st = st.unwrap();
+    let mut err = String::new();
+    c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(st.code(), Some(137), "{err}");
+    assert!(err.contains("idle"), "{err}");
+    until("sleep 4646 is gone", || {
+        pids_running(&id, &["sleep", "4646"]).is_empty()
+    });
+}
