@@ -186,6 +186,14 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
         ),
         ("Command".into(), or_dash(&i.command.join(" "))),
         (
+            "Restart".into(),
+            format!("{} ({} restarts)", i.restart, i.restart_count),
+        ),
+        (
+            "Exit code".into(),
+            i.exit_code.map_or_else(|| "-".to_string(), |c| c.to_string()),
+        ),
+        (
             "Priority".into(),
             format!(
                 "{}{}",
@@ -352,12 +360,13 @@ pub fn images_table(images: &[Image], now_ms: i64) -> String {
 
 pub fn volumes_table(volumes: &[Volume], now_ms: i64) -> String {
     table(
-        &["NAME", "TENANT", "SIZE", "IN USE BY", "AGE"],
+        &["NAME", "TENANT", "SIZE", "STATE", "IN USE BY", "AGE"],
         volumes.iter().map(|v| {
             vec![
                 v.name.clone(),
                 v.tenant.clone(),
                 format_size(v.size),
+                v.state.to_string(),
                 or_dash(v.in_use_by.as_deref().unwrap_or("")),
                 format_age(v.created_at, now_ms),
             ]
@@ -608,6 +617,9 @@ mod tests {
             gpu_fraction: None,
             priority: Default::default(),
             interruptible: false,
+            restart: gpuvisor_wire::RestartPolicy::OnFailure { max: Some(3) },
+            restart_count: 2,
+            exit_code: Some(3),
             created_at: NOW - 5 * 60 * 1000,
             updated_at: NOW,
         }
@@ -655,6 +667,12 @@ mod tests {
         assert!(text
             .lines()
             .any(|l| l.starts_with("Reason:") && l.ends_with('-')));
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with("Restart:") && l.ends_with("on-failure:3 (2 restarts)")));
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with("Exit code:") && l.ends_with(" 3")));
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod limiter;
 pub mod logs;
 pub mod mig;
 pub mod net;
+pub mod reap;
 pub mod rootfs;
 pub mod runtime;
 pub mod seccomp;
