@@ -520,13 +520,15 @@ impl Engine {
                     r.count += 1;
                     r.backoff_ms = delay;
                     r.not_before = now + delay;
-                    self.store.set_restart(&id, &r).await?;
                     let msg = format!(
                         "{how}; restart {} (--restart {}) in {} ms",
                         r.count, r.policy, delay
                     );
+                    // State first: nobody sees the new count on a row still marked running.
+                    // (The reconciler cannot act on the row between the two: we hold its lock.)
                     self.set(&id, S::Pending, Some(&msg), "restart", msg.clone())
                         .await?;
+                    self.store.set_restart(&id, &r).await?;
                 } else {
                     self.store.set_restart(&id, &r).await?;
                     let why = match r.policy {
