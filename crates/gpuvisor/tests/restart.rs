@@ -75,6 +75,19 @@ fn restart_gaps(events: &[Value]) -> Vec<i64> {
     gaps
 }
 
+/// The delays (ms) the `restart` events announce ("... in 2000 ms").
+fn announced_delays(events: &[Value]) -> Vec<i64> {
+    events
+        .iter()
+        .filter(|e| e["kind"] == "restart")
+        .map(|e| {
+            let m = e["message"].as_str().unwrap();
+            let ms = m.rsplit(" in ").next().unwrap().trim_end_matches(" ms");
+            ms.parse().unwrap()
+        })
+        .collect()
+}
+
 fn create(d: &Daemon, extra: &[&str], cmd: &[&str]) -> String {
     let mut a = vec!["instance", "create", "--image", "busybox"];
     a.extend(SMALL);
@@ -127,6 +140,9 @@ fn on_failure_restarts_exactly_n_times_with_growing_backoff() {
     let gaps = restart_gaps(&ev);
     assert_eq!(gaps.len(), 2, "{ev:#?}");
     assert!(gaps[1] > gaps[0], "backoff must grow: {gaps:?}");
+    // The backoff doubles from 1 s, and no restart came before its announced delay.
+    assert_eq!(announced_delays(&ev), [1000, 2000], "{ev:#?}");
+    assert!(gaps[0] >= 1000 && gaps[1] >= 2000, "{gaps:?}");
     // A user's start begins a new count.
     let v = d.json(&["instance", "start", &id]);
     assert_eq!((&v["desired"], &v["restart_count"]), (&"running".into(), &0.into()), "{v}");
@@ -148,11 +164,17 @@ fn always_restarts_a_clean_exit_with_backoff_until_stopped() {
         restart_gaps(&events(&d, &id)).len() >= 3
     });
     assert_eq!(get(&d, &id)["exit_code"], 0);
-    let gaps = restart_gaps(&events(&d, &id));
+    let ev = events(&d, &id);
+    let gaps = restart_gaps(&ev);
     assert!(gaps.len() >= 3, "{gaps:?}");
     assert!(
         gaps[0] < gaps[1] && gaps[1] < gaps[2],
         "backoff must grow: {gaps:?}"
+    );
+    assert_eq!(announced_delays(&ev)[..3], [1000, 2000, 4000], "{ev:#?}");
+    assert!(
+        gaps[0] >= 1000 && gaps[1] >= 2000 && gaps[2] >= 4000,
+        "{gaps:?}"
     );
     // `instance stop` wins over the policy: it stays stopped.
     d.json(&["instance", "stop", &id, "--wait", "--timeout", "60s"]);
