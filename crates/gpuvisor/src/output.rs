@@ -191,7 +191,8 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
         ),
         (
             "Exit code".into(),
-            i.exit_code.map_or_else(|| "-".to_string(), |c| c.to_string()),
+            i.exit_code
+                .map_or_else(|| "-".to_string(), |c| c.to_string()),
         ),
         (
             "Priority".into(),

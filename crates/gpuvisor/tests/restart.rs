@@ -66,9 +66,10 @@ fn restart_gaps(events: &[Value]) -> Vec<i64> {
         if e["kind"] != "restart" {
             continue;
         }
-        if let Some(up) = events[n + 1..].iter().find(|x| {
-            x["kind"] == "state" && x["message"].as_str().unwrap().starts_with("running")
-        }) {
+        if let Some(up) = events[n + 1..]
+            .iter()
+            .find(|x| x["kind"] == "state" && x["message"].as_str().unwrap().starts_with("running"))
+        {
             gaps.push(up["at"].as_i64().unwrap() - e["at"].as_i64().unwrap());
         }
     }
@@ -121,7 +122,11 @@ fn on_failure_restarts_exactly_n_times_with_growing_backoff() {
         2,
         "{ev:#?}"
     );
-    assert_eq!(kinds.iter().filter(|k| **k == "exited").count(), 1, "{ev:#?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "exited").count(),
+        1,
+        "{ev:#?}"
+    );
     for e in ev.iter().filter(|e| e["kind"] == "restart") {
         assert!(
             e["message"]
@@ -145,7 +150,11 @@ fn on_failure_restarts_exactly_n_times_with_growing_backoff() {
     assert!(gaps[0] >= 1000 && gaps[1] >= 2000, "{gaps:?}");
     // A user's start begins a new count.
     let v = d.json(&["instance", "start", &id]);
-    assert_eq!((&v["desired"], &v["restart_count"]), (&"running".into(), &0.into()), "{v}");
+    assert_eq!(
+        (&v["desired"], &v["restart_count"]),
+        (&"running".into(), &0.into()),
+        "{v}"
+    );
     d.json(&["instance", "terminate", &id, "--wait", "--timeout", "60s"]);
     let leaks = d.leaks(std::slice::from_ref(&id));
     assert!(leaks.is_empty(), "leaked: {leaks:#?}");
@@ -201,7 +210,14 @@ fn restart_no_leaves_an_exited_instance_stopped() {
         "no restart"
     );
     // Bad policies are refused by the CLI with the accepted forms.
-    let mut a = vec!["instance", "create", "--image", "busybox", "--restart", "sometimes"];
+    let mut a = vec![
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--restart",
+        "sometimes",
+    ];
     a.extend(["--", "true"]);
     let out = d.cli(&a);
     assert_eq!(out.status.code(), Some(2));
@@ -243,7 +259,10 @@ fn tear_down_like_a_reboot(data: &Path, ids: &[String]) {
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while ids.iter().any(|id| !instance_pids(id).is_empty()) {
-        assert!(Instant::now() < deadline, "instance processes survive kill -9");
+        assert!(
+            Instant::now() < deadline,
+            "instance processes survive kill -9"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // Mounts, deepest first.
@@ -289,7 +308,10 @@ fn tear_down_like_a_reboot(data: &Path, ids: &[String]) {
     let ours = format!("GPUVISOR-{}-", PREFIX.to_ascii_uppercase());
     for table in ["filter", "nat"] {
         let rules = run("iptables", &["-t", table, "-S"]);
-        for r in rules.lines().filter(|r| r.starts_with("-A ") && r.contains(&ours)) {
+        for r in rules
+            .lines()
+            .filter(|r| r.starts_with("-A ") && r.contains(&ours))
+        {
             let chain = r.split_whitespace().nth(1).unwrap();
             if !chain.starts_with(&ours) {
                 let mut args = vec!["-t", table, "-D"];
@@ -297,10 +319,17 @@ fn tear_down_like_a_reboot(data: &Path, ids: &[String]) {
                 let _ = Command::new("iptables").args(&args).status();
             }
         }
-        for r in rules.lines().filter(|r| r.starts_with("-N ") && r.contains(&ours)) {
+        for r in rules
+            .lines()
+            .filter(|r| r.starts_with("-N ") && r.contains(&ours))
+        {
             let chain = r.split_whitespace().nth(1).unwrap();
-            let _ = Command::new("iptables").args(["-t", table, "-F", chain]).status();
-            let _ = Command::new("iptables").args(["-t", table, "-X", chain]).status();
+            let _ = Command::new("iptables")
+                .args(["-t", table, "-F", chain])
+                .status();
+            let _ = Command::new("iptables")
+                .args(["-t", table, "-X", chain])
+                .status();
         }
     }
 }
@@ -326,7 +355,11 @@ fn host_objects_left(data: &Path, ids: &[String]) -> Vec<String> {
     if std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
         .lines()
-        .any(|l| l.split_whitespace().nth(4).is_some_and(|m| m.starts_with(&data_s)))
+        .any(|l| {
+            l.split_whitespace()
+                .nth(4)
+                .is_some_and(|m| m.starts_with(&data_s))
+        })
     {
         left.push("mounts".into());
     }
@@ -356,7 +389,10 @@ fn a_host_reboot_brings_back_what_should_run() {
     let sleep = ["sleep", "1000000"];
     // Runs (default `always`), with a volume; writes to the volume and to its container disk.
     let web = create(&d, &["--wait", "--volume", "data:/data:32MiB"], &sleep);
-    let (rc, _, err) = d.exec(&web, "echo kept > /data/note && echo gone > /scratch && sync");
+    let (rc, _, err) = d.exec(
+        &web,
+        "echo kept > /data/note && echo gone > /scratch && sync",
+    );
     assert_eq!(rc, 0, "{err}");
     // Stopped by its user: stays stopped.
     let idle = create(&d, &["--wait"], &sleep);
@@ -382,7 +418,10 @@ fn a_host_reboot_brings_back_what_should_run() {
         v["state"] == "running" && v["restart_count"].as_u64().unwrap() >= 1
     });
     assert_eq!(v["desired"], "running", "{v}");
-    let (rc, out, err) = d.exec(&web, "cat /data/note; test -e /scratch && echo scratch-kept; true");
+    let (rc, out, err) = d.exec(
+        &web,
+        "cat /data/note; test -e /scratch && echo scratch-kept; true",
+    );
     assert_eq!(
         rc,
         0,
@@ -390,7 +429,11 @@ fn a_host_reboot_brings_back_what_should_run() {
         events(&d, &web),
         d.log()
     );
-    assert_eq!(out.trim(), "kept", "volume kept, container disk fresh: {out}");
+    assert_eq!(
+        out.trim(),
+        "kept",
+        "volume kept, container disk fresh: {out}"
+    );
     assert!(
         events(&d, &web).iter().any(|e| e["kind"] == "restart"),
         "a restart event"
@@ -409,7 +452,11 @@ fn a_host_reboot_brings_back_what_should_run() {
         "a gpu_gone event"
     );
     let v = get(&d, &idle);
-    assert_eq!((&v["state"], &v["desired"]), (&"stopped".into(), &"stopped".into()), "{v}");
+    assert_eq!(
+        (&v["state"], &v["desired"]),
+        (&"stopped".into(), &"stopped".into()),
+        "{v}"
+    );
 
     // Everything still tears down cleanly.
     d.terminate_all();

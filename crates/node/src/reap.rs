@@ -68,7 +68,11 @@ fn stat(node: &Node, pid: i32) -> Option<(u64, bool, i32)> {
     // Fields after the command name, which may hold spaces: state is field 3, ppid 4, start 22.
     let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let zombie = rest.first()?.starts_with(['Z', 'X']);
-    Some((rest.get(19)?.parse().ok()?, zombie, rest.get(1)?.parse().ok()?))
+    Some((
+        rest.get(19)?.parse().ok()?,
+        zombie,
+        rest.get(1)?.parse().ok()?,
+    ))
 }
 
 /// Instance `id`'s init as the runtime recorded it (the bundle's pid file), if `/proc` still

@@ -125,7 +125,14 @@ mod tests {
         for s in ["no", "always", "on-failure", "on-failure:3"] {
             assert_eq!(RestartPolicy::parse(s).unwrap().to_string(), s);
         }
-        for bad in ["", "yes", "on-failure:0", "on-failure:-1", "on-failure:x", "Always"] {
+        for bad in [
+            "",
+            "yes",
+            "on-failure:0",
+            "on-failure:-1",
+            "on-failure:x",
+            "Always",
+        ] {
             assert!(RestartPolicy::parse(bad).is_err(), "{bad}");
         }
         let j = serde_json::to_string(&RestartPolicy::OnFailure { max: Some(2) }).unwrap();

@@ -95,6 +95,21 @@ pub struct Engine {
     making_volumes: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
+/// See [`Engine::making_guard`].
+struct MakingGuard<'a> {
+    engine: &'a Engine,
+    tenant_id: &'a str,
+    names: Vec<String>,
+}
+
+impl Drop for MakingGuard<'_> {
+    fn drop(&mut self) {
+        for n in &self.names {
+            self.engine.making_volume(self.tenant_id, n, true);
+        }
+    }
+}
+
 pub const ADMIN_TENANT: &str = "admin";
 
 /// `gpus.backend` of the GPUs of simulated nodes (see [`Engine::register_simulated_nodes`]).
@@ -721,6 +736,17 @@ impl Engine {
         }
     }
 
+    /// Ends the "being made" marks of `names` when dropped: a request whose future is dropped
+    /// half-way (its client went away) leaves pending rows the reconciler can then finish or
+    /// roll back, instead of marks that would hide them from it until a restart.
+    fn making_guard<'a>(&'a self, tenant_id: &'a str, names: Vec<String>) -> MakingGuard<'a> {
+        MakingGuard {
+            engine: self,
+            tenant_id,
+            names,
+        }
+    }
+
     /// Whether a request is making this volume right now (see `making_volumes`).
     pub(crate) fn is_making_volume(&self, tenant_id: &str, name: &str) -> bool {
         self.making_volumes
@@ -815,6 +841,7 @@ impl Engine {
             self.reserve_volume(&who.tenant_id, &req.name, req.size)
                 .await?
         };
+        let _making = self.making_guard(&who.tenant_id, vec![req.name.clone()]);
         self.format_volume(&row).await?;
         self.volumes_ready(&row.tenant_id, std::slice::from_ref(&row.name))
             .await?;
@@ -1213,6 +1240,10 @@ impl Engine {
         // or an error before that leaves only pending volumes, which are rolled back (here, or
         // by the reconciler after a crash), never a ready volume nobody asked for.
         let mut created = Vec::new();
+        let _making = self.making_guard(
+            &who.tenant_id,
+            to_create.iter().map(|(n, _)| n.clone()).collect(),
+        );
         for (n, size) in &to_create {
             let made = match self.reserve_volume(&who.tenant_id, n, *size).await {
                 Ok(row) => {

@@ -18,9 +18,9 @@ use crate::error::{EngineError, Result};
 use crate::store::InstanceRow;
 use gpuvisor_node::instance::Priority;
 use gpuvisor_node::limiter::GpuShare;
+use gpuvisor_node::reap::{self, Reaped};
 use gpuvisor_node::InstancePlan;
 use gpuvisor_wire::InstanceState as S;
-use gpuvisor_node::reap::{self, Reaped};
 use gpuvisor_wire::VolumeState;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -379,10 +379,12 @@ impl Engine {
         blocking(move || {
             // Named before the bundle goes: a killed init of ours is reaped, not left a zombie.
             let init = reap::init(&node, &rid);
-            let done = stop_first
-                .then(|| node.stop(&rid, grace))
-                .unwrap_or(Ok(()))
-                .and_then(|()| node.teardown(&rid));
+            let stopped = if stop_first {
+                node.stop(&rid, grace)
+            } else {
+                Ok(())
+            };
+            let done = stopped.and_then(|()| node.teardown(&rid));
             if let Some(init) = init {
                 reap::reap(&node, &init, Duration::from_secs(1));
             }
@@ -394,7 +396,10 @@ impl Engine {
 
     /// Why an instance cannot be provisioned now: a volume still pending (`Ok(false)`: wait), or
     /// missing, or a GPU no longer on this host (an error naming it).
-    async fn provision_blocker(&self, i: &InstanceRow) -> Result<std::result::Result<bool, (String, String)>> {
+    async fn provision_blocker(
+        &self,
+        i: &InstanceRow,
+    ) -> Result<std::result::Result<bool, (String, String)>> {
         for v in &i.spec.volumes {
             match self.store.volume(&i.tenant_id, &v.name).await? {
                 Some(row) if row.state == VolumeState::Ready => {}
@@ -450,7 +455,9 @@ impl Engine {
                                 .await?;
                         }
                         self.teardown(&id, false).await?;
-                        return self.set(&id, S::Failed, Some(&reason), &kind, reason.clone()).await;
+                        return self
+                            .set(&id, S::Failed, Some(&reason), &kind, reason.clone())
+                            .await;
                     }
                 }
                 if i.state != S::Provisioning {
@@ -459,12 +466,26 @@ impl Engine {
                 }
                 let plan = self.plan(&i).await;
                 let node = self.node.clone();
-                let result = match plan {
-                    Ok(plan) => blocking(move || node.provision(&plan))
-                        .await?
-                        .map_err(EngineError::from),
-                    Err(e) => Err(e),
+                let mut result = match &plan {
+                    Ok(plan) => {
+                        let plan = plan.clone();
+                        blocking(move || node.provision(&plan))
+                            .await?
+                            .map_err(EngineError::from)
+                    }
+                    Err(e) => Err(EngineError::Internal(e.to_string())),
                 };
+                // Found `provisioning`: an earlier attempt was cut short by a crash, and what it
+                // had started may have gone on without us (an orphaned `runc run` creating the
+                // container). One retry from a clean slate, after that has settled.
+                if let (Err(e), Ok(plan), S::Provisioning) = (&result, &plan, i.state) {
+                    tracing::warn!(instance = %id, "provisioning after a crash failed ({e}); retrying once from scratch");
+                    self.teardown(&id, false).await?;
+                    let (node, plan) = (self.node.clone(), plan.clone());
+                    result = blocking(move || node.provision(&plan))
+                        .await?
+                        .map_err(EngineError::from);
+                }
                 match result {
                     Ok(()) => {
                         let restart = crate::store::RestartRow {
