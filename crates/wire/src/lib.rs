@@ -524,7 +524,8 @@ pub struct CreatedKey {
 pub struct Event {
     pub at: i64,
     pub instance: String,
-    /// Short machine-readable kind: `created`, `state`, `exited`, `failed`, ...
+    /// Short machine-readable kind: `created`, `state`, `exited`, `restart`, `failed`,
+    /// `gpu_gone`, ...
     pub kind: String,
     pub message: String,
 }
