@@ -305,6 +305,8 @@ fn tear_down_like_a_reboot(data: &Path, ids: &[String]) {
     for id in ids {
         remove_cgroup(&Path::new("/sys/fs/cgroup/gpuvisor").join(id));
     }
+    // /run is a tmpfs: the prefix's lock file goes with it.
+    let _ = std::fs::remove_file(format!("/run/gpuvisor/net-{PREFIX}.lock"));
     let ours = format!("GPUVISOR-{}-", PREFIX.to_ascii_uppercase());
     for table in ["filter", "nat"] {
         let rules = run("iptables", &["-t", table, "-S"]);
@@ -433,6 +435,14 @@ fn a_host_reboot_brings_back_what_should_run() {
         out.trim(),
         "kept",
         "volume kept, container disk fresh: {out}"
+    );
+    // The daemon rebuilt the tenant's bridge and its filter chains.
+    let chain = format!("GPUVISOR-{}-FWD", PREFIX.to_ascii_uppercase());
+    let ok = |cmd: &str, args: &[&str]| Command::new(cmd).args(args).status().unwrap().success();
+    assert!(ok("iptables", &["-S", &chain]), "chain {chain} rebuilt");
+    assert!(
+        ok("ip", &["link", "show", &format!("{PREFIX}b0")]),
+        "bridge rebuilt"
     );
     assert!(
         events(&d, &web).iter().any(|e| e["kind"] == "restart"),
