@@ -8,10 +8,11 @@
 //! exited, or the host rebooted and took every host object with it) is torn down and, if its
 //! restart policy says so, goes back to `pending` with a `not_before` time; the next pass
 //! provisions it again from scratch: fresh container disk, same volumes and GPUs. The delay
-//! doubles from 1 s to 5 min while the instance keeps exiting within 10 s of starting. Exit codes
-//! come from `waitpid`: the daemon is the child subreaper of the containers it starts
-//! (`gpuvisor_node::reap`); a process that ended under an earlier daemon has an unknown status,
-//! which counts as a failure.
+//! doubles from 1 s to 5 min while the instance keeps exiting within 10 s of starting; an exit
+//! the daemon did not see (found gone at start, e.g. after a reboot) is restarted at once.
+//! Exit codes come from `waitpid`: the daemon is the child subreaper of the containers it
+//! starts (`gpuvisor_node::reap`); a process that ended under an earlier daemon has an unknown
+//! status, which counts as a failure.
 
 use super::Engine;
 use crate::error::{EngineError, Result};
@@ -537,9 +538,17 @@ impl Engine {
                 let mut r = i.restart.clone();
                 r.exit_code = code;
                 if r.policy.restarts(code, r.count) {
-                    let delay = next_backoff(r.backoff_ms, now - r.started_at);
+                    // An exit we did not see (found gone at daemon start: a host reboot) is
+                    // restarted at once; the backoff is for exits we watch repeat.
+                    let delay = if code.is_some() {
+                        next_backoff(r.backoff_ms, now - r.started_at)
+                    } else {
+                        0
+                    };
                     r.count += 1;
-                    r.backoff_ms = delay;
+                    if delay > 0 {
+                        r.backoff_ms = delay;
+                    }
                     r.not_before = now + delay;
                     let msg = format!(
                         "{how}; restart {} (--restart {}) in {} ms",
