@@ -110,13 +110,23 @@ pub fn reap(node: &Node, init: &Init, wait: Duration) -> Reaped {
 }
 
 /// Reaps the zombie children of this process that were zombies at the previous call too (`seen`
-/// carries them from call to call) and are in no instance's cgroup: ended log relays, which
-/// the subreaper inherits and nobody waits for. A child that the daemon itself waits for (a host
-/// tool) is reaped by its waiter within moments, never left a zombie between two calls; an
-/// instance's init is left to [`reap`], which reads its exit code.
+/// carries them from call to call) and are no instance's init: ended log relays, and processes
+/// of an `exec` whose `runc exec` died first — orphans the subreaper inherits and nobody waits
+/// for. A child that the daemon itself waits for (a host tool) is reaped by its waiter within
+/// moments, never left a zombie between two calls; an instance's init is left to [`reap`],
+/// which reads its exit code.
 pub fn reap_stale_zombies(node: &Node, seen: &mut std::collections::HashSet<(i32, u64)>) {
     let me = std::process::id() as i32;
     let mut now = std::collections::HashSet::new();
+    let inits: std::collections::HashSet<i32> =
+        std::fs::read_dir(node.cfg.data_dir.join("bundles"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("pid")).ok())
+                    .filter_map(|p| p.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
     let Ok(rd) = std::fs::read_dir(node.cfg.root.path("/proc")) else {
         return;
     };
@@ -127,7 +137,7 @@ pub fn reap_stale_zombies(node: &Node, seen: &mut std::collections::HashSet<(i32
         let Some((start, zombie, ppid)) = stat(node, pid) else {
             continue;
         };
-        if !zombie || ppid != me || cgroup::instance_of(&node.cfg.root, pid).is_some() {
+        if !zombie || ppid != me || inits.contains(&pid) {
             continue;
         }
         if seen.contains(&(pid, start)) {
