@@ -677,6 +677,21 @@ mod tests {
     }
 
     #[test]
+    fn volume_table_shows_the_state() {
+        let v = Volume {
+            name: "data".into(),
+            tenant: "acme".into(),
+            size: 32 << 20,
+            state: gpuvisor_wire::VolumeState::Pending,
+            in_use_by: None,
+            created_at: NOW,
+        };
+        let text = volumes_table(&[v], NOW);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0].find("STATE"), lines[1].find("pending"), "{text}");
+    }
+
+    #[test]
     fn empty_table_keeps_header() {
         assert_eq!(
             tenants_table(&[], NOW)
