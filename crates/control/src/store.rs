@@ -124,6 +124,24 @@ pub struct VolumeRow {
     pub name: String,
     pub size: u64,
     pub created_at: i64,
+    /// `pending` until the image file is complete (see [`gpuvisor_wire::VolumeState`]).
+    pub state: gpuvisor_wire::VolumeState,
+}
+
+/// An instance's restart policy and its bookkeeping (see `engine::reconcile`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RestartRow {
+    pub policy: gpuvisor_wire::RestartPolicy,
+    /// Automatic restarts since the last create/start.
+    pub count: u32,
+    /// Unix ms before which the instance is not provisioned again (crash-loop backoff).
+    pub not_before: i64,
+    /// The delay before the last automatic restart, ms (0: none yet).
+    pub backoff_ms: i64,
+    /// When the instance last became running, unix ms.
+    pub started_at: i64,
+    /// The main process's last exit code, when it was seen.
+    pub exit_code: Option<i32>,
 }
 
 /// What the user asked for, stored as JSON: everything about an instance that is not placement.
@@ -159,6 +177,7 @@ pub struct InstanceRow {
     pub ip_host: u8,
     pub created_at: i64,
     pub updated_at: i64,
+    pub restart: RestartRow,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -294,6 +313,13 @@ fn volume(r: &AnyRow) -> Result<VolumeRow> {
         name: r.try_get("name")?,
         size: u("volumes", r.try_get("size")?)?,
         created_at: r.try_get("created_at")?,
+        state: {
+            let s: String = r.try_get("state")?;
+            gpuvisor_wire::VolumeState::parse(&s).ok_or(StoreError::Corrupt {
+                table: "volumes",
+                why: format!("state {s:?}"),
+            })?
+        },
     })
 }
 
@@ -320,10 +346,28 @@ fn instance(r: &AnyRow) -> Result<InstanceRow> {
         ip_host: u("instances", r.try_get("ip_host")?)? as u8,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+        restart: {
+            let p: String = r.try_get("restart_policy")?;
+            let code: Option<i64> = r.try_get("exit_code")?;
+            RestartRow {
+                policy: gpuvisor_wire::RestartPolicy::parse(&p).map_err(|why| {
+                    StoreError::Corrupt {
+                        table: "instances",
+                        why,
+                    }
+                })?,
+                count: u32::try_from(r.try_get::<i64, _>("restart_count")?).unwrap_or(u32::MAX),
+                not_before: r.try_get("restart_not_before")?,
+                backoff_ms: r.try_get("restart_backoff_ms")?,
+                started_at: r.try_get("started_at")?,
+                exit_code: code.and_then(|c| i32::try_from(c).ok()),
+            }
+        },
     })
 }
 
-const INSTANCE_COLS: &str = "id, name, tenant_id, node_id, image, state, desired, reason, spec, cpus, gpus, ip_host, created_at, updated_at";
+const INSTANCE_COLS: &str = "id, name, tenant_id, node_id, image, state, desired, reason, spec, cpus, gpus, ip_host, created_at, updated_at, \
+     restart_policy, restart_count, restart_not_before, restart_backoff_ms, started_at, exit_code";
 
 /// The store handle; cheap to clone.
 #[derive(Clone, Debug)]
@@ -1035,29 +1079,46 @@ impl Store {
 
     pub async fn insert_volume(&self, v: &VolumeRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO volumes (tenant_id, name, size, created_at) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO volumes (tenant_id, name, size, created_at, state) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(v.tenant_id.clone())
         .bind(v.name.clone())
         .bind(v.size as i64)
         .bind(v.created_at)
+        .bind(v.state.as_str())
         .execute(&self.pool)
         .await
         .map_err(StoreError::from_write)?;
         Ok(())
     }
 
+    /// Sets a volume's state; false if there is no such volume.
+    pub async fn set_volume_state(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        state: gpuvisor_wire::VolumeState,
+    ) -> Result<bool> {
+        let r = sqlx::query("UPDATE volumes SET state = $1 WHERE tenant_id = $2 AND name = $3")
+            .bind(state.as_str())
+            .bind(tenant_id.to_string())
+            .bind(name.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Volumes of one tenant, or of all tenants with `None`.
     pub async fn volumes(&self, tenant_id: Option<&str>) -> Result<Vec<VolumeRow>> {
         let rows = match tenant_id {
             Some(t) => {
-                sqlx::query("SELECT tenant_id, name, size, created_at FROM volumes WHERE tenant_id = $1 ORDER BY name")
+                sqlx::query("SELECT tenant_id, name, size, created_at, state FROM volumes WHERE tenant_id = $1 ORDER BY name")
                     .bind(t.to_string())
                     .fetch_all(&self.pool)
                     .await?
             }
             None => {
-                sqlx::query("SELECT tenant_id, name, size, created_at FROM volumes ORDER BY tenant_id, name")
+                sqlx::query("SELECT tenant_id, name, size, created_at, state FROM volumes ORDER BY tenant_id, name")
                     .fetch_all(&self.pool)
                     .await?
             }
@@ -1066,7 +1127,7 @@ impl Store {
     }
 
     pub async fn volume(&self, tenant_id: &str, name: &str) -> Result<Option<VolumeRow>> {
-        sqlx::query("SELECT tenant_id, name, size, created_at FROM volumes WHERE tenant_id = $1 AND name = $2")
+        sqlx::query("SELECT tenant_id, name, size, created_at, state FROM volumes WHERE tenant_id = $1 AND name = $2")
             .bind(tenant_id.to_string())
             .bind(name.to_string())
             .fetch_optional(&self.pool)
@@ -1089,8 +1150,9 @@ impl Store {
 
     pub async fn insert_instance(&self, i: &InstanceRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO instances (id, name, tenant_id, node_id, image, state, desired, reason, spec, cpus, gpus, ip_host, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            "INSERT INTO instances (id, name, tenant_id, node_id, image, state, desired, reason, spec, cpus, gpus, ip_host, created_at, updated_at, \
+             restart_policy, restart_count, restart_not_before, restart_backoff_ms, started_at, exit_code) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
         )
         .bind(i.id.clone())
         .bind(i.name.clone())
@@ -1106,6 +1168,12 @@ impl Store {
         .bind(i64::from(i.ip_host))
         .bind(i.created_at)
         .bind(i.updated_at)
+        .bind(i.restart.policy.to_string())
+        .bind(i64::from(i.restart.count))
+        .bind(i.restart.not_before)
+        .bind(i.restart.backoff_ms)
+        .bind(i.restart.started_at)
+        .bind(i.restart.exit_code.map(i64::from))
         .execute(&self.pool)
         .await
         .map_err(StoreError::from_write)?;
@@ -1195,6 +1263,24 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// Writes an instance's restart bookkeeping (everything but the policy, which is fixed at
+    /// create); false if the instance does not exist.
+    pub async fn set_restart(&self, id: &str, r: &RestartRow) -> Result<bool> {
+        let q = sqlx::query(
+            "UPDATE instances SET restart_count = $1, restart_not_before = $2, \
+             restart_backoff_ms = $3, started_at = $4, exit_code = $5 WHERE id = $6",
+        )
+        .bind(i64::from(r.count))
+        .bind(r.not_before)
+        .bind(r.backoff_ms)
+        .bind(r.started_at)
+        .bind(r.exit_code.map(i64::from))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(q.rows_affected() > 0)
     }
 
     // --- events ---------------------------------------------------------------------------

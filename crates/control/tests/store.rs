@@ -8,9 +8,12 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use gpuvisor_control::store::{
-    EventRow, GpuRow, ImageRow, InstanceRow, InstanceSpec, KeyRow, Store, StoreError, VolumeRow,
+    EventRow, GpuRow, ImageRow, InstanceRow, InstanceSpec, KeyRow, RestartRow, Store, StoreError,
+    VolumeRow,
 };
-use gpuvisor_wire::{GpuBinding, InstanceState, PortSpec, Role, VolumeMount};
+use gpuvisor_wire::{
+    GpuBinding, InstanceState, PortSpec, RestartPolicy, Role, VolumeMount, VolumeState,
+};
 use sqlx::{AnyPool, AssertSqlSafe, Connection, Row};
 
 const PG_ENV: &str = "GPUVISOR_TEST_POSTGRES_URL";
@@ -214,6 +217,14 @@ fn instance_row(id: &str, tenant: &str, name: &str, at: i64) -> InstanceRow {
         ip_host: 254,
         created_at: at,
         updated_at: at,
+        restart: RestartRow {
+            policy: RestartPolicy::OnFailure { max: Some(3) },
+            count: 2,
+            not_before: at + 4000,
+            backoff_ms: 4000,
+            started_at: at - 1,
+            exit_code: Some(3),
+        },
     }
 }
 
@@ -912,6 +923,7 @@ async fn volumes_are_per_tenant() {
             name: n.into(),
             size,
             created_at: 7,
+            state: VolumeState::Ready,
         };
         let data1 = vol("t-1", "data", 10 << 30);
         let cache1 = vol("t-1", "cache", 1 << 40);
@@ -976,9 +988,64 @@ async fn volumes_are_per_tenant() {
         );
         assert_eq!(
             store.volumes(None).await.unwrap(),
-            vec![cache1, data2],
+            vec![cache1.clone(), data2.clone()],
             "{backend}"
         );
+
+        // A volume is written pending and made ready; the state round-trips.
+        let new = VolumeRow {
+            state: VolumeState::Pending,
+            ..vol("t-1", "new", 1 << 20)
+        };
+        store.insert_volume(&new).await.unwrap();
+        assert_eq!(
+            store.volume("t-1", "new").await.unwrap(),
+            Some(new.clone()),
+            "{backend}"
+        );
+        assert!(store
+            .set_volume_state("t-1", "new", VolumeState::Ready)
+            .await
+            .unwrap());
+        assert_eq!(
+            store.volume("t-1", "new").await.unwrap().map(|v| v.state),
+            Some(VolumeState::Ready),
+            "{backend}"
+        );
+        assert!(!store
+            .set_volume_state("t-1", "nope", VolumeState::Ready)
+            .await
+            .unwrap());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn restart_bookkeeping_round_trips() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        let row = instance_row("i-1", "t-1", "web", 100);
+        store.insert_instance(&row).await.unwrap();
+        assert_eq!(
+            store.instance("i-1").await.unwrap().unwrap().restart,
+            row.restart,
+            "{backend}"
+        );
+        let next = RestartRow {
+            count: 3,
+            not_before: 0,
+            backoff_ms: 8000,
+            started_at: 500,
+            exit_code: None,
+            ..row.restart.clone()
+        };
+        assert!(store.set_restart("i-1", &next).await.unwrap());
+        assert_eq!(
+            store.instance("i-1").await.unwrap().unwrap().restart,
+            next,
+            "{backend}"
+        );
+        assert!(!store.set_restart("i-404", &next).await.unwrap());
     })
     .await;
 }

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use gpuvisor_wire::{
     code, parse_size, CreateInstance, CreateKey, CreateTenant, CreateVolume, ExecRequest,
-    ImportImage, Instance, InstanceState, Logs, PortSpec, Role, VolumeMount,
+    ImportImage, Instance, InstanceState, Logs, PortSpec, RestartPolicy, Role, VolumeMount,
 };
 use thiserror::Error;
 
@@ -553,6 +553,12 @@ pub struct CreateArgs {
     /// Spot instance: may be stopped and marked `interrupted` for a higher-priority one.
     #[arg(long)]
     pub interruptible: bool,
+    /// When the main process exits: `no` (stay stopped), `on-failure[:N]` (restart after a
+    /// non-zero exit, at most N times since the last create/start), `always` (restart after
+    /// every exit; never after `instance stop`). Restarts back off from 1 s, doubling to 5 min
+    /// while the process keeps exiting within 10 s.
+    #[arg(long, value_name = "POLICY", default_value = "always", value_parser = RestartPolicy::parse)]
+    pub restart: RestartPolicy,
     #[command(flatten)]
     pub wait: WaitArgs,
     /// Command overriding the image's, after `--`.
@@ -1231,6 +1237,7 @@ impl Ctx {
                     command: args.command,
                     priority: args.priority.into(),
                     interruptible: args.interruptible,
+                    restart: args.restart,
                 };
                 let inst = self.client.create_instance(&req)?;
                 self.finish_lifecycle(inst, InstanceState::Running, &args.wait)
@@ -1958,6 +1965,9 @@ mod tests {
             gpu_fraction: None,
             priority: Default::default(),
             interruptible: false,
+            restart: Default::default(),
+            restart_count: 0,
+            exit_code: None,
             created_at: 0,
             updated_at,
         }

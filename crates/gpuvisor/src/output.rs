@@ -186,6 +186,15 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
         ),
         ("Command".into(), or_dash(&i.command.join(" "))),
         (
+            "Restart".into(),
+            format!("{} ({} restarts)", i.restart, i.restart_count),
+        ),
+        (
+            "Exit code".into(),
+            i.exit_code
+                .map_or_else(|| "-".to_string(), |c| c.to_string()),
+        ),
+        (
             "Priority".into(),
             format!(
                 "{}{}",
@@ -451,12 +460,13 @@ impl PullProgress {
 
 pub fn volumes_table(volumes: &[Volume], now_ms: i64) -> String {
     table(
-        &["NAME", "TENANT", "SIZE", "IN USE BY", "AGE"],
+        &["NAME", "TENANT", "SIZE", "STATE", "IN USE BY", "AGE"],
         volumes.iter().map(|v| {
             vec![
                 v.name.clone(),
                 v.tenant.clone(),
                 format_size(v.size),
+                v.state.to_string(),
                 or_dash(v.in_use_by.as_deref().unwrap_or("")),
                 format_age(v.created_at, now_ms),
             ]
@@ -707,6 +717,9 @@ mod tests {
             gpu_fraction: None,
             priority: Default::default(),
             interruptible: false,
+            restart: gpuvisor_wire::RestartPolicy::OnFailure { max: Some(3) },
+            restart_count: 2,
+            exit_code: Some(3),
             created_at: NOW - 5 * 60 * 1000,
             updated_at: NOW,
         }
@@ -754,6 +767,27 @@ mod tests {
         assert!(text
             .lines()
             .any(|l| l.starts_with("Reason:") && l.ends_with('-')));
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with("Restart:") && l.ends_with("on-failure:3 (2 restarts)")));
+        assert!(text
+            .lines()
+            .any(|l| l.starts_with("Exit code:") && l.ends_with(" 3")));
+    }
+
+    #[test]
+    fn volume_table_shows_the_state() {
+        let v = Volume {
+            name: "data".into(),
+            tenant: "acme".into(),
+            size: 32 << 20,
+            state: gpuvisor_wire::VolumeState::Pending,
+            in_use_by: None,
+            created_at: NOW,
+        };
+        let text = volumes_table(&[v], NOW);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0].find("STATE"), lines[1].find("pending"), "{text}");
     }
 
     #[test]

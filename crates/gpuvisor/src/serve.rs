@@ -351,6 +351,19 @@ fn lock_file(
 
 /// One daemon per data dir: `<data>/gpuvisor.lock`.
 fn lock_data_dir(data: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    // A daemon started right after the previous one was killed can find the lock still held
+    // for a moment (a child forked by the dead daemon that has not reached exec yet): retry
+    // briefly before calling the data dir taken.
+    for _ in 0..50 {
+        if let Ok(lock) = try_lock_data_dir(data) {
+            return Ok(lock);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(40));
+    }
+    try_lock_data_dir(data)
+}
+
+fn try_lock_data_dir(data: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
     let pid = std::process::id();
     lock_file(
         &data.join("gpuvisor.lock"),

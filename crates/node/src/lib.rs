@@ -23,6 +23,7 @@ pub mod limiter;
 pub mod logs;
 pub mod mig;
 pub mod net;
+pub mod reap;
 pub mod registry;
 pub mod rootfs;
 pub mod runtime;

@@ -6,10 +6,12 @@
 mod cpulist;
 pub mod metrics;
 pub mod mig;
+mod restart;
 mod size;
 
 pub use cpulist::{format_cpu_list, parse_cpu_list};
 pub use metrics::{GpuStats, MetricPoint, MetricSeries, MetricsHistory, MetricsQuery};
+pub use restart::{RestartPolicy, VolumeState};
 pub use size::{format_size, parse_size, SizeError};
 
 use serde::{Deserialize, Serialize};
@@ -226,6 +228,9 @@ pub struct CreateInstance {
     /// Spot: may be preempted (stopped and marked `interrupted`) for a higher-priority instance.
     #[serde(default)]
     pub interruptible: bool,
+    /// What happens when the main process exits (default `always`).
+    #[serde(default)]
+    pub restart: RestartPolicy,
 }
 
 /// One GPU (or share of one) bound to an instance.
@@ -269,6 +274,14 @@ pub struct Instance {
     pub priority: PriorityClass,
     #[serde(default)]
     pub interruptible: bool,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Automatic restarts since the last `create`/`start` (what `on-failure:N` counts).
+    #[serde(default)]
+    pub restart_count: u32,
+    /// Exit code of the main process's last run (128 + N for signal N), when it was seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
     /// Live usage of fractional GPUs from the limiter (only in `get`, not in lists).
@@ -481,6 +494,8 @@ pub struct Volume {
     pub name: String,
     pub tenant: String,
     pub size: u64,
+    #[serde(default)]
+    pub state: VolumeState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_use_by: Option<String>,
     pub created_at: i64,
@@ -626,7 +641,8 @@ pub struct CreatedKey {
 pub struct Event {
     pub at: i64,
     pub instance: String,
-    /// Short machine-readable kind: `created`, `state`, `exited`, `failed`, ...
+    /// Short machine-readable kind: `created`, `state`, `exited`, `restart`, `failed`,
+    /// `gpu_gone`, ...
     pub kind: String,
     pub message: String,
 }

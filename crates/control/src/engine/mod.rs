@@ -95,6 +95,24 @@ pub struct Engine {
     pub(crate) tenant_deletions: std::sync::atomic::AtomicBool,
     /// Registry settings, pull jobs, the credential key ([`images`]).
     registry: images::RegistryState,
+    /// (tenant id, name) of the volumes a request is making right now: their `pending` rows
+    /// are not a crash's leftovers, so the reconciler leaves them alone.
+    making_volumes: Mutex<std::collections::HashSet<(String, String)>>,
+}
+
+/// See [`Engine::making_guard`].
+struct MakingGuard<'a> {
+    engine: &'a Engine,
+    tenant_id: &'a str,
+    names: Vec<String>,
+}
+
+impl Drop for MakingGuard<'_> {
+    fn drop(&mut self) {
+        for n in &self.names {
+            self.engine.making_volume(self.tenant_id, n, true);
+        }
+    }
 }
 
 pub const ADMIN_TENANT: &str = "admin";
@@ -164,6 +182,7 @@ impl Engine {
             limits: Default::default(),
             tenant_deletions: std::sync::atomic::AtomicBool::new(true),
             registry: Default::default(),
+            making_volumes: Mutex::new(Default::default()),
         })
     }
 
@@ -610,16 +629,46 @@ impl Engine {
             tenant: names.get(&v.tenant_id).cloned().unwrap_or_default(),
             name: v.name,
             size: v.size,
+            state: v.state,
             created_at: v.created_at,
         })
     }
 
-    async fn make_volume(&self, tenant_id: &str, name: &str, size: u64) -> Result<VolumeRow> {
-        let row = self.reserve_volume(tenant_id, name, size).await?;
-        self.format_volume(row).await
+    /// Marks (or, with `done`, unmarks) a volume as being made by a request right now.
+    fn making_volume(&self, tenant_id: &str, name: &str, done: bool) {
+        let mut m = self
+            .making_volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (tenant_id.to_string(), name.to_string());
+        if done {
+            m.remove(&key);
+        } else {
+            m.insert(key);
+        }
     }
 
-    /// Validates and records a new volume (the row only).
+    /// Ends the "being made" marks of `names` when dropped: a request whose future is dropped
+    /// half-way (its client went away) leaves pending rows the reconciler can then finish or
+    /// roll back, instead of marks that would hide them from it until a restart.
+    fn making_guard<'a>(&'a self, tenant_id: &'a str, names: Vec<String>) -> MakingGuard<'a> {
+        MakingGuard {
+            engine: self,
+            tenant_id,
+            names,
+        }
+    }
+
+    /// Whether a request is making this volume right now (see `making_volumes`).
+    pub(crate) fn is_making_volume(&self, tenant_id: &str, name: &str) -> bool {
+        self.making_volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(tenant_id.to_string(), name.to_string()))
+    }
+
+    /// Validates and records a new volume: the row only, `pending`, and marked as being made
+    /// (the caller unmarks it once the row is `ready` or gone).
     async fn reserve_volume(&self, tenant_id: &str, name: &str, size: u64) -> Result<VolumeRow> {
         validate::name("volume", name)?;
         validate::volume_size(size)?;
@@ -633,15 +682,21 @@ impl Engine {
             name: name.to_string(),
             size,
             created_at: now_ms(),
+            state: wire::VolumeState::Pending,
         };
-        // Row first: a crash after it leaves a volume the user can see and remove, never an
-        // image file nobody knows about.
-        self.store.insert_volume(&row).await?;
+        // Row first, pending: a crash after it leaves a row the reconciler finishes or removes
+        // (`finish_pending_volumes`), never an image file nobody knows about.
+        self.making_volume(tenant_id, name, false);
+        if let Err(e) = self.store.insert_volume(&row).await {
+            self.making_volume(tenant_id, name, true);
+            return Err(e.into());
+        }
         Ok(row)
     }
 
-    /// Makes the image of a reserved volume; the row goes again if that fails.
-    async fn format_volume(&self, row: VolumeRow) -> Result<VolumeRow> {
+    /// Makes the image of a reserved (pending) volume; the row goes again if that fails. The
+    /// row stays `pending`: the caller says when it is ready.
+    async fn format_volume(&self, row: &VolumeRow) -> Result<()> {
         let (node, t, n, size) = (
             self.node.clone(),
             row.tenant_id.clone(),
@@ -650,12 +705,28 @@ impl Engine {
         );
         let made = tokio::task::spawn_blocking(move || node.disks.create_volume(&t, &n, size))
             .await
-            .map_err(|e| EngineError::Internal(e.to_string()))?;
-        if let Err(e) = made {
-            self.store.delete_volume(&row.tenant_id, &row.name).await?;
-            return Err(EngineError::Node(e.into()));
+            .map_err(|e| EngineError::Internal(e.to_string()));
+        let err = match made {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => EngineError::Node(e.into()),
+            Err(e) => e,
+        };
+        self.rollback_volumes(&row.tenant_id, std::slice::from_ref(&row.name))
+            .await;
+        Err(err)
+    }
+
+    /// Marks volumes made by a request `ready` and ends their "being made" mark.
+    async fn volumes_ready(&self, tenant_id: &str, names: &[String]) -> Result<()> {
+        for n in names {
+            let r = self
+                .store
+                .set_volume_state(tenant_id, n, wire::VolumeState::Ready)
+                .await;
+            self.making_volume(tenant_id, n, true);
+            r?;
         }
-        Ok(row)
+        Ok(())
     }
 
     pub async fn create_volume(
@@ -683,7 +754,14 @@ impl Engine {
             self.reserve_volume(&who.tenant_id, &req.name, req.size)
                 .await?
         };
-        let row = self.format_volume(row).await?;
+        let _making = self.making_guard(&who.tenant_id, vec![req.name.clone()]);
+        self.format_volume(&row).await?;
+        self.volumes_ready(&row.tenant_id, std::slice::from_ref(&row.name))
+            .await?;
+        let row = VolumeRow {
+            state: wire::VolumeState::Ready,
+            ..row
+        };
         self.wire_volume(row, &self.tenant_names().await?).await
     }
 
@@ -705,6 +783,11 @@ impl Engine {
         if let Some(user) = self.volume_user(&who.tenant_id, name).await? {
             return Err(EngineError::InUse(format!(
                 "volume {name:?} is used by instance {user}: terminate it first"
+            )));
+        }
+        if self.is_making_volume(&who.tenant_id, name) {
+            return Err(EngineError::InUse(format!(
+                "volume {name:?} is being created: try again in a moment"
             )));
         }
         let (node, t, n) = (self.node.clone(), who.tenant_id.clone(), name.to_string());
@@ -847,6 +930,9 @@ impl Engine {
             command: i.spec.command,
             priority: i.spec.priority,
             interruptible: i.spec.interruptible,
+            restart: i.restart.policy,
+            restart_count: i.restart.count,
+            exit_code: i.restart.exit_code,
             ip,
             gpu_usage: Vec::new(),
             created_at: i.created_at,
@@ -938,6 +1024,30 @@ impl Engine {
                 )));
             }
         }
+        // Every check that needs no lock comes before anything is made (volumes below).
+        let command = if req.command.is_empty() {
+            image.command.clone()
+        } else {
+            req.command.clone()
+        };
+        if command.is_empty() {
+            return Err(invalid(format!(
+                "image {:?} has no default command: give one after `--`",
+                req.image
+            )));
+        }
+        // An image is a stranger's: its entries for platform-owned names are dropped (the
+        // user's were refused above).
+        let mut env: Vec<String> = image
+            .env
+            .iter()
+            .filter(|kv| {
+                let name = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
+                !gpuvisor_wire::platform_env(name)
+            })
+            .cloned()
+            .collect();
+        env.extend(req.env.iter().cloned());
         let tenant = self.key_tenant(&who.tenant_id).await?;
         Self::check_priority(who, &tenant, req.priority)?;
 
@@ -965,7 +1075,17 @@ impl Engine {
                     v.name, user.id
                 )));
             }
-            if self.store.volume(&who.tenant_id, &v.name).await?.is_none() {
+            let existing = self.store.volume(&who.tenant_id, &v.name).await?;
+            if existing
+                .as_ref()
+                .is_some_and(|e| e.state == wire::VolumeState::Pending)
+            {
+                return Err(EngineError::InUse(format!(
+                    "volume {:?} is being created: try again in a moment",
+                    v.name
+                )));
+            }
+            if existing.is_none() {
                 match v.size {
                     Some(size) => to_create.push((v.name.clone(), size)),
                     None => {
@@ -1041,40 +1161,30 @@ impl Engine {
                     ))
                 })?
         };
+        // New volumes stay `pending` until the instance row that uses them is written: a crash
+        // or an error before that leaves only pending volumes, which are rolled back (here, or
+        // by the reconciler after a crash), never a ready volume nobody asked for.
         let mut created = Vec::new();
+        let _making = self.making_guard(
+            &who.tenant_id,
+            to_create.iter().map(|(n, _)| n.clone()).collect(),
+        );
         for (n, size) in &to_create {
-            match self.make_volume(&who.tenant_id, n, *size).await {
-                Ok(_) => created.push(n.clone()),
-                Err(e) => {
-                    self.rollback_volumes(&who.tenant_id, &created).await;
-                    return Err(e);
+            let made = match self.reserve_volume(&who.tenant_id, n, *size).await {
+                Ok(row) => {
+                    created.push(n.clone());
+                    self.format_volume(&row).await.inspect_err(|_| {
+                        created.pop();
+                    })
                 }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = made {
+                self.rollback_volumes(&who.tenant_id, &created).await;
+                return Err(e);
             }
         }
         let now = self.tick();
-        let command = if req.command.is_empty() {
-            image.command.clone()
-        } else {
-            req.command.clone()
-        };
-        if command.is_empty() {
-            return Err(invalid(format!(
-                "image {:?} has no default command: give one after `--`",
-                req.image
-            )));
-        }
-        // An image is a stranger's: its entries for platform-owned names are dropped (the
-        // user's were refused above).
-        let mut env: Vec<String> = image
-            .env
-            .iter()
-            .filter(|kv| {
-                let name = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
-                !gpuvisor_wire::platform_env(name)
-            })
-            .cloned()
-            .collect();
-        env.extend(req.env.iter().cloned());
         let row = InstanceRow {
             id: id.clone(),
             name,
@@ -1110,12 +1220,18 @@ impl Engine {
             ip_host,
             created_at: now,
             updated_at: now,
+            restart: crate::store::RestartRow {
+                policy: req.restart,
+                ..Default::default()
+            },
         };
         // Victims first: a crash after this leaves them evicted and the new instance absent,
         // never two instances on one GPU.
         for v in &victims {
-            self.set_desired_state(v, InstanceState::Interrupted)
-                .await?;
+            if let Err(e) = self.set_desired_state(v, InstanceState::Interrupted).await {
+                self.rollback_volumes(&who.tenant_id, &created).await;
+                return Err(e);
+            }
             // Another tenant's victim learns the priority, not the preemptor's id.
             let same_tenant = live
                 .iter()
@@ -1135,6 +1251,11 @@ impl Engine {
         if let Err(e) = self.store.insert_instance(&row).await {
             self.rollback_volumes(&who.tenant_id, &created).await;
             return Err(e.into());
+        }
+        // The instance exists: its volumes are ready. (Should this fail, the rows stay pending
+        // and the reconciler finishes them: a live instance uses them.)
+        if let Err(e) = self.volumes_ready(&who.tenant_id, &created).await {
+            tracing::warn!(instance = %id, "volumes stay pending for the reconciler: {e}");
         }
         drop(_guard);
         self.event(&id, "created", format!("created by tenant {}", tenant.name))
@@ -1205,7 +1326,8 @@ impl Engine {
         Err(EngineError::InsufficientResources(local_err.to_string()))
     }
 
-    /// Removes a volume's image and then its row (a tenant being deleted).
+    /// Removes a volume's image and then its row (a failed request's volumes, a tenant being
+    /// deleted). A volume whose image cannot be removed keeps its row.
     pub(crate) async fn destroy_volume(&self, tenant_id: &str, name: &str) -> Result<()> {
         let (node, t, n) = (self.node.clone(), tenant_id.to_string(), name.to_string());
         tokio::task::spawn_blocking(move || node.disks.remove_volume(&t, &n))
@@ -1216,11 +1338,14 @@ impl Engine {
         Ok(())
     }
 
+    /// Removes volumes a failed request made. One whose image cannot be removed keeps its
+    /// `pending` row, so the reconciler retries (`finish_pending_volumes`).
     async fn rollback_volumes(&self, tenant_id: &str, names: &[String]) {
         for n in names {
-            let (node, t, v) = (self.node.clone(), tenant_id.to_string(), n.clone());
-            let _ = tokio::task::spawn_blocking(move || node.disks.remove_volume(&t, &v)).await;
-            let _ = self.store.delete_volume(tenant_id, n).await;
+            if let Err(e) = self.destroy_volume(tenant_id, n).await {
+                tracing::warn!(volume = %n, "rollback: {e}");
+            }
+            self.making_volume(tenant_id, n, true);
         }
     }
 
@@ -1317,6 +1442,18 @@ impl Engine {
                 "instance {} is {} and cannot be made {}",
                 row.id, row.state, desired
             )));
+        }
+        if desired == InstanceState::Running
+            && (row.desired != desired || row.state == InstanceState::Failed)
+        {
+            // A start by the user begins a new count for `on-failure:N` and a new backoff.
+            let fresh = crate::store::RestartRow {
+                policy: row.restart.policy,
+                started_at: row.restart.started_at,
+                exit_code: row.restart.exit_code,
+                ..Default::default()
+            };
+            self.store.set_restart(&row.id, &fresh).await?;
         }
         if row.desired != desired {
             self.set_desired_state(&row.id, desired).await?;

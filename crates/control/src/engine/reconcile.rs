@@ -1,15 +1,28 @@
 //! The reconciler: the only part of the engine that changes the host. It compares each
 //! instance's desired state with what the store and the runtime say, and takes one step
 //! towards it under the instance's lock. At start-up and every few seconds it also sweeps host
-//! objects that no live instance owns (what a crash mid-create or mid-terminate leaves behind).
+//! objects that no live instance owns (what a crash mid-create or mid-terminate leaves behind)
+//! and finishes or rolls back volumes a crash left `pending`.
+//!
+//! Restarts: an instance whose main process is gone while its desired state is running (it
+//! exited, or the host rebooted and took every host object with it) is torn down and, if its
+//! restart policy says so, goes back to `pending` with a `not_before` time; the next pass
+//! provisions it again from scratch: fresh container disk, same volumes and GPUs. The delay
+//! doubles from 1 s to 5 min while the instance keeps exiting within 10 s of starting; an exit
+//! the daemon did not see (found gone at start, e.g. after a reboot) is restarted at once.
+//! Exit codes come from `waitpid`: the daemon is the child subreaper of the containers it
+//! starts (`gpuvisor_node::reap`); a process that ended under an earlier daemon has an unknown
+//! status, which counts as a failure.
 
 use super::Engine;
 use crate::error::{EngineError, Result};
 use crate::store::InstanceRow;
 use gpuvisor_node::instance::Priority;
 use gpuvisor_node::limiter::GpuShare;
+use gpuvisor_node::reap::{self, Reaped};
 use gpuvisor_node::InstancePlan;
 use gpuvisor_wire::InstanceState as S;
+use gpuvisor_wire::VolumeState;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,8 +40,26 @@ enum Step {
     Interrupt,
 }
 
-fn step(i: &InstanceRow, running: &BTreeSet<String>) -> Option<Step> {
+/// First delay of an automatic restart, and its cap.
+const BACKOFF_FIRST_MS: i64 = 1_000;
+const BACKOFF_MAX_MS: i64 = 300_000;
+/// A run at least this long resets the backoff to its first delay.
+const BACKOFF_RESET_AFTER_MS: i64 = 10_000;
+
+/// The delay before the next automatic restart: the first delay after a run of 10 s or more (or
+/// for the first restart), else twice the last one, capped.
+fn next_backoff(last_ms: i64, ran_ms: i64) -> i64 {
+    if last_ms <= 0 || ran_ms >= BACKOFF_RESET_AFTER_MS {
+        BACKOFF_FIRST_MS
+    } else {
+        last_ms.saturating_mul(2).min(BACKOFF_MAX_MS)
+    }
+}
+
+fn step(i: &InstanceRow, running: &BTreeSet<String>, now: i64) -> Option<Step> {
     match (i.desired, i.state) {
+        // Waiting out a restart's backoff.
+        (S::Running, S::Pending) if i.restart.not_before > now => None,
         (S::Terminated, S::Terminated) => None,
         (S::Terminated, _) => Some(Step::Terminate),
         (S::Interrupted, S::Interrupted) => None,
@@ -71,24 +102,48 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 impl Engine {
     /// Runs until the process ends: one pass now, then on every wake-up or resync period.
     pub async fn run_reconciler(self: Arc<Self>) {
+        // Containers started from here become our children when `runc` exits: their exit
+        // codes are what restart policies decide on.
+        if let Err(e) = reap::become_subreaper() {
+            tracing::warn!("exit codes of instances will be unknown: {e}");
+        }
         let sweep_every = Duration::from_secs(30);
         let mut last_sweep: Option<Instant> = None;
+        let mut zombies = std::collections::HashSet::new();
         loop {
             if last_sweep.is_none_or(|t| t.elapsed() >= sweep_every) {
+                if let Err(e) = self.finish_pending_volumes().await {
+                    tracing::warn!("pending volumes: {e}");
+                }
                 if let Err(e) = self.sweep_orphans().await {
                     tracing::warn!("orphan sweep: {e}");
                 }
+                let node = self.node.clone();
+                let seen = std::mem::take(&mut zombies);
+                zombies = blocking(move || {
+                    let mut seen = seen;
+                    reap::reap_stale_zombies(&node, &mut seen);
+                    seen
+                })
+                .await
+                .unwrap_or_default();
                 if let Err(e) = self.follow_mig_changes().await {
                     tracing::warn!("MIG inventory refresh: {e}");
                 }
                 last_sweep = Some(Instant::now());
             }
-            if let Err(e) = self.reconcile_pass().await {
-                tracing::warn!("reconcile: {e}");
+            let mut pause = self.cfg.resync;
+            match self.reconcile_pass_due().await {
+                Ok(Some(due)) => {
+                    let ms = u64::try_from(due - super::now_ms()).unwrap_or(0);
+                    pause = pause.min(Duration::from_millis(ms));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("reconcile: {e}"),
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.cfg.resync) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }
@@ -200,12 +255,25 @@ impl Engine {
     /// Looks at every live instance once and starts work where needed (each instance in its own
     /// task, so a slow stop does not hold up a create).
     pub async fn reconcile_pass(self: &Arc<Self>) -> Result<()> {
+        self.reconcile_pass_due().await.map(|_| ())
+    }
+
+    /// [`Engine::reconcile_pass`], answering the earliest time (unix ms) an instance waiting
+    /// out a restart backoff is due.
+    async fn reconcile_pass_due(self: &Arc<Self>) -> Result<Option<i64>> {
         // `tenant rm --cascade`: a tenant whose last instance is gone goes too.
         self.finish_tenant_deletions().await?;
         let live = self.store.live_instances(None).await?;
         if live.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
+        let now = super::now_ms();
+        let due = live
+            .iter()
+            .filter(|i| (i.desired, i.state) == (S::Running, S::Pending))
+            .map(|i| i.restart.not_before)
+            .filter(|t| *t > now)
+            .min();
         let node = self.node.clone();
         let running = blocking(move || node.running()).await?;
         // GPUs still held by instances being evicted: their preemptors wait for them.
@@ -216,7 +284,7 @@ impl Engine {
             .collect();
         for i in live {
             let on_host = !self.is_simulated(&i);
-            let Some(step) = step(&i, &running) else {
+            let Some(step) = step(&i, &running, now) else {
                 continue;
             };
             if step == Step::Provision && i.gpus.iter().any(|g| evicting.contains(&g.uuid)) {
@@ -246,7 +314,7 @@ impl Engine {
                 me.wake.notify_one();
             });
         }
-        Ok(())
+        Ok(due)
     }
 
     async fn plan(&self, i: &InstanceRow) -> Result<InstancePlan> {
@@ -316,13 +384,58 @@ impl Engine {
     async fn teardown(&self, id: &str, stop_first: bool) -> Result<()> {
         let (node, rid, grace) = (self.node.clone(), id.to_string(), self.cfg.stop_grace);
         blocking(move || {
-            if stop_first {
-                node.stop(&rid, grace)?;
+            // Named before the bundle goes: a killed init of ours is reaped, not left a zombie.
+            let init = reap::init(&node, &rid);
+            let stopped = if stop_first {
+                node.stop(&rid, grace)
+            } else {
+                Ok(())
+            };
+            let done = stopped.and_then(|()| node.teardown(&rid));
+            if let Some(init) = init {
+                reap::reap(&node, &init, Duration::from_secs(1));
             }
-            node.teardown(&rid)
+            done
         })
         .await??;
         Ok(())
+    }
+
+    /// Why an instance cannot be provisioned now: a volume still pending (`Ok(false)`: wait), or
+    /// missing, or a GPU no longer on this host (an error naming it).
+    async fn provision_blocker(
+        &self,
+        i: &InstanceRow,
+    ) -> Result<std::result::Result<bool, (String, String)>> {
+        for v in &i.spec.volumes {
+            match self.store.volume(&i.tenant_id, &v.name).await? {
+                Some(row) if row.state == VolumeState::Ready => {}
+                Some(_) => return Ok(Ok(false)),
+                None => {
+                    return Ok(Err((
+                        "failed".into(),
+                        format!("volume {:?} does not exist; create it first", v.name),
+                    )))
+                }
+            }
+        }
+        let inventory = self.node.gpus();
+        for g in &i.gpus {
+            if !inventory
+                .iter()
+                .any(|d| d.uuid == g.uuid && d.schedulable())
+            {
+                return Ok(Err((
+                    "gpu_gone".into(),
+                    format!(
+                        "gpu_gone: GPU {} ({}) is no longer on this host; terminate the instance \
+                         and create it again",
+                        g.uuid, g.model
+                    ),
+                )));
+            }
+        }
+        Ok(Ok(true))
     }
 
     async fn act(&self, i: InstanceRow, step: Step) -> Result<()> {
@@ -336,8 +449,23 @@ impl Engine {
                 if !matches!(
                     (i.desired, i.state),
                     (S::Running, S::Pending | S::Provisioning | S::Stopped)
-                ) {
+                ) || (i.state == S::Pending && i.restart.not_before > super::now_ms())
+                {
                     return Ok(());
+                }
+                match self.provision_blocker(&i).await? {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(()), // a volume is still being made
+                    Err((kind, reason)) => {
+                        if i.state != S::Provisioning {
+                            self.set(&id, S::Provisioning, None, "state", "provisioning".into())
+                                .await?;
+                        }
+                        self.teardown(&id, false).await?;
+                        return self
+                            .set(&id, S::Failed, Some(&reason), &kind, reason.clone())
+                            .await;
+                    }
                 }
                 if i.state != S::Provisioning {
                     self.set(&id, S::Provisioning, None, "state", "provisioning".into())
@@ -345,16 +473,39 @@ impl Engine {
                 }
                 let plan = self.plan(&i).await;
                 let node = self.node.clone();
-                let result = match plan {
-                    Ok(plan) => blocking(move || node.provision(&plan))
-                        .await?
-                        .map_err(EngineError::from),
-                    Err(e) => Err(e),
+                let mut result = match &plan {
+                    Ok(plan) => {
+                        let plan = plan.clone();
+                        blocking(move || node.provision(&plan))
+                            .await?
+                            .map_err(EngineError::from)
+                    }
+                    Err(e) => Err(EngineError::Internal(e.to_string())),
                 };
+                // Found `provisioning`: an earlier attempt was cut short by a crash, and what it
+                // had started may have gone on without us (an orphaned `runc run` creating the
+                // container). One retry from a clean slate, after that has settled.
+                if let (Err(e), Ok(plan), S::Provisioning) = (&result, &plan, i.state) {
+                    tracing::warn!(instance = %id, "provisioning after a crash failed ({e}); retrying once from scratch");
+                    self.teardown(&id, false).await?;
+                    let (node, plan) = (self.node.clone(), plan.clone());
+                    result = blocking(move || node.provision(&plan))
+                        .await?
+                        .map_err(EngineError::from);
+                }
                 match result {
                     Ok(()) => {
-                        self.set(&id, S::Running, None, "state", "running".into())
-                            .await?;
+                        let restart = crate::store::RestartRow {
+                            started_at: super::now_ms(),
+                            ..i.restart.clone()
+                        };
+                        self.store.set_restart(&id, &restart).await?;
+                        let msg = if restart.count > 0 {
+                            format!("running (restart {})", restart.count)
+                        } else {
+                            "running".into()
+                        };
+                        self.set(&id, S::Running, None, "state", msg).await?;
                     }
                     Err(e) => {
                         let reason = e.to_string();
@@ -373,16 +524,67 @@ impl Engine {
                 if (i.desired, i.state) != (S::Running, S::Running) {
                     return Ok(());
                 }
-                self.teardown(&id, false).await?;
-                self.set_desired_state(&id, S::Stopped).await?;
-                self.set(
-                    &id,
-                    S::Stopped,
-                    Some("the main process exited"),
-                    "exited",
-                    "the main process exited; container disk wiped".into(),
-                )
+                let (node, rid) = (self.node.clone(), id.clone());
+                let code = blocking(move || {
+                    let init = reap::init(&node, &rid)?;
+                    match reap::reap(&node, &init, Duration::from_millis(200)) {
+                        Reaped::Exited(c) => Some(c),
+                        Reaped::Running | Reaped::NotOurs => None,
+                    }
+                })
                 .await?;
+                self.teardown(&id, false).await?;
+                let how = match code {
+                    Some(c) => format!("exited with code {c}"),
+                    None => "exited with an unknown status (it ended while no daemon was its \
+                             parent: a host reboot, or a daemon restart)"
+                        .to_string(),
+                };
+                let now = super::now_ms();
+                let mut r = i.restart.clone();
+                r.exit_code = code;
+                if r.policy.restarts(code, r.count) {
+                    // An exit we did not see (found gone at daemon start: a host reboot) is
+                    // restarted at once; the backoff is for exits we watch repeat.
+                    let delay = if code.is_some() {
+                        next_backoff(r.backoff_ms, now - r.started_at)
+                    } else {
+                        0
+                    };
+                    r.count += 1;
+                    if delay > 0 {
+                        r.backoff_ms = delay;
+                    }
+                    r.not_before = now + delay;
+                    let msg = format!(
+                        "{how}; restart {} (--restart {}) in {} ms",
+                        r.count, r.policy, delay
+                    );
+                    // State first: nobody sees the new count on a row still marked running.
+                    // (The reconciler cannot act on the row between the two: we hold its lock.)
+                    self.set(&id, S::Pending, Some(&msg), "restart", msg.clone())
+                        .await?;
+                    self.store.set_restart(&id, &r).await?;
+                } else {
+                    self.store.set_restart(&id, &r).await?;
+                    let why = match r.policy {
+                        gpuvisor_wire::RestartPolicy::OnFailure { max: Some(m) }
+                            if code != Some(0) =>
+                        {
+                            format!("{how}; not restarted: --restart {} allows {m}", r.policy)
+                        }
+                        _ => format!("{how}; not restarted (--restart {})", r.policy),
+                    };
+                    self.set_desired_state(&id, S::Stopped).await?;
+                    self.set(
+                        &id,
+                        S::Stopped,
+                        Some(&why),
+                        "exited",
+                        format!("{why}; container disk wiped"),
+                    )
+                    .await?;
+                }
             }
             Step::Stop => {
                 if i.state != S::Stopping {
@@ -433,6 +635,61 @@ impl Engine {
                 self.set(&id, S::Terminated, None, "state", "terminated".into())
                     .await?;
                 self.drop_lock(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes or rolls back volumes left `pending` by a crash (those no request is making
+    /// now): one that a live instance uses gets its image made (idempotent: a complete image is
+    /// kept, a partial one replaced) and becomes ready; any other is removed, image and row, as
+    /// the failed request that made it would have done. A ready volume is never touched.
+    pub async fn finish_pending_volumes(&self) -> Result<()> {
+        let pending: Vec<_> = self
+            .store
+            .volumes(None)
+            .await?
+            .into_iter()
+            .filter(|v| v.state == VolumeState::Pending)
+            .collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let live = self.store.live_instances(None).await?;
+        for v in pending {
+            if self.is_making_volume(&v.tenant_id, &v.name) {
+                continue;
+            }
+            let used = live.iter().any(|i| {
+                i.tenant_id == v.tenant_id && i.spec.volumes.iter().any(|m| m.name == v.name)
+            });
+            let (node, t, n, size) = (
+                self.node.clone(),
+                v.tenant_id.clone(),
+                v.name.clone(),
+                v.size,
+            );
+            if used {
+                match blocking(move || node.disks.create_volume(&t, &n, size)).await? {
+                    Ok(()) => {
+                        self.store
+                            .set_volume_state(&v.tenant_id, &v.name, VolumeState::Ready)
+                            .await?;
+                        tracing::info!(volume = %v.name, "pending volume finished");
+                        self.wake.notify_one();
+                    }
+                    Err(e) => tracing::warn!(volume = %v.name, "cannot finish pending volume: {e}"),
+                }
+            } else {
+                match blocking(move || node.disks.remove_volume(&t, &n)).await? {
+                    Ok(()) => {
+                        self.store.delete_volume(&v.tenant_id, &v.name).await?;
+                        tracing::info!(volume = %v.name, "pending volume rolled back");
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %v.name, "cannot roll back pending volume: {e}")
+                    }
+                }
             }
         }
         Ok(())
@@ -517,7 +774,33 @@ mod tests {
             ip_host: 2,
             created_at: 0,
             updated_at: 0,
+            restart: Default::default(),
         }
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_resets_after_a_long_run() {
+        assert_eq!(next_backoff(0, 0), 1_000);
+        assert_eq!(next_backoff(1_000, 500), 2_000);
+        assert_eq!(next_backoff(2_000, 9_999), 4_000);
+        assert_eq!(next_backoff(256_000, 0), 300_000);
+        assert_eq!(next_backoff(300_000, 0), 300_000);
+        assert_eq!(next_backoff(64_000, 10_000), 1_000);
+    }
+
+    #[test]
+    fn a_restart_waits_out_its_backoff() {
+        let mut r = row(S::Running, S::Pending);
+        r.restart.not_before = 5_000;
+        assert_eq!(step(&r, &BTreeSet::new(), 4_999), None);
+        assert_eq!(step(&r, &BTreeSet::new(), 5_000), Some(Step::Provision));
+        // A stop during the backoff is not held up by it.
+        r.desired = S::Stopped;
+        assert_eq!(step(&r, &BTreeSet::new(), 0), Some(Step::Stop));
+    }
+
+    fn step_at(i: &InstanceRow, running: &BTreeSet<String>) -> Option<Step> {
+        step(i, running, 0)
     }
 
     #[test]
@@ -525,28 +808,28 @@ mod tests {
         let none = BTreeSet::new();
         let running = BTreeSet::from(["aaaaaaaaaaaa".to_string()]);
         assert_eq!(
-            step(&row(S::Running, S::Pending), &none),
+            step_at(&row(S::Running, S::Pending), &none),
             Some(Step::Provision)
         );
         assert_eq!(
-            step(&row(S::Running, S::Provisioning), &none),
+            step_at(&row(S::Running, S::Provisioning), &none),
             Some(Step::Provision)
         );
-        assert_eq!(step(&row(S::Running, S::Running), &running), None);
+        assert_eq!(step_at(&row(S::Running, S::Running), &running), None);
         assert_eq!(
-            step(&row(S::Running, S::Running), &none),
+            step_at(&row(S::Running, S::Running), &none),
             Some(Step::Exited)
         );
         assert_eq!(
-            step(&row(S::Stopped, S::Running), &running),
+            step_at(&row(S::Stopped, S::Running), &running),
             Some(Step::Stop)
         );
-        assert_eq!(step(&row(S::Stopped, S::Stopped), &none), None);
-        assert_eq!(step(&row(S::Running, S::Failed), &none), None);
+        assert_eq!(step_at(&row(S::Stopped, S::Stopped), &none), None);
+        assert_eq!(step_at(&row(S::Running, S::Failed), &none), None);
         assert_eq!(
-            step(&row(S::Terminated, S::Stopped), &none),
+            step_at(&row(S::Terminated, S::Stopped), &none),
             Some(Step::Terminate)
         );
-        assert_eq!(step(&row(S::Terminated, S::Terminated), &none), None);
+        assert_eq!(step_at(&row(S::Terminated, S::Terminated), &none), None);
     }
 }

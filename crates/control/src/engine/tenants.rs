@@ -351,7 +351,12 @@ impl Engine {
             self.wake.notify_one();
             return Ok(false);
         }
-        for v in self.store.volumes(Some(&t.id)).await? {
+        let volumes = self.store.volumes(Some(&t.id)).await?;
+        // A volume a request (admitted before the mark) is still making: wait for it.
+        if volumes.iter().any(|v| self.is_making_volume(&t.id, &v.name)) {
+            return Ok(false);
+        }
+        for v in volumes {
             self.destroy_volume(&t.id, &v.name).await?;
         }
         // Its private images, registry logins and pull jobs (the logins reference the row).

@@ -230,6 +230,11 @@ impl Daemon {
         self.spawn();
     }
 
+    /// The `--simulate-gpus` spec of the next start (a host that lost or gained GPUs).
+    pub fn set_gpus(&mut self, gpus: &str) {
+        self.gpus = gpus.to_string();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
