@@ -353,7 +353,10 @@ impl Engine {
         }
         let volumes = self.store.volumes(Some(&t.id)).await?;
         // A volume a request (admitted before the mark) is still making: wait for it.
-        if volumes.iter().any(|v| self.is_making_volume(&t.id, &v.name)) {
+        if volumes
+            .iter()
+            .any(|v| self.is_making_volume(&t.id, &v.name))
+        {
             return Ok(false);
         }
         for v in volumes {

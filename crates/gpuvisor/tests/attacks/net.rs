@@ -770,7 +770,11 @@ fn host_objects(needle: &str) -> Vec<String> {
     }
     for table in ["filter", "nat"] {
         for l in sh(&["iptables", "-w", "-t", table, "-S"]).lines() {
-            if l.contains(needle) || l.contains(&needle.to_ascii_uppercase()) {
+            // Words that are ours: `gab+`, `gah1234`, `GPUVISOR-GA-FWD` (never `rgab+`).
+            let chain = format!("GPUVISOR-{}-", needle.to_ascii_uppercase());
+            if l.split_whitespace()
+                .any(|w| w.starts_with(needle) || w.starts_with(&chain))
+            {
                 out.push(format!("{table}: {l}"));
             }
         }
