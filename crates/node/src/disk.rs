@@ -37,13 +37,13 @@
 //! process by a lock so that two instances can never attach the same volume at once.
 
 use nix::mount::{MntFlags, MsFlags};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -117,6 +117,41 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DiskError + '_ {
 #[derive(Debug, Clone)]
 pub struct Disks {
     pub data_dir: PathBuf,
+    /// Container disk images formatted ahead of time (off unless [`Disks::with_pool`]).
+    pool: Arc<Pool>,
+}
+
+/// How many formatted images the pool keeps ready per size.
+pub const POOL_DEPTH: usize = 4;
+/// How many sizes the pool keeps images for: the most recently asked for.
+const POOL_SIZES: usize = 4;
+
+/// Container disk images formatted ahead of time, per size, under `<data>/disks/.pool/` as
+/// `<size>-<nonce>.img` (built as `.partial` and renamed, like every image). A create takes one
+/// by renaming it to `<data>/disks/<id>.img` (no `mkfs.ext4` on the create path) and a
+/// short-lived background thread, at the lowest CPU priority, makes a new one. A size nobody
+/// asked for lately is dropped; a size not in the pool falls back to `mkfs.ext4` at once.
+///
+/// The pool's images are no instance's objects: the orphan sweep never sees them (`.pool` is
+/// not an `<id>.img`, and they are never attached to a loop device while in the pool). At
+/// start [`Disks::open_pool`] removes partial images and reuses the complete ones.
+#[derive(Debug, Default)]
+struct Pool {
+    /// Images kept per size; 0: no pool.
+    depth: usize,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    /// Sizes asked for, least recent first (at most [`POOL_SIZES`]).
+    sizes: Vec<u64>,
+    /// Ready images per size.
+    ready: BTreeMap<u64, Vec<PathBuf>>,
+    /// A refill thread is running.
+    filling: bool,
+    /// The pool dir was opened (stale partials removed, images indexed, dir made).
+    open: bool,
 }
 
 /// A mounted instance root: overlay of image layers over the container disk.
@@ -135,6 +170,9 @@ struct Layout {
 impl Layout {
     fn disks(&self) -> PathBuf {
         self.root.join("disks")
+    }
+    fn pool(&self) -> PathBuf {
+        self.disks().join(".pool")
     }
     fn disk_image(&self, id: &str) -> PathBuf {
         self.disks().join(format!("{id}.img"))
@@ -166,6 +204,108 @@ impl Disks {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
+            pool: Arc::new(Pool::default()),
+        }
+    }
+
+    /// Keeps `depth` formatted container disk images ready per recently asked size (see
+    /// [`Pool`]); takes effect once [`Disks::open_pool`] has run.
+    #[must_use]
+    pub fn with_pool(mut self, depth: usize) -> Self {
+        self.pool = Arc::new(Pool {
+            depth,
+            state: Mutex::new(PoolState::default()),
+        });
+        self
+    }
+
+    /// Opens the pool dir: removes what a crash left half made (partial images, names that are
+    /// not ours), reuses the complete images, and starts refilling the sizes found. Without a
+    /// pool ([`Disks::with_pool`]), removes any pool dir an earlier run left.
+    pub fn open_pool(&self) -> Result<(), DiskError> {
+        let l = self.layout(true)?;
+        let dir = l.pool();
+        let depth = self.pool.depth;
+        if depth == 0 {
+            return match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(io_err(&dir)(e)),
+                _ => Ok(()),
+            };
+        }
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let mut st = self.pool.state.lock().unwrap_or_else(|p| p.into_inner());
+        for name in read_dir_names(&dir)? {
+            let path = dir.join(&name);
+            let size = pool_size_of(&name)
+                .filter(|size| std::fs::metadata(&path).is_ok_and(|m| m.len() == *size));
+            let keep = size.is_some_and(|size| {
+                if !st.sizes.contains(&size) && st.sizes.len() >= POOL_SIZES {
+                    return false;
+                }
+                let ready = st.ready.entry(size).or_default();
+                if ready.len() >= depth {
+                    return false;
+                }
+                ready.push(path.clone());
+                if !st.sizes.contains(&size) {
+                    st.sizes.push(size);
+                }
+                true
+            });
+            if !keep {
+                remove_file_if_exists(&path)?;
+            }
+        }
+        st.open = true;
+        let n: usize = st.ready.values().map(Vec::len).sum();
+        tracing::info!(images = n, sizes = ?st.sizes, "container disk pool opened");
+        self.start_refill(&mut st, l.pool());
+        Ok(())
+    }
+
+    /// A formatted image of `size` bytes at `image`: one from the pool when it has one (and a
+    /// refill is started), else `mkfs.ext4` now.
+    fn new_disk_image(&self, l: &Layout, image: &Path, size: u64) -> Result<(), DiskError> {
+        if self.pool.depth > 0 {
+            let taken = {
+                let mut st = self.pool.state.lock().unwrap_or_else(|p| p.into_inner());
+                if !st.open {
+                    None
+                } else {
+                    st.sizes.retain(|s| *s != size);
+                    st.sizes.push(size);
+                    let taken = st.ready.get_mut(&size).and_then(Vec::pop);
+                    self.start_refill(&mut st, l.pool());
+                    taken
+                }
+            };
+            if let Some(from) = taken {
+                match std::fs::rename(&from, image) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => {
+                        tracing::warn!(image = %from.display(), "cannot take a pool image: {e}");
+                        let _ = std::fs::remove_file(&from);
+                    }
+                }
+            }
+        }
+        make_ext4_image(image, size)
+    }
+
+    /// Starts the refill thread unless one runs; it makes images until every wanted size has
+    /// [`Pool::depth`] of them, drops the images of sizes no longer wanted, and ends.
+    fn start_refill(&self, st: &mut PoolState, dir: PathBuf) {
+        if st.filling || self.pool.depth == 0 {
+            return;
+        }
+        st.filling = true;
+        let pool = self.pool.clone();
+        let spawned = std::thread::Builder::new()
+            .name("disk-pool".into())
+            .spawn(move || refill(&pool, &dir));
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the container disk pool refill: {e}");
+            st.filling = false;
         }
     }
 
@@ -234,7 +374,14 @@ impl Disks {
         let l = self.layout(true)?;
         check_overlay_path(&l.root)?;
         let rootfs = l.rootfs(id);
-        if is_mount_point(&rootfs)? {
+        let image = l.disk_image(id);
+        // A fresh instance (no instance dir, no disk image) has nothing mounted, no loop device
+        // and no image: skip the scans of the mount table and of every loop device, which grow
+        // with the number of instances on the host. Anything half made goes the long way.
+        let fresh = !exists(&l.instance(id))? && !exists(&image)?;
+        let t0 = Instant::now();
+        let (mut t_image, mut t_mount) = (Duration::ZERO, Duration::ZERO);
+        if !fresh && is_mount_point(&rootfs)? {
             return Ok(InstanceRoot { rootfs });
         }
         let disk_mnt = l.disk_mount(id);
@@ -242,12 +389,13 @@ impl Disks {
             std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
 
-        if !is_mount_point(&disk_mnt)? {
-            let image = l.disk_image(id);
-            // Not mounted here, so a loop device on the image is stale or used elsewhere; a second
-            // one would mount the same ext4 twice.
-            release_loops_backed_by(&image)?;
-            refuse_if_in_use(&image)?;
+        if fresh || !is_mount_point(&disk_mnt)? {
+            if !fresh {
+                // Not mounted here, so a loop device on the image is stale or used elsewhere; a
+                // second one would mount the same ext4 twice.
+                release_loops_backed_by(&image)?;
+                refuse_if_in_use(&image)?;
+            }
             match std::fs::metadata(&image) {
                 Ok(m) if m.len() == size => {}
                 Ok(m) => {
@@ -257,12 +405,16 @@ impl Disks {
                         requested: size,
                     })
                 }
-                Err(e) if e.kind() == ErrorKind::NotFound => make_ext4_image(&image, size)?,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    self.new_disk_image(&l, &image, size)?
+                }
                 Err(e) => return Err(io_err(&image)(e)),
             }
+            t_image = t0.elapsed();
             // nosuid,nodev: what the tenant writes (a setuid-root binary, a device node) is inert
             // on the host side.
             mount_image(&image, &disk_mnt, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
+            t_mount = t0.elapsed() - t_image;
             tracing::debug!(id, image = %image.display(), "container disk mounted");
         }
 
@@ -302,6 +454,13 @@ impl Disks {
             target: rootfs.clone(),
             source,
         })?;
+        tracing::debug!(
+            target: "gpuvisor_timings",
+            "disk {id} fresh={fresh} image_us={} loop_mount_us={} overlay_us={}",
+            t_image.as_micros(),
+            t_mount.as_micros(),
+            (t0.elapsed() - t_image - t_mount).as_micros()
+        );
         tracing::info!(
             id,
             size,
@@ -495,6 +654,92 @@ fn read_dir_names(dir: &Path) -> Result<Vec<String>, DiskError> {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(vec![]),
         Err(e) => Err(io_err(dir)(e)),
     }
+}
+
+/// Whether `p` exists (a dangling link counts).
+fn exists(p: &Path) -> Result<bool, DiskError> {
+    match std::fs::symlink_metadata(p) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err(p)(e)),
+    }
+}
+
+fn remove_file_if_exists(p: &Path) -> Result<(), DiskError> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(io_err(p)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// `<size>-<hex>.img` (a complete pool image) → size.
+fn pool_size_of(name: &str) -> Option<u64> {
+    let (size, nonce) = name.strip_suffix(".img")?.split_once('-')?;
+    let hex = !nonce.is_empty() && nonce.bytes().all(|b| b.is_ascii_hexdigit());
+    hex.then(|| size.parse().ok()).flatten()
+}
+
+/// The refill thread of a [`Pool`] (see [`Disks::start_refill`]).
+fn refill(pool: &Pool, dir: &Path) {
+    // SAFETY: setpriority(2) on the calling thread (who = 0) only changes its nice value;
+    // children it forks (mkfs.ext4) inherit it. No memory is passed.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+    loop {
+        let (drop, next) = {
+            let mut st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
+            let wanted = st.sizes.clone();
+            let stale: Vec<u64> = st
+                .ready
+                .keys()
+                .filter(|s| !wanted.contains(s))
+                .copied()
+                .collect();
+            let drop: Vec<PathBuf> = stale
+                .iter()
+                .filter_map(|s| st.ready.remove(s))
+                .flatten()
+                .collect();
+            // Most recently asked size first.
+            let next = wanted
+                .iter()
+                .rev()
+                .find(|s| st.ready.get(s).map_or(0, Vec::len) < pool.depth)
+                .copied();
+            if next.is_none() && drop.is_empty() {
+                st.filling = false;
+                return;
+            }
+            (drop, next)
+        };
+        for p in drop {
+            let _ = std::fs::remove_file(p);
+        }
+        let Some(size) = next else {
+            continue;
+        };
+        let made = random_hex().and_then(|nonce| {
+            let path = dir.join(format!("{size}-{nonce}.img"));
+            make_ext4_image(&path, size).map(|()| path)
+        });
+        let mut st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
+        match made {
+            Ok(path) => st.ready.entry(size).or_default().push(path),
+            Err(e) => {
+                // The data dir went away (a test's) or the disk is full: try again on the next take.
+                tracing::warn!("container disk pool: {e}");
+                st.filling = false;
+                return;
+            }
+        }
+    }
+}
+
+fn random_hex() -> Result<String, DiskError> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| DiskError::Invalid(format!("random: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// `<id>.img` or `<id>.img.partial` → `<id>`.

@@ -152,7 +152,8 @@ impl Node {
         let mig = gpu.mig_control(&d.join("dev"))?;
         let gpus = crate::gpu::inventory(&*gpu, mig.as_deref())?;
         let images = ImageStore::open(d.join("images"))?;
-        let disks = Disks::new(d.clone());
+        let disks = Disks::new(d.clone()).with_pool(crate::disk::POOL_DEPTH);
+        disks.open_pool()?;
         let net = Network::new(NetConfig {
             pool: cfg.net_pool,
             nat: cfg.nat,
@@ -246,8 +247,20 @@ impl Node {
     /// Where the container's stdout and stderr go: a fresh relay's pipe (any relay left from
     /// an earlier run is ended first), or the segment file itself without a relay binary.
     fn container_output(&self, id: &str) -> Result<std::os::fd::OwnedFd, NodeError> {
+        use std::os::unix::fs::DirBuilderExt;
         let logs = self.logs_dir();
-        crate::logs::stop_relay(&self.cfg.root, &logs, id, Duration::from_secs(2));
+        let dir = self.log_dir(id);
+        // A relay only ever runs for an instance whose log dir exists (it is made here, before
+        // any relay starts): a new instance skips the look through every process of the host.
+        if dir.exists() {
+            crate::logs::stop_relay(&self.cfg.root, &logs, id, Duration::from_secs(2));
+        } else {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io(&dir))?;
+        }
         match &self.log_limits.relay {
             Some(bin) => {
                 crate::logs::start_relay(bin, &logs, id, &self.log_limits).map_err(io(bin))
@@ -259,6 +272,13 @@ impl Node {
     /// Creates everything the instance needs and starts it. Idempotent: a running container is
     /// left alone, a created-but-stopped one is replaced.
     pub fn provision(&self, plan: &InstancePlan) -> Result<(), NodeError> {
+        let mut t = StepTimer::new(&plan.id);
+        let r = self.provision_steps(plan, &mut t);
+        t.log(r.is_ok());
+        r
+    }
+
+    fn provision_steps(&self, plan: &InstancePlan, t: &mut StepTimer) -> Result<(), NodeError> {
         let id = plan.id.as_str();
         // A fresh instance has no runtime state: skip asking the runtime about it.
         if self.runtime.may_know(id) {
@@ -269,11 +289,14 @@ impl Node {
                 self.runtime.delete(id, true)?;
             }
         }
+        t.mark("runtime_state");
         let tnet = TenantNet {
             slot: plan.net_slot,
         };
         self.net.ensure_tenant(&tnet)?;
+        t.mark("tenant_net");
         let netns = self.net.setup(id, &tnet, plan.ip_host)?;
+        t.mark("netns_veth");
 
         let layers: Vec<PathBuf> = plan
             .layers
@@ -282,9 +305,11 @@ impl Node {
             .map(|l| self.images.layer_dir(l))
             .collect();
         let root = self.disks.provision_root(id, plan.disk_size, &layers)?;
+        t.mark("disk_overlay");
         // Every host-side access to the rootfs goes through this handle: resolved inside it.
         let rootfs = Rootfs::open(&root.rootfs)?;
         self.write_etc(&rootfs, plan)?;
+        t.mark("etc_files");
 
         let mut binds = Vec::new();
         for (name, path) in &plan.volumes {
@@ -295,6 +320,7 @@ impl Node {
                 readonly: false,
             });
         }
+        t.mark("volumes");
         let mut devices = Vec::new();
         let mut uuids = Vec::new();
         let inventory = self.gpus();
@@ -356,6 +382,7 @@ impl Node {
             env.push(format!("NVIDIA_VISIBLE_DEVICES={}", uuids.join(",")));
             env.push(format!("CUDA_VISIBLE_DEVICES={}", uuids.join(",")));
         }
+        t.mark("gpus_limiter");
         let image_cfg = self.images.config(&plan.image_digest)?;
         let cwd = image_cfg
             .as_ref()
@@ -386,9 +413,12 @@ impl Node {
         };
         let bundle = self.bundle_dir(id);
         crate::runtime::write_bundle(&bundle, &spec)?;
+        t.mark("bundle");
         let output = self.container_output(id)?;
+        t.mark("log_relay");
         // `output` is closed here whatever happens: on failure the relay sees end of file.
         self.runtime.run_detached(id, &bundle, output)?;
+        t.mark("runc_run");
         Ok(())
     }
 
@@ -698,6 +728,56 @@ impl Node {
         let n = pid.map_or(0, |p| crate::runtime::kill_exec_tree(&self.cfg.root, id, p));
         let _ = std::fs::remove_file(pid_file);
         n
+    }
+}
+
+/// Durations of the provisioning steps of one instance, logged as one debug line with target
+/// `gpuvisor_timings` (enable with `GPUVISOR_LOG=info,gpuvisor_timings=debug`); the benchmark
+/// `bench/create_steps.py` reads it. Costs a clock read per step.
+struct StepTimer<'a> {
+    id: &'a str,
+    start_us: u64,
+    start: Instant,
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl<'a> StepTimer<'a> {
+    fn new(id: &'a str) -> Self {
+        let now = Instant::now();
+        Self {
+            id,
+            start_us: now_us(),
+            start: now,
+            last: now,
+            steps: Vec::with_capacity(12),
+        }
+    }
+
+    /// Ends step `name` (it began where the previous one ended).
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.steps.push((name, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self, ok: bool) {
+        if !tracing::enabled!(target: "gpuvisor_timings", tracing::Level::DEBUG) {
+            return;
+        }
+        let steps: Vec<String> = self
+            .steps
+            .iter()
+            .map(|(n, d)| format!("{n}={}", d.as_micros()))
+            .collect();
+        tracing::debug!(
+            target: "gpuvisor_timings",
+            "provision {} ok={ok} start_us={} total_us={} {}",
+            self.id,
+            self.start_us,
+            self.start.elapsed().as_micros(),
+            steps.join(" ")
+        );
     }
 }
 

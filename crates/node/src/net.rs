@@ -132,6 +132,12 @@ pub enum NetError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("netlink: {what}: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A tenant's network on this host: its bridge and /24.
@@ -895,6 +901,12 @@ impl Network {
         let veth = self.veth_name(id);
         let want = format!("{}/24", self.address(net, host));
         let gw = self.gateway(net).to_string();
+        // A new instance (the common case, every create): made through rtnetlink in-process.
+        if !path.exists() && !link_exists(&veth) {
+            self.setup_fresh(&path, &veth, net, self.address(net, host), self.gateway(net))?;
+            tracing::info!(id, slot = net.slot, address = %want, "instance network set up");
+            return Ok(path);
+        }
         // Lines for `ip -batch -` on the host and `ip -n NS -batch -`, in the order of the steps.
         let mut host_cmds: Vec<String> = Vec::new();
         let mut ns_cmds: Vec<String> = Vec::new();
@@ -960,6 +972,52 @@ impl Network {
         Ok(path)
     }
 
+    /// A new instance's network with no tool run: the netns made and bind-mounted from a
+    /// short-lived thread (as `ip netns add` does), then over rtnetlink the veth with its peer
+    /// created directly inside the netns as `eth0`, on the bridge and up (one message), and in
+    /// the netns: the address, `lo` and `eth0` up, the default route. On error nothing is left
+    /// (the netns and veth are removed again).
+    fn setup_fresh(
+        &self,
+        path: &Path,
+        veth: &str,
+        net: &TenantNet,
+        addr: Ipv4Addr,
+        gw: Ipv4Addr,
+    ) -> Result<(), NetError> {
+        let nl = |what: &str| {
+            let what = what.to_string();
+            move |source: std::io::Error| NetError::Netlink { what, source }
+        };
+        let bridge = self.bridge(net);
+        let mut host = rtnl::Rtnl::new().map_err(nl("socket"))?;
+        let bridge_index = host
+            .link_index(&bridge)
+            .map_err(nl(&format!("bridge {bridge}")))?;
+        let mut in_ns = rtnl::new_netns(path).map_err(nl(&format!("netns {}", path.display())))?;
+        let made = (|| {
+            let ns_file = std::fs::File::open(path).map_err(nl(&format!("open {}", path.display())))?;
+            host.add_veth(veth, bridge_index, "eth0", &ns_file)
+                .map_err(nl(&format!("create veth {veth} (peer eth0 in the netns)")))?;
+            let eth0 = in_ns.link_index("eth0").map_err(nl("eth0 in the netns"))?;
+            in_ns.add_address(eth0, addr, 24).map_err(nl(&format!("address {addr}/24 on eth0")))?;
+            in_ns.set_up(1).map_err(nl("lo up"))?;
+            in_ns.set_up(eth0).map_err(nl("eth0 up"))?;
+            in_ns.default_route(eth0, gw).map_err(nl(&format!("default route via {gw}")))
+        })();
+        if made.is_err() {
+            let id = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(&format!("{}-", self.prefix())))
+                .map(str::to_string);
+            if let Some(id) = id {
+                let _ = self.teardown(&id);
+            }
+        }
+        made
+    }
+
     /// Removes the instance's netns and veth. Idempotent.
     pub fn teardown(&self, id: &str) -> Result<(), NetError> {
         check_id(id)?;
@@ -1022,6 +1080,246 @@ impl Network {
             }
         }
         Ok(ids.into_iter().collect())
+    }
+}
+
+/// Just enough rtnetlink for a new instance's network, over `netlink-sys` sockets with
+/// `netlink-packet-route` messages; every request waits for the kernel's answer.
+mod rtnl {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
+        NLM_F_REPLACE, NLM_F_REQUEST,
+    };
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+    use netlink_packet_route::link::{
+        InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    };
+    use netlink_packet_route::route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        RouteType,
+    };
+    use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+    use std::io;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::os::fd::AsRawFd;
+    use std::path::Path;
+
+    /// An rtnetlink socket of the network namespace it was made in.
+    pub struct Rtnl {
+        sock: Socket,
+        seq: u32,
+    }
+
+    impl Rtnl {
+        pub fn new() -> io::Result<Self> {
+            let mut sock = Socket::new(NETLINK_ROUTE)?;
+            sock.bind_auto()?;
+            sock.connect(&SocketAddr::new(0, 0))?;
+            Ok(Self { sock, seq: 0 })
+        }
+
+        /// Sends `msg` and reads until its acknowledgement: the replies before it, or the
+        /// kernel's error.
+        fn request(
+            &mut self,
+            msg: RouteNetlinkMessage,
+            flags: u16,
+        ) -> io::Result<Vec<RouteNetlinkMessage>> {
+            self.seq = self.seq.wrapping_add(1);
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+            header.sequence_number = self.seq;
+            let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+            m.finalize();
+            let mut out = vec![0u8; m.buffer_len()];
+            m.serialize(&mut out);
+            self.sock.send(&out, 0)?;
+            let mut replies = Vec::new();
+            let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+            loop {
+                buf.clear();
+                let n = self.sock.recv(&mut buf, 0)?;
+                let mut off = 0;
+                while off < n {
+                    let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..n])
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    let len = m.header.length as usize;
+                    if m.header.sequence_number == self.seq {
+                        match m.payload {
+                            NetlinkPayload::Error(e) => {
+                                return match e.code {
+                                    None => Ok(replies),
+                                    Some(c) => Err(io::Error::from_raw_os_error(-c.get())),
+                                }
+                            }
+                            NetlinkPayload::Done(_) => return Ok(replies),
+                            NetlinkPayload::InnerMessage(r) => replies.push(r),
+                            _ => {}
+                        }
+                    }
+                    if len == 0 {
+                        break;
+                    }
+                    off += (len + 3) & !3;
+                }
+            }
+        }
+
+        /// A veth `name` on bridge `master`, up, whose peer `peer` is made directly in the
+        /// netns of `netns`.
+        pub fn add_veth(
+            &mut self,
+            name: &str,
+            master: u32,
+            peer: &str,
+            netns: &std::fs::File,
+        ) -> io::Result<()> {
+            let mut p = LinkMessage::default();
+            p.attributes.push(LinkAttribute::IfName(peer.to_string()));
+            p.attributes
+                .push(LinkAttribute::NetNsFd(netns.as_raw_fd()));
+            let mut m = LinkMessage::default();
+            m.header.flags = LinkFlags::Up;
+            m.header.change_mask = LinkFlags::Up;
+            m.attributes.push(LinkAttribute::IfName(name.to_string()));
+            m.attributes.push(LinkAttribute::Controller(master));
+            m.attributes.push(LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Veth),
+                LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
+            ]));
+            self.request(
+                RouteNetlinkMessage::NewLink(m),
+                NLM_F_CREATE | NLM_F_EXCL,
+            )?;
+            Ok(())
+        }
+
+        /// The index of link `name`.
+        pub fn link_index(&mut self, name: &str) -> io::Result<u32> {
+            let mut m = LinkMessage::default();
+            m.attributes.push(LinkAttribute::IfName(name.to_string()));
+            let replies = self.request(RouteNetlinkMessage::GetLink(m), 0)?;
+            replies
+                .into_iter()
+                .find_map(|r| match r {
+                    RouteNetlinkMessage::NewLink(l) => Some(l.header.index),
+                    _ => None,
+                })
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))
+        }
+
+        pub fn set_up(&mut self, index: u32) -> io::Result<()> {
+            let mut m = LinkMessage::default();
+            m.header.index = index;
+            m.header.flags = LinkFlags::Up;
+            m.header.change_mask = LinkFlags::Up;
+            self.request(RouteNetlinkMessage::SetLink(m), 0)?;
+            Ok(())
+        }
+
+        pub fn add_address(&mut self, index: u32, addr: Ipv4Addr, len: u8) -> io::Result<()> {
+            let mut m = AddressMessage::default();
+            m.header.family = AddressFamily::Inet;
+            m.header.prefix_len = len;
+            m.header.index = index;
+            m.attributes.push(AddressAttribute::Local(IpAddr::V4(addr)));
+            m.attributes.push(AddressAttribute::Address(IpAddr::V4(addr)));
+            self.request(
+                RouteNetlinkMessage::NewAddress(m),
+                NLM_F_CREATE | NLM_F_EXCL,
+            )?;
+            Ok(())
+        }
+
+        /// `route replace default via gw dev <index>`.
+        pub fn default_route(&mut self, index: u32, gw: Ipv4Addr) -> io::Result<()> {
+            let mut m = RouteMessage::default();
+            m.header.address_family = AddressFamily::Inet;
+            m.header.table = RouteHeader::RT_TABLE_MAIN;
+            m.header.protocol = RouteProtocol::Boot;
+            m.header.scope = RouteScope::Universe;
+            m.header.kind = RouteType::Unicast;
+            m.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+            m.attributes.push(RouteAttribute::Oif(index));
+            self.request(
+                RouteNetlinkMessage::NewRoute(m),
+                NLM_F_CREATE | NLM_F_REPLACE,
+            )?;
+            Ok(())
+        }
+    }
+
+    /// Makes the network namespace file `path` (under [`super::NETNS_DIR`]) as `ip netns add`
+    /// does: the dir a shared mount point, an empty file, a new namespace bind-mounted on it.
+    /// The namespace is made by a short-lived thread (`unshare` moves only the calling thread),
+    /// which also opens the returned socket there. On error nothing is left.
+    pub fn new_netns(path: &Path) -> io::Result<Rtnl> {
+        shared_netns_dir()?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        drop(file);
+        let made = std::thread::scope(|s| {
+            s.spawn(|| -> io::Result<Rtnl> {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+                nix::mount::mount(
+                    Some("/proc/thread-self/ns/net"),
+                    path,
+                    None::<&str>,
+                    nix::mount::MsFlags::MS_BIND,
+                    None::<&str>,
+                )?;
+                Rtnl::new()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
+        });
+        if made.is_err() {
+            let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_file(path);
+        }
+        made
+    }
+
+    /// `ip netns add`'s set-up of its dir, once per process: a mount point of its own, shared,
+    /// so namespaces mounted there are seen in every mount namespace that has the dir.
+    fn shared_netns_dir() -> io::Result<()> {
+        use nix::mount::{mount, MsFlags};
+        static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+        if DONE.get().is_some() {
+            return Ok(());
+        }
+        let dir = Path::new(super::NETNS_DIR);
+        std::fs::create_dir_all(dir)?;
+        let shared = |d: &Path| {
+            mount(
+                None::<&str>,
+                d,
+                None::<&str>,
+                MsFlags::MS_SHARED | MsFlags::MS_REC,
+                None::<&str>,
+            )
+        };
+        match shared(dir) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EINVAL) => {
+                mount(
+                    Some(dir),
+                    dir,
+                    None::<&str>,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None::<&str>,
+                )?;
+                shared(dir)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let _ = DONE.set(());
+        Ok(())
     }
 }
 
