@@ -289,7 +289,7 @@ impl Disks {
                 }
             }
         }
-        make_ext4_image(image, size)
+        make_ext4_image(image, size, Ext4::ContainerDisk)
     }
 
     /// Starts the refill thread unless one runs; it makes images until every wanted size has
@@ -413,7 +413,12 @@ impl Disks {
             t_image = t0.elapsed();
             // nosuid,nodev: what the tenant writes (a setuid-root binary, a device node) is inert
             // on the host side.
-            mount_image(&image, &disk_mnt, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
+            mount_image(
+                &image,
+                &disk_mnt,
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Ext4::ContainerDisk,
+            )?;
             t_mount = t0.elapsed() - t_image;
             tracing::debug!(id, image = %image.display(), "container disk mounted");
         }
@@ -523,7 +528,7 @@ impl Disks {
                 requested: size,
             }),
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                make_ext4_image(&image, size)?;
+                make_ext4_image(&image, size, Ext4::Volume)?;
                 tracing::info!(tenant, name, size, "volume created");
                 Ok(())
             }
@@ -585,7 +590,12 @@ impl Disks {
         }
         refuse_if_in_use(&image)?;
         std::fs::create_dir_all(&target).map_err(io_err(&target))?;
-        mount_image(&image, &target, MsFlags::MS_NOSUID | MsFlags::MS_NODEV)?;
+        mount_image(
+            &image,
+            &target,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Ext4::Volume,
+        )?;
         tracing::info!(id, tenant, name, "volume attached");
         Ok(target)
     }
@@ -679,6 +689,23 @@ fn pool_size_of(name: &str) -> Option<u64> {
     hex.then(|| size.parse().ok()).flatten()
 }
 
+/// Makes sure a free loop device exists for the next create: `LOOP_CTL_GET_FREE` adds one
+/// when all are bound, which on a full host (a new device per instance) costs the create path
+/// several milliseconds of device registration.
+fn drop_lock_then_spare_loop(st: std::sync::MutexGuard<'_, PoolState>) {
+    drop(st);
+    if let Ok(ctl) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/loop-control")
+    {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and only returns an int; `ctl` is an
+        // open descriptor of /dev/loop-control for the duration of the call.
+        unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
+    }
+}
+
 /// The refill thread of a [`Pool`] (see [`Disks::start_refill`]).
 fn refill(pool: &Pool, dir: &Path) {
     // SAFETY: setpriority(2) on the calling thread (who = 0) only changes its nice value;
@@ -709,6 +736,7 @@ fn refill(pool: &Pool, dir: &Path) {
                 .copied();
             if next.is_none() && drop.is_empty() {
                 st.filling = false;
+                drop_lock_then_spare_loop(st);
                 return;
             }
             (drop, next)
@@ -721,7 +749,7 @@ fn refill(pool: &Pool, dir: &Path) {
         };
         let made = random_hex().and_then(|nonce| {
             let path = dir.join(format!("{size}-{nonce}.img"));
-            make_ext4_image(&path, size).map(|()| path)
+            make_ext4_image(&path, size, Ext4::ContainerDisk).map(|()| path)
         });
         let mut st = pool.state.lock().unwrap_or_else(|p| p.into_inner());
         match made {
@@ -815,7 +843,19 @@ fn checked_size(size: u64) -> Result<u64, DiskError> {
 }
 
 /// Builds a sparse ext4 image of exactly `size` bytes at `image`, atomically (see module docs).
-fn make_ext4_image(image: &Path, size: u64) -> Result<(), DiskError> {
+/// What an ext4 image is for, which decides how it is made and mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ext4 {
+    /// An instance's writable layer: wiped whenever the instance stops, so a crash never needs
+    /// its content. No journal (no jbd2 thread per mount: a mount costs ≈ 2 ms instead of ≈ 6),
+    /// and mounted `noinit_itable` (no background zeroing of inode tables competing with
+    /// creates; a fresh mkfs marks unused inodes as such).
+    ContainerDisk,
+    /// A tenant's persistent volume: journaled, mounted with the defaults.
+    Volume,
+}
+
+fn make_ext4_image(image: &Path, size: u64, kind: Ext4) -> Result<(), DiskError> {
     let partial = partial_path(image);
     match std::fs::remove_file(&partial) {
         Ok(()) => {}
@@ -839,6 +879,12 @@ fn make_ext4_image(image: &Path, size: u64) -> Result<(), DiskError> {
             "lazy_itable_init=1,lazy_journal_init=1".as_ref(),
             "-m".as_ref(),
             "0".as_ref(),
+            "-O".as_ref(),
+            if kind == Ext4::ContainerDisk {
+                "^has_journal".as_ref()
+            } else {
+                "has_journal".as_ref()
+            },
             partial.as_os_str(),
         ],
     );
@@ -851,9 +897,10 @@ fn make_ext4_image(image: &Path, size: u64) -> Result<(), DiskError> {
 }
 
 /// Attaches `image` to a free autoclear loop device and mounts it (ext4) at `target`.
-fn mount_image(image: &Path, target: &Path, flags: MsFlags) -> Result<(), DiskError> {
+fn mount_image(image: &Path, target: &Path, flags: MsFlags, kind: Ext4) -> Result<(), DiskError> {
     let (dev_file, dev_path) = attach_loop(image)?;
-    let mounted = nix::mount::mount(Some(&dev_path), target, Some("ext4"), flags, None::<&str>);
+    let data = (kind == Ext4::ContainerDisk).then_some("noinit_itable");
+    let mounted = nix::mount::mount(Some(&dev_path), target, Some("ext4"), flags, data);
     if let Err(source) = mounted {
         clear_loop_fd(&dev_file);
         return Err(DiskError::Mount {
@@ -1616,10 +1663,10 @@ mod tests {
 
         // 2: disk mounted, overlay not (crash before the overlay mount).
         let image = data.join("disks").join(format!("{}.img", f.id));
-        make_ext4_image(&image, MIN_SIZE).unwrap();
+        make_ext4_image(&image, MIN_SIZE, Ext4::Volume).unwrap();
         let disk_mnt = data.join("instances").join(&f.id).join("disk");
         std::fs::create_dir_all(&disk_mnt).unwrap();
-        mount_image(&image, &disk_mnt, MsFlags::empty()).unwrap();
+        mount_image(&image, &disk_mnt, MsFlags::empty(), Ext4::ContainerDisk).unwrap();
         assert_eq!(
             f.disks.instances_with_objects().unwrap(),
             vec![f.id.clone()]
@@ -1630,7 +1677,7 @@ mod tests {
 
         // 3: a loop device bound to the image but never mounted (without autoclear, as a
         // foreign tool would leave it).
-        make_ext4_image(&image, MIN_SIZE).unwrap();
+        make_ext4_image(&image, MIN_SIZE, Ext4::Volume).unwrap();
         let dev = crate::cmd::run(
             "losetup",
             ["--find".as_ref(), "--show".as_ref(), image.as_os_str()],

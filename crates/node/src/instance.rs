@@ -290,6 +290,28 @@ impl Node {
             }
         }
         t.mark("runtime_state");
+        // The log relay (a fork and exec of our own binary) starts meanwhile, on another
+        // thread; if a step fails, its pipe is closed unused and it ends at end of file.
+        std::thread::scope(|s| {
+            let relay = s.spawn(|| self.container_output(id));
+            let bundle = self.prepare(plan, t);
+            let output = relay
+                .join()
+                .unwrap_or_else(|_| Err(io(Path::new("log relay"))(std::io::Error::other("panicked"))));
+            let bundle = bundle?;
+            let output = output?;
+            t.mark("log_relay_wait");
+            // `output` is closed here whatever happens: on failure the relay sees end of file.
+            self.runtime.run_detached(id, &bundle, output)?;
+            t.mark("runc_run");
+            Ok(())
+        })
+    }
+
+    /// Everything before `runc run`: network, disks, /etc, volumes, devices, bundle. Returns
+    /// the bundle dir.
+    fn prepare(&self, plan: &InstancePlan, t: &mut StepTimer) -> Result<PathBuf, NodeError> {
+        let id = plan.id.as_str();
         let tnet = TenantNet {
             slot: plan.net_slot,
         };
@@ -414,12 +436,7 @@ impl Node {
         let bundle = self.bundle_dir(id);
         crate::runtime::write_bundle(&bundle, &spec)?;
         t.mark("bundle");
-        let output = self.container_output(id)?;
-        t.mark("log_relay");
-        // `output` is closed here whatever happens: on failure the relay sees end of file.
-        self.runtime.run_detached(id, &bundle, output)?;
-        t.mark("runc_run");
-        Ok(())
+        Ok(bundle)
     }
 
     /// /etc/hostname, /etc/hosts and /etc/resolv.conf inside the (ephemeral) rootfs. Whatever

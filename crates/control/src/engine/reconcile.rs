@@ -27,7 +27,9 @@ enum Step {
     Interrupt,
 }
 
-fn step(i: &InstanceRow, running: &BTreeSet<String>) -> Option<Step> {
+/// `running`: the instances whose container runs, or `None` on a pass that does not look
+/// (a running instance is then taken to be still running).
+fn step(i: &InstanceRow, running: Option<&BTreeSet<String>>) -> Option<Step> {
     match (i.desired, i.state) {
         (S::Terminated, S::Terminated) => None,
         (S::Terminated, _) => Some(Step::Terminate),
@@ -35,7 +37,7 @@ fn step(i: &InstanceRow, running: &BTreeSet<String>) -> Option<Step> {
         (S::Interrupted, _) => Some(Step::Interrupt),
         (S::Stopped, S::Pending | S::Provisioning | S::Running | S::Stopping) => Some(Step::Stop),
         (S::Running, S::Pending | S::Provisioning | S::Stopped) => Some(Step::Provision),
-        (S::Running, S::Running) if running.contains(&i.id) => None,
+        (S::Running, S::Running) if running.is_none_or(|r| r.contains(&i.id)) => None,
         (S::Running, S::Running) => Some(Step::Exited),
         (S::Running, S::Stopping) => Some(Step::Stop),
         _ => None,
@@ -73,6 +75,7 @@ impl Engine {
     pub async fn run_reconciler(self: Arc<Self>) {
         let sweep_every = Duration::from_secs(30);
         let mut last_sweep: Option<Instant> = None;
+        let mut last_exit_check: Option<Instant> = None;
         loop {
             if last_sweep.is_none_or(|t| t.elapsed() >= sweep_every) {
                 if let Err(e) = self.sweep_orphans().await {
@@ -83,7 +86,14 @@ impl Engine {
                 }
                 last_sweep = Some(Instant::now());
             }
-            if let Err(e) = self.reconcile_pass().await {
+            // Whether containers still run is looked at once per resync period, not on every
+            // wake-up: that look reads every instance's pid, so a create on a full host would
+            // otherwise pay for all the others.
+            let check_exits = last_exit_check.is_none_or(|t| t.elapsed() >= self.cfg.resync);
+            if check_exits {
+                last_exit_check = Some(Instant::now());
+            }
+            if let Err(e) = self.pass(check_exits).await {
                 tracing::warn!("reconcile: {e}");
             }
             tokio::select! {
@@ -200,12 +210,21 @@ impl Engine {
     /// Looks at every live instance once and starts work where needed (each instance in its own
     /// task, so a slow stop does not hold up a create).
     pub async fn reconcile_pass(self: &Arc<Self>) -> Result<()> {
+        self.pass(true).await
+    }
+
+    /// [`Engine::reconcile_pass`]; `check_exits`: also look which containers still run.
+    async fn pass(self: &Arc<Self>, check_exits: bool) -> Result<()> {
         let live = self.store.live_instances(None).await?;
         if live.is_empty() {
             return Ok(());
         }
-        let node = self.node.clone();
-        let running = blocking(move || node.running()).await?;
+        let running = if check_exits {
+            let node = self.node.clone();
+            Some(blocking(move || node.running()).await?)
+        } else {
+            None
+        };
         // GPUs still held by instances being evicted: their preemptors wait for them.
         let evicting: BTreeSet<String> = live
             .iter()
@@ -214,7 +233,7 @@ impl Engine {
             .collect();
         for i in live {
             let on_host = !self.is_simulated(&i);
-            let Some(step) = step(&i, &running) else {
+            let Some(step) = step(&i, running.as_ref()) else {
                 continue;
             };
             if step == Step::Provision && i.gpus.iter().any(|g| evicting.contains(&g.uuid)) {
@@ -497,28 +516,30 @@ mod tests {
         let none = BTreeSet::new();
         let running = BTreeSet::from(["aaaaaaaaaaaa".to_string()]);
         assert_eq!(
-            step(&row(S::Running, S::Pending), &none),
+            step(&row(S::Running, S::Pending), Some(&none)),
             Some(Step::Provision)
         );
         assert_eq!(
-            step(&row(S::Running, S::Provisioning), &none),
+            step(&row(S::Running, S::Provisioning), Some(&none)),
             Some(Step::Provision)
         );
-        assert_eq!(step(&row(S::Running, S::Running), &running), None);
+        assert_eq!(step(&row(S::Running, S::Running), Some(&running)), None);
+        // A pass that does not look takes a running instance to be running.
+        assert_eq!(step(&row(S::Running, S::Running), None), None);
         assert_eq!(
-            step(&row(S::Running, S::Running), &none),
+            step(&row(S::Running, S::Running), Some(&none)),
             Some(Step::Exited)
         );
         assert_eq!(
-            step(&row(S::Stopped, S::Running), &running),
+            step(&row(S::Stopped, S::Running), Some(&running)),
             Some(Step::Stop)
         );
-        assert_eq!(step(&row(S::Stopped, S::Stopped), &none), None);
-        assert_eq!(step(&row(S::Running, S::Failed), &none), None);
+        assert_eq!(step(&row(S::Stopped, S::Stopped), Some(&none)), None);
+        assert_eq!(step(&row(S::Running, S::Failed), Some(&none)), None);
         assert_eq!(
-            step(&row(S::Terminated, S::Stopped), &none),
+            step(&row(S::Terminated, S::Stopped), Some(&none)),
             Some(Step::Terminate)
         );
-        assert_eq!(step(&row(S::Terminated, S::Terminated), &none), None);
+        assert_eq!(step(&row(S::Terminated, S::Terminated), Some(&none)), None);
     }
 }
