@@ -1573,6 +1573,91 @@ mod tests {
         f.assert_clean();
     }
 
+    /// The pool's images, by inode.
+    fn pool_images(data: &Path) -> BTreeMap<u64, PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = data.join("disks").join(".pool");
+        read_dir_names(&dir)
+            .unwrap()
+            .into_iter()
+            .filter(|n| n.ends_with(".img"))
+            .map(|n| {
+                let p = dir.join(n);
+                (std::fs::metadata(&p).unwrap().ino(), p)
+            })
+            .collect()
+    }
+
+    fn wait_pool(data: &Path, size: u64, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let have = pool_images(data)
+                .values()
+                .filter(|p| {
+                    let name = p.file_name().unwrap().to_str().unwrap();
+                    pool_size_of(name) == Some(size)
+                })
+                .count();
+            if have == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "pool has {have} of {size}, not {n}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn pool_images_are_taken_refilled_reused_at_start_and_never_swept() {
+        use std::os::unix::fs::MetadataExt;
+        let mut f = Fixture::new();
+        let data = f.data();
+        let size: u64 = 32 << 20;
+        let pool = data.join("disks").join(".pool");
+        // What a crash leaves: a partial image, a name that is not ours, a complete image.
+        std::fs::create_dir_all(&pool).unwrap();
+        let partial = pool.join(format!("{size}-00aa.img.partial"));
+        let junk = pool.join("junk");
+        let kept = pool.join(format!("{size}-00bb.img"));
+        std::fs::write(&partial, b"").unwrap();
+        std::fs::write(&junk, b"").unwrap();
+        make_ext4_image(&kept, size, Ext4::ContainerDisk).unwrap();
+        f.disks = Disks::new(data.clone()).with_pool(2);
+        f.disks.open_pool().unwrap();
+        assert!(!partial.exists() && !junk.exists() && kept.exists());
+        wait_pool(&data, size, 2);
+        // The orphan sweep never takes the pool's images for an instance's.
+        assert_eq!(
+            f.disks.instances_with_objects().unwrap(),
+            Vec::<String>::new()
+        );
+
+        // A create takes one (the same inode: no mkfs), and the pool is refilled.
+        let before = pool_images(&data);
+        f.disks.provision_root(&f.id, size, &[]).unwrap();
+        let image = data.join("disks").join(format!("{}.img", f.id));
+        let ino = std::fs::metadata(&image).unwrap().ino();
+        assert!(before.contains_key(&ino), "the disk was not taken from the pool");
+        assert!(!pool_images(&data).contains_key(&ino));
+        assert_eq!(f.disks.instances_with_objects().unwrap(), vec![f.id.clone()]);
+        wait_pool(&data, size, 2);
+
+        // A size the pool does not have is made at once, and kept ready from then on.
+        let other = random_id();
+        f.others.push(other.clone());
+        f.disks.provision_root(&other, 2 * size, &[]).unwrap();
+        wait_pool(&data, 2 * size, 2);
+
+        for id in [&f.id, &other] {
+            f.disks.teardown_root(id).unwrap();
+        }
+        f.assert_clean();
+        assert_eq!(pool_images(&data).len(), 4, "teardown leaves the pool alone");
+
+        // Without a pool, a start removes what an earlier run left.
+        Disks::new(data.clone()).open_pool().unwrap();
+        assert!(!pool.exists());
+    }
+
     #[test]
     fn overlay_merges_layers_and_writes_land_in_upper() {
         let f = Fixture::new();
