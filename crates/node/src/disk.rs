@@ -10,6 +10,7 @@
 //!
 //! ```text
 //! <data>/disks/<id>.img                      container disk (ext4, sparse, exactly `size` bytes)
+//! <data>/disks/.pool/<size>-<nonce>.img      a formatted container disk waiting for a create
 //! <data>/instances/<id>/disk                 the container disk, mounted
 //! <data>/instances/<id>/disk/{upper,work}    overlay upper and work dirs
 //! <data>/instances/<id>/rootfs               overlay: image layers (lower) + upper = bundle rootfs
@@ -26,6 +27,13 @@
 //!   whose backing file is ours, belt and braces.
 //! - Images are built under `<name>.img.partial` and renamed into place after `mkfs.ext4`, so an
 //!   image that exists is always a complete filesystem.
+//! - A create runs no `mkfs.ext4`: container disks come formatted from a pool (see `Pool`), one
+//!   rename; only a size the pool has not seen lately is made on the spot. Container disks have
+//!   no journal (they are wiped whenever the instance stops, so a crash never needs their
+//!   content) and are mounted `noinit_itable`; volumes keep their journal.
+//! - A new instance (no instance dir, no disk image) is provisioned without reading the mount
+//!   table or the loop devices, which grow with the host; anything half made goes the long,
+//!   checking way.
 //! - The same ext4 image must never be mounted through two loop devices (that corrupts it), so a
 //!   volume with any loop device attached is "in use": attach and remove refuse it.
 //! - Nothing is ever recursively deleted while something is still mounted beneath it: teardown
@@ -1601,7 +1609,10 @@ mod tests {
             if have == n {
                 return;
             }
-            assert!(Instant::now() < deadline, "pool has {have} of {size}, not {n}");
+            assert!(
+                Instant::now() < deadline,
+                "pool has {have} of {size}, not {n}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -1636,9 +1647,15 @@ mod tests {
         f.disks.provision_root(&f.id, size, &[]).unwrap();
         let image = data.join("disks").join(format!("{}.img", f.id));
         let ino = std::fs::metadata(&image).unwrap().ino();
-        assert!(before.contains_key(&ino), "the disk was not taken from the pool");
+        assert!(
+            before.contains_key(&ino),
+            "the disk was not taken from the pool"
+        );
         assert!(!pool_images(&data).contains_key(&ino));
-        assert_eq!(f.disks.instances_with_objects().unwrap(), vec![f.id.clone()]);
+        assert_eq!(
+            f.disks.instances_with_objects().unwrap(),
+            vec![f.id.clone()]
+        );
         wait_pool(&data, size, 2);
 
         // A size the pool does not have is made at once, and kept ready from then on.
@@ -1651,7 +1668,11 @@ mod tests {
             f.disks.teardown_root(id).unwrap();
         }
         f.assert_clean();
-        assert_eq!(pool_images(&data).len(), 4, "teardown leaves the pool alone");
+        assert_eq!(
+            pool_images(&data).len(),
+            4,
+            "teardown leaves the pool alone"
+        );
 
         // Without a pool, a start removes what an earlier run left.
         Disks::new(data.clone()).open_pool().unwrap();

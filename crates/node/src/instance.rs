@@ -295,9 +295,11 @@ impl Node {
         std::thread::scope(|s| {
             let relay = s.spawn(|| self.container_output(id));
             let bundle = self.prepare(plan, t);
-            let output = relay
-                .join()
-                .unwrap_or_else(|_| Err(io(Path::new("log relay"))(std::io::Error::other("panicked"))));
+            let output = relay.join().unwrap_or_else(|_| {
+                Err(io(Path::new("log relay"))(std::io::Error::other(
+                    "panicked",
+                )))
+            });
             let bundle = bundle?;
             let output = output?;
             t.mark("log_relay_wait");
