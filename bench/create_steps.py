@@ -39,7 +39,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 LINE = re.compile(r"gpuvisor_timings: provision (\S+) ok=(\S+) start_us=(\d+) total_us=(\d+) ?(.*)$")
 
 
-DISK = re.compile(r"gpuvisor_timings: disk (\S+) fresh=\S+ image_us=(\d+) loop_mount_us=(\d+) overlay_us=(\d+)")
+DISK = re.compile(r"gpuvisor_timings: disk (\S+) fresh=\S+ image_us=(\d+) loop_us=(\d+) mount_us=(\d+) overlay_us=(\d+)")
 
 
 def timings(log_path):
@@ -50,8 +50,9 @@ def timings(log_path):
         d = DISK.search(line)
         if d:
             disk[d.group(1)] = {"disk image (pool or mkfs)": int(d.group(2)) / 1000,
-                                "loop + ext4 mount": int(d.group(3)) / 1000,
-                                "overlay mount": int(d.group(4)) / 1000}
+                                "loop device attach": int(d.group(3)) / 1000,
+                                "ext4 mount": int(d.group(4)) / 1000,
+                                "overlay mount": int(d.group(5)) / 1000}
             continue
         m = LINE.search(line)
         if not m:
