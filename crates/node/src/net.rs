@@ -909,13 +909,7 @@ impl Network {
         let gw = self.gateway(net).to_string();
         // A new instance (the common case, every create): made through rtnetlink in-process.
         if !path.exists() && !link_exists(&veth) {
-            self.setup_fresh(
-                &path,
-                &veth,
-                net,
-                self.address(net, host),
-                self.gateway(net),
-            )?;
+            self.setup_fresh(&path, &veth, net, &want, self.gateway(net))?;
             tracing::info!(id, slot = net.slot, address = %want, "instance network set up");
             return Ok(path);
         }
@@ -994,13 +988,18 @@ impl Network {
         path: &Path,
         veth: &str,
         net: &TenantNet,
-        addr: Ipv4Addr,
+        want: &str,
         gw: Ipv4Addr,
     ) -> Result<(), NetError> {
         let nl = |what: &str| {
             let what = what.to_string();
             move |source: std::io::Error| NetError::Netlink { what, source }
         };
+        // `want` is the `a.b.c.d/len` the `ip` path would add: one source for both.
+        let (addr, len) = want
+            .split_once('/')
+            .and_then(|(a, l)| Some((a.parse::<Ipv4Addr>().ok()?, l.parse::<u8>().ok()?)))
+            .ok_or_else(|| NetError::Invalid(format!("instance address {want:?}")))?;
         let bridge = self.bridge(net);
         let mut host = rtnl::Rtnl::new().map_err(nl("socket"))?;
         let bridge_index = host
@@ -1014,8 +1013,8 @@ impl Network {
                 .map_err(nl(&format!("create veth {veth} (peer eth0 in the netns)")))?;
             let eth0 = in_ns.link_index("eth0").map_err(nl("eth0 in the netns"))?;
             in_ns
-                .add_address(eth0, addr, 24)
-                .map_err(nl(&format!("address {addr}/24 on eth0")))?;
+                .add_address(eth0, addr, len)
+                .map_err(nl(&format!("address {want} on eth0")))?;
             in_ns.set_up(1).map_err(nl("lo up"))?;
             in_ns.set_up(eth0).map_err(nl("eth0 up"))?;
             in_ns
