@@ -909,7 +909,7 @@ impl Network {
         let gw = self.gateway(net).to_string();
         // A new instance (the common case, every create): made through rtnetlink in-process.
         if !path.exists() && !link_exists(&veth) {
-            self.setup_fresh(&path, &veth, net, &want, self.gateway(net))?;
+            self.setup_fresh(id, &path, &veth, net, &want, self.gateway(net))?;
             tracing::info!(id, slot = net.slot, address = %want, "instance network set up");
             return Ok(path);
         }
@@ -985,6 +985,7 @@ impl Network {
     /// (the netns and veth are removed again).
     fn setup_fresh(
         &self,
+        id: &str,
         path: &Path,
         veth: &str,
         net: &TenantNet,
@@ -1022,14 +1023,7 @@ impl Network {
                 .map_err(nl(&format!("default route via {gw}")))
         })();
         if made.is_err() {
-            let id = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix(&format!("{}-", self.prefix())))
-                .map(str::to_string);
-            if let Some(id) = id {
-                let _ = self.teardown(&id);
-            }
+            let _ = self.teardown(id);
         }
         made
     }
