@@ -1113,6 +1113,7 @@ mod rtnl {
     use std::io;
     use std::net::{IpAddr, Ipv4Addr};
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     use std::path::Path;
 
     /// An rtnetlink socket of the network namespace it was made in.
@@ -1264,10 +1265,12 @@ mod rtnl {
     /// which also opens the returned socket there. On error nothing is left.
     pub fn new_netns(path: &Path) -> io::Result<Rtnl> {
         shared_netns_dir()?;
+        // Mode 0, as `ip netns add` makes it: only root (with CAP_DAC_OVERRIDE) opens it.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0)
             .open(path)?;
         drop(file);
         let made = std::thread::scope(|s| {
