@@ -1024,7 +1024,13 @@ impl Network {
         })();
         if made.is_err() {
             let _ = self.teardown(id);
+            return made;
         }
+        // The kernel turns the carrier on asynchronously (link watch) and only then does the
+        // bridge forward through the new port: wait for that, so the instance's first packets
+        // (or a peer's first SYN, retried only after 1 s) are not dropped. `ip` was slow
+        // enough to hide this.
+        wait_forwarding(veth);
         made
     }
 
@@ -1330,6 +1336,22 @@ mod rtnl {
         }
         let _ = DONE.set(());
         Ok(())
+    }
+}
+
+/// Waits (at most 1 s) until bridge port `port` forwards (`brport/state` 3).
+fn wait_forwarding(port: &str) {
+    let state = PathBuf::from(format!("/sys/class/net/{port}/brport/state"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        if std::fs::read_to_string(&state).is_ok_and(|s| s.trim() == "3") {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(port, "bridge port not forwarding after 1 s");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
     }
 }
 
