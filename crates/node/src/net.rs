@@ -70,8 +70,9 @@
 //!   rtnetlink (`rtnl`, `netlink-packet-route` messages on `netlink-sys` sockets): one
 //!   `RTM_NEWLINK` makes the veth with its peer directly in the netns as `eth0`, on the bridge
 //!   and up; a socket opened inside the netns adds the address, brings `lo` and `eth0` up and
-//!   replaces the default route. About 1.5 ms instead of two `ip` runs (≈ 6 ms). On error what
-//!   it made is removed.
+//!   replaces the default route; then it waits for the bridge port to forward (the carrier
+//!   comes on asynchronously). A few ms instead of two `ip` runs (≈ 6-9 ms). On error what it
+//!   made is removed.
 //! - Bridges, iptables, repairs of a half-made instance and teardown shell out to `ip` and
 //!   `iptables` through [`crate::cmd`]: they are on every host, their errors are what an
 //!   operator would see running the same command, and none of them runs per create (a tenant's
