@@ -1027,11 +1027,11 @@ impl Network {
             let _ = self.teardown(id);
             return made;
         }
-        // The kernel turns the carrier on asynchronously (link watch) and only then does the
-        // bridge forward through the new port: wait for that, so the instance's first packets
-        // (or a peer's first SYN, retried only after 1 s) are not dropped. `ip` was slow
-        // enough to hide this.
-        wait_forwarding(veth);
+        // The kernel turns the carrier on asynchronously (link watch): until then `eth0` and
+        // the host end transmit nothing (no qdisc yet) and the bridge does not forward through
+        // the new port. Wait for that, so the instance's first packets (or a peer's first SYN,
+        // retried only after 1 s) are not dropped; `ip` was slow enough to hide this.
+        wait_link_ready(veth, &mut in_ns);
         made
     }
 
@@ -1109,7 +1109,7 @@ mod rtnl {
     };
     use netlink_packet_route::address::{AddressAttribute, AddressMessage};
     use netlink_packet_route::link::{
-        InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+        InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, State,
     };
     use netlink_packet_route::route::{
         RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
@@ -1221,6 +1221,20 @@ mod rtnl {
                     _ => None,
                 })
                 .ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))
+        }
+
+        /// Whether link `name` is operationally up.
+        pub fn oper_up(&mut self, name: &str) -> io::Result<bool> {
+            let mut m = LinkMessage::default();
+            m.attributes.push(LinkAttribute::IfName(name.to_string()));
+            let replies = self.request(RouteNetlinkMessage::GetLink(m), 0)?;
+            Ok(replies.iter().any(|r| match r {
+                RouteNetlinkMessage::NewLink(l) => l
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::OperState(State::Up))),
+                _ => false,
+            }))
         }
 
         pub fn set_up(&mut self, index: u32) -> io::Result<()> {
@@ -1340,16 +1354,22 @@ mod rtnl {
     }
 }
 
-/// Waits (at most 1 s) until bridge port `port` forwards (`brport/state` 3).
-fn wait_forwarding(port: &str) {
-    let state = PathBuf::from(format!("/sys/class/net/{port}/brport/state"));
+/// Waits (at most 1 s) until host link `port` is operationally up and forwards as a bridge
+/// port (`brport/state` 3), and `eth0` in the netns of `in_ns` is operationally up.
+fn wait_link_ready(port: &str, in_ns: &mut rtnl::Rtnl) {
+    let dir = PathBuf::from(format!("/sys/class/net/{port}"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut eth0_up = false;
     loop {
-        if std::fs::read_to_string(&state).is_ok_and(|s| s.trim() == "3") {
+        let host_up = std::fs::read_to_string(dir.join("operstate"))
+            .is_ok_and(|s| s.trim() == "up")
+            && std::fs::read_to_string(dir.join("brport/state")).is_ok_and(|s| s.trim() == "3");
+        eth0_up = eth0_up || in_ns.oper_up("eth0").unwrap_or(false);
+        if host_up && eth0_up {
             return;
         }
         if std::time::Instant::now() >= deadline {
-            tracing::warn!(port, "bridge port not forwarding after 1 s");
+            tracing::warn!(port, eth0_up, "instance link not up after 1 s");
             return;
         }
         std::thread::sleep(std::time::Duration::from_micros(200));
