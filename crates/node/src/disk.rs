@@ -716,9 +716,6 @@ fn drop_lock_then_spare_loop(st: std::sync::MutexGuard<'_, PoolState>) {
     }
 }
 
-/// How long the refill waits before making an image while its size still has one.
-const REFILL_PAUSE: Duration = Duration::from_millis(100);
-
 /// The refill thread of a [`Pool`] (see [`Disks::start_refill`]).
 fn refill(pool: &Pool, dir: &Path) {
     // SAFETY: setpriority(2) on the calling thread (who = 0) only changes its nice value;
@@ -767,18 +764,6 @@ fn refill(pool: &Pool, dir: &Path) {
         let Some(size) = next else {
             continue;
         };
-        // While the size still has an image, let the create that took one finish first: mkfs
-        // ends with an fsync of the data dir's filesystem, which `runc run` would wait behind.
-        let spare = pool
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ready
-            .get(&size)
-            .is_some_and(|r| !r.is_empty());
-        if spare {
-            std::thread::sleep(REFILL_PAUSE);
-        }
         let made = random_hex().and_then(|nonce| {
             let path = dir.join(format!("{size}-{nonce}.img"));
             make_ext4_image(&path, size, Ext4::ContainerDisk).map(|()| path)
