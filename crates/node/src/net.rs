@@ -1291,7 +1291,7 @@ mod rtnl {
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(0)
+            .mode(0o000)
             .open(path)?;
         drop(file);
         let made = std::thread::scope(|s| {
