@@ -244,15 +244,18 @@ def leftovers(data_dir, ids):
             out.append(f"loop {line}")
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     ns_names = {l.split()[0] for l in netns.splitlines() if l.strip()}
+    # The daemon's object prefix: GPUVISOR_NET_PREFIX reaches it through the environment.
+    px = os.environ.get("GPUVISOR_NET_PREFIX", "gv")
     for iid in ids:
-        if f"gv-{iid}" in ns_names:
-            out.append(f"netns gv-{iid}")
+        if f"{px}-{iid}" in ns_names:
+            out.append(f"netns {px}-{iid}")
         for ctl in ("memory", "cpu", "cpuset", "pids", "devices", "freezer", "blkio"):
             p = f"/sys/fs/cgroup/{ctl}/gpuvisor/{iid}"
             if os.path.exists(p):
                 out.append(f"cgroup {p}")
-        if os.path.exists(f"/sys/class/net/gvh{iid[:12]}"):
-            out.append(f"veth gvh{iid[:12]}")
+        veth = f"{px}h{iid[:14 - len(px)]}"
+        if os.path.exists(f"/sys/class/net/{veth}"):
+            out.append(f"veth {veth}")
     return out
 
 

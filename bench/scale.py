@@ -23,6 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gvbench as gb  # noqa: E402
+import create_steps as cs  # noqa: E402
 
 
 def sample_rss(d, seconds, every=0.5):
@@ -64,7 +65,7 @@ def main():
     ap.add_argument("--json", help="write raw samples here")
     a = ap.parse_args()
 
-    d = gb.Daemon(a.binary, a.data_dir, a.port, a.log)
+    d = gb.Daemon(a.binary, a.data_dir, a.port, a.log, log_filter="info,gpuvisor_timings=debug")
     d.start()
     gb.log(f"daemon pid {d.proc.pid} on {d.endpoint}")
     ids = []
@@ -93,6 +94,7 @@ def main():
                 gb.log(f"{k + 1}/{a.instances} running, last create {create_ms[-1]:.0f} ms, "
                        f"RSS {d.rss_kib()} KiB, load {gb.loadavg()}")
         res["create_all_s"] = time.time() - t_start
+        res["ids"] = list(ids)
         res["create_ms"] = create_ms
 
         gb.log(f"settling {a.settle}s, then sampling RSS for 10s")
@@ -138,6 +140,7 @@ def main():
         n, failed = gb.terminate_all(d)
         gb.log(f"terminated {n} in {time.time() - t0:.0f}s, {len(failed)} failures")
         d.stop()
+        res["timings"] = {i: t for i, t in cs.timings(a.log).items() if i in ids}
         left = gb.leftovers(a.data_dir, ids)
         gb.remove_data_dir(a.data_dir)
         res["leftovers"] = left
@@ -175,6 +178,21 @@ def report(a, res):
     k = min(20, len(c))
     print(f"\ncreate --wait while filling up (ms): first {k} p50 {gb.percentile(c[:k], 50):.0f}, "
           f"last {k} p50 {gb.percentile(c[-k:], 50):.0f}, all {len(c)} in {res['create_all_s']:.0f} s")
+    # The daemon's provisioning steps (its gpuvisor_timings lines) for the same two groups.
+    ids = res.get("ids", [])
+    tim = res.get("timings", {})
+    if len(ids) >= 2 * k and all(i in tim for i in ids[:k] + ids[-k:]):
+        def med(group, f):
+            return gb.percentile([f(tim[i]) for i in group], 50)
+        rows = [["create --wait (CLI)", f"{gb.percentile(c[:k], 50):.1f}",
+                 f"{gb.percentile(c[-k:], 50):.1f}"],
+                ["node provision total", f"{med(ids[:k], lambda t: t['total_ms']):.1f}",
+                 f"{med(ids[-k:], lambda t: t['total_ms']):.1f}"]]
+        for step in tim[ids[0]]["steps"]:
+            rows.append([f"  {step}", f"{med(ids[:k], lambda t: t['steps'].get(step, 0)):.1f}",
+                         f"{med(ids[-k:], lambda t: t['steps'].get(step, 0)):.1f}"])
+        print(f"\np50 by step (ms), first {k} vs last {k} creates\n")
+        gb.print_table(["part", f"first {k}", f"last {k}"], rows)
 
 
 if __name__ == "__main__":

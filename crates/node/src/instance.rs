@@ -151,7 +151,8 @@ impl Node {
         let mig = gpu.mig_control(&d.join("dev"))?;
         let gpus = crate::gpu::inventory(&*gpu, mig.as_deref())?;
         let images = ImageStore::open(d.join("images"))?;
-        let disks = Disks::new(d.clone());
+        let disks = Disks::new(d.clone()).with_pool(crate::disk::POOL_DEPTH);
+        disks.open_pool()?;
         let net = Network::new(NetConfig {
             plan: cfg.net_plan,
             nat: cfg.nat,
@@ -245,8 +246,20 @@ impl Node {
     /// Where the container's stdout and stderr go: a fresh relay's pipe (any relay left from
     /// an earlier run is ended first), or the segment file itself without a relay binary.
     fn container_output(&self, id: &str) -> Result<std::os::fd::OwnedFd, NodeError> {
+        use std::os::unix::fs::DirBuilderExt;
         let logs = self.logs_dir();
-        crate::logs::stop_relay(&self.cfg.root, &logs, id, Duration::from_secs(2));
+        let dir = self.log_dir(id);
+        // A relay only ever runs for an instance whose log dir exists (it is made here, before
+        // any relay starts): a new instance skips the look through every process of the host.
+        if dir.exists() {
+            crate::logs::stop_relay(&self.cfg.root, &logs, id, Duration::from_secs(2));
+        } else {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io(&dir))?;
+        }
         match &self.log_limits.relay {
             Some(bin) => {
                 crate::logs::start_relay(bin, &logs, id, &self.log_limits).map_err(io(bin))
@@ -258,6 +271,13 @@ impl Node {
     /// Creates everything the instance needs and starts it. Idempotent: a running container is
     /// left alone, a created-but-stopped one is replaced.
     pub fn provision(&self, plan: &InstancePlan) -> Result<(), NodeError> {
+        let mut t = StepTimer::new(&plan.id);
+        let r = self.provision_steps(plan, &mut t);
+        t.log(r.is_ok());
+        r
+    }
+
+    fn provision_steps(&self, plan: &InstancePlan, t: &mut StepTimer) -> Result<(), NodeError> {
         let id = plan.id.as_str();
         // A fresh instance has no runtime state: skip asking the runtime about it.
         if self.runtime.may_know(id) {
@@ -268,22 +288,69 @@ impl Node {
                 self.runtime.delete(id, true)?;
             }
         }
+        t.mark("runtime_state");
+        // The log relay (a fork and exec of our own binary) starts meanwhile, on another
+        // thread; if a step fails, its pipe is closed unused and it ends at end of file.
+        std::thread::scope(|s| {
+            let relay = s.spawn(|| self.container_output(id));
+            let bundle = self.prepare(plan, t);
+            let output = relay.join().unwrap_or_else(|_| {
+                Err(io(Path::new("log relay"))(std::io::Error::other(
+                    "panicked",
+                )))
+            });
+            let bundle = bundle?;
+            let output = output?;
+            t.mark("log_relay_wait");
+            // `output` is closed here whatever happens: on failure the relay sees end of file.
+            self.runtime.run_detached(id, &bundle, output)?;
+            t.mark("runc_run");
+            Ok(())
+        })
+    }
+
+    /// Everything before `runc run`: network, disks, /etc, volumes, devices, bundle. Returns
+    /// the bundle dir.
+    fn prepare(&self, plan: &InstancePlan, t: &mut StepTimer) -> Result<PathBuf, NodeError> {
+        let id = plan.id.as_str();
         let tnet = TenantNet {
             slot: plan.net_slot,
         };
-        self.net.ensure_tenant(&tnet)?;
-        let netns = self.net.setup(id, &tnet, plan.ip_host)?;
-
         let layers: Vec<PathBuf> = plan
             .layers
             .iter()
             .rev()
             .map(|l| self.images.layer_dir(l))
             .collect();
-        let root = self.disks.provision_root(id, plan.disk_size, &layers)?;
+        // The network (netns, veth) and the disk (loop device, ext4, overlay) are independent
+        // kernel work: the network is made on a second thread meanwhile. If either fails, the
+        // caller's teardown removes what the other made.
+        let (net, root, disk_time) = std::thread::scope(|s| {
+            let net = s.spawn(|| {
+                let t0 = Instant::now();
+                let r = self
+                    .net
+                    .ensure_tenant(&tnet)
+                    .and_then(|()| self.net.setup(id, &tnet, plan.ip_host));
+                (r, t0.elapsed())
+            });
+            let t0 = Instant::now();
+            let root = self.disks.provision_root(id, plan.disk_size, &layers);
+            let disk_time = t0.elapsed();
+            (net.join(), root, disk_time)
+        });
+        let (netns, net_time) = net.map_err(|_| {
+            io(Path::new("instance network"))(std::io::Error::other("the thread panicked"))
+        })?;
+        t.record("netns_veth", net_time);
+        t.record("disk_overlay", disk_time);
+        t.mark("net_disk_wall");
+        let netns = netns?;
+        let root = root?;
         // Every host-side access to the rootfs goes through this handle: resolved inside it.
         let rootfs = Rootfs::open(&root.rootfs)?;
         self.write_etc(&rootfs, plan)?;
+        t.mark("etc_files");
 
         let mut binds = Vec::new();
         for (name, path) in &plan.volumes {
@@ -294,6 +361,7 @@ impl Node {
                 readonly: false,
             });
         }
+        t.mark("volumes");
         let mut devices = Vec::new();
         let mut uuids = Vec::new();
         let inventory = self.gpus();
@@ -355,6 +423,7 @@ impl Node {
             env.push(format!("NVIDIA_VISIBLE_DEVICES={}", uuids.join(",")));
             env.push(format!("CUDA_VISIBLE_DEVICES={}", uuids.join(",")));
         }
+        t.mark("gpus_limiter");
         let image_cfg = self.images.config(&plan.image_digest)?;
         let cwd = image_cfg
             .as_ref()
@@ -385,10 +454,8 @@ impl Node {
         };
         let bundle = self.bundle_dir(id);
         crate::runtime::write_bundle(&bundle, &spec)?;
-        let output = self.container_output(id)?;
-        // `output` is closed here whatever happens: on failure the relay sees end of file.
-        self.runtime.run_detached(id, &bundle, output)?;
-        Ok(())
+        t.mark("bundle");
+        Ok(bundle)
     }
 
     /// /etc/hostname, /etc/hosts and /etc/resolv.conf inside the (ephemeral) rootfs. Whatever
@@ -756,6 +823,61 @@ fn exec_tag() -> Result<String, NodeError> {
         source: std::io::Error::other(e.to_string()),
     })?;
     Ok(nonce.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Durations of the provisioning steps of one instance, logged as one debug line with target
+/// `gpuvisor_timings` (enable with `GPUVISOR_LOG=info,gpuvisor_timings=debug`); the benchmark
+/// `bench/create_steps.py` reads it. Costs a clock read per step.
+struct StepTimer<'a> {
+    id: &'a str,
+    start_us: u64,
+    start: Instant,
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl<'a> StepTimer<'a> {
+    fn new(id: &'a str) -> Self {
+        let now = Instant::now();
+        Self {
+            id,
+            start_us: now_us(),
+            start: now,
+            last: now,
+            steps: Vec::with_capacity(12),
+        }
+    }
+
+    /// A step that ran alongside others (on another thread), with its own duration.
+    fn record(&mut self, name: &'static str, d: Duration) {
+        self.steps.push((name, d));
+    }
+
+    /// Ends step `name` (it began where the previous one ended).
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.steps.push((name, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self, ok: bool) {
+        if !tracing::enabled!(target: "gpuvisor_timings", tracing::Level::DEBUG) {
+            return;
+        }
+        let steps: Vec<String> = self
+            .steps
+            .iter()
+            .map(|(n, d)| format!("{n}={}", d.as_micros()))
+            .collect();
+        tracing::debug!(
+            target: "gpuvisor_timings",
+            "provision {} ok={ok} start_us={} total_us={} {}",
+            self.id,
+            self.start_us,
+            self.start.elapsed().as_micros(),
+            steps.join(" ")
+        );
+    }
 }
 
 /// Subtrees of the data dir, each holding tenant data or secrets: bundles (config.json carries
