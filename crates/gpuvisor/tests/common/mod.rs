@@ -340,6 +340,16 @@ impl Daemon {
         )
     }
 
+    /// The daemon's network prefix: its `--net-prefix`, else `GPUVISOR_NET_PREFIX`, else `gv`.
+    pub fn net_prefix(&self) -> String {
+        self.extra
+            .windows(2)
+            .find(|w| w[0] == "--net-prefix")
+            .map(|w| w[1].clone())
+            .or_else(|| std::env::var("GPUVISOR_NET_PREFIX").ok())
+            .unwrap_or_else(|| "gv".into())
+    }
+
     /// Every host object with one of `ids` (or under our data dir): must be empty after cleanup.
     pub fn leaks(&self, ids: &[String]) -> Vec<String> {
         let mut leaks = Vec::new();
@@ -417,12 +427,15 @@ impl Daemon {
                 leaks.push(format!("log relay pid {}", e.file_name().to_string_lossy()));
             }
         }
+        let p = self.net_prefix();
         for id in ids {
-            if netns.contains(&format!("gv-{id}")) {
-                leaks.push(format!("netns gv-{id}"));
+            if netns.contains(&format!("{p}-{id}")) {
+                leaks.push(format!("netns {p}-{id}"));
             }
-            if links.contains(&format!("gvh{id}")) {
-                leaks.push(format!("veth gvh{id}"));
+            // `<P>h<id>` cut to the 15 characters of an interface name.
+            let veth: String = format!("{p}h{id}").chars().take(15).collect();
+            if links.contains(&veth) {
+                leaks.push(format!("veth {veth}"));
             }
             for ctrl in [
                 "memory", "cpuset", "pids", "devices", "cpu", "freezer", "blkio", "systemd",
