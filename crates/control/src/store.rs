@@ -1265,6 +1265,22 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
+    /// The reconciler's own desired-state write after an exit its policy does not restart:
+    /// `running` becomes `stopped` only if nobody changed it meanwhile (a terminate, or a
+    /// preemptor's `interrupted`, which are written without the instance lock). True if it
+    /// changed the row.
+    pub async fn stop_if_desired_running(&self, id: &str, now: i64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE instances SET desired = 'stopped', updated_at = $1 \
+             WHERE id = $2 AND desired = 'running'",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Writes an instance's restart bookkeeping (everything but the policy, which is fixed at
     /// create); false if the instance does not exist.
     pub async fn set_restart(&self, id: &str, r: &RestartRow) -> Result<bool> {

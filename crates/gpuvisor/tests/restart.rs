@@ -480,3 +480,41 @@ fn a_host_reboot_brings_back_what_should_run() {
     // The prefix's bridges and chains outlive a SIGKILLed daemon: take them down too.
     tear_down_like_a_reboot(&d.data(), &ids);
 }
+
+/// A terminate that lands while the reconciler handles an exit its policy does not restart
+/// (the hidden test hook holds it between the teardown and its `desired: stopped` write) wins:
+/// the exit must not write `stopped` over it. The same write would undo a preemptor's
+/// `interrupted` (also written without the instance lock).
+#[test]
+fn a_terminate_racing_an_exit_is_not_undone() {
+    let _s = serial();
+    // Only this daemon gets the hook: set for its spawn, removed at once (tests here are serial).
+    std::env::set_var("GPUVISOR_TEST_HOLD_EXIT_MS", "3000");
+    let d = daemon();
+    std::env::remove_var("GPUVISOR_TEST_HOLD_EXIT_MS");
+    d.import_busybox();
+    let id = create(&d, &["--restart", "no"], &["sh", "-c", "exit 0"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !events(&d, &id).iter().any(|e| e["kind"] == "test_hold") {
+        assert!(
+            Instant::now() < deadline,
+            "never held: {:#?}",
+            events(&d, &id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Inside the hold: the exit has been seen, `desired` not yet written.
+    let v = d.json(&["instance", "terminate", &id]);
+    assert_eq!(v["desired"], "terminated", "{v}");
+    let v = wait_for(&d, &id, 60, "ended terminated", |v| {
+        v["state"] == "terminated" || (v["state"] == "stopped" && v["desired"] == "stopped")
+    });
+    assert_eq!(
+        (&v["state"], &v["desired"]),
+        (&"terminated".into(), &"terminated".into()),
+        "the exit undid the terminate: {v}\nevents: {:#?}",
+        events(&d, &id)
+    );
+    let leaks = d.leaks(std::slice::from_ref(&id));
+    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+}

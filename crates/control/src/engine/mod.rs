@@ -229,6 +229,16 @@ impl Engine {
         Ok(())
     }
 
+    /// `desired: running -> stopped`, only if nobody changed `desired` meanwhile (see
+    /// [`Store::stop_if_desired_running`]); true if it changed.
+    pub(crate) async fn stop_if_desired_running(&self, id: &str) -> Result<bool> {
+        let changed = self.store.stop_if_desired_running(id, self.tick()).await?;
+        if changed {
+            self.changed.send_modify(|v| *v += 1);
+        }
+        Ok(changed)
+    }
+
     /// Answers the instance as soon as its `updated_at` differs from `since`, or at `timeout`:
     /// `--wait` costs one request per state change instead of a polling loop.
     pub async fn watch_instance(

@@ -317,6 +317,22 @@ impl Engine {
         Ok(due)
     }
 
+    /// A hidden test hook: with `GPUVISOR_TEST_HOLD_EXIT_MS=N` in the daemon's environment, the
+    /// reconciler records a `test_hold` event and waits N ms at the named point, so a test can
+    /// make a request land there deterministically. Without it (always, outside tests) it does
+    /// nothing.
+    async fn test_hold(&self, point: &str, id: &str) {
+        let Some(ms) = std::env::var("GPUVISOR_TEST_HOLD_EXIT_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            return;
+        };
+        self.event(id, "test_hold", format!("holding {point} for {ms} ms"))
+            .await;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
     async fn plan(&self, i: &InstanceRow) -> Result<InstancePlan> {
         let tenant = self.store.tenant(&i.tenant_id).await?.ok_or_else(|| {
             EngineError::Internal(format!("tenant {} of {} is gone", i.tenant_id, i.id))
@@ -575,7 +591,14 @@ impl Engine {
                         }
                         _ => format!("{how}; not restarted (--restart {})", r.policy),
                     };
-                    self.set_desired_state(&id, S::Stopped).await?;
+                    self.test_hold("exit", &id).await;
+                    // Only if the user (terminate) or a preemptor (interrupted) did not change
+                    // `desired` meanwhile: they write it without the instance lock, and an exit
+                    // must not undo them. If they did, the next pass takes their step.
+                    if !self.stop_if_desired_running(&id).await? {
+                        tracing::info!(instance = %id, "exited while its desired state changed: not stopping it");
+                        return Ok(());
+                    }
                     self.set(
                         &id,
                         S::Stopped,
