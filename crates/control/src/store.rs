@@ -1108,6 +1108,39 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
+    /// Moves a volume from state `from` to `to`; false if it was not in `from` (or is gone).
+    pub async fn set_volume_state_from(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        from: gpuvisor_wire::VolumeState,
+        to: gpuvisor_wire::VolumeState,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE volumes SET state = $1 WHERE tenant_id = $2 AND name = $3 AND state = $4",
+        )
+        .bind(to.as_str())
+        .bind(tenant_id.to_string())
+        .bind(name.to_string())
+        .bind(from.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Deletes a volume's row only while it is `pending`; false if it was not (a ready volume is
+    /// never removed by this).
+    pub async fn delete_volume_if_pending(&self, tenant_id: &str, name: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "DELETE FROM volumes WHERE tenant_id = $1 AND name = $2 AND state = 'pending'",
+        )
+        .bind(tenant_id.to_string())
+        .bind(name.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Volumes of one tenant, or of all tenants with `None`.
     pub async fn volumes(&self, tenant_id: Option<&str>) -> Result<Vec<VolumeRow>> {
         let rows = match tenant_id {

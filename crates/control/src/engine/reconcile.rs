@@ -666,7 +666,9 @@ impl Engine {
     /// Finishes or rolls back volumes left `pending` by a crash (those no request is making
     /// now): one that a live instance uses gets its image made (idempotent: a complete image is
     /// kept, a partial one replaced) and becomes ready; any other is removed, image and row, as
-    /// the failed request that made it would have done. A ready volume is never touched.
+    /// the failed request that made it would have done. A ready volume is never touched: the
+    /// sweep takes the volume's "being made" mark first (skipping it if a request holds it),
+    /// reads the row again under it, and its writes are conditional on `pending`.
     pub async fn finish_pending_volumes(&self) -> Result<()> {
         let pending: Vec<_> = self
             .store
@@ -675,39 +677,62 @@ impl Engine {
             .into_iter()
             .filter(|v| v.state == VolumeState::Pending)
             .collect();
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let live = self.store.live_instances(None).await?;
         for v in pending {
-            if self.is_making_volume(&v.tenant_id, &v.name) {
-                continue;
+            let mut making = self.making_guard(&v.tenant_id);
+            if !making.claim(&v.name) {
+                continue; // a request is making it right now
             }
-            let used = live.iter().any(|i| {
-                i.tenant_id == v.tenant_id && i.spec.volumes.iter().any(|m| m.name == v.name)
-            });
+            // Under the mark: a request that finished meanwhile made it ready or removed it.
+            match self.store.volume(&v.tenant_id, &v.name).await? {
+                Some(row) if row.state == VolumeState::Pending => {}
+                _ => continue,
+            }
+            let used = self
+                .store
+                .live_instances(Some(&v.tenant_id))
+                .await?
+                .iter()
+                .any(|i| i.spec.volumes.iter().any(|m| m.name == v.name));
             let (node, t, n, size) = (
                 self.node.clone(),
                 v.tenant_id.clone(),
                 v.name.clone(),
                 v.size,
             );
+            let key = (v.tenant_id.clone(), v.name.clone());
             if used {
                 match blocking(move || node.disks.create_volume(&t, &n, size)).await? {
                     Ok(()) => {
-                        self.store
-                            .set_volume_state(&v.tenant_id, &v.name, VolumeState::Ready)
-                            .await?;
-                        tracing::info!(volume = %v.name, "pending volume finished");
+                        self.volume_errors().remove(&key);
+                        if self
+                            .store
+                            .set_volume_state_from(
+                                &v.tenant_id,
+                                &v.name,
+                                VolumeState::Pending,
+                                VolumeState::Ready,
+                            )
+                            .await?
+                        {
+                            tracing::info!(volume = %v.name, "pending volume finished");
+                        }
                         self.wake.notify_one();
                     }
-                    Err(e) => tracing::warn!(volume = %v.name, "cannot finish pending volume: {e}"),
+                    Err(e) => {
+                        tracing::warn!(volume = %v.name, "cannot finish pending volume: {e}");
+                        self.volume_errors().insert(key, e.to_string());
+                    }
                 }
             } else {
                 match blocking(move || node.disks.remove_volume(&t, &n)).await? {
                     Ok(()) => {
-                        self.store.delete_volume(&v.tenant_id, &v.name).await?;
-                        tracing::info!(volume = %v.name, "pending volume rolled back");
+                        if self
+                            .store
+                            .delete_volume_if_pending(&v.tenant_id, &v.name)
+                            .await?
+                        {
+                            tracing::info!(volume = %v.name, "pending volume rolled back");
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(volume = %v.name, "cannot roll back pending volume: {e}")
