@@ -306,12 +306,19 @@ impl Engine {
             let me = self.clone();
             tokio::spawn(async move {
                 let id = i.id.clone();
-                if let Err(e) = me.act(i, step).await {
-                    tracing::warn!(instance = %id, "{e}");
-                }
+                let again = match me.act(i, step).await {
+                    Ok(again) => again,
+                    Err(e) => {
+                        tracing::warn!(instance = %id, "{e}");
+                        true
+                    }
+                };
                 drop(guard);
-                // Something may have changed while we worked: look again.
-                me.wake.notify_one();
+                // Something may have changed while we worked: look again (not when it waits
+                // for a volume: that would spin until the volume is ready).
+                if again {
+                    me.wake.notify_one();
+                }
             });
         }
         Ok(due)
@@ -417,16 +424,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Why an instance cannot be provisioned now: a volume still pending (`Ok(false)`: wait), or
-    /// missing, or a GPU no longer on this host (an error naming it).
+    /// Why an instance cannot be provisioned now: a volume still pending (`Ok(Err(why))`: wait;
+    /// the pending-volume sweep wakes the reconciler once it is ready), or missing, or a GPU no
+    /// longer on this host (`Err((event kind, reason))`).
     async fn provision_blocker(
         &self,
         i: &InstanceRow,
-    ) -> Result<std::result::Result<bool, (String, String)>> {
+    ) -> Result<std::result::Result<std::result::Result<(), String>, (String, String)>> {
         for v in &i.spec.volumes {
             match self.store.volume(&i.tenant_id, &v.name).await? {
                 Some(row) if row.state == VolumeState::Ready => {}
-                Some(_) => return Ok(Ok(false)),
+                Some(_) => {
+                    let why = self
+                        .volume_errors()
+                        .get(&(i.tenant_id.clone(), v.name.clone()))
+                        .cloned()
+                        .unwrap_or_else(|| "it is still being made".into());
+                    return Ok(Ok(Err(format!("waiting for volume {:?}: {why}", v.name))));
+                }
                 None => {
                     return Ok(Err((
                         "failed".into(),
@@ -451,13 +466,15 @@ impl Engine {
                 )));
             }
         }
-        Ok(Ok(true))
+        Ok(Ok(Ok(())))
     }
 
-    async fn act(&self, i: InstanceRow, step: Step) -> Result<()> {
+    /// Takes `step` on an instance; false when it is blocked on something the reconciler need
+    /// not look at again at once (a volume still being made).
+    async fn act(&self, i: InstanceRow, step: Step) -> Result<bool> {
         // Re-read under the lock: the decision was taken on a snapshot.
         let Some(i) = self.store.instance(&i.id).await? else {
-            return Ok(());
+            return Ok(true);
         };
         let id = i.id.clone();
         match step {
@@ -467,11 +484,20 @@ impl Engine {
                     (S::Running, S::Pending | S::Provisioning | S::Stopped)
                 ) || (i.state == S::Pending && i.restart.not_before > super::now_ms())
                 {
-                    return Ok(());
+                    return Ok(true);
                 }
                 match self.provision_blocker(&i).await? {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(()), // a volume is still being made
+                    Ok(Ok(())) => {}
+                    Ok(Err(waiting)) => {
+                        // Said once (not on every pass), and no immediate second look: the
+                        // sweep that finishes the volume wakes the reconciler, and the resync
+                        // period retries meanwhile.
+                        if i.reason.as_deref() != Some(waiting.as_str()) {
+                            self.set(&id, i.state, Some(&waiting), "waiting", waiting.clone())
+                                .await?;
+                        }
+                        return Ok(false);
+                    }
                     Err((kind, reason)) => {
                         if i.state != S::Provisioning {
                             self.set(&id, S::Provisioning, None, "state", "provisioning".into())
@@ -480,7 +506,8 @@ impl Engine {
                         self.teardown(&id, false).await?;
                         return self
                             .set(&id, S::Failed, Some(&reason), &kind, reason.clone())
-                            .await;
+                            .await
+                            .map(|()| true);
                     }
                 }
                 if i.state != S::Provisioning {
@@ -538,7 +565,7 @@ impl Engine {
             }
             Step::Exited => {
                 if (i.desired, i.state) != (S::Running, S::Running) {
-                    return Ok(());
+                    return Ok(true);
                 }
                 let (node, rid) = (self.node.clone(), id.clone());
                 let code = blocking(move || {
@@ -597,7 +624,7 @@ impl Engine {
                     // must not undo them. If they did, the next pass takes their step.
                     if !self.stop_if_desired_running(&id).await? {
                         tracing::info!(instance = %id, "exited while its desired state changed: not stopping it");
-                        return Ok(());
+                        return Ok(true);
                     }
                     self.set(
                         &id,
@@ -660,7 +687,7 @@ impl Engine {
                 self.drop_lock(&id);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Finishes or rolls back volumes left `pending` by a crash (those no request is making
