@@ -1314,6 +1314,36 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
+    /// [`Store::set_state`] and [`Store::set_restart`] in one statement (a crash cannot leave
+    /// one without the other); false if the instance does not exist.
+    pub async fn set_state_and_restart(
+        &self,
+        id: &str,
+        st: InstanceState,
+        reason: Option<&str>,
+        now: i64,
+        r: &RestartRow,
+    ) -> Result<bool> {
+        let q = sqlx::query(
+            "UPDATE instances SET state = $1, reason = $2, updated_at = $3, restart_count = $4, \
+             restart_not_before = $5, restart_backoff_ms = $6, started_at = $7, exit_code = $8 \
+             WHERE id = $9",
+        )
+        .bind(st.as_str())
+        .bind(reason.map(str::to_string))
+        .bind(now)
+        .bind(i64::from(r.count))
+        .bind(r.not_before)
+        .bind(r.backoff_ms)
+        .bind(r.started_at)
+        .bind(r.exit_code.map(i64::from))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_write)?;
+        Ok(q.rows_affected() > 0)
+    }
+
     /// Writes an instance's restart bookkeeping (everything but the policy, which is fixed at
     /// create); false if the instance does not exist.
     pub async fn set_restart(&self, id: &str, r: &RestartRow) -> Result<bool> {

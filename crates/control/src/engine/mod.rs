@@ -101,6 +101,9 @@ pub struct Engine {
     /// (tenant id, name) of pending volumes the reconciler could not finish, and why: the
     /// reason an instance waiting for one of them shows.
     volume_errors: Mutex<HashMap<(String, String), String>>,
+    /// Exit codes reaped whose instance's teardown has not completed yet (a retry of the
+    /// `Exited` step cannot reap them again).
+    seen_exits: Mutex<HashMap<String, i32>>,
     /// When this daemon process started (unix ms): an instance whose run started before it
     /// ended while another daemon (or none, a reboot) was its parent.
     pub(crate) started_ms: i64,
@@ -213,6 +216,7 @@ impl Engine {
             registry: Default::default(),
             making_volumes: Mutex::new(Default::default()),
             volume_errors: Mutex::new(Default::default()),
+            seen_exits: Mutex::new(Default::default()),
             started_ms: now_ms(),
         })
     }
@@ -250,6 +254,21 @@ impl Engine {
         reason: Option<&str>,
     ) -> Result<()> {
         self.store.set_state(id, st, reason, self.tick()).await?;
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// [`Engine::set_state`] and the restart bookkeeping in one store write.
+    pub(crate) async fn set_state_and_restart(
+        &self,
+        id: &str,
+        st: InstanceState,
+        reason: Option<&str>,
+        r: &crate::store::RestartRow,
+    ) -> Result<()> {
+        self.store
+            .set_state_and_restart(id, st, reason, self.tick(), r)
+            .await?;
         self.changed.send_modify(|v| *v += 1);
         Ok(())
     }
@@ -697,6 +716,11 @@ impl Engine {
             tenant_id: tenant_id.to_string(),
             names: Vec::new(),
         }
+    }
+
+    /// See `seen_exits`.
+    pub(crate) fn seen_exits(&self) -> std::sync::MutexGuard<'_, HashMap<String, i32>> {
+        self.seen_exits.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// See `volume_errors`.

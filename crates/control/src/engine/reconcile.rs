@@ -56,6 +56,18 @@ fn next_backoff(last_ms: i64, ran_ms: i64) -> i64 {
     }
 }
 
+/// The delay before restarting an instance that exited: the backoff of [`next_backoff`],
+/// from how long its run lasted, whether or not its exit status is known (a failed `prctl`, a
+/// daemon restart while it ran, a cgroup v1 zombie...); none only for a run that started before
+/// this daemon did (`daemon_started`, unix ms): found gone at start, as after a host reboot.
+fn restart_delay(r: &crate::store::RestartRow, now: i64, daemon_started: i64) -> i64 {
+    if r.started_at < daemon_started {
+        0
+    } else {
+        next_backoff(r.backoff_ms, now - r.started_at)
+    }
+}
+
 fn step(i: &InstanceRow, running: &BTreeSet<String>, now: i64) -> Option<Step> {
     match (i.desired, i.state) {
         // Waiting out a restart's backoff.
@@ -404,6 +416,20 @@ impl Engine {
         self.set_state(id, st, reason).await
     }
 
+    /// [`Engine::set`] with the restart bookkeeping in the same store write.
+    async fn set_with_restart(
+        &self,
+        id: &str,
+        st: S,
+        reason: Option<&str>,
+        kind: &str,
+        msg: String,
+        r: &crate::store::RestartRow,
+    ) -> Result<()> {
+        self.event(id, kind, msg).await;
+        self.set_state_and_restart(id, st, reason, r).await
+    }
+
     async fn teardown(&self, id: &str, stop_first: bool) -> Result<()> {
         let (node, rid, grace) = (self.node.clone(), id.to_string(), self.cfg.stop_grace);
         blocking(move || {
@@ -568,7 +594,7 @@ impl Engine {
                     return Ok(true);
                 }
                 let (node, rid) = (self.node.clone(), id.clone());
-                let code = blocking(move || {
+                let reaped = blocking(move || {
                     let init = reap::init(&node, &rid)?;
                     match reap::reap(&node, &init, Duration::from_millis(200)) {
                         Reaped::Exited(c) => Some(c),
@@ -576,24 +602,33 @@ impl Engine {
                     }
                 })
                 .await?;
+                // Kept before the teardown: a teardown that fails is retried by the next pass,
+                // which can no longer reap the (already reaped) init.
+                let code = match reaped {
+                    Some(c) => {
+                        self.seen_exits().insert(id.clone(), c);
+                        let r = crate::store::RestartRow {
+                            exit_code: Some(c),
+                            ..i.restart.clone()
+                        };
+                        self.store.set_restart(&id, &r).await?;
+                        Some(c)
+                    }
+                    None => self.seen_exits().get(&id).copied(),
+                };
                 self.teardown(&id, false).await?;
+                self.seen_exits().remove(&id);
                 let how = match code {
                     Some(c) => format!("exited with code {c}"),
-                    None => "exited with an unknown status (it ended while no daemon was its \
-                             parent: a host reboot, or a daemon restart)"
+                    None => "exited with an unknown status (it ended while this daemon was not \
+                             its parent: a host reboot, or a daemon restart)"
                         .to_string(),
                 };
                 let now = super::now_ms();
                 let mut r = i.restart.clone();
                 r.exit_code = code;
                 if r.policy.restarts(code, r.count) {
-                    // An exit we did not see (found gone at daemon start: a host reboot) is
-                    // restarted at once; the backoff is for exits we watch repeat.
-                    let delay = if code.is_some() {
-                        next_backoff(r.backoff_ms, now - r.started_at)
-                    } else {
-                        0
-                    };
+                    let delay = restart_delay(&r, now, self.started_ms);
                     r.count += 1;
                     if delay > 0 {
                         r.backoff_ms = delay;
@@ -603,11 +638,11 @@ impl Engine {
                         "{how}; restart {} (--restart {}) in {} ms",
                         r.count, r.policy, delay
                     );
-                    // State first: nobody sees the new count on a row still marked running.
-                    // (The reconciler cannot act on the row between the two: we hold its lock.)
-                    self.set(&id, S::Pending, Some(&msg), "restart", msg.clone())
+                    // State and count in one write: a crash between two writes would either
+                    // restart at once without counting it, or show the new count on a row still
+                    // marked running (and count the exit twice).
+                    self.set_with_restart(&id, S::Pending, Some(&msg), "restart", msg.clone(), &r)
                         .await?;
-                    self.store.set_restart(&id, &r).await?;
                 } else {
                     self.store.set_restart(&id, &r).await?;
                     let why = match r.policy {
@@ -682,6 +717,7 @@ impl Engine {
                 let node = self.node.clone();
                 let rid = id.clone();
                 blocking(move || node.forget(&rid)).await?;
+                self.seen_exits().remove(&id);
                 self.set(&id, S::Terminated, None, "state", "terminated".into())
                     .await?;
                 self.drop_lock(&id);
@@ -861,6 +897,27 @@ mod tests {
         assert_eq!(next_backoff(256_000, 0), 300_000);
         assert_eq!(next_backoff(300_000, 0), 300_000);
         assert_eq!(next_backoff(64_000, 10_000), 1_000);
+    }
+
+    #[test]
+    fn an_unknown_exit_status_still_backs_off_unless_the_run_predates_the_daemon() {
+        let daemon_started = 50_000;
+        let r = crate::store::RestartRow {
+            started_at: 60_000,
+            backoff_ms: 2_000,
+            ..Default::default()
+        };
+        // Ran 1 s under this daemon: the backoff doubles, status known or not.
+        assert_eq!(restart_delay(&r, 61_000, daemon_started), 4_000);
+        // Ran under an earlier daemon (or before a reboot): restarted at once.
+        let before = crate::store::RestartRow {
+            started_at: 40_000,
+            ..r.clone()
+        };
+        assert_eq!(restart_delay(&before, 61_000, daemon_started), 0);
+        // A first restart after a long run: the first delay.
+        let first = crate::store::RestartRow { backoff_ms: 0, ..r };
+        assert_eq!(restart_delay(&first, 61_000, daemon_started), 1_000);
     }
 
     #[test]
