@@ -476,6 +476,39 @@ impl Engine {
                 }
             }
         }
+        // A host that changed across a reboot: what the instance had must still be there.
+        for v in &i.spec.volumes {
+            let image = self.node.disks.volume_image(&i.tenant_id, &v.name);
+            if !image.exists() {
+                return Ok(Err((
+                    "volume_gone".into(),
+                    format!(
+                        "volume_gone: the image of volume {:?} ({}) is missing from this host; \
+                         its data is lost: remove the volume, create it again and start the \
+                         instance",
+                        v.name,
+                        image.display()
+                    ),
+                )));
+            }
+        }
+        if let Some(online) = self.node.cfg.root.online_cpus() {
+            let gone: Vec<u32> = i
+                .cpus
+                .iter()
+                .copied()
+                .filter(|c| !online.contains(c))
+                .collect();
+            if !gone.is_empty() {
+                return Ok(Err((
+                    "cpus_gone".into(),
+                    format!(
+                        "cpus_gone: CPUs {gone:?} of the instance are no longer online on this \
+                         host; terminate the instance and create it again"
+                    ),
+                )));
+            }
+        }
         let inventory = self.node.gpus();
         for g in &i.gpus {
             if !inventory
@@ -554,8 +587,12 @@ impl Engine {
                 // Found `provisioning`: an earlier attempt was cut short by a crash, and what it
                 // had started may have gone on without us (an orphaned `runc run` creating the
                 // container). One retry from a clean slate, after that has settled.
-                if let (Err(e), Ok(plan), S::Provisioning) = (&result, &plan, i.state) {
-                    tracing::warn!(instance = %id, "provisioning after a crash failed ({e}); retrying once from scratch");
+                // Also for the first start after a reboot or a daemon restart (the run it
+                // replaces started before this daemon): a host still settling.
+                let recovering = i.state == S::Provisioning
+                    || (i.restart.started_at > 0 && i.restart.started_at < self.started_ms);
+                if let (Err(e), Ok(plan), true) = (&result, &plan, recovering) {
+                    tracing::warn!(instance = %id, "provisioning after a crash or a reboot failed ({e}); retrying once from scratch");
                     self.teardown(&id, false).await?;
                     let (node, plan) = (self.node.clone(), plan.clone());
                     result = blocking(move || node.provision(&plan))
