@@ -229,6 +229,46 @@ fn always_restarts_a_clean_exit_with_backoff_until_stopped() {
     d.json(&["instance", "terminate", &id, "--wait", "--timeout", "60s"]);
 }
 
+/// `instance start` while the instance waits out a backoff ends the wait and begins a new
+/// count and backoff: the next exit's restart is announced after the first delay again.
+#[test]
+fn a_start_during_a_backoff_resets_it() {
+    let _s = serial();
+    let d = daemon();
+    d.import_busybox();
+    let id = create(&d, &[], &["sh", "-c", "exit 1"]);
+    let wait_announced = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ev = events(&d, &id);
+            if announced_delays(&ev).len() >= n {
+                return ev;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never restarted {n} times: {ev:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // In the third restart's 4 s backoff.
+    wait_announced(3);
+    let v = d.json(&["instance", "start", &id]);
+    assert_eq!(v["restart_count"], 0, "a start begins a new count: {v}");
+    let ev = wait_announced(4);
+    assert_eq!(
+        announced_delays(&ev)[..4],
+        [1000, 2000, 4000, 1000],
+        "a start begins a new backoff: {ev:#?}"
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e["message"] == "start requested: restart backoff ended"),
+        "{ev:#?}"
+    );
+    d.json(&["instance", "terminate", &id, "--wait", "--timeout", "60s"]);
+}
+
 #[test]
 fn restart_no_leaves_an_exited_instance_stopped() {
     let _s = serial();

@@ -1537,10 +1537,15 @@ impl Engine {
                 row.id, row.state, desired
             )));
         }
+        // Waiting out a restart's backoff: a start ends the wait.
+        let in_backoff = row.desired == InstanceState::Running
+            && row.state == InstanceState::Pending
+            && row.restart.not_before > now_ms();
         if desired == InstanceState::Running
-            && (row.desired != desired || row.state == InstanceState::Failed)
+            && (row.desired != desired || row.state == InstanceState::Failed || in_backoff)
         {
-            // A start by the user begins a new count for `on-failure:N` and a new backoff.
+            // A start by the user begins a new count for `on-failure:N` and a new backoff
+            // (and, during a backoff, provisions at once).
             let fresh = crate::store::RestartRow {
                 policy: row.restart.policy,
                 started_at: row.restart.started_at,
@@ -1561,6 +1566,13 @@ impl Engine {
             self.set_state(&row.id, InstanceState::Pending, None)
                 .await?;
             self.event(&row.id, "requested", "retry requested").await;
+        } else if in_backoff {
+            self.event(
+                &row.id,
+                "requested",
+                "start requested: restart backoff ended",
+            )
+            .await;
         }
         self.wake.notify_one();
         self.get_instance(who, &row.id).await

@@ -8,8 +8,9 @@
 //! exited, or the host rebooted and took every host object with it) is torn down and, if its
 //! restart policy says so, goes back to `pending` with a `not_before` time; the next pass
 //! provisions it again from scratch: fresh container disk, same volumes and GPUs. The delay
-//! doubles from 1 s to 5 min while the instance keeps exiting within 10 s of starting; an exit
-//! the daemon did not see (found gone at start, e.g. after a reboot) is restarted at once.
+//! doubles from 1 s to 5 min while the instance keeps exiting within 10 s of starting, whether
+//! or not its exit status is known; only a run that started before this daemon process (found
+//! gone at start, e.g. after a reboot) is restarted at once.
 //! Exit codes come from `waitpid`: the daemon is the child subreaper of the containers it
 //! starts (`gpuvisor_node::reap`); a process that ended under an earlier daemon has an unknown
 //! status, which counts as a failure.
