@@ -269,6 +269,87 @@ fn a_start_during_a_backoff_resets_it() {
     d.json(&["instance", "terminate", &id, "--wait", "--timeout", "60s"]);
 }
 
+/// An instance whose volume stays `pending` (the sweep cannot finish it: here its image has the
+/// wrong size) waits, with a reason naming the volume and the sweep's error, said once (not
+/// rewritten on every pass); once the volume can be finished, the sweep makes it ready and the
+/// instance runs.
+#[test]
+fn an_instance_waiting_for_a_pending_volume_says_why() {
+    if Command::new("sqlite3").arg("-version").output().is_err() {
+        common::prerequisite_missing("sqlite3 (scripts/install-deps installs it)");
+        return;
+    }
+    let _s = serial();
+    let mut d = daemon();
+    d.import_busybox();
+    let id = create(
+        &d,
+        &["--wait", "--volume", "stuck:/v:32MiB"],
+        &["sleep", "1000000"],
+    );
+    d.json(&["instance", "stop", &id, "--wait", "--timeout", "60s"]);
+    d.kill9();
+    // What a crash mid-create can leave: the row pending, and an image the sweep cannot finish.
+    let out = Command::new("sqlite3")
+        .arg(d.data().join("gpuvisor.db"))
+        .arg("UPDATE volumes SET state = 'pending' WHERE name = 'stuck';")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let image = std::fs::read_dir(d.data().join("volumes"))
+        .unwrap()
+        .flatten()
+        .map(|t| t.path().join("stuck.img"))
+        .find(|p| p.is_file())
+        .expect("the image of volume stuck");
+    let resize = |len: u64| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap()
+            .set_len(len)
+            .unwrap()
+    };
+    resize(48 << 20);
+    d.restart();
+    d.json(&["instance", "start", &id]);
+    let v = wait_for(&d, &id, 60, "said it waits", |v| {
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("waiting for volume"))
+    });
+    let reason = v["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("\"stuck\"") && reason.contains("not the 33554432 asked for"),
+        "the reason names the volume and the sweep's error: {v}"
+    );
+    // Several reconcile periods (1 s each) later: still waiting, said once.
+    std::thread::sleep(Duration::from_secs(3));
+    let v = get(&d, &id);
+    assert_eq!(v["state"], "stopped", "{v}");
+    let waiting = events(&d, &id)
+        .into_iter()
+        .filter(|e| e["kind"] == "waiting")
+        .count();
+    assert_eq!(waiting, 1, "{:#?}", events(&d, &id));
+    // Repaired: the sweep at the next start finishes the volume and the instance runs.
+    resize(32 << 20);
+    d.restart();
+    wait_for(&d, &id, 60, "ran", |v| v["state"] == "running");
+    assert_eq!(
+        d.json(&["volume", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "stuck")
+            .map(|v| v["state"].clone()),
+        Some("ready".into())
+    );
+    d.json(&["instance", "terminate", &id, "--wait", "--timeout", "60s"]);
+    let leaks = d.leaks(std::slice::from_ref(&id));
+    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
+}
+
 #[test]
 fn restart_no_leaves_an_exited_instance_stopped() {
     let _s = serial();
