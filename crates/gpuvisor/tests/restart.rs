@@ -14,7 +14,8 @@
 //!   the lost GPU fails with `gpu_gone`, the one whose volume image is gone with `volume_gone`.
 //!   (`cpus_gone`, a pinned CPU no longer online, is not simulated: it needs CPU hotplug.)
 //! - A terminate that lands while an exit is handled is not undone by it (a hidden test hook
-//!   holds the reconciler there).
+//!   holds the reconciler there); a teardown after an exit that fails once (another hook) keeps
+//!   the exit code for its retry.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -227,6 +228,32 @@ fn always_restarts_a_clean_exit_with_backoff_until_stopped() {
         "ran again after the stop: {ev:#?}"
     );
     d.json(&["instance", "terminate", &id, "--wait", "--timeout", "60s"]);
+}
+
+/// A teardown after an exit that fails (the hidden test hook fails the first one) is retried
+/// by the next pass, which cannot reap the init again: the exit code is not lost.
+#[test]
+fn a_failed_teardown_keeps_the_exit_code() {
+    let _s = serial();
+    std::env::set_var("GPUVISOR_TEST_FAIL_EXIT_TEARDOWN", "1");
+    let d = daemon();
+    std::env::remove_var("GPUVISOR_TEST_FAIL_EXIT_TEARDOWN");
+    d.import_busybox();
+    let id = create(&d, &["--restart", "no"], &["sh", "-c", "exit 7"]);
+    let v = wait_for(&d, &id, 60, "stopped", |v| v["state"] == "stopped");
+    assert!(
+        d.log()
+            .contains("test hook: the teardown after the exit failed"),
+        "the hook did not fire"
+    );
+    assert_eq!(v["exit_code"], 7, "{v}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("exited with code 7"),
+        "{v}"
+    );
+    d.json(&["instance", "terminate", &id, "--wait", "--timeout", "60s"]);
+    let leaks = d.leaks(std::slice::from_ref(&id));
+    assert!(leaks.is_empty(), "leaked: {leaks:#?}");
 }
 
 /// `instance start` while the instance waits out a backoff ends the wait and begins a new

@@ -353,6 +353,26 @@ impl Engine {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
+    /// A hidden test hook: with `GPUVISOR_TEST_FAIL_EXIT_TEARDOWN=1` in the daemon's
+    /// environment, the first teardown after each instance's exit fails (as a busy mount
+    /// would), so a test can check what the retry keeps. Without it it does nothing.
+    fn test_fail_exit_teardown(&self, id: &str) -> Result<()> {
+        static FAILED: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+        if std::env::var("GPUVISOR_TEST_FAIL_EXIT_TEARDOWN").as_deref() != Ok("1") {
+            return Ok(());
+        }
+        if FAILED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string())
+        {
+            return Err(EngineError::Internal(
+                "test hook: the teardown after the exit failed".into(),
+            ));
+        }
+        Ok(())
+    }
+
     async fn plan(&self, i: &InstanceRow) -> Result<InstancePlan> {
         let tenant = self.store.tenant(&i.tenant_id).await?.ok_or_else(|| {
             EngineError::Internal(format!("tenant {} of {} is gone", i.tenant_id, i.id))
@@ -654,6 +674,7 @@ impl Engine {
                     }
                     None => self.seen_exits().get(&id).copied(),
                 };
+                self.test_fail_exit_teardown(&id)?;
                 self.teardown(&id, false).await?;
                 self.seen_exits().remove(&id);
                 let how = match code {
