@@ -1108,6 +1108,39 @@ impl Store {
         Ok(r.rows_affected() > 0)
     }
 
+    /// Moves a volume from state `from` to `to`; false if it was not in `from` (or is gone).
+    pub async fn set_volume_state_from(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        from: gpuvisor_wire::VolumeState,
+        to: gpuvisor_wire::VolumeState,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE volumes SET state = $1 WHERE tenant_id = $2 AND name = $3 AND state = $4",
+        )
+        .bind(to.as_str())
+        .bind(tenant_id.to_string())
+        .bind(name.to_string())
+        .bind(from.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Deletes a volume's row only while it is `pending`; false if it was not (a ready volume is
+    /// never removed by this).
+    pub async fn delete_volume_if_pending(&self, tenant_id: &str, name: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "DELETE FROM volumes WHERE tenant_id = $1 AND name = $2 AND state = 'pending'",
+        )
+        .bind(tenant_id.to_string())
+        .bind(name.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Volumes of one tenant, or of all tenants with `None`.
     pub async fn volumes(&self, tenant_id: Option<&str>) -> Result<Vec<VolumeRow>> {
         let rows = match tenant_id {
@@ -1263,6 +1296,52 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)
+    }
+
+    /// The reconciler's own desired-state write after an exit its policy does not restart:
+    /// `running` becomes `stopped` only if nobody changed it meanwhile (a terminate, or a
+    /// preemptor's `interrupted`, which are written without the instance lock). True if it
+    /// changed the row.
+    pub async fn stop_if_desired_running(&self, id: &str, now: i64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE instances SET desired = 'stopped', updated_at = $1 \
+             WHERE id = $2 AND desired = 'running'",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// [`Store::set_state`] and [`Store::set_restart`] in one statement (a crash cannot leave
+    /// one without the other); false if the instance does not exist.
+    pub async fn set_state_and_restart(
+        &self,
+        id: &str,
+        st: InstanceState,
+        reason: Option<&str>,
+        now: i64,
+        r: &RestartRow,
+    ) -> Result<bool> {
+        let q = sqlx::query(
+            "UPDATE instances SET state = $1, reason = $2, updated_at = $3, restart_count = $4, \
+             restart_not_before = $5, restart_backoff_ms = $6, started_at = $7, exit_code = $8 \
+             WHERE id = $9",
+        )
+        .bind(st.as_str())
+        .bind(reason.map(str::to_string))
+        .bind(now)
+        .bind(i64::from(r.count))
+        .bind(r.not_before)
+        .bind(r.backoff_ms)
+        .bind(r.started_at)
+        .bind(r.exit_code.map(i64::from))
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_write)?;
+        Ok(q.rows_affected() > 0)
     }
 
     /// Writes an instance's restart bookkeeping (everything but the policy, which is fixed at

@@ -1020,6 +1020,85 @@ async fn volumes_are_per_tenant() {
     .await;
 }
 
+/// The reconciler's writes that race requests are conditional: a pending volume's sweep never
+/// removes or re-marks a volume a request made ready meanwhile, and an exit never writes
+/// `desired: stopped` over a terminate or a preemption.
+#[tokio::test]
+async fn conditional_writes_do_not_undo_others() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        let vol = |n: &str, state| VolumeRow {
+            tenant_id: "t-1".into(),
+            name: n.into(),
+            size: 1 << 20,
+            created_at: 7,
+            state,
+        };
+        store
+            .insert_volume(&vol("p", VolumeState::Pending))
+            .await
+            .unwrap();
+        store
+            .insert_volume(&vol("r", VolumeState::Ready))
+            .await
+            .unwrap();
+        assert!(
+            !store.delete_volume_if_pending("t-1", "r").await.unwrap(),
+            "{backend}: a ready volume is not deleted"
+        );
+        assert!(
+            store.volume("t-1", "r").await.unwrap().is_some(),
+            "{backend}"
+        );
+        assert!(
+            !store
+                .set_volume_state_from("t-1", "r", VolumeState::Pending, VolumeState::Ready)
+                .await
+                .unwrap(),
+            "{backend}: not pending: no row touched"
+        );
+        assert!(store
+            .set_volume_state_from("t-1", "p", VolumeState::Pending, VolumeState::Ready)
+            .await
+            .unwrap());
+        store
+            .insert_volume(&vol("q", VolumeState::Pending))
+            .await
+            .unwrap();
+        assert!(store.delete_volume_if_pending("t-1", "q").await.unwrap());
+        assert!(
+            store.volume("t-1", "q").await.unwrap().is_none(),
+            "{backend}"
+        );
+
+        for (id, desired, stops) in [
+            ("i-run", InstanceState::Running, true),
+            ("i-term", InstanceState::Terminated, false),
+            ("i-intr", InstanceState::Interrupted, false),
+        ] {
+            let mut row = instance_row(id, "t-1", id, 100);
+            row.desired = desired;
+            store.insert_instance(&row).await.unwrap();
+            assert_eq!(
+                store.stop_if_desired_running(id, 200).await.unwrap(),
+                stops,
+                "{backend}: {id}"
+            );
+            let want = if stops {
+                InstanceState::Stopped
+            } else {
+                desired
+            };
+            assert_eq!(
+                store.instance(id).await.unwrap().unwrap().desired,
+                want,
+                "{backend}: {id}"
+            );
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn restart_bookkeeping_round_trips() {
     for_each_backend(|Db { store, backend, .. }| async move {

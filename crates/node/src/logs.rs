@@ -240,9 +240,67 @@ pub fn relay(mut input: impl Read, dir: &Path, limits: LogLimits) -> std::io::Re
     }
 }
 
+/// Relays this process started and has not reaped yet, by (logs dir, instance id): their pid
+/// and start time (`/proc/<pid>/stat` field 22, so a pid reused after someone else reaped it
+/// is never mistaken for them).
+static RELAYS: std::sync::Mutex<std::collections::BTreeMap<(PathBuf, String), (i32, u64)>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// (start time, state) of process `pid`, from `/proc/<pid>/stat`.
+fn proc_stat(pid: i32) -> Option<(u64, char)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields follow its last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    // Field 22 overall; the state is field 3.
+    let start = fields.get(22 - 3)?.parse().ok()?;
+    Some((start, state))
+}
+
+/// Reaps the relay of `id` that this process started, once it has ended (or waits up to a
+/// second for a killed one to end). Without this an ended relay stays a zombie of the daemon,
+/// which is the child subreaper of what it starts, until the daemon's periodic sweep.
+fn reap_relay(logs: &Path, id: &str) {
+    let key = (logs.to_path_buf(), id.to_string());
+    let Some((pid, start)) = RELAYS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&key)
+    else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match proc_stat(pid) {
+            // Gone (reaped elsewhere), or the pid is another process's now: not ours to reap.
+            None => return,
+            Some((s, _)) if s != start => return,
+            Some((_, 'Z')) => {
+                let _ = nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(pid),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                );
+                return;
+            }
+            Some(_) if std::time::Instant::now() >= deadline => {
+                // Still running (it should not be): keep it for the next stop.
+                RELAYS
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, (pid, start));
+                return;
+            }
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}
+
 /// Starts the relay of instance `id` and returns the write end of its pipe, for the
-/// container's stdout and stderr. The relay is detached: its own session, reparented to init
-/// (the intermediate process exits at once and is reaped here), stdin the pipe's read end.
+/// container's stdout and stderr. The relay is detached: its own session, reparented to the
+/// nearest child subreaper, which is the daemon (`reap::become_subreaper`; else init). The
+/// intermediate process exits at once and is reaped here; it passes the relay's pid back
+/// through a pipe, so [`stop_relay`] can reap the relay as soon as it ends.
 pub fn start_relay(
     relay_bin: &Path,
     logs: &Path,
@@ -251,6 +309,13 @@ pub fn start_relay(
 ) -> std::io::Result<OwnedFd> {
     use std::os::unix::process::CommandExt;
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+    // The relay's pid, from the intermediate process (close-on-exec: the relay does not keep it).
+    let (pid_r, pid_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+    let pid_w_fd = {
+        use std::os::fd::AsRawFd;
+        pid_w.as_raw_fd()
+    };
     let mut cmd = Command::new(relay_bin);
     cmd.arg(RELAY_SUBCOMMAND)
         .arg("--dir")
@@ -264,22 +329,38 @@ pub fn start_relay(
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     // SAFETY: runs in the forked child before exec, where only async-signal-safe calls are
-    // allowed: setsid(2), fork(2) and _exit(2) are. The parent half exits at once; the child
-    // goes on to exec the relay.
+    // allowed: setsid(2), fork(2), write(2) and _exit(2) are. The parent half writes the
+    // child's pid (a plain i32 on its stack) to the pipe and exits at once; the child goes on
+    // to exec the relay.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             match libc::fork() {
                 -1 => Err(std::io::Error::last_os_error()),
                 0 => Ok(()),
-                _ => libc::_exit(0),
+                pid => {
+                    let b = pid.to_ne_bytes();
+                    libc::write(pid_w_fd, b.as_ptr().cast(), b.len());
+                    libc::_exit(0)
+                }
             }
         });
     }
     let mut child = cmd.spawn()?;
+    drop(pid_w);
     child.wait()?;
+    let mut b = [0u8; 4];
+    if std::io::Read::read_exact(&mut std::fs::File::from(pid_r), &mut b).is_ok() {
+        let pid = i32::from_ne_bytes(b);
+        if let Some((start, _)) = proc_stat(pid) {
+            RELAYS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((logs.to_path_buf(), id.to_string()), (pid, start));
+        }
+    }
     Ok(w)
 }
 
@@ -315,7 +396,9 @@ pub fn relay_processes(root: &crate::HostRoot, logs: &Path) -> Vec<(i32, String)
 }
 
 /// Ends the relay of `id`: it normally exits by itself once the container is gone (end of
-/// file); this waits up to `grace` for that, so the last output is kept, then kills it.
+/// file); this waits up to `grace` for that, so the last output is kept, then kills it, and
+/// reaps it if this process started it (an ended relay is a zombie, whose `cmdline` is empty:
+/// it is no longer among [`relay_processes`]).
 pub fn stop_relay(root: &crate::HostRoot, logs: &Path, id: &str, grace: std::time::Duration) {
     use nix::sys::signal::{kill, Signal};
     let deadline = std::time::Instant::now() + grace;
@@ -326,12 +409,14 @@ pub fn stop_relay(root: &crate::HostRoot, logs: &Path, id: &str, grace: std::tim
             .map(|(p, _)| p)
             .collect();
         if mine.is_empty() {
+            reap_relay(logs, id);
             return;
         }
         if std::time::Instant::now() >= deadline {
             for p in mine {
                 let _ = kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
             }
+            reap_relay(logs, id);
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -348,6 +433,38 @@ mod tests {
             reserve: 0,
             relay: None,
         }
+    }
+
+    /// A relay that ended is a zombie of its subreaper (the daemon; here the test process):
+    /// `stop_relay` reaps it at once instead of leaving it to the daemon's periodic sweep.
+    #[test]
+    fn stop_relay_reaps_an_ended_relay() {
+        crate::reap::become_subreaper().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        // `true` ends at once, as a relay does at the end of its input.
+        let w = start_relay(Path::new("/bin/true"), d.path(), "relayreap01", &limits(0)).unwrap();
+        drop(w);
+        let key = (d.path().to_path_buf(), "relayreap01".to_string());
+        let (pid, _) = *RELAYS.lock().unwrap().get(&key).expect("the relay's pid");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while proc_stat(pid).map(|(_, st)| st) != Some('Z') {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "relay {pid} never ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        stop_relay(
+            &crate::HostRoot::real(),
+            d.path(),
+            "relayreap01",
+            std::time::Duration::ZERO,
+        );
+        assert_eq!(
+            proc_stat(pid),
+            None,
+            "the ended relay {pid} is still a zombie"
+        );
     }
 
     #[test]

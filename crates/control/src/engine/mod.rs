@@ -98,19 +98,51 @@ pub struct Engine {
     /// (tenant id, name) of the volumes a request is making right now: their `pending` rows
     /// are not a crash's leftovers, so the reconciler leaves them alone.
     making_volumes: Mutex<std::collections::HashSet<(String, String)>>,
+    /// (tenant id, name) of pending volumes the reconciler could not finish, and why: the
+    /// reason an instance waiting for one of them shows.
+    volume_errors: Mutex<HashMap<(String, String), String>>,
+    /// Exit codes reaped whose instance's teardown has not completed yet (a retry of the
+    /// `Exited` step cannot reap them again).
+    seen_exits: Mutex<HashMap<String, i32>>,
+    /// When this daemon process started (unix ms): an instance whose run started before it
+    /// ended while another daemon (or none, a reboot) was its parent.
+    pub(crate) started_ms: i64,
 }
 
-/// See [`Engine::making_guard`].
-struct MakingGuard<'a> {
+/// The "being made" marks one request (or one reconciler pass) holds: [`MakingGuard::claim`]
+/// takes a mark only if nobody holds it, and the marks it took end when the guard is dropped,
+/// also when the request's future is dropped half-way (its client went away): the pending rows
+/// it leaves are then the reconciler's to finish or roll back, not hidden from it until a
+/// restart. A guard never ends a mark it did not take.
+pub(crate) struct MakingGuard<'a> {
     engine: &'a Engine,
-    tenant_id: &'a str,
+    tenant_id: String,
     names: Vec<String>,
+}
+
+impl MakingGuard<'_> {
+    /// Marks `name` as being made by the guard's holder; false if someone else holds it.
+    pub(crate) fn claim(&mut self, name: &str) -> bool {
+        if !self.engine.try_mark_making(&self.tenant_id, name) {
+            return false;
+        }
+        self.names.push(name.to_string());
+        true
+    }
+
+    /// Ends the mark of `name` now (the guard took it).
+    fn release(&mut self, name: &str) {
+        if let Some(at) = self.names.iter().position(|n| n == name) {
+            self.names.remove(at);
+            self.engine.unmark_making(&self.tenant_id, name);
+        }
+    }
 }
 
 impl Drop for MakingGuard<'_> {
     fn drop(&mut self) {
         for n in &self.names {
-            self.engine.making_volume(self.tenant_id, n, true);
+            self.engine.unmark_making(&self.tenant_id, n);
         }
     }
 }
@@ -183,6 +215,9 @@ impl Engine {
             tenant_deletions: std::sync::atomic::AtomicBool::new(true),
             registry: Default::default(),
             making_volumes: Mutex::new(Default::default()),
+            volume_errors: Mutex::new(Default::default()),
+            seen_exits: Mutex::new(Default::default()),
+            started_ms: now_ms(),
         })
     }
 
@@ -223,10 +258,35 @@ impl Engine {
         Ok(())
     }
 
+    /// [`Engine::set_state`] and the restart bookkeeping in one store write.
+    pub(crate) async fn set_state_and_restart(
+        &self,
+        id: &str,
+        st: InstanceState,
+        reason: Option<&str>,
+        r: &crate::store::RestartRow,
+    ) -> Result<()> {
+        self.store
+            .set_state_and_restart(id, st, reason, self.tick(), r)
+            .await?;
+        self.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
     pub(crate) async fn set_desired_state(&self, id: &str, desired: InstanceState) -> Result<()> {
         self.store.set_desired(id, desired, self.tick()).await?;
         self.changed.send_modify(|v| *v += 1);
         Ok(())
+    }
+
+    /// `desired: running -> stopped`, only if nobody changed `desired` meanwhile (see
+    /// [`Store::stop_if_desired_running`]); true if it changed.
+    pub(crate) async fn stop_if_desired_running(&self, id: &str) -> Result<bool> {
+        let changed = self.store.stop_if_desired_running(id, self.tick()).await?;
+        if changed {
+            self.changed.send_modify(|v| *v += 1);
+        }
+        Ok(changed)
     }
 
     /// Answers the instance as soon as its `updated_at` differs from `since`, or at `timeout`:
@@ -634,29 +694,40 @@ impl Engine {
         })
     }
 
-    /// Marks (or, with `done`, unmarks) a volume as being made by a request right now.
-    fn making_volume(&self, tenant_id: &str, name: &str, done: bool) {
-        let mut m = self
-            .making_volumes
+    /// Marks a volume as being made; false if it already is (by someone else).
+    fn try_mark_making(&self, tenant_id: &str, name: &str) -> bool {
+        self.making_volumes
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let key = (tenant_id.to_string(), name.to_string());
-        if done {
-            m.remove(&key);
-        } else {
-            m.insert(key);
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((tenant_id.to_string(), name.to_string()))
+    }
+
+    fn unmark_making(&self, tenant_id: &str, name: &str) {
+        self.making_volumes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(tenant_id.to_string(), name.to_string()));
+    }
+
+    /// An empty set of "being made" marks for volumes of `tenant_id` (see [`MakingGuard`]).
+    pub(crate) fn making_guard(&self, tenant_id: &str) -> MakingGuard<'_> {
+        MakingGuard {
+            engine: self,
+            tenant_id: tenant_id.to_string(),
+            names: Vec::new(),
         }
     }
 
-    /// Ends the "being made" marks of `names` when dropped: a request whose future is dropped
-    /// half-way (its client went away) leaves pending rows the reconciler can then finish or
-    /// roll back, instead of marks that would hide them from it until a restart.
-    fn making_guard<'a>(&'a self, tenant_id: &'a str, names: Vec<String>) -> MakingGuard<'a> {
-        MakingGuard {
-            engine: self,
-            tenant_id,
-            names,
-        }
+    /// See `seen_exits`.
+    pub(crate) fn seen_exits(&self) -> std::sync::MutexGuard<'_, HashMap<String, i32>> {
+        self.seen_exits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// See `volume_errors`.
+    pub(crate) fn volume_errors(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, String), String>> {
+        self.volume_errors.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether a request is making this volume right now (see `making_volumes`).
@@ -667,9 +738,16 @@ impl Engine {
             .contains(&(tenant_id.to_string(), name.to_string()))
     }
 
-    /// Validates and records a new volume: the row only, `pending`, and marked as being made
-    /// (the caller unmarks it once the row is `ready` or gone).
-    async fn reserve_volume(&self, tenant_id: &str, name: &str, size: u64) -> Result<VolumeRow> {
+    /// Validates and records a new volume: the row only, `pending`, and marked as being made in
+    /// `making` (the caller's guard, created before this is called: a request dropped in here
+    /// leaves no mark behind).
+    async fn reserve_volume(
+        &self,
+        making: &mut MakingGuard<'_>,
+        tenant_id: &str,
+        name: &str,
+        size: u64,
+    ) -> Result<VolumeRow> {
         validate::name("volume", name)?;
         validate::volume_size(size)?;
         if self.store.volume(tenant_id, name).await?.is_some() {
@@ -686,9 +764,13 @@ impl Engine {
         };
         // Row first, pending: a crash after it leaves a row the reconciler finishes or removes
         // (`finish_pending_volumes`), never an image file nobody knows about.
-        self.making_volume(tenant_id, name, false);
+        if !making.claim(name) {
+            return Err(EngineError::AlreadyExists(format!(
+                "volume {name:?} is being created by another request"
+            )));
+        }
         if let Err(e) = self.store.insert_volume(&row).await {
-            self.making_volume(tenant_id, name, true);
+            making.release(name);
             return Err(e.into());
         }
         Ok(row)
@@ -716,15 +798,26 @@ impl Engine {
         Err(err)
     }
 
-    /// Marks volumes made by a request `ready` and ends their "being made" mark.
+    /// Marks volumes made by a request `ready` (their marks end with the request's guard). An
+    /// error if one of them is no longer `pending`: nothing may have removed a volume while its
+    /// request held the mark, and a request must not answer success for a volume that is gone.
     async fn volumes_ready(&self, tenant_id: &str, names: &[String]) -> Result<()> {
         for n in names {
-            let r = self
+            let done = self
                 .store
-                .set_volume_state(tenant_id, n, wire::VolumeState::Ready)
-                .await;
-            self.making_volume(tenant_id, n, true);
-            r?;
+                .set_volume_state_from(
+                    tenant_id,
+                    n,
+                    wire::VolumeState::Pending,
+                    wire::VolumeState::Ready,
+                )
+                .await?;
+            if !done {
+                return Err(EngineError::Internal(format!(
+                    "volume {n:?} is no longer pending while its request made it; it was not \
+                     marked ready"
+                )));
+            }
         }
         Ok(())
     }
@@ -735,6 +828,8 @@ impl Engine {
         req: &wire::CreateVolume,
     ) -> Result<wire::Volume> {
         let tenant = self.key_tenant(&who.tenant_id).await?;
+        // Before the reservation: a request dropped while reserving leaves no mark.
+        let mut making = self.making_guard(&who.tenant_id);
         // Quota check and row under the placement lock, like instance creates, so the two
         // cannot race a quota; the image is made after, without holding everyone's creates.
         let row = {
@@ -751,13 +846,13 @@ impl Engine {
                 },
             )
             .await?;
-            self.reserve_volume(&who.tenant_id, &req.name, req.size)
+            self.reserve_volume(&mut making, &who.tenant_id, &req.name, req.size)
                 .await?
         };
-        let _making = self.making_guard(&who.tenant_id, vec![req.name.clone()]);
         self.format_volume(&row).await?;
         self.volumes_ready(&row.tenant_id, std::slice::from_ref(&row.name))
             .await?;
+        drop(making);
         let row = VolumeRow {
             state: wire::VolumeState::Ready,
             ..row
@@ -1165,12 +1260,12 @@ impl Engine {
         // or an error before that leaves only pending volumes, which are rolled back (here, or
         // by the reconciler after a crash), never a ready volume nobody asked for.
         let mut created = Vec::new();
-        let _making = self.making_guard(
-            &who.tenant_id,
-            to_create.iter().map(|(n, _)| n.clone()).collect(),
-        );
+        let mut making = self.making_guard(&who.tenant_id);
         for (n, size) in &to_create {
-            let made = match self.reserve_volume(&who.tenant_id, n, *size).await {
+            let made = match self
+                .reserve_volume(&mut making, &who.tenant_id, n, *size)
+                .await
+            {
                 Ok(row) => {
                     created.push(n.clone());
                     self.format_volume(&row).await.inspect_err(|_| {
@@ -1345,7 +1440,6 @@ impl Engine {
             if let Err(e) = self.destroy_volume(tenant_id, n).await {
                 tracing::warn!(volume = %n, "rollback: {e}");
             }
-            self.making_volume(tenant_id, n, true);
         }
     }
 
@@ -1443,10 +1537,15 @@ impl Engine {
                 row.id, row.state, desired
             )));
         }
+        // Waiting out a restart's backoff: a start ends the wait.
+        let in_backoff = row.desired == InstanceState::Running
+            && row.state == InstanceState::Pending
+            && row.restart.not_before > now_ms();
         if desired == InstanceState::Running
-            && (row.desired != desired || row.state == InstanceState::Failed)
+            && (row.desired != desired || row.state == InstanceState::Failed || in_backoff)
         {
-            // A start by the user begins a new count for `on-failure:N` and a new backoff.
+            // A start by the user begins a new count for `on-failure:N` and a new backoff
+            // (and, during a backoff, provisions at once).
             let fresh = crate::store::RestartRow {
                 policy: row.restart.policy,
                 started_at: row.restart.started_at,
@@ -1467,6 +1566,13 @@ impl Engine {
             self.set_state(&row.id, InstanceState::Pending, None)
                 .await?;
             self.event(&row.id, "requested", "retry requested").await;
+        } else if in_backoff {
+            self.event(
+                &row.id,
+                "requested",
+                "start requested: restart backoff ended",
+            )
+            .await;
         }
         self.wake.notify_one();
         self.get_instance(who, &row.id).await

@@ -8,8 +8,9 @@
 //! exited, or the host rebooted and took every host object with it) is torn down and, if its
 //! restart policy says so, goes back to `pending` with a `not_before` time; the next pass
 //! provisions it again from scratch: fresh container disk, same volumes and GPUs. The delay
-//! doubles from 1 s to 5 min while the instance keeps exiting within 10 s of starting; an exit
-//! the daemon did not see (found gone at start, e.g. after a reboot) is restarted at once.
+//! doubles from 1 s to 5 min while the instance keeps exiting within 10 s of starting, whether
+//! or not its exit status is known; only a run that started before this daemon process (found
+//! gone at start, e.g. after a reboot) is restarted at once.
 //! Exit codes come from `waitpid`: the daemon is the child subreaper of the containers it
 //! starts (`gpuvisor_node::reap`); a process that ended under an earlier daemon has an unknown
 //! status, which counts as a failure.
@@ -53,6 +54,18 @@ fn next_backoff(last_ms: i64, ran_ms: i64) -> i64 {
         BACKOFF_FIRST_MS
     } else {
         last_ms.saturating_mul(2).min(BACKOFF_MAX_MS)
+    }
+}
+
+/// The delay before restarting an instance that exited: the backoff of [`next_backoff`],
+/// from how long its run lasted, whether or not its exit status is known (a failed `prctl`, a
+/// daemon restart while it ran, a cgroup v1 zombie...); none only for a run that started before
+/// this daemon did (`daemon_started`, unix ms): found gone at start, as after a host reboot.
+fn restart_delay(r: &crate::store::RestartRow, now: i64, daemon_started: i64) -> i64 {
+    if r.started_at < daemon_started {
+        0
+    } else {
+        next_backoff(r.backoff_ms, now - r.started_at)
     }
 }
 
@@ -306,15 +319,58 @@ impl Engine {
             let me = self.clone();
             tokio::spawn(async move {
                 let id = i.id.clone();
-                if let Err(e) = me.act(i, step).await {
-                    tracing::warn!(instance = %id, "{e}");
-                }
+                let again = match me.act(i, step).await {
+                    Ok(again) => again,
+                    Err(e) => {
+                        tracing::warn!(instance = %id, "{e}");
+                        true
+                    }
+                };
                 drop(guard);
-                // Something may have changed while we worked: look again.
-                me.wake.notify_one();
+                // Something may have changed while we worked: look again (not when it waits
+                // for a volume: that would spin until the volume is ready).
+                if again {
+                    me.wake.notify_one();
+                }
             });
         }
         Ok(due)
+    }
+
+    /// A hidden test hook: with `GPUVISOR_TEST_HOLD_EXIT_MS=N` in the daemon's environment, the
+    /// reconciler records a `test_hold` event and waits N ms at the named point, so a test can
+    /// make a request land there deterministically. Without it (always, outside tests) it does
+    /// nothing.
+    async fn test_hold(&self, point: &str, id: &str) {
+        let Some(ms) = std::env::var("GPUVISOR_TEST_HOLD_EXIT_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            return;
+        };
+        self.event(id, "test_hold", format!("holding {point} for {ms} ms"))
+            .await;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    /// A hidden test hook: with `GPUVISOR_TEST_FAIL_EXIT_TEARDOWN=1` in the daemon's
+    /// environment, the first teardown after each instance's exit fails (as a busy mount
+    /// would), so a test can check what the retry keeps. Without it it does nothing.
+    fn test_fail_exit_teardown(&self, id: &str) -> Result<()> {
+        static FAILED: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+        if std::env::var("GPUVISOR_TEST_FAIL_EXIT_TEARDOWN").as_deref() != Ok("1") {
+            return Ok(());
+        }
+        if FAILED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_string())
+        {
+            return Err(EngineError::Internal(
+                "test hook: the teardown after the exit failed".into(),
+            ));
+        }
+        Ok(())
     }
 
     async fn plan(&self, i: &InstanceRow) -> Result<InstancePlan> {
@@ -381,6 +437,20 @@ impl Engine {
         self.set_state(id, st, reason).await
     }
 
+    /// [`Engine::set`] with the restart bookkeeping in the same store write.
+    async fn set_with_restart(
+        &self,
+        id: &str,
+        st: S,
+        reason: Option<&str>,
+        kind: &str,
+        msg: String,
+        r: &crate::store::RestartRow,
+    ) -> Result<()> {
+        self.event(id, kind, msg).await;
+        self.set_state_and_restart(id, st, reason, r).await
+    }
+
     async fn teardown(&self, id: &str, stop_first: bool) -> Result<()> {
         let (node, rid, grace) = (self.node.clone(), id.to_string(), self.cfg.stop_grace);
         blocking(move || {
@@ -401,22 +471,63 @@ impl Engine {
         Ok(())
     }
 
-    /// Why an instance cannot be provisioned now: a volume still pending (`Ok(false)`: wait), or
-    /// missing, or a GPU no longer on this host (an error naming it).
+    /// Why an instance cannot be provisioned now: a volume still pending (`Ok(Err(why))`: wait;
+    /// the pending-volume sweep wakes the reconciler once it is ready), or missing, or a GPU no
+    /// longer on this host (`Err((event kind, reason))`).
     async fn provision_blocker(
         &self,
         i: &InstanceRow,
-    ) -> Result<std::result::Result<bool, (String, String)>> {
+    ) -> Result<std::result::Result<std::result::Result<(), String>, (String, String)>> {
         for v in &i.spec.volumes {
             match self.store.volume(&i.tenant_id, &v.name).await? {
                 Some(row) if row.state == VolumeState::Ready => {}
-                Some(_) => return Ok(Ok(false)),
+                Some(_) => {
+                    let why = self
+                        .volume_errors()
+                        .get(&(i.tenant_id.clone(), v.name.clone()))
+                        .cloned()
+                        .unwrap_or_else(|| "it is still being made".into());
+                    return Ok(Ok(Err(format!("waiting for volume {:?}: {why}", v.name))));
+                }
                 None => {
                     return Ok(Err((
                         "failed".into(),
                         format!("volume {:?} does not exist; create it first", v.name),
                     )))
                 }
+            }
+        }
+        // A host that changed across a reboot: what the instance had must still be there.
+        for v in &i.spec.volumes {
+            let image = self.node.disks.volume_image(&i.tenant_id, &v.name);
+            if !image.exists() {
+                return Ok(Err((
+                    "volume_gone".into(),
+                    format!(
+                        "volume_gone: the image of volume {:?} ({}) is missing from this host; \
+                         its data is lost: remove the volume, create it again and start the \
+                         instance",
+                        v.name,
+                        image.display()
+                    ),
+                )));
+            }
+        }
+        if let Some(online) = self.node.cfg.root.online_cpus() {
+            let gone: Vec<u32> = i
+                .cpus
+                .iter()
+                .copied()
+                .filter(|c| !online.contains(c))
+                .collect();
+            if !gone.is_empty() {
+                return Ok(Err((
+                    "cpus_gone".into(),
+                    format!(
+                        "cpus_gone: CPUs {gone:?} of the instance are no longer online on this \
+                         host; terminate the instance and create it again"
+                    ),
+                )));
             }
         }
         let inventory = self.node.gpus();
@@ -435,13 +546,15 @@ impl Engine {
                 )));
             }
         }
-        Ok(Ok(true))
+        Ok(Ok(Ok(())))
     }
 
-    async fn act(&self, i: InstanceRow, step: Step) -> Result<()> {
+    /// Takes `step` on an instance; false when it is blocked on something the reconciler need
+    /// not look at again at once (a volume still being made).
+    async fn act(&self, i: InstanceRow, step: Step) -> Result<bool> {
         // Re-read under the lock: the decision was taken on a snapshot.
         let Some(i) = self.store.instance(&i.id).await? else {
-            return Ok(());
+            return Ok(true);
         };
         let id = i.id.clone();
         match step {
@@ -451,11 +564,20 @@ impl Engine {
                     (S::Running, S::Pending | S::Provisioning | S::Stopped)
                 ) || (i.state == S::Pending && i.restart.not_before > super::now_ms())
                 {
-                    return Ok(());
+                    return Ok(true);
                 }
                 match self.provision_blocker(&i).await? {
-                    Ok(true) => {}
-                    Ok(false) => return Ok(()), // a volume is still being made
+                    Ok(Ok(())) => {}
+                    Ok(Err(waiting)) => {
+                        // Said once (not on every pass), and no immediate second look: the
+                        // sweep that finishes the volume wakes the reconciler, and the resync
+                        // period retries meanwhile.
+                        if i.reason.as_deref() != Some(waiting.as_str()) {
+                            self.set(&id, i.state, Some(&waiting), "waiting", waiting.clone())
+                                .await?;
+                        }
+                        return Ok(false);
+                    }
                     Err((kind, reason)) => {
                         if i.state != S::Provisioning {
                             self.set(&id, S::Provisioning, None, "state", "provisioning".into())
@@ -464,7 +586,8 @@ impl Engine {
                         self.teardown(&id, false).await?;
                         return self
                             .set(&id, S::Failed, Some(&reason), &kind, reason.clone())
-                            .await;
+                            .await
+                            .map(|()| true);
                     }
                 }
                 if i.state != S::Provisioning {
@@ -485,8 +608,12 @@ impl Engine {
                 // Found `provisioning`: an earlier attempt was cut short by a crash, and what it
                 // had started may have gone on without us (an orphaned `runc run` creating the
                 // container). One retry from a clean slate, after that has settled.
-                if let (Err(e), Ok(plan), S::Provisioning) = (&result, &plan, i.state) {
-                    tracing::warn!(instance = %id, "provisioning after a crash failed ({e}); retrying once from scratch");
+                // Also for the first start after a reboot or a daemon restart (the run it
+                // replaces started before this daemon): a host still settling.
+                let recovering = i.state == S::Provisioning
+                    || (i.restart.started_at > 0 && i.restart.started_at < self.started_ms);
+                if let (Err(e), Ok(plan), true) = (&result, &plan, recovering) {
+                    tracing::warn!(instance = %id, "provisioning after a crash or a reboot failed ({e}); retrying once from scratch");
                     self.teardown(&id, false).await?;
                     let (node, plan) = (self.node.clone(), plan.clone());
                     result = blocking(move || node.provision(&plan))
@@ -522,10 +649,10 @@ impl Engine {
             }
             Step::Exited => {
                 if (i.desired, i.state) != (S::Running, S::Running) {
-                    return Ok(());
+                    return Ok(true);
                 }
                 let (node, rid) = (self.node.clone(), id.clone());
-                let code = blocking(move || {
+                let reaped = blocking(move || {
                     let init = reap::init(&node, &rid)?;
                     match reap::reap(&node, &init, Duration::from_millis(200)) {
                         Reaped::Exited(c) => Some(c),
@@ -533,24 +660,34 @@ impl Engine {
                     }
                 })
                 .await?;
+                // Kept before the teardown: a teardown that fails is retried by the next pass,
+                // which can no longer reap the (already reaped) init.
+                let code = match reaped {
+                    Some(c) => {
+                        self.seen_exits().insert(id.clone(), c);
+                        let r = crate::store::RestartRow {
+                            exit_code: Some(c),
+                            ..i.restart.clone()
+                        };
+                        self.store.set_restart(&id, &r).await?;
+                        Some(c)
+                    }
+                    None => self.seen_exits().get(&id).copied(),
+                };
+                self.test_fail_exit_teardown(&id)?;
                 self.teardown(&id, false).await?;
+                self.seen_exits().remove(&id);
                 let how = match code {
                     Some(c) => format!("exited with code {c}"),
-                    None => "exited with an unknown status (it ended while no daemon was its \
-                             parent: a host reboot, or a daemon restart)"
+                    None => "exited with an unknown status (it ended while this daemon was not \
+                             its parent: a host reboot, or a daemon restart)"
                         .to_string(),
                 };
                 let now = super::now_ms();
                 let mut r = i.restart.clone();
                 r.exit_code = code;
                 if r.policy.restarts(code, r.count) {
-                    // An exit we did not see (found gone at daemon start: a host reboot) is
-                    // restarted at once; the backoff is for exits we watch repeat.
-                    let delay = if code.is_some() {
-                        next_backoff(r.backoff_ms, now - r.started_at)
-                    } else {
-                        0
-                    };
+                    let delay = restart_delay(&r, now, self.started_ms);
                     r.count += 1;
                     if delay > 0 {
                         r.backoff_ms = delay;
@@ -560,11 +697,11 @@ impl Engine {
                         "{how}; restart {} (--restart {}) in {} ms",
                         r.count, r.policy, delay
                     );
-                    // State first: nobody sees the new count on a row still marked running.
-                    // (The reconciler cannot act on the row between the two: we hold its lock.)
-                    self.set(&id, S::Pending, Some(&msg), "restart", msg.clone())
+                    // State and count in one write: a crash between two writes would either
+                    // restart at once without counting it, or show the new count on a row still
+                    // marked running (and count the exit twice).
+                    self.set_with_restart(&id, S::Pending, Some(&msg), "restart", msg.clone(), &r)
                         .await?;
-                    self.store.set_restart(&id, &r).await?;
                 } else {
                     self.store.set_restart(&id, &r).await?;
                     let why = match r.policy {
@@ -575,7 +712,14 @@ impl Engine {
                         }
                         _ => format!("{how}; not restarted (--restart {})", r.policy),
                     };
-                    self.set_desired_state(&id, S::Stopped).await?;
+                    self.test_hold("exit", &id).await;
+                    // Only if the user (terminate) or a preemptor (interrupted) did not change
+                    // `desired` meanwhile: they write it without the instance lock, and an exit
+                    // must not undo them. If they did, the next pass takes their step.
+                    if !self.stop_if_desired_running(&id).await? {
+                        tracing::info!(instance = %id, "exited while its desired state changed: not stopping it");
+                        return Ok(true);
+                    }
                     self.set(
                         &id,
                         S::Stopped,
@@ -632,18 +776,21 @@ impl Engine {
                 let node = self.node.clone();
                 let rid = id.clone();
                 blocking(move || node.forget(&rid)).await?;
+                self.seen_exits().remove(&id);
                 self.set(&id, S::Terminated, None, "state", "terminated".into())
                     .await?;
                 self.drop_lock(&id);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Finishes or rolls back volumes left `pending` by a crash (those no request is making
     /// now): one that a live instance uses gets its image made (idempotent: a complete image is
     /// kept, a partial one replaced) and becomes ready; any other is removed, image and row, as
-    /// the failed request that made it would have done. A ready volume is never touched.
+    /// the failed request that made it would have done. A ready volume is never touched: the
+    /// sweep takes the volume's "being made" mark first (skipping it if a request holds it),
+    /// reads the row again under it, and its writes are conditional on `pending`.
     pub async fn finish_pending_volumes(&self) -> Result<()> {
         let pending: Vec<_> = self
             .store
@@ -652,39 +799,62 @@ impl Engine {
             .into_iter()
             .filter(|v| v.state == VolumeState::Pending)
             .collect();
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let live = self.store.live_instances(None).await?;
         for v in pending {
-            if self.is_making_volume(&v.tenant_id, &v.name) {
-                continue;
+            let mut making = self.making_guard(&v.tenant_id);
+            if !making.claim(&v.name) {
+                continue; // a request is making it right now
             }
-            let used = live.iter().any(|i| {
-                i.tenant_id == v.tenant_id && i.spec.volumes.iter().any(|m| m.name == v.name)
-            });
+            // Under the mark: a request that finished meanwhile made it ready or removed it.
+            match self.store.volume(&v.tenant_id, &v.name).await? {
+                Some(row) if row.state == VolumeState::Pending => {}
+                _ => continue,
+            }
+            let used = self
+                .store
+                .live_instances(Some(&v.tenant_id))
+                .await?
+                .iter()
+                .any(|i| i.spec.volumes.iter().any(|m| m.name == v.name));
             let (node, t, n, size) = (
                 self.node.clone(),
                 v.tenant_id.clone(),
                 v.name.clone(),
                 v.size,
             );
+            let key = (v.tenant_id.clone(), v.name.clone());
             if used {
                 match blocking(move || node.disks.create_volume(&t, &n, size)).await? {
                     Ok(()) => {
-                        self.store
-                            .set_volume_state(&v.tenant_id, &v.name, VolumeState::Ready)
-                            .await?;
-                        tracing::info!(volume = %v.name, "pending volume finished");
+                        self.volume_errors().remove(&key);
+                        if self
+                            .store
+                            .set_volume_state_from(
+                                &v.tenant_id,
+                                &v.name,
+                                VolumeState::Pending,
+                                VolumeState::Ready,
+                            )
+                            .await?
+                        {
+                            tracing::info!(volume = %v.name, "pending volume finished");
+                        }
                         self.wake.notify_one();
                     }
-                    Err(e) => tracing::warn!(volume = %v.name, "cannot finish pending volume: {e}"),
+                    Err(e) => {
+                        tracing::warn!(volume = %v.name, "cannot finish pending volume: {e}");
+                        self.volume_errors().insert(key, e.to_string());
+                    }
                 }
             } else {
                 match blocking(move || node.disks.remove_volume(&t, &n)).await? {
                     Ok(()) => {
-                        self.store.delete_volume(&v.tenant_id, &v.name).await?;
-                        tracing::info!(volume = %v.name, "pending volume rolled back");
+                        if self
+                            .store
+                            .delete_volume_if_pending(&v.tenant_id, &v.name)
+                            .await?
+                        {
+                            tracing::info!(volume = %v.name, "pending volume rolled back");
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(volume = %v.name, "cannot roll back pending volume: {e}")
@@ -786,6 +956,27 @@ mod tests {
         assert_eq!(next_backoff(256_000, 0), 300_000);
         assert_eq!(next_backoff(300_000, 0), 300_000);
         assert_eq!(next_backoff(64_000, 10_000), 1_000);
+    }
+
+    #[test]
+    fn an_unknown_exit_status_still_backs_off_unless_the_run_predates_the_daemon() {
+        let daemon_started = 50_000;
+        let r = crate::store::RestartRow {
+            started_at: 60_000,
+            backoff_ms: 2_000,
+            ..Default::default()
+        };
+        // Ran 1 s under this daemon: the backoff doubles, status known or not.
+        assert_eq!(restart_delay(&r, 61_000, daemon_started), 4_000);
+        // Ran under an earlier daemon (or before a reboot): restarted at once.
+        let before = crate::store::RestartRow {
+            started_at: 40_000,
+            ..r.clone()
+        };
+        assert_eq!(restart_delay(&before, 61_000, daemon_started), 0);
+        // A first restart after a long run: the first delay.
+        let first = crate::store::RestartRow { backoff_ms: 0, ..r };
+        assert_eq!(restart_delay(&first, 61_000, daemon_started), 1_000);
     }
 
     #[test]
