@@ -773,7 +773,13 @@ fn pulls_over_tls_with_per_tenant_credentials() {
     let reg = Registry::start(true, Some(("pusher", "s3cret-Passw0rd")));
     let host = reg.host();
     let ca = reg.ca();
-    let d = daemon(&["--registry-ca", ca.to_str().unwrap()]);
+    // Tenants reach a registry on a loopback address only when the operator names it.
+    let d = daemon(&[
+        "--registry-ca",
+        ca.to_str().unwrap(),
+        "--tenant-registry",
+        &host,
+    ]);
     let layouts = tempfile::TempDir::new().unwrap();
     let mut lay = Layout::new(layouts.path().join("oci"));
     let img = lay.image(

@@ -33,6 +33,8 @@ pub struct RegistrySettings {
     /// Registries (`host[:port]`) tenants may pull from; empty: any. The daemon connects from
     /// the host's network, so this keeps tenants from making it probe internal addresses.
     pub tenant_hosts: Vec<String>,
+    /// Pull jobs one tenant may run at a time.
+    pub tenant_max_pulls: usize,
     pub registry: RegistryConfig,
 }
 
@@ -41,6 +43,7 @@ impl Default for RegistrySettings {
         Self {
             tenant_pull: true,
             tenant_hosts: Vec::new(),
+            tenant_max_pulls: 4,
             registry: RegistryConfig::default(),
         }
     }
@@ -59,8 +62,13 @@ pub struct RegistryState {
 /// A pull job in memory: its tenant (by id) and what readers see.
 struct Job {
     tenant_id: String,
+    /// Started by an admin: its registry may be on a private address.
+    admin: bool,
     view: Mutex<wire::ImagePull>,
 }
+
+/// Partial downloads untouched this long, with no pull running, are removed.
+const STALE_PARTIAL: Duration = Duration::from_secs(24 * 3600);
 
 /// Finished jobs stay in memory this long (then their row answers, without layer detail).
 const KEEP_FINISHED_MS: i64 = 10 * 60 * 1000;
@@ -91,21 +99,13 @@ fn image_name(s: &str) -> Result<()> {
 
 /// `docker.io` for Docker Hub's other names; no scheme, no trailing slash.
 fn normal_host(host: &str) -> Result<String> {
-    let h = host
-        .trim()
-        .trim_start_matches("https://")
-        .trim_start_matches("http://")
-        .trim_end_matches('/');
-    let h = match h {
-        "index.docker.io" | "registry-1.docker.io" => "docker.io",
-        other => other,
-    };
+    let h = gpuvisor_node::registry::normalize_host(host);
     let ok = !h.is_empty()
         && h.len() <= 255
         && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
     if ok {
-        Ok(h.to_string())
+        Ok(h)
     } else {
         Err(invalid(format!(
             "registry host {host:?} is invalid: give host[:port], e.g. registry.example.com:5000"
@@ -131,7 +131,13 @@ impl Engine {
     // --- settings ----------------------------------------------------------------------------
 
     /// Sets the registry policy (from `serve`'s configuration); before the first pull.
-    pub fn configure_registry(&self, s: RegistrySettings) {
+    pub fn configure_registry(&self, mut s: RegistrySettings) {
+        s.tenant_hosts = s
+            .tenant_hosts
+            .iter()
+            .map(|h| gpuvisor_node::registry::normalize_host(h))
+            .collect();
+        s.registry.trusted.extend(s.tenant_hosts.iter().cloned());
         *self
             .registry
             .settings
@@ -534,13 +540,13 @@ impl Engine {
         who: &Principal,
         req: &wire::PullImage,
     ) -> Result<wire::ImagePull> {
-        let (allowed, hosts) = {
+        let (allowed, hosts, max_pulls) = {
             let s = self
                 .registry
                 .settings
                 .read()
                 .unwrap_or_else(|p| p.into_inner());
-            (s.tenant_pull, s.tenant_hosts.clone())
+            (s.tenant_pull, s.tenant_hosts.clone(), s.tenant_max_pulls)
         };
         if !who.is_admin() && !allowed {
             return Err(EngineError::Forbidden(
@@ -583,11 +589,20 @@ impl Engine {
         // One job per tenant and name at a time: a second `create --image REF` joins it.
         {
             let jobs = self.registry.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut running = 0;
             for j in jobs.values().filter(|j| j.tenant_id == who.tenant_id) {
                 let v = j.view.lock().unwrap_or_else(|p| p.into_inner());
                 if v.state == RUNNING && v.name == name {
                     return Ok(v.clone());
                 }
+                if v.state == RUNNING {
+                    running += 1;
+                }
+            }
+            if running >= max_pulls {
+                return Err(EngineError::ResourceExhausted(format!(
+                    "{running} pulls of this tenant are running, the most this daemon allows (registry.tenant_max_pulls = {max_pulls}): wait for one to finish"
+                )));
             }
         }
         if self.store.image_of(&who.tenant_id, &name).await?.is_some() {
@@ -607,10 +622,10 @@ impl Engine {
             updated_at: now,
         };
         self.store.insert_pull(&row).await?;
-        Ok(self.spawn_pull(row, who.tenant.clone()))
+        Ok(self.spawn_pull(row, who.tenant.clone(), who.is_admin()))
     }
 
-    fn spawn_pull(self: &Arc<Self>, row: PullRow, tenant: String) -> wire::ImagePull {
+    fn spawn_pull(self: &Arc<Self>, row: PullRow, tenant: String, admin: bool) -> wire::ImagePull {
         let view = wire::ImagePull {
             id: row.id.clone(),
             reference: row.reference.clone(),
@@ -629,6 +644,7 @@ impl Engine {
         };
         let job = Arc::new(Job {
             tenant_id: row.tenant_id.clone(),
+            admin,
             view: Mutex::new(view.clone()),
         });
         {
@@ -749,7 +765,13 @@ impl Engine {
         };
         let imported = self
             .puller()
-            .pull(&self.node, &row.reference, creds.as_ref(), &report)
+            .pull(
+                &self.node,
+                &row.reference,
+                creds.as_ref(),
+                job.admin,
+                &report,
+            )
             .await
             .map_err(|e| pull_error(&e))?;
         let img = ImageRow {
@@ -899,13 +921,31 @@ impl Engine {
     /// older than a day.
     pub async fn resume_pulls(self: &Arc<Self>) -> Result<usize> {
         let _ = self.store.prune_pulls(now_ms() - 86_400_000).await;
+        // Partial downloads nobody resumed for a day go (now, before the resumed jobs run,
+        // and every hour while no pull runs).
+        let puller = self.puller();
+        let _ = tokio::task::spawn_blocking(move || puller.sweep_partials(STALE_PARTIAL)).await;
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(engine) = weak.upgrade() else { return };
+                let puller = engine.puller();
+                drop(engine);
+                let _ =
+                    tokio::task::spawn_blocking(move || puller.sweep_partials(STALE_PARTIAL)).await;
+            }
+        });
         let names = self.tenant_names().await?;
         let rows = self.store.pulls_in(RUNNING).await?;
         let n = rows.len();
         for row in rows {
             tracing::info!(pull = %row.id, reference = %row.reference, "resuming an interrupted pull");
             let tenant = names.get(&row.tenant_id).cloned().unwrap_or_default();
-            self.spawn_pull(row, tenant);
+            // Whether an admin started it is not stored: a resumed pull is a tenant's.
+            self.spawn_pull(row, tenant, false);
         }
         Ok(n)
     }
