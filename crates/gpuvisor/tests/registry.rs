@@ -1218,3 +1218,82 @@ fn interrupted_pulls_resume() {
     );
     assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
 }
+
+/// Pulls are bounded: a small gzip layer that unpacks past `registry.max_image_size` (a
+/// decompression bomb) is refused with nothing left behind, and a tenant runs at most
+/// `registry.tenant_max_pulls` pulls at a time.
+#[test]
+fn pulls_are_bounded() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let reg = Registry::start(false, None);
+    let proxy = Proxy::start(reg.port);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let d = daemon(&[
+        "--insecure-registry",
+        &host,
+        "--max-image-size",
+        "6MiB",
+        "--tenant-max-pulls",
+        "1",
+    ]);
+    let layouts = tempfile::TempDir::new().unwrap();
+    let mut lay = Layout::new(layouts.path().join("oci"));
+
+    // 16 MiB of zeros, a few KiB compressed.
+    let zeros = vec![0u8; 16 << 20];
+    let bomb = lay.image(
+        &[(tar_of(&[("zeros", Some(&zeros))]), Comp::Gzip)],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&bomb, "bomb");
+    reg.push(&lay.dir, "bomb", "t/bomb", &[]);
+    let (ok, _, err) = pull(&d, &d.key, &[&format!("{host}/t/bomb:bomb")]);
+    assert!(!ok, "a layer unpacking past max_image_size was accepted");
+    assert!(err.contains("max_image_size"), "{err}");
+    assert!(!layer_dir(&d, &bomb.layers[0].1).exists());
+    assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
+
+    // One pull of tenant t held mid-layer; its second pull is refused, an admin's is not
+    // counted against t.
+    let t = tenant(&d, "t");
+    let held = lay.image(
+        &[(tar_of(&[("n", Some(&noise(4 << 20, 7)))]), Comp::Plain)],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&held, "held");
+    reg.push(&lay.dir, "held", "t/held", &[]);
+    proxy.watch(&held.layers[0].0);
+    proxy.state.released.store(false, Ordering::SeqCst);
+    proxy.state.hold_after.store(1 << 20, Ordering::SeqCst);
+    let body = json!({"reference": format!("{host}/t/held:held")}).to_string();
+    let (st, job) = api(&d, &t, "POST", "/v1/images/pulls", &body);
+    assert_eq!(st, 200, "{job}");
+    wait_for("the held download", || {
+        proxy.state.gets.load(Ordering::SeqCst) >= 1
+    });
+    let other = json!({"reference": format!("{host}/t/bomb:bomb"), "name": "second"}).to_string();
+    let (st, refused) = api(&d, &t, "POST", "/v1/images/pulls", &other);
+    assert_eq!(
+        refused["error"]["code"], "resource_exhausted",
+        "{st} {refused}"
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tenant_max_pulls"),
+        "{refused}"
+    );
+    proxy.state.released.store(true, Ordering::SeqCst);
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_for("the held pull", || {
+        let (_, j) = api(&d, &t, "GET", &format!("/v1/images/pulls/{id}"), "");
+        assert_ne!(j["state"], "failed", "{j}");
+        j["state"] == "done"
+    });
+}

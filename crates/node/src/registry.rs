@@ -1665,6 +1665,29 @@ mod tests {
     }
 
     #[test]
+    fn stale_partials_are_swept_when_no_pull_runs() {
+        let t = tempfile::TempDir::new().unwrap();
+        let store = ImageStore::open(t.path().join("images")).unwrap();
+        let p = Puller::new(&store, RegistryConfig::default());
+        let dir = t.path().join("images/pull/partial");
+        fs::create_dir_all(&dir).unwrap();
+        let old = dir.join("old");
+        let new = dir.join("new");
+        fs::write(&old, b"x").unwrap();
+        fs::write(&new, b"x").unwrap();
+        let f = fs::File::options().write(true).open(&old).unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+            .unwrap();
+        drop(f);
+        // A pull running: nothing goes.
+        *p.active.lock().unwrap() += 1;
+        assert_eq!(p.sweep_partials(std::time::Duration::from_secs(3600)), 0);
+        *p.active.lock().unwrap() -= 1;
+        assert_eq!(p.sweep_partials(std::time::Duration::from_secs(3600)), 1);
+        assert!(!old.exists() && new.exists());
+    }
+
+    #[test]
     fn descriptor_sizes_are_bounded() {
         let d = |size: i64| OciDescriptor {
             digest: format!("sha256:{}", "a".repeat(64)),
