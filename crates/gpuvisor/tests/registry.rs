@@ -505,6 +505,8 @@ fn leftovers(d: &Daemon) -> Vec<String> {
     let mut out = Vec::new();
     for sub in [
         "images/pull/partial",
+        "images/pull/done",
+        "images/pull/run",
         "images/pull/blobs/sha256",
         "images/tmp",
     ] {
@@ -515,6 +517,16 @@ fn leftovers(d: &Daemon) -> Vec<String> {
         }
     }
     out
+}
+
+/// The partial download of blob `digest` (named `<source key>-<hex>`), if there is one.
+fn partial_of(d: &Daemon, digest: &str) -> Option<PathBuf> {
+    let suffix = format!("-{}", hex(digest));
+    std::fs::read_dir(d.data().join("images/pull/partial"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(&suffix))
 }
 
 fn layer_dir(d: &Daemon, diff_id: &str) -> PathBuf {
@@ -1118,13 +1130,25 @@ fn interrupted_pulls_resume() {
         err.contains("lost the connection") || err.contains("ended early"),
         "{err}"
     );
-    let partial = d
-        .data()
-        .join("images/pull/partial")
-        .join(hex(&one.layers[0].0));
+    let partial = partial_of(&d, &one.layers[0].0).expect("the partial download was not kept");
     let kept = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
     assert!(kept > 0, "the partial download was not kept");
+    // The kept bytes are damaged (a disk error, an older daemon): the resumed download does
+    // not verify, and the pull starts that blob again from byte 0 instead of failing.
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&partial)
+            .unwrap();
+        f.write_all(&[0xa5; 4096]).unwrap();
+    }
+    let gets_before = proxy.state.gets.load(Ordering::SeqCst);
     let (v, _) = pull_ok(&d, &d.key, &[&reference]);
+    assert_eq!(
+        proxy.state.gets.load(Ordering::SeqCst),
+        gets_before + 2,
+        "expected a resumed GET, then one from the start"
+    );
     assert_eq!(
         v["digest"],
         reg.digest(&format!("{}/big/one:one", reg.host())).as_str()
@@ -1146,12 +1170,10 @@ fn interrupted_pulls_resume() {
     let body = json!({"reference": format!("{host}/big/two:two")}).to_string();
     let (st, job) = api(&d, &d.key, "POST", "/v1/images/pulls", &body);
     assert_eq!(st, 200, "{job}");
-    let partial = d
-        .data()
-        .join("images/pull/partial")
-        .join(hex(&two.layers[0].0));
     wait_for("a partial download", || {
-        std::fs::metadata(&partial).is_ok_and(|m| m.len() >= 2 << 20)
+        partial_of(&d, &two.layers[0].0)
+            .and_then(|p| std::fs::metadata(p).ok())
+            .is_some_and(|m| m.len() >= 2 << 20)
     });
     d.kill9();
     proxy.state.released.store(true, Ordering::SeqCst);
@@ -1296,4 +1318,224 @@ fn pulls_are_bounded() {
         assert_ne!(j["state"], "failed", "{j}");
         j["state"] == "done"
     });
+}
+
+// ---- a hostile registry ------------------------------------------------------------------------
+
+/// A registry that serves the given paths (GET), answers 200 to every HEAD, and 404 to other
+/// GETs; counts the GETs of each path.
+struct Hostile {
+    port: u16,
+    gets: Arc<Mutex<Vec<String>>>,
+}
+
+impl Hostile {
+    fn start(files: Vec<(String, &'static str, Vec<u8>)>) -> Hostile {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let gets = Arc::new(Mutex::new(Vec::new()));
+        let g = gets.clone();
+        let files = Arc::new(files);
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                let (g, files) = (g.clone(), files.clone());
+                std::thread::spawn(move || {
+                    let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+                    let mut line = String::new();
+                    use std::io::BufRead;
+                    if r.read_line(&mut line).is_err() {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut parts = line.split_whitespace();
+                    let method = parts.next().unwrap_or("").to_string();
+                    let path = parts.next().unwrap_or("").to_string();
+                    let found = files.iter().find(|f| f.0 == path);
+                    let (status, ctype, body): (&str, &str, &[u8]) = match (&*method, found) {
+                        ("GET", Some(f)) => ("200 OK", f.1, &f.2),
+                        ("HEAD", _) => ("200 OK", "application/octet-stream", b""),
+                        _ => ("404 Not Found", "application/json", b"{\"errors\":[]}"),
+                    };
+                    if method == "GET" {
+                        g.lock().unwrap().push(path.clone());
+                    }
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        if method == "HEAD" { 1 << 20 } else { body.len() }
+                    );
+                    let _ = c.write_all(head.as_bytes());
+                    if method == "GET" {
+                        let _ = c.write_all(body);
+                    }
+                });
+            }
+        });
+        Hostile { port, gets }
+    }
+}
+
+/// A layer another tenant pulled privately is not given to a tenant whose registry merely
+/// names its digest (and answers 200 to a HEAD): the blob must be downloaded from that
+/// registry and verified. The tenant that owns the layer reuses it without a download.
+#[test]
+fn private_layers_are_not_shared_by_digest() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let reg = Registry::start(false, None);
+    let host = reg.host();
+    let layouts = tempfile::TempDir::new().unwrap();
+    let mut lay = Layout::new(layouts.path().join("oci"));
+    let img = lay.image(
+        &[(
+            tar_of(&[("secret", Some(b"alice's private data\n"))]),
+            Comp::Gzip,
+        )],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&img, "v1");
+    reg.push(&lay.dir, "v1", "alice/private", &[]);
+    let (blob, diff) = img.layers[0].clone();
+    let blob_size = std::fs::metadata(lay.dir.join("blobs/sha256").join(hex(&blob)))
+        .unwrap()
+        .len();
+
+    // The hostile registry's image: a config naming alice's diff id, a manifest naming her
+    // layer blob, which it does not have.
+    let config = serde_json::to_vec(&json!({
+        "architecture": host_arch(),
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff]},
+    }))
+    .unwrap();
+    let cd = sha(&config);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": blob, "size": blob_size}],
+    }))
+    .unwrap();
+    let evil = Hostile::start(vec![
+        (
+            "/v2/x/manifests/1".into(),
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest,
+        ),
+        (
+            format!("/v2/x/blobs/{cd}"),
+            "application/octet-stream",
+            config,
+        ),
+    ]);
+    let evil_host = format!("127.0.0.1:{}", evil.port);
+    let d = daemon(&[
+        "--insecure-registry",
+        &host,
+        "--insecure-registry",
+        &evil_host,
+    ]);
+    let alice = tenant(&d, "alice");
+    let bob = tenant(&d, "bob");
+    pull_ok(&d, &alice, &[&format!("{host}/alice/private:v1")]);
+    assert!(layer_dir(&d, &diff).is_dir());
+
+    let evil_ref = format!("{evil_host}/x:1");
+    let (ok, _, err) = pull(&d, &bob, &[&evil_ref]);
+    assert!(
+        !ok,
+        "bob obtained alice's private layer through a registry that lacks it"
+    );
+    assert!(err.contains("not found"), "{err}");
+    assert!(
+        evil.gets
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p == &format!("/v2/x/blobs/{blob}")),
+        "the layer was not asked of bob's registry: {:?}",
+        evil.gets.lock().unwrap()
+    );
+    let list = d.cli_as(&bob, &["-o", "json", "image", "list"]);
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&evil_ref),
+        "bob has the image"
+    );
+
+    // Alice holds the layer: her pull of the same manifest uses it without a download.
+    let before = evil.gets.lock().unwrap().len();
+    pull_ok(&d, &alice, &[&evil_ref]);
+    let after: Vec<String> = evil.gets.lock().unwrap()[before..].to_vec();
+    assert!(
+        !after.iter().any(|p| p.contains(&hex(&blob).to_string())),
+        "{after:?}"
+    );
+}
+
+/// A tenant with a running pull is not deleted by a plain `tenant rm`; `--cascade` stops the
+/// pull, and no image of the deleted tenant is recorded when its download would have ended.
+#[test]
+fn pulls_end_with_their_tenant() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let reg = Registry::start(false, None);
+    let proxy = Proxy::start(reg.port);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let d = daemon(&["--insecure-registry", &host]);
+    let layouts = tempfile::TempDir::new().unwrap();
+    let mut lay = Layout::new(layouts.path().join("oci"));
+    let held = lay.image(
+        &[(tar_of(&[("n", Some(&noise(4 << 20, 11)))]), Comp::Plain)],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&held, "held");
+    reg.push(&lay.dir, "held", "gone/held", &[]);
+    let t = tenant(&d, "leaver");
+    proxy.watch(&held.layers[0].0);
+    proxy.state.released.store(false, Ordering::SeqCst);
+    proxy.state.hold_after.store(1 << 20, Ordering::SeqCst);
+    let body = json!({"reference": format!("{host}/gone/held:held")}).to_string();
+    let (st, job) = api(&d, &t, "POST", "/v1/images/pulls", &body);
+    assert_eq!(st, 200, "{job}");
+    wait_for("the held download", || {
+        proxy.state.gets.load(Ordering::SeqCst) >= 1
+    });
+    let out = d.cli(&["tenant", "rm", "leaver"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("running pull"),
+        "a tenant with a running pull was deleted: {err}"
+    );
+    let out = d.cli(&["tenant", "rm", "--cascade", "--wait", "leaver"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    proxy.state.released.store(true, Ordering::SeqCst);
+    // The cancelled pull's job says so; nothing is recorded for the deleted tenant.
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut last = Value::Null;
+    wait_for("the pull to end", || {
+        last = api(&d, &d.key, "GET", &format!("/v1/images/pulls/{id}"), "").1;
+        last["state"] != "running"
+    });
+    assert_eq!(last["state"], "failed", "{last}");
+    let images = d.json(&["image", "list"]);
+    assert!(
+        !images.to_string().contains("gone/held"),
+        "an image of the deleted tenant: {images}"
+    );
 }

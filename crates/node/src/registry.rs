@@ -442,6 +442,10 @@ struct Reg<'a> {
     auth: tokio::sync::Mutex<(Auth, bool)>,
     reference: &'a str,
     host: &'a str,
+    /// Names this source's downloads: a hash of the registry, the repository and the
+    /// username (or anonymous), so pulls from elsewhere never share a partial or a finished
+    /// blob with it.
+    key: String,
 }
 
 impl<'a> Reg<'a> {
@@ -505,6 +509,11 @@ impl<'a> Reg<'a> {
             auth: tokio::sync::Mutex::new((Auth::Anonymous, false)),
             reference,
             host,
+            key: {
+                let who = creds.map(|c| c.username.as_str()).unwrap_or("");
+                let h = sha256_hex(format!("{api_host}\0{}\0{who}", r.repository()).as_bytes());
+                h["sha256:".len().."sha256:".len() + 16].to_string()
+            },
         })
     }
 
@@ -716,33 +725,49 @@ impl<'a> Reg<'a> {
 }
 
 /// Pulls images into an [`ImageStore`]; one per daemon.
+///
+/// Layout under `<images>/pull`: `partial/<key>-<hex>` (downloads in progress, resumable),
+/// `done/<key>-<hex>` (verified blobs, shared by the pulls of the same source), and
+/// `run/<id>/blobs/sha256/<hex>` (one pull's blobs, hard links into `done/`, read by the
+/// import). `<key>` names the source (see `Reg::key`).
 pub struct Puller {
     root: PathBuf,
     cfg: RegistryConfig,
-    /// Per blob digest: held while that blob is being fetched.
+    /// Per source and blob: held while that blob is being fetched.
     inflight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Pulls running; complete blobs are removed when the last one ends (under this lock, so
+    /// Pulls running; finished blobs are removed when the last one ends (under this lock, so
     /// a pull starting meanwhile waits for the cleanup instead of losing its blobs to it).
     active: Arc<Mutex<usize>>,
 }
 
+/// How long a pull waits for another pull's download of the same blob before downloading it
+/// on its own (a slow or stalled source cannot hold the others).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 struct ActiveGuard {
     active: Arc<Mutex<usize>>,
-    blobs: PathBuf,
+    root: PathBuf,
+    run: PathBuf,
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.run);
         let mut n = self.active.lock().unwrap_or_else(|p| p.into_inner());
         *n = n.saturating_sub(1);
         if *n == 0 {
             // The layers are unpacked (or the pulls failed); the compressed copies are not
             // needed any more. Partial downloads stay for a resume.
-            if let Ok(entries) = fs::read_dir(&self.blobs) {
-                for e in entries.flatten() {
-                    let _ = fs::remove_file(e.path());
+            for sub in ["done", "run"] {
+                if let Ok(entries) = fs::read_dir(self.root.join(sub)) {
+                    for e in entries.flatten() {
+                        let _ = fs::remove_file(e.path());
+                        let _ = fs::remove_dir_all(e.path());
+                    }
                 }
             }
+            // Blobs of an older daemon's layout.
+            let _ = fs::remove_dir_all(self.root.join("blobs"));
         }
     }
 }
@@ -769,6 +794,9 @@ impl Puller {
             return 0;
         }
         let mut gone = 0;
+        // What a pull that was killed left (nothing runs now).
+        let _ = fs::remove_dir_all(self.root.join("run"));
+        let _ = fs::remove_dir_all(self.root.join("done"));
         let dir = self.root.join("partial");
         let Ok(entries) = fs::read_dir(&dir) else {
             return 0;
@@ -790,18 +818,21 @@ impl Puller {
 
     /// Pulls `reference` into `images` and returns what was imported. `report` sees progress.
     /// `trust_registry` (an admin's pull) lets the named registry be on a private address.
+    /// `may_reuse(diff_id)`: whether the puller may use that layer already (its own image's
+    /// or a public one's) without downloading it.
     pub async fn pull(
         &self,
         node: &Arc<crate::Node>,
         reference: &str,
         creds: Option<&Credentials>,
         trust_registry: bool,
+        may_reuse: &(dyn Fn(&str) -> bool + Send + Sync),
         report: &(dyn Fn(PullEvent) + Send + Sync),
     ) -> Result<ImportedImage, RegistryError> {
         let deadline = self.cfg.pull_deadline;
         match tokio::time::timeout(
             deadline,
-            self.pull_inner(node, reference, creds, trust_registry, report),
+            self.pull_inner(node, reference, creds, trust_registry, may_reuse, report),
         )
         .await
         {
@@ -819,13 +850,18 @@ impl Puller {
         reference: &str,
         creds: Option<&Credentials>,
         trust_registry: bool,
+        may_reuse: &(dyn Fn(&str) -> bool + Send + Sync),
         report: &(dyn Fn(PullEvent) + Send + Sync),
     ) -> Result<ImportedImage, RegistryError> {
         *self.active.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        let run = self.root.join("run").join(random_id()?);
         let _guard = ActiveGuard {
             active: self.active.clone(),
-            blobs: self.root.join("blobs").join("sha256"),
+            root: self.root.clone(),
+            run: run.clone(),
         };
+        let blobs = run.join("blobs").join("sha256");
+        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
         let r = parse_reference(reference)?;
         let host = r.registry().to_string();
         let reg = Reg::new(&self.cfg, &r, reference, &host, creds, trust_registry)?;
@@ -888,8 +924,8 @@ impl Puller {
 
         // The config first (small; it names the diff ids that let us skip known layers).
         let noop = |_: u64| {};
-        self.fetch_blob(&reg, &config, &noop).await?;
-        let config_path = self.blob_path(&config.digest)?;
+        self.fetch_blob(&reg, &config, &noop, &blobs).await?;
+        let config_path = blobs.join(hex_of(&config.digest)?);
         let config_bytes = fs::read(&config_path).map_err(io_err(&config_path))?;
         let diff_ids: Vec<String> = serde_json::from_slice::<ConfigDoc>(&config_bytes)
             .ok()
@@ -901,28 +937,19 @@ impl Puller {
         let store = &node.images;
         let mut work = Vec::new();
         for (i, layer) in doc.layers.iter().enumerate() {
+            // Not downloaded again only when this store verified that the blob unpacks to
+            // the diff id the config names, and the puller may already use that layer (one
+            // of its own images or a public one): a registry answering "I have it" proves
+            // nothing, so another tenant's private layer is downloaded and verified.
             let reusable = diff_ids.get(i).is_some_and(|want| {
                 store.known_blob(&layer.digest).as_deref() == Some(want.as_str())
                     && store.layer_dir(want).is_dir()
+                    && may_reuse(want)
             });
             if reusable {
-                match reg
-                    .get(
-                        &format!("blobs/{}", layer.digest),
-                        &[],
-                        0,
-                        "checking a layer",
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        known.insert(layer.digest.clone());
-                        report(PullEvent::Present { index: i });
-                        continue;
-                    }
-                    Err(RegistryError::NotFound(_)) => {}
-                    Err(e) => return Err(e),
-                }
+                known.insert(layer.digest.clone());
+                report(PullEvent::Present { index: i });
+                continue;
             }
             work.push((i, layer.clone()));
         }
@@ -930,9 +957,10 @@ impl Puller {
         let results: Vec<Result<(), RegistryError>> = futures_util::stream::iter(work)
             .map(|(i, layer)| {
                 let reg = &reg;
+                let blobs = &blobs;
                 async move {
                     let progress = move |done: u64| report(PullEvent::Bytes { index: i, done });
-                    let fetched = self.fetch_blob(reg, &layer, &progress).await?;
+                    let fetched = self.fetch_blob(reg, &layer, &progress, blobs).await?;
                     if !fetched {
                         report(PullEvent::Present { index: i });
                     }
@@ -948,7 +976,7 @@ impl Puller {
 
         report(PullEvent::Unpacking);
         let node = node.clone();
-        let dir = self.root.clone();
+        let dir = run.clone();
         let shown = PathBuf::from(reference);
         let max = self.cfg.max_image_size;
         tokio::task::spawn_blocking(move || {
@@ -960,26 +988,18 @@ impl Puller {
         .map_err(RegistryError::from)
     }
 
-    fn blob_path(&self, digest: &str) -> Result<PathBuf, RegistryError> {
-        Ok(self.root.join("blobs").join("sha256").join(hex_of(digest)?))
-    }
-
-    /// Makes sure the verified blob is in `pull/blobs`; returns whether this call downloaded
-    /// (part of) it.
+    /// Puts the verified blob at `<blobs>/<hex>` (a hard link to `done/`); returns whether
+    /// this call downloaded (part of) it.
     async fn fetch_blob(
         &self,
         reg: &Reg<'_>,
         desc: &OciDescriptor,
         progress: &(dyn Fn(u64) + Send + Sync),
+        blobs: &Path,
     ) -> Result<bool, RegistryError> {
         let hex = hex_of(&desc.digest)?;
-        let lock = {
-            let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            m.entry(desc.digest.clone()).or_default().clone()
-        };
-        let _held = lock.lock().await;
-        let done = self.blob_path(&desc.digest)?;
-        if done.is_file() {
+        let target = blobs.join(&hex);
+        if target.is_file() {
             return Ok(false);
         }
         let size = match u64::try_from(desc.size) {
@@ -991,13 +1011,90 @@ impl Puller {
                 )))
             }
         };
-        let partial = self.root.join("partial").join(&hex);
-        let mut have = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
-        if have > size {
-            fs::remove_file(&partial).map_err(io_err(&partial))?;
-            have = 0;
+        let name = format!("{}-{hex}", reg.key);
+        let lock = {
+            let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            m.entry(name.clone()).or_default().clone()
+        };
+        let held = tokio::time::timeout(LOCK_WAIT, lock.lock_owned())
+            .await
+            .ok();
+        let result = self
+            .fetch_locked(reg, desc, progress, &name, held.is_some(), size, &target)
+            .await;
+        drop(held);
+        // Forget locks nobody holds or waits for.
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, l| Arc::strong_count(l) > 1);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_locked(
+        &self,
+        reg: &Reg<'_>,
+        desc: &OciDescriptor,
+        progress: &(dyn Fn(u64) + Send + Sync),
+        name: &str,
+        locked: bool,
+        size: u64,
+        target: &Path,
+    ) -> Result<bool, RegistryError> {
+        let done_dir = self.root.join("done");
+        let partial_dir = self.root.join("partial");
+        for d in [&done_dir, &partial_dir] {
+            fs::create_dir_all(d).map_err(io_err(d))?;
         }
-        if have < size {
+        let done = done_dir.join(name);
+        let link = |from: &Path| fs::hard_link(from, target).map_err(io_err(target));
+        if locked && done.is_file() {
+            link(&done)?;
+            return Ok(false);
+        }
+        // Without the lock (another pull holds it too long): a private file, never resumed.
+        let partial = if locked {
+            partial_dir.join(name)
+        } else {
+            partial_dir.join(format!("{name}.{}", random_id()?))
+        };
+        let outcome = self.download(reg, desc, progress, &partial, size).await;
+        if !locked && outcome.is_err() {
+            let _ = fs::remove_file(&partial);
+        }
+        outcome?;
+        fs::rename(&partial, &done).map_err(io_err(&done))?;
+        link(&done)?;
+        Ok(true)
+    }
+
+    /// Downloads (resuming what `partial` holds) and verifies; a resumed file that does not
+    /// verify is downloaded again once from byte 0.
+    async fn download(
+        &self,
+        reg: &Reg<'_>,
+        desc: &OciDescriptor,
+        progress: &(dyn Fn(u64) + Send + Sync),
+        partial: &Path,
+        size: u64,
+    ) -> Result<(), RegistryError> {
+        for attempt in 0..2 {
+            let mut have = fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
+            if have > size {
+                fs::remove_file(partial).map_err(io_err(partial))?;
+                have = 0;
+            }
+            // A complete file is never taken without asking the registry: its last byte is
+            // fetched again (and the whole file verified).
+            if have == size {
+                have = size - 1;
+                OpenOptions::new()
+                    .write(true)
+                    .open(partial)
+                    .and_then(|f| f.set_len(have))
+                    .map_err(io_err(partial))?;
+            }
             let doing = format!("fetching blob {}", desc.digest);
             let resp = reg
                 .get(&format!("blobs/{}", desc.digest), &[], have, &doing)
@@ -1013,8 +1110,8 @@ impl Puller {
                 .append(append)
                 .truncate(!append)
                 .mode(0o600)
-                .open(&partial)
-                .map_err(io_err(&partial))?;
+                .open(partial)
+                .map_err(io_err(partial))?;
             progress(have);
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| {
@@ -1026,38 +1123,56 @@ impl Puller {
                 have += chunk.len() as u64;
                 if have > size {
                     drop(file);
-                    let _ = fs::remove_file(&partial);
+                    let _ = fs::remove_file(partial);
                     return Err(RegistryError::Invalid(format!(
                         "{}: blob {} is larger than its descriptor's {size} bytes: refused",
                         reg.reference, desc.digest
                     )));
                 }
-                file.write_all(&chunk).map_err(io_err(&partial))?;
+                file.write_all(&chunk).map_err(io_err(partial))?;
                 progress(have);
             }
-            file.sync_all().map_err(io_err(&partial))?;
-        }
-        // Verify the whole file, resumed parts included.
-        let path = partial.clone();
-        let (digest, len) = tokio::task::spawn_blocking(move || hash_file(&path))
-            .await
-            .map_err(|e| RegistryError::Unavailable(format!("hashing task failed: {e}")))??;
-        if digest != desc.digest || len != size {
-            let _ = fs::remove_file(&partial);
-            if len < size && digest != desc.digest {
+            file.sync_all().map_err(io_err(partial))?;
+            drop(file);
+            // Verify the whole file, resumed parts included.
+            let path = partial.to_path_buf();
+            let (digest, len) = tokio::task::spawn_blocking(move || hash_file(&path))
+                .await
+                .map_err(|e| RegistryError::Unavailable(format!("hashing task failed: {e}")))??;
+            if digest == desc.digest && len == size {
+                return Ok(());
+            }
+            if len < size {
                 return Err(RegistryError::Unavailable(format!(
                     "{}: the download of blob {} ended early ({len} of {size} bytes): pull again",
                     reg.reference, desc.digest
                 )));
+            }
+            let _ = fs::remove_file(partial);
+            if append && attempt == 0 {
+                tracing::info!(blob = %desc.digest, "a resumed download does not verify; downloading it again from the start");
+                continue;
             }
             return Err(RegistryError::Invalid(format!(
                 "{}: blob digest mismatch: expected {}, the registry served {digest} ({len} bytes): refused",
                 reg.reference, desc.digest
             )));
         }
-        fs::rename(&partial, &done).map_err(io_err(&done))?;
-        Ok(true)
+        Err(RegistryError::Invalid(format!(
+            "{}: blob {} does not verify: refused",
+            reg.reference, desc.digest
+        )))
     }
+}
+
+/// 16 random hex digits.
+fn random_id() -> Result<String, RegistryError> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| RegistryError::Io {
+        path: PathBuf::from("getrandom"),
+        why: e.to_string(),
+    })?;
+    Ok(hex(&b))
 }
 
 /// Refuses a manifest whose sizes would let a download grow without bound: a config of no

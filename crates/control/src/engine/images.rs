@@ -64,6 +64,8 @@ struct Job {
     tenant_id: String,
     /// Started by an admin: its registry may be on a private address.
     admin: bool,
+    /// Stops the task (the tenant is being deleted).
+    abort: Mutex<Option<tokio::task::AbortHandle>>,
     view: Mutex<wire::ImagePull>,
 }
 
@@ -645,6 +647,7 @@ impl Engine {
         let job = Arc::new(Job {
             tenant_id: row.tenant_id.clone(),
             admin,
+            abort: Mutex::new(None),
             view: Mutex::new(view.clone()),
         });
         {
@@ -657,7 +660,9 @@ impl Engine {
             jobs.insert(row.id.clone(), job.clone());
         }
         let engine = self.clone();
-        tokio::spawn(async move { engine.run_pull(row, job).await });
+        let task_job = job.clone();
+        let task = tokio::spawn(async move { engine.run_pull(row, task_job).await });
+        *job.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
         view
     }
 
@@ -763,6 +768,19 @@ impl Engine {
                 }
             })
         };
+        // Layers this pull may take from the store without downloading them: those of the
+        // tenant's own images and of public ones (an admin's: any).
+        let usable: std::collections::HashSet<String> = self
+            .store
+            .images()
+            .await
+            .map_err(|e| engine_err(e.into()))?
+            .into_iter()
+            .filter(|i| i.owner.is_empty() || i.owner == row.tenant_id)
+            .flat_map(|i| i.layers)
+            .collect();
+        let admin = job.admin;
+        let may_reuse = move |diff_id: &str| admin || usable.contains(diff_id);
         let imported = self
             .puller()
             .pull(
@@ -770,6 +788,7 @@ impl Engine {
                 &row.reference,
                 creds.as_ref(),
                 job.admin,
+                &may_reuse,
                 &report,
             )
             .await
@@ -785,6 +804,17 @@ impl Engine {
             source: row.reference.clone(),
             created_at: now_ms(),
         };
+        // The tenant deleted meanwhile (its deletion also stops this task): no orphan image.
+        match self.store.tenant(&row.tenant_id).await {
+            Ok(Some(t)) if t.deleting_at.is_none() => {}
+            Ok(_) => {
+                return Err((
+                    wire::code::NOT_FOUND,
+                    "the tenant was deleted during the pull: nothing was recorded".into(),
+                ))
+            }
+            Err(e) => return Err(engine_err(e.into())),
+        }
         // A daemon killed between recording the image and the job resumes the job: the image
         // it finds is this pull's own.
         if let Ok(Some(same)) = self.store.image_of(&row.tenant_id, &row.name).await {
@@ -882,6 +912,7 @@ impl Engine {
     /// instances still uses one), registry logins and pull jobs, then the layers no image
     /// needs any more. Running pulls of the tenant finish into nothing: their insert fails.
     pub async fn forget_tenant_images(&self, tenant_id: &str) -> Result<u64> {
+        self.cancel_tenant_pulls(tenant_id);
         let mine: Vec<String> = self
             .store
             .images()
@@ -915,6 +946,43 @@ impl Engine {
             let _ = tokio::task::spawn_blocking(move || node.images.gc(&keep)).await;
         }
         Ok(n)
+    }
+
+    /// Pull jobs of the tenant still running.
+    pub(crate) fn running_pulls(&self, tenant_id: &str) -> usize {
+        let jobs = self.registry.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.values()
+            .filter(|j| j.tenant_id == tenant_id)
+            .filter(|j| j.view.lock().unwrap_or_else(|p| p.into_inner()).state == RUNNING)
+            .count()
+    }
+
+    /// Stops the tenant's running pulls (its deletion): their tasks end at once, nothing
+    /// they fetched is recorded.
+    fn cancel_tenant_pulls(&self, tenant_id: &str) {
+        let jobs: Vec<Arc<Job>> = self
+            .registry
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|j| j.tenant_id == tenant_id)
+            .cloned()
+            .collect();
+        for job in jobs {
+            if let Some(h) = job.abort.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                h.abort();
+            }
+            let running = job.view.lock().unwrap_or_else(|p| p.into_inner()).state == RUNNING;
+            if running {
+                self.bump(&job, |j| {
+                    j.state = FAILED.into();
+                    j.unpacking = false;
+                    j.error = Some("cancelled: the tenant was deleted".into());
+                    j.code = Some(wire::code::NOT_FOUND.to_string());
+                });
+            }
+        }
     }
 
     /// Resumes pull jobs a previous daemon left running (at start-up); forgets finished jobs
