@@ -886,11 +886,30 @@ fn pull_policy_and_uploads() {
     let only = daemon_on(
         "rh",
         "10.93.0.0",
-        &["--tenant-registry", "registry.example.com"],
+        // Entries are normalised (case, scheme, trailing slash).
+        &["--tenant-registry", "HTTPS://Registry.Example.com/"],
     );
     let t2 = tenant(&only, "t2");
     let (ok, _, err) = pull(&only, &t2, &[&format!("{}/a/b:v1", plain.host())]);
     assert!(!ok && err.contains("registry.tenant_hosts"), "{err}");
+    let (ok, _, err) = pull(&only, &t2, &["registry.example.com/a/b:v1"]);
+    assert!(!ok && !err.contains("registry.tenant_hosts"), "{err}");
+    // A reference-like name must be the reference pulled: nothing can pass for another image.
+    for name in [
+        "docker.io/library/ubuntu:22.04",
+        "ubuntu:22.04",
+        "x@sha256:00",
+    ] {
+        let (ok, _, err) = pull(
+            &only,
+            &only.key,
+            &[&format!("{}/a/b:v1", plain.host()), "--name", name],
+        );
+        assert!(
+            !ok && err.contains("looks like an image reference"),
+            "{name}: {err}"
+        );
+    }
     drop(only);
     let layouts = tempfile::TempDir::new().unwrap();
     let mut lay = Layout::new(layouts.path().join("oci"));

@@ -564,11 +564,28 @@ impl Engine {
                 hosts.join(", ")
             )));
         }
+        // A name that looks like a reference is one: it must be the reference pulled, so
+        // `evil.example/x --name docker.io/library/ubuntu:22.04` cannot pass for ubuntu.
+        if let Some(n) = &req.name {
+            if wire::looks_like_reference(n) && n != &req.reference {
+                return Err(invalid(format!(
+                    "image name {n:?} looks like an image reference but is not the one pulled ({:?}): give a plain name (like `app`) or none",
+                    req.reference
+                )));
+            }
+        }
         let name = req.name.clone().unwrap_or_else(|| req.reference.clone());
         image_name(&name)?;
         let now = now_ms();
         if req.if_missing {
-            if let Some(img) = self.store.image_visible(&who.tenant_id, &name).await? {
+            // Pull on first use: an image of that name counts only if it came from this very
+            // reference (a plain name is the caller's or an admin's choice).
+            let found = self
+                .store
+                .image_visible(&who.tenant_id, &name)
+                .await?
+                .filter(|img| img.source == req.reference || !wire::looks_like_reference(&name));
+            if let Some(img) = found {
                 let names = self.tenant_names().await?;
                 return Ok(wire::ImagePull {
                     id: String::new(),
