@@ -1558,3 +1558,66 @@ fn pulls_end_with_their_tenant() {
         "an image of the deleted tenant: {images}"
     );
 }
+
+/// gc does not take layers from a running pull: while a pull that reuses image A's layer is
+/// held mid-download, `image rm A` (which runs gc) keeps that layer, and the pull completes.
+#[test]
+fn gc_keeps_the_layers_of_running_pulls() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let reg = Registry::start(false, None);
+    let proxy = Proxy::start(reg.port);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let d = daemon(&["--insecure-registry", &host]);
+    let layouts = tempfile::TempDir::new().unwrap();
+    let mut lay = Layout::new(layouts.path().join("oci"));
+    let shared = tar_of(&[("shared", Some(b"in both images\n"))]);
+    let a = lay.image(&[(shared.clone(), Comp::Gzip)], host_arch(), &["/bin/sh"]);
+    lay.tag(&a, "a");
+    reg.push(&lay.dir, "a", "gc/a", &[]);
+    let b = lay.image(
+        &[
+            (shared, Comp::Gzip),
+            (tar_of(&[("n", Some(&noise(4 << 20, 13)))]), Comp::Plain),
+        ],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&b, "b");
+    reg.push(&lay.dir, "b", "gc/b", &[]);
+    let ref_a = format!("{host}/gc/a:a");
+    pull_ok(&d, &d.key, &[&ref_a]);
+    let shared_layer = layer_dir(&d, &a.layers[0].1);
+    assert!(shared_layer.is_dir());
+
+    proxy.watch(&b.layers[1].0);
+    proxy.state.released.store(false, Ordering::SeqCst);
+    proxy.state.hold_after.store(1 << 20, Ordering::SeqCst);
+    let body = json!({"reference": format!("{host}/gc/b:b")}).to_string();
+    let (st, job) = api(&d, &d.key, "POST", "/v1/images/pulls", &body);
+    assert_eq!(st, 200, "{job}");
+    wait_for("the held download", || {
+        proxy.state.gets.load(Ordering::SeqCst) >= 1
+    });
+    let out = d.cli(&["image", "rm", &ref_a]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        shared_layer.is_dir(),
+        "gc removed a layer the running pull uses"
+    );
+    proxy.state.released.store(true, Ordering::SeqCst);
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut last = Value::Null;
+    wait_for("the pull to end", || {
+        last = api(&d, &d.key, "GET", &format!("/v1/images/pulls/{id}"), "").1;
+        last["state"] != "running"
+    });
+    assert_eq!(last["state"], "done", "{last}");
+    assert!(shared_layer.is_dir());
+}

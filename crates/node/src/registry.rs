@@ -133,6 +133,9 @@ pub enum PullEvent {
         digest: String,
         layers: Vec<(String, u64)>,
     },
+    /// The diff ids the image's config names (before any layer is unpacked or reused: the
+    /// caller keeps them from the store's gc until the image is recorded).
+    Layers { diff_ids: Vec<String> },
     /// Bytes of layer `index` on disk so far (resumed bytes included).
     Bytes { index: usize, done: u64 },
     /// Layer `index` needs no download: finished by another pull or already unpacked.
@@ -932,6 +935,9 @@ impl Puller {
             .and_then(|c| c.rootfs)
             .map(|r| r.diff_ids)
             .unwrap_or_default();
+        report(PullEvent::Layers {
+            diff_ids: diff_ids.clone(),
+        });
 
         let mut known = HashSet::new();
         let store = &node.images;

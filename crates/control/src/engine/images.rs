@@ -66,6 +66,8 @@ struct Job {
     admin: bool,
     /// Stops the task (the tenant is being deleted).
     abort: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The layers (diff ids) the image will have: kept from gc while the job runs.
+    layers: Mutex<Vec<String>>,
     view: Mutex<wire::ImagePull>,
 }
 
@@ -391,13 +393,7 @@ impl Engine {
             )));
         }
         self.store.delete_image_of(&img.owner, name).await?;
-        let keep: Vec<String> = self
-            .store
-            .images()
-            .await?
-            .into_iter()
-            .flat_map(|i| i.layers)
-            .collect();
+        let keep = self.layers_in_use().await?;
         let node = self.node.clone();
         let _ = tokio::task::spawn_blocking(move || node.images.gc(&keep)).await;
         let names = self.tenant_names().await?;
@@ -665,6 +661,7 @@ impl Engine {
             tenant_id: row.tenant_id.clone(),
             admin,
             abort: Mutex::new(None),
+            layers: Mutex::new(Vec::new()),
             view: Mutex::new(view.clone()),
         });
         {
@@ -745,7 +742,12 @@ impl Engine {
             .await
             .map_err(engine_err)?;
         let report = |ev: PullEvent| {
+            if let PullEvent::Layers { diff_ids } = ev {
+                *job.layers.lock().unwrap_or_else(|p| p.into_inner()) = diff_ids;
+                return;
+            }
             self.bump(job, |j| match ev {
+                PullEvent::Layers { .. } => {}
                 PullEvent::Resolved { digest, layers } => {
                     j.digest = Some(digest);
                     j.layers = layers
@@ -952,17 +954,32 @@ impl Engine {
         }
         let n = self.store.delete_tenant_registry_data(tenant_id).await?;
         if n > 0 {
-            let keep: Vec<String> = self
-                .store
-                .images()
-                .await?
-                .into_iter()
-                .flat_map(|i| i.layers)
-                .collect();
+            let keep = self.layers_in_use().await?;
             let node = self.node.clone();
             let _ = tokio::task::spawn_blocking(move || node.images.gc(&keep)).await;
         }
         Ok(n)
+    }
+
+    /// What gc must keep: the layers of every image, and of every pull still running (read
+    /// first: a pull that ends meanwhile has recorded its image by the time the images are
+    /// read).
+    async fn layers_in_use(&self) -> Result<Vec<String>> {
+        let mut keep: Vec<String> = {
+            let jobs = self.registry.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            jobs.values()
+                .filter(|j| j.view.lock().unwrap_or_else(|p| p.into_inner()).state == RUNNING)
+                .flat_map(|j| j.layers.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                .collect()
+        };
+        keep.extend(
+            self.store
+                .images()
+                .await?
+                .into_iter()
+                .flat_map(|i| i.layers),
+        );
+        Ok(keep)
     }
 
     /// Pull jobs of the tenant still running.
