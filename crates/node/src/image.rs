@@ -485,6 +485,7 @@ impl ImageStore {
         Err(bad(src, "image indexes nest too deep"))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn import_manifest(
         &self,
         source: &Source,

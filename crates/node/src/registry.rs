@@ -5,19 +5,27 @@
 //! credentials.
 //!
 //! Key decisions:
-//! - **The registry client is `oci-client`** (reqwest + rustls on ring). One client per pull, so
-//!   the tokens it caches for one tenant's credentials are never seen by another tenant's pull.
-//! - **Downloads are ours to resume**: a layer blob is streamed to `pull/partial/<hex>` and
-//!   continued with an HTTP Range request from the bytes already there, after a lost
-//!   connection or a daemon restart. A complete blob is hashed whole and compared with its
-//!   descriptor's digest (and size) before it is renamed to `pull/blobs/sha256/<hex>`; a blob
-//!   that does not match is deleted, never kept for a resume.
-//! - **One download per blob**: pulls in this process take a per-digest lock; the second pull
-//!   of a layer waits and then finds the finished blob (or the unpacked layer).
+//! - **The HTTP is ours** (reqwest + rustls on ring; `oci-client` parses references and
+//!   descriptors). One client per pull, so a token negotiated with one tenant's credentials is
+//!   never seen by another tenant's pull. Every address it connects to is checked by
+//!   `NetGuard` (the registry, each redirect hop, the token service; names after
+//!   resolution): https to a public address, or what the operator configured. Every body is
+//!   read bounded; an error answer's body is never read (status and our words only);
+//!   descriptor `urls` are never fetched.
+//! - **Downloads are ours to resume**: a layer blob is streamed to `pull/partial/<key>-<hex>`
+//!   (`<key>` names the source: registry, repository, user) and continued with an HTTP Range
+//!   request after a lost connection or a daemon restart. A complete blob is hashed whole and
+//!   compared with its descriptor's digest and size before it is renamed to
+//!   `pull/done/<key>-<hex>` and linked into the pull's own `run/<id>/blobs/sha256/`; a blob
+//!   that does not match is deleted (a resumed one is downloaded again once from byte 0).
+//! - **One download per source and blob**: pulls take a lock per `<key>-<hex>`; the second
+//!   pull waits (at most `LOCK_WAIT`, then downloads on its own) and finds the finished blob.
 //! - **Layers already unpacked are not downloaded again** when the store verified earlier that
-//!   this blob digest unpacks to the diff id the config names, and the registry answers a HEAD
-//!   for the blob with the puller's credentials (so a tenant cannot claim a layer it cannot
-//!   read from the registry).
+//!   this blob digest unpacks to the diff id the config names, and the caller says the puller
+//!   may use that layer already (its own or a public image's): a registry saying it has the
+//!   blob proves nothing.
+//! - **Bounds**: descriptor sizes > 0; a config at most `MAX_JSON` (16 MiB); the layers' compressed
+//!   and unpacked bytes at most `max_image_size`; the whole pull at most `pull_deadline`.
 //! - **Index resolution**: a manifest list or OCI index is resolved to `linux/<host arch>`;
 //!   the chosen manifest's digest is checked against the index entry.
 //! - **Credentials at rest** are sealed with ChaCha20-Poly1305 under a 256-bit key in
