@@ -1621,3 +1621,92 @@ fn gc_keeps_the_layers_of_running_pulls() {
     assert_eq!(last["state"], "done", "{last}");
     assert!(shared_layer.is_dir());
 }
+
+/// A pull that outlasts `registry.pull_timeout` fails with a clear error and keeps its
+/// partial download for a retry.
+#[test]
+fn a_pull_has_a_deadline() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let reg = Registry::start(false, None);
+    let proxy = Proxy::start(reg.port);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let d = daemon(&["--insecure-registry", &host, "--pull-timeout", "3s"]);
+    let layouts = tempfile::TempDir::new().unwrap();
+    let mut lay = Layout::new(layouts.path().join("oci"));
+    let slow = lay.image(
+        &[(tar_of(&[("n", Some(&noise(4 << 20, 17)))]), Comp::Plain)],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&slow, "slow");
+    reg.push(&lay.dir, "slow", "d/slow", &[]);
+    proxy.watch(&slow.layers[0].0);
+    proxy.state.released.store(false, Ordering::SeqCst);
+    proxy.state.hold_after.store(1 << 20, Ordering::SeqCst);
+    let (ok, _, err) = pull(&d, &d.key, &[&format!("{host}/d/slow:slow")]);
+    proxy.state.released.store(true, Ordering::SeqCst);
+    assert!(!ok, "a held pull did not end");
+    assert!(err.contains("registry.pull_timeout"), "{err}");
+    assert!(
+        partial_of(&d, &slow.layers[0].0).is_some(),
+        "the partial was not kept"
+    );
+}
+
+/// Descriptor `urls` (foreign layers) are never fetched: a manifest pointing a layer at an
+/// internal address gets the layer from its registry or fails.
+#[test]
+fn foreign_layer_urls_are_not_fetched() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let inner = Hostile::start(vec![(
+        "/x".into(),
+        "application/octet-stream",
+        b"internal".to_vec(),
+    )]);
+    let blob = sha(b"internal");
+    let config = serde_json::to_vec(&json!({
+        "architecture": host_arch(),
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [blob]},
+    }))
+    .unwrap();
+    let cd = sha(&config);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{
+            "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "digest": blob,
+            "size": 8,
+            "urls": [format!("http://127.0.0.1:{}/x", inner.port)],
+        }],
+    }))
+    .unwrap();
+    let evil = Hostile::start(vec![
+        (
+            "/v2/f/manifests/1".into(),
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest,
+        ),
+        (
+            format!("/v2/f/blobs/{cd}"),
+            "application/octet-stream",
+            config,
+        ),
+    ]);
+    let evil_host = format!("127.0.0.1:{}", evil.port);
+    let d = daemon(&["--insecure-registry", &evil_host]);
+    let (ok, _, err) = pull(&d, &d.key, &[&format!("{evil_host}/f:1")]);
+    assert!(!ok && err.contains("not found"), "{err}");
+    assert!(
+        inner.gets.lock().unwrap().is_empty(),
+        "a descriptor url was fetched"
+    );
+}
