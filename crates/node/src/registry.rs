@@ -749,6 +749,8 @@ pub struct Puller {
     /// Pulls running; finished blobs are removed when the last one ends (under this lock, so
     /// a pull starting meanwhile waits for the cleanup instead of losing its blobs to it).
     active: Arc<Mutex<usize>>,
+    /// How long a pull waits for another's download of the same blob (`LOCK_WAIT`).
+    lock_wait: std::time::Duration,
 }
 
 /// How long a pull waits for another pull's download of the same blob before downloading it
@@ -790,6 +792,7 @@ impl Puller {
             cfg,
             inflight: Mutex::new(HashMap::new()),
             active: Arc::new(Mutex::new(0)),
+            lock_wait: LOCK_WAIT,
         }
     }
 
@@ -1030,7 +1033,7 @@ impl Puller {
             let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             m.entry(name.clone()).or_default().clone()
         };
-        let held = tokio::time::timeout(LOCK_WAIT, lock.lock_owned())
+        let held = tokio::time::timeout(self.lock_wait, lock.lock_owned())
             .await
             .ok();
         let result = self
@@ -1814,6 +1817,89 @@ mod tests {
         *p.active.lock().unwrap() -= 1;
         assert_eq!(p.sweep_partials(std::time::Duration::from_secs(3600)), 1);
         assert!(!old.exists() && new.exists());
+    }
+
+    /// A registry serving `blob` at `/v2/r/blobs/<digest>` when `serve` is set (404 otherwise).
+    fn blob_registry(blob: Vec<u8>, serve: bool) -> (Fake, String) {
+        let digest = sha256_hex(&blob);
+        let path = format!("/v2/r/blobs/{digest}");
+        let srv = fake(Arc::new(move |head, c, _| {
+            if serve && head.contains(&path) {
+                respond(c, "200 OK", &[], &blob);
+            } else {
+                respond(c, "404 Not Found", &[], b"");
+            }
+        }));
+        (srv, digest)
+    }
+
+    fn blob_desc(digest: &str, size: usize) -> OciDescriptor {
+        OciDescriptor {
+            digest: digest.to_string(),
+            size: size as i64,
+            ..OciDescriptor::default()
+        }
+    }
+
+    /// A pull waiting for another's download of the same blob gives up after the bound and
+    /// downloads it on its own (the other's lock stays held).
+    #[test]
+    fn a_held_download_lock_does_not_block_other_pulls() {
+        let t = tempfile::TempDir::new().unwrap();
+        let store = ImageStore::open(t.path().join("images")).unwrap();
+        let mut p = Puller::new(&store, RegistryConfig::default());
+        p.lock_wait = std::time::Duration::from_millis(200);
+        let blob = b"layer bytes".to_vec();
+        let (srv, digest) = blob_registry(blob.clone(), true);
+        let cfg = insecure(srv.port);
+        let reference = format!("127.0.0.1:{}/r:1", srv.port);
+        let host = format!("127.0.0.1:{}", srv.port);
+        let reg = reg_for(&cfg, &reference, &host, None);
+        let name = format!("{}-{}", reg.key, hex_of(&digest).unwrap());
+        let lock = p.inflight.lock().unwrap().entry(name).or_default().clone();
+        let rt = rt();
+        let _held = rt.block_on(lock.lock_owned());
+        let blobs = t.path().join("run");
+        fs::create_dir_all(&blobs).unwrap();
+        let noop = |_: u64| {};
+        let fetched = rt
+            .block_on(p.fetch_blob(&reg, &blob_desc(&digest, blob.len()), &noop, &blobs))
+            .unwrap();
+        assert!(fetched);
+        assert_eq!(
+            fs::read(blobs.join(hex_of(&digest).unwrap())).unwrap(),
+            blob
+        );
+    }
+
+    /// A complete partial file (a crash before the rename) is not taken without the registry:
+    /// one that no longer serves the blob fails the pull.
+    #[test]
+    fn a_complete_partial_still_asks_the_registry() {
+        let t = tempfile::TempDir::new().unwrap();
+        let store = ImageStore::open(t.path().join("images")).unwrap();
+        let p = Puller::new(&store, RegistryConfig::default());
+        let blob = b"someone else's layer".to_vec();
+        let (srv, digest) = blob_registry(blob.clone(), false);
+        let cfg = insecure(srv.port);
+        let reference = format!("127.0.0.1:{}/r:1", srv.port);
+        let host = format!("127.0.0.1:{}", srv.port);
+        let reg = reg_for(&cfg, &reference, &host, None);
+        let partial = t.path().join("images/pull/partial");
+        fs::create_dir_all(&partial).unwrap();
+        fs::write(
+            partial.join(format!("{}-{}", reg.key, hex_of(&digest).unwrap())),
+            &blob,
+        )
+        .unwrap();
+        let blobs = t.path().join("run");
+        fs::create_dir_all(&blobs).unwrap();
+        let noop = |_: u64| {};
+        let err = rt()
+            .block_on(p.fetch_blob(&reg, &blob_desc(&digest, blob.len()), &noop, &blobs))
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::NotFound(_)), "{err}");
+        assert!(!blobs.join(hex_of(&digest).unwrap()).exists());
     }
 
     #[test]
