@@ -61,6 +61,12 @@ pub struct RegistrySection {
     pub insecure: Vec<String>,
     /// A PEM file of extra CA certificates trusted for registry TLS.
     pub ca_file: Option<PathBuf>,
+    /// Most bytes one pulled image may unpack to [default: 64GiB].
+    pub max_image_size: u64,
+    /// Longest one pull may take [default: 6h].
+    pub pull_timeout: Duration,
+    /// Pull jobs one tenant may run at a time [default: 4].
+    pub tenant_max_pulls: usize,
 }
 
 impl Default for RegistrySection {
@@ -70,6 +76,9 @@ impl Default for RegistrySection {
             tenant_hosts: Vec::new(),
             insecure: Vec::new(),
             ca_file: None,
+            max_image_size: gpuvisor_node::registry::DEFAULT_MAX_IMAGE_SIZE,
+            pull_timeout: gpuvisor_node::registry::DEFAULT_PULL_DEADLINE,
+            tenant_max_pulls: 4,
         }
     }
 }
@@ -82,6 +91,9 @@ struct RegistryFile {
     tenant_hosts: Option<Vec<String>>,
     insecure: Option<Vec<String>>,
     ca_file: Option<PathBuf>,
+    max_image_size: Option<String>,
+    pull_timeout: Option<String>,
+    tenant_max_pulls: Option<usize>,
 }
 
 /// Flags for `[registry]`.
@@ -100,10 +112,28 @@ pub struct RegistryOverrides {
     /// [registry.tenant_hosts].
     #[arg(long = "tenant-registry", value_name = "HOST")]
     pub tenant_registry: Vec<String>,
+    /// Most bytes one pulled image may unpack to, e.g. 64GiB [registry.max_image_size].
+    #[arg(long = "max-image-size", value_name = "SIZE")]
+    pub max_image_size: Option<String>,
+    /// Longest one pull may take, e.g. 6h [registry.pull_timeout].
+    #[arg(long = "pull-timeout", value_name = "DURATION")]
+    pub pull_timeout: Option<String>,
+    /// Pull jobs one tenant may run at a time [registry.tenant_max_pulls].
+    #[arg(long = "tenant-max-pulls", value_name = "N")]
+    pub tenant_max_pulls: Option<usize>,
 }
 
 impl RegistrySection {
-    fn apply_file(&mut self, f: RegistryFile) {
+    fn apply_file(&mut self, f: RegistryFile) -> anyhow::Result<()> {
+        if let Some(v) = &f.max_image_size {
+            self.max_image_size = registry_size(v)?;
+        }
+        if let Some(v) = &f.pull_timeout {
+            self.pull_timeout = registry_duration(v)?;
+        }
+        if let Some(v) = f.tenant_max_pulls {
+            self.tenant_max_pulls = v;
+        }
         if let Some(v) = f.tenant_pull {
             self.tenant_pull = v;
         }
@@ -116,6 +146,7 @@ impl RegistrySection {
         if f.ca_file.is_some() {
             self.ca_file = f.ca_file;
         }
+        Ok(())
     }
 
     fn apply_flags(&mut self, o: &RegistryOverrides) -> anyhow::Result<()> {
@@ -127,6 +158,15 @@ impl RegistrySection {
         }
         if o.registry_ca.is_some() {
             self.ca_file = o.registry_ca.clone();
+        }
+        if let Some(v) = &o.max_image_size {
+            self.max_image_size = registry_size(v)?;
+        }
+        if let Some(v) = &o.pull_timeout {
+            self.pull_timeout = registry_duration(v)?;
+        }
+        if let Some(v) = o.tenant_max_pulls {
+            self.tenant_max_pulls = v;
         }
         match o.tenant_pull.as_deref() {
             None => {}
@@ -393,7 +433,7 @@ impl Config {
                 c.limits.apply_file(l)?;
             }
             if let Some(r) = f.registry {
-                c.registry.apply_file(r);
+                c.registry.apply_file(r)?;
             }
             if let Some(v) = f.limiter_context_bytes {
                 c.limiter_context_bytes = gpuvisor_wire::parse_size(&v)
@@ -632,6 +672,20 @@ pub struct LimitsOverrides {
     /// Open connections from one client address [limits.max_connections_per_ip].
     #[arg(long)]
     pub max_connections_per_ip: Option<usize>,
+}
+
+fn registry_size(v: &str) -> anyhow::Result<u64> {
+    match gpuvisor_wire::parse_size(v) {
+        Ok(n) if n > 0 => Ok(n),
+        _ => anyhow::bail!("registry.max_image_size {v:?} is not a size like 64GiB"),
+    }
+}
+
+fn registry_duration(v: &str) -> anyhow::Result<Duration> {
+    match humantime::parse_duration(v) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => anyhow::bail!("registry.pull_timeout {v:?} is not a duration like 6h"),
+    }
 }
 
 fn size(key: &str, v: &str) -> anyhow::Result<u64> {

@@ -112,9 +112,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     engine.configure_registry(gpuvisor_control::engine::images::RegistrySettings {
         tenant_pull: cfg.registry.tenant_pull,
         tenant_hosts: cfg.registry.tenant_hosts.clone(),
+        tenant_max_pulls: cfg.registry.tenant_max_pulls,
         registry: gpuvisor_node::registry::RegistryConfig {
             insecure: cfg.registry.insecure.clone(),
             ca_file: cfg.registry.ca_file.clone(),
+            trusted: cfg.registry.tenant_hosts.clone(),
+            // Pulls never connect to the daemon itself (by a public address either).
+            deny: own_addresses(cfg.listen.ip()),
+            max_image_size: cfg.registry.max_image_size,
+            pull_deadline: cfg.registry.pull_timeout,
         },
     });
     if let Some(secret) = engine.bootstrap().await? {
@@ -488,4 +494,24 @@ async fn shutdown() {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutting down; instances keep running");
+}
+
+/// The addresses the daemon answers on: its listen address, or every local address when it
+/// listens on all of them.
+fn own_addresses(listen: std::net::IpAddr) -> Vec<std::net::IpAddr> {
+    if !listen.is_unspecified() {
+        return vec![listen];
+    }
+    let mut out = vec![listen];
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs {
+            let Some(sa) = a.address else { continue };
+            if let Some(v4) = sa.as_sockaddr_in() {
+                out.push(std::net::IpAddr::V4(v4.ip()));
+            } else if let Some(v6) = sa.as_sockaddr_in6() {
+                out.push(std::net::IpAddr::V6(v6.ip()));
+            }
+        }
+    }
+    out
 }

@@ -505,6 +505,8 @@ fn leftovers(d: &Daemon) -> Vec<String> {
     let mut out = Vec::new();
     for sub in [
         "images/pull/partial",
+        "images/pull/done",
+        "images/pull/run",
         "images/pull/blobs/sha256",
         "images/tmp",
     ] {
@@ -515,6 +517,16 @@ fn leftovers(d: &Daemon) -> Vec<String> {
         }
     }
     out
+}
+
+/// The partial download of blob `digest` (named `<source key>-<hex>`), if there is one.
+fn partial_of(d: &Daemon, digest: &str) -> Option<PathBuf> {
+    let suffix = format!("-{}", hex(digest));
+    std::fs::read_dir(d.data().join("images/pull/partial"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(&suffix))
 }
 
 fn layer_dir(d: &Daemon, diff_id: &str) -> PathBuf {
@@ -773,7 +785,13 @@ fn pulls_over_tls_with_per_tenant_credentials() {
     let reg = Registry::start(true, Some(("pusher", "s3cret-Passw0rd")));
     let host = reg.host();
     let ca = reg.ca();
-    let d = daemon(&["--registry-ca", ca.to_str().unwrap()]);
+    // Tenants reach a registry on a loopback address only when the operator names it.
+    let d = daemon(&[
+        "--registry-ca",
+        ca.to_str().unwrap(),
+        "--tenant-registry",
+        &host,
+    ]);
     let layouts = tempfile::TempDir::new().unwrap();
     let mut lay = Layout::new(layouts.path().join("oci"));
     let img = lay.image(
@@ -868,11 +886,30 @@ fn pull_policy_and_uploads() {
     let only = daemon_on(
         "rh",
         "10.93.0.0",
-        &["--tenant-registry", "registry.example.com"],
+        // Entries are normalised (case, scheme, trailing slash).
+        &["--tenant-registry", "HTTPS://Registry.Example.com/"],
     );
     let t2 = tenant(&only, "t2");
     let (ok, _, err) = pull(&only, &t2, &[&format!("{}/a/b:v1", plain.host())]);
     assert!(!ok && err.contains("registry.tenant_hosts"), "{err}");
+    let (ok, _, err) = pull(&only, &t2, &["registry.example.com/a/b:v1"]);
+    assert!(!ok && !err.contains("registry.tenant_hosts"), "{err}");
+    // A reference-like name must be the reference pulled: nothing can pass for another image.
+    for name in [
+        "docker.io/library/ubuntu:22.04",
+        "ubuntu:22.04",
+        "x@sha256:00",
+    ] {
+        let (ok, _, err) = pull(
+            &only,
+            &only.key,
+            &[&format!("{}/a/b:v1", plain.host()), "--name", name],
+        );
+        assert!(
+            !ok && err.contains("looks like an image reference"),
+            "{name}: {err}"
+        );
+    }
     drop(only);
     let layouts = tempfile::TempDir::new().unwrap();
     let mut lay = Layout::new(layouts.path().join("oci"));
@@ -1112,13 +1149,25 @@ fn interrupted_pulls_resume() {
         err.contains("lost the connection") || err.contains("ended early"),
         "{err}"
     );
-    let partial = d
-        .data()
-        .join("images/pull/partial")
-        .join(hex(&one.layers[0].0));
+    let partial = partial_of(&d, &one.layers[0].0).expect("the partial download was not kept");
     let kept = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
     assert!(kept > 0, "the partial download was not kept");
+    // The kept bytes are damaged (a disk error, an older daemon): the resumed download does
+    // not verify, and the pull starts that blob again from byte 0 instead of failing.
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&partial)
+            .unwrap();
+        f.write_all(&[0xa5; 4096]).unwrap();
+    }
+    let gets_before = proxy.state.gets.load(Ordering::SeqCst);
     let (v, _) = pull_ok(&d, &d.key, &[&reference]);
+    assert_eq!(
+        proxy.state.gets.load(Ordering::SeqCst),
+        gets_before + 2,
+        "expected a resumed GET, then one from the start"
+    );
     assert_eq!(
         v["digest"],
         reg.digest(&format!("{}/big/one:one", reg.host())).as_str()
@@ -1140,12 +1189,10 @@ fn interrupted_pulls_resume() {
     let body = json!({"reference": format!("{host}/big/two:two")}).to_string();
     let (st, job) = api(&d, &d.key, "POST", "/v1/images/pulls", &body);
     assert_eq!(st, 200, "{job}");
-    let partial = d
-        .data()
-        .join("images/pull/partial")
-        .join(hex(&two.layers[0].0));
     wait_for("a partial download", || {
-        std::fs::metadata(&partial).is_ok_and(|m| m.len() >= 2 << 20)
+        partial_of(&d, &two.layers[0].0)
+            .and_then(|p| std::fs::metadata(p).ok())
+            .is_some_and(|m| m.len() >= 2 << 20)
     });
     d.kill9();
     proxy.state.released.store(true, Ordering::SeqCst);
@@ -1211,4 +1258,455 @@ fn interrupted_pulls_resume() {
         "the layer was downloaded twice"
     );
     assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
+}
+
+/// Pulls are bounded: a small gzip layer that unpacks past `registry.max_image_size` (a
+/// decompression bomb) is refused with nothing left behind, and a tenant runs at most
+/// `registry.tenant_max_pulls` pulls at a time.
+#[test]
+fn pulls_are_bounded() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let reg = Registry::start(false, None);
+    let proxy = Proxy::start(reg.port);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let d = daemon(&[
+        "--insecure-registry",
+        &host,
+        "--max-image-size",
+        "6MiB",
+        "--tenant-max-pulls",
+        "1",
+    ]);
+    let layouts = tempfile::TempDir::new().unwrap();
+    let mut lay = Layout::new(layouts.path().join("oci"));
+
+    // 16 MiB of zeros, a few KiB compressed.
+    let zeros = vec![0u8; 16 << 20];
+    let bomb = lay.image(
+        &[(tar_of(&[("zeros", Some(&zeros))]), Comp::Gzip)],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&bomb, "bomb");
+    reg.push(&lay.dir, "bomb", "t/bomb", &[]);
+    let (ok, _, err) = pull(&d, &d.key, &[&format!("{host}/t/bomb:bomb")]);
+    assert!(!ok, "a layer unpacking past max_image_size was accepted");
+    assert!(err.contains("max_image_size"), "{err}");
+    assert!(!layer_dir(&d, &bomb.layers[0].1).exists());
+    assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
+
+    // One pull of tenant t held mid-layer; its second pull is refused, an admin's is not
+    // counted against t.
+    let t = tenant(&d, "t");
+    let held = lay.image(
+        &[(tar_of(&[("n", Some(&noise(4 << 20, 7)))]), Comp::Plain)],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&held, "held");
+    reg.push(&lay.dir, "held", "t/held", &[]);
+    proxy.watch(&held.layers[0].0);
+    proxy.state.released.store(false, Ordering::SeqCst);
+    proxy.state.hold_after.store(1 << 20, Ordering::SeqCst);
+    let body = json!({"reference": format!("{host}/t/held:held")}).to_string();
+    let (st, job) = api(&d, &t, "POST", "/v1/images/pulls", &body);
+    assert_eq!(st, 200, "{job}");
+    wait_for("the held download", || {
+        proxy.state.gets.load(Ordering::SeqCst) >= 1
+    });
+    let other = json!({"reference": format!("{host}/t/bomb:bomb"), "name": "second"}).to_string();
+    let (st, refused) = api(&d, &t, "POST", "/v1/images/pulls", &other);
+    assert_eq!(
+        refused["error"]["code"], "resource_exhausted",
+        "{st} {refused}"
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tenant_max_pulls"),
+        "{refused}"
+    );
+    proxy.state.released.store(true, Ordering::SeqCst);
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_for("the held pull", || {
+        let (_, j) = api(&d, &t, "GET", &format!("/v1/images/pulls/{id}"), "");
+        assert_ne!(j["state"], "failed", "{j}");
+        j["state"] == "done"
+    });
+}
+
+// ---- a hostile registry ------------------------------------------------------------------------
+
+/// A registry that serves the given paths (GET), answers 200 to every HEAD, and 404 to other
+/// GETs; counts the GETs of each path.
+struct Hostile {
+    port: u16,
+    gets: Arc<Mutex<Vec<String>>>,
+}
+
+impl Hostile {
+    fn start(files: Vec<(String, &'static str, Vec<u8>)>) -> Hostile {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let gets = Arc::new(Mutex::new(Vec::new()));
+        let g = gets.clone();
+        let files = Arc::new(files);
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                let (g, files) = (g.clone(), files.clone());
+                std::thread::spawn(move || {
+                    let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+                    let mut line = String::new();
+                    use std::io::BufRead;
+                    if r.read_line(&mut line).is_err() {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut parts = line.split_whitespace();
+                    let method = parts.next().unwrap_or("").to_string();
+                    let path = parts.next().unwrap_or("").to_string();
+                    let found = files.iter().find(|f| f.0 == path);
+                    let (status, ctype, body): (&str, &str, &[u8]) = match (&*method, found) {
+                        ("GET", Some(f)) => ("200 OK", f.1, &f.2),
+                        ("HEAD", _) => ("200 OK", "application/octet-stream", b""),
+                        _ => ("404 Not Found", "application/json", b"{\"errors\":[]}"),
+                    };
+                    if method == "GET" {
+                        g.lock().unwrap().push(path.clone());
+                    }
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        if method == "HEAD" { 1 << 20 } else { body.len() }
+                    );
+                    let _ = c.write_all(head.as_bytes());
+                    if method == "GET" {
+                        let _ = c.write_all(body);
+                    }
+                });
+            }
+        });
+        Hostile { port, gets }
+    }
+}
+
+/// A layer another tenant pulled privately is not given to a tenant whose registry merely
+/// names its digest (and answers 200 to a HEAD): the blob must be downloaded from that
+/// registry and verified. The tenant that owns the layer reuses it without a download.
+#[test]
+fn private_layers_are_not_shared_by_digest() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let reg = Registry::start(false, None);
+    let host = reg.host();
+    let layouts = tempfile::TempDir::new().unwrap();
+    let mut lay = Layout::new(layouts.path().join("oci"));
+    let img = lay.image(
+        &[(
+            tar_of(&[("secret", Some(b"alice's private data\n"))]),
+            Comp::Gzip,
+        )],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&img, "v1");
+    reg.push(&lay.dir, "v1", "alice/private", &[]);
+    let (blob, diff) = img.layers[0].clone();
+    let blob_size = std::fs::metadata(lay.dir.join("blobs/sha256").join(hex(&blob)))
+        .unwrap()
+        .len();
+
+    // The hostile registry's image: a config naming alice's diff id, a manifest naming her
+    // layer blob, which it does not have.
+    let config = serde_json::to_vec(&json!({
+        "architecture": host_arch(),
+        "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff]},
+    }))
+    .unwrap();
+    let cd = sha(&config);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": blob, "size": blob_size}],
+    }))
+    .unwrap();
+    let evil = Hostile::start(vec![
+        (
+            "/v2/x/manifests/1".into(),
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest,
+        ),
+        (
+            format!("/v2/x/blobs/{cd}"),
+            "application/octet-stream",
+            config,
+        ),
+    ]);
+    let evil_host = format!("127.0.0.1:{}", evil.port);
+    let d = daemon(&[
+        "--insecure-registry",
+        &host,
+        "--insecure-registry",
+        &evil_host,
+    ]);
+    let alice = tenant(&d, "alice");
+    let bob = tenant(&d, "bob");
+    pull_ok(&d, &alice, &[&format!("{host}/alice/private:v1")]);
+    assert!(layer_dir(&d, &diff).is_dir());
+
+    let evil_ref = format!("{evil_host}/x:1");
+    let (ok, _, err) = pull(&d, &bob, &[&evil_ref]);
+    assert!(
+        !ok,
+        "bob obtained alice's private layer through a registry that lacks it"
+    );
+    assert!(err.contains("not found"), "{err}");
+    assert!(
+        evil.gets
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p == &format!("/v2/x/blobs/{blob}")),
+        "the layer was not asked of bob's registry: {:?}",
+        evil.gets.lock().unwrap()
+    );
+    let list = d.cli_as(&bob, &["-o", "json", "image", "list"]);
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&evil_ref),
+        "bob has the image"
+    );
+
+    // Alice holds the layer: her pull of the same manifest uses it without a download.
+    let before = evil.gets.lock().unwrap().len();
+    pull_ok(&d, &alice, &[&evil_ref]);
+    let after: Vec<String> = evil.gets.lock().unwrap()[before..].to_vec();
+    assert!(
+        !after.iter().any(|p| p.contains(&hex(&blob).to_string())),
+        "{after:?}"
+    );
+}
+
+/// A tenant with a running pull is not deleted by a plain `tenant rm`; `--cascade` stops the
+/// pull, and no image of the deleted tenant is recorded when its download would have ended.
+#[test]
+fn pulls_end_with_their_tenant() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let reg = Registry::start(false, None);
+    let proxy = Proxy::start(reg.port);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let d = daemon(&["--insecure-registry", &host]);
+    let layouts = tempfile::TempDir::new().unwrap();
+    let mut lay = Layout::new(layouts.path().join("oci"));
+    let held = lay.image(
+        &[(tar_of(&[("n", Some(&noise(4 << 20, 11)))]), Comp::Plain)],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&held, "held");
+    reg.push(&lay.dir, "held", "gone/held", &[]);
+    let t = tenant(&d, "leaver");
+    proxy.watch(&held.layers[0].0);
+    proxy.state.released.store(false, Ordering::SeqCst);
+    proxy.state.hold_after.store(1 << 20, Ordering::SeqCst);
+    let body = json!({"reference": format!("{host}/gone/held:held")}).to_string();
+    let (st, job) = api(&d, &t, "POST", "/v1/images/pulls", &body);
+    assert_eq!(st, 200, "{job}");
+    wait_for("the held download", || {
+        proxy.state.gets.load(Ordering::SeqCst) >= 1
+    });
+    let out = d.cli(&["tenant", "rm", "leaver"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("running pull"),
+        "a tenant with a running pull was deleted: {err}"
+    );
+    let out = d.cli(&["tenant", "rm", "--cascade", "--wait", "leaver"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    proxy.state.released.store(true, Ordering::SeqCst);
+    // The cancelled pull's job says so; nothing is recorded for the deleted tenant.
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut last = Value::Null;
+    wait_for("the pull to end", || {
+        last = api(&d, &d.key, "GET", &format!("/v1/images/pulls/{id}"), "").1;
+        last["state"] != "running"
+    });
+    assert_eq!(last["state"], "failed", "{last}");
+    let images = d.json(&["image", "list"]);
+    assert!(
+        !images.to_string().contains("gone/held"),
+        "an image of the deleted tenant: {images}"
+    );
+}
+
+/// gc does not take layers from a running pull: while a pull that reuses image A's layer is
+/// held mid-download, `image rm A` (which runs gc) keeps that layer, and the pull completes.
+#[test]
+fn gc_keeps_the_layers_of_running_pulls() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let reg = Registry::start(false, None);
+    let proxy = Proxy::start(reg.port);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let d = daemon(&["--insecure-registry", &host]);
+    let layouts = tempfile::TempDir::new().unwrap();
+    let mut lay = Layout::new(layouts.path().join("oci"));
+    let shared = tar_of(&[("shared", Some(b"in both images\n"))]);
+    let a = lay.image(&[(shared.clone(), Comp::Gzip)], host_arch(), &["/bin/sh"]);
+    lay.tag(&a, "a");
+    reg.push(&lay.dir, "a", "gc/a", &[]);
+    let b = lay.image(
+        &[
+            (shared, Comp::Gzip),
+            (tar_of(&[("n", Some(&noise(4 << 20, 13)))]), Comp::Plain),
+        ],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&b, "b");
+    reg.push(&lay.dir, "b", "gc/b", &[]);
+    let ref_a = format!("{host}/gc/a:a");
+    pull_ok(&d, &d.key, &[&ref_a]);
+    let shared_layer = layer_dir(&d, &a.layers[0].1);
+    assert!(shared_layer.is_dir());
+
+    proxy.watch(&b.layers[1].0);
+    proxy.state.released.store(false, Ordering::SeqCst);
+    proxy.state.hold_after.store(1 << 20, Ordering::SeqCst);
+    let body = json!({"reference": format!("{host}/gc/b:b")}).to_string();
+    let (st, job) = api(&d, &d.key, "POST", "/v1/images/pulls", &body);
+    assert_eq!(st, 200, "{job}");
+    wait_for("the held download", || {
+        proxy.state.gets.load(Ordering::SeqCst) >= 1
+    });
+    let out = d.cli(&["image", "rm", &ref_a]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        shared_layer.is_dir(),
+        "gc removed a layer the running pull uses"
+    );
+    proxy.state.released.store(true, Ordering::SeqCst);
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut last = Value::Null;
+    wait_for("the pull to end", || {
+        last = api(&d, &d.key, "GET", &format!("/v1/images/pulls/{id}"), "").1;
+        last["state"] != "running"
+    });
+    assert_eq!(last["state"], "done", "{last}");
+    assert!(shared_layer.is_dir());
+}
+
+/// A pull that outlasts `registry.pull_timeout` fails with a clear error and keeps its
+/// partial download for a retry.
+#[test]
+fn a_pull_has_a_deadline() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let reg = Registry::start(false, None);
+    let proxy = Proxy::start(reg.port);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let d = daemon(&["--insecure-registry", &host, "--pull-timeout", "3s"]);
+    let layouts = tempfile::TempDir::new().unwrap();
+    let mut lay = Layout::new(layouts.path().join("oci"));
+    let slow = lay.image(
+        &[(tar_of(&[("n", Some(&noise(4 << 20, 17)))]), Comp::Plain)],
+        host_arch(),
+        &["/bin/sh"],
+    );
+    lay.tag(&slow, "slow");
+    reg.push(&lay.dir, "slow", "d/slow", &[]);
+    proxy.watch(&slow.layers[0].0);
+    proxy.state.released.store(false, Ordering::SeqCst);
+    proxy.state.hold_after.store(1 << 20, Ordering::SeqCst);
+    let (ok, _, err) = pull(&d, &d.key, &[&format!("{host}/d/slow:slow")]);
+    proxy.state.released.store(true, Ordering::SeqCst);
+    assert!(!ok, "a held pull did not end");
+    assert!(err.contains("registry.pull_timeout"), "{err}");
+    assert!(
+        partial_of(&d, &slow.layers[0].0).is_some(),
+        "the partial was not kept"
+    );
+}
+
+/// Descriptor `urls` (foreign layers) are never fetched: a manifest pointing a layer at an
+/// internal address gets the layer from its registry or fails.
+#[test]
+fn foreign_layer_urls_are_not_fetched() {
+    if !prerequisites() {
+        return;
+    }
+    let _s = serial();
+    let inner = Hostile::start(vec![(
+        "/x".into(),
+        "application/octet-stream",
+        b"internal".to_vec(),
+    )]);
+    let blob = sha(b"internal");
+    let config = serde_json::to_vec(&json!({
+        "architecture": host_arch(),
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [blob]},
+    }))
+    .unwrap();
+    let cd = sha(&config);
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": [{
+            "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+            "digest": blob,
+            "size": 8,
+            "urls": [format!("http://127.0.0.1:{}/x", inner.port)],
+        }],
+    }))
+    .unwrap();
+    let evil = Hostile::start(vec![
+        (
+            "/v2/f/manifests/1".into(),
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest,
+        ),
+        (
+            format!("/v2/f/blobs/{cd}"),
+            "application/octet-stream",
+            config,
+        ),
+    ]);
+    let evil_host = format!("127.0.0.1:{}", evil.port);
+    let d = daemon(&["--insecure-registry", &evil_host]);
+    let (ok, _, err) = pull(&d, &d.key, &[&format!("{evil_host}/f:1")]);
+    assert!(!ok && err.contains("not found"), "{err}");
+    assert!(
+        inner.gets.lock().unwrap().is_empty(),
+        "a descriptor url was fetched"
+    );
 }

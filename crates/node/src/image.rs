@@ -277,6 +277,7 @@ impl ImageStore {
         digest: &str,
         manifest: &[u8],
         known: &HashSet<String>,
+        max_unpacked: u64,
     ) -> Result<ImportedImage, ImageError> {
         let _lock = self.lock(FlockArg::LockShared)?;
         if sha256_digest(manifest) != digest {
@@ -288,7 +289,15 @@ impl ImageStore {
         let doc: ManifestDoc = serde_json::from_slice(manifest)
             .map_err(|e| bad(shown, format!("manifest {digest}: {e}")))?;
         let source = Source::Dir(dir.to_path_buf());
-        self.import_manifest(&source, shown, digest, manifest, doc, known)
+        self.import_manifest(
+            &source,
+            shown,
+            digest,
+            manifest,
+            doc,
+            known,
+            Some(max_unpacked),
+        )
     }
 
     /// Starts staging an uploaded archive (`image import` of a client's local file) in `tmp/`;
@@ -463,11 +472,20 @@ impl ImageStore {
                 desc = select_manifest(&doc.manifests, source, src, &desc.digest)?;
                 continue;
             }
-            return self.import_manifest(source, src, &desc.digest, &bytes, doc, &HashSet::new());
+            return self.import_manifest(
+                source,
+                src,
+                &desc.digest,
+                &bytes,
+                doc,
+                &HashSet::new(),
+                None,
+            );
         }
         Err(bad(src, "image indexes nest too deep"))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn import_manifest(
         &self,
         source: &Source,
@@ -476,7 +494,10 @@ impl ImageStore {
         manifest_bytes: &[u8],
         manifest: ManifestDoc,
         known: &HashSet<String>,
+        max_unpacked: Option<u64>,
     ) -> Result<ImportedImage, ImageError> {
+        // What the layers may still unpack to (a registry pull's bound on the whole image).
+        let mut budget = max_unpacked;
         let Some(config_desc) = manifest.config else {
             return Err(bad(
                 src,
@@ -515,8 +536,12 @@ impl ImageStore {
                     blob: Some(&desc.digest),
                     blob_size: desc.size,
                     diff_id: diff_ids.get(i).map(String::as_str),
+                    max_unpacked: budget,
                 },
             )?;
+            if let Some(b) = &mut budget {
+                *b = b.saturating_sub(out.unpacked);
+            }
             layers.push(out.diff_id);
         }
         self.write_blob(manifest_bytes)?;
@@ -566,6 +591,7 @@ impl ImageStore {
                     blob: expected_blob.as_deref(),
                     blob_size: None,
                     diff_id: diff_ids.get(i).map(String::as_str),
+                    max_unpacked: None,
                 },
             )?;
             descs.push(DescOut {
@@ -635,6 +661,7 @@ impl ImageStore {
                         blob: None,
                         blob_size: None,
                         diff_id: Some(&digest),
+                        max_unpacked: None,
                     },
                 );
                 (unpacked, producer.join())
@@ -701,7 +728,10 @@ impl ImageStore {
         } else {
             Decoded::Plain(head)
         };
-        let mut diff = HashReader::new(decoded);
+        let mut diff = HashReader::new(Capped {
+            inner: decoded,
+            left: expect.max_unpacked,
+        });
         let present = expect.diff_id.is_some_and(|d| self.layer_dir(d).is_dir());
         let tmp = if present {
             io::copy(&mut diff, &mut io::sink())
@@ -721,7 +751,7 @@ impl ImageStore {
                 .map_err(|e| ctx.bad(format!("cannot read: {e}")))?;
             Some(tmp)
         };
-        let (diff_id, _) = diff.finish();
+        let (diff_id, unpacked) = diff.finish();
         io::copy(&mut raw, &mut io::sink()).map_err(|e| ctx.bad(format!("cannot read: {e}")))?;
         let (blob_digest, blob_size) = raw.finish();
 
@@ -754,6 +784,7 @@ impl ImageStore {
         self.remember_blob(&blob_digest, &diff_id);
         Ok(LayerOut {
             diff_id,
+            unpacked,
             blob_digest,
             blob_size,
             gzip,
@@ -1234,10 +1265,40 @@ struct Expect<'a> {
     blob: Option<&'a str>,
     blob_size: Option<u64>,
     diff_id: Option<&'a str>,
+    /// Most uncompressed bytes this layer may have (a pull's remaining image budget).
+    max_unpacked: Option<u64>,
+}
+
+/// A reader that fails once more than `left` bytes came through (decompression bombs).
+struct Capped<R> {
+    inner: R,
+    left: Option<u64>,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(left) = self.left else {
+            return self.inner.read(buf);
+        };
+        let want = buf
+            .len()
+            .min(usize::try_from(left.saturating_add(1)).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        if n as u64 > left {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the layers unpack to more than this daemon accepts for one image (registry.max_image_size)",
+            ));
+        }
+        self.left = Some(left - n as u64);
+        Ok(n)
+    }
 }
 
 struct LayerOut {
     diff_id: String,
+    /// Uncompressed bytes.
+    unpacked: u64,
     blob_digest: String,
     blob_size: u64,
     gzip: bool,

@@ -33,6 +33,8 @@ pub struct RegistrySettings {
     /// Registries (`host[:port]`) tenants may pull from; empty: any. The daemon connects from
     /// the host's network, so this keeps tenants from making it probe internal addresses.
     pub tenant_hosts: Vec<String>,
+    /// Pull jobs one tenant may run at a time.
+    pub tenant_max_pulls: usize,
     pub registry: RegistryConfig,
 }
 
@@ -41,6 +43,7 @@ impl Default for RegistrySettings {
         Self {
             tenant_pull: true,
             tenant_hosts: Vec::new(),
+            tenant_max_pulls: 4,
             registry: RegistryConfig::default(),
         }
     }
@@ -59,8 +62,17 @@ pub struct RegistryState {
 /// A pull job in memory: its tenant (by id) and what readers see.
 struct Job {
     tenant_id: String,
+    /// Started by an admin: its registry may be on a private address.
+    admin: bool,
+    /// Stops the task (the tenant is being deleted).
+    abort: Mutex<Option<tokio::task::AbortHandle>>,
+    /// The layers (diff ids) the image will have: kept from gc while the job runs.
+    layers: Mutex<Vec<String>>,
     view: Mutex<wire::ImagePull>,
 }
+
+/// Partial downloads untouched this long, with no pull running, are removed.
+const STALE_PARTIAL: Duration = Duration::from_secs(24 * 3600);
 
 /// Finished jobs stay in memory this long (then their row answers, without layer detail).
 const KEEP_FINISHED_MS: i64 = 10 * 60 * 1000;
@@ -91,21 +103,13 @@ fn image_name(s: &str) -> Result<()> {
 
 /// `docker.io` for Docker Hub's other names; no scheme, no trailing slash.
 fn normal_host(host: &str) -> Result<String> {
-    let h = host
-        .trim()
-        .trim_start_matches("https://")
-        .trim_start_matches("http://")
-        .trim_end_matches('/');
-    let h = match h {
-        "index.docker.io" | "registry-1.docker.io" => "docker.io",
-        other => other,
-    };
+    let h = gpuvisor_node::registry::normalize_host(host);
     let ok = !h.is_empty()
         && h.len() <= 255
         && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
     if ok {
-        Ok(h.to_string())
+        Ok(h)
     } else {
         Err(invalid(format!(
             "registry host {host:?} is invalid: give host[:port], e.g. registry.example.com:5000"
@@ -131,7 +135,13 @@ impl Engine {
     // --- settings ----------------------------------------------------------------------------
 
     /// Sets the registry policy (from `serve`'s configuration); before the first pull.
-    pub fn configure_registry(&self, s: RegistrySettings) {
+    pub fn configure_registry(&self, mut s: RegistrySettings) {
+        s.tenant_hosts = s
+            .tenant_hosts
+            .iter()
+            .map(|h| gpuvisor_node::registry::normalize_host(h))
+            .collect();
+        s.registry.trusted.extend(s.tenant_hosts.iter().cloned());
         *self
             .registry
             .settings
@@ -383,13 +393,7 @@ impl Engine {
             )));
         }
         self.store.delete_image_of(&img.owner, name).await?;
-        let keep: Vec<String> = self
-            .store
-            .images()
-            .await?
-            .into_iter()
-            .flat_map(|i| i.layers)
-            .collect();
+        let keep = self.layers_in_use().await?;
         let node = self.node.clone();
         let _ = tokio::task::spawn_blocking(move || node.images.gc(&keep)).await;
         let names = self.tenant_names().await?;
@@ -534,13 +538,13 @@ impl Engine {
         who: &Principal,
         req: &wire::PullImage,
     ) -> Result<wire::ImagePull> {
-        let (allowed, hosts) = {
+        let (allowed, hosts, max_pulls) = {
             let s = self
                 .registry
                 .settings
                 .read()
                 .unwrap_or_else(|p| p.into_inner());
-            (s.tenant_pull, s.tenant_hosts.clone())
+            (s.tenant_pull, s.tenant_hosts.clone(), s.tenant_max_pulls)
         };
         if !who.is_admin() && !allowed {
             return Err(EngineError::Forbidden(
@@ -556,11 +560,28 @@ impl Engine {
                 hosts.join(", ")
             )));
         }
+        // A name that looks like a reference is one: it must be the reference pulled, so
+        // `evil.example/x --name docker.io/library/ubuntu:22.04` cannot pass for ubuntu.
+        if let Some(n) = &req.name {
+            if wire::looks_like_reference(n) && n != &req.reference {
+                return Err(invalid(format!(
+                    "image name {n:?} looks like an image reference but is not the one pulled ({:?}): give a plain name (like `app`) or none",
+                    req.reference
+                )));
+            }
+        }
         let name = req.name.clone().unwrap_or_else(|| req.reference.clone());
         image_name(&name)?;
         let now = now_ms();
         if req.if_missing {
-            if let Some(img) = self.store.image_visible(&who.tenant_id, &name).await? {
+            // Pull on first use: an image of that name counts only if it came from this very
+            // reference (a plain name is the caller's or an admin's choice).
+            let found = self
+                .store
+                .image_visible(&who.tenant_id, &name)
+                .await?
+                .filter(|img| img.source == req.reference || !wire::looks_like_reference(&name));
+            if let Some(img) = found {
                 let names = self.tenant_names().await?;
                 return Ok(wire::ImagePull {
                     id: String::new(),
@@ -583,11 +604,20 @@ impl Engine {
         // One job per tenant and name at a time: a second `create --image REF` joins it.
         {
             let jobs = self.registry.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let mut running = 0;
             for j in jobs.values().filter(|j| j.tenant_id == who.tenant_id) {
                 let v = j.view.lock().unwrap_or_else(|p| p.into_inner());
                 if v.state == RUNNING && v.name == name {
                     return Ok(v.clone());
                 }
+                if v.state == RUNNING {
+                    running += 1;
+                }
+            }
+            if running >= max_pulls {
+                return Err(EngineError::ResourceExhausted(format!(
+                    "{running} pulls of this tenant are running, the most this daemon allows (registry.tenant_max_pulls = {max_pulls}): wait for one to finish"
+                )));
             }
         }
         if self.store.image_of(&who.tenant_id, &name).await?.is_some() {
@@ -607,10 +637,10 @@ impl Engine {
             updated_at: now,
         };
         self.store.insert_pull(&row).await?;
-        Ok(self.spawn_pull(row, who.tenant.clone()))
+        Ok(self.spawn_pull(row, who.tenant.clone(), who.is_admin()))
     }
 
-    fn spawn_pull(self: &Arc<Self>, row: PullRow, tenant: String) -> wire::ImagePull {
+    fn spawn_pull(self: &Arc<Self>, row: PullRow, tenant: String, admin: bool) -> wire::ImagePull {
         let view = wire::ImagePull {
             id: row.id.clone(),
             reference: row.reference.clone(),
@@ -629,6 +659,9 @@ impl Engine {
         };
         let job = Arc::new(Job {
             tenant_id: row.tenant_id.clone(),
+            admin,
+            abort: Mutex::new(None),
+            layers: Mutex::new(Vec::new()),
             view: Mutex::new(view.clone()),
         });
         {
@@ -641,7 +674,9 @@ impl Engine {
             jobs.insert(row.id.clone(), job.clone());
         }
         let engine = self.clone();
-        tokio::spawn(async move { engine.run_pull(row, job).await });
+        let task_job = job.clone();
+        let task = tokio::spawn(async move { engine.run_pull(row, task_job).await });
+        *job.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
         view
     }
 
@@ -707,7 +742,12 @@ impl Engine {
             .await
             .map_err(engine_err)?;
         let report = |ev: PullEvent| {
+            if let PullEvent::Layers { diff_ids } = ev {
+                *job.layers.lock().unwrap_or_else(|p| p.into_inner()) = diff_ids;
+                return;
+            }
             self.bump(job, |j| match ev {
+                PullEvent::Layers { .. } => {}
                 PullEvent::Resolved { digest, layers } => {
                     j.digest = Some(digest);
                     j.layers = layers
@@ -747,9 +787,29 @@ impl Engine {
                 }
             })
         };
+        // Layers this pull may take from the store without downloading them: those of the
+        // tenant's own images and of public ones (an admin's: any).
+        let usable: std::collections::HashSet<String> = self
+            .store
+            .images()
+            .await
+            .map_err(|e| engine_err(e.into()))?
+            .into_iter()
+            .filter(|i| i.owner.is_empty() || i.owner == row.tenant_id)
+            .flat_map(|i| i.layers)
+            .collect();
+        let admin = job.admin;
+        let may_reuse = move |diff_id: &str| admin || usable.contains(diff_id);
         let imported = self
             .puller()
-            .pull(&self.node, &row.reference, creds.as_ref(), &report)
+            .pull(
+                &self.node,
+                &row.reference,
+                creds.as_ref(),
+                job.admin,
+                &may_reuse,
+                &report,
+            )
             .await
             .map_err(|e| pull_error(&e))?;
         let img = ImageRow {
@@ -763,6 +823,17 @@ impl Engine {
             source: row.reference.clone(),
             created_at: now_ms(),
         };
+        // The tenant deleted meanwhile (its deletion also stops this task): no orphan image.
+        match self.store.tenant(&row.tenant_id).await {
+            Ok(Some(t)) if t.deleting_at.is_none() => {}
+            Ok(_) => {
+                return Err((
+                    wire::code::NOT_FOUND,
+                    "the tenant was deleted during the pull: nothing was recorded".into(),
+                ))
+            }
+            Err(e) => return Err(engine_err(e.into())),
+        }
         // A daemon killed between recording the image and the job resumes the job: the image
         // it finds is this pull's own.
         if let Ok(Some(same)) = self.store.image_of(&row.tenant_id, &row.name).await {
@@ -860,6 +931,7 @@ impl Engine {
     /// instances still uses one), registry logins and pull jobs, then the layers no image
     /// needs any more. Running pulls of the tenant finish into nothing: their insert fails.
     pub async fn forget_tenant_images(&self, tenant_id: &str) -> Result<u64> {
+        self.cancel_tenant_pulls(tenant_id);
         let mine: Vec<String> = self
             .store
             .images()
@@ -882,30 +954,100 @@ impl Engine {
         }
         let n = self.store.delete_tenant_registry_data(tenant_id).await?;
         if n > 0 {
-            let keep: Vec<String> = self
-                .store
-                .images()
-                .await?
-                .into_iter()
-                .flat_map(|i| i.layers)
-                .collect();
+            let keep = self.layers_in_use().await?;
             let node = self.node.clone();
             let _ = tokio::task::spawn_blocking(move || node.images.gc(&keep)).await;
         }
         Ok(n)
     }
 
+    /// What gc must keep: the layers of every image, and of every pull still running (read
+    /// first: a pull that ends meanwhile has recorded its image by the time the images are
+    /// read).
+    async fn layers_in_use(&self) -> Result<Vec<String>> {
+        let mut keep: Vec<String> = {
+            let jobs = self.registry.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            jobs.values()
+                .filter(|j| j.view.lock().unwrap_or_else(|p| p.into_inner()).state == RUNNING)
+                .flat_map(|j| j.layers.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                .collect()
+        };
+        keep.extend(
+            self.store
+                .images()
+                .await?
+                .into_iter()
+                .flat_map(|i| i.layers),
+        );
+        Ok(keep)
+    }
+
+    /// Pull jobs of the tenant still running.
+    pub(crate) fn running_pulls(&self, tenant_id: &str) -> usize {
+        let jobs = self.registry.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.values()
+            .filter(|j| j.tenant_id == tenant_id)
+            .filter(|j| j.view.lock().unwrap_or_else(|p| p.into_inner()).state == RUNNING)
+            .count()
+    }
+
+    /// Stops the tenant's running pulls (its deletion): their tasks end at once, nothing
+    /// they fetched is recorded.
+    fn cancel_tenant_pulls(&self, tenant_id: &str) {
+        let jobs: Vec<Arc<Job>> = self
+            .registry
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|j| j.tenant_id == tenant_id)
+            .cloned()
+            .collect();
+        for job in jobs {
+            if let Some(h) = job.abort.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                h.abort();
+            }
+            let running = job.view.lock().unwrap_or_else(|p| p.into_inner()).state == RUNNING;
+            if running {
+                self.bump(&job, |j| {
+                    j.state = FAILED.into();
+                    j.unpacking = false;
+                    j.error = Some("cancelled: the tenant was deleted".into());
+                    j.code = Some(wire::code::NOT_FOUND.to_string());
+                });
+            }
+        }
+    }
+
     /// Resumes pull jobs a previous daemon left running (at start-up); forgets finished jobs
     /// older than a day.
     pub async fn resume_pulls(self: &Arc<Self>) -> Result<usize> {
         let _ = self.store.prune_pulls(now_ms() - 86_400_000).await;
+        // Partial downloads nobody resumed for a day go (now, before the resumed jobs run,
+        // and every hour while no pull runs).
+        let puller = self.puller();
+        let _ = tokio::task::spawn_blocking(move || puller.sweep_partials(STALE_PARTIAL)).await;
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(engine) = weak.upgrade() else { return };
+                let puller = engine.puller();
+                drop(engine);
+                let _ =
+                    tokio::task::spawn_blocking(move || puller.sweep_partials(STALE_PARTIAL)).await;
+            }
+        });
         let names = self.tenant_names().await?;
         let rows = self.store.pulls_in(RUNNING).await?;
         let n = rows.len();
         for row in rows {
             tracing::info!(pull = %row.id, reference = %row.reference, "resuming an interrupted pull");
             let tenant = names.get(&row.tenant_id).cloned().unwrap_or_default();
-            self.spawn_pull(row, tenant);
+            // Whether an admin started it is not stored: a resumed pull is a tenant's.
+            self.spawn_pull(row, tenant, false);
         }
         Ok(n)
     }

@@ -286,9 +286,18 @@ impl Engine {
             .map(|v| v.name)
             .collect();
         let images = self.store.tenant_image_count(&t.id).await?;
-        let owns = !(instances.is_empty() && volumes.is_empty()) || images > 0;
+        let pulls = self.running_pulls(&t.id);
+        let owns = !(instances.is_empty() && volumes.is_empty()) || images > 0 || pulls > 0;
         if !cascade && t.deleting_at.is_none() && owns {
             let mut what = holdings(&instances, &volumes);
+            if pulls > 0 {
+                let s = if pulls == 1 { "" } else { "s" };
+                what = if what.is_empty() {
+                    format!("{pulls} running pull{s}")
+                } else {
+                    format!("{what} and {pulls} running pull{s}")
+                };
+            }
             if images > 0 {
                 let s = if images == 1 { "" } else { "s" };
                 what = if what.is_empty() {
