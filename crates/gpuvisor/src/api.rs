@@ -598,10 +598,34 @@ struct SessionQuery {
 
 /// Largest WebSocket message a client may send (stdin chunks and control messages are small).
 const SESSION_MAX_MESSAGE: usize = 1 << 20;
-/// How often the daemon pings an idle session's client, and how long it waits for any sign of
-/// life before it takes the client for gone (a dropped network sends no FIN).
-const SESSION_PING: std::time::Duration = std::time::Duration::from_secs(15);
-const SESSION_DEAD: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long the daemon waits for any sign of life from a session's client (a pong, a message)
+/// before it takes the client for gone (a dropped network sends no FIN), and the longest one
+/// message to the client may take to leave (a client that does not read is gone too). Pings
+/// go out four times per period. 60 s unless the hidden `exec_session_liveness` setting says
+/// otherwise (tests).
+static SESSION_LIVENESS: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+const SESSION_LIVENESS_DEFAULT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn session_liveness() -> std::time::Duration {
+    *SESSION_LIVENESS.get().unwrap_or(&SESSION_LIVENESS_DEFAULT)
+}
+
+/// A connection's places in the serve loop's caps (the global connection count and the
+/// per-address count), put on each request by the accept loop. A WebSocket session takes it
+/// along into the upgrade, so an upgraded connection keeps counting until it closes.
+#[derive(Clone)]
+pub struct ConnectionHold {
+    _held: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl ConnectionHold {
+    /// Holds `places` (dropped when the last clone of the hold goes).
+    pub fn new(places: impl std::any::Any + Send + Sync) -> Self {
+        Self {
+            _held: Arc::new(places),
+        }
+    }
+}
 
 /// An interactive exec over a WebSocket ([`wire::session`]): every check runs before the
 /// upgrade (not found, not running, too many execs and a bad request are plain JSON errors),
@@ -612,6 +636,7 @@ async fn exec_session(
     Who(p): Who,
     Path(id): Path<String>,
     uri: axum::http::Uri,
+    hold: Option<axum::Extension<ConnectionHold>>,
     ws: Result<
         axum::extract::ws::WebSocketUpgrade,
         axum::extract::ws::rejection::WebSocketUpgradeRejection,
@@ -648,12 +673,33 @@ async fn exec_session(
     Ok(ws
         .max_message_size(SESSION_MAX_MESSAGE)
         .max_frame_size(SESSION_MAX_MESSAGE)
-        .on_upgrade(move |socket| pump_session(socket, session)))
+        .on_upgrade(move |socket| async move {
+            pump_session(socket, session).await;
+            // The connection counts against the caps until here.
+            drop(hold);
+        }))
+}
+
+/// Sends `msg` unless the client takes longer than `within` to make room for it; false when
+/// it could not be sent (the client is gone or does not read).
+async fn send_within(
+    socket: &mut axum::extract::ws::WebSocket,
+    msg: axum::extract::ws::Message,
+    within: std::time::Duration,
+) -> bool {
+    matches!(
+        tokio::time::timeout(within, socket.send(msg)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Moves messages between the WebSocket and the session until either ends. Input is taken off
 /// the socket only when the session can take it, so a command that does not read its input
-/// slows its client down instead of filling the daemon's memory.
+/// slows its client down instead of filling the daemon's memory. The client is taken for gone
+/// (and the command killed) when a message to it cannot leave within the liveness period (it
+/// does not read), or when nothing came from it for that long — judged only while the daemon
+/// reads the socket: input waiting for the command to read it leaves pongs unread, and that
+/// silence is the command's, not the client's.
 async fn pump_session(
     mut socket: axum::extract::ws::WebSocket,
     mut session: gpuvisor_control::engine::session::ExecSession,
@@ -661,10 +707,11 @@ async fn pump_session(
     use axum::extract::ws::Message;
     use gpuvisor_control::engine::session::{SessionInput, SessionOutput};
     use wire::session::{self as proto, Control};
+    let dead = session_liveness();
     let mut pending: Option<SessionInput> = None;
     let mut input_open = true;
     let mut last_seen = tokio::time::Instant::now();
-    let mut ping = tokio::time::interval(SESSION_PING);
+    let mut ping = tokio::time::interval(dead / 4);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -705,26 +752,28 @@ async fn pump_session(
                     Some(SessionOutput::Stderr(d)) => Message::Binary(proto::data(proto::STDERR, &d).into()),
                     Some(SessionOutput::End(end)) => {
                         let text = serde_json::to_string(&Control::Exit(end)).unwrap_or_default();
-                        let _ = socket.send(Message::Text(text.into())).await;
-                        let _ = socket.send(Message::Close(None)).await;
+                        if send_within(&mut socket, Message::Text(text.into()), dead).await {
+                            let _ = send_within(&mut socket, Message::Close(None), dead).await;
+                        }
                         return;
                     }
                     // Ended without a status (the daemon is shutting down): just close.
                     None => {
-                        let _ = socket.send(Message::Close(None)).await;
+                        let _ = send_within(&mut socket, Message::Close(None), dead).await;
                         return;
                     }
                 };
-                if socket.send(msg).await.is_err() {
+                if !send_within(&mut socket, msg, dead).await {
+                    tracing::debug!("exec session: client took no output for {} s, taken for gone", dead.as_secs());
                     return;
                 }
             }
             _ = ping.tick() => {
-                if last_seen.elapsed() > SESSION_DEAD {
-                    tracing::debug!("exec session: client silent for {} s, taken for gone", SESSION_DEAD.as_secs());
+                if last_seen.elapsed() > dead {
+                    tracing::debug!("exec session: client silent for {} s, taken for gone", dead.as_secs());
                     return;
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                if !send_within(&mut socket, Message::Ping(Default::default()), dead).await {
                     return;
                 }
             }
@@ -785,6 +834,8 @@ pub struct ApiLimits {
     pub max_upload: u64,
     pub body_timeout: std::time::Duration,
     pub requests_per_key: usize,
+    /// How long an exec session's client may be silent or not read (hidden setting; 60 s).
+    pub session_liveness: std::time::Duration,
 }
 
 /// The router with [`ApiLimits`] in front of every route.
@@ -799,6 +850,7 @@ pub fn router_with_limits(engine: Eng, limits: ApiLimits) -> Router {
         max: guard.limits.max_upload,
         idle: guard.limits.body_timeout,
     });
+    let _ = SESSION_LIVENESS.set(guard.limits.session_liveness);
     router(engine)
         // The extractors' own limit (2 MB by default) follows ours.
         .layer(axum::extract::DefaultBodyLimit::max(max_body))

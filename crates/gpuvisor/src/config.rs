@@ -498,6 +498,9 @@ pub struct Limits {
     pub exec_session_max_time: Duration,
     /// Most bytes (input and output) one interactive exec session moves.
     pub exec_session_max_bytes: u64,
+    /// How long an exec session's client may stay silent (no pong) or not read before it is
+    /// taken for gone. Hidden: 60 s, shorter only in tests.
+    pub exec_session_liveness: Duration,
     /// Log bytes kept on disk per instance (current + one rotated segment).
     pub log_max_bytes: u64,
     /// Instance output is dropped while the logs' filesystem has less free than this.
@@ -537,6 +540,7 @@ impl Default for Limits {
             exec_session_idle_timeout: Duration::from_secs(3600),
             exec_session_max_time: Duration::from_secs(24 * 3600),
             exec_session_max_bytes: 1 << 30,
+            exec_session_liveness: Duration::from_secs(60),
             log_max_bytes: 64 << 20,
             log_reserve: 1 << 30,
             max_body: 1 << 20,
@@ -565,6 +569,7 @@ struct LimitsFile {
     exec_session_idle_timeout: Option<String>,
     exec_session_max_time: Option<String>,
     exec_session_max_bytes: Option<String>,
+    exec_session_liveness: Option<String>,
     log_max_bytes: Option<String>,
     log_reserve: Option<String>,
     max_body: Option<String>,
@@ -608,6 +613,9 @@ pub struct LimitsOverrides {
     /// [limits.exec_session_max_bytes].
     #[arg(long)]
     pub exec_session_max_bytes: Option<String>,
+    /// How long an exec session's client may be silent or not read (tests only).
+    #[arg(long, hide = true)]
+    pub exec_session_liveness: Option<String>,
     /// Log bytes kept per instance, e.g. 64MiB [limits.log_max_bytes].
     #[arg(long)]
     pub log_max_bytes: Option<String>,
@@ -671,6 +679,7 @@ impl Limits {
         set!(exec_session_idle_timeout, duration);
         set!(exec_session_max_time, duration);
         set!(exec_session_max_bytes, size);
+        set!(exec_session_liveness, duration);
         set!(log_max_bytes, size);
         set!(log_reserve, size);
         set!(max_body, size);
@@ -697,6 +706,7 @@ impl Limits {
             exec_session_idle_timeout: o.exec_session_idle_timeout.clone(),
             exec_session_max_time: o.exec_session_max_time.clone(),
             exec_session_max_bytes: o.exec_session_max_bytes.clone(),
+            exec_session_liveness: o.exec_session_liveness.clone(),
             log_max_bytes: o.log_max_bytes.clone(),
             log_reserve: o.log_reserve.clone(),
             max_body: o.max_body.clone(),
@@ -735,6 +745,7 @@ impl Limits {
             ("exec_max_timeout", self.exec_max_timeout),
             ("exec_session_idle_timeout", self.exec_session_idle_timeout),
             ("exec_session_max_time", self.exec_session_max_time),
+            ("exec_session_liveness", self.exec_session_liveness),
             ("header_timeout", self.header_timeout),
             ("body_timeout", self.body_timeout),
         ] {

@@ -493,6 +493,12 @@ fn piped_input_arrives_exactly() {
 
 /// The WebSocket handshake itself, raw: (status line, body).
 fn handshake(port: u16, key: &str, id: &str, request: &str) -> (u16, String) {
+    let (status, body, _) = open_raw(port, key, id, request);
+    (status, body)
+}
+
+/// A raw WebSocket handshake: (status, body, the connection — a session when 101).
+fn open_raw(port: u16, key: &str, id: &str, request: &str) -> (u16, String, std::net::TcpStream) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     let enc: String = request
@@ -525,7 +531,77 @@ fn handshake(port: u16, key: &str, id: &str, request: &str) -> (u16, String) {
     if status != 101 {
         let _ = s.read_to_string(&mut body);
     }
-    (status, body)
+    (status, body, s)
+}
+
+/// Whether the daemon answers a plain request on a new connection (false: it closed the
+/// connection at once, as it does past the per-address cap).
+fn answers(port: u16) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    if s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
+
+/// A client that opens a terminal session running `yes` and never reads: once a message has
+/// waited the liveness period (3 s here) to leave, the client is taken for gone, the session
+/// ends and `yes` is killed. While they are open, sessions count against the per-address
+/// connection cap (an upgraded connection keeps its place until it closes).
+#[test]
+fn a_client_that_does_not_read_is_cut_off_and_sessions_hold_their_connection_places() {
+    let _s = serial();
+    let d = daemon(&[
+        "--exec-session-liveness",
+        "3s",
+        "--max-connections-per-ip",
+        "2",
+    ]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    // A well-behaved session (it reads, and answers pings) on one place...
+    let url = format!(
+        "ws://127.0.0.1:{}/v1/instances/{id}/exec/ws?request=%7B%22command%22%3A%5B%22sleep%22%2C%224848%22%5D%7D",
+        d.port
+    );
+    let builder = tungstenite::ClientRequestBuilder::new(url.parse().unwrap())
+        .with_header("x-api-key", d.key.clone());
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    let (mut ws, _) = tungstenite::client::client(builder, tcp.try_clone().unwrap()).unwrap();
+    let reader = std::thread::spawn(move || while ws.read().is_ok() {});
+    until("sleep 4848 runs", || {
+        !pids_running(&id, &["sleep", "4848"]).is_empty()
+    });
+    // ...and one that never reads on the other.
+    let (status, body, deaf) = open_raw(d.port, &d.key, &id, r#"{"command":["yes"],"tty":true}"#);
+    assert_eq!(status, 101, "{body}");
+    until("yes runs", || !pids_running(&id, &["yes"]).is_empty());
+    assert!(
+        !answers(d.port),
+        "a third connection from this address was served while two sessions were open (cap 2)"
+    );
+    until(
+        "the session that does not read is ended and yes killed",
+        || pids_running(&id, &["yes"]).is_empty(),
+    );
+    until("its connection place is free again", || answers(d.port));
+    assert!(
+        !pids_running(&id, &["sleep", "4848"]).is_empty(),
+        "the session whose client reads was ended too"
+    );
+    drop(deaf);
+    let _ = tcp.shutdown(std::net::Shutdown::Both);
+    reader.join().unwrap();
+    until("sleep 4848 is gone", || {
+        pids_running(&id, &["sleep", "4848"]).is_empty()
+    });
 }
 
 /// Another tenant's key cannot open a session on an instance it does not own (404, as on
