@@ -739,11 +739,14 @@ async fn pump_session(
                     if let Some(i) = pending.take() {
                         permit.send(i);
                     }
+                    // The socket is read again from now: the silence so far was ours.
+                    last_seen = tokio::time::Instant::now();
                 }
                 // The session no longer reads input (its command ended): drop what comes.
                 Err(_) => {
                     pending = None;
                     input_open = false;
+                    last_seen = tokio::time::Instant::now();
                 }
             },
             o = session.output.recv() => {
@@ -769,6 +772,11 @@ async fn pump_session(
                 }
             }
             _ = ping.tick() => {
+                if pending.is_some() {
+                    // Not reading the socket: the client's pongs wait behind its input. A
+                    // client gone meanwhile is found by the sends, or by the idle bound.
+                    last_seen = tokio::time::Instant::now();
+                }
                 if last_seen.elapsed() > dead {
                     tracing::debug!("exec session: client silent for {} s, taken for gone", dead.as_secs());
                     return;

@@ -679,3 +679,44 @@ fn an_idle_session_is_ended() {
         pids_running(&id, &["sleep", "4646"]).is_empty()
     });
 }
+
+/// Input typed ahead of a command that reads it late: while it waits, the daemon does not read
+/// the socket (back pressure), so the client's pongs wait too — that silence is not the client
+/// going away. Here the liveness period is 2 s and the command starts reading after 6 s.
+#[test]
+fn input_waiting_for_a_slow_reader_does_not_end_the_session() {
+    let _s = serial();
+    let d = daemon(&["--exec-session-liveness", "2s"]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let input = vec![b'x'; 8 << 20];
+    let mut c = Command::new(BIN)
+        .args([
+            "instance",
+            "exec",
+            "-i",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "sleep 6; wc -c",
+        ])
+        .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+        .env("GPUVISOR_API_KEY", &d.key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut out = String::new();
+    c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let mut err = String::new();
+    c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    writer.join().unwrap();
+    assert_eq!(c.wait().unwrap().code(), Some(0), "{err}");
+    assert_eq!(out.trim(), (8 << 20).to_string(), "{err}");
+}
