@@ -27,6 +27,9 @@ pub struct Config {
     pub net_plan: AddressPlan,
     pub nat: bool,
     pub stop_grace: Duration,
+    /// How often the reconciler sweeps the host (orphans, stale zombies). Hidden: 30 s,
+    /// shorter only in tests.
+    pub sweep_every: Duration,
     pub pids_limit: i64,
     pub admin_key_file: Option<PathBuf>,
     /// `libgpuvisor_limiter.so` for fractional GPUs (default: beside the binary, then
@@ -194,6 +197,7 @@ impl Default for Config {
             net_plan: AddressPlan::default(),
             nat: true,
             stop_grace: Duration::from_secs(10),
+            sweep_every: Duration::from_secs(30),
             pids_limit: 4096,
             admin_key_file: None,
             limiter_lib: None,
@@ -265,6 +269,9 @@ pub struct ConfigOverrides {
     /// Grace between SIGTERM and SIGKILL on stop, e.g. 10s.
     #[arg(long)]
     pub stop_grace: Option<String>,
+    /// How often the reconciler sweeps the host, e.g. 30s (tests only).
+    #[arg(long, hide = true)]
+    pub sweep_every: Option<String>,
     /// Write the first admin key to this file (mode 0600) as well as printing it.
     #[arg(long)]
     pub admin_key_file: Option<PathBuf>,
@@ -423,6 +430,12 @@ impl Config {
         }
         if let Some(v) = &o.stop_grace {
             c.stop_grace = grace(v)?;
+        }
+        if let Some(v) = &o.sweep_every {
+            c.sweep_every = humantime::parse_duration(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("sweep_every {v:?} is not a duration like 30s"))?;
         }
         if o.admin_key_file.is_some() {
             c.admin_key_file = o.admin_key_file.clone();

@@ -105,6 +105,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             cpu_ratio: cfg.cpu_oversubscription,
             stop_grace: cfg.stop_grace,
             resync: std::time::Duration::from_secs(1),
+            sweep_every: cfg.sweep_every,
             simulated_policy: cfg.placement_policy,
         },
     );

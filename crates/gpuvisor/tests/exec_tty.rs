@@ -720,3 +720,36 @@ fn input_waiting_for_a_slow_reader_does_not_end_the_session() {
     assert_eq!(c.wait().unwrap().code(), Some(0), "{err}");
     assert_eq!(out.trim(), (8 << 20).to_string(), "{err}");
 }
+
+/// The daemon's zombie sweep (every second here) leaves alone the children the daemon waits
+/// for itself: a `runc exec` whose command left a background child holding its output stays
+/// a zombie until the output closes, and its status is still the command's — one-shot and
+/// on pipes alike.
+#[test]
+fn the_zombie_sweep_leaves_exec_statuses_alone() {
+    let _s = serial();
+    let d = daemon(&["--sweep-every", "1s"]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let (code, _, err) = d.exec(&id, "(sleep 5) & exit 3");
+    assert_eq!(code, 3, "one-shot exec: {err}");
+    let out = d.cli_as(
+        &d.key,
+        &[
+            "instance",
+            "exec",
+            "-i",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "(sleep 5) & exit 3",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "session on pipes: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

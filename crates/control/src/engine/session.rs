@@ -145,11 +145,12 @@ impl SessionTicket {
             let child = cmd
                 .spawn()
                 .map_err(internal("cannot start the OCI runtime"))?;
+            let waited = gpuvisor_node::reap::Waited::new(child.id());
             let pipes = Pipes { child, pid_file };
             let (permit, stdin) = (self.permit, self.req.stdin);
             tokio::spawn(async move {
                 pipes.run(run, stdin, in_rx, out_tx).await;
-                drop(permit);
+                drop((permit, waited));
             });
         }
         Ok(ExecSession {
@@ -178,6 +179,8 @@ impl SessionTicket {
         let mut shim = tokio::process::Command::from(exec.shim)
             .spawn()
             .map_err(internal("cannot start the exec shim"))?;
+        // Waited for by this session: not the zombie sweep's to reap.
+        let waited = gpuvisor_node::reap::Waited::new(shim.id());
         let mut stderr = shim.stderr.take();
         let got = tokio::select! {
             biased;
@@ -246,6 +249,7 @@ impl SessionTicket {
         Ok(Tty {
             master,
             shim,
+            _waited: waited,
             complaint,
             pid_file: exec.pid_file,
         })
@@ -404,6 +408,9 @@ async fn kill_tree(run: &Run, pid_file: &std::path::Path, child: &mut tokio::pro
 struct Tty {
     master: Arc<AsyncFd<OwnedFd>>,
     shim: tokio::process::Child,
+    /// The shim's registration as a child this session waits for (after `shim`: dropped once
+    /// it was reaped).
+    _waited: Option<gpuvisor_node::reap::Waited>,
     pid_file: PathBuf,
     /// The shim's stderr (runc's errors), once it closes.
     complaint: Option<tokio::task::JoinHandle<String>>,
