@@ -753,3 +753,45 @@ fn the_zombie_sweep_leaves_exec_statuses_alone() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// An exec shim that dies (the OOM killer, or a kill by hand) before its command: the command
+/// is killed rather than left running unwatched, and the client is told the shim died (137),
+/// not that the command could not start.
+#[test]
+fn a_dead_shim_takes_its_command_with_it() {
+    let _s = serial();
+    let d = daemon(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let key = d.key.clone();
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", "-e", PS1, &id, "--", "sh"],
+        24,
+        80,
+    );
+    t.expect("gv$ ");
+    t.type_("sleep 4949\r");
+    until("sleep 4949 runs", || {
+        !pids_running(&id, &["sleep", "4949"]).is_empty()
+    });
+    let shims: Vec<i32> = exec_helpers(&d)
+        .iter()
+        .filter(|h| h.contains("exec-shim"))
+        .filter_map(|h| h.split(':').next()?.parse().ok())
+        .collect();
+    assert_eq!(shims.len(), 1, "{:?}", exec_helpers(&d));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let st = t.wait();
+    let screen = t.screen();
+    assert_eq!(st.code(), Some(137), "screen:\n{screen}");
+    assert!(screen.contains("shim was killed"), "{screen}");
+    until("sleep 4949 and the shell are gone", || {
+        pids_running(&id, &["sleep", "4949"]).is_empty() && pids_running(&id, &["sh"]).is_empty()
+    });
+}

@@ -728,6 +728,30 @@ impl Node {
         })
     }
 
+    /// [`Node::kill_exec`] of an exec whose shim died: its processes were orphaned to the
+    /// daemon (the child subreaper), so the ones that are its children now are reaped here
+    /// (a zombie would hold the instance's cgroup until the next sweeps).
+    pub fn kill_orphaned_exec(&self, id: &str, pid_file: &Path) -> usize {
+        let pid = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        let killed = pid.map_or_else(Vec::new, |p| {
+            crate::runtime::kill_exec_tree_pids(&self.cfg.root, id, p)
+        });
+        let _ = std::fs::remove_file(pid_file);
+        let me = std::process::id().to_string();
+        for p in &killed {
+            // Only our own children (a killed pid is not reused before it is reaped).
+            let parent = std::fs::read_to_string(self.cfg.root.path(format!("/proc/{p}/stat")))
+                .ok()
+                .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_string()));
+            if parent.as_deref() == Some(me.as_str()) {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*p), None);
+            }
+        }
+        killed.len()
+    }
+
     /// Kills the process tree of an exec (its pid from `pid_file`, which is removed). Returns
     /// how many processes were killed; 0 when the command had not started or already ended.
     pub fn kill_exec(&self, id: &str, pid_file: &Path) -> usize {

@@ -562,11 +562,16 @@ impl OciRuntime {
 /// (double fork) belong to the instance like any it starts itself and end with it. Returns how
 /// many processes were killed.
 pub fn kill_exec_tree(root: &crate::HostRoot, id: &str, pid: i32) -> usize {
+    kill_exec_tree_pids(root, id, pid).len()
+}
+
+/// [`kill_exec_tree`], returning the pids it killed.
+pub fn kill_exec_tree_pids(root: &crate::HostRoot, id: &str, pid: i32) -> Vec<i32> {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let in_instance = |p: i32| crate::cgroup::holds(root, id, p);
     if pid <= 1 || !in_instance(pid) {
-        return 0;
+        return Vec::new();
     }
     let mut tree: Vec<i32> = vec![pid];
     let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
@@ -588,7 +593,7 @@ pub fn kill_exec_tree(root: &crate::HostRoot, id: &str, pid: i32) -> usize {
     for p in &tree {
         let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
     }
-    tree.len()
+    tree
 }
 
 /// (pid, parent pid) of every process.

@@ -380,6 +380,14 @@ impl Run {
     }
 }
 
+/// Kills the command's process tree (its pid from `pid_file`); how many processes were killed.
+async fn kill_command(run: &Run, pid_file: &std::path::Path) -> usize {
+    let (node, id, pid_file) = (run.node.clone(), run.id.clone(), pid_file.to_path_buf());
+    tokio::task::spawn_blocking(move || node.kill_exec(&id, &pid_file))
+        .await
+        .unwrap_or(0)
+}
+
 /// Kills the command's process tree (its pid from `pid_file`, once the runtime wrote it), then
 /// whatever runs the runtime.
 async fn kill_tree(run: &Run, pid_file: &std::path::Path, child: &mut tokio::process::Child) {
@@ -520,18 +528,40 @@ impl Tty {
                 // What the command wrote just before it ended is still in the terminal.
                 self.drain(&run, &tx).await;
                 match self.exit_code().await {
+                    (_, Some(c)) => (Ended::Exited, c),
+                    // Killed (out of memory, or by hand) before it could tell: the command may
+                    // still run, unwatched and uncounted. It goes too.
+                    (Some(sig), None) => {
+                        let (node, id, pid_file) =
+                            (run.node.clone(), run.id.clone(), self.pid_file.clone());
+                        let killed = tokio::task::spawn_blocking(move || {
+                            node.kill_orphaned_exec(&id, &pid_file)
+                        })
+                        .await
+                        .unwrap_or(0);
+                        let what = if killed > 0 {
+                            "the command was killed"
+                        } else {
+                            "the command had ended"
+                        };
+                        (
+                            Ended::Failed(format!(
+                                "the exec shim was killed by signal {sig} (out of memory?): {what}, its status is unknown"
+                            )),
+                            128 + 9,
+                        )
+                    }
                     // No status: the runtime failed to start the command (status 255, as
                     // `runc exec` in the foreground gives).
-                    -1 => (Ended::Failed(self.complaint().await), 255),
-                    c => (Ended::Exited, c),
+                    (None, None) => {
+                        kill_command(&run, &self.pid_file).await;
+                        (Ended::Failed(self.complaint().await), 255)
+                    }
                 }
             }
             ended => {
                 kill_tree(&run, &self.pid_file, &mut self.shim).await;
-                match self.exit_code().await {
-                    -1 => (ended, 128 + 9),
-                    c => (ended, c),
-                }
+                (ended, self.exit_code().await.1.unwrap_or(128 + 9))
             }
         };
         let _ = std::fs::remove_file(&self.pid_file);
@@ -587,18 +617,21 @@ impl Tty {
         )
     }
 
-    /// The command's exit status from the shim's `exit N` line; -1 when it printed none (the
-    /// shim was killed or the runtime failed).
-    async fn exit_code(&mut self) -> i32 {
-        let _ = self.shim.wait().await;
+    /// The signal that killed the shim, if one did, and the command's exit status from the
+    /// shim's `exit N` line (none when it printed none: the shim was killed or the runtime
+    /// failed).
+    async fn exit_code(&mut self) -> (Option<i32>, Option<i32>) {
+        use std::os::unix::process::ExitStatusExt;
+        let signal = self.shim.wait().await.ok().and_then(|s| s.signal());
         let mut out = String::new();
         if let Some(o) = self.shim.stdout.as_mut() {
             let _ = o.take(4096).read_to_string(&mut out).await;
         }
-        out.lines()
+        let code = out
+            .lines()
             .find_map(|l| l.strip_prefix(gpuvisor_node::console::SHIM_EXIT_PREFIX))
-            .and_then(|c| c.trim().parse().ok())
-            .unwrap_or(-1)
+            .and_then(|c| c.trim().parse().ok());
+        (signal, code)
     }
 }
 
