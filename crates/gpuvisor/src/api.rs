@@ -680,6 +680,17 @@ async fn exec_session(
         }))
 }
 
+/// Most bytes of one stdin chunk handed to a session: a message is cut into chunks of this
+/// size, so the session's input channel (16 places) holds at most 512 KiB.
+const INPUT_CHUNK: usize = 32 * 1024;
+
+fn stdin_chunks(
+    data: &[u8],
+) -> impl Iterator<Item = gpuvisor_control::engine::session::SessionInput> + '_ {
+    data.chunks(INPUT_CHUNK)
+        .map(|c| gpuvisor_control::engine::session::SessionInput::Stdin(c.to_vec()))
+}
+
 /// Sends `msg` unless the client takes longer than `within` to make room for it; false when
 /// it could not be sent (the client is gone or does not read).
 async fn send_within(
@@ -708,24 +719,26 @@ async fn pump_session(
     use gpuvisor_control::engine::session::{SessionInput, SessionOutput};
     use wire::session::{self as proto, Control};
     let dead = session_liveness();
-    let mut pending: Option<SessionInput> = None;
+    // Input taken off the socket that the session has no room for yet: one message at most,
+    // in chunks of at most INPUT_CHUNK bytes.
+    let mut pending: std::collections::VecDeque<SessionInput> = Default::default();
     let mut input_open = true;
     let mut last_seen = tokio::time::Instant::now();
     let mut ping = tokio::time::interval(dead / 4);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            m = socket.recv(), if pending.is_none() => {
+            m = socket.recv(), if pending.is_empty() => {
                 last_seen = tokio::time::Instant::now();
                 match m {
                     Some(Ok(Message::Binary(b))) => {
                         if b.first() == Some(&proto::STDIN) && b.len() > 1 && input_open {
-                            pending = Some(SessionInput::Stdin(b[1..].to_vec()));
+                            pending.extend(stdin_chunks(&b[1..]));
                         }
                     }
                     Some(Ok(Message::Text(t))) => match serde_json::from_str::<Control>(t.as_str()) {
-                        Ok(Control::Resize(s)) => pending = Some(SessionInput::Resize(s)),
-                        Ok(Control::Eof) => pending = Some(SessionInput::Eof),
+                        Ok(Control::Resize(s)) => pending.push_back(SessionInput::Resize(s)),
+                        Ok(Control::Eof) => pending.push_back(SessionInput::Eof),
                         // Unknown or daemon-only messages: ignored.
                         _ => {}
                     },
@@ -734,9 +747,9 @@ async fn pump_session(
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
                 }
             }
-            permit = session.input.reserve(), if pending.is_some() => match permit {
+            permit = session.input.reserve(), if !pending.is_empty() => match permit {
                 Ok(permit) => {
-                    if let Some(i) = pending.take() {
+                    if let Some(i) = pending.pop_front() {
                         permit.send(i);
                     }
                     // The socket is read again from now: the silence so far was ours.
@@ -744,7 +757,7 @@ async fn pump_session(
                 }
                 // The session no longer reads input (its command ended): drop what comes.
                 Err(_) => {
-                    pending = None;
+                    pending.clear();
                     input_open = false;
                     last_seen = tokio::time::Instant::now();
                 }
@@ -772,7 +785,7 @@ async fn pump_session(
                 }
             }
             _ = ping.tick() => {
-                if pending.is_some() {
+                if !pending.is_empty() {
                     // Not reading the socket: the client's pongs wait behind its input. A
                     // client gone meanwhile is found by the sends, or by the idle bound.
                     last_seen = tokio::time::Instant::now();
@@ -964,4 +977,29 @@ async fn limit_request(
     };
     let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
     next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuvisor_control::engine::session::SessionInput;
+
+    /// A 1 MiB stdin message reaches the session as 32 KiB chunks, every byte in order: the
+    /// session's 16-place input channel holds 512 KiB, not 16 MiB.
+    #[test]
+    fn stdin_messages_are_cut_into_small_chunks() {
+        let data: Vec<u8> = (0..SESSION_MAX_MESSAGE).map(|i| (i % 251) as u8).collect();
+        let mut back = Vec::new();
+        let mut n = 0;
+        for c in stdin_chunks(&data) {
+            let SessionInput::Stdin(c) = c else {
+                panic!("not stdin: {c:?}")
+            };
+            assert!(c.len() <= INPUT_CHUNK && !c.is_empty());
+            back.extend(c);
+            n += 1;
+        }
+        assert_eq!(n, SESSION_MAX_MESSAGE / INPUT_CHUNK);
+        assert!(back == data);
+    }
 }
