@@ -182,8 +182,8 @@ pub enum Command {
     /// by the daemon, one per running instance).
     #[command(name = "log-relay", hide = true)]
     LogRelay(LogRelayArgs),
-    /// Internal: runs the OCI runtime for `instance exec -t` and reports the command's exit
-    /// status (started by the daemon, one per terminal session).
+    /// Internal: runs the OCI runtime for `instance exec -i/-t` and reports the command's exit
+    /// status (started by the daemon, one per session).
     #[command(name = "exec-shim", hide = true)]
     ExecShim(ExecShimArgs),
 }
@@ -196,6 +196,9 @@ pub struct ExecShimArgs {
     /// Instance id.
     #[arg(long)]
     pub instance: String,
+    /// The runtime runs in the foreground on the shim's stdio (`exec -i` without a terminal).
+    #[arg(long)]
+    pub pipes: bool,
     /// The runtime's command line, after `--`.
     #[arg(last = true, required = true)]
     pub runtime: Vec<String>,
@@ -842,6 +845,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             &a.instance,
             &a.pid_file,
             &a.runtime,
+            a.pipes,
         )),
         Command::Health => connect()?.health(),
         Command::Tenant(cmd) => connect()?.tenant(cmd),

@@ -795,3 +795,42 @@ fn a_dead_shim_takes_its_command_with_it() {
         pids_running(&id, &["sleep", "4949"]).is_empty() && pids_running(&id, &["sh"]).is_empty()
     });
 }
+
+/// A daemon that dies mid-session takes a `-i` session's command (no terminal) with it too:
+/// pipes sessions run through the exec shim, whose parent-death signal kills the tree.
+#[test]
+fn a_daemon_that_dies_takes_its_pipe_sessions_with_it() {
+    let _s = serial();
+    let mut d = daemon(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let mut c = Command::new(BIN)
+        .args([
+            "instance",
+            "exec",
+            "-i",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "trap '' HUP TERM; sleep 5151",
+        ])
+        .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+        .env("GPUVISOR_API_KEY", &d.key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    until("sleep 5151 runs", || {
+        !pids_running(&id, &["sleep", "5151"]).is_empty()
+    });
+    d.kill9();
+    until("sleep 5151 is gone with the daemon", || {
+        pids_running(&id, &["sleep", "5151"]).is_empty()
+    });
+    let _ = c.kill();
+    let _ = c.wait();
+    until("no exec helper is left", || exec_helpers(&d).is_empty());
+    d.restart();
+}

@@ -684,6 +684,51 @@ impl Node {
         ))
     }
 
+    /// An exec of `args` in instance `id` on pipes, run by the exec shim ([`crate::console`],
+    /// `--pipes`) so that the command's tree dies with the daemon: the shim's command (stdin
+    /// piped when `stdin`, stdout and stderr piped, its own process group; its exit status is
+    /// the command's) and the pid file.
+    pub fn exec_pipes_command(
+        &self,
+        id: &str,
+        args: &[String],
+        env: &[String],
+        stdin: bool,
+    ) -> Result<(std::process::Command, PathBuf), NodeError> {
+        use std::os::unix::process::CommandExt;
+        let shim = self.shim_binary()?;
+        let tag = exec_tag()?;
+        let pid_file = self.bundle_dir(id).join(format!("exec-{tag}.pid"));
+        let argv = self.runtime.exec_argv(id, args, env, &pid_file);
+        let mut cmd = std::process::Command::new(shim);
+        cmd.arg(crate::console::SHIM_SUBCOMMAND)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg("--instance")
+            .arg(id)
+            .arg("--pipes")
+            .arg("--")
+            .args(argv)
+            .stdin(if stdin {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0);
+        Ok((cmd, pid_file))
+    }
+
+    fn shim_binary(&self) -> Result<PathBuf, NodeError> {
+        self.log_limits.relay.clone().ok_or_else(|| NodeError::Io {
+            path: PathBuf::from(crate::console::SHIM_SUBCOMMAND),
+            source: std::io::Error::other(
+                "no gpuvisor binary configured for the exec shim (daemon without a relay binary)",
+            ),
+        })
+    }
+
     /// An exec of `args` in instance `id` on a terminal ([`crate::console`]): the exec shim's
     /// command (this binary; stdout and stderr piped, its own process group), the pid file, and
     /// the console socket the runtime sends the pty master to (both in the bundle).
@@ -694,12 +739,7 @@ impl Node {
         env: &[String],
     ) -> Result<ExecTty, NodeError> {
         use std::os::unix::process::CommandExt;
-        let shim = self.log_limits.relay.clone().ok_or_else(|| NodeError::Io {
-            path: PathBuf::from(crate::console::SHIM_SUBCOMMAND),
-            source: std::io::Error::other(
-                "no gpuvisor binary configured for the exec shim (daemon without a relay binary)",
-            ),
-        })?;
+        let shim = self.shim_binary()?;
         let tag = exec_tag()?;
         let bundle = self.bundle_dir(id);
         let pid_file = bundle.join(format!("exec-{tag}.pid"));

@@ -10,7 +10,9 @@
 //!
 //! On a terminal the node layer's exec shim runs `runc exec --detach --tty` and the pty master
 //! comes back over a console socket ([`gpuvisor_node::console`]); its exit status is the
-//! shim's `exit N` line. On pipes `runc exec` runs in the foreground, like [`Engine::exec`].
+//! shim's `exit N` line. On pipes the shim runs `runc exec` in the foreground on its own
+//! stdio and exits with the command's status; on both, the shim kills the command's tree when
+//! the daemon dies.
 
 use super::limits::ExecPermit;
 use super::{Engine, Principal};
@@ -137,14 +139,15 @@ impl SessionTicket {
                 drop(permit);
             });
         } else {
+            // Through the shim, not killed on drop: as on a terminal, the shim kills the
+            // command's tree when the daemon goes (a `runc exec` killed with the daemon would
+            // leave its command running).
             let (cmd, pid_file) =
                 self.node
-                    .exec_command(&self.id, &self.req.command, &self.req.env, true)?;
-            let mut cmd = tokio::process::Command::from(cmd);
-            cmd.kill_on_drop(true);
-            let child = cmd
+                    .exec_pipes_command(&self.id, &self.req.command, &self.req.env, true)?;
+            let child = tokio::process::Command::from(cmd)
                 .spawn()
-                .map_err(internal("cannot start the OCI runtime"))?;
+                .map_err(internal("cannot start the exec shim"))?;
             let waited = gpuvisor_node::reap::Waited::new(child.id());
             let pipes = Pipes { child, pid_file };
             let (permit, stdin) = (self.permit, self.req.stdin);
