@@ -834,3 +834,48 @@ fn a_daemon_that_dies_takes_its_pipe_sessions_with_it() {
     until("no exec helper is left", || exec_helpers(&d).is_empty());
     d.restart();
 }
+
+/// A session whose instance is stopped or terminated under it ends with a message that says
+/// so, not a bare 137.
+#[test]
+fn a_session_says_when_its_instance_was_stopped_or_terminated() {
+    let _s = serial();
+    let d = daemon(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let session = |id: &str| {
+        Command::new(BIN)
+            .args(["instance", "exec", "-i", id, "--", "sleep", "5353"])
+            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+            .env("GPUVISOR_API_KEY", &d.key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let ended = |mut c: Child| {
+        let _stdin = c.stdin.take();
+        let mut err = String::new();
+        c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        (c.wait().unwrap().code(), err)
+    };
+    let c = session(&id);
+    until("sleep 5353 runs", || {
+        !pids_running(&id, &["sleep", "5353"]).is_empty()
+    });
+    d.json(&["instance", "stop", &id, "--wait"]);
+    let (code, err) = ended(c);
+    assert_eq!(code, Some(137), "{err}");
+    assert!(err.contains("instance was stopped"), "{err}");
+
+    d.json(&["instance", "start", &id, "--wait"]);
+    let c = session(&id);
+    until("sleep 5353 runs again", || {
+        !pids_running(&id, &["sleep", "5353"]).is_empty()
+    });
+    d.json(&["instance", "terminate", &id, "--wait"]);
+    let (code, err) = ended(c);
+    assert_eq!(code, Some(137), "{err}");
+    assert!(err.contains("instance was terminated"), "{err}");
+}

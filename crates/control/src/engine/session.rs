@@ -56,6 +56,7 @@ pub struct ExecSession {
 /// (the API answers errors up to here as plain HTTP errors, then upgrades and starts it).
 pub struct SessionTicket {
     node: Arc<Node>,
+    store: crate::store::Store,
     id: String,
     req: wire::ExecSessionRequest,
     permit: ExecPermit,
@@ -101,6 +102,7 @@ impl Engine {
         let permit = self.exec_permit(who, &l)?;
         Ok(SessionTicket {
             node: self.node.clone(),
+            store: self.store.clone(),
             id: row.id,
             req: req.clone(),
             permit,
@@ -124,8 +126,19 @@ impl SessionTicket {
         let (in_tx, in_rx) = mpsc::channel(16);
         let (out_tx, out_rx) = mpsc::channel(16);
         let activity = Arc::new(Activity::default());
+        let init = {
+            let (node, id) = (self.node.clone(), self.id.clone());
+            tokio::task::spawn_blocking(move || {
+                gpuvisor_node::reap::init(&node, &id).map(|i| i.pid)
+            })
+            .await
+            .ok()
+            .flatten()
+        };
         let run = Run {
             node: self.node.clone(),
+            store: self.store.clone(),
+            init,
             id: self.id.clone(),
             bounds: self.bounds,
             activity: activity.clone(),
@@ -285,6 +298,10 @@ struct Activity {
 /// What every session shares: where it runs, its bounds, its activity.
 struct Run {
     node: Arc<Node>,
+    store: crate::store::Store,
+    /// The instance's init when the session started (a session outlived by a restart of the
+    /// instance says so).
+    init: Option<i32>,
     id: String,
     bounds: Bounds,
     activity: Arc<Activity>,
@@ -352,6 +369,8 @@ impl Run {
                 tracing::debug!(instance = %self.id, "exec session client went away: command killed");
                 return;
             }
+            // Killed by a signal: maybe with its instance.
+            Ended::Exited if exit_code > 128 => (None, self.instance_ended().await),
             Ended::Exited => (None, None),
             Ended::Failed(m) => (None, Some(m)),
             Ended::Limit(l) => (Some(l), Some(self.limit_message(l))),
@@ -363,6 +382,34 @@ impl Run {
         };
         let _ =
             tokio::time::timeout(Duration::from_secs(5), tx.send(SessionOutput::End(end))).await;
+    }
+
+    /// Why the command died with its instance, when it did: the instance was stopped,
+    /// terminated, interrupted, or its main process ended (a restart).
+    async fn instance_ended(&self) -> Option<String> {
+        use wire::InstanceState as S;
+        let row = self.store.instance(&self.id).await.ok().flatten();
+        let why = match row.as_ref().map(|r| (r.desired, r.state)) {
+            None | Some((S::Terminated, _) | (_, S::Terminating | S::Terminated)) => {
+                "the instance was terminated"
+            }
+            Some((S::Stopped, _) | (_, S::Stopping | S::Stopped)) => "the instance was stopped",
+            Some((_, S::Interrupted)) => "the instance was interrupted (preempted)",
+            _ => {
+                let (node, id) = (self.node.clone(), self.id.clone());
+                let now = tokio::task::spawn_blocking(move || {
+                    gpuvisor_node::reap::init(&node, &id).map(|i| i.pid)
+                })
+                .await
+                .ok()
+                .flatten();
+                if now.is_some() && now == self.init {
+                    return None;
+                }
+                "the instance's main process ended (it restarts if its restart policy says so)"
+            }
+        };
+        Some(format!("{why}: the command was killed with it"))
     }
 
     fn limit_message(&self, l: wire::ExecLimit) -> String {
