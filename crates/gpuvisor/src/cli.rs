@@ -1419,14 +1419,20 @@ impl Ctx {
             timeout_ms: timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         let ws = self.client.exec_session(&id, &req)?;
+        // Handlers first, raw mode second; left in the reverse order, so no signal ever finds
+        // the terminal raw with its default action.
+        let signals = crate::exectty::Signals::install(tty, tty && stdin).map_err(|e| {
+            CliError::Invalid(format!("cannot handle signals for the session: {e}"))
+        })?;
         let raw = if tty && stdin {
             Some(crate::exectty::RawMode::enter(io::stdin().as_fd())?)
         } else {
             None
         };
-        let outcome = crate::exectty::run(ws, tty, stdin);
+        let outcome = crate::exectty::run(ws, stdin, &signals, raw.as_ref());
         // The terminal is ours again before anything is printed.
         drop(raw);
+        drop(signals);
         match outcome? {
             crate::exectty::Outcome::Signalled(code) => Ok(code),
             crate::exectty::Outcome::Exit(end) => {

@@ -879,3 +879,45 @@ fn a_session_says_when_its_instance_was_stopped_or_terminated() {
     assert_eq!(code, Some(137), "{err}");
     assert!(err.contains("instance was terminated"), "{err}");
 }
+
+/// Signals sent to the CLI with `kill` while the terminal is raw: SIGTSTP stops it with the
+/// terminal given back (canonical mode, echo) and SIGCONT makes it raw again, the session
+/// still working; SIGINT ends it (130) with the terminal restored.
+#[test]
+fn signals_sent_to_the_client_never_leave_the_terminal_raw() {
+    let _s = serial();
+    let d = daemon(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let key = d.key.clone();
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", "-e", PS1, &id, "--", "sh"],
+        24,
+        80,
+    );
+    t.expect("gv$ ");
+    let cli = nix::unistd::Pid::from_raw(t.child.id() as i32);
+    let cooked = nix::sys::termios::LocalFlags::ICANON | nix::sys::termios::LocalFlags::ECHO;
+    let stopped = || {
+        std::fs::read_to_string(format!("/proc/{cli}/stat"))
+            .ok()
+            .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().starts_with('T')))
+            .unwrap_or(false)
+    };
+    nix::sys::signal::kill(cli, nix::sys::signal::Signal::SIGTSTP).unwrap();
+    until("the CLI stops", stopped);
+    assert!(t.lflags().contains(cooked), "stopped with the terminal raw");
+    nix::sys::signal::kill(cli, nix::sys::signal::Signal::SIGCONT).unwrap();
+    until("the terminal is raw again", || {
+        !t.lflags().contains(nix::sys::termios::LocalFlags::ICANON)
+    });
+    t.type_("echo back-$((2*21))\r");
+    t.expect("back-42");
+    t.expect("gv$ ");
+    nix::sys::signal::kill(cli, nix::sys::signal::Signal::SIGINT).unwrap();
+    let st = t.wait();
+    assert_eq!(st.code(), Some(130), "{}", t.screen());
+    assert!(t.lflags().contains(cooked), "SIGINT left the terminal raw");
+}
