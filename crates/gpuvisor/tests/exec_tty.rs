@@ -322,7 +322,7 @@ fn terminal_session_types_resizes_interrupts_and_exits() {
     );
     let st = t.wait();
     let screen = t.screen();
-    assert!(!st.success(), "{screen}");
+    assert_eq!(st.code(), Some(255), "{screen}");
     assert!(screen.contains("no-such-command"), "{screen}");
     until("the failed session's files and helpers are gone", || {
         exec_files(&d, &id).is_empty() && exec_helpers(&d).is_empty()
@@ -920,4 +920,43 @@ fn signals_sent_to_the_client_never_leave_the_terminal_raw() {
     let st = t.wait();
     assert_eq!(st.code(), Some(130), "{}", t.screen());
     assert!(t.lflags().contains(cooked), "SIGINT left the terminal raw");
+}
+
+/// The other session bounds: bytes (input and output together) and the deadline a request
+/// asks for — each kills the command and says why.
+#[test]
+fn the_byte_cap_and_the_deadline_end_a_session() {
+    let _s = serial();
+    let d = daemon(&["--exec-session-max-bytes", "64KiB"]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let run = |args: &[&str]| {
+        let mut a = vec!["instance", "exec", "-i"];
+        a.extend(args);
+        let mut c = Command::new(BIN)
+            .args(&a)
+            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+            .env("GPUVISOR_API_KEY", &d.key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _stdin = c.stdin.take();
+        let mut out = Vec::new();
+        c.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+        let mut err = String::new();
+        c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        (c.wait().unwrap().code(), out.len(), err)
+    };
+    let (code, n, err) = run(&[&id, "--", "sh", "-c", "yes | head -c 1000000"]);
+    assert_eq!(code, Some(137), "{err}");
+    assert!(n <= 64 << 10, "{n} bytes passed a 64 KiB cap");
+    assert!(err.contains("exec_session_max_bytes"), "{err}");
+    let (code, _, err) = run(&["--timeout", "2s", &id, "--", "sleep", "5454"]);
+    assert_eq!(code, Some(124), "{err}");
+    assert!(err.contains("deadline"), "{err}");
+    until("sleep 5454 is gone", || {
+        pids_running(&id, &["sleep", "5454"]).is_empty()
+    });
 }
