@@ -9,10 +9,14 @@
 //! A detached `runc exec` leaves its command's exit status to whoever reaps it. So the runtime
 //! is not started by the daemon itself but by a *shim*: this binary in its hidden
 //! [`SHIM_SUBCOMMAND`] mode ([`shim_main`]), a child subreaper that runs runc, then waits for the
-//! command (reparented to it when runc exits) and prints its exit status. The daemon stays out
-//! of the reaper business (a subreaper daemon would inherit every orphan of every instance).
-//! If the daemon dies, the shim gets SIGTERM (parent-death signal) and kills the command's
-//! process tree, so a shell never outlives the session it belonged to.
+//! command (reparented to it when runc exits) and prints its exit status. The daemon is a child
+//! subreaper too (for its instances' exit codes, [`crate::reap`]), but the command is the
+//! shim's child, so its status is never mixed up with the daemon's other orphans; the daemon
+//! inherits it only if the shim dies first (then it kills and reaps it). Sessions on pipes
+//! (`exec -i` without `-t`) run through the shim too, with runc in the foreground on the shim's
+//! stdio. If the daemon dies, the shim gets SIGTERM (parent-death signal; blocked and taken
+//! with `sigtimedwait`, so it is never lost) and kills the command's process tree, so a shell
+//! never outlives the session it belonged to.
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
