@@ -106,6 +106,7 @@ impl Host {
                 cpu_ratio: 1,
                 stop_grace: std::time::Duration::from_secs(1),
                 resync: std::time::Duration::from_secs(1),
+                sweep_every: std::time::Duration::from_secs(30),
                 simulated_policy: gpuvisor_scheduler::Policy::GvFrag,
             },
         );

@@ -598,10 +598,34 @@ struct SessionQuery {
 
 /// Largest WebSocket message a client may send (stdin chunks and control messages are small).
 const SESSION_MAX_MESSAGE: usize = 1 << 20;
-/// How often the daemon pings an idle session's client, and how long it waits for any sign of
-/// life before it takes the client for gone (a dropped network sends no FIN).
-const SESSION_PING: std::time::Duration = std::time::Duration::from_secs(15);
-const SESSION_DEAD: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long the daemon waits for any sign of life from a session's client (a pong, a message)
+/// before it takes the client for gone (a dropped network sends no FIN), and the longest one
+/// message to the client may take to leave (a client that does not read is gone too). Pings
+/// go out four times per period. 60 s unless the hidden `exec_session_liveness` setting says
+/// otherwise (tests).
+static SESSION_LIVENESS: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+const SESSION_LIVENESS_DEFAULT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn session_liveness() -> std::time::Duration {
+    *SESSION_LIVENESS.get().unwrap_or(&SESSION_LIVENESS_DEFAULT)
+}
+
+/// A connection's places in the serve loop's caps (the global connection count and the
+/// per-address count), put on each request by the accept loop. A WebSocket session takes it
+/// along into the upgrade, so an upgraded connection keeps counting until it closes.
+#[derive(Clone)]
+pub struct ConnectionHold {
+    _held: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl ConnectionHold {
+    /// Holds `places` (dropped when the last clone of the hold goes).
+    pub fn new(places: impl std::any::Any + Send + Sync) -> Self {
+        Self {
+            _held: Arc::new(places),
+        }
+    }
+}
 
 /// An interactive exec over a WebSocket ([`wire::session`]): every check runs before the
 /// upgrade (not found, not running, too many execs and a bad request are plain JSON errors),
@@ -612,6 +636,7 @@ async fn exec_session(
     Who(p): Who,
     Path(id): Path<String>,
     uri: axum::http::Uri,
+    hold: Option<axum::Extension<ConnectionHold>>,
     ws: Result<
         axum::extract::ws::WebSocketUpgrade,
         axum::extract::ws::rejection::WebSocketUpgradeRejection,
@@ -648,12 +673,44 @@ async fn exec_session(
     Ok(ws
         .max_message_size(SESSION_MAX_MESSAGE)
         .max_frame_size(SESSION_MAX_MESSAGE)
-        .on_upgrade(move |socket| pump_session(socket, session)))
+        .on_upgrade(move |socket| async move {
+            pump_session(socket, session).await;
+            // The connection counts against the caps until here.
+            drop(hold);
+        }))
+}
+
+/// Most bytes of one stdin chunk handed to a session: a message is cut into chunks of this
+/// size, so the session's input channel (16 places) holds at most 512 KiB.
+const INPUT_CHUNK: usize = 32 * 1024;
+
+fn stdin_chunks(
+    data: &[u8],
+) -> impl Iterator<Item = gpuvisor_control::engine::session::SessionInput> + '_ {
+    data.chunks(INPUT_CHUNK)
+        .map(|c| gpuvisor_control::engine::session::SessionInput::Stdin(c.to_vec()))
+}
+
+/// Sends `msg` unless the client takes longer than `within` to make room for it; false when
+/// it could not be sent (the client is gone or does not read).
+async fn send_within(
+    socket: &mut axum::extract::ws::WebSocket,
+    msg: axum::extract::ws::Message,
+    within: std::time::Duration,
+) -> bool {
+    matches!(
+        tokio::time::timeout(within, socket.send(msg)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Moves messages between the WebSocket and the session until either ends. Input is taken off
 /// the socket only when the session can take it, so a command that does not read its input
-/// slows its client down instead of filling the daemon's memory.
+/// slows its client down instead of filling the daemon's memory. The client is taken for gone
+/// (and the command killed) when a message to it cannot leave within the liveness period (it
+/// does not read), or when nothing came from it for that long — judged only while the daemon
+/// reads the socket: input waiting for the command to read it leaves pongs unread, and that
+/// silence is the command's, not the client's.
 async fn pump_session(
     mut socket: axum::extract::ws::WebSocket,
     mut session: gpuvisor_control::engine::session::ExecSession,
@@ -661,24 +718,27 @@ async fn pump_session(
     use axum::extract::ws::Message;
     use gpuvisor_control::engine::session::{SessionInput, SessionOutput};
     use wire::session::{self as proto, Control};
-    let mut pending: Option<SessionInput> = None;
+    let dead = session_liveness();
+    // Input taken off the socket that the session has no room for yet: one message at most,
+    // in chunks of at most INPUT_CHUNK bytes.
+    let mut pending: std::collections::VecDeque<SessionInput> = Default::default();
     let mut input_open = true;
     let mut last_seen = tokio::time::Instant::now();
-    let mut ping = tokio::time::interval(SESSION_PING);
+    let mut ping = tokio::time::interval(dead / 4);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            m = socket.recv(), if pending.is_none() => {
+            m = socket.recv(), if pending.is_empty() => {
                 last_seen = tokio::time::Instant::now();
                 match m {
                     Some(Ok(Message::Binary(b))) => {
                         if b.first() == Some(&proto::STDIN) && b.len() > 1 && input_open {
-                            pending = Some(SessionInput::Stdin(b[1..].to_vec()));
+                            pending.extend(stdin_chunks(&b[1..]));
                         }
                     }
                     Some(Ok(Message::Text(t))) => match serde_json::from_str::<Control>(t.as_str()) {
-                        Ok(Control::Resize(s)) => pending = Some(SessionInput::Resize(s)),
-                        Ok(Control::Eof) => pending = Some(SessionInput::Eof),
+                        Ok(Control::Resize(s)) => pending.push_back(SessionInput::Resize(s)),
+                        Ok(Control::Eof) => pending.push_back(SessionInput::Eof),
                         // Unknown or daemon-only messages: ignored.
                         _ => {}
                     },
@@ -687,16 +747,19 @@ async fn pump_session(
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
                 }
             }
-            permit = session.input.reserve(), if pending.is_some() => match permit {
+            permit = session.input.reserve(), if !pending.is_empty() => match permit {
                 Ok(permit) => {
-                    if let Some(i) = pending.take() {
+                    if let Some(i) = pending.pop_front() {
                         permit.send(i);
                     }
+                    // The socket is read again from now: the silence so far was ours.
+                    last_seen = tokio::time::Instant::now();
                 }
                 // The session no longer reads input (its command ended): drop what comes.
                 Err(_) => {
-                    pending = None;
+                    pending.clear();
                     input_open = false;
+                    last_seen = tokio::time::Instant::now();
                 }
             },
             o = session.output.recv() => {
@@ -705,26 +768,33 @@ async fn pump_session(
                     Some(SessionOutput::Stderr(d)) => Message::Binary(proto::data(proto::STDERR, &d).into()),
                     Some(SessionOutput::End(end)) => {
                         let text = serde_json::to_string(&Control::Exit(end)).unwrap_or_default();
-                        let _ = socket.send(Message::Text(text.into())).await;
-                        let _ = socket.send(Message::Close(None)).await;
+                        if send_within(&mut socket, Message::Text(text.into()), dead).await {
+                            let _ = send_within(&mut socket, Message::Close(None), dead).await;
+                        }
                         return;
                     }
                     // Ended without a status (the daemon is shutting down): just close.
                     None => {
-                        let _ = socket.send(Message::Close(None)).await;
+                        let _ = send_within(&mut socket, Message::Close(None), dead).await;
                         return;
                     }
                 };
-                if socket.send(msg).await.is_err() {
+                if !send_within(&mut socket, msg, dead).await {
+                    tracing::debug!("exec session: client took no output for {} s, taken for gone", dead.as_secs());
                     return;
                 }
             }
             _ = ping.tick() => {
-                if last_seen.elapsed() > SESSION_DEAD {
-                    tracing::debug!("exec session: client silent for {} s, taken for gone", SESSION_DEAD.as_secs());
+                if !pending.is_empty() {
+                    // Not reading the socket: the client's pongs wait behind its input. A
+                    // client gone meanwhile is found by the sends, or by the idle bound.
+                    last_seen = tokio::time::Instant::now();
+                }
+                if last_seen.elapsed() > dead {
+                    tracing::debug!("exec session: client silent for {} s, taken for gone", dead.as_secs());
                     return;
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                if !send_within(&mut socket, Message::Ping(Default::default()), dead).await {
                     return;
                 }
             }
@@ -785,6 +855,8 @@ pub struct ApiLimits {
     pub max_upload: u64,
     pub body_timeout: std::time::Duration,
     pub requests_per_key: usize,
+    /// How long an exec session's client may be silent or not read (hidden setting; 60 s).
+    pub session_liveness: std::time::Duration,
 }
 
 /// The router with [`ApiLimits`] in front of every route.
@@ -799,6 +871,7 @@ pub fn router_with_limits(engine: Eng, limits: ApiLimits) -> Router {
         max: guard.limits.max_upload,
         idle: guard.limits.body_timeout,
     });
+    let _ = SESSION_LIVENESS.set(guard.limits.session_liveness);
     router(engine)
         // The extractors' own limit (2 MB by default) follows ours.
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
@@ -904,4 +977,29 @@ async fn limit_request(
     };
     let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
     next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuvisor_control::engine::session::SessionInput;
+
+    /// A 1 MiB stdin message reaches the session as 32 KiB chunks, every byte in order: the
+    /// session's 16-place input channel holds 512 KiB, not 16 MiB.
+    #[test]
+    fn stdin_messages_are_cut_into_small_chunks() {
+        let data: Vec<u8> = (0..SESSION_MAX_MESSAGE).map(|i| (i % 251) as u8).collect();
+        let mut back = Vec::new();
+        let mut n = 0;
+        for c in stdin_chunks(&data) {
+            let SessionInput::Stdin(c) = c else {
+                panic!("not stdin: {c:?}")
+            };
+            assert!(c.len() <= INPUT_CHUNK && !c.is_empty());
+            back.extend(c);
+            n += 1;
+        }
+        assert_eq!(n, SESSION_MAX_MESSAGE / INPUT_CHUNK);
+        assert!(back == data);
+    }
 }

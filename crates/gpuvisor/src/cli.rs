@@ -182,8 +182,8 @@ pub enum Command {
     /// by the daemon, one per running instance).
     #[command(name = "log-relay", hide = true)]
     LogRelay(LogRelayArgs),
-    /// Internal: runs the OCI runtime for `instance exec -t` and reports the command's exit
-    /// status (started by the daemon, one per terminal session).
+    /// Internal: runs the OCI runtime for `instance exec -i/-t` and reports the command's exit
+    /// status (started by the daemon, one per session).
     #[command(name = "exec-shim", hide = true)]
     ExecShim(ExecShimArgs),
 }
@@ -196,6 +196,9 @@ pub struct ExecShimArgs {
     /// Instance id.
     #[arg(long)]
     pub instance: String,
+    /// The runtime runs in the foreground on the shim's stdio (`exec -i` without a terminal).
+    #[arg(long)]
+    pub pipes: bool,
     /// The runtime's command line, after `--`.
     #[arg(last = true, required = true)]
     pub runtime: Vec<String>,
@@ -842,6 +845,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             &a.instance,
             &a.pid_file,
             &a.runtime,
+            a.pipes,
         )),
         Command::Health => connect()?.health(),
         Command::Tenant(cmd) => connect()?.tenant(cmd),
@@ -1415,14 +1419,20 @@ impl Ctx {
             timeout_ms: timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         let ws = self.client.exec_session(&id, &req)?;
+        // Handlers first, raw mode second; left in the reverse order, so no signal ever finds
+        // the terminal raw with its default action.
+        let signals = crate::exectty::Signals::install(tty, tty && stdin).map_err(|e| {
+            CliError::Invalid(format!("cannot handle signals for the session: {e}"))
+        })?;
         let raw = if tty && stdin {
             Some(crate::exectty::RawMode::enter(io::stdin().as_fd())?)
         } else {
             None
         };
-        let outcome = crate::exectty::run(ws, tty, stdin);
+        let outcome = crate::exectty::run(ws, stdin, &signals, raw.as_ref());
         // The terminal is ours again before anything is printed.
         drop(raw);
+        drop(signals);
         match outcome? {
             crate::exectty::Outcome::Signalled(code) => Ok(code),
             crate::exectty::Outcome::Exit(end) => {

@@ -27,6 +27,9 @@ pub struct Config {
     pub net_plan: AddressPlan,
     pub nat: bool,
     pub stop_grace: Duration,
+    /// How often the reconciler sweeps the host (orphans, stale zombies). Hidden: 30 s,
+    /// shorter only in tests.
+    pub sweep_every: Duration,
     pub pids_limit: i64,
     pub admin_key_file: Option<PathBuf>,
     /// `libgpuvisor_limiter.so` for fractional GPUs (default: beside the binary, then
@@ -234,6 +237,7 @@ impl Default for Config {
             net_plan: AddressPlan::default(),
             nat: true,
             stop_grace: Duration::from_secs(10),
+            sweep_every: Duration::from_secs(30),
             pids_limit: 4096,
             admin_key_file: None,
             limiter_lib: None,
@@ -305,6 +309,9 @@ pub struct ConfigOverrides {
     /// Grace between SIGTERM and SIGKILL on stop, e.g. 10s.
     #[arg(long)]
     pub stop_grace: Option<String>,
+    /// How often the reconciler sweeps the host, e.g. 30s (tests only).
+    #[arg(long, hide = true)]
+    pub sweep_every: Option<String>,
     /// Write the first admin key to this file (mode 0600) as well as printing it.
     #[arg(long)]
     pub admin_key_file: Option<PathBuf>,
@@ -464,6 +471,12 @@ impl Config {
         if let Some(v) = &o.stop_grace {
             c.stop_grace = grace(v)?;
         }
+        if let Some(v) = &o.sweep_every {
+            c.sweep_every = humantime::parse_duration(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("sweep_every {v:?} is not a duration like 30s"))?;
+        }
         if o.admin_key_file.is_some() {
             c.admin_key_file = o.admin_key_file.clone();
         }
@@ -538,6 +551,9 @@ pub struct Limits {
     pub exec_session_max_time: Duration,
     /// Most bytes (input and output) one interactive exec session moves.
     pub exec_session_max_bytes: u64,
+    /// How long an exec session's client may stay silent (no pong) or not read before it is
+    /// taken for gone. Hidden: 60 s, shorter only in tests.
+    pub exec_session_liveness: Duration,
     /// Log bytes kept on disk per instance (current + one rotated segment).
     pub log_max_bytes: u64,
     /// Instance output is dropped while the logs' filesystem has less free than this.
@@ -577,6 +593,7 @@ impl Default for Limits {
             exec_session_idle_timeout: Duration::from_secs(3600),
             exec_session_max_time: Duration::from_secs(24 * 3600),
             exec_session_max_bytes: 1 << 30,
+            exec_session_liveness: Duration::from_secs(60),
             log_max_bytes: 64 << 20,
             log_reserve: 1 << 30,
             max_body: 1 << 20,
@@ -605,6 +622,7 @@ struct LimitsFile {
     exec_session_idle_timeout: Option<String>,
     exec_session_max_time: Option<String>,
     exec_session_max_bytes: Option<String>,
+    exec_session_liveness: Option<String>,
     log_max_bytes: Option<String>,
     log_reserve: Option<String>,
     max_body: Option<String>,
@@ -648,6 +666,9 @@ pub struct LimitsOverrides {
     /// [limits.exec_session_max_bytes].
     #[arg(long)]
     pub exec_session_max_bytes: Option<String>,
+    /// How long an exec session's client may be silent or not read (tests only).
+    #[arg(long, hide = true)]
+    pub exec_session_liveness: Option<String>,
     /// Log bytes kept per instance, e.g. 64MiB [limits.log_max_bytes].
     #[arg(long)]
     pub log_max_bytes: Option<String>,
@@ -725,6 +746,7 @@ impl Limits {
         set!(exec_session_idle_timeout, duration);
         set!(exec_session_max_time, duration);
         set!(exec_session_max_bytes, size);
+        set!(exec_session_liveness, duration);
         set!(log_max_bytes, size);
         set!(log_reserve, size);
         set!(max_body, size);
@@ -751,6 +773,7 @@ impl Limits {
             exec_session_idle_timeout: o.exec_session_idle_timeout.clone(),
             exec_session_max_time: o.exec_session_max_time.clone(),
             exec_session_max_bytes: o.exec_session_max_bytes.clone(),
+            exec_session_liveness: o.exec_session_liveness.clone(),
             log_max_bytes: o.log_max_bytes.clone(),
             log_reserve: o.log_reserve.clone(),
             max_body: o.max_body.clone(),
@@ -789,6 +812,7 @@ impl Limits {
             ("exec_max_timeout", self.exec_max_timeout),
             ("exec_session_idle_timeout", self.exec_session_idle_timeout),
             ("exec_session_max_time", self.exec_session_max_time),
+            ("exec_session_liveness", self.exec_session_liveness),
             ("header_timeout", self.header_timeout),
             ("body_timeout", self.body_timeout),
         ] {

@@ -2,7 +2,11 @@
 //! our stdin and a self-pipe the signal handlers write to (SIGWINCH → a `resize` message;
 //! SIGTERM/SIGHUP → leave). With `-it` the local terminal is put in raw mode for the session, so
 //! every key (^C included) goes to the remote terminal, whose line discipline acts on it; the
-//! [`RawMode`] guard restores it on every way out (return, error, panic unwinding).
+//! [`RawMode`] guard restores it on every way out (return, error, panic unwinding). The handlers
+//! ([`Signals`]) are installed before raw mode is entered and put back after it is left, so no
+//! signal finds the terminal raw with its default action: SIGINT and SIGQUIT sent with `kill`
+//! end the session like SIGTERM, and SIGTSTP gives the terminal back while the client is
+//! stopped (raw again on SIGCONT).
 
 use crate::client::{ClientError, SessionSocket};
 use gpuvisor_wire::session::{self as proto, Control, Size};
@@ -27,13 +31,25 @@ pub struct RawMode {
 impl RawMode {
     /// Puts the terminal on `fd` in raw mode.
     pub fn enter(fd: BorrowedFd<'_>) -> io::Result<Self> {
-        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        use nix::sys::termios::tcgetattr;
         let fd = fd.try_clone_to_owned()?;
         let saved = tcgetattr(&fd).map_err(io::Error::from)?;
-        let mut raw = saved.clone();
+        let me = Self { fd, saved };
+        me.raw()?;
+        Ok(me)
+    }
+
+    fn raw(&self) -> io::Result<()> {
+        use nix::sys::termios::{cfmakeraw, tcsetattr, SetArg};
+        let mut raw = self.saved.clone();
         cfmakeraw(&mut raw);
-        tcsetattr(&fd, SetArg::TCSADRAIN, &raw).map_err(io::Error::from)?;
-        Ok(Self { fd, saved })
+        tcsetattr(&self.fd, SetArg::TCSADRAIN, &raw).map_err(io::Error::from)
+    }
+
+    /// The terminal as it was, for a while (the client is being stopped).
+    fn suspend(&self) {
+        use nix::sys::termios::{tcsetattr, SetArg};
+        let _ = tcsetattr(&self.fd, SetArg::TCSADRAIN, &self.saved);
     }
 }
 
@@ -64,10 +80,13 @@ pub fn window_size(fd: BorrowedFd<'_>) -> Option<Size> {
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 static WINCH: AtomicBool = AtomicBool::new(false);
 static TERM_SIG: AtomicI32 = AtomicI32::new(0);
+static TSTP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(sig: libc::c_int) {
     if sig == libc::SIGWINCH {
         WINCH.store(true, Ordering::SeqCst);
+    } else if sig == libc::SIGTSTP {
+        TSTP.store(true, Ordering::SeqCst);
     } else {
         TERM_SIG.store(sig, Ordering::SeqCst);
     }
@@ -82,38 +101,46 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// The signal handlers and their self-pipe; the default dispositions come back on drop.
-struct Signals {
+/// The signal handlers and their self-pipe; the previous dispositions come back on drop.
+pub struct Signals {
     read: OwnedFd,
     _write: OwnedFd,
-    watched: Vec<nix::sys::signal::Signal>,
+    watched: Vec<(nix::sys::signal::Signal, nix::sys::signal::SigAction)>,
 }
 
 impl Signals {
-    fn install(tty: bool) -> io::Result<Self> {
+    /// Installs the session's handlers: SIGTERM and SIGHUP end it; with `tty` SIGWINCH
+    /// resizes; in `raw` mode SIGINT and SIGQUIT (which only `kill` sends then) end it and
+    /// SIGTSTP stops the client with the terminal given back.
+    pub fn install(tty: bool, raw: bool) -> io::Result<Self> {
         use nix::fcntl::OFlag;
         use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
         let (read, write) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(io::Error::from)?;
         WAKE_FD.store(write.as_raw_fd(), Ordering::SeqCst);
-        let mut watched = vec![Signal::SIGTERM, Signal::SIGHUP];
+        let mut signals = vec![Signal::SIGTERM, Signal::SIGHUP];
         if tty {
-            watched.push(Signal::SIGWINCH);
+            signals.push(Signal::SIGWINCH);
+        }
+        if raw {
+            signals.extend([Signal::SIGINT, Signal::SIGQUIT, Signal::SIGTSTP]);
         }
         let act = SigAction::new(
             SigHandler::Handler(on_signal),
             SaFlags::SA_RESTART,
             SigSet::empty(),
         );
-        for s in &watched {
-            // SAFETY: the handler only stores to atomics and calls write(2).
-            unsafe { sigaction(*s, &act) }.map_err(io::Error::from)?;
-        }
-        Ok(Self {
+        let mut me = Self {
             read,
             _write: write,
-            watched,
-        })
+            watched: Vec::new(),
+        };
+        for s in signals {
+            // SAFETY: the handler only stores to atomics and calls write(2).
+            let old = unsafe { sigaction(s, &act) }.map_err(io::Error::from)?;
+            me.watched.push((s, old));
+        }
+        Ok(me)
     }
 
     /// Empties the self-pipe.
@@ -125,11 +152,10 @@ impl Signals {
 
 impl Drop for Signals {
     fn drop(&mut self) {
-        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
-        let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-        for s in &self.watched {
-            // SAFETY: restoring the default disposition installs no handler.
-            let _ = unsafe { sigaction(*s, &dfl) };
+        use nix::sys::signal::sigaction;
+        for (s, old) in &self.watched {
+            // SAFETY: puts back the disposition that was there before `install`.
+            let _ = unsafe { sigaction(*s, old) };
         }
         WAKE_FD.store(-1, Ordering::SeqCst);
     }
@@ -157,10 +183,14 @@ fn send(ws: &mut SessionSocket, msg: tungstenite::Message) -> Result<bool, Clien
 
 /// Runs a session until the remote command ends: stdin forwarded when `stdin`, resizes sent
 /// when `tty`, output written as it comes (on a terminal it is all stdout).
-pub fn run(mut ws: SessionSocket, tty: bool, stdin: bool) -> Result<Outcome, ClientError> {
+pub fn run(
+    mut ws: SessionSocket,
+    stdin: bool,
+    signals: &Signals,
+    raw: Option<&RawMode>,
+) -> Result<Outcome, ClientError> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use tungstenite::Message;
-    let signals = Signals::install(tty).map_err(cut)?;
     ws.get_mut().set_nonblocking(true).map_err(cut)?;
     let input = io::stdin();
     let mut stdin_open = stdin;
@@ -205,6 +235,18 @@ pub fn run(mut ws: SessionSocket, tty: bool, stdin: bool) -> Result<Outcome, Cli
         };
         if !sig_ev.is_empty() {
             signals.drain();
+            if TSTP.swap(false, Ordering::SeqCst) {
+                // Stopped with the terminal as the user had it; raw again once continued (the
+                // window may have changed meanwhile).
+                if let Some(r) = raw {
+                    r.suspend();
+                }
+                let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+                if let Some(r) = raw {
+                    let _ = r.raw();
+                }
+                WINCH.store(true, Ordering::SeqCst);
+            }
             if WINCH.swap(false, Ordering::SeqCst) {
                 if let Some(size) = window_size(io::stdout().as_fd()) {
                     let text = serde_json::to_string(&Control::Resize(size)).unwrap_or_default();

@@ -105,6 +105,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             cpu_ratio: cfg.cpu_oversubscription,
             stop_grace: cfg.stop_grace,
             resync: std::time::Duration::from_secs(1),
+            sweep_every: cfg.sweep_every,
             simulated_policy: cfg.placement_policy,
         },
     );
@@ -169,6 +170,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_upload: cfg.limits.max_upload,
             body_timeout: cfg.limits.body_timeout,
             requests_per_key: cfg.limits.requests_per_key,
+            session_liveness: cfg.limits.exec_session_liveness,
         },
     );
     serve_http(
@@ -227,7 +229,7 @@ impl Drop for IpSlot {
 }
 
 /// The HTTP/1 accept loop: at most `max_connections` open connections (more wait in the
-/// backlog), and a client that has not sent a request's headers within `header_timeout` is
+/// backlog; an upgraded exec session counts as its connection until it closes), and a client that has not sent a request's headers within `header_timeout` is
 /// disconnected (slow loris; idle keep-alive connections too). On SIGTERM/SIGINT: stop
 /// accepting, let requests in flight finish (10 s at most).
 async fn serve_http(
@@ -266,11 +268,21 @@ async fn serve_http(
             drop(stream);
             continue;
         };
-        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        // The connection's places in both caps, on every request: an exec session takes them
+        // into its WebSocket, so an upgraded connection counts until it closes (hyper's
+        // connection future ends at the upgrade).
+        let hold = crate::api::ConnectionHold::new((permit, ip_slot));
+        let app = app.clone();
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(hold.clone());
+                hyper::service::Service::call(
+                    &hyper_util::service::TowerToHyperService::new(app.clone()),
+                    req,
+                )
+            });
         let mut stop_rx = stop_rx.clone();
         conns.spawn(async move {
-            let _permit = permit;
-            let _ip_slot = ip_slot;
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)

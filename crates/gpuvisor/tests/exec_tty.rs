@@ -322,7 +322,7 @@ fn terminal_session_types_resizes_interrupts_and_exits() {
     );
     let st = t.wait();
     let screen = t.screen();
-    assert!(!st.success(), "{screen}");
+    assert_eq!(st.code(), Some(255), "{screen}");
     assert!(screen.contains("no-such-command"), "{screen}");
     until("the failed session's files and helpers are gone", || {
         exec_files(&d, &id).is_empty() && exec_helpers(&d).is_empty()
@@ -493,6 +493,12 @@ fn piped_input_arrives_exactly() {
 
 /// The WebSocket handshake itself, raw: (status line, body).
 fn handshake(port: u16, key: &str, id: &str, request: &str) -> (u16, String) {
+    let (status, body, _) = open_raw(port, key, id, request);
+    (status, body)
+}
+
+/// A raw WebSocket handshake: (status, body, the connection — a session when 101).
+fn open_raw(port: u16, key: &str, id: &str, request: &str) -> (u16, String, std::net::TcpStream) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     let enc: String = request
@@ -525,7 +531,77 @@ fn handshake(port: u16, key: &str, id: &str, request: &str) -> (u16, String) {
     if status != 101 {
         let _ = s.read_to_string(&mut body);
     }
-    (status, body)
+    (status, body, s)
+}
+
+/// Whether the daemon answers a plain request on a new connection (false: it closed the
+/// connection at once, as it does past the per-address cap).
+fn answers(port: u16) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    if s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
+
+/// A client that opens a terminal session running `yes` and never reads: once a message has
+/// waited the liveness period (3 s here) to leave, the client is taken for gone, the session
+/// ends and `yes` is killed. While they are open, sessions count against the per-address
+/// connection cap (an upgraded connection keeps its place until it closes).
+#[test]
+fn a_client_that_does_not_read_is_cut_off_and_sessions_hold_their_connection_places() {
+    let _s = serial();
+    let d = daemon(&[
+        "--exec-session-liveness",
+        "3s",
+        "--max-connections-per-ip",
+        "2",
+    ]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    // A well-behaved session (it reads, and answers pings) on one place...
+    let url = format!(
+        "ws://127.0.0.1:{}/v1/instances/{id}/exec/ws?request=%7B%22command%22%3A%5B%22sleep%22%2C%224848%22%5D%7D",
+        d.port
+    );
+    let builder = tungstenite::ClientRequestBuilder::new(url.parse().unwrap())
+        .with_header("x-api-key", d.key.clone());
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    let (mut ws, _) = tungstenite::client::client(builder, tcp.try_clone().unwrap()).unwrap();
+    let reader = std::thread::spawn(move || while ws.read().is_ok() {});
+    until("sleep 4848 runs", || {
+        !pids_running(&id, &["sleep", "4848"]).is_empty()
+    });
+    // ...and one that never reads on the other.
+    let (status, body, deaf) = open_raw(d.port, &d.key, &id, r#"{"command":["yes"],"tty":true}"#);
+    assert_eq!(status, 101, "{body}");
+    until("yes runs", || !pids_running(&id, &["yes"]).is_empty());
+    assert!(
+        !answers(d.port),
+        "a third connection from this address was served while two sessions were open (cap 2)"
+    );
+    until(
+        "the session that does not read is ended and yes killed",
+        || pids_running(&id, &["yes"]).is_empty(),
+    );
+    until("its connection place is free again", || answers(d.port));
+    assert!(
+        !pids_running(&id, &["sleep", "4848"]).is_empty(),
+        "the session whose client reads was ended too"
+    );
+    drop(deaf);
+    let _ = tcp.shutdown(std::net::Shutdown::Both);
+    reader.join().unwrap();
+    until("sleep 4848 is gone", || {
+        pids_running(&id, &["sleep", "4848"]).is_empty()
+    });
 }
 
 /// Another tenant's key cannot open a session on an instance it does not own (404, as on
@@ -601,5 +677,286 @@ fn an_idle_session_is_ended() {
     assert!(err.contains("idle"), "{err}");
     until("sleep 4646 is gone", || {
         pids_running(&id, &["sleep", "4646"]).is_empty()
+    });
+}
+
+/// Input typed ahead of a command that reads it late: while it waits, the daemon does not read
+/// the socket (back pressure), so the client's pongs wait too — that silence is not the client
+/// going away. Here the liveness period is 2 s and the command starts reading after 6 s.
+#[test]
+fn input_waiting_for_a_slow_reader_does_not_end_the_session() {
+    let _s = serial();
+    let d = daemon(&["--exec-session-liveness", "2s"]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let input = vec![b'x'; 8 << 20];
+    let mut c = Command::new(BIN)
+        .args([
+            "instance",
+            "exec",
+            "-i",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "sleep 6; wc -c",
+        ])
+        .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+        .env("GPUVISOR_API_KEY", &d.key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut out = String::new();
+    c.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let mut err = String::new();
+    c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    writer.join().unwrap();
+    assert_eq!(c.wait().unwrap().code(), Some(0), "{err}");
+    assert_eq!(out.trim(), (8 << 20).to_string(), "{err}");
+}
+
+/// The daemon's zombie sweep (every second here) leaves alone the children the daemon waits
+/// for itself: a `runc exec` whose command left a background child holding its output stays
+/// a zombie until the output closes, and its status is still the command's — one-shot and
+/// on pipes alike.
+#[test]
+fn the_zombie_sweep_leaves_exec_statuses_alone() {
+    let _s = serial();
+    let d = daemon(&["--sweep-every", "1s"]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let (code, _, err) = d.exec(&id, "(sleep 5) & exit 3");
+    assert_eq!(code, 3, "one-shot exec: {err}");
+    let out = d.cli_as(
+        &d.key,
+        &[
+            "instance",
+            "exec",
+            "-i",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "(sleep 5) & exit 3",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "session on pipes: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An exec shim that dies (the OOM killer, or a kill by hand) before its command: the command
+/// is killed rather than left running unwatched, and the client is told the shim died (137),
+/// not that the command could not start.
+#[test]
+fn a_dead_shim_takes_its_command_with_it() {
+    let _s = serial();
+    let d = daemon(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let key = d.key.clone();
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", "-e", PS1, &id, "--", "sh"],
+        24,
+        80,
+    );
+    t.expect("gv$ ");
+    t.type_("sleep 4949\r");
+    until("sleep 4949 runs", || {
+        !pids_running(&id, &["sleep", "4949"]).is_empty()
+    });
+    let shims: Vec<i32> = exec_helpers(&d)
+        .iter()
+        .filter(|h| h.contains("exec-shim"))
+        .filter_map(|h| h.split(':').next()?.parse().ok())
+        .collect();
+    assert_eq!(shims.len(), 1, "{:?}", exec_helpers(&d));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shims[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let st = t.wait();
+    let screen = t.screen();
+    assert_eq!(st.code(), Some(137), "screen:\n{screen}");
+    assert!(screen.contains("shim was killed"), "{screen}");
+    until("sleep 4949 and the shell are gone", || {
+        pids_running(&id, &["sleep", "4949"]).is_empty() && pids_running(&id, &["sh"]).is_empty()
+    });
+}
+
+/// A daemon that dies mid-session takes a `-i` session's command (no terminal) with it too:
+/// pipes sessions run through the exec shim, whose parent-death signal kills the tree.
+#[test]
+fn a_daemon_that_dies_takes_its_pipe_sessions_with_it() {
+    let _s = serial();
+    let mut d = daemon(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let mut c = Command::new(BIN)
+        .args([
+            "instance",
+            "exec",
+            "-i",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "trap '' HUP TERM; sleep 5151",
+        ])
+        .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+        .env("GPUVISOR_API_KEY", &d.key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    until("sleep 5151 runs", || {
+        !pids_running(&id, &["sleep", "5151"]).is_empty()
+    });
+    d.kill9();
+    until("sleep 5151 is gone with the daemon", || {
+        pids_running(&id, &["sleep", "5151"]).is_empty()
+    });
+    let _ = c.kill();
+    let _ = c.wait();
+    until("no exec helper is left", || exec_helpers(&d).is_empty());
+    d.restart();
+}
+
+/// A session whose instance is stopped or terminated under it ends with a message that says
+/// so, not a bare 137.
+#[test]
+fn a_session_says_when_its_instance_was_stopped_or_terminated() {
+    let _s = serial();
+    let d = daemon(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let session = |id: &str| {
+        Command::new(BIN)
+            .args(["instance", "exec", "-i", id, "--", "sleep", "5353"])
+            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+            .env("GPUVISOR_API_KEY", &d.key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let ended = |mut c: Child| {
+        let _stdin = c.stdin.take();
+        let mut err = String::new();
+        c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        (c.wait().unwrap().code(), err)
+    };
+    let c = session(&id);
+    until("sleep 5353 runs", || {
+        !pids_running(&id, &["sleep", "5353"]).is_empty()
+    });
+    d.json(&["instance", "stop", &id, "--wait"]);
+    let (code, err) = ended(c);
+    assert_eq!(code, Some(137), "{err}");
+    assert!(err.contains("instance was stopped"), "{err}");
+
+    d.json(&["instance", "start", &id, "--wait"]);
+    let c = session(&id);
+    until("sleep 5353 runs again", || {
+        !pids_running(&id, &["sleep", "5353"]).is_empty()
+    });
+    d.json(&["instance", "terminate", &id, "--wait"]);
+    let (code, err) = ended(c);
+    assert_eq!(code, Some(137), "{err}");
+    assert!(err.contains("instance was terminated"), "{err}");
+}
+
+/// Signals sent to the CLI with `kill` while the terminal is raw: SIGTSTP stops it with the
+/// terminal given back (canonical mode, echo) and SIGCONT makes it raw again, the session
+/// still working; SIGINT ends it (130) with the terminal restored.
+#[test]
+fn signals_sent_to_the_client_never_leave_the_terminal_raw() {
+    let _s = serial();
+    let d = daemon(&[]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let key = d.key.clone();
+    let mut t = Term::spawn(
+        &d,
+        &key,
+        &["instance", "exec", "-it", "-e", PS1, &id, "--", "sh"],
+        24,
+        80,
+    );
+    t.expect("gv$ ");
+    let cli = nix::unistd::Pid::from_raw(t.child.id() as i32);
+    let cooked = nix::sys::termios::LocalFlags::ICANON | nix::sys::termios::LocalFlags::ECHO;
+    let stopped = || {
+        std::fs::read_to_string(format!("/proc/{cli}/stat"))
+            .ok()
+            .and_then(|s| Some(s.rsplit_once(')')?.1.trim_start().starts_with('T')))
+            .unwrap_or(false)
+    };
+    nix::sys::signal::kill(cli, nix::sys::signal::Signal::SIGTSTP).unwrap();
+    until("the CLI stops", stopped);
+    assert!(t.lflags().contains(cooked), "stopped with the terminal raw");
+    nix::sys::signal::kill(cli, nix::sys::signal::Signal::SIGCONT).unwrap();
+    until("the terminal is raw again", || {
+        !t.lflags().contains(nix::sys::termios::LocalFlags::ICANON)
+    });
+    t.type_("echo back-$((2*21))\r");
+    t.expect("back-42");
+    t.expect("gv$ ");
+    nix::sys::signal::kill(cli, nix::sys::signal::Signal::SIGINT).unwrap();
+    let st = t.wait();
+    assert_eq!(st.code(), Some(130), "{}", t.screen());
+    assert!(t.lflags().contains(cooked), "SIGINT left the terminal raw");
+}
+
+/// The other session bounds: bytes (input and output together) and the deadline a request
+/// asks for — each kills the command and says why.
+#[test]
+fn the_byte_cap_and_the_deadline_end_a_session() {
+    let _s = serial();
+    let d = daemon(&["--exec-session-max-bytes", "64KiB"]);
+    d.import_busybox();
+    let id = d.create(&sleeper());
+    let run = |args: &[&str]| {
+        let mut a = vec!["instance", "exec", "-i"];
+        a.extend(args);
+        let mut c = Command::new(BIN)
+            .args(&a)
+            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
+            .env("GPUVISOR_API_KEY", &d.key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _stdin = c.stdin.take();
+        let mut out = Vec::new();
+        c.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+        let mut err = String::new();
+        c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        (c.wait().unwrap().code(), out.len(), err)
+    };
+    let (code, n, err) = run(&[&id, "--", "sh", "-c", "yes | head -c 1000000"]);
+    assert_eq!(code, Some(137), "{err}");
+    assert!(n <= 64 << 10, "{n} bytes passed a 64 KiB cap");
+    assert!(err.contains("exec_session_max_bytes"), "{err}");
+    let (code, _, err) = run(&["--timeout", "2s", &id, "--", "sleep", "5454"]);
+    assert_eq!(code, Some(124), "{err}");
+    assert!(err.contains("deadline"), "{err}");
+    until("sleep 5454 is gone", || {
+        pids_running(&id, &["sleep", "5454"]).is_empty()
     });
 }

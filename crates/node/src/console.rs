@@ -9,16 +9,19 @@
 //! A detached `runc exec` leaves its command's exit status to whoever reaps it. So the runtime
 //! is not started by the daemon itself but by a *shim*: this binary in its hidden
 //! [`SHIM_SUBCOMMAND`] mode ([`shim_main`]), a child subreaper that runs runc, then waits for the
-//! command (reparented to it when runc exits) and prints its exit status. The daemon stays out
-//! of the reaper business (a subreaper daemon would inherit every orphan of every instance).
-//! If the daemon dies, the shim gets SIGTERM (parent-death signal) and kills the command's
-//! process tree, so a shell never outlives the session it belonged to.
+//! command (reparented to it when runc exits) and prints its exit status. The daemon is a child
+//! subreaper too (for its instances' exit codes, [`crate::reap`]), but the command is the
+//! shim's child, so its status is never mixed up with the daemon's other orphans; the daemon
+//! inherits it only if the shim dies first (then it kills and reaps it). Sessions on pipes
+//! (`exec -i` without `-t`) run through the shim too, with runc in the foreground on the shim's
+//! stdio. If the daemon dies, the shim gets SIGTERM (parent-death signal; blocked and taken
+//! with `sigtimedwait`, so it is never lost) and kills the command's process tree, so a shell
+//! never outlives the session it belonged to.
 
 use std::io::{self, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The hidden subcommand of the `gpuvisor` binary that runs [`shim_main`].
 pub const SHIM_SUBCOMMAND: &str = "exec-shim";
@@ -128,44 +131,81 @@ pub fn set_window_size(fd: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<(
     Ok(())
 }
 
-/// Set by the shim's SIGTERM handler (parent death, or the daemon ending the session).
-static SHIM_TERM: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_shim_term(_: libc::c_int) {
-    SHIM_TERM.store(true, Ordering::SeqCst);
+/// Waits up to `d` for one of the (blocked) signals of `set`; the signal number, if one came.
+fn wait_signal(set: &nix::sys::signal::SigSet, d: std::time::Duration) -> Option<i32> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(d.subsec_nanos()),
+    };
+    // SAFETY: `set` is a valid sigset_t and `ts` a valid timespec, both alive across the call;
+    // a null siginfo pointer is allowed.
+    let r = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
+    (r > 0).then_some(r)
 }
 
-/// The shim: becomes a child subreaper, runs `runtime` (a `runc exec --detach` command line
-/// that writes `pid_file`), then waits for the command and prints `exit <code>` (128+N for a
-/// signal). On SIGTERM (the daemon died: parent-death signal) it kills the command's process
-/// tree in instance `id`. Returns the shim's own exit status: 0 once the command was reaped,
-/// the runtime's status when it failed to start the command.
-pub fn shim_main(root: &crate::HostRoot, id: &str, pid_file: &Path, runtime: &[String]) -> i32 {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    use nix::sys::wait::{waitpid, WaitStatus};
+/// Waits for child `pid` and returns its status (128+N for signal N). On SIGTERM (taken with
+/// `sigtimedwait`: blocked, so never lost between a check and a wait) calls `kill`, again on
+/// every round until the child is gone.
+fn wait_child(
+    pid: i32,
+    signals: &nix::sys::signal::SigSet,
+    mut kill: impl FnMut(),
+) -> nix::Result<i32> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    use nix::unistd::Pid;
+    let mut term = false;
+    loop {
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, c)) => return Ok(c),
+            Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+        if term {
+            kill();
+        }
+        if wait_signal(signals, std::time::Duration::from_secs(1)) == Some(libc::SIGTERM) {
+            term = true;
+            kill();
+        }
+    }
+}
+
+/// The shim: becomes a child subreaper and runs `runtime`, a `runc exec` command line that
+/// writes `pid_file`. On a terminal (`pipes` false) that is a `runc exec --detach`; the shim
+/// then waits for the command (reparented to it when runc exits), prints `exit <code>` (128+N
+/// for a signal) and returns 0, or the runtime's status when it failed to start the command.
+/// On pipes (`pipes` true) runc runs in the foreground with the shim's stdin, stdout and
+/// stderr, and the shim returns runc's status (the command's). Either way, on SIGTERM (the
+/// daemon died: parent-death signal, or the daemon ends the session) it kills the command's
+/// process tree in instance `id`.
+pub fn shim_main(
+    root: &crate::HostRoot,
+    id: &str,
+    pid_file: &Path,
+    runtime: &[String],
+    pipes: bool,
+) -> i32 {
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     use nix::unistd::Pid;
     let Some((bin, args)) = runtime.split_first() else {
         eprintln!("exec-shim: no runtime command");
         return 2;
     };
-    let act = SigAction::new(
-        SigHandler::Handler(on_shim_term),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    if unsafe { sigaction(Signal::SIGTERM, &act) }.is_err() {
-        eprintln!("exec-shim: cannot handle SIGTERM");
-        return 2;
+    // SIGTERM and SIGCHLD are taken with sigtimedwait; SIGINT, SIGHUP and SIGPIPE (a ^C or a
+    // hangup at the daemon's terminal) stay pending, unused. Children start with an empty mask
+    // (the standard library resets it between fork and exec).
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGCHLD);
+    let mut blocked = signals;
+    for s in [Signal::SIGINT, Signal::SIGHUP, Signal::SIGPIPE] {
+        blocked.add(s);
     }
-    for sig in [Signal::SIGINT, Signal::SIGHUP, Signal::SIGPIPE] {
-        // SAFETY: SIG_IGN installs no handler.
-        let _ = unsafe {
-            sigaction(
-                sig,
-                &SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty()),
-            )
-        };
+    if let Err(e) = blocked.thread_block() {
+        eprintln!("exec-shim: cannot block signals: {e}");
+        return 2;
     }
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
         eprintln!("exec-shim: cannot set the parent-death signal: {e}");
@@ -179,40 +219,64 @@ pub fn shim_main(root: &crate::HostRoot, id: &str, pid_file: &Path, runtime: &[S
         eprintln!("exec-shim: cannot become a child subreaper: {e}");
         return 2;
     }
-    let status = std::process::Command::new(bin)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => {
-            // runc said why on our stderr (the daemon's pipe).
-            return s.code().unwrap_or(125);
-        }
-        Err(e) => {
-            eprintln!("exec-shim: cannot run {bin}: {e}");
-            return 125;
-        }
-    }
-    let pid = std::fs::read_to_string(pid_file)
-        .ok()
-        .and_then(|p| p.trim().parse::<i32>().ok());
-    let Some(pid) = pid.filter(|p| *p > 1) else {
-        eprintln!(
-            "exec-shim: the runtime wrote no pid to {}",
-            pid_file.display()
-        );
-        return 125;
+    let read_pid = || {
+        std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .filter(|p| *p > 1)
     };
-    let code = loop {
-        if SHIM_TERM.load(Ordering::SeqCst) {
-            crate::runtime::kill_exec_tree(root, id, pid);
+    let code = if pipes {
+        let runc = match std::process::Command::new(bin).args(args).spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("exec-shim: cannot run {bin}: {e}");
+                return 125;
+            }
+        };
+        let runc_pid = runc.id() as i32;
+        let waited = wait_child(runc_pid, &signals, || match read_pid() {
+            Some(pid) => {
+                crate::runtime::kill_exec_tree(root, id, pid);
+            }
+            // Not started yet: the runtime goes, and its command never starts.
+            None => {
+                let _ = nix::sys::signal::kill(Pid::from_raw(runc_pid), Signal::SIGKILL);
+            }
+        });
+        match waited {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("exec-shim: waiting for the runtime: {e}");
+                125
+            }
         }
-        match waitpid(Pid::from_raw(pid), None) {
-            Ok(WaitStatus::Exited(_, c)) => break c,
-            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
+    } else {
+        let status = std::process::Command::new(bin)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                // runc said why on our stderr (the daemon's pipe).
+                return s.code().unwrap_or(125);
+            }
+            Err(e) => {
+                eprintln!("exec-shim: cannot run {bin}: {e}");
+                return 125;
+            }
+        }
+        let Some(pid) = read_pid() else {
+            eprintln!(
+                "exec-shim: the runtime wrote no pid to {}",
+                pid_file.display()
+            );
+            return 125;
+        };
+        match wait_child(pid, &signals, || {
+            crate::runtime::kill_exec_tree(root, id, pid);
+        }) {
+            Ok(c) => c,
             Err(e) => {
                 eprintln!("exec-shim: waiting for pid {pid}: {e}");
                 return 125;
@@ -220,10 +284,12 @@ pub fn shim_main(root: &crate::HostRoot, id: &str, pid_file: &Path, runtime: &[S
         }
     };
     // Anything else that was reparented to us (nothing, normally): reap it.
-    while let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) = waitpid(
-        Pid::from_raw(-1),
-        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-    ) {}
+    while let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
+        waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG))
+    {}
+    if pipes {
+        return code;
+    }
     println!("{SHIM_EXIT_PREFIX}{code}");
     0
 }

@@ -751,6 +751,51 @@ impl Node {
         ))
     }
 
+    /// An exec of `args` in instance `id` on pipes, run by the exec shim ([`crate::console`],
+    /// `--pipes`) so that the command's tree dies with the daemon: the shim's command (stdin
+    /// piped when `stdin`, stdout and stderr piped, its own process group; its exit status is
+    /// the command's) and the pid file.
+    pub fn exec_pipes_command(
+        &self,
+        id: &str,
+        args: &[String],
+        env: &[String],
+        stdin: bool,
+    ) -> Result<(std::process::Command, PathBuf), NodeError> {
+        use std::os::unix::process::CommandExt;
+        let shim = self.shim_binary()?;
+        let tag = exec_tag()?;
+        let pid_file = self.bundle_dir(id).join(format!("exec-{tag}.pid"));
+        let argv = self.runtime.exec_argv(id, args, env, &pid_file);
+        let mut cmd = std::process::Command::new(shim);
+        cmd.arg(crate::console::SHIM_SUBCOMMAND)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg("--instance")
+            .arg(id)
+            .arg("--pipes")
+            .arg("--")
+            .args(argv)
+            .stdin(if stdin {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0);
+        Ok((cmd, pid_file))
+    }
+
+    fn shim_binary(&self) -> Result<PathBuf, NodeError> {
+        self.log_limits.relay.clone().ok_or_else(|| NodeError::Io {
+            path: PathBuf::from(crate::console::SHIM_SUBCOMMAND),
+            source: std::io::Error::other(
+                "no gpuvisor binary configured for the exec shim (daemon without a relay binary)",
+            ),
+        })
+    }
+
     /// An exec of `args` in instance `id` on a terminal ([`crate::console`]): the exec shim's
     /// command (this binary; stdout and stderr piped, its own process group), the pid file, and
     /// the console socket the runtime sends the pty master to (both in the bundle).
@@ -761,12 +806,7 @@ impl Node {
         env: &[String],
     ) -> Result<ExecTty, NodeError> {
         use std::os::unix::process::CommandExt;
-        let shim = self.log_limits.relay.clone().ok_or_else(|| NodeError::Io {
-            path: PathBuf::from(crate::console::SHIM_SUBCOMMAND),
-            source: std::io::Error::other(
-                "no gpuvisor binary configured for the exec shim (daemon without a relay binary)",
-            ),
-        })?;
+        let shim = self.shim_binary()?;
         let tag = exec_tag()?;
         let bundle = self.bundle_dir(id);
         let pid_file = bundle.join(format!("exec-{tag}.pid"));
@@ -793,6 +833,30 @@ impl Node {
             pid_file,
             socket,
         })
+    }
+
+    /// [`Node::kill_exec`] of an exec whose shim died: its processes were orphaned to the
+    /// daemon (the child subreaper), so the ones that are its children now are reaped here
+    /// (a zombie would hold the instance's cgroup until the next sweeps).
+    pub fn kill_orphaned_exec(&self, id: &str, pid_file: &Path) -> usize {
+        let pid = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        let killed = pid.map_or_else(Vec::new, |p| {
+            crate::runtime::kill_exec_tree_pids(&self.cfg.root, id, p)
+        });
+        let _ = std::fs::remove_file(pid_file);
+        let me = std::process::id().to_string();
+        for p in &killed {
+            // Only our own children (a killed pid is not reused before it is reaped).
+            let parent = std::fs::read_to_string(self.cfg.root.path(format!("/proc/{p}/stat")))
+                .ok()
+                .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_string()));
+            if parent.as_deref() == Some(me.as_str()) {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*p), None);
+            }
+        }
+        killed.len()
     }
 
     /// Kills the process tree of an exec (its pid from `pid_file`, which is removed). Returns

@@ -109,12 +109,48 @@ pub fn reap(node: &Node, init: &Init, wait: Duration) -> Reaped {
     }
 }
 
+/// Children the daemon waits for itself (exec's `runc exec`, session shims), by pid: the
+/// stale-zombie sweep leaves them alone, whatever the time they spend as zombies before their
+/// waiter gets to them. A pid stays registered only until its waiter reaped it (the guard is
+/// dropped after the wait), so a recycled pid is never confused with it for long.
+static WAITED: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// Registration of a child some task waits for; dropped once it was reaped.
+#[derive(Debug)]
+pub struct Waited(i32);
+
+impl Waited {
+    /// Registers child `pid` (`None`: already reaped, nothing to register).
+    pub fn new(pid: Option<u32>) -> Option<Self> {
+        let pid = i32::try_from(pid?).ok()?;
+        WAITED.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+        Some(Self(pid))
+    }
+}
+
+impl Drop for Waited {
+    fn drop(&mut self) {
+        let mut w = WAITED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = w.iter().position(|p| *p == self.0) {
+            w.swap_remove(i);
+        }
+    }
+}
+
+fn waited(pid: i32) -> bool {
+    WAITED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&pid)
+}
+
 /// Reaps the zombie children of this process that were zombies at the previous call too (`seen`
 /// carries them from call to call) and are no instance's init: ended log relays, and processes
 /// of an `exec` whose `runc exec` died first — orphans the subreaper inherits and nobody waits
-/// for. A child that the daemon itself waits for (a host tool) is reaped by its waiter within
-/// moments, never left a zombie between two calls; an instance's init is left to [`reap`],
-/// which reads its exit code.
+/// for. A child that the daemon itself waits for is left to its waiter: a host tool is reaped
+/// within moments, never left a zombie between two calls; an exec's runtime or shim, which may
+/// wait as a zombie until its command's output closes, is registered ([`Waited`]); an
+/// instance's init is left to [`reap`], which reads its exit code.
 pub fn reap_stale_zombies(node: &Node, seen: &mut std::collections::HashSet<(i32, u64)>) {
     let me = std::process::id() as i32;
     let mut now = std::collections::HashSet::new();
@@ -137,7 +173,7 @@ pub fn reap_stale_zombies(node: &Node, seen: &mut std::collections::HashSet<(i32
         let Some((start, zombie, ppid)) = stat(node, pid) else {
             continue;
         };
-        if !zombie || ppid != me || inits.contains(&pid) {
+        if !zombie || ppid != me || inits.contains(&pid) || waited(pid) {
             continue;
         }
         if seen.contains(&(pid, start)) {

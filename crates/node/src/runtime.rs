@@ -507,20 +507,38 @@ impl OciRuntime {
         pid_file: &Path,
         stdin: bool,
     ) -> Command {
-        let mut c = Command::new(&self.binary);
-        c.args(self.base())
-            .arg("exec")
-            .arg("--pid-file")
-            .arg(pid_file);
-        for e in env {
-            c.arg("--env").arg(e);
-        }
-        c.arg(id)
-            .args(args)
+        let argv = self.exec_argv(id, args, env, pid_file);
+        let mut c = Command::new(&argv[0]);
+        c.args(&argv[1..])
             .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         c
+    }
+
+    /// The argv of a foreground `runc exec` of `args` in container `id` that writes the
+    /// command's host pid to `pid_file`.
+    pub fn exec_argv(
+        &self,
+        id: &str,
+        args: &[String],
+        env: &[String],
+        pid_file: &Path,
+    ) -> Vec<String> {
+        let mut v = vec![self.binary.clone()];
+        v.extend(self.base());
+        v.extend([
+            "exec".into(),
+            "--pid-file".into(),
+            pid_file.to_string_lossy().into_owned(),
+        ]);
+        for e in env {
+            v.push("--env".into());
+            v.push(e.clone());
+        }
+        v.push(id.into());
+        v.extend(args.iter().cloned());
+        v
     }
 
     /// The argv of a detached `runc exec --tty` of `args` in container `id` that sends the pty
@@ -562,11 +580,16 @@ impl OciRuntime {
 /// (double fork) belong to the instance like any it starts itself and end with it. Returns how
 /// many processes were killed.
 pub fn kill_exec_tree(root: &crate::HostRoot, id: &str, pid: i32) -> usize {
+    kill_exec_tree_pids(root, id, pid).len()
+}
+
+/// [`kill_exec_tree`], returning the pids it killed.
+pub fn kill_exec_tree_pids(root: &crate::HostRoot, id: &str, pid: i32) -> Vec<i32> {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let in_instance = |p: i32| crate::cgroup::holds(root, id, p);
     if pid <= 1 || !in_instance(pid) {
-        return 0;
+        return Vec::new();
     }
     let mut tree: Vec<i32> = vec![pid];
     let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
@@ -588,7 +611,7 @@ pub fn kill_exec_tree(root: &crate::HostRoot, id: &str, pid: i32) -> usize {
     for p in &tree {
         let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
     }
-    tree.len()
+    tree
 }
 
 /// (pid, parent pid) of every process.

@@ -200,9 +200,11 @@ impl Engine {
             max_output: l.max_output,
             timeout,
         };
+        // Waited for below, maybe long after it ended: not the zombie sweep's to reap.
+        let waited = gpuvisor_node::reap::Waited::new(child.id());
         tokio::spawn(async move {
             run.run(child, tx).await;
-            drop(permit);
+            drop((permit, waited));
         });
         Ok(ExecStream { frames: rx })
     }

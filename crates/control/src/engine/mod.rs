@@ -42,6 +42,8 @@ pub struct EngineConfig {
     pub stop_grace: Duration,
     /// How often the reconciler looks at the host when nothing woke it.
     pub resync: Duration,
+    /// How often the reconciler sweeps the host: orphaned objects, stale zombies (30 s).
+    pub sweep_every: Duration,
     /// Scheduler policy over the simulated nodes.
     pub simulated_policy: gpuvisor_scheduler::Policy,
 }

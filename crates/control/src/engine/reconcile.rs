@@ -120,7 +120,7 @@ impl Engine {
         if let Err(e) = reap::become_subreaper() {
             tracing::warn!("exit codes of instances will be unknown: {e}");
         }
-        let sweep_every = Duration::from_secs(30);
+        let sweep_every = self.cfg.sweep_every;
         let mut last_sweep: Option<Instant> = None;
         let mut zombies = std::collections::HashSet::new();
         loop {

@@ -10,7 +10,9 @@
 //!
 //! On a terminal the node layer's exec shim runs `runc exec --detach --tty` and the pty master
 //! comes back over a console socket ([`gpuvisor_node::console`]); its exit status is the
-//! shim's `exit N` line. On pipes `runc exec` runs in the foreground, like [`Engine::exec`].
+//! shim's `exit N` line. On pipes the shim runs `runc exec` in the foreground on its own
+//! stdio and exits with the command's status; on both, the shim kills the command's tree when
+//! the daemon dies.
 
 use super::limits::ExecPermit;
 use super::{Engine, Principal};
@@ -54,6 +56,7 @@ pub struct ExecSession {
 /// (the API answers errors up to here as plain HTTP errors, then upgrades and starts it).
 pub struct SessionTicket {
     node: Arc<Node>,
+    store: crate::store::Store,
     id: String,
     req: wire::ExecSessionRequest,
     permit: ExecPermit,
@@ -99,6 +102,7 @@ impl Engine {
         let permit = self.exec_permit(who, &l)?;
         Ok(SessionTicket {
             node: self.node.clone(),
+            store: self.store.clone(),
             id: row.id,
             req: req.clone(),
             permit,
@@ -122,8 +126,19 @@ impl SessionTicket {
         let (in_tx, in_rx) = mpsc::channel(16);
         let (out_tx, out_rx) = mpsc::channel(16);
         let activity = Arc::new(Activity::default());
+        let init = {
+            let (node, id) = (self.node.clone(), self.id.clone());
+            tokio::task::spawn_blocking(move || {
+                gpuvisor_node::reap::init(&node, &id).map(|i| i.pid)
+            })
+            .await
+            .ok()
+            .flatten()
+        };
         let run = Run {
             node: self.node.clone(),
+            store: self.store.clone(),
+            init,
             id: self.id.clone(),
             bounds: self.bounds,
             activity: activity.clone(),
@@ -137,19 +152,21 @@ impl SessionTicket {
                 drop(permit);
             });
         } else {
+            // Through the shim, not killed on drop: as on a terminal, the shim kills the
+            // command's tree when the daemon goes (a `runc exec` killed with the daemon would
+            // leave its command running).
             let (cmd, pid_file) =
                 self.node
-                    .exec_command(&self.id, &self.req.command, &self.req.env, true)?;
-            let mut cmd = tokio::process::Command::from(cmd);
-            cmd.kill_on_drop(true);
-            let child = cmd
+                    .exec_pipes_command(&self.id, &self.req.command, &self.req.env, true)?;
+            let child = tokio::process::Command::from(cmd)
                 .spawn()
-                .map_err(internal("cannot start the OCI runtime"))?;
+                .map_err(internal("cannot start the exec shim"))?;
+            let waited = gpuvisor_node::reap::Waited::new(child.id());
             let pipes = Pipes { child, pid_file };
             let (permit, stdin) = (self.permit, self.req.stdin);
             tokio::spawn(async move {
                 pipes.run(run, stdin, in_rx, out_tx).await;
-                drop(permit);
+                drop((permit, waited));
             });
         }
         Ok(ExecSession {
@@ -178,6 +195,8 @@ impl SessionTicket {
         let mut shim = tokio::process::Command::from(exec.shim)
             .spawn()
             .map_err(internal("cannot start the exec shim"))?;
+        // Waited for by this session: not the zombie sweep's to reap.
+        let waited = gpuvisor_node::reap::Waited::new(shim.id());
         let mut stderr = shim.stderr.take();
         let got = tokio::select! {
             biased;
@@ -246,6 +265,7 @@ impl SessionTicket {
         Ok(Tty {
             master,
             shim,
+            _waited: waited,
             complaint,
             pid_file: exec.pid_file,
         })
@@ -278,6 +298,10 @@ struct Activity {
 /// What every session shares: where it runs, its bounds, its activity.
 struct Run {
     node: Arc<Node>,
+    store: crate::store::Store,
+    /// The instance's init when the session started (a session outlived by a restart of the
+    /// instance says so).
+    init: Option<i32>,
     id: String,
     bounds: Bounds,
     activity: Arc<Activity>,
@@ -345,6 +369,8 @@ impl Run {
                 tracing::debug!(instance = %self.id, "exec session client went away: command killed");
                 return;
             }
+            // Killed by a signal: maybe with its instance.
+            Ended::Exited if exit_code > 128 => (None, self.instance_ended().await),
             Ended::Exited => (None, None),
             Ended::Failed(m) => (None, Some(m)),
             Ended::Limit(l) => (Some(l), Some(self.limit_message(l))),
@@ -356,6 +382,34 @@ impl Run {
         };
         let _ =
             tokio::time::timeout(Duration::from_secs(5), tx.send(SessionOutput::End(end))).await;
+    }
+
+    /// Why the command died with its instance, when it did: the instance was stopped,
+    /// terminated, interrupted, or its main process ended (a restart).
+    async fn instance_ended(&self) -> Option<String> {
+        use wire::InstanceState as S;
+        let row = self.store.instance(&self.id).await.ok().flatten();
+        let why = match row.as_ref().map(|r| (r.desired, r.state)) {
+            None | Some((S::Terminated, _) | (_, S::Terminating | S::Terminated)) => {
+                "the instance was terminated"
+            }
+            Some((S::Stopped, _) | (_, S::Stopping | S::Stopped)) => "the instance was stopped",
+            Some((_, S::Interrupted)) => "the instance was interrupted (preempted)",
+            _ => {
+                let (node, id) = (self.node.clone(), self.id.clone());
+                let now = tokio::task::spawn_blocking(move || {
+                    gpuvisor_node::reap::init(&node, &id).map(|i| i.pid)
+                })
+                .await
+                .ok()
+                .flatten();
+                if now.is_some() && now == self.init {
+                    return None;
+                }
+                "the instance's main process ended (it restarts if its restart policy says so)"
+            }
+        };
+        Some(format!("{why}: the command was killed with it"))
     }
 
     fn limit_message(&self, l: wire::ExecLimit) -> String {
@@ -374,6 +428,14 @@ impl Run {
             ),
         }
     }
+}
+
+/// Kills the command's process tree (its pid from `pid_file`); how many processes were killed.
+async fn kill_command(run: &Run, pid_file: &std::path::Path) -> usize {
+    let (node, id, pid_file) = (run.node.clone(), run.id.clone(), pid_file.to_path_buf());
+    tokio::task::spawn_blocking(move || node.kill_exec(&id, &pid_file))
+        .await
+        .unwrap_or(0)
 }
 
 /// Kills the command's process tree (its pid from `pid_file`, once the runtime wrote it), then
@@ -404,6 +466,9 @@ async fn kill_tree(run: &Run, pid_file: &std::path::Path, child: &mut tokio::pro
 struct Tty {
     master: Arc<AsyncFd<OwnedFd>>,
     shim: tokio::process::Child,
+    /// The shim's registration as a child this session waits for (after `shim`: dropped once
+    /// it was reaped).
+    _waited: Option<gpuvisor_node::reap::Waited>,
     pid_file: PathBuf,
     /// The shim's stderr (runc's errors), once it closes.
     complaint: Option<tokio::task::JoinHandle<String>>,
@@ -513,18 +578,40 @@ impl Tty {
                 // What the command wrote just before it ended is still in the terminal.
                 self.drain(&run, &tx).await;
                 match self.exit_code().await {
+                    (_, Some(c)) => (Ended::Exited, c),
+                    // Killed (out of memory, or by hand) before it could tell: the command may
+                    // still run, unwatched and uncounted. It goes too.
+                    (Some(sig), None) => {
+                        let (node, id, pid_file) =
+                            (run.node.clone(), run.id.clone(), self.pid_file.clone());
+                        let killed = tokio::task::spawn_blocking(move || {
+                            node.kill_orphaned_exec(&id, &pid_file)
+                        })
+                        .await
+                        .unwrap_or(0);
+                        let what = if killed > 0 {
+                            "the command was killed"
+                        } else {
+                            "the command had ended"
+                        };
+                        (
+                            Ended::Failed(format!(
+                                "the exec shim was killed by signal {sig} (out of memory?): {what}, its status is unknown"
+                            )),
+                            128 + 9,
+                        )
+                    }
                     // No status: the runtime failed to start the command (status 255, as
                     // `runc exec` in the foreground gives).
-                    -1 => (Ended::Failed(self.complaint().await), 255),
-                    c => (Ended::Exited, c),
+                    (None, None) => {
+                        kill_command(&run, &self.pid_file).await;
+                        (Ended::Failed(self.complaint().await), 255)
+                    }
                 }
             }
             ended => {
                 kill_tree(&run, &self.pid_file, &mut self.shim).await;
-                match self.exit_code().await {
-                    -1 => (ended, 128 + 9),
-                    c => (ended, c),
-                }
+                (ended, self.exit_code().await.1.unwrap_or(128 + 9))
             }
         };
         let _ = std::fs::remove_file(&self.pid_file);
@@ -580,18 +667,21 @@ impl Tty {
         )
     }
 
-    /// The command's exit status from the shim's `exit N` line; -1 when it printed none (the
-    /// shim was killed or the runtime failed).
-    async fn exit_code(&mut self) -> i32 {
-        let _ = self.shim.wait().await;
+    /// The signal that killed the shim, if one did, and the command's exit status from the
+    /// shim's `exit N` line (none when it printed none: the shim was killed or the runtime
+    /// failed).
+    async fn exit_code(&mut self) -> (Option<i32>, Option<i32>) {
+        use std::os::unix::process::ExitStatusExt;
+        let signal = self.shim.wait().await.ok().and_then(|s| s.signal());
         let mut out = String::new();
         if let Some(o) = self.shim.stdout.as_mut() {
             let _ = o.take(4096).read_to_string(&mut out).await;
         }
-        out.lines()
+        let code = out
+            .lines()
             .find_map(|l| l.strip_prefix(gpuvisor_node::console::SHIM_EXIT_PREFIX))
-            .and_then(|c| c.trim().parse().ok())
-            .unwrap_or(-1)
+            .and_then(|c| c.trim().parse().ok());
+        (signal, code)
     }
 }
 
