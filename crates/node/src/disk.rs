@@ -133,6 +133,9 @@ pub struct Disks {
 pub const POOL_DEPTH: usize = 4;
 /// How many sizes the pool keeps images for: the most recently asked for.
 const POOL_SIZES: usize = 4;
+/// Larger container disks are never pooled (`mkfs` metadata grows with the size, and a tenant
+/// choosing sizes must not make the daemon format huge images ahead).
+const POOL_MAX_SIZE: u64 = 256 << 30;
 
 /// Container disk images formatted ahead of time, per size, under `<data>/disks/.pool/` as
 /// `<size>-<nonce>.img` (built as `.partial` and renamed, like every image). A create takes one
@@ -244,8 +247,10 @@ impl Disks {
         let mut st = self.pool.state.lock().unwrap_or_else(|p| p.into_inner());
         for name in read_dir_names(&dir)? {
             let path = dir.join(&name);
-            let size = pool_size_of(&name)
-                .filter(|size| std::fs::metadata(&path).is_ok_and(|m| m.len() == *size));
+            let size = pool_size_of(&name).filter(|size| {
+                std::fs::symlink_metadata(&path)
+                    .is_ok_and(|m| m.is_file() && m.len() == *size && *size <= POOL_MAX_SIZE)
+            });
             let keep = size.is_some_and(|size| {
                 if !st.sizes.contains(&size) && st.sizes.len() >= POOL_SIZES {
                     return false;
@@ -280,8 +285,13 @@ impl Disks {
                 if !st.open {
                     None
                 } else {
-                    st.sizes.retain(|s| *s != size);
-                    st.sizes.push(size);
+                    if size <= POOL_MAX_SIZE {
+                        st.sizes.retain(|s| *s != size);
+                        st.sizes.push(size);
+                        // The least recent sizes go; the refill drops their images.
+                        let over = st.sizes.len().saturating_sub(POOL_SIZES);
+                        st.sizes.drain(..over);
+                    }
                     let taken = st.ready.get_mut(&size).and_then(Vec::pop);
                     self.start_refill(&mut st, l.pool());
                     taken
@@ -404,6 +414,9 @@ impl Disks {
                 // second one would mount the same ext4 twice.
                 release_loops_backed_by(&image)?;
                 refuse_if_in_use(&image)?;
+                // An image left by a provisioning a crash cut short: no journal, maybe unclean,
+                // and its content is to be wiped anyway. A new one is taken below.
+                remove_file_if_exists(&image)?;
             }
             match std::fs::metadata(&image) {
                 Ok(m) if m.len() == size => {}
@@ -885,7 +898,11 @@ fn make_ext4_image(image: &Path, size: u64, kind: Ext4) -> Result<(), DiskError>
         .mode(0o600)
         .open(&partial)
         .map_err(io_err(&partial))?;
-    file.set_len(size).map_err(io_err(&partial))?;
+    if let Err(e) = file.set_len(size) {
+        drop(file);
+        let _ = std::fs::remove_file(&partial);
+        return Err(io_err(&partial)(e));
+    }
     drop(file);
     let made = crate::cmd::run(
         "mkfs.ext4",
@@ -1696,6 +1713,38 @@ mod tests {
         assert!(!pool.exists());
     }
 
+    /// A tenant choosing ever new sizes does not grow the pool: it keeps images of the 4 most
+    /// recent sizes only.
+    #[test]
+    fn the_pool_keeps_only_the_most_recent_sizes() {
+        let mut f = Fixture::new();
+        let data = f.data();
+        f.disks = Disks::new(data.clone()).with_pool(1);
+        f.disks.open_pool().unwrap();
+        let sizes: Vec<u64> = (0..6).map(|i| (32 + i) << 20).collect();
+        for size in &sizes {
+            let id = random_id();
+            f.others.push(id.clone());
+            f.disks.provision_root(&id, *size, &[]).unwrap();
+            f.disks.teardown_root(&id).unwrap();
+            wait_pool(&data, *size, 1);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let kept: BTreeSet<u64> = pool_images(&data)
+                .values()
+                .filter_map(|p| pool_size_of(p.file_name().unwrap().to_str().unwrap()))
+                .collect();
+            if kept.len() <= POOL_SIZES {
+                assert!(kept.iter().all(|s| sizes[2..].contains(s)), "{kept:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the pool keeps sizes {kept:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        f.assert_clean();
+    }
+
     #[test]
     fn overlay_merges_layers_and_writes_land_in_upper() {
         let f = Fixture::new();
@@ -1729,8 +1778,11 @@ mod tests {
         assert!(bottom.join("b").exists());
     }
 
+    /// After a reboot (or a provisioning a crash cut short) the container disk is not mounted:
+    /// provisioning again makes a fresh one (journal-less, maybe unclean, and wiped anyway),
+    /// of the size asked now.
     #[test]
-    fn disk_content_survives_a_host_reboot() {
+    fn an_unmounted_container_disk_is_made_fresh_again() {
         let f = Fixture::new();
         let root = f.disks.provision_root(&f.id, MIN_SIZE, &[]).unwrap();
         std::fs::write(root.rootfs.join("kept"), "yes").unwrap();
@@ -1743,15 +1795,14 @@ mod tests {
             vec![f.id.clone()]
         );
         let again = f.disks.provision_root(&f.id, MIN_SIZE, &[]).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(again.rootfs.join("kept")).unwrap(),
-            "yes"
+        assert!(
+            !again.rootfs.join("kept").exists(),
+            "the old disk was reused"
         );
         unmount_tree(&instance).unwrap();
-        assert!(matches!(
-            f.disks.provision_root(&f.id, MIN_SIZE * 2, &[]),
-            Err(DiskError::SizeMismatch { .. })
-        ));
+        f.disks.provision_root(&f.id, MIN_SIZE * 2, &[]).unwrap();
+        let image = f.data().join("disks").join(format!("{}.img", f.id));
+        assert_eq!(std::fs::metadata(image).unwrap().len(), MIN_SIZE * 2);
         f.disks.teardown_root(&f.id).unwrap();
         f.assert_clean();
     }

@@ -733,6 +733,17 @@ impl Node {
         Ok((local, global))
     }
 
+    /// One exec's pid file and console socket path, in the instance's bundle (so teardown
+    /// removes them), named by a random tag.
+    fn exec_files(&self, id: &str) -> Result<(PathBuf, PathBuf), NodeError> {
+        let tag = exec_tag()?;
+        let bundle = self.bundle_dir(id);
+        Ok((
+            bundle.join(format!("exec-{tag}.pid")),
+            bundle.join(format!("exec-{tag}.sock")),
+        ))
+    }
+
     /// The `runc exec` command for `args` in instance `id` and the file it writes the
     /// command's pid to (in the bundle, so teardown removes it). See
     /// [`crate::runtime::OciRuntime::exec_command`].
@@ -743,8 +754,7 @@ impl Node {
         env: &[String],
         stdin: bool,
     ) -> Result<(std::process::Command, PathBuf), NodeError> {
-        let tag = exec_tag()?;
-        let pid_file = self.bundle_dir(id).join(format!("exec-{tag}.pid"));
+        let (pid_file, _) = self.exec_files(id)?;
         Ok((
             self.runtime.exec_command(id, args, env, &pid_file, stdin),
             pid_file,
@@ -764,8 +774,7 @@ impl Node {
     ) -> Result<(std::process::Command, PathBuf), NodeError> {
         use std::os::unix::process::CommandExt;
         let shim = self.shim_binary()?;
-        let tag = exec_tag()?;
-        let pid_file = self.bundle_dir(id).join(format!("exec-{tag}.pid"));
+        let (pid_file, _) = self.exec_files(id)?;
         let argv = self.runtime.exec_argv(id, args, env, &pid_file);
         let mut cmd = std::process::Command::new(shim);
         cmd.arg(crate::console::SHIM_SUBCOMMAND)
@@ -807,10 +816,7 @@ impl Node {
     ) -> Result<ExecTty, NodeError> {
         use std::os::unix::process::CommandExt;
         let shim = self.shim_binary()?;
-        let tag = exec_tag()?;
-        let bundle = self.bundle_dir(id);
-        let pid_file = bundle.join(format!("exec-{tag}.pid"));
-        let sock_path = bundle.join(format!("exec-{tag}.sock"));
+        let (pid_file, sock_path) = self.exec_files(id)?;
         let socket = crate::console::ConsoleSocket::bind(&sock_path).map_err(io(&sock_path))?;
         let argv = self
             .runtime

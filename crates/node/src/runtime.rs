@@ -525,13 +525,23 @@ impl OciRuntime {
         env: &[String],
         pid_file: &Path,
     ) -> Vec<String> {
+        self.exec_argv_with(id, args, env, pid_file, &[])
+    }
+
+    /// `runc [base] exec [opts] --pid-file F [--env E]... ID ARGS...`.
+    fn exec_argv_with(
+        &self,
+        id: &str,
+        args: &[String],
+        env: &[String],
+        pid_file: &Path,
+        opts: &[String],
+    ) -> Vec<String> {
         let mut v = vec![self.binary.clone()];
         v.extend(self.base());
-        v.extend([
-            "exec".into(),
-            "--pid-file".into(),
-            pid_file.to_string_lossy().into_owned(),
-        ]);
+        v.push("exec".into());
+        v.extend(opts.iter().cloned());
+        v.extend(["--pid-file".into(), pid_file.to_string_lossy().into_owned()]);
         for e in env {
             v.push("--env".into());
             v.push(e.clone());
@@ -552,24 +562,13 @@ impl OciRuntime {
         pid_file: &Path,
         console_socket: &Path,
     ) -> Vec<String> {
-        let mut v = vec![self.binary.clone()];
-        v.extend(self.base());
-        v.extend([
-            "exec".into(),
+        let opts = [
             "--detach".into(),
             "--tty".into(),
             "--console-socket".into(),
             console_socket.to_string_lossy().into_owned(),
-            "--pid-file".into(),
-            pid_file.to_string_lossy().into_owned(),
-        ]);
-        for e in env {
-            v.push("--env".into());
-            v.push(e.clone());
-        }
-        v.push(id.into());
-        v.extend(args.iter().cloned());
-        v
+        ];
+        self.exec_argv_with(id, args, env, pid_file, &opts)
     }
 }
 

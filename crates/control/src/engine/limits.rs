@@ -297,7 +297,9 @@ enum Ended {
     Cancelled,
 }
 
-async fn read_some<R: tokio::io::AsyncRead + Unpin>(
+/// Reads from `r` while it is open; never ready once it is closed (`None`), so a `select!` arm
+/// on a closed pipe stays quiet.
+pub(crate) async fn read_some<R: tokio::io::AsyncRead + Unpin>(
     r: &mut Option<R>,
     buf: &mut [u8],
 ) -> std::io::Result<usize> {

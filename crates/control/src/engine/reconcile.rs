@@ -69,7 +69,9 @@ fn restart_delay(r: &crate::store::RestartRow, now: i64, daemon_started: i64) ->
     }
 }
 
-fn step(i: &InstanceRow, running: &BTreeSet<String>, now: i64) -> Option<Step> {
+/// `running`: the instances whose container runs, or `None` on a pass that does not look (a
+/// running instance is then taken to be still running).
+fn step(i: &InstanceRow, running: Option<&BTreeSet<String>>, now: i64) -> Option<Step> {
     match (i.desired, i.state) {
         // Waiting out a restart's backoff.
         (S::Running, S::Pending) if i.restart.not_before > now => None,
@@ -79,7 +81,7 @@ fn step(i: &InstanceRow, running: &BTreeSet<String>, now: i64) -> Option<Step> {
         (S::Interrupted, _) => Some(Step::Interrupt),
         (S::Stopped, S::Pending | S::Provisioning | S::Running | S::Stopping) => Some(Step::Stop),
         (S::Running, S::Pending | S::Provisioning | S::Stopped) => Some(Step::Provision),
-        (S::Running, S::Running) if running.contains(&i.id) => None,
+        (S::Running, S::Running) if running.is_none_or(|r| r.contains(&i.id)) => None,
         (S::Running, S::Running) => Some(Step::Exited),
         (S::Running, S::Stopping) => Some(Step::Stop),
         _ => None,
@@ -123,6 +125,7 @@ impl Engine {
         let sweep_every = self.cfg.sweep_every;
         let mut last_sweep: Option<Instant> = None;
         let mut zombies = std::collections::HashSet::new();
+        let mut last_exit_check: Option<Instant> = None;
         loop {
             if last_sweep.is_none_or(|t| t.elapsed() >= sweep_every) {
                 if let Err(e) = self.finish_pending_volumes().await {
@@ -146,7 +149,11 @@ impl Engine {
                 last_sweep = Some(Instant::now());
             }
             let mut pause = self.cfg.resync;
-            match self.reconcile_pass_due().await {
+            let check_exits = last_exit_check.is_none_or(|t| t.elapsed() >= self.cfg.resync);
+            if check_exits {
+                last_exit_check = Some(Instant::now());
+            }
+            match self.reconcile_pass_due(check_exits).await {
                 Ok(Some(due)) => {
                     let ms = u64::try_from(due - super::now_ms()).unwrap_or(0);
                     pause = pause.min(Duration::from_millis(ms));
@@ -268,12 +275,15 @@ impl Engine {
     /// Looks at every live instance once and starts work where needed (each instance in its own
     /// task, so a slow stop does not hold up a create).
     pub async fn reconcile_pass(self: &Arc<Self>) -> Result<()> {
-        self.reconcile_pass_due().await.map(|_| ())
+        self.reconcile_pass_due(true).await.map(|_| ())
     }
 
     /// [`Engine::reconcile_pass`], answering the earliest time (unix ms) an instance waiting
     /// out a restart backoff is due.
-    async fn reconcile_pass_due(self: &Arc<Self>) -> Result<Option<i64>> {
+    /// `check_exits`: also look which containers still run (a read of every instance's pid,
+    /// done once per resync period, not on every wake-up: a create on a full host would
+    /// otherwise pay for all the others).
+    async fn reconcile_pass_due(self: &Arc<Self>, check_exits: bool) -> Result<Option<i64>> {
         // `tenant rm --cascade`: a tenant whose last instance is gone goes too.
         self.finish_tenant_deletions().await?;
         let live = self.store.live_instances(None).await?;
@@ -287,8 +297,12 @@ impl Engine {
             .map(|i| i.restart.not_before)
             .filter(|t| *t > now)
             .min();
-        let node = self.node.clone();
-        let running = blocking(move || node.running()).await?;
+        let running = if check_exits {
+            let node = self.node.clone();
+            Some(blocking(move || node.running()).await?)
+        } else {
+            None
+        };
         // GPUs still held by instances being evicted: their preemptors wait for them.
         let evicting: BTreeSet<String> = live
             .iter()
@@ -297,7 +311,7 @@ impl Engine {
             .collect();
         for i in live {
             let on_host = !self.is_simulated(&i);
-            let Some(step) = step(&i, &running, now) else {
+            let Some(step) = step(&i, running.as_ref(), now) else {
                 continue;
             };
             if step == Step::Provision && i.gpus.iter().any(|g| evicting.contains(&g.uuid)) {
@@ -983,15 +997,18 @@ mod tests {
     fn a_restart_waits_out_its_backoff() {
         let mut r = row(S::Running, S::Pending);
         r.restart.not_before = 5_000;
-        assert_eq!(step(&r, &BTreeSet::new(), 4_999), None);
-        assert_eq!(step(&r, &BTreeSet::new(), 5_000), Some(Step::Provision));
+        assert_eq!(step(&r, Some(&BTreeSet::new()), 4_999), None);
+        assert_eq!(
+            step(&r, Some(&BTreeSet::new()), 5_000),
+            Some(Step::Provision)
+        );
         // A stop during the backoff is not held up by it.
         r.desired = S::Stopped;
-        assert_eq!(step(&r, &BTreeSet::new(), 0), Some(Step::Stop));
+        assert_eq!(step(&r, Some(&BTreeSet::new()), 0), Some(Step::Stop));
     }
 
     fn step_at(i: &InstanceRow, running: &BTreeSet<String>) -> Option<Step> {
-        step(i, running, 0)
+        step(i, Some(running), 0)
     }
 
     #[test]
@@ -1007,6 +1024,8 @@ mod tests {
             Some(Step::Provision)
         );
         assert_eq!(step_at(&row(S::Running, S::Running), &running), None);
+        // A pass that does not look takes a running instance to be running.
+        assert_eq!(step(&row(S::Running, S::Running), None, 0), None);
         assert_eq!(
             step_at(&row(S::Running, S::Running), &none),
             Some(Step::Exited)

@@ -14,7 +14,7 @@
 //! stdio and exits with the command's status; on both, the shim kills the command's tree when
 //! the daemon dies.
 
-use super::limits::ExecPermit;
+use super::limits::{read_some, ExecPermit};
 use super::{Engine, Principal};
 use crate::error::{invalid, EngineError, Result};
 use gpuvisor_node::Node;
@@ -724,16 +724,6 @@ async fn pipe_input(
         }
     }
     None
-}
-
-async fn read_some<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut Option<R>,
-    buf: &mut [u8],
-) -> std::io::Result<usize> {
-    match r {
-        Some(r) => r.read(buf).await,
-        None => std::future::pending().await,
-    }
 }
 
 impl Pipes {
