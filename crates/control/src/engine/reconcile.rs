@@ -570,6 +570,13 @@ impl Engine {
         let Some(i) = self.store.instance(&i.id).await? else {
             return Ok(true);
         };
+        // The row may have moved on since the snapshot (an exit handled by the task that held
+        // the lock just before: a snapshot taken between its two writes asked for a Stop that
+        // would overwrite its stopped state and reason). Liveness is not re-read here, so an
+        // `Exited` step checks its own precondition below.
+        if step != Step::Exited && self::step(&i, None, super::now_ms()) != Some(step) {
+            return Ok(true);
+        }
         let id = i.id.clone();
         match step {
             Step::Provision => {
