@@ -8,11 +8,11 @@
 
 mod common;
 
-use common::{instance_pids, serial, sleeper, Daemon, BIN};
+use common::{instance_pids, serial, sleeper, Daemon};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// A daemon with a network prefix and pool of this test's own, so that bridges other suites
@@ -47,11 +47,8 @@ impl Term {
         };
         let pty = nix::pty::openpty(Some(&ws), None).unwrap();
         let slave = pty.slave;
-        let mut cmd = Command::new(BIN);
-        cmd.args(args)
-            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
-            .env("GPUVISOR_API_KEY", key)
-            .env("TERM", "dumb")
+        let mut cmd = d.command_as(key, args);
+        cmd.env("TERM", "dumb")
             .stdin(Stdio::from(slave.try_clone().unwrap()))
             .stdout(Stdio::from(slave.try_clone().unwrap()))
             .stderr(Stdio::from(slave.try_clone().unwrap()));
@@ -379,10 +376,8 @@ fn a_client_that_goes_away_leaves_nothing_running() {
     until("the exec slot is free again", || d.exec(&id, "true").0 == 0);
 
     // On pipes.
-    let mut c = Command::new(BIN)
-        .args(["instance", "exec", "-i", &id, "--", "sleep", "4545"])
-        .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
-        .env("GPUVISOR_API_KEY", &key)
+    let mut c = d
+        .command_as(&key, ["instance", "exec", "-i", &id, "--", "sleep", "4545"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -454,10 +449,8 @@ fn piped_input_arrives_exactly() {
     let run = |cmd: &[&str], input: &[u8]| {
         let mut a = vec!["instance", "exec", "-i", id.as_str(), "--"];
         a.extend(cmd);
-        let mut c = Command::new(BIN)
-            .args(&a)
-            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
-            .env("GPUVISOR_API_KEY", &d.key)
+        let mut c = d
+            .command_as(&d.key, &a)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -657,10 +650,11 @@ fn an_idle_session_is_ended() {
     let d = daemon(&["--exec-session-idle-timeout", "2s"]);
     d.import_busybox();
     let id = d.create(&sleeper());
-    let mut c = Command::new(BIN)
-        .args(["instance", "exec", "-i", &id, "--", "sleep", "4646"])
-        .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
-        .env("GPUVISOR_API_KEY", &d.key)
+    let mut c = d
+        .command_as(
+            &d.key,
+            ["instance", "exec", "-i", &id, "--", "sleep", "4646"],
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -693,19 +687,20 @@ fn input_waiting_for_a_slow_reader_does_not_end_the_session() {
     d.import_busybox();
     let id = d.create(&sleeper());
     let input = vec![b'x'; 8 << 20];
-    let mut c = Command::new(BIN)
-        .args([
-            "instance",
-            "exec",
-            "-i",
-            &id,
-            "--",
-            "sh",
-            "-c",
-            "sleep 6; wc -c",
-        ])
-        .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
-        .env("GPUVISOR_API_KEY", &d.key)
+    let mut c = d
+        .command_as(
+            &d.key,
+            [
+                "instance",
+                "exec",
+                "-i",
+                &id,
+                "--",
+                "sh",
+                "-c",
+                "sleep 6; wc -c",
+            ],
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -807,19 +802,20 @@ fn a_daemon_that_dies_takes_its_pipe_sessions_with_it() {
     let mut d = daemon(&[]);
     d.import_busybox();
     let id = d.create(&sleeper());
-    let mut c = Command::new(BIN)
-        .args([
-            "instance",
-            "exec",
-            "-i",
-            &id,
-            "--",
-            "sh",
-            "-c",
-            "trap '' HUP TERM; sleep 5151",
-        ])
-        .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
-        .env("GPUVISOR_API_KEY", &d.key)
+    let mut c = d
+        .command_as(
+            &d.key,
+            [
+                "instance",
+                "exec",
+                "-i",
+                &id,
+                "--",
+                "sh",
+                "-c",
+                "trap '' HUP TERM; sleep 5151",
+            ],
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -847,15 +843,15 @@ fn a_session_says_when_its_instance_was_stopped_or_terminated() {
     d.import_busybox();
     let id = d.create(&sleeper());
     let session = |id: &str| {
-        Command::new(BIN)
-            .args(["instance", "exec", "-i", id, "--", "sleep", "5353"])
-            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
-            .env("GPUVISOR_API_KEY", &d.key)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        d.command_as(
+            &d.key,
+            ["instance", "exec", "-i", id, "--", "sleep", "5353"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
     };
     let ended = |mut c: Child| {
         let _stdin = c.stdin.take();
@@ -936,10 +932,8 @@ fn the_byte_cap_and_the_deadline_end_a_session() {
     let run = |args: &[&str]| {
         let mut a = vec!["instance", "exec", "-i"];
         a.extend(args);
-        let mut c = Command::new(BIN)
-            .args(&a)
-            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
-            .env("GPUVISOR_API_KEY", &d.key)
+        let mut c = d
+            .command_as(&d.key, &a)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -266,10 +266,8 @@ fn sigkill_mid_create_and_terminate_leaks_nothing() {
             "sleep",
             "1000000",
         ];
-        let create = std::process::Command::new(common::BIN)
-            .args(args)
-            .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
-            .env("GPUVISOR_API_KEY", &d.key)
+        let create = d
+            .command_as(&d.key, args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -3,11 +3,11 @@
 //! its log, oversized bodies, slow-loris headers and more requests in flight than a key may
 //! have. Each test asserts the limit held *and* that the daemon kept working.
 
-use crate::common::{serial, Daemon, BIN, SMALL};
+use crate::common::{serial, Daemon, SMALL};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 fn create_sleeper(d: &Daemon, key: &str) -> String {
@@ -206,10 +206,7 @@ fn exec_that_sleeps_forever_is_killed_at_the_deadline() {
 fn hanging_execs(d: &Daemon, key: &str, id: &str, n: usize, marker: &str) -> Vec<Child> {
     let clients: Vec<Child> = (0..n)
         .map(|_| {
-            Command::new(BIN)
-                .args(["instance", "exec", id, "--", "sleep", marker])
-                .env("GPUVISOR_ENDPOINT", format!("http://127.0.0.1:{}", d.port))
-                .env("GPUVISOR_API_KEY", key)
+            d.command_as(key, ["instance", "exec", id, "--", "sleep", marker])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())

@@ -239,14 +239,24 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
-    pub fn cli_as(&self, key: &str, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
+    /// The CLI with `args`, pointed at this daemon with `key` (not started).
+    pub fn command_as<I, S>(&self, key: &str, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut c = Command::new(BIN);
+        c.args(args)
             .env(
                 "GPUVISOR_ENDPOINT",
                 format!("http://127.0.0.1:{}", self.port),
             )
-            .env("GPUVISOR_API_KEY", key)
+            .env("GPUVISOR_API_KEY", key);
+        c
+    }
+
+    pub fn cli_as(&self, key: &str, args: &[&str]) -> Output {
+        self.command_as(key, args)
             .stdin(Stdio::null())
             .output()
             .unwrap()
@@ -303,20 +313,18 @@ impl Daemon {
     /// `registry login HOST --username USER --password-stdin` as `key`.
     pub fn registry_login(&self, key: &str, host: &str, user: &str, password: &str) -> Output {
         use std::io::Write;
-        let mut c = Command::new(BIN)
-            .args([
-                "registry",
-                "login",
-                host,
-                "--username",
-                user,
-                "--password-stdin",
-            ])
-            .env(
-                "GPUVISOR_ENDPOINT",
-                format!("http://127.0.0.1:{}", self.port),
+        let mut c = self
+            .command_as(
+                key,
+                [
+                    "registry",
+                    "login",
+                    host,
+                    "--username",
+                    user,
+                    "--password-stdin",
+                ],
             )
-            .env("GPUVISOR_API_KEY", key)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
