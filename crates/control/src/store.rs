@@ -158,6 +158,12 @@ pub struct InstanceSpec {
     pub priority: gpuvisor_wire::PriorityClass,
     #[serde(default)]
     pub interruptible: bool,
+    /// VMs: SSH public keys for the guest's user (cloud-init).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    /// VMs: a script cloud-init runs once at first boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_script: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -178,6 +184,8 @@ pub struct InstanceRow {
     pub created_at: i64,
     pub updated_at: i64,
     pub restart: RestartRow,
+    /// Container or micro-VM.
+    pub runtime: gpuvisor_wire::RuntimeKind,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -363,11 +371,17 @@ fn instance(r: &AnyRow) -> Result<InstanceRow> {
                 exit_code: code.and_then(|c| i32::try_from(c).ok()),
             }
         },
+        runtime: gpuvisor_wire::RuntimeKind::parse(&r.try_get::<String, _>("runtime")?).map_err(
+            |why| StoreError::Corrupt {
+                table: "instances",
+                why,
+            },
+        )?,
     })
 }
 
 const INSTANCE_COLS: &str = "id, name, tenant_id, node_id, image, state, desired, reason, spec, cpus, gpus, ip_host, created_at, updated_at, \
-     restart_policy, restart_count, restart_not_before, restart_backoff_ms, started_at, exit_code";
+     restart_policy, restart_count, restart_not_before, restart_backoff_ms, started_at, exit_code, runtime";
 
 /// The store handle; cheap to clone.
 #[derive(Clone, Debug)]
@@ -1184,8 +1198,8 @@ impl Store {
     pub async fn insert_instance(&self, i: &InstanceRow) -> Result<()> {
         sqlx::query(
             "INSERT INTO instances (id, name, tenant_id, node_id, image, state, desired, reason, spec, cpus, gpus, ip_host, created_at, updated_at, \
-             restart_policy, restart_count, restart_not_before, restart_backoff_ms, started_at, exit_code) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+             restart_policy, restart_count, restart_not_before, restart_backoff_ms, started_at, exit_code, runtime) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
         )
         .bind(i.id.clone())
         .bind(i.name.clone())
@@ -1207,6 +1221,7 @@ impl Store {
         .bind(i.restart.backoff_ms)
         .bind(i.restart.started_at)
         .bind(i.restart.exit_code.map(i64::from))
+        .bind(i.runtime.as_str())
         .execute(&self.pool)
         .await
         .map_err(StoreError::from_write)?;

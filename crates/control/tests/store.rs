@@ -225,6 +225,8 @@ fn instance_row(id: &str, tenant: &str, name: &str, at: i64) -> InstanceRow {
             started_at: at - 1,
             exit_code: Some(3),
         },
+        // Not the default: a round trip that dropped the column would read `container`.
+        runtime: gpuvisor_wire::RuntimeKind::Vm,
     }
 }
 

@@ -562,6 +562,17 @@ pub struct CreateArgs {
     /// while the process keeps exiting within 10 s.
     #[arg(long, value_name = "POLICY", default_value = "always", value_parser = RestartPolicy::parse)]
     pub restart: RestartPolicy,
+    /// What runs the instance: `container` (an OCI container, runc) or `vm` (a QEMU micro-VM
+    /// booted from the image's template, whole GPUs by passthrough).
+    #[arg(long, value_name = "RUNTIME", default_value = "container", value_parser = gpuvisor_wire::RuntimeKind::parse)]
+    pub runtime: gpuvisor_wire::RuntimeKind,
+    /// VMs: an SSH public key for the guest's user (repeatable): the key line, or @FILE to
+    /// read it (e.g. @~/.ssh/id_ed25519.pub).
+    #[arg(long = "ssh-key", value_name = "KEY|@FILE")]
+    pub ssh_keys: Vec<String>,
+    /// VMs: a script cloud-init runs once at first boot, read from FILE.
+    #[arg(long, value_name = "FILE")]
+    pub startup_script: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub wait: WaitArgs,
     /// Command overriding the image's, after `--`.
@@ -677,6 +688,32 @@ pub fn parse_volume(s: &str) -> Result<VolumeMount, String> {
 }
 
 /// `PORT[/PROTO]` (default protocol tcp; the daemon knows which protocols it serves).
+/// `--ssh-key` values: a key line as given, or `@FILE`'s non-empty, non-comment lines.
+fn read_ssh_keys(args: &[String]) -> Result<Vec<String>, CliError> {
+    let mut keys = Vec::new();
+    for a in args {
+        match a.strip_prefix('@') {
+            Some(path) => {
+                let path = match path.strip_prefix("~/") {
+                    Some(rest) => std::env::var_os("HOME")
+                        .map_or_else(|| path.into(), |h| std::path::Path::new(&h).join(rest)),
+                    None => std::path::PathBuf::from(path),
+                };
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| CliError::Invalid(format!("--ssh-key @{}: {e}", path.display())))?;
+                keys.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(String::from),
+                );
+            }
+            None => keys.push(a.clone()),
+        }
+    }
+    Ok(keys)
+}
+
 pub fn parse_port(s: &str) -> Result<PortSpec, String> {
     const SYNTAX: &str = "expected PORT[/PROTO], e.g. 8888/http";
     let (port, protocol) = match s.split_once('/') {
@@ -1242,6 +1279,14 @@ impl Ctx {
                     priority: args.priority.into(),
                     interruptible: args.interruptible,
                     restart: args.restart,
+                    runtime: args.runtime,
+                    ssh_keys: read_ssh_keys(&args.ssh_keys)?,
+                    startup_script: match &args.startup_script {
+                        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                            CliError::Invalid(format!("--startup-script {}: {e}", p.display()))
+                        })?),
+                        None => None,
+                    },
                 };
                 let inst = self.client.create_instance(&req)?;
                 self.finish_lifecycle(inst, InstanceState::Running, &args.wait)
@@ -1976,6 +2021,7 @@ mod tests {
             priority: Default::default(),
             interruptible: false,
             restart: Default::default(),
+            runtime: Default::default(),
             restart_count: 0,
             exit_code: None,
             created_at: 0,

@@ -73,7 +73,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         gpus = node.gpus().len(),
         backend = node.backend().as_str(),
-        runtime = node.runtime.binary(),
+        runtime = node.container.oci.binary(),
         "host ready"
     );
     let db = match cfg.database.clone() {

@@ -236,7 +236,7 @@ pub fn shim_main(
         let runc_pid = runc.id() as i32;
         let waited = wait_child(runc_pid, &signals, || match read_pid() {
             Some(pid) => {
-                crate::runtime::kill_exec_tree(root, id, pid);
+                crate::oci::kill_exec_tree(root, id, pid);
             }
             // Not started yet: the runtime goes, and its command never starts.
             None => {
@@ -274,7 +274,7 @@ pub fn shim_main(
             return 125;
         };
         match wait_child(pid, &signals, || {
-            crate::runtime::kill_exec_tree(root, id, pid);
+            crate::oci::kill_exec_tree(root, id, pid);
         }) {
             Ok(c) => c,
             Err(e) => {

@@ -1,16 +1,19 @@
-//! One instance on this host, end to end: the order in which disks, network, bundle and
-//! container are created and removed. Every step is idempotent and every removal tolerates a
+//! The host ([`Node`]): its GPUs, image store, disks, network, limiter regions and logs, shared
+//! by every runtime, and the runtimes themselves ([`crate::runtime::Runtime`]: containers,
+//! micro-VMs). The node picks an instance's runtime and removes the shared objects; the
+//! runtime orders its own steps. Every step is idempotent and every removal tolerates a
 //! half-created instance, so the reconciler can call [`Node::provision`] or [`Node::teardown`]
 //! again after a crash at any point and converge.
 
+use crate::container::ContainerRuntime;
 use crate::disk::{DiskError, Disks};
 use crate::gpu::{BackendKind, GpuBackend, GpuConfig, GpuDevice, GpuError};
 use crate::image::{ImageError, ImageStore};
 use crate::limiter::{GpuShare, Limiters, OverQuota};
 use crate::logs::LogLimits;
-use crate::net::{NetConfig, NetError, NetPolicy, Network, TenantNet};
-use crate::rootfs::Rootfs;
-use crate::runtime::{BindMount, BundleSpec, OciRuntime, RuntimeError};
+use crate::net::{NetConfig, NetError, NetPolicy, Network};
+use crate::oci::{OciRuntime, RuntimeError};
+use crate::runtime::{Runtime, RuntimeKind};
 use crate::vfio::{FsWriter, SysWriter};
 use crate::{cgroup, HostRoot};
 pub use gpuvisor_limiter::shm::Priority;
@@ -44,9 +47,13 @@ pub enum NodeError {
     },
     #[error("GPU {0} is not on this host")]
     UnknownGpu(String),
+    #[error("this host cannot run {kind} instances: {why}")]
+    RuntimeUnavailable { kind: RuntimeKind, why: String },
+    #[error("{what} is not supported for {kind} instances")]
+    Unsupported { kind: RuntimeKind, what: String },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
     move |source| NodeError::Io {
         path: path.to_path_buf(),
         source,
@@ -77,6 +84,8 @@ pub struct NodeConfig {
 #[derive(Debug, Clone)]
 pub struct InstancePlan {
     pub id: String,
+    /// What runs it: a container or a micro-VM.
+    pub runtime: RuntimeKind,
     pub tenant_id: String,
     pub hostname: String,
     /// Image digest (for its config: working dir, user).
@@ -97,6 +106,10 @@ pub struct InstancePlan {
     /// For a fractional GPU: the limits of each GPU in `gpus` order (empty for whole GPUs).
     pub gpu_shares: Vec<GpuShare>,
     pub priority: Priority,
+    /// VMs: SSH public keys for the guest's user (cloud-init).
+    pub ssh_keys: Vec<String>,
+    /// VMs: a script cloud-init runs once at first boot.
+    pub startup_script: Option<String>,
 }
 
 /// What one limiter sample found (see [`Node::sample_limiters`]).
@@ -119,7 +132,10 @@ pub struct Node {
     pub images: ImageStore,
     pub disks: Disks,
     pub net: Network,
-    pub runtime: OciRuntime,
+    /// Containers through runc: always present.
+    pub container: ContainerRuntime,
+    /// Other runtimes the host offers (micro-VMs where QEMU is installed).
+    others: Vec<Box<dyn Runtime>>,
     pub limiters: Limiters,
     /// The AppArmor profile for instances, where the host has AppArmor.
     pub apparmor: Option<String>,
@@ -161,7 +177,10 @@ impl Node {
             dns: crate::net::nameservers(&resolv_conf(&cfg.root)),
         })?;
         net.init_host()?;
-        let runtime = OciRuntime::probe(&cfg.runtime, &d.join("run").join("runc"))?;
+        let container = ContainerRuntime::new(OciRuntime::probe(
+            &cfg.runtime,
+            &d.join("run").join("runc"),
+        )?);
         let apparmor = apparmor_profile(&cfg.root, d);
         let lib = crate::limiter::locate_library(cfg.limiter_lib.as_deref());
         match &lib {
@@ -179,7 +198,8 @@ impl Node {
             images,
             disks,
             net,
-            runtime,
+            container,
+            others: Vec::new(),
             limiters,
             apparmor,
             sys: Arc::new(FsWriter),
@@ -200,6 +220,43 @@ impl Node {
     pub fn with_log_limits(mut self, l: LogLimits) -> Self {
         self.log_limits = l;
         self
+    }
+
+    /// Adds a runtime (micro-VMs) beside the container runtime.
+    #[must_use]
+    pub fn with_runtime(mut self, r: Box<dyn Runtime>) -> Self {
+        self.others.retain(|o| o.kind() != r.kind());
+        self.others.push(r);
+        self
+    }
+
+    /// Every runtime of this host, containers first.
+    pub fn runtimes(&self) -> impl Iterator<Item = &dyn Runtime> {
+        std::iter::once(&self.container as &dyn Runtime).chain(self.others.iter().map(|r| &**r))
+    }
+
+    /// The runtime of `kind`, or why the host has none.
+    pub fn runtime(&self, kind: RuntimeKind) -> Result<&dyn Runtime, NodeError> {
+        self.runtimes()
+            .find(|r| r.kind() == kind)
+            .ok_or_else(|| NodeError::RuntimeUnavailable {
+                kind,
+                why: "the runtime is not set up on this host (see `gpuvisor host check`)".into(),
+            })
+    }
+
+    /// The runtime that left host objects for `id` (containers when none did).
+    pub fn runtime_of(&self, id: &str) -> &dyn Runtime {
+        self.others
+            .iter()
+            .map(|r| &**r)
+            .find(|r| r.knows(self, id))
+            .unwrap_or(&self.container)
+    }
+
+    /// The log cap, disk reserve and relay binary.
+    pub fn log_limits(&self) -> &LogLimits {
+        &self.log_limits
     }
 
     /// The writer of host attributes (sysfs), for the VFIO commands.
@@ -243,9 +300,15 @@ impl Node {
         crate::logs::read(&dir, offset, max).map_err(io(&dir))
     }
 
-    /// Where the container's stdout and stderr go: a fresh relay's pipe (any relay left from
-    /// an earlier run is ended first), or the segment file itself without a relay binary.
-    fn container_output(&self, id: &str) -> Result<std::os::fd::OwnedFd, NodeError> {
+    /// Ends instance `id`'s log relay, waiting up to `wait` for it to drain.
+    pub fn stop_relay(&self, id: &str, wait: Duration) {
+        crate::logs::stop_relay(&self.cfg.root, &self.logs_dir(), id, wait);
+    }
+
+    /// Where the instance's output (container stdout and stderr, a VM's serial console) goes:
+    /// a fresh relay's pipe (any relay left from an earlier run is ended first), or the segment
+    /// file itself without a relay binary.
+    pub fn container_output(&self, id: &str) -> Result<std::os::fd::OwnedFd, NodeError> {
         use std::os::unix::fs::DirBuilderExt;
         let logs = self.logs_dir();
         let dir = self.log_dir(id);
@@ -268,308 +331,50 @@ impl Node {
         }
     }
 
-    /// Creates everything the instance needs and starts it. Idempotent: a running container is
-    /// left alone, a created-but-stopped one is replaced.
+    /// Creates everything the instance needs and starts it, through the plan's runtime.
+    /// Idempotent: a running instance is left alone, a stopped or half-made one is replaced.
     pub fn provision(&self, plan: &InstancePlan) -> Result<(), NodeError> {
+        let rt = self.runtime(plan.runtime)?;
         let mut t = StepTimer::new(&plan.id);
-        let r = self.provision_steps(plan, &mut t);
+        let r = rt.provision(self, plan, &mut t);
         t.log(r.is_ok());
         r
     }
 
-    fn provision_steps(&self, plan: &InstancePlan, t: &mut StepTimer) -> Result<(), NodeError> {
-        let id = plan.id.as_str();
-        // A fresh instance has no runtime state: skip asking the runtime about it.
-        if self.runtime.may_know(id) {
-            if let Some(st) = self.runtime.state(id)? {
-                if st.status == "running" {
-                    return Ok(());
-                }
-                self.runtime.delete(id, true)?;
-            }
-        }
-        t.mark("runtime_state");
-        // The log relay (a fork and exec of our own binary) starts meanwhile, on another
-        // thread; if a step fails, its pipe is closed unused and it ends at end of file.
-        std::thread::scope(|s| {
-            let relay = s.spawn(|| self.container_output(id));
-            let bundle = self.prepare(plan, t);
-            let output = relay.join().unwrap_or_else(|_| {
-                Err(io(Path::new("log relay"))(std::io::Error::other(
-                    "panicked",
-                )))
-            });
-            let bundle = bundle?;
-            let output = output?;
-            t.mark("log_relay_wait");
-            // `output` is closed here whatever happens: on failure the relay sees end of file.
-            self.runtime.run_detached(id, &bundle, output)?;
-            t.mark("runc_run");
-            Ok(())
-        })
-    }
-
-    /// Everything before `runc run`: network, disks, /etc, volumes, devices, bundle. Returns
-    /// the bundle dir.
-    fn prepare(&self, plan: &InstancePlan, t: &mut StepTimer) -> Result<PathBuf, NodeError> {
-        let id = plan.id.as_str();
-        let tnet = TenantNet {
-            slot: plan.net_slot,
-        };
-        let layers: Vec<PathBuf> = plan
-            .layers
-            .iter()
-            .rev()
-            .map(|l| self.images.layer_dir(l))
-            .collect();
-        // The network (netns, veth) and the disk (loop device, ext4, overlay) are independent
-        // kernel work: the network is made on a second thread meanwhile. If either fails, the
-        // caller's teardown removes what the other made.
-        let (net, root, disk_time) = std::thread::scope(|s| {
-            let net = s.spawn(|| {
-                let t0 = Instant::now();
-                let r = self
-                    .net
-                    .ensure_tenant(&tnet)
-                    .and_then(|()| self.net.setup(id, &tnet, plan.ip_host));
-                (r, t0.elapsed())
-            });
-            let t0 = Instant::now();
-            let root = self.disks.provision_root(id, plan.disk_size, &layers);
-            let disk_time = t0.elapsed();
-            (net.join(), root, disk_time)
-        });
-        let (netns, net_time) = net.map_err(|_| {
-            io(Path::new("instance network"))(std::io::Error::other("the thread panicked"))
-        })?;
-        t.record("netns_veth", net_time);
-        t.record("disk_overlay", disk_time);
-        t.mark("net_disk_wall");
-        let netns = netns?;
-        let root = root?;
-        // Every host-side access to the rootfs goes through this handle: resolved inside it.
-        let rootfs = Rootfs::open(&root.rootfs)?;
-        self.write_etc(&rootfs, plan)?;
-        t.mark("etc_files");
-
-        let mut binds = Vec::new();
-        for (name, path) in &plan.volumes {
-            let src = self.disks.attach_volume(id, &plan.tenant_id, name)?;
-            binds.push(BindMount {
-                source: src,
-                destination: path.clone(),
-                readonly: false,
-            });
-        }
-        t.mark("volumes");
-        let mut devices = Vec::new();
-        let mut uuids = Vec::new();
-        let inventory = self.gpus();
-        for uuid in &plan.gpus {
-            let g = inventory
-                .iter()
-                .find(|g| &g.uuid == uuid && g.schedulable())
-                .ok_or_else(|| NodeError::UnknownGpu(uuid.clone()))?;
-            for n in g.device_nodes() {
-                if !devices.contains(&n) {
-                    devices.push(n);
-                }
-            }
-            uuids.push(g.uuid.clone());
-        }
-        if !plan.gpu_shares.is_empty() {
-            // `/etc` is bound onto itself (see `limiter`): the source is a host path, so it must
-            // be the rootfs's own directory, never a symlink the host would follow.
-            let etc = root.rootfs.join("etc");
-            if !std::fs::symlink_metadata(&etc).is_ok_and(|m| m.is_dir()) {
-                return Err(NodeError::Rootfs(crate::rootfs::RootfsError::Image {
-                    path: "/etc".into(),
-                    why: "is not a directory: a GPU fraction needs a real /etc to hold the limiter"
-                        .into(),
-                }));
-            }
-            binds.extend(
-                self.limiters
-                    .prepare(id, &plan.gpu_shares, plan.priority, &etc)?,
-            );
-        }
-        if !devices.is_empty() {
-            devices.extend(self.gpu.control_devices());
-            for (host, container) in self.gpu.driver_files() {
-                binds.push(BindMount {
-                    source: host,
-                    destination: container,
-                    readonly: true,
-                });
-            }
-        }
-        let mut env = vec![
-            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-            format!("HOSTNAME={}", plan.hostname),
-        ];
-        // Defence in depth behind the API's refusal: no stored entry may carry a platform-owned
-        // name, and ours come last, so they win wherever duplicates are resolved.
-        env.extend(
-            plan.env
-                .iter()
-                .filter(|kv| {
-                    !gpuvisor_wire::platform_env(kv.split_once('=').map_or(kv.as_str(), |(k, _)| k))
-                })
-                .cloned(),
-        );
-        env.push(format!("GPUVISOR_INSTANCE_ID={id}"));
-        env.push(format!("GPUVISOR_GPU_COUNT={}", uuids.len()));
-        if !uuids.is_empty() {
-            env.push(format!("NVIDIA_VISIBLE_DEVICES={}", uuids.join(",")));
-            env.push(format!("CUDA_VISIBLE_DEVICES={}", uuids.join(",")));
-        }
-        t.mark("gpus_limiter");
-        let image_cfg = self.images.config(&plan.image_digest)?;
-        let cwd = image_cfg
-            .as_ref()
-            .and_then(|c| c.working_dir.clone())
-            .unwrap_or_default();
-        let (uid, gid) = match image_cfg.as_ref().and_then(|c| c.user.as_deref()) {
-            Some(u) if !u.is_empty() => resolve_user(&rootfs, u)?,
-            _ => (0, 0),
-        };
-        let spec = BundleSpec {
-            id: id.to_string(),
-            rootfs: root.rootfs.clone(),
-            hostname: plan.hostname.clone(),
-            args: plan.args.clone(),
-            env,
-            cwd,
-            uid,
-            gid,
-            cpus: plan.cpus.clone(),
-            memory: plan.memory,
-            pids_limit: self.cfg.pids_limit,
-            netns: Some(netns),
-            devices,
-            binds,
-            cgroup_path: cgroup::instance_path(id),
-            apparmor_profile: self.apparmor.clone(),
-            seccomp: true,
-        };
-        let bundle = self.bundle_dir(id);
-        crate::runtime::write_bundle(&bundle, &spec)?;
-        t.mark("bundle");
-        Ok(bundle)
-    }
-
-    /// /etc/hostname, /etc/hosts and /etc/resolv.conf inside the (ephemeral) rootfs. Whatever
-    /// the image has there (a file, a symlink to anywhere) is replaced, never followed; an /etc
-    /// that is not a directory inside the image is an error naming it.
-    fn write_etc(&self, rootfs: &Rootfs, plan: &InstancePlan) -> Result<(), NodeError> {
-        let ip = self.net.address(
-            &TenantNet {
-                slot: plan.net_slot,
-            },
-            plan.ip_host,
-        )?;
-        let files = [
-            ("hostname", format!("{}\n", plan.hostname)),
-            (
-                "hosts",
-                format!(
-                    "127.0.0.1\tlocalhost\n::1\tlocalhost\n{ip}\t{}\n",
-                    plan.hostname
-                ),
-            ),
-            ("resolv.conf", resolv_conf(&self.cfg.root)),
-        ];
-        for (name, text) in files {
-            rootfs.replace_file("etc", name, text.as_bytes())?;
-        }
-        Ok(())
-    }
-
-    /// Stops the container: SIGTERM, then SIGKILL after `grace`, then deletes it.
+    /// Stops instance `id` through its runtime: asks it to end, waits up to `grace`, ends it.
     pub fn stop(&self, id: &str, grace: Duration) -> Result<(), NodeError> {
-        if let Some(st) = self.runtime.state(id)? {
-            if st.status == "running" {
-                self.runtime.kill(id, "TERM", false)?;
-                let deadline = Instant::now() + grace;
-                while Instant::now() < deadline {
-                    match self.runtime.state(id)? {
-                        Some(s) if s.status == "running" => {
-                            std::thread::sleep(Duration::from_millis(50))
-                        }
-                        _ => break,
-                    }
-                }
-                self.runtime.kill(id, "KILL", true)?;
-            }
-            self.runtime.delete(id, true)?;
-        }
-        Ok(())
+        self.runtime_of(id).stop(self, id, grace)
+    }
+
+    /// The pid of instance `id`'s main process as its runtime recorded it.
+    pub fn main_pid(&self, id: &str) -> Option<i32> {
+        self.runtime_of(id).main_pid(self, id)
     }
 
     /// Removes every host object of the instance (container, cgroups, mounts, loop devices,
     /// container disk, netns, veth, bundle). Never touches volume images. Idempotent.
     pub fn teardown(&self, id: &str) -> Result<(), NodeError> {
-        self.runtime.delete(id, true)?;
-        // The container is gone: its relay reaches end of file and exits; wait for it.
-        crate::logs::stop_relay(&self.cfg.root, &self.logs_dir(), id, Duration::from_secs(5));
+        // Every runtime's objects: after a crash mid-create the id may have any runtime's.
+        for rt in self.runtimes() {
+            rt.teardown(self, id)?;
+        }
         cgroup::remove(&self.cfg.root, id).map_err(io(Path::new("/sys/fs/cgroup")))?;
         self.disks.detach_volumes(id)?;
         self.disks.teardown_root(id)?;
         self.net.teardown(id)?;
         self.limiters.remove(id)?;
-        let bundle = self.bundle_dir(id);
-        match std::fs::remove_dir_all(&bundle) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io(&bundle)(e)),
-        }
+        Ok(())
+    }
+
+    /// Ids of instances whose main process runs, in every runtime. Spawns no process.
+    pub fn running(&self) -> BTreeSet<String> {
+        self.runtimes().flat_map(|r| r.running(self)).collect()
     }
 
     /// Removes the instance's log (on terminate).
     pub fn forget(&self, id: &str) {
         crate::logs::stop_relay(&self.cfg.root, &self.logs_dir(), id, Duration::ZERO);
         let _ = std::fs::remove_dir_all(self.log_dir(id));
-    }
-
-    /// Status of every container gpuvisor runs, by instance id.
-    pub fn containers(&self) -> Result<BTreeMap<String, String>, NodeError> {
-        Ok(self
-            .runtime
-            .list()?
-            .into_iter()
-            .map(|c| (c.id, c.status))
-            .collect())
-    }
-
-    /// Ids of instances whose container is running: the init pid the runtime wrote to the
-    /// bundle's pid file is alive, not a zombie, and in the instance's cgroup (so a recycled pid
-    /// is not mistaken for it). Spawns no process: the reconciler calls this every second, and
-    /// `runc list` would cost about a millisecond per container.
-    pub fn running(&self) -> BTreeSet<String> {
-        let mut out = BTreeSet::new();
-        let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("bundles")) else {
-            return out;
-        };
-        for e in rd.flatten() {
-            let id = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = std::fs::read_to_string(e.path().join("pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let proc_dir = self.cfg.root.path(format!("/proc/{pid}"));
-            let stat = std::fs::read_to_string(proc_dir.join("stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']));
-            let ours = i32::try_from(pid).is_ok_and(|p| cgroup::holds(&self.cfg.root, &id, p));
-            if !stat.is_empty() && !zombie && ours {
-                out.insert(id);
-            }
-        }
-        out
     }
 
     /// One sample for every fractional-GPU instance, from the GPU backend's per-process
@@ -713,7 +518,10 @@ impl Node {
     /// dir or runtime root (certainly ours) and those seen only in host-wide namespaces
     /// (cgroups, netns, veths), which may belong to another gpuvisor on the same host.
     pub fn ids_with_objects(&self) -> Result<(BTreeSet<String>, BTreeSet<String>), NodeError> {
-        let mut local: BTreeSet<String> = self.containers()?.into_keys().collect();
+        let mut local = BTreeSet::new();
+        for rt in self.runtimes() {
+            local.extend(rt.local_ids(self)?);
+        }
         local.extend(self.disks.instances_with_objects()?);
         local.extend(self.limiters.ids());
         local.extend(
@@ -721,32 +529,15 @@ impl Node {
                 .into_iter()
                 .map(|(_, id)| id),
         );
-        if let Ok(rd) = std::fs::read_dir(self.cfg.data_dir.join("bundles")) {
-            local.extend(
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned()),
-            );
-        }
         let mut global = cgroup::instance_ids(&self.cfg.root);
         global.extend(self.net.instances_with_objects()?);
         global.retain(|id| !local.contains(id));
         Ok((local, global))
     }
+}
 
-    /// One exec's pid file and console socket path, in the instance's bundle (so teardown
-    /// removes them), named by a random tag.
-    fn exec_files(&self, id: &str) -> Result<(PathBuf, PathBuf), NodeError> {
-        let tag = exec_tag()?;
-        let bundle = self.bundle_dir(id);
-        Ok((
-            bundle.join(format!("exec-{tag}.pid")),
-            bundle.join(format!("exec-{tag}.sock")),
-        ))
-    }
-
-    /// The `runc exec` command for `args` in instance `id` and the file it writes the
-    /// command's pid to (in the bundle, so teardown removes it). See
-    /// [`crate::runtime::OciRuntime::exec_command`].
+impl Node {
+    /// See [`Runtime::exec_command`].
     pub fn exec_command(
         &self,
         id: &str,
@@ -754,17 +545,10 @@ impl Node {
         env: &[String],
         stdin: bool,
     ) -> Result<(std::process::Command, PathBuf), NodeError> {
-        let (pid_file, _) = self.exec_files(id)?;
-        Ok((
-            self.runtime.exec_command(id, args, env, &pid_file, stdin),
-            pid_file,
-        ))
+        self.runtime_of(id).exec_command(self, id, args, env, stdin)
     }
 
-    /// An exec of `args` in instance `id` on pipes, run by the exec shim ([`crate::console`],
-    /// `--pipes`) so that the command's tree dies with the daemon: the shim's command (stdin
-    /// piped when `stdin`, stdout and stderr piped, its own process group; its exit status is
-    /// the command's) and the pid file.
+    /// See [`Runtime::exec_pipes_command`].
     pub fn exec_pipes_command(
         &self,
         id: &str,
@@ -772,108 +556,28 @@ impl Node {
         env: &[String],
         stdin: bool,
     ) -> Result<(std::process::Command, PathBuf), NodeError> {
-        use std::os::unix::process::CommandExt;
-        let shim = self.shim_binary()?;
-        let (pid_file, _) = self.exec_files(id)?;
-        let argv = self.runtime.exec_argv(id, args, env, &pid_file);
-        let mut cmd = std::process::Command::new(shim);
-        cmd.arg(crate::console::SHIM_SUBCOMMAND)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg("--instance")
-            .arg(id)
-            .arg("--pipes")
-            .arg("--")
-            .args(argv)
-            .stdin(if stdin {
-                std::process::Stdio::piped()
-            } else {
-                std::process::Stdio::null()
-            })
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .process_group(0);
-        Ok((cmd, pid_file))
+        self.runtime_of(id)
+            .exec_pipes_command(self, id, args, env, stdin)
     }
 
-    fn shim_binary(&self) -> Result<PathBuf, NodeError> {
-        self.log_limits.relay.clone().ok_or_else(|| NodeError::Io {
-            path: PathBuf::from(crate::console::SHIM_SUBCOMMAND),
-            source: std::io::Error::other(
-                "no gpuvisor binary configured for the exec shim (daemon without a relay binary)",
-            ),
-        })
-    }
-
-    /// An exec of `args` in instance `id` on a terminal ([`crate::console`]): the exec shim's
-    /// command (this binary; stdout and stderr piped, its own process group), the pid file, and
-    /// the console socket the runtime sends the pty master to (both in the bundle).
+    /// See [`Runtime::exec_tty_command`].
     pub fn exec_tty_command(
         &self,
         id: &str,
         args: &[String],
         env: &[String],
     ) -> Result<ExecTty, NodeError> {
-        use std::os::unix::process::CommandExt;
-        let shim = self.shim_binary()?;
-        let (pid_file, sock_path) = self.exec_files(id)?;
-        let socket = crate::console::ConsoleSocket::bind(&sock_path).map_err(io(&sock_path))?;
-        let argv = self
-            .runtime
-            .exec_tty_argv(id, args, env, &pid_file, &sock_path);
-        let mut cmd = std::process::Command::new(shim);
-        cmd.arg(crate::console::SHIM_SUBCOMMAND)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg("--instance")
-            .arg(id)
-            .arg("--")
-            .args(argv)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            // Not in the daemon's process group: a ^C at the daemon's terminal is not for it.
-            .process_group(0);
-        Ok(ExecTty {
-            shim: cmd,
-            pid_file,
-            socket,
-        })
+        self.runtime_of(id).exec_tty_command(self, id, args, env)
     }
 
-    /// [`Node::kill_exec`] of an exec whose shim died: its processes were orphaned to the
-    /// daemon (the child subreaper), so the ones that are its children now are reaped here
-    /// (a zombie would hold the instance's cgroup until the next sweeps).
-    pub fn kill_orphaned_exec(&self, id: &str, pid_file: &Path) -> usize {
-        let pid = std::fs::read_to_string(pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok());
-        let killed = pid.map_or_else(Vec::new, |p| {
-            crate::runtime::kill_exec_tree_pids(&self.cfg.root, id, p)
-        });
-        let _ = std::fs::remove_file(pid_file);
-        let me = std::process::id().to_string();
-        for p in &killed {
-            // Only our own children (a killed pid is not reused before it is reaped).
-            let parent = std::fs::read_to_string(self.cfg.root.path(format!("/proc/{p}/stat")))
-                .ok()
-                .and_then(|s| Some(s.rsplit_once(')')?.1.split_whitespace().nth(1)?.to_string()));
-            if parent.as_deref() == Some(me.as_str()) {
-                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*p), None);
-            }
-        }
-        killed.len()
-    }
-
-    /// Kills the process tree of an exec (its pid from `pid_file`, which is removed). Returns
-    /// how many processes were killed; 0 when the command had not started or already ended.
+    /// See [`Runtime::kill_exec`].
     pub fn kill_exec(&self, id: &str, pid_file: &Path) -> usize {
-        let pid = std::fs::read_to_string(pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok());
-        let n = pid.map_or(0, |p| crate::runtime::kill_exec_tree(&self.cfg.root, id, p));
-        let _ = std::fs::remove_file(pid_file);
-        n
+        self.runtime_of(id).kill_exec(self, id, pid_file)
+    }
+
+    /// See [`Runtime::kill_orphaned_exec`].
+    pub fn kill_orphaned_exec(&self, id: &str, pid_file: &Path) -> usize {
+        self.runtime_of(id).kill_orphaned_exec(self, id, pid_file)
     }
 }
 
@@ -886,7 +590,7 @@ pub struct ExecTty {
 }
 
 /// A random tag naming one exec's files.
-fn exec_tag() -> Result<String, NodeError> {
+pub(crate) fn exec_tag() -> Result<String, NodeError> {
     let mut nonce = [0u8; 8];
     getrandom::fill(&mut nonce).map_err(|e| NodeError::Io {
         path: PathBuf::from("getrandom"),
@@ -898,7 +602,7 @@ fn exec_tag() -> Result<String, NodeError> {
 /// Durations of the provisioning steps of one instance, logged as one debug line with target
 /// `gpuvisor_timings` (enable with `GPUVISOR_LOG=info,gpuvisor_timings=debug`); the benchmark
 /// `bench/create_steps.py` reads it. Costs a clock read per step.
-struct StepTimer<'a> {
+pub struct StepTimer<'a> {
     id: &'a str,
     start_us: u64,
     start: Instant,
@@ -919,12 +623,12 @@ impl<'a> StepTimer<'a> {
     }
 
     /// A step that ran alongside others (on another thread), with its own duration.
-    fn record(&mut self, name: &'static str, d: Duration) {
+    pub fn record(&mut self, name: &'static str, d: Duration) {
         self.steps.push((name, d));
     }
 
     /// Ends step `name` (it began where the previous one ended).
-    fn mark(&mut self, name: &'static str) {
+    pub fn mark(&mut self, name: &'static str) {
         let now = Instant::now();
         self.steps.push((name, now - self.last));
         self.last = now;
@@ -1058,58 +762,6 @@ fn apparmor_profile(root: &HostRoot, data_dir: &Path) -> Option<String> {
     Some("gpuvisor-default".to_string())
 }
 
-/// Largest /etc/passwd or /etc/group read from an image.
-const MAX_ACCOUNT_FILE: u64 = 4 << 20;
-
-/// Resolves an image's `User` (`name`, `uid`, `name:group`, `uid:gid`) against the rootfs's
-/// own /etc/passwd and /etc/group, as Docker does; a name the image does not define is an error.
-/// The files are read through [`Rootfs`], so a link to a host file is resolved inside the image.
-fn resolve_user(rootfs: &Rootfs, user: &str) -> Result<(u32, u32), NodeError> {
-    let (u, g) = match user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (user, None),
-    };
-    let passwd = rootfs.read_file("etc/passwd", MAX_ACCOUNT_FILE)?;
-    let group = rootfs.read_file("etc/group", MAX_ACCOUNT_FILE)?;
-    // The numeric fields 2 and 3 of the named line: uid, gid in passwd; gid in group.
-    let lookup = |text: &Option<Vec<u8>>, name: &str| -> Option<(u32, Option<u32>)> {
-        let text = String::from_utf8_lossy(text.as_deref()?);
-        text.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            if f.first() != Some(&name) {
-                return None;
-            }
-            Some((
-                f.get(2)?.parse().ok()?,
-                f.get(3).and_then(|v| v.parse().ok()),
-            ))
-        })
-    };
-    let unknown = |what: &str| {
-        NodeError::Rootfs(crate::rootfs::RootfsError::Image {
-            path: "/etc/passwd".into(),
-            why: format!(
-                "and /etc/group do not define user {what:?}, the User in the image's config (links there are resolved inside the image)"
-            ),
-        })
-    };
-    let (uid, primary_gid) = match u.parse::<u32>() {
-        Ok(uid) => (uid, lookup(&passwd, u).and_then(|p| p.1).unwrap_or(uid)),
-        Err(_) => match lookup(&passwd, u) {
-            Some((uid, gid)) => (uid, gid.unwrap_or(uid)),
-            None => return Err(unknown(u)),
-        },
-    };
-    let gid = match g {
-        None => primary_gid,
-        Some(g) => match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => lookup(&group, g).map(|p| p.0).ok_or_else(|| unknown(g))?,
-        },
-    };
-    Ok((uid, gid))
-}
-
 fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1118,7 +770,7 @@ fn now_us() -> u64 {
 }
 
 /// The host's resolver unless it points at a loopback stub the container cannot reach.
-fn resolv_conf(root: &HostRoot) -> String {
+pub(crate) fn resolv_conf(root: &HostRoot) -> String {
     let host = std::fs::read_to_string(root.path("/etc/resolv.conf")).unwrap_or_default();
     let usable: Vec<&str> = host
         .lines()
@@ -1154,28 +806,5 @@ mod tests {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
         private_data_dir(&d).unwrap();
         assert_eq!(mode(&d), 0o700);
-    }
-
-    #[test]
-    fn resolves_image_users() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(d.path().join("etc")).unwrap();
-        std::fs::write(
-            d.path().join("etc/passwd"),
-            "root:x:0:0::/root:/bin/sh\njovyan:x:1000:100::/home/jovyan:/bin/bash\n",
-        )
-        .unwrap();
-        std::fs::write(
-            d.path().join("etc/group"),
-            "root:x:0:\nusers:x:100:\nstaff:x:50:\n",
-        )
-        .unwrap();
-        let r = Rootfs::open(d.path()).unwrap();
-        assert_eq!(resolve_user(&r, "jovyan").unwrap(), (1000, 100));
-        assert_eq!(resolve_user(&r, "jovyan:staff").unwrap(), (1000, 50));
-        assert_eq!(resolve_user(&r, "1234").unwrap(), (1234, 1234));
-        assert_eq!(resolve_user(&r, "1000:7").unwrap(), (1000, 7));
-        let e = resolve_user(&r, "nobody").unwrap_err().to_string();
-        assert!(e.contains("\"nobody\"") && e.contains("/etc/passwd"), "{e}");
     }
 }

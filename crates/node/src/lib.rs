@@ -12,6 +12,7 @@
 pub mod cgroup;
 pub mod cmd;
 pub mod console;
+pub mod container;
 pub mod disk;
 pub mod gpu;
 pub mod host;
@@ -23,6 +24,7 @@ pub mod limiter;
 pub mod logs;
 pub mod mig;
 pub mod net;
+pub mod oci;
 pub mod reap;
 pub mod registry;
 pub mod rootfs;

@@ -20,7 +20,7 @@
 //! at `/etc/gpuvisor`), `<data>/limiter/<id>.usage`, `<data>/limiter/<id>.preload`; everything
 //! is named by the instance id like every other host object, so the orphan sweep finds it.
 
-use crate::runtime::BindMount;
+use crate::oci::BindMount;
 use gpuvisor_limiter::config::Config;
 use gpuvisor_limiter::shm::{DeviceLimit, DeviceUsage, Priority, Region, RegionSpec};
 use std::collections::BTreeSet;

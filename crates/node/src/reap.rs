@@ -75,14 +75,10 @@ fn stat(node: &Node, pid: i32) -> Option<(u64, bool, i32)> {
     ))
 }
 
-/// Instance `id`'s init as the runtime recorded it (the bundle's pid file), if `/proc` still
+/// Instance `id`'s main process as its runtime recorded it (a container's init, QEMU), if `/proc` still
 /// shows that pid in the instance's cgroup (a zombie keeps its cgroup path until reaped).
 pub fn init(node: &Node, id: &str) -> Option<Init> {
-    let pid: i32 = std::fs::read_to_string(node.bundle_dir(id).join("pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let pid = node.main_pid(id)?;
     if !cgroup::holds(&node.cfg.root, id, pid) {
         return None;
     }

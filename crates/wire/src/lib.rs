@@ -174,6 +174,44 @@ impl PriorityClass {
     }
 }
 
+/// What runs an instance: an OCI container (runc) or a QEMU micro-VM. One API, placement,
+/// lifecycle and telemetry for both; the node layer's `Runtime` trait is the seam.
+#[derive(
+    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default, Hash,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    #[default]
+    Container,
+    Vm,
+}
+
+impl RuntimeKind {
+    pub const ALL: [RuntimeKind; 2] = [RuntimeKind::Container, RuntimeKind::Vm];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Container => "container",
+            Self::Vm => "vm",
+        }
+    }
+
+    /// Parses `container` or `vm`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "container" => Ok(Self::Container),
+            "vm" => Ok(Self::Vm),
+            _ => Err(format!("runtime {s:?} is not one of: container, vm")),
+        }
+    }
+}
+
+impl std::fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A volume to mount into an instance: `NAME:/path[:SIZE]`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct VolumeMount {
@@ -231,6 +269,15 @@ pub struct CreateInstance {
     /// What happens when the main process exits (default `always`).
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// Container (default) or micro-VM.
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+    /// VMs: SSH public keys (`authorized_keys` lines) for the guest's user, set by cloud-init.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    /// VMs: a script cloud-init runs once at first boot (its text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_script: Option<String>,
 }
 
 /// One GPU (or share of one) bound to an instance.
@@ -254,6 +301,9 @@ pub struct Instance {
     pub name: String,
     pub tenant: String,
     pub image: String,
+    /// Container or micro-VM.
+    #[serde(default)]
+    pub runtime: RuntimeKind,
     pub state: InstanceState,
     /// Why the instance is in its state (failure reason, exit status).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1013,6 +1013,7 @@ impl Engine {
             name: i.name,
             tenant: tenant.map(|t| t.name.clone()).unwrap_or(i.tenant_id),
             image: i.image,
+            runtime: i.runtime,
             state: i.state,
             reason: i.reason,
             desired: i.desired,
@@ -1065,6 +1066,12 @@ impl Engine {
             limits.memory = limits.memory.max(n.memory);
         }
         validate::create(req, &limits)?;
+        // Simulated nodes run nothing: only a local instance needs the runtime here.
+        if sim.is_empty() {
+            self.node
+                .runtime(req.runtime)
+                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        }
         // Fractions on this host need the limiter; simulated nodes run nothing.
         let local_ok = req.gpu_fraction.is_none() || self.node.limiters.library().is_some();
         if !local_ok && sim.is_empty() {
@@ -1093,6 +1100,11 @@ impl Engine {
             let slice = host_gpus
                 .iter()
                 .any(|g| g.mig.is_some() && g.model.eq_ignore_ascii_case(m));
+            if slice && req.runtime == wire::RuntimeKind::Vm {
+                return Err(invalid(format!(
+                    "{m} is a MIG slice: a VM takes whole GPUs by passthrough, not MIG slices (use a container, or a whole GPU's model)"
+                )));
+            }
             if slice && req.gpu_fraction.is_some() {
                 return Err(invalid(format!(
                     "{m} is a MIG slice: it is used whole, not in fractions (use --gpus 1)"
@@ -1127,7 +1139,8 @@ impl Engine {
         } else {
             req.command.clone()
         };
-        if command.is_empty() {
+        // A VM boots its image's init; a command is run once by cloud-init.
+        if command.is_empty() && req.runtime == wire::RuntimeKind::Container {
             return Err(invalid(format!(
                 "image {:?} has no default command: give one after `--`",
                 req.image
@@ -1288,6 +1301,7 @@ impl Engine {
             tenant_id: tenant.id.clone(),
             node_id,
             image: image.name.clone(),
+            runtime: req.runtime,
             state: InstanceState::Pending,
             desired: InstanceState::Running,
             reason: None,
@@ -1301,6 +1315,8 @@ impl Engine {
                 command,
                 priority: req.priority,
                 interruptible: req.interruptible,
+                ssh_keys: req.ssh_keys.clone(),
+                startup_script: req.startup_script.clone(),
             },
             cpus: assignment.cpus,
             gpus: assignment

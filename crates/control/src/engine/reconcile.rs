@@ -400,6 +400,7 @@ impl Engine {
             })?;
         Ok(InstancePlan {
             id: i.id.clone(),
+            runtime: i.runtime,
             tenant_id: i.tenant_id.clone(),
             hostname: i.name.clone(),
             image_digest: image.digest,
@@ -435,6 +436,8 @@ impl Engine {
             } else {
                 Priority::Low
             },
+            ssh_keys: i.spec.ssh_keys.clone(),
+            startup_script: i.spec.startup_script.clone(),
         })
     }
 
@@ -966,6 +969,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             restart: Default::default(),
+            runtime: Default::default(),
         }
     }
 

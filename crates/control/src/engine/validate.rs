@@ -12,6 +12,11 @@ pub const MAX_DISK: u64 = 16 << 40;
 pub const MIN_VOLUME: u64 = 16 << 20;
 pub const MAX_VOLUME: u64 = 64 << 40;
 pub const MAX_GPUS: u32 = 64;
+/// SSH keys a VM may be given, and the longest key line (an RSA-16384 key is under 3 KiB).
+pub const MAX_SSH_KEYS: usize = 32;
+pub const MAX_SSH_KEY_LEN: usize = 8 << 10;
+/// The largest startup script (cloud-init user-data stays small).
+pub const MAX_STARTUP_SCRIPT: usize = 64 << 10;
 
 /// Names of instances, volumes, images and tenants: DNS-label-like.
 pub fn name(kind: &str, s: &str) -> Result<()> {
@@ -136,6 +141,41 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
             ))
         }
         _ => {}
+    }
+    if req.runtime == gpuvisor_wire::RuntimeKind::Container
+        && (!req.ssh_keys.is_empty() || req.startup_script.is_some())
+    {
+        return Err(invalid(
+            "--ssh-key and --startup-script are for VMs (--runtime vm): a container runs its command; use `instance exec` for a shell",
+        ));
+    }
+    if req.ssh_keys.len() > MAX_SSH_KEYS {
+        return Err(invalid(format!(
+            "{} SSH keys given: at most {MAX_SSH_KEYS}",
+            req.ssh_keys.len()
+        )));
+    }
+    for k in &req.ssh_keys {
+        let mut words = k.split_whitespace();
+        let (kind, body) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
+        if k.len() > MAX_SSH_KEY_LEN || !known || body.is_empty() || k.contains(['\n', '\r']) {
+            return Err(invalid(format!(
+                "SSH key {:?} is not one public key line (`ssh-ed25519 AAAA... comment`, at most {MAX_SSH_KEY_LEN} bytes)",
+                k.chars().take(40).collect::<String>()
+            )));
+        }
+    }
+    if req.startup_script.as_ref().is_some_and(|s| s.len() > MAX_STARTUP_SCRIPT) {
+        return Err(invalid(format!(
+            "--startup-script is over {} KiB",
+            MAX_STARTUP_SCRIPT >> 10
+        )));
+    }
+    if req.runtime == gpuvisor_wire::RuntimeKind::Vm && req.gpu_fraction.is_some() {
+        return Err(invalid(
+            "a VM takes whole GPUs by passthrough: a fraction of a GPU cannot be given to a VM (use --gpus N, or a container for --gpu-fraction)",
+        ));
     }
     if req.vram.is_some() && req.gpu_fraction.is_none() {
         return Err(invalid("--vram applies to --gpu-fraction only"));
