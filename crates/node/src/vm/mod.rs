@@ -1,0 +1,102 @@
+//! Micro-VM instances: QEMU processes driven over QMP ([`qmp`]), their command line, cgroup
+//! and vCPU pinning ([`qemu`]), and [`runtime::VmRuntime`], the [`crate::runtime::Runtime`] that
+//! runs an instance as a VM. Templates and overlays (`template`), cloud-init seeds (`seed`) and
+//! GPU passthrough (`passthrough`) are their own files.
+//!
+//! Host objects of a VM carry the instance id like a container's: cgroup `gpuvisor/<id>`, tap
+//! `<P>t<id>`, `<data>/vm/run/<id>/` (QMP, guest agent, console and VNC sockets, pid file,
+//! QEMU's stderr, the cloud-init seed) and `<data>/vm/disks/<id>.qcow2` (the root overlay).
+
+pub mod qemu;
+pub mod qmp;
+pub mod runtime;
+
+use std::path::PathBuf;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("QMP on {socket}: {source}")]
+    Qmp {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP command {command} failed: {message}")]
+    QmpCommand { command: String, message: String },
+    #[error("the guest agent of instance {id}: {why}")]
+    Agent { id: String, why: String },
+    #[error("QEMU for instance {id} did not start: {why}")]
+    Start { id: String, why: String },
+    #[error("cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tap {name}: {why}")]
+    Tap { name: String, why: String },
+    #[error("no kernel for the VM: {0}")]
+    NoKernel(String),
+    #[error("io on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub(crate) fn vio(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> VmError {
+    let path = path.into();
+    move |source| VmError::Io { path, source }
+}
+
+/// How guests run: hardware virtualisation, or QEMU's emulator with the reason KVM is not used.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "accel", rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg { reason: String },
+}
+
+impl Accel {
+    /// The `-accel` value.
+    pub fn as_arg(&self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg { .. } => "tcg",
+        }
+    }
+
+    /// `kvm`, or `tcg (reason)`: what `host check` and `instance get` show.
+    pub fn describe(&self) -> String {
+        match self {
+            Accel::Kvm => "kvm".into(),
+            Accel::Tcg { reason } => format!("tcg ({reason})"),
+        }
+    }
+}
+
+/// The daemon's VM settings.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// The kernel and initrd for images without their own `/boot`.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// KVM or TCG, as probed at daemon start ([`qemu::probe_accel`]).
+    pub accel: Accel,
+}
+
+/// The QEMU binary on `PATH` (or `GPUVISOR_QEMU`), if any.
+pub fn find_qemu() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("GPUVISOR_QEMU") {
+        let p = PathBuf::from(p);
+        return p.is_file().then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("qemu-system-x86_64"))
+        .find(|p| p.is_file())
+}
