@@ -35,6 +35,10 @@ pub struct Config {
     /// `libgpuvisor_limiter.so` for fractional GPUs (default: beside the binary, then
     /// /usr/local/lib/gpuvisor, /usr/lib/gpuvisor).
     pub limiter_lib: Option<PathBuf>,
+    /// Kernel (and initrd) for VM images without their own `/boot` (also what the KVM probe
+    /// boots).
+    pub vm_kernel: Option<PathBuf>,
+    pub vm_initrd: Option<PathBuf>,
     /// Bytes the limiter charges each process for its CUDA context (measure per GPU model).
     pub limiter_context_bytes: u64,
     /// What to do with an instance the driver shows over its VRAM quota: kill (default) or event.
@@ -241,6 +245,8 @@ impl Default for Config {
             pids_limit: 4096,
             admin_key_file: None,
             limiter_lib: None,
+            vm_kernel: None,
+            vm_initrd: None,
             limiter_context_bytes: 0,
             limiter_over_quota: Default::default(),
             placement_policy: gpuvisor_scheduler::Policy::GvFrag,
@@ -271,6 +277,8 @@ struct FileConfig {
     pids_limit: Option<i64>,
     admin_key_file: Option<PathBuf>,
     limiter_lib: Option<PathBuf>,
+    vm_kernel: Option<PathBuf>,
+    vm_initrd: Option<PathBuf>,
     limiter_context_bytes: Option<String>,
     limiter_over_quota: Option<String>,
     placement_policy: Option<String>,
@@ -318,6 +326,12 @@ pub struct ConfigOverrides {
     /// libgpuvisor_limiter.so to inject for fractional GPUs.
     #[arg(long)]
     pub limiter_lib: Option<PathBuf>,
+    /// Kernel for VM images without /boot (e.g. Debian's linux-image-cloud-amd64 vmlinuz).
+    #[arg(long, env = "GPUVISOR_VM_KERNEL")]
+    pub vm_kernel: Option<PathBuf>,
+    /// Initrd going with --vm-kernel.
+    #[arg(long, env = "GPUVISOR_VM_INITRD")]
+    pub vm_initrd: Option<PathBuf>,
     /// An instance whose processes hold more GPU memory than its quota (NVML's count): kill its
     /// processes on that GPU and record an event (kill, the default), or only record it (event).
     #[arg(long)]
@@ -413,6 +427,12 @@ impl Config {
             if f.limiter_lib.is_some() {
                 c.limiter_lib = f.limiter_lib;
             }
+            if f.vm_kernel.is_some() {
+                c.vm_kernel = f.vm_kernel;
+            }
+            if f.vm_initrd.is_some() {
+                c.vm_initrd = f.vm_initrd;
+            }
             if let Some(v) = f.placement_policy {
                 c.placement_policy = v.parse()?;
             }
@@ -485,6 +505,12 @@ impl Config {
         }
         if o.limiter_lib.is_some() {
             c.limiter_lib = o.limiter_lib.clone();
+        }
+        if o.vm_kernel.is_some() {
+            c.vm_kernel = o.vm_kernel.clone();
+        }
+        if o.vm_initrd.is_some() {
+            c.vm_initrd = o.vm_initrd.clone();
         }
         if let Some(v) = &o.limiter_over_quota {
             c.limiter_over_quota = v.parse().map_err(anyhow::Error::msg)?;

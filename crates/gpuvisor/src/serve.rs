@@ -66,10 +66,41 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Instance output goes through this binary's `log-relay` mode.
         relay: std::env::current_exe().ok(),
     };
-    let node = tokio::task::spawn_blocking(move || Node::open_with_network(node_cfg, policy))
-        .await?
-        .context("cannot prepare this host")?
-        .with_log_limits(log_limits);
+    let (vm_kernel, vm_initrd, data_dir) = (
+        cfg.vm_kernel.clone(),
+        cfg.vm_initrd.clone(),
+        cfg.data_dir.clone(),
+    );
+    let node = tokio::task::spawn_blocking(move || {
+        let node = Node::open_with_network(node_cfg, policy)?.with_log_limits(log_limits);
+        // Micro-VMs where QEMU is installed; KVM or TCG as the probe says (cached per boot).
+        Ok::<_, gpuvisor_node::NodeError>(match gpuvisor_node::vm::find_qemu() {
+            Some(qemu) => {
+                let accel = gpuvisor_node::vm::qemu::probe_accel(
+                    &node.cfg.root,
+                    &qemu,
+                    vm_kernel.as_deref(),
+                );
+                tracing::info!(qemu = %qemu.display(), accel = accel.describe(), "micro-VMs available");
+                let vm = gpuvisor_node::vm::runtime::VmRuntime::new(
+                    gpuvisor_node::vm::VmConfig {
+                        qemu,
+                        kernel: vm_kernel,
+                        initrd: vm_initrd,
+                        accel,
+                    },
+                    &data_dir,
+                );
+                node.with_runtime(Box::new(vm))
+            }
+            None => {
+                tracing::info!("no qemu-system-x86_64: VM instances are unavailable");
+                node
+            }
+        })
+    })
+    .await?
+    .context("cannot prepare this host")?;
     tracing::info!(
         gpus = node.gpus().len(),
         backend = node.backend().as_str(),

@@ -39,6 +39,8 @@ pub enum NodeError {
     Vfio(#[from] crate::vfio::VfioError),
     #[error(transparent)]
     Rootfs(#[from] crate::rootfs::RootfsError),
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
     #[error("io on {path}: {source}")]
     Io {
         path: PathBuf,

@@ -1072,6 +1072,7 @@ impl Network {
     /// Removes the instance's netns and veth. Idempotent.
     pub fn teardown(&self, id: &str) -> Result<(), NetError> {
         check_id(id)?;
+        self.teardown_tap(id)?;
         let veth = self.veth_name(id);
         let ns = self.netns_name(id);
         let path = self.netns_path(id);
@@ -1104,6 +1105,115 @@ impl Network {
         Ok(())
     }
 
+    /// `<P>t<id[..n]>`, a VM's tap on the tenant bridge (as long as a veth's name).
+    pub fn tap_name(&self, id: &str) -> String {
+        let short: String = id.chars().take(self.veth_id_len()).collect();
+        format!("{}t{short}", self.prefix())
+    }
+
+    /// The MAC address a VM's NIC is given: locally administered, unicast, from the id.
+    pub fn vm_mac(id: &str) -> String {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(id.as_bytes());
+        format!(
+            "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            h[0], h[1], h[2], h[3], h[4]
+        )
+    }
+
+    /// A VM's network: a tap `<P>t<id>` opened here (the fd goes to QEMU; the tap is not
+    /// persistent, so it vanishes with the last process holding it), on the tenant's bridge,
+    /// up, with the same address plan and filter as a container's veth. A guest controls its
+    /// own addresses, so what it sends is filtered at the bridge (nftables, family `bridge`,
+    /// table `gpuvisor_<P>`, one base chain per tap named like it, hook prerouting): only IPv4
+    /// from the assigned MAC and address, and ARP that claims exactly them, pass; every other
+    /// frame (another source MAC or IP, IPv6, VLAN tags, anything else) is dropped, before the
+    /// bridge forwards it anywhere. Returns the tap fd and the MAC. On error nothing is left.
+    pub fn setup_tap(
+        &self,
+        id: &str,
+        net: &TenantNet,
+        host: u8,
+    ) -> Result<(std::os::fd::OwnedFd, String), NetError> {
+        check_id(id)?;
+        let hosts = self.cfg.plan.hosts();
+        if !hosts.contains(&host) {
+            return Err(NetError::Invalid(format!(
+                "host number {host} is outside {}..={} of a /{}",
+                hosts.start(),
+                hosts.end(),
+                self.cfg.plan.tenant_len()
+            )));
+        }
+        self.ensure_tenant(net)?;
+        let tap = self.tap_name(id);
+        // Left from an earlier run (a process still holds it): replaced.
+        self.teardown_tap(id)?;
+        let fd = open_tap(&tap).map_err(|source| NetError::Io {
+            path: PathBuf::from(format!("/dev/net/tun ({tap})")),
+            source,
+        })?;
+        let mac = Self::vm_mac(id);
+        let addr = self.address(net, host)?;
+        let bridge = self.bridge(net);
+        let made = (|| {
+            let v6 = PathBuf::from(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"));
+            if v6.exists() {
+                std::fs::write(&v6, "1").map_err(|source| NetError::Io { path: v6, source })?;
+            }
+            ip(["link", "set", &tap, "master", &bridge, "up"])?;
+            let table = self.tap_table();
+            let rules = format!(
+                "add table bridge {table}\n\
+                 add chain bridge {table} {tap} {{ type filter hook prerouting priority -200; policy accept; }}\n\
+                 add rule bridge {table} {tap} iifname \"{tap}\" ether saddr != {mac} drop\n\
+                 add rule bridge {table} {tap} iifname \"{tap}\" ether type ip ip saddr != {addr} drop\n\
+                 add rule bridge {table} {tap} iifname \"{tap}\" ether type arp arp saddr ether != {mac} drop\n\
+                 add rule bridge {table} {tap} iifname \"{tap}\" ether type arp arp saddr ip != {addr} drop\n\
+                 add rule bridge {table} {tap} iifname \"{tap}\" ether type != {{ ip, arp }} drop\n"
+            );
+            cmd::run_with_input("nft", ["-f", "-"], &rules)?;
+            Ok::<(), NetError>(())
+        })();
+        if let Err(e) = made {
+            drop(fd);
+            let _ = self.teardown_tap(id);
+            return Err(e);
+        }
+        tracing::info!(id, slot = net.slot, address = %addr, tap, "VM network set up");
+        Ok((fd, mac))
+    }
+
+    /// The nftables table (family bridge) of our taps' anti-spoofing chains.
+    pub fn tap_table(&self) -> String {
+        format!("gpuvisor_{}", self.prefix())
+    }
+
+    /// Removes a VM's tap (normally gone with QEMU already) and its filter chain. Idempotent.
+    pub fn teardown_tap(&self, id: &str) -> Result<(), NetError> {
+        let tap = self.tap_name(id);
+        let table = self.tap_table();
+        let chains = cmd::run("nft", ["list", "chains", "bridge"]).unwrap_or_default();
+        if chains.contains(&format!("chain {tap} ")) {
+            let del =
+                format!("flush chain bridge {table} {tap}\ndelete chain bridge {table} {tap}\n");
+            if let Err(e) = cmd::run_with_input("nft", ["-f", "-"], &del) {
+                let chains = cmd::run("nft", ["list", "chains", "bridge"]).unwrap_or_default();
+                if chains.contains(&format!("chain {tap} ")) {
+                    return Err(e.into());
+                }
+            }
+        }
+        if link_exists(&tap) {
+            if let Err(e) = ip(["link", "del", &tap]) {
+                if link_exists(&tap) {
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Instance ids that have a netns or veth of ours on this host. Ids found only through a
     /// veth are the id's first [`Network::veth_id_len`] characters (the whole id for
     /// 12-character ids and the default prefix).
@@ -1118,8 +1228,12 @@ impl Network {
             }
         }
         let veth_prefix = format!("{}h", self.prefix());
+        let tap_prefix = format!("{}t", self.prefix());
         for name in list_dir("/sys/class/net")? {
-            if let Some(id) = name.strip_prefix(&veth_prefix) {
+            if let Some(id) = name
+                .strip_prefix(&veth_prefix)
+                .or_else(|| name.strip_prefix(&tap_prefix))
+            {
                 // Instance ids are hex; anything else is not a veth of this prefix.
                 if !id.is_empty()
                     && id
@@ -1132,6 +1246,33 @@ impl Network {
         }
         Ok(ids.into_iter().collect())
     }
+}
+
+/// Opens a (non-persistent) tap `name` on `/dev/net/tun`: no packet information header, no
+/// virtio-net header.
+fn open_tap(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    const IFF_TAP: libc::c_short = 0x0002;
+    const IFF_NO_PI: libc::c_short = 0x1000;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    if name.len() > IFNAME_MAX {
+        return Err(std::io::Error::other(format!("tap name {name:?} too long")));
+    }
+    // struct ifreq: the name (16 bytes), then the flags (a short) in the union.
+    let mut ifr = [0u8; 40];
+    ifr[..name.len()].copy_from_slice(name.as_bytes());
+    ifr[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq (40 bytes on x86_64), which `ifr` is,
+    // on an fd we own for the duration of the call.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF as _, ifr.as_mut_ptr()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f.into())
 }
 
 /// Just enough rtnetlink for a new instance's network, over `netlink-sys` sockets with

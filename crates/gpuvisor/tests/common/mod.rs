@@ -462,6 +462,20 @@ impl Daemon {
             if data.join("disks").join(format!("{id}.img")).exists() {
                 leaks.push(format!("disk image {id}.img"));
             }
+            // Micro-VMs: tap, run dir (sockets, pid files, seed), overlay, QEMU process.
+            let tap: String = format!("{p}t{id}").chars().take(15).collect();
+            if links.contains(&format!(": {tap}")) {
+                leaks.push(format!("tap {tap}"));
+            }
+            if data.join("vm/run").join(id).exists() {
+                leaks.push(format!("dir vm/run/{id}"));
+            }
+            if data.join("vm/disks").join(format!("{id}.qcow2")).exists() {
+                leaks.push(format!("overlay vm/disks/{id}.qcow2"));
+            }
+            for pid in qemu_pids(id) {
+                leaks.push(format!("QEMU pid {pid} of {id}"));
+            }
         }
         leaks
     }
@@ -505,6 +519,32 @@ impl Drop for Daemon {
         }
         self.kill9();
     }
+}
+
+/// Live QEMU processes of instance `id` (`-name gpuvisor-<id>,...` on their command line), in
+/// or out of its cgroup.
+pub fn qemu_pids(id: &str) -> Vec<u32> {
+    let name = format!("gpuvisor-{id},");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with(['Z', 'X']));
+        if !zombie
+            && cmd
+                .split(|b| *b == 0)
+                .any(|a| a.starts_with(name.as_bytes()))
+        {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// Live (not zombie) processes in instance `id`'s cgroup, seen from the host. A zombie keeps the

@@ -10,6 +10,8 @@
 pub mod qemu;
 pub mod qmp;
 pub mod runtime;
+pub mod seed;
+pub mod template;
 
 use std::path::PathBuf;
 use thiserror::Error;
@@ -38,6 +40,8 @@ pub enum VmError {
     Tap { name: String, why: String },
     #[error("no kernel for the VM: {0}")]
     NoKernel(String),
+    #[error(transparent)]
+    Template(#[from] template::TemplateError),
     #[error("io on {path}: {source}")]
     Io {
         path: PathBuf,

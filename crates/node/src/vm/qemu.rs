@@ -185,10 +185,7 @@ impl VmSpec {
         for (i, (serial, path)) in self.volumes.iter().enumerate() {
             a.extend([
                 s("-drive"),
-                format!(
-                    "if=none,id=vol{i},format=raw,file={}",
-                    p(path)
-                ),
+                format!("if=none,id=vol{i},format=raw,file={}", p(path)),
                 s("-device"),
                 format!("virtio-blk-pci,drive=vol{i},serial={serial}"),
             ]);
@@ -217,7 +214,10 @@ impl VmSpec {
             s("-device"),
             s("pvpanic-pci"),
             s("-chardev"),
-            format!("socket,id=qga,path={},server=on,wait=off", p(&self.run.agent())),
+            format!(
+                "socket,id=qga,path={},server=on,wait=off",
+                p(&self.run.agent())
+            ),
             s("-device"),
             s("virtio-serial-pci,id=vser0"),
             s("-device"),
@@ -228,10 +228,7 @@ impl VmSpec {
             format!("unix:{}", p(&self.run.vnc())),
         ]);
         if let Some(cid) = self.vsock_cid {
-            a.extend([
-                s("-device"),
-                format!("vhost-vsock-pci,guest-cid={cid}"),
-            ]);
+            a.extend([s("-device"), format!("vhost-vsock-pci,guest-cid={cid}")]);
         }
         if let Some(g) = &self.gpus {
             a.extend(g.args.iter().cloned());
@@ -328,7 +325,10 @@ pub fn make_cgroup(
                         cpulist.clone()
                     };
                     write(dir.join("cpuset.cpus"), &cpus_v)?;
-                    write(dir.join("cpuset.mems"), read(parent.join("cpuset.mems")).trim())?;
+                    write(
+                        dir.join("cpuset.mems"),
+                        read(parent.join("cpuset.mems")).trim(),
+                    )?;
                 }
                 "memory" => write(dir.join("memory.limit_in_bytes"), &memory.to_string())?,
                 _ => {}
@@ -641,9 +641,9 @@ mod tests {
             "-drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
              -drive if=pflash,format=raw,unit=1,file=/d/vm/run/0123456789ab/OVMF_VARS.fd -kernel"
         ));
-        assert!(a.ends_with(
-            "-device vhost-vsock-pci,guest-cid=42 -device vfio-pci,host=0000:3b:00.0"
-        ));
+        assert!(
+            a.ends_with("-device vhost-vsock-pci,guest-cid=42 -device vfio-pci,host=0000:3b:00.0")
+        );
         assert_eq!(s.memory_limit(), (512 << 20) + OVERHEAD_KVM);
     }
 

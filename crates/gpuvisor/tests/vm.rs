@@ -1,0 +1,193 @@
+//! Micro-VM instances with real guests under QEMU (TCG on machines without working KVM): boot
+//! and console output in `instance logs`, the guest's view of its vCPUs, memory and root disk,
+//! stop (ACPI power button) and start, adoption after a daemon SIGKILL, terminate, and no leak.
+//!
+//! The guest is the minimal test fixture: a kernel and an initramfs whose init prints
+//! `gcfx: cpus=N mem_kb=M vda_bytes=B` and `gpuvisor-guest-ready` on the console and powers off
+//! on the ACPI power button. It comes from `GPUVISOR_VM_FIXTURE` (a directory with `vmlinuz` and
+//! `initrd.img`), else from `scripts/vm-test-fixture`.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The fixture dir, or `None` (skip, or failure under CI) with the reason recorded.
+fn fixture() -> Option<PathBuf> {
+    if which("qemu-system-x86_64").is_none() {
+        prerequisite_missing("qemu-system-x86_64 not installed (scripts/install-deps)");
+        return None;
+    }
+    if let Some(d) = std::env::var_os("GPUVISOR_VM_FIXTURE").map(PathBuf::from) {
+        if d.join("vmlinuz").is_file() && d.join("initrd.img").is_file() {
+            return Some(d);
+        }
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/vm-test-fixture");
+    if script.is_file() {
+        let dir = PathBuf::from("/var/tmp/gpuvisor-vm-fixture");
+        let st = std::process::Command::new(&script).arg(&dir).status();
+        if st.is_ok_and(|s| s.success()) && dir.join("vmlinuz").is_file() {
+            return Some(dir);
+        }
+    }
+    prerequisite_missing(
+        "no VM test fixture (GPUVISOR_VM_FIXTURE, or scripts/vm-test-fixture failed or is missing)",
+    );
+    None
+}
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}
+
+fn vm_daemon(fx: &Path) -> Daemon {
+    let k = fx.join("vmlinuz");
+    let i = fx.join("initrd.img");
+    // A guest under TCG on a loaded machine may take seconds to react to the power button.
+    Daemon::start(&[
+        "--stop-grace",
+        "60s",
+        "--vm-kernel",
+        k.to_str().unwrap(),
+        "--vm-initrd",
+        i.to_str().unwrap(),
+    ])
+}
+
+fn logs(d: &Daemon, id: &str) -> String {
+    String::from_utf8_lossy(&d.cli(&["instance", "logs", id]).stdout).into_owned()
+}
+
+/// Waits (bounded, generously: TCG on a loaded 2-CPU machine) until the instance's log shows
+/// `needle` `count` times; returns the log.
+fn wait_log(d: &Daemon, id: &str, needle: &str, count: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let l = logs(d, id);
+        if l.matches(needle).count() >= count {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} x{count} never appeared in the log of {id}:\n{l}\n--- daemon:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `gcfx: cpus=N mem_kb=M vda_bytes=B` → (N, M, B), the last such line.
+fn guest_view(log: &str) -> (u64, u64, u64) {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("gcfx: cpus="))
+        .unwrap_or_else(|| panic!("no gcfx line in {log}"));
+    let field = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (field("cpus="), field("mem_kb="), field("vda_bytes="))
+}
+
+#[test]
+fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
+    let _g = serial();
+    let Some(fx) = fixture() else { return };
+    let mut d = vm_daemon(&fx);
+    d.import_busybox();
+    // The accelerator and why: KVM where it works, TCG with the probe's reason otherwise.
+    assert!(
+        d.log().contains("micro-VMs available"),
+        "the daemon did not set up the VM runtime:\n{}",
+        d.log()
+    );
+    let v = d.json(&[
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--runtime",
+        "vm",
+        "--vcpus",
+        "2",
+        "--memory",
+        "256MiB",
+        "--container-disk",
+        "1GiB",
+        "--wait",
+    ]);
+    assert_eq!(v["state"], "running", "{v}\n{}", d.log());
+    assert_eq!(v["runtime"], "vm", "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+
+    // Console output reaches the instance log; the guest sees exactly its resources.
+    let log = wait_log(&d, &id, "gpuvisor-guest-ready", 1);
+    let (cpus, mem_kb, disk) = guest_view(&log);
+    assert_eq!(cpus, 2, "{log}");
+    assert_eq!(disk, 1 << 30, "root disk size: {log}");
+    // MemTotal is RAM less what the kernel keeps for itself: within 256 MiB and above 200.
+    assert!(
+        mem_kb <= 256 * 1024 && mem_kb > 200 * 1024,
+        "MemTotal {mem_kb} kB for 256 MiB: {log}"
+    );
+    // One QEMU, in the instance's cgroup, its vCPU threads pinned to the instance's CPUs.
+    let q = qemu_pids(&id);
+    assert_eq!(q.len(), 1, "QEMU processes of {id}: {q:?}");
+    assert_eq!(
+        instance_pids(&id),
+        q,
+        "QEMU is the instance's cgroup's only process"
+    );
+    let data = d.data();
+    for f in [
+        "qmp.sock",
+        "console.sock",
+        "qga.sock",
+        "vnc.sock",
+        "main.pid",
+    ] {
+        assert!(data.join("vm/run").join(&id).join(f).exists(), "{f}");
+    }
+
+    // Stop: the ACPI power button, and the guest powers itself off (not the quit fallback).
+    let s = d.json(&["instance", "stop", &id, "--wait", "--timeout", "120s"]);
+    assert_eq!(s["state"], "stopped", "{s}");
+    let log = wait_log(&d, &id, "gcfx: power button", 1);
+    assert!(qemu_pids(&id).is_empty(), "QEMU still runs after stop");
+    assert!(log.contains("gpuvisor-guest-ready"));
+
+    // Start: a fresh boot (a new overlay, the same resources).
+    let s = d.json(&["instance", "start", &id, "--wait", "--timeout", "120s"]);
+    assert_eq!(s["state"], "running", "{s}");
+    wait_log(&d, &id, "gpuvisor-guest-ready", 2);
+    let before = qemu_pids(&id);
+    assert_eq!(before.len(), 1);
+
+    // A daemon SIGKILL leaves the VM running; the next daemon adopts it (same QEMU).
+    d.kill9();
+    assert_eq!(qemu_pids(&id), before, "the VM must survive the daemon");
+    d.restart();
+    let g = d.json(&["instance", "get", &id]);
+    assert_eq!(g["state"], "running", "{g}");
+    // A few reconciler passes later it is still the same process.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(qemu_pids(&id), before, "adopted, not restarted");
+    let g = d.json(&["instance", "get", &id]);
+    assert_eq!(g["state"], "running", "{g}");
+
+    // Terminate: nothing left (QEMU, tap, run dir, overlay, cgroups, relay).
+    let t = d.json(&["instance", "terminate", &id, "--wait", "--timeout", "120s"]);
+    assert_eq!(t["state"], "terminated", "{t}");
+    let ids = vec![id.clone()];
+    let leaks = d.leaks(&ids);
+    assert!(leaks.is_empty(), "leaks: {leaks:?}");
+    assert!(d.leaked_processes(&ids).is_empty());
+}

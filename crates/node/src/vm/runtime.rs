@@ -1,0 +1,421 @@
+//! [`VmRuntime`]: instances as QEMU micro-VMs behind the [`Runtime`] seam.
+//!
+//! Provisioning: template (once per image) → qcow2 overlay of the instance's disk size →
+//! cloud-init seed → tap on the tenant bridge (opened here, passed to QEMU as an fd) → cgroup
+//! → QEMU (own session, stdout into the instance's log relay) → vCPU threads pinned one to one.
+//! Everything a later daemon needs is a file: `<data>/vm/run/<id>/` holds the sockets (QMP,
+//! agent, console, VNC), QEMU's pid file, our own `main.pid` (QEMU deletes its pid file on
+//! exit; ours outlives it so the exit status can still be reaped) and the seed;
+//! `<data>/vm/disks/<id>.qcow2` is the overlay. So adoption after a daemon crash is reading
+//! `main.pid` (checked against the instance's cgroup) and reconnecting to QMP; the orphan sweep
+//! lists run dirs and overlays.
+
+use super::qemu::{self, NetDev, RunPaths, VmSpec};
+use super::qmp::Monitor;
+use super::seed::{write_seed, SeedNet, SeedSpec};
+use super::template::Templates;
+use super::{vio, VmConfig, VmError};
+use crate::cgroup;
+use crate::instance::{ExecTty, InstancePlan, Node, NodeError, StepTimer};
+use crate::net::TenantNet;
+use crate::runtime::{Runtime, RuntimeKind};
+use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long QEMU may take to answer QMP after its start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often `stop` presses the power button again while the guest runs.
+const POWERDOWN_REPEAT: Duration = Duration::from_secs(3);
+
+pub struct VmRuntime {
+    pub cfg: VmConfig,
+    pub templates: Templates,
+    data_dir: PathBuf,
+}
+
+impl VmRuntime {
+    pub fn new(cfg: VmConfig, data_dir: &Path) -> Self {
+        Self {
+            templates: Templates::new(data_dir, cfg.kernel.clone(), cfg.initrd.clone()),
+            cfg,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    fn run_root(&self) -> PathBuf {
+        self.data_dir.join("vm").join("run")
+    }
+
+    fn disks_root(&self) -> PathBuf {
+        self.data_dir.join("vm").join("disks")
+    }
+
+    pub fn run_paths(&self, id: &str) -> RunPaths {
+        RunPaths::new(self.run_root().join(id))
+    }
+
+    pub fn overlay(&self, id: &str) -> PathBuf {
+        self.disks_root().join(format!("{id}.qcow2"))
+    }
+
+    fn main_pid_file(&self, id: &str) -> PathBuf {
+        self.run_paths(id).dir.join("main.pid")
+    }
+
+    /// The QEMU pid recorded at spawn, if that process still runs in the instance's cgroup.
+    fn live_pid(&self, node: &Node, id: &str) -> Option<i32> {
+        let pid = self.main_pid(node, id)?;
+        let stat = std::fs::read_to_string(node.cfg.root.path(format!("/proc/{pid}/stat"))).ok()?;
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']));
+        (!zombie && cgroup::holds(&node.cfg.root, id, pid)).then_some(pid)
+    }
+
+    fn provision_steps(
+        &self,
+        node: &Node,
+        plan: &InstancePlan,
+        t: &mut StepTimer,
+    ) -> Result<(), VmError> {
+        let id = plan.id.as_str();
+        let run = self.run_paths(id);
+        // Half-made or stopped: start from nothing (the tap, overlay and run dir are per run).
+        self.remove_objects(node, id)?;
+        std::fs::create_dir_all(&run.dir).map_err(vio(&run.dir))?;
+        t.mark("vm_clean");
+        let layers: Vec<PathBuf> = plan
+            .layers
+            .iter()
+            .rev()
+            .map(|l| node.images.layer_dir(l))
+            .collect();
+        let template = self.templates.ensure(&plan.image_digest, &layers)?;
+        t.mark("vm_template");
+        let overlay = self.overlay(id);
+        self.templates
+            .create_overlay(&template, &overlay, plan.disk_size)?;
+        t.mark("vm_overlay");
+        let tnet = TenantNet {
+            slot: plan.net_slot,
+        };
+        let addr = node.net.address(&tnet, plan.ip_host).map_err(net_err)?;
+        let gw = node.net.gateway(&tnet).map_err(net_err)?;
+        let prefix_len = node.cfg.net_plan.tenant_len();
+        let (tap, mac) = node
+            .net
+            .setup_tap(id, &tnet, plan.ip_host)
+            .map_err(net_err)?;
+        t.mark("vm_tap");
+        let volumes: Vec<(String, PathBuf)> = plan
+            .volumes
+            .iter()
+            .map(|(name, _)| (name.clone(), node.disks.volume_image(&plan.tenant_id, name)))
+            .collect();
+        let dns = crate::net::nameservers(&crate::instance::resolv_conf(&node.cfg.root))
+            .into_iter()
+            .map(std::net::IpAddr::V4)
+            .collect();
+        write_seed(
+            &SeedSpec {
+                instance_id: id.to_string(),
+                hostname: plan.hostname.clone(),
+                user: "gpuvisor".into(),
+                ssh_keys: plan.ssh_keys.clone(),
+                runcmd: plan.args.clone(),
+                startup_script: plan.startup_script.clone(),
+                packages: Vec::new(),
+                mounts: plan
+                    .volumes
+                    .iter()
+                    .map(|(n, p)| (n.clone(), p.clone()))
+                    .collect(),
+                net: SeedNet {
+                    mac: mac.clone(),
+                    address: addr,
+                    prefix_len,
+                    gateway: gw,
+                    dns,
+                },
+            },
+            &run.seed(),
+        )?;
+        t.mark("vm_seed");
+        let mask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix_len)));
+        let cmdline = format!(
+            "{} console=tty0 console=ttyS0 panic=-1 ip={addr}::{gw}:{mask}:{}:eth0:off",
+            template.cmdline, plan.hostname
+        );
+        let spec = VmSpec {
+            id: id.to_string(),
+            vcpus: u32::try_from(plan.cpus.len()).unwrap_or(1).max(1),
+            memory: plan.memory,
+            accel: self.cfg.accel.clone(),
+            kernel: template.kernel.clone(),
+            initrd: template.initrd.clone(),
+            cmdline,
+            root: overlay,
+            volumes,
+            seed: Some(run.seed()),
+            net: Some(NetDev {
+                fd: tap.as_raw_fd(),
+                mac,
+            }),
+            vsock_cid: qemu::vsock_cid(&node.cfg.root, id),
+            gpus: None,
+            run: run.clone(),
+        };
+        if !plan.gpus.is_empty() {
+            return Err(VmError::Start {
+                id: id.to_string(),
+                why: "GPU passthrough is not wired into this runtime yet".into(),
+            });
+        }
+        let procs = qemu::make_cgroup(&node.cfg.root, id, &plan.cpus, spec.memory_limit())?;
+        t.mark("vm_cgroup");
+        let output = node.container_output(id).map_err(|e| VmError::Start {
+            id: id.to_string(),
+            why: format!("log relay: {e}"),
+        })?;
+        t.mark("log_relay");
+        let pid = qemu::spawn(
+            &self.cfg.qemu,
+            &spec,
+            output,
+            &procs,
+            &[tap.as_raw_fd()],
+            START_TIMEOUT,
+        )?;
+        // QEMU holds the tap now; ours closes with `tap`.
+        drop(tap);
+        let pid_file = self.main_pid_file(id);
+        std::fs::write(&pid_file, format!("{pid}\n")).map_err(vio(&pid_file))?;
+        t.mark("qemu_start");
+        let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
+        let vcpus = mon.vcpus()?;
+        qemu::pin_vcpus(&vcpus, &plan.cpus)?;
+        t.mark("vcpu_pin");
+        tracing::info!(id, pid, accel = self.cfg.accel.describe(), "VM started");
+        Ok(())
+    }
+
+    /// Kills QEMU (if ours and alive) and removes the run dir, overlay and tap.
+    fn remove_objects(&self, node: &Node, id: &str) -> Result<(), VmError> {
+        if let Some(pid) = self.live_pid(node, id) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            wait_gone(node, pid, Duration::from_secs(5));
+        }
+        node.net.teardown_tap(id).map_err(net_err)?;
+        let run = self.run_paths(id).dir;
+        match std::fs::remove_dir_all(&run) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(vio(&run)(e)),
+            _ => {}
+        }
+        let ov = self.overlay(id);
+        match std::fs::remove_file(&ov) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(vio(&ov)(e)),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn net_err(e: crate::net::NetError) -> VmError {
+    VmError::Tap {
+        name: "network".into(),
+        why: e.to_string(),
+    }
+}
+
+/// Waits up to `wait` for `pid` to be gone or a zombie (the daemon reaps it).
+fn wait_gone(node: &Node, pid: i32, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        let stat = std::fs::read_to_string(node.cfg.root.path(format!("/proc/{pid}/stat")))
+            .unwrap_or_default();
+        let gone = stat.is_empty()
+            || stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']));
+        if gone {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn unsupported(what: &str) -> NodeError {
+    NodeError::Unsupported {
+        kind: RuntimeKind::Vm,
+        what: what.into(),
+    }
+}
+
+impl Runtime for VmRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Vm
+    }
+
+    /// A run dir or an overlay of ours for `id`.
+    fn knows(&self, _node: &Node, id: &str) -> bool {
+        self.run_paths(id).dir.exists() || self.overlay(id).exists()
+    }
+
+    fn provision(
+        &self,
+        node: &Node,
+        plan: &InstancePlan,
+        t: &mut StepTimer,
+    ) -> Result<(), NodeError> {
+        if self.live_pid(node, &plan.id).is_some() {
+            return Ok(());
+        }
+        self.provision_steps(node, plan, t).map_err(NodeError::from)
+    }
+
+    /// ACPI power button over QMP, up to `grace` for the guest to power off, then `quit`, then
+    /// SIGKILL. The button is pressed again every few seconds: a guest still booting (no
+    /// handler listening yet) loses a press, as a real machine's OS would.
+    fn stop(&self, node: &Node, id: &str, grace: Duration) -> Result<(), NodeError> {
+        let Some(pid) = self.live_pid(node, id) else {
+            return Ok(());
+        };
+        let qmp = self.run_paths(id).qmp();
+        let deadline = Instant::now() + grace;
+        let mut pressed = false;
+        loop {
+            match Monitor::connect(&qmp, Duration::from_secs(2)).and_then(|mut m| m.powerdown()) {
+                Ok(()) => pressed = true,
+                Err(e) if !pressed => {
+                    tracing::warn!(id, "powerdown over QMP: {e}");
+                    break;
+                }
+                Err(_) => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if wait_gone(node, pid, left.min(POWERDOWN_REPEAT)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        tracing::info!(id, "the guest did not power off within the grace: quit");
+        let _ = Monitor::connect(&qmp, Duration::from_secs(2)).and_then(|mut m| m.quit());
+        if !wait_gone(node, pid, Duration::from_secs(3)) && cgroup::holds(&node.cfg.root, id, pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            wait_gone(node, pid, Duration::from_secs(5));
+        }
+        Ok(())
+    }
+
+    /// QEMU, its log relay, tap, run dir (sockets, pid files, seed) and overlay.
+    fn teardown(&self, node: &Node, id: &str) -> Result<(), NodeError> {
+        let known = self.knows(node, id);
+        self.remove_objects(node, id)?;
+        if known {
+            node.stop_relay(id, Duration::from_secs(5));
+        }
+        Ok(())
+    }
+
+    /// Ids whose QEMU (from `main.pid`) runs in the instance's cgroup. Spawns nothing.
+    fn running(&self, node: &Node) -> BTreeSet<String> {
+        let Ok(rd) = std::fs::read_dir(self.run_root()) else {
+            return BTreeSet::new();
+        };
+        rd.flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|id| self.live_pid(node, id).is_some())
+            .collect()
+    }
+
+    fn main_pid(&self, _node: &Node, id: &str) -> Option<i32> {
+        std::fs::read_to_string(self.main_pid_file(id))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Run dirs and overlays.
+    fn local_ids(&self, _node: &Node) -> Result<BTreeSet<String>, NodeError> {
+        let mut ids = BTreeSet::new();
+        if let Ok(rd) = std::fs::read_dir(self.run_root()) {
+            ids.extend(
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            );
+        }
+        if let Ok(rd) = std::fs::read_dir(self.disks_root()) {
+            ids.extend(rd.flatten().filter_map(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .strip_suffix(".qcow2")
+                    .map(str::to_string)
+            }));
+        }
+        Ok(ids)
+    }
+
+    fn exec_command(
+        &self,
+        _node: &Node,
+        _id: &str,
+        _args: &[String],
+        _env: &[String],
+        _stdin: bool,
+    ) -> Result<(std::process::Command, PathBuf), NodeError> {
+        Err(unsupported(
+            "exec (through the guest agent: not implemented yet)",
+        ))
+    }
+
+    fn exec_pipes_command(
+        &self,
+        _node: &Node,
+        _id: &str,
+        _args: &[String],
+        _env: &[String],
+        _stdin: bool,
+    ) -> Result<(std::process::Command, PathBuf), NodeError> {
+        Err(unsupported(
+            "exec -i (through the guest agent: not implemented yet)",
+        ))
+    }
+
+    fn exec_tty_command(
+        &self,
+        _node: &Node,
+        _id: &str,
+        _args: &[String],
+        _env: &[String],
+    ) -> Result<ExecTty, NodeError> {
+        Err(unsupported(
+            "exec -t (use `instance console` on a VM: not implemented yet)",
+        ))
+    }
+
+    fn kill_exec(&self, _node: &Node, _id: &str, pid_file: &Path) -> usize {
+        let _ = std::fs::remove_file(pid_file);
+        0
+    }
+
+    fn kill_orphaned_exec(&self, _node: &Node, _id: &str, pid_file: &Path) -> usize {
+        let _ = std::fs::remove_file(pid_file);
+        0
+    }
+}
