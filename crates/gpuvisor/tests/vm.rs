@@ -191,3 +191,154 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
     assert!(leaks.is_empty(), "leaks: {leaks:?}");
     assert!(d.leaked_processes(&ids).is_empty());
 }
+
+/// Types `line` on the VM's serial console (the shell the fixture runs there).
+fn console_type(d: &Daemon, id: &str, line: &str) {
+    use std::io::Write;
+    let sock = d.data().join("vm/run").join(id).join("console.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(format!("{line}\n").as_bytes()).unwrap();
+    // The console chardev takes one client: leave before the next command connects.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Runs `cmd` in the guest with its output captured as `$r` and printed as `TAG=[$r]` (the typed
+/// line shows `$r`, never the result, so the echo of the command is not mistaken for it);
+/// returns what was inside the brackets.
+fn guest_probe(d: &Daemon, id: &str, tag: &str, cmd: &str) -> String {
+    console_type(d, id, &format!("r=$({cmd}); echo \"{tag}=[$r]\""));
+    let marker = format!("{tag}=[");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = logs(d, id);
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains(&marker) && !l.contains("$r"))
+        {
+            return line
+                .split_once(&marker)
+                .unwrap()
+                .1
+                .split(']')
+                .next()
+                .unwrap()
+                .to_string();
+        }
+        assert!(Instant::now() < deadline, "no {tag} result in {log}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn vm_and_same_tenant_container_talk_other_tenants_and_spoofed_frames_do_not() {
+    let _g = serial();
+    let Some(fx) = fixture() else { return };
+    let d = vm_daemon(&fx);
+    d.import_busybox();
+    d.json(&["tenant", "create", "alpha"]);
+    d.json(&["tenant", "create", "beta"]);
+    let key = |t: &str| {
+        d.json(&["key", "create", "--tenant", t])["secret"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (ka, kb) = (key("alpha"), key("beta"));
+    let serve = [
+        "--vcpus",
+        "1",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+        "--",
+        "sh",
+        "-c",
+        "while true; do echo hi | nc -l -p 8080; done",
+    ];
+    let a1 = d.create_as(&ka, &serve);
+    let b1 = d.create_as(&kb, &serve);
+    let v = d.json_as(
+        &ka,
+        &[
+            "instance",
+            "create",
+            "--image",
+            "busybox",
+            "--runtime",
+            "vm",
+            "--vcpus",
+            "1",
+            "--memory",
+            "256MiB",
+            "--container-disk",
+            "256MiB",
+            "--wait",
+        ],
+    );
+    assert_eq!(v["state"], "running", "{v}");
+    let vm = v["id"].as_str().unwrap().to_string();
+    let ip = |id: &str| {
+        d.json(&["instance", "get", id])["ip"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (ip_a1, ip_b1, ip_vm) = (ip(&a1), ip(&b1), ip(&vm));
+    wait_log(&d, &vm, "gpuvisor-guest-ready", 1);
+
+    // The guest reaches its tenant's container; the container reaches the guest.
+    let nc = |to: &str| format!("nc -w 3 {to} 8080 </dev/null");
+    assert_eq!(guest_probe(&d, &vm, "P1", &nc(&ip_a1)), "hi");
+    console_type(
+        &d,
+        &vm,
+        "(while true; do echo vm | nc -l -p 8081; done) >/dev/null 2>&1 &",
+    );
+    let out = d.cli_as(
+        &ka,
+        &[
+            "instance", "exec", &a1, "--", "nc", "-w", "3", &ip_vm, "8081",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "vm",
+        "container -> VM: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another tenant's container is out of reach.
+    assert_eq!(guest_probe(&d, &vm, "P2", &nc(&ip_b1)), "");
+
+    // The MAC the guest was given, to put back after spoofing it.
+    let mac = guest_probe(&d, &vm, "MAC", "cat /sys/class/net/eth0/address");
+    assert!(mac.starts_with("02:"), "{mac}");
+    // A spoofed source address (another host of the tenant's subnet) is dropped at the tap...
+    let (prefix, _) = ip_vm.rsplit_once('.').unwrap();
+    let gw = format!("{prefix}.1");
+    let spoof = format!("{prefix}.250");
+    let set = |mac: &str, addr: &str| {
+        format!(
+            "ip link set eth0 down; ip link set eth0 address {mac}; ip link set eth0 up; \
+             ip addr flush dev eth0; ip addr add {addr}/24 dev eth0; \
+             ip route add default via {gw}; sleep 1; {}",
+            nc(&ip_a1)
+        )
+    };
+    assert_eq!(guest_probe(&d, &vm, "P3", &set(&mac, &spoof)), "");
+    // ... the same probe with the assigned address passes (the drop was the spoof's) ...
+    assert_eq!(guest_probe(&d, &vm, "P4", &set(&mac, &ip_vm)), "hi");
+    // ... and a spoofed source MAC with the right address is dropped too.
+    assert_eq!(
+        guest_probe(&d, &vm, "P5", &set("02:00:00:00:00:99", &ip_vm)),
+        ""
+    );
+    assert_eq!(guest_probe(&d, &vm, "P6", &set(&mac, &ip_vm)), "hi");
+    let ids = vec![vm, a1, b1];
+    for id in &ids {
+        let t = d.json(&["instance", "terminate", id, "--wait", "--timeout", "120s"]);
+        assert_eq!(t["state"], "terminated", "{t}");
+    }
+    let leaks = d.leaks(&ids);
+    assert!(leaks.is_empty(), "leaks: {leaks:?}");
+}
