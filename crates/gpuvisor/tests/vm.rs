@@ -6,6 +6,7 @@
 //! `gcfx: cpus=N mem_kb=M vda_bytes=B` and `gpuvisor-guest-ready` on the console and powers off
 //! on the ACPI power button. It comes from `GPUVISOR_VM_FIXTURE` (a directory with `vmlinuz` and
 //! `initrd.img`), else from `scripts/vm-test-fixture`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 use common::*;
