@@ -147,6 +147,8 @@ pub fn check(root: &HostRoot, nvml: &NvmlFacts) -> Vec<Check> {
     out.push(device_modes(root));
     out.push(cgroups(root));
     out.push(kvm(root));
+    out.push(vm_accel(root));
+    out.push(vsock(root));
     out
 }
 
@@ -790,6 +792,50 @@ fn kvm(root: &HostRoot) -> Check {
     }
 }
 
+/// How micro-VMs run here: the verdict of the daemon's KVM probe (a tiny guest booted once per
+/// host boot under KVM; cached in /run/gpuvisor).
+fn vm_accel(root: &HostRoot) -> Check {
+    let title = "micro-VM acceleration (KVM probe)";
+    match crate::vm::qemu::cached_accel(root) {
+        Some(crate::vm::Accel::Kvm) => mk(
+            "vm_accel",
+            title,
+            Status::Pass,
+            "kvm: a probe guest booted under KVM",
+            "",
+        ),
+        Some(crate::vm::Accel::Tcg { reason }) => mk(
+            "vm_accel",
+            title,
+            Status::Warn,
+            format!("tcg: {reason}"),
+            "VMs run under TCG emulation (slow); use a host with working hardware virtualisation",
+        ),
+        None => mk(
+            "vm_accel",
+            title,
+            Status::Skip,
+            "not probed on this boot: `gpuvisor serve` boots a probe guest at start (with --vm-kernel)",
+            "",
+        ),
+    }
+}
+
+/// vsock for VMs (a CID per instance) needs /dev/vhost-vsock.
+fn vsock(root: &HostRoot) -> Check {
+    let title = "vsock for micro-VMs";
+    match crate::vm::qemu::vsock_missing(root) {
+        None => mk("vsock", title, Status::Pass, "/dev/vhost-vsock present", ""),
+        Some(why) => mk(
+            "vsock",
+            title,
+            Status::Warn,
+            why,
+            "load the vhost_vsock module (VMs start without a vsock device meanwhile)",
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -837,6 +883,8 @@ mod tests {
                 "device_modes",
                 "cgroup",
                 "kvm",
+                "vm_accel",
+                "vsock",
             ]
         );
         assert_eq!(status(&c, "kernel"), Status::Pass);
@@ -1159,6 +1207,26 @@ mod tests {
             "25 1 8:1 / / rw - ext4 /dev/sda1 rw\n",
         );
         assert_eq!(status(&run(&fx), "cgroup"), Status::Fail);
+    }
+
+    #[test]
+    fn vm_accel_and_vsock_are_reported_with_the_reason() {
+        let fx = Fx::clean();
+        let c = run(&fx);
+        assert_eq!(status(&c, "vm_accel"), Status::Skip);
+        assert_eq!(status(&c, "vsock"), Status::Warn);
+        let boot = "0f0f0f0f-aaaa-bbbb-cccc-000000000001";
+        fx.file("/proc/sys/kernel/random/boot_id", &format!("{boot}\n"));
+        fx.file(
+            &format!("/run/gpuvisor/vm-accel-{boot}.json"),
+            r#"{"accel":"tcg","reason":"guests hang under KVM"}"#,
+        );
+        fx.file("/dev/vhost-vsock", "");
+        let c = run(&fx);
+        let a = get(&c, "vm_accel");
+        assert_eq!(a.status, Status::Warn);
+        assert_eq!(a.detail, "tcg: guests hang under KVM");
+        assert_eq!(status(&c, "vsock"), Status::Pass);
     }
 
     #[test]

@@ -447,6 +447,12 @@ fn probe_cache(root: &HostRoot) -> Option<PathBuf> {
     Some(root.path(format!("/run/gpuvisor/vm-accel-{boot}.json")))
 }
 
+/// The verdict the daemon's probe cached for this boot, if any (for `host check`).
+pub fn cached_accel(root: &HostRoot) -> Option<Accel> {
+    let c = probe_cache(root)?;
+    serde_json::from_slice(&std::fs::read(c).ok()?).ok()
+}
+
 /// KVM or TCG for this host: TCG without `/dev/kvm` or without a kernel to probe with;
 /// otherwise a tiny guest (the kernel alone, no disk: it prints its banner and panics for lack
 /// of a root) is booted once under KVM with a short timeout. A guest that prints nothing (KVM
