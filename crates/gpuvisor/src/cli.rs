@@ -2024,6 +2024,7 @@ mod tests {
             runtime: Default::default(),
             restart_count: 0,
             exit_code: None,
+            accel: None,
             created_at: 0,
             updated_at,
         }

@@ -169,7 +169,13 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
         ("Desired".into(), i.desired.to_string()),
         ("Reason".into(), or_dash(i.reason.as_deref().unwrap_or(""))),
         ("Image".into(), i.image.clone()),
-        ("Runtime".into(), i.runtime.to_string()),
+        (
+            "Runtime".into(),
+            match &i.accel {
+                Some(a) => format!("{} ({a})", i.runtime),
+                None => i.runtime.to_string(),
+            },
+        ),
         ("VCPUs".into(), i.vcpus.to_string()),
         ("CPUs".into(), or_dash(&format_cpus(&i.cpus))),
         ("Memory".into(), format_size(i.memory)),
@@ -722,6 +728,7 @@ mod tests {
             runtime: gpuvisor_wire::RuntimeKind::Container,
             restart_count: 2,
             exit_code: Some(3),
+            accel: None,
             created_at: NOW - 5 * 60 * 1000,
             updated_at: NOW,
         }

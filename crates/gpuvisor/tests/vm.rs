@@ -127,6 +127,12 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
     ]);
     assert_eq!(v["state"], "running", "{v}\n{}", d.log());
     assert_eq!(v["runtime"], "vm", "{v}");
+    // `instance get` says how the guest runs: KVM, or TCG with the probe's reason.
+    let accel = v["accel"].as_str().unwrap_or_default();
+    assert!(
+        accel == "kvm" || (accel.starts_with("tcg (") && accel.len() > 8),
+        "accel {accel:?} in {v}"
+    );
     let id = v["id"].as_str().unwrap().to_string();
 
     // Console output reaches the instance log; the guest sees exactly its resources.

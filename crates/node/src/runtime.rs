@@ -18,6 +18,12 @@ use std::time::Duration;
 pub trait Runtime: Send + Sync {
     fn kind(&self) -> RuntimeKind;
 
+    /// How this runtime runs instances on this host, where that varies (VMs: `kvm`, or `tcg
+    /// (reason)`), for `instance get`.
+    fn accel(&self) -> Option<String> {
+        None
+    }
+
     /// Whether this runtime left host objects for instance `id` (files only: no process is
     /// spawned). Decides which runtime stops, execs into and tears down an instance.
     fn knows(&self, node: &Node, id: &str) -> bool;

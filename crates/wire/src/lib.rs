@@ -332,6 +332,9 @@ pub struct Instance {
     /// Exit code of the main process's last run (128 + N for signal N), when it was seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// VMs: how the host runs the guest (`kvm`, or `tcg (why KVM is not used)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
     /// Live usage of fractional GPUs from the limiter (only in `get`, not in lists).

@@ -1031,6 +1031,12 @@ impl Engine {
             restart: i.restart.policy,
             restart_count: i.restart.count,
             exit_code: i.restart.exit_code,
+            accel: self
+                .node
+                .runtime(i.runtime)
+                .ok()
+                .and_then(|r| r.accel())
+                .filter(|_| !simulated),
             ip,
             gpu_usage: Vec::new(),
             created_at: i.created_at,

@@ -266,6 +266,10 @@ impl Runtime for VmRuntime {
         RuntimeKind::Vm
     }
 
+    fn accel(&self) -> Option<String> {
+        Some(self.cfg.accel.describe())
+    }
+
     /// A run dir or an overlay of ours for `id`.
     fn knows(&self, _node: &Node, id: &str) -> bool {
         self.run_paths(id).dir.exists() || self.overlay(id).exists()
