@@ -57,19 +57,30 @@ def wait_marker_files(pattern, marker, t0, timeout=300):
 
 
 def qemu_overhead_kib(pid, guest_bytes):
-    """RSS of the QEMU process outside the guest RAM mapping (kB)."""
-    total = guest = 0
+    """QEMU's RSS outside the guest RAM mapping (kB): (total, file-backed, TCG translation
+    buffer, the rest: QEMU's own anonymous memory)."""
+    total = guest = files = tb = 0
     size = None
+    path = perms = ""
     for line in open(f"/proc/{pid}/smaps"):
         if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            lo, hi = line.split()[0].split("-")
+            f = line.split()
+            lo, hi = f[0].split("-")
             size = int(hi, 16) - int(lo, 16)
+            path = f[5] if len(f) > 5 else ""
+            perms = f[1]
         elif line.startswith("Rss:"):
             kb = int(line.split()[1])
             total += kb
             if size == guest_bytes:
                 guest += kb
-    return total - guest
+            elif path.startswith("/"):
+                files += kb
+            elif "x" in perms:
+                # The translation buffer: QEMU's one anonymous executable mapping.
+                tb += kb
+    over = total - guest
+    return over, files, tb, over - files - tb
 
 
 def bare_boot(qemu, fx, base, workdir, marker, mem_mib, append):
@@ -133,13 +144,14 @@ def main():
             iid = json.loads(r.stdout)["id"]
             vm = wait_marker_files(os.path.join(d.data_dir, "logs", iid, "*.log"), a.marker, t0)
             pid = int(open(os.path.join(d.data_dir, "vm", "run", iid, "main.pid")).read())
-            over = qemu_overhead_kib(pid, a.memory_mib << 20)
+            over, files, tb, own = qemu_overhead_kib(pid, a.memory_mib << 20)
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
             append = cmdline[cmdline.index(b"-append") + 1].decode()
             base = glob.glob(os.path.join(d.data_dir, "vm", "templates", "*", "base.img"))[0]
             bare = bare_boot(qemu, fx, base, d.data_dir, a.marker, a.memory_mib, append)
             d.cli("instance", "terminate", iid, "--wait")
-            samples.append({"id": iid, "gpuvisor_s": vm, "bare_s": bare, "overhead_kib": over})
+            samples.append({"id": iid, "gpuvisor_s": vm, "bare_s": bare, "overhead_kib": over,
+                            "files_kib": files, "tb_kib": tb, "own_kib": own})
             gb.log(f"round {i}: gpuvisor {vm:.2f}s bare {bare:.2f}s overhead {over} KiB")
         t = timings(d.log_path)
         for s in samples:
@@ -160,8 +172,11 @@ def main():
     for k in steps:
         vals = [s["steps_ms"][k] for s in samples if k in s["steps_ms"]]
         rows.append([f"  step {k}", f"{gb.percentile(vals, 50):.1f} ms", f"{gb.percentile(vals, 90):.1f} ms"])
-    rows.append(["QEMU RSS beyond guest RAM", f"{med('overhead_kib') / 1024:.1f} MiB",
-                 f"{p90('overhead_kib') / 1024:.1f} MiB"])
+    for k, what in [("overhead_kib", "QEMU RSS beyond guest RAM"),
+                    ("files_kib", "  of which file-backed (binary, libraries: shared)"),
+                    ("tb_kib", "  of which TCG translation buffer (none under KVM)"),
+                    ("own_kib", "  of which QEMU's own anonymous memory")]:
+        rows.append([what, f"{med(k) / 1024:.1f} MiB", f"{p90(k) / 1024:.1f} MiB"])
     print(f"micro-VM create, n={len(samples)}, TCG, {gb.machine()}")
     gb.print_table(["what", "p50", "p90"], rows)
     if a.json:
