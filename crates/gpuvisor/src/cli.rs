@@ -186,6 +186,27 @@ pub enum Command {
     /// status (started by the daemon, one per session).
     #[command(name = "exec-shim", hide = true)]
     ExecShim(ExecShimArgs),
+    /// Internal: runs `instance exec` on a VM through its guest agent (started by the daemon).
+    #[command(name = "qga-exec", hide = true)]
+    QgaExec(QgaExecArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct QgaExecArgs {
+    /// The guest agent's unix socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Where `<own pid> <guest pid>` is written once the command runs.
+    #[arg(long)]
+    pub pid_file: PathBuf,
+    /// `KEY=VALUE` for the command's environment.
+    #[arg(long)]
+    pub env: Vec<String>,
+    /// Pass stdin to the command.
+    #[arg(long)]
+    pub stdin: bool,
+    #[arg(last = true, required = true)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -699,8 +720,9 @@ fn read_ssh_keys(args: &[String]) -> Result<Vec<String>, CliError> {
                         .map_or_else(|| path.into(), |h| std::path::Path::new(&h).join(rest)),
                     None => std::path::PathBuf::from(path),
                 };
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| CliError::Invalid(format!("--ssh-key @{}: {e}", path.display())))?;
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    CliError::Invalid(format!("--ssh-key @{}: {e}", path.display()))
+                })?;
                 keys.extend(
                     text.lines()
                         .map(str::trim)
@@ -877,6 +899,13 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
                 .map_err(|e| CliError::Invalid(format!("log relay {}: {e}", a.id)))?;
             Ok(exit::OK)
         }
+        Command::QgaExec(a) => Ok(gpuvisor_node::vm::qmp::agent_exec_main(
+            &a.socket,
+            &a.pid_file,
+            &a.args,
+            &a.env,
+            a.stdin,
+        )),
         Command::ExecShim(a) => Ok(gpuvisor_node::console::shim_main(
             &gpuvisor_node::HostRoot::real(),
             &a.instance,

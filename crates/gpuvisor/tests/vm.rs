@@ -145,6 +145,19 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
         mem_kb <= 256 * 1024 && mem_kb > 200 * 1024,
         "MemTotal {mem_kb} kB for 256 MiB: {log}"
     );
+    // exec goes through the guest agent, with the container CLI and API: output and status.
+    let (code, out, err) = d.exec(&id, "echo from-the-guest; echo to-stderr >&2; exit 3");
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (3, "from-the-guest\n", "to-stderr\n"),
+        "{}",
+        d.log()
+    );
+    let (code, out, _) = d.exec(&id, "grep -c ^processor /proc/cpuinfo");
+    assert_eq!((code, out.trim()), (0, "2"));
+    // A terminal exec is refused with the reason.
+    let t = d.cli(&["instance", "exec", "-t", &id, "--", "sh"]);
+    assert_ne!(t.status.code(), Some(0));
     // One QEMU, in the instance's cgroup, its vCPU threads pinned to the instance's CPUs.
     let q = qemu_pids(&id);
     assert_eq!(q.len(), 1, "QEMU processes of {id}: {q:?}");

@@ -202,3 +202,94 @@ impl Agent {
         }))
     }
 }
+
+/// This binary's hidden `qga-exec` mode: the command `instance exec` runs for a VM. Runs `args`
+/// in the guest through the agent on `socket` (stdin, when asked, read whole and passed as the
+/// command's input), writes `<own pid> <guest pid>` to `pid_file` once it runs, polls its status,
+/// then prints its stdout and stderr and returns its exit status. SIGTERM (what
+/// [`kill_agent_exec`] sends) kills the guest process (`kill -9`, on the same agent connection:
+/// the agent's channel serves one client at a time) and ends with 137.
+pub fn agent_exec_main(
+    socket: &Path,
+    pid_file: &Path,
+    args: &[String],
+    env: &[String],
+    stdin: bool,
+) -> i32 {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TERM: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_term(_: libc::c_int) {
+        TERM.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+    }
+    let fail = |what: &str| {
+        eprintln!("gpuvisor: {what}");
+        255
+    };
+    let Some((path, rest)) = args.split_first() else {
+        return fail("no command");
+    };
+    let mut input = Vec::new();
+    if stdin && std::io::stdin().read_to_end(&mut input).is_err() {
+        return fail("cannot read stdin");
+    }
+    let mut agent =
+        match Agent::connect(socket, Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(e) => return fail(&format!(
+                "the guest agent does not answer ({e}): is qemu-guest-agent running in the guest?"
+            )),
+        };
+    let pid = match agent.exec(path, rest, env, stdin.then_some(input.as_slice())) {
+        Ok(p) => p,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let _ = std::fs::write(pid_file, format!("{} {pid}\n", std::process::id()));
+    loop {
+        if TERM.load(Ordering::SeqCst) {
+            let _ = agent.exec(
+                "/bin/sh",
+                &["-c".to_string(), format!("kill -9 {pid}")],
+                &[],
+                None,
+            );
+            return 137;
+        }
+        match agent.exec_status(pid) {
+            Ok(Some(done)) => {
+                let _ = std::io::stdout().write_all(&done.stdout);
+                let _ = std::io::stderr().write_all(&done.stderr);
+                return done.code;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return fail(&e.to_string()),
+        }
+    }
+}
+
+/// Kills an agent exec: SIGTERM to its `qga-exec` process (the first pid of `pid_file`, only
+/// while it is one), which kills the guest process. Returns how many were signalled.
+pub fn kill_agent_exec(root: &crate::HostRoot, pid_file: &Path) -> usize {
+    let text = std::fs::read_to_string(pid_file).unwrap_or_default();
+    let _ = std::fs::remove_file(pid_file);
+    let Some(host) = text
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return 0;
+    };
+    let cmd = std::fs::read(root.path(format!("/proc/{host}/cmdline"))).unwrap_or_default();
+    if !cmd.split(|b| *b == 0).any(|a| a == b"qga-exec") {
+        return 0;
+    }
+    let sent = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(host),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    usize::from(sent.is_ok())
+}

@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 /// How long QEMU may take to answer QMP after its start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// This binary's hidden mode that runs an `instance exec` through the guest agent.
+pub const AGENT_EXEC_SUBCOMMAND: &str = "qga-exec";
 /// How often `stop` presses the power button again while the guest runs.
 const POWERDOWN_REPEAT: Duration = Duration::from_secs(3);
 
@@ -375,30 +377,62 @@ impl Runtime for VmRuntime {
         Ok(ids)
     }
 
+    /// `<this binary> qga-exec`: the command runs in the guest through the guest agent; its
+    /// pid file (in the run dir, removed with it) holds the shim's and the guest's pids.
     fn exec_command(
         &self,
-        _node: &Node,
-        _id: &str,
-        _args: &[String],
-        _env: &[String],
-        _stdin: bool,
+        node: &Node,
+        id: &str,
+        args: &[String],
+        env: &[String],
+        stdin: bool,
     ) -> Result<(std::process::Command, PathBuf), NodeError> {
-        Err(unsupported(
-            "exec (through the guest agent: not implemented yet)",
-        ))
+        use std::os::unix::process::CommandExt;
+        if self.live_pid(node, id).is_none() {
+            return Err(unsupported("exec on a VM that is not running"));
+        }
+        let shim = node.log_limits().relay.clone().ok_or_else(|| {
+            unsupported("exec without the gpuvisor binary configured (daemon without a relay)")
+        })?;
+        let run = self.run_paths(id);
+        let pid_file = run
+            .dir
+            .join(format!("exec-{}.pid", crate::instance::exec_tag()?));
+        let mut cmd = std::process::Command::new(shim);
+        cmd.arg(AGENT_EXEC_SUBCOMMAND)
+            .arg("--socket")
+            .arg(run.agent())
+            .arg("--pid-file")
+            .arg(&pid_file);
+        for e in env {
+            cmd.arg("--env").arg(e);
+        }
+        if stdin {
+            cmd.arg("--stdin");
+        }
+        cmd.arg("--")
+            .args(args)
+            .stdin(if stdin {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0);
+        Ok((cmd, pid_file))
     }
 
+    /// The same agent exec: there is no runtime process on the host to outlive the daemon.
     fn exec_pipes_command(
         &self,
-        _node: &Node,
-        _id: &str,
-        _args: &[String],
-        _env: &[String],
-        _stdin: bool,
+        node: &Node,
+        id: &str,
+        args: &[String],
+        env: &[String],
+        stdin: bool,
     ) -> Result<(std::process::Command, PathBuf), NodeError> {
-        Err(unsupported(
-            "exec -i (through the guest agent: not implemented yet)",
-        ))
+        self.exec_command(node, id, args, env, stdin)
     }
 
     fn exec_tty_command(
@@ -409,17 +443,15 @@ impl Runtime for VmRuntime {
         _env: &[String],
     ) -> Result<ExecTty, NodeError> {
         Err(unsupported(
-            "exec -t (use `instance console` on a VM: not implemented yet)",
+            "exec on a terminal (-t): the guest agent has no terminals; use exec without -t",
         ))
     }
 
-    fn kill_exec(&self, _node: &Node, _id: &str, pid_file: &Path) -> usize {
-        let _ = std::fs::remove_file(pid_file);
-        0
+    fn kill_exec(&self, node: &Node, _id: &str, pid_file: &Path) -> usize {
+        super::qmp::kill_agent_exec(&node.cfg.root, pid_file)
     }
 
-    fn kill_orphaned_exec(&self, _node: &Node, _id: &str, pid_file: &Path) -> usize {
-        let _ = std::fs::remove_file(pid_file);
-        0
+    fn kill_orphaned_exec(&self, node: &Node, _id: &str, pid_file: &Path) -> usize {
+        super::qmp::kill_agent_exec(&node.cfg.root, pid_file)
     }
 }
