@@ -362,3 +362,142 @@ fn vm_and_same_tenant_container_talk_other_tenants_and_spoofed_frames_do_not() {
     let leaks = d.leaks(&ids);
     assert!(leaks.is_empty(), "leaks: {leaks:?}");
 }
+
+/// Polls `instance get` until `pred` holds (bounded); returns the instance.
+fn wait_for(
+    d: &Daemon,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let v = d.json(&["instance", "get", id]);
+        if pred(&v) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never {what}: {v}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_guest_panic_ends_the_instance_with_its_status() {
+    let _g = serial();
+    let Some(fx) = fixture() else { return };
+    let d = vm_daemon(&fx);
+    d.import_busybox();
+    let v = d.json(&[
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--runtime",
+        "vm",
+        "--restart",
+        "no",
+        "--vcpus",
+        "1",
+        "--memory",
+        "256MiB",
+        "--container-disk",
+        "256MiB",
+        "--wait",
+    ]);
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_log(&d, &id, "gpuvisor-guest-ready", 1);
+    console_type(&d, &id, "echo c > /proc/sysrq-trigger");
+    // pvpanic: QEMU ends with status 1 (`-action panic=exit-failure`), not a reboot.
+    let v = wait_for(&d, &id, "stopped", |v| v["state"] == "stopped");
+    assert_eq!(v["exit_code"], 1, "{v}");
+    assert!(
+        v["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("exited with code 1"),
+        "{v}"
+    );
+    assert!(logs(&d, &id).contains("Kernel panic"));
+    assert!(qemu_pids(&id).is_empty());
+    d.json(&["instance", "terminate", &id, "--wait"]);
+    let ids = vec![id];
+    assert!(d.leaks(&ids).is_empty(), "{:?}", d.leaks(&ids));
+}
+
+#[test]
+fn sigkill_mid_vm_create_and_terminate_leaks_nothing() {
+    let _g = serial();
+    let Some(fx) = fixture() else { return };
+    let mut d = vm_daemon(&fx);
+    d.import_busybox();
+    let mut ids = Vec::new();
+    for round in 0..6u64 {
+        // Kills land from inside the request to well into provisioning (QEMU starting).
+        let delay = Duration::from_millis(round * 60);
+        let name = format!("vm{round}");
+        let create = d
+            .command_as(
+                &d.key.clone(),
+                [
+                    "instance",
+                    "create",
+                    "--image",
+                    "busybox",
+                    "--runtime",
+                    "vm",
+                    "--name",
+                    &name,
+                    "--vcpus",
+                    "1",
+                    "--memory",
+                    "256MiB",
+                    "--container-disk",
+                    "256MiB",
+                    "-o",
+                    "json",
+                ],
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        d.restart();
+        let _ = create.wait_with_output().unwrap();
+        let got = d.cli(&["-o", "json", "instance", "get", &name]);
+        if !got.status.success() {
+            continue; // the row was never written: nothing of it may exist
+        }
+        let v: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+        let id = v["id"].as_str().unwrap().to_string();
+        wait_for(&d, &id, "running", |v| v["state"] == "running");
+        assert_eq!(qemu_pids(&id).len(), 1, "round {round}: one QEMU");
+        // Mid-terminate.
+        let t = d
+            .command_as(&d.key.clone(), ["instance", "terminate", &id])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(round * 40));
+        d.restart();
+        let _ = t.wait_with_output();
+        let st = d.json(&["instance", "get", &id]);
+        if st["desired"] != "terminated" {
+            d.json(&["instance", "terminate", &id]);
+        }
+        wait_for(&d, &id, "terminated", |v| v["state"] == "terminated");
+        ids.push(id);
+    }
+    assert!(!ids.is_empty(), "no round wrote an instance row");
+    let leaks = d.leaks(&ids);
+    assert!(leaks.is_empty(), "leaks: {leaks:?}");
+    for id in &ids {
+        assert!(qemu_pids(id).is_empty(), "QEMU of {id} left");
+    }
+}

@@ -77,15 +77,18 @@ fn stat(node: &Node, pid: i32) -> Option<(u64, bool, i32)> {
 
 /// Instance `id`'s main process as its runtime recorded it (a container's init, QEMU), if `/proc` still
 /// shows that pid in the instance's cgroup (a zombie keeps its cgroup path until reaped).
+///
+/// A zombie that is this daemon's own child also counts, wherever `/proc` places it: on some
+/// kernels (cgroup v1) a multi-threaded process such as QEMU loses its cgroup path at exit, and
+/// a child's pid cannot be reused before its parent reaps it.
 pub fn init(node: &Node, id: &str) -> Option<Init> {
     let pid = node.main_pid(id)?;
-    if !cgroup::holds(&node.cfg.root, id, pid) {
+    let (start, zombie, ppid) = stat(node, pid)?;
+    let our_zombie = zombie && u32::try_from(ppid).is_ok_and(|p| p == std::process::id());
+    if !our_zombie && !cgroup::holds(&node.cfg.root, id, pid) {
         return None;
     }
-    Some(Init {
-        pid,
-        start: stat(node, pid)?.0,
-    })
+    Some(Init { pid, start })
 }
 
 /// Reaps `init` once it has ended, waiting up to `wait`.

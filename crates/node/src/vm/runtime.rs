@@ -69,12 +69,7 @@ impl VmRuntime {
     /// The QEMU pid recorded at spawn, if that process still runs in the instance's cgroup.
     fn live_pid(&self, node: &Node, id: &str) -> Option<i32> {
         let pid = self.main_pid(node, id)?;
-        let stat = std::fs::read_to_string(node.cfg.root.path(format!("/proc/{pid}/stat"))).ok()?;
-        let zombie = stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']));
-        (!zombie && cgroup::holds(&node.cfg.root, id, pid)).then_some(pid)
+        (!ended(node, pid) && cgroup::holds(&node.cfg.root, id, pid)).then_some(pid)
     }
 
     fn provision_steps(
@@ -204,13 +199,20 @@ impl VmRuntime {
         Ok(())
     }
 
-    /// Kills QEMU (if ours and alive) and removes the run dir, overlay and tap.
+    /// Kills QEMU (every process in the instance's cgroup: also a QEMU whose start a killed
+    /// daemon did not get to record) and removes the run dir, overlay and tap.
     fn remove_objects(&self, node: &Node, id: &str) -> Result<(), VmError> {
-        if let Some(pid) = self.live_pid(node, id) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        let mut pids: Vec<i32> = cgroup::pids(&node.cfg.root, id);
+        pids.extend(self.live_pid(node, id));
+        for &pid in &pids {
+            if cgroup::holds(&node.cfg.root, id, pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        for pid in pids {
             wait_gone(node, pid, Duration::from_secs(5));
         }
         node.net.teardown_tap(id).map_err(net_err)?;
@@ -235,18 +237,29 @@ fn net_err(e: crate::net::NetError) -> VmError {
     }
 }
 
-/// Waits up to `wait` for `pid` to be gone or a zombie (the daemon reaps it).
+/// Whether process `pid` has ended: gone, or a zombie with no thread left running. QEMU's main
+/// thread can be a zombie while its other threads still wind down; until they are gone the
+/// process has no exit status to reap.
+fn ended(node: &Node, pid: i32) -> bool {
+    let stat = std::fs::read_to_string(node.cfg.root.path(format!("/proc/{pid}/stat")))
+        .unwrap_or_default();
+    if stat.is_empty() {
+        return true;
+    }
+    let zombie = stat
+        .rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']));
+    zombie
+        && std::fs::read_dir(node.cfg.root.path(format!("/proc/{pid}/task")))
+            .map_or(true, |rd| rd.count() <= 1)
+}
+
+/// Waits up to `wait` for `pid` to have ended (the daemon reaps it).
 fn wait_gone(node: &Node, pid: i32, wait: Duration) -> bool {
     let deadline = Instant::now() + wait;
     loop {
-        let stat = std::fs::read_to_string(node.cfg.root.path(format!("/proc/{pid}/stat")))
-            .unwrap_or_default();
-        let gone = stat.is_empty()
-            || stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']));
-        if gone {
+        if ended(node, pid) {
             return true;
         }
         if Instant::now() >= deadline {
