@@ -699,8 +699,9 @@ fn read_ssh_keys(args: &[String]) -> Result<Vec<String>, CliError> {
                         .map_or_else(|| path.into(), |h| std::path::Path::new(&h).join(rest)),
                     None => std::path::PathBuf::from(path),
                 };
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| CliError::Invalid(format!("--ssh-key @{}: {e}", path.display())))?;
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    CliError::Invalid(format!("--ssh-key @{}: {e}", path.display()))
+                })?;
                 keys.extend(
                     text.lines()
                         .map(str::trim)
