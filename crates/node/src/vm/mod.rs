@@ -1,0 +1,4 @@
+//! Micro-VM instances (issue 11).
+
+pub mod seed;
+pub mod template;
