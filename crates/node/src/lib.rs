@@ -34,6 +34,7 @@ pub mod telemetry;
 #[cfg(any(test, feature = "testfx"))]
 pub mod testfx;
 pub mod vfio;
+pub mod vm;
 
 pub use host::HostRoot;
 pub use instance::{InstancePlan, Node, NodeConfig, NodeError};

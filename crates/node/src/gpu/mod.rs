@@ -207,6 +207,12 @@ pub trait GpuBackend: Send + Sync {
     fn mig_caps(&self, _gpu: &GpuDevice, _gi: u32, _ci: u32) -> Vec<DeviceNode> {
         Vec::new()
     }
+    /// The sysfs tree VFIO passthrough of this backend's GPUs is planned over
+    /// (`vm::passthrough`): `None` for the host's own (real GPUs); the simulated backend's
+    /// tree of its GPUs (`--simulate-gpus 1xH100-80GB:vfio`).
+    fn passthrough_root(&self) -> Option<HostRoot> {
+        None
+    }
     /// One telemetry reading of `gpu`; `load` is what runs on it (drives simulated values).
     /// `None` where the backend reads nothing (sysfs: no driver to ask).
     fn telemetry(
