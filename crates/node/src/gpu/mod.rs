@@ -24,7 +24,7 @@ mod sim;
 mod sysfs;
 
 pub use nvml::NvmlBackend;
-pub use sim::{parse_sim_spec, sim_uuid, SimulatedBackend};
+pub use sim::{parse_sim_spec, sim_uuid, SimMode, SimulatedBackend, SIM_IOMMU_GROUP_BASE};
 pub use sysfs::{scan_sysfs, SysfsBackend};
 
 use crate::HostRoot;

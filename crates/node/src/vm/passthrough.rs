@@ -740,6 +740,61 @@ mod tests {
         assert_eq!(pack(&[small, port]), (128 << 30) + (48 << 20));
     }
 
+    /// `--simulate-gpus 1xH100-80GB:vfio,1xA100-80GB`: the backend lays out a sysfs tree the
+    /// plan reads like a host's (firmware from the fixture root, as `Node::passthrough` takes
+    /// it from the real one).
+    #[test]
+    fn simulated_vfio_gpus_are_planned_over_the_backends_tree() {
+        use crate::gpu::{GpuBackend, SimulatedBackend};
+        let fx = host();
+        let dev = fx.path("/data/dev");
+        let b = SimulatedBackend::new("1xH100-80GB:vfio,1xA100-80GB", &dev, &fx.root()).unwrap();
+        let gpus = b.devices().unwrap();
+        assert!(gpus[0].is_vfio() && !gpus[1].is_vfio());
+        assert_eq!(gpus[0].iommu_group, Some(100));
+        assert_eq!(gpus[0].pci_address, "0000:1b:00.0");
+        let sim = b.passthrough_root().expect("a vfio GPU gives a tree");
+        let p = plan_with(&sim, &fx.root(), &[gpus[0].pci_address.clone()]).unwrap();
+        assert_eq!(
+            p.args,
+            args(&[
+                "-device",
+                "pcie-root-port,id=gvrp0,bus=pcie.0,chassis=64",
+                "-device",
+                "vfio-pci,host=0000:1b:00.0,id=gvpt0f0,bus=gvrp0,addr=00.0",
+                "-global",
+                "q35-pcihost.pci-hole64-size=256G",
+                "-fw_cfg",
+                "name=opt/ovmf/X-PciMmio64Mb,string=262144",
+            ])
+        );
+        assert_eq!(p.firmware.code, fx.path(OVMF_CODE));
+        assert_eq!(
+            p.notes[0],
+            "IOMMU group 100 (/dev/vfio/100): 0000:1b:00.0 (GPU, vfio-pci)"
+        );
+        let err = plan_with(&sim, &fx.root(), &[gpus[1].pci_address.clone()]).unwrap_err();
+        assert!(
+            matches!(&err, PassthroughError::GpuNotVfio { driver, .. } if driver == "nvidia"),
+            "{err:?}"
+        );
+        // A new backend (a daemon restart) lays the tree out again, the same.
+        let again =
+            SimulatedBackend::new("1xH100-80GB:vfio,1xA100-80GB", &dev, &fx.root()).unwrap();
+        let p2 = plan_with(
+            &again.passthrough_root().unwrap(),
+            &fx.root(),
+            &[gpus[0].pci_address.clone()],
+        )
+        .unwrap();
+        assert_eq!(p2, p);
+        // Without a vfio GPU there is no tree.
+        let plain =
+            SimulatedBackend::new("1xA100-80GB", &fx.path("/data2/dev"), &fx.root()).unwrap();
+        assert!(plain.passthrough_root().is_none());
+        assert!(plain.devices().unwrap().iter().all(|g| g.driver.is_none()));
+    }
+
     #[test]
     fn detached_moves_devices_to_the_notes() {
         let fx = host();
