@@ -173,7 +173,7 @@ pub fn plan_with(
         }
         let mut passed = Vec::new();
         for m in members {
-            if is_bridge(&m) {
+            if m.is_bridge() {
                 notes.push(format!(
                     "IOMMU group {group}: {} stays on the host (a bridge may share a VM's group)",
                     m.describe()
@@ -315,12 +315,6 @@ pub fn plan_with(
 
 fn driver_name(d: &Option<String>) -> String {
     d.clone().unwrap_or_else(|| "no driver".to_string())
-}
-
-/// PCI-to-PCI bridges (root and switch ports) and semi-transparent ones.
-fn is_bridge(f: &PciFunction) -> bool {
-    let c = f.class.trim_start_matches("0x");
-    c.starts_with("0604") || c.starts_with("0609")
 }
 
 /// `0000:3b:00.1` → `0000:3b:00`.
