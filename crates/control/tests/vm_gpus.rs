@@ -393,7 +393,11 @@ async fn simulated_vfio_gpus_take_vms_and_only_vms() {
 
     // The plan of a VM on the simulated GPU: the window and firmware as on a host with an H100,
     // the devices named in the notes, not attached.
-    let plan = h.node.passthrough(&[h100.uuid.clone()]).unwrap().unwrap();
+    let plan = h
+        .node
+        .passthrough(std::slice::from_ref(&h100.uuid))
+        .unwrap()
+        .unwrap();
     assert_eq!(
         plan.args,
         vec![
@@ -409,7 +413,10 @@ async fn simulated_vfio_gpus_take_vms_and_only_vms() {
         "{:?}",
         plan.notes
     );
-    let err = h.node.passthrough(&[a100.uuid.clone()]).unwrap_err();
+    let err = h
+        .node
+        .passthrough(std::slice::from_ref(&a100.uuid))
+        .unwrap_err();
     assert!(err.to_string().contains("not vfio-pci"), "{err}");
 }
 
