@@ -302,6 +302,14 @@ pub fn plan_with(
         "VFIO pins all guest memory: QEMU's RLIMIT_MEMLOCK must cover the guest's RAM".to_string(),
     );
     notes.push(format!(
+        "QEMU opens /dev/vfio/vfio and {} (an unprivileged QEMU needs them chowned to it)",
+        groups_done
+            .iter()
+            .map(|g| format!("/dev/vfio/{g}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    notes.push(format!(
         "firmware: {} (read-only) and a per-VM copy of {}",
         firmware.code.display(),
         firmware.vars_template.display()
@@ -630,7 +638,11 @@ mod tests {
                 "name=opt/ovmf/X-PciMmio64Mb,string=524288",
             ])
         );
-        assert_eq!(p.notes.len(), 5, "{:#?}", p.notes);
+        assert_eq!(p.notes.len(), 6, "{:#?}", p.notes);
+        assert_eq!(
+            p.notes[4],
+            "QEMU opens /dev/vfio/vfio and /dev/vfio/17, /dev/vfio/18 (an unprivileged QEMU needs them chowned to it)"
+        );
     }
 
     #[test]
