@@ -801,6 +801,84 @@ mod tests {
         assert!(plain.devices().unwrap().iter().all(|g| g.driver.is_none()));
     }
 
+    /// QEMU (Debian's 7.2) takes the arguments as they are: with the host's OVMF, a plan over
+    /// a fixture GPU gets as far as opening the (absent) host device, every argument before it
+    /// parsed; the detached plan (simulated GPUs) starts the machine. Needs qemu-system-x86_64
+    /// and ovmf (scripts/install-deps); a missing one fails under CI=true, else is a skip.
+    #[test]
+    fn qemu_accepts_the_arguments() {
+        let qemu = "qemu-system-x86_64";
+        let has_qemu = std::process::Command::new(qemu)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_qemu {
+            crate::testfx::prerequisite_missing(
+                "qemu-system-x86_64 (apt-get install qemu-system-x86)",
+            );
+            return;
+        }
+        if !std::path::Path::new(OVMF_CODE).is_file() || !std::path::Path::new(OVMF_VARS).is_file()
+        {
+            crate::testfx::prerequisite_missing("OVMF firmware (apt-get install ovmf)");
+            return;
+        }
+        let fx = host();
+        let (gpu, gpu_audio) = ("0000:ee:00.0", "0000:ee:00.1");
+        h100(&fx, gpu, 17, "vfio-pci");
+        audio(&fx, gpu_audio, 17, "vfio-pci");
+        let p = plan_with(&fx.root(), &HostRoot::real(), &[gpu.to_string()]).unwrap();
+        let run = |args: &[String]| {
+            let vars = fx.path("/vars.fd");
+            std::fs::copy(&p.firmware.vars_template, &vars).unwrap();
+            let mut c = std::process::Command::new("timeout");
+            c.args([
+                "60",
+                qemu,
+                "-machine",
+                "q35",
+                "-accel",
+                "tcg",
+                "-nodefaults",
+            ])
+            .args(["-display", "none", "-S", "-monitor", "stdio", "-drive"])
+            .arg(format!(
+                "if=pflash,format=raw,readonly=on,file={}",
+                p.firmware.code.display()
+            ))
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,file={}", vars.display()))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+            let mut child = c.spawn().unwrap();
+            use std::io::Write;
+            let _ = child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"qom-get /machine/q35 pci-hole64-size\nquit\n");
+            child.wait_with_output().unwrap()
+        };
+        let out = run(&p.args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("-device vfio-pci,host=0000:ee:00.0")
+                && err.contains("no such host device"),
+            "QEMU refused something else: {err}"
+        );
+        let out = run(&detached(p.clone()).args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&(256u64 << 30).to_string()), "{stdout}");
+    }
+
     #[test]
     fn detached_moves_devices_to_the_notes() {
         let fx = host();
