@@ -89,6 +89,9 @@ pub struct NvmlFacts {
     pub driver_version: Option<String>,
     /// By PCI address; `None` for GPUs without MIG support.
     pub mig: BTreeMap<String, Option<MigModes>>,
+    /// Active NVLinks by GPU PCI address: the PCI address at the other end of each (a GPU, or
+    /// an NVSwitch). Only GPUs on the nvidia driver are seen.
+    pub nvlink: BTreeMap<String, Vec<String>>,
 }
 
 impl NvmlFacts {
@@ -125,6 +128,28 @@ impl NvmlFacts {
                 current: m.current == 1,
                 pending: m.pending == 1,
             });
+            let mut remotes = Vec::new();
+            for link in 0..nvml_wrapper_sys::bindings::NVML_NVLINK_MAX_LINKS {
+                let l = dev.link_wrapper_for(link);
+                match l.is_active() {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    // No NVLink on this GPU (or no more links).
+                    Err(_) => break,
+                }
+                if let Some(remote) = l
+                    .remote_pci_info()
+                    .ok()
+                    .and_then(|p| crate::gpu::normalise_pci_address(&p.bus_id))
+                {
+                    if !remotes.contains(&remote) {
+                        remotes.push(remote);
+                    }
+                }
+            }
+            if !remotes.is_empty() {
+                facts.nvlink.insert(pci.clone(), remotes);
+            }
             facts.mig.insert(pci, modes);
         }
         facts
@@ -137,11 +162,14 @@ pub fn check(root: &HostRoot, nvml: &NvmlFacts) -> Vec<Check> {
     let mut out = vec![kernel(root), iommu(root)];
     out.extend(iommu_groups(root, &gpus));
     out.push(vfio_pci(root));
+    out.extend(passthrough(root, &gpus));
+    out.push(ovmf(root, &gpus));
     out.extend(sriov(root, &gpus));
     out.extend(bars(root, &gpus));
     out.push(driver(root, &gpus, nvml));
     out.extend(mig(root, &gpus, nvml));
     out.push(fabricmanager(root));
+    out.push(nvlink(root, &gpus, nvml));
     out.push(persistenced(root, &gpus));
     out.push(security(root));
     out.push(device_modes(root));
@@ -271,6 +299,14 @@ fn iommu_groups(root: &HostRoot, gpus: &[GpuDevice]) -> Vec<Check> {
             let companions: Vec<String> =
                 mine.iter().filter(|m| m.address != g.pci_address).map(PciFunction::describe).collect();
             let with = if companions.is_empty() { String::new() } else { format!(" with its own {}", companions.join(", ")) };
+            let (bridges, others): (Vec<PciFunction>, Vec<PciFunction>) =
+                others.into_iter().partition(PciFunction::is_bridge);
+            let bridges = if bridges.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = bridges.iter().map(PciFunction::describe).collect();
+                format!("; {} stays on the host", list.join(", "))
+            };
             let (foreign_gpus, foreign): (Vec<PciFunction>, Vec<PciFunction>) =
                 others.into_iter().partition(|o| o.is_nvidia() && o.is_gpu());
             if !foreign.is_empty() {
@@ -289,11 +325,11 @@ fn iommu_groups(root: &HostRoot, gpus: &[GpuDevice]) -> Vec<Check> {
                     id,
                     title,
                     Status::Warn,
-                    format!("group {group} shared with other GPUs: {}", list.join(", ")),
+                    format!("group {group} shared with other GPUs: {}{bridges}", list.join(", ")),
                     "these GPUs can only be passed through together; enable ACS or use another slot",
                 );
             }
-            mk(id, title, Status::Pass, format!("group {group}{with}"), "")
+            mk(id, title, Status::Pass, format!("group {group}{with}{bridges}"), "")
         })
         .collect()
 }
@@ -348,6 +384,153 @@ fn vfio_pci(root: &HostRoot) -> Check {
         "no vfio-pci driver, built-in or module",
         "install the kernel's extra modules (vfio-pci) or build a kernel with CONFIG_VFIO_PCI",
     )
+}
+
+/// Per GPU: its driver now and whether it can go to a VM (whole, by VFIO passthrough), with
+/// the plan `vm::passthrough` would make for it when it is bound to vfio-pci.
+fn passthrough(root: &HostRoot, gpus: &[GpuDevice]) -> Vec<Check> {
+    use crate::vm::passthrough::{plan_passthrough, PassthroughError};
+    gpus.iter()
+        .map(|g| {
+            let pci = &g.pci_address;
+            let id = format!("passthrough:{pci}");
+            let title = format!("GPU {} ({pci}): driver and VM passthrough", g.index);
+            let bind = format!("`gpuvisor gpu bind-vfio {pci}` (admin) gives it to VMs");
+            match g.driver.as_deref() {
+                Some(vfio::VFIO_DRIVER) => match plan_passthrough(root, std::slice::from_ref(pci)) {
+                    Ok(p) => {
+                        let window = p.notes.iter().find(|n| n.starts_with("64-bit MMIO window")).map(|n| n.split(" for ").next().unwrap_or(n).to_string()).unwrap_or_default();
+                        let group = p.notes.iter().find(|n| n.starts_with("IOMMU group") && n.contains("/dev/vfio/")).cloned().unwrap_or_default();
+                        mk(id, title, Status::Pass, format!("on vfio-pci: for VMs only; {group}; {window}"), "")
+                    }
+                    // The GPU itself is fine; the firmware has its own check.
+                    Err(PassthroughError::NoFirmware { .. }) => mk(id, title, Status::Pass, "on vfio-pci: for VMs only (firmware: see the ovmf check)", ""),
+                    Err(e) => mk(id, title, Status::Fail, format!("on vfio-pci but a VM cannot get it: {e}"), "fix what the detail names; `gpuvisor gpu release` gives the GPU back to containers meanwhile"),
+                },
+                Some("nvidia") => {
+                    let Some((group, members)) = vfio::iommu_group(root, pci) else {
+                        return mk(id, title, Status::Warn, "on nvidia: for containers; cannot go to a VM: in no IOMMU group", "enable the IOMMU (see the iommu check) to pass GPUs through to VMs");
+                    };
+                    let (_, others) = vfio::split_group(pci, members);
+                    let blocking: Vec<String> = others.iter().filter(|o| !o.is_bridge()).map(PciFunction::describe).collect();
+                    if blocking.is_empty() {
+                        mk(id, title, Status::Pass, format!("on nvidia: for containers; can go to VMs (IOMMU group {group}): {bind}"), "")
+                    } else {
+                        mk(id, title, Status::Warn, format!("on nvidia: for containers; cannot go to a VM alone: IOMMU group {group} also holds {}", blocking.join(", ")), "see the iommu_group check")
+                    }
+                }
+                Some(other) => mk(id, title, Status::Warn, format!("on {other}: neither containers (they need nvidia) nor VMs (they need vfio-pci) can use it"), format!("load the nvidia driver for containers, or {bind}")),
+                None => mk(id, title, Status::Warn, "no driver: neither containers nor VMs can use it", format!("load the nvidia driver for containers, or {bind}")),
+            }
+        })
+        .collect()
+}
+
+/// UEFI firmware for VMs with GPUs (Debian's `ovmf`).
+fn ovmf(root: &HostRoot, gpus: &[GpuDevice]) -> Check {
+    use crate::vm::passthrough::{OVMF_CODE, OVMF_VARS};
+    let title = "OVMF firmware for VMs with GPUs";
+    let missing: Vec<&str> = [OVMF_CODE, OVMF_VARS]
+        .into_iter()
+        .filter(|p| !root.path(p).is_file())
+        .collect();
+    if missing.is_empty() {
+        return mk(
+            "ovmf",
+            title,
+            Status::Pass,
+            format!("{OVMF_CODE}, {OVMF_VARS}"),
+            "",
+        );
+    }
+    let detail = format!("missing {}", missing.join(", "));
+    let remedy = "apt-get install ovmf (scripts/install-deps installs it)";
+    if gpus.iter().any(GpuDevice::is_vfio) {
+        mk(
+            "ovmf",
+            title,
+            Status::Fail,
+            format!("{detail}: VMs with the GPUs bound to vfio-pci cannot start"),
+            remedy,
+        )
+    } else {
+        mk(
+            "ovmf",
+            title,
+            Status::Warn,
+            format!("{detail}: VMs cannot be given GPUs"),
+            remedy,
+        )
+    }
+}
+
+/// NVLink and NVSwitch: what passthrough means when GPUs are linked. NVSwitches are PCI devices
+/// (class 0x0680); links between GPUs come from NVML (GPUs on the nvidia driver only).
+fn nvlink(root: &HostRoot, gpus: &[GpuDevice], nvml: &NvmlFacts) -> Check {
+    let title = "NVLink / NVSwitch and VM passthrough";
+    let switches = nvswitches(root);
+    let name = |pci: &str| {
+        gpus.iter()
+            .find(|g| g.pci_address == pci)
+            .map_or_else(|| pci.to_string(), |g| format!("GPU {} ({pci})", g.index))
+    };
+    let mut pairs: Vec<String> = Vec::new();
+    for (gpu, remotes) in &nvml.nvlink {
+        for r in remotes.iter().filter(|r| !switches.contains(r)) {
+            let (a, b) = if gpu < r { (gpu, r) } else { (r, gpu) };
+            let pair = format!("{} ↔ {}", name(a), name(b));
+            if !pairs.contains(&pair) {
+                pairs.push(pair);
+            }
+        }
+    }
+    let vfio: Vec<String> = gpus
+        .iter()
+        .filter(|g| g.is_vfio())
+        .map(|g| format!("GPU {}", g.index))
+        .collect();
+    if !switches.is_empty() {
+        let linked = nvml
+            .nvlink
+            .values()
+            .filter(|r| r.iter().any(|x| switches.contains(x)))
+            .count();
+        let detail = format!(
+            "{} NVSwitches ({}){}: the GPUs form one NVLink fabric; passthrough there means all GPUs and NVSwitches to one VM (the fabric manager then runs in the guest), or NVSwitches kept on the host with nvidia-fabricmanager in shared-NVSwitch mode activating a partition for a VM's GPUs before it starts",
+            switches.len(),
+            switches.join(", "),
+            if linked > 0 { format!(", {linked} GPUs linked to them") } else { String::new() },
+        );
+        return if vfio.is_empty() {
+            mk("nvlink", title, Status::Pass, detail, "")
+        } else {
+            mk(
+                "nvlink",
+                title,
+                Status::Warn,
+                format!("{detail}; bound to vfio-pci: {}", vfio.join(", ")),
+                "gpuvisor passes GPUs, not NVSwitches: run nvidia-fabricmanager with FABRIC_MODE=1 (shared NVSwitch) and activate the partition of each VM's GPUs, or a VM's CUDA cannot initialise; VMs get NVLink only between the GPUs of one partition",
+            )
+        };
+    }
+    if pairs.is_empty() {
+        return mk(
+            "nvlink",
+            title,
+            Status::Skip,
+            "no NVSwitch, no active NVLink seen (NVML sees GPUs on the nvidia driver only)",
+            "",
+        );
+    }
+    let detail = format!(
+        "NVLink peers: {}; a VM keeps NVLink only when it has both GPUs of a pair",
+        pairs.join(", ")
+    );
+    if vfio.is_empty() {
+        mk("nvlink", title, Status::Pass, detail, "")
+    } else {
+        mk("nvlink", title, Status::Warn, format!("{detail}; bound to vfio-pci: {}", vfio.join(", ")), "bind NVLink peers to vfio-pci together and give them to one VM (`--gpus 2`), or the VM runs without NVLink")
+    }
 }
 
 fn sriov(root: &HostRoot, gpus: &[GpuDevice]) -> Vec<Check> {
@@ -794,7 +977,7 @@ fn kvm(root: &HostRoot) -> Check {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::testfx::{Fx, Pci, GPU};
+    use crate::testfx::{Fx, Pci, GPU, GPU_AUDIO};
 
     fn run(fx: &Fx) -> Vec<Check> {
         check(&fx.root(), &NvmlFacts::default())
@@ -827,11 +1010,14 @@ mod tests {
                 "iommu",
                 "iommu_group:0000:3b:00.0",
                 "vfio_pci",
+                "passthrough:0000:3b:00.0",
+                "ovmf",
                 "sriov:0000:3b:00.0",
                 "bars:0000:3b:00.0",
                 "driver",
                 "mig:0000:3b:00.0",
                 "fabricmanager",
+                "nvlink",
                 "persistenced",
                 "lsm",
                 "device_modes",
@@ -909,16 +1095,163 @@ mod tests {
             driver: Some("pcieport"),
             group: Some(17),
         });
+        // A bridge may share a VM's group: it stays on the host, the other GPU still warns.
         let g = run(&fx)
             .into_iter()
             .find(|c| c.id == "iommu_group:0000:3b:00.0")
             .unwrap();
-        assert_eq!(g.status, Status::Fail);
+        assert_eq!(g.status, Status::Warn);
         assert!(
-            g.detail.contains("0000:00:01.0 (PCI bridge, pcieport)"),
+            g.detail
+                .contains("0000:00:01.0 (PCI bridge, pcieport) stays on the host"),
             "{}",
             g.detail
         );
+        // A bridge alone in the GPU's group passes.
+        let fx = Fx::clean();
+        fx.pci(&Pci {
+            addr: "0000:00:01.0",
+            vendor: "0x8086",
+            device: "0x1901",
+            class: "0x060400",
+            driver: Some("pcieport"),
+            group: Some(17),
+        });
+        let c = run(&fx);
+        let g = get(&c, "iommu_group:0000:3b:00.0");
+        assert_eq!(g.status, Status::Pass, "{g:?}");
+        assert_eq!(status(&c, "passthrough:0000:3b:00.0"), Status::Pass);
+    }
+
+    /// Per GPU: its driver and whether it can go to a VM, with the passthrough plan when bound.
+    #[test]
+    fn gpu_driver_and_vm_passthrough() {
+        let fx = Fx::clean();
+        let p = get(&run(&fx), "passthrough:0000:3b:00.0").clone();
+        assert_eq!(p.title, "GPU 0 (0000:3b:00.0): driver and VM passthrough");
+        assert_eq!(
+            (p.status, p.detail.as_str()),
+            (
+                Status::Pass,
+                "on nvidia: for containers; can go to VMs (IOMMU group 17): `gpuvisor gpu bind-vfio 0000:3b:00.0` (admin) gives it to VMs"
+            )
+        );
+
+        // Bound with its audio function, group device and firmware present.
+        fx.set_driver(GPU, Some("vfio-pci"));
+        fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
+        fx.file("/dev/vfio/17", "");
+        fx.file(crate::vm::passthrough::OVMF_CODE, "");
+        fx.file(crate::vm::passthrough::OVMF_VARS, "");
+        let c = run(&fx);
+        let p = get(&c, "passthrough:0000:3b:00.0");
+        assert_eq!(
+            (p.status, p.detail.as_str()),
+            (
+                Status::Pass,
+                "on vfio-pci: for VMs only; IOMMU group 17 (/dev/vfio/17): 0000:3b:00.0 (GPU, vfio-pci), 0000:3b:00.1 (audio, vfio-pci); 64-bit MMIO window 256GiB"
+            )
+        );
+        assert_eq!(status(&c, "ovmf"), Status::Pass);
+
+        // Its audio function left on the host driver: no VM can get the GPU.
+        fx.set_driver(GPU_AUDIO, Some("snd_hda_intel"));
+        let p = get(&run(&fx), "passthrough:0000:3b:00.0").clone();
+        assert_eq!(p.status, Status::Fail);
+        assert!(
+            p.detail.contains("0000:3b:00.1 (audio, snd_hda_intel)"),
+            "{}",
+            p.detail
+        );
+
+        // Firmware missing with a GPU bound: fail; without one bound: warn.
+        fx.remove(crate::vm::passthrough::OVMF_VARS);
+        let o = get(&run(&fx), "ovmf").clone();
+        assert_eq!(o.status, Status::Fail);
+        assert!(o.remedy.contains("apt-get install ovmf"), "{o:?}");
+        assert_eq!(status(&run(&Fx::clean()), "ovmf"), Status::Warn);
+
+        // A group shared with a SATA controller; no driver at all.
+        let c = run(&Fx::shared_group());
+        let p = get(&c, "passthrough:0000:3b:00.0");
+        assert_eq!(p.status, Status::Warn);
+        assert!(
+            p.detail.contains("0000:3a:00.0 (SATA controller, ahci)"),
+            "{}",
+            p.detail
+        );
+        let fx = Fx::clean();
+        fx.set_driver(GPU, None);
+        let p = get(&run(&fx), "passthrough:0000:3b:00.0").clone();
+        assert_eq!(
+            (p.status, p.detail.as_str()),
+            (
+                Status::Warn,
+                "no driver: neither containers nor VMs can use it"
+            )
+        );
+        assert!(p.remedy.contains("gpuvisor gpu bind-vfio 0000:3b:00.0"));
+    }
+
+    #[test]
+    fn nvlink_and_nvswitch_notes() {
+        // Nothing linked: skip.
+        assert_eq!(status(&run(&Fx::clean()), "nvlink"), Status::Skip);
+
+        // Two GPUs linked by an NVLink bridge (NVML's view).
+        let fx = Fx::clean();
+        fx.pci(&Pci {
+            addr: "0000:5e:00.0",
+            vendor: "0x10de",
+            device: "0x2330",
+            class: "0x030200",
+            driver: Some("nvidia"),
+            group: Some(18),
+        });
+        let mut facts = NvmlFacts::default();
+        facts.nvlink.insert(GPU.into(), vec!["0000:5e:00.0".into()]);
+        facts.nvlink.insert("0000:5e:00.0".into(), vec![GPU.into()]);
+        let n = get(&check(&fx.root(), &facts), "nvlink").clone();
+        assert_eq!(
+            (n.status, n.detail.as_str()),
+            (
+                Status::Pass,
+                "NVLink peers: GPU 0 (0000:3b:00.0) ↔ GPU 1 (0000:5e:00.0); a VM keeps NVLink only when it has both GPUs of a pair"
+            )
+        );
+        fx.set_driver("0000:5e:00.0", Some("vfio-pci"));
+        let n = get(&check(&fx.root(), &facts), "nvlink").clone();
+        assert_eq!(n.status, Status::Warn);
+        assert!(
+            n.detail.ends_with("bound to vfio-pci: GPU 1"),
+            "{}",
+            n.detail
+        );
+
+        // An NVSwitch system: the fabric, and what passthrough needs there.
+        let fx = Fx::clean();
+        fx.pci(&Pci {
+            addr: "0000:c1:00.0",
+            vendor: "0x10de",
+            device: "0x22a3",
+            class: "0x068000",
+            driver: None,
+            group: Some(90),
+        });
+        let mut facts = NvmlFacts::default();
+        facts.nvlink.insert(GPU.into(), vec!["0000:c1:00.0".into()]);
+        let n = get(&check(&fx.root(), &facts), "nvlink").clone();
+        assert_eq!(n.status, Status::Pass);
+        assert!(
+            n.detail.starts_with("1 NVSwitches (0000:c1:00.0), 1 GPUs linked to them: the GPUs form one NVLink fabric"),
+            "{}",
+            n.detail
+        );
+        assert!(n.detail.contains("shared-NVSwitch mode"), "{}", n.detail);
+        fx.set_driver(GPU, Some("vfio-pci"));
+        let n = get(&run(&fx), "nvlink").clone();
+        assert_eq!(n.status, Status::Warn);
+        assert!(n.remedy.contains("FABRIC_MODE=1"), "{}", n.remedy);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //!   GPUs of the same model stay on `nvidia`, and it survives the unbind/probe in between.
 //! - The IOMMU group is the unit of isolation: a VM gets the whole group or none of it. A group
 //!   holding anything but the GPU's own functions (its HDMI audio, USB-C controller: NVIDIA
-//!   functions in the same slot) is refused, naming the intruders; those functions are moved to
-//!   vfio-pci with the GPU, since a group is only usable when all of it is.
+//!   functions in the same slot) and PCI bridges is refused, naming the intruders; those
+//!   functions are moved to vfio-pci with the GPU, since a group is only usable when all of it
+//!   is. Bridges stay on `pcieport`, as the kernel allows.
 //! - "Is the GPU in use?" is the engine's question (it knows the instances); this module only
 //!   knows the host.
 //! - Every write goes through [`SysWriter`], so tests record the exact sequence against a fixture
@@ -115,6 +116,13 @@ impl PciFunction {
         self.class.starts_with("0x03")
     }
 
+    /// A PCI-to-PCI bridge (root or switch port, class 0x0604) or a semi-transparent one
+    /// (0x0609). A bridge bound to `pcieport` may share a group that is given to a VM (the
+    /// driver manages its own DMA), so it stays on the host.
+    pub fn is_bridge(&self) -> bool {
+        self.class.starts_with("0x0604") || self.class.starts_with("0x0609")
+    }
+
     /// What it is, for messages: `0000:3a:00.0 (SATA controller, ahci)`.
     pub fn describe(&self) -> String {
         let kind = class_name(&self.class);
@@ -216,7 +224,8 @@ fn group_for_move(root: &HostRoot, pci: &str) -> Result<(u32, Vec<PciFunction>),
     let (group, members) = iommu_group(root, pci).ok_or_else(|| VfioError::NoIommuGroup {
         pci: pci.to_string(),
     })?;
-    let (mut mine, others) = split_group(pci, members);
+    let (mut mine, mut others) = split_group(pci, members);
+    others.retain(|o| !o.is_bridge());
     if !others.is_empty() {
         return Err(VfioError::SharedGroup {
             pci: pci.to_string(),
@@ -470,6 +479,33 @@ mod tests {
         assert!(
             matches!(&err, VfioError::NotBound { got: Some(d), .. } if d == "nvidia"),
             "{err:?}"
+        );
+    }
+
+    #[test]
+    fn bind_leaves_a_bridge_in_the_group_on_the_host() {
+        let fx = Fx::clean();
+        fx.pci(&crate::testfx::Pci {
+            addr: "0000:00:01.0",
+            vendor: "0x8086",
+            device: "0x1901",
+            class: "0x060400",
+            driver: Some("pcieport"),
+            group: Some(17),
+        });
+        let k = Kernel::new(fx.root());
+        let out = bind_vfio_with(&fx.root(), GPU, &k).unwrap();
+        assert_eq!(out.functions, vec![GPU.to_string(), GPU_AUDIO.to_string()]);
+        assert!(
+            !k.writes()
+                .iter()
+                .any(|(p, d)| p.contains("0000:00:01.0") || d == "0000:00:01.0"),
+            "{:?}",
+            k.writes()
+        );
+        assert_eq!(
+            current_driver(&fx.root(), "0000:00:01.0").as_deref(),
+            Some("pcieport")
         );
     }
 

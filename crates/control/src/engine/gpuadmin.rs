@@ -240,7 +240,7 @@ impl Engine {
         let dev = self.gpu_by_ref(gpu)?;
         if self.node.backend() == BackendKind::Simulated {
             return Err(EngineError::InvalidState(format!(
-                "GPU {} is simulated: it cannot be bound to vfio-pci",
+                "GPU {} is simulated: it cannot be bound to vfio-pci (simulate GPUs bound to it with `serve --simulate-gpus 1xH100-80GB:vfio`)",
                 dev.uuid
             )));
         }
@@ -325,20 +325,64 @@ impl Engine {
     }
 
     /// True when the GPU is bound to vfio-pci now (read from sysfs, so binds made outside
-    /// gpuvisor count too).
+    /// gpuvisor count too); a simulated GPU when it is simulated so (`:vfio`).
     pub(crate) fn is_passthrough(&self, g: &GpuDevice) -> bool {
-        self.node.backend() != BackendKind::Simulated
+        if self.node.backend() == BackendKind::Simulated {
+            return g.is_physical() && g.is_vfio();
+        }
+        g.is_physical()
             && vfio::current_driver(&self.node.cfg.root, &g.pci_address).as_deref()
                 == Some(vfio::VFIO_DRIVER)
     }
 
-    /// Sets the live driver and passthrough readiness of a listed GPU from sysfs.
+    /// Sets the live driver and passthrough readiness of a listed GPU from sysfs (a simulated
+    /// one's from the simulation: `vfio-pci` for `:vfio` GPUs, none otherwise).
     pub(crate) fn fill_driver(&self, gpu: &mut wire::Gpu) {
         if self.node.backend() == BackendKind::Simulated {
+            if let Some(d) = self.node.gpus().into_iter().find(|d| d.uuid == gpu.uuid) {
+                gpu.passthrough_ready = self.is_passthrough(&d);
+                gpu.driver = d.driver;
+            }
             return;
         }
         gpu.driver = vfio::current_driver(&self.node.cfg.root, &gpu.pci_address);
-        gpu.passthrough_ready = gpu.driver.as_deref() == Some(vfio::VFIO_DRIVER);
+        gpu.passthrough_ready =
+            gpu.mig.is_none() && gpu.driver.as_deref() == Some(vfio::VFIO_DRIVER);
+    }
+
+    /// A VM takes whole GPUs bound to vfio-pci: refuses, saying how to get one, a VM asking
+    /// for GPUs on a host with none bound (of the model asked for). Placement would only say
+    /// that none is free.
+    pub(crate) fn check_passthrough_gpus(&self, req: &wire::CreateInstance) -> Result<()> {
+        let Some(wanted) = req.gpus else {
+            return Ok(());
+        };
+        let gpus: Vec<GpuDevice> = self
+            .node
+            .gpus()
+            .into_iter()
+            .filter(|g| g.schedulable() && g.is_physical())
+            .filter(|g| {
+                req.gpu_model
+                    .as_ref()
+                    .is_none_or(|m| g.model.eq_ignore_ascii_case(m))
+            })
+            .collect();
+        if gpus.iter().any(|g| self.is_passthrough(g)) {
+            return Ok(());
+        }
+        let refusal = crate::placement::PlacementError::PassthroughGpus {
+            wanted,
+            model: req.gpu_model.clone().unwrap_or_else(|| "any".into()),
+            free: 0,
+            total: 0,
+            for_containers: gpus.len() as u32,
+        };
+        let mut msg = refusal.to_string();
+        if self.node.backend() == BackendKind::Simulated {
+            msg.push_str(" (this host's GPUs are simulated: simulate some bound to vfio-pci with `serve --simulate-gpus 1xH100-80GB:vfio`)");
+        }
+        Err(EngineError::InsufficientResources(msg))
     }
 }
 

@@ -468,6 +468,7 @@ impl Engine {
                     used_milli: 0,
                     used_vram: 0,
                     mig: false,
+                    passthrough: false,
                 });
             }
         }
@@ -928,8 +929,6 @@ impl Engine {
                         .as_ref()
                         .is_some_and(|m| self.telemetry.is_cordoned(&m.slice.parent_uuid))
             })
-            // A GPU handed to vfio-pci is for VMs; containers cannot open it.
-            .filter(|g| !self.is_passthrough(g))
             .map(|g| GpuSlot {
                 uuid: g.uuid.clone(),
                 index: g.index,
@@ -939,6 +938,9 @@ impl Engine {
                 used_milli: 0,
                 used_vram: 0,
                 mig: g.mig.is_some(),
+                // A GPU handed to vfio-pci is for VMs; containers cannot open it. Placement
+                // gives each kind of request only its kind of GPU.
+                passthrough: self.is_passthrough(g),
             })
             .collect();
         // Instances being evicted have already given their resources to their preemptor.
@@ -1066,12 +1068,6 @@ impl Engine {
             limits.memory = limits.memory.max(n.memory);
         }
         validate::create(req, &limits)?;
-        // Simulated nodes run nothing: only a local instance needs the runtime here.
-        if sim.is_empty() {
-            self.node
-                .runtime(req.runtime)
-                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
-        }
         // Fractions on this host need the limiter; simulated nodes run nothing.
         let local_ok = req.gpu_fraction.is_none() || self.node.limiters.library().is_some();
         if !local_ok && sim.is_empty() {
@@ -1132,6 +1128,16 @@ impl Engine {
                     }
                 )));
             }
+        }
+        if req.runtime == wire::RuntimeKind::Vm {
+            self.check_passthrough_gpus(req)?;
+        }
+        // Simulated nodes run nothing: only a local instance needs the runtime here. (After
+        // the request's own refusals, so that they are the same on every host.)
+        if sim.is_empty() {
+            self.node
+                .runtime(req.runtime)
+                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
         }
         // Every check that needs no lock comes before anything is made (volumes below).
         let command = if req.command.is_empty() {
@@ -1245,6 +1251,7 @@ impl Engine {
             memory: req.memory,
             priority: req.priority.rank(),
             interruptible: req.interruptible,
+            passthrough: req.runtime == wire::RuntimeKind::Vm,
         };
         let capacity = self.host_capacity(&live).protecting(&protected);
         let (node_id, assignment, victims) =

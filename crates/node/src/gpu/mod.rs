@@ -24,7 +24,7 @@ mod sim;
 mod sysfs;
 
 pub use nvml::NvmlBackend;
-pub use sim::{parse_sim_spec, sim_uuid, SimulatedBackend};
+pub use sim::{parse_sim_spec, sim_uuid, SimMode, SimulatedBackend, SIM_IOMMU_GROUP_BASE};
 pub use sysfs::{scan_sysfs, SysfsBackend};
 
 use crate::HostRoot;
@@ -207,6 +207,12 @@ pub trait GpuBackend: Send + Sync {
     fn mig_caps(&self, _gpu: &GpuDevice, _gi: u32, _ci: u32) -> Vec<DeviceNode> {
         Vec::new()
     }
+    /// The sysfs tree VFIO passthrough of this backend's GPUs is planned over
+    /// (`vm::passthrough`): `None` for the host's own (real GPUs); the simulated backend's
+    /// tree of its GPUs (`--simulate-gpus 1xH100-80GB:vfio`).
+    fn passthrough_root(&self) -> Option<HostRoot> {
+        None
+    }
     /// One telemetry reading of `gpu`; `load` is what runs on it (drives simulated values).
     /// `None` where the backend reads nothing (sysfs: no driver to ask).
     fn telemetry(
@@ -223,13 +229,122 @@ pub trait GpuBackend: Send + Sync {
 pub struct GpuConfig {
     /// `2xA100-80GB,1xH100-80GB`: simulate these instead of probing.
     pub simulate: Option<String>,
-    /// Where simulated device nodes go (`<data>/dev`).
+    /// Where simulated device nodes go (`<data>/dev`); on a real host, where the UUIDs of its
+    /// GPUs are remembered (`gpu-uuids`, see [`remember_uuids`]). Empty: nothing remembered.
     pub sim_dev_dir: PathBuf,
+}
+
+/// The file, under [`GpuConfig::sim_dev_dir`], of a real host's remembered GPU UUIDs.
+pub const UUIDS_FILE: &str = "gpu-uuids";
+
+/// Keeps a GPU's UUID when it changes driver. The driver (NVML, `/proc/driver/nvidia`) knows a
+/// GPU's `GPU-` UUID only while it holds the GPU; bound to vfio-pci the GPU would come back as
+/// `PCI-<address>`, and the instances and cordons that name it would lose it (a VM's GPU
+/// reported gone after a daemon restart). So every `GPU-` UUID seen is remembered by PCI
+/// address in `file` (`<address> <uuid>` lines, replaced atomically when it changes), and a
+/// GPU seen without one gets its remembered UUID back. Failures to write are logged: the
+/// inventory is still right for this run.
+pub fn remember_uuids(file: &Path, gpus: &mut [GpuDevice]) {
+    let mut known: BTreeMap<String, String> = std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (pci, uuid) = l.split_once(' ')?;
+            Some((pci.trim().to_string(), uuid.trim().to_string()))
+        })
+        .collect();
+    let mut changed = false;
+    for g in gpus.iter_mut().filter(|g| g.is_physical()) {
+        if g.uuid.starts_with("GPU-") {
+            if known.get(&g.pci_address) != Some(&g.uuid) {
+                known.insert(g.pci_address.clone(), g.uuid.clone());
+                changed = true;
+            }
+        } else if let Some(uuid) = known.get(&g.pci_address) {
+            g.uuid = uuid.clone();
+        }
+    }
+    if !changed {
+        return;
+    }
+    let text: String = known.iter().map(|(p, u)| format!("{p} {u}\n")).collect();
+    let tmp = file.with_extension("tmp");
+    let written = file
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&tmp, text))
+        .and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = written {
+        tracing::warn!(file = %file.display(), error = %e, "cannot remember GPU UUIDs");
+    }
+}
+
+/// A real host's backend with its GPUs' UUIDs kept across driver changes ([`remember_uuids`]).
+struct Remembered {
+    inner: Box<dyn GpuBackend>,
+    file: PathBuf,
+}
+
+impl GpuBackend for Remembered {
+    fn kind(&self) -> BackendKind {
+        self.inner.kind()
+    }
+    fn devices(&self) -> Result<Vec<GpuDevice>, GpuError> {
+        let mut gpus = self.inner.devices()?;
+        remember_uuids(&self.file, &mut gpus);
+        Ok(gpus)
+    }
+    fn control_devices(&self) -> Vec<DeviceNode> {
+        self.inner.control_devices()
+    }
+    fn driver_files(&self) -> Vec<(PathBuf, PathBuf)> {
+        self.inner.driver_files()
+    }
+    fn process_utilisation(&self, uuid: &str, since_us: u64) -> Vec<(u32, u32)> {
+        self.inner.process_utilisation(uuid, since_us)
+    }
+    fn process_memory(&self, uuid: &str) -> Vec<(u32, u64)> {
+        self.inner.process_memory(uuid)
+    }
+    fn measures_processes(&self) -> bool {
+        self.inner.measures_processes()
+    }
+    fn mig_control(
+        &self,
+        state_dir: &Path,
+    ) -> Result<Option<Box<dyn crate::mig::MigControl>>, GpuError> {
+        self.inner.mig_control(state_dir)
+    }
+    fn mig_caps(&self, gpu: &GpuDevice, gi: u32, ci: u32) -> Vec<DeviceNode> {
+        self.inner.mig_caps(gpu, gi, ci)
+    }
+    fn passthrough_root(&self) -> Option<HostRoot> {
+        self.inner.passthrough_root()
+    }
+    fn telemetry(
+        &self,
+        gpu: &GpuDevice,
+        load: &crate::telemetry::GpuLoad,
+    ) -> Option<crate::telemetry::GpuReading> {
+        self.inner.telemetry(gpu, load)
+    }
+}
+
+/// [`probe_backend`] with the UUIDs of a real host's GPUs remembered under `cfg.sim_dev_dir`.
+pub fn probe(cfg: &GpuConfig, root: &HostRoot) -> Result<Box<dyn GpuBackend>, GpuError> {
+    let backend = probe_backend(cfg, root)?;
+    if backend.kind() == BackendKind::Simulated || cfg.sim_dev_dir.as_os_str().is_empty() {
+        return Ok(backend);
+    }
+    Ok(Box::new(Remembered {
+        inner: backend,
+        file: cfg.sim_dev_dir.join(UUIDS_FILE),
+    }))
 }
 
 /// Picks the backend: simulated if asked, else NVML if the driver loads and sees a GPU, else a
 /// sysfs scan (which may find no GPU at all; that is not an error).
-pub fn probe(cfg: &GpuConfig, root: &HostRoot) -> Result<Box<dyn GpuBackend>, GpuError> {
+pub fn probe_backend(cfg: &GpuConfig, root: &HostRoot) -> Result<Box<dyn GpuBackend>, GpuError> {
     if let Some(spec) = &cfg.simulate {
         let backend = SimulatedBackend::new(spec, &cfg.sim_dev_dir, root)?;
         tracing::info!(
@@ -820,6 +935,41 @@ mod tests {
         assert_eq!(mig_cap_minor(1, 2, None), 156);
         assert_eq!(mig_cap_minor(1, 2, Some(1)), 158);
         assert_eq!(mig_cap_minor(0, 0, Some(0)), 4);
+    }
+
+    /// A GPU keeps its `GPU-` UUID when bound to vfio-pci (the driver no longer tells it), across
+    /// backends (daemon restarts); UUIDs are remembered per PCI address.
+    #[test]
+    fn uuids_survive_a_driver_change() {
+        use crate::testfx::{Fx, GPU};
+        let fx = Fx::clean();
+        let data = tempfile::tempdir().unwrap();
+        let cfg = GpuConfig {
+            simulate: None,
+            sim_dev_dir: data.path().join("dev"),
+        };
+        let uuid = "GPU-11111111-2222-3333-4444-555555555555";
+        let b = probe(&cfg, &fx.root()).unwrap();
+        assert_eq!(b.kind(), BackendKind::Sysfs);
+        assert_eq!(b.devices().unwrap()[0].uuid, uuid);
+        assert_eq!(
+            fs::read_to_string(data.path().join("dev").join(UUIDS_FILE)).unwrap(),
+            format!("{GPU} {uuid}\n")
+        );
+        // Bound to vfio-pci: the driver's information is gone with it.
+        fx.set_driver(GPU, Some("vfio-pci"));
+        fx.remove(&format!("/proc/driver/nvidia/gpus/{GPU}"));
+        assert_eq!(
+            scan_sysfs(&fx.root()).unwrap()[0].uuid,
+            format!("PCI-{GPU}"),
+            "what the scan alone says"
+        );
+        let b = probe(&cfg, &fx.root()).unwrap();
+        let g = &b.devices().unwrap()[0];
+        assert_eq!((g.uuid.as_str(), g.is_vfio()), (uuid, true));
+        // Nothing remembered without a directory for it.
+        let b = probe(&GpuConfig::default(), &fx.root()).unwrap();
+        assert_eq!(b.devices().unwrap()[0].uuid, format!("PCI-{GPU}"));
     }
 
     #[test]

@@ -1,0 +1,490 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Issue 11 item 6 through the engine: placement knows the binding. A GPU bound to vfio-pci is
+//! placed only for VMs (`runtime vm`), a GPU on the host driver (or a plain simulated one) only
+//! for containers; a VM asking for GPUs where none is bound is told how to bind one; fractions
+//! and MIG slices are refused for VMs; and the node turns a VM's GPUs into its passthrough plan
+//! (`Node::passthrough`), for real GPUs (fixture sysfs) and simulated ones.
+//!
+//! Hosts are `Node::open` over a fixture root, as in `gpuadmin.rs` (root, iptables and runc
+//! needed, as CI has). The VM runtime is being written beside this (vm/runtime.rs); here a
+//! stand-in that provisions nothing is installed with `Node::with_runtime`, since no
+//! reconciler runs: instances stay `pending` rows, which hold their GPUs like running ones.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+
+use gpuvisor_control::placement::Scheduled;
+use gpuvisor_control::store::{ImageRow, Store};
+use gpuvisor_control::{Engine, EngineConfig, EngineError, Principal};
+use gpuvisor_node::instance::{ExecTty, StepTimer};
+use gpuvisor_node::runtime::{Runtime, RuntimeKind};
+use gpuvisor_node::testfx::{Fx, Kernel, GPU, GPU_AUDIO};
+use gpuvisor_node::vm::passthrough::{OVMF_CODE, OVMF_VARS};
+use gpuvisor_node::{InstancePlan, Node, NodeConfig, NodeError};
+use gpuvisor_wire as wire;
+use gpuvisor_wire::{code, InstanceState, Role};
+
+/// The fixture GPU's UUID (from its `/proc/driver/nvidia/gpus/<addr>/information`).
+const UUID: &str = "GPU-11111111-2222-3333-4444-555555555555";
+/// Not the daemon's default pool, nor gpuadmin.rs's.
+const NET_POOL: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 0);
+const IMAGE: &str = "tools";
+
+/// A VM runtime that runs nothing: placement is what is tested.
+struct NoVm;
+
+fn unsupported(what: &str) -> NodeError {
+    NodeError::Unsupported {
+        kind: RuntimeKind::Vm,
+        what: what.into(),
+    }
+}
+
+impl Runtime for NoVm {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Vm
+    }
+    fn knows(&self, _: &Node, _: &str) -> bool {
+        false
+    }
+    fn provision(&self, _: &Node, _: &InstancePlan, _: &mut StepTimer) -> Result<(), NodeError> {
+        Err(unsupported("provisioning (test stand-in)"))
+    }
+    fn stop(&self, _: &Node, _: &str, _: std::time::Duration) -> Result<(), NodeError> {
+        Ok(())
+    }
+    fn teardown(&self, _: &Node, _: &str) -> Result<(), NodeError> {
+        Ok(())
+    }
+    fn running(&self, _: &Node) -> std::collections::BTreeSet<String> {
+        Default::default()
+    }
+    fn main_pid(&self, _: &Node, _: &str) -> Option<i32> {
+        None
+    }
+    fn local_ids(&self, _: &Node) -> Result<std::collections::BTreeSet<String>, NodeError> {
+        Ok(Default::default())
+    }
+    fn usage(&self, _: &Node, _: &str) -> gpuvisor_node::telemetry::RuntimeUsage {
+        Default::default()
+    }
+    fn exec_command(
+        &self,
+        _: &Node,
+        _: &str,
+        _: &[String],
+        _: &[String],
+        _: bool,
+    ) -> Result<(std::process::Command, std::path::PathBuf), NodeError> {
+        Err(unsupported("exec"))
+    }
+    fn exec_pipes_command(
+        &self,
+        _: &Node,
+        _: &str,
+        _: &[String],
+        _: &[String],
+        _: bool,
+    ) -> Result<(std::process::Command, std::path::PathBuf), NodeError> {
+        Err(unsupported("exec"))
+    }
+    fn exec_tty_command(
+        &self,
+        _: &Node,
+        _: &str,
+        _: &[String],
+        _: &[String],
+    ) -> Result<ExecTty, NodeError> {
+        Err(unsupported("exec"))
+    }
+    fn kill_exec(&self, _: &Node, _: &str, _: &Path) -> usize {
+        0
+    }
+    fn kill_orphaned_exec(&self, _: &Node, _: &str, _: &Path) -> usize {
+        0
+    }
+}
+
+struct Host {
+    engine: Arc<Engine>,
+    node: Arc<Node>,
+    admin: Principal,
+    user: Principal,
+    _fx: Fx,
+    _data: tempfile::TempDir,
+}
+
+impl Host {
+    /// An engine over `fx` (with OVMF and the VFIO group device of the fixture GPU), GPUs
+    /// simulated when `simulate` says so, the stand-in VM runtime when `vm`.
+    async fn new(fx: Fx, simulate: Option<&str>, vm: bool) -> Self {
+        fx.file("/sys/devices/system/cpu/online", "0-3\n");
+        fx.file("/proc/meminfo", "MemTotal:       16777216 kB\n");
+        fx.file("/sys/module/apparmor/parameters/enabled", "N\n");
+        fx.file(OVMF_CODE, "code");
+        fx.file(OVMF_VARS, "vars");
+        fx.file("/dev/vfio/17", "");
+        let kernel = Arc::new(Kernel::new(fx.root()));
+        let data = tempfile::tempdir().unwrap();
+        let cfg = NodeConfig {
+            data_dir: data.path().to_path_buf(),
+            runtime: "runc".into(),
+            simulate_gpus: simulate.map(str::to_string),
+            net_plan: gpuvisor_node::ipam::AddressPlan::new(
+                gpuvisor_node::ipam::Cidr {
+                    addr: NET_POOL,
+                    len: 16,
+                },
+                24,
+            )
+            .unwrap(),
+            nat: false,
+            pids_limit: 4096,
+            root: fx.root(),
+            limiter_lib: None,
+            limiter_context_bytes: 0,
+            limiter_over_quota: Default::default(),
+        };
+        let node = tokio::task::spawn_blocking(move || Node::open(cfg))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| {
+                panic!("Node::open on the fixture host failed (root, iptables, runc needed): {e}")
+            })
+            .with_sys_writer(kernel);
+        let node = Arc::new(if vm {
+            node.with_runtime(Box::new(NoVm))
+        } else {
+            node
+        });
+        let store = Store::connect(&Store::sqlite_url(&data.path().join("gpuvisor.db")))
+            .await
+            .unwrap();
+        let engine = Engine::new(
+            store,
+            node.clone(),
+            Box::new(Scheduled::default()),
+            EngineConfig {
+                node_id: "fixture-host".into(),
+                hostname: "fixture-host".into(),
+                cpu_ratio: 1,
+                stop_grace: std::time::Duration::from_secs(1),
+                resync: std::time::Duration::from_secs(1),
+                sweep_every: std::time::Duration::from_secs(30),
+                simulated_policy: gpuvisor_scheduler::Policy::GvFrag,
+            },
+        );
+        let secret = engine.bootstrap().await.unwrap().unwrap();
+        let admin = engine.authenticate(Some(&secret)).await.unwrap();
+        engine
+            .create_tenant(
+                &admin,
+                &wire::CreateTenant {
+                    name: "acme".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let key = engine
+            .create_key(
+                &admin,
+                &wire::CreateKey {
+                    tenant: "acme".into(),
+                    role: Role::User,
+                },
+            )
+            .await
+            .unwrap();
+        let user = engine.authenticate(Some(&key.secret)).await.unwrap();
+        engine
+            .store()
+            .insert_image(&ImageRow {
+                owner: String::new(),
+                source: String::new(),
+                name: IMAGE.into(),
+                digest: format!("sha256:{}", "ab".repeat(32)),
+                layers: vec![],
+                size: 0,
+                command: vec!["sleep".into(), "infinity".into()],
+                env: vec![],
+                created_at: 0,
+            })
+            .await
+            .unwrap();
+        Self {
+            engine,
+            node,
+            admin,
+            user,
+            _fx: fx,
+            _data: data,
+        }
+    }
+
+    async fn create(&self, req: wire::CreateInstance) -> Result<wire::Instance, EngineError> {
+        self.engine
+            .create_instance(
+                &self.user,
+                &wire::CreateInstance {
+                    image: IMAGE.into(),
+                    vcpus: 1,
+                    memory: 256 << 20,
+                    container_disk: 1 << 30,
+                    ..req
+                },
+            )
+            .await
+    }
+
+    async fn vm(&self, gpus: u32) -> Result<wire::Instance, EngineError> {
+        self.create(wire::CreateInstance {
+            runtime: RuntimeKind::Vm,
+            gpus: Some(gpus),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn container(&self, gpus: u32) -> Result<wire::Instance, EngineError> {
+        self.create(wire::CreateInstance {
+            gpus: Some(gpus),
+            ..Default::default()
+        })
+        .await
+    }
+
+    async fn terminate_row(&self, id: &str) {
+        assert!(self
+            .engine
+            .store()
+            .set_state(id, InstanceState::Terminated, None, 9)
+            .await
+            .unwrap());
+    }
+}
+
+fn refused(err: &EngineError, code: &str, says: &[&str]) {
+    assert_eq!(err.code(), code, "{err:?}");
+    for s in says {
+        assert!(err.to_string().contains(s), "{s:?} not in: {err}");
+    }
+}
+
+/// A real (fixture) GPU: on nvidia it is for containers and a VM is told to bind it; bound with
+/// `gpu bind-vfio` it is for VMs only, and the VM's passthrough plan takes its whole group.
+#[tokio::test]
+async fn a_real_gpu_goes_to_vms_once_bound_to_vfio_pci() {
+    let h = Host::new(Fx::clean(), None, true).await;
+
+    let err = h.vm(1).await.unwrap_err();
+    refused(
+        &err,
+        code::INSUFFICIENT_RESOURCES,
+        &[
+            "bound to vfio-pci for a VM: 1 any wanted, 0 free of 0",
+            "gpuvisor gpu bind-vfio",
+            "1 on the host driver is for containers",
+        ],
+    );
+    assert!(h.engine.list_instances(&h.admin).await.unwrap().is_empty());
+
+    h.engine.bind_vfio(&h.admin, "0").await.unwrap();
+    let vm = h.vm(1).await.unwrap();
+    assert_eq!(vm.runtime, RuntimeKind::Vm);
+    assert_eq!(vm.gpus.len(), 1);
+    assert_eq!(vm.gpus[0].uuid, UUID);
+    assert_eq!(vm.gpus[0].milli, 1000);
+
+    // The container asking for it is told it is for VMs.
+    let err = h.container(1).await.unwrap_err();
+    refused(
+        &err,
+        code::INSUFFICIENT_RESOURCES,
+        &["0 free of 0", "1 more is bound to vfio-pci, for VMs"],
+    );
+
+    // The VM's passthrough plan: the whole group (GPU and audio, both moved by bind-vfio).
+    let plan = h.node.passthrough(&[UUID.to_string()]).unwrap().unwrap();
+    let devices: Vec<&String> = plan
+        .args
+        .iter()
+        .filter(|a| a.starts_with("vfio-pci"))
+        .collect();
+    assert_eq!(
+        devices,
+        vec![
+            &format!("vfio-pci,host={GPU},id=gvpt0f0,bus=gvrp0,addr=00.0,multifunction=on"),
+            &format!("vfio-pci,host={GPU_AUDIO},id=gvpt0f1,bus=gvrp0,addr=00.1"),
+        ]
+    );
+    assert!(plan
+        .args
+        .contains(&"q35-pcihost.pci-hole64-size=256G".to_string()));
+    assert!(h.node.passthrough(&[]).unwrap().is_none());
+
+    // The VM gone and the GPU given back: containers get it again, VMs are refused.
+    h.terminate_row(&vm.id).await;
+    h.engine.release_gpu(&h.admin, UUID).await.unwrap();
+    assert_eq!(h.container(1).await.unwrap().gpus[0].uuid, UUID);
+    refused(
+        &h.vm(1).await.unwrap_err(),
+        code::INSUFFICIENT_RESOURCES,
+        &["gpuvisor gpu bind-vfio"],
+    );
+}
+
+/// Simulated GPUs, one marked as bound to vfio-pci (`:vfio`): a VM with `--gpus 1` is placed on
+/// it and a container is not, and the other way round; `gpu list` shows the binding; the
+/// node's plan for the VM is produced and not attached.
+#[tokio::test]
+async fn simulated_vfio_gpus_take_vms_and_only_vms() {
+    let h = Host::new(Fx::empty(), Some("1xH100-80GB:vfio,1xA100-80GB"), true).await;
+    let gpus = h.engine.list_gpus(&h.admin).await.unwrap();
+    let (h100, a100) = (&gpus[0], &gpus[1]);
+    assert_eq!(h100.model, "H100-80GB");
+    assert_eq!(h100.driver.as_deref(), Some("vfio-pci"));
+    assert!(h100.passthrough_ready);
+    assert_eq!(a100.driver, None);
+    assert!(!a100.passthrough_ready);
+
+    let vm = h.vm(1).await.unwrap();
+    assert_eq!(vm.gpus[0].uuid, h100.uuid, "the VM gets the vfio-pci GPU");
+    let c = h.container(1).await.unwrap();
+    assert_eq!(c.gpus[0].uuid, a100.uuid, "the container gets the other");
+
+    // Each kind full now: neither spills onto the other's GPU.
+    refused(
+        &h.vm(1).await.unwrap_err(),
+        code::INSUFFICIENT_RESOURCES,
+        &["bound to vfio-pci for a VM: 1 any wanted, 0 free of 1"],
+    );
+    h.terminate_row(&c.id).await;
+    refused(
+        &h.vm(1).await.unwrap_err(),
+        code::INSUFFICIENT_RESOURCES,
+        &["0 free of 1", "1 on the host driver is for containers"],
+    );
+    h.terminate_row(&vm.id).await;
+    h.terminate_row(&h.container(1).await.unwrap().id).await;
+    let err = h.container(2).await.unwrap_err();
+    refused(
+        &err,
+        code::INSUFFICIENT_RESOURCES,
+        &["2 any wanted, 1 free of 1", "1 more is bound to vfio-pci"],
+    );
+
+    // A model only on the host driver: the VM is told how to get one, here by simulation.
+    let err = h
+        .create(wire::CreateInstance {
+            runtime: RuntimeKind::Vm,
+            gpus: Some(1),
+            gpu_model: Some("A100-80GB".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(
+        &err,
+        code::INSUFFICIENT_RESOURCES,
+        &[
+            "1 A100-80GB wanted, 0 free of 0",
+            "gpuvisor gpu bind-vfio",
+            "--simulate-gpus 1xH100-80GB:vfio",
+        ],
+    );
+
+    // The plan of a VM on the simulated GPU: the window and firmware as on a host with an H100,
+    // the devices named in the notes, not attached.
+    let plan = h
+        .node
+        .passthrough(std::slice::from_ref(&h100.uuid))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        plan.args,
+        vec![
+            "-global",
+            "q35-pcihost.pci-hole64-size=256G",
+            "-fw_cfg",
+            "name=opt/ovmf/X-PciMmio64Mb,string=262144"
+        ]
+    );
+    assert!(
+        plan.notes[0].starts_with("simulated GPUs: not attached")
+            && plan.notes[0].contains(&format!("vfio-pci,host={}", h100.pci_address)),
+        "{:?}",
+        plan.notes
+    );
+    let err = h
+        .node
+        .passthrough(std::slice::from_ref(&a100.uuid))
+        .unwrap_err();
+    assert!(err.to_string().contains("not vfio-pci"), "{err}");
+}
+
+/// Fractions and MIG slices are never given to a VM, whatever the host has.
+#[tokio::test]
+async fn fractions_and_mig_slices_are_refused_for_vms() {
+    let h = Host::new(Fx::empty(), Some("1xA100-80GB:mig,1xH100-80GB:vfio"), true).await;
+    let err = h
+        .create(wire::CreateInstance {
+            runtime: RuntimeKind::Vm,
+            gpu_fraction: Some(0.5),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(
+        &err,
+        code::INVALID_ARGUMENT,
+        &["a fraction of a GPU cannot be given to a VM"],
+    );
+
+    h.engine.mig_create(&h.admin, "0", "3g.40gb").await.unwrap();
+    let err = h
+        .create(wire::CreateInstance {
+            runtime: RuntimeKind::Vm,
+            gpus: Some(1),
+            gpu_model: Some("A100-80GB-3g.40gb".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(
+        &err,
+        code::INVALID_ARGUMENT,
+        &["is a MIG slice: a VM takes whole GPUs by passthrough"],
+    );
+    // A container takes the slice; a plain VM the vfio-pci GPU, never the slice.
+    let c = h
+        .create(wire::CreateInstance {
+            gpus: Some(1),
+            gpu_model: Some("A100-80GB-3g.40gb".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(c.gpus[0].uuid.starts_with("MIG-"), "{:?}", c.gpus);
+    let vm = h.vm(1).await.unwrap();
+    assert_eq!(vm.gpus[0].model, "H100-80GB");
+    let err = h.node.passthrough(&[c.gpus[0].uuid.clone()]).unwrap_err();
+    assert!(err.to_string().contains("MIG slice"), "{err}");
+}
+
+/// Without a VM runtime on the host, a VM's own refusals come first (the same on every host),
+/// and a VM that would be placed is refused as unavailable.
+#[tokio::test]
+async fn without_a_vm_runtime_refusals_come_first() {
+    let h = Host::new(Fx::empty(), Some("1xH100-80GB"), false).await;
+    refused(
+        &h.vm(1).await.unwrap_err(),
+        code::INSUFFICIENT_RESOURCES,
+        &["gpuvisor gpu bind-vfio"],
+    );
+    let h = Host::new(Fx::empty(), Some("1xH100-80GB:vfio"), false).await;
+    let err = h.vm(1).await.unwrap_err();
+    assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("not set up"), "{err}");
+    assert!(h.engine.list_instances(&h.admin).await.unwrap().is_empty());
+}
