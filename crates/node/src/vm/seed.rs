@@ -1,7 +1,8 @@
 //! The cloud-init NoCloud seed of a VM: an ISO9660 image with volume id `cidata` holding
 //! `meta-data` (instance-id, local-hostname), `user-data` (`#cloud-config`: the user with sudo
 //! and its SSH keys, packages, the volumes' mounts, the startup script, the run-once command)
-//! and `network-config` (version 2: the static address from our plan, matched by MAC).
+//! and `network-config` (version 2: the static address, gateway and name servers from our plan,
+//! matched by MAC).
 //!
 //! Every value in the documents is tenant input (hostname, keys, commands, script, paths), so
 //! no YAML is written by hand: the documents are JSON (a subset of YAML 1.1/1.2, which is what
@@ -134,6 +135,8 @@ pub fn render(spec: &SeedSpec) -> Result<SeedDocs, TemplateError> {
     let mut cfg = serde_json::Map::new();
     cfg.insert("hostname".into(), json!(spec.hostname));
     cfg.insert("preserve_hostname".into(), json!(false));
+    // The hostname resolves (sudo asks), from /etc/hosts.
+    cfg.insert("manage_etc_hosts".into(), json!(true));
     cfg.insert("users".into(), json!([user]));
     if !spec.packages.is_empty() {
         cfg.insert("packages".into(), json!(spec.packages));
@@ -185,7 +188,10 @@ pub fn render(spec: &SeedSpec) -> Result<SeedDocs, TemplateError> {
                 "dhcp4": false,
                 "dhcp6": false,
                 "addresses": [format!("{}/{}", net.address, net.prefix_len)],
-                "routes": [{ "to": "0.0.0.0/0", "via": net.gateway.to_string() }],
+                // gateway4, not a 0.0.0.0/0 route: every cloud-init renderer turns it into the
+                // distribution's own default-gateway setting (Debian's ifupdown `gateway`),
+                // where a route needs extra tools (ifupdown's post-up `route`, net-tools).
+                "gateway4": net.gateway.to_string(),
                 "nameservers": {
                     "addresses": net.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
                 },

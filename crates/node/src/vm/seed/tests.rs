@@ -101,6 +101,7 @@ fn seed_iso_carries_the_three_documents() {
     );
     let user = pyyaml(&docs.user_data).unwrap();
     assert_eq!(user["hostname"], "web-1");
+    assert_eq!(user["manage_etc_hosts"], true);
     assert_eq!(user["users"][0]["name"], "gpuvisor");
     assert_eq!(user["users"][0]["sudo"], "ALL=(ALL) NOPASSWD:ALL");
     assert_eq!(
@@ -143,7 +144,7 @@ fn seed_iso_carries_the_three_documents() {
                 "dhcp4": false,
                 "dhcp6": false,
                 "addresses": ["10.78.0.2/24"],
-                "routes": [{"to": "0.0.0.0/0", "via": "10.78.0.1"}],
+                "gateway4": "10.78.0.1",
                 "nameservers": {"addresses": ["10.78.0.1", "1.1.1.1"]},
             }}
         })
@@ -177,6 +178,7 @@ fn injection_attempts_stay_literal() {
         keys,
         [
             "hostname",
+            "manage_etc_hosts",
             "mounts",
             "packages",
             "preserve_hostname",
