@@ -359,12 +359,17 @@ impl Templates {
         }
         let mnt = out.join("root");
         let empty = out.join("empty");
-        for d in [&mnt, &empty] {
+        let empty2 = out.join("empty2");
+        for d in [&mnt, &empty, &empty2] {
             fs::create_dir(d).map_err(io_at(d))?;
         }
-        // The empty bottom layer lets a one-layer (or layerless) image mount the same way.
+        // Empty bottom layers: a read-only overlay wants two lower dirs on older kernels, so a
+        // one-layer or layerless image mounts the same way as any other.
         let mut lower: Vec<String> = layers.iter().map(|l| l.display().to_string()).collect();
         lower.push(empty.display().to_string());
+        if layers.is_empty() {
+            lower.push(empty2.display().to_string());
+        }
         let opts = format!("lowerdir={}", lower.join(":"));
         nix::mount::mount(
             Some("overlay"),
@@ -385,8 +390,9 @@ impl Templates {
             });
         let meta = res?;
         unmounted?;
-        fs::remove_dir(&mnt).map_err(io_at(&mnt))?;
-        fs::remove_dir(&empty).map_err(io_at(&empty))?;
+        for d in [&mnt, &empty, &empty2] {
+            fs::remove_dir(d).map_err(io_at(d))?;
+        }
         let meta_path = out.join(META);
         let json = serde_json::to_vec_pretty(&meta)
             .map_err(|e| TemplateError::Invalid(format!("cannot encode template metadata: {e}")))?;

@@ -341,6 +341,11 @@ fn digests_and_remove() {
     t.ensure(D2, std::slice::from_ref(&layer)).unwrap();
     t.ensure(D1, std::slice::from_ref(&layer)).unwrap();
     assert_eq!(t.digests(), [D1, D2]);
+    // An image without layers is an empty disk (the default kernel boots it).
+    const D3: &str = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
+    let empty = t.ensure(D3, &[]).unwrap();
+    assert_eq!(names(&empty.base, "/"), ["lost+found"]);
+    t.remove(D3).unwrap();
     t.remove(D1).unwrap();
     assert_eq!(t.digests(), [D2]);
     t.remove(D1).unwrap(); // nothing to remove: fine
