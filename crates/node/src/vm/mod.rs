@@ -1,4 +1,5 @@
 //! Micro-VM instances (issue 11).
 
+pub mod qcow2;
 pub mod seed;
 pub mod template;

@@ -186,8 +186,9 @@ impl Templates {
     }
 
     /// A qcow2 overlay backed by the template's base, virtual size exactly `size` bytes.
-    /// Written beside `path` and renamed into place; refuses a size that is not a multiple of
-    /// 512 or is smaller than the base disk (the guest would see a cut filesystem).
+    /// Written ([`super::qcow2`]) beside `path` and renamed into place; refuses a size that is
+    /// not a multiple of 512 or is smaller than the base disk (the guest would see a cut
+    /// filesystem).
     pub fn create_overlay(
         &self,
         t: &Template,
@@ -218,23 +219,14 @@ impl Templates {
                 t.base.display()
             )));
         }
-        let res = cmd::run(
-            "qemu-img",
-            [
-                std::ffi::OsStr::new("create"),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-F".as_ref(),
-                "raw".as_ref(),
-                "-b".as_ref(),
-                t.base.as_os_str(),
-                tmp.as_os_str(),
-                size.to_string().as_ref(),
-            ],
-        )
-        .map_err(TemplateError::from)
-        .and_then(|_| fs::rename(&tmp, path).map_err(io_at(path)));
+        let res = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .and_then(|f| super::qcow2::write(&f, &t.base, size))
+            .map_err(io_at(&tmp))
+            .and_then(|()| fs::rename(&tmp, path).map_err(io_at(path)));
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
         }

@@ -305,6 +305,44 @@ fn overlay_is_qcow2_backed_by_the_base_with_the_exact_size() {
     assert_eq!(info["virtual-size"], size);
     assert_eq!(info["backing-filename"], tpl.base.display().to_string());
     assert_eq!(info["backing-filename-format"], "raw");
+    assert_eq!(info["cluster-size"], 65536);
+    assert_eq!(info["format-specific"]["data"]["compat"], "1.1");
+    // QEMU's own consistency check: refcounts, L1, header.
+    let check = Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // Reads fall through to the base: the guest sees the template's filesystem.
+    let mut head = vec![0u8; 2048];
+    let mut base_head = vec![0u8; 2048];
+    let img = Command::new("qemu-img")
+        .args(["dd", "-U", "-f", "qcow2", "-O", "raw", "bs=2048", "count=1"])
+        .arg(format!("if={}", overlay.display()))
+        .arg(format!("of={}", dir.path().join("head.raw").display()))
+        .output()
+        .unwrap();
+    assert!(
+        img.status.success(),
+        "{}",
+        String::from_utf8_lossy(&img.stderr)
+    );
+    File::open(dir.path().join("head.raw"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    File::open(&tpl.base)
+        .unwrap()
+        .read_exact(&mut base_head)
+        .unwrap();
+    assert_eq!(head, base_head);
+    fs::remove_file(dir.path().join("head.raw")).unwrap();
     // The overlay is small: nothing copied.
     assert!(fs::metadata(&overlay).unwrap().len() < 1 << 20);
 
