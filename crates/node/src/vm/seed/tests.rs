@@ -10,7 +10,10 @@ fn spec() -> SeedSpec {
         runcmd: vec!["sh".into(), "-c".into(), "echo hello from runcmd".into()],
         startup_script: Some("#!/bin/sh\necho started > /run/started\n".into()),
         packages: vec!["htop".into()],
-        mounts: vec![("vol-data".into(), PathBuf::from("/data"))],
+        mounts: vec![
+            ("vol-data".into(), PathBuf::from("/data")),
+            ("my.vol_2".into(), PathBuf::from("/srv/v2")),
+        ],
         net: SeedNet {
             mac: "52:54:00:AB:cd:01".into(),
             address: "10.78.0.2".parse().unwrap(),
@@ -111,14 +114,24 @@ fn seed_iso_carries_the_three_documents() {
     assert_eq!(user["packages"], json!(["htop"]));
     assert_eq!(
         user["mounts"],
-        json!([[
-            "/dev/disk/by-id/virtio-vol-data",
-            "/data",
-            "auto",
-            "defaults,nofail",
-            "0",
-            "2"
-        ]])
+        json!([
+            [
+                "/dev/disk/by-id/virtio-vol-data",
+                "/data",
+                "auto",
+                "defaults,nofail",
+                "0",
+                "2"
+            ],
+            [
+                "/dev/disk/by-id/virtio-my.vol_2",
+                "/srv/v2",
+                "auto",
+                "defaults,nofail",
+                "0",
+                "2"
+            ]
+        ])
     );
     assert_eq!(user["write_files"][0]["path"], STARTUP_SCRIPT_PATH);
     assert_eq!(user["write_files"][0]["permissions"], "0755");
