@@ -233,14 +233,33 @@ impl Templates {
         res
     }
 
-    /// Digests with a template on disk (for sweeps).
+    /// Digests with a template on disk (for sweeps). Also clears what killed builds left for
+    /// digests nobody is building now (a build in progress holds the digest's lock).
     pub fn digests(&self) -> Vec<String> {
         let Ok(entries) = fs::read_dir(&self.root) else {
             return Vec::new();
         };
-        let mut out: Vec<String> = entries
+        let names: Vec<String> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        let mut stale: Vec<&str> = names
+            .iter()
+            .filter_map(|n| n.strip_prefix(".tmp-"))
+            .filter_map(|rest| rest.rsplit_once('-').map(|(name, _)| name))
+            .filter(|name| name.split_once('-').is_some())
+            .collect();
+        stale.sort_unstable();
+        stale.dedup();
+        for name in stale {
+            if let Ok(Some(_lock)) = self.try_lock(name) {
+                if let Err(e) = self.clear_staging(name) {
+                    tracing::warn!(template = name, error = %e, "cannot clear a template build's leftovers");
+                }
+            }
+        }
+        let mut out: Vec<String> = names
+            .into_iter()
             .filter(|n| !n.starts_with('.'))
             .filter(|n| self.root.join(n).join(META).is_file())
             .filter_map(|n| {
@@ -299,6 +318,27 @@ impl Templates {
     }
 
     fn lock(&self, name: &str) -> Result<Flock<File>, TemplateError> {
+        let (file, path) = self.lock_file(name)?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| TemplateError::Io {
+            path,
+            source: e.into(),
+        })
+    }
+
+    /// The digest's lock if nobody holds it (`None` while a build runs).
+    fn try_lock(&self, name: &str) -> Result<Option<Flock<File>>, TemplateError> {
+        let (file, path) = self.lock_file(name)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(Some(l)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(TemplateError::Io {
+                path,
+                source: e.into(),
+            }),
+        }
+    }
+
+    fn lock_file(&self, name: &str) -> Result<(File, PathBuf), TemplateError> {
         let locks = self.root.join(".locks");
         fs::create_dir_all(&locks).map_err(io_at(&locks))?;
         let path = locks.join(format!("{name}.lock"));
@@ -308,10 +348,7 @@ impl Templates {
             .write(true)
             .open(&path)
             .map_err(io_at(&path))?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| TemplateError::Io {
-            path,
-            source: e.into(),
-        })
+        Ok((file, path))
     }
 
     /// Removes what a killed build of `name` left (caller holds the digest's lock).

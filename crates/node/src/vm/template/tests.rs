@@ -276,6 +276,18 @@ fn leftovers_of_a_killed_build_are_cleared() {
     t.ensure(D1, &[lower]).unwrap();
     assert!(!stale.exists());
     assert!(crate::disk::mounts_under(dir.path()).unwrap().is_empty());
+
+    // Leftovers of a digest nobody builds again go at the next sweep (digests), unless a
+    // build of that digest holds its lock.
+    let name2 = dir_name(D2).unwrap();
+    let stale2 = t.root().join(format!(".tmp-{name2}-dead"));
+    fs::create_dir_all(stale2.join("root")).unwrap();
+    let held = t.lock(&name2).unwrap();
+    assert_eq!(t.digests(), [D1]);
+    assert!(stale2.exists(), "a build in progress is left alone");
+    drop(held);
+    assert_eq!(t.digests(), [D1]);
+    assert!(!stale2.exists());
 }
 
 #[test]
