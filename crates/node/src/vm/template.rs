@@ -485,6 +485,10 @@ impl Templates {
                 "-F".as_ref(),
                 "-m".as_ref(),
                 "0".as_ref(),
+                // 4 KiB blocks whatever the size (mke2fs would pick 1 KiB below 512 MiB): the
+                // guest grows this filesystem to its disk, up to 16 TiB.
+                "-b".as_ref(),
+                "4096".as_ref(),
                 "-N".as_ref(),
                 inodes.as_ref(),
                 "-L".as_ref(),
@@ -755,7 +759,7 @@ fn measure(mnt: &Path, digest: &str, max_bytes: u64) -> Result<Usage, TemplateEr
 fn base_size(u: &Usage) -> u64 {
     const MIB: u64 = 1 << 20;
     let inode_tables = (u.inodes * 3 / 2 + 4096) * 256;
-    let raw = u.bytes + u.bytes / 8 + inode_tables + 64 * MIB;
+    let raw = u.bytes + u.bytes / 8 + inode_tables + 16 * MIB;
     raw.div_ceil(MIB) * MIB
 }
 
