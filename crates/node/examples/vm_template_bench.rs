@@ -19,7 +19,7 @@ fn stats(name: &str, mut v: Vec<Duration>) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "| {name} | {} | {:.1} | {:.1} | {:.1} |",
+        "| {name} | {} | {:.2} | {:.2} | {:.2} |",
         v.len(),
         ms(v[0]),
         ms(v[v.len() / 2]),

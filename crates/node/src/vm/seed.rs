@@ -303,10 +303,12 @@ fn check(spec: &SeedSpec) -> Result<(), TemplateError> {
             && serial.len() <= 20
             && serial
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if !serial_ok {
             return Err(invalid(format!(
-                "volume disk serial {serial:?} is invalid: 1-20 letters, digits, '-' or '_' (the guest sees at most 20)"
+                "volume disk serial {serial:?} is invalid: 1-20 letters, digits, '-', '_' or '.' \
+                 (virtio-blk shows the guest at most 20 bytes, so a longer one would be cut and \
+                 could name another disk)"
             )));
         }
         let p = path

@@ -186,8 +186,9 @@ impl Templates {
     }
 
     /// A qcow2 overlay backed by the template's base, virtual size exactly `size` bytes.
-    /// Written beside `path` and renamed into place; refuses a size that is not a multiple of
-    /// 512 or is smaller than the base disk (the guest would see a cut filesystem).
+    /// Written ([`super::qcow2`]) beside `path` and renamed into place; refuses a size that is
+    /// not a multiple of 512 or is smaller than the base disk (the guest would see a cut
+    /// filesystem).
     pub fn create_overlay(
         &self,
         t: &Template,
@@ -218,37 +219,47 @@ impl Templates {
                 t.base.display()
             )));
         }
-        let res = cmd::run(
-            "qemu-img",
-            [
-                std::ffi::OsStr::new("create"),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-F".as_ref(),
-                "raw".as_ref(),
-                "-b".as_ref(),
-                t.base.as_os_str(),
-                tmp.as_os_str(),
-                size.to_string().as_ref(),
-            ],
-        )
-        .map_err(TemplateError::from)
-        .and_then(|_| fs::rename(&tmp, path).map_err(io_at(path)));
+        let res = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .and_then(|f| super::qcow2::write(&f, &t.base, size))
+            .map_err(io_at(&tmp))
+            .and_then(|()| fs::rename(&tmp, path).map_err(io_at(path)));
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         res
     }
 
-    /// Digests with a template on disk (for sweeps).
+    /// Digests with a template on disk (for sweeps). Also clears what killed builds left for
+    /// digests nobody is building now (a build in progress holds the digest's lock).
     pub fn digests(&self) -> Vec<String> {
         let Ok(entries) = fs::read_dir(&self.root) else {
             return Vec::new();
         };
-        let mut out: Vec<String> = entries
+        let names: Vec<String> = entries
             .filter_map(|e| e.ok())
             .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        let mut stale: Vec<&str> = names
+            .iter()
+            .filter_map(|n| n.strip_prefix(".tmp-"))
+            .filter_map(|rest| rest.rsplit_once('-').map(|(name, _)| name))
+            .filter(|name| name.split_once('-').is_some())
+            .collect();
+        stale.sort_unstable();
+        stale.dedup();
+        for name in stale {
+            if let Ok(Some(_lock)) = self.try_lock(name) {
+                if let Err(e) = self.clear_staging(name) {
+                    tracing::warn!(template = name, error = %e, "cannot clear a template build's leftovers");
+                }
+            }
+        }
+        let mut out: Vec<String> = names
+            .into_iter()
             .filter(|n| !n.starts_with('.'))
             .filter(|n| self.root.join(n).join(META).is_file())
             .filter_map(|n| {
@@ -307,6 +318,27 @@ impl Templates {
     }
 
     fn lock(&self, name: &str) -> Result<Flock<File>, TemplateError> {
+        let (file, path) = self.lock_file(name)?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| TemplateError::Io {
+            path,
+            source: e.into(),
+        })
+    }
+
+    /// The digest's lock if nobody holds it (`None` while a build runs).
+    fn try_lock(&self, name: &str) -> Result<Option<Flock<File>>, TemplateError> {
+        let (file, path) = self.lock_file(name)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(Some(l)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(TemplateError::Io {
+                path,
+                source: e.into(),
+            }),
+        }
+    }
+
+    fn lock_file(&self, name: &str) -> Result<(File, PathBuf), TemplateError> {
         let locks = self.root.join(".locks");
         fs::create_dir_all(&locks).map_err(io_at(&locks))?;
         let path = locks.join(format!("{name}.lock"));
@@ -316,10 +348,7 @@ impl Templates {
             .write(true)
             .open(&path)
             .map_err(io_at(&path))?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| TemplateError::Io {
-            path,
-            source: e.into(),
-        })
+        Ok((file, path))
     }
 
     /// Removes what a killed build of `name` left (caller holds the digest's lock).
@@ -359,12 +388,17 @@ impl Templates {
         }
         let mnt = out.join("root");
         let empty = out.join("empty");
-        for d in [&mnt, &empty] {
+        let empty2 = out.join("empty2");
+        for d in [&mnt, &empty, &empty2] {
             fs::create_dir(d).map_err(io_at(d))?;
         }
-        // The empty bottom layer lets a one-layer (or layerless) image mount the same way.
+        // Empty bottom layers: a read-only overlay wants two lower dirs on older kernels, so a
+        // one-layer or layerless image mounts the same way as any other.
         let mut lower: Vec<String> = layers.iter().map(|l| l.display().to_string()).collect();
         lower.push(empty.display().to_string());
+        if layers.is_empty() {
+            lower.push(empty2.display().to_string());
+        }
         let opts = format!("lowerdir={}", lower.join(":"));
         nix::mount::mount(
             Some("overlay"),
@@ -385,8 +419,9 @@ impl Templates {
             });
         let meta = res?;
         unmounted?;
-        fs::remove_dir(&mnt).map_err(io_at(&mnt))?;
-        fs::remove_dir(&empty).map_err(io_at(&empty))?;
+        for d in [&mnt, &empty, &empty2] {
+            fs::remove_dir(d).map_err(io_at(d))?;
+        }
         let meta_path = out.join(META);
         let json = serde_json::to_vec_pretty(&meta)
             .map_err(|e| TemplateError::Invalid(format!("cannot encode template metadata: {e}")))?;
@@ -450,6 +485,10 @@ impl Templates {
                 "-F".as_ref(),
                 "-m".as_ref(),
                 "0".as_ref(),
+                // 4 KiB blocks whatever the size (mke2fs would pick 1 KiB below 512 MiB): the
+                // guest grows this filesystem to its disk, up to 16 TiB.
+                "-b".as_ref(),
+                "4096".as_ref(),
                 "-N".as_ref(),
                 inodes.as_ref(),
                 "-L".as_ref(),
@@ -720,7 +759,7 @@ fn measure(mnt: &Path, digest: &str, max_bytes: u64) -> Result<Usage, TemplateEr
 fn base_size(u: &Usage) -> u64 {
     const MIB: u64 = 1 << 20;
     let inode_tables = (u.inodes * 3 / 2 + 4096) * 256;
-    let raw = u.bytes + u.bytes / 8 + inode_tables + 64 * MIB;
+    let raw = u.bytes + u.bytes / 8 + inode_tables + 16 * MIB;
     raw.div_ceil(MIB) * MIB
 }
 

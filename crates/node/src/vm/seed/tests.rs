@@ -10,7 +10,10 @@ fn spec() -> SeedSpec {
         runcmd: vec!["sh".into(), "-c".into(), "echo hello from runcmd".into()],
         startup_script: Some("#!/bin/sh\necho started > /run/started\n".into()),
         packages: vec!["htop".into()],
-        mounts: vec![("vol-data".into(), PathBuf::from("/data"))],
+        mounts: vec![
+            ("vol-data".into(), PathBuf::from("/data")),
+            ("my.vol_2".into(), PathBuf::from("/srv/v2")),
+        ],
         net: SeedNet {
             mac: "52:54:00:AB:cd:01".into(),
             address: "10.78.0.2".parse().unwrap(),
@@ -111,14 +114,24 @@ fn seed_iso_carries_the_three_documents() {
     assert_eq!(user["packages"], json!(["htop"]));
     assert_eq!(
         user["mounts"],
-        json!([[
-            "/dev/disk/by-id/virtio-vol-data",
-            "/data",
-            "auto",
-            "defaults,nofail",
-            "0",
-            "2"
-        ]])
+        json!([
+            [
+                "/dev/disk/by-id/virtio-vol-data",
+                "/data",
+                "auto",
+                "defaults,nofail",
+                "0",
+                "2"
+            ],
+            [
+                "/dev/disk/by-id/virtio-my.vol_2",
+                "/srv/v2",
+                "auto",
+                "defaults,nofail",
+                "0",
+                "2"
+            ]
+        ])
     );
     assert_eq!(user["write_files"][0]["path"], STARTUP_SCRIPT_PATH);
     assert_eq!(user["write_files"][0]["permissions"], "0755");
@@ -273,4 +286,64 @@ fn a_failed_build_leaves_nothing() {
     // A target directory that does not exist: genisoimage never runs, nothing is left.
     assert!(write_seed(&spec(), &dir.path().join("missing/seed.iso")).is_err());
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+/// The minimal test guest (scripts/vm-test-fixture) reads these documents with its own small
+/// JSON reader in busybox awk and runs what it prints: the values must come out byte for byte,
+/// as arguments, never as code.
+#[test]
+fn the_test_guests_reader_keeps_values_literal() {
+    if Command::new("busybox").arg("true").output().is_err() {
+        crate::testfx::prerequisite_missing("busybox (busybox-static, scripts/install-deps)");
+        return;
+    }
+    let awk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/vm-guest/cloud-config.awk");
+    let mut s = spec();
+    let evil = "a'b\"c $(touch /tmp/pwned) `id` \\n \\\\ ; | & \u{e9}\u{1F600}\ttab\nline2 '\"'\"'";
+    s.hostname = "host'$(reboot)".into();
+    s.runcmd = vec!["printf".into(), "%s".into(), evil.into()];
+    s.startup_script = Some(format!("#!/bin/sh\necho '{evil}'\n"));
+    s.mounts = vec![
+        ("vol-a".into(), PathBuf::from("/data/x'$(id)")),
+        ("vol_b".into(), PathBuf::from("/srv/b")),
+    ];
+    let docs = render(&s).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let run = |doc: &str| -> Vec<String> {
+        let f = dir.path().join("doc");
+        fs::write(&f, doc).unwrap();
+        let script = cmd::run(
+            "busybox",
+            [
+                "awk".as_ref(),
+                "-f".as_ref(),
+                awk.as_os_str(),
+                f.as_os_str(),
+            ],
+        )
+        .unwrap();
+        // Stubs print each call and its arguments NUL-separated, one call per record.
+        let stubs = "for f in set_hostname do_mount write_file run_argv run_sh; do \
+                     eval \"$f() { printf '%s\\036' $f; for a in \\\"\\$@\\\"; do printf '%s\\037' \\\"\\$a\\\"; done; printf '\\035'; }\"; done\n";
+        let out = cmd::run_with_input("busybox", ["sh"], &format!("{stubs}{script}")).unwrap();
+        out.split('\u{1d}')
+            .filter(|r| !r.is_empty())
+            .map(|r| r.replace('\u{1e}', " ").replace('\u{1f}', "|"))
+            .collect()
+    };
+    assert_eq!(
+        run(&docs.meta_data),
+        [format!("set_hostname {}|", s.hostname)]
+    );
+    let script = s.startup_script.clone().unwrap();
+    assert_eq!(
+        run(&docs.user_data),
+        [
+            "do_mount /dev/disk/by-id/virtio-vol-a|/data/x'$(id)|".to_string(),
+            "do_mount /dev/disk/by-id/virtio-vol_b|/srv/b|".to_string(),
+            format!("write_file {STARTUP_SCRIPT_PATH}|0755|{script}|"),
+            format!("run_argv {STARTUP_SCRIPT_PATH}|"),
+            format!("run_argv printf|%s|{evil}|"),
+        ]
+    );
 }

@@ -276,6 +276,18 @@ fn leftovers_of_a_killed_build_are_cleared() {
     t.ensure(D1, &[lower]).unwrap();
     assert!(!stale.exists());
     assert!(crate::disk::mounts_under(dir.path()).unwrap().is_empty());
+
+    // Leftovers of a digest nobody builds again go at the next sweep (digests), unless a
+    // build of that digest holds its lock.
+    let name2 = dir_name(D2).unwrap();
+    let stale2 = t.root().join(format!(".tmp-{name2}-dead"));
+    fs::create_dir_all(stale2.join("root")).unwrap();
+    let held = t.lock(&name2).unwrap();
+    assert_eq!(t.digests(), [D1]);
+    assert!(stale2.exists(), "a build in progress is left alone");
+    drop(held);
+    assert_eq!(t.digests(), [D1]);
+    assert!(!stale2.exists());
 }
 
 #[test]
@@ -305,6 +317,44 @@ fn overlay_is_qcow2_backed_by_the_base_with_the_exact_size() {
     assert_eq!(info["virtual-size"], size);
     assert_eq!(info["backing-filename"], tpl.base.display().to_string());
     assert_eq!(info["backing-filename-format"], "raw");
+    assert_eq!(info["cluster-size"], 65536);
+    assert_eq!(info["format-specific"]["data"]["compat"], "1.1");
+    // QEMU's own consistency check: refcounts, L1, header.
+    let check = Command::new("qemu-img")
+        .args(["check", "-U"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // Reads fall through to the base: the guest sees the template's filesystem.
+    let mut head = vec![0u8; 2048];
+    let mut base_head = vec![0u8; 2048];
+    let img = Command::new("qemu-img")
+        .args(["dd", "-U", "-f", "qcow2", "-O", "raw", "bs=2048", "count=1"])
+        .arg(format!("if={}", overlay.display()))
+        .arg(format!("of={}", dir.path().join("head.raw").display()))
+        .output()
+        .unwrap();
+    assert!(
+        img.status.success(),
+        "{}",
+        String::from_utf8_lossy(&img.stderr)
+    );
+    File::open(dir.path().join("head.raw"))
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
+    File::open(&tpl.base)
+        .unwrap()
+        .read_exact(&mut base_head)
+        .unwrap();
+    assert_eq!(head, base_head);
+    fs::remove_file(dir.path().join("head.raw")).unwrap();
     // The overlay is small: nothing copied.
     assert!(fs::metadata(&overlay).unwrap().len() < 1 << 20);
 
@@ -341,6 +391,11 @@ fn digests_and_remove() {
     t.ensure(D2, std::slice::from_ref(&layer)).unwrap();
     t.ensure(D1, std::slice::from_ref(&layer)).unwrap();
     assert_eq!(t.digests(), [D1, D2]);
+    // An image without layers is an empty disk (the default kernel boots it).
+    const D3: &str = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
+    let empty = t.ensure(D3, &[]).unwrap();
+    assert_eq!(names(&empty.base, "/"), ["lost+found"]);
+    t.remove(D3).unwrap();
     t.remove(D1).unwrap();
     assert_eq!(t.digests(), [D2]);
     t.remove(D1).unwrap(); // nothing to remove: fine
