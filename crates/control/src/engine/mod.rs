@@ -351,7 +351,16 @@ impl Engine {
         self.store
             .upsert_node(&self.cfg.node_id, &self.cfg.hostname, cpus, mem, now)
             .await?;
+        let before: Vec<(String, String)> = self
+            .store
+            .gpus()
+            .await?
+            .into_iter()
+            .filter(|g| g.node_id == self.cfg.node_id)
+            .map(|g| (g.uuid, g.pci_address))
+            .collect();
         self.sync_gpus(now).await?;
+        self.follow_gpu_renames(&before).await?;
         let simulated = self
             .store
             .gpus()
@@ -929,6 +938,8 @@ impl Engine {
                         .as_ref()
                         .is_some_and(|m| self.telemetry.is_cordoned(&m.slice.parent_uuid))
             })
+            // A GPU on no driver, nouveau or pci-stub is for nobody.
+            .filter(|g| self.gpu_use(g) != gpuadmin::GpuUse::Unusable)
             .map(|g| GpuSlot {
                 uuid: g.uuid.clone(),
                 index: g.index,
@@ -1132,13 +1143,6 @@ impl Engine {
         if req.runtime == wire::RuntimeKind::Vm {
             self.check_passthrough_gpus(req)?;
         }
-        // Simulated nodes run nothing: only a local instance needs the runtime here. (After
-        // the request's own refusals, so that they are the same on every host.)
-        if sim.is_empty() {
-            self.node
-                .runtime(req.runtime)
-                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
-        }
         // Every check that needs no lock comes before anything is made (volumes below).
         let command = if req.command.is_empty() {
             image.command.clone()
@@ -1257,6 +1261,26 @@ impl Engine {
         let (node_id, assignment, victims) =
             self.choose(&capacity, sim, &live, &protected, &demand, local_ok)?;
         let simulated = self.is_simulated_node(&node_id);
+        // Simulated nodes run nothing: only a local instance needs its runtime, and a local VM
+        // the passthrough plan of the GPUs it was given, made here, under the placement lock,
+        // so that a VM that could not start is refused now with the plan's reason. (After
+        // the request's own refusals and placement's, so that they are the same on every
+        // host, with or without a VM runtime.)
+        if !simulated {
+            if req.runtime == wire::RuntimeKind::Vm && !assignment.gpus.is_empty() {
+                let uuids: Vec<String> = assignment.gpus.iter().map(|g| g.uuid.clone()).collect();
+                let node = self.node.clone();
+                tokio::task::spawn_blocking(move || node.passthrough(&uuids))
+                    .await
+                    .map_err(|e| EngineError::Internal(format!("passthrough plan task: {e}")))?
+                    .map_err(|e| {
+                        EngineError::Unavailable(format!("the VM cannot be given its GPUs: {e}"))
+                    })?;
+            }
+            self.node
+                .runtime(req.runtime)
+                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        }
         let used_hosts: Vec<u8> = live
             .iter()
             .filter(|i| i.tenant_id == who.tenant_id && !self.is_simulated(i))
