@@ -317,14 +317,13 @@ impl Engine {
         self.listed_gpu(who, &now_named).await
     }
 
-    /// The same card under another UUID: `before` is (UUID, PCI address) of the GPUs as they
-    /// were named (the store's last inventory at start, the node's before a driver change);
-    /// a physical GPU now at one of those addresses under another name, where one of the two
-    /// names is the `PCI-<address>` placeholder (a driver that could not tell the UUID), is
-    /// the same card: instance bindings and cordons are renamed, so placement counts its
-    /// residents and keeps its cordon. Two different `GPU-` UUIDs at one address are two
-    /// cards (a swap): nothing is renamed. Bindings naming `PCI-<address>` are matched by
-    /// that address too.
+    /// The same card under its driver's name: `before` is (UUID, PCI address) of the GPUs as
+    /// they were named (the store's last inventory at start, the node's before a driver
+    /// change). A GPU named by the `PCI-<address>` placeholder (no driver could tell its UUID)
+    /// that is now at that address under a `GPU-` UUID is the same card: instance bindings and
+    /// cordons are renamed, so placement counts its residents and keeps its cordon. Bindings
+    /// naming `PCI-<address>` are matched by that address even when the store's inventory no
+    /// longer lists them. (Two different `GPU-` UUIDs at one address are two cards: nothing.)
     pub(crate) async fn follow_gpu_renames(&self, before: &[(String, String)]) -> Result<()> {
         if self.node.backend() == BackendKind::Simulated {
             return Ok(());
@@ -352,7 +351,9 @@ impl Engine {
             let Some(g) = now.iter().find(|g| g.pci_address == addr) else {
                 continue;
             };
-            if !(uuid.starts_with("PCI-") || g.uuid.starts_with("PCI-")) {
+            // Only towards the driver's name: a `GPU-` UUID that is now `PCI-<address>` may be
+            // another card (the one remembered was swapped out), so nothing follows it.
+            if !uuid.starts_with("PCI-") || g.uuid.starts_with("PCI-") {
                 continue;
             }
             let ids = self.store.rename_gpu(&uuid, &g.uuid).await?;
@@ -484,7 +485,7 @@ impl Engine {
         };
         let mut msg = refusal.to_string();
         if self.node.backend() == BackendKind::Simulated {
-            msg.push_str(" (this host's GPUs are simulated: simulate some bound to vfio-pci with `serve --simulate-gpus 1xH100-80GB:vfio`)");
+            msg.push_str(" (this host's GPUs are simulated: an admin simulates some bound to vfio-pci with `serve --simulate-gpus 1xH100-80GB:vfio`)");
         }
         Err(EngineError::InsufficientResources(msg))
     }
