@@ -74,6 +74,12 @@ pub enum PassthroughError {
     NotAGpu { pci: String, what: &'static str },
     #[error("no GPU {0} on this host (see `gpuvisor gpu list`)")]
     UnknownGpu(String),
+    #[error("GPU {uuid} names two GPUs ({first} and {second}): the VM is given neither")]
+    AmbiguousGpu {
+        uuid: String,
+        first: String,
+        second: String,
+    },
     #[error("{uuid} is a MIG slice of GPU {parent}: a VM takes whole GPUs only")]
     MigSlice { uuid: String, parent: String },
     #[error("GPU {pci} is on {driver}, not vfio-pci: a VM takes a GPU by passthrough only; an admin binds it with `gpuvisor gpu bind-vfio {pci}`")]
@@ -432,10 +438,18 @@ impl Node {
         let inventory = self.gpus();
         let mut pcis = Vec::new();
         for u in uuids {
-            let d = inventory
-                .iter()
-                .find(|d| d.uuid == *u)
+            let mut named = inventory.iter().filter(|d| d.uuid == *u);
+            let d = named
+                .next()
                 .ok_or_else(|| PassthroughError::UnknownGpu(u.clone()))?;
+            // One UUID on two GPUs would hand a VM whichever came first: refused.
+            if let Some(other) = named.next() {
+                return Err(PassthroughError::AmbiguousGpu {
+                    uuid: u.clone(),
+                    first: d.pci_address.clone(),
+                    second: other.pci_address.clone(),
+                });
+            }
             if let Some(m) = &d.mig {
                 return Err(PassthroughError::MigSlice {
                     uuid: u.clone(),
