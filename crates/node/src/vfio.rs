@@ -407,10 +407,10 @@ pub fn bind_vfio_with(root: &HostRoot, pci: &str, w: &dyn SysWriter) -> Result<O
 pub fn release_with(root: &HostRoot, pci: &str, w: &dyn SysWriter) -> Result<Outcome, VfioError> {
     let pci = check_address(pci)?;
     let gpu = PciFunction::read(root, &pci).ok_or_else(|| VfioError::NoDevice(pci.clone()))?;
+    // A group that cannot be read whole still lets the GPU itself go back.
     let (group, mut funcs) = match group_verdict(root, &pci, &[]) {
         Ok(v) => (Some(v.group), v.pass),
-        Err(VfioError::NoIommuGroup { .. }) => (None, vec![gpu.clone()]),
-        Err(e) => return Err(e),
+        Err(_) => (crate::gpu::pci_iommu_group(root, &pci), vec![gpu.clone()]),
     };
     funcs.sort_by_key(|m| (m.address != pci, m.address.clone()));
     let on_vfio: Vec<&PciFunction> = funcs

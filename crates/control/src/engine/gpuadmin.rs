@@ -475,7 +475,10 @@ impl Engine {
                 if list.len() == 1 { "is" } else { "are" }
             )));
         }
-        let gpus = host_gpus;
+        let gpus: Vec<&GpuDevice> = host_gpus
+            .into_iter()
+            .filter(|g| self.gpu_use(g) == GpuUse::Containers)
+            .collect();
         let refusal = crate::placement::PlacementError::PassthroughGpus {
             wanted,
             model: req.gpu_model.clone().unwrap_or_else(|| "any".into()),
