@@ -6,11 +6,13 @@
 //! Key decisions:
 //! - `driver_override` + `drivers_probe`, not `new_id`: the override names one device, so other
 //!   GPUs of the same model stay on `nvidia`, and it survives the unbind/probe in between.
-//! - The IOMMU group is the unit of isolation: a VM gets the whole group or none of it. A group
-//!   holding anything but the GPU's own functions (its HDMI audio, USB-C controller: NVIDIA
-//!   functions in the same slot) and PCI bridges is refused, naming the intruders; those
+//! - The IOMMU group is the unit of isolation, sorted by one rule, [`group_verdict`], which
+//!   bind-vfio, the passthrough plan and host check share: a group holding anything but the
+//!   GPUs' own functions (HDMI audio, USB-C controller: NVIDIA functions in a GPU's slot) and
+//!   harmless bridges is refused, naming the intruders, whatever driver they are on; the own
 //!   functions are moved to vfio-pci with the GPU, since a group is only usable when all of it
-//!   is. Bridges stay on `pcieport`, as the kernel allows.
+//!   is. A bridge is harmless only on `pcieport` or no driver (the kernel's rule for a viable
+//!   group); it stays on the host. Groups are read fail-closed ([`iommu_group`]).
 //! - "Is the GPU in use?" is the engine's question (it knows the instances); this module only
 //!   knows the host.
 //! - Every write goes through [`SysWriter`], so tests record the exact sequence against a fixture
