@@ -682,3 +682,50 @@ async fn a_gpu_on_no_usable_driver_takes_no_instance() {
     h._fx.set_driver(GPU, Some("nvidia"));
     assert_eq!(h.container(1).await.unwrap().gpus[0].uuid, UUID);
 }
+
+/// Review findings 4 and 11: two vfio-pci GPUs sharing an IOMMU group are one unit for VMs.
+/// Placement gives GPUs one by one; a VM asking for two used to get one of the pair and a lone
+/// GPU (a VM that could never start). It gets the pair now, and a VM asking for one GPU of the
+/// pair is refused with the plan's reason.
+#[tokio::test]
+async fn gpus_sharing_a_group_go_to_one_vm_together() {
+    use gpuvisor_node::testfx::Pci;
+    let fx = Fx::clean();
+    fx.set_driver(GPU, Some("vfio-pci"));
+    fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
+    let pair = ["0000:5e:00.0", "0000:5f:00.0"];
+    for (i, addr) in pair.iter().enumerate() {
+        fx.pci(&Pci {
+            addr,
+            vendor: "0x10de",
+            device: "0x2330",
+            class: "0x030200",
+            driver: Some("vfio-pci"),
+            group: Some(18),
+        });
+        fx.bars(addr, 0x48_0000_0000 + ((i as u64) << 38), 128 << 30);
+    }
+    fx.file("/dev/vfio/18", "");
+    let h = Host::new(fx, None, true).await;
+    let pci_of = |uuid: &str| {
+        h.node
+            .gpus()
+            .into_iter()
+            .find(|g| g.uuid == uuid)
+            .unwrap()
+            .pci_address
+    };
+    let vm = h.vm(2).await.unwrap();
+    let mut got: Vec<String> = vm.gpus.iter().map(|g| pci_of(&g.uuid)).collect();
+    got.sort();
+    assert_eq!(got, pair.to_vec(), "the pair, not one of it and the lone GPU");
+    let lone = h.vm(1).await.unwrap();
+    assert_eq!(pci_of(&lone.gpus[0].uuid), GPU);
+    h.terminate_row(&vm.id).await;
+    let err = h.vm(1).await.unwrap_err();
+    refused(
+        &err,
+        code::UNAVAILABLE,
+        &["also holds GPU 0000:5", "GPUs sharing a group go to one VM together"],
+    );
+}
