@@ -718,7 +718,11 @@ async fn gpus_sharing_a_group_go_to_one_vm_together() {
     let vm = h.vm(2).await.unwrap();
     let mut got: Vec<String> = vm.gpus.iter().map(|g| pci_of(&g.uuid)).collect();
     got.sort();
-    assert_eq!(got, pair.to_vec(), "the pair, not one of it and the lone GPU");
+    assert_eq!(
+        got,
+        pair.to_vec(),
+        "the pair, not one of it and the lone GPU"
+    );
     let lone = h.vm(1).await.unwrap();
     assert_eq!(pci_of(&lone.gpus[0].uuid), GPU);
     h.terminate_row(&vm.id).await;
@@ -726,6 +730,9 @@ async fn gpus_sharing_a_group_go_to_one_vm_together() {
     refused(
         &err,
         code::UNAVAILABLE,
-        &["also holds GPU 0000:5", "GPUs sharing a group go to one VM together"],
+        &[
+            "also holds GPU 0000:5",
+            "GPUs sharing a group go to one VM together",
+        ],
     );
 }
