@@ -199,7 +199,7 @@ fn for_vms_hint(n: u32) -> String {
         return String::new();
     }
     format!(
-        "; {n} more {} bound to vfio-pci, for VMs (`gpuvisor gpu release GPU` gives one back to containers)",
+        "; {n} more {} bound to vfio-pci, for VMs (an admin's `gpuvisor gpu release GPU` gives one back to containers)",
         if n == 1 { "is" } else { "are" }
     )
 }
@@ -207,7 +207,7 @@ fn for_vms_hint(n: u32) -> String {
 fn passthrough_hint(total: u32, containers: u32) -> String {
     let mut s = String::new();
     if total == 0 {
-        s.push_str("; a VM takes whole GPUs by passthrough: bind one to vfio-pci with `gpuvisor gpu bind-vfio GPU` (admin; while no instance uses it)");
+        s.push_str("; a VM takes whole GPUs by passthrough: ask an admin to bind one to vfio-pci (`gpuvisor gpu bind-vfio GPU`, while no instance uses it)");
     }
     if containers > 0 {
         s.push_str(&format!(
@@ -338,7 +338,7 @@ impl Placer for SingleHost {
             let best = host
                 .gpus
                 .iter()
-                .filter(|g| model_ok(g, &d.model) && !g.mig && !g.passthrough)
+                .filter(|g| model_ok(g, &d.model) && !g.mig)
                 .filter_map(|g| {
                     let vram = d.vram.unwrap_or(g.vram / 1000 * u64::from(d.milli));
                     let fits = g.used_milli + d.milli <= 1000 && g.used_vram + vram <= g.vram;
@@ -1182,7 +1182,7 @@ mod tests {
                 .unwrap_err();
             assert_eq!(
                 e.to_string(),
-                "not enough GPUs: 2 any wanted, 1 free of 1; 1 more is bound to vfio-pci, for VMs (`gpuvisor gpu release GPU` gives one back to containers)"
+                "not enough GPUs: 2 any wanted, 1 free of 1; 1 more is bound to vfio-pci, for VMs (an admin's `gpuvisor gpu release GPU` gives one back to containers)"
             );
             let e = p
                 .place(
@@ -1222,7 +1222,7 @@ mod tests {
             );
             assert_eq!(
                 e.to_string(),
-                "not enough GPUs bound to vfio-pci for a VM: 1 any wanted, 0 free of 0; a VM takes whole GPUs by passthrough: bind one to vfio-pci with `gpuvisor gpu bind-vfio GPU` (admin; while no instance uses it); 2 on the host driver are for containers"
+                "not enough GPUs bound to vfio-pci for a VM: 1 any wanted, 0 free of 0; a VM takes whole GPUs by passthrough: ask an admin to bind one to vfio-pci (`gpuvisor gpu bind-vfio GPU`, while no instance uses it); 2 on the host driver are for containers"
             );
         }
     }

@@ -111,6 +111,10 @@ struct Host {
     node: Arc<Node>,
     admin: Principal,
     user: Principal,
+    /// The keys' secrets, to authenticate again after a restart.
+    secrets: (String, String),
+    simulate: Option<String>,
+    vm: bool,
     _fx: Fx,
     _data: tempfile::TempDir,
 }
@@ -125,12 +129,39 @@ impl Host {
         fx.file(OVMF_CODE, "code");
         fx.file(OVMF_VARS, "vars");
         fx.file("/dev/vfio/17", "");
-        let kernel = Arc::new(Kernel::new(fx.root()));
         let data = tempfile::tempdir().unwrap();
+        Self::open(fx, data, simulate.map(str::to_string), vm, None).await
+    }
+
+    /// The daemon restarted: a new node and engine over the same host and data.
+    async fn restart(self) -> Self {
+        let Host {
+            engine,
+            node,
+            secrets,
+            simulate,
+            vm,
+            _fx,
+            _data,
+            ..
+        } = self;
+        drop(engine);
+        drop(node);
+        Self::open(_fx, _data, simulate, vm, Some(secrets)).await
+    }
+
+    async fn open(
+        fx: Fx,
+        data: tempfile::TempDir,
+        simulate: Option<String>,
+        vm: bool,
+        secrets: Option<(String, String)>,
+    ) -> Self {
+        let kernel = Arc::new(Kernel::new(fx.root()));
         let cfg = NodeConfig {
             data_dir: data.path().to_path_buf(),
             runtime: "runc".into(),
-            simulate_gpus: simulate.map(str::to_string),
+            simulate_gpus: simulate.clone(),
             net_plan: gpuvisor_node::ipam::AddressPlan::new(
                 gpuvisor_node::ipam::Cidr {
                     addr: NET_POOL,
@@ -175,7 +206,24 @@ impl Host {
                 simulated_policy: gpuvisor_scheduler::Policy::GvFrag,
             },
         );
-        let secret = engine.bootstrap().await.unwrap().unwrap();
+        let first = engine.bootstrap().await.unwrap();
+        if let Some((admin_secret, user_secret)) = secrets {
+            assert!(first.is_none(), "a restart finds its store");
+            let admin = engine.authenticate(Some(&admin_secret)).await.unwrap();
+            let user = engine.authenticate(Some(&user_secret)).await.unwrap();
+            return Self {
+                engine,
+                node,
+                admin,
+                user,
+                secrets: (admin_secret, user_secret),
+                simulate,
+                vm,
+                _fx: fx,
+                _data: data,
+            };
+        }
+        let secret = first.unwrap();
         let admin = engine.authenticate(Some(&secret)).await.unwrap();
         engine
             .create_tenant(
@@ -217,6 +265,9 @@ impl Host {
             node,
             admin,
             user,
+            secrets: (secret, key.secret.clone()),
+            simulate,
+            vm,
             _fx: fx,
             _data: data,
         }
@@ -487,4 +538,201 @@ async fn without_a_vm_runtime_refusals_come_first() {
     assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
     assert!(err.to_string().contains("not set up"), "{err}");
     assert!(h.engine.list_instances(&h.admin).await.unwrap().is_empty());
+}
+
+/// Review finding 4: create checks that the VM could start. A GPU on vfio-pci whose audio
+/// function was left on its host driver, or whose VFIO group device is missing, used to be
+/// placed (any vfio-pci GPU counted); the plan is now made at create, under the placement
+/// lock, and its error refuses the VM; nothing is recorded.
+#[tokio::test]
+async fn a_vm_that_could_not_start_is_refused_at_create() {
+    let h = Host::new(Fx::clean(), None, true).await;
+    h.engine.bind_vfio(&h.admin, "0").await.unwrap();
+    h._fx.set_driver(GPU_AUDIO, Some("snd_hda_intel"));
+    let err = h.vm(1).await.unwrap_err();
+    refused(
+        &err,
+        code::UNAVAILABLE,
+        &[
+            "the VM cannot be given its GPUs",
+            "also holds 0000:3b:00.1 (audio, snd_hda_intel), not on vfio-pci",
+            "an admin's `gpuvisor gpu bind-vfio 0000:3b:00.0`",
+        ],
+    );
+    h._fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
+    h._fx.remove("/dev/vfio/17");
+    refused(
+        &h.vm(1).await.unwrap_err(),
+        code::UNAVAILABLE,
+        &["/dev/vfio/17 of GPU 0000:3b:00.0 does not exist"],
+    );
+    h._fx.remove(OVMF_CODE);
+    h._fx.file("/dev/vfio/17", "");
+    refused(
+        &h.vm(1).await.unwrap_err(),
+        code::UNAVAILABLE,
+        &["OVMF firmware", "is missing"],
+    );
+    assert!(h.engine.list_instances(&h.admin).await.unwrap().is_empty());
+    h._fx.file(OVMF_CODE, "code");
+    assert_eq!(h.vm(1).await.unwrap().gpus[0].uuid, UUID);
+}
+
+/// Review finding 2 (the attack): a GPU on vfio-pci at boot is `PCI-<address>` (no driver
+/// tells its UUID). (a) `gpu release` used to leave the cached inventory on that name, so a
+/// container was recorded on `PCI-<address>`; the inventory is now read again at the end of
+/// the bind/release. (b) A VM recorded on `PCI-<address>`, then a restart where the GPU is
+/// known as `GPU-...`: its binding used to match no GPU, the GPU counted free and a second VM
+/// was placed on it; start-up now renames the binding to the GPU's name.
+#[tokio::test]
+async fn a_gpu_named_by_its_address_is_not_placed_twice_after_a_rename() {
+    let fx = Fx::clean();
+    let info = format!("/proc/driver/nvidia/gpus/{GPU}/information");
+    let info_text = std::fs::read_to_string(fx.path(&info)).unwrap();
+    fx.set_driver(GPU, Some("vfio-pci"));
+    fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
+    fx.remove(&format!("/proc/driver/nvidia/gpus/{GPU}"));
+    let h = Host::new(fx, None, true).await;
+    let pci_name = format!("PCI-{GPU}");
+    assert_eq!(
+        h.engine.list_gpus(&h.admin).await.unwrap()[0].uuid,
+        pci_name
+    );
+
+    // (b) A VM on the GPU as it is named now.
+    let vm = h.vm(1).await.unwrap();
+    assert_eq!(vm.gpus[0].uuid, pci_name);
+    // The driver tells the UUID after a restart (here: its information file is back).
+    h._fx.file(&info, &info_text);
+    let h = h.restart().await;
+    assert_eq!(h.engine.list_gpus(&h.admin).await.unwrap()[0].uuid, UUID);
+    let err = h.vm(1).await.unwrap_err();
+    refused(
+        &err,
+        code::INSUFFICIENT_RESOURCES,
+        &["bound to vfio-pci for a VM: 1 any wanted, 0 free of 1"],
+    );
+    let got = h.engine.get_instance(&h.user, &vm.id).await.unwrap();
+    assert_eq!(got.gpus[0].uuid, UUID, "the VM's binding follows the GPU");
+
+    // (a) Released through gpuvisor: the next create sees the GPU's name at once.
+    h.terminate_row(&vm.id).await;
+    drop(h);
+    let h = {
+        // The boot state of (a): on vfio-pci, the driver silent, a fresh store.
+        let fx = Fx::clean();
+        fx.set_driver(GPU, Some("vfio-pci"));
+        fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
+        fx.remove(&format!("/proc/driver/nvidia/gpus/{GPU}"));
+        Host::new(fx, None, true).await
+    };
+    assert_eq!(
+        h.engine.list_gpus(&h.admin).await.unwrap()[0].uuid,
+        pci_name
+    );
+    // The nvidia driver tells the UUID once it holds the GPU again.
+    h._fx.file(&info, &info_text);
+    let listed = h.engine.release_gpu(&h.admin, "0").await.unwrap();
+    assert_eq!(listed.uuid, UUID);
+    let c = h.container(1).await.unwrap();
+    assert_eq!(c.gpus[0].uuid, UUID, "recorded on the GPU's UUID");
+    let h = h.restart().await;
+    refused(
+        &h.container(1).await.unwrap_err(),
+        code::INSUFFICIENT_RESOURCES,
+        &["not enough GPUs: 1 any wanted, 0 free of 1"],
+    );
+}
+
+/// Review finding 11: the only vfio-pci GPU cordoned: the VM is told so, not to bind one.
+#[tokio::test]
+async fn a_vm_is_told_when_its_gpus_are_cordoned() {
+    let h = Host::new(Fx::empty(), Some("1xH100-80GB:vfio"), true).await;
+    h.engine
+        .cordon_gpu(&h.admin, "0", Some("fan failed"))
+        .await
+        .unwrap();
+    let err = h.vm(1).await.unwrap_err();
+    refused(
+        &err,
+        code::INSUFFICIENT_RESOURCES,
+        &["GPU 0 (operator: fan failed) is cordoned", "ask an admin"],
+    );
+    assert!(!err.to_string().contains("bind"), "{err}");
+}
+
+/// Review finding 12: a GPU on no driver (or nouveau, pci-stub) is for nobody: a container
+/// used to be placed on it (and failed at start).
+#[tokio::test]
+async fn a_gpu_on_no_usable_driver_takes_no_instance() {
+    let fx = Fx::clean();
+    fx.set_driver(GPU, Some("nouveau"));
+    let h = Host::new(fx, None, true).await;
+    refused(
+        &h.container(1).await.unwrap_err(),
+        code::INSUFFICIENT_RESOURCES,
+        &["not enough GPUs: 1 any wanted, 0 free of 0"],
+    );
+    h._fx.set_driver(GPU, None);
+    refused(
+        &h.container(1).await.unwrap_err(),
+        code::INSUFFICIENT_RESOURCES,
+        &["0 free of 0"],
+    );
+    h._fx.set_driver(GPU, Some("nvidia"));
+    assert_eq!(h.container(1).await.unwrap().gpus[0].uuid, UUID);
+}
+
+/// Review findings 4 and 11: two vfio-pci GPUs sharing an IOMMU group are one unit for VMs.
+/// Placement gives GPUs one by one; a VM asking for two used to get one of the pair and a lone
+/// GPU (a VM that could never start). It gets the pair now, and a VM asking for one GPU of the
+/// pair is refused with the plan's reason.
+#[tokio::test]
+async fn gpus_sharing_a_group_go_to_one_vm_together() {
+    use gpuvisor_node::testfx::Pci;
+    let fx = Fx::clean();
+    fx.set_driver(GPU, Some("vfio-pci"));
+    fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
+    let pair = ["0000:5e:00.0", "0000:5f:00.0"];
+    for (i, addr) in pair.iter().enumerate() {
+        fx.pci(&Pci {
+            addr,
+            vendor: "0x10de",
+            device: "0x2330",
+            class: "0x030200",
+            driver: Some("vfio-pci"),
+            group: Some(18),
+        });
+        fx.bars(addr, 0x48_0000_0000 + ((i as u64) << 38), 128 << 30);
+    }
+    fx.file("/dev/vfio/18", "");
+    let h = Host::new(fx, None, true).await;
+    let pci_of = |uuid: &str| {
+        h.node
+            .gpus()
+            .into_iter()
+            .find(|g| g.uuid == uuid)
+            .unwrap()
+            .pci_address
+    };
+    let vm = h.vm(2).await.unwrap();
+    let mut got: Vec<String> = vm.gpus.iter().map(|g| pci_of(&g.uuid)).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        pair.to_vec(),
+        "the pair, not one of it and the lone GPU"
+    );
+    let lone = h.vm(1).await.unwrap();
+    assert_eq!(pci_of(&lone.gpus[0].uuid), GPU);
+    h.terminate_row(&vm.id).await;
+    let err = h.vm(1).await.unwrap_err();
+    refused(
+        &err,
+        code::UNAVAILABLE,
+        &[
+            "also holds GPU 0000:5",
+            "GPUs sharing a group go to one VM together",
+        ],
+    );
 }

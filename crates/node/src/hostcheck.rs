@@ -292,25 +292,25 @@ fn iommu_groups(root: &HostRoot, gpus: &[GpuDevice]) -> Vec<Check> {
         .map(|g| {
             let id = format!("iommu_group:{}", g.pci_address);
             let title = format!("IOMMU group of GPU {} ({})", g.index, g.pci_address);
-            let Some((group, members)) = vfio::iommu_group(root, &g.pci_address) else {
-                return mk(id, title, Status::Fail, "in no IOMMU group (IOMMU off)", "enable the IOMMU (see the iommu check)");
+            let v = match vfio::group_verdict(root, &g.pci_address, &[]) {
+                Ok(v) => v,
+                Err(vfio::VfioError::NoIommuGroup { .. }) => {
+                    return mk(id, title, Status::Fail, "in no IOMMU group (IOMMU off)", "enable the IOMMU (see the iommu check)")
+                }
+                Err(e) => return mk(id, title, Status::Fail, e.to_string(), "passthrough refuses a group it cannot read whole"),
             };
-            let (mine, others) = vfio::split_group(&g.pci_address, members);
+            let group = v.group;
             let companions: Vec<String> =
-                mine.iter().filter(|m| m.address != g.pci_address).map(PciFunction::describe).collect();
+                v.pass.iter().filter(|m| m.address != g.pci_address).map(PciFunction::describe).collect();
             let with = if companions.is_empty() { String::new() } else { format!(" with its own {}", companions.join(", ")) };
-            let (bridges, others): (Vec<PciFunction>, Vec<PciFunction>) =
-                others.into_iter().partition(PciFunction::is_bridge);
-            let bridges = if bridges.is_empty() {
+            let bridges = if v.host_bridges.is_empty() {
                 String::new()
             } else {
-                let list: Vec<String> = bridges.iter().map(PciFunction::describe).collect();
+                let list: Vec<String> = v.host_bridges.iter().map(PciFunction::describe).collect();
                 format!("; {} stays on the host", list.join(", "))
             };
-            let (foreign_gpus, foreign): (Vec<PciFunction>, Vec<PciFunction>) =
-                others.into_iter().partition(|o| o.is_nvidia() && o.is_gpu());
-            if !foreign.is_empty() {
-                let list: Vec<String> = foreign.iter().map(PciFunction::describe).collect();
+            if !v.blockers.is_empty() {
+                let list: Vec<String> = v.blockers.iter().map(vfio::blocker_text).collect();
                 return mk(
                     id,
                     title,
@@ -319,8 +319,8 @@ fn iommu_groups(root: &HostRoot, gpus: &[GpuDevice]) -> Vec<Check> {
                     "passthrough needs the whole group: move the GPU to a slot with its own group, enable ACS in firmware, or use a kernel with the ACS override (at your own risk)",
                 );
             }
-            if !foreign_gpus.is_empty() {
-                let list: Vec<String> = foreign_gpus.iter().map(PciFunction::describe).collect();
+            if !v.other_gpus.is_empty() {
+                let list: Vec<String> = v.other_gpus.iter().map(PciFunction::describe).collect();
                 return mk(
                     id,
                     title,
@@ -397,26 +397,51 @@ fn passthrough(root: &HostRoot, gpus: &[GpuDevice]) -> Vec<Check> {
             let title = format!("GPU {} ({pci}): driver and VM passthrough", g.index);
             let bind = format!("`gpuvisor gpu bind-vfio {pci}` (admin) gives it to VMs");
             match g.driver.as_deref() {
-                Some(vfio::VFIO_DRIVER) => match plan_passthrough(root, std::slice::from_ref(pci)) {
-                    Ok(p) => {
-                        let window = p.notes.iter().find(|n| n.starts_with("64-bit MMIO window")).map(|n| n.split(" for ").next().unwrap_or(n).to_string()).unwrap_or_default();
-                        let group = p.notes.iter().find(|n| n.starts_with("IOMMU group") && n.contains("/dev/vfio/")).cloned().unwrap_or_default();
-                        mk(id, title, Status::Pass, format!("on vfio-pci: for VMs only; {group}; {window}"), "")
-                    }
-                    // The GPU itself is fine; the firmware has its own check.
-                    Err(PassthroughError::NoFirmware { .. }) => mk(id, title, Status::Pass, "on vfio-pci: for VMs only (firmware: see the ovmf check)", ""),
-                    Err(e) => mk(id, title, Status::Fail, format!("on vfio-pci but a VM cannot get it: {e}"), "fix what the detail names; `gpuvisor gpu release` gives the GPU back to containers meanwhile"),
-                },
-                Some("nvidia") => {
-                    let Some((group, members)) = vfio::iommu_group(root, pci) else {
-                        return mk(id, title, Status::Warn, "on nvidia: for containers; cannot go to a VM: in no IOMMU group", "enable the IOMMU (see the iommu check) to pass GPUs through to VMs");
+                Some(vfio::VFIO_DRIVER) => {
+                    // GPUs sharing the group go to one VM together: plan them as one.
+                    let together: Vec<String> = match vfio::group_verdict(root, pci, &[]) {
+                        Ok(v) => std::iter::once(pci.clone()).chain(v.other_gpus.iter().map(|o| o.address.clone())).collect(),
+                        Err(_) => vec![pci.clone()],
                     };
-                    let (_, others) = vfio::split_group(pci, members);
-                    let blocking: Vec<String> = others.iter().filter(|o| !o.is_bridge()).map(PciFunction::describe).collect();
-                    if blocking.is_empty() {
-                        mk(id, title, Status::Pass, format!("on nvidia: for containers; can go to VMs (IOMMU group {group}): {bind}"), "")
+                    let with = if together.len() > 1 {
+                        format!(" together with GPU {} (same IOMMU group: a VM gets them with --gpus {})", together[1..].join(", "), together.len())
                     } else {
-                        mk(id, title, Status::Warn, format!("on nvidia: for containers; cannot go to a VM alone: IOMMU group {group} also holds {}", blocking.join(", ")), "see the iommu_group check")
+                        String::new()
+                    };
+                    match plan_passthrough(root, &together) {
+                        Ok(p) => {
+                            let groups: Vec<String> = p.groups.iter().map(|g| g.to_string()).collect();
+                            let detail = format!(
+                                "on vfio-pci: for VMs only{with}; IOMMU group {}: {}; 64-bit MMIO window {}; guest needs {} physical address bits",
+                                groups.join(", "),
+                                p.devices.join(", "),
+                                gpuvisor_wire::format_size(p.window),
+                                p.min_phys_bits
+                            );
+                            if together.len() > 1 {
+                                mk(id, title, Status::Warn, detail, "placement gives GPUs one by one: a VM asking for fewer GPUs than the group holds is refused at create; enable ACS or use another slot to pass them separately")
+                            } else {
+                                mk(id, title, Status::Pass, detail, "")
+                            }
+                        }
+                        // The GPU itself is fine; the firmware has its own check.
+                        Err(PassthroughError::NoFirmware { .. }) => mk(id, title, Status::Pass, format!("on vfio-pci: for VMs only{with} (firmware: see the ovmf check)"), ""),
+                        Err(e) => mk(id, title, Status::Fail, format!("on vfio-pci but a VM cannot get it: {e}"), "fix what the detail names; `gpuvisor gpu release` gives the GPU back to containers meanwhile"),
+                    }
+                }
+                Some("nvidia") => {
+                    let v = match vfio::group_verdict(root, pci, &[]) {
+                        Ok(v) => v,
+                        Err(vfio::VfioError::NoIommuGroup { .. }) => {
+                            return mk(id, title, Status::Warn, "on nvidia: for containers; cannot go to a VM: in no IOMMU group", "enable the IOMMU (see the iommu check) to pass GPUs through to VMs")
+                        }
+                        Err(e) => return mk(id, title, Status::Warn, format!("on nvidia: for containers; cannot go to a VM: {e}"), "see the iommu_group check"),
+                    };
+                    let blocking: Vec<String> = v.other_gpus.iter().chain(&v.blockers).map(vfio::blocker_text).collect();
+                    if blocking.is_empty() {
+                        mk(id, title, Status::Pass, format!("on nvidia: for containers; can go to VMs (IOMMU group {}): {bind}", v.group), "")
+                    } else {
+                        mk(id, title, Status::Warn, format!("on nvidia: for containers; cannot go to a VM alone: IOMMU group {} also holds {}", v.group, blocking.join(", ")), "see the iommu_group check")
                     }
                 }
                 Some(other) => mk(id, title, Status::Warn, format!("on {other}: neither containers (they need nvidia) nor VMs (they need vfio-pci) can use it"), format!("load the nvidia driver for containers, or {bind}")),
@@ -529,7 +554,7 @@ fn nvlink(root: &HostRoot, gpus: &[GpuDevice], nvml: &NvmlFacts) -> Check {
     if vfio.is_empty() {
         mk("nvlink", title, Status::Pass, detail, "")
     } else {
-        mk("nvlink", title, Status::Warn, format!("{detail}; bound to vfio-pci: {}", vfio.join(", ")), "bind NVLink peers to vfio-pci together and give them to one VM (`--gpus 2`), or the VM runs without NVLink")
+        mk("nvlink", title, Status::Warn, format!("{detail}; bound to vfio-pci: {}; placement does not know NVLink: two peers may go to VMs of different tenants, each then without NVLink (and the link between them left to the hardware's isolation)", vfio.join(", ")), "bind NVLink peers to vfio-pci together and give them to one VM (`--gpus 2`), or the VM runs without NVLink")
     }
 }
 
@@ -1123,6 +1148,81 @@ mod tests {
         assert_eq!(status(&c, "passthrough:0000:3b:00.0"), Status::Pass);
     }
 
+    fn vfio_host() -> Fx {
+        let fx = Fx::clean();
+        fx.set_driver(GPU, Some("vfio-pci"));
+        fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
+        fx.file("/dev/vfio/17", "");
+        fx.file(crate::vm::passthrough::OVMF_CODE, "");
+        fx.file(crate::vm::passthrough::OVMF_VARS, "");
+        fx
+    }
+
+    /// Review findings 1 and 5 in host check: an NVMe drive on vfio-pci, or a bridge on a
+    /// driver other than pcieport, in the GPU's group fails both checks (it passed).
+    #[test]
+    fn a_vfio_bound_stranger_or_a_bound_bridge_fails_the_group() {
+        for (addr, class, driver, what) in [
+            (
+                "0000:3c:00.0",
+                "0x010802",
+                "vfio-pci",
+                "0000:3c:00.0 (NVMe controller, vfio-pci)",
+            ),
+            (
+                "0000:00:01.0",
+                "0x060400",
+                "some_other_drv",
+                "0000:00:01.0 (PCI bridge, some_other_drv)",
+            ),
+        ] {
+            let fx = vfio_host();
+            fx.pci(&Pci {
+                addr,
+                vendor: "0x8086",
+                device: "0x1901",
+                class,
+                driver: Some(driver),
+                group: Some(17),
+            });
+            let c = run(&fx);
+            let g = get(&c, "iommu_group:0000:3b:00.0");
+            assert_eq!(g.status, Status::Fail, "{g:?}");
+            assert!(g.detail.contains(what), "{}", g.detail);
+            let p = get(&c, "passthrough:0000:3b:00.0");
+            assert_eq!(p.status, Status::Fail, "{p:?}");
+            assert!(p.detail.contains(what), "{}", p.detail);
+        }
+    }
+
+    /// Review finding 11: two vfio-pci GPUs sharing a group can go to one VM together
+    /// (`--gpus 2`): a warning saying so, not a failure each.
+    #[test]
+    fn two_vfio_gpus_sharing_a_group_warn_and_say_together() {
+        let fx = vfio_host();
+        fx.pci(&Pci {
+            addr: "0000:3c:00.0",
+            vendor: "0x10de",
+            device: "0x2330",
+            class: "0x030200",
+            driver: Some("vfio-pci"),
+            group: Some(17),
+        });
+        fx.bars("0000:3c:00.0", 0x48_0000_0000, 128 << 30);
+        let c = run(&fx);
+        let p = get(&c, "passthrough:0000:3b:00.0");
+        assert_eq!(p.status, Status::Warn, "{p:?}");
+        assert!(
+            p.detail.contains(
+                "together with GPU 0000:3c:00.0 (same IOMMU group: a VM gets them with --gpus 2)"
+            ) && p
+                .detail
+                .contains("0000:3b:00.0, 0000:3b:00.1, 0000:3c:00.0"),
+            "{}",
+            p.detail
+        );
+    }
+
     /// Per GPU: its driver and whether it can go to a VM, with the passthrough plan when bound.
     #[test]
     fn gpu_driver_and_vm_passthrough() {
@@ -1149,7 +1249,7 @@ mod tests {
             (p.status, p.detail.as_str()),
             (
                 Status::Pass,
-                "on vfio-pci: for VMs only; IOMMU group 17 (/dev/vfio/17): 0000:3b:00.0 (GPU, vfio-pci), 0000:3b:00.1 (audio, vfio-pci); 64-bit MMIO window 256GiB"
+                "on vfio-pci: for VMs only; IOMMU group 17: 0000:3b:00.0, 0000:3b:00.1; 64-bit MMIO window 256GiB; guest needs 39 physical address bits"
             )
         );
         assert_eq!(status(&c, "ovmf"), Status::Pass);
@@ -1223,7 +1323,8 @@ mod tests {
         let n = get(&check(&fx.root(), &facts), "nvlink").clone();
         assert_eq!(n.status, Status::Warn);
         assert!(
-            n.detail.ends_with("bound to vfio-pci: GPU 1"),
+            n.detail.contains("bound to vfio-pci: GPU 1;")
+                && n.detail.contains("may go to VMs of different tenants"),
             "{}",
             n.detail
         );

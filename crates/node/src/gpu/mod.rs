@@ -241,48 +241,129 @@ pub const UUIDS_FILE: &str = "gpu-uuids";
 /// GPU's `GPU-` UUID only while it holds the GPU; bound to vfio-pci the GPU would come back as
 /// `PCI-<address>`, and the instances and cordons that name it would lose it (a VM's GPU
 /// reported gone after a daemon restart). So every `GPU-` UUID seen is remembered by PCI
-/// address in `file` (`<address> <uuid>` lines, replaced atomically when it changes), and a
-/// GPU seen without one gets its remembered UUID back. Failures to write are logged: the
-/// inventory is still right for this run.
-pub fn remember_uuids(file: &Path, gpus: &mut [GpuDevice]) {
-    let mut known: BTreeMap<String, String> = std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (pci, uuid) = l.split_once(' ')?;
-            Some((pci.trim().to_string(), uuid.trim().to_string()))
-        })
-        .collect();
+/// address in `file` (`<address> <uuid> <vendor>:<device>:<subsystem vendor>:<subsystem
+/// device>` lines, replaced atomically through a temporary file of a unique name when it
+/// changes), and a GPU seen without one gets its remembered UUID back, but only when
+/// - the entry is well-formed (an address in the kernel's form, a `GPU-` UUID of the driver's
+///   8-4-4-4-12 hex form) and its PCI IDs are those of the device now at that address (a card
+///   moved or swapped is not taken for the one remembered), and
+/// - no live GPU reports that UUID (a card moved to another slot keeps its UUID there; the old
+///   slot's entry is dropped when the UUID is seen at its new address).
+///
+/// Entries for addresses with no device or other IDs are pruned. Failures to write are logged:
+/// the inventory is still right for this run.
+pub fn remember_uuids(root: &HostRoot, file: &Path, gpus: &mut [GpuDevice]) {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let mut known: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut changed = false;
-    for g in gpus.iter_mut().filter(|g| g.is_physical()) {
-        if g.uuid.starts_with("GPU-") {
-            if known.get(&g.pci_address) != Some(&g.uuid) {
-                known.insert(g.pci_address.clone(), g.uuid.clone());
+    for l in text.lines() {
+        let mut f = l.split_whitespace();
+        let entry = match (f.next(), f.next(), f.next(), f.next()) {
+            (Some(pci), Some(uuid), Some(ids), None)
+                if normalise_pci_address(pci).as_deref() == Some(pci)
+                    && is_gpu_uuid(uuid)
+                    && pci_ids(root, pci).as_deref() == Some(ids) =>
+            {
+                Some((pci.to_string(), (uuid.to_string(), ids.to_string())))
+            }
+            _ => None,
+        };
+        match entry {
+            Some((pci, v)) => {
+                known.insert(pci, v);
+            }
+            None => changed = true, // malformed, stale or another card: pruned
+        }
+    }
+    // What the driver says now wins: a live UUID is remembered at its address only.
+    let live: Vec<(String, String)> = gpus
+        .iter()
+        .filter(|g| g.is_physical() && is_gpu_uuid(&g.uuid))
+        .map(|g| (g.pci_address.clone(), g.uuid.clone()))
+        .collect();
+    for (pci, uuid) in &live {
+        let before = known.len();
+        known.retain(|p, (u, _)| p == pci || u != uuid);
+        changed |= known.len() != before;
+        if known.get(pci).map(|(u, _)| u) != Some(uuid) {
+            if let Some(ids) = pci_ids(root, pci) {
+                known.insert(pci.clone(), (uuid.clone(), ids));
                 changed = true;
             }
-        } else if let Some(uuid) = known.get(&g.pci_address) {
-            g.uuid = uuid.clone();
+        }
+    }
+    for g in gpus.iter_mut().filter(|g| g.is_physical()) {
+        if is_gpu_uuid(&g.uuid) {
+            continue;
+        }
+        if let Some((uuid, _)) = known.get(&g.pci_address) {
+            if !live.iter().any(|(_, u)| u == uuid) {
+                g.uuid = uuid.clone();
+            }
         }
     }
     if !changed {
         return;
     }
-    let text: String = known.iter().map(|(p, u)| format!("{p} {u}\n")).collect();
-    let tmp = file.with_extension("tmp");
+    let text: String = known
+        .iter()
+        .map(|(p, (u, ids))| format!("{p} {u} {ids}\n"))
+        .collect();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = file.with_extension(format!(
+        "tmp.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let written = file
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
         .and_then(|()| std::fs::write(&tmp, text))
         .and_then(|()| std::fs::rename(&tmp, file));
     if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
         tracing::warn!(file = %file.display(), error = %e, "cannot remember GPU UUIDs");
     }
+}
+
+/// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (hex), as the driver reports it.
+pub fn is_gpu_uuid(uuid: &str) -> bool {
+    let Some(rest) = uuid.strip_prefix("GPU-") else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// `0x10de:0x2330:0x10de:0x16c1`: vendor, device, subsystem vendor and device of the function
+/// at `pci` (a missing subsystem file reads as `-`); `None` when there is no such device.
+fn pci_ids(root: &HostRoot, pci: &str) -> Option<String> {
+    let dir = format!("/sys/bus/pci/devices/{pci}");
+    let vendor = root.read_trimmed(format!("{dir}/vendor"))?;
+    let device = root.read_trimmed(format!("{dir}/device"))?;
+    let sub = |f: &str| {
+        root.read_trimmed(format!("{dir}/{f}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    Some(
+        format!(
+            "{vendor}:{device}:{}:{}",
+            sub("subsystem_vendor"),
+            sub("subsystem_device")
+        )
+        .to_ascii_lowercase(),
+    )
 }
 
 /// A real host's backend with its GPUs' UUIDs kept across driver changes ([`remember_uuids`]).
 struct Remembered {
     inner: Box<dyn GpuBackend>,
     file: PathBuf,
+    root: HostRoot,
 }
 
 impl GpuBackend for Remembered {
@@ -291,7 +372,7 @@ impl GpuBackend for Remembered {
     }
     fn devices(&self) -> Result<Vec<GpuDevice>, GpuError> {
         let mut gpus = self.inner.devices()?;
-        remember_uuids(&self.file, &mut gpus);
+        remember_uuids(&self.root, &self.file, &mut gpus);
         Ok(gpus)
     }
     fn control_devices(&self) -> Vec<DeviceNode> {
@@ -339,6 +420,7 @@ pub fn probe(cfg: &GpuConfig, root: &HostRoot) -> Result<Box<dyn GpuBackend>, Gp
     Ok(Box::new(Remembered {
         inner: backend,
         file: cfg.sim_dev_dir.join(UUIDS_FILE),
+        root: root.clone(),
     }))
 }
 
@@ -954,7 +1036,7 @@ mod tests {
         assert_eq!(b.devices().unwrap()[0].uuid, uuid);
         assert_eq!(
             fs::read_to_string(data.path().join("dev").join(UUIDS_FILE)).unwrap(),
-            format!("{GPU} {uuid}\n")
+            format!("{GPU} {uuid} 0x10de:0x2330:-:-\n")
         );
         // Bound to vfio-pci: the driver's information is gone with it.
         fx.set_driver(GPU, Some("vfio-pci"));
@@ -970,6 +1052,94 @@ mod tests {
         // Nothing remembered without a directory for it.
         let b = probe(&GpuConfig::default(), &fx.root()).unwrap();
         assert_eq!(b.devices().unwrap()[0].uuid, format!("PCI-{GPU}"));
+    }
+
+    /// Review finding 3 (the attack): card U moved from slot 3b to 5e and a new card of the
+    /// same model in 3b bound to vfio-pci: the inventory showed GPU-U twice (a second VM placed
+    /// on the GPU the first holds). The live UUID wins and drops the old slot's entry; a
+    /// remembered UUID is never given to a card with other PCI IDs; malformed entries are
+    /// pruned.
+    #[test]
+    fn a_remembered_uuid_is_never_given_twice_nor_to_another_card() {
+        use crate::testfx::{Fx, Pci, GPU};
+        let fx = Fx::clean();
+        let data = tempfile::tempdir().unwrap();
+        let cfg = GpuConfig {
+            simulate: None,
+            sim_dev_dir: data.path().join("dev"),
+        };
+        let file = data.path().join("dev").join(UUIDS_FILE);
+        let uuid = "GPU-11111111-2222-3333-4444-555555555555";
+        assert_eq!(
+            probe(&cfg, &fx.root()).unwrap().devices().unwrap()[0].uuid,
+            uuid
+        );
+
+        // U now at 5e (the driver tells its UUID there); a new card in 3b on vfio-pci.
+        let moved = "0000:5e:00.0";
+        fx.pci(&Pci {
+            addr: moved,
+            vendor: "0x10de",
+            device: "0x2330",
+            class: "0x030200",
+            driver: Some("nvidia"),
+            group: Some(18),
+        });
+        fx.remove(&format!("/proc/driver/nvidia/gpus/{GPU}"));
+        fx.file(
+            &format!("/proc/driver/nvidia/gpus/{moved}/information"),
+            &format!(
+                "Model: \t\t NVIDIA H100 80GB HBM3\nGPU UUID: \t {uuid}\nDevice Minor: \t 1\n"
+            ),
+        );
+        fx.set_driver(GPU, Some("vfio-pci"));
+        let gpus = probe(&cfg, &fx.root()).unwrap().devices().unwrap();
+        let by_addr = |a: &str| {
+            gpus.iter()
+                .find(|g| g.pci_address == a)
+                .unwrap()
+                .uuid
+                .clone()
+        };
+        assert_eq!(by_addr(moved), uuid);
+        assert_eq!(
+            by_addr(GPU),
+            format!("PCI-{GPU}"),
+            "never the UUID a live GPU has"
+        );
+        let text = fs::read_to_string(&file).unwrap();
+        assert_eq!(
+            text,
+            format!("{moved} {uuid} 0x10de:0x2330:-:-\n"),
+            "the old slot's entry is dropped"
+        );
+
+        // U gone altogether, its entry at 3b again but the card there is another model: not U.
+        fs::write(&file, format!("{GPU} {uuid} 0x10de:0x2330:-:-\n")).unwrap();
+        fx.remove(&format!("/proc/driver/nvidia/gpus/{moved}"));
+        fx.set_driver(moved, None);
+        fx.file(&format!("/sys/devices/pci0000:00/{GPU}/device"), "0x2324\n");
+        let gpus = probe(&cfg, &fx.root()).unwrap().devices().unwrap();
+        assert!(gpus.iter().all(|g| g.uuid != uuid), "{gpus:?}");
+
+        // Malformed lines (no IDs, a bad UUID, an address that is not one) are never used.
+        fx.file(&format!("/sys/devices/pci0000:00/{GPU}/device"), "0x2330\n");
+        for line in [
+            format!("{GPU} {uuid}\n"),
+            format!("{GPU} GPU-zz 0x10de:0x2330:-:-\n"),
+            format!("{GPU},x {uuid} 0x10de:0x2330:-:-\n"),
+        ] {
+            fs::write(&file, &line).unwrap();
+            let gpus = probe(&cfg, &fx.root()).unwrap().devices().unwrap();
+            assert!(gpus.iter().all(|g| g.uuid != uuid), "{line}: {gpus:?}");
+        }
+        // A temporary file of its own each time: none left behind.
+        let left: Vec<_> = fs::read_dir(data.path().join("dev"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from(UUIDS_FILE)]);
+        assert!(is_gpu_uuid(uuid) && !is_gpu_uuid("GPU-1") && !is_gpu_uuid(&format!("PCI-{GPU}")));
     }
 
     #[test]

@@ -8,35 +8,41 @@
 //! argument list is golden-tested over fixture trees and produced for simulated GPUs too.
 //!
 //! Key decisions:
-//! - The IOMMU group is the unit: a VM gets every function of its GPUs' groups, each bound to
-//!   vfio-pci (`gpu bind-vfio` moves a GPU's own functions, its HD audio, with it), or the plan is
-//!   refused naming the device and its driver. PCI bridges (class 0x0604/0x0609) in a group stay
-//!   on the host, as the kernel allows. A group holding a GPU the VM was not given is refused:
-//!   two VMs can never share a group.
+//! - The IOMMU group is the unit, sorted by the one rule of [`vfio::group_verdict`] (shared with
+//!   `gpu bind-vfio` and `host check`): a VM gets its GPUs and their own functions (NVIDIA
+//!   functions in a GPU's slot, its HD audio), each bound to vfio-pci (`gpu bind-vfio` moves
+//!   them together), or the plan is refused naming the device. PCI bridges (class
+//!   0x0604/0x0609) stay on the host only on `pcieport` or no driver, as the kernel allows; any
+//!   other member (storage, a NIC, even on vfio-pci) refuses the group, as does a GPU the VM was
+//!   not given: two VMs can never share a group. Group members are read fail-closed (an
+//!   unreadable group or a name that is not a PCI address refuses it).
 //! - Functions of one host slot stay together in one guest slot (function 0 `multifunction=on`),
 //!   each slot behind its own `pcie-root-port` (chassis 64 and up, ids `gvrp<N>`, devices
 //!   `gvpt<N>f<F>`; the ports take the first free slots of `pcie.0`): the guest driver sees a
-//!   PCIe device, as on the host. The machine is q35 (CORE's builder uses it whenever a plan
-//!   exists).
+//!   PCIe device, as on the host. The machine must be q35 (the VM runtime that consumes the plan
+//!   is written separately).
 //! - The 64-bit MMIO window: OVMF's default aperture (32 GiB) cannot map an H100's 128 GiB BAR1,
 //!   and a guest without the BAR mapped sees no GPU. The 64-bit memory BARs of every function
 //!   (sysfs `resource`) are packed as the firmware packs them (per root port: the port's BARs,
 //!   largest first, the port window aligned to its largest BAR; ports largest alignment first),
 //!   1 GiB of headroom is added for the VM's own devices, and the result is rounded up to a
-//!   power of two (at least 32 GiB). It is given to both QEMU (`-global
-//!   q35-pcihost.pci-hole64-size`) and OVMF (`-fw_cfg opt/ovmf/X-PciMmio64Mb`).
+//!   power of two (at least 32 GiB), all in checked arithmetic (BARs too large for any window
+//!   are refused). It is given to both QEMU (`-global q35-pcihost.pci-hole64-size`) and OVMF
+//!   (`-fw_cfg opt/ovmf/X-PciMmio64Mb`); a window beyond the host CPU's physical address bits
+//!   (`/proc/cpuinfo` "address sizes") is refused, and [`Passthrough::min_phys_bits`] tells the
+//!   VM runtime what the guest CPU needs.
 //! - Firmware is Debian's `ovmf` package (`OVMF_CODE_4M.fd` read-only, a per-VM copy of
 //!   `OVMF_VARS_4M.fd`); a missing file is an error naming the package.
 //! - [`Node::passthrough`] maps an instance's GPU UUIDs to PCI addresses. On simulated GPUs it
 //!   plans over the simulated backend's sysfs tree (`GpuBackend::passthrough_root`) and, since
-//!   no device exists, moves the `-device` arguments into the notes: the full command line is
-//!   produced and checked, nothing is attached.
+//!   no device exists, moves the `-device` arguments into the notes: the plan is produced and
+//!   checked, nothing is attached. The engine runs it at create, under the placement lock, so
+//!   a VM whose GPUs cannot be passed is refused there with the plan's error.
 
 use crate::hostcheck::parse_bars;
 use crate::vfio::{self, PciFunction, VFIO_DRIVER};
 use crate::{HostRoot, Node};
 use gpuvisor_wire::format_size;
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use thiserror::Error;
 
@@ -58,23 +64,27 @@ const GIB: u64 = 1 << 30;
 pub enum PassthroughError {
     #[error("no GPU to pass through")]
     NoGpus,
-    #[error("{0:?} is not a PCI address (want 0000:3b:00.0)")]
-    BadAddress(String),
+    /// The host's side: a bad address, no such device, no IOMMU group, an unreadable group, a
+    /// group shared with devices that are not the GPUs' ([`vfio::group_verdict`]).
+    #[error(transparent)]
+    Host(#[from] vfio::VfioError),
     #[error("GPU {0} is given twice")]
     Duplicate(String),
-    #[error("no PCI device {0} on this host")]
-    NoDevice(String),
     #[error("{pci} ({what}) is not a GPU")]
     NotAGpu { pci: String, what: &'static str },
     #[error("no GPU {0} on this host (see `gpuvisor gpu list`)")]
     UnknownGpu(String),
+    #[error("GPU {uuid} names two GPUs ({first} and {second}): the VM is given neither")]
+    AmbiguousGpu {
+        uuid: String,
+        first: String,
+        second: String,
+    },
     #[error("{uuid} is a MIG slice of GPU {parent}: a VM takes whole GPUs only")]
     MigSlice { uuid: String, parent: String },
-    #[error("GPU {pci} is on {driver}, not vfio-pci: a VM takes a GPU by passthrough only; bind it with `gpuvisor gpu bind-vfio {pci}` (admin)")]
+    #[error("GPU {pci} is on {driver}, not vfio-pci: a VM takes a GPU by passthrough only; an admin binds it with `gpuvisor gpu bind-vfio {pci}`")]
     GpuNotVfio { pci: String, driver: String },
-    #[error("{pci} is in no IOMMU group: enable the IOMMU (intel_iommu=on or amd_iommu=on on the kernel command line, VT-d/AMD-Vi in firmware) and reboot")]
-    NoIommuGroup { pci: String },
-    #[error("IOMMU group {group} of GPU {gpu} also holds {member}, on {driver}, not vfio-pci: a VM gets the whole group; {remedy}")]
+    #[error("IOMMU group {group} of GPU {gpu} also holds {member}, not on vfio-pci: a VM gets the whole group; {remedy}")]
     GroupNotVfio {
         gpu: String,
         group: u32,
@@ -93,6 +103,10 @@ pub enum PassthroughError {
     NoGroupDevice { gpu: String, path: PathBuf },
     #[error("cannot read the BARs of GPU {pci} ({path})")]
     NoBars { pci: String, path: PathBuf },
+    #[error("the GPUs' 64-bit BARs ({bars}) are too large for any MMIO window")]
+    BarsTooLarge { bars: String },
+    #[error("the GPUs need a {} 64-bit MMIO window, so a guest with {needed} physical address bits, but this host's CPUs have {host}: the guest could not map the BARs", format_size(*.window))]
+    WindowBeyondHost { window: u64, needed: u32, host: u32 },
     #[error("OVMF firmware {} is missing: install Debian's ovmf package (`apt-get install ovmf`; scripts/install-deps does)", .path.display())]
     NoFirmware { path: PathBuf },
 }
@@ -100,11 +114,22 @@ pub enum PassthroughError {
 /// What a VM needs for its GPUs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Passthrough {
-    /// QEMU arguments: the vfio-pci devices (whole IOMMU groups), the 64-bit MMIO window.
+    /// QEMU arguments: the vfio-pci devices (the GPUs and their own functions), the 64-bit
+    /// MMIO window.
     pub args: Vec<String>,
     /// OVMF code (read-only) and a per-VM copy of the vars, to pass as pflash drives.
     pub firmware: Firmware,
-    /// What was checked, for `instance get`/logs on simulated GPUs.
+    /// The PCI functions passed, in guest order (none attached on simulated GPUs).
+    pub devices: Vec<String>,
+    /// The IOMMU groups used: QEMU opens `/dev/vfio/vfio` and `/dev/vfio/<group>` for each.
+    pub groups: Vec<u32>,
+    /// The 64-bit MMIO window, bytes (`pci-hole64-size`).
+    pub window: u64,
+    /// The guest CPU needs at least this many physical address bits to map the window: the
+    /// VM runtime gives `-cpu ...,host-phys-bits=on` (the plan already refused a host with
+    /// fewer) or `phys-bits=` at least this.
+    pub min_phys_bits: u32,
+    /// What was checked, human-readable (the VM runtime may log them).
     pub notes: Vec<String>,
 }
 
@@ -134,19 +159,19 @@ pub fn plan_with(
     let mut wanted: Vec<String> = Vec::new();
     for g in gpus {
         let pci = crate::gpu::normalise_pci_address(g)
-            .ok_or_else(|| PassthroughError::BadAddress(g.clone()))?;
+            .ok_or_else(|| vfio::VfioError::BadAddress(g.clone()))?;
         if wanted.contains(&pci) {
             return Err(PassthroughError::Duplicate(pci));
         }
         wanted.push(pci);
     }
     let mut notes = Vec::new();
-    let mut groups_done: BTreeSet<u32> = BTreeSet::new();
+    let mut groups_done: Vec<u32> = Vec::new();
     // Host slots in the order the guest gets them: (slot, functions sorted by address).
     let mut slots: Vec<(String, Vec<PciFunction>)> = Vec::new();
     for pci in &wanted {
         let gpu =
-            PciFunction::read(sys, pci).ok_or_else(|| PassthroughError::NoDevice(pci.clone()))?;
+            PciFunction::read(sys, pci).ok_or_else(|| vfio::VfioError::NoDevice(pci.clone()))?;
         if !gpu.is_gpu() {
             return Err(PassthroughError::NotAGpu {
                 pci: pci.clone(),
@@ -159,10 +184,21 @@ pub fn plan_with(
                 driver: driver_name(&gpu.driver),
             });
         }
-        let (group, members) = vfio::iommu_group(sys, pci)
-            .ok_or_else(|| PassthroughError::NoIommuGroup { pci: pci.clone() })?;
-        if !groups_done.insert(group) {
+        let v = vfio::group_verdict(sys, pci, &wanted)?;
+        let group = v.group;
+        if groups_done.contains(&group) {
             continue; // another of the VM's GPUs brought this group in
+        }
+        groups_done.push(group);
+        if let Some(other) = v.other_gpus.first() {
+            return Err(PassthroughError::ForeignGpu {
+                gpu: pci.clone(),
+                group,
+                other: other.address.clone(),
+            });
+        }
+        if let Some(e) = v.refusal(pci) {
+            return Err(e.into());
         }
         let dev = format!("/dev/vfio/{group}");
         if !sys.path(&dev).exists() {
@@ -171,49 +207,38 @@ pub fn plan_with(
                 path: PathBuf::from(dev),
             });
         }
-        let mut passed = Vec::new();
-        for m in members {
-            if m.is_bridge() {
-                notes.push(format!(
-                    "IOMMU group {group}: {} stays on the host (a bridge may share a VM's group)",
-                    m.describe()
-                ));
-                continue;
-            }
-            if m.address != *pci && m.is_gpu() && !wanted.contains(&m.address) {
-                return Err(PassthroughError::ForeignGpu {
-                    gpu: pci.clone(),
-                    group,
-                    other: m.address,
-                });
-            }
-            if m.driver.as_deref() != Some(VFIO_DRIVER) {
-                let companion = m.is_nvidia() && slot_of(&m.address) == slot_of(pci);
-                let remedy = if companion {
-                    format!("`gpuvisor gpu bind-vfio {pci}` moves the GPU's own functions with it")
-                } else {
-                    "move the GPU to a slot with its own IOMMU group, or enable ACS".to_string()
-                };
-                return Err(PassthroughError::GroupNotVfio {
-                    gpu: pci.clone(),
-                    group,
-                    member: m.describe(),
-                    driver: driver_name(&m.driver),
-                    remedy,
-                });
-            }
-            passed.push(m);
+        for b in &v.host_bridges {
+            notes.push(format!(
+                "IOMMU group {group}: {} stays on the host (a bridge on pcieport or no driver may share a VM's group)",
+                b.describe()
+            ));
+        }
+        if let Some(m) = v
+            .pass
+            .iter()
+            .find(|m| m.driver.as_deref() != Some(VFIO_DRIVER))
+        {
+            return Err(PassthroughError::GroupNotVfio {
+                gpu: pci.clone(),
+                group,
+                member: m.describe(),
+                driver: driver_name(&m.driver),
+                remedy: format!(
+                    "an admin's `gpuvisor gpu bind-vfio {}` moves the GPU's own functions with it",
+                    vfio::slot(&m.address).to_string() + ".0"
+                ),
+            });
         }
         notes.push(format!(
             "IOMMU group {group} ({dev}): {}",
-            passed
+            v.pass
                 .iter()
                 .map(PciFunction::describe)
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
-        for f in passed {
-            let s = slot_of(&f.address).to_string();
+        for f in v.pass {
+            let s = vfio::slot(&f.address).to_string();
             match slots.iter_mut().find(|(k, _)| *k == s) {
                 Some((_, fs)) => fs.push(f),
                 None => slots.push((s, vec![f])),
@@ -226,7 +251,7 @@ pub fn plan_with(
 
     // The 64-bit BARs behind each root port.
     let mut ports = Vec::new();
-    let mut bar_total = 0u64;
+    let mut all_bars: Vec<u64> = Vec::new();
     for (_, fs) in &slots {
         let mut sizes = Vec::new();
         for f in fs {
@@ -248,11 +273,36 @@ pub fn plan_with(
                 Err(_) => {}
             }
         }
-        bar_total += sizes.iter().sum::<u64>();
+        all_bars.extend(&sizes);
         ports.push(port_window(&sizes));
     }
-    let packed = pack(&ports);
-    let window = mmio64_window(packed);
+    let too_large = || PassthroughError::BarsTooLarge {
+        bars: all_bars
+            .iter()
+            .map(|b| format_size(*b))
+            .collect::<Vec<_>>()
+            .join(" + "),
+    };
+    let bar_total = all_bars
+        .iter()
+        .try_fold(0u64, |t, b| t.checked_add(*b))
+        .ok_or_else(too_large)?;
+    let ports: Vec<(u64, u64)> = ports
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or_else(too_large)?;
+    let packed = pack(&ports).ok_or_else(too_large)?;
+    let window = mmio64_window(packed).ok_or_else(too_large)?;
+    let min_phys_bits = window.trailing_zeros() + 1;
+    if let Some(host) = host_phys_bits(fw) {
+        if min_phys_bits > host {
+            return Err(PassthroughError::WindowBeyondHost {
+                window,
+                needed: min_phys_bits,
+                host,
+            });
+        }
+    }
 
     let firmware = Firmware {
         code: fw.path(OVMF_CODE),
@@ -291,68 +341,89 @@ pub fn plan_with(
         window / MIB
     ));
     notes.push(format!(
-        "64-bit MMIO window {} for {} of 64-bit BARs ({} packed, plus {} headroom): the guest CPU needs at least {} physical address bits",
+        "64-bit MMIO window {} for {} of 64-bit BARs ({} packed, plus {} headroom): the guest CPU needs at least {min_phys_bits} physical address bits",
         format_size(window),
         format_size(bar_total),
         format_size(packed),
         format_size(MMIO64_HEADROOM),
-        window.trailing_zeros() + 1
     ));
     notes.push(
         "VFIO pins all guest memory: QEMU's RLIMIT_MEMLOCK must cover the guest's RAM".to_string(),
     );
     notes.push(format!(
         "QEMU opens /dev/vfio/vfio and {} (an unprivileged QEMU needs them chowned to it)",
-        groups_done
-            .iter()
-            .map(|g| format!("/dev/vfio/{g}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        {
+            let mut g = groups_done.clone();
+            g.sort_unstable();
+            g
+        }
+        .iter()
+        .map(|g| format!("/dev/vfio/{g}"))
+        .collect::<Vec<_>>()
+        .join(", ")
     ));
     notes.push(format!(
         "firmware: {} (read-only) and a per-VM copy of {}",
         firmware.code.display(),
         firmware.vars_template.display()
     ));
+    let devices = slots
+        .iter()
+        .flat_map(|(_, fs)| fs.iter().map(|f| f.address.clone()))
+        .collect();
     Ok(Passthrough {
         args,
         firmware,
+        devices,
+        groups: groups_done,
+        window,
+        min_phys_bits,
         notes,
     })
+}
+
+/// The host CPU's physical address bits (`/proc/cpuinfo`: "address sizes : 46 bits physical,
+/// 57 bits virtual"); `None` when not told.
+pub fn host_phys_bits(root: &HostRoot) -> Option<u32> {
+    let text = std::fs::read_to_string(root.path("/proc/cpuinfo")).ok()?;
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim() == "address sizes")
+        .and_then(|(_, v)| v.trim().split_once(" bits physical"))
+        .and_then(|(n, _)| n.trim().parse().ok())
 }
 
 fn driver_name(d: &Option<String>) -> String {
     d.clone().unwrap_or_else(|| "no driver".to_string())
 }
 
-/// `0000:3b:00.1` → `0000:3b:00`.
-fn slot_of(address: &str) -> &str {
-    address.rsplit_once('.').map_or(address, |(s, _)| s)
-}
-
 /// A root port's prefetchable window: (size, alignment). Its BARs (powers of two) packed largest
-/// first fill it without gaps; bridge windows have a 1 MiB granularity.
-fn port_window(bars: &[u64]) -> (u64, u64) {
-    let size: u64 = bars.iter().sum();
+/// first fill it without gaps; bridge windows have a 1 MiB granularity. `None` on overflow.
+fn port_window(bars: &[u64]) -> Option<(u64, u64)> {
+    let size = bars.iter().try_fold(0u64, |t, b| t.checked_add(*b))?;
     let largest = bars.iter().copied().max().unwrap_or(0);
-    (size.div_ceil(MIB) * MIB, largest.max(MIB))
+    Some((size.checked_next_multiple_of(MIB)?, largest.max(MIB)))
 }
 
-/// The end of the ports' windows packed from 0, largest alignment first, each aligned.
-fn pack(ports: &[(u64, u64)]) -> u64 {
+/// The end of the ports' windows packed from 0, largest alignment first, each aligned. `None`
+/// on overflow.
+fn pack(ports: &[(u64, u64)]) -> Option<u64> {
     let mut sorted: Vec<(u64, u64)> = ports.iter().copied().filter(|(s, _)| *s > 0).collect();
     sorted.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
-    sorted.into_iter().fold(0u64, |end, (size, align)| {
-        end.div_ceil(align) * align + size
+    sorted.into_iter().try_fold(0u64, |end, (size, align)| {
+        end.checked_next_multiple_of(align)?.checked_add(size)
     })
 }
 
 /// The window for `packed` bytes of BAR windows: plus headroom, a power of two, at least 32 GiB.
-pub fn mmio64_window(packed: u64) -> u64 {
-    (packed + MMIO64_HEADROOM)
-        .checked_next_power_of_two()
-        .unwrap_or(1 << 63)
-        .max(MIN_MMIO64)
+/// `None` when no 64-bit window can hold it.
+pub fn mmio64_window(packed: u64) -> Option<u64> {
+    Some(
+        packed
+            .checked_add(MMIO64_HEADROOM)?
+            .checked_next_power_of_two()?
+            .max(MIN_MMIO64),
+    )
 }
 
 impl Node {
@@ -367,10 +438,18 @@ impl Node {
         let inventory = self.gpus();
         let mut pcis = Vec::new();
         for u in uuids {
-            let d = inventory
-                .iter()
-                .find(|d| d.uuid == *u)
+            let mut named = inventory.iter().filter(|d| d.uuid == *u);
+            let d = named
+                .next()
                 .ok_or_else(|| PassthroughError::UnknownGpu(u.clone()))?;
+            // One UUID on two GPUs would hand a VM whichever came first: refused.
+            if let Some(other) = named.next() {
+                return Err(PassthroughError::AmbiguousGpu {
+                    uuid: u.clone(),
+                    first: d.pci_address.clone(),
+                    second: other.pci_address.clone(),
+                });
+            }
             if let Some(m) = &d.mig {
                 return Err(PassthroughError::MigSlice {
                     uuid: u.clone(),
@@ -403,11 +482,7 @@ pub fn detached(p: Passthrough) -> Passthrough {
         devices.join(" ")
     )];
     notes.extend(p.notes);
-    Passthrough {
-        args,
-        firmware: p.firmware,
-        notes,
-    }
+    Passthrough { args, notes, ..p }
 }
 
 #[cfg(test)]
@@ -536,7 +611,7 @@ mod tests {
         let err = plan(&fx, &[GPU]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "IOMMU group 17 of GPU 0000:3b:00.0 also holds 0000:3b:00.1 (audio, snd_hda_intel), on snd_hda_intel, not vfio-pci: a VM gets the whole group; `gpuvisor gpu bind-vfio 0000:3b:00.0` moves the GPU's own functions with it"
+            "IOMMU group 17 of GPU 0000:3b:00.0 also holds 0000:3b:00.1 (audio, snd_hda_intel), not on vfio-pci: a VM gets the whole group; an admin's `gpuvisor gpu bind-vfio 0000:3b:00.0` moves the GPU's own functions with it"
         );
 
         // A SATA controller the host uses: only the hardware can fix it.
@@ -552,24 +627,150 @@ mod tests {
         });
         let err = plan(&fx, &[GPU]).unwrap_err();
         match &err {
-            PassthroughError::GroupNotVfio {
-                member,
-                driver,
-                group,
-                ..
-            } => {
-                assert_eq!(member, "0000:3a:00.0 (SATA controller, ahci)");
-                assert_eq!(driver, "ahci");
+            PassthroughError::Host(vfio::VfioError::SharedGroup { others, group, .. }) => {
+                assert_eq!(
+                    others,
+                    &vec!["0000:3a:00.0 (SATA controller, ahci)".to_string()]
+                );
                 assert_eq!(*group, 17);
             }
             e => panic!("{e:?}"),
         }
         assert!(err.to_string().contains("enable ACS"), "{err}");
 
-        // An unbound member is not vfio-pci's either.
-        fx.set_driver(SATA, None);
+        // Unbound or on vfio-pci, it is still not the GPU's: refused the same.
+        for driver in [None, Some("vfio-pci")] {
+            fx.set_driver(SATA, driver);
+            let err = plan(&fx, &[GPU]).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("also holds 0000:3a:00.0 (SATA controller"),
+                "{err}"
+            );
+        }
+    }
+
+    /// Review finding 1 (the attack): an NVMe drive in the GPU's group, bound to vfio-pci,
+    /// went into the VM as `-device vfio-pci,host=0000:3c:00.0`. Now the plan is refused,
+    /// naming it, as bind-vfio refuses it.
+    #[test]
+    fn a_vfio_bound_nvme_in_the_group_is_refused_not_passed() {
+        let fx = host();
+        h100(&fx, GPU, 17, "vfio-pci");
+        fx.pci(&Pci {
+            addr: "0000:3c:00.0",
+            vendor: "0x144d",
+            device: "0xa808",
+            class: "0x010802",
+            driver: Some("vfio-pci"),
+            group: Some(17),
+        });
         let err = plan(&fx, &[GPU]).unwrap_err();
-        assert!(err.to_string().contains("on no driver"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "IOMMU group 17 of 0000:3b:00.0 also holds 0000:3c:00.0 (NVMe controller, vfio-pci): a VM can only get a whole group; move the GPU to another slot or enable ACS"
+        );
+    }
+
+    /// Review finding 5: a bridge on a driver other than pcieport makes the group not viable
+    /// (QEMU: "group not viable"); the plan refuses it instead of skipping it.
+    #[test]
+    fn a_bridge_on_another_driver_is_refused() {
+        let fx = host();
+        h100(&fx, GPU, 17, "vfio-pci");
+        fx.pci(&Pci {
+            addr: BRIDGE,
+            vendor: "0x8086",
+            device: "0x1901",
+            class: "0x060400",
+            driver: Some("some_other_drv"),
+            group: Some(17),
+        });
+        let err = plan(&fx, &[GPU]).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "0000:00:01.0 (PCI bridge, some_other_drv) (a bridge may share a VM's group only on pcieport or no driver)"
+            ),
+            "{err}"
+        );
+        fx.set_driver(BRIDGE, None);
+        assert!(plan(&fx, &[GPU]).is_ok());
+    }
+
+    /// Review finding 6 (the attack): a group entry named like an address with a QEMU option
+    /// appended went into `-device vfio-pci,host=...` verbatim; an unreadable group read as
+    /// the GPU alone. Both refuse the plan now.
+    #[test]
+    fn group_entries_cannot_inject_qemu_options_and_reads_fail_closed() {
+        let fx = host();
+        h100(&fx, GPU, 17, "vfio-pci");
+        audio(&fx, GPU_AUDIO, 17, "vfio-pci");
+        let gdir = fx.path("/sys/kernel/iommu_groups/17/devices");
+        let evil = "0000:3b:00.1,x-igd-opregion=on";
+        std::fs::rename(gdir.join(GPU_AUDIO), gdir.join(evil)).unwrap();
+        // What sysfs describes under that name, so only the name check stands in the way.
+        let real = fx.path(&format!("/sys/devices/pci0000:00/{GPU_AUDIO}"));
+        std::os::unix::fs::symlink(&real, fx.path(&format!("/sys/bus/pci/devices/{evil}")))
+            .unwrap();
+        let err = plan(&fx, &[GPU]).unwrap_err();
+        assert!(
+            matches!(&err, PassthroughError::Host(vfio::VfioError::BadGroupEntry { name, .. }) if name == evil),
+            "{err:?}"
+        );
+        std::fs::remove_file(gdir.join(evil)).unwrap();
+        std::fs::remove_dir_all(&gdir).unwrap();
+        std::fs::write(&gdir, "").unwrap();
+        let err = plan(&fx, &[GPU]).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                PassthroughError::Host(vfio::VfioError::GroupUnreadable { group: 17, .. })
+            ),
+            "{err:?}"
+        );
+    }
+
+    /// Review finding 7: the window arithmetic is checked (it panicked in debug, wrapped in
+    /// release), and a window beyond the host CPU's physical address bits is refused.
+    #[test]
+    fn absurd_bars_and_too_few_address_bits_are_refused() {
+        assert_eq!(mmio64_window(u64::MAX - 10), None);
+        assert_eq!(port_window(&[1 << 63, 1 << 63]), None);
+        assert_eq!(pack(&[(1 << 63, 1 << 63), (1 << 63, 1 << 63)]), None);
+        assert_eq!(mmio64_window(1 << 63), None);
+        let fx = host();
+        h100(&fx, GPU, 17, "vfio-pci");
+        fx.bars(GPU, 0x38_0000_0000, 1 << 63);
+        let err = plan(&fx, &[GPU]).unwrap_err();
+        assert!(
+            matches!(err, PassthroughError::BarsTooLarge { .. }),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("too large for any MMIO window"),
+            "{err}"
+        );
+
+        let fx = host();
+        h100(&fx, GPU, 17, "vfio-pci");
+        let p = plan(&fx, &[GPU]).unwrap();
+        assert_eq!((p.window, p.min_phys_bits), (256 << 30, 39));
+        assert_eq!(p.groups, vec![17]);
+        assert_eq!(p.devices, vec![GPU.to_string()]);
+        fx.file(
+            "/proc/cpuinfo",
+            "processor\t: 0\naddress sizes\t: 39 bits physical, 48 bits virtual\n",
+        );
+        assert!(plan(&fx, &[GPU]).is_ok(), "39 bits are enough");
+        fx.file(
+            "/proc/cpuinfo",
+            "processor\t: 0\naddress sizes\t: 36 bits physical, 48 bits virtual\n",
+        );
+        let err = plan(&fx, &[GPU]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the GPUs need a 256GiB 64-bit MMIO window, so a guest with 39 physical address bits, but this host's CPUs have 36: the guest could not map the BARs"
+        );
     }
 
     #[test]
@@ -600,7 +801,7 @@ mod tests {
         );
         assert_eq!(
             p.notes[0],
-            "IOMMU group 17: 0000:00:01.0 (PCI bridge, pcieport) stays on the host (a bridge may share a VM's group)"
+            "IOMMU group 17: 0000:00:01.0 (PCI bridge, pcieport) stays on the host (a bridge on pcieport or no driver may share a VM's group)"
         );
         assert_eq!(
             p.notes[1],
@@ -671,7 +872,7 @@ mod tests {
         let err = plan(&fx, &[GPU]).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "GPU 0000:3b:00.0 is on nvidia, not vfio-pci: a VM takes a GPU by passthrough only; bind it with `gpuvisor gpu bind-vfio 0000:3b:00.0` (admin)"
+            "GPU 0000:3b:00.0 is on nvidia, not vfio-pci: a VM takes a GPU by passthrough only; an admin binds it with `gpuvisor gpu bind-vfio 0000:3b:00.0`"
         );
     }
 
@@ -719,7 +920,10 @@ mod tests {
         fx.set_driver(GPU, Some("vfio-pci"));
         let err = plan(&fx, &[GPU]).unwrap_err();
         assert!(
-            matches!(err, PassthroughError::NoIommuGroup { .. }),
+            matches!(
+                err,
+                PassthroughError::Host(vfio::VfioError::NoIommuGroup { .. })
+            ),
             "{err:?}"
         );
     }
@@ -727,23 +931,35 @@ mod tests {
     #[test]
     fn the_window_fits_the_bars_as_the_firmware_packs_them() {
         let h100 = [128 << 30, 32 << 20];
-        let port = port_window(&h100);
+        let port = port_window(&h100).unwrap();
         assert_eq!(port, ((128 << 30) + (32 << 20), 128 << 30));
         // One H100: 128 GiB + 32 MiB, + 1 GiB → 256 GiB.
-        assert_eq!(mmio64_window(pack(&[port])), 256 << 30);
+        assert_eq!(mmio64_window(pack(&[port]).unwrap()).unwrap(), 256 << 30);
         // Two: the second port starts at the next 128 GiB boundary, 256 GiB.
-        assert_eq!(pack(&[port, port]), (384 << 30) + (32 << 20));
-        assert_eq!(mmio64_window(pack(&[port, port])), 512 << 30);
+        assert_eq!(pack(&[port, port]), Some((384 << 30) + (32 << 20)));
+        assert_eq!(
+            mmio64_window(pack(&[port, port]).unwrap()).unwrap(),
+            512 << 30
+        );
         // Eight (an HGX board): 1920 GiB + 32 MiB → 2 TiB.
-        assert_eq!(mmio64_window(pack(&[port; 8])), 2048 << 30);
+        assert_eq!(
+            mmio64_window(pack(&[port; 8]).unwrap()).unwrap(),
+            2048 << 30
+        );
         // A 32 GiB BAR1 exactly: the headroom takes it to 64 GiB.
-        assert_eq!(mmio64_window(pack(&[port_window(&[32 << 30])])), 64 << 30);
+        assert_eq!(
+            mmio64_window(pack(&[port_window(&[32 << 30]).unwrap()]).unwrap()).unwrap(),
+            64 << 30
+        );
         // Small BARs: OVMF's default 32 GiB.
-        assert_eq!(mmio64_window(pack(&[port_window(&[256 << 20])])), 32 << 30);
-        assert_eq!(mmio64_window(0), 32 << 30);
+        assert_eq!(
+            mmio64_window(pack(&[port_window(&[256 << 20]).unwrap()]).unwrap()).unwrap(),
+            32 << 30
+        );
+        assert_eq!(mmio64_window(0), Some(32 << 30));
         // Mixed ports pack largest alignment first.
-        let small = port_window(&[16 << 20]);
-        assert_eq!(pack(&[small, port]), (128 << 30) + (48 << 20));
+        let small = port_window(&[16 << 20]).unwrap();
+        assert_eq!(pack(&[small, port]), Some((128 << 30) + (48 << 20)));
     }
 
     /// `--simulate-gpus 1xH100-80GB:vfio,1xA100-80GB`: the backend lays out a sysfs tree the
