@@ -8,7 +8,9 @@
 use gpuvisor_control::telemetry::prom::Format;
 use gpuvisor_control::telemetry::{GpuMeta, Telemetry};
 use gpuvisor_node::gpu::{DeviceNode, GpuDevice};
-use gpuvisor_node::telemetry::{read_instance, simulated_reading, GpuLoad, HostSample};
+use gpuvisor_node::telemetry::{
+    container_usage, instance_reading, simulated_reading, GpuLoad, HostSample,
+};
 use gpuvisor_node::HostRoot;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -95,7 +97,7 @@ fn main() {
         let instances = ids
             .iter()
             .map(|id| {
-                let r = read_instance(&root, &data, id);
+                let r = instance_reading(&root, id, container_usage(&root, &data, id, "gvhx"));
                 // What a real instance adds: statvfs of its disk and one volume.
                 let base = data.join("instances").join(id);
                 let _ = nix::sys::statvfs::statvfs(&base.join("disk"));

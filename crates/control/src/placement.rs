@@ -9,7 +9,10 @@
 //! Rules: whole GPUs are exclusive; fractional requests share a GPU up to 100% of its compute
 //! and of its VRAM, packed best-fit so whole GPUs stay free for whole requests; pinned CPUs are
 //! exclusive unless an oversubscription ratio above 1 is configured, and are taken from the NUMA
-//! node of the instance's GPUs first.
+//! node of the instance's GPUs first. A GPU bound to vfio-pci (`GpuSlot::passthrough`) is for
+//! VMs (`Demand::passthrough`), whole, and only for them; every other GPU only for containers:
+//! each request sees the host with the other kind's GPUs left out ([`HostCapacity::for_demand`]),
+//! so a container's placement is exactly what it was before VMs existed.
 
 use std::collections::BTreeMap;
 use thiserror::Error;
@@ -26,6 +29,8 @@ pub struct GpuSlot {
     pub used_vram: u64,
     /// A MIG slice: an exclusive whole device, placed on only when asked for by its model.
     pub mig: bool,
+    /// Bound to vfio-pci: given whole to VMs by passthrough, never to containers.
+    pub passthrough: bool,
 }
 
 /// An instance already on the host, as placement sees it.
@@ -134,6 +139,8 @@ pub struct Demand {
     /// Priority rank (higher is more important).
     pub priority: u32,
     pub interruptible: bool,
+    /// A VM: its GPUs are whole ones bound to vfio-pci.
+    pub passthrough: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -153,12 +160,23 @@ pub struct Assignment {
 
 #[derive(Debug, Error, PartialEq)]
 pub enum PlacementError {
-    #[error("not enough GPUs: {wanted} {model} wanted, {free} free of {total}")]
+    #[error("not enough GPUs: {wanted} {model} wanted, {free} free of {total}{}", for_vms_hint(*.for_vms))]
     Gpus {
         wanted: u32,
         model: String,
         free: u32,
         total: u32,
+        /// GPUs of that model left out because they are bound to vfio-pci (for VMs).
+        for_vms: u32,
+    },
+    #[error("not enough GPUs bound to vfio-pci for a VM: {wanted} {model} wanted, {free} free of {total}{}", passthrough_hint(*.total, *.for_containers))]
+    PassthroughGpus {
+        wanted: u32,
+        model: String,
+        free: u32,
+        total: u32,
+        /// GPUs of that model on the host driver (for containers).
+        for_containers: u32,
     },
     #[error("no {model} GPU has {milli} milli-GPU and {vram} bytes of VRAM free")]
     GpuShare {
@@ -174,6 +192,43 @@ pub enum PlacementError {
     NoPreemption,
     #[error("scheduler model: {0}")]
     Model(String),
+}
+
+fn for_vms_hint(n: u32) -> String {
+    if n == 0 {
+        return String::new();
+    }
+    format!(
+        "; {n} more {} bound to vfio-pci, for VMs (an admin's `gpuvisor gpu release GPU` gives one back to containers)",
+        if n == 1 { "is" } else { "are" }
+    )
+}
+
+fn passthrough_hint(total: u32, containers: u32) -> String {
+    let mut s = String::new();
+    if total == 0 {
+        s.push_str("; a VM takes whole GPUs by passthrough: ask an admin to bind one to vfio-pci (`gpuvisor gpu bind-vfio GPU`, while no instance uses it)");
+    }
+    if containers > 0 {
+        s.push_str(&format!(
+            "; {containers} on the host driver {} for containers",
+            if containers == 1 { "is" } else { "are" }
+        ));
+    }
+    s
+}
+
+impl HostCapacity {
+    /// The host as `d` sees it: only the GPUs of its kind (bound to vfio-pci for a VM, the
+    /// others for a container). Borrowed when nothing is left out.
+    pub fn for_demand(&self, d: &Demand) -> std::borrow::Cow<'_, HostCapacity> {
+        if self.gpus.iter().all(|g| g.passthrough == d.passthrough) {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut view = self.clone();
+        view.gpus.retain(|g| g.passthrough == d.passthrough);
+        std::borrow::Cow::Owned(view)
+    }
 }
 
 /// Chooses where an instance runs, and whom to evict when it does not fit.
@@ -206,7 +261,14 @@ fn model_ok(g: &GpuSlot, model: &Option<String>) -> bool {
 }
 
 impl Placer for SingleHost {
-    fn place(&self, host: &HostCapacity, d: &Demand) -> Result<Assignment, PlacementError> {
+    fn place(&self, all: &HostCapacity, d: &Demand) -> Result<Assignment, PlacementError> {
+        // Whole GPUs of the other kind (counted for the refusal's hint).
+        let other_kind = all
+            .gpus
+            .iter()
+            .filter(|g| g.passthrough != d.passthrough && model_ok(g, &d.model))
+            .count() as u32;
+        let host = &*all.for_demand(d);
         let free_mem = host.memory.saturating_sub(host.used_memory);
         if d.memory > free_mem {
             return Err(PlacementError::Memory {
@@ -226,11 +288,24 @@ impl Placer for SingleHost {
                 .filter(|g| g.used_milli == 0 && g.used_vram == 0)
                 .collect();
             if (free.len() as u32) < d.whole_gpus {
-                return Err(PlacementError::Gpus {
-                    wanted: d.whole_gpus,
-                    model: model_name,
-                    free: free.len() as u32,
-                    total: candidates.len() as u32,
+                let (wanted, free, total) =
+                    (d.whole_gpus, free.len() as u32, candidates.len() as u32);
+                return Err(if d.passthrough {
+                    PlacementError::PassthroughGpus {
+                        wanted,
+                        model: model_name,
+                        free,
+                        total,
+                        for_containers: other_kind,
+                    }
+                } else {
+                    PlacementError::Gpus {
+                        wanted,
+                        model: model_name,
+                        free,
+                        total,
+                        for_vms: other_kind,
+                    }
                 });
             }
             // Prefer one NUMA node that can hold the whole request, the fullest such node
@@ -372,7 +447,7 @@ fn sched_request(host: &HostCapacity, d: &Demand) -> gpuvisor_scheduler::Request
         models: d.model.iter().cloned().collect(),
         priority: d.priority,
         interruptible: d.interruptible,
-        passthrough: false,
+        passthrough: d.passthrough,
     }
 }
 
@@ -380,6 +455,7 @@ fn sched_request(host: &HostCapacity, d: &Demand) -> gpuvisor_scheduler::Request
 /// GPU UUID to (index on the node, VRAM bytes); GPUs it does not know are left out.
 fn resident_request(
     r: &Resident,
+    passthrough: bool,
     gpu_of: impl Fn(&str) -> Option<(usize, u64)>,
 ) -> (gpuvisor_scheduler::Request, Vec<(usize, u32, u64)>) {
     use gpuvisor_scheduler::GpuDemand;
@@ -406,13 +482,15 @@ fn resident_request(
         models: Vec::new(),
         priority: r.priority,
         interruptible: r.interruptible,
-        passthrough: false,
+        // On the GPUs of a VM's view of the host (see `for_demand`), a VM.
+        passthrough: passthrough && !placed.is_empty(),
     };
     (req, placed)
 }
 
 impl Scheduled {
     /// The host as one scheduler node with every resident committed (instance id = index).
+    /// `host` is one kind's view ([`HostCapacity::for_demand`]).
     fn model(&self, host: &HostCapacity) -> Result<gpuvisor_scheduler::Scheduler, PlacementError> {
         use gpuvisor_scheduler::{Gpu, GpuKind, Node, Placement, Scheduler};
         let err = |e: gpuvisor_scheduler::SchedError| PlacementError::Model(e.to_string());
@@ -420,7 +498,9 @@ impl Scheduled {
             .gpus
             .iter()
             .map(|g| {
-                let kind = if g.mig {
+                let kind = if g.passthrough {
+                    GpuKind::Passthrough
+                } else if g.mig {
                     GpuKind::Mig
                 } else {
                     GpuKind::Shareable
@@ -433,8 +513,9 @@ impl Scheduled {
         let cpu_milli = host.cpus.len() as u64 * u64::from(host.cpu_ratio.max(1)) * 1000;
         let node = Node::new("host", cpu_milli, host.memory / MIB, gpus);
         let mut sched = Scheduler::new(vec![node], self.policy, 0).map_err(err)?;
+        let passthrough = host.gpus.iter().any(|g| g.passthrough);
         for (i, r) in host.residents.iter().enumerate() {
-            let (req, placed) = resident_request(r, |uuid| {
+            let (req, placed) = resident_request(r, passthrough, |uuid| {
                 let g = host.gpus.iter().position(|s| s.uuid == uuid)?;
                 Some((g, host.gpus[g].vram))
             });
@@ -454,9 +535,10 @@ impl Scheduled {
 }
 
 impl Placer for Scheduled {
-    fn place(&self, host: &HostCapacity, d: &Demand) -> Result<Assignment, PlacementError> {
+    fn place(&self, all: &HostCapacity, d: &Demand) -> Result<Assignment, PlacementError> {
         // The rules first: they give the precise error when something does not fit.
-        let rules = SingleHost.place(host, d)?;
+        let rules = SingleHost.place(all, d)?;
+        let host = &*all.for_demand(d);
         if d.whole_gpus == 0 && d.milli == 0 {
             return Ok(rules);
         }
@@ -501,12 +583,13 @@ impl Placer for Scheduled {
 
     fn plan_preemption(
         &self,
-        host: &HostCapacity,
+        all: &HostCapacity,
         d: &Demand,
     ) -> Result<Vec<String>, PlacementError> {
-        if SingleHost.place(host, d).is_ok() {
+        if SingleHost.place(all, d).is_ok() {
             return Ok(Vec::new());
         }
+        let host = &*all.for_demand(d);
         let sched = self.model(host)?;
         let plan = sched
             .plan_preemption(&sched_request(host, d))
@@ -596,7 +679,7 @@ impl Cluster {
             let Some(&node) = where_node.get(node_id.as_str()) else {
                 continue;
             };
-            let (req, placed) = resident_request(r, |uuid| {
+            let (req, placed) = resident_request(r, false, |uuid| {
                 let &(n, g) = where_gpu.get(uuid)?;
                 (n == node).then(|| (g, nodes[n].gpus[g].vram))
             });
@@ -739,6 +822,7 @@ mod tests {
                     used_milli: 0,
                     used_vram: 0,
                     mig: false,
+                    passthrough: false,
                 })
                 .collect(),
             cpus: (0..cpus)
@@ -1057,10 +1141,195 @@ mod tests {
                         used_milli: 0,
                         used_vram: 0,
                         mig: false,
+                        passthrough: false,
                     })
                     .collect(),
             })
             .collect()
+    }
+
+    /// GPUs bound to vfio-pci are for VMs, whole, and only for them; the others only for
+    /// containers; both placers; refusals say which kind is missing and how to change it.
+    #[test]
+    fn passthrough_gpus_are_for_vms_only() {
+        let mut h = host(2, 8);
+        h.gpus[0].passthrough = true;
+        let container = Demand {
+            whole_gpus: 1,
+            vcpus: 1,
+            memory: 1 << 30,
+            ..Default::default()
+        };
+        let vm = Demand {
+            passthrough: true,
+            ..container.clone()
+        };
+        let placers: [&dyn Placer; 2] = [&SingleHost, &Scheduled::default()];
+        for p in placers {
+            assert_eq!(p.place(&h, &container).unwrap().gpus[0].uuid, "GPU-1");
+            let a = p.place(&h, &vm).unwrap();
+            assert_eq!(a.gpus[0].uuid, "GPU-0");
+            assert_eq!((a.gpus[0].milli, a.gpus[0].vram), (1000, 80 << 30));
+
+            let e = p
+                .place(
+                    &h,
+                    &Demand {
+                        whole_gpus: 2,
+                        ..container.clone()
+                    },
+                )
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "not enough GPUs: 2 any wanted, 1 free of 1; 1 more is bound to vfio-pci, for VMs (an admin's `gpuvisor gpu release GPU` gives one back to containers)"
+            );
+            let e = p
+                .place(
+                    &h,
+                    &Demand {
+                        whole_gpus: 2,
+                        ..vm.clone()
+                    },
+                )
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "not enough GPUs bound to vfio-pci for a VM: 2 any wanted, 1 free of 1; 1 on the host driver is for containers"
+            );
+            // A fraction is never placed on a passthrough GPU.
+            let frac = Demand {
+                whole_gpus: 0,
+                milli: 500,
+                ..container.clone()
+            };
+            assert_eq!(p.place(&h, &frac).unwrap().gpus[0].uuid, "GPU-1");
+            // A VM without GPUs goes anywhere.
+            let plain_vm = Demand {
+                whole_gpus: 0,
+                ..vm.clone()
+            };
+            assert!(p.place(&h, &plain_vm).unwrap().gpus.is_empty());
+        }
+
+        // No GPU bound to vfio-pci: the refusal says how to bind one.
+        let h = host(2, 8);
+        for p in placers {
+            let e = p.place(&h, &vm).unwrap_err();
+            assert!(
+                matches!(e, PlacementError::PassthroughGpus { total: 0, .. }),
+                "{e}"
+            );
+            assert_eq!(
+                e.to_string(),
+                "not enough GPUs bound to vfio-pci for a VM: 1 any wanted, 0 free of 0; a VM takes whole GPUs by passthrough: ask an admin to bind one to vfio-pci (`gpuvisor gpu bind-vfio GPU`, while no instance uses it); 2 on the host driver are for containers"
+            );
+        }
+    }
+
+    /// A VM on a passthrough GPU holds it for VMs and its CPUs and memory for everyone; a
+    /// container's view of the host is the one it had before VMs (its GPU is left out).
+    #[test]
+    fn a_vm_resident_holds_its_gpu_and_counts_its_cpus() {
+        let mut gpus = host(2, 4).gpus;
+        gpus[0].passthrough = true;
+        let resident = Resident {
+            id: "vm".into(),
+            gpus: vec![("GPU-0".into(), 1000, 80 << 30)],
+            cpus: vec![0, 1],
+            vcpus: 2,
+            memory: 1 << 30,
+            priority: 1,
+            interruptible: true,
+        };
+        let h = HostCapacity::new(
+            gpus,
+            (0..4).map(|c| (c, 0)).collect(),
+            1,
+            64 << 30,
+            vec![resident],
+        );
+        let vm = Demand {
+            whole_gpus: 1,
+            vcpus: 1,
+            memory: 1 << 30,
+            passthrough: true,
+            priority: 1,
+            ..Default::default()
+        };
+        let placers: [&dyn Placer; 2] = [&SingleHost, &Scheduled::default()];
+        for p in placers {
+            let e = p.place(&h, &vm).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    PlacementError::PassthroughGpus {
+                        free: 0,
+                        total: 1,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            let c = p
+                .place(
+                    &h,
+                    &Demand {
+                        passthrough: false,
+                        vcpus: 2,
+                        ..vm.clone()
+                    },
+                )
+                .unwrap();
+            assert_eq!(c.gpus[0].uuid, "GPU-1");
+            assert_eq!(c.cpus, vec![2, 3], "the VM's CPUs are taken");
+        }
+        // A higher-priority VM may evict it.
+        let urgent = Demand {
+            priority: 5,
+            ..vm.clone()
+        };
+        let s = Scheduled::default();
+        assert_eq!(
+            s.plan_preemption(&h, &urgent).unwrap(),
+            vec!["vm".to_string()]
+        );
+        let a = s.place(&h.without(&["vm".to_string()]), &urgent).unwrap();
+        assert_eq!(a.gpus[0].uuid, "GPU-0");
+        // A container never evicts it for its GPU: the VM's GPU is not in its view.
+        let c = Demand {
+            passthrough: false,
+            whole_gpus: 2,
+            priority: 5,
+            ..vm
+        };
+        assert!(s.plan_preemption(&h, &c).is_err());
+    }
+
+    /// Simulated nodes have no GPU bound to vfio-pci: a VM with GPUs never lands there.
+    #[test]
+    fn simulated_nodes_take_no_vm_with_gpus() {
+        let mut c = Cluster::new(sim_nodes(2), &[], gpuvisor_scheduler::Policy::GvFrag).unwrap();
+        let vm = Demand {
+            whole_gpus: 1,
+            vcpus: 1,
+            memory: 1 << 30,
+            passthrough: true,
+            ..Default::default()
+        };
+        assert!(c.place(&vm).is_err());
+        assert!(c
+            .place(&Demand {
+                passthrough: false,
+                ..vm.clone()
+            })
+            .is_ok());
+        assert!(c
+            .place(&Demand {
+                whole_gpus: 0,
+                ..vm
+            })
+            .is_ok());
     }
 
     #[test]

@@ -787,6 +787,51 @@ impl Store {
         Ok(r.rows_affected() == 1)
     }
 
+    /// Renames a GPU everywhere the store names it (its instances' bindings, its cordon): the
+    /// same card seen under another UUID (`PCI-<address>` while the driver could not tell
+    /// its `GPU-` UUID). Returns the ids of the instances rewritten.
+    pub async fn rename_gpu(&self, old: &str, new: &str) -> Result<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query("SELECT id, gpus FROM instances")
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut changed = Vec::new();
+        for r in rows {
+            let id: String = r.try_get("id")?;
+            let mut gpus: Vec<gpuvisor_wire::GpuBinding> =
+                from_json("instances", &r.try_get::<String, _>("gpus")?)?;
+            if !gpus.iter().any(|b| b.uuid == old) {
+                continue;
+            }
+            for b in gpus.iter_mut().filter(|b| b.uuid == old) {
+                b.uuid = new.to_string();
+            }
+            sqlx::query("UPDATE instances SET gpus = $1 WHERE id = $2")
+                .bind(json(&gpus))
+                .bind(id.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from_write)?;
+            changed.push(id);
+        }
+        // A cordon moves to the new name unless that one is cordoned already.
+        sqlx::query(
+            "UPDATE gpu_cordons SET uuid = $1 WHERE uuid = $2 \
+             AND NOT EXISTS (SELECT 1 FROM gpu_cordons c WHERE c.uuid = $1)",
+        )
+        .bind(new.to_string())
+        .bind(old.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from_write)?;
+        sqlx::query("DELETE FROM gpu_cordons WHERE uuid = $1")
+            .bind(old.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(changed)
+    }
+
     /// (GPU UUID, reason) of every cordon, oldest first.
     pub async fn cordons(&self) -> Result<Vec<(String, String)>> {
         sqlx::query("SELECT uuid, reason FROM gpu_cordons ORDER BY at, uuid")

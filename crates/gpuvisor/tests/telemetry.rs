@@ -34,7 +34,18 @@ fn wait_for(what: &str, d: &Daemon, mut f: impl FnMut() -> bool) {
 #[test]
 fn metrics_history_alarms_and_cordoning() {
     let _s = serial();
-    let mut d = Daemon::start(&["--metrics-token", TOKEN, "--thermal-ceiling", "80"]);
+    // Not the default network prefix: the instance's veth is named after it, and its counters
+    // must still be found.
+    let mut d = Daemon::start(&[
+        "--metrics-token",
+        TOKEN,
+        "--thermal-ceiling",
+        "80",
+        "--net-prefix",
+        "gtm",
+        "--net-pool",
+        "10.91.0.0/16",
+    ]);
     d.import_busybox();
     let id = d.create(&[
         "--gpus",
@@ -73,6 +84,18 @@ fn metrics_history_alarms_and_cordoning() {
         value(&text, "gpuvisor_instance_memory_bytes", &inst).is_some_and(|v| v > 0.0)
             && value(&text, "gpuvisor_instance_disk_used_bytes", &inst).is_some_and(|v| v > 15e6)
             && value(&text, "gpuvisor_instance_cpu_percent", &inst).is_some()
+            && value(
+                &text,
+                "gpuvisor_instance_network_transmit_bytes_total",
+                &inst,
+            )
+            .is_some()
+            && value(
+                &text,
+                "gpuvisor_instance_network_receive_bytes_total",
+                &inst,
+            )
+            .is_some()
     });
     // DCGM series for every GPU; the H100 (GPU 2) runs the whole-GPU instance.
     for g in 0..3 {

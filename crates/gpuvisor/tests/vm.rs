@@ -501,3 +501,60 @@ fn sigkill_mid_vm_create_and_terminate_leaks_nothing() {
         assert!(qemu_pids(id).is_empty(), "QEMU of {id} left");
     }
 }
+
+#[test]
+fn a_vm_with_a_simulated_vfio_gpu_boots_under_ovmf_with_the_passthrough_plan() {
+    let _g = serial();
+    let Some(fx) = fixture() else { return };
+    let k = fx.join("vmlinuz");
+    let i = fx.join("initrd.img");
+    let mut d = Daemon::start(&[
+        "--vm-kernel",
+        k.to_str().unwrap(),
+        "--vm-initrd",
+        i.to_str().unwrap(),
+    ]);
+    d.set_gpus("1xH100-80GB:vfio");
+    d.restart();
+    d.import_busybox();
+    let v = d.json(&[
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--runtime",
+        "vm",
+        "--gpus",
+        "1",
+        "--vcpus",
+        "1",
+        "--memory",
+        "512MiB",
+        "--container-disk",
+        "512MiB",
+        "--wait",
+    ]);
+    assert_eq!(v["state"], "running", "{v}\n{}", d.log());
+    let id = v["id"].as_str().unwrap().to_string();
+    let pid = qemu_pids(&id)[0];
+    let cmd = String::from_utf8(std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .unwrap()
+        .replace('\0', " ");
+    // q35 with UEFI firmware (this VM's own variables store) and the GPUs' 64-bit MMIO window;
+    // the simulated GPU's vfio-pci device is not attached (noted in the daemon's log).
+    assert!(cmd.contains("-machine q35 "), "{cmd}");
+    assert!(
+        cmd.contains("if=pflash,format=raw,unit=0,readonly=on,file="),
+        "{cmd}"
+    );
+    assert!(cmd.contains(&format!("vm/run/{id}/OVMF_VARS.fd")), "{cmd}");
+    assert!(cmd.contains("q35-pcihost.pci-hole64-size="), "{cmd}");
+    assert!(!cmd.contains("vfio-pci,host="), "{cmd}");
+    assert!(d
+        .log()
+        .contains("GPU passthrough: simulated GPUs: not attached"));
+    wait_log(&d, &id, "gpuvisor-guest-ready", 1);
+    d.json(&["instance", "terminate", &id, "--wait", "--timeout", "120s"]);
+    let ids = vec![id];
+    assert!(d.leaks(&ids).is_empty(), "{:?}", d.leaks(&ids));
+}

@@ -325,6 +325,16 @@ impl Runtime for ContainerRuntime {
             .ok()
     }
 
+    /// The mounted container disk and volumes (statvfs) and the host veth's counters.
+    fn usage(&self, node: &Node, id: &str) -> crate::telemetry::RuntimeUsage {
+        crate::telemetry::container_usage(
+            &node.cfg.root,
+            &node.cfg.data_dir,
+            id,
+            &node.net.veth_name(id),
+        )
+    }
+
     /// Containers the runtime knows, and bundle dirs.
     fn local_ids(&self, node: &Node) -> Result<BTreeSet<String>, NodeError> {
         let mut ids: BTreeSet<String> = self.containers()?.into_keys().collect();

@@ -89,6 +89,9 @@ pub struct NvmlFacts {
     pub driver_version: Option<String>,
     /// By PCI address; `None` for GPUs without MIG support.
     pub mig: BTreeMap<String, Option<MigModes>>,
+    /// Active NVLinks by GPU PCI address: the PCI address at the other end of each (a GPU, or
+    /// an NVSwitch). Only GPUs on the nvidia driver are seen.
+    pub nvlink: BTreeMap<String, Vec<String>>,
 }
 
 impl NvmlFacts {
@@ -125,6 +128,28 @@ impl NvmlFacts {
                 current: m.current == 1,
                 pending: m.pending == 1,
             });
+            let mut remotes = Vec::new();
+            for link in 0..nvml_wrapper_sys::bindings::NVML_NVLINK_MAX_LINKS {
+                let l = dev.link_wrapper_for(link);
+                match l.is_active() {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    // No NVLink on this GPU (or no more links).
+                    Err(_) => break,
+                }
+                if let Some(remote) = l
+                    .remote_pci_info()
+                    .ok()
+                    .and_then(|p| crate::gpu::normalise_pci_address(&p.bus_id))
+                {
+                    if !remotes.contains(&remote) {
+                        remotes.push(remote);
+                    }
+                }
+            }
+            if !remotes.is_empty() {
+                facts.nvlink.insert(pci.clone(), remotes);
+            }
             facts.mig.insert(pci, modes);
         }
         facts
@@ -137,11 +162,14 @@ pub fn check(root: &HostRoot, nvml: &NvmlFacts) -> Vec<Check> {
     let mut out = vec![kernel(root), iommu(root)];
     out.extend(iommu_groups(root, &gpus));
     out.push(vfio_pci(root));
+    out.extend(passthrough(root, &gpus));
+    out.push(ovmf(root, &gpus));
     out.extend(sriov(root, &gpus));
     out.extend(bars(root, &gpus));
     out.push(driver(root, &gpus, nvml));
     out.extend(mig(root, &gpus, nvml));
     out.push(fabricmanager(root));
+    out.push(nvlink(root, &gpus, nvml));
     out.push(persistenced(root, &gpus));
     out.push(security(root));
     out.push(device_modes(root));
@@ -266,17 +294,25 @@ fn iommu_groups(root: &HostRoot, gpus: &[GpuDevice]) -> Vec<Check> {
         .map(|g| {
             let id = format!("iommu_group:{}", g.pci_address);
             let title = format!("IOMMU group of GPU {} ({})", g.index, g.pci_address);
-            let Some((group, members)) = vfio::iommu_group(root, &g.pci_address) else {
-                return mk(id, title, Status::Fail, "in no IOMMU group (IOMMU off)", "enable the IOMMU (see the iommu check)");
+            let v = match vfio::group_verdict(root, &g.pci_address, &[]) {
+                Ok(v) => v,
+                Err(vfio::VfioError::NoIommuGroup { .. }) => {
+                    return mk(id, title, Status::Fail, "in no IOMMU group (IOMMU off)", "enable the IOMMU (see the iommu check)")
+                }
+                Err(e) => return mk(id, title, Status::Fail, e.to_string(), "passthrough refuses a group it cannot read whole"),
             };
-            let (mine, others) = vfio::split_group(&g.pci_address, members);
+            let group = v.group;
             let companions: Vec<String> =
-                mine.iter().filter(|m| m.address != g.pci_address).map(PciFunction::describe).collect();
+                v.pass.iter().filter(|m| m.address != g.pci_address).map(PciFunction::describe).collect();
             let with = if companions.is_empty() { String::new() } else { format!(" with its own {}", companions.join(", ")) };
-            let (foreign_gpus, foreign): (Vec<PciFunction>, Vec<PciFunction>) =
-                others.into_iter().partition(|o| o.is_nvidia() && o.is_gpu());
-            if !foreign.is_empty() {
-                let list: Vec<String> = foreign.iter().map(PciFunction::describe).collect();
+            let bridges = if v.host_bridges.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = v.host_bridges.iter().map(PciFunction::describe).collect();
+                format!("; {} stays on the host", list.join(", "))
+            };
+            if !v.blockers.is_empty() {
+                let list: Vec<String> = v.blockers.iter().map(vfio::blocker_text).collect();
                 return mk(
                     id,
                     title,
@@ -285,17 +321,17 @@ fn iommu_groups(root: &HostRoot, gpus: &[GpuDevice]) -> Vec<Check> {
                     "passthrough needs the whole group: move the GPU to a slot with its own group, enable ACS in firmware, or use a kernel with the ACS override (at your own risk)",
                 );
             }
-            if !foreign_gpus.is_empty() {
-                let list: Vec<String> = foreign_gpus.iter().map(PciFunction::describe).collect();
+            if !v.other_gpus.is_empty() {
+                let list: Vec<String> = v.other_gpus.iter().map(PciFunction::describe).collect();
                 return mk(
                     id,
                     title,
                     Status::Warn,
-                    format!("group {group} shared with other GPUs: {}", list.join(", ")),
+                    format!("group {group} shared with other GPUs: {}{bridges}", list.join(", ")),
                     "these GPUs can only be passed through together; enable ACS or use another slot",
                 );
             }
-            mk(id, title, Status::Pass, format!("group {group}{with}"), "")
+            mk(id, title, Status::Pass, format!("group {group}{with}{bridges}"), "")
         })
         .collect()
 }
@@ -350,6 +386,178 @@ fn vfio_pci(root: &HostRoot) -> Check {
         "no vfio-pci driver, built-in or module",
         "install the kernel's extra modules (vfio-pci) or build a kernel with CONFIG_VFIO_PCI",
     )
+}
+
+/// Per GPU: its driver now and whether it can go to a VM (whole, by VFIO passthrough), with
+/// the plan `vm::passthrough` would make for it when it is bound to vfio-pci.
+fn passthrough(root: &HostRoot, gpus: &[GpuDevice]) -> Vec<Check> {
+    use crate::vm::passthrough::{plan_passthrough, PassthroughError};
+    gpus.iter()
+        .map(|g| {
+            let pci = &g.pci_address;
+            let id = format!("passthrough:{pci}");
+            let title = format!("GPU {} ({pci}): driver and VM passthrough", g.index);
+            let bind = format!("`gpuvisor gpu bind-vfio {pci}` (admin) gives it to VMs");
+            match g.driver.as_deref() {
+                Some(vfio::VFIO_DRIVER) => {
+                    // GPUs sharing the group go to one VM together: plan them as one.
+                    let together: Vec<String> = match vfio::group_verdict(root, pci, &[]) {
+                        Ok(v) => std::iter::once(pci.clone()).chain(v.other_gpus.iter().map(|o| o.address.clone())).collect(),
+                        Err(_) => vec![pci.clone()],
+                    };
+                    let with = if together.len() > 1 {
+                        format!(" together with GPU {} (same IOMMU group: a VM gets them with --gpus {})", together[1..].join(", "), together.len())
+                    } else {
+                        String::new()
+                    };
+                    match plan_passthrough(root, &together) {
+                        Ok(p) => {
+                            let groups: Vec<String> = p.groups.iter().map(|g| g.to_string()).collect();
+                            let detail = format!(
+                                "on vfio-pci: for VMs only{with}; IOMMU group {}: {}; 64-bit MMIO window {}; guest needs {} physical address bits",
+                                groups.join(", "),
+                                p.devices.join(", "),
+                                gpuvisor_wire::format_size(p.window),
+                                p.min_phys_bits
+                            );
+                            if together.len() > 1 {
+                                mk(id, title, Status::Warn, detail, "placement gives GPUs one by one: a VM asking for fewer GPUs than the group holds is refused at create; enable ACS or use another slot to pass them separately")
+                            } else {
+                                mk(id, title, Status::Pass, detail, "")
+                            }
+                        }
+                        // The GPU itself is fine; the firmware has its own check.
+                        Err(PassthroughError::NoFirmware { .. }) => mk(id, title, Status::Pass, format!("on vfio-pci: for VMs only{with} (firmware: see the ovmf check)"), ""),
+                        Err(e) => mk(id, title, Status::Fail, format!("on vfio-pci but a VM cannot get it: {e}"), "fix what the detail names; `gpuvisor gpu release` gives the GPU back to containers meanwhile"),
+                    }
+                }
+                Some("nvidia") => {
+                    let v = match vfio::group_verdict(root, pci, &[]) {
+                        Ok(v) => v,
+                        Err(vfio::VfioError::NoIommuGroup { .. }) => {
+                            return mk(id, title, Status::Warn, "on nvidia: for containers; cannot go to a VM: in no IOMMU group", "enable the IOMMU (see the iommu check) to pass GPUs through to VMs")
+                        }
+                        Err(e) => return mk(id, title, Status::Warn, format!("on nvidia: for containers; cannot go to a VM: {e}"), "see the iommu_group check"),
+                    };
+                    let blocking: Vec<String> = v.other_gpus.iter().chain(&v.blockers).map(vfio::blocker_text).collect();
+                    if blocking.is_empty() {
+                        mk(id, title, Status::Pass, format!("on nvidia: for containers; can go to VMs (IOMMU group {}): {bind}", v.group), "")
+                    } else {
+                        mk(id, title, Status::Warn, format!("on nvidia: for containers; cannot go to a VM alone: IOMMU group {} also holds {}", v.group, blocking.join(", ")), "see the iommu_group check")
+                    }
+                }
+                Some(other) => mk(id, title, Status::Warn, format!("on {other}: neither containers (they need nvidia) nor VMs (they need vfio-pci) can use it"), format!("load the nvidia driver for containers, or {bind}")),
+                None => mk(id, title, Status::Warn, "no driver: neither containers nor VMs can use it", format!("load the nvidia driver for containers, or {bind}")),
+            }
+        })
+        .collect()
+}
+
+/// UEFI firmware for VMs with GPUs (Debian's `ovmf`).
+fn ovmf(root: &HostRoot, gpus: &[GpuDevice]) -> Check {
+    use crate::vm::passthrough::{OVMF_CODE, OVMF_VARS};
+    let title = "OVMF firmware for VMs with GPUs";
+    let missing: Vec<&str> = [OVMF_CODE, OVMF_VARS]
+        .into_iter()
+        .filter(|p| !root.path(p).is_file())
+        .collect();
+    if missing.is_empty() {
+        return mk(
+            "ovmf",
+            title,
+            Status::Pass,
+            format!("{OVMF_CODE}, {OVMF_VARS}"),
+            "",
+        );
+    }
+    let detail = format!("missing {}", missing.join(", "));
+    let remedy = "apt-get install ovmf (scripts/install-deps installs it)";
+    if gpus.iter().any(GpuDevice::is_vfio) {
+        mk(
+            "ovmf",
+            title,
+            Status::Fail,
+            format!("{detail}: VMs with the GPUs bound to vfio-pci cannot start"),
+            remedy,
+        )
+    } else {
+        mk(
+            "ovmf",
+            title,
+            Status::Warn,
+            format!("{detail}: VMs cannot be given GPUs"),
+            remedy,
+        )
+    }
+}
+
+/// NVLink and NVSwitch: what passthrough means when GPUs are linked. NVSwitches are PCI devices
+/// (class 0x0680); links between GPUs come from NVML (GPUs on the nvidia driver only).
+fn nvlink(root: &HostRoot, gpus: &[GpuDevice], nvml: &NvmlFacts) -> Check {
+    let title = "NVLink / NVSwitch and VM passthrough";
+    let switches = nvswitches(root);
+    let name = |pci: &str| {
+        gpus.iter()
+            .find(|g| g.pci_address == pci)
+            .map_or_else(|| pci.to_string(), |g| format!("GPU {} ({pci})", g.index))
+    };
+    let mut pairs: Vec<String> = Vec::new();
+    for (gpu, remotes) in &nvml.nvlink {
+        for r in remotes.iter().filter(|r| !switches.contains(r)) {
+            let (a, b) = if gpu < r { (gpu, r) } else { (r, gpu) };
+            let pair = format!("{} ↔ {}", name(a), name(b));
+            if !pairs.contains(&pair) {
+                pairs.push(pair);
+            }
+        }
+    }
+    let vfio: Vec<String> = gpus
+        .iter()
+        .filter(|g| g.is_vfio())
+        .map(|g| format!("GPU {}", g.index))
+        .collect();
+    if !switches.is_empty() {
+        let linked = nvml
+            .nvlink
+            .values()
+            .filter(|r| r.iter().any(|x| switches.contains(x)))
+            .count();
+        let detail = format!(
+            "{} NVSwitches ({}){}: the GPUs form one NVLink fabric; passthrough there means all GPUs and NVSwitches to one VM (the fabric manager then runs in the guest), or NVSwitches kept on the host with nvidia-fabricmanager in shared-NVSwitch mode activating a partition for a VM's GPUs before it starts",
+            switches.len(),
+            switches.join(", "),
+            if linked > 0 { format!(", {linked} GPUs linked to them") } else { String::new() },
+        );
+        return if vfio.is_empty() {
+            mk("nvlink", title, Status::Pass, detail, "")
+        } else {
+            mk(
+                "nvlink",
+                title,
+                Status::Warn,
+                format!("{detail}; bound to vfio-pci: {}", vfio.join(", ")),
+                "gpuvisor passes GPUs, not NVSwitches: run nvidia-fabricmanager with FABRIC_MODE=1 (shared NVSwitch) and activate the partition of each VM's GPUs, or a VM's CUDA cannot initialise; VMs get NVLink only between the GPUs of one partition",
+            )
+        };
+    }
+    if pairs.is_empty() {
+        return mk(
+            "nvlink",
+            title,
+            Status::Skip,
+            "no NVSwitch, no active NVLink seen (NVML sees GPUs on the nvidia driver only)",
+            "",
+        );
+    }
+    let detail = format!(
+        "NVLink peers: {}; a VM keeps NVLink only when it has both GPUs of a pair",
+        pairs.join(", ")
+    );
+    if vfio.is_empty() {
+        mk("nvlink", title, Status::Pass, detail, "")
+    } else {
+        mk("nvlink", title, Status::Warn, format!("{detail}; bound to vfio-pci: {}; placement does not know NVLink: two peers may go to VMs of different tenants, each then without NVLink (and the link between them left to the hardware's isolation)", vfio.join(", ")), "bind NVLink peers to vfio-pci together and give them to one VM (`--gpus 2`), or the VM runs without NVLink")
+    }
 }
 
 fn sriov(root: &HostRoot, gpus: &[GpuDevice]) -> Vec<Check> {
@@ -840,7 +1048,7 @@ fn vsock(root: &HostRoot) -> Check {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::testfx::{Fx, Pci, GPU};
+    use crate::testfx::{Fx, Pci, GPU, GPU_AUDIO};
 
     fn run(fx: &Fx) -> Vec<Check> {
         check(&fx.root(), &NvmlFacts::default())
@@ -873,11 +1081,14 @@ mod tests {
                 "iommu",
                 "iommu_group:0000:3b:00.0",
                 "vfio_pci",
+                "passthrough:0000:3b:00.0",
+                "ovmf",
                 "sriov:0000:3b:00.0",
                 "bars:0000:3b:00.0",
                 "driver",
                 "mig:0000:3b:00.0",
                 "fabricmanager",
+                "nvlink",
                 "persistenced",
                 "lsm",
                 "device_modes",
@@ -957,16 +1168,239 @@ mod tests {
             driver: Some("pcieport"),
             group: Some(17),
         });
+        // A bridge may share a VM's group: it stays on the host, the other GPU still warns.
         let g = run(&fx)
             .into_iter()
             .find(|c| c.id == "iommu_group:0000:3b:00.0")
             .unwrap();
-        assert_eq!(g.status, Status::Fail);
+        assert_eq!(g.status, Status::Warn);
         assert!(
-            g.detail.contains("0000:00:01.0 (PCI bridge, pcieport)"),
+            g.detail
+                .contains("0000:00:01.0 (PCI bridge, pcieport) stays on the host"),
             "{}",
             g.detail
         );
+        // A bridge alone in the GPU's group passes.
+        let fx = Fx::clean();
+        fx.pci(&Pci {
+            addr: "0000:00:01.0",
+            vendor: "0x8086",
+            device: "0x1901",
+            class: "0x060400",
+            driver: Some("pcieport"),
+            group: Some(17),
+        });
+        let c = run(&fx);
+        let g = get(&c, "iommu_group:0000:3b:00.0");
+        assert_eq!(g.status, Status::Pass, "{g:?}");
+        assert_eq!(status(&c, "passthrough:0000:3b:00.0"), Status::Pass);
+    }
+
+    fn vfio_host() -> Fx {
+        let fx = Fx::clean();
+        fx.set_driver(GPU, Some("vfio-pci"));
+        fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
+        fx.file("/dev/vfio/17", "");
+        fx.file(crate::vm::passthrough::OVMF_CODE, "");
+        fx.file(crate::vm::passthrough::OVMF_VARS, "");
+        fx
+    }
+
+    /// Review findings 1 and 5 in host check: an NVMe drive on vfio-pci, or a bridge on a
+    /// driver other than pcieport, in the GPU's group fails both checks (it passed).
+    #[test]
+    fn a_vfio_bound_stranger_or_a_bound_bridge_fails_the_group() {
+        for (addr, class, driver, what) in [
+            (
+                "0000:3c:00.0",
+                "0x010802",
+                "vfio-pci",
+                "0000:3c:00.0 (NVMe controller, vfio-pci)",
+            ),
+            (
+                "0000:00:01.0",
+                "0x060400",
+                "some_other_drv",
+                "0000:00:01.0 (PCI bridge, some_other_drv)",
+            ),
+        ] {
+            let fx = vfio_host();
+            fx.pci(&Pci {
+                addr,
+                vendor: "0x8086",
+                device: "0x1901",
+                class,
+                driver: Some(driver),
+                group: Some(17),
+            });
+            let c = run(&fx);
+            let g = get(&c, "iommu_group:0000:3b:00.0");
+            assert_eq!(g.status, Status::Fail, "{g:?}");
+            assert!(g.detail.contains(what), "{}", g.detail);
+            let p = get(&c, "passthrough:0000:3b:00.0");
+            assert_eq!(p.status, Status::Fail, "{p:?}");
+            assert!(p.detail.contains(what), "{}", p.detail);
+        }
+    }
+
+    /// Review finding 11: two vfio-pci GPUs sharing a group can go to one VM together
+    /// (`--gpus 2`): a warning saying so, not a failure each.
+    #[test]
+    fn two_vfio_gpus_sharing_a_group_warn_and_say_together() {
+        let fx = vfio_host();
+        fx.pci(&Pci {
+            addr: "0000:3c:00.0",
+            vendor: "0x10de",
+            device: "0x2330",
+            class: "0x030200",
+            driver: Some("vfio-pci"),
+            group: Some(17),
+        });
+        fx.bars("0000:3c:00.0", 0x48_0000_0000, 128 << 30);
+        let c = run(&fx);
+        let p = get(&c, "passthrough:0000:3b:00.0");
+        assert_eq!(p.status, Status::Warn, "{p:?}");
+        assert!(
+            p.detail.contains(
+                "together with GPU 0000:3c:00.0 (same IOMMU group: a VM gets them with --gpus 2)"
+            ) && p
+                .detail
+                .contains("0000:3b:00.0, 0000:3b:00.1, 0000:3c:00.0"),
+            "{}",
+            p.detail
+        );
+    }
+
+    /// Per GPU: its driver and whether it can go to a VM, with the passthrough plan when bound.
+    #[test]
+    fn gpu_driver_and_vm_passthrough() {
+        let fx = Fx::clean();
+        let p = get(&run(&fx), "passthrough:0000:3b:00.0").clone();
+        assert_eq!(p.title, "GPU 0 (0000:3b:00.0): driver and VM passthrough");
+        assert_eq!(
+            (p.status, p.detail.as_str()),
+            (
+                Status::Pass,
+                "on nvidia: for containers; can go to VMs (IOMMU group 17): `gpuvisor gpu bind-vfio 0000:3b:00.0` (admin) gives it to VMs"
+            )
+        );
+
+        // Bound with its audio function, group device and firmware present.
+        fx.set_driver(GPU, Some("vfio-pci"));
+        fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
+        fx.file("/dev/vfio/17", "");
+        fx.file(crate::vm::passthrough::OVMF_CODE, "");
+        fx.file(crate::vm::passthrough::OVMF_VARS, "");
+        let c = run(&fx);
+        let p = get(&c, "passthrough:0000:3b:00.0");
+        assert_eq!(
+            (p.status, p.detail.as_str()),
+            (
+                Status::Pass,
+                "on vfio-pci: for VMs only; IOMMU group 17: 0000:3b:00.0, 0000:3b:00.1; 64-bit MMIO window 256GiB; guest needs 39 physical address bits"
+            )
+        );
+        assert_eq!(status(&c, "ovmf"), Status::Pass);
+
+        // Its audio function left on the host driver: no VM can get the GPU.
+        fx.set_driver(GPU_AUDIO, Some("snd_hda_intel"));
+        let p = get(&run(&fx), "passthrough:0000:3b:00.0").clone();
+        assert_eq!(p.status, Status::Fail);
+        assert!(
+            p.detail.contains("0000:3b:00.1 (audio, snd_hda_intel)"),
+            "{}",
+            p.detail
+        );
+
+        // Firmware missing with a GPU bound: fail; without one bound: warn.
+        fx.remove(crate::vm::passthrough::OVMF_VARS);
+        let o = get(&run(&fx), "ovmf").clone();
+        assert_eq!(o.status, Status::Fail);
+        assert!(o.remedy.contains("apt-get install ovmf"), "{o:?}");
+        assert_eq!(status(&run(&Fx::clean()), "ovmf"), Status::Warn);
+
+        // A group shared with a SATA controller; no driver at all.
+        let c = run(&Fx::shared_group());
+        let p = get(&c, "passthrough:0000:3b:00.0");
+        assert_eq!(p.status, Status::Warn);
+        assert!(
+            p.detail.contains("0000:3a:00.0 (SATA controller, ahci)"),
+            "{}",
+            p.detail
+        );
+        let fx = Fx::clean();
+        fx.set_driver(GPU, None);
+        let p = get(&run(&fx), "passthrough:0000:3b:00.0").clone();
+        assert_eq!(
+            (p.status, p.detail.as_str()),
+            (
+                Status::Warn,
+                "no driver: neither containers nor VMs can use it"
+            )
+        );
+        assert!(p.remedy.contains("gpuvisor gpu bind-vfio 0000:3b:00.0"));
+    }
+
+    #[test]
+    fn nvlink_and_nvswitch_notes() {
+        // Nothing linked: skip.
+        assert_eq!(status(&run(&Fx::clean()), "nvlink"), Status::Skip);
+
+        // Two GPUs linked by an NVLink bridge (NVML's view).
+        let fx = Fx::clean();
+        fx.pci(&Pci {
+            addr: "0000:5e:00.0",
+            vendor: "0x10de",
+            device: "0x2330",
+            class: "0x030200",
+            driver: Some("nvidia"),
+            group: Some(18),
+        });
+        let mut facts = NvmlFacts::default();
+        facts.nvlink.insert(GPU.into(), vec!["0000:5e:00.0".into()]);
+        facts.nvlink.insert("0000:5e:00.0".into(), vec![GPU.into()]);
+        let n = get(&check(&fx.root(), &facts), "nvlink").clone();
+        assert_eq!(
+            (n.status, n.detail.as_str()),
+            (
+                Status::Pass,
+                "NVLink peers: GPU 0 (0000:3b:00.0) ↔ GPU 1 (0000:5e:00.0); a VM keeps NVLink only when it has both GPUs of a pair"
+            )
+        );
+        fx.set_driver("0000:5e:00.0", Some("vfio-pci"));
+        let n = get(&check(&fx.root(), &facts), "nvlink").clone();
+        assert_eq!(n.status, Status::Warn);
+        assert!(
+            n.detail.contains("bound to vfio-pci: GPU 1;")
+                && n.detail.contains("may go to VMs of different tenants"),
+            "{}",
+            n.detail
+        );
+
+        // An NVSwitch system: the fabric, and what passthrough needs there.
+        let fx = Fx::clean();
+        fx.pci(&Pci {
+            addr: "0000:c1:00.0",
+            vendor: "0x10de",
+            device: "0x22a3",
+            class: "0x068000",
+            driver: None,
+            group: Some(90),
+        });
+        let mut facts = NvmlFacts::default();
+        facts.nvlink.insert(GPU.into(), vec!["0000:c1:00.0".into()]);
+        let n = get(&check(&fx.root(), &facts), "nvlink").clone();
+        assert_eq!(n.status, Status::Pass);
+        assert!(
+            n.detail.starts_with("1 NVSwitches (0000:c1:00.0), 1 GPUs linked to them: the GPUs form one NVLink fabric"),
+            "{}",
+            n.detail
+        );
+        assert!(n.detail.contains("shared-NVSwitch mode"), "{}", n.detail);
+        fx.set_driver(GPU, Some("vfio-pci"));
+        let n = get(&run(&fx), "nvlink").clone();
+        assert_eq!(n.status, Status::Warn);
+        assert!(n.remedy.contains("FABRIC_MODE=1"), "{}", n.remedy);
     }
 
     #[test]

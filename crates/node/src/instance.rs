@@ -348,6 +348,13 @@ impl Node {
         self.runtime_of(id).stop(self, id, grace)
     }
 
+    /// One telemetry reading of instance `id`: its cgroup, and what its runtime reads of its
+    /// storage and network.
+    pub fn instance_reading(&self, id: &str) -> crate::telemetry::InstanceReading {
+        let usage = self.runtime_of(id).usage(self, id);
+        crate::telemetry::instance_reading(&self.cfg.root, id, usage)
+    }
+
     /// The pid of instance `id`'s main process as its runtime recorded it.
     pub fn main_pid(&self, id: &str) -> Option<i32> {
         self.runtime_of(id).main_pid(self, id)

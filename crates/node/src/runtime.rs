@@ -52,6 +52,10 @@ pub trait Runtime: Send + Sync {
     /// QEMU), for the daemon to reap it.
     fn main_pid(&self, node: &Node, id: &str) -> Option<i32>;
 
+    /// What the runtime reads of the instance's storage and network for telemetry (the
+    /// cgroup's CPU and memory are read by the node for every runtime).
+    fn usage(&self, node: &Node, id: &str) -> crate::telemetry::RuntimeUsage;
+
     /// Ids with objects in this daemon's data dir or runtime state (for the orphan sweep).
     fn local_ids(&self, node: &Node) -> Result<BTreeSet<String>, NodeError>;
 

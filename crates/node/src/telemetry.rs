@@ -103,6 +103,19 @@ pub struct InstanceReading {
     pub gpu_util: Option<f64>,
 }
 
+/// What the runtime reads of an instance's storage and network (the cgroup part is shared):
+/// a container's mounted disk and volumes and its veth; a VM's overlay, volume images and tap.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RuntimeUsage {
+    pub disk_used: Option<u64>,
+    pub disk_total: Option<u64>,
+    pub volume_used: u64,
+    pub volume_total: u64,
+    /// As seen from inside the instance.
+    pub net_rx_bytes: Option<u64>,
+    pub net_tx_bytes: Option<u64>,
+}
+
 /// One sample of the whole host.
 #[derive(Debug, Clone, Default)]
 pub struct HostSample {
@@ -167,7 +180,7 @@ impl HostSampler {
         let instances = instances
             .iter()
             .map(|i| {
-                let mut r = read_instance(&node.cfg.root, &node.cfg.data_dir, &i.id);
+                let mut r = node.instance_reading(&i.id);
                 if let Some((mem, util)) = per_proc.get(&i.id) {
                     r.gpu_mem = Some(*mem);
                     r.gpu_util = Some(*util);
@@ -319,9 +332,38 @@ fn is_mount_point(path: &Path) -> bool {
     std::fs::metadata(parent).is_ok_and(|p| p.dev() != m.dev())
 }
 
-/// The cumulative counters of one instance; missing sources are `None`.
-pub fn read_instance(root: &HostRoot, data_dir: &Path, id: &str) -> InstanceReading {
+/// The cumulative counters of one instance: its cgroup's CPU and memory and `usage`, what its
+/// runtime read of its storage and network.
+pub fn instance_reading(root: &HostRoot, id: &str, usage: RuntimeUsage) -> InstanceReading {
     let (cpu_ns, mem_bytes) = read_cgroup(root, id);
+    InstanceReading {
+        id: id.to_string(),
+        cpu_ns,
+        mem_bytes,
+        disk_used: usage.disk_used,
+        disk_total: usage.disk_total,
+        volume_used: usage.volume_used,
+        volume_total: usage.volume_total,
+        net_rx_bytes: usage.net_rx_bytes,
+        net_tx_bytes: usage.net_tx_bytes,
+        gpu_mem: None,
+        gpu_util: None,
+    }
+}
+
+/// Transmit and receive byte counters of host network device `dev`, as seen from the other end
+/// (the guest's or container's rx is the host device's tx).
+pub fn peer_net_counters(root: &HostRoot, dev: &str) -> (Option<u64>, Option<u64>) {
+    let net = root.path(format!("/sys/class/net/{dev}/statistics"));
+    (
+        read_u64(&net.join("tx_bytes")),
+        read_u64(&net.join("rx_bytes")),
+    )
+}
+
+/// A container's storage and network: statvfs of its mounted disk and volumes
+/// (`<data>/instances/<id>/disk`, `.../volumes/*`) and the counters of its host veth `veth`.
+pub fn container_usage(root: &HostRoot, data_dir: &Path, id: &str, veth: &str) -> RuntimeUsage {
     let dir: PathBuf = data_dir.join("instances").join(id);
     let disk_dir = dir.join("disk");
     let (disk_used, disk_total) = if is_mount_point(&disk_dir) {
@@ -340,19 +382,14 @@ pub fn read_instance(root: &HostRoot, data_dir: &Path, id: &str) -> InstanceRead
             }
         }
     }
-    let net = root.path(format!("/sys/class/net/gvh{id}/statistics"));
-    InstanceReading {
-        id: id.to_string(),
-        cpu_ns,
-        mem_bytes,
+    let (net_rx_bytes, net_tx_bytes) = peer_net_counters(root, veth);
+    RuntimeUsage {
         disk_used,
         disk_total,
         volume_used,
         volume_total,
-        net_rx_bytes: read_u64(&net.join("tx_bytes")),
-        net_tx_bytes: read_u64(&net.join("rx_bytes")),
-        gpu_mem: None,
-        gpu_util: None,
+        net_rx_bytes,
+        net_tx_bytes,
     }
 }
 
@@ -475,15 +512,20 @@ mod tests {
             "usage_usec 7\nuser_usec 5\n",
         );
         w("/sys/fs/cgroup/gpuvisor/b2/memory.current", "123\n");
-        w("/sys/class/net/gvha1/statistics/tx_bytes", "10\n");
-        w("/sys/class/net/gvha1/statistics/rx_bytes", "20\n");
-        let a = read_instance(&root, t.path(), "a1");
+        // A non-default prefix's veth: the name comes from the network, not a fixed pattern.
+        w("/sys/class/net/grshba1/statistics/tx_bytes", "10\n");
+        w("/sys/class/net/grshba1/statistics/rx_bytes", "20\n");
+        let a = instance_reading(
+            &root,
+            "a1",
+            container_usage(&root, t.path(), "a1", "grshba1"),
+        );
         assert_eq!(
             (a.cpu_ns, a.mem_bytes, a.net_rx_bytes, a.net_tx_bytes),
             (Some(5000), Some(4096), Some(10), Some(20))
         );
         assert_eq!(a.disk_used, None);
-        let b = read_instance(&root, t.path(), "b2");
+        let b = instance_reading(&root, "b2", RuntimeUsage::default());
         assert_eq!((b.cpu_ns, b.mem_bytes), (Some(7000), Some(123)));
     }
 

@@ -6,10 +6,13 @@
 //! Key decisions:
 //! - `driver_override` + `drivers_probe`, not `new_id`: the override names one device, so other
 //!   GPUs of the same model stay on `nvidia`, and it survives the unbind/probe in between.
-//! - The IOMMU group is the unit of isolation: a VM gets the whole group or none of it. A group
-//!   holding anything but the GPU's own functions (its HDMI audio, USB-C controller: NVIDIA
-//!   functions in the same slot) is refused, naming the intruders; those functions are moved to
-//!   vfio-pci with the GPU, since a group is only usable when all of it is.
+//! - The IOMMU group is the unit of isolation, sorted by one rule, [`group_verdict`], which
+//!   bind-vfio, the passthrough plan and host check share: a group holding anything but the
+//!   GPUs' own functions (HDMI audio, USB-C controller: NVIDIA functions in a GPU's slot) and
+//!   harmless bridges is refused, naming the intruders, whatever driver they are on; the own
+//!   functions are moved to vfio-pci with the GPU, since a group is only usable when all of it
+//!   is. A bridge is harmless only on `pcieport` or no driver (the kernel's rule for a viable
+//!   group); it stays on the host. Groups are read fail-closed ([`iommu_group`]).
 //! - "Is the GPU in use?" is the engine's question (it knows the instances); this module only
 //!   knows the host.
 //! - Every write goes through [`SysWriter`], so tests record the exact sequence against a fixture
@@ -39,6 +42,17 @@ pub enum VfioError {
         group: u32,
         others: Vec<String>,
     },
+    #[error("cannot read IOMMU group {group} ({}): {source}", .path.display())]
+    GroupUnreadable {
+        group: u32,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "IOMMU group {group} lists {name:?}, which is not a PCI address: the group is refused"
+    )]
+    BadGroupEntry { group: u32, name: String },
     #[error("vfio-pci is not available: load it with `modprobe vfio-pci`")]
     NoVfioDriver,
     #[error("writing {data:?} to {path}: {source}")]
@@ -115,6 +129,13 @@ impl PciFunction {
         self.class.starts_with("0x03")
     }
 
+    /// A PCI-to-PCI bridge (root or switch port, class 0x0604) or a semi-transparent one
+    /// (0x0609). A bridge bound to `pcieport` may share a group that is given to a VM (the
+    /// driver manages its own DMA), so it stays on the host.
+    pub fn is_bridge(&self) -> bool {
+        self.class.starts_with("0x0604") || self.class.starts_with("0x0609")
+    }
+
     /// What it is, for messages: `0000:3a:00.0 (SATA controller, ahci)`.
     pub fn describe(&self) -> String {
         let kind = class_name(&self.class);
@@ -153,36 +174,130 @@ pub fn class_name(class: &str) -> &'static str {
 }
 
 /// `0000:3b:00.1` → `0000:3b:00` (the slot: domain, bus, device).
-fn slot(address: &str) -> &str {
+pub fn slot(address: &str) -> &str {
     address.rsplit_once('.').map_or(address, |(s, _)| s)
 }
 
 /// The IOMMU group of `pci` and every function in it (including `pci`), sorted by address.
-/// `None` when the device has no group (IOMMU off).
-pub fn iommu_group(root: &HostRoot, pci: &str) -> Option<(u32, Vec<PciFunction>)> {
-    let group = crate::gpu::pci_iommu_group(root, pci)?;
-    let dir = root.path(format!("/sys/kernel/iommu_groups/{group}/devices"));
-    let mut members: Vec<PciFunction> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| PciFunction::read(root, e.file_name().to_str()?))
-                .collect()
-        })
-        .unwrap_or_default();
+/// Fails closed: a group directory that cannot be read, an entry whose name is not a PCI
+/// address in the kernel's form (it would end up in a QEMU argument), or a listed device that
+/// sysfs does not describe refuses the group rather than shrinking it.
+pub fn iommu_group(root: &HostRoot, pci: &str) -> Result<(u32, Vec<PciFunction>), VfioError> {
+    let group = crate::gpu::pci_iommu_group(root, pci).ok_or_else(|| VfioError::NoIommuGroup {
+        pci: pci.to_string(),
+    })?;
+    let host_dir = format!("/sys/kernel/iommu_groups/{group}/devices");
+    let unreadable = |source| VfioError::GroupUnreadable {
+        group,
+        path: PathBuf::from(&host_dir),
+        source,
+    };
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir(root.path(&host_dir)).map_err(unreadable)? {
+        let entry = entry.map_err(unreadable)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if crate::gpu::normalise_pci_address(&name).as_deref() != Some(name.as_str()) {
+            return Err(VfioError::BadGroupEntry { group, name });
+        }
+        members.push(PciFunction::read(root, &name).ok_or(VfioError::NoDevice(name))?);
+    }
     if !members.iter().any(|m| m.address == pci) {
-        members.extend(PciFunction::read(root, pci));
+        members.push(PciFunction::read(root, pci).ok_or_else(|| VfioError::NoDevice(pci.into()))?);
     }
     members.sort_by(|a, b| a.address.cmp(&b.address));
-    Some((group, members))
+    Ok((group, members))
 }
 
-/// Splits a GPU's group into its companions (NVIDIA functions in the GPU's slot, the GPU
-/// included) and the others (anything else: bridges, storage, other GPUs).
-pub fn split_group(pci: &str, members: Vec<PciFunction>) -> (Vec<PciFunction>, Vec<PciFunction>) {
-    members
-        .into_iter()
-        .partition(|m| m.is_nvidia() && slot(&m.address) == slot(pci))
+/// What an IOMMU group means for giving some GPUs to one VM: the one rule `gpu bind-vfio`, the
+/// passthrough plan and `host check` all apply ([`group_verdict`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupVerdict {
+    pub group: u32,
+    /// What goes with the GPUs (to vfio-pci, into the VM), sorted by address: the given GPUs in
+    /// this group and their companions (NVIDIA functions in a given GPU's slot: HD audio,
+    /// USB-C).
+    pub pass: Vec<PciFunction>,
+    /// Bridges on `pcieport` or on no driver: they stay on the host, as the kernel allows.
+    pub host_bridges: Vec<PciFunction>,
+    /// GPUs in the group that were not given: the group only goes with them.
+    pub other_gpus: Vec<PciFunction>,
+    /// Anything else (storage, NICs, bridges on another driver): the group cannot go to a VM.
+    pub blockers: Vec<PciFunction>,
+}
+
+impl GroupVerdict {
+    /// The refusal for moving or passing this group, when something in it is not the GPUs'.
+    pub fn refusal(&self, pci: &str) -> Option<VfioError> {
+        if self.other_gpus.is_empty() && self.blockers.is_empty() {
+            return None;
+        }
+        Some(VfioError::SharedGroup {
+            pci: pci.to_string(),
+            group: self.group,
+            others: self
+                .other_gpus
+                .iter()
+                .chain(&self.blockers)
+                .map(blocker_text)
+                .collect(),
+        })
+    }
+}
+
+/// A blocker for messages; a bridge says why it blocks.
+pub fn blocker_text(m: &PciFunction) -> String {
+    if m.is_bridge() {
+        format!(
+            "{} (a bridge may share a VM's group only on pcieport or no driver)",
+            m.describe()
+        )
+    } else {
+        m.describe()
+    }
+}
+
+/// A bridge the kernel lets stay on the host while the rest of its group is in a VM: one on
+/// `pcieport` or unbound. On any other driver it makes the group not viable for VFIO.
+pub fn is_harmless_bridge(m: &PciFunction) -> bool {
+    m.is_bridge() && matches!(m.driver.as_deref(), None | Some("pcieport"))
+}
+
+/// Sorts the IOMMU group of GPU `pci` for giving `pci` and `gpus` (other GPUs going to the same
+/// VM; may include `pci`) to one VM. Reads the group fail-closed ([`iommu_group`]).
+pub fn group_verdict(
+    root: &HostRoot,
+    pci: &str,
+    gpus: &[String],
+) -> Result<GroupVerdict, VfioError> {
+    let (group, members) = iommu_group(root, pci)?;
+    let given = |a: &str| a == pci || gpus.iter().any(|g| g == a);
+    let given_slots: Vec<&str> = members
+        .iter()
+        .filter(|m| given(&m.address))
+        .map(|m| slot(&m.address))
+        .collect();
+    let mut v = GroupVerdict {
+        group,
+        pass: Vec::new(),
+        host_bridges: Vec::new(),
+        other_gpus: Vec::new(),
+        blockers: Vec::new(),
+    };
+    for m in &members {
+        let list = if given(&m.address) {
+            &mut v.pass
+        } else if m.is_gpu() {
+            &mut v.other_gpus
+        } else if m.is_nvidia() && given_slots.contains(&slot(&m.address)) {
+            &mut v.pass
+        } else if is_harmless_bridge(m) {
+            &mut v.host_bridges
+        } else {
+            &mut v.blockers
+        };
+        list.push(m.clone());
+    }
+    Ok(v)
 }
 
 /// What a bind or release did.
@@ -211,21 +326,16 @@ fn put(root: &HostRoot, w: &dyn SysWriter, host_path: &str, data: &str) -> Resul
     })
 }
 
-/// The GPU and its companions, GPU first; refuses a group shared with other devices.
+/// The GPU and its companions, GPU first; refuses a group shared with anything else (bridges
+/// on `pcieport` or no driver stay on the host).
 fn group_for_move(root: &HostRoot, pci: &str) -> Result<(u32, Vec<PciFunction>), VfioError> {
-    let (group, members) = iommu_group(root, pci).ok_or_else(|| VfioError::NoIommuGroup {
-        pci: pci.to_string(),
-    })?;
-    let (mut mine, others) = split_group(pci, members);
-    if !others.is_empty() {
-        return Err(VfioError::SharedGroup {
-            pci: pci.to_string(),
-            group,
-            others: others.iter().map(PciFunction::describe).collect(),
-        });
+    let v = group_verdict(root, pci, &[])?;
+    if let Some(e) = v.refusal(pci) {
+        return Err(e);
     }
+    let mut mine = v.pass;
     mine.sort_by_key(|m| (m.address != pci, m.address.clone()));
-    Ok((group, mine))
+    Ok((v.group, mine))
 }
 
 /// Binds to vfio-pci. For each function, GPU first:
@@ -299,9 +409,10 @@ pub fn bind_vfio_with(root: &HostRoot, pci: &str, w: &dyn SysWriter) -> Result<O
 pub fn release_with(root: &HostRoot, pci: &str, w: &dyn SysWriter) -> Result<Outcome, VfioError> {
     let pci = check_address(pci)?;
     let gpu = PciFunction::read(root, &pci).ok_or_else(|| VfioError::NoDevice(pci.clone()))?;
-    let (group, mut funcs) = match iommu_group(root, &pci) {
-        Some((g, members)) => (Some(g), split_group(&pci, members).0),
-        None => (None, vec![gpu.clone()]),
+    // A group that cannot be read whole still lets the GPU itself go back.
+    let (group, mut funcs) = match group_verdict(root, &pci, &[]) {
+        Ok(v) => (Some(v.group), v.pass),
+        Err(_) => (crate::gpu::pci_iommu_group(root, &pci), vec![gpu.clone()]),
     };
     funcs.sort_by_key(|m| (m.address != pci, m.address.clone()));
     let on_vfio: Vec<&PciFunction> = funcs
@@ -474,6 +585,33 @@ mod tests {
     }
 
     #[test]
+    fn bind_leaves_a_bridge_in_the_group_on_the_host() {
+        let fx = Fx::clean();
+        fx.pci(&crate::testfx::Pci {
+            addr: "0000:00:01.0",
+            vendor: "0x8086",
+            device: "0x1901",
+            class: "0x060400",
+            driver: Some("pcieport"),
+            group: Some(17),
+        });
+        let k = Kernel::new(fx.root());
+        let out = bind_vfio_with(&fx.root(), GPU, &k).unwrap();
+        assert_eq!(out.functions, vec![GPU.to_string(), GPU_AUDIO.to_string()]);
+        assert!(
+            !k.writes()
+                .iter()
+                .any(|(p, d)| p.contains("0000:00:01.0") || d == "0000:00:01.0"),
+            "{:?}",
+            k.writes()
+        );
+        assert_eq!(
+            current_driver(&fx.root(), "0000:00:01.0").as_deref(),
+            Some("pcieport")
+        );
+    }
+
+    #[test]
     fn release_clears_override_unbinds_and_probes() {
         let fx = Fx::clean();
         let root = fx.root();
@@ -525,12 +663,128 @@ mod tests {
         assert_eq!(g, 17);
         let addrs: Vec<&str> = members.iter().map(|m| m.address.as_str()).collect();
         assert_eq!(addrs, vec!["0000:3a:00.0", GPU, GPU_AUDIO]);
-        let (mine, others) = split_group(GPU, members);
-        assert_eq!(mine.len(), 2);
-        assert_eq!(others[0].describe(), "0000:3a:00.0 (SATA controller, ahci)");
+        assert_eq!(members.len(), 3);
+        let v = group_verdict(&fx.root(), GPU, &[]).unwrap();
+        assert_eq!(v.pass.len(), 2);
+        assert_eq!(
+            v.blockers[0].describe(),
+            "0000:3a:00.0 (SATA controller, ahci)"
+        );
         assert_eq!(class_name("0x060400"), "PCI bridge");
         assert_eq!(class_name("0x040300"), "audio");
-        assert!(iommu_group(&Fx::iommu_off().root(), GPU).is_none());
+        assert!(matches!(
+            iommu_group(&Fx::iommu_off().root(), GPU),
+            Err(VfioError::NoIommuGroup { .. })
+        ));
+    }
+
+    fn bridge(fx: &Fx, driver: Option<&str>) {
+        fx.pci(&crate::testfx::Pci {
+            addr: "0000:00:01.0",
+            vendor: "0x8086",
+            device: "0x1901",
+            class: "0x060400",
+            driver,
+            group: Some(17),
+        });
+    }
+
+    /// Review finding 5: a bridge stays on the host only on pcieport or no driver; on any
+    /// other driver the kernel finds the group not viable, so bind-vfio refuses it by name.
+    #[test]
+    fn a_bridge_on_another_driver_blocks_the_group() {
+        let fx = Fx::clean();
+        bridge(&fx, Some("some_other_drv"));
+        let k = Kernel::new(fx.root());
+        let err = bind_vfio_with(&fx.root(), GPU, &k).unwrap_err();
+        assert!(
+            matches!(&err, VfioError::SharedGroup { others, .. } if others[0].starts_with("0000:00:01.0 (PCI bridge, some_other_drv)")),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("only on pcieport or no driver"),
+            "{err}"
+        );
+        assert!(k.writes().is_empty());
+        // Unbound, it is harmless.
+        fx.set_driver("0000:00:01.0", None);
+        let v = group_verdict(&fx.root(), GPU, &[]).unwrap();
+        assert_eq!(v.host_bridges.len(), 1);
+        assert!(v.blockers.is_empty());
+    }
+
+    /// Review finding 1: the one rule. A non-NVIDIA device in the group blocks it whatever
+    /// its driver (vfio-pci included): it is not the GPU's to hand over.
+    #[test]
+    fn a_vfio_bound_stranger_blocks_the_group() {
+        let fx = Fx::clean();
+        fx.set_driver(GPU, Some("vfio-pci"));
+        fx.set_driver(GPU_AUDIO, Some("vfio-pci"));
+        fx.pci(&crate::testfx::Pci {
+            addr: "0000:3c:00.0",
+            vendor: "0x144d",
+            device: "0xa808",
+            class: "0x010802",
+            driver: Some("vfio-pci"),
+            group: Some(17),
+        });
+        let v = group_verdict(&fx.root(), GPU, &[]).unwrap();
+        let pass: Vec<&str> = v.pass.iter().map(|m| m.address.as_str()).collect();
+        assert_eq!(pass, vec![GPU, GPU_AUDIO]);
+        assert_eq!(
+            v.blockers
+                .iter()
+                .map(PciFunction::describe)
+                .collect::<Vec<_>>(),
+            vec!["0000:3c:00.0 (NVMe controller, vfio-pci)".to_string()]
+        );
+        let err = v.refusal(GPU).unwrap();
+        assert!(
+            err.to_string()
+                .contains("0000:3c:00.0 (NVMe controller, vfio-pci)"),
+            "{err}"
+        );
+    }
+
+    /// Review finding 6: group entries go into QEMU arguments, so a name that is not a PCI
+    /// address refuses the group; an unreadable group directory refuses it too (it used to
+    /// read as "the GPU alone").
+    #[test]
+    fn group_reads_fail_closed() {
+        let fx = Fx::clean();
+        let gdir = fx.path("/sys/kernel/iommu_groups/17/devices");
+        std::os::unix::fs::symlink(
+            "../../../../devices/pci0000:00/0000:3b:00.1",
+            gdir.join("0000:3b:00.1,x-igd-opregion=on"),
+        )
+        .unwrap();
+        let err = iommu_group(&fx.root(), GPU).unwrap_err();
+        assert!(
+            matches!(&err, VfioError::BadGroupEntry { group: 17, name } if name == "0000:3b:00.1,x-igd-opregion=on"),
+            "{err:?}"
+        );
+        let k = Kernel::new(fx.root());
+        assert!(bind_vfio_with(&fx.root(), GPU, &k).is_err());
+        assert!(k.writes().is_empty());
+        std::fs::remove_file(gdir.join("0000:3b:00.1,x-igd-opregion=on")).unwrap();
+        std::fs::symlink_metadata(&gdir).unwrap();
+        // Upper case is not the kernel's form either.
+        std::os::unix::fs::symlink("x", gdir.join("0000:3B:00.1")).unwrap();
+        assert!(matches!(
+            iommu_group(&fx.root(), GPU),
+            Err(VfioError::BadGroupEntry { .. })
+        ));
+        std::fs::remove_file(gdir.join("0000:3B:00.1")).unwrap();
+        assert!(iommu_group(&fx.root(), GPU).is_ok());
+
+        // The directory unreadable (here: not a directory).
+        std::fs::remove_dir_all(&gdir).unwrap();
+        std::fs::write(&gdir, "").unwrap();
+        let err = iommu_group(&fx.root(), GPU).unwrap_err();
+        assert!(
+            matches!(err, VfioError::GroupUnreadable { group: 17, .. }),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -240,7 +240,7 @@ impl Engine {
         let dev = self.gpu_by_ref(gpu)?;
         if self.node.backend() == BackendKind::Simulated {
             return Err(EngineError::InvalidState(format!(
-                "GPU {} is simulated: it cannot be bound to vfio-pci",
+                "GPU {} is simulated: it cannot be bound to vfio-pci (simulate GPUs bound to it with `serve --simulate-gpus 1xH100-80GB:vfio`)",
                 dev.uuid
             )));
         }
@@ -289,6 +289,17 @@ impl Engine {
         .await
         .map_err(|e| EngineError::Internal(format!("{verb} task: {e}")))?
         .map_err(vfio_error)?;
+        // The driver changed: the inventory (which names the GPU `PCI-<address>` where no
+        // driver tells its UUID) is read again, still under the placement lock, so the next
+        // create is placed on the GPU's name now, and what named it before follows.
+        let before: Vec<(String, String)> = self
+            .node
+            .gpus()
+            .into_iter()
+            .map(|g| (g.uuid, g.pci_address))
+            .collect();
+        self.refresh_inventory().await?;
+        self.follow_gpu_renames(&before).await?;
         tracing::info!(
             gpu = %dev.uuid,
             pci = %done.pci,
@@ -297,7 +308,64 @@ impl Engine {
             unchanged = done.unchanged,
             "gpu {verb}"
         );
-        self.listed_gpu(who, &dev.uuid).await
+        let now_named = self
+            .node
+            .gpus()
+            .into_iter()
+            .find(|g| g.is_physical() && g.pci_address == dev.pci_address)
+            .map_or(dev.uuid.clone(), |g| g.uuid);
+        self.listed_gpu(who, &now_named).await
+    }
+
+    /// The same card under its driver's name: `before` is (UUID, PCI address) of the GPUs as
+    /// they were named (the store's last inventory at start, the node's before a driver
+    /// change). A GPU named by the `PCI-<address>` placeholder (no driver could tell its UUID)
+    /// that is now at that address under a `GPU-` UUID is the same card: instance bindings and
+    /// cordons are renamed, so placement counts its residents and keeps its cordon. Bindings
+    /// naming `PCI-<address>` are matched by that address even when the store's inventory no
+    /// longer lists them. (Two different `GPU-` UUIDs at one address are two cards: nothing.)
+    pub(crate) async fn follow_gpu_renames(&self, before: &[(String, String)]) -> Result<()> {
+        if self.node.backend() == BackendKind::Simulated {
+            return Ok(());
+        }
+        let now: Vec<GpuDevice> = self
+            .node
+            .gpus()
+            .into_iter()
+            .filter(|g| g.is_physical())
+            .collect();
+        let mut old: Vec<(String, String)> = before.to_vec();
+        for i in self.store.live_instances(None).await? {
+            for b in &i.gpus {
+                if let Some(addr) = b.uuid.strip_prefix("PCI-") {
+                    old.push((b.uuid.clone(), addr.to_string()));
+                }
+            }
+        }
+        old.sort();
+        old.dedup();
+        for (uuid, addr) in old {
+            if now.iter().any(|g| g.uuid == uuid) {
+                continue;
+            }
+            let Some(g) = now.iter().find(|g| g.pci_address == addr) else {
+                continue;
+            };
+            // Only towards the driver's name: a `GPU-` UUID that is now `PCI-<address>` may be
+            // another card (the one remembered was swapped out), so nothing follows it.
+            if !uuid.starts_with("PCI-") || g.uuid.starts_with("PCI-") {
+                continue;
+            }
+            let ids = self.store.rename_gpu(&uuid, &g.uuid).await?;
+            if let Some(reason) = self.telemetry.cordoned().get(&uuid).cloned() {
+                self.telemetry.uncordon(&uuid);
+                self.telemetry.cordon(&g.uuid, &reason);
+            }
+            if !ids.is_empty() {
+                tracing::info!(from = %uuid, to = %g.uuid, instances = ?ids, "GPU renamed");
+            }
+        }
+        Ok(())
     }
 
     /// A GPU of this host by UUID, index or PCI address (an index or address names the physical
@@ -324,22 +392,117 @@ impl Engine {
             })
     }
 
-    /// True when the GPU is bound to vfio-pci now (read from sysfs, so binds made outside
-    /// gpuvisor count too).
-    pub(crate) fn is_passthrough(&self, g: &GpuDevice) -> bool {
-        self.node.backend() != BackendKind::Simulated
-            && vfio::current_driver(&self.node.cfg.root, &g.pci_address).as_deref()
-                == Some(vfio::VFIO_DRIVER)
+    /// Who may be placed on a GPU, from its driver now (read from sysfs, so binds made
+    /// outside gpuvisor count too): containers on `nvidia`, VMs on `vfio-pci`, nobody on any
+    /// other driver or none (nouveau, pci-stub: host check says so). A simulated GPU is for
+    /// VMs when simulated so (`:vfio`), else for containers; a MIG slice is for containers.
+    pub(crate) fn gpu_use(&self, g: &GpuDevice) -> GpuUse {
+        if self.node.backend() == BackendKind::Simulated {
+            return if g.is_physical() && g.is_vfio() {
+                GpuUse::Vms
+            } else {
+                GpuUse::Containers
+            };
+        }
+        if !g.is_physical() {
+            return GpuUse::Containers;
+        }
+        match vfio::current_driver(&self.node.cfg.root, &g.pci_address).as_deref() {
+            Some(vfio::VFIO_DRIVER) => GpuUse::Vms,
+            Some("nvidia") => GpuUse::Containers,
+            _ => GpuUse::Unusable,
+        }
     }
 
-    /// Sets the live driver and passthrough readiness of a listed GPU from sysfs.
+    /// True when the GPU is for VMs (bound to vfio-pci, or simulated so).
+    pub(crate) fn is_passthrough(&self, g: &GpuDevice) -> bool {
+        self.gpu_use(g) == GpuUse::Vms
+    }
+
+    /// Sets the live driver and passthrough readiness of a listed GPU from sysfs (a simulated
+    /// one's from the simulation: `vfio-pci` for `:vfio` GPUs, none otherwise).
     pub(crate) fn fill_driver(&self, gpu: &mut wire::Gpu) {
         if self.node.backend() == BackendKind::Simulated {
+            if let Some(d) = self.node.gpus().into_iter().find(|d| d.uuid == gpu.uuid) {
+                gpu.passthrough_ready = self.is_passthrough(&d);
+                gpu.driver = d.driver;
+            }
             return;
         }
         gpu.driver = vfio::current_driver(&self.node.cfg.root, &gpu.pci_address);
-        gpu.passthrough_ready = gpu.driver.as_deref() == Some(vfio::VFIO_DRIVER);
+        gpu.passthrough_ready =
+            gpu.mig.is_none() && gpu.driver.as_deref() == Some(vfio::VFIO_DRIVER);
     }
+
+    /// A VM takes whole GPUs bound to vfio-pci: refuses, saying how to get one, a VM asking
+    /// for GPUs on a host with none bound (of the model asked for). Placement would only say
+    /// that none is free.
+    pub(crate) fn check_passthrough_gpus(&self, req: &wire::CreateInstance) -> Result<()> {
+        let Some(wanted) = req.gpus else {
+            return Ok(());
+        };
+        let gpus: Vec<GpuDevice> = self
+            .node
+            .gpus()
+            .into_iter()
+            .filter(|g| g.schedulable() && g.is_physical())
+            .filter(|g| {
+                req.gpu_model
+                    .as_ref()
+                    .is_none_or(|m| g.model.eq_ignore_ascii_case(m))
+            })
+            .collect();
+        let (vfio_gpus, host_gpus): (Vec<&GpuDevice>, Vec<&GpuDevice>) =
+            gpus.iter().partition(|g| self.is_passthrough(g));
+        if vfio_gpus
+            .iter()
+            .any(|g| !self.telemetry.is_cordoned(&g.uuid))
+        {
+            return Ok(());
+        }
+        if !vfio_gpus.is_empty() {
+            let cordoned = self.telemetry.cordoned();
+            let list: Vec<String> = vfio_gpus
+                .iter()
+                .map(|g| match cordoned.get(&g.uuid) {
+                    Some(r) => format!("GPU {} ({r})", g.index),
+                    None => format!("GPU {}", g.index),
+                })
+                .collect();
+            return Err(EngineError::InsufficientResources(format!(
+                "no GPU bound to vfio-pci can take a VM: {} {} cordoned; ask an admin to look at it (`gpuvisor gpu uncordon` once it is healthy)",
+                list.join(", "),
+                if list.len() == 1 { "is" } else { "are" }
+            )));
+        }
+        let gpus: Vec<&GpuDevice> = host_gpus
+            .into_iter()
+            .filter(|g| self.gpu_use(g) == GpuUse::Containers)
+            .collect();
+        let refusal = crate::placement::PlacementError::PassthroughGpus {
+            wanted,
+            model: req.gpu_model.clone().unwrap_or_else(|| "any".into()),
+            free: 0,
+            total: 0,
+            for_containers: gpus.len() as u32,
+        };
+        let mut msg = refusal.to_string();
+        if self.node.backend() == BackendKind::Simulated {
+            msg.push_str(" (this host's GPUs are simulated: an admin simulates some bound to vfio-pci with `serve --simulate-gpus 1xH100-80GB:vfio`)");
+        }
+        Err(EngineError::InsufficientResources(msg))
+    }
+}
+
+/// Who may be placed on a GPU ([`Engine::gpu_use`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GpuUse {
+    /// On the host driver (`nvidia`): containers.
+    Containers,
+    /// On vfio-pci: VMs, whole, by passthrough.
+    Vms,
+    /// On another driver or none: neither.
+    Unusable,
 }
 
 /// Host refusals are the caller's to fix (invalid state); write failures are internal.
@@ -349,8 +512,11 @@ fn vfio_error(e: VfioError) -> EngineError {
         VfioError::NoDevice(_) => EngineError::NotFound(e.to_string()),
         VfioError::NoIommuGroup { .. }
         | VfioError::SharedGroup { .. }
+        | VfioError::BadGroupEntry { .. }
         | VfioError::NoVfioDriver => EngineError::InvalidState(e.to_string()),
-        VfioError::Write { .. } | VfioError::NotBound { .. } => EngineError::Node(e.into()),
+        VfioError::Write { .. }
+        | VfioError::NotBound { .. }
+        | VfioError::GroupUnreadable { .. } => EngineError::Node(e.into()),
     }
 }
 

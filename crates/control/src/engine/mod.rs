@@ -351,7 +351,16 @@ impl Engine {
         self.store
             .upsert_node(&self.cfg.node_id, &self.cfg.hostname, cpus, mem, now)
             .await?;
+        let before: Vec<(String, String)> = self
+            .store
+            .gpus()
+            .await?
+            .into_iter()
+            .filter(|g| g.node_id == self.cfg.node_id)
+            .map(|g| (g.uuid, g.pci_address))
+            .collect();
         self.sync_gpus(now).await?;
+        self.follow_gpu_renames(&before).await?;
         let simulated = self
             .store
             .gpus()
@@ -468,6 +477,7 @@ impl Engine {
                     used_milli: 0,
                     used_vram: 0,
                     mig: false,
+                    passthrough: false,
                 });
             }
         }
@@ -928,8 +938,8 @@ impl Engine {
                         .as_ref()
                         .is_some_and(|m| self.telemetry.is_cordoned(&m.slice.parent_uuid))
             })
-            // A GPU handed to vfio-pci is for VMs; containers cannot open it.
-            .filter(|g| !self.is_passthrough(g))
+            // A GPU on no driver, nouveau or pci-stub is for nobody.
+            .filter(|g| self.gpu_use(g) != gpuadmin::GpuUse::Unusable)
             .map(|g| GpuSlot {
                 uuid: g.uuid.clone(),
                 index: g.index,
@@ -939,6 +949,9 @@ impl Engine {
                 used_milli: 0,
                 used_vram: 0,
                 mig: g.mig.is_some(),
+                // A GPU handed to vfio-pci is for VMs; containers cannot open it. Placement
+                // gives each kind of request only its kind of GPU.
+                passthrough: self.is_passthrough(g),
             })
             .collect();
         // Instances being evicted have already given their resources to their preemptor.
@@ -955,6 +968,106 @@ impl Engine {
             root.mem_total().unwrap_or(0),
             residents,
         )
+    }
+}
+
+impl Engine {
+    /// GPUs sharing an IOMMU group go to one VM together: when placement split a group (it
+    /// places GPUs one by one), the VM's GPUs are picked again as whole groups of free vfio-pci
+    /// GPUs, if some exist that add up to what it asked for (smallest groups first). Otherwise
+    /// the assignment stays and the passthrough plan refuses it, naming the group.
+    fn whole_groups(&self, capacity: &HostCapacity, a: &mut Assignment) {
+        let inventory = self.node.gpus();
+        let group_of = |uuid: &str| {
+            inventory
+                .iter()
+                .find(|g| g.uuid == uuid && g.is_physical())
+                .and_then(|g| g.iommu_group)
+        };
+        let vfio: Vec<&crate::placement::GpuSlot> =
+            capacity.gpus.iter().filter(|g| g.passthrough).collect();
+        // Every GPU of the group, whatever its driver or cordon: a unit short of one is no unit.
+        let members = |group: u32| {
+            inventory
+                .iter()
+                .filter(|g| g.is_physical() && g.iommu_group == Some(group))
+                .count()
+        };
+        let split = a.gpus.iter().any(|x| {
+            group_of(&x.uuid).is_some_and(|grp| {
+                a.gpus
+                    .iter()
+                    .filter(|y| group_of(&y.uuid) == Some(grp))
+                    .count()
+                    < members(grp)
+            })
+        });
+        if !split {
+            return;
+        }
+        let model = a.gpus.first().map(|g| g.model.clone());
+        // Whole groups (or lone GPUs) of free GPUs of the model placed.
+        let mut units: std::collections::BTreeMap<(u32, String), Vec<&crate::placement::GpuSlot>> =
+            Default::default();
+        for g in &vfio {
+            let key = match group_of(&g.uuid) {
+                Some(grp) => (grp, String::new()),
+                None => (u32::MAX, g.uuid.clone()),
+            };
+            units.entry(key).or_default().push(g);
+        }
+        let mut units: Vec<Vec<&crate::placement::GpuSlot>> = units
+            .into_values()
+            .filter(|u| {
+                u.iter().all(|g| {
+                    g.used_milli == 0 && g.used_vram == 0 && Some(&g.model) == model.as_ref()
+                }) && u
+                    .first()
+                    .and_then(|g| group_of(&g.uuid))
+                    .is_none_or(|grp| members(grp) == u.len())
+            })
+            .collect();
+        units.sort_by_key(|u| (u.len(), u.iter().map(|g| g.index).min()));
+        let want = a.gpus.len();
+        // Subset sum over the units (a host has a handful): the first fit in that order.
+        fn pick(
+            units: &[Vec<&crate::placement::GpuSlot>],
+            want: usize,
+            from: usize,
+            out: &mut Vec<usize>,
+        ) -> bool {
+            if want == 0 {
+                return true;
+            }
+            for i in from..units.len() {
+                if units[i].len() <= want {
+                    out.push(i);
+                    if pick(units, want - units[i].len(), i + 1, out) {
+                        return true;
+                    }
+                    out.pop();
+                }
+            }
+            false
+        }
+        let mut chosen = Vec::new();
+        if !pick(&units, want, 0, &mut chosen) {
+            return;
+        }
+        let picked: Vec<&crate::placement::GpuSlot> = chosen
+            .into_iter()
+            .flat_map(|i| std::mem::take(&mut units[i]))
+            .collect();
+        a.gpus = picked
+            .into_iter()
+            .map(|g| crate::placement::GpuAssignment {
+                uuid: g.uuid.clone(),
+                index: g.index,
+                model: g.model.clone(),
+                milli: 1000,
+                vram: g.vram,
+            })
+            .collect();
     }
 }
 
@@ -1072,12 +1185,6 @@ impl Engine {
             limits.memory = limits.memory.max(n.memory);
         }
         validate::create(req, &limits)?;
-        // Simulated nodes run nothing: only a local instance needs the runtime here.
-        if sim.is_empty() {
-            self.node
-                .runtime(req.runtime)
-                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
-        }
         // Fractions on this host need the limiter; simulated nodes run nothing.
         let local_ok = req.gpu_fraction.is_none() || self.node.limiters.library().is_some();
         if !local_ok && sim.is_empty() {
@@ -1138,6 +1245,9 @@ impl Engine {
                     }
                 )));
             }
+        }
+        if req.runtime == wire::RuntimeKind::Vm {
+            self.check_passthrough_gpus(req)?;
         }
         // Every check that needs no lock comes before anything is made (volumes below).
         let command = if req.command.is_empty() {
@@ -1251,11 +1361,35 @@ impl Engine {
             memory: req.memory,
             priority: req.priority.rank(),
             interruptible: req.interruptible,
+            passthrough: req.runtime == wire::RuntimeKind::Vm,
         };
         let capacity = self.host_capacity(&live).protecting(&protected);
-        let (node_id, assignment, victims) =
+        let (node_id, mut assignment, victims) =
             self.choose(&capacity, sim, &live, &protected, &demand, local_ok)?;
         let simulated = self.is_simulated_node(&node_id);
+        if !simulated && demand.passthrough && victims.is_empty() {
+            self.whole_groups(&capacity, &mut assignment);
+        }
+        // Simulated nodes run nothing: only a local instance needs its runtime, and a local VM
+        // the passthrough plan of the GPUs it was given, made here, under the placement lock,
+        // so that a VM that could not start is refused now with the plan's reason. (After
+        // the request's own refusals and placement's, so that they are the same on every
+        // host, with or without a VM runtime.)
+        if !simulated {
+            if req.runtime == wire::RuntimeKind::Vm && !assignment.gpus.is_empty() {
+                let uuids: Vec<String> = assignment.gpus.iter().map(|g| g.uuid.clone()).collect();
+                let node = self.node.clone();
+                tokio::task::spawn_blocking(move || node.passthrough(&uuids))
+                    .await
+                    .map_err(|e| EngineError::Internal(format!("passthrough plan task: {e}")))?
+                    .map_err(|e| {
+                        EngineError::Unavailable(format!("the VM cannot be given its GPUs: {e}"))
+                    })?;
+            }
+            self.node
+                .runtime(req.runtime)
+                .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+        }
         let used_hosts: Vec<u8> = live
             .iter()
             .filter(|i| i.tenant_id == who.tenant_id && !self.is_simulated(i))

@@ -158,7 +158,8 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
     for k in &req.ssh_keys {
         let mut words = k.split_whitespace();
         let (kind, body) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-        let known = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
+        let known =
+            kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
         if k.len() > MAX_SSH_KEY_LEN || !known || body.is_empty() || k.contains(['\n', '\r']) {
             return Err(invalid(format!(
                 "SSH key {:?} is not one public key line (`ssh-ed25519 AAAA... comment`, at most {MAX_SSH_KEY_LEN} bytes)",
@@ -166,7 +167,11 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
             )));
         }
     }
-    if req.startup_script.as_ref().is_some_and(|s| s.len() > MAX_STARTUP_SCRIPT) {
+    if req
+        .startup_script
+        .as_ref()
+        .is_some_and(|s| s.len() > MAX_STARTUP_SCRIPT)
+    {
         return Err(invalid(format!(
             "--startup-script is over {} KiB",
             MAX_STARTUP_SCRIPT >> 10

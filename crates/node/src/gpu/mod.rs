@@ -24,7 +24,7 @@ mod sim;
 mod sysfs;
 
 pub use nvml::NvmlBackend;
-pub use sim::{parse_sim_spec, sim_uuid, SimulatedBackend};
+pub use sim::{parse_sim_spec, sim_uuid, SimMode, SimulatedBackend, SIM_IOMMU_GROUP_BASE};
 pub use sysfs::{scan_sysfs, SysfsBackend};
 
 use crate::HostRoot;
@@ -207,6 +207,12 @@ pub trait GpuBackend: Send + Sync {
     fn mig_caps(&self, _gpu: &GpuDevice, _gi: u32, _ci: u32) -> Vec<DeviceNode> {
         Vec::new()
     }
+    /// The sysfs tree VFIO passthrough of this backend's GPUs is planned over
+    /// (`vm::passthrough`): `None` for the host's own (real GPUs); the simulated backend's
+    /// tree of its GPUs (`--simulate-gpus 1xH100-80GB:vfio`).
+    fn passthrough_root(&self) -> Option<HostRoot> {
+        None
+    }
     /// One telemetry reading of `gpu`; `load` is what runs on it (drives simulated values).
     /// `None` where the backend reads nothing (sysfs: no driver to ask).
     fn telemetry(
@@ -223,13 +229,204 @@ pub trait GpuBackend: Send + Sync {
 pub struct GpuConfig {
     /// `2xA100-80GB,1xH100-80GB`: simulate these instead of probing.
     pub simulate: Option<String>,
-    /// Where simulated device nodes go (`<data>/dev`).
+    /// Where simulated device nodes go (`<data>/dev`); on a real host, where the UUIDs of its
+    /// GPUs are remembered (`gpu-uuids`, see [`remember_uuids`]). Empty: nothing remembered.
     pub sim_dev_dir: PathBuf,
+}
+
+/// The file, under [`GpuConfig::sim_dev_dir`], of a real host's remembered GPU UUIDs.
+pub const UUIDS_FILE: &str = "gpu-uuids";
+
+/// Keeps a GPU's UUID when it changes driver. The driver (NVML, `/proc/driver/nvidia`) knows a
+/// GPU's `GPU-` UUID only while it holds the GPU; bound to vfio-pci the GPU would come back as
+/// `PCI-<address>`, and the instances and cordons that name it would lose it (a VM's GPU
+/// reported gone after a daemon restart). So every `GPU-` UUID seen is remembered by PCI
+/// address in `file` (`<address> <uuid> <vendor>:<device>:<subsystem vendor>:<subsystem
+/// device>` lines, replaced atomically through a temporary file of a unique name when it
+/// changes), and a GPU seen without one gets its remembered UUID back, but only when
+/// - the entry is well-formed (an address in the kernel's form, a `GPU-` UUID of the driver's
+///   8-4-4-4-12 hex form) and its PCI IDs are those of the device now at that address (a card
+///   moved or swapped is not taken for the one remembered), and
+/// - no live GPU reports that UUID (a card moved to another slot keeps its UUID there; the old
+///   slot's entry is dropped when the UUID is seen at its new address).
+///
+/// Entries for addresses with no device or other IDs are pruned. Failures to write are logged:
+/// the inventory is still right for this run.
+pub fn remember_uuids(root: &HostRoot, file: &Path, gpus: &mut [GpuDevice]) {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let mut known: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut changed = false;
+    for l in text.lines() {
+        let mut f = l.split_whitespace();
+        let entry = match (f.next(), f.next(), f.next(), f.next()) {
+            (Some(pci), Some(uuid), Some(ids), None)
+                if normalise_pci_address(pci).as_deref() == Some(pci)
+                    && is_gpu_uuid(uuid)
+                    && pci_ids(root, pci).as_deref() == Some(ids) =>
+            {
+                Some((pci.to_string(), (uuid.to_string(), ids.to_string())))
+            }
+            _ => None,
+        };
+        match entry {
+            Some((pci, v)) => {
+                known.insert(pci, v);
+            }
+            None => changed = true, // malformed, stale or another card: pruned
+        }
+    }
+    // What the driver says now wins: a live UUID is remembered at its address only.
+    let live: Vec<(String, String)> = gpus
+        .iter()
+        .filter(|g| g.is_physical() && is_gpu_uuid(&g.uuid))
+        .map(|g| (g.pci_address.clone(), g.uuid.clone()))
+        .collect();
+    for (pci, uuid) in &live {
+        let before = known.len();
+        known.retain(|p, (u, _)| p == pci || u != uuid);
+        changed |= known.len() != before;
+        if known.get(pci).map(|(u, _)| u) != Some(uuid) {
+            if let Some(ids) = pci_ids(root, pci) {
+                known.insert(pci.clone(), (uuid.clone(), ids));
+                changed = true;
+            }
+        }
+    }
+    for g in gpus.iter_mut().filter(|g| g.is_physical()) {
+        if is_gpu_uuid(&g.uuid) {
+            continue;
+        }
+        if let Some((uuid, _)) = known.get(&g.pci_address) {
+            if !live.iter().any(|(_, u)| u == uuid) {
+                g.uuid = uuid.clone();
+            }
+        }
+    }
+    if !changed {
+        return;
+    }
+    let text: String = known
+        .iter()
+        .map(|(p, (u, ids))| format!("{p} {u} {ids}\n"))
+        .collect();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = file.with_extension(format!(
+        "tmp.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let written = file
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&tmp, text))
+        .and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(file = %file.display(), error = %e, "cannot remember GPU UUIDs");
+    }
+}
+
+/// `GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` (hex), as the driver reports it.
+pub fn is_gpu_uuid(uuid: &str) -> bool {
+    let Some(rest) = uuid.strip_prefix("GPU-") else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// `0x10de:0x2330:0x10de:0x16c1`: vendor, device, subsystem vendor and device of the function
+/// at `pci` (a missing subsystem file reads as `-`); `None` when there is no such device.
+fn pci_ids(root: &HostRoot, pci: &str) -> Option<String> {
+    let dir = format!("/sys/bus/pci/devices/{pci}");
+    let vendor = root.read_trimmed(format!("{dir}/vendor"))?;
+    let device = root.read_trimmed(format!("{dir}/device"))?;
+    let sub = |f: &str| {
+        root.read_trimmed(format!("{dir}/{f}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    Some(
+        format!(
+            "{vendor}:{device}:{}:{}",
+            sub("subsystem_vendor"),
+            sub("subsystem_device")
+        )
+        .to_ascii_lowercase(),
+    )
+}
+
+/// A real host's backend with its GPUs' UUIDs kept across driver changes ([`remember_uuids`]).
+struct Remembered {
+    inner: Box<dyn GpuBackend>,
+    file: PathBuf,
+    root: HostRoot,
+}
+
+impl GpuBackend for Remembered {
+    fn kind(&self) -> BackendKind {
+        self.inner.kind()
+    }
+    fn devices(&self) -> Result<Vec<GpuDevice>, GpuError> {
+        let mut gpus = self.inner.devices()?;
+        remember_uuids(&self.root, &self.file, &mut gpus);
+        Ok(gpus)
+    }
+    fn control_devices(&self) -> Vec<DeviceNode> {
+        self.inner.control_devices()
+    }
+    fn driver_files(&self) -> Vec<(PathBuf, PathBuf)> {
+        self.inner.driver_files()
+    }
+    fn process_utilisation(&self, uuid: &str, since_us: u64) -> Vec<(u32, u32)> {
+        self.inner.process_utilisation(uuid, since_us)
+    }
+    fn process_memory(&self, uuid: &str) -> Vec<(u32, u64)> {
+        self.inner.process_memory(uuid)
+    }
+    fn measures_processes(&self) -> bool {
+        self.inner.measures_processes()
+    }
+    fn mig_control(
+        &self,
+        state_dir: &Path,
+    ) -> Result<Option<Box<dyn crate::mig::MigControl>>, GpuError> {
+        self.inner.mig_control(state_dir)
+    }
+    fn mig_caps(&self, gpu: &GpuDevice, gi: u32, ci: u32) -> Vec<DeviceNode> {
+        self.inner.mig_caps(gpu, gi, ci)
+    }
+    fn passthrough_root(&self) -> Option<HostRoot> {
+        self.inner.passthrough_root()
+    }
+    fn telemetry(
+        &self,
+        gpu: &GpuDevice,
+        load: &crate::telemetry::GpuLoad,
+    ) -> Option<crate::telemetry::GpuReading> {
+        self.inner.telemetry(gpu, load)
+    }
+}
+
+/// [`probe_backend`] with the UUIDs of a real host's GPUs remembered under `cfg.sim_dev_dir`.
+pub fn probe(cfg: &GpuConfig, root: &HostRoot) -> Result<Box<dyn GpuBackend>, GpuError> {
+    let backend = probe_backend(cfg, root)?;
+    if backend.kind() == BackendKind::Simulated || cfg.sim_dev_dir.as_os_str().is_empty() {
+        return Ok(backend);
+    }
+    Ok(Box::new(Remembered {
+        inner: backend,
+        file: cfg.sim_dev_dir.join(UUIDS_FILE),
+        root: root.clone(),
+    }))
 }
 
 /// Picks the backend: simulated if asked, else NVML if the driver loads and sees a GPU, else a
 /// sysfs scan (which may find no GPU at all; that is not an error).
-pub fn probe(cfg: &GpuConfig, root: &HostRoot) -> Result<Box<dyn GpuBackend>, GpuError> {
+pub fn probe_backend(cfg: &GpuConfig, root: &HostRoot) -> Result<Box<dyn GpuBackend>, GpuError> {
     if let Some(spec) = &cfg.simulate {
         let backend = SimulatedBackend::new(spec, &cfg.sim_dev_dir, root)?;
         tracing::info!(
@@ -820,6 +1017,129 @@ mod tests {
         assert_eq!(mig_cap_minor(1, 2, None), 156);
         assert_eq!(mig_cap_minor(1, 2, Some(1)), 158);
         assert_eq!(mig_cap_minor(0, 0, Some(0)), 4);
+    }
+
+    /// A GPU keeps its `GPU-` UUID when bound to vfio-pci (the driver no longer tells it), across
+    /// backends (daemon restarts); UUIDs are remembered per PCI address.
+    #[test]
+    fn uuids_survive_a_driver_change() {
+        use crate::testfx::{Fx, GPU};
+        let fx = Fx::clean();
+        let data = tempfile::tempdir().unwrap();
+        let cfg = GpuConfig {
+            simulate: None,
+            sim_dev_dir: data.path().join("dev"),
+        };
+        let uuid = "GPU-11111111-2222-3333-4444-555555555555";
+        let b = probe(&cfg, &fx.root()).unwrap();
+        assert_eq!(b.kind(), BackendKind::Sysfs);
+        assert_eq!(b.devices().unwrap()[0].uuid, uuid);
+        assert_eq!(
+            fs::read_to_string(data.path().join("dev").join(UUIDS_FILE)).unwrap(),
+            format!("{GPU} {uuid} 0x10de:0x2330:-:-\n")
+        );
+        // Bound to vfio-pci: the driver's information is gone with it.
+        fx.set_driver(GPU, Some("vfio-pci"));
+        fx.remove(&format!("/proc/driver/nvidia/gpus/{GPU}"));
+        assert_eq!(
+            scan_sysfs(&fx.root()).unwrap()[0].uuid,
+            format!("PCI-{GPU}"),
+            "what the scan alone says"
+        );
+        let b = probe(&cfg, &fx.root()).unwrap();
+        let g = &b.devices().unwrap()[0];
+        assert_eq!((g.uuid.as_str(), g.is_vfio()), (uuid, true));
+        // Nothing remembered without a directory for it.
+        let b = probe(&GpuConfig::default(), &fx.root()).unwrap();
+        assert_eq!(b.devices().unwrap()[0].uuid, format!("PCI-{GPU}"));
+    }
+
+    /// Review finding 3 (the attack): card U moved from slot 3b to 5e and a new card of the
+    /// same model in 3b bound to vfio-pci: the inventory showed GPU-U twice (a second VM placed
+    /// on the GPU the first holds). The live UUID wins and drops the old slot's entry; a
+    /// remembered UUID is never given to a card with other PCI IDs; malformed entries are
+    /// pruned.
+    #[test]
+    fn a_remembered_uuid_is_never_given_twice_nor_to_another_card() {
+        use crate::testfx::{Fx, Pci, GPU};
+        let fx = Fx::clean();
+        let data = tempfile::tempdir().unwrap();
+        let cfg = GpuConfig {
+            simulate: None,
+            sim_dev_dir: data.path().join("dev"),
+        };
+        let file = data.path().join("dev").join(UUIDS_FILE);
+        let uuid = "GPU-11111111-2222-3333-4444-555555555555";
+        assert_eq!(
+            probe(&cfg, &fx.root()).unwrap().devices().unwrap()[0].uuid,
+            uuid
+        );
+
+        // U now at 5e (the driver tells its UUID there); a new card in 3b on vfio-pci.
+        let moved = "0000:5e:00.0";
+        fx.pci(&Pci {
+            addr: moved,
+            vendor: "0x10de",
+            device: "0x2330",
+            class: "0x030200",
+            driver: Some("nvidia"),
+            group: Some(18),
+        });
+        fx.remove(&format!("/proc/driver/nvidia/gpus/{GPU}"));
+        fx.file(
+            &format!("/proc/driver/nvidia/gpus/{moved}/information"),
+            &format!(
+                "Model: \t\t NVIDIA H100 80GB HBM3\nGPU UUID: \t {uuid}\nDevice Minor: \t 1\n"
+            ),
+        );
+        fx.set_driver(GPU, Some("vfio-pci"));
+        let gpus = probe(&cfg, &fx.root()).unwrap().devices().unwrap();
+        let by_addr = |a: &str| {
+            gpus.iter()
+                .find(|g| g.pci_address == a)
+                .unwrap()
+                .uuid
+                .clone()
+        };
+        assert_eq!(by_addr(moved), uuid);
+        assert_eq!(
+            by_addr(GPU),
+            format!("PCI-{GPU}"),
+            "never the UUID a live GPU has"
+        );
+        let text = fs::read_to_string(&file).unwrap();
+        assert_eq!(
+            text,
+            format!("{moved} {uuid} 0x10de:0x2330:-:-\n"),
+            "the old slot's entry is dropped"
+        );
+
+        // U gone altogether, its entry at 3b again but the card there is another model: not U.
+        fs::write(&file, format!("{GPU} {uuid} 0x10de:0x2330:-:-\n")).unwrap();
+        fx.remove(&format!("/proc/driver/nvidia/gpus/{moved}"));
+        fx.set_driver(moved, None);
+        fx.file(&format!("/sys/devices/pci0000:00/{GPU}/device"), "0x2324\n");
+        let gpus = probe(&cfg, &fx.root()).unwrap().devices().unwrap();
+        assert!(gpus.iter().all(|g| g.uuid != uuid), "{gpus:?}");
+
+        // Malformed lines (no IDs, a bad UUID, an address that is not one) are never used.
+        fx.file(&format!("/sys/devices/pci0000:00/{GPU}/device"), "0x2330\n");
+        for line in [
+            format!("{GPU} {uuid}\n"),
+            format!("{GPU} GPU-zz 0x10de:0x2330:-:-\n"),
+            format!("{GPU},x {uuid} 0x10de:0x2330:-:-\n"),
+        ] {
+            fs::write(&file, &line).unwrap();
+            let gpus = probe(&cfg, &fx.root()).unwrap().devices().unwrap();
+            assert!(gpus.iter().all(|g| g.uuid != uuid), "{line}: {gpus:?}");
+        }
+        // A temporary file of its own each time: none left behind.
+        let left: Vec<_> = fs::read_dir(data.path().join("dev"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from(UUIDS_FILE)]);
+        assert!(is_gpu_uuid(uuid) && !is_gpu_uuid("GPU-1") && !is_gpu_uuid(&format!("PCI-{GPU}")));
     }
 
     #[test]

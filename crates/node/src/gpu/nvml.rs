@@ -4,6 +4,8 @@
 //! The inventory is queried on every call rather than cached: it is cheap, and it follows GPUs
 //! that host preparation hands to vfio-pci or back. NUMA nodes, the IOMMU group and the bound
 //! driver come from sysfs, which NVML does not report reliably on every platform.
+//! GPUs bound to vfio-pci, which NVML no longer sees, are added from the sysfs scan
+//! ([`with_vfio_gpus`]), so that they stay placeable for VMs after a daemon restart.
 
 use super::{
     driver_files, host_control_devices, host_gpu_node, normalise_model_name, normalise_pci_address,
@@ -96,11 +98,14 @@ impl GpuBackend for NvmlBackend {
             .nvml
             .device_count()
             .map_err(|e| GpuError::Nvml(format!("device count: {e}")))?;
-        let mut out = (0..count)
+        let out = (0..count)
             .map(|i| self.device(i))
             .collect::<Result<Vec<_>, _>>()?;
-        out.sort_by_key(|g| g.index);
-        Ok(out)
+        // GPUs handed to vfio-pci are invisible to NVML: the sysfs scan finds them (for VMs).
+        Ok(with_vfio_gpus(
+            out,
+            super::scan_sysfs(&self.root).unwrap_or_default(),
+        ))
     }
 
     fn control_devices(&self) -> Vec<DeviceNode> {
@@ -235,9 +240,88 @@ impl GpuBackend for NvmlBackend {
     }
 }
 
+/// NVML's GPUs plus the GPUs bound to vfio-pci that NVML cannot see (from a sysfs scan), at
+/// indexes NVML's GPUs do not use, sorted by index. A vfio-pci GPU's UUID is then
+/// `PCI-<address>` (the driver that knows the real one does not hold it).
+pub(crate) fn with_vfio_gpus(mut gpus: Vec<GpuDevice>, scanned: Vec<GpuDevice>) -> Vec<GpuDevice> {
+    let mut taken: std::collections::BTreeSet<u32> = gpus.iter().map(|g| g.index).collect();
+    let mut next = 0u32;
+    for g in scanned {
+        if !g.is_vfio() || gpus.iter().any(|n| n.pci_address == g.pci_address) {
+            continue;
+        }
+        let index = if taken.contains(&g.index) {
+            while taken.contains(&next) {
+                next += 1;
+            }
+            next
+        } else {
+            g.index
+        };
+        taken.insert(index);
+        gpus.push(GpuDevice { index, ..g });
+    }
+    gpus.sort_by_key(|g| g.index);
+    gpus
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dev(index: u32, pci: &str, driver: &str) -> GpuDevice {
+        GpuDevice {
+            uuid: format!("PCI-{pci}"),
+            index,
+            model: "H100-80GB".into(),
+            vram: 80 << 30,
+            pci_address: pci.into(),
+            numa_node: None,
+            node: crate::gpu::host_gpu_node(&HostRoot::at("/nonexistent"), index),
+            driver: Some(driver.into()),
+            iommu_group: Some(17),
+            mig_enabled: false,
+            mig: None,
+        }
+    }
+
+    /// A GPU bound to vfio-pci stays in the inventory of a host whose other GPUs NVML lists,
+    /// at an index of its own; NVML's own GPUs and GPUs on other drivers are not doubled.
+    #[test]
+    fn vfio_gpus_join_nvmls_inventory() {
+        let nvml = vec![
+            GpuDevice {
+                uuid: "GPU-a".into(),
+                ..dev(0, "0000:1b:00.0", "nvidia")
+            },
+            GpuDevice {
+                uuid: "GPU-c".into(),
+                ..dev(2, "0000:52:00.0", "nvidia")
+            },
+        ];
+        let scanned = vec![
+            dev(0, "0000:1b:00.0", "nvidia"),
+            dev(0, "0000:43:00.0", "vfio-pci"),
+            dev(2, "0000:52:00.0", "nvidia"),
+            dev(3, "0000:61:00.0", "vfio-pci"),
+            dev(4, "0000:9d:00.0", "nouveau"),
+        ];
+        let got: Vec<(u32, String, String)> = with_vfio_gpus(nvml, scanned)
+            .into_iter()
+            .map(|g| (g.index, g.uuid, g.pci_address))
+            .collect();
+        let want = [
+            (0, "GPU-a", "0000:1b:00.0"),
+            (1, "PCI-0000:43:00.0", "0000:43:00.0"),
+            (2, "GPU-c", "0000:52:00.0"),
+            (3, "PCI-0000:61:00.0", "0000:61:00.0"),
+        ];
+        let want: Vec<(u32, String, String)> = want
+            .iter()
+            .map(|(i, u, p)| (*i, u.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(got, want);
+    }
 
     /// Runs only where asked (`GPUVISOR_GPU_TESTS=1`, on a GPU machine): the real driver.
     #[test]

@@ -30,10 +30,23 @@ const SIM_PCI_BUSES: [u8; 8] = [0x1b, 0x43, 0x52, 0x61, 0x9d, 0xc3, 0xd1, 0xdf];
 /// GPU families with MIG (A100, A30, H100, H200, B200).
 const MIG_FAMILIES: &[&str] = &["A100", "A30", "H100", "H200", "B200"];
 
-/// Parses `2xA100-80GB,1xH100-80GB:mig` into (count, model, MIG mode) triples, strictly: every
-/// item is `<count>x<model>[:mig]` with a count of at least 1, a model from [`KNOWN_MODELS`]
-/// (case-insensitive) and `:mig` only on a MIG-capable family; at most 255 GPUs in all.
-pub fn parse_sim_spec(spec: &str) -> Result<Vec<(u32, &'static KnownModel, bool)>, GpuError> {
+/// How a simulated GPU is set up: on the (simulated) host driver, in MIG mode, or bound to
+/// vfio-pci for passthrough into VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimMode {
+    Plain,
+    /// `:mig`: in MIG mode, scheduled through its slices.
+    Mig,
+    /// `:vfio`: bound to vfio-pci, for VMs only (the backend lays out a sysfs tree for it, see
+    /// [`SimulatedBackend::passthrough_root`]).
+    Vfio,
+}
+
+/// Parses `2xA100-80GB,1xH100-80GB:mig,1xH100-80GB:vfio` into (count, model, mode) triples,
+/// strictly: every item is `<count>x<model>[:mig|:vfio]` with a count of at least 1, a model
+/// from [`KNOWN_MODELS`] (case-insensitive) and `:mig` only on a MIG-capable family; at most 255
+/// GPUs in all.
+pub fn parse_sim_spec(spec: &str) -> Result<Vec<(u32, &'static KnownModel, SimMode)>, GpuError> {
     let bad = |why: String| GpuError::BadSimSpec {
         spec: spec.to_string(),
         why,
@@ -46,16 +59,18 @@ pub fn parse_sim_spec(spec: &str) -> Result<Vec<(u32, &'static KnownModel, bool)
     let mut out = Vec::new();
     let mut total: u32 = 0;
     for item in spec.split(',').map(str::trim) {
-        let (item_model, mig) = match item.rsplit_once(':') {
-            Some((m, opt)) if opt.trim().eq_ignore_ascii_case("mig") => (m, true),
+        let (item_model, mode) = match item.rsplit_once(':') {
+            Some((m, opt)) if opt.trim().eq_ignore_ascii_case("mig") => (m, SimMode::Mig),
+            Some((m, opt)) if opt.trim().eq_ignore_ascii_case("vfio") => (m, SimMode::Vfio),
             Some((_, opt)) => {
                 return Err(bad(format!(
-                    "unknown option {:?} in {item:?}; the only option is :mig",
+                    "unknown option {:?} in {item:?}; the options are :mig and :vfio",
                     opt.trim()
                 )))
             }
-            None => (item, false),
+            None => (item, SimMode::Plain),
         };
+        let mig = mode == SimMode::Mig;
         let Some((count, model)) = item_model.split_once(['x', 'X']) else {
             return Err(bad(format!(
                 "item {item:?} is not <count>x<model>, e.g. 2xA100-80GB"
@@ -89,7 +104,7 @@ pub fn parse_sim_spec(spec: &str) -> Result<Vec<(u32, &'static KnownModel, bool)
         if total > MAX_SIM_GPUS {
             return Err(bad(format!("at most {MAX_SIM_GPUS} gpus in all")));
         }
-        out.push((count, known, mig));
+        out.push((count, known, mode));
     }
     Ok(out)
 }
@@ -128,6 +143,109 @@ pub struct SimulatedBackend {
     mig: Vec<bool>,
     dev_dir: PathBuf,
     caps_major: u32,
+    /// The sysfs tree of the GPUs, when any is simulated as bound to vfio-pci.
+    passthrough: Option<HostRoot>,
+}
+
+/// IOMMU groups of simulated GPUs: this plus the GPU's index.
+pub const SIM_IOMMU_GROUP_BASE: u32 = 100;
+
+/// Lays out the simulated GPUs as the kernel would in sysfs under `root` (`<data>/dev/host`),
+/// made afresh at each start: each GPU in its own IOMMU group (`/dev/vfio/<group>` for those
+/// on vfio-pci), on `vfio-pci` or `nvidia`, with a 16 MiB BAR0, a 64-bit prefetchable BAR1 of
+/// its memory rounded up to a power of two (128 GiB on an H100) and a 32 MiB BAR3, so that
+/// `vm::passthrough` plans their VMs with the same code as real GPUs.
+fn write_sysfs(root: &HostRoot, devices: &[GpuDevice], bar1: &[u64]) -> Result<(), GpuError> {
+    use std::os::unix::fs::symlink;
+    let top = root.path("/");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source: std::io::Error| GpuError::Io { path, source }
+    };
+    match std::fs::remove_dir_all(&top) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&top)(e)),
+    }
+    let mkdir = |p: &Path| std::fs::create_dir_all(p).map_err(io(p));
+    let write = |p: &Path, text: &str| std::fs::write(p, text).map_err(io(p));
+    let link = |target: &str, p: &Path| symlink(target, p).map_err(io(p));
+    for d in [
+        "/sys/bus/pci/devices",
+        "/sys/bus/pci/drivers/nvidia",
+        "/dev/vfio",
+    ] {
+        mkdir(&root.path(d))?;
+    }
+    mkdir(&root.path(format!("/sys/bus/pci/drivers/{}", crate::vfio::VFIO_DRIVER)))?;
+    write(&root.path("/dev/vfio/vfio"), "")?;
+    for (g, bar1) in devices.iter().zip(bar1) {
+        let addr = &g.pci_address;
+        let real = root.path(format!("/sys/devices/pci0000:00/{addr}"));
+        mkdir(&real)?;
+        let id = known_model(&g.model)
+            .and_then(|m| m.pci_device_ids.first().copied())
+            .unwrap_or(0);
+        let bar = |start: u64, size: u64, flags: u64| {
+            format!(
+                "0x{start:016x} 0x{:016x} 0x{flags:016x}
+",
+                start + size - 1
+            )
+        };
+        let bar1_start = 0x100_0000_0000 * (u64::from(g.index) + 1);
+        let resource = [
+            bar(
+                0x9000_0000 + u64::from(g.index) * 0x200_0000,
+                16 << 20,
+                0x0004_0200,
+            ),
+            bar(bar1_start, *bar1, 0x0014_220c),
+            "0x0000000000000000 0x0000000000000000 0x0000000000000000
+"
+            .to_string(),
+            bar(bar1_start + bar1, 32 << 20, 0x0014_220c),
+        ]
+        .concat();
+        let numa = g.numa_node.map_or("-1".to_string(), |n| n.to_string());
+        for (name, value) in [
+            ("vendor", "0x10de".to_string()),
+            ("device", format!("0x{id:04x}")),
+            ("class", "0x030200".to_string()),
+            ("numa_node", numa),
+            ("resource", resource),
+        ] {
+            write(&real.join(name), &format!("{}\n", value.trim_end()))?;
+        }
+        let driver = if g.is_vfio() {
+            crate::vfio::VFIO_DRIVER
+        } else {
+            "nvidia"
+        };
+        link(
+            &format!("../../../bus/pci/drivers/{driver}"),
+            &real.join("driver"),
+        )?;
+        let group = g.iommu_group.unwrap_or(SIM_IOMMU_GROUP_BASE + g.index);
+        let gdir = root.path(format!("/sys/kernel/iommu_groups/{group}/devices"));
+        mkdir(&gdir)?;
+        link(
+            &format!("../../../kernel/iommu_groups/{group}"),
+            &real.join("iommu_group"),
+        )?;
+        link(
+            &format!("../../../../devices/pci0000:00/{addr}"),
+            &gdir.join(addr),
+        )?;
+        link(
+            &format!("../../../devices/pci0000:00/{addr}"),
+            &root.path(format!("/sys/bus/pci/devices/{addr}")),
+        )?;
+        if g.is_vfio() {
+            write(&root.path(format!("/dev/vfio/{group}")), "")?;
+        }
+    }
+    Ok(())
 }
 
 /// The dynamic major of `nvidia-caps` when `/proc/devices` does not list it.
@@ -152,13 +270,15 @@ impl SimulatedBackend {
         })?;
 
         let total: u32 = models.iter().map(|(n, _, _)| n).sum();
+        let vfio = models.iter().any(|(_, _, m)| *m == SimMode::Vfio);
         let first_half = total.div_ceil(2);
         let mut devices = Vec::new();
         let mut mig = Vec::new();
+        let mut bar1 = Vec::new();
         let mut index: u32 = 0;
-        for (count, model, mig_mode) in models {
+        for (count, model, mode) in models {
             for _ in 0..count {
-                mig.push(mig_mode);
+                mig.push(mode == SimMode::Mig);
                 let host_path = dev_dir.join(format!("nvidia{index}"));
                 ensure_char_device(&host_path, NVIDIA_MAJOR, index)?;
                 let bus = SIM_PCI_BUSES[(index as usize) % SIM_PCI_BUSES.len()];
@@ -176,11 +296,13 @@ impl SimulatedBackend {
                         major: NVIDIA_MAJOR,
                         minor: index,
                     },
-                    driver: None,
-                    iommu_group: None,
+                    // Plain simulated GPUs have no driver (as documented on `GpuDevice`).
+                    driver: (mode == SimMode::Vfio).then(|| crate::vfio::VFIO_DRIVER.to_string()),
+                    iommu_group: (mode == SimMode::Vfio).then_some(SIM_IOMMU_GROUP_BASE + index),
                     mig_enabled: false,
                     mig: None,
                 });
+                bar1.push(model.vram_bytes().next_power_of_two());
                 index += 1;
             }
         }
@@ -201,10 +323,18 @@ impl SimulatedBackend {
                 minor,
             });
         }
+        let passthrough = if vfio {
+            let root = HostRoot::at(dev_dir.join("host"));
+            write_sysfs(&root, &devices, &bar1)?;
+            Some(root)
+        } else {
+            None
+        };
         Ok(Self {
             devices,
             control,
             mig,
+            passthrough,
             caps_major: proc_devices_major(root, "nvidia-caps").unwrap_or(DEFAULT_CAPS_MAJOR),
             dev_dir,
         })
@@ -234,6 +364,10 @@ impl GpuBackend for SimulatedBackend {
 
     fn driver_files(&self) -> Vec<(PathBuf, PathBuf)> {
         Vec::new()
+    }
+
+    fn passthrough_root(&self) -> Option<HostRoot> {
+        self.passthrough.clone()
     }
 
     fn mig_control(
@@ -451,9 +585,17 @@ mod tests {
 
     #[test]
     fn parses_good_specs() {
-        let got = parse_sim_spec("2xA100-80GB, 1xh100-80gb:MIG").unwrap();
-        let got: Vec<(u32, &str, bool)> = got.iter().map(|(n, m, g)| (*n, m.model, *g)).collect();
-        assert_eq!(got, vec![(2, "A100-80GB", false), (1, "H100-80GB", true)]);
+        let got = parse_sim_spec("2xA100-80GB, 1xh100-80gb:MIG, 1xL4-24GB:vfio").unwrap();
+        let got: Vec<(u32, &str, SimMode)> =
+            got.iter().map(|(n, m, g)| (*n, m.model, *g)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, "A100-80GB", SimMode::Plain),
+                (1, "H100-80GB", SimMode::Mig),
+                (1, "L4-24GB", SimMode::Vfio)
+            ]
+        );
         assert_eq!(parse_sim_spec("1xH200-141GB").unwrap()[0].1.vram_gib, 141);
     }
 
@@ -473,7 +615,7 @@ mod tests {
         assert!(why("2xA100-80GB,").contains("not <count>x<model>"));
         assert!(why("200xA100-80GB,100xL4-24GB").contains("at most 255"));
         assert!(why("1xL4-24GB:mig").contains("L4-24GB has no MIG"));
-        assert!(why("1xA100-80GB:nvlink").contains("the only option is :mig"));
+        assert!(why("1xA100-80GB:nvlink").contains("the options are :mig and :vfio"));
         let e = parse_sim_spec("1xFOO").unwrap_err().to_string();
         assert!(e.starts_with("bad --simulate-gpus spec \"1xFOO\""), "{e}");
     }

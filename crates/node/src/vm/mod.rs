@@ -7,6 +7,8 @@
 //! `<P>t<id>`, `<data>/vm/run/<id>/` (QMP, guest agent, console and VNC sockets, pid file,
 //! QEMU's stderr, the cloud-init seed) and `<data>/vm/disks/<id>.qcow2` (the root overlay).
 
+pub mod passthrough;
+pub mod qcow2;
 pub mod qemu;
 pub mod qmp;
 pub mod runtime;

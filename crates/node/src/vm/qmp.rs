@@ -237,13 +237,14 @@ pub fn agent_exec_main(
     if stdin && std::io::stdin().read_to_end(&mut input).is_err() {
         return fail("cannot read stdin");
     }
-    let mut agent =
-        match Agent::connect(socket, Duration::from_secs(30)) {
-            Ok(a) => a,
-            Err(e) => return fail(&format!(
+    let mut agent = match Agent::connect(socket, Duration::from_secs(30)) {
+        Ok(a) => a,
+        Err(e) => {
+            return fail(&format!(
                 "the guest agent does not answer ({e}): is qemu-guest-agent running in the guest?"
-            )),
-        };
+            ))
+        }
+    };
     let pid = match agent.exec(path, rest, env, stdin.then_some(input.as_slice())) {
         Ok(p) => p,
         Err(e) => return fail(&e.to_string()),

@@ -93,6 +93,8 @@ impl VmRuntime {
         let template = self.templates.ensure(&plan.image_digest, &layers)?;
         t.mark("vm_template");
         let overlay = self.overlay(id);
+        let disks = self.disks_root();
+        std::fs::create_dir_all(&disks).map_err(vio(&disks))?;
         self.templates
             .create_overlay(&template, &overlay, plan.disk_size)?;
         t.mark("vm_overlay");
@@ -165,12 +167,25 @@ impl VmRuntime {
             gpus: None,
             run: run.clone(),
         };
-        if !plan.gpus.is_empty() {
-            return Err(VmError::Start {
-                id: id.to_string(),
-                why: "GPU passthrough is not wired into this runtime yet".into(),
+        // Whole GPUs by VFIO: their IOMMU groups' functions, OVMF (with this VM's own copy of
+        // the variables store) and the 64-bit MMIO window; q35 either way.
+        let mut spec = spec;
+        if let Some(p) = node.passthrough(&plan.gpus).map_err(|e| VmError::Start {
+            id: id.to_string(),
+            why: e.to_string(),
+        })? {
+            let vars = run.dir.join("OVMF_VARS.fd");
+            std::fs::copy(&p.firmware.vars_template, &vars).map_err(vio(&vars))?;
+            for n in &p.notes {
+                tracing::info!(id, "GPU passthrough: {n}");
+            }
+            spec.gpus = Some(qemu::GpuPassthrough {
+                args: p.args.clone(),
+                ovmf_code: p.firmware.code.clone(),
+                ovmf_vars: vars,
             });
         }
+        t.mark("vm_gpus");
         let procs = qemu::make_cgroup(&node.cfg.root, id, &plan.cpus, spec.memory_limit())?;
         t.mark("vm_cgroup");
         let output = node.container_output(id).map_err(|e| VmError::Start {
@@ -360,6 +375,26 @@ impl Runtime for VmRuntime {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|id| self.live_pid(node, id).is_some())
             .collect()
+    }
+
+    /// The tap's counters, turned to the guest's view (what the tap sends, the guest
+    /// receives). The guest's disk use is not read (it needs the guest's help).
+    fn usage(&self, node: &Node, id: &str) -> crate::telemetry::RuntimeUsage {
+        let stat = |name: &str| -> Option<u64> {
+            std::fs::read_to_string(node.cfg.root.path(format!(
+                "/sys/class/net/{}/statistics/{name}",
+                node.net.tap_name(id)
+            )))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+        };
+        crate::telemetry::RuntimeUsage {
+            net_rx_bytes: stat("tx_bytes"),
+            net_tx_bytes: stat("rx_bytes"),
+            ..Default::default()
+        }
     }
 
     fn main_pid(&self, _node: &Node, id: &str) -> Option<i32> {

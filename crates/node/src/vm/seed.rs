@@ -1,133 +1,349 @@
-//! The cloud-init NoCloud seed (CORE's interim implementation of TEMPLATE's API: replaced by
-//! TEMPLATE's `vm/seed.rs` at the merge). An ISO9660 image with volume id `cidata`
-//! (`genisoimage`): meta-data, user-data, network-config v2.
+//! The cloud-init NoCloud seed of a VM: an ISO9660 image with volume id `cidata` holding
+//! `meta-data` (instance-id, local-hostname), `user-data` (`#cloud-config`: the user with sudo
+//! and its SSH keys, packages, the volumes' mounts, the startup script, the run-once command)
+//! and `network-config` (version 2: the static address, gateway and name servers from our plan,
+//! matched by MAC).
+//!
+//! Every value in the documents is tenant input (hostname, keys, commands, script, paths), so
+//! no YAML is written by hand: the documents are JSON (a subset of YAML 1.1/1.2, which is what
+//! cloud-init's PyYAML reads) from serde_json, with every character outside printable ASCII
+//! escaped (`\uXXXX`, `\UXXXXXXXX` beyond the BMP) so that no raw control, line-break or
+//! non-printable character reaches the YAML reader. A value can therefore never end its string
+//! or add a key. The ISO is made by `genisoimage` (Joliet + Rock Ridge) in a directory beside
+//! the target and renamed into place.
 
 use super::template::TemplateError;
+use crate::cmd;
+use serde_json::{json, Value};
+use std::fs;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
+/// Where the startup script is written in the guest (run by `runcmd`, before the command).
+pub const STARTUP_SCRIPT_PATH: &str = "/var/lib/gpuvisor/startup-script";
+/// The interface name the network config gives the NIC (matched by MAC).
+pub const GUEST_IFACE: &str = "eth0";
+
+/// What goes into one VM's seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeedSpec {
     pub instance_id: String,
     pub hostname: String,
+    /// The guest user cloud-init creates (sudo, the ssh keys); `gpuvisor` unless the CORE says.
     pub user: String,
     pub ssh_keys: Vec<String>,
+    /// `-- CMD` of `instance create`: run once (cloud-init `runcmd`), output to the console.
+    /// The argv of one command, run without a shell (a cloud-init `runcmd` list entry); empty
+    /// for none.
     pub runcmd: Vec<String>,
+    /// Written to [`STARTUP_SCRIPT_PATH`] (mode 0755) and run once before `runcmd`.
     pub startup_script: Option<String>,
     pub packages: Vec<String>,
+    /// (virtio-blk serial of the volume disk, mount path): the volume disks are attached by CORE
+    /// with `serial=<serial>` so the guest sees /dev/disk/by-id/virtio-<serial>.
     pub mounts: Vec<(String, PathBuf)>,
     pub net: SeedNet,
 }
 
+/// The guest's network, from our address plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeedNet {
     pub mac: String,
-    pub address: std::net::Ipv4Addr,
+    pub address: Ipv4Addr,
     pub prefix_len: u8,
-    pub gateway: std::net::Ipv4Addr,
-    pub dns: Vec<std::net::IpAddr>,
+    pub gateway: Ipv4Addr,
+    pub dns: Vec<IpAddr>,
 }
 
-fn q(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+/// The three documents of a seed, before they become an ISO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedDocs {
+    pub meta_data: String,
+    pub user_data: String,
+    pub network_config: String,
 }
 
-/// Writes the NoCloud seed to `path` atomically.
+/// Writes the NoCloud seed (ISO9660, volume id `cidata`: meta-data, user-data, network-config
+/// v2) to `path` atomically.
 pub fn write_seed(spec: &SeedSpec, path: &Path) -> Result<(), TemplateError> {
-    let dir = path.with_extension("d");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|source| TemplateError::Io {
-        path: dir.clone(),
-        source,
-    })?;
-    let meta = format!(
-        "instance-id: {}\nlocal-hostname: {}\n",
-        q(&spec.instance_id),
-        q(&spec.hostname)
-    );
-    let mut user = format!(
-        "#cloud-config\nhostname: {}\nusers:\n  - name: {}\n    sudo: ALL=(ALL) NOPASSWD:ALL\n    shell: /bin/sh\n    ssh_authorized_keys: [{}]\n",
-        q(&spec.hostname),
-        q(&spec.user),
-        spec.ssh_keys.iter().map(|k| q(k)).collect::<Vec<_>>().join(", ")
-    );
+    let docs = render(spec)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| TemplateError::Invalid(format!("seed path {path:?} has no name")))?
+        .to_string_lossy()
+        .into_owned();
+    let suffix = {
+        let mut b = [0u8; 6];
+        getrandom::fill(&mut b).map_err(|e| TemplateError::Invalid(format!("random: {e}")))?;
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    };
+    let work = path.with_file_name(format!(".{name}.tmp-{suffix}.d"));
+    let iso = path.with_file_name(format!(".{name}.tmp-{suffix}"));
+    let res = (|| {
+        fs::create_dir(&work).map_err(io_at(&work))?;
+        for (file, text) in [
+            ("meta-data", &docs.meta_data),
+            ("user-data", &docs.user_data),
+            ("network-config", &docs.network_config),
+        ] {
+            let p = work.join(file);
+            fs::write(&p, text).map_err(io_at(&p))?;
+        }
+        cmd::run(
+            "genisoimage",
+            [
+                std::ffi::OsStr::new("-quiet"),
+                "-output".as_ref(),
+                iso.as_os_str(),
+                "-volid".as_ref(),
+                "cidata".as_ref(),
+                "-joliet".as_ref(),
+                "-rock".as_ref(),
+                work.join("meta-data").as_os_str(),
+                work.join("user-data").as_os_str(),
+                work.join("network-config").as_os_str(),
+            ],
+        )?;
+        fs::File::open(&iso)
+            .and_then(|f| f.sync_all())
+            .map_err(io_at(&iso))?;
+        fs::rename(&iso, path).map_err(io_at(path))
+    })();
+    let _ = fs::remove_dir_all(&work);
+    if res.is_err() {
+        let _ = fs::remove_file(&iso);
+    }
+    res
+}
+
+/// The seed's documents for `spec`, after checking what cannot be expressed safely.
+pub fn render(spec: &SeedSpec) -> Result<SeedDocs, TemplateError> {
+    check(spec)?;
+    let meta = json!({
+        "instance-id": spec.instance_id,
+        "local-hostname": spec.hostname,
+    });
+
+    let user = json!({
+        "name": spec.user,
+        "sudo": "ALL=(ALL) NOPASSWD:ALL",
+        "shell": "/bin/bash",
+        "lock_passwd": true,
+        "ssh_authorized_keys": spec.ssh_keys,
+    });
+    let mut cfg = serde_json::Map::new();
+    cfg.insert("hostname".into(), json!(spec.hostname));
+    cfg.insert("preserve_hostname".into(), json!(false));
+    // The hostname resolves (sudo asks), from /etc/hosts.
+    cfg.insert("manage_etc_hosts".into(), json!(true));
+    cfg.insert("users".into(), json!([user]));
     if !spec.packages.is_empty() {
-        user.push_str(&format!(
-            "packages: [{}]\n",
-            spec.packages
-                .iter()
-                .map(|k| q(k))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        cfg.insert("packages".into(), json!(spec.packages));
     }
     if !spec.mounts.is_empty() {
-        user.push_str("mounts:\n");
-        for (serial, p) in &spec.mounts {
-            user.push_str(&format!(
-                "  - [{}, {}]\n",
-                q(&format!("/dev/disk/by-id/virtio-{serial}")),
-                q(&p.display().to_string())
-            ));
-        }
+        let mounts: Vec<Value> = spec
+            .mounts
+            .iter()
+            .map(|(serial, path)| {
+                json!([
+                    format!("/dev/disk/by-id/virtio-{serial}"),
+                    path.to_string_lossy(),
+                    "auto",
+                    "defaults,nofail",
+                    "0",
+                    "2"
+                ])
+            })
+            .collect();
+        cfg.insert("mounts".into(), Value::Array(mounts));
     }
-    let mut runcmd: Vec<String> = Vec::new();
+    let mut runcmd = Vec::new();
+    if let Some(script) = &spec.startup_script {
+        cfg.insert(
+            "write_files".into(),
+            json!([{
+                "path": STARTUP_SCRIPT_PATH,
+                "owner": "root:root",
+                "permissions": "0755",
+                "content": script,
+            }]),
+        );
+        runcmd.push(json!([STARTUP_SCRIPT_PATH]));
+    }
     if !spec.runcmd.is_empty() {
-        runcmd.push(format!(
-            "[{}]",
-            spec.runcmd
-                .iter()
-                .map(|a| q(a))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    if let Some(s) = &spec.startup_script {
-        user.push_str(&format!(
-            "write_files:\n  - path: /var/lib/gpuvisor/startup-script\n    permissions: '0755'\n    content: {}\n",
-            q(s)
-        ));
-        runcmd.push("[\"/var/lib/gpuvisor/startup-script\"]".into());
+        runcmd.push(json!(spec.runcmd));
     }
     if !runcmd.is_empty() {
-        user.push_str("runcmd:\n");
-        for r in runcmd {
-            user.push_str(&format!("  - {r}\n"));
+        cfg.insert("runcmd".into(), Value::Array(runcmd));
+    }
+
+    let net = &spec.net;
+    let network = json!({
+        "version": 2,
+        "ethernets": {
+            GUEST_IFACE: {
+                "match": { "macaddress": net.mac.to_ascii_lowercase() },
+                "set-name": GUEST_IFACE,
+                "dhcp4": false,
+                "dhcp6": false,
+                "addresses": [format!("{}/{}", net.address, net.prefix_len)],
+                // gateway4, not a 0.0.0.0/0 route: every cloud-init renderer turns it into the
+                // distribution's own default-gateway setting (Debian's ifupdown `gateway`),
+                // where a route needs extra tools (ifupdown's post-up `route`, net-tools).
+                "gateway4": net.gateway.to_string(),
+                "nameservers": {
+                    "addresses": net.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+                },
+            }
         }
-    }
-    let n = &spec.net;
-    let net = format!(
-        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: {}\n    set-name: eth0\n    addresses: [{}]\n    gateway4: {}\n    nameservers:\n      addresses: [{}]\n",
-        q(&n.mac),
-        q(&format!("{}/{}", n.address, n.prefix_len)),
-        q(&n.gateway.to_string()),
-        n.dns.iter().map(|d| q(&d.to_string())).collect::<Vec<_>>().join(", ")
-    );
-    for (name, text) in [
-        ("meta-data", meta),
-        ("user-data", user),
-        ("network-config", net),
-    ] {
-        let p = dir.join(name);
-        std::fs::write(&p, text).map_err(|source| TemplateError::Io { path: p, source })?;
-    }
-    let tmp = path.with_extension("tmp");
-    let r = crate::cmd::run(
-        "genisoimage",
-        [
-            std::ffi::OsStr::new("-quiet"),
-            "-output".as_ref(),
-            tmp.as_os_str(),
-            "-volid".as_ref(),
-            "cidata".as_ref(),
-            "-joliet".as_ref(),
-            "-rock".as_ref(),
-            dir.join("meta-data").as_os_str(),
-            dir.join("user-data").as_os_str(),
-            dir.join("network-config").as_os_str(),
-        ],
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    r?;
-    std::fs::rename(&tmp, path).map_err(|source| TemplateError::Io {
-        path: path.to_path_buf(),
-        source,
+    });
+
+    Ok(SeedDocs {
+        meta_data: yaml_safe_json(&meta)?,
+        user_data: format!("#cloud-config\n{}", yaml_safe_json(&Value::Object(cfg))?),
+        network_config: yaml_safe_json(&network)?,
     })
 }
+
+/// JSON text with everything outside printable ASCII escaped, which YAML reads as the same
+/// values (YAML's double-quoted strings take JSON's escapes, and `\U` beyond the BMP).
+fn yaml_safe_json(v: &Value) -> Result<String, TemplateError> {
+    let text = serde_json::to_string_pretty(v)
+        .map_err(|e| TemplateError::Invalid(format!("cannot encode the seed: {e}")))?;
+    let mut out = String::with_capacity(text.len() + 1);
+    for c in text.chars() {
+        let code = c as u32;
+        match code {
+            // Structure, indentation and line ends of the pretty printer: outside strings only
+            // (serde_json escapes control characters inside strings already).
+            0x0a | 0x20..=0x7e => out.push(c),
+            0..=0xffff => out.push_str(&format!("\\u{code:04x}")),
+            _ => out.push_str(&format!("\\U{code:08x}")),
+        }
+    }
+    out.push('\n');
+    Ok(out)
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> TemplateError + '_ {
+    move |source| TemplateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn invalid(msg: String) -> TemplateError {
+    TemplateError::Invalid(msg)
+}
+
+/// What the documents cannot carry: NUL bytes anywhere (no file or argv holds one), line breaks
+/// where cloud-init writes lines (keys, fstab), fstab-breaking mount paths, odd user names.
+fn check(spec: &SeedSpec) -> Result<(), TemplateError> {
+    let no_nul = |what: &str, s: &str| {
+        if s.contains('\0') {
+            Err(invalid(format!("{what} contains a NUL byte")))
+        } else {
+            Ok(())
+        }
+    };
+    let one_line = |what: &str, s: &str| {
+        if s.is_empty() || s.chars().any(|c| c.is_control()) {
+            Err(invalid(format!(
+                "{what} {s:?} must be one non-empty line without control characters"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    one_line("instance id", &spec.instance_id)?;
+    one_line("hostname", &spec.hostname)?;
+    if spec.hostname.len() > 253 {
+        return Err(invalid(format!("hostname {:?} is too long", spec.hostname)));
+    }
+    let user_ok = !spec.user.is_empty()
+        && spec.user.len() <= 32
+        && spec
+            .user
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && spec
+            .user
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !user_ok {
+        return Err(invalid(format!(
+            "guest user {:?} is invalid: use 1-32 lowercase letters, digits, '_' or '-', starting with a letter or '_'",
+            spec.user
+        )));
+    }
+    for k in &spec.ssh_keys {
+        one_line("ssh key", k)?;
+    }
+    for a in &spec.runcmd {
+        no_nul("a command argument", a)?;
+    }
+    if let Some(s) = &spec.startup_script {
+        no_nul("the startup script", s)?;
+    }
+    for p in &spec.packages {
+        let ok = !p.is_empty()
+            && p.len() <= 128
+            && p.bytes().all(|b| {
+                b.is_ascii_alphanumeric()
+                    || matches!(b, b'.' | b'+' | b'-' | b'_' | b'=' | b':' | b'~')
+            });
+        if !ok {
+            return Err(invalid(format!("package name {p:?} is invalid")));
+        }
+    }
+    for (serial, path) in &spec.mounts {
+        let serial_ok = !serial.is_empty()
+            && serial.len() <= 20
+            && serial
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !serial_ok {
+            return Err(invalid(format!(
+                "volume disk serial {serial:?} is invalid: 1-20 letters, digits, '-', '_' or '.' \
+                 (virtio-blk shows the guest at most 20 bytes, so a longer one would be cut and \
+                 could name another disk)"
+            )));
+        }
+        let p = path
+            .to_str()
+            .ok_or_else(|| invalid(format!("volume path {} is not UTF-8", path.display())))?;
+        if !p.starts_with('/')
+            || p.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '\\')
+        {
+            return Err(invalid(format!(
+                "volume path {p:?} cannot be mounted in a VM: it must be absolute, without spaces, control characters or '\\' (fstab fields)"
+            )));
+        }
+    }
+    let mac_ok = spec.net.mac.len() == 17
+        && spec.net.mac.split(':').count() == 6
+        && spec
+            .net
+            .mac
+            .split(':')
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !mac_ok {
+        return Err(invalid(format!(
+            "MAC address {:?} is invalid",
+            spec.net.mac
+        )));
+    }
+    if spec.net.prefix_len == 0 || spec.net.prefix_len > 32 {
+        return Err(invalid(format!(
+            "prefix length /{} is invalid",
+            spec.net.prefix_len
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

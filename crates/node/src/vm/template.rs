@@ -1,28 +1,98 @@
-//! VM templates (CORE's interim implementation of TEMPLATE's API, see docs/ARCHITECTURE.md:
-//! replaced by TEMPLATE's `vm/template.rs` at the merge; the signatures are the agreed ones).
-//! A template is one per image digest: a read-only raw ext4 base disk holding the image's
-//! flattened layers (built once through a read-only overlay mount of the layers and
-//! `mkfs.ext4 -d`), and a kernel (the image's `/boot/vmlinuz*`, else the daemon's default).
-//! Each VM gets a qcow2 overlay backed by it (`qemu-img create`), sized exactly as asked.
+//! VM templates: an image of the image store turned, once per image digest, into what a
+//! micro-VM boots: a read-only raw ext4 base disk holding the image's flattened layers, a kernel
+//! and an initrd. Every VM of the image gets its own qcow2 overlay backed by the base
+//! ([`Templates::create_overlay`]), so one template serves any number of VMs.
+//!
+//! ```text
+//! <data>/vm/templates/<algo>-<hex>/base.ext4       read-only base disk (raw ext4)
+//! <data>/vm/templates/<algo>-<hex>/vmlinuz         kernel (the image's /boot, else the default)
+//! <data>/vm/templates/<algo>-<hex>/initrd.img      initrd, when there is one
+//! <data>/vm/templates/<algo>-<hex>/template.json   what the rest was built from
+//! <data>/vm/templates/.locks/<algo>-<hex>.lock     flock: one build per digest at a time
+//! <data>/vm/templates/.tmp-<algo>-<hex>-<rand>/    a build in progress (renamed into place)
+//! ```
+//!
+//! Building: the layers (overlayfs form, as [`crate::image`] unpacks them: whiteouts are 0/0
+//! character devices, opaque directories carry `trusted.overlay.opaque`) are stacked in a
+//! read-only, `nosuid,nodev` overlay mount, which resolves whiteouts exactly as a container's
+//! rootfs does; `mkfs.ext4 -d` copies the merged tree into the base (symlinks stay symlinks,
+//! nothing is followed; device nodes, fifos, hard links, xattrs and sparse files are kept: they
+//! are the guest's own business inside its disk). The image is untrusted: its size is summed
+//! with `lstat` before anything is written (bounded by [`MAX_BASE_BYTES`]), the kernel and initrd
+//! are taken only from regular files directly in a real `/boot` directory (never through a
+//! symlink), opened with `O_NOFOLLOW` and read up to [`MAX_KERNEL_BYTES`] /
+//! [`MAX_INITRD_BYTES`]. A build happens in a staging directory renamed into place at the end,
+//! under a per-digest `flock`, so concurrent [`Templates::ensure`] calls (threads or processes)
+//! build once and a failed or killed build leaves nothing that is ever used (its leftovers are
+//! removed by the next build of that digest).
 
+use crate::cmd::{self, CmdError};
+use nix::fcntl::{Flock, FlockArg};
+use nix::mount::{MntFlags, MsFlags};
+use serde::{Deserialize, Serialize};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
+/// Largest flattened image (bytes, as allocated on the host) a template is built from.
+pub const MAX_BASE_BYTES: u64 = 256 << 30;
+/// Largest kernel taken from an image's /boot.
+pub const MAX_KERNEL_BYTES: u64 = 128 << 20;
+/// Largest initrd taken from an image's /boot.
+pub const MAX_INITRD_BYTES: u64 = 1 << 30;
+/// Most files (inodes) in one image.
+pub const MAX_INODES: u64 = 16 << 20;
+
+const BASE: &str = "base.ext4";
+const KERNEL: &str = "vmlinuz";
+const INITRD: &str = "initrd.img";
+const META: &str = "template.json";
+/// The kernel command line every template needs: the overlay is the guest's /dev/vda, a whole
+/// disk holding ext4 without a partition table.
+const CMDLINE: &str = "root=/dev/vda rw";
+
 #[derive(Debug, Error)]
 pub enum TemplateError {
-    #[error("template {digest}: {why}")]
-    Build { digest: String, why: String },
-    #[error("io on {path}: {source}")]
+    #[error("invalid template request: {0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
     #[error(transparent)]
-    Cmd(#[from] crate::cmd::CmdError),
+    Cmd(#[from] CmdError),
+    #[error("cannot mount the image layers at {target}: {source}")]
+    Mount {
+        target: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error(
+        "image {digest} has no kernel in /boot (vmlinuz or vmlinuz-<version>) and no default \
+         kernel is configured (give the daemon --kernel)"
+    )]
+    NoKernel { digest: String },
+    #[error("image {digest}: {what} is too large ({size} bytes, at most {max})")]
+    TooLarge {
+        digest: String,
+        what: String,
+        size: u64,
+        max: u64,
+    },
+    #[error(
+        "disk size {size} bytes is smaller than the template's base disk ({base} bytes); ask for \
+         at least that"
+    )]
+    OverlayTooSmall { size: u64, base: u64 },
+    #[error("template {digest} on disk is unreadable: {why}")]
+    Corrupt { digest: String, why: String },
 }
 
-fn tio(path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> TemplateError + '_ {
     move |source| TemplateError::Io {
         path: path.to_path_buf(),
         source,
@@ -30,22 +100,37 @@ fn tio(path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {
 }
 
 /// A VM template: one per image digest, built once, shared read-only by every VM of the image.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     pub digest: String,
     /// Read-only base disk (raw ext4 holding the image's flattened layers).
     pub base: PathBuf,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    /// Kernel command line arguments the template needs.
+    /// Kernel command line arguments the template needs (e.g. `root=/dev/vda rw`);
+    /// CORE appends console, network (`ip=`) and its own.
     pub cmdline: String,
 }
 
+/// What `template.json` records.
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    digest: String,
+    /// `image` (the image's /boot) or `default` (the operator's kernel).
+    kernel_from: String,
+    /// The file name the kernel had in /boot, or the default kernel's path.
+    kernel_source: String,
+    initrd: bool,
+    cmdline: String,
+    base_bytes: u64,
+}
+
+/// The templates of one daemon (`<data>/vm/templates`).
+#[derive(Debug, Clone)]
 pub struct Templates {
-    dir: PathBuf,
+    root: PathBuf,
     default_kernel: Option<PathBuf>,
     default_initrd: Option<PathBuf>,
-    lock: std::sync::Mutex<()>,
 }
 
 impl Templates {
@@ -54,158 +139,646 @@ impl Templates {
         default_kernel: Option<PathBuf>,
         default_initrd: Option<PathBuf>,
     ) -> Self {
-        Self {
-            dir: data_dir.join("vm").join("templates"),
+        Templates {
+            root: data_dir.join("vm").join("templates"),
             default_kernel,
             default_initrd,
-            lock: std::sync::Mutex::new(()),
         }
     }
 
-    fn dir_of(&self, digest: &str) -> PathBuf {
-        self.dir.join(digest.replace(':', "-"))
+    /// `<data>/vm/templates`.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Builds (once; concurrent callers wait; atomic) or returns the template of an image.
+    /// `layers`: the image's unpacked layer dirs, top first (as ContainerRuntime passes them to
+    /// Disks::provision_root). Kernel: the image's /boot/vmlinuz* (+ initrd*), else the default.
     pub fn ensure(&self, digest: &str, layers: &[PathBuf]) -> Result<Template, TemplateError> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = self.dir_of(digest);
-        let base = dir.join("base.img");
-        if !base.exists() {
-            std::fs::create_dir_all(&self.dir).map_err(tio(&self.dir))?;
-            let tmp = self.dir.join(format!(".tmp-{}", digest.replace(':', "-")));
-            let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir_all(tmp.join("mnt")).map_err(tio(&tmp))?;
-            let built = build_base(&tmp, layers);
-            let _ = nix::mount::umount2(&tmp.join("mnt"), nix::mount::MntFlags::MNT_DETACH);
-            if let Err(e) = built {
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(e);
-            }
-            let _ = std::fs::remove_dir(tmp.join("mnt"));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::rename(&tmp, &dir).map_err(tio(&dir))?;
+        let name = dir_name(digest)?;
+        let dir = self.root.join(&name);
+        if let Some(t) = self.load(digest, &dir)? {
+            return Ok(t);
         }
-        let boot = |prefix: &str| -> Option<PathBuf> {
-            layers.iter().find_map(|l| {
-                let rd = std::fs::read_dir(l.join("boot")).ok()?;
-                rd.flatten().map(|e| e.path()).find(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
-                        && p.is_file()
-                })
+        let _lock = self.lock(&name)?;
+        // Built by another caller while this one waited for the lock.
+        if let Some(t) = self.load(digest, &dir)? {
+            return Ok(t);
+        }
+        self.clear_staging(&name)?;
+        let t0 = std::time::Instant::now();
+        let staging = Staging::new(self.root.join(format!(".tmp-{name}-{}", random_hex()?)))?;
+        self.build(digest, layers, &staging.path)?;
+        fs::rename(&staging.path, &dir).map_err(io_at(&dir))?;
+        staging.disarm();
+        sync_dir(&self.root)?;
+        tracing::info!(
+            digest,
+            layers = layers.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "VM template built"
+        );
+        self.load(digest, &dir)?
+            .ok_or_else(|| TemplateError::Corrupt {
+                digest: digest.to_string(),
+                why: "vanished right after it was built".into(),
             })
-        };
-        let (kernel, initrd) = match boot("vmlinuz") {
-            Some(k) => (k, boot("initrd")),
-            None => (
-                self.default_kernel
-                    .clone()
-                    .ok_or_else(|| TemplateError::Build {
-                        digest: digest.to_string(),
-                        why: "the image has no /boot/vmlinuz* and the daemon has no default VM kernel (vm.kernel)".into(),
-                    })?,
-                self.default_initrd.clone(),
-            ),
-        };
-        Ok(Template {
-            digest: digest.to_string(),
-            base,
-            kernel,
-            initrd,
-            cmdline: "root=/dev/vda rw".into(),
-        })
     }
 
     /// A qcow2 overlay backed by the template's base, virtual size exactly `size` bytes.
+    /// Written ([`super::qcow2`]) beside `path` and renamed into place; refuses a size that is
+    /// not a multiple of 512 or is smaller than the base disk (the guest would see a cut
+    /// filesystem).
     pub fn create_overlay(
         &self,
         t: &Template,
         path: &Path,
         size: u64,
     ) -> Result<(), TemplateError> {
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(tio(d))?;
+        if size == 0 || !size.is_multiple_of(512) {
+            return Err(TemplateError::Invalid(format!(
+                "disk size {size} bytes is not a positive multiple of 512"
+            )));
         }
-        let _ = std::fs::remove_file(path);
-        crate::cmd::run(
-            "qemu-img",
-            [
-                std::ffi::OsStr::new("create"),
-                "-q".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-F".as_ref(),
-                "raw".as_ref(),
-                "-b".as_ref(),
-                t.base.as_os_str(),
-                path.as_os_str(),
-                size.to_string().as_ref(),
-            ],
-        )?;
+        let base = fs::metadata(&t.base).map_err(io_at(&t.base))?.len();
+        if size < base {
+            return Err(TemplateError::OverlayTooSmall { size, base });
+        }
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| TemplateError::Invalid(format!("overlay path {path:?} has no name")))?;
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp-{}",
+            file_name.to_string_lossy(),
+            random_hex()?
+        ));
+        // The overlay records the backing path as given: it must not depend on a cwd.
+        if !t.base.is_absolute() {
+            return Err(TemplateError::Invalid(format!(
+                "template base {} is not an absolute path",
+                t.base.display()
+            )));
+        }
+        let res = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .and_then(|f| super::qcow2::write(&f, &t.base, size))
+            .map_err(io_at(&tmp))
+            .and_then(|()| fs::rename(&tmp, path).map_err(io_at(path)));
+        if res.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        res
+    }
+
+    /// Digests with a template on disk (for sweeps). Also clears what killed builds left for
+    /// digests nobody is building now (a build in progress holds the digest's lock).
+    pub fn digests(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        let mut stale: Vec<&str> = names
+            .iter()
+            .filter_map(|n| n.strip_prefix(".tmp-"))
+            .filter_map(|rest| rest.rsplit_once('-').map(|(name, _)| name))
+            .filter(|name| name.split_once('-').is_some())
+            .collect();
+        stale.sort_unstable();
+        stale.dedup();
+        for name in stale {
+            if let Ok(Some(_lock)) = self.try_lock(name) {
+                if let Err(e) = self.clear_staging(name) {
+                    tracing::warn!(template = name, error = %e, "cannot clear a template build's leftovers");
+                }
+            }
+        }
+        let mut out: Vec<String> = names
+            .into_iter()
+            .filter(|n| !n.starts_with('.'))
+            .filter(|n| self.root.join(n).join(META).is_file())
+            .filter_map(|n| {
+                let (algo, hex) = n.split_once('-')?;
+                let digest = format!("{algo}:{hex}");
+                dir_name(&digest).ok().map(|_| digest)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Removes the template of `digest` (nothing if there is none). VMs running from it keep
+    /// their open base disk; a VM started later needs [`Templates::ensure`] again.
+    pub fn remove(&self, digest: &str) -> Result<(), TemplateError> {
+        let name = dir_name(digest)?;
+        let _lock = self.lock(&name)?;
+        self.clear_staging(&name)?;
+        let dir = self.root.join(&name);
+        match fs::symlink_metadata(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_at(&dir)(e)),
+            Ok(_) => {}
+        }
+        // Renamed first so that no reader ever sees half a template.
+        let doomed = self.root.join(format!(".tmp-{name}-{}", random_hex()?));
+        fs::rename(&dir, &doomed).map_err(io_at(&dir))?;
+        fs::remove_dir_all(&doomed).map_err(io_at(&doomed))?;
         Ok(())
     }
 
-    /// Digests with a template on disk.
-    pub fn digests(&self) -> Vec<String> {
-        std::fs::read_dir(&self.dir)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().replacen('-', ":", 1))
-                    .filter(|n| !n.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default()
+    fn load(&self, digest: &str, dir: &Path) -> Result<Option<Template>, TemplateError> {
+        let meta_path = dir.join(META);
+        let bytes = match fs::read(&meta_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_at(&meta_path)(e)),
+        };
+        let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| TemplateError::Corrupt {
+            digest: digest.to_string(),
+            why: format!("{}: {e}", meta_path.display()),
+        })?;
+        if meta.digest != digest {
+            return Err(TemplateError::Corrupt {
+                digest: digest.to_string(),
+                why: format!("{} names {}", meta_path.display(), meta.digest),
+            });
+        }
+        Ok(Some(Template {
+            digest: digest.to_string(),
+            base: dir.join(BASE),
+            kernel: dir.join(KERNEL),
+            initrd: meta.initrd.then(|| dir.join(INITRD)),
+            cmdline: meta.cmdline,
+        }))
     }
 
-    pub fn remove(&self, digest: &str) -> Result<(), TemplateError> {
-        let d = self.dir_of(digest);
-        match std::fs::remove_dir_all(&d) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(tio(&d)(e)),
-            _ => Ok(()),
+    fn lock(&self, name: &str) -> Result<Flock<File>, TemplateError> {
+        let (file, path) = self.lock_file(name)?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| TemplateError::Io {
+            path,
+            source: e.into(),
+        })
+    }
+
+    /// The digest's lock if nobody holds it (`None` while a build runs).
+    fn try_lock(&self, name: &str) -> Result<Option<Flock<File>>, TemplateError> {
+        let (file, path) = self.lock_file(name)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(Some(l)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(TemplateError::Io {
+                path,
+                source: e.into(),
+            }),
+        }
+    }
+
+    fn lock_file(&self, name: &str) -> Result<(File, PathBuf), TemplateError> {
+        let locks = self.root.join(".locks");
+        fs::create_dir_all(&locks).map_err(io_at(&locks))?;
+        let path = locks.join(format!("{name}.lock"));
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        Ok((file, path))
+    }
+
+    /// Removes what a killed build of `name` left (caller holds the digest's lock).
+    fn clear_staging(&self, name: &str) -> Result<(), TemplateError> {
+        let prefix = format!(".tmp-{name}-");
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Ok(());
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                Staging {
+                    path: e.path(),
+                    armed: true,
+                }
+                .cleanup();
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the template's files into `out` (an empty staging directory).
+    fn build(&self, digest: &str, layers: &[PathBuf], out: &Path) -> Result<(), TemplateError> {
+        for l in layers {
+            let s = l.to_str().ok_or_else(|| {
+                TemplateError::Invalid(format!("layer path {} is not UTF-8", l.display()))
+            })?;
+            if s.contains([',', ':', '\\']) || !l.is_absolute() {
+                return Err(TemplateError::Invalid(format!(
+                    "layer path {s:?} cannot be used in an overlay mount"
+                )));
+            }
+            if !fs::symlink_metadata(l).map_err(io_at(l))?.is_dir() {
+                return Err(TemplateError::Invalid(format!(
+                    "layer {s:?} is not a directory"
+                )));
+            }
+        }
+        let mnt = out.join("root");
+        let empty = out.join("empty");
+        let empty2 = out.join("empty2");
+        for d in [&mnt, &empty, &empty2] {
+            fs::create_dir(d).map_err(io_at(d))?;
+        }
+        // Empty bottom layers: a read-only overlay wants two lower dirs on older kernels, so a
+        // one-layer or layerless image mounts the same way as any other.
+        let mut lower: Vec<String> = layers.iter().map(|l| l.display().to_string()).collect();
+        lower.push(empty.display().to_string());
+        if layers.is_empty() {
+            lower.push(empty2.display().to_string());
+        }
+        let opts = format!("lowerdir={}", lower.join(":"));
+        nix::mount::mount(
+            Some("overlay"),
+            &mnt,
+            Some("overlay"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(opts.as_str()),
+        )
+        .map_err(|source| TemplateError::Mount {
+            target: mnt.clone(),
+            source,
+        })?;
+        let res = self.build_mounted(digest, &mnt, out);
+        let unmounted =
+            nix::mount::umount2(&mnt, MntFlags::empty()).map_err(|source| TemplateError::Mount {
+                target: mnt.clone(),
+                source,
+            });
+        let meta = res?;
+        unmounted?;
+        for d in [&mnt, &empty, &empty2] {
+            fs::remove_dir(d).map_err(io_at(d))?;
+        }
+        let meta_path = out.join(META);
+        let json = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| TemplateError::Invalid(format!("cannot encode template metadata: {e}")))?;
+        write_synced(&meta_path, &json)?;
+        sync_dir(out)?;
+        Ok(())
+    }
+
+    fn build_mounted(&self, digest: &str, mnt: &Path, out: &Path) -> Result<Meta, TemplateError> {
+        // Kernel and initrd: the image's own, else the operator's.
+        let (kernel_from, kernel_source, initrd) = match find_boot(mnt)? {
+            Some((kernel, initrd)) => {
+                copy_capped(
+                    &mnt.join("boot").join(&kernel),
+                    &out.join(KERNEL),
+                    MAX_KERNEL_BYTES,
+                    digest,
+                    "kernel",
+                )?;
+                if let Some(i) = &initrd {
+                    copy_capped(
+                        &mnt.join("boot").join(i),
+                        &out.join(INITRD),
+                        MAX_INITRD_BYTES,
+                        digest,
+                        "initrd",
+                    )?;
+                }
+                ("image", kernel, initrd.is_some())
+            }
+            None => {
+                let Some(kernel) = &self.default_kernel else {
+                    return Err(TemplateError::NoKernel {
+                        digest: digest.to_string(),
+                    });
+                };
+                // The operator's files: trusted, but copied so the template never changes.
+                fs::copy(kernel, out.join(KERNEL)).map_err(io_at(kernel))?;
+                if let Some(i) = &self.default_initrd {
+                    fs::copy(i, out.join(INITRD)).map_err(io_at(i))?;
+                }
+                (
+                    "default",
+                    kernel.display().to_string(),
+                    self.default_initrd.is_some(),
+                )
+            }
+        };
+
+        let usage = measure(mnt, digest, MAX_BASE_BYTES)?;
+        let base_bytes = base_size(&usage);
+        let base = out.join(BASE);
+        let file = File::create(&base).map_err(io_at(&base))?;
+        file.set_len(base_bytes).map_err(io_at(&base))?;
+        drop(file);
+        let inodes = (usage.inodes * 3 / 2 + 4096).to_string();
+        cmd::run(
+            "mkfs.ext4",
+            [
+                std::ffi::OsStr::new("-q"),
+                "-F".as_ref(),
+                "-m".as_ref(),
+                "0".as_ref(),
+                // 4 KiB blocks whatever the size (mke2fs would pick 1 KiB below 512 MiB): the
+                // guest grows this filesystem to its disk, up to 16 TiB.
+                "-b".as_ref(),
+                "4096".as_ref(),
+                "-N".as_ref(),
+                inodes.as_ref(),
+                "-L".as_ref(),
+                "gpuvisor-root".as_ref(),
+                "-E".as_ref(),
+                "root_owner=0:0".as_ref(),
+                "-d".as_ref(),
+                mnt.as_os_str(),
+                base.as_os_str(),
+            ],
+        )?;
+        // Read-only for everyone: VMs write to their overlays only.
+        set_mode(&base, 0o444)?;
+        File::open(&base)
+            .and_then(|f| f.sync_all())
+            .map_err(io_at(&base))?;
+        for f in [KERNEL, INITRD] {
+            let p = out.join(f);
+            if p.exists() {
+                set_mode(&p, 0o444)?;
+                File::open(&p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_at(&p))?;
+            }
+        }
+        Ok(Meta {
+            digest: digest.to_string(),
+            kernel_from: kernel_from.to_string(),
+            kernel_source,
+            initrd,
+            cmdline: CMDLINE.to_string(),
+            base_bytes,
+        })
+    }
+}
+
+/// `sha256:<hex>` → `sha256-<hex>`; anything else is refused (the name becomes a path).
+fn dir_name(digest: &str) -> Result<String, TemplateError> {
+    let bad = || TemplateError::Invalid(format!("{digest:?} is not an image digest"));
+    let (algo, hex) = digest.split_once(':').ok_or_else(bad)?;
+    let algo_ok = !algo.is_empty()
+        && algo.len() <= 16
+        && algo
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let hex_ok = (32..=128).contains(&hex.len())
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if algo_ok && hex_ok {
+        Ok(format!("{algo}-{hex}"))
+    } else {
+        Err(bad())
+    }
+}
+
+fn random_hex() -> Result<String, TemplateError> {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).map_err(|e| TemplateError::Invalid(format!("random: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A staging directory removed (after unmounting what is mounted in it) unless disarmed.
+struct Staging {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Staging {
+    fn new(path: PathBuf) -> Result<Self, TemplateError> {
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io_at(parent))?;
+        }
+        fs::create_dir(&path).map_err(io_at(&path))?;
+        Ok(Staging { path, armed: true })
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+
+    fn cleanup(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.armed = false;
+        // A build killed mid-way may have left its overlay mounted.
+        if let Ok(mounts) = crate::disk::mounts_under(&self.path) {
+            for m in mounts.iter().rev() {
+                if let Err(e) = nix::mount::umount2(m, MntFlags::MNT_DETACH) {
+                    tracing::warn!(mount = %m.display(), error = %e, "cannot unmount a template build's leftover");
+                }
+            }
+        }
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove a template build's leftovers");
+            }
         }
     }
 }
 
-/// The layers (top first) through a read-only overlay mount at `tmp/mnt`, into `tmp/base.img`.
-fn build_base(tmp: &Path, layers: &[PathBuf]) -> Result<(), TemplateError> {
-    let mnt = tmp.join("mnt");
-    let lower = layers
+impl Drop for Staging {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// The kernel (and its initrd) in the merged image's /boot: regular files only, found without
+/// following any symlink. Highest version first: `vmlinuz-6.1.0-9` before `vmlinuz-6.1.0-10`
+/// compares numerically.
+fn find_boot(mnt: &Path) -> Result<Option<(String, Option<String>)>, TemplateError> {
+    let boot = mnt.join("boot");
+    match fs::symlink_metadata(&boot) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Ok(None), // a symlink or a file: not followed
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_at(&boot)(e)),
+    }
+    let mut files = Vec::new();
+    for e in fs::read_dir(&boot).map_err(io_at(&boot))? {
+        let e = e.map_err(io_at(&boot))?;
+        let ft = e.file_type().map_err(io_at(&boot))?;
+        if !ft.is_file() {
+            continue;
+        }
+        if let Ok(name) = e.file_name().into_string() {
+            files.push(name);
+        }
+        if files.len() > 10_000 {
+            break;
+        }
+    }
+    let mut kernels: Vec<&String> = files
         .iter()
-        .map(|l| l.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":");
-    // One layer: overlayfs wants two lower dirs for a read-only mount; the empty dir serves.
-    let empty = tmp.join("empty");
-    std::fs::create_dir_all(&empty).map_err(tio(&empty))?;
-    let opts = format!("lowerdir={lower}:{}", empty.display());
-    nix::mount::mount(
-        Some("overlay"),
-        &mnt,
-        Some("overlay"),
-        nix::mount::MsFlags::MS_RDONLY
-            | nix::mount::MsFlags::MS_NOSUID
-            | nix::mount::MsFlags::MS_NODEV,
-        Some(opts.as_str()),
-    )
-    .map_err(|e| tio(&mnt)(e.into()))?;
-    let used: u64 = crate::cmd::run("du", [std::ffi::OsStr::new("-sbx"), mnt.as_os_str()])?
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    let size = (used + used / 2 + (64 << 20)) >> 20;
-    let img = tmp.join("base.img");
-    crate::cmd::run(
-        "mkfs.ext4",
-        [
-            std::ffi::OsStr::new("-q"),
-            "-F".as_ref(),
-            "-d".as_ref(),
-            mnt.as_os_str(),
-            img.as_os_str(),
-            format!("{size}M").as_ref(),
-        ],
-    )?;
+        .filter(|n| *n == "vmlinuz" || n.starts_with("vmlinuz-"))
+        .collect();
+    kernels.sort_by(|a, b| version_cmp(b, a));
+    let Some(kernel) = kernels.first() else {
+        return Ok(None);
+    };
+    let version = kernel.strip_prefix("vmlinuz").unwrap_or("");
+    let candidates = [
+        format!("initrd.img{version}"),
+        format!("initramfs{version}.img"),
+        format!("initrd{version}"),
+        format!("initrd{version}.img"),
+    ];
+    let initrd = candidates.into_iter().find(|c| files.contains(c));
+    Ok(Some(((*kernel).clone(), initrd)))
+}
+
+/// Compares names piecewise, digit runs as numbers.
+fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    fn pieces(s: &str) -> Vec<(bool, String)> {
+        let mut out: Vec<(bool, String)> = Vec::new();
+        for c in s.chars() {
+            let d = c.is_ascii_digit();
+            match out.last_mut() {
+                Some((kind, p)) if *kind == d => p.push(c),
+                _ => out.push((d, c.to_string())),
+            }
+        }
+        out
+    }
+    let (pa, pb) = (pieces(a), pieces(b));
+    for (x, y) in pa.iter().zip(pb.iter()) {
+        let ord = match (x, y) {
+            ((true, x), (true, y)) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            ((_, x), (_, y)) => x.cmp(y),
+        };
+        if ord != std::cmp::Ordering::Equal {
+            return ord;
+        }
+    }
+    pa.len().cmp(&pb.len())
+}
+
+/// Copies a file of the untrusted image: never through a symlink, at most `max` bytes.
+fn copy_capped(
+    src: &Path,
+    dst: &Path,
+    max: u64,
+    digest: &str,
+    what: &str,
+) -> Result<(), TemplateError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(src)
+        .map_err(io_at(src))?;
+    let meta = file.metadata().map_err(io_at(src))?;
+    if !meta.is_file() {
+        return Err(TemplateError::Invalid(format!(
+            "image {digest}: {} is not a regular file",
+            src.display()
+        )));
+    }
+    let too_large = |size| TemplateError::TooLarge {
+        digest: digest.to_string(),
+        what: what.to_string(),
+        size,
+        max,
+    };
+    if meta.len() > max {
+        return Err(too_large(meta.len()));
+    }
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(dst)
+        .map_err(io_at(dst))?;
+    let copied = io::copy(&mut file.take(max + 1), &mut out).map_err(io_at(dst))?;
+    if copied > max {
+        return Err(too_large(copied));
+    }
+    out.flush().map_err(io_at(dst))?;
     Ok(())
 }
+
+#[derive(Debug, Default)]
+struct Usage {
+    bytes: u64,
+    inodes: u64,
+}
+
+/// Allocated bytes and inodes of the merged tree, by `lstat` (no link followed), bounded.
+fn measure(mnt: &Path, digest: &str, max_bytes: u64) -> Result<Usage, TemplateError> {
+    let mut usage = Usage::default();
+    let mut stack = vec![mnt.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).map_err(io_at(&dir))? {
+            let e = e.map_err(io_at(&dir))?;
+            let path = e.path();
+            let m = fs::symlink_metadata(&path).map_err(io_at(&path))?;
+            usage.inodes += 1;
+            // Allocated blocks (holes cost nothing; mkfs keeps them) plus a block of metadata.
+            usage.bytes = usage.bytes.saturating_add(m.blocks() * 512 + 4096);
+            if m.is_dir() {
+                stack.push(path);
+            }
+            if usage.bytes > max_bytes {
+                return Err(TemplateError::TooLarge {
+                    digest: digest.to_string(),
+                    what: "the flattened image".into(),
+                    size: usage.bytes,
+                    max: max_bytes,
+                });
+            }
+            if usage.inodes > MAX_INODES {
+                return Err(TemplateError::TooLarge {
+                    digest: digest.to_string(),
+                    what: "the number of files".into(),
+                    size: usage.inodes,
+                    max: MAX_INODES,
+                });
+            }
+        }
+    }
+    Ok(usage)
+}
+
+/// The base disk's size: the data, its inodes and the journal with room to spare, in MiB.
+fn base_size(u: &Usage) -> u64 {
+    const MIB: u64 = 1 << 20;
+    let inode_tables = (u.inodes * 3 / 2 + 4096) * 256;
+    let raw = u.bytes + u.bytes / 8 + inode_tables + 16 * MIB;
+    raw.div_ceil(MIB) * MIB
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), TemplateError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_at(path))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TemplateError> {
+    let mut f = File::create(path).map_err(io_at(path))?;
+    f.write_all(bytes).map_err(io_at(path))?;
+    f.sync_all().map_err(io_at(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), TemplateError> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_at(dir))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,137 @@
+//! An empty qcow2 (version 3) image backed by a raw file: the few metadata structures
+//! `qemu-img create -f qcow2 -F raw -b BASE FILE SIZE` writes, written directly (no process
+//! spawn: well under a millisecond where `qemu-img` takes 6-30 ms here). Layout, 64 KiB
+//! clusters, big-endian fields (QEMU's docs/interop/qcow2.txt):
+//!
+//! ```text
+//! cluster 0  header (v3, 112 bytes), extensions (backing format "raw", end), backing file name
+//! cluster 1  refcount table: one entry -> cluster 2
+//! cluster 2  refcount block: 16-bit refcounts, clusters 0..3+L1 = 1
+//! cluster 3  L1 table: ceil(size / 512 MiB) zero entries (nothing allocated: reads fall
+//!            through to the backing file)
+//! ```
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+const CLUSTER_BITS: u32 = 16;
+const CLUSTER: u64 = 1 << CLUSTER_BITS;
+/// Bytes one L2 table (a cluster of 8-byte entries) maps.
+const L2_SPAN: u64 = (CLUSTER / 8) * CLUSTER;
+/// 16-bit refcounts: one refcount block covers this many clusters.
+const REFBLOCK_SPAN: u64 = CLUSTER / 2;
+const HEADER_LEN: u32 = 112;
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// QEMU refuses longer backing file names.
+pub const MAX_BACKING_NAME: usize = 1023;
+/// Largest virtual size written here (the L1 table and the one refcount block must fit).
+pub const MAX_SIZE: u64 = 1 << 50;
+
+/// The bytes of the image and where each piece goes: (offset, bytes).
+pub fn layout(backing: &str, size: u64) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    if backing.is_empty() || backing.len() > MAX_BACKING_NAME || backing.contains('\0') {
+        return Err(invalid(format!(
+            "backing file name must be 1-{MAX_BACKING_NAME} bytes without NUL"
+        )));
+    }
+    if size == 0 || size > MAX_SIZE || !size.is_multiple_of(512) {
+        return Err(invalid(format!(
+            "virtual size {size} must be a positive multiple of 512 up to {MAX_SIZE}"
+        )));
+    }
+    let l1_entries = size.div_ceil(L2_SPAN);
+    let l1_clusters = (l1_entries * 8).div_ceil(CLUSTER);
+    let clusters = 3 + l1_clusters;
+    if clusters > REFBLOCK_SPAN {
+        return Err(invalid(format!("virtual size {size} is too large")));
+    }
+    let (reftable_off, refblock_off, l1_off) = (CLUSTER, 2 * CLUSTER, 3 * CLUSTER);
+
+    let mut h = Vec::with_capacity(512);
+    h.extend_from_slice(b"QFI\xfb");
+    h.extend_from_slice(&3u32.to_be_bytes()); // version
+    let ext_len = 8 + 8 + 8; // backing format extension (8 + "raw" padded to 8), end marker
+    let backing_off = u64::from(HEADER_LEN) + ext_len;
+    h.extend_from_slice(&backing_off.to_be_bytes());
+    h.extend_from_slice(&(backing.len() as u32).to_be_bytes());
+    h.extend_from_slice(&CLUSTER_BITS.to_be_bytes());
+    h.extend_from_slice(&size.to_be_bytes());
+    h.extend_from_slice(&0u32.to_be_bytes()); // crypt_method
+    h.extend_from_slice(&(l1_entries as u32).to_be_bytes());
+    h.extend_from_slice(&l1_off.to_be_bytes());
+    h.extend_from_slice(&reftable_off.to_be_bytes());
+    h.extend_from_slice(&1u32.to_be_bytes()); // refcount_table_clusters
+    h.extend_from_slice(&0u32.to_be_bytes()); // nb_snapshots
+    h.extend_from_slice(&0u64.to_be_bytes()); // snapshots_offset
+    h.extend_from_slice(&0u64.to_be_bytes()); // incompatible_features
+    h.extend_from_slice(&0u64.to_be_bytes()); // compatible_features
+    h.extend_from_slice(&0u64.to_be_bytes()); // autoclear_features
+    h.extend_from_slice(&4u32.to_be_bytes()); // refcount_order: 16-bit
+    h.extend_from_slice(&HEADER_LEN.to_be_bytes());
+    h.push(0); // compression_type: zlib
+    h.resize(HEADER_LEN as usize, 0);
+    h.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+    h.extend_from_slice(&3u32.to_be_bytes());
+    h.extend_from_slice(b"raw\0\0\0\0\0");
+    h.extend_from_slice(&[0u8; 8]); // end of extensions
+    debug_assert_eq!(h.len() as u64, backing_off);
+    h.extend_from_slice(backing.as_bytes());
+
+    let reftable = refblock_off.to_be_bytes().to_vec();
+    let refblock: Vec<u8> = (0..clusters).flat_map(|_| 1u16.to_be_bytes()).collect();
+    let l1 = vec![0u8; (l1_entries * 8) as usize];
+    Ok(vec![
+        (0, h),
+        (reftable_off, reftable),
+        (refblock_off, refblock),
+        (l1_off, l1),
+    ])
+}
+
+/// Writes the image into `file` (new and empty).
+pub fn write(file: &File, backing: &Path, size: u64) -> io::Result<()> {
+    let name = backing.to_str().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("backing path {} is not UTF-8", backing.display()),
+        )
+    })?;
+    for (offset, bytes) in layout(name, size)? {
+        file.write_all_at(&bytes, offset)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_names_are_bounded() {
+        // 10 GiB: 20 L1 entries, 4 clusters of metadata.
+        let l = layout("/base", 10 << 30).unwrap();
+        assert_eq!(l[3], (3 * CLUSTER, vec![0u8; 20 * 8]));
+        assert_eq!(l[2].1, [0, 1, 0, 1, 0, 1, 0, 1]);
+        assert_eq!(&l[0].1[24..32], &(10u64 << 30).to_be_bytes());
+        // A virtual size one L2 span past a boundary takes one more L1 entry.
+        let l = layout("/base", L2_SPAN + 512).unwrap();
+        assert_eq!(l[3].1.len(), 16);
+        // The largest size fits the one refcount block.
+        assert!(layout("/base", MAX_SIZE).is_ok());
+        for (name, size) in [
+            ("/base", 0),
+            ("/base", 511),
+            ("/base", MAX_SIZE + 512),
+            ("", 1 << 30),
+            ("/a\0b", 1 << 30),
+        ] {
+            assert!(layout(name, size).is_err(), "{name:?} {size}");
+        }
+        let long = format!("/{}", "a".repeat(MAX_BACKING_NAME));
+        assert!(layout(&long, 1 << 30).is_err());
+        assert!(layout(&long[..MAX_BACKING_NAME], 1 << 30).is_ok());
+    }
+}
