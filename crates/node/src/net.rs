@@ -772,6 +772,11 @@ impl Network {
         remove_chain("filter", "FORWARD", &self.fwd_jump(), &self.fwd_chain())?;
         remove_chain("filter", "INPUT", &self.input_jump(), &self.input_chain())?;
         remove_chain("nat", "POSTROUTING", &self.nat_jump(), &self.nat_chain())?;
+        // The VM taps' anti-spoofing table (empty once no tap is left).
+        let table = self.tap_table();
+        if cmd::run("nft", ["list", "tables", "bridge"]).is_ok_and(|t| t.contains(&table)) {
+            cmd::run("nft", ["delete", "table", "bridge", &table])?;
+        }
         Ok(true)
     }
 
