@@ -16,7 +16,8 @@ use super::template::TemplateError;
 use crate::cmd;
 use serde_json::{json, Value};
 use std::fs;
-use std::io;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
@@ -81,15 +82,33 @@ pub fn write_seed(spec: &SeedSpec, path: &Path) -> Result<(), TemplateError> {
     let work = path.with_file_name(format!(".{name}.tmp-{suffix}.d"));
     let iso = path.with_file_name(format!(".{name}.tmp-{suffix}"));
     let res = (|| {
-        fs::create_dir(&work).map_err(io_at(&work))?;
+        // The documents carry the tenant's keys, script and commands: readable by root only
+        // (the work directory 0700, its files and the ISO 0600).
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&work)
+            .map_err(io_at(&work))?;
         for (file, text) in [
             ("meta-data", &docs.meta_data),
             ("user-data", &docs.user_data),
             ("network-config", &docs.network_config),
         ] {
             let p = work.join(file);
-            fs::write(&p, text).map_err(io_at(&p))?;
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&p)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .map_err(io_at(&p))?;
         }
+        // genisoimage truncates and keeps an existing file's mode: the ISO is never 0644.
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&iso)
+            .map_err(io_at(&iso))?;
         cmd::run(
             "genisoimage",
             [
@@ -105,6 +124,7 @@ pub fn write_seed(spec: &SeedSpec, path: &Path) -> Result<(), TemplateError> {
                 work.join("network-config").as_os_str(),
             ],
         )?;
+        fs::set_permissions(&iso, fs::Permissions::from_mode(0o600)).map_err(io_at(&iso))?;
         fs::File::open(&iso)
             .and_then(|f| f.sync_all())
             .map_err(io_at(&iso))?;

@@ -222,7 +222,8 @@ impl Templates {
         let res = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o644)
+            // The guest's disk: root only (QEMU runs as root; see the module doc).
+            .mode(0o600)
             .open(&tmp)
             .and_then(|f| super::qcow2::write(&f, &t.base, size))
             .map_err(io_at(&tmp))

@@ -85,6 +85,12 @@ fn seed_iso_carries_the_three_documents() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, ["seed.iso"]);
+    // The seed carries keys and scripts: root only, whatever the umask.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&iso).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "seed mode {mode:o}");
+    }
 
     let info = cmd::run("isoinfo", ["-d".as_ref(), "-i".as_ref(), iso.as_os_str()]).unwrap();
     assert!(info.contains("Volume id: cidata"), "{info}");

@@ -306,6 +306,11 @@ fn overlay_is_qcow2_backed_by_the_base_with_the_exact_size() {
     fs::create_dir_all(overlay.parent().unwrap()).unwrap();
     let size = (10u64 << 30) + 512;
     t.create_overlay(&tpl, &overlay, size).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&overlay).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "overlay mode {mode:o}");
+    }
     let out = Command::new("qemu-img")
         .args(["info", "--output=json", "-U"])
         .arg(&overlay)
