@@ -110,7 +110,7 @@ fn flattens_layers_with_whiteouts_and_never_follows_links() {
     let kernel = dir.path().join("default-vmlinuz");
     write(&kernel, "default kernel");
     let t = Templates::new(&dir.path().join("data"), Some(kernel.clone()), None);
-    let tpl = t.ensure(D1, &[top, bottom]).unwrap();
+    let tpl = t.ensure(D1, &[top.clone(), bottom.clone()]).unwrap();
 
     assert_eq!(tpl.digest, D1);
     assert_eq!(tpl.cmdline, "root=/dev/vda rw");
@@ -141,7 +141,7 @@ fn flattens_layers_with_whiteouts_and_never_follows_links() {
     assert_eq!(t.digests(), [D1]);
 
     // A second ensure returns the same template without building again.
-    let again = t.ensure(D1, &[]).unwrap();
+    let again = t.ensure(D1, &[top, bottom]).unwrap();
     assert_eq!(again, tpl);
 }
 
@@ -400,6 +400,13 @@ fn digests_and_remove() {
     const D3: &str = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
     let empty = t.ensure(D3, &[]).unwrap();
     assert_eq!(names(&empty.base, "/"), ["lost+found"]);
+    // Held (a VM being created): refused, and nothing is removed.
+    assert!(
+        matches!(t.remove(D3), Err(TemplateError::InUse { .. })),
+        "remove of a held template"
+    );
+    assert!(empty.base.is_file());
+    drop(empty);
     t.remove(D3).unwrap();
     t.remove(D1).unwrap();
     assert_eq!(t.digests(), [D2]);
@@ -472,4 +479,116 @@ fn versions_compare_numerically() {
     assert_eq!(version_cmp("vmlinuz-6.1.0-10", "vmlinuz-6.1.0-9"), Greater);
     assert_eq!(version_cmp("vmlinuz-5.10.0", "vmlinuz-6.1.0"), Less);
     assert_eq!(version_cmp("vmlinuz", "vmlinuz-6.1"), Less);
+}
+
+/// Review 3: a build is used only for the layers and the operator's kernel it was made from;
+/// review 4: a rebuild never reuses a path.
+#[test]
+fn a_changed_kernel_or_layer_list_rebuilds_in_a_new_directory() {
+    if !prereqs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("layers/a");
+    let b = dir.path().join("layers/b");
+    write(&a.join("etc/which"), "a\n");
+    write(&b.join("etc/which"), "b\n");
+    let kernel = dir.path().join("vmlinuz");
+    write(&kernel, "kernel one");
+    let t = Templates::new(&dir.path().join("data"), Some(kernel.clone()), None);
+    let first = t.ensure(D1, std::slice::from_ref(&a)).unwrap();
+    assert_eq!(cat(&first.base, "/etc/which"), "a\n");
+    let first_base = first.base.clone();
+    drop(first);
+
+    // The operator swaps --kernel (same path, new file).
+    write(&kernel, "kernel two, longer");
+    let second = t.ensure(D1, std::slice::from_ref(&a)).unwrap();
+    assert_eq!(
+        fs::read_to_string(&second.kernel).unwrap(),
+        "kernel two, longer"
+    );
+    assert_ne!(second.base, first_base, "a rebuild reuses no path");
+    assert!(
+        !first_base.exists(),
+        "the stale build is removed once unused"
+    );
+
+    // Same digest, other layers: other contents.
+    let third = t.ensure(D1, std::slice::from_ref(&b)).unwrap();
+    assert_eq!(cat(&third.base, "/etc/which"), "b\n");
+    assert_ne!(third.key, second.key);
+    // `second` is still held: its build stays until it is dropped.
+    assert!(second.base.is_file());
+    let second_base = second.base.clone();
+    drop(second);
+    let again = t.ensure(D1, std::slice::from_ref(&b)).unwrap();
+    assert_eq!(again, third);
+    assert!(!second_base.exists());
+
+    // A build of another format version is not used.
+    let meta_path = third.base.parent().unwrap().join(META);
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(&meta_path).unwrap()).unwrap();
+    meta["format"] = serde_json::json!(FORMAT_VERSION - 1);
+    fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    drop((third, again));
+    let fourth = t.ensure(D1, std::slice::from_ref(&b)).unwrap();
+    assert_ne!(fourth.base.parent(), meta_path.parent());
+    assert_eq!(cat(&fourth.base, "/etc/which"), "b\n");
+}
+
+/// Review 4: a base a process has open (a running QEMU) is never removed.
+#[test]
+fn remove_refuses_a_base_a_process_has_open() {
+    if !prereqs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layer = dir.path().join("layer");
+    write(&layer.join("f"), "x");
+    let kernel = dir.path().join("vmlinuz");
+    write(&kernel, "k");
+    let t = Templates::new(&dir.path().join("data"), Some(kernel), None);
+    let tpl = t.ensure(D1, std::slice::from_ref(&layer)).unwrap();
+    let base = tpl.base.clone();
+    drop(tpl);
+    let open = File::open(&base).unwrap();
+    match t.remove(D1) {
+        Err(TemplateError::InUse { why, .. }) => assert!(why.contains("open"), "{why}"),
+        other => panic!("remove of an open base: {other:?}"),
+    }
+    assert!(base.is_file());
+    drop(open);
+    t.remove(D1).unwrap();
+    assert!(!base.exists());
+    assert!(t.digests().is_empty());
+}
+
+/// Review 5: the build holds the image store's shared lock (gc takes it exclusively).
+#[test]
+fn the_image_stores_lock_is_taken_for_store_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("images");
+    let layer = store.join("layers/sha256-aa");
+    fs::create_dir_all(&layer).unwrap();
+    fs::write(store.join("lock"), "").unwrap();
+    let held = image_store_lock(std::slice::from_ref(&layer)).unwrap();
+    assert!(held.is_some());
+    let gc = File::options()
+        .write(true)
+        .open(store.join("lock"))
+        .unwrap();
+    assert!(
+        Flock::lock(gc, FlockArg::LockExclusiveNonblock).is_err(),
+        "gc's exclusive lock must wait for the build"
+    );
+    drop(held);
+    let gc = File::options()
+        .write(true)
+        .open(store.join("lock"))
+        .unwrap();
+    assert!(Flock::lock(gc, FlockArg::LockExclusiveNonblock).is_ok());
+    // Layers outside an image store: no lock to take.
+    assert!(image_store_lock(&[dir.path().join("x")]).unwrap().is_none());
 }
