@@ -137,6 +137,45 @@ pub fn write_seed(spec: &SeedSpec, path: &Path) -> Result<(), TemplateError> {
     res
 }
 
+/// An RFC 1123 host name: what /etc/hosts, DHCP and a kernel `ip=` argument can all carry.
+fn hostname_ok(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// `^[a-z0-9][a-z0-9+.-]*([:=~][A-Za-z0-9.+:~_-]+)?$`, at most 128 bytes: never an apt option
+/// (`-o...`), never a second word.
+fn package_ok(p: &str) -> bool {
+    if p.is_empty() || p.len() > 128 {
+        return false;
+    }
+    let (name, rest) = match p.find([':', '=', '~']) {
+        Some(i) => (&p[..i], Some(&p[i + 1..])),
+        None => (p, None),
+    };
+    let name_ok = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'.' | b'-')
+        });
+    let rest_ok = rest.is_none_or(|r| {
+        !r.is_empty()
+            && r.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b':' | b'~' | b'_' | b'-')
+            })
+    });
+    name_ok && rest_ok
+}
+
 /// The seed's documents for `spec`, after checking what cannot be expressed safely.
 pub fn render(spec: &SeedSpec) -> Result<SeedDocs, TemplateError> {
     check(spec)?;
@@ -278,8 +317,12 @@ fn check(spec: &SeedSpec) -> Result<(), TemplateError> {
     };
     one_line("instance id", &spec.instance_id)?;
     one_line("hostname", &spec.hostname)?;
-    if spec.hostname.len() > 253 {
-        return Err(invalid(format!("hostname {:?} is too long", spec.hostname)));
+    if !hostname_ok(&spec.hostname) {
+        return Err(invalid(format!(
+            "hostname {:?} is invalid: use an RFC 1123 name (dot-separated labels of 1-63 \
+             letters, digits or '-', not starting or ending with '-'; 253 characters at most)",
+            spec.hostname
+        )));
     }
     let user_ok = !spec.user.is_empty()
         && spec.user.len() <= 32
@@ -308,14 +351,12 @@ fn check(spec: &SeedSpec) -> Result<(), TemplateError> {
         no_nul("the startup script", s)?;
     }
     for p in &spec.packages {
-        let ok = !p.is_empty()
-            && p.len() <= 128
-            && p.bytes().all(|b| {
-                b.is_ascii_alphanumeric()
-                    || matches!(b, b'.' | b'+' | b'-' | b'_' | b'=' | b':' | b'~')
-            });
-        if !ok {
-            return Err(invalid(format!("package name {p:?} is invalid")));
+        if !package_ok(p) {
+            return Err(invalid(format!(
+                "package name {p:?} is invalid: a Debian package name (lowercase letters, \
+                 digits, '+', '.', '-', starting with a letter or digit), optionally followed \
+                 by ':ARCH', '=VERSION' or '~...'"
+            )));
         }
     }
     for (serial, path) in &spec.mounts {
