@@ -33,7 +33,7 @@
 //! build once and a failed or killed build leaves nothing that is ever used (its leftovers are
 //! removed by the next build of that digest).
 
-use crate::cmd::{self, CmdError};
+use crate::cmd::CmdError;
 use nix::fcntl::{Flock, FlockArg};
 use nix::mount::{MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
@@ -729,28 +729,26 @@ impl Templates {
         file.set_len(base_bytes).map_err(io_at(&base))?;
         drop(file);
         let inodes = (usage.inodes * 3 / 2 + 4096).to_string();
-        cmd::run(
-            "mkfs.ext4",
-            [
-                std::ffi::OsStr::new("-q"),
-                "-F".as_ref(),
-                "-m".as_ref(),
-                "0".as_ref(),
-                // 4 KiB blocks whatever the size (mke2fs would pick 1 KiB below 512 MiB): the
-                // guest grows this filesystem to its disk, up to 16 TiB.
-                "-b".as_ref(),
-                "4096".as_ref(),
-                "-N".as_ref(),
-                inodes.as_ref(),
-                "-L".as_ref(),
-                "gpuvisor-root".as_ref(),
-                "-E".as_ref(),
-                "root_owner=0:0".as_ref(),
-                "-d".as_ref(),
-                mnt.as_os_str(),
-                base.as_os_str(),
-            ],
-        )?;
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-m".as_ref(),
+            "0".as_ref(),
+            // 4 KiB blocks whatever the size (mke2fs would pick 1 KiB below 512 MiB): the
+            // guest grows this filesystem to its disk, up to 16 TiB.
+            "-b".as_ref(),
+            "4096".as_ref(),
+            "-N".as_ref(),
+            inodes.as_ref(),
+            "-L".as_ref(),
+            "gpuvisor-root".as_ref(),
+            "-E".as_ref(),
+            "root_owner=0:0".as_ref(),
+            "-d".as_ref(),
+            mnt.as_os_str(),
+            base.as_os_str(),
+        ];
+        run_mkfs(&args, &out.join("mkfs.log"), mkfs_deadline(usage.bytes))?;
         // Read-only for everyone: VMs write to their overlays only.
         set_mode(&base, 0o444)?;
         File::open(&base)
@@ -924,7 +922,8 @@ fn find_boot(mnt: &Path) -> Result<Option<(String, Option<String>)>, TemplateErr
         Err(e) => return Err(io_at(&boot)(e)),
     }
     let mut files = Vec::new();
-    for e in fs::read_dir(&boot).map_err(io_at(&boot))? {
+    // At most 10,000 entries of any kind are looked at (an image's /boot holds a handful).
+    for e in fs::read_dir(&boot).map_err(io_at(&boot))?.take(10_000) {
         let e = e.map_err(io_at(&boot))?;
         let ft = e.file_type().map_err(io_at(&boot))?;
         if !ft.is_file() {
@@ -932,9 +931,6 @@ fn find_boot(mnt: &Path) -> Result<Option<(String, Option<String>)>, TemplateErr
         }
         if let Ok(name) = e.file_name().into_string() {
             files.push(name);
-        }
-        if files.len() > 10_000 {
-            break;
         }
     }
     let mut kernels: Vec<&String> = files
@@ -1034,40 +1030,140 @@ struct Usage {
     inodes: u64,
 }
 
-/// Allocated bytes and inodes of the merged tree, by `lstat` (no link followed), bounded.
+/// Deepest directory nesting an image may have (the walk keeps one open directory per level).
+pub const MAX_DEPTH: usize = 256;
+
+/// Allocated bytes and inodes of the merged tree, by `lstat` (no link followed), bounded:
+/// depth first with one open directory per level (at most [`MAX_DEPTH`]), so memory does not
+/// grow with the number of entries.
 fn measure(mnt: &Path, digest: &str, max_bytes: u64) -> Result<Usage, TemplateError> {
+    measure_capped(mnt, digest, max_bytes, MAX_INODES)
+}
+
+fn measure_capped(
+    mnt: &Path,
+    digest: &str,
+    max_bytes: u64,
+    max_inodes: u64,
+) -> Result<Usage, TemplateError> {
     let mut usage = Usage::default();
-    let mut stack = vec![mnt.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in fs::read_dir(&dir).map_err(io_at(&dir))? {
-            let e = e.map_err(io_at(&dir))?;
-            let path = e.path();
-            let m = fs::symlink_metadata(&path).map_err(io_at(&path))?;
-            usage.inodes += 1;
-            // Allocated blocks (holes cost nothing; mkfs keeps them) plus a block of metadata.
-            usage.bytes = usage.bytes.saturating_add(m.blocks() * 512 + 4096);
-            if m.is_dir() {
-                stack.push(path);
-            }
-            if usage.bytes > max_bytes {
+    let mut stack: Vec<(PathBuf, fs::ReadDir)> =
+        vec![(mnt.to_path_buf(), fs::read_dir(mnt).map_err(io_at(mnt))?)];
+    while let Some((dir, iter)) = stack.last_mut() {
+        let Some(e) = iter.next() else {
+            stack.pop();
+            continue;
+        };
+        let e = e.map_err(io_at(dir))?;
+        let path = e.path();
+        let m = fs::symlink_metadata(&path).map_err(io_at(&path))?;
+        usage.inodes += 1;
+        // Allocated blocks (holes cost nothing; mkfs keeps them) plus a block of metadata.
+        usage.bytes = usage.bytes.saturating_add(m.blocks() * 512 + 4096);
+        if usage.bytes > max_bytes {
+            return Err(TemplateError::TooLarge {
+                digest: digest.to_string(),
+                what: "the flattened image".into(),
+                size: usage.bytes,
+                max: max_bytes,
+            });
+        }
+        if usage.inodes > max_inodes {
+            return Err(TemplateError::TooLarge {
+                digest: digest.to_string(),
+                what: "the number of files".into(),
+                size: usage.inodes,
+                max: max_inodes,
+            });
+        }
+        if m.is_dir() {
+            if stack.len() > MAX_DEPTH {
                 return Err(TemplateError::TooLarge {
                     digest: digest.to_string(),
-                    what: "the flattened image".into(),
-                    size: usage.bytes,
-                    max: max_bytes,
+                    what: "the directory nesting".into(),
+                    size: stack.len() as u64 + 1,
+                    max: MAX_DEPTH as u64,
                 });
             }
-            if usage.inodes > MAX_INODES {
-                return Err(TemplateError::TooLarge {
-                    digest: digest.to_string(),
-                    what: "the number of files".into(),
-                    size: usage.inodes,
-                    max: MAX_INODES,
-                });
-            }
+            let iter = fs::read_dir(&path).map_err(io_at(&path))?;
+            stack.push((path, iter));
         }
     }
     Ok(usage)
+}
+
+/// How long mkfs may copy `bytes` (at idle I/O priority): 10 minutes plus a minute per GiB.
+fn mkfs_deadline(bytes: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(600 + 60 * bytes.div_ceil(1 << 30))
+}
+
+/// Runs `mkfs.ext4 args` at nice 19 and idle I/O priority (like the container disk pool's
+/// refill), killed when `deadline` passes. Its stderr goes to `log` (read on failure, then
+/// removed) so no pipe can fill up while we wait.
+fn run_mkfs(
+    args: &[&std::ffi::OsStr],
+    log: &Path,
+    deadline: std::time::Duration,
+) -> Result<(), TemplateError> {
+    use std::os::unix::process::CommandExt;
+    let describe = || {
+        let mut c = String::from("mkfs.ext4");
+        for a in args {
+            c.push(' ');
+            c.push_str(&a.to_string_lossy());
+        }
+        c
+    };
+    let err_file = File::create(log).map_err(io_at(log))?;
+    let mut command = std::process::Command::new("mkfs.ext4");
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err_file);
+    // SAFETY: runs in the forked child before exec; setpriority(2) and ioprio_set(2) are
+    // async-signal-safe syscalls on the child itself (who = 0) taking only integers.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+            libc::syscall(libc::SYS_ioprio_set, 1, 0, 3 << 13);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|source| {
+        TemplateError::Cmd(CmdError::Spawn {
+            program: "mkfs.ext4".into(),
+            source,
+        })
+    })?;
+    let start = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait().map_err(io_at(log))? {
+            Some(st) => break st,
+            None if start.elapsed() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = fs::remove_file(log);
+                return Err(TemplateError::Cmd(CmdError::Failed {
+                    command: describe(),
+                    status: format!("killed after {} s", deadline.as_secs()),
+                    stderr: String::new(),
+                }));
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    };
+    let stderr = fs::read_to_string(log).unwrap_or_default();
+    fs::remove_file(log).map_err(io_at(log))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(TemplateError::Cmd(CmdError::Failed {
+            command: describe(),
+            status: status.to_string(),
+            stderr: stderr.trim().to_string(),
+        }))
+    }
 }
 
 /// The base disk's size: the data, its inodes and the journal with room to spare, in MiB.

@@ -592,3 +592,54 @@ fn the_image_stores_lock_is_taken_for_store_layers() {
     // Layers outside an image store: no lock to take.
     assert!(image_store_lock(&[dir.path().join("x")]).unwrap().is_none());
 }
+
+/// Review 6 and 12: the walk stops at the inode cap and at the nesting cap (it keeps one open
+/// directory per level, never a list of every directory).
+#[test]
+fn measuring_stops_at_the_inode_and_depth_caps() {
+    let dir = tempfile::tempdir().unwrap();
+    let wide = dir.path().join("wide");
+    for i in 0..50 {
+        fs::create_dir_all(wide.join(format!("d{i}"))).unwrap();
+    }
+    assert_eq!(measure_capped(&wide, D1, u64::MAX, 50).unwrap().inodes, 50);
+    match measure_capped(&wide, D1, u64::MAX, 49) {
+        Err(TemplateError::TooLarge { what, .. }) => assert_eq!(what, "the number of files"),
+        other => panic!("inode cap: {other:?}"),
+    }
+    let deep = dir.path().join("deep");
+    let mut p = deep.clone();
+    for _ in 0..MAX_DEPTH {
+        p.push("d");
+    }
+    fs::create_dir_all(&p).unwrap();
+    assert!(measure(&deep, D1, u64::MAX).is_ok());
+    fs::create_dir(p.join("d")).unwrap();
+    match measure(&deep, D1, u64::MAX) {
+        Err(TemplateError::TooLarge { what, .. }) => assert_eq!(what, "the directory nesting"),
+        other => panic!("depth cap: {other:?}"),
+    }
+}
+
+/// Review 6: mkfs is killed at its deadline (and its log removed).
+#[test]
+fn mkfs_past_its_deadline_is_killed() {
+    if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+        crate::testfx::prerequisite_missing("mkfs.ext4 (scripts/install-deps)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    let log = dir.path().join("mkfs.log");
+    let args: Vec<&std::ffi::OsStr> = vec!["-q".as_ref(), "-F".as_ref(), img.as_os_str()];
+    match run_mkfs(&args, &log, std::time::Duration::ZERO) {
+        Err(TemplateError::Cmd(CmdError::Failed { status, .. })) => {
+            assert!(status.contains("killed"), "{status}")
+        }
+        other => panic!("mkfs with no time left: {other:?}"),
+    }
+    assert!(!log.exists());
+    run_mkfs(&args, &log, std::time::Duration::from_secs(600)).unwrap();
+    assert!(!log.exists());
+}
