@@ -630,18 +630,7 @@ impl Templates {
         if layers.is_empty() {
             lower.push(empty2.display().to_string());
         }
-        let opts = format!("lowerdir={}", lower.join(":"));
-        nix::mount::mount(
-            Some("overlay"),
-            &mnt,
-            Some("overlay"),
-            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some(opts.as_str()),
-        )
-        .map_err(|source| TemplateError::Mount {
-            target: mnt.clone(),
-            source,
-        })?;
+        mount_layers(&lower, &mnt)?;
         let res = self.build_mounted(digest, &mnt, out).map(|mut meta| {
             meta.key = key.to_string();
             meta.layers = layers.iter().map(|l| l.display().to_string()).collect();
@@ -776,6 +765,23 @@ impl Templates {
             base_bytes,
         })
     }
+}
+
+/// The read-only, `nosuid,nodev` overlay of `lower` (top first) at `mnt`: the image's set-id
+/// files and device nodes are never usable on the host while mkfs reads them.
+fn mount_layers(lower: &[String], mnt: &Path) -> Result<(), TemplateError> {
+    let opts = format!("lowerdir={}", lower.join(":"));
+    nix::mount::mount(
+        Some("overlay"),
+        mnt,
+        Some("overlay"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    )
+    .map_err(|source| TemplateError::Mount {
+        target: mnt.to_path_buf(),
+        source,
+    })
 }
 
 /// sha256 over the builder's format version and the ordered layer directories (the image

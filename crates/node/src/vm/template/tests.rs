@@ -128,8 +128,15 @@ fn flattens_layers_with_whiteouts_and_never_follows_links() {
     let link = debugfs(&tpl.base, "stat /shadow-link");
     assert!(link.contains("Type: symlink"), "{link}");
     assert!(link.contains("/etc/shadow"), "{link}");
-    // Nothing of the host's /etc came in through the links.
-    assert!(!names(&tpl.base, "/").contains(&"shadow".to_string()));
+    // Nothing of the host's /etc came in through the links: the root holds exactly the
+    // layers' entries, and both links are links.
+    assert_eq!(
+        names(&tpl.base, "/"),
+        ["bin", "etc", "lost+found", "opt", "shadow-link"]
+    );
+    let up = debugfs(&tpl.base, "stat /etc/up");
+    assert!(up.contains("Type: symlink"), "{up}");
+    assert!(up.contains("../../../../../../etc"), "{up}");
     // No build leftovers: only the template and the lock dir.
     let mut entries: Vec<String> = fs::read_dir(t.root())
         .unwrap()
@@ -173,6 +180,21 @@ fn kernel_and_initrd_come_from_the_images_boot() {
     let default = dir.path().join("default-vmlinuz");
     write(&default, "default kernel");
     let t = Templates::new(&dir.path().join("data"), Some(default), None);
+    // Each guard on its own (review 12): the listing skips the link, and the copy refuses to
+    // open a link even if one got through.
+    assert_eq!(
+        find_boot(&layer).unwrap().unwrap().0,
+        "vmlinuz-6.1.0-10-cloud-amd64"
+    );
+    let copied = dir.path().join("copied");
+    assert!(copy_capped(
+        &layer.join("boot/vmlinuz-9.9.9"),
+        &copied,
+        MAX_KERNEL_BYTES,
+        D1,
+        "kernel"
+    )
+    .is_err());
     let tpl = t.ensure(D1, &[layer]).unwrap();
     assert_eq!(fs::read_to_string(&tpl.kernel).unwrap(), "new kernel");
     assert_eq!(
@@ -642,4 +664,27 @@ fn mkfs_past_its_deadline_is_killed() {
     assert!(!log.exists());
     run_mkfs(&args, &log, std::time::Duration::from_secs(600)).unwrap();
     assert!(!log.exists());
+}
+
+/// Review 12: the layers are mounted read-only, nosuid and nodev while mkfs reads them.
+#[test]
+fn the_build_mount_is_read_only_nosuid_nodev() {
+    if !prereqs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let mnt = dir.path().join("mnt");
+    for d in [&a, &b, &mnt] {
+        fs::create_dir_all(d).unwrap();
+    }
+    mount_layers(&[a.display().to_string(), b.display().to_string()], &mnt).unwrap();
+    let st = nix::sys::statvfs::statvfs(&mnt);
+    nix::mount::umount2(&mnt, MntFlags::empty()).unwrap();
+    let flags = st.unwrap().flags();
+    use nix::sys::statvfs::FsFlags;
+    for f in [FsFlags::ST_RDONLY, FsFlags::ST_NOSUID, FsFlags::ST_NODEV] {
+        assert!(flags.contains(f), "{f:?} missing from {flags:?}");
+    }
 }
