@@ -74,11 +74,7 @@ pub fn write_seed(spec: &SeedSpec, path: &Path) -> Result<(), TemplateError> {
         .ok_or_else(|| TemplateError::Invalid(format!("seed path {path:?} has no name")))?
         .to_string_lossy()
         .into_owned();
-    let suffix = {
-        let mut b = [0u8; 6];
-        getrandom::fill(&mut b).map_err(|e| TemplateError::Invalid(format!("random: {e}")))?;
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    };
+    let suffix = super::template::random_hex()?;
     let work = path.with_file_name(format!(".{name}.tmp-{suffix}.d"));
     let iso = path.with_file_name(format!(".{name}.tmp-{suffix}"));
     let res = (|| {

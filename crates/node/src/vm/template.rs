@@ -603,12 +603,12 @@ impl Templates {
         out: &Path,
     ) -> Result<(), TemplateError> {
         for l in layers {
-            let s = l.to_str().ok_or_else(|| {
-                TemplateError::Invalid(format!("layer path {} is not UTF-8", l.display()))
-            })?;
-            if s.contains([',', ':', '\\']) || !l.is_absolute() {
+            crate::disk::check_overlay_path(l)
+                .map_err(|e| TemplateError::Invalid(format!("layer: {e}")))?;
+            let s = l.display();
+            if !l.is_absolute() {
                 return Err(TemplateError::Invalid(format!(
-                    "layer path {s:?} cannot be used in an overlay mount"
+                    "layer path {s} is not absolute"
                 )));
             }
             if !fs::symlink_metadata(l).map_err(io_at(l))?.is_dir() {
@@ -864,7 +864,7 @@ fn dir_name(digest: &str) -> Result<String, TemplateError> {
     }
 }
 
-fn random_hex() -> Result<String, TemplateError> {
+pub(crate) fn random_hex() -> Result<String, TemplateError> {
     let mut b = [0u8; 6];
     getrandom::fill(&mut b).map_err(|e| TemplateError::Invalid(format!("random: {e}")))?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
