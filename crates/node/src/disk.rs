@@ -847,8 +847,8 @@ fn check_name(what: &str, name: &str) -> Result<(), DiskError> {
     Ok(())
 }
 
-/// overlayfs splits its options at ',' and lower dirs at ':'.
-fn check_overlay_path(p: &Path) -> Result<(), DiskError> {
+/// overlayfs splits its options at ',' and lower dirs at ':' (also used by `vm::template`).
+pub(crate) fn check_overlay_path(p: &Path) -> Result<(), DiskError> {
     let s = p
         .to_str()
         .ok_or_else(|| DiskError::Invalid(format!("path {} is not valid UTF-8", p.display())))?;

@@ -16,8 +16,9 @@ use super::template::TemplateError;
 use crate::cmd;
 use serde_json::{json, Value};
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Where the startup script is written in the guest (run by `runcmd`, before the command).
@@ -73,23 +74,37 @@ pub fn write_seed(spec: &SeedSpec, path: &Path) -> Result<(), TemplateError> {
         .ok_or_else(|| TemplateError::Invalid(format!("seed path {path:?} has no name")))?
         .to_string_lossy()
         .into_owned();
-    let suffix = {
-        let mut b = [0u8; 6];
-        getrandom::fill(&mut b).map_err(|e| TemplateError::Invalid(format!("random: {e}")))?;
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    };
+    let suffix = super::template::random_hex()?;
     let work = path.with_file_name(format!(".{name}.tmp-{suffix}.d"));
     let iso = path.with_file_name(format!(".{name}.tmp-{suffix}"));
     let res = (|| {
-        fs::create_dir(&work).map_err(io_at(&work))?;
+        // The documents carry the tenant's keys, script and commands: readable by root only
+        // (the work directory 0700, its files and the ISO 0600).
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&work)
+            .map_err(io_at(&work))?;
         for (file, text) in [
             ("meta-data", &docs.meta_data),
             ("user-data", &docs.user_data),
             ("network-config", &docs.network_config),
         ] {
             let p = work.join(file);
-            fs::write(&p, text).map_err(io_at(&p))?;
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&p)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .map_err(io_at(&p))?;
         }
+        // genisoimage truncates and keeps an existing file's mode: the ISO is never 0644.
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&iso)
+            .map_err(io_at(&iso))?;
         cmd::run(
             "genisoimage",
             [
@@ -105,6 +120,7 @@ pub fn write_seed(spec: &SeedSpec, path: &Path) -> Result<(), TemplateError> {
                 work.join("network-config").as_os_str(),
             ],
         )?;
+        fs::set_permissions(&iso, fs::Permissions::from_mode(0o600)).map_err(io_at(&iso))?;
         fs::File::open(&iso)
             .and_then(|f| f.sync_all())
             .map_err(io_at(&iso))?;
@@ -115,6 +131,45 @@ pub fn write_seed(spec: &SeedSpec, path: &Path) -> Result<(), TemplateError> {
         let _ = fs::remove_file(&iso);
     }
     res
+}
+
+/// An RFC 1123 host name: what /etc/hosts, DHCP and a kernel `ip=` argument can all carry.
+fn hostname_ok(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// `^[a-z0-9][a-z0-9+.-]*([:=~][A-Za-z0-9.+:~_-]+)?$`, at most 128 bytes: never an apt option
+/// (`-o...`), never a second word.
+fn package_ok(p: &str) -> bool {
+    if p.is_empty() || p.len() > 128 {
+        return false;
+    }
+    let (name, rest) = match p.find([':', '=', '~']) {
+        Some(i) => (&p[..i], Some(&p[i + 1..])),
+        None => (p, None),
+    };
+    let name_ok = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'.' | b'-')
+        });
+    let rest_ok = rest.is_none_or(|r| {
+        !r.is_empty()
+            && r.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b':' | b'~' | b'_' | b'-')
+            })
+    });
+    name_ok && rest_ok
 }
 
 /// The seed's documents for `spec`, after checking what cannot be expressed safely.
@@ -258,8 +313,12 @@ fn check(spec: &SeedSpec) -> Result<(), TemplateError> {
     };
     one_line("instance id", &spec.instance_id)?;
     one_line("hostname", &spec.hostname)?;
-    if spec.hostname.len() > 253 {
-        return Err(invalid(format!("hostname {:?} is too long", spec.hostname)));
+    if !hostname_ok(&spec.hostname) {
+        return Err(invalid(format!(
+            "hostname {:?} is invalid: use an RFC 1123 name (dot-separated labels of 1-63 \
+             letters, digits or '-', not starting or ending with '-'; 253 characters at most)",
+            spec.hostname
+        )));
     }
     let user_ok = !spec.user.is_empty()
         && spec.user.len() <= 32
@@ -288,14 +347,12 @@ fn check(spec: &SeedSpec) -> Result<(), TemplateError> {
         no_nul("the startup script", s)?;
     }
     for p in &spec.packages {
-        let ok = !p.is_empty()
-            && p.len() <= 128
-            && p.bytes().all(|b| {
-                b.is_ascii_alphanumeric()
-                    || matches!(b, b'.' | b'+' | b'-' | b'_' | b'=' | b':' | b'~')
-            });
-        if !ok {
-            return Err(invalid(format!("package name {p:?} is invalid")));
+        if !package_ok(p) {
+            return Err(invalid(format!(
+                "package name {p:?} is invalid: a Debian package name (lowercase letters, \
+                 digits, '+', '.', '-', starting with a letter or digit), optionally followed \
+                 by ':ARCH', '=VERSION' or '~...'"
+            )));
         }
     }
     for (serial, path) in &spec.mounts {

