@@ -59,6 +59,9 @@ impl EngineError {
             Self::PayloadTooLarge(_) => code::PAYLOAD_TOO_LARGE,
             Self::DeadlineExceeded(_) => code::DEADLINE_EXCEEDED,
             Self::Store(crate::store::StoreError::Conflict(_)) => code::ALREADY_EXISTS,
+            // What the instance's runtime cannot do is the caller's to change, not a fault.
+            Self::Node(gpuvisor_node::NodeError::Unsupported { .. }) => code::INVALID_ARGUMENT,
+            Self::Node(gpuvisor_node::NodeError::RuntimeUnavailable { .. }) => code::UNAVAILABLE,
             Self::Store(_) | Self::Node(_) | Self::Internal(_) => code::INTERNAL,
         }
     }

@@ -178,6 +178,7 @@ fn routes() -> Routes {
     .add("GET", "/v1/instances/{id}/logs", logs)
     .add("POST", "/v1/instances/{id}/exec", exec)
     .add("GET", "/v1/instances/{id}/exec/ws", exec_session)
+    .add("GET", "/v1/instances/{id}/console/ws", console_session)
     .add("GET", "/v1/instances/{id}/events", events)
 }
 
@@ -676,6 +677,35 @@ async fn exec_session(
         .on_upgrade(move |socket| async move {
             pump_session(socket, session).await;
             // The connection counts against the caps until here.
+            drop(hold);
+        }))
+}
+
+/// A VM's serial console over a WebSocket ([`wire::session::CONSOLE_PATH`]): checked before
+/// the upgrade like an exec session, then pumped by the same code.
+async fn console_session(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    hold: Option<axum::Extension<ConnectionHold>>,
+    ws: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Result<Response, ApiError> {
+    let ticket = e.console_session(&p, &id).await?;
+    let ws = ws.map_err(|r| {
+        EngineError::InvalidArgument(format!(
+            "this route is a WebSocket: connect with `Upgrade: websocket` (as `gpuvisor instance console` does): {}",
+            r.body_text()
+        ))
+    })?;
+    let session = ticket.start().await?;
+    Ok(ws
+        .max_message_size(SESSION_MAX_MESSAGE)
+        .max_frame_size(SESSION_MAX_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            pump_session(socket, session).await;
             drop(hold);
         }))
 }

@@ -645,6 +645,15 @@ pub enum InstanceCmd {
         )]
         command: Vec<String>,
     },
+    /// Attach to a VM's serial console (what the guest writes there is also in `logs`). Keys go
+    /// to the guest; the escape key (default ^], i.e. Ctrl+]) detaches and leaves the VM
+    /// running. One attach per instance at a time.
+    Console {
+        id: String,
+        /// The detach key: a control key as `^X` (`^]`, `^A`..`^Z`, `^\\`, `^^`, `^_`).
+        #[arg(long, default_value = "^]", value_parser = parse_escape_key, value_name = "KEY")]
+        escape: u8,
+    },
     /// Stop an instance (its disks and volumes stay).
     Stop {
         id: String,
@@ -674,6 +683,16 @@ pub enum InstanceCmd {
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
+}
+
+/// `^X` → the control byte of X (`^]` → 0x1d).
+fn parse_escape_key(s: &str) -> Result<u8, String> {
+    match s.as_bytes() {
+        [b'^', c @ (b'@'..=b'_' | b'a'..=b'z')] => Ok(c.to_ascii_uppercase() & 0x1f),
+        _ => Err(format!(
+            "escape key {s:?}: give a control key as ^X, e.g. ^] or ^A (^C and ^Z are for the guest too)"
+        )),
+    }
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -1356,6 +1375,7 @@ impl Ctx {
                 };
                 self.exec(&id, &req)
             }
+            InstanceCmd::Console { id, escape } => self.console(&id, escape),
             InstanceCmd::Stop { id, wait } => {
                 let id = self.client.get_instance(&id)?.id;
                 let inst = self.client.stop_instance(&id)?;
@@ -1493,22 +1513,9 @@ impl Ctx {
             timeout_ms: timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         let ws = self.client.exec_session(&id, &req)?;
-        // Handlers first, raw mode second; left in the reverse order, so no signal ever finds
-        // the terminal raw with its default action.
-        let signals = crate::exectty::Signals::install(tty, tty && stdin).map_err(|e| {
-            CliError::Invalid(format!("cannot handle signals for the session: {e}"))
-        })?;
-        let raw = if tty && stdin {
-            Some(crate::exectty::RawMode::enter(io::stdin().as_fd())?)
-        } else {
-            None
-        };
-        let outcome = crate::exectty::run(ws, stdin, &signals, raw.as_ref());
-        // The terminal is ours again before anything is printed.
-        drop(raw);
-        drop(signals);
-        match outcome? {
+        match self.run_session(ws, stdin, tty, tty && stdin, None)? {
             crate::exectty::Outcome::Signalled(code) => Ok(code),
+            crate::exectty::Outcome::Detached => Ok(exit::OK),
             crate::exectty::Outcome::Exit(end) => {
                 if let Some(msg) = &end.message {
                     eprintln!("gpuvisor: {msg}");
@@ -1517,6 +1524,57 @@ impl Ctx {
                     Some(gpuvisor_wire::ExecLimit::Deadline) => 124,
                     _ => exec_exit_code(end.exit_code),
                 })
+            }
+        }
+    }
+
+    /// Drives a connected session: signal handlers (resizes sent when `tty`), raw mode when
+    /// `raw` (this terminal's keys all go to the other side), `escape` detaches.
+    fn run_session(
+        &self,
+        ws: crate::client::SessionSocket,
+        stdin: bool,
+        tty: bool,
+        raw: bool,
+        escape: Option<u8>,
+    ) -> Result<crate::exectty::Outcome, CliError> {
+        use std::os::fd::AsFd;
+        // Handlers first, raw mode second; left in the reverse order, so no signal ever finds
+        // the terminal raw with its default action.
+        let signals = crate::exectty::Signals::install(tty, raw).map_err(|e| {
+            CliError::Invalid(format!("cannot handle signals for the session: {e}"))
+        })?;
+        let raw = if raw {
+            Some(crate::exectty::RawMode::enter(io::stdin().as_fd())?)
+        } else {
+            None
+        };
+        let outcome = crate::exectty::run(ws, stdin, &signals, raw.as_ref(), escape);
+        // The terminal is ours again before anything is printed.
+        drop(raw);
+        drop(signals);
+        Ok(outcome?)
+    }
+
+    /// `instance console`: the VM's serial console until the escape key (exit 0, the VM keeps
+    /// running) or the console closes (the VM stopped: the reason on stderr).
+    fn console(&self, id: &str, escape: u8) -> Result<i32, CliError> {
+        let id = self.client.get_instance(id)?.id;
+        let ws = self.client.console_session(&id)?;
+        let tty = io::stdin().is_terminal();
+        let key = char::from(escape | 0x40);
+        eprintln!("gpuvisor: attached to the console of {id}; ^{key} detaches");
+        match self.run_session(ws, true, tty, tty, Some(escape))? {
+            crate::exectty::Outcome::Signalled(code) => Ok(code),
+            crate::exectty::Outcome::Detached => {
+                eprintln!("\r\ngpuvisor: detached from the console of {id}");
+                Ok(exit::OK)
+            }
+            crate::exectty::Outcome::Exit(end) => {
+                if let Some(msg) = &end.message {
+                    eprintln!("\r\ngpuvisor: {msg}");
+                }
+                Ok(exit::OK)
             }
         }
     }

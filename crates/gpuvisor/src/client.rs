@@ -560,9 +560,30 @@ impl Client {
         id: &str,
         req: &gpuvisor_wire::ExecSessionRequest,
     ) -> Result<SessionSocket> {
-        use std::net::ToSocketAddrs;
         let json = serde_json::to_string(req)
             .map_err(|e| ClientError::Decode(format!("encoding request: {e}")))?;
+        self.session(&format!(
+            "{}/{}?{}={}",
+            segment(id),
+            gpuvisor_wire::session::PATH,
+            gpuvisor_wire::session::QUERY,
+            segment(&json)
+        ))
+    }
+
+    /// Attaches to a VM's serial console: `GET .../console/ws` upgraded to a WebSocket (the
+    /// exec session protocol).
+    pub fn console_session(&self, id: &str) -> Result<SessionSocket> {
+        self.session(&format!(
+            "{}/{}",
+            segment(id),
+            gpuvisor_wire::session::CONSOLE_PATH
+        ))
+    }
+
+    /// Opens the WebSocket at `.../instances/<rest>`.
+    fn session(&self, rest: &str) -> Result<SessionSocket> {
+        use std::net::ToSocketAddrs;
         let authority = self
             .endpoint
             .strip_prefix("http://")
@@ -571,13 +592,7 @@ impl Client {
             .next()
             .unwrap_or_default()
             .to_string();
-        let url = format!(
-            "ws://{authority}{API_PREFIX}/instances/{}/{}?{}={}",
-            segment(id),
-            gpuvisor_wire::session::PATH,
-            gpuvisor_wire::session::QUERY,
-            segment(&json)
-        );
+        let url = format!("ws://{authority}{API_PREFIX}/instances/{rest}");
         let unreachable = |reason: String| ClientError::Unreachable {
             endpoint: self.endpoint.clone(),
             reason,

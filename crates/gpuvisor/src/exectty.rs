@@ -20,6 +20,8 @@ pub enum Outcome {
     Exit(ExecEnd),
     /// A signal (SIGTERM, SIGHUP) ended the client: 128 + N.
     Signalled(i32),
+    /// The escape key was typed: the client left, the other side goes on (a console).
+    Detached,
 }
 
 /// The local terminal's settings before raw mode; put back on drop.
@@ -182,12 +184,15 @@ fn send(ws: &mut SessionSocket, msg: tungstenite::Message) -> Result<bool, Clien
 }
 
 /// Runs a session until the remote command ends: stdin forwarded when `stdin`, resizes sent
-/// when `tty`, output written as it comes (on a terminal it is all stdout).
+/// when `tty`, output written as it comes (on a terminal it is all stdout). The `escape` byte
+/// in the input ends the session from this side ([`Outcome::Detached`]); what was typed before
+/// it is sent first.
 pub fn run(
     mut ws: SessionSocket,
     stdin: bool,
     signals: &Signals,
     raw: Option<&RawMode>,
+    escape: Option<u8>,
 ) -> Result<Outcome, ClientError> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use tungstenite::Message;
@@ -267,8 +272,23 @@ pub fn run(
                     flushed = send(&mut ws, Message::text(text))?;
                 }
                 Ok(n) => {
-                    let data = proto::data(proto::STDIN, &buf[..n]);
-                    flushed = send(&mut ws, Message::binary(data))?;
+                    let cut_at = escape.and_then(|e| buf[..n].iter().position(|b| *b == e));
+                    let typed = &buf[..cut_at.unwrap_or(n)];
+                    if !typed.is_empty() {
+                        let data = proto::data(proto::STDIN, typed);
+                        flushed = send(&mut ws, Message::binary(data))?;
+                    }
+                    if cut_at.is_some() {
+                        // Out before leaving: what was typed, then the close.
+                        let _ = ws.get_mut().set_nonblocking(false);
+                        let _ = ws
+                            .get_mut()
+                            .set_write_timeout(Some(std::time::Duration::from_secs(5)));
+                        let _ = ws.flush();
+                        let _ = ws.close(None);
+                        let _ = ws.flush();
+                        return Ok(Outcome::Detached);
+                    }
                 }
             }
         }

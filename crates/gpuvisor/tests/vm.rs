@@ -145,6 +145,53 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
         mem_kb <= 256 * 1024 && mem_kb > 200 * 1024,
         "MemTotal {mem_kb} kB for 256 MiB: {log}"
     );
+    // The VM's series under the containers' names: CPU and memory from its cgroup, the root
+    // disk's size and what the guest wrote into its overlay, the tap's counters.
+    let inst = format!("instance=\"{id}\"");
+    let value = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&inst))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    let auth = format!("Bearer {}", d.key);
+    let scrape = || http_get(d.port, "/metrics", &[("Authorization", &auth)]).2;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let used_before = loop {
+        let text = scrape();
+        let got = [
+            value(&text, "gpuvisor_instance_disk_size_bytes") == Some((1u64 << 30) as f64),
+            value(&text, "gpuvisor_instance_memory_bytes").is_some_and(|v| v > 0.0),
+            value(&text, "gpuvisor_instance_cpu_seconds_total").is_some_and(|v| v > 0.0),
+            value(&text, "gpuvisor_instance_network_transmit_bytes_total").is_some(),
+            value(&text, "gpuvisor_instance_network_receive_bytes_total").is_some(),
+        ];
+        if let (true, Some(used)) = (
+            got.iter().all(|g| *g),
+            value(&text, "gpuvisor_instance_disk_used_bytes"),
+        ) {
+            break used;
+        }
+        assert!(Instant::now() < deadline, "VM series {got:?} in:\n{text}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // What the guest writes to its root disk lands in its overlay and is counted.
+    let (code, _, err) = d.exec(
+        &id,
+        "dd if=/dev/urandom of=/dev/vda bs=1M count=8 seek=512 conv=fsync 2>&1",
+    );
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let used = value(&scrape(), "gpuvisor_instance_disk_used_bytes").unwrap_or(0.0);
+        if used >= used_before + (8 << 20) as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "disk use {used} after 8 MiB written (was {used_before})"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     // exec goes through the guest agent, with the container CLI and API: output and status.
     let (code, out, err) = d.exec(&id, "echo from-the-guest; echo to-stderr >&2; exit 3");
     assert_eq!(
@@ -155,9 +202,28 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
     );
     let (code, out, _) = d.exec(&id, "grep -c ^processor /proc/cpuinfo");
     assert_eq!((code, out.trim()), (0, "2"));
-    // A terminal exec is refused with the reason.
+    // A terminal exec is refused with the reason, which points at the console.
     let t = d.cli(&["instance", "exec", "-t", &id, "--", "sh"]);
     assert_ne!(t.status.code(), Some(0));
+    let why = String::from_utf8_lossy(&t.stderr);
+    assert!(why.contains("instance console"), "{why}");
+
+    // `instance console`: typed keys reach the guest's shell on the serial port and its output
+    // comes back; one attach at a time; the escape key detaches and the VM runs on.
+    let mut c = Console::attach(&d, &id);
+    c.type_line("r=$((6*7)); echo \"con-[$r]\"");
+    c.expect("con-[42]");
+    let second = d.cli(&["instance", "console", &id]);
+    assert_ne!(second.status.code(), Some(0));
+    let why = String::from_utf8_lossy(&second.stderr);
+    assert!(why.contains("attached in another session"), "{why}");
+    c.detach();
+    let mut c = Console::attach(&d, &id);
+    c.type_line("r=$((40+2)); echo \"again-[$r]\"");
+    c.expect("again-[42]");
+    c.detach();
+    let g = d.json(&["instance", "get", &id]);
+    assert_eq!(g["state"], "running", "detaching left the VM running: {g}");
     // One QEMU, in the instance's cgroup, its vCPU threads pinned to the instance's CPUs.
     let q = qemu_pids(&id);
     assert_eq!(q.len(), 1, "QEMU processes of {id}: {q:?}");
@@ -210,6 +276,91 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
     let leaks = d.leaks(&ids);
     assert!(leaks.is_empty(), "leaks: {leaks:?}");
     assert!(d.leaked_processes(&ids).is_empty());
+}
+
+/// `gpuvisor instance console ID` with its stdin and stdout piped (no terminal: no raw mode).
+struct Console {
+    child: std::process::Child,
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Console {
+    fn attach(d: &Daemon, id: &str) -> Self {
+        use std::io::Read;
+        use std::process::Stdio;
+        let mut child = d
+            .command_as(&d.key, ["instance", "console", id])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut stdout, sink) = (child.stdout.take().unwrap(), out.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self { child, out }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits (bounded) until the console's output has `needle`.
+    fn expect(&mut self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let seen = String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned();
+            if seen.contains(needle) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("the console client ended ({st}) before {needle:?}: {seen}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on the console: {seen}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Types the escape key (^]): the client must leave at once, with status 0.
+    fn detach(mut self) {
+        use std::io::{Read, Write};
+        self.child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(&[0x1d])
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let st = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "^] did not detach the console");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut err = String::new();
+        self.child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(st.success() && err.contains("detached"), "{st}: {err}");
+    }
 }
 
 /// Types `line` on the VM's serial console (the shell the fixture runs there).

@@ -588,6 +588,11 @@ impl Node {
     pub fn kill_orphaned_exec(&self, id: &str, pid_file: &Path) -> usize {
         self.runtime_of(id).kill_orphaned_exec(self, id, pid_file)
     }
+
+    /// See [`Runtime::console`].
+    pub fn console(&self, id: &str) -> Result<PathBuf, NodeError> {
+        self.runtime_of(id).console(self, id)
+    }
 }
 
 /// A terminal exec, ready to start: see [`Node::exec_tty_command`].

@@ -96,4 +96,14 @@ pub trait Runtime: Send + Sync {
 
     /// [`Runtime::kill_exec`] of an exec whose shim died.
     fn kill_orphaned_exec(&self, node: &Node, id: &str, pid_file: &Path) -> usize;
+
+    /// The unix socket of the instance's interactive console (a VM's serial port), for
+    /// `instance console`. Runtimes without one refuse.
+    fn console(&self, _node: &Node, _id: &str) -> Result<PathBuf, NodeError> {
+        Err(NodeError::Unsupported {
+            kind: self.kind(),
+            what: "an interactive console (`instance console`; use `instance exec -it NAME -- sh`)"
+                .into(),
+        })
+    }
 }

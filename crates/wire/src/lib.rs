@@ -799,6 +799,11 @@ pub mod session {
 
     /// The path under `/v1/instances/{id}/`.
     pub const PATH: &str = "exec/ws";
+    /// A VM's serial console (`instance console`), the same protocol with no request: output
+    /// on `STDOUT`, `resize` and `eof` ignored; `exit` (status 0, a message saying why) when
+    /// the console closed (the VM stopped) or the session's deadline passed. Detaching is the
+    /// client closing.
+    pub const CONSOLE_PATH: &str = "console/ws";
     /// The query parameter carrying the [`super::ExecSessionRequest`] JSON.
     pub const QUERY: &str = "request";
     pub const STDIN: u8 = 0;

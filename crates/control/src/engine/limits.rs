@@ -223,13 +223,24 @@ impl Engine {
         command: &[String],
         env: &[String],
     ) -> Result<crate::store::InstanceRow> {
-        let row = self.find(who, id).await?;
+        let row = self.running_target(who, id).await?;
         if command.is_empty() {
             return Err(invalid("exec needs a command"));
         }
         for e in env {
             super::validate::env(e)?;
         }
+        Ok(row)
+    }
+
+    /// The caller's instance `id`, running on this host (not on a simulated node): what an exec
+    /// or a console attaches to.
+    pub(super) async fn running_target(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> Result<crate::store::InstanceRow> {
+        let row = self.find(who, id).await?;
         if row.state != InstanceState::Running {
             return Err(EngineError::InvalidState(format!(
                 "instance {} is {}, not running",

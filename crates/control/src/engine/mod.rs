@@ -7,6 +7,7 @@
 //! store the reconciler can converge from, and the same code path serves normal operation and
 //! recovery.
 
+pub mod console;
 mod gpuadmin;
 pub mod images;
 pub mod limits;

@@ -488,11 +488,36 @@ fn slow_loris_headers_are_disconnected() {
 fn one_client_cannot_hold_every_connection() {
     let _s = serial();
     let d = Daemon::start(&["--max-connections-per-ip", "8"]);
+    // Established connections to the daemon's port that it has accepted: a connection still
+    // in the accept queue has no socket inode yet (0 in /proc/net/tcp).
+    let accepted = || {
+        let port = format!(":{:04X} ", d.port);
+        std::fs::read_to_string("/proc/net/tcp")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 9
+                    && format!("{} ", f[1]).ends_with(&port)
+                    && f[3] == "01"
+                    && f[9] != "0"
+            })
+            .count()
+    };
     let held: Vec<TcpStream> = (0..8)
         .map(|_| TcpStream::connect(("127.0.0.1", d.port)).unwrap())
         .collect();
-    // Let the daemon accept them all before the ninth.
-    std::thread::sleep(Duration::from_millis(300));
+    // The daemon has accepted them all before the ninth comes: on a loaded machine a fixed
+    // pause is not enough.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while accepted() < 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not accept 8 connections ({} accepted)",
+            accepted()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut ninth = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
     ninth
         .set_read_timeout(Some(Duration::from_secs(5)))

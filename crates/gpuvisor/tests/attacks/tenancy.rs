@@ -201,6 +201,8 @@ fn every_route_is_scoped_by_tenant() {
         // Interactive exec: a WebSocket, asked here without an upgrade or a request: the
         // owner and the admin get past tenancy to the bad request, the other tenant does not.
         ("GET", "/v1/instances/{id}/exec/ws", row(400, 404, 400)),
+        // The console of a container: the owner and the admin are told it has none.
+        ("GET", "/v1/instances/{id}/console/ws", row(400, 404, 400)),
         ("GET", "/v1/instances/{id}/events", row(200, 404, 200)),
         // The owner's volume is not the other tenant's or the admin's to remove.
         ("DELETE", "/v1/volumes/{name}", row(200, 404, 404)),

@@ -105,6 +105,22 @@ pub fn write(file: &File, backing: &Path, size: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The virtual size in a qcow2 image's header (bytes 24..32); an error when `path` is not a
+/// qcow2 image.
+pub fn virtual_size(path: &Path) -> io::Result<u64> {
+    let mut h = [0u8; 32];
+    File::open(path)?.read_exact_at(&mut h, 0)?;
+    if &h[..4] != b"QFI\xfb" {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a qcow2 image", path.display()),
+        ));
+    }
+    let mut size = [0u8; 8];
+    size.copy_from_slice(&h[24..32]);
+    Ok(u64::from_be_bytes(size))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +146,12 @@ mod tests {
         ] {
             assert!(layout(name, size).is_err(), "{name:?} {size}");
         }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("o.qcow2");
+        write(&File::create(&img).unwrap(), Path::new("/base"), 10 << 30).unwrap();
+        assert_eq!(virtual_size(&img).unwrap(), 10 << 30);
+        std::fs::write(&img, [0u8; 64]).unwrap();
+        assert!(virtual_size(&img).is_err());
         let long = format!("/{}", "a".repeat(MAX_BACKING_NAME));
         assert!(layout(&long, 1 << 30).is_err());
         assert!(layout(&long[..MAX_BACKING_NAME], 1 << 30).is_ok());

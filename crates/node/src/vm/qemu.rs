@@ -56,6 +56,10 @@ impl RunPaths {
     pub fn stderr(&self) -> PathBuf {
         self.dir.join("qemu.err")
     }
+    /// The volume images the VM was started with, one path per line (for telemetry).
+    pub fn volumes(&self) -> PathBuf {
+        self.dir.join("volumes")
+    }
     pub fn seed(&self) -> PathBuf {
         self.dir.join("seed.iso")
     }

@@ -58,6 +58,19 @@ impl VmRuntime {
         RunPaths::new(self.run_root().join(id))
     }
 
+    /// The volume images VM `id` was started with (its run dir's `volumes` list); only paths
+    /// under this daemon's volume store count.
+    fn volume_images(&self, id: &str) -> Vec<PathBuf> {
+        let list = std::fs::read_to_string(self.run_paths(id).volumes()).unwrap_or_default();
+        list.lines()
+            .map(PathBuf::from)
+            .filter(|p| {
+                p.starts_with(self.data_dir.join("volumes"))
+                    && !p.to_string_lossy().contains("/../")
+            })
+            .collect()
+    }
+
     pub fn overlay(&self, id: &str) -> PathBuf {
         self.disks_root().join(format!("{id}.qcow2"))
     }
@@ -114,6 +127,12 @@ impl VmRuntime {
             .iter()
             .map(|(name, _)| (name.clone(), node.disks.volume_image(&plan.tenant_id, name)))
             .collect();
+        let list = run.volumes();
+        let text: String = volumes
+            .iter()
+            .filter_map(|(_, p)| p.to_str().map(|p| format!("{p}\n")))
+            .collect();
+        std::fs::write(&list, text).map_err(vio(&list))?;
         let dns = crate::net::nameservers(&crate::instance::resolv_conf(&node.cfg.root))
             .into_iter()
             .map(std::net::IpAddr::V4)
@@ -379,21 +398,36 @@ impl Runtime for VmRuntime {
 
     /// The tap's counters, turned to the guest's view (what the tap sends, the guest
     /// receives). The guest's disk use is not read (it needs the guest's help).
+    /// Host-side figures, never the guest's word: the root disk's size is its overlay's
+    /// virtual size and its use what the guest has written into the overlay (allocated
+    /// bytes, metadata included); a volume's size is its image's and its use the image's
+    /// allocated bytes (blocks the guest freed stay counted until it discards them); network
+    /// from the tap. The monitor is not asked (`query-blockstats`): it takes one client at a
+    /// time and a lifecycle step must never wait behind a telemetry sample.
     fn usage(&self, node: &Node, id: &str) -> crate::telemetry::RuntimeUsage {
-        let stat = |name: &str| -> Option<u64> {
-            std::fs::read_to_string(node.cfg.root.path(format!(
-                "/sys/class/net/{}/statistics/{name}",
-                node.net.tap_name(id)
-            )))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        use std::os::unix::fs::MetadataExt;
+        let allocated = |p: &Path| std::fs::metadata(p).ok().map(|m| m.blocks() * 512);
+        let overlay = self.overlay(id);
+        let (disk_used, disk_total) = match super::qcow2::virtual_size(&overlay) {
+            Ok(size) => (allocated(&overlay), Some(size)),
+            Err(_) => (None, None),
         };
+        let (mut volume_used, mut volume_total) = (0, 0);
+        for image in self.volume_images(id) {
+            if let (Some(used), Ok(m)) = (allocated(&image), std::fs::metadata(&image)) {
+                volume_used += used;
+                volume_total += m.len();
+            }
+        }
+        let (net_rx_bytes, net_tx_bytes) =
+            crate::telemetry::peer_net_counters(&node.cfg.root, &node.net.tap_name(id));
         crate::telemetry::RuntimeUsage {
-            net_rx_bytes: stat("tx_bytes"),
-            net_tx_bytes: stat("rx_bytes"),
-            ..Default::default()
+            disk_used,
+            disk_total,
+            volume_used,
+            volume_total,
+            net_rx_bytes,
+            net_tx_bytes,
         }
     }
 
@@ -491,7 +525,7 @@ impl Runtime for VmRuntime {
         _env: &[String],
     ) -> Result<ExecTty, NodeError> {
         Err(unsupported(
-            "exec on a terminal (-t): the guest agent has no terminals; use exec without -t",
+            "exec on a terminal (-t): the guest agent has no terminals; use exec without -t, or `instance console NAME` for the serial console",
         ))
     }
 
@@ -501,5 +535,11 @@ impl Runtime for VmRuntime {
 
     fn kill_orphaned_exec(&self, node: &Node, _id: &str, pid_file: &Path) -> usize {
         super::qmp::kill_agent_exec(&node.cfg.root, pid_file)
+    }
+
+    /// The serial console's socket (QEMU's `-chardev socket,server=on`: one client at a time;
+    /// what the guest writes also goes to the instance log, attached or not).
+    fn console(&self, _node: &Node, id: &str) -> Result<PathBuf, NodeError> {
+        Ok(self.run_paths(id).console())
     }
 }
