@@ -237,11 +237,13 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
         "qmp.sock",
         "console.sock",
         "qga.sock",
-        "vnc.sock",
         "main.pid",
+        "seed.iso",
     ] {
         assert!(data.join("vm/run").join(&id).join(f).exists(), "{f}");
     }
+    assert!(data.join("vm/own").join(&id).join("vnc.sock").exists());
+    qemu_is_confined(&data, &id, q[0]);
 
     // Stop: the ACPI power button, and the guest powers itself off (not the quit fallback).
     let s = d.json(&["instance", "stop", &id, "--wait", "--timeout", "120s"]);
@@ -276,6 +278,103 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
     let leaks = d.leaks(&ids);
     assert!(leaks.is_empty(), "leaks: {leaks:?}");
     assert!(d.leaked_processes(&ids).is_empty());
+}
+
+/// QEMU runs as the VM's own unprivileged user (no capabilities, no_new_privs), and with its
+/// credentials (a process given exactly QEMU's uid, gid and groups) the attacks a compromised
+/// QEMU would try fail: reading its own seed (ssh keys, startup script) or overlay by path,
+/// listing the run dirs of other VMs, connecting to its own QMP socket to swap or drive it,
+/// reading the host's secrets. The probe is shown to work by what that user may do: write in
+/// its own directory and read its template.
+fn qemu_is_confined(data: &Path, id: &str, pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> Vec<String> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let uid = field("Uid");
+    assert!(
+        uid.len() == 4 && uid.iter().all(|u| *u == uid[0]),
+        "{uid:?}"
+    );
+    assert_ne!(uid[0], "0", "QEMU runs as root:\n{status}");
+    assert_eq!(field("CapEff"), ["0000000000000000"], "{status}");
+    assert_eq!(field("CapPrm"), ["0000000000000000"], "{status}");
+    assert_eq!(field("NoNewPrivs"), ["1"], "{status}");
+    let gid = field("Gid")[0].clone();
+    let groups = field("Groups").join(",");
+    let as_qemu = |script: &str| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid",
+                &uid[0],
+                "--regid",
+                &gid,
+                if groups.is_empty() {
+                    "--clear-groups"
+                } else {
+                    "--groups"
+                },
+            ])
+            .args((!groups.is_empty()).then_some(groups.as_str()))
+            .args(["sh", "-c", script])
+            .output()
+            .unwrap()
+    };
+    let run = data.join("vm/run").join(id);
+    let own = data.join("vm/own").join(id);
+    let base = std::fs::read_dir(data.join("vm/templates"))
+        .unwrap()
+        .flatten()
+        .flat_map(|e| std::fs::read_dir(e.path()).into_iter().flatten().flatten())
+        .map(|b| b.path().join("base.ext4"))
+        .find(|p| p.is_file())
+        .expect("a template base");
+    // The probe runs: the user writes in its own dir and reads its template.
+    let ok = as_qemu(&format!(
+        "touch '{}/probe' && head -c 1 '{}' >/dev/null && echo probe-ok",
+        own.display(),
+        base.display()
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout).trim(),
+        "probe-ok",
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for target in [
+        run.join("seed.iso"),
+        run.join("main.pid"),
+        data.join("vm/disks").join(format!("{id}.qcow2")),
+        PathBuf::from("/etc/shadow"),
+    ] {
+        let r = as_qemu(&format!("cat '{}' >/dev/null", target.display()));
+        assert!(!r.status.success(), "QEMU's user read {}", target.display());
+        assert!(
+            String::from_utf8_lossy(&r.stderr).contains("Permission denied"),
+            "{}: {}",
+            target.display(),
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+    for dir in [
+        data.join("vm/run"),
+        data.join("vm/disks"),
+        data.join("vm/own"),
+    ] {
+        let r = as_qemu(&format!("ls '{}'", dir.display()));
+        assert!(!r.status.success(), "QEMU's user listed {}", dir.display());
+    }
+    // Its own QMP socket is the daemon's: QEMU cannot replace it (no write access to the run
+    // dir) nor reach it by path.
+    let r = as_qemu(&format!("ln -sf /nonexistent '{}/qmp.sock'", run.display()));
+    assert!(!r.status.success(), "QEMU's user replaced its QMP socket");
+    std::fs::remove_file(own.join("probe")).unwrap();
 }
 
 /// `gpuvisor instance console ID` with its stdin and stdout piped (no terminal: no raw mode).
@@ -698,7 +797,20 @@ fn a_vm_with_a_simulated_vfio_gpu_boots_under_ovmf_with_the_passthrough_plan() {
         cmd.contains("if=pflash,format=raw,unit=0,readonly=on,file="),
         "{cmd}"
     );
-    assert!(cmd.contains(&format!("vm/run/{id}/OVMF_VARS.fd")), "{cmd}");
+    // The variables store is this VM's copy, passed as a descriptor.
+    assert!(cmd.contains("unit=1,file=/dev/fdset/3 "), "{cmd}");
+    let vars = d.data().join("vm/run").join(&id).join("OVMF_VARS.fd");
+    let open_vars = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == vars))
+        .count();
+    assert_eq!(
+        open_vars,
+        2,
+        "QEMU holds {} read-write and read-only",
+        vars.display()
+    );
     assert!(cmd.contains("q35-pcihost.pci-hole64-size="), "{cmd}");
     assert!(!cmd.contains("vfio-pci,host="), "{cmd}");
     assert!(d

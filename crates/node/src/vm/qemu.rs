@@ -9,9 +9,20 @@
 //!   stop, and the machine GPU passthrough needs anyway (OVMF, a 64-bit MMIO window). microvm
 //!   would save a little boot time but needs two device models.
 //! - `-sandbox on` with spawning, privilege elevation, obsolete calls and resource control
-//!   denied. QEMU 7.2 cannot drop to another user under `elevateprivileges=deny` (`-runas`
-//!   calls setuid after the filter is in place: SIGSYS), so QEMU runs as root, confined by the
-//!   seccomp filter and its cgroup; the tap is opened by the daemon and passed as an fd.
+//!   denied, and QEMU started as an unprivileged user of its own ([`VmUser`]: uid and gid
+//!   [`VM_UID_BASE`] + the first 28 bits of the instance id, no capabilities, no_new_privs)
+//!   where the devices allow: the daemon drops to it between fork and exec, after writing
+//!   the child into its cgroup (QEMU's own `-runas` would setuid after the seccomp filter is
+//!   in place: SIGSYS). A VM with passed-through GPUs still runs as root (its VFIO group nodes
+//!   and locked-memory limit are not handed over yet), as does a KVM VM where `/dev/kvm` is
+//!   not group-accessible.
+//! - QEMU opens no path of the daemon's: the QMP, console and agent sockets are bound by the
+//!   daemon in its root-only run dir and passed as listening fds; the overlay, volumes, seed
+//!   and OVMF variables are passed as fd sets (`/dev/fdset/N`, a read-write and a read-only
+//!   descriptor each); the tap as an fd. By path it opens only the template's read-only base
+//!   and kernel (group [`TEMPLATE_GID`], which every VM user has), its VNC socket in its own
+//!   directory, `/dev/urandom`, OVMF's code and `/dev/kvm`. So a compromised QEMU cannot
+//!   swap a socket for a link to another VM's, and reads no other VM's disks or seeds.
 //! - The daemon keeps no thread per VM: everything it needs later is a file in the run dir
 //!   (pid file, sockets), so a restarted daemon adopts a running VM by reading them.
 
@@ -28,15 +39,48 @@ pub const TCG_TB_MIB: u64 = 64;
 pub const OVERHEAD_TCG: u64 = 192 << 20;
 pub const OVERHEAD_KVM: u64 = 96 << 20;
 
-/// The files of one VM's QEMU in its run dir.
+/// First uid (and gid) of the VM users: uid = base + the instance id's first 28 bits, far above
+/// any account or subordinate id range a distribution hands out.
+pub const VM_UID_BASE: u32 = 3_000_000_000;
+/// The group that may read VM templates (every VM user has it as a supplementary group).
+pub const TEMPLATE_GID: u32 = VM_UID_BASE - 1;
+
+/// The credentials QEMU runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl VmUser {
+    /// The user of instance `id` (12 hex digits); `extra` supplementary groups beside the
+    /// template group (e.g. `/dev/kvm`'s).
+    pub fn of(id: &str, extra: &[u32]) -> Option<Self> {
+        let n = u32::from_str_radix(id.get(..7)?, 16).ok()?;
+        let uid = VM_UID_BASE + n;
+        let mut groups = vec![TEMPLATE_GID];
+        groups.extend(extra.iter().copied().filter(|g| *g != TEMPLATE_GID));
+        Some(Self {
+            uid,
+            gid: uid,
+            groups,
+        })
+    }
+}
+
+/// The files of one VM's QEMU: its run dir (root-only: sockets the daemon binds, pid file,
+/// seed, OVMF variables, QEMU's stderr) and the directory QEMU itself writes (its VNC socket).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunPaths {
     pub dir: PathBuf,
+    /// Owned by the VM's user: the only directory QEMU may create files in.
+    pub own: PathBuf,
 }
 
 impl RunPaths {
-    pub fn new(dir: PathBuf) -> Self {
-        Self { dir }
+    pub fn new(dir: PathBuf, own: PathBuf) -> Self {
+        Self { dir, own }
     }
     pub fn qmp(&self) -> PathBuf {
         self.dir.join("qmp.sock")
@@ -48,10 +92,7 @@ impl RunPaths {
         self.dir.join("console.sock")
     }
     pub fn vnc(&self) -> PathBuf {
-        self.dir.join("vnc.sock")
-    }
-    pub fn pid(&self) -> PathBuf {
-        self.dir.join("qemu.pid")
+        self.own.join("vnc.sock")
     }
     pub fn stderr(&self) -> PathBuf {
         self.dir.join("qemu.err")
@@ -72,6 +113,23 @@ pub struct GpuPassthrough {
     pub ovmf_code: PathBuf,
     /// The VM's own copy of the OVMF variables store.
     pub ovmf_vars: PathBuf,
+}
+
+/// The descriptors QEMU inherits for what [`VmSpec`] names (numbers in the child): see
+/// [`open_fds`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VmFds {
+    /// Listening sockets.
+    pub qmp: RawFd,
+    pub console: RawFd,
+    pub agent: RawFd,
+    /// (read-write, read-only) descriptors of each disk, for its fd set.
+    pub root: (RawFd, RawFd),
+    pub volumes: Vec<(RawFd, RawFd)>,
+    pub seed: Option<RawFd>,
+    pub ovmf_vars: Option<(RawFd, RawFd)>,
+    /// `/dev/vhost-vsock`, opened by the daemon.
+    pub vhost_vsock: Option<RawFd>,
 }
 
 /// The tap the daemon opened for the VM (passed to QEMU as an inherited fd).
@@ -110,9 +168,28 @@ fn s(v: &str) -> String {
 }
 
 impl VmSpec {
-    /// QEMU's arguments (without the binary).
-    pub fn args(&self) -> Vec<String> {
+    /// QEMU's arguments (without the binary), for the descriptors `fds` it inherits.
+    pub fn args(&self, fds: &VmFds) -> Vec<String> {
         let p = |x: &Path| x.display().to_string();
+        // Fd sets: 1 the root overlay, 2 the seed, 3 the OVMF variables, 10 + i volume i.
+        let mut a: Vec<String> = Vec::new();
+        let mut fdset = |set: u32, fd: RawFd| {
+            a.extend([s("-add-fd"), format!("fd={fd},set={set}")]);
+        };
+        fdset(1, fds.root.0);
+        fdset(1, fds.root.1);
+        if let Some(fd) = fds.seed {
+            fdset(2, fd);
+        }
+        if let Some((rw, ro)) = fds.ovmf_vars {
+            fdset(3, rw);
+            fdset(3, ro);
+        }
+        for (i, (rw, ro)) in fds.volumes.iter().enumerate() {
+            fdset(10 + i as u32, *rw);
+            fdset(10 + i as u32, *ro);
+        }
+        let sets = a;
         let mut a: Vec<String> = vec![
             s("-name"),
             format!("gpuvisor-{},debug-threads=on", self.id),
@@ -144,11 +221,12 @@ impl VmSpec {
             s("panic=exit-failure"),
             s("-display"),
             s("none"),
-            s("-pidfile"),
-            p(&self.run.pid()),
-            s("-qmp"),
-            format!("unix:{},server=on,wait=off", p(&self.run.qmp())),
+            s("-chardev"),
+            format!("socket,id=qmp,fd={},server=on,wait=off", fds.qmp),
+            s("-mon"),
+            s("chardev=qmp,mode=control"),
         ];
+        a.extend(sets);
         if let Some(g) = &self.gpus {
             a.extend([
                 s("-drive"),
@@ -157,7 +235,7 @@ impl VmSpec {
                     p(&g.ovmf_code)
                 ),
                 s("-drive"),
-                format!("if=pflash,format=raw,unit=1,file={}", p(&g.ovmf_vars)),
+                s("if=pflash,format=raw,unit=1,file=/dev/fdset/3"),
             ]);
         }
         a.extend([s("-kernel"), p(&self.kernel)]);
@@ -170,8 +248,8 @@ impl VmSpec {
         a.extend([
             s("-chardev"),
             format!(
-                "socket,id=console,path={},server=on,wait=off,logfile=/proc/self/fd/1,logappend=on",
-                p(&self.run.console())
+                "socket,id=console,fd={},server=on,wait=off,logfile=/proc/self/fd/1,logappend=on",
+                fds.console
             ),
             s("-serial"),
             s("chardev:console"),
@@ -179,25 +257,22 @@ impl VmSpec {
         // Disks: root overlay, volumes by serial, seed read-only.
         a.extend([
             s("-drive"),
-            format!(
-                "if=none,id=root,format=qcow2,file={},discard=unmap",
-                p(&self.root)
-            ),
+            s("if=none,id=root,format=qcow2,file=/dev/fdset/1,discard=unmap"),
             s("-device"),
             s("virtio-blk-pci,drive=root,serial=root"),
         ]);
-        for (i, (serial, path)) in self.volumes.iter().enumerate() {
+        for (i, (serial, _)) in self.volumes.iter().enumerate() {
             a.extend([
                 s("-drive"),
-                format!("if=none,id=vol{i},format=raw,file={}", p(path)),
+                format!("if=none,id=vol{i},format=raw,file=/dev/fdset/{}", 10 + i),
                 s("-device"),
                 format!("virtio-blk-pci,drive=vol{i},serial={serial}"),
             ]);
         }
-        if let Some(seed) = &self.seed {
+        if self.seed.is_some() {
             a.extend([
                 s("-drive"),
-                format!("if=none,id=seed,format=raw,readonly=on,file={}", p(seed)),
+                s("if=none,id=seed,format=raw,readonly=on,file=/dev/fdset/2"),
                 s("-device"),
                 s("virtio-blk-pci,drive=seed,serial=cidata"),
             ]);
@@ -218,10 +293,7 @@ impl VmSpec {
             s("-device"),
             s("pvpanic-pci"),
             s("-chardev"),
-            format!(
-                "socket,id=qga,path={},server=on,wait=off",
-                p(&self.run.agent())
-            ),
+            format!("socket,id=qga,fd={},server=on,wait=off", fds.agent),
             s("-device"),
             s("virtio-serial-pci,id=vser0"),
             s("-device"),
@@ -232,7 +304,13 @@ impl VmSpec {
             format!("unix:{}", p(&self.run.vnc())),
         ]);
         if let Some(cid) = self.vsock_cid {
-            a.extend([s("-device"), format!("vhost-vsock-pci,guest-cid={cid}")]);
+            a.extend([
+                s("-device"),
+                match fds.vhost_vsock {
+                    Some(fd) => format!("vhost-vsock-pci,guest-cid={cid},vhostfd={fd}"),
+                    None => format!("vhost-vsock-pci,guest-cid={cid}"),
+                },
+            ]);
         }
         if let Some(g) = &self.gpus {
             a.extend(g.args.iter().cloned());
@@ -267,7 +345,7 @@ pub fn vsock_missing(root: &HostRoot) -> Option<String> {
 }
 
 /// The instance's cgroup for QEMU: made in every hierarchy we use (cgroup v1: cpuset, memory,
-/// pids, cpu; v2: one directory), limited to `cpus` and `memory` bytes. Returns the open
+/// pids, cpu, cpuacct; v2: one directory), limited to `cpus` and `memory` bytes. Returns the open
 /// `cgroup.procs` files the child writes itself into before exec.
 pub fn make_cgroup(
     root: &HostRoot,
@@ -306,9 +384,15 @@ pub fn make_cgroup(
         let _ = std::fs::write(dir.join("memory.swap.max"), "0");
         dirs.push(dir);
     } else {
-        for ctrl in ["cpuset", "memory", "pids", "cpu,cpuacct"] {
+        // `cpu,cpuacct` is one hierarchy on most hosts (`cpu` and `cpuacct` links to it) and
+        // two on others: each mounted hierarchy once, whatever its name.
+        let mut seen = std::collections::BTreeSet::new();
+        for ctrl in ["cpuset", "memory", "pids", "cpu,cpuacct", "cpu", "cpuacct"] {
             let hier = base.join(ctrl);
-            if !hier.is_dir() {
+            let Ok(real) = hier.canonicalize() else {
+                continue;
+            };
+            if !hier.is_dir() || !seen.insert(real) {
                 continue;
             }
             let parent = hier.join(cgroup::PARENT);
@@ -352,35 +436,105 @@ pub fn make_cgroup(
         .collect()
 }
 
-/// Starts QEMU for `spec`: its own session, in the instance's cgroup (`procs`), stdout to
-/// `output` (the log relay), stderr to the run dir's `qemu.err`, `keep` fds inherited (the
-/// tap). Waits until QMP answers (or QEMU exits: the error names QEMU's message). Returns the
-/// pid.
+/// Opens what `spec` names for QEMU to inherit: its QMP, console and agent sockets bound in
+/// the run dir (mode 0600, the daemon's), its overlay, volumes and OVMF variables read-write
+/// and read-only, its seed read-only, `/dev/vhost-vsock` when it gets a vsock. The owned
+/// descriptors stay open until QEMU has started.
+pub fn open_fds(spec: &VmSpec, root: &HostRoot) -> Result<(Vec<OwnedFd>, VmFds), VmError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut owned: Vec<OwnedFd> = Vec::new();
+    let mut keep = |fd: OwnedFd| {
+        let raw = fd.as_raw_fd();
+        owned.push(fd);
+        raw
+    };
+    let listen = |path: &Path| -> Result<OwnedFd, VmError> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(vio(path)(e)),
+            _ => {}
+        }
+        let l = std::os::unix::net::UnixListener::bind(path).map_err(vio(path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(vio(path))?;
+        Ok(OwnedFd::from(l))
+    };
+    let open = |path: &Path, write: bool| -> Result<OwnedFd, VmError> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map(OwnedFd::from)
+            .map_err(vio(path))
+    };
+    let mut fds = VmFds {
+        qmp: keep(listen(&spec.run.qmp())?),
+        console: keep(listen(&spec.run.console())?),
+        agent: keep(listen(&spec.run.agent())?),
+        ..VmFds::default()
+    };
+    fds.root = (
+        keep(open(&spec.root, true)?),
+        keep(open(&spec.root, false)?),
+    );
+    for (_, path) in &spec.volumes {
+        fds.volumes
+            .push((keep(open(path, true)?), keep(open(path, false)?)));
+    }
+    if let Some(seed) = &spec.seed {
+        fds.seed = Some(keep(open(seed, false)?));
+    }
+    if let Some(g) = &spec.gpus {
+        fds.ovmf_vars = Some((
+            keep(open(&g.ovmf_vars, true)?),
+            keep(open(&g.ovmf_vars, false)?),
+        ));
+    }
+    if spec.vsock_cid.is_some() {
+        fds.vhost_vsock = Some(keep(open(&root.path("/dev/vhost-vsock"), true)?));
+    }
+    Ok((owned, fds))
+}
+
+/// Starts QEMU for `spec`: its own session, in the instance's cgroup (`procs`), as `user`
+/// when given (see the module doc), stdout to `output` (the log relay), stderr to the run
+/// dir's `qemu.err`, `keep` fds inherited (the tap and [`open_fds`]'s). Waits until QMP
+/// answers (or QEMU exits: the error names QEMU's message). Returns the pid.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     qemu: &Path,
     spec: &VmSpec,
+    fds: &VmFds,
     output: OwnedFd,
     procs: &[OwnedFd],
     keep: &[RawFd],
+    user: Option<&VmUser>,
     timeout: Duration,
 ) -> Result<i32, VmError> {
     use std::os::unix::process::CommandExt;
     let err_path = spec.run.stderr();
     let stderr = std::fs::File::create(&err_path).map_err(vio(&err_path))?;
     let mut cmd = std::process::Command::new(qemu);
-    cmd.args(spec.args())
+    cmd.args(spec.args(fds))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::from(output))
         .stderr(std::process::Stdio::from(stderr));
     let procs: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
     let keep = keep.to_vec();
+    let user = user.cloned();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // calls (setsid, write, fcntl) on fds that stay open in the parent until spawn returns.
+    // calls (setsid, write, fcntl, fchown, prctl, setgroups, setgid, setuid) on fds that stay
+    // open in the parent until spawn returns, and on memory (`user.groups`) allocated before
+    // the fork.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            let check = |r: libc::c_int| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::setsid())?;
             for &fd in &procs {
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());
@@ -388,9 +542,16 @@ pub fn spawn(
             }
             for &fd in &keep {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                check(flags)?;
+                check(libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
+            }
+            if let Some(u) = &user {
+                // The console log reopens stdout (the log relay's pipe) through /proc.
+                check(libc::fchown(1, u.uid, u.gid))?;
+                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+                check(libc::setgroups(u.groups.len(), u.groups.as_ptr()))?;
+                check(libc::setgid(u.gid))?;
+                check(libc::setuid(u.uid))?;
             }
             Ok(())
         });
@@ -603,7 +764,23 @@ mod tests {
             }),
             vsock_cid: None,
             gpus: None,
-            run: RunPaths::new("/d/vm/run/0123456789ab".into()),
+            run: RunPaths::new(
+                "/d/vm/run/0123456789ab".into(),
+                "/d/vm/own/0123456789ab".into(),
+            ),
+        }
+    }
+
+    fn fds() -> VmFds {
+        VmFds {
+            qmp: 10,
+            console: 11,
+            agent: 12,
+            root: (13, 14),
+            volumes: vec![(15, 16)],
+            seed: Some(17),
+            ovmf_vars: None,
+            vhost_vsock: None,
         }
     }
 
@@ -611,28 +788,30 @@ mod tests {
 -name gpuvisor-0123456789ab,debug-threads=on -nodefaults -no-user-config \
 -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
 -machine q35 -accel tcg,tb-size=64 -cpu max -smp 2 -m 512M -no-reboot \
--action panic=exit-failure -display none -pidfile /d/vm/run/0123456789ab/qemu.pid \
--qmp unix:/d/vm/run/0123456789ab/qmp.sock,server=on,wait=off \
+-action panic=exit-failure -display none \
+-chardev socket,id=qmp,fd=10,server=on,wait=off -mon chardev=qmp,mode=control \
+-add-fd fd=13,set=1 -add-fd fd=14,set=1 -add-fd fd=17,set=2 \
+-add-fd fd=15,set=10 -add-fd fd=16,set=10 \
 -kernel /t/vmlinuz -initrd /t/initrd.img -append root=/dev/vda rw console=ttyS0 \
--chardev socket,id=console,path=/d/vm/run/0123456789ab/console.sock,server=on,wait=off,logfile=/proc/self/fd/1,logappend=on \
+-chardev socket,id=console,fd=11,server=on,wait=off,logfile=/proc/self/fd/1,logappend=on \
 -serial chardev:console \
--drive if=none,id=root,format=qcow2,file=/d/vm/disks/0123456789ab.qcow2,discard=unmap \
+-drive if=none,id=root,format=qcow2,file=/dev/fdset/1,discard=unmap \
 -device virtio-blk-pci,drive=root,serial=root \
--drive if=none,id=vol0,format=raw,file=/d/volumes/t/data.img \
+-drive if=none,id=vol0,format=raw,file=/dev/fdset/10 \
 -device virtio-blk-pci,drive=vol0,serial=data \
--drive if=none,id=seed,format=raw,readonly=on,file=/d/vm/run/0123456789ab/seed.iso \
+-drive if=none,id=seed,format=raw,readonly=on,file=/dev/fdset/2 \
 -device virtio-blk-pci,drive=seed,serial=cidata \
 -netdev tap,id=net0,fd=7 -device virtio-net-pci,netdev=net0,mac=02:01:23:45:67:89 \
 -object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-pci,rng=rng0 \
 -device pvpanic-pci \
--chardev socket,id=qga,path=/d/vm/run/0123456789ab/qga.sock,server=on,wait=off \
+-chardev socket,id=qga,fd=12,server=on,wait=off \
 -device virtio-serial-pci,id=vser0 \
 -device virtserialport,bus=vser0.0,chardev=qga,name=org.qemu.guest_agent.0 \
--device VGA,vgamem_mb=4 -vnc unix:/d/vm/run/0123456789ab/vnc.sock";
+-device VGA,vgamem_mb=4 -vnc unix:/d/vm/own/0123456789ab/vnc.sock";
 
     #[test]
     fn command_line_golden() {
-        assert_eq!(spec().args().join(" "), GOLDEN);
+        assert_eq!(spec().args(&fds()).join(" "), GOLDEN);
     }
 
     #[test]
@@ -645,16 +824,38 @@ mod tests {
             ovmf_code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
             ovmf_vars: "/d/vm/run/0123456789ab/OVMF_VARS.fd".into(),
         });
-        let a = s.args().join(" ");
+        let mut f = fds();
+        f.ovmf_vars = Some((20, 21));
+        f.vhost_vsock = Some(22);
+        let a = s.args(&f).join(" ");
         assert!(a.contains("-accel kvm -cpu host "), "{a}");
+        assert!(
+            a.contains("-add-fd fd=20,set=3 -add-fd fd=21,set=3 "),
+            "{a}"
+        );
         assert!(a.contains(
             "-drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
-             -drive if=pflash,format=raw,unit=1,file=/d/vm/run/0123456789ab/OVMF_VARS.fd -kernel"
+             -drive if=pflash,format=raw,unit=1,file=/dev/fdset/3 -kernel"
         ));
-        assert!(
-            a.ends_with("-device vhost-vsock-pci,guest-cid=42 -device vfio-pci,host=0000:3b:00.0")
-        );
+        assert!(a.ends_with(
+            "-device vhost-vsock-pci,guest-cid=42,vhostfd=22 -device vfio-pci,host=0000:3b:00.0"
+        ));
         assert_eq!(s.memory_limit(), (512 << 20) + OVERHEAD_KVM);
+    }
+
+    #[test]
+    fn each_vm_has_its_own_user() {
+        let u = VmUser::of("0123456789ab", &[108]).unwrap();
+        assert_eq!(
+            (u.uid, u.gid),
+            (VM_UID_BASE + 0x0123456, VM_UID_BASE + 0x0123456)
+        );
+        assert_eq!(u.groups, vec![TEMPLATE_GID, 108]);
+        let other = VmUser::of("0123457789ab", &[]).unwrap();
+        assert_ne!(other.uid, u.uid);
+        // The largest id stays a valid uid (below the 32-bit "no uid" value).
+        assert!(VmUser::of("ffffffffffff", &[]).unwrap().uid < u32::MAX - 1);
+        assert_eq!(VmUser::of("xyz", &[]), None);
     }
 
     #[test]

@@ -20,7 +20,8 @@ use crate::instance::{ExecTty, InstancePlan, Node, NodeError, StepTimer};
 use crate::net::TenantNet;
 use crate::runtime::{Runtime, RuntimeKind};
 use std::collections::BTreeSet;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -54,8 +55,60 @@ impl VmRuntime {
         self.data_dir.join("vm").join("disks")
     }
 
+    /// Directories QEMU's user owns (one per VM: its VNC socket).
+    fn own_root(&self) -> PathBuf {
+        self.data_dir.join("vm").join("own")
+    }
+
     pub fn run_paths(&self, id: &str) -> RunPaths {
-        RunPaths::new(self.run_root().join(id))
+        RunPaths::new(self.run_root().join(id), self.own_root().join(id))
+    }
+
+    /// The VM directories' owners and modes, whatever the umask: `vm/` 0711; `run/` and
+    /// `disks/` 0700 (root's: QEMU gets descriptors, never these paths); `templates/` 0750
+    /// root:[`qemu::TEMPLATE_GID`] (the VM users read the bases, nobody else); `own/` 0711.
+    fn prepare_dirs(&self) -> Result<(), VmError> {
+        use std::os::unix::fs::PermissionsExt;
+        let vm = self.data_dir.join("vm");
+        let tpl = self.templates.root().to_path_buf();
+        for (dir, mode, gid) in [
+            (vm, 0o711, 0),
+            (self.run_root(), 0o700, 0),
+            (self.disks_root(), 0o700, 0),
+            (tpl, 0o750, qemu::TEMPLATE_GID),
+            (self.own_root(), 0o711, 0),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(vio(&dir))?;
+            std::os::unix::fs::chown(&dir, Some(0), Some(gid)).map_err(vio(&dir))?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+                .map_err(vio(&dir))?;
+        }
+        Ok(())
+    }
+
+    /// Who QEMU runs as (see [`qemu`]'s module doc): the VM's own user, or root (with the
+    /// reason, logged) for passed-through GPUs or a `/dev/kvm` its group cannot open.
+    fn vm_user(&self, node: &Node, id: &str, gpus: bool) -> Option<qemu::VmUser> {
+        use std::os::unix::fs::MetadataExt;
+        if gpus {
+            tracing::info!(
+                id,
+                "QEMU runs as root: VFIO GPUs are not handed to the VM user yet"
+            );
+            return None;
+        }
+        let mut extra = Vec::new();
+        if matches!(self.cfg.accel, super::Accel::Kvm) {
+            match std::fs::metadata(node.cfg.root.path("/dev/kvm")) {
+                Ok(m) if m.mode() & 0o060 == 0o060 => extra.push(m.gid()),
+                Ok(m) if m.mode() & 0o006 == 0o006 => {}
+                _ => {
+                    tracing::info!(id, "QEMU runs as root: /dev/kvm is not group-accessible");
+                    return None;
+                }
+            }
+        }
+        qemu::VmUser::of(id, &extra)
     }
 
     /// The volume images VM `id` was started with (its run dir's `volumes` list); only paths
@@ -95,7 +148,17 @@ impl VmRuntime {
         let run = self.run_paths(id);
         // Half-made or stopped: start from nothing (the tap, overlay and run dir are per run).
         self.remove_objects(node, id)?;
-        std::fs::create_dir_all(&run.dir).map_err(vio(&run.dir))?;
+        self.prepare_dirs()?;
+        let user = self.vm_user(node, id, !plan.gpus.is_empty());
+        for dir in [&run.dir, &run.own] {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .map_err(vio(dir))?;
+        }
+        if let Some(u) = &user {
+            std::os::unix::fs::chown(&run.own, Some(u.uid), Some(u.gid)).map_err(vio(&run.own))?;
+        }
         t.mark("vm_clean");
         let layers: Vec<PathBuf> = plan
             .layers
@@ -106,8 +169,6 @@ impl VmRuntime {
         let template = self.templates.ensure(&plan.image_digest, &layers)?;
         t.mark("vm_template");
         let overlay = self.overlay(id);
-        let disks = self.disks_root();
-        std::fs::create_dir_all(&disks).map_err(vio(&disks))?;
         self.templates
             .create_overlay(&template, &overlay, plan.disk_size)?;
         t.mark("vm_overlay");
@@ -195,6 +256,8 @@ impl VmRuntime {
         })? {
             let vars = run.dir.join("OVMF_VARS.fd");
             std::fs::copy(&p.firmware.vars_template, &vars).map_err(vio(&vars))?;
+            std::fs::set_permissions(&vars, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(vio(&vars))?;
             for n in &p.notes {
                 tracing::info!(id, "GPU passthrough: {n}");
             }
@@ -212,16 +275,21 @@ impl VmRuntime {
             why: format!("log relay: {e}"),
         })?;
         t.mark("log_relay");
+        let (held, fds) = qemu::open_fds(&spec, &node.cfg.root)?;
+        let mut keep: Vec<RawFd> = held.iter().map(AsRawFd::as_raw_fd).collect();
+        keep.push(tap.as_raw_fd());
         let pid = qemu::spawn(
             &self.cfg.qemu,
             &spec,
+            &fds,
             output,
             &procs,
-            &[tap.as_raw_fd()],
+            &keep,
+            user.as_ref(),
             START_TIMEOUT,
         )?;
-        // QEMU holds the tap now; ours closes with `tap`.
-        drop(tap);
+        // QEMU holds the tap, sockets and disks now; ours close here.
+        drop((tap, held));
         let pid_file = self.main_pid_file(id);
         std::fs::write(&pid_file, format!("{pid}\n")).map_err(vio(&pid_file))?;
         t.mark("qemu_start");
@@ -250,10 +318,12 @@ impl VmRuntime {
             wait_gone(node, pid, Duration::from_secs(5));
         }
         node.net.teardown_tap(id).map_err(net_err)?;
-        let run = self.run_paths(id).dir;
-        match std::fs::remove_dir_all(&run) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(vio(&run)(e)),
-            _ => {}
+        let run = self.run_paths(id);
+        for dir in [run.dir, run.own] {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(vio(&dir)(e)),
+                _ => {}
+            }
         }
         let ov = self.overlay(id);
         match std::fs::remove_file(&ov) {
@@ -319,9 +389,10 @@ impl Runtime for VmRuntime {
         Some(self.cfg.accel.describe())
     }
 
-    /// A run dir or an overlay of ours for `id`.
+    /// A run dir, QEMU's own dir or an overlay of ours for `id`.
     fn knows(&self, _node: &Node, id: &str) -> bool {
-        self.run_paths(id).dir.exists() || self.overlay(id).exists()
+        let run = self.run_paths(id);
+        run.dir.exists() || run.own.exists() || self.overlay(id).exists()
     }
 
     fn provision(
@@ -331,6 +402,14 @@ impl Runtime for VmRuntime {
         t: &mut StepTimer,
     ) -> Result<(), NodeError> {
         if self.live_pid(node, &plan.id).is_some() {
+            // Adopted (or asked again): its vCPUs pinned again, in case a daemon died between
+            // QEMU's start and the pinning. Idempotent.
+            let pinned = Monitor::connect(&self.run_paths(&plan.id).qmp(), Duration::from_secs(5))
+                .and_then(|mut m| m.vcpus())
+                .and_then(|v| qemu::pin_vcpus(&v, &plan.cpus));
+            if let Err(e) = pinned {
+                tracing::warn!(id = %plan.id, "re-pinning the vCPUs of a running VM: {e}");
+            }
             return Ok(());
         }
         self.provision_steps(node, plan, t).map_err(NodeError::from)
@@ -396,8 +475,6 @@ impl Runtime for VmRuntime {
             .collect()
     }
 
-    /// The tap's counters, turned to the guest's view (what the tap sends, the guest
-    /// receives). The guest's disk use is not read (it needs the guest's help).
     /// Host-side figures, never the guest's word: the root disk's size is its overlay's
     /// virtual size and its use what the guest has written into the overlay (allocated
     /// bytes, metadata included); a volume's size is its image's and its use the image's
@@ -442,11 +519,13 @@ impl Runtime for VmRuntime {
     /// Run dirs and overlays.
     fn local_ids(&self, _node: &Node) -> Result<BTreeSet<String>, NodeError> {
         let mut ids = BTreeSet::new();
-        if let Ok(rd) = std::fs::read_dir(self.run_root()) {
-            ids.extend(
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned()),
-            );
+        for root in [self.run_root(), self.own_root()] {
+            if let Ok(rd) = std::fs::read_dir(root) {
+                ids.extend(
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned()),
+                );
+            }
         }
         if let Ok(rd) = std::fs::read_dir(self.disks_root()) {
             ids.extend(rd.flatten().filter_map(|e| {

@@ -17,7 +17,8 @@
 //! [`FORMAT_VERSION`], the operator's `--kernel`/`--initrd` changed) goes to a new directory,
 //! so an overlay always points at the base it was made over or at nothing. A build is removed
 //! only while no [`Template`] of it is held and no process has its base open.
-//! Overlays and seeds are 0600 (QEMU runs as root); the base, kernel and initrd are 0444.
+//! Overlays and seeds are 0600 (QEMU gets descriptors); the base, kernel and initrd are 0444
+//! in directories the VM users reach through the templates root (0750, `qemu::TEMPLATE_GID`).
 //!
 //! Building: the layers (overlayfs form, as [`crate::image`] unpacks them: whiteouts are 0/0
 //! character devices, opaque directories carry `trusted.overlay.opaque`) are stacked in a
@@ -249,6 +250,8 @@ impl Templates {
         self.build(digest, &key, layers, &identity, &staging.path)?;
         let parent = self.root.join(&name);
         fs::create_dir_all(&parent).map_err(io_at(&parent))?;
+        // Open inside: the templates root (0750, group of the VM users) is the gate.
+        set_mode(&parent, 0o755)?;
         let dir = parent.join(&build_id);
         fs::rename(&staging.path, &dir).map_err(io_at(&dir))?;
         staging.disarm();
@@ -328,7 +331,7 @@ impl Templates {
         let res = OpenOptions::new()
             .write(true)
             .create_new(true)
-            // The guest's disk: root only (QEMU runs as root; see the module doc).
+            // The guest's disk: root only (QEMU is handed a descriptor; see vm::qemu).
             .mode(0o600)
             .open(&tmp)
             .and_then(|f| super::qcow2::write(&f, &t.base, size))
@@ -882,6 +885,7 @@ impl Staging {
             fs::create_dir_all(parent).map_err(io_at(parent))?;
         }
         fs::create_dir(&path).map_err(io_at(&path))?;
+        set_mode(&path, 0o755)?;
         Ok(Staging { path, armed: true })
     }
 
