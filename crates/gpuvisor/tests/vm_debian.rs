@@ -140,6 +140,10 @@ fn debian_guest_runs_cloud_init_and_its_volume_is_read_by_the_next_vm() {
     // From inside the guest, through the guest agent. Every module of cloud-init succeeded.
     let status = guest(&d, &id, "cloud-init status --long");
     assert!(status.contains("status: done"), "{status}");
+    // The seed's user-data is valid under the guest's own cloud-init schema (a schema error is
+    // only a warning in its log).
+    let schema = guest(&d, &id, "cloud-init schema --system 2>&1");
+    assert!(schema.contains("Valid cloud-config"), "{schema}");
     // exec: stdout, stderr and the exit status come back apart.
     let (code, out, err) = d.exec(&id, "echo to-stdout; echo to-stderr >&2; exit 7");
     assert_eq!(
