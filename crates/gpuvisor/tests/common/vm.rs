@@ -117,9 +117,11 @@ pub fn debian_template() -> Option<PathBuf> {
         return None;
     }
     std::fs::rename(&partial, &tar).unwrap();
+    // The script's last line says what it built (debootstrap's progress comes before).
+    let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!(
         "{} in {:.0} s",
-        String::from_utf8_lossy(&out.stdout).trim(),
+        stdout.trim().lines().last().unwrap_or_default(),
         t0.elapsed().as_secs_f64()
     );
     Some(tar)
