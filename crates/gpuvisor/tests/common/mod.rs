@@ -3,6 +3,8 @@
 //! daemon shares the host's bridges and iptables chains, as a daemon per host does in production.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod vm;
+
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

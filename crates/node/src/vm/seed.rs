@@ -180,13 +180,17 @@ pub fn render(spec: &SeedSpec) -> Result<SeedDocs, TemplateError> {
         "local-hostname": spec.hostname,
     });
 
-    let user = json!({
+    let mut user = json!({
         "name": spec.user,
         "sudo": "ALL=(ALL) NOPASSWD:ALL",
         "shell": "/bin/bash",
         "lock_passwd": true,
-        "ssh_authorized_keys": spec.ssh_keys,
     });
+    // cloud-init's schema wants at least one key in the list (an empty one makes the whole
+    // user-data "invalid cloud-config" in its log and `cloud-init schema`): none, no list.
+    if !spec.ssh_keys.is_empty() {
+        user["ssh_authorized_keys"] = json!(spec.ssh_keys);
+    }
     let mut cfg = serde_json::Map::new();
     cfg.insert("hostname".into(), json!(spec.hostname));
     cfg.insert("preserve_hostname".into(), json!(false));

@@ -216,6 +216,26 @@ fn injection_attempts_stay_literal() {
     assert_eq!(meta.as_object().unwrap().len(), 2);
 }
 
+/// cloud-init 22.4's schema wants at least one key where `ssh_authorized_keys` is given: a VM
+/// created without `--ssh-key` gets no list (an empty one made Debian's cloud-init log
+/// "Invalid cloud-config provided").
+#[test]
+fn a_seed_without_keys_has_no_key_list() {
+    let mut s = spec();
+    s.ssh_keys.clear();
+    let docs = render(&s).unwrap();
+    assert!(
+        !docs.user_data.contains("ssh_authorized_keys"),
+        "{}",
+        docs.user_data
+    );
+    let Some(user) = pyyaml(&docs.user_data) else {
+        return;
+    };
+    assert_eq!(user["users"][0]["name"], "gpuvisor");
+    assert!(user["users"][0].get("ssh_authorized_keys").is_none());
+}
+
 #[test]
 fn what_cannot_be_written_safely_is_refused() {
     type Edit = Box<dyn Fn(&mut SeedSpec)>;
