@@ -9,76 +9,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+use common::vm::{fixture, logs, vm_daemon, wait_log};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The fixture dir, or `None` (skip, or failure under CI) with the reason recorded.
-fn fixture() -> Option<PathBuf> {
-    if which("qemu-system-x86_64").is_none() {
-        prerequisite_missing("qemu-system-x86_64 not installed (scripts/install-deps)");
-        return None;
-    }
-    if let Some(d) = std::env::var_os("GPUVISOR_VM_FIXTURE").map(PathBuf::from) {
-        if d.join("vmlinuz").is_file() && d.join("initrd.img").is_file() {
-            return Some(d);
-        }
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/vm-test-fixture");
-    if script.is_file() {
-        let dir = PathBuf::from("/var/tmp/gpuvisor-vm-fixture");
-        let st = std::process::Command::new(&script).arg(&dir).status();
-        if st.is_ok_and(|s| s.success()) && dir.join("vmlinuz").is_file() {
-            return Some(dir);
-        }
-    }
-    prerequisite_missing(
-        "no VM test fixture (GPUVISOR_VM_FIXTURE, or scripts/vm-test-fixture failed or is missing)",
-    );
-    None
-}
-
-fn which(bin: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(bin))
-        .find(|p| p.is_file())
-}
-
-fn vm_daemon(fx: &Path) -> Daemon {
-    let k = fx.join("vmlinuz");
-    let i = fx.join("initrd.img");
-    // A guest under TCG on a loaded machine may take seconds to react to the power button.
-    Daemon::start(&[
-        "--stop-grace",
-        "60s",
-        "--vm-kernel",
-        k.to_str().unwrap(),
-        "--vm-initrd",
-        i.to_str().unwrap(),
-    ])
-}
-
-fn logs(d: &Daemon, id: &str) -> String {
-    String::from_utf8_lossy(&d.cli(&["instance", "logs", id]).stdout).into_owned()
-}
-
-/// Waits (bounded, generously: TCG on a loaded 2-CPU machine) until the instance's log shows
-/// `needle` `count` times; returns the log.
-fn wait_log(d: &Daemon, id: &str, needle: &str, count: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let l = logs(d, id);
-        if l.matches(needle).count() >= count {
-            return l;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} x{count} never appeared in the log of {id}:\n{l}\n--- daemon:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
+/// How long a guest under TCG on a loaded 2-CPU machine may take to print a line.
+const TCG_WAIT: Duration = Duration::from_secs(180);
 
 /// `gcfx: cpus=N mem_kb=M vda_bytes=B` → (N, M, B), the last such line.
 fn guest_view(log: &str) -> (u64, u64, u64) {
@@ -136,7 +73,7 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
     let id = v["id"].as_str().unwrap().to_string();
 
     // Console output reaches the instance log; the guest sees exactly its resources.
-    let log = wait_log(&d, &id, "gpuvisor-guest-ready", 1);
+    let log = wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
     let (cpus, mem_kb, disk) = guest_view(&log);
     assert_eq!(cpus, 2, "{log}");
     assert_eq!(disk, 1 << 30, "root disk size: {log}");
@@ -248,14 +185,14 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
     // Stop: the ACPI power button, and the guest powers itself off (not the quit fallback).
     let s = d.json(&["instance", "stop", &id, "--wait", "--timeout", "120s"]);
     assert_eq!(s["state"], "stopped", "{s}");
-    let log = wait_log(&d, &id, "gcfx: power button", 1);
+    let log = wait_log(&d, &id, "gcfx: power button", 1, TCG_WAIT);
     assert!(qemu_pids(&id).is_empty(), "QEMU still runs after stop");
     assert!(log.contains("gpuvisor-guest-ready"));
 
     // Start: a fresh boot (a new overlay, the same resources).
     let s = d.json(&["instance", "start", &id, "--wait", "--timeout", "120s"]);
     assert_eq!(s["state"], "running", "{s}");
-    wait_log(&d, &id, "gpuvisor-guest-ready", 2);
+    wait_log(&d, &id, "gpuvisor-guest-ready", 2, TCG_WAIT);
     let before = qemu_pids(&id);
     assert_eq!(before.len(), 1);
 
@@ -555,7 +492,7 @@ fn vm_and_same_tenant_container_talk_other_tenants_and_spoofed_frames_do_not() {
             .to_string()
     };
     let (ip_a1, ip_b1, ip_vm) = (ip(&a1), ip(&b1), ip(&vm));
-    wait_log(&d, &vm, "gpuvisor-guest-ready", 1);
+    wait_log(&d, &vm, "gpuvisor-guest-ready", 1, TCG_WAIT);
 
     // The guest reaches its tenant's container; the container reaches the guest.
     let nc = |to: &str| format!("nc -w 3 {to} 8080 </dev/null");
@@ -659,7 +596,7 @@ fn a_guest_panic_ends_the_instance_with_its_status() {
         "--wait",
     ]);
     let id = v["id"].as_str().unwrap().to_string();
-    wait_log(&d, &id, "gpuvisor-guest-ready", 1);
+    wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
     console_type(&d, &id, "echo c > /proc/sysrq-trigger");
     // pvpanic: QEMU ends with status 1 (`-action panic=exit-failure`), not a reboot.
     let v = wait_for(&d, &id, "stopped", |v| v["state"] == "stopped");
@@ -816,7 +753,7 @@ fn a_vm_with_a_simulated_vfio_gpu_boots_under_ovmf_with_the_passthrough_plan() {
     assert!(d
         .log()
         .contains("GPU passthrough: simulated GPUs: not attached"));
-    wait_log(&d, &id, "gpuvisor-guest-ready", 1);
+    wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
     d.json(&["instance", "terminate", &id, "--wait", "--timeout", "120s"]);
     let ids = vec![id];
     assert!(d.leaks(&ids).is_empty(), "{:?}", d.leaks(&ids));
