@@ -497,10 +497,7 @@ fn one_client_cannot_hold_every_connection() {
             .lines()
             .filter(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                f.len() > 9
-                    && format!("{} ", f[1]).ends_with(&port)
-                    && f[3] == "01"
-                    && f[9] != "0"
+                f.len() > 9 && format!("{} ", f[1]).ends_with(&port) && f[3] == "01" && f[9] != "0"
             })
             .count()
     };
