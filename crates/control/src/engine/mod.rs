@@ -960,7 +960,7 @@ impl Engine {
             .iter()
             .filter(|i| !self.is_simulated(i))
             .filter(|i| i.state.holds_resources() && i.desired != InstanceState::Interrupted)
-            .map(resident)
+            .map(|i| resident(i, self.vm_overhead()))
             .collect();
         HostCapacity::new(
             gpus,
@@ -1084,7 +1084,17 @@ fn simulated_choice(a: crate::placement::ClusterAssignment) -> (String, Assignme
     )
 }
 
-fn resident(i: &InstanceRow) -> Resident {
+/// The memory an instance holds on its host, for placement and the tenant's memory quota: a
+/// container's `--memory`; a VM's guest RAM plus its QEMU's own allowance (`vm_overhead`, what
+/// the VM's cgroup allows beyond the guest's RAM, `vm::qemu::VmSpec::memory_limit`).
+pub(crate) fn charged_memory(runtime: wire::RuntimeKind, memory: u64, vm_overhead: u64) -> u64 {
+    match runtime {
+        wire::RuntimeKind::Vm => memory.saturating_add(vm_overhead),
+        wire::RuntimeKind::Container => memory,
+    }
+}
+
+fn resident(i: &InstanceRow, vm_overhead: u64) -> Resident {
     Resident {
         id: i.id.clone(),
         gpus: i
@@ -1094,13 +1104,31 @@ fn resident(i: &InstanceRow) -> Resident {
             .collect(),
         cpus: i.cpus.clone(),
         vcpus: i.spec.vcpus,
-        memory: i.spec.memory,
+        memory: charged_memory(i.runtime, i.spec.memory, vm_overhead),
         priority: i.spec.priority.rank(),
         interruptible: i.spec.interruptible,
     }
 }
 
 impl Engine {
+    /// QEMU's memory beyond a VM's RAM on this host: the KVM allowance when the VM runtime runs
+    /// guests under KVM, else the emulator's (TCG), the larger (also for simulated nodes and a
+    /// daemon without a VM runtime), so that a VM is never under-counted.
+    pub(crate) fn vm_overhead(&self) -> u64 {
+        use gpuvisor_node::vm::{qemu, Accel};
+        let kvm = self
+            .node
+            .runtime(wire::RuntimeKind::Vm)
+            .ok()
+            .and_then(|r| r.accel())
+            .is_some_and(|a| a == Accel::Kvm.describe());
+        if kvm {
+            qemu::OVERHEAD_KVM
+        } else {
+            qemu::OVERHEAD_TCG
+        }
+    }
+
     pub(crate) async fn wire_instance(&self, i: InstanceRow) -> Result<wire::Instance> {
         let tenant = self.store.tenant(&i.tenant_id).await?;
         Ok(self.wire_instance_of(i, tenant.as_ref()))
@@ -1251,12 +1279,15 @@ impl Engine {
             self.check_passthrough_gpus(req)?;
         }
         // Every check that needs no lock comes before anything is made (volumes below).
-        let command = if req.command.is_empty() {
+        // A VM boots its image's init; a command given after `--` is run once by cloud-init,
+        // as root. The image's CMD is a container's default: a VM does not inherit it (it
+        // would become a root command nobody asked for).
+        let vm = req.runtime == wire::RuntimeKind::Vm;
+        let command = if req.command.is_empty() && !vm {
             image.command.clone()
         } else {
             req.command.clone()
         };
-        // A VM boots its image's init; a command is run once by cloud-init.
         if command.is_empty() && req.runtime == wire::RuntimeKind::Container {
             return Err(invalid(format!(
                 "image {:?} has no default command: give one after `--`",
@@ -1264,10 +1295,12 @@ impl Engine {
             )));
         }
         // An image is a stranger's: its entries for platform-owned names are dropped (the
-        // user's were refused above).
+        // user's were refused above). A VM gets none: its init sets its environment (and
+        // `--env` is refused for VMs).
         let mut env: Vec<String> = image
             .env
             .iter()
+            .filter(|_| !vm)
             .filter(|kv| {
                 let name = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
                 !gpuvisor_wire::platform_env(name)
@@ -1336,7 +1369,7 @@ impl Engine {
                 gpus: req.gpus.unwrap_or(0),
                 gpu_milli: milli,
                 vcpus: req.vcpus,
-                memory: req.memory,
+                memory: charged_memory(req.runtime, req.memory, self.vm_overhead()),
                 disk: req.container_disk + to_create.iter().map(|(_, s)| *s).sum::<u64>(),
                 volumes: to_create.len() as u32,
             },
@@ -1359,7 +1392,7 @@ impl Engine {
             vram: req.vram,
             model: req.gpu_model.clone(),
             vcpus: req.vcpus,
-            memory: req.memory,
+            memory: charged_memory(req.runtime, req.memory, self.vm_overhead()),
             priority: req.priority.rank(),
             interruptible: req.interruptible,
             passthrough: req.runtime == wire::RuntimeKind::Vm,
@@ -1549,7 +1582,7 @@ impl Engine {
                 .filter(|i| self.is_simulated(i))
                 .filter(|i| i.state.holds_resources() && i.desired != InstanceState::Interrupted)
                 .map(|i| {
-                    let mut r = resident(i);
+                    let mut r = resident(i, self.vm_overhead());
                     r.interruptible &= !protected.contains(&i.id);
                     (i.node_id.clone(), r)
                 })
