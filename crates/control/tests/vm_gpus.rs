@@ -882,3 +882,68 @@ async fn a_vms_qemu_overhead_counts_in_placement_and_quota() {
     assert_eq!(held, Some((512 << 20) + overhead), "{usage:?}");
     h.terminate_row(&vm.id).await;
 }
+
+/// Review H2: a volume a VM was given as a raw disk holds whatever a guest wrote, filesystem
+/// metadata included; the host kernel never mounts it for a container afterwards. It stays a
+/// VM's to use; other volumes are unaffected.
+#[tokio::test]
+async fn a_volume_a_vm_had_is_never_mounted_for_a_container() {
+    let h = Host::new(Fx::clean(), None, true).await;
+    let mount = |name: &str| wire::VolumeMount {
+        name: name.into(),
+        path: "/data".into(),
+        size: Some(64 << 20),
+    };
+    let vm = h
+        .engine
+        .create_instance(
+            &h.user,
+            &wire::CreateInstance {
+                volumes: vec![mount("guestdisk")],
+                ..vm_req(256 << 20)
+            },
+        )
+        .await
+        .unwrap();
+    h.terminate_row(&vm.id).await;
+    let err = h
+        .create(wire::CreateInstance {
+            volumes: vec![mount("guestdisk")],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(
+        &err,
+        code::INVALID_STATE,
+        &["\"guestdisk\" has been attached to a VM", "--runtime vm"],
+    );
+    assert!(h
+        .engine
+        .list_instances(&h.admin)
+        .await
+        .unwrap()
+        .iter()
+        .all(|i| i.state == InstanceState::Terminated));
+    // A VM may have it again; a volume no VM had is a container's.
+    let again = h
+        .engine
+        .create_instance(
+            &h.user,
+            &wire::CreateInstance {
+                volumes: vec![mount("guestdisk")],
+                ..vm_req(256 << 20)
+            },
+        )
+        .await
+        .unwrap();
+    h.terminate_row(&again.id).await;
+    let c = h
+        .create(wire::CreateInstance {
+            volumes: vec![mount("hostdisk")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    h.terminate_row(&c.id).await;
+}

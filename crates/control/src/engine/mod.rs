@@ -774,6 +774,7 @@ impl Engine {
             size,
             created_at: now_ms(),
             state: wire::VolumeState::Pending,
+            vm_touched: false,
         };
         // Row first, pending: a crash after it leaves a row the reconciler finishes or removes
         // (`finish_pending_volumes`), never an image file nobody knows about.
@@ -1094,6 +1095,18 @@ pub(crate) fn charged_memory(runtime: wire::RuntimeKind, memory: u64, vm_overhea
     }
 }
 
+/// Why a container cannot have volume `name` (review H2): a VM had it as a raw disk, so its
+/// filesystem metadata is whatever a guest wrote, and mounting it for a container would have
+/// the host kernel's ext4 driver parse it. (`e2fsck -fn` first would only narrow that: a
+/// consistent filesystem can still be hostile, and e2fsck itself would parse it as root.)
+pub(crate) fn vm_touched_refusal(name: &str) -> String {
+    format!(
+        "volume {name:?} has been attached to a VM: a guest may have written any of its blocks, \
+         and the host does not mount guest-written filesystems for containers; use it from VMs \
+         (--runtime vm), or copy its data out through a VM into another volume"
+    )
+}
+
 fn resident(i: &InstanceRow, vm_overhead: u64) -> Resident {
     Resident {
         id: i.id.clone(),
@@ -1336,6 +1349,11 @@ impl Engine {
                 )));
             }
             let existing = self.store.volume(&who.tenant_id, &v.name).await?;
+            // A VM wrote this volume's blocks as a raw disk: the host kernel would parse a
+            // guest's filesystem metadata to mount it for a container (review H2).
+            if !vm && existing.as_ref().is_some_and(|e| e.vm_touched) {
+                return Err(EngineError::InvalidState(vm_touched_refusal(&v.name)));
+            }
             if existing
                 .as_ref()
                 .is_some_and(|e| e.state == wire::VolumeState::Pending)
@@ -1512,6 +1530,15 @@ impl Engine {
                 ..Default::default()
             },
         };
+        // A VM's volumes are marked before the VM can exist: from then on a guest may write
+        // their blocks, and no container is given them (see `vm_touched_refusal`).
+        if vm && !req.volumes.is_empty() {
+            let names: Vec<String> = req.volumes.iter().map(|v| v.name.clone()).collect();
+            if let Err(e) = self.store.mark_vm_touched(&who.tenant_id, &names).await {
+                self.rollback_volumes(&who.tenant_id, &created).await;
+                return Err(e.into());
+            }
+        }
         // Victims first: a crash after this leaves them evicted and the new instance absent,
         // never two instances on one GPU.
         for v in &victims {

@@ -497,6 +497,13 @@ impl Engine {
     ) -> Result<std::result::Result<std::result::Result<(), String>, (String, String)>> {
         for v in &i.spec.volumes {
             match self.store.volume(&i.tenant_id, &v.name).await? {
+                // Refused at create; a row from before the volume was marked is stopped here,
+                // before the host kernel mounts what a guest wrote (review H2).
+                Some(row)
+                    if row.vm_touched && i.runtime == gpuvisor_wire::RuntimeKind::Container =>
+                {
+                    return Ok(Err(("failed".into(), super::vm_touched_refusal(&v.name))))
+                }
                 Some(row) if row.state == VolumeState::Ready => {}
                 Some(_) => {
                     let why = self
