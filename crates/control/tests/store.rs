@@ -1021,10 +1021,7 @@ async fn volumes_are_per_tenant() {
             .unwrap());
 
         // Given to a VM: that volume of that tenant is marked, for good.
-        store
-            .mark_vm_touched("t-1", &["new".into()])
-            .await
-            .unwrap();
+        store.mark_vm_touched("t-1", &["new".into()]).await.unwrap();
         let touched = |t: &'static str, n: &'static str| {
             let store = &store;
             async move { store.volume(t, n).await.unwrap().unwrap().vm_touched }
