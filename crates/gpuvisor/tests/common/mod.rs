@@ -469,7 +469,7 @@ impl Daemon {
             }
             // Its anti-spoofing chain in our bridge table: the one VM network object that
             // outlives QEMU (the tap goes with it).
-            if nft_chains.iter().any(|c| *c == tap) {
+            if nft_chains.contains(&tap) {
                 leaks.push(format!("nft chain bridge {nft_table} {tap}"));
             }
             if data.join("vm/run").join(id).exists() {
