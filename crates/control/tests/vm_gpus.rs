@@ -906,6 +906,11 @@ async fn a_volume_a_vm_had_is_never_mounted_for_a_container() {
         .await
         .unwrap();
     h.terminate_row(&vm.id).await;
+    let listed = h.engine.list_volumes(&h.user).await.unwrap();
+    assert!(
+        listed.iter().any(|v| v.name == "guestdisk" && v.vm_only),
+        "{listed:?}"
+    );
     let err = h
         .create(wire::CreateInstance {
             volumes: vec![mount("guestdisk")],

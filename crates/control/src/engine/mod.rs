@@ -704,6 +704,7 @@ impl Engine {
             size: v.size,
             state: v.state,
             created_at: v.created_at,
+            vm_only: v.vm_touched,
         })
     }
 
