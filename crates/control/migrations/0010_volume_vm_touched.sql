@@ -8,5 +8,5 @@ ALTER TABLE volumes ADD COLUMN vm_touched BIGINT NOT NULL DEFAULT 0;
 UPDATE volumes SET vm_touched = 1 WHERE EXISTS (
     SELECT 1 FROM instances i
     WHERE i.runtime = 'vm' AND i.tenant_id = volumes.tenant_id
-      AND i.spec LIKE '%"name":"' || volumes.name || '"%'
+      AND i.spec LIKE ('%"name":"' || volumes.name || '"%')
 );
