@@ -126,6 +126,9 @@ pub struct VolumeRow {
     pub created_at: i64,
     /// `pending` until the image file is complete (see [`gpuvisor_wire::VolumeState`]).
     pub state: gpuvisor_wire::VolumeState,
+    /// A VM has been given it as a raw disk: its blocks are a guest's, never mounted by the
+    /// host kernel for a container ([`Store::mark_vm_touched`]).
+    pub vm_touched: bool,
 }
 
 /// An instance's restart policy and its bookkeeping (see `engine::reconcile`).
@@ -328,6 +331,7 @@ fn volume(r: &AnyRow) -> Result<VolumeRow> {
                 why: format!("state {s:?}"),
             })?
         },
+        vm_touched: r.try_get::<i64, _>("vm_touched")? != 0,
     })
 }
 
@@ -1138,13 +1142,14 @@ impl Store {
 
     pub async fn insert_volume(&self, v: &VolumeRow) -> Result<()> {
         sqlx::query(
-            "INSERT INTO volumes (tenant_id, name, size, created_at, state) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO volumes (tenant_id, name, size, created_at, state, vm_touched) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(v.tenant_id.clone())
         .bind(v.name.clone())
         .bind(v.size as i64)
         .bind(v.created_at)
         .bind(v.state.as_str())
+        .bind(i64::from(v.vm_touched))
         .execute(&self.pool)
         .await
         .map_err(StoreError::from_write)?;
@@ -1204,13 +1209,13 @@ impl Store {
     pub async fn volumes(&self, tenant_id: Option<&str>) -> Result<Vec<VolumeRow>> {
         let rows = match tenant_id {
             Some(t) => {
-                sqlx::query("SELECT tenant_id, name, size, created_at, state FROM volumes WHERE tenant_id = $1 ORDER BY name")
+                sqlx::query("SELECT tenant_id, name, size, created_at, state, vm_touched FROM volumes WHERE tenant_id = $1 ORDER BY name")
                     .bind(t.to_string())
                     .fetch_all(&self.pool)
                     .await?
             }
             None => {
-                sqlx::query("SELECT tenant_id, name, size, created_at, state FROM volumes ORDER BY tenant_id, name")
+                sqlx::query("SELECT tenant_id, name, size, created_at, state, vm_touched FROM volumes ORDER BY tenant_id, name")
                     .fetch_all(&self.pool)
                     .await?
             }
@@ -1219,7 +1224,7 @@ impl Store {
     }
 
     pub async fn volume(&self, tenant_id: &str, name: &str) -> Result<Option<VolumeRow>> {
-        sqlx::query("SELECT tenant_id, name, size, created_at, state FROM volumes WHERE tenant_id = $1 AND name = $2")
+        sqlx::query("SELECT tenant_id, name, size, created_at, state, vm_touched FROM volumes WHERE tenant_id = $1 AND name = $2")
             .bind(tenant_id.to_string())
             .bind(name.to_string())
             .fetch_optional(&self.pool)
@@ -1227,6 +1232,20 @@ impl Store {
             .as_ref()
             .map(volume)
             .transpose()
+    }
+
+    /// Records that a VM is given these volumes of the tenant as raw disks (review H2): from
+    /// now on a guest may have written their blocks. Never cleared.
+    pub async fn mark_vm_touched(&self, tenant_id: &str, names: &[String]) -> Result<()> {
+        for name in names {
+            sqlx::query("UPDATE volumes SET vm_touched = 1 WHERE tenant_id = $1 AND name = $2")
+                .bind(tenant_id.to_string())
+                .bind(name.clone())
+                .execute(&self.pool)
+                .await
+                .map_err(StoreError::from_write)?;
+        }
+        Ok(())
     }
 
     pub async fn delete_volume(&self, tenant_id: &str, name: &str) -> Result<bool> {

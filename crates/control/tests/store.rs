@@ -926,6 +926,7 @@ async fn volumes_are_per_tenant() {
             size,
             created_at: 7,
             state: VolumeState::Ready,
+            vm_touched: false,
         };
         let data1 = vol("t-1", "data", 10 << 30);
         let cache1 = vol("t-1", "cache", 1 << 40);
@@ -1018,6 +1019,22 @@ async fn volumes_are_per_tenant() {
             .set_volume_state("t-1", "nope", VolumeState::Ready)
             .await
             .unwrap());
+
+        // Given to a VM: that volume of that tenant is marked, for good.
+        store.mark_vm_touched("t-1", &["new".into()]).await.unwrap();
+        let touched = |t: &'static str, n: &'static str| {
+            let store = &store;
+            async move { store.volume(t, n).await.unwrap().unwrap().vm_touched }
+        };
+        assert!(touched("t-1", "new").await, "{backend}");
+        assert!(!touched("t-2", "data").await, "{backend}");
+        assert!(!touched("t-1", "cache").await, "{backend}");
+        assert!(store
+            .volumes(Some("t-1"))
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.name == "new" && v.vm_touched));
     })
     .await;
 }
@@ -1035,6 +1052,7 @@ async fn conditional_writes_do_not_undo_others() {
             size: 1 << 20,
             created_at: 7,
             state,
+            vm_touched: false,
         };
         store
             .insert_volume(&vol("p", VolumeState::Pending))

@@ -736,3 +736,219 @@ async fn gpus_sharing_a_group_go_to_one_vm_together() {
         ],
     );
 }
+
+/// A VM request: guest RAM `memory`, the rest as [`Host::create`] fills it in.
+fn vm_req(memory: u64) -> wire::CreateInstance {
+    wire::CreateInstance {
+        image: IMAGE.into(),
+        runtime: RuntimeKind::Vm,
+        vcpus: 1,
+        memory,
+        container_disk: 1 << 30,
+        ..Default::default()
+    }
+}
+
+/// Review L3, L11: what a VM's provisioning (its cloud-init seed) would refuse is refused at
+/// create, before anything is placed or made: a name that is no host name, a volume name longer
+/// than a disk serial, `--env` (a VM's init sets its environment), too little memory to boot.
+/// The same name and volume are a container's to use. A VM does not inherit the image's CMD.
+#[tokio::test]
+async fn vm_requests_its_seed_would_refuse_are_refused_at_create() {
+    let h = Host::new(Fx::clean(), None, true).await;
+    type Mutate = Box<dyn Fn(&mut wire::CreateInstance)>;
+    let cases: Vec<(Mutate, &[&str])> = vec![
+        (
+            Box::new(|r| r.name = Some("my_vm".into())),
+            &["\"my_vm\" cannot be a VM's host name", "no '_'"],
+        ),
+        (
+            Box::new(|r| {
+                r.volumes = vec![wire::VolumeMount {
+                    name: "a-volume-name-of-21-b".into(),
+                    path: "/data".into(),
+                    size: Some(64 << 20),
+                }]
+            }),
+            &["too long for a VM", "at most 20 bytes"],
+        ),
+        (
+            Box::new(|r| r.env = vec!["A=1".into()]),
+            &["--env is for containers", "--startup-script"],
+        ),
+        (
+            Box::new(|r| r.memory = 64 << 20),
+            &["too small for a VM: at least 128MiB"],
+        ),
+    ];
+    for (mutate, says) in cases {
+        let mut req = vm_req(256 << 20);
+        mutate(&mut req);
+        let err = h.engine.create_instance(&h.user, &req).await.unwrap_err();
+        refused(&err, code::INVALID_ARGUMENT, says);
+        assert!(h.engine.list_instances(&h.admin).await.unwrap().is_empty());
+        assert!(h.engine.list_volumes(&h.user).await.unwrap().is_empty());
+    }
+    // A container may be named so.
+    let c = h
+        .create(wire::CreateInstance {
+            name: Some("my_vm".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(c.command, ["sleep", "infinity"]);
+    h.terminate_row(&c.id).await;
+    // No `-- CMD`: the VM runs no command; the image's CMD is a container's default only.
+    let vm = h
+        .engine
+        .create_instance(&h.user, &vm_req(128 << 20))
+        .await
+        .unwrap();
+    assert!(vm.command.is_empty(), "{:?}", vm.command);
+    assert!(vm.env.is_empty(), "{:?}", vm.env);
+}
+
+/// Review M3: a VM holds its guest RAM and its QEMU's allowance (what its cgroup allows beyond
+/// the RAM; the emulator's, the larger, on a host without KVM), in placement and in the
+/// tenant's memory quota.
+#[tokio::test]
+async fn a_vms_qemu_overhead_counts_in_placement_and_quota() {
+    let h = Host::new(Fx::clean(), None, true).await;
+    let overhead = gpuvisor_node::vm::qemu::OVERHEAD_TCG;
+    // The host has 16 GiB: a VM whose RAM fits but whose QEMU does not is refused...
+    let big = (16 << 30) - (64 << 20);
+    let err = h
+        .engine
+        .create_instance(&h.user, &vm_req(big))
+        .await
+        .unwrap_err();
+    refused(&err, code::INSUFFICIENT_RESOURCES, &[]);
+    assert!(h.engine.list_instances(&h.admin).await.unwrap().is_empty());
+    // ... a container of that size is not.
+    let c = h
+        .engine
+        .create_instance(
+            &h.user,
+            &wire::CreateInstance {
+                runtime: RuntimeKind::Container,
+                ..vm_req(big)
+            },
+        )
+        .await
+        .unwrap();
+    h.terminate_row(&c.id).await;
+
+    // A 1 GiB memory quota: a VM of 1 GiB - overhead/2 is over it.
+    h.engine
+        .set_tenant_policy(
+            &h.admin,
+            "acme",
+            &wire::TenantPolicy {
+                max_memory: Some(1 << 30),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let err = h
+        .engine
+        .create_instance(&h.user, &vm_req((1 << 30) - overhead / 2))
+        .await
+        .unwrap_err();
+    refused(&err, code::QUOTA_EXCEEDED, &["max_memory"]);
+    // A VM of 512 MiB holds 512 MiB + overhead of it: a container of the rest of the RAM's
+    // share no longer fits.
+    let vm = h
+        .engine
+        .create_instance(&h.user, &vm_req(512 << 20))
+        .await
+        .unwrap();
+    let rest = (1 << 30) - (512 << 20) - overhead + (1 << 20);
+    let err = h
+        .engine
+        .create_instance(
+            &h.user,
+            &wire::CreateInstance {
+                runtime: RuntimeKind::Container,
+                ..vm_req(rest)
+            },
+        )
+        .await
+        .unwrap_err();
+    refused(&err, code::QUOTA_EXCEEDED, &["max_memory"]);
+    let usage = h.engine.get_tenant(&h.admin, "acme").await.unwrap();
+    let held = usage.usage.as_ref().map(|u| u.memory);
+    assert_eq!(held, Some((512 << 20) + overhead), "{usage:?}");
+    h.terminate_row(&vm.id).await;
+}
+
+/// Review H2: a volume a VM was given as a raw disk holds whatever a guest wrote, filesystem
+/// metadata included; the host kernel never mounts it for a container afterwards. It stays a
+/// VM's to use; other volumes are unaffected.
+#[tokio::test]
+async fn a_volume_a_vm_had_is_never_mounted_for_a_container() {
+    let h = Host::new(Fx::clean(), None, true).await;
+    let mount = |name: &str| wire::VolumeMount {
+        name: name.into(),
+        path: "/data".into(),
+        size: Some(64 << 20),
+    };
+    let vm = h
+        .engine
+        .create_instance(
+            &h.user,
+            &wire::CreateInstance {
+                volumes: vec![mount("guestdisk")],
+                ..vm_req(256 << 20)
+            },
+        )
+        .await
+        .unwrap();
+    h.terminate_row(&vm.id).await;
+    let listed = h.engine.list_volumes(&h.user).await.unwrap();
+    assert!(
+        listed.iter().any(|v| v.name == "guestdisk" && v.vm_only),
+        "{listed:?}"
+    );
+    let err = h
+        .create(wire::CreateInstance {
+            volumes: vec![mount("guestdisk")],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(
+        &err,
+        code::INVALID_STATE,
+        &["\"guestdisk\" has been attached to a VM", "--runtime vm"],
+    );
+    assert!(h
+        .engine
+        .list_instances(&h.admin)
+        .await
+        .unwrap()
+        .iter()
+        .all(|i| i.state == InstanceState::Terminated));
+    // A VM may have it again; a volume no VM had is a container's.
+    let again = h
+        .engine
+        .create_instance(
+            &h.user,
+            &wire::CreateInstance {
+                volumes: vec![mount("guestdisk")],
+                ..vm_req(256 << 20)
+            },
+        )
+        .await
+        .unwrap();
+    h.terminate_row(&again.id).await;
+    let c = h
+        .create(wire::CreateInstance {
+            volumes: vec![mount("hostdisk")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    h.terminate_row(&c.id).await;
+}

@@ -205,6 +205,9 @@ pub struct QgaExecArgs {
     /// Pass stdin to the command.
     #[arg(long)]
     pub stdin: bool,
+    /// Most bytes of output (stdout and stderr together) printed; the rest is dropped.
+    #[arg(long, default_value_t = gpuvisor_node::vm::qmp::MAX_AGENT_OUTPUT)]
+    pub max_output: usize,
     #[arg(last = true, required = true)]
     pub args: Vec<String>,
 }
@@ -924,6 +927,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             &a.args,
             &a.env,
             a.stdin,
+            a.max_output,
         )),
         Command::ExecShim(a) => Ok(gpuvisor_node::console::shim_main(
             &gpuvisor_node::HostRoot::real(),

@@ -793,6 +793,7 @@ mod tests {
             state: gpuvisor_wire::VolumeState::Pending,
             in_use_by: None,
             created_at: NOW,
+            vm_only: false,
         };
         let text = volumes_table(&[v], NOW);
         let lines: Vec<&str> = text.lines().collect();

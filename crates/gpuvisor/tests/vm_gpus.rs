@@ -23,7 +23,19 @@ fn stderr(out: &Output) -> String {
 /// `instance create --image busybox` with `args` (no `--wait`), as the daemon answers it.
 fn create(d: &Daemon, args: &[&str]) -> Output {
     let mut a = vec!["-o", "json", "instance", "create", "--image", "busybox"];
-    a.extend(SMALL);
+    // A VM is given at least 128 MiB.
+    if args.windows(2).any(|w| w == ["--runtime", "vm"]) {
+        a.extend([
+            "--vcpus",
+            "1",
+            "--memory",
+            "128MiB",
+            "--container-disk",
+            "64MiB",
+        ]);
+    } else {
+        a.extend(SMALL);
+    }
     a.extend(args);
     d.cli(&a)
 }

@@ -774,7 +774,7 @@ impl Network {
         remove_chain("nat", "POSTROUTING", &self.nat_jump(), &self.nat_chain())?;
         // The VM taps' anti-spoofing table (empty once no tap is left).
         let table = self.tap_table();
-        if cmd::run("nft", ["list", "tables", "bridge"]).is_ok_and(|t| t.contains(&table)) {
+        if bridge_table_exists(&table) {
             cmd::run("nft", ["delete", "table", "bridge", &table])?;
         }
         Ok(true)
@@ -1167,17 +1167,7 @@ impl Network {
                 std::fs::write(&v6, "1").map_err(|source| NetError::Io { path: v6, source })?;
             }
             ip(["link", "set", &tap, "master", &bridge, "up"])?;
-            let table = self.tap_table();
-            let rules = format!(
-                "add table bridge {table}\n\
-                 add chain bridge {table} {tap} {{ type filter hook prerouting priority -200; policy accept; }}\n\
-                 add rule bridge {table} {tap} iifname \"{tap}\" ether saddr != {mac} drop\n\
-                 add rule bridge {table} {tap} iifname \"{tap}\" ether type ip ip saddr != {addr} drop\n\
-                 add rule bridge {table} {tap} iifname \"{tap}\" ether type arp arp saddr ether != {mac} drop\n\
-                 add rule bridge {table} {tap} iifname \"{tap}\" ether type arp arp saddr ip != {addr} drop\n\
-                 add rule bridge {table} {tap} iifname \"{tap}\" ether type != {{ ip, arp }} drop\n"
-            );
-            cmd::run_with_input("nft", ["-f", "-"], &rules)?;
+            cmd::run_with_input("nft", ["-f", "-"], &self.tap_rules(&tap, &mac, addr))?;
             Ok::<(), NetError>(())
         })();
         if let Err(e) = made {
@@ -1194,17 +1184,78 @@ impl Network {
         format!("gpuvisor_{}", self.prefix())
     }
 
+    /// The rules a tap's anti-spoofing chain must hold, one transaction (`nft -f`): the table
+    /// and chain made if missing, the chain emptied, its rules added. Applying it to an intact
+    /// or a damaged chain gives the same chain.
+    fn tap_rules(&self, tap: &str, mac: &str, addr: Ipv4Addr) -> String {
+        let table = self.tap_table();
+        format!(
+            "add table bridge {table}\n\
+             add chain bridge {table} {tap} {{ type filter hook prerouting priority -200; policy accept; }}\n\
+             flush chain bridge {table} {tap}\n\
+             add rule bridge {table} {tap} iifname \"{tap}\" ether saddr != {mac} drop\n\
+             add rule bridge {table} {tap} iifname \"{tap}\" ether type ip ip saddr != {addr} drop\n\
+             add rule bridge {table} {tap} iifname \"{tap}\" ether type arp arp saddr ether != {mac} drop\n\
+             add rule bridge {table} {tap} iifname \"{tap}\" ether type arp arp saddr ip != {addr} drop\n\
+             add rule bridge {table} {tap} iifname \"{tap}\" ether type != {{ ip, arp }} drop\n"
+        )
+    }
+
+    /// Our tap table as `nft list table` prints it; empty when it does not exist.
+    fn tap_table_listing(&self) -> String {
+        cmd::run("nft", ["list", "table", "bridge", &self.tap_table()]).unwrap_or_default()
+    }
+
+    /// Puts back the anti-spoofing chain of every VM in `vms` (id, tenant network, host number)
+    /// whose tap exists (the VM runs) but whose chain is missing or lost rules: someone ran
+    /// `nft flush ruleset` (as `systemctl restart nftables` does), deleted our table, or edited
+    /// the chain. One `nft list table` for all of them; cheap when all are intact. The
+    /// reconciler's sweep calls it every 30 s for the running VMs, and adoption after a daemon
+    /// restart for the VM it adopts. Returns the ids whose chain was rebuilt.
+    pub fn repair_taps(&self, vms: &[(String, TenantNet, u8)]) -> Result<Vec<String>, NetError> {
+        let listing = self.tap_table_listing();
+        let mut repaired = Vec::new();
+        for (id, net, host) in vms {
+            check_id(id)?;
+            let tap = self.tap_name(id);
+            if !link_exists(&tap) || tap_chain_intact(&listing, &tap) {
+                continue;
+            }
+            let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+            // Torn down meanwhile: nothing to protect, and no chain to leave behind.
+            if !link_exists(&tap) {
+                continue;
+            }
+            let addr = self.address(net, *host)?;
+            let rules = self.tap_rules(&tap, &Self::vm_mac(id), addr);
+            cmd::run_with_input("nft", ["-f", "-"], &rules)?;
+            tracing::warn!(
+                id,
+                tap,
+                "a VM's anti-spoofing rules were removed outside gpuvisor: put back"
+            );
+            repaired.push(id.clone());
+        }
+        Ok(repaired)
+    }
+
+    /// [`Network::repair_taps`] for one VM (adoption of a running VM after a daemon restart).
+    /// Returns whether its chain was rebuilt.
+    pub fn repair_tap(&self, id: &str, net: &TenantNet, host: u8) -> Result<bool, NetError> {
+        Ok(!self
+            .repair_taps(&[(id.to_string(), net.clone(), host)])?
+            .is_empty())
+    }
+
     /// Removes a VM's tap (normally gone with QEMU already) and its filter chain. Idempotent.
     pub fn teardown_tap(&self, id: &str) -> Result<(), NetError> {
         let tap = self.tap_name(id);
         let table = self.tap_table();
-        let chains = cmd::run("nft", ["list", "chains", "bridge"]).unwrap_or_default();
-        if chains.contains(&format!("chain {tap} ")) {
+        if tap_chain(&self.tap_table_listing(), &tap).is_some() {
             let del =
                 format!("flush chain bridge {table} {tap}\ndelete chain bridge {table} {tap}\n");
             if let Err(e) = cmd::run_with_input("nft", ["-f", "-"], &del) {
-                let chains = cmd::run("nft", ["list", "chains", "bridge"]).unwrap_or_default();
-                if chains.contains(&format!("chain {tap} ")) {
+                if tap_chain(&self.tap_table_listing(), &tap).is_some() {
                     return Err(e.into());
                 }
             }
@@ -1251,6 +1302,42 @@ impl Network {
         }
         Ok(ids.into_iter().collect())
     }
+}
+
+/// Whether nftables has table `name` in family bridge: `nft list tables bridge` compared line by
+/// line and name by name, so that `gpuvisor_g` is not taken for `gpuvisor_gv`.
+fn bridge_table_exists(name: &str) -> bool {
+    cmd::run("nft", ["list", "tables", "bridge"]).is_ok_and(|t| has_bridge_table(&t, name))
+}
+
+/// Whether `nft list tables bridge` output `listing` names table `name` exactly.
+fn has_bridge_table(listing: &str, name: &str) -> bool {
+    listing.lines().any(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        w.len() == 3 && w[0] == "table" && w[1] == "bridge" && w[2] == name
+    })
+}
+
+/// The body of chain `tap` in an `nft list table` listing (the lines between `chain <tap> {`
+/// and its closing brace), if it is there.
+fn tap_chain<'a>(listing: &'a str, tap: &str) -> Option<Vec<&'a str>> {
+    let mut lines = listing.lines().map(str::trim);
+    lines.find(|l| l.split_whitespace().collect::<Vec<_>>() == ["chain", tap, "{"])?;
+    Some(lines.take_while(|l| *l != "}").collect())
+}
+
+/// Whether chain `tap` in `listing` is whole: hooked, with its five drops on the tap.
+fn tap_chain_intact(listing: &str, tap: &str) -> bool {
+    let Some(body) = tap_chain(listing, tap) else {
+        return false;
+    };
+    let on_tap = format!("iifname \"{tap}\"");
+    body.iter().any(|l| l.contains("hook prerouting"))
+        && body
+            .iter()
+            .filter(|l| l.starts_with(&on_tap) && l.ends_with(" drop"))
+            .count()
+            == 5
 }
 
 /// Opens a (non-persistent) tap `name` on `/dev/net/tun`: no packet information header, no
@@ -2002,6 +2089,92 @@ mod tests {
             assert!(!iptables(table, &["-S", from]).unwrap().contains(chain));
         }
         assert!(n2.release_host().unwrap());
+    }
+
+    #[test]
+    fn tap_filters_are_put_back_after_a_flush_and_tables_are_matched_exactly() {
+        // Prefixes of their own, one a prefix of the other: table gpuvisor_gr is a substring
+        // of gpuvisor_gr9.
+        let with = |prefix: &str, b: u8| {
+            Network::new(NetConfig {
+                plan: plan16(b),
+                nat: true,
+                policy: NetPolicy {
+                    prefix: prefix.into(),
+                    ..Default::default()
+                },
+                dns: vec![],
+            })
+            .unwrap()
+        };
+        let n = with("gr", 76);
+        n.init_host().unwrap();
+        let t = TenantNet { slot: 4 };
+        let id = random_id();
+        let (fd, _) = n.setup_tap(&id, &t, 2).unwrap();
+        let tap = n.tap_name(&id);
+        let table = n.tap_table();
+        assert!(tap_chain_intact(&n.tap_table_listing(), &tap));
+        // Intact: left alone.
+        assert!(!n.repair_tap(&id, &t, 2).unwrap());
+        // `nft flush ruleset` (or `systemctl restart nftables`) takes our table with it.
+        cmd::run("nft", ["delete", "table", "bridge", &table]).unwrap();
+        assert!(!tap_chain_intact(&n.tap_table_listing(), &tap));
+        let running = [(id.clone(), t.clone(), 2)];
+        assert_eq!(n.repair_taps(&running).unwrap(), vec![id.clone()]);
+        let listing = n.tap_table_listing();
+        assert!(tap_chain_intact(&listing, &tap), "{listing}");
+        assert!(listing.contains(&Network::vm_mac(&id)), "{listing}");
+        assert!(listing.contains("10.76.4.2"), "{listing}");
+        // A chain that lost its rules is rebuilt whole, with each rule once.
+        cmd::run("nft", ["flush", "chain", "bridge", &table, &tap]).unwrap();
+        assert!(n.repair_tap(&id, &t, 2).unwrap());
+        assert!(tap_chain_intact(&n.tap_table_listing(), &tap));
+        assert!(!n.repair_tap(&id, &t, 2).unwrap());
+        // A VM whose tap is gone (stopped) gets no chain.
+        let stopped = random_id();
+        assert!(!n.repair_tap(&stopped, &t, 3).unwrap());
+        assert!(tap_chain(&n.tap_table_listing(), &n.tap_name(&stopped)).is_none());
+
+        // Another daemon's table whose name our table's is a prefix of: not ours to delete, and
+        // not taken for ours.
+        let other = with("gr9", 77);
+        let other_table = other.tap_table();
+        cmd::run_with_input(
+            "nft",
+            ["-f", "-"],
+            &format!("add table bridge {other_table}\n"),
+        )
+        .unwrap();
+        drop(fd);
+        n.teardown_tap(&id).unwrap();
+        assert!(tap_chain(&n.tap_table_listing(), &tap).is_none());
+        n.teardown_tenant(&t).unwrap();
+        let released = n.release_host();
+        let ours_left = bridge_table_exists(&table);
+        let theirs_left = bridge_table_exists(&other_table);
+        let _ = cmd::run("nft", ["delete", "table", "bridge", &other_table]);
+        assert!(released.unwrap());
+        assert!(!ours_left);
+        assert!(theirs_left);
+        // Once ours is gone, the other's name does not make us try to delete ours again.
+        cmd::run_with_input(
+            "nft",
+            ["-f", "-"],
+            &format!("add table bridge {other_table}\n"),
+        )
+        .unwrap();
+        let again = n.release_host();
+        let _ = cmd::run("nft", ["delete", "table", "bridge", &other_table]);
+        assert!(again.unwrap());
+        assert!(has_bridge_table(
+            "table bridge gpuvisor_gr\n",
+            "gpuvisor_gr"
+        ));
+        assert!(!has_bridge_table(
+            "table bridge gpuvisor_gr9\n",
+            "gpuvisor_gr"
+        ));
     }
 
     #[test]

@@ -64,7 +64,17 @@ pub struct Init {
 /// Start time (clock ticks since boot, field 22 of `/proc/<pid>/stat`) and whether the process
 /// is a zombie.
 fn stat(node: &Node, pid: i32) -> Option<(u64, bool, i32)> {
-    let stat = std::fs::read_to_string(node.cfg.root.path(format!("/proc/{pid}/stat"))).ok()?;
+    stat_at(&node.cfg.root, pid)
+}
+
+/// Start time of process `pid` (clock ticks since boot): with the pid, it names one process for
+/// its whole life, so a recycled pid is told apart.
+pub fn start_time(root: &crate::HostRoot, pid: i32) -> Option<u64> {
+    stat_at(root, pid).map(|(start, _, _)| start)
+}
+
+fn stat_at(root: &crate::HostRoot, pid: i32) -> Option<(u64, bool, i32)> {
+    let stat = std::fs::read_to_string(root.path(format!("/proc/{pid}/stat"))).ok()?;
     // Fields after the command name, which may hold spaces: state is field 3, ppid 4, start 22.
     let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let zombie = rest.first()?.starts_with(['Z', 'X']);

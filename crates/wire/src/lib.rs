@@ -552,6 +552,10 @@ pub struct Volume {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_use_by: Option<String>,
     pub created_at: i64,
+    /// A VM has had it as a raw disk: it is for VMs only from then on (a guest may have written
+    /// any of its blocks; the host does not mount it for a container).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vm_only: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

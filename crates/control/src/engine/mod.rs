@@ -704,6 +704,7 @@ impl Engine {
             size: v.size,
             state: v.state,
             created_at: v.created_at,
+            vm_only: v.vm_touched,
         })
     }
 
@@ -774,6 +775,7 @@ impl Engine {
             size,
             created_at: now_ms(),
             state: wire::VolumeState::Pending,
+            vm_touched: false,
         };
         // Row first, pending: a crash after it leaves a row the reconciler finishes or removes
         // (`finish_pending_volumes`), never an image file nobody knows about.
@@ -960,7 +962,7 @@ impl Engine {
             .iter()
             .filter(|i| !self.is_simulated(i))
             .filter(|i| i.state.holds_resources() && i.desired != InstanceState::Interrupted)
-            .map(resident)
+            .map(|i| resident(i, self.vm_overhead()))
             .collect();
         HostCapacity::new(
             gpus,
@@ -1084,7 +1086,29 @@ fn simulated_choice(a: crate::placement::ClusterAssignment) -> (String, Assignme
     )
 }
 
-fn resident(i: &InstanceRow) -> Resident {
+/// The memory an instance holds on its host, for placement and the tenant's memory quota: a
+/// container's `--memory`; a VM's guest RAM plus its QEMU's own allowance (`vm_overhead`, what
+/// the VM's cgroup allows beyond the guest's RAM, `vm::qemu::VmSpec::memory_limit`).
+pub(crate) fn charged_memory(runtime: wire::RuntimeKind, memory: u64, vm_overhead: u64) -> u64 {
+    match runtime {
+        wire::RuntimeKind::Vm => memory.saturating_add(vm_overhead),
+        wire::RuntimeKind::Container => memory,
+    }
+}
+
+/// Why a container cannot have volume `name` (review H2): a VM had it as a raw disk, so its
+/// filesystem metadata is whatever a guest wrote, and mounting it for a container would have
+/// the host kernel's ext4 driver parse it. (`e2fsck -fn` first would only narrow that: a
+/// consistent filesystem can still be hostile, and e2fsck itself would parse it as root.)
+pub(crate) fn vm_touched_refusal(name: &str) -> String {
+    format!(
+        "volume {name:?} has been attached to a VM: a guest may have written any of its blocks, \
+         and the host does not mount guest-written filesystems for containers; use it from VMs \
+         (--runtime vm), or copy its data out through a VM into another volume"
+    )
+}
+
+fn resident(i: &InstanceRow, vm_overhead: u64) -> Resident {
     Resident {
         id: i.id.clone(),
         gpus: i
@@ -1094,13 +1118,31 @@ fn resident(i: &InstanceRow) -> Resident {
             .collect(),
         cpus: i.cpus.clone(),
         vcpus: i.spec.vcpus,
-        memory: i.spec.memory,
+        memory: charged_memory(i.runtime, i.spec.memory, vm_overhead),
         priority: i.spec.priority.rank(),
         interruptible: i.spec.interruptible,
     }
 }
 
 impl Engine {
+    /// QEMU's memory beyond a VM's RAM on this host: the KVM allowance when the VM runtime runs
+    /// guests under KVM, else the emulator's (TCG), the larger (also for simulated nodes and a
+    /// daemon without a VM runtime), so that a VM is never under-counted.
+    pub(crate) fn vm_overhead(&self) -> u64 {
+        use gpuvisor_node::vm::{qemu, Accel};
+        let kvm = self
+            .node
+            .runtime(wire::RuntimeKind::Vm)
+            .ok()
+            .and_then(|r| r.accel())
+            .is_some_and(|a| a == Accel::Kvm.describe());
+        if kvm {
+            qemu::OVERHEAD_KVM
+        } else {
+            qemu::OVERHEAD_TCG
+        }
+    }
+
     pub(crate) async fn wire_instance(&self, i: InstanceRow) -> Result<wire::Instance> {
         let tenant = self.store.tenant(&i.tenant_id).await?;
         Ok(self.wire_instance_of(i, tenant.as_ref()))
@@ -1251,12 +1293,15 @@ impl Engine {
             self.check_passthrough_gpus(req)?;
         }
         // Every check that needs no lock comes before anything is made (volumes below).
-        let command = if req.command.is_empty() {
+        // A VM boots its image's init; a command given after `--` is run once by cloud-init,
+        // as root. The image's CMD is a container's default: a VM does not inherit it (it
+        // would become a root command nobody asked for).
+        let vm = req.runtime == wire::RuntimeKind::Vm;
+        let command = if req.command.is_empty() && !vm {
             image.command.clone()
         } else {
             req.command.clone()
         };
-        // A VM boots its image's init; a command is run once by cloud-init.
         if command.is_empty() && req.runtime == wire::RuntimeKind::Container {
             return Err(invalid(format!(
                 "image {:?} has no default command: give one after `--`",
@@ -1264,10 +1309,12 @@ impl Engine {
             )));
         }
         // An image is a stranger's: its entries for platform-owned names are dropped (the
-        // user's were refused above).
+        // user's were refused above). A VM gets none: its init sets its environment (and
+        // `--env` is refused for VMs).
         let mut env: Vec<String> = image
             .env
             .iter()
+            .filter(|_| !vm)
             .filter(|kv| {
                 let name = kv.split_once('=').map_or(kv.as_str(), |(k, _)| k);
                 !gpuvisor_wire::platform_env(name)
@@ -1303,6 +1350,11 @@ impl Engine {
                 )));
             }
             let existing = self.store.volume(&who.tenant_id, &v.name).await?;
+            // A VM wrote this volume's blocks as a raw disk: the host kernel would parse a
+            // guest's filesystem metadata to mount it for a container (review H2).
+            if !vm && existing.as_ref().is_some_and(|e| e.vm_touched) {
+                return Err(EngineError::InvalidState(vm_touched_refusal(&v.name)));
+            }
             if existing
                 .as_ref()
                 .is_some_and(|e| e.state == wire::VolumeState::Pending)
@@ -1336,7 +1388,7 @@ impl Engine {
                 gpus: req.gpus.unwrap_or(0),
                 gpu_milli: milli,
                 vcpus: req.vcpus,
-                memory: req.memory,
+                memory: charged_memory(req.runtime, req.memory, self.vm_overhead()),
                 disk: req.container_disk + to_create.iter().map(|(_, s)| *s).sum::<u64>(),
                 volumes: to_create.len() as u32,
             },
@@ -1359,7 +1411,7 @@ impl Engine {
             vram: req.vram,
             model: req.gpu_model.clone(),
             vcpus: req.vcpus,
-            memory: req.memory,
+            memory: charged_memory(req.runtime, req.memory, self.vm_overhead()),
             priority: req.priority.rank(),
             interruptible: req.interruptible,
             passthrough: req.runtime == wire::RuntimeKind::Vm,
@@ -1479,6 +1531,15 @@ impl Engine {
                 ..Default::default()
             },
         };
+        // A VM's volumes are marked before the VM can exist: from then on a guest may write
+        // their blocks, and no container is given them (see `vm_touched_refusal`).
+        if vm && !req.volumes.is_empty() {
+            let names: Vec<String> = req.volumes.iter().map(|v| v.name.clone()).collect();
+            if let Err(e) = self.store.mark_vm_touched(&who.tenant_id, &names).await {
+                self.rollback_volumes(&who.tenant_id, &created).await;
+                return Err(e.into());
+            }
+        }
         // Victims first: a crash after this leaves them evicted and the new instance absent,
         // never two instances on one GPU.
         for v in &victims {
@@ -1549,7 +1610,7 @@ impl Engine {
                 .filter(|i| self.is_simulated(i))
                 .filter(|i| i.state.holds_resources() && i.desired != InstanceState::Interrupted)
                 .map(|i| {
-                    let mut r = resident(i);
+                    let mut r = resident(i, self.vm_overhead());
                     r.interruptible &= !protected.contains(&i.id);
                     (i.node_id.clone(), r)
                 })

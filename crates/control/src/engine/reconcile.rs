@@ -497,6 +497,13 @@ impl Engine {
     ) -> Result<std::result::Result<std::result::Result<(), String>, (String, String)>> {
         for v in &i.spec.volumes {
             match self.store.volume(&i.tenant_id, &v.name).await? {
+                // Refused at create; a row from before the volume was marked is stopped here,
+                // before the host kernel mounts what a guest wrote (review H2).
+                Some(row)
+                    if row.vm_touched && i.runtime == gpuvisor_wire::RuntimeKind::Container =>
+                {
+                    return Ok(Err(("failed".into(), super::vm_touched_refusal(&v.name))))
+                }
                 Some(row) if row.state == VolumeState::Ready => {}
                 Some(_) => {
                     let why = self
@@ -889,6 +896,58 @@ impl Engine {
         Ok(())
     }
 
+    /// Puts back the tap anti-spoofing chain of every VM of this host that runs (its tap
+    /// exists) but whose chain is missing or incomplete (`Network::repair_taps`). Each under
+    /// the instance's lock, so that a VM being started or torn down is left to that work (a
+    /// chain re-added between a teardown's chain and tap removals would be left behind).
+    pub async fn repair_vm_taps(&self) -> Result<Vec<String>> {
+        let vms: Vec<InstanceRow> = self
+            .store
+            .live_instances(None)
+            .await?
+            .into_iter()
+            .filter(|i| i.runtime == gpuvisor_wire::RuntimeKind::Vm && !self.is_simulated(i))
+            .filter(|i| i.state == S::Running)
+            .collect();
+        let mut slots = std::collections::HashMap::new();
+        let mut repaired = Vec::new();
+        for i in vms {
+            let slot = match slots.get(&i.tenant_id) {
+                Some(s) => *s,
+                None => {
+                    let Some(t) = self.store.tenant(&i.tenant_id).await? else {
+                        continue;
+                    };
+                    slots.insert(i.tenant_id.clone(), t.net_slot);
+                    t.net_slot
+                }
+            };
+            let lock = self.lock_for(&i.id);
+            let Ok(_guard) = lock.try_lock() else {
+                continue; // being worked on right now
+            };
+            let node = self.node.clone();
+            let (id, host) = (i.id.clone(), i.ip_host);
+            let net = gpuvisor_node::net::TenantNet { slot };
+            match blocking(move || node.net.repair_tap(&id, &net, host)).await? {
+                Ok(true) => {
+                    self.event(
+                        &i.id,
+                        "network",
+                        "the VM's anti-spoofing rules were removed outside gpuvisor: put back",
+                    )
+                    .await;
+                    repaired.push(i.id.clone());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(instance = %i.id, "cannot put back the VM's anti-spoofing rules: {e}")
+                }
+            }
+        }
+        Ok(repaired)
+    }
+
     /// Removes host objects that belong to no instance that should have them: terminated,
     /// stopped and failed instances, and unknown ids with a trace in our data dir. An unknown id
     /// seen only in host-wide namespaces is left alone: it may be another daemon's (every host
@@ -899,6 +958,8 @@ impl Engine {
         if let Err(e) = blocking(move || node.net.repair_host()).await? {
             tracing::warn!("cannot rebuild the instance network chains: {e}");
         }
+        // And a running VM's anti-spoofing chain (nftables, lost to `nft flush ruleset`).
+        self.repair_vm_taps().await?;
         let node = self.node.clone();
         let (local, global): (BTreeSet<String>, BTreeSet<String>) =
             blocking(move || node.ids_with_objects()).await??;

@@ -27,12 +27,14 @@ pub(crate) struct Ask {
 pub(crate) fn usage<'a>(
     instances: impl IntoIterator<Item = &'a InstanceRow>,
     volumes: &[VolumeRow],
+    vm_overhead: u64,
 ) -> TenantUsage {
     let mut u = TenantUsage::default();
     for i in instances {
         u.instances += 1;
         u.vcpus += i.spec.vcpus;
-        u.memory += i.spec.memory;
+        // A VM's QEMU counts with its guest's RAM (see `charged_memory`).
+        u.memory += super::charged_memory(i.runtime, i.spec.memory, vm_overhead);
         u.disk += i.spec.container_disk;
         for g in &i.gpus {
             if g.milli >= 1000 {
@@ -449,7 +451,7 @@ impl Engine {
     pub(crate) async fn tenant_usage(&self, tenant_id: &str) -> Result<TenantUsage> {
         let live = self.store.live_instances(Some(tenant_id)).await?;
         let volumes = self.store.volumes(Some(tenant_id)).await?;
-        Ok(usage(&live, &volumes))
+        Ok(usage(&live, &volumes, self.vm_overhead()))
     }
 
     /// Refuses `ask` when it breaks one of the tenant's quotas. Admin keys are the operator's
@@ -463,7 +465,11 @@ impl Engine {
         ask: &Ask,
     ) -> Result<()> {
         let volumes = self.store.volumes(Some(&tenant.id)).await?;
-        let u = usage(live.iter().filter(|i| i.tenant_id == tenant.id), &volumes);
+        let u = usage(
+            live.iter().filter(|i| i.tenant_id == tenant.id),
+            &volumes,
+            self.vm_overhead(),
+        );
         match over_quota(&tenant.name, &tenant.policy, &u, ask) {
             Some(msg) => Err(EngineError::QuotaExceeded(msg)),
             None => Ok(()),

@@ -7,6 +7,8 @@ use std::collections::HashSet;
 use std::path::{Component, Path};
 
 pub const MIN_MEMORY: u64 = 16 << 20;
+/// The least a VM may be given: what a small cloud image's kernel, initrd and cloud-init boot in.
+pub const MIN_VM_MEMORY: u64 = 128 << 20;
 pub const MIN_DISK: u64 = 64 << 20;
 pub const MAX_DISK: u64 = 16 << 40;
 pub const MIN_VOLUME: u64 = 16 << 20;
@@ -197,6 +199,13 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
             req.vcpus, host.cpus
         )));
     }
+    if req.runtime == gpuvisor_wire::RuntimeKind::Vm && req.memory < MIN_VM_MEMORY {
+        return Err(invalid(format!(
+            "--memory {} is too small for a VM: at least {} (its kernel, initrd and cloud-init must boot in it)",
+            format_size(req.memory),
+            format_size(MIN_VM_MEMORY)
+        )));
+    }
     if req.memory < MIN_MEMORY {
         return Err(invalid(format!(
             "--memory {} is too small: at least {}",
@@ -255,6 +264,43 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
     }
     if req.command.iter().any(|a| a.contains('\0')) {
         return Err(invalid("the command contains a NUL byte"));
+    }
+    if req.runtime == gpuvisor_wire::RuntimeKind::Vm {
+        vm(req)?;
+    }
+    Ok(())
+}
+
+/// What only a VM refuses, with the rules its provisioning applies (`vm::seed`), so that a
+/// request it would fail is refused here, before anything is placed or made.
+fn vm(req: &CreateInstance) -> Result<()> {
+    use gpuvisor_node::vm::seed;
+    if let Some(n) = &req.name {
+        if !seed::hostname_ok(n) {
+            return Err(invalid(format!(
+                "instance name {n:?} cannot be a VM's host name: use letters, digits and '-' \
+                 (no '_'), in labels of at most 63 separated by single dots, none starting or \
+                 ending with '-'"
+            )));
+        }
+    }
+    for v in &req.volumes {
+        if !seed::serial_ok(&v.name) {
+            return Err(invalid(format!(
+                "volume name {:?} is too long for a VM: a VM sees a volume as a disk whose \
+                 serial is the volume's name, and a serial holds at most {} bytes; use a \
+                 shorter name",
+                v.name,
+                seed::MAX_SERIAL
+            )));
+        }
+    }
+    if !req.env.is_empty() {
+        return Err(invalid(
+            "--env is for containers: a VM's processes get their environment from its own init, \
+             not from gpuvisor; set variables in --startup-script, or in the command \
+             (-- env KEY=VALUE CMD...)",
+        ));
     }
     Ok(())
 }

@@ -438,6 +438,8 @@ impl Daemon {
             }
         }
         let p = self.net_prefix();
+        let nft_table = format!("gpuvisor_{p}");
+        let nft_chains = nft_chains(&nft_table);
         for id in ids {
             if netns.contains(&format!("{p}-{id}")) {
                 leaks.push(format!("netns {p}-{id}"));
@@ -447,13 +449,11 @@ impl Daemon {
             if links.contains(&veth) {
                 leaks.push(format!("veth {veth}"));
             }
-            for ctrl in [
-                "memory", "cpuset", "pids", "devices", "cpu", "freezer", "blkio", "systemd",
-                "unified",
-            ] {
-                let p = format!("/sys/fs/cgroup/{ctrl}/gpuvisor/{id}");
-                if Path::new(&p).exists() {
-                    leaks.push(format!("cgroup {p}"));
+            // `gpuvisor/<id>` at the cgroup-v2 root and under every v1 controller (or hybrid
+            // `unified`) mounted below /sys/fs/cgroup, whatever their names.
+            for p in cgroup_dirs(id) {
+                if p.exists() {
+                    leaks.push(format!("cgroup {}", p.display()));
                 }
             }
             for sub in ["instances", "bundles"] {
@@ -468,6 +468,11 @@ impl Daemon {
             let tap: String = format!("{p}t{id}").chars().take(15).collect();
             if links.contains(&format!(": {tap}")) {
                 leaks.push(format!("tap {tap}"));
+            }
+            // Its anti-spoofing chain in our bridge table: the one VM network object that
+            // outlives QEMU (the tap goes with it).
+            if nft_chains.contains(&tap) {
+                leaks.push(format!("nft chain bridge {nft_table} {tap}"));
             }
             if data.join("vm/run").join(id).exists() {
                 leaks.push(format!("dir vm/run/{id}"));
@@ -521,6 +526,40 @@ impl Drop for Daemon {
         }
         self.kill9();
     }
+}
+
+/// Where instance `id`'s cgroup may be: `/sys/fs/cgroup/gpuvisor/<id>` (cgroup v2, the runtime's
+/// `cgroupsPath` `/gpuvisor/<id>`, see gpuvisor_node::cgroup) and
+/// `/sys/fs/cgroup/<hierarchy>/gpuvisor/<id>` for each hierarchy mounted below (cgroup v1,
+/// hybrid).
+pub fn cgroup_dirs(id: &str) -> Vec<std::path::PathBuf> {
+    let base = Path::new("/sys/fs/cgroup");
+    let mut out = vec![base.join("gpuvisor").join(id)];
+    if let Ok(rd) = std::fs::read_dir(base) {
+        for e in rd.flatten() {
+            if e.file_name() != "gpuvisor" && e.path().is_dir() {
+                out.push(e.path().join("gpuvisor").join(id));
+            }
+        }
+    }
+    out
+}
+
+/// The chain names of nftables table `table` (family bridge): empty when there is no such table.
+pub fn nft_chains(table: &str) -> Vec<String> {
+    let out = Command::new("nft")
+        .args(["list", "table", "bridge", table])
+        .output();
+    let Ok(out) = out else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() == 3 && w[0] == "chain" && w[2] == "{").then(|| w[1].to_string())
+        })
+        .collect()
 }
 
 /// Live QEMU processes of instance `id` (`-name gpuvisor-<id>,...` on their command line), in

@@ -3,13 +3,20 @@
 //!
 //! Every connection has a read and write timeout, so a wedged QEMU or a guest without an agent
 //! never holds a reconciler thread for long.
+//!
+//! The guest agent is the guest's: whatever it sends is untrusted input to a root process. Its
+//! replies are read by hand here (the commands are still `qapi`'s types), line by line up to
+//! [`MAX_AGENT_LINE`] bytes, each call within an overall deadline, and a command's output is cut
+//! at [`MAX_AGENT_OUTPUT`]: a hostile agent can neither make the host allocate without bound nor
+//! keep a call reading forever.
 
 use super::VmError;
-use qapi::{qga, qmp, Qga, Qmp};
-use std::io::BufReader;
+use qapi::{qga, qmp, Qmp};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 type Stream<'a> = qapi::Stream<BufReader<&'a UnixStream>, &'a UnixStream>;
 
@@ -125,9 +132,37 @@ impl Monitor {
     }
 }
 
+/// Longest line (one reply) the guest agent may send; a longer one is an error, read no further.
+/// Large enough for `guest-exec-status` with about 12 MiB of output (base64).
+pub const MAX_AGENT_LINE: usize = 16 << 20;
+
+/// Most bytes of a command's output (stdout and stderr together) that `qga-exec` keeps and
+/// prints; the rest is dropped (the engine's default `exec_max_output`).
+pub const MAX_AGENT_OUTPUT: usize = 16 << 20;
+
+/// Longest one agent call (a command and its reply, or the sync) may take.
+pub const AGENT_CALL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Most bytes skipped (stale replies, noise) while looking for the sync's answer.
+const MAX_SYNC_SKIP: usize = MAX_AGENT_LINE;
+
+/// One agent reply (`{"return": ...}` or `{"error": ...}`).
+#[derive(serde::Deserialize)]
+struct Reply<T> {
+    #[serde(rename = "return")]
+    ret: Option<T>,
+    error: Option<qapi::Error>,
+}
+
 /// The guest agent (`qemu-ga` on the virtio-serial port `org.qemu.guest_agent.0`).
 pub struct Agent {
     stream: UnixStream,
+    /// Bytes read and not yet consumed (never over [`Agent::max_line`]).
+    buf: Vec<u8>,
+    max_line: usize,
+    call_deadline: Duration,
+    /// Set by a signal handler: a read interrupted (EINTR) while it is set fails at once.
+    cancel: Option<&'static AtomicBool>,
 }
 
 /// What `guest-exec-status` said about a finished command.
@@ -136,31 +171,182 @@ pub struct AgentExit {
     pub code: i32,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Output was dropped past the cap.
+    pub truncated: bool,
+}
+
+fn agent_err(command: &str, message: impl std::fmt::Display) -> VmError {
+    VmError::QmpCommand {
+        command: command.to_string(),
+        message: message.to_string(),
+    }
 }
 
 impl Agent {
-    /// Connects and synchronises (`guest-sync` with a random id, so a stale answer left in the
-    /// channel by an earlier client is skipped).
+    /// Connects and synchronises (`guest-sync-delimited` with a random id: stale answers left
+    /// in the channel by an earlier client are skipped, within bounds).
     pub fn connect(socket: &Path, timeout: Duration) -> Result<Self, VmError> {
         let stream = connect(socket, timeout)?;
-        let mut a = Self { stream };
-        let mut id = [0u8; 4];
-        getrandom::fill(&mut id).map_err(|e| VmError::Qmp {
-            socket: socket.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let id = i32::from_ne_bytes(id) & 0x7fff_ffff;
-        Qga::from_stream(&a.stream)
-            .guest_sync(id)
-            .map_err(|e| command_error("guest-sync", e))?;
-        let _ = &mut a;
+        let mut a = Self::from_stream(stream, MAX_AGENT_LINE, timeout.min(AGENT_CALL_DEADLINE));
+        a.sync()?;
         Ok(a)
     }
 
+    /// An agent on a connected stream, not yet synchronised.
+    fn from_stream(stream: UnixStream, max_line: usize, call_deadline: Duration) -> Self {
+        Self {
+            stream,
+            buf: Vec::new(),
+            max_line,
+            call_deadline,
+            cancel: None,
+        }
+    }
+
+    /// `guest-sync-delimited`: a 0xFF byte (the agent drops any partial request), the command,
+    /// then everything up to the agent's 0xFF sentinel and every answer with another id is
+    /// skipped — at most [`MAX_SYNC_SKIP`] bytes, within the call deadline.
+    pub fn sync(&mut self) -> Result<(), VmError> {
+        const NAME: &str = "guest-sync-delimited";
+        let mut id = [0u8; 4];
+        getrandom::fill(&mut id).map_err(|e| agent_err(NAME, e))?;
+        let id = i64::from(i32::from_ne_bytes(id) & 0x7fff_ffff);
+        let deadline = Instant::now() + self.call_deadline;
+        let mut line = vec![0xff];
+        line.extend(
+            serde_json::to_vec(&qapi::Execute::<_, qapi::Never>::from(
+                qga::guest_sync_delimited { id },
+            ))
+            .map_err(|e| agent_err(NAME, e))?,
+        );
+        line.push(b'\n');
+        self.write_all(&line, deadline)
+            .map_err(|e| agent_err(NAME, e))?;
+        let mut skipped = 0usize;
+        loop {
+            // Up to and including the sentinel.
+            loop {
+                if let Some(i) = self.buf.iter().position(|b| *b == 0xff) {
+                    skipped += i;
+                    self.buf.drain(..=i);
+                    break;
+                }
+                skipped += self.buf.len();
+                self.buf.clear();
+                if skipped > MAX_SYNC_SKIP {
+                    return Err(agent_err(
+                        NAME,
+                        format!("no answer within {MAX_SYNC_SKIP} bytes"),
+                    ));
+                }
+                self.fill(deadline).map_err(|e| agent_err(NAME, e))?;
+            }
+            let reply = self.read_line(deadline).map_err(|e| agent_err(NAME, e))?;
+            skipped += reply.len();
+            match serde_json::from_slice::<Reply<i64>>(&reply) {
+                Ok(Reply { ret: Some(r), .. }) if r == id => return Ok(()),
+                // A stale answer (another id, another command's reply): skip it.
+                _ if skipped <= MAX_SYNC_SKIP => {}
+                _ => {
+                    return Err(agent_err(
+                        NAME,
+                        format!("no answer within {MAX_SYNC_SKIP} bytes"),
+                    ))
+                }
+            }
+        }
+    }
+
+    fn write_all(&mut self, mut data: &[u8], deadline: Instant) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let left = remaining(deadline)?;
+            self.stream.set_write_timeout(Some(left))?;
+            match self.stream.write(data) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) => self.retry(e)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// An interrupted read or write is retried unless the cancel flag is set.
+    fn retry(&self, e: std::io::Error) -> std::io::Result<()> {
+        let cancelled = self.cancel.is_some_and(|c| c.load(Ordering::SeqCst));
+        if e.kind() == std::io::ErrorKind::Interrupted && !cancelled {
+            return Ok(());
+        }
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the guest agent did not answer in time",
+            ));
+        }
+        Err(e)
+    }
+
+    /// Reads once more into the buffer, which never grows past `max_line`.
+    fn fill(&mut self, deadline: Instant) -> std::io::Result<()> {
+        let room = self.max_line.saturating_sub(self.buf.len());
+        if room == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the guest agent sent a line over {} bytes", self.max_line),
+            ));
+        }
+        let mut chunk = [0u8; 64 << 10];
+        let want = room.min(chunk.len());
+        loop {
+            let left = remaining(deadline)?;
+            self.stream.set_read_timeout(Some(left))?;
+            match self.stream.read(&mut chunk[..want]) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the guest agent closed the channel",
+                    ))
+                }
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(());
+                }
+                Err(e) => self.retry(e)?,
+            }
+        }
+    }
+
+    /// One line (without its newline), at most `max_line` bytes, by `deadline`.
+    fn read_line(&mut self, deadline: Instant) -> std::io::Result<Vec<u8>> {
+        let mut scanned = 0;
+        loop {
+            if let Some(i) = self.buf[scanned..].iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=scanned + i).collect();
+                line.pop();
+                return Ok(line);
+            }
+            scanned = self.buf.len();
+            self.fill(deadline)?;
+        }
+    }
+
     fn execute<C: qapi::Command>(&mut self, name: &str, c: &C) -> Result<C::Ok, VmError> {
-        let mut q = Qga::from_stream(&self.stream);
-        let r = q.execute(c);
-        r.map_err(|e| command_error(name, e))
+        let deadline = Instant::now() + self.call_deadline;
+        let mut line = serde_json::to_vec(&qapi::Execute::<&C, qapi::Never>::from(c))
+            .map_err(|e| agent_err(name, e))?;
+        line.push(b'\n');
+        self.write_all(&line, deadline)
+            .map_err(|e| agent_err(name, e))?;
+        let reply = self.read_line(deadline).map_err(|e| agent_err(name, e))?;
+        let reply: Reply<C::Ok> = serde_json::from_slice(&reply)
+            .map_err(|e| agent_err(name, format!("bad reply: {e}")))?;
+        match (reply.ret, reply.error) {
+            (_, Some(e)) => Err(agent_err(name, e)),
+            (Some(r), None) => Ok(r),
+            (None, None) => Err(agent_err(name, "reply without a result")),
+        }
     }
 
     /// Starts `path args` in the guest with its output captured; returns the guest pid.
@@ -184,8 +370,13 @@ impl Agent {
         Ok(r.pid)
     }
 
-    /// `None` while the command runs; its exit status and output once it ended.
-    pub fn exec_status(&mut self, pid: i64) -> Result<Option<AgentExit>, VmError> {
+    /// `None` while the command runs; its exit status and output (at most `max_output` bytes,
+    /// stdout first) once it ended.
+    pub fn exec_status(
+        &mut self,
+        pid: i64,
+        max_output: usize,
+    ) -> Result<Option<AgentExit>, VmError> {
         let s = self.execute("guest-exec-status", &qga::guest_exec_status { pid })?;
         if !s.exited {
             return Ok(None);
@@ -195,36 +386,65 @@ impl Agent {
             (None, Some(sig)) => 128 + sig as i32,
             (None, None) => 255,
         };
+        let mut stdout = s.out_data.unwrap_or_default();
+        let mut stderr = s.err_data.unwrap_or_default();
+        let truncated = stdout.len().saturating_add(stderr.len()) > max_output;
+        stdout.truncate(max_output);
+        stderr.truncate(max_output - stdout.len());
         Ok(Some(AgentExit {
             code,
-            stdout: s.out_data.unwrap_or_default(),
-            stderr: s.err_data.unwrap_or_default(),
+            stdout,
+            stderr,
+            truncated,
         }))
     }
 }
 
+fn remaining(deadline: Instant) -> std::io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the guest agent did not answer in time",
+        ));
+    }
+    Ok(left)
+}
+
+/// This process's start time, from `/proc/self/stat`.
+fn own_start_time() -> Option<u64> {
+    let pid = i32::try_from(std::process::id()).ok()?;
+    crate::reap::start_time(&crate::HostRoot::real(), pid)
+}
+
 /// This binary's hidden `qga-exec` mode: the command `instance exec` runs for a VM. Runs `args`
 /// in the guest through the agent on `socket` (stdin, when asked, read whole and passed as the
-/// command's input), writes `<own pid> <guest pid>` to `pid_file` once it runs, polls its status,
-/// then prints its stdout and stderr and returns its exit status. SIGTERM (what
-/// [`kill_agent_exec`] sends) kills the guest process (`kill -9`, on the same agent connection:
-/// the agent's channel serves one client at a time) and ends with 137.
+/// command's input), writes `<own pid> <guest pid> <own start time>` to `pid_file` once it runs,
+/// polls its status, then prints its stdout and stderr (at most `max_output` bytes) and returns
+/// its exit status. SIGTERM (what [`kill_agent_exec`] sends) interrupts any read and kills the
+/// guest process (`kill -9`, on the same agent connection after a fresh sync: the agent's
+/// channel serves one client at a time) and ends with 137.
 pub fn agent_exec_main(
     socket: &Path,
     pid_file: &Path,
     args: &[String],
     env: &[String],
     stdin: bool,
+    max_output: usize,
 ) -> i32 {
-    use std::io::{Read, Write};
-    use std::sync::atomic::{AtomicBool, Ordering};
     static TERM: AtomicBool = AtomicBool::new(false);
     extern "C" fn on_term(_: libc::c_int) {
         TERM.store(true, Ordering::SeqCst);
     }
+    // Without SA_RESTART, so that a read blocked on the agent returns EINTR.
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(on_term),
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
-        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+        let _ = nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGTERM, &action);
     }
     let fail = |what: &str| {
         eprintln!("gpuvisor: {what}");
@@ -237,7 +457,7 @@ pub fn agent_exec_main(
     if stdin && std::io::stdin().read_to_end(&mut input).is_err() {
         return fail("cannot read stdin");
     }
-    let mut agent = match Agent::connect(socket, Duration::from_secs(30)) {
+    let mut agent = match Agent::connect(socket, AGENT_CALL_DEADLINE) {
         Ok(a) => a,
         Err(e) => {
             return fail(&format!(
@@ -245,45 +465,60 @@ pub fn agent_exec_main(
             ))
         }
     };
+    agent.cancel = Some(&TERM);
     let pid = match agent.exec(path, rest, env, stdin.then_some(input.as_slice())) {
         Ok(p) => p,
         Err(e) => return fail(&e.to_string()),
     };
-    let _ = std::fs::write(pid_file, format!("{} {pid}\n", std::process::id()));
+    let start = own_start_time().unwrap_or(0);
+    let _ = std::fs::write(pid_file, format!("{} {pid} {start}\n", std::process::id()));
     loop {
         if TERM.load(Ordering::SeqCst) {
-            let _ = agent.exec(
-                "/bin/sh",
-                &["-c".to_string(), format!("kill -9 {pid}")],
-                &[],
-                None,
-            );
+            // A reply may have been cut by the signal: resynchronise first.
+            agent.cancel = None;
+            if agent.sync().is_ok() {
+                let _ = agent.exec(
+                    "/bin/sh",
+                    &["-c".to_string(), format!("kill -9 {pid}")],
+                    &[],
+                    None,
+                );
+            }
             return 137;
         }
-        match agent.exec_status(pid) {
+        match agent.exec_status(pid, max_output) {
             Ok(Some(done)) => {
                 let _ = std::io::stdout().write_all(&done.stdout);
                 let _ = std::io::stderr().write_all(&done.stderr);
+                if done.truncated {
+                    eprintln!("gpuvisor: output cut at {max_output} bytes");
+                }
                 return done.code;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) if TERM.load(Ordering::SeqCst) => {}
             Err(e) => return fail(&e.to_string()),
         }
     }
 }
 
 /// Kills an agent exec: SIGTERM to its `qga-exec` process (the first pid of `pid_file`, only
-/// while it is one), which kills the guest process. Returns how many were signalled.
+/// while that pid is still the process that wrote the file: its start time, the third field,
+/// matches, and its command line is a `qga-exec`), which kills the guest process. Returns how
+/// many were signalled.
 pub fn kill_agent_exec(root: &crate::HostRoot, pid_file: &Path) -> usize {
     let text = std::fs::read_to_string(pid_file).unwrap_or_default();
     let _ = std::fs::remove_file(pid_file);
-    let Some(host) = text
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse::<i32>().ok())
-    else {
+    let mut fields = text.split_whitespace();
+    let Some(host) = fields.next().and_then(|p| p.parse::<i32>().ok()) else {
         return 0;
     };
+    let Some(start) = fields.nth(1).and_then(|s| s.parse::<u64>().ok()) else {
+        return 0;
+    };
+    if crate::reap::start_time(root, host) != Some(start) {
+        return 0;
+    }
     let cmd = std::fs::read(root.path(format!("/proc/{host}/cmdline"))).unwrap_or_default();
     if !cmd.split(|b| *b == 0).any(|a| a == b"qga-exec") {
         return 0;
@@ -293,4 +528,172 @@ pub fn kill_agent_exec(root: &crate::HostRoot, pid_file: &Path) -> usize {
         nix::sys::signal::Signal::SIGTERM,
     );
     usize::from(sent.is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader as StdBufReader};
+
+    /// An agent over a socketpair whose other end `fake` plays the guest agent.
+    fn agent_with(
+        max_line: usize,
+        deadline: Duration,
+        fake: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> (Agent, std::thread::JoinHandle<()>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || fake(theirs));
+        (Agent::from_stream(ours, max_line, deadline), t)
+    }
+
+    /// Reads one request line (after an optional 0xFF) and returns it as JSON.
+    fn request(r: &mut StdBufReader<&UnixStream>) -> serde_json::Value {
+        let mut line = Vec::new();
+        r.read_until(b'\n', &mut line).unwrap();
+        let line: Vec<u8> = line.into_iter().filter(|b| *b != 0xff).collect();
+        serde_json::from_slice(&line).unwrap()
+    }
+
+    fn sentinel(line: &str) -> Vec<u8> {
+        let mut v = vec![0xff];
+        v.extend_from_slice(line.as_bytes());
+        v
+    }
+
+    #[test]
+    fn sync_skips_stale_answers_and_sentinels() {
+        let (mut a, t) = agent_with(1 << 20, Duration::from_secs(5), |s| {
+            let mut r = StdBufReader::new(&s);
+            let req = request(&mut r);
+            assert_eq!(req["execute"], "guest-sync-delimited");
+            let id = req["arguments"]["id"].as_i64().unwrap();
+            let mut w = &s;
+            // An earlier client's unread answers: a plain one, a half line, a stale sync.
+            w.write_all(b"{\"return\": {\"pid\": 7}}\n{\"retu").unwrap();
+            w.write_all(&sentinel(&format!("{{\"return\": {}}}\n", id + 1)))
+                .unwrap();
+            w.write_all(&sentinel(&format!("{{\"return\": {id}}}\n")))
+                .unwrap();
+            let req = request(&mut r);
+            assert_eq!(req["execute"], "guest-exec");
+            w.write_all(b"{\"return\": {\"pid\": 42}}\n").unwrap();
+        });
+        a.sync().unwrap();
+        assert_eq!(a.exec("/bin/true", &[], &[], None).unwrap(), 42);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn sync_gives_up_on_an_agent_that_never_answers_its_id() {
+        let (mut a, t) = agent_with(1 << 20, Duration::from_millis(500), |s| {
+            let mut r = StdBufReader::new(&s);
+            let id = request(&mut r)["arguments"]["id"].as_i64().unwrap();
+            let mut w = &s;
+            for _ in 0..1000 {
+                let line = sentinel(&format!("{{\"return\": {}}}\n", id + 1));
+                if w.write_all(&line).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let started = Instant::now();
+        assert!(a.sync().is_err());
+        assert!(started.elapsed() < Duration::from_secs(3));
+        drop(a);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_an_error_not_a_buffer() {
+        let (mut a, t) = agent_with(1 << 20, Duration::from_secs(10), |s| {
+            let mut r = StdBufReader::new(&s);
+            request(&mut r);
+            let mut w = &s;
+            // No newline, ever: 8 MiB, eight times the cap.
+            let chunk = vec![b' '; 64 << 10];
+            for _ in 0..128 {
+                if w.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let e = a.exec_status(1, MAX_AGENT_OUTPUT).unwrap_err().to_string();
+        assert!(e.contains("over 1048576 bytes"), "{e}");
+        assert!(a.buf.capacity() <= 2 << 20, "{}", a.buf.capacity());
+        drop(a);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_trickling_agent_hits_the_call_deadline() {
+        let (mut a, t) = agent_with(1 << 20, Duration::from_millis(300), |s| {
+            let mut r = StdBufReader::new(&s);
+            request(&mut r);
+            let mut w = &s;
+            // A byte every 20 ms: each read succeeds, the line never ends.
+            for _ in 0..500 {
+                if w.write_all(b" ").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let started = Instant::now();
+        let e = a.exec_status(1, MAX_AGENT_OUTPUT).unwrap_err().to_string();
+        assert!(e.contains("in time"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(a);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn output_is_cut_at_the_cap() {
+        let (mut a, t) = agent_with(1 << 20, Duration::from_secs(5), |s| {
+            let mut r = StdBufReader::new(&s);
+            request(&mut r);
+            // "hello world" twice.
+            (&s).write_all(
+                b"{\"return\": {\"exited\": true, \"exitcode\": 3, \"out-data\": \"aGVsbG8gd29ybGQ=\", \"err-data\": \"aGVsbG8gd29ybGQ=\"}}\n",
+            )
+            .unwrap();
+            request(&mut r);
+            (&s).write_all(
+                b"{\"return\": {\"exited\": true, \"exitcode\": 0, \"out-data\": \"aGVsbG8gd29ybGQ=\"}}\n",
+            )
+            .unwrap();
+        });
+        let done = a.exec_status(1, 15).unwrap().unwrap();
+        assert_eq!(done.code, 3);
+        assert_eq!(done.stdout, b"hello world");
+        assert_eq!(done.stderr, b"hell");
+        assert!(done.truncated);
+        let done = a.exec_status(1, 15).unwrap().unwrap();
+        assert_eq!(done.stdout, b"hello world");
+        assert!(!done.truncated);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn kill_agent_exec_checks_the_start_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = crate::HostRoot::real();
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30; :", "qga-exec"])
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let start = crate::reap::start_time(&root, pid).unwrap();
+        let file = dir.path().join("exec.pid");
+        // Another process that once had this pid (another start time), and a file without one.
+        for text in [format!("{pid} 9 {}\n", start + 1), format!("{pid} 9\n")] {
+            std::fs::write(&file, text).unwrap();
+            assert_eq!(kill_agent_exec(&root, &file), 0);
+            assert!(child.try_wait().unwrap().is_none());
+        }
+        std::fs::write(&file, format!("{pid} 9 {start}\n")).unwrap();
+        assert_eq!(kill_agent_exec(&root, &file), 1);
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+    }
 }

@@ -3,10 +3,10 @@
 //! Provisioning: template (once per image) → qcow2 overlay of the instance's disk size →
 //! cloud-init seed → tap on the tenant bridge (opened here, passed to QEMU as an fd) → cgroup
 //! → QEMU (own session, stdout into the instance's log relay) → vCPU threads pinned one to one.
-//! Everything a later daemon needs is a file: `<data>/vm/run/<id>/` holds the sockets (QMP,
-//! agent, console, VNC), QEMU's pid file, our own `main.pid` (QEMU deletes its pid file on
-//! exit; ours outlives it so the exit status can still be reaped) and the seed;
-//! `<data>/vm/disks/<id>.qcow2` is the overlay. So adoption after a daemon crash is reading
+//! Everything a later daemon needs is a file: `<data>/vm/run/<id>/` (root only) holds the
+//! sockets the daemon bound for QEMU (QMP, agent, console), `main.pid` (written by the daemon:
+//! QEMU writes nothing the daemon trusts), the seed and the volume list;
+//! `<data>/vm/own/<id>/` is QEMU's own (VNC); `<data>/vm/disks/<id>.qcow2` is the overlay. So adoption after a daemon crash is reading
 //! `main.pid` (checked against the instance's cgroup) and reconnecting to QMP; the orphan sweep
 //! lists run dirs and overlays.
 
@@ -410,6 +410,13 @@ impl Runtime for VmRuntime {
             if let Err(e) = pinned {
                 tracing::warn!(id = %plan.id, "re-pinning the vCPUs of a running VM: {e}");
             }
+            // And its tap's anti-spoofing chain back if it was lost meanwhile.
+            let net = TenantNet {
+                slot: plan.net_slot,
+            };
+            if let Err(e) = node.net.repair_tap(&plan.id, &net, plan.ip_host) {
+                tracing::warn!(id = %plan.id, "anti-spoofing rules of a running VM: {e}");
+            }
             return Ok(());
         }
         self.provision_steps(node, plan, t).map_err(NodeError::from)
@@ -539,7 +546,8 @@ impl Runtime for VmRuntime {
     }
 
     /// `<this binary> qga-exec`: the command runs in the guest through the guest agent; its
-    /// pid file (in the run dir, removed with it) holds the shim's and the guest's pids.
+    /// pid file (in the run dir, removed with it) holds the shim's pid, the guest's pid and the
+    /// shim's start time.
     fn exec_command(
         &self,
         node: &Node,

@@ -134,7 +134,8 @@ pub fn write_seed(spec: &SeedSpec, path: &Path) -> Result<(), TemplateError> {
 }
 
 /// An RFC 1123 host name: what /etc/hosts, DHCP and a kernel `ip=` argument can all carry.
-fn hostname_ok(h: &str) -> bool {
+/// (The engine checks a VM's name with it at create.)
+pub fn hostname_ok(h: &str) -> bool {
     !h.is_empty()
         && h.len() <= 253
         && h.split('.').all(|l| {
@@ -144,6 +145,19 @@ fn hostname_ok(h: &str) -> bool {
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
+}
+
+/// Longest virtio-blk serial the guest sees whole (a volume's disk serial is its name).
+pub const MAX_SERIAL: usize = 20;
+
+/// A volume disk serial: 1-[`MAX_SERIAL`] letters, digits, '-', '_' or '.'. (The engine checks a
+/// VM's volume names with it at create.)
+pub fn serial_ok(serial: &str) -> bool {
+    !serial.is_empty()
+        && serial.len() <= MAX_SERIAL
+        && serial
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// `^[a-z0-9][a-z0-9+.-]*([:=~][A-Za-z0-9.+:~_-]+)?$`, at most 128 bytes: never an apt option
@@ -360,12 +374,7 @@ fn check(spec: &SeedSpec) -> Result<(), TemplateError> {
         }
     }
     for (serial, path) in &spec.mounts {
-        let serial_ok = !serial.is_empty()
-            && serial.len() <= 20
-            && serial
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !serial_ok {
+        if !serial_ok(serial) {
             return Err(invalid(format!(
                 "volume disk serial {serial:?} is invalid: 1-20 letters, digits, '-', '_' or '.' \
                  (virtio-blk shows the guest at most 20 bytes, so a longer one would be cut and \
