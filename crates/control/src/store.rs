@@ -167,6 +167,9 @@ pub struct InstanceSpec {
     /// VMs: a script cloud-init runs once at first boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub startup_script: Option<String>,
+    /// VMs: packages cloud-init installs at first boot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -780,6 +780,19 @@ async fn vm_requests_its_seed_would_refuse_are_refused_at_create() {
             Box::new(|r| r.memory = 64 << 20),
             &["too small for a VM: at least 128MiB"],
         ),
+        // A package is a name cloud-init hands to apt: never an option, never two words.
+        (
+            Box::new(|r| r.packages = vec!["-oAPT::Get::AllowUnauthenticated=1".into()]),
+            &["is not a Debian package name"],
+        ),
+        (
+            Box::new(|r| r.packages = vec!["curl wget".into()]),
+            &["is not a Debian package name"],
+        ),
+        (
+            Box::new(|r| r.packages = (0..65).map(|i| format!("pkg{i}")).collect()),
+            &["65 packages given: at most 64"],
+        ),
     ];
     for (mutate, says) in cases {
         let mut req = vm_req(256 << 20);
@@ -789,6 +802,15 @@ async fn vm_requests_its_seed_would_refuse_are_refused_at_create() {
         assert!(h.engine.list_instances(&h.admin).await.unwrap().is_empty());
         assert!(h.engine.list_volumes(&h.user).await.unwrap().is_empty());
     }
+    // Packages are a VM's (cloud-init installs them); a container runs its image.
+    let err = h
+        .create(wire::CreateInstance {
+            packages: vec!["curl".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    refused(&err, code::INVALID_ARGUMENT, &["--package are for VMs"]);
     // A container may be named so.
     let c = h
         .create(wire::CreateInstance {
@@ -807,6 +829,11 @@ async fn vm_requests_its_seed_would_refuse_are_refused_at_create() {
         .unwrap();
     assert!(vm.command.is_empty(), "{:?}", vm.command);
     assert!(vm.env.is_empty(), "{:?}", vm.env);
+    // Valid packages are taken (the seed's own test shows them in its user-data).
+    let mut req = vm_req(128 << 20);
+    req.name = Some("with-packages".into());
+    req.packages = vec!["curl".into(), "python3=3.11.2-1+b1".into()];
+    h.engine.create_instance(&h.user, &req).await.unwrap();
 }
 
 /// Review M3: a VM holds its guest RAM and its QEMU's allowance (what its cgroup allows beyond

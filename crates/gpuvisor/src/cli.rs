@@ -597,6 +597,10 @@ pub struct CreateArgs {
     /// VMs: a script cloud-init runs once at first boot, read from FILE.
     #[arg(long, value_name = "FILE")]
     pub startup_script: Option<std::path::PathBuf>,
+    /// VMs: a Debian package cloud-init installs at first boot (repeatable; NAME or
+    /// NAME=VERSION; the guest needs a route to its mirror).
+    #[arg(long = "package", value_name = "NAME")]
+    pub packages: Vec<String>,
     #[command(flatten)]
     pub wait: WaitArgs,
     /// Command overriding the image's, after `--`.
@@ -1339,6 +1343,7 @@ impl Ctx {
                         })?),
                         None => None,
                     },
+                    packages: args.packages,
                 };
                 let inst = self.client.create_instance(&req)?;
                 self.finish_lifecycle(inst, InstanceState::Running, &args.wait)

@@ -112,6 +112,8 @@ pub struct InstancePlan {
     pub ssh_keys: Vec<String>,
     /// VMs: a script cloud-init runs once at first boot.
     pub startup_script: Option<String>,
+    /// VMs: packages cloud-init installs at first boot.
+    pub packages: Vec<String>,
 }
 
 /// What one limiter sample found (see [`Node::sample_limiters`]).

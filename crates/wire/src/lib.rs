@@ -278,6 +278,9 @@ pub struct CreateInstance {
     /// VMs: a script cloud-init runs once at first boot (its text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub startup_script: Option<String>,
+    /// VMs: Debian packages cloud-init installs at first boot (`name`, `name=version`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
 }
 
 /// One GPU (or share of one) bound to an instance.

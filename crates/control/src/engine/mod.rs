@@ -1510,6 +1510,7 @@ impl Engine {
                 interruptible: req.interruptible,
                 ssh_keys: req.ssh_keys.clone(),
                 startup_script: req.startup_script.clone(),
+                packages: req.packages.clone(),
             },
             cpus: assignment.cpus,
             gpus: assignment

@@ -438,6 +438,7 @@ impl Engine {
             },
             ssh_keys: i.spec.ssh_keys.clone(),
             startup_script: i.spec.startup_script.clone(),
+            packages: i.spec.packages.clone(),
         })
     }
 

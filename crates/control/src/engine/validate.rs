@@ -19,6 +19,8 @@ pub const MAX_SSH_KEYS: usize = 32;
 pub const MAX_SSH_KEY_LEN: usize = 8 << 10;
 /// The largest startup script (cloud-init user-data stays small).
 pub const MAX_STARTUP_SCRIPT: usize = 64 << 10;
+/// Most packages one VM asks cloud-init for.
+pub const MAX_PACKAGES: usize = 64;
 
 /// Names of instances, volumes, images and tenants: DNS-label-like.
 pub fn name(kind: &str, s: &str) -> Result<()> {
@@ -145,11 +147,27 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
         _ => {}
     }
     if req.runtime == gpuvisor_wire::RuntimeKind::Container
-        && (!req.ssh_keys.is_empty() || req.startup_script.is_some())
+        && (!req.ssh_keys.is_empty() || req.startup_script.is_some() || !req.packages.is_empty())
     {
         return Err(invalid(
-            "--ssh-key and --startup-script are for VMs (--runtime vm): a container runs its command; use `instance exec` for a shell",
+            "--ssh-key, --startup-script and --package are for VMs (--runtime vm): a container runs its image; use `instance exec` for a shell",
         ));
+    }
+    if req.packages.len() > MAX_PACKAGES {
+        return Err(invalid(format!(
+            "{} packages given: at most {MAX_PACKAGES}",
+            req.packages.len()
+        )));
+    }
+    if let Some(p) = req
+        .packages
+        .iter()
+        .find(|p| !gpuvisor_node::vm::seed::package_ok(p))
+    {
+        return Err(invalid(format!(
+            "package {:?} is not a Debian package name (lowercase letters, digits, + - ., optionally =VERSION)",
+            p.chars().take(64).collect::<String>()
+        )));
     }
     if req.ssh_keys.len() > MAX_SSH_KEYS {
         return Err(invalid(format!(

@@ -206,7 +206,7 @@ impl VmRuntime {
                 ssh_keys: plan.ssh_keys.clone(),
                 runcmd: plan.args.clone(),
                 startup_script: plan.startup_script.clone(),
-                packages: Vec::new(),
+                packages: plan.packages.clone(),
                 mounts: plan
                     .volumes
                     .iter()

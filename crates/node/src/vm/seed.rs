@@ -162,7 +162,7 @@ pub fn serial_ok(serial: &str) -> bool {
 
 /// `^[a-z0-9][a-z0-9+.-]*([:=~][A-Za-z0-9.+:~_-]+)?$`, at most 128 bytes: never an apt option
 /// (`-o...`), never a second word.
-fn package_ok(p: &str) -> bool {
+pub fn package_ok(p: &str) -> bool {
     if p.is_empty() || p.len() > 128 {
         return false;
     }
