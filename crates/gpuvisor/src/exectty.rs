@@ -183,10 +183,22 @@ fn send(ws: &mut SessionSocket, msg: tungstenite::Message) -> Result<bool, Clien
     }
 }
 
+/// Leaves a session from this side: what was typed goes out first, then the close (bounded).
+fn leave(mut ws: SessionSocket) -> Outcome {
+    let _ = ws.get_mut().set_nonblocking(false);
+    let _ = ws
+        .get_mut()
+        .set_write_timeout(Some(std::time::Duration::from_secs(5)));
+    let _ = ws.flush();
+    let _ = ws.close(None);
+    let _ = ws.flush();
+    Outcome::Detached
+}
+
 /// Runs a session until the remote command ends: stdin forwarded when `stdin`, resizes sent
 /// when `tty`, output written as it comes (on a terminal it is all stdout). The `escape` byte
 /// in the input ends the session from this side ([`Outcome::Detached`]); what was typed before
-/// it is sent first.
+/// it is sent first. With an `escape` (a console), the end of the input detaches too.
 pub fn run(
     mut ws: SessionSocket,
     stdin: bool,
@@ -266,6 +278,10 @@ pub fn run(
                         e.kind(),
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                     ) => {}
+                Ok(0) | Err(_) if escape.is_some() => {
+                    // A console has no end of input to pass on: the input ending detaches.
+                    return Ok(leave(ws));
+                }
                 Ok(0) | Err(_) => {
                     stdin_open = false;
                     let text = serde_json::to_string(&Control::Eof).unwrap_or_default();
@@ -279,15 +295,7 @@ pub fn run(
                         flushed = send(&mut ws, Message::binary(data))?;
                     }
                     if cut_at.is_some() {
-                        // Out before leaving: what was typed, then the close.
-                        let _ = ws.get_mut().set_nonblocking(false);
-                        let _ = ws
-                            .get_mut()
-                            .set_write_timeout(Some(std::time::Duration::from_secs(5)));
-                        let _ = ws.flush();
-                        let _ = ws.close(None);
-                        let _ = ws.flush();
-                        return Ok(Outcome::Detached);
+                        return Ok(leave(ws));
                     }
                 }
             }

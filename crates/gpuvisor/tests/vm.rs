@@ -220,9 +220,9 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
 /// QEMU runs as the VM's own unprivileged user (no capabilities, no_new_privs), and with its
 /// credentials (a process given exactly QEMU's uid, gid and groups) the attacks a compromised
 /// QEMU would try fail: reading its own seed (ssh keys, startup script) or overlay by path,
-/// listing the run dirs of other VMs, connecting to its own QMP socket to swap or drive it,
-/// reading the host's secrets. The probe is shown to work by what that user may do: write in
-/// its own directory and read its template.
+/// listing the run dirs of other VMs, replacing its own QMP socket, writing anywhere, reading
+/// the host's secrets. The probe is shown to work by what that user may do: read its template.
+/// And QEMU's own namespaces, mounts and file size limit.
 fn qemu_is_confined(data: &Path, id: &str, pid: u32) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| -> Vec<String> {
@@ -272,10 +272,10 @@ fn qemu_is_confined(data: &Path, id: &str, pid: u32) {
         .map(|b| b.path().join("base.ext4"))
         .find(|p| p.is_file())
         .expect("a template base");
-    // The probe runs: the user writes in its own dir and reads its template.
+    // The probe runs: with QEMU's credentials it reads its template.
     let ok = as_qemu(&format!(
-        "touch '{}/probe' && head -c 1 '{}' >/dev/null && echo probe-ok",
-        own.display(),
+        "[ \"$(id -u)\" = {} ] && head -c 1 '{}' >/dev/null && echo probe-ok",
+        uid[0],
         base.display()
     ));
     assert_eq!(
@@ -307,11 +307,62 @@ fn qemu_is_confined(data: &Path, id: &str, pid: u32) {
         let r = as_qemu(&format!("ls '{}'", dir.display()));
         assert!(!r.status.success(), "QEMU's user listed {}", dir.display());
     }
+    // Its own dir held only its VNC socket's making: it writes nowhere on the host now.
+    let r = as_qemu(&format!("touch '{}/x'", own.display()));
+    assert!(
+        !r.status.success(),
+        "QEMU's user wrote in {}",
+        own.display()
+    );
+    // Its own network (no route anywhere: only the tap it was handed), IPC and mounts: a
+    // private /tmp and /dev/shm, a /proc that hides other users' processes; and a file size cap.
+    for ns in ["net", "ipc", "mnt"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let host = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, host, "QEMU shares the host's {ns} namespace");
+    }
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    for (point, fs) in [
+        (" /tmp ", "tmpfs"),
+        (" /dev/shm ", "tmpfs"),
+        (" /proc ", "hidepid"),
+    ] {
+        assert!(
+            mounts.lines().any(|l| l.contains(point) && l.contains(fs)),
+            "no {fs} on{point}in QEMU's mounts:\n{mounts}"
+        );
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let fsize = limits
+        .lines()
+        .find(|l| l.starts_with("Max file size"))
+        .unwrap()
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_string();
+    assert!(
+        fsize.parse::<u64>().is_ok_and(|n| n < 4 << 30),
+        "QEMU's file size limit {fsize:?} (a 1 GiB disk)"
+    );
+    // Every socket and disk of the daemon's reaches QEMU as a descriptor: its command line
+    // names no socket path and no file of the data dir but its template's kernel and initrd.
+    let cmd = String::from_utf8(std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .unwrap()
+        .replace('\0', " ");
+    assert!(!cmd.contains("path="), "{cmd}");
+    for word in cmd.split([' ', ',', '=']) {
+        assert!(
+            !word.starts_with(data.to_str().unwrap())
+                || word.starts_with(data.join("vm/templates").to_str().unwrap())
+                || word.starts_with(own.to_str().unwrap()),
+            "QEMU opens {word} by path: {cmd}"
+        );
+    }
     // Its own QMP socket is the daemon's: QEMU cannot replace it (no write access to the run
     // dir) nor reach it by path.
     let r = as_qemu(&format!("ln -sf /nonexistent '{}/qmp.sock'", run.display()));
     assert!(!r.status.success(), "QEMU's user replaced its QMP socket");
-    std::fs::remove_file(own.join("probe")).unwrap();
 }
 
 /// `gpuvisor instance console ID` with its stdin and stdout piped (no terminal: no raw mode).
@@ -321,7 +372,29 @@ struct Console {
 }
 
 impl Console {
+    /// Attaches; a refusal because the previous attach is still being let go (the daemon
+    /// releases it when that session's pump ends) is retried, briefly.
     fn attach(d: &Daemon, id: &str) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = Self::try_attach(d, id);
+            std::thread::sleep(Duration::from_millis(300));
+            match c.child.try_wait().unwrap() {
+                None => return c,
+                Some(st) => {
+                    let mut err = String::new();
+                    use std::io::Read;
+                    let _ = c.child.stderr.take().unwrap().read_to_string(&mut err);
+                    assert!(
+                        err.contains("attached in another session") && Instant::now() < deadline,
+                        "console attach ended ({st}): {err}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn try_attach(d: &Daemon, id: &str) -> Self {
         use std::io::Read;
         use std::process::Stdio;
         let mut child = d

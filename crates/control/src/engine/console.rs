@@ -154,8 +154,9 @@ async fn pump(
             r = rd.read(&mut buf) => match r {
                 Ok(0) | Err(_) => return closed(),
                 Ok(n) => {
-                    // A client that does not read slows the console down (the API layer cuts a
-                    // client that stops reading); the log gets the guest's output regardless.
+                    // A client that does not read slows the console down, and with it the
+                    // guest's serial port and the log (QEMU logs what its socket took), until
+                    // the API layer cuts the client off (its liveness period).
                     tokio::select! {
                         s = output.send(SessionOutput::Stdout(buf[..n].to_vec())) => {
                             if s.is_err() {

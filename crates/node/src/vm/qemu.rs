@@ -150,8 +150,9 @@ pub struct VmSpec {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
-    /// The qcow2 overlay (root disk).
+    /// The qcow2 overlay (root disk) and its virtual size.
     pub root: PathBuf,
+    pub root_size: u64,
     /// (virtio serial, raw image): persistent volumes.
     pub volumes: Vec<(String, PathBuf)>,
     /// The cloud-init seed (ISO9660), attached read-only.
@@ -316,6 +317,19 @@ impl VmSpec {
             a.extend(g.args.iter().cloned());
         }
         a
+    }
+
+    /// QEMU's largest file (`RLIMIT_FSIZE`): its overlay at full size with qcow2's metadata
+    /// and room for cluster churn (an eighth more and 256 MiB), or its largest volume.
+    pub fn file_limit(&self) -> u64 {
+        let root = self
+            .root_size
+            .saturating_add(self.root_size / 8)
+            .saturating_add(256 << 20);
+        self.volumes
+            .iter()
+            .filter_map(|(_, p)| std::fs::metadata(p).ok().map(|m| m.len()))
+            .fold(root, u64::max)
     }
 
     /// The cgroup's memory limit: guest RAM plus QEMU's overhead for the accelerator.
@@ -499,6 +513,11 @@ pub fn open_fds(spec: &VmSpec, root: &HostRoot) -> Result<(Vec<OwnedFd>, VmFds),
 /// when given (see the module doc), stdout to `output` (the log relay), stderr to the run
 /// dir's `qemu.err`, `keep` fds inherited (the tap and [`open_fds`]'s). Waits until QMP
 /// answers (or QEMU exits: the error names QEMU's message). Returns the pid.
+///
+/// Whoever it runs as, QEMU gets its own network (nothing but the tap it is handed), IPC and
+/// mount namespaces: private, size-capped `/tmp` and `/dev/shm`, a `/proc` that hides other
+/// users' processes; and a file size limit (`RLIMIT_FSIZE` = [`VmSpec::file_limit`]), so
+/// neither its overlay nor its stderr grows past what its disks need.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
     qemu: &Path,
@@ -521,10 +540,11 @@ pub fn spawn(
     let procs: Vec<RawFd> = procs.iter().map(AsRawFd::as_raw_fd).collect();
     let keep = keep.to_vec();
     let user = user.cloned();
+    let fsize = libc::rlim_t::from(spec.file_limit());
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // calls (setsid, write, fcntl, fchown, prctl, setgroups, setgid, setuid) on fds that stay
-    // open in the parent until spawn returns, and on memory (`user.groups`) allocated before
-    // the fork.
+    // calls (setsid, write, fcntl, unshare, mount, setrlimit, fchown, prctl, setgroups, setgid,
+    // setuid) on fds that stay open in the parent until spawn returns, and on memory
+    // (`user.groups`, the C strings of the mounts) allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
             let check = |r: libc::c_int| {
@@ -535,6 +555,39 @@ pub fn spawn(
                 }
             };
             check(libc::setsid())?;
+            check(libc::unshare(
+                libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC,
+            ))?;
+            // Nothing mounted here reaches the host's namespace.
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            let hardened = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+            for dir in [c"/tmp", c"/dev/shm"] {
+                check(libc::mount(
+                    c"tmpfs".as_ptr(),
+                    dir.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    hardened,
+                    c"size=16m,nr_inodes=1k,mode=1777".as_ptr().cast(),
+                ))?;
+            }
+            check(libc::mount(
+                c"proc".as_ptr(),
+                c"/proc".as_ptr(),
+                c"proc".as_ptr(),
+                hardened,
+                c"hidepid=2".as_ptr().cast(),
+            ))?;
+            let limit = libc::rlimit {
+                rlim_cur: fsize,
+                rlim_max: fsize,
+            };
+            check(libc::setrlimit(libc::RLIMIT_FSIZE, &limit))?;
             for &fd in &procs {
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());
@@ -546,8 +599,13 @@ pub fn spawn(
                 check(libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC))?;
             }
             if let Some(u) = &user {
-                // The console log reopens stdout (the log relay's pipe) through /proc.
-                check(libc::fchown(1, u.uid, u.gid))?;
+                // The console log reopens stdout (the log relay's pipe) through /proc. Only a
+                // pipe is handed over: a log file stays the daemon's.
+                let mut st: libc::stat = std::mem::zeroed();
+                check(libc::fstat(1, &mut st))?;
+                if st.st_mode & libc::S_IFMT == libc::S_IFIFO {
+                    check(libc::fchown(1, u.uid, u.gid))?;
+                }
                 check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
                 check(libc::setgroups(u.groups.len(), u.groups.as_ptr()))?;
                 check(libc::setgid(u.gid))?;
@@ -589,8 +647,25 @@ pub fn spawn(
 }
 
 /// Pins vCPU `i` to `cpus[i]` (one to one; nothing to pin without CPUs).
-pub fn pin_vcpus(vcpus: &[super::qmp::Vcpu], cpus: &[u32]) -> Result<(), VmError> {
+/// Only threads of QEMU process `pid` are pinned: the thread ids come from QEMU, which a guest
+/// that escaped into it controls, and the daemon must not move another process's threads.
+pub fn pin_vcpus(
+    root: &HostRoot,
+    pid: i32,
+    vcpus: &[super::qmp::Vcpu],
+    cpus: &[u32],
+) -> Result<(), VmError> {
     for (v, cpu) in vcpus.iter().zip(cpus) {
+        let task = root.path(format!("/proc/{pid}/task/{}", v.thread_id));
+        if v.thread_id <= 0 || !task.exists() {
+            return Err(VmError::Cgroup {
+                path: task,
+                source: std::io::Error::other(format!(
+                    "QEMU reported vCPU {} on thread {}, which is not one of its threads",
+                    v.index, v.thread_id
+                )),
+            });
+        }
         let mut set = nix::sched::CpuSet::new();
         set.set(*cpu as usize).map_err(|e| VmError::Cgroup {
             path: format!("cpu {cpu}").into(),
@@ -756,6 +831,7 @@ mod tests {
             initrd: Some("/t/initrd.img".into()),
             cmdline: "root=/dev/vda rw console=ttyS0".into(),
             root: "/d/vm/disks/0123456789ab.qcow2".into(),
+            root_size: 4 << 30,
             volumes: vec![("data".into(), "/d/volumes/t/data.img".into())],
             seed: Some("/d/vm/run/0123456789ab/seed.iso".into()),
             net: Some(NetDev {

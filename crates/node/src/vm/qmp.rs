@@ -2,7 +2,10 @@
 //! crate's typed commands (sync API): no QMP JSON is built by hand here.
 //!
 //! Every connection has a read and write timeout, so a wedged QEMU or a guest without an agent
-//! never holds a reconciler thread for long.
+//! never holds a reconciler thread for long. QEMU itself is the tenant's too once a guest
+//! escapes into it: each QMP command's answer (events before it included) is read within
+//! [`QMP_CALL_DEADLINE`] and at most [`MAX_QMP_CALL_BYTES`] bytes, so it cannot grow the
+//! daemon's memory or hold it with a trickle.
 //!
 //! The guest agent is the guest's: whatever it sends is untrusted input to a root process. Its
 //! replies are read by hand here (the commands are still `qapi`'s types), line by line up to
@@ -18,7 +21,49 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-type Stream<'a> = qapi::Stream<BufReader<&'a UnixStream>, &'a UnixStream>;
+type Stream<'a> = qapi::Stream<BufReader<Bounded<'a>>, &'a UnixStream>;
+
+/// Most bytes QEMU may send for one QMP command (its answer and any events before it).
+pub const MAX_QMP_CALL_BYTES: u64 = 1 << 20;
+/// Longest one QMP command may take, answer included.
+pub const QMP_CALL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// QMP's read side for one command: a byte budget and a deadline over the whole answer (the
+/// socket's own timeout bounds each read only).
+struct Bounded<'a> {
+    stream: &'a UnixStream,
+    left: u64,
+    deadline: Instant,
+}
+
+impl Read for Bounded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other(format!(
+                "QEMU sent more than {MAX_QMP_CALL_BYTES} bytes for one QMP command"
+            )));
+        }
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "QMP answer not complete within its deadline",
+            ));
+        }
+        let cap = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        // Never past the command's deadline, and never longer than the connection's timeout.
+        let per_read = self.stream.read_timeout()?.unwrap_or(QMP_CALL_DEADLINE);
+        self.stream
+            .set_read_timeout(Some((self.deadline - now).min(per_read)))?;
+        let n = (&*self.stream).read(&mut buf[..cap]);
+        self.stream.set_read_timeout(Some(per_read))?;
+        let n = n?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
 
 fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, VmError> {
     let err = |source| VmError::Qmp {
@@ -66,8 +111,14 @@ impl Monitor {
         Ok(m)
     }
 
+    /// A QMP client for one command: a fresh byte budget and deadline.
     fn qmp(&mut self) -> Qmp<Stream<'_>> {
-        Qmp::from_stream(&self.stream)
+        let read = Bounded {
+            stream: &self.stream,
+            left: MAX_QMP_CALL_BYTES,
+            deadline: Instant::now() + QMP_CALL_DEADLINE,
+        };
+        Qmp::new(qapi::Stream::new(BufReader::new(read), &self.stream))
     }
 
     fn execute<C: qapi::Command>(&mut self, name: &str, c: &C) -> Result<C::Ok, VmError> {
@@ -534,6 +585,39 @@ pub fn kill_agent_exec(root: &crate::HostRoot, pid_file: &Path) -> usize {
 mod tests {
     use super::*;
     use std::io::{BufRead, BufReader as StdBufReader};
+
+    /// A QEMU that floods its QMP greeting (no line end) is cut off at the byte budget: the
+    /// handshake fails, having read no more than the budget.
+    #[test]
+    fn a_flooding_monitor_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let chunk = vec![b'a'; 64 << 10];
+            let mut sent = 0u64;
+            let _ = c.write_all(b"{\"QMP\": \"");
+            while c.write_all(&chunk).is_ok() {
+                sent += chunk.len() as u64;
+                if sent > 64 * MAX_QMP_CALL_BYTES {
+                    break;
+                }
+            }
+            sent
+        });
+        let err = Monitor::connect(&sock, Duration::from_secs(5))
+            .err()
+            .expect("the handshake must fail");
+        assert!(
+            err.to_string().contains("bytes for one QMP command"),
+            "{err}"
+        );
+        let sent = t.join().unwrap();
+        // The writer stopped when we closed: it got at most the budget and the socket buffers
+        // through, nowhere near the 64 MiB it would have sent.
+        assert!(sent < 8 * MAX_QMP_CALL_BYTES, "{sent} bytes taken");
+    }
 
     /// An agent over a socketpair whose other end `fake` plays the guest agent.
     fn agent_with(

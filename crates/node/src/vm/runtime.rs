@@ -88,27 +88,47 @@ impl VmRuntime {
 
     /// Who QEMU runs as (see [`qemu`]'s module doc): the VM's own user, or root (with the
     /// reason, logged) for passed-through GPUs or a `/dev/kvm` its group cannot open.
-    fn vm_user(&self, node: &Node, id: &str, gpus: bool) -> Option<qemu::VmUser> {
+    fn vm_user(&self, node: &Node, id: &str, gpus: bool) -> Result<Option<qemu::VmUser>, VmError> {
         use std::os::unix::fs::MetadataExt;
         if gpus {
             tracing::info!(
                 id,
                 "QEMU runs as root: VFIO GPUs are not handed to the VM user yet"
             );
-            return None;
+            return Ok(None);
         }
         let mut extra = Vec::new();
         if matches!(self.cfg.accel, super::Accel::Kvm) {
+            // The device's group only if it is the `kvm` group: a host whose /dev/kvm belongs
+            // to some other group (one that also owns other files) does not lend it to QEMU.
+            let kvm_group = |gid: u32| {
+                std::fs::read_to_string(node.cfg.root.path("/etc/group"))
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| {
+                        let f: Vec<&str> = l.split(':').collect();
+                        f.len() > 2 && f[0] == "kvm" && f[2] == gid.to_string()
+                    })
+            };
             match std::fs::metadata(node.cfg.root.path("/dev/kvm")) {
-                Ok(m) if m.mode() & 0o060 == 0o060 => extra.push(m.gid()),
+                Ok(m) if m.mode() & 0o060 == 0o060 && kvm_group(m.gid()) => extra.push(m.gid()),
                 Ok(m) if m.mode() & 0o006 == 0o006 => {}
                 _ => {
-                    tracing::info!(id, "QEMU runs as root: /dev/kvm is not group-accessible");
-                    return None;
+                    tracing::info!(
+                        id,
+                        "QEMU runs as root: /dev/kvm is neither world-accessible nor the kvm group's"
+                    );
+                    return Ok(None);
                 }
             }
         }
+        // Fails closed: never root for want of a user.
         qemu::VmUser::of(id, &extra)
+            .map(Some)
+            .ok_or_else(|| VmError::Start {
+                id: id.to_string(),
+                why: "no VM user can be made from this instance id".into(),
+            })
     }
 
     /// The volume images VM `id` was started with (its run dir's `volumes` list); only paths
@@ -149,7 +169,7 @@ impl VmRuntime {
         // Half-made or stopped: start from nothing (the tap, overlay and run dir are per run).
         self.remove_objects(node, id)?;
         self.prepare_dirs()?;
-        let user = self.vm_user(node, id, !plan.gpus.is_empty());
+        let user = self.vm_user(node, id, !plan.gpus.is_empty())?;
         for dir in [&run.dir, &run.own] {
             std::fs::DirBuilder::new()
                 .mode(0o700)
@@ -157,6 +177,24 @@ impl VmRuntime {
                 .map_err(vio(dir))?;
         }
         if let Some(u) = &user {
+            // The uid comes from 28 bits of the id: another VM of this host whose id starts
+            // alike would share it (and could ptrace this one). Refused, never shared.
+            let prefix = id.get(..7).unwrap_or(id);
+            if let Some(other) = std::fs::read_dir(self.own_root())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|o| o != id && o.starts_with(prefix))
+            {
+                return Err(VmError::Start {
+                    id: id.to_string(),
+                    why: format!(
+                        "its user id {} would be VM {other}'s too (ids starting {prefix}): recreate the instance for another id",
+                        u.uid
+                    ),
+                });
+            }
             std::os::unix::fs::chown(&run.own, Some(u.uid), Some(u.gid)).map_err(vio(&run.own))?;
         }
         t.mark("vm_clean");
@@ -237,6 +275,7 @@ impl VmRuntime {
             initrd: template.initrd.clone(),
             cmdline,
             root: overlay,
+            root_size: plan.disk_size,
             volumes,
             seed: Some(run.seed()),
             net: Some(NetDev {
@@ -295,7 +334,9 @@ impl VmRuntime {
         t.mark("qemu_start");
         let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
         let vcpus = mon.vcpus()?;
-        qemu::pin_vcpus(&vcpus, &plan.cpus)?;
+        qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, &plan.cpus)?;
+        // QEMU's own directory was for its VNC socket, now made: it may write nowhere else.
+        std::os::unix::fs::chown(&run.own, Some(0), Some(0)).map_err(vio(&run.own))?;
         t.mark("vcpu_pin");
         tracing::info!(id, pid, accel = self.cfg.accel.describe(), "VM started");
         Ok(())
@@ -401,12 +442,12 @@ impl Runtime for VmRuntime {
         plan: &InstancePlan,
         t: &mut StepTimer,
     ) -> Result<(), NodeError> {
-        if self.live_pid(node, &plan.id).is_some() {
+        if let Some(pid) = self.live_pid(node, &plan.id) {
             // Adopted (or asked again): its vCPUs pinned again, in case a daemon died between
             // QEMU's start and the pinning. Idempotent.
             let pinned = Monitor::connect(&self.run_paths(&plan.id).qmp(), Duration::from_secs(5))
                 .and_then(|mut m| m.vcpus())
-                .and_then(|v| qemu::pin_vcpus(&v, &plan.cpus));
+                .and_then(|v| qemu::pin_vcpus(&node.cfg.root, pid, &v, &plan.cpus));
             if let Err(e) = pinned {
                 tracing::warn!(id = %plan.id, "re-pinning the vCPUs of a running VM: {e}");
             }

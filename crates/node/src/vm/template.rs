@@ -568,11 +568,14 @@ impl Templates {
     fn lock_file(&self, name: &str) -> Result<(File, PathBuf), TemplateError> {
         let locks = self.root.join(".locks");
         fs::create_dir_all(&locks).map_err(io_at(&locks))?;
+        // The daemon's alone: a VM user (who may read the templates) must not hold a lock.
+        set_mode(&locks, 0o700)?;
         let path = locks.join(format!("{name}.lock"));
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .map_err(io_at(&path))?;
         Ok((file, path))
