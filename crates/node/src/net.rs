@@ -1218,7 +1218,8 @@ impl Network {
         for (id, net, host) in vms {
             check_id(id)?;
             let tap = self.tap_name(id);
-            if !link_exists(&tap) || tap_chain_intact(&listing, &tap) {
+            let (mac, addr) = (Self::vm_mac(id), self.address(net, *host)?);
+            if !link_exists(&tap) || tap_chain_intact(&listing, &tap, &mac, addr) {
                 continue;
             }
             let _guard = HOST_LOCK.lock().unwrap_or_else(|p| p.into_inner());
@@ -1226,8 +1227,7 @@ impl Network {
             if !link_exists(&tap) {
                 continue;
             }
-            let addr = self.address(net, *host)?;
-            let rules = self.tap_rules(&tap, &Self::vm_mac(id), addr);
+            let rules = self.tap_rules(&tap, &mac, addr);
             cmd::run_with_input("nft", ["-f", "-"], &rules)?;
             tracing::warn!(
                 id,
@@ -1326,18 +1326,27 @@ fn tap_chain<'a>(listing: &'a str, tap: &str) -> Option<Vec<&'a str>> {
     Some(lines.take_while(|l| *l != "}").collect())
 }
 
-/// Whether chain `tap` in `listing` is whole: hooked, with its five drops on the tap.
-fn tap_chain_intact(listing: &str, tap: &str) -> bool {
+/// Whether chain `tap` in `listing` is exactly ours: hooked, and nothing in it but the five
+/// drops on the tap for this VM's `mac` and `addr` (a rule someone added — an accept before
+/// them — or a drop for another address makes it not intact, and it is rebuilt).
+fn tap_chain_intact(listing: &str, tap: &str, mac: &str, addr: Ipv4Addr) -> bool {
     let Some(body) = tap_chain(listing, tap) else {
         return false;
     };
     let on_tap = format!("iifname \"{tap}\"");
-    body.iter().any(|l| l.contains("hook prerouting"))
-        && body
+    let (hook, rules): (Vec<&str>, Vec<&str>) = body
+        .iter()
+        .filter(|l| !l.is_empty())
+        .partition(|l| l.contains("hook prerouting"));
+    let addr = addr.to_string();
+    let with = |needle: &str| rules.iter().filter(|l| l.contains(needle)).count();
+    hook.len() == 1
+        && rules.len() == 5
+        && rules
             .iter()
-            .filter(|l| l.starts_with(&on_tap) && l.ends_with(" drop"))
-            .count()
-            == 5
+            .all(|l| l.starts_with(&on_tap) && l.ends_with(" drop"))
+        && with(mac) == 2
+        && with(&addr) == 2
 }
 
 /// Opens a (non-persistent) tap `name` on `/dev/net/tun`: no packet information header, no
@@ -2114,23 +2123,37 @@ mod tests {
         let (fd, _) = n.setup_tap(&id, &t, 2).unwrap();
         let tap = n.tap_name(&id);
         let table = n.tap_table();
-        assert!(tap_chain_intact(&n.tap_table_listing(), &tap));
+        let (mac, addr) = (Network::vm_mac(&id), n.address(&t, 2).unwrap());
+        let intact = |n: &Network| tap_chain_intact(&n.tap_table_listing(), &tap, &mac, addr);
+        assert!(intact(&n));
         // Intact: left alone.
         assert!(!n.repair_tap(&id, &t, 2).unwrap());
         // `nft flush ruleset` (or `systemctl restart nftables`) takes our table with it.
         cmd::run("nft", ["delete", "table", "bridge", &table]).unwrap();
-        assert!(!tap_chain_intact(&n.tap_table_listing(), &tap));
+        assert!(!intact(&n));
         let running = [(id.clone(), t.clone(), 2)];
         assert_eq!(n.repair_taps(&running).unwrap(), vec![id.clone()]);
         let listing = n.tap_table_listing();
-        assert!(tap_chain_intact(&listing, &tap), "{listing}");
+        assert!(intact(&n), "{listing}");
         assert!(listing.contains(&Network::vm_mac(&id)), "{listing}");
         assert!(listing.contains("10.76.4.2"), "{listing}");
         // A chain that lost its rules is rebuilt whole, with each rule once.
         cmd::run("nft", ["flush", "chain", "bridge", &table, &tap]).unwrap();
         assert!(n.repair_tap(&id, &t, 2).unwrap());
-        assert!(tap_chain_intact(&n.tap_table_listing(), &tap));
+        assert!(intact(&n));
         assert!(!n.repair_tap(&id, &t, 2).unwrap());
+        // An accept slipped in before the drops opens the tap: the chain is rebuilt without it.
+        cmd::run(
+            "nft",
+            [
+                "insert", "rule", "bridge", &table, &tap, "iifname", &tap, "accept",
+            ],
+        )
+        .unwrap();
+        assert!(!intact(&n));
+        assert!(n.repair_tap(&id, &t, 2).unwrap());
+        assert!(intact(&n));
+        assert!(!n.tap_table_listing().contains(" accept\n"));
         // A VM whose tap is gone (stopped) gets no chain.
         let stopped = random_id();
         assert!(!n.repair_tap(&stopped, &t, 3).unwrap());
