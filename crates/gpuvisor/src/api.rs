@@ -664,21 +664,40 @@ async fn exec_session(
         }
     };
     let ticket = e.exec_session(&p, &id, &req).await?;
-    let ws = ws.map_err(|r| {
+    let ws = websocket(ws, "gpuvisor instance exec -it")?;
+    Ok(upgrade(ws, ticket.start().await?, hold))
+}
+
+/// The upgrade a session route needs, or the error saying how to ask for it (as `client`
+/// does).
+fn websocket(
+    ws: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+    client: &str,
+) -> Result<axum::extract::ws::WebSocketUpgrade, EngineError> {
+    ws.map_err(|r| {
         EngineError::InvalidArgument(format!(
-            "this route is a WebSocket: connect with `Upgrade: websocket` (as `gpuvisor instance exec -it` does): {}",
+            "this route is a WebSocket: connect with `Upgrade: websocket` (as `{client}` does): {}",
             r.body_text()
         ))
-    })?;
-    let session = ticket.start().await?;
-    Ok(ws
-        .max_message_size(SESSION_MAX_MESSAGE)
+    })
+}
+
+/// Upgrades to the session's WebSocket and pumps it; the connection counts against the
+/// caps (`hold`) until the session ends.
+fn upgrade(
+    ws: axum::extract::ws::WebSocketUpgrade,
+    session: gpuvisor_control::engine::session::ExecSession,
+    hold: Option<axum::Extension<ConnectionHold>>,
+) -> Response {
+    ws.max_message_size(SESSION_MAX_MESSAGE)
         .max_frame_size(SESSION_MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
             pump_session(socket, session).await;
-            // The connection counts against the caps until here.
             drop(hold);
-        }))
+        })
 }
 
 /// A VM's serial console over a WebSocket ([`wire::session::CONSOLE_PATH`]): checked before
@@ -694,20 +713,8 @@ async fn console_session(
     >,
 ) -> Result<Response, ApiError> {
     let ticket = e.console_session(&p, &id).await?;
-    let ws = ws.map_err(|r| {
-        EngineError::InvalidArgument(format!(
-            "this route is a WebSocket: connect with `Upgrade: websocket` (as `gpuvisor instance console` does): {}",
-            r.body_text()
-        ))
-    })?;
-    let session = ticket.start().await?;
-    Ok(ws
-        .max_message_size(SESSION_MAX_MESSAGE)
-        .max_frame_size(SESSION_MAX_MESSAGE)
-        .on_upgrade(move |socket| async move {
-            pump_session(socket, session).await;
-            drop(hold);
-        }))
+    let ws = websocket(ws, "gpuvisor instance console")?;
+    Ok(upgrade(ws, ticket.start().await?, hold))
 }
 
 /// Most bytes of one stdin chunk handed to a session: a message is cut into chunks of this
