@@ -94,7 +94,9 @@ def bare_boot(qemu, fx, base, workdir, marker, mem_mib, append):
             "-kernel", os.path.join(fx, "vmlinuz"), "-initrd", os.path.join(fx, "initrd.img"),
             "-append", append, "-serial", "stdio",
             "-drive", f"if=none,id=root,format=qcow2,file={ov}",
-            "-device", "virtio-blk-pci,drive=root,serial=root"]
+            "-device", "virtio-blk-pci,drive=root,serial=root",
+            # A NIC as the VM has (user-mode here): without one the kernel's `ip=` waits for eth0.
+            "-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]
     t0 = time.time()
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                          stdin=subprocess.DEVNULL)
@@ -147,7 +149,7 @@ def main():
             over, files, tb, own = qemu_overhead_kib(pid, a.memory_mib << 20)
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
             append = cmdline[cmdline.index(b"-append") + 1].decode()
-            base = glob.glob(os.path.join(d.data_dir, "vm", "templates", "*", "base.img"))[0]
+            base = glob.glob(os.path.join(d.data_dir, "vm", "templates", "*", "*", "base.ext4"))[0]
             bare = bare_boot(qemu, fx, base, d.data_dir, a.marker, a.memory_mib, append)
             d.cli("instance", "terminate", iid, "--wait")
             samples.append({"id": iid, "gpuvisor_s": vm, "bare_s": bare, "overhead_kib": over,
