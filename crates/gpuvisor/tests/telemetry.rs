@@ -44,7 +44,7 @@ fn metrics_history_alarms_and_cordoning() {
         "--net-prefix",
         "gtm",
         "--net-pool",
-        "10.91.0.0/16",
+        "10.92.0.0/16",
     ]);
     d.import_busybox();
     let id = d.create(&[

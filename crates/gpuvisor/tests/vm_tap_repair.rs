@@ -109,7 +109,8 @@ fn a_running_vms_tap_filter_is_put_back_after_a_flush_and_on_adoption() {
         "{events}"
     );
 
-    // While it is down: the restarted daemon adopts the running VM and repairs its chain.
+    // While it is down: the restarted daemon adopts the running VM and its chain is back (its
+    // first sweep at start and the adoption both repair; this does not tell them apart).
     d.kill9();
     delete_table(&table);
     d.restart_with(&serve);
