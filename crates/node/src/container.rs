@@ -429,7 +429,6 @@ impl Runtime for ContainerRuntime {
         env: &[String],
         stdin: bool,
     ) -> Result<(std::process::Command, PathBuf), NodeError> {
-        use std::os::unix::process::CommandExt;
         let shim = self.shim_binary(node)?;
         let (pid_file, _) = self.exec_files(node, id)?;
         let argv = self.oci.exec_argv(id, args, env, &pid_file);
@@ -441,15 +440,8 @@ impl Runtime for ContainerRuntime {
             .arg(id)
             .arg("--pipes")
             .arg("--")
-            .args(argv)
-            .stdin(if stdin {
-                std::process::Stdio::piped()
-            } else {
-                std::process::Stdio::null()
-            })
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .process_group(0);
+            .args(argv);
+        crate::runtime::exec_stdio(&mut cmd, stdin);
         Ok((cmd, pid_file))
     }
 
@@ -463,7 +455,6 @@ impl Runtime for ContainerRuntime {
         args: &[String],
         env: &[String],
     ) -> Result<ExecTty, NodeError> {
-        use std::os::unix::process::CommandExt;
         let shim = self.shim_binary(node)?;
         let (pid_file, sock_path) = self.exec_files(node, id)?;
         let socket = crate::console::ConsoleSocket::bind(&sock_path).map_err(io(&sock_path))?;
@@ -475,12 +466,8 @@ impl Runtime for ContainerRuntime {
             .arg("--instance")
             .arg(id)
             .arg("--")
-            .args(argv)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            // Not in the daemon's process group: a ^C at the daemon's terminal is not for it.
-            .process_group(0);
+            .args(argv);
+        crate::runtime::exec_stdio(&mut cmd, false);
         Ok(ExecTty {
             shim: cmd,
             pid_file,

@@ -13,6 +13,21 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The stdio of an exec's host-side command (the exec shim, the guest-agent shim): stdin piped
+/// when the caller streams input (else null), stdout and stderr piped, and its own process
+/// group, so a ^C at the daemon's terminal is not for it.
+pub(crate) fn exec_stdio(cmd: &mut std::process::Command, stdin: bool) {
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(if stdin {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    })
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .process_group(0);
+}
+
 /// One way of running instances. Implementations hold only their own state (a binary, a
 /// state directory); the [`Node`] is passed in for the shared host objects.
 pub trait Runtime: Send + Sync {

@@ -597,7 +597,6 @@ impl Runtime for VmRuntime {
         env: &[String],
         stdin: bool,
     ) -> Result<(std::process::Command, PathBuf), NodeError> {
-        use std::os::unix::process::CommandExt;
         if self.live_pid(node, id).is_none() {
             return Err(unsupported("exec on a VM that is not running"));
         }
@@ -620,16 +619,8 @@ impl Runtime for VmRuntime {
         if stdin {
             cmd.arg("--stdin");
         }
-        cmd.arg("--")
-            .args(args)
-            .stdin(if stdin {
-                std::process::Stdio::piped()
-            } else {
-                std::process::Stdio::null()
-            })
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .process_group(0);
+        cmd.arg("--").args(args);
+        crate::runtime::exec_stdio(&mut cmd, stdin);
         Ok((cmd, pid_file))
     }
 
