@@ -17,7 +17,6 @@ Needs root. Python 3 standard library only. Prints Markdown tables.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -132,7 +131,7 @@ def storm(binary, port, threads_n=50, per_thread=20):
         pid = d.proc.pid
 
         def stats_at():
-            c = gb.Api("127.0.0.1", port, d.key)
+            c = d.api()
             v = c.call("GET", "/v1/gpus/stats")
             c.close()
             return v[0]["at"]
@@ -153,7 +152,7 @@ def storm(binary, port, threads_n=50, per_thread=20):
         def worker():
             held = []
             for _ in range(per_thread):
-                s = socket.create_connection(("127.0.0.1", port))
+                s = d.socket()
                 s.sendall(req)
                 head = s.recv(12)
                 st = head[9:12].decode(errors="replace")

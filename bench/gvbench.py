@@ -6,6 +6,7 @@ daemon from start to finish so runs never see each other's instances.
 """
 
 import http.client
+import ssl
 import json
 import os
 import platform
@@ -94,8 +95,32 @@ class Daemon:
         self.key = None
 
     @property
+    def tls(self):
+        return "--insecure-http" not in self.extra_args
+
+    @property
     def endpoint(self):
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def ca(self):
+        return os.path.join(self.data_dir, "ca.pem")
+
+    def socket(self):
+        """A raw socket to the API (TLS-wrapped unless --insecure-http)."""
+        import socket as sk
+        s = sk.create_connection(("127.0.0.1", self.port))
+        if not self.tls:
+            return s
+        return ssl.create_default_context(cafile=self.ca).wrap_socket(s, server_hostname="127.0.0.1")
+
+    def connection(self, timeout=30):
+        """An HTTP connection to the API: TLS checked against the daemon's CA (the default),
+        plain with --insecure-http."""
+        if not self.tls:
+            return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        ctx = ssl.create_default_context(cafile=self.ca)
+        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=ctx)
 
     def start(self):
         if os.path.exists(self.data_dir):
@@ -119,7 +144,7 @@ class Daemon:
             if os.path.exists(keyfile) and os.path.getsize(keyfile) > 0:
                 try:
                     self.key = open(keyfile).read().strip()
-                    c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                    c = self.connection(timeout=2)
                     c.request("GET", "/v1/health")
                     if c.getresponse().status == 200:
                         c.close()
@@ -144,6 +169,7 @@ class Daemon:
     def cli_env(self):
         env = dict(os.environ)
         env["GPUVISOR_ENDPOINT"] = self.endpoint
+        env["GPUVISOR_CA"] = self.ca
         env["GPUVISOR_API_KEY"] = self.key
         return env
 
@@ -155,7 +181,7 @@ class Daemon:
         return r
 
     def api(self):
-        return Api("127.0.0.1", self.port, self.key)
+        return Api(self.connection(), self.key)
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -172,8 +198,8 @@ class Daemon:
 class Api:
     """Keep-alive JSON client (one connection)."""
 
-    def __init__(self, host, port, key):
-        self.conn = http.client.HTTPConnection(host, port, timeout=30)
+    def __init__(self, conn, key):
+        self.conn = conn
         self.headers = {"x-api-key": key, "content-type": "application/json"}
 
     def call(self, method, path, body=None):

@@ -111,7 +111,7 @@ def main():
         res["threads_at_n"] = d.threads()
 
         # --- list latency ---
-        conn = http.client.HTTPConnection("127.0.0.1", a.port, timeout=30)
+        conn = d.connection()
         hdr = {"x-api-key": d.key}
         lat = []
         size = 0

@@ -83,7 +83,7 @@ Exit codes:
   9  cannot reach the daemon
   10 a limit on concurrent work was reached (retry later)";
 
-pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7070";
+pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:7070";
 
 /// The longest one long-poll of `--wait` may block (the daemon answers at once on a change).
 const WAIT_POLL: Duration = Duration::from_secs(5);
@@ -129,6 +129,16 @@ pub struct GlobalArgs {
         value_name = "KEY"
     )]
     pub api_key: Option<String>,
+    /// CA certificate(s) (PEM) the daemon's certificate must chain to; `system`: the public
+    /// web's roots [default: /var/lib/gpuvisor/ca.pem when present, else the web's roots].
+    #[arg(
+        long,
+        global = true,
+        env = "GPUVISOR_CA",
+        help_heading = "Global options",
+        value_name = "PEM"
+    )]
+    pub ca: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(
         short = 'o',
@@ -883,7 +893,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     // Serve needs no client; every other command builds one (and fails early on a bad endpoint).
     let connect = || -> Result<Ctx, CliError> {
         Ok(Ctx {
-            client: Client::new(&global.endpoint, global.api_key.clone())?,
+            client: Client::new(&global.endpoint, global.api_key.clone(), global.ca.as_deref())?,
             format: global.output,
         })
     };

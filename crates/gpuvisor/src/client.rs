@@ -7,6 +7,7 @@
 //! [`ClientError::Unreachable`], which the CLI turns into its own exit code and a hint.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use gpuvisor_wire::{
@@ -70,33 +71,57 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 
 pub struct Client {
     agent: ureq::Agent,
-    /// Endpoint without a trailing slash, e.g. `http://127.0.0.1:7070`.
+    /// Endpoint without a trailing slash, e.g. `https://127.0.0.1:7070`.
     endpoint: String,
     api_key: Option<String>,
+    /// What an `https://` endpoint's certificate is checked against (`None`: plain HTTP).
+    tls: Option<crate::tls::ClientTrust>,
 }
 
 impl Client {
-    pub fn new(endpoint: &str, api_key: Option<String>) -> Result<Self> {
+    /// A client of `endpoint` (`https://`, or `http://` for a daemon run with
+    /// `--insecure-http`); over TLS it trusts `ca` (a PEM file; `system`: the public web's
+    /// roots), else the default daemon's CA file when present, else the web roots.
+    pub fn new(endpoint: &str, api_key: Option<String>, ca: Option<&std::path::Path>) -> Result<Self> {
         let endpoint = endpoint.trim().trim_end_matches('/').to_string();
-        if endpoint.starts_with("https://") {
-            return Err(ClientError::Unsupported(format!(
-                "endpoint {endpoint}: this client speaks plain HTTP only for now; use an http:// endpoint"
-            )));
-        }
-        if !endpoint.starts_with("http://") {
-            return Err(ClientError::Unsupported(format!(
-                "endpoint {endpoint:?} is not an http:// URL (e.g. http://127.0.0.1:7070)"
-            )));
-        }
-        let config = ureq::Agent::config_builder()
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT))
-            .user_agent(concat!("gpuvisor/", env!("CARGO_PKG_VERSION")))
-            .build();
+            .user_agent(concat!("gpuvisor/", env!("CARGO_PKG_VERSION")));
+        let tls = if endpoint.starts_with("https://") {
+            let trust = crate::tls::ClientTrust::choose(ca);
+            let roots = match &trust {
+                crate::tls::ClientTrust::Ca(_) => ureq::tls::RootCerts::Specific(Arc::new(
+                    trust
+                        .ca_certs()
+                        .map_err(|e| ClientError::Unsupported(format!("{e:#}")))?
+                        .iter()
+                        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+                        .collect(),
+                )),
+                crate::tls::ClientTrust::WebRoots => ureq::tls::RootCerts::WebPki,
+            };
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .provider(ureq::tls::TlsProvider::Rustls)
+                    .unversioned_rustls_crypto_provider(crate::tls::provider())
+                    .root_certs(roots)
+                    .build(),
+            );
+            Some(trust)
+        } else if endpoint.starts_with("http://") {
+            None
+        } else {
+            return Err(ClientError::Unsupported(format!(
+                "endpoint {endpoint:?} is not an https:// (or http://) URL (e.g. {})",
+                crate::cli::DEFAULT_ENDPOINT
+            )));
+        };
         Ok(Client {
-            agent: config.into(),
+            agent: config.build().into(),
             endpoint,
             api_key: api_key.filter(|k| !k.is_empty()),
+            tls,
         })
     }
 
@@ -173,10 +198,14 @@ impl Client {
                 reason: e.to_string(),
             }
         } else {
-            ClientError::Transport {
-                endpoint,
-                reason: e.to_string(),
+            let mut reason = e.to_string();
+            if reason.contains("invalid peer certificate") {
+                reason.push_str(
+                    " (the daemon's certificate does not chain to a CA this client trusts: give \
+                     the daemon's CA with --ca or GPUVISOR_CA, e.g. <data dir>/ca.pem)",
+                );
             }
+            ClientError::Transport { endpoint, reason }
         }
     }
 
@@ -549,7 +578,60 @@ fn is_unreachable(e: &ureq::Error) -> bool {
 
 /// A connected exec session ([`gpuvisor_wire::session`]), blocking; the caller may make its
 /// stream non-blocking.
-pub type SessionSocket = tungstenite::WebSocket<std::net::TcpStream>;
+pub type SessionSocket = tungstenite::WebSocket<SessionStream>;
+
+/// The connection under a session: TCP, or TLS over it.
+pub enum SessionStream {
+    Plain(std::net::TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>),
+}
+
+impl SessionStream {
+    fn tcp(&self) -> &std::net::TcpStream {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(t) => &t.sock,
+        }
+    }
+
+    pub fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        self.tcp().set_nonblocking(on)
+    }
+
+    pub fn set_write_timeout(&self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.tcp().set_write_timeout(t)
+    }
+}
+
+impl std::os::fd::AsFd for SessionStream {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.tcp().as_fd()
+    }
+}
+
+impl std::io::Read for SessionStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.read(buf),
+            Self::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl std::io::Write for SessionStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write(buf),
+            Self::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(s) => s.flush(),
+            Self::Tls(t) => t.flush(),
+        }
+    }
+}
 
 impl Client {
     /// Opens an interactive exec session: `GET .../exec/ws?request=...` upgraded to a
@@ -586,13 +668,14 @@ impl Client {
         use std::net::ToSocketAddrs;
         let authority = self
             .endpoint
-            .strip_prefix("http://")
-            .unwrap_or(&self.endpoint)
+            .split_once("://")
+            .map_or(self.endpoint.as_str(), |(_, rest)| rest)
             .split('/')
             .next()
             .unwrap_or_default()
             .to_string();
-        let url = format!("ws://{authority}{API_PREFIX}/instances/{rest}");
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
+        let url = format!("{scheme}://{authority}{API_PREFIX}/instances/{rest}");
         let unreachable = |reason: String| ClientError::Unreachable {
             endpoint: self.endpoint.clone(),
             reason,
@@ -617,6 +700,20 @@ impl Client {
         let uri: tungstenite::http::Uri = url
             .parse()
             .map_err(|e| ClientError::Decode(format!("session url: {e}")))?;
+        let stream = match &self.tls {
+            None => SessionStream::Plain(stream),
+            Some(trust) => {
+                let config = trust
+                    .client_config()
+                    .map_err(|e| ClientError::Unsupported(format!("{e:#}")))?;
+                let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| unreachable(format!("{host:?} is no TLS server name: {e}")))?;
+                let conn = rustls::ClientConnection::new(config, name)
+                    .map_err(|e| unreachable(format!("TLS: {e}")))?;
+                SessionStream::Tls(Box::new(rustls::StreamOwned::new(conn, stream)))
+            }
+        };
         let mut builder = tungstenite::ClientRequestBuilder::new(uri).with_header(
             "user-agent",
             concat!("gpuvisor/", env!("CARGO_PKG_VERSION")),
@@ -699,7 +796,7 @@ mod tests {
             "HTTP/1.1 404 Not Found",
             r#"{"error":{"code":"not_found","message":"instance web not found"}}"#,
         );
-        let client = Client::new(&endpoint, Some("sekret".into())).unwrap();
+        let client = Client::new(&endpoint, Some("sekret".into()), None).unwrap();
         let err = client.get_instance("web").unwrap_err();
         let req = server.join().unwrap();
         assert!(req.starts_with("GET /v1/instances/web "), "{req}");
@@ -712,7 +809,7 @@ mod tests {
     #[test]
     fn non_json_error_gets_code_from_status() {
         let (endpoint, server) = one_shot("HTTP/1.1 403 Forbidden", "nope");
-        let client = Client::new(&endpoint, None).unwrap();
+        let client = Client::new(&endpoint, None, None).unwrap();
         let err = client.list_gpus().unwrap_err();
         server.join().unwrap();
         assert_eq!(err.code(), "forbidden");
@@ -724,7 +821,7 @@ mod tests {
             "HTTP/1.1 200 OK",
             r#"{"status":"ok","version":"0.1.0","node":"n1"}"#,
         );
-        let client = Client::new(&endpoint, None).unwrap();
+        let client = Client::new(&endpoint, None, None).unwrap();
         let health = client.health().unwrap();
         server.join().unwrap();
         assert_eq!(health.node, "n1");
@@ -738,19 +835,29 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let client = Client::new(&format!("http://127.0.0.1:{port}/"), None).unwrap();
+        let client = Client::new(&format!("http://127.0.0.1:{port}/"), None, None).unwrap();
         let err = client.health().unwrap_err();
         assert!(matches!(err, ClientError::Unreachable { .. }), "{err:?}");
         assert!(err.to_string().contains("gpuvisor serve"));
     }
 
     #[test]
-    fn rejects_non_http_endpoints() {
+    fn rejects_endpoints_that_are_no_http_urls_and_unreadable_cas() {
         assert!(matches!(
-            Client::new("https://example.com", None),
+            Client::new("127.0.0.1:7070", None, None),
             Err(ClientError::Unsupported(_))
         ));
-        assert!(Client::new("127.0.0.1:7070", None).is_err());
+        assert!(matches!(
+            Client::new("ftp://h", None, None),
+            Err(ClientError::Unsupported(_))
+        ));
+        let e = Client::new("https://h", None, Some(std::path::Path::new("/nonexistent/ca.pem")))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+        // `system` and plain HTTP need no file.
+        Client::new("https://h", None, Some(std::path::Path::new("system"))).unwrap();
+        Client::new("http://h", None, Some(std::path::Path::new("/nonexistent"))).unwrap();
     }
 
     #[test]

@@ -55,6 +55,153 @@ pub struct Config {
     pub network: NetworkConfig,
     /// `[registry]`: who may pull, plain-HTTP registries, extra CA.
     pub registry: RegistrySection,
+    /// `[tls]`: the API's certificate, TLS versions, plain HTTP.
+    pub tls: TlsSection,
+    /// Print the first admin key on stdout as well as writing it to its file.
+    pub print_admin_key: bool,
+}
+
+/// The `[tls]` section: how the API is served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSection {
+    /// The operator's certificate chain and key (PEM); default: made by the daemon, signed by
+    /// its private CA (`<data>/ca.pem`).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Lowest TLS version accepted [default: 1.3].
+    pub min_version: crate::tls::MinVersion,
+    /// More names (DNS or IP) for the generated certificate.
+    pub names: Vec<String>,
+    /// Serve plain HTTP instead (loopback only unless `insecure_http_public`).
+    pub insecure_http: bool,
+    pub insecure_http_public: bool,
+    /// How often the certificate files are looked at for a change (hidden flag; SIGHUP
+    /// reloads at once anyway).
+    pub poll_every: Duration,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        Self {
+            cert: None,
+            key: None,
+            min_version: Default::default(),
+            names: Vec::new(),
+            insecure_http: false,
+            insecure_http_public: false,
+            poll_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `[tls]` in the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    min_version: Option<String>,
+    names: Option<Vec<String>>,
+    insecure_http: Option<bool>,
+    insecure_http_public: Option<bool>,
+}
+
+/// Flags for `[tls]`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsOverrides {
+    /// The API's certificate chain (PEM); with --tls-key [tls.cert].
+    #[arg(long = "tls-cert", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM) [tls.key].
+    #[arg(long = "tls-key", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// Lowest TLS version accepted: 1.3 or 1.2 [tls.min_version, default 1.3].
+    #[arg(long = "tls-min-version", value_name = "1.3|1.2")]
+    pub tls_min_version: Option<String>,
+    /// Another name (DNS or IP) for the generated certificate; repeatable [tls.names].
+    #[arg(long = "tls-name", value_name = "NAME")]
+    pub tls_name: Vec<String>,
+    /// Serve plain HTTP, no TLS (loopback addresses only) [tls.insecure_http].
+    #[arg(long = "insecure-http")]
+    pub insecure_http: bool,
+    /// Allow --insecure-http on a non-loopback address [tls.insecure_http_public].
+    #[arg(long = "insecure-http-public", requires = "insecure_http")]
+    pub insecure_http_public: bool,
+    /// How often the certificate files are checked for a change, e.g. 2s (tests).
+    #[arg(long = "tls-poll-every", hide = true, value_name = "DURATION")]
+    pub tls_poll_every: Option<String>,
+}
+
+impl TlsSection {
+    fn apply_file(&mut self, f: TlsFile) -> anyhow::Result<()> {
+        if f.cert.is_some() {
+            self.cert = f.cert;
+        }
+        if f.key.is_some() {
+            self.key = f.key;
+        }
+        if let Some(v) = &f.min_version {
+            self.min_version = v.parse()?;
+        }
+        if let Some(v) = f.names {
+            self.names = v;
+        }
+        if let Some(v) = f.insecure_http {
+            self.insecure_http = v;
+        }
+        if let Some(v) = f.insecure_http_public {
+            self.insecure_http_public = v;
+        }
+        Ok(())
+    }
+
+    fn apply_flags(&mut self, o: &TlsOverrides) -> anyhow::Result<()> {
+        if o.tls_cert.is_some() {
+            self.cert = o.tls_cert.clone();
+        }
+        if o.tls_key.is_some() {
+            self.key = o.tls_key.clone();
+        }
+        if let Some(v) = &o.tls_min_version {
+            self.min_version = v.parse()?;
+        }
+        if !o.tls_name.is_empty() {
+            self.names = o.tls_name.clone();
+        }
+        self.insecure_http |= o.insecure_http;
+        self.insecure_http_public |= o.insecure_http_public;
+        if let Some(v) = &o.tls_poll_every {
+            self.poll_every = humantime::parse_duration(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .with_context(|| format!("--tls-poll-every {v:?} is not a duration like 2s"))?;
+        }
+        Ok(())
+    }
+
+    /// The rules between the settings and the listen address.
+    fn check(&self, listen: SocketAddr) -> anyhow::Result<()> {
+        if self.cert.is_some() != self.key.is_some() {
+            anyhow::bail!("tls: give both a certificate and its key (--tls-cert and --tls-key)");
+        }
+        if self.insecure_http && !listen.ip().is_loopback() && !self.insecure_http_public {
+            anyhow::bail!(
+                "plain HTTP on {listen} would send API keys in the clear: listen on a loopback \
+                 address, drop --insecure-http, or add --insecure-http-public"
+            );
+        }
+        if self.insecure_http && self.cert.is_some() {
+            anyhow::bail!("tls: a certificate was given together with --insecure-http");
+        }
+        for n in &self.names {
+            let dns_ok = n.parse::<std::net::IpAddr>().is_ok()
+                || rustls::pki_types::DnsName::try_from(n.as_str()).is_ok();
+            if !dns_ok {
+                anyhow::bail!("tls.names: {n:?} is neither a DNS name nor an IP address");
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The `[registry]` section: image pulls from OCI registries.
@@ -255,6 +402,8 @@ impl Default for Config {
             network: NetworkConfig::default(),
             limits: Limits::default(),
             registry: RegistrySection::default(),
+            tls: TlsSection::default(),
+            print_admin_key: false,
         }
     }
 }
@@ -287,6 +436,8 @@ struct FileConfig {
     network: Option<NetworkFile>,
     limits: Option<LimitsFile>,
     registry: Option<RegistryFile>,
+    tls: Option<TlsFile>,
+    print_admin_key: Option<bool>,
 }
 
 /// Flags (and their environment variables) that override the file.
@@ -320,7 +471,7 @@ pub struct ConfigOverrides {
     /// How often the reconciler sweeps the host, e.g. 30s (tests only).
     #[arg(long, hide = true)]
     pub sweep_every: Option<String>,
-    /// Write the first admin key to this file (mode 0600) as well as printing it.
+    /// Write the first admin key to this file (mode 0600) [default: <data dir>/admin.key].
     #[arg(long)]
     pub admin_key_file: Option<PathBuf>,
     /// libgpuvisor_limiter.so to inject for fractional GPUs.
@@ -373,6 +524,11 @@ pub struct ConfigOverrides {
     pub limits: Box<LimitsOverrides>,
     #[command(flatten)]
     pub registry: Box<RegistryOverrides>,
+    #[command(flatten)]
+    pub tls: Box<TlsOverrides>,
+    /// Print the first admin key on stdout as well (by default it only goes to its 0600 file).
+    #[arg(long)]
+    pub print_admin_key: bool,
 }
 
 fn grace(s: &str) -> anyhow::Result<Duration> {
@@ -462,6 +618,12 @@ impl Config {
             if let Some(r) = f.registry {
                 c.registry.apply_file(r)?;
             }
+            if let Some(t) = f.tls {
+                c.tls.apply_file(t)?;
+            }
+            if let Some(v) = f.print_admin_key {
+                c.print_admin_key = v;
+            }
             if let Some(v) = f.limiter_context_bytes {
                 c.limiter_context_bytes = gpuvisor_wire::parse_size(&v)
                     .with_context(|| format!("limiter_context_bytes {v:?}"))?;
@@ -544,6 +706,9 @@ impl Config {
         gpuvisor_node::net::check_prefix(&c.network.prefix).map_err(|e| anyhow::anyhow!("{e}"))?;
         c.limits.apply_flags(&o.limits)?;
         c.registry.apply_flags(&o.registry)?;
+        c.tls.apply_flags(&o.tls)?;
+        c.tls.check(c.listen)?;
+        c.print_admin_key |= o.print_admin_key;
         if !c.thermal_ceiling_c.is_finite() || c.thermal_ceiling_c <= 0.0 {
             anyhow::bail!("thermal_ceiling_c must be a positive temperature in °C");
         }

@@ -202,7 +202,7 @@ mod tests {
     #[test]
     fn mig_changes_need_yes_before_any_request() {
         // Nothing listens on port 9: the refusal must come before a request is made.
-        let client = Client::new("http://127.0.0.1:9", None).unwrap();
+        let client = Client::new("http://127.0.0.1:9", None, None).unwrap();
         for cmd in [
             MigCmd::Create {
                 gpu: "0".into(),

@@ -8,6 +8,7 @@ mod config;
 mod exectty;
 mod output;
 mod serve;
+mod tls;
 
 fn main() {
     std::process::exit(cli::main());

@@ -156,10 +156,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     });
     if let Some(secret) = engine.bootstrap().await? {
-        println!("admin API key (shown once, store it now): {secret}");
-        let _ = std::io::stdout().flush();
-        if let Some(path) = &cfg.admin_key_file {
-            write_secret(path, &secret)?;
+        // A file only the daemon's user reads; never the log (journald keeps it for everyone
+        // who may read the journal). On stdout only when asked for.
+        let path = cfg
+            .admin_key_file
+            .clone()
+            .unwrap_or_else(|| cfg.data_dir.join("admin.key"));
+        write_secret(&path, &secret)?;
+        tracing::info!(file = %path.display(), "first start: the admin API key is in this file (0600)");
+        if cfg.print_admin_key {
+            println!("admin API key (shown once, store it now): {secret}");
+            let _ = std::io::stdout().flush();
         }
     }
     if let Some(path) = &cfg.simulate_nodes {
@@ -190,10 +197,38 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }),
     );
 
+    let tls = if cfg.tls.insecure_http {
+        None
+    } else {
+        let source = match (&cfg.tls.cert, &cfg.tls.key) {
+            (Some(cert), Some(key)) => crate::tls::CertSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => crate::tls::CertSource::Generated {
+                data_dir: cfg.data_dir.clone(),
+                names: crate::tls::default_names(cfg.listen.ip(), &hostname_now(), &cfg.tls.names),
+            },
+        };
+        let tls = Arc::new(
+            crate::tls::ServerTls::new(source, cfg.tls.min_version)
+                .context("cannot set up the API's TLS")?,
+        );
+        if let Some(fp) = &tls.ca_fingerprint {
+            tracing::info!(
+                ca = %crate::tls::ca_path(&cfg.data_dir).display(),
+                fingerprint = %fp,
+                "TLS: certificate signed by this daemon's CA (clients: --ca or GPUVISOR_CA)"
+            );
+        }
+        tokio::spawn(tls.clone().watch(cfg.tls.poll_every));
+        Some(tokio_rustls::TlsAcceptor::from(tls.config.clone()))
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    tracing::info!("listening on http://{}", cfg.listen);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!("listening on {scheme}://{}", cfg.listen);
     let app = crate::api::router_with_limits(
         engine,
         crate::api::ApiLimits {
@@ -206,6 +241,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     serve_http(
         listener,
+        tls,
         app,
         cfg.limits.header_timeout,
         cfg.limits.max_connections,
@@ -265,12 +301,13 @@ impl Drop for IpSlot {
 /// accepting, let requests in flight finish (10 s at most).
 async fn serve_http(
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     app: axum::Router,
     header_timeout: std::time::Duration,
     max_connections: usize,
     max_per_ip: usize,
 ) -> anyhow::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
+
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let per_ip = Arc::new(PerIp::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -312,24 +349,19 @@ async fn serve_http(
                     req,
                 )
             });
-        let mut stop_rx = stop_rx.clone();
+        let stop_rx = stop_rx.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), svc)
-                // Interactive exec upgrades its connection to a WebSocket.
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!("connection: {e}");
+            match tls {
+                None => serve_connection(stream, svc, header_timeout, stop_rx).await,
+                // The handshake within the header timeout too: a client that opens
+                // connections and never finishes a handshake holds no slot for long.
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_connection(tls, svc, header_timeout, stop_rx).await,
+                        Ok(Err(e)) => tracing::debug!("TLS handshake with {peer}: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake with {peer}: timed out"),
                     }
-                }
-                _ = stop_rx.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
                 }
             }
         });
@@ -341,6 +373,48 @@ async fn serve_http(
     })
     .await;
     Ok(())
+}
+
+/// One HTTP/1 connection (plain or TLS) until it ends or the daemon stops.
+async fn serve_connection<IO, S>(
+    io: IO,
+    svc: S,
+    header_timeout: std::time::Duration,
+    mut stop_rx: tokio::sync::watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as http_body::Body>::Data: Send,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), svc)
+        // Interactive exec upgrades its connection to a WebSocket.
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!("connection: {e}");
+            }
+        }
+        _ = stop_rx.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+fn hostname_now() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The SQLite store holds key hashes, tenants' env and volumes: 0600, created so before SQLite

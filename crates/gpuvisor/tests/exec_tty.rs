@@ -494,9 +494,9 @@ fn handshake(port: u16, key: &str, id: &str, request: &str) -> (u16, String) {
 }
 
 /// A raw WebSocket handshake: (status, body, the connection — a session when 101).
-fn open_raw(port: u16, key: &str, id: &str, request: &str) -> (u16, String, std::net::TcpStream) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
+fn open_raw(port: u16, key: &str, id: &str, request: &str) -> (u16, String, common::ApiStream) {
+    let mut s = common::connect(port);
+    s.tcp().set_read_timeout(Some(PATIENCE)).unwrap();
     let enc: String = request
         .bytes()
         .map(|b| {
@@ -533,10 +533,10 @@ fn open_raw(port: u16, key: &str, id: &str, request: &str) -> (u16, String, std:
 /// Whether the daemon answers a plain request on a new connection (false: it closed the
 /// connection at once, as it does past the per-address cap).
 fn answers(port: u16) -> bool {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+    let Some(mut s) = common::try_connect(port) else {
         return false;
     };
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.tcp().set_read_timeout(Some(PATIENCE)).unwrap();
     if s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .is_err()
     {
@@ -564,13 +564,14 @@ fn a_client_that_does_not_read_is_cut_off_and_sessions_hold_their_connection_pla
     let id = d.create(&sleeper());
     // A well-behaved session (it reads, and answers pings) on one place...
     let url = format!(
-        "ws://127.0.0.1:{}/v1/instances/{id}/exec/ws?request=%7B%22command%22%3A%5B%22sleep%22%2C%224848%22%5D%7D",
-        d.port
+        "{}/v1/instances/{id}/exec/ws?request=%7B%22command%22%3A%5B%22sleep%22%2C%224848%22%5D%7D",
+        d.endpoint().replacen("http", "ws", 1)
     );
     let builder = tungstenite::ClientRequestBuilder::new(url.parse().unwrap())
         .with_header("x-api-key", d.key.clone());
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", d.port)).unwrap();
-    let (mut ws, _) = tungstenite::client::client(builder, tcp.try_clone().unwrap()).unwrap();
+    let stream = common::connect(d.port);
+    let tcp = stream.tcp().try_clone().unwrap();
+    let (mut ws, _) = tungstenite::client::client(builder, stream).unwrap();
     let reader = std::thread::spawn(move || while ws.read().is_ok() {});
     until("sleep 4848 runs", || {
         !pids_running(&id, &["sleep", "4848"]).is_empty()

@@ -86,8 +86,8 @@ fn runc_execs(d: &Daemon, id: &str) -> Vec<u32> {
 
 /// A raw HTTP/1.1 request; returns (status, body) or None if the connection closed first.
 fn raw_request(port: u16, req: &[u8]) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut s = crate::common::connect(port);
+    s.tcp().set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     s.write_all(req).ok()?;
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
@@ -97,25 +97,51 @@ fn raw_request(port: u16, req: &[u8]) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// Like [`raw_request`], but writes from another thread while this one reads: a server that
-/// answers before reading the whole body (and then closes) is heard before its reset.
+/// Like [`raw_request`], but reads while it writes (one thread, a non-blocking socket): a
+/// server that answers before reading the whole body (and then closes) is heard before its
+/// reset.
 fn raw_request_reading(port: u16, req: Vec<u8>) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut w = s.try_clone().unwrap();
-    let writer = std::thread::spawn(move || {
-        let _ = w.write_all(&req);
-    });
+    let mut s = crate::common::connect(port);
+    s.tcp().set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut sent, mut writing) = (0usize, true);
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    while let Ok(n) = s.read(&mut chunk) {
-        if n == 0 {
-            break;
+    let pending = |e: &std::io::Error| e.kind() == std::io::ErrorKind::WouldBlock;
+    while Instant::now() < deadline {
+        let mut progress = false;
+        if writing {
+            let w = if sent < req.len() {
+                s.write(&req[sent..])
+            } else {
+                s.flush().map(|()| 0)
+            };
+            match w {
+                Ok(n) => {
+                    sent += n;
+                    progress |= n > 0;
+                    if sent == req.len() && s.flush().is_ok() {
+                        writing = false;
+                    }
+                }
+                Err(e) if pending(&e) => {}
+                Err(_) => writing = false,
+            }
         }
-        buf.extend_from_slice(&chunk[..n]);
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                progress = true;
+            }
+            Err(e) if pending(&e) => {}
+            Err(_) => break,
+        }
+        if !progress {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
     drop(s);
-    let _ = writer.join();
     let text = String::from_utf8_lossy(&buf).into_owned();
     let status = text.get(9..12)?.parse().ok()?;
     let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
@@ -275,8 +301,8 @@ fn a_thousand_hanging_execs_do_not_stall_the_reconciler_or_telemetry_and_leak_no
                 let mut held = Vec::new();
                 let (mut ok, mut refused, mut other) = (0usize, 0usize, Vec::new());
                 for _ in 0..20 {
-                    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                    let mut s = crate::common::connect(port);
+                    s.tcp().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
                     s.write_all(&exec_request(&id, &key, &["sleep", "1000003"]))
                         .unwrap();
                     let mut head = [0u8; 12];
@@ -443,8 +469,9 @@ fn oversized_request_body_is_refused_with_413() {
 fn slow_loris_headers_are_disconnected() {
     let _s = serial();
     let d = Daemon::start(&[]);
-    let mut s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500)))
+    let mut s = crate::common::connect(d.port);
+    s.tcp()
+        .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     s.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         .unwrap();
@@ -490,10 +517,10 @@ fn one_client_cannot_hold_every_connection() {
     let d = Daemon::start(&["--max-connections-per-ip", "8"]);
     // Eight connections the daemon has surely accepted (each answered one request and is kept
     // alive, holding its place): on a loaded machine a pause before the ninth is not enough.
-    let held: Vec<TcpStream> = (0..8)
+    let held: Vec<crate::common::ApiStream> = (0..8)
         .map(|_| {
-            let mut c = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
-            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut c = crate::common::connect(d.port);
+            c.tcp().set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             c.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
                 .unwrap();
             let mut got = [0u8; 12];
@@ -502,20 +529,24 @@ fn one_client_cannot_hold_every_connection() {
             c
         })
         .collect();
-    let mut ninth = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
-    ninth
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let _ = ninth.write_all(b"GET /v1/health HTTP/1.0\r\nHost: x\r\n\r\n");
-    let mut buf = [0u8; 64];
-    let n = ninth.read(&mut buf);
-    assert!(
-        matches!(n, Ok(0))
-            || n.as_ref()
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
-        "a ninth connection from one address was served: {n:?} {:?}",
-        String::from_utf8_lossy(&buf)
-    );
+    // Closed at once: the TLS handshake does not complete (or, over plain HTTP, nothing
+    // comes back).
+    if let Some(mut ninth) = crate::common::try_connect(d.port) {
+        ninth
+            .tcp()
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = ninth.write_all(b"GET /v1/health HTTP/1.0\r\nHost: x\r\n\r\n");
+        let mut buf = [0u8; 64];
+        let n = ninth.read(&mut buf);
+        assert!(
+            matches!(n, Ok(0))
+                || n.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "a ninth connection from one address was served: {n:?} {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
     // Another client address (any 127/8 source reaches loopback) is served meanwhile.
     let status = {
         use std::os::fd::FromRawFd;
@@ -558,8 +589,8 @@ fn one_client_cannot_hold_every_connection() {
             )
         };
         assert_eq!(rc, 0, "connect from 127.0.0.2");
-        let mut s = s;
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut s = crate::common::wrap(d.port, s).expect("TLS from 127.0.0.2");
         s.write_all(b"GET /v1/health HTTP/1.0\r\nHost: x\r\n\r\n")
             .unwrap();
         let mut out = String::new();
@@ -580,9 +611,9 @@ fn requests_over_the_per_key_limit_are_refused() {
     let kb = tenant(&d, "beta");
     // 33 slow requests with one key (the default allowance is 32): headers sent, the body
     // never finished. Exactly one is answered at once, with 429; the others wait for their body.
-    let mut slow: Vec<TcpStream> = (0..33)
+    let mut slow: Vec<crate::common::ApiStream> = (0..33)
         .map(|_| {
-            let mut s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+            let mut s = crate::common::connect(d.port);
             s.write_all(
                 format!(
                     "POST /v1/tenants HTTP/1.1\r\nHost: x\r\nx-api-key: {}\r\n\
@@ -592,7 +623,7 @@ fn requests_over_the_per_key_limit_are_refused() {
                 .as_bytes(),
             )
             .unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            s.tcp().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
             s
         })
         .collect();

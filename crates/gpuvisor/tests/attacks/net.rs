@@ -646,6 +646,8 @@ impl Serve {
                 "1s",
                 "--cpu-oversubscription",
                 "16",
+                // These tests are about locks and identity; TLS is tested elsewhere.
+                "--insecure-http",
             ]
             .map(String::from),
         );
@@ -685,10 +687,10 @@ impl Drop for Serve {
 }
 
 fn healthy(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+    let Some(mut s) = crate::common::try_connect(port) else {
         return false;
     };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.tcp().set_read_timeout(Some(Duration::from_secs(2)));
     if s.write_all(b"GET /v1/health HTTP/1.0\r\nHost: x\r\n\r\n")
         .is_err()
     {

@@ -117,6 +117,8 @@ pub struct Daemon {
     child: Option<Child>,
     extra: Vec<String>,
     gpus: String,
+    /// The CA clients trust when it is not the daemon's own (`<data>/ca.pem`).
+    ca_file: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -134,6 +136,12 @@ impl Daemon {
 
     /// A daemon simulating `gpus` (a `--simulate-gpus` spec).
     pub fn start_with_gpus(gpus: &str, extra: &[&str]) -> Daemon {
+        Self::start_trusting(gpus, extra, None)
+    }
+
+    /// A daemon whose clients trust `ca` (an operator's certificate given in `extra`) instead
+    /// of the CA the daemon makes.
+    pub fn start_trusting(gpus: &str, extra: &[&str], ca: Option<&Path>) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("gvtest")
             .tempdir_in("/var/tmp")
@@ -145,6 +153,7 @@ impl Daemon {
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             gpus: gpus.to_string(),
+            ca_file: ca.map(Path::to_path_buf),
         };
         d.spawn();
         d.key = std::fs::read_to_string(d.data().join("admin.key"))
@@ -156,6 +165,23 @@ impl Daemon {
 
     pub fn data(&self) -> PathBuf {
         self.dir.path().to_path_buf()
+    }
+
+    /// What its clients trust: the CA the daemon made at its first start, or the one given.
+    pub fn ca(&self) -> PathBuf {
+        self.ca_file
+            .clone()
+            .unwrap_or_else(|| self.data().join("ca.pem"))
+    }
+
+    pub fn tls(&self) -> bool {
+        tls_ports().contains_key(&self.port)
+    }
+
+    /// The API's base URL (`https://127.0.0.1:PORT`, `http://` with `--insecure-http`).
+    pub fn endpoint(&self) -> String {
+        let scheme = if self.tls() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn spawn(&mut self) {
@@ -179,6 +205,12 @@ impl Daemon {
             .spawn()
             .unwrap();
         self.child = Some(child);
+        // TLS unless the test asked for plain HTTP; the CA file appears at the first start.
+        if self.extra.iter().any(|a| a == "--insecure-http") {
+            tls_ports().remove(&self.port);
+        } else {
+            tls_ports().insert(self.port, self.ca());
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if self.healthy() {
@@ -196,10 +228,10 @@ impl Daemon {
     /// port in the ephemeral range can connect the socket to itself.
     fn healthy(&self) -> bool {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+        let Some(mut s) = try_connect(self.port) else {
             return false;
         };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.tcp().set_read_timeout(Some(Duration::from_secs(2)));
         if s.write_all(b"GET /v1/health HTTP/1.0\r\nHost: x\r\n\r\n")
             .is_err()
         {
@@ -249,10 +281,8 @@ impl Daemon {
     {
         let mut c = Command::new(BIN);
         c.args(args)
-            .env(
-                "GPUVISOR_ENDPOINT",
-                format!("http://127.0.0.1:{}", self.port),
-            )
+            .env("GPUVISOR_ENDPOINT", self.endpoint())
+            .env("GPUVISOR_CA", self.ca())
             .env("GPUVISOR_API_KEY", key);
         c
     }
@@ -615,11 +645,122 @@ pub fn instance_pids(id: &str) -> Vec<u32> {
     out
 }
 
+/// The CA file of each daemon of this test binary that serves TLS, by port.
+fn tls_ports() -> MutexGuard<'static, std::collections::HashMap<u16, PathBuf>> {
+    static M: OnceLock<Mutex<std::collections::HashMap<u16, PathBuf>>> = OnceLock::new();
+    M.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// A connection to a daemon's API port as its clients make one: TLS checked against the
+/// daemon's CA when it serves TLS (the default), plain TCP for `--insecure-http`.
+pub enum ApiStream {
+    Plain(std::net::TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>>),
+}
+
+impl ApiStream {
+    pub fn tcp(&self) -> &std::net::TcpStream {
+        match self {
+            Self::Plain(s) => s,
+            Self::Tls(t) => &t.sock,
+        }
+    }
+
+    /// Sends the TLS close_notify (when TLS) and shuts the TCP write side.
+    pub fn shutdown_write(&mut self) {
+        use std::io::Write;
+        if let Self::Tls(t) = self {
+            t.conn.send_close_notify();
+            let _ = t.flush();
+        }
+        let _ = self.tcp().shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl std::io::Read for ApiStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.read(buf),
+            // A peer that closes without close_notify is an end of stream here (what the
+            // tests look at is the HTTP answer).
+            Self::Tls(t) => match t.read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+                r => r,
+            },
+        }
+    }
+}
+
+impl std::io::Write for ApiStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Plain(s) => s.write(buf),
+            Self::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Plain(s) => s.flush(),
+            Self::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// A rustls client config trusting the CA in `ca` (PEM).
+pub fn tls_client_config(ca: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// Connects to the API on 127.0.0.1:`port` ([`ApiStream`]); `None` when the connection is
+/// refused or the TLS handshake fails.
+pub fn try_connect(port: u16) -> Option<ApiStream> {
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    wrap(port, tcp)
+}
+
+/// [`ApiStream`] over a TCP connection already made to the daemon on `port`.
+pub fn wrap(port: u16, tcp: std::net::TcpStream) -> Option<ApiStream> {
+    let ca = tls_ports().get(&port).cloned();
+    match ca {
+        None => Some(ApiStream::Plain(tcp)),
+        Some(ca) => {
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let conn = rustls::ClientConnection::new(tls_client_config(&ca), name).unwrap();
+            let mut t = rustls::StreamOwned::new(conn, tcp);
+            let _ = t.sock.set_read_timeout(Some(Duration::from_secs(10)));
+            while t.conn.is_handshaking() {
+                t.conn.complete_io(&mut t.sock).ok()?;
+            }
+            let _ = t.sock.set_read_timeout(None);
+            Some(ApiStream::Tls(Box::new(t)))
+        }
+    }
+}
+
+pub fn connect(port: u16) -> ApiStream {
+    try_connect(port).expect("cannot connect to the daemon's API")
+}
+
 /// A raw HTTP/1.0 GET: (status, content type, body).
 pub fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = connect(port);
+    s.tcp().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
