@@ -893,7 +893,11 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
     // Serve needs no client; every other command builds one (and fails early on a bad endpoint).
     let connect = || -> Result<Ctx, CliError> {
         Ok(Ctx {
-            client: Client::new(&global.endpoint, global.api_key.clone(), global.ca.as_deref())?,
+            client: Client::new(
+                &global.endpoint,
+                global.api_key.clone(),
+                global.ca.as_deref(),
+            )?,
             format: global.output,
         })
     };

@@ -82,7 +82,11 @@ impl Client {
     /// A client of `endpoint` (`https://`, or `http://` for a daemon run with
     /// `--insecure-http`); over TLS it trusts `ca` (a PEM file; `system`: the public web's
     /// roots), else the default daemon's CA file when present, else the web roots.
-    pub fn new(endpoint: &str, api_key: Option<String>, ca: Option<&std::path::Path>) -> Result<Self> {
+    pub fn new(
+        endpoint: &str,
+        api_key: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self> {
         let endpoint = endpoint.trim().trim_end_matches('/').to_string();
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -851,9 +855,13 @@ mod tests {
             Client::new("ftp://h", None, None),
             Err(ClientError::Unsupported(_))
         ));
-        let e = Client::new("https://h", None, Some(std::path::Path::new("/nonexistent/ca.pem")))
-            .err()
-            .unwrap();
+        let e = Client::new(
+            "https://h",
+            None,
+            Some(std::path::Path::new("/nonexistent/ca.pem")),
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
         // `system` and plain HTTP need no file.
         Client::new("https://h", None, Some(std::path::Path::new("system"))).unwrap();

@@ -75,6 +75,13 @@ pub struct TlsSection {
     /// Serve plain HTTP instead (loopback only unless `insecure_http_public`).
     pub insecure_http: bool,
     pub insecure_http_public: bool,
+    /// Names to get a certificate for from an ACME server (none: no ACME).
+    pub acme_domains: Vec<String>,
+    /// The ACME directory URL [default: Let's Encrypt].
+    pub acme_directory: String,
+    pub acme_email: Option<String>,
+    /// A PEM root for the ACME server's own HTTPS (test CAs).
+    pub acme_ca: Option<PathBuf>,
     /// How often the certificate files are looked at for a change (hidden flag; SIGHUP
     /// reloads at once anyway).
     pub poll_every: Duration,
@@ -89,6 +96,10 @@ impl Default for TlsSection {
             names: Vec::new(),
             insecure_http: false,
             insecure_http_public: false,
+            acme_domains: Vec::new(),
+            acme_directory: crate::tls::acme::LETS_ENCRYPT.to_string(),
+            acme_email: None,
+            acme_ca: None,
             poll_every: Duration::from_secs(2),
         }
     }
@@ -104,6 +115,10 @@ struct TlsFile {
     names: Option<Vec<String>>,
     insecure_http: Option<bool>,
     insecure_http_public: Option<bool>,
+    acme_domains: Option<Vec<String>>,
+    acme_directory: Option<String>,
+    acme_email: Option<String>,
+    acme_ca: Option<PathBuf>,
 }
 
 /// Flags for `[tls]`.
@@ -127,6 +142,20 @@ pub struct TlsOverrides {
     /// Allow --insecure-http on a non-loopback address [tls.insecure_http_public].
     #[arg(long = "insecure-http-public", requires = "insecure_http")]
     pub insecure_http_public: bool,
+    /// A name to get a certificate for from an ACME server (TLS-ALPN-01 on the API's own
+    /// port, which the ACME server must reach: 443 for public CAs); repeatable
+    /// [tls.acme_domains].
+    #[arg(long = "acme-domain", value_name = "NAME")]
+    pub acme_domain: Vec<String>,
+    /// The ACME directory URL [tls.acme_directory, default: Let's Encrypt].
+    #[arg(long = "acme-directory", value_name = "URL")]
+    pub acme_directory: Option<String>,
+    /// Contact e-mail for the ACME account [tls.acme_email].
+    #[arg(long = "acme-email", value_name = "EMAIL")]
+    pub acme_email: Option<String>,
+    /// A PEM root the ACME server's HTTPS chains to (a test CA) [tls.acme_ca].
+    #[arg(long = "acme-ca", value_name = "PEM")]
+    pub acme_ca: Option<PathBuf>,
     /// How often the certificate files are checked for a change, e.g. 2s (tests).
     #[arg(long = "tls-poll-every", hide = true, value_name = "DURATION")]
     pub tls_poll_every: Option<String>,
@@ -152,6 +181,18 @@ impl TlsSection {
         if let Some(v) = f.insecure_http_public {
             self.insecure_http_public = v;
         }
+        if let Some(v) = f.acme_domains {
+            self.acme_domains = v;
+        }
+        if let Some(v) = f.acme_directory {
+            self.acme_directory = v;
+        }
+        if f.acme_email.is_some() {
+            self.acme_email = f.acme_email;
+        }
+        if f.acme_ca.is_some() {
+            self.acme_ca = f.acme_ca;
+        }
         Ok(())
     }
 
@@ -170,6 +211,18 @@ impl TlsSection {
         }
         self.insecure_http |= o.insecure_http;
         self.insecure_http_public |= o.insecure_http_public;
+        if !o.acme_domain.is_empty() {
+            self.acme_domains = o.acme_domain.clone();
+        }
+        if let Some(v) = &o.acme_directory {
+            self.acme_directory = v.clone();
+        }
+        if o.acme_email.is_some() {
+            self.acme_email = o.acme_email.clone();
+        }
+        if o.acme_ca.is_some() {
+            self.acme_ca = o.acme_ca.clone();
+        }
         if let Some(v) = &o.tls_poll_every {
             self.poll_every = humantime::parse_duration(v)
                 .ok()
@@ -192,6 +245,26 @@ impl TlsSection {
         }
         if self.insecure_http && self.cert.is_some() {
             anyhow::bail!("tls: a certificate was given together with --insecure-http");
+        }
+        if !self.acme_domains.is_empty() {
+            if self.cert.is_some() || self.insecure_http {
+                anyhow::bail!(
+                    "tls: --acme-domain goes with neither an operator certificate nor --insecure-http"
+                );
+            }
+            if !self.acme_directory.starts_with("https://") {
+                anyhow::bail!(
+                    "tls.acme_directory {:?} is not an https:// URL",
+                    self.acme_directory
+                );
+            }
+            for d in &self.acme_domains {
+                let ok = d.parse::<std::net::IpAddr>().is_err()
+                    && rustls::pki_types::DnsName::try_from(d.as_str()).is_ok();
+                if !ok {
+                    anyhow::bail!("tls.acme_domains: {d:?} is not a DNS name");
+                }
+            }
         }
         for n in &self.names {
             let dns_ok = n.parse::<std::net::IpAddr>().is_ok()

@@ -200,14 +200,28 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let tls = if cfg.tls.insecure_http {
         None
     } else {
+        crate::tls::install_default_provider();
+        let mut extra_names = cfg.tls.names.clone();
+        extra_names.extend(cfg.tls.acme_domains.iter().cloned());
+        let names = crate::tls::default_names(cfg.listen.ip(), &hostname_now(), &extra_names);
         let source = match (&cfg.tls.cert, &cfg.tls.key) {
             (Some(cert), Some(key)) => crate::tls::CertSource::Files {
                 cert: cert.clone(),
                 key: key.clone(),
             },
+            _ if !cfg.tls.acme_domains.is_empty() => crate::tls::CertSource::Acme {
+                data_dir: cfg.data_dir.clone(),
+                names,
+                acme: crate::tls::acme::AcmeSettings {
+                    directory: cfg.tls.acme_directory.clone(),
+                    domains: cfg.tls.acme_domains.clone(),
+                    email: cfg.tls.acme_email.clone(),
+                    directory_ca: cfg.tls.acme_ca.clone(),
+                },
+            },
             _ => crate::tls::CertSource::Generated {
                 data_dir: cfg.data_dir.clone(),
-                names: crate::tls::default_names(cfg.listen.ip(), &hostname_now(), &cfg.tls.names),
+                names,
             },
         };
         let tls = Arc::new(
@@ -222,6 +236,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             );
         }
         tokio::spawn(tls.clone().watch(cfg.tls.poll_every));
+        tokio::spawn(tls.clone().run_acme());
         Some(tokio_rustls::TlsAcceptor::from(tls.config.clone()))
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -307,7 +322,6 @@ async fn serve_http(
     max_connections: usize,
     max_per_ip: usize,
 ) -> anyhow::Result<()> {
-
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let per_ip = Arc::new(PerIp::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -483,7 +483,9 @@ fn tenant(d: &Daemon, name: &str) -> String {
 /// One raw HTTP/1.0 request to the daemon: (status, json body).
 fn api(d: &Daemon, key: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
     let mut s = common::connect(d.port);
-    s.tcp().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.tcp()
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let req = format!(
         "{method} {path} HTTP/1.0\r\nHost: x\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()

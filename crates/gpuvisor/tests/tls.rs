@@ -23,7 +23,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// A client config trusting the PEM `ca`, offering only `versions`.
-fn client(ca: &Path, versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<rustls::ClientConfig> {
+fn client(
+    ca: &Path,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).unwrap() {
@@ -46,8 +49,9 @@ fn handshake(
 ) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
     let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let conn = rustls::ClientConnection::new(config, ServerName::try_from(name.to_string()).unwrap())
-        .unwrap();
+    let conn =
+        rustls::ClientConnection::new(config, ServerName::try_from(name.to_string()).unwrap())
+            .unwrap();
     let mut s = rustls::StreamOwned::new(conn, tcp);
     while s.conn.is_handshaking() {
         s.conn.complete_io(&mut s.sock).map_err(|e| e.to_string())?;
@@ -118,14 +122,28 @@ fn tls_by_default_with_the_daemons_own_ca() {
         assert!(get(s, "/v1/health").starts_with("HTTP/1.0 200"));
     }
     // A name it was not made for does not verify.
-    let e = handshake(d.port, client(&ca, &[&rustls::version::TLS13]), "evil.example").unwrap_err();
+    let e = handshake(
+        d.port,
+        client(&ca, &[&rustls::version::TLS13]),
+        "evil.example",
+    )
+    .unwrap_err();
     assert!(e.contains("certificate"), "{e}");
     // TLS 1.2 is refused unless configured.
     let e = handshake(d.port, client(&ca, &[&rustls::version::TLS12]), "127.0.0.1").unwrap_err();
-    assert!(e.to_lowercase().contains("protocol"), "TLS 1.2 was not refused by version: {e}");
+    assert!(
+        e.to_lowercase().contains("protocol"),
+        "TLS 1.2 was not refused by version: {e}"
+    );
     // Plain HTTP on the TLS port gets no HTTP answer.
-    let plain = get(TcpStream::connect(("127.0.0.1", d.port)).unwrap(), "/v1/health");
-    assert!(!plain.contains("HTTP/1."), "plain HTTP was answered: {plain:?}");
+    let plain = get(
+        TcpStream::connect(("127.0.0.1", d.port)).unwrap(),
+        "/v1/health",
+    );
+    assert!(
+        !plain.contains("HTTP/1."),
+        "plain HTTP was answered: {plain:?}"
+    );
 
     // The CLI refuses a daemon it cannot check, and says what to do.
     let out = d
@@ -141,7 +159,11 @@ fn tls_by_default_with_the_daemons_own_ca() {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    std::fs::write(other.path().join("ca.pem"), p.self_signed(&key).unwrap().pem()).unwrap();
+    std::fs::write(
+        other.path().join("ca.pem"),
+        p.self_signed(&key).unwrap().pem(),
+    )
+    .unwrap();
     let out = d
         .command_as(&d.key, ["gpu", "list"])
         .env("GPUVISOR_CA", other.path().join("ca.pem"))
@@ -152,16 +174,26 @@ fn tls_by_default_with_the_daemons_own_ca() {
     // The log names the CA's fingerprint and never the admin key; the key file is 0600.
     let fp = fingerprint(&ca);
     assert!(d.log().contains(&fp), "fingerprint {fp} not in the log");
-    assert!(!d.log().contains(&d.key), "the admin key is in the daemon's output");
+    assert!(
+        !d.log().contains(&d.key),
+        "the admin key is in the daemon's output"
+    );
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(d.data().join("admin.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(d.data().join("admin.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 
     // A restart keeps the CA: clients that trust it go on working.
     let leaf = served_leaf(d.port, &ca);
     d.restart();
     assert_eq!(fingerprint(&ca), fp, "the CA changed across a restart");
-    assert_eq!(served_leaf(d.port, &ca), leaf, "the certificate changed across a restart");
+    assert_eq!(
+        served_leaf(d.port, &ca),
+        leaf,
+        "the certificate changed across a restart"
+    );
     d.json(&["gpu", "list"]);
 }
 
@@ -169,10 +201,21 @@ fn tls_by_default_with_the_daemons_own_ca() {
 fn tls12_only_when_configured_and_forward_secret() {
     let _s = serial();
     let d = Daemon::start(&["--tls-min-version", "1.2"]);
-    let s = handshake(d.port, client(&d.ca(), &[&rustls::version::TLS12]), "127.0.0.1").unwrap();
-    assert_eq!(s.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    let s = handshake(
+        d.port,
+        client(&d.ca(), &[&rustls::version::TLS12]),
+        "127.0.0.1",
+    )
+    .unwrap();
+    assert_eq!(
+        s.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
     let suite = format!("{:?}", s.conn.negotiated_cipher_suite().unwrap().suite());
-    assert!(suite.contains("ECDHE"), "a suite without forward secrecy: {suite}");
+    assert!(
+        suite.contains("ECDHE"),
+        "a suite without forward secrecy: {suite}"
+    );
     assert!(get(s, "/v1/health").starts_with("HTTP/1.0 200"));
 }
 
@@ -202,7 +245,10 @@ impl OperatorPki {
         let mut p = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
         p.distinguished_name.push(rcgen::DnType::CommonName, cn);
         let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
-        (p.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+        (
+            p.signed_by(&key, &issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
     }
 }
 
@@ -234,19 +280,26 @@ fn an_operator_certificate_is_reloaded_when_its_files_change() {
         ],
         Some(&ca),
     );
-    assert!(!d.data().join("ca.pem").exists(), "a CA was made beside an operator's certificate");
+    assert!(
+        !d.data().join("ca.pem").exists(),
+        "a CA was made beside an operator's certificate"
+    );
     d.json(&["gpu", "list"]);
     let first = served_leaf(d.port, &ca);
 
     // A new pair on disk is served without a restart.
     write(pki.leaf("two"));
-    until("the changed certificate is served", 30, || served_leaf(d.port, &ca) != first);
+    until("the changed certificate is served", 30, || {
+        served_leaf(d.port, &ca) != first
+    });
     let second = served_leaf(d.port, &ca);
     d.json(&["gpu", "list"]);
 
     // A broken file: the daemon keeps the certificate it has, and says so.
     std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
-    until("the bad file is reported", 30, || d.log().contains("not reloaded"));
+    until("the bad file is reported", 30, || {
+        d.log().contains("not reloaded")
+    });
     assert_eq!(served_leaf(d.port, &ca), second);
     d.json(&["gpu", "list"]);
 }
@@ -283,15 +336,25 @@ fn sighup_reloads_at_once() {
     std::fs::write(&key, k).unwrap();
     std::fs::write(&cert, c).unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(served_leaf(d.port, &ca), first, "reloaded without a signal (poll is 1h)");
+    assert_eq!(
+        served_leaf(d.port, &ca),
+        first,
+        "reloaded without a signal (poll is 1h)"
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(d.pid() as i32),
         nix::sys::signal::Signal::SIGHUP,
     )
     .unwrap();
-    until("SIGHUP reloads the certificate", 30, || served_leaf(d.port, &ca) != first);
+    until("SIGHUP reloads the certificate", 30, || {
+        served_leaf(d.port, &ca) != first
+    });
     // The daemon is still the same process.
-    assert!(d.log().contains("TLS certificate reloaded (SIGHUP)"), "{}", d.log());
+    assert!(
+        d.log().contains("TLS certificate reloaded (SIGHUP)"),
+        "{}",
+        d.log()
+    );
 }
 
 #[test]
@@ -342,11 +405,172 @@ fn handshakes_that_never_finish_are_cut_off() {
         let mut b = [0u8; 1];
         let r = s.read(&mut b);
         assert!(
-            matches!(r, Ok(0)) || r.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            matches!(r, Ok(0))
+                || r.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
             "a silent connection was kept (or answered): {r:?}"
         );
     }
-    until("a client is served after the silent ones were cut", 20, || {
-        common::try_connect(d.port).is_some_and(|s| get(s, "/v1/health").starts_with("HTTP/1.0 200"))
+    until(
+        "a client is served after the silent ones were cut",
+        20,
+        || {
+            common::try_connect(d.port)
+                .is_some_and(|s| get(s, "/v1/health").starts_with("HTTP/1.0 200"))
+        },
+    );
+}
+
+/// A process killed when dropped.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A certificate for a public name from a real ACME server: Debian's pebble, its DNS pointed
+/// at pebble-challtestsrv (every name is 127.0.0.1), its TLS-ALPN-01 validation pointed at the
+/// daemon's API port (the only way it can validate here: its HTTP-01 port has no server). The
+/// daemon serves its own CA's certificate until the order completes, then pebble's, for that
+/// name; connections for other names keep getting a certificate.
+#[test]
+fn acme_certificate_from_pebble_through_tls_alpn_on_the_api_port() {
+    let _s = serial();
+    for tool in ["pebble", "pebble-challtestsrv"] {
+        if Command::new(tool).arg("-h").output().is_err() {
+            common::prerequisite_missing(&format!("{tool} (scripts/install-deps installs it)"));
+            return;
+        }
+    }
+    let work = tempfile::tempdir().unwrap();
+    let pki = OperatorPki::new();
+    let ca = work.path().join("pebble-ca.pem");
+    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let (cert, key) = pki.leaf("pebble");
+    std::fs::write(work.path().join("pebble.pem"), cert).unwrap();
+    std::fs::write(work.path().join("pebble.key"), key).unwrap();
+    let port = common::free_port();
+    let (acme_port, mgmt_port, dns_port, dns_mgmt, http01) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
+    let config = serde_json::json!({"pebble": {
+        "listenAddress": format!("127.0.0.1:{acme_port}"),
+        "managementListenAddress": format!("127.0.0.1:{mgmt_port}"),
+        "certificate": work.path().join("pebble.pem"),
+        "privateKey": work.path().join("pebble.key"),
+        "httpPort": http01,
+        "tlsPort": port,
+        "ocspResponderURL": "",
+        "externalAccountBindingRequired": false
+    }});
+    std::fs::write(work.path().join("pebble.json"), config.to_string()).unwrap();
+    let log = |name: &str| std::fs::File::create(work.path().join(name)).unwrap();
+    let _dns = Proc(
+        Command::new("pebble-challtestsrv")
+            .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .args(["-management", &format!("127.0.0.1:{dns_mgmt}")])
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .stdout(log("challtestsrv.log"))
+            .stderr(log("challtestsrv.err"))
+            .spawn()
+            .unwrap(),
+    );
+    let _pebble = Proc(
+        Command::new("pebble")
+            .arg("-config")
+            .arg(work.path().join("pebble.json"))
+            .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(log("pebble.log"))
+            .stderr(log("pebble.err"))
+            .spawn()
+            .unwrap(),
+    );
+    let pebble_log = || {
+        [
+            "pebble.log",
+            "pebble.err",
+            "challtestsrv.log",
+            "challtestsrv.err",
+        ]
+        .iter()
+        .map(|f| std::fs::read_to_string(work.path().join(f)).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+    };
+    until("pebble listens", 30, || {
+        TcpStream::connect(("127.0.0.1", acme_port)).is_ok()
+            && TcpStream::connect(("127.0.0.1", mgmt_port)).is_ok()
     });
+    let d = Daemon::start_on(
+        port,
+        "1xA100-80GB",
+        &[
+            "--acme-domain",
+            "gpuvisor.test",
+            "--acme-directory",
+            &format!("https://127.0.0.1:{acme_port}/dir"),
+            "--acme-ca",
+            ca.to_str().unwrap(),
+            "--acme-email",
+            "ops@gpuvisor.test",
+        ],
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !d.log().contains("ACME: certificate obtained") {
+        assert!(
+            Instant::now() < deadline,
+            "no ACME certificate in 120 s\n--- daemon ---\n{}\n--- pebble ---\n{}",
+            d.log(),
+            pebble_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Pebble's root (made at its start), from its management API.
+    let mgmt = handshake(
+        mgmt_port,
+        client(&ca, &[&rustls::version::TLS13, &rustls::version::TLS12]),
+        "127.0.0.1",
+    )
+    .unwrap();
+    let answer = get(mgmt, "/roots/0");
+    let root_pem = answer
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    assert!(root_pem.contains("BEGIN CERTIFICATE"), "{answer}");
+    let root = work.path().join("pebble-root.pem");
+    std::fs::write(&root, root_pem).unwrap();
+    // The daemon's API, as gpuvisor.test, chains to pebble's root.
+    let s = handshake(
+        port,
+        client(&root, &[&rustls::version::TLS13]),
+        "gpuvisor.test",
+    )
+    .unwrap_or_else(|e| panic!("the ACME certificate does not verify: {e}\n{}", d.log()));
+    assert!(get(s, "/v1/health").starts_with("HTTP/1.0 200"));
+    // The account and the key are private; the order is not repeated while it is valid.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["tls/acme/key.pem", "tls/acme/account.json"] {
+        let m = std::fs::metadata(d.data().join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(m & 0o777, 0o600, "{f}");
+    }
+    assert_eq!(d.log().matches("ACME: ordering").count(), 1, "{}", d.log());
+    // The harness's client checks 127.0.0.1 against the daemon's own CA, which no longer
+    // serves: stopped here, not through the CLI (it made no instance).
+    let mut d = d;
+    d.stop();
 }

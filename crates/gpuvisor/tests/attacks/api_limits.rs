@@ -87,7 +87,9 @@ fn runc_execs(d: &Daemon, id: &str) -> Vec<u32> {
 /// A raw HTTP/1.1 request; returns (status, body) or None if the connection closed first.
 fn raw_request(port: u16, req: &[u8]) -> Option<(u16, String)> {
     let mut s = crate::common::connect(port);
-    s.tcp().set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.tcp()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     s.write_all(req).ok()?;
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
@@ -302,7 +304,9 @@ fn a_thousand_hanging_execs_do_not_stall_the_reconciler_or_telemetry_and_leak_no
                 let (mut ok, mut refused, mut other) = (0usize, 0usize, Vec::new());
                 for _ in 0..20 {
                     let mut s = crate::common::connect(port);
-                    s.tcp().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                    s.tcp()
+                        .set_read_timeout(Some(Duration::from_secs(60)))
+                        .unwrap();
                     s.write_all(&exec_request(&id, &key, &["sleep", "1000003"]))
                         .unwrap();
                     let mut head = [0u8; 12];
@@ -520,7 +524,9 @@ fn one_client_cannot_hold_every_connection() {
     let held: Vec<crate::common::ApiStream> = (0..8)
         .map(|_| {
             let mut c = crate::common::connect(d.port);
-            c.tcp().set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            c.tcp()
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
             c.write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
                 .unwrap();
             let mut got = [0u8; 12];
@@ -623,7 +629,9 @@ fn requests_over_the_per_key_limit_are_refused() {
                 .as_bytes(),
             )
             .unwrap();
-            s.tcp().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            s.tcp()
+                .set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
             s
         })
         .collect();

@@ -646,8 +646,6 @@ impl Serve {
                 "1s",
                 "--cpu-oversubscription",
                 "16",
-                // These tests are about locks and identity; TLS is tested elsewhere.
-                "--insecure-http",
             ]
             .map(String::from),
         );
@@ -658,6 +656,8 @@ impl Serve {
             .stderr(out)
             .spawn()
             .unwrap();
+        // Its clients trust the CA of its data dir (made at its first start).
+        crate::common::trust(port, &data.join("ca.pem"));
         Serve { child, log }
     }
 

@@ -15,7 +15,9 @@ use std::time::Duration;
 /// One raw HTTP/1.0 request: (status, body).
 fn http(port: u16, method: &str, path: &str, key: &str, body: Option<&str>) -> (u16, String) {
     let mut s = crate::common::connect(port);
-    s.tcp().set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.tcp()
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let body = body.unwrap_or("");
     let req = format!(
         "{method} {path} HTTP/1.0\r\nHost: x\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",

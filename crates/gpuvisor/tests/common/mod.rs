@@ -121,7 +121,7 @@ pub struct Daemon {
     ca_file: Option<PathBuf>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -142,13 +142,19 @@ impl Daemon {
     /// A daemon whose clients trust `ca` (an operator's certificate given in `extra`) instead
     /// of the CA the daemon makes.
     pub fn start_trusting(gpus: &str, extra: &[&str], ca: Option<&Path>) -> Daemon {
+        Self::start_on(free_port(), gpus, extra, ca)
+    }
+
+    /// [`Daemon::start_trusting`] on a port chosen beforehand (what another server of the test
+    /// must know before the daemon starts).
+    pub fn start_on(port: u16, gpus: &str, extra: &[&str], ca: Option<&Path>) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("gvtest")
             .tempdir_in("/var/tmp")
             .unwrap();
         let mut d = Daemon {
             dir,
-            port: free_port(),
+            port,
             key: String::new(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -251,6 +257,20 @@ impl Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGTERM, as an operator stops it (it removes its host chains), then reaps it; SIGKILL
+    /// after 30 s.
+    pub fn stop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && c.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.kill9();
     }
 
     /// Restarts the daemon with other extra `serve` options.
@@ -653,6 +673,11 @@ fn tls_ports() -> MutexGuard<'static, std::collections::HashMap<u16, PathBuf>> {
         .unwrap_or_else(|p| p.into_inner())
 }
 
+/// Clients of the daemon on `port` check its certificate against `ca` from now on.
+pub fn trust(port: u16, ca: &Path) {
+    tls_ports().insert(port, ca.to_path_buf());
+}
+
 /// A connection to a daemon's API port as its clients make one: TLS checked against the
 /// daemon's CA when it serves TLS (the default), plain TCP for `--insecure-http`.
 pub enum ApiStream {
@@ -760,7 +785,9 @@ pub fn connect(port: u16) -> ApiStream {
 pub fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut s = connect(port);
-    s.tcp().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.tcp()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));

@@ -9,8 +9,13 @@
 //! The certificate in use sits behind [`Resolver`]: [`ServerTls::reload`] swaps it without a
 //! restart (SIGHUP, a change of the files, renewal); a bad new file keeps the old certificate.
 //!
+//! With `[tls] acme_domains` the certificate comes from an ACME server instead ([`acme`]),
+//! the daemon's own one standing in until it arrives.
+//!
 //! Client: [`ClientTrust`] — the CA the CLI was given (`--ca`/`GPUVISOR_CA`), the default
 //! daemon's `/var/lib/gpuvisor/ca.pem` when present, else the public web roots.
+
+pub mod acme;
 
 use anyhow::{bail, Context};
 use rustls::crypto::CryptoProvider;
@@ -47,7 +52,16 @@ pub enum CertSource {
     /// The operator's PEM files (chain, key), re-read when they change.
     Files { cert: PathBuf, key: PathBuf },
     /// Made here, signed by the daemon's private CA, for these names and addresses.
-    Generated { data_dir: PathBuf, names: Vec<String> },
+    Generated {
+        data_dir: PathBuf,
+        names: Vec<String>,
+    },
+    /// From an ACME server; `Generated` with `names` until the first one arrives.
+    Acme {
+        data_dir: PathBuf,
+        names: Vec<String>,
+        acme: acme::AcmeSettings,
+    },
 }
 
 /// Days before expiry at which a generated server certificate is remade.
@@ -62,13 +76,71 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The certificate handshakes use now; replaced whole on reload.
+/// Makes ring the process's default provider (what libraries that build their own rustls
+/// config use: the ACME client, the registry client).
+pub fn install_default_provider() {
+    let _ = Arc::try_unwrap(provider()).map(|p| p.install_default());
+}
+
+/// The certificate handshakes use now (replaced whole on reload), and the TLS-ALPN-01
+/// challenge certificates of an ACME order in progress, by name.
 #[derive(Debug)]
-pub struct Resolver(RwLock<Arc<CertifiedKey>>);
+pub struct Resolver {
+    current: RwLock<Arc<CertifiedKey>>,
+    challenges: std::sync::Mutex<std::collections::HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl Resolver {
+    fn new(key: CertifiedKey) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(key)),
+            challenges: Default::default(),
+        }
+    }
+
+    fn set(&self, key: CertifiedKey) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+    }
+
+    fn get(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn add_challenge(&self, name: &str, key: Arc<CertifiedKey>) {
+        self.challenges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_ascii_lowercase(), key);
+    }
+
+    fn clear_challenges(&self) {
+        self.challenges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
 
 impl rustls::server::ResolvesServerCert for Resolver {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(|p| p.into_inner()).clone())
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == acme::ACME_TLS_ALPN));
+        if acme {
+            // A validation connection: the challenge certificate for the name asked for, or
+            // no handshake at all (never the real certificate over acme-tls/1).
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self
+                .challenges
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&name)
+                .cloned();
+        }
+        Some(self.get())
     }
 }
 
@@ -98,7 +170,7 @@ impl ServerTls {
     pub fn new(source: CertSource, min: MinVersion) -> anyhow::Result<Self> {
         let provider = provider();
         let (key, files, ca_fingerprint) = load(&source, &provider)?;
-        let resolver = Arc::new(Resolver(RwLock::new(Arc::new(key))));
+        let resolver = Arc::new(Resolver::new(key));
         let versions: &[&rustls::SupportedProtocolVersion] = match min {
             MinVersion::Tls13 => &[&rustls::version::TLS13],
             MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -109,6 +181,9 @@ impl ServerTls {
             .with_no_client_auth()
             .with_cert_resolver(resolver.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        if matches!(source, CertSource::Acme { .. }) {
+            config.alpn_protocols.push(acme::ACME_TLS_ALPN.to_vec());
+        }
         Ok(Self {
             config: Arc::new(config),
             resolver,
@@ -125,7 +200,8 @@ impl ServerTls {
             return true;
         }
         match &self.source {
-            CertSource::Files { .. } => false,
+            // Renewal is `run_acme`'s.
+            CertSource::Files { .. } | CertSource::Acme { .. } => false,
             CertSource::Generated { data_dir, names } => {
                 !generated_current(&Layout::new(data_dir), names)
             }
@@ -135,7 +211,7 @@ impl ServerTls {
     /// Loads the certificate again and swaps it in; on any error the old one stays.
     pub fn reload(&self) -> anyhow::Result<()> {
         let (key, files, _) = load(&self.source, &provider())?;
-        *self.resolver.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+        self.resolver.set(key);
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) =
             files.iter().map(|p| stamp(p)).collect();
         Ok(())
@@ -144,7 +220,40 @@ impl ServerTls {
     /// The leaf certificate served now.
     #[cfg(test)]
     pub fn current_leaf(&self) -> CertificateDer<'static> {
-        self.resolver.0.read().unwrap_or_else(|p| p.into_inner()).cert[0].clone()
+        self.resolver.get().cert[0].clone()
+    }
+
+    /// With an ACME source: obtains the certificate when there is none or it is due (checked
+    /// hourly; a failed order is retried after 1 minute, doubling up to an hour), forever.
+    pub async fn run_acme(self: Arc<Self>) {
+        let CertSource::Acme { data_dir, acme, .. } = &self.source else {
+            return;
+        };
+        let files = acme::AcmeFiles::new(data_dir);
+        let mut backoff = std::time::Duration::from_secs(60);
+        loop {
+            if !files.current(acme) {
+                tracing::info!(domains = ?acme.domains, directory = %acme.directory, "ACME: ordering a certificate");
+                match acme::obtain(acme, &files, &self.resolver).await {
+                    Ok(()) => match self.reload() {
+                        Ok(()) => {
+                            tracing::info!(domains = ?acme.domains, "ACME: certificate obtained and in use");
+                            backoff = std::time::Duration::from_secs(60);
+                        }
+                        Err(e) => {
+                            tracing::error!("ACME: the new certificate cannot be used: {e:#}")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::error!("{e:#}; retrying in {}s", backoff.as_secs());
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(3600));
+                        continue;
+                    }
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
     }
 
     /// Reloads on SIGHUP and when `stale` (polled every `every`), forever.
@@ -167,7 +276,9 @@ impl ServerTls {
             let me = self.clone();
             match tokio::task::spawn_blocking(move || me.reload()).await {
                 Ok(Ok(())) => tracing::info!("TLS certificate reloaded ({why})"),
-                Ok(Err(e)) => tracing::error!("TLS certificate not reloaded ({why}): {e:#}; the previous one stays"),
+                Ok(Err(e)) => tracing::error!(
+                    "TLS certificate not reloaded ({why}): {e:#}; the previous one stays"
+                ),
                 Err(e) => tracing::error!("TLS reload: {e}"),
             }
         }
@@ -188,12 +299,107 @@ fn load(
             let l = Layout::new(data_dir);
             let fp = ensure_generated(&l, names)?;
             let ck = certified_key(&l.server_cert, &l.server_key, provider)?;
-            Ok((ck, vec![l.server_cert.clone(), l.server_key.clone()], Some(fp)))
+            Ok((
+                ck,
+                vec![l.server_cert.clone(), l.server_key.clone()],
+                Some(fp),
+            ))
+        }
+        CertSource::Acme {
+            data_dir,
+            names,
+            acme,
+        } => {
+            let files = acme::AcmeFiles::new(data_dir);
+            if files.current(acme) {
+                let ck = certified_key(&files.cert, &files.key, provider)?;
+                return Ok((ck, vec![files.cert.clone(), files.key.clone()], None));
+            }
+            load(
+                &CertSource::Generated {
+                    data_dir: data_dir.clone(),
+                    names: names.clone(),
+                },
+                provider,
+            )
         }
     }
 }
 
-fn certified_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> anyhow::Result<CertifiedKey> {
+/// The certificates of a PEM chain (at least one).
+fn parse_chain(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let chain = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .context("not a PEM certificate chain")?;
+    if chain.is_empty() {
+        bail!("no certificate in it");
+    }
+    Ok(chain)
+}
+
+/// A certificate's notAfter, Unix seconds (a small DER walk: TBSCertificate's fifth field,
+/// after an optional version).
+fn not_after(cert: &[u8]) -> anyhow::Result<i64> {
+    /// (tag, contents, rest) of the DER item at the start of `b`.
+    fn item(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&l0, mut b) = b.split_first()?;
+        let len = if l0 < 0x80 {
+            l0 as usize
+        } else {
+            let n = (l0 & 0x7f) as usize;
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            let v = b[..n].iter().fold(0usize, |a, x| (a << 8) | *x as usize);
+            b = &b[n..];
+            v
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+    let walk = || -> Option<(u8, Vec<u8>)> {
+        let (_, certificate, _) = item(cert)?;
+        let (_, tbs, _) = item(certificate)?;
+        let (tag, _, mut rest) = item(tbs)?;
+        if tag != 0xa0 {
+            rest = tbs; // no version: the serial comes first
+        }
+        let (_, _, rest) = item(rest)?; // serial
+        let (_, _, rest) = item(rest)?; // signature algorithm
+        let (_, _, rest) = item(rest)?; // issuer
+        let (_, validity, _) = item(rest)?;
+        let (_, _, after) = item(validity)?; // notBefore
+        let (tag, time, _) = item(after)?;
+        Some((tag, time.to_vec()))
+    };
+    let (tag, text) = walk().context("not a DER certificate")?;
+    let text = std::str::from_utf8(&text).context("validity time")?;
+    let digits = |s: &str| s.parse::<u32>().ok();
+    let (year, rest) = match tag {
+        0x17 => {
+            let yy = digits(text.get(..2).unwrap_or_default()).context("UTCTime")? as i32;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &text[2..])
+        }
+        0x18 => (
+            digits(text.get(..4).unwrap_or_default()).context("GeneralizedTime")? as i32,
+            &text[4..],
+        ),
+        other => bail!("validity time of tag {other:#x}"),
+    };
+    let f = |i: usize| digits(rest.get(i..i + 2).unwrap_or_default()).context("validity time");
+    let month = time::Month::try_from(f(0)? as u8).context("month")?;
+    let date = time::Date::from_calendar_date(year, month, f(2)? as u8).context("date")?;
+    let t = time::Time::from_hms(f(4)? as u8, f(6)? as u8, f(8)? as u8).context("time")?;
+    Ok(time::PrimitiveDateTime::new(date, t)
+        .assume_utc()
+        .unix_timestamp())
+}
+
+fn certified_key(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> anyhow::Result<CertifiedKey> {
     let chain = CertificateDer::pem_file_iter(cert)
         .with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -302,9 +508,10 @@ fn ensure_generated(l: &Layout, names: &[String]) -> anyhow::Result<String> {
         let key = rcgen::KeyPair::generate().context("cannot make the server key")?;
         let mut params = rcgen::CertificateParams::new(names.to_vec())
             .with_context(|| format!("not valid certificate names: {names:?}"))?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, names.first().cloned().unwrap_or_default());
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(SERVER_CERT_DAYS);
@@ -380,14 +587,19 @@ pub fn default_names(listen: IpAddr, hostname: &str, extra: &[String]) -> Vec<St
     let mut out: Vec<String> = vec!["localhost".into()];
     let host_ok = !hostname.is_empty()
         && hostname.len() <= 253
-        && hostname
-            .split('.')
-            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        && hostname.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
     if host_ok && hostname != "localhost" {
         out.push(hostname.to_ascii_lowercase());
     }
     let mut addrs: Vec<IpAddr> = if listen.is_unspecified() {
-        let mut v = vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from(std::net::Ipv6Addr::LOCALHOST)];
+        let mut v = vec![
+            IpAddr::from([127, 0, 0, 1]),
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        ];
         if let Ok(list) = nix::ifaddrs::getifaddrs() {
             for a in list {
                 let Some(sa) = a.address else { continue };
@@ -483,7 +695,11 @@ mod tests {
     #[test]
     fn generated_ca_signs_a_server_cert_a_client_accepts_and_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let names = default_names("127.0.0.1".parse().unwrap(), "node-1", &["api.example".into()]);
+        let names = default_names(
+            "127.0.0.1".parse().unwrap(),
+            "node-1",
+            &["api.example".into()],
+        );
         assert_eq!(names, ["localhost", "node-1", "127.0.0.1", "api.example"]);
         let src = CertSource::Generated {
             data_dir: dir.path().into(),
@@ -501,9 +717,10 @@ mod tests {
             }
             Arc::new(r)
         };
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
-            .build()
-            .unwrap();
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+                .build()
+                .unwrap();
         for n in &names {
             let sn = rustls::pki_types::ServerName::try_from(n.clone()).unwrap();
             rustls::client::danger::ServerCertVerifier::verify_server_cert(
@@ -517,19 +734,24 @@ mod tests {
             .unwrap_or_else(|e| panic!("{n}: {e}"));
         }
         let other = rustls::pki_types::ServerName::try_from("evil.example").unwrap();
-        assert!(rustls::client::danger::ServerCertVerifier::verify_server_cert(
-            verifier.as_ref(),
-            &leaf,
-            &[],
-            &other,
-            &[],
-            rustls::pki_types::UnixTime::now(),
-        )
-        .is_err());
+        assert!(
+            rustls::client::danger::ServerCertVerifier::verify_server_cert(
+                verifier.as_ref(),
+                &leaf,
+                &[],
+                &other,
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .is_err()
+        );
         // Private keys are private.
         use std::os::unix::fs::PermissionsExt;
         for f in ["tls/ca.key", "tls/server.key"] {
-            let m = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+            let m = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(m & 0o777, 0o600, "{f}");
         }
         // A second start keeps the CA and the certificate; new names remake only the leaf.
@@ -589,6 +811,123 @@ mod tests {
         std::fs::write(&cert, "not pem").unwrap();
         let e = tls.reload().unwrap_err();
         assert!(format!("{e:#}").contains("c.pem"), "{e:#}");
+    }
+
+    #[test]
+    fn not_after_is_read_from_the_certificate() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        for (y, m, d) in [(2031, 7, 9), (2049, 12, 31), (2051, 1, 2)] {
+            // rcgen writes UTCTime before 2050 and GeneralizedTime from 2050 on.
+            let mut p = rcgen::CertificateParams::new(vec!["a.example".to_string()]).unwrap();
+            p.not_after = rcgen::date_time_ymd(y, m, d);
+            let cert = p.self_signed(&key).unwrap();
+            assert_eq!(
+                not_after(cert.der()).unwrap(),
+                p.not_after.unix_timestamp(),
+                "{y}-{m}-{d}"
+            );
+        }
+        assert!(not_after(b"\x30\x03\x02\x01\x01").is_err());
+        assert!(not_after(b"").is_err());
+    }
+
+    #[test]
+    fn acme_validation_gets_only_a_challenge_certificate() {
+        // The resolver's choice by ALPN, through a real handshake in memory.
+        let dir = tempfile::tempdir().unwrap();
+        let tls = ServerTls::new(
+            CertSource::Acme {
+                data_dir: dir.path().into(),
+                names: vec!["localhost".into()],
+                acme: acme::AcmeSettings {
+                    directory: "https://acme.invalid/dir".into(),
+                    domains: vec!["api.example".into()],
+                    email: None,
+                    directory_ca: None,
+                },
+            },
+            MinVersion::Tls13,
+        )
+        .unwrap();
+        let handshake = |alpn: &[u8], name: &str| -> Option<Vec<u8>> {
+            let mut c = rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAny))
+                .with_no_client_auth();
+            c.alpn_protocols = vec![alpn.to_vec()];
+            let mut client = rustls::ClientConnection::new(
+                Arc::new(c),
+                rustls::pki_types::ServerName::try_from(name.to_string()).unwrap(),
+            )
+            .unwrap();
+            let mut server = rustls::ServerConnection::new(tls.config.clone()).unwrap();
+            for _ in 0..10 {
+                let mut buf = Vec::new();
+                client.write_tls(&mut buf).unwrap();
+                server.read_tls(&mut buf.as_slice()).unwrap();
+                server.process_new_packets().ok()?;
+                let mut buf = Vec::new();
+                server.write_tls(&mut buf).unwrap();
+                client.read_tls(&mut buf.as_slice()).unwrap();
+                client.process_new_packets().ok()?;
+                if !client.is_handshaking() {
+                    return Some(client.peer_certificates()?[0].to_vec());
+                }
+            }
+            None
+        };
+        let normal = handshake(b"http/1.1", "api.example").unwrap();
+        // No order in progress: acme-tls/1 gets no handshake, not the real certificate.
+        assert!(handshake(acme::ACME_TLS_ALPN, "api.example").is_none());
+        let challenge = acme::challenge_cert("api.example", &[7u8; 32]).unwrap();
+        tls.resolver.add_challenge("api.example", challenge.clone());
+        let got = handshake(acme::ACME_TLS_ALPN, "api.example").unwrap();
+        assert_eq!(got, challenge.cert[0].to_vec());
+        assert_ne!(got, normal);
+        // Only for the name it was made for; ordinary clients still get the real one.
+        assert!(handshake(acme::ACME_TLS_ALPN, "other.example").is_none());
+        assert_eq!(handshake(b"http/1.1", "api.example").unwrap(), normal);
+        tls.resolver.clear_challenges();
+        assert!(handshake(acme::ACME_TLS_ALPN, "api.example").is_none());
+    }
+
+    #[derive(Debug)]
+    struct AcceptAny;
+
+    impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
     }
 
     #[test]
