@@ -130,7 +130,7 @@ impl Host {
                 &admin,
                 &wire::CreateKey {
                     tenant: "acme".into(),
-                    role: Role::User,
+                    role: Role::Member,
                 },
             )
             .await

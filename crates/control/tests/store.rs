@@ -304,7 +304,7 @@ async fn tenants_get_lowest_free_net_slot() {
                     &gpuvisor_control::store::KeyRow {
                         id: "k-b".into(),
                         tenant_id: "t-b".into(),
-                        role: Role::User,
+                        role: Role::Member,
                         created_at: 21,
                         revoked_at: None,
                     },
@@ -336,7 +336,7 @@ async fn tenants_get_lowest_free_net_slot() {
                     &gpuvisor_control::store::KeyRow {
                         id: "k-a".into(),
                         tenant_id: "t-a".into(),
-                        role: Role::User,
+                        role: Role::Member,
                         created_at: 11,
                         revoked_at: None,
                     },
@@ -458,7 +458,7 @@ async fn keys_insert_lookup_and_revoke() {
     for_each_backend(|Db { store, backend, .. }| async move {
         with_tenant(&store, "t-1").await;
         let admin = key_row("k-1", "t-1", Role::Admin, 10);
-        let user = key_row("k-2", "t-1", Role::User, 20);
+        let user = key_row("k-2", "t-1", Role::Member, 20);
         store.insert_key(&admin, "hash-1").await.unwrap();
         store.insert_key(&user, "hash-2").await.unwrap();
 
@@ -527,25 +527,25 @@ async fn keys_conflicts_and_foreign_keys() {
     for_each_backend(|Db { store, backend, .. }| async move {
         with_tenant(&store, "t-1").await;
         store
-            .insert_key(&key_row("k-1", "t-1", Role::User, 10), "hash-1")
+            .insert_key(&key_row("k-1", "t-1", Role::Member, 10), "hash-1")
             .await
             .unwrap();
         assert_conflict(
             store
-                .insert_key(&key_row("k-2", "t-1", Role::User, 10), "hash-1")
+                .insert_key(&key_row("k-2", "t-1", Role::Member, 10), "hash-1")
                 .await,
             backend,
             "same key hash",
         );
         assert_conflict(
             store
-                .insert_key(&key_row("k-1", "t-1", Role::User, 10), "hash-3")
+                .insert_key(&key_row("k-1", "t-1", Role::Member, 10), "hash-3")
                 .await,
             backend,
             "same key id",
         );
         let orphan = store
-            .insert_key(&key_row("k-4", "t-404", Role::User, 10), "hash-4")
+            .insert_key(&key_row("k-4", "t-404", Role::Member, 10), "hash-4")
             .await;
         assert!(
             matches!(orphan, Err(StoreError::Db(_))),

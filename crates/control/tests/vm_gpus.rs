@@ -239,7 +239,7 @@ impl Host {
                 &admin,
                 &wire::CreateKey {
                     tenant: "acme".into(),
-                    role: Role::User,
+                    role: Role::Member,
                 },
             )
             .await

@@ -372,15 +372,27 @@ impl From<PriorityArg> for gpuvisor_wire::PriorityClass {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum RoleArg {
-    User,
+    /// Everything, every tenant.
     Admin,
+    /// A member that also manages its tenant's keys.
+    TenantAdmin,
+    /// Creates and operates its tenant's instances and volumes.
+    #[value(alias = "user")]
+    Member,
+    /// Reads its tenant's objects only.
+    Viewer,
+    /// Scrapes /metrics only (made by admins).
+    Metrics,
 }
 
 impl From<RoleArg> for Role {
     fn from(r: RoleArg) -> Role {
         match r {
-            RoleArg::User => Role::User,
             RoleArg::Admin => Role::Admin,
+            RoleArg::TenantAdmin => Role::TenantAdmin,
+            RoleArg::Member => Role::Member,
+            RoleArg::Viewer => Role::Viewer,
+            RoleArg::Metrics => Role::Metrics,
         }
     }
 }
@@ -392,7 +404,7 @@ pub enum KeyCmd {
         /// Tenant name.
         #[arg(long)]
         tenant: String,
-        #[arg(long, value_enum, default_value_t = RoleArg::User)]
+        #[arg(long, value_enum, default_value_t = RoleArg::Member)]
         role: RoleArg,
     },
     /// List API keys.

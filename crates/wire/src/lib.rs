@@ -644,27 +644,47 @@ pub struct CreateTenant {
     pub name: String,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+/// What a key may do. One role per key.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
 pub enum Role {
-    /// Sees and manages everything: tenants, keys, images, all instances.
+    /// Sees and manages everything: tenants, keys, images, GPUs, all instances.
     Admin,
-    /// Sees and acts on its tenant's objects only.
-    User,
+    /// A member that also manages its tenant's keys (tenant-admin, member, viewer).
+    TenantAdmin,
+    /// Creates and operates its tenant's instances, volumes, pulls.
+    #[serde(alias = "user")]
+    Member,
+    /// Reads its tenant's objects, logs and metrics; changes nothing.
+    Viewer,
+    /// Scrapes `/metrics` (the whole host: made by admins only) and nothing else.
+    Metrics,
 }
 
 impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Admin,
+        Role::TenantAdmin,
+        Role::Member,
+        Role::Viewer,
+        Role::Metrics,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Admin => "admin",
-            Role::User => "user",
+            Role::TenantAdmin => "tenant-admin",
+            Role::Member => "member",
+            Role::Viewer => "viewer",
+            Role::Metrics => "metrics",
         }
     }
+
+    /// The name as stored and shown; `user` is the former name of `member`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
-            "admin" => Some(Role::Admin),
-            "user" => Some(Role::User),
-            _ => None,
+            "user" => Some(Role::Member),
+            _ => Self::ALL.into_iter().find(|r| r.as_str() == s),
         }
     }
 }
@@ -687,7 +707,7 @@ pub struct CreateKey {
 }
 
 fn default_role() -> Role {
-    Role::User
+    Role::Member
 }
 
 /// Answer to key creation: the only time the secret is shown.

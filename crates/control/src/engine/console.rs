@@ -10,6 +10,7 @@
 //! the guest does not notice. The session ends by itself when the socket closes (the VM
 //! stopped).
 
+use super::authz::Op;
 use super::limits::ExecPermit;
 use super::session::{ExecSession, SessionInput, SessionOutput};
 use super::{Engine, Principal};
@@ -71,6 +72,7 @@ impl Engine {
     /// Checks and admits an attach to the console of instance `id` (the caller's, running, a
     /// runtime with a console): see the module doc.
     pub async fn console_session(&self, who: &Principal, id: &str) -> Result<ConsoleTicket> {
+        who.allow(Op::Console)?;
         let row = self.running_target(who, id).await?;
         let socket = self.node.console(&row.id)?;
         let attached = Attached::take(&row.id)?;

@@ -8,6 +8,7 @@
 //! while any live instance (running or stopped, which keep their reservation) holds the GPU, and
 //! never on simulated GPUs.
 
+use super::authz::Op;
 use super::{Engine, Principal};
 use crate::error::{invalid, EngineError, Result};
 use gpuvisor_node::gpu::{BackendKind, GpuDevice};
@@ -18,11 +19,13 @@ use gpuvisor_wire as wire;
 impl Engine {
     /// Binds a GPU (by UUID, index or PCI address) and its companion functions to vfio-pci.
     pub async fn bind_vfio(&self, who: &Principal, gpu: &str) -> Result<wire::Gpu> {
+        who.allow(Op::BindVfio)?;
         self.vfio_op(who, gpu, true).await
     }
 
     /// Gives a GPU back to the host driver (clears the override, unbinds vfio-pci, probes).
     pub async fn release_gpu(&self, who: &Principal, gpu: &str) -> Result<wire::Gpu> {
+        who.allow(Op::ReleaseGpu)?;
         self.vfio_op(who, gpu, false).await
     }
 
@@ -34,7 +37,7 @@ impl Engine {
         gpu: &str,
         reason: Option<&str>,
     ) -> Result<wire::Gpu> {
-        who.require_admin("gpu cordon")?;
+        who.allow(Op::CordonGpu)?;
         let dev = self.gpu_by_ref(gpu)?;
         let reason = match reason.map(str::trim) {
             Some(r) if !r.is_empty() => format!("operator: {r}"),
@@ -59,7 +62,7 @@ impl Engine {
     /// Lifts a cordon (after the GPU was reset, or maintenance is over). Refused when the GPU
     /// is not cordoned, so a typo does not pass silently.
     pub async fn uncordon_gpu(&self, who: &Principal, gpu: &str) -> Result<wire::Gpu> {
-        who.require_admin("gpu uncordon")?;
+        who.allow(Op::UncordonGpu)?;
         let dev = self.gpu_by_ref(gpu)?;
         let stored = self.store.uncordon(&dev.uuid).await?;
         let live = self.telemetry.uncordon(&dev.uuid);
@@ -80,7 +83,7 @@ impl Engine {
 
     /// A GPU's MIG profiles, placements and instances.
     pub async fn mig_state(&self, who: &Principal, gpu: &str) -> Result<wire::mig::MigState> {
-        who.require_admin("gpu mig list")?;
+        who.allow(Op::MigState)?;
         let dev = self.mig_parent(gpu)?;
         self.mig_task(move |ctl| mig::state(ctl, &dev.uuid)).await
     }
@@ -93,7 +96,7 @@ impl Engine {
         gpu: &str,
         profile: &str,
     ) -> Result<wire::mig::GpuInstance> {
-        who.require_admin("gpu mig create")?;
+        who.allow(Op::MigCreate)?;
         let dev = self.mig_parent(gpu)?;
         if profile.trim().is_empty() {
             return Err(invalid(
@@ -117,7 +120,7 @@ impl Engine {
         gpu: &str,
         gi: u32,
     ) -> Result<wire::mig::GpuInstance> {
-        who.require_admin("gpu mig destroy")?;
+        who.allow(Op::MigDestroy)?;
         let dev = self.mig_parent(gpu)?;
         let _guard = self.place_lock.lock().await;
         let slices: Vec<String> = self
@@ -235,8 +238,8 @@ impl Engine {
     }
 
     async fn vfio_op(&self, who: &Principal, gpu: &str, bind: bool) -> Result<wire::Gpu> {
+        who.allow(if bind { Op::BindVfio } else { Op::ReleaseGpu })?;
         let verb = if bind { "bind-vfio" } else { "release" };
-        who.require_admin(&format!("gpu {verb}"))?;
         let dev = self.gpu_by_ref(gpu)?;
         if self.node.backend() == BackendKind::Simulated {
             return Err(EngineError::InvalidState(format!(

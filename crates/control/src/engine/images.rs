@@ -14,6 +14,7 @@
 //!   additional data, read back only inside that tenant's pull, and never put in an answer,
 //!   an error or a log line.
 
+use super::authz::Op;
 use super::{now_ms, random_hex, validate, Engine, Principal};
 use crate::error::{invalid, EngineError, Result};
 use crate::store::{CredentialRow, ImageRow, PullRow};
@@ -255,7 +256,7 @@ impl Engine {
         who: &Principal,
         req: &wire::ImportImage,
     ) -> Result<wire::Image> {
-        who.require_admin("importing images")?;
+        who.allow(Op::ImportImage)?;
         validate::name("image", &req.name)?;
         let path = std::path::PathBuf::from(&req.path);
         if !path.is_absolute() {
@@ -281,7 +282,7 @@ impl Engine {
 
     /// Starts an upload of an archive from the client (`image import ./x.tar`); admin, public.
     pub async fn begin_upload(&self, who: &Principal, name: Option<&str>) -> Result<ImageUpload> {
-        who.require_admin("importing images")?;
+        who.allow(Op::UploadImage)?;
         let name = name.ok_or_else(|| invalid("give the image name: ?name=NAME"))?;
         validate::name("image", name)?;
         self.public_name_free(name).await?;
@@ -310,6 +311,7 @@ impl Engine {
     }
 
     pub async fn list_images(&self, who: &Principal) -> Result<Vec<wire::Image>> {
+        who.allow(Op::ListImages)?;
         let rows = if who.is_admin() {
             self.store.images().await?
         } else {
@@ -372,6 +374,7 @@ impl Engine {
         name: &str,
         tenant: Option<&str>,
     ) -> Result<wire::Image> {
+        who.allow(Op::RemoveImage)?;
         let img = self.managed_image(who, name, tenant).await?;
         // Who uses it: instances of its owner, or (public) of tenants without their own.
         let live = self.store.live_instances(None).await?;
@@ -407,7 +410,7 @@ impl Engine {
         name: &str,
         tenant: Option<&str>,
     ) -> Result<wire::Image> {
-        who.require_admin("publishing images")?;
+        who.allow(Op::PublishImage)?;
         let img = self.managed_image(who, name, tenant).await?;
         if img.owner.is_empty() {
             return Err(EngineError::InvalidState(format!(
@@ -444,6 +447,7 @@ impl Engine {
         who: &Principal,
         req: &wire::RegistryLogin,
     ) -> Result<wire::RegistryCredential> {
+        who.allow(Op::RegistryLogin)?;
         let host = normal_host(&req.host)?;
         if req.username.is_empty() || req.username.len() > 255 || req.username.contains(':') {
             return Err(invalid(
@@ -479,6 +483,7 @@ impl Engine {
         who: &Principal,
         host: &str,
     ) -> Result<wire::RegistryCredential> {
+        who.allow(Op::RegistryLogout)?;
         let host = normal_host(host)?;
         let row = self
             .store
@@ -495,6 +500,7 @@ impl Engine {
 
     /// The caller's tenant's logins: hosts and usernames only.
     pub async fn registry_list(&self, who: &Principal) -> Result<Vec<wire::RegistryCredential>> {
+        who.allow(Op::ListRegistries)?;
         Ok(self
             .store
             .credentials(&who.tenant_id)
@@ -538,6 +544,7 @@ impl Engine {
         who: &Principal,
         req: &wire::PullImage,
     ) -> Result<wire::ImagePull> {
+        who.allow(Op::StartPull)?;
         let (allowed, hosts, max_pulls) = {
             let s = self
                 .registry
@@ -864,6 +871,7 @@ impl Engine {
         since: Option<u64>,
         timeout: Duration,
     ) -> Result<wire::ImagePull> {
+        who.allow(Op::GetPull)?;
         let missing = || EngineError::NotFound(format!("pull {id:?} not found"));
         let job = self
             .registry

@@ -3,6 +3,7 @@
 //! a hanging one holds no thread) and retention (events and terminated instances pruned by a
 //! periodic task).
 
+use super::authz::Op;
 use super::{now_ms, Engine, Principal};
 use crate::error::{invalid, EngineError, Result};
 use gpuvisor_node::Node;
@@ -170,6 +171,7 @@ impl Engine {
         id: &str,
         req: &wire::ExecRequest,
     ) -> Result<ExecStream> {
+        who.allow(Op::Exec)?;
         let row = self.exec_target(who, id, &req.command, &req.env).await?;
         let l = self.limits().exec;
         let timeout = match req.timeout_ms {

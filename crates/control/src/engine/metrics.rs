@@ -5,6 +5,7 @@
 //! host sample in a blocking task, and hands it to [`Telemetry::ingest`]; alarms become events
 //! on the GPU (keyed by its UUID) and on every live instance placed on it.
 
+use super::authz::Op;
 use super::{now_ms, Engine, Principal};
 use crate::error::{invalid, EngineError, Result};
 use crate::telemetry::{
@@ -251,22 +252,16 @@ impl Engine {
         Ok(sampler)
     }
 
-    /// Who may scrape `/metrics`: the configured read-only token, or any admin key. Tenant keys
-    /// are refused: the page shows every tenant's instances.
+    /// Who may scrape `/metrics`: the configured read-only token, or an admin or metrics key.
+    /// Other keys are refused: the page shows every tenant's instances.
     pub async fn authorize_metrics(&self, secret: Option<&str>) -> Result<()> {
         if let (Some(s), Some(token)) = (secret, self.telemetry.config().metrics_token) {
             if same_secret(s, &token) {
                 return Ok(());
             }
         }
-        let p = self.authenticate(secret).await?;
-        if p.is_admin() {
-            Ok(())
-        } else {
-            Err(EngineError::Forbidden(
-                "/metrics needs an admin key or the metrics token (metrics_token)".into(),
-            ))
-        }
+        // The page shows every tenant's instances: admin and metrics keys only.
+        self.authenticate(secret).await?.allow(Op::ScrapeMetrics)
     }
 
     /// The newest sample in Prometheus text (or OpenMetrics) form.
@@ -300,6 +295,7 @@ impl Engine {
         id: &str,
         q: &wire::MetricsQuery,
     ) -> Result<wire::MetricsHistory> {
+        who.allow(Op::InstanceMetrics)?;
         let row = self.find(who, id).await?;
         let (since, step) = Self::window(q)?;
         let (step, series) = self.telemetry.instance_history(&row.id, since, step);
@@ -314,10 +310,11 @@ impl Engine {
     /// History of a GPU, by UUID or index.
     pub async fn gpu_metrics(
         &self,
-        _who: &Principal,
+        who: &Principal,
         id: &str,
         q: &wire::MetricsQuery,
     ) -> Result<wire::MetricsHistory> {
+        who.allow(Op::GpuMetrics)?;
         let gpu = self
             .node
             .gpus()
@@ -338,7 +335,8 @@ impl Engine {
     }
 
     /// The newest sample of every GPU, with the number of live instances on each.
-    pub async fn gpu_stats(&self, _who: &Principal) -> Result<Vec<wire::GpuStats>> {
+    pub async fn gpu_stats(&self, who: &Principal) -> Result<Vec<wire::GpuStats>> {
+        who.allow(Op::GpuStats)?;
         let live = self.store.live_instances(None).await?;
         let mut stats = self.telemetry.gpu_stats();
         for s in &mut stats {

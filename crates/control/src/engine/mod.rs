@@ -7,6 +7,7 @@
 //! store the reconciler can converge from, and the same code path serves normal operation and
 //! recovery.
 
+pub mod authz;
 pub mod console;
 mod gpuadmin;
 pub mod images;
@@ -22,6 +23,7 @@ use crate::placement::{
     Assignment, Cluster, Demand, GpuSlot, HostCapacity, PlacementError, Placer, Resident, SimNode,
 };
 use crate::store::{EventRow, InstanceRow, InstanceSpec, KeyRow, Store, TenantRow, VolumeRow};
+use authz::Op;
 use gpuvisor_node::Node;
 use gpuvisor_wire as wire;
 use gpuvisor_wire::{InstanceState, Role};
@@ -63,13 +65,6 @@ impl Principal {
     }
     fn scope(&self) -> Option<&str> {
         (!self.is_admin()).then_some(self.tenant_id.as_str())
-    }
-    fn require_admin(&self, what: &str) -> Result<()> {
-        if self.is_admin() {
-            Ok(())
-        } else {
-            Err(EngineError::Forbidden(format!("{what} needs an admin key")))
-        }
     }
 }
 
@@ -301,6 +296,7 @@ impl Engine {
         since: i64,
         timeout: Duration,
     ) -> Result<wire::Instance> {
+        who.allow(Op::GetInstance)?;
         let deadline = tokio::time::Instant::now() + timeout.min(Duration::from_secs(30));
         let mut rx = self.changed.subscribe();
         loop {
@@ -576,11 +572,20 @@ impl Engine {
         who: &Principal,
         req: &wire::CreateKey,
     ) -> Result<wire::CreatedKey> {
-        who.require_admin("creating keys")?;
+        who.allow(Op::CreateKey)?;
+        if !who.may_manage_role(req.role) {
+            return Err(EngineError::Forbidden(format!(
+                "a {} key cannot make {} keys",
+                who.role.as_str(),
+                req.role.as_str()
+            )));
+        }
         let t = self
             .store
             .tenant_by_name(&req.tenant)
             .await?
+            // A tenant admin's own tenant only; another tenant is as absent as it looks to it.
+            .filter(|t| who.is_admin() || t.id == who.tenant_id)
             .ok_or_else(|| {
                 EngineError::NotFound(format!(
                     "tenant {:?} not found (see `gpuvisor tenant list`)",
@@ -601,6 +606,7 @@ impl Engine {
     }
 
     pub async fn list_keys(&self, who: &Principal) -> Result<Vec<wire::ApiKey>> {
+        who.allow(Op::ListKeys)?;
         let names = self.tenant_names().await?;
         Ok(self
             .store
@@ -613,9 +619,21 @@ impl Engine {
     }
 
     pub async fn revoke_key(&self, who: &Principal, id: &str) -> Result<wire::ApiKey> {
-        who.require_admin("revoking keys")?;
+        who.allow(Op::RevokeKey)?;
         let not_found = || EngineError::NotFound(format!("key {id:?} not found"));
-        self.store.key(id).await?.ok_or_else(not_found)?;
+        let key = self
+            .store
+            .key(id)
+            .await?
+            .filter(|k| who.is_admin() || k.tenant_id == who.tenant_id)
+            .ok_or_else(not_found)?;
+        if !who.may_manage_role(key.role) {
+            return Err(EngineError::Forbidden(format!(
+                "a {} key cannot revoke {} keys",
+                who.role.as_str(),
+                key.role.as_str()
+            )));
+        }
         self.store.revoke_key(id, now_ms()).await?;
         let k = self.store.key(id).await?.ok_or_else(not_found)?;
         Ok(Self::wire_key(&k, &self.tenant_names().await?))
@@ -626,6 +644,7 @@ impl Engine {
     /// This host's GPUs in inventory order (each GPU in MIG mode followed by its slices), then
     /// the simulated nodes' GPUs.
     pub async fn list_gpus(&self, who: &Principal) -> Result<Vec<wire::Gpu>> {
+        who.allow(Op::ListGpus)?;
         let live = self.store.live_instances(None).await?;
         let cordoned = self.telemetry.cordoned();
         let backend = self.node.backend().as_str();
@@ -842,6 +861,7 @@ impl Engine {
         who: &Principal,
         req: &wire::CreateVolume,
     ) -> Result<wire::Volume> {
+        who.allow(Op::CreateVolume)?;
         let tenant = self.key_tenant(&who.tenant_id).await?;
         // Before the reservation: a request dropped while reserving leaves no mark.
         let mut making = self.making_guard(&who.tenant_id);
@@ -876,6 +896,7 @@ impl Engine {
     }
 
     pub async fn list_volumes(&self, who: &Principal) -> Result<Vec<wire::Volume>> {
+        who.allow(Op::ListVolumes)?;
         let names = self.tenant_names().await?;
         let mut out = Vec::new();
         for v in self.store.volumes(who.scope()).await? {
@@ -885,6 +906,7 @@ impl Engine {
     }
 
     pub async fn remove_volume(&self, who: &Principal, name: &str) -> Result<wire::Volume> {
+        who.allow(Op::RemoveVolume)?;
         let v = self
             .store
             .volume(&who.tenant_id, name)
@@ -1206,6 +1228,7 @@ impl Engine {
         who: &Principal,
         req: &wire::CreateInstance,
     ) -> Result<wire::Instance> {
+        who.allow(Op::CreateInstance)?;
         let sim = self.simulated_nodes().await?;
         let mut limits = validate::HostLimits {
             gpus: self.node.gpus().iter().filter(|g| g.schedulable()).count() as u32,
@@ -1682,6 +1705,7 @@ impl Engine {
     }
 
     pub async fn get_instance(&self, who: &Principal, id: &str) -> Result<wire::Instance> {
+        who.allow(Op::GetInstance)?;
         let row = self.find(who, id).await?;
         self.instance_with_usage(row).await
     }
@@ -1708,6 +1732,7 @@ impl Engine {
     }
 
     pub async fn list_instances(&self, who: &Principal) -> Result<Vec<wire::Instance>> {
+        who.allow(Op::ListInstances)?;
         // One tenants query for the whole list, not one per instance.
         let tenants: BTreeMap<String, TenantRow> = self
             .store
@@ -1800,14 +1825,17 @@ impl Engine {
     }
 
     pub async fn stop_instance(&self, who: &Principal, id: &str) -> Result<wire::Instance> {
+        who.allow(Op::StopInstance)?;
         self.set_desired(who, id, InstanceState::Stopped).await
     }
 
     pub async fn start_instance(&self, who: &Principal, id: &str) -> Result<wire::Instance> {
+        who.allow(Op::StartInstance)?;
         self.set_desired(who, id, InstanceState::Running).await
     }
 
     pub async fn terminate_instance(&self, who: &Principal, id: &str) -> Result<wire::Instance> {
+        who.allow(Op::TerminateInstance)?;
         let row = self.find(who, id).await?;
         if row.state == InstanceState::Terminated {
             return self.wire_instance(row).await;
@@ -1816,6 +1844,7 @@ impl Engine {
     }
 
     pub async fn instance_events(&self, who: &Principal, id: &str) -> Result<Vec<wire::Event>> {
+        who.allow(Op::InstanceEvents)?;
         let row = self.find(who, id).await?;
         Ok(self
             .store
@@ -1839,6 +1868,7 @@ impl Engine {
         id: &str,
         offset: u64,
     ) -> Result<wire::Logs> {
+        who.allow(Op::InstanceLogs)?;
         let row = self.find(who, id).await?;
         let (node, rid) = (self.node.clone(), row.id.clone());
         let (start, data) =

@@ -14,6 +14,7 @@
 //! stdio and exits with the command's status; on both, the shim kills the command's tree when
 //! the daemon dies.
 
+use super::authz::Op;
 use super::limits::{read_some, ExecPermit};
 use super::{Engine, Principal};
 use crate::error::{invalid, EngineError, Result};
@@ -86,6 +87,7 @@ impl Engine {
         id: &str,
         req: &wire::ExecSessionRequest,
     ) -> Result<SessionTicket> {
+        who.allow(Op::ExecSession)?;
         let row = self.exec_target(who, id, &req.command, &req.env).await?;
         let l = self.limits().exec;
         let total = match req.timeout_ms {

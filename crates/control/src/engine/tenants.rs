@@ -5,6 +5,7 @@
 //! holds in the store (running and stopped instances keep their reservation, volumes count until
 //! removed), so two concurrent creates cannot both slip under a quota.
 
+use super::authz::Op;
 use super::{now_ms, random_hex, validate, Engine, Principal};
 use crate::error::{EngineError, Result};
 use crate::store::{InstanceRow, TenantRow, VolumeRow};
@@ -148,7 +149,7 @@ impl Engine {
         who: &Principal,
         req: &wire::CreateTenant,
     ) -> Result<wire::Tenant> {
-        who.require_admin("creating tenants")?;
+        who.allow(Op::CreateTenant)?;
         validate::name("tenant", &req.name)?;
         if let Some(t) = self.store.tenant_by_name(&req.name).await? {
             let why = if t.deleting_at.is_some() {
@@ -262,7 +263,7 @@ impl Engine {
         name: &str,
         cascade: bool,
     ) -> Result<wire::TenantRemoval> {
-        who.require_admin("deleting tenants")?;
+        who.allow(Op::DeleteTenant)?;
         let t = self.tenant_named(name).await?;
         if t.id == who.tenant_id {
             return Err(EngineError::InvalidArgument(format!(
@@ -396,6 +397,7 @@ impl Engine {
     }
 
     pub async fn list_tenants(&self, who: &Principal) -> Result<Vec<wire::Tenant>> {
+        who.allow(Op::ListTenants)?;
         Ok(self
             .store
             .tenants()
@@ -408,6 +410,7 @@ impl Engine {
 
     /// A tenant with its policy and what it holds: admins see any, a tenant only itself.
     pub async fn get_tenant(&self, who: &Principal, name: &str) -> Result<wire::Tenant> {
+        who.allow(Op::GetTenant)?;
         let t = self
             .store
             .tenant_by_name(name)
@@ -426,7 +429,7 @@ impl Engine {
         name: &str,
         policy: &TenantPolicy,
     ) -> Result<wire::Tenant> {
-        who.require_admin("setting a tenant's policy")?;
+        who.allow(Op::SetTenantPolicy)?;
         let t = self.tenant_named(name).await?;
         self.store.set_tenant_policy(&t.id, policy).await?;
         self.get_tenant(who, name).await

@@ -61,6 +61,53 @@ fn with(mut r: Row, body: &str) -> Row {
     r
 }
 
+/// Fails unless `rows` ("METHOD /path") are exactly the router's routes (`gpuvisor routes`,
+/// built with the router): a new route fails the `table` test until it has a row.
+fn covers_every_route(rows: &[String], table: &str) {
+    let out = Command::new(BIN).arg("routes").output().unwrap();
+    assert!(out.status.success());
+    let routes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(routes.len() > 20, "{routes:?}");
+    for r in &routes {
+        assert!(
+            rows.contains(r),
+            "route {r} has no row in the {table} table: add one"
+        );
+    }
+    for r in rows {
+        assert!(
+            routes.contains(r),
+            "row {r} of the {table} table names no route"
+        );
+    }
+}
+
+/// A route template with the test's objects in it: the owner's instance `id`, a `key` of the
+/// owner's tenant, a `gpu`, the owner's volume `ownervol`, the tenant `owner`.
+fn concrete(template: &str, id: &str, key: &str, gpu: &str) -> String {
+    let p = template.to_string();
+    if template.starts_with("/v1/keys/") {
+        p.replace("{id}", key)
+    } else if template.starts_with("/v1/gpus/") {
+        p.replace("{id}", gpu).replace("{gi}", "1")
+    } else if template.starts_with("/v1/images/pulls/") {
+        p.replace("{id}", "pull-000000000000")
+    } else if template.starts_with("/v1/images/") {
+        p.replace("{name}", "busybox")
+    } else if template.starts_with("/v1/registries/") {
+        p.replace("{host}", "reg.example:5000")
+    } else if template.starts_with("/v1/volumes/") {
+        p.replace("{name}", "ownervol")
+    } else if template.starts_with("/v1/tenants/") {
+        p.replace("{name}", "owner")
+    } else {
+        p.replace("{id}", id)
+    }
+}
+
 /// Every route the router has, asked as the owner of the objects it names, as another tenant
 /// and as an admin. The table is checked against `gpuvisor routes` (built with the router), so
 /// a new route fails this test until it has a row. The other tenant must also never see the
@@ -214,47 +261,12 @@ fn every_route_is_scoped_by_tenant() {
     ];
 
     // The table covers exactly the router's routes.
-    let out = Command::new(BIN).arg("routes").output().unwrap();
-    assert!(out.status.success());
-    let routes: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert!(routes.len() > 20, "{routes:?}");
     let rows: Vec<String> = table.iter().map(|(m, p, _)| format!("{m} {p}")).collect();
-    for r in &routes {
-        assert!(
-            rows.contains(r),
-            "route {r} has no row in the tenancy table: add one"
-        );
-    }
-    for r in &rows {
-        assert!(routes.contains(r), "row {r} names no route");
-    }
+    covers_every_route(&rows, "tenancy");
 
     let mut failures = Vec::new();
     for (method, template, r) in table.drain(..) {
-        let path = || {
-            let mut p = template.to_string();
-            if template.starts_with("/v1/keys/") {
-                p = p.replace("{id}", &spare_id);
-            } else if template.starts_with("/v1/gpus/") {
-                p = p.replace("{id}", &gpu).replace("{gi}", "1");
-            } else if template.starts_with("/v1/images/pulls/") {
-                p = p.replace("{id}", "pull-000000000000");
-            } else if template.starts_with("/v1/images/") {
-                p = p.replace("{name}", "busybox");
-            } else if template.starts_with("/v1/registries/") {
-                p = p.replace("{host}", "reg.example:5000");
-            } else if template.starts_with("/v1/volumes/") {
-                p = p.replace("{name}", "ownervol");
-            } else if template.starts_with("/v1/tenants/") {
-                p = p.replace("{name}", "owner");
-            } else {
-                p = p.replace("{id}", &id);
-            }
-            p
-        };
+        let path = || concrete(template, &id, &spare_id, &gpu);
         for (who, key, want) in [
             ("other", &other, r.other),
             ("admin", &admin, r.admin),
@@ -275,6 +287,266 @@ fn every_route_is_scoped_by_tenant() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Every route × every role, with keys of the owner's tenant (the admin's key is the
+/// system's): `Y` must get past authorisation (any answer but 401 and 403), `N` must be refused
+/// with 403 and the operation named. The table is checked against the router's routes.
+#[test]
+fn every_route_by_role() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    d.import_busybox();
+    let member = tenant(&d, "owner");
+    let key = |role: &str| {
+        let k = d.json(&["key", "create", "--tenant", "owner", "--role", role]);
+        assert_eq!(k["key"]["role"], role, "{k}");
+        k["secret"].as_str().unwrap().to_string()
+    };
+    let keys = [
+        ("admin", d.key.clone()),
+        ("tenant-admin", key("tenant-admin")),
+        ("member", member.clone()),
+        ("viewer", key("viewer")),
+        ("metrics", key("metrics")),
+    ];
+    d.json_as(
+        &member,
+        &["volume", "create", "ownervol", "--size", "16MiB"],
+    );
+    let id = d.create_as(
+        &member,
+        &[
+            "--memory",
+            "64MiB",
+            "--container-disk",
+            "64MiB",
+            "--",
+            "sleep",
+            "1000000",
+        ],
+    );
+    let spare = d.json(&["key", "create", "--tenant", "owner"]);
+    let spare_id = spare["key"]["id"].as_str().unwrap().to_string();
+    let gpu = d.json(&["gpu", "list"])[0]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // (method, route, body, [admin, tenant-admin, member, viewer, metrics]); destructive rows
+    // last.
+    let (y, n) = (true, false);
+    let read = [y, y, y, y, n];
+    let operate = [y, y, y, n, n];
+    let admin = [y, n, n, n, n];
+    let table: Vec<(&str, &str, Option<&str>, [bool; 5])> = vec![
+        ("GET", "/v1/health", None, [y; 5]),
+        ("GET", "/v1/tenants", None, read),
+        ("POST", "/v1/tenants", Some(r#"{"name":"by-role"}"#), admin),
+        ("GET", "/v1/tenants/{name}", None, read),
+        (
+            "PUT",
+            "/v1/tenants/{name}/policy",
+            Some(r#"{"max_instances":10}"#),
+            admin,
+        ),
+        ("GET", "/v1/keys", None, read),
+        (
+            "POST",
+            "/v1/keys",
+            Some(r#"{"tenant":"owner","role":"viewer"}"#),
+            [y, y, n, n, n],
+        ),
+        ("GET", "/v1/gpus", None, read),
+        ("POST", "/v1/gpus/{id}/bind-vfio", None, admin),
+        ("POST", "/v1/gpus/{id}/release", None, admin),
+        (
+            "POST",
+            "/v1/gpus/{id}/cordon",
+            Some(r#"{"reason":"t"}"#),
+            admin,
+        ),
+        ("DELETE", "/v1/gpus/{id}/cordon", None, admin),
+        ("GET", "/v1/gpus/{id}/mig", None, admin),
+        (
+            "POST",
+            "/v1/gpus/{id}/mig",
+            Some(r#"{"profile":"1g.10gb"}"#),
+            admin,
+        ),
+        ("DELETE", "/v1/gpus/{id}/mig/{gi}", None, admin),
+        ("GET", "/metrics", None, [y, n, n, n, y]),
+        ("GET", "/v1/gpus/stats", None, read),
+        ("GET", "/v1/gpus/{id}/metrics", None, read),
+        ("GET", "/v1/instances/{id}/metrics", None, read),
+        ("GET", "/v1/images", None, read),
+        (
+            "POST",
+            "/v1/images",
+            Some(r#"{"path":"/nonexistent","name":"x"}"#),
+            admin,
+        ),
+        ("POST", "/v1/images/upload", None, admin),
+        ("POST", "/v1/images/{name}/publish", None, admin),
+        (
+            "POST",
+            "/v1/images/pulls",
+            Some(r#"{"reference":"127.0.0.1:9/none/none:x","name":"nothing"}"#),
+            operate,
+        ),
+        ("GET", "/v1/images/pulls/{id}", None, read),
+        ("GET", "/v1/registries", None, read),
+        (
+            "POST",
+            "/v1/registries",
+            Some(r#"{"host":"reg.example:5000","username":"u","password":"p"}"#),
+            operate,
+        ),
+        ("DELETE", "/v1/registries/{host}", None, operate),
+        ("GET", "/v1/volumes", None, read),
+        (
+            "POST",
+            "/v1/volumes",
+            Some(r#"{"name":"v2","size":16777216}"#),
+            operate,
+        ),
+        ("GET", "/v1/instances", None, read),
+        (
+            "POST",
+            "/v1/instances",
+            Some(
+                r#"{"image":"busybox","vcpus":1,"memory":1099511627776000,"container_disk":67108864}"#,
+            ),
+            operate,
+        ),
+        ("GET", "/v1/instances/{id}", None, read),
+        ("GET", "/v1/instances/{id}/logs", None, read),
+        (
+            "POST",
+            "/v1/instances/{id}/exec",
+            Some(r#"{"command":["true"]}"#),
+            operate,
+        ),
+        ("GET", "/v1/instances/{id}/exec/ws", None, operate),
+        ("GET", "/v1/instances/{id}/console/ws", None, operate),
+        ("GET", "/v1/instances/{id}/events", None, read),
+        ("DELETE", "/v1/images/{name}", None, operate),
+        ("DELETE", "/v1/keys/{id}", None, [y, y, n, n, n]),
+        ("POST", "/v1/instances/{id}/stop", None, operate),
+        ("POST", "/v1/instances/{id}/start", None, operate),
+        ("DELETE", "/v1/tenants/{name}", None, admin),
+        ("DELETE", "/v1/volumes/{name}", None, operate),
+        ("DELETE", "/v1/instances/{id}", None, operate),
+    ];
+    let rows: Vec<String> = table
+        .iter()
+        .map(|(m, p, _, _)| format!("{m} {p}"))
+        .collect();
+    covers_every_route(&rows, "role");
+    let mut failures = Vec::new();
+    for (method, template, body, want) in &table {
+        let path = concrete(template, &id, &spare_id, &gpu);
+        // Refused roles first: an allowed one may change what the next one finds.
+        let mut order: Vec<usize> = (0..5).collect();
+        order.sort_by_key(|i| want[*i]);
+        for i in order {
+            let (role, key) = &keys[i];
+            let (got, answer) = http(d.port, method, &path, key, *body);
+            let refused = got == 401 || got == 403;
+            if want[i] && refused {
+                failures.push(format!(
+                    "{method} {path} as {role}: refused ({got}): {answer}"
+                ));
+            } else if !want[i] && (got != 403 || !answer.contains("needs")) {
+                failures.push(format!(
+                    "{method} {path} as {role}: {got}, want 403: {answer}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A tenant admin manages its own tenant's lesser keys and nothing above or beside them.
+#[test]
+fn a_tenant_admin_cannot_mint_or_revoke_keys_above_it_or_elsewhere() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    tenant(&d, "acme");
+    let other = tenant(&d, "other");
+    let ta = d.json(&[
+        "key",
+        "create",
+        "--tenant",
+        "acme",
+        "--role",
+        "tenant-admin",
+    ])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Its own tenant, lesser roles: yes; and the new key works as what it is.
+    let viewer = d.json_as(
+        &ta,
+        &["key", "create", "--tenant", "acme", "--role", "viewer"],
+    );
+    assert_eq!(viewer["key"]["role"], "viewer");
+    let v = viewer["secret"].as_str().unwrap();
+    let out = d.cli_as(v, &["volume", "create", "x", "--size", "16MiB"]);
+    assert!(!out.status.success(), "a viewer created a volume");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("volume.create needs"));
+    // Above it: no.
+    for role in ["admin", "metrics"] {
+        let out = d.cli_as(&ta, &["key", "create", "--tenant", "acme", "--role", role]);
+        assert!(!out.status.success(), "a tenant admin made a {role} key");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("cannot make"),
+            "{role}"
+        );
+    }
+    // Beside it: another tenant is not found, its keys neither.
+    let out = d.cli_as(
+        &ta,
+        &["key", "create", "--tenant", "other", "--role", "member"],
+    );
+    assert!(
+        !out.status.success(),
+        "a tenant admin made a key for another tenant"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    let others: Vec<Value> = d
+        .json_as(&other, &["key", "list"])
+        .as_array()
+        .unwrap()
+        .clone();
+    let other_id = others[0]["id"].as_str().unwrap();
+    let out = d.cli_as(&ta, &["key", "revoke", other_id]);
+    assert!(
+        !out.status.success(),
+        "a tenant admin revoked another tenant's key"
+    );
+    assert_eq!(d.json_as(&other, &["key", "list"])[0]["revoked"], false);
+    // The admin's key: not its to revoke.
+    let admin_id = d
+        .json(&["key", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["role"] == "admin")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!d
+        .cli_as(&ta, &["key", "revoke", &admin_id])
+        .status
+        .success());
+    // Its own tenant's member key: yes.
+    let m = d.json(&["key", "create", "--tenant", "acme"]);
+    let mid = m["key"]["id"].as_str().unwrap();
+    let revoked = d.json_as(&ta, &["key", "revoke", mid]);
+    assert_eq!(revoked["revoked"], true, "{revoked}");
+    let out = d.cli_as(m["secret"].as_str().unwrap(), &["instance", "list"]);
+    assert!(!out.status.success(), "a revoked key still works");
 }
 
 /// A TCP proxy that counts the HTTP requests it forwards (request lines seen client → server).
