@@ -195,6 +195,28 @@ pub struct InstanceRow {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub at: i64,
+    pub key_id: String,
+    pub role: String,
+    pub tenant_id: String,
+    pub op: String,
+    pub target: String,
+    pub result: String,
+    pub source: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// The chain's starting point after retention: the last removed row's seq and hash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditAnchor {
+    pub seq: i64,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct EventRow {
     pub instance_id: String,
     pub at: i64,
@@ -1475,6 +1497,126 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    // --- audit log ----------------------------------------------------------------------------
+
+    fn audit_row(r: &AnyRow) -> Result<AuditRow> {
+        Ok(AuditRow {
+            seq: r.try_get("seq")?,
+            at: r.try_get("at")?,
+            key_id: r.try_get("key_id")?,
+            role: r.try_get("role")?,
+            tenant_id: r.try_get("tenant_id")?,
+            op: r.try_get("op")?,
+            target: r.try_get("target")?,
+            result: r.try_get("result")?,
+            source: r.try_get("source")?,
+            prev_hash: r.try_get("prev_hash")?,
+            hash: r.try_get("hash")?,
+        })
+    }
+
+    /// The newest row's (seq, hash), else the anchor's, else none (an empty log).
+    pub async fn audit_head(&self) -> Result<Option<(i64, String)>> {
+        if let Some(r) = sqlx::query("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            return Ok(Some((r.try_get("seq")?, r.try_get("hash")?)));
+        }
+        Ok(self.audit_anchor().await?.map(|a| (a.seq, a.hash)))
+    }
+
+    pub async fn audit_anchor(&self) -> Result<Option<AuditAnchor>> {
+        sqlx::query("SELECT seq, hash FROM audit_anchor WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| {
+                Ok(AuditAnchor {
+                    seq: r.try_get("seq")?,
+                    hash: r.try_get("hash")?,
+                })
+            })
+            .transpose()
+    }
+
+    /// Appends a row (its seq must be the head's + 1: the primary key refuses a second writer
+    /// of the same seq).
+    pub async fn audit_append(&self, a: &AuditRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (seq, at, key_id, role, tenant_id, op, target, result, source, \
+             prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(a.seq)
+        .bind(a.at)
+        .bind(a.key_id.clone())
+        .bind(a.role.clone())
+        .bind(a.tenant_id.clone())
+        .bind(a.op.clone())
+        .bind(a.target.clone())
+        .bind(a.result.clone())
+        .bind(a.source.clone())
+        .bind(a.prev_hash.clone())
+        .bind(a.hash.clone())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Rows with seq > `after`, oldest first, at most `limit`; of one tenant when given; at or
+    /// after `since` (ms).
+    pub async fn audit_rows(
+        &self,
+        after: i64,
+        since: i64,
+        tenant_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<AuditRow>> {
+        sqlx::query(
+            "SELECT seq, at, key_id, role, tenant_id, op, target, result, source, prev_hash, hash \
+             FROM audit_log WHERE seq > $1 AND at >= $2 AND ($3 = '' OR tenant_id = $3) \
+             ORDER BY seq LIMIT $4",
+        )
+        .bind(after)
+        .bind(since)
+        .bind(tenant_id.unwrap_or("").to_string())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(Self::audit_row)
+        .collect()
+    }
+
+    /// Removes the rows older than `before` (ms) and moves the anchor to the last one removed,
+    /// in one transaction. Returns how many went.
+    pub async fn audit_prune(&self, before: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let last =
+            sqlx::query("SELECT seq, hash FROM audit_log WHERE at < $1 ORDER BY seq DESC LIMIT 1")
+                .bind(before)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(last) = last else {
+            return Ok(0);
+        };
+        let (seq, hash): (i64, String) = (last.try_get("seq")?, last.try_get("hash")?);
+        let n = sqlx::query("DELETE FROM audit_log WHERE seq <= $1")
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        sqlx::query("DELETE FROM audit_anchor WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO audit_anchor (id, seq, hash) VALUES (1, $1, $2)")
+            .bind(seq)
+            .bind(hash)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(n)
     }
 
     // --- retention --------------------------------------------------------------------------

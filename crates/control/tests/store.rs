@@ -8,8 +8,8 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use gpuvisor_control::store::{
-    EventRow, GpuRow, ImageRow, InstanceRow, InstanceSpec, KeyRow, RestartRow, Store, StoreError,
-    VolumeRow,
+    AuditAnchor, AuditRow, EventRow, GpuRow, ImageRow, InstanceRow, InstanceSpec, KeyRow,
+    RestartRow, Store, StoreError, VolumeRow,
 };
 use gpuvisor_wire::{
     GpuBinding, InstanceState, PortSpec, RestartPolicy, Role, VolumeMount, VolumeState,
@@ -1739,6 +1739,76 @@ async fn cordons_persist_until_lifted() {
         assert!(db.store.uncordon("GPU-1").await.unwrap());
         assert!(!db.store.uncordon("GPU-1").await.unwrap());
         assert_eq!(db.store.cordons().await.unwrap().len(), 1);
+    })
+    .await;
+}
+
+fn audit_row(seq: i64, at: i64) -> AuditRow {
+    AuditRow {
+        seq,
+        at,
+        key_id: "k-1".into(),
+        role: "member".into(),
+        tenant_id: format!("t-{}", seq % 2),
+        op: "volume.create".into(),
+        target: format!("/v1/volumes/{seq}"),
+        result: "200".into(),
+        source: "127.0.0.1".into(),
+        prev_hash: format!("h{}", seq - 1),
+        hash: format!("h{seq}"),
+    }
+}
+
+#[tokio::test]
+async fn audit_rows_append_page_and_prune_with_their_anchor() {
+    for_each_backend(|db| async move {
+        let s = &db.store;
+        assert_eq!(s.audit_head().await.unwrap(), None, "{}", db.backend);
+        for seq in 1..=5 {
+            s.audit_append(&audit_row(seq, seq * 1000)).await.unwrap();
+        }
+        // A second writer of the same seq is refused.
+        assert!(
+            s.audit_append(&audit_row(5, 9000)).await.is_err(),
+            "{}",
+            db.backend
+        );
+        assert_eq!(s.audit_head().await.unwrap(), Some((5, "h5".into())));
+        let page = s.audit_rows(2, 0, None, 2).await.unwrap();
+        assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(page[0], audit_row(3, 3000), "{}", db.backend);
+        let t1: Vec<i64> = s
+            .audit_rows(0, 0, Some("t-1"), 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(t1, [1, 3, 5]);
+        let since: Vec<i64> = s
+            .audit_rows(0, 4000, None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(since, [4, 5]);
+        // Rows written before 3500 go; the anchor holds the last of them.
+        assert_eq!(s.audit_prune(3500).await.unwrap(), 3);
+        assert_eq!(
+            s.audit_anchor().await.unwrap(),
+            Some(AuditAnchor {
+                seq: 3,
+                hash: "h3".into()
+            })
+        );
+        assert_eq!(s.audit_rows(0, 0, None, 100).await.unwrap().len(), 2);
+        assert_eq!(s.audit_prune(3500).await.unwrap(), 0);
+        // Everything pruned: the head is the anchor, and the next row follows it.
+        assert_eq!(s.audit_prune(10_000).await.unwrap(), 2);
+        assert_eq!(s.audit_head().await.unwrap(), Some((5, "h5".into())));
+        s.audit_append(&audit_row(6, 11_000)).await.unwrap();
+        assert_eq!(s.audit_head().await.unwrap(), Some((6, "h6".into())));
     })
     .await;
 }

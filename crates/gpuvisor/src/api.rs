@@ -6,6 +6,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter};
 use axum::{Json, Router};
+use gpuvisor_control::engine::audit::AuditEvent;
+use gpuvisor_control::engine::authz::Op;
 use gpuvisor_control::{Engine, EngineError, Principal};
 use gpuvisor_wire::{self as wire, code, API_KEY_HEADER};
 use serde::Deserialize;
@@ -106,11 +108,18 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
 /// route it has no row for.
 struct Routes {
     router: Router<Eng>,
-    table: Vec<(&'static str, &'static str)>,
+    table: Vec<(&'static str, &'static str, Option<Op>)>,
 }
 
 impl Routes {
-    fn add<H, T>(mut self, method: &'static str, path: &'static str, handler: H) -> Self
+    /// Adds a route of engine operation `op` (`None`: no operation, e.g. the health probe).
+    fn add<H, T>(
+        mut self,
+        method: &'static str,
+        path: &'static str,
+        op: impl Into<Option<Op>>,
+        handler: H,
+    ) -> Self
     where
         H: axum::handler::Handler<T, Eng>,
         T: 'static,
@@ -124,7 +133,7 @@ impl Routes {
             other => unreachable!("route method {other} is not one of ours"),
         };
         self.router = self.router.route(path, on(filter, handler));
-        self.table.push((method, path));
+        self.table.push((method, path, op.into()));
         self
     }
 }
@@ -134,52 +143,124 @@ fn routes() -> Routes {
         router: Router::new(),
         table: Vec::new(),
     }
-    .add("GET", "/v1/health", health)
-    .add("GET", "/v1/tenants", list_tenants)
-    .add("POST", "/v1/tenants", create_tenant)
-    .add("GET", "/v1/tenants/{name}", get_tenant)
-    .add("PUT", "/v1/tenants/{name}/policy", set_tenant_policy)
-    .add("DELETE", "/v1/tenants/{name}", delete_tenant)
-    .add("GET", "/v1/keys", list_keys)
-    .add("POST", "/v1/keys", create_key)
-    .add("DELETE", "/v1/keys/{id}", revoke_key)
-    .add("GET", "/v1/gpus", list_gpus)
-    .add("POST", "/v1/gpus/{id}/bind-vfio", bind_vfio)
-    .add("POST", "/v1/gpus/{id}/release", release_gpu)
-    .add("POST", "/v1/gpus/{id}/cordon", cordon_gpu)
-    .add("DELETE", "/v1/gpus/{id}/cordon", uncordon_gpu)
-    .add("GET", "/v1/gpus/{id}/mig", mig_state)
-    .add("POST", "/v1/gpus/{id}/mig", mig_create)
-    .add("DELETE", "/v1/gpus/{id}/mig/{gi}", mig_destroy)
-    .add("GET", "/metrics", metrics)
-    .add("GET", "/v1/gpus/stats", gpu_stats)
-    .add("GET", "/v1/gpus/{id}/metrics", gpu_metrics)
-    .add("GET", "/v1/instances/{id}/metrics", instance_metrics)
-    .add("GET", "/v1/images", list_images)
-    .add("POST", "/v1/images", import_image)
-    .add("DELETE", "/v1/images/{name}", remove_image)
+    .add("GET", "/v1/health", None, health)
+    .add("GET", "/v1/tenants", Op::ListTenants, list_tenants)
+    .add("POST", "/v1/tenants", Op::CreateTenant, create_tenant)
+    .add("GET", "/v1/tenants/{name}", Op::GetTenant, get_tenant)
+    .add(
+        "PUT",
+        "/v1/tenants/{name}/policy",
+        Op::SetTenantPolicy,
+        set_tenant_policy,
+    )
+    .add(
+        "DELETE",
+        "/v1/tenants/{name}",
+        Op::DeleteTenant,
+        delete_tenant,
+    )
+    .add("GET", "/v1/keys", Op::ListKeys, list_keys)
+    .add("POST", "/v1/keys", Op::CreateKey, create_key)
+    .add("DELETE", "/v1/keys/{id}", Op::RevokeKey, revoke_key)
+    .add("GET", "/v1/gpus", Op::ListGpus, list_gpus)
+    .add("POST", "/v1/gpus/{id}/bind-vfio", Op::BindVfio, bind_vfio)
+    .add("POST", "/v1/gpus/{id}/release", Op::ReleaseGpu, release_gpu)
+    .add("POST", "/v1/gpus/{id}/cordon", Op::CordonGpu, cordon_gpu)
+    .add(
+        "DELETE",
+        "/v1/gpus/{id}/cordon",
+        Op::UncordonGpu,
+        uncordon_gpu,
+    )
+    .add("GET", "/v1/gpus/{id}/mig", Op::MigState, mig_state)
+    .add("POST", "/v1/gpus/{id}/mig", Op::MigCreate, mig_create)
+    .add(
+        "DELETE",
+        "/v1/gpus/{id}/mig/{gi}",
+        Op::MigDestroy,
+        mig_destroy,
+    )
+    .add("GET", "/metrics", Op::ScrapeMetrics, metrics)
+    .add("GET", "/v1/gpus/stats", Op::GpuStats, gpu_stats)
+    .add("GET", "/v1/gpus/{id}/metrics", Op::GpuMetrics, gpu_metrics)
+    .add(
+        "GET",
+        "/v1/instances/{id}/metrics",
+        Op::InstanceMetrics,
+        instance_metrics,
+    )
+    .add("GET", "/v1/images", Op::ListImages, list_images)
+    .add("POST", "/v1/images", Op::ImportImage, import_image)
+    .add("DELETE", "/v1/images/{name}", Op::RemoveImage, remove_image)
     // Registry pulls, uploads, publishing, credentials (handlers below `remove_image`).
-    .add("POST", UPLOAD_PATH, upload_image)
-    .add("POST", "/v1/images/{name}/publish", publish_image)
-    .add("POST", "/v1/images/pulls", start_pull)
-    .add("GET", "/v1/images/pulls/{id}", get_pull)
-    .add("GET", "/v1/registries", list_registries)
-    .add("POST", "/v1/registries", registry_login)
-    .add("DELETE", "/v1/registries/{host}", registry_logout)
-    .add("GET", "/v1/volumes", list_volumes)
-    .add("POST", "/v1/volumes", create_volume)
-    .add("DELETE", "/v1/volumes/{name}", remove_volume)
-    .add("GET", "/v1/instances", list_instances)
-    .add("POST", "/v1/instances", create_instance)
-    .add("GET", "/v1/instances/{id}", get_instance)
-    .add("DELETE", "/v1/instances/{id}", terminate_instance)
-    .add("POST", "/v1/instances/{id}/stop", stop_instance)
-    .add("POST", "/v1/instances/{id}/start", start_instance)
-    .add("GET", "/v1/instances/{id}/logs", logs)
-    .add("POST", "/v1/instances/{id}/exec", exec)
-    .add("GET", "/v1/instances/{id}/exec/ws", exec_session)
-    .add("GET", "/v1/instances/{id}/console/ws", console_session)
-    .add("GET", "/v1/instances/{id}/events", events)
+    .add("POST", UPLOAD_PATH, Op::UploadImage, upload_image)
+    .add(
+        "POST",
+        "/v1/images/{name}/publish",
+        Op::PublishImage,
+        publish_image,
+    )
+    .add("POST", "/v1/images/pulls", Op::StartPull, start_pull)
+    .add("GET", "/v1/images/pulls/{id}", Op::GetPull, get_pull)
+    .add("GET", "/v1/registries", Op::ListRegistries, list_registries)
+    .add("POST", "/v1/registries", Op::RegistryLogin, registry_login)
+    .add(
+        "DELETE",
+        "/v1/registries/{host}",
+        Op::RegistryLogout,
+        registry_logout,
+    )
+    .add("GET", "/v1/volumes", Op::ListVolumes, list_volumes)
+    .add("POST", "/v1/volumes", Op::CreateVolume, create_volume)
+    .add(
+        "DELETE",
+        "/v1/volumes/{name}",
+        Op::RemoveVolume,
+        remove_volume,
+    )
+    .add("GET", "/v1/instances", Op::ListInstances, list_instances)
+    .add("POST", "/v1/instances", Op::CreateInstance, create_instance)
+    .add("GET", "/v1/instances/{id}", Op::GetInstance, get_instance)
+    .add(
+        "DELETE",
+        "/v1/instances/{id}",
+        Op::TerminateInstance,
+        terminate_instance,
+    )
+    .add(
+        "POST",
+        "/v1/instances/{id}/stop",
+        Op::StopInstance,
+        stop_instance,
+    )
+    .add(
+        "POST",
+        "/v1/instances/{id}/start",
+        Op::StartInstance,
+        start_instance,
+    )
+    .add("GET", "/v1/instances/{id}/logs", Op::InstanceLogs, logs)
+    .add("POST", "/v1/instances/{id}/exec", Op::Exec, exec)
+    .add(
+        "GET",
+        "/v1/instances/{id}/exec/ws",
+        Op::ExecSession,
+        exec_session,
+    )
+    .add(
+        "GET",
+        "/v1/instances/{id}/console/ws",
+        Op::Console,
+        console_session,
+    )
+    .add(
+        "GET",
+        "/v1/instances/{id}/events",
+        Op::InstanceEvents,
+        events,
+    )
+    .add("GET", "/v1/audit", Op::AuditList, audit_list)
+    .add("GET", "/v1/audit/verify", Op::AuditVerify, audit_verify)
 }
 
 pub fn router(engine: Eng) -> Router {
@@ -191,9 +272,33 @@ pub fn router(engine: Eng) -> Router {
         .with_state(engine)
 }
 
-/// Every route as (method, path template), in the order the router adds them.
-pub fn route_table() -> Vec<(&'static str, &'static str)> {
+/// Every route as (method, path template, operation), in the order the router adds them.
+pub fn route_table() -> Vec<(&'static str, &'static str, Option<Op>)> {
     routes().table
+}
+
+/// The operation of each (method, path template).
+fn route_ops() -> &'static std::collections::HashMap<(String, String), Op> {
+    static OPS: std::sync::OnceLock<std::collections::HashMap<(String, String), Op>> =
+        std::sync::OnceLock::new();
+    OPS.get_or_init(|| {
+        route_table()
+            .into_iter()
+            .filter_map(|(m, p, op)| Some(((m.to_string(), p.to_string()), op?)))
+            .collect()
+    })
+}
+
+async fn audit_list(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Query(q): Query<wire::AuditQuery>,
+) -> R<Vec<wire::AuditEntry>> {
+    Ok(Json(e.audit_list(&p, &q).await?))
+}
+
+async fn audit_verify(State(e): State<Eng>, Who(p): Who) -> R<wire::AuditVerification> {
+    Ok(Json(e.audit_verify(&p).await?))
 }
 
 async fn health(State(e): State<Eng>) -> Json<wire::Health> {
@@ -628,6 +733,10 @@ impl ConnectionHold {
     }
 }
 
+/// The client's address, put on each request by the accept loop (the audit log's `source`).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::IpAddr);
+
 /// An interactive exec over a WebSocket ([`wire::session`]): every check runs before the
 /// upgrade (not found, not running, too many execs and a bad request are plain JSON errors),
 /// the command starts, then the connection is upgraded and pumped. The command is killed when
@@ -969,11 +1078,13 @@ async fn limit_request(
         return too_large();
     }
     let key = api_key(req.headers()).map(str::to_string);
+    let mut caller = None;
     let principal = match key {
         None => String::new(),
         Some(k) => match g.engine.authenticate(Some(&k)).await {
             Ok(p) => {
                 let tenant = p.tenant_id.clone();
+                caller = Some(p.clone());
                 // The handler's `Who` takes it from here: one key lookup per request.
                 req.extensions_mut().insert(p);
                 tenant
@@ -982,6 +1093,47 @@ async fn limit_request(
             Err(e) => return error_response(e),
         },
     };
+    // A mutating call by a known key is recorded, whatever its outcome.
+    let audit = caller.and_then(|who| {
+        let route = req.extensions().get::<axum::extract::MatchedPath>()?;
+        let op = *route_ops().get(&(req.method().to_string(), route.as_str().to_string()))?;
+        op.mutating().then(|| {
+            let source = req
+                .extensions()
+                .get::<Peer>()
+                .map_or_else(|| "-".to_string(), |p| p.0.to_string());
+            (who, op, req.uri().path().to_string(), source)
+        })
+    });
+    let response = admit(&g, req, next, principal, upload, max, too_large).await;
+    if let Some((who, op, target, source)) = audit {
+        let event = AuditEvent {
+            op,
+            target,
+            result: response.status().as_u16().to_string(),
+            source,
+        };
+        if let Err(e) = g.engine.audit(&who, event).await {
+            tracing::error!(
+                key = who.key_id,
+                op = op.name(),
+                "the audit log cannot be written: {e}"
+            );
+        }
+    }
+    response
+}
+
+/// The rest of [`limit_request`]: the principal's slot, the body within its bounds, the route.
+async fn admit(
+    g: &Guard,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+    principal: String,
+    upload: bool,
+    max: u64,
+    too_large: impl Fn() -> Response,
+) -> Response {
     let slot = g.slot(&principal);
     let Ok(_permit) = slot.try_acquire_owned() else {
         let who = if principal.is_empty() {

@@ -160,9 +160,12 @@ pub enum Command {
     /// Tenants (admin).
     #[command(subcommand)]
     Tenant(TenantCmd),
-    /// API keys (admin).
+    /// API keys (admin; a tenant admin: its tenant's).
     #[command(subcommand)]
     Key(KeyCmd),
+    /// The audit log of mutating calls (admin; a tenant admin: its tenant's).
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// GPUs of the host.
     #[command(subcommand)]
     Gpu(GpuCmd),
@@ -412,6 +415,28 @@ pub enum KeyCmd {
     List,
     /// Revoke an API key.
     Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Calls that changed something: who, what, on what, with what result, from where.
+    #[command(visible_alias = "ls")]
+    List {
+        /// Only calls since then: a duration back (90s, 2h, 7d) or epoch milliseconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this tenant's calls.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Rows after this sequence number (paging).
+        #[arg(long)]
+        after: Option<i64>,
+        /// At most this many rows [default: 1000].
+        #[arg(long)]
+        limit: Option<i64>,
+    },
+    /// Walks the hash chain: fails (exit 1) on an edited, inserted or removed row.
+    Verify,
 }
 
 #[derive(Debug, Subcommand)]
@@ -918,7 +943,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Sim(args) => sim::run(args, global.output),
         Command::Host(cmd) => hostcli::run_host(cmd, global.output),
         Command::Routes => {
-            for (method, path) in crate::api::route_table() {
+            for (method, path, _) in crate::api::route_table() {
                 println!("{method} {path}");
             }
             Ok(exit::OK)
@@ -969,6 +994,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Health => connect()?.health(),
         Command::Tenant(cmd) => connect()?.tenant(cmd),
         Command::Key(cmd) => connect()?.key(cmd),
+        Command::Audit(cmd) => connect()?.audit(cmd),
         Command::Gpu(cmd) => connect()?.gpu(cmd),
         Command::Image(cmd) => connect()?.image(cmd),
         Command::Registry(cmd) => connect()?.registry(cmd),
@@ -1165,6 +1191,31 @@ impl Ctx {
             }
         }
         Ok(exit::OK)
+    }
+
+    fn audit(&self, cmd: AuditCmd) -> Result<i32, CliError> {
+        match cmd {
+            AuditCmd::List {
+                since,
+                tenant,
+                after,
+                limit,
+            } => {
+                let rows = self.client.audit(&gpuvisor_wire::AuditQuery {
+                    since,
+                    tenant,
+                    after,
+                    limit,
+                })?;
+                output::print(self.format, &rows, |r| output::audit_table(r))?;
+                Ok(exit::OK)
+            }
+            AuditCmd::Verify => {
+                let v = self.client.audit_verify()?;
+                output::print(self.format, &v, output::audit_verification_text)?;
+                Ok(if v.ok { exit::OK } else { exit::OTHER })
+            }
+        }
     }
 
     fn image(&self, cmd: ImageCmd) -> Result<i32, CliError> {

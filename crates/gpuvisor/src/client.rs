@@ -244,6 +244,32 @@ impl Client {
         self.get("/keys")
     }
 
+    pub fn audit(&self, q: &gpuvisor_wire::AuditQuery) -> Result<Vec<gpuvisor_wire::AuditEntry>> {
+        let mut params = Vec::new();
+        if let Some(v) = &q.since {
+            params.push(format!("since={}", segment(v)));
+        }
+        if let Some(v) = &q.tenant {
+            params.push(format!("tenant={}", segment(v)));
+        }
+        if let Some(v) = q.after {
+            params.push(format!("after={v}"));
+        }
+        if let Some(v) = q.limit {
+            params.push(format!("limit={v}"));
+        }
+        let query = if params.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", params.join("&"))
+        };
+        self.get(&format!("/audit{query}"))
+    }
+
+    pub fn audit_verify(&self) -> Result<gpuvisor_wire::AuditVerification> {
+        self.get("/audit/verify")
+    }
+
     pub fn create_key(&self, req: &CreateKey) -> Result<CreatedKey> {
         self.post("/keys", Some(req))
     }

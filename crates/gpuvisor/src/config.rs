@@ -844,6 +844,8 @@ pub struct Limits {
     pub events_per_instance: u64,
     /// Terminated instances are pruned this long after they ended.
     pub terminated_max_age: Duration,
+    /// Audit log rows are pruned this long after they were written.
+    pub audit_max_age: Duration,
 }
 
 impl Default for Limits {
@@ -870,6 +872,7 @@ impl Default for Limits {
             events_max_age: Duration::from_secs(30 * 86_400),
             events_per_instance: 1000,
             terminated_max_age: Duration::from_secs(7 * 86_400),
+            audit_max_age: Duration::from_secs(365 * 86_400),
         }
     }
 }
@@ -899,6 +902,7 @@ struct LimitsFile {
     events_max_age: Option<String>,
     events_per_instance: Option<u64>,
     terminated_max_age: Option<String>,
+    audit_max_age: Option<String>,
 }
 
 /// Flags for `[limits]`.
@@ -1023,6 +1027,7 @@ impl Limits {
         set!(events_max_age, duration);
         set!(events_per_instance);
         set!(terminated_max_age, duration);
+        set!(audit_max_age, duration);
         self.check()
     }
 
@@ -1105,6 +1110,7 @@ impl Limits {
                 events_max_age: self.events_max_age,
                 events_per_instance: self.events_per_instance,
                 terminated_max_age: self.terminated_max_age,
+                audit_max_age: self.audit_max_age,
                 ..Retention::default()
             },
         }

@@ -562,6 +562,40 @@ pub fn keys_table(keys: &[ApiKey], now_ms: i64) -> String {
     )
 }
 
+pub fn audit_table(rows: &[gpuvisor_wire::AuditEntry]) -> String {
+    table(
+        &[
+            "SEQ", "TIME", "TENANT", "KEY", "ROLE", "OP", "TARGET", "RESULT", "SOURCE",
+        ],
+        rows.iter().map(|r| {
+            vec![
+                r.seq.to_string(),
+                format_time(r.at),
+                r.tenant.clone(),
+                r.key_id.clone(),
+                r.role.clone(),
+                r.op.clone(),
+                r.target.clone(),
+                r.result.clone(),
+                r.source.clone(),
+            ]
+        }),
+    )
+}
+
+pub fn audit_verification_text(v: &gpuvisor_wire::AuditVerification) -> String {
+    match (&v.problem, v.last_seq) {
+        (Some(p), _) => format!("audit log BROKEN after {} good rows: {p}", v.rows),
+        (None, None) => "audit log empty".to_string(),
+        (None, Some(last)) => format!(
+            "audit log intact: {} rows ({}..{last}), head hash {}\n(keep the head hash outside the store: a later verify shows whether newer rows were cut off)",
+            v.rows,
+            v.first_seq.unwrap_or(last),
+            v.head_hash.as_deref().unwrap_or("-")
+        ),
+    }
+}
+
 /// The one time a key's secret is shown: on a line of its own, easy to copy.
 pub fn created_key_text(created: &CreatedKey) -> String {
     format!(

@@ -358,6 +358,7 @@ async fn serve_http(
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(hold.clone());
+                req.extensions_mut().insert(crate::api::Peer(peer));
                 hyper::service::Service::call(
                     &hyper_util::service::TowerToHyperService::new(app.clone()),
                     req,

@@ -710,6 +710,55 @@ fn default_role() -> Role {
     Role::Member
 }
 
+/// One audit log row: a mutating call, who made it, what came of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditEntry {
+    pub seq: i64,
+    /// Unix ms.
+    pub at: i64,
+    pub key_id: String,
+    pub role: String,
+    pub tenant: String,
+    /// The operation's stable name, e.g. `instance.create`.
+    pub op: String,
+    /// What it was done to (the request path).
+    pub target: String,
+    /// The HTTP status of the answer.
+    pub result: String,
+    /// The client's address.
+    pub source: String,
+    pub hash: String,
+}
+
+/// `GET /v1/audit` parameters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AuditQuery {
+    /// A duration back (`90s`, `2h`, `7d`) or unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Rows after this seq (paging).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+}
+
+/// `GET /v1/audit/verify`: whether the chain is whole.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditVerification {
+    pub ok: bool,
+    pub rows: u64,
+    pub first_seq: Option<i64>,
+    pub last_seq: Option<i64>,
+    /// The newest row's hash: kept outside the store, it shows a later truncation.
+    pub head_hash: Option<String>,
+    /// The first break found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
 /// Answer to key creation: the only time the secret is shown.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CreatedKey {

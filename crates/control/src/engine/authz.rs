@@ -116,12 +116,15 @@ ops! {
     Exec => "instance.exec", Operate;
     ExecSession => "instance.exec_session", Operate;
     Console => "instance.console", Operate;
+    AuditList => "audit.list", ManageTenant;
+    AuditVerify => "audit.verify", Admin;
 }
 
 impl Op {
     /// Whether it changes anything (what the audit log records).
     pub fn mutating(self) -> bool {
-        !matches!(self.access(), Access::Read | Access::Scrape) && !matches!(self, Op::MigState)
+        !matches!(self.access(), Access::Read | Access::Scrape)
+            && !matches!(self, Op::MigState | Op::AuditList | Op::AuditVerify)
     }
 }
 
@@ -160,6 +163,7 @@ mod tests {
             tenant_id: "t".into(),
             tenant: "t".into(),
             role,
+            key_id: "k-1".into(),
         }
     }
 

@@ -62,6 +62,8 @@ pub struct Retention {
     pub events_per_instance: u64,
     /// Terminated instances (rows and events) go this long after they ended.
     pub terminated_max_age: Duration,
+    /// Audit log rows go this long after they were written.
+    pub audit_max_age: Duration,
     /// How often the pruning runs.
     pub every: Duration,
 }
@@ -72,6 +74,7 @@ impl Default for Retention {
             events_max_age: Duration::from_secs(30 * 86_400),
             events_per_instance: 1000,
             terminated_max_age: Duration::from_secs(7 * 86_400),
+            audit_max_age: Duration::from_secs(365 * 86_400),
             every: Duration::from_secs(3600),
         }
     }
@@ -285,8 +288,12 @@ impl Engine {
                 r.events_per_instance,
             )
             .await?;
-        if rows > 0 || events > 0 {
-            tracing::info!(events, instances = rows, "retention: pruned history");
+        let audit = self
+            .store
+            .audit_prune(now.saturating_sub(ms(r.audit_max_age)))
+            .await?;
+        if rows > 0 || events > 0 || audit > 0 {
+            tracing::info!(events, instances = rows, audit, "retention: pruned history");
         }
         Ok((events, rows))
     }

@@ -7,6 +7,7 @@
 //! store the reconciler can converge from, and the same code path serves normal operation and
 //! recovery.
 
+pub mod audit;
 pub mod authz;
 pub mod console;
 mod gpuadmin;
@@ -57,6 +58,8 @@ pub struct Principal {
     pub tenant_id: String,
     pub tenant: String,
     pub role: Role,
+    /// The key it authenticated with (what the audit log names).
+    pub key_id: String,
 }
 
 impl Principal {
@@ -75,6 +78,8 @@ pub struct Engine {
     pub(crate) cfg: EngineConfig,
     /// Serialises placement decisions (capacity snapshot → insert).
     place_lock: tokio::sync::Mutex<()>,
+    /// Serialises audit log appends (head → next row).
+    audit_lock: tokio::sync::Mutex<()>,
     /// One lock per instance: one host operation on an instance at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) wake: Notify,
@@ -203,6 +208,7 @@ impl Engine {
             placer,
             cfg,
             place_lock: tokio::sync::Mutex::new(()),
+            audit_lock: tokio::sync::Mutex::new(()),
             locks: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             last_ts: AtomicI64::new(0),
@@ -529,6 +535,7 @@ impl Engine {
             tenant_id: t.id,
             tenant: t.name,
             role: k.role,
+            key_id: k.id,
         })
     }
 

@@ -253,6 +253,9 @@ fn every_route_is_scoped_by_tenant() {
         // The console of a container: the owner and the admin are told it has none.
         ("GET", "/v1/instances/{id}/console/ws", row(400, 404, 400)),
         ("GET", "/v1/instances/{id}/events", row(200, 404, 200)),
+        // The audit log: a tenant admin's or an admin's (the owner's key is a member's).
+        ("GET", "/v1/audit", row(403, 403, 200)),
+        ("GET", "/v1/audit/verify", row(403, 403, 200)),
         // The owner's volume is not the other tenant's or the admin's to remove.
         ("DELETE", "/v1/volumes/{name}", row(200, 404, 404)),
         ("POST", "/v1/instances/{id}/start", row(200, 404, 200)),
@@ -429,6 +432,8 @@ fn every_route_by_role() {
         ("GET", "/v1/instances/{id}/exec/ws", None, operate),
         ("GET", "/v1/instances/{id}/console/ws", None, operate),
         ("GET", "/v1/instances/{id}/events", None, read),
+        ("GET", "/v1/audit", None, [y, y, n, n, n]),
+        ("GET", "/v1/audit/verify", None, admin),
         ("DELETE", "/v1/images/{name}", None, operate),
         ("DELETE", "/v1/keys/{id}", None, [y, y, n, n, n]),
         ("POST", "/v1/instances/{id}/stop", None, operate),
@@ -547,6 +552,121 @@ fn a_tenant_admin_cannot_mint_or_revoke_keys_above_it_or_elsewhere() {
     assert_eq!(revoked["revoked"], true, "{revoked}");
     let out = d.cli_as(m["secret"].as_str().unwrap(), &["instance", "list"]);
     assert!(!out.status.success(), "a revoked key still works");
+}
+
+/// Every mutating call is in the audit log with who, what, on what, the result and the source;
+/// reads are not; a tenant admin sees its tenant's rows only, a member none; a row edited in
+/// the store behind the daemon's back is found by `audit verify`.
+#[test]
+fn the_audit_log_records_mutations_and_shows_an_edited_row() {
+    let _s = serial();
+    let mut d = Daemon::start(&[]);
+    let member = tenant(&d, "acme");
+    let other = tenant(&d, "other");
+    let mk = |role: &str| {
+        d.json(&["key", "create", "--tenant", "acme", "--role", role])["secret"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (tadmin, viewer) = (mk("tenant-admin"), mk("viewer"));
+    let member_id = d
+        .json(&["key", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["tenant"] == "acme" && k["role"] == "member")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.json_as(&member, &["volume", "create", "v1", "--size", "16MiB"]);
+    assert!(!d
+        .cli_as(&viewer, &["volume", "create", "v2", "--size", "16MiB"])
+        .status
+        .success());
+    d.json_as(&other, &["volume", "create", "w", "--size", "16MiB"]);
+    d.json_as(&member, &["instance", "list"]);
+
+    let all: Vec<Value> = d.json(&["audit", "list"]).as_array().unwrap().clone();
+    let find = |role: &str, result: &str| {
+        all.iter()
+            .find(|r| r["op"] == "volume.create" && r["role"] == role && r["result"] == result)
+            .unwrap_or_else(|| panic!("no volume.create by {role} with {result}: {all:?}"))
+            .clone()
+    };
+    let made = find("member", "200");
+    assert_eq!(made["key_id"], member_id.as_str(), "{made}");
+    assert_eq!(made["tenant"], "acme");
+    assert_eq!(made["target"], "/v1/volumes");
+    assert_eq!(made["source"], "127.0.0.1");
+    let refused = find("viewer", "403");
+    assert_eq!(refused["tenant"], "acme");
+    assert!(all
+        .iter()
+        .any(|r| r["op"] == "tenant.create" && r["role"] == "admin"));
+    for read in ["instance.list", "audit.list", "key.list"] {
+        assert!(
+            !all.iter().any(|r| r["op"] == read),
+            "a read ({read}) was recorded"
+        );
+    }
+    // Sequence numbers are consecutive.
+    for w in all.windows(2) {
+        assert_eq!(
+            w[1]["seq"].as_i64().unwrap(),
+            w[0]["seq"].as_i64().unwrap() + 1
+        );
+    }
+    // A tenant admin: its tenant's rows; a member: none.
+    let mine: Vec<Value> = d
+        .json_as(&tadmin, &["audit", "list"])
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        !mine.is_empty() && mine.iter().all(|r| r["tenant"] == "acme"),
+        "{mine:?}"
+    );
+    assert!(mine.iter().any(|r| r["result"] == "403"));
+    assert!(!d
+        .cli_as(&tadmin, &["audit", "list", "--tenant", "other"])
+        .status
+        .success());
+    assert!(!d.cli_as(&member, &["audit", "list"]).status.success());
+    let since = d.json(&["audit", "list", "--tenant", "other"]);
+    assert!(
+        since
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["tenant"] == "other"),
+        "{since}"
+    );
+
+    let v = d.json(&["audit", "verify"]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["rows"].as_u64().unwrap() >= all.len() as u64);
+    // Turning the refusal into a success in the store is found.
+    d.kill9();
+    let db = d.data().join("gpuvisor.db");
+    let st = Command::new("sqlite3")
+        .arg(&db)
+        .arg(format!(
+            "UPDATE audit_log SET result = '200' WHERE seq = {}",
+            refused["seq"]
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    d.restart();
+    let out = d.cli(&["audit", "verify"]);
+    assert!(!out.status.success(), "an edited row passed verification");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("row {} was changed", refused["seq"])),
+        "{text}"
+    );
 }
 
 /// A TCP proxy that counts the HTTP requests it forwards (request lines seen client → server).
