@@ -1003,15 +1003,29 @@ pub struct ApiLimits {
     pub requests_per_key: usize,
     /// How long an exec session's client may be silent or not read (hidden setting; 60 s).
     pub session_liveness: std::time::Duration,
+    /// Request rates per key and failed authentications per address.
+    pub rates: crate::ratelimit::Rates,
 }
 
 /// The router with [`ApiLimits`] in front of every route.
 pub fn router_with_limits(engine: Eng, limits: ApiLimits) -> Router {
     let guard = Arc::new(Guard {
         engine: engine.clone(),
+        rates: crate::ratelimit::Limiter::new(limits.rates),
         limits,
         slots: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let g = Arc::downgrade(&guard);
+        rt.spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                let Some(g) = g.upgrade() else { return };
+                g.rates.sweep();
+            }
+        });
+    }
     let max_body = usize::try_from(guard.limits.max_body).unwrap_or(usize::MAX);
     let _ = UPLOAD_LIMITS.set(UploadLimits {
         max: guard.limits.max_upload,
@@ -1027,6 +1041,7 @@ pub fn router_with_limits(engine: Eng, limits: ApiLimits) -> Router {
 struct Guard {
     engine: Eng,
     limits: ApiLimits,
+    rates: crate::ratelimit::Limiter,
     /// Requests in flight per principal (tenant id; `""` for requests without a valid key).
     slots: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
@@ -1077,6 +1092,11 @@ async fn limit_request(
     if declared.is_some_and(|n| n > max) {
         return too_large();
     }
+    let peer = req.extensions().get::<Peer>().map(|p| p.0);
+    // An address that guessed wrong keys too often is not even looked up for now.
+    if let Some(l) = peer.and_then(|ip| g.rates.blocked(ip)) {
+        return rate_limited(l);
+    }
     let key = api_key(req.headers()).map(str::to_string);
     let mut caller = None;
     let principal = match key {
@@ -1090,22 +1110,39 @@ async fn limit_request(
                 tenant
             }
             Err(_) if req.uri().path() == "/metrics" => String::new(),
-            Err(e) => return error_response(e),
+            Err(e) => {
+                if let (EngineError::Unauthorized(_), Some(ip)) = (&e, peer) {
+                    g.rates.auth_failed(ip);
+                }
+                return error_response(e);
+            }
         },
     };
+    let op = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .and_then(|route| {
+            route_ops()
+                .get(&(req.method().to_string(), route.as_str().to_string()))
+                .copied()
+        });
+    let mutating = op.is_some_and(Op::mutating);
     // A mutating call by a known key is recorded, whatever its outcome.
-    let audit = caller.and_then(|who| {
-        let route = req.extensions().get::<axum::extract::MatchedPath>()?;
-        let op = *route_ops().get(&(req.method().to_string(), route.as_str().to_string()))?;
-        op.mutating().then(|| {
-            let source = req
-                .extensions()
-                .get::<Peer>()
-                .map_or_else(|| "-".to_string(), |p| p.0.to_string());
-            (who, op, req.uri().path().to_string(), source)
-        })
-    });
-    let response = admit(&g, req, next, principal, upload, max, too_large).await;
+    let audit = caller
+        .as_ref()
+        .zip(op)
+        .filter(|_| mutating)
+        .map(|(who, op)| {
+            let source = peer.map_or_else(|| "-".to_string(), |ip| ip.to_string());
+            (who.clone(), op, req.uri().path().to_string(), source)
+        });
+    let limited = caller
+        .as_ref()
+        .and_then(|who| g.rates.check_key(&who.key_id, mutating).err());
+    let response = match limited {
+        Some(l) => rate_limited(l),
+        None => admit(&g, req, next, principal, upload, max, too_large).await,
+    };
     if let Some((who, op, target, source)) = audit {
         let event = AuditEvent {
             op,
@@ -1122,6 +1159,20 @@ async fn limit_request(
         }
     }
     response
+}
+
+/// 429 with `Retry-After` (whole seconds, at least 1).
+fn rate_limited(l: crate::ratelimit::Limited) -> Response {
+    let secs = l.retry_after.as_secs() + u64::from(l.retry_after.subsec_nanos() > 0);
+    let secs = secs.max(1);
+    let mut r = error_response(EngineError::ResourceExhausted(format!(
+        "too many requests: the allowance of {} is used up; retry in {secs} s",
+        l.what
+    )));
+    if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+    }
+    r
 }
 
 /// The rest of [`limit_request`]: the principal's slot, the body within its bounds, the route.

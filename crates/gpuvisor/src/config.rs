@@ -846,6 +846,9 @@ pub struct Limits {
     pub terminated_max_age: Duration,
     /// Audit log rows are pruned this long after they were written.
     pub audit_max_age: Duration,
+    /// Requests per key per second: reads and mutations apart, each with its burst; failed
+    /// authentications per client address per minute (0: no limit).
+    pub rates: crate::ratelimit::Rates,
 }
 
 impl Default for Limits {
@@ -873,6 +876,7 @@ impl Default for Limits {
             events_per_instance: 1000,
             terminated_max_age: Duration::from_secs(7 * 86_400),
             audit_max_age: Duration::from_secs(365 * 86_400),
+            rates: crate::ratelimit::Rates::default(),
         }
     }
 }
@@ -903,6 +907,12 @@ struct LimitsFile {
     events_per_instance: Option<u64>,
     terminated_max_age: Option<String>,
     audit_max_age: Option<String>,
+    reads_per_second: Option<u32>,
+    read_burst: Option<u32>,
+    mutations_per_second: Option<u32>,
+    mutation_burst: Option<u32>,
+    auth_failures_per_minute: Option<u32>,
+    auth_failure_burst: Option<u32>,
 }
 
 /// Flags for `[limits]`.
@@ -961,6 +971,25 @@ pub struct LimitsOverrides {
     /// Open connections from one client address [limits.max_connections_per_ip].
     #[arg(long)]
     pub max_connections_per_ip: Option<usize>,
+    /// Reads one key may make per second, 0: no limit [limits.reads_per_second].
+    #[arg(long)]
+    pub reads_per_second: Option<u32>,
+    /// Reads one key may make at once past its rate [limits.read_burst].
+    #[arg(long)]
+    pub read_burst: Option<u32>,
+    /// Mutations one key may make per second, 0: no limit [limits.mutations_per_second].
+    #[arg(long)]
+    pub mutations_per_second: Option<u32>,
+    /// Mutations one key may make at once past its rate [limits.mutation_burst].
+    #[arg(long)]
+    pub mutation_burst: Option<u32>,
+    /// Failed authentications one address may make per minute, 0: no limit
+    /// [limits.auth_failures_per_minute].
+    #[arg(long)]
+    pub auth_failures_per_minute: Option<u32>,
+    /// Failed authentications one address may make at once [limits.auth_failure_burst].
+    #[arg(long)]
+    pub auth_failure_burst: Option<u32>,
 }
 
 fn registry_size(v: &str) -> anyhow::Result<u64> {
@@ -1027,6 +1056,24 @@ impl Limits {
         set!(events_max_age, duration);
         set!(events_per_instance);
         set!(terminated_max_age, duration);
+        if let Some(v) = f.reads_per_second {
+            self.rates.reads_per_second = v;
+        }
+        if let Some(v) = f.read_burst {
+            self.rates.read_burst = v;
+        }
+        if let Some(v) = f.mutations_per_second {
+            self.rates.mutations_per_second = v;
+        }
+        if let Some(v) = f.mutation_burst {
+            self.rates.mutation_burst = v;
+        }
+        if let Some(v) = f.auth_failures_per_minute {
+            self.rates.auth_failures_per_minute = v;
+        }
+        if let Some(v) = f.auth_failure_burst {
+            self.rates.auth_failure_burst = v;
+        }
         set!(audit_max_age, duration);
         self.check()
     }
@@ -1051,6 +1098,12 @@ impl Limits {
             body_timeout: o.body_timeout.clone(),
             requests_per_key: o.requests_per_key,
             max_connections_per_ip: o.max_connections_per_ip,
+            reads_per_second: o.reads_per_second,
+            read_burst: o.read_burst,
+            mutations_per_second: o.mutations_per_second,
+            mutation_burst: o.mutation_burst,
+            auth_failures_per_minute: o.auth_failures_per_minute,
+            auth_failure_burst: o.auth_failure_burst,
             ..Default::default()
         })
     }

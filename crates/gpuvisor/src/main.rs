@@ -7,6 +7,7 @@ mod client;
 mod config;
 mod exectty;
 mod output;
+mod ratelimit;
 mod serve;
 mod tls;
 

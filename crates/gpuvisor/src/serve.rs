@@ -252,6 +252,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             body_timeout: cfg.limits.body_timeout,
             requests_per_key: cfg.limits.requests_per_key,
             session_liveness: cfg.limits.exec_session_liveness,
+            rates: cfg.limits.rates,
         },
     );
     serve_http(

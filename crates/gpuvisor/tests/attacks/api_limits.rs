@@ -555,48 +555,7 @@ fn one_client_cannot_hold_every_connection() {
     }
     // Another client address (any 127/8 source reaches loopback) is served meanwhile.
     let status = {
-        use std::os::fd::FromRawFd;
-        // SAFETY: a fresh socket fd from libc::socket, owned by the TcpStream from here on.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-        assert!(fd >= 0);
-        // SAFETY: fd is a valid, unowned socket.
-        let s = unsafe { TcpStream::from_raw_fd(fd) };
-        let src = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes([127, 0, 0, 2]),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: src is a valid sockaddr_in of the given length.
-        let rc = unsafe {
-            libc::bind(
-                fd,
-                (&src as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "bind to 127.0.0.2");
-        let dst = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: d.port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: dst is a valid sockaddr_in of the given length.
-        let rc = unsafe {
-            libc::connect(
-                fd,
-                (&dst as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "connect from 127.0.0.2");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut s = crate::common::wrap(d.port, s).expect("TLS from 127.0.0.2");
+        let mut s = connect_from([127, 0, 0, 2], d.port);
         s.write_all(b"GET /v1/health HTTP/1.0\r\nHost: x\r\n\r\n")
             .unwrap();
         let mut out = String::new();
@@ -608,6 +567,147 @@ fn one_client_cannot_hold_every_connection() {
         "{status}"
     );
     drop(held);
+}
+
+/// A connection to the daemon on 127.0.0.1:`port` from the loopback address `src` (any 127/8
+/// source reaches loopback): another client address on one host. TLS as the daemon serves.
+fn connect_from(src: [u8; 4], port: u16) -> crate::common::ApiStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a fresh socket fd from libc::socket, owned by the TcpStream from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(fd >= 0);
+    // SAFETY: fd is a valid, unowned socket.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    let addr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    let (from, to) = (addr(src, 0), addr([127, 0, 0, 1], port));
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: from is a valid sockaddr_in of the given length.
+    let rc = unsafe { libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len) };
+    assert_eq!(rc, 0, "bind to {src:?}");
+    // SAFETY: to is a valid sockaddr_in of the given length.
+    let rc = unsafe { libc::connect(fd, (&to as *const libc::sockaddr_in).cast(), len) };
+    assert_eq!(rc, 0, "connect from {src:?}");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    crate::common::wrap(port, s).expect("TLS handshake")
+}
+
+/// One HTTP/1.0 request from `src`: (status, Retry-After, body).
+fn request_from(
+    src: [u8; 4],
+    port: u16,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: &str,
+) -> (u16, Option<u64>, String) {
+    let mut s = connect_from(src, port);
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nx-api-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head.get(9..12).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let retry = head.lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("retry-after: ")
+            .and_then(|v| v.trim().parse().ok())
+    });
+    (status, retry, body.to_string())
+}
+
+/// Per-key token buckets, reads and mutations apart; a key over its allowance gets 429 with
+/// Retry-After and gets through again once it has waited; its other bucket and other keys are
+/// untouched. An address that guesses keys is refused, valid key or not, while another address
+/// is served.
+#[test]
+fn rate_limits_per_key_and_failed_logins_per_address() {
+    let _s = serial();
+    let d = Daemon::start(&[
+        "--mutations-per-second",
+        "1",
+        "--mutation-burst",
+        "3",
+        "--reads-per-second",
+        "1",
+        "--read-burst",
+        "4",
+        "--auth-failures-per-minute",
+        "2",
+        "--auth-failure-burst",
+        "3",
+    ]);
+    // The admin's key is limited too: its four setup mutations are spread out.
+    let a = tenant(&d, "alpha");
+    std::thread::sleep(Duration::from_secs(2));
+    let b = tenant(&d, "beta");
+    let src = [127, 0, 0, 3];
+    let vol = |n: usize| format!(r#"{{"name":"v{n}","size":16777216}}"#);
+    let mut statuses = Vec::new();
+    for n in 0..4 {
+        statuses.push(request_from(
+            src,
+            d.port,
+            "POST",
+            "/v1/volumes",
+            &a,
+            &vol(n),
+        ));
+    }
+    assert!(statuses[..3].iter().all(|s| s.0 == 200), "{statuses:?}");
+    let (status, retry, body) = &statuses[3];
+    assert_eq!(*status, 429, "{body}");
+    assert!(
+        body.contains("mutations per key") && body.contains("resource_exhausted"),
+        "{body}"
+    );
+    let retry = retry.expect("429 without Retry-After");
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    // The same key's reads, and the other tenant's mutations, go on.
+    assert_eq!(
+        request_from(src, d.port, "GET", "/v1/volumes", &a, "").0,
+        200
+    );
+    assert_eq!(
+        request_from(src, d.port, "POST", "/v1/volumes", &b, &vol(9)).0,
+        200
+    );
+    // After the wait it says, the key gets through again.
+    std::thread::sleep(Duration::from_secs(retry));
+    assert_eq!(
+        request_from(src, d.port, "POST", "/v1/volumes", &a, &vol(5)).0,
+        200
+    );
+    // Reads have their own allowance (four at once; one was spent above).
+    let reads: Vec<u16> = (0..6)
+        .map(|_| request_from(src, d.port, "GET", "/v1/instances", &b, "").0)
+        .collect();
+    assert!(reads.contains(&429) && reads[0] == 200, "{reads:?}");
+
+    // Guessing keys from 127.0.0.4: three failures pass as 401, then the address is refused
+    // whatever key it sends, while 127.0.0.5 is served.
+    let guesser = [127, 0, 0, 4];
+    for _ in 0..4 {
+        let (st, _, _) = request_from(guesser, d.port, "GET", "/v1/instances", "gv_wrong", "");
+        assert!(st == 401 || st == 429, "{st}");
+    }
+    let (st, retry, body) = request_from(guesser, d.port, "GET", "/v1/volumes", &a, "");
+    assert_eq!(st, 429, "a guessing address was served: {body}");
+    assert!(body.contains("failed authentications"), "{body}");
+    assert!(retry.is_some_and(|r| (1..=60).contains(&r)), "{retry:?}");
+    assert_eq!(
+        request_from([127, 0, 0, 5], d.port, "GET", "/v1/volumes", &a, "").0,
+        200
+    );
 }
 
 #[test]
