@@ -45,6 +45,8 @@ pub struct TenantRow {
     pub net_slot: u32,
     pub created_at: i64,
     pub policy: gpuvisor_wire::TenantPolicy,
+    /// The tenant admin's own quotas, within `policy`'s (quota fields only).
+    pub limits: gpuvisor_wire::TenantPolicy,
     /// Set by `tenant rm --cascade`: its keys are revoked and its instances terminating; the
     /// reconciler removes the rest and then the row.
     pub deleting_at: Option<i64>,
@@ -250,6 +252,7 @@ fn tenant(r: &AnyRow) -> Result<TenantRow> {
         net_slot: u("tenants", r.try_get("net_slot")?)? as u32,
         created_at: r.try_get("created_at")?,
         policy: from_json("tenants", &r.try_get::<String, _>("policy")?)?,
+        limits: from_json("tenants", &r.try_get::<String, _>("limits")?)?,
         deleting_at: r.try_get("deleting_at")?,
     })
 }
@@ -481,6 +484,7 @@ impl Store {
                         net_slot: slot as u32,
                         created_at: now,
                         policy: Default::default(),
+                        limits: Default::default(),
                         deleting_at: None,
                     }))
                 }
@@ -514,7 +518,7 @@ impl Store {
 
     pub async fn tenants(&self) -> Result<Vec<TenantRow>> {
         sqlx::query(
-            "SELECT id, name, net_slot, created_at, policy, deleting_at FROM tenants ORDER BY created_at, name",
+            "SELECT id, name, net_slot, created_at, policy, limits, deleting_at FROM tenants ORDER BY created_at, name",
         )
         .fetch_all(&self.pool)
         .await?
@@ -524,7 +528,7 @@ impl Store {
     }
 
     pub async fn tenant_by_name(&self, name: &str) -> Result<Option<TenantRow>> {
-        sqlx::query("SELECT id, name, net_slot, created_at, policy, deleting_at FROM tenants WHERE name = $1")
+        sqlx::query("SELECT id, name, net_slot, created_at, policy, limits, deleting_at FROM tenants WHERE name = $1")
             .bind(name.to_string())
             .fetch_optional(&self.pool)
             .await?
@@ -541,6 +545,20 @@ impl Store {
     ) -> Result<bool> {
         let r = sqlx::query("UPDATE tenants SET policy = $1 WHERE id = $2")
             .bind(json(policy))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Replaces a tenant admin's own quotas; false when no such tenant.
+    pub async fn set_tenant_limits(
+        &self,
+        id: &str,
+        limits: &gpuvisor_wire::TenantPolicy,
+    ) -> Result<bool> {
+        let r = sqlx::query("UPDATE tenants SET limits = $1 WHERE id = $2")
+            .bind(json(limits))
             .bind(id.to_string())
             .execute(&self.pool)
             .await?;
@@ -594,7 +612,7 @@ impl Store {
     /// Tenants being deleted (`tenant rm --cascade`).
     pub async fn deleting_tenants(&self) -> Result<Vec<TenantRow>> {
         sqlx::query(
-            "SELECT id, name, net_slot, created_at, policy, deleting_at FROM tenants \
+            "SELECT id, name, net_slot, created_at, policy, limits, deleting_at FROM tenants \
              WHERE deleting_at IS NOT NULL",
         )
         .fetch_all(&self.pool)
@@ -647,7 +665,7 @@ impl Store {
 
     pub async fn tenant(&self, id: &str) -> Result<Option<TenantRow>> {
         sqlx::query(
-            "SELECT id, name, net_slot, created_at, policy, deleting_at FROM tenants WHERE id = $1",
+            "SELECT id, name, net_slot, created_at, policy, limits, deleting_at FROM tenants WHERE id = $1",
         )
         .bind(id.to_string())
         .fetch_optional(&self.pool)

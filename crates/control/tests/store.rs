@@ -273,6 +273,7 @@ async fn tenants_get_lowest_free_net_slot() {
                     net_slot: 0,
                     created_at: 10,
                     policy: Default::default(),
+                    limits: Default::default(),
                     deleting_at: None,
                 },
                 "{backend}"

@@ -154,6 +154,12 @@ fn routes() -> Routes {
         set_tenant_policy,
     )
     .add(
+        "PUT",
+        "/v1/tenants/{name}/limits",
+        Op::SetTenantLimits,
+        set_tenant_limits,
+    )
+    .add(
         "DELETE",
         "/v1/tenants/{name}",
         Op::DeleteTenant,
@@ -351,6 +357,15 @@ async fn set_tenant_policy(
     Body(b): Body<wire::TenantPolicy>,
 ) -> R<wire::Tenant> {
     Ok(Json(e.set_tenant_policy(&p, &name, &b).await?))
+}
+
+async fn set_tenant_limits(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(name): Path<String>,
+    Body(b): Body<wire::TenantPolicy>,
+) -> R<wire::Tenant> {
+    Ok(Json(e.set_tenant_limits(&p, &name, &b).await?))
 }
 
 async fn list_keys(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::ApiKey>> {

@@ -266,6 +266,9 @@ pub enum TenantCmd {
     /// Change a tenant's policy (admin). Quotas take a number (sizes like 64GiB) or
     /// `unlimited`; options not given keep their value.
     Set(TenantSetArgs),
+    /// A tenant's own quotas (its tenant admin, or an admin), each at most what the admin
+    /// allows (`tenant set`); the stricter applies. Quota options only.
+    Limit(TenantSetArgs),
     /// Delete a tenant (admin): refused while it owns instances or volumes, unless --cascade.
     /// Its network slot is reused by the next tenant.
     #[command(visible_alias = "delete")]
@@ -1159,6 +1162,13 @@ impl Ctx {
                         )
                     }
                 })?;
+            }
+            TenantCmd::Limit(args) => {
+                let name = args.name.clone();
+                let mut limits = self.client.get_tenant(&name)?.limits;
+                args.apply(&mut limits)?;
+                let t = self.client.set_tenant_limits(&name, &limits)?;
+                output::print(self.format, &t, output::tenant_detail)?;
             }
             TenantCmd::Set(args) => {
                 let name = args.name.clone();

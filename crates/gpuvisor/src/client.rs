@@ -231,6 +231,11 @@ impl Client {
         self.put(&format!("/tenants/{}/policy", segment(name)), policy)
     }
 
+    /// A tenant admin's own quotas for its tenant (within the admin's).
+    pub fn set_tenant_limits(&self, name: &str, limits: &TenantPolicy) -> Result<Tenant> {
+        self.put(&format!("/tenants/{}/limits", segment(name)), limits)
+    }
+
     /// Deletes a tenant (admin); with `cascade`, also everything it owns.
     pub fn delete_tenant(&self, name: &str, cascade: bool) -> Result<gpuvisor_wire::TenantRemoval> {
         self.delete(&format!("/tenants/{}?cascade={cascade}", segment(name)))

@@ -496,7 +496,24 @@ pub fn tenants_table(tenants: &[Tenant], now_ms: i64) -> String {
 
 /// `tenant get`: each quota as `used / limit`, then the priority rights.
 pub fn tenant_detail(t: &Tenant) -> String {
-    let p = &t.policy;
+    // The quotas that apply: the admin's, or the tenant admin's own where stricter.
+    fn stricter<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+        match (a, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        }
+    }
+    let (a, l) = (&t.policy, &t.limits);
+    let p = &gpuvisor_wire::TenantPolicy {
+        max_instances: stricter(a.max_instances, l.max_instances),
+        max_gpus: stricter(a.max_gpus, l.max_gpus),
+        max_gpu_milli: stricter(a.max_gpu_milli, l.max_gpu_milli),
+        max_vcpus: stricter(a.max_vcpus, l.max_vcpus),
+        max_memory: stricter(a.max_memory, l.max_memory),
+        max_disk: stricter(a.max_disk, l.max_disk),
+        max_volumes: stricter(a.max_volumes, l.max_volumes),
+        ..a.clone()
+    };
     let u = t.usage.clone().unwrap_or_default();
     let n = |used: u32, max: Option<u32>| {
         format!(

@@ -574,6 +574,9 @@ pub struct Tenant {
     pub created_at: i64,
     #[serde(default)]
     pub policy: TenantPolicy,
+    /// Quotas its tenant admin set, within `policy`'s: the stricter of the two applies.
+    #[serde(default)]
+    pub limits: TenantPolicy,
     /// What the tenant holds now (answered by `tenant get`, not by lists).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<TenantUsage>,

@@ -78,6 +78,7 @@ ops! {
     CreateTenant => "tenant.create", Admin;
     DeleteTenant => "tenant.delete", Admin;
     SetTenantPolicy => "tenant.set_policy", Admin;
+    SetTenantLimits => "tenant.set_limits", ManageTenant;
     ListKeys => "key.list", Read;
     CreateKey => "key.create", ManageTenant;
     RevokeKey => "key.revoke", ManageTenant;

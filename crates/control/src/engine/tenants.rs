@@ -54,6 +54,42 @@ pub(crate) fn usage<'a>(
 type QuotaCheck = (&'static str, Option<u64>, u64, u64, fn(u64) -> String);
 
 /// The first quota `ask` would break, as a message naming it; `None` when all hold.
+/// The quota fields of `a` and `b` side by side, by name.
+fn quota_pairs(a: &TenantPolicy, b: &TenantPolicy) -> [(&'static str, Option<u64>, Option<u64>); 7] {
+    let w = |v: Option<u32>| v.map(u64::from);
+    [
+        ("max_instances", w(a.max_instances), w(b.max_instances)),
+        ("max_gpus", w(a.max_gpus), w(b.max_gpus)),
+        ("max_gpu_milli", w(a.max_gpu_milli), w(b.max_gpu_milli)),
+        ("max_vcpus", w(a.max_vcpus), w(b.max_vcpus)),
+        ("max_memory", a.max_memory, b.max_memory),
+        ("max_disk", a.max_disk, b.max_disk),
+        ("max_volumes", w(a.max_volumes), w(b.max_volumes)),
+    ]
+}
+
+/// The policy a tenant's creates are held to: the admin's, each quota lowered to the tenant
+/// admin's own where that is stricter.
+pub(crate) fn effective_policy(t: &TenantRow) -> TenantPolicy {
+    fn stricter<T: Ord>(a: Option<T>, b: Option<T>) -> Option<T> {
+        match (a, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        }
+    }
+    let (p, l) = (&t.policy, &t.limits);
+    TenantPolicy {
+        max_instances: stricter(p.max_instances, l.max_instances),
+        max_gpus: stricter(p.max_gpus, l.max_gpus),
+        max_gpu_milli: stricter(p.max_gpu_milli, l.max_gpu_milli),
+        max_vcpus: stricter(p.max_vcpus, l.max_vcpus),
+        max_memory: stricter(p.max_memory, l.max_memory),
+        max_disk: stricter(p.max_disk, l.max_disk),
+        max_volumes: stricter(p.max_volumes, l.max_volumes),
+        ..p.clone()
+    }
+}
+
 pub(crate) fn over_quota(
     tenant: &str,
     p: &TenantPolicy,
@@ -138,6 +174,7 @@ fn wire_tenant(t: TenantRow, usage: Option<TenantUsage>) -> wire::Tenant {
         name: t.name,
         created_at: t.created_at,
         policy: t.policy,
+        limits: t.limits,
         usage,
         deleting_since: t.deleting_at,
     }
@@ -435,6 +472,44 @@ impl Engine {
         self.get_tenant(who, name).await
     }
 
+    /// Sets a tenant's own quotas (its tenant admin, or an admin): each at most the admin's
+    /// (`tenant set`); the stricter of the two applies. Quotas only: priority and preemption
+    /// rights are the admin's to grant.
+    pub async fn set_tenant_limits(
+        &self,
+        who: &Principal,
+        name: &str,
+        limits: &TenantPolicy,
+    ) -> Result<wire::Tenant> {
+        who.allow(Op::SetTenantLimits)?;
+        let t = self
+            .store
+            .tenant_by_name(name)
+            .await?
+            .filter(|t| who.is_admin() || t.id == who.tenant_id)
+            .ok_or_else(|| EngineError::NotFound(format!("tenant {name:?} not found")))?;
+        let defaults = TenantPolicy::default();
+        if limits.max_priority != defaults.max_priority
+            || limits.preempt_other_tenants != defaults.preempt_other_tenants
+        {
+            return Err(EngineError::InvalidArgument(
+                "a tenant's own limits are quotas only: priority and preemption rights are set by an admin (`tenant set`)".into(),
+            ));
+        }
+        for (what, own, admin) in quota_pairs(limits, &t.policy) {
+            if let (Some(own), Some(admin)) = (own, admin) {
+                if own > admin {
+                    return Err(EngineError::Forbidden(format!(
+                        "{what} {own} is above the {admin} an admin allows tenant {:?}",
+                        t.name
+                    )));
+                }
+            }
+        }
+        self.store.set_tenant_limits(&t.id, limits).await?;
+        self.get_tenant(who, name).await
+    }
+
     /// The tenant a key belongs to (with its policy); gone means the key is no good.
     /// The key's tenant, refused when it is gone or being deleted. Creates call it again under
     /// the placement lock, so nothing new is made for a tenant once `tenant rm` has begun.
@@ -473,7 +548,7 @@ impl Engine {
             &volumes,
             self.vm_overhead(),
         );
-        match over_quota(&tenant.name, &tenant.policy, &u, ask) {
+        match over_quota(&tenant.name, &effective_policy(tenant), &u, ask) {
             Some(msg) => Err(EngineError::QuotaExceeded(msg)),
             None => Ok(()),
         }

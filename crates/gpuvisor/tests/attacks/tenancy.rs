@@ -158,6 +158,12 @@ fn every_route_is_scoped_by_tenant() {
             "/v1/tenants/{name}/policy",
             with(row(403, 403, 200), r#"{"max_instances":10}"#),
         ),
+        // A member is no tenant admin; the admin may set them (within its own policy).
+        (
+            "PUT",
+            "/v1/tenants/{name}/limits",
+            with(row(403, 403, 200), r#"{"max_instances":5}"#),
+        ),
         // The owner still owns an instance and a volume: the admin passes authorisation and is
         // refused (409) without --cascade.
         ("DELETE", "/v1/tenants/{name}", row(403, 403, 409)),
@@ -351,6 +357,12 @@ fn every_route_by_role() {
             "/v1/tenants/{name}/policy",
             Some(r#"{"max_instances":10}"#),
             admin,
+        ),
+        (
+            "PUT",
+            "/v1/tenants/{name}/limits",
+            Some(r#"{"max_instances":5}"#),
+            [y, y, n, n, n],
         ),
         ("GET", "/v1/keys", None, read),
         (
@@ -552,6 +564,48 @@ fn a_tenant_admin_cannot_mint_or_revoke_keys_above_it_or_elsewhere() {
     assert_eq!(revoked["revoked"], true, "{revoked}");
     let out = d.cli_as(m["secret"].as_str().unwrap(), &["instance", "list"]);
     assert!(!out.status.success(), "a revoked key still works");
+}
+
+/// A tenant admin lowers its tenant's quotas, never above what the admin allows, and the
+/// stricter of the two is what creates are held to; members and other tenants cannot.
+#[test]
+fn a_tenant_admin_sets_quotas_within_the_admins() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    d.import_busybox();
+    let member = tenant(&d, "acme");
+    tenant(&d, "other");
+    let ta = |t: &str| {
+        d.json(&["key", "create", "--tenant", t, "--role", "tenant-admin"])["secret"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (mine, theirs) = (ta("acme"), ta("other"));
+    d.json(&["tenant", "set", "acme", "--max-instances", "3"]);
+    let err = |out: std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let out = d.cli_as(&mine, &["tenant", "limit", "acme", "--max-instances", "5"]);
+    assert!(!out.status.success(), "a tenant admin raised its quota above the admin's");
+    assert!(err(out).contains("above the 3"));
+    let out = d.cli_as(&mine, &["tenant", "limit", "acme", "--max-priority", "high"]);
+    assert!(!out.status.success(), "a tenant admin granted itself a priority");
+    assert!(!d.cli_as(&member, &["tenant", "limit", "acme", "--max-instances", "1"]).status.success());
+    let out = d.cli_as(&theirs, &["tenant", "limit", "acme", "--max-instances", "0"]);
+    assert!(!out.status.success() && err(out).contains("not found"));
+    let t = d.json_as(&mine, &["tenant", "limit", "acme", "--max-instances", "1"]);
+    assert_eq!(t["limits"]["max_instances"], 1, "{t}");
+    assert_eq!(t["policy"]["max_instances"], 3, "{t}");
+    let small = ["--memory", "64MiB", "--container-disk", "64MiB", "--", "sleep", "1000000"];
+    d.create_as(&member, &small);
+    let mut args = vec!["instance", "create", "--image", "busybox"];
+    args.extend(small);
+    let out = d.cli_as(&member, &args);
+    assert!(!out.status.success(), "the tenant admin's limit of 1 instance was not held");
+    let e = err(out);
+    assert!(e.contains("max_instances") && e.contains("quota_exceeded"), "{e}");
+    // Lifted again by the tenant admin: the admin's 3 applies.
+    d.json_as(&mine, &["tenant", "limit", "acme", "--max-instances", "unlimited"]);
+    d.create_as(&member, &small);
 }
 
 /// Every mutating call is in the audit log with who, what, on what, the result and the source;
