@@ -1094,7 +1094,7 @@ async fn limit_request(
     } else {
         (g.limits.max_body, "limits.max_body")
     };
-    let too_large = || {
+    let too_large = move || {
         error_response(EngineError::PayloadTooLarge(format!(
             "the request body is larger than {max} bytes ({what})"
         )))
@@ -1108,12 +1108,9 @@ async fn limit_request(
         return too_large();
     }
     let peer = req.extensions().get::<Peer>().map(|p| p.0);
-    // An address that guessed wrong keys too often is not even looked up for now.
-    if let Some(l) = peer.and_then(|ip| g.rates.blocked(ip)) {
-        return rate_limited(l);
-    }
     let key = api_key(req.headers()).map(str::to_string);
     let mut caller = None;
+    let mut token_attempt = false;
     let principal = match key {
         None => String::new(),
         Some(k) => match g.engine.authenticate(Some(&k)).await {
@@ -1124,9 +1121,22 @@ async fn limit_request(
                 req.extensions_mut().insert(p);
                 tenant
             }
-            Err(_) if req.uri().path() == "/metrics" => String::new(),
+            // Perhaps the metrics token, which the handler checks: a wrong one is counted
+            // below like a wrong key.
+            Err(_) if req.uri().path() == "/metrics" => {
+                if let Some(l) = peer.and_then(|ip| g.rates.blocked(ip)) {
+                    return rate_limited(l);
+                }
+                token_attempt = true;
+                String::new()
+            }
             Err(e) => {
+                // A wrong key: counted against its address; past the allowance the address's
+                // failed attempts get 429 (a valid key from it is never refused for this).
                 if let (EngineError::Unauthorized(_), Some(ip)) = (&e, peer) {
+                    if let Some(l) = g.rates.blocked(ip) {
+                        return rate_limited(l);
+                    }
                     g.rates.auth_failed(ip);
                 }
                 return error_response(e);
@@ -1142,23 +1152,36 @@ async fn limit_request(
                 .copied()
         });
     let mutating = op.is_some_and(Op::mutating);
-    // A mutating call by a known key is recorded, whatever its outcome.
+    // Over its rate: refused before anything runs, and not recorded (a refusal per request
+    // would let a key flood the audit log).
+    if let Some(l) = caller
+        .as_ref()
+        .and_then(|who| g.rates.check_key(&who.key_id, mutating).err())
+    {
+        return rate_limited(l);
+    }
+    // A mutating call by a known key is recorded, whatever its outcome, with a bounded target.
     let audit = caller
         .as_ref()
         .zip(op)
         .filter(|_| mutating)
         .map(|(who, op)| {
             let source = peer.map_or_else(|| "-".to_string(), |ip| ip.to_string());
-            (who.clone(), op, req.uri().path().to_string(), source)
+            (who.clone(), op, audit_target(req.uri().path()), source)
         });
-    let limited = caller
-        .as_ref()
-        .and_then(|who| g.rates.check_key(&who.key_id, mutating).err());
-    let response = match limited {
-        Some(l) => rate_limited(l),
-        None => admit(&g, req, next, principal, upload, max, too_large).await,
+    let Some((who, op, target, source)) = audit else {
+        let response = admit(&g, req, next, principal, upload, max, too_large).await;
+        if token_attempt && response.status() == StatusCode::UNAUTHORIZED {
+            if let Some(ip) = peer {
+                g.rates.auth_failed(ip);
+            }
+        }
+        return response;
     };
-    if let Some((who, op, target, source)) = audit {
+    // The call and its record as one task of their own: a client that hangs up while the
+    // call runs cancels neither (hyper drops a request's future when its connection goes).
+    let task = tokio::spawn(async move {
+        let response = admit(&g, req, next, principal, upload, max, too_large).await;
         let event = AuditEvent {
             op,
             target,
@@ -1172,18 +1195,41 @@ async fn limit_request(
                 "the audit log cannot be written: {e}"
             );
         }
+        response
+    });
+    match task.await {
+        Ok(r) => r,
+        Err(e) => error_response(EngineError::Internal(format!("request task: {e}"))),
     }
-    response
+}
+
+/// Longest target an audit row keeps (the path is the caller's to choose).
+const MAX_AUDIT_TARGET: usize = 256;
+
+/// `path`, cut at [`MAX_AUDIT_TARGET`] bytes (on a character boundary) with `…` after it.
+fn audit_target(path: &str) -> String {
+    if path.len() <= MAX_AUDIT_TARGET {
+        return path.to_string();
+    }
+    let mut end = MAX_AUDIT_TARGET;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &path[..end])
 }
 
 /// 429 with `Retry-After` (whole seconds, at least 1).
 fn rate_limited(l: crate::ratelimit::Limited) -> Response {
     let secs = l.retry_after.as_secs() + u64::from(l.retry_after.subsec_nanos() > 0);
     let secs = secs.max(1);
-    let mut r = error_response(EngineError::ResourceExhausted(format!(
+    let r = error_response(EngineError::ResourceExhausted(format!(
         "too many requests: the allowance of {} is used up; retry in {secs} s",
         l.what
     )));
+    with_retry_after(r, secs)
+}
+
+fn with_retry_after(mut r: Response, secs: u64) -> Response {
     if let Ok(v) = axum::http::HeaderValue::from_str(&secs.to_string()) {
         r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
     }
@@ -1207,11 +1253,12 @@ async fn admit(
         } else {
             format!("this tenant ({principal})")
         };
-        return error_response(EngineError::ResourceExhausted(format!(
+        let r = error_response(EngineError::ResourceExhausted(format!(
             "{who} already {} {} requests in flight, the limit (limits.requests_per_key): retry later",
             if principal.is_empty() { "have" } else { "has" },
             g.limits.requests_per_key
         )));
+        return with_retry_after(r, 1);
     };
     if upload {
         return next.run(req).await;

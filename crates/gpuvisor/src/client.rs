@@ -113,7 +113,25 @@ impl Client {
                     .build(),
             );
             Some(trust)
-        } else if endpoint.starts_with("http://") {
+        } else if let Some(rest) = endpoint.strip_prefix("http://") {
+            // Plain HTTP carries the key in clear: to this host only, unless asked for.
+            let host = rest.split('/').next().unwrap_or_default();
+            let host = match host.rsplit_once(':') {
+                Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                _ => host,
+            };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback && std::env::var_os("GPUVISOR_ALLOW_INSECURE_HTTP").is_none() {
+                return Err(ClientError::Unsupported(format!(
+                    "endpoint {endpoint}: plain HTTP to another host would send the API key in clear \
+                     text; use https:// (the daemon serves TLS by default), or set \
+                     GPUVISOR_ALLOW_INSECURE_HTTP=1"
+                )));
+            }
             None
         } else {
             return Err(ClientError::Unsupported(format!(
@@ -896,7 +914,23 @@ mod tests {
         assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
         // `system` and plain HTTP need no file.
         Client::new("https://h", None, Some(std::path::Path::new("system"))).unwrap();
-        Client::new("http://h", None, Some(std::path::Path::new("/nonexistent"))).unwrap();
+        Client::new(
+            "http://127.0.0.1:7070",
+            None,
+            Some(std::path::Path::new("/nonexistent")),
+        )
+        .unwrap();
+        Client::new("http://[::1]:7070/", None, None).unwrap();
+        Client::new("http://localhost", None, None).unwrap();
+        // Plain HTTP to another host: the key would travel in clear.
+        for e in [
+            "http://h",
+            "http://10.0.0.1:7070",
+            "http://[2001:db8::1]:80",
+        ] {
+            let err = Client::new(e, None, None).err().unwrap().to_string();
+            assert!(err.contains("in clear"), "{e}: {err}");
+        }
     }
 
     #[test]

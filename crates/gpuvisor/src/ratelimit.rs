@@ -1,9 +1,12 @@
 //! Request rates: per key, token buckets (GCRA, `governor`) for reads and for mutations apart,
 //! so a client polling hard cannot starve its own creates and a create storm cannot starve its
-//! reads; per client address, failed authentications (a wrong key guessed at): past the
-//! allowance the address is refused with 429 before any key lookup until its bucket refills.
-//! Answers carry `Retry-After`. Memory is bounded: keys are the store's (known keys only), and
-//! addresses beyond [`MAX_ADDRESSES`] share one bucket; idle entries are swept every minute.
+//! reads; per client address (an IPv6 /64 counts as one), failed authentications (a wrong key
+//! guessed at): past the allowance the address's *failed* attempts are answered 429 instead of
+//! 401 until its bucket refills — a valid key from the same address is never refused for it,
+//! so nobody is locked out by a neighbour behind the same address. Answers carry
+//! `Retry-After`. Memory is bounded: keys are the store's (known keys only), and addresses
+//! beyond [`MAX_ADDRESSES`] share one bucket, which then only slows the guessing of the
+//! addresses that fail; idle entries are swept every minute.
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
@@ -102,20 +105,28 @@ impl Limiter {
         })
     }
 
+    /// The bucket of `ip`: its own (an IPv6 address by its /64, which one host usually holds
+    /// whole), or the shared one past [`MAX_ADDRESSES`].
     fn address_key(&self, ip: IpAddr) -> IpAddr {
+        let ip = match ip {
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+            v4 => v4,
+        };
         match &self.auth {
             Some(l) if l.len() >= MAX_ADDRESSES => OVERFLOW,
             _ => ip,
         }
     }
 
-    /// Whether `ip` is refused for now after too many failed authentications.
+    /// Whether the failed authentications of `ip` are refused for now (asked only once an
+    /// attempt from it has failed: a valid key is never refused for its address).
     pub fn blocked(&self, ip: IpAddr) -> Option<Limited> {
+        let own = self.address_key(ip);
         // The shared bucket only stands for addresses while they are not tracked one by one.
-        let keys = [
-            Some(ip),
-            (self.address_key(ip) == OVERFLOW).then_some(OVERFLOW),
-        ];
+        let keys = [Some(own), (own == OVERFLOW).then_some(OVERFLOW)];
         let mut b = self.blocked.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         for k in keys.into_iter().flatten() {
@@ -225,6 +236,19 @@ mod tests {
         let e = l.blocked(a).expect("a third failure in a minute blocks");
         assert!(e.retry_after > Duration::from_secs(1) && e.retry_after <= Duration::from_secs(60));
         assert!(l.blocked(b).is_none());
+        // An IPv6 /64 is one address.
+        let (v6a, v6b): (IpAddr, IpAddr) = (
+            "2001:db8:1:2::1".parse().unwrap(),
+            "2001:db8:1:2:ffff::9".parse().unwrap(),
+        );
+        for _ in 0..3 {
+            l.auth_failed(v6a);
+        }
+        assert!(
+            l.blocked(v6b).is_some(),
+            "another address of the same /64 is not held"
+        );
+        assert!(l.blocked("2001:db8:1:3::1".parse().unwrap()).is_none());
     }
 
     #[test]

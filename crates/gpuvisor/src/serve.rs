@@ -141,6 +141,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     engine.set_limits(cfg.limits.engine());
+    // The audit chain's key stays out of the store; its head is noted beside it.
+    let audit_key = gpuvisor_node::keys::key_file(&cfg.data_dir, "audit.key")
+        .context("cannot prepare the audit log's key")?;
+    engine.set_audit_secret(gpuvisor_control::engine::audit::AuditSecret::new(
+        &audit_key,
+        Some(cfg.data_dir.join("keys").join("audit.head")),
+    ));
     engine.configure_registry(gpuvisor_control::engine::images::RegistrySettings {
         tenant_pull: cfg.registry.tenant_pull,
         tenant_hosts: cfg.registry.tenant_hosts.clone(),

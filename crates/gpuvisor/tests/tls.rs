@@ -434,8 +434,8 @@ impl Drop for Proc {
 /// A certificate for a public name from a real ACME server: Debian's pebble, its DNS pointed
 /// at pebble-challtestsrv (every name is 127.0.0.1), its TLS-ALPN-01 validation pointed at the
 /// daemon's API port (the only way it can validate here: its HTTP-01 port has no server). The
-/// daemon serves its own CA's certificate until the order completes, then pebble's, for that
-/// name; connections for other names keep getting a certificate.
+/// daemon serves its own CA's certificate until the order completes, then pebble's for that
+/// name, and its own for every other name (the local CLI).
 #[test]
 fn acme_certificate_from_pebble_through_tls_alpn_on_the_api_port() {
     let _s = serial();
@@ -569,8 +569,16 @@ fn acme_certificate_from_pebble_through_tls_alpn_on_the_api_port() {
         assert_eq!(m & 0o777, 0o600, "{f}");
     }
     assert_eq!(d.log().matches("ACME: ordering").count(), 1, "{}", d.log());
-    // The harness's client checks 127.0.0.1 against the daemon's own CA, which no longer
-    // serves: stopped here, not through the CLI (it made no instance).
-    let mut d = d;
-    d.stop();
+    // Clients of other names (the local CLI on 127.0.0.1) still get the daemon's own
+    // certificate, which its CA verifies.
+    d.json(&["gpu", "list"]);
+    let local = handshake(
+        port,
+        client(&d.ca(), &[&rustls::version::TLS13]),
+        "127.0.0.1",
+    );
+    assert!(
+        local.is_ok(),
+        "the local CLI lost its certificate to the ACME one"
+    );
 }

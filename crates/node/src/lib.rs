@@ -20,6 +20,7 @@ pub mod hostcheck;
 pub mod image;
 pub mod instance;
 pub mod ipam;
+pub mod keys;
 pub mod limiter;
 pub mod logs;
 pub mod mig;

@@ -36,7 +36,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -1382,47 +1382,12 @@ impl Sealer {
     /// Opens the key in `<data>/keys/registry.key`, making it (0600, in a 0700 directory) at
     /// first use.
     pub fn open(data_dir: &Path) -> Result<Self, RegistryError> {
-        let dir = data_dir.join("keys");
-        match fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io_err(&dir)(e)),
-        }
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&dir))?;
-        let path = dir.join("registry.key");
-        let mut key = [0u8; 32];
-        match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                getrandom::fill(&mut key).map_err(|e| RegistryError::Io {
-                    path: path.clone(),
-                    why: format!("getrandom: {e}"),
-                })?;
-                f.write_all(&key)
-                    .and_then(|()| f.sync_all())
-                    .map_err(io_err(&path))?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let meta = fs::metadata(&path).map_err(io_err(&path))?;
-                if meta.permissions().mode() & 0o077 != 0 {
-                    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-                        .map_err(io_err(&path))?;
-                }
-                let bytes = fs::read(&path).map_err(io_err(&path))?;
-                if bytes.len() != key.len() {
-                    return Err(RegistryError::Io {
-                        path,
-                        why: format!("the credential key must be 32 bytes, found {}", bytes.len()),
-                    });
-                }
-                key.copy_from_slice(&bytes);
-            }
-            Err(e) => return Err(io_err(&path)(e)),
-        }
+        let path = data_dir.join("keys").join("registry.key");
+        let key =
+            crate::keys::key_file(data_dir, "registry.key").map_err(|e| RegistryError::Io {
+                path: e.path,
+                why: e.why,
+            })?;
         let unbound =
             ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &key).map_err(|_| {
                 RegistryError::Io {
@@ -1976,6 +1941,7 @@ mod tests {
             again.unseal(b"tenant-a\0reg:5000", &sealed).unwrap(),
             b"hunter2"
         );
+        use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(t.path().join("keys/registry.key"))
             .unwrap()
             .permissions()

@@ -1,10 +1,13 @@
-//! The audit log: every mutating call, persisted and hash-chained. Row n's hash is SHA-256
-//! over row n-1's hash and row n's fields (a JSON array, so no two field lists encode alike);
-//! an edited, inserted or removed row breaks the chain from there on, which [`Engine::audit_verify`]
-//! reports. Retention removes the oldest rows and moves the anchor (the last removed row's seq
-//! and hash) in the same transaction, so a removal by retention is told from one by hand. What a
-//! chain cannot show is the newest rows cut off together with the head: the verification
-//! prints the head hash to keep outside the store.
+//! The audit log: every mutating call, persisted and hash-chained. Row n's hash is an
+//! HMAC-SHA-256, under a key kept outside the store (`<data>/audit.key`, 0600), over row n-1's
+//! hash and row n's fields (a JSON array, so no two field lists encode alike): someone who can
+//! write the store but not read the key cannot make a row that verifies, so an edited, inserted
+//! or removed row breaks the chain from there on, which [`Engine::audit_verify`] reports.
+//! Retention removes the oldest rows and moves the anchor (the last removed row's seq and hash)
+//! in the same transaction; rows at or below the anchor are a break too. The newest row's seq
+//! and hash are also written beside the key (`<data>/audit.head`) after every append, so rows
+//! cut off the end of the store show as missing. Root on the host, who can read the key, is not
+//! held by any of this.
 
 use super::authz::Op;
 use super::{now_ms, Engine, Principal};
@@ -12,7 +15,6 @@ use crate::error::{invalid, EngineError, Result};
 use crate::store::AuditRow;
 use crate::telemetry::parse_since;
 use gpuvisor_wire as wire;
-use sha2::Digest;
 
 /// One call to record.
 #[derive(Debug, Clone)]
@@ -29,7 +31,7 @@ pub struct AuditEvent {
 /// The most rows one `audit list` answer holds.
 pub const MAX_AUDIT_PAGE: i64 = 10_000;
 
-fn chain_hash(r: &AuditRow) -> String {
+fn chain_hash(key: &ring::hmac::Key, r: &AuditRow) -> String {
     let fields = serde_json::json!([
         r.prev_hash,
         r.seq,
@@ -42,14 +44,69 @@ fn chain_hash(r: &AuditRow) -> String {
         r.result,
         r.source
     ]);
-    let d = sha2::Sha256::digest(fields.to_string().as_bytes());
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    let tag = ring::hmac::sign(key, fields.to_string().as_bytes());
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The chain's key and where the newest row is noted outside the store.
+pub struct AuditSecret {
+    key: ring::hmac::Key,
+    head_file: Option<std::path::PathBuf>,
+}
+
+impl AuditSecret {
+    pub fn new(key: &[u8], head_file: Option<std::path::PathBuf>) -> Self {
+        Self {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
+            head_file,
+        }
+    }
+
+    /// The head noted outside the store: (seq, hash).
+    fn noted_head(&self) -> Option<(i64, String)> {
+        let text = std::fs::read_to_string(self.head_file.as_ref()?).ok()?;
+        let (seq, hash) = text.trim().split_once(' ')?;
+        Some((seq.parse().ok()?, hash.to_string()))
+    }
+
+    fn note_head(&self, seq: i64, hash: &str) {
+        let Some(path) = &self.head_file else { return };
+        let tmp = path.with_extension("tmp");
+        let r = std::fs::write(&tmp, format!("{seq} {hash}\n"))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = r {
+            tracing::error!("cannot note the audit head in {}: {e}", path.display());
+        }
+    }
+}
+
+impl Default for AuditSecret {
+    /// A key made up for this process (tests; a daemon sets its own with
+    /// [`Engine::set_audit_secret`]).
+    fn default() -> Self {
+        let mut key = [0u8; 32];
+        let _ = getrandom::fill(&mut key);
+        Self::new(&key, None)
+    }
 }
 
 impl Engine {
+    /// The audit chain's key and the file its head is noted in (set once at start).
+    pub fn set_audit_secret(&self, secret: AuditSecret) {
+        *self.audit_secret.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(secret);
+    }
+
+    fn audit_secret(&self) -> std::sync::Arc<AuditSecret> {
+        self.audit_secret
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Appends `e`, made by `who`, to the log.
     pub async fn audit(&self, who: &Principal, e: AuditEvent) -> Result<()> {
         let _one_writer = self.audit_lock.lock().await;
+        let secret = self.audit_secret();
         let (seq, prev_hash) = self.store.audit_head().await?.unwrap_or((0, String::new()));
         let mut row = AuditRow {
             seq: seq + 1,
@@ -64,8 +121,9 @@ impl Engine {
             prev_hash,
             hash: String::new(),
         };
-        row.hash = chain_hash(&row);
+        row.hash = chain_hash(&secret.key, &row);
         self.store.audit_append(&row).await?;
+        secret.note_head(row.seq, &row.hash);
         Ok(())
     }
 
@@ -107,6 +165,8 @@ impl Engine {
             .await?;
         Ok(rows
             .into_iter()
+            // An admin's calls are the admins' to read, whatever tenant the admin key is in.
+            .filter(|r| who.is_admin() || r.role != wire::Role::Admin.as_str())
             .map(|r| wire::AuditEntry {
                 tenant: names.get(&r.tenant_id).cloned().unwrap_or(r.tenant_id),
                 seq: r.seq,
@@ -125,6 +185,7 @@ impl Engine {
     /// Walks the whole chain from its anchor (admin).
     pub async fn audit_verify(&self, who: &Principal) -> Result<wire::AuditVerification> {
         who.allow(Op::AuditVerify)?;
+        let secret = self.audit_secret();
         let anchor = self.store.audit_anchor().await?;
         let (mut seq, mut hash) = anchor.map_or((0, String::new()), |a| (a.seq, a.hash));
         let mut out = wire::AuditVerification {
@@ -135,10 +196,32 @@ impl Engine {
             head_hash: None,
             problem: None,
         };
+        // Rows the anchor says retention removed must be gone.
+        if let Some(first) = self.store.audit_rows(0, 0, None, 1).await?.first() {
+            if first.seq <= seq {
+                out.ok = false;
+                out.problem = Some(format!(
+                    "row {} is still there though the anchor says rows up to {seq} were removed",
+                    first.seq
+                ));
+                return Ok(out);
+            }
+        }
         loop {
             let page = self.store.audit_rows(seq, 0, None, MAX_AUDIT_PAGE).await?;
-            if page.is_empty() || !check_page(&mut seq, &mut hash, &page, &mut out) {
+            if page.is_empty() || !check_page(&secret.key, &mut seq, &mut hash, &page, &mut out) {
                 break;
+            }
+        }
+        // Rows cut off the end: the head noted outside the store is past the store's.
+        if out.ok {
+            if let Some((noted, noted_hash)) = secret.noted_head() {
+                if noted > seq || (noted == seq && noted_hash != hash) {
+                    out.ok = false;
+                    out.problem = Some(format!(
+                        "the log ends at row {seq}, but the daemon wrote up to row {noted}: the newest rows were removed"
+                    ));
+                }
             }
         }
         Ok(out)
@@ -148,6 +231,7 @@ impl Engine {
 /// Checks that `rows` continue the chain at (`seq`, `hash`), moving both along and counting
 /// in `out`; false at the first break (said in `out.problem`).
 fn check_page(
+    key: &ring::hmac::Key,
     seq: &mut i64,
     hash: &mut String,
     rows: &[AuditRow],
@@ -167,7 +251,7 @@ fn check_page(
                 "row {} does not continue the chain of row {}",
                 r.seq, *seq
             ))
-        } else if chain_hash(r) != r.hash {
+        } else if chain_hash(key, r) != r.hash {
             Some(format!("row {} was changed after it was written", r.seq))
         } else {
             None
@@ -191,6 +275,10 @@ fn check_page(
 mod tests {
     use super::*;
 
+    fn key() -> ring::hmac::Key {
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"test key")
+    }
+
     fn row(seq: i64, prev: &str) -> AuditRow {
         let mut r = AuditRow {
             seq,
@@ -205,7 +293,7 @@ mod tests {
             prev_hash: prev.into(),
             hash: String::new(),
         };
-        r.hash = chain_hash(&r);
+        r.hash = chain_hash(&key(), &r);
         r
     }
 
@@ -230,8 +318,8 @@ mod tests {
         let (mut seq, mut hash) = (anchor.0, anchor.1.to_string());
         // Two pages, as the engine reads them.
         let (a, b) = rows.split_at(rows.len() / 2);
-        let _ = check_page(&mut seq, &mut hash, a, &mut out)
-            && check_page(&mut seq, &mut hash, b, &mut out);
+        let _ = check_page(&key(), &mut seq, &mut hash, a, &mut out)
+            && check_page(&key(), &mut seq, &mut hash, b, &mut out);
         out
     }
 
@@ -264,7 +352,7 @@ mod tests {
         );
         // An edited row whose own hash was made again: the next row shows it.
         let mut rehashed = edited.clone();
-        rehashed[3].hash = chain_hash(&rehashed[3]);
+        rehashed[3].hash = chain_hash(&key(), &rehashed[3]);
         let v = verify((0, ""), &rehashed);
         assert_eq!(
             v.problem.as_deref(),
@@ -282,7 +370,7 @@ mod tests {
         let mut inserted = rows.clone();
         inserted.insert(3, row(4, &rows[2].hash));
         inserted[3].target = "/v1/forged".into();
-        inserted[3].hash = chain_hash(&inserted[3]);
+        inserted[3].hash = chain_hash(&key(), &inserted[3]);
         let v = verify((0, ""), &inserted);
         assert!(!v.ok, "{v:?}");
     }
@@ -306,7 +394,11 @@ mod tests {
         for (i, f) in changed.iter().enumerate() {
             let mut r = base.clone();
             f(&mut r);
-            assert_ne!(chain_hash(&r), base.hash, "field {i} is not covered");
+            assert_ne!(
+                chain_hash(&key(), &r),
+                base.hash,
+                "field {i} is not covered"
+            );
         }
         // Fields cannot trade characters: ("ab", "c") and ("a", "bc") differ.
         let mut a = base.clone();
@@ -315,6 +407,9 @@ mod tests {
         let mut b = base.clone();
         b.key_id = "a".into();
         b.role = "bc".into();
-        assert_ne!(chain_hash(&a), chain_hash(&b));
+        assert_ne!(chain_hash(&key(), &a), chain_hash(&key(), &b));
+        // Without the key, a row cannot be made to verify.
+        let other = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"another key");
+        assert_ne!(chain_hash(&other, &base), base.hash);
     }
 }

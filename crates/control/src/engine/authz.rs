@@ -144,12 +144,13 @@ impl Principal {
         )))
     }
 
-    /// The roles of keys this caller may make or revoke: any for an admin; below admin, and
-    /// not host-wide metrics, for a tenant admin; none otherwise.
+    /// The roles of keys this caller may make or revoke: any for an admin; members and
+    /// viewers for a tenant admin (not its peers, whom the admin appoints: a rogue tenant admin
+    /// cannot revoke the others); none otherwise.
     pub fn may_manage_role(&self, role: Role) -> bool {
         match self.role {
             Role::Admin => true,
-            Role::TenantAdmin => matches!(role, Role::TenantAdmin | Role::Member | Role::Viewer),
+            Role::TenantAdmin => matches!(role, Role::Member | Role::Viewer),
             _ => false,
         }
     }
@@ -218,7 +219,7 @@ mod tests {
     fn tenant_admins_manage_only_lesser_keys() {
         let ta = who(Role::TenantAdmin);
         assert!(ta.may_manage_role(Role::Member) && ta.may_manage_role(Role::Viewer));
-        assert!(ta.may_manage_role(Role::TenantAdmin));
+        assert!(!ta.may_manage_role(Role::TenantAdmin));
         assert!(!ta.may_manage_role(Role::Admin) && !ta.may_manage_role(Role::Metrics));
         assert!(!who(Role::Member).may_manage_role(Role::Viewer));
     }

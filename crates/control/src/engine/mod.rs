@@ -80,6 +80,8 @@ pub struct Engine {
     place_lock: tokio::sync::Mutex<()>,
     /// Serialises audit log appends (head → next row).
     audit_lock: tokio::sync::Mutex<()>,
+    /// The audit chain's key and head note ([`audit`]).
+    audit_secret: std::sync::RwLock<Arc<audit::AuditSecret>>,
     /// One lock per instance: one host operation on an instance at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(crate) wake: Notify,
@@ -209,6 +211,7 @@ impl Engine {
             cfg,
             place_lock: tokio::sync::Mutex::new(()),
             audit_lock: tokio::sync::Mutex::new(()),
+            audit_secret: std::sync::RwLock::new(Arc::new(audit::AuditSecret::default())),
             locks: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             last_ts: AtomicI64::new(0),

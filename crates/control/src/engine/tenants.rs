@@ -55,7 +55,10 @@ type QuotaCheck = (&'static str, Option<u64>, u64, u64, fn(u64) -> String);
 
 /// The first quota `ask` would break, as a message naming it; `None` when all hold.
 /// The quota fields of `a` and `b` side by side, by name.
-fn quota_pairs(a: &TenantPolicy, b: &TenantPolicy) -> [(&'static str, Option<u64>, Option<u64>); 7] {
+fn quota_pairs(
+    a: &TenantPolicy,
+    b: &TenantPolicy,
+) -> [(&'static str, Option<u64>, Option<u64>); 7] {
     let w = |v: Option<u32>| v.map(u64::from);
     [
         ("max_instances", w(a.max_instances), w(b.max_instances)),

@@ -61,6 +61,11 @@ impl AcmeFiles {
         }
     }
 
+    /// Makes [`AcmeFiles::current`] false: the next check orders a new certificate.
+    pub fn forget(&self) {
+        let _ = std::fs::remove_file(&self.meta);
+    }
+
     /// Whether a certificate from `s`'s server for `s`'s names is on disk and not due.
     pub fn current(&self, s: &AcmeSettings) -> bool {
         let Ok(text) = std::fs::read(&self.meta) else {
@@ -136,6 +141,13 @@ async fn order(s: &AcmeSettings, files: &AcmeFiles, resolver: &Resolver) -> anyh
     // Checked before it replaces anything: parses, goes with its key, has a validity.
     let chain = super::parse_chain(chain_pem.as_bytes()).context("ACME: the certificate")?;
     let not_after = super::not_after(&chain[0]).context("ACME: the certificate's validity")?;
+    {
+        use rustls::pki_types::pem::PemObject;
+        let key_der = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .context("ACME: the key")?;
+        rustls::sign::CertifiedKey::from_der(chain, key_der, &super::provider())
+            .context("ACME: the certificate does not go with its key")?;
+    }
     write_file(&files.key, key_pem.as_bytes(), 0o600)?;
     write_file(&files.cert, chain_pem.as_bytes(), 0o644)?;
     let meta = Meta {

@@ -87,13 +87,18 @@ pub fn install_default_provider() {
 #[derive(Debug)]
 pub struct Resolver {
     current: RwLock<Arc<CertifiedKey>>,
+    /// With ACME: the daemon's own certificate and the ACME names. A client asking for one of
+    /// those names (SNI) gets `current`, every other one (an address, `localhost`, no SNI: the
+    /// local CLI) this one, which its CA file verifies.
+    local: Option<(Arc<CertifiedKey>, Vec<String>)>,
     challenges: std::sync::Mutex<std::collections::HashMap<String, Arc<CertifiedKey>>>,
 }
 
 impl Resolver {
-    fn new(key: CertifiedKey) -> Self {
+    fn new(key: CertifiedKey, local: Option<(CertifiedKey, Vec<String>)>) -> Self {
         Self {
             current: RwLock::new(Arc::new(key)),
+            local: local.map(|(k, names)| (Arc::new(k), names)),
             challenges: Default::default(),
         }
     }
@@ -140,6 +145,14 @@ impl rustls::server::ResolvesServerCert for Resolver {
                 .get(&name)
                 .cloned();
         }
+        if let Some((local, names)) = &self.local {
+            let public = hello
+                .server_name()
+                .is_some_and(|n| names.iter().any(|d| d.eq_ignore_ascii_case(n)));
+            if !public {
+                return Some(local.clone());
+            }
+        }
         Some(self.get())
     }
 }
@@ -170,7 +183,21 @@ impl ServerTls {
     pub fn new(source: CertSource, min: MinVersion) -> anyhow::Result<Self> {
         let provider = provider();
         let (key, files, ca_fingerprint) = load(&source, &provider)?;
-        let resolver = Arc::new(Resolver::new(key));
+        let local = match &source {
+            CertSource::Acme {
+                data_dir,
+                names,
+                acme,
+            } => {
+                let generated = CertSource::Generated {
+                    data_dir: data_dir.clone(),
+                    names: names.clone(),
+                };
+                Some((load(&generated, &provider)?.0, acme.domains.clone()))
+            }
+            _ => None,
+        };
+        let resolver = Arc::new(Resolver::new(key, local));
         let versions: &[&rustls::SupportedProtocolVersion] = match min {
             MinVersion::Tls13 => &[&rustls::version::TLS13],
             MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -312,8 +339,15 @@ fn load(
         } => {
             let files = acme::AcmeFiles::new(data_dir);
             if files.current(acme) {
-                let ck = certified_key(&files.cert, &files.key, provider)?;
-                return Ok((ck, vec![files.cert.clone(), files.key.clone()], None));
+                match certified_key(&files.cert, &files.key, provider) {
+                    Ok(ck) => return Ok((ck, vec![files.cert.clone(), files.key.clone()], None)),
+                    // Unusable: the daemon's own certificate serves until a new order, which
+                    // forgetting it asks for.
+                    Err(e) => {
+                        tracing::warn!("the ACME certificate cannot be used: {e:#}");
+                        files.forget();
+                    }
+                }
             }
             load(
                 &CertSource::Generated {
