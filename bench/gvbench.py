@@ -114,13 +114,16 @@ class Daemon:
             return s
         return ssl.create_default_context(cafile=self.ca).wrap_socket(s, server_hostname="127.0.0.1")
 
-    def connection(self, timeout=30):
-        """An HTTP connection to the API: TLS checked against the daemon's CA (the default),
-        plain with --insecure-http."""
+    def connection(self, timeout=30, context=None):
+        """An HTTP connection to the API: TLS checked against the daemon's CA (the default; pass
+        `context` from tls_context() to reuse one), plain with --insecure-http."""
         if not self.tls:
             return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        ctx = ssl.create_default_context(cafile=self.ca)
+        ctx = context or self.tls_context()
         return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout, context=ctx)
+
+    def tls_context(self):
+        return ssl.create_default_context(cafile=self.ca)
 
     def start(self):
         if os.path.exists(self.data_dir):
