@@ -240,6 +240,17 @@ impl OperatorPki {
         self.ca_params.self_signed(&self.ca_key).unwrap().pem()
     }
 
+    /// Writes the CA to `dir`/ca.pem; (ca.pem, cert.pem, key.pem) paths in `dir`.
+    fn files(&self, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+        let (ca, cert, key) = (
+            dir.join("ca.pem"),
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+        );
+        std::fs::write(&ca, self.ca_pem()).unwrap();
+        (ca, cert, key)
+    }
+
     fn leaf(&self, cn: &str) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
@@ -255,14 +266,8 @@ impl OperatorPki {
 #[test]
 fn an_operator_certificate_is_reloaded_when_its_files_change() {
     let _s = serial();
-    let pki = OperatorPki::new();
-    let files = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = (
-        files.path().join("ca.pem"),
-        files.path().join("cert.pem"),
-        files.path().join("key.pem"),
-    );
-    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let (pki, files) = (OperatorPki::new(), tempfile::tempdir().unwrap());
+    let (ca, cert, key) = pki.files(files.path());
     let write = |(c, k): (String, String)| {
         // Key first, then the certificate: a poll between the two sees a mismatch, which is
         // refused and retried at the next change.
@@ -307,14 +312,8 @@ fn an_operator_certificate_is_reloaded_when_its_files_change() {
 #[test]
 fn sighup_reloads_at_once() {
     let _s = serial();
-    let pki = OperatorPki::new();
-    let files = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = (
-        files.path().join("ca.pem"),
-        files.path().join("cert.pem"),
-        files.path().join("key.pem"),
-    );
-    std::fs::write(&ca, pki.ca_pem()).unwrap();
+    let (pki, files) = (OperatorPki::new(), tempfile::tempdir().unwrap());
+    let (ca, cert, key) = pki.files(files.path());
     let (c, k) = pki.leaf("one");
     std::fs::write(&key, k).unwrap();
     std::fs::write(&cert, c).unwrap();

@@ -188,14 +188,7 @@ impl Engine {
         let secret = self.audit_secret();
         let anchor = self.store.audit_anchor().await?;
         let (mut seq, mut hash) = anchor.map_or((0, String::new()), |a| (a.seq, a.hash));
-        let mut out = wire::AuditVerification {
-            ok: true,
-            rows: 0,
-            first_seq: None,
-            last_seq: None,
-            head_hash: None,
-            problem: None,
-        };
+        let mut out = fresh_verification();
         // Rows the anchor says retention removed must be gone.
         if let Some(first) = self.store.audit_rows(0, 0, None, 1).await?.first() {
             if first.seq <= seq {
@@ -225,6 +218,18 @@ impl Engine {
             }
         }
         Ok(out)
+    }
+}
+
+/// A verification that has found nothing yet.
+fn fresh_verification() -> wire::AuditVerification {
+    wire::AuditVerification {
+        ok: true,
+        rows: 0,
+        first_seq: None,
+        last_seq: None,
+        head_hash: None,
+        problem: None,
     }
 }
 
@@ -307,14 +312,7 @@ mod tests {
     }
 
     fn verify(anchor: (i64, &str), rows: &[AuditRow]) -> wire::AuditVerification {
-        let mut out = wire::AuditVerification {
-            ok: true,
-            rows: 0,
-            first_seq: None,
-            last_seq: None,
-            head_hash: None,
-            problem: None,
-        };
+        let mut out = fresh_verification();
         let (mut seq, mut hash) = (anchor.0, anchor.1.to_string());
         // Two pages, as the engine reads them.
         let (a, b) = rows.split_at(rows.len() / 2);

@@ -52,6 +52,9 @@ pub struct EngineConfig {
     pub simulated_policy: gpuvisor_scheduler::Policy,
 }
 
+/// Active keys one tenant may hold.
+pub const MAX_KEYS_PER_TENANT: usize = 256;
+
 /// Who is calling: resolved from an API key by [`Engine::authenticate`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Principal {
@@ -605,6 +608,21 @@ impl Engine {
         if t.deleting_at.is_some() {
             return Err(EngineError::InvalidState(format!(
                 "tenant {:?} is being deleted: no new keys",
+                t.name
+            )));
+        }
+        // Every key has its own rate buckets: an unbounded number of them would be an
+        // unbounded allowance (and store).
+        let active = self
+            .store
+            .keys()
+            .await?
+            .iter()
+            .filter(|k| k.tenant_id == t.id && k.revoked_at.is_none())
+            .count();
+        if active >= MAX_KEYS_PER_TENANT {
+            return Err(EngineError::QuotaExceeded(format!(
+                "tenant {:?} holds {active} active keys, the most a tenant may: revoke some first",
                 t.name
             )));
         }

@@ -448,15 +448,20 @@ impl Engine {
             .collect())
     }
 
-    /// A tenant with its policy and what it holds: admins see any, a tenant only itself.
-    pub async fn get_tenant(&self, who: &Principal, name: &str) -> Result<wire::Tenant> {
-        who.allow(Op::GetTenant)?;
-        let t = self
-            .store
+    /// Tenant `name` as `who` may see it: any for an admin, its own for everyone else (another
+    /// is as absent as one that does not exist).
+    async fn visible_tenant(&self, who: &Principal, name: &str) -> Result<TenantRow> {
+        self.store
             .tenant_by_name(name)
             .await?
             .filter(|t| who.is_admin() || t.id == who.tenant_id)
-            .ok_or_else(|| EngineError::NotFound(format!("tenant {name:?} not found")))?;
+            .ok_or_else(|| EngineError::NotFound(format!("tenant {name:?} not found")))
+    }
+
+    /// A tenant with its policy and what it holds: admins see any, a tenant only itself.
+    pub async fn get_tenant(&self, who: &Principal, name: &str) -> Result<wire::Tenant> {
+        who.allow(Op::GetTenant)?;
+        let t = self.visible_tenant(who, name).await?;
         let u = self.tenant_usage(&t.id).await?;
         Ok(wire_tenant(t, Some(u)))
     }
@@ -485,12 +490,7 @@ impl Engine {
         limits: &TenantPolicy,
     ) -> Result<wire::Tenant> {
         who.allow(Op::SetTenantLimits)?;
-        let t = self
-            .store
-            .tenant_by_name(name)
-            .await?
-            .filter(|t| who.is_admin() || t.id == who.tenant_id)
-            .ok_or_else(|| EngineError::NotFound(format!("tenant {name:?} not found")))?;
+        let t = self.visible_tenant(who, name).await?;
         let defaults = TenantPolicy::default();
         if limits.max_priority != defaults.max_priority
             || limits.preempt_other_tenants != defaults.preempt_other_tenants

@@ -320,6 +320,12 @@ fn load(
     match source {
         CertSource::Files { cert, key } => {
             let ck = certified_key(cert, key, provider)?;
+            // An expired certificate is not swapped in (clients would refuse every handshake).
+            let end = not_after(&ck.cert[0])
+                .with_context(|| format!("{}: the certificate's validity", cert.display()))?;
+            if end <= now_unix() {
+                bail!("{}: the certificate expired", cert.display());
+            }
             Ok((ck, vec![cert.clone(), key.clone()], None))
         }
         CertSource::Generated { data_dir, names } => {
@@ -841,6 +847,18 @@ mod tests {
         tls.reload().unwrap();
         assert_ne!(tls.current_leaf(), first);
         assert!(!tls.stale());
+        // Expired: refused, the old one stays.
+        let old = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["old.example".to_string()]).unwrap();
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let expired = p.self_signed(&old).unwrap();
+        let before = tls.current_leaf();
+        std::fs::write(&key, old.serialize_pem()).unwrap();
+        std::fs::write(&cert, expired.pem()).unwrap();
+        let e = tls.reload().unwrap_err();
+        assert!(format!("{e:#}").contains("expired"), "{e:#}");
+        assert_eq!(tls.current_leaf(), before);
         // Garbage: refused with the file named.
         std::fs::write(&cert, "not pem").unwrap();
         let e = tls.reload().unwrap_err();

@@ -581,6 +581,36 @@ fn a_tenant_admin_cannot_mint_or_revoke_keys_above_it_or_elsewhere() {
     assert!(!out.status.success(), "a revoked key still works");
 }
 
+/// Keys are not an unbounded resource (each has its own rate allowance): a tenant holds at
+/// most 256 active ones; revoking one makes room.
+#[test]
+fn a_tenant_holds_a_bounded_number_of_keys() {
+    let _s = serial();
+    let d = Daemon::start(&["--mutations-per-second", "0"]);
+    let first = tenant(&d, "acme");
+    let mut last = String::new();
+    for _ in 1..256 {
+        let (status, body) = http(
+            d.port,
+            "POST",
+            "/v1/keys",
+            &d.key,
+            Some(r#"{"tenant":"acme","role":"viewer"}"#),
+        );
+        assert_eq!(status, 200, "{body}");
+        last = serde_json::from_str::<Value>(&body).unwrap()["key"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    }
+    let out = d.cli(&["key", "create", "--tenant", "acme"]);
+    assert!(!out.status.success(), "a 257th key was made");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("256 active keys"));
+    d.json(&["key", "revoke", &last]);
+    d.json(&["key", "create", "--tenant", "acme"]);
+    assert!(d.cli_as(&first, &["instance", "list"]).status.success());
+}
+
 /// A tenant admin lowers its tenant's quotas, never above what the admin allows, and the
 /// stricter of the two is what creates are held to; members and other tenants cannot.
 #[test]
