@@ -319,12 +319,25 @@ async fn list_tenants(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Tenant>>
     Ok(Json(e.list_tenants(&p).await?))
 }
 
+/// What a call made or did, beyond its path, for its audit row (a response extension the
+/// middleware reads; clients never see it).
+#[derive(Clone, Debug)]
+pub struct AuditSubject(pub String);
+
+/// `value` answered with `subject` for the audit log.
+type Audited<T> = Result<(axum::Extension<AuditSubject>, Json<T>), ApiError>;
+
+fn audited<T>(subject: String, value: T) -> Audited<T> {
+    Ok((axum::Extension(AuditSubject(subject)), Json(value)))
+}
+
 async fn create_tenant(
     State(e): State<Eng>,
     Who(p): Who,
     Body(b): Body<wire::CreateTenant>,
-) -> R<wire::Tenant> {
-    Ok(Json(e.create_tenant(&p, &b).await?))
+) -> Audited<wire::Tenant> {
+    let t = e.create_tenant(&p, &b).await?;
+    audited(format!("tenant {} ({})", t.name, t.id), t)
 }
 
 async fn get_tenant(
@@ -346,8 +359,9 @@ async fn delete_tenant(
     Who(p): Who,
     Path(name): Path<String>,
     Query(q): Query<DeleteTenantQuery>,
-) -> R<wire::TenantRemoval> {
-    Ok(Json(e.delete_tenant(&p, &name, q.cascade).await?))
+) -> Audited<wire::TenantRemoval> {
+    let r = e.delete_tenant(&p, &name, q.cascade).await?;
+    audited(format!("cascade={}", q.cascade), r)
 }
 
 async fn set_tenant_policy(
@@ -376,12 +390,24 @@ async fn create_key(
     State(e): State<Eng>,
     Who(p): Who,
     Body(b): Body<wire::CreateKey>,
-) -> R<wire::CreatedKey> {
-    Ok(Json(e.create_key(&p, &b).await?))
+) -> Audited<wire::CreatedKey> {
+    let k = e.create_key(&p, &b).await?;
+    let subject = format!(
+        "key {} ({}, tenant {})",
+        k.key.id,
+        k.key.role.as_str(),
+        k.key.tenant
+    );
+    audited(subject, k)
 }
 
-async fn revoke_key(State(e): State<Eng>, Who(p): Who, Path(id): Path<String>) -> R<wire::ApiKey> {
-    Ok(Json(e.revoke_key(&p, &id).await?))
+async fn revoke_key(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+) -> Audited<wire::ApiKey> {
+    let k = e.revoke_key(&p, &id).await?;
+    audited(format!("{} key of tenant {}", k.role.as_str(), k.tenant), k)
 }
 
 async fn bind_vfio(State(e): State<Eng>, Who(p): Who, Path(id): Path<String>) -> R<wire::Gpu> {
@@ -588,8 +614,9 @@ async fn create_volume(
     State(e): State<Eng>,
     Who(p): Who,
     Body(b): Body<wire::CreateVolume>,
-) -> R<wire::Volume> {
-    Ok(Json(e.create_volume(&p, &b).await?))
+) -> Audited<wire::Volume> {
+    let v = e.create_volume(&p, &b).await?;
+    audited(format!("volume {}", v.name), v)
 }
 
 async fn remove_volume(
@@ -608,8 +635,17 @@ async fn create_instance(
     State(e): State<Eng>,
     Who(p): Who,
     Body(b): Body<wire::CreateInstance>,
-) -> Result<(StatusCode, Json<wire::Instance>), ApiError> {
-    Ok((StatusCode::CREATED, Json(e.create_instance(&p, &b).await?)))
+) -> Result<
+    (
+        StatusCode,
+        axum::Extension<AuditSubject>,
+        Json<wire::Instance>,
+    ),
+    ApiError,
+> {
+    let i = e.create_instance(&p, &b).await?;
+    let subject = AuditSubject(format!("instance {} ({})", i.id, i.name));
+    Ok((StatusCode::CREATED, axum::Extension(subject), Json(i)))
 }
 
 /// `?since=<updated_at>&timeout_ms=N` turns the GET into a long poll (what `--wait` uses): the
@@ -1182,6 +1218,10 @@ async fn limit_request(
     // call runs cancels neither (hyper drops a request's future when its connection goes).
     let task = tokio::spawn(async move {
         let response = admit(&g, req, next, principal, upload, max, too_large).await;
+        let target = match response.extensions().get::<AuditSubject>() {
+            Some(s) => audit_target(&format!("{target} → {}", s.0)),
+            None => target,
+        };
         let event = AuditEvent {
             op,
             target,

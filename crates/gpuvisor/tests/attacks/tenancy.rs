@@ -732,7 +732,19 @@ fn the_audit_log_records_mutations_and_shows_an_edited_row() {
     let made = find("member", "200");
     assert_eq!(made["key_id"], member_id.as_str(), "{made}");
     assert_eq!(made["tenant"], "acme");
-    assert_eq!(made["target"], "/v1/volumes");
+    // What the call made is named, not only its path.
+    assert_eq!(made["target"], "/v1/volumes → volume v1");
+    let minted = all
+        .iter()
+        .find(|r| r["op"] == "key.create" && r["target"].as_str().unwrap().contains(&member_id))
+        .unwrap_or_else(|| panic!("no key.create row names {member_id}: {all:?}"));
+    assert!(
+        minted["target"]
+            .as_str()
+            .unwrap()
+            .ends_with("(member, tenant acme)"),
+        "{minted}"
+    );
     assert_eq!(made["source"], "127.0.0.1");
     let refused = find("viewer", "403");
     assert_eq!(refused["tenant"], "acme");
