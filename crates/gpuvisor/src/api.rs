@@ -825,7 +825,7 @@ async fn exec_session(
     };
     let ticket = e.exec_session(&p, &id, &req).await?;
     let ws = websocket(ws, "gpuvisor instance exec -it")?;
-    Ok(upgrade(ws, ticket.start().await?, hold))
+    Ok(upgrade(ws, ticket.start().await?, hold, (e, p.key_id)))
 }
 
 /// The upgrade a session route needs, or the error saying how to ask for it (as `client`
@@ -846,16 +846,18 @@ fn websocket(
 }
 
 /// Upgrades to the session's WebSocket and pumps it; the connection counts against the
-/// caps (`hold`) until the session ends.
+/// caps (`hold`) until the session ends. `key` (the engine and the key it was opened with):
+/// the session ends once that key is revoked.
 fn upgrade(
     ws: axum::extract::ws::WebSocketUpgrade,
     session: gpuvisor_control::engine::session::ExecSession,
     hold: Option<axum::Extension<ConnectionHold>>,
+    key: (Eng, String),
 ) -> Response {
     ws.max_message_size(SESSION_MAX_MESSAGE)
         .max_frame_size(SESSION_MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
-            pump_session(socket, session).await;
+            pump_session(socket, session, key).await;
             drop(hold);
         })
 }
@@ -874,7 +876,7 @@ async fn console_session(
 ) -> Result<Response, ApiError> {
     let ticket = e.console_session(&p, &id).await?;
     let ws = websocket(ws, "gpuvisor instance console")?;
-    Ok(upgrade(ws, ticket.start().await?, hold))
+    Ok(upgrade(ws, ticket.start().await?, hold, (e, p.key_id)))
 }
 
 /// Most bytes of one stdin chunk handed to a session: a message is cut into chunks of this
@@ -911,6 +913,7 @@ async fn send_within(
 async fn pump_session(
     mut socket: axum::extract::ws::WebSocket,
     mut session: gpuvisor_control::engine::session::ExecSession,
+    (engine, key_id): (Eng, String),
 ) {
     use axum::extract::ws::Message;
     use gpuvisor_control::engine::session::{SessionInput, SessionOutput};
@@ -982,6 +985,16 @@ async fn pump_session(
                 }
             }
             _ = ping.tick() => {
+                // A key revoked (or its tenant removed) ends what it opened.
+                if !engine.key_active(&key_id).await {
+                    tracing::info!(key = key_id, "exec session: its key was revoked, ended");
+                    let close = axum::extract::ws::CloseFrame {
+                        code: axum::extract::ws::close_code::POLICY,
+                        reason: "the session's API key was revoked".into(),
+                    };
+                    let _ = send_within(&mut socket, Message::Close(Some(close)), dead).await;
+                    return;
+                }
                 if !pending.is_empty() {
                     // Not reading the socket: the client's pongs wait behind its input. A
                     // client gone meanwhile is found by the sends, or by the idle bound.

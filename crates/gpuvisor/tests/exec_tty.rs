@@ -958,3 +958,59 @@ fn the_byte_cap_and_the_deadline_end_a_session() {
         pids_running(&id, &["sleep", "5454"]).is_empty()
     });
 }
+
+/// A session lives no longer than its key: revoking the key that opened it ends it (the client
+/// gets a close saying why) and kills its command, within a liveness tick.
+#[test]
+fn revoking_the_key_ends_its_sessions() {
+    let _s = serial();
+    let d = daemon(&["--exec-session-liveness", "2s"]);
+    d.import_busybox();
+    d.json(&["tenant", "create", "acme"]);
+    let k = d.json(&["key", "create", "--tenant", "acme"]);
+    let (key, key_id) = (
+        k["secret"].as_str().unwrap().to_string(),
+        k["key"]["id"].as_str().unwrap().to_string(),
+    );
+    let id = d.create_as(&key, &sleeper());
+    let (status, body, mut s) = open_raw(
+        d.port,
+        &key,
+        &id,
+        r#"{"command":["sleep","4849"],"tty":true}"#,
+    );
+    assert_eq!(status, 101, "{body}");
+    until("sleep 4849 runs", || {
+        !pids_running(&id, &["sleep", "4849"]).is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !pids_running(&id, &["sleep", "4849"]).is_empty(),
+        "ended before the revoke"
+    );
+    d.json(&["key", "revoke", &key_id]);
+    // The daemon closes: read to the end (the close frame, then EOF).
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session outlived its revoked key"
+        );
+    }
+    assert!(
+        String::from_utf8_lossy(&seen).contains("revoked"),
+        "no reason given: {:?}",
+        String::from_utf8_lossy(&seen)
+    );
+    until("its command is killed", || {
+        pids_running(&id, &["sleep", "4849"]).is_empty()
+    });
+}

@@ -545,6 +545,19 @@ impl Engine {
         })
     }
 
+    /// Whether key `id` still works: not revoked, its tenant there and not being removed. A
+    /// store error counts as yes (a session is not cut for a hiccup of the store).
+    pub async fn key_active(&self, id: &str) -> bool {
+        match self.store.key(id).await {
+            Ok(Some(k)) if k.revoked_at.is_none() => !matches!(
+                self.key_tenant(&k.tenant_id).await,
+                Err(EngineError::Unauthorized(_))
+            ),
+            Ok(_) => false,
+            Err(_) => true,
+        }
+    }
+
     async fn new_key(&self, t: &TenantRow, role: Role) -> Result<(KeyRow, String)> {
         // 256 bits of entropy; only the SHA-256 is stored. A fast hash is right here: the secret
         // is random, not a password, so there is nothing for a slow hash to protect.
