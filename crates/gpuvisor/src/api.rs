@@ -1173,9 +1173,6 @@ async fn limit_request(
             // Perhaps the metrics token, which the handler checks: a wrong one is counted
             // below like a wrong key.
             Err(_) if req.uri().path() == "/metrics" => {
-                if let Some(l) = peer.and_then(|ip| g.rates.blocked(ip)) {
-                    return rate_limited(l);
-                }
                 token_attempt = true;
                 String::new()
             }
@@ -1220,8 +1217,12 @@ async fn limit_request(
         });
     let Some((who, op, target, source)) = audit else {
         let response = admit(&g, req, next, principal, upload, max, too_large).await;
+        // A wrong metrics token counts like a wrong key (a right one is never refused).
         if token_attempt && response.status() == StatusCode::UNAUTHORIZED {
             if let Some(ip) = peer {
+                if let Some(l) = g.rates.blocked(ip) {
+                    return rate_limited(l);
+                }
                 g.rates.auth_failed(ip);
             }
         }
@@ -1252,7 +1253,11 @@ async fn limit_request(
     });
     match task.await {
         Ok(r) => r,
-        Err(e) => error_response(EngineError::Internal(format!("request task: {e}"))),
+        Err(e) => {
+            // A panic's text is the daemon's, not the client's.
+            tracing::error!("request task of {}: {e}", op.name());
+            error_response(EngineError::Internal("the request failed".into()))
+        }
     }
 }
 

@@ -69,6 +69,14 @@ impl ClientError {
 
 pub type Result<T> = std::result::Result<T, ClientError>;
 
+/// Longest the client waits out the daemon's rate limits (429 with `Retry-After`) before it
+/// gives the 429 to its caller.
+pub const RATE_LIMIT_PATIENCE: Duration = Duration::from_secs(30);
+
+fn encode<B: Serialize>(body: &B) -> Result<Vec<u8>> {
+    serde_json::to_vec(body).map_err(|e| ClientError::Decode(format!("encoding request: {e}")))
+}
+
 pub struct Client {
     agent: ureq::Agent,
     /// Endpoint without a trailing slash, e.g. `https://127.0.0.1:7070`.
@@ -152,45 +160,69 @@ impl Client {
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let mut req = self.agent.get(self.url(path));
-        if let Some(key) = &self.api_key {
-            req = req.header(API_KEY_HEADER, key);
-        }
-        self.finish(req.call())
+        self.call("GET", path, None)
     }
 
     fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let mut req = self.agent.delete(self.url(path));
-        if let Some(key) = &self.api_key {
-            req = req.header(API_KEY_HEADER, key);
-        }
-        self.finish(req.call())
+        self.call("DELETE", path, None)
     }
 
     fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
-        let mut req = self.agent.put(self.url(path));
-        if let Some(key) = &self.api_key {
-            req = req.header(API_KEY_HEADER, key);
-        }
-        let bytes = serde_json::to_vec(body)
-            .map_err(|e| ClientError::Decode(format!("encoding request: {e}")))?;
-        self.finish(req.content_type("application/json").send(bytes))
+        self.call("PUT", path, Some(encode(body)?))
     }
 
     fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: Option<&B>) -> Result<T> {
-        let mut req = self.agent.post(self.url(path));
-        if let Some(key) = &self.api_key {
-            req = req.header(API_KEY_HEADER, key);
-        }
-        let sent = match body {
-            Some(body) => {
-                let bytes = serde_json::to_vec(body)
-                    .map_err(|e| ClientError::Decode(format!("encoding request: {e}")))?;
-                req.content_type("application/json").send(bytes)
+        let body = body.map(encode).transpose()?;
+        self.call("POST", path, Some(body.unwrap_or_default()))
+    }
+
+    /// One JSON call. A 429 that says when to come back (`Retry-After`: the daemon's rate
+    /// limits) is tried again after that wait, for up to [`RATE_LIMIT_PATIENCE`] in all.
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T> {
+        let started = std::time::Instant::now();
+        loop {
+            let url = self.url(path);
+            let key = self.api_key.as_deref();
+            let with_key = |r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| match key {
+                Some(k) => r.header(API_KEY_HEADER, k),
+                None => r,
+            };
+            let with_key_body = |r: ureq::RequestBuilder<ureq::typestate::WithBody>| match key {
+                Some(k) => r.header(API_KEY_HEADER, k),
+                None => r,
+            };
+            let sent = match (method, &body) {
+                ("GET", _) => with_key(self.agent.get(url)).call(),
+                ("DELETE", _) => with_key(self.agent.delete(url)).call(),
+                ("PUT", Some(b)) => with_key_body(self.agent.put(url))
+                    .content_type("application/json")
+                    .send(b.as_slice()),
+                (_, Some(b)) if !b.is_empty() => with_key_body(self.agent.post(url))
+                    .content_type("application/json")
+                    .send(b.as_slice()),
+                _ => with_key_body(self.agent.post(url)).send_empty(),
+            };
+            let retry_after = sent.as_ref().ok().and_then(|r| {
+                (r.status().as_u16() == 429)
+                    .then(|| r.headers().get("retry-after"))
+                    .flatten()
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            });
+            match retry_after {
+                Some(secs)
+                    if started.elapsed() + Duration::from_secs(secs) <= RATE_LIMIT_PATIENCE =>
+                {
+                    std::thread::sleep(Duration::from_secs(secs.max(1)));
+                }
+                _ => return self.finish(sent),
             }
-            None => req.send_empty(),
-        };
-        self.finish(sent)
+        }
     }
 
     fn finish<T: DeserializeOwned>(
@@ -820,9 +852,28 @@ mod tests {
         status_line: &'static str,
         body: &'static str,
     ) -> (String, std::thread::JoinHandle<String>) {
+        answers(vec![(status_line, "", body)])
+    }
+
+    /// Serves one canned answer per connection, in order: (status line, extra header lines,
+    /// body); returns the endpoint and the last request's text.
+    fn answers(
+        list: Vec<(&'static str, &'static str, &'static str)>,
+    ) -> (String, std::thread::JoinHandle<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let handle = std::thread::spawn(move || {
+            let mut last = String::new();
+            for (status_line, headers, body) in list {
+                last = answer(&listener, status_line, headers, body);
+            }
+            last
+        });
+        (endpoint, handle)
+    }
+
+    fn answer(listener: &TcpListener, status_line: &str, headers: &str, body: &str) -> String {
+        {
             let (mut sock, _) = listener.accept().unwrap();
             let mut buf = vec![0u8; 8192];
             let mut req = Vec::new();
@@ -834,13 +885,41 @@ mod tests {
                 }
             }
             let resp = format!(
-                "{status_line}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                "{status_line}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{headers}connection: close\r\n\r\n{body}",
                 body.len()
             );
             sock.write_all(resp.as_bytes()).unwrap();
             String::from_utf8_lossy(&req).into_owned()
-        });
-        (endpoint, handle)
+        }
+    }
+
+    #[test]
+    fn a_rate_limit_answer_is_waited_out_and_tried_again() {
+        let limited = r#"{"error":{"code":"resource_exhausted","message":"too many requests"}}"#;
+        let ok = r#"{"status":"ok","version":"t","node":"n"}"#;
+        let (endpoint, handle) = answers(vec![
+            (
+                "HTTP/1.1 429 Too Many Requests",
+                "retry-after: 1\r\n",
+                limited,
+            ),
+            ("HTTP/1.1 200 OK", "", ok),
+        ]);
+        let client = Client::new(&endpoint, None, None).unwrap();
+        let t0 = std::time::Instant::now();
+        let h = client.health().unwrap();
+        assert_eq!(h.node, "n");
+        assert!(
+            t0.elapsed() >= Duration::from_secs(1),
+            "did not wait Retry-After"
+        );
+        handle.join().unwrap();
+        // A 429 without Retry-After (a concurrency cap) is the caller's at once.
+        let (endpoint, handle) = one_shot("HTTP/1.1 429 Too Many Requests", limited);
+        let client = Client::new(&endpoint, None, None).unwrap();
+        let e = client.health().unwrap_err();
+        assert!(matches!(e, ClientError::Api { status: 429, .. }), "{e:?}");
+        handle.join().unwrap();
     }
 
     #[test]

@@ -964,7 +964,9 @@ fn the_byte_cap_and_the_deadline_end_a_session() {
 #[test]
 fn revoking_the_key_ends_its_sessions() {
     let _s = serial();
-    let d = daemon(&["--exec-session-liveness", "2s"]);
+    // The raw client below answers no pings: 10 s of silence allowed (a tick every 2.5 s),
+    // well past the revoke.
+    let d = daemon(&["--exec-session-liveness", "10s"]);
     d.import_busybox();
     d.json(&["tenant", "create", "acme"]);
     let k = d.json(&["key", "create", "--tenant", "acme"]);

@@ -34,37 +34,44 @@ pub fn key_file(data_dir: &Path, name: &str) -> Result<[u8; 32], KeyError> {
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(fail(&dir))?;
     let path = dir.join(name);
     let mut key = [0u8; 32];
-    match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-    {
-        Ok(mut f) => {
-            getrandom::fill(&mut key).map_err(|e| KeyError {
-                path: path.clone(),
-                why: format!("getrandom: {e}"),
-            })?;
-            f.write_all(&key)
-                .and_then(|()| f.sync_all())
-                .map_err(fail(&path))?;
+    // Made whole in a file of its own, then linked in under its name (which fails if another
+    // start made it first): a crash never leaves a short key under the name.
+    let made = (|| -> std::io::Result<bool> {
+        if path.exists() {
+            return Ok(false);
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let meta = fs::metadata(&path).map_err(fail(&path))?;
-            if meta.permissions().mode() & 0o077 != 0 {
-                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-                    .map_err(fail(&path))?;
-            }
-            let bytes = fs::read(&path).map_err(fail(&path))?;
-            if bytes.len() != key.len() {
-                return Err(KeyError {
-                    path,
-                    why: format!("a key must be 32 bytes, found {}", bytes.len()),
-                });
-            }
-            key.copy_from_slice(&bytes);
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        let _ = fs::remove_file(&tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        getrandom::fill(&mut key).map_err(|e| std::io::Error::other(format!("getrandom: {e}")))?;
+        f.write_all(&key)?;
+        f.sync_all()?;
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
         }
-        Err(e) => return Err(fail(&path)(e)),
+    })()
+    .map_err(fail(&path))?;
+    if !made {
+        let meta = fs::metadata(&path).map_err(fail(&path))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(fail(&path))?;
+        }
+        let bytes = fs::read(&path).map_err(fail(&path))?;
+        if bytes.len() != key.len() {
+            return Err(KeyError {
+                path,
+                why: format!("a key must be 32 bytes, found {}", bytes.len()),
+            });
+        }
+        key.copy_from_slice(&bytes);
     }
     Ok(key)
 }

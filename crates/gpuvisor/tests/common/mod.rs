@@ -173,6 +173,16 @@ impl Daemon {
         self.dir.path().to_path_buf()
     }
 
+    fn rate_flags(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for flag in ["--reads-per-second", "--mutations-per-second"] {
+            if !self.extra.iter().any(|a| a == flag) {
+                out.extend([flag, "0"]);
+            }
+        }
+        out
+    }
+
     /// What its clients trust: the CA the daemon made at its first start, or the one given.
     pub fn ca(&self) -> PathBuf {
         self.ca_file
@@ -205,6 +215,10 @@ impl Daemon {
             .args(["--cpu-oversubscription", "16"])
             .arg("--admin-key-file")
             .arg(self.data().join("admin.key"))
+            // Tests drive the daemon harder than a client may (hundreds of calls a second from
+            // one key): the per-key rates are off unless a test sets them (the rate limit
+            // tests do).
+            .args(self.rate_flags())
             .args(&self.extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
