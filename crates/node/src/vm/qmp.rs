@@ -768,6 +768,21 @@ mod tests {
             .unwrap();
         let pid = child.id() as i32;
         let start = crate::reap::start_time(&root, pid).unwrap();
+        // `spawn` returns once the child's execve let go of the parent's memory, which can be
+        // before the new program's arguments are readable in /proc (an empty cmdline, seen
+        // under load): wait for them.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .split(|b| *b == 0)
+            .any(|a| a == b"qga-exec")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sh never showed its arguments"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let file = dir.path().join("exec.pid");
         // Another process that once had this pid (another start time), and a file without one.
         for text in [format!("{pid} 9 {}\n", start + 1), format!("{pid} 9\n")] {
