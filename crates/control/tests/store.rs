@@ -54,13 +54,25 @@ where
         .await
         .unwrap_or_else(|e| panic!("create database {name}: {e}"));
     let result = run_on(&with_database(&server, &name), "postgres", &test).await;
-    // FORCE: a failed test may leave connections behind.
-    sqlx::raw_sql(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap_or_else(|e| panic!("drop database {name}: {e}"));
+    // FORCE: a failed test may leave connections behind. An autovacuum worker that just
+    // connected to the new database is the server's, which this role may not end: tried
+    // again until it has gone.
+    let mut tries = 0;
+    loop {
+        let dropped = sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await;
+        match dropped {
+            Ok(_) => break,
+            Err(e) if tries < 50 && e.to_string().contains("pg_signal_backend") => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("drop database {name}: {e}"),
+        }
+    }
     admin.close().await.ok();
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
