@@ -105,21 +105,27 @@ impl Engine {
 
     /// Appends `e`, made by `who`, to the log.
     pub async fn audit(&self, who: &Principal, e: AuditEvent) -> Result<()> {
-        let _one_writer = self.audit_lock.lock().await;
+        let mut head = self.audit_lock.lock().await;
         let secret = self.audit_secret();
-        let stored = self.store.audit_head().await?.unwrap_or((0, String::new()));
-        // Rows cut off the store's end stay visible: the next row follows the head noted
-        // outside the store, so the gap is there for `verify` to find.
-        let (seq, prev_hash) = match secret.noted_head() {
-            Some(noted) if noted.0 > stored.0 => {
-                tracing::error!(
-                    stored = stored.0,
-                    noted = noted.0,
-                    "the audit log's newest rows are missing from the store"
-                );
-                noted
+        let (seq, prev_hash) = match head.take() {
+            // This process wrote the last row: no store read per call.
+            Some(h) => h,
+            None => {
+                let stored = self.store.audit_head().await?.unwrap_or((0, String::new()));
+                // Rows cut off the store's end stay visible: the next row follows the head
+                // noted outside the store, so the gap is there for `verify` to find.
+                match secret.noted_head() {
+                    Some(noted) if noted.0 > stored.0 => {
+                        tracing::error!(
+                            stored = stored.0,
+                            noted = noted.0,
+                            "the audit log's newest rows are missing from the store"
+                        );
+                        noted
+                    }
+                    _ => stored,
+                }
             }
-            _ => stored,
         };
         let mut row = AuditRow {
             seq: seq + 1,
@@ -137,6 +143,7 @@ impl Engine {
         row.hash = chain_hash(&secret.key, &row);
         self.store.audit_append(&row).await?;
         secret.note_head(row.seq, &row.hash);
+        *head = Some((row.seq, row.hash));
         Ok(())
     }
 

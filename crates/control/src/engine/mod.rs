@@ -82,7 +82,8 @@ pub struct Engine {
     /// Serialises placement decisions (capacity snapshot → insert).
     place_lock: tokio::sync::Mutex<()>,
     /// Serialises audit log appends (head → next row).
-    audit_lock: tokio::sync::Mutex<()>,
+    /// The newest audit row written, (seq, hash): read once, then kept by `Engine::audit`.
+    audit_lock: tokio::sync::Mutex<Option<(i64, String)>>,
     /// The audit chain's key and head note ([`audit`]).
     audit_secret: std::sync::RwLock<Arc<audit::AuditSecret>>,
     /// One lock per instance: one host operation on an instance at a time.
@@ -213,7 +214,7 @@ impl Engine {
             placer,
             cfg,
             place_lock: tokio::sync::Mutex::new(()),
-            audit_lock: tokio::sync::Mutex::new(()),
+            audit_lock: tokio::sync::Mutex::new(None),
             audit_secret: std::sync::RwLock::new(Arc::new(audit::AuditSecret::default())),
             locks: Mutex::new(HashMap::new()),
             wake: Notify::new(),
