@@ -284,13 +284,13 @@ pub fn route_table() -> Vec<(&'static str, &'static str, Option<Op>)> {
 }
 
 /// The operation of each (method, path template).
-fn route_ops() -> &'static std::collections::HashMap<(String, String), Op> {
-    static OPS: std::sync::OnceLock<std::collections::HashMap<(String, String), Op>> =
+fn route_ops() -> &'static std::collections::HashMap<(&'static str, &'static str), Op> {
+    static OPS: std::sync::OnceLock<std::collections::HashMap<(&'static str, &'static str), Op>> =
         std::sync::OnceLock::new();
     OPS.get_or_init(|| {
         route_table()
             .into_iter()
-            .filter_map(|(m, p, op)| Some(((m.to_string(), p.to_string()), op?)))
+            .filter_map(|(m, p, op)| Some(((m, p), op?)))
             .collect()
     })
 }
@@ -1194,7 +1194,7 @@ async fn limit_request(
         .get::<axum::extract::MatchedPath>()
         .and_then(|route| {
             route_ops()
-                .get(&(req.method().to_string(), route.as_str().to_string()))
+                .get(&(req.method().as_str(), route.as_str()))
                 .copied()
         });
     let mutating = op.is_some_and(Op::mutating);
