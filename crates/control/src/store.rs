@@ -11,6 +11,9 @@ use sqlx::{AnyPool, Row};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
+mod usage;
+pub use usage::UsageRow;
+
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("database: {0}")]
@@ -163,6 +166,9 @@ pub struct InstanceSpec {
     pub priority: gpuvisor_wire::PriorityClass,
     #[serde(default)]
     pub interruptible: bool,
+    /// Interruptible: what it pays per GPU-hour (its bid, else the floor when it was placed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bid_per_gpu_hour: Option<f64>,
     /// VMs: SSH public keys for the guest's user (cloud-init).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ssh_keys: Vec<String>,

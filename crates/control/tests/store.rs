@@ -1825,3 +1825,90 @@ async fn audit_rows_append_page_and_prune_with_their_anchor() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn usage_intervals_open_heartbeat_close_and_clip() {
+    use gpuvisor_control::store::UsageRow;
+    for_each_backend(|Db { store, backend, .. }| async move {
+        let row = |subject: &str, line: &str, qty: f64| UsageRow {
+            subject_id: subject.into(),
+            line: line.into(),
+            start_ms: 0,
+            end_ms: 0,
+            open: true,
+            tenant_id: "t-1".into(),
+            subject: "instance".into(),
+            name: "one".into(),
+            resource: "vcpu".into(),
+            model: String::new(),
+            milli: 0,
+            interruptible: false,
+            quantity: qty,
+            unit_price: 0.25,
+        };
+        store
+            .usage_step(&[], &[row("i1", "vcpu", 2.0), row("i2", "vcpu", 1.0)], 1000)
+            .await
+            .unwrap();
+        // A heartbeat carries both forward; the same line opened twice at once is one row.
+        store
+            .usage_step(&[], &[row("i1", "vcpu", 2.0)], 1000)
+            .await
+            .unwrap();
+        store.usage_step(&[], &[], 3000).await.unwrap();
+        let open = store.usage_open().await.unwrap();
+        assert_eq!(open.len(), 2, "{backend}: {open:?}");
+        assert!(
+            open.iter().all(|u| u.start_ms == 1000 && u.end_ms == 3000),
+            "{backend}: {open:?}"
+        );
+        assert_eq!(open[0].quantity + open[1].quantity, 3.0, "{backend}");
+        // i1 closes at 4000 and reopens at a new size.
+        store
+            .usage_step(
+                &[("i1".into(), "vcpu".into(), 1000)],
+                &[row("i1", "vcpu", 4.0)],
+                4000,
+            )
+            .await
+            .unwrap();
+        let rows = store
+            .usage_rows(0, i64::MAX, None, Some("i1"))
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 2, "{backend}: {rows:?}");
+        assert!(
+            !rows[0].open && rows[0].end_ms == 4000,
+            "{backend}: {rows:?}"
+        );
+        assert!(rows[1].open && rows[1].start_ms == 4000 && rows[1].quantity == 4.0);
+        // A crash: open rows close at their last heartbeat, not at the next start.
+        store.usage_step(&[], &[], 5000).await.unwrap();
+        assert_eq!(store.usage_close_all().await.unwrap(), 2, "{backend}");
+        assert!(store.usage_open().await.unwrap().is_empty());
+        let rows = store
+            .usage_rows(0, i64::MAX, Some("t-1"), None)
+            .await
+            .unwrap();
+        assert!(rows.iter().all(|u| u.end_ms <= 5000), "{backend}: {rows:?}");
+        // Ranges: only overlapping rows; other tenants' never.
+        assert_eq!(
+            store
+                .usage_rows(4500, 6000, None, None)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(
+            store.usage_rows(0, 1000, None, None).await.unwrap().len(),
+            0
+        );
+        assert!(store
+            .usage_rows(0, i64::MAX, Some("t-2"), None)
+            .await
+            .unwrap()
+            .is_empty());
+    })
+    .await;
+}

@@ -169,6 +169,8 @@ fn routes() -> Routes {
     .add("POST", "/v1/keys", Op::CreateKey, create_key)
     .add("DELETE", "/v1/keys/{id}", Op::RevokeKey, revoke_key)
     .add("GET", "/v1/gpus", Op::ListGpus, list_gpus)
+    .add("GET", "/v1/gpu-types", Op::ListGpuTypes, gpu_types)
+    .add("GET", "/v1/usage", Op::Usage, usage)
     .add("POST", "/v1/gpus/{id}/bind-vfio", Op::BindVfio, bind_vfio)
     .add("POST", "/v1/gpus/{id}/release", Op::ReleaseGpu, release_gpu)
     .add("POST", "/v1/gpus/{id}/cordon", Op::CordonGpu, cordon_gpu)
@@ -459,6 +461,18 @@ async fn mig_destroy(
 
 async fn list_gpus(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Gpu>> {
     Ok(Json(e.list_gpus(&p).await?))
+}
+
+async fn gpu_types(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::GpuType>> {
+    Ok(Json(e.gpu_types(&p).await?))
+}
+
+async fn usage(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Query(q): Query<wire::UsageQuery>,
+) -> R<wire::UsageReport> {
+    Ok(Json(e.usage(&p, &q).await?))
 }
 
 async fn list_images(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Image>> {

@@ -166,6 +166,8 @@ pub enum Command {
     /// The audit log of mutating calls (admin; a tenant admin: its tenant's).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Metered usage and its cost per instance, volume and resource (`-o table|json|csv`).
+    Usage(UsageArgs),
     /// GPUs of the host.
     #[command(subcommand)]
     Gpu(GpuCmd),
@@ -420,6 +422,22 @@ pub enum KeyCmd {
     Revoke { id: String },
 }
 
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// Admins: only this tenant (default: every tenant). Others see their own.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Start: a duration back (2h, 30d), epoch ms, RFC 3339 or a date [default: 30d].
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End, in the same forms [default: now].
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Only this instance (id or name) or volume (name).
+    #[arg(long)]
+    pub subject: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
     /// Calls that changed something: who, what, on what, with what result, from where.
@@ -447,6 +465,8 @@ pub enum GpuCmd {
     /// List GPUs and what is allocated on them.
     #[command(visible_alias = "ls")]
     List,
+    /// GPU models for rent: how many are free, on-demand and interruptible price per hour.
+    Types,
     /// Hand a GPU (and its audio function) to vfio-pci for passthrough into VMs (admin; refused
     /// while an instance uses it or when its IOMMU group holds other devices).
     BindVfio {
@@ -627,9 +647,14 @@ pub struct CreateArgs {
     /// Priority class: a higher class may preempt lower interruptible instances.
     #[arg(long, value_enum, default_value_t = PriorityArg::Normal)]
     pub priority: PriorityArg,
-    /// Spot instance: may be stopped and marked `interrupted` for a higher-priority one.
+    /// Spot instance: may be stopped and marked `interrupted` for a higher-priority or
+    /// on-demand one, or a higher bid (see `gpu types` for prices).
     #[arg(long)]
     pub interruptible: bool,
+    /// With --interruptible: the most to pay per GPU-hour (at least the current interruptible
+    /// price); a higher bid may take a GPU from a lower one [default: the floor price].
+    #[arg(long, value_name = "PRICE")]
+    pub bid: Option<f64>,
     /// When the main process exits: `no` (stay stopped), `on-failure[:N]` (restart after a
     /// non-zero exit, at most N times since the last create/start), `always` (restart after
     /// every exit; never after `instance stop`). Restarts back off from 1 s, doubling to 5 min
@@ -998,6 +1023,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Tenant(cmd) => connect()?.tenant(cmd),
         Command::Key(cmd) => connect()?.key(cmd),
         Command::Audit(cmd) => connect()?.audit(cmd),
+        Command::Usage(a) => connect()?.usage(a),
         Command::Gpu(cmd) => connect()?.gpu(cmd),
         Command::Image(cmd) => connect()?.image(cmd),
         Command::Registry(cmd) => connect()?.registry(cmd),
@@ -1064,6 +1090,10 @@ impl Ctx {
             GpuCmd::List => {
                 let gpus = self.client.list_gpus()?;
                 output::print(self.format, &gpus, |g| output::gpus_table(g))?;
+            }
+            GpuCmd::Types => {
+                let types = self.client.gpu_types()?;
+                output::print(self.format, &types, |t| output::gpu_types_table(t))?;
             }
             GpuCmd::BindVfio { gpu } => {
                 let g = self.client.bind_vfio(&gpu)?;
@@ -1199,6 +1229,21 @@ impl Ctx {
                 let key = self.client.revoke_key(&id)?;
                 output::print(self.format, &key, |k| format!("key {} revoked", k.id))?;
             }
+        }
+        Ok(exit::OK)
+    }
+
+    fn usage(&self, a: UsageArgs) -> Result<i32, CliError> {
+        let r = self.client.usage(&gpuvisor_wire::UsageQuery {
+            tenant: a.tenant,
+            from: a.from,
+            to: a.to,
+            subject: a.subject,
+        })?;
+        if self.format == output::Format::Csv {
+            output::print_text(&output::usage_csv(&r))?;
+        } else {
+            output::print(self.format, &r, output::usage_table)?;
         }
         Ok(exit::OK)
     }
@@ -1421,6 +1466,7 @@ impl Ctx {
                     command: args.command,
                     priority: args.priority.into(),
                     interruptible: args.interruptible,
+                    bid_per_gpu_hour: args.bid,
                     restart: args.restart,
                     runtime: args.runtime,
                     ssh_keys: read_ssh_keys(&args.ssh_keys)?,
@@ -1737,7 +1783,7 @@ impl Ctx {
     /// chunk otherwise, so that a consumer can parse as it reads.
     fn write_log_chunk(&self, chunk: &Logs) -> Result<(), CliError> {
         match self.format {
-            Format::Table => output::print_raw(chunk.data.as_bytes())?,
+            Format::Table | Format::Csv => output::print_raw(chunk.data.as_bytes())?,
             Format::Json => {
                 let line = serde_json::to_string(chunk).map_err(io::Error::other)?;
                 output::print_text(&line)?;
@@ -2203,6 +2249,8 @@ mod tests {
             gpu_fraction: None,
             priority: Default::default(),
             interruptible: false,
+            bid_per_gpu_hour: None,
+            cost: None,
             restart: Default::default(),
             runtime: Default::default(),
             restart_count: 0,

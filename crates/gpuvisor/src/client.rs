@@ -321,6 +321,28 @@ impl Client {
         self.get(&format!("/audit{query}"))
     }
 
+    pub fn usage(&self, q: &gpuvisor_wire::UsageQuery) -> Result<gpuvisor_wire::UsageReport> {
+        let params: Vec<String> = [
+            ("tenant", &q.tenant),
+            ("from", &q.from),
+            ("to", &q.to),
+            ("subject", &q.subject),
+        ]
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", segment(v))))
+        .collect();
+        let query = if params.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", params.join("&"))
+        };
+        self.get(&format!("/usage{query}"))
+    }
+
+    pub fn gpu_types(&self) -> Result<Vec<gpuvisor_wire::GpuType>> {
+        self.get("/gpu-types")
+    }
+
     pub fn audit_verify(&self) -> Result<gpuvisor_wire::AuditVerification> {
         self.get("/audit/verify")
     }

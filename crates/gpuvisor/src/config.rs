@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod pricing;
+
 /// The effective configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -57,6 +59,8 @@ pub struct Config {
     pub registry: RegistrySection,
     /// `[tls]`: the API's certificate, TLS versions, plain HTTP.
     pub tls: TlsSection,
+    /// `[pricing]`: prices per GPU model and per vCPU, GiB of memory and of disk, per hour.
+    pub pricing: gpuvisor_control::engine::pricing::Pricing,
     /// Print the first admin key on stdout as well as writing it to its file.
     pub print_admin_key: bool,
 }
@@ -476,6 +480,7 @@ impl Default for Config {
             limits: Limits::default(),
             registry: RegistrySection::default(),
             tls: TlsSection::default(),
+            pricing: Default::default(),
             print_admin_key: false,
         }
     }
@@ -510,6 +515,7 @@ struct FileConfig {
     limits: Option<LimitsFile>,
     registry: Option<RegistryFile>,
     tls: Option<TlsFile>,
+    pricing: Option<pricing::PricingFile>,
     print_admin_key: Option<bool>,
 }
 
@@ -693,6 +699,9 @@ impl Config {
             }
             if let Some(t) = f.tls {
                 c.tls.apply_file(t)?;
+            }
+            if let Some(p) = f.pricing {
+                pricing::apply(&mut c.pricing, p).context("bad [pricing]")?;
             }
             if let Some(v) = f.print_admin_key {
                 c.print_admin_key = v;

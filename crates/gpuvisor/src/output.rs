@@ -21,6 +21,8 @@ pub enum Format {
     Table,
     Json,
     Yaml,
+    /// Comma-separated values (`usage` only).
+    Csv,
 }
 
 /// Renders `value` as pretty JSON or YAML; `None` for the table format, which each caller
@@ -34,6 +36,9 @@ pub fn structured<T: Serialize + ?Sized>(format: Format, value: &T) -> io::Resul
         Format::Yaml => serde_yaml::to_string(value)
             .map(Some)
             .map_err(io::Error::other),
+        Format::Csv => Err(io::Error::other(
+            "-o csv is for `gpuvisor usage`; use table, json or yaml here",
+        )),
     }
 }
 
@@ -211,6 +216,25 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
                 } else {
                     ""
                 }
+            ),
+        ),
+        (
+            "Bid".into(),
+            i.bid_per_gpu_hour
+                .map_or_else(|| "-".to_string(), |b| format!("{b} /GPU-hour")),
+        ),
+        (
+            "Cost".into(),
+            i.cost.as_ref().map_or_else(
+                || "-".to_string(),
+                |c| {
+                    format!(
+                        "{} {cur}/hour now, {} {cur} so far",
+                        money(c.per_hour),
+                        money(c.total),
+                        cur = c.currency
+                    )
+                },
             ),
         ),
         (
@@ -600,6 +624,117 @@ pub fn audit_table(rows: &[gpuvisor_wire::AuditEntry]) -> String {
     )
 }
 
+/// A money amount: cents for sums of a cent or more, else four significant digits.
+pub fn money(v: f64) -> String {
+    if v == 0.0 || v.abs() >= 0.01 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.6}")
+    }
+}
+
+pub fn gpu_types_table(types: &[gpuvisor_wire::GpuType]) -> String {
+    table(
+        &[
+            "MODEL",
+            "VRAM",
+            "FREE",
+            "TOTAL",
+            "ON-DEMAND/H",
+            "INTERRUPTIBLE/H",
+            "FLOOR/H",
+        ],
+        types.iter().map(|t| {
+            vec![
+                t.model.clone(),
+                format_size(t.vram),
+                t.free.to_string(),
+                t.total.to_string(),
+                format!("{} {}", money(t.on_demand_price), t.currency),
+                format!("{} {}", money(t.interruptible_price), t.currency),
+                format!("{} {}", money(t.interruptible_floor), t.currency),
+            ]
+        }),
+    )
+}
+
+/// The GPU column of a usage line: `A100-80GB` or `A100-80GB x0.25`, `(spot)` when
+/// interruptible.
+fn usage_what(l: &gpuvisor_wire::UsageLine) -> String {
+    let mut s = l.model.clone().unwrap_or_default();
+    if let Some(m) = l.milli.filter(|m| *m != 1000) {
+        s.push_str(&format!(" x{}", f64::from(m) / 1000.0));
+    }
+    if l.interruptible {
+        s.push_str(" (spot)");
+    }
+    s
+}
+
+const USAGE_COLUMNS: [&str; 11] = [
+    "TENANT",
+    "SUBJECT",
+    "ID",
+    "NAME",
+    "RESOURCE",
+    "GPU",
+    "SECONDS",
+    "UNIT_SECONDS",
+    "UNIT_PRICE",
+    "COST",
+    "CURRENCY",
+];
+
+fn usage_row(l: &gpuvisor_wire::UsageLine, currency: &str) -> Vec<String> {
+    vec![
+        l.tenant.clone(),
+        l.subject.clone(),
+        l.id.clone(),
+        l.name.clone(),
+        l.resource.clone(),
+        usage_what(l),
+        format!("{:.3}", l.seconds),
+        format!("{:.3}", l.unit_seconds),
+        l.unit_price.to_string(),
+        format!("{:.6}", l.cost),
+        currency.to_string(),
+    ]
+}
+
+pub fn usage_table(r: &gpuvisor_wire::UsageReport) -> String {
+    let mut out = format!("usage {} .. {}\n", format_time(r.from), format_time(r.to));
+    out.push_str(&table(
+        &USAGE_COLUMNS,
+        r.lines.iter().map(|l| usage_row(l, &r.currency)),
+    ));
+    out.push_str(&format!("\ntotal: {} {}", money(r.total_cost), r.currency));
+    out
+}
+
+/// RFC 4180 CSV: a header, one row per line (fields with commas, quotes or newlines quoted).
+pub fn usage_csv(r: &gpuvisor_wire::UsageReport) -> String {
+    let field = |f: &str| {
+        if f.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", f.replace('"', "\"\""))
+        } else {
+            f.to_string()
+        }
+    };
+    let line = |fields: Vec<String>| {
+        fields
+            .iter()
+            .map(|f| field(f))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut out = line(USAGE_COLUMNS.iter().map(|c| c.to_lowercase()).collect());
+    for l in &r.lines {
+        out.push_str("\r\n");
+        out.push_str(&line(usage_row(l, &r.currency)));
+    }
+    out
+}
+
 pub fn audit_verification_text(v: &gpuvisor_wire::AuditVerification) -> String {
     match (&v.problem, v.last_seq) {
         (Some(p), _) => format!("audit log BROKEN after {} good rows: {p}", v.rows),
@@ -775,6 +910,8 @@ mod tests {
             gpu_fraction: None,
             priority: Default::default(),
             interruptible: false,
+            bid_per_gpu_hour: None,
+            cost: None,
             restart: gpuvisor_wire::RestartPolicy::OnFailure { max: Some(3) },
             runtime: gpuvisor_wire::RuntimeKind::Container,
             restart_count: 2,

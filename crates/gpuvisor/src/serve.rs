@@ -141,6 +141,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     engine.set_limits(cfg.limits.engine());
+    engine.set_pricing(cfg.pricing.clone());
     // The audit chain's key stays out of the store; its head is noted beside it.
     let audit_key = gpuvisor_node::keys::key_file(&cfg.data_dir, "audit.key")
         .context("cannot prepare the audit log's key")?;
@@ -194,6 +195,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(engine.clone().run_reconciler());
     tokio::spawn(engine.clone().run_limiter_sampler());
     tokio::spawn(engine.clone().run_retention());
+    tokio::spawn(engine.clone().run_meter());
     tokio::spawn(
         engine
             .clone()
@@ -252,7 +254,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!("listening on {scheme}://{}", cfg.listen);
     let app = crate::api::router_with_limits(
-        engine,
+        engine.clone(),
         crate::api::ApiLimits {
             max_body: cfg.limits.max_body,
             max_upload: cfg.limits.max_upload,
@@ -271,6 +273,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cfg.limits.max_connections_per_ip,
     )
     .await?;
+    // The meter's last step: metered time ends at the stop, not up to a second before it.
+    if let Err(e) = engine.meter_step().await {
+        tracing::warn!("usage: last meter step failed: {e}");
+    }
     // Our iptables chains go with the last bridge: nothing of ours stays on a host that runs
     // no instance of ours.
     match tokio::task::spawn_blocking(move || node.net.release_host()).await? {

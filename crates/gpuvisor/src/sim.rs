@@ -435,7 +435,7 @@ pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
             )?;
             writeln!(stdout, "{t}")?;
         }
-        Format::Json | Format::Yaml => {
+        Format::Json | Format::Yaml | Format::Csv => {
             let out = Output {
                 results: curves
                     .iter()

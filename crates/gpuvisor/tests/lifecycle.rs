@@ -4,7 +4,8 @@
 
 mod common;
 use common::{serial, Daemon};
-use std::time::Duration;
+use serde_json::Value;
+use std::time::{Duration, Instant};
 
 #[test]
 fn bad_input_is_refused_and_creates_nothing() {
@@ -439,32 +440,85 @@ fn on_demand_instance_preempts_a_spot_instance() {
         "--container-disk",
         "64MiB",
     ];
-    let mut spot_args = h100.to_vec();
-    spot_args.extend([
-        "--priority",
-        "low",
-        "--interruptible",
-        "--",
-        "sleep",
-        "1000000",
-    ]);
-    let spot = d.create(&spot_args);
-    let spot_gpu = d.json(&["instance", "get", &spot])["gpus"][0]["uuid"].clone();
-
-    // A low-priority request cannot take the H100 from an equal-priority spot instance.
-    let mut low = h100.to_vec();
-    low.extend(["--priority", "low", "--", "true"]);
-    let mut cmd = vec!["instance", "create", "--image", "busybox"];
-    cmd.extend(&low);
+    let spot_with = |bid: &'static str| {
+        let mut a = h100.to_vec();
+        a.extend(["--priority", "low", "--interruptible", "--bid", bid]);
+        a.extend(["--", "sleep", "1000000"]);
+        a
+    };
+    let create_cmd = |args: &[&'static str]| {
+        let mut cmd = vec!["instance", "create", "--image", "busybox"];
+        cmd.extend(args);
+        cmd
+    };
+    // The market: the H100's interruptible floor, and a bid below it is refused.
+    let types = d.json(&["gpu", "types"]);
+    let h100_type = types
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["model"] == "H100-80GB")
+        .unwrap_or_else(|| panic!("{types}"))
+        .clone();
+    let floor = h100_type["interruptible_floor"].as_f64().unwrap();
+    assert!(floor > 0.5, "{h100_type}");
     assert_eq!(
-        d.cli(&cmd).status.code(),
-        Some(6),
-        "equal priority must not preempt"
+        h100_type["interruptible_price"],
+        h100_type["interruptible_floor"]
+    );
+    let out = d.cli(&create_cmd(&spot_with("0.5")));
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("below the interruptible price"));
+
+    let first = d.create(&spot_with("2"));
+    let spot_gpu = d.json(&["instance", "get", &first])["gpus"][0]["uuid"].clone();
+    assert_eq!(
+        d.json(&["instance", "get", &first])["bid_per_gpu_hour"],
+        2.0
+    );
+    // Held: the price to get one now is just above the holder's bid.
+    let types = d.json(&["gpu", "types"]);
+    let h100_now = types
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["model"] == "H100-80GB")
+        .unwrap()
+        .clone();
+    assert_eq!(h100_now["free"], 0, "{h100_now}");
+    assert!(
+        h100_now["interruptible_price"].as_f64().unwrap() > 2.0,
+        "{h100_now}"
     );
 
-    // An on-demand (normal) request preempts it: the spot ends interrupted, the GPU moves.
+    // An equal bid does not outbid; a higher one does.
+    assert_eq!(
+        d.cli(&create_cmd(&spot_with("2"))).status.code(),
+        Some(6),
+        "an equal bid must not preempt"
+    );
+    let spot = d.create(&spot_with("3"));
+    assert_eq!(
+        d.json(&["instance", "get", &spot])["gpus"][0]["uuid"],
+        spot_gpu
+    );
+    let outbid = d.json(&["instance", "get", &first]);
+    assert_eq!(outbid["state"], "interrupted", "{outbid}");
+    let events = d.json(&["instance", "events", &first]);
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "preempted"
+                && e["message"].as_str().unwrap().contains("higher bid")),
+        "{events}"
+    );
+
+    // An on-demand request of the same class preempts the spot: it ends interrupted, the
+    // GPU moves.
     let mut od_args = h100.to_vec();
-    od_args.extend(["--", "sleep", "1000000"]);
+    od_args.extend(["--priority", "low", "--", "sleep", "1000000"]);
     let od = d.create(&od_args);
     let od_inst = d.json(&["instance", "get", &od]);
     assert_eq!(od_inst["gpus"][0]["uuid"], spot_gpu);
@@ -472,7 +526,7 @@ fn on_demand_instance_preempts_a_spot_instance() {
     assert_eq!(spot_inst["state"], "interrupted", "{spot_inst}");
     assert_eq!(
         spot_inst["reason"],
-        "preempted by a higher-priority instance"
+        "preempted by a higher priority class, an on-demand instance or a higher bid"
     );
     let events = d.json(&["instance", "events", &spot]);
     assert!(
@@ -503,4 +557,163 @@ fn on_demand_instance_preempts_a_spot_instance() {
         "non-interruptible must not be evicted"
     );
     d.json(&["instance", "terminate", &spot, "--wait"]);
+    d.json(&["instance", "terminate", &first, "--wait"]);
+}
+
+/// The GPU line of `id`'s usage report (as `key`), and the report.
+fn gpu_usage(d: &Daemon, key: &str, id: &str) -> (f64, Value) {
+    let r = d.json_as(key, &["usage", "--subject", id]);
+    let gpu = r["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["resource"] == "gpu")
+        .unwrap_or_else(|| panic!("no GPU line: {r}"))
+        .clone();
+    (gpu["seconds"].as_f64().unwrap(), r)
+}
+
+/// Usage is metered per second, costed at the configured prices, and exact across daemon
+/// restarts, a crash and a clean stop: the time the daemon was down is the only gap, and no
+/// second is counted twice. Stopped instances pay for their disk only.
+#[test]
+fn usage_is_metered_and_exact_across_restarts() {
+    let _s = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("gpuvisor.toml");
+    std::fs::write(
+        &cfg,
+        "[pricing]\nvcpu_hour = 0.5\n[pricing.gpu.\"A100-80GB\"]\non_demand = 36.0\ninterruptible = 18.0\n",
+    )
+    .unwrap();
+    let mut d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    d.import_busybox();
+    let key = d.key.clone();
+    let created = Instant::now();
+    let id = d.create(&[
+        "--gpus",
+        "1",
+        "--gpu-model",
+        "A100-80GB",
+        "--vcpus",
+        "1",
+        "--memory",
+        "1GiB",
+        "--container-disk",
+        "1GiB",
+        "--",
+        "sleep",
+        "1000000",
+    ]);
+    std::thread::sleep(Duration::from_secs(3));
+    let (s1, r1) = gpu_usage(&d, &key, &id);
+    let wall = created.elapsed().as_secs_f64();
+    assert!(
+        s1 >= 2.0 && s1 <= wall + 0.01,
+        "metered {s1} s of {wall} s: {r1}"
+    );
+    let lines = r1["lines"].as_array().unwrap();
+    let mut resources: Vec<&str> = lines
+        .iter()
+        .map(|l| l["resource"].as_str().unwrap())
+        .collect();
+    resources.sort();
+    assert_eq!(resources, ["disk", "gpu", "memory", "vcpu"], "{r1}");
+    for l in lines {
+        let want = l["unit_seconds"].as_f64().unwrap() * l["unit_price"].as_f64().unwrap() / 3600.0;
+        assert!((l["cost"].as_f64().unwrap() - want).abs() < 1e-9, "{l}");
+    }
+    let gpu = lines.iter().find(|l| l["resource"] == "gpu").unwrap();
+    assert_eq!(gpu["unit_price"], 36.0, "the configured price: {gpu}");
+    assert_eq!(gpu["model"], "A100-80GB");
+    let vcpu = lines.iter().find(|l| l["resource"] == "vcpu").unwrap();
+    assert_eq!(vcpu["unit_price"], 0.5, "{vcpu}");
+    let cost = d.json(&["instance", "get", &id])["cost"].clone();
+    let per_hour = cost["per_hour"].as_f64().unwrap();
+    assert!(
+        (per_hour - (36.0 + 0.5 + 0.005 + 0.0001)).abs() < 1e-9,
+        "{cost}"
+    );
+    assert!(
+        cost["total"].as_f64().unwrap() >= 2.0 * 36.0 / 3600.0,
+        "{cost}"
+    );
+
+    // A crash (SIGKILL): the instance keeps running; metering resumes after the restart and
+    // the downtime is the only gap.
+    let down = Instant::now();
+    d.restart();
+    let crash_gap = down.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(3));
+    // A clean stop and start.
+    let down = Instant::now();
+    d.stop();
+    d.restart();
+    let stop_gap = down.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(2));
+    let (s2, r2) = gpu_usage(&d, &key, &id);
+    let wall = created.elapsed().as_secs_f64();
+    let up = wall - crash_gap - stop_gap;
+    assert!(
+        s2 <= up + 0.01,
+        "counted while the daemon was down: {s2} s metered, {up} s up: {r2}"
+    );
+    // Slack: a crash loses at most the last heartbeat (1 s), each start the first step.
+    assert!(
+        s2 >= up - 3.5,
+        "a gap longer than the restarts: {s2} s metered, {up} s up: {r2}"
+    );
+
+    // Stopped: the GPU, CPU and memory stop; the disk goes on.
+    d.json(&["instance", "stop", &id, "--wait"]);
+    let (g1, r1) = gpu_usage(&d, &key, &id);
+    let disk = |r: &Value| {
+        r["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["resource"] == "disk")
+            .map(|l| l["seconds"].as_f64().unwrap())
+            .sum::<f64>()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let (g2, r2) = gpu_usage(&d, &key, &id);
+    assert!(
+        (g2 - g1).abs() < 0.01,
+        "a stopped instance paid for its GPU: {g1} -> {g2}"
+    );
+    assert!(disk(&r2) >= disk(&r1) + 1.5, "{r1}\n{r2}");
+    assert_eq!(
+        d.json(&["instance", "get", &id])["cost"]["per_hour"],
+        0.0001
+    );
+
+    // CSV: a header and the instance's lines.
+    let out = d.cli(&["-o", "csv", "usage", "--subject", &id]);
+    assert!(out.status.success(), "{out:?}");
+    let csv = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        csv.starts_with("tenant,subject,id,name,resource,gpu,seconds,"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().filter(|l| l.contains(&id)).count(), 4, "{csv}");
+    // Another tenant sees none of it, and cannot ask for another tenant's usage.
+    d.json(&["tenant", "create", "other"]);
+    let other = d.json(&["key", "create", "--tenant", "other"])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let theirs = d.json_as(&other, &["usage"]);
+    assert!(theirs["lines"].as_array().unwrap().is_empty(), "{theirs}");
+    let admins = d.json(&["tenant", "list"])[0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = d.cli_as(&other, &["usage", "--tenant", &admins]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    // Bad ranges are refused with the forms that work.
+    let out = d.cli(&["usage", "--from", "yesterday"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RFC 3339"));
+    d.json(&["instance", "terminate", &id, "--wait"]);
 }

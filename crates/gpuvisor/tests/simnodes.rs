@@ -157,7 +157,10 @@ fn instances_spread_over_simulated_nodes_and_preempt_there() {
     assert_eq!(interrupted.len(), 1, "exactly one spot evicted");
     let victim = interrupted[0];
     assert!(spots.contains(&victim["id"].as_str().unwrap().to_string()));
-    assert_eq!(victim["reason"], "preempted by a higher-priority instance");
+    assert_eq!(
+        victim["reason"],
+        "preempted by a higher priority class, an on-demand instance or a higher bid"
+    );
     let od = d.json(&["instance", "get", &od_id]);
     assert_eq!(od["state"], "running");
     assert_eq!(od["node"], victim["node"], "takes the victim's node");

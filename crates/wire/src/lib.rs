@@ -8,11 +8,13 @@ pub mod metrics;
 pub mod mig;
 mod restart;
 mod size;
+pub mod usage;
 
 pub use cpulist::{format_cpu_list, parse_cpu_list};
 pub use metrics::{GpuStats, MetricPoint, MetricSeries, MetricsHistory, MetricsQuery};
 pub use restart::{RestartPolicy, VolumeState};
 pub use size::{format_size, parse_size, SizeError};
+pub use usage::{GpuType, InstanceCost, UsageLine, UsageQuery, UsageReport};
 
 use serde::{Deserialize, Serialize};
 
@@ -263,9 +265,14 @@ pub struct CreateInstance {
     pub command: Vec<String>,
     #[serde(default)]
     pub priority: PriorityClass,
-    /// Spot: may be preempted (stopped and marked `interrupted`) for a higher-priority instance.
+    /// Spot: may be preempted (stopped and marked `interrupted`) for a higher-priority
+    /// instance, an on-demand one or a higher bid.
     #[serde(default)]
     pub interruptible: bool,
+    /// Interruptible only: the most it pays per GPU-hour (default: the current interruptible
+    /// price). Refused below that price; outbid by a higher bid when GPUs run out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bid_per_gpu_hour: Option<f64>,
     /// What happens when the main process exits (default `always`).
     #[serde(default)]
     pub restart: RestartPolicy,
@@ -327,6 +334,9 @@ pub struct Instance {
     pub priority: PriorityClass,
     #[serde(default)]
     pub interruptible: bool,
+    /// Interruptible: what it pays per GPU-hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bid_per_gpu_hour: Option<f64>,
     #[serde(default)]
     pub restart: RestartPolicy,
     /// Automatic restarts since the last `create`/`start` (what `on-failure:N` counts).
@@ -346,6 +356,9 @@ pub struct Instance {
     /// For a fractional GPU: what the fraction guarantees on its host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_fraction: Option<FractionGuarantee>,
+    /// What it costs now per hour and since creation (only in `get`, not in lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<InstanceCost>,
     /// Unix milliseconds.
     pub created_at: i64,
     pub updated_at: i64,

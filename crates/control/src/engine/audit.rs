@@ -10,8 +10,9 @@
 //! held by any of this.
 
 use super::authz::Op;
+use super::tenants::scoped_tenant;
 use super::{now_ms, Engine, Principal};
-use crate::error::{invalid, EngineError, Result};
+use crate::error::{invalid, Result};
 use crate::store::AuditRow;
 use crate::telemetry::parse_since;
 use gpuvisor_wire as wire;
@@ -156,20 +157,7 @@ impl Engine {
     ) -> Result<Vec<wire::AuditEntry>> {
         who.allow(Op::AuditList)?;
         let names = self.tenant_names().await?;
-        let tenant_id = match (&q.tenant, who.is_admin()) {
-            (Some(t), true) => Some(
-                names
-                    .iter()
-                    .find(|(_, n)| *n == t)
-                    .map(|(id, _)| id.clone())
-                    .ok_or_else(|| EngineError::NotFound(format!("tenant {t:?} not found")))?,
-            ),
-            (None, true) => None,
-            (Some(t), false) if *t != who.tenant => {
-                return Err(EngineError::NotFound(format!("tenant {t:?} not found")))
-            }
-            (_, false) => Some(who.tenant_id.clone()),
-        };
+        let tenant_id = scoped_tenant(who, q.tenant.as_deref(), &names)?;
         let since = match &q.since {
             None => 0,
             Some(s) => parse_since(s, now_ms()).ok_or_else(|| {

@@ -118,6 +118,8 @@ ops! {
     ExecSession => "instance.exec_session", Operate;
     Console => "instance.console", Operate;
     AuditList => "audit.list", ManageTenant;
+    Usage => "usage.list", Read;
+    ListGpuTypes => "gpu.types", Read;
     AuditVerify => "audit.verify", Admin;
 }
 

@@ -14,9 +14,11 @@ mod gpuadmin;
 pub mod images;
 pub mod limits;
 mod metrics;
+pub mod pricing;
 mod reconcile;
 pub mod session;
 mod tenants;
+mod usage;
 pub mod validate;
 
 use crate::error::{invalid, EngineError, Result};
@@ -99,6 +101,8 @@ pub struct Engine {
     simulated_nodes: std::sync::RwLock<std::collections::HashSet<String>>,
     /// Exec bounds and running execs, retention policy ([`limits`]).
     limits: limits::LimitState,
+    /// The price list ([`pricing`]), set at start.
+    pricing: std::sync::RwLock<Arc<pricing::Pricing>>,
     /// A tenant deletion may be pending (`tenant rm --cascade`): the reconciler looks at the
     /// store only then. True at start, so a deletion a crash interrupted is found.
     pub(crate) tenant_deletions: std::sync::atomic::AtomicBool,
@@ -223,6 +227,7 @@ impl Engine {
             telemetry,
             simulated_nodes: std::sync::RwLock::new(std::collections::HashSet::new()),
             limits: Default::default(),
+            pricing: Default::default(),
             tenant_deletions: std::sync::atomic::AtomicBool::new(true),
             registry: Default::default(),
             making_volumes: Mutex::new(Default::default()),
@@ -1183,7 +1188,7 @@ fn resident(i: &InstanceRow, vm_overhead: u64) -> Resident {
         cpus: i.cpus.clone(),
         vcpus: i.spec.vcpus,
         memory: charged_memory(i.runtime, i.spec.memory, vm_overhead),
-        priority: i.spec.priority.rank(),
+        priority: pricing::spec_rank(&i.spec),
         interruptible: i.spec.interruptible,
     }
 }
@@ -1248,6 +1253,7 @@ impl Engine {
             command: i.spec.command,
             priority: i.spec.priority,
             interruptible: i.spec.interruptible,
+            bid_per_gpu_hour: i.spec.bid_per_gpu_hour,
             restart: i.restart.policy,
             restart_count: i.restart.count,
             exit_code: i.restart.exit_code,
@@ -1259,6 +1265,7 @@ impl Engine {
                 .filter(|_| !simulated),
             ip,
             gpu_usage: Vec::new(),
+            cost: None,
             created_at: i.created_at,
             updated_at: i.updated_at,
         }
@@ -1293,6 +1300,7 @@ impl Engine {
             limits.memory = limits.memory.max(n.memory);
         }
         validate::create(req, &limits)?;
+        pricing::check_bid(req.interruptible, req.bid_per_gpu_hour)?;
         // Fractions on this host need the limiter; simulated nodes run nothing.
         let local_ok = req.gpu_fraction.is_none() || self.node.limiters.library().is_some();
         if !local_ok && sim.is_empty() {
@@ -1459,14 +1467,15 @@ impl Engine {
             },
         )
         .await?;
-        // Without the right to preempt other tenants, their instances are not interruptible
-        // for this request, whatever priority it asks for.
+        // Without the right to preempt other tenants, a higher priority class never evicts
+        // their instances: only the market does (on demand over interruptible, a higher bid
+        // over a lower one, within one class).
         let protected: std::collections::BTreeSet<String> =
             if who.is_admin() || tenant.policy.preempt_other_tenants {
                 Default::default()
             } else {
                 live.iter()
-                    .filter(|i| i.tenant_id != who.tenant_id)
+                    .filter(|i| i.tenant_id != who.tenant_id && i.spec.priority < req.priority)
                     .map(|i| i.id.clone())
                     .collect()
             };
@@ -1477,13 +1486,24 @@ impl Engine {
             model: req.gpu_model.clone(),
             vcpus: req.vcpus,
             memory: charged_memory(req.runtime, req.memory, self.vm_overhead()),
-            priority: req.priority.rank(),
+            // Without a bid a spot request takes free GPUs at the floor and outbids nobody.
+            priority: pricing::market_rank(req.priority, req.interruptible, req.bid_per_gpu_hour),
             interruptible: req.interruptible,
             passthrough: req.runtime == wire::RuntimeKind::Vm,
         };
         let capacity = self.host_capacity(&live).protecting(&protected);
         let (node_id, mut assignment, victims) =
             self.choose(&capacity, sim, &live, &protected, &demand, local_ok)?;
+        // What a spot instance pays: its bid, refused under the floor of the model it got;
+        // without one, that floor (recorded, so its rank and price stay what they were).
+        let bid = match (req.interruptible, assignment.gpus.first()) {
+            (false, _) => None,
+            (true, None) => req.bid_per_gpu_hour,
+            (true, Some(g)) => Some(
+                self.pricing()
+                    .interruptible_rate(&g.model, req.bid_per_gpu_hour)?,
+            ),
+        };
         let simulated = self.is_simulated_node(&node_id);
         if !simulated && demand.passthrough && victims.is_empty() {
             self.whole_groups(&capacity, &mut assignment);
@@ -1573,6 +1593,7 @@ impl Engine {
                 command,
                 priority: req.priority,
                 interruptible: req.interruptible,
+                bid_per_gpu_hour: bid,
                 ssh_keys: req.ssh_keys.clone(),
                 startup_script: req.startup_script.clone(),
                 packages: req.packages.clone(),
@@ -1622,12 +1643,19 @@ impl Engine {
             } else {
                 "another tenant's instance".to_string()
             };
-            self.event(
-                v,
-                "preempted",
-                format!("preempted by {by} ({} priority)", req.priority.as_str()),
-            )
-            .await;
+            let victim = live.iter().find(|i| &i.id == v);
+            let why = match victim {
+                Some(i) if i.spec.priority < req.priority => {
+                    format!("{} priority", req.priority.as_str())
+                }
+                _ if !req.interruptible => "on demand".to_string(),
+                _ => format!(
+                    "a higher bid, {} per GPU-hour",
+                    bid.map_or_else(|| "-".into(), |b| b.to_string())
+                ),
+            };
+            self.event(v, "preempted", format!("preempted by {by} ({why})"))
+                .await;
         }
         if let Err(e) = self.store.insert_instance(&row).await {
             self.rollback_volumes(&who.tenant_id, &created).await;
@@ -1752,9 +1780,12 @@ impl Engine {
         self.instance_with_usage(row).await
     }
 
-    /// The instance as `get` answers it: with its limiter usage when it has a GPU share.
+    /// The instance as `get` answers it: with its cost, and its limiter usage when it has a
+    /// GPU share.
     async fn instance_with_usage(&self, row: InstanceRow) -> Result<wire::Instance> {
+        let cost = self.instance_cost(&row).await?;
         let mut inst = self.wire_instance(row).await?;
+        inst.cost = Some(cost);
         if let Some(usage) = self.node.limiters.usage(&inst.id) {
             inst.gpu_usage = inst
                 .gpus

@@ -29,6 +29,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Why an evicted instance is `interrupted` (its `preempted` event says by what).
+pub const PREEMPTED: &str =
+    "preempted by a higher priority class, an on-demand instance or a higher bid";
+
 /// What the reconciler will do with an instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
@@ -320,8 +324,7 @@ impl Engine {
             if !on_host {
                 // A simulated node: nothing to provision or stop; only the state moves.
                 if let Some((to, msg)) = simulated_step(step) {
-                    let reason =
-                        (to == S::Interrupted).then_some("preempted by a higher-priority instance");
+                    let reason = (to == S::Interrupted).then_some(PREEMPTED);
                     self.set(&i.id, to, reason, "state", msg.into()).await?;
                 }
                 continue;
@@ -793,7 +796,7 @@ impl Engine {
                 self.set(
                     &id,
                     S::Interrupted,
-                    Some("preempted by a higher-priority instance"),
+                    Some(PREEMPTED),
                     "state",
                     "interrupted; resources released".into(),
                 )

@@ -10,6 +10,7 @@ use super::{now_ms, random_hex, validate, Engine, Principal};
 use crate::error::{EngineError, Result};
 use crate::store::{InstanceRow, TenantRow, VolumeRow};
 use gpuvisor_wire::{self as wire, PriorityClass, TenantPolicy, TenantUsage};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 /// What one create (or volume create) adds to a tenant's holdings.
@@ -574,6 +575,26 @@ impl Engine {
             tenant.name,
             asked.as_str()
         )))
+    }
+}
+
+/// Which tenant a listing covers: an admin names one (by name) or none (all); anyone else
+/// always its own, and naming another tenant is `not_found` (as if it did not exist).
+pub(crate) fn scoped_tenant(
+    who: &Principal,
+    asked: Option<&str>,
+    names: &BTreeMap<String, String>,
+) -> Result<Option<String>> {
+    let not_found = |t: &str| EngineError::NotFound(format!("tenant {t:?} not found"));
+    match (asked, who.is_admin()) {
+        (Some(t), true) => names
+            .iter()
+            .find(|(_, n)| *n == t)
+            .map(|(id, _)| Some(id.clone()))
+            .ok_or_else(|| not_found(t)),
+        (None, true) => Ok(None),
+        (Some(t), false) if t != who.tenant => Err(not_found(t)),
+        (_, false) => Ok(Some(who.tenant_id.clone())),
     }
 }
 
