@@ -175,6 +175,8 @@ fn every_route_is_scoped_by_tenant() {
         ),
         ("DELETE", "/v1/keys/{id}", row(403, 403, 200)),
         ("GET", "/v1/gpus", row(200, 200, 200)),
+        ("GET", "/v1/gpu-types", row(200, 200, 200)),
+        ("GET", "/v1/usage", row(200, 200, 200)),
         // Simulated GPUs cannot be bound: the admin passes authorisation and gets 409.
         ("POST", "/v1/gpus/{id}/bind-vfio", row(403, 403, 409)),
         ("POST", "/v1/gpus/{id}/release", row(403, 403, 409)),
@@ -372,6 +374,8 @@ fn every_route_by_role() {
             [y, y, n, n, n],
         ),
         ("GET", "/v1/gpus", None, read),
+        ("GET", "/v1/gpu-types", None, read),
+        ("GET", "/v1/usage", None, read),
         ("POST", "/v1/gpus/{id}/bind-vfio", None, admin),
         ("POST", "/v1/gpus/{id}/release", None, admin),
         (
