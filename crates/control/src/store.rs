@@ -11,7 +11,9 @@ use sqlx::{AnyPool, Row};
 use std::collections::BTreeMap;
 use thiserror::Error;
 
+mod templates;
 mod usage;
+pub use templates::TemplateRow;
 pub use usage::UsageRow;
 
 #[derive(Debug, Error)]
@@ -650,6 +652,7 @@ impl Store {
              (SELECT id FROM instances WHERE tenant_id = $1 AND state = 'terminated')",
             "DELETE FROM instances WHERE tenant_id = $1 AND state = 'terminated'",
             "DELETE FROM api_keys WHERE tenant_id = $1",
+            "DELETE FROM templates WHERE owner = $1",
         ] {
             sqlx::query(q)
                 .bind(id.to_string())

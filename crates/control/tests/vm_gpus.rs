@@ -290,7 +290,7 @@ impl Host {
 
     async fn vm(&self, gpus: u32) -> Result<wire::Instance, EngineError> {
         self.create(wire::CreateInstance {
-            runtime: RuntimeKind::Vm,
+            runtime: Some(RuntimeKind::Vm),
             gpus: Some(gpus),
             ..Default::default()
         })
@@ -428,7 +428,7 @@ async fn simulated_vfio_gpus_take_vms_and_only_vms() {
     // A model only on the host driver: the VM is told how to get one, here by simulation.
     let err = h
         .create(wire::CreateInstance {
-            runtime: RuntimeKind::Vm,
+            runtime: Some(RuntimeKind::Vm),
             gpus: Some(1),
             gpu_model: Some("A100-80GB".into()),
             ..Default::default()
@@ -480,7 +480,7 @@ async fn fractions_and_mig_slices_are_refused_for_vms() {
     let h = Host::new(Fx::empty(), Some("1xA100-80GB:mig,1xH100-80GB:vfio"), true).await;
     let err = h
         .create(wire::CreateInstance {
-            runtime: RuntimeKind::Vm,
+            runtime: Some(RuntimeKind::Vm),
             gpu_fraction: Some(0.5),
             ..Default::default()
         })
@@ -495,7 +495,7 @@ async fn fractions_and_mig_slices_are_refused_for_vms() {
     h.engine.mig_create(&h.admin, "0", "3g.40gb").await.unwrap();
     let err = h
         .create(wire::CreateInstance {
-            runtime: RuntimeKind::Vm,
+            runtime: Some(RuntimeKind::Vm),
             gpus: Some(1),
             gpu_model: Some("A100-80GB-3g.40gb".into()),
             ..Default::default()
@@ -741,7 +741,7 @@ async fn gpus_sharing_a_group_go_to_one_vm_together() {
 fn vm_req(memory: u64) -> wire::CreateInstance {
     wire::CreateInstance {
         image: IMAGE.into(),
-        runtime: RuntimeKind::Vm,
+        runtime: Some(RuntimeKind::Vm),
         vcpus: 1,
         memory,
         container_disk: 1 << 30,
@@ -858,7 +858,7 @@ async fn a_vms_qemu_overhead_counts_in_placement_and_quota() {
         .create_instance(
             &h.user,
             &wire::CreateInstance {
-                runtime: RuntimeKind::Container,
+                runtime: Some(RuntimeKind::Container),
                 ..vm_req(big)
             },
         )
@@ -897,7 +897,7 @@ async fn a_vms_qemu_overhead_counts_in_placement_and_quota() {
         .create_instance(
             &h.user,
             &wire::CreateInstance {
-                runtime: RuntimeKind::Container,
+                runtime: Some(RuntimeKind::Container),
                 ..vm_req(rest)
             },
         )

@@ -218,6 +218,15 @@ fn routes() -> Routes {
         Op::RegistryLogout,
         registry_logout,
     )
+    .add("GET", "/v1/templates", Op::ListTemplates, list_templates)
+    .add("POST", "/v1/templates", Op::CreateTemplate, create_template)
+    .add("GET", "/v1/templates/{name}", Op::GetTemplate, get_template)
+    .add(
+        "DELETE",
+        "/v1/templates/{name}",
+        Op::RemoveTemplate,
+        remove_template,
+    )
     .add("GET", "/v1/volumes", Op::ListVolumes, list_volumes)
     .add("POST", "/v1/volumes", Op::CreateVolume, create_volume)
     .add(
@@ -461,6 +470,34 @@ async fn mig_destroy(
 
 async fn list_gpus(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Gpu>> {
     Ok(Json(e.list_gpus(&p).await?))
+}
+
+async fn list_templates(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Template>> {
+    Ok(Json(e.list_templates(&p).await?))
+}
+
+async fn create_template(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Body(b): Body<wire::CreateTemplate>,
+) -> R<wire::Template> {
+    Ok(Json(e.create_template(&p, &b).await?))
+}
+
+async fn get_template(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(name): Path<String>,
+) -> R<wire::Template> {
+    Ok(Json(e.get_template(&p, &name).await?))
+}
+
+async fn remove_template(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(name): Path<String>,
+) -> R<wire::Template> {
+    Ok(Json(e.remove_template(&p, &name).await?))
 }
 
 async fn gpu_types(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::GpuType>> {

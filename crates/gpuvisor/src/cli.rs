@@ -180,6 +180,9 @@ pub enum Command {
     /// Persistent volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Instance templates: `instance create --template NAME` starts from one.
+    #[command(subcommand)]
+    Template(TemplateCmd),
     /// Instances: containers or micro-VMs with GPUs.
     #[command(subcommand)]
     Instance(InstanceCmd),
@@ -597,6 +600,126 @@ pub enum VolumeCmd {
     Rm { name: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TemplateCmd {
+    /// Make a template (for your tenant; --public, an admin's, for every tenant).
+    Create(Box<TemplateArgs>),
+    /// Templates you may use: yours and the public ones.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one template.
+    Get { name: String },
+    /// Remove a template (yours; a public one: admins). Instances made from it stay as they are.
+    #[command(visible_alias = "remove")]
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct TemplateArgs {
+    pub name: String,
+    /// Start from a file (TOML or JSON, the fields of `template get -o json` without name);
+    /// the flags given override it. See examples/templates/.
+    #[arg(long, value_name = "FILE")]
+    pub from: Option<std::path::PathBuf>,
+    /// Every tenant may use it (admins).
+    #[arg(long)]
+    pub public: bool,
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Image name; required unless --from gives it.
+    #[arg(long, required_unless_present = "from")]
+    pub image: Option<String>,
+    /// container or vm.
+    #[arg(long, value_name = "RUNTIME", value_parser = gpuvisor_wire::RuntimeKind::parse)]
+    pub runtime: Option<gpuvisor_wire::RuntimeKind>,
+    #[arg(long, conflicts_with = "gpu_fraction")]
+    pub gpus: Option<u32>,
+    #[arg(long, value_parser = parse_fraction)]
+    pub gpu_fraction: Option<f64>,
+    #[arg(long)]
+    pub gpu_model: Option<String>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    #[arg(long, value_parser = parse_size_arg)]
+    pub memory: Option<u64>,
+    #[arg(long, value_parser = parse_size_arg)]
+    pub container_disk: Option<u64>,
+    #[arg(long = "volume", short = 'v', value_name = "NAME:/PATH[:SIZE]", value_parser = parse_volume)]
+    pub volumes: Vec<VolumeMount>,
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    #[arg(long = "port", short = 'p', value_name = "PORT[/PROTO]", value_parser = parse_port)]
+    pub ports: Vec<PortSpec>,
+    /// A script read from FILE (see `instance create --startup-script`).
+    #[arg(long, value_name = "FILE")]
+    pub startup_script: Option<std::path::PathBuf>,
+    /// The command, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+impl TemplateArgs {
+    /// The file's spec (if any) with the flags over it.
+    fn spec(self) -> Result<gpuvisor_wire::TemplateSpec, CliError> {
+        let mut s = match &self.from {
+            Some(p) => read_template_file(p)?,
+            None => Default::default(),
+        };
+        if let Some(i) = self.image {
+            s.image = i;
+        }
+        s.description = self.description.or(s.description);
+        s.runtime = self.runtime.or(s.runtime);
+        if self.gpus.is_some() || self.gpu_fraction.is_some() {
+            s.gpus = self.gpus;
+            s.gpu_fraction = self.gpu_fraction;
+        }
+        s.gpu_model = self.gpu_model.or(s.gpu_model);
+        s.vcpus = self.vcpus.or(s.vcpus);
+        s.memory = self.memory.or(s.memory);
+        s.container_disk = self.container_disk.or(s.container_disk);
+        s.volumes.extend(self.volumes);
+        s.env.extend(self.env);
+        s.ports.extend(self.ports);
+        if !self.command.is_empty() {
+            s.command = self.command;
+        }
+        if let Some(script) = read_script(self.startup_script.as_deref())? {
+            s.startup_script = Some(script);
+        }
+        Ok(s)
+    }
+}
+
+/// A template file: TOML (`.toml`) or JSON, sizes as bytes or `8GiB`.
+fn read_template_file(p: &std::path::Path) -> Result<gpuvisor_wire::TemplateSpec, CliError> {
+    let bad = |e: String| CliError::Invalid(format!("template file {}: {e}", p.display()));
+    let text = std::fs::read_to_string(p).map_err(|e| bad(e.to_string()))?;
+    let mut value: serde_json::Value = if p.extension().is_some_and(|e| e == "toml") {
+        toml::from_str(&text).map_err(|e| bad(e.to_string()))?
+    } else {
+        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
+    };
+    // Human sizes: "8GiB" → bytes.
+    for key in ["memory", "container_disk"] {
+        if let Some(s) = value.get(key).and_then(|v| v.as_str()).map(str::to_string) {
+            value[key] = parse_size_arg(&s)
+                .map_err(|e| bad(format!("{key}: {e}")))?
+                .into();
+        }
+    }
+    if let Some(vols) = value.get_mut("volumes").and_then(|v| v.as_array_mut()) {
+        for v in vols {
+            if let Some(s) = v.get("size").and_then(|s| s.as_str()).map(str::to_string) {
+                v["size"] = parse_size_arg(&s)
+                    .map_err(|e| bad(format!("volume size: {e}")))?
+                    .into();
+            }
+        }
+    }
+    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+}
+
 #[derive(Debug, Args)]
 pub struct WaitArgs {
     /// Wait until the instance reaches the state asked for.
@@ -609,9 +732,12 @@ pub struct WaitArgs {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Image name (see `gpuvisor image list`).
+    /// Start from this template (see `gpuvisor template list`); the flags given override it.
     #[arg(long)]
-    pub image: String,
+    pub template: Option<String>,
+    /// Image name (see `gpuvisor image list`); required without --template.
+    #[arg(long, required_unless_present = "template")]
+    pub image: Option<String>,
     /// Instance name (default: generated).
     #[arg(long)]
     pub name: Option<String>,
@@ -627,14 +753,15 @@ pub struct CreateArgs {
     /// Only GPUs of this model, as `gpu list` shows it.
     #[arg(long)]
     pub gpu_model: Option<String>,
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Memory limit, e.g. 16GiB.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
-    pub memory: u64,
-    /// Ephemeral container disk, e.g. 20GiB.
-    #[arg(long, default_value = "10GiB", value_parser = parse_size_arg)]
-    pub container_disk: u64,
+    /// vCPUs [default: the template's, else 1].
+    #[arg(long, value_parser = parse_vcpus)]
+    pub vcpus: Option<u32>,
+    /// Memory limit, e.g. 16GiB [default: the template's, else 1GiB].
+    #[arg(long, value_parser = parse_nonzero_size)]
+    pub memory: Option<u64>,
+    /// Ephemeral container disk, e.g. 20GiB [default: the template's, else 10GiB].
+    #[arg(long, value_parser = parse_nonzero_size)]
+    pub container_disk: Option<u64>,
     /// Volume to mount; created with SIZE if it does not exist (repeatable).
     #[arg(long = "volume", short = 'v', value_name = "NAME:/PATH[:SIZE]", value_parser = parse_volume)]
     pub volumes: Vec<VolumeMount>,
@@ -662,14 +789,16 @@ pub struct CreateArgs {
     #[arg(long, value_name = "POLICY", default_value = "always", value_parser = RestartPolicy::parse)]
     pub restart: RestartPolicy,
     /// What runs the instance: `container` (an OCI container, runc) or `vm` (a QEMU micro-VM
-    /// booted from the image's template, whole GPUs by passthrough).
-    #[arg(long, value_name = "RUNTIME", default_value = "container", value_parser = gpuvisor_wire::RuntimeKind::parse)]
-    pub runtime: gpuvisor_wire::RuntimeKind,
+    /// booted from the image's template, whole GPUs by passthrough) [default: the
+    /// template's, else container].
+    #[arg(long, value_name = "RUNTIME", value_parser = gpuvisor_wire::RuntimeKind::parse)]
+    pub runtime: Option<gpuvisor_wire::RuntimeKind>,
     /// VMs: an SSH public key for the guest's user (repeatable): the key line, or @FILE to
     /// read it (e.g. @~/.ssh/id_ed25519.pub).
     #[arg(long = "ssh-key", value_name = "KEY|@FILE")]
     pub ssh_keys: Vec<String>,
-    /// VMs: a script cloud-init runs once at first boot, read from FILE.
+    /// A script read from FILE: a VM's cloud-init runs it once at first boot; a container's
+    /// /bin/sh runs it before the command at every start.
     #[arg(long, value_name = "FILE")]
     pub startup_script: Option<std::path::PathBuf>,
     /// VMs: a Debian package cloud-init installs at first boot (repeatable; NAME or
@@ -777,6 +906,22 @@ fn parse_escape_key(s: &str) -> Result<u8, String> {
     }
 }
 
+/// A size that must not be 0 (0 would mean "unset" to the daemon).
+fn parse_nonzero_size(s: &str) -> Result<u64, String> {
+    match parse_size_arg(s)? {
+        0 => Err("must be more than 0".into()),
+        n => Ok(n),
+    }
+}
+
+fn parse_vcpus(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a number of vCPUs: {e}")),
+    }
+}
+
 fn parse_fraction(s: &str) -> Result<f64, String> {
     s.trim()
         .parse::<f64>()
@@ -811,6 +956,15 @@ pub fn parse_volume(s: &str) -> Result<VolumeMount, String> {
 
 /// `PORT[/PROTO]` (default protocol tcp; the daemon knows which protocols it serves).
 /// `--ssh-key` values: a key line as given, or `@FILE`'s non-empty, non-comment lines.
+/// `--startup-script FILE`: the script's text.
+fn read_script(path: Option<&std::path::Path>) -> Result<Option<String>, CliError> {
+    path.map(|p| {
+        std::fs::read_to_string(p)
+            .map_err(|e| CliError::Invalid(format!("--startup-script {}: {e}", p.display())))
+    })
+    .transpose()
+}
+
 fn read_ssh_keys(args: &[String]) -> Result<Vec<String>, CliError> {
     let mut keys = Vec::new();
     for a in args {
@@ -1028,6 +1182,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Image(cmd) => connect()?.image(cmd),
         Command::Registry(cmd) => connect()?.registry(cmd),
         Command::Volume(cmd) => connect()?.volume(cmd),
+        Command::Template(cmd) => connect()?.template(cmd),
         Command::Instance(cmd) => connect()?.instance(cmd),
     }
 }
@@ -1420,6 +1575,33 @@ impl Ctx {
         Ok(exit::OK)
     }
 
+    fn template(&self, cmd: TemplateCmd) -> Result<i32, CliError> {
+        let now = output::now_ms();
+        match cmd {
+            TemplateCmd::Create(args) => {
+                let (name, public) = (args.name.clone(), args.public);
+                let spec = args.spec()?;
+                let t = self
+                    .client
+                    .create_template(&gpuvisor_wire::CreateTemplate { name, public, spec })?;
+                output::print(self.format, &t, output::template_detail)?;
+            }
+            TemplateCmd::List => {
+                let ts = self.client.list_templates()?;
+                output::print(self.format, &ts, |t| output::templates_table(t, now))?;
+            }
+            TemplateCmd::Get { name } => {
+                let t = self.client.get_template(&name)?;
+                output::print(self.format, &t, output::template_detail)?;
+            }
+            TemplateCmd::Rm { name } => {
+                let t = self.client.remove_template(&name)?;
+                output::print(self.format, &t, |t| format!("template {} removed", t.name))?;
+            }
+        }
+        Ok(exit::OK)
+    }
+
     fn volume(&self, cmd: VolumeCmd) -> Result<i32, CliError> {
         let now = output::now_ms();
         match cmd {
@@ -1446,20 +1628,25 @@ impl Ctx {
             InstanceCmd::Create(args) => {
                 let mut args = *args;
                 // A registry reference no image is named after is pulled first, with progress.
-                if gpuvisor_wire::looks_like_reference(&args.image) {
-                    let image = self.pull(&args.image, None, true)?;
-                    args.image = image.name;
+                if let Some(reference) = args
+                    .image
+                    .as_deref()
+                    .filter(|i| gpuvisor_wire::looks_like_reference(i))
+                {
+                    let image = self.pull(reference, None, true)?;
+                    args.image = Some(image.name);
                 }
                 let req = CreateInstance {
-                    image: args.image,
+                    template: args.template,
+                    image: args.image.unwrap_or_default(),
                     name: args.name,
                     gpus: args.gpus,
                     gpu_fraction: args.gpu_fraction,
                     vram: args.vram,
                     gpu_model: args.gpu_model,
-                    vcpus: args.vcpus,
-                    memory: args.memory,
-                    container_disk: args.container_disk,
+                    vcpus: args.vcpus.unwrap_or(0),
+                    memory: args.memory.unwrap_or(0),
+                    container_disk: args.container_disk.unwrap_or(0),
                     volumes: args.volumes,
                     env: args.env,
                     ports: args.ports,
@@ -1470,12 +1657,7 @@ impl Ctx {
                     restart: args.restart,
                     runtime: args.runtime,
                     ssh_keys: read_ssh_keys(&args.ssh_keys)?,
-                    startup_script: match &args.startup_script {
-                        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
-                            CliError::Invalid(format!("--startup-script {}: {e}", p.display()))
-                        })?),
-                        None => None,
-                    },
+                    startup_script: read_script(args.startup_script.as_deref())?,
                     packages: args.packages,
                 };
                 let inst = self.client.create_instance(&req)?;
@@ -1993,8 +2175,8 @@ mod tests {
         ]);
         assert_eq!(a.gpu_fraction, Some(0.25));
         assert_eq!(a.vram, Some(20 << 30));
-        assert_eq!(a.memory, 16 << 30);
-        assert_eq!(a.container_disk, 10 << 30);
+        assert_eq!(a.memory, Some(16 << 30));
+        assert_eq!(a.container_disk, None, "unset: the daemon's default");
         assert_eq!(
             a.volumes,
             vec![
@@ -2025,10 +2207,12 @@ mod tests {
 
     #[test]
     fn create_defaults() {
+        // Unset: the daemon applies the template's, else its defaults (1, 1GiB, 10GiB).
         let a = create_args(&["instance", "create", "--image", "x"]);
-        assert_eq!(a.vcpus, 1);
-        assert_eq!(a.memory, 1 << 30);
-        assert_eq!(a.container_disk, 10 << 30);
+        assert_eq!(a.vcpus, None);
+        assert_eq!(a.memory, None);
+        assert_eq!(a.container_disk, None);
+        assert_eq!(a.runtime, None);
         assert_eq!(a.gpus, None);
         assert!(!a.wait.wait);
         assert_eq!(a.wait.timeout, Duration::from_secs(120));
@@ -2085,8 +2269,6 @@ mod tests {
             "x",
             "--gpu-fraction",
             "1.5",
-            "--vcpus",
-            "0",
             "--env",
             "NOVALUE",
             "--volume",
@@ -2095,15 +2277,24 @@ mod tests {
             "80/gopher",
         ]);
         assert_eq!(a.gpu_fraction, Some(1.5));
-        assert_eq!(a.vcpus, 0);
         assert_eq!(a.env, ["NOVALUE"]);
         assert_eq!(a.volumes[0].path, "relative/path");
         assert_eq!(a.ports[0].protocol, "gopher");
+        // 0 vCPUs or bytes would read as "unset" to the daemon: refused here.
+        for (flag, v) in [
+            ("--vcpus", "0"),
+            ("--memory", "0"),
+            ("--container-disk", "0B"),
+        ] {
+            let e =
+                Cli::try_parse_from(["gpuvisor", "instance", "create", "--image", "x", flag, v]);
+            assert!(e.is_err(), "{flag} {v}");
+        }
         // Repeated single-valued flags: the last one wins.
         let a = create_args(&[
             "instance", "create", "--image", "a", "--gpus", "0", "--image", "b", "--gpus", "1000",
         ]);
-        assert_eq!(a.image, "b");
+        assert_eq!(a.image.as_deref(), Some("b"));
         assert_eq!(a.gpus, Some(1000));
     }
 

@@ -465,6 +465,25 @@ impl Client {
         self.get("/registries")
     }
 
+    pub fn list_templates(&self) -> Result<Vec<gpuvisor_wire::Template>> {
+        self.get("/templates")
+    }
+
+    pub fn get_template(&self, name: &str) -> Result<gpuvisor_wire::Template> {
+        self.get(&format!("/templates/{}", segment(name)))
+    }
+
+    pub fn create_template(
+        &self,
+        req: &gpuvisor_wire::CreateTemplate,
+    ) -> Result<gpuvisor_wire::Template> {
+        self.post("/templates", Some(req))
+    }
+
+    pub fn remove_template(&self, name: &str) -> Result<gpuvisor_wire::Template> {
+        self.delete(&format!("/templates/{}", segment(name)))
+    }
+
     pub fn list_volumes(&self) -> Result<Vec<Volume>> {
         self.get("/volumes")
     }

@@ -505,6 +505,98 @@ pub fn volumes_table(volumes: &[Volume], now_ms: i64) -> String {
     )
 }
 
+pub fn templates_table(ts: &[gpuvisor_wire::Template], now_ms: i64) -> String {
+    table(
+        &[
+            "NAME", "OWNER", "IMAGE", "RUNTIME", "GPUS", "VCPUS", "MEMORY", "DISK", "AGE",
+        ],
+        ts.iter().map(|t| {
+            let s = &t.spec;
+            vec![
+                t.name.clone(),
+                t.tenant.clone().unwrap_or_else(|| "public".into()),
+                s.image.clone(),
+                s.runtime.map_or("-".into(), |r| r.to_string()),
+                template_gpus(s),
+                s.vcpus.map_or("-".into(), |v| v.to_string()),
+                s.memory.map_or("-".into(), format_size),
+                s.container_disk.map_or("-".into(), format_size),
+                format_age(t.created_at, now_ms),
+            ]
+        }),
+    )
+}
+
+fn template_gpus(s: &gpuvisor_wire::TemplateSpec) -> String {
+    let n = match (s.gpus, s.gpu_fraction) {
+        (Some(n), _) => n.to_string(),
+        (_, Some(f)) => f.to_string(),
+        _ => return "-".into(),
+    };
+    match &s.gpu_model {
+        Some(m) => format!("{n} x {m}"),
+        None => n,
+    }
+}
+
+/// `template get` in table mode.
+pub fn template_detail(t: &gpuvisor_wire::Template) -> String {
+    let s = &t.spec;
+    let join = |v: Vec<String>| or_dash(&v.join(", "));
+    let rows = [
+        ("Name", t.name.clone()),
+        ("Owner", t.tenant.clone().unwrap_or_else(|| "public".into())),
+        (
+            "Description",
+            or_dash(s.description.as_deref().unwrap_or("")),
+        ),
+        ("Image", s.image.clone()),
+        ("Runtime", s.runtime.map_or("-".into(), |r| r.to_string())),
+        ("GPUs", template_gpus(s)),
+        ("VCPUs", s.vcpus.map_or("-".into(), |v| v.to_string())),
+        ("Memory", s.memory.map_or("-".into(), format_size)),
+        (
+            "Container disk",
+            s.container_disk.map_or("-".into(), format_size),
+        ),
+        (
+            "Volumes",
+            join(
+                s.volumes
+                    .iter()
+                    .map(|v| {
+                        let size = v
+                            .size
+                            .map_or(String::new(), |z| format!(" ({})", format_size(z)));
+                        format!("{}:{}{size}", v.name, v.path)
+                    })
+                    .collect(),
+            ),
+        ),
+        ("Env", join(s.env.clone())),
+        (
+            "Ports",
+            join(
+                s.ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol))
+                    .collect(),
+            ),
+        ),
+        ("Command", or_dash(&s.command.join(" "))),
+        (
+            "Startup script",
+            s.startup_script
+                .as_ref()
+                .map_or("-".into(), |x| format!("{} lines", x.lines().count())),
+        ),
+    ];
+    rows.iter()
+        .map(|(k, v)| format!("{:<16}{v}", format!("{k}:")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn tenants_table(tenants: &[Tenant], now_ms: i64) -> String {
     table(
         &["ID", "NAME", "AGE"],

@@ -717,3 +717,251 @@ fn usage_is_metered_and_exact_across_restarts() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("RFC 3339"));
     d.json(&["instance", "terminate", &id, "--wait"]);
 }
+
+fn example_template(name: &str) -> String {
+    format!(
+        "{}/../../examples/templates/{name}.toml",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// Templates: a public one (an admin's) makes instances for every tenant, the request's flags
+/// override it field by field, its startup script runs before its command in a container;
+/// a tenant's own templates are its alone, and a tenant cannot publish or remove public ones.
+#[test]
+fn templates_make_instances_that_requests_override() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    d.import_busybox();
+    let file = example_template("custom-ml-stack");
+    let t = d.json(&[
+        "template",
+        "create",
+        "custom-ml-stack",
+        "--from",
+        &file,
+        "--public",
+    ]);
+    assert_eq!(t["public"], true, "{t}");
+    assert_eq!(t["image"], "busybox");
+    assert_eq!(t["gpu_fraction"], 0.25);
+    assert_eq!(t["memory"], 4u64 << 30);
+    d.json(&["tenant", "create", "acme"]);
+    let acme = d.json(&["key", "create", "--tenant", "acme"])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.json(&["tenant", "create", "other"]);
+    let other = d.json(&["key", "create", "--tenant", "other"])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let listed = d.json_as(&acme, &["template", "list"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "custom-ml-stack"),
+        "{listed}"
+    );
+
+    // From the template, with overrides: a whole GPU instead of its fraction, smaller sizes,
+    // its volume by name at another size, one of its variables.
+    let v = d.json_as(
+        &acme,
+        &[
+            "instance",
+            "create",
+            "--template",
+            "custom-ml-stack",
+            "--gpus",
+            "1",
+            "--vcpus",
+            "1",
+            "--memory",
+            "64MiB",
+            "--container-disk",
+            "64MiB",
+            "--volume",
+            "models:/models:16MiB",
+            "--env",
+            "WORKERS=4",
+            "--wait",
+        ],
+    );
+    assert_eq!(v["state"], "running", "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["image"], "busybox");
+    assert_eq!(v["gpus"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        v["gpus"][0]["milli"], 1000,
+        "the request's --gpus replaced the fraction"
+    );
+    assert_eq!(
+        (v["vcpus"].as_u64(), v["memory"].as_u64()),
+        (Some(1), Some(64 << 20))
+    );
+    let env: Vec<&str> = v["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&"MODEL_DIR=/models") && env.contains(&"WORKERS=4"),
+        "{env:?}"
+    );
+    assert!(!env.contains(&"WORKERS=2"), "{env:?}");
+    assert_eq!(v["ports"][0]["port"], 8080);
+    assert_eq!(v["volumes"][0]["name"], "models");
+    let vols = d.json_as(&acme, &["volume", "list"]);
+    assert_eq!(vols[0]["size"], 16u64 << 20, "{vols}");
+    // The startup script ran first; the template's command is the main process.
+    let (code, out, err) = d.exec(&id, "cat /srv/www/index.html; cat /proc/1/comm");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("custom-ml-stack up on"), "{out}");
+    assert!(
+        out.trim_end().ends_with("httpd"),
+        "pid 1 is the command: {out}"
+    );
+
+    // A tenant's own template: its alone; it shadows a public one of the same name.
+    let mine = d.json_as(
+        &acme,
+        &[
+            "template",
+            "create",
+            "mine",
+            "--image",
+            "busybox",
+            "--vcpus",
+            "1",
+            "--memory",
+            "64MiB",
+            "--container-disk",
+            "64MiB",
+            "--",
+            "sleep",
+            "1000000",
+        ],
+    );
+    assert_eq!(mine["public"], false);
+    assert_eq!(mine["tenant"], "acme");
+    assert_eq!(
+        d.cli_as(&other, &["template", "get", "mine"]).status.code(),
+        Some(3)
+    );
+    let out = d.cli_as(
+        &other,
+        &[
+            "instance",
+            "create",
+            "--image",
+            "busybox",
+            "--template",
+            "mine",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(!d
+        .json_as(&other, &["template", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == "mine"));
+    d.json_as(
+        &acme,
+        &[
+            "template",
+            "create",
+            "custom-ml-stack",
+            "--image",
+            "busybox",
+            "--vcpus",
+            "2",
+        ],
+    );
+    assert_eq!(
+        d.json_as(&acme, &["template", "get", "custom-ml-stack"])["vcpus"],
+        2
+    );
+    assert_eq!(
+        d.json_as(&other, &["template", "get", "custom-ml-stack"])["public"],
+        true
+    );
+    d.json_as(&acme, &["template", "rm", "custom-ml-stack"]);
+    assert_eq!(
+        d.json_as(&acme, &["template", "get", "custom-ml-stack"])["public"],
+        true
+    );
+
+    // A tenant neither publishes nor removes public templates.
+    let out = d.cli_as(
+        &acme,
+        &[
+            "template", "create", "pub", "--image", "busybox", "--public",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert_eq!(
+        d.cli_as(&acme, &["template", "rm", "custom-ml-stack"])
+            .status
+            .code(),
+        Some(4)
+    );
+    // Bad templates are refused with what is wrong; a name is taken once per owner.
+    let out = d.cli_as(&acme, &["template", "create", "x", "--image", "nonesuch"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = d.cli_as(
+        &acme,
+        &[
+            "template",
+            "create",
+            "x",
+            "--image",
+            "busybox",
+            "--env",
+            "CUDA_VISIBLE_DEVICES=0",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CUDA_VISIBLE_DEVICES"));
+    let out = d.cli_as(&acme, &["template", "create", "mine", "--image", "busybox"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
+    d.json_as(&acme, &["instance", "terminate", &id, "--wait"]);
+}
+
+/// The three example templates parse and are accepted by the daemon (on the images the demo
+/// builds: `python` stands in by busybox here, which has no python3).
+#[test]
+fn the_example_templates_are_valid() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    d.import_busybox();
+    for name in [
+        "pytorch-optimized",
+        "tensorflow-enterprise",
+        "custom-ml-stack",
+    ] {
+        let t = d.json(&[
+            "template",
+            "create",
+            name,
+            "--from",
+            &example_template(name),
+            "--public",
+            "--image",
+            "busybox",
+        ]);
+        assert_eq!(t["name"], name, "{t}");
+        assert!(
+            t["description"].as_str().is_some_and(|s| !s.is_empty()),
+            "{t}"
+        );
+        assert!(!t["ports"].as_array().unwrap().is_empty(), "{t}");
+        assert!(t["startup_script"].as_str().is_some(), "{t}");
+    }
+    assert_eq!(d.json(&["template", "list"]).as_array().unwrap().len(), 3);
+}

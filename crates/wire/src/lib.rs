@@ -8,12 +8,14 @@ pub mod metrics;
 pub mod mig;
 mod restart;
 mod size;
+pub mod template;
 pub mod usage;
 
 pub use cpulist::{format_cpu_list, parse_cpu_list};
 pub use metrics::{GpuStats, MetricPoint, MetricSeries, MetricsHistory, MetricsQuery};
 pub use restart::{RestartPolicy, VolumeState};
 pub use size::{format_size, parse_size, SizeError};
+pub use template::{CreateTemplate, Template, TemplateSpec};
 pub use usage::{GpuType, InstanceCost, UsageLine, UsageQuery, UsageReport};
 
 use serde::{Deserialize, Serialize};
@@ -231,8 +233,15 @@ pub struct PortSpec {
     pub protocol: String,
 }
 
+/// `POST /v1/instances`. With a `template`, what the request leaves unset (an empty image,
+/// zero sizes, no GPUs, no runtime, empty lists) comes from the template; without one, the
+/// defaults: 1 vCPU, 1 GiB of memory, a 10 GiB container disk, a container.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct CreateInstance {
+    /// Start from this template (the caller's own, else a public one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    #[serde(default)]
     pub image: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -248,10 +257,14 @@ pub struct CreateInstance {
     /// Only GPUs of this model (as `gpu list` shows it, e.g. `A100-80GB`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_model: Option<String>,
+    /// 0: the template's, else 1.
+    #[serde(default)]
     pub vcpus: u32,
-    /// Bytes.
+    /// Bytes; 0: the template's, else 1 GiB.
+    #[serde(default)]
     pub memory: u64,
-    /// Bytes.
+    /// Bytes; 0: the template's, else 10 GiB.
+    #[serde(default)]
     pub container_disk: u64,
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
@@ -276,18 +289,26 @@ pub struct CreateInstance {
     /// What happens when the main process exits (default `always`).
     #[serde(default)]
     pub restart: RestartPolicy,
-    /// Container (default) or micro-VM.
-    #[serde(default)]
-    pub runtime: RuntimeKind,
+    /// Container (default) or micro-VM; unset: the template's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeKind>,
     /// VMs: SSH public keys (`authorized_keys` lines) for the guest's user, set by cloud-init.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ssh_keys: Vec<String>,
-    /// VMs: a script cloud-init runs once at first boot (its text).
+    /// A script run at start (its text): by cloud-init once at a VM's first boot; by
+    /// `/bin/sh` before the command at each start of a container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub startup_script: Option<String>,
     /// VMs: Debian packages cloud-init installs at first boot (`name`, `name=version`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<String>,
+}
+
+impl CreateInstance {
+    /// What runs it (a container unless it says otherwise).
+    pub fn runtime(&self) -> RuntimeKind {
+        self.runtime.unwrap_or_default()
+    }
 }
 
 /// One GPU (or share of one) bound to an instance.

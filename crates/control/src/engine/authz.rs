@@ -120,6 +120,10 @@ ops! {
     AuditList => "audit.list", ManageTenant;
     Usage => "usage.list", Read;
     ListGpuTypes => "gpu.types", Read;
+    ListTemplates => "template.list", Read;
+    GetTemplate => "template.get", Read;
+    CreateTemplate => "template.create", Operate;
+    RemoveTemplate => "template.remove", Operate;
     AuditVerify => "audit.verify", Admin;
 }
 

@@ -17,6 +17,7 @@ mod metrics;
 pub mod pricing;
 mod reconcile;
 pub mod session;
+pub mod templates;
 mod tenants;
 mod usage;
 pub mod validate;
@@ -1278,6 +1279,8 @@ impl Engine {
         req: &wire::CreateInstance,
     ) -> Result<wire::Instance> {
         who.allow(Op::CreateInstance)?;
+        let resolved = self.resolve_request(who, req).await?;
+        let req = &resolved;
         let sim = self.simulated_nodes().await?;
         let mut limits = validate::HostLimits {
             gpus: self.node.gpus().iter().filter(|g| g.schedulable()).count() as u32,
@@ -1329,7 +1332,7 @@ impl Engine {
             let slice = host_gpus
                 .iter()
                 .any(|g| g.mig.is_some() && g.model.eq_ignore_ascii_case(m));
-            if slice && req.runtime == wire::RuntimeKind::Vm {
+            if slice && req.runtime() == wire::RuntimeKind::Vm {
                 return Err(invalid(format!(
                     "{m} is a MIG slice: a VM takes whole GPUs by passthrough, not MIG slices (use a container, or a whole GPU's model)"
                 )));
@@ -1362,20 +1365,26 @@ impl Engine {
                 )));
             }
         }
-        if req.runtime == wire::RuntimeKind::Vm {
+        if req.runtime() == wire::RuntimeKind::Vm {
             self.check_passthrough_gpus(req)?;
         }
         // Every check that needs no lock comes before anything is made (volumes below).
         // A VM boots its image's init; a command given after `--` is run once by cloud-init,
         // as root. The image's CMD is a container's default: a VM does not inherit it (it
         // would become a root command nobody asked for).
-        let vm = req.runtime == wire::RuntimeKind::Vm;
-        let command = if req.command.is_empty() && !vm {
+        let vm = req.runtime() == wire::RuntimeKind::Vm;
+        let mut command = if req.command.is_empty() && !vm {
             image.command.clone()
         } else {
             req.command.clone()
         };
-        if command.is_empty() && req.runtime == wire::RuntimeKind::Container {
+        // A container runs its startup script before its command, at every start.
+        if let (Some(script), false) = (&req.startup_script, vm) {
+            if !command.is_empty() {
+                command = templates::with_startup_script(script, &command);
+            }
+        }
+        if command.is_empty() && req.runtime() == wire::RuntimeKind::Container {
             return Err(invalid(format!(
                 "image {:?} has no default command: give one after `--`",
                 req.image
@@ -1461,7 +1470,7 @@ impl Engine {
                 gpus: req.gpus.unwrap_or(0),
                 gpu_milli: milli,
                 vcpus: req.vcpus,
-                memory: charged_memory(req.runtime, req.memory, self.vm_overhead()),
+                memory: charged_memory(req.runtime(), req.memory, self.vm_overhead()),
                 disk: req.container_disk + to_create.iter().map(|(_, s)| *s).sum::<u64>(),
                 volumes: to_create.len() as u32,
             },
@@ -1485,11 +1494,11 @@ impl Engine {
             vram: req.vram,
             model: req.gpu_model.clone(),
             vcpus: req.vcpus,
-            memory: charged_memory(req.runtime, req.memory, self.vm_overhead()),
+            memory: charged_memory(req.runtime(), req.memory, self.vm_overhead()),
             // Without a bid a spot request takes free GPUs at the floor and outbids nobody.
             priority: pricing::market_rank(req.priority, req.interruptible, req.bid_per_gpu_hour),
             interruptible: req.interruptible,
-            passthrough: req.runtime == wire::RuntimeKind::Vm,
+            passthrough: req.runtime() == wire::RuntimeKind::Vm,
         };
         let capacity = self.host_capacity(&live).protecting(&protected);
         let (node_id, mut assignment, victims) =
@@ -1514,7 +1523,7 @@ impl Engine {
         // the request's own refusals and placement's, so that they are the same on every
         // host, with or without a VM runtime.)
         if !simulated {
-            if req.runtime == wire::RuntimeKind::Vm && !assignment.gpus.is_empty() {
+            if req.runtime() == wire::RuntimeKind::Vm && !assignment.gpus.is_empty() {
                 let uuids: Vec<String> = assignment.gpus.iter().map(|g| g.uuid.clone()).collect();
                 let node = self.node.clone();
                 tokio::task::spawn_blocking(move || node.passthrough(&uuids))
@@ -1525,7 +1534,7 @@ impl Engine {
                     })?;
             }
             self.node
-                .runtime(req.runtime)
+                .runtime(req.runtime())
                 .map_err(|e| EngineError::Unavailable(e.to_string()))?;
         }
         let used_hosts: Vec<u8> = live
@@ -1579,7 +1588,7 @@ impl Engine {
             tenant_id: tenant.id.clone(),
             node_id,
             image: image.name.clone(),
-            runtime: req.runtime,
+            runtime: req.runtime(),
             state: InstanceState::Pending,
             desired: InstanceState::Running,
             reason: None,
@@ -1595,7 +1604,7 @@ impl Engine {
                 interruptible: req.interruptible,
                 bid_per_gpu_hour: bid,
                 ssh_keys: req.ssh_keys.clone(),
-                startup_script: req.startup_script.clone(),
+                startup_script: req.startup_script.clone().filter(|_| vm),
                 packages: req.packages.clone(),
             },
             cpus: assignment.cpus,

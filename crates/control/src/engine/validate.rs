@@ -115,6 +115,16 @@ pub struct HostLimits {
     pub memory: u64,
 }
 
+impl HostLimits {
+    /// The largest host there could be: only the request's own rules apply.
+    pub const ANY: HostLimits = HostLimits {
+        gpus: MAX_GPUS,
+        cpus: u32::MAX,
+        cpu_ratio: 1,
+        memory: u64::MAX,
+    };
+}
+
 pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
     if req.image.is_empty() {
         return Err(invalid("an image is required (see `gpuvisor image list`)"));
@@ -146,11 +156,11 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
         }
         _ => {}
     }
-    if req.runtime == gpuvisor_wire::RuntimeKind::Container
-        && (!req.ssh_keys.is_empty() || req.startup_script.is_some() || !req.packages.is_empty())
+    if req.runtime() == gpuvisor_wire::RuntimeKind::Container
+        && (!req.ssh_keys.is_empty() || !req.packages.is_empty())
     {
         return Err(invalid(
-            "--ssh-key, --startup-script and --package are for VMs (--runtime vm): a container runs its image; use `instance exec` for a shell",
+            "--ssh-key and --package are for VMs (--runtime vm): a container runs its image; use `instance exec` for a shell",
         ));
     }
     if req.packages.len() > MAX_PACKAGES {
@@ -197,7 +207,7 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
             MAX_STARTUP_SCRIPT >> 10
         )));
     }
-    if req.runtime == gpuvisor_wire::RuntimeKind::Vm && req.gpu_fraction.is_some() {
+    if req.runtime() == gpuvisor_wire::RuntimeKind::Vm && req.gpu_fraction.is_some() {
         return Err(invalid(
             "a VM takes whole GPUs by passthrough: a fraction of a GPU cannot be given to a VM (use --gpus N, or a container for --gpu-fraction)",
         ));
@@ -217,7 +227,7 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
             req.vcpus, host.cpus
         )));
     }
-    if req.runtime == gpuvisor_wire::RuntimeKind::Vm && req.memory < MIN_VM_MEMORY {
+    if req.runtime() == gpuvisor_wire::RuntimeKind::Vm && req.memory < MIN_VM_MEMORY {
         return Err(invalid(format!(
             "--memory {} is too small for a VM: at least {} (its kernel, initrd and cloud-init must boot in it)",
             format_size(req.memory),
@@ -283,7 +293,7 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
     if req.command.iter().any(|a| a.contains('\0')) {
         return Err(invalid("the command contains a NUL byte"));
     }
-    if req.runtime == gpuvisor_wire::RuntimeKind::Vm {
+    if req.runtime() == gpuvisor_wire::RuntimeKind::Vm {
         vm(req)?;
     }
     Ok(())

@@ -103,6 +103,8 @@ fn concrete(template: &str, id: &str, key: &str, gpu: &str) -> String {
         p.replace("{name}", "ownervol")
     } else if template.starts_with("/v1/tenants/") {
         p.replace("{name}", "owner")
+    } else if template.starts_with("/v1/templates/") {
+        p.replace("{name}", "ownertpl")
     } else {
         p.replace("{id}", id)
     }
@@ -121,6 +123,10 @@ fn every_route_is_scoped_by_tenant() {
     let other = tenant(&d, "other");
     let admin = d.key.clone();
     d.json_as(&owner, &["volume", "create", "ownervol", "--size", "16MiB"]);
+    d.json_as(
+        &owner,
+        &["template", "create", "ownertpl", "--image", "busybox"],
+    );
     let id = d.create_as(
         &owner,
         &[
@@ -177,6 +183,16 @@ fn every_route_is_scoped_by_tenant() {
         ("GET", "/v1/gpus", row(200, 200, 200)),
         ("GET", "/v1/gpu-types", row(200, 200, 200)),
         ("GET", "/v1/usage", row(200, 200, 200)),
+        ("GET", "/v1/templates", row(200, 200, 200)),
+        // The owner's template: the other tenant does not find it, nor the admin by name (a
+        // name resolves in the caller's tenant, then among the public ones).
+        ("GET", "/v1/templates/{name}", row(200, 404, 404)),
+        (
+            "POST",
+            "/v1/templates",
+            with(row(200, 200, 200), r#"{"name":"t-new","image":"busybox"}"#),
+        ),
+        ("DELETE", "/v1/templates/{name}", row(200, 404, 404)),
         // Simulated GPUs cannot be bound: the admin passes authorisation and gets 409.
         ("POST", "/v1/gpus/{id}/bind-vfio", row(403, 403, 409)),
         ("POST", "/v1/gpus/{id}/release", row(403, 403, 409)),
@@ -325,6 +341,10 @@ fn every_route_by_role() {
         &member,
         &["volume", "create", "ownervol", "--size", "16MiB"],
     );
+    d.json_as(
+        &member,
+        &["template", "create", "ownertpl", "--image", "busybox"],
+    );
     let id = d.create_as(
         &member,
         &[
@@ -376,6 +396,15 @@ fn every_route_by_role() {
         ("GET", "/v1/gpus", None, read),
         ("GET", "/v1/gpu-types", None, read),
         ("GET", "/v1/usage", None, read),
+        ("GET", "/v1/templates", None, read),
+        ("GET", "/v1/templates/{name}", None, read),
+        (
+            "POST",
+            "/v1/templates",
+            Some(r#"{"name":"role-t","image":"busybox"}"#),
+            operate,
+        ),
+        ("DELETE", "/v1/templates/{name}", None, operate),
         ("POST", "/v1/gpus/{id}/bind-vfio", None, admin),
         ("POST", "/v1/gpus/{id}/release", None, admin),
         (
