@@ -1,7 +1,8 @@
 //! The REST API: the only code that knows HTTP and JSON. Each handler authenticates, calls one
 //! engine command and maps the engine's error code to a status. No business rule lives here.
 
-use axum::extract::{Path, Query, State};
+use crate::openapi::{self, ArgDoc, OpDoc, OutDoc};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter};
@@ -86,6 +87,29 @@ impl axum::extract::FromRequestParts<Eng> for Who {
     }
 }
 
+/// Query parameters whose decoding errors become our `invalid_argument` answer (axum's own
+/// rejection is plain text, outside the API's error shape).
+pub struct Query<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequestParts<S>
+    for Query<T>
+{
+    type Rejection = Response;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::try_from_uri(&parts.uri) {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(rej) => Err(ApiError(EngineError::InvalidArgument(format!(
+                "bad query: {}",
+                rej.body_text()
+            )))
+            .into_response()),
+        }
+    }
+}
+
 /// A JSON body whose decoding errors become our `invalid_argument` answer.
 pub struct Body<T>(T);
 
@@ -109,11 +133,14 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
 struct Routes {
     router: Router<Eng>,
     table: Vec<(&'static str, &'static str, Option<Op>)>,
+    /// Each route described from its handler's types (the OpenAPI document).
+    docs: Vec<openapi::RouteDoc>,
+    schemas: schemars::SchemaGenerator,
 }
 
 impl Routes {
     /// Adds a route of engine operation `op` (`None`: no operation, e.g. the health probe).
-    fn add<H, T>(
+    fn add<H, T, D>(
         mut self,
         method: &'static str,
         path: &'static str,
@@ -121,9 +148,16 @@ impl Routes {
         handler: H,
     ) -> Self
     where
-        H: axum::handler::Handler<T, Eng>,
+        H: axum::handler::Handler<T, Eng> + openapi::Describe<D>,
         T: 'static,
     {
+        let op = op.into();
+        self.docs.push(openapi::RouteDoc {
+            method,
+            path,
+            op: op.map(Op::name),
+            doc: handler.describe(&mut self.schemas),
+        });
         let filter = match method {
             "GET" => MethodFilter::GET,
             "POST" => MethodFilter::POST,
@@ -133,7 +167,7 @@ impl Routes {
             other => unreachable!("route method {other} is not one of ours"),
         };
         self.router = self.router.route(path, on(filter, handler));
-        self.table.push((method, path, op.into()));
+        self.table.push((method, path, op));
         self
     }
 }
@@ -142,8 +176,11 @@ fn routes() -> Routes {
     Routes {
         router: Router::new(),
         table: Vec::new(),
+        docs: Vec::new(),
+        schemas: openapi::generator(),
     }
     .add("GET", "/v1/health", None, health)
+    .add("GET", OPENAPI_PATH, None, openapi_json)
     .add("GET", "/v1/tenants", Op::ListTenants, list_tenants)
     .add("POST", "/v1/tenants", Op::CreateTenant, create_tenant)
     .add("GET", "/v1/tenants/{name}", Op::GetTenant, get_tenant)
@@ -289,6 +326,22 @@ pub fn router(engine: Eng) -> Router {
         .with_state(engine)
 }
 
+/// Where the OpenAPI document is served (without a key, like the health probe).
+pub const OPENAPI_PATH: &str = "/openapi.json";
+
+/// The OpenAPI 3.1 document of every route (built once).
+pub fn openapi_document() -> &'static serde_json::Value {
+    static DOC: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let mut r = routes();
+        openapi::document(&r.docs, &mut r.schemas)
+    })
+}
+
+async fn openapi_json() -> Json<&'static serde_json::Value> {
+    Json(openapi_document())
+}
+
 /// Every route as (method, path template, operation), in the order the router adds them.
 pub fn route_table() -> Vec<(&'static str, &'static str, Option<Op>)> {
     routes().table
@@ -359,7 +412,7 @@ async fn get_tenant(
     Ok(Json(e.get_tenant(&p, &name).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 struct DeleteTenantQuery {
     #[serde(default)]
     cascade: bool,
@@ -455,7 +508,7 @@ async fn mig_create(
     State(e): State<Eng>,
     Who(p): Who,
     Path(id): Path<String>,
-    Json(req): Json<wire::mig::CreateMigInstance>,
+    Body(req): Body<wire::mig::CreateMigInstance>,
 ) -> R<wire::mig::GpuInstance> {
     Ok(Json(e.mig_create(&p, &id, &req.profile).await?))
 }
@@ -540,12 +593,12 @@ async fn remove_image(
 pub const UPLOAD_PATH: &str = "/v1/images/upload";
 
 /// `?tenant=` picks among tenants' private images of one name (admin).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct OwnerQuery {
     tenant: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct UploadQuery {
     name: Option<String>,
 }
@@ -621,7 +674,7 @@ async fn start_pull(
     Ok(Json(e.start_pull(&p, &b).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 struct PullQuery {
     since: Option<u64>,
     timeout_ms: Option<u64>,
@@ -701,7 +754,7 @@ async fn create_instance(
 
 /// `?since=<updated_at>&timeout_ms=N` turns the GET into a long poll (what `--wait` uses): the
 /// answer comes when the instance changes or at the timeout (capped by the engine).
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 struct WatchQuery {
     since: Option<i64>,
     timeout_ms: Option<u64>,
@@ -746,7 +799,7 @@ async fn start_instance(
     Ok(Json(e.start_instance(&p, &id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 struct LogQuery {
     #[serde(default)]
     offset: u64,
@@ -854,9 +907,9 @@ async fn exec_session(
         axum::extract::ws::rejection::WebSocketUpgradeRejection,
     >,
 ) -> Result<Response, ApiError> {
-    let parsed = Query::<SessionQuery>::try_from_uri(&uri)
+    let parsed = axum::extract::Query::<SessionQuery>::try_from_uri(&uri)
         .map_err(|r| r.body_text())
-        .and_then(|Query(q)| {
+        .and_then(|axum::extract::Query(q)| {
             serde_json::from_str::<wire::ExecSessionRequest>(&q.request)
                 .map_err(|e| format!("bad session request: {e}"))
         });
@@ -1184,7 +1237,7 @@ async fn limit_request(
     next: axum::middleware::Next,
 ) -> Response {
     // Liveness probes answer whatever else is going on: no key, no slot, no body.
-    if req.uri().path() == "/v1/health" {
+    if req.uri().path() == "/v1/health" || req.uri().path() == OPENAPI_PATH {
         return next.run(req).await;
     }
     // Image uploads stream to disk under their own cap (the handler counts the bytes).
@@ -1412,5 +1465,81 @@ mod tests {
         }
         assert_eq!(n, SESSION_MAX_MESSAGE / INPUT_CHUNK);
         assert!(back == data);
+    }
+}
+
+// --- what each handler's types say in the OpenAPI document (crate::openapi) ---------------
+
+impl ArgDoc for Who {}
+impl<S> ArgDoc for State<S> {}
+impl<T> ArgDoc for Path<T> {}
+impl ArgDoc for HeaderMap {}
+impl ArgDoc for axum::http::Uri {}
+impl<T> ArgDoc for Option<axum::Extension<T>> {}
+
+impl<E> ArgDoc for Result<axum::extract::ws::WebSocketUpgrade, E> {
+    fn doc(op: &mut OpDoc, _: &mut schemars::SchemaGenerator) {
+        op.websocket = true;
+    }
+}
+
+impl ArgDoc for axum::body::Body {
+    fn doc(op: &mut OpDoc, _: &mut schemars::SchemaGenerator) {
+        op.body = Some((
+            "application/octet-stream".into(),
+            serde_json::json!({"type": "string", "contentMediaType": "application/octet-stream"}),
+        ));
+    }
+}
+
+impl<T: schemars::JsonSchema> ArgDoc for Query<T> {
+    fn doc(op: &mut OpDoc, g: &mut schemars::SchemaGenerator) {
+        op.query = Some(openapi::query_of::<T>(g));
+    }
+}
+
+impl<T: schemars::JsonSchema> ArgDoc for Body<T> {
+    fn doc(op: &mut OpDoc, g: &mut schemars::SchemaGenerator) {
+        op.body = Some(("application/json".into(), openapi::schema_of::<T>(g)));
+    }
+}
+
+/// An optional JSON body (`gpu cordon`'s reason).
+impl<T: schemars::JsonSchema> ArgDoc for Option<Json<T>> {
+    fn doc(op: &mut OpDoc, g: &mut schemars::SchemaGenerator) {
+        op.body = Some(("application/json".into(), openapi::schema_of::<T>(g)));
+        op.body_optional = true;
+    }
+}
+
+impl<T: schemars::JsonSchema> OutDoc for Json<T> {
+    fn doc(op: &mut OpDoc, g: &mut schemars::SchemaGenerator) {
+        op.ok = Some((200, Some(openapi::schema_of::<T>(g))));
+    }
+}
+
+impl<T: OutDoc> OutDoc for Result<T, ApiError> {
+    fn doc(op: &mut OpDoc, g: &mut schemars::SchemaGenerator) {
+        T::doc(op, g);
+    }
+}
+
+impl<T: schemars::JsonSchema> OutDoc for (axum::Extension<AuditSubject>, Json<T>) {
+    fn doc(op: &mut OpDoc, g: &mut schemars::SchemaGenerator) {
+        Json::<T>::doc(op, g);
+    }
+}
+
+/// `201 Created` with the new object (what `create_instance` answers).
+impl<T: schemars::JsonSchema> OutDoc for (StatusCode, axum::Extension<AuditSubject>, Json<T>) {
+    fn doc(op: &mut OpDoc, g: &mut schemars::SchemaGenerator) {
+        op.ok = Some((201, Some(openapi::schema_of::<T>(g))));
+    }
+}
+
+/// A stream, text or an upgrade: no JSON schema.
+impl OutDoc for Response {
+    fn doc(op: &mut OpDoc, _: &mut schemars::SchemaGenerator) {
+        op.ok = Some((200, None));
     }
 }

@@ -196,6 +196,9 @@ pub enum Command {
     /// Print the REST routes, one `METHOD PATH` per line (for tests and API tooling).
     #[command(hide = true)]
     Routes,
+    /// Print the REST API's OpenAPI 3.1 description (local; the daemon serves the same at
+    /// /openapi.json).
+    Openapi,
     /// Internal: relays an instance's output from stdin into its capped, rotated log (started
     /// by the daemon, one per running instance).
     #[command(name = "log-relay", hide = true)]
@@ -1128,6 +1131,12 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             for (method, path, _) in crate::api::route_table() {
                 println!("{method} {path}");
             }
+            Ok(exit::OK)
+        }
+        Command::Openapi => {
+            let text = serde_json::to_string_pretty(crate::api::openapi_document())
+                .map_err(std::io::Error::other)?;
+            output::print_text(&text)?;
             Ok(exit::OK)
         }
         Command::Completions { shell } => {

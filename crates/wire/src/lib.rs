@@ -71,12 +71,12 @@ pub mod code {
 }
 
 /// The body of every non-2xx answer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ErrorBody {
     pub error: ApiError,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ApiError {
     /// One of [`code`].
     pub code: String,
@@ -84,7 +84,7 @@ pub struct ApiError {
 }
 
 /// Lifecycle states of an instance, persisted in the store.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceState {
     Pending,
@@ -151,7 +151,19 @@ impl std::fmt::Display for InstanceState {
 }
 
 /// Priority class of an instance: who may preempt whom, and the GPU limiter's priority.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Serialize,
+    Deserialize,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Default,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PriorityClass {
     Low,
@@ -181,7 +193,18 @@ impl PriorityClass {
 /// What runs an instance: an OCI container (runc) or a QEMU micro-VM. One API, placement,
 /// lifecycle and telemetry for both; the node layer's `Runtime` trait is the seam.
 #[derive(
-    Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default, Hash,
+    Debug,
+    Clone,
+    Copy,
+    Serialize,
+    Deserialize,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Default,
+    Hash,
+    schemars::JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum RuntimeKind {
@@ -217,7 +240,7 @@ impl std::fmt::Display for RuntimeKind {
 }
 
 /// A volume to mount into an instance: `NAME:/path[:SIZE]`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct VolumeMount {
     pub name: String,
     pub path: String,
@@ -227,7 +250,7 @@ pub struct VolumeMount {
 }
 
 /// A port the instance exposes: `8888/http`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct PortSpec {
     pub port: u16,
     pub protocol: String,
@@ -236,7 +259,7 @@ pub struct PortSpec {
 /// `POST /v1/instances`. With a `template`, what the request leaves unset (an empty image,
 /// zero sizes, no GPUs, no runtime, empty lists) comes from the template; without one, the
 /// defaults: 1 vCPU, 1 GiB of memory, a 10 GiB container disk, a container.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default, schemars::JsonSchema)]
 pub struct CreateInstance {
     /// Start from this template (the caller's own, else a public one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -312,7 +335,7 @@ impl CreateInstance {
 }
 
 /// One GPU (or share of one) bound to an instance.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct GpuBinding {
     pub uuid: String,
     pub index: u32,
@@ -323,7 +346,7 @@ pub struct GpuBinding {
     pub vram: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Instance {
     pub id: String,
     /// The node it is placed on: this host's id, or a simulated node's.
@@ -388,7 +411,7 @@ pub struct Instance {
 /// What a fractional GPU guarantees on the host it runs on. A fraction is enforced in user
 /// space by `libgpuvisor_limiter.so` (and, where the driver can be asked per process, checked
 /// from outside); real isolation needs a MIG slice or a whole GPU.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct FractionGuarantee {
     /// The VRAM quota is enforced for programs that use the CUDA driver API through the
     /// dynamic loader.
@@ -403,7 +426,7 @@ pub struct FractionGuarantee {
 }
 
 /// What the GPU limiter reports for one fractional GPU of an instance.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct GpuUsage {
     pub uuid: String,
     /// VRAM the instance's processes hold, bytes.
@@ -417,7 +440,7 @@ pub struct GpuUsage {
     pub launches: u64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Gpu {
     pub uuid: String,
     pub index: u32,
@@ -451,13 +474,13 @@ pub struct Gpu {
 }
 
 /// `POST /v1/gpus/{gpu}/cordon`: no new placements on the GPU until it is uncordoned.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct CordonGpu {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Image {
     pub name: String,
     /// Content digest of the image (`sha256:...`).
@@ -482,7 +505,7 @@ pub struct Image {
 
 /// `POST /v1/images/pulls`: pull `reference` from its registry into an image named `name`
 /// (default: the reference as given).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct PullImage {
     pub reference: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -494,7 +517,7 @@ pub struct PullImage {
 }
 
 /// One layer of a pull job.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct PullLayer {
     /// Blob digest.
     pub digest: String,
@@ -507,7 +530,7 @@ pub struct PullLayer {
 }
 
 /// A pull job (`GET /v1/images/pulls/{id}`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ImagePull {
     pub id: String,
     pub reference: String,
@@ -537,7 +560,7 @@ pub struct ImagePull {
 }
 
 /// `POST /v1/registries`: a tenant's login to one registry.
-#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct RegistryLogin {
     pub host: String,
     pub username: String,
@@ -555,7 +578,7 @@ impl std::fmt::Debug for RegistryLogin {
 }
 
 /// A stored registry login as shown: never the password.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct RegistryCredential {
     pub host: String,
     pub username: String,
@@ -572,14 +595,14 @@ pub fn looks_like_reference(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ImportImage {
     /// Path on the daemon's host: OCI layout directory, OCI or docker-save tarball, or a rootfs directory.
     pub path: String,
     pub name: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Volume {
     pub name: String,
     pub tenant: String,
@@ -595,13 +618,13 @@ pub struct Volume {
     pub vm_only: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct CreateVolume {
     pub name: String,
     pub size: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Tenant {
     pub id: String,
     pub name: String,
@@ -620,7 +643,7 @@ pub struct Tenant {
 }
 
 /// The answer to `DELETE /v1/tenants/{name}[?cascade=true]`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct TenantRemoval {
     pub name: String,
     /// The tenant is gone; false while a cascade waits for its instances to terminate.
@@ -636,7 +659,7 @@ pub struct TenantRemoval {
 /// What an admin allows a tenant. Quotas are `None` when unlimited; they are checked when an
 /// instance or volume is created, against everything the tenant holds (running and stopped
 /// instances keep their reservation; volumes count until removed).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantPolicy {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -665,7 +688,7 @@ pub struct TenantPolicy {
 }
 
 /// What a tenant holds, in the units of [`TenantPolicy`].
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct TenantUsage {
     pub instances: u32,
     pub gpus: u32,
@@ -676,13 +699,13 @@ pub struct TenantUsage {
     pub volumes: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct CreateTenant {
     pub name: String,
 }
 
 /// What a key may do. One role per key.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// Sees and manages everything: tenants, keys, images, GPUs, all instances.
@@ -726,7 +749,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ApiKey {
     pub id: String,
     pub tenant: String,
@@ -735,7 +758,7 @@ pub struct ApiKey {
     pub revoked: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct CreateKey {
     /// Tenant name.
     pub tenant: String,
@@ -748,7 +771,7 @@ fn default_role() -> Role {
 }
 
 /// One audit log row: a mutating call, who made it, what came of it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct AuditEntry {
     pub seq: i64,
     /// Unix ms.
@@ -768,7 +791,7 @@ pub struct AuditEntry {
 }
 
 /// `GET /v1/audit` parameters.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct AuditQuery {
     /// A duration back (`90s`, `2h`, `7d`) or unix ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -783,7 +806,7 @@ pub struct AuditQuery {
 }
 
 /// `GET /v1/audit/verify`: whether the chain is whole.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct AuditVerification {
     pub ok: bool,
     pub rows: u64,
@@ -797,13 +820,13 @@ pub struct AuditVerification {
 }
 
 /// Answer to key creation: the only time the secret is shown.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct CreatedKey {
     pub key: ApiKey,
     pub secret: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Event {
     pub at: i64,
     pub instance: String,
@@ -813,7 +836,7 @@ pub struct Event {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default, schemars::JsonSchema)]
 pub struct ExecRequest {
     pub command: Vec<String>,
     #[serde(default)]
@@ -824,7 +847,7 @@ pub struct ExecRequest {
     pub timeout_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ExecResult {
     pub exit_code: i32,
     pub stdout: String,
@@ -865,7 +888,7 @@ pub mod exec {
 }
 
 /// Why the daemon ended an exec before the command did.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecLimit {
     /// The output reached `exec_max_output` bytes (a session: `exec_session_max_bytes` of
@@ -881,7 +904,7 @@ pub enum ExecLimit {
 
 /// An interactive exec session, asked with `GET /v1/instances/{id}/exec/ws?request=<this as
 /// JSON>` and a WebSocket upgrade (the protocol is [`session`]).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default, schemars::JsonSchema)]
 pub struct ExecSessionRequest {
     pub command: Vec<String>,
     #[serde(default)]
@@ -923,13 +946,13 @@ pub mod session {
     pub const STDOUT: u8 = super::exec::STDOUT;
     pub const STDERR: u8 = super::exec::STDERR;
 
-    #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+    #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
     pub struct Size {
         pub rows: u16,
         pub cols: u16,
     }
 
-    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
     #[serde(tag = "type", rename_all = "snake_case")]
     pub enum Control {
         /// The client's terminal changed size.
@@ -950,7 +973,7 @@ pub mod session {
 }
 
 /// The last frame of an exec stream.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ExecEnd {
     /// The command's exit status (128+N when killed by signal N).
     pub exit_code: i32,
@@ -962,7 +985,7 @@ pub struct ExecEnd {
     pub message: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Logs {
     /// Bytes of the log returned start at this offset; pass `next` back as `offset` to follow.
     /// Offsets count every byte the instance ever wrote: when older output was rotated away,
@@ -972,7 +995,7 @@ pub struct Logs {
     pub data: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Health {
     pub status: String,
     pub version: String,

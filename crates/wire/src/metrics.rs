@@ -5,14 +5,14 @@
 use serde::{Deserialize, Serialize};
 
 /// One point of a series: the bucket's start (ms since the epoch), its mean and its maximum.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MetricPoint {
     pub t: i64,
     pub avg: f64,
     pub max: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MetricSeries {
     /// `gpu_util_percent`, `memory_bytes`, ...
     pub metric: String,
@@ -20,7 +20,7 @@ pub struct MetricSeries {
 }
 
 /// History of one instance or GPU.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MetricsHistory {
     /// `instance` or `gpu`.
     pub kind: String,
@@ -34,7 +34,7 @@ pub struct MetricsHistory {
 
 /// Query of a history: `since` is a duration back from now (`10m`, `2h`, `7d`) or epoch
 /// milliseconds; `step` a duration (`1s`, `1m`). Both optional (last 5 minutes, finest step).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MetricsQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
@@ -43,7 +43,7 @@ pub struct MetricsQuery {
 }
 
 /// The newest sample of one GPU.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct GpuStats {
     pub uuid: String,
     pub index: u32,

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A GI placement: `size` memory slices from slice `start`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Placement {
     pub start: u32,
     pub size: u32,
@@ -18,7 +18,7 @@ impl Placement {
 }
 
 /// A GPU-instance profile of one GPU.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct GiProfile {
     /// NVML's profile index (`NVML_GPU_INSTANCE_PROFILE_1_SLICE` = 0, ...).
     pub profile: u32,
@@ -36,13 +36,13 @@ pub struct GiProfile {
     pub placements: Vec<Placement>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ComputeInstance {
     pub id: u32,
     pub profile_id: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct GpuInstance {
     pub id: u32,
     pub profile_id: u32,
@@ -53,7 +53,7 @@ pub struct GpuInstance {
 }
 
 /// One GPU's MIG state, as `gpu mig list` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MigState {
     pub gpu: String,
     pub enabled: bool,
@@ -62,7 +62,7 @@ pub struct MigState {
 }
 
 /// What a schedulable MIG device is a slice of.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MigSlice {
     /// UUID of the physical GPU.
     pub parent_uuid: String,
@@ -77,7 +77,7 @@ pub struct MigSlice {
 
 /// `POST /v1/gpus/{gpu}/mig`: make a GPU instance of `profile` (name `1g.10gb` or NVML id) with
 /// one compute instance spanning it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CreateMigInstance {
     pub profile: String,
 }

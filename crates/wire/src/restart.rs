@@ -76,6 +76,20 @@ impl Serialize for RestartPolicy {
     }
 }
 
+impl schemars::JsonSchema for RestartPolicy {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RestartPolicy".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "`no`, `always`, `on-failure` or `on-failure:N` (N restarts at most)",
+            "pattern": "^(no|always|on-failure(:[0-9]+)?)$"
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for RestartPolicy {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -87,7 +101,9 @@ impl<'de> Deserialize<'de> for RestartPolicy {
 /// the file is complete (and, for a volume made by `instance create`, once the instance's row
 /// is written). The daemon finishes or removes a pending volume after a crash; an instance never
 /// mounts one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeState {
     Pending,

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a template sets. Everything but the image is optional: what it leaves out, the
 /// request (or the defaults) decide.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
     pub image: String,
@@ -48,7 +48,7 @@ pub struct TemplateSpec {
 }
 
 /// `POST /v1/templates`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct CreateTemplate {
     pub name: String,
     /// Every tenant may use it (admins only).
@@ -58,7 +58,7 @@ pub struct CreateTemplate {
     pub spec: TemplateSpec,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Template {
     pub name: String,
     pub public: bool,

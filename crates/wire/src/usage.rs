@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One GPU model as a renter sees it: what it is, how many are free, what an hour costs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct GpuType {
     /// Short model name (`A100-80GB`), what `--gpu-model` takes.
     pub model: String,
@@ -27,7 +27,7 @@ pub struct GpuType {
 }
 
 /// `GET /v1/usage` parameters.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UsageQuery {
     /// Admins: one tenant (default: all); others always see their own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,7 +44,7 @@ pub struct UsageQuery {
 }
 
 /// One metered line of a report: one resource of one instance or volume at one price.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UsageLine {
     pub tenant: String,
     /// `instance` or `volume`.
@@ -73,7 +73,7 @@ pub struct UsageLine {
 }
 
 /// `GET /v1/usage`: what was metered in `[from, to)`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UsageReport {
     /// Unix ms.
     pub from: i64,
@@ -84,7 +84,7 @@ pub struct UsageReport {
 }
 
 /// What an instance costs: now per hour, and since it was created.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct InstanceCost {
     pub currency: String,
     /// What an hour costs in the instance's current state (0 for compute while stopped).

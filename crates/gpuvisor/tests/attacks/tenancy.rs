@@ -152,6 +152,7 @@ fn every_route_is_scoped_by_tenant() {
     // Rows in the order they run; each runs as other, then admin, then owner.
     let mut table: Vec<(&str, &str, Row)> = vec![
         ("GET", "/v1/health", row(200, 200, 200)),
+        ("GET", "/openapi.json", row(200, 200, 200)),
         ("GET", "/v1/tenants", row(200, 200, 200)),
         (
             "POST",
@@ -371,6 +372,7 @@ fn every_route_by_role() {
     let admin = [y, n, n, n, n];
     let table: Vec<(&str, &str, Option<&str>, [bool; 5])> = vec![
         ("GET", "/v1/health", None, [y; 5]),
+        ("GET", "/openapi.json", None, [y; 5]),
         ("GET", "/v1/tenants", None, read),
         ("POST", "/v1/tenants", Some(r#"{"name":"by-role"}"#), admin),
         ("GET", "/v1/tenants/{name}", None, read),
