@@ -731,13 +731,18 @@ impl Store {
         .transpose()
     }
 
+    /// Revokes a live key; never the last live admin key (false then, as for a key already
+    /// revoked), in one statement.
     pub async fn revoke_key(&self, id: &str, now: i64) -> Result<bool> {
-        let r =
-            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-                .bind(now)
-                .bind(id.to_string())
-                .execute(&self.pool)
-                .await?;
+        let r = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL \
+             AND (role <> 'admin' OR \
+             (SELECT COUNT(*) FROM api_keys WHERE role = 'admin' AND revoked_at IS NULL) > 1)",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
         Ok(r.rows_affected() > 0)
     }
 

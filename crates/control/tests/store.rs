@@ -498,10 +498,20 @@ async fn keys_insert_lookup_and_revoke() {
             "{backend}"
         );
 
+        assert!(
+            !store.revoke_key("k-1", 50).await.unwrap(),
+            "{backend}: the last admin key stays"
+        );
+        let spare = key_row("k-3", "t-1", Role::Admin, 30);
+        store.insert_key(&spare, "hash-3").await.unwrap();
         assert!(store.revoke_key("k-1", 50).await.unwrap(), "{backend}");
         assert!(
             !store.revoke_key("k-1", 60).await.unwrap(),
             "{backend}: already revoked"
+        );
+        assert!(
+            !store.revoke_key("k-3", 60).await.unwrap(),
+            "{backend}: now k-3 is the last admin key"
         );
         assert!(
             !store.revoke_key("k-9", 60).await.unwrap(),
@@ -523,7 +533,7 @@ async fn keys_insert_lookup_and_revoke() {
         );
         assert_eq!(
             store.keys().await.unwrap(),
-            vec![revoked, user.clone()],
+            vec![revoked, user.clone(), spare],
             "{backend}"
         );
         assert_eq!(

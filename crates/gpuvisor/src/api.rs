@@ -32,8 +32,11 @@ pub fn status_for(code_: &str) -> StatusCode {
         code::NOT_FOUND => StatusCode::NOT_FOUND,
         code::INVALID_ARGUMENT => StatusCode::BAD_REQUEST,
         code::ALREADY_EXISTS | code::IN_USE | code::INVALID_STATE => StatusCode::CONFLICT,
-        code::INSUFFICIENT_RESOURCES | code::QUOTA_EXCEEDED => StatusCode::UNPROCESSABLE_ENTITY,
-        code::UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE,
+        // What this host cannot do (no MIG control, no limiter, no VM runtime) is no server
+        // fault and no reason to retry: a 4xx, like a request too big for it.
+        code::INSUFFICIENT_RESOURCES | code::QUOTA_EXCEEDED | code::UNAVAILABLE => {
+            StatusCode::UNPROCESSABLE_ENTITY
+        }
         code::RESOURCE_EXHAUSTED => StatusCode::TOO_MANY_REQUESTS,
         code::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
         code::DEADLINE_EXCEEDED => StatusCode::REQUEST_TIMEOUT,

@@ -154,7 +154,10 @@ fn operation(r: &RouteDoc) -> Value {
             );
         }
         Some((status, None)) if !r.doc.websocket => {
-            responses.insert(status.to_string(), json!({"description": "Success (a stream or text, not JSON)."}));
+            responses.insert(
+                status.to_string(),
+                json!({"description": "Success (a stream or text, not JSON)."}),
+            );
         }
         _ => {}
     }
@@ -191,9 +194,7 @@ pub fn document(routes: &[RouteDoc], g: &mut SchemaGenerator) -> Value {
     schema_of::<gpuvisor_wire::ErrorBody>(g);
     let mut paths = Map::new();
     for r in routes {
-        let item = paths
-            .entry(r.path.to_string())
-            .or_insert_with(|| json!({}));
+        let item = paths.entry(r.path.to_string()).or_insert_with(|| json!({}));
         item[r.method.to_lowercase()] = operation(r);
     }
     let mut schemas = g.take_definitions(true);

@@ -59,6 +59,7 @@ pub mod code {
     pub const IN_USE: &str = "in_use";
     pub const INVALID_STATE: &str = "invalid_state";
     /// The host lacks a capability the request needs (e.g. the GPU limiter for fractions).
+    /// HTTP 422.
     pub const UNAVAILABLE: &str = "unavailable";
     pub const INTERNAL: &str = "internal";
     /// A limit on concurrent work was reached (execs per tenant, requests per key): retry

@@ -97,7 +97,7 @@ impl ConsoleTicket {
         )
         .await
         .map_err(|_| {
-            EngineError::Unavailable(format!(
+            EngineError::DeadlineExceeded(format!(
                 "the console of instance {} did not answer within {} s",
                 self.id,
                 CONNECT_TIMEOUT.as_secs()

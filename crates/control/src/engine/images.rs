@@ -528,7 +528,7 @@ impl Engine {
         let password = self
             .sealer()?
             .unseal(&Self::aad(tenant_id, &host), &row.secret)
-            .map_err(|e| EngineError::Unavailable(e.to_string()))?;
+            .map_err(|e| EngineError::Internal(format!("a stored registry password: {e}")))?;
         Ok(Some(Credentials {
             username: row.username,
             password: String::from_utf8(password)

@@ -682,7 +682,14 @@ impl Engine {
                 key.role.as_str()
             )));
         }
-        self.store.revoke_key(id, now_ms()).await?;
+        let revoked = self.store.revoke_key(id, now_ms()).await?;
+        if !revoked && key.revoked_at.is_none() && key.role == wire::Role::Admin {
+            return Err(EngineError::InvalidState(
+                "this is the last admin key: nobody could administer the daemon without it; \
+                 create another admin key first (gpuvisor key create --tenant TENANT --role admin)"
+                    .into(),
+            ));
+        }
         let k = self.store.key(id).await?.ok_or_else(not_found)?;
         Ok(Self::wire_key(&k, &self.tenant_names().await?))
     }
