@@ -1446,31 +1446,6 @@ async fn admit(
     next.run(req).await
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use gpuvisor_control::engine::session::SessionInput;
-
-    /// A 1 MiB stdin message reaches the session as 32 KiB chunks, every byte in order: the
-    /// session's 16-place input channel holds 512 KiB, not 16 MiB.
-    #[test]
-    fn stdin_messages_are_cut_into_small_chunks() {
-        let data: Vec<u8> = (0..SESSION_MAX_MESSAGE).map(|i| (i % 251) as u8).collect();
-        let mut back = Vec::new();
-        let mut n = 0;
-        for c in stdin_chunks(&data) {
-            let SessionInput::Stdin(c) = c else {
-                panic!("not stdin: {c:?}")
-            };
-            assert!(c.len() <= INPUT_CHUNK && !c.is_empty());
-            back.extend(c);
-            n += 1;
-        }
-        assert_eq!(n, SESSION_MAX_MESSAGE / INPUT_CHUNK);
-        assert!(back == data);
-    }
-}
-
 // --- what each handler's types say in the OpenAPI document (crate::openapi) ---------------
 
 impl ArgDoc for Who {}
@@ -1544,5 +1519,30 @@ impl<T: schemars::JsonSchema> OutDoc for (StatusCode, axum::Extension<AuditSubje
 impl OutDoc for Response {
     fn doc(op: &mut OpDoc, _: &mut schemars::SchemaGenerator) {
         op.ok = Some((200, None));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuvisor_control::engine::session::SessionInput;
+
+    /// A 1 MiB stdin message reaches the session as 32 KiB chunks, every byte in order: the
+    /// session's 16-place input channel holds 512 KiB, not 16 MiB.
+    #[test]
+    fn stdin_messages_are_cut_into_small_chunks() {
+        let data: Vec<u8> = (0..SESSION_MAX_MESSAGE).map(|i| (i % 251) as u8).collect();
+        let mut back = Vec::new();
+        let mut n = 0;
+        for c in stdin_chunks(&data) {
+            let SessionInput::Stdin(c) = c else {
+                panic!("not stdin: {c:?}")
+            };
+            assert!(c.len() <= INPUT_CHUNK && !c.is_empty());
+            back.extend(c);
+            n += 1;
+        }
+        assert_eq!(n, SESSION_MAX_MESSAGE / INPUT_CHUNK);
+        assert!(back == data);
     }
 }
