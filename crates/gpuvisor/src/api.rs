@@ -71,7 +71,7 @@ fn api_key(h: &HeaderMap) -> Option<&str> {
 
 /// The caller, authenticated once per request: by [`limit_request`] when the limits are in
 /// front (it leaves the principal in the request's extensions), else here.
-pub struct Who(Principal);
+pub struct Who(pub Principal);
 
 impl axum::extract::FromRequestParts<Eng> for Who {
     type Rejection = ApiError;
@@ -245,6 +245,12 @@ fn routes() -> Routes {
         Op::StartInstance,
         start_instance,
     )
+    .add(
+        "POST",
+        "/v1/instances/{id}/scale",
+        Op::ScaleInstance,
+        scale_instance,
+    )
     .add("GET", "/v1/instances/{id}/logs", Op::InstanceLogs, logs)
     .add("POST", "/v1/instances/{id}/exec", Op::Exec, exec)
     .add(
@@ -267,6 +273,10 @@ fn routes() -> Routes {
     )
     .add("GET", "/v1/audit", Op::AuditList, audit_list)
     .add("GET", "/v1/audit/verify", Op::AuditVerify, audit_verify)
+    // The GraphQL front end: each of its fields names its own operation (`gpuvisor
+    // graphql-ops`); the handler charges the rate and records the audit per request.
+    .add("POST", crate::graphql::PATH, None, crate::graphql::http)
+    .add("GET", crate::graphql::PATH, None, crate::graphql::websocket)
 }
 
 pub fn router(engine: Eng) -> Router {
@@ -693,6 +703,15 @@ async fn start_instance(
     Path(id): Path<String>,
 ) -> R<wire::Instance> {
     Ok(Json(e.start_instance(&p, &id).await?))
+}
+
+async fn scale_instance(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    Body(b): Body<wire::ScaleInstance>,
+) -> R<wire::Instance> {
+    Ok(Json(e.scale_instance(&p, &id, &b).await?))
 }
 
 #[derive(Deserialize)]
@@ -1198,12 +1217,22 @@ async fn limit_request(
                 .copied()
         });
     let mutating = op.is_some_and(Op::mutating);
-    // Over its rate: refused before anything runs, and not recorded (a refusal per request
-    // would let a key flood the audit log).
-    if let Some(l) = caller
+    if req.uri().path() == crate::graphql::PATH {
+        // Whether a GraphQL request reads or mutates is in its body: its handler charges
+        // the rate once it has parsed the operation.
+        if let Some(who) = &caller {
+            let gate = RateGate {
+                guard: g.clone(),
+                key: who.key_id.clone(),
+            };
+            req.extensions_mut().insert(gate);
+        }
+    } else if let Some(l) = caller
         .as_ref()
         .and_then(|who| g.rates.check_key(&who.key_id, mutating).err())
     {
+        // Over its rate: refused before anything runs, and not recorded (a refusal per
+        // request would let a key flood the audit log).
         return rate_limited(l);
     }
     // A mutating call by a known key is recorded, whatever its outcome, with a bounded target.
@@ -1211,11 +1240,13 @@ async fn limit_request(
         .as_ref()
         .zip(op)
         .filter(|_| mutating)
-        .map(|(who, op)| {
-            let source = peer.map_or_else(|| "-".to_string(), |ip| ip.to_string());
-            (who.clone(), op, audit_target(req.uri().path()), source)
+        .map(|(who, op)| AuditCall {
+            who: who.clone(),
+            op,
+            target: req.uri().path().to_string(),
+            source: peer,
         });
-    let Some((who, op, target, source)) = audit else {
+    let Some(call) = audit else {
         let response = admit(&g, req, next, principal, upload, max, too_large).await;
         // A wrong metrics token counts like a wrong key (a right one is never refused).
         if token_attempt && response.status() == StatusCode::UNAUTHORIZED {
@@ -1230,25 +1261,15 @@ async fn limit_request(
     };
     // The call and its record as one task of their own: a client that hangs up while the
     // call runs cancels neither (hyper drops a request's future when its connection goes).
+    let op = call.op;
     let task = tokio::spawn(async move {
         let response = admit(&g, req, next, principal, upload, max, too_large).await;
-        let target = match response.extensions().get::<AuditSubject>() {
-            Some(s) => audit_target(&format!("{target} → {}", s.0)),
-            None => target,
-        };
-        let event = AuditEvent {
-            op,
-            target,
-            result: response.status().as_u16().to_string(),
-            source,
-        };
-        if let Err(e) = g.engine.audit(&who, event).await {
-            tracing::error!(
-                key = who.key_id,
-                op = op.name(),
-                "the audit log cannot be written: {e}"
-            );
-        }
+        let subject = response
+            .extensions()
+            .get::<AuditSubject>()
+            .map(|s| s.0.clone());
+        call.record(&g.engine, subject.as_deref(), response.status().as_u16())
+            .await;
         response
     });
     match task.await {
@@ -1258,6 +1279,61 @@ async fn limit_request(
             tracing::error!("request task of {}: {e}", op.name());
             error_response(EngineError::Internal("the request failed".into()))
         }
+    }
+}
+
+/// A mutating call to record in the audit log: by [`limit_request`] for REST routes, by each
+/// mutation for GraphQL. One place for what a row holds.
+pub struct AuditCall {
+    pub who: Principal,
+    pub op: Op,
+    /// The route's path, or what GraphQL names (`/graphql clusterStop <id>`).
+    pub target: String,
+    /// The client's address.
+    pub source: Option<std::net::IpAddr>,
+}
+
+impl AuditCall {
+    /// Records the call: its target (cut at [`MAX_AUDIT_TARGET`]), with what it made or did
+    /// (`subject`) after it, and its outcome as the HTTP status REST answers for it.
+    pub async fn record(self, engine: &Engine, subject: Option<&str>, status: u16) {
+        let target = match subject {
+            Some(s) => audit_target(&format!("{} → {s}", self.target)),
+            None => audit_target(&self.target),
+        };
+        let event = AuditEvent {
+            op: self.op,
+            target,
+            result: status.to_string(),
+            source: self
+                .source
+                .map_or_else(|| "-".to_string(), |ip| ip.to_string()),
+        };
+        if let Err(e) = engine.audit(&self.who, event).await {
+            tracing::error!(
+                key = self.who.key_id,
+                op = self.op.name(),
+                "the audit log cannot be written: {e}"
+            );
+        }
+    }
+}
+
+/// A GraphQL request's allowance: [`limit_request`] leaves it for the handler, which charges
+/// a read or a mutation once it knows which the request is.
+#[derive(Clone)]
+pub struct RateGate {
+    guard: Arc<Guard>,
+    key: String,
+}
+
+impl RateGate {
+    /// Takes one request of the key's allowance; the 429 answer when it is used up.
+    pub fn charge(&self, mutating: bool) -> Result<(), Response> {
+        self.guard
+            .rates
+            .check_key(&self.key, mutating)
+            .map_err(rate_limited)
     }
 }
 

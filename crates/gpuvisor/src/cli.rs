@@ -191,6 +191,12 @@ pub enum Command {
     /// Print the REST routes, one `METHOD PATH` per line (for tests and API tooling).
     #[command(hide = true)]
     Routes,
+    /// Print the GraphQL schema in SDL (docs/api/schema.graphql is this output).
+    #[command(name = "graphql-schema", hide = true)]
+    GraphqlSchema,
+    /// Print the GraphQL root fields, one `KIND FIELD OPERATION` per line (for tests).
+    #[command(name = "graphql-ops", hide = true)]
+    GraphqlOps,
     /// Internal: relays an instance's output from stdin into its capped, rotated log (started
     /// by the daemon, one per running instance).
     #[command(name = "log-relay", hide = true)]
@@ -948,6 +954,16 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Routes => {
             for (method, path, _) in crate::api::route_table() {
                 println!("{method} {path}");
+            }
+            Ok(exit::OK)
+        }
+        Command::GraphqlSchema => {
+            print!("{}", crate::graphql::sdl());
+            Ok(exit::OK)
+        }
+        Command::GraphqlOps => {
+            for (kind, field, op) in crate::graphql::FIELDS {
+                println!("{kind} {field} {}", op.map_or("-", |o| o.name()));
             }
             Ok(exit::OK)
         }

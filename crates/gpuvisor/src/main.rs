@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod config;
 mod exectty;
+mod graphql;
 mod output;
 mod ratelimit;
 mod serve;

@@ -15,6 +15,7 @@ pub mod images;
 pub mod limits;
 mod metrics;
 mod reconcile;
+mod scale;
 pub mod session;
 mod tenants;
 pub mod validate;
@@ -1264,14 +1265,9 @@ impl Engine {
         }
     }
 
-    /// Validates, places and records a new instance; the reconciler provisions it.
-    pub async fn create_instance(
-        &self,
-        who: &Principal,
-        req: &wire::CreateInstance,
-    ) -> Result<wire::Instance> {
-        who.allow(Op::CreateInstance)?;
-        let sim = self.simulated_nodes().await?;
+    /// What a request is judged against: the largest machine it could land on (this host, or
+    /// a simulated node).
+    pub(crate) fn host_limits(&self, sim: &[SimNode]) -> validate::HostLimits {
         let mut limits = validate::HostLimits {
             gpus: self.node.gpus().iter().filter(|g| g.schedulable()).count() as u32,
             cpus: self
@@ -1285,13 +1281,25 @@ impl Engine {
             memory: self.node.cfg.root.mem_total().unwrap_or(0),
         };
         // A request is judged against the largest machine it could land on.
-        for n in &sim {
+        for n in sim {
             limits.gpus = limits.gpus.max(n.gpus.len() as u32);
             limits.cpus = limits
                 .cpus
                 .max(n.cpus.saturating_mul(limits.cpu_ratio.max(1)));
             limits.memory = limits.memory.max(n.memory);
         }
+        limits
+    }
+
+    /// Validates, places and records a new instance; the reconciler provisions it.
+    pub async fn create_instance(
+        &self,
+        who: &Principal,
+        req: &wire::CreateInstance,
+    ) -> Result<wire::Instance> {
+        who.allow(Op::CreateInstance)?;
+        let sim = self.simulated_nodes().await?;
+        let limits = self.host_limits(&sim);
         validate::create(req, &limits)?;
         // Fractions on this host need the limiter; simulated nodes run nothing.
         let local_ok = req.gpu_fraction.is_none() || self.node.limiters.library().is_some();
