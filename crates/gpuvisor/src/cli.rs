@@ -958,13 +958,20 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             Ok(exit::OK)
         }
         Command::GraphqlSchema => {
-            print!("{}", crate::graphql::sdl());
+            use std::io::Write;
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::stdout().write_all(crate::graphql::sdl().as_bytes());
             Ok(exit::OK)
         }
         Command::GraphqlOps => {
-            for (kind, field, op) in crate::graphql::FIELDS {
-                println!("{kind} {field} {}", op.map_or("-", |o| o.name()));
-            }
+            use std::io::Write;
+            let text: String = crate::graphql::FIELDS
+                .iter()
+                .map(|(kind, field, op)| {
+                    format!("{kind} {field} {}\n", op.map_or("-", |o| o.name()))
+                })
+                .collect();
+            let _ = std::io::stdout().write_all(text.as_bytes());
             Ok(exit::OK)
         }
         Command::Completions { shell } => {
