@@ -519,6 +519,23 @@ fn metrics_subscription_over_graphql_transport_ws() {
         }
     }
 
+    // A revoked key ends what it opened.
+    let short = d.json(&["key", "create", "--tenant", "acme", "--role", "viewer"]);
+    let mut ws2 = Ws::open(&d, Some(short["secret"].as_str().unwrap()));
+    ws2.init(json!({}));
+    ws2.subscribe("r", &id);
+    assert_eq!(ws2.next().unwrap()["type"], "next");
+    d.json(&["key", "revoke", short["key"]["id"].as_str().unwrap()]);
+    let t = Instant::now();
+    let end = loop {
+        let m = ws2.next().expect("the stream ends with complete");
+        if m["type"] != "next" {
+            break m;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "still streaming after revocation");
+    };
+    assert_eq!(end["type"], "complete", "{end}");
+
     // The stream ends by itself when the instance is terminated.
     ws.subscribe("2", &id);
     let first = ws.next().unwrap();
