@@ -1328,12 +1328,13 @@ pub struct RateGate {
 }
 
 impl RateGate {
-    /// Takes one request of the key's allowance; the 429 answer when it is used up.
-    pub fn charge(&self, mutating: bool) -> Result<(), Response> {
+    /// Takes one request of the key's allowance; `Some(429 answer)` when it is used up.
+    pub fn charge(&self, mutating: bool) -> Option<Response> {
         self.guard
             .rates
             .check_key(&self.key, mutating)
-            .map_err(rate_limited)
+            .err()
+            .map(rate_limited)
     }
 }
 

@@ -553,7 +553,7 @@ pub async fn http(
     };
     let mutating = is_mutation(&mut req);
     if let Some(Extension(gate)) = gate {
-        if let Err(refused) = gate.charge(mutating) {
+        if let Some(refused) = gate.charge(mutating) {
             return refused;
         }
     }
@@ -607,7 +607,7 @@ pub async fn websocket(
         }
     };
     if let Some(Extension(gate)) = gate {
-        if let Err(refused) = gate.charge(false) {
+        if let Some(refused) = gate.charge(false) {
             return refused;
         }
     }
