@@ -1219,14 +1219,16 @@ async fn limit_request(
     let mutating = op.is_some_and(Op::mutating);
     if req.uri().path() == crate::graphql::PATH {
         // Whether a GraphQL request reads or mutates is in its body: its handler charges
-        // the rate once it has parsed the operation.
-        if let Some(who) = &caller {
-            let gate = RateGate {
-                guard: g.clone(),
-                key: who.key_id.clone(),
-            };
-            req.extensions_mut().insert(gate);
-        }
+        // the rate once it has parsed the operation (a WebSocket's key may come later, in
+        // `connection_init`: `RateGate::for_key`).
+        let gate = RateGate {
+            guard: g.clone(),
+            key: caller
+                .as_ref()
+                .map(|w| w.key_id.clone())
+                .unwrap_or_default(),
+        };
+        req.extensions_mut().insert(gate);
     } else if let Some(l) = caller
         .as_ref()
         .and_then(|who| g.rates.check_key(&who.key_id, mutating).err())
@@ -1336,6 +1338,22 @@ impl RateGate {
             .err()
             .map(rate_limited)
     }
+
+    /// [`RateGate::charge`] for an answer that is not HTTP (an operation on a WebSocket).
+    pub fn check(&self, mutating: bool) -> Result<(), EngineError> {
+        self.guard
+            .rates
+            .check_key(&self.key, mutating)
+            .map_err(|l| limited_error(&l).0)
+    }
+
+    /// The allowance of another key: a WebSocket's key given in `connection_init`.
+    pub fn for_key(&self, key: &str) -> RateGate {
+        RateGate {
+            guard: self.guard.clone(),
+            key: key.to_string(),
+        }
+    }
 }
 
 /// Longest target an audit row keeps (the path is the caller's to choose).
@@ -1355,13 +1373,19 @@ fn audit_target(path: &str) -> String {
 
 /// 429 with `Retry-After` (whole seconds, at least 1).
 fn rate_limited(l: crate::ratelimit::Limited) -> Response {
+    let (e, secs) = limited_error(&l);
+    with_retry_after(error_response(e), secs)
+}
+
+/// The refusal of a used-up allowance, and the whole seconds (at least 1) to wait.
+fn limited_error(l: &crate::ratelimit::Limited) -> (EngineError, u64) {
     let secs = l.retry_after.as_secs() + u64::from(l.retry_after.subsec_nanos() > 0);
     let secs = secs.max(1);
-    let r = error_response(EngineError::ResourceExhausted(format!(
+    let e = EngineError::ResourceExhausted(format!(
         "too many requests: the allowance of {} is used up; retry in {secs} s",
         l.what
-    )));
-    with_retry_after(r, secs)
+    ));
+    (e, secs)
 }
 
 fn with_retry_after(mut r: Response, secs: u64) -> Response {

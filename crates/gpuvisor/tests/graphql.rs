@@ -491,6 +491,19 @@ fn metrics_subscription_over_graphql_transport_ws() {
 
     let mut ws = Ws::open(&d, Some(&k));
     ws.init(json!({}));
+    // Mutations go over POST (rates, audit): refused on the socket, and nothing is done.
+    ws.send(json!({
+        "id": "m",
+        "type": "subscribe",
+        "payload": { "query": format!("mutation {{ clusterStop(id: \"{id}\") {{ id }} }}") },
+    }));
+    let m = ws.next().unwrap();
+    assert_eq!(
+        m["payload"]["errors"][0]["extensions"]["code"], "invalid_argument",
+        "{m}"
+    );
+    assert_eq!(ws.next().unwrap()["type"], "complete");
+    assert_eq!(status_of(&d, &k, &id), "RUNNING");
     ws.subscribe("1", &id);
     let start = Instant::now();
     let mut samples = Vec::new();
@@ -532,7 +545,10 @@ fn metrics_subscription_over_graphql_transport_ws() {
         if m["type"] != "next" {
             break m;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "still streaming after revocation");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "still streaming after revocation"
+        );
     };
     assert_eq!(end["type"], "complete", "{end}");
 

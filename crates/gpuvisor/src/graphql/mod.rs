@@ -606,7 +606,10 @@ pub async fn websocket(
             .into_response()
         }
     };
-    if let Some(Extension(gate)) = gate {
+    let gate = gate.map(|Extension(g)| g);
+    // The upgrade is a read of the key it came with (a key given later is charged per
+    // operation only).
+    if let (Some(gate), Some(_)) = (&gate, &who) {
         if let Some(refused) = gate.charge(false) {
             return refused;
         }
@@ -628,16 +631,25 @@ pub async fn websocket(
         .max_message_size(WS_MAX_MESSAGE)
         .max_frame_size(WS_MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
-            pump(socket, engine, who, source, protocol).await;
+            pump(socket, (engine, who, source, gate), protocol).await;
             drop(hold);
         })
 }
 
-/// The caller of a WebSocket: the upgrade's key, else the one in `connection_init`.
+/// Who opened a WebSocket: the engine, the upgrade's principal (if its key came with it),
+/// the address, the rate allowance.
+type WsOpener = (
+    Arc<Engine>,
+    Option<Principal>,
+    Option<std::net::IpAddr>,
+    Option<RateGate>,
+);
+
+/// The caller of a WebSocket: the upgrade's key, else the one in `connection_init`. Its rate
+/// allowance goes to `gate` for the operations to come.
 async fn ws_caller(
-    engine: Arc<Engine>,
-    who: Option<Principal>,
-    source: Option<std::net::IpAddr>,
+    (engine, who, source, rates): WsOpener,
+    gate: Arc<std::sync::OnceLock<RateGate>>,
     payload: serde_json::Value,
 ) -> async_graphql::Result<Data> {
     let who = match who {
@@ -650,6 +662,9 @@ async fn ws_caller(
             engine.authenticate(key.as_deref()).await.gql()?
         }
     };
+    if let Some(r) = rates {
+        let _ = gate.set(r.for_key(&who.key_id));
+    }
     let mut data = Data::default();
     data.insert(Caller {
         engine,
@@ -659,12 +674,51 @@ async fn ws_caller(
     Ok(data)
 }
 
+/// The schema as a WebSocket runs it: each operation is charged to the caller's read
+/// allowance; mutations are refused (they go over `POST /graphql`, where a client hanging up
+/// cancels neither the mutation nor its audit row).
+#[derive(Clone)]
+struct WsExecutor {
+    gate: Arc<std::sync::OnceLock<RateGate>>,
+}
+
+fn refusal(e: EngineError) -> futures_util::stream::BoxStream<'static, async_graphql::Response> {
+    let err = gql(e).into_server_error(async_graphql::Pos::default());
+    futures_util::stream::once(std::future::ready(async_graphql::Response::from_errors(
+        vec![err],
+    )))
+    .boxed()
+}
+
+impl async_graphql::Executor for WsExecutor {
+    fn execute(
+        &self,
+        request: async_graphql::Request,
+    ) -> impl std::future::Future<Output = async_graphql::Response> + Send {
+        schema().execute(request)
+    }
+
+    fn execute_stream(
+        &self,
+        mut request: async_graphql::Request,
+        data: Option<Arc<Data>>,
+    ) -> futures_util::stream::BoxStream<'static, async_graphql::Response> {
+        if is_mutation(&mut request) {
+            return refusal(invalid(format!(
+                "mutations go over POST {PATH}, not the WebSocket (subscriptions and queries)"
+            )));
+        }
+        if let Some(Err(e)) = self.gate.get().map(|g| g.check(false)) {
+            return refusal(e);
+        }
+        schema().execute_stream_with_session_data(request, data.unwrap_or_default())
+    }
+}
+
 /// Moves messages between the socket and async-graphql's protocol machine until either ends.
 async fn pump(
     socket: axum::extract::ws::WebSocket,
-    engine: Arc<Engine>,
-    who: Option<Principal>,
-    source: Option<std::net::IpAddr>,
+    opener: WsOpener,
     protocol: WebSocketProtocols,
 ) {
     use axum::extract::ws::{CloseFrame, Message};
@@ -678,8 +732,10 @@ async fn pump(
                 _ => None,
             })
         });
-    let mut gql = async_graphql::http::WebSocket::new(schema().clone(), input, protocol)
-        .on_connection_init(move |payload| ws_caller(engine, who, source, payload));
+    let gate = Arc::new(std::sync::OnceLock::new());
+    let executor = WsExecutor { gate: gate.clone() };
+    let mut gql = async_graphql::http::WebSocket::new(executor, input, protocol)
+        .on_connection_init(move |payload| ws_caller(opener, gate, payload));
     while let Some(out) = gql.next().await {
         let msg = match out {
             WsMessage::Text(t) => Message::Text(t.into()),

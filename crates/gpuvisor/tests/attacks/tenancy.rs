@@ -272,7 +272,10 @@ fn every_route_is_scoped_by_tenant() {
         (
             "POST",
             "/graphql",
-            with(row(200, 200, 200), r#"{"query":"{ instances { id name } }"}"#),
+            with(
+                row(200, 200, 200),
+                r#"{"query":"{ instances { id name } }"}"#,
+            ),
         ),
         ("GET", "/graphql", row(400, 400, 400)),
         ("POST", "/v1/instances/{id}/start", row(200, 404, 200)),
@@ -462,7 +465,12 @@ fn every_route_by_role() {
             operate,
         ),
         // Each GraphQL field's roles: tests/graphql.rs, every_graphql_field_by_role.
-        ("POST", "/graphql", Some(r#"{"query":"{ __typename }"}"#), [y; 5]),
+        (
+            "POST",
+            "/graphql",
+            Some(r#"{"query":"{ __typename }"}"#),
+            [y; 5],
+        ),
         ("GET", "/graphql", None, [y; 5]),
         ("GET", "/v1/audit", None, [y, y, n, n, n]),
         ("GET", "/v1/audit/verify", None, admin),
