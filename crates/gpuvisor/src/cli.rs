@@ -729,6 +729,21 @@ pub enum InstanceCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Resize an instance: a running container's vCPUs and memory change in place; a GPU
+    /// count or a VM's size needs --restart (stop, resize, start).
+    Scale {
+        id: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long, value_parser = parse_size_arg)]
+        memory: Option<u64>,
+        /// Whole GPUs.
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// Consent to a stop and start when the change cannot be made live.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Terminate an instance and free everything it holds but its volumes.
     #[command(visible_alias = "rm")]
     Terminate {
@@ -1504,6 +1519,26 @@ impl Ctx {
                 let id = self.client.get_instance(&id)?.id;
                 let inst = self.client.start_instance(&id)?;
                 self.finish_lifecycle(inst, InstanceState::Running, &wait)
+            }
+            InstanceCmd::Scale {
+                id,
+                vcpus,
+                memory,
+                gpus,
+                restart,
+            } => {
+                let req = gpuvisor_wire::ScaleInstance {
+                    vcpus,
+                    memory,
+                    gpus,
+                    restart,
+                };
+                let inst = self.client.scale_instance(&id, &req)?;
+                let now = output::now_ms();
+                output::print(self.format, &inst, |i| {
+                    output::instances_table(std::slice::from_ref(i), now)
+                })?;
+                Ok(exit::OK)
             }
             InstanceCmd::Terminate { id, wait } => {
                 let inst = self.client.terminate_instance(&id)?;

@@ -230,6 +230,11 @@ fn deploy_list_scale_stop_resume_terminate() {
     assert_eq!(memory_limit(&id), (128u64 << 20).to_string());
     assert_eq!(cpuset(&id), "0-1", "was {before_cpus}");
     assert_eq!(status_of(&d, &k, &id), "RUNNING");
+    // The same engine operation through REST (the CLI): no rule is GraphQL's own.
+    let cli = d.json_as(&k, &["instance", "scale", &id, "--memory", "96MiB"]);
+    assert_eq!(cli["memory"], 96u64 << 20, "{cli}");
+    assert_eq!(memory_limit(&id), (96u64 << 20).to_string());
+    d.json_as(&k, &["instance", "scale", &id, "--memory", "128MiB"]);
 
     // A GPU count cannot change live: refused with what to do, then done by consent.
     let refused = gql(
