@@ -216,7 +216,10 @@ impl Instance {
         let size = self
             .volumes
             .iter()
-            .filter_map(|m| all.iter().find(|v| v.name == m.name))
+            .filter_map(|m| {
+                all.iter()
+                    .find(|v| v.name == m.name && v.tenant == self.tenant)
+            })
             .map(|v| v.size)
             .sum();
         Ok(gib(size))
