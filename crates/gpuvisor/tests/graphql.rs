@@ -356,8 +356,19 @@ fn another_tenant_sees_and_stops_nothing() {
     let d = daemon(&[]);
     let a = key(&d, "alpha", "member");
     let b = key(&d, "beta", "member");
-    let dep = deploy(&d, &a, small("secret-one", 0));
+    let mut input = small("secret-one", 0);
+    input["volumeName"] = json!("sv");
+    input["volumeInGb"] = json!(0.015625);
+    let dep = deploy(&d, &a, input);
     let id = dep["instance"]["id"].as_str().unwrap().to_string();
+    let vol = ok(
+        &d,
+        &a,
+        "query($id: ID!) { instance(id: $id) { volumeInGb volumeMountPath volumes { name } } }",
+        json!({ "id": id }),
+    );
+    assert_eq!(vol["instance"]["volumeInGb"], 0.015625, "{vol}");
+    assert_eq!(vol["instance"]["volumeMountPath"], "/workspace");
     let by_id = |q: &str| gql(&d, &b, q, json!({ "id": id })).unwrap_err();
     for q in [
         "query($id: ID!) { instance(id: $id) { id } }",
