@@ -3,7 +3,7 @@
 delta for GraphQL.
 
 1. Starts a private daemon (TLS, its own CA), imports busybox and creates N instances
-   (default 200; busybox `sleep`, 1 vCPU, 64 MiB, 64 MiB disk) with `instance create --wait`,
+   (default 200; busybox `sleep`, 1 vCPU, 64 MiB, 256 MiB disk) with `instance create --wait`,
    then waits --settle seconds (default 15).
 2. R rounds (default 4), each on a freshly restarted daemon (the instances keep running):
    - M (default 1000) `GET /v1/instances` on one keep-alive connection after 50 of warm-up:

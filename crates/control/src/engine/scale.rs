@@ -91,6 +91,11 @@ impl Engine {
         let way = way(&row, size, req.restart)?;
         match way {
             Way::Store => {
+                // Under the instance's lock: a start being provisioned meanwhile has the old
+                // size or the new one, never a mix.
+                let lock = self.lock_for(&row.id);
+                let _instance = lock.lock().await;
+                let row = self.still(&row.id, size, Way::Store).await?;
                 let _place = self.place_lock.lock().await;
                 let next = self.resized(&row, size).await?;
                 self.store.set_resources(&next, self.tick()).await?;
@@ -102,6 +107,23 @@ impl Engine {
             .await;
         self.changed.send_modify(|v| *v += 1);
         self.get_instance(who, &row.id).await
+    }
+
+    /// The row again, under the instance's lock: refused when the instance moved on since
+    /// the request was judged (and the way to resize it changed).
+    async fn still(&self, id: &str, size: Size, judged: Way) -> Result<InstanceRow> {
+        let row = self
+            .store
+            .instance(id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("instance {id:?} not found")))?;
+        match way(&row, size, false) {
+            Ok(w) if w == judged => Ok(row),
+            _ => Err(EngineError::InvalidState(format!(
+                "instance {id} changed state meanwhile (now {}): ask again",
+                row.state
+            ))),
+        }
     }
 
     /// The request's own rules, before anything is locked.
@@ -226,6 +248,7 @@ impl Engine {
     async fn scale_in_place(&self, row: &InstanceRow, size: Size) -> Result<()> {
         let lock = self.lock_for(&row.id);
         let _instance = lock.lock().await;
+        let row = &self.still(&row.id, size, Way::InPlace).await?;
         let _place = self.place_lock.lock().await;
         let next = self.resized(row, size).await?;
         let (node, id, cpus, memory) = (
