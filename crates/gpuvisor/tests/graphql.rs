@@ -277,6 +277,14 @@ fn deploy_list_scale_stop_resume_terminate() {
         cgroup_dirs(&id).iter().all(|p| !p.exists()),
         "a stopped container keeps a cgroup"
     );
+    // Stopped: resized in the store; the next start has the new size.
+    let stopped = ok(
+        &d,
+        &k,
+        "mutation($id: ID!) { clusterScaleResources(input: {id: $id, memoryInGb: 0.1875}) { memoryInGb status } }",
+        json!({ "id": id }),
+    );
+    assert_eq!(stopped["clusterScaleResources"]["status"], "STOPPED");
     ok(
         &d,
         &k,
@@ -285,6 +293,7 @@ fn deploy_list_scale_stop_resume_terminate() {
     );
     wait_status(&d, &k, &id, "RUNNING");
     assert_eq!(cpuset(&id), "0-1", "the new size survives a restart");
+    assert_eq!(memory_limit(&id), (192u64 << 20).to_string());
     let term = ok(
         &d,
         &k,
