@@ -822,3 +822,42 @@ fn limits_depth_complexity_and_rates() {
     // ...and reads go on.
     ok(&d, &k, "{ volumes { name } }", json!({}));
 }
+
+/// A spot rental is interruptible and low priority: on-demand work that needs its GPU
+/// preempts it.
+#[test]
+fn an_interruptible_rental_is_preempted_by_on_demand() {
+    let _s = serial();
+    let d = daemon(&[]);
+    let k = key(&d, "acme", "member");
+    let mut input = small("spot", 1);
+    input["gpuTypeId"] = json!("H100-80GB");
+    input["bidPerGpuHour"] = json!(0.5);
+    let rent = ok(
+        &d,
+        &k,
+        "mutation($input: RentInterruptibleInput!) { clusterRentInterruptible(input: $input) { instance { id interruptible priority } gpus { model } } }",
+        json!({ "input": input }),
+    )["clusterRentInterruptible"]
+        .clone();
+    assert_eq!(rent["instance"]["interruptible"], true, "{rent}");
+    assert_eq!(rent["instance"]["priority"], "low");
+    assert_eq!(rent["gpus"][0]["model"], "H100-80GB");
+    let spot = rent["instance"]["id"].as_str().unwrap().to_string();
+    wait_status(&d, &k, &spot, "RUNNING");
+    let mut od = small("on-demand", 1);
+    od["gpuTypeId"] = json!("H100-80GB");
+    let dep = deploy(&d, &k, od);
+    assert_eq!(dep["gpus"][0]["model"], "H100-80GB", "{dep}");
+    let desired = ok(
+        &d,
+        &k,
+        "query($id: ID!) { instance(id: $id) { desiredStatus } }",
+        json!({ "id": spot }),
+    );
+    assert_eq!(
+        desired["instance"]["desiredStatus"], "INTERRUPTED",
+        "{desired}"
+    );
+    wait_status(&d, &k, &spot, "INTERRUPTED");
+}
