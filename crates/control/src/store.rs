@@ -1403,6 +1403,23 @@ impl Store {
         rows.iter().map(instance).collect()
     }
 
+    /// A new size: the spec (vCPUs, memory), the pinned CPUs and the GPUs (`instance
+    /// scale`); false if the instance does not exist.
+    pub async fn set_resources(&self, i: &InstanceRow, now: i64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE instances SET spec = $1, cpus = $2, gpus = $3, updated_at = $4 WHERE id = $5",
+        )
+        .bind(json(&i.spec))
+        .bind(json(&i.cpus))
+        .bind(json(&i.gpus))
+        .bind(now)
+        .bind(i.id.clone())
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_write)?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Sets the observed state (and reason); returns false if the instance does not exist.
     pub async fn set_state(
         &self,

@@ -75,7 +75,7 @@ fn api_key(h: &HeaderMap) -> Option<&str> {
 
 /// The caller, authenticated once per request: by [`limit_request`] when the limits are in
 /// front (it leaves the principal in the request's extensions), else here.
-pub struct Who(Principal);
+pub struct Who(pub Principal);
 
 impl axum::extract::FromRequestParts<Eng> for Who {
     type Rejection = ApiError;
@@ -296,6 +296,12 @@ fn routes() -> Routes {
         Op::StartInstance,
         start_instance,
     )
+    .add(
+        "POST",
+        "/v1/instances/{id}/scale",
+        Op::ScaleInstance,
+        scale_instance,
+    )
     .add("GET", "/v1/instances/{id}/logs", Op::InstanceLogs, logs)
     .add("POST", "/v1/instances/{id}/exec", Op::Exec, exec)
     .add(
@@ -318,6 +324,10 @@ fn routes() -> Routes {
     )
     .add("GET", "/v1/audit", Op::AuditList, audit_list)
     .add("GET", "/v1/audit/verify", Op::AuditVerify, audit_verify)
+    // The GraphQL front end: each of its fields names its own operation (`gpuvisor
+    // graphql-ops`); the handler charges the rate and records the audit per request.
+    .add("POST", crate::graphql::PATH, None, crate::graphql::http)
+    .add("GET", crate::graphql::PATH, None, crate::graphql::websocket)
 }
 
 pub fn router(engine: Eng) -> Router {
@@ -800,6 +810,15 @@ async fn start_instance(
     Path(id): Path<String>,
 ) -> R<wire::Instance> {
     Ok(Json(e.start_instance(&p, &id).await?))
+}
+
+async fn scale_instance(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    Body(b): Body<wire::ScaleInstance>,
+) -> R<wire::Instance> {
+    Ok(Json(e.scale_instance(&p, &id, &b).await?))
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
@@ -1305,12 +1324,24 @@ async fn limit_request(
                 .copied()
         });
     let mutating = op.is_some_and(Op::mutating);
-    // Over its rate: refused before anything runs, and not recorded (a refusal per request
-    // would let a key flood the audit log).
-    if let Some(l) = caller
+    if req.uri().path() == crate::graphql::PATH {
+        // Whether a GraphQL request reads or mutates is in its body: its handler charges
+        // the rate once it has parsed the operation (a WebSocket's key may come later, in
+        // `connection_init`: `RateGate::for_key`).
+        let gate = RateGate {
+            guard: g.clone(),
+            key: caller
+                .as_ref()
+                .map(|w| w.key_id.clone())
+                .unwrap_or_default(),
+        };
+        req.extensions_mut().insert(gate);
+    } else if let Some(l) = caller
         .as_ref()
         .and_then(|who| g.rates.check_key(&who.key_id, mutating).err())
     {
+        // Over its rate: refused before anything runs, and not recorded (a refusal per
+        // request would let a key flood the audit log).
         return rate_limited(l);
     }
     // A mutating call by a known key is recorded, whatever its outcome, with a bounded target.
@@ -1318,11 +1349,13 @@ async fn limit_request(
         .as_ref()
         .zip(op)
         .filter(|_| mutating)
-        .map(|(who, op)| {
-            let source = peer.map_or_else(|| "-".to_string(), |ip| ip.to_string());
-            (who.clone(), op, audit_target(req.uri().path()), source)
+        .map(|(who, op)| AuditCall {
+            who: who.clone(),
+            op,
+            target: req.uri().path().to_string(),
+            source: peer,
         });
-    let Some((who, op, target, source)) = audit else {
+    let Some(call) = audit else {
         let response = admit(&g, req, next, principal, upload, max, too_large).await;
         // A wrong metrics token counts like a wrong key (a right one is never refused).
         if token_attempt && response.status() == StatusCode::UNAUTHORIZED {
@@ -1337,25 +1370,15 @@ async fn limit_request(
     };
     // The call and its record as one task of their own: a client that hangs up while the
     // call runs cancels neither (hyper drops a request's future when its connection goes).
+    let op = call.op;
     let task = tokio::spawn(async move {
         let response = admit(&g, req, next, principal, upload, max, too_large).await;
-        let target = match response.extensions().get::<AuditSubject>() {
-            Some(s) => audit_target(&format!("{target} → {}", s.0)),
-            None => target,
-        };
-        let event = AuditEvent {
-            op,
-            target,
-            result: response.status().as_u16().to_string(),
-            source,
-        };
-        if let Err(e) = g.engine.audit(&who, event).await {
-            tracing::error!(
-                key = who.key_id,
-                op = op.name(),
-                "the audit log cannot be written: {e}"
-            );
-        }
+        let subject = response
+            .extensions()
+            .get::<AuditSubject>()
+            .map(|s| s.0.clone());
+        call.record(&g.engine, subject.as_deref(), response.status().as_u16())
+            .await;
         response
     });
     match task.await {
@@ -1364,6 +1387,78 @@ async fn limit_request(
             // A panic's text is the daemon's, not the client's.
             tracing::error!("request task of {}: {e}", op.name());
             error_response(EngineError::Internal("the request failed".into()))
+        }
+    }
+}
+
+/// A mutating call to record in the audit log: by [`limit_request`] for REST routes, by each
+/// mutation for GraphQL. One place for what a row holds.
+pub struct AuditCall {
+    pub who: Principal,
+    pub op: Op,
+    /// The route's path, or what GraphQL names (`/graphql clusterStop <id>`).
+    pub target: String,
+    /// The client's address.
+    pub source: Option<std::net::IpAddr>,
+}
+
+impl AuditCall {
+    /// Records the call: its target (cut at [`MAX_AUDIT_TARGET`]), with what it made or did
+    /// (`subject`) after it, and its outcome as the HTTP status REST answers for it.
+    pub async fn record(self, engine: &Engine, subject: Option<&str>, status: u16) {
+        let target = match subject {
+            Some(s) => audit_target(&format!("{} → {s}", self.target)),
+            None => audit_target(&self.target),
+        };
+        let event = AuditEvent {
+            op: self.op,
+            target,
+            result: status.to_string(),
+            source: self
+                .source
+                .map_or_else(|| "-".to_string(), |ip| ip.to_string()),
+        };
+        if let Err(e) = engine.audit(&self.who, event).await {
+            tracing::error!(
+                key = self.who.key_id,
+                op = self.op.name(),
+                "the audit log cannot be written: {e}"
+            );
+        }
+    }
+}
+
+/// A GraphQL request's allowance: [`limit_request`] leaves it for the handler, which charges
+/// a read or a mutation once it knows which the request is.
+#[derive(Clone)]
+pub struct RateGate {
+    guard: Arc<Guard>,
+    key: String,
+}
+
+impl RateGate {
+    /// Takes one request of the key's allowance; `Some(429 answer)` when it is used up.
+    pub fn charge(&self, mutating: bool) -> Option<Response> {
+        self.guard
+            .rates
+            .check_key(&self.key, mutating)
+            .err()
+            .map(rate_limited)
+    }
+
+    /// [`RateGate::charge`] for an answer that is not HTTP (an operation on a WebSocket).
+    pub fn check(&self, mutating: bool) -> Result<(), EngineError> {
+        self.guard
+            .rates
+            .check_key(&self.key, mutating)
+            .map_err(|l| limited_error(&l).0)
+    }
+
+    /// The allowance of another key: a WebSocket's key given in `connection_init`.
+    pub fn for_key(&self, key: &str) -> RateGate {
+        RateGate {
+            guard: self.guard.clone(),
+            key: key.to_string(),
         }
     }
 }
@@ -1385,13 +1480,19 @@ fn audit_target(path: &str) -> String {
 
 /// 429 with `Retry-After` (whole seconds, at least 1).
 fn rate_limited(l: crate::ratelimit::Limited) -> Response {
+    let (e, secs) = limited_error(&l);
+    with_retry_after(error_response(e), secs)
+}
+
+/// The refusal of a used-up allowance, and the whole seconds (at least 1) to wait.
+fn limited_error(l: &crate::ratelimit::Limited) -> (EngineError, u64) {
     let secs = l.retry_after.as_secs() + u64::from(l.retry_after.subsec_nanos() > 0);
     let secs = secs.max(1);
-    let r = error_response(EngineError::ResourceExhausted(format!(
+    let e = EngineError::ResourceExhausted(format!(
         "too many requests: the allowance of {} is used up; retry in {secs} s",
         l.what
-    )));
-    with_retry_after(r, secs)
+    ));
+    (e, secs)
 }
 
 fn with_retry_after(mut r: Response, secs: u64) -> Response {
@@ -1458,6 +1559,25 @@ impl<T> ArgDoc for Option<axum::Extension<T>> {}
 impl<E> ArgDoc for Result<axum::extract::ws::WebSocketUpgrade, E> {
     fn doc(op: &mut OpDoc, _: &mut schemars::SchemaGenerator) {
         op.websocket = true;
+    }
+}
+
+/// A GraphQL request (`POST /graphql`): `{query, variables, operationName}`; its answer is
+/// GraphQL's own `{data, errors}` (docs/api/graphql.md, docs/api/schema.graphql).
+impl ArgDoc for axum::body::Bytes {
+    fn doc(op: &mut OpDoc, _: &mut schemars::SchemaGenerator) {
+        op.body = Some((
+            "application/json".into(),
+            serde_json::json!({
+                "type": "object",
+                "required": ["query"],
+                "properties": {
+                    "query": {"type": "string"},
+                    "operationName": {"type": ["string", "null"]},
+                    "variables": {"type": ["object", "null"]},
+                },
+            }),
+        ));
     }
 }
 

@@ -199,6 +199,12 @@ pub enum Command {
     /// Print the REST API's OpenAPI 3.1 description (local; the daemon serves the same at
     /// /openapi.json).
     Openapi,
+    /// Print the GraphQL schema in SDL (docs/api/schema.graphql is this output).
+    #[command(name = "graphql-schema", hide = true)]
+    GraphqlSchema,
+    /// Print the GraphQL root fields, one `KIND FIELD OPERATION` per line (for tests).
+    #[command(name = "graphql-ops", hide = true)]
+    GraphqlOps,
     /// Internal: relays an instance's output from stdin into its capped, rotated log (started
     /// by the daemon, one per running instance).
     #[command(name = "log-relay", hide = true)]
@@ -880,6 +886,21 @@ pub enum InstanceCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Resize an instance: a running container's vCPUs and memory change in place; a GPU
+    /// count or a VM's size needs --restart (stop, resize, start).
+    Scale {
+        id: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long, value_parser = parse_size_arg)]
+        memory: Option<u64>,
+        /// Whole GPUs.
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// Consent to a stop and start when the change cannot be made live.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Terminate an instance and free everything it holds but its volumes.
     #[command(visible_alias = "rm")]
     Terminate {
@@ -1137,6 +1158,23 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             let text = serde_json::to_string_pretty(crate::api::openapi_document())
                 .map_err(std::io::Error::other)?;
             output::print_text(&text)?;
+            Ok(exit::OK)
+        }
+        Command::GraphqlSchema => {
+            use std::io::Write;
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::stdout().write_all(crate::graphql::sdl().as_bytes());
+            Ok(exit::OK)
+        }
+        Command::GraphqlOps => {
+            use std::io::Write;
+            let text: String = crate::graphql::FIELDS
+                .iter()
+                .map(|(kind, field, op)| {
+                    format!("{kind} {field} {}\n", op.map_or("-", |o| o.name()))
+                })
+                .collect();
+            let _ = std::io::stdout().write_all(text.as_bytes());
             Ok(exit::OK)
         }
         Command::Completions { shell } => {
@@ -1718,6 +1756,26 @@ impl Ctx {
                 let id = self.client.get_instance(&id)?.id;
                 let inst = self.client.start_instance(&id)?;
                 self.finish_lifecycle(inst, InstanceState::Running, &wait)
+            }
+            InstanceCmd::Scale {
+                id,
+                vcpus,
+                memory,
+                gpus,
+                restart,
+            } => {
+                let req = gpuvisor_wire::ScaleInstance {
+                    vcpus,
+                    memory,
+                    gpus,
+                    restart,
+                };
+                let inst = self.client.scale_instance(&id, &req)?;
+                let now = output::now_ms();
+                output::print(self.format, &inst, |i| {
+                    output::instances_table(std::slice::from_ref(i), now)
+                })?;
+                Ok(exit::OK)
             }
             InstanceCmd::Terminate { id, wait } => {
                 let inst = self.client.terminate_instance(&id)?;

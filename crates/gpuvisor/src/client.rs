@@ -533,6 +533,10 @@ impl Client {
         self.post::<(), _>(&format!("/instances/{}/stop", segment(id)), None)
     }
 
+    pub fn scale_instance(&self, id: &str, req: &gpuvisor_wire::ScaleInstance) -> Result<Instance> {
+        self.post(&format!("/instances/{}/scale", segment(id)), Some(req))
+    }
+
     pub fn start_instance(&self, id: &str) -> Result<Instance> {
         self.post::<(), _>(&format!("/instances/{}/start", segment(id)), None)
     }

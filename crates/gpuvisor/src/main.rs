@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod config;
 mod exectty;
+mod graphql;
 mod openapi;
 mod output;
 mod ratelimit;

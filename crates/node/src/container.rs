@@ -347,6 +347,13 @@ impl Runtime for ContainerRuntime {
         Ok(ids)
     }
 
+    /// `runc update`: the container's cgroup (cpuset, memory and memory+swap limits) is
+    /// changed in place; its processes keep running. The bundle is left as it was: a new
+    /// provision writes it from the store's (resized) plan.
+    fn resize(&self, _node: &Node, id: &str, cpus: &[u32], memory: u64) -> Result<(), NodeError> {
+        Ok(self.oci.update(id, cpus, memory)?)
+    }
+
     /// Stops the container: SIGTERM, then SIGKILL after `grace`, then deletes it.
     fn stop(&self, _node: &Node, id: &str, grace: Duration) -> Result<(), NodeError> {
         if let Some(st) = self.oci.state(id)? {

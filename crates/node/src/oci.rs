@@ -477,6 +477,24 @@ impl OciRuntime {
         }
     }
 
+    /// Pins the running container to `cpus` and limits its memory (and memory+swap, as
+    /// [`build_spec`] does) to `memory` bytes, in place.
+    pub fn update(&self, id: &str, cpus: &[u32], memory: u64) -> Result<(), RuntimeError> {
+        let cpus = format_cpu_list(cpus);
+        let mem = memory.to_string();
+        self.run([
+            "update",
+            "--cpuset-cpus",
+            &cpus,
+            "--memory",
+            &mem,
+            "--memory-swap",
+            &mem,
+            id,
+        ])
+        .map(drop)
+    }
+
     /// Deletes the container (its cgroup with it); `force` kills it first. Idempotent.
     pub fn delete(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
         let r = if force {

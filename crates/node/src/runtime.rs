@@ -112,6 +112,21 @@ pub trait Runtime: Send + Sync {
     /// [`Runtime::kill_exec`] of an exec whose shim died.
     fn kill_orphaned_exec(&self, node: &Node, id: &str, pid_file: &Path) -> usize;
 
+    /// Changes the CPUs the running instance is pinned to and its memory limit in place
+    /// (`instance scale`). Runtimes that cannot refuse; the engine then asks for a restart.
+    fn resize(
+        &self,
+        _node: &Node,
+        _id: &str,
+        _cpus: &[u32],
+        _memory: u64,
+    ) -> Result<(), NodeError> {
+        Err(NodeError::Unsupported {
+            kind: self.kind(),
+            what: "changing vCPUs or memory while it runs".into(),
+        })
+    }
+
     /// The unix socket of the instance's interactive console (a VM's serial port), for
     /// `instance console`. Runtimes without one refuse.
     fn console(&self, _node: &Node, _id: &str) -> Result<PathBuf, NodeError> {

@@ -335,6 +335,25 @@ impl CreateInstance {
     }
 }
 
+/// `POST /v1/instances/{id}/scale` (GraphQL `clusterScaleResources`): a new size for an
+/// instance. Absent fields keep their value. A running container changes vCPUs and memory in
+/// place; what its runtime cannot change live (a GPU count, a VM's size) is refused unless
+/// `restart` is true, when the instance is stopped, resized and started again.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct ScaleInstance {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    /// Whole GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+    /// Consent to a stop and start when the change cannot be made live.
+    #[serde(default)]
+    pub restart: bool,
+}
+
 /// One GPU (or share of one) bound to an instance.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct GpuBinding {

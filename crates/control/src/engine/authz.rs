@@ -111,6 +111,7 @@ ops! {
     StopInstance => "instance.stop", Operate;
     StartInstance => "instance.start", Operate;
     TerminateInstance => "instance.terminate", Operate;
+    ScaleInstance => "instance.scale", Operate;
     InstanceLogs => "instance.logs", Read;
     InstanceEvents => "instance.events", Read;
     InstanceMetrics => "instance.metrics", Read;

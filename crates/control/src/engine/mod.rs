@@ -16,6 +16,7 @@ pub mod limits;
 mod metrics;
 pub mod pricing;
 mod reconcile;
+mod scale;
 pub mod session;
 pub mod templates;
 mod tenants;
@@ -1279,16 +1280,9 @@ impl Engine {
         }
     }
 
-    /// Validates, places and records a new instance; the reconciler provisions it.
-    pub async fn create_instance(
-        &self,
-        who: &Principal,
-        req: &wire::CreateInstance,
-    ) -> Result<wire::Instance> {
-        who.allow(Op::CreateInstance)?;
-        let resolved = self.resolve_request(who, req).await?;
-        let req = &resolved;
-        let sim = self.simulated_nodes().await?;
+    /// What a request is judged against: the largest machine it could land on (this host, or
+    /// a simulated node).
+    pub(crate) fn host_limits(&self, sim: &[SimNode]) -> validate::HostLimits {
         let mut limits = validate::HostLimits {
             gpus: self.node.gpus().iter().filter(|g| g.schedulable()).count() as u32,
             cpus: self
@@ -1302,13 +1296,27 @@ impl Engine {
             memory: self.node.cfg.root.mem_total().unwrap_or(0),
         };
         // A request is judged against the largest machine it could land on.
-        for n in &sim {
+        for n in sim {
             limits.gpus = limits.gpus.max(n.gpus.len() as u32);
             limits.cpus = limits
                 .cpus
                 .max(n.cpus.saturating_mul(limits.cpu_ratio.max(1)));
             limits.memory = limits.memory.max(n.memory);
         }
+        limits
+    }
+
+    /// Validates, places and records a new instance; the reconciler provisions it.
+    pub async fn create_instance(
+        &self,
+        who: &Principal,
+        req: &wire::CreateInstance,
+    ) -> Result<wire::Instance> {
+        who.allow(Op::CreateInstance)?;
+        let resolved = self.resolve_request(who, req).await?;
+        let req = &resolved;
+        let sim = self.simulated_nodes().await?;
+        let limits = self.host_limits(&sim);
         validate::create(req, &limits)?;
         pricing::check_bid(req.interruptible, req.bid_per_gpu_hour)?;
         // Fractions on this host need the limiter; simulated nodes run nothing.

@@ -125,6 +125,46 @@ impl HostLimits {
     };
 }
 
+/// The vCPU and memory rules of an instance's size, at creation and at `instance scale`.
+pub fn size(
+    vcpus: u32,
+    memory: u64,
+    runtime: gpuvisor_wire::RuntimeKind,
+    host: &HostLimits,
+) -> Result<()> {
+    if vcpus == 0 {
+        return Err(invalid("--vcpus must be at least 1"));
+    }
+    if vcpus > host.cpus {
+        return Err(crate::error::EngineError::InsufficientResources(format!(
+            "{} vCPUs requested but this host has {} CPUs",
+            vcpus, host.cpus
+        )));
+    }
+    if runtime == gpuvisor_wire::RuntimeKind::Vm && memory < MIN_VM_MEMORY {
+        return Err(invalid(format!(
+            "--memory {} is too small for a VM: at least {} (its kernel, initrd and cloud-init must boot in it)",
+            format_size(memory),
+            format_size(MIN_VM_MEMORY)
+        )));
+    }
+    if memory < MIN_MEMORY {
+        return Err(invalid(format!(
+            "--memory {} is too small: at least {}",
+            format_size(memory),
+            format_size(MIN_MEMORY)
+        )));
+    }
+    if memory > host.memory {
+        return Err(crate::error::EngineError::InsufficientResources(format!(
+            "--memory {} is more than this host has ({})",
+            format_size(memory),
+            format_size(host.memory)
+        )));
+    }
+    Ok(())
+}
+
 pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
     if req.image.is_empty() {
         return Err(invalid("an image is required (see `gpuvisor image list`)"));
@@ -218,36 +258,7 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
     if req.vram == Some(0) {
         return Err(invalid("--vram must be more than 0"));
     }
-    if req.vcpus == 0 {
-        return Err(invalid("--vcpus must be at least 1"));
-    }
-    if req.vcpus > host.cpus {
-        return Err(crate::error::EngineError::InsufficientResources(format!(
-            "{} vCPUs requested but this host has {} CPUs",
-            req.vcpus, host.cpus
-        )));
-    }
-    if req.runtime() == gpuvisor_wire::RuntimeKind::Vm && req.memory < MIN_VM_MEMORY {
-        return Err(invalid(format!(
-            "--memory {} is too small for a VM: at least {} (its kernel, initrd and cloud-init must boot in it)",
-            format_size(req.memory),
-            format_size(MIN_VM_MEMORY)
-        )));
-    }
-    if req.memory < MIN_MEMORY {
-        return Err(invalid(format!(
-            "--memory {} is too small: at least {}",
-            format_size(req.memory),
-            format_size(MIN_MEMORY)
-        )));
-    }
-    if req.memory > host.memory {
-        return Err(crate::error::EngineError::InsufficientResources(format!(
-            "--memory {} is more than this host has ({})",
-            format_size(req.memory),
-            format_size(host.memory)
-        )));
-    }
+    size(req.vcpus, req.memory, req.runtime(), host)?;
     if !(MIN_DISK..=MAX_DISK).contains(&req.container_disk) {
         return Err(invalid(format!(
             "--container-disk {} is out of range: use {} to {}",

@@ -283,6 +283,20 @@ fn every_route_is_scoped_by_tenant() {
         ("GET", "/v1/audit/verify", row(403, 403, 200)),
         // The owner's volume is not the other tenant's or the admin's to remove.
         ("DELETE", "/v1/volumes/{name}", row(200, 404, 404)),
+        (
+            "POST",
+            "/v1/instances/{id}/scale",
+            with(row(200, 404, 200), r#"{"memory":67108864}"#),
+        ),
+        (
+            "POST",
+            "/graphql",
+            with(
+                row(200, 200, 200),
+                r#"{"query":"{ instances { id name } }"}"#,
+            ),
+        ),
+        ("GET", "/graphql", row(400, 400, 400)),
         ("POST", "/v1/instances/{id}/start", row(200, 404, 200)),
         ("POST", "/v1/instances/{id}/stop", row(200, 404, 200)),
         ("DELETE", "/v1/instances/{id}", row(200, 404, 200)),
@@ -479,6 +493,20 @@ fn every_route_by_role() {
         ("GET", "/v1/instances/{id}/exec/ws", None, operate),
         ("GET", "/v1/instances/{id}/console/ws", None, operate),
         ("GET", "/v1/instances/{id}/events", None, read),
+        (
+            "POST",
+            "/v1/instances/{id}/scale",
+            Some(r#"{"memory":67108864}"#),
+            operate,
+        ),
+        // Each GraphQL field's roles: tests/graphql.rs, every_graphql_field_by_role.
+        (
+            "POST",
+            "/graphql",
+            Some(r#"{"query":"{ __typename }"}"#),
+            [y; 5],
+        ),
+        ("GET", "/graphql", None, [y; 5]),
         ("GET", "/v1/audit", None, [y, y, n, n, n]),
         ("GET", "/v1/audit/verify", None, admin),
         ("DELETE", "/v1/images/{name}", None, operate),
