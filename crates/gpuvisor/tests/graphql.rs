@@ -711,6 +711,26 @@ fn every_graphql_field_by_role() {
             "mutation($id: ID!) { clusterTerminate(id: $id) { id } }".into(),
             operate,
         ),
+        (
+            "query",
+            "usage",
+            "{ usage { totalCost lines { resource } } }".into(),
+            read,
+        ),
+        ("query", "templates", "{ templates { name } }".into(), read),
+        (
+            "mutation",
+            "createTemplate",
+            "mutation { createTemplate(input: {name: \"rt\", imageName: \"busybox\"}) { name } }"
+                .into(),
+            operate,
+        ),
+        (
+            "mutation",
+            "deleteTemplate",
+            "mutation { deleteTemplate(name: \"rt\") { name } }".into(),
+            operate,
+        ),
         ("subscription", "instanceMetrics", String::new(), read),
     ];
     let out = Command::new(BIN).arg("graphql-ops").output().unwrap();
@@ -832,7 +852,7 @@ fn an_interruptible_rental_is_preempted_by_on_demand() {
     let k = key(&d, "acme", "member");
     let mut input = small("spot", 1);
     input["gpuTypeId"] = json!("H100-80GB");
-    input["bidPerGpuHour"] = json!(0.5);
+    input["bidPerGpuHour"] = json!(2.0);
     let rent = ok(
         &d,
         &k,
@@ -860,4 +880,142 @@ fn an_interruptible_rental_is_preempted_by_on_demand() {
         "{desired}"
     );
     wait_status(&d, &k, &spot, "INTERRUPTED");
+}
+
+/// Prices, bids, templates and usage through GraphQL: `gpuTypes` carries the configured
+/// prices, a bid below the floor is refused and a valid one is what the spot instance pays;
+/// a deploy from a template takes its fields; `usage` meters the instance.
+#[test]
+fn prices_bids_templates_and_usage() {
+    let _s = serial();
+    let d = daemon(&[]);
+    let member = key(&d, "acme", "member");
+    let types = ok(
+        &d,
+        &member,
+        "{ gpuTypes { id freeCount onDemandPrice interruptiblePrice minimumBidPrice currency } }",
+        json!({}),
+    );
+    let h100 = types["gpuTypes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == "H100-80GB")
+        .unwrap_or_else(|| panic!("{types}"))
+        .clone();
+    let floor = h100["minimumBidPrice"].as_f64().unwrap();
+    assert!(
+        h100["onDemandPrice"].as_f64().unwrap() > floor && floor > 0.0,
+        "{h100}"
+    );
+    assert_eq!(h100["currency"], "USD");
+    let rent = "mutation($bid: Float) { clusterRentInterruptible(input: {bidPerGpuHour: $bid, \
+                imageName: \"busybox\", gpuCount: 1, gpuTypeId: \"H100-80GB\", memoryInGb: 0.0625, \
+                containerDiskInGb: 0.0625, command: [\"sleep\", \"100000\"]}) \
+                { instance { id bidPerGpuHour } } }";
+    let low = gql(&d, &member, rent, json!({ "bid": floor / 2.0 })).unwrap_err();
+    assert_eq!(low.0, "invalid_argument", "{low:?}");
+    assert!(low.1.contains("below the interruptible price"), "{low:?}");
+    let spot = ok(&d, &member, rent, json!({ "bid": floor + 1.0 }));
+    let spot_id = spot["clusterRentInterruptible"]["instance"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        spot["clusterRentInterruptible"]["instance"]["bidPerGpuHour"].as_f64(),
+        Some(floor + 1.0)
+    );
+
+    // A template, then a deploy from it with one override.
+    ok(
+        &d,
+        &member,
+        "mutation { createTemplate(input: {name: \"svc\", imageName: \"busybox\", vcpuCount: 1, \
+         memoryInGb: 0.125, containerDiskInGb: 0.0625, ports: \"8080/http\", \
+         env: [{key: \"MODE\", value: \"t\"}], command: [\"sleep\", \"100000\"]}) { name } }",
+        json!({}),
+    );
+    let listed = ok(
+        &d,
+        &member,
+        "{ templates { name isPublic ports } }",
+        json!({}),
+    );
+    assert_eq!(listed["templates"][0]["name"], "svc", "{listed}");
+    assert_eq!(listed["templates"][0]["ports"], "8080/http");
+    let dep = ok(
+        &d,
+        &member,
+        "mutation { clusterFindAndDeployOnDemand(input: {templateId: \"svc\", \
+         env: [{key: \"MODE\", value: \"override\"}]}) \
+         { instance { id imageName memoryInGb ports env } } }",
+        json!({}),
+    );
+    let inst = &dep["clusterFindAndDeployOnDemand"]["instance"];
+    assert_eq!(inst["imageName"], "busybox");
+    assert_eq!(inst["memoryInGb"], 0.125);
+    assert_eq!(inst["ports"], "8080/http");
+    let env: Vec<&str> = inst["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(
+        env.contains(&"MODE=override") && !env.contains(&"MODE=t"),
+        "{env:?}"
+    );
+    let id = inst["id"].as_str().unwrap().to_string();
+    until("running", || {
+        ok(
+            &d,
+            &member,
+            "query($id: ID!) { instance(id: $id) { status } }",
+            json!({ "id": id }),
+        )["instance"]["status"]
+            == "RUNNING"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let one = ok(
+        &d,
+        &member,
+        "query($id: ID!) { instance(id: $id) { costPerHr totalCost } usage(subject: $id) \
+         { currency totalCost lines { resource seconds unitPrice cost } } }",
+        json!({ "id": id }),
+    );
+    assert!(
+        one["instance"]["costPerHr"].as_f64().unwrap() > 0.0,
+        "{one}"
+    );
+    let lines = one["usage"]["lines"].as_array().unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["resource"] == "vcpu" && l["seconds"].as_f64().unwrap() >= 1.0),
+        "{one}"
+    );
+    assert!(one["usage"]["totalCost"].as_f64().unwrap() > 0.0, "{one}");
+    // Another tenant's usage is not this tenant's to read.
+    let other = key(&d, "other", "member");
+    let theirs = ok(&d, &other, "{ usage { lines { id } } }", json!({}));
+    assert!(
+        theirs["usage"]["lines"].as_array().unwrap().is_empty(),
+        "{theirs}"
+    );
+    let err = gql(
+        &d,
+        &other,
+        "{ usage(tenant: \"acme\") { totalCost } }",
+        json!({}),
+    )
+    .unwrap_err();
+    assert_eq!(err.0, "not_found", "{err:?}");
+    for i in [&id, &spot_id] {
+        ok(
+            &d,
+            &member,
+            "mutation($id: ID!) { clusterTerminate(id: $id) { id } }",
+            json!({ "id": i }),
+        );
+    }
 }

@@ -145,6 +145,12 @@ pub struct Instance {
     pub command: Vec<String>,
     /// May be preempted (spot).
     pub interruptible: bool,
+    /// A spot instance's bid per GPU-hour (what it pays).
+    pub bid_per_gpu_hour: Option<f64>,
+    /// What an hour costs in its current state (`instance` only; RunPod's `costPerHr`).
+    pub cost_per_hr: Option<f64>,
+    /// Metered since creation (`instance` only).
+    pub total_cost: Option<f64>,
     /// `low`, `normal` or `high`.
     pub priority: String,
     /// Its address on its tenant's network (none on a simulated node).
@@ -195,6 +201,9 @@ impl From<wire::Instance> for Instance {
             env: i.env,
             command: i.command,
             interruptible: i.interruptible,
+            bid_per_gpu_hour: i.bid_per_gpu_hour,
+            cost_per_hr: i.cost.as_ref().map(|c| c.per_hour),
+            total_cost: i.cost.as_ref().map(|c| c.total),
             priority: i.priority.as_str().to_string(),
             ip: i.ip,
             restart_count: i.restart_count,
@@ -296,47 +305,41 @@ impl From<wire::Gpu> for Gpu {
 /// A GPU model of the host and how many of it are free (RunPod's `GpuType`).
 // TODO(pricing): `lowestPrice { uninterruptablePrice minimumBidPrice }` per GPU-hour comes with
 // the pricing work (issue 12 item 8).
+/// A GPU model for rent (RunPod's `GpuType`): how many, how many free, what an hour costs.
 #[derive(SimpleObject, Clone)]
 pub struct GpuType {
     /// The model, as `gpuTypeId` takes it (`A100-80GB`).
     pub id: String,
     pub display_name: String,
     pub memory_in_gb: f64,
-    /// GPUs of this model that take containers (not bound to vfio-pci, not cordoned).
+    /// GPUs of this model that take instances (not cordoned).
     pub total_count: u32,
     /// Of those, how many have nothing placed on them.
     pub free_count: u32,
+    /// On-demand price per GPU-hour (RunPod's `securePrice`).
+    pub on_demand_price: f64,
+    /// What an interruptible bid must reach now: the floor while one is free, else above the
+    /// lowest bid holding one.
+    pub interruptible_price: f64,
+    /// The interruptible floor (RunPod's `lowestPrice.minimumBidPrice`).
+    pub minimum_bid_price: f64,
+    pub currency: String,
 }
 
-/// The GPU types among `gpus`, in the order first seen.
-pub fn gpu_types(gpus: &[wire::Gpu]) -> Vec<GpuType> {
-    let mut out: Vec<GpuType> = Vec::new();
-    for g in gpus
-        .iter()
-        .filter(|g| !g.mig_enabled && !g.passthrough_ready)
-    {
-        let i = match out.iter().position(|t| t.id == g.model) {
-            Some(i) => i,
-            None => {
-                out.push(GpuType {
-                    id: g.model.clone(),
-                    display_name: g.model.clone(),
-                    memory_in_gb: gib(g.vram),
-                    total_count: 0,
-                    free_count: 0,
-                });
-                out.len() - 1
-            }
-        };
-        if g.cordoned.is_some() {
-            continue;
-        }
-        out[i].total_count += 1;
-        if g.allocated_milli == 0 {
-            out[i].free_count += 1;
+impl From<wire::GpuType> for GpuType {
+    fn from(t: wire::GpuType) -> Self {
+        Self {
+            display_name: t.model.clone(),
+            id: t.model,
+            memory_in_gb: gib(t.vram),
+            total_count: t.total,
+            free_count: t.free,
+            on_demand_price: t.on_demand_price,
+            interruptible_price: t.interruptible_price,
+            minimum_bid_price: t.interruptible_floor,
+            currency: t.currency,
         }
     }
-    out
 }
 
 #[derive(SimpleObject, Clone)]
@@ -545,20 +548,22 @@ pub struct EnvInput {
 #[derive(InputObject, Clone, Default)]
 pub struct DeployInput {
     pub name: Option<String>,
-    /// An image visible to the caller (`gpuvisor image list`).
-    pub image_name: String,
+    /// Start from this template (`templates`); the fields given override it.
+    pub template_id: Option<String>,
+    /// An image visible to the caller (`gpuvisor image list`); required without a template.
+    pub image_name: Option<String>,
     /// Whole GPUs.
     pub gpu_count: Option<u32>,
     /// A fraction of one GPU, in (0, 1) (instead of `gpuCount`).
     pub gpu_fraction: Option<f64>,
     /// Only GPUs of this model (a `gpuTypes` id, e.g. `A100-80GB`).
     pub gpu_type_id: Option<String>,
-    #[graphql(default = 1)]
-    pub vcpu_count: u32,
-    #[graphql(default = 1.0)]
-    pub memory_in_gb: f64,
-    #[graphql(default = 1.0)]
-    pub container_disk_in_gb: f64,
+    /// Default: the template's, else 1.
+    pub vcpu_count: Option<u32>,
+    /// Default: the template's, else 1.
+    pub memory_in_gb: Option<f64>,
+    /// Default: the template's, else 10.
+    pub container_disk_in_gb: Option<f64>,
     /// A persistent volume: created with `volumeInGb` when it does not exist yet.
     pub volume_name: Option<String>,
     pub volume_in_gb: Option<f64>,
@@ -578,8 +583,8 @@ pub struct DeployInput {
 /// instance that is preempted when on-demand work needs its GPU.
 #[derive(InputObject, Clone)]
 pub struct RentInterruptibleInput {
-    /// The bid per GPU-hour. Not checked yet.
-    // TODO(pricing): refuse a bid below the current interruptible price (issue 12 item 8).
+    /// The most it pays per GPU-hour: at least the current interruptible price (`gpuTypes`);
+    /// a higher bid takes a GPU from a lower one when none is free. Default: the floor.
     pub bid_per_gpu_hour: Option<f64>,
     #[graphql(flatten)]
     pub deploy: DeployInput,
@@ -648,18 +653,161 @@ mod tests {
         assert_eq!(bytes(-1.0), None);
         assert_eq!(bytes(f64::NAN), None);
     }
+}
 
-    #[test]
-    fn gpu_types_count_free_gpus_of_each_model() {
-        let g = |model: &str, milli: u32| wire::Gpu {
-            model: model.into(),
-            vram: 80 << 30,
-            allocated_milli: milli,
-            ..Default::default()
-        };
-        let t = gpu_types(&[g("A100", 0), g("A100", 1000), g("H100", 0)]);
-        assert_eq!(t.len(), 2);
-        assert_eq!((t[0].total_count, t[0].free_count), (2, 1));
-        assert_eq!((t[1].id.as_str(), t[1].free_count), ("H100", 1));
+/// `usage`: what was metered in a range (`gpuvisor usage`).
+#[derive(SimpleObject, Clone)]
+pub struct UsageReport {
+    /// Unix ms.
+    pub from: i64,
+    pub to: i64,
+    pub currency: String,
+    pub lines: Vec<UsageLine>,
+    pub total_cost: f64,
+}
+
+/// One resource of one instance or volume at one price.
+#[derive(SimpleObject, Clone)]
+pub struct UsageLine {
+    pub tenant: String,
+    /// `instance` or `volume`.
+    pub subject: String,
+    pub id: String,
+    pub name: String,
+    /// `gpu`, `vcpu`, `memory`, `disk` or `volume`.
+    pub resource: String,
+    pub gpu_type_id: Option<String>,
+    /// GPU lines: each GPU's share (1 = whole).
+    pub gpu_fraction: Option<f64>,
+    pub interruptible: bool,
+    pub seconds: f64,
+    /// GPU-, vCPU- or GiB-seconds.
+    pub unit_seconds: f64,
+    /// Per unit-hour.
+    pub unit_price: f64,
+    pub cost: f64,
+}
+
+impl From<wire::UsageReport> for UsageReport {
+    fn from(r: wire::UsageReport) -> Self {
+        Self {
+            from: r.from,
+            to: r.to,
+            currency: r.currency,
+            total_cost: r.total_cost,
+            lines: r
+                .lines
+                .into_iter()
+                .map(|l| UsageLine {
+                    tenant: l.tenant,
+                    subject: l.subject,
+                    id: l.id,
+                    name: l.name,
+                    resource: l.resource,
+                    gpu_type_id: l.model,
+                    gpu_fraction: l.milli.map(|m| f64::from(m) / 1000.0),
+                    interruptible: l.interruptible,
+                    seconds: l.seconds,
+                    unit_seconds: l.unit_seconds,
+                    unit_price: l.unit_price,
+                    cost: l.cost,
+                })
+                .collect(),
+        }
     }
+}
+
+/// An instance template (RunPod's `PodTemplate`).
+#[derive(SimpleObject, Clone)]
+pub struct Template {
+    pub name: String,
+    /// Every tenant's to use (an admin's).
+    pub is_public: bool,
+    /// The owning tenant of a private one.
+    pub tenant: Option<String>,
+    pub description: Option<String>,
+    pub image_name: String,
+    pub runtime: Option<Runtime>,
+    pub gpu_count: Option<u32>,
+    pub gpu_fraction: Option<f64>,
+    pub gpu_type_id: Option<String>,
+    pub vcpu_count: Option<u32>,
+    pub memory_in_gb: Option<f64>,
+    pub container_disk_in_gb: Option<f64>,
+    pub volumes: Vec<TemplateVolume>,
+    /// `8888/http,22/tcp`.
+    pub ports: String,
+    pub env: Vec<String>,
+    pub command: Vec<String>,
+    pub startup_script: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(SimpleObject, Clone)]
+pub struct TemplateVolume {
+    pub name: String,
+    pub mount_path: String,
+    pub volume_in_gb: Option<f64>,
+}
+
+impl From<wire::Template> for Template {
+    fn from(t: wire::Template) -> Self {
+        let s = t.spec;
+        Self {
+            name: t.name,
+            is_public: t.public,
+            tenant: t.tenant,
+            description: s.description,
+            image_name: s.image,
+            runtime: s.runtime.map(Into::into),
+            gpu_count: s.gpus,
+            gpu_fraction: s.gpu_fraction,
+            gpu_type_id: s.gpu_model,
+            vcpu_count: s.vcpus,
+            memory_in_gb: s.memory.map(gib),
+            container_disk_in_gb: s.container_disk.map(gib),
+            volumes: s
+                .volumes
+                .into_iter()
+                .map(|v| TemplateVolume {
+                    name: v.name,
+                    mount_path: v.path,
+                    volume_in_gb: v.size.map(gib),
+                })
+                .collect(),
+            ports: ports_text(&s.ports),
+            env: s.env,
+            command: s.command,
+            startup_script: s.startup_script,
+            created_at: t.created_at,
+        }
+    }
+}
+
+/// `createTemplate`.
+#[derive(InputObject, Clone)]
+pub struct TemplateInput {
+    pub name: String,
+    /// Every tenant may use it (admins only).
+    #[graphql(default = false)]
+    pub is_public: bool,
+    pub description: Option<String>,
+    pub image_name: String,
+    pub runtime: Option<Runtime>,
+    pub gpu_count: Option<u32>,
+    pub gpu_fraction: Option<f64>,
+    pub gpu_type_id: Option<String>,
+    pub vcpu_count: Option<u32>,
+    pub memory_in_gb: Option<f64>,
+    pub container_disk_in_gb: Option<f64>,
+    /// A persistent volume made on first use (one per tenant and name).
+    pub volume_name: Option<String>,
+    pub volume_in_gb: Option<f64>,
+    /// Default `/workspace`.
+    pub volume_mount_path: Option<String>,
+    /// `8888/http,22/tcp`.
+    pub ports: Option<String>,
+    pub env: Option<Vec<EnvInput>>,
+    pub command: Option<Vec<String>>,
+    pub startup_script: Option<String>,
 }
