@@ -143,7 +143,7 @@ fn operation(r: &RouteDoc) -> Value {
     if r.doc.websocket {
         responses.insert(
             "101".into(),
-            json!({"description": "Switching to a WebSocket (the session's frames are described in docs/api/rest.md)."}),
+            json!({"description": "Switching to a WebSocket: an exec or console session (its frames: gpuvisor_wire::ExecSessionRequest and session::Control) or GraphQL subscriptions (graphql-transport-ws)."}),
         );
     }
     match &r.doc.ok {
