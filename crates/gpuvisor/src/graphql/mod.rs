@@ -286,59 +286,97 @@ fn size(what: &str, gib: f64) -> Result<u64, EngineError> {
     bytes(gib).ok_or_else(|| invalid(format!("{what} must be a size in GiB, 0 or more")))
 }
 
+fn opt_size(what: &str, gib: Option<f64>) -> Result<Option<u64>, EngineError> {
+    gib.map(|g| size(what, g)).transpose()
+}
+
+/// The one volume of a deploy or template input (`volumeName`, `volumeInGb`,
+/// `volumeMountPath`, default `/workspace`).
+fn volume_input(
+    name: &Option<String>,
+    gib: Option<f64>,
+    path: &Option<String>,
+) -> Result<Vec<wire::VolumeMount>, EngineError> {
+    match (name, gib) {
+        (Some(name), gib) => Ok(vec![wire::VolumeMount {
+            name: name.clone(),
+            path: path.clone().unwrap_or_else(|| "/workspace".into()),
+            size: opt_size("volumeInGb", gib)?,
+        }]),
+        (None, Some(_)) => Err(invalid(
+            "volumeInGb needs volumeName: the persistent volume to create or reuse",
+        )),
+        (None, None) => Ok(Vec::new()),
+    }
+}
+
+/// A [`ShapeInput`] in the engine's units.
+struct Shape {
+    runtime: Option<wire::RuntimeKind>,
+    gpus: Option<u32>,
+    gpu_fraction: Option<f64>,
+    gpu_model: Option<String>,
+    vcpus: Option<u32>,
+    memory: Option<u64>,
+    container_disk: Option<u64>,
+    volumes: Vec<wire::VolumeMount>,
+    env: Vec<String>,
+    ports: Vec<wire::PortSpec>,
+    command: Vec<String>,
+}
+
+fn shape(s: &ShapeInput) -> Result<Shape, EngineError> {
+    Ok(Shape {
+        runtime: s.runtime.map(Into::into),
+        gpus: s.gpu_count.filter(|n| *n > 0),
+        gpu_fraction: s.gpu_fraction,
+        gpu_model: s.gpu_type_id.clone(),
+        vcpus: s.vcpu_count,
+        memory: opt_size("memoryInGb", s.memory_in_gb)?,
+        container_disk: opt_size("containerDiskInGb", s.container_disk_in_gb)?,
+        volumes: volume_input(&s.volume_name, s.volume_in_gb, &s.volume_mount_path)?,
+        env: s
+            .env
+            .iter()
+            .flatten()
+            .map(|e| format!("{}={}", e.key, e.value))
+            .collect(),
+        ports: parse_ports(s.ports.as_deref().unwrap_or("")).map_err(invalid)?,
+        command: s.command.clone().unwrap_or_default(),
+    })
+}
+
 /// The engine's request for a deploy (`interruptible`: a spot rental, low priority unless
-/// asked otherwise, so that on-demand work preempts it).
+/// asked otherwise, so that on-demand work preempts it). Sizes left out are 0: the template's,
+/// else the defaults (`engine::templates::merge`).
 fn create_request(
     d: &DeployInput,
     interruptible: bool,
 ) -> Result<wire::CreateInstance, EngineError> {
-    let ports = parse_ports(d.ports.as_deref().unwrap_or("")).map_err(invalid)?;
-    let volumes = match (&d.volume_name, d.volume_in_gb) {
-        (Some(name), gib) => vec![wire::VolumeMount {
-            name: name.clone(),
-            path: d
-                .volume_mount_path
-                .clone()
-                .unwrap_or_else(|| "/workspace".into()),
-            size: gib.map(|g| size("volumeInGb", g)).transpose()?,
-        }],
-        (None, Some(_)) => {
-            return Err(invalid(
-                "volumeInGb needs volumeName: the persistent volume to create or reuse",
-            ))
-        }
-        (None, None) => Vec::new(),
-    };
+    let s = shape(&d.shape)?;
     let priority = match d.priority.as_deref() {
         None if interruptible => wire::PriorityClass::Low,
         None => wire::PriorityClass::Normal,
         Some(p) => serde_json::from_value(serde_json::Value::String(p.into()))
             .map_err(|_| invalid(format!("priority {p:?} is not one of: low, normal, high")))?,
     };
-    // Sizes left out (or 0) come from the template, else the defaults.
-    let opt_size = |what, v: Option<f64>| v.map(|g| size(what, g)).transpose();
     Ok(wire::CreateInstance {
         template: d.template_id.clone(),
         image: d.image_name.clone().unwrap_or_default(),
         name: d.name.clone(),
-        gpus: d.gpu_count.filter(|n| *n > 0),
-        gpu_fraction: d.gpu_fraction,
-        gpu_model: d.gpu_type_id.clone(),
-        vcpus: d.vcpu_count.unwrap_or(0),
-        memory: opt_size("memoryInGb", d.memory_in_gb)?.unwrap_or(0),
-        container_disk: opt_size("containerDiskInGb", d.container_disk_in_gb)?.unwrap_or(0),
-        volumes,
-        env: d
-            .env
-            .iter()
-            .flatten()
-            .map(|e| format!("{}={}", e.key, e.value))
-            .collect(),
-        ports,
-        command: d.command.clone().unwrap_or_default(),
+        gpus: s.gpus,
+        gpu_fraction: s.gpu_fraction,
+        gpu_model: s.gpu_model,
+        vcpus: s.vcpus.unwrap_or(0),
+        memory: s.memory.unwrap_or(0),
+        container_disk: s.container_disk.unwrap_or(0),
+        volumes: s.volumes,
+        env: s.env,
+        ports: s.ports,
+        command: s.command,
         priority,
         interruptible,
-        runtime: d.runtime.map(Into::into),
+        runtime: s.runtime,
         ..Default::default()
     })
 }
@@ -526,43 +564,24 @@ impl Mutation {
 
 /// The engine's request for `createTemplate`.
 fn template_request(t: &TemplateInput) -> Result<wire::CreateTemplate, EngineError> {
-    let opt_size = |what, v: Option<f64>| v.map(|g| size(what, g)).transpose();
-    let volumes = match &t.volume_name {
-        Some(name) => vec![wire::VolumeMount {
-            name: name.clone(),
-            path: t
-                .volume_mount_path
-                .clone()
-                .unwrap_or_else(|| "/workspace".into()),
-            size: opt_size("volumeInGb", t.volume_in_gb)?,
-        }],
-        None if t.volume_in_gb.is_some() => {
-            return Err(invalid("volumeInGb needs volumeName"));
-        }
-        None => Vec::new(),
-    };
+    let s = shape(&t.shape)?;
     Ok(wire::CreateTemplate {
         name: t.name.clone(),
         public: t.is_public,
         spec: wire::TemplateSpec {
             image: t.image_name.clone(),
             description: t.description.clone(),
-            runtime: t.runtime.map(Into::into),
-            gpus: t.gpu_count,
-            gpu_fraction: t.gpu_fraction,
-            gpu_model: t.gpu_type_id.clone(),
-            vcpus: t.vcpu_count,
-            memory: opt_size("memoryInGb", t.memory_in_gb)?,
-            container_disk: opt_size("containerDiskInGb", t.container_disk_in_gb)?,
-            volumes,
-            env: t
-                .env
-                .iter()
-                .flatten()
-                .map(|e| format!("{}={}", e.key, e.value))
-                .collect(),
-            ports: parse_ports(t.ports.as_deref().unwrap_or("")).map_err(invalid)?,
-            command: t.command.clone().unwrap_or_default(),
+            runtime: s.runtime,
+            gpus: s.gpus,
+            gpu_fraction: s.gpu_fraction,
+            gpu_model: s.gpu_model,
+            vcpus: s.vcpus,
+            memory: s.memory,
+            container_disk: s.container_disk,
+            volumes: s.volumes,
+            env: s.env,
+            ports: s.ports,
+            command: s.command,
             startup_script: t.startup_script.clone(),
         },
     })
@@ -958,17 +977,20 @@ mod tests {
     fn deploy_input_becomes_the_engines_request() {
         let d = DeployInput {
             image_name: Some("busybox".into()),
-            gpu_count: Some(1),
-            vcpu_count: Some(2),
-            memory_in_gb: Some(0.5),
-            container_disk_in_gb: Some(1.0),
-            ports: Some("8888/http,22/tcp".into()),
-            env: Some(vec![EnvInput {
-                key: "A".into(),
-                value: "b".into(),
-            }]),
-            volume_name: Some("data".into()),
-            volume_in_gb: Some(1.0),
+            shape: ShapeInput {
+                gpu_count: Some(1),
+                vcpu_count: Some(2),
+                memory_in_gb: Some(0.5),
+                container_disk_in_gb: Some(1.0),
+                ports: Some("8888/http,22/tcp".into()),
+                env: Some(vec![EnvInput {
+                    key: "A".into(),
+                    value: "b".into(),
+                }]),
+                volume_name: Some("data".into()),
+                volume_in_gb: Some(1.0),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let r = create_request(&d, true).unwrap();
@@ -991,7 +1013,10 @@ mod tests {
         assert_eq!(bare.template.as_deref(), Some("t"));
         assert!(bare.image.is_empty() && bare.runtime.is_none());
         let bad = DeployInput {
-            volume_name: None,
+            shape: ShapeInput {
+                volume_name: None,
+                ..d.shape.clone()
+            },
             ..d
         };
         assert!(create_request(&bad, false).is_err());

@@ -552,17 +552,25 @@ pub struct DeployInput {
     pub template_id: Option<String>,
     /// An image visible to the caller (`gpuvisor image list`); required without a template.
     pub image_name: Option<String>,
+    #[graphql(flatten)]
+    pub shape: ShapeInput,
+    /// `low`, `normal` (default) or `high` (within the tenant's allowance).
+    pub priority: Option<String>,
+}
+
+/// What an instance is made of: the fields a deploy and a template share. Left out: the
+/// template's (for a deploy), else the defaults (1 vCPU, 1 GiB, a 10 GiB disk, a container).
+#[derive(InputObject, Clone, Default)]
+pub struct ShapeInput {
+    pub runtime: Option<Runtime>,
     /// Whole GPUs.
     pub gpu_count: Option<u32>,
     /// A fraction of one GPU, in (0, 1) (instead of `gpuCount`).
     pub gpu_fraction: Option<f64>,
     /// Only GPUs of this model (a `gpuTypes` id, e.g. `A100-80GB`).
     pub gpu_type_id: Option<String>,
-    /// Default: the template's, else 1.
     pub vcpu_count: Option<u32>,
-    /// Default: the template's, else 1.
     pub memory_in_gb: Option<f64>,
-    /// Default: the template's, else 10.
     pub container_disk_in_gb: Option<f64>,
     /// A persistent volume: created with `volumeInGb` when it does not exist yet.
     pub volume_name: Option<String>,
@@ -574,9 +582,6 @@ pub struct DeployInput {
     pub env: Option<Vec<EnvInput>>,
     /// Overrides the image's command.
     pub command: Option<Vec<String>>,
-    pub runtime: Option<Runtime>,
-    /// `low`, `normal` (default) or `high` (within the tenant's allowance).
-    pub priority: Option<String>,
 }
 
 /// What `clusterRentInterruptible` asks for (RunPod's `PodRentInterruptableInput`): an
@@ -793,21 +798,8 @@ pub struct TemplateInput {
     pub is_public: bool,
     pub description: Option<String>,
     pub image_name: String,
-    pub runtime: Option<Runtime>,
-    pub gpu_count: Option<u32>,
-    pub gpu_fraction: Option<f64>,
-    pub gpu_type_id: Option<String>,
-    pub vcpu_count: Option<u32>,
-    pub memory_in_gb: Option<f64>,
-    pub container_disk_in_gb: Option<f64>,
-    /// A persistent volume made on first use (one per tenant and name).
-    pub volume_name: Option<String>,
-    pub volume_in_gb: Option<f64>,
-    /// Default `/workspace`.
-    pub volume_mount_path: Option<String>,
-    /// `8888/http,22/tcp`.
-    pub ports: Option<String>,
-    pub env: Option<Vec<EnvInput>>,
-    pub command: Option<Vec<String>>,
+    #[graphql(flatten)]
+    pub shape: ShapeInput,
+    /// Run at start: by cloud-init once in a VM, before the command in a container.
     pub startup_script: Option<String>,
 }
