@@ -638,30 +638,8 @@ pub struct TemplateArgs {
     /// Image name; required unless --from gives it.
     #[arg(long, required_unless_present = "from")]
     pub image: Option<String>,
-    /// container or vm.
-    #[arg(long, value_name = "RUNTIME", value_parser = gpuvisor_wire::RuntimeKind::parse)]
-    pub runtime: Option<gpuvisor_wire::RuntimeKind>,
-    #[arg(long, conflicts_with = "gpu_fraction")]
-    pub gpus: Option<u32>,
-    #[arg(long, value_parser = parse_fraction)]
-    pub gpu_fraction: Option<f64>,
-    #[arg(long)]
-    pub gpu_model: Option<String>,
-    #[arg(long)]
-    pub vcpus: Option<u32>,
-    #[arg(long, value_parser = parse_size_arg)]
-    pub memory: Option<u64>,
-    #[arg(long, value_parser = parse_size_arg)]
-    pub container_disk: Option<u64>,
-    #[arg(long = "volume", short = 'v', value_name = "NAME:/PATH[:SIZE]", value_parser = parse_volume)]
-    pub volumes: Vec<VolumeMount>,
-    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
-    pub env: Vec<String>,
-    #[arg(long = "port", short = 'p', value_name = "PORT[/PROTO]", value_parser = parse_port)]
-    pub ports: Vec<PortSpec>,
-    /// A script read from FILE (see `instance create --startup-script`).
-    #[arg(long, value_name = "FILE")]
-    pub startup_script: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
     /// The command, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -678,22 +656,23 @@ impl TemplateArgs {
             s.image = i;
         }
         s.description = self.description.or(s.description);
-        s.runtime = self.runtime.or(s.runtime);
-        if self.gpus.is_some() || self.gpu_fraction.is_some() {
-            s.gpus = self.gpus;
-            s.gpu_fraction = self.gpu_fraction;
+        let f = self.shape;
+        s.runtime = f.runtime.or(s.runtime);
+        if f.gpus.is_some() || f.gpu_fraction.is_some() {
+            s.gpus = f.gpus;
+            s.gpu_fraction = f.gpu_fraction;
         }
-        s.gpu_model = self.gpu_model.or(s.gpu_model);
-        s.vcpus = self.vcpus.or(s.vcpus);
-        s.memory = self.memory.or(s.memory);
-        s.container_disk = self.container_disk.or(s.container_disk);
-        s.volumes.extend(self.volumes);
-        s.env.extend(self.env);
-        s.ports.extend(self.ports);
+        s.gpu_model = f.gpu_model.or(s.gpu_model);
+        s.vcpus = f.vcpus.or(s.vcpus);
+        s.memory = f.memory.or(s.memory);
+        s.container_disk = f.container_disk.or(s.container_disk);
+        s.volumes.extend(f.volumes);
+        s.env.extend(f.env);
+        s.ports.extend(f.ports);
         if !self.command.is_empty() {
             s.command = self.command;
         }
-        if let Some(script) = read_script(self.startup_script.as_deref())? {
+        if let Some(script) = read_script(f.startup_script.as_deref())? {
             s.startup_script = Some(script);
         }
         Ok(s)
@@ -739,26 +718,15 @@ pub struct WaitArgs {
     pub timeout: Duration,
 }
 
+/// What an instance is made of: the flags `instance create` and `template create` share.
 #[derive(Debug, Args)]
-pub struct CreateArgs {
-    /// Start from this template (see `gpuvisor template list`); the flags given override it.
-    #[arg(long)]
-    pub template: Option<String>,
-    /// Image name (see `gpuvisor image list`); required without --template.
-    #[arg(long, required_unless_present = "template")]
-    pub image: Option<String>,
-    /// Instance name (default: generated).
-    #[arg(long)]
-    pub name: Option<String>,
+pub struct ShapeArgs {
     /// Whole GPUs.
     #[arg(long, conflicts_with = "gpu_fraction")]
     pub gpus: Option<u32>,
     /// A fraction of one GPU, in (0, 1), e.g. 0.25.
     #[arg(long, value_parser = parse_fraction)]
     pub gpu_fraction: Option<f64>,
-    /// VRAM for a fractional GPU (default: the fraction of the GPU's VRAM).
-    #[arg(long, value_parser = parse_size_arg)]
-    pub vram: Option<u64>,
     /// Only GPUs of this model, as `gpu list` shows it.
     #[arg(long)]
     pub gpu_model: Option<String>,
@@ -780,6 +748,33 @@ pub struct CreateArgs {
     /// Port to expose (repeatable).
     #[arg(long = "port", short = 'p', value_name = "PORT[/PROTO]", value_parser = parse_port)]
     pub ports: Vec<PortSpec>,
+    /// What runs the instance: `container` (an OCI container, runc) or `vm` (a QEMU micro-VM
+    /// booted from the image's template, whole GPUs by passthrough) [default: the
+    /// template's, else container].
+    #[arg(long, value_name = "RUNTIME", value_parser = gpuvisor_wire::RuntimeKind::parse)]
+    pub runtime: Option<gpuvisor_wire::RuntimeKind>,
+    /// A script read from FILE: a VM's cloud-init runs it once at first boot; a container's
+    /// /bin/sh runs it before the command at every start.
+    #[arg(long, value_name = "FILE")]
+    pub startup_script: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Start from this template (see `gpuvisor template list`); the flags given override it.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Image name (see `gpuvisor image list`); required without --template.
+    #[arg(long, required_unless_present = "template")]
+    pub image: Option<String>,
+    /// Instance name (default: generated).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
+    /// VRAM for a fractional GPU (default: the fraction of the GPU's VRAM).
+    #[arg(long, value_parser = parse_size_arg)]
+    pub vram: Option<u64>,
     /// Priority class: a higher class may preempt lower interruptible instances.
     #[arg(long, value_enum, default_value_t = PriorityArg::Normal)]
     pub priority: PriorityArg,
@@ -797,19 +792,10 @@ pub struct CreateArgs {
     /// while the process keeps exiting within 10 s.
     #[arg(long, value_name = "POLICY", default_value = "always", value_parser = RestartPolicy::parse)]
     pub restart: RestartPolicy,
-    /// What runs the instance: `container` (an OCI container, runc) or `vm` (a QEMU micro-VM
-    /// booted from the image's template, whole GPUs by passthrough) [default: the
-    /// template's, else container].
-    #[arg(long, value_name = "RUNTIME", value_parser = gpuvisor_wire::RuntimeKind::parse)]
-    pub runtime: Option<gpuvisor_wire::RuntimeKind>,
     /// VMs: an SSH public key for the guest's user (repeatable): the key line, or @FILE to
     /// read it (e.g. @~/.ssh/id_ed25519.pub).
     #[arg(long = "ssh-key", value_name = "KEY|@FILE")]
     pub ssh_keys: Vec<String>,
-    /// A script read from FILE: a VM's cloud-init runs it once at first boot; a container's
-    /// /bin/sh runs it before the command at every start.
-    #[arg(long, value_name = "FILE")]
-    pub startup_script: Option<std::path::PathBuf>,
     /// VMs: a Debian package cloud-init installs at first boot (repeatable; NAME or
     /// NAME=VERSION; the guest needs a route to its mirror).
     #[arg(long = "package", value_name = "NAME")]
@@ -1687,24 +1673,24 @@ impl Ctx {
                     template: args.template,
                     image: args.image.unwrap_or_default(),
                     name: args.name,
-                    gpus: args.gpus,
-                    gpu_fraction: args.gpu_fraction,
+                    gpus: args.shape.gpus,
+                    gpu_fraction: args.shape.gpu_fraction,
                     vram: args.vram,
-                    gpu_model: args.gpu_model,
-                    vcpus: args.vcpus.unwrap_or(0),
-                    memory: args.memory.unwrap_or(0),
-                    container_disk: args.container_disk.unwrap_or(0),
-                    volumes: args.volumes,
-                    env: args.env,
-                    ports: args.ports,
+                    gpu_model: args.shape.gpu_model,
+                    vcpus: args.shape.vcpus.unwrap_or(0),
+                    memory: args.shape.memory.unwrap_or(0),
+                    container_disk: args.shape.container_disk.unwrap_or(0),
+                    volumes: args.shape.volumes,
+                    env: args.shape.env,
+                    ports: args.shape.ports,
                     command: args.command,
                     priority: args.priority.into(),
                     interruptible: args.interruptible,
                     bid_per_gpu_hour: args.bid,
                     restart: args.restart,
-                    runtime: args.runtime,
+                    runtime: args.shape.runtime,
                     ssh_keys: read_ssh_keys(&args.ssh_keys)?,
-                    startup_script: read_script(args.startup_script.as_deref())?,
+                    startup_script: read_script(args.shape.startup_script.as_deref())?,
                     packages: args.packages,
                 };
                 let inst = self.client.create_instance(&req)?;
@@ -2240,12 +2226,12 @@ mod tests {
             "-c",
             "print(1)",
         ]);
-        assert_eq!(a.gpu_fraction, Some(0.25));
+        assert_eq!(a.shape.gpu_fraction, Some(0.25));
         assert_eq!(a.vram, Some(20 << 30));
-        assert_eq!(a.memory, Some(16 << 30));
-        assert_eq!(a.container_disk, None, "unset: the daemon's default");
+        assert_eq!(a.shape.memory, Some(16 << 30));
+        assert_eq!(a.shape.container_disk, None, "unset: the daemon's default");
         assert_eq!(
-            a.volumes,
+            a.shape.volumes,
             vec![
                 VolumeMount {
                     name: "data".into(),
@@ -2259,9 +2245,9 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(a.env, ["A=1", "B="]);
+        assert_eq!(a.shape.env, ["A=1", "B="]);
         assert_eq!(
-            a.ports,
+            a.shape.ports,
             vec![PortSpec {
                 port: 8888,
                 protocol: "http".into()
@@ -2276,11 +2262,11 @@ mod tests {
     fn create_defaults() {
         // Unset: the daemon applies the template's, else its defaults (1, 1GiB, 10GiB).
         let a = create_args(&["instance", "create", "--image", "x"]);
-        assert_eq!(a.vcpus, None);
-        assert_eq!(a.memory, None);
-        assert_eq!(a.container_disk, None);
-        assert_eq!(a.runtime, None);
-        assert_eq!(a.gpus, None);
+        assert_eq!(a.shape.vcpus, None);
+        assert_eq!(a.shape.memory, None);
+        assert_eq!(a.shape.container_disk, None);
+        assert_eq!(a.shape.runtime, None);
+        assert_eq!(a.shape.gpus, None);
         assert!(!a.wait.wait);
         assert_eq!(a.wait.timeout, Duration::from_secs(120));
         assert!(a.command.is_empty());
@@ -2343,10 +2329,10 @@ mod tests {
             "--port",
             "80/gopher",
         ]);
-        assert_eq!(a.gpu_fraction, Some(1.5));
-        assert_eq!(a.env, ["NOVALUE"]);
-        assert_eq!(a.volumes[0].path, "relative/path");
-        assert_eq!(a.ports[0].protocol, "gopher");
+        assert_eq!(a.shape.gpu_fraction, Some(1.5));
+        assert_eq!(a.shape.env, ["NOVALUE"]);
+        assert_eq!(a.shape.volumes[0].path, "relative/path");
+        assert_eq!(a.shape.ports[0].protocol, "gopher");
         // 0 vCPUs or bytes would read as "unset" to the daemon: refused here.
         for (flag, v) in [
             ("--vcpus", "0"),
@@ -2362,7 +2348,7 @@ mod tests {
             "instance", "create", "--image", "a", "--gpus", "0", "--image", "b", "--gpus", "1000",
         ]);
         assert_eq!(a.image.as_deref(), Some("b"));
-        assert_eq!(a.gpus, Some(1000));
+        assert_eq!(a.shape.gpus, Some(1000));
     }
 
     #[test]
