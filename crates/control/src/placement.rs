@@ -152,6 +152,18 @@ pub struct GpuAssignment {
     pub vram: u64,
 }
 
+impl From<GpuAssignment> for gpuvisor_wire::GpuBinding {
+    fn from(g: GpuAssignment) -> Self {
+        Self {
+            uuid: g.uuid,
+            index: g.index,
+            model: g.model,
+            milli: g.milli,
+            vram: g.vram,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Assignment {
     pub gpus: Vec<GpuAssignment>,

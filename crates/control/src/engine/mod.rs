@@ -1623,17 +1623,7 @@ impl Engine {
                 packages: req.packages.clone(),
             },
             cpus: assignment.cpus,
-            gpus: assignment
-                .gpus
-                .into_iter()
-                .map(|g| wire::GpuBinding {
-                    uuid: g.uuid,
-                    index: g.index,
-                    model: g.model,
-                    milli: g.milli,
-                    vram: g.vram,
-                })
-                .collect(),
+            gpus: assignment.gpus.into_iter().map(Into::into).collect(),
             ip_host,
             created_at: now,
             updated_at: now,

@@ -195,17 +195,7 @@ impl Engine {
         next.spec.vcpus = size.vcpus;
         next.spec.memory = size.memory;
         next.cpus = a.cpus;
-        next.gpus = a
-            .gpus
-            .into_iter()
-            .map(|g| wire::GpuBinding {
-                uuid: g.uuid,
-                index: g.index,
-                model: g.model,
-                milli: g.milli,
-                vram: g.vram,
-            })
-            .collect();
+        next.gpus = a.gpus.into_iter().map(Into::into).collect();
         Ok(next)
     }
 
