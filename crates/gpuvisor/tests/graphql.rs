@@ -861,7 +861,10 @@ fn an_interruptible_rental_is_preempted_by_on_demand() {
     )["clusterRentInterruptible"]
         .clone();
     assert_eq!(rent["instance"]["interruptible"], true, "{rent}");
-    assert_eq!(rent["instance"]["priority"], "low");
+    assert_eq!(
+        rent["instance"]["priority"], "normal",
+        "REST's default class"
+    );
     assert_eq!(rent["gpus"][0]["model"], "H100-80GB");
     let spot = rent["instance"]["id"].as_str().unwrap().to_string();
     wait_status(&d, &k, &spot, "RUNNING");
@@ -983,6 +986,27 @@ fn prices_bids_templates_and_usage() {
          { currency totalCost lines { resource seconds unitPrice cost } } }",
         json!({ "id": id }),
     );
+    // The spot instance is billed its bid per GPU-hour, not the on-demand price or the floor.
+    let spot_usage = ok(
+        &d,
+        &member,
+        "query($id: String) { usage(subject: $id) { lines { resource unitPrice interruptible gpuTypeId } } }",
+        json!({ "id": spot_id }),
+    );
+    let gpu_line = spot_usage["usage"]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["resource"] == "gpu")
+        .unwrap_or_else(|| panic!("{spot_usage}"))
+        .clone();
+    assert_eq!(
+        gpu_line["unitPrice"].as_f64(),
+        Some(floor + 1.0),
+        "{gpu_line}"
+    );
+    assert_eq!(gpu_line["interruptible"], true);
+    assert_eq!(gpu_line["gpuTypeId"], "H100-80GB");
     assert!(
         one["instance"]["costPerHr"].as_f64().unwrap() > 0.0,
         "{one}"

@@ -1039,7 +1039,7 @@ impl Engine {
         let residents = live
             .iter()
             .filter(|i| !self.is_simulated(i))
-            .filter(|i| i.state.holds_resources() && i.desired != InstanceState::Interrupted)
+            .filter(|i| reserves(i))
             .map(|i| resident(i, self.vm_overhead()))
             .collect();
         HostCapacity::new(
@@ -1184,6 +1184,14 @@ pub(crate) fn vm_touched_refusal(name: &str) -> String {
          and the host does not mount guest-written filesystems for containers; use it from VMs \
          (--runtime vm), or copy its data out through a VM into another volume"
     )
+}
+
+/// Whether an instance holds its GPUs, CPUs and memory in placement (and pays for them):
+/// from creation until it is terminated, stopped or not; not once a preemptor took them.
+pub(crate) fn reserves(i: &InstanceRow) -> bool {
+    i.state.holds_resources()
+        && i.state != InstanceState::Interrupted
+        && i.desired != InstanceState::Interrupted
 }
 
 fn resident(i: &InstanceRow, vm_overhead: u64) -> Resident {
@@ -1491,15 +1499,18 @@ impl Engine {
             },
         )
         .await?;
-        // Without the right to preempt other tenants, a higher priority class never evicts
-        // their instances: only the market does (on demand over interruptible, a higher bid
-        // over a lower one, within one class).
+        // Without the right to preempt other tenants, only the market evicts their instances
+        // (an on-demand request, or a higher bid, takes an interruptible one's GPU), never a
+        // priority class.
         let protected: std::collections::BTreeSet<String> =
             if who.is_admin() || tenant.policy.preempt_other_tenants {
                 Default::default()
             } else {
                 live.iter()
-                    .filter(|i| i.tenant_id != who.tenant_id && i.spec.priority < req.priority)
+                    .filter(|i| {
+                        i.tenant_id != who.tenant_id
+                            && !pricing::outbids(req.interruptible, req.bid_per_gpu_hour, &i.spec)
+                    })
                     .map(|i| i.id.clone())
                     .collect()
             };

@@ -148,6 +148,14 @@ pub fn check_bid(interruptible: bool, bid: Option<f64>) -> Result<()> {
     }
 }
 
+/// Whether a request takes `victim`'s GPU by the market alone: the victim is interruptible and
+/// the request is on demand or bids more (what another tenant may do without the right to
+/// preempt by priority).
+pub fn outbids(interruptible: bool, bid: Option<f64>, victim: &crate::store::InstanceSpec) -> bool {
+    victim.interruptible
+        && (!interruptible || bid.unwrap_or(0.0) > victim.bid_per_gpu_hour.unwrap_or(0.0))
+}
+
 /// [`market_rank`] of a stored instance.
 pub fn spec_rank(spec: &crate::store::InstanceSpec) -> u32 {
     market_rank(spec.priority, spec.interruptible, spec.bid_per_gpu_hour)

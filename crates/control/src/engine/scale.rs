@@ -18,8 +18,8 @@ use crate::store::InstanceRow;
 use gpuvisor_wire::{self as wire, InstanceState, RuntimeKind};
 use std::time::Duration;
 
-/// Most whole GPUs a scale may ask for (as at creation).
-const MAX_GPUS: u32 = 64;
+// Most whole GPUs a scale may ask for: as at creation.
+use super::validate::MAX_GPUS;
 
 /// The size an instance is asked to have.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -224,7 +224,7 @@ impl Engine {
             model: row.gpus.first().map(|g| g.model.clone()),
             vcpus: size.vcpus,
             memory: charged_memory(row.runtime, size.memory, self.vm_overhead()),
-            priority: row.spec.priority.rank(),
+            priority: super::pricing::spec_rank(&row.spec),
             interruptible: row.spec.interruptible,
             passthrough: row.runtime == RuntimeKind::Vm,
         };
@@ -270,6 +270,25 @@ impl Engine {
         self.set_desired(who, &row.id, InstanceState::Stopped)
             .await?;
         self.wait_stopped(&row.id).await?;
+        // Under the instance's lock (the reconciler provisions nothing meanwhile), from the
+        // row as it is now: still stopped by this request, or nothing is written (a start,
+        // a terminate or a preemption in between wins, and the host never runs a size the
+        // store does not hold).
+        let lock = self.lock_for(&row.id);
+        let _instance = lock.lock().await;
+        let now = self.still(&row.id, size, Way::Store).await?;
+        if now.desired != InstanceState::Stopped || now.state == InstanceState::Interrupted {
+            return Err(EngineError::InvalidState(format!(
+                "instance {} was {} meanwhile: not resized",
+                row.id,
+                if now.state == InstanceState::Interrupted {
+                    "preempted"
+                } else {
+                    "started again"
+                }
+            )));
+        }
+        let row = &now;
         let placed = {
             let _place = self.place_lock.lock().await;
             match self.resized(row, size).await {
@@ -302,11 +321,21 @@ impl Engine {
             if matches!(row.state, InstanceState::Stopped | InstanceState::Failed) {
                 return Ok(());
             }
+            if matches!(
+                row.state,
+                InstanceState::Interrupted | InstanceState::Terminating | InstanceState::Terminated
+            ) || row.desired != InstanceState::Stopped
+            {
+                return Err(EngineError::InvalidState(format!(
+                    "instance {id} is {} (asked: {}) meanwhile: not resized",
+                    row.state, row.desired
+                )));
+            }
             if tokio::time::timeout_at(deadline, rx.changed())
                 .await
                 .is_err()
             {
-                return Err(EngineError::Unavailable(format!(
+                return Err(EngineError::DeadlineExceeded(format!(
                     "instance {id} did not stop within {} s: it is left stopping; resize it once it is stopped",
                     limit.as_secs()
                 )));

@@ -30,20 +30,23 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// The longest range one report covers.
 const MAX_RANGE_MS: i64 = 400 * 86_400_000;
 
-/// Whether an instance in `st` is using (and paying for) its GPUs, vCPUs and memory.
-fn computes(st: InstanceState) -> bool {
-    st == InstanceState::Running
+/// Whether an instance pays for its GPUs, vCPUs and memory: while it holds them in
+/// placement, running or stopped (a stopped instance keeps them reserved for its start;
+/// terminate it to release them), until a preemptor takes them.
+fn computes(i: &InstanceRow) -> bool {
+    super::reserves(i)
 }
 
-/// Whether an instance in `st` still holds its container disk.
-fn holds_disk(st: InstanceState) -> bool {
-    !matches!(
-        st,
-        InstanceState::Pending
-            | InstanceState::Terminating
-            | InstanceState::Terminated
-            | InstanceState::Interrupted
-    )
+/// Whether an instance still holds its container disk (not once evicted).
+fn holds_disk(i: &InstanceRow) -> bool {
+    i.desired != InstanceState::Interrupted
+        && !matches!(
+            i.state,
+            InstanceState::Pending
+                | InstanceState::Terminating
+                | InstanceState::Terminated
+                | InstanceState::Interrupted
+        )
 }
 
 /// What an interruptible instance pays per GPU-hour of `model`: its recorded bid, else the
@@ -82,7 +85,7 @@ fn line(i: &InstanceRow, line: String, resource: &str, quantity: f64, price: f64
 /// The lines an instance is billed for in its current state.
 pub(crate) fn instance_lines(p: &Pricing, i: &InstanceRow) -> Vec<UsageRow> {
     let mut out = Vec::new();
-    if computes(i.state) {
+    if computes(i) {
         let mut groups: BTreeMap<(&str, u32), u32> = BTreeMap::new();
         for g in &i.gpus {
             *groups.entry((g.model.as_str(), g.milli)).or_default() += 1;
@@ -102,7 +105,7 @@ pub(crate) fn instance_lines(p: &Pricing, i: &InstanceRow) -> Vec<UsageRow> {
         let mem = i.spec.memory as f64 / GIB;
         out.push(line(i, "memory".into(), "memory", mem, p.memory_gib_hour));
     }
-    if holds_disk(i.state) && i.spec.container_disk > 0 {
+    if holds_disk(i) && i.spec.container_disk > 0 {
         let disk = i.spec.container_disk as f64 / GIB;
         out.push(line(i, "disk".into(), "disk", disk, p.disk_gib_hour));
     }
@@ -309,10 +312,7 @@ impl Engine {
         let live = self.store.live_instances(None).await?;
         // The lowest rate an interruptible instance pays for each GPU it holds.
         let mut lowest_bid: HashMap<&str, f64> = HashMap::new();
-        for i in live
-            .iter()
-            .filter(|i| i.spec.interruptible && computes(i.state))
-        {
+        for i in live.iter().filter(|i| i.spec.interruptible && computes(i)) {
             for g in &i.gpus {
                 let rate = gpu_rate(&p, i, &g.model).0;
                 let e = lowest_bid.entry(g.uuid.as_str()).or_insert(rate);
@@ -471,11 +471,16 @@ mod tests {
         assert_eq!(l[0].unit_price, p.gpu("A100-80GB").on_demand);
         assert_eq!(l[2].quantity, 4.0);
         assert_eq!(l[3].quantity, 10.0);
-        // Stopped: the disk only. Interrupted or terminating: nothing.
+        // Stopped: still reserved, so still paid for. Interrupted, or being evicted: nothing.
         let stopped = instance_lines(&p, &inst(InstanceState::Stopped, &[], None));
-        assert_eq!(stopped.len(), 1);
-        assert_eq!(stopped[0].resource, "disk");
+        assert_eq!(stopped.len(), 3, "vcpu, memory, disk: {stopped:?}");
         assert!(instance_lines(&p, &inst(InstanceState::Interrupted, &[], None)).is_empty());
+        let mut evicted = inst(InstanceState::Running, &[("A100-80GB", 1000)], Some(2.0));
+        evicted.desired = InstanceState::Interrupted;
+        assert!(
+            instance_lines(&p, &evicted).is_empty(),
+            "its GPU is the preemptor's"
+        );
     }
 
     #[test]
@@ -522,12 +527,17 @@ mod tests {
         assert_eq!(close, vec![("i1".to_string(), "vcpu".to_string(), 100)]);
         assert_eq!(new.len(), 1);
         assert_eq!(new[0].quantity, 4.0);
-        // Stopped: compute closes; the disk goes on.
-        let (close, new) = plan(
-            open,
+        // Stopped: still reserved, nothing changes. Terminated: everything closes.
+        let (close, _) = plan(
+            open.clone(),
             instance_lines(&p, &inst(InstanceState::Stopped, &[], None)),
         );
-        assert_eq!(close.len(), 2);
+        assert!(close.is_empty(), "{close:?}");
+        let (close, new) = plan(
+            open,
+            instance_lines(&p, &inst(InstanceState::Terminated, &[], None)),
+        );
+        assert_eq!(close.len(), 3);
         assert!(new.is_empty());
     }
 

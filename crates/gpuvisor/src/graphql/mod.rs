@@ -346,16 +346,15 @@ fn shape(s: &ShapeInput) -> Result<Shape, EngineError> {
     })
 }
 
-/// The engine's request for a deploy (`interruptible`: a spot rental, low priority unless
-/// asked otherwise, so that on-demand work preempts it). Sizes left out are 0: the template's,
-/// else the defaults (`engine::templates::merge`).
+/// The engine's request for a deploy (`interruptible`: a spot rental, which on-demand work
+/// and higher bids preempt; `normal` priority unless asked otherwise, as on REST). Sizes left
+/// out are 0: the template's, else the defaults (`engine::templates::merge`).
 fn create_request(
     d: &DeployInput,
     interruptible: bool,
 ) -> Result<wire::CreateInstance, EngineError> {
     let s = shape(&d.shape)?;
     let priority = match d.priority.as_deref() {
-        None if interruptible => wire::PriorityClass::Low,
         None => wire::PriorityClass::Normal,
         Some(p) => serde_json::from_value(serde_json::Value::String(p.into()))
             .map_err(|_| invalid(format!("priority {p:?} is not one of: low, normal, high")))?,
@@ -999,7 +998,7 @@ mod tests {
         assert_eq!(r.ports.len(), 2);
         assert_eq!(r.volumes[0].path, "/workspace");
         assert_eq!(r.volumes[0].size, Some(1 << 30));
-        assert!(r.interruptible && r.priority == wire::PriorityClass::Low);
+        assert!(r.interruptible && r.priority == wire::PriorityClass::Normal);
         // Left out: 0, the template's or the daemon's default (engine::templates::merge).
         let bare = create_request(
             &DeployInput {

@@ -1151,7 +1151,7 @@ fn tenant_cannot_exceed_its_quotas() {
 
 /// A tenant cannot choose its way past its neighbours: `--priority high` needs the right, and
 /// even a granted high priority never evicts another tenant's interruptible instance unless an
-/// admin allowed cross-tenant preemption.
+/// admin allowed cross-tenant preemption (the market still may: see the next test).
 #[test]
 fn tenant_cannot_preempt_a_neighbour_by_choosing_a_priority() {
     let _s = serial();
@@ -1184,10 +1184,12 @@ fn tenant_cannot_preempt_a_neighbour_by_choosing_a_priority() {
         ]
         .concat(),
     );
+    // Spot requests at the floor: no market advantage over the victim (an on-demand request
+    // or a higher bid would win by the market: a_neighbours_spot_instance_goes_to_the_market).
     let ask = |key: &str, prio: &str| {
         let mut a = vec!["instance", "create", "--image", "busybox", "--wait"];
         a.extend(h100);
-        a.extend(["--priority", prio, "--", "sleep", "1000"]);
+        a.extend(["--priority", prio, "--interruptible", "--", "sleep", "1000"]);
         d.cli_as(key, &a)
     };
     // Not allowed to ask for high priority at all.
@@ -1321,4 +1323,86 @@ fn the_last_admin_key_cannot_be_revoked() {
         .cli_as(&second_secret, &["tenant", "list"])
         .status
         .success());
+}
+
+/// Across tenants the spot market applies without any right to preempt: an on-demand request
+/// of a neighbour takes a spot instance's GPU, an interruptible one only by bidding more; an
+/// equal bid, or a higher priority class with a lower bid, does not.
+#[test]
+fn a_neighbours_spot_instance_goes_to_the_market() {
+    let _s = serial();
+    let d = Daemon::start(&[]);
+    d.import_busybox();
+    let seller = tenant(&d, "seller");
+    let buyer = tenant(&d, "buyer");
+    d.json(&["tenant", "set", "buyer", "--max-priority", "high"]);
+    let h100 = [
+        "--gpus",
+        "1",
+        "--gpu-model",
+        "H100-80GB",
+        "--memory",
+        "64MiB",
+        "--container-disk",
+        "64MiB",
+    ];
+    let spot = |key: &str, extra: &[&str]| {
+        let mut a = vec!["instance", "create", "--image", "busybox", "--wait"];
+        a.extend(h100);
+        a.extend(extra);
+        a.extend(["--", "sleep", "100000"]);
+        d.cli_as(key, &a)
+    };
+    let out = spot(
+        &seller,
+        &["--priority", "low", "--interruptible", "--bid", "2"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let held: Value = serde_json::from_slice(
+        &d.cli_as(&seller, &["-o", "json", "instance", "list"])
+            .stdout,
+    )
+    .unwrap();
+    let victim = held[0]["id"].as_str().unwrap().to_string();
+    for (what, extra) in [
+        (
+            "an equal bid",
+            vec!["--priority", "low", "--interruptible", "--bid", "2"],
+        ),
+        (
+            "a higher class with a lower bid",
+            vec!["--priority", "high", "--interruptible", "--bid", "1.5"],
+        ),
+    ] {
+        let out = spot(&buyer, &extra);
+        assert_eq!(out.status.code(), Some(6), "{what} took the GPU: {out:?}");
+        assert_eq!(
+            d.json(&["instance", "get", &victim])["state"],
+            "running",
+            "{what}"
+        );
+    }
+    let out = spot(
+        &buyer,
+        &["--priority", "low", "--interruptible", "--bid", "2.5"],
+    );
+    assert!(out.status.success(), "a higher bid: {out:?}");
+    let v = d.json(&["instance", "get", &victim]);
+    assert_eq!(v["state"], "interrupted", "{v}");
+    let events = d.json(&["instance", "events", &victim]).to_string();
+    assert!(
+        events.contains("another tenant's instance (a higher bid"),
+        "{events}"
+    );
+    // The buyer's spot instance, in turn, goes to the seller's on-demand request.
+    let winner: Value =
+        serde_json::from_slice(&d.cli_as(&buyer, &["-o", "json", "instance", "list"]).stdout)
+            .unwrap();
+    let winner = winner[0]["id"].as_str().unwrap().to_string();
+    let out = spot(&seller, &[]);
+    assert!(out.status.success(), "on demand: {out:?}");
+    assert_eq!(
+        d.json(&["instance", "get", &winner])["state"],
+        "interrupted"
+    );
 }
