@@ -159,6 +159,7 @@ impl Routes {
             method,
             path,
             op: op.map(Op::name),
+            public: path == "/v1/health" || path == OPENAPI_PATH,
             doc: handler.describe(&mut self.schemas),
         });
         let filter = match method {

@@ -115,8 +115,11 @@ fn path_params(path: &str) -> Vec<Value> {
 pub struct RouteDoc {
     pub method: &'static str,
     pub path: &'static str,
-    /// The operation's stable name (`instance.create`); `None` for the health probe.
+    /// The operation's stable name (`instance.create`); `None` for a route of none (the
+    /// health probe, this document, GraphQL's, whose fields name theirs).
     pub op: Option<&'static str>,
+    /// Answered without a key.
+    pub public: bool,
     pub doc: OpDoc,
 }
 
@@ -130,11 +133,21 @@ fn error_response() -> Value {
 fn operation(r: &RouteDoc) -> Value {
     let tag = r
         .path
-        .trim_start_matches("/v1/")
-        .split('/')
+        .trim_start_matches('/')
+        .trim_start_matches("v1/")
+        .split(['/', '.'])
         .next()
         .unwrap_or("api")
         .to_string();
+    // The operation's stable name, else (routes of no engine operation) its method and path.
+    let id = match r.op {
+        Some(op) => op.replace('.', "_"),
+        None => format!(
+            "{}{}",
+            r.method.to_lowercase(),
+            r.path.replace(['/', '.', '{', '}', '-'], "_")
+        ),
+    };
     let mut params = path_params(r.path);
     if let Some(Value::Array(q)) = &r.doc.query {
         params.extend(q.iter().cloned());
@@ -163,9 +176,9 @@ fn operation(r: &RouteDoc) -> Value {
     }
     responses.insert("default".into(), error_response());
     let mut op = json!({
-        "operationId": r.op.unwrap_or("health").replace('.', "_"),
+        "operationId": id,
         "tags": [tag],
-        "summary": r.op.unwrap_or("health"),
+        "summary": r.op.unwrap_or(&id),
         "parameters": params,
         "responses": responses,
     });
@@ -175,7 +188,7 @@ fn operation(r: &RouteDoc) -> Value {
             "content": {media.as_str(): {"schema": schema}},
         });
     }
-    if r.op.is_none() {
+    if r.public {
         op["security"] = json!([]);
     }
     op
@@ -256,6 +269,31 @@ mod tests {
         );
         assert!(create["responses"]["201"].is_object(), "{create}");
         assert!(doc["components"]["schemas"]["Instance"]["properties"]["gpus"].is_object());
+    }
+
+    #[test]
+    fn operation_ids_are_unique_and_only_the_probe_and_the_document_are_public() {
+        let doc = crate::api::openapi_document();
+        let mut ids = std::collections::HashSet::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            for (method, op) in item.as_object().into_iter().flatten() {
+                let id = op["operationId"].as_str().unwrap_or("");
+                assert!(
+                    ids.insert(id.to_string()),
+                    "{method} {path}: operationId {id} again"
+                );
+                let public = op["security"] == json!([]);
+                assert_eq!(
+                    public,
+                    path == "/v1/health" || path == crate::api::OPENAPI_PATH,
+                    "{method} {path}"
+                );
+                assert!(
+                    !op["tags"][0].as_str().unwrap_or("").is_empty(),
+                    "{method} {path}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -497,7 +497,7 @@ fn on_demand_instance_preempts_a_spot_instance() {
         Some(6),
         "an equal bid must not preempt"
     );
-    let spot = d.create(&spot_with("3"));
+    let spot = d.create(&spot_with("2.5"));
     assert_eq!(
         d.json(&["instance", "get", &spot])["gpus"][0]["uuid"],
         spot_gpu

@@ -530,6 +530,9 @@ fn mig_error(e: MigError) -> EngineError {
         MigError::NoProfile { .. } => invalid(e.to_string()),
         MigError::NotEnabled(_) => EngineError::InvalidState(e.to_string()),
         MigError::NoCapacity { .. } => EngineError::InsufficientResources(e.to_string()),
-        MigError::Nvml(_) | MigError::MissingSymbol(_) => EngineError::Unavailable(e.to_string()),
+        // A driver that lacks MIG control is this host's capability (422); NVML failing
+        // is a fault on the host (500), not a reason to tell the client it asked wrongly.
+        MigError::MissingSymbol(_) => EngineError::Unavailable(e.to_string()),
+        MigError::Nvml(_) => EngineError::Internal(e.to_string()),
     }
 }

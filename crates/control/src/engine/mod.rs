@@ -105,6 +105,10 @@ pub struct Engine {
     limits: limits::LimitState,
     /// The price list ([`pricing`]), set at start.
     pricing: std::sync::RwLock<Arc<pricing::Pricing>>,
+    /// One meter step at a time ([`usage`]).
+    meter_lock: tokio::sync::Mutex<()>,
+    /// Admin key revocations one at a time (the last one is never revoked).
+    revoke_lock: tokio::sync::Mutex<()>,
     /// A tenant deletion may be pending (`tenant rm --cascade`): the reconciler looks at the
     /// store only then. True at start, so a deletion a crash interrupted is found.
     pub(crate) tenant_deletions: std::sync::atomic::AtomicBool,
@@ -230,6 +234,8 @@ impl Engine {
             simulated_nodes: std::sync::RwLock::new(std::collections::HashSet::new()),
             limits: Default::default(),
             pricing: Default::default(),
+            meter_lock: tokio::sync::Mutex::new(()),
+            revoke_lock: tokio::sync::Mutex::new(()),
             tenant_deletions: std::sync::atomic::AtomicBool::new(true),
             registry: Default::default(),
             making_volumes: Mutex::new(Default::default()),
@@ -683,6 +689,9 @@ impl Engine {
                 key.role.as_str()
             )));
         }
+        // One revocation at a time: two racing ones cannot both pass the last-admin check
+        // (the store's conditional update alone leaves that race on PostgreSQL).
+        let _one = self.revoke_lock.lock().await;
         let revoked = self.store.revoke_key(id, now_ms()).await?;
         if !revoked && key.revoked_at.is_none() && key.role == wire::Role::Admin {
             return Err(EngineError::InvalidState(

@@ -110,27 +110,38 @@ impl Pricing {
     }
 
     /// What an interruptible instance on `model` pays per GPU-hour: its bid, else the floor.
-    /// A bid under the floor is refused.
+    /// A bid under the floor is refused, and one over the on-demand price (an on-demand
+    /// instance outranks every spot one and costs less).
     pub fn interruptible_rate(&self, model: &str, bid: Option<f64>) -> Result<f64> {
-        let floor = self.gpu(model).interruptible;
+        let GpuPrice {
+            on_demand,
+            interruptible: floor,
+        } = self.gpu(model);
+        let cur = &self.currency;
         match bid {
             None => Ok(floor),
             Some(b) if b + 1e-9 < floor => Err(EngineError::InvalidArgument(format!(
                 "a bid of {b} {cur}/GPU-hour is below the interruptible price of {model}, \
-                 {floor} {cur}/GPU-hour (see `gpuvisor gpu types`)",
-                cur = self.currency
+                 {floor} {cur}/GPU-hour (see `gpuvisor gpu types`)"
+            ))),
+            Some(b) if b > on_demand + 1e-9 => Err(EngineError::InvalidArgument(format!(
+                "a bid of {b} {cur}/GPU-hour is above the on-demand price of {model}, \
+                 {on_demand} {cur}/GPU-hour: rent it on demand (leave out --interruptible)"
             ))),
             Some(b) => Ok(b),
         }
     }
 }
 
+/// The highest price per hour the list takes (bids rank in thousandths below `BID_SPAN`).
+const MAX_PRICE: f64 = 10_000.0;
+
 fn price_ok(name: &str, v: f64) -> std::result::Result<(), String> {
-    if v.is_finite() && (0.0..1e6).contains(&v) {
+    if v.is_finite() && (0.0..MAX_PRICE).contains(&v) {
         Ok(())
     } else {
         Err(format!(
-            "pricing {name} = {v} is not a price (0 to 1000000 per hour)"
+            "pricing {name} = {v} is not a price (0 to {MAX_PRICE} per hour)"
         ))
     }
 }
@@ -221,6 +232,9 @@ mod tests {
         );
         let e = p.interruptible_rate("H100-80GB", Some(floor / 2.0));
         assert!(matches!(e, Err(EngineError::InvalidArgument(m)) if m.contains("below")));
+        let over = p.gpu("H100-80GB").on_demand + 0.5;
+        let e = p.interruptible_rate("H100-80GB", Some(over));
+        assert!(matches!(e, Err(EngineError::InvalidArgument(m)) if m.contains("on demand")));
         assert!(check_bid(false, Some(1.0)).is_err());
         assert!(check_bid(true, Some(f64::NAN)).is_err());
         assert!(check_bid(true, Some(-1.0)).is_err());

@@ -84,12 +84,13 @@ pub fn merge(t: Option<&TemplateSpec>, req: &CreateInstance) -> CreateInstance {
 
 /// A container's command with its startup script first: `/bin/sh -c 'set -e; SCRIPT; exec
 /// "$@"' startup CMD...`, so the script runs at every start and the command becomes the
-/// main process (its exit status is the instance's).
+/// main process (its exit status is the instance's). While the script runs the shell is PID 1,
+/// which ignores signals it has no handler for: the trap lets `instance stop` end it.
 pub fn with_startup_script(script: &str, command: &[String]) -> Vec<String> {
     let mut out = vec![
         "/bin/sh".to_string(),
         "-c".to_string(),
-        format!("set -e\n{script}\nexec \"$@\""),
+        format!("trap 'exit 143' TERM INT\nset -e\n{script}\nexec \"$@\""),
         "startup".to_string(),
     ];
     out.extend(command.iter().cloned());
@@ -338,7 +339,10 @@ mod tests {
     fn a_startup_script_runs_before_the_command_and_hands_it_pid_1() {
         let c = with_startup_script("touch /x", &["sleep".into(), "1".into()]);
         assert_eq!(c[0], "/bin/sh");
-        assert_eq!(c[2], "set -e\ntouch /x\nexec \"$@\"");
+        assert_eq!(
+            c[2],
+            "trap 'exit 143' TERM INT\nset -e\ntouch /x\nexec \"$@\""
+        );
         assert_eq!(&c[3..], ["startup", "sleep", "1"]);
     }
 }

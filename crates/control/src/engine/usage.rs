@@ -27,6 +27,9 @@ const MS_PER_HOUR: f64 = 3_600_000.0;
 /// leave unmetered beyond the restart).
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// How long the meter waits after a change for the ones that follow it.
+const CHANGE_DEBOUNCE: Duration = Duration::from_millis(100);
+
 /// The longest range one report covers.
 const MAX_RANGE_MS: i64 = 400 * 86_400_000;
 
@@ -219,7 +222,13 @@ impl Engine {
             }
             tokio::select! {
                 _ = tick.tick() => {}
-                r = changed.changed() => if r.is_err() { return },
+                r = changed.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    // A burst of changes (a create, a tenant's teardown) is one step.
+                    tokio::time::sleep(CHANGE_DEBOUNCE).await;
+                }
             }
         }
     }
@@ -227,6 +236,8 @@ impl Engine {
     /// One meter step (see the module's doc). Public for the daemon's shutdown, which takes a
     /// last one so that the downtime starts at the stop.
     pub async fn meter_step(&self) -> Result<()> {
+        // Two steps at once (the loop and the shutdown's) could each open the same line.
+        let _one = self.meter_lock.lock().await;
         let p = self.pricing();
         let live = self.store.live_instances(None).await?;
         let volumes = self.store.volumes(None).await?;
@@ -267,7 +278,7 @@ impl Engine {
         }
         let mut rows = self
             .store
-            .usage_rows(from, to, tenant_id.as_deref(), None)
+            .usage_rows(from, to, tenant_id.as_deref())
             .await?;
         if let Some(s) = &q.subject {
             rows.retain(|u| u.subject_id == *s || u.name == *s);
@@ -292,7 +303,7 @@ impl Engine {
         let now = now_ms();
         let total = self
             .store
-            .usage_rows(0, i64::MAX, None, Some(&i.id))
+            .usage_of(&i.id)
             .await?
             .iter()
             .map(|u| cost(u, clipped_ms(u, 0, i64::MAX, now)))

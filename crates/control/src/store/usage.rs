@@ -32,6 +32,9 @@ pub struct UsageRow {
     pub unit_price: f64,
 }
 
+/// The settings row holding the meter's last step (ms).
+const HEARTBEAT: &str = "usage.heartbeat";
+
 const COLS: &str = "subject_id, line, start_ms, end_ms, is_open, tenant_id, subject, name, \
                     resource, model, milli, interruptible, quantity, unit_price";
 
@@ -68,7 +71,9 @@ impl Store {
     }
 
     /// One meter step, in one transaction: closes the intervals `close` names (subject, line,
-    /// start) at `now`, opens `open` from `now`, and moves every open interval's end to `now`.
+    /// start) at `now`, opens `open` from `now`, and notes `now` as the meter's heartbeat (one
+    /// row, not every open interval: an open interval's end is "now" to readers, and the
+    /// heartbeat is where a crash ends it, [`Store::usage_close_all`]).
     pub async fn usage_step(
         &self,
         close: &[(String, String, i64)],
@@ -110,44 +115,71 @@ impl Store {
             .await
             .map_err(StoreError::from_write)?;
         }
-        sqlx::query("UPDATE usage_intervals SET end_ms = $1 WHERE is_open = 1 AND end_ms < $1")
-            .bind(now)
+        sqlx::query("DELETE FROM settings WHERE name = $1")
+            .bind(HEARTBEAT)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2)")
+            .bind(HEARTBEAT)
+            .bind(now.to_string())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Closes every open interval at its last heartbeat (a starting daemon: the time it was
-    /// down is not known to have been used). Returns how many.
+    /// Closes every open interval at the meter's last heartbeat (a starting daemon: the time
+    /// it was down is not known to have been used). Returns how many.
     pub async fn usage_close_all(&self) -> Result<u64> {
-        Ok(
-            sqlx::query("UPDATE usage_intervals SET is_open = 0 WHERE is_open = 1")
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
+        let beat: i64 = self
+            .setting(HEARTBEAT)
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Ok(sqlx::query(
+            "UPDATE usage_intervals SET is_open = 0, \
+             end_ms = CASE WHEN start_ms > $1 THEN start_ms ELSE $1 END WHERE is_open = 1",
         )
+        .bind(beat)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 
-    /// Intervals overlapping `[from, to)`, of one tenant and one subject when given, in
-    /// start order.
+    /// Intervals overlapping `[from, to)` (open ones run to now), of one tenant when given, in
+    /// start order. A tenant's are read through its index.
     pub async fn usage_rows(
         &self,
         from: i64,
         to: i64,
         tenant_id: Option<&str>,
-        subject_id: Option<&str>,
     ) -> Result<Vec<UsageRow>> {
+        let q = match tenant_id {
+            Some(t) => sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLS} FROM usage_intervals WHERE tenant_id = $3 \
+                 AND start_ms < $1 AND (end_ms > $2 OR is_open = 1) \
+                 ORDER BY start_ms, subject_id, line"
+            )))
+            .bind(to)
+            .bind(from)
+            .bind(t.to_string()),
+            None => sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLS} FROM usage_intervals \
+                 WHERE start_ms < $1 AND (end_ms > $2 OR is_open = 1) \
+                 ORDER BY start_ms, subject_id, line"
+            )))
+            .bind(to)
+            .bind(from),
+        };
+        q.fetch_all(&self.pool).await?.iter().map(row).collect()
+    }
+
+    /// Every interval of one instance (or volume), through the primary key.
+    pub async fn usage_of(&self, subject_id: &str) -> Result<Vec<UsageRow>> {
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLS} FROM usage_intervals \
-             WHERE start_ms < $1 AND (end_ms > $2 OR is_open = 1) \
-             AND ($3 = '' OR tenant_id = $3) AND ($4 = '' OR subject_id = $4) \
-             ORDER BY start_ms, subject_id, line"
+            "SELECT {COLS} FROM usage_intervals WHERE subject_id = $1 ORDER BY start_ms, line"
         )))
-        .bind(to)
-        .bind(from)
-        .bind(tenant_id.unwrap_or("").to_string())
-        .bind(subject_id.unwrap_or("").to_string())
+        .bind(subject_id.to_string())
         .fetch_all(&self.pool)
         .await?
         .iter()
