@@ -1447,12 +1447,27 @@ impl RateGate {
             .map(rate_limited)
     }
 
+    /// [`RateGate::charge`] `n` times (a GraphQL request's root fields).
+    pub fn charge_n(&self, mutating: bool, n: u32) -> Option<Response> {
+        (0..n.max(1)).find_map(|_| self.charge(mutating))
+    }
+
     /// [`RateGate::charge`] for an answer that is not HTTP (an operation on a WebSocket).
     pub fn check(&self, mutating: bool) -> Result<(), EngineError> {
         self.guard
             .rates
             .check_key(&self.key, mutating)
             .map_err(|l| limited_error(&l).0)
+    }
+
+    /// `Some(the refusal)` when `ip` is past its failed authentications.
+    pub fn auth_blocked(&self, ip: std::net::IpAddr) -> Option<EngineError> {
+        self.guard.rates.blocked(ip).map(|l| limited_error(&l).0)
+    }
+
+    /// Counts a wrong key from `ip` (as the REST middleware does).
+    pub fn auth_failed(&self, ip: std::net::IpAddr) {
+        self.guard.rates.auth_failed(ip);
     }
 
     /// The allowance of another key: a WebSocket's key given in `connection_init`.

@@ -576,6 +576,22 @@ fn metrics_subscription_over_graphql_transport_ws() {
         );
     };
     assert_eq!(end["type"], "complete", "{end}");
+    // ...and the socket it opened runs nothing more.
+    ws2.send(json!({
+        "id": "q",
+        "type": "subscribe",
+        "payload": { "query": "{ instances { id } }" },
+    }));
+    let answer = loop {
+        let m = ws2.next().expect("an answer to the query");
+        if m["id"] == "q" {
+            break m;
+        }
+    };
+    assert_eq!(
+        answer["payload"]["errors"][0]["extensions"]["code"], "unauthorized",
+        "a revoked key's socket ran a query: {answer}"
+    );
 
     // The stream ends by itself when the instance is terminated.
     ws.subscribe("2", &id);
@@ -841,6 +857,31 @@ fn limits_depth_complexity_and_rates() {
     assert_eq!(body["error"]["code"], "resource_exhausted");
     // ...and reads go on.
     ok(&d, &k, "{ volumes { name } }", json!({}));
+    // Aliases are charged one each: two aliased mutations in one request are two mutations,
+    // over the burst of one (after the allowance came back); more than ten are refused.
+    std::thread::sleep(Duration::from_millis(1100));
+    let two = "mutation { a: deleteVolume(name: \"none1\") { name } b: deleteVolume(name: \"none2\") { name } }";
+    let (status, body) = post(&d, &k, &json!({ "query": two }));
+    assert_eq!(
+        status, 429,
+        "two aliased mutations under a burst of one: {body}"
+    );
+    let many: String = (0..11)
+        .map(|i| format!("m{i}: deleteVolume(name: \"x{i}\") {{ name }} "))
+        .collect();
+    let (status, body) = post(
+        &d,
+        &k,
+        &json!({ "query": format!("mutation {{ {many} }}") }),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("at most 10"),
+        "{body}"
+    );
 }
 
 /// A spot rental is interruptible and low priority: on-demand work that needs its GPU

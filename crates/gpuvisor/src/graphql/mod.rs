@@ -645,21 +645,54 @@ impl Subscription {
 /// Whether the request's operation (the one `operationName` picks) is a mutation; an
 /// ambiguous document with any mutation in it counts as one. A document that does not parse
 /// is a read (it runs nothing).
-fn is_mutation(req: &mut async_graphql::Request) -> bool {
-    use async_graphql::parser::types::{DocumentOperations, OperationType};
+/// Most root fields (aliases included) one mutation request may carry.
+pub const MAX_MUTATION_FIELDS: u32 = 10;
+
+/// The operation the request runs: whether it is a mutation, and how many root fields it
+/// selects (aliases each count; fragments at the root count their fields): what it is charged.
+fn operation_cost(req: &mut async_graphql::Request) -> (bool, u32) {
+    use async_graphql::parser::types::{
+        DocumentOperations, ExecutableDocument, OperationType, Selection, SelectionSet,
+    };
+    fn fields(doc: &ExecutableDocument, set: &SelectionSet, depth: u32) -> u32 {
+        set.items
+            .iter()
+            .map(|s| match &s.node {
+                Selection::Field(_) => 1,
+                // Fragments nest; a cycle is the validator's to refuse, this only counts.
+                _ if depth > 8 => 1,
+                Selection::InlineFragment(f) => fields(doc, &f.node.selection_set.node, depth + 1),
+                Selection::FragmentSpread(f) => doc
+                    .fragments
+                    .get(&f.node.fragment_name.node)
+                    .map_or(1, |d| fields(doc, &d.node.selection_set.node, depth + 1)),
+            })
+            .sum::<u32>()
+            .max(1)
+    }
     let name = req.operation_name.clone();
     let Ok(doc) = req.parsed_query() else {
-        return false;
+        return (false, 1);
     };
-    let mutation = |ty: OperationType| ty == OperationType::Mutation;
-    match &doc.operations {
-        DocumentOperations::Single(op) => mutation(op.node.ty),
+    let op = match &doc.operations {
+        DocumentOperations::Single(op) => Some(op),
         DocumentOperations::Multiple(ops) => match name {
-            Some(n) => ops
-                .iter()
-                .any(|(k, op)| k.as_str() == n && mutation(op.node.ty)),
-            None => ops.values().any(|op| mutation(op.node.ty)),
+            Some(n) => ops.iter().find(|(k, _)| k.as_str() == n).map(|(_, op)| op),
+            // Unnamed among several: GraphQL refuses it; charged as the costliest.
+            None => ops.values().max_by_key(|op| {
+                (
+                    op.node.ty == OperationType::Mutation,
+                    op.node.selection_set.node.items.len(),
+                )
+            }),
         },
+    };
+    match op {
+        Some(op) => (
+            op.node.ty == OperationType::Mutation,
+            fields(doc, &op.node.selection_set.node, 0),
+        ),
+        None => (false, 1),
     }
 }
 
@@ -682,9 +715,17 @@ pub async fn http(
             .into_response()
         }
     };
-    let mutating = is_mutation(&mut req);
+    // Each root field is charged as one request of its kind: aliases multiply the work, so
+    // they multiply the charge.
+    let (mutating, fields) = operation_cost(&mut req);
+    if mutating && fields > MAX_MUTATION_FIELDS {
+        return ApiError::from(invalid(format!(
+            "{fields} mutations in one request: at most {MAX_MUTATION_FIELDS} (send more requests)"
+        )))
+        .into_response();
+    }
     if let Some(Extension(gate)) = gate {
-        if let Some(refused) = gate.charge(mutating) {
+        if let Some(refused) = gate.charge_n(mutating, fields) {
             return refused;
         }
     }
@@ -781,6 +822,7 @@ type WsOpener = (
 async fn ws_caller(
     (engine, who, source, rates): WsOpener,
     gate: Arc<std::sync::OnceLock<RateGate>>,
+    live: Arc<std::sync::OnceLock<(Arc<Engine>, String)>>,
     payload: serde_json::Value,
 ) -> async_graphql::Result<Data> {
     let who = match who {
@@ -790,12 +832,28 @@ async fn ws_caller(
                 .iter()
                 .find_map(|k| payload.get(k).and_then(|v| v.as_str()))
                 .map(|k| k.strip_prefix("Bearer ").unwrap_or(k).to_string());
-            engine.authenticate(key.as_deref()).await.gql()?
+            // Wrong keys here count against the address like REST's (brute force).
+            let limits = rates.as_ref().zip(source);
+            if let Some((r, ip)) = limits {
+                if let Some(e) = r.auth_blocked(ip) {
+                    return Err(gql(e));
+                }
+            }
+            match engine.authenticate(key.as_deref()).await {
+                Ok(p) => p,
+                Err(e) => {
+                    if let (EngineError::Unauthorized(_), Some((r, ip))) = (&e, limits) {
+                        r.auth_failed(ip);
+                    }
+                    return Err(gql(e));
+                }
+            }
         }
     };
     if let Some(r) = rates {
         let _ = gate.set(r.for_key(&who.key_id));
     }
+    let _ = live.set((engine.clone(), who.key_id.clone()));
     let mut data = Data::default();
     data.insert(Caller {
         engine,
@@ -811,6 +869,9 @@ async fn ws_caller(
 #[derive(Clone)]
 struct WsExecutor {
     gate: Arc<std::sync::OnceLock<RateGate>>,
+    /// The engine and the socket's key, set at `connection_init`: each operation checks the
+    /// key is still live (a socket outlives a revocation otherwise).
+    key: Arc<std::sync::OnceLock<(Arc<Engine>, String)>>,
 }
 
 fn refusal(e: EngineError) -> futures_util::stream::BoxStream<'static, async_graphql::Response> {
@@ -834,15 +895,30 @@ impl async_graphql::Executor for WsExecutor {
         mut request: async_graphql::Request,
         data: Option<Arc<Data>>,
     ) -> futures_util::stream::BoxStream<'static, async_graphql::Response> {
-        if is_mutation(&mut request) {
+        let (mutating, fields) = operation_cost(&mut request);
+        if mutating {
             return refusal(invalid(format!(
                 "mutations go over POST {PATH}, not the WebSocket (subscriptions and queries)"
             )));
         }
-        if let Some(Err(e)) = self.gate.get().map(|g| g.check(false)) {
-            return refusal(e);
+        if let Some(gate) = self.gate.get() {
+            if let Some(e) = (0..fields.max(1)).find_map(|_| gate.check(false).err()) {
+                return refusal(e);
+            }
         }
-        schema().execute_stream_with_session_data(request, data.unwrap_or_default())
+        let run = schema().execute_stream_with_session_data(request, data.unwrap_or_default());
+        let Some((engine, key)) = self.key.get().cloned() else {
+            return run;
+        };
+        let mut run = Some(run);
+        futures_util::stream::once(async move { engine.key_active(&key).await })
+            .flat_map(move |live| match (live, run.take()) {
+                (true, Some(r)) => r,
+                _ => refusal(EngineError::Unauthorized(
+                    "the API key is unknown or revoked".into(),
+                )),
+            })
+            .boxed()
     }
 }
 
@@ -864,9 +940,13 @@ async fn pump(
             })
         });
     let gate = Arc::new(std::sync::OnceLock::new());
-    let executor = WsExecutor { gate: gate.clone() };
+    let live = Arc::new(std::sync::OnceLock::new());
+    let executor = WsExecutor {
+        gate: gate.clone(),
+        key: live.clone(),
+    };
     let mut gql = async_graphql::http::WebSocket::new(executor, input, protocol)
-        .on_connection_init(move |payload| ws_caller(opener, gate, payload));
+        .on_connection_init(move |payload| ws_caller(opener, gate, live, payload));
     while let Some(out) = gql.next().await {
         let msg = match out {
             WsMessage::Text(t) => Message::Text(t.into()),
@@ -958,18 +1038,34 @@ mod tests {
     }
 
     #[test]
-    fn a_request_is_a_mutation_by_the_operation_it_runs() {
-        let mut q = async_graphql::Request::new("query A { myself { role } }");
-        assert!(!is_mutation(&mut q));
-        let mut m = async_graphql::Request::new("mutation { clusterStop(id: \"x\") { id } }");
-        assert!(is_mutation(&mut m));
+    fn a_request_is_charged_by_the_operation_it_runs_and_its_root_fields() {
+        let cost = |q: &str, name: Option<&str>| {
+            let mut r = async_graphql::Request::new(q);
+            if let Some(n) = name {
+                r = r.operation_name(n);
+            }
+            operation_cost(&mut r)
+        };
+        assert_eq!(cost("query A { myself { role } }", None), (false, 1));
+        assert_eq!(
+            cost("mutation { clusterStop(id: \"x\") { id } }", None),
+            (true, 1)
+        );
         let two = "query A { myself { role } } mutation B { clusterStop(id: \"x\") { id } }";
-        let mut a = async_graphql::Request::new(two).operation_name("A");
-        assert!(!is_mutation(&mut a));
-        let mut b = async_graphql::Request::new(two).operation_name("B");
-        assert!(is_mutation(&mut b));
-        let mut unnamed = async_graphql::Request::new(two);
-        assert!(is_mutation(&mut unnamed));
+        assert_eq!(cost(two, Some("A")), (false, 1));
+        assert_eq!(cost(two, Some("B")), (true, 1));
+        assert!(
+            cost(two, None).0,
+            "unnamed among several: charged as the mutation"
+        );
+        // Aliases and fragments: each root field is charged.
+        let aliased =
+            "mutation { a: clusterStop(id: \"x\") { id } b: clusterStop(id: \"y\") { id } \
+                       c: clusterTerminate(id: \"z\") { id } }";
+        assert_eq!(cost(aliased, None), (true, 3));
+        let fragment = "query { ...F ... on Query { gpus { uuid } } } \
+                        fragment F on Query { a: usage { totalCost } b: usage { totalCost } }";
+        assert_eq!(cost(fragment, None), (false, 3));
     }
 
     #[test]
