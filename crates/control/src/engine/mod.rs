@@ -918,6 +918,8 @@ impl Engine {
                 )));
             }
         }
+        // The meter bills volumes from now (engine::usage).
+        self.changed.send_modify(|v| *v += 1);
         Ok(())
     }
 
@@ -993,6 +995,7 @@ impl Engine {
             .map_err(|e| EngineError::Internal(e.to_string()))?
             .map_err(|e| EngineError::Node(e.into()))?;
         self.store.delete_volume(&who.tenant_id, name).await?;
+        self.changed.send_modify(|v| *v += 1);
         self.wire_volume(v, &self.tenant_names().await?).await
     }
 

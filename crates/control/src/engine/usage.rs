@@ -23,9 +23,13 @@ use std::time::Duration;
 const GIB: f64 = (1u64 << 30) as f64;
 const MS_PER_HOUR: f64 = 3_600_000.0;
 
-/// How often open intervals are carried forward when nothing changes (the most a crash can
-/// leave unmetered beyond the restart).
+/// How often the meter notes its heartbeat (the most a crash can leave unmetered beyond the
+/// restart).
 const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// How often it looks at every instance and volume when nothing told it of a change (what
+/// changes without telling it — a tenant's teardown removing volumes — is metered within this).
+const FULL_EVERY: Duration = Duration::from_secs(10);
 
 /// How long the meter waits after a change for the ones that follow it.
 const CHANGE_DEBOUNCE: Duration = Duration::from_millis(100);
@@ -216,18 +220,32 @@ impl Engine {
         let mut changed = self.changed.subscribe();
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Every change, and every FULL_EVERY, a full step; else only the heartbeat (one row):
+        // at rest the meter costs the daemon one small write a second, whatever it runs.
+        let mut full = true;
+        let mut last_full = tokio::time::Instant::now();
         loop {
-            if let Err(e) = self.meter_step().await {
+            let step = if full || last_full.elapsed() >= FULL_EVERY {
+                last_full = tokio::time::Instant::now();
+                self.meter_step().await
+            } else {
+                self.store
+                    .usage_heartbeat(now_ms())
+                    .await
+                    .map_err(Into::into)
+            };
+            if let Err(e) = step {
                 tracing::warn!("usage: meter step failed: {e}");
             }
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tick.tick() => full = false,
                 r = changed.changed() => {
                     if r.is_err() {
                         return;
                     }
                     // A burst of changes (a create, a tenant's teardown) is one step.
                     tokio::time::sleep(CHANGE_DEBOUNCE).await;
+                    full = true;
                 }
             }
         }

@@ -57,6 +57,20 @@ fn row(r: &AnyRow) -> Result<UsageRow> {
     })
 }
 
+/// Writes the heartbeat row inside `tx`.
+async fn note_heartbeat(tx: &mut sqlx::Transaction<'_, sqlx::Any>, now: i64) -> Result<()> {
+    sqlx::query("DELETE FROM settings WHERE name = $1")
+        .bind(HEARTBEAT)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2)")
+        .bind(HEARTBEAT)
+        .bind(now.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 impl Store {
     /// The intervals open now.
     pub async fn usage_open(&self) -> Result<Vec<UsageRow>> {
@@ -115,15 +129,15 @@ impl Store {
             .await
             .map_err(StoreError::from_write)?;
         }
-        sqlx::query("DELETE FROM settings WHERE name = $1")
-            .bind(HEARTBEAT)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO settings (name, value) VALUES ($1, $2)")
-            .bind(HEARTBEAT)
-            .bind(now.to_string())
-            .execute(&mut *tx)
-            .await?;
+        note_heartbeat(&mut tx, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Notes the meter's heartbeat alone (a step that changed nothing).
+    pub async fn usage_heartbeat(&self, now: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        note_heartbeat(&mut tx, now).await?;
         tx.commit().await?;
         Ok(())
     }
