@@ -427,6 +427,8 @@ const INSTANCE_COLS: &str = "id, name, tenant_id, node_id, image, state, desired
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: AnyPool,
+    /// SQLite: write transactions take the write lock when they begin ([`Store::begin_write`]).
+    sqlite: bool,
 }
 
 impl Store {
@@ -448,7 +450,19 @@ impl Store {
                 .await?;
         }
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, sqlite })
+    }
+
+    /// A transaction that writes. On SQLite it takes the write lock at once (`BEGIN
+    /// IMMEDIATE`, waiting out the busy timeout): a deferred one that reads first and writes
+    /// after another connection committed fails with SQLITE_BUSY_SNAPSHOT, which no wait cures
+    /// (the fuzzer hit it: `tenant rm` beside the usage meter's writes).
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(if self.sqlite {
+            self.pool.begin_with("BEGIN IMMEDIATE").await?
+        } else {
+            self.pool.begin().await?
+        })
     }
 
     /// The SQLite URL for a file in the data dir.
@@ -575,7 +589,7 @@ impl Store {
 
     /// Marks a tenant as being deleted and revokes its keys, in one transaction.
     pub async fn mark_tenant_deleting(&self, id: &str, now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE tenants SET deleting_at = $1 WHERE id = $2 AND deleting_at IS NULL")
             .bind(now)
             .bind(id.to_string())
@@ -603,7 +617,7 @@ impl Store {
     }
 
     pub async fn set_setting(&self, name: &str, value: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM settings WHERE name = $1")
             .bind(name.to_string())
             .execute(&mut *tx)
@@ -635,7 +649,7 @@ impl Store {
     /// deleted) while it has an instance that is not terminated or a volume; false too when
     /// the row was already gone (only one caller sees true).
     pub async fn delete_tenant(&self, id: &str) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let held: i64 = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM instances WHERE tenant_id = $1 AND state <> 'terminated') \
              + (SELECT COUNT(*) FROM volumes WHERE tenant_id = $1) AS n",
@@ -789,7 +803,7 @@ impl Store {
 
     /// Replaces the node's GPU inventory with `gpus`.
     pub async fn replace_gpus(&self, node_id: &str, gpus: &[GpuRow], now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM gpus WHERE node_id = $1")
             .bind(node_id.to_string())
             .execute(&mut *tx)
@@ -852,7 +866,7 @@ impl Store {
     /// same card seen under another UUID (`PCI-<address>` while the driver could not tell
     /// its `GPU-` UUID). Returns the ids of the instances rewritten.
     pub async fn rename_gpu(&self, old: &str, new: &str) -> Result<Vec<String>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let rows = sqlx::query("SELECT id, gpus FROM instances")
             .fetch_all(&mut *tx)
             .await?;
@@ -910,7 +924,7 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for (entity, r) in rows {
             sqlx::query(
                 "INSERT INTO metric_minutes (entity, at, avg, max) VALUES ($1, $2, $3, $4) ON CONFLICT (entity, at) DO NOTHING",
@@ -1048,7 +1062,7 @@ impl Store {
 
     /// Inserts or replaces a tenant's login to `host`.
     pub async fn put_credential(&self, c: &CredentialRow) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM registry_credentials WHERE tenant_id = $1 AND host = $2")
             .bind(c.tenant_id.clone())
             .bind(c.host.clone())
@@ -1167,7 +1181,7 @@ impl Store {
     /// Removes a tenant's private images, registry logins and pull jobs (for `tenant rm`; the
     /// caller garbage-collects the layers afterwards). Returns the images removed.
     pub async fn delete_tenant_registry_data(&self, tenant_id: &str) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let images = sqlx::query("DELETE FROM images WHERE owner = $1")
             .bind(tenant_id.to_string())
             .execute(&mut *tx)
@@ -1641,7 +1655,7 @@ impl Store {
     /// Removes the rows older than `before` (ms) and moves the anchor to the last one removed,
     /// in one transaction. Returns how many went.
     pub async fn audit_prune(&self, before: i64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let last =
             sqlx::query("SELECT seq, hash FROM audit_log WHERE at < $1 ORDER BY seq DESC LIMIT 1")
                 .bind(before)
@@ -1694,7 +1708,7 @@ impl Store {
     /// Deletes instances terminated before `before` (ms; by their last change) with their
     /// events. Returns how many instance rows went.
     pub async fn prune_terminated(&self, before: i64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "DELETE FROM events WHERE instance_id IN (SELECT id FROM instances \
              WHERE state = 'terminated' AND updated_at < $1)",

@@ -94,7 +94,7 @@ impl Store {
         open: &[UsageRow],
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for (subject, line, start) in close {
             sqlx::query(
                 "UPDATE usage_intervals SET end_ms = $1, is_open = 0 \
@@ -136,7 +136,7 @@ impl Store {
 
     /// Notes the meter's heartbeat alone (a step that changed nothing).
     pub async fn usage_heartbeat(&self, now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         note_heartbeat(&mut tx, now).await?;
         tx.commit().await?;
         Ok(())
