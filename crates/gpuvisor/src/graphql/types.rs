@@ -302,9 +302,6 @@ impl From<wire::Gpu> for Gpu {
     }
 }
 
-/// A GPU model of the host and how many of it are free (RunPod's `GpuType`).
-// TODO(pricing): `lowestPrice { uninterruptablePrice minimumBidPrice }` per GPU-hour comes with
-// the pricing work (issue 12 item 8).
 /// A GPU model for rent (RunPod's `GpuType`): how many, how many free, what an hour costs.
 #[derive(SimpleObject, Clone)]
 pub struct GpuType {
