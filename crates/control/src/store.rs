@@ -9,6 +9,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use thiserror::Error;
 
 mod templates;
@@ -429,6 +431,34 @@ pub struct Store {
     pool: AnyPool,
     /// SQLite: write transactions take the write lock when they begin ([`Store::begin_write`]).
     sqlite: bool,
+    /// The live instances as last read ([`Store::live_instances`]).
+    live: Arc<LiveCache>,
+}
+
+/// The live (not terminated) instance rows, read once and reused until an instance write.
+///
+/// Listing instances is the hottest read (every `instance list`, the reconciler, telemetry,
+/// the console) and, through SQLite's worker thread, its costliest: each row crosses a
+/// channel between threads and is converted twice. Every write to `instances` goes through a
+/// `Store` method that holds a [`Writing`] guard, whose drop (after the commit, or the
+/// rollback of a failed transaction) bumps `generation`. A reader tags what it read with the
+/// generation seen *before* its query, so a write that commits during the query leaves the
+/// entry stale, never a stale entry current. This holds because one daemon owns a store (the
+/// data dir's lock; a PostgreSQL store is not shared between daemons either): a write by
+/// another process would not be seen until this one's next write.
+#[derive(Debug, Default)]
+struct LiveCache {
+    generation: AtomicU64,
+    rows: std::sync::Mutex<Option<(u64, Arc<Vec<InstanceRow>>)>>,
+}
+
+/// Held by each method that writes `instances`: its drop marks the cached list stale.
+struct Writing<'a>(&'a LiveCache);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.generation.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl Store {
@@ -450,7 +480,11 @@ impl Store {
                 .await?;
         }
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool, sqlite })
+        Ok(Self {
+            pool,
+            sqlite,
+            live: Arc::default(),
+        })
     }
 
     /// A transaction that writes. On SQLite it takes the write lock at once (`BEGIN
@@ -649,6 +683,7 @@ impl Store {
     /// deleted) while it has an instance that is not terminated or a volume; false too when
     /// the row was already gone (only one caller sees true).
     pub async fn delete_tenant(&self, id: &str) -> Result<bool> {
+        let _w = self.writing();
         let mut tx = self.begin_write().await?;
         let held: i64 = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM instances WHERE tenant_id = $1 AND state <> 'terminated') \
@@ -866,6 +901,7 @@ impl Store {
     /// same card seen under another UUID (`PCI-<address>` while the driver could not tell
     /// its `GPU-` UUID). Returns the ids of the instances rewritten.
     pub async fn rename_gpu(&self, old: &str, new: &str) -> Result<Vec<String>> {
+        let _w = self.writing();
         let mut tx = self.begin_write().await?;
         let rows = sqlx::query("SELECT id, gpus FROM instances")
             .fetch_all(&mut *tx)
@@ -1331,6 +1367,7 @@ impl Store {
     // --- instances ------------------------------------------------------------------------
 
     pub async fn insert_instance(&self, i: &InstanceRow) -> Result<()> {
+        let _w = self.writing();
         sqlx::query(
             "INSERT INTO instances (id, name, tenant_id, node_id, image, state, desired, reason, spec, cpus, gpus, ip_host, created_at, updated_at, \
              restart_policy, restart_count, restart_not_before, restart_backoff_ms, started_at, exit_code, runtime) \
@@ -1395,31 +1432,46 @@ impl Store {
         .transpose()
     }
 
-    /// Instances not terminated, of one tenant or all.
+    /// Marks the start of a write to `instances`; keep the guard until the write is done.
+    fn writing(&self) -> Writing<'_> {
+        Writing(&self.live)
+    }
+
+    /// Instances not terminated, of one tenant or all, oldest first.
     pub async fn live_instances(&self, tenant_id: Option<&str>) -> Result<Vec<InstanceRow>> {
-        let rows = match tenant_id {
-            Some(t) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {INSTANCE_COLS} FROM instances WHERE state <> 'terminated' AND tenant_id = $1 ORDER BY created_at, id"
-                )))
-                .bind(t.to_string())
-                .fetch_all(&self.pool)
-                .await?
+        let all = self.all_live().await?;
+        Ok(match tenant_id {
+            Some(t) => all.iter().filter(|r| r.tenant_id == t).cloned().collect(),
+            None => all.as_ref().clone(),
+        })
+    }
+
+    /// Every live instance: the cached list while no instance write happened since it was
+    /// read ([`LiveCache`]), else one query.
+    async fn all_live(&self) -> Result<Arc<Vec<InstanceRow>>> {
+        let seen = self.live.generation.load(Ordering::SeqCst);
+        if let Some((g, rows)) = &*self.live.rows.lock().unwrap_or_else(|p| p.into_inner()) {
+            if *g == seen {
+                return Ok(rows.clone());
             }
-            None => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {INSTANCE_COLS} FROM instances WHERE state <> 'terminated' ORDER BY created_at, id"
-                )))
-                .fetch_all(&self.pool)
-                .await?
-            }
-        };
-        rows.iter().map(instance).collect()
+        }
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {INSTANCE_COLS} FROM instances WHERE state <> 'terminated' ORDER BY created_at, id"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        let rows = Arc::new(rows.iter().map(instance).collect::<Result<Vec<_>>>()?);
+        let mut slot = self.live.rows.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_none_or(|(g, _)| *g <= seen) {
+            *slot = Some((seen, rows.clone()));
+        }
+        Ok(rows)
     }
 
     /// A new size: the spec (vCPUs, memory), the pinned CPUs and the GPUs (`instance
     /// scale`); false if the instance does not exist.
     pub async fn set_resources(&self, i: &InstanceRow, now: i64) -> Result<bool> {
+        let _w = self.writing();
         let r = sqlx::query(
             "UPDATE instances SET spec = $1, cpus = $2, gpus = $3, updated_at = $4 WHERE id = $5",
         )
@@ -1442,6 +1494,7 @@ impl Store {
         reason: Option<&str>,
         now: i64,
     ) -> Result<bool> {
+        let _w = self.writing();
         let r = sqlx::query(
             "UPDATE instances SET state = $1, reason = $2, updated_at = $3 WHERE id = $4",
         )
@@ -1456,6 +1509,7 @@ impl Store {
     }
 
     pub async fn set_desired(&self, id: &str, desired: InstanceState, now: i64) -> Result<bool> {
+        let _w = self.writing();
         let r = sqlx::query("UPDATE instances SET desired = $1, updated_at = $2 WHERE id = $3")
             .bind(desired.as_str())
             .bind(now)
@@ -1470,6 +1524,7 @@ impl Store {
     /// preemptor's `interrupted`, which are written without the instance lock). True if it
     /// changed the row.
     pub async fn stop_if_desired_running(&self, id: &str, now: i64) -> Result<bool> {
+        let _w = self.writing();
         let r = sqlx::query(
             "UPDATE instances SET desired = 'stopped', updated_at = $1 \
              WHERE id = $2 AND desired = 'running'",
@@ -1491,6 +1546,7 @@ impl Store {
         now: i64,
         r: &RestartRow,
     ) -> Result<bool> {
+        let _w = self.writing();
         let q = sqlx::query(
             "UPDATE instances SET state = $1, reason = $2, updated_at = $3, restart_count = $4, \
              restart_not_before = $5, restart_backoff_ms = $6, started_at = $7, exit_code = $8 \
@@ -1514,6 +1570,7 @@ impl Store {
     /// Writes an instance's restart bookkeeping (everything but the policy, which is fixed at
     /// create); false if the instance does not exist.
     pub async fn set_restart(&self, id: &str, r: &RestartRow) -> Result<bool> {
+        let _w = self.writing();
         let q = sqlx::query(
             "UPDATE instances SET restart_count = $1, restart_not_before = $2, \
              restart_backoff_ms = $3, started_at = $4, exit_code = $5 WHERE id = $6",
@@ -1708,6 +1765,7 @@ impl Store {
     /// Deletes instances terminated before `before` (ms; by their last change) with their
     /// events. Returns how many instance rows went.
     pub async fn prune_terminated(&self, before: i64) -> Result<u64> {
+        let _w = self.writing();
         let mut tx = self.begin_write().await?;
         sqlx::query(
             "DELETE FROM events WHERE instance_id IN (SELECT id FROM instances \

@@ -1912,3 +1912,94 @@ async fn usage_intervals_open_heartbeat_close_and_clip() {
     })
     .await;
 }
+
+/// The live list is cached between instance writes: after each kind of write, a list read
+/// just before it (so the cache is warm) must give way to what the rows now hold.
+#[tokio::test]
+async fn live_list_follows_every_instance_write() {
+    for_each_backend(|Db { store, raw, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        // The truth: each live row read alone (single-row reads are never cached), and the
+        // live ids straight from the database.
+        async fn fresh(store: &Store, raw: &AnyPool, backend: &str, step: &str) {
+            let listed = store.live_instances(None).await.unwrap();
+            let ids: Vec<String> = sqlx::query(
+                "SELECT id FROM instances WHERE state <> 'terminated' ORDER BY created_at, id",
+            )
+            .fetch_all(raw)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get("id").unwrap())
+            .collect();
+            assert_eq!(
+                listed.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+                ids,
+                "{backend}: live ids after {step}"
+            );
+            for i in &listed {
+                assert_eq!(
+                    Some(i),
+                    store.instance(&i.id).await.unwrap().as_ref(),
+                    "{backend}: listed row after {step}"
+                );
+            }
+        }
+        fresh(&store, &raw, backend, "nothing").await;
+        store
+            .insert_instance(&instance_row("i-1", "t-1", "a", 100))
+            .await
+            .unwrap();
+        fresh(&store, &raw, backend, "insert").await;
+        store
+            .insert_instance(&instance_row("i-2", "t-1", "b", 200))
+            .await
+            .unwrap();
+        fresh(&store, &raw, backend, "a second insert").await;
+        store
+            .set_state("i-1", InstanceState::Running, Some("up"), 300)
+            .await
+            .unwrap();
+        fresh(&store, &raw, backend, "set_state").await;
+        store
+            .set_desired("i-1", InstanceState::Stopped, 310)
+            .await
+            .unwrap();
+        fresh(&store, &raw, backend, "set_desired").await;
+        store
+            .set_desired("i-1", InstanceState::Running, 320)
+            .await
+            .unwrap();
+        store.stop_if_desired_running("i-1", 330).await.unwrap();
+        fresh(&store, &raw, backend, "stop_if_desired_running").await;
+        let mut r = store.instance("i-2").await.unwrap().unwrap().restart;
+        r.count += 1;
+        store.set_restart("i-2", &r).await.unwrap();
+        fresh(&store, &raw, backend, "set_restart").await;
+        r.count += 1;
+        store
+            .set_state_and_restart("i-2", InstanceState::Failed, Some("exit 1"), 340, &r)
+            .await
+            .unwrap();
+        fresh(&store, &raw, backend, "set_state_and_restart").await;
+        let mut big = store.instance("i-2").await.unwrap().unwrap();
+        big.spec.vcpus = 8;
+        big.cpus = vec![0, 1, 2, 3, 4, 5, 6, 7];
+        store.set_resources(&big, 350).await.unwrap();
+        fresh(&store, &raw, backend, "set_resources").await;
+        store.rename_gpu("GPU-1", "GPU-renamed").await.unwrap();
+        fresh(&store, &raw, backend, "rename_gpu").await;
+        assert_eq!(
+            store.live_instances(None).await.unwrap()[0].gpus[0].uuid,
+            "GPU-renamed",
+            "{backend}"
+        );
+        store
+            .set_state("i-1", InstanceState::Terminated, None, 360)
+            .await
+            .unwrap();
+        fresh(&store, &raw, backend, "a terminate").await;
+        assert_eq!(store.live_instances(None).await.unwrap().len(), 1, "{backend}");
+    })
+    .await;
+}
