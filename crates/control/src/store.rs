@@ -28,6 +28,9 @@ pub enum StoreError {
     Corrupt { table: &'static str, why: String },
     #[error("unique constraint: {0}")]
     Conflict(String),
+    /// A write's own task ended without an answer (a panic, or the runtime shutting down).
+    #[error("store write task: {0}")]
+    Task(String),
 }
 
 impl StoreError {
@@ -440,8 +443,9 @@ pub struct Store {
 /// Listing instances is the hottest read (every `instance list`, the reconciler, telemetry,
 /// the console) and, through SQLite's worker thread, its costliest: each row crosses a
 /// channel between threads and is converted twice. Every write to `instances` goes through a
-/// `Store` method that holds a [`Writing`] guard, whose drop (after the commit, or the
-/// rollback of a failed transaction) bumps `generation`. A reader tags what it read with the
+/// `Store` method that runs it on a task of its own ([`Store::write_instances`]) holding a
+/// [`Writing`] guard, whose drop (after the commit, or the rollback of a failed transaction)
+/// bumps `generation`. A reader tags what it read with the
 /// generation seen *before* its query, so a write that commits during the query leaves the
 /// entry stale, never a stale entry current. This holds because one daemon owns a store (the
 /// data dir's lock; a PostgreSQL store is not shared between daemons either): a write by
@@ -452,10 +456,11 @@ struct LiveCache {
     rows: std::sync::Mutex<Option<(u64, Arc<Vec<InstanceRow>>)>>,
 }
 
-/// Held by each method that writes `instances`: its drop marks the cached list stale.
-struct Writing<'a>(&'a LiveCache);
+/// Held by the task of each write to `instances` ([`Store::write_instances`]): its drop,
+/// once the write is over (or its task panicked), marks the cached list stale.
+struct Writing(Arc<LiveCache>);
 
-impl Drop for Writing<'_> {
+impl Drop for Writing {
     fn drop(&mut self) {
         self.0.generation.fetch_add(1, Ordering::SeqCst);
     }
@@ -683,42 +688,45 @@ impl Store {
     /// deleted) while it has an instance that is not terminated or a volume; false too when
     /// the row was already gone (only one caller sees true).
     pub async fn delete_tenant(&self, id: &str) -> Result<bool> {
-        let _w = self.writing();
-        let mut tx = self.begin_write().await?;
-        let held: i64 = sqlx::query(
-            "SELECT (SELECT COUNT(*) FROM instances WHERE tenant_id = $1 AND state <> 'terminated') \
-             + (SELECT COUNT(*) FROM volumes WHERE tenant_id = $1) AS n",
-        )
-        .bind(id.to_string())
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get("n")?;
-        if held > 0 {
-            return Ok(false);
-        }
-        for q in [
-            "DELETE FROM events WHERE instance_id IN \
-             (SELECT id FROM instances WHERE tenant_id = $1 AND state = 'terminated')",
-            "DELETE FROM instances WHERE tenant_id = $1 AND state = 'terminated'",
-            "DELETE FROM api_keys WHERE tenant_id = $1",
-            "DELETE FROM templates WHERE owner = $1",
-        ] {
-            sqlx::query(q)
+        let id = id.to_string();
+        self.write_instances(move |s| async move {
+            let mut tx = s.begin_write().await?;
+            let held: i64 = sqlx::query(
+                "SELECT (SELECT COUNT(*) FROM instances WHERE tenant_id = $1 AND state <> 'terminated') \
+                 + (SELECT COUNT(*) FROM volumes WHERE tenant_id = $1) AS n",
+            )
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+            if held > 0 {
+                return Ok(false);
+            }
+            for q in [
+                "DELETE FROM events WHERE instance_id IN \
+                 (SELECT id FROM instances WHERE tenant_id = $1 AND state = 'terminated')",
+                "DELETE FROM instances WHERE tenant_id = $1 AND state = 'terminated'",
+                "DELETE FROM api_keys WHERE tenant_id = $1",
+                "DELETE FROM templates WHERE owner = $1",
+            ] {
+                sqlx::query(q)
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            // A row committed after the count (PostgreSQL's read committed) makes this fail on its
+            // foreign key: nothing is deleted and the caller tries again.
+            let gone = sqlx::query("DELETE FROM tenants WHERE id = $1")
                 .bind(id.to_string())
                 .execute(&mut *tx)
-                .await?;
-        }
-        // A row committed after the count (PostgreSQL's read committed) makes this fail on its
-        // foreign key: nothing is deleted and the caller tries again.
-        let gone = sqlx::query("DELETE FROM tenants WHERE id = $1")
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::from_write)?
-            .rows_affected()
-            == 1;
-        tx.commit().await?;
-        Ok(gone)
+                .await
+                .map_err(StoreError::from_write)?
+                .rows_affected()
+                == 1;
+            tx.commit().await?;
+            Ok(gone)
+        })
+        .await
     }
 
     pub async fn tenant(&self, id: &str) -> Result<Option<TenantRow>> {
@@ -901,46 +909,49 @@ impl Store {
     /// same card seen under another UUID (`PCI-<address>` while the driver could not tell
     /// its `GPU-` UUID). Returns the ids of the instances rewritten.
     pub async fn rename_gpu(&self, old: &str, new: &str) -> Result<Vec<String>> {
-        let _w = self.writing();
-        let mut tx = self.begin_write().await?;
-        let rows = sqlx::query("SELECT id, gpus FROM instances")
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut changed = Vec::new();
-        for r in rows {
-            let id: String = r.try_get("id")?;
-            let mut gpus: Vec<gpuvisor_wire::GpuBinding> =
-                from_json("instances", &r.try_get::<String, _>("gpus")?)?;
-            if !gpus.iter().any(|b| b.uuid == old) {
-                continue;
+        let (old, new) = (old.to_string(), new.to_string());
+        self.write_instances(move |s| async move {
+            let mut tx = s.begin_write().await?;
+            let rows = sqlx::query("SELECT id, gpus FROM instances")
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut changed = Vec::new();
+            for r in rows {
+                let id: String = r.try_get("id")?;
+                let mut gpus: Vec<gpuvisor_wire::GpuBinding> =
+                    from_json("instances", &r.try_get::<String, _>("gpus")?)?;
+                if !gpus.iter().any(|b| b.uuid == old) {
+                    continue;
+                }
+                for b in gpus.iter_mut().filter(|b| b.uuid == old) {
+                    b.uuid = new.to_string();
+                }
+                sqlx::query("UPDATE instances SET gpus = $1 WHERE id = $2")
+                    .bind(json(&gpus))
+                    .bind(id.clone())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::from_write)?;
+                changed.push(id);
             }
-            for b in gpus.iter_mut().filter(|b| b.uuid == old) {
-                b.uuid = new.to_string();
-            }
-            sqlx::query("UPDATE instances SET gpus = $1 WHERE id = $2")
-                .bind(json(&gpus))
-                .bind(id.clone())
-                .execute(&mut *tx)
-                .await
-                .map_err(StoreError::from_write)?;
-            changed.push(id);
-        }
-        // A cordon moves to the new name unless that one is cordoned already.
-        sqlx::query(
-            "UPDATE gpu_cordons SET uuid = $1 WHERE uuid = $2 \
-             AND NOT EXISTS (SELECT 1 FROM gpu_cordons c WHERE c.uuid = $1)",
-        )
-        .bind(new.to_string())
-        .bind(old.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::from_write)?;
-        sqlx::query("DELETE FROM gpu_cordons WHERE uuid = $1")
+            // A cordon moves to the new name unless that one is cordoned already.
+            sqlx::query(
+                "UPDATE gpu_cordons SET uuid = $1 WHERE uuid = $2 \
+                 AND NOT EXISTS (SELECT 1 FROM gpu_cordons c WHERE c.uuid = $1)",
+            )
+            .bind(new.to_string())
             .bind(old.to_string())
             .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(changed)
+            .await
+            .map_err(StoreError::from_write)?;
+            sqlx::query("DELETE FROM gpu_cordons WHERE uuid = $1")
+                .bind(old.to_string())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(changed)
+        })
+        .await
     }
 
     /// (GPU UUID, reason) of every cordon, oldest first.
@@ -1367,37 +1378,40 @@ impl Store {
     // --- instances ------------------------------------------------------------------------
 
     pub async fn insert_instance(&self, i: &InstanceRow) -> Result<()> {
-        let _w = self.writing();
-        sqlx::query(
-            "INSERT INTO instances (id, name, tenant_id, node_id, image, state, desired, reason, spec, cpus, gpus, ip_host, created_at, updated_at, \
-             restart_policy, restart_count, restart_not_before, restart_backoff_ms, started_at, exit_code, runtime) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
-        )
-        .bind(i.id.clone())
-        .bind(i.name.clone())
-        .bind(i.tenant_id.clone())
-        .bind(i.node_id.clone())
-        .bind(i.image.clone())
-        .bind(i.state.as_str())
-        .bind(i.desired.as_str())
-        .bind(i.reason.clone())
-        .bind(json(&i.spec))
-        .bind(json(&i.cpus))
-        .bind(json(&i.gpus))
-        .bind(i64::from(i.ip_host))
-        .bind(i.created_at)
-        .bind(i.updated_at)
-        .bind(i.restart.policy.to_string())
-        .bind(i64::from(i.restart.count))
-        .bind(i.restart.not_before)
-        .bind(i.restart.backoff_ms)
-        .bind(i.restart.started_at)
-        .bind(i.restart.exit_code.map(i64::from))
-        .bind(i.runtime.as_str())
-        .execute(&self.pool)
+        let i = i.clone();
+        self.write_instances(move |s| async move {
+            sqlx::query(
+                "INSERT INTO instances (id, name, tenant_id, node_id, image, state, desired, reason, spec, cpus, gpus, ip_host, created_at, updated_at, \
+                 restart_policy, restart_count, restart_not_before, restart_backoff_ms, started_at, exit_code, runtime) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+            )
+            .bind(i.id.clone())
+            .bind(i.name.clone())
+            .bind(i.tenant_id.clone())
+            .bind(i.node_id.clone())
+            .bind(i.image.clone())
+            .bind(i.state.as_str())
+            .bind(i.desired.as_str())
+            .bind(i.reason.clone())
+            .bind(json(&i.spec))
+            .bind(json(&i.cpus))
+            .bind(json(&i.gpus))
+            .bind(i64::from(i.ip_host))
+            .bind(i.created_at)
+            .bind(i.updated_at)
+            .bind(i.restart.policy.to_string())
+            .bind(i64::from(i.restart.count))
+            .bind(i.restart.not_before)
+            .bind(i.restart.backoff_ms)
+            .bind(i.restart.started_at)
+            .bind(i.restart.exit_code.map(i64::from))
+            .bind(i.runtime.as_str())
+            .execute(&s.pool)
+            .await
+            .map_err(StoreError::from_write)?;
+            Ok(())
+        })
         .await
-        .map_err(StoreError::from_write)?;
-        Ok(())
     }
 
     pub async fn instance(&self, id: &str) -> Result<Option<InstanceRow>> {
@@ -1432,9 +1446,25 @@ impl Store {
         .transpose()
     }
 
-    /// Marks the start of a write to `instances`; keep the guard until the write is done.
-    fn writing(&self) -> Writing<'_> {
-        Writing(&self.live)
+    /// Runs a write to `instances` to its end on a task of its own, then marks the cached
+    /// list stale. The caller may stop waiting (its future dropped) without the cache
+    /// missing the write: a statement already queued or sent commits after the caller is
+    /// gone, and only the task knows when.
+    async fn write_instances<T, F, Fut>(&self, write: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Store) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        let stale = Writing(self.live.clone());
+        let job = write(self.clone());
+        tokio::spawn(async move {
+            let out = job.await;
+            drop(stale);
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// Instances not terminated, of one tenant or all, oldest first.
@@ -1471,19 +1501,22 @@ impl Store {
     /// A new size: the spec (vCPUs, memory), the pinned CPUs and the GPUs (`instance
     /// scale`); false if the instance does not exist.
     pub async fn set_resources(&self, i: &InstanceRow, now: i64) -> Result<bool> {
-        let _w = self.writing();
-        let r = sqlx::query(
-            "UPDATE instances SET spec = $1, cpus = $2, gpus = $3, updated_at = $4 WHERE id = $5",
-        )
-        .bind(json(&i.spec))
-        .bind(json(&i.cpus))
-        .bind(json(&i.gpus))
-        .bind(now)
-        .bind(i.id.clone())
-        .execute(&self.pool)
+        let i = i.clone();
+        self.write_instances(move |s| async move {
+            let r = sqlx::query(
+                "UPDATE instances SET spec = $1, cpus = $2, gpus = $3, updated_at = $4 WHERE id = $5",
+            )
+            .bind(json(&i.spec))
+            .bind(json(&i.cpus))
+            .bind(json(&i.gpus))
+            .bind(now)
+            .bind(i.id.clone())
+            .execute(&s.pool)
+            .await
+            .map_err(StoreError::from_write)?;
+            Ok(r.rows_affected() > 0)
+        })
         .await
-        .map_err(StoreError::from_write)?;
-        Ok(r.rows_affected() > 0)
     }
 
     /// Sets the observed state (and reason); returns false if the instance does not exist.
@@ -1494,29 +1527,35 @@ impl Store {
         reason: Option<&str>,
         now: i64,
     ) -> Result<bool> {
-        let _w = self.writing();
-        let r = sqlx::query(
-            "UPDATE instances SET state = $1, reason = $2, updated_at = $3 WHERE id = $4",
-        )
-        .bind(st.as_str())
-        .bind(reason.map(str::to_string))
-        .bind(now)
-        .bind(id.to_string())
-        .execute(&self.pool)
+        let (id, reason) = (id.to_string(), reason.map(str::to_string));
+        self.write_instances(move |s| async move {
+            let r = sqlx::query(
+                "UPDATE instances SET state = $1, reason = $2, updated_at = $3 WHERE id = $4",
+            )
+            .bind(st.as_str())
+            .bind(reason)
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&s.pool)
+            .await
+            .map_err(StoreError::from_write)?;
+            Ok(r.rows_affected() > 0)
+        })
         .await
-        .map_err(StoreError::from_write)?;
-        Ok(r.rows_affected() > 0)
     }
 
     pub async fn set_desired(&self, id: &str, desired: InstanceState, now: i64) -> Result<bool> {
-        let _w = self.writing();
-        let r = sqlx::query("UPDATE instances SET desired = $1, updated_at = $2 WHERE id = $3")
-            .bind(desired.as_str())
-            .bind(now)
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() > 0)
+        let id = id.to_string();
+        self.write_instances(move |s| async move {
+            let r = sqlx::query("UPDATE instances SET desired = $1, updated_at = $2 WHERE id = $3")
+                .bind(desired.as_str())
+                .bind(now)
+                .bind(id.to_string())
+                .execute(&s.pool)
+                .await?;
+            Ok(r.rows_affected() > 0)
+        })
+        .await
     }
 
     /// The reconciler's own desired-state write after an exit its policy does not restart:
@@ -1524,16 +1563,19 @@ impl Store {
     /// preemptor's `interrupted`, which are written without the instance lock). True if it
     /// changed the row.
     pub async fn stop_if_desired_running(&self, id: &str, now: i64) -> Result<bool> {
-        let _w = self.writing();
-        let r = sqlx::query(
-            "UPDATE instances SET desired = 'stopped', updated_at = $1 \
-             WHERE id = $2 AND desired = 'running'",
-        )
-        .bind(now)
-        .bind(id.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(r.rows_affected() > 0)
+        let id = id.to_string();
+        self.write_instances(move |s| async move {
+            let r = sqlx::query(
+                "UPDATE instances SET desired = 'stopped', updated_at = $1 \
+                 WHERE id = $2 AND desired = 'running'",
+            )
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&s.pool)
+            .await?;
+            Ok(r.rows_affected() > 0)
+        })
+        .await
     }
 
     /// [`Store::set_state`] and [`Store::set_restart`] in one statement (a crash cannot leave
@@ -1546,44 +1588,50 @@ impl Store {
         now: i64,
         r: &RestartRow,
     ) -> Result<bool> {
-        let _w = self.writing();
-        let q = sqlx::query(
-            "UPDATE instances SET state = $1, reason = $2, updated_at = $3, restart_count = $4, \
-             restart_not_before = $5, restart_backoff_ms = $6, started_at = $7, exit_code = $8 \
-             WHERE id = $9",
-        )
-        .bind(st.as_str())
-        .bind(reason.map(str::to_string))
-        .bind(now)
-        .bind(i64::from(r.count))
-        .bind(r.not_before)
-        .bind(r.backoff_ms)
-        .bind(r.started_at)
-        .bind(r.exit_code.map(i64::from))
-        .bind(id.to_string())
-        .execute(&self.pool)
+        let (id, reason, r) = (id.to_string(), reason.map(str::to_string), r.clone());
+        self.write_instances(move |s| async move {
+            let q = sqlx::query(
+                "UPDATE instances SET state = $1, reason = $2, updated_at = $3, restart_count = $4, \
+                 restart_not_before = $5, restart_backoff_ms = $6, started_at = $7, exit_code = $8 \
+                 WHERE id = $9",
+            )
+            .bind(st.as_str())
+            .bind(reason)
+            .bind(now)
+            .bind(i64::from(r.count))
+            .bind(r.not_before)
+            .bind(r.backoff_ms)
+            .bind(r.started_at)
+            .bind(r.exit_code.map(i64::from))
+            .bind(id.to_string())
+            .execute(&s.pool)
+            .await
+            .map_err(StoreError::from_write)?;
+            Ok(q.rows_affected() > 0)
+        })
         .await
-        .map_err(StoreError::from_write)?;
-        Ok(q.rows_affected() > 0)
     }
 
     /// Writes an instance's restart bookkeeping (everything but the policy, which is fixed at
     /// create); false if the instance does not exist.
     pub async fn set_restart(&self, id: &str, r: &RestartRow) -> Result<bool> {
-        let _w = self.writing();
-        let q = sqlx::query(
-            "UPDATE instances SET restart_count = $1, restart_not_before = $2, \
-             restart_backoff_ms = $3, started_at = $4, exit_code = $5 WHERE id = $6",
-        )
-        .bind(i64::from(r.count))
-        .bind(r.not_before)
-        .bind(r.backoff_ms)
-        .bind(r.started_at)
-        .bind(r.exit_code.map(i64::from))
-        .bind(id.to_string())
-        .execute(&self.pool)
-        .await?;
-        Ok(q.rows_affected() > 0)
+        let (id, r) = (id.to_string(), r.clone());
+        self.write_instances(move |s| async move {
+            let q = sqlx::query(
+                "UPDATE instances SET restart_count = $1, restart_not_before = $2, \
+                 restart_backoff_ms = $3, started_at = $4, exit_code = $5 WHERE id = $6",
+            )
+            .bind(i64::from(r.count))
+            .bind(r.not_before)
+            .bind(r.backoff_ms)
+            .bind(r.started_at)
+            .bind(r.exit_code.map(i64::from))
+            .bind(id.to_string())
+            .execute(&s.pool)
+            .await?;
+            Ok(q.rows_affected() > 0)
+        })
+        .await
     }
 
     // --- events ---------------------------------------------------------------------------
@@ -1765,22 +1813,25 @@ impl Store {
     /// Deletes instances terminated before `before` (ms; by their last change) with their
     /// events. Returns how many instance rows went.
     pub async fn prune_terminated(&self, before: i64) -> Result<u64> {
-        let _w = self.writing();
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "DELETE FROM events WHERE instance_id IN (SELECT id FROM instances \
-             WHERE state = 'terminated' AND updated_at < $1)",
-        )
-        .bind(before)
-        .execute(&mut *tx)
-        .await?;
-        let n = sqlx::query("DELETE FROM instances WHERE state = 'terminated' AND updated_at < $1")
+        self.write_instances(move |s| async move {
+            let mut tx = s.begin_write().await?;
+            sqlx::query(
+                "DELETE FROM events WHERE instance_id IN (SELECT id FROM instances \
+                 WHERE state = 'terminated' AND updated_at < $1)",
+            )
             .bind(before)
             .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        Ok(n)
+            .await?;
+            let n =
+                sqlx::query("DELETE FROM instances WHERE state = 'terminated' AND updated_at < $1")
+                    .bind(before)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            tx.commit().await?;
+            Ok(n)
+        })
+        .await
     }
 
     pub async fn close(&self) {

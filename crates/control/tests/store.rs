@@ -214,6 +214,8 @@ fn instance_row(id: &str, tenant: &str, name: &str, at: i64) -> InstanceRow {
             ports: vec![PortSpec {
                 port: 8888,
                 protocol: "http".into(),
+                public: false,
+                host_port: None,
             }],
             command: vec!["python".into(), "train.py".into()],
             ..Default::default()
@@ -1917,89 +1919,181 @@ async fn usage_intervals_open_heartbeat_close_and_clip() {
 /// just before it (so the cache is warm) must give way to what the rows now hold.
 #[tokio::test]
 async fn live_list_follows_every_instance_write() {
-    for_each_backend(|Db { store, raw, backend, .. }| async move {
-        with_tenant(&store, "t-1").await;
-        // The truth: each live row read alone (single-row reads are never cached), and the
-        // live ids straight from the database.
-        async fn fresh(store: &Store, raw: &AnyPool, backend: &str, step: &str) {
-            let listed = store.live_instances(None).await.unwrap();
-            let ids: Vec<String> = sqlx::query(
-                "SELECT id FROM instances WHERE state <> 'terminated' ORDER BY created_at, id",
-            )
-            .fetch_all(raw)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.try_get("id").unwrap())
-            .collect();
-            assert_eq!(
-                listed.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
-                ids,
-                "{backend}: live ids after {step}"
-            );
-            for i in &listed {
+    for_each_backend(
+        |Db {
+             store,
+             raw,
+             backend,
+             ..
+         }| async move {
+            with_tenant(&store, "t-1").await;
+            // The truth: each live row read alone (single-row reads are never cached), and the
+            // live ids straight from the database.
+            async fn fresh(store: &Store, raw: &AnyPool, backend: &str, step: &str) {
+                let listed = store.live_instances(None).await.unwrap();
+                let ids: Vec<String> = sqlx::query(
+                    "SELECT id FROM instances WHERE state <> 'terminated' ORDER BY created_at, id",
+                )
+                .fetch_all(raw)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.try_get("id").unwrap())
+                .collect();
                 assert_eq!(
-                    Some(i),
-                    store.instance(&i.id).await.unwrap().as_ref(),
-                    "{backend}: listed row after {step}"
+                    listed.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+                    ids,
+                    "{backend}: live ids after {step}"
                 );
+                for i in &listed {
+                    assert_eq!(
+                        Some(i),
+                        store.instance(&i.id).await.unwrap().as_ref(),
+                        "{backend}: listed row after {step}"
+                    );
+                }
             }
-        }
-        fresh(&store, &raw, backend, "nothing").await;
-        store
-            .insert_instance(&instance_row("i-1", "t-1", "a", 100))
-            .await
-            .unwrap();
-        fresh(&store, &raw, backend, "insert").await;
-        store
-            .insert_instance(&instance_row("i-2", "t-1", "b", 200))
-            .await
-            .unwrap();
-        fresh(&store, &raw, backend, "a second insert").await;
-        store
-            .set_state("i-1", InstanceState::Running, Some("up"), 300)
-            .await
-            .unwrap();
-        fresh(&store, &raw, backend, "set_state").await;
-        store
-            .set_desired("i-1", InstanceState::Stopped, 310)
-            .await
-            .unwrap();
-        fresh(&store, &raw, backend, "set_desired").await;
-        store
-            .set_desired("i-1", InstanceState::Running, 320)
-            .await
-            .unwrap();
-        store.stop_if_desired_running("i-1", 330).await.unwrap();
-        fresh(&store, &raw, backend, "stop_if_desired_running").await;
-        let mut r = store.instance("i-2").await.unwrap().unwrap().restart;
-        r.count += 1;
-        store.set_restart("i-2", &r).await.unwrap();
-        fresh(&store, &raw, backend, "set_restart").await;
-        r.count += 1;
-        store
-            .set_state_and_restart("i-2", InstanceState::Failed, Some("exit 1"), 340, &r)
-            .await
-            .unwrap();
-        fresh(&store, &raw, backend, "set_state_and_restart").await;
-        let mut big = store.instance("i-2").await.unwrap().unwrap();
-        big.spec.vcpus = 8;
-        big.cpus = vec![0, 1, 2, 3, 4, 5, 6, 7];
-        store.set_resources(&big, 350).await.unwrap();
-        fresh(&store, &raw, backend, "set_resources").await;
-        store.rename_gpu("GPU-1", "GPU-renamed").await.unwrap();
-        fresh(&store, &raw, backend, "rename_gpu").await;
-        assert_eq!(
-            store.live_instances(None).await.unwrap()[0].gpus[0].uuid,
-            "GPU-renamed",
-            "{backend}"
-        );
-        store
-            .set_state("i-1", InstanceState::Terminated, None, 360)
-            .await
-            .unwrap();
-        fresh(&store, &raw, backend, "a terminate").await;
-        assert_eq!(store.live_instances(None).await.unwrap().len(), 1, "{backend}");
-    })
+            fresh(&store, &raw, backend, "nothing").await;
+            store
+                .insert_instance(&instance_row("i-1", "t-1", "a", 100))
+                .await
+                .unwrap();
+            fresh(&store, &raw, backend, "insert").await;
+            store
+                .insert_instance(&instance_row("i-2", "t-1", "b", 200))
+                .await
+                .unwrap();
+            fresh(&store, &raw, backend, "a second insert").await;
+            store
+                .set_state("i-1", InstanceState::Running, Some("up"), 300)
+                .await
+                .unwrap();
+            fresh(&store, &raw, backend, "set_state").await;
+            store
+                .set_desired("i-1", InstanceState::Stopped, 310)
+                .await
+                .unwrap();
+            fresh(&store, &raw, backend, "set_desired").await;
+            store
+                .set_desired("i-1", InstanceState::Running, 320)
+                .await
+                .unwrap();
+            fresh(&store, &raw, backend, "set_desired back").await;
+            store.stop_if_desired_running("i-1", 330).await.unwrap();
+            fresh(&store, &raw, backend, "stop_if_desired_running").await;
+            let mut r = store.instance("i-2").await.unwrap().unwrap().restart;
+            r.count += 1;
+            store.set_restart("i-2", &r).await.unwrap();
+            fresh(&store, &raw, backend, "set_restart").await;
+            r.count += 1;
+            store
+                .set_state_and_restart("i-2", InstanceState::Failed, Some("exit 1"), 340, &r)
+                .await
+                .unwrap();
+            fresh(&store, &raw, backend, "set_state_and_restart").await;
+            let mut big = store.instance("i-2").await.unwrap().unwrap();
+            big.spec.vcpus = 8;
+            big.cpus = vec![0, 1, 2, 3, 4, 5, 6, 7];
+            store.set_resources(&big, 350).await.unwrap();
+            fresh(&store, &raw, backend, "set_resources").await;
+            store.rename_gpu("GPU-1", "GPU-renamed").await.unwrap();
+            fresh(&store, &raw, backend, "rename_gpu").await;
+            assert_eq!(
+                store.live_instances(None).await.unwrap()[0].gpus[0].uuid,
+                "GPU-renamed",
+                "{backend}"
+            );
+            store
+                .set_state("i-1", InstanceState::Terminated, None, 360)
+                .await
+                .unwrap();
+            fresh(&store, &raw, backend, "a terminate").await;
+            assert_eq!(
+                store.live_instances(None).await.unwrap().len(),
+                1,
+                "{backend}"
+            );
+        },
+    )
+    .await;
+}
+
+/// A write whose caller stops waiting (its future dropped while the statement waits on a lock)
+/// still lands later; the cached list must not keep the old row past it.
+#[tokio::test]
+async fn live_list_follows_a_write_its_caller_gave_up_on() {
+    for_each_backend(
+        |Db {
+             store,
+             raw,
+             backend,
+             ..
+         }| async move {
+            with_tenant(&store, "t-1").await;
+            store
+                .insert_instance(&instance_row("i-1", "t-1", "a", 100))
+                .await
+                .unwrap();
+            assert_eq!(
+                store.live_instances(None).await.unwrap()[0].state,
+                InstanceState::Pending
+            );
+            // Another connection holds the lock the update needs.
+            let mut c = raw.acquire().await.unwrap();
+            let lock = if backend == "sqlite" {
+                "BEGIN IMMEDIATE"
+            } else {
+                "BEGIN"
+            };
+            sqlx::query(lock).execute(&mut *c).await.unwrap();
+            if backend != "sqlite" {
+                sqlx::query("SELECT id FROM instances WHERE id = 'i-1' FOR UPDATE")
+                    .execute(&mut *c)
+                    .await
+                    .unwrap();
+            }
+            let gave_up = tokio::time::timeout(
+                std::time::Duration::from_millis(300),
+                store.set_state("i-1", InstanceState::Running, Some("up"), 300),
+            )
+            .await;
+            assert!(
+                gave_up.is_err(),
+                "{backend}: the write did not wait for the lock"
+            );
+            // Read while the write waits: the cache holds the old row.
+            assert_eq!(
+                store.live_instances(None).await.unwrap()[0].state,
+                InstanceState::Pending,
+                "{backend}"
+            );
+            sqlx::query("COMMIT").execute(&mut *c).await.unwrap();
+            drop(c);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let truth = store.instance("i-1").await.unwrap().unwrap().state;
+                if truth == InstanceState::Running {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{backend}: the abandoned write never landed"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            // The write's own task marks the list stale once it is done; give it that moment.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            let mut listed = store.live_instances(None).await.unwrap()[0].state;
+            while listed != InstanceState::Running && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                listed = store.live_instances(None).await.unwrap()[0].state;
+            }
+            assert_eq!(
+                listed,
+                InstanceState::Running,
+                "{backend}: the cached list kept a row an abandoned write changed"
+            );
+        },
+    )
     .await;
 }

@@ -303,6 +303,12 @@ fn routes() -> Routes {
         Op::ScaleInstance,
         scale_instance,
     )
+    .add(
+        "POST",
+        "/v1/instances/{id}/links",
+        Op::CreateLink,
+        create_link,
+    )
     .add("GET", "/v1/instances/{id}/logs", Op::InstanceLogs, logs)
     .add("POST", "/v1/instances/{id}/exec", Op::Exec, exec)
     .add(
@@ -811,6 +817,15 @@ async fn start_instance(
     Path(id): Path<String>,
 ) -> R<wire::Instance> {
     Ok(Json(e.start_instance(&p, &id).await?))
+}
+
+async fn create_link(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    Body(b): Body<wire::CreateLink>,
+) -> R<wire::Link> {
+    Ok(Json(e.create_link(&p, &id, b.port, b.ttl_secs).await?))
 }
 
 async fn scale_instance(

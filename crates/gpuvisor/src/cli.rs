@@ -887,6 +887,15 @@ pub enum InstanceCmd {
         #[arg(long)]
         restart: bool,
     },
+    /// A signed link that opens a private HTTP port in a browser (through the HTTPS proxy)
+    /// until it expires; anyone holding it gets in.
+    Link {
+        id: String,
+        port: u16,
+        /// How long the link works (at most 7d).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        ttl: std::time::Duration,
+    },
     /// Terminate an instance and free everything it holds but its volumes.
     #[command(visible_alias = "rm")]
     Terminate {
@@ -1002,19 +1011,7 @@ fn read_ssh_keys(args: &[String]) -> Result<Vec<String>, CliError> {
 }
 
 pub fn parse_port(s: &str) -> Result<PortSpec, String> {
-    const SYNTAX: &str = "expected PORT[/PROTO], e.g. 8888/http";
-    let (port, protocol) = match s.split_once('/') {
-        Some((p, proto)) => (p, proto.trim().to_ascii_lowercase()),
-        None => (s, "tcp".to_string()),
-    };
-    let port: u16 = port
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?}: the port must be a number from 1 to 65535; {SYNTAX}"))?;
-    if protocol.is_empty() {
-        return Err(format!("{s:?}: the protocol is empty; {SYNTAX}"));
-    }
-    Ok(PortSpec { port, protocol })
+    PortSpec::parse(s)
 }
 
 // ---- errors ----
@@ -1763,6 +1760,15 @@ impl Ctx {
                 })?;
                 Ok(exit::OK)
             }
+            InstanceCmd::Link { id, port, ttl } => {
+                let req = gpuvisor_wire::CreateLink {
+                    port,
+                    ttl_secs: ttl.as_secs().max(1),
+                };
+                let link = self.client.create_link(&id, &req)?;
+                output::print(self.format, &link, |l| format!("{}\n", l.url))?;
+                Ok(exit::OK)
+            }
             InstanceCmd::Terminate { id, wait } => {
                 let inst = self.client.terminate_instance(&id)?;
                 self.finish_lifecycle(inst, InstanceState::Terminated, &wait)
@@ -2250,7 +2256,9 @@ mod tests {
             a.shape.ports,
             vec![PortSpec {
                 port: 8888,
-                protocol: "http".into()
+                protocol: "http".into(),
+                public: false,
+                host_port: None,
             }]
         );
         assert!(a.wait.wait);
@@ -2357,9 +2365,17 @@ mod tests {
             parse_port("22"),
             Ok(PortSpec {
                 port: 22,
-                protocol: "tcp".into()
+                protocol: "tcp".into(),
+                public: false,
+                host_port: None,
             })
         );
+        assert_eq!(
+            parse_port("8888/http:public").map(|p| (p.protocol, p.public)),
+            Ok(("http".to_string(), true))
+        );
+        assert_eq!(parse_port("8888/http:private").map(|p| p.public), Ok(false));
+        assert!(parse_port("8888/http:open").is_err());
         assert_eq!(
             parse_port("8888/HTTP").map(|p| p.protocol),
             Ok("http".into())
@@ -2489,6 +2505,7 @@ mod tests {
             ports: vec![],
             command: vec![],
             ip: None,
+            urls: Vec::new(),
             gpu_usage: vec![],
             gpu_fraction: None,
             priority: Default::default(),

@@ -533,6 +533,14 @@ impl Client {
         self.post::<(), _>(&format!("/instances/{}/stop", segment(id)), None)
     }
 
+    pub fn create_link(
+        &self,
+        id: &str,
+        req: &gpuvisor_wire::CreateLink,
+    ) -> Result<gpuvisor_wire::Link> {
+        self.post(&format!("/instances/{}/links", segment(id)), Some(req))
+    }
+
     pub fn scale_instance(&self, id: &str, req: &gpuvisor_wire::ScaleInstance) -> Result<Instance> {
         self.post(&format!("/instances/{}/scale", segment(id)), Some(req))
     }

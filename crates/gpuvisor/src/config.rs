@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod pricing;
+pub mod proxy;
 
 /// The effective configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +60,8 @@ pub struct Config {
     pub registry: RegistrySection,
     /// `[tls]`: the API's certificate, TLS versions, plain HTTP.
     pub tls: TlsSection,
+    /// `[proxy]`: the HTTPS proxy to instance ports and the TCP port maps.
+    pub proxy: proxy::ProxySection,
     /// `[pricing]`: prices per GPU model and per vCPU, GiB of memory and of disk, per hour.
     pub pricing: gpuvisor_control::engine::pricing::Pricing,
     /// Print the first admin key on stdout as well as writing it to its file.
@@ -481,6 +484,7 @@ impl Default for Config {
             registry: RegistrySection::default(),
             tls: TlsSection::default(),
             pricing: Default::default(),
+            proxy: Default::default(),
             print_admin_key: false,
         }
     }
@@ -516,6 +520,7 @@ struct FileConfig {
     registry: Option<RegistryFile>,
     tls: Option<TlsFile>,
     pricing: Option<pricing::PricingFile>,
+    proxy: Option<proxy::ProxyFile>,
     print_admin_key: Option<bool>,
 }
 
@@ -605,6 +610,8 @@ pub struct ConfigOverrides {
     pub registry: Box<RegistryOverrides>,
     #[command(flatten)]
     pub tls: Box<TlsOverrides>,
+    #[command(flatten)]
+    pub proxy: Box<proxy::ProxyOverrides>,
     /// Print the first admin key on stdout as well (by default it only goes to its 0600 file).
     #[arg(long)]
     pub print_admin_key: bool,
@@ -700,6 +707,9 @@ impl Config {
             if let Some(t) = f.tls {
                 c.tls.apply_file(t)?;
             }
+            if let Some(p) = f.proxy {
+                c.proxy.apply_file(p).context("bad [proxy]")?;
+            }
             if let Some(p) = f.pricing {
                 pricing::apply(&mut c.pricing, p).context("bad [pricing]")?;
             }
@@ -789,6 +799,7 @@ impl Config {
         c.limits.apply_flags(&o.limits)?;
         c.registry.apply_flags(&o.registry)?;
         c.tls.apply_flags(&o.tls)?;
+        c.proxy.apply_flags(&o.proxy)?;
         c.tls.check(c.listen)?;
         c.print_admin_key |= o.print_admin_key;
         if !c.thermal_ceiling_c.is_finite() || c.thermal_ceiling_c <= 0.0 {

@@ -7,6 +7,7 @@ mod client;
 mod config;
 mod exectty;
 mod graphql;
+mod ingress;
 mod openapi;
 mod output;
 mod ratelimit;

@@ -191,11 +191,15 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
             or_dash(
                 &i.ports
                     .iter()
-                    .map(|p| format!("{}/{}", p.port, p.protocol))
+                    .map(|p| match p.host_port {
+                        Some(h) => format!("{p} (host port {h})"),
+                        None => p.to_string(),
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
             ),
         ),
+        ("URLs".into(), or_dash(&i.urls.join(", "))),
         ("Command".into(), or_dash(&i.command.join(" "))),
         (
             "Restart".into(),
@@ -576,12 +580,7 @@ pub fn template_detail(t: &gpuvisor_wire::Template) -> String {
         ("Env", join(s.env.clone())),
         (
             "Ports",
-            join(
-                s.ports
-                    .iter()
-                    .map(|p| format!("{}/{}", p.port, p.protocol))
-                    .collect(),
-            ),
+            join(s.ports.iter().map(ToString::to_string).collect()),
         ),
         ("Command", or_dash(&s.command.join(" "))),
         (
@@ -995,9 +994,12 @@ mod tests {
             ports: vec![PortSpec {
                 port: 8888,
                 protocol: "http".into(),
+                public: false,
+                host_port: None,
             }],
             command: vec!["python".into(), "train.py".into()],
             ip: Some("10.77.0.2".into()),
+            urls: Vec::new(),
             gpu_usage: vec![],
             gpu_fraction: None,
             priority: Default::default(),

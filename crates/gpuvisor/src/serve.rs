@@ -231,6 +231,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ => crate::tls::CertSource::Generated {
                 data_dir: cfg.data_dir.clone(),
                 names,
+                leaf: crate::tls::Leaf::Api,
             },
         };
         let tls = Arc::new(
@@ -251,6 +252,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    // The instance proxy: its own runtime and threads, stopped with the API.
+    let (proxy_stop, proxy_stop_rx) = tokio::sync::watch::channel(false);
+    let proxy = crate::ingress::start(
+        &cfg.proxy,
+        &cfg.data_dir,
+        &hostname_now(),
+        cfg.tls.min_version,
+        engine.clone(),
+        cfg.limits.header_timeout,
+        proxy_stop_rx,
+    )?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!("listening on {scheme}://{}", cfg.listen);
     let app = crate::api::router_with_limits(
@@ -273,6 +285,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cfg.limits.max_connections_per_ip,
     )
     .await?;
+    let _ = proxy_stop.send(true);
+    if let Some(p) = proxy {
+        let _ = tokio::task::spawn_blocking(move || p.thread.join()).await;
+    }
     // The meter's last step: metered time ends at the stop, not up to a second before it.
     if let Err(e) = engine.meter_step().await {
         tracing::warn!("usage: last meter step failed: {e}");

@@ -250,11 +250,96 @@ pub struct VolumeMount {
     pub size: Option<u64>,
 }
 
-/// A port the instance exposes: `8888/http`.
+/// A port the instance exposes: `8888/http` (private: reached through the HTTPS proxy with
+/// an API key of its tenant or a signed link), `8888/http:public` (anyone with the URL),
+/// `22/tcp` (a host port from the proxy's pool is mapped to it).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct PortSpec {
     pub port: u16,
     pub protocol: String,
+    /// HTTP(S) ports: served by the proxy to anyone, without a key or link.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public: bool,
+    /// TCP ports: the host port mapped to it (set by the daemon; ignored in a request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+}
+
+impl PortSpec {
+    /// The syntax in words, for errors.
+    pub const SYNTAX: &'static str = "expected PORT[/PROTOCOL][:public], e.g. 8888/http:public";
+
+    /// `PORT[/PROTOCOL][:public|:private]`; a port alone is `tcp`. The engine checks the
+    /// protocol and the access against each other.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let syntax = Self::SYNTAX;
+        let (spec, access) = match s.rsplit_once(':') {
+            Some((spec, a)) => (spec, Some(a.trim().to_ascii_lowercase())),
+            None => (s, None),
+        };
+        let public = match access.as_deref() {
+            None | Some("private") => false,
+            Some("public") => true,
+            Some(other) => {
+                return Err(format!(
+                    "{s:?}: access {other:?} is not public or private; {syntax}"
+                ))
+            }
+        };
+        let (port, protocol) = match spec.split_once('/') {
+            Some((p, proto)) => (p, proto.trim().to_ascii_lowercase()),
+            None => (spec, "tcp".to_string()),
+        };
+        let port: u16 = port
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: the port must be a number from 1 to 65535; {syntax}"))?;
+        if protocol.is_empty() {
+            return Err(format!("{s:?}: the protocol is empty; {syntax}"));
+        }
+        Ok(Self {
+            port,
+            protocol,
+            public,
+            host_port: None,
+        })
+    }
+
+    /// Served by the HTTPS proxy (`http` or `https` inside the instance).
+    pub fn is_http(&self) -> bool {
+        matches!(self.protocol.as_str(), "http" | "https")
+    }
+}
+
+impl std::fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol)?;
+        if self.public {
+            f.write_str(":public")?;
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/instances/{id}/links`: a link that opens a private HTTP port in a browser.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct CreateLink {
+    pub port: u16,
+    /// Seconds the link works (at most 7 days) [default: 3600].
+    #[serde(default = "default_link_ttl")]
+    pub ttl_secs: u64,
+}
+
+fn default_link_ttl() -> u64 {
+    3600
+}
+
+/// A signed link to an instance's private HTTP port.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct Link {
+    pub url: String,
+    /// Unix milliseconds.
+    pub expires_at: i64,
 }
 
 /// `POST /v1/instances`. With a `template`, what the request leaves unset (an empty image,
@@ -414,6 +499,10 @@ pub struct Instance {
     pub accel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// Where its ports are reached: `https://ID-PORT.DOMAIN:8443/` through the proxy for
+    /// HTTP ports, `tcp://HOST:PORT` for mapped TCP ports (none while the proxy is off).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
     /// Live usage of fractional GPUs from the limiter (only in `get`, not in lists).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_usage: Vec<GpuUsage>,

@@ -112,6 +112,7 @@ ops! {
     StartInstance => "instance.start", Operate;
     TerminateInstance => "instance.terminate", Operate;
     ScaleInstance => "instance.scale", Operate;
+    CreateLink => "instance.link", Operate;
     InstanceLogs => "instance.logs", Read;
     InstanceEvents => "instance.events", Read;
     InstanceMetrics => "instance.metrics", Read;

@@ -12,6 +12,7 @@ pub mod authz;
 pub mod console;
 mod gpuadmin;
 pub mod images;
+pub mod ingress;
 pub mod limits;
 mod metrics;
 pub mod pricing;
@@ -105,6 +106,8 @@ pub struct Engine {
     limits: limits::LimitState,
     /// The price list ([`pricing`]), set at start.
     pricing: std::sync::RwLock<Arc<pricing::Pricing>>,
+    /// The proxy's settings and link key ([`ingress`]), set at start.
+    ingress: ingress::IngressState,
     /// One meter step at a time ([`usage`]).
     meter_lock: tokio::sync::Mutex<()>,
     /// Admin key revocations one at a time (the last one is never revoked).
@@ -234,6 +237,7 @@ impl Engine {
             simulated_nodes: std::sync::RwLock::new(std::collections::HashSet::new()),
             limits: Default::default(),
             pricing: Default::default(),
+            ingress: Default::default(),
             meter_lock: tokio::sync::Mutex::new(()),
             revoke_lock: tokio::sync::Mutex::new(()),
             tenant_deletions: std::sync::atomic::AtomicBool::new(true),
@@ -1260,7 +1264,9 @@ impl Engine {
                 .map(|a| a.to_string())
         });
         let gpu_fraction = self.fraction_guarantee(&i.gpus);
+        let urls = self.instance_urls(&i);
         wire::Instance {
+            urls,
             gpu_fraction,
             id: i.id,
             node: i.node_id,
@@ -1596,6 +1602,13 @@ impl Engine {
                     ))
                 })?
         };
+        // TCP ports get host ports from the proxy's pool (on this host; none elsewhere).
+        let mut ports = req.ports.clone();
+        if self.is_simulated_node(&node_id) {
+            ports.iter_mut().for_each(|p| p.host_port = None);
+        } else {
+            self.assign_host_ports(&mut ports, &live)?;
+        }
         // New volumes stay `pending` until the instance row that uses them is written: a crash
         // or an error before that leaves only pending volumes, which are rolled back (here, or
         // by the reconciler after a crash), never a ready volume nobody asked for.
@@ -1636,7 +1649,7 @@ impl Engine {
                 container_disk: req.container_disk,
                 volumes: req.volumes.clone(),
                 env,
-                ports: req.ports.clone(),
+                ports,
                 command,
                 priority: req.priority,
                 interruptible: req.interruptible,

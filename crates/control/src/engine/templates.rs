@@ -281,6 +281,8 @@ mod tests {
             ports: vec![PortSpec {
                 port: 8888,
                 protocol: "http".into(),
+                public: false,
+                host_port: None,
             }],
             command: vec!["serve".into()],
             startup_script: Some("echo hi".into()),
@@ -314,6 +316,8 @@ mod tests {
             ports: vec![PortSpec {
                 port: 8888,
                 protocol: "tcp".into(),
+                public: false,
+                host_port: None,
             }],
             volumes: vec![VolumeMount {
                 name: "other".into(),

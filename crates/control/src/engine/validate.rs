@@ -290,9 +290,20 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
     for e in &req.env {
         env(e)?;
     }
+    let mut seen_ports = std::collections::BTreeSet::new();
     for p in &req.ports {
         if p.port == 0 {
             return Err(invalid("port 0 is not a port"));
+        }
+        if !seen_ports.insert(p.port) {
+            return Err(invalid(format!("port {} is given twice", p.port)));
+        }
+        if p.public && !p.is_http() {
+            return Err(invalid(format!(
+                "port {p}: only HTTP ports are public or private (the proxy serves them); a \
+                 {} port is reached at its host port",
+                p.protocol
+            )));
         }
         if !matches!(p.protocol.as_str(), "http" | "https" | "tcp" | "udp") {
             return Err(invalid(format!(
@@ -454,6 +465,8 @@ mod tests {
                     r.ports = vec![PortSpec {
                         port: 80,
                         protocol: "gopher".into(),
+                        public: false,
+                        host_port: None,
                     }]
                 }),
                 "invalid_argument",

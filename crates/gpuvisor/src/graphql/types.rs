@@ -235,29 +235,21 @@ impl Instance {
     }
 }
 
-/// `8888/http,22/tcp`.
+/// `8888/http:public,22/tcp`.
 pub fn ports_text(ports: &[wire::PortSpec]) -> String {
     ports
         .iter()
-        .map(|p| format!("{}/{}", p.port, p.protocol))
+        .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(",")
 }
 
-/// Parses `8888/http,22/tcp` (a port alone is `tcp`); the engine checks the values.
+/// Parses `8888/http:public,22/tcp` (a port alone is `tcp`); the engine checks the values.
 pub fn parse_ports(text: &str) -> Result<Vec<wire::PortSpec>, String> {
     text.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (port, proto) = p.split_once('/').unwrap_or((p, "tcp"));
-            port.parse::<u16>()
-                .map(|port| wire::PortSpec {
-                    port,
-                    protocol: proto.to_string(),
-                })
-                .map_err(|_| format!("port {p:?}: expected PORT/PROTOCOL, as in 8888/http"))
-        })
+        .map(wire::PortSpec::parse)
         .collect()
 }
 

@@ -55,6 +55,7 @@ pub enum CertSource {
     Generated {
         data_dir: PathBuf,
         names: Vec<String>,
+        leaf: Leaf,
     },
     /// From an ACME server; `Generated` with `names` until the first one arrives.
     Acme {
@@ -62,6 +63,22 @@ pub enum CertSource {
         names: Vec<String>,
         acme: acme::AcmeSettings,
     },
+}
+
+/// Which generated certificate: the API's or the instance proxy's (both signed by the one CA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaf {
+    Api,
+    Proxy,
+}
+
+impl Leaf {
+    fn stem(self) -> &'static str {
+        match self {
+            Self::Api => "server",
+            Self::Proxy => "proxy",
+        }
+    }
 }
 
 /// Days before expiry at which a generated server certificate is remade.
@@ -192,6 +209,7 @@ impl ServerTls {
                 let generated = CertSource::Generated {
                     data_dir: data_dir.clone(),
                     names: names.clone(),
+                    leaf: Leaf::Api,
                 };
                 Some((load(&generated, &provider)?.0, acme.domains.clone()))
             }
@@ -229,9 +247,11 @@ impl ServerTls {
         match &self.source {
             // Renewal is `run_acme`'s.
             CertSource::Files { .. } | CertSource::Acme { .. } => false,
-            CertSource::Generated { data_dir, names } => {
-                !generated_current(&Layout::new(data_dir), names)
-            }
+            CertSource::Generated {
+                data_dir,
+                names,
+                leaf,
+            } => !generated_current(&Layout::new(data_dir, *leaf), names),
         }
     }
 
@@ -328,8 +348,12 @@ fn load(
             }
             Ok((ck, vec![cert.clone(), key.clone()], None))
         }
-        CertSource::Generated { data_dir, names } => {
-            let l = Layout::new(data_dir);
+        CertSource::Generated {
+            data_dir,
+            names,
+            leaf,
+        } => {
+            let l = Layout::new(data_dir, *leaf);
             let fp = ensure_generated(&l, names)?;
             let ck = certified_key(&l.server_cert, &l.server_key, provider)?;
             Ok((
@@ -359,6 +383,7 @@ fn load(
                 &CertSource::Generated {
                     data_dir: data_dir.clone(),
                     names: names.clone(),
+                    leaf: Leaf::Api,
                 },
                 provider,
             )
@@ -470,14 +495,15 @@ struct Layout {
 }
 
 impl Layout {
-    fn new(data_dir: &Path) -> Self {
+    fn new(data_dir: &Path, leaf: Leaf) -> Self {
         let dir = data_dir.join("tls");
+        let stem = leaf.stem();
         Self {
             ca_cert: ca_path(data_dir),
             ca_key: dir.join("ca.key"),
-            server_cert: dir.join("server.pem"),
-            server_key: dir.join("server.key"),
-            server_meta: dir.join("server.json"),
+            server_cert: dir.join(format!("{stem}.pem")),
+            server_key: dir.join(format!("{stem}.key")),
+            server_meta: dir.join(format!("{stem}.json")),
             dir,
         }
     }
@@ -744,6 +770,7 @@ mod tests {
         let src = CertSource::Generated {
             data_dir: dir.path().into(),
             names: names.clone(),
+            leaf: Leaf::Api,
         };
         let tls = ServerTls::new(src.clone(), MinVersion::Tls13).unwrap();
         let fp = tls.ca_fingerprint.clone().unwrap();
@@ -803,6 +830,7 @@ mod tests {
             CertSource::Generated {
                 data_dir: dir.path().into(),
                 names: vec!["localhost".into(), "10.1.2.3".into()],
+                leaf: Leaf::Api,
             },
             MinVersion::Tls13,
         )

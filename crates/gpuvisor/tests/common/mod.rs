@@ -180,6 +180,11 @@ impl Daemon {
                 out.extend([flag, "0"]);
             }
         }
+        // Daemons run side by side: the instance proxy (default :8443) only where a test
+        // gives it an address.
+        if !self.extra.iter().any(|a| a == "--proxy-listen") {
+            out.extend(["--proxy-listen", "off"]);
+        }
         out
     }
 

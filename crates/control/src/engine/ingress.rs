@@ -1,0 +1,298 @@
+//! What the HTTPS proxy and the TCP port maps ask of the engine: where an instance's port is,
+//! who may reach it, the host ports of TCP maps, the signed links to private ports, and the
+//! URLs an instance shows. The proxy itself (crates/proxy) knows nothing of the store.
+
+use super::{Engine, EngineError, Op, Principal, Result};
+use crate::store::InstanceRow;
+use gpuvisor_wire::{self as wire, InstanceState, PortSpec};
+use std::net::SocketAddr;
+
+/// The proxy's settings as the engine needs them (from `[proxy]` in the config file).
+#[derive(Debug, Clone)]
+pub struct IngressSettings {
+    /// `<instance-id>-<port>.<domain>` names an instance's HTTP port.
+    pub domain: String,
+    /// The proxy's public HTTPS port, in URLs (443 is left out).
+    pub https_port: u16,
+    /// The host name or address in TCP URLs.
+    pub public_host: String,
+    /// Host ports for TCP maps, inclusive; empty (`start > end`) maps none.
+    pub tcp_ports: (u16, u16),
+}
+
+/// Where the proxy sends a request for an instance's port.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngressTarget {
+    pub instance: String,
+    pub tenant_id: String,
+    pub addr: SocketAddr,
+    pub public: bool,
+    pub protocol: String,
+}
+
+/// A host port mapped to an instance's TCP port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TcpMap {
+    pub host_port: u16,
+    pub instance: String,
+    pub port: u16,
+}
+
+/// The key that signs links (HMAC-SHA256), set at start with the settings.
+pub(crate) struct IngressState {
+    settings: std::sync::RwLock<Option<IngressSettings>>,
+    link_key: std::sync::RwLock<Option<ring::hmac::Key>>,
+}
+
+impl Default for IngressState {
+    fn default() -> Self {
+        Self {
+            settings: std::sync::RwLock::new(None),
+            link_key: std::sync::RwLock::new(None),
+        }
+    }
+}
+
+/// Longest life of a signed link.
+pub const MAX_LINK_TTL_SECS: u64 = 7 * 86_400;
+
+fn link_message(instance: &str, port: u16, expires: i64) -> String {
+    format!("gpuvisor-link\n{instance}\n{port}\n{expires}")
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Engine {
+    /// Turns the proxy on for URLs, TCP maps and links. `link_key`: the secret that signs
+    /// links (at least 32 bytes).
+    pub fn set_ingress(&self, s: IngressSettings, link_key: &[u8]) {
+        *self
+            .ingress
+            .settings
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(s);
+        *self
+            .ingress
+            .link_key
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) =
+            Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, link_key));
+    }
+
+    fn ingress_settings(&self) -> Option<IngressSettings> {
+        self.ingress
+            .settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The proxy URL of an instance's HTTP port.
+    fn port_url(s: &IngressSettings, id: &str, port: u16) -> String {
+        let at = if s.https_port == 443 {
+            String::new()
+        } else {
+            format!(":{}", s.https_port)
+        };
+        format!("https://{id}-{port}.{}{at}/", s.domain)
+    }
+
+    /// Where an instance's ports are reached (none while the proxy is off).
+    pub(crate) fn instance_urls(&self, i: &InstanceRow) -> Vec<String> {
+        let Some(s) = self.ingress_settings() else {
+            return Vec::new();
+        };
+        i.spec
+            .ports
+            .iter()
+            .filter_map(|p| {
+                if p.is_http() {
+                    Some(Self::port_url(&s, &i.id, p.port))
+                } else {
+                    p.host_port
+                        .map(|h| format!("{}://{}:{h}", p.protocol, s.public_host))
+                }
+            })
+            .collect()
+    }
+
+    /// Gives each TCP port of a new instance a free host port from the pool (the caller holds
+    /// the placement lock, so `live` is every other claim); HTTP ports get none. A host port
+    /// in a request is ignored. Fails when the pool is used up.
+    pub(crate) fn assign_host_ports(
+        &self,
+        ports: &mut [PortSpec],
+        live: &[InstanceRow],
+    ) -> Result<()> {
+        for p in ports.iter_mut() {
+            p.host_port = None;
+        }
+        let Some(s) = self.ingress_settings() else {
+            return Ok(());
+        };
+        let (lo, hi) = s.tcp_ports;
+        let mut used: std::collections::BTreeSet<u16> = live
+            .iter()
+            .filter(|i| i.state != InstanceState::Terminated)
+            .flat_map(|i| i.spec.ports.iter().filter_map(|p| p.host_port))
+            .collect();
+        for p in ports.iter_mut().filter(|p| p.protocol == "tcp") {
+            let free = (lo..=hi).find(|h| !used.contains(h)).ok_or_else(|| {
+                EngineError::Unavailable(format!(
+                    "no host port is free for {}/tcp: the proxy's TCP pool {lo}-{hi} is used up",
+                    p.port
+                ))
+            })?;
+            used.insert(free);
+            p.host_port = Some(free);
+        }
+        Ok(())
+    }
+
+    /// Where the proxy sends traffic for port `port` of instance `id` (an id, not a name:
+    /// names are per tenant and the proxy has no tenant). Not found: no such live instance
+    /// or no such port; unavailable: not running, or it has no address here.
+    pub async fn ingress_target(&self, id: &str, port: u16) -> Result<IngressTarget> {
+        let not_found = || EngineError::NotFound(format!("no instance port {id}-{port}"));
+        let row = self
+            .store
+            .instance(id)
+            .await?
+            .filter(|r| r.state != InstanceState::Terminated)
+            .ok_or_else(not_found)?;
+        let spec = row
+            .spec
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .ok_or_else(not_found)?
+            .clone();
+        if row.state != InstanceState::Running || self.is_simulated(&row) {
+            return Err(EngineError::Unavailable(format!(
+                "instance {id} is {}",
+                row.state
+            )));
+        }
+        let tenant = self.key_tenant(&row.tenant_id).await?;
+        let ip = self
+            .node
+            .net
+            .address(
+                &gpuvisor_node::net::TenantNet {
+                    slot: tenant.net_slot,
+                },
+                row.ip_host,
+            )
+            .map_err(|e| EngineError::Unavailable(format!("instance {id} has no address: {e}")))?;
+        Ok(IngressTarget {
+            instance: row.id,
+            tenant_id: row.tenant_id,
+            addr: SocketAddr::new(ip.into(), port),
+            public: spec.public,
+            protocol: spec.protocol,
+        })
+    }
+
+    /// Every TCP map of a live instance of this host.
+    pub async fn ingress_tcp_maps(&self) -> Result<Vec<TcpMap>> {
+        Ok(self
+            .store
+            .live_instances(None)
+            .await?
+            .iter()
+            .filter(|i| !self.is_simulated(i))
+            .flat_map(|i| {
+                i.spec.ports.iter().filter_map(|p| {
+                    p.host_port.map(|h| TcpMap {
+                        host_port: h,
+                        instance: i.id.clone(),
+                        port: p.port,
+                    })
+                })
+            })
+            .collect())
+    }
+
+    /// Whether API key `secret` may reach a private port of tenant `tenant_id`'s instance:
+    /// a key of that tenant that may operate its instances (a read-only key may not: a port
+    /// is often a shell, a notebook), or an admin's. An unknown or revoked key may not.
+    pub async fn ingress_key_allows(&self, secret: &str, tenant_id: &str) -> bool {
+        match self.authenticate(Some(secret)).await {
+            Ok(p) => (p.is_admin() || p.tenant_id == tenant_id) && p.allow(Op::CreateLink).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// A link that opens private port `port` of instance `id` in a browser until it expires.
+    pub async fn create_link(
+        &self,
+        who: &Principal,
+        id: &str,
+        port: u16,
+        ttl_secs: u64,
+    ) -> Result<wire::Link> {
+        who.allow(Op::CreateLink)?;
+        let row = self.find(who, id).await?;
+        let s = self.ingress_settings().ok_or_else(|| {
+            EngineError::Unavailable("the HTTPS proxy is off on this daemon".into())
+        })?;
+        if !row.spec.ports.iter().any(|p| p.port == port && p.is_http()) {
+            return Err(EngineError::InvalidArgument(format!(
+                "instance {} has no HTTP port {port}",
+                row.id
+            )));
+        }
+        if ttl_secs == 0 || ttl_secs > MAX_LINK_TTL_SECS {
+            return Err(EngineError::InvalidArgument(format!(
+                "a link lives from 1 s to {} days",
+                MAX_LINK_TTL_SECS / 86_400
+            )));
+        }
+        let expires = super::now_ms() / 1000 + ttl_secs as i64;
+        let token = self.sign_link(&row.id, port, expires)?;
+        Ok(wire::Link {
+            url: format!("{}?gv_link={token}", Self::port_url(&s, &row.id, port)),
+            expires_at: expires * 1000,
+        })
+    }
+
+    fn sign_link(&self, id: &str, port: u16, expires: i64) -> Result<String> {
+        let key = self
+            .ingress
+            .link_key
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = key.as_ref().ok_or_else(|| {
+            EngineError::Unavailable("the HTTPS proxy is off on this daemon".into())
+        })?;
+        let tag = ring::hmac::sign(key, link_message(id, port, expires).as_bytes());
+        Ok(format!("{expires}.{}", hex(tag.as_ref())))
+    }
+
+    /// Whether `token` is a link to port `port` of instance `id` that has not expired;
+    /// returns its expiry (unix seconds).
+    pub fn verify_link(&self, id: &str, port: u16, token: &str) -> Option<i64> {
+        let (expires, tag) = token.split_once('.')?;
+        let expires: i64 = expires.parse().ok()?;
+        if expires <= super::now_ms() / 1000 || tag.len() != 64 {
+            return None;
+        }
+        let tag: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(tag.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect::<Option<_>>()?;
+        let key = self
+            .ingress
+            .link_key
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        ring::hmac::verify(
+            key.as_ref()?,
+            link_message(id, port, expires).as_bytes(),
+            &tag,
+        )
+        .ok()
+        .map(|()| expires)
+    }
+}

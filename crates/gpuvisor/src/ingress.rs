@@ -1,0 +1,164 @@
+//! The daemon's side of the instance proxy (crates/proxy): its certificate, its settings in
+//! the engine, and the answers to its questions, computed on the API's runtime.
+
+use crate::config::proxy::ProxySection;
+use anyhow::Context;
+use gpuvisor_control::engine::ingress::IngressSettings;
+use gpuvisor_control::engine::Engine;
+use gpuvisor_control::EngineError;
+use gpuvisor_proxy::{BoxFuture, RouteError, Routes, Target, TcpMap};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The engine, asked on the runtime that owns the store's connections: the proxy's own
+/// runtime only waits for the answer.
+struct EngineRoutes {
+    engine: Arc<Engine>,
+    main: tokio::runtime::Handle,
+}
+
+fn route_error(e: EngineError) -> RouteError {
+    match e {
+        EngineError::NotFound(m) => RouteError::NotFound(m),
+        EngineError::Unavailable(m) | EngineError::InvalidState(m) => RouteError::Unavailable(m),
+        other => RouteError::Internal(other.to_string()),
+    }
+}
+
+impl EngineRoutes {
+    fn on_main<T, F>(&self, f: F) -> BoxFuture<'_, Result<T, RouteError>>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
+    {
+        let job = self.main.spawn(f);
+        Box::pin(async move {
+            job.await
+                .map_err(|e| RouteError::Internal(format!("lookup failed: {e}")))?
+                .map_err(route_error)
+        })
+    }
+}
+
+impl Routes for EngineRoutes {
+    fn target(&self, instance: &str, port: u16) -> BoxFuture<'_, Result<Target, RouteError>> {
+        let (e, id) = (self.engine.clone(), instance.to_string());
+        let job = self.on_main(async move { e.ingress_target(&id, port).await });
+        Box::pin(async move {
+            job.await.map(|t| Target {
+                tenant: t.tenant_id,
+                addr: t.addr,
+                public: t.public,
+                protocol: t.protocol,
+            })
+        })
+    }
+
+    fn key_allows(&self, secret: &str, tenant: &str) -> BoxFuture<'_, bool> {
+        let (e, secret, tenant) = (self.engine.clone(), secret.to_string(), tenant.to_string());
+        let job = self.on_main(async move { Ok(e.ingress_key_allows(&secret, &tenant).await) });
+        Box::pin(async move { job.await.unwrap_or(false) })
+    }
+
+    fn link_valid(&self, instance: &str, port: u16, token: &str) -> Option<i64> {
+        self.engine.verify_link(instance, port, token)
+    }
+
+    fn tcp_maps(&self) -> BoxFuture<'_, Result<Vec<TcpMap>, RouteError>> {
+        let e = self.engine.clone();
+        let job = self.on_main(async move { e.ingress_tcp_maps().await });
+        Box::pin(async move {
+            job.await.map(|maps| {
+                maps.into_iter()
+                    .map(|m| TcpMap {
+                        host_port: m.host_port,
+                        instance: m.instance,
+                        port: m.port,
+                    })
+                    .collect()
+            })
+        })
+    }
+}
+
+/// Starts the proxy when `[proxy] listen` is set: its certificate (the operator's for
+/// `*.<domain>`, else one the daemon's CA signs), its settings in the engine (URLs, TCP
+/// maps, links) and its runtime. `None` when it is off.
+pub fn start(
+    p: &ProxySection,
+    data_dir: &Path,
+    hostname: &str,
+    min_tls: crate::tls::MinVersion,
+    engine: Arc<Engine>,
+    header_timeout: std::time::Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Option<gpuvisor_proxy::ProxyHandle>> {
+    let Some(listen) = p.listen else {
+        tracing::info!("instance proxy: off");
+        return Ok(None);
+    };
+    crate::tls::install_default_provider();
+    let source = match (&p.cert, &p.key) {
+        (Some(cert), Some(key)) => crate::tls::CertSource::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        _ => crate::tls::CertSource::Generated {
+            data_dir: data_dir.to_path_buf(),
+            names: vec![format!("*.{}", p.domain), p.domain.clone()],
+            leaf: crate::tls::Leaf::Proxy,
+        },
+    };
+    let tls = Arc::new(
+        crate::tls::ServerTls::new(source, min_tls)
+            .context("cannot set up the instance proxy's TLS")?,
+    );
+    tokio::spawn(tls.clone().watch(std::time::Duration::from_secs(60)));
+    let mut config = (*tls.config).clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let link_key = gpuvisor_node::keys::key_file(data_dir, "proxy-link.key")
+        .context("cannot prepare the proxy's link key")?;
+    engine.set_ingress(
+        IngressSettings {
+            domain: p.domain.clone(),
+            https_port: p.public_port.unwrap_or(listen.port()),
+            public_host: p
+                .public_host
+                .clone()
+                .unwrap_or_else(|| hostname.to_string()),
+            tcp_ports: p.tcp_ports,
+        },
+        &link_key[..],
+    );
+    let routes = Arc::new(EngineRoutes {
+        engine,
+        main: tokio::runtime::Handle::current(),
+    });
+    let handle = gpuvisor_proxy::spawn(
+        gpuvisor_proxy::ProxyConfig {
+            listen,
+            domain: p.domain.clone(),
+            tcp_listen: p.tcp_listen,
+            request_timeout: p.request_timeout,
+            idle_timeout: p.idle_timeout,
+            connect_timeout: p.connect_timeout,
+            header_timeout,
+            max_connections: p.max_connections,
+            threads: p.threads,
+            route_ttl: std::time::Duration::from_secs(1),
+            tcp_sync_every: std::time::Duration::from_secs(1),
+        },
+        Arc::new(config),
+        routes,
+        stop,
+    )
+    .with_context(|| format!("cannot start the instance proxy on {listen}"))?;
+    tracing::info!(
+        "instance proxy on https://{} for https://<instance-id>-<port>.{}/; TCP maps {}-{}",
+        handle.local_addr,
+        p.domain,
+        p.tcp_ports.0,
+        p.tcp_ports.1
+    );
+    Ok(Some(handle))
+}

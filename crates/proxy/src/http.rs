@@ -1,0 +1,549 @@
+//! The HTTPS side: TLS with ALPN (h2, http/1.1), routing by host, access, forwarding.
+
+use crate::body::{text, IdleBody, ProxyBody};
+use crate::{ProxyConfig, RouteError, Routes, Target};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// The query parameter and cookie of a signed link.
+const LINK: &str = "gv_link";
+/// Targets remembered at most (then the cache starts over): hosts are the client's choice.
+const CACHE_MAX: usize = 10_000;
+
+type Upstream = Client<HttpConnector, IdleBody<Incoming>>;
+/// (instance, port) → when asked, and the answer.
+type RouteCache = HashMap<(String, u16), (Instant, Result<Target, RouteError>)>;
+
+struct Ctx {
+    cfg: Arc<ProxyConfig>,
+    routes: Arc<dyn Routes>,
+    client: Upstream,
+    cache: Mutex<RouteCache>,
+}
+
+/// Serves HTTPS on `listener` until `stop`.
+pub async fn serve(
+    cfg: Arc<ProxyConfig>,
+    tls: Arc<rustls::ServerConfig>,
+    routes: Arc<dyn Routes>,
+    listener: tokio::net::TcpListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(cfg.connect_timeout));
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .pool_max_idle_per_host(64)
+        .pool_timer(TokioTimer::new())
+        .build(connector);
+    let ctx = Arc::new(Ctx {
+        cfg: cfg.clone(),
+        routes,
+        client,
+        cache: Mutex::new(HashMap::new()),
+    });
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("proxy accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls =
+                match tokio::time::timeout(ctx.cfg.header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::debug!("proxy: TLS handshake with {peer}: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let header_timeout = ctx.cfg.header_timeout;
+            let svc = hyper::service::service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(handle(ctx, peer, req).await) }
+            });
+            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            b.http2().timer(TokioTimer::new());
+            if let Err(e) = b
+                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                .await
+            {
+                tracing::debug!("proxy: connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+/// Why a request gets the proxy's own answer.
+#[derive(Debug)]
+enum Refusal {
+    NoRoute(String),
+    Unavailable(String),
+    Unauthorized,
+    BadGateway(String),
+    Timeout,
+}
+
+impl Refusal {
+    fn response(self) -> Response<ProxyBody> {
+        let (status, msg) = match self {
+            Self::NoRoute(m) => (StatusCode::NOT_FOUND, m),
+            Self::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "this port is private: send an API key of its tenant (x-api-key or \
+                 Authorization: Bearer) or open a link from `gpuvisor instance link`"
+                    .to_string(),
+            ),
+            Self::BadGateway(m) => (StatusCode::BAD_GATEWAY, m),
+            Self::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "the instance did not answer in time".to_string(),
+            ),
+        };
+        let mut r = Response::new(text(format!("{msg}\n")));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
+    match forward(&ctx, peer, req).await {
+        Ok(r) => r,
+        Err(refusal) => refusal.response(),
+    }
+}
+
+/// The name the client asked for: HTTP/2's `:authority`, else the Host header.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+}
+
+impl Ctx {
+    async fn target(&self, id: &str, port: u16) -> Result<Target, RouteError> {
+        let key = (id.to_string(), port);
+        if let Some((at, t)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            if at.elapsed() < self.cfg.route_ttl {
+                return t.clone();
+            }
+        }
+        let t = self.routes.target(id, port).await;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, (Instant::now(), t.clone()));
+        t
+    }
+}
+
+/// The value of cookie `name` in the request's Cookie headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// The Cookie headers without cookie `name`.
+fn drop_cookie(headers: &mut HeaderMap, name: &str) {
+    let rest: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .map(str::trim)
+        .filter(|kv| !kv.is_empty() && kv.split_once('=').map(|(k, _)| k) != Some(name))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !rest.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&rest.join("; ")) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+/// The query without parameter `name`, and that parameter's value.
+fn split_query(query: &str, name: &str) -> (String, Option<String>) {
+    let mut found = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.split_once('=') {
+            Some((k, v)) if k == name => {
+                found = Some(v.to_string());
+                false
+            }
+            _ => !kv.is_empty(),
+        })
+        .collect();
+    (rest.join("&"), found)
+}
+
+/// An API key the client sent for the proxy: `x-api-key`, or a gpuvisor key as a bearer
+/// token (any other Authorization is the application's).
+fn api_key(headers: &HeaderMap) -> Option<(HeaderName, String)> {
+    if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some((HeaderName::from_static("x-api-key"), k.to_string()));
+    }
+    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = auth.strip_prefix("Bearer ")?.trim();
+    token
+        .starts_with("gv_")
+        .then(|| (header::AUTHORIZATION, token.to_string()))
+}
+
+/// Hop-by-hop headers: never passed on (RFC 9110 §7.6.1), with those `Connection` names.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if !(keep_upgrade && n == header::UPGRADE) {
+            headers.remove(n);
+        }
+    }
+    for n in [
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(n);
+    }
+    headers.remove(header::CONNECTION);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+async fn forward(
+    ctx: &Arc<Ctx>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Refusal> {
+    let host = request_host(&req).unwrap_or_default();
+    let (id, port) = crate::parse_host(&host, &ctx.cfg.domain).ok_or_else(|| {
+        Refusal::NoRoute(format!(
+            "{host:?} is not an instance port: use https://<instance-id>-<port>.{}/",
+            ctx.cfg.domain
+        ))
+    })?;
+    let target = ctx.target(&id, port).await.map_err(|e| match e {
+        RouteError::NotFound(m) => Refusal::NoRoute(m),
+        RouteError::Unavailable(m) => Refusal::Unavailable(m),
+        RouteError::Internal(m) => Refusal::BadGateway(m),
+    })?;
+    if target.protocol != "http" {
+        return Err(Refusal::BadGateway(format!(
+            "port {port} of instance {id} is {}: the proxy speaks plain HTTP to instances",
+            target.protocol
+        )));
+    }
+    // Access. A valid link in the query becomes a cookie of this host, and the client goes
+    // to the same URL without it (out of its history and the instance's logs).
+    let query = req.uri().query().unwrap_or("").to_string();
+    let (rest_query, link) = split_query(&query, LINK);
+    if let Some(token) = link {
+        let Some(expires) = (!target.public)
+            .then(|| ctx.routes.link_valid(&id, port, &token))
+            .flatten()
+        else {
+            return Err(if target.public {
+                Refusal::NoRoute("this port is public: it needs no link".into())
+            } else {
+                Refusal::Unauthorized
+            });
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let path = req.uri().path();
+        let location = if rest_query.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{rest_query}")
+        };
+        let mut r = Response::new(text(""));
+        *r.status_mut() = StatusCode::SEE_OTHER;
+        let cookie = format!(
+            "{LINK}={token}; Max-Age={}; Path=/; Secure; HttpOnly; SameSite=Lax",
+            (expires - now).max(0)
+        );
+        if let (Ok(l), Ok(c)) = (
+            HeaderValue::from_str(&location),
+            HeaderValue::from_str(&cookie),
+        ) {
+            r.headers_mut().insert(header::LOCATION, l);
+            r.headers_mut().insert(header::SET_COOKIE, c);
+        }
+        return Ok(r);
+    }
+    if !target.public {
+        let by_cookie = cookie(req.headers(), LINK)
+            .and_then(|t| ctx.routes.link_valid(&id, port, t))
+            .is_some();
+        if by_cookie {
+            drop_cookie(req.headers_mut(), LINK);
+        } else {
+            let Some((name, key)) = api_key(req.headers()) else {
+                return Err(Refusal::Unauthorized);
+            };
+            if !ctx.routes.key_allows(&key, &target.tenant).await {
+                return Err(Refusal::Unauthorized);
+            }
+            // The key is the proxy's, never the instance's to see.
+            req.headers_mut().remove(name);
+        }
+    }
+
+    let upgrade = is_upgrade(&req);
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let uri: Uri = format!("http://{}{path_and_query}", target.addr)
+        .parse()
+        .map_err(|e| Refusal::BadGateway(format!("bad request URI: {e}")))?;
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    for n in [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "forwarded",
+        "x-real-ip",
+    ] {
+        parts.headers.remove(n);
+    }
+    let set = |h: &mut HeaderMap, n: &'static str, v: &str| {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(HeaderName::from_static(n), v);
+        }
+    };
+    let client_ip = peer.ip().to_string();
+    set(&mut parts.headers, "x-forwarded-for", &client_ip);
+    set(&mut parts.headers, "x-forwarded-proto", "https");
+    set(&mut parts.headers, "x-forwarded-host", &host);
+    set(&mut parts.headers, "x-real-ip", &client_ip);
+    let fwd_for = if peer.is_ipv6() {
+        format!("\"[{client_ip}]\"")
+    } else {
+        client_ip.clone()
+    };
+    set(
+        &mut parts.headers,
+        "forwarded",
+        &format!("for={fwd_for};proto=https;host=\"{host}\""),
+    );
+    if let Ok(h) = HeaderValue::from_str(&host) {
+        parts.headers.insert(header::HOST, h);
+    }
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let out = Request::from_parts(parts, IdleBody::new(body, ctx.cfg.idle_timeout));
+
+    let resp = match tokio::time::timeout(ctx.cfg.request_timeout, ctx.client.request(out)).await {
+        Err(_) => return Err(Refusal::Timeout),
+        Ok(Err(e)) => {
+            return Err(Refusal::BadGateway(format!(
+                "cannot reach port {port} of instance {id}: {}",
+                error_chain(&e)
+            )))
+        }
+        Ok(Ok(r)) => r,
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(Refusal::BadGateway(
+                "the instance switched protocols unasked".into(),
+            ));
+        };
+        return Ok(tunnel(ctx, id, client_upgrade, resp));
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    let body = IdleBody::new(body, ctx.cfg.idle_timeout).boxed();
+    Ok(Response::from_parts(parts, body))
+}
+
+/// A 101 from the instance: the client gets it, and both upgraded connections are joined.
+fn tunnel(
+    ctx: &Arc<Ctx>,
+    id: String,
+    client: hyper::upgrade::OnUpgrade,
+    mut resp: Response<Incoming>,
+) -> Response<ProxyBody> {
+    let upstream = hyper::upgrade::on(&mut resp);
+    let idle = ctx.cfg.idle_timeout;
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let (up, down) = crate::pump::pump(TokioIo::new(c), TokioIo::new(u), idle).await;
+                tracing::debug!(instance = %id, up, down, "proxy: tunnel closed");
+            }
+            Err(e) => tracing::debug!(instance = %id, "proxy: upgrade failed: {e}"),
+        }
+    });
+    let (parts, _) = resp.into_parts();
+    Response::from_parts(parts, text(""))
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_parameter_and_cookie_are_taken_out() {
+        assert_eq!(
+            split_query("a=1&gv_link=t.x&b=2", LINK),
+            ("a=1&b=2".to_string(), Some("t.x".to_string()))
+        );
+        assert_eq!(split_query("", LINK), (String::new(), None));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; gv_link=tok; b=2"),
+        );
+        assert_eq!(cookie(&h, LINK), Some("tok"));
+        drop_cookie(&mut h, LINK);
+        assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
+        let mut only = HeaderMap::new();
+        only.insert(header::COOKIE, HeaderValue::from_static("gv_link=tok"));
+        drop_cookie(&mut only, LINK);
+        assert!(only.get(header::COOKIE).is_none());
+    }
+
+    #[test]
+    fn only_gpuvisor_bearer_tokens_are_keys() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer app-token"),
+        );
+        assert_eq!(api_key(&h), None);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer gv_abc"),
+        );
+        assert_eq!(api_key(&h), Some((header::AUTHORIZATION, "gv_abc".into())));
+        h.insert("x-api-key", HeaderValue::from_static("gv_k"));
+        assert_eq!(
+            api_key(&h),
+            Some((HeaderName::from_static("x-api-key"), "gv_k".into()))
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-app"));
+    }
+}
