@@ -148,6 +148,9 @@ class Daemon:
                 "--listen", f"127.0.0.1:{self.port}", "--simulate-gpus", "2xA100-80GB",
                 "--admin-key-file", keyfile, "--cpu-oversubscription", "1000",
                 "--stop-grace", "1s", *self.extra_args]
+        # The instance proxy (default :8443) only where a benchmark gives it an address.
+        if "--proxy-listen" not in self.extra_args:
+            args += ["--proxy-listen", "off"]
         # Benchmarks measure the daemon, not the per-key rate limits (a thousand requests a
         # second from one key would be refused): off unless a benchmark sets them.
         for flag in ("--reads-per-second", "--mutations-per-second"):

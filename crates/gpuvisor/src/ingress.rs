@@ -118,20 +118,8 @@ pub fn start(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let link_key = gpuvisor_node::keys::key_file(data_dir, "proxy-link.key")
         .context("cannot prepare the proxy's link key")?;
-    engine.set_ingress(
-        IngressSettings {
-            domain: p.domain.clone(),
-            https_port: p.public_port.unwrap_or(listen.port()),
-            public_host: p
-                .public_host
-                .clone()
-                .unwrap_or_else(|| hostname.to_string()),
-            tcp_ports: p.tcp_ports,
-        },
-        &link_key[..],
-    );
     let routes = Arc::new(EngineRoutes {
-        engine,
+        engine: engine.clone(),
         main: tokio::runtime::Handle::current(),
     });
     let handle = gpuvisor_proxy::spawn(
@@ -153,6 +141,18 @@ pub fn start(
         stop,
     )
     .with_context(|| format!("cannot start the instance proxy on {listen}"))?;
+    engine.set_ingress(
+        IngressSettings {
+            domain: p.domain.clone(),
+            https_port: p.public_port.unwrap_or(handle.local_addr.port()),
+            public_host: p
+                .public_host
+                .clone()
+                .unwrap_or_else(|| hostname.to_string()),
+            tcp_ports: p.tcp_ports,
+        },
+        &link_key[..],
+    );
     tracing::info!(
         "instance proxy on https://{} for https://<instance-id>-<port>.{}/; TCP maps {}-{}",
         handle.local_addr,

@@ -83,7 +83,11 @@ pub(super) struct ProxyFile {
 #[derive(Debug, Default, Clone, Args)]
 pub struct ProxyOverrides {
     /// Where the HTTPS proxy to instance ports listens, or `off` [proxy.listen].
-    #[arg(long = "proxy-listen", value_name = "ADDR|off")]
+    #[arg(
+        long = "proxy-listen",
+        env = "GPUVISOR_PROXY_LISTEN",
+        value_name = "ADDR|off"
+    )]
     pub proxy_listen: Option<String>,
     /// Instance ports are `https://<id>-<port>.<DOMAIN>/` [proxy.domain].
     #[arg(long = "proxy-domain", value_name = "DOMAIN")]
