@@ -185,6 +185,9 @@ pub struct InstanceSpec {
     /// VMs: packages cloud-init installs at first boot.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<String>,
+    /// Stopped after this many seconds unused (`engine::ingress::run_idle`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

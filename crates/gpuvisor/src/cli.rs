@@ -786,6 +786,10 @@ pub struct CreateArgs {
     /// price); a higher bid may take a GPU from a lower one [default: the floor price].
     #[arg(long, value_name = "PRICE")]
     pub bid: Option<f64>,
+    /// Stop the instance (volumes kept) after this long without traffic through the proxy,
+    /// with no open connection to its ports and its GPUs below 5% busy, e.g. 30m.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Option<std::time::Duration>,
     /// When the main process exits: `no` (stay stopped), `on-failure[:N]` (restart after a
     /// non-zero exit, at most N times since the last create/start), `always` (restart after
     /// every exit; never after `instance stop`). Restarts back off from 1 s, doubling to 5 min
@@ -1689,6 +1693,7 @@ impl Ctx {
                     ssh_keys: read_ssh_keys(&args.ssh_keys)?,
                     startup_script: read_script(args.shape.startup_script.as_deref())?,
                     packages: args.packages,
+                    idle_timeout_secs: args.idle_timeout.map(|d| d.as_secs()),
                 };
                 let inst = self.client.create_instance(&req)?;
                 self.finish_lifecycle(inst, InstanceState::Running, &args.wait)
@@ -1763,7 +1768,7 @@ impl Ctx {
             InstanceCmd::Link { id, port, ttl } => {
                 let req = gpuvisor_wire::CreateLink {
                     port,
-                    ttl_secs: ttl.as_secs().max(1),
+                    ttl_secs: ttl.as_secs(),
                 };
                 let link = self.client.create_link(&id, &req)?;
                 output::print(self.format, &link, |l| format!("{}\n", l.url))?;
@@ -2506,6 +2511,8 @@ mod tests {
             command: vec![],
             ip: None,
             urls: Vec::new(),
+            idle_timeout_secs: None,
+            last_activity_at: None,
             gpu_usage: vec![],
             gpu_fraction: None,
             priority: Default::default(),

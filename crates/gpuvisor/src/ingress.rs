@@ -60,6 +60,17 @@ impl Routes for EngineRoutes {
         Box::pin(async move { job.await.unwrap_or(false) })
     }
 
+    fn activity(&self, instance: &str, change: gpuvisor_proxy::Activity) {
+        use gpuvisor_control::engine::ingress::Activity;
+        self.engine.ingress_activity(
+            instance,
+            match change {
+                gpuvisor_proxy::Activity::Opened => Activity::Opened,
+                gpuvisor_proxy::Activity::Closed => Activity::Closed,
+            },
+        );
+    }
+
     fn link_valid(&self, instance: &str, port: u16, token: &str) -> Option<i64> {
         self.engine.verify_link(instance, port, token)
     }
@@ -118,6 +129,19 @@ pub fn start(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let link_key = gpuvisor_node::keys::key_file(data_dir, "proxy-link.key")
         .context("cannot prepare the proxy's link key")?;
+    // Each proxied connection holds two descriptors (the client's, the instance's): the cap
+    // stays under half the open-file limit, so the proxy cannot take the API's and the
+    // store's descriptors.
+    let fd_room = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| (soft / 2) as usize)
+        .unwrap_or(512);
+    let max_connections = p.max_connections.min(fd_room.max(16));
+    if max_connections < p.max_connections {
+        tracing::warn!(
+            "proxy.max_connections {} is over half the open-file limit: {max_connections}",
+            p.max_connections
+        );
+    }
     let routes = Arc::new(EngineRoutes {
         engine: engine.clone(),
         main: tokio::runtime::Handle::current(),
@@ -131,7 +155,8 @@ pub fn start(
             idle_timeout: p.idle_timeout,
             connect_timeout: p.connect_timeout,
             header_timeout,
-            max_connections: p.max_connections,
+            max_connections,
+            max_connections_per_ip: p.max_connections_per_ip,
             threads: p.threads,
             route_ttl: std::time::Duration::from_secs(1),
             tcp_sync_every: std::time::Duration::from_secs(1),

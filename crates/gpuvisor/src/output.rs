@@ -200,6 +200,17 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
             ),
         ),
         ("URLs".into(), or_dash(&i.urls.join(", "))),
+        (
+            "Idle timeout".into(),
+            i.idle_timeout_secs.map_or("-".into(), |t| {
+                humantime::format_duration(std::time::Duration::from_secs(t)).to_string()
+            }),
+        ),
+        (
+            "Last activity".into(),
+            i.last_activity_at
+                .map_or("-".into(), |t| format!("{} ago", format_age(t, now_ms))),
+        ),
         ("Command".into(), or_dash(&i.command.join(" "))),
         (
             "Restart".into(),
@@ -1000,6 +1011,8 @@ mod tests {
             command: vec!["python".into(), "train.py".into()],
             ip: Some("10.77.0.2".into()),
             urls: Vec::new(),
+            idle_timeout_secs: None,
+            last_activity_at: None,
             gpu_usage: vec![],
             gpu_fraction: None,
             priority: Default::default(),

@@ -196,6 +196,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(engine.clone().run_limiter_sampler());
     tokio::spawn(engine.clone().run_retention());
     tokio::spawn(engine.clone().run_meter());
+    tokio::spawn(engine.clone().run_idle());
     tokio::spawn(
         engine
             .clone()
@@ -252,6 +253,21 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    // Connections (API, proxy) and the store need descriptors: the soft open-file limit goes
+    // up to the hard one.
+    if let Ok((soft, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        if soft < hard {
+            if let Err(e) = nix::sys::resource::setrlimit(
+                nix::sys::resource::Resource::RLIMIT_NOFILE,
+                hard,
+                hard,
+            ) {
+                tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+    }
     // The instance proxy: its own runtime and threads, stopped with the API.
     let (proxy_stop, proxy_stop_rx) = tokio::sync::watch::channel(false);
     let proxy = crate::ingress::start(

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::{busybox_rootfs, free_port, Daemon};
+use common::{busybox_rootfs, free_port, serial, Daemon};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -14,8 +14,14 @@ use std::time::{Duration, Instant};
 
 const DOMAIN: &str = "gv.test";
 
-/// The busybox rootfs with `portsrv` (tests/fixtures/portsrv.rs) built static into /bin.
+/// The busybox rootfs with `portsrv` (tests/fixtures/portsrv.rs) built static into /bin (once
+/// per test binary).
 fn portsrv_rootfs() -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(build_portsrv_rootfs).clone()
+}
+
+fn build_portsrv_rootfs() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("gv-ingress-rootfs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let st = Command::new("cp")
@@ -137,10 +143,11 @@ fn websocket_echo(p: &Proxy, id: &str, port: u16, key: &str, messages: &[&str]) 
     out
 }
 
-#[test]
-fn proxy_serves_instance_ports_to_whom_they_are_for() {
+/// A daemon with the proxy on a free loopback port and two TCP host ports from a pool of its
+/// own (`slot` tells the tests of this binary apart).
+fn proxy_daemon(slot: u16) -> (Daemon, Proxy, u16) {
     let proxy_port = free_port();
-    let tcp_lo = 31000 + (std::process::id() % 500) as u16 * 2;
+    let tcp_lo = 31000 + (std::process::id() % 400) as u16 * 4 + slot * 2;
     let range = format!("{tcp_lo}-{}", tcp_lo + 1);
     let d = Daemon::start(&[
         "--proxy-listen",
@@ -160,6 +167,137 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
         "--name",
         "portsrv",
     ]);
+    let p = Proxy {
+        port: proxy_port,
+        ca: d.ca(),
+    };
+    (d, p, tcp_lo)
+}
+
+/// Waits until portsrv answers on public port `port` through the proxy.
+fn wait_served(p: &Proxy, id: &str, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, _, _, body) = p.curl(id, port, "/", &[]);
+        if code == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "portsrv never answered: {code} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn idle_timeout_stops_an_unused_instance_and_traffic_keeps_it() {
+    let _s = serial();
+    let (d, p, _) = proxy_daemon(1);
+    let create = |idle: &[&str]| {
+        let mut a = vec![
+            "instance",
+            "create",
+            "--image",
+            "portsrv",
+            "--wait",
+            "--vcpus",
+            "1",
+            "--memory",
+            "64MiB",
+            "--container-disk",
+            "64MiB",
+            "--port",
+            "8081/http:public",
+            "--port",
+            "2222/tcp",
+        ];
+        a.extend(idle);
+        a.extend(["--", "/bin/portsrv", "h:8081", "t:2222"]);
+        let v = d.json(&a);
+        assert_eq!(v["state"], "running", "{v}");
+        v
+    };
+    let v = create(&["--idle-timeout", "3s"]);
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["idle_timeout_secs"], 3, "{v}");
+    let keep = create(&[]);
+    let keep_id = keep["id"].as_str().unwrap().to_string();
+    wait_served(&p, &id, 8081);
+    let state = |id: &str| d.json(&["instance", "get", id]);
+
+    // Requests every half second for 6 s (twice the timeout): it stays up.
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let (code, ..) = p.curl(&id, 8081, "/", &[]);
+        assert_eq!(code, 200);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let got = state(&id);
+    assert_eq!(got["desired"], "running", "stopped while in use: {got}");
+    let last = got["last_activity_at"].as_i64().unwrap();
+    assert!(
+        (got["updated_at"].as_i64().unwrap_or(0).max(last) - last) < 5_000,
+        "last activity not recent: {got}"
+    );
+
+    // An open, silent TCP connection (an SSH session at a prompt) keeps it up too.
+    let host_port = got["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["port"] == 2222)
+        .and_then(|x| x["host_port"].as_u64())
+        .unwrap() as u16;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", host_port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut banner = [0u8; 17];
+    s.read_exact(&mut banner).unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    let got = state(&id);
+    assert_eq!(
+        got["desired"], "running",
+        "stopped with a connection open: {got}"
+    );
+    drop(s);
+
+    // Unused: stopped within the timeout and the check's period, with an event saying why.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = state(&id);
+        if got["state"] == "stopped" {
+            assert_eq!(got["desired"], "stopped", "{got}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never stopped when idle: {got}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let events = d.cli(&["instance", "events", &id]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(events.contains("idle"), "no idle event: {events}");
+    // The one without an idle timeout, unused all along, runs on.
+    assert_eq!(state(&keep_id)["state"], "running");
+    // Refused: a zero or an absurd timeout.
+    for bad in ["0s", "400days"] {
+        let out = d.cli(&[
+            "instance",
+            "create",
+            "--image",
+            "portsrv",
+            "--idle-timeout",
+            bad,
+            "--",
+            "true",
+        ]);
+        assert!(!out.status.success(), "--idle-timeout {bad} accepted");
+    }
+}
+
+#[test]
+fn proxy_serves_instance_ports_to_whom_they_are_for() {
+    let _s = serial();
+    let (d, p, tcp_lo) = proxy_daemon(0);
+    let proxy_port = p.port;
     d.json(&["tenant", "create", "acme"]);
     d.json(&["tenant", "create", "mallory"]);
     let acme = secret(&d, "acme", "member");
@@ -184,20 +322,19 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
             "--port",
             "8081/http:public",
             "--port",
+            "8082/http",
+            "--port",
             "2222/tcp",
             "--",
             "/bin/portsrv",
             "h:8080",
             "h:8081",
+            "h:8082",
             "t:2222",
         ],
     );
     assert_eq!(v["state"], "running", "{v}");
     let id = v["id"].as_str().unwrap().to_string();
-    let p = Proxy {
-        port: proxy_port,
-        ca: d.ca(),
-    };
 
     // `instance get`: the URLs and the mapped host port.
     let got = d.json_as(&acme, &["instance", "get", &id]);
@@ -225,15 +362,7 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
     );
 
     // The server is up inside (the instance may still be starting it).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (code, ..) = p.curl(&id, 8081, "/", &[]);
-        if code == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "portsrv never answered: {code}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_served(&p, &id, 8081);
 
     // HTTP/2 to the client, a public port, no key.
     let (code, version, _, body) = p.curl(&id, 8081, "/", &["--http2"]);
@@ -288,6 +417,10 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
             "X-Forwarded-For: 6.6.6.6",
             "-H",
             "Forwarded: for=6.6.6.6",
+            "-H",
+            "X-Forwarded-Port: 6666",
+            "-H",
+            "X-Real-IP: 6.6.6.6",
         ],
     );
     assert_eq!((code, version.as_str()), (200, "2"), "{body}");
@@ -311,7 +444,9 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
         "{body}"
     );
     assert!(
-        lower.contains(&format!("host: {id}-8080.{DOMAIN}")),
+        lower
+            .lines()
+            .any(|l| l == format!("host: {id}-8080.{DOMAIN}:{proxy_port}")),
         "{body}"
     );
     // An admin's key opens it too; x-api-key works as well.
@@ -332,6 +467,23 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
     );
     assert_eq!(code, 200);
     assert!(body.contains("Bearer app-token"), "{body}");
+    // ... but never a gpuvisor key a client sent along.
+    let (code, _, _, body) = p.curl(
+        &id,
+        8081,
+        "/headers",
+        &["-H", &format!("x-api-key: {acme}")],
+    );
+    assert_eq!(code, 200);
+    assert!(
+        !body.contains(&acme),
+        "a public port's instance saw the key: {body}"
+    );
+    // An instance cannot plant a cookie on its neighbours' hosts: `Domain` goes.
+    let (code, _, head, _) = p.curl(&id, 8081, "/setcookie", &[]);
+    assert_eq!(code, 200);
+    assert!(head.contains("set-cookie: planted=1"), "{head}");
+    assert!(!head.contains("domain="), "{head}");
 
     // Signed links: not for another tenant, not for a port that is not HTTP.
     let refused = d.cli_as(&mallory, &["instance", "link", &id, "8080"]);
@@ -353,7 +505,7 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
     assert_eq!(code, 303, "{head}");
     assert!(head.contains("location: /headers?a=b\r\n"), "{head}");
     assert!(
-        head.contains(&format!("set-cookie: gv_link={token};")),
+        head.contains(&format!("set-cookie: __host-gv_link={token};")),
         "{head}"
     );
     assert!(
@@ -368,7 +520,7 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
         &id,
         8080,
         "/headers",
-        &["-b", &format!("gv_link={token}; theme=dark")],
+        &["-b", &format!("__Host-gv_link={token}; theme=dark")],
     );
     assert_eq!(code, 200, "{body}");
     assert!(!body.contains(&token), "the instance saw the link: {body}");
@@ -376,6 +528,17 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
         body.contains("theme=dark"),
         "the application's cookies go on: {body}"
     );
+    // A link opens its own port only: not another private port of the same instance.
+    for args in [
+        vec!["-b".to_string(), format!("__Host-gv_link={token}")],
+        vec![],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, ..) = p.curl(&id, 8082, "/headers", &args);
+        assert_eq!(code, 401, "8080's link opened 8082");
+    }
+    let (code, ..) = p.curl(&id, 8082, &format!("/?gv_link={token}"), &[]);
+    assert_eq!(code, 401, "8080's link in 8082's query");
     // Forged: another expiry, a flipped tag; a link of this port on the public one is moot,
     // and one of port 8080 does not open a port it was not made for.
     let (exp, tag) = token.split_once('.').unwrap();
@@ -386,7 +549,12 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
         &tag[1..]
     );
     for bad in [later, flipped, "garbage".to_string(), String::new()] {
-        let (code, ..) = p.curl(&id, 8080, "/headers", &["-b", &format!("gv_link={bad}")]);
+        let (code, ..) = p.curl(
+            &id,
+            8080,
+            "/headers",
+            &["-b", &format!("__Host-gv_link={bad}")],
+        );
         assert_eq!(code, 401, "forged link {bad:?}");
         let (code, ..) = p.curl(&id, 8080, &format!("/?gv_link={bad}"), &[]);
         assert_eq!(code, 401, "forged link {bad:?} in the query");
@@ -401,7 +569,12 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
         .1
         .to_string();
     std::thread::sleep(Duration::from_millis(2100));
-    let (code, ..) = p.curl(&id, 8080, "/headers", &["-b", &format!("gv_link={short}")]);
+    let (code, ..) = p.curl(
+        &id,
+        8080,
+        "/headers",
+        &["-b", &format!("__Host-gv_link={short}")],
+    );
     assert_eq!(code, 401, "an expired link still opens the port");
 
     // Names that are not an instance port.
@@ -484,7 +657,6 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let _ = std::fs::remove_dir_all(root);
     let v: Value = d.json(&["instance", "list"]);
     assert_eq!(v.as_array().unwrap().len(), 1);
 }

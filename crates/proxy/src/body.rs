@@ -16,6 +16,10 @@ pub struct IdleBody<B> {
     inner: B,
     idle: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// Kept until the body is done (or dropped): the instance counts as in use meanwhile.
+    _in_use: Option<crate::InUse>,
+    /// Told once the body has ended.
+    end: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl<B> IdleBody<B> {
@@ -24,7 +28,27 @@ impl<B> IdleBody<B> {
             inner,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
+            _in_use: None,
+            end: None,
         }
+    }
+
+    /// `end` is told (a permit stored) when the body has ended; at once for an empty one.
+    pub fn notify_end(mut self, end: std::sync::Arc<tokio::sync::Notify>) -> Self
+    where
+        B: Body,
+    {
+        if self.inner.is_end_stream() {
+            end.notify_one();
+        } else {
+            self.end = Some(end);
+        }
+        self
+    }
+
+    pub fn holding(mut self, in_use: crate::InUse) -> Self {
+        self._in_use = Some(in_use);
+        self
     }
 }
 
@@ -45,6 +69,11 @@ where
             Poll::Ready(f) => {
                 let next = tokio::time::Instant::now() + this.idle;
                 this.timer.as_mut().reset(next);
+                if f.is_none() || this.inner.is_end_stream() {
+                    if let Some(end) = this.end.take() {
+                        end.notify_one();
+                    }
+                }
                 Poll::Ready(f.map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => match this.timer.as_mut().poll(cx) {

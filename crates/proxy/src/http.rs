@@ -1,7 +1,8 @@
 //! The HTTPS side: TLS with ALPN (h2, http/1.1), routing by host, access, forwarding.
 
 use crate::body::{text, IdleBody, ProxyBody};
-use crate::{ProxyConfig, RouteError, Routes, Target};
+use crate::gate::{Gate, Slot};
+use crate::{ProxyConfig, RouteError};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -9,33 +10,30 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-/// The query parameter and cookie of a signed link.
+/// The query parameter of a signed link.
 const LINK: &str = "gv_link";
-/// Targets remembered at most (then the cache starts over): hosts are the client's choice.
-const CACHE_MAX: usize = 10_000;
+/// Its cookie: `__Host-` makes browsers refuse one set with a `Domain` (another instance
+/// under the same domain cannot plant or overwrite it).
+const LINK_COOKIE: &str = "__Host-gv_link";
 
 type Upstream = Client<HttpConnector, IdleBody<Incoming>>;
-/// (instance, port) → when asked, and the answer.
-type RouteCache = HashMap<(String, u16), (Instant, Result<Target, RouteError>)>;
 
 struct Ctx {
     cfg: Arc<ProxyConfig>,
-    routes: Arc<dyn Routes>,
+    gate: Arc<Gate>,
     client: Upstream,
-    cache: Mutex<RouteCache>,
 }
 
 /// Serves HTTPS on `listener` until `stop`.
 pub async fn serve(
     cfg: Arc<ProxyConfig>,
     tls: Arc<rustls::ServerConfig>,
-    routes: Arc<dyn Routes>,
+    gate: Arc<Gate>,
     listener: tokio::net::TcpListener,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -50,17 +48,15 @@ pub async fn serve(
         .build(connector);
     let ctx = Arc::new(Ctx {
         cfg: cfg.clone(),
-        routes,
+        gate: gate.clone(),
         client,
-        cache: Mutex::new(HashMap::new()),
     });
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     loop {
         let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
+            p = gate.permit() => match p {
+                Some(p) => p,
+                None => return,
             },
             _ = stop.wait_for(|s| *s) => return,
         };
@@ -75,11 +71,13 @@ pub async fn serve(
             },
             _ = stop.wait_for(|s| *s) => return,
         };
+        let Some(slot) = gate.admit(peer.ip(), permit) else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let tls =
                 match tokio::time::timeout(ctx.cfg.header_timeout, acceptor.accept(stream)).await {
                     Ok(Ok(t)) => t,
@@ -89,23 +87,64 @@ pub async fn serve(
                     }
                     Err(_) => return,
                 };
-            let header_timeout = ctx.cfg.header_timeout;
-            let svc = hyper::service::service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(handle(ctx, peer, req).await) }
-            });
-            let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            b.http2().timer(TokioTimer::new());
-            if let Err(e) = b
-                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                .await
-            {
-                tracing::debug!("proxy: connection from {peer}: {e}");
-            }
+            serve_connection(ctx, peer, slot, tls).await;
         });
+    }
+}
+
+/// One client connection. The protocol is the one ALPN agreed (no sniffing: a client that
+/// sends nothing is cut by the header timeout). HTTP/1.1: at most `header_timeout` to send
+/// each request's head, idle keep-alive included. HTTP/2: closed when no byte moved either
+/// way for `idle_timeout` (requests in flight that move nothing count as idle too).
+async fn serve_connection(
+    ctx: Arc<Ctx>,
+    peer: SocketAddr,
+    slot: Arc<Slot>,
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) {
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let svc_ctx = ctx.clone();
+    let svc_slot = slot.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let (ctx, slot) = (svc_ctx.clone(), svc_slot.clone());
+        async move { Ok::<_, Infallible>(handle(ctx, peer, slot, req).await) }
+    });
+    let result = if h2 {
+        let seen = Arc::new(AtomicU64::new(0));
+        let io = TokioIo::new(crate::pump::Counted::new(tls, seen.clone()));
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .serve_connection(io, svc);
+        tokio::pin!(conn);
+        let idle = ctx.cfg.idle_timeout;
+        let mut last = seen.load(Ordering::Relaxed);
+        let mut quiet_since = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => break r.map_err(|e| e.to_string()),
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1).min(idle)) => {
+                    let now = seen.load(Ordering::Relaxed);
+                    if now != last {
+                        last = now;
+                        quiet_since = tokio::time::Instant::now();
+                    } else if quiet_since.elapsed() >= idle {
+                        conn.as_mut().graceful_shutdown();
+                        break conn.await.map_err(|e| e.to_string());
+                    }
+                }
+            }
+        }
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(ctx.cfg.header_timeout)
+            .serve_connection(TokioIo::new(tls), svc)
+            .with_upgrades()
+            .await
+            .map_err(|e| e.to_string())
+    };
+    if let Err(e) = result {
+        tracing::debug!("proxy: connection from {peer}: {e}");
     }
 }
 
@@ -150,8 +189,13 @@ impl Refusal {
     }
 }
 
-async fn handle(ctx: Arc<Ctx>, peer: SocketAddr, req: Request<Incoming>) -> Response<ProxyBody> {
-    match forward(&ctx, peer, req).await {
+async fn handle(
+    ctx: Arc<Ctx>,
+    peer: SocketAddr,
+    slot: Arc<Slot>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    match forward(&ctx, peer, slot, req).await {
         Ok(r) => r,
         Err(refusal) => refusal.response(),
     }
@@ -170,38 +214,15 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
         })
 }
 
-impl Ctx {
-    async fn target(&self, id: &str, port: u16) -> Result<Target, RouteError> {
-        let key = (id.to_string(), port);
-        if let Some((at, t)) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
-            if at.elapsed() < self.cfg.route_ttl {
-                return t.clone();
-            }
-        }
-        let t = self.routes.target(id, port).await;
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(key, (Instant::now(), t.clone()));
-        t
-    }
-}
-
-/// The value of cookie `name` in the request's Cookie headers.
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// Every value of cookie `name` in the request's Cookie headers.
+fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
+        .filter(move |(k, _)| *k == name)
         .map(|(_, v)| v)
 }
 
@@ -253,6 +274,38 @@ fn api_key(headers: &HeaderMap) -> Option<(HeaderName, String)> {
         .then(|| (header::AUTHORIZATION, token.to_string()))
 }
 
+/// An instance's cookies stay on its own host: a `Domain` attribute (which would plant a
+/// cookie on every instance under the proxy's domain, or the operator's parent domain) is
+/// removed from each `Set-Cookie`.
+fn host_only_cookies(headers: &mut HeaderMap) {
+    let cookies: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .cloned()
+        .collect();
+    if cookies.is_empty() {
+        return;
+    }
+    headers.remove(header::SET_COOKIE);
+    for c in cookies {
+        let Ok(text) = c.to_str() else {
+            continue;
+        };
+        let kept: Vec<&str> = text
+            .split(';')
+            .filter(|attr| {
+                !attr
+                    .trim()
+                    .get(..7)
+                    .is_some_and(|a| a.eq_ignore_ascii_case("domain="))
+            })
+            .collect();
+        if let Ok(v) = HeaderValue::from_str(&kept.join(";")) {
+            headers.append(header::SET_COOKIE, v);
+        }
+    }
+}
+
 /// Hop-by-hop headers: never passed on (RFC 9110 §7.6.1), with those `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let named: Vec<HeaderName> = headers
@@ -301,6 +354,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 async fn forward(
     ctx: &Arc<Ctx>,
     peer: SocketAddr,
+    slot: Arc<Slot>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Refusal> {
     let host = request_host(&req).unwrap_or_default();
@@ -310,7 +364,7 @@ async fn forward(
             ctx.cfg.domain
         ))
     })?;
-    let target = ctx.target(&id, port).await.map_err(|e| match e {
+    let target = ctx.gate.target(&id, port).await.map_err(|e| match e {
         RouteError::NotFound(m) => Refusal::NoRoute(m),
         RouteError::Unavailable(m) => Refusal::Unavailable(m),
         RouteError::Internal(m) => Refusal::BadGateway(m),
@@ -327,7 +381,7 @@ async fn forward(
     let (rest_query, link) = split_query(&query, LINK);
     if let Some(token) = link {
         let Some(expires) = (!target.public)
-            .then(|| ctx.routes.link_valid(&id, port, &token))
+            .then(|| ctx.gate.routes.link_valid(&id, port, &token))
             .flatten()
         else {
             return Err(if target.public {
@@ -349,7 +403,7 @@ async fn forward(
         let mut r = Response::new(text(""));
         *r.status_mut() = StatusCode::SEE_OTHER;
         let cookie = format!(
-            "{LINK}={token}; Max-Age={}; Path=/; Secure; HttpOnly; SameSite=Lax",
+            "{LINK_COOKIE}={token}; Max-Age={}; Path=/; Secure; HttpOnly; SameSite=Lax",
             (expires - now).max(0)
         );
         if let (Ok(l), Ok(c)) = (
@@ -361,24 +415,27 @@ async fn forward(
         }
         return Ok(r);
     }
+    let key = api_key(req.headers());
     if !target.public {
-        let by_cookie = cookie(req.headers(), LINK)
-            .and_then(|t| ctx.routes.link_valid(&id, port, t))
-            .is_some();
-        if by_cookie {
-            drop_cookie(req.headers_mut(), LINK);
-        } else {
-            let Some((name, key)) = api_key(req.headers()) else {
+        let by_cookie = cookies(req.headers(), LINK_COOKIE)
+            .any(|t| ctx.gate.routes.link_valid(&id, port, t).is_some());
+        if !by_cookie {
+            let Some((_, secret)) = &key else {
                 return Err(Refusal::Unauthorized);
             };
-            if !ctx.routes.key_allows(&key, &target.tenant).await {
+            if !ctx.gate.routes.key_allows(secret, &target.tenant).await {
                 return Err(Refusal::Unauthorized);
             }
-            // The key is the proxy's, never the instance's to see.
-            req.headers_mut().remove(name);
         }
     }
+    // The proxy's credentials are never the instance's to see, public port or not.
+    drop_cookie(req.headers_mut(), LINK_COOKIE);
+    if let Some((name, _)) = key {
+        req.headers_mut().remove(name);
+    }
 
+    // In use from here until the answer's body is done (or the tunnel closes).
+    let in_use = crate::InUse::new(&ctx.gate.routes, &id);
     let upgrade = is_upgrade(&req);
     let path_and_query = req
         .uri()
@@ -426,17 +483,31 @@ async fn forward(
     }
     parts.uri = uri;
     parts.version = Version::HTTP_11;
-    let out = Request::from_parts(parts, IdleBody::new(body, ctx.cfg.idle_timeout));
+    let sent = Arc::new(tokio::sync::Notify::new());
+    let out = Request::from_parts(
+        parts,
+        IdleBody::new(body, ctx.cfg.idle_timeout).notify_end(sent.clone()),
+    );
 
-    let resp = match tokio::time::timeout(ctx.cfg.request_timeout, ctx.client.request(out)).await {
-        Err(_) => return Err(Refusal::Timeout),
-        Ok(Err(e)) => {
+    // The response head is awaited for `request_timeout` once the request's body is all sent
+    // (a long upload is not cut; a stalled one is, by the body's idle deadline).
+    let answer = ctx.client.request(out);
+    let deadline = async {
+        sent.notified().await;
+        tokio::time::sleep(ctx.cfg.request_timeout).await;
+    };
+    let resp = match tokio::select! {
+        r = answer => Some(r),
+        _ = deadline => None,
+    } {
+        None => return Err(Refusal::Timeout),
+        Some(Err(e)) => {
             return Err(Refusal::BadGateway(format!(
                 "cannot reach port {port} of instance {id}: {}",
                 error_chain(&e)
             )))
         }
-        Ok(Ok(r)) => r,
+        Some(Ok(r)) => r,
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
@@ -444,11 +515,14 @@ async fn forward(
                 "the instance switched protocols unasked".into(),
             ));
         };
-        return Ok(tunnel(ctx, id, client_upgrade, resp));
+        return Ok(tunnel(ctx, id, client_upgrade, resp, (in_use, slot)));
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    let body = IdleBody::new(body, ctx.cfg.idle_timeout).boxed();
+    host_only_cookies(&mut parts.headers);
+    let body = IdleBody::new(body, ctx.cfg.idle_timeout)
+        .holding(in_use)
+        .boxed();
     Ok(Response::from_parts(parts, body))
 }
 
@@ -458,10 +532,13 @@ fn tunnel(
     id: String,
     client: hyper::upgrade::OnUpgrade,
     mut resp: Response<Incoming>,
+    held: (crate::InUse, Arc<Slot>),
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut resp);
     let idle = ctx.cfg.idle_timeout;
     tokio::spawn(async move {
+        // The tunnel keeps its connection's places in the caps until it closes.
+        let _held = held;
         match tokio::try_join!(client, upstream) {
             Ok((c, u)) => {
                 let (up, down) = crate::pump::pump(TokioIo::new(c), TokioIo::new(u), idle).await;
@@ -501,7 +578,7 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; gv_link=tok; b=2"),
         );
-        assert_eq!(cookie(&h, LINK), Some("tok"));
+        assert_eq!(cookies(&h, LINK).collect::<Vec<_>>(), ["tok"]);
         drop_cookie(&mut h, LINK);
         assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
         let mut only = HeaderMap::new();

@@ -17,6 +17,7 @@
 //! daemon answers its questions through [`Routes`].
 
 mod body;
+mod gate;
 mod host;
 mod http;
 mod pump;
@@ -76,6 +77,40 @@ pub trait Routes: Send + Sync + 'static {
     fn link_valid(&self, instance: &str, port: u16, token: &str) -> Option<i64>;
     /// Every TCP map there should be.
     fn tcp_maps(&self) -> BoxFuture<'_, Result<Vec<TcpMap>, RouteError>>;
+    /// Traffic of an instance (for its idle timeout): a connection or request began or
+    /// ended. Called on the proxy's threads: it must not block.
+    fn activity(&self, instance: &str, change: Activity);
+}
+
+/// What [`Routes::activity`] is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// A request, a tunnel or a TCP connection began: the instance is in use until the
+    /// matching `Closed`.
+    Opened,
+    Closed,
+}
+
+/// An instance in use while this lives ([`Activity::Opened`] now, `Closed` when dropped).
+pub(crate) struct InUse {
+    routes: Arc<dyn Routes>,
+    instance: String,
+}
+
+impl InUse {
+    pub(crate) fn new(routes: &Arc<dyn Routes>, instance: &str) -> Self {
+        routes.activity(instance, Activity::Opened);
+        Self {
+            routes: routes.clone(),
+            instance: instance.to_string(),
+        }
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.routes.activity(&self.instance, Activity::Closed);
+    }
 }
 
 /// The proxy's settings.
@@ -91,7 +126,9 @@ pub struct ProxyConfig {
     /// A client that has not sent a request's headers (or finished its TLS handshake) in this
     /// long is disconnected.
     pub header_timeout: Duration,
+    /// Open connections (HTTPS, tunnels, TCP relays together) at most, and per client address.
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub threads: usize,
     /// How long a target (or its absence) is reused before the daemon is asked again.
     pub route_ttl: Duration,
@@ -133,8 +170,9 @@ pub fn spawn(
                     }
                 };
                 let cfg = Arc::new(cfg);
-                let tcp = tokio::spawn(tcp::run(cfg.clone(), routes.clone(), stop.clone()));
-                let http = http::serve(cfg, tls, routes, listener, stop.clone());
+                let gate = gate::Gate::new(cfg.clone(), routes);
+                let tcp = tokio::spawn(tcp::run(cfg.clone(), gate.clone(), stop.clone()));
+                let http = http::serve(cfg, tls, gate, listener, stop.clone());
                 tokio::select! {
                     _ = http => {}
                     _ = stop.wait_for(|s| *s) => {}

@@ -23,29 +23,91 @@ where
             r = ar.read(&mut ab_buf), if a_open => match r {
                 Ok(0) | Err(_) => {
                     a_open = false;
-                    let _ = bw.shutdown().await;
+                    let _ = tokio::time::timeout(idle, bw.shutdown()).await;
                 }
                 Ok(n) => {
-                    if bw.write_all(&ab_buf[..n]).await.is_err() {
-                        break;
+                    // A peer that stops reading is idle too.
+                    match tokio::time::timeout(idle, bw.write_all(&ab_buf[..n])).await {
+                        Ok(Ok(())) => ab += n as u64,
+                        _ => break,
                     }
-                    ab += n as u64;
                 }
             },
             r = br.read(&mut ba_buf), if b_open => match r {
                 Ok(0) | Err(_) => {
                     b_open = false;
-                    let _ = aw.shutdown().await;
+                    let _ = tokio::time::timeout(idle, aw.shutdown()).await;
                 }
                 Ok(n) => {
-                    if aw.write_all(&ba_buf[..n]).await.is_err() {
-                        break;
+                    match tokio::time::timeout(idle, aw.write_all(&ba_buf[..n])).await {
+                        Ok(Ok(())) => ba += n as u64,
+                        _ => break,
                     }
-                    ba += n as u64;
                 }
             },
             _ = tokio::time::sleep(idle) => break,
         }
     }
     (ab, ba)
+}
+
+/// A stream that counts the bytes it moves (read or written) into `seen`: how a connection's
+/// idleness is told from outside.
+pub struct Counted<T> {
+    inner: T,
+    seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<T> Counted<T> {
+    pub fn new(inner: T, seen: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self { inner, seen }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.seen
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            this.seen
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }

@@ -1,7 +1,8 @@
 //! TCP maps: one listener per mapped host port, in line with the daemon's list.
 
-use crate::{ProxyConfig, Routes, TcpMap};
-use std::collections::HashMap;
+use crate::gate::Gate;
+use crate::{ProxyConfig, TcpMap};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -9,12 +10,14 @@ use std::sync::Arc;
 /// (their open connections go on until either end closes or they idle out).
 pub async fn run(
     cfg: Arc<ProxyConfig>,
-    routes: Arc<dyn Routes>,
+    gate: Arc<Gate>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut open: HashMap<TcpMap, tokio::task::JoinHandle<()>> = HashMap::new();
+    // Host ports that could not be bound: said once, tried again each turn.
+    let mut failed: HashSet<u16> = HashSet::new();
     loop {
-        match routes.tcp_maps().await {
+        match gate.routes.tcp_maps().await {
             Ok(maps) => {
                 open.retain(|m, task| {
                     let keep = maps.contains(m) && !task.is_finished();
@@ -30,14 +33,18 @@ pub async fn run(
                     let addr = SocketAddr::new(cfg.tcp_listen, m.host_port);
                     match tokio::net::TcpListener::bind(addr).await {
                         Ok(l) => {
+                            failed.remove(&m.host_port);
                             tracing::info!(instance = %m.instance, port = m.port, %addr, "proxy: TCP map open");
                             let task =
-                                tokio::spawn(accept(cfg.clone(), routes.clone(), m.clone(), l));
+                                tokio::spawn(accept(cfg.clone(), gate.clone(), m.clone(), l));
                             open.insert(m, task);
                         }
-                        // Tried again at the next turn (a previous listener's port in
-                        // TIME_WAIT, or another program's).
-                        Err(e) => tracing::warn!(%addr, "proxy: cannot open a TCP map: {e}"),
+                        // Tried again at the next turn (another program's port).
+                        Err(e) => {
+                            if failed.insert(m.host_port) {
+                                tracing::warn!(%addr, "proxy: cannot open a TCP map: {e}");
+                            }
+                        }
                     }
                 }
             }
@@ -53,13 +60,11 @@ pub async fn run(
     }
 }
 
-async fn accept(
-    cfg: Arc<ProxyConfig>,
-    routes: Arc<dyn Routes>,
-    m: TcpMap,
-    l: tokio::net::TcpListener,
-) {
+async fn accept(cfg: Arc<ProxyConfig>, gate: Arc<Gate>, m: TcpMap, l: tokio::net::TcpListener) {
     loop {
+        let Some(permit) = gate.permit().await else {
+            return;
+        };
         let (client, peer) = match l.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -68,10 +73,15 @@ async fn accept(
                 continue;
             }
         };
-        let (cfg, routes, m) = (cfg.clone(), routes.clone(), m.clone());
+        // Over its address's share: closed at once.
+        let Some(slot) = gate.admit(peer.ip(), permit) else {
+            continue;
+        };
+        let (cfg, gate, m) = (cfg.clone(), gate.clone(), m.clone());
         tokio::spawn(async move {
-            // Asked each time: the instance may have stopped or moved since the map opened.
-            let target = match routes.target(&m.instance, m.port).await {
+            let _slot = slot;
+            // Asked each time (cached 1 s): the instance may have stopped since the map opened.
+            let target = match gate.target(&m.instance, m.port).await {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::debug!(%peer, "proxy: TCP map {}: {e}", m.host_port);
@@ -92,6 +102,7 @@ async fn accept(
             };
             let _ = client.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
+            let _in_use = crate::InUse::new(&gate.routes, &m.instance);
             let (up, down) = crate::pump::pump(client, upstream, cfg.idle_timeout).await;
             tracing::debug!(%peer, instance = %m.instance, up, down, "proxy: TCP connection closed");
         });

@@ -411,6 +411,10 @@ pub struct CreateInstance {
     /// VMs: Debian packages cloud-init installs at first boot (`name`, `name=version`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<String>,
+    /// Stop it (volumes kept) after this many seconds without traffic through the proxy, no
+    /// open connection to its ports and its GPUs below 5% busy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
 }
 
 impl CreateInstance {
@@ -499,6 +503,13 @@ pub struct Instance {
     pub accel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// Its idle timeout, seconds (see [`CreateInstance::idle_timeout_secs`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
+    /// Running: when it was last in use (traffic or a connection through the proxy, busy
+    /// GPUs) or started, unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_at: Option<i64>,
     /// Where its ports are reached: `https://ID-PORT.DOMAIN:8443/` through the proxy for
     /// HTTP ports, `tcp://HOST:PORT` for mapped TCP ports (none while the proxy is off).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

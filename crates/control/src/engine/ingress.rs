@@ -38,20 +38,38 @@ pub struct TcpMap {
     pub port: u16,
 }
 
-/// The key that signs links (HMAC-SHA256), set at start with the settings.
+/// The proxy's settings, the key that signs links (HMAC-SHA256), set at start, and what the
+/// proxy saw of each instance's use.
+#[derive(Default)]
 pub(crate) struct IngressState {
     settings: std::sync::RwLock<Option<IngressSettings>>,
     link_key: std::sync::RwLock<Option<ring::hmac::Key>>,
+    activity: std::sync::Mutex<std::collections::HashMap<String, Use>>,
 }
 
-impl Default for IngressState {
-    fn default() -> Self {
-        Self {
-            settings: std::sync::RwLock::new(None),
-            link_key: std::sync::RwLock::new(None),
-        }
-    }
+/// An instance's use as the proxy and the GPU readings report it (in memory: after a daemon
+/// restart an instance counts as used at the restart).
+#[derive(Debug, Default, Clone, Copy)]
+struct Use {
+    /// Unix ms of the last request, connection or busy GPU reading.
+    last: i64,
+    /// Requests, tunnels and TCP connections open now.
+    open: u32,
 }
+
+/// A GPU at or above this utilisation (percent; the limiter's share of it for a fraction) is
+/// in use.
+pub const IDLE_GPU_PERCENT: f64 = 5.0;
+
+/// A traffic report of the proxy ([`Engine::ingress_activity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    Opened,
+    Closed,
+}
+
+/// How often idle timeouts are checked.
+const IDLE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Longest life of a signed link.
 pub const MAX_LINK_TTL_SECS: u64 = 7 * 86_400;
@@ -294,5 +312,125 @@ impl Engine {
         )
         .ok()
         .map(|()| expires)
+    }
+
+    /// The proxy began or ended a request, tunnel or TCP connection of instance `id`.
+    pub fn ingress_activity(&self, id: &str, change: Activity) {
+        let now = super::now_ms();
+        let mut map = self
+            .ingress
+            .activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let u = map.entry(id.to_string()).or_default();
+        u.last = now;
+        match change {
+            Activity::Opened => u.open = u.open.saturating_add(1),
+            Activity::Closed => u.open = u.open.saturating_sub(1),
+        }
+    }
+
+    /// When instance `i` was last in use: now while a connection is open, else the newest of
+    /// its last traffic, its start and this daemon's start.
+    pub(crate) fn last_activity(&self, i: &InstanceRow) -> i64 {
+        let seen = self
+            .ingress
+            .activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&i.id)
+            .copied()
+            .unwrap_or_default();
+        if seen.open > 0 {
+            return super::now_ms();
+        }
+        seen.last.max(i.restart.started_at).max(self.started_ms)
+    }
+
+    /// Whether one of `i`'s GPUs is busy: its share's utilisation from the limiter, or a whole
+    /// GPU's from telemetry, at [`IDLE_GPU_PERCENT`] or more.
+    fn gpu_busy(&self, i: &InstanceRow) -> bool {
+        if let Some(usage) = self.node.limiters.usage(&i.id) {
+            return usage
+                .iter()
+                .any(|u| u.util_bp as f64 / 100.0 >= IDLE_GPU_PERCENT);
+        }
+        if i.gpus.is_empty() {
+            return false;
+        }
+        self.telemetry.gpu_stats().iter().any(|g| {
+            i.gpus.iter().any(|b| b.uuid == g.uuid)
+                && g.util_percent.is_some_and(|u| u >= IDLE_GPU_PERCENT)
+        })
+    }
+
+    /// Stops (volumes kept) each running instance with an idle timeout that saw no traffic,
+    /// no open connection and no busy GPU for that long; checked every second, forever.
+    pub async fn run_idle(self: std::sync::Arc<Self>) {
+        loop {
+            tokio::time::sleep(IDLE_CHECK_EVERY).await;
+            if let Err(e) = self.idle_pass().await {
+                tracing::warn!("idle timeouts: {e}");
+            }
+        }
+    }
+
+    /// One look at every instance with an idle timeout; returns the ids it stopped.
+    pub async fn idle_pass(&self) -> Result<Vec<String>> {
+        let now = super::now_ms();
+        let mut stopped = Vec::new();
+        for i in self.store.live_instances(None).await? {
+            let Some(timeout) = i.spec.idle_timeout_secs else {
+                continue;
+            };
+            if i.state != InstanceState::Running
+                || i.desired != InstanceState::Running
+                || self.is_simulated(&i)
+            {
+                continue;
+            }
+            if self.gpu_busy(&i) {
+                let mut map = self
+                    .ingress
+                    .activity
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                map.entry(i.id.clone()).or_default().last = now;
+                continue;
+            }
+            let last = self.last_activity(&i);
+            let idle_ms = now - last;
+            if idle_ms < (timeout as i64).saturating_mul(1000) {
+                continue;
+            }
+            if self.stop_if_desired_running(&i.id).await? {
+                self.event(
+                    &i.id,
+                    "idle",
+                    format!(
+                        "stopped after {} s unused (idle timeout {timeout} s): no traffic, no open \
+                         connection, GPUs below {IDLE_GPU_PERCENT}%",
+                        idle_ms / 1000
+                    ),
+                )
+                .await;
+                self.wake.notify_one();
+                stopped.push(i.id);
+            }
+        }
+        // Forget instances that are gone.
+        let live: std::collections::HashSet<String> = self
+            .store
+            .live_instances(None)
+            .await?
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        self.ingress
+            .activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, u| live.contains(id) || u.open > 0);
+        Ok(stopped)
     }
 }

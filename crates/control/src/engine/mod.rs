@@ -1265,8 +1265,12 @@ impl Engine {
         });
         let gpu_fraction = self.fraction_guarantee(&i.gpus);
         let urls = self.instance_urls(&i);
+        let last_activity_at =
+            (i.state == InstanceState::Running && !simulated).then(|| self.last_activity(&i));
         wire::Instance {
             urls,
+            last_activity_at,
+            idle_timeout_secs: i.spec.idle_timeout_secs,
             gpu_fraction,
             id: i.id,
             node: i.node_id,
@@ -1657,6 +1661,7 @@ impl Engine {
                 ssh_keys: req.ssh_keys.clone(),
                 startup_script: req.startup_script.clone().filter(|_| vm),
                 packages: req.packages.clone(),
+                idle_timeout_secs: req.idle_timeout_secs,
             },
             cpus: assignment.cpus,
             gpus: assignment.gpus.into_iter().map(Into::into).collect(),

@@ -429,6 +429,7 @@ mod tests {
                 ssh_keys: vec![],
                 startup_script: None,
                 packages: vec![],
+                idle_timeout_secs: None,
             },
             cpus: vec![0],
             gpus: (0..gpus)

@@ -6,6 +6,9 @@ use gpuvisor_wire::{format_size, CreateInstance, VolumeMount};
 use std::collections::HashSet;
 use std::path::{Component, Path};
 
+/// The longest idle timeout.
+pub const MAX_IDLE_TIMEOUT_SECS: u64 = 365 * 86_400;
+
 pub const MIN_MEMORY: u64 = 16 << 20;
 /// The least a VM may be given: what a small cloud image's kernel, initrd and cloud-init boot in.
 pub const MIN_VM_MEMORY: u64 = 128 << 20;
@@ -311,6 +314,15 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
                 p.protocol
             )));
         }
+    }
+    if req
+        .idle_timeout_secs
+        .is_some_and(|t| t == 0 || t > MAX_IDLE_TIMEOUT_SECS)
+    {
+        return Err(invalid(format!(
+            "the idle timeout runs from 1 s to {} days",
+            MAX_IDLE_TIMEOUT_SECS / 86_400
+        )));
     }
     if req.command.iter().any(|a| a.contains('\0')) {
         return Err(invalid("the command contains a NUL byte"));

@@ -34,8 +34,11 @@ pub struct ProxySection {
     pub idle_timeout: Duration,
     /// Longest connect to an instance [default: 5s].
     pub connect_timeout: Duration,
-    /// Open client connections [default: 10000].
+    /// Open connections, HTTPS, WebSocket tunnels and TCP relays together (each also holds
+    /// one to the instance) [default: 10000; at most half the daemon's open-file limit].
     pub max_connections: usize,
+    /// Open connections per client address [default: 256].
+    pub max_connections_per_ip: usize,
     /// The proxy's own worker threads, apart from the API's [default: 2].
     pub threads: usize,
 }
@@ -55,6 +58,7 @@ impl Default for ProxySection {
             idle_timeout: Duration::from_secs(600),
             connect_timeout: Duration::from_secs(5),
             max_connections: 10_000,
+            max_connections_per_ip: 256,
             threads: 2,
         }
     }
@@ -76,6 +80,7 @@ pub(super) struct ProxyFile {
     idle_timeout: Option<String>,
     connect_timeout: Option<String>,
     max_connections: Option<usize>,
+    max_connections_per_ip: Option<usize>,
     threads: Option<usize>,
 }
 
@@ -179,6 +184,9 @@ impl ProxySection {
         if let Some(v) = f.max_connections {
             self.max_connections = v;
         }
+        if let Some(v) = f.max_connections_per_ip {
+            self.max_connections_per_ip = v;
+        }
         if let Some(v) = f.threads {
             self.threads = v;
         }
@@ -205,8 +213,15 @@ impl ProxySection {
         if self.cert.is_some() != self.key.is_some() {
             bail!("proxy.cert and proxy.key go together");
         }
-        if self.max_connections == 0 || self.threads == 0 || self.threads > 64 {
-            bail!("proxy.max_connections must be at least 1 and proxy.threads 1 to 64");
+        if self.max_connections == 0
+            || self.max_connections_per_ip == 0
+            || self.threads == 0
+            || self.threads > 64
+        {
+            bail!(
+                "proxy.max_connections and proxy.max_connections_per_ip must be at least 1 and \
+                 proxy.threads 1 to 64"
+            );
         }
         Ok(())
     }
