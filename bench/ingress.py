@@ -12,7 +12,8 @@
    - throughput: C connections (default 16), 2 threads, D seconds: requests per second, both
      ways.
 3. Memory: the daemon's VmRSS before and after opening N (default 1000) TLS connections to
-   the proxy that each made one request and then sit idle (keep-alive); the delta per 1000.
+   the proxy that each made one request and then sit idle (keep-alive); the delta per 1000
+   (the per-address cap is raised to N + 64 by a config file for this).
 4. Terminates the instance and stops the daemon.
 
 wrk does not verify certificates; the proxy routes by Host. Both paths cross the same
@@ -89,7 +90,8 @@ def main():
     ap.add_argument("--log", default="/tmp/gvbench-ingress.log")
     ap.add_argument("--json", help="write the raw results here")
     a = ap.parse_args()
-    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     if not os.path.isdir(a.rootfs):
         subprocess.run([os.path.join(gb.REPO, "scripts", "make-busybox-rootfs"), a.rootfs],
@@ -99,9 +101,13 @@ def main():
                     os.path.join(gb.REPO, "crates", "gpuvisor", "tests", "fixtures", "portsrv.rs")],
                    check=True)
     gb.remove_data_dir(a.data_dir)
+    # All the idle connections come from one address: its cap (256 by default) goes up.
+    conf = a.data_dir + ".toml"
+    with open(conf, "w") as f:
+        f.write(f"[proxy]\nmax_connections_per_ip = {a.idle + 64}\n")
     d = gb.Daemon(a.binary, a.data_dir, a.port, a.log,
-                  extra_args=["--proxy-listen", f"127.0.0.1:{a.proxy_port}", "--proxy-domain",
-                              DOMAIN, "--proxy-tcp-listen", "127.0.0.1"])
+                  extra_args=["--config", conf, "--proxy-listen", f"127.0.0.1:{a.proxy_port}",
+                              "--proxy-domain", DOMAIN, "--proxy-tcp-listen", "127.0.0.1"])
     d.start()
     res = {"machine": gb.machine(), "rounds": []}
     try:
