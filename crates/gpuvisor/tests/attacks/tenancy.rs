@@ -288,6 +288,13 @@ fn every_route_is_scoped_by_tenant() {
             "/v1/instances/{id}/scale",
             with(row(200, 404, 200), r#"{"memory":67108864}"#),
         ),
+        // A link to a port: the other tenant cannot tell the instance exists; the owner and
+        // the admin get past tenancy to "the proxy is off" (this daemon runs without it).
+        (
+            "POST",
+            "/v1/instances/{id}/links",
+            with(row(422, 404, 422), r#"{"port":8080}"#),
+        ),
         (
             "POST",
             "/graphql",
@@ -497,6 +504,12 @@ fn every_route_by_role() {
             "POST",
             "/v1/instances/{id}/scale",
             Some(r#"{"memory":67108864}"#),
+            operate,
+        ),
+        (
+            "POST",
+            "/v1/instances/{id}/links",
+            Some(r#"{"port":8080}"#),
             operate,
         ),
         // Each GraphQL field's roles: tests/graphql.rs, every_graphql_field_by_role.
