@@ -15,7 +15,17 @@ use std::sync::Arc;
 struct EngineRoutes {
     engine: Arc<Engine>,
     main: tokio::runtime::Handle,
+    /// Lookups running on the API's runtime at most: more are answered "busy" (503) rather
+    /// than queued behind the API's work.
+    lookups: Arc<tokio::sync::Semaphore>,
+    /// Keys seen lately: (SHA-256 of the key, tenant) → (when, allowed), 1 s.
+    keys: std::sync::Mutex<std::collections::HashMap<(String, String), (std::time::Instant, bool)>>,
 }
+
+/// Lookups on the API's runtime at once.
+const MAX_LOOKUPS: usize = 64;
+/// How long a key's answer is reused.
+const KEY_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn route_error(e: EngineError) -> RouteError {
     match e {
@@ -31,7 +41,17 @@ impl EngineRoutes {
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, EngineError>> + Send + 'static,
     {
-        let job = self.main.spawn(f);
+        let Ok(permit) = self.lookups.clone().try_acquire_owned() else {
+            return Box::pin(async {
+                Err(RouteError::Unavailable(
+                    "the proxy is busy: try again".into(),
+                ))
+            });
+        };
+        let job = self.main.spawn(async move {
+            let _permit = permit;
+            f.await
+        });
         Box::pin(async move {
             job.await
                 .map_err(|e| RouteError::Internal(format!("lookup failed: {e}")))?
@@ -55,9 +75,38 @@ impl Routes for EngineRoutes {
     }
 
     fn key_allows(&self, secret: &str, tenant: &str) -> BoxFuture<'_, bool> {
+        use sha2::Digest;
+        let digest: String = sha2::Sha256::digest(secret.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let cache_key = (digest, tenant.to_string());
+        if let Some((at, allowed)) = self
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&cache_key)
+        {
+            if at.elapsed() < KEY_TTL {
+                return Box::pin(std::future::ready(*allowed));
+            }
+        }
         let (e, secret, tenant) = (self.engine.clone(), secret.to_string(), tenant.to_string());
         let job = self.on_main(async move { Ok(e.ingress_key_allows(&secret, &tenant).await) });
-        Box::pin(async move { job.await.unwrap_or(false) })
+        Box::pin(async move {
+            // Unanswered (busy, failed): refused, and not remembered.
+            let Ok(allowed) = job.await else {
+                return false;
+            };
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            if keys.len() >= 10_000 {
+                keys.retain(|_, (at, _)| at.elapsed() < KEY_TTL);
+            }
+            if keys.len() < 10_000 {
+                keys.insert(cache_key, (std::time::Instant::now(), allowed));
+            }
+            allowed
+        })
     }
 
     fn activity(&self, instance: &str, change: gpuvisor_proxy::Activity) {
@@ -145,6 +194,8 @@ pub fn start(
     let routes = Arc::new(EngineRoutes {
         engine: engine.clone(),
         main: tokio::runtime::Handle::current(),
+        lookups: Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS)),
+        keys: Default::default(),
     });
     let handle = gpuvisor_proxy::spawn(
         gpuvisor_proxy::ProxyConfig {

@@ -16,10 +16,29 @@ pub struct IdleBody<B> {
     inner: B,
     idle: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
-    /// Kept until the body is done (or dropped): the instance counts as in use meanwhile.
-    _in_use: Option<crate::InUse>,
-    /// Told once the body has ended.
+    /// Kept until the body is done (or dropped): the instance counts as in use and the
+    /// upstream request holds its place in the caps meanwhile.
+    _held: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// Told once the body has ended (or is dropped: hyper drops a body it is done with).
     end: Option<std::sync::Arc<tokio::sync::Notify>>,
+    /// Unix ms of the last frame, for whoever waits on the body's progress.
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicI64>>,
+}
+
+impl<B> Drop for IdleBody<B> {
+    fn drop(&mut self) {
+        if let Some(end) = self.end.take() {
+            end.notify_one();
+        }
+    }
+}
+
+/// Unix ms now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl<B> IdleBody<B> {
@@ -28,9 +47,17 @@ impl<B> IdleBody<B> {
             inner,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
-            _in_use: None,
+            _held: None,
             end: None,
+            progress: None,
         }
+    }
+
+    /// `progress` holds the time of the body's last frame.
+    pub fn progress(mut self, progress: std::sync::Arc<std::sync::atomic::AtomicI64>) -> Self {
+        progress.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        self.progress = Some(progress);
+        self
     }
 
     /// `end` is told (a permit stored) when the body has ended; at once for an empty one.
@@ -46,8 +73,8 @@ impl<B> IdleBody<B> {
         self
     }
 
-    pub fn holding(mut self, in_use: crate::InUse) -> Self {
-        self._in_use = Some(in_use);
+    pub fn holding(mut self, held: impl std::any::Any + Send + Sync) -> Self {
+        self._held = Some(Box::new(held));
         self
     }
 }
@@ -69,6 +96,9 @@ where
             Poll::Ready(f) => {
                 let next = tokio::time::Instant::now() + this.idle;
                 this.timer.as_mut().reset(next);
+                if let Some(p) = &this.progress {
+                    p.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+                }
                 if f.is_none() || this.inner.is_end_stream() {
                     if let Some(end) = this.end.take() {
                         end.notify_one();

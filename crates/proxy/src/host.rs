@@ -12,12 +12,9 @@ pub fn parse_host(host: &str, domain: &str) -> Option<(String, u16)> {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     let label = name.strip_suffix(domain)?.strip_suffix('.')?;
     let (id, port) = label.rsplit_once('-')?;
-    if id.is_empty()
-        || id.len() > 64
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
+    // An instance id is 12 lowercase hex digits: any other name is refused here, before the
+    // daemon is asked.
+    if id.len() != 12 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     if port.is_empty() || port.len() > 5 || port.starts_with('0') {
@@ -44,8 +41,8 @@ mod tests {
             Some(("a1b2c3d4e5f6".into(), 8888))
         );
         assert_eq!(
-            ok("a1-b2-80.proxy.example.com."),
-            Some(("a1-b2".into(), 80))
+            ok("a1b2c3d4e5f6-80.proxy.example.com."),
+            Some(("a1b2c3d4e5f6".into(), 80))
         );
         for bad in [
             "proxy.example.com",
@@ -59,6 +56,10 @@ mod tests {
             "a-65536.proxy.example.com",
             "-8888.proxy.example.com",
             "a_b-8888.proxy.example.com",
+            "a1-b2-80.proxy.example.com",
+            "a1b2c3d4e5f-8888.proxy.example.com",
+            "a1b2c3d4e5f6a-8888.proxy.example.com",
+            "g1b2c3d4e5f6-8888.proxy.example.com",
             "a-8888.proxy.example.com:x",
             "[::1]:8443",
         ] {

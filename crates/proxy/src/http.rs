@@ -43,7 +43,7 @@ pub async fn serve(
     connector.enforce_http(true);
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .pool_max_idle_per_host(64)
+        .pool_max_idle_per_host(8)
         .pool_timer(TokioTimer::new())
         .build(connector);
     let ctx = Arc::new(Ctx {
@@ -92,10 +92,13 @@ pub async fn serve(
     }
 }
 
-/// One client connection. The protocol is the one ALPN agreed (no sniffing: a client that
-/// sends nothing is cut by the header timeout). HTTP/1.1: at most `header_timeout` to send
-/// each request's head, idle keep-alive included. HTTP/2: closed when no byte moved either
-/// way for `idle_timeout` (requests in flight that move nothing count as idle too).
+/// One client connection. The protocol is the one ALPN agreed (no sniffing). Every write to
+/// the client fails after `idle_timeout` without progress (`pump::Counted`: a client that stops
+/// reading cannot hold its connection). HTTP/1.1: at most `header_timeout` to send each
+/// request's head, idle keep-alive included. HTTP/2: at most 32 streams at a time; closed when
+/// no byte moved for `header_timeout` before its first request, for `idle_timeout` after
+/// (pings every 30 s find dead peers), and dropped if it has not closed `header_timeout` after
+/// being asked to.
 async fn serve_connection(
     ctx: Arc<Ctx>,
     peer: SocketAddr,
@@ -103,33 +106,50 @@ async fn serve_connection(
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
 ) {
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let svc_ctx = ctx.clone();
     let svc_slot = slot.clone();
+    let svc_served = served.clone();
     let svc = hyper::service::service_fn(move |req| {
+        svc_served.store(true, Ordering::Relaxed);
         let (ctx, slot) = (svc_ctx.clone(), svc_slot.clone());
         async move { Ok::<_, Infallible>(handle(ctx, peer, slot, req).await) }
     });
+    let seen = Arc::new(AtomicU64::new(0));
+    let io = TokioIo::new(crate::pump::Counted::new(
+        tls,
+        seen.clone(),
+        ctx.cfg.idle_timeout,
+    ));
     let result = if h2 {
-        let seen = Arc::new(AtomicU64::new(0));
-        let io = TokioIo::new(crate::pump::Counted::new(tls, seen.clone()));
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .max_concurrent_streams(32)
+            .keep_alive_interval(std::time::Duration::from_secs(30))
+            .keep_alive_timeout(std::time::Duration::from_secs(20))
             .serve_connection(io, svc);
         tokio::pin!(conn);
-        let idle = ctx.cfg.idle_timeout;
         let mut last = seen.load(Ordering::Relaxed);
         let mut quiet_since = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 r = conn.as_mut() => break r.map_err(|e| e.to_string()),
-                _ = tokio::time::sleep(std::time::Duration::from_secs(1).min(idle)) => {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {
                     let now = seen.load(Ordering::Relaxed);
+                    let limit = if served.load(Ordering::Relaxed) {
+                        ctx.cfg.idle_timeout
+                    } else {
+                        ctx.cfg.header_timeout
+                    };
                     if now != last {
                         last = now;
                         quiet_since = tokio::time::Instant::now();
-                    } else if quiet_since.elapsed() >= idle {
+                    } else if quiet_since.elapsed() >= limit {
                         conn.as_mut().graceful_shutdown();
-                        break conn.await.map_err(|e| e.to_string());
+                        break match tokio::time::timeout(ctx.cfg.header_timeout, conn.as_mut()).await {
+                            Ok(r) => r.map_err(|e| e.to_string()),
+                            Err(_) => Err("idle: closed".to_string()),
+                        };
                     }
                 }
             }
@@ -138,7 +158,7 @@ async fn serve_connection(
         hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(ctx.cfg.header_timeout)
-            .serve_connection(TokioIo::new(tls), svc)
+            .serve_connection(io, svc)
             .with_upgrades()
             .await
             .map_err(|e| e.to_string())
@@ -156,6 +176,7 @@ enum Refusal {
     Unauthorized,
     BadGateway(String),
     Timeout,
+    Busy,
 }
 
 impl Refusal {
@@ -173,6 +194,10 @@ impl Refusal {
             Self::Timeout => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "the instance did not answer in time".to_string(),
+            ),
+            Self::Busy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the proxy is at its connection limit: try again".to_string(),
             ),
         };
         let mut r = Response::new(text(format!("{msg}\n")));
@@ -219,28 +244,40 @@ fn cookies<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'
     headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
         .filter_map(|kv| kv.trim().split_once('='))
         .filter(move |(k, _)| *k == name)
         .map(|(_, v)| v)
 }
 
-/// The Cookie headers without cookie `name`.
+/// The Cookie headers without cookie `name` (left as they are when it is not there; bytes
+/// that are not UTF-8 are kept).
 fn drop_cookie(headers: &mut HeaderMap, name: &str) {
-    let rest: Vec<String> = headers
+    let is_it = |kv: &[u8]| {
+        let kv = kv.trim_ascii_start();
+        kv.starts_with(name.as_bytes()) && kv.get(name.len()) == Some(&b'=')
+    };
+    let present = headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|kv| !kv.is_empty() && kv.split_once('=').map(|(k, _)| k) != Some(name))
-        .map(str::to_string)
-        .collect();
+        .any(|v| v.as_bytes().split(|b| *b == b';').any(is_it));
+    if !present {
+        return;
+    }
+    let values: Vec<HeaderValue> = headers.get_all(header::COOKIE).iter().cloned().collect();
     headers.remove(header::COOKIE);
-    if !rest.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&rest.join("; ")) {
-            headers.insert(header::COOKIE, v);
+    for v in values {
+        let kept: Vec<&[u8]> = v
+            .as_bytes()
+            .split(|b| *b == b';')
+            .filter(|kv| !is_it(kv) && !kv.trim_ascii().is_empty())
+            .map(|kv| kv.trim_ascii())
+            .collect();
+        if !kept.is_empty() {
+            if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b"; "[..])) {
+                headers.append(header::COOKIE, v);
+            }
         }
     }
 }
@@ -261,46 +298,76 @@ fn split_query(query: &str, name: &str) -> (String, Option<String>) {
     (rest.join("&"), found)
 }
 
-/// An API key the client sent for the proxy: `x-api-key`, or a gpuvisor key as a bearer
-/// token (any other Authorization is the application's).
-fn api_key(headers: &HeaderMap) -> Option<(HeaderName, String)> {
-    if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
-        return Some((HeaderName::from_static("x-api-key"), k.to_string()));
+/// Whether a header value is a gpuvisor key: `gv_…` as `x-api-key`, or as a bearer token
+/// (scheme in any case).
+fn gv_token(name: &HeaderName, value: &HeaderValue) -> Option<String> {
+    let v = value.to_str().ok()?.trim();
+    let token = if name == header::AUTHORIZATION {
+        let (scheme, token) = v.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        token.trim()
+    } else if name.as_str() == "x-api-key" {
+        v
+    } else {
+        return None;
+    };
+    token.starts_with("gv_").then(|| token.to_string())
+}
+
+/// Every gpuvisor key the client sent (any other `Authorization` or `x-api-key` is the
+/// application's).
+fn api_keys(headers: &HeaderMap) -> Vec<String> {
+    let x_api_key = HeaderName::from_static("x-api-key");
+    [header::AUTHORIZATION, x_api_key]
+        .iter()
+        .flat_map(|n| headers.get_all(n).iter().map(move |v| (n, v)))
+        .filter_map(|(n, v)| gv_token(n, v))
+        .collect()
+}
+
+/// Removes every gpuvisor key (never the instance's to see); the application's own
+/// `Authorization` and `x-api-key` values stay.
+fn strip_api_keys(headers: &mut HeaderMap) {
+    for n in [header::AUTHORIZATION, HeaderName::from_static("x-api-key")] {
+        let values: Vec<HeaderValue> = headers.get_all(&n).iter().cloned().collect();
+        if values.iter().all(|v| gv_token(&n, v).is_none()) {
+            continue;
+        }
+        headers.remove(&n);
+        for v in values {
+            if gv_token(&n, &v).is_none() {
+                headers.append(n.clone(), v);
+            }
+        }
     }
-    let auth = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let token = auth.strip_prefix("Bearer ")?.trim();
-    token
-        .starts_with("gv_")
-        .then(|| (header::AUTHORIZATION, token.to_string()))
 }
 
 /// An instance's cookies stay on its own host: a `Domain` attribute (which would plant a
 /// cookie on every instance under the proxy's domain, or the operator's parent domain) is
-/// removed from each `Set-Cookie`.
+/// removed from each `Set-Cookie` (the attribute's name is matched as browsers do: trimmed, in
+/// any case).
 fn host_only_cookies(headers: &mut HeaderMap) {
-    let cookies: Vec<HeaderValue> = headers
+    let is_domain = |attr: &[u8]| {
+        let name = attr.split(|b| *b == b'=').next().unwrap_or(attr);
+        name.trim_ascii().eq_ignore_ascii_case(b"domain")
+    };
+    let has_domain = |v: &HeaderValue| v.as_bytes().split(|b| *b == b';').skip(1).any(is_domain);
+    if !headers.get_all(header::SET_COOKIE).iter().any(has_domain) {
+        return;
+    }
+    let values: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
         .cloned()
         .collect();
-    if cookies.is_empty() {
-        return;
-    }
     headers.remove(header::SET_COOKIE);
-    for c in cookies {
-        let Ok(text) = c.to_str() else {
-            continue;
-        };
-        let kept: Vec<&str> = text
-            .split(';')
-            .filter(|attr| {
-                !attr
-                    .trim()
-                    .get(..7)
-                    .is_some_and(|a| a.eq_ignore_ascii_case("domain="))
-            })
-            .collect();
-        if let Ok(v) = HeaderValue::from_str(&kept.join(";")) {
+    for v in values {
+        let mut parts = v.as_bytes().split(|b| *b == b';');
+        let mut kept: Vec<&[u8]> = parts.next().into_iter().collect();
+        kept.extend(parts.filter(|a| !is_domain(a)));
+        if let Ok(v) = HeaderValue::from_bytes(&kept.join(&b";"[..])) {
             headers.append(header::SET_COOKIE, v);
         }
     }
@@ -415,26 +482,29 @@ async fn forward(
         }
         return Ok(r);
     }
-    let key = api_key(req.headers());
     if !target.public {
         let by_cookie = cookies(req.headers(), LINK_COOKIE)
             .any(|t| ctx.gate.routes.link_valid(&id, port, t).is_some());
         if !by_cookie {
-            let Some((_, secret)) = &key else {
-                return Err(Refusal::Unauthorized);
-            };
-            if !ctx.gate.routes.key_allows(secret, &target.tenant).await {
+            let mut allowed = false;
+            for secret in api_keys(req.headers()).iter().take(4) {
+                if ctx.gate.routes.key_allows(secret, &target.tenant).await {
+                    allowed = true;
+                    break;
+                }
+            }
+            if !allowed {
                 return Err(Refusal::Unauthorized);
             }
         }
     }
     // The proxy's credentials are never the instance's to see, public port or not.
     drop_cookie(req.headers_mut(), LINK_COOKIE);
-    if let Some((name, _)) = key {
-        req.headers_mut().remove(name);
-    }
+    strip_api_keys(req.headers_mut());
 
-    // In use from here until the answer's body is done (or the tunnel closes).
+    // A place in the caps for the request to the instance (a descriptor), held with the
+    // instance's "in use" until the answer's body is done (or the tunnel closes).
+    let permit = ctx.gate.upstream().ok_or(Refusal::Busy)?;
     let in_use = crate::InUse::new(&ctx.gate.routes, &id);
     let upgrade = is_upgrade(&req);
     let path_and_query = req
@@ -484,17 +554,32 @@ async fn forward(
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     let sent = Arc::new(tokio::sync::Notify::new());
+    let progress = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let out = Request::from_parts(
         parts,
-        IdleBody::new(body, ctx.cfg.idle_timeout).notify_end(sent.clone()),
+        IdleBody::new(body, ctx.cfg.idle_timeout)
+            .notify_end(sent.clone())
+            .progress(progress.clone()),
     );
 
     // The response head is awaited for `request_timeout` once the request's body is all sent
-    // (a long upload is not cut; a stalled one is, by the body's idle deadline).
+    // (a long upload is not cut), and while it is being sent, for as long as it moves: an
+    // instance that stops reading it is given up on after `idle_timeout` without progress.
     let answer = ctx.client.request(out);
+    let idle_ms = ctx.cfg.idle_timeout.as_millis() as i64;
     let deadline = async {
-        sent.notified().await;
-        tokio::time::sleep(ctx.cfg.request_timeout).await;
+        let stalled = async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                if crate::body::now_ms() - progress.load(Ordering::Relaxed) >= idle_ms {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = sent.notified() => tokio::time::sleep(ctx.cfg.request_timeout).await,
+            _ = stalled => {}
+        }
     };
     let resp = match tokio::select! {
         r = answer => Some(r),
@@ -515,13 +600,19 @@ async fn forward(
                 "the instance switched protocols unasked".into(),
             ));
         };
-        return Ok(tunnel(ctx, id, client_upgrade, resp, (in_use, slot)));
+        return Ok(tunnel(
+            ctx,
+            id,
+            client_upgrade,
+            resp,
+            (in_use, permit, slot),
+        ));
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     host_only_cookies(&mut parts.headers);
     let body = IdleBody::new(body, ctx.cfg.idle_timeout)
-        .holding(in_use)
+        .holding((in_use, permit))
         .boxed();
     Ok(Response::from_parts(parts, body))
 }
@@ -532,7 +623,7 @@ fn tunnel(
     id: String,
     client: hyper::upgrade::OnUpgrade,
     mut resp: Response<Incoming>,
-    held: (crate::InUse, Arc<Slot>),
+    held: (crate::InUse, tokio::sync::OwnedSemaphorePermit, Arc<Slot>),
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut resp);
     let idle = ctx.cfg.idle_timeout;
@@ -547,7 +638,8 @@ fn tunnel(
             Err(e) => tracing::debug!(instance = %id, "proxy: upgrade failed: {e}"),
         }
     });
-    let (parts, _) = resp.into_parts();
+    let (mut parts, _) = resp.into_parts();
+    host_only_cookies(&mut parts.headers);
     Response::from_parts(parts, text(""))
 }
 
@@ -588,22 +680,72 @@ mod tests {
     }
 
     #[test]
-    fn only_gpuvisor_bearer_tokens_are_keys() {
+    fn gpuvisor_keys_are_found_and_stripped_wherever_they_are() {
         let mut h = HeaderMap::new();
-        h.insert(
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic YTpi"),
+        );
+        h.append(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer gv_abc"),
+        );
+        h.append("x-api-key", HeaderValue::from_static("app-key"));
+        h.append("x-api-key", HeaderValue::from_static("gv_k"));
+        assert_eq!(api_keys(&h), ["gv_abc", "gv_k"]);
+        strip_api_keys(&mut h);
+        let auth: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
+        assert_eq!(auth, ["Basic YTpi"]);
+        let keys: Vec<_> = h.get_all("x-api-key").iter().collect();
+        assert_eq!(keys, ["app-key"]);
+        let mut app = HeaderMap::new();
+        app.insert(
             header::AUTHORIZATION,
             HeaderValue::from_static("Bearer app-token"),
         );
-        assert_eq!(api_key(&h), None);
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Bearer gv_abc"),
+        assert!(api_keys(&app).is_empty());
+        strip_api_keys(&mut app);
+        assert_eq!(app.get(header::AUTHORIZATION).unwrap(), "Bearer app-token");
+    }
+
+    #[test]
+    fn instance_cookies_lose_their_domain_however_it_is_written() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("a=1; Domain=gv.test; Path=/"),
         );
-        assert_eq!(api_key(&h), Some((header::AUTHORIZATION, "gv_abc".into())));
-        h.insert("x-api-key", HeaderValue::from_static("gv_k"));
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("b=2; domain =gv.test"),
+        );
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("c=3;\tDOMAIN\t= .gv.test; Secure"),
+        );
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("Domain=kept; Path=/"),
+        );
+        h.append(
+            header::SET_COOKIE,
+            HeaderValue::from_bytes(b"d=caf\xc3\xa9; Domain=gv.test").unwrap(),
+        );
+        host_only_cookies(&mut h);
+        let got: Vec<&[u8]> = h
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
         assert_eq!(
-            api_key(&h),
-            Some((HeaderName::from_static("x-api-key"), "gv_k".into()))
+            got,
+            [
+                &b"a=1; Path=/"[..],
+                b"b=2",
+                b"c=3; Secure",
+                b"Domain=kept; Path=/",
+                b"d=caf\xc3\xa9",
+            ]
         );
     }
 

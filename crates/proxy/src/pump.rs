@@ -51,16 +51,45 @@ where
     (ab, ba)
 }
 
-/// A stream that counts the bytes it moves (read or written) into `seen`: how a connection's
-/// idleness is told from outside.
+/// A stream that counts the bytes it moves (read or written) into `seen` — how a connection's
+/// idleness is told from outside — and fails a write that cannot progress for `stall`: a peer
+/// that stops reading (a full socket buffer, a zero HTTP/2 window) cannot hold the connection
+/// for ever.
 pub struct Counted<T> {
     inner: T,
     seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stall: std::time::Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Counted<T> {
-    pub fn new(inner: T, seen: std::sync::Arc<std::sync::atomic::AtomicU64>) -> Self {
-        Self { inner, seen }
+    pub fn new(
+        inner: T,
+        seen: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        stall: std::time::Duration,
+    ) -> Self {
+        Self {
+            inner,
+            seen,
+            stall,
+            stalled: None,
+        }
+    }
+
+    /// A write is pending: `Err(TimedOut)` once it has been for `stall`.
+    fn check_stall(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        use std::future::Future;
+        let stall = self.stall;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match timer.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer read nothing for the idle timeout",
+            )),
+            std::task::Poll::Pending => Ok(()),
+        }
     }
 }
 
@@ -89,19 +118,36 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         data: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, data);
-        if let std::task::Poll::Ready(Ok(n)) = &r {
-            this.seen
-                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, data) {
+            std::task::Poll::Ready(Ok(n)) => {
+                this.stalled = None;
+                this.seen
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                std::task::Poll::Ready(Ok(n))
+            }
+            std::task::Poll::Pending => match this.check_stall(cx) {
+                Ok(()) => std::task::Poll::Pending,
+                Err(e) => std::task::Poll::Ready(Err(e)),
+            },
+            other => other,
         }
-        r
     }
 
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_flush(cx) {
+            std::task::Poll::Pending => match this.check_stall(cx) {
+                Ok(()) => std::task::Poll::Pending,
+                Err(e) => std::task::Poll::Ready(Err(e)),
+            },
+            std::task::Poll::Ready(r) => {
+                this.stalled = None;
+                std::task::Poll::Ready(r)
+            }
+        }
     }
 
     fn poll_shutdown(

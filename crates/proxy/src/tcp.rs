@@ -62,9 +62,6 @@ pub async fn run(
 
 async fn accept(cfg: Arc<ProxyConfig>, gate: Arc<Gate>, m: TcpMap, l: tokio::net::TcpListener) {
     loop {
-        let Some(permit) = gate.permit().await else {
-            return;
-        };
         let (client, peer) = match l.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -73,7 +70,10 @@ async fn accept(cfg: Arc<ProxyConfig>, gate: Arc<Gate>, m: TcpMap, l: tokio::net
                 continue;
             }
         };
-        // Over its address's share: closed at once.
+        // No place under the caps (a map waiting for clients holds none): closed at once.
+        let Some(permit) = gate.upstream() else {
+            continue;
+        };
         let Some(slot) = gate.admit(peer.ip(), permit) else {
             continue;
         };

@@ -57,7 +57,7 @@ struct Use {
     open: u32,
 }
 
-/// A GPU at or above this utilisation (percent; the limiter's share of it for a fraction) is
+/// A GPU at or above this utilisation (percent of the GPU; of its share for a fraction) is
 /// in use.
 pub const IDLE_GPU_PERCENT: f64 = 5.0;
 
@@ -347,21 +347,30 @@ impl Engine {
         seen.last.max(i.restart.started_at).max(self.started_ms)
     }
 
-    /// Whether one of `i`'s GPUs is busy: its share's utilisation from the limiter, or a whole
-    /// GPU's from telemetry, at [`IDLE_GPU_PERCENT`] or more.
+    /// Whether `i`'s GPUs may be busy: a share's utilisation from the limiter at
+    /// [`IDLE_GPU_PERCENT`] of its share or more, a whole GPU's from telemetry at that percent.
+    /// What cannot be measured (no reading, a MIG slice, a GPU passed through to a VM) counts
+    /// as busy: an idle timeout never stops a job it cannot see.
     fn gpu_busy(&self, i: &InstanceRow) -> bool {
-        if let Some(usage) = self.node.limiters.usage(&i.id) {
-            return usage
-                .iter()
-                .any(|u| u.util_bp as f64 / 100.0 >= IDLE_GPU_PERCENT);
-        }
         if i.gpus.is_empty() {
             return false;
         }
-        self.telemetry.gpu_stats().iter().any(|g| {
-            i.gpus.iter().any(|b| b.uuid == g.uuid)
-                && g.util_percent.is_some_and(|u| u >= IDLE_GPU_PERCENT)
-        })
+        if let Some(usage) = self.node.limiters.usage(&i.id) {
+            return usage.iter().any(|u| {
+                // Both in basis points of the whole GPU.
+                u.share_bp == 0 || u.util_bp as f64 * 100.0 >= IDLE_GPU_PERCENT * u.share_bp as f64
+            });
+        }
+        if i.runtime == gpuvisor_wire::RuntimeKind::Vm {
+            return true;
+        }
+        let stats = self.telemetry.gpu_stats();
+        i.gpus
+            .iter()
+            .any(|b| match stats.iter().find(|g| g.uuid == b.uuid) {
+                Some(g) => g.util_percent.is_none_or(|u| u >= IDLE_GPU_PERCENT),
+                None => true,
+            })
     }
 
     /// Stops (volumes kept) each running instance with an idle timeout that saw no traffic,

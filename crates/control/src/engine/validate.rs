@@ -6,6 +6,10 @@ use gpuvisor_wire::{format_size, CreateInstance, VolumeMount};
 use std::collections::HashSet;
 use std::path::{Component, Path};
 
+/// Ports an instance may declare, and TCP ones among them (each maps a host port).
+pub const MAX_PORTS: usize = 32;
+pub const MAX_TCP_PORTS: usize = 16;
+
 /// The longest idle timeout.
 pub const MAX_IDLE_TIMEOUT_SECS: u64 = 365 * 86_400;
 
@@ -292,6 +296,12 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
     }
     for e in &req.env {
         env(e)?;
+    }
+    let tcp = req.ports.iter().filter(|p| !p.is_http()).count();
+    if req.ports.len() > MAX_PORTS || tcp > MAX_TCP_PORTS {
+        return Err(invalid(format!(
+            "at most {MAX_PORTS} ports, {MAX_TCP_PORTS} of them TCP (each takes a host port)"
+        )));
     }
     let mut seen_ports = std::collections::BTreeSet::new();
     for p in &req.ports {
