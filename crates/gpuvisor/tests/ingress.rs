@@ -146,12 +146,18 @@ fn websocket_echo(p: &Proxy, id: &str, port: u16, key: &str, messages: &[&str]) 
 /// A daemon with the proxy on a free loopback port and two TCP host ports from a pool of its
 /// own (`slot` tells the tests of this binary apart).
 fn proxy_daemon(slot: u16) -> (Daemon, Proxy, u16) {
+    proxy_daemon_with(slot, &[])
+}
+
+fn proxy_daemon_with(slot: u16, extra: &[&str]) -> (Daemon, Proxy, u16) {
     let proxy_port = free_port();
-    let tcp_lo = 31000 + (std::process::id() % 400) as u16 * 4 + slot * 2;
+    let tcp_lo = 31000 + (std::process::id() % 300) as u16 * 6 + slot * 2;
     let range = format!("{tcp_lo}-{}", tcp_lo + 1);
-    let d = Daemon::start(&[
+    let mut args = extra.to_vec();
+    let listen = format!("127.0.0.1:{proxy_port}");
+    args.extend([
         "--proxy-listen",
-        &format!("127.0.0.1:{proxy_port}"),
+        &listen,
         "--proxy-domain",
         DOMAIN,
         "--proxy-tcp-ports",
@@ -159,6 +165,7 @@ fn proxy_daemon(slot: u16) -> (Daemon, Proxy, u16) {
         "--proxy-tcp-listen",
         "127.0.0.1",
     ]);
+    let d = Daemon::start(&args);
     let root = portsrv_rootfs();
     d.json(&[
         "image",
@@ -659,4 +666,120 @@ fn proxy_serves_instance_ports_to_whom_they_are_for() {
     }
     let v: Value = d.json(&["instance", "list"]);
     assert_eq!(v.as_array().unwrap().len(), 1);
+}
+
+/// The deadlines that free a connection from a peer that stops moving, with the proxy's idle
+/// timeout at 2 s: a client that never reads what it asked for, and an instance that never
+/// reads an upload. Each address may hold 2 connections here, so a stuck connection that was
+/// not freed would keep a third out.
+#[test]
+fn stalled_peers_are_cut_at_the_idle_timeout() {
+    let _s = serial();
+    let conf = std::env::temp_dir().join(format!("gv-ingress-stall-{}.toml", std::process::id()));
+    std::fs::write(
+        &conf,
+        "[proxy]\nidle_timeout = \"2s\"\nrequest_timeout = \"3s\"\nmax_connections_per_ip = 2\n",
+    )
+    .unwrap();
+    let (d, p, _) = proxy_daemon_with(2, &["--config", conf.to_str().unwrap()]);
+    let v = d.json(&[
+        "instance",
+        "create",
+        "--image",
+        "portsrv",
+        "--wait",
+        "--vcpus",
+        "1",
+        "--memory",
+        "256MiB",
+        "--container-disk",
+        "64MiB",
+        "--port",
+        "8081/http:public",
+        "--",
+        "/bin/portsrv",
+        "h:8081",
+    ]);
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_served(&p, &id, 8081);
+
+    // Two clients ask for 24 MiB each (more than the socket buffers on the way hold; portsrv
+    // builds each answer in memory) and read nothing: the address's two places are taken.
+    let stuck: Vec<_> = (0..2)
+        .map(|_| {
+            let host = p.host(&id, 8081);
+            let tcp = std::net::TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+            let name = rustls::pki_types::ServerName::try_from(host.clone()).unwrap();
+            let conn =
+                rustls::ClientConnection::new(common::tls_client_config(&p.ca), name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            write!(
+                tls,
+                "GET /download?n=25165824 HTTP/1.1\r\nHost: {host}\r\n\r\n"
+            )
+            .unwrap();
+            tls.flush().unwrap();
+            tls
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // A third connection, answered or not (closed at once while the address is full).
+    let third = || {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(&p.ca)
+            .args([
+                "--resolve",
+                &format!("{}:{}:127.0.0.1", p.host(&id, 8081), p.port),
+            ])
+            .arg(p.url(&id, 8081, "/"))
+            .output()
+            .unwrap()
+    };
+    let refused = third();
+    assert!(
+        !refused.status.success(),
+        "a third connection got in while two were held: {refused:?}"
+    );
+    // The writes to them stall; after the idle timeout they are cut and the places freed.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stalled_at = Instant::now();
+    loop {
+        if third().status.success() {
+            eprintln!("stalled downloads cut after {:?}", stalled_at.elapsed());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stalled connections were never cut"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(stuck);
+
+    // An instance that reads the head of an upload and then nothing: the proxy gives the
+    // request up once the upload has not moved for the idle timeout, not never.
+    let started = Instant::now();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 268435456 /dev/zero | curl -sS -o /dev/null -w '%{{http_code}}' --max-time 60 --cacert {} --resolve {}:{}:127.0.0.1 -T - -X POST {}",
+            p.ca.display(),
+            p.host(&id, 8081),
+            p.port,
+            p.url(&id, 8081, "/stall")
+        ))
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let code = String::from_utf8_lossy(&out.stdout).to_string();
+    // Over HTTP/2 the client sees the 504 or, still sending, the stream reset with it; either
+    // way the proxy gave the request up, well before curl's own 60 s.
+    assert_ne!(code, "200", "{out:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "a stalled upload was cut only after {took:?}: {out:?}"
+    );
+    wait_served(&p, &id, 8081);
+    let _ = std::fs::remove_file(conf);
 }
