@@ -719,10 +719,20 @@ fn stalled_peers_are_cut_at_the_idle_timeout() {
             )
             .unwrap();
             tls.flush().unwrap();
+            // The answer has begun (its head and a first piece): then nothing more is read.
+            tls.sock
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut first = [0u8; 4096];
+            let n = tls.read(&mut first).unwrap();
+            assert!(
+                first[..n].starts_with(b"HTTP/1.1 200"),
+                "{:?}",
+                String::from_utf8_lossy(&first[..n])
+            );
             tls
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
     // A third connection, answered or not (closed at once while the address is full).
     let third = || {
         Command::new("curl")
