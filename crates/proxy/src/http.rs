@@ -43,7 +43,9 @@ pub async fn serve(
     connector.enforce_http(true);
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .pool_max_idle_per_host(8)
+        // Enough for a busy client's concurrency to reuse connections (8 halved the rate at
+        // 16 connections: docs/bench/ingress.md); idle sockets are not in the cap.
+        .pool_max_idle_per_host(32)
         .pool_timer(TokioTimer::new())
         .build(connector);
     let ctx = Arc::new(Ctx {
