@@ -267,6 +267,11 @@ fn idle_timeout_stops_an_unused_instance_and_traffic_keeps_it() {
         "stopped with a connection open: {got}"
     );
     drop(s);
+    // An exec that runs for twice the timeout (someone at a shell) keeps it up as well.
+    let out = d.cli(&["instance", "exec", &id, "--", "sleep", "6"]);
+    assert!(out.status.success(), "{out:?}");
+    let got = state(&id);
+    assert_eq!(got["desired"], "running", "stopped during an exec: {got}");
 
     // Unused: stopped within the timeout and the check's period, with an event saying why.
     let deadline = Instant::now() + Duration::from_secs(20);

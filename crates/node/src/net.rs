@@ -100,6 +100,22 @@ use crate::ipam::{AddressPlan, PlanError};
 pub const NETNS_DIR: &str = "/var/run/netns";
 /// The default prefix of host-wide objects.
 pub const DEFAULT_PREFIX: &str = "gv";
+/// A container's `eth0` MAC: locally administered, unicast, `02:42:` and its IPv4 address
+/// (Docker's scheme). An address reused by a new instance keeps its MAC, so the host's and the
+/// neighbours' ARP entries for it stay right: with a random MAC, traffic from the host (the
+/// instance proxy) to a reused address went to the old instance's MAC until the entry expired.
+pub fn instance_mac(addr: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = addr.octets();
+    [0x02, 0x42, a, b, c, d]
+}
+
+fn mac_text(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// Longest prefix: the veth keeps at least 10 characters of the instance id.
 pub const MAX_PREFIX_LEN: usize = 4;
 /// The kernel's limit on interface names.
@@ -993,8 +1009,13 @@ impl Network {
                 // Inside the netns, before the host batch makes the new pair.
                 ip(["-n", &ns, "link", "del", "eth0"])?;
             }
+            let mac = want
+                .split_once('/')
+                .and_then(|(a, _)| a.parse::<Ipv4Addr>().ok())
+                .map(|a| mac_text(instance_mac(a)))
+                .ok_or_else(|| NetError::Invalid(format!("instance address {want:?}")))?;
             host_cmds.push(format!(
-                "link add name {veth} type veth peer name eth0 netns {ns}"
+                "link add name {veth} type veth peer name eth0 address {mac} netns {ns}"
             ));
         }
         host_cmds.push(format!("link set {veth} master {} up", self.bridge(net)));
@@ -1050,7 +1071,7 @@ impl Network {
         let made = (|| {
             let ns_file =
                 std::fs::File::open(path).map_err(nl(&format!("open {}", path.display())))?;
-            host.add_veth(veth, bridge_index, "eth0", &ns_file)
+            host.add_veth(veth, bridge_index, "eth0", instance_mac(addr), &ns_file)
                 .map_err(nl(&format!("create veth {veth} (peer eth0 in the netns)")))?;
             let eth0 = in_ns.link_index("eth0").map_err(nl("eth0 in the netns"))?;
             in_ns
@@ -1460,17 +1481,19 @@ mod rtnl {
             }
         }
 
-        /// A veth `name` on bridge `master`, up, whose peer `peer` is made directly in the
-        /// netns of `netns`.
+        /// A veth `name` on bridge `master`, up, whose peer `peer` (MAC `peer_mac`) is made
+        /// directly in the netns of `netns`.
         pub fn add_veth(
             &mut self,
             name: &str,
             master: u32,
             peer: &str,
+            peer_mac: [u8; 6],
             netns: &std::fs::File,
         ) -> io::Result<()> {
             let mut p = LinkMessage::default();
             p.attributes.push(LinkAttribute::IfName(peer.to_string()));
+            p.attributes.push(LinkAttribute::Address(peer_mac.to_vec()));
             p.attributes.push(LinkAttribute::NetNsFd(netns.as_raw_fd()));
             let mut m = LinkMessage::default();
             m.header.flags = LinkFlags::Up;
@@ -2339,6 +2362,17 @@ mod tests {
         assert!(f.net.teardown_tenant(&t).unwrap());
     }
 
+    /// `eth0`'s MAC inside the instance's netns.
+    fn eth0_mac(id: &str) -> String {
+        let shown = ip(["-n", &netns_name(id), "-o", "link", "show", "eth0"]).unwrap();
+        shown
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    }
+
     fn eth0_addrs(id: &str) -> Vec<String> {
         let shown = ip([
             "-n",
@@ -2368,6 +2402,9 @@ mod tests {
         f.net.setup(&stale, &t, 3).unwrap();
         assert_eq!(eth0_addrs(&stale), vec!["10.88.236.3/24".to_string()]);
         assert!(reachable(&stale, &other, f.net.address(&t, 2).unwrap()));
+        // The MAC follows the address (the fresh path made `other`, the repair path `stale`).
+        assert_eq!(eth0_mac(&other), "02:42:0a:58:ec:02");
+        assert_eq!(eth0_mac(&stale), "02:42:0a:58:ec:03");
 
         // An eth0 in the netns that is not the peer of our veth (and no host end at all), plus
         // extra addresses: replaced by a fresh pair with exactly the one address.
@@ -2382,6 +2419,7 @@ mod tests {
         ip(["-n", &ns, "addr", "add", "10.99.0.1/24", "dev", "eth0"]).unwrap();
         f.net.setup(&odd, &t, 4).unwrap();
         assert_eq!(eth0_addrs(&odd), vec!["10.88.236.4/24".to_string()]);
+        assert_eq!(eth0_mac(&odd), "02:42:0a:58:ec:04");
         assert!(reachable(&odd, &other, f.net.address(&t, 2).unwrap()));
 
         // Intact but with a wrong extra address and eth0 down: fixed in place.

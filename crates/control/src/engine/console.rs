@@ -77,7 +77,7 @@ impl Engine {
         let socket = self.node.console(&row.id)?;
         let attached = Attached::take(&row.id)?;
         let l = self.limits().exec;
-        let permit = self.exec_permit(who, &l)?;
+        let permit = self.exec_permit(who, &l, &row.id)?;
         Ok(ConsoleTicket {
             id: row.id,
             socket,

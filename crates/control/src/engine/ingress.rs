@@ -44,7 +44,35 @@ pub struct TcpMap {
 pub(crate) struct IngressState {
     settings: std::sync::RwLock<Option<IngressSettings>>,
     link_key: std::sync::RwLock<Option<ring::hmac::Key>>,
-    activity: std::sync::Mutex<std::collections::HashMap<String, Use>>,
+    activity: Activities,
+}
+
+/// Each instance's use, shared with the [`InUse`] guards.
+type Activities = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Use>>>;
+
+/// Instance `id` in use (an exec, a console) while this lives: an open connection for its idle
+/// timeout.
+pub(crate) struct InUse {
+    activity: Activities,
+    id: String,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        note(&self.activity, &self.id, Activity::Closed);
+    }
+}
+
+/// Records a connection of `id` opening or closing.
+fn note(activity: &Activities, id: &str, change: Activity) {
+    let now = super::now_ms();
+    let mut map = activity.lock().unwrap_or_else(|p| p.into_inner());
+    let u = map.entry(id.to_string()).or_default();
+    u.last = now;
+    match change {
+        Activity::Opened => u.open = u.open.saturating_add(1),
+        Activity::Closed => u.open = u.open.saturating_sub(1),
+    }
 }
 
 /// An instance's use as the proxy and the GPU readings report it (in memory: after a daemon
@@ -316,17 +344,15 @@ impl Engine {
 
     /// The proxy began or ended a request, tunnel or TCP connection of instance `id`.
     pub fn ingress_activity(&self, id: &str, change: Activity) {
-        let now = super::now_ms();
-        let mut map = self
-            .ingress
-            .activity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let u = map.entry(id.to_string()).or_default();
-        u.last = now;
-        match change {
-            Activity::Opened => u.open = u.open.saturating_add(1),
-            Activity::Closed => u.open = u.open.saturating_sub(1),
+        note(&self.ingress.activity, id, change);
+    }
+
+    /// Instance `id` in use until the guard is dropped (an exec or console session).
+    pub(crate) fn in_use(&self, id: &str) -> InUse {
+        note(&self.ingress.activity, id, Activity::Opened);
+        InUse {
+            activity: self.ingress.activity.clone(),
+            id: id.to_string(),
         }
     }
 

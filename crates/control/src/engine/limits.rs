@@ -100,10 +100,12 @@ struct ExecGate {
     running: Mutex<(HashMap<String, usize>, usize)>,
 }
 
-/// One running exec's place in the gate; given back on drop.
+/// One running exec's place in the gate; given back on drop. Its instance counts as in use
+/// meanwhile (idle timeouts).
 pub(super) struct ExecPermit {
     gate: Arc<ExecGate>,
     tenant: String,
+    _in_use: Option<super::ingress::InUse>,
 }
 
 impl Drop for ExecPermit {
@@ -140,6 +142,7 @@ impl ExecGate {
         Ok(ExecPermit {
             gate: self.clone(),
             tenant: who.tenant_id.clone(),
+            _in_use: None,
         })
     }
 }
@@ -188,7 +191,7 @@ impl Engine {
             }
             Some(ms) => Duration::from_millis(ms),
         };
-        let permit = self.exec_permit(who, &l)?;
+        let permit = self.exec_permit(who, &l, &row.id)?;
         let (cmd, pid_file) = self
             .node
             .exec_command(&row.id, &req.command, &req.env, false)?;
@@ -214,9 +217,17 @@ impl Engine {
         Ok(ExecStream { frames: rx })
     }
 
-    /// A place in the exec gate (one-shot execs and sessions alike), given back on drop.
-    pub(super) fn exec_permit(&self, who: &Principal, l: &ExecLimits) -> Result<ExecPermit> {
-        self.limits.gate.acquire(who, l)
+    /// A place in the exec gate (one-shot execs and sessions alike) for instance `id`, given
+    /// back on drop; the instance is in use until then.
+    pub(super) fn exec_permit(
+        &self,
+        who: &Principal,
+        l: &ExecLimits,
+        id: &str,
+    ) -> Result<ExecPermit> {
+        let mut permit = self.limits.gate.acquire(who, l)?;
+        permit._in_use = Some(self.in_use(id));
+        Ok(permit)
     }
 
     /// The running instance an exec may start in: the caller's, running, on this host; the

@@ -101,7 +101,7 @@ impl Engine {
             }
             Some(ms) => Duration::from_millis(ms),
         };
-        let permit = self.exec_permit(who, &l)?;
+        let permit = self.exec_permit(who, &l, &row.id)?;
         Ok(SessionTicket {
             node: self.node.clone(),
             store: self.store.clone(),
