@@ -75,12 +75,10 @@ impl Routes for EngineRoutes {
     }
 
     fn key_allows(&self, secret: &str, tenant: &str) -> BoxFuture<'_, bool> {
-        use sha2::Digest;
-        let digest: String = sha2::Sha256::digest(secret.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let cache_key = (digest, tenant.to_string());
+        let cache_key = (
+            gpuvisor_control::engine::hash_key(secret),
+            tenant.to_string(),
+        );
         if let Some((at, allowed)) = self
             .keys
             .lock()

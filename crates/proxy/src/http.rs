@@ -459,10 +459,7 @@ async fn forward(
                 Refusal::Unauthorized
             });
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now = crate::body::now_ms() / 1000;
         let path = req.uri().path();
         let location = if rest_query.is_empty() {
             path.to_string()

@@ -42,7 +42,8 @@ pub struct TcpMap {
 /// proxy saw of each instance's use.
 #[derive(Default)]
 pub(crate) struct IngressState {
-    settings: std::sync::RwLock<Option<IngressSettings>>,
+    /// Shared, not copied: every instance's URLs are made from it on each list.
+    settings: std::sync::RwLock<Option<std::sync::Arc<IngressSettings>>>,
     link_key: std::sync::RwLock<Option<ring::hmac::Key>>,
     activity: Activities,
 }
@@ -106,10 +107,6 @@ fn link_message(instance: &str, port: u16, expires: i64) -> String {
     format!("gpuvisor-link\n{instance}\n{port}\n{expires}")
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 impl Engine {
     /// Turns the proxy on for URLs, TCP maps and links. `link_key`: the secret that signs
     /// links (at least 32 bytes).
@@ -118,7 +115,7 @@ impl Engine {
             .ingress
             .settings
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(s);
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(s));
         *self
             .ingress
             .link_key
@@ -127,7 +124,7 @@ impl Engine {
             Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, link_key));
     }
 
-    fn ingress_settings(&self) -> Option<IngressSettings> {
+    fn ingress_settings(&self) -> Option<std::sync::Arc<IngressSettings>> {
         self.ingress
             .settings
             .read()
@@ -314,7 +311,7 @@ impl Engine {
             EngineError::Unavailable("the HTTPS proxy is off on this daemon".into())
         })?;
         let tag = ring::hmac::sign(key, link_message(id, port, expires).as_bytes());
-        Ok(format!("{expires}.{}", hex(tag.as_ref())))
+        Ok(format!("{expires}.{}", super::hex(tag.as_ref())))
     }
 
     /// Whether `token` is a link to port `port` of instance `id` that has not expired;
@@ -374,10 +371,10 @@ impl Engine {
     }
 
     /// Whether `i`'s GPUs may be busy: a share's utilisation from the limiter at
-    /// [`IDLE_GPU_PERCENT`] of its share or more, a whole GPU's from telemetry at that percent.
-    /// What cannot be measured (no reading, a MIG slice, a GPU passed through to a VM) counts
-    /// as busy: an idle timeout never stops a job it cannot see.
-    fn gpu_busy(&self, i: &InstanceRow) -> bool {
+    /// [`IDLE_GPU_PERCENT`] of its share or more, a whole GPU's from telemetry (`stats`) at that
+    /// percent. What cannot be measured (no reading, a MIG slice, a GPU passed through to a VM)
+    /// counts as busy: an idle timeout never stops a job it cannot see.
+    fn gpu_busy(&self, i: &InstanceRow, stats: &[wire::GpuStats]) -> bool {
         if i.gpus.is_empty() {
             return false;
         }
@@ -390,7 +387,6 @@ impl Engine {
         if i.runtime == gpuvisor_wire::RuntimeKind::Vm {
             return true;
         }
-        let stats = self.telemetry.gpu_stats();
         i.gpus
             .iter()
             .any(|b| match stats.iter().find(|g| g.uuid == b.uuid) {
@@ -413,18 +409,32 @@ impl Engine {
     /// One look at every instance with an idle timeout; returns the ids it stopped.
     pub async fn idle_pass(&self) -> Result<Vec<String>> {
         let now = super::now_ms();
+        let live = self.store.live_instances(None).await?;
+        // Forget instances that are gone.
+        {
+            let ids: std::collections::HashSet<&str> = live.iter().map(|i| i.id.as_str()).collect();
+            self.ingress
+                .activity
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|id, u| ids.contains(id.as_str()) || u.open > 0);
+        }
+        let watched: Vec<(&InstanceRow, u64)> = live
+            .iter()
+            .filter_map(|i| i.spec.idle_timeout_secs.map(|t| (i, t)))
+            .filter(|(i, _)| {
+                i.state == InstanceState::Running
+                    && i.desired == InstanceState::Running
+                    && !self.is_simulated(i)
+            })
+            .collect();
+        if watched.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stats = self.telemetry.gpu_stats();
         let mut stopped = Vec::new();
-        for i in self.store.live_instances(None).await? {
-            let Some(timeout) = i.spec.idle_timeout_secs else {
-                continue;
-            };
-            if i.state != InstanceState::Running
-                || i.desired != InstanceState::Running
-                || self.is_simulated(&i)
-            {
-                continue;
-            }
-            if self.gpu_busy(&i) {
+        for (i, timeout) in watched {
+            if self.gpu_busy(i, &stats) {
                 let mut map = self
                     .ingress
                     .activity
@@ -433,8 +443,7 @@ impl Engine {
                 map.entry(i.id.clone()).or_default().last = now;
                 continue;
             }
-            let last = self.last_activity(&i);
-            let idle_ms = now - last;
+            let idle_ms = now - self.last_activity(i);
             if idle_ms < (timeout as i64).saturating_mul(1000) {
                 continue;
             }
@@ -450,22 +459,9 @@ impl Engine {
                 )
                 .await;
                 self.wake.notify_one();
-                stopped.push(i.id);
+                stopped.push(i.id.clone());
             }
         }
-        // Forget instances that are gone.
-        let live: std::collections::HashSet<String> = self
-            .store
-            .live_instances(None)
-            .await?
-            .into_iter()
-            .map(|i| i.id)
-            .collect();
-        self.ingress
-            .activity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, u| live.contains(id) || u.open > 0);
         Ok(stopped)
     }
 }

@@ -188,10 +188,15 @@ fn simulated_gpu_uuid(node: &str, index: usize) -> String {
     )
 }
 
+/// Lowercase hex of `b`.
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
     getrandom::fill(&mut buf).map_err(|e| EngineError::Internal(format!("getrandom: {e}")))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&buf))
 }
 
 /// Instance ids: 12 lowercase hex characters (they name veths, which allow 15).
@@ -199,11 +204,9 @@ pub fn new_instance_id() -> Result<String> {
     random_hex(6)
 }
 
-fn hash_key(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// What the store keeps of an API key: its SHA-256, hex (also what key caches are keyed by).
+pub fn hash_key(secret: &str) -> String {
+    hex(&Sha256::digest(secret.as_bytes()))
 }
 
 pub fn now_ms() -> i64 {
