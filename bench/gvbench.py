@@ -151,6 +151,8 @@ class Daemon:
         # The instance proxy (default :8443) only where a benchmark gives it an address.
         if "--proxy-listen" not in self.extra_args:
             args += ["--proxy-listen", "off"]
+        if "--worker-port" not in self.extra_args:
+            args += ["--worker-port", "off"]
         # Benchmarks measure the daemon, not the per-key rate limits (a thousand requests a
         # second from one key would be refused): off unless a benchmark sets them.
         for flag in ("--reads-per-second", "--mutations-per-second"):

@@ -13,8 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 
+mod endpoints;
 mod templates;
 mod usage;
+pub use endpoints::{EndpointRow, JobRow, JobTally, RunningJob, WorkerRow};
 pub use templates::TemplateRow;
 pub use usage::UsageRow;
 

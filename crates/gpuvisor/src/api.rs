@@ -69,7 +69,8 @@ fn api_key(h: &HeaderMap) -> Option<&str> {
         .or_else(|| {
             h.get("authorization")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
+                // RunPod's documented curl sends the key bare: `authorization: <key>`.
+                .map(|v| v.strip_prefix("Bearer ").unwrap_or(v))
         })
 }
 
@@ -162,7 +163,7 @@ impl Routes {
             public: path == "/v1/health" || path == OPENAPI_PATH,
             doc: handler.describe(&mut self.schemas),
         });
-        let filter = match method {
+        let filter_for = |m| match m {
             "GET" => MethodFilter::GET,
             "POST" => MethodFilter::POST,
             "DELETE" => MethodFilter::DELETE,
@@ -170,7 +171,12 @@ impl Routes {
             "PATCH" => MethodFilter::PATCH,
             other => unreachable!("route method {other} is not one of ours"),
         };
-        self.router = self.router.route(path, on(filter, handler));
+        let mut route = on(filter_for(method), handler);
+        if path.starts_with("/v2/") {
+            // The queue API takes RunPod's payloads (`runsync` up to 20 MiB).
+            route = route.layer(axum::extract::DefaultBodyLimit::max(SERVERLESS_MAX_BODY));
+        }
+        self.router = self.router.route(path, route);
         self.table.push((method, path, op));
         self
     }
@@ -328,6 +334,72 @@ fn routes() -> Routes {
         "/v1/instances/{id}/events",
         Op::InstanceEvents,
         events,
+    )
+    .add("GET", "/v1/endpoints", Op::ListEndpoints, list_endpoints)
+    .add("POST", "/v1/endpoints", Op::CreateEndpoint, create_endpoint)
+    .add("GET", "/v1/endpoints/{id}", Op::GetEndpoint, get_endpoint)
+    .add(
+        "PATCH",
+        "/v1/endpoints/{id}",
+        Op::UpdateEndpoint,
+        update_endpoint,
+    )
+    .add(
+        "DELETE",
+        "/v1/endpoints/{id}",
+        Op::RemoveEndpoint,
+        remove_endpoint,
+    )
+    // The queue API, RunPod's paths and shapes (`runpod.Endpoint` with its base URL here).
+    .add("POST", "/v2/{endpoint}/run", Op::RunJob, run_job)
+    .add("POST", "/v2/{endpoint}/runsync", Op::RunJob, run_sync)
+    .add(
+        "GET",
+        "/v2/{endpoint}/status/{job}",
+        Op::JobStatus,
+        job_status,
+    )
+    .add(
+        "POST",
+        "/v2/{endpoint}/status/{job}",
+        Op::JobStatus,
+        job_status,
+    )
+    .add(
+        "GET",
+        "/v2/{endpoint}/stream/{job}",
+        Op::JobStatus,
+        job_stream,
+    )
+    .add(
+        "POST",
+        "/v2/{endpoint}/stream/{job}",
+        Op::JobStatus,
+        job_stream,
+    )
+    .add(
+        "POST",
+        "/v2/{endpoint}/cancel/{job}",
+        Op::CancelJob,
+        cancel_job,
+    )
+    .add(
+        "POST",
+        "/v2/{endpoint}/retry/{job}",
+        Op::RetryJob,
+        retry_job,
+    )
+    .add(
+        "POST",
+        "/v2/{endpoint}/purge-queue",
+        Op::PurgeQueue,
+        purge_queue,
+    )
+    .add(
+        "GET",
+        "/v2/{endpoint}/health",
+        Op::EndpointHealth,
+        endpoint_health,
     )
     .add("GET", "/v1/audit", Op::AuditList, audit_list)
     .add("GET", "/v1/audit/verify", Op::AuditVerify, audit_verify)
@@ -1196,6 +1268,118 @@ async fn instance_metrics(
     Ok(Json(e.instance_metrics(&p, &id, &q).await?))
 }
 
+// ---- serverless endpoints ------------------------------------------------------------------
+
+/// The largest body of the queue API (`runsync`'s limit; `run` takes 10 MiB of input).
+pub const SERVERLESS_MAX_BODY: usize = 20 << 20;
+
+async fn list_endpoints(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Endpoint>> {
+    Ok(Json(e.list_endpoints(&p).await?))
+}
+
+async fn create_endpoint(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Body(b): Body<wire::CreateEndpoint>,
+) -> R<wire::Endpoint> {
+    Ok(Json(e.create_endpoint(&p, &b).await?))
+}
+
+async fn get_endpoint(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+) -> R<wire::Endpoint> {
+    Ok(Json(e.get_endpoint(&p, &id).await?))
+}
+
+async fn update_endpoint(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    Body(b): Body<wire::UpdateEndpoint>,
+) -> R<wire::Endpoint> {
+    Ok(Json(e.update_endpoint(&p, &id, &b).await?))
+}
+
+async fn remove_endpoint(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+) -> R<wire::Endpoint> {
+    Ok(Json(e.remove_endpoint(&p, &id).await?))
+}
+
+async fn run_job(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(ep): Path<String>,
+    Body(b): Body<wire::RunRequest>,
+) -> R<wire::JobStatus> {
+    Ok(Json(e.submit_job(&p, &ep, &b, false).await?))
+}
+
+#[derive(Deserialize, schemars::JsonSchema)]
+struct SyncQuery {
+    /// Milliseconds to wait for the result (1000 to 300000; default 90000).
+    #[serde(default)]
+    wait: Option<u64>,
+}
+
+async fn run_sync(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(ep): Path<String>,
+    Query(q): Query<SyncQuery>,
+    Body(b): Body<wire::RunRequest>,
+) -> R<wire::JobStatus> {
+    Ok(Json(e.run_sync(&p, &ep, &b, q.wait).await?))
+}
+
+async fn job_status(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path((ep, job)): Path<(String, String)>,
+) -> R<wire::JobStatus> {
+    Ok(Json(e.job_status(&p, &ep, &job).await?))
+}
+
+async fn job_stream(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path((ep, job)): Path<(String, String)>,
+) -> R<wire::StreamStatus> {
+    Ok(Json(e.job_stream(&p, &ep, &job).await?))
+}
+
+async fn cancel_job(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path((ep, job)): Path<(String, String)>,
+) -> R<wire::JobStatus> {
+    Ok(Json(e.cancel_job(&p, &ep, &job).await?))
+}
+
+async fn retry_job(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path((ep, job)): Path<(String, String)>,
+) -> R<wire::JobStatus> {
+    Ok(Json(e.retry_job(&p, &ep, &job).await?))
+}
+
+async fn purge_queue(State(e): State<Eng>, Who(p): Who, Path(ep): Path<String>) -> R<wire::Purged> {
+    Ok(Json(e.purge_queue(&p, &ep).await?))
+}
+
+async fn endpoint_health(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(ep): Path<String>,
+) -> R<wire::EndpointHealth> {
+    Ok(Json(e.endpoint_health(&p, &ep).await?))
+}
+
 // ---- request limits ----------------------------------------------------------------------
 
 /// Bounds every request: its body's size and the time to send it, and how many requests one
@@ -1282,6 +1466,11 @@ async fn limit_request(
     let upload = req.uri().path() == UPLOAD_PATH && req.method() == axum::http::Method::POST;
     let (max, what) = if upload {
         (g.limits.max_upload, "limits.max_upload")
+    } else if req.uri().path().starts_with("/v2/") {
+        (
+            g.limits.max_body.max(SERVERLESS_MAX_BODY as u64),
+            "the queue API's limit",
+        )
     } else {
         (g.limits.max_body, "limits.max_body")
     };

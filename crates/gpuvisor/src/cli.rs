@@ -186,6 +186,10 @@ pub enum Command {
     /// Instances: containers or micro-VMs with GPUs.
     #[command(subcommand)]
     Instance(InstanceCmd),
+    /// Serverless endpoints: a job queue (RunPod's API at /v2/<id>/) served by workers made
+    /// from a template, scaled with the queue down to zero.
+    #[command(subcommand)]
+    Endpoint(EndpointCmd),
     /// Replay a GPU-cluster trace through the scheduler (local; no daemon needed).
     Sim(sim::SimArgs),
     /// Host preparation (local; no daemon needed): `gpuvisor host check`.
@@ -607,6 +611,79 @@ pub enum VolumeCmd {
     /// Remove a volume (it must not be in use).
     #[command(visible_alias = "remove")]
     Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCmd {
+    /// Make an endpoint: its queue is `/v2/<id>/` on the API's address.
+    Create(Box<EndpointArgs>),
+    /// Your endpoints (an admin: every tenant's).
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one endpoint (by id or name), with its queue and workers.
+    Get {
+        #[arg(value_name = "ENDPOINT")]
+        id: String,
+    },
+    /// Change an endpoint's template, bounds or scaler.
+    Update(Box<EndpointUpdateArgs>),
+    /// Remove an endpoint: its queue is dropped and its workers terminated.
+    #[command(visible_alias = "remove")]
+    Rm {
+        #[arg(value_name = "ENDPOINT")]
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EndpointArgs {
+    pub name: String,
+    /// The template workers are made from.
+    #[arg(long)]
+    pub template: String,
+    #[arg(long, default_value_t = 0)]
+    pub workers_min: u32,
+    #[arg(long, default_value_t = 3)]
+    pub workers_max: u32,
+    /// A worker idle this long is removed (down to --workers-min).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub idle_timeout: std::time::Duration,
+    /// queue-delay:SECONDS (a job waited that long) or request-count:N (a worker per N jobs).
+    #[arg(long, default_value = "queue-delay:4")]
+    pub scaler: gpuvisor_wire::Scaler,
+    /// Whole GPUs per worker (default: the template's).
+    #[arg(long, conflicts_with = "gpu_fraction")]
+    pub gpus: Option<u32>,
+    /// A fraction of one GPU per worker.
+    #[arg(long)]
+    pub gpu_fraction: Option<f64>,
+    /// Keep scaled-down workers stopped with their disks, to start them again first.
+    #[arg(long)]
+    pub flashboot: bool,
+    /// A job running longer is TIMED_OUT (a job's policy.executionTimeout wins).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+    pub execution_timeout: std::time::Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct EndpointUpdateArgs {
+    /// The endpoint (id or name).
+    #[arg(value_name = "ENDPOINT")]
+    pub id: String,
+    #[arg(long)]
+    pub template: Option<String>,
+    #[arg(long)]
+    pub workers_min: Option<u32>,
+    #[arg(long)]
+    pub workers_max: Option<u32>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<std::time::Duration>,
+    #[arg(long)]
+    pub scaler: Option<gpuvisor_wire::Scaler>,
+    #[arg(long)]
+    pub flashboot: Option<bool>,
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub execution_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1218,6 +1295,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Volume(cmd) => connect()?.volume(cmd),
         Command::Template(cmd) => connect()?.template(cmd),
         Command::Instance(cmd) => connect()?.instance(cmd),
+        Command::Endpoint(cmd) => connect()?.endpoint(cmd),
     }
 }
 
@@ -1631,6 +1709,59 @@ impl Ctx {
             TemplateCmd::Rm { name } => {
                 let t = self.client.remove_template(&name)?;
                 output::print(self.format, &t, |t| format!("template {} removed", t.name))?;
+            }
+        }
+        Ok(exit::OK)
+    }
+
+    fn endpoint(&self, cmd: EndpointCmd) -> Result<i32, CliError> {
+        let now = output::now_ms();
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        match cmd {
+            EndpointCmd::Create(a) => {
+                let req = gpuvisor_wire::CreateEndpoint {
+                    name: a.name,
+                    spec: gpuvisor_wire::EndpointSpec {
+                        template: a.template,
+                        workers_min: a.workers_min,
+                        workers_max: a.workers_max,
+                        idle_timeout_secs: a.idle_timeout.as_secs(),
+                        scaler: a.scaler,
+                        gpus: a.gpus,
+                        gpu_fraction: a.gpu_fraction,
+                        flashboot: a.flashboot,
+                        execution_timeout_ms: ms(a.execution_timeout),
+                    },
+                };
+                let e = self.client.create_endpoint(&req)?;
+                output::print(self.format, &e, output::endpoint_detail)?;
+            }
+            EndpointCmd::List => {
+                let es = self.client.list_endpoints()?;
+                output::print(self.format, &es, |e| output::endpoints_table(e, now))?;
+            }
+            EndpointCmd::Get { id } => {
+                let e = self.client.get_endpoint(&id)?;
+                output::print(self.format, &e, output::endpoint_detail)?;
+            }
+            EndpointCmd::Update(a) => {
+                let req = gpuvisor_wire::UpdateEndpoint {
+                    template: a.template,
+                    workers_min: a.workers_min,
+                    workers_max: a.workers_max,
+                    idle_timeout_secs: a.idle_timeout.map(|d| d.as_secs()),
+                    scaler: a.scaler,
+                    flashboot: a.flashboot,
+                    execution_timeout_ms: a.execution_timeout.map(ms),
+                };
+                let e = self.client.update_endpoint(&a.id, &req)?;
+                output::print(self.format, &e, output::endpoint_detail)?;
+            }
+            EndpointCmd::Rm { id } => {
+                let e = self.client.remove_endpoint(&id)?;
+                output::print(self.format, &e, |e| {
+                    format!("endpoint {} ({}) removed", e.name, e.id)
+                })?;
             }
         }
         Ok(exit::OK)

@@ -171,6 +171,10 @@ impl Client {
         self.call("PUT", path, Some(encode(body)?))
     }
 
+    fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.call("PATCH", path, Some(encode(body)?))
+    }
+
     fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: Option<&B>) -> Result<T> {
         let body = body.map(encode).transpose()?;
         self.call("POST", path, Some(body.unwrap_or_default()))
@@ -200,6 +204,9 @@ impl Client {
                 ("GET", _) => with_key(self.agent.get(url)).call(),
                 ("DELETE", _) => with_key(self.agent.delete(url)).call(),
                 ("PUT", Some(b)) => with_key_body(self.agent.put(url))
+                    .content_type("application/json")
+                    .send(b.as_slice()),
+                ("PATCH", Some(b)) => with_key_body(self.agent.patch(url))
                     .content_type("application/json")
                     .send(b.as_slice()),
                 (_, Some(b)) if !b.is_empty() => with_key_body(self.agent.post(url))
@@ -482,6 +489,33 @@ impl Client {
 
     pub fn remove_template(&self, name: &str) -> Result<gpuvisor_wire::Template> {
         self.delete(&format!("/templates/{}", segment(name)))
+    }
+
+    pub fn list_endpoints(&self) -> Result<Vec<gpuvisor_wire::Endpoint>> {
+        self.get("/endpoints")
+    }
+
+    pub fn get_endpoint(&self, id: &str) -> Result<gpuvisor_wire::Endpoint> {
+        self.get(&format!("/endpoints/{}", segment(id)))
+    }
+
+    pub fn create_endpoint(
+        &self,
+        req: &gpuvisor_wire::CreateEndpoint,
+    ) -> Result<gpuvisor_wire::Endpoint> {
+        self.post("/endpoints", Some(req))
+    }
+
+    pub fn update_endpoint(
+        &self,
+        id: &str,
+        req: &gpuvisor_wire::UpdateEndpoint,
+    ) -> Result<gpuvisor_wire::Endpoint> {
+        self.patch(&format!("/endpoints/{}", segment(id)), req)
+    }
+
+    pub fn remove_endpoint(&self, id: &str) -> Result<gpuvisor_wire::Endpoint> {
+        self.delete(&format!("/endpoints/{}", segment(id)))
     }
 
     pub fn list_volumes(&self) -> Result<Vec<Volume>> {

@@ -12,6 +12,7 @@ mod openapi;
 mod output;
 mod ratelimit;
 mod serve;
+mod serverless;
 mod tls;
 
 fn main() {

@@ -607,6 +607,77 @@ pub fn template_detail(t: &gpuvisor_wire::Template) -> String {
         .join("\n")
 }
 
+pub fn endpoints_table(es: &[gpuvisor_wire::Endpoint], now_ms: i64) -> String {
+    table(
+        &[
+            "ID", "NAME", "TEMPLATE", "WORKERS", "SCALER", "QUEUED", "RUNNING", "AGE",
+        ],
+        es.iter().map(|e| {
+            let w = &e.health.workers;
+            vec![
+                e.id.clone(),
+                e.name.clone(),
+                e.spec.template.clone(),
+                format!(
+                    "{}/{}..{}",
+                    w.idle + w.running + w.initializing,
+                    e.spec.workers_min,
+                    e.spec.workers_max
+                ),
+                e.spec.scaler.to_string(),
+                e.health.jobs.in_queue.to_string(),
+                e.health.jobs.in_progress.to_string(),
+                format_age(e.created_at, now_ms),
+            ]
+        }),
+    )
+}
+
+/// `endpoint get` in table mode.
+pub fn endpoint_detail(e: &gpuvisor_wire::Endpoint) -> String {
+    let s = &e.spec;
+    let (j, w) = (&e.health.jobs, &e.health.workers);
+    let gpus = match (s.gpus, s.gpu_fraction) {
+        (Some(n), _) => n.to_string(),
+        (_, Some(f)) => f.to_string(),
+        _ => "the template's".into(),
+    };
+    let rows = [
+        ("Id", e.id.clone()),
+        ("Name", e.name.clone()),
+        ("Tenant", e.tenant.clone()),
+        ("Queue", format!("{} (RunPod's API)", e.path)),
+        ("Template", s.template.clone()),
+        ("GPUs", gpus),
+        ("Workers", format!("{} to {}", s.workers_min, s.workers_max)),
+        ("Scaler", s.scaler.to_string()),
+        ("Idle timeout", format!("{}s", s.idle_timeout_secs)),
+        (
+            "Exec timeout",
+            format!("{}s", s.execution_timeout_ms / 1000),
+        ),
+        ("Flashboot", s.flashboot.to_string()),
+        (
+            "Jobs",
+            format!(
+                "{} queued, {} running, {} completed, {} failed, {} retried",
+                j.in_queue, j.in_progress, j.completed, j.failed, j.retried
+            ),
+        ),
+        (
+            "Worker states",
+            format!(
+                "{} idle, {} running, {} initializing, {} parked, {} unhealthy",
+                w.idle, w.running, w.initializing, w.parked, w.unhealthy
+            ),
+        ),
+    ];
+    rows.iter()
+        .map(|(k, v)| format!("{:<16}{v}", format!("{k}:")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 pub fn tenants_table(tenants: &[Tenant], now_ms: i64) -> String {
     table(
         &["ID", "NAME", "AGE"],

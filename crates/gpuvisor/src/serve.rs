@@ -59,6 +59,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         prefix: cfg.network.prefix.clone(),
         allow: cfg.network.allow.clone(),
         deny: cfg.network.deny.clone(),
+        host_ports: cfg.proxy.worker_port.into_iter().collect(),
+    };
+    // The serverless worker API: bound before the host's filter opens its port to instances.
+    let worker_listener = match cfg.proxy.worker_port {
+        Some(port) => Some(
+            tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port))
+                .await
+                .with_context(|| format!("cannot listen on the worker API's port {port} (proxy.worker_port; `off` to turn serverless endpoints off)"))?,
+        ),
+        None => None,
     };
     let log_limits = gpuvisor_node::logs::LogLimits {
         max_bytes: cfg.limits.log_max_bytes,
@@ -197,6 +207,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(engine.clone().run_retention());
     tokio::spawn(engine.clone().run_meter());
     tokio::spawn(engine.clone().run_idle());
+    if let Some(port) = cfg.proxy.worker_port {
+        engine.set_serverless(gpuvisor_control::engine::serverless::ServerlessSettings {
+            worker_port: port,
+        });
+    }
+    tokio::spawn(engine.clone().run_serverless());
     tokio::spawn(
         engine
             .clone()
@@ -279,6 +295,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cfg.limits.header_timeout,
         proxy_stop_rx,
     )?;
+    if let Some(l) = worker_listener {
+        let app = crate::serverless::worker_router(engine.clone(), cfg.net_plan.pool());
+        let header_timeout = cfg.limits.header_timeout;
+        tokio::spawn(async move {
+            if let Err(e) = serve_http(l, None, app, header_timeout, 4096, 512).await {
+                tracing::error!("the worker API stopped: {e}");
+            }
+        });
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!("listening on {scheme}://{}", cfg.listen);
     let app = crate::api::router_with_limits(

@@ -34,6 +34,7 @@
 //!      -o Pb+                            DROP     unsolicited traffic towards instances
 //! IN   ctstate RELATED,ESTABLISHED       ACCEPT   replies to the host's own connections
 //!      -d <allow> / <resolver>           ACCEPT   as above, when the host itself is the target
+//!      -p tcp --dport <host port>        ACCEPT   the daemon's serverless worker API
 //!                                        REJECT   the host (gateway, other tenants' gateways,
 //!                                                 every host address): the daemon serves
 //!                                                 neither DHCP nor DNS to instances
@@ -277,6 +278,9 @@ pub struct NetPolicy {
     pub allow: Vec<NetRule>,
     /// Further destinations no instance reaches (e.g. the host's LAN when it is public space).
     pub deny: Vec<NetRule>,
+    /// Host TCP ports instances may reach on the host (the daemon's serverless worker API,
+    /// which itself answers only instance addresses and worker credentials).
+    pub host_ports: Vec<u16>,
 }
 
 impl Default for NetPolicy {
@@ -285,6 +289,7 @@ impl Default for NetPolicy {
             prefix: DEFAULT_PREFIX.to_string(),
             allow: Vec::new(),
             deny: Vec::new(),
+            host_ports: Vec::new(),
         }
     }
 }
@@ -640,6 +645,16 @@ impl Network {
         let mut input = vec![established];
         for m in &opened {
             input.push(with(Vec::new(), m, &["ACCEPT"]));
+        }
+        for port in &self.cfg.policy.host_ports {
+            input.push(strings(&[
+                "-p",
+                "tcp",
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "ACCEPT",
+            ]));
         }
         input.push(with(Vec::new(), &[], &reject));
         (fwd, input)
@@ -1973,6 +1988,7 @@ mod tests {
                 prefix: "gv".into(),
                 allow: vec!["10.1.2.0/24:443".parse().unwrap()],
                 deny: vec!["192.0.2.0/24".parse().unwrap()],
+                host_ports: vec![8444],
             },
             dns: vec![Ipv4Addr::new(10, 255, 255, 53)],
         })
@@ -2002,6 +2018,13 @@ mod tests {
             "-j REJECT --reject-with icmp-admin-prohibited"
         );
         assert!(input.contains(&"-d 10.255.255.53/32 -p tcp --dport 53 -j ACCEPT".to_string()));
+        // The worker API's port, before the final reject; never opened in FWD.
+        let open = input
+            .iter()
+            .position(|r| r == "-p tcp --dport 8444 -j ACCEPT")
+            .expect("the host port is opened");
+        assert!(open < input.len() - 1);
+        assert!(!fwd.iter().any(|r| r.contains("8444")));
     }
 
     /// The rules of one of our chains as `iptables -S` prints them.
@@ -2024,6 +2047,7 @@ mod tests {
                     prefix: "gu".into(),
                     allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
                     deny: vec![],
+                    host_ports: vec![],
                 },
                 dns: vec![],
             })

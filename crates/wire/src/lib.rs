@@ -7,6 +7,7 @@ mod cpulist;
 pub mod metrics;
 pub mod mig;
 mod restart;
+pub mod serverless;
 mod size;
 pub mod template;
 pub mod usage;
@@ -14,6 +15,10 @@ pub mod usage;
 pub use cpulist::{format_cpu_list, parse_cpu_list};
 pub use metrics::{GpuStats, MetricPoint, MetricSeries, MetricsHistory, MetricsQuery};
 pub use restart::{RestartPolicy, VolumeState};
+pub use serverless::{
+    CreateEndpoint, Endpoint, EndpointHealth, EndpointSpec, JobPolicy, JobState, JobStatus, Purged,
+    RunRequest, Scaler, ScalerKind, StreamChunk, StreamStatus, UpdateEndpoint,
+};
 pub use size::{format_size, parse_size, SizeError};
 pub use template::{CreateTemplate, Template, TemplateSpec};
 pub use usage::{GpuType, InstanceCost, UsageLine, UsageQuery, UsageReport};

@@ -127,6 +127,17 @@ ops! {
     CreateTemplate => "template.create", Operate;
     RemoveTemplate => "template.remove", Operate;
     AuditVerify => "audit.verify", Admin;
+    ListEndpoints => "endpoint.list", Read;
+    GetEndpoint => "endpoint.get", Read;
+    CreateEndpoint => "endpoint.create", Operate;
+    UpdateEndpoint => "endpoint.update", Operate;
+    RemoveEndpoint => "endpoint.remove", Operate;
+    RunJob => "endpoint.run", Operate;
+    JobStatus => "endpoint.job_status", Read;
+    CancelJob => "endpoint.job_cancel", Operate;
+    RetryJob => "endpoint.job_retry", Operate;
+    PurgeQueue => "endpoint.purge_queue", Operate;
+    EndpointHealth => "endpoint.health", Read;
 }
 
 impl Op {
@@ -134,6 +145,9 @@ impl Op {
     pub fn mutating(self) -> bool {
         !matches!(self.access(), Access::Read | Access::Scrape)
             && !matches!(self, Op::MigState | Op::AuditList | Op::AuditVerify)
+            // A job is the tenant's workload (its data, at a workload's rate), not a change
+            // of what the tenant has; the endpoint's own changes are recorded.
+            && self != Op::RunJob
     }
 }
 

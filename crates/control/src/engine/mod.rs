@@ -18,6 +18,7 @@ mod metrics;
 pub mod pricing;
 mod reconcile;
 mod scale;
+pub mod serverless;
 pub mod session;
 pub mod templates;
 mod tenants;
@@ -108,6 +109,7 @@ pub struct Engine {
     pricing: std::sync::RwLock<Arc<pricing::Pricing>>,
     /// The proxy's settings and link key ([`ingress`]), set at start.
     ingress: ingress::IngressState,
+    serverless: serverless::Serverless,
     /// One meter step at a time ([`usage`]).
     meter_lock: tokio::sync::Mutex<()>,
     /// Admin key revocations one at a time (the last one is never revoked).
@@ -241,6 +243,7 @@ impl Engine {
             limits: Default::default(),
             pricing: Default::default(),
             ingress: Default::default(),
+            serverless: Default::default(),
             meter_lock: tokio::sync::Mutex::new(()),
             revoke_lock: tokio::sync::Mutex::new(()),
             tenant_deletions: std::sync::atomic::AtomicBool::new(true),

@@ -41,6 +41,10 @@ pub struct ProxySection {
     pub max_connections_per_ip: usize,
     /// The proxy's own worker threads, apart from the API's [default: 2].
     pub threads: usize,
+    /// The serverless worker API (plain HTTP, only from instance addresses, each worker with
+    /// its own credential): this port on every tenant bridge's gateway; `None`: off, and no
+    /// serverless endpoints [default: 8444].
+    pub worker_port: Option<u16>,
 }
 
 impl Default for ProxySection {
@@ -60,6 +64,7 @@ impl Default for ProxySection {
             max_connections: 10_000,
             max_connections_per_ip: 256,
             threads: 2,
+            worker_port: Some(8444),
         }
     }
 }
@@ -82,6 +87,7 @@ pub(super) struct ProxyFile {
     max_connections: Option<usize>,
     max_connections_per_ip: Option<usize>,
     threads: Option<usize>,
+    worker_port: Option<String>,
 }
 
 /// Flags for `[proxy]`.
@@ -103,6 +109,23 @@ pub struct ProxyOverrides {
     /// Where the TCP maps listen [proxy.tcp_listen].
     #[arg(long = "proxy-tcp-listen", value_name = "IP")]
     pub proxy_tcp_listen: Option<IpAddr>,
+    /// The serverless worker API's port on the tenant bridges, or `off` [proxy.worker_port].
+    #[arg(
+        long = "worker-port",
+        env = "GPUVISOR_WORKER_PORT",
+        value_name = "PORT|off"
+    )]
+    pub worker_port: Option<String>,
+}
+
+fn worker_port(v: &str) -> anyhow::Result<Option<u16>> {
+    if v == "off" {
+        return Ok(None);
+    }
+    match v.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(Some(p)),
+        _ => bail!("proxy.worker_port {v:?} is not a port (1-65535) or off"),
+    }
 }
 
 fn listen(v: &str) -> anyhow::Result<Option<SocketAddr>> {
@@ -190,6 +213,9 @@ impl ProxySection {
         if let Some(v) = f.threads {
             self.threads = v;
         }
+        if let Some(v) = &f.worker_port {
+            self.worker_port = worker_port(v)?;
+        }
         Ok(())
     }
 
@@ -205,6 +231,9 @@ impl ProxySection {
         }
         if let Some(v) = o.proxy_tcp_listen {
             self.tcp_listen = v;
+        }
+        if let Some(v) = &o.worker_port {
+            self.worker_port = worker_port(v)?;
         }
         self.check()
     }
@@ -239,6 +268,9 @@ mod tests {
         assert!(port_range("0-5").is_err());
         assert!(port_range("a-b").is_err());
         assert_eq!(listen("off").unwrap(), None);
+        assert_eq!(worker_port("off").unwrap(), None);
+        assert_eq!(worker_port("8444").unwrap(), Some(8444));
+        assert!(worker_port("0").is_err() && worker_port("x").is_err());
         assert!(listen("8443").is_err());
         assert_eq!(domain("Proxy.Example.COM.").unwrap(), "proxy.example.com");
         assert!(domain("a..b").is_err());

@@ -185,6 +185,10 @@ impl Daemon {
         if !self.extra.iter().any(|a| a == "--proxy-listen") {
             out.extend(["--proxy-listen", "off"]);
         }
+        // The serverless worker API (default :8444) likewise.
+        if !self.extra.iter().any(|a| a == "--worker-port") {
+            out.extend(["--worker-port", "off"]);
+        }
         out
     }
 

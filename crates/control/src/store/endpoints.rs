@@ -1,0 +1,679 @@
+//! Serverless endpoints, their jobs and their workers (migration 0016).
+//!
+//! A job is claimed by one conditional `UPDATE` (`state = 'IN_QUEUE'` rechecked), so two
+//! workers can never hold it at once; it ends by another (`state` not final), so the first
+//! result wins and a late one changes nothing: each job ends exactly once.
+
+use super::{json, Result, Store, StoreError};
+use gpuvisor_wire::{EndpointSpec, JobState};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointRow {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub spec: EndpointSpec,
+    pub created_at: i64,
+}
+
+/// A job; `input`, `output` and `error` are JSON text (`output`/`error` '' when unset).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct JobRow {
+    pub id: String,
+    pub endpoint_id: String,
+    pub state: String,
+    pub input: String,
+    pub webhook: String,
+    pub sync: bool,
+    pub exec_timeout_ms: i64,
+    pub ttl_ms: i64,
+    pub created_at: i64,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub worker_id: String,
+    pub lease_until: i64,
+    pub attempts: i64,
+    pub output: String,
+    pub error: String,
+    pub expires_at: i64,
+}
+
+impl JobRow {
+    pub fn state(&self) -> JobState {
+        JobState::parse(&self.state).unwrap_or(JobState::Failed)
+    }
+}
+
+/// What the lease and timeout checks need of a running job (no input, no output).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningJob {
+    pub id: String,
+    pub endpoint_id: String,
+    pub worker_id: String,
+    pub lease_until: i64,
+    pub started_at: i64,
+    pub exec_timeout_ms: i64,
+    pub attempts: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRow {
+    pub pod_id: String,
+    /// '' until its instance is made.
+    pub instance_id: String,
+    pub endpoint_id: String,
+    pub created_at: i64,
+    pub parked: bool,
+}
+
+/// Per endpoint and state: how many jobs, the oldest's creation, how many were retried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobTally {
+    pub endpoint_id: String,
+    pub state: String,
+    pub count: u64,
+    pub oldest: i64,
+    pub retried: u64,
+}
+
+fn endpoint(r: &AnyRow) -> Result<EndpointRow> {
+    let spec: String = r.try_get("spec")?;
+    Ok(EndpointRow {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        name: r.try_get("name")?,
+        spec: serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
+            table: "endpoints",
+            why: e.to_string(),
+        })?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+macro_rules! job_cols {
+    () => {
+        "id, endpoint_id, state, input, webhook, sync, exec_timeout_ms, ttl_ms, created_at, \
+         started_at, finished_at, worker_id, lease_until, attempts, output, error, expires_at"
+    };
+}
+
+fn job(r: &AnyRow) -> Result<JobRow> {
+    Ok(JobRow {
+        id: r.try_get("id")?,
+        endpoint_id: r.try_get("endpoint_id")?,
+        state: r.try_get("state")?,
+        input: r.try_get("input")?,
+        webhook: r.try_get("webhook")?,
+        sync: r.try_get::<i64, _>("sync")? != 0,
+        exec_timeout_ms: r.try_get("exec_timeout_ms")?,
+        ttl_ms: r.try_get("ttl_ms")?,
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        worker_id: r.try_get("worker_id")?,
+        lease_until: r.try_get("lease_until")?,
+        attempts: r.try_get("attempts")?,
+        output: r.try_get("output")?,
+        error: r.try_get("error")?,
+        expires_at: r.try_get("expires_at")?,
+    })
+}
+
+fn worker(r: &AnyRow) -> Result<WorkerRow> {
+    Ok(WorkerRow {
+        pod_id: r.try_get("pod_id")?,
+        instance_id: r.try_get("instance_id")?,
+        endpoint_id: r.try_get("endpoint_id")?,
+        created_at: r.try_get("created_at")?,
+        parked: r.try_get::<i64, _>("parked")? != 0,
+    })
+}
+
+impl Store {
+    // --- endpoints ---------------------------------------------------------------------
+
+    /// `Conflict` when the tenant has an endpoint of that name.
+    pub async fn insert_endpoint(&self, e: &EndpointRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO endpoints (id, tenant_id, name, spec, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(e.id.clone())
+        .bind(e.tenant_id.clone())
+        .bind(e.name.clone())
+        .bind(json(&e.spec))
+        .bind(e.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_write)?;
+        Ok(())
+    }
+
+    /// A tenant's endpoints, or all (`None`), by name.
+    pub async fn endpoints(&self, tenant_id: Option<&str>) -> Result<Vec<EndpointRow>> {
+        let rows = match tenant_id {
+            Some(t) => {
+                sqlx::query(
+                    "SELECT id, tenant_id, name, spec, created_at FROM endpoints \
+                     WHERE tenant_id = $1 ORDER BY name",
+                )
+                .bind(t.to_string())
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(
+                    "SELECT id, tenant_id, name, spec, created_at FROM endpoints \
+                     ORDER BY tenant_id, name",
+                )
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(endpoint).collect()
+    }
+
+    pub async fn endpoint(&self, id: &str) -> Result<Option<EndpointRow>> {
+        sqlx::query("SELECT id, tenant_id, name, spec, created_at FROM endpoints WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(endpoint)
+            .transpose()
+    }
+
+    pub async fn endpoint_by_name(
+        &self,
+        tenant_id: &str,
+        name: &str,
+    ) -> Result<Option<EndpointRow>> {
+        sqlx::query(
+            "SELECT id, tenant_id, name, spec, created_at FROM endpoints WHERE tenant_id = $1 AND name = $2",
+        )
+        .bind(tenant_id.to_string())
+        .bind(name.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(endpoint)
+        .transpose()
+    }
+
+    pub async fn set_endpoint_spec(&self, id: &str, spec: &EndpointSpec) -> Result<bool> {
+        Ok(sqlx::query("UPDATE endpoints SET spec = $1 WHERE id = $2")
+            .bind(json(spec))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            == 1)
+    }
+
+    /// Removes the endpoint and its jobs in one transaction (its workers are the caller's:
+    /// instances to terminate first).
+    pub async fn delete_endpoint(&self, id: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM endpoint_job_stream WHERE job_id IN \
+             (SELECT id FROM endpoint_jobs WHERE endpoint_id = $1)",
+        )
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM endpoint_jobs WHERE endpoint_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let n = sqlx::query("DELETE FROM endpoints WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    // --- jobs --------------------------------------------------------------------------
+
+    pub async fn insert_job(&self, j: &JobRow) -> Result<()> {
+        sqlx::query(concat!(
+            "INSERT INTO endpoint_jobs (",
+            job_cols!(),
+            ", webhook_pending, stream_read) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, 0, 0)"
+        ))
+        .bind(j.id.clone())
+        .bind(j.endpoint_id.clone())
+        .bind(j.state.clone())
+        .bind(j.input.clone())
+        .bind(j.webhook.clone())
+        .bind(i64::from(j.sync))
+        .bind(j.exec_timeout_ms)
+        .bind(j.ttl_ms)
+        .bind(j.created_at)
+        .bind(j.started_at)
+        .bind(j.finished_at)
+        .bind(j.worker_id.clone())
+        .bind(j.lease_until)
+        .bind(j.attempts)
+        .bind(j.output.clone())
+        .bind(j.error.clone())
+        .bind(j.expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_write)?;
+        Ok(())
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Option<JobRow>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM endpoint_jobs WHERE id = $1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(job)
+        .transpose()
+    }
+
+    /// The oldest queued job of `endpoint_id`, now `worker_id`'s until `lease_until`; `None`
+    /// when the queue is empty. A job another claim took first is skipped.
+    pub async fn claim_job(
+        &self,
+        endpoint_id: &str,
+        worker_id: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Option<JobRow>> {
+        for _ in 0..16 {
+            let Some(id) = sqlx::query(
+                "SELECT id FROM endpoint_jobs WHERE endpoint_id = $1 AND state = 'IN_QUEUE' \
+                 ORDER BY created_at, id LIMIT 1",
+            )
+            .bind(endpoint_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get::<String, _>("id"))
+            .transpose()?
+            else {
+                return Ok(None);
+            };
+            let took = sqlx::query(
+                "UPDATE endpoint_jobs SET state = 'IN_PROGRESS', worker_id = $1, \
+                 lease_until = $2, started_at = $3, attempts = attempts + 1 \
+                 WHERE id = $4 AND state = 'IN_QUEUE'",
+            )
+            .bind(worker_id.to_string())
+            .bind(lease_until)
+            .bind(now)
+            .bind(id.clone())
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            if took == 1 {
+                return self.job(&id).await;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Extends the leases of `worker_id`'s running jobs among `ids`.
+    pub async fn renew_leases(&self, worker_id: &str, ids: &[String], until: i64) -> Result<()> {
+        for id in ids {
+            sqlx::query(
+                "UPDATE endpoint_jobs SET lease_until = $1 \
+                 WHERE id = $2 AND worker_id = $3 AND state = 'IN_PROGRESS' AND lease_until < $4",
+            )
+            .bind(until)
+            .bind(id.clone())
+            .bind(worker_id.to_string())
+            .bind(until)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Ends a job that has not ended: `false` when it had (the first end wins).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish_job(
+        &self,
+        id: &str,
+        state: JobState,
+        output: &str,
+        error: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE endpoint_jobs SET state = $1, output = $2, error = $3, finished_at = $4, \
+             expires_at = $5, lease_until = 0, \
+             webhook_pending = CASE WHEN webhook = '' THEN 0 ELSE 1 END \
+             WHERE id = $6 AND state IN ('IN_QUEUE', 'IN_PROGRESS')",
+        )
+        .bind(state.as_str())
+        .bind(output.to_string())
+        .bind(error.to_string())
+        .bind(now)
+        .bind(expires_at)
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
+    /// A running job's interim output (a progress update); nothing once it has ended.
+    pub async fn set_job_progress(&self, id: &str, worker_id: &str, output: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE endpoint_jobs SET output = $1 WHERE id = $2 AND worker_id = $3 AND state = 'IN_PROGRESS'",
+        )
+        .bind(output.to_string())
+        .bind(id.to_string())
+        .bind(worker_id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A running job back to the queue (its worker was lost), if `worker_id` still holds it.
+    pub async fn requeue_job(&self, id: &str, worker_id: &str) -> Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE endpoint_jobs SET state = 'IN_QUEUE', worker_id = '', lease_until = 0, \
+             started_at = 0, output = '' WHERE id = $1 AND worker_id = $2 AND state = 'IN_PROGRESS'",
+        )
+        .bind(id.to_string())
+        .bind(worker_id.to_string())
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
+    /// A failed or timed-out job queued again as new (`retry`); `false` in another state.
+    pub async fn retry_job(&self, id: &str, now: i64) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE endpoint_jobs SET state = 'IN_QUEUE', worker_id = '', lease_until = 0, \
+             started_at = 0, finished_at = 0, expires_at = 0, attempts = 0, output = '', \
+             error = '', created_at = $1, webhook_pending = 0, stream_read = 0 \
+             WHERE id = $2 AND state IN ('FAILED', 'TIMED_OUT')",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            sqlx::query("DELETE FROM endpoint_job_stream WHERE job_id = $1")
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    /// Removes the queued (not yet running) jobs of an endpoint; how many.
+    pub async fn purge_queue(&self, endpoint_id: &str) -> Result<u64> {
+        Ok(
+            sqlx::query("DELETE FROM endpoint_jobs WHERE endpoint_id = $1 AND state = 'IN_QUEUE'")
+                .bind(endpoint_id.to_string())
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
+    /// Every running job, light.
+    pub async fn running_jobs(&self) -> Result<Vec<RunningJob>> {
+        sqlx::query(
+            "SELECT id, endpoint_id, worker_id, lease_until, started_at, exec_timeout_ms, attempts \
+             FROM endpoint_jobs WHERE state = 'IN_PROGRESS'",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(RunningJob {
+                id: r.try_get("id")?,
+                endpoint_id: r.try_get("endpoint_id")?,
+                worker_id: r.try_get("worker_id")?,
+                lease_until: r.try_get("lease_until")?,
+                started_at: r.try_get("started_at")?,
+                exec_timeout_ms: r.try_get("exec_timeout_ms")?,
+                attempts: r.try_get("attempts")?,
+            })
+        })
+        .collect()
+    }
+
+    /// Queued jobs whose time to live ran out.
+    pub async fn expired_queued_jobs(&self, now: i64) -> Result<Vec<String>> {
+        sqlx::query(
+            "SELECT id FROM endpoint_jobs WHERE state = 'IN_QUEUE' AND created_at + ttl_ms < $1",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok(r.try_get("id")?))
+        .collect()
+    }
+
+    /// Forgets finished jobs past their retention; how many.
+    pub async fn delete_expired_jobs(&self, now: i64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM endpoint_job_stream WHERE job_id IN \
+             (SELECT id FROM endpoint_jobs WHERE expires_at > 0 AND expires_at < $1)",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let n = sqlx::query("DELETE FROM endpoint_jobs WHERE expires_at > 0 AND expires_at < $1")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Per endpoint and state: the count, the oldest job and how many were retried.
+    pub async fn job_tallies(&self) -> Result<Vec<JobTally>> {
+        sqlx::query(
+            "SELECT endpoint_id, state, COUNT(*) AS n, MIN(created_at) AS oldest, \
+             SUM(CASE WHEN attempts > 1 THEN 1 ELSE 0 END) AS retried \
+             FROM endpoint_jobs GROUP BY endpoint_id, state",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(JobTally {
+                endpoint_id: r.try_get("endpoint_id")?,
+                state: r.try_get("state")?,
+                count: u64::try_from(r.try_get::<i64, _>("n")?).unwrap_or(0),
+                oldest: r.try_get("oldest")?,
+                retried: u64::try_from(r.try_get::<i64, _>("retried")?).unwrap_or(0),
+            })
+        })
+        .collect()
+    }
+
+    /// Ended jobs whose webhook is still to be called, marked as taken.
+    pub async fn take_webhooks(&self, limit: i64) -> Result<Vec<JobRow>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            job_cols!(),
+            " FROM endpoint_jobs WHERE webhook_pending = 1 LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let jobs: Vec<JobRow> = rows.iter().map(job).collect::<Result<_>>()?;
+        for j in &jobs {
+            sqlx::query("UPDATE endpoint_jobs SET webhook_pending = 0 WHERE id = $1")
+                .bind(j.id.clone())
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(jobs)
+    }
+
+    /// Appends a streaming job's partial output (while it runs on `worker_id`).
+    pub async fn append_stream(&self, job_id: &str, worker_id: &str, output: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let running = sqlx::query(
+            "SELECT id FROM endpoint_jobs WHERE id = $1 AND worker_id = $2 AND state = 'IN_PROGRESS'",
+        )
+        .bind(job_id.to_string())
+        .bind(worker_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
+        if running {
+            sqlx::query(
+                "INSERT INTO endpoint_job_stream (job_id, seq, output) VALUES ($1, \
+                 (SELECT COALESCE(MAX(seq), 0) + 1 FROM endpoint_job_stream WHERE job_id = $2), $3)",
+            )
+            .bind(job_id.to_string())
+            .bind(job_id.to_string())
+            .bind(output.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::from_write)?;
+        }
+        tx.commit().await?;
+        Ok(running)
+    }
+
+    /// The stream chunks not handed out before, now marked handed out.
+    pub async fn take_stream(&self, job_id: &str) -> Result<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        let read: i64 = sqlx::query("SELECT stream_read FROM endpoint_jobs WHERE id = $1")
+            .bind(job_id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get("stream_read"))
+            .transpose()?
+            .unwrap_or(0);
+        let rows = sqlx::query(
+            "SELECT seq, output FROM endpoint_job_stream WHERE job_id = $1 AND seq > $2 ORDER BY seq",
+        )
+        .bind(job_id.to_string())
+        .bind(read)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut last = read;
+        for r in &rows {
+            last = r.try_get("seq")?;
+            out.push(r.try_get("output")?);
+        }
+        if last > read {
+            sqlx::query(
+                "UPDATE endpoint_jobs SET stream_read = $1 WHERE id = $2 AND stream_read = $3",
+            )
+            .bind(last)
+            .bind(job_id.to_string())
+            .bind(read)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    // --- workers -----------------------------------------------------------------------
+
+    /// A worker about to be made (its instance comes next: [`Store::set_worker_instance`]).
+    pub async fn insert_worker(
+        &self,
+        pod_id: &str,
+        endpoint_id: &str,
+        token_hash: &str,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO endpoint_workers (pod_id, instance_id, endpoint_id, token_hash, created_at, parked) \
+             VALUES ($1, '', $2, $3, $4, 0)",
+        )
+        .bind(pod_id.to_string())
+        .bind(endpoint_id.to_string())
+        .bind(token_hash.to_string())
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(StoreError::from_write)?;
+        Ok(())
+    }
+
+    pub async fn workers(&self) -> Result<Vec<WorkerRow>> {
+        sqlx::query(
+            "SELECT pod_id, instance_id, endpoint_id, created_at, parked FROM endpoint_workers ORDER BY created_at, pod_id",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(worker)
+        .collect()
+    }
+
+    /// The worker whose credential hashes to `token_hash`.
+    pub async fn worker_by_token(&self, token_hash: &str) -> Result<Option<WorkerRow>> {
+        sqlx::query(
+            "SELECT pod_id, instance_id, endpoint_id, created_at, parked FROM endpoint_workers WHERE token_hash = $1",
+        )
+        .bind(token_hash.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(worker)
+        .transpose()
+    }
+
+    pub async fn worker_by_pod(&self, pod_id: &str) -> Result<Option<WorkerRow>> {
+        sqlx::query(
+            "SELECT pod_id, instance_id, endpoint_id, created_at, parked FROM endpoint_workers WHERE pod_id = $1",
+        )
+        .bind(pod_id.to_string())
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(worker)
+        .transpose()
+    }
+
+    pub async fn set_worker_instance(&self, pod_id: &str, instance_id: &str) -> Result<()> {
+        sqlx::query("UPDATE endpoint_workers SET instance_id = $1 WHERE pod_id = $2")
+            .bind(instance_id.to_string())
+            .bind(pod_id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_worker_parked(&self, pod_id: &str, parked: bool) -> Result<()> {
+        sqlx::query("UPDATE endpoint_workers SET parked = $1 WHERE pod_id = $2")
+            .bind(i64::from(parked))
+            .bind(pod_id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_worker(&self, pod_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM endpoint_workers WHERE pod_id = $1")
+            .bind(pod_id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! The serverless worker API: what RunPod's worker SDK (`runpod.serverless.start`) calls from
+//! inside a worker instance, at the URLs the engine put in its environment
+//! (`RUNPOD_WEBHOOK_*`). Plain HTTP on the host's port that the instance filter opens to
+//! instances (`[proxy] worker_port`), on every tenant bridge's gateway: it answers only
+//! instance addresses, and each call carries the worker's own credential
+//! (`Authorization: <token>`, RunPod's form), which names one worker of one endpoint.
+//!
+//! - `GET  /v2/{ep}/job-take/{pod}`, `/job-take-batch/{pod}?batch_size=N`: a job (or a list),
+//!   held up to [`TAKE_WAIT`] while the queue is empty (the SDK asks again at once on a 204);
+//! - `GET  /v2/{ep}/job-stop/{pod}`: `{"jobsToStop": [...]}` (cancelled, timed out), held up
+//!   to [`TAKE_WAIT`];
+//! - `POST /v2/{ep}/job-done/{pod}/{job}`: a result, or `{"status":"IN_PROGRESS",...}`
+//!   progress; the body is JSON whatever its content type says (the SDK labels it a form);
+//! - `POST /v2/{ep}/job-stream/{pod}/{job}`: one partial output;
+//! - `GET  /v2/{ep}/ping/{pod}?job_id=a,b`: alive, and renews those jobs' leases.
+
+use crate::api::{ApiError, Peer};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gpuvisor_control::{Engine, EngineError};
+use gpuvisor_node::ipam::Cidr;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long `job-take` and `job-stop` hold an empty answer (the SDK waits 90 s at most).
+pub const TAKE_WAIT: Duration = Duration::from_secs(20);
+/// Most jobs one batch take hands out.
+const MAX_BATCH: usize = 64;
+
+#[derive(Clone)]
+struct WorkerApi {
+    engine: Arc<Engine>,
+    pool: Cidr,
+}
+
+pub fn worker_router(engine: Arc<Engine>, pool: Cidr) -> Router {
+    let st = WorkerApi { engine, pool };
+    Router::new()
+        .route("/v2/{ep}/job-take/{pod}", get(take))
+        .route("/v2/{ep}/job-take-batch/{pod}", get(take_batch))
+        .route("/v2/{ep}/job-stop/{pod}", get(stops))
+        .route("/v2/{ep}/job-done/{pod}/{job}", post(done))
+        .route("/v2/{ep}/job-stream/{pod}/{job}", post(stream))
+        .route("/v2/{ep}/ping/{pod}", get(ping))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            gpuvisor_control::engine::serverless::MAX_OUTPUT_BYTES + 4096,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            st.clone(),
+            only_instances,
+        ))
+        .with_state(st)
+}
+
+/// Anything not from an instance address is refused before a handler runs.
+async fn only_instances(
+    State(st): State<WorkerApi>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let from_instance = match req.extensions().get::<Peer>().map(|p| p.0) {
+        Some(std::net::IpAddr::V4(ip)) => st.pool.contains(ip),
+        Some(std::net::IpAddr::V6(ip)) => {
+            ip.to_ipv4_mapped().is_some_and(|v4| st.pool.contains(v4))
+        }
+        None => false,
+    };
+    if !from_instance {
+        return ApiError::from(EngineError::Forbidden(
+            "the worker API answers instances only".into(),
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn token(h: &HeaderMap) -> Option<&str> {
+    h.get("authorization").and_then(|v| v.to_str().ok())
+}
+
+#[derive(Deserialize)]
+struct TakeQuery {
+    #[serde(default)]
+    batch_size: Option<usize>,
+}
+
+async fn take_n(
+    st: &WorkerApi,
+    h: &HeaderMap,
+    ep: &str,
+    pod: &str,
+    n: usize,
+    list: bool,
+) -> Response {
+    let w = match st.engine.worker_auth(token(h), ep, pod).await {
+        Ok(w) => w,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    match st.engine.worker_take(&w, n, TAKE_WAIT).await {
+        Ok(jobs) if jobs.is_empty() => StatusCode::NO_CONTENT.into_response(),
+        Ok(mut jobs) if !list => Json(jobs.swap_remove(0)).into_response(),
+        Ok(jobs) => Json(jobs).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn take(
+    State(st): State<WorkerApi>,
+    h: HeaderMap,
+    Path((ep, pod)): Path<(String, String)>,
+) -> Response {
+    take_n(&st, &h, &ep, &pod, 1, false).await
+}
+
+async fn take_batch(
+    State(st): State<WorkerApi>,
+    h: HeaderMap,
+    Path((ep, pod)): Path<(String, String)>,
+    uri: axum::http::Uri,
+) -> Response {
+    let n = Query::<TakeQuery>::try_from_uri(&uri)
+        .ok()
+        .and_then(|Query(q)| q.batch_size)
+        .unwrap_or(1)
+        .clamp(1, MAX_BATCH);
+    take_n(&st, &h, &ep, &pod, n, true).await
+}
+
+async fn stops(
+    State(st): State<WorkerApi>,
+    h: HeaderMap,
+    Path((ep, pod)): Path<(String, String)>,
+) -> Response {
+    let w = match st.engine.worker_auth(token(&h), &ep, &pod).await {
+        Ok(w) => w,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let ids = st.engine.worker_stops(&w, TAKE_WAIT).await;
+    if ids.is_empty() {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        Json(serde_json::json!({ "jobsToStop": ids })).into_response()
+    }
+}
+
+async fn done(
+    State(st): State<WorkerApi>,
+    h: HeaderMap,
+    Path((ep, pod, job)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
+    let r = async {
+        let w = st.engine.worker_auth(token(&h), &ep, &pod).await?;
+        st.engine.worker_done(&w, &job, &body).await
+    }
+    .await;
+    answer(r)
+}
+
+async fn stream(
+    State(st): State<WorkerApi>,
+    h: HeaderMap,
+    Path((ep, pod, job)): Path<(String, String, String)>,
+    body: Bytes,
+) -> Response {
+    let r = async {
+        let w = st.engine.worker_auth(token(&h), &ep, &pod).await?;
+        st.engine.worker_stream(&w, &job, &body).await
+    }
+    .await;
+    answer(r)
+}
+
+async fn ping(
+    State(st): State<WorkerApi>,
+    h: HeaderMap,
+    Path((ep, pod)): Path<(String, String)>,
+    uri: axum::http::Uri,
+) -> Response {
+    let q = Query::<HashMap<String, String>>::try_from_uri(&uri)
+        .map(|Query(q)| q)
+        .unwrap_or_default();
+    let jobs: Vec<String> = q
+        .get("job_id")
+        .map(|s| {
+            s.split(',')
+                .filter(|j| !j.is_empty())
+                .take(MAX_BATCH)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let r = async {
+        let w = st.engine.worker_auth(token(&h), &ep, &pod).await?;
+        st.engine.worker_ping(&w, &jobs).await
+    }
+    .await;
+    answer(r)
+}
+
+fn answer(r: Result<(), EngineError>) -> Response {
+    match r {
+        Ok(()) => Json(serde_json::json!({})).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}

@@ -1,0 +1,579 @@
+//! Serverless endpoints end to end with RunPod's own SDKs: a Debian worker image with the
+//! `runpod` package from PyPI (scripts/make-worker-image) runs `runpod.serverless.start`
+//! unchanged in each worker instance; the `runpod` client SDK (`runpod.Endpoint` pointed at
+//! the daemon) and curl drive the queue. 1000 jobs over a 0 → N → 0 scale cycle, each
+//! completed once with its own output; a worker killed mid-job (the job retried and
+//! completed); the daemon SIGKILLed under load (no accepted job lost); cancel, timeout, retry,
+//! streaming; another tenant's key and a worker's credential used where they do not belong.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+use common::{free_port, instance_pids, serial, Daemon};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const NET: [&str; 4] = ["--net-prefix", "gs", "--net-pool", "10.81.0.0/16"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A key for the cache of what this test builds: the build script's and the handler's text.
+fn cache_key() -> String {
+    let out = Command::new("sha256sum")
+        .arg(repo().join("scripts/make-worker-image"))
+        .arg(repo().join("tests/serverless/handler.py"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let sums: String = text.lines().filter_map(|l| l.get(..16)).collect();
+    sums
+}
+
+/// The worker image tar, built once per version of its script and handler.
+fn worker_image() -> PathBuf {
+    let dir = PathBuf::from("/var/tmp/gpuvisor-worker");
+    let tar = dir.join(format!("worker-{}.tar", cache_key()));
+    if !tar.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let t0 = Instant::now();
+        let out = Command::new(repo().join("scripts/make-worker-image"))
+            .arg(&tar)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "make-worker-image failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("worker image built in {:?}", t0.elapsed());
+    }
+    tar
+}
+
+/// A venv on the host with the `runpod` client SDK (the same version as the workers').
+fn client_python() -> PathBuf {
+    let venv = PathBuf::from(format!("/var/tmp/gpuvisor-worker/client-{}", cache_key()));
+    let py = venv.join("bin/python3");
+    if !py.exists() {
+        let st = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "python3 -m venv failed (python3-venv installed?)"
+        );
+        let out = Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "runpod==1.12.0"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pip install runpod: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    py
+}
+
+struct Fixture {
+    d: Daemon,
+    /// A member key of tenant `acme`, which owns the endpoints.
+    acme: String,
+    /// A member key of tenant `other`.
+    other: String,
+    worker_port: u16,
+}
+
+impl Fixture {
+    fn start() -> Fixture {
+        let worker_port = free_port();
+        let port = worker_port.to_string();
+        let mut args = NET.to_vec();
+        args.extend(["--worker-port", &port]);
+        let d = Daemon::start(&args);
+        let tar = worker_image();
+        d.json(&[
+            "image",
+            "import",
+            tar.to_str().unwrap(),
+            "--name",
+            "runpod-worker",
+        ]);
+        let mut keys = Vec::new();
+        for t in ["acme", "other"] {
+            d.json(&["tenant", "create", t]);
+            keys.push(
+                d.json(&["key", "create", "--tenant", t, "--role", "member"])["secret"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        let f = Fixture {
+            acme: keys[0].clone(),
+            other: keys[1].clone(),
+            d,
+            worker_port,
+        };
+        for (name, handler, conc) in [("echo", "echo", "16"), ("streamer", "stream", "1")] {
+            f.d.json_as(
+                &f.acme,
+                &[
+                    "template",
+                    "create",
+                    name,
+                    "--image",
+                    "runpod-worker",
+                    "--memory",
+                    "384MiB",
+                    "--env",
+                    &format!("HANDLER={handler}"),
+                    "--env",
+                    &format!("CONCURRENCY={conc}"),
+                ],
+            );
+        }
+        f
+    }
+
+    fn endpoint(&self, name: &str, extra: &[&str]) -> String {
+        let mut a = vec!["endpoint", "create", name];
+        a.extend(extra);
+        self.d.json_as(&self.acme, &a)["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn get(&self, ep: &str) -> Value {
+        self.d.json_as(&self.acme, &["endpoint", "get", ep])
+    }
+
+    /// Workers that are up or coming up (not parked, not gone).
+    fn live_workers(&self, ep: &str) -> u64 {
+        let w = &self.get(ep)["health"]["workers"];
+        ["idle", "running", "initializing"]
+            .iter()
+            .map(|k| w[k].as_u64().unwrap())
+            .sum()
+    }
+
+    /// The queue API with curl as a RunPod user writes it (`authorization: <key>`, bare).
+    fn curl(&self, key: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--max-time", "120", "--cacert"])
+            .arg(self.d.ca())
+            .args(["-X", method, "-H", &format!("authorization: {key}")])
+            .args(["-w", "\n%{http_code}"]);
+        if let Some(b) = body {
+            c.args(["-H", "content-type: application/json", "-d", &b.to_string()]);
+        }
+        c.arg(format!("{}{path}", self.d.endpoint()));
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (
+            code.trim().parse().unwrap(),
+            serde_json::from_str(body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// RunPod's client SDK (tests/serverless/client.py): its JSON answer.
+    fn sdk(&self, ep: &str, args: &[&str]) -> Value {
+        let out = Command::new(client_python())
+            .arg(repo().join("tests/serverless/client.py"))
+            .arg(format!("{}/v2", self.d.endpoint()))
+            .arg(&self.acme)
+            .arg(ep)
+            .args(args)
+            .env("REQUESTS_CA_BUNDLE", self.d.ca())
+            .env("SSL_CERT_FILE", self.d.ca())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "client.py {args:?}: {}\n--- daemon log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.d.log())
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    }
+
+    fn status(&self, ep: &str, job: &str) -> Value {
+        let (code, v) = self.curl(&self.acme, "GET", &format!("/v2/{ep}/status/{job}"), None);
+        assert_eq!(code, 200, "{v}");
+        v
+    }
+
+    fn wait_status(&self, ep: &str, job: &str, want: &[&str], within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.status(ep, job);
+            if want.iter().any(|w| v["status"] == *w) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job} never became {want:?}: {v}\n{}",
+                tail(&self.d.log())
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn wait_workers(&self, ep: &str, n: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.live_workers(ep) != n {
+            assert!(
+                Instant::now() < deadline,
+                "endpoint {ep} never had {n} workers: {}",
+                self.get(ep)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// The whole story on one daemon (the image and the workers' start-up are the slow part):
+/// scale-out and back to zero under 1000 jobs, then the failure cases.
+#[test]
+fn runpod_sdks_drive_an_endpoint_from_zero_to_n_and_back() {
+    let _g = serial();
+    let f = Fixture::start();
+    let ep = f.endpoint(
+        "echo",
+        &[
+            "--template",
+            "echo",
+            "--workers-max",
+            "3",
+            "--idle-timeout",
+            "3s",
+            "--scaler",
+            "request-count:50",
+        ],
+    );
+    assert_eq!(f.live_workers(&ep), 0, "an endpoint starts with no workers");
+
+    // Cold start: runsync with no worker running.
+    let cold = f.sdk(&ep, &["runsync"]);
+    assert_eq!(cold["output"]["echo"], json!({"hello": "world"}), "{cold}");
+    eprintln!("cold start (runsync, 0 workers): {:.2} s", cold["seconds"]);
+
+    // 1000 jobs through RunPod's client: every one completed once, with its own output.
+    let ids_seen = std::thread::scope(|s| {
+        let load = s.spawn(|| f.sdk(&ep, &["load", "1000"]));
+        let mut most = 0;
+        while !load.is_finished() {
+            most = most.max(f.live_workers(&ep));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        (load.join().unwrap(), most)
+    });
+    let (load, most) = ids_seen;
+    eprintln!("load: {load}");
+    assert_eq!(load["submitted"], 1000, "{load}");
+    assert_eq!(load["distinct"], 1000, "{load}");
+    assert_eq!(load["completed"], 1000, "{load}");
+    assert_eq!(load["pending"], 0, "{load}");
+    assert!(
+        most >= 2,
+        "the endpoint never scaled out (at most {most} workers)"
+    );
+    assert!(most <= 3, "more workers than --workers-max: {most}");
+    let h = &f.get(&ep)["health"]["jobs"];
+    assert!(h["completed"].as_u64().unwrap() >= 1001, "{h}");
+    // Back to zero once idle.
+    f.wait_workers(&ep, 0, Duration::from_secs(60));
+
+    // Streaming: each chunk once, in order, then the aggregate.
+    let sep = f.endpoint(
+        "streamer",
+        &["--template", "streamer", "--workers-max", "1"],
+    );
+    let st = f.sdk(&sep, &["stream", "5"]);
+    let chunks: Vec<Value> = st["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["chunk"].clone())
+        .collect();
+    assert_eq!(
+        chunks,
+        (0..5).map(|i| json!({"i": i})).collect::<Vec<_>>(),
+        "{st}"
+    );
+    assert_eq!(st["status"], "COMPLETED", "{st}");
+    let first = st["chunks"][0]["at"].as_f64().unwrap();
+    let last = st["chunks"][4]["at"].as_f64().unwrap();
+    assert!(last - first > 0.5, "the chunks came all at once: {st}");
+
+    failure_cases(&f, &ep);
+    isolation_cases(&f, &ep);
+    daemon_sigkill_loses_no_job(f, ep);
+}
+
+/// Cancel, execution timeout, retry, purge, and a worker killed mid-job.
+fn failure_cases(f: &Fixture, ep: &str) {
+    // A worker killed under its job: the job goes back to the queue and completes.
+    let (c, v) = f.curl(
+        &f.acme,
+        "POST",
+        &format!("/v2/{ep}/run"),
+        Some(&json!({"input": {"sleep": 6, "tag": "killed"}})),
+    );
+    assert_eq!(c, 200, "{v}");
+    let job = v["id"].as_str().unwrap().to_string();
+    let running = f.wait_status(ep, &job, &["IN_PROGRESS"], Duration::from_secs(60));
+    let pod = running["workerId"].as_str().unwrap().to_string();
+    let inst =
+        f.d.json_as(&f.acme, &["instance", "get", &format!("ep-{pod}")]);
+    let id = inst["id"].as_str().unwrap();
+    let pids = instance_pids(id);
+    assert!(!pids.is_empty(), "no process of worker {id}");
+    for p in &pids {
+        let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+    }
+    let done = f.wait_status(ep, &job, &["COMPLETED", "FAILED"], Duration::from_secs(90));
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    assert_eq!(done["output"]["echo"]["tag"], "killed", "{done}");
+    assert!(done["retries"].as_u64().unwrap() >= 1, "{done}");
+
+    // Execution timeout: TIMED_OUT at the job's own policy, then retried on request.
+    let (_, v) = f.curl(
+        &f.acme,
+        "POST",
+        &format!("/v2/{ep}/run"),
+        Some(&json!({"input": {"sleep": 9}, "policy": {"executionTimeout": 5000}})),
+    );
+    let slow = v["id"].as_str().unwrap().to_string();
+    let t = f.wait_status(
+        ep,
+        &slow,
+        &["TIMED_OUT", "COMPLETED"],
+        Duration::from_secs(90),
+    );
+    assert_eq!(t["status"], "TIMED_OUT", "{t}");
+    let (c, r) = f.curl(&f.acme, "POST", &format!("/v2/{ep}/retry/{slow}"), None);
+    assert_eq!((c, r["status"].clone()), (200, json!("IN_QUEUE")), "{r}");
+    // A completed job is not retried.
+    let (c, _) = f.curl(&f.acme, "POST", &format!("/v2/{ep}/retry/{job}"), None);
+    assert_eq!(c, 409);
+
+    // Cancel: a queued job never runs; a finished job stays finished.
+    let (_, v) = f.curl(
+        &f.acme,
+        "POST",
+        &format!("/v2/{ep}/run"),
+        Some(&json!({"input": {"tag": "cancelled"}})),
+    );
+    let cj = v["id"].as_str().unwrap().to_string();
+    let (c, v) = f.curl(&f.acme, "POST", &format!("/v2/{ep}/cancel/{cj}"), None);
+    assert_eq!(c, 200, "{v}");
+    let after = f.status(ep, &cj);
+    assert!(
+        after["status"] == "CANCELLED" || after["status"] == "COMPLETED",
+        "{after}"
+    );
+    let (_, v) = f.curl(&f.acme, "POST", &format!("/v2/{ep}/cancel/{job}"), None);
+    assert_eq!(
+        v["status"], "COMPLETED",
+        "cancel changed a finished job: {v}"
+    );
+
+    // runsync with a short wait answers while the job runs, with its id.
+    let (c, v) = f.curl(
+        &f.acme,
+        "POST",
+        &format!("/v2/{ep}/runsync?wait=1000"),
+        Some(&json!({"input": {"sleep": 4}})),
+    );
+    assert_eq!(c, 200, "{v}");
+    assert!(
+        v["status"] == "IN_QUEUE" || v["status"] == "IN_PROGRESS",
+        "{v}"
+    );
+
+    // Purge removes queued jobs only.
+    f.d.json_as(&f.acme, &["endpoint", "update", ep, "--workers-max", "1"]);
+    let mut queued = Vec::new();
+    for _ in 0..5 {
+        let (_, v) = f.curl(
+            &f.acme,
+            "POST",
+            &format!("/v2/{ep}/run"),
+            Some(&json!({"input": {"sleep": 3}})),
+        );
+        queued.push(v["id"].as_str().unwrap().to_string());
+    }
+    let (c, v) = f.curl(&f.acme, "POST", &format!("/v2/{ep}/purge-queue"), None);
+    assert_eq!(c, 200, "{v}");
+    assert!(v["removed"].as_u64().unwrap() >= 3, "{v}");
+    let (c, _) = f.curl(
+        &f.acme,
+        "GET",
+        &format!("/v2/{ep}/status/{}", queued[4]),
+        None,
+    );
+    assert_eq!(c, 404, "a purged job is gone");
+
+    // Bad requests say what is wrong.
+    let (c, v) = f.curl(
+        &f.acme,
+        "POST",
+        &format!("/v2/{ep}/run"),
+        Some(&json!({"nope": 1})),
+    );
+    assert_eq!(c, 400, "{v}");
+    let (c, _) = f.curl(
+        &f.acme,
+        "POST",
+        &format!("/v2/{ep}/run"),
+        Some(&json!({"input": 1, "policy": {"executionTimeout": 10}})),
+    );
+    assert_eq!(c, 400);
+}
+
+/// Another tenant's key, and a worker's credential, where they do not belong.
+fn isolation_cases(f: &Fixture, ep: &str) {
+    for (m, path) in [
+        ("POST", format!("/v2/{ep}/run")),
+        ("GET", format!("/v2/{ep}/health")),
+        ("POST", format!("/v2/{ep}/purge-queue")),
+    ] {
+        let (c, v) = f.curl(&f.other, m, &path, Some(&json!({"input": {}})));
+        assert_eq!(c, 404, "{m} {path} with another tenant's key: {v}");
+    }
+    let (c, _) = f.curl("gv_nonsense", "GET", &format!("/v2/{ep}/health"), None);
+    assert_eq!(c, 401);
+    let out = f.d.cli_as(&f.other, &["endpoint", "get", ep]);
+    assert!(!out.status.success());
+
+    // The worker API answers instances only: from the host it is refused whatever the key.
+    let (c, _) = {
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg(format!("authorization: {}", f.acme))
+            .arg(format!(
+                "http://127.0.0.1:{}/v2/{ep}/job-take/x?job_in_progress=0",
+                f.worker_port
+            ))
+            .output()
+            .unwrap();
+        (String::from_utf8_lossy(&out.stdout).to_string(), ())
+    };
+    assert_eq!(c, "403");
+
+    // From inside a worker: its own credential takes nothing of another endpoint, and a
+    // tenant key is no worker credential.
+    let sep = f.d.json_as(&f.acme, &["endpoint", "get", "streamer"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    f.d.json_as(&f.acme, &["endpoint", "update", ep, "--workers-min", "1"]);
+    f.wait_workers(ep, 1, Duration::from_secs(60));
+    let inst =
+        f.d.json_as(&f.acme, &["instance", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"].as_str().unwrap().starts_with("ep-") && i["state"] == "running")
+            .cloned()
+            .unwrap();
+    let id = inst["id"].as_str().unwrap();
+    let probe = format!(
+        r#"import os, urllib.request, urllib.error
+pod = os.environ["RUNPOD_POD_ID"]
+base = os.environ["RUNPOD_WEBHOOK_PING"].rsplit("/ping/", 1)[0]
+tok = os.environ["RUNPOD_AI_API_KEY"]
+def code(url, key):
+    r = urllib.request.Request(url, headers={{"Authorization": key}})
+    try:
+        return urllib.request.urlopen(r, timeout=30).status
+    except urllib.error.HTTPError as e:
+        return e.code
+other = base.rsplit("/", 1)[0] + "/{sep}"
+print(code(other + "/job-take/" + pod + "?job_in_progress=0", tok),
+      code(base + "/job-take/" + pod + "?job_in_progress=0", "{acme}"),
+      code(base + "/ping/someone-else", tok))
+"#,
+        acme = f.acme
+    );
+    let out = f.d.cli_as(
+        &f.acme,
+        &[
+            "instance",
+            "exec",
+            id,
+            "--",
+            "/opt/venv/bin/python3",
+            "-c",
+            &probe,
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(text.trim(), "401 401 401", "worker API probe: {out:?}");
+    f.d.json_as(&f.acme, &["endpoint", "update", ep, "--workers-min", "0"]);
+}
+
+/// SIGKILL the daemon while jobs are being accepted and run: every job whose id a client got
+/// completes after the restart.
+fn daemon_sigkill_loses_no_job(mut f: Fixture, ep: String) {
+    f.d.json_as(&f.acme, &["endpoint", "update", &ep, "--workers-max", "3"]);
+    let sub = f.sdk(&ep, &["submit", "300"]);
+    let ids: Vec<String> = sub["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 300);
+    // Some are running when the daemon dies.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f.get(&ep)["health"]["jobs"]["inProgress"].as_u64().unwrap() == 0 {
+        assert!(Instant::now() < deadline, "no job started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f.d.kill9();
+    f.d.restart();
+    let fol = f.sdk(&ep, &["follow", &ids.join(",")]);
+    assert_eq!(fol["pending"], json!([]), "{fol}");
+    let fin = fol["final"].as_object().unwrap();
+    assert_eq!(fin.len(), 300);
+    for (id, s) in fin {
+        assert_eq!(s["status"], "COMPLETED", "{id}: {s}");
+    }
+    // Removing the endpoint terminates its workers.
+    f.d.json_as(&f.acme, &["endpoint", "rm", &ep]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let live =
+            f.d.json_as(&f.acme, &["instance", "list"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|i| {
+                    i["name"].as_str().unwrap().starts_with("ep-")
+                        && i["state"] != "terminated"
+                        && i["state"] != "stopped"
+                })
+                .count();
+        if live <= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "workers left after endpoint rm");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    f.d.terminate_all();
+}
