@@ -273,16 +273,22 @@ fn runpod_sdks_drive_an_endpoint_from_zero_to_n_and_back() {
 
     // 1000 jobs through RunPod's client: every one completed once, with its own output.
     let ids_seen = std::thread::scope(|s| {
+        let t0 = Instant::now();
         let load = s.spawn(|| f.sdk(&ep, &["load", "1000"]));
-        let mut most = 0;
+        let (mut most, mut reached) = (0, Vec::new());
         while !load.is_finished() {
-            most = most.max(f.live_workers(&ep));
-            std::thread::sleep(Duration::from_millis(300));
+            let n = f.live_workers(&ep);
+            if n > most {
+                reached.push((n, t0.elapsed()));
+            }
+            most = most.max(n);
+            std::thread::sleep(Duration::from_millis(100));
         }
-        (load.join().unwrap(), most)
+        (load.join().unwrap(), most, reached)
     });
-    let (load, most) = ids_seen;
+    let (load, most, reached) = ids_seen;
     eprintln!("load: {load}");
+    eprintln!("autoscaler: workers (up or starting) reached at: {reached:?}");
     assert_eq!(load["submitted"], 1000, "{load}");
     assert_eq!(load["distinct"], 1000, "{load}");
     assert_eq!(load["completed"], 1000, "{load}");
@@ -318,6 +324,37 @@ fn runpod_sdks_drive_an_endpoint_from_zero_to_n_and_back() {
     let first = st["chunks"][0]["at"].as_f64().unwrap();
     let last = st["chunks"][4]["at"].as_f64().unwrap();
     assert!(last - first > 0.5, "the chunks came all at once: {st}");
+
+    // Flashboot: an idle worker is frozen, then thawed for the next job (the same worker).
+    let fep = f.endpoint(
+        "flash",
+        &[
+            "--template",
+            "echo",
+            "--workers-max",
+            "1",
+            "--idle-timeout",
+            "2s",
+            "--flashboot",
+        ],
+    );
+    let first = f.sdk(&fep, &["runsync"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f.get(&fep)["health"]["workers"]["parked"] != 1 {
+        assert!(Instant::now() < deadline, "never parked: {}", f.get(&fep));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(f.live_workers(&fep), 0, "a parked worker is not live");
+    let warm = f.sdk(&fep, &["runsync"]);
+    eprintln!(
+        "flashboot: cold {:.2} s, from parked {:.2} s",
+        first["seconds"], warm["seconds"]
+    );
+    assert_eq!(
+        warm["output"]["worker"], first["output"]["worker"],
+        "the parked worker was not the one thawed: {first} {warm}"
+    );
+    f.d.json_as(&f.acme, &["endpoint", "rm", &fep]);
 
     failure_cases(&f, &ep);
     isolation_cases(&f, &ep);

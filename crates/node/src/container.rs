@@ -356,7 +356,13 @@ impl Runtime for ContainerRuntime {
 
     /// Stops the container: SIGTERM, then SIGKILL after `grace`, then deletes it.
     fn stop(&self, _node: &Node, id: &str, grace: Duration) -> Result<(), NodeError> {
-        if let Some(st) = self.oci.state(id)? {
+        if let Some(mut st) = self.oci.state(id)? {
+            // A frozen container (a parked serverless worker) is thawed so that it can hear
+            // the TERM and end as any other.
+            if st.status == "paused" {
+                self.oci.resume(id)?;
+                st.status = "running".into();
+            }
             if st.status == "running" {
                 self.oci.kill(id, "TERM", false)?;
                 let deadline = Instant::now() + grace;

@@ -377,6 +377,23 @@ impl Node {
         Ok(())
     }
 
+    /// Freezes (`true`) or thaws a running container: a parked serverless worker keeps its
+    /// memory, GPU and warm process but uses no CPU. Containers only.
+    pub fn freeze(&self, id: &str, frozen: bool) -> Result<(), NodeError> {
+        let oci = &self.container.oci;
+        if !oci.may_know(id) {
+            return Err(NodeError::Unsupported {
+                kind: RuntimeKind::Vm,
+                what: "parking (flashboot)".into(),
+            });
+        }
+        Ok(if frozen {
+            oci.pause(id)
+        } else {
+            oci.resume(id)
+        }?)
+    }
+
     /// Ids of instances whose main process runs, in every runtime. Spawns no process.
     pub fn running(&self) -> BTreeSet<String> {
         self.runtimes().flat_map(|r| r.running(self)).collect()

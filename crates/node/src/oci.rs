@@ -495,6 +495,24 @@ impl OciRuntime {
         .map(drop)
     }
 
+    /// Freezes every process of the container (the cgroup freezer): no CPU, memory kept.
+    pub fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        self.run(["pause", id]).map(drop)
+    }
+
+    /// Thaws a paused container; one that is not paused is left as it is.
+    pub fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.run(["resume", id]) {
+            Ok(_) => Ok(()),
+            Err(RuntimeError::Cmd(CmdError::Failed { stderr, .. }))
+                if stderr.contains("not paused") || stderr.contains("not exist") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Deletes the container (its cgroup with it); `force` kills it first. Idempotent.
     pub fn delete(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
         let r = if force {

@@ -302,14 +302,7 @@ impl Engine {
             ));
         }
         // The template must resolve for the tenant now (its workers are made from it).
-        self.resolve_request(
-            who,
-            &wire::CreateInstance {
-                template: Some(req.spec.template.clone()),
-                ..Default::default()
-            },
-        )
-        .await?;
+        self.check_template(who, &req.spec).await?;
         if self.store.endpoints(Some(&who.tenant_id)).await?.len() >= MAX_ENDPOINTS_PER_TENANT {
             return Err(EngineError::QuotaExceeded(format!(
                 "a tenant may have at most {MAX_ENDPOINTS_PER_TENANT} endpoints"
@@ -385,16 +378,9 @@ impl Engine {
             s.execution_timeout_ms = v;
         }
         check_spec(s)?;
-        if u.template.is_some() {
+        if u.template.is_some() || u.flashboot == Some(true) {
             let owner = self.principal_for(&e).await?;
-            self.resolve_request(
-                &owner,
-                &wire::CreateInstance {
-                    template: Some(e.spec.template.clone()),
-                    ..Default::default()
-                },
-            )
-            .await?;
+            self.check_template(&owner, &e.spec).await?;
         }
         self.store.set_endpoint_spec(&e.id, &e.spec).await?;
         self.serverless.wake.notify_one();
@@ -415,6 +401,25 @@ impl Engine {
         }
         self.signal(&e.id);
         Ok(shown)
+    }
+
+    /// The endpoint's template resolves for `who`; flashboot only with container workers.
+    async fn check_template(&self, who: &Principal, spec: &EndpointSpec) -> Result<()> {
+        let r = self
+            .resolve_request(
+                who,
+                &wire::CreateInstance {
+                    template: Some(spec.template.clone()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if spec.flashboot && r.runtime() == wire::RuntimeKind::Vm {
+            return Err(invalid(
+                "flashboot parks container workers (frozen): this template makes VMs",
+            ));
+        }
+        Ok(())
     }
 
     /// Who the endpoint's workers are made as: its tenant, with a member's rights, named in
@@ -1178,37 +1183,43 @@ impl Engine {
         Ok(())
     }
 
+    /// Flashboot: an idle worker is frozen, not removed (its memory, GPU and warm process
+    /// kept, no CPU used); it is handed no job while parked.
     async fn park(&self, w: &WorkerRow) -> Result<()> {
         self.store.set_worker_parked(&w.pod_id, true).await?;
-        self.set_desired_state(&w.instance_id, InstanceState::Stopped)
-            .await?;
+        if let Err(e) = self.freeze(&w.instance_id, true).await {
+            self.store.set_worker_parked(&w.pod_id, false).await?;
+            return Err(e);
+        }
         self.event(
             &w.instance_id,
             "parked",
-            "flashboot: stopped while the endpoint is idle",
+            "flashboot: frozen while the endpoint is idle",
         )
         .await;
-        self.wake.notify_one();
         Ok(())
     }
 
     async fn unpark(&self, w: &WorkerRow) -> Result<()> {
-        self.set_desired_state(&w.instance_id, InstanceState::Running)
-            .await?;
-        if let Some(i) = self.store.instance(&w.instance_id).await? {
-            if i.state == InstanceState::Stopped {
-                self.set_state(&i.id, InstanceState::Pending, None).await?;
-            }
-        }
+        self.freeze(&w.instance_id, false).await?;
         self.store.set_worker_parked(&w.pod_id, false).await?;
         lock(&self.serverless.last_busy).insert(w.pod_id.clone(), now_ms());
+        self.signal(&w.endpoint_id);
         self.event(
             &w.instance_id,
             "unparked",
-            "flashboot: started for the queue",
+            "flashboot: thawed for the queue",
         )
         .await;
-        self.wake.notify_one();
+        Ok(())
+    }
+
+    async fn freeze(&self, instance: &str, frozen: bool) -> Result<()> {
+        let node = self.node.clone();
+        let id = instance.to_string();
+        tokio::task::spawn_blocking(move || node.freeze(&id, frozen))
+            .await
+            .map_err(|e| EngineError::Internal(format!("freeze task: {e}")))??;
         Ok(())
     }
 

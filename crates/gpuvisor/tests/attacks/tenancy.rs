@@ -2,7 +2,7 @@
 //! any route, exceeding quotas, choosing a priority to take a neighbour's GPU, setting
 //! platform-owned environment, and a `--wait` that spins the daemon.
 
-use crate::common::{serial, Daemon, BIN};
+use crate::common::{free_port, serial, Daemon, BIN};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -85,10 +85,63 @@ fn covers_every_route(rows: &[String], table: &str) {
     }
 }
 
-/// A route template with the test's objects in it: the owner's instance `id`, a `key` of the
-/// owner's tenant, a `gpu`, the owner's volume `ownervol`, the tenant `owner`.
-fn concrete(template: &str, id: &str, key: &str, gpu: &str) -> String {
+/// The owner's objects the routes name.
+struct Objs {
+    /// Its instance.
+    id: String,
+    /// A key of its tenant.
+    key: String,
+    gpu: String,
+    /// Its serverless endpoint and a job queued there.
+    ep: String,
+    job: String,
+}
+
+/// A daemon with the serverless worker API on (its own port), so endpoints can be made.
+fn daemon() -> Daemon {
+    Daemon::start(&["--worker-port", &free_port().to_string()])
+}
+
+/// The owner's endpoint (from its template `ownertpl`) and a job on it.
+fn endpoint_and_job(d: &Daemon, owner: &str) -> (String, String) {
+    let ep = d.json_as(
+        owner,
+        &[
+            "endpoint", "create", "ownerep", "--template", "ownertpl", "--workers-max", "1",
+        ],
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, body) = http(
+        d.port,
+        "POST",
+        &format!("/v2/{ep}/run"),
+        owner,
+        Some(r#"{"input":{"x":1}}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    let job: Value = serde_json::from_str(&body).unwrap();
+    (ep, job["id"].as_str().unwrap().to_string())
+}
+
+/// A route template with the test's objects in it: the owner's instance, a key of the owner's
+/// tenant, a GPU, the owner's volume `ownervol`, the tenant `owner`, its endpoint and job.
+fn concrete(template: &str, o: &Objs) -> String {
+    let (id, key, gpu) = (o.id.as_str(), o.key.as_str(), o.gpu.as_str());
     let p = template.to_string();
+    if template.starts_with("/v2/") {
+        let p = p.replace("{endpoint}", &o.ep).replace("{job}", &o.job);
+        // runsync answers once the job ends or the wait is over: not the default 90 s here.
+        return if p.ends_with("/runsync") {
+            format!("{p}?wait=1000")
+        } else {
+            p
+        };
+    }
+    if template.starts_with("/v1/endpoints/") {
+        return p.replace("{id}", &o.ep);
+    }
     if template.starts_with("/v1/keys/") {
         p.replace("{id}", key)
     } else if template.starts_with("/v1/gpus/") {
@@ -117,7 +170,7 @@ fn concrete(template: &str, id: &str, key: &str, gpu: &str) -> String {
 #[test]
 fn every_route_is_scoped_by_tenant() {
     let _s = serial();
-    let d = Daemon::start(&[]);
+    let d = daemon();
     d.import_busybox();
     let owner = tenant(&d, "owner");
     let other = tenant(&d, "other");
@@ -148,6 +201,15 @@ fn every_route_is_scoped_by_tenant() {
         .as_str()
         .unwrap()
         .to_string();
+
+    let (ep, job) = endpoint_and_job(&d, &owner);
+    let objs = Objs {
+        id: id.clone(),
+        key: spare_id.clone(),
+        gpu: gpu.clone(),
+        ep,
+        job,
+    };
 
     // Rows in the order they run; each runs as other, then admin, then owner.
     let mut table: Vec<(&str, &str, Row)> = vec![
@@ -304,6 +366,42 @@ fn every_route_is_scoped_by_tenant() {
             ),
         ),
         ("GET", "/graphql", row(400, 400, 400)),
+        // Serverless: the other tenant cannot tell the owner's endpoint or job exists; an
+        // admin's key has no tenant to own a new endpoint.
+        ("GET", "/v1/endpoints", row(200, 200, 200)),
+        (
+            "POST",
+            "/v1/endpoints",
+            with(row(200, 404, 400), r#"{"name":"ep-new","template":"ownertpl"}"#),
+        ),
+        ("GET", "/v1/endpoints/{id}", row(200, 404, 200)),
+        (
+            "PATCH",
+            "/v1/endpoints/{id}",
+            with(row(200, 404, 200), r#"{"workers_max":2}"#),
+        ),
+        (
+            "POST",
+            "/v2/{endpoint}/run",
+            with(row(200, 404, 200), r#"{"input":{"y":2}}"#),
+        ),
+        (
+            "POST",
+            "/v2/{endpoint}/runsync",
+            with(row(200, 404, 200), r#"{"input":{"y":3}}"#),
+        ),
+        ("GET", "/v2/{endpoint}/status/{job}", row(200, 404, 200)),
+        ("POST", "/v2/{endpoint}/status/{job}", row(200, 404, 200)),
+        ("GET", "/v2/{endpoint}/stream/{job}", row(200, 404, 200)),
+        ("POST", "/v2/{endpoint}/stream/{job}", row(200, 404, 200)),
+        ("GET", "/v2/{endpoint}/health", row(200, 404, 200)),
+        // The job is queued or running: cancelled by the admin, then not retried (only a
+        // failed or timed-out job is).
+        ("POST", "/v2/{endpoint}/cancel/{job}", row(200, 404, 200)),
+        ("POST", "/v2/{endpoint}/retry/{job}", row(409, 404, 409)),
+        ("POST", "/v2/{endpoint}/purge-queue", row(200, 404, 200)),
+        // The admin removes it; the owner then finds nothing.
+        ("DELETE", "/v1/endpoints/{id}", row(404, 404, 200)),
         ("POST", "/v1/instances/{id}/start", row(200, 404, 200)),
         ("POST", "/v1/instances/{id}/stop", row(200, 404, 200)),
         ("DELETE", "/v1/instances/{id}", row(200, 404, 200)),
@@ -315,7 +413,7 @@ fn every_route_is_scoped_by_tenant() {
 
     let mut failures = Vec::new();
     for (method, template, r) in table.drain(..) {
-        let path = || concrete(template, &id, &spare_id, &gpu);
+        let path = || concrete(template, &objs);
         for (who, key, want) in [
             ("other", &other, r.other),
             ("admin", &admin, r.admin),
@@ -344,7 +442,7 @@ fn every_route_is_scoped_by_tenant() {
 #[test]
 fn every_route_by_role() {
     let _s = serial();
-    let d = Daemon::start(&[]);
+    let d = daemon();
     d.import_busybox();
     let member = tenant(&d, "owner");
     let key = |role: &str| {
@@ -385,6 +483,14 @@ fn every_route_by_role() {
         .as_str()
         .unwrap()
         .to_string();
+    let (ep, job) = endpoint_and_job(&d, &member);
+    let objs = Objs {
+        id: id.clone(),
+        key: spare_id.clone(),
+        gpu: gpu.clone(),
+        ep,
+        job,
+    };
     // (method, route, body, [admin, tenant-admin, member, viewer, metrics]); destructive rows
     // last.
     let (y, n) = (true, false);
@@ -522,6 +628,31 @@ fn every_route_by_role() {
         ("GET", "/graphql", None, [y; 5]),
         ("GET", "/v1/audit", None, [y, y, n, n, n]),
         ("GET", "/v1/audit/verify", None, admin),
+        ("GET", "/v1/endpoints", None, read),
+        (
+            "POST",
+            "/v1/endpoints",
+            Some(r#"{"name":"ep-role","template":"ownertpl"}"#),
+            operate,
+        ),
+        ("GET", "/v1/endpoints/{id}", None, read),
+        (
+            "PATCH",
+            "/v1/endpoints/{id}",
+            Some(r#"{"workers_max":2}"#),
+            operate,
+        ),
+        ("POST", "/v2/{endpoint}/run", Some(r#"{"input":{}}"#), operate),
+        ("POST", "/v2/{endpoint}/runsync", Some(r#"{"input":{}}"#), operate),
+        ("GET", "/v2/{endpoint}/status/{job}", None, read),
+        ("POST", "/v2/{endpoint}/status/{job}", None, read),
+        ("GET", "/v2/{endpoint}/stream/{job}", None, read),
+        ("POST", "/v2/{endpoint}/stream/{job}", None, read),
+        ("GET", "/v2/{endpoint}/health", None, read),
+        ("POST", "/v2/{endpoint}/cancel/{job}", None, operate),
+        ("POST", "/v2/{endpoint}/retry/{job}", None, operate),
+        ("POST", "/v2/{endpoint}/purge-queue", None, operate),
+        ("DELETE", "/v1/endpoints/{id}", None, operate),
         ("DELETE", "/v1/images/{name}", None, operate),
         ("DELETE", "/v1/keys/{id}", None, [y, y, n, n, n]),
         ("POST", "/v1/instances/{id}/stop", None, operate),
@@ -537,7 +668,7 @@ fn every_route_by_role() {
     covers_every_route(&rows, "role");
     let mut failures = Vec::new();
     for (method, template, body, want) in &table {
-        let path = concrete(template, &id, &spare_id, &gpu);
+        let path = concrete(template, &objs);
         // Refused roles first: an allowed one may change what the next one finds.
         let mut order: Vec<usize> = (0..5).collect();
         order.sort_by_key(|i| want[*i]);
