@@ -210,7 +210,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(port) = cfg.proxy.worker_port {
         engine.set_serverless(gpuvisor_control::engine::serverless::ServerlessSettings {
             worker_port: port,
-        });
+            webhook_allow: cfg.proxy.webhook_allow.clone(),
+        })?;
     }
     tokio::spawn(engine.clone().run_serverless());
     tokio::spawn(

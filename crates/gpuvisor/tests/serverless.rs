@@ -94,7 +94,8 @@ impl Fixture {
         let worker_port = free_port();
         let port = worker_port.to_string();
         let mut args = NET.to_vec();
-        args.extend(["--worker-port", &port]);
+        // Webhooks to loopback only where the operator allows it: 127.0.0.1, not 127.0.0.2.
+        args.extend(["--worker-port", &port, "--webhook-allow", "127.0.0.1"]);
         let d = Daemon::start(&args);
         let tar = worker_image();
         d.json(&[
@@ -238,6 +239,44 @@ impl Fixture {
             std::thread::sleep(Duration::from_millis(250));
         }
     }
+}
+
+/// An HTTP server that keeps the body of every request it gets (a webhook's receiver).
+fn hook_server(ip: &str) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = got.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            if r.read_exact(&mut body).is_ok() {
+                keep.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+            }
+            let mut c = c;
+            let _ =
+                c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (port, got)
 }
 
 fn tail(log: &str) -> String {
@@ -386,6 +425,41 @@ fn failure_cases(f: &Fixture, ep: &str) {
     assert_eq!(done["status"], "COMPLETED", "{done}");
     assert_eq!(done["output"]["echo"]["tag"], "killed", "{done}");
     assert!(done["retries"].as_u64().unwrap() >= 1, "{done}");
+
+    // Webhooks: called with the job's final status where the operator allows the address;
+    // never to another loopback address.
+    let (hport, hooks) = hook_server("127.0.0.1");
+    let (dport, denied) = hook_server("127.0.0.2");
+    let (_, v) = f.curl(
+        &f.acme,
+        "POST",
+        &format!("/v2/{ep}/run"),
+        Some(&json!({"input": {"tag": "hooked"}, "webhook": format!("http://127.0.0.1:{hport}/hook")})),
+    );
+    let hooked = v["id"].as_str().unwrap().to_string();
+    let (_, v) = f.curl(
+        &f.acme,
+        "POST",
+        &format!("/v2/{ep}/run"),
+        Some(&json!({"input": {"tag": "denied"}, "webhook": format!("http://127.0.0.2:{dport}/hook")})),
+    );
+    let denied_job = v["id"].as_str().unwrap().to_string();
+    f.wait_status(ep, &denied_job, &["COMPLETED"], Duration::from_secs(60));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hooks.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the webhook was never called");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let got = hooks.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["id"], hooked.as_str());
+    assert_eq!(got[0]["status"], "COMPLETED");
+    assert_eq!(got[0]["output"]["echo"]["tag"], "hooked");
+    assert!(
+        denied.lock().unwrap().is_empty(),
+        "a webhook reached 127.0.0.2"
+    );
 
     // Execution timeout: TIMED_OUT at the job's own policy, then retried on request.
     let (_, v) = f.curl(

@@ -36,6 +36,7 @@ pub mod telemetry;
 pub mod testfx;
 pub mod vfio;
 pub mod vm;
+pub mod webhook;
 
 pub use host::HostRoot;
 pub use instance::{InstancePlan, Node, NodeConfig, NodeError};

@@ -64,11 +64,19 @@ pub const TICK: Duration = Duration::from_millis(500);
 /// A worker row whose instance was never made is given this long (a create in flight).
 const ORPHAN_ROW_MS: i64 = 60_000;
 
-/// Where workers reach the worker API: this port on their tenant bridge's gateway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where workers reach the worker API (this port on their tenant bridge's gateway), and the
+/// addresses webhooks may reach although not public.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerlessSettings {
     pub worker_port: u16,
+    pub webhook_allow: Vec<std::net::IpAddr>,
 }
+
+/// Webhook calls in flight at most; the rest wait in the store for the next pass.
+const MAX_WEBHOOKS: usize = 64;
+/// Calls of one webhook (RunPod's: the first and two more, 10 s apart).
+const WEBHOOK_TRIES: u32 = 3;
+const WEBHOOK_RETRY: Duration = Duration::from_secs(10);
 
 /// What a worker is to the autoscaler and to `health`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +92,6 @@ enum WorkerPhase {
 
 /// In-memory state: what a restart may lose without harm (a worker not yet seen since the
 /// restart counts as initializing until its next request, which is at most a ping away).
-#[derive(Default)]
 pub struct Serverless {
     settings: std::sync::RwLock<Option<ServerlessSettings>>,
     signals: Mutex<HashMap<String, watch::Sender<u64>>>,
@@ -97,9 +104,28 @@ pub struct Serverless {
     stop_signal: tokio::sync::Notify,
     /// Woken by a new job, so a cold start does not wait for the tick.
     wake: tokio::sync::Notify,
+    webhooks: std::sync::RwLock<Option<std::sync::Arc<gpuvisor_node::webhook::Webhooks>>>,
+    webhook_slots: std::sync::Arc<tokio::sync::Semaphore>,
     /// Endpoint id → (no new worker before, the next wait): a worker create that failed
     /// (quota, no room, a template gone) is tried again after 2 s, doubling to a minute.
     backoff: Mutex<HashMap<String, (i64, i64)>>,
+}
+
+impl Default for Serverless {
+    fn default() -> Self {
+        Self {
+            settings: Default::default(),
+            signals: Default::default(),
+            seen: Default::default(),
+            last_busy: Default::default(),
+            stops: Default::default(),
+            stop_signal: Default::default(),
+            wake: Default::default(),
+            webhooks: Default::default(),
+            webhook_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_WEBHOOKS)),
+            backoff: Default::default(),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -211,12 +237,20 @@ impl Snapshot {
 }
 
 impl Engine {
-    pub fn set_serverless(&self, s: ServerlessSettings) {
+    pub fn set_serverless(&self, s: ServerlessSettings) -> Result<()> {
+        let hooks = gpuvisor_node::webhook::Webhooks::new(s.webhook_allow.clone())
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        *self
+            .serverless
+            .webhooks
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(hooks));
         *self
             .serverless
             .settings
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Some(s);
+        Ok(())
     }
 
     fn serverless_settings(&self) -> Result<ServerlessSettings> {
@@ -224,6 +258,7 @@ impl Engine {
             .settings
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .clone()
             .ok_or_else(|| {
                 EngineError::Unavailable(
                     "serverless endpoints are off on this daemon: give it a worker API port ([serverless] worker_port)".into(),
@@ -925,6 +960,7 @@ impl Engine {
                 Some(e) => self.check_worker(e, w, &snap, now).await,
             }
         }
+        self.send_webhooks().await?;
         for e in &snap.endpoints {
             let waiting = lock(&self.serverless.backoff)
                 .get(&e.id)
@@ -942,6 +978,59 @@ impl Engine {
                     );
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Ended jobs' webhooks: each called with the job's status (RunPod's shape) until it
+    /// answers 2xx, at most [`WEBHOOK_TRIES`] times. Taken from the store before the call (at
+    /// most once: a daemon killed during a call does not call again).
+    async fn send_webhooks(&self) -> Result<()> {
+        let free = self.serverless.webhook_slots.available_permits();
+        if free == 0 {
+            return Ok(());
+        }
+        let Some(hooks) = self
+            .serverless
+            .webhooks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return Ok(());
+        };
+        for j in self
+            .store
+            .take_webhooks(i64::try_from(free).unwrap_or(1))
+            .await?
+        {
+            let Ok(permit) = self.serverless.webhook_slots.clone().try_acquire_owned() else {
+                break;
+            };
+            let body = serde_json::to_vec(&job_status(&j)).unwrap_or_default();
+            let hooks = hooks.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                for attempt in 1..=WEBHOOK_TRIES {
+                    match hooks.post(&j.webhook, body.clone()).await {
+                        Ok(code) if (200..300).contains(&code) => return,
+                        Ok(code) => tracing::info!(
+                            job = j.id,
+                            code,
+                            attempt,
+                            "serverless: webhook answered"
+                        ),
+                        Err(e) => tracing::info!(job = j.id, attempt, "serverless: {e}"),
+                    }
+                    if attempt < WEBHOOK_TRIES {
+                        tokio::time::sleep(WEBHOOK_RETRY).await;
+                    }
+                }
+                tracing::warn!(
+                    job = j.id,
+                    "serverless: webhook given up after {WEBHOOK_TRIES} calls"
+                );
+            });
         }
         Ok(())
     }

@@ -45,6 +45,9 @@ pub struct ProxySection {
     /// its own credential): this port on every tenant bridge's gateway; `None`: off, and no
     /// serverless endpoints [default: 8444].
     pub worker_port: Option<u16>,
+    /// Addresses serverless webhooks may reach although they are not public (loopback,
+    /// private, link-local) [default: none].
+    pub webhook_allow: Vec<IpAddr>,
 }
 
 impl Default for ProxySection {
@@ -65,6 +68,7 @@ impl Default for ProxySection {
             max_connections_per_ip: 256,
             threads: 2,
             worker_port: Some(8444),
+            webhook_allow: Vec::new(),
         }
     }
 }
@@ -88,6 +92,7 @@ pub(super) struct ProxyFile {
     max_connections_per_ip: Option<usize>,
     threads: Option<usize>,
     worker_port: Option<String>,
+    webhook_allow: Option<Vec<IpAddr>>,
 }
 
 /// Flags for `[proxy]`.
@@ -116,6 +121,10 @@ pub struct ProxyOverrides {
         value_name = "PORT|off"
     )]
     pub worker_port: Option<String>,
+    /// An address serverless webhooks may reach although not public (repeatable)
+    /// [proxy.webhook_allow].
+    #[arg(long = "webhook-allow", value_name = "IP")]
+    pub webhook_allow: Vec<IpAddr>,
 }
 
 fn worker_port(v: &str) -> anyhow::Result<Option<u16>> {
@@ -216,6 +225,9 @@ impl ProxySection {
         if let Some(v) = &f.worker_port {
             self.worker_port = worker_port(v)?;
         }
+        if let Some(v) = f.webhook_allow {
+            self.webhook_allow = v;
+        }
         Ok(())
     }
 
@@ -234,6 +246,9 @@ impl ProxySection {
         }
         if let Some(v) = &o.worker_port {
             self.worker_port = worker_port(v)?;
+        }
+        if !o.webhook_allow.is_empty() {
+            self.webhook_allow = o.webhook_allow.clone();
         }
         self.check()
     }

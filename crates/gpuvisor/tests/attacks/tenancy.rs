@@ -107,7 +107,13 @@ fn endpoint_and_job(d: &Daemon, owner: &str) -> (String, String) {
     let ep = d.json_as(
         owner,
         &[
-            "endpoint", "create", "ownerep", "--template", "ownertpl", "--workers-max", "1",
+            "endpoint",
+            "create",
+            "ownerep",
+            "--template",
+            "ownertpl",
+            "--workers-max",
+            "1",
         ],
     )["id"]
         .as_str()
@@ -372,7 +378,10 @@ fn every_route_is_scoped_by_tenant() {
         (
             "POST",
             "/v1/endpoints",
-            with(row(200, 404, 400), r#"{"name":"ep-new","template":"ownertpl"}"#),
+            with(
+                row(200, 404, 400),
+                r#"{"name":"ep-new","template":"ownertpl"}"#,
+            ),
         ),
         ("GET", "/v1/endpoints/{id}", row(200, 404, 200)),
         (
@@ -642,8 +651,18 @@ fn every_route_by_role() {
             Some(r#"{"workers_max":2}"#),
             operate,
         ),
-        ("POST", "/v2/{endpoint}/run", Some(r#"{"input":{}}"#), operate),
-        ("POST", "/v2/{endpoint}/runsync", Some(r#"{"input":{}}"#), operate),
+        (
+            "POST",
+            "/v2/{endpoint}/run",
+            Some(r#"{"input":{}}"#),
+            operate,
+        ),
+        (
+            "POST",
+            "/v2/{endpoint}/runsync",
+            Some(r#"{"input":{}}"#),
+            operate,
+        ),
         ("GET", "/v2/{endpoint}/status/{job}", None, read),
         ("POST", "/v2/{endpoint}/status/{job}", None, read),
         ("GET", "/v2/{endpoint}/stream/{job}", None, read),
