@@ -206,9 +206,27 @@ pub fn document(routes: &[RouteDoc], g: &mut SchemaGenerator) -> Value {
     // Errors have one shape everywhere.
     schema_of::<gpuvisor_wire::ErrorBody>(g);
     let mut paths = Map::new();
+    let mut ids = std::collections::HashSet::new();
     for r in routes {
+        let mut op = operation(r);
+        // Routes sharing an engine operation (RunPod's `status` by GET and POST, `run` and
+        // `runsync`): the first keeps the operation's name, the others add what tells them
+        // apart, the method and the path's last fixed segment.
+        let base = op["operationId"].as_str().unwrap_or("").to_string();
+        if !ids.insert(base.clone()) {
+            let segment = r
+                .path
+                .split('/')
+                .rev()
+                .find(|s| !s.is_empty() && !s.starts_with('{'))
+                .unwrap_or("")
+                .replace('-', "_");
+            let id = format!("{base}_{}_{segment}", r.method.to_lowercase());
+            ids.insert(id.clone());
+            op["operationId"] = Value::String(id);
+        }
         let item = paths.entry(r.path.to_string()).or_insert_with(|| json!({}));
-        item[r.method.to_lowercase()] = operation(r);
+        item[r.method.to_lowercase()] = op;
     }
     let mut schemas = g.take_definitions(true);
     schemas.sort_keys();
@@ -217,7 +235,7 @@ pub fn document(routes: &[RouteDoc], g: &mut SchemaGenerator) -> Value {
         "info": {
             "title": "gpuvisor",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "GPU instances (containers and micro-VMs), volumes, images, tenants and keys. Every route but /v1/health takes an API key (`x-api-key`, or `Authorization: Bearer`). Errors are `{\"error\":{\"code\",\"message\"}}` with stable codes.",
+            "description": "GPU instances (containers and micro-VMs), volumes, images, tenants and keys. Every route but /v1/health takes an API key (`x-api-key`, or `Authorization: Bearer`; bare `Authorization` too, as RunPod's clients send it). Serverless endpoints' queues are RunPod's API under /v2/<endpoint-id>/. Errors are `{\"error\":{\"code\",\"message\"}}` with stable codes.",
         },
         "servers": [{"url": "https://127.0.0.1:7070"}],
         "security": [{"apiKey": []}, {"bearer": []}],

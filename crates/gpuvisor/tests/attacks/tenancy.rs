@@ -261,6 +261,46 @@ fn every_route_is_scoped_by_tenant() {
             "/v1/templates",
             with(row(200, 200, 200), r#"{"name":"t-new","image":"busybox"}"#),
         ),
+        // Serverless: the other tenant cannot tell the owner's endpoint or job exists; a new
+        // endpoint is its caller's tenant's, from a template that tenant sees (the owner's
+        // private template is not the admin's).
+        ("GET", "/v1/endpoints", row(200, 200, 200)),
+        (
+            "POST",
+            "/v1/endpoints",
+            with(
+                row(200, 404, 404),
+                r#"{"name":"ep-new","template":"ownertpl"}"#,
+            ),
+        ),
+        ("GET", "/v1/endpoints/{id}", row(200, 404, 200)),
+        (
+            "PATCH",
+            "/v1/endpoints/{id}",
+            with(row(200, 404, 200), r#"{"workers_max":2}"#),
+        ),
+        (
+            "POST",
+            "/v2/{endpoint}/run",
+            with(row(200, 404, 200), r#"{"input":{"y":2}}"#),
+        ),
+        (
+            "POST",
+            "/v2/{endpoint}/runsync",
+            with(row(200, 404, 200), r#"{"input":{"y":3}}"#),
+        ),
+        ("GET", "/v2/{endpoint}/status/{job}", row(200, 404, 200)),
+        ("POST", "/v2/{endpoint}/status/{job}", row(200, 404, 200)),
+        ("GET", "/v2/{endpoint}/stream/{job}", row(200, 404, 200)),
+        ("POST", "/v2/{endpoint}/stream/{job}", row(200, 404, 200)),
+        ("GET", "/v2/{endpoint}/health", row(200, 404, 200)),
+        // The job is queued or running: cancelled by the admin, then not retried (only a
+        // failed or timed-out job is).
+        ("POST", "/v2/{endpoint}/cancel/{job}", row(200, 404, 200)),
+        ("POST", "/v2/{endpoint}/retry/{job}", row(409, 404, 409)),
+        ("POST", "/v2/{endpoint}/purge-queue", row(200, 404, 200)),
+        // The admin removes it; the owner then finds nothing.
+        ("DELETE", "/v1/endpoints/{id}", row(404, 404, 200)),
         ("DELETE", "/v1/templates/{name}", row(200, 404, 404)),
         // Simulated GPUs cannot be bound: the admin passes authorisation and gets 409.
         ("POST", "/v1/gpus/{id}/bind-vfio", row(403, 403, 409)),
@@ -372,45 +412,6 @@ fn every_route_is_scoped_by_tenant() {
             ),
         ),
         ("GET", "/graphql", row(400, 400, 400)),
-        // Serverless: the other tenant cannot tell the owner's endpoint or job exists; an
-        // admin's key has no tenant to own a new endpoint.
-        ("GET", "/v1/endpoints", row(200, 200, 200)),
-        (
-            "POST",
-            "/v1/endpoints",
-            with(
-                row(200, 404, 400),
-                r#"{"name":"ep-new","template":"ownertpl"}"#,
-            ),
-        ),
-        ("GET", "/v1/endpoints/{id}", row(200, 404, 200)),
-        (
-            "PATCH",
-            "/v1/endpoints/{id}",
-            with(row(200, 404, 200), r#"{"workers_max":2}"#),
-        ),
-        (
-            "POST",
-            "/v2/{endpoint}/run",
-            with(row(200, 404, 200), r#"{"input":{"y":2}}"#),
-        ),
-        (
-            "POST",
-            "/v2/{endpoint}/runsync",
-            with(row(200, 404, 200), r#"{"input":{"y":3}}"#),
-        ),
-        ("GET", "/v2/{endpoint}/status/{job}", row(200, 404, 200)),
-        ("POST", "/v2/{endpoint}/status/{job}", row(200, 404, 200)),
-        ("GET", "/v2/{endpoint}/stream/{job}", row(200, 404, 200)),
-        ("POST", "/v2/{endpoint}/stream/{job}", row(200, 404, 200)),
-        ("GET", "/v2/{endpoint}/health", row(200, 404, 200)),
-        // The job is queued or running: cancelled by the admin, then not retried (only a
-        // failed or timed-out job is).
-        ("POST", "/v2/{endpoint}/cancel/{job}", row(200, 404, 200)),
-        ("POST", "/v2/{endpoint}/retry/{job}", row(409, 404, 409)),
-        ("POST", "/v2/{endpoint}/purge-queue", row(200, 404, 200)),
-        // The admin removes it; the owner then finds nothing.
-        ("DELETE", "/v1/endpoints/{id}", row(404, 404, 200)),
         ("POST", "/v1/instances/{id}/start", row(200, 404, 200)),
         ("POST", "/v1/instances/{id}/stop", row(200, 404, 200)),
         ("DELETE", "/v1/instances/{id}", row(200, 404, 200)),
