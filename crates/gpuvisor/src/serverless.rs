@@ -155,12 +155,7 @@ async fn done(
     Path((ep, pod, job)): Path<(String, String, String)>,
     body: Bytes,
 ) -> Response {
-    let r = async {
-        let w = st.engine.worker_auth(token(&h), &ep, &pod).await?;
-        st.engine.worker_done(&w, &job, &body).await
-    }
-    .await;
-    answer(r)
+    post_result(&st, &h, (&ep, &pod, &job), &body, false).await
 }
 
 async fn stream(
@@ -169,9 +164,24 @@ async fn stream(
     Path((ep, pod, job)): Path<(String, String, String)>,
     body: Bytes,
 ) -> Response {
+    post_result(&st, &h, (&ep, &pod, &job), &body, true).await
+}
+
+/// A job's result (`job-done`) or one partial output (`job-stream`).
+async fn post_result(
+    st: &WorkerApi,
+    h: &HeaderMap,
+    (ep, pod, job): (&str, &str, &str),
+    body: &[u8],
+    partial: bool,
+) -> Response {
     let r = async {
-        let w = st.engine.worker_auth(token(&h), &ep, &pod).await?;
-        st.engine.worker_stream(&w, &job, &body).await
+        let w = st.engine.worker_auth(token(h), ep, pod).await?;
+        if partial {
+            st.engine.worker_stream(&w, job, body).await
+        } else {
+            st.engine.worker_done(&w, job, body).await
+        }
     }
     .await;
     answer(r)
