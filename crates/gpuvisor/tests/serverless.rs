@@ -686,5 +686,31 @@ fn daemon_sigkill_loses_no_job(mut f: Fixture, ep: String) {
         assert!(Instant::now() < deadline, "workers left after endpoint rm");
         std::thread::sleep(Duration::from_millis(300));
     }
+    // A tenant with an endpoint is not removed unless asked to remove what it owns; with
+    // --cascade its endpoints go too.
+    f.d.json(&["tenant", "create", "gone"]);
+    let gk =
+        f.d.json(&["key", "create", "--tenant", "gone", "--role", "member"])["secret"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    f.d.json_as(
+        &gk,
+        &["template", "create", "t", "--image", "runpod-worker"],
+    );
+    let gep =
+        f.d.json_as(&gk, &["endpoint", "create", "e", "--template", "t"])["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let out = f.d.cli(&["tenant", "rm", "gone"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 serverless endpoint"),
+        "{out:?}"
+    );
+    f.d.json(&["tenant", "rm", "--cascade", "--wait", "gone"]);
+    let (c, _) = f.curl(&f.d.key, "GET", &format!("/v2/{gep}/health"), None);
+    assert_eq!(c, 404, "the endpoint outlived its tenant");
     f.d.terminate_all();
 }

@@ -331,7 +331,11 @@ impl Engine {
             .collect();
         let images = self.store.tenant_image_count(&t.id).await?;
         let pulls = self.running_pulls(&t.id);
-        let owns = !(instances.is_empty() && volumes.is_empty()) || images > 0 || pulls > 0;
+        let endpoints = self.store.endpoints(Some(&t.id)).await?.len();
+        let owns = !(instances.is_empty() && volumes.is_empty())
+            || images > 0
+            || pulls > 0
+            || endpoints > 0;
         if !cascade && t.deleting_at.is_none() && owns {
             let mut what = holdings(&instances, &volumes);
             if pulls > 0 {
@@ -348,6 +352,14 @@ impl Engine {
                     format!("{images} pulled image{s}")
                 } else {
                     format!("{what} and {images} pulled image{s}")
+                };
+            }
+            if endpoints > 0 {
+                let s = if endpoints == 1 { "" } else { "s" };
+                what = if what.is_empty() {
+                    format!("{endpoints} serverless endpoint{s}")
+                } else {
+                    format!("{what} and {endpoints} serverless endpoint{s}")
                 };
             }
             return Err(EngineError::InUse(format!(
@@ -391,6 +403,11 @@ impl Engine {
     /// volumes, then the tenant (keys, terminated instances, events) and its bridge. Returns
     /// whether the tenant is gone.
     async fn finish_tenant_deletion(&self, t: &TenantRow) -> Result<bool> {
+        // Its endpoints first (with their queues), so no new worker is made for it; the
+        // autoscaler terminates the workers of endpoints that are gone.
+        for e in self.store.endpoints(Some(&t.id)).await? {
+            self.store.delete_endpoint(&e.id).await?;
+        }
         let live = self.store.live_instances(Some(&t.id)).await?;
         if !live.is_empty() {
             for i in live {
