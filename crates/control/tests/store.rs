@@ -2097,3 +2097,145 @@ async fn live_list_follows_a_write_its_caller_gave_up_on() {
     )
     .await;
 }
+
+fn job_row(id: &str, ep: &str, created_at: i64) -> gpuvisor_control::store::JobRow {
+    gpuvisor_control::store::JobRow {
+        id: id.into(),
+        endpoint_id: ep.into(),
+        state: "IN_QUEUE".into(),
+        input: r#"{"n":1}"#.into(),
+        exec_timeout_ms: 600_000,
+        ttl_ms: 86_400_000,
+        created_at,
+        ..Default::default()
+    }
+}
+
+/// The serverless queue: claims in order and never twice (also under concurrent claims), the
+/// first end wins, a requeue only from the holder, leases renewed only for the holder, stream
+/// chunks handed out once, tallies, retention, retry, purge.
+#[tokio::test]
+async fn endpoint_jobs_claim_once_end_once() {
+    use gpuvisor_wire::JobState;
+    for_each_backend(|Db { store, backend, .. }| async move {
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            store
+                .insert_job(&job_row(id, "ep1", 100 + i as i64))
+                .await
+                .unwrap();
+        }
+        store.insert_job(&job_row("other", "ep2", 1)).await.unwrap();
+        let a = store
+            .claim_job("ep1", "w1", 1000, 5000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (a.id.as_str(), a.attempts, a.worker_id.as_str()),
+            ("a", 1, "w1"),
+            "{backend}"
+        );
+        // Concurrent claims: each job to one claimer, none twice.
+        let (x, y, z) = tokio::join!(
+            store.claim_job("ep1", "w2", 1000, 5000),
+            store.claim_job("ep1", "w3", 1000, 5000),
+            store.claim_job("ep1", "w4", 1000, 5000),
+        );
+        let mut got: Vec<String> = [x, y, z]
+            .into_iter()
+            .filter_map(|r| r.unwrap().map(|j| j.id))
+            .collect();
+        got.sort();
+        assert_eq!(got, ["b", "c"], "{backend}");
+        // Leases: only the holder's are renewed.
+        store.renew_leases("w9", &["a".into()], 9000).await.unwrap();
+        assert_eq!(
+            store.job("a").await.unwrap().unwrap().lease_until,
+            5000,
+            "{backend}"
+        );
+        store.renew_leases("w1", &["a".into()], 9000).await.unwrap();
+        assert_eq!(
+            store.job("a").await.unwrap().unwrap().lease_until,
+            9000,
+            "{backend}"
+        );
+        // Stream chunks of the holder only, each handed out once, in order.
+        assert!(store.append_stream("a", "w1", "1").await.unwrap());
+        assert!(store.append_stream("a", "w1", "2").await.unwrap());
+        assert!(
+            !store.append_stream("a", "w9", "x").await.unwrap(),
+            "{backend}"
+        );
+        assert_eq!(
+            store.take_stream("a").await.unwrap(),
+            ["1", "2"],
+            "{backend}"
+        );
+        assert!(
+            store.take_stream("a").await.unwrap().is_empty(),
+            "{backend}"
+        );
+        // A requeue only by the holder; then the job is claimable again.
+        assert!(!store.requeue_job("a", "w9").await.unwrap(), "{backend}");
+        assert!(store.requeue_job("a", "w1").await.unwrap(), "{backend}");
+        let again = store
+            .claim_job("ep1", "w5", 2000, 7000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((again.id.as_str(), again.attempts), ("a", 2), "{backend}");
+        // The first end wins.
+        assert!(store
+            .finish_job("a", JobState::Completed, "{\"ok\":1}", "", 3000, 4000)
+            .await
+            .unwrap());
+        assert!(!store
+            .finish_job("a", JobState::Failed, "", "\"late\"", 3001, 4000)
+            .await
+            .unwrap());
+        let a = store.job("a").await.unwrap().unwrap();
+        assert_eq!(
+            (a.state.as_str(), a.output.as_str(), a.error.as_str()),
+            ("COMPLETED", "{\"ok\":1}", ""),
+            "{backend}"
+        );
+        // Tallies per endpoint and state, with retries counted.
+        let t = store.job_tallies().await.unwrap();
+        let get = |ep: &str, st: &str| {
+            t.iter()
+                .find(|x| x.endpoint_id == ep && x.state == st)
+                .cloned()
+        };
+        assert_eq!(get("ep1", "COMPLETED").unwrap().retried, 1, "{backend}");
+        assert_eq!(get("ep1", "IN_PROGRESS").unwrap().count, 2, "{backend}");
+        assert_eq!(get("ep2", "IN_QUEUE").unwrap().count, 1, "{backend}");
+        // Retry only a failed or timed-out job.
+        assert!(!store.retry_job("a", 5000).await.unwrap(), "{backend}");
+        assert!(store
+            .finish_job("b", JobState::TimedOut, "", "\"slow\"", 3000, 4000)
+            .await
+            .unwrap());
+        assert!(store.retry_job("b", 5000).await.unwrap(), "{backend}");
+        assert_eq!(
+            store.job("b").await.unwrap().unwrap().state(),
+            JobState::InQueue,
+            "{backend}"
+        );
+        // Purge removes the queued ones of that endpoint only.
+        assert_eq!(store.purge_queue("ep1").await.unwrap(), 1, "{backend}");
+        assert!(store.job("other").await.unwrap().is_some(), "{backend}");
+        // Retention: finished jobs past their time go, with their chunks.
+        assert_eq!(
+            store.delete_expired_jobs(4500).await.unwrap(),
+            1,
+            "{backend}"
+        );
+        assert!(store.job("a").await.unwrap().is_none(), "{backend}");
+        assert!(
+            store.take_stream("a").await.unwrap().is_empty(),
+            "{backend}"
+        );
+    })
+    .await;
+}
