@@ -6,6 +6,9 @@ Usage: client.py BASE_URL KEY ENDPOINT COMMAND [ARG]
   runsync     one runsync job; its output and the wall time
   stream N    a streaming job of N chunks, read with Job.stream()
   submit N    N jobs submitted, their ids printed (nothing waited for)
+  submit-through-crash N
+              N jobs submitted one after another, each tried once: the ids the daemon
+              accepted and how many calls failed (the daemon is killed meanwhile)
   follow IDS  the given jobs (comma-separated) followed to their end
 """
 import json
@@ -87,6 +90,15 @@ elif cmd == "stream":
         chunks.append({"chunk": c, "at": time.time() - t0})
     print(json.dumps({"id": job.job_id, "chunks": chunks, "status": job.status(),
                       "output": job.output()}))
+elif cmd == "submit-through-crash":
+    accepted, failed = [], 0
+    for i in range(int(arg)):
+        try:
+            accepted.append(ep.run({"i": i, "sleep": 0.5}).job_id)
+        except Exception:  # the daemon is down: the job was not accepted
+            failed += 1
+        time.sleep(0.02)
+    print(json.dumps({"ids": accepted, "failed": failed}))
 elif cmd == "submit":
     print(json.dumps({"ids": submit(int(arg))}))
 elif cmd == "follow":

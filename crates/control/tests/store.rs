@@ -2160,34 +2160,55 @@ async fn endpoint_jobs_claim_once_end_once() {
             9000,
             "{backend}"
         );
-        // Stream chunks of the holder only, each handed out once, in order.
-        assert!(store.append_stream("a", "w1", "1").await.unwrap());
-        assert!(store.append_stream("a", "w1", "2").await.unwrap());
-        assert!(
-            !store.append_stream("a", "w9", "x").await.unwrap(),
+        // Stream chunks of the holder only (at most 3 for this job here), each handed out
+        // once, in order.
+        for c in ["1", "2", "3"] {
+            assert_eq!(
+                store.append_stream("a", "w1", c, 3).await.unwrap(),
+                Some(true)
+            );
+        }
+        assert_eq!(
+            store.append_stream("a", "w1", "4", 3).await.unwrap(),
+            None,
             "{backend}"
         );
         assert_eq!(
-            store.take_stream("a").await.unwrap(),
+            store.append_stream("a", "w9", "x", 9).await.unwrap(),
+            Some(false),
+            "{backend}"
+        );
+        assert_eq!(
+            store.take_stream("a", 2).await.unwrap(),
             ["1", "2"],
             "{backend}"
         );
-        assert!(
-            store.take_stream("a").await.unwrap().is_empty(),
-            "{backend}"
-        );
-        // A requeue only by the holder; then the job is claimable again.
+        // A requeue only by the holder; the chunk no client was given goes with its attempt.
         assert!(!store.requeue_job("a", "w9").await.unwrap(), "{backend}");
         assert!(store.requeue_job("a", "w1").await.unwrap(), "{backend}");
+        assert!(
+            store.take_stream("a", 10).await.unwrap().is_empty(),
+            "{backend}"
+        );
+        // Queued again: only its last holder's late result could end it.
+        assert!(!store
+            .finish_job_by("a", "w9", JobState::Completed, "1", "", 2000, 4000)
+            .await
+            .unwrap());
         let again = store
             .claim_job("ep1", "w5", 2000, 7000)
             .await
             .unwrap()
             .unwrap();
         assert_eq!((again.id.as_str(), again.attempts), ("a", 2), "{backend}");
+        // Its earlier holder is not its holder now.
+        assert!(!store
+            .finish_job_by("a", "w1", JobState::Completed, "1", "", 2000, 4000)
+            .await
+            .unwrap());
         // The first end wins.
         assert!(store
-            .finish_job("a", JobState::Completed, "{\"ok\":1}", "", 3000, 4000)
+            .finish_job_by("a", "w5", JobState::Completed, "{\"ok\":1}", "", 3000, 4000)
             .await
             .unwrap());
         assert!(!store
@@ -2233,7 +2254,7 @@ async fn endpoint_jobs_claim_once_end_once() {
         );
         assert!(store.job("a").await.unwrap().is_none(), "{backend}");
         assert!(
-            store.take_stream("a").await.unwrap().is_empty(),
+            store.take_stream("a", 10).await.unwrap().is_empty(),
             "{backend}"
         );
     })

@@ -69,8 +69,12 @@ fn api_key(h: &HeaderMap) -> Option<&str> {
         .or_else(|| {
             h.get("authorization")
                 .and_then(|v| v.to_str().ok())
-                // RunPod's documented curl sends the key bare: `authorization: <key>`.
-                .map(|v| v.strip_prefix("Bearer ").unwrap_or(v))
+                // RunPod's documented curl sends the key bare: `authorization: <key>`; only
+                // a value that is one of our keys is taken so (`Basic ...` stays no key).
+                .and_then(|v| match v.strip_prefix("Bearer ") {
+                    Some(k) => Some(k),
+                    None => v.starts_with("gv_").then_some(v),
+                })
         })
 }
 
@@ -1466,7 +1470,9 @@ async fn limit_request(
     let upload = req.uri().path() == UPLOAD_PATH && req.method() == axum::http::Method::POST;
     let (max, what) = if upload {
         (g.limits.max_upload, "limits.max_upload")
-    } else if req.uri().path().starts_with("/v2/") {
+    } else if req.uri().path().starts_with("/v2/") && api_key(req.headers()).is_some() {
+        // RunPod's payloads, for a key (checked below, before the body is read); a request
+        // without one keeps the ordinary limit.
         (
             g.limits.max_body.max(SERVERLESS_MAX_BODY as u64),
             "the queue API's limit",
@@ -1529,6 +1535,8 @@ async fn limit_request(
                 .copied()
         });
     let mutating = op.is_some_and(Op::mutating);
+    // Submitting a job is not audited (the tenant's workload), but is rated as a change.
+    let rated_as_change = mutating || op == Some(Op::RunJob);
     if req.uri().path() == crate::graphql::PATH {
         // Whether a GraphQL request reads or mutates is in its body: its handler charges
         // the rate once it has parsed the operation (a WebSocket's key may come later, in
@@ -1543,7 +1551,7 @@ async fn limit_request(
         req.extensions_mut().insert(gate);
     } else if let Some(l) = caller
         .as_ref()
-        .and_then(|who| g.rates.check_key(&who.key_id, mutating).err())
+        .and_then(|who| g.rates.check_key(&who.key_id, rated_as_change).err())
     {
         // Over its rate: refused before anything runs, and not recorded (a refusal per
         // request would let a key flood the audit log).

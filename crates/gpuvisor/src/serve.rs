@@ -297,10 +297,17 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         proxy_stop_rx,
     )?;
     if let Some(l) = worker_listener {
-        let app = crate::serverless::worker_router(engine.clone(), cfg.net_plan.pool());
+        let pool = cfg.net_plan.pool();
+        let app = crate::serverless::worker_router(engine.clone(), pool);
         let header_timeout = cfg.limits.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = serve_http(l, None, app, header_timeout, 4096, 512).await {
+            let limits = ConnLimits {
+                max: crate::serverless::MAX_CONNECTIONS,
+                per_ip: crate::serverless::MAX_CONNECTIONS_PER_ADDRESS,
+                // Only instances: anyone else is closed at accept, before a byte is read.
+                only_from: Some(pool),
+            };
+            if let Err(e) = serve_http(l, None, app, header_timeout, limits).await {
                 tracing::error!("the worker API stopped: {e}");
             }
         });
@@ -323,8 +330,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls,
         app,
         cfg.limits.header_timeout,
-        cfg.limits.max_connections,
-        cfg.limits.max_connections_per_ip,
+        ConnLimits {
+            max: cfg.limits.max_connections,
+            per_ip: cfg.limits.max_connections_per_ip,
+            only_from: None,
+        },
     )
     .await?;
     let _ = proxy_stop.send(true);
@@ -386,15 +396,23 @@ impl Drop for IpSlot {
 /// backlog; an upgraded exec session counts as its connection until it closes), and a client that has not sent a request's headers within `header_timeout` is
 /// disconnected (slow loris; idle keep-alive connections too). On SIGTERM/SIGINT: stop
 /// accepting, let requests in flight finish (10 s at most).
+/// Open connections in all and per client address, and (the worker API) the only client
+/// addresses served.
+struct ConnLimits {
+    max: usize,
+    per_ip: usize,
+    only_from: Option<gpuvisor_node::ipam::Cidr>,
+}
+
 async fn serve_http(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
     app: axum::Router,
     header_timeout: std::time::Duration,
-    max_connections: usize,
-    max_per_ip: usize,
+    limits: ConnLimits,
 ) -> anyhow::Result<()> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let max_per_ip = limits.per_ip;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max));
     let per_ip = Arc::new(PerIp::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
@@ -422,6 +440,17 @@ async fn serve_http(
             },
             _ = &mut stop => break,
         };
+        let admitted = match (limits.only_from, peer) {
+            (None, _) => true,
+            (Some(pool), std::net::IpAddr::V4(v4)) => pool.contains(v4),
+            (Some(pool), std::net::IpAddr::V6(v6)) => {
+                v6.to_ipv4_mapped().is_some_and(|v4| pool.contains(v4))
+            }
+        };
+        if !admitted {
+            drop(stream);
+            continue;
+        }
         // One client never holds more than its share of the slots: closed at once.
         let Some(ip_slot) = PerIp::take(&per_ip, peer, max_per_ip) else {
             drop(stream);

@@ -3,7 +3,9 @@
 //! (`RUNPOD_WEBHOOK_*`). Plain HTTP on the host's port that the instance filter opens to
 //! instances (`[proxy] worker_port`), on every tenant bridge's gateway: it answers only
 //! instance addresses, and each call carries the worker's own credential
-//! (`Authorization: <token>`, RunPod's form), which names one worker of one endpoint.
+//! (`Authorization: <token>`, RunPod's form), which names one worker of one endpoint and
+//! works only from that worker's own address. The credential is checked before a body is
+//! read; bodies are read within a deadline and a cap.
 //!
 //! - `GET  /v2/{ep}/job-take/{pod}`, `/job-take-batch/{pod}?batch_size=N`: a job (or a list),
 //!   held up to [`TAKE_WAIT`] while the queue is empty (the SDK asks again at once on a 204);
@@ -15,7 +17,7 @@
 //! - `GET  /v2/{ep}/ping/{pod}?job_id=a,b`: alive, and renews those jobs' leases.
 
 use crate::api::{ApiError, Peer};
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -32,6 +34,24 @@ use std::time::Duration;
 pub const TAKE_WAIT: Duration = Duration::from_secs(20);
 /// Most jobs one batch take hands out.
 const MAX_BATCH: usize = 64;
+/// Most job ids one ping renews (a worker holding more renews them over several pings).
+const MAX_PING_JOBS: usize = 1024;
+/// A result's or chunk's body must arrive within this (after its headers).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Open connections to the worker API in all, and from one instance address (the SDK holds
+/// a take, a stop poll and a ping, and posts the results of the jobs it runs at once, each on
+/// a connection of its own: a worker running 64 jobs holds about 70).
+pub const MAX_CONNECTIONS: usize = 2048;
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 128;
+/// Bodies being read or handled at once, in MiB (each charged its declared length, rounded
+/// up, or its cap): what the worker API may hold in memory.
+const BODY_BUDGET_MIB: u32 = 256;
+
+fn body_budget() -> &'static std::sync::Arc<tokio::sync::Semaphore> {
+    static B: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> =
+        std::sync::OnceLock::new();
+    B.get_or_init(|| std::sync::Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_MIB as usize)))
+}
 
 #[derive(Clone)]
 struct WorkerApi {
@@ -84,6 +104,10 @@ fn token(h: &HeaderMap) -> Option<&str> {
     h.get("authorization").and_then(|v| v.to_str().ok())
 }
 
+fn peer(p: &Option<axum::Extension<Peer>>) -> Option<std::net::IpAddr> {
+    p.as_ref().map(|axum::Extension(Peer(ip))| *ip)
+}
+
 #[derive(Deserialize)]
 struct TakeQuery {
     #[serde(default)]
@@ -93,12 +117,12 @@ struct TakeQuery {
 async fn take_n(
     st: &WorkerApi,
     h: &HeaderMap,
-    ep: &str,
-    pod: &str,
+    from: Option<std::net::IpAddr>,
+    (ep, pod): (&str, &str),
     n: usize,
     list: bool,
 ) -> Response {
-    let w = match st.engine.worker_auth(token(h), ep, pod).await {
+    let w = match st.engine.worker_auth(token(h), ep, pod, from).await {
         Ok(w) => w,
         Err(e) => return ApiError::from(e).into_response(),
     };
@@ -113,14 +137,16 @@ async fn take_n(
 async fn take(
     State(st): State<WorkerApi>,
     h: HeaderMap,
+    p: Option<axum::Extension<Peer>>,
     Path((ep, pod)): Path<(String, String)>,
 ) -> Response {
-    take_n(&st, &h, &ep, &pod, 1, false).await
+    take_n(&st, &h, peer(&p), (&ep, &pod), 1, false).await
 }
 
 async fn take_batch(
     State(st): State<WorkerApi>,
     h: HeaderMap,
+    p: Option<axum::Extension<Peer>>,
     Path((ep, pod)): Path<(String, String)>,
     uri: axum::http::Uri,
 ) -> Response {
@@ -129,15 +155,16 @@ async fn take_batch(
         .and_then(|Query(q)| q.batch_size)
         .unwrap_or(1)
         .clamp(1, MAX_BATCH);
-    take_n(&st, &h, &ep, &pod, n, true).await
+    take_n(&st, &h, peer(&p), (&ep, &pod), n, true).await
 }
 
 async fn stops(
     State(st): State<WorkerApi>,
     h: HeaderMap,
+    p: Option<axum::Extension<Peer>>,
     Path((ep, pod)): Path<(String, String)>,
 ) -> Response {
-    let w = match st.engine.worker_auth(token(&h), &ep, &pod).await {
+    let w = match st.engine.worker_auth(token(&h), &ep, &pod, peer(&p)).await {
         Ok(w) => w,
         Err(e) => return ApiError::from(e).into_response(),
     };
@@ -152,35 +179,74 @@ async fn stops(
 async fn done(
     State(st): State<WorkerApi>,
     h: HeaderMap,
+    p: Option<axum::Extension<Peer>>,
     Path((ep, pod, job)): Path<(String, String, String)>,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    post_result(&st, &h, (&ep, &pod, &job), &body, false).await
+    post_result(&st, &h, peer(&p), (&ep, &pod, &job), body, false).await
 }
 
 async fn stream(
     State(st): State<WorkerApi>,
     h: HeaderMap,
+    p: Option<axum::Extension<Peer>>,
     Path((ep, pod, job)): Path<(String, String, String)>,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    post_result(&st, &h, (&ep, &pod, &job), &body, true).await
+    post_result(&st, &h, peer(&p), (&ep, &pod, &job), body, true).await
 }
 
-/// A job's result (`job-done`) or one partial output (`job-stream`).
+/// A job's result (`job-done`) or one partial output (`job-stream`): the credential is
+/// checked before a byte of the body is read, which is then read within [`BODY_TIMEOUT`]
+/// and its cap (a result 20 MiB, a chunk 1 MiB).
 async fn post_result(
     st: &WorkerApi,
     h: &HeaderMap,
+    from: Option<std::net::IpAddr>,
     (ep, pod, job): (&str, &str, &str),
-    body: &[u8],
+    body: Body,
     partial: bool,
 ) -> Response {
+    use gpuvisor_control::engine::serverless::{MAX_CHUNK_BYTES, MAX_OUTPUT_BYTES};
     let r = async {
-        let w = st.engine.worker_auth(token(h), ep, pod).await?;
-        if partial {
-            st.engine.worker_stream(&w, job, body).await
+        let w = st.engine.worker_auth(token(h), ep, pod, from).await?;
+        let cap = if partial {
+            MAX_CHUNK_BYTES
         } else {
-            st.engine.worker_done(&w, job, body).await
+            MAX_OUTPUT_BYTES
+        };
+        let declared = h
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(cap)
+            .min(cap);
+        let mib = u32::try_from(declared.div_ceil(1 << 20).max(1)).unwrap_or(BODY_BUDGET_MIB);
+        // Waits its turn (the SDK does not retry a refused result; connections are capped).
+        let _budget = body_budget()
+            .acquire_many(mib)
+            .await
+            .map_err(|_| EngineError::Internal("the body budget is closed".into()))?;
+        let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, cap)).await
+        {
+            Ok(Ok(b)) => b,
+            Ok(Err(_)) => {
+                return Err(EngineError::PayloadTooLarge(format!(
+                    "the body is over {} MiB or was cut",
+                    cap >> 20
+                )))
+            }
+            Err(_) => {
+                return Err(EngineError::DeadlineExceeded(format!(
+                    "the body did not arrive within {} s",
+                    BODY_TIMEOUT.as_secs()
+                )))
+            }
+        };
+        if partial {
+            st.engine.worker_stream(&w, job, &bytes).await
+        } else {
+            st.engine.worker_done(&w, job, &bytes).await
         }
     }
     .await;
@@ -190,6 +256,7 @@ async fn post_result(
 async fn ping(
     State(st): State<WorkerApi>,
     h: HeaderMap,
+    p: Option<axum::Extension<Peer>>,
     Path((ep, pod)): Path<(String, String)>,
     uri: axum::http::Uri,
 ) -> Response {
@@ -201,13 +268,16 @@ async fn ping(
         .map(|s| {
             s.split(',')
                 .filter(|j| !j.is_empty())
-                .take(MAX_BATCH)
+                .take(MAX_PING_JOBS)
                 .map(str::to_string)
                 .collect()
         })
         .unwrap_or_default();
     let r = async {
-        let w = st.engine.worker_auth(token(&h), &ep, &pod).await?;
+        let w = st
+            .engine
+            .worker_auth(token(&h), &ep, &pod, peer(&p))
+            .await?;
         st.engine.worker_ping(&w, &jobs).await
     }
     .await;

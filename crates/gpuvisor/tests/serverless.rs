@@ -184,18 +184,22 @@ impl Fixture {
         )
     }
 
-    /// RunPod's client SDK (tests/serverless/client.py): its JSON answer.
-    fn sdk(&self, ep: &str, args: &[&str]) -> Value {
-        let out = Command::new(client_python())
-            .arg(repo().join("tests/serverless/client.py"))
+    /// RunPod's client SDK (tests/serverless/client.py) as the tenant, not started.
+    fn sdk_command(&self, ep: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(client_python());
+        c.arg(repo().join("tests/serverless/client.py"))
             .arg(format!("{}/v2", self.d.endpoint()))
             .arg(&self.acme)
             .arg(ep)
             .args(args)
             .env("REQUESTS_CA_BUNDLE", self.d.ca())
-            .env("SSL_CERT_FILE", self.d.ca())
-            .output()
-            .unwrap();
+            .env("SSL_CERT_FILE", self.d.ca());
+        c
+    }
+
+    /// RunPod's client SDK (tests/serverless/client.py): its JSON answer.
+    fn sdk(&self, ep: &str, args: &[&str]) -> Value {
+        let out = self.sdk_command(ep, args).output().unwrap();
         assert!(
             out.status.success(),
             "client.py {args:?}: {}\n--- daemon log ---\n{}",
@@ -461,6 +465,38 @@ fn failure_cases(f: &Fixture, ep: &str) {
         "a webhook reached 127.0.0.2"
     );
 
+    // A job longer than a lease on a healthy worker: its pings keep it, it runs once.
+    let (_, v) = f.curl(
+        &f.acme,
+        "POST",
+        &format!("/v2/{ep}/run"),
+        Some(&json!({"input": {"sleep": 18, "tag": "long"}})),
+    );
+    let long = v["id"].as_str().unwrap().to_string();
+    // A running job cancelled stays cancelled (its worker is told to stop it).
+    let (_, v) = f.curl(
+        &f.acme,
+        "POST",
+        &format!("/v2/{ep}/run"),
+        Some(&json!({"input": {"sleep": 5, "tag": "stopped"}})),
+    );
+    let stopped = v["id"].as_str().unwrap().to_string();
+    f.wait_status(ep, &stopped, &["IN_PROGRESS"], Duration::from_secs(60));
+    let (c, v) = f.curl(&f.acme, "POST", &format!("/v2/{ep}/cancel/{stopped}"), None);
+    assert_eq!((c, v["status"].clone()), (200, json!("CANCELLED")), "{v}");
+    let done = f.wait_status(ep, &long, &["COMPLETED", "FAILED"], Duration::from_secs(90));
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    assert_eq!(
+        done["retries"], 0,
+        "a healthy worker's long job was run again: {done}"
+    );
+    assert!(done["executionTime"].as_u64().unwrap() >= 18_000, "{done}");
+    let st = f.status(ep, &stopped);
+    assert_eq!(
+        st["status"], "CANCELLED",
+        "a result overwrote the cancel: {st}"
+    );
+
     // Execution timeout: TIMED_OUT at the job's own policy, then retried on request.
     let (_, v) = f.curl(
         &f.acme,
@@ -571,7 +607,8 @@ fn isolation_cases(f: &Fixture, ep: &str) {
     let out = f.d.cli_as(&f.other, &["endpoint", "get", ep]);
     assert!(!out.status.success());
 
-    // The worker API answers instances only: from the host it is refused whatever the key.
+    // The worker API answers instances only: from the host the connection is closed before
+    // anything is read, whatever the key.
     let (c, _) = {
         let out = Command::new("curl")
             .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
@@ -584,7 +621,7 @@ fn isolation_cases(f: &Fixture, ep: &str) {
             .unwrap();
         (String::from_utf8_lossy(&out.stdout).to_string(), ())
     };
-    assert_eq!(c, "403");
+    assert_eq!(c, "000", "the worker API answered the host");
 
     // From inside a worker: its own credential takes nothing of another endpoint, and a
     // tenant key is no worker credential.
@@ -635,6 +672,91 @@ print(code(other + "/job-take/" + pod + "?job_in_progress=0", tok),
     );
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(text.trim(), "401 401 401", "worker API probe: {out:?}");
+    // Its readers do not see the credential: a viewer cannot act as the worker.
+    let viewer =
+        f.d.json(&["key", "create", "--tenant", "acme", "--role", "viewer"])["secret"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    let shown = f.d.json_as(&viewer, &["instance", "get", id]).to_string();
+    assert!(
+        !shown.contains("gvw_"),
+        "the worker's credential is shown: {shown}"
+    );
+    // Read on the host, the credential does not work from another tenant's instance (nor
+    // through the worker's own gateway address).
+    let environ = instance_pids(id)
+        .into_iter()
+        .filter_map(|p| std::fs::read(format!("/proc/{p}/environ")).ok())
+        .map(|e| String::from_utf8_lossy(&e).to_string())
+        .find(|e| e.contains("RUNPOD_AI_API_KEY=gvw_"))
+        .expect("the worker's environment");
+    let var = |name: &str| {
+        environ
+            .split('\0')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .unwrap()
+            .to_string()
+    };
+    let (tok, pod, ping) = (
+        var("RUNPOD_AI_API_KEY"),
+        var("RUNPOD_POD_ID"),
+        var("RUNPOD_WEBHOOK_PING"),
+    );
+    let acme_gw = ping
+        .trim_start_matches("http://")
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let thief = f.d.json_as(
+        &f.other,
+        &[
+            "instance",
+            "create",
+            "--image",
+            "runpod-worker",
+            "--memory",
+            "256MiB",
+            "--wait",
+            "--",
+            "sleep",
+            "100000",
+        ],
+    );
+    let thief_id = thief["id"].as_str().unwrap();
+    let stolen = format!(
+        r#"import socket, urllib.request, urllib.error
+def code(url):
+    r = urllib.request.Request(url, headers={{"Authorization": "{tok}"}})
+    try:
+        return urllib.request.urlopen(r, timeout=30).status
+    except urllib.error.HTTPError as e:
+        return e.code
+gw = [l.split()[2] for l in open("/proc/net/route") if l.split()[1] == "00000000"][0]
+own = socket.inet_ntoa(bytes.fromhex(gw)[::-1])
+print(code(f"http://{{own}}:{port}/v2/{ep}/ping/{pod}"), code("http://{acme_gw}:{port}/v2/{ep}/ping/{pod}"))
+"#,
+        port = f.worker_port
+    );
+    let out = f.d.cli_as(
+        &f.other,
+        &[
+            "instance",
+            "exec",
+            thief_id,
+            "--",
+            "/opt/venv/bin/python3",
+            "-c",
+            &stolen,
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "401 401",
+        "a stolen worker credential worked from another tenant's instance: {out:?}"
+    );
+    f.d.cli_as(&f.other, &["instance", "terminate", thief_id, "--wait"]);
     f.d.json_as(&f.acme, &["endpoint", "update", ep, "--workers-min", "0"]);
 }
 
@@ -642,26 +764,51 @@ print(code(other + "/job-take/" + pod + "?job_in_progress=0", tok),
 /// completes after the restart.
 fn daemon_sigkill_loses_no_job(mut f: Fixture, ep: String) {
     f.d.json_as(&f.acme, &["endpoint", "update", &ep, "--workers-max", "3"]);
-    let sub = f.sdk(&ep, &["submit", "300"]);
+    // A client submitting one job after another while the daemon is killed and restarted:
+    // every job whose id it got back completes.
+    let client = f
+        .sdk_command(&ep, &["submit-through-crash", "300"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Some are running and more are being submitted when the daemon dies.
+    loop {
+        let j = &f.get(&ep)["health"]["jobs"];
+        if j["inProgress"].as_u64().unwrap() > 0 && j["inQueue"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no job started: {j}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f.d.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    f.d.restart();
+    let out = client.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let sub: Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     let ids: Vec<String> = sub["ids"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
-    assert_eq!(ids.len(), 300);
-    // Some are running when the daemon dies.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while f.get(&ep)["health"]["jobs"]["inProgress"].as_u64().unwrap() == 0 {
-        assert!(Instant::now() < deadline, "no job started");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f.d.kill9();
-    f.d.restart();
+    let failed = sub["failed"].as_u64().unwrap();
+    eprintln!(
+        "through the crash: {} accepted, {failed} refused",
+        ids.len()
+    );
+    assert!(
+        failed > 0,
+        "the daemon was never down while jobs were submitted"
+    );
+    assert!(ids.len() > 100, "{}", ids.len());
     let fol = f.sdk(&ep, &["follow", &ids.join(",")]);
     assert_eq!(fol["pending"], json!([]), "{fol}");
     let fin = fol["final"].as_object().unwrap();
-    assert_eq!(fin.len(), 300);
+    assert_eq!(fin.len(), ids.len());
     for (id, s) in fin {
         assert_eq!(s["status"], "COMPLETED", "{id}: {s}");
     }
@@ -675,17 +822,62 @@ fn daemon_sigkill_loses_no_job(mut f: Fixture, ep: String) {
                 .unwrap()
                 .iter()
                 .filter(|i| {
-                    i["name"].as_str().unwrap().starts_with("ep-")
-                        && i["state"] != "terminated"
-                        && i["state"] != "stopped"
+                    i["name"].as_str().unwrap().starts_with("ep-") && i["state"] != "terminated"
                 })
                 .count();
-        if live <= 1 {
+        if live == 0 {
             break;
         }
         assert!(Instant::now() < deadline, "workers left after endpoint rm");
         std::thread::sleep(Duration::from_millis(300));
     }
+    // A template whose workers cannot start: the endpoint never holds more than its
+    // workers-max of them (failed ones are removed, and it waits before the next).
+    f.d.json_as(
+        &f.acme,
+        &[
+            "template",
+            "create",
+            "broken",
+            "--image",
+            "runpod-worker",
+            "--memory",
+            "64MiB",
+            "--",
+            "/nonexistent",
+        ],
+    );
+    let bep = f.endpoint(
+        "broken",
+        &[
+            "--template",
+            "broken",
+            "--workers-min",
+            "1",
+            "--workers-max",
+            "1",
+        ],
+    );
+    let count = || {
+        f.d.json_as(&f.acme, &["instance", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| {
+                i["name"].as_str().unwrap().starts_with("ep-") && i["state"] != "terminated"
+            })
+            .count()
+    };
+    let (mut most, until) = (0, Instant::now() + Duration::from_secs(12));
+    while Instant::now() < until {
+        most = most.max(count());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("broken template: at most {most} worker instances at once");
+    assert!(most <= 2, "a broken template's workers piled up: {most}");
+    assert!(most >= 1, "no worker was even tried");
+    f.d.json_as(&f.acme, &["endpoint", "rm", &bep]);
+
     // A tenant with an endpoint is not removed unless asked to remove what it owns; with
     // --cascade its endpoints go too.
     f.d.json(&["tenant", "create", "gone"]);

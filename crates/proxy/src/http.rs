@@ -305,11 +305,12 @@ fn split_query(query: &str, name: &str) -> (String, Option<String>) {
 fn gv_token(name: &HeaderName, value: &HeaderValue) -> Option<String> {
     let v = value.to_str().ok()?.trim();
     let token = if name == header::AUTHORIZATION {
-        let (scheme, token) = v.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return None;
+        match v.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+            Some(_) => return None,
+            // Bare, as RunPod's clients send keys (the API takes them so too).
+            None => v,
         }
-        token.trim()
     } else if name.as_str() == "x-api-key" {
         v
     } else {
@@ -689,12 +690,15 @@ mod tests {
             header::AUTHORIZATION,
             HeaderValue::from_static("bearer gv_abc"),
         );
+        // Bare, as RunPod's clients send it.
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("gv_bare"));
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("app-bare"));
         h.append("x-api-key", HeaderValue::from_static("app-key"));
         h.append("x-api-key", HeaderValue::from_static("gv_k"));
-        assert_eq!(api_keys(&h), ["gv_abc", "gv_k"]);
+        assert_eq!(api_keys(&h), ["gv_abc", "gv_bare", "gv_k"]);
         strip_api_keys(&mut h);
         let auth: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
-        assert_eq!(auth, ["Basic YTpi"]);
+        assert_eq!(auth, ["Basic YTpi", "app-bare"]);
         let keys: Vec<_> = h.get_all("x-api-key").iter().collect();
         assert_eq!(keys, ["app-key"]);
         let mut app = HeaderMap::new();

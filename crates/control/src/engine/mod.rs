@@ -1293,7 +1293,7 @@ impl Engine {
             container_disk: i.spec.container_disk,
             gpus: i.gpus,
             volumes: i.spec.volumes,
-            env: i.spec.env,
+            env: serverless::redact_env(i.spec.env),
             ports: i.spec.ports,
             command: i.spec.command,
             priority: i.spec.priority,

@@ -55,8 +55,17 @@ pub const DEFAULT_SYNC_WAIT_MS: u64 = 90_000;
 pub const MAX_SYNC_WAIT_MS: u64 = 300_000;
 /// The largest job input (RunPod's `run` limit; `runsync` is bounded by the API's body limit).
 pub const MAX_INPUT_BYTES: usize = 10 << 20;
-/// The largest result or stream chunk a worker may post.
+/// The largest result a worker may post.
 pub const MAX_OUTPUT_BYTES: usize = 20 << 20;
+/// The largest stream chunk or progress update, and the most chunks one job keeps.
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
+pub const MAX_CHUNKS: i64 = 10_000;
+/// Chunks one `stream` answer hands out at most (the rest on the next call).
+pub const STREAM_PAGE: i64 = 1_000;
+/// Jobs one endpoint holds in its queue at most (RunPod answers 429 past its own).
+pub const MAX_QUEUED: u64 = 10_000;
+/// A parked (frozen) worker is removed after this long unused: it holds memory and GPUs.
+const PARKED_TTL_MS: i64 = 30 * 60_000;
 pub const MAX_ENDPOINTS_PER_TENANT: usize = 64;
 pub const MAX_WORKERS: u32 = 64;
 /// The autoscaler's period.
@@ -179,9 +188,26 @@ pub fn job_status(j: &JobRow) -> JobStatus {
         },
         output: parse_json("output", &j.output),
         error: parse_json("error", &j.error),
-        worker_id: (!j.worker_id.is_empty()).then(|| j.worker_id.clone()),
+        worker_id: (!j.worker_id.is_empty() && state != JobState::InQueue)
+            .then(|| j.worker_id.clone()),
         retries: u32::try_from((j.attempts - 1).max(0)).unwrap_or(0),
     }
+}
+
+/// The environment variable holding a worker's own credential.
+pub const CREDENTIAL_ENV: &str = "RUNPOD_AI_API_KEY";
+
+/// An instance's environment as shown: a worker's credential is not (readers of the
+/// instance, viewers included, must not act as the worker).
+pub fn redact_env(env: Vec<String>) -> Vec<String> {
+    env.into_iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if k == CREDENTIAL_ENV && v.starts_with("gvw_") => {
+                format!("{k}=(hidden)")
+            }
+            _ => kv,
+        })
+        .collect()
 }
 
 fn check_spec(spec: &EndpointSpec) -> Result<()> {
@@ -285,13 +311,17 @@ impl Engine {
 
     async fn wire_endpoint(&self, e: EndpointRow) -> Result<wire::Endpoint> {
         let snap = self.snapshot().await?;
+        self.wire_endpoint_in(e, &snap).await
+    }
+
+    async fn wire_endpoint_in(&self, e: EndpointRow, snap: &Snapshot) -> Result<wire::Endpoint> {
         let tenant = self
             .store
             .tenant(&e.tenant_id)
             .await?
             .map(|t| t.name)
             .unwrap_or_default();
-        let health = self.health_of(&snap, &e.id);
+        let health = self.health_of(snap, &e.id);
         Ok(wire::Endpoint {
             path: format!("/v2/{}", e.id),
             id: e.id,
@@ -369,9 +399,10 @@ impl Engine {
             .store
             .endpoints((!who.is_admin()).then_some(who.tenant_id.as_str()))
             .await?;
+        let snap = self.snapshot().await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            out.push(self.wire_endpoint(r).await?);
+            out.push(self.wire_endpoint_in(r, &snap).await?);
         }
         Ok(out)
     }
@@ -435,6 +466,8 @@ impl Engine {
             }
         }
         self.signal(&e.id);
+        lock(&self.serverless.signals).remove(&e.id);
+        lock(&self.serverless.backoff).remove(&e.id);
         Ok(shown)
     }
 
@@ -494,6 +527,12 @@ impl Engine {
             return Err(EngineError::PayloadTooLarge(format!(
                 "a job's input may be at most {} MiB",
                 MAX_INPUT_BYTES >> 20
+            )));
+        }
+        if self.store.queued_jobs(&e.id).await? >= MAX_QUEUED {
+            return Err(EngineError::ResourceExhausted(format!(
+                "endpoint {} has {MAX_QUEUED} jobs waiting: try again later",
+                e.name
             )));
         }
         let policy = req.policy.clone().unwrap_or_default();
@@ -601,7 +640,7 @@ impl Engine {
         who.allow(Op::JobStatus)?;
         let (_, j) = self.find_job(who, endpoint, id).await?;
         // The state is read before the chunks: a job seen final has posted them all.
-        let chunks = self.store.take_stream(id).await?;
+        let chunks = self.store.take_stream(id, STREAM_PAGE).await?;
         let stream = chunks
             .iter()
             .filter_map(|c| parse_json("stream chunk", c))
@@ -618,15 +657,19 @@ impl Engine {
 
     pub async fn cancel_job(&self, who: &Principal, endpoint: &str, id: &str) -> Result<JobStatus> {
         who.allow(Op::CancelJob)?;
-        let (e, j) = self.find_job(who, endpoint, id).await?;
+        let (e, _) = self.find_job(who, endpoint, id).await?;
         let now = now_ms();
         if self
             .store
             .finish_job(id, JobState::Cancelled, "", "", now, now + RUN_RETENTION_MS)
             .await?
-            && !j.worker_id.is_empty()
         {
-            self.stop_on_worker(&j.worker_id, id);
+            // Its holder as of the end (a claim just before it included).
+            if let Some(j) = self.store.job(id).await? {
+                if !j.worker_id.is_empty() {
+                    self.stop_on_worker(&j.worker_id, id);
+                }
+            }
         }
         self.signal(&e.id);
         Ok(job_status(&self.find_job(who, endpoint, id).await?.1))
@@ -666,12 +709,15 @@ impl Engine {
 
     // --- the worker API ----------------------------------------------------------------
 
-    /// The worker whose credential this is, if it belongs to `endpoint` and `pod`.
+    /// The worker whose credential this is, if it belongs to `endpoint` and `pod` and the
+    /// call comes from that worker's own instance address (`peer`): a credential read
+    /// elsewhere works nowhere else.
     pub async fn worker_auth(
         &self,
         token: Option<&str>,
         endpoint: &str,
         pod: &str,
+        peer: Option<std::net::IpAddr>,
     ) -> Result<WorkerRow> {
         let bad = || EngineError::Unauthorized("not a worker of this endpoint".into());
         let token = token.ok_or_else(bad)?;
@@ -681,7 +727,18 @@ impl Engine {
             .worker_by_token(&hash_key(token))
             .await?
             .ok_or_else(bad)?;
-        if w.endpoint_id != endpoint || (w.pod_id != pod && !pod.is_empty()) {
+        if w.endpoint_id != endpoint || w.pod_id != pod || w.instance_id.is_empty() {
+            return Err(bad());
+        }
+        let i = self.store.instance(&w.instance_id).await?.ok_or_else(bad)?;
+        let t = self.store.tenant(&i.tenant_id).await?.ok_or_else(bad)?;
+        let own = self.node.net.cfg.plan.address(t.net_slot, i.ip_host).ok();
+        let from = match peer {
+            Some(std::net::IpAddr::V4(v4)) => Some(v4),
+            Some(std::net::IpAddr::V6(v6)) => v6.to_ipv4_mapped(),
+            None => None,
+        };
+        if own.is_none() || own != from {
             return Err(bad());
         }
         lock(&self.serverless.seen).insert(w.pod_id.clone(), now_ms());
@@ -773,6 +830,12 @@ impl Engine {
             .map(|o| serde_json::to_string(o).unwrap_or_default())
             .unwrap_or_default();
         if v.get("status").and_then(Value::as_str) == Some("IN_PROGRESS") {
+            if body.len() > MAX_CHUNK_BYTES {
+                return Err(EngineError::PayloadTooLarge(format!(
+                    "a progress update may be at most {} MiB",
+                    MAX_CHUNK_BYTES >> 20
+                )));
+            }
             self.store.set_job_progress(job, &w.pod_id, &output).await?;
             self.signal(&w.endpoint_id);
             return Ok(());
@@ -793,9 +856,16 @@ impl Engine {
         } else {
             RUN_RETENTION_MS
         };
-        self.store
-            .finish_job(job, state, &output, &error, now, now + keep)
-            .await?;
+        if !self
+            .store
+            .finish_job_by(job, &w.pod_id, state, &output, &error, now, now + keep)
+            .await?
+            && !j.state().is_final()
+        {
+            return Err(EngineError::NotFound(format!(
+                "job {job:?} is not this worker's"
+            )));
+        }
         lock(&self.serverless.last_busy).insert(w.pod_id.clone(), now);
         self.signal(&w.endpoint_id);
         self.serverless.wake.notify_one();
@@ -804,17 +874,26 @@ impl Engine {
 
     /// `job-stream`: one partial output of a running job.
     pub async fn worker_stream(&self, w: &WorkerRow, job: &str, body: &[u8]) -> Result<()> {
-        if body.len() > MAX_OUTPUT_BYTES {
+        if body.len() > MAX_CHUNK_BYTES {
             return Err(EngineError::PayloadTooLarge(format!(
                 "a stream chunk may be at most {} MiB",
-                MAX_OUTPUT_BYTES >> 20
+                MAX_CHUNK_BYTES >> 20
             )));
         }
         let v: Value = serde_json::from_slice(body)
             .map_err(|e| invalid(format!("a stream chunk must be JSON: {e}")))?;
         let output =
             serde_json::to_string(v.get("output").unwrap_or(&Value::Null)).unwrap_or_default();
-        if self.store.append_stream(job, &w.pod_id, &output).await? {
+        let appended = self
+            .store
+            .append_stream(job, &w.pod_id, &output, MAX_CHUNKS)
+            .await?
+            .ok_or_else(|| {
+                EngineError::PayloadTooLarge(format!(
+                    "a job may stream at most {MAX_CHUNKS} chunks"
+                ))
+            })?;
+        if appended {
             self.store
                 .renew_leases(&w.pod_id, &[job.to_string()], now_ms() + LEASE_MS)
                 .await?;
@@ -823,12 +902,26 @@ impl Engine {
         Ok(())
     }
 
-    /// `ping`: the worker is alive and holds `jobs`.
+    /// `ping`: the worker is alive and holds `jobs`. Jobs it runs that it no longer holds
+    /// (cancelled, timed out, given to another worker after its lease ran out, or told to it
+    /// before a daemon restart) are to be stopped.
     pub async fn worker_ping(&self, w: &WorkerRow, jobs: &[String]) -> Result<()> {
         if !jobs.is_empty() {
             self.store
                 .renew_leases(&w.pod_id, jobs, now_ms() + LEASE_MS)
                 .await?;
+            let stale = self.store.jobs_not_held(&w.pod_id, jobs).await?;
+            if !stale.is_empty() {
+                let mut stops = lock(&self.serverless.stops);
+                let list = stops.entry(w.pod_id.clone()).or_default();
+                for id in stale {
+                    if !list.contains(&id) && list.len() < 1024 {
+                        list.push(id);
+                    }
+                }
+                drop(stops);
+                self.serverless.stop_signal.notify_waiters();
+            }
         }
         Ok(())
     }
@@ -934,6 +1027,15 @@ impl Engine {
 
     /// The autoscaler and the queue's clock (leases, timeouts, retention).
     pub async fn run_serverless(self: std::sync::Arc<Self>) {
+        // Workers kept running while no daemon answered them: they get a lease's time to
+        // ping this one before their jobs are judged lost.
+        match self.store.extend_all_leases(now_ms() + LEASE_MS).await {
+            Ok(n) if n > 0 => {
+                tracing::info!(jobs = n, "serverless: running jobs given a lease to report")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("serverless: {e}"),
+        }
         loop {
             if self.serverless_settings().is_ok() {
                 if let Err(e) = self.serverless_pass().await {
@@ -946,7 +1048,10 @@ impl Engine {
 
     pub(crate) async fn serverless_pass(&self) -> Result<()> {
         let now = now_ms();
-        self.expire_jobs(now).await?;
+        // A job or row that cannot be handled must not stop the rest.
+        if let Err(e) = self.expire_jobs(now).await {
+            tracing::warn!("serverless: leases and timeouts: {e}");
+        }
         let snap = self.snapshot().await?;
         // Workers of removed endpoints, and rows whose instance went away.
         for w in &snap.workers {
@@ -960,7 +1065,9 @@ impl Engine {
                 Some(e) => self.check_worker(e, w, &snap, now).await,
             }
         }
-        self.send_webhooks().await?;
+        if let Err(e) = self.send_webhooks().await {
+            tracing::warn!("serverless: webhooks: {e}");
+        }
         for e in &snap.endpoints {
             let waiting = lock(&self.serverless.backoff)
                 .get(&e.id)
@@ -1152,8 +1259,7 @@ impl Engine {
         };
         if gone {
             let _ = self.store.delete_worker(&w.pod_id).await;
-            lock(&self.serverless.seen).remove(&w.pod_id);
-            lock(&self.serverless.last_busy).remove(&w.pod_id);
+            self.forget_worker(&w.pod_id);
         }
     }
 
@@ -1168,7 +1274,14 @@ impl Engine {
             }
         }
         self.store.delete_worker(&w.pod_id).await?;
+        self.forget_worker(&w.pod_id);
         Ok(())
+    }
+
+    fn forget_worker(&self, pod: &str) {
+        lock(&self.serverless.seen).remove(pod);
+        lock(&self.serverless.last_busy).remove(pod);
+        lock(&self.serverless.stops).remove(pod);
     }
 
     async fn remove_worker(&self, e: &EndpointRow, w: &WorkerRow) {
@@ -1220,11 +1333,49 @@ impl Engine {
             .iter()
             .filter(|w| w.endpoint_id == e.id)
             .collect();
-        let active: Vec<&WorkerRow> = mine
-            .iter()
-            .copied()
-            .filter(|w| !w.parked && self.phase(snap, w) != WorkerPhase::Unhealthy)
-            .collect();
+        // A worker whose instance failed, or was stopped or preempted, is removed, and the
+        // endpoint waits before making another (a broken template must not spin).
+        let mut failed = 0;
+        for w in mine.iter().filter(|w| {
+            !w.parked
+                && self.phase(snap, w) == WorkerPhase::Unhealthy
+                // One being terminated (by its tenant, by a scale-down) is going already.
+                && snap
+                    .instances
+                    .get(&w.instance_id)
+                    .is_some_and(|i| i.desired != InstanceState::Terminated)
+        }) {
+            if let Some(i) = snap.instances.get(&w.instance_id) {
+                self.event(
+                    &i.id,
+                    "worker_removed",
+                    format!(
+                        "serverless: the worker is {} (wanted {}): removed",
+                        i.state, i.desired
+                    ),
+                )
+                .await;
+            }
+            self.remove_worker(e, w).await;
+            failed += 1;
+        }
+        // Parked workers go when flashboot is turned off or after they sat unused too long.
+        for w in mine.iter().filter(|w| w.parked) {
+            let since = *lock(&self.serverless.last_busy)
+                .entry(w.pod_id.clone())
+                .or_insert(now);
+            if !e.spec.flashboot || now - since >= PARKED_TTL_MS {
+                self.remove_worker(e, w).await;
+            }
+        }
+        if failed > 0 {
+            return Err(EngineError::Unavailable(format!(
+                "{failed} worker(s) of endpoint {} stopped running (see their instances' events)",
+                e.name
+            )));
+        }
+        // Every worker counts towards workers_max until it is gone.
+        let active: Vec<&WorkerRow> = mine.iter().copied().filter(|w| !w.parked).collect();
         let want = self.wanted(e, snap, &active, now) as usize;
         if want > active.len() && grow {
             let mut need = want - active.len();
@@ -1280,6 +1431,7 @@ impl Engine {
             self.store.set_worker_parked(&w.pod_id, false).await?;
             return Err(e);
         }
+        lock(&self.serverless.last_busy).insert(w.pod_id.clone(), now_ms());
         self.event(
             &w.instance_id,
             "parked",
@@ -1340,7 +1492,7 @@ impl Engine {
             format!("RUNPOD_WEBHOOK_POST_OUTPUT={base}/job-done/$RUNPOD_POD_ID/$ID?"),
             format!("RUNPOD_WEBHOOK_POST_STREAM={base}/job-stream/$RUNPOD_POD_ID/$ID?"),
             format!("RUNPOD_WEBHOOK_PING={base}/ping/$RUNPOD_POD_ID"),
-            format!("RUNPOD_AI_API_KEY={token}"),
+            format!("{CREDENTIAL_ENV}={token}"),
             format!("RUNPOD_POD_ID={pod}"),
             format!("RUNPOD_POD_HOSTNAME=ep-{pod}"),
             format!("RUNPOD_ENDPOINT_ID={}", e.id),
@@ -1361,7 +1513,13 @@ impl Engine {
         };
         match self.create_instance(&who, &req).await {
             Ok(i) => {
-                self.store.set_worker_instance(&pod, &i.id).await?;
+                if !self.store.set_worker_instance(&pod, &i.id).await? {
+                    // The endpoint went while the instance was made.
+                    self.set_desired_state(&i.id, InstanceState::Terminated)
+                        .await?;
+                    self.wake.notify_one();
+                    return Ok(());
+                }
                 lock(&self.serverless.last_busy).insert(pod.clone(), now);
                 tracing::info!(
                     endpoint = e.id,

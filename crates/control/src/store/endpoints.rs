@@ -214,7 +214,7 @@ impl Store {
     /// Removes the endpoint and its jobs in one transaction (its workers are the caller's:
     /// instances to terminate first).
     pub async fn delete_endpoint(&self, id: &str) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "DELETE FROM endpoint_job_stream WHERE job_id IN \
              (SELECT id FROM endpoint_jobs WHERE endpoint_id = $1)",
@@ -382,11 +382,57 @@ impl Store {
     }
 
     /// A running job back to the queue (its worker was lost), if `worker_id` still holds it.
+    /// The worker stays named (a late result of its attempt may still end the job), and the
+    /// stream chunks of its attempt that no client has been given are dropped.
     pub async fn requeue_job(&self, id: &str, worker_id: &str) -> Result<bool> {
-        Ok(sqlx::query(
-            "UPDATE endpoint_jobs SET state = 'IN_QUEUE', worker_id = '', lease_until = 0, \
-             started_at = 0, output = '' WHERE id = $1 AND worker_id = $2 AND state = 'IN_PROGRESS'",
+        let mut tx = self.begin_write().await?;
+        let n = sqlx::query(
+            "UPDATE endpoint_jobs SET state = 'IN_QUEUE', lease_until = 0, output = '' \
+             WHERE id = $1 AND worker_id = $2 AND state = 'IN_PROGRESS'",
         )
+        .bind(id.to_string())
+        .bind(worker_id.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            sqlx::query(
+                "DELETE FROM endpoint_job_stream WHERE job_id = $1 AND seq > \
+                 (SELECT stream_read FROM endpoint_jobs WHERE id = $2)",
+            )
+            .bind(id.to_string())
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    /// Ends a job with a worker's result: only the worker holding it, or the last one to have
+    /// held it while it waits in the queue again (its lost lease's result still counts).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish_job_by(
+        &self,
+        id: &str,
+        worker_id: &str,
+        state: JobState,
+        output: &str,
+        error: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE endpoint_jobs SET state = $1, output = $2, error = $3, finished_at = $4, \
+             expires_at = $5, lease_until = 0, \
+             webhook_pending = CASE WHEN webhook = '' THEN 0 ELSE 1 END \
+             WHERE id = $6 AND worker_id = $7 AND state IN ('IN_QUEUE', 'IN_PROGRESS')",
+        )
+        .bind(state.as_str())
+        .bind(output.to_string())
+        .bind(error.to_string())
+        .bind(now)
+        .bind(expires_at)
         .bind(id.to_string())
         .bind(worker_id.to_string())
         .execute(&self.pool)
@@ -395,9 +441,54 @@ impl Store {
             == 1)
     }
 
+    /// Of `ids`, those `worker_id` no longer holds (cancelled, timed out, requeued, gone):
+    /// what it must stop.
+    pub async fn jobs_not_held(&self, worker_id: &str, ids: &[String]) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for id in ids {
+            let held = sqlx::query(
+                "SELECT id FROM endpoint_jobs WHERE id = $1 AND worker_id = $2 AND state = 'IN_PROGRESS'",
+            )
+            .bind(id.clone())
+            .bind(worker_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some();
+            if !held {
+                out.push(id.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every running job's lease to at least `until` (a daemon that starts gives workers
+    /// time to ping it before judging their leases).
+    pub async fn extend_all_leases(&self, until: i64) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE endpoint_jobs SET lease_until = $1 WHERE state = 'IN_PROGRESS' AND lease_until < $2",
+        )
+        .bind(until)
+        .bind(until)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Jobs waiting in an endpoint's queue.
+    pub async fn queued_jobs(&self, endpoint_id: &str) -> Result<u64> {
+        let n: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM endpoint_jobs WHERE endpoint_id = $1 AND state = 'IN_QUEUE'",
+        )
+        .bind(endpoint_id.to_string())
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// A failed or timed-out job queued again as new (`retry`); `false` in another state.
     pub async fn retry_job(&self, id: &str, now: i64) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let n = sqlx::query(
             "UPDATE endpoint_jobs SET state = 'IN_QUEUE', worker_id = '', lease_until = 0, \
              started_at = 0, finished_at = 0, expires_at = 0, attempts = 0, output = '', \
@@ -468,7 +559,7 @@ impl Store {
 
     /// Forgets finished jobs past their retention; how many.
     pub async fn delete_expired_jobs(&self, now: i64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "DELETE FROM endpoint_job_stream WHERE job_id IN \
              (SELECT id FROM endpoint_jobs WHERE expires_at > 0 AND expires_at < $1)",
@@ -527,18 +618,37 @@ impl Store {
         Ok(jobs)
     }
 
-    /// Appends a streaming job's partial output (while it runs on `worker_id`).
-    pub async fn append_stream(&self, job_id: &str, worker_id: &str, output: &str) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+    /// Appends a streaming job's partial output (while it runs on `worker_id`), unless the job
+    /// has `max_chunks` already: `None` then; else whether it was appended.
+    pub async fn append_stream(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        output: &str,
+        max_chunks: i64,
+    ) -> Result<Option<bool>> {
+        let mut tx = self.begin_write().await?;
+        // A no-op write first: it takes the job row's lock (PostgreSQL), so appends of one
+        // job are serialized and MAX(seq)+1 is never computed twice.
         let running = sqlx::query(
-            "SELECT id FROM endpoint_jobs WHERE id = $1 AND worker_id = $2 AND state = 'IN_PROGRESS'",
+            "UPDATE endpoint_jobs SET lease_until = lease_until WHERE id = $1 AND worker_id = $2 AND state = 'IN_PROGRESS'",
         )
         .bind(job_id.to_string())
         .bind(worker_id.to_string())
-        .fetch_optional(&mut *tx)
+        .execute(&mut *tx)
         .await?
-        .is_some();
+        .rows_affected()
+            == 1;
         if running {
+            let n: i64 =
+                sqlx::query("SELECT COUNT(*) AS n FROM endpoint_job_stream WHERE job_id = $1")
+                    .bind(job_id.to_string())
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("n")?;
+            if n >= max_chunks {
+                return Ok(None);
+            }
             sqlx::query(
                 "INSERT INTO endpoint_job_stream (job_id, seq, output) VALUES ($1, \
                  (SELECT COALESCE(MAX(seq), 0) + 1 FROM endpoint_job_stream WHERE job_id = $2), $3)",
@@ -551,12 +661,16 @@ impl Store {
             .map_err(StoreError::from_write)?;
         }
         tx.commit().await?;
-        Ok(running)
+        Ok(Some(running))
     }
 
-    /// The stream chunks not handed out before, now marked handed out.
-    pub async fn take_stream(&self, job_id: &str) -> Result<Vec<String>> {
-        let mut tx = self.pool.begin().await?;
+    /// The stream chunks not handed out before (at most `limit`), now marked handed out.
+    pub async fn take_stream(&self, job_id: &str, limit: i64) -> Result<Vec<String>> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("UPDATE endpoint_jobs SET stream_read = stream_read WHERE id = $1")
+            .bind(job_id.to_string())
+            .execute(&mut *tx)
+            .await?;
         let read: i64 = sqlx::query("SELECT stream_read FROM endpoint_jobs WHERE id = $1")
             .bind(job_id.to_string())
             .fetch_optional(&mut *tx)
@@ -565,10 +679,12 @@ impl Store {
             .transpose()?
             .unwrap_or(0);
         let rows = sqlx::query(
-            "SELECT seq, output FROM endpoint_job_stream WHERE job_id = $1 AND seq > $2 ORDER BY seq",
+            "SELECT seq, output FROM endpoint_job_stream WHERE job_id = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3",
         )
         .bind(job_id.to_string())
         .bind(read)
+        .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
@@ -651,13 +767,18 @@ impl Store {
         .transpose()
     }
 
-    pub async fn set_worker_instance(&self, pod_id: &str, instance_id: &str) -> Result<()> {
-        sqlx::query("UPDATE endpoint_workers SET instance_id = $1 WHERE pod_id = $2")
-            .bind(instance_id.to_string())
-            .bind(pod_id.to_string())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Names the worker's instance; `false` when its row is gone (the endpoint was removed
+    /// meanwhile: the caller removes the instance).
+    pub async fn set_worker_instance(&self, pod_id: &str, instance_id: &str) -> Result<bool> {
+        Ok(
+            sqlx::query("UPDATE endpoint_workers SET instance_id = $1 WHERE pod_id = $2")
+                .bind(instance_id.to_string())
+                .bind(pod_id.to_string())
+                .execute(&self.pool)
+                .await?
+                .rows_affected()
+                == 1,
+        )
     }
 
     pub async fn set_worker_parked(&self, pod_id: &str, parked: bool) -> Result<()> {
