@@ -108,6 +108,9 @@ pub struct Serverless {
     seen: Mutex<HashMap<String, i64>>,
     /// Pod id → when it last had a job (or was made, or started again).
     last_busy: Mutex<HashMap<String, i64>>,
+    /// Pods that let a job's lease run out while their instance ran: they took it and neither
+    /// ran it nor reported it (a wedged worker); the autoscaler replaces them.
+    wedged: Mutex<HashSet<String>>,
     /// Pod id → jobs it must stop (cancelled, timed out), for its `job-stop` poll.
     stops: Mutex<HashMap<String, Vec<String>>>,
     stop_signal: tokio::sync::Notify,
@@ -128,6 +131,7 @@ impl Default for Serverless {
             seen: Default::default(),
             last_busy: Default::default(),
             stops: Default::default(),
+            wedged: Default::default(),
             stop_signal: Default::default(),
             wake: Default::default(),
             webhooks: Default::default(),
@@ -344,7 +348,7 @@ impl Engine {
             if who.is_admin() || e.tenant_id == who.tenant_id {
                 return Ok(e);
             }
-            return Err(not_found());
+            // Another tenant's id: perhaps the name of one of the caller's.
         }
         self.store
             .endpoint_by_name(&who.tenant_id, id_or_name)
@@ -1183,6 +1187,7 @@ impl Engine {
                 continue;
             }
             let why = if alive {
+                lock(&self.serverless.wedged).insert(j.worker_id.clone());
                 "lease expired"
             } else {
                 "worker lost"
@@ -1336,9 +1341,13 @@ impl Engine {
         // A worker whose instance failed, or was stopped or preempted, is removed, and the
         // endpoint waits before making another (a broken template must not spin).
         let mut failed = 0;
+        let wedged: HashSet<String> = {
+            let mut all = lock(&self.serverless.wedged);
+            mine.iter().filter_map(|w| all.take(&w.pod_id)).collect()
+        };
         for w in mine.iter().filter(|w| {
             !w.parked
-                && self.phase(snap, w) == WorkerPhase::Unhealthy
+                && (self.phase(snap, w) == WorkerPhase::Unhealthy || wedged.contains(&w.pod_id))
                 // One being terminated (by its tenant, by a scale-down) is going already.
                 && snap
                     .instances
@@ -1349,10 +1358,15 @@ impl Engine {
                 self.event(
                     &i.id,
                     "worker_removed",
-                    format!(
-                        "serverless: the worker is {} (wanted {}): removed",
-                        i.state, i.desired
-                    ),
+                    if wedged.contains(&w.pod_id) {
+                        "serverless: the worker let a job's lease run out while it ran: replaced"
+                            .to_string()
+                    } else {
+                        format!(
+                            "serverless: the worker is {} (wanted {}): removed",
+                            i.state, i.desired
+                        )
+                    },
                 )
                 .await;
             }
