@@ -2215,6 +2215,24 @@ async fn endpoint_jobs_claim_once_end_once() {
             .finish_job("a", JobState::Failed, "", "\"late\"", 3001, 4000)
             .await
             .unwrap());
+        // What a worker naming jobs in its ping must stop: not one its result ended, not an
+        // unknown one; one cancelled, or now another worker's.
+        assert!(store
+            .jobs_to_stop("w5", &["a".into(), "nope".into()])
+            .await
+            .unwrap()
+            .is_empty());
+        let holder_of_b = store.job("b").await.unwrap().unwrap().worker_id;
+        assert_eq!(
+            store.jobs_to_stop("w9", &["b".into()]).await.unwrap(),
+            ["b"],
+            "{backend}"
+        );
+        assert!(store
+            .jobs_to_stop(&holder_of_b, &["b".into()])
+            .await
+            .unwrap()
+            .is_empty());
         let a = store.job("a").await.unwrap().unwrap();
         assert_eq!(
             (a.state.as_str(), a.output.as_str(), a.error.as_str()),

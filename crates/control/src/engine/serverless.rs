@@ -743,6 +743,12 @@ impl Engine {
             None => None,
         };
         if own.is_none() || own != from {
+            tracing::info!(
+                pod,
+                ?own,
+                ?from,
+                "serverless: a worker credential from another address: refused"
+            );
             return Err(bad());
         }
         lock(&self.serverless.seen).insert(w.pod_id.clone(), now_ms());
@@ -866,6 +872,13 @@ impl Engine {
             .await?
             && !j.state().is_final()
         {
+            tracing::info!(
+                job,
+                pod = w.pod_id,
+                holder = j.worker_id,
+                state = j.state,
+                "serverless: a result from a worker not holding the job: refused"
+            );
             return Err(EngineError::NotFound(format!(
                 "job {job:?} is not this worker's"
             )));
@@ -906,15 +919,17 @@ impl Engine {
         Ok(())
     }
 
-    /// `ping`: the worker is alive and holds `jobs`. Jobs it runs that it no longer holds
-    /// (cancelled, timed out, given to another worker after its lease ran out, or told to it
-    /// before a daemon restart) are to be stopped.
+    /// `ping`: the worker is alive and holds `jobs`. Jobs it runs that were ended without it
+    /// (cancelled, timed out: told again if the first word was lost, e.g. to a daemon
+    /// restart) or given to another worker are to be stopped. A job its own result ended is
+    /// not: the SDK's ping may still name it, and stopping its task while it finishes leaves
+    /// the SDK's count of running jobs wrong (its worker then takes jobs it never runs).
     pub async fn worker_ping(&self, w: &WorkerRow, jobs: &[String]) -> Result<()> {
         if !jobs.is_empty() {
             self.store
                 .renew_leases(&w.pod_id, jobs, now_ms() + LEASE_MS)
                 .await?;
-            let stale = self.store.jobs_not_held(&w.pod_id, jobs).await?;
+            let stale = self.store.jobs_to_stop(&w.pod_id, jobs).await?;
             if !stale.is_empty() {
                 let mut stops = lock(&self.serverless.stops);
                 let list = stops.entry(w.pod_id.clone()).or_default();

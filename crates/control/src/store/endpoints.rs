@@ -441,20 +441,21 @@ impl Store {
             == 1)
     }
 
-    /// Of `ids`, those `worker_id` no longer holds (cancelled, timed out, requeued, gone):
-    /// what it must stop.
-    pub async fn jobs_not_held(&self, worker_id: &str, ids: &[String]) -> Result<Vec<String>> {
+    /// Of `ids`, those `worker_id` must stop: ended without a result (cancelled, timed out)
+    /// or now another worker's. Not the ones a result ended, nor unknown ones.
+    pub async fn jobs_to_stop(&self, worker_id: &str, ids: &[String]) -> Result<Vec<String>> {
         let mut out = Vec::new();
         for id in ids {
-            let held = sqlx::query(
-                "SELECT id FROM endpoint_jobs WHERE id = $1 AND worker_id = $2 AND state = 'IN_PROGRESS'",
+            let stop = sqlx::query(
+                "SELECT id FROM endpoint_jobs WHERE id = $1 AND (state IN ('CANCELLED', 'TIMED_OUT') \
+                 OR (state = 'IN_PROGRESS' AND worker_id <> $2))",
             )
             .bind(id.clone())
             .bind(worker_id.to_string())
             .fetch_optional(&self.pool)
             .await?
             .is_some();
-            if !held {
+            if stop {
                 out.push(id.clone());
             }
         }

@@ -573,6 +573,10 @@ impl Daemon {
 
     /// Terminates every live instance and waits.
     pub fn terminate_all(&self) {
+        // Serverless endpoints first: their autoscaler would make workers again.
+        for e in self.json(&["endpoint", "list"]).as_array().unwrap() {
+            self.json(&["endpoint", "rm", e["id"].as_str().unwrap()]);
+        }
         let list = self.json(&["instance", "list"]);
         for i in list.as_array().unwrap() {
             let id = i["id"].as_str().unwrap();
@@ -586,7 +590,20 @@ impl Drop for Daemon {
         if self.child.is_some() && !std::thread::panicking() {
             self.terminate_all();
         } else if self.child.is_some() {
-            // Best effort on failure: leave nothing behind for the next test.
+            // The log outlives the data dir, for whoever reads the failure.
+            let keep = std::env::temp_dir().join(format!("gvtest-failed-{}.log", self.port));
+            let _ = std::fs::copy(self.data().join("daemon.log"), &keep);
+            eprintln!("daemon log kept: {}", keep.display());
+            // Best effort on failure: leave nothing behind for the next test. Serverless
+            // endpoints first, or their autoscaler makes workers again.
+            let eps = self.cli(&["endpoint", "list", "-o", "json"]);
+            if let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(&eps.stdout) {
+                for e in items {
+                    if let Some(id) = e["id"].as_str() {
+                        let _ = self.cli(&["endpoint", "rm", id]);
+                    }
+                }
+            }
             let list = self.cli(&["instance", "list", "-o", "json"]);
             if let Ok(Value::Array(items)) = serde_json::from_slice::<Value>(&list.stdout) {
                 for i in items {
