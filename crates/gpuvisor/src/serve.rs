@@ -298,6 +298,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     )?;
     if let Some(l) = worker_listener {
         let pool = cfg.net_plan.pool();
+        let tenant_len = cfg.net_plan.tenant_len();
         let app = crate::serverless::worker_router(engine.clone(), pool);
         let header_timeout = cfg.limits.header_timeout;
         tokio::spawn(async move {
@@ -305,7 +306,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 max: crate::serverless::MAX_CONNECTIONS,
                 per_ip: crate::serverless::MAX_CONNECTIONS_PER_ADDRESS,
                 // Only instances: anyone else is closed at accept, before a byte is read.
-                only_from: Some(pool),
+                only_from: Some(OnlyFrom {
+                    pool,
+                    subnet_len: tenant_len,
+                    per_subnet: crate::serverless::MAX_CONNECTIONS_PER_TENANT,
+                }),
             };
             if let Err(e) = serve_http(l, None, app, header_timeout, limits).await {
                 tracing::error!("the worker API stopped: {e}");
@@ -397,11 +402,21 @@ impl Drop for IpSlot {
 /// disconnected (slow loris; idle keep-alive connections too). On SIGTERM/SIGINT: stop
 /// accepting, let requests in flight finish (10 s at most).
 /// Open connections in all and per client address, and (the worker API) the only client
-/// addresses served.
+/// addresses served and a cap per tenant subnet.
 struct ConnLimits {
     max: usize,
     per_ip: usize,
-    only_from: Option<gpuvisor_node::ipam::Cidr>,
+    only_from: Option<OnlyFrom>,
+}
+
+/// The worker API's admission: instance addresses only, at most `per_subnet` connections per
+/// tenant subnet (`subnet_len` bits). A full listener refuses new connections at once instead
+/// of leaving them in the backlog, so one tenant holding its share stalls nobody else.
+#[derive(Clone, Copy)]
+struct OnlyFrom {
+    pool: gpuvisor_node::ipam::Cidr,
+    subnet_len: u8,
+    per_subnet: usize,
 }
 
 async fn serve_http(
@@ -414,14 +429,20 @@ async fn serve_http(
     let max_per_ip = limits.per_ip;
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max));
     let per_ip = Arc::new(PerIp::default());
+    let per_subnet = Arc::new(PerIp::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     let stop = shutdown();
     tokio::pin!(stop);
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p?,
-            _ = &mut stop => break,
+        // The API waits for a free slot before accepting; the worker API takes one after.
+        let waited = if limits.only_from.is_none() {
+            Some(tokio::select! {
+                p = slots.clone().acquire_owned() => p?,
+                _ = &mut stop => break,
+            })
+        } else {
+            None
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -440,17 +461,37 @@ async fn serve_http(
             },
             _ = &mut stop => break,
         };
-        let admitted = match (limits.only_from, peer) {
-            (None, _) => true,
-            (Some(pool), std::net::IpAddr::V4(v4)) => pool.contains(v4),
-            (Some(pool), std::net::IpAddr::V6(v6)) => {
-                v6.to_ipv4_mapped().is_some_and(|v4| pool.contains(v4))
+        let mut subnet_slot = None;
+        let permit = match (waited, limits.only_from) {
+            (Some(p), _) => p,
+            (None, None) => continue,
+            (None, Some(only)) => {
+                let v4 = match peer {
+                    std::net::IpAddr::V4(v4) => Some(v4),
+                    std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+                };
+                let Some(v4) = v4.filter(|a| only.pool.contains(*a)) else {
+                    drop(stream);
+                    continue;
+                };
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(only.subnet_len))
+                    .unwrap_or(0);
+                let subnet = std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) & mask));
+                let Some(slot) = PerIp::take(&per_subnet, subnet, only.per_subnet) else {
+                    drop(stream);
+                    continue;
+                };
+                subnet_slot = Some(slot);
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        drop(stream);
+                        continue;
+                    }
+                }
             }
         };
-        if !admitted {
-            drop(stream);
-            continue;
-        }
         // One client never holds more than its share of the slots: closed at once.
         let Some(ip_slot) = PerIp::take(&per_ip, peer, max_per_ip) else {
             drop(stream);
@@ -459,7 +500,7 @@ async fn serve_http(
         // The connection's places in both caps, on every request: an exec session takes them
         // into its WebSocket, so an upgraded connection counts until it closes (hyper's
         // connection future ends at the upgrade).
-        let hold = crate::api::ConnectionHold::new((permit, ip_slot));
+        let hold = crate::api::ConnectionHold::new((permit, ip_slot, subnet_slot));
         let app = app.clone();
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {

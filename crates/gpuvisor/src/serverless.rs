@@ -41,8 +41,10 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Open connections to the worker API in all, and from one instance address (the SDK holds
 /// a take, a stop poll and a ping, and posts the results of the jobs it runs at once, each on
 /// a connection of its own: a worker running 64 jobs holds about 70).
-pub const MAX_CONNECTIONS: usize = 2048;
+pub const MAX_CONNECTIONS: usize = 8192;
 pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 128;
+/// A tenant's instances together (by their subnet), so no tenant fills the listener.
+pub const MAX_CONNECTIONS_PER_TENANT: usize = 1024;
 /// Bodies being read or handled at once, in MiB (each charged its declared length, rounded
 /// up, or its cap): what the worker API may hold in memory.
 const BODY_BUDGET_MIB: u32 = 256;

@@ -108,9 +108,13 @@ pub struct Serverless {
     seen: Mutex<HashMap<String, i64>>,
     /// Pod id → when it last had a job (or was made, or started again).
     last_busy: Mutex<HashMap<String, i64>>,
-    /// Pods that let a job's lease run out while their instance ran: they took it and neither
-    /// ran it nor reported it (a wedged worker); the autoscaler replaces them.
+    /// Pods that let a job's lease run out while they kept pinging without naming it: they
+    /// took it and neither ran nor reported it (a wedged worker); the autoscaler replaces
+    /// them. (A worker that stopped pinging altogether — unreachable, a busy store — only
+    /// loses the job to the queue.)
     wedged: Mutex<HashSet<String>>,
+    /// Pod id → when it last pinged.
+    pinged: Mutex<HashMap<String, i64>>,
     /// Pod id → jobs it must stop (cancelled, timed out), for its `job-stop` poll.
     stops: Mutex<HashMap<String, Vec<String>>>,
     stop_signal: tokio::sync::Notify,
@@ -132,6 +136,7 @@ impl Default for Serverless {
             last_busy: Default::default(),
             stops: Default::default(),
             wedged: Default::default(),
+            pinged: Default::default(),
             stop_signal: Default::default(),
             wake: Default::default(),
             webhooks: Default::default(),
@@ -486,9 +491,9 @@ impl Engine {
                 },
             )
             .await?;
-        if spec.flashboot && r.runtime() == wire::RuntimeKind::Vm {
+        if r.runtime() == wire::RuntimeKind::Vm {
             return Err(invalid(
-                "flashboot parks container workers (frozen): this template makes VMs",
+                "serverless workers are containers (a VM gets no environment for RunPod's SDK): this template makes VMs",
             ));
         }
         Ok(())
@@ -925,6 +930,7 @@ impl Engine {
     /// not: the SDK's ping may still name it, and stopping its task while it finishes leaves
     /// the SDK's count of running jobs wrong (its worker then takes jobs it never runs).
     pub async fn worker_ping(&self, w: &WorkerRow, jobs: &[String]) -> Result<()> {
+        lock(&self.serverless.pinged).insert(w.pod_id.clone(), now_ms());
         if !jobs.is_empty() {
             self.store
                 .renew_leases(&w.pod_id, jobs, now_ms() + LEASE_MS)
@@ -1202,7 +1208,12 @@ impl Engine {
                 continue;
             }
             let why = if alive {
-                lock(&self.serverless.wedged).insert(j.worker_id.clone());
+                // It pinged well after the lease was last renewed, without naming the job.
+                let renewed = j.lease_until - LEASE_MS;
+                let pinged = lock(&self.serverless.pinged).get(&j.worker_id).copied();
+                if pinged.is_some_and(|p| p > renewed + 2 * PING_INTERVAL_MS) {
+                    lock(&self.serverless.wedged).insert(j.worker_id.clone());
+                }
                 "lease expired"
             } else {
                 "worker lost"
@@ -1299,6 +1310,8 @@ impl Engine {
     }
 
     fn forget_worker(&self, pod: &str) {
+        lock(&self.serverless.pinged).remove(pod);
+        lock(&self.serverless.wedged).remove(pod);
         lock(&self.serverless.seen).remove(pod);
         lock(&self.serverless.last_busy).remove(pod);
         lock(&self.serverless.stops).remove(pod);
@@ -1389,12 +1402,14 @@ impl Engine {
             failed += 1;
         }
         // Parked workers go when flashboot is turned off or after they sat unused too long.
+        let mut gone = HashSet::new();
         for w in mine.iter().filter(|w| w.parked) {
             let since = *lock(&self.serverless.last_busy)
                 .entry(w.pod_id.clone())
                 .or_insert(now);
             if !e.spec.flashboot || now - since >= PARKED_TTL_MS {
                 self.remove_worker(e, w).await;
+                gone.insert(w.pod_id.clone());
             }
         }
         if failed > 0 {
@@ -1409,7 +1424,10 @@ impl Engine {
         if want > active.len() && grow {
             let mut need = want - active.len();
             // Flashboot: parked workers first.
-            for w in mine.iter().filter(|w| w.parked) {
+            for w in mine
+                .iter()
+                .filter(|w| w.parked && !gone.contains(&w.pod_id))
+            {
                 if need == 0 {
                     break;
                 }
