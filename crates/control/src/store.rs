@@ -16,7 +16,7 @@ use thiserror::Error;
 mod endpoints;
 mod templates;
 mod usage;
-pub use endpoints::{EndpointRow, JobRow, JobTally, RunningJob, WorkerRow};
+pub use endpoints::{EndpointRow, JobRow, JobTally, RunningJob, WorkerRow, MAX_STREAM_BYTES};
 pub use templates::TemplateRow;
 pub use usage::UsageRow;
 

@@ -912,7 +912,8 @@ impl Engine {
             .await?
             .ok_or_else(|| {
                 EngineError::PayloadTooLarge(format!(
-                    "a job may stream at most {MAX_CHUNKS} chunks"
+                    "a job may stream at most {MAX_CHUNKS} chunks and {} MiB",
+                    crate::store::MAX_STREAM_BYTES >> 20
                 ))
             })?;
         if appended {

@@ -92,6 +92,11 @@ fn endpoint(r: &AnyRow) -> Result<EndpointRow> {
     })
 }
 
+/// The most stream output one job keeps, in bytes (its chunks together).
+pub const MAX_STREAM_BYTES: i64 = 64 << 20;
+/// The most stream output one `take_stream` hands out, in bytes.
+const PAGE_BYTES: usize = 16 << 20;
+
 macro_rules! job_cols {
     () => {
         "id, endpoint_id, state, input, webhook, sync, exec_timeout_ms, ttl_ms, created_at, \
@@ -620,7 +625,8 @@ impl Store {
     }
 
     /// Appends a streaming job's partial output (while it runs on `worker_id`), unless the job
-    /// has `max_chunks` already: `None` then; else whether it was appended.
+    /// has `max_chunks` or [`MAX_STREAM_BYTES`] already: `None` then; else whether it was
+    /// appended.
     pub async fn append_stream(
         &self,
         job_id: &str,
@@ -641,13 +647,16 @@ impl Store {
         .rows_affected()
             == 1;
         if running {
-            let n: i64 =
-                sqlx::query("SELECT COUNT(*) AS n FROM endpoint_job_stream WHERE job_id = $1")
-                    .bind(job_id.to_string())
-                    .fetch_one(&mut *tx)
-                    .await?
-                    .try_get("n")?;
-            if n >= max_chunks {
+            let r = sqlx::query(
+                "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(LENGTH(output)), 0) AS BIGINT) AS bytes \
+                 FROM endpoint_job_stream WHERE job_id = $1",
+            )
+            .bind(job_id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+            let (n, bytes): (i64, i64) = (r.try_get("n")?, r.try_get("bytes")?);
+            let len = i64::try_from(output.len()).unwrap_or(i64::MAX);
+            if n >= max_chunks || bytes.saturating_add(len) > MAX_STREAM_BYTES {
                 return Ok(None);
             }
             sqlx::query(
@@ -688,11 +697,18 @@ impl Store {
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
+        let mut out: Vec<String> = Vec::with_capacity(rows.len());
         let mut last = read;
+        let mut bytes = 0;
         for r in &rows {
+            let chunk: String = r.try_get("output")?;
+            // One answer holds at most PAGE_BYTES (and always one chunk): the rest next time.
+            if !out.is_empty() && bytes + chunk.len() > PAGE_BYTES {
+                break;
+            }
+            bytes += chunk.len();
             last = r.try_get("seq")?;
-            out.push(r.try_get("output")?);
+            out.push(chunk);
         }
         if last > read {
             sqlx::query(
