@@ -761,27 +761,31 @@ impl Store {
 
     /// The worker whose credential hashes to `token_hash`.
     pub async fn worker_by_token(&self, token_hash: &str) -> Result<Option<WorkerRow>> {
-        sqlx::query(
-            "SELECT pod_id, instance_id, endpoint_id, created_at, parked FROM endpoint_workers WHERE token_hash = $1",
+        self.one_worker(
+            "SELECT pod_id, instance_id, endpoint_id, created_at, parked FROM endpoint_workers \
+             WHERE token_hash = $1",
+            token_hash,
         )
-        .bind(token_hash.to_string())
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(worker)
-        .transpose()
+        .await
     }
 
     pub async fn worker_by_pod(&self, pod_id: &str) -> Result<Option<WorkerRow>> {
-        sqlx::query(
-            "SELECT pod_id, instance_id, endpoint_id, created_at, parked FROM endpoint_workers WHERE pod_id = $1",
+        self.one_worker(
+            "SELECT pod_id, instance_id, endpoint_id, created_at, parked FROM endpoint_workers \
+             WHERE pod_id = $1",
+            pod_id,
         )
-        .bind(pod_id.to_string())
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(worker)
-        .transpose()
+        .await
+    }
+
+    async fn one_worker(&self, sql: &'static str, key: &str) -> Result<Option<WorkerRow>> {
+        sqlx::query(sql)
+            .bind(key.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(worker)
+            .transpose()
     }
 
     /// Names the worker's instance; `false` when its row is gone (the endpoint was removed
