@@ -211,6 +211,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         engine.set_serverless(gpuvisor_control::engine::serverless::ServerlessSettings {
             worker_port: port,
             webhook_allow: cfg.proxy.webhook_allow.clone(),
+            webhook_deny: cfg.network.deny.clone(),
         })?;
     }
     tokio::spawn(engine.clone().run_serverless());

@@ -22,10 +22,13 @@ pub enum WebhookError {
     Http(String),
 }
 
-/// Addresses a webhook may reach: public ones, and the operator's.
+/// Addresses a webhook may reach: the operator's allowed ones; else public ones that are
+/// neither this host's own nor in the operator's deny list (`[network] deny`).
 #[derive(Clone)]
 struct Guard {
     allow: Arc<Vec<IpAddr>>,
+    deny: Arc<Vec<crate::net::NetRule>>,
+    host: Arc<Vec<IpAddr>>,
 }
 
 impl Guard {
@@ -34,8 +37,33 @@ impl Guard {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        is_public(ip) || self.allow.contains(&ip)
+        if self.allow.contains(&ip) {
+            return true;
+        }
+        let denied = match ip {
+            IpAddr::V4(v4) => self.deny.iter().any(|r| r.contains(v4)),
+            IpAddr::V6(_) => false,
+        };
+        is_public(ip) && !denied && !self.host.contains(&ip)
     }
+}
+
+/// Every address of this host's interfaces (a public one included: a webhook must not reach
+/// the daemon's own services through it).
+fn host_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|sa| {
+            if let Some(v4) = sa.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                sa.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect()
 }
 
 impl reqwest::dns::Resolve for Guard {
@@ -64,13 +92,16 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    /// A client for webhooks; `allow`: addresses reachable although not public.
-    pub fn new(allow: Vec<IpAddr>) -> Result<Self, WebhookError> {
+    /// A client for webhooks; `allow`: addresses reachable although not public; `deny`: public
+    /// networks no webhook reaches (the instances' deny list).
+    pub fn new(allow: Vec<IpAddr>, deny: Vec<crate::net::NetRule>) -> Result<Self, WebhookError> {
         // Ring, as for registry pulls (reqwest is built without a default provider).
         #[allow(deprecated)]
         let _ = rustls::crypto::ring::default_provider().install_default();
         let guard = Guard {
             allow: Arc::new(allow),
+            deny: Arc::new(deny),
+            host: Arc::new(host_addresses()),
         };
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -135,9 +166,30 @@ fn chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_deny_list_and_the_hosts_own_addresses_are_refused_the_allow_list_wins() {
+        let g = Guard {
+            allow: Arc::new(vec!["10.0.0.7".parse().unwrap()]),
+            deny: Arc::new(vec!["198.51.100.0/24".parse().unwrap()]),
+            host: Arc::new(vec!["203.0.113.9".parse().unwrap()]),
+        };
+        assert!(g.ok("93.184.216.34".parse().unwrap()));
+        assert!(!g.ok("198.51.100.20".parse().unwrap()), "denied network");
+        assert!(
+            !g.ok("203.0.113.9".parse().unwrap()),
+            "the host's own address"
+        );
+        assert!(!g.ok("10.0.0.8".parse().unwrap()), "private");
+        assert!(g.ok("10.0.0.7".parse().unwrap()), "allowed by the operator");
+        assert!(
+            !host_addresses().is_empty(),
+            "the host has addresses (loopback at least)"
+        );
+    }
+
     #[tokio::test]
     async fn private_destinations_are_refused_unless_allowed() {
-        let w = Webhooks::new(vec![]).unwrap();
+        let w = Webhooks::new(vec![], vec![]).unwrap();
         for url in [
             "http://127.0.0.1:9/hook",
             "http://169.254.169.254/latest/meta-data",
@@ -157,7 +209,7 @@ mod tests {
         }
         // Allowed by the operator: the request is made (nothing listens: a connect error,
         // not a refusal).
-        let w = Webhooks::new(vec!["127.0.0.1".parse().unwrap()]).unwrap();
+        let w = Webhooks::new(vec!["127.0.0.1".parse().unwrap()], vec![]).unwrap();
         let r = w.post("http://127.0.0.1:9/hook", b"{}".to_vec()).await;
         assert!(
             matches!(&r, Err(WebhookError::Http(e)) if !e.contains("refused: a loopback")),

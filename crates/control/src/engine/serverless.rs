@@ -79,6 +79,8 @@ const ORPHAN_ROW_MS: i64 = 60_000;
 pub struct ServerlessSettings {
     pub worker_port: u16,
     pub webhook_allow: Vec<std::net::IpAddr>,
+    /// Public networks no webhook reaches (the instances' `[network] deny`).
+    pub webhook_deny: Vec<gpuvisor_node::net::NetRule>,
 }
 
 /// Webhook calls in flight at most; the rest wait in the store for the next pass.
@@ -273,8 +275,9 @@ impl Snapshot {
 
 impl Engine {
     pub fn set_serverless(&self, s: ServerlessSettings) -> Result<()> {
-        let hooks = gpuvisor_node::webhook::Webhooks::new(s.webhook_allow.clone())
-            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let hooks =
+            gpuvisor_node::webhook::Webhooks::new(s.webhook_allow.clone(), s.webhook_deny.clone())
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
         *self
             .serverless
             .webhooks
