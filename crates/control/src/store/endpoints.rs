@@ -355,22 +355,8 @@ impl Store {
         now: i64,
         expires_at: i64,
     ) -> Result<bool> {
-        Ok(sqlx::query(
-            "UPDATE endpoint_jobs SET state = $1, output = $2, error = $3, finished_at = $4, \
-             expires_at = $5, lease_until = 0, \
-             webhook_pending = CASE WHEN webhook = '' THEN 0 ELSE 1 END \
-             WHERE id = $6 AND state IN ('IN_QUEUE', 'IN_PROGRESS')",
-        )
-        .bind(state.as_str())
-        .bind(output.to_string())
-        .bind(error.to_string())
-        .bind(now)
-        .bind(expires_at)
-        .bind(id.to_string())
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
-            == 1)
+        self.end_job(id, "", state, output, error, now, expires_at)
+            .await
     }
 
     /// A running job's interim output (a progress update); nothing once it has ended.
@@ -427,11 +413,27 @@ impl Store {
         now: i64,
         expires_at: i64,
     ) -> Result<bool> {
+        self.end_job(id, worker_id, state, output, error, now, expires_at)
+            .await
+    }
+
+    /// The one end of a job: from a live state only, and by `worker_id` ('' = anyone).
+    #[allow(clippy::too_many_arguments)]
+    async fn end_job(
+        &self,
+        id: &str,
+        worker_id: &str,
+        state: JobState,
+        output: &str,
+        error: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<bool> {
         Ok(sqlx::query(
             "UPDATE endpoint_jobs SET state = $1, output = $2, error = $3, finished_at = $4, \
              expires_at = $5, lease_until = 0, \
              webhook_pending = CASE WHEN webhook = '' THEN 0 ELSE 1 END \
-             WHERE id = $6 AND worker_id = $7 AND state IN ('IN_QUEUE', 'IN_PROGRESS')",
+             WHERE id = $6 AND ($7 = '' OR worker_id = $8) AND state IN ('IN_QUEUE', 'IN_PROGRESS')",
         )
         .bind(state.as_str())
         .bind(output.to_string())
@@ -439,6 +441,7 @@ impl Store {
         .bind(now)
         .bind(expires_at)
         .bind(id.to_string())
+        .bind(worker_id.to_string())
         .bind(worker_id.to_string())
         .execute(&self.pool)
         .await?
