@@ -968,15 +968,17 @@ impl Engine {
             .into_iter()
             .map(|j| j.worker_id)
             .collect();
-        let mut instances = HashMap::new();
-        for w in &workers {
-            if w.instance_id.is_empty() {
-                continue;
-            }
-            if let Some(i) = self.store.instance(&w.instance_id).await? {
-                instances.insert(w.instance_id.clone(), i);
-            }
-        }
+        // The workers' instances from the store's cached live list (a terminated one is
+        // absent: gone, as for the checks below).
+        let ids: HashSet<&str> = workers.iter().map(|w| w.instance_id.as_str()).collect();
+        let instances: HashMap<String, InstanceRow> = self
+            .store
+            .live_instances(None)
+            .await?
+            .into_iter()
+            .filter(|i| ids.contains(i.id.as_str()))
+            .map(|i| (i.id.clone(), i))
+            .collect();
         Ok(Snapshot {
             endpoints,
             workers,
@@ -1180,7 +1182,20 @@ impl Engine {
             .into_iter()
             .map(|w| (w.pod_id.clone(), w))
             .collect();
-        for j in self.store.running_jobs().await? {
+        let running = self.store.running_jobs().await?;
+        // Which instances run, from the cached live list, once per pass.
+        let up: HashSet<String> = if running.is_empty() {
+            HashSet::new()
+        } else {
+            self.store
+                .live_instances(None)
+                .await?
+                .into_iter()
+                .filter(|i| i.state == InstanceState::Running)
+                .map(|i| i.id)
+                .collect()
+        };
+        for j in running {
             if now > j.started_at.saturating_add(j.exec_timeout_ms) {
                 let err = serde_json::to_string("execution timeout exceeded").unwrap_or_default();
                 if self
@@ -1201,11 +1216,7 @@ impl Engine {
                 continue;
             }
             let alive = match workers.get(&j.worker_id) {
-                Some(w) if !w.parked && !w.instance_id.is_empty() => self
-                    .store
-                    .instance(&w.instance_id)
-                    .await?
-                    .is_some_and(|i| i.state == InstanceState::Running),
+                Some(w) if !w.parked => up.contains(&w.instance_id),
                 _ => false,
             };
             if alive && j.lease_until >= now {
