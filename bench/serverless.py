@@ -9,6 +9,8 @@
    answer with the output (a worker instance is made, Python starts and imports runpod, takes
    the job). Warm: the same with the worker up and idle. Flashboot: an endpoint with
    --flashboot whose worker was parked (frozen) after its idle timeout.
+   The same cold start with examples/serverless/worker.sh (busybox sh + wget, the plain HTTP
+   worker contract) in a busybox image: the platform's part without Python's start.
 3. Autoscaler reaction: a step of J slow jobs (each 2 s) on an endpoint with request-count:25
    and workers-max 4: the time from the step to each worker being made and to each worker's
    first job.
@@ -31,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gvbench import Daemon, log, machine, print_table, summary  # noqa: E402
+from gvbench import Daemon, import_image, log, machine, print_table, summary  # noqa: E402
 
 
 def free_port():
@@ -144,6 +146,25 @@ def main():
         cli("endpoint", "rm", ep)
         cli("endpoint", "rm", fep)
 
+        # 2b. the same cold start with a worker that is not Python: examples/serverless/worker.sh
+        # (busybox sh + wget, the plain HTTP contract) in a busybox image.
+        import_image(d, os.path.join(work, "busybox-rootfs"))
+        script = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
+                                   "serverless", "worker.sh")).read()
+        cli("template", "create", "shw", "--image", "busybox", "--memory", "64MiB",
+            "--", "/bin/sh", "-c", script)
+        sep_ = cli("endpoint", "create", "shcold", "--template", "shw", "--workers-max", "1",
+                   "--idle-timeout", "1s")["id"]
+        shcold = []
+        for r in range(a.rounds):
+            wait_workers(sep_, lambda w: live(w) == 0)
+            dt, out = runsync(sep_, f"sh{r}")
+            assert out["output"]["echo"] == {"tag": f"sh{r}"}, out
+            shcold.append(dt * 1000)
+            log(f"round {r}: cold start, shell worker {shcold[-1]:.0f} ms")
+        results["shell_cold_ms"] = shcold
+        cli("endpoint", "rm", sep_)
+
         # 3. autoscaler reaction to a step
         sep = cli("endpoint", "create", "step", "--template", "echo", "--workers-max", "4",
                   "--idle-timeout", "2s", "--scaler", "request-count:25")["id"]
@@ -196,7 +217,8 @@ def main():
 
     rows = []
     for name, vals in (("cold start (0 workers)", cold), ("warm (idle worker)", warm),
-                       ("flashboot (parked worker)", flash)):
+                       ("flashboot (parked worker)", flash),
+                       ("cold start, shell worker (worker.sh)", shcold)):
         s = summary(vals)
         rows.append([name, len(vals), f"{s['p50']:.0f}", f"{s['min']:.0f}", f"{s['max']:.0f}"])
     print()

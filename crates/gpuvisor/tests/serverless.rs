@@ -399,9 +399,65 @@ fn runpod_sdks_drive_an_endpoint_from_zero_to_n_and_back() {
     );
     f.d.json_as(&f.acme, &["endpoint", "rm", &fep]);
 
+    shell_worker(&f);
     failure_cases(&f, &ep);
     isolation_cases(&f, &ep);
     daemon_sigkill_loses_no_job(f, ep);
+}
+
+/// The plain HTTP worker contract without RunPod's SDK: examples/serverless/worker.sh (busybox
+/// sh + wget) in a busybox image serves a cold runsync and a burst of queued jobs, each with
+/// its own output.
+fn shell_worker(f: &Fixture) {
+    f.d.import_busybox();
+    let script = std::fs::read_to_string(repo().join("examples/serverless/worker.sh")).unwrap();
+    f.d.json_as(
+        &f.acme,
+        &[
+            "template", "create", "shw", "--image", "busybox", "--memory", "64MiB", "--",
+            "/bin/sh", "-c", &script,
+        ],
+    );
+    let ep = f.endpoint(
+        "shell",
+        &[
+            "--template",
+            "shw",
+            "--workers-max",
+            "1",
+            "--idle-timeout",
+            "3s",
+        ],
+    );
+    let t0 = Instant::now();
+    let (code, v) = f.curl(
+        &f.acme,
+        "POST",
+        &format!("/v2/{ep}/runsync?wait=60000"),
+        Some(&json!({"input": {"n": -1, "s": "a b"}})),
+    );
+    eprintln!("shell worker: cold runsync {:?}", t0.elapsed());
+    assert_eq!(code, 200, "{v}\n{}", tail(&f.d.log()));
+    assert_eq!(v["status"], "COMPLETED", "{v}\n{}", tail(&f.d.log()));
+    assert_eq!(v["output"], json!({"echo": {"n": -1, "s": "a b"}}), "{v}");
+    let ids: Vec<String> = (0..20)
+        .map(|i| {
+            let (code, v) = f.curl(
+                &f.acme,
+                "POST",
+                &format!("/v2/{ep}/run"),
+                Some(&json!({"input": {"i": i}})),
+            );
+            assert_eq!(code, 200, "{v}");
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let v = f.wait_status(&ep, id, &["COMPLETED", "FAILED"], Duration::from_secs(60));
+        assert_eq!(v["output"], json!({"echo": {"i": i}}), "{v}");
+        assert_eq!(v["retries"], 0, "{v}");
+    }
+    f.d.json_as(&f.acme, &["endpoint", "rm", &ep]);
 }
 
 /// Cancel, execution timeout, retry, purge, and a worker killed mid-job.
