@@ -22,6 +22,7 @@ library, wrk, rustc.
 """
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -58,6 +59,22 @@ def wrk(url, conns, threads, secs, host=None):
     return {"rps": rps, "p50_ms": pct(50), "p99_ms": pct(99)}
 
 
+def cpu_quota(iid, share):
+    """Holds the instance's cgroup to `share` CPUs (None: no limit), cgroup v2 or v1."""
+    v2 = glob.glob(f"/sys/fs/cgroup/**/gpuvisor/{iid}/cpu.max", recursive=True)
+    v1 = glob.glob(f"/sys/fs/cgroup/cpu*/**/gpuvisor/{iid}/cpu.cfs_quota_us", recursive=True)
+    if v2:
+        with open(v2[0], "w") as f:
+            f.write(f"{int(share * 100000)} 100000" if share else "max 100000")
+    elif v1:
+        with open(v1[0].replace("cfs_quota_us", "cfs_period_us"), "w") as f:
+            f.write("100000")
+        with open(v1[0], "w") as f:
+            f.write(str(int(share * 100000)) if share else "-1")
+    else:
+        raise RuntimeError(f"no CPU controller in instance {iid}'s cgroup")
+
+
 def idle_connections(port, host, n):
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
@@ -88,6 +105,9 @@ def main():
     ap.add_argument("--proxy-port", type=int, default=18782)
     ap.add_argument("--rootfs", default="/tmp/gvbench-portsrv-root")
     ap.add_argument("--log", default="/tmp/gvbench-ingress.log")
+    ap.add_argument("--backend-cpu", type=float, default=0.25,
+                    help="the CPU share portsrv is held to (cgroup cpu.max) for the backend-bound "
+                         "rounds; 0 skips them")
     ap.add_argument("--json", help="write the raw results here")
     a = ap.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -138,6 +158,19 @@ def main():
             gb.log(f"round {rnd}: p50 direct {r['direct_latency']['p50_ms']:.3f} ms, proxy "
                    f"{r['proxy_latency']['p50_ms']:.3f} ms; rps direct {r['direct_load']['rps']:.0f}, "
                    f"proxy {r['proxy_load']['rps']:.0f}")
+        if a.backend_cpu > 0:
+            # The usual case in production: the backend (a model server) is the bottleneck, not
+            # the proxy. portsrv's cgroup gets a CPU quota; wrk and the proxy keep the rest.
+            cpu_quota(iid, a.backend_cpu)
+            try:
+                for rnd in range(a.rounds):
+                    r = res["rounds"][rnd]
+                    r["bound_direct"] = wrk(direct, a.connections, 2, a.duration)
+                    r["bound_proxy"] = wrk(proxied, a.connections, 2, a.duration, host)
+                    gb.log(f"round {rnd}, backend held to {a.backend_cpu} CPU: rps direct "
+                           f"{r['bound_direct']['rps']:.0f}, proxy {r['bound_proxy']['rps']:.0f}")
+            finally:
+                cpu_quota(iid, None)
         time.sleep(2)
         before = d.rss_kib()
         conns = idle_connections(a.proxy_port, host, a.idle)
@@ -164,6 +197,10 @@ def main():
          f"{med('proxy_load', 'rps'):.0f}",
          f"{100 * med('proxy_load', 'rps') / med('direct_load', 'rps'):.0f} %"],
     ]
+    if "bound_direct" in rs[0]:
+        rows.append([f"requests/s ({a.connections} conn., backend {a.backend_cpu} CPU)",
+                     f"{med('bound_direct', 'rps'):.0f}", f"{med('bound_proxy', 'rps'):.0f}",
+                     f"{100 * med('bound_proxy', 'rps') / med('bound_direct', 'rps'):.0f} %"])
     print(f"\n### Proxy against direct, medians of {a.rounds} rounds of {a.duration} s\n")
     gb.print_table(["", "direct", "proxy", "proxy vs direct"], rows)
     i = res["idle"]

@@ -2278,3 +2278,82 @@ async fn endpoint_jobs_claim_once_end_once() {
     })
     .await;
 }
+
+/// What a tenant's jobs keep in the store, in octets (the cap of
+/// `[proxy] job_storage_per_tenant`): inputs, results, errors and stream chunks are counted as
+/// they are kept, and let go as they go (a lost attempt's unread chunks, a retry, a purge,
+/// retention); another tenant's jobs are not counted.
+#[tokio::test]
+async fn endpoint_job_bytes_follow_what_is_kept() {
+    use gpuvisor_control::store::EndpointRow;
+    use gpuvisor_wire::JobState;
+    for_each_backend(|Db { store, backend, .. }| async move {
+        for (ep, tenant) in [("e1", "t1"), ("e2", "t2")] {
+            store
+                .insert_endpoint(&EndpointRow {
+                    id: ep.into(),
+                    tenant_id: tenant.into(),
+                    name: ep.into(),
+                    spec: Default::default(),
+                    created_at: 1,
+                })
+                .await
+                .unwrap();
+        }
+        let held = |t: &'static str| {
+            let store = store.clone();
+            async move { store.tenant_job_bytes(t).await.unwrap() }
+        };
+        // {"n":1}: 7 octets each.
+        store.insert_job(&job_row("j1", "e1", 1)).await.unwrap();
+        store.insert_job(&job_row("k", "e2", 1)).await.unwrap();
+        assert_eq!((held("t1").await, held("t2").await), (7, 7), "{backend}");
+        store
+            .claim_job("e1", "w1", 10, 5000)
+            .await
+            .unwrap()
+            .unwrap();
+        // "cdé" is 3 characters, 4 octets: octets are counted.
+        for c in ["ab", "cdé"] {
+            assert_eq!(
+                store.append_stream("j1", "w1", c, 10).await.unwrap(),
+                Some(true)
+            );
+        }
+        assert_eq!(held("t1").await, 13, "{backend}");
+        assert_eq!(store.take_stream("j1", 1).await.unwrap(), ["ab"]);
+        // The lost attempt's unread chunk goes, and is no longer counted.
+        assert!(store.requeue_job("j1", "w1").await.unwrap());
+        assert_eq!(held("t1").await, 9, "{backend}");
+        store
+            .claim_job("e1", "w2", 20, 5000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store
+            .finish_job_by("j1", "w2", JobState::Completed, "{\"ok\":1}", "", 30, 4000)
+            .await
+            .unwrap());
+        assert_eq!(held("t1").await, 17, "{backend}");
+        // A refused second end adds nothing.
+        assert!(!store
+            .finish_job("j1", JobState::Failed, "", "\"late\"", 31, 4000)
+            .await
+            .unwrap());
+        assert_eq!(held("t1").await, 17, "{backend}");
+        store.insert_job(&job_row("j2", "e1", 2)).await.unwrap();
+        assert!(store
+            .finish_job("j2", JobState::Failed, "", "\"bad\"", 40, 9000)
+            .await
+            .unwrap());
+        assert_eq!(held("t1").await, 17 + 7 + 5, "{backend}");
+        // A retry keeps the input only.
+        assert!(store.retry_job("j2", 50).await.unwrap());
+        assert_eq!(held("t1").await, 17 + 7, "{backend}");
+        assert_eq!(store.purge_queue("e1").await.unwrap(), 1);
+        assert_eq!(held("t1").await, 17, "{backend}");
+        assert_eq!(store.delete_expired_jobs(4500).await.unwrap(), 1);
+        assert_eq!((held("t1").await, held("t2").await), (0, 7), "{backend}");
+    })
+    .await;
+}

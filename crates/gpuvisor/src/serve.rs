@@ -212,6 +212,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             worker_port: port,
             webhook_allow: cfg.proxy.webhook_allow.clone(),
             webhook_deny: cfg.network.deny.clone(),
+            job_bytes_per_tenant: cfg.proxy.job_storage_per_tenant,
         })?;
     }
     tokio::spawn(engine.clone().run_serverless());

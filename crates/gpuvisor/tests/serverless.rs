@@ -96,6 +96,8 @@ impl Fixture {
         let mut args = NET.to_vec();
         // Webhooks to loopback only where the operator allows it: 127.0.0.1, not 127.0.0.2.
         args.extend(["--worker-port", &port, "--webhook-allow", "127.0.0.1"]);
+        // Small, so that the test reaches it (tests/serverless.rs job_storage_cap).
+        args.extend(["--job-storage-per-tenant", "2MiB"]);
         let d = Daemon::start(&args);
         let tar = worker_image();
         d.json(&[
@@ -458,6 +460,59 @@ fn shell_worker(f: &Fixture) {
         assert_eq!(v["retries"], 0, "{v}");
     }
     f.d.json_as(&f.acme, &["endpoint", "rm", &ep]);
+}
+
+/// The fixture's `--job-storage-per-tenant 2MiB`: on an endpoint whose jobs stay queued, inputs
+/// of 600 KiB are taken until the tenant's jobs would keep more than 2 MiB, then refused with
+/// 429 (nothing stored), and taken again once a purge let the queue go.
+fn job_storage_cap(f: &Fixture, ep: &str) {
+    let body = std::env::temp_dir().join(format!("gv-sl-big-{}.json", std::process::id()));
+    std::fs::write(
+        &body,
+        json!({"input": {"s": "x".repeat(600 << 10)}}).to_string(),
+    )
+    .unwrap();
+    let submit = || {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "60", "--cacert"])
+            .arg(f.d.ca())
+            .args(["-H", &format!("authorization: Bearer {}", f.acme)])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-w",
+                "\n%{http_code}",
+            ])
+            .arg("--data-binary")
+            .arg(format!("@{}", body.display()))
+            .arg(format!("{}/v2/{ep}/run", f.d.endpoint()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (b, code) = text.rsplit_once('\n').unwrap();
+        (code.trim().parse::<u16>().unwrap(), b.to_string())
+    };
+    let mut accepted = 0;
+    let (code, why) = loop {
+        let (code, b) = submit();
+        if code != 200 {
+            break (code, b);
+        }
+        accepted += 1;
+        assert!(
+            accepted <= 3,
+            "2 MiB of job storage took {accepted} jobs of 600 KiB"
+        );
+    };
+    assert_eq!(code, 429, "{why}");
+    assert!(why.contains("in the store"), "{why}");
+    assert!(accepted >= 2, "refused too early, after {accepted}: {why}");
+    let queued = f.get(ep)["health"]["jobs"]["inQueue"].as_u64().unwrap();
+    assert_eq!(queued, accepted, "a refused job was kept");
+    let (c, v) = f.curl(&f.acme, "POST", &format!("/v2/{ep}/purge-queue"), None);
+    assert_eq!(c, 200, "{v}");
+    assert_eq!(submit().0, 200, "not taken again after the purge");
+    std::fs::remove_file(&body).unwrap();
 }
 
 /// Cancel, execution timeout, retry, purge, and a worker killed mid-job.
@@ -932,6 +987,7 @@ fn daemon_sigkill_loses_no_job(mut f: Fixture, ep: String) {
     eprintln!("broken template: at most {most} worker instances at once");
     assert!(most <= 2, "a broken template's workers piled up: {most}");
     assert!(most >= 1, "no worker was even tried");
+    job_storage_cap(f, &bep);
     f.d.json_as(&f.acme, &["endpoint", "rm", &bep]);
 
     // A tenant with an endpoint is not removed unless asked to remove what it owns; with

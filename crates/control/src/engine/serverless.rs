@@ -81,6 +81,10 @@ pub struct ServerlessSettings {
     pub webhook_allow: Vec<std::net::IpAddr>,
     /// Public networks no webhook reaches (the instances' `[network] deny`).
     pub webhook_deny: Vec<gpuvisor_node::net::NetRule>,
+    /// The octets all jobs of one tenant's endpoints keep in the store at most (inputs,
+    /// results, stream chunks, until their retention ends): 10 000 queued jobs of 10 MiB would
+    /// otherwise fill the host's disk for every tenant.
+    pub job_bytes_per_tenant: u64,
 }
 
 /// Webhook calls in flight at most; the rest wait in the store for the next pass.
@@ -299,7 +303,7 @@ impl Engine {
             .clone()
             .ok_or_else(|| {
                 EngineError::Unavailable(
-                    "serverless endpoints are off on this daemon: give it a worker API port ([serverless] worker_port)".into(),
+                    "serverless endpoints are off on this daemon: give it a worker API port ([proxy] worker_port)".into(),
                 )
             })
     }
@@ -346,6 +350,28 @@ impl Engine {
     }
 
     /// The endpoint `id_or_name` of `who`'s tenant (any tenant's by id for an admin).
+    /// Refuses `more` octets of job data for the tenant owning `endpoint_id` when its jobs
+    /// would keep more than `job_bytes_per_tenant` in the store.
+    async fn check_job_storage(&self, endpoint_id: &str, more: usize) -> Result<()> {
+        let cap = self.serverless_settings()?.job_bytes_per_tenant;
+        let Some(e) = self.store.endpoint(endpoint_id).await? else {
+            return Err(EngineError::NotFound(format!(
+                "endpoint {endpoint_id:?} not found"
+            )));
+        };
+        let held = self.store.tenant_job_bytes(&e.tenant_id).await?;
+        if held.saturating_add(more as u64) > cap {
+            return Err(EngineError::ResourceExhausted(format!(
+                "the jobs of this tenant's endpoints keep {} KiB in the store and {} KiB more \
+                 would pass its {} KiB: wait for ended jobs to expire, or purge a queue",
+                held >> 10,
+                more >> 10,
+                cap >> 10
+            )));
+        }
+        Ok(())
+    }
+
     async fn find_endpoint(&self, who: &Principal, id_or_name: &str) -> Result<EndpointRow> {
         let not_found = || {
             EngineError::NotFound(format!(
@@ -541,6 +567,7 @@ impl Engine {
                 MAX_INPUT_BYTES >> 20
             )));
         }
+        self.check_job_storage(&e.id, input.len()).await?;
         if self.store.queued_jobs(&e.id).await? >= MAX_QUEUED {
             return Err(EngineError::ResourceExhausted(format!(
                 "endpoint {} has {MAX_QUEUED} jobs waiting: try again later",
@@ -858,11 +885,20 @@ impl Engine {
             self.signal(&w.endpoint_id);
             return Ok(());
         }
-        let error = match v.get("error") {
+        let mut error = match v.get("error") {
             None | Some(Value::Null) | Some(Value::Bool(false)) => String::new(),
             Some(Value::String(s)) if s.is_empty() => String::new(),
             Some(e) => serde_json::to_string(e).unwrap_or_default(),
         };
+        let mut output = output;
+        if let Err(full) = self
+            .check_job_storage(&w.endpoint_id, output.len() + error.len())
+            .await
+        {
+            // The job ends (its worker is not left retrying), without its result.
+            error = serde_json::to_string(&full.to_string()).unwrap_or_default();
+            output.clear();
+        }
         let state = if error.is_empty() {
             JobState::Completed
         } else {
@@ -909,6 +945,7 @@ impl Engine {
             .map_err(|e| invalid(format!("a stream chunk must be JSON: {e}")))?;
         let output =
             serde_json::to_string(v.get("output").unwrap_or(&Value::Null)).unwrap_or_default();
+        self.check_job_storage(&w.endpoint_id, output.len()).await?;
         let appended = self
             .store
             .append_stream(job, &w.pod_id, &output, MAX_CHUNKS)

@@ -104,6 +104,11 @@ macro_rules! job_cols {
     };
 }
 
+/// A text's size in the store, as the `bytes` column counts it.
+fn octets(s: &str) -> i64 {
+    i64::try_from(s.len()).unwrap_or(i64::MAX)
+}
+
 fn job(r: &AnyRow) -> Result<JobRow> {
     Ok(JobRow {
         id: r.try_get("id")?,
@@ -246,8 +251,8 @@ impl Store {
         sqlx::query(concat!(
             "INSERT INTO endpoint_jobs (",
             job_cols!(),
-            ", webhook_pending, stream_read) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, 0, 0)"
+            ", webhook_pending, stream_read, bytes) VALUES \
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, 0, 0, $18)"
         ))
         .bind(j.id.clone())
         .bind(j.endpoint_id.clone())
@@ -266,10 +271,25 @@ impl Store {
         .bind(j.output.clone())
         .bind(j.error.clone())
         .bind(j.expires_at)
+        .bind(octets(&j.input) + octets(&j.output) + octets(&j.error))
         .execute(&self.pool)
         .await
         .map_err(StoreError::from_write)?;
         Ok(())
+    }
+
+    /// The octets the jobs of a tenant's endpoints keep in the store (inputs, results, stream
+    /// chunks): what `MAX_JOB_BYTES_PER_TENANT` caps.
+    pub async fn tenant_job_bytes(&self, tenant_id: &str) -> Result<u64> {
+        let n: i64 = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(j.bytes), 0) AS BIGINT) AS n FROM endpoint_jobs j \
+             JOIN endpoints e ON e.id = j.endpoint_id WHERE e.tenant_id = $1",
+        )
+        .bind(tenant_id.to_string())
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     pub async fn job(&self, id: &str) -> Result<Option<JobRow>> {
@@ -388,6 +408,15 @@ impl Store {
         .rows_affected();
         if n == 1 {
             sqlx::query(
+                "UPDATE endpoint_jobs SET bytes = bytes - (SELECT \
+                 CAST(COALESCE(SUM(OCTET_LENGTH(s.output)), 0) AS BIGINT) FROM endpoint_job_stream s \
+                 WHERE s.job_id = $1 AND s.seq > endpoint_jobs.stream_read) WHERE id = $2",
+            )
+            .bind(id.to_string())
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
                 "DELETE FROM endpoint_job_stream WHERE job_id = $1 AND seq > \
                  (SELECT stream_read FROM endpoint_jobs WHERE id = $2)",
             )
@@ -431,7 +460,7 @@ impl Store {
     ) -> Result<bool> {
         Ok(sqlx::query(
             "UPDATE endpoint_jobs SET state = $1, output = $2, error = $3, finished_at = $4, \
-             expires_at = $5, lease_until = 0, \
+             expires_at = $5, lease_until = 0, bytes = bytes + $9, \
              webhook_pending = CASE WHEN webhook = '' THEN 0 ELSE 1 END \
              WHERE id = $6 AND ($7 = '' OR worker_id = $8) AND state IN ('IN_QUEUE', 'IN_PROGRESS')",
         )
@@ -443,6 +472,7 @@ impl Store {
         .bind(id.to_string())
         .bind(worker_id.to_string())
         .bind(worker_id.to_string())
+        .bind(octets(output) + octets(error))
         .execute(&self.pool)
         .await?
         .rows_affected()
@@ -501,8 +531,8 @@ impl Store {
         let n = sqlx::query(
             "UPDATE endpoint_jobs SET state = 'IN_QUEUE', worker_id = '', lease_until = 0, \
              started_at = 0, finished_at = 0, expires_at = 0, attempts = 0, output = '', \
-             error = '', created_at = $1, webhook_pending = 0, stream_read = 0 \
-             WHERE id = $2 AND state IN ('FAILED', 'TIMED_OUT')",
+             error = '', created_at = $1, webhook_pending = 0, stream_read = 0, \
+             bytes = OCTET_LENGTH(input) WHERE id = $2 AND state IN ('FAILED', 'TIMED_OUT')",
         )
         .bind(now)
         .bind(id.to_string())
@@ -651,7 +681,7 @@ impl Store {
             == 1;
         if running {
             let r = sqlx::query(
-                "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(LENGTH(output)), 0) AS BIGINT) AS bytes \
+                "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(OCTET_LENGTH(output)), 0) AS BIGINT) AS bytes \
                  FROM endpoint_job_stream WHERE job_id = $1",
             )
             .bind(job_id.to_string())
@@ -672,6 +702,11 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::from_write)?;
+            sqlx::query("UPDATE endpoint_jobs SET bytes = bytes + $1 WHERE id = $2")
+                .bind(len)
+                .bind(job_id.to_string())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(Some(running))

@@ -48,6 +48,9 @@ pub struct ProxySection {
     /// Addresses serverless webhooks may reach although they are not public (loopback,
     /// private, link-local) [default: none].
     pub webhook_allow: Vec<IpAddr>,
+    /// What the jobs of one tenant's serverless endpoints may keep in the store: inputs,
+    /// results and stream chunks until their retention ends [default: 1GiB].
+    pub job_storage_per_tenant: u64,
 }
 
 impl Default for ProxySection {
@@ -69,6 +72,7 @@ impl Default for ProxySection {
             threads: 2,
             worker_port: Some(8444),
             webhook_allow: Vec::new(),
+            job_storage_per_tenant: 1 << 30,
         }
     }
 }
@@ -93,6 +97,7 @@ pub(super) struct ProxyFile {
     threads: Option<usize>,
     worker_port: Option<String>,
     webhook_allow: Option<Vec<IpAddr>>,
+    job_storage_per_tenant: Option<String>,
 }
 
 /// Flags for `[proxy]`.
@@ -125,6 +130,19 @@ pub struct ProxyOverrides {
     /// [proxy.webhook_allow].
     #[arg(long = "webhook-allow", value_name = "IP")]
     pub webhook_allow: Vec<IpAddr>,
+    /// What the jobs of one tenant's endpoints may keep in the store, e.g. 1GiB
+    /// [proxy.job_storage_per_tenant].
+    #[arg(long = "job-storage-per-tenant", value_name = "SIZE")]
+    pub job_storage_per_tenant: Option<String>,
+}
+
+fn job_storage(v: &str) -> anyhow::Result<u64> {
+    match gpuvisor_wire::parse_size(v) {
+        Ok(n) if n >= 1 << 20 => Ok(n),
+        _ => {
+            bail!("proxy.job_storage_per_tenant {v:?}: expected a size of at least 1MiB, like 1GiB")
+        }
+    }
 }
 
 fn worker_port(v: &str) -> anyhow::Result<Option<u16>> {
@@ -228,6 +246,9 @@ impl ProxySection {
         if let Some(v) = f.webhook_allow {
             self.webhook_allow = v;
         }
+        if let Some(v) = &f.job_storage_per_tenant {
+            self.job_storage_per_tenant = job_storage(v)?;
+        }
         Ok(())
     }
 
@@ -249,6 +270,9 @@ impl ProxySection {
         }
         if !o.webhook_allow.is_empty() {
             self.webhook_allow = o.webhook_allow.clone();
+        }
+        if let Some(v) = &o.job_storage_per_tenant {
+            self.job_storage_per_tenant = job_storage(v)?;
         }
         self.check()
     }
