@@ -11,6 +11,10 @@
      from wrk to the proxy, HTTP/1.1 from the proxy to the instance);
    - throughput: C connections (default 16), 2 threads, D seconds: requests per second, both
      ways.
+   Then the backend-bound rounds (the usual case in production: a model server, not the
+   proxy, is the bottleneck): portsrv's cgroup is held to --backend-cpu CPUs (default 0.25)
+   and each request costs it --backend-work-us of CPU (default 200, `GET /spin?us=N`);
+   throughput direct and through the proxy as above.
 3. Memory: the daemon's VmRSS before and after opening N (default 1000) TLS connections to
    the proxy that each made one request and then sit idle (keep-alive); the delta per 1000
    (the per-address cap is raised to N + 64 by a config file for this).
@@ -108,6 +112,9 @@ def main():
     ap.add_argument("--backend-cpu", type=float, default=0.25,
                     help="the CPU share portsrv is held to (cgroup cpu.max) for the backend-bound "
                          "rounds; 0 skips them")
+    ap.add_argument("--backend-work-us", type=int, default=200,
+                    help="CPU time portsrv spends per request in the backend-bound rounds "
+                         "(GET /spin?us=N); 0: the bare hello")
     ap.add_argument("--json", help="write the raw results here")
     a = ap.parse_args()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -165,8 +172,9 @@ def main():
             try:
                 for rnd in range(a.rounds):
                     r = res["rounds"][rnd]
-                    r["bound_direct"] = wrk(direct, a.connections, 2, a.duration)
-                    r["bound_proxy"] = wrk(proxied, a.connections, 2, a.duration, host)
+                    spin = f"spin?us={a.backend_work_us}" if a.backend_work_us else ""
+                    r["bound_direct"] = wrk(direct + spin, a.connections, 2, a.duration)
+                    r["bound_proxy"] = wrk(proxied + spin, a.connections, 2, a.duration, host)
                     gb.log(f"round {rnd}, backend held to {a.backend_cpu} CPU: rps direct "
                            f"{r['bound_direct']['rps']:.0f}, proxy {r['bound_proxy']['rps']:.0f}")
             finally:
@@ -198,7 +206,8 @@ def main():
          f"{100 * med('proxy_load', 'rps') / med('direct_load', 'rps'):.0f} %"],
     ]
     if "bound_direct" in rs[0]:
-        rows.append([f"requests/s ({a.connections} conn., backend {a.backend_cpu} CPU)",
+        rows.append([f"requests/s ({a.connections} conn., backend {a.backend_cpu} CPU, "
+                     f"{a.backend_work_us} us/request)",
                      f"{med('bound_direct', 'rps'):.0f}", f"{med('bound_proxy', 'rps'):.0f}",
                      f"{100 * med('bound_proxy', 'rps') / med('bound_direct', 'rps'):.0f} %"])
     print(f"\n### Proxy against direct, medians of {a.rounds} rounds of {a.duration} s\n")

@@ -14,11 +14,20 @@ while :; do
   # Held up to 20 s by the daemon; empty when no job came.
   job=$(wget -q -O - --header "$auth" "${take}&job_in_progress=0") || { sleep 1; continue; }
   [ -n "$job" ] || continue
-  # {"id":"...","input":...}
+  # The daemon's take answer is compact JSON, id first: {"id":"...","input":...}. (A real
+  # worker parses it with a JSON library; sed keeps this example to busybox.)
   id=$(printf '%s' "$job" | sed -n 's/^{"id":"\([^"]*\)".*/\1/p')
   input=$(printf '%s' "$job" | sed -n 's/^{"id":"[^"]*","input":\(.*\)}$/\1/p')
-  [ -n "$id" ] || continue
+  [ -n "$id" ] || { echo "worker.sh: no job id in the take answer" >&2; continue; }
   url=$(printf '%s' "$result" | sed "s/\$ID/$id/")
+  # The result goes through a file (printf is the shell's own): an input up to the 10 MiB
+  # limit would not fit one command-line argument (128 KiB).
+  if [ -n "$input" ]; then
+    printf '{"output":{"echo":%s}}' "$input" > /tmp/result.json
+  else
+    printf '{"error":"worker.sh could not read the job"}' > /tmp/result.json
+  fi
   wget -q -O /dev/null --header "$auth" --header "Content-Type: application/json" \
-    --post-data "{\"output\":{\"echo\":$input}}" "${url}&isStream=false" || true
+    --post-file /tmp/result.json "${url}&isStream=false" ||
+    echo "worker.sh: the result of $id was not taken" >&2
 done

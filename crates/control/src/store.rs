@@ -16,7 +16,9 @@ use thiserror::Error;
 mod endpoints;
 mod templates;
 mod usage;
-pub use endpoints::{EndpointRow, JobRow, JobTally, RunningJob, WorkerRow, MAX_STREAM_BYTES};
+pub use endpoints::{
+    EndpointRow, JobRow, JobTally, RunningJob, WorkerRow, JOB_ROW_OCTETS, MAX_STREAM_BYTES,
+};
 pub use templates::TemplateRow;
 pub use usage::UsageRow;
 

@@ -2266,7 +2266,7 @@ async fn endpoint_jobs_claim_once_end_once() {
         assert!(store.job("other").await.unwrap().is_some(), "{backend}");
         // Retention: finished jobs past their time go, with their chunks.
         assert_eq!(
-            store.delete_expired_jobs(4500).await.unwrap(),
+            store.delete_expired_jobs(4500, 0).await.unwrap(),
             1,
             "{backend}"
         );
@@ -2280,12 +2280,14 @@ async fn endpoint_jobs_claim_once_end_once() {
 }
 
 /// What a tenant's jobs keep in the store, in octets (the cap of
-/// `[proxy] job_storage_per_tenant`): inputs, results, errors and stream chunks are counted as
-/// they are kept, and let go as they go (a lost attempt's unread chunks, a retry, a purge,
-/// retention); another tenant's jobs are not counted.
+/// `[proxy] job_storage_per_tenant`): each row's own weight, inputs, webhook URLs, progress
+/// updates, results, errors and stream chunks are counted as they are kept, and let go as they
+/// go (a replaced progress update, a lost attempt's unread chunks, a retry, a purge with its
+/// chunks, retention); another tenant's jobs are not counted. Retention waits for a due
+/// webhook until its grace ends.
 #[tokio::test]
 async fn endpoint_job_bytes_follow_what_is_kept() {
-    use gpuvisor_control::store::EndpointRow;
+    use gpuvisor_control::store::{EndpointRow, JOB_ROW_OCTETS as R};
     use gpuvisor_wire::JobState;
     for_each_backend(|Db { store, backend, .. }| async move {
         for (ep, tenant) in [("e1", "t1"), ("e2", "t2")] {
@@ -2302,17 +2304,27 @@ async fn endpoint_job_bytes_follow_what_is_kept() {
         }
         let held = |t: &'static str| {
             let store = store.clone();
-            async move { store.tenant_job_bytes(t).await.unwrap() }
+            async move { store.tenant_job_bytes(t).await.unwrap() as i64 }
         };
-        // {"n":1}: 7 octets each.
+        // {"n":1}: 7 octets each; a webhook URL counts too.
         store.insert_job(&job_row("j1", "e1", 1)).await.unwrap();
-        store.insert_job(&job_row("k", "e2", 1)).await.unwrap();
-        assert_eq!((held("t1").await, held("t2").await), (7, 7), "{backend}");
+        let mut k = job_row("k", "e2", 1);
+        k.webhook = "http://h/x".into();
+        store.insert_job(&k).await.unwrap();
+        assert_eq!(
+            (held("t1").await, held("t2").await),
+            (R + 7, R + 7 + 10),
+            "{backend}"
+        );
         store
             .claim_job("e1", "w1", 10, 5000)
             .await
             .unwrap()
             .unwrap();
+        // A progress update counts, and replaces the one before.
+        store.set_job_progress("j1", "w1", "12345").await.unwrap();
+        store.set_job_progress("j1", "w1", "123").await.unwrap();
+        assert_eq!(held("t1").await, R + 7 + 3, "{backend}");
         // "cdé" is 3 characters, 4 octets: octets are counted.
         for c in ["ab", "cdé"] {
             assert_eq!(
@@ -2320,40 +2332,69 @@ async fn endpoint_job_bytes_follow_what_is_kept() {
                 Some(true)
             );
         }
-        assert_eq!(held("t1").await, 13, "{backend}");
+        assert_eq!(held("t1").await, R + 7 + 3 + 6, "{backend}");
         assert_eq!(store.take_stream("j1", 1).await.unwrap(), ["ab"]);
-        // The lost attempt's unread chunk goes, and is no longer counted.
+        // The lost attempt's progress and unread chunk go, and are no longer counted.
         assert!(store.requeue_job("j1", "w1").await.unwrap());
-        assert_eq!(held("t1").await, 9, "{backend}");
+        assert_eq!(held("t1").await, R + 7 + 2, "{backend}");
         store
             .claim_job("e1", "w2", 20, 5000)
             .await
             .unwrap()
             .unwrap();
+        store.set_job_progress("j1", "w2", "1234").await.unwrap();
+        // The result replaces the progress update.
         assert!(store
             .finish_job_by("j1", "w2", JobState::Completed, "{\"ok\":1}", "", 30, 4000)
             .await
             .unwrap());
-        assert_eq!(held("t1").await, 17, "{backend}");
+        assert_eq!(held("t1").await, R + 7 + 2 + 8, "{backend}");
         // A refused second end adds nothing.
         assert!(!store
             .finish_job("j1", JobState::Failed, "", "\"late\"", 31, 4000)
             .await
             .unwrap());
-        assert_eq!(held("t1").await, 17, "{backend}");
+        let j1 = R + 7 + 2 + 8;
+        assert_eq!(held("t1").await, j1, "{backend}");
         store.insert_job(&job_row("j2", "e1", 2)).await.unwrap();
         assert!(store
             .finish_job("j2", JobState::Failed, "", "\"bad\"", 40, 9000)
             .await
             .unwrap());
-        assert_eq!(held("t1").await, 17 + 7 + 5, "{backend}");
+        assert_eq!(held("t1").await, j1 + R + 7 + 5, "{backend}");
         // A retry keeps the input only.
         assert!(store.retry_job("j2", 50).await.unwrap());
-        assert_eq!(held("t1").await, 17 + 7, "{backend}");
+        assert_eq!(held("t1").await, j1 + R + 7, "{backend}");
+        // A queued job with chunks of an earlier attempt: a purge takes both.
+        store
+            .claim_job("e1", "w3", 60, 5000)
+            .await
+            .unwrap()
+            .unwrap();
+        store.append_stream("j2", "w3", "zz", 10).await.unwrap();
+        assert_eq!(store.take_stream("j2", 10).await.unwrap(), ["zz"]);
+        assert!(store.requeue_job("j2", "w3").await.unwrap());
+        assert_eq!(held("t1").await, j1 + R + 7 + 2, "{backend}");
         assert_eq!(store.purge_queue("e1").await.unwrap(), 1);
-        assert_eq!(held("t1").await, 17, "{backend}");
-        assert_eq!(store.delete_expired_jobs(4500).await.unwrap(), 1);
-        assert_eq!((held("t1").await, held("t2").await), (0, 7), "{backend}");
+        assert_eq!(held("t1").await, j1, "{backend}");
+        assert!(store.take_stream("j2", 10).await.unwrap().is_empty());
+        // Retention: a job whose webhook is due stays until the grace ends.
+        assert!(store
+            .finish_job("k", JobState::Completed, "1", "", 40, 4000)
+            .await
+            .unwrap());
+        assert_eq!(store.delete_expired_jobs(4500, 3000).await.unwrap(), 1);
+        assert_eq!(
+            (held("t1").await, held("t2").await),
+            (0, R + 7 + 10 + 1),
+            "{backend}"
+        );
+        assert_eq!(
+            store.pending_webhooks().await.unwrap(),
+            [("e2".to_string(), 1)]
+        );
+        assert_eq!(store.delete_expired_jobs(4500, 4100).await.unwrap(), 1);
+        assert_eq!(held("t2").await, 0, "{backend}");
     })
     .await;
 }

@@ -46,13 +46,57 @@ pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 128;
 /// A tenant's instances together (by their subnet), so no tenant fills the listener.
 pub const MAX_CONNECTIONS_PER_TENANT: usize = 1024;
 /// Bodies being read or handled at once, in MiB (each charged its declared length, rounded
-/// up, or its cap): what the worker API may hold in memory.
+/// up, or its cap): what the worker API may hold in memory, in all and per tenant. A tenant
+/// waits for its own share first, so its slow bodies queue behind each other and hold at
+/// most a quarter of the whole: one tenant alone never makes another's result wait (four
+/// tenants each holding their whole share at once would).
 const BODY_BUDGET_MIB: u32 = 256;
+const TENANT_BODY_BUDGET_MIB: u32 = 64;
 
-fn body_budget() -> &'static std::sync::Arc<tokio::sync::Semaphore> {
-    static B: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> =
+type Budget = Arc<tokio::sync::Semaphore>;
+
+fn body_budget() -> &'static Budget {
+    static B: std::sync::OnceLock<Budget> = std::sync::OnceLock::new();
+    B.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_MIB as usize)))
+}
+
+/// The tenant's share of the body budget (made when first needed, dropped when unused).
+fn tenant_budget(tenant: &str) -> Budget {
+    static M: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Budget>>> =
         std::sync::OnceLock::new();
-    B.get_or_init(|| std::sync::Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET_MIB as usize)))
+    let mut m = M
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    m.retain(|_, b| Arc::strong_count(b) > 1);
+    m.entry(tenant.to_string())
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(TENANT_BODY_BUDGET_MIB as usize)))
+        .clone()
+}
+
+/// Room for a body of `mib` MiB: the tenant's share first, then the whole (both held by the
+/// answer until the body is handled).
+async fn reserve_body(
+    tenant: &str,
+    mib: u32,
+) -> Result<
+    (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
+    EngineError,
+> {
+    let closed = |_| EngineError::Internal("the body budget is closed".into());
+    let own = tenant_budget(tenant)
+        .acquire_many_owned(mib)
+        .await
+        .map_err(closed)?;
+    let all = body_budget()
+        .clone()
+        .acquire_many_owned(mib)
+        .await
+        .map_err(closed)?;
+    Ok((own, all))
 }
 
 #[derive(Clone)]
@@ -211,7 +255,10 @@ async fn post_result(
 ) -> Response {
     use gpuvisor_control::engine::serverless::{MAX_CHUNK_BYTES, MAX_OUTPUT_BYTES};
     let r = async {
-        let w = st.engine.worker_auth(token(h), ep, pod, from).await?;
+        let (w, tenant) = st
+            .engine
+            .worker_auth_tenant(token(h), ep, pod, from)
+            .await?;
         let cap = if partial {
             MAX_CHUNK_BYTES
         } else {
@@ -223,12 +270,12 @@ async fn post_result(
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(cap)
             .min(cap);
-        let mib = u32::try_from(declared.div_ceil(1 << 20).max(1)).unwrap_or(BODY_BUDGET_MIB);
-        // Waits its turn (the SDK does not retry a refused result; connections are capped).
-        let _budget = body_budget()
-            .acquire_many(mib)
-            .await
-            .map_err(|_| EngineError::Internal("the body budget is closed".into()))?;
+        let mib = u32::try_from(declared.div_ceil(1 << 20).max(1))
+            .unwrap_or(TENANT_BODY_BUDGET_MIB)
+            .min(TENANT_BODY_BUDGET_MIB);
+        // Waits its turn (the SDK does not retry a refused result; connections are capped):
+        // behind its own tenant's bodies first, then for room in the whole.
+        let _room = reserve_body(&tenant, mib).await?;
         let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, cap)).await
         {
             Ok(Ok(b)) => b,
@@ -290,5 +337,35 @@ fn answer(r: Result<(), EngineError>) -> Response {
     match r {
         Ok(()) => Json(serde_json::json!({})).into_response(),
         Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tenant holding its whole share waits for its next body, while another tenant's body
+    /// gets room at once; the first tenant's turn comes when its own share is given back.
+    #[tokio::test]
+    async fn a_tenants_bodies_wait_behind_its_own_share_only() {
+        let held = reserve_body("t-greedy", TENANT_BODY_BUDGET_MIB)
+            .await
+            .unwrap();
+        let next = tokio::spawn(async { reserve_body("t-greedy", 1).await.map(|_| ()) });
+        let other = tokio::time::timeout(Duration::from_secs(5), reserve_body("t-other", 20))
+            .await
+            .expect("another tenant's body waited behind the greedy tenant's");
+        assert!(other.is_ok());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !next.is_finished(),
+            "the greedy tenant got more than its share"
+        );
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("its turn never came")
+            .unwrap()
+            .unwrap();
     }
 }

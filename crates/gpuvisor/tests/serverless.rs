@@ -96,8 +96,8 @@ impl Fixture {
         let mut args = NET.to_vec();
         // Webhooks to loopback only where the operator allows it: 127.0.0.1, not 127.0.0.2.
         args.extend(["--worker-port", &port, "--webhook-allow", "127.0.0.1"]);
-        // Small, so that the test reaches it (tests/serverless.rs job_storage_cap).
-        args.extend(["--job-storage-per-tenant", "2MiB"]);
+        // Small, so that the test reaches it (job_storage_cap, on tenant `other`).
+        args.extend(["--job-storage-per-tenant", "4MiB"]);
         let d = Daemon::start(&args);
         let tar = worker_image();
         d.json(&[
@@ -184,6 +184,29 @@ impl Fixture {
             code.trim().parse().unwrap(),
             serde_json::from_str(body).unwrap_or(Value::Null),
         )
+    }
+
+    /// POSTs the JSON in file `body` (too large for a command-line argument) to the queue API
+    /// path: the status code and the answer's text.
+    fn post_file(&self, key: &str, path: &str, body: &std::path::Path) -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "120", "--cacert"])
+            .arg(self.d.ca())
+            .args(["-H", &format!("authorization: Bearer {key}")])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-w",
+                "\n%{http_code}",
+            ])
+            .arg("--data-binary")
+            .arg(format!("@{}", body.display()))
+            .arg(format!("{}{path}", self.d.endpoint()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (b, code) = text.rsplit_once('\n').unwrap();
+        (code.trim().parse().unwrap(), b.to_string())
     }
 
     /// RunPod's client SDK (tests/serverless/client.py) as the tenant, not started.
@@ -402,6 +425,7 @@ fn runpod_sdks_drive_an_endpoint_from_zero_to_n_and_back() {
     f.d.json_as(&f.acme, &["endpoint", "rm", &fep]);
 
     shell_worker(&f);
+    job_storage_cap(&f);
     failure_cases(&f, &ep);
     isolation_cases(&f, &ep);
     daemon_sigkill_loses_no_job(f, ep);
@@ -459,60 +483,124 @@ fn shell_worker(f: &Fixture) {
         assert_eq!(v["output"], json!({"echo": {"i": i}}), "{v}");
         assert_eq!(v["retries"], 0, "{v}");
     }
+    // An input larger than one command-line argument may be (128 KiB) comes back whole.
+    let big = big_input(300);
+    let (code, b) = f.post_file(&f.acme, &format!("/v2/{ep}/runsync?wait=60000"), &big);
+    let v: Value = serde_json::from_str(&b).unwrap_or(Value::Null);
+    assert_eq!((code, &v["status"]), (200, &json!("COMPLETED")), "{b:.300}");
+    assert_eq!(
+        v["output"]["echo"]["s"].as_str().map(str::len),
+        Some(300 << 10)
+    );
+    std::fs::remove_file(big).unwrap();
     f.d.json_as(&f.acme, &["endpoint", "rm", &ep]);
 }
 
-/// The fixture's `--job-storage-per-tenant 2MiB`: on an endpoint whose jobs stay queued, inputs
-/// of 600 KiB are taken until the tenant's jobs would keep more than 2 MiB, then refused with
-/// 429 (nothing stored), and taken again once a purge let the queue go.
-fn job_storage_cap(f: &Fixture, ep: &str) {
-    let body = std::env::temp_dir().join(format!("gv-sl-big-{}.json", std::process::id()));
+/// A file holding `{"input": {"s": "xx…"}}` with `kib` KiB of x.
+fn big_input(kib: usize) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("gv-sl-{kib}k-{}.json", std::process::id()));
     std::fs::write(
-        &body,
-        json!({"input": {"s": "x".repeat(600 << 10)}}).to_string(),
+        &p,
+        json!({"input": {"s": "x".repeat(kib << 10)}}).to_string(),
     )
     .unwrap();
-    let submit = || {
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "60", "--cacert"])
-            .arg(f.d.ca())
-            .args(["-H", &format!("authorization: Bearer {}", f.acme)])
-            .args([
-                "-H",
-                "content-type: application/json",
-                "-w",
-                "\n%{http_code}",
-            ])
-            .arg("--data-binary")
-            .arg(format!("@{}", body.display()))
-            .arg(format!("{}/v2/{ep}/run", f.d.endpoint()))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        let (b, code) = text.rsplit_once('\n').unwrap();
-        (code.trim().parse::<u16>().unwrap(), b.to_string())
-    };
-    let mut accepted = 0;
-    let (code, why) = loop {
-        let (code, b) = submit();
-        if code != 200 {
-            break (code, b);
+    p
+}
+
+/// The fixture's `--job-storage-per-tenant 4MiB`, on tenant `other` (nothing kept before):
+/// new jobs fill at most three quarters of it (3 MiB): exactly five inputs of 600 KiB (each
+/// with its row's 512 octets) are taken, the sixth is refused with 429 and not kept; a purge
+/// lets them go. Then a result that would pass the whole 4 MiB ends its job FAILED, saying
+/// why, and is not kept.
+fn job_storage_cap(f: &Fixture) {
+    let k = f.other.as_str();
+    for (name, cmd) in [("hold", "/nonexistent"), ("echo1", "")] {
+        let mut a = vec![
+            "template",
+            "create",
+            name,
+            "--image",
+            "runpod-worker",
+            "--memory",
+            "384MiB",
+        ];
+        if !cmd.is_empty() {
+            a.extend(["--", cmd]);
         }
-        accepted += 1;
-        assert!(
-            accepted <= 3,
-            "2 MiB of job storage took {accepted} jobs of 600 KiB"
-        );
+        f.d.json_as(k, &a);
+    }
+    let endpoint = |name: &str, template: &str| {
+        f.d.json_as(
+            k,
+            &[
+                "endpoint",
+                "create",
+                name,
+                "--template",
+                template,
+                "--workers-max",
+                "1",
+            ],
+        )["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
-    assert_eq!(code, 429, "{why}");
+    // Workers of `hold` never start: its jobs stay queued.
+    let hold = endpoint("hold", "hold");
+    let echo = endpoint("echo1", "echo1");
+    let body = big_input;
+    let submit = |ep: &str, body: &std::path::Path| f.post_file(k, &format!("/v2/{ep}/run"), body);
+    let queued = |ep: &str| {
+        f.d.json_as(k, &["endpoint", "get", ep])["health"]["jobs"]["inQueue"]
+            .as_u64()
+            .unwrap()
+    };
+    let small = body(600);
+    for i in 0..5 {
+        let (code, b) = submit(&hold, &small);
+        assert_eq!(code, 200, "input {i} of 600 KiB refused: {b}");
+    }
+    let (code, why) = submit(&hold, &small);
+    assert_eq!(code, 429, "a sixth input of 600 KiB: {why}");
     assert!(why.contains("in the store"), "{why}");
-    assert!(accepted >= 2, "refused too early, after {accepted}: {why}");
-    let queued = f.get(ep)["health"]["jobs"]["inQueue"].as_u64().unwrap();
-    assert_eq!(queued, accepted, "a refused job was kept");
-    let (c, v) = f.curl(&f.acme, "POST", &format!("/v2/{ep}/purge-queue"), None);
-    assert_eq!(c, 200, "{v}");
-    assert_eq!(submit().0, 200, "not taken again after the purge");
-    std::fs::remove_file(&body).unwrap();
+    assert_eq!(queued(&hold), 5, "a refused job was kept");
+    let (c, v) = f.curl(k, "POST", &format!("/v2/{hold}/purge-queue"), None);
+    assert_eq!((c, &v["removed"]), (200, &json!(5)), "{v}");
+    // 3 × 600 KiB queued + 1200 KiB on `echo`: 3 MiB of inputs at most, taken; its echoed
+    // result would bring the tenant to 4.2 MiB.
+    for _ in 0..3 {
+        assert_eq!(submit(&hold, &small).0, 200);
+    }
+    let big = body(1200);
+    let (code, b) = submit(&echo, &big);
+    assert_eq!(code, 200, "{b}");
+    let id = serde_json::from_str::<Value>(&b).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let end = loop {
+        let (c, v) = f.curl(k, "GET", &format!("/v2/{echo}/status/{id}"), None);
+        assert_eq!(c, 200, "{v}");
+        if v["status"] == "FAILED" || v["status"] == "COMPLETED" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the big job never ended: {v}");
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(end["status"], "FAILED", "a result past the cap was kept");
+    assert!(
+        end["error"].as_str().unwrap_or("").contains("in the store"),
+        "{end}"
+    );
+    assert!(end.get("output").is_none_or(Value::is_null), "{end}");
+    for ep in [&hold, &echo] {
+        f.d.json_as(k, &["endpoint", "rm", ep]);
+    }
+    for p in [small, big] {
+        std::fs::remove_file(p).unwrap();
+    }
 }
 
 /// Cancel, execution timeout, retry, purge, and a worker killed mid-job.
@@ -987,7 +1075,6 @@ fn daemon_sigkill_loses_no_job(mut f: Fixture, ep: String) {
     eprintln!("broken template: at most {most} worker instances at once");
     assert!(most <= 2, "a broken template's workers piled up: {most}");
     assert!(most >= 1, "no worker was even tried");
-    job_storage_cap(f, &bep);
     f.d.json_as(&f.acme, &["endpoint", "rm", &bep]);
 
     // A tenant with an endpoint is not removed unless asked to remove what it owns; with

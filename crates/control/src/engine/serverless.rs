@@ -89,9 +89,35 @@ pub struct ServerlessSettings {
 
 /// Webhook calls in flight at most; the rest wait in the store for the next pass.
 const MAX_WEBHOOKS: usize = 64;
+/// Webhook calls of one tenant in flight at most: a tenant whose hooks hang (each call may
+/// take 3 × 10 s and 20 s between) holds no more, and the others' are called meanwhile.
+const MAX_WEBHOOKS_PER_TENANT: usize = 8;
 /// Calls of one webhook (RunPod's: the first and two more, 10 s apart).
 const WEBHOOK_TRIES: u32 = 3;
 const WEBHOOK_RETRY: Duration = Duration::from_secs(10);
+/// A job past its retention whose webhook was never called (its tenant's calls all busy) is
+/// kept this much longer, then forgotten with its webhook.
+const WEBHOOK_GRACE_MS: i64 = 10 * 60_000;
+
+/// A webhook call in flight: its global slot and its place in its tenant's count, both given
+/// back when the call ends (or its task is dropped).
+struct BusyWebhook {
+    map: std::sync::Arc<Mutex<HashMap<String, usize>>>,
+    tenant: String,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for BusyWebhook {
+    fn drop(&mut self) {
+        let mut m = lock(&self.map);
+        if let Some(n) = m.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.tenant);
+            }
+        }
+    }
+}
 
 /// What a worker is to the autoscaler and to `health`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +154,8 @@ pub struct Serverless {
     wake: tokio::sync::Notify,
     webhooks: std::sync::RwLock<Option<std::sync::Arc<gpuvisor_node::webhook::Webhooks>>>,
     webhook_slots: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Webhook calls in flight per tenant.
+    webhooks_busy: std::sync::Arc<Mutex<HashMap<String, usize>>>,
     /// Endpoint id → (no new worker before, the next wait): a worker create that failed
     /// (quota, no room, a template gone) is tried again after 2 s, doubling to a minute.
     backoff: Mutex<HashMap<String, (i64, i64)>>,
@@ -147,6 +175,7 @@ impl Default for Serverless {
             wake: Default::default(),
             webhooks: Default::default(),
             webhook_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_WEBHOOKS)),
+            webhooks_busy: Default::default(),
             backoff: Default::default(),
         }
     }
@@ -349,11 +378,14 @@ impl Engine {
         })
     }
 
-    /// The endpoint `id_or_name` of `who`'s tenant (any tenant's by id for an admin).
     /// Refuses `more` octets of job data for the tenant owning `endpoint_id` when its jobs
-    /// would keep more than `job_bytes_per_tenant` in the store.
-    async fn check_job_storage(&self, endpoint_id: &str, more: usize) -> Result<()> {
-        let cap = self.serverless_settings()?.job_bytes_per_tenant;
+    /// would keep more than `job_bytes_per_tenant` in the store; new jobs (`input`) only up to
+    /// three quarters of it, so that a full queue leaves room for the results of the jobs
+    /// running. Checked before the write: requests at the same moment may each pass it by
+    /// their own size (a job's input, result or chunk: at most 20 MiB each).
+    async fn check_job_storage(&self, endpoint_id: &str, more: usize, input: bool) -> Result<()> {
+        let all = self.serverless_settings()?.job_bytes_per_tenant;
+        let cap = if input { all / 4 * 3 } else { all };
         let Some(e) = self.store.endpoint(endpoint_id).await? else {
             return Err(EngineError::NotFound(format!(
                 "endpoint {endpoint_id:?} not found"
@@ -363,15 +395,21 @@ impl Engine {
         if held.saturating_add(more as u64) > cap {
             return Err(EngineError::ResourceExhausted(format!(
                 "the jobs of this tenant's endpoints keep {} KiB in the store and {} KiB more \
-                 would pass its {} KiB: wait for ended jobs to expire, or purge a queue",
+                 would pass {} KiB{}: wait for ended jobs to expire, or purge a queue",
                 held >> 10,
                 more >> 10,
-                cap >> 10
+                cap >> 10,
+                if input {
+                    " (new jobs may fill three quarters of the tenant's job storage)"
+                } else {
+                    ""
+                }
             )));
         }
         Ok(())
     }
 
+    /// The endpoint `id_or_name` of `who`'s tenant (any tenant's by id for an admin).
     async fn find_endpoint(&self, who: &Principal, id_or_name: &str) -> Result<EndpointRow> {
         let not_found = || {
             EngineError::NotFound(format!(
@@ -567,7 +605,8 @@ impl Engine {
                 MAX_INPUT_BYTES >> 20
             )));
         }
-        self.check_job_storage(&e.id, input.len()).await?;
+        let kept = input.len() + webhook_len(req) + crate::store::JOB_ROW_OCTETS as usize;
+        self.check_job_storage(&e.id, kept, true).await?;
         if self.store.queued_jobs(&e.id).await? >= MAX_QUEUED {
             return Err(EngineError::ResourceExhausted(format!(
                 "endpoint {} has {MAX_QUEUED} jobs waiting: try again later",
@@ -758,6 +797,17 @@ impl Engine {
         pod: &str,
         peer: Option<std::net::IpAddr>,
     ) -> Result<WorkerRow> {
+        Ok(self.worker_auth_tenant(token, endpoint, pod, peer).await?.0)
+    }
+
+    /// [`Engine::worker_auth`], with the worker's tenant.
+    pub async fn worker_auth_tenant(
+        &self,
+        token: Option<&str>,
+        endpoint: &str,
+        pod: &str,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<(WorkerRow, String)> {
         let bad = || EngineError::Unauthorized("not a worker of this endpoint".into());
         let token = token.ok_or_else(bad)?;
         let token = token.strip_prefix("Bearer ").unwrap_or(token);
@@ -787,7 +837,7 @@ impl Engine {
             return Err(bad());
         }
         lock(&self.serverless.seen).insert(w.pod_id.clone(), now_ms());
-        Ok(w)
+        Ok((w, t.id))
     }
 
     /// `job-take`: the next job for this worker, waiting up to `wait` for one; at most
@@ -881,6 +931,8 @@ impl Engine {
                     MAX_CHUNK_BYTES >> 20
                 )));
             }
+            self.check_job_storage(&w.endpoint_id, output.len(), false)
+                .await?;
             self.store.set_job_progress(job, &w.pod_id, &output).await?;
             self.signal(&w.endpoint_id);
             return Ok(());
@@ -891,13 +943,17 @@ impl Engine {
             Some(e) => serde_json::to_string(e).unwrap_or_default(),
         };
         let mut output = output;
-        if let Err(full) = self
-            .check_job_storage(&w.endpoint_id, output.len() + error.len())
+        match self
+            .check_job_storage(&w.endpoint_id, output.len() + error.len(), false)
             .await
         {
+            Ok(()) => {}
             // The job ends (its worker is not left retrying), without its result.
-            error = serde_json::to_string(&full.to_string()).unwrap_or_default();
-            output.clear();
+            Err(full @ EngineError::ResourceExhausted(_)) => {
+                error = serde_json::to_string(&full.to_string()).unwrap_or_default();
+                output.clear();
+            }
+            Err(e) => return Err(e),
         }
         let state = if error.is_empty() {
             JobState::Completed
@@ -945,7 +1001,8 @@ impl Engine {
             .map_err(|e| invalid(format!("a stream chunk must be JSON: {e}")))?;
         let output =
             serde_json::to_string(v.get("output").unwrap_or(&Value::Null)).unwrap_or_default();
-        self.check_job_storage(&w.endpoint_id, output.len()).await?;
+        self.check_job_storage(&w.endpoint_id, output.len(), false)
+            .await?;
         let appended = self
             .store
             .append_stream(job, &w.pod_id, &output, MAX_CHUNKS)
@@ -1174,40 +1231,91 @@ impl Engine {
         else {
             return Ok(());
         };
-        for j in self
+        // Round robin over the endpoints with calls due, one call each per round, the tenants
+        // with the fewest calls in flight first, each tenant up to its share: a tenant whose
+        // hooks hang holds its share only, and none of its endpoints starves another.
+        let pending = self.store.pending_webhooks().await?;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let tenants: HashMap<String, String> = self
             .store
-            .take_webhooks(i64::try_from(free).unwrap_or(1))
+            .endpoints(None)
             .await?
-        {
-            let Ok(permit) = self.serverless.webhook_slots.clone().try_acquire_owned() else {
-                break;
-            };
-            let body = serde_json::to_vec(&job_status(&j)).unwrap_or_default();
-            let hooks = hooks.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                for attempt in 1..=WEBHOOK_TRIES {
-                    match hooks.post(&j.webhook, body.clone()).await {
-                        Ok(code) if (200..300).contains(&code) => return,
-                        Ok(code) => tracing::info!(
-                            job = j.id,
-                            code,
-                            attempt,
-                            "serverless: webhook answered"
-                        ),
-                        Err(e) => tracing::info!(job = j.id, attempt, "serverless: {e}"),
-                    }
-                    if attempt < WEBHOOK_TRIES {
-                        tokio::time::sleep(WEBHOOK_RETRY).await;
-                    }
+            .into_iter()
+            .map(|e| (e.id, e.tenant_id))
+            .collect();
+        let mut due: Vec<(usize, String, String)> = {
+            let busy = lock(&self.serverless.webhooks_busy);
+            pending
+                .into_iter()
+                .filter_map(|(ep, _)| {
+                    let t = tenants.get(&ep)?.clone();
+                    Some((busy.get(&t).copied().unwrap_or(0), t, ep))
+                })
+                .collect()
+        };
+        due.sort();
+        while !due.is_empty() {
+            let mut left = Vec::with_capacity(due.len());
+            for (n, tenant, ep) in due {
+                let full = lock(&self.serverless.webhooks_busy)
+                    .get(&tenant)
+                    .is_some_and(|b| *b >= MAX_WEBHOOKS_PER_TENANT);
+                if full {
+                    continue;
                 }
-                tracing::warn!(
-                    job = j.id,
-                    "serverless: webhook given up after {WEBHOOK_TRIES} calls"
-                );
-            });
+                // The slot first, then the call taken from the store (taken: made once).
+                let Ok(permit) = self.serverless.webhook_slots.clone().try_acquire_owned() else {
+                    return Ok(());
+                };
+                let Some(j) = self.store.take_webhooks(&ep, 1).await?.pop() else {
+                    continue;
+                };
+                *lock(&self.serverless.webhooks_busy)
+                    .entry(tenant.clone())
+                    .or_default() += 1;
+                let busy = BusyWebhook {
+                    map: self.serverless.webhooks_busy.clone(),
+                    tenant: tenant.clone(),
+                    _permit: permit,
+                };
+                self.call_webhook(&hooks, j, busy);
+                left.push((n, tenant, ep));
+            }
+            due = left;
         }
         Ok(())
+    }
+
+    /// One job's webhook, in a task of its own: RunPod's tries, `busy` held until done.
+    fn call_webhook(
+        &self,
+        hooks: &std::sync::Arc<gpuvisor_node::webhook::Webhooks>,
+        j: JobRow,
+        busy: BusyWebhook,
+    ) {
+        let body = serde_json::to_vec(&job_status(&j)).unwrap_or_default();
+        let hooks = hooks.clone();
+        tokio::spawn(async move {
+            let _busy = busy;
+            for attempt in 1..=WEBHOOK_TRIES {
+                match hooks.post(&j.webhook, body.clone()).await {
+                    Ok(code) if (200..300).contains(&code) => return,
+                    Ok(code) => {
+                        tracing::info!(job = j.id, code, attempt, "serverless: webhook answered")
+                    }
+                    Err(e) => tracing::info!(job = j.id, attempt, "serverless: {e}"),
+                }
+                if attempt < WEBHOOK_TRIES {
+                    tokio::time::sleep(WEBHOOK_RETRY).await;
+                }
+            }
+            tracing::warn!(
+                job = j.id,
+                "serverless: webhook given up after {WEBHOOK_TRIES} calls"
+            );
+        });
     }
 
     /// Leases, execution timeouts, time to live and retention.
@@ -1308,7 +1416,9 @@ impl Engine {
                 )
                 .await?;
         }
-        self.store.delete_expired_jobs(now).await?;
+        self.store
+            .delete_expired_jobs(now, now - WEBHOOK_GRACE_MS)
+            .await?;
         Ok(())
     }
 
@@ -1634,6 +1744,11 @@ impl Engine {
             }
         }
     }
+}
+
+/// The octets a job's webhook URL takes in the store.
+fn webhook_len(req: &wire::RunRequest) -> usize {
+    req.webhook.as_ref().map_or(0, String::len)
 }
 
 /// A webhook must be an absolute http(s) URL; where it may point is checked when it is called.

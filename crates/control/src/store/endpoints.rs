@@ -104,6 +104,10 @@ macro_rules! job_cols {
     };
 }
 
+/// A job row's own weight in `bytes` (ids, times, states, the row's overhead), so that many
+/// tiny jobs count too.
+pub const JOB_ROW_OCTETS: i64 = 512;
+
 /// A text's size in the store, as the `bytes` column counts it.
 fn octets(s: &str) -> i64 {
     i64::try_from(s.len()).unwrap_or(i64::MAX)
@@ -271,7 +275,7 @@ impl Store {
         .bind(j.output.clone())
         .bind(j.error.clone())
         .bind(j.expires_at)
-        .bind(octets(&j.input) + octets(&j.output) + octets(&j.error))
+        .bind(JOB_ROW_OCTETS + octets(&j.input) + octets(&j.webhook) + octets(&j.output) + octets(&j.error))
         .execute(&self.pool)
         .await
         .map_err(StoreError::from_write)?;
@@ -279,7 +283,8 @@ impl Store {
     }
 
     /// The octets the jobs of a tenant's endpoints keep in the store (inputs, results, stream
-    /// chunks): what `MAX_JOB_BYTES_PER_TENANT` caps.
+    /// chunks, progress, rows): what `[proxy] job_storage_per_tenant` caps. Read from the
+    /// `endpoint_jobs_bytes` index alone.
     pub async fn tenant_job_bytes(&self, tenant_id: &str) -> Result<u64> {
         let n: i64 = sqlx::query(
             "SELECT CAST(COALESCE(SUM(j.bytes), 0) AS BIGINT) AS n FROM endpoint_jobs j \
@@ -382,9 +387,11 @@ impl Store {
     /// A running job's interim output (a progress update); nothing once it has ended.
     pub async fn set_job_progress(&self, id: &str, worker_id: &str, output: &str) -> Result<()> {
         sqlx::query(
-            "UPDATE endpoint_jobs SET output = $1 WHERE id = $2 AND worker_id = $3 AND state = 'IN_PROGRESS'",
+            "UPDATE endpoint_jobs SET output = $1, bytes = bytes - OCTET_LENGTH(output) + $2 \
+             WHERE id = $3 AND worker_id = $4 AND state = 'IN_PROGRESS'",
         )
         .bind(output.to_string())
+        .bind(octets(output))
         .bind(id.to_string())
         .bind(worker_id.to_string())
         .execute(&self.pool)
@@ -398,7 +405,8 @@ impl Store {
     pub async fn requeue_job(&self, id: &str, worker_id: &str) -> Result<bool> {
         let mut tx = self.begin_write().await?;
         let n = sqlx::query(
-            "UPDATE endpoint_jobs SET state = 'IN_QUEUE', lease_until = 0, output = '' \
+            "UPDATE endpoint_jobs SET state = 'IN_QUEUE', lease_until = 0, output = '', \
+             bytes = bytes - OCTET_LENGTH(output) \
              WHERE id = $1 AND worker_id = $2 AND state = 'IN_PROGRESS'",
         )
         .bind(id.to_string())
@@ -460,7 +468,8 @@ impl Store {
     ) -> Result<bool> {
         Ok(sqlx::query(
             "UPDATE endpoint_jobs SET state = $1, output = $2, error = $3, finished_at = $4, \
-             expires_at = $5, lease_until = 0, bytes = bytes + $9, \
+             expires_at = $5, lease_until = 0, \
+             bytes = bytes - OCTET_LENGTH(output) - OCTET_LENGTH(error) + $9, \
              webhook_pending = CASE WHEN webhook = '' THEN 0 ELSE 1 END \
              WHERE id = $6 AND ($7 = '' OR worker_id = $8) AND state IN ('IN_QUEUE', 'IN_PROGRESS')",
         )
@@ -532,9 +541,11 @@ impl Store {
             "UPDATE endpoint_jobs SET state = 'IN_QUEUE', worker_id = '', lease_until = 0, \
              started_at = 0, finished_at = 0, expires_at = 0, attempts = 0, output = '', \
              error = '', created_at = $1, webhook_pending = 0, stream_read = 0, \
-             bytes = OCTET_LENGTH(input) WHERE id = $2 AND state IN ('FAILED', 'TIMED_OUT')",
+             bytes = $2 + OCTET_LENGTH(input) + OCTET_LENGTH(webhook) \
+             WHERE id = $3 AND state IN ('FAILED', 'TIMED_OUT')",
         )
         .bind(now)
+        .bind(JOB_ROW_OCTETS)
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?
@@ -549,15 +560,25 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// Removes the queued (not yet running) jobs of an endpoint; how many.
+    /// Removes the queued (not yet running) jobs of an endpoint, with the stream chunks of
+    /// their earlier attempts; how many.
     pub async fn purge_queue(&self, endpoint_id: &str) -> Result<u64> {
-        Ok(
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "DELETE FROM endpoint_job_stream WHERE job_id IN \
+             (SELECT id FROM endpoint_jobs WHERE endpoint_id = $1 AND state = 'IN_QUEUE')",
+        )
+        .bind(endpoint_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        let n =
             sqlx::query("DELETE FROM endpoint_jobs WHERE endpoint_id = $1 AND state = 'IN_QUEUE'")
                 .bind(endpoint_id.to_string())
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?
-                .rows_affected(),
-        )
+                .rows_affected();
+        tx.commit().await?;
+        Ok(n)
     }
 
     /// Every running job, light.
@@ -596,18 +617,27 @@ impl Store {
         .collect()
     }
 
-    /// Forgets finished jobs past their retention; how many.
-    pub async fn delete_expired_jobs(&self, now: i64) -> Result<u64> {
+    /// Forgets finished jobs past their retention; one whose webhook is still to be called
+    /// is kept until `hooks_until` (the webhook is then given up); how many.
+    pub async fn delete_expired_jobs(&self, now: i64, hooks_until: i64) -> Result<u64> {
+        macro_rules! gone {
+            () => {
+                "expires_at > 0 AND expires_at < $1 AND (webhook_pending = 0 OR expires_at < $2)"
+            };
+        }
         let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "DELETE FROM endpoint_job_stream WHERE job_id IN \
-             (SELECT id FROM endpoint_jobs WHERE expires_at > 0 AND expires_at < $1)",
-        )
+        sqlx::query(concat!(
+            "DELETE FROM endpoint_job_stream WHERE job_id IN (SELECT id FROM endpoint_jobs WHERE ",
+            gone!(),
+            ")"
+        ))
         .bind(now)
+        .bind(hooks_until)
         .execute(&mut *tx)
         .await?;
-        let n = sqlx::query("DELETE FROM endpoint_jobs WHERE expires_at > 0 AND expires_at < $1")
+        let n = sqlx::query(concat!("DELETE FROM endpoint_jobs WHERE ", gone!()))
             .bind(now)
+            .bind(hooks_until)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -637,13 +667,29 @@ impl Store {
         .collect()
     }
 
-    /// Ended jobs whose webhook is still to be called, marked as taken.
-    pub async fn take_webhooks(&self, limit: i64) -> Result<Vec<JobRow>> {
+    /// How many ended jobs of each endpoint have a webhook still to call.
+    pub async fn pending_webhooks(&self) -> Result<Vec<(String, i64)>> {
+        sqlx::query(
+            "SELECT endpoint_id, COUNT(*) AS n FROM endpoint_jobs WHERE webhook_pending = 1 \
+             GROUP BY endpoint_id",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("endpoint_id")?, r.try_get("n")?)))
+        .collect()
+    }
+
+    /// Up to `limit` of an endpoint's ended jobs whose webhook is due, oldest end first,
+    /// taken (marked called) before they are returned: a call is made at most once.
+    pub async fn take_webhooks(&self, endpoint_id: &str, limit: i64) -> Result<Vec<JobRow>> {
         let rows = sqlx::query(concat!(
             "SELECT ",
             job_cols!(),
-            " FROM endpoint_jobs WHERE webhook_pending = 1 LIMIT $1"
+            " FROM endpoint_jobs WHERE endpoint_id = $1 AND webhook_pending = 1 \
+             ORDER BY finished_at LIMIT $2"
         ))
+        .bind(endpoint_id.to_string())
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
