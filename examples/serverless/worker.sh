@@ -20,11 +20,11 @@ while :; do
   input=$(printf '%s' "$job" | sed -n 's/^{"id":"[^"]*","input":\(.*\)}$/\1/p')
   [ -n "$id" ] || { echo "worker.sh: no job id in the take answer" >&2; continue; }
   url=$(printf '%s' "$result" | sed "s/\$ID/$id/")
-  # The result goes through a file (printf is the shell's own): an input up to the 10 MiB
-  # limit would not fit one command-line argument (128 KiB).
-  if [ -n "$input" ]; then
-    printf '{"output":{"echo":%s}}' "$input" > /tmp/result.json
-  else
+  # The result goes through a file (printf is the shell's own): a result over 128 KiB would
+  # not fit one command-line argument of wget. (The shell holds the job in memory several
+  # times over: give the template memory for the inputs it takes.)
+  rm -f /tmp/result.json
+  if [ -z "$input" ] || ! printf '{"output":{"echo":%s}}' "$input" > /tmp/result.json; then
     printf '{"error":"worker.sh could not read the job"}' > /tmp/result.json
   fi
   wget -q -O /dev/null --header "$auth" --header "Content-Type: application/json" \

@@ -17,7 +17,8 @@ mod endpoints;
 mod templates;
 mod usage;
 pub use endpoints::{
-    EndpointRow, JobRow, JobTally, RunningJob, WorkerRow, JOB_ROW_OCTETS, MAX_STREAM_BYTES,
+    EndpointRow, JobRow, JobTally, RunningJob, WorkerRow, CHUNK_ROW_OCTETS, JOB_ROW_OCTETS,
+    MAX_STREAM_BYTES,
 };
 pub use templates::TemplateRow;
 pub use usage::UsageRow;
@@ -192,6 +193,9 @@ pub struct InstanceSpec {
     /// Stopped after this many seconds unused (`engine::ingress::run_idle`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<u64>,
+    /// Disk I/O limits, per disk.
+    #[serde(default, skip_serializing_if = "gpuvisor_wire::DiskIo::is_unlimited")]
+    pub disk_io: gpuvisor_wire::DiskIo,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -2266,7 +2266,7 @@ async fn endpoint_jobs_claim_once_end_once() {
         assert!(store.job("other").await.unwrap().is_some(), "{backend}");
         // Retention: finished jobs past their time go, with their chunks.
         assert_eq!(
-            store.delete_expired_jobs(4500, 0).await.unwrap(),
+            store.delete_expired_jobs(4500, 0).await.unwrap().0,
             1,
             "{backend}"
         );
@@ -2287,7 +2287,7 @@ async fn endpoint_jobs_claim_once_end_once() {
 /// webhook until its grace ends.
 #[tokio::test]
 async fn endpoint_job_bytes_follow_what_is_kept() {
-    use gpuvisor_control::store::{EndpointRow, JOB_ROW_OCTETS as R};
+    use gpuvisor_control::store::{EndpointRow, CHUNK_ROW_OCTETS as C, JOB_ROW_OCTETS as R};
     use gpuvisor_wire::JobState;
     for_each_backend(|Db { store, backend, .. }| async move {
         for (ep, tenant) in [("e1", "t1"), ("e2", "t2")] {
@@ -2332,11 +2332,11 @@ async fn endpoint_job_bytes_follow_what_is_kept() {
                 Some(true)
             );
         }
-        assert_eq!(held("t1").await, R + 7 + 3 + 6, "{backend}");
+        assert_eq!(held("t1").await, R + 7 + 3 + 6 + 2 * C, "{backend}");
         assert_eq!(store.take_stream("j1", 1).await.unwrap(), ["ab"]);
         // The lost attempt's progress and unread chunk go, and are no longer counted.
         assert!(store.requeue_job("j1", "w1").await.unwrap());
-        assert_eq!(held("t1").await, R + 7 + 2, "{backend}");
+        assert_eq!(held("t1").await, R + 7 + 2 + C, "{backend}");
         store
             .claim_job("e1", "w2", 20, 5000)
             .await
@@ -2348,13 +2348,13 @@ async fn endpoint_job_bytes_follow_what_is_kept() {
             .finish_job_by("j1", "w2", JobState::Completed, "{\"ok\":1}", "", 30, 4000)
             .await
             .unwrap());
-        assert_eq!(held("t1").await, R + 7 + 2 + 8, "{backend}");
+        assert_eq!(held("t1").await, R + 7 + 2 + C + 8, "{backend}");
         // A refused second end adds nothing.
         assert!(!store
             .finish_job("j1", JobState::Failed, "", "\"late\"", 31, 4000)
             .await
             .unwrap());
-        let j1 = R + 7 + 2 + 8;
+        let j1 = R + 7 + 2 + C + 8;
         assert_eq!(held("t1").await, j1, "{backend}");
         store.insert_job(&job_row("j2", "e1", 2)).await.unwrap();
         assert!(store
@@ -2374,7 +2374,7 @@ async fn endpoint_job_bytes_follow_what_is_kept() {
         store.append_stream("j2", "w3", "zz", 10).await.unwrap();
         assert_eq!(store.take_stream("j2", 10).await.unwrap(), ["zz"]);
         assert!(store.requeue_job("j2", "w3").await.unwrap());
-        assert_eq!(held("t1").await, j1 + R + 7 + 2, "{backend}");
+        assert_eq!(held("t1").await, j1 + R + 7 + 2 + C, "{backend}");
         assert_eq!(store.purge_queue("e1").await.unwrap(), 1);
         assert_eq!(held("t1").await, j1, "{backend}");
         assert!(store.take_stream("j2", 10).await.unwrap().is_empty());
@@ -2383,7 +2383,7 @@ async fn endpoint_job_bytes_follow_what_is_kept() {
             .finish_job("k", JobState::Completed, "1", "", 40, 4000)
             .await
             .unwrap());
-        assert_eq!(store.delete_expired_jobs(4500, 3000).await.unwrap(), 1);
+        assert_eq!(store.delete_expired_jobs(4500, 3000).await.unwrap(), (1, 0));
         assert_eq!(
             (held("t1").await, held("t2").await),
             (0, R + 7 + 10 + 1),
@@ -2393,7 +2393,7 @@ async fn endpoint_job_bytes_follow_what_is_kept() {
             store.pending_webhooks().await.unwrap(),
             [("e2".to_string(), 1)]
         );
-        assert_eq!(store.delete_expired_jobs(4500, 4100).await.unwrap(), 1);
+        assert_eq!(store.delete_expired_jobs(4500, 4100).await.unwrap(), (1, 1));
         assert_eq!(held("t2").await, 0, "{backend}");
     })
     .await;

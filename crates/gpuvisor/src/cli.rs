@@ -867,6 +867,8 @@ pub struct CreateArgs {
     /// with no open connection to its ports and its GPUs below 5% busy, e.g. 30m.
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub idle_timeout: Option<std::time::Duration>,
+    #[command(flatten)]
+    pub disk_io: DiskIoArgs,
     /// When the main process exits: `no` (stay stopped), `on-failure[:N]` (restart after a
     /// non-zero exit, at most N times since the last create/start), `always` (restart after
     /// every exit; never after `instance stop`). Restarts back off from 1 s, doubling to 5 min
@@ -964,6 +966,9 @@ pub enum InstanceCmd {
         /// Whole GPUs.
         #[arg(long)]
         gpus: Option<u32>,
+        /// New disk I/O limits (live, containers and VMs).
+        #[command(flatten)]
+        disk_io: DiskIoArgs,
         /// Consent to a stop and start when the change cannot be made live.
         #[arg(long)]
         restart: bool,
@@ -991,6 +996,75 @@ pub enum InstanceCmd {
 }
 
 // ---- argument syntax ----
+
+/// `--disk-iops`, `--disk-bandwidth`: per disk (the container disk, each volume; a VM's
+/// drives). 0 takes a limit away.
+#[derive(Debug, Default, Clone, Args)]
+pub struct DiskIoArgs {
+    /// Disk operations per second, each disk: N for reads and for writes, or
+    /// read=N,write=M (either alone too); 0: no limit.
+    #[arg(long, value_name = "N|read=N,write=M", value_parser = parse_rw_count)]
+    pub disk_iops: Option<ReadWrite>,
+    /// Disk bytes per second, each disk: SIZE (e.g. 50MiB) for reads and for writes, or
+    /// read=SIZE,write=SIZE (either alone too); 0: no limit.
+    #[arg(long, value_name = "SIZE|read=SIZE,write=SIZE", value_parser = parse_rw_size)]
+    pub disk_bandwidth: Option<ReadWrite>,
+}
+
+/// A read and a write value, either unset.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReadWrite {
+    pub read: Option<u64>,
+    pub write: Option<u64>,
+}
+
+impl DiskIoArgs {
+    pub fn wire(&self) -> gpuvisor_wire::DiskIo {
+        let iops = self.disk_iops.unwrap_or_default();
+        let bw = self.disk_bandwidth.unwrap_or_default();
+        gpuvisor_wire::DiskIo {
+            read_iops: iops.read,
+            write_iops: iops.write,
+            read_bps: bw.read,
+            write_bps: bw.write,
+        }
+    }
+}
+
+/// `V` (both) or `read=V,write=V` (either or both), each V read by `one`.
+fn parse_rw(s: &str, one: fn(&str) -> Result<u64, String>) -> Result<ReadWrite, String> {
+    if !s.contains('=') {
+        let v = one(s)?;
+        return Ok(ReadWrite {
+            read: Some(v),
+            write: Some(v),
+        });
+    }
+    let mut rw = ReadWrite::default();
+    for part in s.split(',') {
+        let slot = match part.split_once('=') {
+            Some(("read", v)) => (&mut rw.read, v),
+            Some(("write", v)) => (&mut rw.write, v),
+            _ => return Err(format!("{part:?}: expected read=VALUE or write=VALUE")),
+        };
+        if slot.0.is_some() {
+            return Err(format!("{part:?} given twice"));
+        }
+        *slot.0 = Some(one(slot.1)?);
+    }
+    Ok(rw)
+}
+
+fn parse_rw_count(s: &str) -> Result<ReadWrite, String> {
+    parse_rw(s, |v| {
+        v.parse::<u64>()
+            .map_err(|_| format!("{v:?} is not a count of operations per second"))
+    })
+}
+
+fn parse_rw_size(s: &str) -> Result<ReadWrite, String> {
+    parse_rw(s, parse_size_arg)
+}
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| e.to_string())
@@ -1825,6 +1899,7 @@ impl Ctx {
                     startup_script: read_script(args.shape.startup_script.as_deref())?,
                     packages: args.packages,
                     idle_timeout_secs: args.idle_timeout.map(|d| d.as_secs()),
+                    disk_io: args.disk_io.wire(),
                 };
                 let inst = self.client.create_instance(&req)?;
                 self.finish_lifecycle(inst, InstanceState::Running, &args.wait)
@@ -1881,12 +1956,14 @@ impl Ctx {
                 vcpus,
                 memory,
                 gpus,
+                disk_io,
                 restart,
             } => {
                 let req = gpuvisor_wire::ScaleInstance {
                     vcpus,
                     memory,
                     gpus,
+                    disk_io: disk_io.wire(),
                     restart,
                 };
                 let inst = self.client.scale_instance(&id, &req)?;
@@ -2317,6 +2394,32 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_io_flags_read_both_or_each_side() {
+        let both = parse_rw_count("200").unwrap();
+        assert_eq!((both.read, both.write), (Some(200), Some(200)));
+        let one = parse_rw_size("write=8MiB").unwrap();
+        assert_eq!((one.read, one.write), (None, Some(8 << 20)));
+        let two = parse_rw_size("read=1MiB,write=0").unwrap();
+        assert_eq!((two.read, two.write), (Some(1 << 20), Some(0)));
+        for bad in ["read=1,read=2", "sideways=1", "read=x", "", "1,2"] {
+            assert!(parse_rw_count(bad).is_err(), "{bad:?} was taken");
+        }
+        let args = DiskIoArgs {
+            disk_iops: Some(parse_rw_count("read=10").unwrap()),
+            disk_bandwidth: Some(parse_rw_size("5MiB").unwrap()),
+        };
+        assert_eq!(
+            args.wire(),
+            gpuvisor_wire::DiskIo {
+                read_iops: Some(10),
+                write_iops: None,
+                read_bps: Some(5 << 20),
+                write_bps: Some(5 << 20),
+            }
+        );
+    }
     use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -2643,6 +2746,7 @@ mod tests {
             ip: None,
             urls: Vec::new(),
             idle_timeout_secs: None,
+            disk_io: Default::default(),
             last_activity_at: None,
             gpu_usage: vec![],
             gpu_fraction: None,

@@ -127,6 +127,35 @@ pub fn format_cpus(cpus: &[u32]) -> String {
     gpuvisor_wire::format_cpu_list(cpus)
 }
 
+/// Disk I/O limits per disk, e.g. `read 100 IOPS, 50MiB/s; write 20MiB/s`, or `-`.
+pub fn format_disk_io(io: &gpuvisor_wire::DiskIo) -> String {
+    let side = |iops: Option<u64>, bps: Option<u64>| {
+        let mut parts = Vec::new();
+        if let Some(n) = iops {
+            parts.push(format!("{n} IOPS"));
+        }
+        if let Some(b) = bps {
+            parts.push(format!("{}/s", format_size(b)));
+        }
+        parts.join(", ")
+    };
+    let mut out = Vec::new();
+    for (name, iops, bps) in [
+        ("read", io.read_iops, io.read_bps),
+        ("write", io.write_iops, io.write_bps),
+    ] {
+        let s = side(iops, bps);
+        if !s.is_empty() {
+            out.push(format!("{name} {s}"));
+        }
+    }
+    if out.is_empty() {
+        "-".into()
+    } else {
+        format!("{} (each disk)", out.join("; "))
+    }
+}
+
 fn or_dash(s: &str) -> String {
     if s.is_empty() {
         "-".to_string()
@@ -185,6 +214,7 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
         ("CPUs".into(), or_dash(&format_cpus(&i.cpus))),
         ("Memory".into(), format_size(i.memory)),
         ("Container disk".into(), format_size(i.container_disk)),
+        ("Disk I/O limits".into(), format_disk_io(&i.disk_io)),
         ("IP".into(), or_dash(i.ip.as_deref().unwrap_or(""))),
         (
             "Ports".into(),
@@ -1083,6 +1113,7 @@ mod tests {
             ip: Some("10.77.0.2".into()),
             urls: Vec::new(),
             idle_timeout_secs: None,
+            disk_io: Default::default(),
             last_activity_at: None,
             gpu_usage: vec![],
             gpu_fraction: None,

@@ -119,6 +119,59 @@ pub fn pids(root: &HostRoot, id: &str) -> Vec<i32> {
     vec![]
 }
 
+/// Writes an instance's disk I/O throttles on `devices` (major, minor) into its cgroup: on
+/// cgroup v2 `io.max` (`max` where unset), on v1 the blkio `throttle.*_device` files (0 where
+/// unset, which removes the device's rule).
+pub fn set_disk_io(
+    root: &HostRoot,
+    id: &str,
+    devices: &[(u32, u32)],
+    io: &gpuvisor_wire::DiskIo,
+) -> std::io::Result<()> {
+    let base = root.path("/sys/fs/cgroup");
+    let rel = instance_path(id);
+    let rel = rel.strip_prefix("/").unwrap_or(&rel);
+    let v2 = base.join(rel);
+    if v2.join("io.max").exists() {
+        let max = |v: Option<u64>| v.map_or("max".to_string(), |v| v.to_string());
+        for (major, minor) in devices {
+            std::fs::write(
+                v2.join("io.max"),
+                format!(
+                    "{major}:{minor} rbps={} wbps={} riops={} wiops={}",
+                    max(io.read_bps),
+                    max(io.write_bps),
+                    max(io.read_iops),
+                    max(io.write_iops)
+                ),
+            )?;
+        }
+        return Ok(());
+    }
+    let v1 = base.join("blkio").join(rel);
+    if !v1.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "instance {id} has no io (v2) or blkio (v1) cgroup under {}",
+                base.display()
+            ),
+        ));
+    }
+    let files = [
+        ("blkio.throttle.read_iops_device", io.read_iops),
+        ("blkio.throttle.write_iops_device", io.write_iops),
+        ("blkio.throttle.read_bps_device", io.read_bps),
+        ("blkio.throttle.write_bps_device", io.write_bps),
+    ];
+    for (file, v) in files {
+        for (major, minor) in devices {
+            std::fs::write(v1.join(file), format!("{major}:{minor} {}", v.unwrap_or(0)))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

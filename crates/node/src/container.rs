@@ -207,6 +207,12 @@ impl ContainerRuntime {
             devices,
             binds,
             cgroup_path: cgroup::instance_path(id),
+            disk_io: plan.disk_io,
+            block_devices: if plan.disk_io.is_unlimited() {
+                Vec::new()
+            } else {
+                node.disks.block_devices(id)?
+            },
             apparmor_profile: node.apparmor.clone(),
             seccomp: true,
         };
@@ -355,6 +361,19 @@ impl Runtime for ContainerRuntime {
     }
 
     /// Stops the container: SIGTERM, then SIGKILL after `grace`, then deletes it.
+    /// The cgroup's throttles on the instance's disk and volume devices, written in place
+    /// (`runc update` does not change them).
+    fn set_disk_io(
+        &self,
+        node: &Node,
+        id: &str,
+        limits: &gpuvisor_wire::DiskIo,
+    ) -> Result<(), NodeError> {
+        let devices = node.disks.block_devices(id)?;
+        cgroup::set_disk_io(&node.cfg.root, id, &devices, limits)
+            .map_err(io(Path::new("the instance's cgroup")))
+    }
+
     fn stop(&self, _node: &Node, id: &str, grace: Duration) -> Result<(), NodeError> {
         if let Some(mut st) = self.oci.state(id)? {
             // A frozen container (a parked serverless worker) is thawed so that it can hear

@@ -586,6 +586,22 @@ impl Disks {
     /// Mounts a volume for an instance and returns the host mount point
     /// (`<data>/instances/<id>/volumes/<name>`). Idempotent. Refused while the volume is
     /// attached elsewhere.
+    /// The block devices (major, minor) holding an instance's disk and the volumes attached to
+    /// it: what its disk I/O limits throttle.
+    pub fn block_devices(&self, id: &str) -> Result<Vec<(u32, u32)>, DiskError> {
+        check_id(id)?;
+        let l = self.layout(false)?;
+        let (disk, volumes) = (l.disk_mount(id), l.volume_mounts(id));
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        for m in mount_table()? {
+            let ours = m.mount_point == disk || m.mount_point.parent() == Some(volumes.as_path());
+            if ours && m.source.starts_with("/dev/") && !out.contains(&m.dev_id) {
+                out.push(m.dev_id);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn attach_volume(&self, id: &str, tenant: &str, name: &str) -> Result<PathBuf, DiskError> {
         check_id(id)?;
         check_name("tenant id", tenant)?;

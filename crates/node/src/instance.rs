@@ -103,6 +103,8 @@ pub struct InstancePlan {
     pub env: Vec<String>,
     pub cpus: Vec<u32>,
     pub memory: u64,
+    /// Disk I/O limits, each disk on its own.
+    pub disk_io: gpuvisor_wire::DiskIo,
     /// UUIDs of the GPUs bound to the instance.
     pub gpus: Vec<String>,
     /// For a fractional GPU: the limits of each GPU in `gpus` order (empty for whole GPUs).

@@ -11,9 +11,10 @@ use crate::cmd::{self, CmdError};
 use crate::gpu::DeviceNode;
 use crate::host::format_cpu_list;
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceBuilder,
-    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, MountBuilder, PosixRlimitBuilder,
+    Capability, LinuxBlockIoBuilder, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
+    LinuxDeviceBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
+    LinuxThrottleDevice, LinuxThrottleDeviceBuilder, MountBuilder, PosixRlimitBuilder,
     PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 use oci_spec::OciSpecError;
@@ -81,9 +82,48 @@ pub struct BundleSpec {
     pub binds: Vec<BindMount>,
     /// Cgroup path relative to the controllers' roots: `/gpuvisor/<id>`.
     pub cgroup_path: PathBuf,
+    /// Disk I/O limits, applied to each of `block_devices` (the disk's, the volumes').
+    pub disk_io: gpuvisor_wire::DiskIo,
+    pub block_devices: Vec<(u32, u32)>,
     /// AppArmor profile, only where the host has AppArmor.
     pub apparmor_profile: Option<String>,
     pub seccomp: bool,
+}
+
+/// The cgroup's throttles for `io` on each device (runc writes them: blkio on cgroup v1,
+/// io.max on v2).
+fn block_io(
+    io: &gpuvisor_wire::DiskIo,
+    devices: &[(u32, u32)],
+) -> Result<oci_spec::runtime::LinuxBlockIo, OciSpecError> {
+    let per_device = |rate: Option<u64>| -> Result<Option<Vec<LinuxThrottleDevice>>, OciSpecError> {
+        let Some(rate) = rate else { return Ok(None) };
+        devices
+            .iter()
+            .map(|&(major, minor)| {
+                LinuxThrottleDeviceBuilder::default()
+                    .major(i64::from(major))
+                    .minor(i64::from(minor))
+                    .rate(rate)
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    };
+    let mut b = LinuxBlockIoBuilder::default();
+    if let Some(v) = per_device(io.read_bps)? {
+        b = b.throttle_read_bps_device(v);
+    }
+    if let Some(v) = per_device(io.write_bps)? {
+        b = b.throttle_write_bps_device(v);
+    }
+    if let Some(v) = per_device(io.read_iops)? {
+        b = b.throttle_read_iops_device(v);
+    }
+    if let Some(v) = per_device(io.write_iops)? {
+        b = b.throttle_write_iops_device(v);
+    }
+    b.build()
 }
 
 /// Capabilities kept by default (Docker's set): enough for package managers and servers, none of
@@ -299,6 +339,7 @@ pub fn build_spec(b: &BundleSpec) -> Result<Spec, RuntimeError> {
                 .build()?,
         )
         .pids(LinuxPidsBuilder::default().limit(b.pids_limit).build()?)
+        .block_io(block_io(&b.disk_io, &b.block_devices)?)
         .build()?;
 
     let mut linux = LinuxBuilder::default()
@@ -696,6 +737,12 @@ mod tests {
                 readonly: false,
             }],
             cgroup_path: "/gpuvisor/abc".into(),
+            disk_io: gpuvisor_wire::DiskIo {
+                read_iops: Some(100),
+                write_bps: Some(1 << 20),
+                ..Default::default()
+            },
+            block_devices: vec![(7, 3), (259, 1)],
             apparmor_profile: None,
             seccomp: true,
         }

@@ -127,6 +127,20 @@ pub trait Runtime: Send + Sync {
         })
     }
 
+    /// New disk I/O limits for the running instance (`instance scale --disk-*`), on each of
+    /// its disks. Runtimes that cannot refuse.
+    fn set_disk_io(
+        &self,
+        _node: &Node,
+        _id: &str,
+        _io: &gpuvisor_wire::DiskIo,
+    ) -> Result<(), NodeError> {
+        Err(NodeError::Unsupported {
+            kind: self.kind(),
+            what: "changing disk I/O limits while it runs".into(),
+        })
+    }
+
     /// The unix socket of the instance's interactive console (a VM's serial port), for
     /// `instance console`. Runtimes without one refuse.
     fn console(&self, _node: &Node, _id: &str) -> Result<PathBuf, NodeError> {

@@ -420,6 +420,62 @@ pub struct CreateInstance {
     /// open connection to its ports and its GPUs below 5% busy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<u64>,
+    /// Disk I/O limits, each of its disks on its own (unset: none).
+    #[serde(default, skip_serializing_if = "DiskIo::is_unlimited")]
+    pub disk_io: DiskIo,
+}
+
+/// Disk I/O limits of an instance, per disk: a container's disk and each of its volumes (the
+/// cgroup's throttle on each block device), a VM's root disk and each volume drive (QEMU's
+/// throttling). Unset: no limit. In a request, 0 takes a limit away.
+#[derive(
+    Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(deny_unknown_fields)]
+pub struct DiskIo {
+    /// Read operations per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_iops: Option<u64>,
+    /// Write operations per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_iops: Option<u64>,
+    /// Bytes read per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bps: Option<u64>,
+    /// Bytes written per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_bps: Option<u64>,
+}
+
+impl DiskIo {
+    pub fn is_unlimited(&self) -> bool {
+        self.fields().iter().all(Option::is_none)
+    }
+
+    /// `[read_iops, write_iops, read_bps, write_bps]`.
+    pub fn fields(&self) -> [Option<u64>; 4] {
+        [
+            self.read_iops,
+            self.write_iops,
+            self.read_bps,
+            self.write_bps,
+        ]
+    }
+
+    /// These limits with `change`'s set fields applied: a value replaces, 0 takes away.
+    pub fn with(self, change: &DiskIo) -> DiskIo {
+        let pick = |old: Option<u64>, new: Option<u64>| match new {
+            Some(0) => None,
+            Some(v) => Some(v),
+            None => old,
+        };
+        DiskIo {
+            read_iops: pick(self.read_iops, change.read_iops),
+            write_iops: pick(self.write_iops, change.write_iops),
+            read_bps: pick(self.read_bps, change.read_bps),
+            write_bps: pick(self.write_bps, change.write_bps),
+        }
+    }
 }
 
 impl CreateInstance {
@@ -443,6 +499,9 @@ pub struct ScaleInstance {
     /// Whole GPUs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<u32>,
+    /// Disk I/O limits to change (live, for containers and VMs); 0 takes one away.
+    #[serde(default, skip_serializing_if = "DiskIo::is_unlimited")]
+    pub disk_io: DiskIo,
     /// Consent to a stop and start when the change cannot be made live.
     #[serde(default)]
     pub restart: bool,
@@ -511,6 +570,9 @@ pub struct Instance {
     /// Its idle timeout, seconds (see [`CreateInstance::idle_timeout_secs`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<u64>,
+    /// Its disk I/O limits.
+    #[serde(default, skip_serializing_if = "DiskIo::is_unlimited")]
+    pub disk_io: DiskIo,
     /// Running: when it was last in use (traffic or a connection through the proxy, busy
     /// GPUs) or started, unix ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1158,5 +1220,34 @@ mod session_tests {
             r#"{"type":"eof"}"#
         );
         assert_eq!(session::data(session::STDIN, b"ls"), b"\0ls".to_vec());
+    }
+}
+
+#[cfg(test)]
+mod disk_io_tests {
+    use super::DiskIo;
+
+    #[test]
+    fn a_change_replaces_sets_and_takes_away() {
+        let now = DiskIo {
+            read_iops: Some(100),
+            write_bps: Some(1 << 20),
+            ..Default::default()
+        };
+        let next = now.with(&DiskIo {
+            read_iops: Some(0),
+            write_iops: Some(50),
+            ..Default::default()
+        });
+        assert_eq!(
+            next,
+            DiskIo {
+                write_iops: Some(50),
+                write_bps: Some(1 << 20),
+                ..Default::default()
+            }
+        );
+        assert!(DiskIo::default().is_unlimited());
+        assert!(!next.is_unlimited());
     }
 }

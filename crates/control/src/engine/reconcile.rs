@@ -421,6 +421,7 @@ impl Engine {
             env: i.spec.env.clone(),
             cpus: i.cpus.clone(),
             memory: i.spec.memory,
+            disk_io: i.spec.disk_io,
             gpus: i.gpus.iter().map(|g| g.uuid.clone()).collect(),
             // A share of a GPU is enforced by the limiter; whole GPUs need none.
             gpu_shares: if i.gpus.iter().any(|g| g.milli < 1000) {

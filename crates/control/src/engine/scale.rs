@@ -85,7 +85,14 @@ impl Engine {
         let row = self.find(who, id).await?;
         let size = Size::asked(&row, req);
         self.check_scale(&row, size)?;
+        validate::disk_io(&req.disk_io)?;
+        let row = if req.disk_io.is_unlimited() {
+            row
+        } else {
+            self.set_disk_io(&row, &req.disk_io).await?
+        };
         if size == Size::of(&row) {
+            self.changed.send_modify(|v| *v += 1);
             return self.get_instance(who, &row.id).await;
         }
         let way = way(&row, size, req.restart)?;
@@ -107,6 +114,61 @@ impl Engine {
             .await;
         self.changed.send_modify(|v| *v += 1);
         self.get_instance(who, &row.id).await
+    }
+
+    /// New disk I/O limits (`change` applied to the instance's): on the running instance
+    /// first (the cgroup's throttles, QEMU's), under the instance's lock so that a start being
+    /// provisioned meanwhile has the old limits or the new ones; then in the store. A stopped
+    /// instance gets them at its next start. Answers the row as it is now.
+    async fn set_disk_io(&self, row: &InstanceRow, change: &wire::DiskIo) -> Result<InstanceRow> {
+        let lock = self.lock_for(&row.id);
+        let _instance = lock.lock().await;
+        let mut next = self
+            .store
+            .instance(&row.id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("instance {:?} not found", row.id)))?;
+        let io = next.spec.disk_io.with(change);
+        if io == next.spec.disk_io {
+            return Ok(next);
+        }
+        match next.state {
+            InstanceState::Running => {
+                let (node, id) = (self.node.clone(), next.id.clone());
+                tokio::task::spawn_blocking(move || {
+                    node.runtime_of(&id).set_disk_io(&node, &id, &io)
+                })
+                .await
+                .map_err(|e| EngineError::Internal(format!("disk I/O task: {e}")))?
+                .map_err(|e| {
+                    EngineError::InvalidState(format!(
+                        "the disk I/O limits of instance {} could not be changed: {e}",
+                        next.id
+                    ))
+                })?;
+            }
+            InstanceState::Stopped | InstanceState::Failed | InstanceState::Interrupted => {}
+            other => {
+                return Err(EngineError::InvalidState(format!(
+                "instance {} is {other}: change its disk I/O limits once it is running or stopped",
+                next.id
+            )))
+            }
+        }
+        let before = next.spec.disk_io;
+        next.spec.disk_io = io;
+        self.store.set_resources(&next, self.tick()).await?;
+        self.event(
+            &next.id,
+            "scaled",
+            format!(
+                "disk I/O limits {} -> {}",
+                describe_io(&before),
+                describe_io(&io)
+            ),
+        )
+        .await;
+        Ok(next)
     }
 
     /// The row again, under the instance's lock: refused when the instance moved on since
@@ -375,6 +437,20 @@ fn way(row: &InstanceRow, size: Size, restart: bool) -> Result<Way> {
     }
 }
 
+/// Disk I/O limits in words, for events.
+fn describe_io(io: &wire::DiskIo) -> String {
+    if io.is_unlimited() {
+        return "none".into();
+    }
+    let names = ["read IOPS", "write IOPS", "read B/s", "write B/s"];
+    names
+        .iter()
+        .zip(io.fields())
+        .filter_map(|(n, v)| v.map(|v| format!("{n} {v}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The event's text: what changed, and how.
 fn describe(row: &InstanceRow, size: Size, way: &Way) -> String {
     let before = Size::of(row);
@@ -430,6 +506,7 @@ mod tests {
                 startup_script: None,
                 packages: vec![],
                 idle_timeout_secs: None,
+                disk_io: Default::default(),
             },
             cpus: vec![0],
             gpus: (0..gpus)

@@ -156,6 +156,8 @@ pub struct Serverless {
     webhook_slots: std::sync::Arc<tokio::sync::Semaphore>,
     /// Webhook calls in flight per tenant.
     webhooks_busy: std::sync::Arc<Mutex<HashMap<String, usize>>>,
+    /// Turns which endpoint's webhooks go first in a pass.
+    webhook_turn: std::sync::atomic::AtomicUsize,
     /// Endpoint id → (no new worker before, the next wait): a worker create that failed
     /// (quota, no room, a template gone) is tried again after 2 s, doubling to a minute.
     backoff: Mutex<HashMap<String, (i64, i64)>>,
@@ -176,6 +178,7 @@ impl Default for Serverless {
             webhooks: Default::default(),
             webhook_slots: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_WEBHOOKS)),
             webhooks_busy: Default::default(),
+            webhook_turn: Default::default(),
             backoff: Default::default(),
         }
     }
@@ -931,8 +934,11 @@ impl Engine {
                     MAX_CHUNK_BYTES >> 20
                 )));
             }
-            self.check_job_storage(&w.endpoint_id, output.len(), false)
-                .await?;
+            // The store's sum only for the job's holder (anyone else's update changes nothing).
+            if j.worker_id == w.pod_id {
+                self.check_job_storage(&w.endpoint_id, output.len(), false)
+                    .await?;
+            }
             self.store.set_job_progress(job, &w.pod_id, &output).await?;
             self.signal(&w.endpoint_id);
             return Ok(());
@@ -943,10 +949,14 @@ impl Engine {
             Some(e) => serde_json::to_string(e).unwrap_or_default(),
         };
         let mut output = output;
-        match self
-            .check_job_storage(&w.endpoint_id, output.len() + error.len(), false)
-            .await
-        {
+        let room = if j.worker_id == w.pod_id {
+            self.check_job_storage(&w.endpoint_id, output.len() + error.len(), false)
+                .await
+        } else {
+            // Not its holder: the end below refuses it.
+            Ok(())
+        };
+        match room {
             Ok(()) => {}
             // The job ends (its worker is not left retrying), without its result.
             Err(full @ EngineError::ResourceExhausted(_)) => {
@@ -1255,8 +1265,20 @@ impl Engine {
                 })
                 .collect()
         };
-        due.sort();
-        while !due.is_empty() {
+        // Who goes first among equals turns with each pass, so no endpoint of a tenant is
+        // always served last; and one pass makes at most the calls there were free slots for
+        // when it began (the rest wait for the next pass: the queue's clock is not held up).
+        let turn = self
+            .serverless
+            .webhook_turn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !due.is_empty() {
+            let k = turn % due.len();
+            due.rotate_left(k);
+        }
+        due.sort_by_key(|(busy, _, _)| *busy);
+        let mut budget = self.serverless.webhook_slots.available_permits();
+        while !due.is_empty() && budget > 0 {
             let mut left = Vec::with_capacity(due.len());
             for (n, tenant, ep) in due {
                 let full = lock(&self.serverless.webhooks_busy)
@@ -1269,9 +1291,13 @@ impl Engine {
                 let Ok(permit) = self.serverless.webhook_slots.clone().try_acquire_owned() else {
                     return Ok(());
                 };
+                if budget == 0 {
+                    break;
+                }
                 let Some(j) = self.store.take_webhooks(&ep, 1).await?.pop() else {
                     continue;
                 };
+                budget -= 1;
                 *lock(&self.serverless.webhooks_busy)
                     .entry(tenant.clone())
                     .or_default() += 1;
@@ -1416,9 +1442,17 @@ impl Engine {
                 )
                 .await?;
         }
-        self.store
+        let (_, dropped) = self
+            .store
             .delete_expired_jobs(now, now - WEBHOOK_GRACE_MS)
             .await?;
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "serverless: jobs forgotten with their webhooks never called (their tenants' \
+                 calls were all busy past the retention and its grace)"
+            );
+        }
         Ok(())
     }
 

@@ -172,6 +172,25 @@ pub fn size(
     Ok(())
 }
 
+/// Disk I/O limits: none below what keeps a disk usable (a limit of 1 operation a second
+/// would hang the guest's or container's file system), none past what a u64 of the kernel's
+/// and QEMU's interfaces holds sensibly. 0 (take it away) passes here; create stores none.
+pub fn disk_io(io: &gpuvisor_wire::DiskIo) -> Result<()> {
+    const MIN_IOPS: u64 = 10;
+    const MIN_BPS: u64 = 64 << 10;
+    const MAX: u64 = 1 << 50;
+    let check = |what: &str, v: Option<u64>, min: u64| match v {
+        Some(v) if v != 0 && !(min..=MAX).contains(&v) => Err(invalid(format!(
+            "{what} {v} is outside {min}..={MAX} (0 takes the limit away)"
+        ))),
+        _ => Ok(()),
+    };
+    check("disk read IOPS", io.read_iops, MIN_IOPS)?;
+    check("disk write IOPS", io.write_iops, MIN_IOPS)?;
+    check("disk read bytes/s", io.read_bps, MIN_BPS)?;
+    check("disk write bytes/s", io.write_bps, MIN_BPS)
+}
+
 pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
     if req.image.is_empty() {
         return Err(invalid("an image is required (see `gpuvisor image list`)"));
@@ -325,6 +344,7 @@ pub fn create(req: &CreateInstance, host: &HostLimits) -> Result<()> {
             )));
         }
     }
+    disk_io(&req.disk_io)?;
     if req
         .idle_timeout_secs
         .is_some_and(|t| t == 0 || t > MAX_IDLE_TIMEOUT_SECS)

@@ -107,6 +107,8 @@ macro_rules! job_cols {
 /// A job row's own weight in `bytes` (ids, times, states, the row's overhead), so that many
 /// tiny jobs count too.
 pub const JOB_ROW_OCTETS: i64 = 512;
+/// A stream chunk row's own weight (job id, sequence, the row's overhead), likewise.
+pub const CHUNK_ROW_OCTETS: i64 = 128;
 
 /// A text's size in the store, as the `bytes` column counts it.
 fn octets(s: &str) -> i64 {
@@ -417,9 +419,11 @@ impl Store {
         if n == 1 {
             sqlx::query(
                 "UPDATE endpoint_jobs SET bytes = bytes - (SELECT \
-                 CAST(COALESCE(SUM(OCTET_LENGTH(s.output)), 0) AS BIGINT) FROM endpoint_job_stream s \
-                 WHERE s.job_id = $1 AND s.seq > endpoint_jobs.stream_read) WHERE id = $2",
+                 CAST(COALESCE(SUM(OCTET_LENGTH(s.output) + $1), 0) AS BIGINT) \
+                 FROM endpoint_job_stream s \
+                 WHERE s.job_id = $2 AND s.seq > endpoint_jobs.stream_read) WHERE id = $3",
             )
+            .bind(CHUNK_ROW_OCTETS)
             .bind(id.to_string())
             .bind(id.to_string())
             .execute(&mut *tx)
@@ -561,24 +565,28 @@ impl Store {
     }
 
     /// Removes the queued (not yet running) jobs of an endpoint, with the stream chunks of
-    /// their earlier attempts; how many.
+    /// their earlier attempts; how many. The jobs go first (`RETURNING` names them), so a
+    /// requeue at the same moment either made its job queued before (it goes, chunks and
+    /// all) or after (it stays, with its chunks).
     pub async fn purge_queue(&self, endpoint_id: &str) -> Result<u64> {
         let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "DELETE FROM endpoint_job_stream WHERE job_id IN \
-             (SELECT id FROM endpoint_jobs WHERE endpoint_id = $1 AND state = 'IN_QUEUE')",
+        let gone: Vec<String> = sqlx::query(
+            "DELETE FROM endpoint_jobs WHERE endpoint_id = $1 AND state = 'IN_QUEUE' RETURNING id",
         )
         .bind(endpoint_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        let n =
-            sqlx::query("DELETE FROM endpoint_jobs WHERE endpoint_id = $1 AND state = 'IN_QUEUE'")
-                .bind(endpoint_id.to_string())
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get("id"))
+        .collect::<std::result::Result<_, _>>()?;
+        for id in &gone {
+            sqlx::query("DELETE FROM endpoint_job_stream WHERE job_id = $1")
+                .bind(id.clone())
                 .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                .await?;
+        }
         tx.commit().await?;
-        Ok(n)
+        Ok(gone.len() as u64)
     }
 
     /// Every running job, light.
@@ -619,13 +627,23 @@ impl Store {
 
     /// Forgets finished jobs past their retention; one whose webhook is still to be called
     /// is kept until `hooks_until` (the webhook is then given up); how many.
-    pub async fn delete_expired_jobs(&self, now: i64, hooks_until: i64) -> Result<u64> {
+    /// Answers (jobs forgotten, of them with a webhook never called).
+    pub async fn delete_expired_jobs(&self, now: i64, hooks_until: i64) -> Result<(u64, u64)> {
         macro_rules! gone {
             () => {
                 "expires_at > 0 AND expires_at < $1 AND (webhook_pending = 0 OR expires_at < $2)"
             };
         }
         let mut tx = self.begin_write().await?;
+        let dropped: i64 = sqlx::query(concat!(
+            "SELECT COUNT(*) AS n FROM endpoint_jobs WHERE webhook_pending = 1 AND ",
+            gone!()
+        ))
+        .bind(now)
+        .bind(hooks_until)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
         sqlx::query(concat!(
             "DELETE FROM endpoint_job_stream WHERE job_id IN (SELECT id FROM endpoint_jobs WHERE ",
             gone!(),
@@ -642,7 +660,7 @@ impl Store {
             .await?
             .rows_affected();
         tx.commit().await?;
-        Ok(n)
+        Ok((n, u64::try_from(dropped).unwrap_or(0)))
     }
 
     /// Per endpoint and state: the count, the oldest job and how many were retried.
@@ -749,7 +767,7 @@ impl Store {
             .await
             .map_err(StoreError::from_write)?;
             sqlx::query("UPDATE endpoint_jobs SET bytes = bytes + $1 WHERE id = $2")
-                .bind(len)
+                .bind(len + CHUNK_ROW_OCTETS)
                 .bind(job_id.to_string())
                 .execute(&mut *tx)
                 .await?;

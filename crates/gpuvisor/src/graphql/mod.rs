@@ -437,6 +437,7 @@ impl Mutation {
                     .map(|g| size("memoryInGb", g))
                     .transpose()?,
                 gpus: input.gpu_count,
+                disk_io: Default::default(),
                 restart: input.restart,
             };
             c.engine.scale_instance(&c.who, &input.id, &req).await

@@ -153,6 +153,50 @@ impl Monitor {
         Ok(out)
     }
 
+    /// Disk I/O limits on each of the guest's disks (the root disk and the volumes, not the
+    /// read-only cloud-init seed): `block_set_io_throttle` on every drive `query-block` lists
+    /// under those names. Unset limits are 0 (none) to QEMU.
+    pub fn throttle_disks(&mut self, io: &gpuvisor_wire::DiskIo) -> Result<Vec<String>, VmError> {
+        let drives: Vec<String> = self
+            .execute("query-block", &qmp::query_block {})?
+            .into_iter()
+            .map(|b| b.device)
+            .filter(|d| d == "root" || d.starts_with("vol"))
+            .collect();
+        let v = |x: Option<u64>| i64::try_from(x.unwrap_or(0)).unwrap_or(i64::MAX);
+        for d in &drives {
+            // `device`: the drive's name (`-drive id=`); our devices carry no qdev id, and
+            // QEMU 7.2 (Debian 12) still takes the drive name.
+            #[allow(deprecated)]
+            let t = qmp::BlockIOThrottle {
+                device: Some(d.clone()),
+                id: None,
+                group: None,
+                bps: 0,
+                bps_rd: v(io.read_bps),
+                bps_wr: v(io.write_bps),
+                iops: 0,
+                iops_rd: v(io.read_iops),
+                iops_wr: v(io.write_iops),
+                bps_max: None,
+                bps_max_length: None,
+                bps_rd_max: None,
+                bps_rd_max_length: None,
+                bps_wr_max: None,
+                bps_wr_max_length: None,
+                iops_max: None,
+                iops_max_length: None,
+                iops_rd_max: None,
+                iops_rd_max_length: None,
+                iops_size: None,
+                iops_wr_max: None,
+                iops_wr_max_length: None,
+            };
+            self.execute("block_set_io_throttle", &qmp::block_set_io_throttle(t))?;
+        }
+        Ok(drives)
+    }
+
     /// Whether the guest runs (`query-status`), and QEMU's run state.
     pub fn status(&mut self) -> Result<(bool, String), VmError> {
         let s = self.execute("query-status", &qmp::query_status {})?;

@@ -335,6 +335,9 @@ impl VmRuntime {
         let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
         let vcpus = mon.vcpus()?;
         qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, &plan.cpus)?;
+        if !plan.disk_io.is_unlimited() {
+            mon.throttle_disks(&plan.disk_io)?;
+        }
         // QEMU's own directory was for its VNC socket, now made: it may write nowhere else.
         std::os::unix::fs::chown(&run.own, Some(0), Some(0)).map_err(vio(&run.own))?;
         t.mark("vcpu_pin");
@@ -461,6 +464,18 @@ impl Runtime for VmRuntime {
             return Ok(());
         }
         self.provision_steps(node, plan, t).map_err(NodeError::from)
+    }
+
+    /// QEMU's throttling on the root disk and volume drives, over QMP.
+    fn set_disk_io(
+        &self,
+        _node: &Node,
+        id: &str,
+        io: &gpuvisor_wire::DiskIo,
+    ) -> Result<(), NodeError> {
+        let mut mon = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
+        mon.throttle_disks(io)?;
+        Ok(())
     }
 
     /// ACPI power button over QMP, up to `grace` for the guest to power off, then `quit`, then
