@@ -60,6 +60,9 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
         "256MiB",
         "--container-disk",
         "1GiB",
+        // Given to QEMU at start (high enough to change nothing here).
+        "--disk-iops",
+        "100000",
         "--wait",
     ]);
     assert_eq!(v["state"], "running", "{v}\n{}", d.log());
@@ -129,6 +132,35 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Disk I/O limits live (QEMU's throttling of the drive): 24 MiB read from a part of the
+    // disk the guest has not cached take about 6 s at 4 MiB/s (QEMU lets a tenth of a second
+    // through at once), and far less without a limit.
+    d.json(&["instance", "scale", &id, "--disk-bandwidth", "read=4MiB"]);
+    let read_rate = |skip: u32| -> f64 {
+        let (code, _, err) = d.exec(
+            &id,
+            &format!("time dd if=/dev/vda of=/dev/null bs=1M count=24 skip={skip}"),
+        );
+        assert_eq!(code, 0, "{err}");
+        let real = err
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("real"))
+            .unwrap_or_else(|| panic!("no time in {err}"));
+        // busybox: "real\t0m 3.01s"
+        let (m, s) = real.trim().trim_end_matches('s').split_once("m ").unwrap();
+        24.0 / (m.parse::<f64>().unwrap() * 60.0 + s.trim().parse::<f64>().unwrap())
+    };
+    let limited = read_rate(600);
+    eprintln!("VM root disk reads at a 4 MiB/s limit: {limited:.2} MiB/s");
+    assert!(
+        limited <= 4.4 && limited >= 2.0,
+        "reads at a 4 MiB/s limit ran at {limited:.2} MiB/s"
+    );
+    d.json(&["instance", "scale", &id, "--disk-bandwidth", "read=0"]);
+    let free = read_rate(700);
+    eprintln!("VM root disk reads without a limit: {free:.2} MiB/s");
+    assert!(free > 8.0, "reads without a limit ran at {free:.2} MiB/s");
+
     // exec goes through the guest agent, with the container CLI and API: output and status.
     let (code, out, err) = d.exec(&id, "echo from-the-guest; echo to-stderr >&2; exit 3");
     assert_eq!(
