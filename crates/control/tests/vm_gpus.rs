@@ -176,6 +176,7 @@ impl Host {
             limiter_lib: None,
             limiter_context_bytes: 0,
             limiter_over_quota: Default::default(),
+            manage_ksm: false,
         };
         let node = tokio::task::spawn_blocking(move || Node::open(cfg))
             .await

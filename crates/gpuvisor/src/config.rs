@@ -42,6 +42,9 @@ pub struct Config {
     /// boots).
     pub vm_kernel: Option<PathBuf>,
     pub vm_initrd: Option<PathBuf>,
+    /// The daemon runs KSM (`/sys/kernel/mm/ksm`) while VMs run and stops it when none do
+    /// (default true; false leaves KSM to the operator).
+    pub manage_ksm: bool,
     /// Bytes the limiter charges each process for its CUDA context (measure per GPU model).
     pub limiter_context_bytes: u64,
     /// What to do with an instance the driver shows over its VRAM quota: kill (default) or event.
@@ -473,6 +476,7 @@ impl Default for Config {
             admin_key_file: None,
             limiter_lib: None,
             vm_kernel: None,
+            manage_ksm: true,
             vm_initrd: None,
             limiter_context_bytes: 0,
             limiter_over_quota: Default::default(),
@@ -510,6 +514,7 @@ struct FileConfig {
     limiter_lib: Option<PathBuf>,
     vm_kernel: Option<PathBuf>,
     vm_initrd: Option<PathBuf>,
+    manage_ksm: Option<bool>,
     limiter_context_bytes: Option<String>,
     limiter_over_quota: Option<String>,
     placement_policy: Option<String>,
@@ -567,6 +572,9 @@ pub struct ConfigOverrides {
     /// Initrd going with --vm-kernel.
     #[arg(long, env = "GPUVISOR_VM_INITRD")]
     pub vm_initrd: Option<PathBuf>,
+    /// Whether the daemon runs KSM while VMs run (`false`: the operator's) [manage_ksm].
+    #[arg(long, value_name = "BOOL")]
+    pub manage_ksm: Option<bool>,
     /// An instance whose processes hold more GPU memory than its quota (NVML's count): kill its
     /// processes on that GPU and record an event (kill, the default), or only record it (event).
     #[arg(long)]
@@ -675,6 +683,9 @@ impl Config {
             if f.vm_initrd.is_some() {
                 c.vm_initrd = f.vm_initrd;
             }
+            if let Some(v) = f.manage_ksm {
+                c.manage_ksm = v;
+            }
             if let Some(v) = f.placement_policy {
                 c.placement_policy = v.parse()?;
             }
@@ -765,6 +776,9 @@ impl Config {
         }
         if o.vm_initrd.is_some() {
             c.vm_initrd = o.vm_initrd.clone();
+        }
+        if let Some(v) = o.manage_ksm {
+            c.manage_ksm = v;
         }
         if let Some(v) = &o.limiter_over_quota {
             c.limiter_over_quota = v.parse().map_err(anyhow::Error::msg)?;

@@ -54,6 +54,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limiter_lib: cfg.limiter_lib.clone(),
         limiter_context_bytes: cfg.limiter_context_bytes,
         limiter_over_quota: cfg.limiter_over_quota,
+        manage_ksm: cfg.manage_ksm,
     };
     let policy = gpuvisor_node::net::NetPolicy {
         prefix: cfg.network.prefix.clone(),

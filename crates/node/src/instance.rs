@@ -80,6 +80,8 @@ pub struct NodeConfig {
     /// What the daemon does to an instance whose processes hold more GPU memory than its quota
     /// (as the driver counts it per process: a bypass of the limiter).
     pub limiter_over_quota: crate::limiter::OverQuotaAction,
+    /// Whether the node runs KSM while VMs run ([`crate::ksm`]).
+    pub manage_ksm: bool,
 }
 
 /// Everything the engine decided for one instance.
@@ -150,6 +152,8 @@ pub struct Node {
     sys: Arc<dyn SysWriter + Send + Sync>,
     /// Instance log cap, disk reserve and relay binary ([`crate::logs`]).
     log_limits: LogLimits,
+    /// The host's KSM: tuned to the running VMs, read for `/metrics`.
+    pub ksm: crate::ksm::Ksm,
 }
 
 impl Node {
@@ -196,7 +200,9 @@ impl Node {
             None => tracing::warn!("libgpuvisor_limiter.so not found: fractional GPUs are refused"),
         }
         let limiters = Limiters::new(d, lib, cfg.limiter_context_bytes);
+        let ksm = crate::ksm::Ksm::new(&cfg.root, cfg.manage_ksm, cfg.data_dir.join("ksm-on"));
         Ok(Self {
+            ksm,
             cfg,
             gpu,
             gpus: std::sync::RwLock::new(gpus),

@@ -21,6 +21,7 @@ pub mod image;
 pub mod instance;
 pub mod ipam;
 pub mod keys;
+pub mod ksm;
 pub mod limiter;
 pub mod logs;
 pub mod mig;

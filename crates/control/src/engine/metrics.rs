@@ -215,8 +215,16 @@ impl Engine {
                 )
             })
             .collect();
+        // KSM runs while VMs run on this host, faster the more of them (`gpuvisor_node::ksm`).
+        let vms = running
+            .iter()
+            .filter(|i| i.runtime == gpuvisor_wire::RuntimeKind::Vm && !self.is_simulated(i))
+            .count();
         let node = self.node.clone();
-        let (sampler, sample) = tokio::task::spawn_blocking(move || {
+        let (sampler, sample, ksm) = tokio::task::spawn_blocking(move || {
+            if let Err(e) = node.ksm.tune(vms) {
+                tracing::warn!("KSM for {vms} VMs: {e}");
+            }
             for (id, gpus) in &fractional {
                 for (uuid, u) in gpus.iter().zip(node.limiters.usage(id).unwrap_or_default()) {
                     let l = loads.entry(uuid.clone()).or_default();
@@ -225,10 +233,11 @@ impl Engine {
                 }
             }
             let sample = sampler.sample(&node, &loads, &refs);
-            (sampler, sample)
+            (sampler, sample, node.ksm.stats())
         })
         .await
         .map_err(|e| EngineError::Internal(format!("telemetry sample: {e}")))?;
+        self.telemetry.set_ksm(ksm);
         let now = now_ms();
         let alarms = self.telemetry.ingest(now, sample, &inst_tenant);
         self.save_history().await;

@@ -163,6 +163,8 @@ struct State {
     slices: Vec<SliceMeta>,
     /// Time of the newest sample; only instances seen then are exported.
     newest: i64,
+    /// The host's KSM counters, where it has KSM.
+    ksm: Option<gpuvisor_node::ksm::KsmStats>,
 }
 
 #[derive(Debug, Default)]
@@ -423,6 +425,11 @@ impl Telemetry {
     }
 
     /// The host's MIG slices and who holds them, for `/metrics`.
+    /// The host's KSM counters for `/metrics` (`None`: no KSM on this host).
+    pub fn set_ksm(&self, ksm: Option<gpuvisor_node::ksm::KsmStats>) {
+        self.state().ksm = ksm;
+    }
+
     pub fn set_slices(&self, slices: Vec<SliceMeta>) {
         self.state().slices = slices;
     }
@@ -837,6 +844,34 @@ impl Telemetry {
                     ],
                     v,
                 );
+            }
+        }
+        if let Some(k) = st.ksm {
+            let host = [("Hostname", st.hostname.as_str())];
+            for (name, help, v) in [
+                (
+                    "gpuvisor_ksm_running",
+                    "Whether KSM runs (the daemon runs it while VMs run).",
+                    u64::from(k.running),
+                ),
+                (
+                    "gpuvisor_ksm_pages_shared",
+                    "Pages KSM keeps one copy of.",
+                    k.pages_shared,
+                ),
+                (
+                    "gpuvisor_ksm_pages_sharing",
+                    "Pages that share a page KSM keeps (what merging saved, in pages).",
+                    k.pages_sharing,
+                ),
+                (
+                    "gpuvisor_ksm_saved_bytes",
+                    "Memory KSM saved: pages sharing times the page size.",
+                    k.saved_bytes(),
+                ),
+            ] {
+                w.family(name, help, Kind::Gauge);
+                w.sample(name, &host, v as f64);
             }
         }
         w.finish()

@@ -200,8 +200,8 @@ impl VmSpec {
             s("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
             s("-machine"),
             // q35 for every VM (see the module header); the MMIO window for GPUs comes with
-            // the passthrough arguments.
-            s("q35"),
+            // the passthrough arguments. Guest RAM is mergeable (KSM, `crate::ksm`).
+            s("q35,mem-merge=on"),
             s("-accel"),
             match self.accel {
                 Accel::Kvm => s("kvm"),
@@ -863,7 +863,7 @@ mod tests {
     const GOLDEN: &str = "\
 -name gpuvisor-0123456789ab,debug-threads=on -nodefaults -no-user-config \
 -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
--machine q35 -accel tcg,tb-size=64 -cpu max -smp 2 -m 512M -no-reboot \
+-machine q35,mem-merge=on -accel tcg,tb-size=64 -cpu max -smp 2 -m 512M -no-reboot \
 -action panic=exit-failure -display none \
 -chardev socket,id=qmp,fd=10,server=on,wait=off -mon chardev=qmp,mode=control \
 -add-fd fd=13,set=1 -add-fd fd=14,set=1 -add-fd fd=17,set=2 \
