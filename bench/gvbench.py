@@ -55,6 +55,14 @@ def print_table(headers, rows, out=sys.stdout):
     out.flush()
 
 
+def finish(res, json_path):
+    """The closing lines every benchmark prints, and its raw results to `json_path` if given."""
+    print(f"machine: {res['machine']}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f)
+
+
 def machine():
     """One line describing the host: CPU model, cores, memory, kernel."""
     model = "?"

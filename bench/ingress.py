@@ -216,10 +216,7 @@ def main():
     delta = (i["rss_after_kib"] - i["rss_before_kib"]) / 1024
     print(f"\n{i['n']} idle TLS keep-alive connections: daemon RSS {i['rss_before_kib'] / 1024:.1f} → "
           f"{i['rss_after_kib'] / 1024:.1f} MiB (+{delta:.1f} MiB, {delta * 1024 * 1024 / i['n'] / 1024:.1f} KiB each)")
-    print(f"machine: {res['machine']}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f)
+    gb.finish(res, a.json)
 
 
 if __name__ == "__main__":

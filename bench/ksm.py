@@ -56,7 +56,7 @@ def main():
     ap.add_argument("-n", "--vms", type=int, default=10)
     ap.add_argument("--memory", default="256MiB")
     ap.add_argument("--settle", type=int, default=240, help="seconds to let KSM scan")
-    ap.add_argument("--data-dir", default="/tmp/gvbench-ksm")
+    ap.add_argument("--data-dir", default="/var/tmp/gvbench-ksm")
     ap.add_argument("--port", type=int, default=18791)
     ap.add_argument("--log", default="/tmp/gvbench-ksm.log")
     ap.add_argument("--json")
@@ -124,10 +124,7 @@ def main():
         ["PSS vs N x one VM", f"{100 * last['pss_kib'] / n_one:.0f} %"],
     ])
     print("\n".join(res["metrics_ksm"]))
-    print(f"machine: {res['machine']}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f)
+    gb.finish(res, a.json)
 
 
 if __name__ == "__main__":
