@@ -127,32 +127,12 @@ pub fn format_cpus(cpus: &[u32]) -> String {
     gpuvisor_wire::format_cpu_list(cpus)
 }
 
-/// Disk I/O limits per disk, e.g. `read 100 IOPS, 50MiB/s; write 20MiB/s`, or `-`.
+/// Disk I/O limits per disk, e.g. `read 100 IOPS, 50MiB/s; write 20MiB/s (each disk)`, or `-`.
 pub fn format_disk_io(io: &gpuvisor_wire::DiskIo) -> String {
-    let side = |iops: Option<u64>, bps: Option<u64>| {
-        let mut parts = Vec::new();
-        if let Some(n) = iops {
-            parts.push(format!("{n} IOPS"));
-        }
-        if let Some(b) = bps {
-            parts.push(format!("{}/s", format_size(b)));
-        }
-        parts.join(", ")
-    };
-    let mut out = Vec::new();
-    for (name, iops, bps) in [
-        ("read", io.read_iops, io.read_bps),
-        ("write", io.write_iops, io.write_bps),
-    ] {
-        let s = side(iops, bps);
-        if !s.is_empty() {
-            out.push(format!("{name} {s}"));
-        }
-    }
-    if out.is_empty() {
+    if io.is_unlimited() {
         "-".into()
     } else {
-        format!("{} (each disk)", out.join("; "))
+        format!("{io} (each disk)")
     }
 }
 

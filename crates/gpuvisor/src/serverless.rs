@@ -293,9 +293,9 @@ async fn post_result(
             }
         };
         if partial {
-            st.engine.worker_stream(&w, job, &bytes).await
+            st.engine.worker_stream(&w, &tenant, job, &bytes).await
         } else {
-            st.engine.worker_done(&w, job, &bytes).await
+            st.engine.worker_done(&w, &tenant, job, &bytes).await
         }
     }
     .await;

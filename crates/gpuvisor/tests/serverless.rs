@@ -124,16 +124,10 @@ impl Fixture {
             worker_port,
         };
         for (name, handler, conc) in [("echo", "echo", "16"), ("streamer", "stream", "1")] {
-            f.d.json_as(
+            f.template(
                 &f.acme,
+                name,
                 &[
-                    "template",
-                    "create",
-                    name,
-                    "--image",
-                    "runpod-worker",
-                    "--memory",
-                    "384MiB",
                     "--env",
                     &format!("HANDLER={handler}"),
                     "--env",
@@ -142,6 +136,21 @@ impl Fixture {
             );
         }
         f
+    }
+
+    /// A template of `key`'s tenant running the worker image (384 MiB), with `extra` flags.
+    fn template(&self, key: &str, name: &str, extra: &[&str]) {
+        let mut a = vec![
+            "template",
+            "create",
+            name,
+            "--image",
+            "runpod-worker",
+            "--memory",
+            "384MiB",
+        ];
+        a.extend(extra);
+        self.d.json_as(key, &a);
     }
 
     fn endpoint(&self, name: &str, extra: &[&str]) -> String {
@@ -514,21 +523,8 @@ fn big_input(kib: usize) -> std::path::PathBuf {
 /// why, and is not kept.
 fn job_storage_cap(f: &Fixture) {
     let k = f.other.as_str();
-    for (name, cmd) in [("hold", "/nonexistent"), ("echo1", "")] {
-        let mut a = vec![
-            "template",
-            "create",
-            name,
-            "--image",
-            "runpod-worker",
-            "--memory",
-            "384MiB",
-        ];
-        if !cmd.is_empty() {
-            a.extend(["--", cmd]);
-        }
-        f.d.json_as(k, &a);
-    }
+    f.template(k, "hold", &["--", "/nonexistent"]);
+    f.template(k, "echo1", &[]);
     let endpoint = |name: &str, template: &str| {
         f.d.json_as(
             k,

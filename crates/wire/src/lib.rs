@@ -447,19 +447,34 @@ pub struct DiskIo {
     pub write_bps: Option<u64>,
 }
 
+/// `read 200 IOPS, 50MiB/s; write 8MiB/s`, or `none`.
+impl std::fmt::Display for DiskIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut sides = Vec::new();
+        for (name, iops, bps) in [
+            ("read", self.read_iops, self.read_bps),
+            ("write", self.write_iops, self.write_bps),
+        ] {
+            let parts: Vec<String> = iops
+                .map(|n| format!("{n} IOPS"))
+                .into_iter()
+                .chain(bps.map(|b| format!("{}/s", format_size(b))))
+                .collect();
+            if !parts.is_empty() {
+                sides.push(format!("{name} {}", parts.join(", ")));
+            }
+        }
+        if sides.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&sides.join("; "))
+        }
+    }
+}
+
 impl DiskIo {
     pub fn is_unlimited(&self) -> bool {
-        self.fields().iter().all(Option::is_none)
-    }
-
-    /// `[read_iops, write_iops, read_bps, write_bps]`.
-    pub fn fields(&self) -> [Option<u64>; 4] {
-        [
-            self.read_iops,
-            self.write_iops,
-            self.read_bps,
-            self.write_bps,
-        ]
+        *self == DiskIo::default()
     }
 
     /// These limits with `change`'s set fields applied: a value replaces, 0 takes away.

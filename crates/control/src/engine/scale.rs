@@ -161,11 +161,7 @@ impl Engine {
         self.event(
             &next.id,
             "scaled",
-            format!(
-                "disk I/O limits {} -> {}",
-                describe_io(&before),
-                describe_io(&io)
-            ),
+            format!("disk I/O limits {before} -> {io}"),
         )
         .await;
         Ok(next)
@@ -435,20 +431,6 @@ fn way(row: &InstanceRow, size: Size, restart: bool) -> Result<Way> {
             row.id
         ))),
     }
-}
-
-/// Disk I/O limits in words, for events.
-fn describe_io(io: &wire::DiskIo) -> String {
-    if io.is_unlimited() {
-        return "none".into();
-    }
-    let names = ["read IOPS", "write IOPS", "read B/s", "write B/s"];
-    names
-        .iter()
-        .zip(io.fields())
-        .filter_map(|(n, v)| v.map(|v| format!("{n} {v}")))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The event's text: what changed, and how.

@@ -381,20 +381,15 @@ impl Engine {
         })
     }
 
-    /// Refuses `more` octets of job data for the tenant owning `endpoint_id` when its jobs
+    /// Refuses `more` octets of job data for tenant `tenant_id` when its jobs
     /// would keep more than `job_bytes_per_tenant` in the store; new jobs (`input`) only up to
     /// three quarters of it, so that a full queue leaves room for the results of the jobs
     /// running. Checked before the write: requests at the same moment may each pass it by
     /// their own size (a job's input, result or chunk: at most 20 MiB each).
-    async fn check_job_storage(&self, endpoint_id: &str, more: usize, input: bool) -> Result<()> {
+    async fn check_job_storage(&self, tenant_id: &str, more: usize, input: bool) -> Result<()> {
         let all = self.serverless_settings()?.job_bytes_per_tenant;
         let cap = if input { all / 4 * 3 } else { all };
-        let Some(e) = self.store.endpoint(endpoint_id).await? else {
-            return Err(EngineError::NotFound(format!(
-                "endpoint {endpoint_id:?} not found"
-            )));
-        };
-        let held = self.store.tenant_job_bytes(&e.tenant_id).await?;
+        let held = self.store.tenant_job_bytes(tenant_id).await?;
         if held.saturating_add(more as u64) > cap {
             return Err(EngineError::ResourceExhausted(format!(
                 "the jobs of this tenant's endpoints keep {} KiB in the store and {} KiB more \
@@ -609,7 +604,7 @@ impl Engine {
             )));
         }
         let kept = input.len() + webhook_len(req) + crate::store::JOB_ROW_OCTETS as usize;
-        self.check_job_storage(&e.id, kept, true).await?;
+        self.check_job_storage(&e.tenant_id, kept, true).await?;
         if self.store.queued_jobs(&e.id).await? >= MAX_QUEUED {
             return Err(EngineError::ResourceExhausted(format!(
                 "endpoint {} has {MAX_QUEUED} jobs waiting: try again later",
@@ -908,7 +903,13 @@ impl Engine {
     }
 
     /// `job-done`: a job's result (or a progress update, which ends nothing).
-    pub async fn worker_done(&self, w: &WorkerRow, job: &str, body: &[u8]) -> Result<()> {
+    pub async fn worker_done(
+        &self,
+        w: &WorkerRow,
+        tenant: &str,
+        job: &str,
+        body: &[u8],
+    ) -> Result<()> {
         if body.len() > MAX_OUTPUT_BYTES {
             return Err(EngineError::PayloadTooLarge(format!(
                 "a result may be at most {} MiB",
@@ -936,8 +937,7 @@ impl Engine {
             }
             // The store's sum only for the job's holder (anyone else's update changes nothing).
             if j.worker_id == w.pod_id {
-                self.check_job_storage(&w.endpoint_id, output.len(), false)
-                    .await?;
+                self.check_job_storage(tenant, output.len(), false).await?;
             }
             self.store.set_job_progress(job, &w.pod_id, &output).await?;
             self.signal(&w.endpoint_id);
@@ -950,7 +950,7 @@ impl Engine {
         };
         let mut output = output;
         let room = if j.worker_id == w.pod_id {
-            self.check_job_storage(&w.endpoint_id, output.len() + error.len(), false)
+            self.check_job_storage(tenant, output.len() + error.len(), false)
                 .await
         } else {
             // Not its holder: the end below refuses it.
@@ -1000,7 +1000,13 @@ impl Engine {
     }
 
     /// `job-stream`: one partial output of a running job.
-    pub async fn worker_stream(&self, w: &WorkerRow, job: &str, body: &[u8]) -> Result<()> {
+    pub async fn worker_stream(
+        &self,
+        w: &WorkerRow,
+        tenant: &str,
+        job: &str,
+        body: &[u8],
+    ) -> Result<()> {
         if body.len() > MAX_CHUNK_BYTES {
             return Err(EngineError::PayloadTooLarge(format!(
                 "a stream chunk may be at most {} MiB",
@@ -1011,8 +1017,7 @@ impl Engine {
             .map_err(|e| invalid(format!("a stream chunk must be JSON: {e}")))?;
         let output =
             serde_json::to_string(v.get("output").unwrap_or(&Value::Null)).unwrap_or_default();
-        self.check_job_storage(&w.endpoint_id, output.len(), false)
-            .await?;
+        self.check_job_storage(tenant, output.len(), false).await?;
         let appended = self
             .store
             .append_stream(job, &w.pod_id, &output, MAX_CHUNKS)

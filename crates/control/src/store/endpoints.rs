@@ -382,7 +382,7 @@ impl Store {
         now: i64,
         expires_at: i64,
     ) -> Result<bool> {
-        self.end_job(id, "", state, output, error, now, expires_at)
+        self.finish_job_by(id, "", state, output, error, now, expires_at)
             .await
     }
 
@@ -442,25 +442,10 @@ impl Store {
     }
 
     /// Ends a job with a worker's result: only the worker holding it, or the last one to have
-    /// held it while it waits in the queue again (its lost lease's result still counts).
+    /// held it while it waits in the queue again (its lost lease's result still counts); ''
+    /// for anyone ([`Store::finish_job`]). From a live state only: the first end wins.
     #[allow(clippy::too_many_arguments)]
     pub async fn finish_job_by(
-        &self,
-        id: &str,
-        worker_id: &str,
-        state: JobState,
-        output: &str,
-        error: &str,
-        now: i64,
-        expires_at: i64,
-    ) -> Result<bool> {
-        self.end_job(id, worker_id, state, output, error, now, expires_at)
-            .await
-    }
-
-    /// The one end of a job: from a live state only, and by `worker_id` ('' = anyone).
-    #[allow(clippy::too_many_arguments)]
-    async fn end_job(
         &self,
         id: &str,
         worker_id: &str,
