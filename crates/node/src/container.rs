@@ -93,7 +93,13 @@ impl ContainerRuntime {
                 (r, t0.elapsed())
             });
             let t0 = Instant::now();
-            let root = node.disks.provision_root(id, plan.disk_size, &layers);
+            let base = plan
+                .from_snapshot
+                .as_ref()
+                .map(|s| s.dir.join(crate::snapshot::DISK));
+            let root = node
+                .disks
+                .provision_root_from(id, plan.disk_size, &layers, base.as_deref());
             let disk_time = t0.elapsed();
             (net.join(), root, disk_time)
         });
@@ -351,6 +357,51 @@ impl Runtime for ContainerRuntime {
             );
         }
         Ok(ids)
+    }
+
+    /// The container disk (the overlay's upper layer) and the volumes, frozen together
+    /// (`FIFREEZE`: writers wait) while they are copied. No process state: a container's
+    /// snapshot is its disks.
+    fn snapshot(
+        &self,
+        node: &Node,
+        id: &str,
+        req: &crate::snapshot::SnapshotRequest,
+    ) -> Result<crate::snapshot::SnapshotMeta, NodeError> {
+        use crate::snapshot::{sparse_copy, volume_file, Frozen, SnapshotMeta, DISK};
+        if req.memory {
+            return Err(NodeError::Unsupported {
+                kind: RuntimeKind::Container,
+                what: "saving the running state (--memory: a container's snapshot holds its disk and volumes, not its processes)".into(),
+            });
+        }
+        let image = node.disks.disk_image(id);
+        let size = std::fs::metadata(&image).map_err(io(&image))?.len();
+        let mut mounts = vec![node.disks.disk_mount(id)];
+        mounts.extend(req.volumes.iter().map(|n| node.disks.volume_mount(id, n)));
+        let frozen = Frozen::freeze(&mounts).map_err(io(&mounts[0]))?;
+        let dst = req.dir.join(DISK);
+        sparse_copy(&image, &dst).map_err(io(&dst))?;
+        for name in &req.volumes {
+            let (src, dst) = (
+                node.disks.volume_image(&req.tenant, name),
+                req.dir.join(volume_file(name)),
+            );
+            sparse_copy(&src, &dst).map_err(io(&dst))?;
+        }
+        drop(frozen);
+        Ok(SnapshotMeta {
+            runtime: RuntimeKind::Container,
+            disk_size: size,
+            volumes: req.volumes.clone(),
+            memory: false,
+            consistency: "filesystem freeze".into(),
+            cmdline: None,
+            initrd: false,
+            vcpus: req.vcpus,
+            memory_bytes: req.memory_bytes,
+            bytes: 0,
+        })
     }
 
     /// `runc update`: the container's cgroup (cpuset, memory and memory+swap limits) is

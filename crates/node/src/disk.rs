@@ -337,6 +337,53 @@ impl Disks {
         self.data_dir.join("instances").join(id)
     }
 
+    /// Where instance `id`'s container disk is mounted.
+    pub fn disk_mount(&self, id: &str) -> PathBuf {
+        self.instance_dir(id).join("disk")
+    }
+
+    /// Where volume `name` is mounted for instance `id`.
+    pub fn volume_mount(&self, id: &str, name: &str) -> PathBuf {
+        self.instance_dir(id).join("volumes").join(name)
+    }
+
+    /// Replaces the content of `tenant`'s volume `name` with a copy of `src` (a snapshot's
+    /// image of it, the same size), whole or not at all. Refused while the volume is attached.
+    pub fn replace_volume_image(
+        &self,
+        tenant: &str,
+        name: &str,
+        src: &Path,
+    ) -> Result<(), DiskError> {
+        check_name("tenant id", tenant)?;
+        check_name("volume name", name)?;
+        let l = self.layout(false)?;
+        let image = l.volume_image(tenant, name);
+        let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::fs::metadata(&image).map_err(|e| {
+            if e.kind() == ErrorKind::NotFound {
+                DiskError::VolumeNotFound {
+                    tenant: tenant.to_string(),
+                    name: name.to_string(),
+                }
+            } else {
+                io_err(&image)(e)
+            }
+        })?;
+        let have = std::fs::metadata(src).map_err(io_err(src))?.len();
+        if have != now.len() {
+            return Err(DiskError::SizeMismatch {
+                path: image,
+                existing: now.len(),
+                requested: have,
+            });
+        }
+        refuse_if_in_use(&image)?;
+        crate::snapshot::replace_with_copy(src, &image).map_err(io_err(&image))?;
+        tracing::info!(tenant, name, from = %src.display(), "volume restored");
+        Ok(())
+    }
+
     /// `<data>/volumes/<tenant>/<name>.img`.
     pub fn volume_image(&self, tenant: &str, name: &str) -> PathBuf {
         self.data_dir
@@ -377,6 +424,18 @@ impl Disks {
         id: &str,
         size: u64,
         layers_top_first: &[PathBuf],
+    ) -> Result<InstanceRoot, DiskError> {
+        self.provision_root_from(id, size, layers_top_first, None)
+    }
+
+    /// [`Disks::provision_root`] whose new disk is a copy of `base` (a snapshot's disk, of
+    /// exactly `size` bytes) instead of an empty one.
+    pub fn provision_root_from(
+        &self,
+        id: &str,
+        size: u64,
+        layers_top_first: &[PathBuf],
+        base: Option<&Path>,
     ) -> Result<InstanceRoot, DiskError> {
         check_id(id)?;
         let size = checked_size(size)?;
@@ -427,9 +486,20 @@ impl Disks {
                         requested: size,
                     })
                 }
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    self.new_disk_image(&l, &image, size)?
-                }
+                Err(e) if e.kind() == ErrorKind::NotFound => match base {
+                    None => self.new_disk_image(&l, &image, size)?,
+                    Some(base) => {
+                        let have = std::fs::metadata(base).map_err(io_err(base))?.len();
+                        if have != size {
+                            return Err(DiskError::SizeMismatch {
+                                path: base.to_path_buf(),
+                                existing: have,
+                                requested: size,
+                            });
+                        }
+                        crate::snapshot::replace_with_copy(base, &image).map_err(io_err(&image))?
+                    }
+                },
                 Err(e) => return Err(io_err(&image)(e)),
             }
             t_image = t0.elapsed();

@@ -118,6 +118,9 @@ pub struct InstancePlan {
     pub startup_script: Option<String>,
     /// VMs: packages cloud-init installs at first boot.
     pub packages: Vec<String>,
+    /// Restored or cloned: the new disks are copies of this snapshot's (and a VM may resume
+    /// its saved running state).
+    pub from_snapshot: Option<crate::snapshot::SnapshotSource>,
 }
 
 /// What one limiter sample found (see [`Node::sample_limiters`]).
@@ -179,6 +182,7 @@ impl Node {
         let images = ImageStore::open(d.join("images"))?;
         let disks = Disks::new(d.clone()).with_pool(crate::disk::POOL_DEPTH);
         disks.open_pool()?;
+        crate::snapshot::thaw_instance_mounts(&disks);
         let net = Network::new(NetConfig {
             plan: cfg.net_plan,
             nat: cfg.nat,

@@ -32,6 +32,7 @@ pub mod registry;
 pub mod rootfs;
 pub mod runtime;
 pub mod seccomp;
+pub mod snapshot;
 pub mod telemetry;
 #[cfg(any(test, feature = "testfx"))]
 pub mod testfx;

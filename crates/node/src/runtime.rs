@@ -141,6 +141,20 @@ pub trait Runtime: Send + Sync {
         })
     }
 
+    /// Saves the running instance's disks (and, asked, its running state) into `req.dir`
+    /// ([`crate::snapshot`]) and says what was saved. Runtimes that cannot refuse.
+    fn snapshot(
+        &self,
+        _node: &Node,
+        _id: &str,
+        _req: &crate::snapshot::SnapshotRequest,
+    ) -> Result<crate::snapshot::SnapshotMeta, NodeError> {
+        Err(NodeError::Unsupported {
+            kind: self.kind(),
+            what: "snapshots".into(),
+        })
+    }
+
     /// The unix socket of the instance's interactive console (a VM's serial port), for
     /// `instance console`. Runtimes without one refuse.
     fn console(&self, _node: &Node, _id: &str) -> Result<PathBuf, NodeError> {

@@ -16,6 +16,7 @@
 use super::VmError;
 use qapi::{qga, qmp, Qmp};
 use std::io::{BufReader, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -224,6 +225,280 @@ impl Monitor {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Runs `c` with descriptor `fd` passed alongside (`SCM_RIGHTS` on the command's first
+    /// bytes), for `add-fd` and `getfd`. QEMU gets its own copy; ours stays open.
+    fn execute_with_fd<C: qapi::Command>(
+        &mut self,
+        name: &str,
+        c: &C,
+        fd: RawFd,
+    ) -> Result<C::Ok, VmError> {
+        let read = Bounded {
+            stream: &self.stream,
+            left: MAX_QMP_CALL_BYTES,
+            deadline: Instant::now() + QMP_CALL_DEADLINE,
+        };
+        let write = FdWriter {
+            stream: &self.stream,
+            fd: Some(fd),
+        };
+        let mut q = Qmp::new(qapi::Stream::new(BufReader::new(read), write));
+        q.execute(c).map_err(|e| command_error(name, e))
+    }
+
+    /// Adds `fd` to QEMU's descriptor set `fdset` (`add-fd`): QEMU opens `/dev/fdset/<fdset>`
+    /// from it, never a path of ours.
+    pub fn add_fd(&mut self, fdset: i64, fd: RawFd) -> Result<(), VmError> {
+        let c = qmp::add_fd {
+            fdset_id: Some(fdset),
+            opaque: None,
+        };
+        self.execute_with_fd("add-fd", &c, fd).map(drop)
+    }
+
+    /// Drops descriptor set `fdset` (`remove-fd`): QEMU closes its copies once unused.
+    pub fn remove_fd(&mut self, fdset: i64) -> Result<(), VmError> {
+        self.execute(
+            "remove-fd",
+            &qmp::remove_fd {
+                fd: None,
+                fdset_id: fdset,
+            },
+        )
+        .map(drop)
+    }
+
+    /// Gives QEMU `fd` under `name` (`getfd`), for a migration URI `fd:<name>`.
+    pub fn getfd(&mut self, name: &str, fd: RawFd) -> Result<(), VmError> {
+        let c = qmp::getfd {
+            fdname: name.to_string(),
+        };
+        self.execute_with_fd("getfd", &c, fd).map(drop)
+    }
+
+    /// Opens `/dev/fdset/<fdset>` as block node `node` of `driver` (qcow2: its backing file
+    /// left closed; a backup target only takes writes).
+    pub fn blockdev_add_fdset(
+        &mut self,
+        node: &str,
+        qcow2: bool,
+        fdset: i64,
+    ) -> Result<(), VmError> {
+        let file = qmp::BlockdevRef::definition(Box::new(qmp::BlockdevOptions::file {
+            base: block_base(None),
+            file: qmp::BlockdevOptionsFile {
+                aio: None,
+                aio_max_batch: None,
+                drop_cache: None,
+                locking: Some(qmp::OnOffAuto::off),
+                pr_manager: None,
+                x_check_cache_dropped: None,
+                filename: format!("/dev/fdset/{fdset}"),
+            },
+        }));
+        let base = block_base(Some(node.to_string()));
+        let generic = qmp::BlockdevOptionsGenericFormat { file };
+        let opts = if qcow2 {
+            qmp::BlockdevOptions::qcow2 {
+                base,
+                qcow2: qmp::BlockdevOptionsQcow2::from(qmp::BlockdevOptionsGenericCOWFormat {
+                    base: generic,
+                    backing: Some(qmp::BlockdevRefOrNull::null(())),
+                }),
+            }
+        } else {
+            qmp::BlockdevOptions::raw {
+                base,
+                raw: qmp::BlockdevOptionsRaw {
+                    base: generic,
+                    offset: None,
+                    size: None,
+                },
+            }
+        };
+        self.execute("blockdev-add", &qmp::blockdev_add(opts))
+            .map(drop)
+    }
+
+    /// Removes block node `node` (`blockdev-del`).
+    pub fn blockdev_del(&mut self, node: &str) -> Result<(), VmError> {
+        self.execute(
+            "blockdev-del",
+            &qmp::blockdev_del {
+                node_name: node.to_string(),
+            },
+        )
+        .map(drop)
+    }
+
+    /// Starts one backup job per `(drive, target node, whole)` in one transaction: every
+    /// copy is of the same instant (copy-before-write from then on). `whole`: the whole disk
+    /// (`full`), else what the drive's top image holds (`top`). Jobs are named after their
+    /// target and stay listed until dismissed ([`Monitor::jobs`]).
+    pub fn backup(&mut self, jobs: &[(String, String, bool)]) -> Result<(), VmError> {
+        let actions = jobs
+            .iter()
+            .map(|(drive, target, whole)| {
+                qmp::TransactionAction::blockdev_backup(qmp::BlockdevBackupWrapper {
+                    data: qmp::BlockdevBackup {
+                        base: qmp::BackupCommon {
+                            auto_dismiss: Some(false),
+                            auto_finalize: None,
+                            bitmap: None,
+                            bitmap_mode: None,
+                            compress: None,
+                            discard_source: None,
+                            filter_node_name: None,
+                            job_id: Some(target.clone()),
+                            on_source_error: None,
+                            on_target_error: None,
+                            speed: None,
+                            x_perf: None,
+                            device: drive.clone(),
+                            sync: if *whole {
+                                qmp::MirrorSyncMode::full
+                            } else {
+                                qmp::MirrorSyncMode::top
+                            },
+                        },
+                        target: target.clone(),
+                    },
+                })
+            })
+            .collect();
+        self.execute(
+            "transaction",
+            &qmp::transaction {
+                properties: None,
+                actions,
+            },
+        )
+        .map(drop)
+    }
+
+    /// The block jobs: (id, concluded, error).
+    pub fn jobs(&mut self) -> Result<Vec<(String, bool, Option<String>)>, VmError> {
+        Ok(self
+            .execute("query-jobs", &qmp::query_jobs {})?
+            .into_iter()
+            .map(|j| {
+                let done = matches!(j.status, qmp::JobStatus::concluded | qmp::JobStatus::null);
+                (j.id, done, j.error)
+            })
+            .collect())
+    }
+
+    /// Removes a concluded job (`job-dismiss`).
+    pub fn job_dismiss(&mut self, id: &str) -> Result<(), VmError> {
+        self.execute("job-dismiss", &qmp::job_dismiss { id: id.to_string() })
+            .map(drop)
+    }
+
+    /// Cancels a job (`job-cancel`).
+    pub fn job_cancel(&mut self, id: &str) -> Result<(), VmError> {
+        self.execute("job-cancel", &qmp::job_cancel { id: id.to_string() })
+            .map(drop)
+    }
+
+    /// Starts a migration to `uri` (`migrate`); it runs on in QEMU ([`Monitor::migration`]).
+    pub fn migrate(&mut self, uri: &str) -> Result<(), VmError> {
+        self.execute(
+            "migrate",
+            &qmp::migrate {
+                channels: None,
+                detach: None,
+                resume: None,
+                uri: Some(uri.to_string()),
+            },
+        )
+        .map(drop)
+    }
+
+    /// Starts an incoming migration from `uri` (`migrate-incoming`, QEMU started with
+    /// `-incoming defer`).
+    pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), VmError> {
+        self.execute(
+            "migrate-incoming",
+            &qmp::migrate_incoming {
+                channels: None,
+                exit_on_error: None,
+                uri: Some(uri.to_string()),
+            },
+        )
+        .map(drop)
+    }
+
+    /// The migration's state (`query-migrate`): status (`active`, `completed`, `failed`, ...),
+    /// its error, and the guest's downtime in ms once completed.
+    pub fn migration(&mut self) -> Result<(String, Option<String>, Option<i64>), VmError> {
+        let m = self.execute("query-migrate", &qmp::query_migrate {})?;
+        let status = m
+            .status
+            .map(|s| qapi::Enum::name(&s).to_string())
+            .unwrap_or_else(|| "none".into());
+        Ok((status, m.error_desc, m.downtime))
+    }
+
+    /// Cancels a migration (`migrate_cancel`).
+    pub fn migrate_cancel(&mut self) -> Result<(), VmError> {
+        self.execute("migrate_cancel", &qmp::migrate_cancel {})
+            .map(drop)
+    }
+
+    /// Pauses the guest's vCPUs (`stop`).
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        self.execute("stop", &qmp::stop {}).map(drop)
+    }
+
+    /// Resumes the guest (`cont`).
+    pub fn resume(&mut self) -> Result<(), VmError> {
+        self.execute("cont", &qmp::cont {}).map(drop)
+    }
+}
+
+fn block_base(node_name: Option<String>) -> qmp::BlockdevOptionsBase {
+    qmp::BlockdevOptionsBase {
+        auto_read_only: None,
+        cache: None,
+        detect_zeroes: None,
+        discard: None,
+        force_share: None,
+        node_name,
+        read_only: None,
+    }
+}
+
+/// QMP's write side for a command that passes a descriptor: its first write goes out by
+/// `sendmsg` with the descriptor attached.
+struct FdWriter<'a> {
+    stream: &'a UnixStream,
+    fd: Option<RawFd>,
+}
+
+impl Write for FdWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.fd.take() {
+            Some(fd) => {
+                use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+                let fds = [fd];
+                let iov = [std::io::IoSlice::new(buf)];
+                sendmsg::<()>(
+                    self.stream.as_raw_fd(),
+                    &iov,
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            }
+            None => (&*self.stream).write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -442,6 +717,16 @@ impl Agent {
             (Some(r), None) => Ok(r),
             (None, None) => Err(agent_err(name, "reply without a result")),
         }
+    }
+
+    /// Freezes the guest's filesystems (`guest-fsfreeze-freeze`); how many it froze.
+    pub fn fsfreeze(&mut self) -> Result<i64, VmError> {
+        self.execute("guest-fsfreeze-freeze", &qga::guest_fsfreeze_freeze {})
+    }
+
+    /// Thaws them (`guest-fsfreeze-thaw`).
+    pub fn fsthaw(&mut self) -> Result<i64, VmError> {
+        self.execute("guest-fsfreeze-thaw", &qga::guest_fsfreeze_thaw {})
     }
 
     /// Starts `path args` in the guest with its output captured; returns the guest pid.
