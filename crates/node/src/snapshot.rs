@@ -102,21 +102,11 @@ pub struct SnapshotSource {
     pub memory: bool,
 }
 
-impl SnapshotSource {
-    pub fn meta(&self) -> Result<SnapshotMeta, NodeError> {
-        read_meta(&self.dir)
-    }
-}
-
-fn read_meta(dir: &Path) -> Result<SnapshotMeta, NodeError> {
-    let path = dir.join(META);
-    let text = fs::read(&path).map_err(io(&path))?;
-    serde_json::from_slice(&text).map_err(|e| {
-        io(&path)(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            e.to_string(),
-        ))
-    })
+/// A snapshot's `snapshot.json`.
+pub fn read_meta(dir: &Path) -> std::io::Result<SnapshotMeta> {
+    let text = fs::read(dir.join(META))?;
+    serde_json::from_slice(&text)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
 /// A snapshot id: 1-64 lowercase hex digits (it names a directory).
@@ -383,7 +373,8 @@ impl Node {
 
     /// What snapshot `sid` holds.
     pub fn snapshot_meta(&self, sid: &str) -> Result<SnapshotMeta, NodeError> {
-        read_meta(&self.snapshot_dir(sid)?)
+        let dir = self.snapshot_dir(sid)?;
+        read_meta(&dir).map_err(io(&dir))
     }
 
     /// Deletes snapshot `sid`'s files (nothing when there are none).

@@ -13,6 +13,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod runtime;
 pub mod seed;
+pub mod snapshot;
 pub mod template;
 
 use std::path::PathBuf;

@@ -121,6 +121,72 @@ pub fn virtual_size(path: &Path) -> io::Result<u64> {
     Ok(u64::from_be_bytes(size))
 }
 
+/// Points the qcow2 image at `path` to another backing file name, `backing` (a raw image):
+/// the header's name and its length only, nothing else (QEMU's `rebase -u`). Only right when
+/// the new backing holds the same bytes as the old (here: another hard link of the same
+/// template base).
+pub fn set_backing(path: &Path, backing: &Path) -> io::Result<()> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    let name = backing.to_str().filter(|n| !n.is_empty() && n.len() <= MAX_BACKING_NAME && !n.contains('\0')).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("backing path {} is not a usable name", backing.display()),
+        )
+    })?;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut h = [0u8; 32];
+    f.read_exact_at(&mut h, 0)?;
+    if &h[..4] != b"QFI\xfb" {
+        return Err(invalid(format!("{} is not a qcow2 image", path.display())));
+    }
+    let be64 = |b: &[u8]| {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(b);
+        u64::from_be_bytes(x)
+    };
+    let offset = be64(&h[8..16]);
+    let bits = u32::from_be_bytes([h[20], h[21], h[22], h[23]]);
+    if offset == 0 || !(9..=21).contains(&bits) {
+        return Err(invalid(format!(
+            "{} has no backing file name to change",
+            path.display()
+        )));
+    }
+    if offset + name.len() as u64 > 1u64 << bits {
+        return Err(invalid(format!(
+            "{}: the new backing name does not fit the header cluster",
+            path.display()
+        )));
+    }
+    f.write_all_at(name.as_bytes(), offset)?;
+    f.write_all_at(&(name.len() as u32).to_be_bytes(), 16)?;
+    f.sync_all()
+}
+
+/// The backing file name in a qcow2 image's header, if it has one.
+pub fn backing(path: &Path) -> io::Result<Option<String>> {
+    let f = File::open(path)?;
+    let mut h = [0u8; 20];
+    f.read_exact_at(&mut h, 0)?;
+    if &h[..4] != b"QFI\xfb" {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a qcow2 image", path.display()),
+        ));
+    }
+    let mut o = [0u8; 8];
+    o.copy_from_slice(&h[8..16]);
+    let (offset, len) = (u64::from_be_bytes(o), u32::from_be_bytes([h[16], h[17], h[18], h[19]]));
+    if offset == 0 || len == 0 || len as usize > MAX_BACKING_NAME {
+        return Ok(None);
+    }
+    let mut name = vec![0u8; len as usize];
+    f.read_exact_at(&mut name, offset)?;
+    String::from_utf8(name)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +221,23 @@ mod tests {
         let long = format!("/{}", "a".repeat(MAX_BACKING_NAME));
         assert!(layout(&long, 1 << 30).is_err());
         assert!(layout(&long[..MAX_BACKING_NAME], 1 << 30).is_ok());
+    }
+
+    #[test]
+    fn backing_name_is_read_and_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("o.qcow2");
+        write(&File::create(&img).unwrap(), Path::new("/base"), 1 << 30).unwrap();
+        assert_eq!(backing(&img).unwrap().as_deref(), Some("/base"));
+        set_backing(&img, Path::new("/snapshots/0af9/base.ext4")).unwrap();
+        assert_eq!(
+            backing(&img).unwrap().as_deref(),
+            Some("/snapshots/0af9/base.ext4")
+        );
+        assert_eq!(virtual_size(&img).unwrap(), 1 << 30);
+        // Shorter again: the length field, not the old bytes, decides.
+        set_backing(&img, Path::new("/b")).unwrap();
+        assert_eq!(backing(&img).unwrap().as_deref(), Some("/b"));
+        assert!(set_backing(&img, Path::new("")).is_err());
     }
 }

@@ -130,6 +130,8 @@ pub struct VmFds {
     pub ovmf_vars: Option<(RawFd, RawFd)>,
     /// `/dev/vhost-vsock`, opened by the daemon.
     pub vhost_vsock: Option<RawFd>,
+    /// The saved state to resume (read-only), for `-incoming fd:N`.
+    pub incoming: Option<RawFd>,
 }
 
 /// The tap the daemon opened for the VM (passed to QEMU as an inherited fd).
@@ -162,6 +164,9 @@ pub struct VmSpec {
     pub vsock_cid: Option<u32>,
     pub gpus: Option<GpuPassthrough>,
     pub run: RunPaths,
+    /// A snapshot's saved running state (QEMU's migration stream) to resume instead of
+    /// booting.
+    pub incoming: Option<PathBuf>,
 }
 
 fn s(v: &str) -> String {
@@ -316,16 +321,18 @@ impl VmSpec {
         if let Some(g) = &self.gpus {
             a.extend(g.args.iter().cloned());
         }
+        if let Some(fd) = fds.incoming {
+            a.extend([s("-incoming"), format!("fd:{fd}")]);
+        }
         a
     }
 
     /// QEMU's largest file (`RLIMIT_FSIZE`): its overlay at full size with qcow2's metadata
-    /// and room for cluster churn (an eighth more and 256 MiB), or its largest volume.
+    /// and room for cluster churn (an eighth more and 256 MiB), its largest volume, or its
+    /// saved running state (a snapshot with `--memory`: the guest's RAM and device state).
     pub fn file_limit(&self) -> u64 {
-        let root = self
-            .root_size
-            .saturating_add(self.root_size / 8)
-            .saturating_add(256 << 20);
+        let grown = |n: u64| n.saturating_add(n / 8).saturating_add(256 << 20);
+        let root = grown(self.root_size).max(grown(self.memory));
         self.volumes
             .iter()
             .filter_map(|(_, p)| std::fs::metadata(p).ok().map(|m| m.len()))
@@ -505,6 +512,9 @@ pub fn open_fds(spec: &VmSpec, root: &HostRoot) -> Result<(Vec<OwnedFd>, VmFds),
     }
     if spec.vsock_cid.is_some() {
         fds.vhost_vsock = Some(keep(open(&root.path("/dev/vhost-vsock"), true)?));
+    }
+    if let Some(state) = &spec.incoming {
+        fds.incoming = Some(keep(open(state, false)?));
     }
     Ok((owned, fds))
 }
@@ -844,6 +854,7 @@ mod tests {
                 "/d/vm/run/0123456789ab".into(),
                 "/d/vm/own/0123456789ab".into(),
             ),
+            incoming: None,
         }
     }
 
@@ -857,6 +868,7 @@ mod tests {
             seed: Some(17),
             ovmf_vars: None,
             vhost_vsock: None,
+            incoming: None,
         }
     }
 

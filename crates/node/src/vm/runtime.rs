@@ -13,6 +13,7 @@
 use super::qemu::{self, NetDev, RunPaths, VmSpec};
 use super::qmp::Monitor;
 use super::seed::{write_seed, SeedNet, SeedSpec};
+use super::snapshot::Boot;
 use super::template::Templates;
 use super::{vio, VmConfig, VmError};
 use crate::cgroup;
@@ -204,11 +205,30 @@ impl VmRuntime {
             .rev()
             .map(|l| node.images.layer_dir(l))
             .collect();
-        let template = self.templates.ensure(&plan.image_digest, &layers)?;
-        t.mark("vm_template");
         let overlay = self.overlay(id);
-        self.templates
-            .create_overlay(&template, &overlay, plan.disk_size)?;
+        // A restore or clone boots the snapshot's copy of the disk over its own links of the
+        // template's files; otherwise a new overlay over the image's template (held until
+        // QEMU has opened its base).
+        let (boot, _template) = match &plan.from_snapshot {
+            Some(src) => (
+                super::snapshot::boot_from(src, &overlay, plan.disk_size)?,
+                None,
+            ),
+            None => {
+                let template = self.templates.ensure(&plan.image_digest, &layers)?;
+                t.mark("vm_template");
+                self.templates
+                    .create_overlay(&template, &overlay, plan.disk_size)?;
+                let boot = Boot {
+                    base: template.base.clone(),
+                    kernel: template.kernel.clone(),
+                    initrd: template.initrd.clone(),
+                    cmdline: template.cmdline.clone(),
+                };
+                (boot, Some(template))
+            }
+        };
+        boot.write(&run.dir)?;
         t.mark("vm_overlay");
         let tnet = TenantNet {
             slot: plan.net_slot,
@@ -264,15 +284,15 @@ impl VmRuntime {
         let mask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix_len)));
         let cmdline = format!(
             "{} console=tty0 console=ttyS0 panic=-1 ip={addr}::{gw}:{mask}:{}:eth0:off",
-            template.cmdline, plan.hostname
+            boot.cmdline, plan.hostname
         );
         let spec = VmSpec {
             id: id.to_string(),
             vcpus: u32::try_from(plan.cpus.len()).unwrap_or(1).max(1),
             memory: plan.memory,
             accel: self.cfg.accel.clone(),
-            kernel: template.kernel.clone(),
-            initrd: template.initrd.clone(),
+            kernel: boot.kernel.clone(),
+            initrd: boot.initrd.clone(),
             cmdline,
             root: overlay,
             root_size: plan.disk_size,
@@ -285,6 +305,11 @@ impl VmRuntime {
             vsock_cid: qemu::vsock_cid(&node.cfg.root, id),
             gpus: None,
             run: run.clone(),
+            incoming: plan
+                .from_snapshot
+                .as_ref()
+                .filter(|s| s.memory)
+                .map(|s| s.dir.join(crate::snapshot::MEMORY)),
         };
         // Whole GPUs by VFIO: their IOMMU groups' functions, OVMF (with this VM's own copy of
         // the variables store) and the 64-bit MMIO window; q35 either way.
@@ -333,6 +358,10 @@ impl VmRuntime {
         std::fs::write(&pid_file, format!("{pid}\n")).map_err(vio(&pid_file))?;
         t.mark("qemu_start");
         let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
+        if spec.incoming.is_some() {
+            super::snapshot::await_incoming(&mut mon)?;
+            t.mark("vm_resume_state");
+        }
         let vcpus = mon.vcpus()?;
         qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, &plan.cpus)?;
         if !plan.disk_io.is_unlimited() {
@@ -476,6 +505,40 @@ impl Runtime for VmRuntime {
         let mut mon = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
         mon.throttle_disks(io)?;
         Ok(())
+    }
+
+    /// See [`super::snapshot`]: the disks by QEMU backup jobs (inside the guest agent's
+    /// freeze), or with `memory` the running state by migration into a file, then the disks.
+    fn snapshot(
+        &self,
+        node: &Node,
+        id: &str,
+        req: &crate::snapshot::SnapshotRequest,
+    ) -> Result<crate::snapshot::SnapshotMeta, NodeError> {
+        if self.live_pid(node, id).is_none() {
+            return Err(VmError::Start {
+                id: id.to_string(),
+                why: "its QEMU is not running: snapshots are taken of a running VM".into(),
+            }
+            .into());
+        }
+        let run = self.run_paths(id);
+        let volumes: Vec<(String, PathBuf)> = req
+            .volumes
+            .iter()
+            .map(|n| (n.clone(), node.disks.volume_image(&req.tenant, n)))
+            .collect();
+        let passthrough = run.dir.join("OVMF_VARS.fd").exists();
+        let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
+        Ok(super::snapshot::take(
+            &mut mon,
+            &run.agent(),
+            &run.dir,
+            &self.overlay(id),
+            &volumes,
+            req,
+            passthrough,
+        )?)
     }
 
     /// ACPI power button over QMP, up to `grace` for the guest to power off, then `quit`, then

@@ -1,0 +1,430 @@
+//! A VM's snapshots ([`crate::snapshot`] has the layout and the reasons behind it).
+//!
+//! Disks only: the guest agent freezes the guest's filesystems (when the guest has an agent;
+//! else the snapshot is crash-consistent, and says so), one QMP `transaction` starts a backup
+//! job per disk into targets the daemon created and hands QEMU as descriptors (`add-fd`), the
+//! guest is thawed at once and runs on while QEMU copies (copy-before-write keeps every copy
+//! at the transaction's instant). The root disk's job copies only what the overlay holds
+//! (`sync: top`) into a qcow2 over the snapshot's own link of the template base; volumes are
+//! copied whole (their holes stay holes).
+//!
+//! With the running state (`--memory`): a live migration into a file (`fd:` URI); when it
+//! completes QEMU has paused the guest and flushed and released its disks, which are then
+//! copied as files while the guest stays paused; then the guest resumes. The guest is paused
+//! for the migration's last round and the disk copies (measured in docs/bench).
+//!
+//! A restore or clone copies `root.qcow2` as the instance's new overlay; a restore of the
+//! running state starts QEMU with `-incoming fd:N` on `memory.bin` and waits until the guest
+//! runs.
+
+use super::qmp::{Agent, Monitor};
+use super::{qcow2, vio, VmError};
+use crate::snapshot::{
+    link_or_copy, replace_with_copy, sparse_copy, volume_file, SnapshotMeta, SnapshotRequest,
+    SnapshotSource, BASE, INITRD, KERNEL, MEMORY, ROOT,
+};
+use gpuvisor_wire::RuntimeKind;
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What a VM booted (`<run>/boot.json`): a snapshot links the same files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Boot {
+    /// The raw base disk under the overlay.
+    pub base: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The template's kernel arguments (without the daemon's own).
+    pub cmdline: String,
+}
+
+impl Boot {
+    fn path(run_dir: &Path) -> PathBuf {
+        run_dir.join("boot.json")
+    }
+
+    pub fn write(&self, run_dir: &Path) -> Result<(), VmError> {
+        let path = Self::path(run_dir);
+        let text = serde_json::to_vec(self).map_err(|e| {
+            vio(&path)(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e.to_string(),
+            ))
+        })?;
+        std::fs::write(&path, text).map_err(vio(&path))
+    }
+
+    pub fn read(run_dir: &Path) -> Result<Self, VmError> {
+        let path = Self::path(run_dir);
+        let text = std::fs::read(&path).map_err(vio(&path))?;
+        serde_json::from_slice(&text).map_err(|e| {
+            vio(&path)(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e.to_string(),
+            ))
+        })
+    }
+}
+
+/// Longest a snapshot's copy may take (QEMU's jobs, the migration).
+const COPY_DEADLINE: Duration = Duration::from_secs(30 * 60);
+/// Longest the guest agent may take to answer before the snapshot goes on without it.
+const AGENT_WAIT: Duration = Duration::from_secs(3);
+/// Fd sets of backup targets: 200 + disk index (the VM's own disks use 1-3 and 10+).
+const TARGET_FDSET: i64 = 200;
+/// Longest a restored VM may take to load its saved state.
+const INCOMING_DEADLINE: Duration = Duration::from_secs(10 * 60);
+
+fn failed(command: &str, message: impl std::fmt::Display) -> VmError {
+    VmError::QmpCommand {
+        command: command.to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// Makes the new overlay `overlay` from snapshot `src` (a copy of its root disk) and says
+/// what to boot.
+pub fn boot_from(src: &SnapshotSource, overlay: &Path, disk_size: u64) -> Result<Boot, VmError> {
+    let meta = crate::snapshot::read_meta(&src.dir).map_err(vio(&src.dir))?;
+    if meta.runtime != RuntimeKind::Vm {
+        return Err(VmError::Start {
+            id: overlay.display().to_string(),
+            why: "the snapshot is a container's, not a VM's".into(),
+        });
+    }
+    if meta.disk_size != disk_size {
+        return Err(VmError::Start {
+            id: overlay.display().to_string(),
+            why: format!(
+                "the snapshot's disk is {} bytes, the instance's {disk_size}",
+                meta.disk_size
+            ),
+        });
+    }
+    replace_with_copy(&src.dir.join(ROOT), overlay).map_err(vio(overlay))?;
+    Ok(Boot {
+        base: src.dir.join(BASE),
+        kernel: src.dir.join(KERNEL),
+        initrd: meta.initrd.then(|| src.dir.join(INITRD)),
+        cmdline: meta.cmdline.unwrap_or_default(),
+    })
+}
+
+/// Waits until a QEMU started with `-incoming` has loaded its saved state and runs.
+pub fn await_incoming(mon: &mut Monitor) -> Result<(), VmError> {
+    let deadline = Instant::now() + INCOMING_DEADLINE;
+    loop {
+        let (status, error, _) = mon.migration()?;
+        match status.as_str() {
+            "completed" => break,
+            "failed" | "cancelled" => {
+                return Err(failed(
+                    "migrate-incoming",
+                    format!(
+                        "the saved state could not be loaded: {}",
+                        error.unwrap_or(status)
+                    ),
+                ))
+            }
+            _ if Instant::now() > deadline => {
+                return Err(failed(
+                    "migrate-incoming",
+                    "the saved state did not load within its deadline",
+                ))
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    // The guest runs on its own once the state is in (QEMU started without -S); a VM that
+    // stays paused would be a broken restore.
+    for _ in 0..250 {
+        if mon.status()?.0 {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(failed(
+        "cont",
+        "the guest did not resume after its state was loaded",
+    ))
+}
+
+/// The drives of the VM's volumes, by name (`vol<i>` in the order of its `volumes` list).
+fn volume_drives(
+    list: &Path,
+    images: &[(String, PathBuf)],
+) -> Result<Vec<(String, String, PathBuf)>, VmError> {
+    let text = std::fs::read_to_string(list).map_err(vio(list))?;
+    let started: Vec<&str> = text.lines().collect();
+    images
+        .iter()
+        .map(|(name, image)| {
+            let i = started
+                .iter()
+                .position(|p| Path::new(p) == image)
+                .ok_or_else(|| VmError::Start {
+                    id: name.clone(),
+                    why: format!("volume {name} is not attached to the running VM"),
+                })?;
+            Ok((name.clone(), format!("vol{i}"), image.clone()))
+        })
+        .collect()
+}
+
+/// Saves a running VM's disks (and, asked, its running state) into `req.dir`.
+pub fn take(
+    mon: &mut Monitor,
+    agent_socket: &Path,
+    run_dir: &Path,
+    overlay: &Path,
+    volumes: &[(String, PathBuf)],
+    req: &SnapshotRequest,
+    passthrough: bool,
+) -> Result<SnapshotMeta, VmError> {
+    let boot = Boot::read(run_dir)?;
+    let dir = &req.dir;
+    link_or_copy(&boot.base, &dir.join(BASE)).map_err(vio(&boot.base))?;
+    link_or_copy(&boot.kernel, &dir.join(KERNEL)).map_err(vio(&boot.kernel))?;
+    if let Some(i) = &boot.initrd {
+        link_or_copy(i, &dir.join(INITRD)).map_err(vio(i))?;
+    }
+    let size = qcow2::virtual_size(overlay).map_err(vio(overlay))?;
+    let drives = volume_drives(&run_dir.join("volumes"), volumes)?;
+    let consistency = if req.memory {
+        if passthrough {
+            return Err(VmError::Start {
+                id: overlay.display().to_string(),
+                why: "the running state of a VM with passed-through GPUs cannot be saved (VFIO devices need vendor migration support): take a disk snapshot".into(),
+            });
+        }
+        with_memory(mon, dir, overlay, &drives)?;
+        "paused with memory".to_string()
+    } else {
+        by_backup(mon, agent_socket, dir, size, &drives)?
+    };
+    Ok(SnapshotMeta {
+        runtime: RuntimeKind::Vm,
+        disk_size: size,
+        volumes: drives.iter().map(|(n, _, _)| n.clone()).collect(),
+        memory: req.memory,
+        consistency,
+        cmdline: Some(boot.cmdline),
+        initrd: boot.initrd.is_some(),
+        vcpus: req.vcpus,
+        memory_bytes: req.memory_bytes,
+        bytes: 0,
+    })
+}
+
+/// The guest agent, frozen; `None` when the guest has none (or it does not answer).
+fn freeze_guest(socket: &Path) -> Option<Agent> {
+    let mut a = Agent::connect(socket, AGENT_WAIT).ok()?;
+    a.sync().ok()?;
+    match a.fsfreeze() {
+        Ok(n) => {
+            tracing::debug!(frozen = n, "guest filesystems frozen for a snapshot");
+            Some(a)
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "the guest agent did not freeze: crash-consistent snapshot");
+            // A freeze that half happened is undone.
+            let _ = a.fsthaw();
+            None
+        }
+    }
+}
+
+/// Disks by backup jobs; answers how consistent the copy is.
+fn by_backup(
+    mon: &mut Monitor,
+    agent_socket: &Path,
+    dir: &Path,
+    size: u64,
+    drives: &[(String, String, PathBuf)],
+) -> Result<String, VmError> {
+    // (drive, target node, whole disk, target file)
+    let mut jobs: Vec<(String, String, bool, PathBuf)> = vec![(
+        "root".into(),
+        "gvsnap-root".into(),
+        false,
+        dir.join(ROOT),
+    )];
+    for (name, drive, _) in drives {
+        jobs.push((
+            drive.clone(),
+            format!("gvsnap-{drive}"),
+            true,
+            dir.join(volume_file(name)),
+        ));
+    }
+    // Targets: the root's a qcow2 over the snapshot's base link, sized as the overlay; each
+    // volume's a sparse file of its size.
+    let mut files: Vec<File> = Vec::new();
+    for (i, (drive, _, _, path)) in jobs.iter().enumerate() {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(vio(path))?;
+        if i == 0 {
+            qcow2::write(&f, &dir.join(BASE), size).map_err(vio(path))?;
+        } else {
+            let src = &drives[i - 1].2;
+            let len = std::fs::metadata(src).map_err(vio(src))?.len();
+            f.set_len(len).map_err(vio(path))?;
+        }
+        tracing::debug!(drive, target = %path.display(), "snapshot target made");
+        files.push(f);
+    }
+    let mut added: Vec<(i64, Option<String>)> = Vec::new();
+    let result = (|| {
+        for (i, ((_, node, _, _), f)) in jobs.iter().zip(&files).enumerate() {
+            let set = TARGET_FDSET + i as i64;
+            mon.add_fd(set, f.as_raw_fd())?;
+            added.push((set, None));
+            mon.blockdev_add_fdset(node, i == 0, set)?;
+            if let Some(a) = added.last_mut() {
+                a.1 = Some(node.clone());
+            }
+        }
+        let frozen = freeze_guest(agent_socket);
+        let started = mon.backup(
+            &jobs
+                .iter()
+                .map(|(d, n, whole, _)| (d.clone(), n.clone(), *whole))
+                .collect::<Vec<_>>(),
+        );
+        let consistency = match frozen {
+            Some(mut a) => {
+                if let Err(e) = a.fsthaw() {
+                    tracing::error!(error = %e, "cannot thaw the guest's filesystems after a snapshot");
+                }
+                "guest agent freeze"
+            }
+            None => "crash-consistent",
+        };
+        started?;
+        wait_jobs(mon, jobs.iter().map(|(_, n, _, _)| n.as_str()).collect())?;
+        Ok(consistency.to_string())
+    })();
+    // The targets leave QEMU whatever happened.
+    for (set, node) in added.into_iter().rev() {
+        if let Some(node) = node {
+            if let Err(e) = mon.blockdev_del(&node) {
+                tracing::warn!(node, error = %e, "cannot remove a snapshot target from QEMU");
+            }
+        }
+        let _ = mon.remove_fd(set);
+    }
+    result
+}
+
+/// Waits for backup jobs `ids` to conclude and dismisses them; cancels them all when one fails
+/// or the deadline passes.
+fn wait_jobs(mon: &mut Monitor, mut ids: Vec<&str>) -> Result<(), VmError> {
+    let deadline = Instant::now() + COPY_DEADLINE;
+    let mut error = None;
+    while !ids.is_empty() {
+        let jobs = mon.jobs()?;
+        let mut left = Vec::new();
+        for id in ids {
+            match jobs.iter().find(|(j, _, _)| j == id) {
+                Some((_, true, e)) => {
+                    let _ = mon.job_dismiss(id);
+                    if let Some(e) = e {
+                        error.get_or_insert_with(|| format!("{id}: {e}"));
+                    }
+                }
+                Some(_) => left.push(id),
+                // Gone: dismissed already, or never started.
+                None => {}
+            }
+        }
+        ids = left;
+        if error.is_some() || Instant::now() > deadline {
+            for id in &ids {
+                let _ = mon.job_cancel(id);
+            }
+            let e = error.unwrap_or_else(|| "the copy did not finish within its deadline".into());
+            return Err(failed("blockdev-backup", e));
+        }
+        if !ids.is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    match error {
+        Some(e) => Err(failed("blockdev-backup", e)),
+        None => Ok(()),
+    }
+}
+
+/// The running state into `memory.bin` by a live migration, then the disks as files while
+/// the guest is paused; the guest resumes whatever happens.
+fn with_memory(
+    mon: &mut Monitor,
+    dir: &Path,
+    overlay: &Path,
+    drives: &[(String, String, PathBuf)],
+) -> Result<(), VmError> {
+    let state = dir.join(MEMORY);
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&state)
+        .map_err(vio(&state))?;
+    mon.getfd("gvsnap", f.as_raw_fd())?;
+    drop(f);
+    mon.migrate("fd:gvsnap")?;
+    let deadline = Instant::now() + COPY_DEADLINE;
+    let migrated = loop {
+        let (status, error, downtime) = mon.migration()?;
+        match status.as_str() {
+            "completed" => {
+                tracing::info!(downtime_ms = downtime, "VM state saved");
+                break Ok(());
+            }
+            "failed" | "cancelled" => {
+                break Err(failed(
+                    "migrate",
+                    format!(
+                        "saving the running state failed: {}",
+                        error.unwrap_or(status)
+                    ),
+                ))
+            }
+            _ if Instant::now() > deadline => {
+                let _ = mon.migrate_cancel();
+                break Err(failed(
+                    "migrate",
+                    "saving the running state did not finish within its deadline",
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let copied = migrated.and_then(|()| {
+        let root = dir.join(ROOT);
+        sparse_copy(overlay, &root).map_err(vio(&root))?;
+        // The copy points at the snapshot's own link of the same base.
+        qcow2::set_backing(&root, &dir.join(BASE)).map_err(vio(&root))?;
+        for (name, _, image) in drives {
+            let dst = dir.join(volume_file(name));
+            sparse_copy(image, &dst).map_err(vio(&dst))?;
+        }
+        Ok(())
+    });
+    // Paused by the migration (or running still, if it failed): run.
+    let resumed = if mon.status()?.0 {
+        Ok(())
+    } else {
+        mon.resume()
+    };
+    copied.and(resumed)
+}
