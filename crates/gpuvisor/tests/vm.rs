@@ -889,3 +889,153 @@ fn a_vm_with_a_simulated_vfio_gpu_boots_under_ovmf_with_the_passthrough_plan() {
     let ids = vec![id];
     assert!(d.leaks(&ids).is_empty(), "{:?}", d.leaks(&ids));
 }
+
+/// Snapshots of a VM (issue 14, item 1): a disk snapshot (QEMU backup jobs) and one with the
+/// running state (migration into a file). Restoring the first reboots the guest on the old
+/// disk; restoring the second resumes it where it was: what it held only in RAM (the fixture's
+/// root is its initramfs) is back and its uptime goes on. A clone boots from the disk
+/// snapshot; the snapshot it starts from cannot be removed until it is gone.
+#[test]
+fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
+    let _g = serial();
+    let Some(fx) = fixture() else { return };
+    let d = vm_daemon(&fx);
+    d.import_busybox();
+    let vm = [
+        "--runtime",
+        "vm",
+        "--vcpus",
+        "1",
+        "--memory",
+        "256MiB",
+        "--container-disk",
+        "1GiB",
+        "--wait",
+    ];
+    let mut args = vec!["instance", "create", "--image", "busybox"];
+    args.extend(vm);
+    let v = d.json(&args);
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
+    // The disk: a marker past the template's base, in the overlay; RAM: a file in the
+    // initramfs.
+    let sh = |cmd: &str| -> String {
+        let (code, out, err) = d.exec(&id, cmd);
+        assert_eq!(code, 0, "{cmd}: {err}\n{}", d.log());
+        out.trim().to_string()
+    };
+    let put = |cmd_id: &str, word: &str| {
+        let (code, _, err) = d.exec(
+            cmd_id,
+            &format!("echo {word} | dd of=/dev/vda bs=512 seek=1900000 conv=fsync 2>/dev/null"),
+        );
+        assert_eq!(code, 0, "{err}");
+    };
+    let get = |cmd_id: &str| -> String {
+        let (code, out, err) = d.exec(
+            cmd_id,
+            "dd if=/dev/vda bs=512 skip=1900000 count=1 2>/dev/null | head -n 1",
+        );
+        assert_eq!(code, 0, "{err}");
+        out.trim_matches(|c: char| c.is_whitespace() || c == '\0')
+            .to_string()
+    };
+    let uptime = || -> f64 { sh("cut -d' ' -f1 /proc/uptime").parse().unwrap() };
+    put(&id, "one");
+    let s1 = d.json(&["instance", "snapshot", &id, "disk1"]);
+    assert_eq!(s1["state"], "ready", "{s1}");
+    assert_eq!(s1["runtime"], "vm", "{s1}");
+    assert_eq!(s1["memory"], false, "{s1}");
+    let c = s1["consistency"].as_str().unwrap();
+    assert!(c == "guest agent freeze" || c == "crash-consistent", "{s1}");
+    let sid1 = s1["id"].as_str().unwrap().to_string();
+    let dir1 = d.data().join("snapshots").join(&sid1);
+    for f in ["root.qcow2", "base.ext4", "vmlinuz", "snapshot.json"] {
+        assert!(dir1.join(f).is_file(), "{f} missing in {}", dir1.display());
+    }
+    // Tenant data is root's only; the base link is the template's (same inode).
+    use std::os::unix::fs::MetadataExt;
+    let root_meta = std::fs::metadata(dir1.join("root.qcow2")).unwrap();
+    assert_eq!(root_meta.mode() & 0o777, 0o600);
+    assert!(std::fs::metadata(dir1.join("base.ext4")).unwrap().nlink() >= 2);
+
+    put(&id, "two");
+    sh("echo ram > /ramfile");
+    let up = uptime();
+    let t = Instant::now();
+    let s2 = d.json(&["instance", "snapshot", &id, "mem1", "--memory"]);
+    eprintln!("snapshot with memory: {:?}", t.elapsed());
+    assert_eq!(s2["memory"], true, "{s2}");
+    assert_eq!(s2["consistency"], "paused with memory", "{s2}");
+    let dir2 = d.data().join("snapshots").join(s2["id"].as_str().unwrap());
+    assert!(
+        std::fs::metadata(dir2.join("memory.bin")).unwrap().len() > 1 << 20,
+        "no saved state in {}",
+        dir2.display()
+    );
+    // The guest ran on after each snapshot.
+    put(&id, "three");
+    assert_eq!(get(&id), "three");
+
+    // Disk snapshot: the guest boots again on the old disk; RAM is new.
+    let t = Instant::now();
+    d.json(&["instance", "restore", &id, "disk1"]);
+    wait_log(&d, &id, "gpuvisor-guest-ready", 2, TCG_WAIT);
+    eprintln!(
+        "restore of a disk snapshot to a booted guest: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(get(&id), "one");
+    assert_eq!(sh("test -e /ramfile && echo yes || echo no"), "no");
+
+    // Running state: the guest resumes, no boot.
+    let t = Instant::now();
+    d.json(&["instance", "restore", &id, "mem1"]);
+    let deadline = Instant::now() + TCG_WAIT;
+    loop {
+        let v = d.json(&["instance", "get", &id]);
+        if v["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("restore of a memory snapshot to running: {:?}", t.elapsed());
+    assert_eq!(sh("cat /ramfile"), "ram");
+    assert_eq!(get(&id), "two");
+    assert!(uptime() >= up, "uptime went back: the guest booted");
+    assert_eq!(
+        logs(&d, &id).matches("gpuvisor-guest-ready").count(),
+        2,
+        "the guest booted instead of resuming"
+    );
+    // A memory snapshot restores only into the size it was taken at.
+    d.json(&["instance", "scale", &id, "--memory", "320MiB", "--restart"]);
+    let out = d.cli(&["instance", "restore", &id, "mem1"]);
+    assert!(
+        !out.status.success(),
+        "restored a 256 MiB state into 320 MiB"
+    );
+
+    // A clone boots from the disk snapshot.
+    let mut args = vec!["instance", "create", "--from-snapshot", "disk1"];
+    args.extend(vm);
+    let c = d.json(&args);
+    let clone = c["id"].as_str().unwrap().to_string();
+    wait_log(&d, &clone, "gpuvisor-guest-ready", 1, TCG_WAIT);
+    assert_eq!(get(&clone), "one");
+    let out = d.cli(&["snapshot", "rm", "disk1"]);
+    assert!(
+        !out.status.success(),
+        "removed while the clone starts from it"
+    );
+
+    for i in [&clone, &id] {
+        d.json(&["instance", "terminate", i, "--wait"]);
+    }
+    d.json(&["snapshot", "rm", "disk1"]);
+    d.json(&["snapshot", "rm", "mem1"]);
+    assert!(!dir1.exists() && !dir2.exists());
+    let leaks = d.leaks(&[id, clone]);
+    assert!(leaks.is_empty(), "{leaks:?}");
+}

@@ -127,13 +127,19 @@ pub fn virtual_size(path: &Path) -> io::Result<u64> {
 /// template base).
 pub fn set_backing(path: &Path, backing: &Path) -> io::Result<()> {
     let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
-    let name = backing.to_str().filter(|n| !n.is_empty() && n.len() <= MAX_BACKING_NAME && !n.contains('\0')).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("backing path {} is not a usable name", backing.display()),
-        )
-    })?;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let name = backing
+        .to_str()
+        .filter(|n| !n.is_empty() && n.len() <= MAX_BACKING_NAME && !n.contains('\0'))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("backing path {} is not a usable name", backing.display()),
+            )
+        })?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
     let mut h = [0u8; 32];
     f.read_exact_at(&mut h, 0)?;
     if &h[..4] != b"QFI\xfb" {
@@ -176,7 +182,10 @@ pub fn backing(path: &Path) -> io::Result<Option<String>> {
     }
     let mut o = [0u8; 8];
     o.copy_from_slice(&h[8..16]);
-    let (offset, len) = (u64::from_be_bytes(o), u32::from_be_bytes([h[16], h[17], h[18], h[19]]));
+    let (offset, len) = (
+        u64::from_be_bytes(o),
+        u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
+    );
     if offset == 0 || len == 0 || len as usize > MAX_BACKING_NAME {
         return Ok(None);
     }

@@ -260,17 +260,25 @@ impl VmSpec {
             s("-serial"),
             s("chardev:console"),
         ]);
-        // Disks: root overlay, volumes by serial, seed read-only.
+        // Disks: root overlay, volumes by serial, seed read-only. No image locking on the
+        // fd-set disks: the lock of one fd set's read-only descriptor (taken when QEMU drops
+        // write access, as at the end of a migration into a snapshot) is the same open file
+        // description as the set's, so it would outlive QEMU's release of it and refuse the
+        // guest's resume ("Failed to get write lock"). The daemon alone hands these files out,
+        // one VM each.
         a.extend([
             s("-drive"),
-            s("if=none,id=root,format=qcow2,file=/dev/fdset/1,discard=unmap"),
+            s("if=none,id=root,format=qcow2,file=/dev/fdset/1,file.locking=off,discard=unmap"),
             s("-device"),
             s("virtio-blk-pci,drive=root,serial=root"),
         ]);
         for (i, (serial, _)) in self.volumes.iter().enumerate() {
             a.extend([
                 s("-drive"),
-                format!("if=none,id=vol{i},format=raw,file=/dev/fdset/{}", 10 + i),
+                format!(
+                    "if=none,id=vol{i},format=raw,file=/dev/fdset/{},file.locking=off",
+                    10 + i
+                ),
                 s("-device"),
                 format!("virtio-blk-pci,drive=vol{i},serial={serial}"),
             ]);
@@ -883,9 +891,9 @@ mod tests {
 -kernel /t/vmlinuz -initrd /t/initrd.img -append root=/dev/vda rw console=ttyS0 \
 -chardev socket,id=console,fd=11,server=on,wait=off,logfile=/proc/self/fd/1,logappend=on \
 -serial chardev:console \
--drive if=none,id=root,format=qcow2,file=/dev/fdset/1,discard=unmap \
+-drive if=none,id=root,format=qcow2,file=/dev/fdset/1,file.locking=off,discard=unmap \
 -device virtio-blk-pci,drive=root,serial=root \
--drive if=none,id=vol0,format=raw,file=/dev/fdset/10 \
+-drive if=none,id=vol0,format=raw,file=/dev/fdset/10,file.locking=off \
 -device virtio-blk-pci,drive=vol0,serial=data \
 -drive if=none,id=seed,format=raw,readonly=on,file=/dev/fdset/2 \
 -device virtio-blk-pci,drive=seed,serial=cidata \

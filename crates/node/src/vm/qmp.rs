@@ -278,48 +278,18 @@ impl Monitor {
         self.execute_with_fd("getfd", &c, fd).map(drop)
     }
 
-    /// Opens `/dev/fdset/<fdset>` as block node `node` of `driver` (qcow2: its backing file
-    /// left closed; a backup target only takes writes).
+    /// Opens `/dev/fdset/<fdset>` as block node `node` ([`fdset_node`]).
     pub fn blockdev_add_fdset(
         &mut self,
         node: &str,
         qcow2: bool,
         fdset: i64,
     ) -> Result<(), VmError> {
-        let file = qmp::BlockdevRef::definition(Box::new(qmp::BlockdevOptions::file {
-            base: block_base(None),
-            file: qmp::BlockdevOptionsFile {
-                aio: None,
-                aio_max_batch: None,
-                drop_cache: None,
-                locking: Some(qmp::OnOffAuto::off),
-                pr_manager: None,
-                x_check_cache_dropped: None,
-                filename: format!("/dev/fdset/{fdset}"),
-            },
-        }));
-        let base = block_base(Some(node.to_string()));
-        let generic = qmp::BlockdevOptionsGenericFormat { file };
-        let opts = if qcow2 {
-            qmp::BlockdevOptions::qcow2 {
-                base,
-                qcow2: qmp::BlockdevOptionsQcow2::from(qmp::BlockdevOptionsGenericCOWFormat {
-                    base: generic,
-                    backing: Some(qmp::BlockdevRefOrNull::null(())),
-                }),
-            }
-        } else {
-            qmp::BlockdevOptions::raw {
-                base,
-                raw: qmp::BlockdevOptionsRaw {
-                    base: generic,
-                    offset: None,
-                    size: None,
-                },
-            }
-        };
-        self.execute("blockdev-add", &qmp::blockdev_add(opts))
-            .map(drop)
+        self.execute(
+            "blockdev-add",
+            &qmp::blockdev_add(fdset_node(node, qcow2, fdset)),
+        )
+        .map(drop)
     }
 
     /// Removes block node `node` (`blockdev-del`).
@@ -455,6 +425,44 @@ impl Monitor {
     /// Resumes the guest (`cont`).
     pub fn resume(&mut self) -> Result<(), VmError> {
         self.execute("cont", &qmp::cont {}).map(drop)
+    }
+}
+
+/// Block node `node` on `/dev/fdset/<fdset>`, without image locking (see the drives in
+/// `qemu`): qcow2 with its backing file left closed (a backup target only takes writes), or
+/// raw.
+fn fdset_node(node: &str, qcow2: bool, fdset: i64) -> qmp::BlockdevOptions {
+    let file = qmp::BlockdevRef::definition(Box::new(qmp::BlockdevOptions::file {
+        base: block_base(None),
+        file: qmp::BlockdevOptionsFile {
+            aio: None,
+            aio_max_batch: None,
+            drop_cache: None,
+            locking: Some(qmp::OnOffAuto::off),
+            pr_manager: None,
+            x_check_cache_dropped: None,
+            filename: format!("/dev/fdset/{fdset}"),
+        },
+    }));
+    let base = block_base(Some(node.to_string()));
+    let generic = qmp::BlockdevOptionsGenericFormat { file };
+    if qcow2 {
+        qmp::BlockdevOptions::qcow2 {
+            base,
+            qcow2: qmp::BlockdevOptionsQcow2::from(qmp::BlockdevOptionsGenericCOWFormat {
+                base: generic,
+                backing: Some(qmp::BlockdevRefOrNull::null(())),
+            }),
+        }
+    } else {
+        qmp::BlockdevOptions::raw {
+            base,
+            raw: qmp::BlockdevOptionsRaw {
+                base: generic,
+                offset: None,
+                size: None,
+            },
+        }
     }
 }
 
@@ -917,6 +925,24 @@ mod tests {
 
     /// A QEMU that floods its QMP greeting (no line end) is cut off at the byte budget: the
     /// handshake fails, having read no more than the budget.
+    #[test]
+    fn backup_targets_are_fd_set_nodes_without_backing_or_locks() {
+        let v =
+            serde_json::to_value(qmp::blockdev_add(fdset_node("gvsnap-root", true, 200))).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"driver": "qcow2", "node-name": "gvsnap-root", "backing": null,
+                "file": {"driver": "file", "filename": "/dev/fdset/200", "locking": "off"}})
+        );
+        let v =
+            serde_json::to_value(qmp::blockdev_add(fdset_node("gvsnap-vol0", false, 201))).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"driver": "raw", "node-name": "gvsnap-vol0",
+                "file": {"driver": "file", "filename": "/dev/fdset/201", "locking": "off"}})
+        );
+    }
+
     #[test]
     fn a_flooding_monitor_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();

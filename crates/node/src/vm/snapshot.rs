@@ -247,12 +247,8 @@ fn by_backup(
     drives: &[(String, String, PathBuf)],
 ) -> Result<String, VmError> {
     // (drive, target node, whole disk, target file)
-    let mut jobs: Vec<(String, String, bool, PathBuf)> = vec![(
-        "root".into(),
-        "gvsnap-root".into(),
-        false,
-        dir.join(ROOT),
-    )];
+    let mut jobs: Vec<(String, String, bool, PathBuf)> =
+        vec![("root".into(), "gvsnap-root".into(), false, dir.join(ROOT))];
     for (name, drive, _) in drives {
         jobs.push((
             drive.clone(),
