@@ -155,6 +155,12 @@ pub trait Runtime: Send + Sync {
         })
     }
 
+    /// Undoes what a snapshot of the instance cut short (a daemon killed mid-copy) left in
+    /// the running instance. Nothing to do by default.
+    fn abandon_snapshot(&self, _node: &Node, _id: &str) -> Result<(), NodeError> {
+        Ok(())
+    }
+
     /// The unix socket of the instance's interactive console (a VM's serial port), for
     /// `instance console`. Runtimes without one refuse.
     fn console(&self, _node: &Node, _id: &str) -> Result<PathBuf, NodeError> {

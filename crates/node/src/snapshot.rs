@@ -371,6 +371,14 @@ impl Node {
         done
     }
 
+    /// Cleans up after a snapshot of instance `id` that a killed daemon left pending (its
+    /// files are removed by [`Node::remove_snapshot`]): a container's filesystems are thawed
+    /// at start already; a VM's QEMU drops the copy's jobs and targets and resumes a guest
+    /// the copy left paused.
+    pub fn abandon_snapshot(&self, id: &str) -> Result<(), NodeError> {
+        self.runtime_of(id).abandon_snapshot(self, id)
+    }
+
     /// What snapshot `sid` holds.
     pub fn snapshot_meta(&self, sid: &str) -> Result<SnapshotMeta, NodeError> {
         let dir = self.snapshot_dir(sid)?;

@@ -541,6 +541,17 @@ impl Runtime for VmRuntime {
         )?)
     }
 
+    /// QEMU's leftovers of a cut-short snapshot ([`super::snapshot::abandon`]).
+    fn abandon_snapshot(&self, node: &Node, id: &str) -> Result<(), NodeError> {
+        if self.live_pid(node, id).is_none() {
+            return Ok(());
+        }
+        let run = self.run_paths(id);
+        let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
+        super::snapshot::abandon(&mut mon, super::snapshot::volume_count(&run.dir))?;
+        Ok(())
+    }
+
     /// ACPI power button over QMP, up to `grace` for the guest to power off, then `quit`, then
     /// SIGKILL. The button is pressed again every few seconds: a guest still booting (no
     /// handler listening yet) loses a press, as a real machine's OS would.

@@ -153,6 +153,54 @@ pub fn await_incoming(mon: &mut Monitor) -> Result<(), VmError> {
     ))
 }
 
+/// Undoes what a snapshot cut short (a daemon killed mid-copy) left in QEMU: a migration into
+/// a file, its backup jobs, target nodes and fd sets, and a guest left paused by a completed
+/// migration. Harmless when there is nothing to undo.
+pub fn abandon(mon: &mut Monitor, drives: usize) -> Result<(), VmError> {
+    let (status, _, _) = mon.migration()?;
+    if matches!(
+        status.as_str(),
+        "setup" | "active" | "pre-switchover" | "device"
+    ) {
+        let _ = mon.migrate_cancel();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ours: Vec<(String, bool)> = mon
+            .jobs()?
+            .into_iter()
+            .filter(|(id, _, _)| id.starts_with("gvsnap-"))
+            .map(|(id, done, _)| (id, done))
+            .collect();
+        if ours.is_empty() {
+            break;
+        }
+        for (id, done) in &ours {
+            let _ = if *done {
+                mon.job_dismiss(id)
+            } else {
+                mon.job_cancel(id)
+            };
+        }
+        if Instant::now() > deadline {
+            return Err(failed("job-cancel", "a snapshot's copy job did not end"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nodes = std::iter::once("gvsnap-root".to_string())
+        .chain((0..drives).map(|i| format!("gvsnap-vol{i}")));
+    for (i, node) in nodes.enumerate() {
+        let _ = mon.blockdev_del(&node);
+        let _ = mon.remove_fd(TARGET_FDSET + i as i64);
+    }
+    let (running, state) = mon.status()?;
+    if !running && state == "postmigrate" {
+        tracing::warn!("resuming a guest a cut-short snapshot left paused");
+        mon.resume()?;
+    }
+    Ok(())
+}
+
 /// The drives of the VM's volumes, by name (`vol<i>` in the order of its `volumes` list).
 fn volume_drives(
     list: &Path,
@@ -175,6 +223,13 @@ fn volume_drives(
         .collect()
 }
 
+/// How many volumes the VM was started with.
+pub fn volume_count(run_dir: &Path) -> usize {
+    std::fs::read_to_string(run_dir.join("volumes"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
 /// Saves a running VM's disks (and, asked, its running state) into `req.dir`.
 pub fn take(
     mon: &mut Monitor,
@@ -194,6 +249,7 @@ pub fn take(
     }
     let size = qcow2::virtual_size(overlay).map_err(vio(overlay))?;
     let drives = volume_drives(&run_dir.join("volumes"), volumes)?;
+    abandon(mon, volume_count(run_dir))?;
     let consistency = if req.memory {
         if passthrough {
             return Err(VmError::Start {
