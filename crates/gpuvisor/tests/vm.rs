@@ -892,8 +892,8 @@ fn a_vm_with_a_simulated_vfio_gpu_boots_under_ovmf_with_the_passthrough_plan() {
 
 /// Snapshots of a VM (issue 14, item 1): a disk snapshot (QEMU backup jobs) and one with the
 /// running state (migration into a file). Restoring the first reboots the guest on the old
-/// disk; restoring the second resumes it where it was: what it held only in RAM (the fixture's
-/// root is its initramfs) is back and its uptime goes on. A clone boots from the disk
+/// disk; restoring the second resumes it where it was: what it held only in RAM (a file in
+/// the guest kit's tmpfs) is back and its uptime goes on. A clone boots from the disk
 /// snapshot; the snapshot it starts from cannot be removed until it is gone.
 #[test]
 fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
@@ -917,8 +917,8 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
     let v = d.json(&args);
     let id = v["id"].as_str().unwrap().to_string();
     wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
-    // The disk: a marker past the template's base, in the overlay; RAM: a file in the
-    // initramfs.
+    // The disk: a marker past the end of the guest's filesystem (in the overlay only); RAM: a
+    // file in the guest kit's tmpfs.
     let sh = |cmd: &str| -> String {
         let (code, out, err) = d.exec(&id, cmd);
         assert_eq!(code, 0, "{cmd}: {err}\n{}", d.log());
@@ -960,7 +960,7 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
     assert!(std::fs::metadata(dir1.join("base.ext4")).unwrap().nlink() >= 2);
 
     put(&id, "two");
-    sh("echo ram > /ramfile");
+    sh("echo ram > /.gpuvisor/ramfile");
     let up = uptime();
     let t = Instant::now();
     let s2 = d.json(&["instance", "snapshot", &id, "mem1", "--memory"]);
@@ -986,7 +986,7 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
         t.elapsed()
     );
     assert_eq!(get(&id), "one");
-    assert_eq!(sh("test -e /ramfile && echo yes || echo no"), "no");
+    assert_eq!(sh("test -e /.gpuvisor/ramfile && echo yes || echo no"), "no");
 
     // Running state: the guest resumes, no boot.
     let t = Instant::now();
@@ -1001,7 +1001,7 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("restore of a memory snapshot to running: {:?}", t.elapsed());
-    assert_eq!(sh("cat /ramfile"), "ram");
+    assert_eq!(sh("cat /.gpuvisor/ramfile"), "ram");
     assert_eq!(get(&id), "two");
     assert!(uptime() >= up, "uptime went back: the guest booted");
     assert_eq!(

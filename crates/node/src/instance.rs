@@ -261,6 +261,14 @@ impl Node {
             })
     }
 
+    /// A VM's memory as its balloon sees it (see [`Runtime::guest_memory`]).
+    pub fn guest_memory(
+        &self,
+        id: &str,
+    ) -> Result<Option<crate::vm::qmp::GuestMemory>, NodeError> {
+        self.runtime_of(id).guest_memory(self, id)
+    }
+
     /// The runtime that left host objects for `id` (containers when none did).
     pub fn runtime_of(&self, id: &str) -> &dyn Runtime {
         self.others

@@ -155,6 +155,16 @@ pub trait Runtime: Send + Sync {
         })
     }
 
+    /// A VM's memory as its balloon sees it (`instance get`); `None` for runtimes without one
+    /// or an instance not running.
+    fn guest_memory(
+        &self,
+        _node: &Node,
+        _id: &str,
+    ) -> Result<Option<crate::vm::qmp::GuestMemory>, NodeError> {
+        Ok(None)
+    }
+
     /// Undoes what a snapshot of the instance cut short (a daemon killed mid-copy) left in
     /// the running instance. Nothing to do by default.
     fn abandon_snapshot(&self, _node: &Node, _id: &str) -> Result<(), NodeError> {

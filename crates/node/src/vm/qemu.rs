@@ -33,6 +33,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// The balloon device's id (`/machine/peripheral/<id>` in QOM).
+pub const BALLOON: &str = "balloon0";
+
 /// QEMU's memory beyond guest RAM allowed in the cgroup: the TCG translation buffer (bounded
 /// with `tb-size`) and QEMU's own heap, device models and thread stacks.
 pub const TCG_TB_MIB: u64 = 64;
@@ -306,6 +309,11 @@ impl VmSpec {
             s("virtio-rng-pci,rng=rng0"),
             s("-device"),
             s("pvpanic-pci"),
+            // The balloon: the guest hands back the pages it frees (free page reporting: the
+            // host's RSS follows the guest's use down) and reports its memory statistics
+            // (`instance get`).
+            s("-device"),
+            format!("virtio-balloon-pci,id={BALLOON},free-page-reporting=on"),
             s("-chardev"),
             format!("socket,id=qga,fd={},server=on,wait=off", fds.agent),
             s("-device"),
@@ -900,6 +908,7 @@ mod tests {
 -netdev tap,id=net0,fd=7 -device virtio-net-pci,netdev=net0,mac=02:01:23:45:67:89 \
 -object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-pci,rng=rng0 \
 -device pvpanic-pci \
+-device virtio-balloon-pci,id=balloon0,free-page-reporting=on \
 -chardev socket,id=qga,fd=12,server=on,wait=off \
 -device virtio-serial-pci,id=vser0 \
 -device virtserialport,bus=vser0.0,chardev=qga,name=org.qemu.guest_agent.0 \
@@ -908,6 +917,11 @@ mod tests {
     #[test]
     fn command_line_golden() {
         assert_eq!(spec().args(&fds()).join(" "), GOLDEN);
+        // A restore of a saved running state takes it from an inherited descriptor.
+        let mut f = fds();
+        f.incoming = Some(30);
+        let a = spec().args(&f).join(" ");
+        assert!(a.ends_with(" -incoming fd:30"), "{a}");
     }
 
     #[test]

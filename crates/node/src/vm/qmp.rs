@@ -90,6 +90,19 @@ pub struct Monitor {
     stream: UnixStream,
 }
 
+/// A VM's memory as its balloon sees it (bytes). The statistics are what the guest's driver
+/// reported (`None` until it has): a hostile guest can report anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestMemory {
+    /// RAM the guest has (its size less what the balloon holds).
+    pub actual: u64,
+    pub total: Option<u64>,
+    pub free: Option<u64>,
+    pub available: Option<u64>,
+    /// When the guest last reported (seconds since the epoch).
+    pub updated_at: Option<i64>,
+}
+
 /// One vCPU as QEMU reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Vcpu {
@@ -415,6 +428,57 @@ impl Monitor {
     pub fn migrate_cancel(&mut self) -> Result<(), VmError> {
         self.execute("migrate_cancel", &qmp::migrate_cancel {})
             .map(drop)
+    }
+
+    /// Asks the guest's balloon driver for its memory statistics every `secs` seconds.
+    pub fn balloon_stats_every(&mut self, secs: u32) -> Result<(), VmError> {
+        self.execute(
+            "qom-set",
+            &qmp::qom_set {
+                path: format!("/machine/peripheral/{}", super::qemu::BALLOON),
+                property: "guest-stats-polling-interval".into(),
+                value: serde_json::json!(secs),
+            },
+        )
+        .map(drop)
+    }
+
+    /// The guest's memory: what the balloon leaves it (`query-balloon`) and what its driver
+    /// last reported (`guest-stats`; the guest's word, informational only).
+    pub fn guest_memory(&mut self) -> Result<GuestMemory, VmError> {
+        let actual = self.execute("query-balloon", &qmp::query_balloon {})?.actual;
+        let stats = self.execute(
+            "qom-get",
+            &qmp::qom_get {
+                path: format!("/machine/peripheral/{}", super::qemu::BALLOON),
+                property: "guest-stats".into(),
+            },
+        )?;
+        let stat = |k: &str| {
+            stats["stats"][k]
+                .as_i64()
+                .and_then(|v| u64::try_from(v).ok())
+        };
+        let updated = stats["last-update"].as_i64().unwrap_or(0);
+        Ok(GuestMemory {
+            actual: u64::try_from(actual).unwrap_or(0),
+            total: stat("stat-total-memory").filter(|_| updated > 0),
+            free: stat("stat-free-memory").filter(|_| updated > 0),
+            available: stat("stat-available-memory").filter(|_| updated > 0),
+            updated_at: (updated > 0).then_some(updated),
+        })
+    }
+
+    /// Asks the guest to leave itself `bytes` of RAM (`balloon`): the balloon inflates or
+    /// deflates towards it as the guest's driver complies.
+    pub fn set_balloon(&mut self, bytes: u64) -> Result<(), VmError> {
+        self.execute(
+            "balloon",
+            &qmp::balloon {
+                value: i64::try_from(bytes).unwrap_or(i64::MAX),
+            },
+        )
+        .map(drop)
     }
 
     /// Pauses the guest's vCPUs (`stop`).

@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 /// How long QEMU may take to answer QMP after its start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// This binary's hidden mode that runs an `instance exec` through the guest agent.
+/// How often the guest's balloon driver reports its memory statistics.
+const BALLOON_STATS_SECS: u32 = 5;
+
 pub const AGENT_EXEC_SUBCOMMAND: &str = "qga-exec";
 /// How often `stop` presses the power button again while the guest runs.
 const POWERDOWN_REPEAT: Duration = Duration::from_secs(3);
@@ -362,6 +365,9 @@ impl VmRuntime {
             super::snapshot::await_incoming(&mut mon)?;
             t.mark("vm_resume_state");
         }
+        // The guest's memory statistics for `instance get` (a guest without the balloon
+        // driver reports none).
+        mon.balloon_stats_every(BALLOON_STATS_SECS)?;
         let vcpus = mon.vcpus()?;
         qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, &plan.cpus)?;
         if !plan.disk_io.is_unlimited() {
@@ -539,6 +545,18 @@ impl Runtime for VmRuntime {
             req,
             passthrough,
         )?)
+    }
+
+    fn guest_memory(
+        &self,
+        node: &Node,
+        id: &str,
+    ) -> Result<Option<super::qmp::GuestMemory>, NodeError> {
+        if self.live_pid(node, id).is_none() {
+            return Ok(None);
+        }
+        let mut mon = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(2))?;
+        Ok(Some(mon.guest_memory()?))
     }
 
     /// QEMU's leftovers of a cut-short snapshot ([`super::snapshot::abandon`]).
