@@ -262,10 +262,7 @@ impl Node {
     }
 
     /// A VM's memory as its balloon sees it (see [`Runtime::guest_memory`]).
-    pub fn guest_memory(
-        &self,
-        id: &str,
-    ) -> Result<Option<crate::vm::qmp::GuestMemory>, NodeError> {
+    pub fn guest_memory(&self, id: &str) -> Result<Option<crate::vm::qmp::GuestMemory>, NodeError> {
         self.runtime_of(id).guest_memory(self, id)
     }
 

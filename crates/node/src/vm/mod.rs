@@ -11,6 +11,7 @@ pub mod passthrough;
 pub mod qcow2;
 pub mod qemu;
 pub mod qmp;
+pub mod resize;
 pub mod runtime;
 pub mod seed;
 pub mod snapshot;

@@ -35,6 +35,8 @@ use std::time::{Duration, Instant};
 
 /// The balloon device's id (`/machine/peripheral/<id>` in QOM).
 pub const BALLOON: &str = "balloon0";
+/// The virtio-mem device's id: RAM added while the VM runs.
+pub const VIRTIO_MEM: &str = "vmem0dev";
 
 /// QEMU's memory beyond guest RAM allowed in the cgroup: the TCG translation buffer (bounded
 /// with `tb-size`) and QEMU's own heap, device models and thread stacks.
@@ -151,6 +153,11 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// Guest RAM, bytes (rounded down to MiB).
     pub memory: u64,
+    /// Most vCPUs and RAM the VM can grow to while it runs (`instance scale`): vCPUs are
+    /// hot-plugged up to `max_vcpus`, RAM above `memory` is a virtio-mem device of
+    /// `max_memory - memory` bytes that plugs none at boot.
+    pub max_vcpus: u32,
+    pub max_memory: u64,
     pub accel: Accel,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -221,9 +228,16 @@ impl VmSpec {
                 Accel::Tcg { .. } => "max",
             }),
             s("-smp"),
-            self.vcpus.to_string(),
+            format!("{},maxcpus={}", self.vcpus, self.max_vcpus.max(self.vcpus)),
             s("-m"),
-            format!("{}M", self.memory >> 20),
+            match self.hotplug_memory() {
+                0 => format!("{}M", self.memory >> 20),
+                _ => format!(
+                    "{}M,maxmem={}M",
+                    self.memory >> 20,
+                    (self.memory >> 20) + (self.hotplug_memory() >> 20)
+                ),
+            },
             s("-no-reboot"),
             // A guest panic (pvpanic) ends QEMU with status 1: the instance fails.
             s("-action"),
@@ -314,6 +328,19 @@ impl VmSpec {
             // (`instance get`).
             s("-device"),
             format!("virtio-balloon-pci,id={BALLOON},free-page-reporting=on"),
+        ]);
+        if self.hotplug_memory() > 0 {
+            a.extend([
+                s("-object"),
+                format!(
+                    "memory-backend-ram,id=vmem0,size={}M,merge=on",
+                    self.hotplug_memory() >> 20
+                ),
+                s("-device"),
+                format!("virtio-mem-pci,id={VIRTIO_MEM},memdev=vmem0,requested-size=0"),
+            ]);
+        }
+        a.extend([
             s("-chardev"),
             format!("socket,id=qga,fd={},server=on,wait=off", fds.agent),
             s("-device"),
@@ -353,6 +380,13 @@ impl VmSpec {
             .iter()
             .filter_map(|(_, p)| std::fs::metadata(p).ok().map(|m| m.len()))
             .fold(root, u64::max)
+    }
+
+    /// RAM the VM can gain while it runs: its virtio-mem device's size (whole 128 MiB, what
+    /// virtio-mem and the guest's memory blocks are aligned to).
+    pub fn hotplug_memory(&self) -> u64 {
+        let mem = self.memory >> 20 << 20;
+        self.max_memory.saturating_sub(mem) >> 27 << 27
     }
 
     /// The cgroup's memory limit: guest RAM plus QEMU's overhead for the accelerator.
@@ -850,6 +884,8 @@ mod tests {
             id: "0123456789ab".into(),
             vcpus: 2,
             memory: 512 << 20,
+            max_vcpus: 2,
+            max_memory: 512 << 20,
             accel: Accel::Tcg {
                 reason: "test".into(),
             },
@@ -891,7 +927,7 @@ mod tests {
     const GOLDEN: &str = "\
 -name gpuvisor-0123456789ab,debug-threads=on -nodefaults -no-user-config \
 -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
--machine q35,mem-merge=on -accel tcg,tb-size=64 -cpu max -smp 2 -m 512M -no-reboot \
+-machine q35,mem-merge=on -accel tcg,tb-size=64 -cpu max -smp 2,maxcpus=2 -m 512M -no-reboot \
 -action panic=exit-failure -display none \
 -chardev socket,id=qmp,fd=10,server=on,wait=off -mon chardev=qmp,mode=control \
 -add-fd fd=13,set=1 -add-fd fd=14,set=1 -add-fd fd=17,set=2 \
@@ -922,6 +958,19 @@ mod tests {
         f.incoming = Some(30);
         let a = spec().args(&f).join(" ");
         assert!(a.ends_with(" -incoming fd:30"), "{a}");
+        // Room to grow: CPU slots, and a virtio-mem device for RAM above the boot size (whole
+        // 128 MiB).
+        let mut g = spec();
+        g.max_vcpus = 4;
+        g.max_memory = (1536 << 20) + (100 << 20);
+        let a = g.args(&fds()).join(" ");
+        for want in [
+            " -smp 2,maxcpus=4 ",
+            " -m 512M,maxmem=1536M ",
+            " -object memory-backend-ram,id=vmem0,size=1024M,merge=on -device virtio-mem-pci,id=vmem0dev,memdev=vmem0,requested-size=0 ",
+        ] {
+            assert!(a.contains(want), "{want:?} not in {a}");
+        }
     }
 
     #[test]

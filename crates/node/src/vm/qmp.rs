@@ -446,7 +446,9 @@ impl Monitor {
     /// The guest's memory: what the balloon leaves it (`query-balloon`) and what its driver
     /// last reported (`guest-stats`; the guest's word, informational only).
     pub fn guest_memory(&mut self) -> Result<GuestMemory, VmError> {
-        let actual = self.execute("query-balloon", &qmp::query_balloon {})?.actual;
+        let actual = self
+            .execute("query-balloon", &qmp::query_balloon {})?
+            .actual;
         let stats = self.execute(
             "qom-get",
             &qmp::qom_get {
@@ -476,6 +478,65 @@ impl Monitor {
             "balloon",
             &qmp::balloon {
                 value: i64::try_from(bytes).unwrap_or(i64::MAX),
+            },
+        )
+        .map(drop)
+    }
+
+    /// Hot-plugs `n` vCPUs into free CPU slots (`query-hotpluggable-cpus`, `device_add`).
+    pub fn add_vcpus(&mut self, n: u32) -> Result<(), VmError> {
+        let mut free: Vec<qmp::HotpluggableCPU> = self
+            .execute("query-hotpluggable-cpus", &qmp::query_hotpluggable_cpus {})?
+            .into_iter()
+            .filter(|c| c.qom_path.is_none())
+            .collect();
+        // Lowest slots first (QEMU lists them highest first).
+        free.sort_by_key(|c| (c.props.socket_id, c.props.core_id, c.props.thread_id));
+        if free.len() < n as usize {
+            return Err(VmError::QmpCommand {
+                command: "device_add".into(),
+                message: format!("{n} vCPUs asked, {} free CPU slots", free.len()),
+            });
+        }
+        for c in free.into_iter().take(n as usize) {
+            let mut args = qapi::Dictionary::new();
+            for (k, v) in [
+                ("socket-id", c.props.socket_id),
+                ("core-id", c.props.core_id),
+                ("thread-id", c.props.thread_id),
+                ("die-id", c.props.die_id),
+            ] {
+                if let Some(v) = v {
+                    args.insert(k.into(), serde_json::json!(v));
+                }
+            }
+            let id = format!(
+                "gvcpu-{}-{}-{}",
+                c.props.socket_id.unwrap_or(0),
+                c.props.core_id.unwrap_or(0),
+                c.props.thread_id.unwrap_or(0)
+            );
+            self.execute(
+                "device_add",
+                &qmp::device_add {
+                    bus: None,
+                    id: Some(id),
+                    driver: c.type_,
+                    arguments: args,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Asks the virtio-mem device for `bytes` of plugged memory (`requested-size`).
+    pub fn set_virtio_mem(&mut self, bytes: u64) -> Result<(), VmError> {
+        self.execute(
+            "qom-set",
+            &qmp::qom_set {
+                path: format!("/machine/peripheral/{}", super::qemu::VIRTIO_MEM),
+                property: "requested-size".into(),
+                value: serde_json::json!(bytes),
             },
         )
         .map(drop)
@@ -799,6 +860,25 @@ impl Agent {
     /// Thaws them (`guest-fsfreeze-thaw`).
     pub fn fsthaw(&mut self) -> Result<i64, VmError> {
         self.execute("guest-fsfreeze-thaw", &qga::guest_fsfreeze_thaw {})
+    }
+
+    /// Onlines every offline vCPU (`guest-get-vcpus`, `guest-set-vcpus`); how many.
+    pub fn online_vcpus(&mut self) -> Result<usize, VmError> {
+        let offline: Vec<qga::GuestLogicalProcessor> = self
+            .execute("guest-get-vcpus", &qga::guest_get_vcpus {})?
+            .into_iter()
+            .filter(|c| !c.online)
+            .map(|c| qga::GuestLogicalProcessor {
+                can_offline: None,
+                logical_id: c.logical_id,
+                online: true,
+            })
+            .collect();
+        if offline.is_empty() {
+            return Ok(0);
+        }
+        let n = self.execute("guest-set-vcpus", &qga::guest_set_vcpus { vcpus: offline })?;
+        Ok(usize::try_from(n).unwrap_or(0))
     }
 
     /// Starts `path args` in the guest with its output captured; returns the guest pid.

@@ -286,13 +286,23 @@ impl VmRuntime {
         t.mark("vm_seed");
         let mask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix_len)));
         let cmdline = format!(
-            "{} console=tty0 console=ttyS0 panic=-1 ip={addr}::{gw}:{mask}:{}:eth0:off",
+            "{} console=tty0 console=ttyS0 panic=-1 memhp_default_state=online ip={addr}::{gw}:{mask}:{}:eth0:off",
             boot.cmdline, plan.hostname
         );
+        let vcpus = u32::try_from(plan.cpus.len()).unwrap_or(1).max(1);
+        // Room to grow while it runs, except with passed-through GPUs (their MMIO window and
+        // VFIO's pinned memory are laid out for the boot size).
+        let (max_vcpus, max_memory) = if plan.gpus.is_empty() {
+            super::resize::host_maximums(&node.cfg.root, vcpus, plan.memory)
+        } else {
+            (vcpus, plan.memory)
+        };
         let spec = VmSpec {
             id: id.to_string(),
-            vcpus: u32::try_from(plan.cpus.len()).unwrap_or(1).max(1),
+            vcpus,
             memory: plan.memory,
+            max_vcpus,
+            max_memory,
             accel: self.cfg.accel.clone(),
             kernel: boot.kernel.clone(),
             initrd: boot.initrd.clone(),
@@ -335,6 +345,15 @@ impl VmRuntime {
             });
         }
         t.mark("vm_gpus");
+        super::resize::Sizes {
+            boot_vcpus: vcpus,
+            boot_memory: spec.memory >> 20 << 20,
+            max_vcpus,
+            max_memory: (spec.memory >> 20 << 20) + spec.hotplug_memory(),
+            vcpus,
+            memory: spec.memory >> 20 << 20,
+        }
+        .write(&run.dir)?;
         let procs = qemu::make_cgroup(&node.cfg.root, id, &plan.cpus, spec.memory_limit())?;
         t.mark("vm_cgroup");
         let output = node.container_output(id).map_err(|e| VmError::Start {
@@ -557,6 +576,30 @@ impl Runtime for VmRuntime {
         }
         let mut mon = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(2))?;
         Ok(Some(mon.guest_memory()?))
+    }
+
+    /// vCPUs hot-plugged, memory by virtio-mem and the balloon ([`super::resize`]).
+    fn resize(&self, node: &Node, id: &str, cpus: &[u32], memory: u64) -> Result<(), NodeError> {
+        let Some(pid) = self.live_pid(node, id) else {
+            return Err(VmError::Start {
+                id: id.to_string(),
+                why: "its QEMU is not running".into(),
+            }
+            .into());
+        };
+        let overhead = match self.cfg.accel {
+            super::Accel::Kvm => qemu::OVERHEAD_KVM,
+            super::Accel::Tcg { .. } => qemu::OVERHEAD_TCG,
+        };
+        Ok(super::resize::resize(
+            &node.cfg.root,
+            id,
+            &self.run_paths(id),
+            pid,
+            cpus,
+            memory,
+            overhead,
+        )?)
     }
 
     /// QEMU's leftovers of a cut-short snapshot ([`super::snapshot::abandon`]).

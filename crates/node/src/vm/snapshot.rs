@@ -251,6 +251,12 @@ pub fn take(
     let drives = volume_drives(&run_dir.join("volumes"), volumes)?;
     abandon(mon, volume_count(run_dir))?;
     let consistency = if req.memory {
+        if super::resize::Sizes::read(run_dir).is_ok_and(|s| s.resized()) {
+            return Err(VmError::Start {
+                id: overlay.display().to_string(),
+                why: "the VM was resized while it runs: its running state would not load into a VM started at its size; restart it (or take a disk snapshot)".into(),
+            });
+        }
         if passthrough {
             return Err(VmError::Start {
                 id: overlay.display().to_string(),

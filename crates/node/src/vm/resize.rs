@@ -1,0 +1,177 @@
+//! A running VM's vCPUs and memory changed in place (`instance scale`, issue 14 item 3).
+//!
+//! A VM boots with room to grow ([`Sizes`], `<run>/size.json`): `-smp N,maxcpus=M` and
+//! `-m R,maxmem=R+H` with a virtio-mem device of `H` bytes that plugs none at boot.
+//! - vCPUs up: `device_add` of the free CPU slots `query-hotpluggable-cpus` lists, the guest
+//!   agent onlines them (`guest-set-vcpus`; a guest without an agent sees them offline until
+//!   it onlines them), the cgroup's cpuset grows and every vCPU thread is pinned again. Down:
+//!   refused live (a CPU unplug needs the guest's consent; the engine offers a restart).
+//! - Memory up to `R`: the balloon deflates; above `R`: virtio-mem's `requested-size` (the
+//!   guest onlines the blocks itself: `memhp_default_state=online`). Down: virtio-mem gives
+//!   back what it plugged, the balloon inflates below `R`. The cgroup's limit is raised first
+//!   and lowered last.
+//! - Past `M` vCPUs or `R + H` bytes: refused with the maximum; the engine offers a restart.
+//!
+//! What the guest gives back it gives back as it can: the balloon and virtio-mem move towards
+//! their targets; `instance get` shows the guest's memory as the balloon sees it.
+
+use super::qemu::{self, RunPaths};
+use super::qmp::{Agent, Monitor};
+use super::{vio, VmError};
+use crate::HostRoot;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Duration;
+
+/// A VM's sizes: what it booted with, its maximums, and what it has now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sizes {
+    pub boot_vcpus: u32,
+    pub boot_memory: u64,
+    pub max_vcpus: u32,
+    pub max_memory: u64,
+    pub vcpus: u32,
+    pub memory: u64,
+}
+
+impl Sizes {
+    fn path(run_dir: &Path) -> std::path::PathBuf {
+        run_dir.join("size.json")
+    }
+
+    /// Into the VM's run dir.
+    pub fn write(&self, run_dir: &Path) -> Result<(), VmError> {
+        let path = Self::path(run_dir);
+        let text = serde_json::to_vec(self).map_err(|e| {
+            vio(&path)(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e.to_string(),
+            ))
+        })?;
+        std::fs::write(&path, text).map_err(vio(&path))
+    }
+
+    pub fn read(run_dir: &Path) -> Result<Self, VmError> {
+        let path = Self::path(run_dir);
+        let text = std::fs::read(&path).map_err(vio(&path))?;
+        serde_json::from_slice(&text).map_err(|e| {
+            vio(&path)(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e.to_string(),
+            ))
+        })
+    }
+
+    /// Changed since boot (a snapshot of the running state would not load into a VM started
+    /// at the stored size).
+    pub fn resized(&self) -> bool {
+        self.vcpus != self.boot_vcpus || self.memory != self.boot_memory
+    }
+}
+
+/// The most a VM of this host can grow to: every online CPU, all of the host's RAM (whole
+/// 128 MiB). Never below what it boots with.
+pub fn host_maximums(root: &HostRoot, vcpus: u32, memory: u64) -> (u32, u64) {
+    let cpus = root.online_cpus().map_or(0, |c| c.len() as u32);
+    let mem = root.mem_total().map_or(0, |m| m >> 27 << 27);
+    (cpus.max(vcpus), mem.max(memory))
+}
+
+fn refuse(why: String) -> VmError {
+    VmError::Start {
+        id: "resize".into(),
+        why,
+    }
+}
+
+/// Resizes the running VM (QEMU `pid`) to `cpus` (one vCPU each, pinned in order) and
+/// `memory` bytes.
+pub fn resize(
+    root: &HostRoot,
+    id: &str,
+    run: &RunPaths,
+    pid: i32,
+    cpus: &[u32],
+    memory: u64,
+    overhead: u64,
+) -> Result<(), VmError> {
+    let mut sizes = Sizes::read(&run.dir)?;
+    let want = u32::try_from(cpus.len()).unwrap_or(u32::MAX).max(1);
+    if want < sizes.vcpus {
+        return Err(refuse(format!(
+            "a running VM's vCPUs cannot be taken away ({} now, {want} asked)",
+            sizes.vcpus
+        )));
+    }
+    if want > sizes.max_vcpus {
+        return Err(refuse(format!(
+            "{want} vCPUs is more than the {} this VM can grow to while it runs",
+            sizes.max_vcpus
+        )));
+    }
+    if memory > sizes.max_memory {
+        return Err(refuse(format!(
+            "{} MiB is more than the {} MiB this VM can grow to while it runs",
+            memory >> 20,
+            sizes.max_memory >> 20
+        )));
+    }
+    let hotplug = sizes.max_memory - sizes.boot_memory;
+    let plugged = memory.saturating_sub(sizes.boot_memory);
+    if plugged > 0 && (plugged & ((128 << 20) - 1)) != 0 {
+        return Err(refuse(format!(
+            "memory above the {} MiB the VM booted with is added in steps of 128 MiB",
+            sizes.boot_memory >> 20
+        )));
+    }
+    if plugged > hotplug {
+        return Err(refuse(format!(
+            "{} MiB is more than the {} MiB this VM can grow to while it runs",
+            memory >> 20,
+            sizes.max_memory >> 20
+        )));
+    }
+    let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
+    // Room first: the cpuset and the larger of the two limits.
+    let limit = memory.max(sizes.memory).saturating_add(overhead);
+    drop(qemu::make_cgroup(root, id, cpus, limit)?);
+    if want > sizes.vcpus {
+        mon.add_vcpus(want - sizes.vcpus)?;
+    }
+    if hotplug > 0 {
+        mon.set_virtio_mem(plugged)?;
+    }
+    mon.set_balloon(memory.min(sizes.boot_memory))?;
+    let vcpus = mon.vcpus()?;
+    qemu::pin_vcpus(root, pid, &vcpus, cpus)?;
+    if want > sizes.vcpus {
+        online_vcpus(&run.agent());
+    }
+    if memory < sizes.memory {
+        drop(qemu::make_cgroup(
+            root,
+            id,
+            cpus,
+            memory.saturating_add(overhead),
+        )?);
+    }
+    sizes.vcpus = want;
+    sizes.memory = memory;
+    sizes.write(&run.dir)?;
+    tracing::info!(id, vcpus = want, memory, "VM resized while running");
+    Ok(())
+}
+
+/// Onlines every offline vCPU through the guest agent; a guest without one is left to do it.
+fn online_vcpus(agent: &Path) {
+    let done = Agent::connect(agent, Duration::from_secs(3)).and_then(|mut a| {
+        a.sync()?;
+        a.online_vcpus()
+    });
+    match done {
+        Ok(n) => tracing::debug!(onlined = n, "guest vCPUs onlined"),
+        Err(e) => {
+            tracing::info!(error = %e, "the guest agent did not online the new vCPUs: the guest must")
+        }
+    }
+}
