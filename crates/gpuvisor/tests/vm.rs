@@ -986,7 +986,10 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
         t.elapsed()
     );
     assert_eq!(get(&id), "one");
-    assert_eq!(sh("test -e /.gpuvisor/ramfile && echo yes || echo no"), "no");
+    assert_eq!(
+        sh("test -e /.gpuvisor/ramfile && echo yes || echo no"),
+        "no"
+    );
 
     // Running state: the guest resumes, no boot.
     let t = Instant::now();
@@ -1037,5 +1040,107 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
     d.json(&["snapshot", "rm", "mem1"]);
     assert!(!dir1.exists() && !dir2.exists());
     let leaks = d.leaks(&[id, clone]);
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+/// A running VM grows and shrinks in place (issue 14 items 3 and 5): a vCPU hot-plugged and
+/// onlined, memory added by virtio-mem and taken back by the balloon, the same QEMU process
+/// throughout, its cgroup and pinning following; `instance get` shows the guest's memory as
+/// its balloon sees it. Fewer vCPUs live and a memory snapshot of a resized VM are refused.
+#[test]
+fn a_running_vm_grows_and_shrinks_in_place() {
+    let _g = serial();
+    let Some(fx) = fixture() else { return };
+    let d = vm_daemon(&fx);
+    d.import_busybox();
+    let v = d.json(&[
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--runtime",
+        "vm",
+        "--vcpus",
+        "1",
+        "--memory",
+        "256MiB",
+        "--container-disk",
+        "1GiB",
+        "--wait",
+    ]);
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
+    let pid = qemu_pids(&id);
+    assert_eq!(pid.len(), 1, "{pid:?}");
+    let sh = |cmd: &str| -> String {
+        let (code, out, err) = d.exec(&id, cmd);
+        assert_eq!(code, 0, "{cmd}: {err}\n{}", d.log());
+        out.trim().to_string()
+    };
+    let cpus = || -> u64 { sh("grep -c ^processor /proc/cpuinfo").parse().unwrap() };
+    let mem_kb = || -> u64 {
+        sh("grep MemTotal /proc/meminfo | tr -s ' ' | cut -d' ' -f2")
+            .parse()
+            .unwrap()
+    };
+    // The guest's memory as the balloon sees it, once its driver has reported.
+    let guest_memory = |want_actual: u64| -> serde_json::Value {
+        let deadline = Instant::now() + TCG_WAIT;
+        loop {
+            let v = d.json(&["instance", "get", &id]);
+            let g = &v["guest_memory"];
+            if g["actual"].as_u64() == Some(want_actual) && g["used"].as_u64().is_some() {
+                return g.clone();
+            }
+            assert!(Instant::now() < deadline, "guest memory never {want_actual}: {v}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let g = guest_memory(256 << 20);
+    assert!(g["used"].as_u64().unwrap() > 0, "{g}");
+    assert_eq!(cpus(), 1);
+    let before_kb = mem_kb();
+
+    // Up: one more vCPU, 256 MiB more, no restart.
+    let s = d.json(&["instance", "scale", &id, "--vcpus", "2", "--memory", "512MiB"]);
+    assert_eq!(s["vcpus"], 2, "{s}");
+    assert_eq!(qemu_pids(&id), pid, "QEMU was restarted");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cpus() != 2 || mem_kb() < before_kb + 200 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "guest sees {} CPUs, {} kB (was {before_kb})",
+            cpus(),
+            mem_kb()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let cpuset = cgroup_dirs(&id)
+        .iter()
+        .find_map(|d| std::fs::read_to_string(d.join("cpuset.cpus")).ok())
+        .unwrap_or_default();
+    assert!(
+        cpuset.trim().contains(',') || cpuset.trim().contains('-'),
+        "cpuset {cpuset:?} after growing to 2 vCPUs"
+    );
+
+    // Down: the balloon takes memory back below the boot size.
+    d.json(&["instance", "scale", &id, "--memory", "192MiB"]);
+    let g = guest_memory(192 << 20);
+    eprintln!("guest memory after shrinking: {g}");
+    assert_eq!(qemu_pids(&id), pid, "QEMU was restarted");
+
+    // Not live: fewer vCPUs; a memory snapshot of a resized VM.
+    let out = d.cli(&["instance", "scale", &id, "--vcpus", "1"]);
+    assert!(!out.status.success(), "vCPUs taken away live");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("restart"), "{err}");
+    let out = d.cli(&["instance", "snapshot", &id, "m", "--memory"]);
+    assert!(!out.status.success(), "saved the running state of a resized VM");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("resized"), "{err}");
+
+    d.json(&["instance", "terminate", &id, "--wait"]);
+    let leaks = d.leaks(&[id]);
     assert!(leaks.is_empty(), "{leaks:?}");
 }
