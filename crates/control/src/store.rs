@@ -14,12 +14,14 @@ use std::sync::Arc;
 use thiserror::Error;
 
 mod endpoints;
+mod snapshots;
 mod templates;
 mod usage;
 pub use endpoints::{
     EndpointRow, JobRow, JobTally, RunningJob, WorkerRow, CHUNK_ROW_OCTETS, JOB_ROW_OCTETS,
     MAX_STREAM_BYTES,
 };
+pub use snapshots::SnapshotRow;
 pub use templates::TemplateRow;
 pub use usage::UsageRow;
 
@@ -196,6 +198,26 @@ pub struct InstanceSpec {
     /// Disk I/O limits, per disk.
     #[serde(default, skip_serializing_if = "gpuvisor_wire::DiskIo::is_unlimited")]
     pub disk_io: gpuvisor_wire::DiskIo,
+    /// A clone (`instance create --from-snapshot`): the id of the snapshot whose disk is
+    /// copied into the instance's new disk at every provision, as an image would be (disks
+    /// only, never a VM's running state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
+    /// `instance restore`, one shot: the next provision starts from this snapshot (and a VM
+    /// from its running state when it has one); the reconciler clears it once the instance
+    /// runs. It wins over `from_snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSpec>,
+}
+
+/// What the next provision of a restored instance starts from ([`InstanceSpec::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    /// The snapshot's id.
+    pub snapshot: String,
+    /// Resume the VM's saved running state.
+    #[serde(default)]
+    pub memory: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -696,15 +718,16 @@ impl Store {
 
     /// Deletes a tenant that holds nothing any more: its keys, its terminated instances and
     /// their events, then the row (its network slot is free again). Refused (false, nothing
-    /// deleted) while it has an instance that is not terminated or a volume; false too when
-    /// the row was already gone (only one caller sees true).
+    /// deleted) while it has an instance that is not terminated, a volume or a snapshot; false
+    /// too when the row was already gone (only one caller sees true).
     pub async fn delete_tenant(&self, id: &str) -> Result<bool> {
         let id = id.to_string();
         self.write_instances(move |s| async move {
             let mut tx = s.begin_write().await?;
             let held: i64 = sqlx::query(
                 "SELECT (SELECT COUNT(*) FROM instances WHERE tenant_id = $1 AND state <> 'terminated') \
-                 + (SELECT COUNT(*) FROM volumes WHERE tenant_id = $1) AS n",
+                 + (SELECT COUNT(*) FROM volumes WHERE tenant_id = $1) \
+                 + (SELECT COUNT(*) FROM snapshots WHERE tenant_id = $1) AS n",
             )
             .bind(id.to_string())
             .fetch_one(&mut *tx)
@@ -1525,6 +1548,24 @@ impl Store {
             .execute(&s.pool)
             .await
             .map_err(StoreError::from_write)?;
+            Ok(r.rows_affected() > 0)
+        })
+        .await
+    }
+
+    /// Writes an instance's spec alone (a restore to apply, or applied); false if the instance
+    /// does not exist. The caller holds the instance's lock (the spec is read, changed and
+    /// written whole).
+    pub async fn set_spec(&self, id: &str, spec: &InstanceSpec, now: i64) -> Result<bool> {
+        let (id, spec) = (id.to_string(), json(spec));
+        self.write_instances(move |s| async move {
+            let r = sqlx::query("UPDATE instances SET spec = $1, updated_at = $2 WHERE id = $3")
+                .bind(spec)
+                .bind(now)
+                .bind(id)
+                .execute(&s.pool)
+                .await
+                .map_err(StoreError::from_write)?;
             Ok(r.rows_affected() > 0)
         })
         .await

@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use gpuvisor_control::store::{
     AuditAnchor, AuditRow, EventRow, GpuRow, ImageRow, InstanceRow, InstanceSpec, KeyRow,
-    RestartRow, Store, StoreError, VolumeRow,
+    RestartRow, RestoreSpec, SnapshotRow, Store, StoreError, VolumeRow,
 };
 use gpuvisor_wire::{
-    GpuBinding, InstanceState, PortSpec, RestartPolicy, Role, VolumeMount, VolumeState,
+    GpuBinding, InstanceState, PortSpec, RestartPolicy, Role, RuntimeKind, SnapshotState,
+    VolumeMount, VolumeState,
 };
 use sqlx::{AnyPool, AssertSqlSafe, Connection, Row};
 
@@ -1060,6 +1061,148 @@ async fn volumes_are_per_tenant() {
             .unwrap()
             .iter()
             .any(|v| v.name == "new" && v.vm_touched));
+    })
+    .await;
+}
+
+/// Snapshots: written pending, made ready with what was saved, unique by name in a tenant,
+/// listed per tenant or all, and a tenant holding one is not deleted. The spec fields that
+/// point at them round-trip through `set_spec`.
+#[tokio::test]
+async fn snapshots_pending_ready_and_per_tenant() {
+    for_each_backend(|Db { store, backend, .. }| async move {
+        with_tenant(&store, "t-1").await;
+        with_tenant(&store, "t-2").await;
+        let snap = |id: &str, t: &str, name: &str, at: i64| SnapshotRow {
+            id: id.into(),
+            tenant_id: t.into(),
+            name: name.into(),
+            instance_id: "i-1".into(),
+            runtime: RuntimeKind::Vm,
+            image: "ubuntu".into(),
+            state: SnapshotState::Pending,
+            memory: true,
+            consistency: String::new(),
+            disk_size: 10 << 30,
+            volumes: vec!["data".into()],
+            vcpus: 2,
+            memory_bytes: 4 << 30,
+            bytes: 0,
+            created_at: at,
+        };
+        let a = snap("aa01", "t-1", "before-upgrade", 10);
+        let b = snap("bb02", "t-1", "nightly", 20);
+        let c = snap("cc03", "t-2", "nightly", 30);
+        for s in [&a, &b, &c] {
+            store.insert_snapshot(s).await.unwrap();
+        }
+        assert_eq!(
+            store.snapshot("aa01").await.unwrap(),
+            Some(a.clone()),
+            "{backend}"
+        );
+        assert_eq!(store.snapshot("zz99").await.unwrap(), None, "{backend}");
+        assert_eq!(
+            store.snapshot_by_name("t-2", "nightly").await.unwrap(),
+            Some(c.clone()),
+            "{backend}"
+        );
+        assert_eq!(
+            store
+                .snapshot_by_name("t-2", "before-upgrade")
+                .await
+                .unwrap(),
+            None,
+            "{backend}: another tenant's name"
+        );
+        assert_conflict(
+            store
+                .insert_snapshot(&snap("dd04", "t-1", "nightly", 40))
+                .await,
+            backend,
+            "same snapshot name in one tenant",
+        );
+        assert_eq!(
+            store.snapshots(Some("t-1")).await.unwrap(),
+            vec![a.clone(), b.clone()],
+            "{backend}: by name"
+        );
+        assert_eq!(
+            store.snapshots(None).await.unwrap(),
+            vec![a.clone(), b.clone(), c.clone()],
+            "{backend}: by tenant, then name"
+        );
+        assert_eq!(
+            store.pending_snapshots().await.unwrap(),
+            vec![a.clone(), b.clone(), c.clone()],
+            "{backend}: oldest first"
+        );
+
+        // Ready with what the node saved; only once.
+        let ready = SnapshotRow {
+            state: SnapshotState::Ready,
+            memory: false,
+            consistency: "guest agent freeze".into(),
+            disk_size: 12 << 30,
+            volumes: vec![],
+            vcpus: 4,
+            memory_bytes: 8 << 30,
+            bytes: 3 << 30,
+            ..a.clone()
+        };
+        assert!(
+            store.mark_snapshot_ready(&ready).await.unwrap(),
+            "{backend}"
+        );
+        assert!(
+            !store.mark_snapshot_ready(&ready).await.unwrap(),
+            "{backend}: no longer pending"
+        );
+        assert_eq!(
+            store.snapshot("aa01").await.unwrap(),
+            Some(ready.clone()),
+            "{backend}"
+        );
+        assert_eq!(
+            store.pending_snapshots().await.unwrap(),
+            vec![b.clone(), c.clone()],
+            "{backend}"
+        );
+
+        // A tenant holding a snapshot is not deleted.
+        for s in ["bb02", "cc03"] {
+            assert!(store.delete_snapshot(s).await.unwrap(), "{backend}");
+        }
+        assert!(
+            !store.delete_snapshot("cc03").await.unwrap(),
+            "{backend}: already gone"
+        );
+        assert!(
+            !store.delete_tenant("t-1").await.unwrap(),
+            "{backend}: it holds aa01"
+        );
+        assert!(store.delete_tenant("t-2").await.unwrap(), "{backend}");
+        assert!(store.delete_snapshot("aa01").await.unwrap(), "{backend}");
+
+        // The instance's spec names them: written alone, read back whole.
+        let mut i = instance_row("i-1", "t-1", "web", 100);
+        store.insert_instance(&i).await.unwrap();
+        i.spec.from_snapshot = Some("aa01".into());
+        i.spec.restore = Some(RestoreSpec {
+            snapshot: "bb02".into(),
+            memory: true,
+        });
+        assert!(
+            store.set_spec("i-1", &i.spec, 500).await.unwrap(),
+            "{backend}"
+        );
+        let back = store.instance("i-1").await.unwrap().unwrap();
+        assert_eq!(back.spec, i.spec, "{backend}");
+        assert_eq!(back.updated_at, 500, "{backend}");
+        assert!(
+            !store.set_spec("i-404", &i.spec, 600).await.unwrap(),
+            "{backend}"
+        );
     })
     .await;
 }

@@ -286,6 +286,14 @@ fn routes() -> Routes {
         Op::RemoveVolume,
         remove_volume,
     )
+    .add("GET", "/v1/snapshots", Op::ListSnapshots, list_snapshots)
+    .add("GET", "/v1/snapshots/{snap}", Op::GetSnapshot, get_snapshot)
+    .add(
+        "DELETE",
+        "/v1/snapshots/{snap}",
+        Op::DeleteSnapshot,
+        delete_snapshot,
+    )
     .add("GET", "/v1/instances", Op::ListInstances, list_instances)
     .add("POST", "/v1/instances", Op::CreateInstance, create_instance)
     .add("GET", "/v1/instances/{id}", Op::GetInstance, get_instance)
@@ -312,6 +320,18 @@ fn routes() -> Routes {
         "/v1/instances/{id}/scale",
         Op::ScaleInstance,
         scale_instance,
+    )
+    .add(
+        "POST",
+        "/v1/instances/{id}/snapshots",
+        Op::SnapshotInstance,
+        create_snapshot,
+    )
+    .add(
+        "POST",
+        "/v1/instances/{id}/restore",
+        Op::RestoreInstance,
+        restore_instance,
     )
     .add(
         "POST",
@@ -825,6 +845,67 @@ async fn remove_volume(
     Path(name): Path<String>,
 ) -> R<wire::Volume> {
     Ok(Json(e.remove_volume(&p, &name).await?))
+}
+
+async fn list_snapshots(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Snapshot>> {
+    Ok(Json(e.list_snapshots(&p).await?))
+}
+
+async fn get_snapshot(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(snap): Path<String>,
+) -> R<wire::Snapshot> {
+    Ok(Json(e.get_snapshot(&p, &snap).await?))
+}
+
+async fn delete_snapshot(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(snap): Path<String>,
+) -> Audited<wire::Snapshot> {
+    let s = e.delete_snapshot(&p, &snap).await?;
+    audited(format!("snapshot {} ({})", s.id, s.name), s)
+}
+
+/// Answers once the snapshot is complete (the copy may take a while for large disks).
+async fn create_snapshot(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    Body(b): Body<wire::CreateSnapshot>,
+) -> Result<
+    (
+        StatusCode,
+        axum::Extension<AuditSubject>,
+        Json<wire::Snapshot>,
+    ),
+    ApiError,
+> {
+    let s = e.create_snapshot(&p, &id, &b).await?;
+    let subject = AuditSubject(format!(
+        "snapshot {} ({}) of instance {}",
+        s.id, s.name, s.instance_id
+    ));
+    Ok((StatusCode::CREATED, axum::Extension(subject), Json(s)))
+}
+
+/// Stops the instance if it runs, rolls its volumes back and starts it from the snapshot;
+/// answers the instance, starting (`--wait` follows it).
+async fn restore_instance(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    Body(b): Body<wire::RestoreInstance>,
+) -> Audited<wire::Instance> {
+    let i = e.restore_instance(&p, &id, &b).await?;
+    audited(
+        format!(
+            "instance {} ({}) from snapshot {}",
+            i.id, i.name, b.snapshot
+        ),
+        i,
+    )
 }
 
 async fn list_instances(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Instance>> {

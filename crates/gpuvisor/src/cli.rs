@@ -180,6 +180,10 @@ pub enum Command {
     /// Persistent volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Instance snapshots (`instance snapshot` takes one, `instance restore` rolls back to
+    /// one, `instance create --from-snapshot` clones one).
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// Instance templates: `instance create --template NAME` starts from one.
     #[command(subcommand)]
     Template(TemplateCmd),
@@ -614,6 +618,18 @@ pub enum VolumeCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    /// List snapshots (an admin: every tenant's).
+    #[command(visible_alias = "ls")]
+    List,
+    /// Show one snapshot, by id or name.
+    Get { snapshot: String },
+    /// Remove a snapshot (refused while a clone or a pending restore starts from it).
+    #[command(visible_alias = "remove")]
+    Rm { snapshot: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum EndpointCmd {
     /// Make an endpoint: its queue is `/v2/<id>/` on the API's address.
     Create(Box<EndpointArgs>),
@@ -841,9 +857,15 @@ pub struct CreateArgs {
     /// Start from this template (see `gpuvisor template list`); the flags given override it.
     #[arg(long)]
     pub template: Option<String>,
-    /// Image name (see `gpuvisor image list`); required without --template.
-    #[arg(long, required_unless_present = "template")]
+    /// Image name (see `gpuvisor image list`); required without --template or
+    /// --from-snapshot.
+    #[arg(long, required_unless_present_any = ["template", "from_snapshot"])]
     pub image: Option<String>,
+    /// Clone a snapshot (by id or name): the new instance's disk starts from the snapshot's
+    /// at every start, and its image, runtime and disk size are the snapshot's. Disks only:
+    /// a VM clone boots afresh.
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub from_snapshot: Option<String>,
     /// Instance name (default: generated).
     #[arg(long)]
     pub name: Option<String>,
@@ -972,6 +994,26 @@ pub enum InstanceCmd {
         /// Consent to a stop and start when the change cannot be made live.
         #[arg(long)]
         restart: bool,
+    },
+    /// Save a running instance's disk and volumes as snapshot NAME (`--memory`: a VM's running
+    /// state too). Waits until the copy is complete.
+    Snapshot {
+        id: String,
+        /// The snapshot's name (unique in the tenant).
+        name: String,
+        /// VMs: save the running state too (restoring it resumes the VM where it was).
+        #[arg(long)]
+        memory: bool,
+    },
+    /// Roll an instance back to one of its snapshots: it is stopped if it runs, its volumes
+    /// rolled back, and it starts from the snapshot's disk (a VM from its saved running
+    /// state, if the snapshot has one).
+    Restore {
+        id: String,
+        /// The snapshot, by id or name.
+        snapshot: String,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// A signed link that opens a private HTTP port in a browser (through the HTTPS proxy)
     /// until it expires; anyone holding it gets in.
@@ -1367,6 +1409,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Image(cmd) => connect()?.image(cmd),
         Command::Registry(cmd) => connect()?.registry(cmd),
         Command::Volume(cmd) => connect()?.volume(cmd),
+        Command::Snapshot(cmd) => connect()?.snapshot(cmd),
         Command::Template(cmd) => connect()?.template(cmd),
         Command::Instance(cmd) => connect()?.instance(cmd),
         Command::Endpoint(cmd) => connect()?.endpoint(cmd),
@@ -1862,6 +1905,25 @@ impl Ctx {
         Ok(exit::OK)
     }
 
+    fn snapshot(&self, cmd: SnapshotCmd) -> Result<i32, CliError> {
+        let now = output::now_ms();
+        match cmd {
+            SnapshotCmd::List => {
+                let list = self.client.list_snapshots()?;
+                output::print(self.format, &list, |l| output::snapshots_table(l, now))?;
+            }
+            SnapshotCmd::Get { snapshot } => {
+                let s = self.client.get_snapshot(&snapshot)?;
+                output::print(self.format, &s, |s| output::snapshot_detail(s, now))?;
+            }
+            SnapshotCmd::Rm { snapshot } => {
+                let s = self.client.delete_snapshot(&snapshot)?;
+                output::print(self.format, &s, |s| format!("snapshot {} removed", s.name))?;
+            }
+        }
+        Ok(exit::OK)
+    }
+
     fn instance(&self, cmd: InstanceCmd) -> Result<i32, CliError> {
         match cmd {
             InstanceCmd::Create(args) => {
@@ -1900,6 +1962,7 @@ impl Ctx {
                     packages: args.packages,
                     idle_timeout_secs: args.idle_timeout.map(|d| d.as_secs()),
                     disk_io: args.disk_io.wire(),
+                    from_snapshot: args.from_snapshot,
                 };
                 let inst = self.client.create_instance(&req)?;
                 self.finish_lifecycle(inst, InstanceState::Running, &args.wait)
@@ -1972,6 +2035,21 @@ impl Ctx {
                     output::instances_table(std::slice::from_ref(i), now)
                 })?;
                 Ok(exit::OK)
+            }
+            InstanceCmd::Snapshot { id, name, memory } => {
+                let req = gpuvisor_wire::CreateSnapshot { name, memory };
+                let snap = self.client.create_snapshot(&id, &req)?;
+                let now = output::now_ms();
+                output::print(self.format, &snap, |s| {
+                    output::snapshots_table(std::slice::from_ref(s), now)
+                })?;
+                Ok(exit::OK)
+            }
+            InstanceCmd::Restore { id, snapshot, wait } => {
+                let id = self.client.get_instance(&id)?.id;
+                let req = gpuvisor_wire::RestoreInstance { snapshot };
+                let inst = self.client.restore_instance(&id, &req)?;
+                self.finish_lifecycle(inst, InstanceState::Running, &wait)
             }
             InstanceCmd::Link { id, port, ttl } => {
                 let req = gpuvisor_wire::CreateLink {

@@ -530,6 +530,42 @@ impl Client {
         self.delete(&format!("/volumes/{}", segment(name)))
     }
 
+    pub fn list_snapshots(&self) -> Result<Vec<gpuvisor_wire::Snapshot>> {
+        self.get("/snapshots")
+    }
+
+    /// By id or name.
+    pub fn get_snapshot(&self, id_or_name: &str) -> Result<gpuvisor_wire::Snapshot> {
+        self.get(&format!("/snapshots/{}", segment(id_or_name)))
+    }
+
+    pub fn delete_snapshot(&self, id_or_name: &str) -> Result<gpuvisor_wire::Snapshot> {
+        self.delete(&format!("/snapshots/{}", segment(id_or_name)))
+    }
+
+    /// Answers once the snapshot is complete.
+    pub fn create_snapshot(
+        &self,
+        instance: &str,
+        req: &gpuvisor_wire::CreateSnapshot,
+    ) -> Result<gpuvisor_wire::Snapshot> {
+        self.post(
+            &format!("/instances/{}/snapshots", segment(instance)),
+            Some(req),
+        )
+    }
+
+    pub fn restore_instance(
+        &self,
+        instance: &str,
+        req: &gpuvisor_wire::RestoreInstance,
+    ) -> Result<Instance> {
+        self.post(
+            &format!("/instances/{}/restore", segment(instance)),
+            Some(req),
+        )
+    }
+
     pub fn list_instances(&self) -> Result<Vec<Instance>> {
         self.get("/instances")
     }

@@ -530,6 +530,79 @@ pub fn volumes_table(volumes: &[Volume], now_ms: i64) -> String {
     )
 }
 
+pub fn snapshots_table(snaps: &[gpuvisor_wire::Snapshot], now_ms: i64) -> String {
+    table(
+        &[
+            "NAME", "ID", "TENANT", "INSTANCE", "RUNTIME", "STATE", "SIZE", "DISK", "VOLUMES",
+            "MEMORY", "AGE",
+        ],
+        snaps.iter().map(|s| {
+            vec![
+                s.name.clone(),
+                s.id.clone(),
+                s.tenant.clone(),
+                s.instance_name
+                    .clone()
+                    .unwrap_or_else(|| s.instance_id.clone()),
+                s.runtime.to_string(),
+                s.state.to_string(),
+                format_size(s.bytes),
+                format_size(s.disk_size),
+                or_dash(&s.volumes.join(",")),
+                if s.memory { "saved" } else { "-" }.to_string(),
+                format_age(s.created_at, now_ms),
+            ]
+        }),
+    )
+}
+
+pub fn snapshot_detail(s: &gpuvisor_wire::Snapshot, now_ms: i64) -> String {
+    let lines: Vec<(&str, String)> = vec![
+        ("ID", s.id.clone()),
+        ("Name", s.name.clone()),
+        ("Tenant", s.tenant.clone()),
+        (
+            "Instance",
+            match &s.instance_name {
+                Some(n) => format!("{n} ({})", s.instance_id),
+                None => s.instance_id.clone(),
+            },
+        ),
+        ("Runtime", s.runtime.to_string()),
+        ("Image", s.image.clone()),
+        ("State", s.state.to_string()),
+        ("Consistency", or_dash(&s.consistency)),
+        ("Size on disk", format_size(s.bytes)),
+        ("Disk", format_size(s.disk_size)),
+        ("Volumes", or_dash(&s.volumes.join(", "))),
+        (
+            "Running state",
+            if s.memory {
+                format!(
+                    "saved ({} vCPUs, {} of memory)",
+                    s.vcpus,
+                    format_size(s.memory_bytes)
+                )
+            } else {
+                "-".into()
+            },
+        ),
+        (
+            "Created",
+            format!(
+                "{} ({} ago)",
+                format_time(s.created_at),
+                format_age(s.created_at, now_ms)
+            ),
+        ),
+    ];
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
+    lines
+        .iter()
+        .map(|(k, v)| format!("{:<width$}{v}\n", format!("{k}:")))
+        .collect()
+}
+
 pub fn templates_table(ts: &[gpuvisor_wire::Template], now_ms: i64) -> String {
     table(
         &[

@@ -9,6 +9,7 @@ pub mod mig;
 mod restart;
 pub mod serverless;
 mod size;
+pub mod snapshot;
 pub mod template;
 pub mod usage;
 
@@ -20,6 +21,7 @@ pub use serverless::{
     RunRequest, Scaler, ScalerKind, StreamChunk, StreamStatus, UpdateEndpoint,
 };
 pub use size::{format_size, parse_size, SizeError};
+pub use snapshot::{CreateSnapshot, RestoreInstance, Snapshot, SnapshotState};
 pub use template::{CreateTemplate, Template, TemplateSpec};
 pub use usage::{GpuType, InstanceCost, UsageLine, UsageQuery, UsageReport};
 
@@ -423,6 +425,14 @@ pub struct CreateInstance {
     /// Disk I/O limits, each of its disks on its own (unset: none).
     #[serde(default, skip_serializing_if = "DiskIo::is_unlimited")]
     pub disk_io: DiskIo,
+    /// Start from this snapshot (the tenant's own, by id or name): the instance's container
+    /// (or VM root) disk is a copy of the snapshot's at every start, as an image's would be.
+    /// The image, runtime and disk size are the snapshot's (left out, they are taken from
+    /// it). Disks only: a VM clone boots afresh, it does not resume a saved running state;
+    /// its volumes are the request's (the snapshot's copies of volumes restore only its own
+    /// instance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_snapshot: Option<String>,
 }
 
 /// Disk I/O limits of an instance, per disk: a container's disk and each of its volumes (the

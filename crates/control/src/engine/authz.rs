@@ -112,6 +112,11 @@ ops! {
     StartInstance => "instance.start", Operate;
     TerminateInstance => "instance.terminate", Operate;
     ScaleInstance => "instance.scale", Operate;
+    SnapshotInstance => "instance.snapshot", Operate;
+    RestoreInstance => "instance.restore", Operate;
+    ListSnapshots => "snapshot.list", Read;
+    GetSnapshot => "snapshot.get", Read;
+    DeleteSnapshot => "snapshot.delete", Operate;
     CreateLink => "instance.link", Operate;
     InstanceLogs => "instance.logs", Read;
     InstanceEvents => "instance.events", Read;

@@ -20,6 +20,7 @@ mod reconcile;
 mod scale;
 pub mod serverless;
 pub mod session;
+pub mod snapshots;
 pub mod templates;
 mod tenants;
 mod usage;
@@ -409,6 +410,10 @@ impl Engine {
             self.telemetry.cordon(&uuid, &reason);
         }
         self.check_net_plan().await?;
+        // Snapshots a crash left half taken, and files no row names (engine::snapshots).
+        if let Err(e) = self.sweep_snapshots().await {
+            tracing::warn!("snapshot sweep: {e}");
+        }
         if !self.store.tenants().await?.is_empty() {
             return Ok(None);
         }
@@ -1350,7 +1355,21 @@ impl Engine {
         req: &wire::CreateInstance,
     ) -> Result<wire::Instance> {
         who.allow(Op::CreateInstance)?;
-        let resolved = self.resolve_request(who, req).await?;
+        // A clone: the snapshot gives (and bounds) the image, runtime and disk size.
+        let clone_of = match &req.from_snapshot {
+            Some(s) => Some(self.clone_source(who, s).await?),
+            None => None,
+        };
+        let resolved = match &clone_of {
+            Some(s) => {
+                let r = self
+                    .resolve_request(who, &snapshots::seed_request(req, s))
+                    .await?;
+                snapshots::check_clone(&r, s)?;
+                r
+            }
+            None => self.resolve_request(who, req).await?,
+        };
         let req = &resolved;
         let sim = self.simulated_nodes().await?;
         let limits = self.host_limits(&sim);
@@ -1461,6 +1480,9 @@ impl Engine {
 
         let _guard = self.place_lock.lock().await;
         self.key_tenant(&who.tenant_id).await?; // not being deleted meanwhile
+        if let Some(s) = &clone_of {
+            self.snapshot_still_there(s).await?; // not deleted meanwhile
+        }
         let live = self.store.live_instances(None).await?;
         let id = new_instance_id()?;
         let name = req.name.clone().unwrap_or_else(|| format!("i-{id}"));
@@ -1569,6 +1591,13 @@ impl Engine {
             ),
         };
         let simulated = self.is_simulated_node(&node_id);
+        if let (true, Some(s)) = (simulated, &clone_of) {
+            return Err(EngineError::InsufficientResources(format!(
+                "snapshot {:?} is on this host, which has no room for the clone (placement \
+                 chose simulated node {node_id})",
+                s.name
+            )));
+        }
         if !simulated && demand.passthrough && victims.is_empty() {
             self.whole_groups(&capacity, &mut assignment);
         }
@@ -1670,6 +1699,8 @@ impl Engine {
                 packages: req.packages.clone(),
                 idle_timeout_secs: req.idle_timeout_secs,
                 disk_io: gpuvisor_wire::DiskIo::default().with(&req.disk_io),
+                from_snapshot: clone_of.as_ref().map(|s| s.id.clone()),
+                restore: None,
             },
             cpus: assignment.cpus,
             gpus: assignment.gpus.into_iter().map(Into::into).collect(),

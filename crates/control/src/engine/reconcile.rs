@@ -21,6 +21,7 @@ use crate::store::InstanceRow;
 use gpuvisor_node::instance::Priority;
 use gpuvisor_node::limiter::GpuShare;
 use gpuvisor_node::reap::{self, Reaped};
+use gpuvisor_node::snapshot::SnapshotSource;
 use gpuvisor_node::InstancePlan;
 use gpuvisor_wire::InstanceState as S;
 use gpuvisor_wire::VolumeState;
@@ -443,7 +444,39 @@ impl Engine {
             ssh_keys: i.spec.ssh_keys.clone(),
             startup_script: i.spec.startup_script.clone(),
             packages: i.spec.packages.clone(),
+            from_snapshot: self.snapshot_source(&i.spec)?,
         })
+    }
+
+    /// Where the instance's new disks come from: a restore still to apply (with the VM's
+    /// running state when the snapshot has it), else the snapshot it was cloned from (disks
+    /// only), else nowhere (the image).
+    fn snapshot_source(&self, spec: &crate::store::InstanceSpec) -> Result<Option<SnapshotSource>> {
+        Ok(match (&spec.restore, &spec.from_snapshot) {
+            (Some(r), _) => Some(SnapshotSource {
+                dir: self.node.snapshot_dir(&r.snapshot)?,
+                memory: r.memory,
+            }),
+            (None, Some(sid)) => Some(SnapshotSource {
+                dir: self.node.snapshot_dir(sid)?,
+                memory: false,
+            }),
+            (None, None) => None,
+        })
+    }
+
+    /// A restore is applied once the instance runs from it: the next provision (a restart, a
+    /// start after a stop) starts from the image (or the snapshot it was cloned from) again.
+    /// Called under the instance's lock.
+    async fn restore_applied(&self, id: &str) -> Result<()> {
+        let Some(mut row) = self.store.instance(id).await? else {
+            return Ok(());
+        };
+        if let Some(r) = row.spec.restore.take() {
+            self.store.set_spec(id, &row.spec, self.tick()).await?;
+            tracing::info!(instance = %id, snapshot = %r.snapshot, "restore applied");
+        }
+        Ok(())
     }
 
     async fn set(
@@ -669,6 +702,11 @@ impl Engine {
                             "running".into()
                         };
                         self.set(&id, S::Running, None, "state", msg).await?;
+                        // Cleared once `running` is written: a crash in between leaves the
+                        // restore to be applied again by a later provision, never lost.
+                        if i.spec.restore.is_some() {
+                            self.restore_applied(&id).await?;
+                        }
                     }
                     Err(e) => {
                         let reason = e.to_string();

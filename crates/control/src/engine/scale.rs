@@ -327,7 +327,7 @@ impl Engine {
         }
         self.set_desired(who, &row.id, InstanceState::Stopped)
             .await?;
-        self.wait_stopped(&row.id).await?;
+        self.wait_stopped(&row.id, "resized").await?;
         // Under the instance's lock (the reconciler provisions nothing meanwhile), from the
         // row as it is now: still stopped by this request, or nothing is written (a start,
         // a terminate or a preemption in between wins, and the host never runs a size the
@@ -365,7 +365,8 @@ impl Engine {
     }
 
     /// Waits until the instance is stopped (or failed), up to the stop grace and a minute.
-    async fn wait_stopped(&self, id: &str) -> Result<()> {
+    /// `what`: what the caller stopped it to do (`resized`), for the refusals.
+    pub(super) async fn wait_stopped(&self, id: &str, what: &str) -> Result<()> {
         let limit = self.cfg.stop_grace + Duration::from_secs(60);
         let deadline = tokio::time::Instant::now() + limit;
         let mut rx = self.changed.subscribe();
@@ -385,7 +386,7 @@ impl Engine {
             ) || row.desired != InstanceState::Stopped
             {
                 return Err(EngineError::InvalidState(format!(
-                    "instance {id} is {} (asked: {}) meanwhile: not resized",
+                    "instance {id} is {} (asked: {}) meanwhile: not {what}",
                     row.state, row.desired
                 )));
             }
@@ -394,7 +395,7 @@ impl Engine {
                 .is_err()
             {
                 return Err(EngineError::DeadlineExceeded(format!(
-                    "instance {id} did not stop within {} s: it is left stopping; resize it once it is stopped",
+                    "instance {id} did not stop within {} s: it is left stopping, not {what}; ask again once it is stopped",
                     limit.as_secs()
                 )));
             }
@@ -489,6 +490,8 @@ mod tests {
                 packages: vec![],
                 idle_timeout_secs: None,
                 disk_io: Default::default(),
+                from_snapshot: None,
+                restore: None,
             },
             cpus: vec![0],
             gpus: (0..gpus)

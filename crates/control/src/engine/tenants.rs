@@ -332,12 +332,24 @@ impl Engine {
         let images = self.store.tenant_image_count(&t.id).await?;
         let pulls = self.running_pulls(&t.id);
         let endpoints = self.store.endpoints(Some(&t.id)).await?.len();
+        let snapshots = self.tenant_snapshot_names(&t.id).await?;
         let owns = !(instances.is_empty() && volumes.is_empty())
             || images > 0
             || pulls > 0
-            || endpoints > 0;
+            || endpoints > 0
+            || !snapshots.is_empty();
         if !cascade && t.deleting_at.is_none() && owns {
             let mut what = holdings(&instances, &volumes);
+            if !snapshots.is_empty() {
+                let n = snapshots.len();
+                let s = if n == 1 { "" } else { "s" };
+                let part = format!("{n} snapshot{s} ({})", snapshots.join(", "));
+                what = if what.is_empty() {
+                    part
+                } else {
+                    format!("{what} and {part}")
+                };
+            }
             if pulls > 0 {
                 let s = if pulls == 1 { "" } else { "s" };
                 what = if what.is_empty() {
@@ -400,8 +412,8 @@ impl Engine {
 
     /// One step of deleting a marked tenant, idempotent, so a crash anywhere converges: asks
     /// every instance of it that is not terminated to terminate; once none is left, removes its
-    /// volumes, then the tenant (keys, terminated instances, events) and its bridge. Returns
-    /// whether the tenant is gone.
+    /// volumes and snapshots, then the tenant (keys, terminated instances, events) and its
+    /// bridge. Returns whether the tenant is gone.
     async fn finish_tenant_deletion(&self, t: &TenantRow) -> Result<bool> {
         // Its endpoints first (with their queues), so no new worker is made for it; the
         // autoscaler terminates the workers of endpoints that are gone.
@@ -432,6 +444,8 @@ impl Engine {
         for v in volumes {
             self.destroy_volume(&t.id, &v.name).await?;
         }
+        // Its snapshots (no instance is left to take, restore or clone one).
+        self.remove_tenant_snapshots(&t.id).await?;
         // Its private images, registry logins and pull jobs (the logins reference the row).
         self.forget_tenant_images(&t.id).await?;
         // Only the caller whose delete removed the row tears the bridge down: its slot may be

@@ -95,6 +95,8 @@ struct Objs {
     /// Its serverless endpoint and a job queued there.
     ep: String,
     job: String,
+    /// Its snapshot's id.
+    snap: String,
 }
 
 /// A daemon with the serverless worker API on (its own port), so endpoints can be made.
@@ -132,7 +134,8 @@ fn endpoint_and_job(d: &Daemon, owner: &str) -> (String, String) {
 }
 
 /// A route template with the test's objects in it: the owner's instance, a key of the owner's
-/// tenant, a GPU, the owner's volume `ownervol`, the tenant `owner`, its endpoint and job.
+/// tenant, a GPU, the owner's volume `ownervol`, the tenant `owner`, its endpoint and job, its
+/// snapshot (by id).
 fn concrete(template: &str, o: &Objs) -> String {
     let (id, key, gpu) = (o.id.as_str(), o.key.as_str(), o.gpu.as_str());
     let p = template.to_string();
@@ -147,6 +150,9 @@ fn concrete(template: &str, o: &Objs) -> String {
     }
     if template.starts_with("/v1/endpoints/") {
         return p.replace("{id}", &o.ep);
+    }
+    if template.starts_with("/v1/snapshots/") {
+        return p.replace("{snap}", &o.snap);
     }
     if template.starts_with("/v1/keys/") {
         p.replace("{id}", key)
@@ -209,12 +215,19 @@ fn every_route_is_scoped_by_tenant() {
         .to_string();
 
     let (ep, job) = endpoint_and_job(&d, &owner);
+    // Two snapshots of the owner's instance: one read and removed by id, one restored from.
+    let snap = d.json_as(&owner, &["instance", "snapshot", &id, "ownersnap"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.json_as(&owner, &["instance", "snapshot", &id, "ownersnap2"]);
     let objs = Objs {
         id: id.clone(),
         key: spare_id.clone(),
         gpu: gpu.clone(),
         ep,
         job,
+        snap,
     };
 
     // Rows in the order they run; each runs as other, then admin, then owner.
@@ -386,11 +399,23 @@ fn every_route_is_scoped_by_tenant() {
         // The console of a container: the owner and the admin are told it has none.
         ("GET", "/v1/instances/{id}/console/ws", row(400, 404, 400)),
         ("GET", "/v1/instances/{id}/events", row(200, 404, 200)),
+        // Snapshots: the other tenant cannot tell the owner's exists. The name is taken: the
+        // owner and the admin (a snapshot is its instance's tenant's) get past tenancy to the
+        // clash.
+        ("GET", "/v1/snapshots", row(200, 200, 200)),
+        ("GET", "/v1/snapshots/{snap}", row(200, 404, 200)),
+        (
+            "POST",
+            "/v1/instances/{id}/snapshots",
+            with(row(409, 404, 409), r#"{"name":"ownersnap"}"#),
+        ),
         // The audit log: a tenant admin's or an admin's (the owner's key is a member's).
         ("GET", "/v1/audit", row(403, 403, 200)),
         ("GET", "/v1/audit/verify", row(403, 403, 200)),
         // The owner's volume is not the other tenant's or the admin's to remove.
         ("DELETE", "/v1/volumes/{name}", row(200, 404, 404)),
+        // By id: the admin removes it; the owner then finds nothing.
+        ("DELETE", "/v1/snapshots/{snap}", row(404, 404, 200)),
         (
             "POST",
             "/v1/instances/{id}/scale",
@@ -412,6 +437,13 @@ fn every_route_is_scoped_by_tenant() {
             ),
         ),
         ("GET", "/graphql", row(400, 400, 400)),
+        // Stopped, rolled back and started again (by the admin, then by the owner); the
+        // snapshot's name resolves in the instance's tenant.
+        (
+            "POST",
+            "/v1/instances/{id}/restore",
+            with(row(200, 404, 200), r#"{"snapshot":"ownersnap2"}"#),
+        ),
         ("POST", "/v1/instances/{id}/start", row(200, 404, 200)),
         ("POST", "/v1/instances/{id}/stop", row(200, 404, 200)),
         ("DELETE", "/v1/instances/{id}", row(200, 404, 200)),
@@ -500,6 +532,8 @@ fn every_route_by_role() {
         gpu: gpu.clone(),
         ep,
         job,
+        // No such snapshot: an allowed role gets 404, a refused one 403 before the lookup.
+        snap: "0123456789abcdef0123456789abcdef".into(),
     };
     // (method, route, body, [admin, tenant-admin, member, viewer, metrics]); destructive rows
     // last.
@@ -616,6 +650,23 @@ fn every_route_by_role() {
         ("GET", "/v1/instances/{id}/exec/ws", None, operate),
         ("GET", "/v1/instances/{id}/console/ws", None, operate),
         ("GET", "/v1/instances/{id}/events", None, read),
+        ("GET", "/v1/snapshots", None, read),
+        ("GET", "/v1/snapshots/{snap}", None, read),
+        // An invalid name and an unknown snapshot: allowed roles get past authorisation to
+        // the refusal, and nothing is copied or stopped.
+        (
+            "POST",
+            "/v1/instances/{id}/snapshots",
+            Some(r#"{"name":"Not A Name"}"#),
+            operate,
+        ),
+        (
+            "POST",
+            "/v1/instances/{id}/restore",
+            Some(r#"{"snapshot":"nosuch"}"#),
+            operate,
+        ),
+        ("DELETE", "/v1/snapshots/{snap}", None, operate),
         (
             "POST",
             "/v1/instances/{id}/scale",
