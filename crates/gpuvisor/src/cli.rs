@@ -2827,6 +2827,7 @@ mod tests {
             disk_io: Default::default(),
             last_activity_at: None,
             gpu_usage: vec![],
+            guest_memory: None,
             gpu_fraction: None,
             priority: Default::default(),
             interruptible: false,

@@ -334,6 +334,17 @@ pub fn instance_detail(i: &Instance, now_ms: i64) -> String {
             .collect(),
     );
     list("Env", i.env.clone());
+    if let Some(m) = &i.guest_memory {
+        let mut line = format!("{} (balloon)", format_size(m.actual));
+        if let (Some(used), Some(total)) = (m.used, m.total) {
+            line.push_str(&format!(
+                ", guest reports {} used of {}",
+                format_size(used),
+                format_size(total)
+            ));
+        }
+        out.push_str(&format!("{:<width$}{line}\n", "Guest memory:"));
+    }
     if let Some(f) = &i.gpu_fraction {
         out.push_str(&format!("{:<width$}{}\n", "Fraction:", f.summary));
     }
@@ -1169,6 +1180,7 @@ mod tests {
             disk_io: Default::default(),
             last_activity_at: None,
             gpu_usage: vec![],
+            guest_memory: None,
             gpu_fraction: None,
             priority: Default::default(),
             interruptible: false,

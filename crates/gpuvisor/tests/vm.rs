@@ -1092,7 +1092,10 @@ fn a_running_vm_grows_and_shrinks_in_place() {
             if g["actual"].as_u64() == Some(want_actual) && g["used"].as_u64().is_some() {
                 return g.clone();
             }
-            assert!(Instant::now() < deadline, "guest memory never {want_actual}: {v}");
+            assert!(
+                Instant::now() < deadline,
+                "guest memory never {want_actual}: {v}"
+            );
             std::thread::sleep(Duration::from_millis(500));
         }
     };
@@ -1102,7 +1105,9 @@ fn a_running_vm_grows_and_shrinks_in_place() {
     let before_kb = mem_kb();
 
     // Up: one more vCPU, 256 MiB more, no restart.
-    let s = d.json(&["instance", "scale", &id, "--vcpus", "2", "--memory", "512MiB"]);
+    let s = d.json(&[
+        "instance", "scale", &id, "--vcpus", "2", "--memory", "512MiB",
+    ]);
     assert_eq!(s["vcpus"], 2, "{s}");
     assert_eq!(qemu_pids(&id), pid, "QEMU was restarted");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1136,7 +1141,10 @@ fn a_running_vm_grows_and_shrinks_in_place() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("restart"), "{err}");
     let out = d.cli(&["instance", "snapshot", &id, "m", "--memory"]);
-    assert!(!out.status.success(), "saved the running state of a resized VM");
+    assert!(
+        !out.status.success(),
+        "saved the running state of a resized VM"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("resized"), "{err}");
 

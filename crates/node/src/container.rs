@@ -93,13 +93,17 @@ impl ContainerRuntime {
                 (r, t0.elapsed())
             });
             let t0 = Instant::now();
-            let base = plan
-                .from_snapshot
-                .as_ref()
-                .map(|s| s.dir.join(crate::snapshot::DISK));
-            let root = node
-                .disks
-                .provision_root_from(id, plan.disk_size, &layers, base.as_deref());
+            let root = match &plan.from_snapshot {
+                Some(src) => src.container_disk(&plan.image_digest).and_then(|base| {
+                    Ok(node
+                        .disks
+                        .provision_root_from(id, plan.disk_size, &layers, Some(&base))?)
+                }),
+                None => node
+                    .disks
+                    .provision_root(id, plan.disk_size, &layers)
+                    .map_err(NodeError::from),
+            };
             let disk_time = t0.elapsed();
             (net.join(), root, disk_time)
         });
@@ -398,6 +402,7 @@ impl Runtime for ContainerRuntime {
             consistency: "filesystem freeze".into(),
             cmdline: None,
             initrd: false,
+            image_digest: req.image_digest.clone(),
             vcpus: req.vcpus,
             memory_bytes: req.memory_bytes,
             bytes: 0,

@@ -72,6 +72,10 @@ pub struct SnapshotMeta {
     /// VM: an initrd was linked.
     #[serde(default)]
     pub initrd: bool,
+    /// The digest of the image the instance ran: a container's disk is an overlay's upper
+    /// layer, which only means something over the same image layers.
+    #[serde(default)]
+    pub image_digest: String,
     /// The instance's vCPUs and memory when saved (a memory snapshot restores only into the
     /// same size).
     pub vcpus: u32,
@@ -85,6 +89,8 @@ pub struct SnapshotMeta {
 pub struct SnapshotRequest {
     pub dir: PathBuf,
     pub tenant: String,
+    /// The digest of the image the instance runs.
+    pub image_digest: String,
     /// The instance's volumes, by name.
     pub volumes: Vec<String>,
     /// Save a VM's running state too.
@@ -100,6 +106,30 @@ pub struct SnapshotSource {
     pub dir: PathBuf,
     /// Resume the saved running state (a VM restored with `--memory` saved).
     pub memory: bool,
+}
+
+impl SnapshotSource {
+    /// The snapshot's container disk, for an instance of the image `image_digest`: refused
+    /// when the snapshot is not a container's or was taken over other image layers.
+    pub fn container_disk(&self, image_digest: &str) -> Result<PathBuf, NodeError> {
+        let meta = read_meta(&self.dir).map_err(io(&self.dir))?;
+        if meta.runtime != RuntimeKind::Container {
+            return Err(NodeError::Unsupported {
+                kind: RuntimeKind::Container,
+                what: "a disk from a VM's snapshot".into(),
+            });
+        }
+        if !meta.image_digest.is_empty() && meta.image_digest != image_digest {
+            return Err(io(&self.dir)(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "the snapshot's disk was made over image {}, the instance's image is now {image_digest}: it would not mean the same files",
+                    meta.image_digest
+                ),
+            )));
+        }
+        Ok(self.dir.join(DISK))
+    }
 }
 
 /// A snapshot's `snapshot.json`.
@@ -320,6 +350,7 @@ impl Node {
         id: &str,
         sid: &str,
         tenant: &str,
+        image_digest: &str,
         volumes: &[String],
         memory: bool,
         (vcpus, memory_bytes): (u32, u64),
@@ -340,6 +371,7 @@ impl Node {
         let req = SnapshotRequest {
             dir: tmp.clone(),
             tenant: tenant.to_string(),
+            image_digest: image_digest.to_string(),
             volumes: volumes.to_vec(),
             memory,
             vcpus,
@@ -350,6 +382,7 @@ impl Node {
             .snapshot(self, id, &req)
             .and_then(|mut meta| {
                 meta.bytes = allocated(&tmp);
+                meta.image_digest = image_digest.to_string();
                 let path = tmp.join(META);
                 let text = serde_json::to_vec_pretty(&meta).map_err(|e| {
                     io(&path)(std::io::Error::new(

@@ -609,6 +609,9 @@ pub struct Instance {
     /// Live usage of fractional GPUs from the limiter (only in `get`, not in lists).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_usage: Vec<GpuUsage>,
+    /// A running VM's memory as its balloon sees it (only in `get`, not in lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_memory: Option<GuestMemory>,
     /// For a fractional GPU: what the fraction guarantees on its host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_fraction: Option<FractionGuarantee>,
@@ -635,6 +638,24 @@ pub struct FractionGuarantee {
     pub bypass_detection: bool,
     /// The same, in words.
     pub summary: String,
+}
+
+/// A running VM's memory, bytes: what the balloon leaves the guest (`actual`), and what the
+/// guest's balloon driver last reported (its word: informational, never used for placement
+/// or billing; absent until it has reported).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+pub struct GuestMemory {
+    pub actual: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+    /// `total` less what the guest counts as available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<u64>,
+    /// When the guest last reported (seconds since the epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_at: Option<i64>,
 }
 
 /// What the GPU limiter reports for one fractional GPU of an instance.

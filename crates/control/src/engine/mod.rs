@@ -1316,6 +1316,7 @@ impl Engine {
                 .filter(|_| !simulated),
             ip,
             gpu_usage: Vec::new(),
+            guest_memory: None,
             cost: None,
             created_at: i.created_at,
             updated_at: i.updated_at,
@@ -1366,6 +1367,7 @@ impl Engine {
                     .resolve_request(who, &snapshots::seed_request(req, s))
                     .await?;
                 snapshots::check_clone(&r, s)?;
+                self.check_clone_image(&who.tenant_id, s).await?;
                 r
             }
             None => self.resolve_request(who, req).await?,
@@ -1878,8 +1880,14 @@ impl Engine {
     /// GPU share.
     async fn instance_with_usage(&self, row: InstanceRow) -> Result<wire::Instance> {
         let cost = self.instance_cost(&row).await?;
+        let vm_running = row.runtime == wire::RuntimeKind::Vm
+            && row.state == InstanceState::Running
+            && !self.is_simulated(&row);
         let mut inst = self.wire_instance(row).await?;
         inst.cost = Some(cost);
+        if vm_running {
+            inst.guest_memory = self.guest_memory(&inst.id).await;
+        }
         if let Some(usage) = self.node.limiters.usage(&inst.id) {
             inst.gpu_usage = inst
                 .gpus
@@ -1896,6 +1904,29 @@ impl Engine {
                 .collect();
         }
         Ok(inst)
+    }
+
+    /// A running VM's memory from its balloon (QMP, bounded by the monitor's deadlines);
+    /// `None` when QEMU does not answer.
+    async fn guest_memory(&self, id: &str) -> Option<wire::GuestMemory> {
+        let (node, id) = (self.node.clone(), id.to_string());
+        let got = tokio::task::spawn_blocking(move || node.guest_memory(&id))
+            .await
+            .ok()?;
+        match got {
+            Ok(Some(m)) => Some(wire::GuestMemory {
+                actual: m.actual,
+                total: m.total,
+                used: m.total.zip(m.available).map(|(t, a)| t.saturating_sub(a)),
+                available: m.available,
+                reported_at: m.updated_at,
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "guest memory not read");
+                None
+            }
+        }
     }
 
     pub async fn list_instances(&self, who: &Principal) -> Result<Vec<wire::Instance>> {

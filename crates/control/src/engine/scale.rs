@@ -2,9 +2,12 @@
 //! a new vCPU count, memory size or GPU count for an instance.
 //!
 //! Key decision: what the runtime can change while the instance runs is changed in place —
-//! a container's cgroup (cpuset, memory limit) through the OCI runtime's `update` — and
-//! everything else (a GPU count, a VM's size) needs the caller's consent to a restart
-//! (`restart: true`): stop, resize in the store, start. A stopped instance is only resized in
+//! a container's cgroup (cpuset, memory limit) through the OCI runtime's `update`, a VM's
+//! vCPUs and memory by hot-plug, virtio-mem and the balloon (`gpuvisor_node::vm::resize`) —
+//! and everything else (a GPU count; a VM's vCPUs taken away or grown past the maximum it
+//! booted with, which the runtime refuses) needs the caller's consent to a restart
+//! (`restart: true`; a VM given it is restarted rather than changed live): stop, resize in
+//! the store, start. A stopped instance is only resized in
 //! the store; its next start provisions the new size. The new size passes the same checks as
 //! a new instance: the size rules ([`validate::size`]), the tenant's quotas and placement,
 //! with the instance's own reservation left out of the host's usage.
@@ -418,8 +421,13 @@ fn way(row: &InstanceRow, size: Size, restart: bool) -> Result<Way> {
             )))
         }
     }
-    let live_ok = row.runtime == RuntimeKind::Container && size.gpus == whole_gpus(row);
+    // Containers (their cgroup) and VMs (hot-plug, virtio-mem, the balloon: the runtime
+    // refuses what it cannot do live, and the caller is then asked to consent to a restart).
+    let live_ok = size.gpus == whole_gpus(row);
     match (live_ok, restart) {
+        // A VM whose owner consents to a restart gets one (vCPUs taken away, past the maximum
+        // it booted with); without consent the runtime tries in place.
+        (true, true) if row.runtime == RuntimeKind::Vm => Ok(Way::Restart),
         (true, _) => Ok(Way::InPlace),
         (false, true) => Ok(Way::Restart),
         (false, false) => Err(EngineError::InvalidState(format!(
@@ -529,9 +537,9 @@ mod tests {
     }
 
     #[test]
-    fn a_vm_is_resized_by_restart_and_a_stopped_instance_in_the_store() {
+    fn a_vm_is_resized_in_place_or_by_consented_restart_and_a_stopped_instance_in_the_store() {
         let vm = row(InstanceState::Running, RuntimeKind::Vm, 0);
-        assert!(way(&vm, size(2, 0), false).is_err());
+        assert_eq!(way(&vm, size(2, 0), false).unwrap(), Way::InPlace);
         assert_eq!(way(&vm, size(2, 0), true).unwrap(), Way::Restart);
         let stopped = row(InstanceState::Stopped, RuntimeKind::Vm, 0);
         assert_eq!(way(&stopped, size(2, 0), false).unwrap(), Way::Store);

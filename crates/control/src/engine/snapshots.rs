@@ -291,7 +291,13 @@ impl Engine {
             row.tenant_id.clone(),
         );
         let (memory, size) = (snap.memory, (row.spec.vcpus, row.spec.memory));
-        blocking(move || node.take_snapshot(&id, &sid, &tenant, &volumes, memory, size))
+        let digest = self
+            .store
+            .image_visible(&row.tenant_id, &row.image)
+            .await?
+            .map(|i| i.digest)
+            .unwrap_or_default();
+        blocking(move || node.take_snapshot(&id, &sid, &tenant, &digest, &volumes, memory, size))
             .await?
             .map_err(|e| match e {
                 // What the runtime cannot do: the caller's to change (invalid_argument).
@@ -539,6 +545,34 @@ impl Engine {
             )));
         }
         Ok(s)
+    }
+
+    /// A container clone's image must still be the one its disk was made over (a name
+    /// imported again may hold other layers).
+    pub(crate) async fn check_clone_image(&self, tenant_id: &str, s: &SnapshotRow) -> Result<()> {
+        if s.runtime != RuntimeKind::Container {
+            return Ok(());
+        }
+        let meta = self
+            .node
+            .snapshot_meta(&s.id)
+            .map_err(|e| EngineError::Internal(format!("snapshot {:?}: {e}", s.name)))?;
+        let now = self
+            .store
+            .image_visible(tenant_id, &s.image)
+            .await?
+            .map(|i| i.digest)
+            .unwrap_or_default();
+        if !meta.image_digest.is_empty() && meta.image_digest != now {
+            return Err(EngineError::InvalidState(format!(
+                "snapshot {:?} was taken over image {:?} at {}; that image is now {}: a clone's disk only means the same files over the same layers",
+                s.name,
+                s.image,
+                meta.image_digest,
+                if now.is_empty() { "gone".to_string() } else { now }
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses when snapshot `s` is no longer there (removed since it was looked up). Call

@@ -276,6 +276,7 @@ pub fn take(
         consistency,
         cmdline: Some(boot.cmdline),
         initrd: boot.initrd.is_some(),
+        image_digest: req.image_digest.clone(),
         vcpus: req.vcpus,
         memory_bytes: req.memory_bytes,
         bytes: 0,
