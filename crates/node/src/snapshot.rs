@@ -88,6 +88,8 @@ pub struct SnapshotMeta {
 #[derive(Debug, Clone)]
 pub struct SnapshotRequest {
     pub dir: PathBuf,
+    /// Where `dir` is renamed to once complete: what files inside name (a qcow2's backing).
+    pub home: PathBuf,
     pub tenant: String,
     /// The digest of the image the instance runs.
     pub image_digest: String,
@@ -370,6 +372,7 @@ impl Node {
             .map_err(io(&tmp))?;
         let req = SnapshotRequest {
             dir: tmp.clone(),
+            home: dir.clone(),
             tenant: tenant.to_string(),
             image_digest: image_digest.to_string(),
             volumes: volumes.to_vec(),

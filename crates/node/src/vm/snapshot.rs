@@ -263,10 +263,10 @@ pub fn take(
                 why: "the running state of a VM with passed-through GPUs cannot be saved (VFIO devices need vendor migration support): take a disk snapshot".into(),
             });
         }
-        with_memory(mon, dir, overlay, &drives)?;
+        with_memory(mon, dir, &req.home, overlay, &drives)?;
         "paused with memory".to_string()
     } else {
-        by_backup(mon, agent_socket, dir, size, &drives)?
+        by_backup(mon, agent_socket, dir, &req.home, size, &drives)?
     };
     Ok(SnapshotMeta {
         runtime: RuntimeKind::Vm,
@@ -306,6 +306,7 @@ fn by_backup(
     mon: &mut Monitor,
     agent_socket: &Path,
     dir: &Path,
+    home: &Path,
     size: u64,
     drives: &[(String, String, PathBuf)],
 ) -> Result<String, VmError> {
@@ -320,7 +321,7 @@ fn by_backup(
             dir.join(volume_file(name)),
         ));
     }
-    // Targets: the root's a qcow2 over the snapshot's base link, sized as the overlay; each
+    // Targets: the root's a qcow2 over the snapshot's base link (named where it will be), sized as the overlay; each
     // volume's a sparse file of its size.
     let mut files: Vec<File> = Vec::new();
     for (i, (drive, _, _, path)) in jobs.iter().enumerate() {
@@ -332,7 +333,7 @@ fn by_backup(
             .open(path)
             .map_err(vio(path))?;
         if i == 0 {
-            qcow2::write(&f, &dir.join(BASE), size).map_err(vio(path))?;
+            qcow2::write(&f, &home.join(BASE), size).map_err(vio(path))?;
         } else {
             let src = &drives[i - 1].2;
             let len = std::fs::metadata(src).map_err(vio(src))?.len();
@@ -428,6 +429,7 @@ fn wait_jobs(mon: &mut Monitor, mut ids: Vec<&str>) -> Result<(), VmError> {
 fn with_memory(
     mon: &mut Monitor,
     dir: &Path,
+    home: &Path,
     overlay: &Path,
     drives: &[(String, String, PathBuf)],
 ) -> Result<(), VmError> {
@@ -472,7 +474,7 @@ fn with_memory(
         let root = dir.join(ROOT);
         sparse_copy(overlay, &root).map_err(vio(&root))?;
         // The copy points at the snapshot's own link of the same base.
-        qcow2::set_backing(&root, &dir.join(BASE)).map_err(vio(&root))?;
+        qcow2::set_backing(&root, &home.join(BASE)).map_err(vio(&root))?;
         for (name, _, image) in drives {
             let dst = dir.join(volume_file(name));
             sparse_copy(image, &dst).map_err(vio(&dst))?;
