@@ -1133,6 +1133,25 @@ fn a_running_vm_grows_and_shrinks_in_place() {
     d.json(&["instance", "scale", &id, "--memory", "192MiB"]);
     let g = guest_memory(192 << 20);
     eprintln!("guest memory after shrinking: {g}");
+    // The cgroup's limit follows once the guest has given the memory back (virtio-mem
+    // unplugged, the balloon inflated): 192 MiB and QEMU's allowance, not the 512 MiB's.
+    let limit = || -> u64 {
+        cgroup_dirs(&id)
+            .iter()
+            .find_map(|d| {
+                ["memory.max", "memory.limit_in_bytes"]
+                    .iter()
+                    .find_map(|f| std::fs::read_to_string(d.join(f)).ok())
+            })
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    assert!(
+        limit() <= (192 << 20) + (192 << 20),
+        "memory limit {} after shrinking to 192 MiB\n{}",
+        limit(),
+        d.log()
+    );
     assert_eq!(qemu_pids(&id), pid, "QEMU was restarted");
 
     // Not live: fewer vCPUs; a memory snapshot of a resized VM.

@@ -84,6 +84,21 @@ pub struct SnapshotMeta {
     pub bytes: u64,
 }
 
+/// What the engine asks [`Node::take_snapshot`] to save of an instance.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotAsk {
+    pub tenant: String,
+    /// The digest of the image the instance runs.
+    pub image_digest: String,
+    /// The instance's volumes, by name.
+    pub volumes: Vec<String>,
+    /// Save a VM's running state too.
+    pub memory: bool,
+    /// The instance's size.
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+}
+
 /// What [`Node::take_snapshot`] asks a runtime to save into `dir` (a new, empty directory).
 #[derive(Debug, Clone)]
 pub struct SnapshotRequest {
@@ -351,11 +366,7 @@ impl Node {
         &self,
         id: &str,
         sid: &str,
-        tenant: &str,
-        image_digest: &str,
-        volumes: &[String],
-        memory: bool,
-        (vcpus, memory_bytes): (u32, u64),
+        ask: &SnapshotAsk,
     ) -> Result<SnapshotMeta, NodeError> {
         let dir = self.snapshot_dir(sid)?;
         let root = self.snapshots_root();
@@ -373,19 +384,19 @@ impl Node {
         let req = SnapshotRequest {
             dir: tmp.clone(),
             home: dir.clone(),
-            tenant: tenant.to_string(),
-            image_digest: image_digest.to_string(),
-            volumes: volumes.to_vec(),
-            memory,
-            vcpus,
-            memory_bytes,
+            tenant: ask.tenant.clone(),
+            image_digest: ask.image_digest.clone(),
+            volumes: ask.volumes.clone(),
+            memory: ask.memory,
+            vcpus: ask.vcpus,
+            memory_bytes: ask.memory_bytes,
         };
         let done = self
             .runtime_of(id)
             .snapshot(self, id, &req)
             .and_then(|mut meta| {
                 meta.bytes = allocated(&tmp);
-                meta.image_digest = image_digest.to_string();
+                meta.image_digest = ask.image_digest.clone();
                 let path = tmp.join(META);
                 let text = serde_json::to_vec_pretty(&meta).map_err(|e| {
                     io(&path)(std::io::Error::new(

@@ -314,6 +314,23 @@ fn read_cgroup(root: &HostRoot, id: &str) -> (Option<u64>, Option<u64>) {
     (cpu, mem)
 }
 
+/// Anonymous memory charged to instance `id`'s cgroup (`anon` in v2's `memory.stat`, `rss`
+/// in v1's): what a lower limit could only take back by killing.
+pub fn cgroup_anon(root: &HostRoot, id: &str) -> Option<u64> {
+    let rel = format!("{}/{id}", cgroup::PARENT);
+    let base = root.path("/sys/fs/cgroup");
+    let field = |path: PathBuf, key: &str| -> Option<u64> {
+        let stat = std::fs::read_to_string(path).ok()?;
+        stat.lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    field(base.join(&rel).join("memory.stat"), "anon ")
+        .or_else(|| field(base.join("memory").join(&rel).join("memory.stat"), "rss "))
+}
+
 /// (used, total) bytes of the file system mounted at `path`, if it is a mount point of ours.
 fn fs_usage(path: &Path) -> Option<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(path).ok()?;

@@ -297,7 +297,15 @@ impl Engine {
             .await?
             .map(|i| i.digest)
             .unwrap_or_default();
-        blocking(move || node.take_snapshot(&id, &sid, &tenant, &digest, &volumes, memory, size))
+        let ask = gpuvisor_node::snapshot::SnapshotAsk {
+            tenant,
+            image_digest: digest,
+            volumes,
+            memory,
+            vcpus: size.0,
+            memory_bytes: size.1,
+        };
+        blocking(move || node.take_snapshot(&id, &sid, &ask))
             .await?
             .map_err(|e| match e {
                 // What the runtime cannot do: the caller's to change (invalid_argument).

@@ -542,6 +542,18 @@ impl Monitor {
         .map(drop)
     }
 
+    /// What the virtio-mem device has plugged now (`size`).
+    pub fn virtio_mem_size(&mut self) -> Result<u64, VmError> {
+        let v = self.execute(
+            "qom-get",
+            &qmp::qom_get {
+                path: format!("/machine/peripheral/{}", super::qemu::VIRTIO_MEM),
+                property: "size".into(),
+            },
+        )?;
+        Ok(v.as_u64().unwrap_or(0))
+    }
+
     /// Pauses the guest's vCPUs (`stop`).
     pub fn pause(&mut self) -> Result<(), VmError> {
         self.execute("stop", &qmp::stop {}).map(drop)

@@ -7,7 +7,8 @@
 //!   it onlines them), the cgroup's cpuset grows and every vCPU thread is pinned again. Down:
 //!   refused live (a CPU unplug needs the guest's consent; the engine offers a restart).
 //! - Memory up to `R`: the balloon deflates; above `R`: virtio-mem's `requested-size` (the
-//!   guest onlines the blocks itself: `memhp_default_state=online`). Down: virtio-mem gives
+//!   guest onlines the blocks itself, movable so that they can be taken back:
+//!   `memhp_default_state=online_movable`). Down: virtio-mem gives
 //!   back what it plugged, the balloon inflates below `R`. The cgroup's limit is raised first
 //!   and lowered last.
 //! - Past `M` vCPUs or `R + H` bytes: refused with the maximum; the engine offers a restart.
@@ -148,18 +149,62 @@ pub fn resize(
         online_vcpus(&run.agent());
     }
     if memory < sizes.memory {
-        drop(qemu::make_cgroup(
+        let targets = (memory.min(sizes.boot_memory), plugged, hotplug > 0);
+        lower_limit(
+            &mut mon,
             root,
             id,
             cpus,
             memory.saturating_add(overhead),
-        )?);
+            targets,
+        );
     }
     sizes.vcpus = want;
     sizes.memory = memory;
     sizes.write(&run.dir)?;
     tracing::info!(id, vcpus = want, memory, "VM resized while running");
     Ok(())
+}
+
+/// How long a shrinking VM's guest has to give its memory back before the limit is lowered.
+const SHRINK_WAIT: Duration = Duration::from_secs(30);
+
+/// Lowers the cgroup's memory limit to `limit` once the guest has given the memory back (the
+/// balloon at its target, virtio-mem down to what stays plugged: `targets`) and QEMU's
+/// anonymous memory fits under it (QEMU discards what the guest gave back). A limit under
+/// what QEMU holds, or one the guest can still grow past, would have the kernel kill QEMU: if
+/// the guest has not complied in time, the limit stays where it was (and a warning says so).
+fn lower_limit(
+    mon: &mut Monitor,
+    root: &HostRoot,
+    id: &str,
+    cpus: &[u32],
+    limit: u64,
+    (balloon, plugged, virtio_mem): (u64, u64, bool),
+) {
+    let deadline = std::time::Instant::now() + SHRINK_WAIT;
+    loop {
+        let given = mon.guest_memory().is_ok_and(|m| m.actual <= balloon)
+            && (!virtio_mem || mon.virtio_mem_size().is_ok_and(|s| s <= plugged));
+        let anon = crate::telemetry::cgroup_anon(root, id);
+        if given && anon.is_some_and(|a| a <= limit) {
+            if let Err(e) = qemu::make_cgroup(root, id, cpus, limit) {
+                tracing::warn!(id, error = %e, "cannot lower a resized VM's memory limit");
+            }
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            tracing::warn!(
+                id,
+                limit,
+                anon,
+                given,
+                "the guest has not given its memory back in time: its memory limit stays higher"
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Onlines every offline vCPU through the guest agent; a guest without one is left to do it.

@@ -286,7 +286,7 @@ impl VmRuntime {
         t.mark("vm_seed");
         let mask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix_len)));
         let cmdline = format!(
-            "{} console=tty0 console=ttyS0 panic=-1 memhp_default_state=online ip={addr}::{gw}:{mask}:{}:eth0:off",
+            "{} console=tty0 console=ttyS0 panic=-1 memhp_default_state=online_movable ip={addr}::{gw}:{mask}:{}:eth0:off",
             boot.cmdline, plan.hostname
         );
         let vcpus = u32::try_from(plan.cpus.len()).unwrap_or(1).max(1);
