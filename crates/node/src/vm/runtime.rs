@@ -285,10 +285,6 @@ impl VmRuntime {
         )?;
         t.mark("vm_seed");
         let mask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(prefix_len)));
-        let cmdline = format!(
-            "{} console=tty0 console=ttyS0 panic=-1 memhp_default_state=online_movable ip={addr}::{gw}:{mask}:{}:eth0:off",
-            boot.cmdline, plan.hostname
-        );
         let vcpus = u32::try_from(plan.cpus.len()).unwrap_or(1).max(1);
         // Room to grow while it runs, except with passed-through GPUs (their MMIO window and
         // VFIO's pinned memory are laid out for the boot size).
@@ -297,6 +293,19 @@ impl VmRuntime {
         } else {
             (vcpus, plan.memory)
         };
+        // Memory that can be hot-added comes online movable (so that it can be taken back).
+        // Its range lies above 4 GiB, which would make the guest kernel set 64 MiB aside for
+        // bounce buffers: none of this VM's devices needs them (virtio rings use guest
+        // physical addresses; no passthrough device here), so none are made.
+        let hotplug_args = if max_memory > plan.memory {
+            " memhp_default_state=online_movable swiotlb=noforce"
+        } else {
+            ""
+        };
+        let cmdline = format!(
+            "{} console=tty0 console=ttyS0 panic=-1{hotplug_args} ip={addr}::{gw}:{mask}:{}:eth0:off",
+            boot.cmdline, plan.hostname
+        );
         let spec = VmSpec {
             id: id.to_string(),
             vcpus,
