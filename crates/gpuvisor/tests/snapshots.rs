@@ -9,7 +9,7 @@ use common::{serial, Daemon, SLEEP};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
-const NET: [&str; 4] = ["--net-prefix", "gsn", "--net-pool", "10.96.0.0/16"];
+const NET: [&str; 4] = ["--net-prefix", "gsn", "--net-pool", "10.89.0.0/16"];
 
 fn out_of(d: &Daemon, id: &str, cmd: &str) -> String {
     let (code, out, err) = d.exec(id, cmd);
