@@ -218,6 +218,11 @@ pub struct RestoreSpec {
     /// Resume the VM's saved running state.
     #[serde(default)]
     pub memory: bool,
+    /// The instance runs from it (set once `running`): the next provision starts from the
+    /// image again and drops it. Until then a VM still boots the snapshot's base and kernel
+    /// links, so the snapshot stays.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub applied: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1191,6 +1191,7 @@ async fn snapshots_pending_ready_and_per_tenant() {
         i.spec.restore = Some(RestoreSpec {
             snapshot: "bb02".into(),
             memory: true,
+            applied: false,
         });
         assert!(
             store.set_spec("i-1", &i.spec, 500).await.unwrap(),

@@ -56,7 +56,14 @@ fn container_snapshots_roll_back_clone_and_stay_with_their_tenant() {
     ];
     let mut args: Vec<&str> = small.to_vec();
     args.extend(["--volume", "data:/data"]);
-    args.extend(SLEEP);
+    // PID 1 keeps both filesystems' metadata churning (files made and renamed over), so a copy
+    // that is not of one frozen instant shows in fsck; SIGTERM ends it at once.
+    args.extend([
+        "--",
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; while :; do date > /root/w; mv /root/w /root/w2; date > /data/w; mv /data/w /data/w2; done",
+    ]);
     let id = d.create(&args);
     out_of(
         &d,
@@ -73,8 +80,25 @@ fn container_snapshots_roll_back_clone_and_stay_with_their_tenant() {
     assert!(s["bytes"].as_u64().unwrap() > 0, "{s}");
     let sid = s["id"].as_str().unwrap().to_string();
     let dir = d.data().join("snapshots").join(&sid);
+    use std::os::unix::fs::MetadataExt;
     for f in ["disk.img", "vol-data.img", "snapshot.json"] {
-        assert!(dir.join(f).is_file(), "{f} missing in {}", dir.display());
+        let m = std::fs::metadata(dir.join(f)).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o600, "{f}: tenant data is root's only");
+    }
+    assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o750);
+    // Both copies are of one frozen instant: clean to a full fsck despite the writer.
+    for f in ["disk.img", "vol-data.img"] {
+        let out = std::process::Command::new("e2fsck")
+            .args(["-f", "-n"])
+            .arg(dir.join(f))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fsck of the snapshot's {f}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // The instance was frozen only while it was copied: it writes again.
     out_of(&d, &id, "echo after > /root/g && sync");
@@ -185,6 +209,34 @@ fn container_snapshots_roll_back_clone_and_stay_with_their_tenant() {
             "mallory snapshotted alice's instance"
         );
     }
+    // Mallory's own instance restored from, or cloned from, Alice's snapshot: not found.
+    let mut own = vec!["instance", "create", "--image", "busybox", "--wait"];
+    own.extend(small);
+    own.extend(SLEEP);
+    let hers = d.json_as(&mallory, &own)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for probe in ["first", sid.as_str()] {
+        let out = d.cli_as(&mallory, &["instance", "restore", &hers, probe]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(
+            err.contains("snapshot") && err.contains("not found"),
+            "{err}"
+        );
+        let mut a = vec!["instance", "create", "--from-snapshot", probe];
+        a.extend(small);
+        a.extend(SLEEP);
+        let out = d.cli_as(&mallory, &a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(
+            err.contains("snapshot") && err.contains("not found"),
+            "{err}"
+        );
+    }
+    d.json_as(&mallory, &["instance", "terminate", &hers, "--wait"]);
     assert_eq!(snapshot_dirs(&d), vec![sid.clone()]);
 
     // Once the clone is gone the snapshot can go; nothing of it is left.
@@ -193,6 +245,6 @@ fn container_snapshots_roll_back_clone_and_stay_with_their_tenant() {
     assert!(snapshot_dirs(&d).is_empty(), "{:?}", snapshot_dirs(&d));
     assert_eq!(d.json(&["snapshot", "list"]), serde_json::json!([]));
     d.json(&["instance", "terminate", &id, "--wait"]);
-    let leaks = d.leaks(&[id, clone]);
+    let leaks = d.leaks(&[id, clone, hers]);
     assert!(leaks.is_empty(), "{leaks:?}");
 }

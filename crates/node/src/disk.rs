@@ -359,27 +359,42 @@ impl Disks {
         check_name("volume name", name)?;
         let l = self.layout(false)?;
         let image = l.volume_image(tenant, name);
-        let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
-        let now = std::fs::metadata(&image).map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
-                DiskError::VolumeNotFound {
-                    tenant: tenant.to_string(),
-                    name: name.to_string(),
+        let check = || -> Result<(), DiskError> {
+            let now = std::fs::metadata(&image).map_err(|e| {
+                if e.kind() == ErrorKind::NotFound {
+                    DiskError::VolumeNotFound {
+                        tenant: tenant.to_string(),
+                        name: name.to_string(),
+                    }
+                } else {
+                    io_err(&image)(e)
                 }
-            } else {
-                io_err(&image)(e)
+            })?;
+            let have = std::fs::metadata(src).map_err(io_err(src))?.len();
+            if have != now.len() {
+                return Err(DiskError::SizeMismatch {
+                    path: image.clone(),
+                    existing: now.len(),
+                    requested: have,
+                });
             }
-        })?;
-        let have = std::fs::metadata(src).map_err(io_err(src))?.len();
-        if have != now.len() {
-            return Err(DiskError::SizeMismatch {
-                path: image,
-                existing: now.len(),
-                requested: have,
-            });
+            refuse_if_in_use(&image)
+        };
+        {
+            let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+            check()?;
         }
-        refuse_if_in_use(&image)?;
-        crate::snapshot::replace_with_copy(src, &image).map_err(io_err(&image))?;
+        // The copy outside the volume lock (every tenant's attach and teardown takes it), the
+        // rename under it after checking again.
+        let partial = partial_path(&image);
+        let _ = std::fs::remove_file(&partial);
+        crate::snapshot::sparse_copy(src, &partial).map_err(io_err(&partial))?;
+        let _guard = VOLUME_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = check() {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+        std::fs::rename(&partial, &image).map_err(io_err(&image))?;
         tracing::info!(tenant, name, from = %src.display(), "volume restored");
         Ok(())
     }
@@ -894,7 +909,7 @@ fn disk_id_from_file_name(name: &str) -> Option<&str> {
     (!stem.is_empty()).then_some(stem)
 }
 
-fn partial_path(image: &Path) -> PathBuf {
+pub(crate) fn partial_path(image: &Path) -> PathBuf {
     let mut s = image.as_os_str().to_owned();
     s.push(".partial");
     PathBuf::from(s)

@@ -26,8 +26,9 @@
 //!   mounts) while they are copied; a VM's disks are copied by QEMU backup jobs started in one
 //!   QMP transaction (copy-before-write: the guest runs on while they copy), inside the guest
 //!   agent's fs-freeze when the guest has one ([`crate::vm::snapshot`]).
-//! - Permissions: the directories are 0711 (VM users reach a base link by its unguessable
-//!   path; nothing is listed), every tenant file is 0600 root's: QEMU gets descriptors.
+//! - Permissions: the directories are 0750 root:`TEMPLATE_GID`, as the templates' are (a VM's
+//!   QEMU reaches the base, kernel and initrd links by path; other host users nothing), every
+//!   tenant file is 0600 root's: QEMU gets descriptors.
 
 use crate::instance::{io, Node, NodeError};
 use gpuvisor_wire::RuntimeKind;
@@ -233,9 +234,7 @@ pub fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
 /// [`sparse_copy`] to `dst` by way of `dst.partial` and a rename: `dst` is the whole copy or
 /// what it was before.
 pub fn replace_with_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
-    let mut name = dst.as_os_str().to_owned();
-    name.push(".partial");
-    let tmp = PathBuf::from(name);
+    let tmp = crate::disk::partial_path(dst);
     match fs::remove_file(&tmp) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -273,6 +272,12 @@ impl Frozen {
     pub fn freeze(mounts: &[PathBuf]) -> std::io::Result<Self> {
         let mut out = Frozen { mounts: Vec::new() };
         for m in mounts {
+            if !is_mount_root(m) {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a mount point: not frozen (it would freeze the filesystem holding it)",
+                    m.display()
+                )));
+            }
             let f = File::open(m)?;
             let mut arg: libc::c_int = 0;
             // SAFETY: FIFREEZE takes an int the kernel ignores; `f` is an open directory.
@@ -300,9 +305,24 @@ fn thaw_fd(f: &File) -> nix::Result<()> {
     unsafe { fithaw(f.as_raw_fd(), &mut arg) }.map(drop)
 }
 
+/// Whether `path` is the root of a mount (another device than its parent's): freezing or
+/// thawing anything else would act on the filesystem that holds it.
+fn is_mount_root(path: &Path) -> bool {
+    let (Ok(m), Some(Ok(p))) = (
+        fs::symlink_metadata(path),
+        path.parent().map(fs::symlink_metadata),
+    ) else {
+        return false;
+    };
+    m.is_dir() && m.dev() != p.dev()
+}
+
 /// Thaws the filesystem at `mount` if it is frozen (a daemon killed while a snapshot copied
 /// leaves it so); nothing when it is not.
 pub fn thaw(mount: &Path) -> bool {
+    if !is_mount_root(mount) {
+        return false;
+    }
     match File::open(mount) {
         Ok(f) => thaw_fd(&f).is_ok(),
         Err(_) => false,
@@ -370,17 +390,18 @@ impl Node {
     ) -> Result<SnapshotMeta, NodeError> {
         let dir = self.snapshot_dir(sid)?;
         let root = self.snapshots_root();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(&root)
-            .map_err(io(&root))?;
         let tmp = root.join(format!(".tmp-{sid}"));
-        remove_dir_if_exists(&tmp)?;
-        fs::DirBuilder::new()
-            .mode(0o711)
-            .create(&tmp)
-            .map_err(io(&tmp))?;
+        for d in [&root, &tmp] {
+            if d == &tmp {
+                remove_dir_if_exists(&tmp)?;
+            }
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o750)
+                .create(d)
+                .map_err(io(d))?;
+            vm_group_only(d)?;
+        }
         let req = SnapshotRequest {
             dir: tmp.clone(),
             home: dir.clone(),
@@ -410,6 +431,9 @@ impl Node {
                     .and_then(|d| d.sync_all())
                     .map_err(io(&tmp))?;
                 fs::rename(&tmp, &dir).map_err(io(&dir))?;
+                File::open(&root)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io(&root))?;
                 Ok(meta)
             });
         if done.is_err() {
@@ -468,6 +492,14 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// `dir` 0750 root:[`crate::vm::qemu::TEMPLATE_GID`], as the templates are: a VM's QEMU (in
+/// that group) reaches the base, kernel and initrd links by path, nobody else does; the
+/// tenant's files in it are 0600 root's.
+fn vm_group_only(dir: &Path) -> Result<(), NodeError> {
+    std::os::unix::fs::chown(dir, Some(0), Some(crate::vm::qemu::TEMPLATE_GID)).map_err(io(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o750)).map_err(io(dir))
 }
 
 fn remove_dir_if_exists(dir: &Path) -> Result<(), NodeError> {

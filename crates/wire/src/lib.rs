@@ -908,7 +908,7 @@ pub struct TenantPolicy {
     /// Bytes of memory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_memory: Option<u64>,
-    /// Bytes of container disks and volumes together.
+    /// Bytes of container disks, volumes and snapshots together.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_disk: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]

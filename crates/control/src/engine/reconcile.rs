@@ -452,7 +452,8 @@ impl Engine {
     /// running state when the snapshot has it), else the snapshot it was cloned from (disks
     /// only), else nowhere (the image).
     fn snapshot_source(&self, spec: &crate::store::InstanceSpec) -> Result<Option<SnapshotSource>> {
-        Ok(match (&spec.restore, &spec.from_snapshot) {
+        let pending = spec.restore.as_ref().filter(|r| !r.applied);
+        Ok(match (pending, &spec.from_snapshot) {
             (Some(r), _) => Some(SnapshotSource {
                 dir: self.node.snapshot_dir(&r.snapshot)?,
                 memory: r.memory,
@@ -472,11 +473,41 @@ impl Engine {
         let Some(mut row) = self.store.instance(id).await? else {
             return Ok(());
         };
-        if let Some(r) = row.spec.restore.take() {
+        if let Some(r) = row.spec.restore.as_mut().filter(|r| !r.applied) {
+            r.applied = true;
+            let sid = r.snapshot.clone();
             self.store.set_spec(id, &row.spec, self.tick()).await?;
-            tracing::info!(instance = %id, snapshot = %r.snapshot, "restore applied");
+            tracing::info!(instance = %id, snapshot = %sid, "restore applied");
         }
         Ok(())
+    }
+
+    /// Drops the instance's restore before a provision: an applied one (the instance starts
+    /// from its image again), or, with `failed`, one whose provision failed (a snapshot that
+    /// no longer loads must not hold the instance failing at every start; the event says so
+    /// and `instance restore` may be asked again). Answers the row as it is now.
+    async fn drop_restore(&self, i: &InstanceRow, failed: Option<&str>) -> Result<InstanceRow> {
+        let mut row = i.clone();
+        let Some(r) = row.spec.restore.take() else {
+            return Ok(row);
+        };
+        if !r.applied && failed.is_none() {
+            row.spec.restore = Some(r);
+            return Ok(row);
+        }
+        self.store.set_spec(&i.id, &row.spec, self.tick()).await?;
+        if let Some(why) = failed {
+            self.event(
+                &i.id,
+                "restore_failed",
+                format!(
+                    "the restore from snapshot {} failed ({why}): the next start is from the instance's image",
+                    r.snapshot
+                ),
+            )
+            .await;
+        }
+        Ok(row)
     }
 
     async fn set(
@@ -663,7 +694,8 @@ impl Engine {
                     self.set(&id, S::Provisioning, None, "state", "provisioning".into())
                         .await?;
                 }
-                let plan = self.plan(&i).await;
+                let i = &self.drop_restore(&i, None).await?;
+                let plan = self.plan(i).await;
                 let node = self.node.clone();
                 let mut result = match &plan {
                     Ok(plan) => {
@@ -718,6 +750,9 @@ impl Engine {
                         }
                         self.set(&id, S::Failed, Some(&reason), "failed", reason.clone())
                             .await?;
+                        if i.spec.restore.as_ref().is_some_and(|r| !r.applied) {
+                            self.drop_restore(i, Some(&reason)).await?;
+                        }
                     }
                 }
             }

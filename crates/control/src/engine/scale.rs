@@ -300,8 +300,15 @@ impl Engine {
         let lock = self.lock_for(&row.id);
         let _instance = lock.lock().await;
         let row = &self.still(&row.id, size, Way::InPlace).await?;
-        let _place = self.place_lock.lock().await;
+        let mut place = Some(self.place_lock.lock().await);
         let next = self.resized(row, size).await?;
+        // Growing needs the room held until the store says so; less memory on the same CPUs
+        // does not (until the store is written the host counts the larger size), and a VM's
+        // shrink waits for its guest to give memory back: the placement lock is not held
+        // meanwhile.
+        if next.spec.memory < row.spec.memory && next.cpus == row.cpus {
+            place = None;
+        }
         let (node, id, cpus, memory) = (
             self.node.clone(),
             row.id.clone(),
@@ -316,7 +323,11 @@ impl Engine {
                     "the instance could not be resized in place ({e}); ask again with restart: true to stop, resize and start it"
                 ))
             })?;
+        if place.is_none() {
+            place = Some(self.place_lock.lock().await);
+        }
         self.store.set_resources(&next, self.tick()).await?;
+        drop(place);
         Ok(())
     }
 
@@ -423,7 +434,9 @@ fn way(row: &InstanceRow, size: Size, restart: bool) -> Result<Way> {
     }
     // Containers (their cgroup) and VMs (hot-plug, virtio-mem, the balloon: the runtime
     // refuses what it cannot do live, and the caller is then asked to consent to a restart).
-    let live_ok = size.gpus == whole_gpus(row);
+    // A VM with passed-through GPUs boots without room to grow (VFIO pins all of its RAM).
+    let live_ok =
+        size.gpus == whole_gpus(row) && (row.runtime != RuntimeKind::Vm || row.gpus.is_empty());
     match (live_ok, restart) {
         // A VM whose owner consents to a restart gets one (vCPUs taken away, past the maximum
         // it booted with); without consent the runtime tries in place.
@@ -433,7 +446,7 @@ fn way(row: &InstanceRow, size: Size, restart: bool) -> Result<Way> {
         (false, false) => Err(EngineError::InvalidState(format!(
             "{} cannot be changed while instance {} runs: ask again with restart: true (it is stopped, resized and started), or stop it first",
             if row.runtime == RuntimeKind::Vm {
-                "a VM's size"
+                "the size of a VM with passed-through GPUs"
             } else {
                 "the GPU count"
             },

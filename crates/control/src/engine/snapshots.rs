@@ -109,7 +109,7 @@ impl Engine {
         validate::name("snapshot", &req.name)?;
         let row = self.find(who, instance).await?;
         check_snapshottable(&row, self.is_simulated(&row), req.memory)?;
-        self.check_snapshot_space(&row, req.memory).await?;
+        let need = self.snapshot_need(&row, req.memory).await?;
         let mut snap = SnapshotRow {
             id: random_hex(16)?,
             tenant_id: row.tenant_id.clone(),
@@ -124,10 +124,12 @@ impl Engine {
             volumes: row.spec.volumes.iter().map(|v| v.name.clone()).collect(),
             vcpus: row.spec.vcpus,
             memory_bytes: row.spec.memory,
-            bytes: 0,
+            // What it may take, counted against the tenant's disk quota and the host's free
+            // space while it is taken; the real size once ready.
+            bytes: need,
             created_at: now_ms(),
         };
-        self.reserve_snapshot(&snap).await?;
+        self.reserve_snapshot(&snap, &row).await?;
         // Under the instance's lock: the reconciler neither stops nor provisions it meanwhile.
         let lock = self.lock_for(&row.id);
         let guard = lock.lock().await;
@@ -181,7 +183,9 @@ impl Engine {
     /// Refuses a snapshot that could not fit: the data dir's filesystem must have room for
     /// everything the copy could take (the whole disk, every volume and, with `memory`, the
     /// VM's RAM), since the allocated sizes are the node's to know.
-    async fn check_snapshot_space(&self, row: &InstanceRow, memory: bool) -> Result<()> {
+    /// The most a snapshot of `row` may take: its disk, its volumes, and with `memory` its RAM
+    /// (with QEMU's allowance for device state).
+    async fn snapshot_need(&self, row: &InstanceRow, memory: bool) -> Result<u64> {
         let mut need = row.spec.container_disk;
         for v in &row.spec.volumes {
             if let Some(vol) = self.store.volume(&row.tenant_id, &v.name).await? {
@@ -189,45 +193,38 @@ impl Engine {
             }
         }
         if memory {
-            need = need.saturating_add(row.spec.memory);
+            need = need.saturating_add(row.spec.memory.saturating_add(64 << 20));
         }
-        let dir = self.node.cfg.data_dir.clone();
-        let free = blocking(move || {
+        Ok(need)
+    }
+
+    /// Free bytes of the filesystem holding the snapshots.
+    async fn snapshot_fs_free(&self) -> Result<(u64, u64)> {
+        let root = self.node.snapshots_root();
+        let dir = if root.exists() {
+            root
+        } else {
+            self.node.cfg.data_dir.clone()
+        };
+        let shown = dir.display().to_string();
+        blocking(move || {
             nix::sys::statvfs::statvfs(&dir).map(|st| {
                 #[allow(clippy::unnecessary_cast)] // u32 on some targets
-                let (avail, frsize) = (st.blocks_available() as u64, st.fragment_size() as u64);
-                avail.saturating_mul(frsize)
+                let (avail, total, frsize) = (
+                    st.blocks_available() as u64,
+                    st.blocks() as u64,
+                    st.fragment_size() as u64,
+                );
+                (avail.saturating_mul(frsize), total.saturating_mul(frsize))
             })
         })
         .await?
-        .map_err(|e| {
-            EngineError::Internal(format!(
-                "cannot read the free space of {}: {e}",
-                self.node.cfg.data_dir.display()
-            ))
-        })?;
-        if free < need {
-            return Err(EngineError::InsufficientResources(format!(
-                "not enough free space for the snapshot: the data dir's filesystem has {} free \
-                 and the snapshot may take up to {} (the instance's {} disk{}{}); free some \
-                 space or remove snapshots",
-                format_size(free),
-                format_size(need),
-                format_size(row.spec.container_disk),
-                if row.spec.volumes.is_empty() {
-                    ""
-                } else {
-                    ", its volumes"
-                },
-                if memory { " and its memory" } else { "" }
-            )));
-        }
-        Ok(())
+        .map_err(|e| EngineError::Internal(format!("cannot read the free space of {shown}: {e}")))
     }
 
     /// Writes the pending row: under the placement lock (a tenant being deleted is marked
     /// under it), after the tenant's name and count checks.
-    async fn reserve_snapshot(&self, snap: &SnapshotRow) -> Result<()> {
+    async fn reserve_snapshot(&self, snap: &SnapshotRow, row: &InstanceRow) -> Result<()> {
         let _place = self.place_lock.lock().await;
         let tenant = self
             .store
@@ -256,6 +253,42 @@ impl Engine {
                  ({MAX_SNAPSHOTS_PER_TENANT}): remove some first (gpuvisor snapshot rm)",
                 tenant.name,
                 held.len()
+            )));
+        }
+        // The tenant's disk quota counts its snapshots (`tenants::usage`), this one at what it
+        // may take.
+        let live = self.store.live_instances(None).await?;
+        self.check_quota(
+            &tenant,
+            &live,
+            &super::tenants::Ask {
+                disk: snap.bytes,
+                ..Default::default()
+            },
+        )
+        .await?;
+        // The host keeps room for everyone else: snapshots being taken count at what they may
+        // take, and a margin (1 GiB or 5 % of the filesystem) is never given to snapshots.
+        let (free, total) = self.snapshot_fs_free().await?;
+        let taking: u64 = self
+            .store
+            .pending_snapshots()
+            .await?
+            .iter()
+            .map(|s| s.bytes)
+            .sum();
+        let margin = (1u64 << 30).max(total / 20);
+        let room = free.saturating_sub(taking).saturating_sub(margin);
+        if room < snap.bytes {
+            return Err(EngineError::InsufficientResources(format!(
+                "not enough free space for the snapshot: it may take up to {} (the instance's {} disk{}{}); the snapshots' filesystem has {} free, {} of it held for snapshots being taken and {} kept for the host; free some space or remove snapshots",
+                format_size(snap.bytes),
+                format_size(row.spec.container_disk),
+                if row.spec.volumes.is_empty() { "" } else { ", its volumes" },
+                if snap.memory { " and its memory" } else { "" },
+                format_size(free),
+                format_size(taking),
+                format_size(margin),
             )));
         }
         match self.store.insert_snapshot(snap).await {
@@ -297,6 +330,12 @@ impl Engine {
             .await?
             .map(|i| i.digest)
             .unwrap_or_default();
+        if digest.is_empty() && row.runtime == RuntimeKind::Container {
+            return Err(EngineError::InvalidState(format!(
+                "the image {:?} of instance {} is gone: a container's disk means nothing without its image's layers",
+                row.image, row.id
+            )));
+        }
         let ask = gpuvisor_node::snapshot::SnapshotAsk {
             tenant,
             image_digest: digest,
@@ -387,9 +426,15 @@ impl Engine {
             .await?
             .into_iter()
             .filter_map(|i| {
-                if i.spec.restore.as_ref().is_some_and(|r| r.snapshot == sid) {
+                let restore = i.spec.restore.as_ref().filter(|r| r.snapshot == sid);
+                if restore.is_some_and(|r| !r.applied) {
                     Some(format!(
                         "instance {} ({}, being restored from it)",
+                        i.name, i.id
+                    ))
+                } else if restore.is_some() && i.runtime == RuntimeKind::Vm {
+                    Some(format!(
+                        "VM {} ({}, restored from it: it boots the snapshot's base and kernel until it restarts)",
                         i.name, i.id
                     ))
                 } else if i.spec.from_snapshot.as_deref() == Some(sid) {
@@ -420,6 +465,7 @@ impl Engine {
         }
         let snap = self.snapshot_in(&row.tenant_id, &req.snapshot).await?;
         check_restorable(&row, &snap)?;
+        self.check_clone_image(&row.tenant_id, &snap).await?;
         let stop_first = match row.state {
             _ if matches!(
                 row.desired,
@@ -534,6 +580,7 @@ impl Engine {
         spec.restore = Some(RestoreSpec {
             snapshot: snap.id.clone(),
             memory: snap.memory,
+            applied: false,
         });
         self.store.set_spec(id, &spec, self.tick()).await?;
         Ok(volumes)
@@ -555,8 +602,8 @@ impl Engine {
         Ok(s)
     }
 
-    /// A container clone's image must still be the one its disk was made over (a name
-    /// imported again may hold other layers).
+    /// A container clone's (or restore's) image must still be the one its disk was made over
+    /// (a name imported again may hold other layers).
     pub(crate) async fn check_clone_image(&self, tenant_id: &str, s: &SnapshotRow) -> Result<()> {
         if s.runtime != RuntimeKind::Container {
             return Ok(());
@@ -783,7 +830,7 @@ fn check_restorable(row: &InstanceRow, snap: &SnapshotRow) -> Result<()> {
         return Err(EngineError::InvalidState(format!(
             "snapshot {:?} saved the VM's running state with {} vCPUs and {} of memory, and the \
              instance now has {} and {}: a running state resumes only at its own size (scale \
-             the instance back with `instance scale --restart`, then restore)",
+             the instance back with `instance scale`, then restore)",
             snap.name,
             snap.vcpus,
             format_size(snap.memory_bytes),

@@ -25,10 +25,12 @@ pub(crate) struct Ask {
     pub volumes: u32,
 }
 
-/// What a tenant holds: its live instances and its volumes.
+/// What a tenant holds: its live instances, its volumes and its snapshots (their bytes on
+/// disk; a snapshot being taken counts with what it may take, its row's `bytes` meanwhile).
 pub(crate) fn usage<'a>(
     instances: impl IntoIterator<Item = &'a InstanceRow>,
     volumes: &[VolumeRow],
+    snapshots: &[crate::store::SnapshotRow],
     vm_overhead: u64,
 ) -> TenantUsage {
     let mut u = TenantUsage::default();
@@ -48,6 +50,7 @@ pub(crate) fn usage<'a>(
     }
     u.volumes = volumes.len() as u32;
     u.disk += volumes.iter().map(|v| v.size).sum::<u64>();
+    u.disk += snapshots.iter().map(|s| s.bytes).sum::<u64>();
     u
 }
 
@@ -564,13 +567,15 @@ impl Engine {
     pub(crate) async fn tenant_usage(&self, tenant_id: &str) -> Result<TenantUsage> {
         let live = self.store.live_instances(Some(tenant_id)).await?;
         let volumes = self.store.volumes(Some(tenant_id)).await?;
-        Ok(usage(&live, &volumes, self.vm_overhead()))
+        let snapshots = self.store.snapshots(Some(tenant_id)).await?;
+        Ok(usage(&live, &volumes, &snapshots, self.vm_overhead()))
     }
 
     /// Refuses `ask` when it breaks one of the tenant's quotas. Admin keys are the operator's
     /// and bypass quotas of their own tenant only by having none set.
     /// `live` is the live instances the caller already read under the placement lock (any
-    /// tenants'; only `tenant`'s count), so the check costs one more query (volumes), not two.
+    /// tenants'; only `tenant`'s count), so the check costs two more queries (volumes,
+    /// snapshots).
     pub(crate) async fn check_quota(
         &self,
         tenant: &TenantRow,
@@ -578,9 +583,11 @@ impl Engine {
         ask: &Ask,
     ) -> Result<()> {
         let volumes = self.store.volumes(Some(&tenant.id)).await?;
+        let snapshots = self.store.snapshots(Some(&tenant.id)).await?;
         let u = usage(
             live.iter().filter(|i| i.tenant_id == tenant.id),
             &volumes,
+            &snapshots,
             self.vm_overhead(),
         );
         match over_quota(&tenant.name, &effective_policy(tenant), &u, ask) {

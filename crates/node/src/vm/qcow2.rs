@@ -169,6 +169,41 @@ pub fn set_backing(path: &Path, backing: &Path) -> io::Result<()> {
     f.sync_all()
 }
 
+/// Checks a qcow2 image another QEMU wrote (a snapshot's root disk, which a compromised QEMU
+/// had open read-write) before a new QEMU opens it: version 2 or 3, not marked corrupt, no
+/// external data file (a path QEMU would open), no incompatible feature this code does not
+/// know. Its backing name is then set with [`set_backing`].
+pub fn check_foreign(path: &Path) -> io::Result<()> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    let mut h = [0u8; 80];
+    File::open(path)?.read_exact_at(&mut h, 0)?;
+    if &h[..4] != b"QFI\xfb" {
+        return Err(invalid(format!("{} is not a qcow2 image", path.display())));
+    }
+    let version = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+    if !(2..=3).contains(&version) {
+        return Err(invalid(format!(
+            "{}: qcow2 version {version}",
+            path.display()
+        )));
+    }
+    if version == 3 {
+        let mut f = [0u8; 8];
+        f.copy_from_slice(&h[72..80]);
+        let incompatible = u64::from_be_bytes(f);
+        // Bit 0: dirty (lazy refcounts), bit 3: compression type, bit 4: extended L2. Bit 1
+        // (corrupt) and bit 2 (external data file) and anything unknown: refused.
+        const KNOWN: u64 = 1 | (1 << 3) | (1 << 4);
+        if incompatible & !KNOWN != 0 {
+            return Err(invalid(format!(
+                "{}: qcow2 incompatible features {incompatible:#x} (corrupt, an external data file, or unknown)",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The backing file name in a qcow2 image's header, if it has one.
 pub fn backing(path: &Path) -> io::Result<Option<String>> {
     let f = File::open(path)?;
@@ -248,5 +283,12 @@ mod tests {
         set_backing(&img, Path::new("/b")).unwrap();
         assert_eq!(backing(&img).unwrap().as_deref(), Some("/b"));
         assert!(set_backing(&img, Path::new("")).is_err());
+        check_foreign(&img).unwrap();
+        // An external data file (incompatible bit 2) or a corrupt mark is refused.
+        for bit in [1u64, 2, 9] {
+            let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+            f.write_all_at(&(1u64 << bit).to_be_bytes(), 72).unwrap();
+            assert!(check_foreign(&img).is_err(), "bit {bit}");
+        }
     }
 }

@@ -333,7 +333,7 @@ impl VmSpec {
             a.extend([
                 s("-object"),
                 format!(
-                    "memory-backend-ram,id=vmem0,size={}M,merge=on",
+                    "memory-backend-ram,id=vmem0,size={}M,merge=on,reserve=off",
                     self.hotplug_memory() >> 20
                 ),
                 s("-device"),
@@ -967,7 +967,7 @@ mod tests {
         for want in [
             " -smp 2,maxcpus=4 ",
             " -m 512M,maxmem=1536M ",
-            " -object memory-backend-ram,id=vmem0,size=1024M,merge=on -device virtio-mem-pci,id=vmem0dev,memdev=vmem0,requested-size=0 ",
+            " -object memory-backend-ram,id=vmem0,size=1024M,merge=on,reserve=off -device virtio-mem-pci,id=vmem0dev,memdev=vmem0,requested-size=0 ",
         ] {
             assert!(a.contains(want), "{want:?} not in {a}");
         }

@@ -869,6 +869,12 @@ impl Agent {
         self.execute("guest-fsfreeze-freeze", &qga::guest_fsfreeze_freeze {})
     }
 
+    /// Whether the guest's filesystems are frozen (`guest-fsfreeze-status`).
+    pub fn fsfreeze_status(&mut self) -> Result<bool, VmError> {
+        let s = self.execute("guest-fsfreeze-status", &qga::guest_fsfreeze_status {})?;
+        Ok(matches!(s, qga::GuestFsfreezeStatus::frozen))
+    }
+
     /// Thaws them (`guest-fsfreeze-thaw`).
     pub fn fsthaw(&mut self) -> Result<i64, VmError> {
         self.execute("guest-fsfreeze-thaw", &qga::guest_fsfreeze_thaw {})
@@ -1079,8 +1085,8 @@ mod tests {
     use super::*;
     use std::io::{BufRead, BufReader as StdBufReader};
 
-    /// A QEMU that floods its QMP greeting (no line end) is cut off at the byte budget: the
-    /// handshake fails, having read no more than the budget.
+    /// A snapshot's backup targets reach QEMU as fd-set nodes: no backing file opened, no
+    /// image lock.
     #[test]
     fn backup_targets_are_fd_set_nodes_without_backing_or_locks() {
         let v =
@@ -1099,6 +1105,8 @@ mod tests {
         );
     }
 
+    /// A QEMU that floods its QMP greeting (no line end) is cut off at the byte budget: the
+    /// handshake fails, having read no more than the budget.
     #[test]
     fn a_flooding_monitor_is_cut_off() {
         let dir = tempfile::tempdir().unwrap();

@@ -71,12 +71,23 @@ impl Sizes {
 }
 
 /// The most a VM of this host can grow to: every online CPU, all of the host's RAM (whole
-/// 128 MiB). Never below what it boots with.
+/// 128 MiB), within [`MAX_VCPUS`] and [`MAX_MEMORY`]. Never below what it boots with.
 pub fn host_maximums(root: &HostRoot, vcpus: u32, memory: u64) -> (u32, u64) {
-    let cpus = root.online_cpus().map_or(0, |c| c.len() as u32);
-    let mem = root.mem_total().map_or(0, |m| m >> 27 << 27);
+    let cpus = root
+        .online_cpus()
+        .map_or(0, |c| c.len() as u32)
+        .min(MAX_VCPUS);
+    let mem = root
+        .mem_total()
+        .map_or(0, |m| m.min(MAX_MEMORY) >> 27 << 27);
     (cpus.max(vcpus), mem.max(memory))
 }
+
+/// Most vCPUs a VM grows to: q35 without an IOMMU addresses at most 255 APIC ids, and every
+/// possible CPU costs the guest per-CPU memory.
+pub const MAX_VCPUS: u32 = 240;
+/// Most RAM a VM grows to (the guest's physical address space, also under TCG).
+pub const MAX_MEMORY: u64 = 1 << 40;
 
 fn refuse(why: String) -> VmError {
     VmError::Start {
@@ -150,14 +161,30 @@ pub fn resize(
     }
     if memory < sizes.memory {
         let targets = (memory.min(sizes.boot_memory), plugged, hotplug > 0);
-        lower_limit(
+        if !lower_limit(
             &mut mon,
             root,
             id,
             cpus,
             memory.saturating_add(overhead),
             targets,
-        );
+        ) {
+            // Not given back: put the targets back as they were and say so; the VM keeps its
+            // size (and its limit), so the store never holds a size the host does not.
+            let was = sizes.memory.saturating_sub(sizes.boot_memory);
+            if hotplug > 0 {
+                let _ = mon.set_virtio_mem(was);
+            }
+            let _ = mon.set_balloon(sizes.memory.min(sizes.boot_memory));
+            sizes.vcpus = want;
+            sizes.write(&run.dir)?;
+            return Err(refuse(format!(
+                "the guest did not give {} MiB back within {} s (its balloon or memory hot-unplug did not comply): its memory stays {} MiB",
+                (sizes.memory - memory) >> 20,
+                SHRINK_WAIT.as_secs(),
+                sizes.memory >> 20
+            )));
+        }
     }
     sizes.vcpus = want;
     sizes.memory = memory;
@@ -167,13 +194,13 @@ pub fn resize(
 }
 
 /// How long a shrinking VM's guest has to give its memory back before the limit is lowered.
-const SHRINK_WAIT: Duration = Duration::from_secs(30);
+const SHRINK_WAIT: Duration = Duration::from_secs(20);
 
 /// Lowers the cgroup's memory limit to `limit` once the guest has given the memory back (the
 /// balloon at its target, virtio-mem down to what stays plugged: `targets`) and QEMU's
 /// anonymous memory fits under it (QEMU discards what the guest gave back). A limit under
 /// what QEMU holds, or one the guest can still grow past, would have the kernel kill QEMU: if
-/// the guest has not complied in time, the limit stays where it was (and a warning says so).
+/// the guest has not complied in time, the limit stays where it was and this says `false`.
 fn lower_limit(
     mon: &mut Monitor,
     root: &HostRoot,
@@ -181,7 +208,7 @@ fn lower_limit(
     cpus: &[u32],
     limit: u64,
     (balloon, plugged, virtio_mem): (u64, u64, bool),
-) {
+) -> bool {
     let deadline = std::time::Instant::now() + SHRINK_WAIT;
     loop {
         let given = mon.guest_memory().is_ok_and(|m| m.actual <= balloon)
@@ -191,7 +218,7 @@ fn lower_limit(
             if let Err(e) = qemu::make_cgroup(root, id, cpus, limit) {
                 tracing::warn!(id, error = %e, "cannot lower a resized VM's memory limit");
             }
-            return;
+            return true;
         }
         if std::time::Instant::now() > deadline {
             tracing::warn!(
@@ -199,9 +226,9 @@ fn lower_limit(
                 limit,
                 anon,
                 given,
-                "the guest has not given its memory back in time: its memory limit stays higher"
+                "the guest has not given its memory back in time: the shrink is undone"
             );
-            return;
+            return false;
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -584,7 +584,10 @@ impl Runtime for VmRuntime {
             return Ok(None);
         }
         let mut mon = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(2))?;
-        Ok(Some(mon.guest_memory()?))
+        let mut m = mon.guest_memory()?;
+        // The balloon's figure leaves out what virtio-mem plugged (a VM grown while running).
+        m.actual += mon.virtio_mem_size().unwrap_or(0);
+        Ok(Some(m))
     }
 
     /// vCPUs hot-plugged, memory by virtio-mem and the balloon ([`super::resize`]).
@@ -618,7 +621,11 @@ impl Runtime for VmRuntime {
         }
         let run = self.run_paths(id);
         let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
-        super::snapshot::abandon(&mut mon, super::snapshot::volume_count(&run.dir))?;
+        super::snapshot::abandon(
+            &mut mon,
+            &run.agent(),
+            super::snapshot::volume_count(&run.dir),
+        )?;
         Ok(())
     }
 

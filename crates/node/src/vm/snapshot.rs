@@ -106,6 +106,10 @@ pub fn boot_from(src: &SnapshotSource, overlay: &Path, disk_size: u64) -> Result
         });
     }
     replace_with_copy(&src.dir.join(ROOT), overlay).map_err(vio(overlay))?;
+    // The header came from a QEMU that had it open read-write: checked, and its backing named
+    // by us, before another QEMU opens it.
+    qcow2::check_foreign(overlay).map_err(vio(overlay))?;
+    qcow2::set_backing(overlay, &src.dir.join(BASE)).map_err(vio(overlay))?;
     Ok(Boot {
         base: src.dir.join(BASE),
         kernel: src.dir.join(KERNEL),
@@ -156,7 +160,8 @@ pub fn await_incoming(mon: &mut Monitor) -> Result<(), VmError> {
 /// Undoes what a snapshot cut short (a daemon killed mid-copy) left in QEMU: a migration into
 /// a file, its backup jobs, target nodes and fd sets, and a guest left paused by a completed
 /// migration. Harmless when there is nothing to undo.
-pub fn abandon(mon: &mut Monitor, drives: usize) -> Result<(), VmError> {
+pub fn abandon(mon: &mut Monitor, agent: &Path, drives: usize) -> Result<(), VmError> {
+    thaw_guest(agent);
     let (status, _, _) = mon.migration()?;
     if matches!(
         status.as_str(),
@@ -194,9 +199,11 @@ pub fn abandon(mon: &mut Monitor, drives: usize) -> Result<(), VmError> {
         let _ = mon.remove_fd(TARGET_FDSET + i as i64);
     }
     let (running, state) = mon.status()?;
-    if !running && state == "postmigrate" {
+    // `paused` by a snapshot with memory (nothing else of ours pauses a guest), `postmigrate`
+    // after its migration completed.
+    if !running && (state == "postmigrate" || state == "paused") {
         tracing::warn!("resuming a guest a cut-short snapshot left paused");
-        mon.resume()?;
+        resume(mon)?;
     }
     Ok(())
 }
@@ -249,7 +256,7 @@ pub fn take(
     }
     let size = qcow2::virtual_size(overlay).map_err(vio(overlay))?;
     let drives = volume_drives(&run_dir.join("volumes"), volumes)?;
-    abandon(mon, volume_count(run_dir))?;
+    abandon(mon, agent_socket, volume_count(run_dir))?;
     let consistency = if req.memory {
         if super::resize::Sizes::read(run_dir).is_ok_and(|s| s.resized()) {
             return Err(VmError::Start {
@@ -281,6 +288,20 @@ pub fn take(
         memory_bytes: req.memory_bytes,
         bytes: 0,
     })
+}
+
+/// Thaws the guest's filesystems if a snapshot cut short left them frozen
+/// (`guest-fsfreeze-status`); nothing when the guest has no agent or is not frozen.
+fn thaw_guest(agent: &Path) {
+    let Ok(mut a) = Agent::connect(agent, AGENT_WAIT) else {
+        return;
+    };
+    if a.sync().is_ok() && a.fsfreeze_status().is_ok_and(|frozen| frozen) {
+        match a.fsthaw() {
+            Ok(_) => tracing::warn!("thawed a guest a cut-short snapshot left frozen"),
+            Err(e) => tracing::error!(error = %e, "cannot thaw a guest left frozen"),
+        }
+    }
 }
 
 /// The guest agent, frozen; `None` when the guest has none (or it does not answer).
@@ -363,7 +384,8 @@ fn by_backup(
         let consistency = match frozen {
             Some(mut a) => {
                 if let Err(e) = a.fsthaw() {
-                    tracing::error!(error = %e, "cannot thaw the guest's filesystems after a snapshot");
+                    tracing::warn!(error = %e, "thawing the guest failed: retrying on a new connection");
+                    thaw_guest(agent_socket);
                 }
                 "guest agent freeze"
             }
@@ -442,35 +464,39 @@ fn with_memory(
         .map_err(vio(&state))?;
     mon.getfd("gvsnap", f.as_raw_fd())?;
     drop(f);
-    mon.migrate("fd:gvsnap")?;
-    let deadline = Instant::now() + COPY_DEADLINE;
-    let migrated = loop {
-        let (status, error, downtime) = mon.migration()?;
-        match status.as_str() {
-            "completed" => {
-                tracing::info!(downtime_ms = downtime, "VM state saved");
-                break Ok(());
+    // Paused first: the stream is one pass of the guest's RAM (a guest dirtying memory
+    // faster than the file takes it would never converge live, and each pass would grow the
+    // file), and the disks copied below are of the same instant.
+    mon.pause()?;
+    let saved = (|| {
+        mon.migrate("fd:gvsnap")?;
+        let deadline = Instant::now() + COPY_DEADLINE;
+        loop {
+            let (status, error, downtime) = mon.migration()?;
+            match status.as_str() {
+                "completed" => {
+                    tracing::info!(downtime_ms = downtime, "VM state saved");
+                    break;
+                }
+                "failed" | "cancelled" => {
+                    return Err(failed(
+                        "migrate",
+                        format!(
+                            "saving the running state failed: {}",
+                            error.unwrap_or(status)
+                        ),
+                    ))
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = mon.migrate_cancel();
+                    return Err(failed(
+                        "migrate",
+                        "saving the running state did not finish within its deadline",
+                    ));
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
             }
-            "failed" | "cancelled" => {
-                break Err(failed(
-                    "migrate",
-                    format!(
-                        "saving the running state failed: {}",
-                        error.unwrap_or(status)
-                    ),
-                ))
-            }
-            _ if Instant::now() > deadline => {
-                let _ = mon.migrate_cancel();
-                break Err(failed(
-                    "migrate",
-                    "saving the running state did not finish within its deadline",
-                ));
-            }
-            _ => std::thread::sleep(Duration::from_millis(20)),
         }
-    };
-    let copied = migrated.and_then(|()| {
         let root = dir.join(ROOT);
         sparse_copy(overlay, &root).map_err(vio(&root))?;
         // The copy points at the snapshot's own link of the same base.
@@ -480,12 +506,34 @@ fn with_memory(
             sparse_copy(image, &dst).map_err(vio(&dst))?;
         }
         Ok(())
-    });
-    // Paused by the migration (or running still, if it failed): run.
-    let resumed = if mon.status()?.0 {
-        Ok(())
-    } else {
-        mon.resume()
-    };
-    copied.and(resumed)
+    })();
+    // The guest runs again whatever happened (a failed migration cancelled first).
+    let resumed = resume(mon);
+    saved.and(resumed)
+}
+
+/// Resumes a guest this snapshot paused: a migration still running is cancelled first
+/// (`cont` is refused during one); retried briefly.
+fn resume(mon: &mut Monitor) -> Result<(), VmError> {
+    let mut last = None;
+    for _ in 0..50 {
+        let (status, _, _) = mon.migration()?;
+        if matches!(
+            status.as_str(),
+            "setup" | "active" | "device" | "cancelling"
+        ) {
+            let _ = mon.migrate_cancel();
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        if mon.status()?.0 {
+            return Ok(());
+        }
+        match mon.resume() {
+            Ok(()) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(last.unwrap_or_else(|| failed("cont", "the guest could not be resumed")))
 }
