@@ -8,10 +8,10 @@
 //! (`sync: top`) into a qcow2 over the snapshot's own link of the template base; volumes are
 //! copied whole (their holes stay holes).
 //!
-//! With the running state (`--memory`): a live migration into a file (`fd:` URI); when it
-//! completes QEMU has paused the guest and flushed and released its disks, which are then
-//! copied as files while the guest stays paused; then the guest resumes. The guest is paused
-//! for the migration's last round and the disk copies (measured in docs/bench).
+//! With the running state (`--memory`): the guest is paused, its state migrated into a file
+//! (`fd:` URI: one pass of its RAM, however fast it dirtied memory), QEMU having flushed and
+//! released its disks they are copied as files, then the guest resumes (on every path). The
+//! guest is paused for the state's write and the disk copies (measured in docs/bench).
 //!
 //! A restore or clone copies `root.qcow2` as the instance's new overlay; a restore of the
 //! running state starts QEMU with `-incoming fd:N` on `memory.bin` and waits until the guest
@@ -143,12 +143,13 @@ pub fn await_incoming(mon: &mut Monitor) -> Result<(), VmError> {
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
     }
-    // The guest runs on its own once the state is in (QEMU started without -S); a VM that
-    // stays paused would be a broken restore.
+    // The state was saved with the guest paused (see `with_memory`), and QEMU keeps a
+    // migrated guest's run state: resumed here.
     for _ in 0..250 {
         if mon.status()?.0 {
             return Ok(());
         }
+        let _ = mon.resume();
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(failed(
