@@ -78,8 +78,10 @@ def main():
         kinds = a.kinds.split(",")
         if "container" in kinds:
             gb.import_image(d, "/var/tmp/gvbench-busybox")
+            # PID 1 ends at SIGTERM: the restore's stop is not the stop grace.
             v = jcli(d, "instance", "create", "--image", "busybox", "--vcpus", "1", "--memory",
-                     "256MiB", "--container-disk", a.disk, "--wait", "--", "sleep", "1000000")
+                     "256MiB", "--container-disk", a.disk, "--wait", "--", "sh", "-c",
+                     "trap 'exit 0' TERM; while :; do sleep 1; done")
             iid = v["id"]
             t, _ = timed(lambda: exec_in(d, iid, f"dd if=/dev/urandom of=/root/f bs=1M count={a.written_mib} && sync"))
             gb.log(f"container: {a.written_mib} MiB written in {t:.1f} s")
