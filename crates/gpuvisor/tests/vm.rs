@@ -912,7 +912,16 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
         "1GiB",
         "--wait",
     ];
-    let mut args = vec!["instance", "create", "--image", "busybox"];
+    // A volume too: saved by a backup job of its drive, and with the running state as a file.
+    d.json(&["volume", "create", "vsnap", "--size", "64MiB"]);
+    let mut args = vec![
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--volume",
+        "vsnap:/data",
+    ];
     args.extend(vm);
     let v = d.json(&args);
     let id = v["id"].as_str().unwrap().to_string();
@@ -942,6 +951,7 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
     };
     let uptime = || -> f64 { sh("cut -d' ' -f1 /proc/uptime").parse().unwrap() };
     put(&id, "one");
+    sh("echo v-one > /data/f && sync");
     let s1 = d.json(&["instance", "snapshot", &id, "disk1"]);
     assert_eq!(s1["state"], "ready", "{s1}");
     assert_eq!(s1["runtime"], "vm", "{s1}");
@@ -950,7 +960,14 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
     assert_eq!(s1["consistency"], "guest agent freeze", "{s1}");
     let sid1 = s1["id"].as_str().unwrap().to_string();
     let dir1 = d.data().join("snapshots").join(&sid1);
-    for f in ["root.qcow2", "base.ext4", "vmlinuz", "snapshot.json"] {
+    assert_eq!(s1["volumes"], serde_json::json!(["vsnap"]), "{s1}");
+    for f in [
+        "root.qcow2",
+        "base.ext4",
+        "vmlinuz",
+        "snapshot.json",
+        "vol-vsnap.img",
+    ] {
         assert!(dir1.join(f).is_file(), "{f} missing in {}", dir1.display());
     }
     // Tenant data is root's only; the base link is the template's (same inode).
@@ -960,6 +977,7 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
     assert!(std::fs::metadata(dir1.join("base.ext4")).unwrap().nlink() >= 2);
 
     put(&id, "two");
+    sh("echo v-two > /data/f && sync");
     sh("echo ram > /.gpuvisor/ramfile");
     let up = uptime();
     let t = Instant::now();
@@ -975,6 +993,7 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
     );
     // The guest ran on after each snapshot.
     put(&id, "three");
+    sh("echo v-three > /data/f && sync");
     assert_eq!(get(&id), "three");
 
     // Disk snapshot: the guest boots again on the old disk; RAM is new.
@@ -990,6 +1009,7 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
         sh("test -e /.gpuvisor/ramfile && echo yes || echo no"),
         "no"
     );
+    assert_eq!(sh("cat /data/f"), "v-one");
 
     // Running state: the guest resumes, no boot.
     let t = Instant::now();
@@ -1006,6 +1026,7 @@ fn vm_snapshots_roll_back_the_disk_and_resume_the_running_state() {
     eprintln!("restore of a memory snapshot to running: {:?}", t.elapsed());
     assert_eq!(sh("cat /.gpuvisor/ramfile"), "ram");
     assert_eq!(get(&id), "two");
+    assert_eq!(sh("cat /data/f"), "v-two");
     assert!(uptime() >= up, "uptime went back: the guest booted");
     assert_eq!(
         logs(&d, &id).matches("gpuvisor-guest-ready").count(),
