@@ -59,6 +59,33 @@ pub(crate) fn vio(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Vm
     move |source| VmError::Io { path, source }
 }
 
+/// Writes one of a VM's small JSON files in its run dir (`boot.json`, `size.json`).
+pub(crate) fn write_json<T: serde::Serialize>(
+    path: &std::path::Path,
+    v: &T,
+) -> Result<(), VmError> {
+    let text = serde_json::to_vec(v).map_err(|e| {
+        vio(path)(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            e.to_string(),
+        ))
+    })?;
+    std::fs::write(path, text).map_err(vio(path))
+}
+
+/// Reads one of them back.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> Result<T, VmError> {
+    let text = std::fs::read(path).map_err(vio(path))?;
+    serde_json::from_slice(&text).map_err(|e| {
+        vio(path)(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            e.to_string(),
+        ))
+    })
+}
+
 /// How guests run: hardware virtualisation, or QEMU's emulator with the reason KVM is not used.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "accel", rename_all = "lowercase")]

@@ -18,7 +18,7 @@
 
 use super::qemu::{self, RunPaths};
 use super::qmp::{Agent, Monitor};
-use super::{vio, VmError};
+use super::VmError;
 use crate::HostRoot;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -42,25 +42,11 @@ impl Sizes {
 
     /// Into the VM's run dir.
     pub fn write(&self, run_dir: &Path) -> Result<(), VmError> {
-        let path = Self::path(run_dir);
-        let text = serde_json::to_vec(self).map_err(|e| {
-            vio(&path)(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                e.to_string(),
-            ))
-        })?;
-        std::fs::write(&path, text).map_err(vio(&path))
+        super::write_json(&Self::path(run_dir), self)
     }
 
     pub fn read(run_dir: &Path) -> Result<Self, VmError> {
-        let path = Self::path(run_dir);
-        let text = std::fs::read(&path).map_err(vio(&path))?;
-        serde_json::from_slice(&text).map_err(|e| {
-            vio(&path)(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                e.to_string(),
-            ))
-        })
+        super::read_json(&Self::path(run_dir))
     }
 
     /// Changed since boot (a snapshot of the running state would not load into a VM started
