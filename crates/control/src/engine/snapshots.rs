@@ -923,7 +923,11 @@ mod tests {
         let mut bigger = vm.clone();
         bigger.spec.memory = 2 << 30;
         let e = check_restorable(&bigger, &snap(true)).unwrap_err();
-        assert!(e.to_string().contains("scale the instance back with `instance scale`"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("scale the instance back with `instance scale`"),
+            "{e}"
+        );
         // Disks only: the size does not matter.
         assert!(check_restorable(&bigger, &snap(false)).is_ok());
         let mut pending = snap(false);
