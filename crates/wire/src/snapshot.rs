@@ -6,39 +6,9 @@
 
 use crate::RuntimeKind;
 use serde::{Deserialize, Serialize};
-use std::fmt;
 
-/// `pending` while its files are written, `ready` once they are complete.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum SnapshotState {
-    Pending,
-    #[default]
-    Ready,
-}
-
-impl SnapshotState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Ready => "ready",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        [Self::Pending, Self::Ready]
-            .into_iter()
-            .find(|v| v.as_str() == s)
-    }
-}
-
-impl fmt::Display for SnapshotState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// `pending` while its files are written, `ready` once they are complete: a volume's states.
+pub type SnapshotState = crate::VolumeState;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Snapshot {

@@ -574,8 +574,8 @@ impl Engine {
     /// Refuses `ask` when it breaks one of the tenant's quotas. Admin keys are the operator's
     /// and bypass quotas of their own tenant only by having none set.
     /// `live` is the live instances the caller already read under the placement lock (any
-    /// tenants'; only `tenant`'s count), so the check costs two more queries (volumes,
-    /// snapshots).
+    /// tenants'; only `tenant`'s count), so the check costs one more query (volumes; and the
+    /// snapshots when the tenant has a disk quota).
     pub(crate) async fn check_quota(
         &self,
         tenant: &TenantRow,
@@ -583,7 +583,13 @@ impl Engine {
         ask: &Ask,
     ) -> Result<()> {
         let volumes = self.store.volumes(Some(&tenant.id)).await?;
-        let snapshots = self.store.snapshots(Some(&tenant.id)).await?;
+        // Snapshots count only towards `max_disk`: read only when it is set (not on every
+        // create of a tenant without one).
+        let snapshots = if effective_policy(tenant).max_disk.is_some() {
+            self.store.snapshots(Some(&tenant.id)).await?
+        } else {
+            Vec::new()
+        };
         let u = usage(
             live.iter().filter(|i| i.tenant_id == tenant.id),
             &volumes,
