@@ -335,6 +335,12 @@ fn routes() -> Routes {
     )
     .add(
         "POST",
+        "/v1/instances/{id}/migrate",
+        Op::MigrateInstance,
+        migrate_instance,
+    )
+    .add(
+        "POST",
         "/v1/instances/{id}/links",
         Op::CreateLink,
         create_link,
@@ -905,6 +911,24 @@ async fn restore_instance(
             i.id, i.name, b.snapshot
         ),
         i,
+    )
+}
+
+/// Moves a running VM to a new QEMU process without stopping it; answers once it runs there,
+/// with what the migration measured (a failed one leaves it running where it was).
+async fn migrate_instance(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    Body(b): Body<wire::MigrateInstance>,
+) -> Audited<wire::MigrationReport> {
+    let r = e.migrate_instance(&p, &id, &b).await?;
+    audited(
+        format!(
+            "instance {} to node {} (downtime {} ms)",
+            r.instance, r.node, r.downtime_ms
+        ),
+        r,
     )
 }
 

@@ -1015,6 +1015,21 @@ pub enum InstanceCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Live-migrate a running VM to a new QEMU process without stopping it (admin): the guest
+    /// pauses only for the switchover. Answers once it runs there, with the figures.
+    Migrate {
+        id: String,
+        /// The node to move to (default: this daemon's own node, a new QEMU process here).
+        #[arg(long)]
+        to: Option<String>,
+        /// Switch to post-copy when pre-copy does not converge (bounded downtime; a failure
+        /// after the switch loses the guest, which restarts from its disks).
+        #[arg(long)]
+        postcopy: bool,
+        /// The longest pause of the guest at the switchover, ms.
+        #[arg(long, default_value_t = 300)]
+        max_downtime_ms: u64,
+    },
     /// A signed link that opens a private HTTP port in a browser (through the HTTPS proxy)
     /// until it expires; anyone holding it gets in.
     Link {
@@ -2050,6 +2065,37 @@ impl Ctx {
                 let req = gpuvisor_wire::RestoreInstance { snapshot };
                 let inst = self.client.restore_instance(&id, &req)?;
                 self.finish_lifecycle(inst, InstanceState::Running, &wait)
+            }
+            InstanceCmd::Migrate {
+                id,
+                to,
+                postcopy,
+                max_downtime_ms,
+            } => {
+                let req = gpuvisor_wire::MigrateInstance {
+                    to,
+                    postcopy,
+                    max_downtime_ms: Some(max_downtime_ms),
+                };
+                let r = self.client.migrate_instance(&id, &req)?;
+                output::print(self.format, &r, |r| {
+                    format!(
+                        "instance {} migrated on node {}: downtime {} ms, total {} ms, {} sent in {} passes{}{}\n",
+                        r.instance,
+                        r.node,
+                        r.downtime_ms,
+                        r.total_ms,
+                        gpuvisor_wire::format_size(r.transferred_bytes),
+                        r.dirty_sync_count,
+                        if r.cpu_throttle_percent > 0 {
+                            format!(", vCPUs throttled by {} %", r.cpu_throttle_percent)
+                        } else {
+                            String::new()
+                        },
+                        if r.postcopy { ", post-copy" } else { "" }
+                    )
+                })?;
+                Ok(exit::OK)
             }
             InstanceCmd::Link { id, port, ttl } => {
                 let req = gpuvisor_wire::CreateLink {

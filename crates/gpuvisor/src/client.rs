@@ -566,6 +566,17 @@ impl Client {
         )
     }
 
+    pub fn migrate_instance(
+        &self,
+        instance: &str,
+        req: &gpuvisor_wire::MigrateInstance,
+    ) -> Result<gpuvisor_wire::MigrationReport> {
+        self.post(
+            &format!("/instances/{}/migrate", segment(instance)),
+            Some(req),
+        )
+    }
+
     pub fn list_instances(&self) -> Result<Vec<Instance>> {
         self.get("/instances")
     }

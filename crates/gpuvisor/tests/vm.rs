@@ -1194,3 +1194,195 @@ fn a_running_vm_grows_and_shrinks_in_place() {
     let leaks = d.leaks(&[id]);
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// Live migration to a new QEMU process on this host (issue 14 item 2, "local"): while the
+/// guest dirties memory, its running state moves to a new QEMU and the old one goes. The guest
+/// never reboots: a loop started before keeps its pid and counts on, a random file in its RAM
+/// keeps its checksum, its disk and network stay; the new QEMU is in the instance's cgroup,
+/// pinned, and nothing staged is left. A migration whose destination dies mid-copy fails and
+/// leaves the guest running in its old QEMU; containers, bad input and tenants are refused.
+#[test]
+fn a_running_vm_migrates_live_to_a_new_qemu_process() {
+    let _g = serial();
+    let Some(fx) = fixture() else { return };
+    let d = vm_daemon(&fx);
+    d.import_busybox();
+    d.json(&["volume", "create", "vmig", "--size", "64MiB"]);
+    let v = d.json(&[
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--runtime",
+        "vm",
+        "--vcpus",
+        "1",
+        "--memory",
+        "256MiB",
+        "--container-disk",
+        "1GiB",
+        "--volume",
+        "vmig:/data",
+        "--wait",
+    ]);
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
+    let sh = |cmd: &str| -> String {
+        let (code, out, err) = d.exec(&id, cmd);
+        assert_eq!(code, 0, "{cmd}: {err}\n{}", d.log());
+        out.trim().to_string()
+    };
+    // State in RAM (the guest kit's tmpfs), on the volume, and a process dirtying memory.
+    let sum = sh("dd if=/dev/urandom of=/.gpuvisor/blob bs=1M count=32 2>/dev/null && md5sum /.gpuvisor/blob | cut -d' ' -f1");
+    sh("echo kept > /data/f && sync");
+    // Detached from the agent's command (whose end would take its children along).
+    sh(
+        "start-stop-daemon -S -b -m -p /.gpuvisor/loop.pid -x /bin/sh -- -c \
+        'i=0; while :; do i=$((i+1)); echo $i > /.gpuvisor/count; \
+         dd if=/dev/urandom of=/.gpuvisor/dirty bs=1M count=4 2>/dev/null; done'",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let loop_pid = sh("cat /.gpuvisor/loop.pid");
+    let count = || -> u64 { sh("cat /.gpuvisor/count").parse().unwrap() };
+    std::thread::sleep(Duration::from_secs(1));
+    let before = count();
+    let old = qemu_pids(&id);
+    assert_eq!(old.len(), 1, "{old:?}");
+
+    let m = d.json(&["instance", "migrate", &id]);
+    eprintln!("migration: {m}");
+    let new_pid = m["new_pid"].as_i64().unwrap() as u32;
+    assert_eq!(m["old_pid"].as_i64().unwrap() as u32, old[0], "{m}");
+    assert_ne!(new_pid, old[0], "{m}");
+    assert!(m["transferred_bytes"].as_u64().unwrap() > 16 << 20, "{m}");
+    assert!(m["total_ms"].as_u64().unwrap() > 0, "{m}");
+    assert_eq!(m["postcopy"], false, "{m}");
+    // One QEMU, the new one, in the instance's cgroup; the old one is gone.
+    assert_eq!(qemu_pids(&id), vec![new_pid]);
+    let cg = std::fs::read_to_string(format!("/proc/{new_pid}/cgroup")).unwrap();
+    assert!(cg.contains(&format!("/gpuvisor/{id}\n")), "{cg}");
+    assert!(!cg.contains(".in-"), "{cg}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", old[0])).exists() || {
+            let s = std::fs::read_to_string(format!("/proc/{}/stat", old[0])).unwrap_or_default();
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with(['Z', 'X']))
+        }
+    );
+    // The same guest, running on: no second boot, the loop alive and counting, RAM and
+    // volume intact, the network up (exec goes through the guest agent, this through the NIC).
+    assert_eq!(logs(&d, &id).matches("gpuvisor-guest-ready").count(), 1);
+    assert_eq!(sh(&format!("kill -0 {loop_pid} && echo alive")), "alive");
+    let after = count();
+    assert!(
+        after > before,
+        "the loop stopped counting: {before} -> {after}"
+    );
+    assert_eq!(sh("md5sum /.gpuvisor/blob | cut -d' ' -f1"), sum);
+    assert_eq!(sh("cat /data/f"), "kept");
+    sh("echo again > /data/g && sync");
+    let got = d.json(&["instance", "get", &id]);
+    assert_eq!(got["state"], "running", "{got}");
+    let events = d.json(&["instance", "events", &id]).to_string();
+    assert!(events.contains("live migration done"), "{events}");
+    let run = d.data().join("vm/run");
+    let staged: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(staged.is_empty(), "{staged:?}");
+
+    // A destination that dies mid-copy: the migration fails, the guest runs on in its QEMU.
+    let staged_pid = run.join(format!(".in-{id}")).join("main.pid");
+    let killer = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(pid) = std::fs::read_to_string(&staged_pid)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+            {
+                std::thread::sleep(Duration::from_millis(150));
+                let killed = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                return killed.success();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    });
+    let out = d.cli(&["instance", "migrate", &id]);
+    assert!(killer.join().unwrap(), "the destination never started");
+    assert!(
+        !out.status.success(),
+        "migrated with its destination killed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("runs on"), "{err}");
+    assert_eq!(qemu_pids(&id), vec![new_pid]);
+    assert_eq!(sh(&format!("kill -0 {loop_pid} && echo alive")), "alive");
+    let c1 = count();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        count() > c1,
+        "the guest is not running after the failed migration"
+    );
+    assert_eq!(d.json(&["instance", "get", &id])["state"], "running");
+    assert!(
+        !run.join(format!(".in-{id}")).exists(),
+        "the failed destination's run dir is left"
+    );
+
+    // And again, after the failure: the second move works (the vsock CID flips back).
+    let m2 = d.json(&["instance", "migrate", &id, "--max-downtime-ms", "500"]);
+    assert_ne!(m2["new_pid"], m["new_pid"], "{m2}");
+    assert_eq!(sh("md5sum /.gpuvisor/blob | cut -d' ' -f1"), sum);
+    assert_eq!(sh("cat /data/g"), "again");
+
+    // Refusals: bad input, another node, a container, a tenant.
+    for (args, want) in [
+        (vec!["--max-downtime-ms", "0"], "outside"),
+        (vec!["--to", "node-elsewhere"], "not supported yet"),
+    ] {
+        let mut a = vec!["instance", "migrate", id.as_str()];
+        a.extend(args);
+        let out = d.cli(&a);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{err}");
+    }
+    let c = d.json(&[
+        "instance", "create", "--image", "busybox", "--wait", "--", "sleep", "600",
+    ]);
+    let cid = c["id"].as_str().unwrap().to_string();
+    let out = d.cli(&["instance", "migrate", &cid]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only VMs migrate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Host maintenance is the admin's: a tenant's key may not migrate, not even its own VM.
+    d.json(&["tenant", "create", "migother"]);
+    let key = d.json(&["key", "create", "--tenant", "migother"])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = d.cli_as(&key, &["instance", "migrate", &id]);
+    assert!(
+        !out.status.success(),
+        "a tenant's key migrated another's VM"
+    );
+    assert_eq!(qemu_pids(&id).len(), 1);
+
+    for i in [&cid, &id] {
+        d.json(&["instance", "terminate", i, "--wait"]);
+    }
+    let leaks = d.leaks(&[id, cid]);
+    assert!(leaks.is_empty(), "{leaks:?}");
+}

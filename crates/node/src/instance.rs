@@ -362,6 +362,22 @@ impl Node {
         r
     }
 
+    /// Live-migrates running instance `id` to a new process of this host (VMs).
+    pub fn migrate(
+        &self,
+        id: &str,
+        ask: &crate::vm::migrate::MigrateAsk,
+    ) -> Result<gpuvisor_wire::MigrationReport, NodeError> {
+        self.runtime_of(id).migrate(self, id, ask)
+    }
+
+    /// Finishes or undoes migrations of `id` a killed daemon left half done (every runtime
+    /// is asked); says what was done.
+    pub fn recover_migration(&self, id: &str) -> Option<String> {
+        self.runtimes()
+            .find_map(|rt| rt.recover_migration(self, id))
+    }
+
     /// Stops instance `id` through its runtime: asks it to end, waits up to `grace`, ends it.
     pub fn stop(&self, id: &str, grace: Duration) -> Result<(), NodeError> {
         self.runtime_of(id).stop(self, id, grace)

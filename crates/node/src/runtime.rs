@@ -165,6 +165,28 @@ pub trait Runtime: Send + Sync {
         Ok(None)
     }
 
+    /// Moves the running instance to a new process of this host without stopping it (live
+    /// migration, [`crate::vm::migrate`]). Runtimes that cannot refuse.
+    fn migrate(
+        &self,
+        _node: &Node,
+        _id: &str,
+        _ask: &crate::vm::migrate::MigrateAsk,
+    ) -> Result<gpuvisor_wire::MigrationReport, NodeError> {
+        Err(NodeError::Unsupported {
+            kind: self.kind(),
+            what: "live migration (a container's processes carry no state that can be moved: \
+                   stop it and start it again; its volumes stay)"
+                .into(),
+        })
+    }
+
+    /// Finishes or undoes a migration of the instance that a killed daemon left half done;
+    /// says what it did (`None`: nothing to do).
+    fn recover_migration(&self, _node: &Node, _id: &str) -> Option<String> {
+        None
+    }
+
     /// Undoes what a snapshot of the instance cut short (a daemon killed mid-copy) left in
     /// the running instance. Nothing to do by default.
     fn abandon_snapshot(&self, _node: &Node, _id: &str) -> Result<(), NodeError> {

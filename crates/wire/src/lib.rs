@@ -6,6 +6,7 @@
 mod cpulist;
 pub mod metrics;
 pub mod mig;
+pub mod migration;
 mod restart;
 pub mod serverless;
 mod size;
@@ -15,6 +16,7 @@ pub mod usage;
 
 pub use cpulist::{format_cpu_list, parse_cpu_list};
 pub use metrics::{GpuStats, MetricPoint, MetricSeries, MetricsHistory, MetricsQuery};
+pub use migration::{MigrateInstance, MigrationReport};
 pub use restart::{RestartPolicy, VolumeState};
 pub use serverless::{
     CreateEndpoint, Endpoint, EndpointHealth, EndpointSpec, JobPolicy, JobState, JobStatus, Purged,

@@ -114,6 +114,7 @@ ops! {
     ScaleInstance => "instance.scale", Operate;
     SnapshotInstance => "instance.snapshot", Operate;
     RestoreInstance => "instance.restore", Operate;
+    MigrateInstance => "instance.migrate", Admin;
     ListSnapshots => "snapshot.list", Read;
     GetSnapshot => "snapshot.get", Read;
     DeleteSnapshot => "snapshot.delete", Operate;

@@ -15,6 +15,7 @@ pub mod images;
 pub mod ingress;
 pub mod limits;
 mod metrics;
+pub mod migration;
 pub mod pricing;
 mod reconcile;
 mod scale;
@@ -413,6 +414,10 @@ impl Engine {
         // Snapshots a crash left half taken, and files no row names (engine::snapshots).
         if let Err(e) = self.sweep_snapshots().await {
             tracing::warn!("snapshot sweep: {e}");
+        }
+        // Live migrations a crash cut short (engine::migration).
+        if let Err(e) = self.recover_migrations().await {
+            tracing::warn!("migration recovery: {e}");
         }
         if !self.store.tenants().await?.is_empty() {
             return Ok(None);

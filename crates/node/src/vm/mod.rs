@@ -7,6 +7,7 @@
 //! `<P>t<id>`, `<data>/vm/run/<id>/` (QMP, guest agent, console and VNC sockets, pid file,
 //! QEMU's stderr, the cloud-init seed) and `<data>/vm/disks/<id>.qcow2` (the root overlay).
 
+pub mod migrate;
 pub mod passthrough;
 pub mod qcow2;
 pub mod qemu;
@@ -34,6 +35,10 @@ pub enum VmError {
     Agent { id: String, why: String },
     #[error("QEMU for instance {id} did not start: {why}")]
     Start { id: String, why: String },
+    #[error("instance {id} cannot migrate: {why}")]
+    Migrate { id: String, why: String },
+    #[error("the post-copy migration failed after the guest switched over; the guest is lost and the instance ends: {why}")]
+    PostcopyLost { why: String },
     #[error("cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,

@@ -76,7 +76,7 @@ impl VmUser {
 
 /// The files of one VM's QEMU: its run dir (root-only: sockets the daemon binds, pid file,
 /// seed, OVMF variables, QEMU's stderr) and the directory QEMU itself writes (its VNC socket).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunPaths {
     pub dir: PathBuf,
     /// Owned by the VM's user: the only directory QEMU may create files in.
@@ -112,7 +112,7 @@ impl RunPaths {
 }
 
 /// A whole-GPU passthrough: the vfio-pci device arguments and the OVMF firmware pair.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GpuPassthrough {
     pub args: Vec<String>,
     pub ovmf_code: PathBuf,
@@ -140,14 +140,15 @@ pub struct VmFds {
 }
 
 /// The tap the daemon opened for the VM (passed to QEMU as an inherited fd).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetDev {
     pub fd: RawFd,
     pub mac: String,
 }
 
-/// Everything that decides one VM's command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Everything that decides one VM's command line. Kept in the run dir (`spec.json`): a live
+/// migration starts its destination from the very spec the source was started with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmSpec {
     pub id: String,
     pub vcpus: u32,
@@ -174,9 +175,32 @@ pub struct VmSpec {
     pub vsock_cid: Option<u32>,
     pub gpus: Option<GpuPassthrough>,
     pub run: RunPaths,
-    /// A snapshot's saved running state (QEMU's migration stream) to resume instead of
-    /// booting.
-    pub incoming: Option<PathBuf>,
+    /// A running state to resume instead of booting.
+    pub incoming: Option<Incoming>,
+}
+
+/// Where a VM's running state comes from instead of a boot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Incoming {
+    /// A snapshot's saved state (QEMU's migration stream in a file): `-incoming fd:N`.
+    File(PathBuf),
+    /// A live migration's destination: `-incoming defer`, the channel given later over QMP.
+    Defer,
+}
+
+impl VmSpec {
+    fn path(run_dir: &Path) -> PathBuf {
+        run_dir.join("spec.json")
+    }
+
+    /// Into the run dir (root's): what a live migration starts its destination from.
+    pub fn write(&self, run_dir: &Path) -> Result<(), VmError> {
+        super::write_json(&Self::path(run_dir), self)
+    }
+
+    pub fn read(run_dir: &Path) -> Result<Self, VmError> {
+        super::read_json(&Self::path(run_dir))
+    }
 }
 
 fn s(v: &str) -> String {
@@ -366,6 +390,8 @@ impl VmSpec {
         }
         if let Some(fd) = fds.incoming {
             a.extend([s("-incoming"), format!("fd:{fd}")]);
+        } else if self.incoming == Some(Incoming::Defer) {
+            a.extend([s("-incoming"), s("defer")]);
         }
         a
     }
@@ -563,7 +589,7 @@ pub fn open_fds(spec: &VmSpec, root: &HostRoot) -> Result<(Vec<OwnedFd>, VmFds),
     if spec.vsock_cid.is_some() {
         fds.vhost_vsock = Some(keep(open(&root.path("/dev/vhost-vsock"), true)?));
     }
-    if let Some(state) = &spec.incoming {
+    if let Some(Incoming::File(state)) = &spec.incoming {
         fds.incoming = Some(keep(open(state, false)?));
     }
     Ok((owned, fds))

@@ -90,6 +90,22 @@ pub struct Monitor {
     stream: UnixStream,
 }
 
+/// One reading of a live migration (`query-migrate`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationStats {
+    /// `setup`, `active`, `postcopy-active`, `device`, `completed`, `failed`, `cancelled`, ...
+    pub status: String,
+    pub error: Option<String>,
+    /// The guest's pause at the switchover, once completed.
+    pub downtime_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+    /// RAM bytes sent so far, and still to send.
+    pub transferred: u64,
+    pub remaining: u64,
+    pub dirty_sync_count: u64,
+    pub cpu_throttle_percent: u64,
+}
+
 /// A VM's memory as its balloon sees it (bytes). The statistics are what the guest's driver
 /// reported (`None` until it has): a hostile guest can report anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -422,6 +438,82 @@ impl Monitor {
             .map(|s| qapi::Enum::name(&s).to_string())
             .unwrap_or_else(|| "none".into());
         Ok((status, m.error_desc, m.downtime))
+    }
+
+    /// Turns migration capabilities on or off (`migrate-set-capabilities`), by QAPI name
+    /// (`auto-converge`, `postcopy-ram`, ...).
+    pub fn migration_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), VmError> {
+        let mut capabilities = Vec::with_capacity(caps.len());
+        for (name, state) in caps {
+            let capability =
+                name.parse::<qmp::MigrationCapability>()
+                    .map_err(|()| VmError::QmpCommand {
+                        command: "migrate-set-capabilities".into(),
+                        message: format!("unknown capability {name}"),
+                    })?;
+            capabilities.push(qmp::MigrationCapabilityStatus {
+                capability,
+                state: *state,
+            });
+        }
+        self.execute(
+            "migrate-set-capabilities",
+            &qmp::migrate_set_capabilities { capabilities },
+        )
+        .map(drop)
+    }
+
+    /// A live migration's limits (`migrate-set-parameters`): the longest pause at the
+    /// switchover (ms) and the bandwidth (bytes/s).
+    pub fn migration_limits(&mut self, downtime_ms: u64, bandwidth: u64) -> Result<(), VmError> {
+        self.execute(
+            "migrate-set-parameters",
+            &qmp::migrate_set_parameters(qmp::MigrateSetParameters {
+                downtime_limit: Some(downtime_ms),
+                max_bandwidth: Some(bandwidth),
+                ..Default::default()
+            }),
+        )
+        .map(drop)
+    }
+
+    /// The figures of the current (or last) migration (`query-migrate`).
+    pub fn migration_stats(&mut self) -> Result<MigrationStats, VmError> {
+        let m = self.execute("query-migrate", &qmp::query_migrate {})?;
+        Ok(MigrationStats {
+            status: m
+                .status
+                .map(|s| qapi::Enum::name(&s).to_string())
+                .unwrap_or_else(|| "none".into()),
+            error: m.error_desc,
+            downtime_ms: m.downtime.and_then(|v| u64::try_from(v).ok()),
+            total_ms: m.total_time.and_then(|v| u64::try_from(v).ok()),
+            transferred: m
+                .ram
+                .as_ref()
+                .and_then(|r| u64::try_from(r.transferred).ok())
+                .unwrap_or(0),
+            remaining: m
+                .ram
+                .as_ref()
+                .and_then(|r| u64::try_from(r.remaining).ok())
+                .unwrap_or(0),
+            dirty_sync_count: m
+                .ram
+                .as_ref()
+                .and_then(|r| u64::try_from(r.dirty_sync_count).ok())
+                .unwrap_or(0),
+            cpu_throttle_percent: m
+                .cpu_throttle_percentage
+                .and_then(|v| u64::try_from(v).ok())
+                .unwrap_or(0),
+        })
+    }
+
+    /// Switches a running migration to post-copy (`migrate-start-postcopy`).
+    pub fn start_postcopy(&mut self) -> Result<(), VmError> {
+        self.execute("migrate-start-postcopy", &qmp::migrate_start_postcopy {})
+            .map(drop)
     }
 
     /// Cancels a migration (`migrate_cancel`).

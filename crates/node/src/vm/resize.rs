@@ -35,9 +35,12 @@ pub struct Sizes {
     pub memory: u64,
 }
 
+/// The sizes' file in the run dir.
+pub const SIZES: &str = "size.json";
+
 impl Sizes {
     fn path(run_dir: &Path) -> std::path::PathBuf {
-        run_dir.join("size.json")
+        run_dir.join(SIZES)
     }
 
     /// Into the VM's run dir.

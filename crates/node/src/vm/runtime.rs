@@ -27,10 +27,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How long QEMU may take to answer QMP after its start.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// QEMU's pid, in the run dir (written by the daemon).
+pub(super) const MAIN_PID: &str = "main.pid";
+pub(super) const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// This binary's hidden mode that runs an `instance exec` through the guest agent.
 /// How often the guest's balloon driver reports its memory statistics.
-const BALLOON_STATS_SECS: u32 = 5;
+pub(super) const BALLOON_STATS_SECS: u32 = 5;
 
 pub const AGENT_EXEC_SUBCOMMAND: &str = "qga-exec";
 /// How often `stop` presses the power button again while the guest runs.
@@ -51,7 +53,7 @@ impl VmRuntime {
         }
     }
 
-    fn run_root(&self) -> PathBuf {
+    pub(super) fn run_root(&self) -> PathBuf {
         self.data_dir.join("vm").join("run")
     }
 
@@ -60,7 +62,7 @@ impl VmRuntime {
     }
 
     /// Directories QEMU's user owns (one per VM: its VNC socket).
-    fn own_root(&self) -> PathBuf {
+    pub(super) fn own_root(&self) -> PathBuf {
         self.data_dir.join("vm").join("own")
     }
 
@@ -92,7 +94,12 @@ impl VmRuntime {
 
     /// Who QEMU runs as (see [`qemu`]'s module doc): the VM's own user, or root (with the
     /// reason, logged) for passed-through GPUs or a `/dev/kvm` its group cannot open.
-    fn vm_user(&self, node: &Node, id: &str, gpus: bool) -> Result<Option<qemu::VmUser>, VmError> {
+    pub(super) fn vm_user(
+        &self,
+        node: &Node,
+        id: &str,
+        gpus: bool,
+    ) -> Result<Option<qemu::VmUser>, VmError> {
         use std::os::unix::fs::MetadataExt;
         if gpus {
             tracing::info!(
@@ -153,11 +160,11 @@ impl VmRuntime {
     }
 
     fn main_pid_file(&self, id: &str) -> PathBuf {
-        self.run_paths(id).dir.join("main.pid")
+        self.run_paths(id).dir.join(MAIN_PID)
     }
 
     /// The QEMU pid recorded at spawn, if that process still runs in the instance's cgroup.
-    fn live_pid(&self, node: &Node, id: &str) -> Option<i32> {
+    pub(super) fn live_pid(&self, node: &Node, id: &str) -> Option<i32> {
         let pid = self.main_pid(node, id)?;
         (!ended(node, pid) && cgroup::holds(&node.cfg.root, id, pid)).then_some(pid)
     }
@@ -331,7 +338,7 @@ impl VmRuntime {
                 .from_snapshot
                 .as_ref()
                 .filter(|s| s.memory)
-                .map(|s| s.dir.join(crate::snapshot::MEMORY)),
+                .map(|s| qemu::Incoming::File(s.dir.join(crate::snapshot::MEMORY))),
         };
         // Whole GPUs by VFIO: their IOMMU groups' functions, OVMF (with this VM's own copy of
         // the variables store) and the 64-bit MMIO window; q35 either way.
@@ -354,6 +361,7 @@ impl VmRuntime {
             });
         }
         t.mark("vm_gpus");
+        spec.write(&run.dir)?;
         super::resize::Sizes {
             boot_vcpus: vcpus,
             boot_memory: spec.memory >> 20 << 20,
@@ -411,6 +419,8 @@ impl VmRuntime {
     /// Kills QEMU (every process in the instance's cgroup: also a QEMU whose start a killed
     /// daemon did not get to record) and removes the run dir, overlay and tap.
     fn remove_objects(&self, node: &Node, id: &str) -> Result<(), VmError> {
+        // A migration's destination first (it may hold the tap too).
+        self.remove_staged(node, id)?;
         let mut pids: Vec<i32> = cgroup::pids(&node.cfg.root, id);
         pids.extend(self.live_pid(node, id));
         for &pid in &pids {
@@ -467,7 +477,7 @@ fn ended(node: &Node, pid: i32) -> bool {
 }
 
 /// Waits up to `wait` for `pid` to have ended (the daemon reaps it).
-fn wait_gone(node: &Node, pid: i32, wait: Duration) -> bool {
+pub(super) fn wait_gone(node: &Node, pid: i32, wait: Duration) -> bool {
     let deadline = Instant::now() + wait;
     loop {
         if ended(node, pid) {
@@ -614,6 +624,20 @@ impl Runtime for VmRuntime {
         )?)
     }
 
+    /// A new QEMU process takes the running guest over ([`super::migrate`]).
+    fn migrate(
+        &self,
+        node: &Node,
+        id: &str,
+        ask: &super::migrate::MigrateAsk,
+    ) -> Result<gpuvisor_wire::MigrationReport, NodeError> {
+        self.migrate_local(node, id, ask)
+    }
+
+    fn recover_migration(&self, node: &Node, id: &str) -> Option<String> {
+        VmRuntime::recover_migration(self, node, id)
+    }
+
     /// QEMU's leftovers of a cut-short snapshot ([`super::snapshot::abandon`]).
     fn abandon_snapshot(&self, node: &Node, id: &str) -> Result<(), NodeError> {
         if self.live_pid(node, id).is_none() {
@@ -735,10 +759,11 @@ impl Runtime for VmRuntime {
         let mut ids = BTreeSet::new();
         for root in [self.run_root(), self.own_root()] {
             if let Ok(rd) = std::fs::read_dir(root) {
-                ids.extend(
-                    rd.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned()),
-                );
+                ids.extend(rd.flatten().map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let name = name.strip_prefix(".out-").unwrap_or(&name);
+                    cgroup::owner(name).to_string()
+                }));
             }
         }
         if let Ok(rd) = std::fs::read_dir(self.disks_root()) {

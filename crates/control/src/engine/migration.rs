@@ -1,0 +1,165 @@
+//! Live migration of a running VM (`instance migrate`): the engine's checks, the instance's
+//! lock, events; the node moves the running state ([`gpuvisor_node::vm::migrate`]).
+
+use super::authz::Op;
+use super::{Engine, Principal};
+use crate::error::{EngineError, Result};
+use gpuvisor_node::vm::migrate::MigrateAsk;
+use gpuvisor_wire::{self as wire, InstanceState, RuntimeKind};
+
+/// The switchover's default and largest pause, ms.
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
+const MAX_MAX_DOWNTIME_MS: u64 = 60_000;
+
+impl Engine {
+    /// Moves running VM `instance` to a new QEMU process without stopping it; answers what the
+    /// migration measured once the new process runs. A refused or failed migration leaves the
+    /// VM running where it was.
+    pub async fn migrate_instance(
+        &self,
+        who: &Principal,
+        instance: &str,
+        req: &wire::MigrateInstance,
+    ) -> Result<wire::MigrationReport> {
+        who.allow(Op::MigrateInstance)?;
+        let row = self.find(who, instance).await?;
+        let max_downtime_ms = req.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS);
+        if !(1..=MAX_MAX_DOWNTIME_MS).contains(&max_downtime_ms) {
+            return Err(EngineError::InvalidArgument(format!(
+                "max_downtime_ms {max_downtime_ms} is outside 1..={MAX_MAX_DOWNTIME_MS}"
+            )));
+        }
+        if let Some(to) = req.to.as_deref().filter(|t| *t != self.cfg.node_id) {
+            return Err(if self.is_simulated_node(to) {
+                EngineError::InvalidArgument(format!(
+                    "node {to} is a simulated node: it runs nothing a VM could move to"
+                ))
+            } else {
+                EngineError::InvalidArgument(format!(
+                    "node {to:?} is not this daemon's node ({}): migration to another host's \
+                     daemon is not supported yet; leave --to out to move the VM to a new QEMU \
+                     process on this host",
+                    self.cfg.node_id
+                ))
+            });
+        }
+        if self.is_simulated(&row) {
+            return Err(EngineError::InvalidState(format!(
+                "instance {} is on simulated node {}: it has no process to migrate",
+                row.name, row.node_id
+            )));
+        }
+        if row.runtime != RuntimeKind::Vm {
+            return Err(EngineError::InvalidArgument(format!(
+                "instance {} is a container: only VMs migrate live (a container's processes \
+                 carry no state that can be moved; stop and start it, its volumes stay)",
+                row.name
+            )));
+        }
+        if !row.gpus.is_empty() {
+            return Err(EngineError::InvalidArgument(format!(
+                "instance {} has passed-through GPUs: VFIO migration needs vendor support, so \
+                 it cannot migrate live; stop it and start it again instead",
+                row.name
+            )));
+        }
+        // Under the instance's lock: the reconciler neither stops nor provisions it meanwhile.
+        let lock = self.lock_for(&row.id);
+        let guard = lock.lock().await;
+        let row = self
+            .store
+            .instance(&row.id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(format!("instance {:?} not found", row.id)))?;
+        if (row.state, row.desired) != (InstanceState::Running, InstanceState::Running) {
+            return Err(EngineError::InvalidState(format!(
+                "instance {} is {} (asked: {}): only a running VM migrates",
+                row.name, row.state, row.desired
+            )));
+        }
+        let ask = MigrateAsk {
+            postcopy: req.postcopy,
+            max_downtime_ms,
+            cpus: row.cpus.clone(),
+            disk_io: row.spec.disk_io.clone(),
+        };
+        self.event(
+            &row.id,
+            "migrating",
+            "live migration to a new QEMU process started",
+        )
+        .await;
+        let (node, id) = (self.node.clone(), row.id.clone());
+        let moved = tokio::task::spawn_blocking(move || node.migrate(&id, &ask))
+            .await
+            .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
+        drop(guard);
+        match moved {
+            Ok(mut report) => {
+                report.node = self.cfg.node_id.clone();
+                self.event(
+                    &row.id,
+                    "migrated",
+                    format!(
+                        "live migration done: downtime {} ms, total {} ms, {} sent in {} passes{}{} (QEMU pid {} -> {})",
+                        report.downtime_ms,
+                        report.total_ms,
+                        wire::format_size(report.transferred_bytes),
+                        report.dirty_sync_count,
+                        if report.cpu_throttle_percent > 0 {
+                            format!(", vCPUs throttled by {} %", report.cpu_throttle_percent)
+                        } else {
+                            String::new()
+                        },
+                        if report.postcopy { ", post-copy" } else { "" },
+                        report.old_pid,
+                        report.new_pid
+                    ),
+                )
+                .await;
+                self.changed.send_modify(|v| *v += 1);
+                Ok(report)
+            }
+            Err(e) => {
+                self.event(&row.id, "migration_failed", e.to_string()).await;
+                // A lost post-copy guest ended with its QEMUs: the reconciler sees it.
+                self.wake.notify_one();
+                Err(match e {
+                    gpuvisor_node::NodeError::Unsupported { .. }
+                    | gpuvisor_node::NodeError::RuntimeUnavailable { .. } => EngineError::Node(e),
+                    gpuvisor_node::NodeError::Vm(gpuvisor_node::vm::VmError::Migrate {
+                        ..
+                    }) => EngineError::InvalidState(e.to_string()),
+                    gpuvisor_node::NodeError::Vm(gpuvisor_node::vm::VmError::PostcopyLost {
+                        ..
+                    }) => EngineError::Internal(e.to_string()),
+                    e => EngineError::Internal(format!(
+                        "the migration of instance {} failed: {e}; the VM runs on in its QEMU",
+                        row.name
+                    )),
+                })
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// At start: migrations a killed daemon left half done are finished or undone
+    /// ([`gpuvisor_node::Node::recover_migration`]), each with an event.
+    pub(crate) async fn recover_migrations(&self) -> Result<()> {
+        for row in self.store.live_instances(None).await? {
+            if row.runtime != RuntimeKind::Vm || self.is_simulated(&row) {
+                continue;
+            }
+            let (node, id) = (self.node.clone(), row.id.clone());
+            let done = tokio::task::spawn_blocking(move || node.recover_migration(&id))
+                .await
+                .map_err(|e| EngineError::Internal(format!("migration recovery task: {e}")))?;
+            if let Some(what) = done {
+                tracing::warn!(instance = %row.id, "{what}");
+                self.event(&row.id, "migration_recovered", what).await;
+            }
+        }
+        Ok(())
+    }
+}
