@@ -1344,6 +1344,38 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     assert_eq!(sh("md5sum /.gpuvisor/blob | cut -d' ' -f1"), sum);
     assert_eq!(sh("cat /data/g"), "again");
 
+    // Post-copy: refused with the reason where the unprivileged QEMU cannot use userfaultfd
+    // (this host's default); with it allowed, the guest switches over after one pass and
+    // pulls what it dirtied since.
+    let uffd = std::path::Path::new("/proc/sys/vm/unprivileged_userfaultfd");
+    // Put back whatever happens.
+    struct Sysctl(&'static std::path::Path, String);
+    impl Drop for Sysctl {
+        fn drop(&mut self) {
+            let _ = std::fs::write(self.0, self.1.trim());
+        }
+    }
+    let _back = Sysctl(uffd, std::fs::read_to_string(uffd).unwrap());
+    std::fs::write(uffd, "0").unwrap();
+    let out = d.cli(&["instance", "migrate", &id, "--postcopy"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("userfaultfd"), "{err}");
+    assert_eq!(qemu_pids(&id), vec![m2["new_pid"].as_i64().unwrap() as u32]);
+    std::fs::write(uffd, "1").unwrap();
+    let out = d.cli(&["-o", "json", "instance", "migrate", &id, "--postcopy"]);
+    drop(_back);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m3: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("post-copy migration: {m3}");
+    assert_eq!(m3["postcopy"], true, "{m3}");
+    assert_eq!(qemu_pids(&id).len(), 1);
+    assert_eq!(sh("md5sum /.gpuvisor/blob | cut -d' ' -f1"), sum);
+    assert_eq!(sh(&format!("kill -0 {loop_pid} && echo alive")), "alive");
+
     // Refusals: bad input, another node, a container, a tenant.
     for (args, want) in [
         (vec!["--max-downtime-ms", "0"], "outside"),

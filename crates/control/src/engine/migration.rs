@@ -78,6 +78,7 @@ impl Engine {
             )));
         }
         let ask = MigrateAsk {
+            id: row.id.clone(),
             postcopy: req.postcopy,
             max_downtime_ms,
             cpus: row.cpus.clone(),

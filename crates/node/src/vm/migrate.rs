@@ -15,8 +15,8 @@
 //! The state goes over a socket pair the daemon hands both QEMUs (`getfd`; no path, no port):
 //! pre-copy with auto-converge (the guest's vCPUs are slowed down when it dirties memory
 //! faster than the copy goes) and a switchover bounded by `max_downtime_ms`; with `postcopy`,
-//! after two full passes that did not converge, the guest switches over at once and pulls the
-//! missing pages from the source.
+//! once the first full pass is over, the guest switches over and pulls the pages dirtied
+//! since from the source.
 //!
 //! The source is torn down only once the destination runs. Any failure before that cancels
 //! the migration and the guest runs on in the source (resumed if the copy had paused it); the
@@ -38,6 +38,8 @@ use std::time::{Duration, Instant};
 /// What the engine asks of a migration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrateAsk {
+    /// The instance (for errors).
+    pub id: String,
     pub postcopy: bool,
     /// The longest pause of the guest at the switchover.
     pub max_downtime_ms: u64,
@@ -50,8 +52,10 @@ pub struct MigrateAsk {
 const MIGRATION_DEADLINE: Duration = Duration::from_secs(10 * 60);
 /// Longest the destination may take to run once the state is over.
 const RUN_DEADLINE: Duration = Duration::from_secs(30);
-/// Passes over dirty memory after which `postcopy` switches over.
-const POSTCOPY_AFTER_PASSES: u64 = 3;
+/// With `postcopy`, the switch comes once the first full pass over the guest's RAM is over
+/// (the second dirty-page sync): the total time is about one copy of the RAM, whatever the
+/// guest dirties, and pages dirtied since are pulled on demand.
+const POSTCOPY_AFTER_PASSES: u64 = 2;
 /// The migration channel is a local socket: no bandwidth cap.
 const LOCAL_BANDWIDTH: u64 = 64 << 30;
 /// The name both QEMUs know the channel by.
@@ -137,11 +141,14 @@ fn transfer_inner(
 ) -> Result<(MigrationStats, bool), VmError> {
     let postcopy = [("postcopy-ram", ask.postcopy)];
     if ask.postcopy {
-        dst.migration_capabilities(&postcopy).map_err(|e| {
-            failed(
-                "migrate-set-capabilities",
-                format!("post-copy is not available on this host ({e}); migrate without it"),
-            )
+        dst.migration_capabilities(&postcopy).map_err(|e| VmError::Migrate {
+            id: ask.id.clone(),
+            why: format!(
+                "post-copy is not available on this host ({e}): the destination QEMU, running as \
+                 the VM's own user, cannot open userfaultfd (QEMU before 8.1 asks the system \
+                 call, which vm.unprivileged_userfaultfd=0 refuses; gpuvisor leaves that \
+                 host-wide setting alone); migrate without --postcopy"
+            ),
         })?;
     }
     src.migration_capabilities(&[("auto-converge", true), postcopy[0]])?;
@@ -513,6 +520,7 @@ impl VmRuntime {
                     id,
                     pid,
                     &MigrateAsk {
+                        id: id.to_string(),
                         postcopy: false,
                         max_downtime_ms: 0,
                         cpus,
