@@ -1229,7 +1229,8 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
     let sh = |cmd: &str| -> String {
         let (code, out, err) = d.exec(&id, cmd);
-        assert_eq!(code, 0, "{cmd}: {err}\n{}", d.log());
+        // The guest's console too: an agent that stopped answering says why there.
+        assert_eq!(code, 0, "{cmd}: {err}\n{}\n--- guest ---\n{}", d.log(), logs(&d, &id));
         out.trim().to_string()
     };
     // State in RAM (the guest kit's tmpfs), on the volume, and a process dirtying memory.

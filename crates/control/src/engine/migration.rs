@@ -82,7 +82,7 @@ impl Engine {
             postcopy: req.postcopy,
             max_downtime_ms,
             cpus: row.cpus.clone(),
-            disk_io: row.spec.disk_io.clone(),
+            disk_io: row.spec.disk_io,
         };
         self.event(
             &row.id,

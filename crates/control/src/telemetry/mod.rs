@@ -865,8 +865,13 @@ impl Telemetry {
                     k.pages_sharing,
                 ),
                 (
+                    "gpuvisor_ksm_zero_pages",
+                    "Zero-filled pages KSM mapped to the kernel's zero page.",
+                    k.zero_pages,
+                ),
+                (
                     "gpuvisor_ksm_saved_bytes",
-                    "Memory KSM saved: pages sharing times the page size.",
+                    "Memory KSM saved: pages sharing and zero pages merged, times the page size.",
                     k.saved_bytes(),
                 ),
             ] {

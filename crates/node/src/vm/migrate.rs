@@ -292,6 +292,18 @@ impl VmRuntime {
         let Some(net) = spec.net.clone() else {
             return Err(refuse("it has no network device recorded".into()));
         };
+        // The destination holds a second copy of the guest's RAM until the source goes.
+        let need = spec.memory_limit();
+        if let Some(avail) = mem_available(&node.cfg.root) {
+            if avail < need {
+                return Err(refuse(format!(
+                    "the host has {} of memory available and the new QEMU may take up to {} \
+                     while both run",
+                    gpuvisor_wire::format_size(avail),
+                    gpuvisor_wire::format_size(need)
+                )));
+            }
+        }
         // Leftovers of an earlier attempt first.
         self.remove_staged(node, id)?;
         let staged = self.staged_paths(id);
@@ -545,6 +557,20 @@ impl VmRuntime {
                 .into(),
         )
     }
+}
+
+/// `MemAvailable` of the host, bytes.
+fn mem_available(root: &crate::HostRoot) -> Option<u64> {
+    let text = std::fs::read_to_string(root.path("/proc/meminfo")).ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The CPUs cgroup `name` is limited to (empty: not pinned).

@@ -40,7 +40,7 @@ pub const VIRTIO_MEM: &str = "vmem0dev";
 
 /// QEMU's memory beyond guest RAM allowed in the cgroup: the TCG translation buffer (bounded
 /// with `tb-size`) and QEMU's own heap, device models and thread stacks.
-pub const TCG_TB_MIB: u64 = 64;
+pub const TCG_TB_MIB: u64 = 32;
 pub const OVERHEAD_TCG: u64 = 192 << 20;
 pub const OVERHEAD_KVM: u64 = 96 << 20;
 
@@ -177,6 +177,12 @@ pub struct VmSpec {
     pub run: RunPaths,
     /// A running state to resume instead of booting.
     pub incoming: Option<Incoming>,
+    /// All of QEMU's anonymous memory is mergeable by KSM (`PR_SET_MEMORY_MERGE`), not only
+    /// guest RAM (`mem-merge`): the copies of the kernel and initrd QEMU keeps for the
+    /// firmware, device buffers and heap pages that are the same in every VM. Set when the
+    /// daemon manages KSM.
+    #[serde(default)]
+    pub merge_all: bool,
 }
 
 /// Where a VM's running state comes from instead of a boot.
@@ -627,6 +633,7 @@ pub fn spawn(
     let keep = keep.to_vec();
     let user = user.cloned();
     let fsize = libc::rlim_t::from(spec.file_limit());
+    let merge_all = spec.merge_all;
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
     // calls (setsid, write, fcntl, unshare, mount, setrlimit, fchown, prctl, setgroups, setgid,
     // setuid) on fds that stay open in the parent until spawn returns, and on memory
@@ -674,6 +681,12 @@ pub fn spawn(
                 rlim_max: fsize,
             };
             check(libc::setrlimit(libc::RLIMIT_FSIZE, &limit))?;
+            if merge_all {
+                // Needs CAP_SYS_RESOURCE (still root here); kept across exec. A kernel
+                // without it (before 6.4) merges guest RAM only.
+                const PR_SET_MEMORY_MERGE: libc::c_int = 67;
+                let _ = libc::prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0);
+            }
             for &fd in &procs {
                 if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());
@@ -933,6 +946,7 @@ mod tests {
                 "/d/vm/own/0123456789ab".into(),
             ),
             incoming: None,
+            merge_all: false,
         }
     }
 
@@ -953,7 +967,7 @@ mod tests {
     const GOLDEN: &str = "\
 -name gpuvisor-0123456789ab,debug-threads=on -nodefaults -no-user-config \
 -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
--machine q35,mem-merge=on -accel tcg,tb-size=64 -cpu max -smp 2,maxcpus=2 -m 512M -no-reboot \
+-machine q35,mem-merge=on -accel tcg,tb-size=32 -cpu max -smp 2,maxcpus=2 -m 512M -no-reboot \
 -action panic=exit-failure -display none \
 -chardev socket,id=qmp,fd=10,server=on,wait=off -mon chardev=qmp,mode=control \
 -add-fd fd=13,set=1 -add-fd fd=14,set=1 -add-fd fd=17,set=2 \

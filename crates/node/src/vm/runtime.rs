@@ -339,6 +339,7 @@ impl VmRuntime {
                 .as_ref()
                 .filter(|s| s.memory)
                 .map(|s| qemu::Incoming::File(s.dir.join(crate::snapshot::MEMORY))),
+            merge_all: node.cfg.manage_ksm,
         };
         // Whole GPUs by VFIO: their IOMMU groups' functions, OVMF (with this VM's own copy of
         // the variables store) and the 64-bit MMIO window; q35 either way.
