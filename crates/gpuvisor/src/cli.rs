@@ -2080,19 +2080,10 @@ impl Ctx {
                 let r = self.client.migrate_instance(&id, &req)?;
                 output::print(self.format, &r, |r| {
                     format!(
-                        "instance {} migrated on node {}: downtime {} ms, total {} ms, {} sent in {} passes{}{}\n",
+                        "instance {} migrated on node {}: {}\n",
                         r.instance,
                         r.node,
-                        r.downtime_ms,
-                        r.total_ms,
-                        gpuvisor_wire::format_size(r.transferred_bytes),
-                        r.dirty_sync_count,
-                        if r.cpu_throttle_percent > 0 {
-                            format!(", vCPUs throttled by {} %", r.cpu_throttle_percent)
-                        } else {
-                            String::new()
-                        },
-                        if r.postcopy { ", post-copy" } else { "" }
+                        r.summary()
                     )
                 })?;
                 Ok(exit::OK)

@@ -1230,7 +1230,13 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     let sh = |cmd: &str| -> String {
         let (code, out, err) = d.exec(&id, cmd);
         // The guest's console too: an agent that stopped answering says why there.
-        assert_eq!(code, 0, "{cmd}: {err}\n{}\n--- guest ---\n{}", d.log(), logs(&d, &id));
+        assert_eq!(
+            code,
+            0,
+            "{cmd}: {err}\n{}\n--- guest ---\n{}",
+            d.log(),
+            logs(&d, &id)
+        );
         out.trim().to_string()
     };
     // State in RAM (the guest kit's tmpfs), on the volume, and a process dirtying memory.
@@ -1360,7 +1366,10 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     std::fs::write(uffd, "0").unwrap();
     let out = d.cli(&["instance", "migrate", &id, "--postcopy"]);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success() && err.contains("userfaultfd"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("userfaultfd"),
+        "{err}"
+    );
     assert_eq!(qemu_pids(&id), vec![m2["new_pid"].as_i64().unwrap() as u32]);
     std::fs::write(uffd, "1").unwrap();
     let out = d.cli(&["-o", "json", "instance", "migrate", &id, "--postcopy"]);
@@ -1417,5 +1426,139 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
         d.json(&["instance", "terminate", i, "--wait"]);
     }
     let leaks = d.leaks(&[id, cid]);
+    assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+/// A detached loop in the guest that counts into `/.gpuvisor/count` and rewrites 4 MiB of its
+/// RAM each turn; returns its pid.
+fn start_guest_loop(d: &Daemon, id: &str) -> String {
+    let sh = |cmd: &str| -> String {
+        let (code, out, err) = d.exec(id, cmd);
+        assert_eq!(code, 0, "{cmd}: {err}\n--- guest ---\n{}", logs(d, id));
+        out.trim().to_string()
+    };
+    sh(
+        "start-stop-daemon -S -b -m -p /.gpuvisor/loop.pid -x /bin/sh -- -c \
+        'i=0; while :; do i=$((i+1)); echo $i > /.gpuvisor/count; \
+         dd if=/dev/urandom of=/.gpuvisor/dirty bs=1M count=4 2>/dev/null; done'",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    sh("cat /.gpuvisor/loop.pid")
+}
+
+/// The guest still runs the loop `pid` and it counts on.
+fn guest_loop_runs(d: &Daemon, id: &str, pid: &str) {
+    let count = || -> u64 {
+        let (code, out, err) = d.exec(id, "cat /.gpuvisor/count");
+        assert_eq!(code, 0, "{err}\n--- guest ---\n{}", logs(d, id));
+        out.trim().parse().unwrap()
+    };
+    let (code, out, _) = d.exec(id, &format!("kill -0 {pid} && echo alive"));
+    assert_eq!((code, out.trim()), (0, "alive"), "the guest's loop is gone");
+    let c = count();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(count() > c, "the guest is not running");
+}
+
+/// A daemon killed in the middle of a live migration (issue 14 item 2): at its next start the
+/// migration is finished (the destination had run) or undone (the source runs on), never
+/// both QEMUs left, never the guest lost, nothing staged left.
+#[test]
+fn a_migration_cut_short_by_a_daemon_crash_is_finished_or_undone_at_start() {
+    let _g = serial();
+    let Some(fx) = fixture() else { return };
+    let mut d = vm_daemon(&fx);
+    d.import_busybox();
+    let v = d.json(&[
+        "instance",
+        "create",
+        "--image",
+        "busybox",
+        "--runtime",
+        "vm",
+        "--vcpus",
+        "1",
+        "--memory",
+        "256MiB",
+        "--container-disk",
+        "1GiB",
+        "--wait",
+    ]);
+    let id = v["id"].as_str().unwrap().to_string();
+    wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
+    let loop_pid = start_guest_loop(&d, &id);
+    let run = d.data().join("vm/run");
+    let staged = run.join(format!(".in-{id}"));
+    let settle = |d: &Daemon, what: &str| {
+        // The daemon is up again once it answers; recovery ran before it listened.
+        let pids = qemu_pids(&id);
+        assert_eq!(pids.len(), 1, "{what}: QEMUs {pids:?}\n{}", d.log());
+        let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0])).unwrap();
+        assert!(cg.contains(&format!("/gpuvisor/{id}\n")), "{what}: {cg}");
+        assert!(!staged.exists(), "{what}: the staging dir is left");
+        assert_eq!(
+            d.json(&["instance", "get", &id])["state"],
+            "running",
+            "{what}"
+        );
+        guest_loop_runs(d, &id, &loop_pid);
+        pids[0]
+    };
+
+    // 1. Killed as soon as the destination exists: undone, or finished if the two QEMUs
+    //    completed the copy on their own meanwhile; either way one guest runs on.
+    let old = qemu_pids(&id);
+    let mut cli = d
+        .command_as(&d.key, ["instance", "migrate", &id])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !staged.join("main.pid").exists() {
+        assert!(Instant::now() < deadline, "no destination started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    d.kill9();
+    let _ = cli.wait();
+    d.restart();
+    let after = settle(&d, "killed early");
+    eprintln!(
+        "killed early: {}",
+        if vec![after] == old {
+            "undone"
+        } else {
+            "finished"
+        }
+    );
+    let events = d.json(&["instance", "events", &id]).to_string();
+    assert!(events.contains("migration_recovered"), "{events}");
+
+    // 2. Killed after the destination ran, before the switch (held there by the test hook):
+    //    finished, the new QEMU kept.
+    std::env::set_var("GPUVISOR_TEST_HOLD_MIGRATION_SWITCH_MS", "30000");
+    d.restart();
+    std::env::remove_var("GPUVISOR_TEST_HOLD_MIGRATION_SWITCH_MS");
+    let mut cli = d
+        .command_as(&d.key, ["instance", "migrate", &id])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !d.log().contains("holding the migration's switch") {
+        assert!(
+            Instant::now() < deadline,
+            "the migration never reached the switch\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pids = qemu_pids(&id);
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    let new = *pids.iter().find(|p| **p != after).unwrap();
+    d.kill9();
+    let _ = cli.wait();
+    d.restart();
+    assert_eq!(settle(&d, "killed before the switch"), new);
+
+    d.json(&["instance", "terminate", &id, "--wait"]);
+    let leaks = d.leaks(&[id]);
     assert!(leaks.is_empty(), "{leaks:?}");
 }

@@ -43,3 +43,23 @@ pub struct MigrationReport {
     pub old_pid: i32,
     pub new_pid: i32,
 }
+
+impl MigrationReport {
+    /// `downtime 40 ms, total 2400 ms, 512 MiB sent in 3 passes[, vCPUs throttled by N %][,
+    /// post-copy]`: what the CLI prints and the instance's event says.
+    pub fn summary(&self) -> String {
+        format!(
+            "downtime {} ms, total {} ms, {} sent in {} passes{}{}",
+            self.downtime_ms,
+            self.total_ms,
+            crate::format_size(self.transferred_bytes),
+            self.dirty_sync_count,
+            if self.cpu_throttle_percent > 0 {
+                format!(", vCPUs throttled by {} %", self.cpu_throttle_percent)
+            } else {
+                String::new()
+            },
+            if self.postcopy { ", post-copy" } else { "" }
+        )
+    }
+}

@@ -102,17 +102,8 @@ impl Engine {
                     &row.id,
                     "migrated",
                     format!(
-                        "live migration done: downtime {} ms, total {} ms, {} sent in {} passes{}{} (QEMU pid {} -> {})",
-                        report.downtime_ms,
-                        report.total_ms,
-                        wire::format_size(report.transferred_bytes),
-                        report.dirty_sync_count,
-                        if report.cpu_throttle_percent > 0 {
-                            format!(", vCPUs throttled by {} %", report.cpu_throttle_percent)
-                        } else {
-                            String::new()
-                        },
-                        if report.postcopy { ", post-copy" } else { "" },
+                        "live migration done: {} (QEMU pid {} -> {})",
+                        report.summary(),
                         report.old_pid,
                         report.new_pid
                     ),

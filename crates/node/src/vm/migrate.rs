@@ -141,15 +141,16 @@ fn transfer_inner(
 ) -> Result<(MigrationStats, bool), VmError> {
     let postcopy = [("postcopy-ram", ask.postcopy)];
     if ask.postcopy {
-        dst.migration_capabilities(&postcopy).map_err(|e| VmError::Migrate {
-            id: ask.id.clone(),
-            why: format!(
+        dst.migration_capabilities(&postcopy)
+            .map_err(|e| VmError::Migrate {
+                id: ask.id.clone(),
+                why: format!(
                 "post-copy is not available on this host ({e}): the destination QEMU, running as \
                  the VM's own user, cannot open userfaultfd (QEMU before 8.1 asks the system \
                  call, which vm.unprivileged_userfaultfd=0 refuses; gpuvisor leaves that \
                  host-wide setting alone); migrate without --postcopy"
             ),
-        })?;
+            })?;
     }
     src.migration_capabilities(&[("auto-converge", true), postcopy[0]])?;
     src.migration_limits(ask.max_downtime_ms, LOCAL_BANDWIDTH)?;
@@ -341,6 +342,7 @@ impl VmRuntime {
             }
         };
         let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        test_hold_before_switch();
         self.switch_to_staged(node, id, old_pid)?;
         self.adopt_new_qemu(node, id, new_pid, ask)?;
         Ok(MigrationReport {
@@ -556,6 +558,19 @@ impl VmRuntime {
             "a migration cut short by the daemon's end was undone: the VM runs on in its QEMU"
                 .into(),
         )
+    }
+}
+
+/// A hidden test hook: with `GPUVISOR_TEST_HOLD_MIGRATION_SWITCH_MS=N` in the daemon's
+/// environment, a migration waits N ms between the destination running and the switch, so a
+/// test can kill the daemon there. Without it (always, outside tests) it does nothing.
+fn test_hold_before_switch() {
+    if let Some(ms) = std::env::var("GPUVISOR_TEST_HOLD_MIGRATION_SWITCH_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tracing::warn!("test hook: holding the migration's switch for {ms} ms");
+        std::thread::sleep(Duration::from_millis(ms));
     }
 }
 

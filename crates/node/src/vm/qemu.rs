@@ -40,7 +40,7 @@ pub const VIRTIO_MEM: &str = "vmem0dev";
 
 /// QEMU's memory beyond guest RAM allowed in the cgroup: the TCG translation buffer (bounded
 /// with `tb-size`) and QEMU's own heap, device models and thread stacks.
-pub const TCG_TB_MIB: u64 = 32;
+pub const TCG_TB_MIB: u64 = 64;
 pub const OVERHEAD_TCG: u64 = 192 << 20;
 pub const OVERHEAD_KVM: u64 = 96 << 20;
 
@@ -967,7 +967,7 @@ mod tests {
     const GOLDEN: &str = "\
 -name gpuvisor-0123456789ab,debug-threads=on -nodefaults -no-user-config \
 -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
--machine q35,mem-merge=on -accel tcg,tb-size=32 -cpu max -smp 2,maxcpus=2 -m 512M -no-reboot \
+-machine q35,mem-merge=on -accel tcg,tb-size=64 -cpu max -smp 2,maxcpus=2 -m 512M -no-reboot \
 -action panic=exit-failure -display none \
 -chardev socket,id=qmp,fd=10,server=on,wait=off -mon chardev=qmp,mode=control \
 -add-fd fd=13,set=1 -add-fd fd=14,set=1 -add-fd fd=17,set=2 \
