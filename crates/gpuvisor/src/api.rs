@@ -922,7 +922,15 @@ async fn migrate_instance(
     Path(id): Path<String>,
     Body(b): Body<wire::MigrateInstance>,
 ) -> Audited<wire::MigrationReport> {
-    let r = e.migrate_instance(&p, &id, &b).await?;
+    // On its own task: a client that goes away does not cut the migration short (nor free
+    // the instance's lock while the node still moves it).
+    let task = {
+        let (e, p, id, b) = (e.clone(), p.clone(), id.clone(), b.clone());
+        tokio::spawn(async move { e.migrate_instance(&p, &id, &b).await })
+    };
+    let r = task
+        .await
+        .map_err(|err| EngineError::Internal(format!("migration task: {err}")))??;
     audited(
         format!(
             "instance {} to node {} (downtime {} ms)",

@@ -16,31 +16,6 @@ pub fn instance_path(id: &str) -> PathBuf {
     PathBuf::from(format!("/{PARENT}/{id}"))
 }
 
-/// The cgroup (and run dir) name of a live migration's destination QEMU until the switchover,
-/// when it is renamed to the instance's own. The sweeps count it as the instance's.
-pub fn staging(id: &str) -> String {
-    format!("{STAGING}{id}")
-}
-
-const STAGING: &str = ".in-";
-
-/// The instance a cgroup or run dir name belongs to (its own, or its migration's staging one).
-pub fn owner(name: &str) -> &str {
-    name.strip_prefix(STAGING).unwrap_or(name)
-}
-
-/// Renames cgroup `from` to `to` in every hierarchy that has it (its processes move with it);
-/// refused where `to` exists.
-pub fn rename(root: &HostRoot, from: &str, to: &str) -> std::io::Result<()> {
-    for parent in parents(root) {
-        let src = parent.join(from);
-        if src.is_dir() {
-            std::fs::rename(&src, parent.join(to))?;
-        }
-    }
-    Ok(())
-}
-
 /// Directories `…/gpuvisor` under every mounted hierarchy (v1 controllers or the v2 root).
 fn parents(root: &HostRoot) -> Vec<PathBuf> {
     let base = root.path("/sys/fs/cgroup");
@@ -66,7 +41,7 @@ pub fn instance_ids(root: &HostRoot) -> BTreeSet<String> {
         if let Ok(rd) = std::fs::read_dir(parent) {
             for e in rd.flatten() {
                 if e.path().is_dir() {
-                    ids.insert(owner(&e.file_name().to_string_lossy()).to_string());
+                    ids.insert(e.file_name().to_string_lossy().into_owned());
                 }
             }
         }
@@ -74,17 +49,10 @@ pub fn instance_ids(root: &HostRoot) -> BTreeSet<String> {
     ids
 }
 
-/// Kills every process left in the instance's cgroups (its migration's staging one too) and
-/// removes them. Idempotent.
+/// Kills every process left in the instance's cgroups and removes them. Idempotent.
 pub fn remove(root: &HostRoot, id: &str) -> std::io::Result<()> {
-    remove_one(root, id)?;
-    remove_one(root, &staging(id))
-}
-
-/// Kills every process in cgroup `name` and removes it.
-pub fn remove_one(root: &HostRoot, name: &str) -> std::io::Result<()> {
     for parent in parents(root) {
-        let dir = parent.join(name);
+        let dir = parent.join(id);
         if dir.is_dir() {
             remove_tree(&dir)?;
         }

@@ -371,11 +371,11 @@ impl Node {
         self.runtime_of(id).migrate(self, id, ask)
     }
 
-    /// Finishes or undoes migrations of `id` a killed daemon left half done (every runtime
-    /// is asked); says what was done.
-    pub fn recover_migration(&self, id: &str) -> Option<String> {
+    /// Finishes or undoes a migration of `ask.id` a killed daemon left half done (every
+    /// runtime is asked; `ask` has the instance's CPUs and disk limits); says what was done.
+    pub fn recover_migration(&self, ask: &crate::vm::migrate::MigrateAsk) -> Option<String> {
         self.runtimes()
-            .find_map(|rt| rt.recover_migration(self, id))
+            .find_map(|rt| rt.recover_migration(self, ask))
     }
 
     /// Stops instance `id` through its runtime: asks it to end, waits up to `grace`, ends it.

@@ -183,7 +183,11 @@ pub trait Runtime: Send + Sync {
 
     /// Finishes or undoes a migration of the instance that a killed daemon left half done;
     /// says what it did (`None`: nothing to do).
-    fn recover_migration(&self, _node: &Node, _id: &str) -> Option<String> {
+    fn recover_migration(
+        &self,
+        _node: &Node,
+        _ask: &crate::vm::migrate::MigrateAsk,
+    ) -> Option<String> {
         None
     }
 

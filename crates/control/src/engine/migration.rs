@@ -143,8 +143,15 @@ impl Engine {
             if row.runtime != RuntimeKind::Vm || self.is_simulated(&row) {
                 continue;
             }
-            let (node, id) = (self.node.clone(), row.id.clone());
-            let done = tokio::task::spawn_blocking(move || node.recover_migration(&id))
+            let ask = MigrateAsk {
+                id: row.id.clone(),
+                postcopy: false,
+                max_downtime_ms: DEFAULT_MAX_DOWNTIME_MS,
+                cpus: row.cpus.clone(),
+                disk_io: row.spec.disk_io,
+            };
+            let node = self.node.clone();
+            let done = tokio::task::spawn_blocking(move || node.recover_migration(&ask))
                 .await
                 .map_err(|e| EngineError::Internal(format!("migration recovery task: {e}")))?;
             if let Some(what) = done {

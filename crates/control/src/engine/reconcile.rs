@@ -762,13 +762,21 @@ impl Engine {
                 }
                 let (node, rid) = (self.node.clone(), id.clone());
                 let reaped = blocking(move || {
-                    let init = reap::init(&node, &rid)?;
+                    let Some(init) = reap::init(&node, &rid) else {
+                        return Ok(None);
+                    };
                     match reap::reap(&node, &init, Duration::from_millis(200)) {
-                        Reaped::Exited(c) => Some(c),
-                        Reaped::Running | Reaped::NotOurs => None,
+                        Reaped::Exited(c) => Ok(Some(c)),
+                        Reaped::NotOurs => Ok(None),
+                        // The decision was taken on a snapshot: the instance's main process
+                        // runs now (a live migration switched to a new QEMU meanwhile).
+                        Reaped::Running => Err(()),
                     }
                 })
                 .await?;
+                let Ok(reaped) = reaped else {
+                    return Ok(true);
+                };
                 // Kept before the teardown: a teardown that fails is retried by the next pass,
                 // which can no longer reap the (already reaped) init.
                 let code = match reaped {

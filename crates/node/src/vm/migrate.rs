@@ -118,23 +118,10 @@ pub fn other_cid(cid: u32) -> u32 {
 }
 
 /// Moves the running state from `src` to `dst` (started with `-incoming defer`) and waits
-/// until the destination runs. On error the migration was cancelled and the source runs
-/// again, except after a switch to post-copy (the error says so).
+/// until the destination runs. Returns QEMU's figures and whether it ended in post-copy. An
+/// error after the switch to post-copy is [`VmError::PostcopyLost`]; any other leaves the
+/// rollback to the caller (the destination must be stopped before the source resumes).
 pub fn transfer(
-    src: &mut Monitor,
-    dst: &mut Monitor,
-    ask: &MigrateAsk,
-) -> Result<(MigrationStats, bool), VmError> {
-    let r = transfer_inner(src, dst, ask);
-    if let Err(e) = &r {
-        if !matches!(e, VmError::PostcopyLost { .. }) {
-            resume_source(src);
-        }
-    }
-    r
-}
-
-fn transfer_inner(
     src: &mut Monitor,
     dst: &mut Monitor,
     ask: &MigrateAsk,
@@ -145,11 +132,12 @@ fn transfer_inner(
             .map_err(|e| VmError::Migrate {
                 id: ask.id.clone(),
                 why: format!(
-                "post-copy is not available on this host ({e}): the destination QEMU, running as \
-                 the VM's own user, cannot open userfaultfd (QEMU before 8.1 asks the system \
-                 call, which vm.unprivileged_userfaultfd=0 refuses; gpuvisor leaves that \
-                 host-wide setting alone); migrate without --postcopy"
-            ),
+                    "post-copy is not available on this host ({e}): the destination QEMU, \
+                     running as the VM's own user, cannot open userfaultfd (this QEMU asks the \
+                     system call, which vm.unprivileged_userfaultfd=0 refuses to unprivileged \
+                     users; gpuvisor leaves that host-wide setting alone); migrate without \
+                     --postcopy"
+                ),
             })?;
     }
     src.migration_capabilities(&[("auto-converge", true), postcopy[0]])?;
@@ -161,37 +149,42 @@ fn transfer_inner(
     src.migrate(&format!("fd:{CHANNEL}"))?;
     // Each QEMU has its own end now.
     drop((a, b));
-    let deadline = Instant::now() + MIGRATION_DEADLINE;
     let mut switched = false;
+    // Once the guest runs on the destination with pages still on the source, no error leaves
+    // a guest to roll back to.
+    let lost = |switched: bool, e: VmError| -> VmError {
+        if switched {
+            VmError::PostcopyLost { why: e.to_string() }
+        } else {
+            e
+        }
+    };
+    let deadline = Instant::now() + MIGRATION_DEADLINE;
     let stats = loop {
-        let st = src.migration_stats()?;
+        let st = src.migration_stats().map_err(|e| lost(switched, e))?;
         match st.status.as_str() {
             "completed" => break st,
-            "failed" | "cancelled" => {
+            "failed" | "cancelled" | "postcopy-paused" => {
                 let why = st.error.unwrap_or(st.status);
-                return Err(if switched {
-                    VmError::PostcopyLost { why }
-                } else {
-                    failed("migrate", why)
-                });
+                return Err(lost(switched, failed("migrate", why)));
             }
-            "postcopy-active" | "postcopy-paused" | "postcopy-recover" => switched = true,
+            "postcopy-active" | "postcopy-recover" => switched = true,
             _ => {}
         }
         if ask.postcopy && !switched && st.dirty_sync_count >= POSTCOPY_AFTER_PASSES {
-            src.start_postcopy()?;
+            src.start_postcopy().map_err(|e| lost(true, e))?;
             switched = true;
         }
         if Instant::now() > deadline {
-            if switched {
-                return Err(VmError::PostcopyLost {
-                    why: "post-copy did not end within its deadline".into(),
-                });
+            if !switched {
+                let _ = src.migrate_cancel();
             }
-            let _ = src.migrate_cancel();
-            return Err(failed(
-                "migrate",
-                format!("did not complete within {MIGRATION_DEADLINE:?}: cancelled"),
+            return Err(lost(
+                switched,
+                failed(
+                    "migrate",
+                    format!("did not complete within {MIGRATION_DEADLINE:?}: cancelled"),
+                ),
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -199,20 +192,19 @@ fn transfer_inner(
     // The source's guest was running: the destination runs on its own once the state is in.
     let deadline = Instant::now() + RUN_DEADLINE;
     loop {
-        if dst.status()?.0 {
+        if dst.status().map_err(|e| lost(switched, e))?.0 {
             return Ok((stats, switched));
         }
-        let st = dst.migration_stats()?;
+        let st = dst.migration_stats().map_err(|e| lost(switched, e))?;
         if matches!(st.status.as_str(), "failed" | "cancelled") || Instant::now() > deadline {
             let why = st.error.unwrap_or(st.status);
-            return Err(if switched {
-                VmError::PostcopyLost { why }
-            } else {
+            return Err(lost(
+                switched,
                 failed(
                     "migrate-incoming",
                     format!("the destination did not run: {why}"),
-                )
-            });
+                ),
+            ));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -220,7 +212,7 @@ fn transfer_inner(
 
 /// Cancels what is left of a migration in the source and resumes its guest if the copy
 /// paused it (`postmigrate` after a completed copy whose destination never ran, `paused`
-/// mid-switchover).
+/// mid-switchover). Only once the destination is stopped for good.
 fn resume_source(src: &mut Monitor) {
     if let Ok(st) = src.migration_stats() {
         if matches!(
@@ -246,6 +238,18 @@ fn resume_source(src: &mut Monitor) {
         }
         _ => {}
     }
+}
+
+/// Where a cut-short migration stands, from what is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Nothing staged.
+    None,
+    /// A destination was being started or fed: its run dir is still the staging one.
+    Staged,
+    /// The switch had begun (the staging run dir has taken the instance's name, or the
+    /// instance's own was set aside): only the switch is left to finish.
+    Switching,
 }
 
 impl VmRuntime {
@@ -294,57 +298,90 @@ impl VmRuntime {
             return Err(refuse("it has no network device recorded".into()));
         };
         // The destination holds a second copy of the guest's RAM until the source goes.
-        let need = spec.memory_limit();
+        let limit = spec.memory_limit();
         if let Some(avail) = mem_available(&node.cfg.root) {
-            if avail < need {
+            if avail < limit {
                 return Err(refuse(format!(
                     "the host has {} of memory available and the new QEMU may take up to {} \
                      while both run",
                     gpuvisor_wire::format_size(avail),
-                    gpuvisor_wire::format_size(need)
+                    gpuvisor_wire::format_size(limit)
                 )));
             }
         }
         // Leftovers of an earlier attempt first.
-        self.remove_staged(node, id)?;
+        self.undo(node, id, old_pid, limit, ask)?;
         let staged = self.staged_paths(id);
-        let r = self.start_destination(
-            node, id, old_pid, &run, &staged, &mut spec, net.fd, &ask.cpus,
-        );
+        // Both QEMUs in the instance's own cgroup (a cgroup cannot be renamed on cgroup v2),
+        // its memory limit doubled until the source is gone.
+        let procs = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit.saturating_mul(2))?;
+        let r = self.start_destination(node, id, old_pid, &run, &staged, &mut spec, net.fd, &procs);
+        drop(procs);
         let new_pid = match r {
             Ok(pid) => pid,
             Err(e) => {
-                let _ = self.remove_staged(node, id);
+                let _ = self.undo(node, id, old_pid, limit, ask);
                 return Err(e);
             }
         };
         let started = Instant::now();
-        let moved = (|| {
-            let mut src = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
-            let mut dst = Monitor::connect(&staged.qmp(), Duration::from_secs(5))?;
-            transfer(&mut src, &mut dst, ask)
-        })();
-        let (stats, postcopy) = match moved {
+        let mut src = match Monitor::connect(&run.qmp(), Duration::from_secs(5)) {
             Ok(m) => m,
             Err(e) => {
-                if matches!(e, VmError::PostcopyLost { .. }) {
-                    // Neither half of the guest can run on: both QEMUs go, the instance ends
-                    // (its restart policy boots it again from its disks).
-                    if cgroup::holds(&node.cfg.root, id, old_pid) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(old_pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                }
-                let _ = self.remove_staged(node, id);
+                let _ = self.undo(node, id, old_pid, limit, ask);
                 return Err(e.into());
             }
         };
+        let moved = Monitor::connect(&staged.qmp(), Duration::from_secs(5))
+            .and_then(|mut dst| transfer(&mut src, &mut dst, ask));
+        let (stats, postcopy) = match moved {
+            Ok(m) => m,
+            Err(e @ VmError::PostcopyLost { .. }) => {
+                // Neither half of the guest can run on: both QEMUs go, the instance ends
+                // (its restart policy boots it again from its disks).
+                self.kill_qemus(node, id, None);
+                let _ = self.remove_staged_dirs(id);
+                let _ = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit);
+                return Err(e.into());
+            }
+            Err(e) => {
+                // The destination first: one that runs got the guest after all; else it is
+                // stopped for good before the source may resume.
+                let runs = dest_runs(&staged);
+                tracing::warn!(
+                    id,
+                    "live migration failed: {e}; the destination runs: {runs}"
+                );
+                if runs {
+                    let st = src.migration_stats().unwrap_or_default();
+                    (st, false)
+                } else {
+                    let _ = self.undo(node, id, old_pid, limit, ask);
+                    resume_source(&mut src);
+                    return Err(e.into());
+                }
+            }
+        };
+        drop(src);
+        tracing::info!(id, new_pid, postcopy, status = %stats.status, "live migration copied; switching");
         let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         test_hold_before_switch();
-        self.switch_to_staged(node, id, old_pid)?;
-        self.adopt_new_qemu(node, id, new_pid, ask)?;
+        if let Err(e) = self
+            .finish_switch(node, id, new_pid, limit, ask)
+            .or_else(|_| self.finish_switch(node, id, new_pid, limit, ask))
+        {
+            return Err(refuse(if self.live_pid(node, id) == Some(new_pid) {
+                format!(
+                    "its guest runs in the new QEMU (pid {new_pid}) but the switch to it did \
+                     not complete: {e}; the next daemon start completes it"
+                )
+            } else {
+                format!(
+                    "the new QEMU (pid {new_pid}) ended right after it took the guest over \
+                     ({e}): the guest is lost and the instance restarts from its disks"
+                )
+            }));
+        }
         Ok(MigrationReport {
             instance: id.to_string(),
             node: String::new(),
@@ -361,12 +398,18 @@ impl VmRuntime {
 
     /// The staging run dir of `id`'s migration destination.
     fn staged_paths(&self, id: &str) -> RunPaths {
-        let name = cgroup::staging(id);
+        let name = staging(id);
         RunPaths::new(self.run_root().join(&name), self.own_root().join(name))
     }
 
+    fn retired(&self, id: &str) -> [std::path::PathBuf; 2] {
+        let name = format!("{RETIRED}{id}");
+        [self.run_root().join(&name), self.own_root().join(name)]
+    }
+
     /// Starts the destination QEMU, paused for the incoming state: `spec` is the source's,
-    /// turned to the staging dir, cgroup and descriptors. Returns its pid.
+    /// turned to the staging dir and descriptors; it joins the instance's cgroup (`procs`).
+    /// Returns its pid.
     #[allow(clippy::too_many_arguments)]
     fn start_destination(
         &self,
@@ -377,7 +420,7 @@ impl VmRuntime {
         staged: &RunPaths,
         spec: &mut VmSpec,
         tap_fd: RawFd,
-        cpus: &[u32],
+        procs: &[OwnedFd],
     ) -> Result<i32, NodeError> {
         let user = self.vm_user(node, id, false)?;
         for dir in [&staged.dir, &staged.own] {
@@ -399,6 +442,7 @@ impl VmRuntime {
         let tap = take_fd(old_pid, tap_fd).map_err(vio("the source's tap (pidfd_getfd)"))?;
         check_tap(&tap, &node.net.tap_name(id)).map_err(vio("the source's tap"))?;
         let output = take_fd(old_pid, 1).map_err(vio("the source's output (pidfd_getfd)"))?;
+        check_fifo(&output).map_err(vio("the source's output"))?;
         spec.run = staged.clone();
         spec.seed = spec.seed.as_ref().map(|_| staged.seed());
         spec.vsock_cid = spec.vsock_cid.map(other_cid);
@@ -406,8 +450,6 @@ impl VmRuntime {
         if let Some(n) = spec.net.as_mut() {
             n.fd = tap.as_raw_fd();
         }
-        let staging = cgroup::staging(id);
-        let procs = qemu::make_cgroup(&node.cfg.root, &staging, cpus, spec.memory_limit())?;
         let (held, fds) = qemu::open_fds(spec, &node.cfg.root)?;
         let mut keep: Vec<RawFd> = held.iter().map(AsRawFd::as_raw_fd).collect();
         keep.push(tap.as_raw_fd());
@@ -416,7 +458,7 @@ impl VmRuntime {
             spec,
             &fds,
             output,
-            &procs,
+            procs,
             &keep,
             user.as_ref(),
             super::runtime::START_TIMEOUT,
@@ -434,69 +476,100 @@ impl VmRuntime {
         Ok(pid)
     }
 
-    /// The destination runs: the source goes, the staging cgroup and dirs take the
-    /// instance's names.
-    fn switch_to_staged(&self, node: &Node, id: &str, old_pid: i32) -> Result<(), NodeError> {
-        let root = &node.cfg.root;
-        if cgroup::holds(root, id, old_pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(old_pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        super::runtime::wait_gone(node, old_pid, Duration::from_secs(10));
-        let cg = |e: std::io::Error| NodeError::Io {
-            path: "/sys/fs/cgroup".into(),
-            source: e,
-        };
-        cgroup::remove_one(root, id).map_err(cg)?;
-        cgroup::rename(root, &cgroup::staging(id), id).map_err(cg)?;
-        let run = self.run_paths(id);
-        let staged = self.staged_paths(id);
-        for (dir, new) in [(&run.dir, &staged.dir), (&run.own, &staged.own)] {
-            let old = dir.with_file_name(format!(".out-{id}"));
-            if dir.exists() {
-                std::fs::rename(dir, &old).map_err(vio(dir))?;
-            }
-            std::fs::rename(new, dir).map_err(vio(new))?;
-            std::fs::remove_dir_all(&old).map_err(vio(&old))?;
-        }
-        Ok(())
-    }
-
-    /// What the provisioning of a VM does after QEMU started, for the migrated process.
-    fn adopt_new_qemu(
+    /// The destination (`new_pid`) runs the guest: it becomes the instance's QEMU. Each step
+    /// can be taken again after a crash: the new pid is recorded as the instance's first (so
+    /// nothing sees the instance without a live QEMU), every other QEMU of the instance is
+    /// killed, the staging dirs take the instance's names, the memory limit comes back to one
+    /// VM's, and the new QEMU is pinned, throttled and watched.
+    fn finish_switch(
         &self,
         node: &Node,
         id: &str,
-        pid: i32,
+        new_pid: i32,
+        limit: u64,
         ask: &MigrateAsk,
     ) -> Result<(), NodeError> {
-        let mut mon = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
+        let run = self.run_paths(id);
+        let staged = self.staged_paths(id);
+        if run.dir.exists() {
+            let f = run.dir.join(super::runtime::MAIN_PID);
+            std::fs::write(&f, format!("{new_pid}\n")).map_err(vio(&f))?;
+        }
+        self.kill_qemus(node, id, Some(new_pid));
+        let retired = self.retired(id);
+        for ((dir, new), old) in [(&run.dir, &staged.dir), (&run.own, &staged.own)]
+            .into_iter()
+            .zip(&retired)
+        {
+            if !new.exists() {
+                continue;
+            }
+            if dir.exists() {
+                std::fs::rename(dir, old).map_err(vio(dir))?;
+            }
+            std::fs::rename(new, dir).map_err(vio(new))?;
+        }
+        self.remove_staged_dirs(id)?;
+        qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit)?;
+        let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
+        // A later snapshot's migration into a file must not carry post-copy.
+        mon.migration_capabilities(&[("postcopy-ram", false)])?;
         mon.balloon_stats_every(super::runtime::BALLOON_STATS_SECS)?;
         let vcpus = mon.vcpus()?;
-        qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, &ask.cpus)?;
+        qemu::pin_vcpus(&node.cfg.root, new_pid, &vcpus, &ask.cpus)?;
         if !ask.disk_io.is_unlimited() {
             mon.throttle_disks(&ask.disk_io)?;
         }
         Ok(())
     }
 
-    /// Kills a migration destination of `id` and removes its staging cgroup and dirs (and a
-    /// switch's leftovers). Idempotent.
-    pub(super) fn remove_staged(&self, node: &Node, id: &str) -> Result<(), VmError> {
-        let staging = cgroup::staging(id);
-        cgroup::remove_one(&node.cfg.root, &staging).map_err(|source| VmError::Cgroup {
-            path: staging.into(),
-            source,
-        })?;
+    /// Undoes a migration that did not get the guest: every QEMU of the instance but the
+    /// source (`keep`) killed, the staging dirs removed, the memory limit back to one VM's.
+    fn undo(
+        &self,
+        node: &Node,
+        id: &str,
+        keep: i32,
+        limit: u64,
+        ask: &MigrateAsk,
+    ) -> Result<(), VmError> {
+        self.kill_qemus(node, id, Some(keep));
+        self.remove_staged_dirs(id)?;
+        qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit).map(drop)
+    }
+
+    /// SIGKILLs every QEMU of instance `id` (in its cgroup, named for it) but `keep`, and
+    /// waits until they are gone.
+    fn kill_qemus(&self, node: &Node, id: &str, keep: Option<i32>) {
+        let root = &node.cfg.root;
+        let name = format!("gpuvisor-{id},");
+        let doomed: Vec<i32> = cgroup::pids(root, id)
+            .into_iter()
+            .filter(|&p| Some(p) != keep)
+            .filter(|&p| {
+                std::fs::read(root.path(format!("/proc/{p}/cmdline")))
+                    .unwrap_or_default()
+                    .split(|b| *b == 0)
+                    .any(|a| a.starts_with(name.as_bytes()))
+            })
+            .collect();
+        for &p in &doomed {
+            if cgroup::holds(root, id, p) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        for p in doomed {
+            super::runtime::wait_gone(node, p, Duration::from_secs(10));
+        }
+    }
+
+    /// Removes the staging and retired dirs of `id`. Idempotent.
+    pub(super) fn remove_staged_dirs(&self, id: &str) -> Result<(), VmError> {
         let staged = self.staged_paths(id);
-        for dir in [
-            staged.dir.clone(),
-            staged.own.clone(),
-            self.run_root().join(format!(".out-{id}")),
-            self.own_root().join(format!(".out-{id}")),
-        ] {
+        for dir in [staged.dir, staged.own].into_iter().chain(self.retired(id)) {
             match std::fs::remove_dir_all(&dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(vio(&dir)(e)),
                 _ => {}
@@ -505,60 +578,128 @@ impl VmRuntime {
         Ok(())
     }
 
-    /// After a daemon restart: a migration of `id` that a killed daemon left half done is
-    /// finished (the destination had run: the source may not run again on the same disks) or
-    /// undone (the source runs on, resumed if the copy had paused it). Returns what it did,
-    /// `None` when there was nothing to do.
-    pub fn recover_migration(&self, node: &Node, id: &str) -> Option<String> {
+    fn phase(&self, id: &str) -> Phase {
         let staged = self.staged_paths(id);
-        let out = self.run_root().join(format!(".out-{id}"));
-        if !staged.dir.exists() && !staged.own.exists() && !out.exists() {
+        if staged.dir.exists() {
+            Phase::Staged
+        } else if staged.own.exists() || self.retired(id).iter().any(|d| d.exists()) {
+            Phase::Switching
+        } else {
+            Phase::None
+        }
+    }
+
+    /// After a daemon restart: a migration of `id` that a killed daemon left half done is
+    /// finished (the destination had run: the source may not run again on the same disks; a
+    /// post-copy still going is waited for) or undone (the source runs on, resumed if the
+    /// copy had paused it). `ask` has the instance's CPUs and disk limits. Returns what it
+    /// did, `None` when there was nothing to do.
+    pub fn recover_migration(&self, node: &Node, ask: &MigrateAsk) -> Option<String> {
+        let id = ask.id.as_str();
+        let phase = self.phase(id);
+        if phase == Phase::None {
             return None;
         }
-        let staging = cgroup::staging(id);
-        let new_pid: Option<i32> =
-            std::fs::read_to_string(staged.dir.join(super::runtime::MAIN_PID))
+        let run = self.run_paths(id);
+        let staged = self.staged_paths(id);
+        let spec = VmSpec::read(&staged.dir)
+            .or_else(|_| VmSpec::read(&run.dir))
+            .ok();
+        let limit = spec.as_ref().map_or(0, VmSpec::memory_limit);
+        let read_pid = |dir: &std::path::Path| -> Option<i32> {
+            std::fs::read_to_string(dir.join(super::runtime::MAIN_PID))
+                .ok()?
+                .trim()
+                .parse()
                 .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .filter(|&p| cgroup::holds(&node.cfg.root, &staging, p));
-        let dest_ran = new_pid.is_some()
-            && Monitor::connect(&staged.qmp(), Duration::from_secs(2))
-                .and_then(|mut m| m.status())
-                .is_ok_and(|(running, _)| running);
-        if let (true, Some(pid)) = (dest_ran, new_pid) {
-            let old = self.live_pid(node, id).unwrap_or(0);
-            let done = self.switch_to_staged(node, id, old).and_then(|()| {
-                let cpus = cpus_of(&node.cfg.root, id);
-                self.adopt_new_qemu(
-                    node,
-                    id,
-                    pid,
-                    &MigrateAsk {
-                        id: id.to_string(),
-                        postcopy: false,
-                        max_downtime_ms: 0,
-                        cpus,
-                        disk_io: DiskIo::default(),
-                    },
-                )
-            });
-            return Some(match done {
-                Ok(()) => "a migration cut short by the daemon's end was finished: the VM runs in its new QEMU (disk limits come back at its next start or `instance scale`)".into(),
+                .filter(|&p| cgroup::holds(&node.cfg.root, id, p))
+        };
+        let finish = |new_pid: i32| -> String {
+            match self.finish_switch(node, id, new_pid, limit, ask) {
+                Ok(()) => "a migration cut short by the daemon's end was finished: the VM runs in its new QEMU".into(),
                 Err(e) => format!("a migration cut short by the daemon's end could not be finished: {e}"),
+            }
+        };
+        if phase == Phase::Switching {
+            // The instance's run dir is the destination's already (or about to be).
+            let new_pid = read_pid(&run.dir).or_else(|| read_pid(&self.retired(id)[0]));
+            return Some(match new_pid {
+                Some(p) => finish(p),
+                None => "a migration cut short by the daemon's end left no QEMU running: the instance restarts".into(),
             });
         }
-        let _ = self.remove_staged(node, id);
-        if self.live_pid(node, id).is_some() {
-            if let Ok(mut src) = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(2))
-            {
-                resume_source(&mut src);
+        let new_pid = read_pid(&staged.dir);
+        if let Some(p) = new_pid.filter(|_| dest_runs(&staged)) {
+            // Post-copy still pulling pages from the source: the source must live until done.
+            if let Ok(mut dst) = Monitor::connect(&staged.qmp(), Duration::from_secs(2)) {
+                let deadline = Instant::now() + MIGRATION_DEADLINE;
+                while let Ok(st) = dst.migration_stats() {
+                    if !st.status.starts_with("postcopy") || Instant::now() > deadline {
+                        if st.status != "completed" && st.status != "none" {
+                            self.kill_qemus(node, id, None);
+                            let _ = self.remove_staged_dirs(id);
+                            return Some(format!(
+                                "a post-copy migration cut short by the daemon's end failed ({}): the guest is lost and restarts",
+                                st.status
+                            ));
+                        }
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
+            return Some(finish(p));
         }
-        Some(
-            "a migration cut short by the daemon's end was undone: the VM runs on in its QEMU"
-                .into(),
-        )
+        // The source is the QEMU the run dir names, unless the switch had recorded the
+        // destination there already (then the other QEMU of the instance).
+        let source = read_pid(&run.dir).filter(|p| Some(*p) != new_pid);
+        let _ = self.undo(node, id, source.unwrap_or(0), limit, ask);
+        match source {
+            Some(p) => {
+                let f = run.dir.join(super::runtime::MAIN_PID);
+                let _ = std::fs::write(&f, format!("{p}\n"));
+                if let Ok(mut src) = Monitor::connect(&run.qmp(), Duration::from_secs(2)) {
+                    resume_source(&mut src);
+                }
+                Some("a migration cut short by the daemon's end was undone: the VM runs on in its QEMU".into())
+            }
+            None => Some("a migration cut short by the daemon's end left no QEMU running: the instance restarts".into()),
+        }
     }
+}
+
+/// Whether the destination in `staged` runs the guest (its QMP answers `running`).
+fn dest_runs(staged: &RunPaths) -> bool {
+    Monitor::connect(&staged.qmp(), Duration::from_secs(2))
+        .and_then(|mut m| m.status())
+        .is_ok_and(|(running, _)| running)
+}
+
+/// Whether `fd` is a pipe (the log relay's): what the source holds as its stdout is checked
+/// before the destination gets it.
+fn check_fifo(fd: &OwnedFd) -> std::io::Result<()> {
+    let st = nix::sys::stat::fstat(fd).map_err(std::io::Error::from)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return Err(std::io::Error::other("the source's stdout is not a pipe"));
+    }
+    Ok(())
+}
+
+/// The staging name of `id`'s destination run dirs until the switch (every sweep counts it as
+/// the instance's: [`owner`]).
+pub fn staging(id: &str) -> String {
+    format!("{STAGING}{id}")
+}
+
+const STAGING: &str = ".in-";
+/// The instance's own run dirs, set aside during the switch.
+const RETIRED: &str = ".out-";
+
+/// The instance a run dir name belongs to (its own, or its migration's staged or retired one).
+pub fn owner(name: &str) -> &str {
+    name.strip_prefix(STAGING)
+        .or_else(|| name.strip_prefix(RETIRED))
+        .unwrap_or(name)
 }
 
 /// A hidden test hook: with `GPUVISOR_TEST_HOLD_MIGRATION_SWITCH_MS=N` in the daemon's
@@ -586,23 +727,6 @@ fn mem_available(root: &crate::HostRoot) -> Option<u64> {
         .parse()
         .ok()?;
     kib.checked_mul(1024)
-}
-
-/// The CPUs cgroup `name` is limited to (empty: not pinned).
-fn cpus_of(root: &crate::HostRoot, name: &str) -> Vec<u32> {
-    let base = root.path("/sys/fs/cgroup");
-    let file = if base.join("cgroup.controllers").exists() {
-        base.join(cgroup::PARENT).join(name).join("cpuset.cpus")
-    } else {
-        base.join("cpuset")
-            .join(cgroup::PARENT)
-            .join(name)
-            .join("cpuset.cpus")
-    };
-    std::fs::read_to_string(file)
-        .ok()
-        .and_then(|t| gpuvisor_wire::parse_cpu_list(t.trim()))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

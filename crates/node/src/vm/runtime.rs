@@ -420,8 +420,8 @@ impl VmRuntime {
     /// Kills QEMU (every process in the instance's cgroup: also a QEMU whose start a killed
     /// daemon did not get to record) and removes the run dir, overlay and tap.
     fn remove_objects(&self, node: &Node, id: &str) -> Result<(), VmError> {
-        // A migration's destination first (it may hold the tap too).
-        self.remove_staged(node, id)?;
+        // A migration's staging dirs too (its QEMU is in the instance's cgroup: killed here).
+        self.remove_staged_dirs(id)?;
         let mut pids: Vec<i32> = cgroup::pids(&node.cfg.root, id);
         pids.extend(self.live_pid(node, id));
         for &pid in &pids {
@@ -635,8 +635,8 @@ impl Runtime for VmRuntime {
         self.migrate_local(node, id, ask)
     }
 
-    fn recover_migration(&self, node: &Node, id: &str) -> Option<String> {
-        VmRuntime::recover_migration(self, node, id)
+    fn recover_migration(&self, node: &Node, ask: &super::migrate::MigrateAsk) -> Option<String> {
+        VmRuntime::recover_migration(self, node, ask)
     }
 
     /// QEMU's leftovers of a cut-short snapshot ([`super::snapshot::abandon`]).
@@ -762,8 +762,7 @@ impl Runtime for VmRuntime {
             if let Ok(rd) = std::fs::read_dir(root) {
                 ids.extend(rd.flatten().map(|e| {
                     let name = e.file_name().to_string_lossy().into_owned();
-                    let name = name.strip_prefix(".out-").unwrap_or(&name);
-                    cgroup::owner(name).to_string()
+                    super::migrate::owner(&name).to_string()
                 }));
             }
         }

@@ -452,6 +452,8 @@ fn with_memory(
         .map_err(vio(&state))?;
     mon.getfd("gvsnap", f.as_raw_fd())?;
     drop(f);
+    // A plain stream into the file, whatever a live migration set on this QEMU before.
+    mon.migration_capabilities(&[("postcopy-ram", false), ("auto-converge", false)])?;
     // Paused first: the stream is one pass of the guest's RAM (a guest dirtying memory
     // faster than the file takes it would never converge live, and each pass would grow the
     // file), and the disks copied below are of the same instant.
