@@ -1,16 +1,17 @@
 //! Live migration of a running VM to a new QEMU process on this host ("local" migration:
-//! after a QEMU upgrade, or to re-create the process without rebooting the guest).
+//! to re-create the process without rebooting the guest, e.g. after a QEMU package update of
+//! the same version; the machine type and CPU model are not pinned across QEMU versions).
 //!
 //! The destination QEMU is started from the very spec the source was started with (the run
-//! dir's `spec.json`), with `-incoming defer`, in a staging cgroup and run dir
-//! ([`crate::cgroup::staging`]: `.in-<id>`, counted as the instance's by every sweep). It gets
-//! the source's own tap and console pipe (duplicated out of the source with `pidfd_getfd`,
-//! the tap checked to be the instance's: same bridge port, same filter, no link flap; a
-//! paused or not yet running guest's NIC takes no frames, so only one of the two reads it at
-//! a time) and, where the host has vsock, another CID (the guest re-reads it on the
-//! transport reset QEMU sends after a migration). The disks are the same files: QEMU flushes
-//! and lets go of them when the source stops for good, the destination takes them over when
-//! it starts.
+//! dir's `spec.json`), with `-incoming defer`, with staging run dirs ([`staging`]: `.in-<id>`,
+//! counted as the instance's by every sweep), in the instance's own cgroup (cgroup v2 cannot
+//! rename one), whose memory limit is doubled until the source is gone. It gets the source's
+//! own tap and console pipe (duplicated out of the source with `pidfd_getfd`, the tap checked
+//! to be the instance's: same bridge port, same filter, no link flap; a paused or not yet
+//! running guest's NIC takes no frames, so only one of the two reads it at a time) and, where
+//! the host has vsock, another CID (the guest re-reads it on the transport reset QEMU sends
+//! after a migration). The disks are the same files: QEMU flushes and lets go of them when
+//! the source stops for good, the destination takes them over when it starts.
 //!
 //! The state goes over a socket pair the daemon hands both QEMUs (`getfd`; no path, no port):
 //! pre-copy with auto-converge (the guest's vCPUs are slowed down when it dirties memory
@@ -18,13 +19,11 @@
 //! once the first full pass is over, the guest switches over and pulls the pages dirtied
 //! since from the source.
 //!
-//! The source is torn down only once the destination runs. Any failure before that cancels
-//! the migration and the guest runs on in the source (resumed if the copy had paused it); the
-//! destination and its staging objects are removed. Then the staging cgroup and run dir take
-//! the instance's names (`rename`: QEMU's sockets move with their directory), and the new
-//! QEMU is pinned, throttled and watched like the old one. A daemon killed in the middle
-//! leaves either the source running (the staging objects are swept) or, past the point where
-//! the destination ran, the switch to finish: [`VmRuntime::recover_migration`] decides which.
+//! The source is torn down only once the destination runs (`VmRuntime::finish_switch`, each
+//! step safe to take again). Any failure before that stops the destination first, then
+//! cancels the migration and resumes the source if the copy had paused it. A daemon killed in
+//! the middle leaves a phase the dirs tell ([`VmRuntime::recover_migration`]): finished when
+//! the destination had run (the source may not run again on the same disks), else undone.
 
 use super::qemu::{self, Incoming, RunPaths, VmSpec};
 use super::qmp::{MigrationStats, Monitor};
