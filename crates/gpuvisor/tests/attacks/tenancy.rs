@@ -444,6 +444,13 @@ fn every_route_is_scoped_by_tenant() {
             "/v1/instances/{id}/restore",
             with(row(200, 404, 200), r#"{"snapshot":"ownersnap2"}"#),
         ),
+        // Live migration is the admin's (host maintenance): tenants are refused before any
+        // lookup; the admin gets past it to "only VMs migrate" (the instance is a container).
+        (
+            "POST",
+            "/v1/instances/{id}/migrate",
+            with(row(403, 403, 400), r#"{"max_downtime_ms":300}"#),
+        ),
         ("POST", "/v1/instances/{id}/start", row(200, 404, 200)),
         ("POST", "/v1/instances/{id}/stop", row(200, 404, 200)),
         ("DELETE", "/v1/instances/{id}", row(200, 404, 200)),
@@ -667,6 +674,7 @@ fn every_route_by_role() {
             operate,
         ),
         ("DELETE", "/v1/snapshots/{snap}", None, operate),
+        ("POST", "/v1/instances/{id}/migrate", Some(r#"{}"#), admin),
         (
             "POST",
             "/v1/instances/{id}/scale",
