@@ -922,15 +922,9 @@ async fn migrate_instance(
     Path(id): Path<String>,
     Body(b): Body<wire::MigrateInstance>,
 ) -> Audited<wire::MigrationReport> {
-    // On its own task: a client that goes away does not cut the migration short (nor free
-    // the instance's lock while the node still moves it).
-    let task = {
-        let (e, p, id, b) = (e.clone(), p.clone(), id.clone(), b.clone());
-        tokio::spawn(async move { e.migrate_instance(&p, &id, &b).await })
-    };
-    let r = task
-        .await
-        .map_err(|err| EngineError::Internal(format!("migration task: {err}")))??;
+    // Like every mutating call, it runs on its own task (the audit layer's): a client that
+    // goes away does not cut it short.
+    let r = e.migrate_instance(&p, &id, &b).await?;
     audited(
         format!(
             "instance {} to node {} (downtime {} ms)",

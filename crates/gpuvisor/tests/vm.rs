@@ -1223,6 +1223,8 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
         "1GiB",
         "--volume",
         "vmig:/data",
+        "--disk-iops",
+        "read=500",
         "--wait",
     ]);
     let id = v["id"].as_str().unwrap().to_string();
@@ -1256,6 +1258,7 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     let before = count();
     let old = qemu_pids(&id);
     assert_eq!(old.len(), 1, "{old:?}");
+    let limit = memory_limit(&id);
 
     let m = d.json(&["instance", "migrate", &id]);
     eprintln!("migration: {m}");
@@ -1281,6 +1284,10 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     // The same guest, running on: no second boot, the loop alive and counting, RAM and
     // volume intact, the network up (exec goes through the guest agent, this through the NIC).
     assert_eq!(logs(&d, &id).matches("gpuvisor-guest-ready").count(), 1);
+    // The new QEMU has what the old one had: one VM's memory limit again (doubled only while
+    // both ran), the disk limit (a VM's only disk limit is QEMU's throttle).
+    assert_eq!(memory_limit(&id), limit);
+    assert_eq!(root_read_iops(&d, &id), 500);
     assert_eq!(sh(&format!("kill -0 {loop_pid} && echo alive")), "alive");
     let after = count();
     assert!(
@@ -1449,6 +1456,50 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     assert!(leaks.is_empty(), "{leaks:?}");
 }
 
+/// The instance cgroup's memory limit (cgroup v1 or v2).
+fn memory_limit(id: &str) -> u64 {
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let f = if v2 {
+        format!("/sys/fs/cgroup/gpuvisor/{id}/memory.max")
+    } else {
+        format!("/sys/fs/cgroup/memory/gpuvisor/{id}/memory.limit_in_bytes")
+    };
+    std::fs::read_to_string(&f).unwrap().trim().parse().unwrap()
+}
+
+/// The read IOPS limit QEMU applies to the VM's root drive (`query-block` over its QMP
+/// socket, while the daemon holds no connection).
+fn root_read_iops(d: &Daemon, id: &str) -> i64 {
+    use std::io::{BufRead, BufReader, Write};
+    let sock = d.data().join("vm/run").join(id).join("qmp.sock");
+    let s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let mut call = |c: &str| -> serde_json::Value {
+        writeln!(w, "{{\"execute\":\"{c}\"}}").unwrap();
+        loop {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            if v.get("return").is_some() || v.get("error").is_some() {
+                return v;
+            }
+        }
+    };
+    call("qmp_capabilities");
+    let blocks = call("query-block");
+    blocks["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["device"] == "root" || b["qdev"].as_str().is_some_and(|q| q.contains("root")))
+        .and_then(|b| b["inserted"]["iops_rd"].as_i64())
+        .unwrap_or_else(|| panic!("no root drive in {blocks}"))
+}
+
 /// A detached loop in the guest that counts into `/.gpuvisor/count` and rewrites 4 MiB of its
 /// RAM each turn; returns its pid.
 fn start_guest_loop(d: &Daemon, id: &str) -> String {
@@ -1554,15 +1605,15 @@ fn a_migration_cut_short_by_a_daemon_crash_is_finished_or_undone_at_start() {
 
     // 2. Killed after the destination ran, before the switch (held there by the test hook):
     //    finished, the new QEMU kept.
-    std::env::set_var("GPUVISOR_TEST_HOLD_MIGRATION_SWITCH_MS", "30000");
+    std::env::set_var("GPUVISOR_TEST_HOLD_MIGRATION", "switch:30000");
     d.restart();
-    std::env::remove_var("GPUVISOR_TEST_HOLD_MIGRATION_SWITCH_MS");
+    std::env::remove_var("GPUVISOR_TEST_HOLD_MIGRATION");
     let mut cli = d
         .command_as(&d.key, ["instance", "migrate", &id])
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !d.log().contains("holding the migration's switch") {
+    while !d.log().contains("holding the migration at switch") {
         assert!(
             Instant::now() < deadline,
             "the migration never reached the switch\n{}",
@@ -1577,6 +1628,38 @@ fn a_migration_cut_short_by_a_daemon_crash_is_finished_or_undone_at_start() {
     let _ = cli.wait();
     d.restart();
     assert_eq!(settle(&d, "killed before the switch"), new);
+
+    // 3. Killed in the switch: the new pid recorded, the source killed, the dirs not renamed
+    //    yet. Finished, never undone (no source is left to resume).
+    std::env::set_var("GPUVISOR_TEST_HOLD_MIGRATION", "rename:30000");
+    d.restart();
+    std::env::remove_var("GPUVISOR_TEST_HOLD_MIGRATION");
+    let mut cli = d
+        .command_as(&d.key, ["instance", "migrate", &id])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !d.log().contains("holding the migration at rename") {
+        assert!(
+            Instant::now() < deadline,
+            "the migration never reached the rename\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pids = qemu_pids(&id);
+    assert_eq!(
+        pids.len(),
+        1,
+        "the source outlived the switch's kill: {pids:?}"
+    );
+    assert_ne!(pids[0], new);
+    assert!(staged.exists(), "the staging dir went before the rename");
+    let newer = pids[0];
+    d.kill9();
+    let _ = cli.wait();
+    d.restart();
+    assert_eq!(settle(&d, "killed in the switch"), newer);
 
     d.json(&["instance", "terminate", &id, "--wait"]);
     let leaks = d.leaks(&[id]);

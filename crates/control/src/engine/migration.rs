@@ -122,9 +122,10 @@ impl Engine {
                     gpuvisor_node::NodeError::Vm(gpuvisor_node::vm::VmError::Migrate {
                         ..
                     }) => EngineError::InvalidState(e.to_string()),
-                    gpuvisor_node::NodeError::Vm(gpuvisor_node::vm::VmError::PostcopyLost {
-                        ..
-                    }) => EngineError::Internal(e.to_string()),
+                    gpuvisor_node::NodeError::Vm(
+                        gpuvisor_node::vm::VmError::PostcopyLost { .. }
+                        | gpuvisor_node::vm::VmError::SwitchIncomplete { .. },
+                    ) => EngineError::Internal(e.to_string()),
                     e => EngineError::Internal(format!(
                         "the migration of instance {} failed: {e}; the VM runs on in its QEMU",
                         row.name

@@ -49,6 +49,8 @@ pub struct MigrateAsk {
 
 /// Longest a whole migration may take before it is cancelled (the guest runs on).
 const MIGRATION_DEADLINE: Duration = Duration::from_secs(10 * 60);
+/// Longest a restarted daemon waits for a post-copy the QEMUs carried on alone.
+const POSTCOPY_RECOVERY_WAIT: Duration = Duration::from_secs(120);
 /// Longest the destination may take to run once the state is over.
 const RUN_DEADLINE: Duration = Duration::from_secs(30);
 /// With `postcopy`, the switch comes once the first full pass over the guest's RAM is over
@@ -309,7 +311,7 @@ impl VmRuntime {
             }
         }
         // Leftovers of an earlier attempt first.
-        self.undo(node, id, old_pid, limit, ask)?;
+        self.undo(node, id, old_pid, Some(limit), ask)?;
         let staged = self.staged_paths(id);
         // Both QEMUs in the instance's own cgroup (a cgroup cannot be renamed on cgroup v2),
         // its memory limit doubled until the source is gone.
@@ -319,7 +321,7 @@ impl VmRuntime {
         let new_pid = match r {
             Ok(pid) => pid,
             Err(e) => {
-                let _ = self.undo(node, id, old_pid, limit, ask);
+                let _ = self.undo(node, id, old_pid, Some(limit), ask);
                 return Err(e);
             }
         };
@@ -327,7 +329,7 @@ impl VmRuntime {
         let mut src = match Monitor::connect(&run.qmp(), Duration::from_secs(5)) {
             Ok(m) => m,
             Err(e) => {
-                let _ = self.undo(node, id, old_pid, limit, ask);
+                let _ = self.undo(node, id, old_pid, Some(limit), ask);
                 return Err(e.into());
             }
         };
@@ -338,24 +340,33 @@ impl VmRuntime {
             Err(e @ VmError::PostcopyLost { .. }) => {
                 // Neither half of the guest can run on: both QEMUs go, the instance ends
                 // (its restart policy boots it again from its disks).
-                self.kill_qemus(node, id, None);
+                let _ = self.kill_qemus(node, id, None);
                 let _ = self.remove_staged_dirs(id);
                 let _ = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit);
                 return Err(e.into());
             }
             Err(e) => {
-                // The destination first: one that runs got the guest after all; else it is
-                // stopped for good before the source may resume.
-                let runs = dest_runs(&staged);
+                // The destination first: one that has the whole state takes over after all;
+                // else it is stopped for good before the source may resume.
+                let took = dest_took_over(&staged);
                 tracing::warn!(
                     id,
-                    "live migration failed: {e}; the destination runs: {runs}"
+                    "live migration failed: {e}; the destination took over: {took}"
                 );
-                if runs {
+                if took {
                     let st = src.migration_stats().unwrap_or_default();
                     (st, false)
                 } else {
-                    let _ = self.undo(node, id, old_pid, limit, ask);
+                    if let Err(u) = self.undo(node, id, old_pid, Some(limit), ask) {
+                        return Err(VmError::SwitchIncomplete {
+                            id: id.to_string(),
+                            why: format!(
+                                "the migration failed ({e}) and its destination could not be \
+                                 removed ({u}); the next daemon start undoes it"
+                            ),
+                        }
+                        .into());
+                    }
                     resume_source(&mut src);
                     return Err(e.into());
                 }
@@ -364,12 +375,12 @@ impl VmRuntime {
         drop(src);
         tracing::info!(id, new_pid, postcopy, status = %stats.status, "live migration copied; switching");
         let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        test_hold_before_switch();
+        test_hold("switch");
         if let Err(e) = self
-            .finish_switch(node, id, new_pid, limit, ask)
-            .or_else(|_| self.finish_switch(node, id, new_pid, limit, ask))
+            .finish_switch(node, id, new_pid, Some(limit), ask)
+            .or_else(|_| self.finish_switch(node, id, new_pid, Some(limit), ask))
         {
-            return Err(refuse(if self.live_pid(node, id) == Some(new_pid) {
+            let why = if self.live_pid(node, id) == Some(new_pid) {
                 format!(
                     "its guest runs in the new QEMU (pid {new_pid}) but the switch to it did \
                      not complete: {e}; the next daemon start completes it"
@@ -379,7 +390,12 @@ impl VmRuntime {
                     "the new QEMU (pid {new_pid}) ended right after it took the guest over \
                      ({e}): the guest is lost and the instance restarts from its disks"
                 )
-            }));
+            };
+            return Err(VmError::SwitchIncomplete {
+                id: id.to_string(),
+                why,
+            }
+            .into());
         }
         Ok(MigrationReport {
             instance: id.to_string(),
@@ -476,16 +492,18 @@ impl VmRuntime {
     }
 
     /// The destination (`new_pid`) runs the guest: it becomes the instance's QEMU. Each step
-    /// can be taken again after a crash: the new pid is recorded as the instance's first (so
-    /// nothing sees the instance without a live QEMU), every other QEMU of the instance is
-    /// killed, the staging dirs take the instance's names, the memory limit comes back to one
-    /// VM's, and the new QEMU is pinned, throttled and watched.
+    /// can be taken again after a crash, and the set-aside and staging dirs (what tells a
+    /// restarted daemon a switch is under way) go last: the new pid is recorded as the
+    /// instance's first (so nothing sees the instance without a live QEMU), every other
+    /// process of the instance's cgroup is killed and waited for, the staging dirs take the
+    /// instance's names, the memory limit comes back to one VM's (`limit`, when known), and the
+    /// new QEMU is pinned, throttled and watched.
     fn finish_switch(
         &self,
         node: &Node,
         id: &str,
         new_pid: i32,
-        limit: u64,
+        limit: Option<u64>,
         ask: &MigrateAsk,
     ) -> Result<(), NodeError> {
         let run = self.run_paths(id);
@@ -494,7 +512,8 @@ impl VmRuntime {
             let f = run.dir.join(super::runtime::MAIN_PID);
             std::fs::write(&f, format!("{new_pid}\n")).map_err(vio(&f))?;
         }
-        self.kill_qemus(node, id, Some(new_pid));
+        self.kill_qemus(node, id, Some(new_pid))?;
+        test_hold("rename");
         let retired = self.retired(id);
         for ((dir, new), old) in [(&run.dir, &staged.dir), (&run.own, &staged.own)]
             .into_iter()
@@ -508,8 +527,9 @@ impl VmRuntime {
             }
             std::fs::rename(new, dir).map_err(vio(new))?;
         }
-        self.remove_staged_dirs(id)?;
-        qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit)?;
+        if let Some(limit) = limit {
+            qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit)?;
+        }
         let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
         // A later snapshot's migration into a file must not carry post-copy.
         mon.migration_capabilities(&[("postcopy-ram", false)])?;
@@ -519,38 +539,36 @@ impl VmRuntime {
         if !ask.disk_io.is_unlimited() {
             mon.throttle_disks(&ask.disk_io)?;
         }
+        self.remove_staged_dirs(id)?;
         Ok(())
     }
 
-    /// Undoes a migration that did not get the guest: every QEMU of the instance but the
-    /// source (`keep`) killed, the staging dirs removed, the memory limit back to one VM's.
+    /// Undoes a migration that did not get the guest: every other process of the instance's
+    /// cgroup than the source (`keep`) killed and waited for, the memory limit back to one
+    /// VM's (when known), the staging dirs removed.
     fn undo(
         &self,
         node: &Node,
         id: &str,
         keep: i32,
-        limit: u64,
+        limit: Option<u64>,
         ask: &MigrateAsk,
     ) -> Result<(), VmError> {
-        self.kill_qemus(node, id, Some(keep));
-        self.remove_staged_dirs(id)?;
-        qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit).map(drop)
+        self.kill_qemus(node, id, Some(keep))?;
+        if let Some(limit) = limit {
+            qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit)?;
+        }
+        self.remove_staged_dirs(id)
     }
 
-    /// SIGKILLs every QEMU of instance `id` (in its cgroup, named for it) but `keep`, and
-    /// waits until they are gone.
-    fn kill_qemus(&self, node: &Node, id: &str, keep: Option<i32>) {
+    /// SIGKILLs every process in instance `id`'s cgroup but `keep` (only QEMU runs there: the
+    /// destination, or the source), and waits until they are gone: an error names one that is
+    /// not (its memory is still charged, the limit may not come down yet).
+    fn kill_qemus(&self, node: &Node, id: &str, keep: Option<i32>) -> Result<(), VmError> {
         let root = &node.cfg.root;
-        let name = format!("gpuvisor-{id},");
         let doomed: Vec<i32> = cgroup::pids(root, id)
             .into_iter()
             .filter(|&p| Some(p) != keep)
-            .filter(|&p| {
-                std::fs::read(root.path(format!("/proc/{p}/cmdline")))
-                    .unwrap_or_default()
-                    .split(|b| *b == 0)
-                    .any(|a| a.starts_with(name.as_bytes()))
-            })
             .collect();
         for &p in &doomed {
             if cgroup::holds(root, id, p) {
@@ -561,14 +579,21 @@ impl VmRuntime {
             }
         }
         for p in doomed {
-            super::runtime::wait_gone(node, p, Duration::from_secs(10));
+            if !super::runtime::wait_gone(node, p, Duration::from_secs(10)) {
+                return Err(VmError::Migrate {
+                    id: id.to_string(),
+                    why: format!("its other QEMU (pid {p}) did not end within 10 s of SIGKILL"),
+                });
+            }
         }
+        Ok(())
     }
 
-    /// Removes the staging and retired dirs of `id`. Idempotent.
+    /// Removes the set-aside and staging dirs of `id`, the staging run dir last (while it
+    /// exists a restarted daemon sees a migration to finish or undo). Idempotent.
     pub(super) fn remove_staged_dirs(&self, id: &str) -> Result<(), VmError> {
         let staged = self.staged_paths(id);
-        for dir in [staged.dir, staged.own].into_iter().chain(self.retired(id)) {
+        for dir in self.retired(id).into_iter().chain([staged.own, staged.dir]) {
             match std::fs::remove_dir_all(&dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(vio(&dir)(e)),
                 _ => {}
@@ -601,10 +626,11 @@ impl VmRuntime {
         }
         let run = self.run_paths(id);
         let staged = self.staged_paths(id);
-        let spec = VmSpec::read(&staged.dir)
+        // Unknown (neither spec readable): the limit is left as it is rather than guessed.
+        let limit = VmSpec::read(&staged.dir)
             .or_else(|_| VmSpec::read(&run.dir))
-            .ok();
-        let limit = spec.as_ref().map_or(0, VmSpec::memory_limit);
+            .ok()
+            .map(|s| s.memory_limit());
         let read_pid = |dir: &std::path::Path| -> Option<i32> {
             std::fs::read_to_string(dir.join(super::runtime::MAIN_PID))
                 .ok()?
@@ -620,43 +646,32 @@ impl VmRuntime {
             }
         };
         if phase == Phase::Switching {
-            // The instance's run dir is the destination's already (or about to be).
-            let new_pid = read_pid(&run.dir).or_else(|| read_pid(&self.retired(id)[0]));
-            return Some(match new_pid {
+            // The instance's run dir is the destination's already.
+            return Some(match read_pid(&run.dir) {
                 Some(p) => finish(p),
                 None => "a migration cut short by the daemon's end left no QEMU running: the instance restarts".into(),
             });
         }
         let new_pid = read_pid(&staged.dir);
-        if let Some(p) = new_pid.filter(|_| dest_runs(&staged)) {
-            // Post-copy still pulling pages from the source: the source must live until done.
-            if let Ok(mut dst) = Monitor::connect(&staged.qmp(), Duration::from_secs(2)) {
-                let deadline = Instant::now() + MIGRATION_DEADLINE;
-                while let Ok(st) = dst.migration_stats() {
-                    if !st.status.starts_with("postcopy") || Instant::now() > deadline {
-                        if st.status != "completed" && st.status != "none" {
-                            self.kill_qemus(node, id, None);
-                            let _ = self.remove_staged_dirs(id);
-                            return Some(format!(
-                                "a post-copy migration cut short by the daemon's end failed ({}): the guest is lost and restarts",
-                                st.status
-                            ));
-                        }
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+        // The switch had begun (the new pid recorded as the instance's), or the destination
+        // has the guest (running, or paused with the whole state: the QEMUs may have finished
+        // the copy on their own while no daemon ran).
+        let begun = new_pid.is_some() && read_pid(&run.dir) == new_pid;
+        if let Some(p) = new_pid.filter(|_| begun || dest_took_over(&staged)) {
+            if let Some(lost) = self.await_postcopy(node, id, &staged) {
+                return Some(lost);
             }
             return Some(finish(p));
         }
-        // The source is the QEMU the run dir names, unless the switch had recorded the
-        // destination there already (then the other QEMU of the instance).
+        // The source is the QEMU the run dir names.
         let source = read_pid(&run.dir).filter(|p| Some(*p) != new_pid);
-        let _ = self.undo(node, id, source.unwrap_or(0), limit, ask);
+        if let Err(e) = self.undo(node, id, source.unwrap_or(0), limit, ask) {
+            return Some(format!(
+                "a migration cut short by the daemon's end could not be undone: {e}"
+            ));
+        }
         match source {
-            Some(p) => {
-                let f = run.dir.join(super::runtime::MAIN_PID);
-                let _ = std::fs::write(&f, format!("{p}\n"));
+            Some(_) => {
                 if let Ok(mut src) = Monitor::connect(&run.qmp(), Duration::from_secs(2)) {
                     resume_source(&mut src);
                 }
@@ -665,21 +680,63 @@ impl VmRuntime {
             None => Some("a migration cut short by the daemon's end left no QEMU running: the instance restarts".into()),
         }
     }
+
+    /// A post-copy still pulling pages from the source: waited for (the source must live
+    /// until it is done). `Some` when it failed: both QEMUs killed, the guest lost.
+    fn await_postcopy(&self, node: &Node, id: &str, staged: &RunPaths) -> Option<String> {
+        let mut dst = Monitor::connect(&staged.qmp(), Duration::from_secs(2)).ok()?;
+        let deadline = Instant::now() + POSTCOPY_RECOVERY_WAIT;
+        loop {
+            let st = dst.migration_stats().ok()?;
+            if !st.status.starts_with("postcopy") {
+                return None;
+            }
+            if st.status == "postcopy-paused" || Instant::now() > deadline {
+                let _ = self.kill_qemus(node, id, None);
+                let _ = self.remove_staged_dirs(id);
+                return Some(format!(
+                    "a post-copy migration cut short by the daemon's end failed ({}): the guest is lost and restarts",
+                    st.status
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
-/// Whether the destination in `staged` runs the guest (its QMP answers `running`).
-fn dest_runs(staged: &RunPaths) -> bool {
-    Monitor::connect(&staged.qmp(), Duration::from_secs(2))
-        .and_then(|mut m| m.status())
-        .is_ok_and(|(running, _)| running)
+/// Whether the destination in `staged` has taken the guest over: it runs, or it has the whole
+/// state (then it is resumed: the source stopped for good when the copy completed). Otherwise
+/// it is left paused with its autostart off (`stop` while incoming), so that a copy completing
+/// now cannot start it before the caller kills it.
+fn dest_took_over(staged: &RunPaths) -> bool {
+    let Ok(mut dst) = Monitor::connect(&staged.qmp(), Duration::from_secs(2)) else {
+        return false;
+    };
+    match dst.status() {
+        Ok((true, _)) => return true,
+        Err(_) => return false,
+        Ok(_) => {}
+    }
+    let _ = dst.pause();
+    match dst.migration_stats() {
+        Ok(st) if st.status == "completed" => dst.resume().is_ok(),
+        _ => false,
+    }
 }
 
-/// Whether `fd` is a pipe (the log relay's): what the source holds as its stdout is checked
-/// before the destination gets it.
+/// Whether `fd` is an anonymous pipe (the log relay's): what the source holds as its stdout is
+/// checked before the destination gets it (and its pre-exec gives it to the VM's user): a
+/// named FIFO somewhere would not pass.
 fn check_fifo(fd: &OwnedFd) -> std::io::Result<()> {
+    const PIPEFS_MAGIC: i64 = 0x5049_5045;
     let st = nix::sys::stat::fstat(fd).map_err(std::io::Error::from)?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
-        return Err(std::io::Error::other("the source's stdout is not a pipe"));
+    let fs = nix::sys::statfs::fstatfs(fd).map_err(std::io::Error::from)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO
+        || i64::try_from(fs.filesystem_type().0).ok() != Some(PIPEFS_MAGIC)
+    {
+        return Err(std::io::Error::other(
+            "the source's stdout is not an anonymous pipe",
+        ));
     }
     Ok(())
 }
@@ -701,15 +758,21 @@ pub fn owner(name: &str) -> &str {
         .unwrap_or(name)
 }
 
-/// A hidden test hook: with `GPUVISOR_TEST_HOLD_MIGRATION_SWITCH_MS=N` in the daemon's
-/// environment, a migration waits N ms between the destination running and the switch, so a
-/// test can kill the daemon there. Without it (always, outside tests) it does nothing.
-fn test_hold_before_switch() {
-    if let Some(ms) = std::env::var("GPUVISOR_TEST_HOLD_MIGRATION_SWITCH_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
+/// A hidden test hook: with `GPUVISOR_TEST_HOLD_MIGRATION=<point>:<ms>` in the daemon's
+/// environment, a migration waits that long at `point` (`switch`: the destination runs, the
+/// switch not begun; `rename`: the new pid recorded and the source killed, the dirs not yet
+/// renamed), so a test can kill the daemon there. Without it (always, outside tests) it does
+/// nothing.
+fn test_hold(point: &str) {
+    let Ok(v) = std::env::var("GPUVISOR_TEST_HOLD_MIGRATION") else {
+        return;
+    };
+    if let Some(ms) = v
+        .strip_prefix(point)
+        .and_then(|r| r.strip_prefix(':'))
+        .and_then(|ms| ms.parse::<u64>().ok())
     {
-        tracing::warn!("test hook: holding the migration's switch for {ms} ms");
+        tracing::warn!("test hook: holding the migration at {point} for {ms} ms");
         std::thread::sleep(Duration::from_millis(ms));
     }
 }

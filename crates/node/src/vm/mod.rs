@@ -39,6 +39,8 @@ pub enum VmError {
     Migrate { id: String, why: String },
     #[error("the post-copy migration failed after the guest switched over; the guest is lost and the instance ends: {why}")]
     PostcopyLost { why: String },
+    #[error("the live migration of instance {id} did not complete: {why}")]
+    SwitchIncomplete { id: String, why: String },
     #[error("cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
