@@ -728,12 +728,10 @@ fn dest_took_over(staged: &RunPaths) -> bool {
 /// checked before the destination gets it (and its pre-exec gives it to the VM's user): a
 /// named FIFO somewhere would not pass.
 fn check_fifo(fd: &OwnedFd) -> std::io::Result<()> {
-    const PIPEFS_MAGIC: i64 = 0x5049_5045;
+    const PIPEFS_MAGIC: libc::__fsword_t = 0x5049_5045;
     let st = nix::sys::stat::fstat(fd).map_err(std::io::Error::from)?;
     let fs = nix::sys::statfs::fstatfs(fd).map_err(std::io::Error::from)?;
-    if st.st_mode & libc::S_IFMT != libc::S_IFIFO
-        || i64::try_from(fs.filesystem_type().0).ok() != Some(PIPEFS_MAGIC)
-    {
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO || fs.filesystem_type().0 != PIPEFS_MAGIC {
         return Err(std::io::Error::other(
             "the source's stdout is not an anonymous pipe",
         ));
