@@ -32,7 +32,8 @@ pub struct SimArgs {
     /// Node list CSV (`sn,cpu_milli,memory_mib,gpu,model`).
     #[arg(long, value_name = "FILE")]
     pub nodes: PathBuf,
-    /// Pod list CSV (`name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,...`).
+    /// Pod list CSV: `name,cpu_milli,memory_mib,num_gpu,gpu_milli` required, in any order;
+    /// `gpu_spec` (allowed GPU models, `|`-separated) and the trace's other columns optional.
     #[arg(long, value_name = "FILE")]
     pub pods: PathBuf,
     /// Policies to compare (repeat or comma-separate): bestfit, fgd, spread, random, gvfrag.
@@ -86,8 +87,15 @@ fn read(path: &Path) -> Result<String, CliError> {
 }
 
 /// Splits a CSV with a header into rows addressed by column name (the openb files have no
-/// quoting).
-fn table(text: &str, path: &Path, want: &[&str]) -> Result<Vec<Vec<String>>, CliError> {
+/// quoting): each row has the `want` columns in that order, then the `optional` ones (empty
+/// where the file has no such column: the openb release's files differ in which they carry).
+/// A missing `want` column is an error that names it.
+fn table(
+    text: &str,
+    path: &Path,
+    want: &[&str],
+    optional: &[&str],
+) -> Result<Vec<Vec<String>>, CliError> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<&str> = lines
         .next()
@@ -95,21 +103,29 @@ fn table(text: &str, path: &Path, want: &[&str]) -> Result<Vec<Vec<String>>, Cli
         .split(',')
         .map(str::trim)
         .collect();
-    let idx: Vec<usize> = want
+    let position = |w: &str| header.iter().position(|h| *h == w);
+    let mut idx: Vec<Option<usize>> = want
         .iter()
         .map(|w| {
-            header
-                .iter()
-                .position(|h| h == w)
-                .ok_or_else(|| invalid(format!("{}: no column {w:?}", path.display())))
+            position(w).map(Some).ok_or_else(|| {
+                invalid(format!(
+                    "{}: the required column {w:?} is missing (the header has: {})",
+                    path.display(),
+                    header.join(",")
+                ))
+            })
         })
         .collect::<Result<_, _>>()?;
+    idx.extend(optional.iter().map(|w| position(w)));
     let mut out = Vec::new();
     for (n, line) in lines.enumerate() {
         let cells: Vec<&str> = line.split(',').collect();
         let row = idx
             .iter()
-            .map(|&i| cells.get(i).map(|c| c.trim().to_string()))
+            .map(|i| match i {
+                Some(i) => cells.get(*i).map(|c| c.trim().to_string()),
+                None => Some(String::new()),
+            })
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| {
                 invalid(format!(
@@ -138,6 +154,7 @@ pub(crate) fn load_nodes(path: &Path) -> Result<Vec<Node>, CliError> {
         &read(path)?,
         path,
         &["sn", "cpu_milli", "memory_mib", "gpu", "model"],
+        &[],
     )?;
     rows.iter()
         .map(|r| {
@@ -156,16 +173,23 @@ pub(crate) fn load_nodes(path: &Path) -> Result<Vec<Node>, CliError> {
 }
 
 fn load_pods(path: &Path) -> Result<Vec<Pod>, CliError> {
+    pods_from(&read(path)?, path)
+}
+
+/// The pods of an openb pod list's text (`path` only names it in errors).
+fn pods_from(text: &str, path: &Path) -> Result<Vec<Pod>, CliError> {
     let rows = table(
-        &read(path)?,
+        text,
         path,
+        &["name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli"],
+        // The multi-GPU variants' pod lists have none of these.
         &[
-            "name",
-            "cpu_milli",
-            "memory_mib",
-            "num_gpu",
-            "gpu_milli",
             "gpu_spec",
+            "qos",
+            "pod_phase",
+            "creation_time",
+            "deletion_time",
+            "scheduled_time",
         ],
     )?;
     rows.iter()
@@ -533,4 +557,86 @@ fn write_plot(
     }
     s.push_str("</svg>\n");
     std::fs::write(path, s).map_err(|e| invalid(format!("writing {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pods(text: &str) -> Result<Vec<Pod>, CliError> {
+        pods_from(text, Path::new("pods.csv"))
+    }
+
+    /// The default trace's shape: every column, models in `gpu_spec`.
+    #[test]
+    fn a_full_openb_pod_list_is_read_with_its_models() {
+        let p = pods(
+            "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time\n\
+             a,1000,2048,1,500,V100M16|V100M32,LS,Running,0,10,1\n\
+             b,2000,4096,2,1000,,BE,Succeeded,1,20,2\n",
+        )
+        .unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            p[0].req.gpu,
+            GpuDemand::Fraction {
+                milli: 500,
+                vram_mib: 0
+            }
+        );
+        assert_eq!(p[0].req.models, vec!["V100M16", "V100M32"]);
+        assert_eq!(p[1].req.gpu, GpuDemand::Whole(2));
+        assert!(p[1].req.models.is_empty());
+    }
+
+    /// The multi-GPU variants' shape: only the five required columns.
+    #[test]
+    fn a_pod_list_with_only_the_required_columns_is_read() {
+        let p =
+            pods("name,cpu_milli,memory_mib,num_gpu,gpu_milli\nx,4000,8192,8,1000\ny,100,64,0,0\n")
+                .unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].req.gpu, GpuDemand::Whole(8));
+        assert_eq!(p[0].req.cpu_milli, 4000);
+        assert_eq!(p[1].req.gpu, GpuDemand::None);
+        assert!(p[0].req.models.is_empty());
+    }
+
+    /// Columns in another order, some optional ones only.
+    #[test]
+    fn columns_are_found_by_name_in_any_order() {
+        let p =
+            pods("gpu_milli,name,qos,num_gpu,memory_mib,cpu_milli\n250,z,LS,1,512,300\n").unwrap();
+        assert_eq!(p[0].name, "z");
+        assert_eq!(p[0].req.memory_mib, 512);
+        assert_eq!(
+            p[0].req.gpu,
+            GpuDemand::Fraction {
+                milli: 250,
+                vram_mib: 0
+            }
+        );
+    }
+
+    /// A missing required column is refused with its name; a short row with its line.
+    #[test]
+    fn a_missing_required_column_is_named() {
+        for missing in ["name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli"] {
+            let header: Vec<&str> = ["name", "cpu_milli", "memory_mib", "num_gpu", "gpu_milli"]
+                .into_iter()
+                .filter(|c| *c != missing)
+                .collect();
+            let err = pods(&format!("{}\n", header.join(",")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("required column \"{missing}\" is missing")),
+                "{err}"
+            );
+        }
+        let err = pods("name,cpu_milli,memory_mib,num_gpu,gpu_milli\na,1,2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2: too few columns"), "{err}");
+    }
 }
