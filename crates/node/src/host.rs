@@ -48,10 +48,20 @@ impl HostRoot {
 
     /// Total memory of the host in bytes, from `/proc/meminfo`.
     pub fn mem_total(&self) -> Option<u64> {
+        self.meminfo("MemTotal")
+    }
+
+    /// Memory the host can give without swapping (`MemAvailable`), bytes.
+    pub fn mem_available(&self) -> Option<u64> {
+        self.meminfo("MemAvailable")
+    }
+
+    /// One `/proc/meminfo` field (kB there), in bytes.
+    fn meminfo(&self, field: &str) -> Option<u64> {
         let text = std::fs::read_to_string(self.path("/proc/meminfo")).ok()?;
-        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let line = text.lines().find(|l| l.split(':').next() == Some(field))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
+        kib.checked_mul(1024)
     }
 
     /// Online CPUs of the host, from `/sys/devices/system/cpu/online` (e.g. `0-3,6`).

@@ -77,13 +77,7 @@ impl Engine {
                 row.name, row.state, row.desired
             )));
         }
-        let ask = MigrateAsk {
-            id: row.id.clone(),
-            postcopy: req.postcopy,
-            max_downtime_ms,
-            cpus: row.cpus.clone(),
-            disk_io: row.spec.disk_io,
-        };
+        let ask = ask_for(&row, req.postcopy, max_downtime_ms);
         self.event(
             &row.id,
             "migrating",
@@ -140,26 +134,38 @@ impl Engine {
     /// At start: migrations a killed daemon left half done are finished or undone
     /// ([`gpuvisor_node::Node::recover_migration`]), each with an event.
     pub(crate) async fn recover_migrations(&self) -> Result<()> {
-        for row in self.store.live_instances(None).await? {
-            if row.runtime != RuntimeKind::Vm || self.is_simulated(&row) {
-                continue;
-            }
-            let ask = MigrateAsk {
-                id: row.id.clone(),
-                postcopy: false,
-                max_downtime_ms: DEFAULT_MAX_DOWNTIME_MS,
-                cpus: row.cpus.clone(),
-                disk_io: row.spec.disk_io,
-            };
-            let node = self.node.clone();
-            let done = tokio::task::spawn_blocking(move || node.recover_migration(&ask))
-                .await
-                .map_err(|e| EngineError::Internal(format!("migration recovery task: {e}")))?;
-            if let Some(what) = done {
-                tracing::warn!(instance = %row.id, "{what}");
-                self.event(&row.id, "migration_recovered", what).await;
-            }
+        let asks: Vec<MigrateAsk> = self
+            .store
+            .live_instances(None)
+            .await?
+            .iter()
+            .filter(|row| row.runtime == RuntimeKind::Vm && !self.is_simulated(row))
+            .map(|row| ask_for(row, false, DEFAULT_MAX_DOWNTIME_MS))
+            .collect();
+        // One blocking task for all: most VMs have nothing staged (a few file lookups each).
+        let node = self.node.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            asks.into_iter()
+                .filter_map(|ask| node.recover_migration(&ask).map(|what| (ask.id, what)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("migration recovery task: {e}")))?;
+        for (id, what) in done {
+            tracing::warn!(instance = %id, "{what}");
+            self.event(&id, "migration_recovered", what).await;
         }
         Ok(())
+    }
+}
+
+/// What the node needs of `row` to move it (or to finish moving it): its CPUs and disk limits.
+fn ask_for(row: &crate::store::InstanceRow, postcopy: bool, max_downtime_ms: u64) -> MigrateAsk {
+    MigrateAsk {
+        id: row.id.clone(),
+        postcopy,
+        max_downtime_ms,
+        cpus: row.cpus.clone(),
+        disk_io: row.spec.disk_io,
     }
 }

@@ -300,7 +300,7 @@ impl VmRuntime {
         };
         // The destination holds a second copy of the guest's RAM until the source goes.
         let limit = spec.memory_limit();
-        if let Some(avail) = mem_available(&node.cfg.root) {
+        if let Some(avail) = node.cfg.root.mem_available() {
             if avail < limit {
                 return Err(refuse(format!(
                     "the host has {} of memory available and the new QEMU may take up to {} \
@@ -565,28 +565,17 @@ impl VmRuntime {
     /// destination, or the source), and waits until they are gone: an error names one that is
     /// not (its memory is still charged, the limit may not come down yet).
     fn kill_qemus(&self, node: &Node, id: &str, keep: Option<i32>) -> Result<(), VmError> {
-        let root = &node.cfg.root;
-        let doomed: Vec<i32> = cgroup::pids(root, id)
+        let doomed: Vec<i32> = cgroup::pids(&node.cfg.root, id)
             .into_iter()
             .filter(|&p| Some(p) != keep)
             .collect();
-        for &p in &doomed {
-            if cgroup::holds(root, id, p) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(p),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+        match super::runtime::kill_and_wait(node, id, &doomed, Duration::from_secs(10)).first() {
+            Some(p) => Err(VmError::Migrate {
+                id: id.to_string(),
+                why: format!("its other QEMU (pid {p}) did not end within 10 s of SIGKILL"),
+            }),
+            None => Ok(()),
         }
-        for p in doomed {
-            if !super::runtime::wait_gone(node, p, Duration::from_secs(10)) {
-                return Err(VmError::Migrate {
-                    id: id.to_string(),
-                    why: format!("its other QEMU (pid {p}) did not end within 10 s of SIGKILL"),
-                });
-            }
-        }
-        Ok(())
     }
 
     /// Removes the set-aside and staging dirs of `id`, the staging run dir last (while it
@@ -632,12 +621,7 @@ impl VmRuntime {
             .ok()
             .map(|s| s.memory_limit());
         let read_pid = |dir: &std::path::Path| -> Option<i32> {
-            std::fs::read_to_string(dir.join(super::runtime::MAIN_PID))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-                .filter(|&p| cgroup::holds(&node.cfg.root, id, p))
+            super::runtime::pid_in(dir).filter(|&p| cgroup::holds(&node.cfg.root, id, p))
         };
         let finish = |new_pid: i32| -> String {
             match self.finish_switch(node, id, new_pid, limit, ask) {
@@ -773,20 +757,6 @@ fn test_hold(point: &str) {
         tracing::warn!("test hook: holding the migration at {point} for {ms} ms");
         std::thread::sleep(Duration::from_millis(ms));
     }
-}
-
-/// `MemAvailable` of the host, bytes.
-fn mem_available(root: &crate::HostRoot) -> Option<u64> {
-    let text = std::fs::read_to_string(root.path("/proc/meminfo")).ok()?;
-    let kib: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    kib.checked_mul(1024)
 }
 
 #[cfg(test)]

@@ -424,17 +424,7 @@ impl VmRuntime {
         self.remove_staged_dirs(id)?;
         let mut pids: Vec<i32> = cgroup::pids(&node.cfg.root, id);
         pids.extend(self.live_pid(node, id));
-        for &pid in &pids {
-            if cgroup::holds(&node.cfg.root, id, pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        for pid in pids {
-            wait_gone(node, pid, Duration::from_secs(5));
-        }
+        kill_and_wait(node, id, &pids, Duration::from_secs(5));
         node.net.teardown_tap(id).map_err(net_err)?;
         let run = self.run_paths(id);
         for dir in [run.dir, run.own] {
@@ -475,6 +465,32 @@ fn ended(node: &Node, pid: i32) -> bool {
     zombie
         && std::fs::read_dir(node.cfg.root.path(format!("/proc/{pid}/task")))
             .map_or(true, |rd| rd.count() <= 1)
+}
+
+/// The QEMU pid recorded in run dir `dir` ([`MAIN_PID`]).
+pub(super) fn pid_in(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join(MAIN_PID))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// SIGKILLs those of `pids` still in instance `id`'s cgroup (a pid learnt earlier may have
+/// been recycled) and waits up to `wait` for each to end; returns the ones that did not.
+pub(super) fn kill_and_wait(node: &Node, id: &str, pids: &[i32], wait: Duration) -> Vec<i32> {
+    for &pid in pids {
+        if cgroup::holds(&node.cfg.root, id, pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    pids.iter()
+        .copied()
+        .filter(|&pid| !wait_gone(node, pid, wait))
+        .collect()
 }
 
 /// Waits up to `wait` for `pid` to have ended (the daemon reaps it).
@@ -748,11 +764,7 @@ impl Runtime for VmRuntime {
     }
 
     fn main_pid(&self, _node: &Node, id: &str) -> Option<i32> {
-        std::fs::read_to_string(self.main_pid_file(id))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        pid_in(&self.run_paths(id).dir)
     }
 
     /// Run dirs and overlays.
