@@ -1076,23 +1076,7 @@ fn a_running_vm_grows_and_shrinks_in_place() {
     let Some(fx) = fixture() else { return };
     let d = vm_daemon(&fx);
     d.import_busybox();
-    let v = d.json(&[
-        "instance",
-        "create",
-        "--image",
-        "busybox",
-        "--runtime",
-        "vm",
-        "--vcpus",
-        "1",
-        "--memory",
-        "256MiB",
-        "--container-disk",
-        "1GiB",
-        "--wait",
-    ]);
-    let id = v["id"].as_str().unwrap().to_string();
-    wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
+    let id = small_vm(&d, "256MiB", &[]);
     let pid = qemu_pids(&id);
     assert_eq!(pid.len(), 1, "{pid:?}");
     let sh = |cmd: &str| -> String {
@@ -1208,27 +1192,11 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     let d = vm_daemon(&fx);
     d.import_busybox();
     d.json(&["volume", "create", "vmig", "--size", "64MiB"]);
-    let v = d.json(&[
-        "instance",
-        "create",
-        "--image",
-        "busybox",
-        "--runtime",
-        "vm",
-        "--vcpus",
-        "1",
-        "--memory",
+    let id = small_vm(
+        &d,
         "512MiB",
-        "--container-disk",
-        "1GiB",
-        "--volume",
-        "vmig:/data",
-        "--disk-iops",
-        "read=500",
-        "--wait",
-    ]);
-    let id = v["id"].as_str().unwrap().to_string();
-    wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
+        &["--volume", "vmig:/data", "--disk-iops", "read=500"],
+    );
     let sh = |cmd: &str| -> String {
         let (code, out, err) = d.exec(&id, cmd);
         // The guest's console too: an agent that stopped answering says why there.
@@ -1245,14 +1213,7 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     // memory.
     let sum = sh("dd if=/dev/urandom of=/run/blob bs=1M count=96 2>/dev/null && md5sum /run/blob | cut -d' ' -f1");
     sh("echo kept > /data/f && sync");
-    // Detached from the agent's command (whose end would take its children along).
-    sh(
-        "start-stop-daemon -S -b -m -p /.gpuvisor/loop.pid -x /bin/sh -- -c \
-        'i=0; while :; do i=$((i+1)); echo $i > /.gpuvisor/count; \
-         dd if=/dev/urandom of=/.gpuvisor/dirty bs=1M count=4 2>/dev/null; done'",
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    let loop_pid = sh("cat /.gpuvisor/loop.pid");
+    let loop_pid = start_guest_loop(&d, &id);
     let count = || -> u64 { sh("cat /.gpuvisor/count").parse().unwrap() };
     std::thread::sleep(Duration::from_secs(1));
     let before = count();
@@ -1408,10 +1369,7 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{err}");
     }
-    let c = d.json(&[
-        "instance", "create", "--image", "busybox", "--wait", "--", "sleep", "600",
-    ]);
-    let cid = c["id"].as_str().unwrap().to_string();
+    let cid = d.create(&["--", "sleep", "600"]);
     let out = d.cli(&["instance", "migrate", &cid]);
     assert!(!out.status.success());
     assert!(
@@ -1500,6 +1458,50 @@ fn root_read_iops(d: &Daemon, id: &str) -> i64 {
         .unwrap_or_else(|| panic!("no root drive in {blocks}"))
 }
 
+/// A 1-vCPU micro-VM of the busybox image with `memory` and a 1 GiB disk (`extra` options
+/// too), its guest booted; its id.
+fn small_vm(d: &Daemon, memory: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "--runtime",
+        "vm",
+        "--vcpus",
+        "1",
+        "--memory",
+        memory,
+        "--container-disk",
+        "1GiB",
+    ];
+    args.extend(extra);
+    let id = d.create(&args);
+    wait_log(d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
+    id
+}
+
+/// Restarts the daemon with the test hook holding migrations at `point` for 30 s, starts
+/// `instance migrate ID` and returns its process once the daemon holds there.
+fn migration_held_at(d: &mut Daemon, id: &str, point: &str) -> std::process::Child {
+    std::env::set_var("GPUVISOR_TEST_HOLD_MIGRATION", format!("{point}:30000"));
+    d.restart();
+    std::env::remove_var("GPUVISOR_TEST_HOLD_MIGRATION");
+    let cli = d
+        .command_as(&d.key, ["instance", "migrate", id])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !d
+        .log()
+        .contains(&format!("holding the migration at {point}"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the migration never reached {point}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cli
+}
+
 /// A detached loop in the guest that counts into `/.gpuvisor/count` and rewrites 4 MiB of its
 /// RAM each turn; returns its pid.
 fn start_guest_loop(d: &Daemon, id: &str) -> String {
@@ -1540,23 +1542,7 @@ fn a_migration_cut_short_by_a_daemon_crash_is_finished_or_undone_at_start() {
     let Some(fx) = fixture() else { return };
     let mut d = vm_daemon(&fx);
     d.import_busybox();
-    let v = d.json(&[
-        "instance",
-        "create",
-        "--image",
-        "busybox",
-        "--runtime",
-        "vm",
-        "--vcpus",
-        "1",
-        "--memory",
-        "256MiB",
-        "--container-disk",
-        "1GiB",
-        "--wait",
-    ]);
-    let id = v["id"].as_str().unwrap().to_string();
-    wait_log(&d, &id, "gpuvisor-guest-ready", 1, TCG_WAIT);
+    let id = small_vm(&d, "256MiB", &[]);
     let loop_pid = start_guest_loop(&d, &id);
     let run = d.data().join("vm/run");
     let staged = run.join(format!(".in-{id}"));
@@ -1605,22 +1591,7 @@ fn a_migration_cut_short_by_a_daemon_crash_is_finished_or_undone_at_start() {
 
     // 2. Killed after the destination ran, before the switch (held there by the test hook):
     //    finished, the new QEMU kept.
-    std::env::set_var("GPUVISOR_TEST_HOLD_MIGRATION", "switch:30000");
-    d.restart();
-    std::env::remove_var("GPUVISOR_TEST_HOLD_MIGRATION");
-    let mut cli = d
-        .command_as(&d.key, ["instance", "migrate", &id])
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !d.log().contains("holding the migration at switch") {
-        assert!(
-            Instant::now() < deadline,
-            "the migration never reached the switch\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut cli = migration_held_at(&mut d, &id, "switch");
     let pids = qemu_pids(&id);
     assert_eq!(pids.len(), 2, "{pids:?}");
     let new = *pids.iter().find(|p| **p != after).unwrap();
@@ -1631,22 +1602,7 @@ fn a_migration_cut_short_by_a_daemon_crash_is_finished_or_undone_at_start() {
 
     // 3. Killed in the switch: the new pid recorded, the source killed, the dirs not renamed
     //    yet. Finished, never undone (no source is left to resume).
-    std::env::set_var("GPUVISOR_TEST_HOLD_MIGRATION", "rename:30000");
-    d.restart();
-    std::env::remove_var("GPUVISOR_TEST_HOLD_MIGRATION");
-    let mut cli = d
-        .command_as(&d.key, ["instance", "migrate", &id])
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !d.log().contains("holding the migration at rename") {
-        assert!(
-            Instant::now() < deadline,
-            "the migration never reached the rename\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut cli = migration_held_at(&mut d, &id, "rename");
     let pids = qemu_pids(&id);
     assert_eq!(
         pids.len(),
