@@ -208,6 +208,12 @@ pub struct InstanceSpec {
     /// runs. It wins over `from_snapshot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreSpec>,
+    /// VMs: a live migration from another node brought it here (`engine::remote`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<crate::engine::remote::IncomingSpec>,
+    /// VMs: a live migration to another node is under way (`engine::remote`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outgoing: Option<crate::engine::remote::OutgoingSpec>,
 }
 
 /// What the next provision of a restored instance starts from ([`InstanceSpec::restore`]).
@@ -1561,6 +1567,16 @@ impl Store {
     /// Writes an instance's spec alone (a restore to apply, or applied); false if the instance
     /// does not exist. The caller holds the instance's lock (the spec is read, changed and
     /// written whole).
+    /// Removes instance `id`'s row if it is terminated (an instance that left this node by
+    /// live migration and comes back); true when one went.
+    pub async fn delete_terminated_instance(&self, id: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM instances WHERE id = $1 AND state = 'terminated'")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     pub async fn set_spec(&self, id: &str, spec: &InstanceSpec, now: i64) -> Result<bool> {
         let (id, spec) = (id.to_string(), json(spec));
         self.write_instances(move |s| async move {

@@ -341,6 +341,36 @@ fn routes() -> Routes {
     )
     .add(
         "POST",
+        "/v1/migrations",
+        Op::ReceiveMigration,
+        accept_migration,
+    )
+    .add(
+        "GET",
+        "/v1/migrations/{id}",
+        Op::ReceiveMigration,
+        migration_status,
+    )
+    .add(
+        "POST",
+        "/v1/migrations/{id}/run",
+        Op::ReceiveMigration,
+        run_migration,
+    )
+    .add(
+        "DELETE",
+        "/v1/migrations/{id}",
+        Op::ReceiveMigration,
+        drop_migration,
+    )
+    .add(
+        "GET",
+        "/v1/migrations/{id}/channels/{channel}",
+        Op::ReceiveMigration,
+        migration_channel,
+    )
+    .add(
+        "POST",
         "/v1/instances/{id}/links",
         Op::CreateLink,
         create_link,
@@ -1151,6 +1181,134 @@ async fn exec_session(
     let ticket = e.exec_session(&p, &id, &req).await?;
     let ws = websocket(ws, "gpuvisor instance exec -it")?;
     Ok(upgrade(ws, ticket.start().await?, hold, (e, p.key_id)))
+}
+
+/// Daemon to daemon (the destination's side of `instance migrate --to`): makes the offered
+/// VM here and starts its QEMU waiting for the state.
+async fn accept_migration(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Body(b): Body<wire::MigrationOffer>,
+) -> Audited<wire::MigrationAccepted> {
+    let a = e.accept_migration(&p, &b).await?;
+    audited(
+        format!(
+            "migration {} of instance {} from node {}",
+            a.migration, a.instance, b.from_node
+        ),
+        a,
+    )
+}
+
+async fn migration_status(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+) -> R<wire::MigrationStatus> {
+    Ok(Json(e.migration_phase(&p, &id).await?))
+}
+
+/// The source is done: the received guest runs here.
+async fn run_migration(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+) -> Audited<wire::MigrationStatus> {
+    let s = e.run_migration(&p, &id).await?;
+    audited(format!("migration {id}"), s)
+}
+
+/// The guest stays on the source: what was made here goes.
+async fn drop_migration(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+) -> Audited<wire::MigrationStatus> {
+    let s = e.drop_migration(&p, &id).await?;
+    audited(format!("migration {id}"), s)
+}
+
+/// A connection upgraded to raw bytes (`Upgrade: gpuvisor-migration`).
+pub struct RawUpgrade(hyper::upgrade::OnUpgrade);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RawUpgrade {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let asked = parts
+            .headers
+            .get(axum::http::header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case(wire::MIGRATION_UPGRADE));
+        match parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
+            Some(on) if asked => Ok(Self(on)),
+            _ => Err(EngineError::InvalidArgument(format!(
+                "this route upgrades the connection: ask with `Connection: Upgrade` and \
+                 `Upgrade: {}` over HTTP/1.1",
+                wire::MIGRATION_UPGRADE
+            ))
+            .into()),
+        }
+    }
+}
+
+impl ArgDoc for RawUpgrade {
+    fn doc(op: &mut OpDoc, _g: &mut schemars::SchemaGenerator) {
+        op.raw_upgrade = true;
+    }
+}
+
+/// One byte channel of a migration this daemon receives: the connection becomes a pipe to
+/// the destination QEMU (its NBD server, or its migration stream); it counts against the
+/// connection caps until it closes.
+async fn migration_channel(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path((id, channel)): Path<(String, String)>,
+    hold: Option<axum::Extension<ConnectionHold>>,
+    up: RawUpgrade,
+) -> Result<Response, ApiError> {
+    let channel = match channel.as_str() {
+        "disk" => wire::MigrationChannel::Disk,
+        "state" => wire::MigrationChannel::State,
+        other => {
+            return Err(EngineError::InvalidArgument(format!(
+                "unknown migration channel {other:?} (disk or state)"
+            ))
+            .into())
+        }
+    };
+    let fd = e.migration_channel(&p, &id, channel).await?;
+    let local = std::os::unix::net::UnixStream::from(fd);
+    local
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(local))
+        .map_err(|err| EngineError::Internal(format!("the migration channel: {err}")))
+        .map(|mut local| {
+            tokio::spawn(async move {
+                match up.0.await {
+                    Ok(upgraded) => {
+                        let mut remote = hyper_util::rt::TokioIo::new(upgraded);
+                        if let Err(err) =
+                            tokio::io::copy_bidirectional(&mut remote, &mut local).await
+                        {
+                            tracing::debug!("migration channel ended: {err}");
+                        }
+                    }
+                    Err(err) => tracing::warn!("migration channel upgrade: {err}"),
+                }
+                drop(hold);
+            });
+        })?;
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(axum::http::header::CONNECTION, "upgrade")
+        .header(axum::http::header::UPGRADE, wire::MIGRATION_UPGRADE)
+        .body(axum::body::Body::empty())
+        .map_err(|err| EngineError::Internal(format!("upgrade answer: {err}")).into())
 }
 
 /// The upgrade a session route needs, or the error saying how to ask for it (as `client`

@@ -577,6 +577,41 @@ impl Client {
         )
     }
 
+    /// Daemon to daemon: offers a running VM to this daemon ([`crate::peer`]).
+    pub fn offer_migration(
+        &self,
+        offer: &gpuvisor_wire::MigrationOffer,
+    ) -> Result<gpuvisor_wire::MigrationAccepted> {
+        self.post("/migrations", Some(offer))
+    }
+
+    pub fn run_migration(&self, id: &str) -> Result<gpuvisor_wire::MigrationStatus> {
+        self.post::<(), _>(&format!("/migrations/{}/run", segment(id)), None)
+    }
+
+    pub fn drop_migration(&self, id: &str) -> Result<gpuvisor_wire::MigrationStatus> {
+        self.delete(&format!("/migrations/{}", segment(id)))
+    }
+
+    pub fn migration_status(&self, id: &str) -> Result<gpuvisor_wire::MigrationStatus> {
+        self.get(&format!("/migrations/{}", segment(id)))
+    }
+
+    /// The `host:port` of the endpoint and the key: what a raw upgraded connection needs.
+    pub fn authority(&self) -> String {
+        self.endpoint
+            .split_once("://")
+            .map_or(self.endpoint.as_str(), |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    pub fn key(&self) -> Option<&str> {
+        self.api_key.as_deref()
+    }
+
     pub fn list_instances(&self) -> Result<Vec<Instance>> {
         self.get("/instances")
     }
@@ -885,14 +920,7 @@ impl Client {
     /// Opens the WebSocket at `.../instances/<rest>`.
     fn session(&self, rest: &str) -> Result<SessionSocket> {
         use std::net::ToSocketAddrs;
-        let authority = self
-            .endpoint
-            .split_once("://")
-            .map_or(self.endpoint.as_str(), |(_, rest)| rest)
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_string();
+        let authority = self.authority();
         let scheme = if self.tls.is_some() { "wss" } else { "ws" };
         let url = format!("{scheme}://{authority}{API_PREFIX}/instances/{rest}");
         let unreachable = |reason: String| ClientError::Unreachable {

@@ -69,6 +69,23 @@ pub struct Config {
     pub pricing: gpuvisor_control::engine::pricing::Pricing,
     /// Print the first admin key on stdout as well as writing it to its file.
     pub print_admin_key: bool,
+    /// `[[peer]]`: other gpuvisor daemons a VM may live-migrate to.
+    pub peers: Vec<PeerConfig>,
+}
+
+/// One `[[peer]]`: another daemon, reached over its HTTPS API with an admin key of it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its node id (`instance migrate ID --to NODE`).
+    pub node: String,
+    /// Its API, e.g. `https://10.0.0.2:7070`.
+    pub endpoint: String,
+    /// The CA its certificate is checked against (its `<data>/ca.pem`); `system`: the public
+    /// web's roots.
+    pub ca: Option<PathBuf>,
+    /// A file holding an admin key of the peer.
+    pub key_file: PathBuf,
 }
 
 /// The `[tls]` section: how the API is served.
@@ -490,6 +507,7 @@ impl Default for Config {
             pricing: Default::default(),
             proxy: Default::default(),
             print_admin_key: false,
+            peers: Vec::new(),
         }
     }
 }
@@ -527,6 +545,7 @@ struct FileConfig {
     pricing: Option<pricing::PricingFile>,
     proxy: Option<proxy::ProxyFile>,
     print_admin_key: Option<bool>,
+    peer: Option<Vec<PeerConfig>>,
 }
 
 /// Flags (and their environment variables) that override the file.
@@ -726,6 +745,19 @@ impl Config {
             }
             if let Some(v) = f.print_admin_key {
                 c.print_admin_key = v;
+            }
+            if let Some(peers) = f.peer {
+                for p in &peers {
+                    if !p.endpoint.starts_with("https://") {
+                        anyhow::bail!(
+                            "bad [[peer]] {}: endpoint {:?} is not an https:// URL (a migration \
+                             carries the guest's memory and disk)",
+                            p.node,
+                            p.endpoint
+                        );
+                    }
+                }
+                c.peers = peers;
             }
             if let Some(v) = f.limiter_context_bytes {
                 c.limiter_context_bytes = gpuvisor_wire::parse_size(&v)

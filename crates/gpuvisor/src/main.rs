@@ -10,6 +10,7 @@ mod graphql;
 mod ingress;
 mod openapi;
 mod output;
+mod peer;
 mod ratelimit;
 mod serve;
 mod serverless;

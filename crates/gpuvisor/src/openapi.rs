@@ -21,6 +21,8 @@ pub struct OpDoc {
     pub ok: Option<(u16, Option<Value>)>,
     /// A WebSocket upgrade (101).
     pub websocket: bool,
+    /// An upgrade to raw bytes (101): a migration channel.
+    pub raw_upgrade: bool,
 }
 
 /// A handler argument's part in the description (most say nothing).
@@ -153,6 +155,12 @@ fn operation(r: &RouteDoc) -> Value {
         params.extend(q.iter().cloned());
     }
     let mut responses = Map::new();
+    if r.doc.raw_upgrade {
+        responses.insert(
+            "101".into(),
+            json!({"description": "Switching to raw bytes both ways (Upgrade: gpuvisor-migration): a live migration's disk (NBD) or state channel."}),
+        );
+    }
     if r.doc.websocket {
         responses.insert(
             "101".into(),
@@ -166,7 +174,7 @@ fn operation(r: &RouteDoc) -> Value {
                 json!({"description": "Success.", "content": {"application/json": {"schema": schema}}}),
             );
         }
-        Some((status, None)) if !r.doc.websocket => {
+        Some((status, None)) if !r.doc.websocket && !r.doc.raw_upgrade => {
             responses.insert(
                 status.to_string(),
                 json!({"description": "Success (a stream or text, not JSON)."}),

@@ -50,7 +50,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         net_plan: cfg.net_plan,
         nat: cfg.nat,
         pids_limit: cfg.pids_limit,
-        root: HostRoot::real(),
+        root: HostRoot::real()
+            .with_cgroup_parent(gpuvisor_node::cgroup::parent_for(&cfg.network.prefix)),
         limiter_lib: cfg.limiter_lib.clone(),
         limiter_context_bytes: cfg.limiter_context_bytes,
         limiter_over_quota: cfg.limiter_over_quota,
@@ -153,6 +154,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     engine.set_limits(cfg.limits.engine());
     engine.set_pricing(cfg.pricing.clone());
+    engine.set_peers(crate::peer::peers(&cfg.peers)?);
     // The audit chain's key stays out of the store; its head is noted beside it.
     let audit_key = gpuvisor_node::keys::key_file(&cfg.data_dir, "audit.key")
         .context("cannot prepare the audit log's key")?;

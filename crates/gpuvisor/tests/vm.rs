@@ -1621,3 +1621,296 @@ fn a_migration_cut_short_by_a_daemon_crash_is_finished_or_undone_at_start() {
     let leaks = d.leaks(&[id]);
     assert!(leaks.is_empty(), "{leaks:?}");
 }
+
+/// Two "hosts" on this machine: network namespaces `gvmiga` and `gvmigb`, each with a veth
+/// to the test's namespace (10.66.1.2 and 10.66.2.2; this side .1), which routes between
+/// them. Removed on drop (the daemons first: declare it before them).
+struct TwoHosts;
+
+impl TwoHosts {
+    const NETS: [(&'static str, &'static str); 2] = [("gvmiga", "10.66.1"), ("gvmigb", "10.66.2")];
+
+    fn make() -> TwoHosts {
+        let ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        Self::remove();
+        for (ns, net) in Self::NETS {
+            ip(&["netns", "add", ns]);
+            ip(&[
+                "link",
+                "add",
+                &format!("{ns}0"),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("{ns}1"),
+            ]);
+            ip(&["link", "set", &format!("{ns}1"), "netns", ns]);
+            ip(&[
+                "addr",
+                "add",
+                &format!("{net}.1/30"),
+                "dev",
+                &format!("{ns}0"),
+            ]);
+            ip(&["link", "set", &format!("{ns}0"), "up"]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{net}.2/30"),
+                "dev",
+                &format!("{ns}1"),
+            ]);
+            ip(&["-n", ns, "link", "set", &format!("{ns}1"), "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&[
+                "-n",
+                ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{net}.1"),
+            ]);
+        }
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        for (i, o) in [("gvmiga0", "gvmigb0"), ("gvmigb0", "gvmiga0")] {
+            let st = std::process::Command::new("iptables")
+                .args(["-I", "FORWARD", "1", "-i", i, "-o", o, "-j", "ACCEPT"])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        TwoHosts
+    }
+
+    fn remove() {
+        for (ns, _) in Self::NETS {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(std::process::Stdio::null())
+                .status();
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &format!("{ns}0")])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        for (i, o) in [("gvmiga0", "gvmigb0"), ("gvmigb0", "gvmiga0")] {
+            while std::process::Command::new("iptables")
+                .args(["-D", "FORWARD", "-i", i, "-o", o, "-j", "ACCEPT"])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+            {}
+        }
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        Self::remove();
+    }
+}
+
+/// The QEMUs of instance `id` and the cgroup parent each runs under (`gpuvisor-<prefix>`).
+fn qemus_by_parent(id: &str) -> Vec<(u32, String)> {
+    qemu_pids(id)
+        .into_iter()
+        .map(|pid| {
+            let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+            let parent = cg
+                .lines()
+                .find_map(|l| {
+                    let (before, _) = l.split_once(&format!("/{id}"))?;
+                    before.rsplit('/').next().map(str::to_string)
+                })
+                .unwrap_or_default();
+            (pid, parent)
+        })
+        .collect()
+}
+
+/// Issue 14 item 2, between hosts: two daemons, each in its own network namespace with its
+/// own data dir and prefix, A with B as its `[[peer]]`. A running VM dirtying its memory
+/// moves from A to B over the daemons' TLS API (disk mirrored over NBD, state over the
+/// migration stream): on B it is the same guest (no second boot, its loop alive and counting,
+/// RAM and disk contents intact, same address); on A it is terminated ("migrated to node B")
+/// with nothing left. A migration that the destination refuses midway (post-copy where B's
+/// QEMU cannot open userfaultfd) leaves the guest running on A and nothing on B.
+#[test]
+fn a_running_vm_migrates_live_to_another_daemon() {
+    let _g = serial();
+    let Some(fx) = fixture() else { return };
+    let _hosts = TwoHosts::make();
+    let (k, i) = (fx.join("vmlinuz"), fx.join("initrd.img"));
+    let flags = |prefix: &'static str| -> Vec<String> {
+        [
+            "--stop-grace",
+            "60s",
+            "--vm-kernel",
+            k.to_str().unwrap(),
+            "--vm-initrd",
+            i.to_str().unwrap(),
+            "--net-prefix",
+            prefix,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    // Each daemon's [[peer]] is the other (B restarted once A's node id exists).
+    let peer_of = |d: &Daemon, addr: &str, file: &str| -> (String, Vec<String>) {
+        let node = std::fs::read_to_string(d.data().join("node-id"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let conf = d.data().join(file);
+        std::fs::write(
+            &conf,
+            format!(
+                "[[peer]]\nnode = \"{node}\"\nendpoint = \"https://{addr}:{}\"\nca = \"{}\"\nkey_file = \"{}\"\n",
+                d.port,
+                d.ca().display(),
+                d.data().join("admin.key").display()
+            ),
+        )
+        .unwrap();
+        (
+            node,
+            vec!["--config".into(), conf.to_str().unwrap().to_string()],
+        )
+    };
+    let fb = flags("mb");
+    let mut b = Daemon::start_in_netns(
+        "gvmigb",
+        "10.66.2.2",
+        &fb.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let (b_node, with_b) = peer_of(&b, "10.66.2.2", "peer-b.toml");
+    let mut fa = flags("ma");
+    fa.extend(with_b);
+    let a = Daemon::start_in_netns(
+        "gvmiga",
+        "10.66.1.2",
+        &fa.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let (a_node, with_a) = peer_of(&a, "10.66.1.2", "peer-a.toml");
+    let mut fb = fb.clone();
+    fb.extend(with_a);
+    b.restart_with(&fb.iter().map(String::as_str).collect::<Vec<_>>());
+    a.import_busybox();
+    b.import_busybox();
+    let id = small_vm(&a, "512MiB", &[]);
+    let sh = |d: &Daemon, cmd: &str| -> String {
+        let (code, out, err) = d.exec(&id, cmd);
+        assert_eq!(
+            code,
+            0,
+            "{cmd}: {err}\n--- A ---\n{}\n--- B ---\n{}\n--- guest ---\n{}",
+            a.log(),
+            b.log(),
+            logs(d, &id)
+        );
+        out.trim().to_string()
+    };
+    let sum = sh(&a, "dd if=/dev/urandom of=/run/blob bs=1M count=96 2>/dev/null && md5sum /run/blob | cut -d' ' -f1");
+    let disk_sum = sh(&a, "dd if=/dev/urandom of=/kept bs=1M count=8 2>/dev/null && sync && md5sum /kept | cut -d' ' -f1");
+    let loop_pid = start_guest_loop(&a, &id);
+    let address = a.json(&["instance", "get", &id])["ip"].clone();
+    let boots_a = logs(&a, &id).matches("gpuvisor-guest-ready").count();
+
+    // Refused midway by the destination: the guest runs on here, nothing stays there.
+    const UFFD: &str = "/proc/sys/vm/unprivileged_userfaultfd";
+    let uffd = std::fs::read_to_string(UFFD).unwrap();
+    std::fs::write(UFFD, "0").unwrap();
+    {
+        let out = a.cli(&["instance", "migrate", &id, "--to", &b_node, "--postcopy"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "post-copy to B went through");
+        assert!(err.contains("userfaultfd"), "{err}");
+        guest_loop_runs(&a, &id, &loop_pid);
+        assert_eq!(
+            qemus_by_parent(&id),
+            vec![(qemu_pids(&id)[0], "gpuvisor-ma".to_string())]
+        );
+        let on_b = b.json(&["instance", "list"]);
+        assert!(
+            on_b.as_array()
+                .unwrap()
+                .iter()
+                .all(|i| i["id"] != id.as_str() || i["state"] == "terminated"),
+            "{on_b}"
+        );
+        assert!(!b.data().join("vm/run").join(&id).exists());
+    }
+    // Not a peer: refused with the peers named.
+    let out = a.cli(&["instance", "migrate", &id, "--to", "nowhere"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&b_node),
+        "{out:?}"
+    );
+
+    let m = a.json(&["instance", "migrate", &id, "--to", &b_node]);
+    eprintln!("migration between daemons: {m}");
+    assert_eq!(m["node"], b_node.as_str(), "{m}");
+    assert_eq!(m["postcopy"], false, "{m}");
+    assert!(m["transferred_bytes"].as_u64().unwrap() > 96 << 20, "{m}");
+    // One QEMU of the instance, B's.
+    let q = qemus_by_parent(&id);
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].1, "gpuvisor-mb", "{q:?}");
+    // The same guest on B: running, no boot there, its loop counting, RAM and disk intact.
+    let got = b.json(&["instance", "get", &id]);
+    assert_eq!(got["state"], "running", "{got}");
+    assert_eq!(got["ip"], address, "{got}");
+    assert_eq!(logs(&b, &id).matches("gpuvisor-guest-ready").count(), 0);
+    guest_loop_runs(&b, &id, &loop_pid);
+    assert_eq!(sh(&b, "md5sum /run/blob | cut -d' ' -f1"), sum);
+    assert_eq!(sh(&b, "md5sum /kept | cut -d' ' -f1"), disk_sum);
+    // Its disk is B's to write, and survives a restart of the guest there.
+    sh(&b, "echo after > /after && sync");
+    let events = b.json(&["instance", "events", &id]).to_string();
+    assert!(events.contains("arrived from node"), "{events}");
+    // Gone from A: terminated, why said, nothing left of it on A's side.
+    let gone = a.json(&["instance", "get", &id]);
+    assert_eq!(gone["state"], "terminated", "{gone}");
+    assert!(
+        gone["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&b_node),
+        "{gone}"
+    );
+    assert!(!a.data().join("vm/run").join(&id).exists());
+    assert!(std::fs::read_dir(a.data().join("vm/disks"))
+        .map(|d| d
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().contains(&id)))
+        .unwrap_or(true));
+
+    // And back, in post-copy (the sysctl lifted for this only): A's old row makes way.
+    std::fs::write(UFFD, "1").unwrap();
+    let back = b.json(&["instance", "migrate", &id, "--to", &a_node, "--postcopy"]);
+    std::fs::write(UFFD, uffd.trim()).unwrap();
+    eprintln!("migration back in post-copy: {back}");
+    assert_eq!(back["postcopy"], true, "{back}");
+    let q = qemus_by_parent(&id);
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].1, "gpuvisor-ma", "{q:?}");
+    assert_eq!(a.json(&["instance", "get", &id])["state"], "running");
+    assert_eq!(b.json(&["instance", "get", &id])["state"], "terminated");
+    guest_loop_runs(&a, &id, &loop_pid);
+    assert_eq!(sh(&a, "md5sum /run/blob | cut -d' ' -f1"), sum);
+    assert_eq!(sh(&a, "cat /after"), "after");
+    assert!(logs(&a, &id).matches("gpuvisor-guest-ready").count() <= boots_a);
+    a.json(&["instance", "terminate", &id, "--wait"]);
+    assert!(qemu_pids(&id).is_empty());
+}

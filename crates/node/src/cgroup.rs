@@ -8,24 +8,37 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The parent of every instance cgroup, relative to a controller root.
+/// The parent of the default daemon's instance cgroups, relative to a controller root.
 pub const PARENT: &str = "gpuvisor";
 
+/// The cgroup parent of the daemon whose host objects carry `prefix`: [`PARENT`] for the
+/// default prefix, `gpuvisor-<prefix>` for another, so that two daemons of one host (each
+/// with its own prefix) never share an instance's cgroup, even for the same instance id (a
+/// VM migrating between them).
+pub fn parent_for(prefix: &str) -> String {
+    if prefix == crate::net::DEFAULT_PREFIX {
+        PARENT.to_string()
+    } else {
+        format!("{PARENT}-{prefix}")
+    }
+}
+
 /// The cgroup path given to the runtime for an instance.
-pub fn instance_path(id: &str) -> PathBuf {
-    PathBuf::from(format!("/{PARENT}/{id}"))
+pub fn instance_path(root: &HostRoot, id: &str) -> PathBuf {
+    PathBuf::from(format!("/{}/{id}", root.cgroup_parent()))
 }
 
 /// Directories `…/gpuvisor` under every mounted hierarchy (v1 controllers or the v2 root).
 fn parents(root: &HostRoot) -> Vec<PathBuf> {
     let base = root.path("/sys/fs/cgroup");
     let mut out = Vec::new();
-    if base.join(PARENT).is_dir() {
-        out.push(base.join(PARENT));
+    let parent = root.cgroup_parent();
+    if base.join(parent).is_dir() {
+        out.push(base.join(parent));
     }
     if let Ok(rd) = std::fs::read_dir(&base) {
         for e in rd.flatten() {
-            let p = e.path().join(PARENT);
+            let p = e.path().join(parent);
             if p.is_dir() {
                 out.push(p);
             }
@@ -95,7 +108,7 @@ fn kill_procs(dir: &Path) {
 /// a process of no instance, or one that is gone.
 pub fn instance_of(root: &HostRoot, pid: i32) -> Option<String> {
     let text = std::fs::read_to_string(root.path(format!("/proc/{pid}/cgroup"))).ok()?;
-    let marker = format!("/{PARENT}/");
+    let marker = format!("/{}/", root.cgroup_parent());
     text.lines().find_map(|l| {
         let (_, rest) = l.split_once(&marker)?;
         let id = rest.split('/').next()?;
@@ -129,7 +142,7 @@ pub fn set_disk_io(
     io: &gpuvisor_wire::DiskIo,
 ) -> std::io::Result<()> {
     let base = root.path("/sys/fs/cgroup");
-    let rel = instance_path(id);
+    let rel = instance_path(root, id);
     let rel = rel.strip_prefix("/").unwrap_or(&rel);
     let v2 = base.join(rel);
     if v2.join("io.max").exists() {
@@ -211,6 +224,11 @@ mod tests {
         remove(&root, "aaa").unwrap();
         remove(&root, "aaa").unwrap();
         assert_eq!(instance_ids(&root).into_iter().collect::<Vec<_>>(), ["bbb"]);
-        assert_eq!(instance_path("x"), PathBuf::from("/gpuvisor/x"));
+        assert_eq!(
+            instance_path(&HostRoot::real(), "x"),
+            PathBuf::from("/gpuvisor/x")
+        );
+        let other = HostRoot::real().with_cgroup_parent(parent_for("gb"));
+        assert_eq!(instance_path(&other, "x"), PathBuf::from("/gpuvisor-gb/x"));
     }
 }

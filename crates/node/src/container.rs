@@ -216,7 +216,7 @@ impl ContainerRuntime {
             netns: Some(netns),
             devices,
             binds,
-            cgroup_path: cgroup::instance_path(id),
+            cgroup_path: cgroup::instance_path(&node.cfg.root, id),
             disk_io: plan.disk_io,
             block_devices: if plan.disk_io.is_unlimited() {
                 Vec::new()

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRoot {
     root: PathBuf,
+    /// The parent of this daemon's instance cgroups (see [`crate::cgroup::parent_for`]).
+    cgroup_parent: String,
 }
 
 impl Default for HostRoot {
@@ -18,14 +20,26 @@ impl Default for HostRoot {
 impl HostRoot {
     /// The real host (`/`).
     pub fn real() -> Self {
-        Self {
-            root: PathBuf::from("/"),
-        }
+        Self::at("/")
     }
 
     /// A fixture tree standing in for `/`.
     pub fn at(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            cgroup_parent: crate::cgroup::PARENT.to_string(),
+        }
+    }
+
+    /// This daemon's instance cgroups live under `parent` ([`crate::cgroup::parent_for`]).
+    pub fn with_cgroup_parent(mut self, parent: String) -> Self {
+        self.cgroup_parent = parent;
+        self
+    }
+
+    /// The parent of the instance cgroups, relative to a controller root.
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
     }
 
     pub fn is_real(&self) -> bool {

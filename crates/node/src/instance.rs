@@ -121,6 +121,9 @@ pub struct InstancePlan {
     /// Restored or cloned: the new disks are copies of this snapshot's (and a VM may resume
     /// its saved running state).
     pub from_snapshot: Option<crate::snapshot::SnapshotSource>,
+    /// VMs: another host's live migration comes in: the source QEMU's recorded start, whose
+    /// shape the new QEMU takes, waiting for the state ([`crate::vm::remote`]).
+    pub incoming: Option<Box<crate::vm::qemu::VmSpec>>,
 }
 
 /// What one limiter sample found (see [`Node::sample_limiters`]).
@@ -360,6 +363,16 @@ impl Node {
         let r = rt.provision(self, plan, &mut t);
         t.log(r.is_ok());
         r
+    }
+
+    /// The micro-VM runtime, or why the host has none.
+    pub fn vm(&self) -> Result<&crate::vm::runtime::VmRuntime, NodeError> {
+        self.runtime(RuntimeKind::Vm)?
+            .as_vm()
+            .ok_or_else(|| NodeError::RuntimeUnavailable {
+                kind: RuntimeKind::Vm,
+                why: "not the micro-VM runtime".into(),
+            })
     }
 
     /// Live-migrates running instance `id` to a new process of this host (VMs).

@@ -165,6 +165,11 @@ pub trait Runtime: Send + Sync {
         Ok(None)
     }
 
+    /// The micro-VM runtime itself, for what only VMs do (migration to another host).
+    fn as_vm(&self) -> Option<&crate::vm::runtime::VmRuntime> {
+        None
+    }
+
     /// Moves the running instance to a new process of this host without stopping it (live
     /// migration, [`crate::vm::migrate`]). Runtimes that cannot refuse.
     fn migrate(

@@ -19,7 +19,7 @@
 //!   because only the caller knows the previous sample.
 
 use crate::gpu::GpuDevice;
-use crate::{cgroup, HostRoot, Node};
+use crate::{HostRoot, Node};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -212,7 +212,7 @@ impl HostSampler {
                 std::fs::read_to_string(node.cfg.root.path(format!("/proc/{pid}/cgroup"))).ok()?;
             instances
                 .iter()
-                .find(|i| cg.contains(&format!("/{}/{}", cgroup::PARENT, i.id)))
+                .find(|i| cg.contains(&format!("/{}/{}", node.cfg.root.cgroup_parent(), i.id)))
                 .map(|i| i.id.clone())
         };
         let since = self.since_us;
@@ -294,7 +294,7 @@ fn read_u64(path: &Path) -> Option<u64> {
 /// cgroup v1 (`cpuacct`, `memory` hierarchies, also the joined `cpu,cpuacct`) with v2 fallbacks
 /// (`cpu.stat` `usage_usec`, `memory.current`).
 fn read_cgroup(root: &HostRoot, id: &str) -> (Option<u64>, Option<u64>) {
-    let rel = format!("{}/{id}", cgroup::PARENT);
+    let rel = format!("{}/{id}", root.cgroup_parent());
     let base = root.path("/sys/fs/cgroup");
     let cpu = ["cpuacct", "cpu,cpuacct"]
         .iter()
@@ -317,7 +317,7 @@ fn read_cgroup(root: &HostRoot, id: &str) -> (Option<u64>, Option<u64>) {
 /// Anonymous memory charged to instance `id`'s cgroup (`anon` in v2's `memory.stat`, `rss`
 /// in v1's): what a lower limit could only take back by killing.
 pub fn cgroup_anon(root: &HostRoot, id: &str) -> Option<u64> {
-    let rel = format!("{}/{id}", cgroup::PARENT);
+    let rel = format!("{}/{id}", root.cgroup_parent());
     let base = root.path("/sys/fs/cgroup");
     let field = |path: PathBuf, key: &str| -> Option<u64> {
         let stat = std::fs::read_to_string(path).ok()?;

@@ -16,7 +16,10 @@ pub mod usage;
 
 pub use cpulist::{format_cpu_list, parse_cpu_list};
 pub use metrics::{GpuStats, MetricPoint, MetricSeries, MetricsHistory, MetricsQuery};
-pub use migration::{MigrateInstance, MigrationReport};
+pub use migration::{
+    MigrateInstance, MigrationAccepted, MigrationChannel, MigrationOffer, MigrationPhase,
+    MigrationReport, MigrationStatus, MIGRATION_UPGRADE,
+};
 pub use restart::{RestartPolicy, VolumeState};
 pub use serverless::{
     CreateEndpoint, Endpoint, EndpointHealth, EndpointSpec, JobPolicy, JobState, JobStatus, Purged,

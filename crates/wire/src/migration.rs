@@ -63,3 +63,84 @@ impl MigrationReport {
         )
     }
 }
+
+/// `POST /v1/migrations` (daemon to daemon, with an admin key of the destination): a source
+/// daemon offers a running VM. The destination makes the instance (same id, name, tenant by
+/// name, image, sizes and address), starts its QEMU waiting for the state, and answers; the
+/// bytes then go over two channels ([`MigrationChannel`]) and the source says when the guest
+/// may run (`POST /v1/migrations/{id}/run`) or that it stays where it was
+/// (`DELETE /v1/migrations/{id}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct MigrationOffer {
+    /// The migration's id (the source's choice).
+    pub migration: String,
+    /// The source daemon's node id.
+    pub from_node: String,
+    /// The instance's id, kept across hosts.
+    pub instance: String,
+    /// Its tenant's name (the destination's tenant of that name receives it).
+    pub tenant: String,
+    /// The guest's address in its tenant's network (it keeps it: the destination's network
+    /// of that tenant must hold it, free).
+    pub address: String,
+    /// The instance as it was asked for (name, image, sizes, ports, ...).
+    pub create: crate::CreateInstance,
+    /// Its image's digest: the destination's image of that name must be the same.
+    pub image_digest: String,
+    /// The source QEMU's recorded start (the node's `VmSpec`): the destination's QEMU takes
+    /// its shape.
+    pub vm: serde_json::Value,
+    /// The source will switch to post-copy: the destination's QEMU must be able to.
+    #[serde(default)]
+    pub postcopy: bool,
+}
+
+/// The destination's answer to a [`MigrationOffer`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct MigrationAccepted {
+    pub migration: String,
+    pub instance: String,
+    /// The destination's node id.
+    pub node: String,
+}
+
+/// The two byte channels of a migration between hosts, each a connection upgraded at
+/// `GET /v1/migrations/{id}/channels/{channel}` (`Upgrade: gpuvisor-migration`): the root
+/// disk's blocks (NBD, to the destination QEMU's export) and the migration stream.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationChannel {
+    Disk,
+    State,
+}
+
+impl MigrationChannel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disk => "disk",
+            Self::State => "state",
+        }
+    }
+}
+
+/// The `Upgrade` protocol of a migration channel.
+pub const MIGRATION_UPGRADE: &str = "gpuvisor-migration";
+
+/// Where an offered migration stands on its destination (`GET /v1/migrations/{id}`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationPhase {
+    /// Its QEMU waits for the state (or is receiving it).
+    Waiting,
+    /// The guest runs here: the source must not run it again.
+    Running,
+    /// Not here (never offered, dropped, or failed and removed).
+    Gone,
+}
+
+/// `GET /v1/migrations/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct MigrationStatus {
+    pub migration: String,
+    pub phase: MigrationPhase,
+}

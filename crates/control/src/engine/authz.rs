@@ -115,6 +115,7 @@ ops! {
     SnapshotInstance => "instance.snapshot", Operate;
     RestoreInstance => "instance.restore", Operate;
     MigrateInstance => "instance.migrate", Admin;
+    ReceiveMigration => "migration.receive", Admin;
     ListSnapshots => "snapshot.list", Read;
     GetSnapshot => "snapshot.get", Read;
     DeleteSnapshot => "snapshot.delete", Operate;

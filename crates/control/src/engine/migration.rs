@@ -29,17 +29,22 @@ impl Engine {
                 "max_downtime_ms {max_downtime_ms} is outside 1..={MAX_MAX_DOWNTIME_MS}"
             )));
         }
-        if let Some(to) = req.to.as_deref().filter(|t| *t != self.cfg.node_id) {
+        let peer = match req.to.as_deref().filter(|t| *t != self.cfg.node_id) {
+            Some(to) => Some((to.to_string(), self.peer(to))),
+            None => None,
+        };
+        if let Some((to, None)) = &peer {
             return Err(if self.is_simulated_node(to) {
                 EngineError::InvalidArgument(format!(
                     "node {to} is a simulated node: it runs nothing a VM could move to"
                 ))
             } else {
                 EngineError::InvalidArgument(format!(
-                    "node {to:?} is not this daemon's node ({}): migration to another host's \
-                     daemon is not supported yet; leave --to out to move the VM to a new QEMU \
-                     process on this host",
-                    self.cfg.node_id
+                    "node {to:?} is neither this daemon's node ({}) nor one of its peers \
+                     ([[peer]] in the daemon's config: {}); leave --to out to move the VM to a \
+                     new QEMU process on this host",
+                    self.cfg.node_id,
+                    self.peer_names()
                 ))
             });
         }
@@ -78,6 +83,11 @@ impl Engine {
             )));
         }
         let ask = ask_for(&row, req.postcopy, max_downtime_ms);
+        if let Some((to, Some(peer))) = peer {
+            let r = self.migrate_away(&row, &to, peer, ask).await;
+            drop(guard);
+            return r;
+        }
         self.event(
             &row.id,
             "migrating",
@@ -110,20 +120,15 @@ impl Engine {
                 self.event(&row.id, "migration_failed", e.to_string()).await;
                 // A lost post-copy guest ended with its QEMUs: the reconciler sees it.
                 self.wake.notify_one();
-                Err(match e {
-                    gpuvisor_node::NodeError::Unsupported { .. }
-                    | gpuvisor_node::NodeError::RuntimeUnavailable { .. } => EngineError::Node(e),
-                    gpuvisor_node::NodeError::Vm(gpuvisor_node::vm::VmError::Migrate {
-                        ..
-                    }) => EngineError::InvalidState(e.to_string()),
-                    gpuvisor_node::NodeError::Vm(
-                        gpuvisor_node::vm::VmError::PostcopyLost { .. }
-                        | gpuvisor_node::vm::VmError::SwitchIncomplete { .. },
-                    ) => EngineError::Internal(e.to_string()),
-                    e => EngineError::Internal(format!(
-                        "the migration of instance {} failed: {e}; the VM runs on in its QEMU",
-                        row.name
-                    )),
+                Err(match node_refusal(e) {
+                    EngineError::Internal(e) if !e.contains("post-copy") => {
+                        EngineError::Internal(format!(
+                            "the migration of instance {} failed: {e}; the VM runs on in its \
+                             QEMU",
+                            row.name
+                        ))
+                    }
+                    e => e,
                 })
             }
         }
@@ -156,6 +161,19 @@ impl Engine {
             self.event(&id, "migration_recovered", what).await;
         }
         Ok(())
+    }
+}
+
+/// A node error of a migration as the engine answers it: refusals are the caller's
+/// (unsupported, invalid state), the rest internal.
+pub(crate) fn node_refusal(e: gpuvisor_node::NodeError) -> EngineError {
+    match e {
+        gpuvisor_node::NodeError::Unsupported { .. }
+        | gpuvisor_node::NodeError::RuntimeUnavailable { .. } => EngineError::Node(e),
+        gpuvisor_node::NodeError::Vm(gpuvisor_node::vm::VmError::Migrate { .. }) => {
+            EngineError::InvalidState(e.to_string())
+        }
+        e => EngineError::Internal(e.to_string()),
     }
 }
 

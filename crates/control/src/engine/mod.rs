@@ -18,6 +18,7 @@ mod metrics;
 pub mod migration;
 pub mod pricing;
 mod reconcile;
+pub mod remote;
 mod scale;
 pub mod serverless;
 pub mod session;
@@ -109,6 +110,10 @@ pub struct Engine {
     limits: limits::LimitState,
     /// The price list ([`pricing`]), set at start.
     pricing: std::sync::RwLock<Arc<pricing::Pricing>>,
+    /// The other daemons a VM may migrate to ([`remote`]), set at start.
+    peers: std::sync::RwLock<Arc<remote::Peers>>,
+    /// Live migrations this daemon receives, by migration id ([`remote`]).
+    incoming: Mutex<HashMap<String, remote::Receiving>>,
     /// The proxy's settings and link key ([`ingress`]), set at start.
     ingress: ingress::IngressState,
     serverless: serverless::Serverless,
@@ -244,6 +249,8 @@ impl Engine {
             simulated_nodes: std::sync::RwLock::new(std::collections::HashSet::new()),
             limits: Default::default(),
             pricing: Default::default(),
+            peers: Default::default(),
+            incoming: Default::default(),
             ingress: Default::default(),
             serverless: Default::default(),
             meter_lock: tokio::sync::Mutex::new(()),
@@ -418,6 +425,9 @@ impl Engine {
         // Live migrations a crash cut short (engine::migration).
         if let Err(e) = self.recover_migrations().await {
             tracing::warn!("migration recovery: {e}");
+        }
+        if let Err(e) = self.recover_remote_migrations().await {
+            tracing::warn!("recovery of migrations between nodes: {e}");
         }
         if !self.store.tenants().await?.is_empty() {
             return Ok(None);
@@ -1360,6 +1370,26 @@ impl Engine {
         who: &Principal,
         req: &wire::CreateInstance,
     ) -> Result<wire::Instance> {
+        self.create_with(who, req, None).await
+    }
+
+    /// An instance arriving by live migration ([`remote`]): created as `req` asks, with the
+    /// source's id and address, here, preempting nobody; the caller holds its lock.
+    pub(crate) async fn create_arrival(
+        &self,
+        who: &Principal,
+        req: &wire::CreateInstance,
+        arrival: &remote::Arrival,
+    ) -> Result<wire::Instance> {
+        self.create_with(who, req, Some(arrival)).await
+    }
+
+    async fn create_with(
+        &self,
+        who: &Principal,
+        req: &wire::CreateInstance,
+        arrival: Option<&remote::Arrival>,
+    ) -> Result<wire::Instance> {
         who.allow(Op::CreateInstance)?;
         // A clone: the snapshot gives (and bounds) the image, runtime and disk size.
         let clone_of = match &req.from_snapshot {
@@ -1491,7 +1521,10 @@ impl Engine {
             self.snapshot_still_there(s).await?; // not deleted meanwhile
         }
         let live = self.store.live_instances(None).await?;
-        let id = new_instance_id()?;
+        let id = match arrival {
+            Some(a) => a.id.clone(),
+            None => new_instance_id()?,
+        };
         let name = req.name.clone().unwrap_or_else(|| format!("i-{id}"));
         if live
             .iter()
@@ -1598,6 +1631,17 @@ impl Engine {
             ),
         };
         let simulated = self.is_simulated_node(&node_id);
+        if arrival.is_some() && (simulated || !victims.is_empty()) {
+            return Err(EngineError::InsufficientResources(format!(
+                "node {} has no room for the VM without {}",
+                self.cfg.node_id,
+                if simulated {
+                    "a simulated node"
+                } else {
+                    "preempting other instances"
+                }
+            )));
+        }
         if let (true, Some(s)) = (simulated, &clone_of) {
             return Err(EngineError::InsufficientResources(format!(
                 "snapshot {:?} is on this host, which has no room for the clone (placement \
@@ -1634,7 +1678,15 @@ impl Engine {
             .map(|i| i.ip_host)
             .collect();
         // Instances on simulated nodes have no address on this host (ip_host 0).
-        let ip_host = if simulated {
+        let ip_host = if let Some(a) = arrival {
+            if used_hosts.contains(&a.ip_host) {
+                return Err(EngineError::InUse(format!(
+                    "the VM's address is taken in tenant {}'s network on node {}",
+                    tenant.name, self.cfg.node_id
+                )));
+            }
+            a.ip_host
+        } else if simulated {
             0
         } else {
             let hosts = self.node.net.cfg.plan.hosts();
@@ -1687,7 +1739,11 @@ impl Engine {
             node_id,
             image: image.name.clone(),
             runtime: req.runtime(),
-            state: InstanceState::Pending,
+            state: if arrival.is_some() {
+                InstanceState::Provisioning
+            } else {
+                InstanceState::Pending
+            },
             desired: InstanceState::Running,
             reason: None,
             spec: InstanceSpec {
@@ -1708,6 +1764,8 @@ impl Engine {
                 disk_io: gpuvisor_wire::DiskIo::default().with(&req.disk_io),
                 from_snapshot: clone_of.as_ref().map(|s| s.id.clone()),
                 restore: None,
+                incoming: arrival.map(|a| a.incoming.clone()),
+                outgoing: None,
             },
             cpus: assignment.cpus,
             gpus: assignment.gpus.into_iter().map(Into::into).collect(),
@@ -1768,8 +1826,14 @@ impl Engine {
             tracing::warn!(instance = %id, "volumes stay pending for the reconciler: {e}");
         }
         drop(_guard);
-        self.event(&id, "created", format!("created by tenant {}", tenant.name))
-            .await;
+        let how = match arrival {
+            Some(a) => format!(
+                "arriving from node {} by live migration",
+                a.incoming.from_node
+            ),
+            None => format!("created by tenant {}", tenant.name),
+        };
+        self.event(&id, "created", how).await;
         self.wake.notify_one();
         self.wire_instance(row).await
     }

@@ -391,7 +391,7 @@ impl Engine {
         Ok(())
     }
 
-    async fn plan(&self, i: &InstanceRow) -> Result<InstancePlan> {
+    pub(crate) async fn plan(&self, i: &InstanceRow) -> Result<InstancePlan> {
         let tenant = self.store.tenant(&i.tenant_id).await?.ok_or_else(|| {
             EngineError::Internal(format!("tenant {} of {} is gone", i.tenant_id, i.id))
         })?;
@@ -445,6 +445,7 @@ impl Engine {
             startup_script: i.spec.startup_script.clone(),
             packages: i.spec.packages.clone(),
             from_snapshot: self.snapshot_source(&i.spec)?,
+            incoming: None,
         })
     }
 

@@ -513,6 +513,8 @@ mod tests {
                 disk_io: Default::default(),
                 from_snapshot: None,
                 restore: None,
+                incoming: None,
+                outgoing: None,
             },
             cpus: vec![0],
             gpus: (0..gpus)

@@ -119,6 +119,9 @@ pub struct Daemon {
     gpus: String,
     /// The CA clients trust when it is not the daemon's own (`<data>/ca.pem`).
     ca_file: Option<PathBuf>,
+    /// The network namespace it runs in (`ip netns exec`), and the address it listens on
+    /// there (reached from the test's namespace); none: 127.0.0.1 in the test's.
+    netns: Option<(String, String)>,
 }
 
 pub fn free_port() -> u16 {
@@ -148,6 +151,31 @@ impl Daemon {
     /// [`Daemon::start_trusting`] on a port chosen beforehand (what another server of the test
     /// must know before the daemon starts).
     pub fn start_on(port: u16, gpus: &str, extra: &[&str], ca: Option<&Path>) -> Daemon {
+        Self::start_where(port, gpus, extra, ca, None)
+    }
+
+    /// A daemon in network namespace `netns`, listening on `addr` there (an address the test's
+    /// namespace routes to), with its own prefix and data dir: one of two "hosts".
+    pub fn start_in_netns(netns: &str, addr: &str, extra: &[&str]) -> Daemon {
+        Self::start_where(
+            free_port(),
+            "2xA100-80GB,1xH100-80GB",
+            extra,
+            None,
+            Some((netns.to_string(), addr.to_string())),
+        )
+    }
+
+    fn start_where(
+        port: u16,
+        gpus: &str,
+        extra: &[&str],
+        ca: Option<&Path>,
+        netns: Option<(String, String)>,
+    ) -> Daemon {
+        if let Some((_, addr)) = &netns {
+            api_hosts().insert(port, addr.clone());
+        }
         let dir = tempfile::Builder::new()
             .prefix("gvtest")
             .tempdir_in("/var/tmp")
@@ -160,6 +188,7 @@ impl Daemon {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             gpus: gpus.to_string(),
             ca_file: ca.map(Path::to_path_buf),
+            netns,
         };
         d.spawn();
         d.key = std::fs::read_to_string(d.data().join("admin.key"))
@@ -206,7 +235,7 @@ impl Daemon {
     /// The API's base URL (`https://127.0.0.1:PORT`, `http://` with `--insecure-http`).
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+        format!("{scheme}://{}:{}", api_host(self.port), self.port)
     }
 
     fn spawn(&mut self) {
@@ -215,10 +244,36 @@ impl Daemon {
             .append(true)
             .open(self.data().join("daemon.log"))
             .unwrap();
-        let child = Command::new(BIN)
+        let mut cmd = match &self.netns {
+            Some((ns, _)) => {
+                // `ip netns exec` mounts a sysfs of the namespace over /sys, which hides the
+                // cgroup hierarchies: the host's are bound back (from a bind made here once).
+                let cg = host_cgroups();
+                let mut c = Command::new("ip");
+                c.args([
+                    "netns",
+                    "exec",
+                    ns,
+                    "sh",
+                    "-c",
+                    &format!(
+                        "mount --rbind {} /sys/fs/cgroup && exec \"$@\"",
+                        cg.display()
+                    ),
+                    "sh",
+                    BIN,
+                ]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["serve", "--data-dir"])
             .arg(self.data())
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args([
+                "--listen",
+                &format!("{}:{}", api_host(self.port), self.port),
+            ])
             .args(["--simulate-gpus", &self.gpus, "--stop-grace", "1s"])
             // CI machines have 2 CPUs; exclusivity is covered by the placement tests.
             .args(["--cpu-oversubscription", "16"])
@@ -706,6 +761,47 @@ pub fn instance_pids(id: &str) -> Vec<u32> {
 }
 
 /// The CA file of each daemon of this test binary that serves TLS, by port.
+/// A bind of the host's /sys/fs/cgroup (recursive), for daemons started in another network
+/// namespace (made once, kept).
+fn host_cgroups() -> PathBuf {
+    static DONE: OnceLock<PathBuf> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let dir = PathBuf::from("/run/gvtest-cgroup");
+        let bound = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split_whitespace().nth(4) == Some("/run/gvtest-cgroup"));
+        if !bound {
+            std::fs::create_dir_all(&dir).unwrap();
+            let st = Command::new("mount")
+                .args(["--rbind", "/sys/fs/cgroup"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(st.success(), "cannot bind /sys/fs/cgroup");
+        }
+        dir
+    })
+    .clone()
+}
+
+/// The address of the daemons that listen elsewhere than 127.0.0.1 (in another network
+/// namespace), by port.
+fn api_hosts() -> MutexGuard<'static, std::collections::HashMap<u16, String>> {
+    static M: OnceLock<Mutex<std::collections::HashMap<u16, String>>> = OnceLock::new();
+    M.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where the daemon on `port` listens.
+pub fn api_host(port: u16) -> String {
+    api_hosts()
+        .get(&port)
+        .cloned()
+        .unwrap_or_else(|| "127.0.0.1".to_string())
+}
+
 fn tls_ports() -> MutexGuard<'static, std::collections::HashMap<u16, PathBuf>> {
     static M: OnceLock<Mutex<std::collections::HashMap<u16, PathBuf>>> = OnceLock::new();
     M.get_or_init(Default::default)
@@ -794,7 +890,7 @@ pub fn tls_client_config(ca: &Path) -> std::sync::Arc<rustls::ClientConfig> {
 /// Connects to the API on 127.0.0.1:`port` ([`ApiStream`]); `None` when the connection is
 /// refused or the TLS handshake fails.
 pub fn try_connect(port: u16) -> Option<ApiStream> {
-    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let tcp = std::net::TcpStream::connect((api_host(port).as_str(), port)).ok()?;
     wrap(port, tcp)
 }
 
@@ -804,7 +900,7 @@ pub fn wrap(port: u16, tcp: std::net::TcpStream) -> Option<ApiStream> {
     match ca {
         None => Some(ApiStream::Plain(tcp)),
         Some(ca) => {
-            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let name = rustls::pki_types::ServerName::try_from(api_host(port)).unwrap();
             let conn = rustls::ClientConnection::new(tls_client_config(&ca), name).unwrap();
             let mut t = rustls::StreamOwned::new(conn, tcp);
             let _ = t.sock.set_read_timeout(Some(Duration::from_secs(10)));

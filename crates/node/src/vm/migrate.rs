@@ -141,7 +141,11 @@ pub fn transfer(
                 ),
             })?;
     }
-    src.migration_capabilities(&[("auto-converge", true), postcopy[0]])?;
+    src.migration_capabilities(&[
+        ("auto-converge", true),
+        postcopy[0],
+        ("pause-before-switchover", false),
+    ])?;
     src.migration_limits(ask.max_downtime_ms, LOCAL_BANDWIDTH)?;
     let (a, b) = std::os::unix::net::UnixStream::pair().map_err(vio("socketpair"))?;
     dst.getfd(CHANNEL, b.as_raw_fd())?;
@@ -150,46 +154,7 @@ pub fn transfer(
     src.migrate(&format!("fd:{CHANNEL}"))?;
     // Each QEMU has its own end now.
     drop((a, b));
-    let mut switched = false;
-    // Once the guest runs on the destination with pages still on the source, no error leaves
-    // a guest to roll back to.
-    let lost = |switched: bool, e: VmError| -> VmError {
-        if switched {
-            VmError::PostcopyLost { why: e.to_string() }
-        } else {
-            e
-        }
-    };
-    let deadline = Instant::now() + MIGRATION_DEADLINE;
-    let stats = loop {
-        let st = src.migration_stats().map_err(|e| lost(switched, e))?;
-        match st.status.as_str() {
-            "completed" => break st,
-            "failed" | "cancelled" | "postcopy-paused" => {
-                let why = st.error.unwrap_or(st.status);
-                return Err(lost(switched, failed("migrate", why)));
-            }
-            "postcopy-active" | "postcopy-recover" => switched = true,
-            _ => {}
-        }
-        if ask.postcopy && !switched && st.dirty_sync_count >= POSTCOPY_AFTER_PASSES {
-            src.start_postcopy().map_err(|e| lost(true, e))?;
-            switched = true;
-        }
-        if Instant::now() > deadline {
-            if !switched {
-                let _ = src.migrate_cancel();
-            }
-            return Err(lost(
-                switched,
-                failed(
-                    "migrate",
-                    format!("did not complete within {MIGRATION_DEADLINE:?}: cancelled"),
-                ),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let (stats, switched) = copy(src, ask, &mut |_| Ok(()), &mut || Ok(()))?;
     // The source's guest was running: the destination runs on its own once the state is in.
     let deadline = Instant::now() + RUN_DEADLINE;
     loop {
@@ -211,10 +176,78 @@ pub fn transfer(
     }
 }
 
+/// Once the guest runs on the destination with pages still on the source, no error leaves
+/// a guest to roll back to.
+fn lost(switched: bool, e: VmError) -> VmError {
+    if switched {
+        VmError::PostcopyLost { why: e.to_string() }
+    } else {
+        e
+    }
+}
+
+/// Drives the migration `src` has begun until it completes: switches to post-copy after
+/// the first full pass when asked; at `pre-switchover` (when the source asked to pause
+/// there) calls `switchover` with the guest paused, then lets it go on; calls
+/// `postcopy_began` once the guest has switched to the destination in post-copy. Returns
+/// QEMU's figures and whether it ended in post-copy (an error after the switch is
+/// [`VmError::PostcopyLost`]).
+pub(super) fn copy(
+    src: &mut Monitor,
+    ask: &MigrateAsk,
+    switchover: &mut dyn FnMut(&mut Monitor) -> Result<(), VmError>,
+    postcopy_began: &mut dyn FnMut() -> Result<(), VmError>,
+) -> Result<(MigrationStats, bool), VmError> {
+    let mut switched = false;
+    let mut continued = false;
+    let mut began = false;
+    let deadline = Instant::now() + MIGRATION_DEADLINE;
+    loop {
+        let st = src.migration_stats().map_err(|e| lost(switched, e))?;
+        match st.status.as_str() {
+            "completed" => return Ok((st, switched)),
+            "failed" | "cancelled" | "postcopy-paused" => {
+                let why = st.error.unwrap_or(st.status);
+                return Err(lost(switched, failed("migrate", why)));
+            }
+            "pre-switchover" if !continued => {
+                switchover(src).map_err(|e| lost(switched, e))?;
+                src.migrate_continue().map_err(|e| lost(switched, e))?;
+                continued = true;
+            }
+            "postcopy-active" | "postcopy-recover" => {
+                switched = true;
+                if !began {
+                    began = true;
+                    postcopy_began().map_err(|e| lost(true, e))?;
+                }
+            }
+            _ => {}
+        }
+        if ask.postcopy && !switched && st.dirty_sync_count >= POSTCOPY_AFTER_PASSES {
+            src.start_postcopy().map_err(|e| lost(true, e))?;
+            switched = true;
+        }
+        if Instant::now() > deadline {
+            if !switched {
+                let _ = src.migrate_cancel();
+            }
+            return Err(lost(
+                switched,
+                failed(
+                    "migrate",
+                    format!("did not complete within {MIGRATION_DEADLINE:?}: cancelled"),
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Cancels what is left of a migration in the source and resumes its guest if the copy
 /// paused it (`postmigrate` after a completed copy whose destination never ran, `paused`
 /// mid-switchover). Only once the destination is stopped for good.
-fn resume_source(src: &mut Monitor) {
+pub(super) fn resume_source(src: &mut Monitor) {
     if let Ok(st) = src.migration_stats() {
         if matches!(
             st.status.as_str(),
@@ -268,36 +301,8 @@ impl VmRuntime {
             }
             .into()
         };
-        let Some(old_pid) = self.live_pid(node, id) else {
-            return Err(refuse(
-                "its QEMU is not running: only a running VM migrates".into(),
-            ));
-        };
+        let (old_pid, mut spec, net) = self.migratable(node, id)?;
         let run = self.run_paths(id);
-        if run.dir.join("OVMF_VARS.fd").exists() {
-            return Err(NodeError::Unsupported {
-                kind: gpuvisor_wire::RuntimeKind::Vm,
-                what: "live migration of a VM with passed-through GPUs (VFIO migration needs \
-                       vendor support): stop it and start it again instead"
-                    .into(),
-            });
-        }
-        if super::resize::Sizes::read(&run.dir)?.resized() {
-            return Err(refuse(
-                "it was resized while running (hot-plugged vCPUs or memory): restart it once \
-                 (`instance stop` and `start`) before migrating it"
-                    .into(),
-            ));
-        }
-        let mut spec = VmSpec::read(&run.dir).map_err(|e| {
-            refuse(format!(
-                "its start was not recorded ({e}): it was started by an older gpuvisor; restart \
-                 it once to make it migratable"
-            ))
-        })?;
-        let Some(net) = spec.net.clone() else {
-            return Err(refuse("it has no network device recorded".into()));
-        };
         // The destination holds a second copy of the guest's RAM until the source goes.
         let limit = spec.memory_limit();
         if let Some(avail) = node.cfg.root.mem_available() {
@@ -409,6 +414,53 @@ impl VmRuntime {
             old_pid,
             new_pid,
         })
+    }
+
+    /// The checks every live migration makes of `id` first; its QEMU's pid, the spec it was
+    /// started from and its network device.
+    pub(super) fn migratable(
+        &self,
+        node: &Node,
+        id: &str,
+    ) -> Result<(i32, VmSpec, qemu::NetDev), NodeError> {
+        let refuse = |why: String| -> NodeError {
+            VmError::Migrate {
+                id: id.to_string(),
+                why,
+            }
+            .into()
+        };
+        let Some(old_pid) = self.live_pid(node, id) else {
+            return Err(refuse(
+                "its QEMU is not running: only a running VM migrates".into(),
+            ));
+        };
+        let run = self.run_paths(id);
+        if run.dir.join("OVMF_VARS.fd").exists() {
+            return Err(NodeError::Unsupported {
+                kind: gpuvisor_wire::RuntimeKind::Vm,
+                what: "live migration of a VM with passed-through GPUs (VFIO migration needs \
+                       vendor support): stop it and start it again instead"
+                    .into(),
+            });
+        }
+        if super::resize::Sizes::read(&run.dir)?.resized() {
+            return Err(refuse(
+                "it was resized while running (hot-plugged vCPUs or memory): restart it once \
+                 (`instance stop` and `start`) before migrating it"
+                    .into(),
+            ));
+        }
+        let spec = VmSpec::read(&run.dir).map_err(|e| {
+            refuse(format!(
+                "its start was not recorded ({e}): it was started by an older gpuvisor; restart \
+                 it once to make it migratable"
+            ))
+        })?;
+        let Some(net) = spec.net.clone() else {
+            return Err(refuse("it has no network device recorded".into()));
+        };
+        Ok((old_pid, spec, net))
     }
 
     /// The staging run dir of `id`'s migration destination.

@@ -12,6 +12,7 @@ pub mod passthrough;
 pub mod qcow2;
 pub mod qemu;
 pub mod qmp;
+pub mod remote;
 pub mod resize;
 pub mod runtime;
 pub mod seed;

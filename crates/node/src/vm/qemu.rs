@@ -27,7 +27,6 @@
 //!   (pid file, sockets), so a restarted daemon adopts a running VM by reading them.
 
 use super::{vio, Accel, VmError};
-use crate::cgroup;
 use crate::HostRoot;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -192,6 +191,9 @@ pub enum Incoming {
     File(PathBuf),
     /// A live migration's destination: `-incoming defer`, the channel given later over QMP.
     Defer,
+    /// Another host's migration's destination: `-incoming defer` and `-S`: the guest waits
+    /// for the source's daemon to say it may run ([`super::remote`]).
+    Held,
 }
 
 impl VmSpec {
@@ -315,7 +317,7 @@ impl VmSpec {
         // one VM each.
         a.extend([
             s("-drive"),
-            s("if=none,id=root,format=qcow2,file=/dev/fdset/1,file.locking=off,discard=unmap"),
+            s("if=none,id=root,node-name=gvroot,format=qcow2,file=/dev/fdset/1,file.locking=off,discard=unmap"),
             s("-device"),
             s("virtio-blk-pci,drive=root,serial=root"),
         ]);
@@ -323,7 +325,7 @@ impl VmSpec {
             a.extend([
                 s("-drive"),
                 format!(
-                    "if=none,id=vol{i},format=raw,file=/dev/fdset/{},file.locking=off",
+                    "if=none,id=vol{i},node-name=gvvol{i},format=raw,file=/dev/fdset/{},file.locking=off",
                     10 + i
                 ),
                 s("-device"),
@@ -398,6 +400,8 @@ impl VmSpec {
             a.extend([s("-incoming"), format!("fd:{fd}")]);
         } else if self.incoming == Some(Incoming::Defer) {
             a.extend([s("-incoming"), s("defer")]);
+        } else if self.incoming == Some(Incoming::Held) {
+            a.extend([s("-incoming"), s("defer"), s("-S")]);
         }
         a
     }
@@ -471,7 +475,7 @@ pub fn make_cgroup(
     let mut dirs = Vec::new();
     if base.join("cgroup.controllers").exists() {
         // v2: enable the controllers down to gpuvisor/<id>.
-        let parent = base.join(cgroup::PARENT);
+        let parent = base.join(root.cgroup_parent());
         std::fs::create_dir_all(&parent).map_err(err(&parent))?;
         for dir in [&base, &parent] {
             for c in ["+cpuset", "+memory", "+pids", "+cpu"] {
@@ -498,7 +502,7 @@ pub fn make_cgroup(
             if !hier.is_dir() || !seen.insert(real) {
                 continue;
             }
-            let parent = hier.join(cgroup::PARENT);
+            let parent = hier.join(root.cgroup_parent());
             std::fs::create_dir_all(&parent).map_err(err(&parent))?;
             let dir = parent.join(id);
             std::fs::create_dir_all(&dir).map_err(err(&dir))?;
@@ -975,9 +979,9 @@ mod tests {
 -kernel /t/vmlinuz -initrd /t/initrd.img -append root=/dev/vda rw console=ttyS0 \
 -chardev socket,id=console,fd=11,server=on,wait=off,logfile=/proc/self/fd/1,logappend=on \
 -serial chardev:console \
--drive if=none,id=root,format=qcow2,file=/dev/fdset/1,file.locking=off,discard=unmap \
+-drive if=none,id=root,node-name=gvroot,format=qcow2,file=/dev/fdset/1,file.locking=off,discard=unmap \
 -device virtio-blk-pci,drive=root,serial=root \
--drive if=none,id=vol0,format=raw,file=/dev/fdset/10,file.locking=off \
+-drive if=none,id=vol0,node-name=gvvol0,format=raw,file=/dev/fdset/10,file.locking=off \
 -device virtio-blk-pci,drive=vol0,serial=data \
 -drive if=none,id=seed,format=raw,readonly=on,file=/dev/fdset/2 \
 -device virtio-blk-pci,drive=seed,serial=cidata \

@@ -646,6 +646,145 @@ impl Monitor {
         Ok(v.as_u64().unwrap_or(0))
     }
 
+    /// Serves NBD on the unix socket `path` (`nbd-server-start`): a live migration's
+    /// destination takes its disks' blocks there.
+    pub fn nbd_serve(&mut self, path: &Path) -> Result<(), VmError> {
+        let c = qmp::nbd_server_start {
+            max_connections: None,
+            tls_authz: None,
+            tls_creds: None,
+            addr: qmp::SocketAddressLegacy::unix(qmp::UnixSocketAddressWrapper {
+                data: qmp::UnixSocketAddress {
+                    abstract_: None,
+                    tight: None,
+                    path: path.to_string_lossy().into_owned(),
+                },
+            }),
+        };
+        self.execute("nbd-server-start", &c).map(drop)
+    }
+
+    /// Stops the NBD server and its exports (`nbd-server-stop`).
+    pub fn nbd_stop(&mut self) -> Result<(), VmError> {
+        self.execute("nbd-server-stop", &qmp::nbd_server_stop {})
+            .map(drop)
+    }
+
+    /// Exports block node `node` writable over NBD as `name` (`block-export-add`).
+    pub fn nbd_export(&mut self, node: &str, name: &str) -> Result<(), VmError> {
+        let c = qmp::block_export_add(qmp::BlockExportOptions::nbd {
+            base: qmp::BlockExportOptionsBase {
+                fixed_iothread: None,
+                iothread: None,
+                writable: Some(true),
+                writethrough: None,
+                id: name.to_string(),
+                node_name: node.to_string(),
+            },
+            nbd: qmp::BlockExportOptionsNbd {
+                base: qmp::BlockExportOptionsNbdBase {
+                    description: None,
+                    name: Some(name.to_string()),
+                },
+                allocation_depth: None,
+                bitmaps: None,
+            },
+        });
+        self.execute("block-export-add", &c).map(drop)
+    }
+
+    /// Opens block node `node` on export `export` of the NBD server at the other end of
+    /// descriptor `fdname` (given with [`Monitor::getfd`]).
+    pub fn blockdev_add_nbd(
+        &mut self,
+        node: &str,
+        fdname: &str,
+        export: &str,
+    ) -> Result<(), VmError> {
+        let opts = qmp::BlockdevOptions::nbd {
+            base: block_base(Some(node.to_string())),
+            nbd: qmp::BlockdevOptionsNbd {
+                export: Some(export.to_string()),
+                open_timeout: None,
+                reconnect_delay: None,
+                tls_creds: None,
+                tls_hostname: None,
+                x_dirty_bitmap: None,
+                server: qmp::SocketAddress::fd(qmp::FdSocketAddress {
+                    str: fdname.to_string(),
+                }),
+            },
+        };
+        self.execute("blockdev-add", &qmp::blockdev_add(opts))
+            .map(drop)
+    }
+
+    /// Mirrors drive `device` into block node `target` (`blockdev-mirror`, job `job`): the
+    /// whole disk (`full`) or what its top image holds (`top`: the target has the same
+    /// backing base). The job turns `ready` once both are the same and keeps them so.
+    pub fn mirror(
+        &mut self,
+        job: &str,
+        device: &str,
+        target: &str,
+        whole: bool,
+    ) -> Result<(), VmError> {
+        let c = qmp::blockdev_mirror {
+            auto_dismiss: None,
+            auto_finalize: None,
+            buf_size: None,
+            copy_mode: None,
+            filter_node_name: None,
+            granularity: None,
+            job_id: Some(job.to_string()),
+            on_source_error: None,
+            on_target_error: None,
+            replaces: None,
+            speed: None,
+            device: device.to_string(),
+            sync: if whole {
+                qmp::MirrorSyncMode::full
+            } else {
+                qmp::MirrorSyncMode::top
+            },
+            target: target.to_string(),
+        };
+        self.execute("blockdev-mirror", &c).map(drop)
+    }
+
+    /// The jobs by id: their status (`running`, `ready`, `concluded`, ...) and error.
+    pub fn job_states(&mut self) -> Result<Vec<(String, String, Option<String>)>, VmError> {
+        Ok(self
+            .execute("query-jobs", &qmp::query_jobs {})?
+            .into_iter()
+            .map(|j| (j.id, qapi::Enum::name(&j.status).to_string(), j.error))
+            .collect())
+    }
+
+    /// Ends block job `job` (`block-job-cancel`): a `ready` mirror leaves its target the same
+    /// as its source and ends without switching the drive over to it.
+    pub fn block_job_cancel(&mut self, job: &str, force: bool) -> Result<(), VmError> {
+        self.execute(
+            "block-job-cancel",
+            &qmp::block_job_cancel {
+                force: Some(force),
+                device: job.to_string(),
+            },
+        )
+        .map(drop)
+    }
+
+    /// Lets a migration held at `pre-switchover` go on (`migrate-continue`).
+    pub fn migrate_continue(&mut self) -> Result<(), VmError> {
+        self.execute(
+            "migrate-continue",
+            &qmp::migrate_continue {
+                state: qmp::MigrationStatus::pre_switchover,
+            },
+        )
+        .map(drop)
+    }
+
     /// Pauses the guest's vCPUs (`stop`).
     pub fn pause(&mut self) -> Result<(), VmError> {
         self.execute("stop", &qmp::stop {}).map(drop)

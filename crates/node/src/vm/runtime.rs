@@ -341,9 +341,13 @@ impl VmRuntime {
                 .map(|s| qemu::Incoming::File(s.dir.join(crate::snapshot::MEMORY))),
             merge_all: node.cfg.manage_ksm,
         };
+        // Another host's migration: its QEMU's shape, waiting for the state.
+        let mut spec = spec;
+        if let Some(src) = &plan.incoming {
+            super::remote::receive_into(&mut spec, src)?;
+        }
         // Whole GPUs by VFIO: their IOMMU groups' functions, OVMF (with this VM's own copy of
         // the variables store) and the 64-bit MMIO window; q35 either way.
-        let mut spec = spec;
         if let Some(p) = node.passthrough(&plan.gpus).map_err(|e| VmError::Start {
             id: id.to_string(),
             why: e.to_string(),
@@ -362,13 +366,22 @@ impl VmRuntime {
             });
         }
         t.mark("vm_gpus");
-        spec.write(&run.dir)?;
+        if spec.incoming == Some(qemu::Incoming::Held) {
+            // What a later migration starts from: this VM as it will run.
+            VmSpec {
+                incoming: None,
+                ..spec.clone()
+            }
+            .write(&run.dir)?;
+        } else {
+            spec.write(&run.dir)?;
+        }
         super::resize::Sizes {
-            boot_vcpus: vcpus,
+            boot_vcpus: spec.vcpus,
             boot_memory: spec.memory >> 20 << 20,
-            max_vcpus,
+            max_vcpus: spec.max_vcpus,
             max_memory: (spec.memory >> 20 << 20) + spec.hotplug_memory(),
-            vcpus,
+            vcpus: spec.vcpus,
             memory: spec.memory >> 20 << 20,
         }
         .write(&run.dir)?;
@@ -398,6 +411,15 @@ impl VmRuntime {
         std::fs::write(&pid_file, format!("{pid}\n")).map_err(vio(&pid_file))?;
         t.mark("qemu_start");
         let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
+        if spec.incoming == Some(qemu::Incoming::Held) {
+            // The new disk is written by the source's mirror; the rest comes with the state
+            // (`remote::run_received`).
+            mon.nbd_serve(&run.own.join(super::remote::NBD_SOCKET))?;
+            mon.nbd_export(super::remote::ROOT_NODE, "root")?;
+            std::os::unix::fs::chown(&run.own, Some(0), Some(0)).map_err(vio(&run.own))?;
+            tracing::info!(id, pid, "VM waiting for a live migration's state");
+            return Ok(());
+        }
         if spec.incoming.is_some() {
             super::snapshot::await_incoming(&mut mon)?;
             t.mark("vm_resume_state");
@@ -521,6 +543,10 @@ impl Runtime for VmRuntime {
 
     fn accel(&self) -> Option<String> {
         Some(self.cfg.accel.describe())
+    }
+
+    fn as_vm(&self) -> Option<&VmRuntime> {
+        Some(self)
     }
 
     /// A run dir, QEMU's own dir or an overlay of ours for `id`.

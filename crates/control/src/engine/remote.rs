@@ -1,0 +1,803 @@
+//! Live migration between two gpuvisor daemons (`instance migrate ID --to NODE`): the
+//! engine's two halves, and the seam to the other daemon ([`Peer`], made by the API layer
+//! from the `[[peer]]` settings: its HTTPS API with an admin key of it).
+//!
+//! The source decides. It offers the VM ([`wire::MigrationOffer`]); the destination makes
+//! the instance (same id, name and address, its tenant by name, its own placement and
+//! quota) under the instance's lock, held until the end, and starts its QEMU waiting for
+//! the state. The source opens the two byte channels, mirrors the disk and sends the state
+//! ([`gpuvisor_node::vm::remote`]); once its guest is paused for good (copy completed, or
+//! switched to post-copy) it tells the destination to run, and only once the destination
+//! says it runs is the source torn down. Any failure before that leaves the guest on the
+//! source (resumed), the destination's instance removed.
+//!
+//! Both sides record the migration in the instance's spec (`outgoing` on the source,
+//! `incoming` on the destination), so a restarted daemon knows what it was doing: the
+//! destination removes a half-received instance (unless its guest runs), the source asks
+//! the destination and finishes or resumes.
+
+use super::authz::Op;
+use super::{Engine, Principal};
+use crate::error::{EngineError, Result};
+use crate::store::{InstanceRow, InstanceSpec};
+use gpuvisor_node::vm::migrate::MigrateAsk;
+use gpuvisor_node::vm::qemu::VmSpec;
+use gpuvisor_node::vm::VmError;
+use gpuvisor_wire::{self as wire, InstanceState, MigrationChannel, MigrationPhase, Role};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+/// Another gpuvisor daemon, as the source of a migration reaches it. Blocking calls (made
+/// from the migration's blocking task); errors are the peer's words or why it was not
+/// reached.
+pub trait Peer: Send + Sync {
+    fn offer(
+        &self,
+        offer: &wire::MigrationOffer,
+    ) -> std::result::Result<wire::MigrationAccepted, String>;
+    /// One byte channel of migration `id`, relayed over the peer's API: the local end.
+    fn channel(&self, id: &str, channel: MigrationChannel) -> std::result::Result<OwnedFd, String>;
+    /// The guest may run there now.
+    fn run(&self, id: &str) -> std::result::Result<(), String>;
+    /// The guest stays here: remove what was made there.
+    fn drop_migration(&self, id: &str) -> std::result::Result<(), String>;
+    fn phase(&self, id: &str) -> std::result::Result<MigrationPhase, String>;
+}
+
+/// The peers by node id.
+pub type Peers = BTreeMap<String, Arc<dyn Peer>>;
+
+/// A migration under way, as the instance's spec records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingSpec {
+    pub migration: String,
+    pub from_node: String,
+    /// The source QEMU's recorded start (dropped once the guest runs here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<Box<VmSpec>>,
+    /// The guest runs here: the source was told so.
+    #[serde(default)]
+    pub ran: bool,
+}
+
+/// The source's record of a migration it is making.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutgoingSpec {
+    pub migration: String,
+    pub to_node: String,
+}
+
+/// An instance arriving: what the destination's create keeps from the source.
+pub(crate) struct Arrival {
+    pub id: String,
+    pub ip_host: u8,
+    pub incoming: IncomingSpec,
+}
+
+/// A received migration the destination holds (its instance's lock with it).
+pub(crate) struct Receiving {
+    id: String,
+    postcopy: bool,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// Longest a received migration may wait for its source to finish (the source's own
+/// deadlines, mirror then copy, are 10 minutes each).
+const RECEIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// Why a migration to a peer ended without moving the guest.
+enum Away {
+    /// The guest runs on here (refused, or failed before the destination ran).
+    Stayed(String),
+    /// Post-copy was cut: neither side has the whole guest.
+    Lost(String),
+    /// The guest is paused here and the destination did not say whether it runs there.
+    Unknown(String),
+}
+
+impl Engine {
+    /// Sets the peers (at start).
+    pub fn set_peers(&self, peers: Peers) {
+        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(peers);
+    }
+
+    /// The peers' node ids, for errors.
+    pub(crate) fn peer_names(&self) -> String {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        if peers.is_empty() {
+            "none".into()
+        } else {
+            peers.keys().cloned().collect::<Vec<_>>().join(", ")
+        }
+    }
+
+    pub(crate) fn peer(&self, node: &str) -> Option<Arc<dyn Peer>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .cloned()
+    }
+
+    /// The source's half (see the module doc): `row` runs here, its lock is held by the
+    /// caller. Answers once the guest runs on `to` and the instance here is gone.
+    pub(crate) async fn migrate_away(
+        &self,
+        row: &InstanceRow,
+        to: &str,
+        peer: Arc<dyn Peer>,
+        ask: MigrateAsk,
+    ) -> Result<wire::MigrationReport> {
+        let node = self.node.clone();
+        let id = row.id.clone();
+        let vm = tokio::task::spawn_blocking(move || node.vm()?.outgoing_spec(&node, &id))
+            .await
+            .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?
+            .map_err(super::migration::node_refusal)?;
+        let tenant = self.store.tenant(&row.tenant_id).await?.ok_or_else(|| {
+            EngineError::Internal(format!("tenant {} of {} is gone", row.tenant_id, row.id))
+        })?;
+        let image = self
+            .store
+            .image_visible(&row.tenant_id, &row.image)
+            .await?
+            .ok_or_else(|| EngineError::Internal(format!("image {} is gone", row.image)))?;
+        let address = self
+            .node
+            .net
+            .address(
+                &gpuvisor_node::net::TenantNet {
+                    slot: tenant.net_slot,
+                },
+                row.ip_host,
+            )
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let migration = super::new_instance_id()?;
+        let offer = wire::MigrationOffer {
+            migration: migration.clone(),
+            from_node: self.cfg.node_id.clone(),
+            instance: row.id.clone(),
+            tenant: tenant.name.clone(),
+            address: address.to_string(),
+            create: create_request(row),
+            image_digest: image.digest.clone(),
+            vm: serde_json::to_value(&vm)
+                .map_err(|e| EngineError::Internal(format!("the VM's spec: {e}")))?,
+            postcopy: ask.postcopy,
+        };
+        // Recorded first: a restarted daemon asks `to` what became of it.
+        let mut spec = row.spec.clone();
+        spec.outgoing = Some(OutgoingSpec {
+            migration: migration.clone(),
+            to_node: to.to_string(),
+        });
+        self.store.set_spec(&row.id, &spec, self.tick()).await?;
+        self.event(
+            &row.id,
+            "migrating",
+            format!("live migration to node {to} started"),
+        )
+        .await;
+        let (node, id) = (self.node.clone(), row.id.clone());
+        let started = std::time::Instant::now();
+        let sent =
+            tokio::task::spawn_blocking(move || send_to_peer(&node, &id, &ask, &*peer, &offer))
+                .await
+                .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
+        match sent {
+            Ok(sent) => {
+                let stats = sent.stats;
+                let report = wire::MigrationReport {
+                    instance: row.id.clone(),
+                    node: to.to_string(),
+                    downtime_ms: stats.downtime_ms.unwrap_or(0),
+                    total_ms: stats
+                        .total_ms
+                        .unwrap_or(u64::try_from(started.elapsed().as_millis()).unwrap_or(0)),
+                    transferred_bytes: stats.transferred,
+                    dirty_sync_count: stats.dirty_sync_count,
+                    cpu_throttle_percent: stats.cpu_throttle_percent,
+                    postcopy: sent.postcopy,
+                    old_pid: sent.pid,
+                    new_pid: 0,
+                };
+                self.moved_away(
+                    &row.id,
+                    to,
+                    &format!("live migration to node {to} done: {}", report.summary()),
+                )
+                .await?;
+                Ok(report)
+            }
+            Err(Away::Stayed(why)) => {
+                self.store.set_spec(&row.id, &row.spec, self.tick()).await?;
+                self.event(&row.id, "migration_failed", why.clone()).await;
+                Err(EngineError::Unavailable(format!(
+                    "live migration of {} to node {to} failed: {why}; the VM runs on here",
+                    row.name
+                )))
+            }
+            Err(Away::Lost(why)) => {
+                self.store.set_spec(&row.id, &row.spec, self.tick()).await?;
+                self.event(&row.id, "migration_failed", why.clone()).await;
+                // Neither half runs on: the source's QEMU goes, the reconciler restarts it.
+                let _ = self.teardown_host(&row.id).await;
+                self.wake.notify_one();
+                Err(EngineError::Internal(format!(
+                    "live migration of {} to node {to} failed after the switch to post-copy: \
+                     {why}; the guest is lost and the instance restarts from its disk here",
+                    row.name
+                )))
+            }
+            Err(Away::Unknown(why)) => {
+                self.event(&row.id, "migration_unresolved", why.clone())
+                    .await;
+                Err(EngineError::Unavailable(format!(
+                    "live migration of {} to node {to}: {why}; the guest is paused here until \
+                     node {to} answers (the next daemon start asks it again)",
+                    row.name
+                )))
+            }
+        }
+    }
+
+    /// The guest runs on `to`: the instance here ends (its QEMU, disk and address go).
+    async fn moved_away(&self, id: &str, to: &str, what: &str) -> Result<()> {
+        self.store
+            .set_desired(id, InstanceState::Terminated, self.tick())
+            .await?;
+        if let Err(e) = self.teardown_host(id).await {
+            // The sweep removes what is left: the row is terminated.
+            tracing::warn!(instance = %id, "removing the migrated source: {e}");
+        }
+        self.set_state(
+            id,
+            InstanceState::Terminated,
+            Some(&format!("migrated to node {to}")),
+        )
+        .await?;
+        self.event(id, "migrated", what.to_string()).await;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    async fn teardown_host(&self, id: &str) -> Result<()> {
+        let (node, id) = (self.node.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || node.teardown(&id))
+            .await
+            .map_err(|e| EngineError::Internal(format!("teardown task: {e}")))??;
+        Ok(())
+    }
+
+    /// The destination's half, first step: makes the offered instance and starts its QEMU
+    /// waiting for the state; holds the instance's lock until the migration ends.
+    pub async fn accept_migration(
+        self: &Arc<Self>,
+        who: &Principal,
+        offer: &wire::MigrationOffer,
+    ) -> Result<wire::MigrationAccepted> {
+        who.allow(Op::ReceiveMigration)?;
+        let invalid = |m: String| EngineError::InvalidArgument(m);
+        if offer.instance.len() != 12
+            || !offer
+                .instance
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(invalid(
+                "the instance id is not 12 lowercase hex digits".into(),
+            ));
+        }
+        if offer.create.runtime != Some(wire::RuntimeKind::Vm) {
+            return Err(invalid("only VMs migrate between hosts".into()));
+        }
+        let vm: VmSpec = serde_json::from_value(offer.vm.clone())
+            .map_err(|e| invalid(format!("the VM's spec: {e}")))?;
+        if vm.id != offer.instance {
+            return Err(invalid("the VM's spec is another instance's".into()));
+        }
+        let tenant = self
+            .store
+            .tenant_by_name(&offer.tenant)
+            .await?
+            .ok_or_else(|| {
+                EngineError::NotFound(format!(
+                    "tenant {:?} does not exist on node {}: create it there first (same name)",
+                    offer.tenant, self.cfg.node_id
+                ))
+            })?;
+        let image = self
+            .store
+            .image_visible(&tenant.id, &offer.create.image)
+            .await?
+            .filter(|i| i.digest == offer.image_digest)
+            .ok_or_else(|| {
+                EngineError::NotFound(format!(
+                    "node {} has no image {:?} with digest {} for tenant {}: import the same \
+                     image there first",
+                    self.cfg.node_id, offer.create.image, offer.image_digest, offer.tenant
+                ))
+            })?;
+        let net = gpuvisor_node::net::TenantNet {
+            slot: tenant.net_slot,
+        };
+        let ip_host = self
+            .node
+            .net
+            .cfg
+            .plan
+            .hosts()
+            .find(|h| {
+                self.node
+                    .net
+                    .address(&net, *h)
+                    .is_ok_and(|a| a.to_string() == offer.address)
+            })
+            .ok_or_else(|| {
+                EngineError::InvalidState(format!(
+                    "address {} is outside tenant {}'s network on node {}: the guest keeps its \
+                     address, so the tenant's network must be the same on both nodes",
+                    offer.address, offer.tenant, self.cfg.node_id
+                ))
+            })?;
+        let guard = self.lock_for(&offer.instance).lock_owned().await;
+        if let Some(r) = self.store.instance(&offer.instance).await? {
+            if r.state != InstanceState::Terminated {
+                return Err(EngineError::AlreadyExists(format!(
+                    "instance {} is already on node {} ({})",
+                    offer.instance, self.cfg.node_id, r.state
+                )));
+            }
+            // It left this node earlier: its old row makes way.
+            self.store
+                .delete_terminated_instance(&offer.instance)
+                .await?;
+        }
+        let principal = Principal {
+            tenant_id: tenant.id.clone(),
+            tenant: tenant.name.clone(),
+            role: Role::Admin,
+            key_id: who.key_id.clone(),
+        };
+        let arrival = Arrival {
+            id: offer.instance.clone(),
+            ip_host,
+            incoming: IncomingSpec {
+                migration: offer.migration.clone(),
+                from_node: offer.from_node.clone(),
+                vm: Some(Box::new(vm.clone())),
+                ran: false,
+            },
+        };
+        let mut create = offer.create.clone();
+        create.image = image.name.clone();
+        self.create_arrival(&principal, &create, &arrival).await?;
+        let row = self
+            .store
+            .instance(&offer.instance)
+            .await?
+            .ok_or_else(|| EngineError::Internal("the arriving instance is gone".into()))?;
+        let mut plan = self.plan(&row).await?;
+        plan.incoming = Some(Box::new(vm));
+        let node = self.node.clone();
+        let made = tokio::task::spawn_blocking(move || node.provision(&plan))
+            .await
+            .map_err(|e| EngineError::Internal(format!("provision task: {e}")))?;
+        if let Err(e) = made {
+            let why = format!("its QEMU could not start here: {e}");
+            self.arrival_failed(&row.id, &why).await;
+            return Err(EngineError::Unavailable(why));
+        }
+        self.incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                offer.migration.clone(),
+                Receiving {
+                    id: row.id.clone(),
+                    postcopy: offer.postcopy,
+                    _guard: guard,
+                },
+            );
+        // A source that never finishes (its daemon gone) does not hold this one forever.
+        let (me, mid) = (self.clone(), offer.migration.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(RECEIVE_TIMEOUT).await;
+            let taken = me
+                .incoming
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&mid);
+            if let Some(r) = taken {
+                me.arrival_failed(&r.id, "the source did not finish it in time")
+                    .await;
+            }
+        });
+        self.event(
+            &row.id,
+            "migrating",
+            format!("live migration from node {} started", offer.from_node),
+        )
+        .await;
+        Ok(wire::MigrationAccepted {
+            migration: offer.migration.clone(),
+            instance: row.id,
+            node: self.cfg.node_id.clone(),
+        })
+    }
+
+    /// The destination: one byte channel of received migration `migration`; the daemon's
+    /// end, which the API relays.
+    pub async fn migration_channel(
+        &self,
+        who: &Principal,
+        migration: &str,
+        channel: MigrationChannel,
+    ) -> Result<OwnedFd> {
+        who.allow(Op::ReceiveMigration)?;
+        let (id, postcopy) = self.receiving(migration)?;
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || {
+            let vm = node.vm()?;
+            match channel {
+                MigrationChannel::Disk => vm.receive_disk(&id),
+                MigrationChannel::State => vm.receive_state(&id, postcopy),
+            }
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?
+        .map_err(super::migration::node_refusal)
+    }
+
+    fn receiving(&self, migration: &str) -> Result<(String, bool)> {
+        self.incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(migration)
+            .map(|r| (r.id.clone(), r.postcopy))
+            .ok_or_else(|| {
+                EngineError::NotFound(format!("no migration {migration:?} is being received here"))
+            })
+    }
+
+    /// The destination: the source is done, the guest runs here.
+    pub async fn run_migration(
+        &self,
+        who: &Principal,
+        migration: &str,
+    ) -> Result<wire::MigrationStatus> {
+        who.allow(Op::ReceiveMigration)?;
+        let taken = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(migration);
+        let Some(r) = taken else {
+            // Asked again (the answer was lost): what happened.
+            return match self.arrival_phase(migration).await? {
+                MigrationPhase::Running => Ok(status(migration, MigrationPhase::Running)),
+                _ => Err(EngineError::NotFound(format!(
+                    "no migration {migration:?} is being received here"
+                ))),
+            };
+        };
+        let row = self
+            .store
+            .instance(&r.id)
+            .await?
+            .ok_or_else(|| EngineError::Internal("the arriving instance is gone".into()))?;
+        let (node, id, cpus, io) = (
+            self.node.clone(),
+            r.id.clone(),
+            row.cpus.clone(),
+            row.spec.disk_io,
+        );
+        let ran =
+            tokio::task::spawn_blocking(move || node.vm()?.run_received(&node, &id, &cpus, &io))
+                .await
+                .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
+        if let Err(e) = ran {
+            let why = format!("the guest could not run here: {e}");
+            self.arrival_failed(&r.id, &why).await;
+            return Err(EngineError::Unavailable(why));
+        }
+        self.arrived(&row).await?;
+        drop(r);
+        Ok(status(migration, MigrationPhase::Running))
+    }
+
+    /// The guest runs here: recorded (the migration's id stays, for a source that asks).
+    async fn arrived(&self, row: &InstanceRow) -> Result<()> {
+        let mut spec = row.spec.clone();
+        let from = spec
+            .incoming
+            .as_ref()
+            .map(|i| i.from_node.clone())
+            .unwrap_or_default();
+        if let Some(i) = spec.incoming.as_mut() {
+            i.ran = true;
+            i.vm = None;
+        }
+        self.store.set_spec(&row.id, &spec, self.tick()).await?;
+        self.set_state(&row.id, InstanceState::Running, None)
+            .await?;
+        self.event(
+            &row.id,
+            "migrated",
+            format!("arrived from node {from} by live migration"),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// The destination: the guest stays on the source; what was made here goes.
+    pub async fn drop_migration(
+        &self,
+        who: &Principal,
+        migration: &str,
+    ) -> Result<wire::MigrationStatus> {
+        who.allow(Op::ReceiveMigration)?;
+        let taken = self
+            .incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(migration);
+        let Some(r) = taken else {
+            return match self.arrival_phase(migration).await? {
+                MigrationPhase::Running => Err(EngineError::InvalidState(format!(
+                    "migration {migration} has ended: the guest runs here"
+                ))),
+                p => Ok(status(migration, p)),
+            };
+        };
+        self.arrival_failed(&r.id, "the source kept the guest")
+            .await;
+        drop(r);
+        Ok(status(migration, MigrationPhase::Gone))
+    }
+
+    /// The destination: where migration `migration` stands.
+    pub async fn migration_phase(
+        &self,
+        who: &Principal,
+        migration: &str,
+    ) -> Result<wire::MigrationStatus> {
+        who.allow(Op::ReceiveMigration)?;
+        if self.receiving(migration).is_ok() {
+            return Ok(status(migration, MigrationPhase::Waiting));
+        }
+        Ok(status(migration, self.arrival_phase(migration).await?))
+    }
+
+    async fn arrival_phase(&self, migration: &str) -> Result<MigrationPhase> {
+        let live = self.store.live_instances(None).await?;
+        Ok(
+            match live.iter().find_map(|r| {
+                r.spec
+                    .incoming
+                    .as_ref()
+                    .filter(|i| i.migration == migration)
+            }) {
+                Some(i) if i.ran => MigrationPhase::Running,
+                Some(_) => MigrationPhase::Waiting,
+                None => MigrationPhase::Gone,
+            },
+        )
+    }
+
+    /// An arrival that will not run: its QEMU, disk and address go, the row ends.
+    async fn arrival_failed(&self, id: &str, why: &str) {
+        let _ = self
+            .store
+            .set_desired(id, InstanceState::Terminated, self.tick())
+            .await;
+        if let Err(e) = self.teardown_host(id).await {
+            tracing::warn!(instance = %id, "removing a failed arrival: {e}");
+        }
+        let reason = format!("live migration failed: {why}");
+        let _ = self
+            .set_state(id, InstanceState::Terminated, Some(&reason))
+            .await;
+        self.event(id, "migration_failed", reason).await;
+    }
+
+    /// At start, both halves a killed daemon left: arrivals whose guest does not run are
+    /// removed (their source resumes, or has); departures are asked about at their
+    /// destination and finished or resumed.
+    pub(crate) async fn recover_remote_migrations(&self) -> Result<()> {
+        let live = self.store.live_instances(None).await?;
+        for row in live {
+            if let Some(i) = row.spec.incoming.as_ref().filter(|i| !i.ran) {
+                let (node, id) = (self.node.clone(), row.id.clone());
+                let runs = tokio::task::spawn_blocking(move || {
+                    node.vm().is_ok_and(|vm| vm.received_runs(&node, &id))
+                })
+                .await
+                .unwrap_or(false);
+                if runs {
+                    self.arrived(&row).await?;
+                } else {
+                    self.arrival_failed(
+                        &row.id,
+                        &format!("cut short by a daemon restart (from node {})", i.from_node),
+                    )
+                    .await;
+                }
+            }
+            if let Some(o) = row.spec.outgoing.clone() {
+                self.recover_departure(&row, &o).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn recover_departure(&self, row: &InstanceRow, o: &OutgoingSpec) -> Result<()> {
+        let Some(peer) = self.peer(&o.to_node) else {
+            tracing::warn!(instance = %row.id, "migration to unknown node {}: resumed here", o.to_node);
+            return self.keep_departed(row).await;
+        };
+        let mid = o.migration.clone();
+        let phase = tokio::task::spawn_blocking(move || peer.phase(&mid).map(|p| (p, peer)))
+            .await
+            .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
+        match phase {
+            Ok((MigrationPhase::Running, _)) => {
+                self.moved_away(
+                    &row.id,
+                    &o.to_node,
+                    &format!(
+                        "live migration to node {} finished after a daemon restart",
+                        o.to_node
+                    ),
+                )
+                .await
+            }
+            Ok((_, peer)) => {
+                let mid = o.migration.clone();
+                let _ = tokio::task::spawn_blocking(move || peer.drop_migration(&mid)).await;
+                self.keep_departed(row).await
+            }
+            Err(e) => {
+                let why = format!(
+                    "node {} did not say whether the guest runs there ({e}): it stays paused \
+                     here if it was; the next daemon start asks again",
+                    o.to_node
+                );
+                tracing::warn!(instance = %row.id, "{why}");
+                self.event(&row.id, "migration_unresolved", why).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// A departure that did not happen: the guest resumes here.
+    async fn keep_departed(&self, row: &InstanceRow) -> Result<()> {
+        let (node, id) = (self.node.clone(), row.id.clone());
+        let _ = tokio::task::spawn_blocking(move || node.vm()?.keep_sent(&id)).await;
+        let mut spec = row.spec.clone();
+        spec.outgoing = None;
+        self.store.set_spec(&row.id, &spec, self.tick()).await?;
+        self.event(
+            &row.id,
+            "migration_recovered",
+            "the guest stays on this node".to_string(),
+        )
+        .await;
+        Ok(())
+    }
+}
+
+fn status(migration: &str, phase: MigrationPhase) -> wire::MigrationStatus {
+    wire::MigrationStatus {
+        migration: migration.to_string(),
+        phase,
+    }
+}
+
+/// Blocking: the whole exchange with the peer and the node's send.
+fn send_to_peer(
+    node: &gpuvisor_node::Node,
+    id: &str,
+    ask: &MigrateAsk,
+    peer: &dyn Peer,
+    offer: &wire::MigrationOffer,
+) -> std::result::Result<gpuvisor_node::vm::remote::Sent, Away> {
+    let mid = offer.migration.as_str();
+    let vm = node.vm().map_err(|e| Away::Stayed(e.to_string()))?;
+    peer.offer(offer)
+        .map_err(|e| Away::Stayed(format!("the destination refused it: {e}")))?;
+    let channels = peer
+        .channel(mid, MigrationChannel::Disk)
+        .and_then(|d| Ok((d, peer.channel(mid, MigrationChannel::State)?)));
+    let (disk, state) = match channels {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = peer.drop_migration(mid);
+            return Err(Away::Stayed(format!("opening its channels: {e}")));
+        }
+    };
+    let mut run_there = || {
+        peer.run(mid).map_err(|e| VmError::Migrate {
+            id: id.to_string(),
+            why: format!("the destination did not run the guest: {e}"),
+        })
+    };
+    let sent = match vm.send(node, id, ask, disk, state, &mut run_there) {
+        Ok(s) => s,
+        Err(gpuvisor_node::NodeError::Vm(e @ VmError::PostcopyLost { .. })) => {
+            let _ = peer.drop_migration(mid);
+            return Err(Away::Lost(e.to_string()));
+        }
+        Err(e) => {
+            let _ = peer.drop_migration(mid);
+            return Err(Away::Stayed(e.to_string()));
+        }
+    };
+    if sent.postcopy {
+        return Ok(sent); // it runs there since the switch
+    }
+    // The guest is paused here for good unless the destination does not run it.
+    let ran = peer.run(mid).or_else(|e| match peer.phase(mid) {
+        Ok(MigrationPhase::Running) => Ok(()),
+        Ok(_) => Err(Some(e)),
+        Err(_) => Err(None),
+    });
+    match ran {
+        Ok(()) => Ok(sent),
+        Err(Some(e)) => {
+            let _ = peer.drop_migration(mid);
+            match vm.keep_sent(id) {
+                Ok(()) => Err(Away::Stayed(format!("the destination did not run it: {e}"))),
+                Err(k) => Err(Away::Unknown(format!(
+                    "the destination did not run it ({e}) and the guest could not be resumed \
+                     here: {k}"
+                ))),
+            }
+        }
+        Err(None) => Err(Away::Unknown(
+            "the destination did not answer once the state was sent".into(),
+        )),
+    }
+}
+
+/// The request that made `row`, as the destination creates it: its own host ports.
+fn create_request(row: &InstanceRow) -> wire::CreateInstance {
+    let s: &InstanceSpec = &row.spec;
+    wire::CreateInstance {
+        template: None,
+        image: row.image.clone(),
+        name: Some(row.name.clone()),
+        gpus: None,
+        gpu_fraction: None,
+        vram: None,
+        gpu_model: None,
+        vcpus: s.vcpus,
+        memory: s.memory,
+        container_disk: s.container_disk,
+        volumes: s.volumes.clone(),
+        env: Vec::new(),
+        ports: s
+            .ports
+            .iter()
+            .cloned()
+            .map(|mut p| {
+                p.host_port = None;
+                p
+            })
+            .collect(),
+        command: s.command.clone(),
+        priority: s.priority,
+        interruptible: s.interruptible,
+        bid_per_gpu_hour: s.bid_per_gpu_hour,
+        restart: row.restart.policy,
+        runtime: Some(wire::RuntimeKind::Vm),
+        ssh_keys: s.ssh_keys.clone(),
+        startup_script: s.startup_script.clone(),
+        packages: s.packages.clone(),
+        idle_timeout_secs: s.idle_timeout_secs,
+        disk_io: s.disk_io,
+        from_snapshot: None,
+    }
+}

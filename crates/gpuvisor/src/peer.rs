@@ -1,0 +1,186 @@
+//! Another gpuvisor daemon as a live migration's source reaches it (`[[peer]]`): its HTTPS
+//! API with an admin key of it, for the engine's [`Peer`] seam. The calls are the client's
+//! (blocking, from the migration's blocking task); a byte channel is an HTTP/1.1 connection
+//! upgraded to raw bytes (`Upgrade: gpuvisor-migration`) over the same TLS, relayed on the
+//! daemon's runtime to a socket pair whose other end goes to QEMU.
+
+use crate::client::Client;
+use crate::config::PeerConfig;
+use anyhow::Context;
+use gpuvisor_control::engine::remote::{Peer, Peers};
+use gpuvisor_wire::{self as wire, MigrationChannel, MigrationPhase};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Longest a peer may take to answer an upgrade.
+const UPGRADE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Largest answer head read before the upgrade.
+const MAX_HEAD: usize = 16 * 1024;
+
+pub struct HttpPeer {
+    node: String,
+    client: Client,
+    tls: Arc<rustls::ClientConfig>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// The peers of the config, by node id; refused at start when one's key or CA cannot be read.
+pub fn peers(configs: &[PeerConfig]) -> anyhow::Result<Peers> {
+    let mut out = Peers::new();
+    for c in configs {
+        let key = std::fs::read_to_string(&c.key_file)
+            .with_context(|| {
+                format!(
+                    "[[peer]] {}: cannot read key_file {}",
+                    c.node,
+                    c.key_file.display()
+                )
+            })?
+            .trim()
+            .to_string();
+        let client = Client::new(&c.endpoint, Some(key), c.ca.as_deref())
+            .map_err(|e| anyhow::anyhow!("[[peer]] {}: {e}", c.node))?;
+        let tls = crate::tls::ClientTrust::choose(c.ca.as_deref())
+            .client_config()
+            .with_context(|| format!("[[peer]] {}: its CA", c.node))?;
+        out.insert(
+            c.node.clone(),
+            Arc::new(HttpPeer {
+                node: c.node.clone(),
+                client,
+                tls,
+                runtime: tokio::runtime::Handle::current(),
+            }) as Arc<dyn Peer>,
+        );
+    }
+    Ok(out)
+}
+
+impl HttpPeer {
+    /// Opens `path` upgraded to raw bytes: the TLS stream, ready for the channel's bytes.
+    async fn upgraded(
+        &self,
+        path: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+        let authority = self.client.authority();
+        let tcp = tokio::net::TcpStream::connect(&authority)
+            .await
+            .map_err(|e| format!("connecting to {authority}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority.as_str(),
+        }
+        .trim_matches(['[', ']']);
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| format!("{host:?} is no TLS server name: {e}"))?;
+        let mut s = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {authority}: {e}"))?;
+        let key = self.client.key().unwrap_or_default();
+        let head = format!(
+            "GET {}{path} HTTP/1.1\r\nHost: {authority}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n{}: {key}\r\nUser-Agent: gpuvisor/{}\r\n\r\n",
+            wire::API_PREFIX,
+            wire::MIGRATION_UPGRADE,
+            wire::API_KEY_HEADER,
+            env!("CARGO_PKG_VERSION")
+        );
+        s.write_all(head.as_bytes())
+            .await
+            .map_err(|e| format!("asking {authority}: {e}"))?;
+        // The answer's head, a byte at a time: what follows it is the channel's.
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\n") {
+            if got.len() > MAX_HEAD {
+                return Err(format!("{authority} answered a head over {MAX_HEAD} bytes"));
+            }
+            let b = s
+                .read_u8()
+                .await
+                .map_err(|e| format!("reading {authority}'s answer: {e}"))?;
+            got.push(b);
+        }
+        let head = String::from_utf8_lossy(&got);
+        let status = head.split_whitespace().nth(1).unwrap_or_default();
+        if status == "101" {
+            return Ok(s);
+        }
+        // An error answer: its body says why (JSON with a message).
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0)
+            .min(MAX_HEAD);
+        let mut body = vec![0; len];
+        let _ = s.read_exact(&mut body).await;
+        Err(format!(
+            "{authority} refused the channel ({status}): {}",
+            String::from_utf8_lossy(&body)
+        ))
+    }
+}
+
+impl Peer for HttpPeer {
+    fn offer(&self, offer: &wire::MigrationOffer) -> Result<wire::MigrationAccepted, String> {
+        self.client
+            .offer_migration(offer)
+            .map_err(|e| e.to_string())
+    }
+
+    fn channel(&self, id: &str, channel: MigrationChannel) -> Result<OwnedFd, String> {
+        let path = format!("/migrations/{id}/channels/{}", channel.as_str());
+        let remote = self.runtime.block_on(async {
+            tokio::time::timeout(UPGRADE_TIMEOUT, self.upgraded(&path))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "node {} did not answer within {UPGRADE_TIMEOUT:?}",
+                        self.node
+                    )
+                })?
+        })?;
+        let (ours, qemus) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+        ours.set_nonblocking(true)
+            .map_err(|e| format!("socketpair: {e}"))?;
+        let _entered = self.runtime.enter();
+        let mut local =
+            tokio::net::UnixStream::from_std(ours).map_err(|e| format!("socketpair: {e}"))?;
+        let node = self.node.clone();
+        self.runtime.spawn(async move {
+            let mut remote = remote;
+            if let Err(e) = tokio::io::copy_bidirectional(&mut local, &mut remote).await {
+                tracing::debug!(node, "migration channel ended: {e}");
+            }
+        });
+        Ok(qemus.into())
+    }
+
+    fn run(&self, id: &str) -> Result<(), String> {
+        self.client
+            .run_migration(id)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    fn drop_migration(&self, id: &str) -> Result<(), String> {
+        self.client
+            .drop_migration(id)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    fn phase(&self, id: &str) -> Result<MigrationPhase, String> {
+        self.client
+            .migration_status(id)
+            .map(|s| s.phase)
+            .map_err(|e| e.to_string())
+    }
+}

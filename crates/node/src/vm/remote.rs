@@ -1,0 +1,331 @@
+//! Live migration to another host's gpuvisor (`instance migrate ID --to NODE`): the node's
+//! two halves; the daemons carry the bytes and decide (`gpuvisor_control::engine::migration`).
+//!
+//! QEMU has no network of its own here: every byte goes over descriptors the daemons hand
+//! it (`getfd`), whose other ends the daemons relay over the API's TLS connections. Two
+//! channels: the root disk's blocks (the destination's QEMU serves its new disk over NBD;
+//! the source mirrors the whole disk into it with `blockdev-mirror`, `sync: full`, as the
+//! destination's template base need not be the same bytes as ours), and the migration
+//! stream. The copy of RAM starts once the mirror is in step; the source pauses before the
+//! switchover (`pause-before-switchover`), where the mirror is ended in step (the guest
+//! writes nothing more), then QEMU sends the devices' state.
+//!
+//! The destination is started with `-S`: its guest runs only when its daemon is told the
+//! source is done (`run_received`: after the copy completed, or at the switch to post-copy),
+//! so up to then a failure leaves the guest whole on the source, which resumes. Volumes are
+//! not carried yet (refused by the engine).
+
+use super::migrate::{copy, resume_source, MigrateAsk};
+use super::qemu::VmSpec;
+use super::qmp::{MigrationStats, Monitor};
+use super::runtime::VmRuntime;
+use super::{vio, VmError};
+use crate::{Node, NodeError};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+/// The destination's NBD socket, in QEMU's own dir.
+pub const NBD_SOCKET: &str = "nbd.sock";
+/// The export (and drive) carried: the root disk.
+const ROOT: &str = "root";
+/// The root disk's block node on the destination (`node-name` of its `-drive`).
+pub const ROOT_NODE: &str = "gvroot";
+/// The source's NBD node and mirror job.
+const MIRROR: &str = "gvmig-root";
+/// Descriptor names in the QEMUs.
+const DISK_FD: &str = "gvnbd";
+const STATE_FD: &str = "gvmig";
+/// Longest the mirror may take to be in step before the copy of RAM starts.
+const MIRROR_DEADLINE: Duration = Duration::from_secs(10 * 60);
+/// Longest the destination may take to have the whole state once the source is done.
+const RECEIVE_DEADLINE: Duration = Duration::from_secs(60);
+/// No cap: the daemons' TLS connection is the limit.
+const BANDWIDTH: u64 = 64 << 30;
+
+/// What the source measured.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub stats: MigrationStats,
+    pub postcopy: bool,
+    pub pid: i32,
+}
+
+impl VmRuntime {
+    /// The source's recorded start, checked as every migration checks it: what the
+    /// destination starts its QEMU from.
+    pub fn outgoing_spec(&self, node: &Node, id: &str) -> Result<VmSpec, NodeError> {
+        let (_, spec, _) = self.migratable(node, id)?;
+        if !spec.volumes.is_empty() {
+            return Err(VmError::Migrate {
+                id: id.to_string(),
+                why: "it has volumes, which a migration to another host does not carry yet: \
+                      migrate it on this host, or stop it and move its data"
+                    .into(),
+            }
+            .into());
+        }
+        Ok(spec)
+    }
+
+    /// The source's half: mirrors the root disk into `disk` (an NBD connection to the
+    /// destination's QEMU) and sends the running state into `state`. `run_destination` is
+    /// called once the guest has switched over in post-copy (the destination must run for
+    /// the rest to come); otherwise the caller lets it run once this returns. Any error
+    /// before the switch leaves the guest running here (mirror ended, NBD node removed,
+    /// migration cancelled, guest resumed); an error after it is
+    /// [`VmError::PostcopyLost`].
+    pub fn send(
+        &self,
+        node: &Node,
+        id: &str,
+        ask: &MigrateAsk,
+        disk: OwnedFd,
+        state: OwnedFd,
+        run_destination: &mut dyn FnMut() -> Result<(), VmError>,
+    ) -> Result<Sent, NodeError> {
+        let (pid, _, _) = self.migratable(node, id)?;
+        let mut src = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
+        let sent = (|| {
+            src.getfd(DISK_FD, disk.as_raw_fd())?;
+            drop(disk);
+            src.blockdev_add_nbd(MIRROR, DISK_FD, ROOT)?;
+            src.mirror(MIRROR, ROOT, MIRROR, true)?;
+            await_job(&mut src, MIRROR, "ready", MIRROR_DEADLINE)?;
+            src.migration_capabilities(&[
+                ("auto-converge", true),
+                ("postcopy-ram", ask.postcopy),
+                ("pause-before-switchover", true),
+            ])?;
+            src.migration_limits(ask.max_downtime_ms, BANDWIDTH)?;
+            src.getfd(STATE_FD, state.as_raw_fd())?;
+            drop(state);
+            src.migrate(&format!("fd:{STATE_FD}"))?;
+            // At the switchover the guest is paused: the mirror ends in step.
+            let mut end_mirror = |m: &mut Monitor| -> Result<(), VmError> {
+                m.block_job_cancel(MIRROR, false)?;
+                await_job(m, MIRROR, "gone", Duration::from_secs(60))
+            };
+            copy(&mut src, ask, &mut end_mirror, run_destination)
+        })();
+        match sent {
+            Ok((stats, postcopy)) => Ok(Sent {
+                stats,
+                postcopy,
+                pid,
+            }),
+            Err(e @ VmError::PostcopyLost { .. }) => Err(e.into()),
+            Err(e) => {
+                keep_source(&mut src);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The source runs on after all (the destination was refused or failed before it ran):
+    /// what [`VmRuntime::send`] left is removed and the guest resumes.
+    pub fn keep_sent(&self, id: &str) -> Result<(), NodeError> {
+        let mut src = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
+        keep_source(&mut src);
+        Ok(())
+    }
+
+    /// The destination's half, once its QEMU waits (`-incoming defer -S`, provisioned from
+    /// the source's spec): the migration stream's channel. Returns the daemon's end.
+    pub fn receive_state(&self, id: &str, postcopy: bool) -> Result<OwnedFd, NodeError> {
+        let mut dst = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
+        if postcopy {
+            dst.migration_capabilities(&[("postcopy-ram", true)])
+                .map_err(|e| VmError::Migrate {
+                    id: id.to_string(),
+                    why: format!(
+                        "post-copy is not available on the destination host ({e}): its QEMU \
+                         cannot open userfaultfd (vm.unprivileged_userfaultfd=0); migrate \
+                         without --postcopy"
+                    ),
+                })?;
+        }
+        let (ours, qemus) = std::os::unix::net::UnixStream::pair().map_err(vio("socketpair"))?;
+        dst.getfd(STATE_FD, qemus.as_raw_fd())?;
+        dst.migrate_incoming(&format!("fd:{STATE_FD}"))?;
+        Ok(ours.into())
+    }
+
+    /// The destination's half: a connection to its QEMU's NBD server (the new root disk).
+    pub fn receive_disk(&self, id: &str) -> Result<OwnedFd, NodeError> {
+        let path = self.run_paths(id).own.join(NBD_SOCKET);
+        let s = std::os::unix::net::UnixStream::connect(&path).map_err(vio(&path))?;
+        Ok(s.into())
+    }
+
+    /// The destination's guest runs: once the whole state is in (or the guest has switched
+    /// over in post-copy), the NBD server stops, the guest resumes, and the VM gets what
+    /// provisioning gives a booted one (pinning, disk limits, balloon statistics).
+    pub fn run_received(
+        &self,
+        node: &Node,
+        id: &str,
+        cpus: &[u32],
+        disk_io: &gpuvisor_wire::DiskIo,
+    ) -> Result<(), NodeError> {
+        let Some(pid) = self.live_pid(node, id) else {
+            return Err(VmError::Migrate {
+                id: id.to_string(),
+                why: "the destination QEMU is not running".into(),
+            }
+            .into());
+        };
+        let mut dst = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
+        let deadline = Instant::now() + RECEIVE_DEADLINE;
+        loop {
+            if dst.status()?.0 {
+                break; // asked again after it ran
+            }
+            let st = dst.migration_stats()?;
+            match st.status.as_str() {
+                "completed" | "postcopy-active" => {
+                    // The mirror ended before the switchover: nothing more comes over NBD.
+                    let _ = dst.nbd_stop();
+                    dst.resume()?;
+                    break;
+                }
+                "failed" | "cancelled" => {
+                    return Err(VmError::Migrate {
+                        id: id.to_string(),
+                        why: format!(
+                            "the destination could not load the state: {}",
+                            st.error.unwrap_or(st.status)
+                        ),
+                    }
+                    .into())
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(VmError::Migrate {
+                        id: id.to_string(),
+                        why: format!(
+                            "the destination did not have the whole state within \
+                             {RECEIVE_DEADLINE:?} of the source's end (status {})",
+                            st.status
+                        ),
+                    }
+                    .into())
+                }
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        dst.balloon_stats_every(super::runtime::BALLOON_STATS_SECS)?;
+        let vcpus = dst.vcpus()?;
+        super::qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, cpus)?;
+        if !disk_io.is_unlimited() {
+            dst.throttle_disks(disk_io)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the destination's guest runs (a restarted daemon keeps such an instance:
+    /// its source was told to end).
+    pub fn received_runs(&self, node: &Node, id: &str) -> bool {
+        self.live_pid(node, id).is_some()
+            && Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(2))
+                .and_then(|mut m| m.status())
+                .is_ok_and(|(running, _)| running)
+    }
+}
+
+/// Turns `spec` (made on this host for the instance) into the shape of the source's QEMU
+/// `src`: the same vCPUs, memory, room to grow, kernel command line and devices, waiting for
+/// the state (`-incoming defer -S`). What cannot match is refused.
+pub(super) fn receive_into(spec: &mut VmSpec, src: &VmSpec) -> Result<(), VmError> {
+    let refuse = |why: String| VmError::Migrate {
+        id: spec.id.clone(),
+        why,
+    };
+    if src.gpus.is_some() {
+        return Err(refuse("it has passed-through GPUs".into()));
+    }
+    if std::mem::discriminant(&src.accel) != std::mem::discriminant(&spec.accel) {
+        return Err(refuse(format!(
+            "it runs under {} and this host's VMs under {}",
+            src.accel.describe(),
+            spec.accel.describe()
+        )));
+    }
+    if src.vsock_cid.is_some() != spec.vsock_cid.is_some() {
+        return Err(refuse(
+            "its vsock device and this host's /dev/vhost-vsock do not match (one has it, the \
+             other not)"
+                .into(),
+        ));
+    }
+    let mac = |s: &VmSpec| s.net.as_ref().map(|n| n.mac.clone());
+    if mac(src) != mac(spec) {
+        return Err(refuse(format!(
+            "its network card's address {:?} is not the one made here ({:?})",
+            mac(src),
+            mac(spec)
+        )));
+    }
+    if !src.volumes.is_empty() || src.root_size != spec.root_size {
+        return Err(refuse(
+            "its disks are not the instance's here (volumes are not carried; the root disk's \
+             size differs)"
+                .into(),
+        ));
+    }
+    spec.vcpus = src.vcpus;
+    spec.memory = src.memory;
+    spec.max_vcpus = src.max_vcpus;
+    spec.max_memory = src.max_memory;
+    spec.cmdline = src.cmdline.clone();
+    // Both run at once (on one machine too): the other CID; the guest re-reads it.
+    spec.vsock_cid = src.vsock_cid.map(super::migrate::other_cid);
+    spec.incoming = Some(super::qemu::Incoming::Held);
+    Ok(())
+}
+
+/// Waits until job `id` is `want` (`gone`: no longer listed); an error names the job's.
+fn await_job(mon: &mut Monitor, id: &str, want: &str, wait: Duration) -> Result<(), VmError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let jobs = mon.job_states()?;
+        let job = jobs.iter().find(|(j, _, _)| j == id);
+        match job {
+            None if want == "gone" => return Ok(()),
+            None => return Err(mirror_failed("it ended before it was in step")),
+            Some((_, status, Some(err))) if status == "concluded" || status == "aborting" => {
+                return Err(mirror_failed(err));
+            }
+            Some((_, status, _)) if status == want => return Ok(()),
+            Some((_, status, _)) if status == "concluded" => {
+                let _ = mon.job_dismiss(id);
+            }
+            Some(_) => {}
+        }
+        if Instant::now() > deadline {
+            return Err(mirror_failed(format!("it was not {want} within {wait:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn mirror_failed(why: impl std::fmt::Display) -> VmError {
+    VmError::QmpCommand {
+        command: "blockdev-mirror".into(),
+        message: why.to_string(),
+    }
+}
+
+/// Cancels what a failed send left in the source (migration, mirror, NBD node) and resumes
+/// its guest. Best effort, each step on its own.
+fn keep_source(src: &mut Monitor) {
+    resume_source(src);
+    // A later snapshot's migration into a file must not stop before its switchover.
+    let _ = src.migration_capabilities(&[("pause-before-switchover", false)]);
+    if src
+        .job_states()
+        .is_ok_and(|j| j.iter().any(|(id, _, _)| id == MIRROR))
+    {
+        let _ = src.block_job_cancel(MIRROR, true);
+        let _ = await_job(src, MIRROR, "gone", Duration::from_secs(30));
+    }
+    let _ = src.blockdev_del(MIRROR);
+}
