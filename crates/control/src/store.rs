@@ -1564,19 +1564,33 @@ impl Store {
         .await
     }
 
+    /// Removes instance `id`'s row, with its events, if it is terminated (an instance that
+    /// left this node by live migration and comes back); true when one went.
+    pub async fn delete_terminated_instance(&self, id: &str) -> Result<bool> {
+        let id = id.to_string();
+        self.write_instances(move |s| async move {
+            let mut tx = s.begin_write().await?;
+            sqlx::query(
+                "DELETE FROM events WHERE instance_id IN (SELECT id FROM instances \
+                 WHERE id = $1 AND state = 'terminated')",
+            )
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            let n = sqlx::query("DELETE FROM instances WHERE id = $1 AND state = 'terminated'")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
     /// Writes an instance's spec alone (a restore to apply, or applied); false if the instance
     /// does not exist. The caller holds the instance's lock (the spec is read, changed and
     /// written whole).
-    /// Removes instance `id`'s row if it is terminated (an instance that left this node by
-    /// live migration and comes back); true when one went.
-    pub async fn delete_terminated_instance(&self, id: &str) -> Result<bool> {
-        let r = sqlx::query("DELETE FROM instances WHERE id = $1 AND state = 'terminated'")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(r.rows_affected() > 0)
-    }
-
     pub async fn set_spec(&self, id: &str, spec: &InstanceSpec, now: i64) -> Result<bool> {
         let (id, spec) = (id.to_string(), json(spec));
         self.write_instances(move |s| async move {

@@ -1223,16 +1223,18 @@ async fn drop_migration(
     State(e): State<Eng>,
     Who(p): Who,
     Path(id): Path<String>,
+    Query(q): Query<wire::DropMigration>,
 ) -> Audited<wire::MigrationStatus> {
-    let s = e.drop_migration(&p, &id).await?;
+    let s = e.drop_migration(&p, &id, q.lost).await?;
     audited(format!("migration {id}"), s)
 }
 
-/// A connection upgraded to raw bytes (`Upgrade: gpuvisor-migration`).
-pub struct RawUpgrade(hyper::upgrade::OnUpgrade);
+/// A connection that asked to be upgraded to raw bytes (`Upgrade: gpuvisor-migration`),
+/// if it did: looked at only once the caller is authorised.
+pub struct RawUpgrade(Option<hyper::upgrade::OnUpgrade>);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RawUpgrade {
-    type Rejection = ApiError;
+    type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
@@ -1243,15 +1245,12 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for RawUpgrade {
             .get(axum::http::header::UPGRADE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case(wire::MIGRATION_UPGRADE));
-        match parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
-            Some(on) if asked => Ok(Self(on)),
-            _ => Err(EngineError::InvalidArgument(format!(
-                "this route upgrades the connection: ask with `Connection: Upgrade` and \
-                 `Upgrade: {}` over HTTP/1.1",
-                wire::MIGRATION_UPGRADE
-            ))
-            .into()),
-        }
+        Ok(Self(
+            parts
+                .extensions
+                .remove::<hyper::upgrade::OnUpgrade>()
+                .filter(|_| asked),
+        ))
     }
 }
 
@@ -1271,6 +1270,15 @@ async fn migration_channel(
     hold: Option<axum::Extension<ConnectionHold>>,
     up: RawUpgrade,
 ) -> Result<Response, ApiError> {
+    p.allow(Op::ReceiveMigration)?;
+    let Some(on) = up.0 else {
+        return Err(EngineError::InvalidArgument(format!(
+            "this route upgrades the connection: ask with `Connection: Upgrade` and `Upgrade: \
+             {}` over HTTP/1.1",
+            wire::MIGRATION_UPGRADE
+        ))
+        .into());
+    };
     let channel = match channel.as_str() {
         "disk" => wire::MigrationChannel::Disk,
         "state" => wire::MigrationChannel::State,
@@ -1289,7 +1297,7 @@ async fn migration_channel(
         .map_err(|err| EngineError::Internal(format!("the migration channel: {err}")))
         .map(|mut local| {
             tokio::spawn(async move {
-                match up.0.await {
+                match on.await {
                     Ok(upgraded) => {
                         let mut remote = hyper_util::rt::TokioIo::new(upgraded);
                         if let Err(err) =

@@ -95,9 +95,21 @@ impl Client {
         api_key: Option<String>,
         ca: Option<&std::path::Path>,
     ) -> Result<Self> {
+        Self::with_timeout(endpoint, api_key, ca, None)
+    }
+
+    /// [`Client::new`] whose every call gives up after `timeout` (a daemon's client of
+    /// another daemon: never waits forever).
+    pub fn with_timeout(
+        endpoint: &str,
+        api_key: Option<String>,
+        ca: Option<&std::path::Path>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Self> {
         let endpoint = endpoint.trim().trim_end_matches('/').to_string();
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .timeout_global(timeout)
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .user_agent(concat!("gpuvisor/", env!("CARGO_PKG_VERSION")));
         let tls = if endpoint.starts_with("https://") {
@@ -589,8 +601,8 @@ impl Client {
         self.post::<(), _>(&format!("/migrations/{}/run", segment(id)), None)
     }
 
-    pub fn drop_migration(&self, id: &str) -> Result<gpuvisor_wire::MigrationStatus> {
-        self.delete(&format!("/migrations/{}", segment(id)))
+    pub fn drop_migration(&self, id: &str, lost: bool) -> Result<gpuvisor_wire::MigrationStatus> {
+        self.delete(&format!("/migrations/{}?lost={lost}", segment(id)))
     }
 
     pub fn migration_status(&self, id: &str) -> Result<gpuvisor_wire::MigrationStatus> {

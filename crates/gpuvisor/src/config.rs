@@ -1250,6 +1250,7 @@ mod tests {
         )
         .unwrap();
         let c = Config::load(Some(&f), &ConfigOverrides::default()).unwrap();
+        assert!(c.peers.is_empty());
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.data_dir, PathBuf::from("/x"));
         assert_eq!(c.stop_grace, Duration::from_secs(2));
@@ -1428,5 +1429,37 @@ mod tests {
             format!("{err:#}").contains("exec_session_idle_timeout"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn peers_are_https_daemons_with_a_key_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "[[peer]]\nnode = \"node-b\"\nendpoint = \"https://10.0.0.2:7070\"\nca = \"/b/ca.pem\"\nkey_file = \"/b/admin.key\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&f), &ConfigOverrides::default()).unwrap();
+        assert_eq!(
+            c.peers,
+            vec![PeerConfig {
+                node: "node-b".into(),
+                endpoint: "https://10.0.0.2:7070".into(),
+                ca: Some("/b/ca.pem".into()),
+                key_file: "/b/admin.key".into(),
+            }]
+        );
+        // Plain HTTP would carry the guest's memory in clear; unknown keys are refused.
+        for bad in [
+            "[[peer]]\nnode = \"b\"\nendpoint = \"http://10.0.0.2:7070\"\nkey_file = \"/k\"\n",
+            "[[peer]]\nnode = \"b\"\nendpoint = \"https://10.0.0.2:7070\"\nkey = \"secret\"\n",
+        ] {
+            std::fs::write(&f, bad).unwrap();
+            assert!(
+                Config::load(Some(&f), &ConfigOverrides::default()).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -15,12 +15,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Longest a peer may take to answer an upgrade.
 const UPGRADE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest a peer may take to answer a call (`run` waits for the rest of the state, up to a
+/// minute, there).
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// Longest a peer may take to accept an offer.
+const OFFER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 /// Largest answer head read before the upgrade.
 const MAX_HEAD: usize = 16 * 1024;
 
 pub struct HttpPeer {
     node: String,
+    /// Every call but the offer: bounded by [`CALL_TIMEOUT`].
     client: Client,
+    /// The offer (the destination may build the image's VM template first).
+    offers: Client,
     tls: Arc<rustls::ClientConfig>,
     runtime: tokio::runtime::Handle,
 }
@@ -39,8 +47,16 @@ pub fn peers(configs: &[PeerConfig]) -> anyhow::Result<Peers> {
             })?
             .trim()
             .to_string();
-        let client = Client::new(&c.endpoint, Some(key), c.ca.as_deref())
-            .map_err(|e| anyhow::anyhow!("[[peer]] {}: {e}", c.node))?;
+        let client = |timeout| {
+            Client::with_timeout(
+                &c.endpoint,
+                Some(key.clone()),
+                c.ca.as_deref(),
+                Some(timeout),
+            )
+            .map_err(|e| anyhow::anyhow!("[[peer]] {}: {e}", c.node))
+        };
+        let (offers, client) = (client(OFFER_TIMEOUT)?, client(CALL_TIMEOUT)?);
         let tls = crate::tls::ClientTrust::choose(c.ca.as_deref())
             .client_config()
             .with_context(|| format!("[[peer]] {}: its CA", c.node))?;
@@ -49,6 +65,7 @@ pub fn peers(configs: &[PeerConfig]) -> anyhow::Result<Peers> {
             Arc::new(HttpPeer {
                 node: c.node.clone(),
                 client,
+                offers,
                 tls,
                 runtime: tokio::runtime::Handle::current(),
             }) as Arc<dyn Peer>,
@@ -129,7 +146,7 @@ impl HttpPeer {
 
 impl Peer for HttpPeer {
     fn offer(&self, offer: &wire::MigrationOffer) -> Result<wire::MigrationAccepted, String> {
-        self.client
+        self.offers
             .offer_migration(offer)
             .map_err(|e| e.to_string())
     }
@@ -170,11 +187,12 @@ impl Peer for HttpPeer {
             .map_err(|e| e.to_string())
     }
 
-    fn drop_migration(&self, id: &str) -> Result<(), String> {
-        self.client
-            .drop_migration(id)
-            .map(drop)
-            .map_err(|e| e.to_string())
+    fn drop_migration(&self, id: &str, lost: bool) -> Result<(), String> {
+        match self.client.drop_migration(id, lost) {
+            Ok(s) if s.phase == MigrationPhase::Gone => Ok(()),
+            Ok(s) => Err(format!("it answered {:?}", s.phase)),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     fn phase(&self, id: &str) -> Result<MigrationPhase, String> {

@@ -520,16 +520,13 @@ fn tear_down_like_a_reboot(data: &Path, ids: &[String]) {
     }
 }
 
-/// The cgroup directories of instance `id` in every mounted hierarchy: `/sys/fs/cgroup/gpuvisor/
-/// <id>` (v2) and `/sys/fs/cgroup/<controller>/gpuvisor/<id>` (v1, also on a hybrid host), as
-/// `gpuvisor_node::cgroup` finds them.
+/// The cgroup directories of instance `id` that exist (every daemon's parent, every
+/// hierarchy: `common::cgroup_dirs`).
 fn cgroup_dirs(id: &str) -> Vec<std::path::PathBuf> {
-    let base = Path::new("/sys/fs/cgroup");
-    let mut dirs = vec![base.join("gpuvisor").join(id)];
-    for e in std::fs::read_dir(base).unwrap().flatten() {
-        dirs.push(e.path().join("gpuvisor").join(id));
-    }
-    dirs.into_iter().filter(|d| d.is_dir()).collect()
+    common::cgroup_dirs(id)
+        .into_iter()
+        .filter(|d| d.is_dir())
+        .collect()
 }
 
 fn remove_cgroup(dir: &Path) {

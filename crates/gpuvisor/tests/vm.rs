@@ -1828,9 +1828,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     let boots_a = logs(&a, &id).matches("gpuvisor-guest-ready").count();
 
     // Refused midway by the destination: the guest runs on here, nothing stays there.
-    const UFFD: &str = "/proc/sys/vm/unprivileged_userfaultfd";
-    let uffd = std::fs::read_to_string(UFFD).unwrap();
-    std::fs::write(UFFD, "0").unwrap();
+    let uffd = Sysctl::set("/proc/sys/vm/unprivileged_userfaultfd", "0");
     {
         let out = a.cli(&["instance", "migrate", &id, "--to", &b_node, "--postcopy"]);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -1850,6 +1848,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
             "{on_b}"
         );
         assert!(!b.data().join("vm/run").join(&id).exists());
+        assert_eq!(objects_of(&id, "gvmigb", "mb"), Vec::<String>::new());
     }
     // Not a peer: refused with the peers named.
     let out = a.cli(&["instance", "migrate", &id, "--to", "nowhere"]);
@@ -1874,7 +1873,14 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     assert_eq!(logs(&b, &id).matches("gpuvisor-guest-ready").count(), 0);
     guest_loop_runs(&b, &id, &loop_pid);
     assert_eq!(sh(&b, "md5sum /run/blob | cut -d' ' -f1"), sum);
-    assert_eq!(sh(&b, "md5sum /kept | cut -d' ' -f1"), disk_sum);
+    // Read from B's disk, not the guest's page cache (which came with its RAM).
+    assert_eq!(
+        sh(
+            &b,
+            "sync; echo 3 > /proc/sys/vm/drop_caches; md5sum /kept | cut -d' ' -f1"
+        ),
+        disk_sum
+    );
     // Its disk is B's to write, and survives a restart of the guest there.
     sh(&b, "echo after > /after && sync");
     let events = b.json(&["instance", "events", &id]).to_string();
@@ -1890,6 +1896,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
         "{gone}"
     );
     assert!(!a.data().join("vm/run").join(&id).exists());
+    assert_eq!(objects_of(&id, "gvmiga", "ma"), Vec::<String>::new());
     assert!(std::fs::read_dir(a.data().join("vm/disks"))
         .map(|d| d
             .flatten()
@@ -1897,20 +1904,82 @@ fn a_running_vm_migrates_live_to_another_daemon() {
         .unwrap_or(true));
 
     // And back, in post-copy (the sysctl lifted for this only): A's old row makes way.
-    std::fs::write(UFFD, "1").unwrap();
+    uffd.write("1");
     let back = b.json(&["instance", "migrate", &id, "--to", &a_node, "--postcopy"]);
-    std::fs::write(UFFD, uffd.trim()).unwrap();
+    uffd.restore();
     eprintln!("migration back in post-copy: {back}");
     assert_eq!(back["postcopy"], true, "{back}");
     let q = qemus_by_parent(&id);
     assert_eq!(q.len(), 1, "{q:?}");
     assert_eq!(q[0].1, "gpuvisor-ma", "{q:?}");
-    assert_eq!(a.json(&["instance", "get", &id])["state"], "running");
+    let got = a.json(&["instance", "get", &id]);
+    assert_eq!(
+        got["state"],
+        "running",
+        "{got}\n{}",
+        a.json(&["instance", "events", &id])
+    );
     assert_eq!(b.json(&["instance", "get", &id])["state"], "terminated");
     guest_loop_runs(&a, &id, &loop_pid);
     assert_eq!(sh(&a, "md5sum /run/blob | cut -d' ' -f1"), sum);
-    assert_eq!(sh(&a, "cat /after"), "after");
+    assert_eq!(
+        sh(&a, "sync; echo 3 > /proc/sys/vm/drop_caches; cat /after"),
+        "after"
+    );
     assert!(logs(&a, &id).matches("gpuvisor-guest-ready").count() <= boots_a);
+    assert_eq!(objects_of(&id, "gvmigb", "mb"), Vec::<String>::new());
     a.json(&["instance", "terminate", &id, "--wait"]);
     assert!(qemu_pids(&id).is_empty());
+    assert_eq!(objects_of(&id, "gvmiga", "ma"), Vec::<String>::new());
+}
+
+/// A host-wide sysctl a test changes, put back as it was when the test ends (passed or not).
+struct Sysctl {
+    path: &'static str,
+    was: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Sysctl {
+        let was = std::fs::read_to_string(path).unwrap().trim().to_string();
+        let s = Sysctl { path, was };
+        s.write(value);
+        s
+    }
+
+    fn write(&self, value: &str) {
+        std::fs::write(self.path, value).unwrap();
+    }
+
+    fn restore(&self) {
+        let _ = std::fs::write(self.path, &self.was);
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        self.restore();
+    }
+}
+
+/// What the daemon of prefix `prefix` in namespace `netns` still has of instance `id`: its
+/// tap, its cgroup (in any hierarchy), processes in it.
+fn objects_of(id: &str, netns: &str, prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let links = std::process::Command::new("ip")
+        .args(["-n", netns, "-o", "link", "show"])
+        .output()
+        .unwrap();
+    let tap = format!("{prefix}t{id}");
+    if String::from_utf8_lossy(&links.stdout).contains(&tap[..tap.len().min(15)]) {
+        out.push(format!("tap {tap}"));
+    }
+    let parent = format!("gpuvisor-{prefix}");
+    for d in cgroup_dirs(id)
+        .into_iter()
+        .filter(|d| d.is_dir() && d.to_string_lossy().contains(&parent))
+    {
+        out.push(format!("cgroup {}", d.display()));
+    }
+    out
 }

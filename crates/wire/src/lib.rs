@@ -17,8 +17,8 @@ pub mod usage;
 pub use cpulist::{format_cpu_list, parse_cpu_list};
 pub use metrics::{GpuStats, MetricPoint, MetricSeries, MetricsHistory, MetricsQuery};
 pub use migration::{
-    MigrateInstance, MigrationAccepted, MigrationChannel, MigrationOffer, MigrationPhase,
-    MigrationReport, MigrationStatus, MIGRATION_UPGRADE,
+    DropMigration, MigrateInstance, MigrationAccepted, MigrationChannel, MigrationOffer,
+    MigrationPhase, MigrationReport, MigrationStatus, MIGRATION_UPGRADE,
 };
 pub use restart::{RestartPolicy, VolumeState};
 pub use serverless::{

@@ -144,3 +144,11 @@ pub struct MigrationStatus {
     pub migration: String,
     pub phase: MigrationPhase,
 }
+
+/// `DELETE /v1/migrations/{id}`: the source keeps the guest (or, `lost`, the guest is lost:
+/// its post-copy was cut, so even a destination that runs it removes it).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct DropMigration {
+    #[serde(default)]
+    pub lost: bool,
+}

@@ -426,7 +426,7 @@ impl Engine {
         if let Err(e) = self.recover_migrations().await {
             tracing::warn!("migration recovery: {e}");
         }
-        if let Err(e) = self.recover_remote_migrations().await {
+        if let Err(e) = self.recover_arrivals().await {
             tracing::warn!("recovery of migrations between nodes: {e}");
         }
         if !self.store.tenants().await?.is_empty() {
@@ -2027,6 +2027,15 @@ impl Engine {
         desired: InstanceState,
     ) -> Result<wire::Instance> {
         let row = self.find(who, id).await?;
+        // A live migration to another node that is unresolved: the guest may run there; this
+        // copy must not be started (or removed) until the daemon knows (`remote`).
+        if let Some(o) = &row.spec.outgoing {
+            return Err(EngineError::InvalidState(format!(
+                "instance {} is live-migrating to node {} (or that node has not said whether \
+                 it runs there): try again once it has",
+                row.id, o.to_node
+            )));
+        }
         let allowed = match desired {
             InstanceState::Stopped => !matches!(
                 row.state,

@@ -316,6 +316,11 @@ impl Engine {
             .collect();
         for i in live {
             let on_host = !self.is_simulated(&i);
+            // A live migration to another node is unresolved: the guest may run there, so
+            // this copy is neither restarted nor removed here (`remote::run_departures`).
+            if i.spec.outgoing.is_some() && i.state != S::Terminated {
+                continue;
+            }
             let Some(step) = step(&i, running.as_ref(), now) else {
                 continue;
             };

@@ -41,8 +41,9 @@ pub trait Peer: Send + Sync {
     fn channel(&self, id: &str, channel: MigrationChannel) -> std::result::Result<OwnedFd, String>;
     /// The guest may run there now.
     fn run(&self, id: &str) -> std::result::Result<(), String>;
-    /// The guest stays here: remove what was made there.
-    fn drop_migration(&self, id: &str) -> std::result::Result<(), String>;
+    /// The guest stays here (`lost`: the guest is lost, post-copy was cut): remove what was
+    /// made there. `Ok` only once the peer says nothing of it is left.
+    fn drop_migration(&self, id: &str, lost: bool) -> std::result::Result<(), String>;
     fn phase(&self, id: &str) -> std::result::Result<MigrationPhase, String>;
 }
 
@@ -80,6 +81,8 @@ pub(crate) struct Arrival {
 pub(crate) struct Receiving {
     id: String,
     postcopy: bool,
+    /// `run` is starting the guest: a `drop` now is refused.
+    starting: bool,
     _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
@@ -91,8 +94,9 @@ const RECEIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 *
 enum Away {
     /// The guest runs on here (refused, or failed before the destination ran).
     Stayed(String),
-    /// Post-copy was cut: neither side has the whole guest.
-    Lost(String),
+    /// Post-copy was cut: neither side has the whole guest; `dropped`: the destination
+    /// confirmed its half is gone.
+    Lost { why: String, dropped: bool },
     /// The guest is paused here and the destination did not say whether it runs there.
     Unknown(String),
 }
@@ -154,7 +158,8 @@ impl Engine {
                 row.ip_host,
             )
             .map_err(|e| EngineError::Internal(e.to_string()))?;
-        let migration = super::new_instance_id()?;
+        // `<instance>.<nonce>`: the destination finds the instance a migration id names.
+        let migration = format!("{}.{}", row.id, super::new_instance_id()?);
         let offer = wire::MigrationOffer {
             migration: migration.clone(),
             from_node: self.cfg.node_id.clone(),
@@ -219,24 +224,42 @@ impl Engine {
                     row.name
                 )))
             }
-            Err(Away::Lost(why)) => {
+            Err(Away::Lost { why, dropped }) => {
                 self.store.set_spec(&row.id, &row.spec, self.tick()).await?;
                 self.event(&row.id, "migration_failed", why.clone()).await;
-                // Neither half runs on: the source's QEMU goes, the reconciler restarts it.
+                // Neither half runs on: the source's QEMU goes. The instance restarts from
+                // its disk here only once the destination has removed its half; else it
+                // stays stopped until someone checks (never two of it).
                 let _ = self.teardown_host(&row.id).await;
+                if !dropped {
+                    self.store
+                        .set_desired(&row.id, InstanceState::Stopped, self.tick())
+                        .await?;
+                }
                 self.wake.notify_one();
-                Err(EngineError::Internal(format!(
-                    "live migration of {} to node {to} failed after the switch to post-copy: \
-                     {why}; the guest is lost and the instance restarts from its disk here",
-                    row.name
-                )))
+                Err(EngineError::Internal(if dropped {
+                    format!(
+                        "live migration of {} to node {to} failed after the switch to \
+                         post-copy: {why}; the guest is lost and the instance restarts from its \
+                         disk here",
+                        row.name
+                    )
+                } else {
+                    format!(
+                        "live migration of {} to node {to} failed after the switch to \
+                         post-copy: {why}; the guest is lost, and node {to} did not confirm it \
+                         removed its half: the instance is stopped here (start it once node \
+                         {to} shows none)",
+                        row.name
+                    )
+                }))
             }
             Err(Away::Unknown(why)) => {
                 self.event(&row.id, "migration_unresolved", why.clone())
                     .await;
                 Err(EngineError::Unavailable(format!(
                     "live migration of {} to node {to}: {why}; the guest is paused here until \
-                     node {to} answers (the next daemon start asks it again)",
+                     node {to} answers (asked again every minute)",
                     row.name
                 )))
             }
@@ -293,6 +316,31 @@ impl Engine {
         if offer.create.runtime != Some(wire::RuntimeKind::Vm) {
             return Err(invalid("only VMs migrate between hosts".into()));
         }
+        let c = &offer.create;
+        if c.gpus.is_some_and(|g| g > 0)
+            || c.gpu_fraction.is_some()
+            || c.gpu_model.is_some()
+            || c.template.is_some()
+            || c.from_snapshot.is_some()
+            || !c.volumes.is_empty()
+            || !c.env.is_empty()
+        {
+            return Err(invalid(
+                "a migrating VM has no GPUs, volumes, environment, template or snapshot here"
+                    .into(),
+            ));
+        }
+        if offer.from_node == self.cfg.node_id {
+            return Err(invalid(format!(
+                "the offer comes from this node ({}): a [[peer]] points back at it",
+                self.cfg.node_id
+            )));
+        }
+        if migration_instance(&offer.migration) != Some(offer.instance.as_str()) {
+            return Err(invalid(
+                "the migration id is not <instance id>.<nonce>".into(),
+            ));
+        }
         let vm: VmSpec = serde_json::from_value(offer.vm.clone())
             .map_err(|e| invalid(format!("the VM's spec: {e}")))?;
         if vm.id != offer.instance {
@@ -342,15 +390,34 @@ impl Engine {
                     offer.address, offer.tenant, self.cfg.node_id
                 ))
             })?;
-        let guard = self.lock_for(&offer.instance).lock_owned().await;
+        let guard = self
+            .lock_for(&offer.instance)
+            .try_lock_owned()
+            .map_err(|_| {
+                EngineError::InUse(format!(
+                    "instance {} is being worked on at node {}",
+                    offer.instance, self.cfg.node_id
+                ))
+            })?;
         if let Some(r) = self.store.instance(&offer.instance).await? {
-            if r.state != InstanceState::Terminated {
+            // Only that peer's instance, in that tenant, comes back over its old row: one that
+            // left this node for it, or an earlier arrival from it that never ran.
+            let from = offer.from_node.as_str();
+            let left_for = r.spec.outgoing.as_ref().is_some_and(|o| o.to_node == from);
+            let tried = r
+                .spec
+                .incoming
+                .as_ref()
+                .is_some_and(|i| i.from_node == from && !i.ran);
+            if r.state != InstanceState::Terminated
+                || r.tenant_id != tenant.id
+                || !(left_for || tried)
+            {
                 return Err(EngineError::AlreadyExists(format!(
-                    "instance {} is already on node {} ({})",
-                    offer.instance, self.cfg.node_id, r.state
+                    "instance {} already exists at node {}",
+                    offer.instance, self.cfg.node_id
                 )));
             }
-            // It left this node earlier: its old row makes way.
             self.store
                 .delete_terminated_instance(&offer.instance)
                 .await?;
@@ -374,22 +441,32 @@ impl Engine {
         let mut create = offer.create.clone();
         create.image = image.name.clone();
         self.create_arrival(&principal, &create, &arrival).await?;
-        let row = self
-            .store
-            .instance(&offer.instance)
-            .await?
-            .ok_or_else(|| EngineError::Internal("the arriving instance is gone".into()))?;
-        let mut plan = self.plan(&row).await?;
-        plan.incoming = Some(Box::new(vm));
-        let node = self.node.clone();
-        let made = tokio::task::spawn_blocking(move || node.provision(&plan))
-            .await
-            .map_err(|e| EngineError::Internal(format!("provision task: {e}")))?;
-        if let Err(e) = made {
-            let why = format!("its QEMU could not start here: {e}");
-            self.arrival_failed(&row.id, &why).await;
-            return Err(EngineError::Unavailable(why));
+        // From here every error removes the arrival (the reconciler must never boot it).
+        let made = async {
+            let row = self
+                .store
+                .instance(&offer.instance)
+                .await?
+                .ok_or_else(|| EngineError::Internal("the arriving instance is gone".into()))?;
+            let mut plan = self.plan(&row).await?;
+            plan.incoming = Some(Box::new(vm));
+            let node = self.node.clone();
+            tokio::task::spawn_blocking(move || node.provision(&plan))
+                .await
+                .map_err(|e| EngineError::Internal(format!("provision task: {e}")))?
+                .map_err(|e| {
+                    EngineError::Unavailable(format!("its QEMU could not start here: {e}"))
+                })?;
+            Ok::<_, EngineError>(row)
         }
+        .await;
+        let row = match made {
+            Ok(row) => row,
+            Err(e) => {
+                self.arrival_failed(&offer.instance, &e.to_string()).await;
+                return Err(e);
+            }
+        };
         self.incoming
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -398,6 +475,7 @@ impl Engine {
                 Receiving {
                     id: row.id.clone(),
                     postcopy: offer.postcopy,
+                    starting: false,
                     _guard: guard,
                 },
             );
@@ -462,19 +540,32 @@ impl Engine {
             })
     }
 
-    /// The destination: the source is done, the guest runs here.
+    /// The destination: the source is done, the guest runs here. The guest is made ready
+    /// (all of the state in, pinned, throttled) while still paused; then that it runs here is
+    /// recorded, and only then is it resumed: from that record on the source must never
+    /// resume, whatever happens to this call.
     pub async fn run_migration(
         &self,
         who: &Principal,
         migration: &str,
     ) -> Result<wire::MigrationStatus> {
         who.allow(Op::ReceiveMigration)?;
-        let taken = self
-            .incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(migration);
-        let Some(r) = taken else {
+        let id = {
+            let mut m = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+            match m.get_mut(migration) {
+                Some(r) if !r.starting => {
+                    r.starting = true;
+                    Some(r.id.clone())
+                }
+                Some(_) => {
+                    return Err(EngineError::InUse(format!(
+                        "migration {migration} is being started here"
+                    )))
+                }
+                None => None,
+            }
+        };
+        let Some(id) = id else {
             // Asked again (the answer was lost): what happened.
             return match self.arrival_phase(migration).await? {
                 MigrationPhase::Running => Ok(status(migration, MigrationPhase::Running)),
@@ -483,79 +574,145 @@ impl Engine {
                 ))),
             };
         };
-        let row = self
-            .store
-            .instance(&r.id)
-            .await?
-            .ok_or_else(|| EngineError::Internal("the arriving instance is gone".into()))?;
-        let (node, id, cpus, io) = (
+        let not_starting = || {
+            if let Some(r) = self
+                .incoming
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(migration)
+            {
+                r.starting = false;
+            }
+        };
+        let row = match self.store.instance(&id).await {
+            Ok(Some(row)) => row,
+            Ok(None) => {
+                not_starting();
+                return Err(EngineError::Internal(
+                    "the arriving instance is gone".into(),
+                ));
+            }
+            Err(e) => {
+                not_starting();
+                return Err(e.into());
+            }
+        };
+        let (node, nid, cpus, io) = (
             self.node.clone(),
-            r.id.clone(),
+            id.clone(),
             row.cpus.clone(),
             row.spec.disk_io,
         );
-        let ran =
-            tokio::task::spawn_blocking(move || node.vm()?.run_received(&node, &id, &cpus, &io))
+        let ready =
+            tokio::task::spawn_blocking(move || node.vm()?.ready_received(&node, &nid, &cpus, &io))
                 .await
-                .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
-        if let Err(e) = ran {
-            let why = format!("the guest could not run here: {e}");
-            self.arrival_failed(&r.id, &why).await;
-            return Err(EngineError::Unavailable(why));
+                .map_err(|e| EngineError::Internal(format!("migration task: {e}")))
+                .and_then(|r| r.map_err(super::migration::node_refusal));
+        let marked = match ready {
+            Ok(()) => self.mark_ran(&row).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = marked {
+            // Not run: the source may keep the guest (it drops this one).
+            not_starting();
+            return Err(e);
         }
-        self.arrived(&row).await?;
-        drop(r);
-        Ok(status(migration, MigrationPhase::Running))
-    }
-
-    /// The guest runs here: recorded (the migration's id stays, for a source that asks).
-    async fn arrived(&self, row: &InstanceRow) -> Result<()> {
-        let mut spec = row.spec.clone();
-        let from = spec
-            .incoming
-            .as_ref()
-            .map(|i| i.from_node.clone())
-            .unwrap_or_default();
-        if let Some(i) = spec.incoming.as_mut() {
-            i.ran = true;
-            i.vm = None;
-        }
-        self.store.set_spec(&row.id, &spec, self.tick()).await?;
-        self.set_state(&row.id, InstanceState::Running, None)
-            .await?;
-        self.event(
-            &row.id,
-            "migrated",
-            format!("arrived from node {from} by live migration"),
-        )
-        .await;
-        Ok(())
-    }
-
-    /// The destination: the guest stays on the source; what was made here goes.
-    pub async fn drop_migration(
-        &self,
-        who: &Principal,
-        migration: &str,
-    ) -> Result<wire::MigrationStatus> {
-        who.allow(Op::ReceiveMigration)?;
+        let (node, nid) = (self.node.clone(), id.clone());
+        let resumed = tokio::task::spawn_blocking(move || node.vm()?.resume_received(&nid))
+            .await
+            .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
         let taken = self
             .incoming
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(migration);
-        let Some(r) = taken else {
-            return match self.arrival_phase(migration).await? {
-                MigrationPhase::Running => Err(EngineError::InvalidState(format!(
-                    "migration {migration} has ended: the guest runs here"
-                ))),
-                p => Ok(status(migration, p)),
-            };
+        let from = row
+            .spec
+            .incoming
+            .as_ref()
+            .map(|i| i.from_node.clone())
+            .unwrap_or_default();
+        if let Err(e) = resumed {
+            // Recorded as run here: the source does not take it back. A restarted daemon
+            // resumes it again; meanwhile it is said.
+            let why = format!("the received guest could not be resumed: {e}");
+            tracing::error!(instance = %id, "{why}");
+            self.event(&id, "migration_failed", why.clone()).await;
+            drop(taken);
+            return Err(EngineError::Internal(why));
+        }
+        self.set_state(&id, InstanceState::Running, None).await?;
+        self.event(
+            &id,
+            "migrated",
+            format!("arrived from node {from} by live migration"),
+        )
+        .await;
+        drop(taken);
+        Ok(status(migration, MigrationPhase::Running))
+    }
+
+    /// Records that the received guest of `row` runs here (before it is resumed): the
+    /// migration's id stays in the spec, for a source that asks.
+    async fn mark_ran(&self, row: &InstanceRow) -> Result<()> {
+        let mut spec = row.spec.clone();
+        if let Some(i) = spec.incoming.as_mut() {
+            i.ran = true;
+            i.vm = None;
+        }
+        self.store.set_spec(&row.id, &spec, self.tick()).await?;
+        Ok(())
+    }
+
+    /// The destination: the guest stays on the source (or, `lost`, is lost: post-copy was
+    /// cut); what was made here goes. Refused while the guest is being started here, and
+    /// for a guest that runs here unless it is lost.
+    pub async fn drop_migration(
+        &self,
+        who: &Principal,
+        migration: &str,
+        lost: bool,
+    ) -> Result<wire::MigrationStatus> {
+        who.allow(Op::ReceiveMigration)?;
+        let taken = {
+            let mut m = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+            match m.get(migration) {
+                Some(r) if r.starting && !lost => {
+                    return Err(EngineError::InUse(format!(
+                        "migration {migration} is being started here"
+                    )))
+                }
+                Some(_) => m.remove(migration),
+                None => None,
+            }
         };
-        self.arrival_failed(&r.id, "the source kept the guest")
-            .await;
-        drop(r);
-        Ok(status(migration, MigrationPhase::Gone))
+        if let Some(r) = taken {
+            let why = if lost {
+                "its post-copy was cut"
+            } else {
+                "the source kept the guest"
+            };
+            self.arrival_failed(&r.id, why).await;
+            drop(r);
+            return Ok(status(migration, MigrationPhase::Gone));
+        }
+        match self.arrival_phase(migration).await? {
+            MigrationPhase::Gone => Ok(status(migration, MigrationPhase::Gone)),
+            MigrationPhase::Running if lost => {
+                let id = migration_instance(migration)
+                    .unwrap_or_default()
+                    .to_string();
+                let _guard = self.lock_for(&id).lock_owned().await;
+                self.arrival_failed(&id, "its post-copy was cut").await;
+                Ok(status(migration, MigrationPhase::Gone))
+            }
+            MigrationPhase::Running => Err(EngineError::InvalidState(format!(
+                "migration {migration} has ended: the guest runs here"
+            ))),
+            MigrationPhase::Waiting => Err(EngineError::InUse(format!(
+                "migration {migration} is being received here"
+            ))),
+        }
     }
 
     /// The destination: where migration `migration` stands.
@@ -565,24 +722,35 @@ impl Engine {
         migration: &str,
     ) -> Result<wire::MigrationStatus> {
         who.allow(Op::ReceiveMigration)?;
-        if self.receiving(migration).is_ok() {
-            return Ok(status(migration, MigrationPhase::Waiting));
-        }
         Ok(status(migration, self.arrival_phase(migration).await?))
     }
 
+    /// From the instance's row, whatever its state (an instance that ran here and ended since
+    /// says `running`: its source must not resume): `gone` only when it never ran here.
     async fn arrival_phase(&self, migration: &str) -> Result<MigrationPhase> {
-        let live = self.store.live_instances(None).await?;
+        if self
+            .incoming
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(migration)
+        {
+            return Ok(MigrationPhase::Waiting);
+        }
+        let Some(id) = migration_instance(migration) else {
+            return Ok(MigrationPhase::Gone);
+        };
+        let row = self.store.instance(id).await?;
         Ok(
-            match live.iter().find_map(|r| {
+            match row.as_ref().and_then(|r| {
                 r.spec
                     .incoming
                     .as_ref()
                     .filter(|i| i.migration == migration)
+                    .map(|i| (i.ran, r.state))
             }) {
-                Some(i) if i.ran => MigrationPhase::Running,
-                Some(_) => MigrationPhase::Waiting,
-                None => MigrationPhase::Gone,
+                Some((true, _)) => MigrationPhase::Running,
+                Some((false, InstanceState::Terminated)) | None => MigrationPhase::Gone,
+                Some((false, _)) => MigrationPhase::Waiting,
             },
         )
     }
@@ -603,47 +771,111 @@ impl Engine {
         self.event(id, "migration_failed", reason).await;
     }
 
-    /// At start, both halves a killed daemon left: arrivals whose guest does not run are
-    /// removed (their source resumes, or has); departures are asked about at their
-    /// destination and finished or resumed.
-    pub(crate) async fn recover_remote_migrations(&self) -> Result<()> {
-        let live = self.store.live_instances(None).await?;
-        for row in live {
-            if let Some(i) = row.spec.incoming.as_ref().filter(|i| !i.ran) {
-                let (node, id) = (self.node.clone(), row.id.clone());
-                let runs = tokio::task::spawn_blocking(move || {
-                    node.vm().is_ok_and(|vm| vm.received_runs(&node, &id))
-                })
+    /// At start, the arrivals a killed daemon left: one whose guest was not yet recorded as
+    /// running here is removed (its source keeps it); one recorded as running here runs
+    /// (resumed if the daemon died before it was).
+    pub(crate) async fn recover_arrivals(&self) -> Result<()> {
+        for row in self.store.live_instances(None).await? {
+            let Some(i) = row.spec.incoming.clone() else {
+                continue;
+            };
+            if !i.ran {
+                self.arrival_failed(
+                    &row.id,
+                    &format!("cut short by a daemon restart (from node {})", i.from_node),
+                )
+                .await;
+                continue;
+            }
+            if row.state != InstanceState::Provisioning {
+                continue;
+            }
+            let (node, id) = (self.node.clone(), row.id.clone());
+            let resumed = tokio::task::spawn_blocking(move || node.vm()?.resume_received(&id))
                 .await
-                .unwrap_or(false);
-                if runs {
-                    self.arrived(&row).await?;
-                } else {
-                    self.arrival_failed(
+                .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
+            match resumed {
+                Ok(()) => {
+                    self.set_state(&row.id, InstanceState::Running, None)
+                        .await?;
+                    self.event(
                         &row.id,
-                        &format!("cut short by a daemon restart (from node {})", i.from_node),
+                        "migration_recovered",
+                        format!(
+                            "arrived from node {} (resumed after a daemon restart)",
+                            i.from_node
+                        ),
                     )
                     .await;
                 }
-            }
-            if let Some(o) = row.spec.outgoing.clone() {
-                self.recover_departure(&row, &o).await?;
+                // The reconciler sees a VM without its QEMU and acts on its restart policy.
+                Err(e) => tracing::warn!(instance = %row.id, "resuming a received guest: {e}"),
             }
         }
         Ok(())
     }
 
-    async fn recover_departure(&self, row: &InstanceRow, o: &OutgoingSpec) -> Result<()> {
+    /// Departures a killed daemon left unresolved (or a destination that did not answer):
+    /// asked about at their destination every minute until it answers; finished where the
+    /// guest runs there, resumed here once the destination confirms it is gone there. Runs
+    /// for the daemon's life (a look at the store's live rows a minute when none is left).
+    pub async fn run_departures(self: Arc<Self>) {
+        loop {
+            let rows = match self.store.live_instances(None).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("departures: {e}");
+                    Vec::new()
+                }
+            };
+            for row in rows {
+                let Some(o) = row.spec.outgoing.clone() else {
+                    continue;
+                };
+                let lock = self.lock_for(&row.id);
+                let Ok(_guard) = lock.try_lock() else {
+                    continue; // a migration under way
+                };
+                if let Err(e) = self.resolve_departure(&row, &o).await {
+                    tracing::warn!(instance = %row.id, "departure: {e}");
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        }
+    }
+
+    /// One departure: true once resolved.
+    async fn resolve_departure(&self, row: &InstanceRow, o: &OutgoingSpec) -> Result<bool> {
+        // Freshly read under the lock: a migration that ended meanwhile is not one.
+        let Some(row) = self.store.instance(&row.id).await? else {
+            return Ok(true);
+        };
+        if row.spec.outgoing.as_ref() != Some(o) || row.state == InstanceState::Terminated {
+            return Ok(true);
+        }
+        let row = &row;
         let Some(peer) = self.peer(&o.to_node) else {
-            tracing::warn!(instance = %row.id, "migration to unknown node {}: resumed here", o.to_node);
-            return self.keep_departed(row).await;
+            let why = format!(
+                "a live migration to node {} is unresolved and that node is not a [[peer]] any \
+                 more: the guest stays paused here if it was",
+                o.to_node
+            );
+            self.event(&row.id, "migration_unresolved", why).await;
+            return Ok(false);
         };
         let mid = o.migration.clone();
-        let phase = tokio::task::spawn_blocking(move || peer.phase(&mid).map(|p| (p, peer)))
-            .await
-            .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
-        match phase {
-            Ok((MigrationPhase::Running, _)) => {
+        let asked = tokio::task::spawn_blocking(move || {
+            match peer.phase(&mid) {
+                Ok(MigrationPhase::Running) => Ok(true),
+                // Never ran there: removed there first, then the guest may resume here.
+                Ok(_) => peer.drop_migration(&mid, false).map(|()| false),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
+        match asked {
+            Ok(true) => {
                 self.moved_away(
                     &row.id,
                     &o.to_node,
@@ -652,22 +884,22 @@ impl Engine {
                         o.to_node
                     ),
                 )
-                .await
+                .await?;
+                Ok(true)
             }
-            Ok((_, peer)) => {
-                let mid = o.migration.clone();
-                let _ = tokio::task::spawn_blocking(move || peer.drop_migration(&mid)).await;
-                self.keep_departed(row).await
+            Ok(false) => {
+                self.keep_departed(row).await?;
+                Ok(true)
             }
             Err(e) => {
                 let why = format!(
                     "node {} did not say whether the guest runs there ({e}): it stays paused \
-                     here if it was; the next daemon start asks again",
+                     here if it was; asked again in a minute",
                     o.to_node
                 );
                 tracing::warn!(instance = %row.id, "{why}");
                 self.event(&row.id, "migration_unresolved", why).await;
-                Ok(())
+                Ok(false)
             }
         }
     }
@@ -689,6 +921,17 @@ impl Engine {
     }
 }
 
+/// The instance a migration id (`<instance>.<nonce>`) names.
+fn migration_instance(migration: &str) -> Option<&str> {
+    let hex = |s: &str| {
+        s.len() == 12
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let (id, nonce) = migration.split_once('.')?;
+    (hex(id) && hex(nonce)).then_some(id)
+}
+
 fn status(migration: &str, phase: MigrationPhase) -> wire::MigrationStatus {
     wire::MigrationStatus {
         migration: migration.to_string(),
@@ -696,7 +939,9 @@ fn status(migration: &str, phase: MigrationPhase) -> wire::MigrationStatus {
     }
 }
 
-/// Blocking: the whole exchange with the peer and the node's send.
+/// Blocking: the whole exchange with the peer and the node's send. The guest resumes here
+/// only while the destination cannot have run it: before the copy completed, or once the
+/// destination has confirmed its half is gone.
 fn send_to_peer(
     node: &gpuvisor_node::Node,
     id: &str,
@@ -706,15 +951,18 @@ fn send_to_peer(
 ) -> std::result::Result<gpuvisor_node::vm::remote::Sent, Away> {
     let mid = offer.migration.as_str();
     let vm = node.vm().map_err(|e| Away::Stayed(e.to_string()))?;
-    peer.offer(offer)
-        .map_err(|e| Away::Stayed(format!("the destination refused it: {e}")))?;
+    if let Err(e) = peer.offer(offer) {
+        // Its answer may be what was lost: nothing of it is left there either way.
+        let _ = peer.drop_migration(mid, false);
+        return Err(Away::Stayed(format!("the destination refused it: {e}")));
+    }
     let channels = peer
         .channel(mid, MigrationChannel::Disk)
         .and_then(|d| Ok((d, peer.channel(mid, MigrationChannel::State)?)));
     let (disk, state) = match channels {
         Ok(c) => c,
         Err(e) => {
-            let _ = peer.drop_migration(mid);
+            let _ = peer.drop_migration(mid, false);
             return Err(Away::Stayed(format!("opening its channels: {e}")));
         }
     };
@@ -727,38 +975,48 @@ fn send_to_peer(
     let sent = match vm.send(node, id, ask, disk, state, &mut run_there) {
         Ok(s) => s,
         Err(gpuvisor_node::NodeError::Vm(e @ VmError::PostcopyLost { .. })) => {
-            let _ = peer.drop_migration(mid);
-            return Err(Away::Lost(e.to_string()));
+            let dropped = peer.drop_migration(mid, true).is_ok();
+            return Err(Away::Lost {
+                why: e.to_string(),
+                dropped,
+            });
         }
         Err(e) => {
-            let _ = peer.drop_migration(mid);
+            // Not run there (only a post-copy switch asks it to): the guest runs on here.
+            let _ = peer.drop_migration(mid, false);
             return Err(Away::Stayed(e.to_string()));
         }
     };
     if sent.postcopy {
         return Ok(sent); // it runs there since the switch
     }
-    // The guest is paused here for good unless the destination does not run it.
-    let ran = peer.run(mid).or_else(|e| match peer.phase(mid) {
-        Ok(MigrationPhase::Running) => Ok(()),
-        Ok(_) => Err(Some(e)),
-        Err(_) => Err(None),
-    });
-    match ran {
-        Ok(()) => Ok(sent),
-        Err(Some(e)) => {
-            let _ = peer.drop_migration(mid);
-            match vm.keep_sent(id) {
-                Ok(()) => Err(Away::Stayed(format!("the destination did not run it: {e}"))),
-                Err(k) => Err(Away::Unknown(format!(
-                    "the destination did not run it ({e}) and the guest could not be resumed \
-                     here: {k}"
-                ))),
-            }
+    // The guest is paused here for good unless the destination confirms it did not run it.
+    let ran = match peer.run(mid) {
+        Ok(()) => return Ok(sent),
+        Err(e) => e,
+    };
+    match peer.phase(mid) {
+        Ok(MigrationPhase::Running) => return Ok(sent),
+        Ok(_) => {}
+        Err(e) => {
+            return Err(Away::Unknown(format!(
+                "the destination did not run it ({ran}) and did not say where it stands: {e}"
+            )))
         }
-        Err(None) => Err(Away::Unknown(
-            "the destination did not answer once the state was sent".into(),
-        )),
+    }
+    if let Err(e) = peer.drop_migration(mid, false) {
+        return Err(Away::Unknown(format!(
+            "the destination did not run it ({ran}) and did not confirm it removed it: {e}"
+        )));
+    }
+    match vm.keep_sent(id) {
+        Ok(()) => Err(Away::Stayed(format!(
+            "the destination did not run it: {ran}"
+        ))),
+        Err(k) => Err(Away::Unknown(format!(
+            "the destination did not run it ({ran}) and the guest could not be resumed here: \
+             {k}"
+        ))),
     }
 }
 

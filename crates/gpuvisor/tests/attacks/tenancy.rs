@@ -47,6 +47,9 @@ struct Row {
     body: Option<String>,
 }
 
+/// A well-formed migration offer the admin's call refuses (its instance id is not one).
+const OFFER: &str = r#"{"migration":"m","from_node":"n","instance":"NOT-AN-ID","tenant":"owner","address":"10.88.0.2","create":{"image":"busybox","vcpus":1,"memory":67108864,"container_disk":67108864,"runtime":"vm"},"image_digest":"sha256:00","vm":{}}"#;
+
 fn row(owner: u16, other: u16, admin: u16) -> Row {
     Row {
         owner,
@@ -170,6 +173,9 @@ fn concrete(template: &str, o: &Objs) -> String {
         p.replace("{name}", "owner")
     } else if template.starts_with("/v1/templates/") {
         p.replace("{name}", "ownertpl")
+    } else if template.starts_with("/v1/migrations/") {
+        p.replace("{id}", "000000000000")
+            .replace("{channel}", "state")
     } else {
         p.replace("{id}", id)
     }
@@ -451,6 +457,18 @@ fn every_route_is_scoped_by_tenant() {
             "/v1/instances/{id}/migrate",
             with(row(403, 403, 400), r#"{"max_downtime_ms":300}"#),
         ),
+        // Receiving a live migration is a peer daemon's, with an admin key: tenants are refused
+        // before anything; the admin gets past it to the refusal of an empty offer, to an
+        // unknown migration, and (the channel, asked without an upgrade) to the bad request.
+        ("POST", "/v1/migrations", with(row(403, 403, 400), OFFER)),
+        ("GET", "/v1/migrations/{id}", row(403, 403, 200)),
+        ("POST", "/v1/migrations/{id}/run", row(403, 403, 404)),
+        ("DELETE", "/v1/migrations/{id}", row(403, 403, 200)),
+        (
+            "GET",
+            "/v1/migrations/{id}/channels/{channel}",
+            row(403, 403, 400),
+        ),
         ("POST", "/v1/instances/{id}/start", row(200, 404, 200)),
         ("POST", "/v1/instances/{id}/stop", row(200, 404, 200)),
         ("DELETE", "/v1/instances/{id}", row(200, 404, 200)),
@@ -675,6 +693,11 @@ fn every_route_by_role() {
         ),
         ("DELETE", "/v1/snapshots/{snap}", None, operate),
         ("POST", "/v1/instances/{id}/migrate", Some(r#"{}"#), admin),
+        ("POST", "/v1/migrations", Some(OFFER), admin),
+        ("GET", "/v1/migrations/{id}", None, admin),
+        ("POST", "/v1/migrations/{id}/run", None, admin),
+        ("DELETE", "/v1/migrations/{id}", None, admin),
+        ("GET", "/v1/migrations/{id}/channels/{channel}", None, admin),
         (
             "POST",
             "/v1/instances/{id}/scale",

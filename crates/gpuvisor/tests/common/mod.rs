@@ -679,14 +679,30 @@ impl Drop for Daemon {
 /// hybrid).
 pub fn cgroup_dirs(id: &str) -> Vec<std::path::PathBuf> {
     let base = Path::new("/sys/fs/cgroup");
+    // Every daemon's parent: `gpuvisor`, or `gpuvisor-<prefix>` (`cgroup::parent_for`).
+    let ours = |n: &std::ffi::OsStr| {
+        let n = n.to_string_lossy();
+        n == "gpuvisor" || n.starts_with("gpuvisor-")
+    };
     let mut out = vec![base.join("gpuvisor").join(id)];
+    let mut hierarchies = vec![base.to_path_buf()];
     if let Ok(rd) = std::fs::read_dir(base) {
-        for e in rd.flatten() {
-            if e.file_name() != "gpuvisor" && e.path().is_dir() {
-                out.push(e.path().join("gpuvisor").join(id));
+        hierarchies.extend(
+            rd.flatten()
+                .filter(|e| !ours(&e.file_name()) && e.path().is_dir())
+                .map(|e| e.path()),
+        );
+    }
+    for h in hierarchies {
+        if let Ok(rd) = std::fs::read_dir(&h) {
+            for e in rd.flatten().filter(|e| ours(&e.file_name())) {
+                out.push(e.path().join(id));
             }
         }
+        out.push(h.join("gpuvisor").join(id));
     }
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -752,7 +768,11 @@ pub fn instance_pids(id: &str) -> Vec<u32> {
         }
         let cg = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
         if cg.lines().any(|l| {
-            l.ends_with(&format!("/gpuvisor/{id}")) || l.contains(&format!("/gpuvisor/{id}/"))
+            // `/gpuvisor/<id>` or `/gpuvisor-<prefix>/<id>`, possibly deeper.
+            l.split('/')
+                .collect::<Vec<_>>()
+                .windows(2)
+                .any(|w| (w[0] == "gpuvisor" || w[0].starts_with("gpuvisor-")) && w[1] == id)
         }) {
             out.push(pid);
         }

@@ -205,7 +205,14 @@ pub(super) fn copy(
     loop {
         let st = src.migration_stats().map_err(|e| lost(switched, e))?;
         match st.status.as_str() {
-            "completed" => return Ok((st, switched)),
+            "completed" => {
+                // A post-copy whose last pages went before this loop saw it active: the
+                // destination must still be let run.
+                if switched && !began {
+                    postcopy_began().map_err(|e| lost(true, e))?;
+                }
+                return Ok((st, switched));
+            }
             "failed" | "cancelled" | "postcopy-paused" => {
                 let why = st.error.unwrap_or(st.status);
                 return Err(lost(switched, failed("migrate", why)));

@@ -919,10 +919,10 @@ fn boot_probe(qemu: &Path, kernel: &Path, timeout: Duration) -> Accel {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn spec() -> VmSpec {
+    pub(crate) fn spec() -> VmSpec {
         VmSpec {
             id: "0123456789ab".into(),
             vcpus: 2,

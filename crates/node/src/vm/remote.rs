@@ -157,22 +157,26 @@ impl VmRuntime {
         Ok(s.into())
     }
 
-    /// The destination's guest runs: once the whole state is in (or the guest has switched
-    /// over in post-copy), the NBD server stops, the guest resumes, and the VM gets what
-    /// provisioning gives a booted one (pinning, disk limits, balloon statistics).
-    pub fn run_received(
+    /// The destination, before its guest may run: waits until the whole state is in (or the
+    /// guest has switched over in post-copy), then gives the paused VM what provisioning
+    /// gives a booted one (pinning, disk limits, balloon statistics). Nothing runs yet: an
+    /// error here leaves the guest to the source.
+    pub fn ready_received(
         &self,
         node: &Node,
         id: &str,
         cpus: &[u32],
         disk_io: &gpuvisor_wire::DiskIo,
     ) -> Result<(), NodeError> {
-        let Some(pid) = self.live_pid(node, id) else {
-            return Err(VmError::Migrate {
+        let refuse = |why: String| -> NodeError {
+            VmError::Migrate {
                 id: id.to_string(),
-                why: "the destination QEMU is not running".into(),
+                why,
             }
-            .into());
+            .into()
+        };
+        let Some(pid) = self.live_pid(node, id) else {
+            return Err(refuse("the destination QEMU is not running".into()));
         };
         let mut dst = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
         let deadline = Instant::now() + RECEIVE_DEADLINE;
@@ -182,32 +186,19 @@ impl VmRuntime {
             }
             let st = dst.migration_stats()?;
             match st.status.as_str() {
-                "completed" | "postcopy-active" => {
-                    // The mirror ended before the switchover: nothing more comes over NBD.
-                    let _ = dst.nbd_stop();
-                    dst.resume()?;
-                    break;
-                }
+                "completed" | "postcopy-active" => break,
                 "failed" | "cancelled" => {
-                    return Err(VmError::Migrate {
-                        id: id.to_string(),
-                        why: format!(
-                            "the destination could not load the state: {}",
-                            st.error.unwrap_or(st.status)
-                        ),
-                    }
-                    .into())
+                    return Err(refuse(format!(
+                        "the destination could not load the state: {}",
+                        st.error.unwrap_or(st.status)
+                    )))
                 }
                 _ if Instant::now() > deadline => {
-                    return Err(VmError::Migrate {
-                        id: id.to_string(),
-                        why: format!(
-                            "the destination did not have the whole state within \
-                             {RECEIVE_DEADLINE:?} of the source's end (status {})",
-                            st.status
-                        ),
-                    }
-                    .into())
+                    return Err(refuse(format!(
+                        "the destination did not have the whole state within \
+                         {RECEIVE_DEADLINE:?} of the source's end (status {})",
+                        st.status
+                    )))
                 }
                 _ => std::thread::sleep(Duration::from_millis(5)),
             }
@@ -218,6 +209,19 @@ impl VmRuntime {
         if !disk_io.is_unlimited() {
             dst.throttle_disks(disk_io)?;
         }
+        Ok(())
+    }
+
+    /// The destination's guest runs (after [`VmRuntime::ready_received`] and once the
+    /// engine has recorded that it does): the NBD server stops (the mirror ended before the
+    /// switchover) and the guest resumes.
+    pub fn resume_received(&self, id: &str) -> Result<(), NodeError> {
+        let mut dst = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
+        if dst.status()?.0 {
+            return Ok(());
+        }
+        let _ = dst.nbd_stop();
+        dst.resume()?;
         Ok(())
     }
 
@@ -264,6 +268,25 @@ pub(super) fn receive_into(spec: &mut VmSpec, src: &VmSpec) -> Result<(), VmErro
             mac(spec)
         )));
     }
+    // The destination charged what the instance asked for: the source's QEMU must be that.
+    if src.vcpus != spec.vcpus || src.memory >> 20 != spec.memory >> 20 {
+        return Err(refuse(format!(
+            "its QEMU has {} vCPUs and {} MiB, not the instance's {} and {} MiB",
+            src.vcpus,
+            src.memory >> 20,
+            spec.vcpus,
+            spec.memory >> 20
+        )));
+    }
+    if src.max_vcpus < src.vcpus
+        || src.max_memory < src.memory
+        || src.max_vcpus > super::resize::MAX_VCPUS
+        || src.max_memory > super::resize::MAX_MEMORY
+    {
+        return Err(refuse(
+            "its room to grow is smaller than its size or beyond any VM's".into(),
+        ));
+    }
     if !src.volumes.is_empty() || src.root_size != spec.root_size {
         return Err(refuse(
             "its disks are not the instance's here (volumes are not carried; the root disk's \
@@ -276,8 +299,15 @@ pub(super) fn receive_into(spec: &mut VmSpec, src: &VmSpec) -> Result<(), VmErro
     spec.max_vcpus = src.max_vcpus;
     spec.max_memory = src.max_memory;
     spec.cmdline = src.cmdline.clone();
-    // Both run at once (on one machine too): the other CID; the guest re-reads it.
-    spec.vsock_cid = src.vsock_cid.map(super::migrate::other_cid);
+    // This host's CID for the id, or the other one where the source has it (both run at
+    // once, on one machine too); never one the offer chose. The guest re-reads it.
+    spec.vsock_cid = spec.vsock_cid.map(|mine| {
+        if src.vsock_cid == Some(mine) {
+            super::migrate::other_cid(mine)
+        } else {
+            mine
+        }
+    });
     spec.incoming = Some(super::qemu::Incoming::Held);
     Ok(())
 }
@@ -328,4 +358,96 @@ fn keep_source(src: &mut Monitor) {
         let _ = await_job(src, MIRROR, "gone", Duration::from_secs(30));
     }
     let _ = src.blockdev_del(MIRROR);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::qemu::tests::spec;
+    use crate::vm::qemu::Incoming;
+    use crate::vm::Accel;
+
+    /// What this host made for the instance: its own paths, fds and CID, booted its way.
+    fn here() -> VmSpec {
+        let mut s = spec();
+        s.volumes.clear();
+        s.max_vcpus = 8;
+        s.max_memory = 8 << 30;
+        s.cmdline = "made here".into();
+        s.kernel = "/here/vmlinuz".into();
+        s.root = "/here/root.qcow2".into();
+        s.vsock_cid = Some(7);
+        s
+    }
+
+    fn source() -> VmSpec {
+        let mut s = spec();
+        s.volumes.clear();
+        s.max_vcpus = 4;
+        s.max_memory = 2 << 30;
+        s.vsock_cid = Some(9);
+        s.kernel = "/there/vmlinuz".into();
+        s.root = "/there/root.qcow2".into();
+        s
+    }
+
+    #[test]
+    fn the_destination_takes_the_sources_shape_and_keeps_its_own_files() {
+        let (src, mut mine) = (source(), here());
+        receive_into(&mut mine, &src).unwrap();
+        assert_eq!((mine.max_vcpus, mine.max_memory), (4, 2 << 30));
+        assert_eq!(mine.cmdline, src.cmdline);
+        assert_eq!(mine.incoming, Some(Incoming::Held));
+        // This host's CID, never the offer's; flipped when the source has the same.
+        assert_eq!(mine.vsock_cid, Some(7));
+        let mut same = source();
+        same.vsock_cid = Some(7);
+        let mut flipped = here();
+        receive_into(&mut flipped, &same).unwrap();
+        assert_eq!(flipped.vsock_cid, Some(super::super::migrate::other_cid(7)));
+        // Never a path of the offer's.
+        assert_eq!(mine.kernel, here().kernel);
+        assert_eq!(mine.root, here().root);
+        assert_eq!(mine.run, here().run);
+        assert_eq!(mine.net, here().net);
+    }
+
+    #[test]
+    fn what_cannot_match_is_refused() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut VmSpec)>)> = vec![
+            (
+                "GPUs",
+                Box::new(|s| {
+                    s.gpus = Some(crate::vm::qemu::GpuPassthrough {
+                        args: vec!["-device".into(), "vfio-pci,host=0000:01:00.0".into()],
+                        ovmf_code: "/x".into(),
+                        ovmf_vars: "/y".into(),
+                    })
+                }),
+            ),
+            ("accelerator", Box::new(|s| s.accel = Accel::Kvm)),
+            ("vsock", Box::new(|s| s.vsock_cid = None)),
+            (
+                "MAC",
+                Box::new(|s| s.net.as_mut().unwrap().mac = "02:00:00:00:00:01".into()),
+            ),
+            ("vCPUs", Box::new(|s| s.vcpus = 3)),
+            ("memory", Box::new(|s| s.memory = 4 << 30)),
+            ("room", Box::new(|s| s.max_memory = 1 << 20)),
+            ("room beyond any VM", Box::new(|s| s.max_vcpus = 100_000)),
+            (
+                "volumes",
+                Box::new(|s| s.volumes = vec![("data".into(), "/etc/shadow".into())]),
+            ),
+            ("root size", Box::new(|s| s.root_size += 1)),
+        ];
+        for (what, change) in cases {
+            let mut src = source();
+            change(&mut src);
+            let mut mine = here();
+            let before = mine.clone();
+            assert!(receive_into(&mut mine, &src).is_err(), "{what} accepted");
+            assert_eq!(mine, before, "{what}: changed although refused");
+        }
+    }
 }
