@@ -1015,11 +1015,13 @@ pub enum InstanceCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Live-migrate a running VM to a new QEMU process without stopping it (admin): the guest
-    /// pauses only for the switchover. Answers once it runs there, with the figures.
+    /// Live-migrate a running VM to a new QEMU process, here or at another daemon, without
+    /// stopping it (admin): the guest pauses only for the switchover. Answers once it runs
+    /// there, with the figures.
     Migrate {
         id: String,
-        /// The node to move to (default: this daemon's own node, a new QEMU process here).
+        /// The node to move to: another daemon's node id (one of this daemon's `[[peer]]`s),
+        /// or (default) this daemon's own node: a new QEMU process here.
         #[arg(long)]
         to: Option<String>,
         /// Switch to post-copy when pre-copy does not converge (bounded downtime; a failure

@@ -1360,7 +1360,7 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     // Refusals: bad input, another node, a container, a tenant.
     for (args, want) in [
         (vec!["--max-downtime-ms", "0"], "outside"),
-        (vec!["--to", "node-elsewhere"], "not supported yet"),
+        (vec!["--to", "node-elsewhere"], "nor one of its peers"),
     ] {
         let mut a = vec!["instance", "migrate", id.as_str()];
         a.extend(args);

@@ -132,10 +132,13 @@ pub const MIGRATION_UPGRADE: &str = "gpuvisor-migration";
 pub enum MigrationPhase {
     /// Its QEMU waits for the state (or is receiving it).
     Waiting,
-    /// The guest runs here: the source must not run it again.
+    /// The guest ran here (it may have ended since): the source must not run it again.
     Running,
-    /// Not here (never offered, dropped, or failed and removed).
+    /// It was here and never ran (dropped, or failed and removed).
     Gone,
+    /// No record of it here (never offered, or its record is gone: pruned, or its tenant
+    /// removed): a source whose copy had completed cannot tell whether it ran.
+    Unknown,
 }
 
 /// `GET /v1/migrations/{id}`.

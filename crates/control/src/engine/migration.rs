@@ -23,6 +23,7 @@ impl Engine {
     ) -> Result<wire::MigrationReport> {
         who.allow(Op::MigrateInstance)?;
         let row = self.find(who, instance).await?;
+        super::remote::check_not_departing(&row)?;
         let max_downtime_ms = req.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS);
         if !(1..=MAX_MAX_DOWNTIME_MS).contains(&max_downtime_ms) {
             return Err(EngineError::InvalidArgument(format!(

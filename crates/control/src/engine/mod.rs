@@ -2028,14 +2028,8 @@ impl Engine {
     ) -> Result<wire::Instance> {
         let row = self.find(who, id).await?;
         // A live migration to another node that is unresolved: the guest may run there; this
-        // copy must not be started (or removed) until the daemon knows (`remote`).
-        if let Some(o) = &row.spec.outgoing {
-            return Err(EngineError::InvalidState(format!(
-                "instance {} is live-migrating to node {} (or that node has not said whether \
-                 it runs there): try again once it has",
-                row.id, o.to_node
-            )));
-        }
+        // copy must not be started (or removed) until the daemon knows.
+        remote::check_not_departing(&row)?;
         let allowed = match desired {
             InstanceState::Stopped => !matches!(
                 row.state,

@@ -61,6 +61,9 @@ pub struct IncomingSpec {
     /// The guest runs here: the source was told so.
     #[serde(default)]
     pub ran: bool,
+    /// Its post-copy was cut and its half here removed: the source restarts it from its disk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lost: bool,
 }
 
 /// The source's record of a migration it is making.
@@ -68,6 +71,10 @@ pub struct IncomingSpec {
 pub struct OutgoingSpec {
     pub migration: String,
     pub to_node: String,
+    /// Its post-copy was cut: the destination's half must be removed before this one may
+    /// start again (asked until it says it is).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lost: bool,
 }
 
 /// An instance arriving: what the destination's create keeps from the source.
@@ -89,6 +96,31 @@ pub(crate) struct Receiving {
 /// Longest a received migration may wait for its source to finish (the source's own
 /// deadlines, mirror then copy, are 10 minutes each).
 const RECEIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// What an unresolved departure comes to.
+enum Departure {
+    /// The guest runs there: the instance here ends.
+    Finish,
+    /// It never ran there and nothing of it is left there: the guest resumes here.
+    Keep,
+    /// A lost post-copy whose half there is gone: the instance may start here again.
+    Restart,
+}
+
+/// Refuses what would run, resume or change instance `row` while a live migration of it to
+/// another node is unresolved (its guest may run there).
+pub(crate) fn check_not_departing(row: &InstanceRow) -> Result<()> {
+    match &row.spec.outgoing {
+        Some(o) if row.state != InstanceState::Terminated => {
+            Err(EngineError::InvalidState(format!(
+                "instance {} is live-migrating to node {} (or that node has not said whether \
+                 the guest runs there): try again once it has",
+                row.name, o.to_node
+            )))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Why a migration to a peer ended without moving the guest.
 enum Away {
@@ -177,6 +209,7 @@ impl Engine {
         spec.outgoing = Some(OutgoingSpec {
             migration: migration.clone(),
             to_node: to.to_string(),
+            lost: false,
         });
         self.store.set_spec(&row.id, &spec, self.tick()).await?;
         self.event(
@@ -186,6 +219,7 @@ impl Engine {
         )
         .await;
         let (node, id) = (self.node.clone(), row.id.clone());
+        let offer_id = migration.clone();
         let started = std::time::Instant::now();
         let sent =
             tokio::task::spawn_blocking(move || send_to_peer(&node, &id, &ask, &*peer, &offer))
@@ -225,7 +259,17 @@ impl Engine {
                 )))
             }
             Err(Away::Lost { why, dropped }) => {
-                self.store.set_spec(&row.id, &row.spec, self.tick()).await?;
+                // Until the destination has removed its half, the departure stays recorded
+                // (lost): `run_departures` asks it again, and nothing starts this one.
+                let mut spec = row.spec.clone();
+                if !dropped {
+                    spec.outgoing = Some(OutgoingSpec {
+                        migration: offer_id.clone(),
+                        to_node: to.to_string(),
+                        lost: true,
+                    });
+                }
+                self.store.set_spec(&row.id, &spec, self.tick()).await?;
                 self.event(&row.id, "migration_failed", why.clone()).await;
                 // Neither half runs on: the source's QEMU goes. The instance restarts from
                 // its disk here only once the destination has removed its half; else it
@@ -248,8 +292,8 @@ impl Engine {
                     format!(
                         "live migration of {} to node {to} failed after the switch to \
                          post-copy: {why}; the guest is lost, and node {to} did not confirm it \
-                         removed its half: the instance is stopped here (start it once node \
-                         {to} shows none)",
+                         removed its half: the instance stays stopped here until it does \
+                         (asked every minute), then can be started",
                         row.name
                     )
                 }))
@@ -436,6 +480,7 @@ impl Engine {
                 from_node: offer.from_node.clone(),
                 vm: Some(Box::new(vm.clone())),
                 ran: false,
+                lost: false,
             },
         };
         let mut create = offer.create.clone();
@@ -483,11 +528,14 @@ impl Engine {
         let (me, mid) = (self.clone(), offer.migration.clone());
         tokio::spawn(async move {
             tokio::time::sleep(RECEIVE_TIMEOUT).await;
-            let taken = me
-                .incoming
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&mid);
+            // Not one being started (its guest may run by now: it is the run's to finish).
+            let taken = {
+                let mut m = me.incoming.lock().unwrap_or_else(|p| p.into_inner());
+                match m.get(&mid) {
+                    Some(r) if !r.starting => m.remove(&mid),
+                    _ => None,
+                }
+            };
             if let Some(r) = taken {
                 me.arrival_failed(&r.id, "the source did not finish it in time")
                     .await;
@@ -633,11 +681,14 @@ impl Engine {
             .map(|i| i.from_node.clone())
             .unwrap_or_default();
         if let Err(e) = resumed {
-            // Recorded as run here: the source does not take it back. A restarted daemon
-            // resumes it again; meanwhile it is said.
+            // Recorded as run here: the source does not take it back. The guest is lost at
+            // its switchover: the instance fails here and its restart policy acts.
             let why = format!("the received guest could not be resumed: {e}");
             tracing::error!(instance = %id, "{why}");
+            self.set_state(&id, InstanceState::Failed, Some(&why))
+                .await?;
             self.event(&id, "migration_failed", why.clone()).await;
+            self.wake.notify_one();
             drop(taken);
             return Err(EngineError::Internal(why));
         }
@@ -697,12 +748,23 @@ impl Engine {
             return Ok(status(migration, MigrationPhase::Gone));
         }
         match self.arrival_phase(migration).await? {
-            MigrationPhase::Gone => Ok(status(migration, MigrationPhase::Gone)),
+            MigrationPhase::Gone | MigrationPhase::Unknown => {
+                Ok(status(migration, MigrationPhase::Gone))
+            }
             MigrationPhase::Running if lost => {
                 let id = migration_instance(migration)
                     .unwrap_or_default()
                     .to_string();
                 let _guard = self.lock_for(&id).lock_owned().await;
+                // Recorded first: from then on this node answers `gone` (the source restarts
+                // it from its disk), whatever happens to the removal.
+                if let Some(row) = self.store.instance(&id).await? {
+                    let mut spec = row.spec.clone();
+                    if let Some(i) = spec.incoming.as_mut() {
+                        i.lost = true;
+                    }
+                    self.store.set_spec(&id, &spec, self.tick()).await?;
+                }
                 self.arrival_failed(&id, "its post-copy was cut").await;
                 Ok(status(migration, MigrationPhase::Gone))
             }
@@ -737,7 +799,7 @@ impl Engine {
             return Ok(MigrationPhase::Waiting);
         }
         let Some(id) = migration_instance(migration) else {
-            return Ok(MigrationPhase::Gone);
+            return Ok(MigrationPhase::Unknown);
         };
         let row = self.store.instance(id).await?;
         Ok(
@@ -746,11 +808,12 @@ impl Engine {
                     .incoming
                     .as_ref()
                     .filter(|i| i.migration == migration)
-                    .map(|i| (i.ran, r.state))
+                    .map(|i| (i.ran && !i.lost, r.state))
             }) {
                 Some((true, _)) => MigrationPhase::Running,
-                Some((false, InstanceState::Terminated)) | None => MigrationPhase::Gone,
+                Some((false, InstanceState::Terminated)) => MigrationPhase::Gone,
                 Some((false, _)) => MigrationPhase::Waiting,
+                None => MigrationPhase::Unknown,
             },
         )
     }
@@ -863,19 +926,38 @@ impl Engine {
             self.event(&row.id, "migration_unresolved", why).await;
             return Ok(false);
         };
-        let mid = o.migration.clone();
+        let (mid, lost) = (o.migration.clone(), o.lost);
+        let (node, id) = (self.node.clone(), row.id.clone());
+        // Whether the destination may have run it: once the copy here went whole.
+        let whole = lost
+            || tokio::task::spawn_blocking(move || node.vm().map_or(true, |vm| vm.sent_whole(&id)))
+                .await
+                .unwrap_or(true);
         let asked = tokio::task::spawn_blocking(move || {
+            if lost {
+                return peer.drop_migration(&mid, true).map(|()| Departure::Restart);
+            }
             match peer.phase(&mid) {
-                Ok(MigrationPhase::Running) => Ok(true),
-                // Never ran there: removed there first, then the guest may resume here.
-                Ok(_) => peer.drop_migration(&mid, false).map(|()| false),
+                Ok(MigrationPhase::Running) => Ok(Departure::Finish),
+                Ok(MigrationPhase::Waiting | MigrationPhase::Gone) => {
+                    peer.drop_migration(&mid, false).map(|()| Departure::Keep)
+                }
+                Ok(MigrationPhase::Unknown) if !whole => {
+                    let _ = peer.drop_migration(&mid, false);
+                    Ok(Departure::Keep)
+                }
+                Ok(MigrationPhase::Unknown) => Err(
+                    "it has no record of the migration and the copy here had completed, so it \
+                     may have run the guest: check it there"
+                        .to_string(),
+                ),
                 Err(e) => Err(e),
             }
         })
         .await
         .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
         match asked {
-            Ok(true) => {
+            Ok(Departure::Finish) => {
                 self.moved_away(
                     &row.id,
                     &o.to_node,
@@ -887,8 +969,24 @@ impl Engine {
                 .await?;
                 Ok(true)
             }
-            Ok(false) => {
+            Ok(Departure::Keep) => {
                 self.keep_departed(row).await?;
+                Ok(true)
+            }
+            Ok(Departure::Restart) => {
+                let mut spec = row.spec.clone();
+                spec.outgoing = None;
+                self.store.set_spec(&row.id, &spec, self.tick()).await?;
+                self.event(
+                    &row.id,
+                    "migration_recovered",
+                    format!(
+                        "node {} removed its half of the lost post-copy: the instance may be \
+                         started here",
+                        o.to_node
+                    ),
+                )
+                .await;
                 Ok(true)
             }
             Err(e) => {
@@ -966,11 +1064,17 @@ fn send_to_peer(
             return Err(Away::Stayed(format!("opening its channels: {e}")));
         }
     };
+    // At a post-copy switch: an answer lost on the way is not a guest lost.
     let mut run_there = || {
-        peer.run(mid).map_err(|e| VmError::Migrate {
-            id: id.to_string(),
-            why: format!("the destination did not run the guest: {e}"),
-        })
+        peer.run(mid)
+            .or_else(|e| match peer.phase(mid) {
+                Ok(MigrationPhase::Running) => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| VmError::Migrate {
+                id: id.to_string(),
+                why: format!("the destination did not run the guest: {e}"),
+            })
     };
     let sent = match vm.send(node, id, ask, disk, state, &mut run_there) {
         Ok(s) => s,
@@ -987,7 +1091,7 @@ fn send_to_peer(
             return Err(Away::Stayed(e.to_string()));
         }
     };
-    if sent.postcopy {
+    if sent.ran_there {
         return Ok(sent); // it runs there since the switch
     }
     // The guest is paused here for good unless the destination confirms it did not run it.
@@ -997,7 +1101,12 @@ fn send_to_peer(
     };
     match peer.phase(mid) {
         Ok(MigrationPhase::Running) => return Ok(sent),
-        Ok(_) => {}
+        Ok(MigrationPhase::Waiting | MigrationPhase::Gone) => {}
+        Ok(MigrationPhase::Unknown) => {
+            return Err(Away::Unknown(format!(
+                "the destination did not run it ({ran}) and has no record of it"
+            )))
+        }
         Err(e) => {
             return Err(Away::Unknown(format!(
                 "the destination did not run it ({ran}) and did not say where it stands: {e}"

@@ -86,6 +86,7 @@ impl Engine {
     ) -> Result<wire::Instance> {
         who.allow(Op::ScaleInstance)?;
         let row = self.find(who, id).await?;
+        super::remote::check_not_departing(&row)?;
         let size = Size::asked(&row, req);
         self.check_scale(&row, size)?;
         validate::disk_io(&req.disk_io)?;

@@ -108,6 +108,7 @@ impl Engine {
         who.allow(Op::SnapshotInstance)?;
         validate::name("snapshot", &req.name)?;
         let row = self.find(who, instance).await?;
+        super::remote::check_not_departing(&row)?;
         check_snapshottable(&row, self.is_simulated(&row), req.memory)?;
         let need = self.snapshot_need(&row, req.memory).await?;
         let mut snap = SnapshotRow {
@@ -457,6 +458,7 @@ impl Engine {
     ) -> Result<wire::Instance> {
         who.allow(Op::RestoreInstance)?;
         let row = self.find(who, instance).await?;
+        super::remote::check_not_departing(&row)?;
         if self.is_simulated(&row) {
             return Err(EngineError::InvalidState(format!(
                 "instance {} is on simulated node {}: it has no disks to restore",

@@ -154,7 +154,7 @@ pub fn transfer(
     src.migrate(&format!("fd:{CHANNEL}"))?;
     // Each QEMU has its own end now.
     drop((a, b));
-    let (stats, switched) = copy(src, ask, &mut |_| Ok(()), &mut || Ok(()))?;
+    let (stats, switched, _) = copy(src, ask, &mut |_| Ok(()), &mut || Ok(()))?;
     // The source's guest was running: the destination runs on its own once the state is in.
     let deadline = Instant::now() + RUN_DEADLINE;
     loop {
@@ -189,15 +189,15 @@ fn lost(switched: bool, e: VmError) -> VmError {
 /// Drives the migration `src` has begun until it completes: switches to post-copy after
 /// the first full pass when asked; at `pre-switchover` (when the source asked to pause
 /// there) calls `switchover` with the guest paused, then lets it go on; calls
-/// `postcopy_began` once the guest has switched to the destination in post-copy. Returns
-/// QEMU's figures and whether it ended in post-copy (an error after the switch is
-/// [`VmError::PostcopyLost`]).
+/// `postcopy_began` once the guest has switched to the destination in post-copy (seen
+/// active). Returns QEMU's figures, whether it switched to post-copy and whether the
+/// destination was let run then (an error after the switch is [`VmError::PostcopyLost`]).
 pub(super) fn copy(
     src: &mut Monitor,
     ask: &MigrateAsk,
     switchover: &mut dyn FnMut(&mut Monitor) -> Result<(), VmError>,
     postcopy_began: &mut dyn FnMut() -> Result<(), VmError>,
-) -> Result<(MigrationStats, bool), VmError> {
+) -> Result<(MigrationStats, bool, bool), VmError> {
     let mut switched = false;
     let mut continued = false;
     let mut began = false;
@@ -205,14 +205,10 @@ pub(super) fn copy(
     loop {
         let st = src.migration_stats().map_err(|e| lost(switched, e))?;
         match st.status.as_str() {
-            "completed" => {
-                // A post-copy whose last pages went before this loop saw it active: the
-                // destination must still be let run.
-                if switched && !began {
-                    postcopy_began().map_err(|e| lost(true, e))?;
-                }
-                return Ok((st, switched));
-            }
+            // A post-copy whose last pages went before this loop saw it active: the source
+            // holds the whole state, so the caller lets the destination run (or not) as after
+            // a pre-copy.
+            "completed" => return Ok((st, switched, began)),
             "failed" | "cancelled" | "postcopy-paused" => {
                 let why = st.error.unwrap_or(st.status);
                 return Err(lost(switched, failed("migrate", why)));

@@ -46,7 +46,11 @@ const BANDWIDTH: u64 = 64 << 30;
 #[derive(Debug, Clone)]
 pub struct Sent {
     pub stats: MigrationStats,
+    /// It switched to post-copy.
     pub postcopy: bool,
+    /// The destination was told to run at the switch (else the caller tells it, as after a
+    /// pre-copy: the source holds the whole state).
+    pub ran_there: bool,
     pub pid: i32,
 }
 
@@ -108,9 +112,10 @@ impl VmRuntime {
             copy(&mut src, ask, &mut end_mirror, run_destination)
         })();
         match sent {
-            Ok((stats, postcopy)) => Ok(Sent {
+            Ok((stats, postcopy, ran_there)) => Ok(Sent {
                 stats,
                 postcopy,
+                ran_there,
                 pid,
             }),
             Err(e @ VmError::PostcopyLost { .. }) => Err(e.into()),
@@ -223,6 +228,17 @@ impl VmRuntime {
         let _ = dst.nbd_stop();
         dst.resume()?;
         Ok(())
+    }
+
+    /// Whether the source's copy went whole (completed, or switched to post-copy): from then
+    /// on the destination may have run the guest. True when QEMU cannot say (unsure is
+    /// taken as "may have").
+    pub fn sent_whole(&self, id: &str) -> bool {
+        Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))
+            .and_then(|mut m| m.migration_stats())
+            .map_or(true, |st| {
+                st.status == "completed" || st.status.starts_with("postcopy")
+            })
     }
 
     /// Whether the destination's guest runs (a restarted daemon keeps such an instance:
