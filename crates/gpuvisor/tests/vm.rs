@@ -1711,6 +1711,14 @@ impl TwoHosts {
                 .is_ok_and(|s| s.success())
             {}
         }
+        // The two daemons' (empty) cgroup parents.
+        for d in ["gpuvisor-ma", "gpuvisor-mb"] {
+            for dir in cgroup_dirs(d) {
+                if let Some(parent) = dir.parent() {
+                    let _ = std::fs::remove_dir(parent.join(d));
+                }
+            }
+        }
     }
 }
 

@@ -30,10 +30,11 @@ impl Engine {
                 "max_downtime_ms {max_downtime_ms} is outside 1..={MAX_MAX_DOWNTIME_MS}"
             )));
         }
-        let peer = match req.to.as_deref().filter(|t| *t != self.cfg.node_id) {
-            Some(to) => Some((to.to_string(), self.peer(to))),
-            None => None,
-        };
+        let peer = req
+            .to
+            .as_deref()
+            .filter(|t| *t != self.cfg.node_id)
+            .map(|to| (to.to_string(), self.peer(to)));
         if let Some((to, None)) = &peer {
             return Err(if self.is_simulated_node(to) {
                 EngineError::InvalidArgument(format!(

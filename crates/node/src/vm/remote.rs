@@ -430,7 +430,8 @@ mod tests {
 
     #[test]
     fn what_cannot_match_is_refused() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut VmSpec)>)> = vec![
+        type Change = Box<dyn Fn(&mut VmSpec)>;
+        let cases: Vec<(&str, Change)> = vec![
             (
                 "GPUs",
                 Box::new(|s| {
