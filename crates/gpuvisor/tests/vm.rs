@@ -1758,21 +1758,10 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     let _g = serial();
     let Some(fx) = fixture() else { return };
     let _hosts = TwoHosts::make();
-    let (k, i) = (fx.join("vmlinuz"), fx.join("initrd.img"));
-    let flags = |prefix: &'static str| -> Vec<String> {
-        [
-            "--stop-grace",
-            "60s",
-            "--vm-kernel",
-            k.to_str().unwrap(),
-            "--vm-initrd",
-            i.to_str().unwrap(),
-            "--net-prefix",
-            prefix,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let flags = |prefix: &str| -> Vec<String> {
+        let mut f = common::vm::vm_flags(&fx);
+        f.extend(["--net-prefix".to_string(), prefix.to_string()]);
+        f
     };
     // Each daemon's [[peer]] is the other (B restarted once A's node id exists).
     let peer_of = |d: &Daemon, addr: &str, file: &str| -> (String, Vec<String>) {

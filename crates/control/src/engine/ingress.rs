@@ -220,14 +220,7 @@ impl Engine {
         }
         let tenant = self.key_tenant(&row.tenant_id).await?;
         let ip = self
-            .node
-            .net
-            .address(
-                &gpuvisor_node::net::TenantNet {
-                    slot: tenant.net_slot,
-                },
-                row.ip_host,
-            )
+            .address_in(&tenant, &row)
             .map_err(|e| EngineError::Unavailable(format!("instance {id} has no address: {e}")))?;
         Ok(IngressTarget {
             instance: row.id,
@@ -463,5 +456,21 @@ impl Engine {
             }
         }
         Ok(stopped)
+    }
+}
+
+impl Engine {
+    /// Instance `row`'s address in its tenant's network on this host.
+    pub(crate) fn address_in(
+        &self,
+        tenant: &crate::store::TenantRow,
+        row: &crate::store::InstanceRow,
+    ) -> std::result::Result<std::net::Ipv4Addr, gpuvisor_node::net::NetError> {
+        self.node.net.address(
+            &gpuvisor_node::net::TenantNet {
+                slot: tenant.net_slot,
+            },
+            row.ip_host,
+        )
     }
 }

@@ -181,14 +181,7 @@ impl Engine {
             .await?
             .ok_or_else(|| EngineError::Internal(format!("image {} is gone", row.image)))?;
         let address = self
-            .node
-            .net
-            .address(
-                &gpuvisor_node::net::TenantNet {
-                    slot: tenant.net_slot,
-                },
-                row.ip_host,
-            )
+            .address_in(&tenant, row)
             .map_err(|e| EngineError::Internal(e.to_string()))?;
         // `<instance>.<nonce>`: the destination finds the instance a migration id names.
         let migration = format!("{}.{}", row.id, super::new_instance_id()?);
@@ -1166,5 +1159,60 @@ fn create_request(row: &InstanceRow) -> wire::CreateInstance {
         idle_timeout_secs: s.idle_timeout_secs,
         disk_io: s.disk_io,
         from_snapshot: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_migration_id_names_its_instance() {
+        assert_eq!(
+            migration_instance("0123456789ab.ba9876543210"),
+            Some("0123456789ab")
+        );
+        for bad in [
+            "0123456789ab",
+            "0123456789ab.",
+            "0123456789AB.ba9876543210",
+            "../../etc.ba9876543210",
+            "0123456789ab.ba9876543210.x",
+        ] {
+            assert_eq!(migration_instance(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn nothing_runs_or_changes_an_instance_whose_departure_is_unresolved() {
+        let mut row = InstanceRow {
+            id: "0123456789ab".into(),
+            name: "vm".into(),
+            tenant_id: "t".into(),
+            node_id: "n".into(),
+            image: "busybox".into(),
+            runtime: wire::RuntimeKind::Vm,
+            state: InstanceState::Running,
+            desired: InstanceState::Running,
+            reason: None,
+            spec: InstanceSpec::default(),
+            cpus: vec![0],
+            gpus: vec![],
+            ip_host: 2,
+            created_at: 0,
+            updated_at: 0,
+            restart: Default::default(),
+        };
+        assert!(check_not_departing(&row).is_ok());
+        row.spec.outgoing = Some(OutgoingSpec {
+            migration: "0123456789ab.ba9876543210".into(),
+            to_node: "node-b".into(),
+            lost: false,
+        });
+        let e = check_not_departing(&row).unwrap_err().to_string();
+        assert!(e.contains("node-b"), "{e}");
+        // Once it has left (terminated here), the record is history only.
+        row.state = InstanceState::Terminated;
+        assert!(check_not_departing(&row).is_ok());
     }
 }

@@ -131,16 +131,24 @@ pub fn debian_template() -> Option<PathBuf> {
 /// the minimal guest; an image with its own kernel, the Debian template, boots that), with a
 /// stop grace long enough for a guest under TCG on a loaded machine.
 pub fn vm_daemon(fx: &Path) -> Daemon {
-    let k = fx.join("vmlinuz");
-    let i = fx.join("initrd.img");
-    Daemon::start(&[
+    let flags = vm_flags(fx);
+    Daemon::start(&flags.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The `serve` flags of [`vm_daemon`].
+pub fn vm_flags(fx: &Path) -> Vec<String> {
+    let (k, i) = (fx.join("vmlinuz"), fx.join("initrd.img"));
+    [
         "--stop-grace",
         "60s",
         "--vm-kernel",
         k.to_str().unwrap(),
         "--vm-initrd",
         i.to_str().unwrap(),
-    ])
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// `instance logs ID`: the guest's serial console.
