@@ -73,6 +73,9 @@ pub struct SimArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// Time every placement (decide + commit) and report p50/p99 per policy (shuffle replay).
+    #[arg(long)]
+    pub timing: bool,
 }
 
 /// Per integer arrived %: (sum of alloc %, samples).
@@ -109,6 +112,33 @@ struct PolicyResult {
     /// Largest (unallocated − fgd's) at the integer points 90..=130 and where.
     worst_vs_fgd: Option<(f64, usize)>,
     full_node: FullNode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency: Option<Latency>,
+}
+
+/// Placement latency over every placement of every seed (`--timing`).
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Latency {
+    p50_us: f64,
+    p99_us: f64,
+    count: usize,
+}
+
+fn latency_of(runs: &[Run]) -> Option<Latency> {
+    let mut all: Vec<u64> = runs
+        .iter()
+        .flat_map(|r| r.latency_ns.iter().copied())
+        .collect();
+    if all.is_empty() {
+        return None;
+    }
+    all.sort_unstable();
+    let at = |q: f64| all[((all.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+    Some(Latency {
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        count: all.len(),
+    })
 }
 
 fn invalid(msg: impl Into<String>) -> CliError {
@@ -294,6 +324,8 @@ struct Run {
     first_full_refused: Option<f64>,
     /// Full-node requests refused by arrived 100%.
     full_refused_by_100: u32,
+    /// With `--timing`: nanoseconds per placement (decide + commit), in order.
+    latency_ns: Vec<u64>,
 }
 
 /// One run of the protocol: sum and count of alloc% per integer arrived%.
@@ -303,6 +335,7 @@ fn run_one(
     workload: &[Request],
     policy: Policy,
     seed: u64,
+    timing: bool,
 ) -> Result<Run, CliError> {
     let capacity: u64 = nodes.iter().map(Node::total_gpu_milli).sum();
     if capacity == 0 {
@@ -336,7 +369,12 @@ fn run_one(
     for (id, &i) in order.iter().enumerate() {
         let req = &pods[i].req;
         arrived += req.gpu.milli();
-        if sched.place(id as u64, req).is_ok() {
+        let start = timing.then(std::time::Instant::now);
+        let placed = sched.place(id as u64, req).is_ok();
+        if let Some(t) = start {
+            run.latency_ns.push(t.elapsed().as_nanos() as u64);
+        }
+        if placed {
             allocated += req.gpu.milli();
         } else if matches!(req.gpu, GpuDemand::Whole(n) if n >= full) {
             let at = arrived as f64 / unit;
@@ -530,7 +568,7 @@ pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
     }
 
     let runs = par_map(&jobs, args.jobs, |&(p, seed)| {
-        run_one(&nodes, &pods, &workload, policies[p], seed)
+        run_one(&nodes, &pods, &workload, policies[p], seed, args.timing)
     })?;
     let mut per_policy: Vec<Vec<Run>> = vec![Vec::new(); policies.len()];
     for (j, r) in jobs.iter().zip(runs) {
@@ -545,6 +583,7 @@ pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
         })
         .collect();
     let fulls: Vec<FullNode> = per_policy.iter().map(|r| full_node(r)).collect();
+    let latency: Vec<Option<Latency>> = per_policy.iter().map(|r| latency_of(r)).collect();
     let fgd = policies
         .iter()
         .position(|p| *p == Policy::Fgd)
@@ -610,6 +649,15 @@ pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
                 args.seeds
             )?;
             writeln!(stdout, "{t}")?;
+            for ((name, _), l) in curves.iter().zip(&latency) {
+                if let Some(l) = l {
+                    writeln!(
+                        stdout,
+                        "{name}: placement (decide + commit) p50 {:.1} µs, p99 {:.1} µs, {} placements",
+                        l.p50_us, l.p99_us, l.count
+                    )?;
+                }
+            }
         }
         Format::Json | Format::Yaml | Format::Csv => {
             let out = Output {
@@ -617,7 +665,8 @@ pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
                     .iter()
                     .zip(&fulls)
                     .zip(&vs_fgd)
-                    .map(|(((name, c), full), vs)| PolicyResult {
+                    .zip(&latency)
+                    .map(|((((name, c), full), vs), l)| PolicyResult {
                         policy: name.clone(),
                         unallocated_pct: POINTS
                             .iter()
@@ -625,6 +674,7 @@ pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
                             .collect(),
                         worst_vs_fgd: vs.map(|(d, p)| (round2(d), p)),
                         full_node: *full,
+                        latency: *l,
                     })
                     .collect(),
             };

@@ -258,3 +258,144 @@ pub(crate) fn to_csv(pods: &[Pod]) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuvisor_scheduler::{Gpu, GpuKind, Request};
+
+    fn pod(name: &str, gpu: GpuDemand) -> Pod {
+        Pod {
+            name: name.to_string(),
+            req: Request {
+                cpu_milli: 4000,
+                memory_mib: 8192,
+                gpu,
+                ..Request::default()
+            },
+            created: Some(1),
+            deleted: Some(2),
+        }
+    }
+
+    /// 100 GPU pods (60 whole 1-GPU, 30 sharing, 10 multi-GPU) and 20 CPU-only pods.
+    fn sample() -> Vec<Pod> {
+        let mut v = Vec::new();
+        for i in 0..60 {
+            v.push(pod(&format!("w{i}"), GpuDemand::Whole(1)));
+        }
+        for i in 0..30 {
+            v.push(pod(
+                &format!("s{i}"),
+                GpuDemand::Fraction {
+                    milli: 500,
+                    vram_mib: 0,
+                },
+            ));
+        }
+        for i in 0..10 {
+            v.push(pod(&format!("m{i}"), GpuDemand::Whole(2 + (i % 2) * 6)));
+        }
+        for i in 0..20 {
+            v.push(pod(&format!("c{i}"), GpuDemand::None));
+        }
+        v
+    }
+
+    fn nodes() -> Vec<Node> {
+        let mk = |name: &str, model: &str, gpus: usize| {
+            Node::new(
+                name,
+                64_000,
+                262_144,
+                (0..gpus)
+                    .map(|_| Gpu::new(model, 0, GpuKind::Shareable))
+                    .collect(),
+            )
+        };
+        vec![mk("a", "T4", 2), mk("b", "G2", 8), mk("c", "G2", 8)]
+    }
+
+    fn gen(families: &[Family], seed: u64) -> Vec<Pod> {
+        let mut rng = SplitMix64::new(seed);
+        let mut pods = sample();
+        for &f in families {
+            pods = apply(&pods, f, &nodes(), &mut rng).unwrap();
+        }
+        pods
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_file_and_another_seed_another() {
+        let fams = [Family::Share(0.6), Family::GpuSpec(0.25)];
+        assert_eq!(to_csv(&gen(&fams, 7)), to_csv(&gen(&fams, 7)));
+        assert_ne!(to_csv(&gen(&fams, 7)), to_csv(&gen(&fams, 8)));
+    }
+
+    #[test]
+    fn family_shares_are_exact_and_cpu_pods_are_kept() {
+        let count = |pods: &[Pod], f: &dyn Fn(&Pod) -> bool| pods.iter().filter(|p| f(p)).count();
+        for share in [0.2, 0.6, 1.0] {
+            let p = gen(&[Family::Share(share)], 1);
+            assert_eq!(count(&p, &|p| is_gpu(p)), 100);
+            assert_eq!(count(&p, &|p| !is_gpu(p)), 20);
+            let sharing = count(&p, &|p| matches!(p.req.gpu, GpuDemand::Fraction { .. }));
+            assert_eq!(sharing, (share * 100.0) as usize);
+        }
+        for share in [0.2, 0.5] {
+            let p = gen(&[Family::Multi(share)], 1);
+            let multi = count(&p, &|p| matches!(p.req.gpu, GpuDemand::Whole(n) if n >= 2));
+            assert_eq!(multi, (share * 100.0) as usize);
+            assert_eq!(count(&p, &|p| is_gpu(p)), 100);
+        }
+        for share in [0.1, 0.25, 0.33] {
+            let p = gen(&[Family::GpuSpec(share)], 1);
+            let constrained = count(&p, &|p| p.req.models.len() == 1);
+            assert_eq!(constrained, (share * 100.0_f64).round() as usize);
+            assert_eq!(count(&p, &|p| !is_gpu(p) && !p.req.models.is_empty()), 0);
+            // An 8-GPU pod only gets a model with an 8-GPU node.
+            assert!(p
+                .iter()
+                .filter(|p| p.req.gpu == GpuDemand::Whole(8))
+                .all(|p| p.req.models.iter().all(|m| m == "G2")));
+        }
+    }
+
+    #[test]
+    fn copies_are_spread_evenly_with_unique_names_and_times_kept() {
+        let p = gen(&[Family::Multi(0.5)], 3);
+        let mut names: Vec<&str> = p.iter().map(|p| p.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), p.len());
+        // 50 draws from 10 multi-GPU pods: each exactly 5 times.
+        for i in 0..10 {
+            let n = p
+                .iter()
+                .filter(|x| x.name.starts_with(&format!("m{i}-g")))
+                .count();
+            assert_eq!(n, 5);
+        }
+        assert!(p
+            .iter()
+            .all(|x| x.created == Some(1) && x.deleted == Some(2)));
+        // The written list reads back to the same pods.
+        let back = super::super::pods_from(&to_csv(&p), std::path::Path::new("x.csv")).unwrap();
+        assert_eq!(back.len(), p.len());
+        assert!(back
+            .iter()
+            .zip(&p)
+            .all(|(a, b)| a.req == b.req && a.name == b.name));
+    }
+
+    #[test]
+    fn bad_families_are_refused() {
+        for bad in ["share", "share:1.5", "gpu:0.2", "multi:x"] {
+            assert!(bad.parse::<Family>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            "gpu-spec:0.25".parse::<Family>().unwrap(),
+            Family::GpuSpec(0.25)
+        );
+    }
+}
