@@ -175,7 +175,8 @@ fn constrain(
     rng: &mut SplitMix64,
 ) -> Result<Vec<Pod>, CliError> {
     // Per model: its GPU count (the draw's weight) and its nodes' (GPUs, CPU, memory).
-    let mut models: Vec<(String, u64, Vec<(usize, u64, u64)>)> = Vec::new();
+    type Sizes = Vec<(usize, u64, u64)>;
+    let mut models: Vec<(String, u64, Sizes)> = Vec::new();
     for n in nodes {
         let Some(g) = n.gpus.first() else { continue };
         let i = match models.iter().position(|m| m.0 == g.model) {
