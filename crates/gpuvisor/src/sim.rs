@@ -14,28 +14,47 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use clap::Args;
+use clap::{Args, Subcommand};
 use gpuvisor_scheduler::{
     rng::SplitMix64, Gpu, GpuDemand, GpuKind, Node, Policy, Request, Scheduler,
 };
+
+#[path = "simgen.rs"]
+mod simgen;
+#[path = "simreplay.rs"]
+mod simreplay;
+
 use serde::Serialize;
+pub use simgen::GenerateArgs;
+pub use simreplay::Replay;
 
 use crate::cli::CliError;
 use crate::output::Format;
 
 /// The arrived-% points reported.
 pub const POINTS: [usize; 5] = [90, 95, 100, 110, 130];
+/// The range over which a policy is compared with FGD point by point.
+const COMPARE: std::ops::RangeInclusive<usize> = 90..=130;
 const INFLATE: f64 = 1.3;
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct SimArgs {
+    #[command(subcommand)]
+    pub action: Option<SimAction>,
     /// Node list CSV (`sn,cpu_milli,memory_mib,gpu,model`).
-    #[arg(long, value_name = "FILE")]
-    pub nodes: PathBuf,
+    #[arg(long, value_name = "FILE", required = true)]
+    pub nodes: Option<PathBuf>,
     /// Pod list CSV: `name,cpu_milli,memory_mib,num_gpu,gpu_milli` required, in any order;
-    /// `gpu_spec` (allowed GPU models, `|`-separated) and the trace's other columns optional.
-    #[arg(long, value_name = "FILE")]
-    pub pods: PathBuf,
+    /// `gpu_spec` (allowed GPU models, `|`-separated), `creation_time`, `deletion_time` and the
+    /// trace's other columns optional.
+    #[arg(long, value_name = "FILE", required = true)]
+    pub pods: Option<PathBuf>,
+    /// How pods are fed: `shuffle` (the published protocol: per seed shuffled, inflated to 1.3×,
+    /// no departures), `time` (trace time: arrivals and departures, no inflation) or `creation`
+    /// (creation order, no departures).
+    #[arg(long, value_enum, default_value = "shuffle")]
+    pub replay: Replay,
     /// Policies to compare (repeat or comma-separate): bestfit, fgd, spread, random, gvfrag.
     #[arg(long = "policy", value_delimiter = ',', default_values_t = vec!["bestfit".to_string(), "fgd".to_string(), "gvfrag".to_string()])]
     pub policies: Vec<String>,
@@ -54,6 +73,9 @@ pub struct SimArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// Time every placement (decide + commit) and report p50/p99 per policy (shuffle replay).
+    #[arg(long)]
+    pub timing: bool,
 }
 
 /// Per integer arrived %: (sum of alloc %, samples).
@@ -61,10 +83,21 @@ type Buckets = Vec<(f64, u32)>;
 /// A named mean curve: alloc % per integer arrived % (`None` where no sample fell).
 type Curve = (String, Vec<Option<f64>>);
 
+/// `gpuvisor sim` sub-modes.
+#[derive(Debug, Subcommand)]
+pub enum SimAction {
+    /// Write a workload family built from a pod list (seeded): a share of the GPU pods
+    /// constrained to one GPU model, GPU-sharing, or multi-GPU. See docs/bench/scheduler.md.
+    Generate(GenerateArgs),
+}
+
 #[derive(Debug, Clone)]
 struct Pod {
     name: String,
     req: Request,
+    /// `creation_time` and `deletion_time` where the list has them (time replay).
+    created: Option<u64>,
+    deleted: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +109,36 @@ struct Output {
 struct PolicyResult {
     policy: String,
     unallocated_pct: BTreeMap<String, f64>,
+    /// Largest (unallocated − fgd's) at the integer points 90..=130 and where.
+    worst_vs_fgd: Option<(f64, usize)>,
+    full_node: FullNode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency: Option<Latency>,
+}
+
+/// Placement latency over every placement of every seed (`--timing`).
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Latency {
+    p50_us: f64,
+    p99_us: f64,
+    count: usize,
+}
+
+fn latency_of(runs: &[Run]) -> Option<Latency> {
+    let mut all: Vec<u64> = runs
+        .iter()
+        .flat_map(|r| r.latency_ns.iter().copied())
+        .collect();
+    if all.is_empty() {
+        return None;
+    }
+    all.sort_unstable();
+    let at = |q: f64| all[((all.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+    Some(Latency {
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        count: all.len(),
+    })
 }
 
 fn invalid(msg: impl Into<String>) -> CliError {
@@ -210,6 +273,13 @@ fn pods_from(text: &str, path: &Path) -> Result<Vec<Pod>, CliError> {
                 .filter(|s| !s.is_empty())
                 .map(String::from)
                 .collect();
+            let time = |s: &str, what: &str| -> Result<Option<u64>, CliError> {
+                if s.is_empty() {
+                    Ok(None)
+                } else {
+                    num(s, what).map(Some)
+                }
+            };
             Ok(Pod {
                 name: r[0].clone(),
                 req: Request {
@@ -219,6 +289,8 @@ fn pods_from(text: &str, path: &Path) -> Result<Vec<Pod>, CliError> {
                     models,
                     ..Request::default()
                 },
+                created: time(&r[8], "creation_time")?,
+                deleted: time(&r[9], "deletion_time")?,
             })
         })
         .collect()
@@ -243,6 +315,19 @@ fn parse_seeds(s: &str) -> Result<Vec<u64>, CliError> {
         .collect()
 }
 
+/// What one run of the protocol measured.
+#[derive(Debug, Clone, Default)]
+struct Run {
+    buckets: Buckets,
+    /// Arrived % when the first full-node request (as many GPUs as the largest node has) was
+    /// refused; `None` if none was.
+    first_full_refused: Option<f64>,
+    /// Full-node requests refused by arrived 100%.
+    full_refused_by_100: u32,
+    /// With `--timing`: nanoseconds per placement (decide + commit), in order.
+    latency_ns: Vec<u64>,
+}
+
 /// One run of the protocol: sum and count of alloc% per integer arrived%.
 fn run_one(
     nodes: &[Node],
@@ -250,7 +335,8 @@ fn run_one(
     workload: &[Request],
     policy: Policy,
     seed: u64,
-) -> Result<Buckets, CliError> {
+    timing: bool,
+) -> Result<Run, CliError> {
     let capacity: u64 = nodes.iter().map(Node::total_gpu_milli).sum();
     if capacity == 0 {
         return Err(invalid("the node list has no GPUs"));
@@ -276,13 +362,26 @@ fn run_one(
         Scheduler::new(nodes.to_vec(), policy, seed).map_err(|e| invalid(format!("nodes: {e}")))?;
     sched.set_target_workload(workload);
     let unit = capacity as f64 / 100.0;
+    let full = nodes.iter().map(|n| n.gpus.len()).max().unwrap_or(0) as u32;
+    let mut run = Run::default();
     let mut buckets: Vec<(f64, u32)> = Vec::new();
     let (mut arrived, mut allocated) = (0u64, 0u64);
     for (id, &i) in order.iter().enumerate() {
         let req = &pods[i].req;
         arrived += req.gpu.milli();
-        if sched.place(id as u64, req).is_ok() {
+        let start = timing.then(std::time::Instant::now);
+        let placed = sched.place(id as u64, req).is_ok();
+        if let Some(t) = start {
+            run.latency_ns.push(t.elapsed().as_nanos() as u64);
+        }
+        if placed {
             allocated += req.gpu.milli();
+        } else if matches!(req.gpu, GpuDemand::Whole(n) if n >= full) {
+            let at = arrived as f64 / unit;
+            run.first_full_refused.get_or_insert(at);
+            if at <= 100.0 {
+                run.full_refused_by_100 += 1;
+            }
         }
         let b = (arrived as f64 / unit).round() as usize;
         if buckets.len() <= b {
@@ -291,7 +390,8 @@ fn run_one(
         buckets[b].0 += allocated as f64 / unit;
         buckets[b].1 += 1;
     }
-    Ok(buckets)
+    run.buckets = buckets;
+    Ok(run)
 }
 
 /// Mean over seeds of the per-seed bucket means; `None` where a bucket is empty in every seed.
@@ -357,35 +457,26 @@ fn unalloc(curve: &[Option<f64>], at: usize) -> Option<f64> {
     curve.get(at).copied().flatten().map(|a| 100.0 - a)
 }
 
-pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
-    let policies: Vec<Policy> = args
-        .policies
-        .iter()
-        .map(|p| p.parse::<Policy>().map_err(|e| invalid(e.to_string())))
-        .collect::<Result<_, _>>()?;
-    let seeds = parse_seeds(&args.seeds)?;
-    let nodes = load_nodes(&args.nodes)?;
-    let pods = load_pods(&args.pods)?;
-    let workload: Vec<Request> = pods.iter().map(|p| p.req.clone()).collect();
-
-    let jobs: Vec<(usize, u64)> = (0..policies.len())
-        .flat_map(|p| seeds.iter().map(move |&s| (p, s)))
-        .collect();
-    let threads = args
-        .jobs
+/// Runs `f` over `jobs` on `threads` threads; results in job order.
+fn par_map<J: Sync, R: Send>(
+    jobs: &[J],
+    threads: Option<usize>,
+    f: impl Fn(&J) -> Result<R, CliError> + Sync,
+) -> Result<Vec<R>, CliError> {
+    let threads = threads
         .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
         .unwrap_or(1)
         .clamp(1, jobs.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<Result<Vec<(usize, Buckets)>, CliError>> = std::thread::scope(|s| {
+    let results: Vec<Result<Vec<(usize, R)>, CliError>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
                     let mut out = Vec::new();
                     loop {
                         let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&(p, seed)) = jobs.get(j) else { break };
-                        out.push((p, run_one(&nodes, &pods, &workload, policies[p], seed)?));
+                        let Some(job) = jobs.get(j) else { break };
+                        out.push((j, f(job)?));
                     }
                     Ok(out)
                 })
@@ -399,24 +490,114 @@ pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
             })
             .collect()
     });
-    let mut per_policy: Vec<Vec<Vec<(f64, u32)>>> = vec![Vec::new(); policies.len()];
+    let mut all = Vec::with_capacity(jobs.len());
     for r in results {
-        for (p, b) in r? {
-            per_policy[p].push(b);
-        }
+        all.extend(r?);
     }
-    let curves: Vec<(String, Vec<Option<f64>>)> = policies
+    all.sort_by_key(|x| x.0);
+    Ok(all.into_iter().map(|x| x.1).collect())
+}
+
+/// Per policy: the mean arrived % of the first full-node refusal over the seeds that had one,
+/// how many seeds had one, and the mean number refused by arrived 100%.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct FullNode {
+    first_refused_mean_pct: Option<f64>,
+    seeds_with_refusal: usize,
+    refused_by_100_mean: f64,
+}
+
+fn full_node(runs: &[Run]) -> FullNode {
+    let firsts: Vec<f64> = runs.iter().filter_map(|r| r.first_full_refused).collect();
+    FullNode {
+        first_refused_mean_pct: (!firsts.is_empty())
+            .then(|| firsts.iter().sum::<f64>() / firsts.len() as f64),
+        seeds_with_refusal: firsts.len(),
+        refused_by_100_mean: runs
+            .iter()
+            .map(|r| f64::from(r.full_refused_by_100))
+            .sum::<f64>()
+            / runs.len().max(1) as f64,
+    }
+}
+
+/// The largest excess of `c` over `base` in unallocated % at the integer points 90..=130
+/// (negative: below the base everywhere), with the point where it is reached.
+fn worst_vs(c: &[Option<f64>], base: &[Option<f64>]) -> Option<(f64, usize)> {
+    COMPARE
+        .filter_map(|p| Some((unalloc(c, p)? - unalloc(base, p)?, p)))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+}
+
+pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
+    if let Some(SimAction::Generate(g)) = args.action {
+        return simgen::run(g);
+    }
+    let (Some(nodes_path), Some(pods_path)) = (&args.nodes, &args.pods) else {
+        return Err(invalid("--nodes and --pods are required"));
+    };
+    let policies: Vec<Policy> = args
+        .policies
+        .iter()
+        .map(|p| p.parse::<Policy>().map_err(|e| invalid(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    let seeds = parse_seeds(&args.seeds)?;
+    let nodes = load_nodes(nodes_path)?;
+    let pods = load_pods(pods_path)?;
+    let workload: Vec<Request> = pods.iter().map(|p| p.req.clone()).collect();
+    let jobs: Vec<(usize, u64)> = (0..policies.len())
+        .flat_map(|p| seeds.iter().map(move |&s| (p, s)))
+        .collect();
+    if args.replay != Replay::Shuffle {
+        let events = simreplay::events(&pods, args.replay == Replay::Time);
+        let runs = par_map(&jobs, args.jobs, |&(p, seed)| {
+            simreplay::replay(&nodes, &pods, &workload, &events, policies[p], seed)
+        })?;
+        let results: Vec<simreplay::TimeResult> = (0..policies.len())
+            .map(|p| {
+                let mine: Vec<_> = jobs
+                    .iter()
+                    .zip(&runs)
+                    .filter(|(j, _)| j.0 == p)
+                    .map(|(_, r)| r.clone())
+                    .collect();
+                simreplay::mean(&mine)
+            })
+            .collect();
+        return print_replay(&args, format, &nodes, &pods, &results);
+    }
+
+    let runs = par_map(&jobs, args.jobs, |&(p, seed)| {
+        run_one(&nodes, &pods, &workload, policies[p], seed, args.timing)
+    })?;
+    let mut per_policy: Vec<Vec<Run>> = vec![Vec::new(); policies.len()];
+    for (j, r) in jobs.iter().zip(runs) {
+        per_policy[j.0].push(r);
+    }
+    let curves: Vec<Curve> = policies
         .iter()
         .zip(&per_policy)
-        .map(|(p, runs)| (p.name().to_string(), mean_curve(runs)))
+        .map(|(p, runs)| {
+            let b: Vec<Buckets> = runs.iter().map(|r| r.buckets.clone()).collect();
+            (p.name().to_string(), mean_curve(&b))
+        })
+        .collect();
+    let fulls: Vec<FullNode> = per_policy.iter().map(|r| full_node(r)).collect();
+    let latency: Vec<Option<Latency>> = per_policy.iter().map(|r| latency_of(r)).collect();
+    let fgd = policies
+        .iter()
+        .position(|p| *p == Policy::Fgd)
+        .map(|i| curves[i].1.clone());
+    let vs_fgd: Vec<Option<(f64, usize)>> = curves
+        .iter()
+        .map(|(_, c)| fgd.as_ref().and_then(|f| worst_vs(c, f)))
         .collect();
 
     let reference_path = args.reference.clone().or_else(|| {
-        let p = args.pods.with_file_name("reference_alloc_fgd_atc23.csv");
+        let p = pods_path.with_file_name("reference_alloc_fgd_atc23.csv");
         p.exists().then_some(p)
     });
-    let workload_name = args
-        .pods
+    let workload_name = pods_path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -438,16 +619,26 @@ pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
             let mut t = comfy_table::Table::new();
             let mut header = vec!["policy".to_string()];
             header.extend(POINTS.iter().map(|p| format!("@{p}%")));
+            header.push("worst − fgd @90..130".to_string());
+            header.push("1st 8-GPU refused @% (seeds)".to_string());
+            header.push("8-GPU refused ≤100%".to_string());
             t.set_header(header);
             let fmt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.2}"));
-            for (name, c) in &curves {
+            for (((name, c), full), vs) in curves.iter().zip(&fulls).zip(&vs_fgd) {
                 let mut row = vec![name.clone()];
                 row.extend(POINTS.iter().map(|&p| fmt(unalloc(c, p))));
+                row.push(vs.map_or("-".to_string(), |(d, p)| format!("{d:+.2} @{p}")));
+                row.push(match full.first_refused_mean_pct {
+                    Some(x) => format!("{x:.1} ({}/{})", full.seeds_with_refusal, seeds.len()),
+                    None => "never".to_string(),
+                });
+                row.push(format!("{:.1}", full.refused_by_100_mean));
                 t.add_row(row);
             }
             for (name, c) in &published {
                 let mut row = vec![name.clone()];
                 row.extend(POINTS.iter().map(|&p| fmt(unalloc(c, p))));
+                row.extend(["", "", ""].map(String::from));
                 t.add_row(row);
             }
             writeln!(
@@ -458,28 +649,114 @@ pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
                 args.seeds
             )?;
             writeln!(stdout, "{t}")?;
+            for ((name, _), l) in curves.iter().zip(&latency) {
+                if let Some(l) = l {
+                    writeln!(
+                        stdout,
+                        "{name}: placement (decide + commit) p50 {:.1} µs, p99 {:.1} µs, {} placements",
+                        l.p50_us, l.p99_us, l.count
+                    )?;
+                }
+            }
         }
         Format::Json | Format::Yaml | Format::Csv => {
             let out = Output {
                 results: curves
                     .iter()
-                    .map(|(name, c)| PolicyResult {
+                    .zip(&fulls)
+                    .zip(&vs_fgd)
+                    .zip(&latency)
+                    .map(|((((name, c), full), vs), l)| PolicyResult {
                         policy: name.clone(),
                         unallocated_pct: POINTS
                             .iter()
                             .map(|&p| (p.to_string(), round2(unalloc(c, p).unwrap_or(f64::NAN))))
                             .collect(),
+                        worst_vs_fgd: vs.map(|(d, p)| (round2(d), p)),
+                        full_node: *full,
+                        latency: *l,
                     })
                     .collect(),
             };
-            let text = if format == Format::Json {
-                serde_json::to_string(&out).map_err(|e| invalid(e.to_string()))?
-            } else {
-                serde_yaml::to_string(&out).map_err(|e| invalid(e.to_string()))?
-            };
-            writeln!(stdout, "{text}")?;
+            write_structured(&mut stdout, format, &out)?;
         }
     }
+    Ok(0)
+}
+
+fn write_structured(
+    out: &mut impl std::io::Write,
+    format: Format,
+    value: &impl Serialize,
+) -> Result<(), CliError> {
+    let text = if format == Format::Json {
+        serde_json::to_string(value).map_err(|e| invalid(e.to_string()))?
+    } else {
+        serde_yaml::to_string(value).map_err(|e| invalid(e.to_string()))?
+    };
+    writeln!(out, "{text}")?;
+    Ok(())
+}
+
+fn print_replay(
+    args: &SimArgs,
+    format: Format,
+    nodes: &[Node],
+    pods: &[Pod],
+    results: &[simreplay::TimeResult],
+) -> Result<i32, CliError> {
+    let mut stdout = std::io::stdout().lock();
+    if format != Format::Table {
+        write_structured(&mut stdout, format, &results)?;
+        return Ok(0);
+    }
+    let mut t = comfy_table::Table::new();
+    t.set_header(vec![
+        "policy",
+        "arrived GPU % (sum)",
+        "refused GPU demand %",
+        "refused pods",
+        "of them 8-GPU",
+        "peak alloc %",
+        "frag % of free (mean / max)",
+    ]);
+    for r in results {
+        t.add_row(vec![
+            r.policy.clone(),
+            format!("{:.1}", r.arrived_pct),
+            format!("{:.3}", r.refused_demand_pct),
+            r.refused_pods.to_string(),
+            r.refused_full_node_pods.to_string(),
+            format!("{:.2}", r.peak_alloc_pct),
+            format!("{:.2} / {:.2}", r.frag_mean_pct, r.frag_max_pct),
+        ]);
+    }
+    writeln!(
+        stdout,
+        "replay {:?} ({} nodes, {} pods, seeds {}, mean)",
+        args.replay,
+        nodes.len(),
+        pods.len(),
+        args.seeds
+    )?;
+    writeln!(stdout, "{t}")?;
+    let mut o = comfy_table::Table::new();
+    let mut header = vec!["policy".to_string(), "measure".to_string()];
+    header.extend(
+        (0..simreplay::SAMPLES).map(|i| format!("t{}%", i * 100 / (simreplay::SAMPLES - 1))),
+    );
+    o.set_header(header);
+    for r in results {
+        for (what, vals) in [
+            ("frag % of free", &r.frag_at_pct),
+            ("alloc %", &r.alloc_at_pct),
+        ] {
+            let mut row = vec![r.policy.clone(), what.to_string()];
+            row.extend(vals.iter().map(|v| format!("{v:.2}")));
+            o.add_row(row);
+        }
+    }
+    writeln!(stdout, "over time (first to last event):\n{o}")?;
     Ok(0)
 }
 

@@ -24,16 +24,18 @@ pub enum Policy {
     Spread,
     /// Uniformly random among the nodes that fit.
     Random,
-    /// Ours: the fragmentation gradient with memory as a hard limit, then CPU/memory stranding.
-    /// FGD's measure only asks whether a target spec's CPU and GPU still fit, so it happily
-    /// strands a node's free GPUs behind exhausted memory; gvfrag counts a spec that no longer
-    /// fits in memory as making all the node's free GPU milli a fragment (each spec carries the
-    /// smallest memory seen for it). Moves are compared at the published score's resolution;
-    /// equal ones are decided by the stranding move at the same resolution: per spec, the
-    /// share of the GPU capacity it could use that the node's remaining CPU and memory cannot
-    /// feed (seen while the balance drifts, not only once the next copy no longer fits); then
-    /// by packing (whole-GPU and CPU-only) or the tightest GPU (fractions); then the
-    /// lowest-index node. No constant is fitted to a trace.
+    /// Ours: FGD's move, made safe for full-node requests and decided by CPU/memory stranding.
+    /// Keys, in order: (1) the full-node reserve: a node whose placement would take the last
+    /// room for a full-node request shape (as many GPUs as the largest node has) of the target
+    /// workload is avoided while that shape is scarce, i.e. the nodes that can still take it
+    /// number no more than 16× the requests for it expected before the cluster is full
+    /// (per-shape share of the workload's GPU demand × free GPU milli); (2) FGD's score,
+    /// exactly; (3) the stranding move at the same resolution: per spec, the share of the GPU
+    /// capacity it could use that the node's remaining CPU and memory cannot feed (seen while
+    /// the balance drifts, not only once the next copy no longer fits); (4) packing
+    /// (whole-GPU and CPU-only) or the tightest GPU (fractions); (5) the lowest-index node.
+    /// The reserve is what keeps 8-GPU jobs placeable as long as FGD does; its factor 16 is the
+    /// one constant chosen on data (see docs/bench/scheduler.md).
     GvFrag,
 }
 

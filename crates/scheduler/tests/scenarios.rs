@@ -261,3 +261,49 @@ fn preemption_never_evicts_equal_priority() {
         }
     );
 }
+
+/// gvfrag's full-node reserve. Node "a" has 96 CPUs, "b" 128; the workload's 8-GPU jobs need
+/// 110 CPUs, so only "b" can run one, and they are too rare to be in the target workload that
+/// FGD's and the stranding measure see. On "a", after a 1-GPU pod, 24 more CPUs would strand
+/// GPUs (12 CPUs per GPU pod); on "b" they would not, so without the reserve the CPU-heavy pod
+/// goes to "b" and the 8-GPU job is refused. With it, "b" stays whole.
+#[test]
+fn gvfrag_keeps_the_last_full_node_for_a_full_node_job() {
+    let big = |name: &str, cpu: u64| {
+        Node::new(
+            name,
+            cpu,
+            1_048_576,
+            (0..8)
+                .map(|_| Gpu::new("G2", 0, GpuKind::Shareable))
+                .collect(),
+        )
+    };
+    let eight = Request {
+        cpu_milli: 110_000,
+        memory_mib: 65_536,
+        gpu: GpuDemand::Whole(8),
+        ..Request::default()
+    };
+    let one = Request {
+        cpu_milli: 12_000,
+        memory_mib: 16_384,
+        gpu: GpuDemand::Whole(1),
+        ..Request::default()
+    };
+    let cpu_heavy = Request {
+        cpu_milli: 24_000,
+        memory_mib: 32_768,
+        ..Request::default()
+    };
+    let mut s =
+        Scheduler::new(vec![big("a", 96_000), big("b", 128_000)], Policy::GvFrag, 1).unwrap();
+    let sample: Vec<Request> = (0..40)
+        .map(|_| one.clone())
+        .chain([eight.clone(), cpu_heavy.clone()])
+        .collect();
+    s.set_target_workload(&sample);
+    assert_eq!(s.place(1, &one).unwrap().node, 0);
+    assert_eq!(s.place(2, &cpu_heavy).unwrap().node, 0, "b stays whole");
+    assert_eq!(s.place(3, &eight).unwrap().node, 1);
+}
