@@ -255,6 +255,9 @@ pub struct ExecShimArgs {
     /// Instance id.
     #[arg(long)]
     pub instance: String,
+    /// The parent of the daemon's instance cgroups (`gpuvisor`, or `gpuvisor-<prefix>`).
+    #[arg(long, default_value = gpuvisor_node::cgroup::PARENT)]
+    pub cgroup_parent: String,
     /// The runtime runs in the foreground on the shim's stdio (`exec -i` without a terminal).
     #[arg(long)]
     pub pipes: bool,
@@ -1411,7 +1414,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
             a.max_output,
         )),
         Command::ExecShim(a) => Ok(gpuvisor_node::console::shim_main(
-            &gpuvisor_node::HostRoot::real(),
+            &gpuvisor_node::HostRoot::real().with_cgroup_parent(a.cgroup_parent.clone()),
             &a.instance,
             &a.pid_file,
             &a.runtime,

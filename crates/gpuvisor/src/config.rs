@@ -71,6 +71,10 @@ pub struct Config {
     pub print_admin_key: bool,
     /// `[[peer]]`: other gpuvisor daemons a VM may live-migrate to.
     pub peers: Vec<PeerConfig>,
+    /// The parent of the instance cgroups: `gpuvisor`, or `gpuvisor-<name>` for a second
+    /// daemon of one host (two daemons must not share an instance's cgroup: a VM migrating
+    /// between them keeps its id).
+    pub cgroup_parent: String,
 }
 
 /// One `[[peer]]`: another daemon, reached over its HTTPS API with an admin key of it.
@@ -508,6 +512,7 @@ impl Default for Config {
             proxy: Default::default(),
             print_admin_key: false,
             peers: Vec::new(),
+            cgroup_parent: gpuvisor_node::cgroup::PARENT.to_string(),
         }
     }
 }
@@ -546,6 +551,7 @@ struct FileConfig {
     proxy: Option<proxy::ProxyFile>,
     print_admin_key: Option<bool>,
     peer: Option<Vec<PeerConfig>>,
+    cgroup_parent: Option<String>,
 }
 
 /// Flags (and their environment variables) that override the file.
@@ -613,6 +619,10 @@ pub struct ConfigOverrides {
     /// Prefix of this daemon's bridges, veths, netns and iptables chains [default: gv].
     #[arg(long, env = "GPUVISOR_NET_PREFIX")]
     pub net_prefix: Option<String>,
+    /// The parent of the instance cgroups [default: gpuvisor]; `gpuvisor-<name>` for a second
+    /// daemon of the host.
+    #[arg(long)]
+    pub cgroup_parent: Option<String>,
     /// Instance address pool, a CIDR from /8 to /29 (a bare address is a /16)
     /// [default: 10.88.0.0/16].
     #[arg(long, env = "GPUVISOR_NET_POOL")]
@@ -746,6 +756,9 @@ impl Config {
             if let Some(v) = f.print_admin_key {
                 c.print_admin_key = v;
             }
+            if let Some(v) = f.cgroup_parent {
+                c.cgroup_parent = v;
+            }
             if let Some(peers) = f.peer {
                 for p in &peers {
                     if !p.endpoint.starts_with("https://") {
@@ -827,6 +840,17 @@ impl Config {
         if let Some(v) = &o.net_prefix {
             c.network.prefix = v.clone();
         }
+        if let Some(v) = &o.cgroup_parent {
+            c.cgroup_parent = v.clone();
+        }
+        let p = c.cgroup_parent.as_str();
+        anyhow::ensure!(
+            p == gpuvisor_node::cgroup::PARENT
+                || p.strip_prefix("gpuvisor-").is_some_and(|n| {
+                    (1..=16).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_alphanumeric())
+                }),
+            "cgroup_parent {p:?} is not gpuvisor or gpuvisor-<letters and digits>"
+        );
         pool = o.net_pool.clone().or(pool);
         tenant_len = o.net_tenant_prefix.or(tenant_len);
         let pool = match pool {

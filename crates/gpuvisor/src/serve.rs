@@ -50,8 +50,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         net_plan: cfg.net_plan,
         nat: cfg.nat,
         pids_limit: cfg.pids_limit,
-        root: HostRoot::real()
-            .with_cgroup_parent(cgroup_parent(&cfg.data_dir, &cfg.network.prefix)?),
+        root: HostRoot::real().with_cgroup_parent(cfg.cgroup_parent.clone()),
         limiter_lib: cfg.limiter_lib.clone(),
         limiter_context_bytes: cfg.limiter_context_bytes,
         limiter_over_quota: cfg.limiter_over_quota,
@@ -733,40 +732,6 @@ async fn node_id(data: &Path, store: &Store) -> anyhow::Result<String> {
         .and_then(|_| std::fs::rename(&tmp, &file))
         .with_context(|| format!("cannot write {}", file.display()))?;
     Ok(id)
-}
-
-/// The parent of this daemon's instance cgroups, chosen at its data dir's first start and
-/// kept (`<data>/cgroup-parent`): `gpuvisor-<prefix>` for a new data dir with a prefix of its
-/// own (two daemons of one host never share an instance's cgroup, even for one id), and
-/// `gpuvisor` for the default prefix or a data dir from before the choice existed (whose
-/// instances run there).
-fn cgroup_parent(data: &Path, prefix: &str) -> anyhow::Result<String> {
-    let file = data.join("cgroup-parent");
-    match std::fs::read_to_string(&file) {
-        Ok(s) => {
-            let s = s.trim();
-            anyhow::ensure!(
-                s == gpuvisor_node::cgroup::PARENT
-                    || s.strip_prefix("gpuvisor-").is_some_and(|p| {
-                        !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric())
-                    }),
-                "{} holds {s:?}, not a cgroup parent of gpuvisor's",
-                file.display()
-            );
-            return Ok(s.to_string());
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
-    }
-    let parent = if data.join("node-id").exists() {
-        gpuvisor_node::cgroup::PARENT.to_string()
-    } else {
-        gpuvisor_node::cgroup::parent_for(prefix)
-    };
-    std::fs::create_dir_all(data).with_context(|| format!("cannot make {}", data.display()))?;
-    std::fs::write(&file, format!("{parent}\n"))
-        .with_context(|| format!("cannot write {}", file.display()))?;
-    Ok(parent)
 }
 
 /// Node ids are printable, short and without spaces (they were hostnames before).

@@ -1758,9 +1758,15 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     let _g = serial();
     let Some(fx) = fixture() else { return };
     let _hosts = TwoHosts::make();
+    // Each its own prefix and cgroup parent (two daemons of one host).
     let flags = |prefix: &str| -> Vec<String> {
         let mut f = common::vm::vm_flags(&fx);
-        f.extend(["--net-prefix".to_string(), prefix.to_string()]);
+        f.extend([
+            "--net-prefix".to_string(),
+            prefix.to_string(),
+            "--cgroup-parent".to_string(),
+            format!("gpuvisor-{prefix}"),
+        ]);
         f
     };
     // Each daemon's [[peer]] is the other (B restarted once A's node id exists).

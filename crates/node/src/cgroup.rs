@@ -8,20 +8,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The parent of the default daemon's instance cgroups, relative to a controller root.
+/// The default parent of the instance cgroups, relative to a controller root (a daemon's
+/// own is `HostRoot::cgroup_parent`: `gpuvisor-<name>` for a second daemon of the host).
 pub const PARENT: &str = "gpuvisor";
-
-/// The cgroup parent of the daemon whose host objects carry `prefix`: [`PARENT`] for the
-/// default prefix, `gpuvisor-<prefix>` for another, so that two daemons of one host (each
-/// with its own prefix) never share an instance's cgroup, even for the same instance id (a
-/// VM migrating between them).
-pub fn parent_for(prefix: &str) -> String {
-    if prefix == crate::net::DEFAULT_PREFIX {
-        PARENT.to_string()
-    } else {
-        format!("{PARENT}-{prefix}")
-    }
-}
 
 /// The cgroup path given to the runtime for an instance.
 pub fn instance_path(root: &HostRoot, id: &str) -> PathBuf {
@@ -228,7 +217,7 @@ mod tests {
             instance_path(&HostRoot::real(), "x"),
             PathBuf::from("/gpuvisor/x")
         );
-        let other = HostRoot::real().with_cgroup_parent(parent_for("gb"));
+        let other = HostRoot::real().with_cgroup_parent("gpuvisor-gb".into());
         assert_eq!(instance_path(&other, "x"), PathBuf::from("/gpuvisor-gb/x"));
     }
 }

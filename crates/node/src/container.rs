@@ -520,15 +520,7 @@ impl Runtime for ContainerRuntime {
         let shim = self.shim_binary(node)?;
         let (pid_file, _) = self.exec_files(node, id)?;
         let argv = self.oci.exec_argv(id, args, env, &pid_file);
-        let mut cmd = std::process::Command::new(shim);
-        cmd.arg(crate::console::SHIM_SUBCOMMAND)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg("--instance")
-            .arg(id)
-            .arg("--pipes")
-            .arg("--")
-            .args(argv);
+        let mut cmd = shim_command(node, &shim, &pid_file, id, true, &argv);
         crate::runtime::exec_stdio(&mut cmd, stdin);
         Ok((cmd, pid_file))
     }
@@ -547,14 +539,7 @@ impl Runtime for ContainerRuntime {
         let (pid_file, sock_path) = self.exec_files(node, id)?;
         let socket = crate::console::ConsoleSocket::bind(&sock_path).map_err(io(&sock_path))?;
         let argv = self.oci.exec_tty_argv(id, args, env, &pid_file, &sock_path);
-        let mut cmd = std::process::Command::new(shim);
-        cmd.arg(crate::console::SHIM_SUBCOMMAND)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg("--instance")
-            .arg(id)
-            .arg("--")
-            .args(argv);
+        let mut cmd = shim_command(node, &shim, &pid_file, id, false, &argv);
         crate::runtime::exec_stdio(&mut cmd, false);
         Ok(ExecTty {
             shim: cmd,
@@ -649,6 +634,32 @@ fn resolve_user(rootfs: &Rootfs, user: &str) -> Result<(u32, u32), NodeError> {
         },
     };
     Ok((uid, gid))
+}
+
+/// The exec shim's command line ([`crate::console`]): this binary's hidden subcommand, told
+/// where the runtime writes the command's pid, the instance and its cgroup parent (the shim
+/// checks a pid is the instance's before it signals it), then the runtime's argv.
+fn shim_command(
+    node: &Node,
+    shim: &Path,
+    pid_file: &Path,
+    id: &str,
+    pipes: bool,
+    argv: &[String],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(shim);
+    cmd.arg(crate::console::SHIM_SUBCOMMAND)
+        .arg("--pid-file")
+        .arg(pid_file)
+        .arg("--instance")
+        .arg(id)
+        .arg("--cgroup-parent")
+        .arg(node.cfg.root.cgroup_parent());
+    if pipes {
+        cmd.arg("--pipes");
+    }
+    cmd.arg("--").args(argv);
+    cmd
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostRoot {
     root: PathBuf,
-    /// The parent of this daemon's instance cgroups (see [`crate::cgroup::parent_for`]).
+    /// The parent of this daemon's instance cgroups (`cgroup_parent` in the config).
     cgroup_parent: String,
 }
 
@@ -31,7 +31,7 @@ impl HostRoot {
         }
     }
 
-    /// This daemon's instance cgroups live under `parent` ([`crate::cgroup::parent_for`]).
+    /// This daemon's instance cgroups live under `parent`.
     pub fn with_cgroup_parent(mut self, parent: String) -> Self {
         self.cgroup_parent = parent;
         self

@@ -679,7 +679,7 @@ impl Drop for Daemon {
 /// hybrid).
 pub fn cgroup_dirs(id: &str) -> Vec<std::path::PathBuf> {
     let base = Path::new("/sys/fs/cgroup");
-    // Every daemon's parent: `gpuvisor`, or `gpuvisor-<prefix>` (`cgroup::parent_for`).
+    // Every daemon's parent: `gpuvisor`, or `gpuvisor-<name>` (`--cgroup-parent`).
     let ours = |n: &std::ffi::OsStr| {
         let n = n.to_string_lossy();
         n == "gpuvisor" || n.starts_with("gpuvisor-")
