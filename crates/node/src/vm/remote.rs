@@ -227,6 +227,7 @@ impl VmRuntime {
         }
         let _ = dst.nbd_stop();
         dst.resume()?;
+        warm_agent(self.run_paths(id).agent());
         Ok(())
     }
 
@@ -326,6 +327,22 @@ pub(super) fn receive_into(spec: &mut VmSpec, src: &VmSpec) -> Result<(), VmErro
     });
     spec.incoming = Some(super::qemu::Incoming::Held);
     Ok(())
+}
+
+/// After a migration the guest agent's channel is new on this side: a first client is made
+/// to synchronise with it (best effort, in the background, up to 20 s), so that the first
+/// `instance exec` does not meet an agent still reading half a line from before.
+pub(super) fn warm_agent(socket: std::path::PathBuf) {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if super::qmp::Agent::connect(&socket, Duration::from_secs(2)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        tracing::warn!(socket = %socket.display(), "the guest agent did not answer after a migration");
+    });
 }
 
 /// Waits until job `id` is `want` (`gone`: no longer listed); an error names the job's.
