@@ -97,9 +97,7 @@ impl Engine {
         )
         .await;
         let (node, id) = (self.node.clone(), row.id.clone());
-        let moved = tokio::task::spawn_blocking(move || node.migrate(&id, &ask))
-            .await
-            .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
+        let moved = super::blocking(move || node.migrate(&id, &ask)).await?;
         drop(guard);
         match moved {
             Ok(mut report) => {
@@ -151,13 +149,12 @@ impl Engine {
             .collect();
         // One blocking task for all: most VMs have nothing staged (a few file lookups each).
         let node = self.node.clone();
-        let done = tokio::task::spawn_blocking(move || {
+        let done = super::blocking(move || {
             asks.into_iter()
                 .filter_map(|ask| node.recover_migration(&ask).map(|what| (ask.id, what)))
                 .collect::<Vec<_>>()
         })
-        .await
-        .map_err(|e| EngineError::Internal(format!("migration recovery task: {e}")))?;
+        .await?;
         for (id, what) in done {
             tracing::warn!(instance = %id, "{what}");
             self.event(&id, "migration_recovered", what).await;

@@ -208,6 +208,15 @@ fn random_hex(bytes: usize) -> Result<String> {
     Ok(hex(&buf))
 }
 
+/// Runs host work (the node's blocking calls) off the async runtime.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EngineError::Internal(format!("host task: {e}")))
+}
+
 /// Instance ids: 12 lowercase hex characters (they name veths, which allow 15).
 pub fn new_instance_id() -> Result<String> {
     random_hex(6)

@@ -113,11 +113,7 @@ fn owns_host_objects(s: S) -> bool {
     )
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| EngineError::Internal(format!("host task: {e}")))
-}
+use super::blocking;
 
 impl Engine {
     /// Runs until the process ends: one pass now, then on every wake-up or resync period.
@@ -543,7 +539,7 @@ impl Engine {
         self.set_state_and_restart(id, st, reason, r).await
     }
 
-    async fn teardown(&self, id: &str, stop_first: bool) -> Result<()> {
+    pub(crate) async fn teardown(&self, id: &str, stop_first: bool) -> Result<()> {
         let (node, rid, grace) = (self.node.clone(), id.to_string(), self.cfg.stop_grace);
         blocking(move || {
             // Named before the bundle goes: a killed init of ours is reaped, not left a zombie.

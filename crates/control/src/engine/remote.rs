@@ -149,6 +149,13 @@ impl Engine {
         }
     }
 
+    /// The migrations being received here, by id.
+    fn receivings(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Receiving>> {
+        self.incoming.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn peer(&self, node: &str) -> Option<Arc<dyn Peer>> {
         self.peers
             .read()
@@ -168,9 +175,8 @@ impl Engine {
     ) -> Result<wire::MigrationReport> {
         let node = self.node.clone();
         let id = row.id.clone();
-        let vm = tokio::task::spawn_blocking(move || node.vm()?.outgoing_spec(&node, &id))
-            .await
-            .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?
+        let vm = super::blocking(move || node.vm()?.outgoing_spec(&node, &id))
+            .await?
             .map_err(super::migration::node_refusal)?;
         let tenant = self.store.tenant(&row.tenant_id).await?.ok_or_else(|| {
             EngineError::Internal(format!("tenant {} of {} is gone", row.tenant_id, row.id))
@@ -214,10 +220,7 @@ impl Engine {
         let (node, id) = (self.node.clone(), row.id.clone());
         let offer_id = migration.clone();
         let started = std::time::Instant::now();
-        let sent =
-            tokio::task::spawn_blocking(move || send_to_peer(&node, &id, &ask, &*peer, &offer))
-                .await
-                .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
+        let sent = super::blocking(move || send_to_peer(&node, &id, &ask, &*peer, &offer)).await?;
         match sent {
             Ok(sent) => {
                 let stats = sent.stats;
@@ -267,7 +270,7 @@ impl Engine {
                 // Neither half runs on: the source's QEMU goes. The instance restarts from
                 // its disk here only once the destination has removed its half; else it
                 // stays stopped until someone checks (never two of it).
-                let _ = self.teardown_host(&row.id).await;
+                let _ = self.teardown(&row.id, false).await;
                 if !dropped {
                     self.store
                         .set_desired(&row.id, InstanceState::Stopped, self.tick())
@@ -308,7 +311,7 @@ impl Engine {
         self.store
             .set_desired(id, InstanceState::Terminated, self.tick())
             .await?;
-        if let Err(e) = self.teardown_host(id).await {
+        if let Err(e) = self.teardown(id, false).await {
             // The sweep removes what is left: the row is terminated.
             tracing::warn!(instance = %id, "removing the migrated source: {e}");
         }
@@ -320,14 +323,6 @@ impl Engine {
         .await?;
         self.event(id, "migrated", what.to_string()).await;
         self.wake.notify_one();
-        Ok(())
-    }
-
-    async fn teardown_host(&self, id: &str) -> Result<()> {
-        let (node, id) = (self.node.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || node.teardown(&id))
-            .await
-            .map_err(|e| EngineError::Internal(format!("teardown task: {e}")))??;
         Ok(())
     }
 
@@ -489,9 +484,8 @@ impl Engine {
             let mut plan = self.plan(&row).await?;
             plan.incoming = Some(Box::new(vm));
             let node = self.node.clone();
-            tokio::task::spawn_blocking(move || node.provision(&plan))
-                .await
-                .map_err(|e| EngineError::Internal(format!("provision task: {e}")))?
+            super::blocking(move || node.provision(&plan))
+                .await?
                 .map_err(|e| {
                     EngineError::Unavailable(format!("its QEMU could not start here: {e}"))
                 })?;
@@ -505,25 +499,22 @@ impl Engine {
                 return Err(e);
             }
         };
-        self.incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                offer.migration.clone(),
-                Receiving {
-                    id: row.id.clone(),
-                    postcopy: offer.postcopy,
-                    starting: false,
-                    _guard: guard,
-                },
-            );
+        self.receivings().insert(
+            offer.migration.clone(),
+            Receiving {
+                id: row.id.clone(),
+                postcopy: offer.postcopy,
+                starting: false,
+                _guard: guard,
+            },
+        );
         // A source that never finishes (its daemon gone) does not hold this one forever.
         let (me, mid) = (self.clone(), offer.migration.clone());
         tokio::spawn(async move {
             tokio::time::sleep(RECEIVE_TIMEOUT).await;
             // Not one being started (its guest may run by now: it is the run's to finish).
             let taken = {
-                let mut m = me.incoming.lock().unwrap_or_else(|p| p.into_inner());
+                let mut m = me.receivings();
                 match m.get(&mid) {
                     Some(r) if !r.starting => m.remove(&mid),
                     _ => None,
@@ -558,22 +549,19 @@ impl Engine {
         who.allow(Op::ReceiveMigration)?;
         let (id, postcopy) = self.receiving(migration)?;
         let node = self.node.clone();
-        tokio::task::spawn_blocking(move || {
+        super::blocking(move || {
             let vm = node.vm()?;
             match channel {
                 MigrationChannel::Disk => vm.receive_disk(&id),
                 MigrationChannel::State => vm.receive_state(&id, postcopy),
             }
         })
-        .await
-        .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?
+        .await?
         .map_err(super::migration::node_refusal)
     }
 
     fn receiving(&self, migration: &str) -> Result<(String, bool)> {
-        self.incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.receivings()
             .get(migration)
             .map(|r| (r.id.clone(), r.postcopy))
             .ok_or_else(|| {
@@ -592,7 +580,7 @@ impl Engine {
     ) -> Result<wire::MigrationStatus> {
         who.allow(Op::ReceiveMigration)?;
         let id = {
-            let mut m = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = self.receivings();
             match m.get_mut(migration) {
                 Some(r) if !r.starting => {
                     r.starting = true;
@@ -616,12 +604,7 @@ impl Engine {
             };
         };
         let not_starting = || {
-            if let Some(r) = self
-                .incoming
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_mut(migration)
-            {
+            if let Some(r) = self.receivings().get_mut(migration) {
                 r.starting = false;
             }
         };
@@ -644,11 +627,9 @@ impl Engine {
             row.cpus.clone(),
             row.spec.disk_io,
         );
-        let ready =
-            tokio::task::spawn_blocking(move || node.vm()?.ready_received(&node, &nid, &cpus, &io))
-                .await
-                .map_err(|e| EngineError::Internal(format!("migration task: {e}")))
-                .and_then(|r| r.map_err(super::migration::node_refusal));
+        let ready = super::blocking(move || node.vm()?.ready_received(&node, &nid, &cpus, &io))
+            .await
+            .and_then(|r| r.map_err(super::migration::node_refusal));
         let marked = match ready {
             Ok(()) => self.mark_ran(&row).await,
             Err(e) => Err(e),
@@ -659,14 +640,8 @@ impl Engine {
             return Err(e);
         }
         let (node, nid) = (self.node.clone(), id.clone());
-        let resumed = tokio::task::spawn_blocking(move || node.vm()?.resume_received(&nid))
-            .await
-            .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
-        let taken = self
-            .incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(migration);
+        let resumed = super::blocking(move || node.vm()?.resume_received(&nid)).await?;
+        let taken = self.receivings().remove(migration);
         let from = row
             .spec
             .incoming
@@ -719,7 +694,7 @@ impl Engine {
     ) -> Result<wire::MigrationStatus> {
         who.allow(Op::ReceiveMigration)?;
         let taken = {
-            let mut m = self.incoming.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = self.receivings();
             match m.get(migration) {
                 Some(r) if r.starting && !lost => {
                     return Err(EngineError::InUse(format!(
@@ -783,12 +758,7 @@ impl Engine {
     /// From the instance's row, whatever its state (an instance that ran here and ended since
     /// says `running`: its source must not resume): `gone` only when it never ran here.
     async fn arrival_phase(&self, migration: &str) -> Result<MigrationPhase> {
-        if self
-            .incoming
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(migration)
-        {
+        if self.receivings().contains_key(migration) {
             return Ok(MigrationPhase::Waiting);
         }
         let Some(id) = migration_instance(migration) else {
@@ -817,7 +787,7 @@ impl Engine {
             .store
             .set_desired(id, InstanceState::Terminated, self.tick())
             .await;
-        if let Err(e) = self.teardown_host(id).await {
+        if let Err(e) = self.teardown(id, false).await {
             tracing::warn!(instance = %id, "removing a failed arrival: {e}");
         }
         let reason = format!("live migration failed: {why}");
@@ -847,9 +817,7 @@ impl Engine {
                 continue;
             }
             let (node, id) = (self.node.clone(), row.id.clone());
-            let resumed = tokio::task::spawn_blocking(move || node.vm()?.resume_received(&id))
-                .await
-                .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
+            let resumed = super::blocking(move || node.vm()?.resume_received(&id)).await?;
             match resumed {
                 Ok(()) => {
                     self.set_state(&row.id, InstanceState::Running, None)
@@ -923,10 +891,10 @@ impl Engine {
         let (node, id) = (self.node.clone(), row.id.clone());
         // Whether the destination may have run it: once the copy here went whole.
         let whole = lost
-            || tokio::task::spawn_blocking(move || node.vm().map_or(true, |vm| vm.sent_whole(&id)))
+            || super::blocking(move || node.vm().map_or(true, |vm| vm.sent_whole(&id)))
                 .await
                 .unwrap_or(true);
-        let asked = tokio::task::spawn_blocking(move || {
+        let asked = super::blocking(move || {
             if lost {
                 return peer.drop_migration(&mid, true).map(|()| Departure::Restart);
             }
@@ -947,8 +915,7 @@ impl Engine {
                 Err(e) => Err(e),
             }
         })
-        .await
-        .map_err(|e| EngineError::Internal(format!("migration task: {e}")))?;
+        .await?;
         match asked {
             Ok(Departure::Finish) => {
                 self.moved_away(
@@ -998,7 +965,7 @@ impl Engine {
     /// A departure that did not happen: the guest resumes here.
     async fn keep_departed(&self, row: &InstanceRow) -> Result<()> {
         let (node, id) = (self.node.clone(), row.id.clone());
-        let _ = tokio::task::spawn_blocking(move || node.vm()?.keep_sent(&id)).await;
+        let _ = super::blocking(move || node.vm()?.keep_sent(&id)).await;
         let mut spec = row.spec.clone();
         spec.outgoing = None;
         self.store.set_spec(&row.id, &spec, self.tick()).await?;

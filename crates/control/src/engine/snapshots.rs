@@ -32,11 +32,7 @@ use std::collections::{BTreeSet, HashMap};
 /// Snapshots one tenant may hold.
 pub const MAX_SNAPSHOTS_PER_TENANT: usize = 32;
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| EngineError::Internal(format!("snapshot task: {e}")))
-}
+use super::blocking;
 
 /// `req` with what a clone of `s` leaves unset taken from the snapshot: its image, runtime and
 /// disk size (before the template and the defaults, so that they do not choose another).

@@ -594,7 +594,6 @@ impl VmRuntime {
         if !ask.disk_io.is_unlimited() {
             mon.throttle_disks(&ask.disk_io)?;
         }
-        super::remote::warm_agent(run.agent());
         self.remove_staged_dirs(id)?;
         Ok(())
     }

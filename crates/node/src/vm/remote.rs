@@ -227,7 +227,6 @@ impl VmRuntime {
         }
         let _ = dst.nbd_stop();
         dst.resume()?;
-        warm_agent(self.run_paths(id).agent());
         Ok(())
     }
 
@@ -240,15 +239,6 @@ impl VmRuntime {
             .map_or(true, |st| {
                 st.status == "completed" || st.status.starts_with("postcopy")
             })
-    }
-
-    /// Whether the destination's guest runs (a restarted daemon keeps such an instance:
-    /// its source was told to end).
-    pub fn received_runs(&self, node: &Node, id: &str) -> bool {
-        self.live_pid(node, id).is_some()
-            && Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(2))
-                .and_then(|mut m| m.status())
-                .is_ok_and(|(running, _)| running)
     }
 }
 
@@ -327,22 +317,6 @@ pub(super) fn receive_into(spec: &mut VmSpec, src: &VmSpec) -> Result<(), VmErro
     });
     spec.incoming = Some(super::qemu::Incoming::Held);
     Ok(())
-}
-
-/// After a migration the guest agent's channel is new on this side: a first client is made
-/// to synchronise with it (best effort, in the background, up to 20 s), so that the first
-/// `instance exec` does not meet an agent still reading half a line from before.
-pub(super) fn warm_agent(socket: std::path::PathBuf) {
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if super::qmp::Agent::connect(&socket, Duration::from_secs(2)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        tracing::warn!(socket = %socket.display(), "the guest agent did not answer after a migration");
-    });
 }
 
 /// Waits until job `id` is `want` (`gone`: no longer listed); an error names the job's.
