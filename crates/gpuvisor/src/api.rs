@@ -1295,16 +1295,13 @@ async fn migration_channel(
         .set_nonblocking(true)
         .and_then(|()| tokio::net::UnixStream::from_std(local))
         .map_err(|err| EngineError::Internal(format!("the migration channel: {err}")))
-        .map(|mut local| {
+        .map(|local| {
             tokio::spawn(async move {
                 match on.await {
                     Ok(upgraded) => {
-                        let mut remote = hyper_util::rt::TokioIo::new(upgraded);
-                        if let Err(err) =
-                            tokio::io::copy_bidirectional(&mut remote, &mut local).await
-                        {
-                            tracing::debug!("migration channel ended: {err}");
-                        }
+                        let remote = hyper_util::rt::TokioIo::new(upgraded);
+                        let (inward, outward) = crate::peer::relay(remote, local).await;
+                        tracing::info!(inward, outward, "migration channel ended");
                     }
                     Err(err) => tracing::warn!("migration channel upgrade: {err}"),
                 }

@@ -168,14 +168,12 @@ impl Peer for HttpPeer {
         ours.set_nonblocking(true)
             .map_err(|e| format!("socketpair: {e}"))?;
         let _entered = self.runtime.enter();
-        let mut local =
+        let local =
             tokio::net::UnixStream::from_std(ours).map_err(|e| format!("socketpair: {e}"))?;
         let node = self.node.clone();
         self.runtime.spawn(async move {
-            let mut remote = remote;
-            if let Err(e) = tokio::io::copy_bidirectional(&mut local, &mut remote).await {
-                tracing::debug!(node, "migration channel ended: {e}");
-            }
+            let (out, back) = relay(local, remote).await;
+            tracing::info!(node, out, back, "migration channel ended");
         });
         Ok(qemus.into())
     }
@@ -200,5 +198,112 @@ impl Peer for HttpPeer {
             .migration_status(id)
             .map(|s| s.phase)
             .map_err(|e| e.to_string())
+    }
+}
+
+/// Relays a migration channel's bytes both ways between `a` and `b` until both directions
+/// ended, and answers the bytes carried each way (`a` to `b`, `b` to `a`).
+///
+/// Each direction copies until its reader's end, then shuts its writer down (the far side
+/// reads the end). A direction whose writer fails (its QEMU is gone) reads on and drops
+/// what comes, never cutting the other short: a post-copy source QEMU is done and gone
+/// while its last pages still wait in this relay, and the destination's page requests
+/// for them, sent meanwhile, must not end their way in (`copy_bidirectional` ends both
+/// directions at either's first error: the guest then waits for those pages forever).
+pub async fn relay<A, B>(a: A, b: B) -> (u64, u64)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    tokio::join!(one_way(ar, bw), one_way(br, aw))
+}
+
+async fn one_way<R, W>(mut from: R, mut to: W) -> u64
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 << 10];
+    let mut carried = 0u64;
+    let mut open = true;
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if open {
+            match to.write_all(&buf[..n]).await {
+                Ok(()) => carried += n as u64,
+                Err(e) => {
+                    tracing::debug!("migration channel: one way ended: {e}");
+                    open = false;
+                }
+            }
+        }
+    }
+    if open {
+        let _ = to.flush().await;
+        let _ = to.shutdown().await;
+    }
+    carried
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The source's QEMU wrote its last bytes and is gone; the destination, not reading yet
+    /// (its side full), sends a request back meanwhile, which cannot go anywhere. Every byte
+    /// of the source still reaches the destination, then the end.
+    #[tokio::test]
+    async fn a_gone_source_loses_no_byte_to_a_request_sent_back() {
+        let (mut source, src_end) = tokio::io::duplex(256 << 10);
+        let (dst_end, mut dest) = tokio::io::duplex(1 << 10);
+        let relayed = tokio::spawn(relay(src_end, dst_end));
+        let sent: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        source.write_all(&sent).await.unwrap();
+        drop(source);
+        dest.write_all(b"page request").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mut got = Vec::new();
+        dest.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "the bytes changed on the way");
+        drop(dest);
+        let (there, back) = relayed.await.unwrap();
+        assert_eq!((there, back), (sent.len() as u64, 0));
+    }
+
+    /// Both ways at once, each ended by its own side: everything arrives, in order.
+    #[tokio::test]
+    async fn both_ways_carry_everything() {
+        let (a, a_end) = tokio::io::duplex(4 << 10);
+        let (b_end, b) = tokio::io::duplex(4 << 10);
+        let relayed = tokio::spawn(relay(a_end, b_end));
+        let one: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let two: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
+        let (mut ar, mut aw) = tokio::io::split(a);
+        let (mut br, mut bw) = tokio::io::split(b);
+        let (mut at_a, mut at_b) = (Vec::new(), Vec::new());
+        let (w1, w2, r1, r2) = tokio::join!(
+            async {
+                aw.write_all(&one).await?;
+                aw.shutdown().await
+            },
+            async {
+                bw.write_all(&two).await?;
+                bw.shutdown().await
+            },
+            br.read_to_end(&mut at_b),
+            ar.read_to_end(&mut at_a),
+        );
+        w1.unwrap();
+        w2.unwrap();
+        r1.unwrap();
+        r2.unwrap();
+        assert!(at_b == one && at_a == two);
+        assert_eq!(relayed.await.unwrap(), (300_000, 100_000));
     }
 }

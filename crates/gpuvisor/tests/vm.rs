@@ -1764,9 +1764,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     let Some(fx) = fixture() else { return };
     let _hosts = TwoHosts::make();
     // Each its own prefix and cgroup parent (two daemons of one host); KSM, a host-wide
-    // setting, is A's alone (with both daemons managing it the guest was found corrupted after
-    // a move in 3 of 5 runs; with neither, or with A's alone, 0 of 3 each: under
-    // investigation, see docs/bench/vm-operations.md).
+    // setting, is A's alone (at most one daemon of a host manages it, as the README says).
     let flags = |prefix: &str| -> Vec<String> {
         let mut f = common::vm::vm_flags(&fx);
         f.extend([
