@@ -1289,6 +1289,7 @@ async fn migration_channel(
             .into())
         }
     };
+    let what = format!("{id} {}", channel.as_str());
     let fd = e.migration_channel(&p, &id, channel).await?;
     let local = std::os::unix::net::UnixStream::from(fd);
     local
@@ -1300,8 +1301,7 @@ async fn migration_channel(
                 match on.await {
                     Ok(upgraded) => {
                         let remote = hyper_util::rt::TokioIo::new(upgraded);
-                        let (inward, outward) = crate::peer::relay(remote, local).await;
-                        tracing::info!(inward, outward, "migration channel ended");
+                        crate::peer::relay(remote, local, &what).await;
                     }
                     Err(err) => tracing::warn!("migration channel upgrade: {err}"),
                 }

@@ -621,7 +621,7 @@ pub struct ConfigOverrides {
     pub net_prefix: Option<String>,
     /// The parent of the instance cgroups [default: gpuvisor]; `gpuvisor-<name>` for a second
     /// daemon of the host.
-    #[arg(long)]
+    #[arg(long, env = "GPUVISOR_CGROUP_PARENT")]
     pub cgroup_parent: Option<String>,
     /// Instance address pool, a CIDR from /8 to /29 (a bare address is a /16)
     /// [default: 10.88.0.0/16].

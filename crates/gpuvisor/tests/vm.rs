@@ -1232,7 +1232,7 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     // One QEMU, the new one, in the instance's cgroup; the old one is gone.
     assert_eq!(qemu_pids(&id), vec![new_pid]);
     let cg = std::fs::read_to_string(format!("/proc/{new_pid}/cgroup")).unwrap();
-    assert!(cg.contains(&format!("/gpuvisor/{id}\n")), "{cg}");
+    assert!(cg.contains(&format!("/{}/{id}\n", cgroup_parent())), "{cg}");
     assert!(!cg.contains(".in-"), "{cg}");
     assert!(
         !std::path::Path::new(&format!("/proc/{}", old[0])).exists() || {
@@ -1414,14 +1414,14 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     assert!(leaks.is_empty(), "{leaks:?}");
 }
 
-/// The instance cgroup's memory limit (cgroup v1 or v2).
+/// The instance cgroup's memory limit (cgroup v1 or v2, under whichever parent its daemon
+/// has).
 fn memory_limit(id: &str) -> u64 {
-    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    let f = if v2 {
-        format!("/sys/fs/cgroup/gpuvisor/{id}/memory.max")
-    } else {
-        format!("/sys/fs/cgroup/memory/gpuvisor/{id}/memory.limit_in_bytes")
-    };
+    let f = common::cgroup_dirs(id)
+        .into_iter()
+        .flat_map(|d| [d.join("memory.max"), d.join("memory.limit_in_bytes")])
+        .find(|f| f.exists())
+        .unwrap_or_else(|| panic!("no memory limit file of instance {id}"));
     std::fs::read_to_string(&f).unwrap().trim().parse().unwrap()
 }
 
@@ -1556,7 +1556,10 @@ fn a_migration_cut_short_by_a_daemon_crash_is_finished_or_undone_at_start() {
         let pids = qemu_pids(&id);
         assert_eq!(pids.len(), 1, "{what}: QEMUs {pids:?}\n{}", d.log());
         let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[0])).unwrap();
-        assert!(cg.contains(&format!("/gpuvisor/{id}\n")), "{what}: {cg}");
+        assert!(
+            cg.contains(&format!("/{}/{id}\n", cgroup_parent())),
+            "{what}: {cg}"
+        );
         assert!(!staged.exists(), "{what}: the staging dir is left");
         assert_eq!(
             d.json(&["instance", "get", &id])["state"],
@@ -1897,6 +1900,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     sh(&b, "echo after > /after && sync");
     let events = b.json(&["instance", "events", &id]).to_string();
     assert!(events.contains("arrived from node"), "{events}");
+    settles(&b, &id);
     // Gone from A: terminated, why said, nothing left of it on A's side.
     let gone = a.json(&["instance", "get", &id]);
     assert_eq!(gone["state"], "terminated", "{gone}");
@@ -1932,6 +1936,8 @@ fn a_running_vm_migrates_live_to_another_daemon() {
         a.json(&["instance", "events", &id])
     );
     assert_eq!(b.json(&["instance", "get", &id])["state"], "terminated");
+    // Its last pages came after it ran on A: A says when all of them are there.
+    settles(&a, &id);
     agent_answers(&a, &id);
     guest_loop_runs(&a, &id, &loop_pid);
     assert_eq!(sh(&a, "md5sum /run/blob | cut -d' ' -f1"), sum);
@@ -1962,6 +1968,25 @@ fn agent_answers(d: &Daemon, id: &str) {
             logs(d, id)
         );
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Waits (up to 60 s) until the daemon says all of the received guest's state arrived
+/// (`migration_settled`), and checks it is still running.
+fn settles(d: &Daemon, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = d.json(&["instance", "events", id]).to_string();
+        if events.contains("migration_settled") {
+            assert!(!events.contains("migration_failed"), "{events}");
+            assert_eq!(d.json(&["instance", "get", id])["state"], "running");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the arrival never settled: {events}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

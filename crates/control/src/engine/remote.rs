@@ -64,6 +64,10 @@ pub struct IncomingSpec {
     /// Its post-copy was cut and its half here removed: the source restarts it from its disk.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lost: bool,
+    /// Every byte of its state is here (a post-copy's last pages come after the guest runs),
+    /// or it is no longer a received guest to watch: see [`Engine::settle_arrivals`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub settled: bool,
 }
 
 /// The source's record of a migration it is making.
@@ -75,6 +79,39 @@ pub struct OutgoingSpec {
     /// start again (asked until it says it is).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub lost: bool,
+}
+
+/// How often the arrivals whose post-copy still pulls pages are looked at.
+const ARRIVAL_TICK: std::time::Duration = std::time::Duration::from_secs(2);
+/// Departures are resolved every this many ticks (a minute).
+const DEPARTURE_TICKS: u32 = 30;
+
+/// Where a received guest stands, from its QEMU's migration status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Landing {
+    /// Pages still coming (post-copy), or its QEMU did not answer this time.
+    Arriving,
+    /// Every page here; or nothing left to watch: no QEMU of it runs (stopped or gone: the
+    /// reconciler's), or its QEMU's last migration is another one (a memory snapshot since,
+    /// a move that failed: only an incoming post-copy stops at `postcopy-paused` with the
+    /// guest running, and those operations settle the arrival first).
+    Settled,
+    /// The post-copy stream broke before the last pages came (`postcopy-paused`: nothing
+    /// here resumes it, the source is done or gone).
+    Broken,
+}
+
+/// `status`: Ok(Some(its QEMU's migration status)), Ok(None) where no QEMU of it runs, Err
+/// where the running QEMU did not answer.
+fn arrival_verdict(status: &std::result::Result<Option<String>, String>) -> Landing {
+    match status {
+        Err(_) => Landing::Arriving,
+        Ok(Some(s)) if s == "postcopy-paused" => Landing::Broken,
+        Ok(Some(s)) if matches!(s.as_str(), "postcopy-active" | "postcopy-recover") => {
+            Landing::Arriving
+        }
+        Ok(_) => Landing::Settled,
+    }
 }
 
 /// An instance arriving: what the destination's create keeps from the source.
@@ -469,6 +506,7 @@ impl Engine {
                 vm: Some(Box::new(vm.clone())),
                 ran: false,
                 lost: false,
+                settled: false,
             },
         };
         let mut create = offer.create.clone();
@@ -843,29 +881,117 @@ impl Engine {
     /// asked about at their destination every minute until it answers; finished where the
     /// guest runs there, resumed here once the destination confirms it is gone there. Runs
     /// for the daemon's life (a look at the store's live rows a minute when none is left).
+    /// Also watches the arrivals whose post-copy is still pulling pages, every
+    /// [`ARRIVAL_TICK`] ([`Engine::settle_arrivals`]).
     pub async fn run_departures(self: Arc<Self>) {
+        let mut tick = 0u32;
         loop {
-            let rows = match self.store.live_instances(None).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!("departures: {e}");
-                    Vec::new()
-                }
-            };
-            for row in rows {
-                let Some(o) = row.spec.outgoing.clone() else {
-                    continue;
-                };
-                let lock = self.lock_for(&row.id);
-                let Ok(_guard) = lock.try_lock() else {
-                    continue; // a migration under way
-                };
-                if let Err(e) = self.resolve_departure(&row, &o).await {
-                    tracing::warn!(instance = %row.id, "departure: {e}");
-                }
+            if tick.is_multiple_of(DEPARTURE_TICKS) {
+                self.resolve_departures().await;
             }
-            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            if let Err(e) = self.settle_arrivals().await {
+                tracing::warn!("arrivals: {e}");
+            }
+            tick = tick.wrapping_add(1);
+            tokio::time::sleep(ARRIVAL_TICK).await;
         }
+    }
+
+    async fn resolve_departures(&self) {
+        let rows = match self.store.live_instances(None).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("departures: {e}");
+                return;
+            }
+        };
+        for row in rows {
+            let Some(o) = row.spec.outgoing.clone() else {
+                continue;
+            };
+            let lock = self.lock_for(&row.id);
+            let Ok(_guard) = lock.try_lock() else {
+                continue; // a migration under way
+            };
+            if let Err(e) = self.resolve_departure(&row, &o).await {
+                tracing::warn!(instance = %row.id, "departure: {e}");
+            }
+        }
+    }
+
+    /// Received guests that run here and are not settled: their QEMU's migration status is
+    /// asked every tick. Settled once it has every page (`migration_settled`: from then on
+    /// nothing of the guest is left at the source). A post-copy whose stream broke before
+    /// its last pages came (`postcopy-paused`) leaves a guest that waits forever for them:
+    /// it is stopped here with why (`migration_failed`), and the reconciler sees its QEMU
+    /// gone and applies its restart policy (a boot from its disk, whole since the switchover).
+    pub(crate) async fn settle_arrivals(&self) -> Result<()> {
+        for row in self.store.live_instances(None).await? {
+            let Some(i) = row.spec.incoming.clone() else {
+                continue;
+            };
+            if !i.ran || i.settled || row.state != InstanceState::Running {
+                continue;
+            }
+            if let Err(e) = self.settle_arrival(&row.id, &i).await {
+                tracing::warn!(instance = %row.id, "arrival: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    async fn settle_arrival(&self, id: &str, i: &IncomingSpec) -> Result<()> {
+        let lock = self.lock_for(id);
+        let Ok(_guard) = lock.try_lock() else {
+            return Ok(()); // an operation on it under way
+        };
+        let (node, nid) = (self.node.clone(), id.to_string());
+        let status = super::blocking(move || {
+            Ok::<_, gpuvisor_node::NodeError>(node.vm()?.migration_status(&node, &nid))
+        })
+        .await??;
+        let verdict = arrival_verdict(&status);
+        if verdict == Landing::Arriving {
+            return Ok(());
+        }
+        if verdict == Landing::Broken {
+            // Stopped first (the guest is lost with or without the record), then recorded.
+            let (node, nid) = (self.node.clone(), id.to_string());
+            super::blocking(move || node.stop(&nid, std::time::Duration::ZERO)).await??;
+        }
+        self.mark_settled(id, &i.migration).await?;
+        if verdict == Landing::Settled {
+            self.event(
+                id,
+                "migration_settled",
+                format!("all of its state arrived from node {}", i.from_node),
+            )
+            .await;
+            return Ok(());
+        }
+        let why = format!(
+            "its post-copy stream from node {} broke before the last pages of its memory \
+             arrived: the guest could not run on and was stopped (its restart policy acts)",
+            i.from_node
+        );
+        tracing::error!(instance = %id, "{why}");
+        self.event(id, "migration_failed", why).await;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Records that the arrival `migration` of `id` needs no more watching (a no-op where the
+    /// row has moved on: another migration's, or none).
+    pub(crate) async fn mark_settled(&self, id: &str, migration: &str) -> Result<()> {
+        let Some(mut row) = self.store.instance(id).await? else {
+            return Ok(());
+        };
+        match row.spec.incoming.as_mut() {
+            Some(inc) if inc.migration == migration && !inc.settled => inc.settled = true,
+            _ => return Ok(()),
+        }
+        self.store.set_spec(&row.id, &row.spec, self.tick()).await?;
+        Ok(())
     }
 
     /// One departure: true once resolved.
@@ -1132,6 +1258,23 @@ fn create_request(row: &InstanceRow) -> wire::CreateInstance {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A broken post-copy stream fails the guest; pages still coming (or a QEMU that did not
+    /// answer) are waited for; anything else has nothing left to watch (never a guest
+    /// failed for another migration's status).
+    #[test]
+    fn an_arrival_is_judged_by_its_qemus_migration_status() {
+        let of = |s: &str| Ok(Some(s.to_string()));
+        assert_eq!(arrival_verdict(&of("postcopy-paused")), Landing::Broken);
+        for s in ["postcopy-active", "postcopy-recover"] {
+            assert_eq!(arrival_verdict(&of(s)), Landing::Arriving, "{s}");
+        }
+        assert_eq!(arrival_verdict(&Err("no answer".into())), Landing::Arriving);
+        for s in ["completed", "none", "failed", "cancelled", "active"] {
+            assert_eq!(arrival_verdict(&of(s)), Landing::Settled, "{s}");
+        }
+        assert_eq!(arrival_verdict(&Ok(None)), Landing::Settled);
+    }
 
     #[test]
     fn a_migration_id_names_its_instance() {

@@ -673,6 +673,12 @@ impl Drop for Daemon {
     }
 }
 
+/// The instance cgroups' parent of the daemons this test starts without `--cgroup-parent`:
+/// `GPUVISOR_CGROUP_PARENT` (which they inherit), else the default.
+pub fn cgroup_parent() -> String {
+    std::env::var("GPUVISOR_CGROUP_PARENT").unwrap_or_else(|_| "gpuvisor".to_string())
+}
+
 /// Where instance `id`'s cgroup may be: `/sys/fs/cgroup/gpuvisor/<id>` (cgroup v2, the runtime's
 /// `cgroupsPath` `/gpuvisor/<id>`, see gpuvisor_node::cgroup) and
 /// `/sys/fs/cgroup/<hierarchy>/gpuvisor/<id>` for each hierarchy mounted below (cgroup v1,

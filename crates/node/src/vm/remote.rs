@@ -234,11 +234,27 @@ impl VmRuntime {
     /// on the destination may have run the guest. True when QEMU cannot say (unsure is
     /// taken as "may have").
     pub fn sent_whole(&self, id: &str) -> bool {
+        self.qmp_migration_status(id)
+            .map_or(true, |st| st == "completed" || st.starts_with("postcopy"))
+    }
+
+    /// The migration status of the instance's QEMU (`query-migrate`: `none`, `active`,
+    /// `postcopy-active`, `postcopy-paused`, `completed`, `failed`, …; on a destination, its
+    /// incoming migration's): None where no QEMU of it runs, an error where it runs and its
+    /// monitor did not answer.
+    pub fn migration_status(&self, node: &Node, id: &str) -> Result<Option<String>, String> {
+        if self.live_pid(node, id).is_none() {
+            return Ok(None);
+        }
+        self.qmp_migration_status(id)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    fn qmp_migration_status(&self, id: &str) -> Result<String, VmError> {
         Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))
             .and_then(|mut m| m.migration_stats())
-            .map_or(true, |st| {
-                st.status == "completed" || st.status.starts_with("postcopy")
-            })
+            .map(|st| st.status)
     }
 }
 
