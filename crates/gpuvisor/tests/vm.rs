@@ -1533,9 +1533,14 @@ fn guest_loop_runs(d: &Daemon, id: &str, pid: &str) {
         "the guest's loop is gone: {err}\n--- guest ---\n{}",
         logs(d, id)
     );
+    // One turn of the loop (4 MiB from urandom under TCG) takes up to seconds on a loaded
+    // host: it must count on within 15 s.
     let c = count();
-    std::thread::sleep(Duration::from_millis(700));
-    assert!(count() > c, "the guest is not running");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while count() <= c {
+        assert!(Instant::now() < deadline, "the guest is not running");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// A daemon killed in the middle of a live migration (issue 14 item 2): at its next start the
@@ -1776,7 +1781,14 @@ fn a_running_vm_migrates_live_to_another_daemon() {
             "--cgroup-parent".to_string(),
             format!("gpuvisor-{prefix}"),
             "--manage-ksm".to_string(),
-            (prefix == "ma").to_string(),
+            // GPUVISOR_TEST_KSM=none|both: who manages KSM, for the open breaks after a
+            // move (docs/bench/vm-operations.md); A alone otherwise.
+            match std::env::var("GPUVISOR_TEST_KSM").as_deref() {
+                Ok("none") => false,
+                Ok("both") => true,
+                _ => prefix == "ma",
+            }
+            .to_string(),
         ]);
         f
     };
@@ -1884,7 +1896,13 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     let got = b.json(&["instance", "get", &id]);
     assert_eq!(got["state"], "running", "{got}");
     assert_eq!(got["ip"], address, "{got}");
-    assert_eq!(logs(&b, &id).matches("gpuvisor-guest-ready").count(), 0);
+    assert_eq!(
+        logs(&b, &id).matches("gpuvisor-guest-ready").count(),
+        0,
+        "booted again on B: {}\n--- B ---\n{}",
+        b.json(&["instance", "events", &id]),
+        b.log()
+    );
     agent_answers(&b, &id);
     guest_loop_runs(&b, &id, &loop_pid);
     assert_eq!(sh(&b, "md5sum /run/blob | cut -d' ' -f1"), sum);
@@ -1964,7 +1982,8 @@ fn agent_answers(d: &Daemon, id: &str) {
         }
         assert!(
             Instant::now() < deadline,
-            "the guest agent never answered after the migration: {err}\n--- guest ---\n{}",
+            "the guest agent never answered after the migration: {err}\n--- events ---\n{}\n--- guest ---\n{}",
+            d.json(&["instance", "events", id]),
             logs(d, id)
         );
         std::thread::sleep(Duration::from_secs(1));

@@ -93,8 +93,8 @@ enum Landing {
     Arriving,
     /// Every page here; or nothing left to watch: no QEMU of it runs (stopped or gone: the
     /// reconciler's), or its QEMU's last migration is another one (a memory snapshot since,
-    /// a move that failed: only an incoming post-copy stops at `postcopy-paused` with the
-    /// guest running, and those operations settle the arrival first).
+    /// a move away that failed: their statuses are not an incoming post-copy's; a row that
+    /// is leaving again is not looked at).
     Settled,
     /// The post-copy stream broke before the last pages came (`postcopy-paused`: nothing
     /// here resumes it, the source is done or gone).
@@ -762,16 +762,7 @@ impl Engine {
                     .unwrap_or_default()
                     .to_string();
                 let _guard = self.lock_for(&id).lock_owned().await;
-                // Recorded first: from then on this node answers `gone` (the source restarts
-                // it from its disk), whatever happens to the removal.
-                if let Some(row) = self.store.instance(&id).await? {
-                    let mut spec = row.spec.clone();
-                    if let Some(i) = spec.incoming.as_mut() {
-                        i.lost = true;
-                    }
-                    self.store.set_spec(&id, &spec, self.tick()).await?;
-                }
-                self.arrival_failed(&id, "its post-copy was cut").await;
+                self.lose_arrival(&id, "its post-copy was cut").await?;
                 Ok(status(migration, MigrationPhase::Gone))
             }
             MigrationPhase::Running => Err(EngineError::InvalidState(format!(
@@ -820,6 +811,22 @@ impl Engine {
     }
 
     /// An arrival that will not run: its QEMU, disk and address go, the row ends.
+    /// A received guest whose post-copy broke after it ran here (its instance's lock held):
+    /// recorded as lost first (from then on this node answers `gone` and the source restarts
+    /// it from its disk, whatever happens to the removal), then removed here. One owner of
+    /// the recovery: the source, told by [`Engine::drop_migration`] or by asking the phase.
+    async fn lose_arrival(&self, id: &str, why: &str) -> Result<()> {
+        if let Some(row) = self.store.instance(id).await? {
+            let mut spec = row.spec.clone();
+            if let Some(i) = spec.incoming.as_mut() {
+                i.lost = true;
+            }
+            self.store.set_spec(id, &spec, self.tick()).await?;
+        }
+        self.arrival_failed(id, why).await;
+        Ok(())
+    }
+
     async fn arrival_failed(&self, id: &str, why: &str) {
         let _ = self
             .store
@@ -922,16 +929,19 @@ impl Engine {
     /// Received guests that run here and are not settled: their QEMU's migration status is
     /// asked every tick. Settled once it has every page (`migration_settled`: from then on
     /// nothing of the guest is left at the source). A post-copy whose stream broke before
-    /// its last pages came (`postcopy-paused`) leaves a guest that waits forever for them:
-    /// it is stopped here with why (`migration_failed`), and the reconciler sees its QEMU
-    /// gone and applies its restart policy (a boot from its disk, whole since the switchover).
+    /// its last pages came (`postcopy-paused`) leaves a guest that would wait forever for
+    /// them: it is lost here as when its source says so ([`Engine::lose_arrival`]: removed,
+    /// `migration_failed`), and its source restarts it from its disk.
     pub(crate) async fn settle_arrivals(&self) -> Result<()> {
         for row in self.store.live_instances(None).await? {
             let Some(i) = row.spec.incoming.clone() else {
                 continue;
             };
-            if !i.ran || i.settled || row.state != InstanceState::Running {
+            if !i.ran || i.settled || i.lost || row.state != InstanceState::Running {
                 continue;
+            }
+            if row.spec.outgoing.is_some() {
+                continue; // leaving again: its QEMU's status is that migration's
             }
             if let Err(e) = self.settle_arrival(&row.id, &i).await {
                 tracing::warn!(instance = %row.id, "arrival: {e}");
@@ -955,28 +965,21 @@ impl Engine {
             return Ok(());
         }
         if verdict == Landing::Broken {
-            // Stopped first (the guest is lost with or without the record), then recorded.
-            let (node, nid) = (self.node.clone(), id.to_string());
-            super::blocking(move || node.stop(&nid, std::time::Duration::ZERO)).await??;
+            let why = format!(
+                "its post-copy stream from node {} broke before the last pages of its memory \
+                 arrived (the guest could not run on here; its source restarts it from its disk)",
+                i.from_node
+            );
+            tracing::error!(instance = %id, "{why}");
+            return self.lose_arrival(id, &why).await;
         }
         self.mark_settled(id, &i.migration).await?;
-        if verdict == Landing::Settled {
-            self.event(
-                id,
-                "migration_settled",
-                format!("all of its state arrived from node {}", i.from_node),
-            )
-            .await;
-            return Ok(());
-        }
-        let why = format!(
-            "its post-copy stream from node {} broke before the last pages of its memory \
-             arrived: the guest could not run on and was stopped (its restart policy acts)",
-            i.from_node
-        );
-        tracing::error!(instance = %id, "{why}");
-        self.event(id, "migration_failed", why).await;
-        self.wake.notify_one();
+        self.event(
+            id,
+            "migration_settled",
+            format!("all of its state arrived from node {}", i.from_node),
+        )
+        .await;
         Ok(())
     }
 
