@@ -163,7 +163,8 @@ impl VmRuntime {
     }
 
     /// The destination, before its guest may run: waits until the whole state is in (or the
-    /// guest has switched over in post-copy), then gives the paused VM what provisioning
+    /// guest has switched over in post-copy and its devices' state is loaded), then gives
+    /// the paused VM what provisioning
     /// gives a booted one (pinning, disk limits, balloon statistics). Nothing runs yet: an
     /// error here leaves the guest to the source.
     pub fn ready_received(
@@ -207,6 +208,22 @@ impl VmRuntime {
                 }
                 _ => std::thread::sleep(Duration::from_millis(5)),
             }
+        }
+        // Post-copy is `postcopy-active` from its LISTEN on, before the devices' state (the
+        // package that follows) is loaded: nothing is set on a device, and nothing resumed,
+        // until the runstate has left `inmigrate` (paused, as `-S` leaves it).
+        loop {
+            let (running, state) = dst.status()?;
+            if running || state != "inmigrate" {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(refuse(format!(
+                    "the destination had not loaded the devices' state within \
+                     {RECEIVE_DEADLINE:?} of the source's end"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
         dst.balloon_stats_every(super::runtime::BALLOON_STATS_SECS)?;
         let vcpus = dst.vcpus()?;
