@@ -712,12 +712,27 @@ impl Engine {
     /// Records that the received guest of `row` runs here (before it is resumed): the
     /// migration's id stays in the spec, for a source that asks.
     async fn mark_ran(&self, row: &InstanceRow) -> Result<()> {
-        let mut spec = row.spec.clone();
-        if let Some(i) = spec.incoming.as_mut() {
+        self.update_incoming(&row.id, |i| {
             i.ran = true;
             i.vm = None;
+            true
+        })
+        .await
+    }
+
+    /// Changes the arrival record of instance `id` (read afresh; written where `change`
+    /// says it changed something; nothing where the row or its record is gone).
+    async fn update_incoming(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut IncomingSpec) -> bool,
+    ) -> Result<()> {
+        let Some(mut row) = self.store.instance(id).await? else {
+            return Ok(());
+        };
+        if row.spec.incoming.as_mut().is_some_and(change) {
+            self.store.set_spec(id, &row.spec, self.tick()).await?;
         }
-        self.store.set_spec(&row.id, &spec, self.tick()).await?;
         Ok(())
     }
 
@@ -816,13 +831,11 @@ impl Engine {
     /// it from its disk, whatever happens to the removal), then removed here. One owner of
     /// the recovery: the source, told by [`Engine::drop_migration`] or by asking the phase.
     async fn lose_arrival(&self, id: &str, why: &str) -> Result<()> {
-        if let Some(row) = self.store.instance(id).await? {
-            let mut spec = row.spec.clone();
-            if let Some(i) = spec.incoming.as_mut() {
-                i.lost = true;
-            }
-            self.store.set_spec(id, &spec, self.tick()).await?;
-        }
+        self.update_incoming(id, |i| {
+            i.lost = true;
+            true
+        })
+        .await?;
         self.arrival_failed(id, why).await;
         Ok(())
     }
@@ -986,15 +999,12 @@ impl Engine {
     /// Records that the arrival `migration` of `id` needs no more watching (a no-op where the
     /// row has moved on: another migration's, or none).
     pub(crate) async fn mark_settled(&self, id: &str, migration: &str) -> Result<()> {
-        let Some(mut row) = self.store.instance(id).await? else {
-            return Ok(());
-        };
-        match row.spec.incoming.as_mut() {
-            Some(inc) if inc.migration == migration && !inc.settled => inc.settled = true,
-            _ => return Ok(()),
-        }
-        self.store.set_spec(&row.id, &row.spec, self.tick()).await?;
-        Ok(())
+        self.update_incoming(id, |i| {
+            let change = i.migration == migration && !i.settled;
+            i.settled |= change;
+            change
+        })
+        .await
     }
 
     /// One departure: true once resolved.
