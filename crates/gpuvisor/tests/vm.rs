@@ -1229,6 +1229,7 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     assert!(m["transferred_bytes"].as_u64().unwrap() > 96 << 20, "{m}");
     assert!(m["total_ms"].as_u64().unwrap() > 0, "{m}");
     assert_eq!(m["postcopy"], false, "{m}");
+    copy_paused_under_tcg(&d, &id, &m);
     // One QEMU, the new one, in the instance's cgroup; the old one is gone.
     assert_eq!(qemu_pids(&id), vec![new_pid]);
     let cg = std::fs::read_to_string(format!("/proc/{new_pid}/cgroup")).unwrap();
@@ -1500,6 +1501,27 @@ fn migration_held_at(d: &mut Daemon, id: &str, point: &str) -> std::process::Chi
         std::thread::sleep(Duration::from_millis(50));
     }
     cli
+}
+
+/// Under TCG a pre-copy pauses the guest for the whole copy (QEMU 7.2 loses guest writes
+/// made during a live copy there: `CopyMode::Paused`), and the answer's downtime is that
+/// pause: at least QEMU's time for the copy. Under KVM the copy is live (nothing to check
+/// here beyond the downtime bound QEMU keeps).
+fn copy_paused_under_tcg(d: &Daemon, id: &str, m: &serde_json::Value) {
+    let got = d.json(&["instance", "get", id]);
+    let accel = got["accel"].as_str().unwrap_or_default();
+    assert!(!accel.is_empty(), "{got}");
+    if !accel.starts_with("tcg") {
+        return;
+    }
+    let (down, total) = (
+        m["downtime_ms"].as_u64().unwrap(),
+        m["total_ms"].as_u64().unwrap(),
+    );
+    assert!(
+        down * 10 >= total * 9,
+        "a TCG guest kept running during its copy (downtime {down} ms of {total} ms): {m}"
+    );
 }
 
 /// A detached loop in the guest that counts into `/.gpuvisor/count` and rewrites 4 MiB of its
@@ -1888,6 +1910,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     assert_eq!(m["node"], b_node.as_str(), "{m}");
     assert_eq!(m["postcopy"], false, "{m}");
     assert!(m["transferred_bytes"].as_u64().unwrap() > 96 << 20, "{m}");
+    copy_paused_under_tcg(&b, &id, &m);
     // One QEMU of the instance, B's.
     let q = qemus_by_parent(&id);
     assert_eq!(q.len(), 1, "{q:?}");
@@ -1965,6 +1988,30 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     );
     assert!(logs(&a, &id).matches("gpuvisor-guest-ready").count() <= boots_a);
     assert_eq!(objects_of(&id, "gvmigb", "mb"), Vec::<String>::new());
+
+    // Back and forth twice more, the guest checked after every move: each one hands it over
+    // whole. (With QEMU 7.2 under TCG a live copy lost writes to hot kernel pages in about
+    // one move in six between these daemons: the guest crashed soon after, in its page
+    // allocator. The copy pauses such a guest now.)
+    for round in 1..=2 {
+        let there = a.json(&["instance", "migrate", &id, "--to", &b_node]);
+        eprintln!("round {round}, to B: {there}");
+        copy_paused_under_tcg(&b, &id, &there);
+        settles(&b, &id);
+        agent_answers(&b, &id);
+        guest_loop_runs(&b, &id, &loop_pid);
+        assert_eq!(sh(&b, "md5sum /run/blob | cut -d' ' -f1"), sum);
+        uffd.write("1");
+        let back = b.json(&["instance", "migrate", &id, "--to", &a_node, "--postcopy"]);
+        uffd.restore();
+        eprintln!("round {round}, back in post-copy: {back}");
+        assert_eq!(back["postcopy"], true, "{back}");
+        settles(&a, &id);
+        agent_answers(&a, &id);
+        guest_loop_runs(&a, &id, &loop_pid);
+        assert_eq!(sh(&a, "md5sum /run/blob | cut -d' ' -f1"), sum);
+    }
+    assert!(logs(&a, &id).matches("gpuvisor-guest-ready").count() <= boots_a);
     a.json(&["instance", "terminate", &id, "--wait"]);
     assert!(qemu_pids(&id).is_empty());
     assert_eq!(objects_of(&id, "gvmiga", "ma"), Vec::<String>::new());
@@ -1994,9 +2041,21 @@ fn agent_answers(d: &Daemon, id: &str) {
 /// (`migration_settled`), and checks it is still running.
 fn settles(d: &Daemon, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
+    // One `migration_settled` per arrival: the row keeps the events of earlier moves.
+    let count = |events: &serde_json::Value, f: &dyn Fn(&serde_json::Value) -> bool| {
+        events.as_array().unwrap().iter().filter(|e| f(e)).count()
+    };
     loop {
-        let events = d.json(&["instance", "events", id]).to_string();
-        if events.contains("migration_settled") {
+        let list = d.json(&["instance", "events", id]);
+        let arrivals = count(&list, &|e| {
+            e["kind"] == "migrated"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("arrived from node"))
+        });
+        let settled = count(&list, &|e| e["kind"] == "migration_settled");
+        let events = list.to_string();
+        if arrivals > 0 && settled >= arrivals {
             assert!(!events.contains("migration_failed"), "{events}");
             assert_eq!(d.json(&["instance", "get", id])["state"], "running");
             return;

@@ -408,6 +408,11 @@ impl Node {
         self.runtime_of(id).main_pid(self, id)
     }
 
+    /// What instance `id`'s main process said last before it ended ([`Runtime::last_words`]).
+    pub fn last_words(&self, id: &str) -> Option<String> {
+        self.runtime_of(id).last_words(self, id)
+    }
+
     /// Removes every host object of the instance (container, cgroups, mounts, loop devices,
     /// container disk, netns, veth, bundle). Never touches volume images. Idempotent.
     pub fn teardown(&self, id: &str) -> Result<(), NodeError> {

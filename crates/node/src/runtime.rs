@@ -67,6 +67,13 @@ pub trait Runtime: Send + Sync {
     /// QEMU), for the daemon to reap it.
     fn main_pid(&self, node: &Node, id: &str) -> Option<i32>;
 
+    /// What the instance's main process said last on its way out, where the runtime keeps
+    /// it (a VM: the last line QEMU wrote to its stderr), for the event of its exit. Read
+    /// before the teardown removes it.
+    fn last_words(&self, _node: &Node, _id: &str) -> Option<String> {
+        None
+    }
+
     /// What the runtime reads of the instance's storage and network for telemetry (the
     /// cgroup's CPU and memory are read by the node for every runtime).
     fn usage(&self, node: &Node, id: &str) -> crate::telemetry::RuntimeUsage;

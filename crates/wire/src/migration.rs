@@ -27,7 +27,9 @@ pub struct MigrationReport {
     pub instance: String,
     /// The node it runs on now.
     pub node: String,
-    /// The guest's pause at the switchover, ms, as QEMU measured it (`query-migrate`).
+    /// The guest's pause at the switchover, ms, as QEMU measured it (`query-migrate`); where
+    /// the copy paused the guest (a VM under TCG: QEMU 7.2 loses writes during a live copy
+    /// there), the whole pause, from the start of the copy until the destination may run.
     pub downtime_ms: u64,
     /// From the start of the migration to the destination running, ms.
     pub total_ms: u64,

@@ -768,7 +768,7 @@ impl Engine {
                         return Ok(None);
                     };
                     match reap::reap(&node, &init, Duration::from_millis(200)) {
-                        Reaped::Exited(c) => Ok(Some(c)),
+                        Reaped::Exited(c) => Ok(Some((c, node.last_words(&rid)))),
                         Reaped::NotOurs => Ok(None),
                         // The decision was taken on a snapshot: the instance's main process
                         // runs now (a live migration switched to a new QEMU meanwhile).
@@ -781,7 +781,8 @@ impl Engine {
                 };
                 // Kept before the teardown: a teardown that fails is retried by the next pass,
                 // which can no longer reap the (already reaped) init.
-                let code = match reaped {
+                let said = reaped.as_ref().and_then(|(_, w)| w.clone());
+                let code = match reaped.map(|(c, _)| c) {
                     Some(c) => {
                         self.seen_exits().insert(id.clone(), c);
                         let r = crate::store::RestartRow {
@@ -796,11 +797,14 @@ impl Engine {
                 self.test_fail_exit_teardown(&id)?;
                 self.teardown(&id, false).await?;
                 self.seen_exits().remove(&id);
-                let how = match code {
-                    Some(c) => format!("exited with code {c}"),
-                    None => "exited with an unknown status (it ended while this daemon was not \
+                let how = match (code, said) {
+                    (Some(c), Some(w)) => format!("exited with code {c} ({w})"),
+                    (Some(c), None) => format!("exited with code {c}"),
+                    (None, _) => {
+                        "exited with an unknown status (it ended while this daemon was not \
                              its parent: a host reboot, or a daemon restart)"
-                        .to_string(),
+                            .to_string()
+                    }
                 };
                 let now = super::now_ms();
                 let mut r = i.restart.clone();

@@ -91,11 +91,14 @@ const DEPARTURE_TICKS: u32 = 30;
 enum Landing {
     /// Pages still coming (post-copy), or its QEMU did not answer this time.
     Arriving,
-    /// Every page here; or nothing left to watch: no QEMU of it runs (stopped or gone: the
-    /// reconciler's), or its QEMU's last migration is another one (a memory snapshot since,
-    /// a move away that failed: their statuses are not an incoming post-copy's; a row that
-    /// is leaving again is not looked at).
+    /// Every page here; or its QEMU's last migration is another one (a memory snapshot
+    /// since, a move away that failed: their statuses are not an incoming post-copy's; a
+    /// row that is leaving again is not looked at).
     Settled,
+    /// Nothing left to watch and nothing to say it arrived: no QEMU of it runs (stopped, or
+    /// ended: its exit is the reconciler's to report and act on), or the one that runs did
+    /// not arrive by migration (status `none`: started afresh since).
+    Gone,
     /// The post-copy stream broke before the last pages came (`postcopy-paused`: nothing
     /// here resumes it, the source is done or gone).
     Broken,
@@ -110,7 +113,9 @@ fn arrival_verdict(status: &std::result::Result<Option<String>, String>) -> Land
         Ok(Some(s)) if matches!(s.as_str(), "postcopy-active" | "postcopy-recover") => {
             Landing::Arriving
         }
-        Ok(_) => Landing::Settled,
+        Ok(None) => Landing::Gone,
+        Ok(Some(s)) if s == "none" => Landing::Gone,
+        Ok(Some(_)) => Landing::Settled,
     }
 }
 
@@ -987,6 +992,14 @@ impl Engine {
             return self.lose_arrival(id, &why).await;
         }
         self.mark_settled(id, &i.migration).await?;
+        if verdict == Landing::Gone {
+            tracing::warn!(
+                instance = %id,
+                from = %i.from_node,
+                "the QEMU that received it no longer runs: not watched as an arrival any more"
+            );
+            return Ok(());
+        }
         self.event(
             id,
             "migration_settled",
@@ -1283,10 +1296,12 @@ mod tests {
             assert_eq!(arrival_verdict(&of(s)), Landing::Arriving, "{s}");
         }
         assert_eq!(arrival_verdict(&Err("no answer".into())), Landing::Arriving);
-        for s in ["completed", "none", "failed", "cancelled", "active"] {
+        for s in ["completed", "failed", "cancelled", "active"] {
             assert_eq!(arrival_verdict(&of(s)), Landing::Settled, "{s}");
         }
-        assert_eq!(arrival_verdict(&Ok(None)), Landing::Settled);
+        // No QEMU, or one started afresh: not "arrived".
+        assert_eq!(arrival_verdict(&Ok(None)), Landing::Gone);
+        assert_eq!(arrival_verdict(&of("none")), Landing::Gone);
     }
 
     #[test]

@@ -17,7 +17,9 @@
 //! pre-copy with auto-converge (the guest's vCPUs are slowed down when it dirties memory
 //! faster than the copy goes) and a switchover bounded by `max_downtime_ms`; with `postcopy`,
 //! once the first full pass is over, the guest switches over and pulls the pages dirtied
-//! since from the source.
+//! since from the source. Under TCG the copy is not live ([`CopyMode::Paused`]: QEMU 7.2
+//! loses guest writes during a live copy there): the guest pauses for the whole copy, or,
+//! with `postcopy`, until it switches over, at once.
 //!
 //! The source is torn down only once the destination runs (`VmRuntime::finish_switch`, each
 //! step safe to take again). Any failure before that stops the destination first, then
@@ -57,6 +59,45 @@ const RUN_DEADLINE: Duration = Duration::from_secs(30);
 /// (the second dirty-page sync): the total time is about one copy of the RAM, whatever the
 /// guest dirties, and pages dirtied since are pulled on demand.
 const POSTCOPY_AFTER_PASSES: u64 = 2;
+/// How the guest's RAM is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMode {
+    /// While the guest runs: pre-copy passes over what it dirtied, bounded by the downtime.
+    Live,
+    /// With the guest paused from the start of the copy (with post-copy: until the switch,
+    /// which comes at once). Under TCG: QEMU 7.2 loses guest writes during a live copy. Its
+    /// dirty-bitmap sync clears whole words of the bitmap without resetting TCG's TLB, so a
+    /// page whose TLB entry is already writable is written again without being marked dirty,
+    /// and the destination keeps the page's older copy. Hot kernel pages (free lists, per-CPU
+    /// lists, `struct page`s) are the ones lost, and the guest crashes minutes later (QEMU
+    /// 9.0 fixed it: "physmem: Fix migration dirty bitmap coherency with TCG memory access").
+    /// KVM's dirty log does not go through that TLB.
+    Paused,
+}
+
+impl CopyMode {
+    pub(super) fn for_accel(accel: &super::Accel) -> Self {
+        match accel {
+            super::Accel::Kvm => CopyMode::Live,
+            super::Accel::Tcg { .. } => CopyMode::Paused,
+        }
+    }
+
+    /// Starts the copy into `uri` on `src` (migration capabilities and limits set): pauses
+    /// the guest first where the copy is not live, and answers when it did.
+    pub(super) fn start(self, src: &mut Monitor, uri: &str) -> Result<Option<Instant>, VmError> {
+        let paused = match self {
+            CopyMode::Live => None,
+            CopyMode::Paused => {
+                src.pause()?;
+                Some(Instant::now())
+            }
+        };
+        src.migrate(uri)?;
+        Ok(paused)
+    }
+}
+
 /// The migration channel is a local socket: no bandwidth cap.
 const LOCAL_BANDWIDTH: u64 = 64 << 30;
 /// The name both QEMUs know the channel by.
@@ -126,6 +167,7 @@ pub fn transfer(
     src: &mut Monitor,
     dst: &mut Monitor,
     ask: &MigrateAsk,
+    mode: CopyMode,
 ) -> Result<(MigrationStats, bool), VmError> {
     let postcopy = [("postcopy-ram", ask.postcopy)];
     if ask.postcopy {
@@ -151,17 +193,25 @@ pub fn transfer(
     dst.getfd(CHANNEL, b.as_raw_fd())?;
     dst.migrate_incoming(&format!("fd:{CHANNEL}"))?;
     src.getfd(CHANNEL, a.as_raw_fd())?;
-    src.migrate(&format!("fd:{CHANNEL}"))?;
+    let paused = mode.start(src, &format!("fd:{CHANNEL}"))?;
     // Each QEMU has its own end now.
     drop((a, b));
-    let (stats, switched, _) = copy(src, ask, &mut |_| Ok(()), &mut || Ok(()))?;
-    // The source's guest was running: the destination runs on its own once the state is in.
+    let (mut stats, switched, _) = copy(src, ask, paused, &mut |_| Ok(()), &mut || Ok(()))?;
+    // A guest that ran: the destination runs on its own once the state is in (in post-copy,
+    // from the switch). One the copy paused arrives paused, and is resumed here.
     let deadline = Instant::now() + RUN_DEADLINE;
     loop {
         if dst.status().map_err(|e| lost(switched, e))?.0 {
+            if let (Some(at), false) = (paused, switched) {
+                stats.downtime_ms = Some(millis(at.elapsed()));
+            }
             return Ok((stats, switched));
         }
         let st = dst.migration_stats().map_err(|e| lost(switched, e))?;
+        if paused.is_some() && st.status == "completed" {
+            dst.resume().map_err(|e| lost(switched, e))?;
+            continue;
+        }
         if matches!(st.status.as_str(), "failed" | "cancelled") || Instant::now() > deadline {
             let why = st.error.unwrap_or(st.status);
             return Err(lost(
@@ -174,6 +224,10 @@ pub fn transfer(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Once the guest runs on the destination with pages still on the source, no error leaves
@@ -195,20 +249,37 @@ fn lost(switched: bool, e: VmError) -> VmError {
 pub(super) fn copy(
     src: &mut Monitor,
     ask: &MigrateAsk,
+    paused: Option<Instant>,
     switchover: &mut dyn FnMut(&mut Monitor) -> Result<(), VmError>,
     postcopy_began: &mut dyn FnMut() -> Result<(), VmError>,
 ) -> Result<(MigrationStats, bool, bool), VmError> {
     let mut switched = false;
     let mut continued = false;
     let mut began = false;
+    // A guest paused for the copy switches to post-copy at once: its pause ends when it runs
+    // on the destination, not after a pass over its RAM.
+    let postcopy_after = if paused.is_some() {
+        1
+    } else {
+        POSTCOPY_AFTER_PASSES
+    };
+    // Where the copy paused the guest, its downtime is from that pause until the destination
+    // may run (the switch to post-copy, or the end of the copy), not QEMU's figure.
+    let mut ran_at = None;
     let deadline = Instant::now() + MIGRATION_DEADLINE;
     loop {
-        let st = src.migration_stats().map_err(|e| lost(switched, e))?;
+        let mut st = src.migration_stats().map_err(|e| lost(switched, e))?;
         match st.status.as_str() {
             // A post-copy whose last pages went before this loop saw it active: the source
             // holds the whole state, so the caller lets the destination run (or not) as after
             // a pre-copy.
-            "completed" => return Ok((st, switched, began)),
+            "completed" => {
+                if let Some(at) = paused {
+                    let ran = ran_at.unwrap_or_else(Instant::now);
+                    st.downtime_ms = Some(millis(ran.saturating_duration_since(at)));
+                }
+                return Ok((st, switched, began));
+            }
             "failed" | "cancelled" | "postcopy-paused" => {
                 let why = st.error.unwrap_or(st.status);
                 return Err(lost(switched, failed("migrate", why)));
@@ -222,12 +293,13 @@ pub(super) fn copy(
                 switched = true;
                 if !began {
                     began = true;
+                    ran_at = Some(Instant::now());
                     postcopy_began().map_err(|e| lost(true, e))?;
                 }
             }
             _ => {}
         }
-        if ask.postcopy && !switched && st.dirty_sync_count >= POSTCOPY_AFTER_PASSES {
+        if ask.postcopy && !switched && st.dirty_sync_count >= postcopy_after {
             src.start_postcopy().map_err(|e| lost(true, e))?;
             switched = true;
         }
@@ -341,8 +413,9 @@ impl VmRuntime {
                 return Err(e.into());
             }
         };
-        let moved = Monitor::connect(&staged.qmp(), Duration::from_secs(5))
-            .and_then(|mut dst| transfer(&mut src, &mut dst, ask));
+        let moved = Monitor::connect(&staged.qmp(), Duration::from_secs(5)).and_then(|mut dst| {
+            transfer(&mut src, &mut dst, ask, CopyMode::for_accel(&spec.accel))
+        });
         let (stats, postcopy) = match moved {
             Ok(m) => m,
             Err(e @ VmError::PostcopyLost { .. }) => {

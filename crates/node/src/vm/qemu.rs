@@ -101,6 +101,12 @@ impl RunPaths {
     pub fn stderr(&self) -> PathBuf {
         self.dir.join("qemu.err")
     }
+    /// The last line QEMU wrote to its stderr (at most 300 characters), if any.
+    pub fn last_said(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.stderr()).ok()?;
+        let line = text.lines().map(str::trim).rfind(|l| !l.is_empty())?;
+        Some(line.chars().take(300).collect())
+    }
     /// The volume images the VM was started with, one path per line (for telemetry).
     pub fn volumes(&self) -> PathBuf {
         self.dir.join("volumes")

@@ -87,7 +87,8 @@ impl VmRuntime {
         state: OwnedFd,
         run_destination: &mut dyn FnMut() -> Result<(), VmError>,
     ) -> Result<Sent, NodeError> {
-        let (pid, _, _) = self.migratable(node, id)?;
+        let (pid, spec, _) = self.migratable(node, id)?;
+        let mode = super::migrate::CopyMode::for_accel(&spec.accel);
         let mut src = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
         let sent = (|| {
             src.getfd(DISK_FD, disk.as_raw_fd())?;
@@ -103,13 +104,13 @@ impl VmRuntime {
             src.migration_limits(ask.max_downtime_ms, BANDWIDTH)?;
             src.getfd(STATE_FD, state.as_raw_fd())?;
             drop(state);
-            src.migrate(&format!("fd:{STATE_FD}"))?;
+            let paused = mode.start(&mut src, &format!("fd:{STATE_FD}"))?;
             // At the switchover the guest is paused: the mirror ends in step.
             let mut end_mirror = |m: &mut Monitor| -> Result<(), VmError> {
                 m.block_job_cancel(MIRROR, false)?;
                 await_job(m, MIRROR, "gone", Duration::from_secs(60))
             };
-            copy(&mut src, ask, &mut end_mirror, run_destination)
+            copy(&mut src, ask, paused, &mut end_mirror, run_destination)
         })();
         match sent {
             Ok((stats, postcopy, ran_there)) => Ok(Sent {

@@ -793,6 +793,10 @@ impl Runtime for VmRuntime {
         pid_in(&self.run_paths(id).dir)
     }
 
+    fn last_words(&self, _node: &Node, id: &str) -> Option<String> {
+        self.run_paths(id).last_said()
+    }
+
     /// Run dirs and overlays.
     fn local_ids(&self, _node: &Node) -> Result<BTreeSet<String>, NodeError> {
         let mut ids = BTreeSet::new();
