@@ -1028,8 +1028,8 @@ pub enum InstanceCmd {
         /// or (default) this daemon's own node: a new QEMU process here.
         #[arg(long)]
         to: Option<String>,
-        /// Switch to post-copy when pre-copy does not converge (bounded downtime; a failure
-        /// after the switch loses the guest, which restarts from its disks).
+        /// Switch to post-copy after the first pass, at once under TCG (bounded downtime; a
+        /// failure after the switch loses the guest, which restarts from its disks).
         #[arg(long)]
         postcopy: bool,
         /// The longest pause of the guest at the switchover, ms.

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/instances/{id}/migrate`: moves a running VM's running state to a new QEMU process
-/// without stopping it (a switchover of milliseconds). Answers once the move has ended, either
+/// without stopping it (a switchover of milliseconds; under TCG with QEMU before 9.0 the guest
+/// pauses for the whole copy, or until the switch to post-copy, which then comes at once). Answers once the move has ended, either
 /// way: a failed or refused migration leaves the VM running where it was.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct MigrateInstance {
@@ -11,12 +12,13 @@ pub struct MigrateInstance {
     /// host (after a QEMU upgrade, or to re-create the process without a reboot).
     #[serde(default)]
     pub to: Option<String>,
-    /// Switch to post-copy when pre-copy does not converge: the guest runs on the destination
-    /// at once and fetches the pages still missing on demand (bounded downtime whatever the
-    /// dirty rate; a failure after the switch loses the guest).
+    /// Switch to post-copy after the first pass (at once where the copy pauses the guest): the
+    /// guest runs on the destination and fetches the pages still missing on demand (bounded
+    /// downtime whatever the dirty rate; a failure after the switch loses the guest).
     #[serde(default)]
     pub postcopy: bool,
-    /// The longest pause of the guest the switchover may take, ms (default 300).
+    /// The longest pause of the guest the switchover may take, ms (default 300); not held
+    /// where the copy pauses the guest (TCG before QEMU 9.0).
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
 }

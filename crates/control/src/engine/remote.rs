@@ -1030,6 +1030,24 @@ impl Engine {
             return Ok(true);
         }
         let row = &row;
+        let (mid, lost) = (o.migration.clone(), o.lost);
+        let (node, id) = (self.node.clone(), row.id.clone());
+        // Whether the destination may have run it: once the copy here went whole.
+        let whole = lost
+            || super::blocking(move || node.vm().map_or(true, |vm| vm.sent_whole(&id)))
+                .await
+                .unwrap_or(true);
+        if !whole {
+            // The destination never had the whole state, so it cannot have run the guest:
+            // it resumes here now (a copy that paused it must not wait on the other node),
+            // and the other node's half is dropped as far as it answers.
+            if let Some(peer) = self.peer(&o.to_node) {
+                let mid = mid.clone();
+                let _ = super::blocking(move || peer.drop_migration(&mid, false)).await;
+            }
+            self.keep_departed(row).await?;
+            return Ok(true);
+        }
         let Some(peer) = self.peer(&o.to_node) else {
             let why = format!(
                 "a live migration to node {} is unresolved and that node is not a [[peer]] any \
@@ -1039,13 +1057,6 @@ impl Engine {
             self.event(&row.id, "migration_unresolved", why).await;
             return Ok(false);
         };
-        let (mid, lost) = (o.migration.clone(), o.lost);
-        let (node, id) = (self.node.clone(), row.id.clone());
-        // Whether the destination may have run it: once the copy here went whole.
-        let whole = lost
-            || super::blocking(move || node.vm().map_or(true, |vm| vm.sent_whole(&id)))
-                .await
-                .unwrap_or(true);
         let asked = super::blocking(move || {
             if lost {
                 return peer.drop_migration(&mid, true).map(|()| Departure::Restart);
@@ -1054,10 +1065,6 @@ impl Engine {
                 Ok(MigrationPhase::Running) => Ok(Departure::Finish),
                 Ok(MigrationPhase::Waiting | MigrationPhase::Gone) => {
                     peer.drop_migration(&mid, false).map(|()| Departure::Keep)
-                }
-                Ok(MigrationPhase::Unknown) if !whole => {
-                    let _ = peer.drop_migration(&mid, false);
-                    Ok(Departure::Keep)
                 }
                 Ok(MigrationPhase::Unknown) => Err(
                     "it has no record of the migration and the copy here had completed, so it \
@@ -1208,7 +1215,15 @@ fn send_to_peer(
     }
     // The guest is paused here for good unless the destination confirms it did not run it.
     let ran = match peer.run(mid) {
-        Ok(()) => return Ok(sent),
+        Ok(()) => {
+            let mut sent = sent;
+            // A guest the copy paused was paused until now.
+            if let Some(at) = sent.paused_at {
+                sent.stats.downtime_ms =
+                    Some(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX));
+            }
+            return Ok(sent);
+        }
         Err(e) => e,
     };
     match peer.phase(mid) {

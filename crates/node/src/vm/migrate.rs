@@ -75,12 +75,29 @@ pub enum CopyMode {
     Paused,
 }
 
+/// The first QEMU whose live copy under TCG keeps every write.
+const TCG_LIVE_COPY_SINCE: (i64, i64) = (9, 0);
+
 impl CopyMode {
-    pub(super) fn for_accel(accel: &super::Accel) -> Self {
+    /// The mode for a guest under `accel` in a QEMU of `version` (major, minor; None: it did
+    /// not say, taken as one with the bug).
+    pub(super) fn choose(accel: &super::Accel, version: Option<(i64, i64)>) -> Self {
         match accel {
             super::Accel::Kvm => CopyMode::Live,
+            super::Accel::Tcg { .. } if version.is_some_and(|v| v >= TCG_LIVE_COPY_SINCE) => {
+                CopyMode::Live
+            }
             super::Accel::Tcg { .. } => CopyMode::Paused,
         }
+    }
+
+    /// The mode for the guest of the source QEMU `src` runs, started under `accel`.
+    pub(super) fn of_source(src: &mut Monitor, accel: &super::Accel) -> Self {
+        let version = match accel {
+            super::Accel::Kvm => None,
+            super::Accel::Tcg { .. } => src.qemu_version().ok(),
+        };
+        Self::choose(accel, version)
     }
 
     /// Starts the copy into `uri` on `src` (migration capabilities and limits set): pauses
@@ -198,19 +215,21 @@ pub fn transfer(
     drop((a, b));
     let (mut stats, switched, _) = copy(src, ask, paused, &mut |_| Ok(()), &mut || Ok(()))?;
     // A guest that ran: the destination runs on its own once the state is in (in post-copy,
-    // from the switch). One the copy paused arrives paused, and is resumed here.
+    // from the switch). One the copy paused arrives paused and is resumed here, once: from
+    // that `cont` on the destination has the guest (whatever it does next: a suspended guest
+    // stays suspended, one that powers off ends its QEMU), and the source never runs again.
     let deadline = Instant::now() + RUN_DEADLINE;
     loop {
         if dst.status().map_err(|e| lost(switched, e))?.0 {
-            if let (Some(at), false) = (paused, switched) {
-                stats.downtime_ms = Some(millis(at.elapsed()));
-            }
             return Ok((stats, switched));
         }
         let st = dst.migration_stats().map_err(|e| lost(switched, e))?;
-        if paused.is_some() && st.status == "completed" {
+        if paused.is_some() && !switched && st.status == "completed" {
             dst.resume().map_err(|e| lost(switched, e))?;
-            continue;
+            if let Some(at) = paused {
+                stats.downtime_ms = Some(millis(at.elapsed()));
+            }
+            return Ok((stats, switched));
         }
         if matches!(st.status.as_str(), "failed" | "cancelled") || Instant::now() > deadline {
             let why = st.error.unwrap_or(st.status);
@@ -293,8 +312,8 @@ pub(super) fn copy(
                 switched = true;
                 if !began {
                     began = true;
-                    ran_at = Some(Instant::now());
                     postcopy_began().map_err(|e| lost(true, e))?;
+                    ran_at = Some(Instant::now());
                 }
             }
             _ => {}
@@ -323,6 +342,11 @@ pub(super) fn copy(
 /// paused it (`postmigrate` after a completed copy whose destination never ran, `paused`
 /// mid-switchover). Only once the destination is stopped for good.
 pub(super) fn resume_source(src: &mut Monitor) {
+    // Afresh: a command that timed out on this connection (a `stop` flushing the disks) may
+    // still have its reply on the way.
+    if let Err(e) = src.reconnect() {
+        tracing::warn!("cannot reach the source's monitor to resume it: {e}");
+    }
     if let Ok(st) = src.migration_stats() {
         if matches!(
             st.status.as_str(),
@@ -413,9 +437,9 @@ impl VmRuntime {
                 return Err(e.into());
             }
         };
-        let moved = Monitor::connect(&staged.qmp(), Duration::from_secs(5)).and_then(|mut dst| {
-            transfer(&mut src, &mut dst, ask, CopyMode::for_accel(&spec.accel))
-        });
+        let mode = CopyMode::of_source(&mut src, &spec.accel);
+        let moved = Monitor::connect(&staged.qmp(), Duration::from_secs(5))
+            .and_then(|mut dst| transfer(&mut src, &mut dst, ask, mode));
         let (stats, postcopy) = match moved {
             Ok(m) => m,
             Err(e @ VmError::PostcopyLost { .. }) => {
@@ -890,6 +914,24 @@ fn test_hold(point: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Under TCG the copy pauses the guest unless its QEMU has the dirty-bitmap fix (9.0 on)
+    /// or does not say; under KVM it is live.
+    #[test]
+    fn a_tcg_guest_is_copied_paused_before_qemu_9() {
+        use crate::vm::Accel;
+        let tcg = Accel::Tcg {
+            reason: "test".into(),
+        };
+        assert_eq!(CopyMode::choose(&Accel::Kvm, None), CopyMode::Live);
+        assert_eq!(CopyMode::choose(&Accel::Kvm, Some((7, 2))), CopyMode::Live);
+        for old in [None, Some((7, 2)), Some((8, 2))] {
+            assert_eq!(CopyMode::choose(&tcg, old), CopyMode::Paused, "{old:?}");
+        }
+        for new in [(9, 0), (9, 2), (10, 0)] {
+            assert_eq!(CopyMode::choose(&tcg, Some(new)), CopyMode::Live, "{new:?}");
+        }
+    }
 
     #[test]
     fn the_destination_cid_differs_and_flips_back() {

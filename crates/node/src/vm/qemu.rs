@@ -101,11 +101,20 @@ impl RunPaths {
     pub fn stderr(&self) -> PathBuf {
         self.dir.join("qemu.err")
     }
-    /// The last line QEMU wrote to its stderr (at most 300 characters), if any.
+    /// The last line QEMU wrote to its stderr, quoted (at most 300 characters, from the
+    /// file's last 4 KiB; control characters escaped: a compromised QEMU writes what it
+    /// likes there), if any.
     pub fn last_said(&self) -> Option<String> {
-        let text = std::fs::read_to_string(self.stderr()).ok()?;
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(self.stderr()).ok()?;
+        let len = f.metadata().ok()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+        let mut tail = Vec::with_capacity(4096);
+        f.take(4096).read_to_end(&mut tail).ok()?;
+        let text = String::from_utf8_lossy(&tail);
         let line = text.lines().map(str::trim).rfind(|l| !l.is_empty())?;
-        Some(line.chars().take(300).collect())
+        let line: String = line.chars().take(300).collect();
+        Some(format!("QEMU said {line:?}"))
     }
     /// The volume images the VM was started with, one path per line (for telemetry).
     pub fn volumes(&self) -> PathBuf {
@@ -927,6 +936,30 @@ fn boot_probe(qemu: &Path, kernel: &Path, timeout: Duration) -> Accel {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// QEMU's last words: the last non-empty line of a long stderr, quoted with its control
+    /// characters escaped; nothing when it said nothing.
+    #[test]
+    fn last_said_quotes_the_last_line_of_the_tail() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunPaths::new(tmp.path().to_path_buf(), tmp.path().join("own"));
+        assert_eq!(run.last_said(), None);
+        std::fs::write(run.stderr(), "").unwrap();
+        assert_eq!(run.last_said(), None);
+        let mut text = "qemu-system-x86_64: warning: old\n"
+            .repeat(10_000)
+            .into_bytes();
+        text.extend_from_slice(b"qemu-system-x86_64: fatal \x1b[31mred\x07 \xff end\n\n");
+        std::fs::write(run.stderr(), &text).unwrap();
+        let said = run.last_said().unwrap();
+        assert!(
+            said.starts_with("QEMU said \"qemu-system-x86_64: fatal "),
+            "{said}"
+        );
+        assert!(said.contains("\\u{1b}[31mred\\u{7}"), "{said}");
+        assert!(!said.chars().any(|c| c.is_control()), "{said}");
+        assert!(said.ends_with("end\""), "{said}");
+    }
 
     pub(crate) fn spec() -> VmSpec {
         VmSpec {

@@ -141,6 +141,19 @@ impl Monitor {
         Ok(m)
     }
 
+    /// A new connection in place of this one: after a command that timed out, its late
+    /// reply must not be read as the next command's.
+    pub fn reconnect(&mut self) -> Result<(), VmError> {
+        *self = Self::connect(&self.socket.clone(), Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    /// QEMU's version, major and minor (`query-version`).
+    pub fn qemu_version(&mut self) -> Result<(i64, i64), VmError> {
+        let v = self.execute("query-version", &qmp::query_version {})?;
+        Ok((v.qemu.major, v.qemu.minor))
+    }
+
     /// A QMP client for one command: a fresh byte budget and deadline.
     fn qmp(&mut self) -> Qmp<Stream<'_>> {
         let read = Bounded {

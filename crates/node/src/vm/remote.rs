@@ -6,8 +6,9 @@
 //! channels: the root disk's blocks (the destination's QEMU serves its new disk over NBD;
 //! the source mirrors the whole disk into it with `blockdev-mirror`, `sync: full`, as the
 //! destination's template base need not be the same bytes as ours), and the migration
-//! stream. The copy of RAM starts once the mirror is in step; the source pauses before the
-//! switchover (`pause-before-switchover`), where the mirror is ended in step (the guest
+//! stream. The copy of RAM starts once the mirror is in step (with the guest paused from
+//! then on under TCG before QEMU 9.0: [`super::migrate::CopyMode`]); the source pauses before
+//! the switchover (`pause-before-switchover`), where the mirror is ended in step (the guest
 //! writes nothing more), then QEMU sends the devices' state.
 //!
 //! The destination is started with `-S`: its guest runs only when its daemon is told the
@@ -52,6 +53,9 @@ pub struct Sent {
     /// pre-copy: the source holds the whole state).
     pub ran_there: bool,
     pub pid: i32,
+    /// When the copy paused the guest ([`super::migrate::CopyMode::Paused`]): its downtime
+    /// runs until the destination resumes it, which the caller tells it to after a pre-copy.
+    pub paused_at: Option<std::time::Instant>,
 }
 
 impl VmRuntime {
@@ -88,8 +92,8 @@ impl VmRuntime {
         run_destination: &mut dyn FnMut() -> Result<(), VmError>,
     ) -> Result<Sent, NodeError> {
         let (pid, spec, _) = self.migratable(node, id)?;
-        let mode = super::migrate::CopyMode::for_accel(&spec.accel);
         let mut src = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
+        let mode = super::migrate::CopyMode::of_source(&mut src, &spec.accel);
         let sent = (|| {
             src.getfd(DISK_FD, disk.as_raw_fd())?;
             drop(disk);
@@ -111,13 +115,15 @@ impl VmRuntime {
                 await_job(m, MIRROR, "gone", Duration::from_secs(60))
             };
             copy(&mut src, ask, paused, &mut end_mirror, run_destination)
+                .map(|(stats, postcopy, ran_there)| (stats, postcopy, ran_there, paused))
         })();
         match sent {
-            Ok((stats, postcopy, ran_there)) => Ok(Sent {
+            Ok((stats, postcopy, ran_there, paused_at)) => Ok(Sent {
                 stats,
                 postcopy,
                 ran_there,
                 pid,
+                paused_at,
             }),
             Err(e @ VmError::PostcopyLost { .. }) => Err(e.into()),
             Err(e) => {
