@@ -1028,7 +1028,7 @@ pub enum InstanceCmd {
         /// or (default) this daemon's own node: a new QEMU process here.
         #[arg(long)]
         to: Option<String>,
-        /// Switch to post-copy after the first pass, at once under TCG (bounded downtime; a
+        /// Switch to post-copy after the first pass, at once under TCG before QEMU 9.0 (bounded downtime; a
         /// failure after the switch loses the guest, which restarts from its disks).
         #[arg(long)]
         postcopy: bool,

@@ -185,6 +185,7 @@ pub fn transfer(
     dst: &mut Monitor,
     ask: &MigrateAsk,
     mode: CopyMode,
+    took_over: &std::path::Path,
 ) -> Result<(MigrationStats, bool), VmError> {
     let postcopy = [("postcopy-ram", ask.postcopy)];
     if ask.postcopy {
@@ -213,19 +214,23 @@ pub fn transfer(
     let paused = mode.start(src, &format!("fd:{CHANNEL}"))?;
     // Each QEMU has its own end now.
     drop((a, b));
-    let (mut stats, switched, _) = copy(src, ask, paused, &mut |_| Ok(()), &mut || Ok(()))?;
+    let (mut stats, switched, began) = copy(src, ask, paused, &mut |_| Ok(()), &mut || Ok(()))?;
     // A guest that ran: the destination runs on its own once the state is in (in post-copy,
     // from the switch). One the copy paused arrives paused and is resumed here, once: from
     // that `cont` on the destination has the guest (whatever it does next: a suspended guest
     // stays suspended, one that powers off ends its QEMU), and the source never runs again.
     let deadline = Instant::now() + RUN_DEADLINE;
     loop {
-        if dst.status().map_err(|e| lost(switched, e))?.0 {
+        if dst.status().map_err(|e| lost(began, e))?.0 {
             return Ok((stats, switched));
         }
-        let st = dst.migration_stats().map_err(|e| lost(switched, e))?;
-        if paused.is_some() && !switched && st.status == "completed" {
-            dst.resume().map_err(|e| lost(switched, e))?;
+        let st = dst.migration_stats().map_err(|e| lost(began, e))?;
+        if paused.is_some() && st.status == "completed" {
+            // From this `cont` on the destination has the guest: marked first, so that
+            // whoever judges it later (a failure below, a daemon restart) never resumes the
+            // source.
+            std::fs::write(took_over, b"").map_err(vio(took_over))?;
+            dst.resume().map_err(|e| lost(began, e))?;
             if let Some(at) = paused {
                 stats.downtime_ms = Some(millis(at.elapsed()));
             }
@@ -234,7 +239,7 @@ pub fn transfer(
         if matches!(st.status.as_str(), "failed" | "cancelled") || Instant::now() > deadline {
             let why = st.error.unwrap_or(st.status);
             return Err(lost(
-                switched,
+                began,
                 failed(
                     "migrate-incoming",
                     format!("the destination did not run: {why}"),
@@ -439,7 +444,7 @@ impl VmRuntime {
         };
         let mode = CopyMode::of_source(&mut src, &spec.accel);
         let moved = Monitor::connect(&staged.qmp(), Duration::from_secs(5))
-            .and_then(|mut dst| transfer(&mut src, &mut dst, ask, mode));
+            .and_then(|mut dst| transfer(&mut src, &mut dst, ask, mode, &took_over_mark(&staged)));
         let (stats, postcopy) = match moved {
             Ok(m) => m,
             Err(e @ VmError::PostcopyLost { .. }) => {
@@ -679,6 +684,8 @@ impl VmRuntime {
             }
             std::fs::rename(new, dir).map_err(vio(new))?;
         }
+        // The mark came along with the staging dir: done with.
+        let _ = std::fs::remove_file(took_over_mark(&run));
         if let Some(limit) = limit {
             qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit)?;
         }
@@ -845,6 +852,16 @@ impl VmRuntime {
 /// it is left paused with its autostart off (`stop` while incoming), so that a copy completing
 /// now cannot start it before the caller kills it.
 fn dest_took_over(staged: &RunPaths) -> bool {
+    // Resumed by the daemon after a paused copy: it has the guest, running (resumed again if
+    // that `cont` did not take) or not any more.
+    if took_over_mark(staged).exists() {
+        if let Ok(mut dst) = Monitor::connect(&staged.qmp(), Duration::from_secs(2)) {
+            if matches!(dst.status(), Ok((false, state)) if state == "paused") {
+                let _ = dst.resume();
+            }
+        }
+        return true;
+    }
     let Ok(mut dst) = Monitor::connect(&staged.qmp(), Duration::from_secs(2)) else {
         return false;
     };
@@ -858,6 +875,12 @@ fn dest_took_over(staged: &RunPaths) -> bool {
         Ok(st) if st.status == "completed" => dst.resume().is_ok(),
         _ => false,
     }
+}
+
+/// Written in the destination's staging run dir right before the daemon resumes a guest its
+/// copy paused: from then on the source must never run again.
+fn took_over_mark(staged: &RunPaths) -> std::path::PathBuf {
+    staged.dir.join("took-over")
 }
 
 /// Whether `fd` is an anonymous pipe (the log relay's): what the source holds as its stdout is

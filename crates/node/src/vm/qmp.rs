@@ -142,10 +142,24 @@ impl Monitor {
     }
 
     /// A new connection in place of this one: after a command that timed out, its late
-    /// reply must not be read as the next command's.
+    /// reply must not be read as the next command's. The old one is shut first (QEMU's
+    /// monitor socket serves one client at a time); where the new one fails, every later
+    /// command on this monitor fails too.
     pub fn reconnect(&mut self) -> Result<(), VmError> {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
         *self = Self::connect(&self.socket.clone(), Duration::from_secs(5))?;
         Ok(())
+    }
+
+    /// Whether migration capability `name` is on (`query-migrate-capabilities`).
+    pub fn migration_capability(&mut self, name: &str) -> Result<bool, VmError> {
+        let caps = self.execute(
+            "query-migrate-capabilities",
+            &qmp::query_migrate_capabilities {},
+        )?;
+        Ok(caps
+            .iter()
+            .any(|c| qapi::Enum::name(&c.capability) == name && c.state))
     }
 
     /// QEMU's version, major and minor (`query-version`).

@@ -256,10 +256,19 @@ impl VmRuntime {
 
     /// Whether the source's copy went whole (completed, or switched to post-copy): from then
     /// on the destination may have run the guest. True when QEMU cannot say (unsure is
-    /// taken as "may have").
+    /// taken as "may have"), and for a failed migration that had post-copy on (QEMU ends a
+    /// post-copy whose return path broke as `failed`: it may have switched).
     pub fn sent_whole(&self, id: &str) -> bool {
-        self.qmp_migration_status(id)
-            .map_or(true, |st| st == "completed" || st.starts_with("postcopy"))
+        let Ok(mut m) = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5)) else {
+            return true;
+        };
+        match m.migration_stats().map(|st| st.status) {
+            Ok(st) if before_any_switch(&st) => false,
+            Ok(st) if matches!(st.as_str(), "failed" | "cancelling" | "cancelled") => {
+                m.migration_capability("postcopy-ram").unwrap_or(true)
+            }
+            _ => true,
+        }
     }
 
     /// The migration status of the instance's QEMU (`query-migrate`: `none`, `active`,
@@ -280,6 +289,16 @@ impl VmRuntime {
             .and_then(|mut m| m.migration_stats())
             .map(|st| st.status)
     }
+}
+
+/// A source's migration status from which no destination can have run the guest: none
+/// begun, or under way before any switch (one that ended `failed` or `cancelled` may have
+/// switched to post-copy first).
+fn before_any_switch(status: &str) -> bool {
+    matches!(
+        status,
+        "none" | "setup" | "active" | "pre-switchover" | "device" | "wait-unplug"
+    )
 }
 
 /// Turns `spec` (made on this host for the instance) into the shape of the source's QEMU
