@@ -214,23 +214,23 @@ pub fn transfer(
     let paused = mode.start(src, &format!("fd:{CHANNEL}"))?;
     // Each QEMU has its own end now.
     drop((a, b));
-    let (mut stats, switched, began) = copy(src, ask, paused, &mut |_| Ok(()), &mut || Ok(()))?;
+    let (mut stats, switched, _) = copy(src, ask, paused, &mut |_| Ok(()), &mut || Ok(()))?;
     // A guest that ran: the destination runs on its own once the state is in (in post-copy,
     // from the switch). One the copy paused arrives paused and is resumed here, once: from
     // that `cont` on the destination has the guest (whatever it does next: a suspended guest
     // stays suspended, one that powers off ends its QEMU), and the source never runs again.
     let deadline = Instant::now() + RUN_DEADLINE;
     loop {
-        if dst.status().map_err(|e| lost(began, e))?.0 {
+        if dst.status().map_err(|e| lost(switched, e))?.0 {
             return Ok((stats, switched));
         }
-        let st = dst.migration_stats().map_err(|e| lost(began, e))?;
+        let st = dst.migration_stats().map_err(|e| lost(switched, e))?;
         if paused.is_some() && st.status == "completed" {
             // From this `cont` on the destination has the guest: marked first, so that
             // whoever judges it later (a failure below, a daemon restart) never resumes the
             // source.
             std::fs::write(took_over, b"").map_err(vio(took_over))?;
-            dst.resume().map_err(|e| lost(began, e))?;
+            dst.resume().map_err(|e| lost(switched, e))?;
             if let Some(at) = paused {
                 stats.downtime_ms = Some(millis(at.elapsed()));
             }
@@ -239,7 +239,7 @@ pub fn transfer(
         if matches!(st.status.as_str(), "failed" | "cancelled") || Instant::now() > deadline {
             let why = st.error.unwrap_or(st.status);
             return Err(lost(
-                began,
+                switched,
                 failed(
                     "migrate-incoming",
                     format!("the destination did not run: {why}"),
@@ -805,6 +805,20 @@ impl VmRuntime {
                 return Some(lost);
             }
             return Some(finish(p));
+        }
+        // Resumed there after a paused copy, and gone since: the guest ran there, so the
+        // source (older than what the destination wrote to the disks) must not run again.
+        if took_over_mark(&staged).exists() {
+            let _ = self.kill_qemus(node, id, None);
+            let _ = self.remove_staged_dirs(id);
+            if let Some(limit) = limit {
+                let _ = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit);
+            }
+            return Some(
+                "a migration cut short by the daemon's end had resumed the guest in its new QEMU, \
+                 which is gone: the guest is lost and the instance restarts from its disks"
+                    .into(),
+            );
         }
         // The source is the QEMU the run dir names.
         let source = read_pid(&run.dir).filter(|p| Some(*p) != new_pid);

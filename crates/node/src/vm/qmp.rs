@@ -147,8 +147,19 @@ impl Monitor {
     /// command on this monitor fails too.
     pub fn reconnect(&mut self) -> Result<(), VmError> {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        *self = Self::connect(&self.socket.clone(), Duration::from_secs(5))?;
-        Ok(())
+        // A QEMU still busy with what timed out (a `stop` flushing disks) answers late: tried
+        // for up to the deadline of one command.
+        let deadline = Instant::now() + QMP_CALL_DEADLINE;
+        loop {
+            match Self::connect(&self.socket.clone(), Duration::from_secs(5)) {
+                Ok(m) => {
+                    *self = m;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
     }
 
     /// Whether migration capability `name` is on (`query-migrate-capabilities`).
