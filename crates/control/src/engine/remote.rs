@@ -1213,21 +1213,13 @@ fn send_to_peer(
     if sent.ran_there {
         return Ok(sent); // it runs there since the switch
     }
-    // A guest the copy paused was paused until the destination was told to run.
-    let until_run = |mut sent: gpuvisor_node::vm::remote::Sent| {
-        if let Some(at) = sent.paused_at {
-            sent.stats.downtime_ms =
-                Some(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX));
-        }
-        sent
-    };
     // The guest is paused here for good unless the destination confirms it did not run it.
     let ran = match peer.run(mid) {
-        Ok(()) => return Ok(until_run(sent)),
+        Ok(()) => return Ok(sent.run_now()),
         Err(e) => e,
     };
     match peer.phase(mid) {
-        Ok(MigrationPhase::Running) => return Ok(until_run(sent)),
+        Ok(MigrationPhase::Running) => return Ok(sent.run_now()),
         Ok(MigrationPhase::Waiting | MigrationPhase::Gone) => {}
         Ok(MigrationPhase::Unknown) => {
             return Err(Away::Unknown(format!(

@@ -250,8 +250,17 @@ pub fn transfer(
     }
 }
 
-fn millis(d: Duration) -> u64 {
+pub(super) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A migration status of a copy under way before any switch to the destination (what a
+/// cancel stops with the source's guest whole).
+pub(super) fn copy_under_way(status: &str) -> bool {
+    matches!(
+        status,
+        "setup" | "active" | "pre-switchover" | "device" | "wait-unplug"
+    )
 }
 
 /// Once the guest runs on the destination with pages still on the source, no error leaves
@@ -353,10 +362,7 @@ pub(super) fn resume_source(src: &mut Monitor) {
         tracing::warn!("cannot reach the source's monitor to resume it: {e}");
     }
     if let Ok(st) = src.migration_stats() {
-        if matches!(
-            st.status.as_str(),
-            "setup" | "active" | "pre-switchover" | "device" | "wait-unplug"
-        ) {
+        if copy_under_way(&st.status) {
             let _ = src.migrate_cancel();
         }
     }

@@ -58,6 +58,16 @@ pub struct Sent {
     pub paused_at: Option<std::time::Instant>,
 }
 
+impl Sent {
+    /// Told to run now: a guest the copy paused was paused until this moment.
+    pub fn run_now(mut self) -> Self {
+        if let Some(at) = self.paused_at {
+            self.stats.downtime_ms = Some(super::migrate::millis(at.elapsed()));
+        }
+        self
+    }
+}
+
 impl VmRuntime {
     /// The source's recorded start, checked as every migration checks it: what the
     /// destination starts its QEMU from.
@@ -295,10 +305,7 @@ impl VmRuntime {
 /// begun, or under way before any switch (one that ended `failed` or `cancelled` may have
 /// switched to post-copy first).
 fn before_any_switch(status: &str) -> bool {
-    matches!(
-        status,
-        "none" | "setup" | "active" | "pre-switchover" | "device" | "wait-unplug"
-    )
+    status == "none" || super::migrate::copy_under_way(status)
 }
 
 /// Turns `spec` (made on this host for the instance) into the shape of the source's QEMU
