@@ -17,6 +17,7 @@ mod endpoints;
 mod snapshots;
 mod templates;
 mod usage;
+mod web_sessions;
 pub use endpoints::{
     EndpointRow, JobRow, JobTally, RunningJob, WorkerRow, CHUNK_ROW_OCTETS, JOB_ROW_OCTETS,
     MAX_STREAM_BYTES,

@@ -78,6 +78,102 @@ fn api_key(h: &HeaderMap) -> Option<&str> {
         })
 }
 
+/// A request's credential: an API key from a header, else the web console's session cookie.
+struct Credential<'a> {
+    secret: &'a str,
+    /// From the cookie: the browser sends it by itself, so [`cross_site`] applies.
+    cookie: bool,
+}
+
+fn credential(h: &HeaderMap) -> Option<Credential<'_>> {
+    if let Some(k) = api_key(h) {
+        return Some(Credential {
+            secret: k,
+            cookie: false,
+        });
+    }
+    session_cookie(h).map(|secret| Credential {
+        secret,
+        cookie: true,
+    })
+}
+
+/// The console's session token from the `Cookie` header(s), if any.
+fn session_cookie(h: &HeaderMap) -> Option<&str> {
+    h.get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            let (name, value) = c.trim().split_once('=')?;
+            (name == wire::SESSION_COOKIE && value.starts_with(wire::SESSION_TOKEN_PREFIX))
+                .then_some(value)
+        })
+}
+
+/// Whether `Origin` names the host this request was sent to (the console's own origin).
+fn same_origin(h: &HeaderMap) -> bool {
+    let header = |n| h.get(n).and_then(|v| v.to_str().ok());
+    match (header(axum::http::header::ORIGIN), header(axum::http::header::HOST)) {
+        (Some(origin), Some(host)) => origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"))
+            .is_some_and(|o| o.eq_ignore_ascii_case(host)),
+        _ => false,
+    }
+}
+
+/// The cross-site checks of a request authenticated by the session cookie (a browser attaches
+/// it by itself, so another site could try to ride on it): a WebSocket must come from the
+/// console's own origin (browsers always send `Origin` on one, and SameSite does not cover
+/// every case); any other method than GET/HEAD must carry [`wire::CSRF_HEADER`] (which a
+/// cross-site page cannot send without a CORS preflight, never granted here) and no foreign
+/// `Origin`. Reads need neither: the cookie is SameSite=Strict and the answers are not
+/// readable cross-origin.
+fn cross_site(method: &axum::http::Method, h: &HeaderMap) -> Result<(), EngineError> {
+    let upgrade = h
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if upgrade && !same_origin(h) {
+        return Err(EngineError::Forbidden(
+            "a WebSocket authenticated by the console's session cookie must come from the \
+             console's own origin"
+                .into(),
+        ));
+    }
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        return Ok(());
+    }
+    let marked = h
+        .get(wire::CSRF_HEADER)
+        .is_some_and(|v| v.as_bytes() == b"1");
+    if !marked || (h.contains_key(axum::http::header::ORIGIN) && !same_origin(h)) {
+        return Err(EngineError::Forbidden(format!(
+            "a {method} authenticated by the console's session cookie must carry {}: 1 and come \
+             from the console's own origin (cross-site requests are refused)",
+            wire::CSRF_HEADER
+        )));
+    }
+    Ok(())
+}
+
+/// The caller of a request, from its credential (key or session cookie, with the cookie's
+/// cross-site checks); `Ok(None)` without one.
+async fn principal_of(
+    e: &Engine,
+    method: &axum::http::Method,
+    h: &HeaderMap,
+) -> Result<Option<Principal>, EngineError> {
+    let Some(c) = credential(h) else {
+        return Ok(None);
+    };
+    if c.cookie {
+        cross_site(method, h)?;
+    }
+    e.authenticate(Some(c.secret)).await.map(Some)
+}
+
 /// The caller, authenticated once per request: by [`limit_request`] when the limits are in
 /// front (it leaves the principal in the request's extensions), else here.
 pub struct Who(pub Principal);
@@ -91,7 +187,11 @@ impl axum::extract::FromRequestParts<Eng> for Who {
         if let Some(p) = parts.extensions.get::<Principal>() {
             return Ok(Who(p.clone()));
         }
-        Ok(Who(e.authenticate(api_key(&parts.headers)).await?))
+        match principal_of(e, &parts.method, &parts.headers).await? {
+            Some(p) => Ok(Who(p)),
+            // The engine's own words for a missing key.
+            None => Ok(Who(e.authenticate(None).await?)),
+        }
     }
 }
 
@@ -164,7 +264,9 @@ impl Routes {
             method,
             path,
             op: op.map(Op::name),
-            public: path == "/v1/health" || path == OPENAPI_PATH,
+            public: path == "/v1/health"
+                || path == OPENAPI_PATH
+                || (method == "POST" && path == SESSIONS_PATH),
             doc: handler.describe(&mut self.schemas),
         });
         let filter_for = |m| match m {
@@ -216,6 +318,10 @@ fn routes() -> Routes {
         Op::DeleteTenant,
         delete_tenant,
     )
+    // The web console's login: an API key for a session cookie (no key needed to ask).
+    .add("POST", SESSIONS_PATH, None, login)
+    .add("GET", "/v1/sessions/current", None, current_session)
+    .add("DELETE", "/v1/sessions/current", None, logout)
     .add("GET", "/v1/keys", Op::ListKeys, list_keys)
     .add("POST", "/v1/keys", Op::CreateKey, create_key)
     .add("DELETE", "/v1/keys/{id}", Op::RevokeKey, revoke_key)
@@ -391,6 +497,12 @@ fn routes() -> Routes {
     )
     .add(
         "GET",
+        "/v1/instances/{id}/vnc/ws",
+        Op::Display,
+        display_session,
+    )
+    .add(
+        "GET",
         "/v1/instances/{id}/events",
         Op::InstanceEvents,
         events,
@@ -472,8 +584,14 @@ fn routes() -> Routes {
 pub fn router(engine: Eng) -> Router {
     routes()
         .router
-        .fallback(|| async {
-            ApiError(EngineError::NotFound("no such route (see /v1/...)".into())).into_response()
+        // The web console: its page and files (not API routes: no key, no operation).
+        .route("/", axum::routing::get(crate::console::index))
+        .route("/assets/{*file}", axum::routing::get(crate::console::asset))
+        .fallback(|uri: axum::http::Uri, h: HeaderMap| async move {
+            crate::console::top_level(uri.path(), &h).unwrap_or_else(|| {
+                ApiError(EngineError::NotFound("no such route (see /v1/...)".into()))
+                    .into_response()
+            })
         })
         .with_state(engine)
 }
@@ -529,6 +647,88 @@ async fn health(State(e): State<Eng>) -> Json<wire::Health> {
         version: env!("CARGO_PKG_VERSION").into(),
         node: e.node_id().to_string(),
     })
+}
+
+/// Where the console logs in (answered without a key, like the health probe).
+pub const SESSIONS_PATH: &str = "/v1/sessions";
+
+/// A JSON answer that sets (or clears) the console's session cookie.
+pub struct WithCookie<T>(String, StatusCode, T);
+
+impl<T: IntoResponse> IntoResponse for WithCookie<T> {
+    fn into_response(self) -> Response {
+        (
+            self.1,
+            [
+                (axum::http::header::SET_COOKIE, self.0),
+                (axum::http::header::CACHE_CONTROL, "no-store".into()),
+            ],
+            self.2,
+        )
+            .into_response()
+    }
+}
+
+/// The `Set-Cookie` value of a session: the browser sends it back only to this origin
+/// (SameSite=Strict, no Domain), never to page scripts (HttpOnly), only over TLS (Secure;
+/// browsers also keep it on plain http://127.0.0.1). `None` clears it.
+fn session_set_cookie(token: Option<&str>) -> String {
+    let (value, max_age) = match token {
+        Some(t) => (
+            t,
+            gpuvisor_control::engine::websession::SESSION_TTL_MS / 1000,
+        ),
+        None => ("", 0),
+    };
+    format!(
+        "{}={value}; Path=/; Max-Age={max_age}; HttpOnly; Secure; SameSite=Strict",
+        wire::SESSION_COOKIE
+    )
+}
+
+/// The session token a request carries (cookie, or a `gvs_` token as its key).
+fn session_token(h: &HeaderMap) -> Result<&str, ApiError> {
+    credential(h)
+        .map(|c| c.secret)
+        .filter(|t| t.starts_with(wire::SESSION_TOKEN_PREFIX))
+        .ok_or_else(|| {
+            ApiError(EngineError::InvalidArgument(
+                "this request carries an API key, not a console session".into(),
+            ))
+        })
+}
+
+async fn login(
+    State(e): State<Eng>,
+    Body(req): Body<wire::LoginRequest>,
+) -> Result<WithCookie<Json<wire::WebSession>>, ApiError> {
+    let (token, session) = e.login(&req.api_key).await?;
+    Ok(WithCookie(
+        session_set_cookie(Some(&token)),
+        StatusCode::OK,
+        Json(session),
+    ))
+}
+
+async fn current_session(
+    State(e): State<Eng>,
+    Who(_): Who,
+    h: HeaderMap,
+) -> R<wire::WebSession> {
+    Ok(Json(e.web_session(session_token(&h)?).await?))
+}
+
+async fn logout(
+    State(e): State<Eng>,
+    Who(_): Who,
+    h: HeaderMap,
+) -> Result<WithCookie<StatusCode>, ApiError> {
+    e.logout(session_token(&h)?).await?;
+    Ok(WithCookie(
+        session_set_cookie(None),
+        StatusCode::NO_CONTENT,
+        StatusCode::NO_CONTENT,
+    ))
 }
 
 async fn list_tenants(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::Tenant>> {
@@ -1152,6 +1352,7 @@ async fn exec_session(
     Who(p): Who,
     Path(id): Path<String>,
     uri: axum::http::Uri,
+    h: HeaderMap,
     hold: Option<axum::Extension<ConnectionHold>>,
     ws: Result<
         axum::extract::ws::WebSocketUpgrade,
@@ -1180,7 +1381,7 @@ async fn exec_session(
     };
     let ticket = e.exec_session(&p, &id, &req).await?;
     let ws = websocket(ws, "gpuvisor instance exec -it")?;
-    Ok(upgrade(ws, ticket.start().await?, hold, (e, p.key_id)))
+    Ok(upgrade(ws, ticket.start().await?, hold, Liveness::of(&e, &p, &h)))
 }
 
 /// Daemon to daemon (the destination's side of `instance migrate --to`): makes the offered
@@ -1340,12 +1541,12 @@ fn upgrade(
     ws: axum::extract::ws::WebSocketUpgrade,
     session: gpuvisor_control::engine::session::ExecSession,
     hold: Option<axum::Extension<ConnectionHold>>,
-    key: (Eng, String),
+    live: Liveness,
 ) -> Response {
     ws.max_message_size(SESSION_MAX_MESSAGE)
         .max_frame_size(SESSION_MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
-            pump_session(socket, session, key).await;
+            pump_session(socket, session, live).await;
             drop(hold);
         })
 }
@@ -1356,6 +1557,7 @@ async fn console_session(
     State(e): State<Eng>,
     Who(p): Who,
     Path(id): Path<String>,
+    h: HeaderMap,
     hold: Option<axum::Extension<ConnectionHold>>,
     ws: Result<
         axum::extract::ws::WebSocketUpgrade,
@@ -1364,7 +1566,7 @@ async fn console_session(
 ) -> Result<Response, ApiError> {
     let ticket = e.console_session(&p, &id).await?;
     let ws = websocket(ws, "gpuvisor instance console")?;
-    Ok(upgrade(ws, ticket.start().await?, hold, (e, p.key_id)))
+    Ok(upgrade(ws, ticket.start().await?, hold, Liveness::of(&e, &p, &h)))
 }
 
 /// Most bytes of one stdin chunk handed to a session: a message is cut into chunks of this
@@ -1401,7 +1603,7 @@ async fn send_within(
 async fn pump_session(
     mut socket: axum::extract::ws::WebSocket,
     mut session: gpuvisor_control::engine::session::ExecSession,
-    (engine, key_id): (Eng, String),
+    live: Liveness,
 ) {
     use axum::extract::ws::Message;
     use gpuvisor_control::engine::session::{SessionInput, SessionOutput};
@@ -1474,11 +1676,11 @@ async fn pump_session(
             }
             _ = ping.tick() => {
                 // A key revoked (or its tenant removed) ends what it opened.
-                if !engine.key_active(&key_id).await {
-                    tracing::info!(key = key_id, "exec session: its key was revoked, ended");
+                if !live.alive().await {
+                    tracing::info!(key = live.key_id, "exec session: its key was revoked or its login ended, ended");
                     let close = axum::extract::ws::CloseFrame {
                         code: axum::extract::ws::close_code::POLICY,
-                        reason: "the session's API key was revoked".into(),
+                        reason: "the session's credential ended".into(),
                     };
                     let _ = send_within(&mut socket, Message::Close(Some(close)), dead).await;
                     return;
@@ -1496,6 +1698,131 @@ async fn pump_session(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// A VM's graphical console over a WebSocket (`/v1/instances/{id}/vnc/ws`): binary messages
+/// carry the raw RFB stream of its VNC server both ways (what noVNC speaks). Checked before the
+/// upgrade like a console session; ends when either side closes, at the session deadline, or
+/// when the credential it was opened with ends.
+async fn display_session(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    h: HeaderMap,
+    hold: Option<axum::Extension<ConnectionHold>>,
+    ws: Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Result<Response, ApiError> {
+    let ticket = e.display_session(&p, &id).await?;
+    let ws = websocket(ws, "a VNC viewer such as noVNC")?;
+    let total = ticket.total;
+    let display = ticket.connect().await?;
+    let live = Liveness::of(&e, &p, &h);
+    Ok(ws
+        .max_message_size(SESSION_MAX_MESSAGE)
+        .max_frame_size(SESSION_MAX_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            pump_display(socket, display, total, live).await;
+            drop(hold);
+        }))
+}
+
+/// Moves RFB bytes between the WebSocket and the VNC socket (see [`display_session`]).
+async fn pump_display(
+    mut socket: axum::extract::ws::WebSocket,
+    display: gpuvisor_control::engine::console::Display,
+    total: std::time::Duration,
+    live: Liveness,
+) {
+    use axum::extract::ws::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dead = session_liveness();
+    let (mut rd, mut wr) = display.stream.into_split();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::sleep(total);
+    tokio::pin!(deadline);
+    let mut ping = tokio::time::interval(dead / 4);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            m = socket.recv() => {
+                last_seen = tokio::time::Instant::now();
+                match m {
+                    Some(Ok(Message::Binary(b))) => {
+                        if tokio::time::timeout(dead, wr.write_all(&b)).await.map_or(true, |r| r.is_err()) {
+                            break;
+                        }
+                    }
+                    Some(Ok(Message::Text(_) | Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                }
+            }
+            r = rd.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if !send_within(&mut socket, Message::Binary(buf[..n].to_vec().into()), dead).await {
+                        return;
+                    }
+                }
+            },
+            () = &mut deadline => break,
+            _ = ping.tick() => {
+                if !live.alive().await {
+                    let close = axum::extract::ws::CloseFrame {
+                        code: axum::extract::ws::close_code::POLICY,
+                        reason: "the session's credential ended".into(),
+                    };
+                    let _ = send_within(&mut socket, Message::Close(Some(close)), dead).await;
+                    return;
+                }
+                if last_seen.elapsed() > dead
+                    || !send_within(&mut socket, Message::Ping(Default::default()), dead).await
+                {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = send_within(&mut socket, Message::Close(None), dead).await;
+}
+
+/// What keeps a session (exec, console, graphical console) open: the key it was opened with
+/// stays active and, when it was opened through the web console, its login session too
+/// (a logout or an expiry ends what the page opened).
+struct Liveness {
+    engine: Eng,
+    key_id: String,
+    session: Option<String>,
+}
+
+impl Liveness {
+    fn of(e: &Eng, p: &Principal, h: &HeaderMap) -> Self {
+        Self {
+            engine: e.clone(),
+            key_id: p.key_id.clone(),
+            session: credential(h)
+                .map(|c| c.secret)
+                .filter(|t| t.starts_with(wire::SESSION_TOKEN_PREFIX))
+                .map(str::to_string),
+        }
+    }
+
+    async fn alive(&self) -> bool {
+        if !self.engine.key_active(&self.key_id).await {
+            return false;
+        }
+        match &self.session {
+            // Only a session known to have ended counts (a store hiccup does not cut it).
+            Some(t) => !matches!(
+                self.engine.web_session(t).await,
+                Err(EngineError::Unauthorized(_))
+            ),
+            None => true,
         }
     }
 }
@@ -1764,12 +2091,25 @@ async fn limit_request(
         return too_large();
     }
     let peer = req.extensions().get::<Peer>().map(|p| p.0);
-    let key = api_key(req.headers()).map(str::to_string);
+    // A login is a key checked in the body: an address past its allowance of failed ones is
+    // refused first, and a refused login counts as a failed one.
+    let login = req.uri().path() == SESSIONS_PATH && req.method() == axum::http::Method::POST;
+    if let (true, Some(ip)) = (login, peer) {
+        if let Some(l) = g.rates.blocked(ip) {
+            return rate_limited(l);
+        }
+    }
+    let key = credential(req.headers()).map(|c| (c.secret.to_string(), c.cookie));
     let mut caller = None;
     let mut token_attempt = false;
+    if let Some((_, true)) = key {
+        if let Err(e) = cross_site(req.method(), req.headers()) {
+            return error_response(e);
+        }
+    }
     let principal = match key {
         None => String::new(),
-        Some(k) => match g.engine.authenticate(Some(&k)).await {
+        Some((k, _)) => match g.engine.authenticate(Some(&k)).await {
             Ok(p) => {
                 let tenant = p.tenant_id.clone();
                 caller = Some(p.clone());
@@ -1840,8 +2180,9 @@ async fn limit_request(
         });
     let Some(call) = audit else {
         let response = admit(&g, req, next, principal, upload, max, too_large).await;
-        // A wrong metrics token counts like a wrong key (a right one is never refused).
-        if token_attempt && response.status() == StatusCode::UNAUTHORIZED {
+        // A wrong metrics token or a refused login counts like a wrong key (a right one is
+        // never refused).
+        if (token_attempt || login) && response.status() == StatusCode::UNAUTHORIZED {
             if let Some(ip) = peer {
                 if let Some(l) = g.rates.blocked(ip) {
                     return rate_limited(l);
@@ -2130,6 +2471,19 @@ impl<T: schemars::JsonSchema> OutDoc for (axum::Extension<AuditSubject>, Json<T>
 impl<T: schemars::JsonSchema> OutDoc for (StatusCode, axum::Extension<AuditSubject>, Json<T>) {
     fn doc(op: &mut OpDoc, g: &mut schemars::SchemaGenerator) {
         op.ok = Some((201, Some(openapi::schema_of::<T>(g))));
+    }
+}
+
+impl<T: schemars::JsonSchema> OutDoc for WithCookie<Json<T>> {
+    fn doc(op: &mut OpDoc, g: &mut schemars::SchemaGenerator) {
+        Json::<T>::doc(op, g);
+    }
+}
+
+/// No content (logout).
+impl OutDoc for WithCookie<StatusCode> {
+    fn doc(op: &mut OpDoc, _: &mut schemars::SchemaGenerator) {
+        op.ok = Some((204, None));
     }
 }
 

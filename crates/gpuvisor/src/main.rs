@@ -5,6 +5,7 @@ mod api;
 mod cli;
 mod client;
 mod config;
+mod console;
 mod exectty;
 mod graphql;
 mod ingress;

@@ -66,6 +66,7 @@ describe_fn!(T1, T2, T3);
 describe_fn!(T1, T2, T3, T4);
 describe_fn!(T1, T2, T3, T4, T5);
 describe_fn!(T1, T2, T3, T4, T5, T6);
+describe_fn!(T1, T2, T3, T4, T5, T6, T7);
 
 /// The schema of `T` in the generator (a `$ref` to a component for named types).
 pub fn schema_of<T: JsonSchema>(g: &mut SchemaGenerator) -> Value {

@@ -663,6 +663,11 @@ impl Node {
     pub fn console(&self, id: &str) -> Result<PathBuf, NodeError> {
         self.runtime_of(id).console(self, id)
     }
+
+    /// See [`Runtime::display`].
+    pub fn display(&self, id: &str) -> Result<PathBuf, NodeError> {
+        self.runtime_of(id).display(self, id)
+    }
 }
 
 /// A terminal exec, ready to start: see [`Node::exec_tty_command`].

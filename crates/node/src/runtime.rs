@@ -209,6 +209,15 @@ pub trait Runtime: Send + Sync {
         Ok(())
     }
 
+    /// The unix socket of the instance's graphical console (a VM's VNC server, raw RFB), for
+    /// the web console's viewer. Runtimes without one refuse.
+    fn display(&self, _node: &Node, _id: &str) -> Result<PathBuf, NodeError> {
+        Err(NodeError::Unsupported {
+            kind: self.kind(),
+            what: "a graphical console (VMs only)".into(),
+        })
+    }
+
     /// The unix socket of the instance's interactive console (a VM's serial port), for
     /// `instance console`. Runtimes without one refuse.
     fn console(&self, _node: &Node, _id: &str) -> Result<PathBuf, NodeError> {

@@ -38,6 +38,18 @@ pub const API_PREFIX: &str = "/v1";
 /// The header that carries an API key (`Authorization: Bearer <key>` is accepted too).
 pub const API_KEY_HEADER: &str = "x-api-key";
 
+/// The web console's session cookie (HttpOnly, Secure, SameSite=Strict): a session token
+/// that `POST /v1/sessions` gave for an API key.
+pub const SESSION_COOKIE: &str = "gv_session";
+
+/// The header a request authenticated by [`SESSION_COOKIE`] must carry unless it is a `GET`
+/// (value `1`): a page of another site cannot send it without a CORS preflight, which the
+/// daemon never grants.
+pub const CSRF_HEADER: &str = "x-gpuvisor-csrf";
+
+/// The prefix of a web console session token.
+pub const SESSION_TOKEN_PREFIX: &str = "gvs_";
+
 /// Environment variables the platform owns inside an instance: which GPUs it sees, how the
 /// limiter and the NVIDIA stack are set up. A user (`--env`, `exec --env`) may not set them, an
 /// image's `Env` entries for them are dropped, and the node sets them last. `LD_PRELOAD` and
@@ -940,6 +952,25 @@ pub struct TenantUsage {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct CreateTenant {
     pub name: String,
+}
+
+/// `POST /v1/sessions`: log in to the web console with an API key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub api_key: String,
+}
+
+/// A web console session: whom it acts for and until when (the token itself travels only in
+/// the HttpOnly cookie).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+pub struct WebSession {
+    pub tenant: String,
+    pub role: Role,
+    /// The API key it was exchanged for: revoking that key ends the session.
+    pub key_id: String,
+    /// Ms since the epoch.
+    pub expires_at: i64,
 }
 
 /// What a key may do. One role per key.

@@ -126,6 +126,7 @@ ops! {
     Exec => "instance.exec", Operate;
     ExecSession => "instance.exec_session", Operate;
     Console => "instance.console", Operate;
+    Display => "instance.display", Operate;
     AuditList => "audit.list", ManageTenant;
     Usage => "usage.list", Read;
     ListGpuTypes => "gpu.types", Read;

@@ -91,24 +91,7 @@ impl Engine {
 impl ConsoleTicket {
     /// Connects to the console; on an error nothing is left attached.
     pub async fn start(self) -> Result<ExecSession> {
-        let stream = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            tokio::net::UnixStream::connect(&self.socket),
-        )
-        .await
-        .map_err(|_| {
-            EngineError::DeadlineExceeded(format!(
-                "the console of instance {} did not answer within {} s",
-                self.id,
-                CONNECT_TIMEOUT.as_secs()
-            ))
-        })?
-        .map_err(|e| {
-            EngineError::InvalidState(format!(
-                "the console of instance {} cannot be reached ({e}): has its VM stopped?",
-                self.id
-            ))
-        })?;
+        let stream = connect(&self.id, &self.socket, "console").await?;
         let (in_tx, in_rx) = mpsc::channel(16);
         let (out_tx, out_rx) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -128,6 +111,70 @@ impl ConsoleTicket {
             output: out_rx,
         })
     }
+}
+
+/// A graphical console attach that passed every check (tenancy, running, a VM, a place in
+/// the exec gate): see [`Engine::display_session`].
+pub struct DisplayTicket {
+    id: String,
+    socket: PathBuf,
+    /// How long the viewer may stay (the exec session deadline).
+    pub total: Duration,
+    permit: ExecPermit,
+}
+
+/// A connected graphical console: the raw RFB stream of the VM's VNC server, and the place in
+/// the exec gate it holds until dropped.
+pub struct Display {
+    pub stream: tokio::net::UnixStream,
+    _permit: ExecPermit,
+}
+
+impl Engine {
+    /// Checks and admits a viewer of the graphical console (VNC) of VM `id`. Unlike the serial
+    /// console, viewers share the screen (QEMU's VNC server takes several clients), each one
+    /// a place in the exec gate and bounded by the session deadline.
+    pub async fn display_session(&self, who: &Principal, id: &str) -> Result<DisplayTicket> {
+        who.allow(Op::Display)?;
+        let row = self.running_target(who, id).await?;
+        let socket = self.node.display(&row.id)?;
+        let l = self.limits().exec;
+        let permit = self.exec_permit(who, &l, &row.id)?;
+        Ok(DisplayTicket {
+            id: row.id,
+            socket,
+            total: l.session_max_time,
+            permit,
+        })
+    }
+}
+
+impl DisplayTicket {
+    /// Connects to the VM's VNC server.
+    pub async fn connect(self) -> Result<Display> {
+        let stream = connect(&self.id, &self.socket, "graphical console").await?;
+        Ok(Display {
+            stream,
+            _permit: self.permit,
+        })
+    }
+}
+
+/// Connects to one of a VM's console sockets, within [`CONNECT_TIMEOUT`].
+async fn connect(id: &str, socket: &std::path::Path, what: &str) -> Result<tokio::net::UnixStream> {
+    tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::UnixStream::connect(socket))
+        .await
+        .map_err(|_| {
+            EngineError::DeadlineExceeded(format!(
+                "the {what} of instance {id} did not answer within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| {
+            EngineError::InvalidState(format!(
+                "the {what} of instance {id} cannot be reached ({e}): has its VM stopped?"
+            ))
+        })
 }
 
 fn ended(message: String, limit: Option<wire::ExecLimit>) -> Option<wire::ExecEnd> {

@@ -27,6 +27,7 @@ pub mod templates;
 mod tenants;
 mod usage;
 pub mod validate;
+pub mod websession;
 
 use crate::error::{invalid, EngineError, Result};
 use crate::placement::{
@@ -584,6 +585,9 @@ impl Engine {
         let secret = secret.ok_or_else(|| {
             EngineError::Unauthorized("no API key: pass --api-key or set GPUVISOR_API_KEY".into())
         })?;
+        if secret.starts_with(wire::SESSION_TOKEN_PREFIX) {
+            return Ok(self.session_principal(secret).await?.0);
+        }
         let k = self
             .store
             .key_by_hash(&hash_key(secret))
@@ -732,6 +736,10 @@ impl Engine {
         // (the store's conditional update alone leaves that race on PostgreSQL).
         let _one = self.revoke_lock.lock().await;
         let revoked = self.store.revoke_key(id, now_ms()).await?;
+        if revoked {
+            // Its console sessions end with it (each use checks the key too).
+            self.store.delete_web_sessions_of(id).await?;
+        }
         if !revoked && key.revoked_at.is_none() && key.role == wire::Role::Admin {
             return Err(EngineError::InvalidState(
                 "this is the last admin key: nobody could administer the daemon without it; \

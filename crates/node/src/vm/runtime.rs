@@ -894,4 +894,10 @@ impl Runtime for VmRuntime {
     fn console(&self, _node: &Node, id: &str) -> Result<PathBuf, NodeError> {
         Ok(self.run_paths(id).console())
     }
+
+    /// QEMU's VNC server on its own socket (`-vnc unix:...`, no password: only the daemon,
+    /// as root, reaches the socket; clients share the screen).
+    fn display(&self, _node: &Node, id: &str) -> Result<PathBuf, NodeError> {
+        Ok(self.run_paths(id).vnc())
+    }
 }
