@@ -2091,14 +2091,8 @@ async fn limit_request(
         return too_large();
     }
     let peer = req.extensions().get::<Peer>().map(|p| p.0);
-    // A login is a key checked in the body: an address past its allowance of failed ones is
-    // refused first, and a refused login counts as a failed one.
+    // A login is a key checked in the body: a refused one counts as a wrong key (below).
     let login = req.uri().path() == SESSIONS_PATH && req.method() == axum::http::Method::POST;
-    if let (true, Some(ip)) = (login, peer) {
-        if let Some(l) = g.rates.blocked(ip) {
-            return rate_limited(l);
-        }
-    }
     let key = credential(req.headers()).map(|c| (c.secret.to_string(), c.cookie));
     let mut caller = None;
     let mut token_attempt = false;
