@@ -240,6 +240,15 @@ fn every_route_is_scoped_by_tenant() {
     let mut table: Vec<(&str, &str, Row)> = vec![
         ("GET", "/v1/health", row(200, 200, 200)),
         ("GET", "/openapi.json", row(200, 200, 200)),
+        // The console's login: a wrong key is refused for everyone; with an API key (not a
+        // session cookie) there is no session to show or end.
+        (
+            "POST",
+            "/v1/sessions",
+            with(row(401, 401, 401), r#"{"api_key":"gv_wrong"}"#),
+        ),
+        ("GET", "/v1/sessions/current", row(400, 400, 400)),
+        ("DELETE", "/v1/sessions/current", row(400, 400, 400)),
         ("GET", "/v1/tenants", row(200, 200, 200)),
         (
             "POST",
@@ -404,6 +413,8 @@ fn every_route_is_scoped_by_tenant() {
         ("GET", "/v1/instances/{id}/exec/ws", row(400, 404, 400)),
         // The console of a container: the owner and the admin are told it has none.
         ("GET", "/v1/instances/{id}/console/ws", row(400, 404, 400)),
+        // The graphical console of a container: likewise.
+        ("GET", "/v1/instances/{id}/vnc/ws", row(400, 404, 400)),
         ("GET", "/v1/instances/{id}/events", row(200, 404, 200)),
         // Snapshots: the other tenant cannot tell the owner's exists. The name is taken: the
         // owner and the admin (a snapshot is its instance's tenant's) get past tenancy to the
@@ -569,6 +580,10 @@ fn every_route_by_role() {
     let table: Vec<(&str, &str, Option<&str>, [bool; 5])> = vec![
         ("GET", "/v1/health", None, [y; 5]),
         ("GET", "/openapi.json", None, [y; 5]),
+        // No body: every role reaches the handler's bad request (a login needs no key).
+        ("POST", "/v1/sessions", None, [y; 5]),
+        ("GET", "/v1/sessions/current", None, [y; 5]),
+        ("DELETE", "/v1/sessions/current", None, [y; 5]),
         ("GET", "/v1/tenants", None, read),
         ("POST", "/v1/tenants", Some(r#"{"name":"by-role"}"#), admin),
         ("GET", "/v1/tenants/{name}", None, read),
@@ -674,6 +689,7 @@ fn every_route_by_role() {
         ),
         ("GET", "/v1/instances/{id}/exec/ws", None, operate),
         ("GET", "/v1/instances/{id}/console/ws", None, operate),
+        ("GET", "/v1/instances/{id}/vnc/ws", None, operate),
         ("GET", "/v1/instances/{id}/events", None, read),
         ("GET", "/v1/snapshots", None, read),
         ("GET", "/v1/snapshots/{snap}", None, read),
