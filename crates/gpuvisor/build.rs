@@ -21,7 +21,10 @@ fn main() {
         walk(&dist, &mut files);
     } else {
         // Watch for the build to appear (web/ itself: dist/ is made inside it).
-        println!("cargo:rerun-if-changed={}", web.join("package.json").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            web.join("package.json").display()
+        );
         println!("cargo:rerun-if-changed={}", web.display());
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!(

@@ -114,7 +114,10 @@ fn session_cookie(h: &HeaderMap) -> Option<&str> {
 /// Whether `Origin` names the host this request was sent to (the console's own origin).
 fn same_origin(h: &HeaderMap) -> bool {
     let header = |n| h.get(n).and_then(|v| v.to_str().ok());
-    match (header(axum::http::header::ORIGIN), header(axum::http::header::HOST)) {
+    match (
+        header(axum::http::header::ORIGIN),
+        header(axum::http::header::HOST),
+    ) {
         (Some(origin), Some(host)) => origin
             .strip_prefix("https://")
             .or_else(|| origin.strip_prefix("http://"))
@@ -710,11 +713,7 @@ async fn login(
     ))
 }
 
-async fn current_session(
-    State(e): State<Eng>,
-    Who(_): Who,
-    h: HeaderMap,
-) -> R<wire::WebSession> {
+async fn current_session(State(e): State<Eng>, Who(_): Who, h: HeaderMap) -> R<wire::WebSession> {
     Ok(Json(e.web_session(session_token(&h)?).await?))
 }
 
@@ -1381,7 +1380,12 @@ async fn exec_session(
     };
     let ticket = e.exec_session(&p, &id, &req).await?;
     let ws = websocket(ws, "gpuvisor instance exec -it")?;
-    Ok(upgrade(ws, ticket.start().await?, hold, Liveness::of(&e, &p, &h)))
+    Ok(upgrade(
+        ws,
+        ticket.start().await?,
+        hold,
+        Liveness::of(&e, &p, &h),
+    ))
 }
 
 /// Daemon to daemon (the destination's side of `instance migrate --to`): makes the offered
@@ -1566,7 +1570,12 @@ async fn console_session(
 ) -> Result<Response, ApiError> {
     let ticket = e.console_session(&p, &id).await?;
     let ws = websocket(ws, "gpuvisor instance console")?;
-    Ok(upgrade(ws, ticket.start().await?, hold, Liveness::of(&e, &p, &h)))
+    Ok(upgrade(
+        ws,
+        ticket.start().await?,
+        hold,
+        Liveness::of(&e, &p, &h),
+    ))
 }
 
 /// Most bytes of one stdin chunk handed to a session: a message is cut into chunks of this

@@ -129,8 +129,6 @@ pub async fn asset(Path(file): Path<String>, h: HeaderMap) -> Response {
 /// The rest of the build's top-level files (`/favicon.svg`, ...): the router's fallback asks
 /// here before answering that no route matched.
 pub fn top_level(path: &str, h: &HeaderMap) -> Option<Response> {
-    (path != "/index.html"
-        && !path[1..].contains('/')
-        && ASSETS.iter().any(|a| a.path == path))
-    .then(|| serve(path, h))
+    (path != "/index.html" && !path[1..].contains('/') && ASSETS.iter().any(|a| a.path == path))
+        .then(|| serve(path, h))
 }

@@ -7,10 +7,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::{prerequisite_missing, serial, Daemon};
+use common::{browser_tools, console_e2e, serial, Daemon};
 use serde_json::Value;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// A raw HTTP/1.0 request to the daemon, `Host` set as a browser sets it:
@@ -78,7 +77,9 @@ fn login(d: &Daemon, key: &str) -> (String, Value) {
         &serde_json::json!({ "api_key": key }).to_string(),
     );
     assert_eq!(status, 200, "login: {}", text(&body));
-    let set = header(&head, "set-cookie").expect("a session cookie").to_string();
+    let set = header(&head, "set-cookie")
+        .expect("a session cookie")
+        .to_string();
     let cookie = set.split(';').next().unwrap().trim().to_string();
     // (the head is lower-cased: the token's hex is too, and the prefix is lower case)
     assert!(cookie.starts_with("gv_session=gvs_"), "{set}");
@@ -110,7 +111,9 @@ fn the_console_is_served_with_a_strict_policy_and_nothing_from_elsewhere() {
     let (status, head, body) = call(&d, "GET", "/", &[], "");
     assert_eq!(status, 200, "{}", text(&body));
     let page = text(&body);
-    assert!(header(&head, "content-type").unwrap().starts_with("text/html"));
+    assert!(header(&head, "content-type")
+        .unwrap()
+        .starts_with("text/html"));
     let csp = header(&head, "content-security-policy").expect("a CSP");
     for part in [
         "default-src 'self'",
@@ -123,7 +126,10 @@ fn the_console_is_served_with_a_strict_policy_and_nothing_from_elsewhere() {
     ] {
         assert!(csp.contains(part), "CSP {csp:?} lacks {part:?}");
     }
-    assert!(!csp.contains("unsafe"), "CSP allows something unsafe: {csp}");
+    assert!(
+        !csp.contains("unsafe"),
+        "CSP allows something unsafe: {csp}"
+    );
     assert_eq!(header(&head, "x-frame-options"), Some("deny"));
     assert_eq!(header(&head, "x-content-type-options"), Some("nosniff"));
     // No inline script, and nothing from another site.
@@ -132,7 +138,10 @@ fn the_console_is_served_with_a_strict_policy_and_nothing_from_elsewhere() {
         "an inline script in the page: {page}"
     );
     for attr in ["src=\"http", "href=\"http", "src=\"//", "href=\"//"] {
-        assert!(!page.contains(attr), "the page loads from elsewhere ({attr}): {page}");
+        assert!(
+            !page.contains(attr),
+            "the page loads from elsewhere ({attr}): {page}"
+        );
     }
     // Every file the page names is served, gzipped when asked, cached for good.
     let mut files = 0;
@@ -144,7 +153,9 @@ fn the_console_is_served_with_a_strict_policy_and_nothing_from_elsewhere() {
         let (status, head, gz) = call(&d, "GET", part, &[("Accept-Encoding", "gzip")], "");
         assert_eq!(status, 200, "{part}");
         assert_eq!(header(&head, "content-encoding"), Some("gzip"), "{part}");
-        assert!(header(&head, "cache-control").unwrap().contains("immutable"));
+        assert!(header(&head, "cache-control")
+            .unwrap()
+            .contains("immutable"));
         assert!(header(&head, "content-security-policy").is_some());
         let (_, head, raw) = call(&d, "GET", part, &[], "");
         assert_eq!(header(&head, "content-encoding"), None, "{part}");
@@ -201,7 +212,13 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
         &serde_json::json!({ "api_key": acme }).to_string(),
     );
     let set = header(&head, "set-cookie").unwrap();
-    for attr in ["httponly", "secure", "samesite=strict", "path=/", "max-age=43200"] {
+    for attr in [
+        "httponly",
+        "secure",
+        "samesite=strict",
+        "path=/",
+        "max-age=43200",
+    ] {
         assert!(set.contains(attr), "the cookie lacks {attr}: {set}");
     }
     let token = cookie.trim_start_matches("gv_session=").to_string();
@@ -212,14 +229,20 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
         &[],
         &serde_json::json!({ "api_key": token }).to_string(),
     );
-    assert_eq!(status, 401, "a session token was exchanged for another session");
+    assert_eq!(
+        status, 401,
+        "a session token was exchanged for another session"
+    );
 
     // The cookie acts as the tenant's key: its instances, not the other tenant's.
     let (status, _, body) = call(&d, "GET", "/v1/instances", &[("Cookie", &cookie)], "");
     assert_eq!(status, 200, "{}", text(&body));
     let listed = text(&body);
     assert!(listed.contains(&ours), "{listed}");
-    assert!(!listed.contains(&theirs), "another tenant's instance: {listed}");
+    assert!(
+        !listed.contains(&theirs),
+        "another tenant's instance: {listed}"
+    );
     let (status, _, _) = call(
         &d,
         "GET",
@@ -228,14 +251,25 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
         "",
     );
     assert_eq!(status, 404);
-    let (status, _, body) = call(&d, "GET", "/v1/sessions/current", &[("Cookie", &cookie)], "");
+    let (status, _, body) = call(
+        &d,
+        "GET",
+        "/v1/sessions/current",
+        &[("Cookie", &cookie)],
+        "",
+    );
     assert_eq!(status, 200, "{}", text(&body));
 
     // A write without the console's header (a cross-site form or fetch) is refused, and
     // nothing is made; so is one from a foreign origin even with the header.
     let make = r#"{"name":"csrf","size":16777216}"#;
     let (status, _, body) = call(&d, "POST", "/v1/volumes", &[("Cookie", &cookie)], make);
-    assert_eq!(status, 403, "a cookie write without the CSRF header: {}", text(&body));
+    assert_eq!(
+        status,
+        403,
+        "a cookie write without the CSRF header: {}",
+        text(&body)
+    );
     let (status, _, _) = call(
         &d,
         "POST",
@@ -256,7 +290,10 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
         "",
     );
     assert_eq!(status, 403, "a cookie DELETE without the CSRF header");
-    assert!(volume_names(&d, &cookie).is_empty(), "a refused write made a volume");
+    assert!(
+        volume_names(&d, &cookie).is_empty(),
+        "a refused write made a volume"
+    );
     let (status, _, body) = call(
         &d,
         "POST",
@@ -311,8 +348,17 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
 
     // Logout: the cookie is cleared, the session is dead for whoever copied it, and the
     // terminal it opened is closed.
-    let (status, _, _) = call(&d, "DELETE", "/v1/sessions/current", &[("Cookie", &cookie)], "");
-    assert_eq!(status, 403, "a logout without the CSRF header (a cross-site logout)");
+    let (status, _, _) = call(
+        &d,
+        "DELETE",
+        "/v1/sessions/current",
+        &[("Cookie", &cookie)],
+        "",
+    );
+    assert_eq!(
+        status, 403,
+        "a logout without the CSRF header (a cross-site logout)"
+    );
     let (status, head, _) = call(
         &d,
         "DELETE",
@@ -361,7 +407,10 @@ fn wrong_logins_are_limited_per_address() {
         assert_eq!(status, 401);
     }
     let n = limited.expect("20 wrong logins in a row were all answered");
-    assert!(n <= 4, "the limit (a burst of 3) let {n} wrong logins through");
+    assert!(
+        n <= 4,
+        "the limit (a burst of 3) let {n} wrong logins through"
+    );
     // The right key from the same address is still let in.
     let key = d.key.clone();
     login(&d, &key);
@@ -375,14 +424,8 @@ fn cmdline(pid: u32) -> String {
 
 /// Reads a WebSocket until the daemon closes it: the close frame's reason ("" for none,
 /// "timeout" when nothing came within `within`).
-fn closed_reason(
-    ws: &mut tungstenite::WebSocket<common::ApiStream>,
-    within: Duration,
-) -> String {
-    ws.get_mut()
-        .tcp()
-        .set_read_timeout(Some(within))
-        .unwrap();
+fn closed_reason(ws: &mut tungstenite::WebSocket<common::ApiStream>, within: Duration) -> String {
+    ws.get_mut().tcp().set_read_timeout(Some(within)).unwrap();
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         match ws.read() {
@@ -404,40 +447,6 @@ fn closed_reason(
     "timeout".into()
 }
 
-/// Where the console's end-to-end script and its node modules are.
-fn web_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web")
-}
-
-/// node and chromium, or a counted skip (a failure under CI).
-pub fn browser_tools() -> Option<(PathBuf, PathBuf)> {
-    let which = |name: &str| {
-        std::env::var_os("PATH").and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(name))
-                .find(|f| f.is_file())
-        })
-    };
-    let chromium = std::env::var_os("CHROMIUM")
-        .map(PathBuf::from)
-        .or_else(|| which("chromium"));
-    match (which("node"), chromium) {
-        (Some(n), Some(c))
-            if web_dir()
-                .join("node_modules/playwright-core")
-                .is_dir() =>
-        {
-            Some((n, c))
-        }
-        _ => {
-            prerequisite_missing(
-                "node, chromium and web/node_modules (scripts/install-deps, scripts/build-console)",
-            );
-            None
-        }
-    }
-}
-
 /// The console in a real browser: log in, create from a template, watch it run and its GPU
 /// graph move, type in its terminal, read the API's error on a bad form, stop and terminate
 /// it; axe finds no serious violation on any page; no CSP violation or console error.
@@ -445,9 +454,9 @@ pub fn browser_tools() -> Option<(PathBuf, PathBuf)> {
 #[test]
 fn the_console_works_end_to_end_in_chromium() {
     let _s = serial();
-    let Some((node, chromium)) = browser_tools() else {
+    if browser_tools().is_none() {
         return;
-    };
+    }
     let d = Daemon::start(&[]);
     d.import_busybox();
     let tpl = serde_json::json!({
@@ -467,29 +476,11 @@ fn the_console_works_end_to_end_in_chromium() {
         &tpl.to_string(),
     );
     assert_eq!(status, 200, "template: {}", text(&body));
-    let mut cmd = std::process::Command::new(node);
-    cmd.arg(web_dir().join("e2e/console.mjs"))
-        .env("GV_URL", origin(&d))
-        .env("GV_API_KEY", &d.key)
-        .env("GV_TEMPLATE", "console-small")
-        .env("GV_SCENARIO", "container")
-        .env("CHROMIUM", chromium);
-    if std::env::var("GPUVISOR_CONSOLE_SHOTS").is_ok_and(|v| v == "1") {
-        cmd.env(
-            "GV_SHOTS",
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/console"),
-        );
-    }
-    let out = cmd.output().unwrap();
-    let said = format!(
-        "{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    println!("{said}");
-    assert!(
-        out.status.success(),
-        "the console's end-to-end run failed:\n{said}\n--- daemon log ---\n{}",
-        d.log()
+    console_e2e(
+        &d,
+        &[
+            ("GV_SCENARIO", "container"),
+            ("GV_TEMPLATE", "console-small"),
+        ],
     );
 }

@@ -210,6 +210,10 @@ fn debian_guest_runs_cloud_init_and_its_volume_is_read_by_the_next_vm() {
     );
     guest(&d, &id, "echo written-through-exec > /data/b.txt && sync");
 
+    // The web console in a browser: the VM's page, its serial console (Debian's getty asks
+    // for a login) and its graphical console (issue 15).
+    console_e2e(&d, &[("GV_SCENARIO", "vm"), ("GV_VM_ID", &id)]);
+
     // Terminate (the ACPI power button: Debian shuts down and unmounts the volume).
     let t = d.json(&["instance", "terminate", &id, "--wait", "--timeout", "120s"]);
     assert_eq!(t["state"], "terminated", "{t}");

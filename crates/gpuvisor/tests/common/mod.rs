@@ -970,3 +970,66 @@ pub fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String
         .unwrap_or_default();
     (status, ctype, body.to_string())
 }
+
+/// Where the web console's sources, end-to-end script and node modules are.
+pub fn web_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web")
+}
+
+/// node and chromium (and the console's node modules), or a counted skip (a failure under CI).
+pub fn browser_tools() -> Option<(PathBuf, PathBuf)> {
+    let which = |name: &str| {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|f| f.is_file())
+        })
+    };
+    let chromium = std::env::var_os("CHROMIUM")
+        .map(PathBuf::from)
+        .or_else(|| which("chromium"));
+    match (which("node"), chromium) {
+        (Some(n), Some(c)) if web_dir().join("node_modules/playwright-core").is_dir() => {
+            Some((n, c))
+        }
+        _ => {
+            prerequisite_missing(
+                "node, chromium and web/node_modules (scripts/install-deps, scripts/build-console)",
+            );
+            None
+        }
+    }
+}
+
+/// Runs the web console's end-to-end script (web/e2e/console.mjs) in headless chromium
+/// against daemon `d` with its admin key, `env` naming the scenario; panics with its output
+/// when it fails. Screenshots go to docs/console/ when `GPUVISOR_CONSOLE_SHOTS=1`.
+pub fn console_e2e(d: &Daemon, env: &[(&str, &str)]) {
+    let Some((node, chromium)) = browser_tools() else {
+        return;
+    };
+    let mut cmd = Command::new(node);
+    cmd.arg(web_dir().join("e2e/console.mjs"))
+        .env("GV_URL", format!("https://{}:{}", api_host(d.port), d.port))
+        .env("GV_API_KEY", &d.key)
+        .env("CHROMIUM", chromium)
+        .envs(env.iter().copied());
+    if std::env::var("GPUVISOR_CONSOLE_SHOTS").is_ok_and(|v| v == "1") {
+        cmd.env(
+            "GV_SHOTS",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/console"),
+        );
+    }
+    let out = cmd.output().unwrap();
+    let said = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{said}");
+    assert!(
+        out.status.success(),
+        "the console's end-to-end run failed:\n{said}\n--- daemon log ---\n{}",
+        d.log()
+    );
+}
