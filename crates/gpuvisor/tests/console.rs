@@ -316,6 +316,7 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
             host(&d)
         )
     };
+    #[allow(clippy::result_large_err)] // tungstenite's own error type
     let open = |origin: Option<&str>| {
         let mut b = tungstenite::ClientRequestBuilder::new(url(&ours).parse().unwrap())
             .with_header("Cookie", cookie.clone());
