@@ -165,7 +165,7 @@ async function containerScenario(page) {
   const first = await waitFor('points in the GPU utilisation graph (does the template give the instance a GPU?)', async () => {
     const r = await read();
     return r.n > 0 ? r : null;
-  }, 30000, 500);
+  }, 90000, 500);
   const later = await waitFor('new points in the GPU utilisation graph', async () => {
     const r = await read();
     return r.last > first.last ? r : null;

@@ -24,6 +24,15 @@ function fmt(unit: Unit, v: number | null | undefined): string {
   return fmtBytes(v);
 }
 
+function fmtTick(sec: number, span: number): string {
+  const d = new Date(sec * 1000);
+  const p = (n: number) => String(n).padStart(2, '0');
+  const hm = `${p(d.getHours())}:${p(d.getMinutes())}`;
+  if (span > 86400) return `${d.getMonth() + 1}/${d.getDate()} ${hm}`;
+  if (span <= 600) return `${hm}:${p(d.getSeconds())}`;
+  return hm;
+}
+
 export function makeChart(el: HTMLElement, spec: ChartSpec): Chart {
   const width = () => Math.max(240, el.clientWidth || 320);
   let win: [number, number] = [Date.now() / 1000 - 300, Date.now() / 1000];
@@ -37,7 +46,13 @@ export function makeChart(el: HTMLElement, spec: ChartSpec): Chart {
       y: spec.unit === 'percent' ? { range: [0, 100] } : { range: (_u, _min, max) => [0, max > 0 ? max * 1.1 : 1] },
     },
     axes: [
-      { stroke: '#5b6472', grid: { stroke: '#e6e9ee' } },
+      {
+        stroke: '#5b6472',
+        grid: { stroke: '#e6e9ee' },
+        // Local clock times; the date too when the window spans days.
+        space: 90,
+        values: (_u, vals) => vals.map((v) => fmtTick(v, win[1] - win[0])),
+      },
       {
         stroke: '#5b6472',
         grid: { stroke: '#e6e9ee' },
@@ -46,7 +61,7 @@ export function makeChart(el: HTMLElement, spec: ChartSpec): Chart {
       },
     ],
     series: [
-      {},
+      { label: 'Time', value: (_u: uPlot, v: number | null) => (v == null ? '—' : fmtTick(v, 0)) },
       ...spec.series.map((s) => ({
         label: s.label,
         stroke: s.color,

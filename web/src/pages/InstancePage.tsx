@@ -102,7 +102,7 @@ export function InstancePage(props: { id: string; session: Session }) {
         <Details inst={inst} />
         <Cost inst={inst} />
       </div>
-      <Metrics id={id} gpus={inst.gpus} />
+      <Metrics id={id} gpus={inst.gpus} from={inst.created_at} />
       {running && operate && (
         <TerminalPanel
           id={id}

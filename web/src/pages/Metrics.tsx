@@ -68,7 +68,7 @@ function fmtValue(unit: Unit, v: number): string {
   return unit === 'percent' ? fmtPercent(v) : unit === 'rate' ? `${fmtBytes(v)}/s` : fmtBytes(v);
 }
 
-export function Metrics(props: { id: string; gpus: GpuBinding[] }) {
+export function Metrics(props: { id: string; gpus: GpuBinding[]; /** Unix ms: nothing before (a GPU's history is older than the instance). */ from: number }) {
   const [range, setRange] = useState<RangeKey>('5m');
   const [error, setError] = useState<string | null>(null);
   const [latest, setLatest] = useState<Record<string, string>>({});
@@ -105,7 +105,7 @@ export function Metrics(props: { id: string; gpus: GpuBinding[] }) {
         let cut = old.length;
         while (cut > 0 && old[cut - 1].t >= from) cut--;
         const merged = old.slice(0, cut).concat(s.points);
-        const min = Date.now() - r.spanMs;
+        const min = Math.max(Date.now() - r.spanMs, props.from);
         let drop = 0;
         while (drop < merged.length && merged[drop].t < min) drop++;
         data.set(key, drop ? merged.slice(drop) : merged);
@@ -195,7 +195,7 @@ export function Metrics(props: { id: string; gpus: GpuBinding[] }) {
       if (timer !== undefined) clearTimeout(timer);
       for (const c of Object.values(charts)) c.destroy();
     };
-  }, [props.id, range, gpuKey]);
+  }, [props.id, range, gpuKey, props.from]);
 
   return (
     <section class="card" aria-labelledby="metrics-title">
