@@ -26,7 +26,7 @@ fn main() {
             web.join("package.json").display()
         );
         println!("cargo:rerun-if-changed={}", web.display());
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
             panic!(
                 "the web console is not built ({} has no index.html): run `npm ci && npm run \
                  build` in web/ before cargo build",

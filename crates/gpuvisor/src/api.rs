@@ -590,12 +590,14 @@ pub fn router(engine: Eng) -> Router {
         // The web console: its page and files (not API routes: no key, no operation).
         .route("/", axum::routing::get(crate::console::index))
         .route("/assets/{*file}", axum::routing::get(crate::console::asset))
-        .fallback(|uri: axum::http::Uri, h: HeaderMap| async move {
-            crate::console::top_level(uri.path(), &h).unwrap_or_else(|| {
-                ApiError(EngineError::NotFound("no such route (see /v1/...)".into()))
-                    .into_response()
-            })
-        })
+        .fallback(
+            |method: axum::http::Method, uri: axum::http::Uri, h: HeaderMap| async move {
+                crate::console::top_level(&method, uri.path(), &h).unwrap_or_else(|| {
+                    ApiError(EngineError::NotFound("no such route (see /v1/...)".into()))
+                        .into_response()
+                })
+            },
+        )
         .with_state(engine)
 }
 
@@ -2023,6 +2025,7 @@ pub fn router_with_limits(engine: Eng, limits: ApiLimits) -> Router {
                 every.tick().await;
                 let Some(g) = g.upgrade() else { return };
                 g.rates.sweep();
+                g.sweep_slots();
             }
         });
     }
@@ -2046,7 +2049,19 @@ struct Guard {
     slots: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
+/// The prefix of a login's place in flight: its address's own pool (see [`limit_request`]).
+const LOGIN_SLOT: &str = "login ";
+
 impl Guard {
+    /// Forgets the login pools no request holds a place of (every minute).
+    fn sweep_slots(&self) {
+        let full = self.limits.requests_per_key;
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, s| !k.starts_with(LOGIN_SLOT) || s.available_permits() < full);
+    }
+
     fn slot(&self, principal: &str) -> Arc<tokio::sync::Semaphore> {
         let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(principal.to_string())
@@ -2068,8 +2083,12 @@ async fn limit_request(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    // Liveness probes answer whatever else is going on: no key, no slot, no body.
-    if req.uri().path() == "/v1/health" || req.uri().path() == OPENAPI_PATH {
+    // Liveness probes answer whatever else is going on: no key, no slot, no body. So do the
+    // console's own files (a page must load whatever cookie the browser still holds).
+    if req.uri().path() == "/v1/health"
+        || req.uri().path() == OPENAPI_PATH
+        || crate::console::is_file(req.method(), req.uri().path())
+    {
         return next.run(req).await;
     }
     // Image uploads stream to disk under their own cap (the handler counts the bytes).
@@ -2100,19 +2119,39 @@ async fn limit_request(
         return too_large();
     }
     let peer = req.extensions().get::<Peer>().map(|p| p.0);
-    // A login is a key checked in the body: a refused one counts as a wrong key (below).
+    // A login is a key checked in the body: a refused one counts as a wrong key (below). It
+    // ignores any credential the request carries (a dead cookie must not stop a new login),
+    // and logins take places in flight per address, not in the pool of keyless requests.
     let login = req.uri().path() == SESSIONS_PATH && req.method() == axum::http::Method::POST;
-    let key = credential(req.headers()).map(|c| (c.secret.to_string(), c.cookie));
+    let key = credential(req.headers())
+        .filter(|_| !login)
+        .map(|c| (c.secret.to_string(), c.cookie));
     let mut caller = None;
     let mut token_attempt = false;
-    if let Some((_, true)) = key {
-        if let Err(e) = cross_site(req.method(), req.headers()) {
+    if let Some((secret, cookie)) = &key {
+        let refused = if *cookie {
+            cross_site(req.method(), req.headers()).err()
+        } else {
+            None
+        };
+        // Console sessions are the REST API's: GraphQL (whose WebSocket outlives a request
+        // and checks only its key) takes API keys only.
+        let refused = refused.or_else(|| {
+            (secret.starts_with(wire::SESSION_TOKEN_PREFIX)
+                && req.uri().path() == crate::graphql::PATH)
+                .then(|| {
+                    EngineError::Forbidden(
+                        "a console session is not accepted on /graphql: send an API key".into(),
+                    )
+                })
+        });
+        if let Some(e) = refused {
             return error_response(e);
         }
     }
-    let principal = match key {
+    let principal = match &key {
         None => String::new(),
-        Some((k, _)) => match g.engine.authenticate(Some(&k)).await {
+        Some((k, _)) => match g.engine.authenticate(Some(k)).await {
             Ok(p) => {
                 let tenant = p.tenant_id.clone();
                 caller = Some(p.clone());
@@ -2135,9 +2174,20 @@ async fn limit_request(
                     }
                     g.rates.auth_failed(ip);
                 }
-                return error_response(e);
+                let mut r = error_response(e);
+                if key.as_ref().is_some_and(|(_, cookie)| *cookie) {
+                    // A dead session cookie is dropped by the browser at once.
+                    if let Ok(v) = session_set_cookie(None).parse() {
+                        r.headers_mut().insert(axum::http::header::SET_COOKIE, v);
+                    }
+                }
+                return r;
             }
         },
+    };
+    let principal = match (login, peer) {
+        (true, Some(ip)) => format!("{LOGIN_SLOT}{ip}"),
+        _ => principal,
     };
     let op = req
         .extensions()
@@ -2147,6 +2197,17 @@ async fn limit_request(
                 .get(&(req.method().as_str(), route.as_str()))
                 .copied()
         });
+    // A console session acts as its key, but does not mint keys: a cookie thief (or a script
+    // injected into the page) would otherwise turn a 12-hour session into a lasting key.
+    if op == Some(Op::CreateKey)
+        && key
+            .as_ref()
+            .is_some_and(|(s, _)| s.starts_with(wire::SESSION_TOKEN_PREFIX))
+    {
+        return error_response(EngineError::Forbidden(
+            "a console session cannot create API keys: use an API key (gpuvisor key create)".into(),
+        ));
+    }
     let mutating = op.is_some_and(Op::mutating);
     // Submitting a job is not audited (the tenant's workload), but is rated as a change.
     let rated_as_change = mutating || op == Some(Op::RunJob);
@@ -2358,12 +2419,14 @@ async fn admit(
     let Ok(_permit) = slot.try_acquire_owned() else {
         let who = if principal.is_empty() {
             "unauthenticated requests".to_string()
+        } else if let Some(ip) = principal.strip_prefix(LOGIN_SLOT) {
+            format!("logins from {ip}")
         } else {
             format!("this tenant ({principal})")
         };
         let r = error_response(EngineError::ResourceExhausted(format!(
             "{who} already {} {} requests in flight, the limit (limits.requests_per_key): retry later",
-            if principal.is_empty() { "have" } else { "has" },
+            if principal.is_empty() || principal.starts_with(LOGIN_SLOT) { "have" } else { "has" },
             g.limits.requests_per_key
         )));
         return with_retry_after(r, 1);

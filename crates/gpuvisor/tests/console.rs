@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 /// A raw HTTP/1.0 request to the daemon, `Host` set as a browser sets it:
-/// (status, head in lower case, body).
+/// (status, head, body).
 fn call(
     d: &Daemon,
     method: &str,
@@ -45,7 +45,7 @@ fn call(
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
         .expect("an HTTP answer");
-    let head = String::from_utf8_lossy(&buf[..split]).to_ascii_lowercase();
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
     let status = head[9..12].parse().unwrap();
     (status, head, buf[split + 4..].to_vec())
 }
@@ -58,16 +58,29 @@ fn origin(d: &Daemon) -> String {
     format!("https://{}", host(d))
 }
 
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+/// The value of header `name` (any case), lower-cased.
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_ascii_lowercase())
+    })
+}
+
+/// The `Set-Cookie` value as sent (case kept).
+fn set_cookie(head: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case("set-cookie")
+            .then(|| v.trim().to_string())
+    })
 }
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Logs in with `key`: the session cookie (`gv_session=...`) and the answer.
+/// Logs in with `key`: the session cookie (`__Host-gv_session=...`) and the answer.
 fn login(d: &Daemon, key: &str) -> (String, Value) {
     let (status, head, body) = call(
         d,
@@ -77,12 +90,9 @@ fn login(d: &Daemon, key: &str) -> (String, Value) {
         &serde_json::json!({ "api_key": key }).to_string(),
     );
     assert_eq!(status, 200, "login: {}", text(&body));
-    let set = header(&head, "set-cookie")
-        .expect("a session cookie")
-        .to_string();
+    let set = set_cookie(&head).expect("a session cookie");
     let cookie = set.split(';').next().unwrap().trim().to_string();
-    // (the head is lower-cased: the token's hex is too, and the prefix is lower case)
-    assert!(cookie.starts_with("gv_session=gvs_"), "{set}");
+    assert!(cookie.starts_with("__Host-gv_session=gvs_"), "{set}");
     (cookie, serde_json::from_slice(&body).unwrap())
 }
 
@@ -115,6 +125,7 @@ fn the_console_is_served_with_a_strict_policy_and_nothing_from_elsewhere() {
         .unwrap()
         .starts_with("text/html"));
     let csp = header(&head, "content-security-policy").expect("a CSP");
+    let csp = csp.as_str();
     for part in [
         "default-src 'self'",
         "script-src 'self'",
@@ -130,8 +141,11 @@ fn the_console_is_served_with_a_strict_policy_and_nothing_from_elsewhere() {
         !csp.contains("unsafe"),
         "CSP allows something unsafe: {csp}"
     );
-    assert_eq!(header(&head, "x-frame-options"), Some("deny"));
-    assert_eq!(header(&head, "x-content-type-options"), Some("nosniff"));
+    assert_eq!(header(&head, "x-frame-options").as_deref(), Some("deny"));
+    assert_eq!(
+        header(&head, "x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
     // No inline script, and nothing from another site.
     assert!(
         !page.contains("<script>") && !page.contains("<script type=\"module\">"),
@@ -152,7 +166,11 @@ fn the_console_is_served_with_a_strict_policy_and_nothing_from_elsewhere() {
         files += 1;
         let (status, head, gz) = call(&d, "GET", part, &[("Accept-Encoding", "gzip")], "");
         assert_eq!(status, 200, "{part}");
-        assert_eq!(header(&head, "content-encoding"), Some("gzip"), "{part}");
+        assert_eq!(
+            header(&head, "content-encoding").as_deref(),
+            Some("gzip"),
+            "{part}"
+        );
         assert!(header(&head, "cache-control")
             .unwrap()
             .contains("immutable"));
@@ -221,7 +239,7 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
     ] {
         assert!(set.contains(attr), "the cookie lacks {attr}: {set}");
     }
-    let token = cookie.trim_start_matches("gv_session=").to_string();
+    let token = cookie.trim_start_matches("__Host-gv_session=").to_string();
     let (status, _, _) = call(
         &d,
         "POST",
@@ -259,6 +277,33 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
         "",
     );
     assert_eq!(status, 200, "{}", text(&body));
+
+    // A session does not mint lasting keys, in the cookie or as a bearer token, and it is not
+    // accepted on GraphQL (whose WebSocket would outlive the login).
+    let own = origin(&d);
+    let console_write = [
+        ("Cookie", cookie.as_str()),
+        ("x-gpuvisor-csrf", "1"),
+        ("Origin", own.as_str()),
+    ];
+    let mint = r#"{"tenant":"acme","role":"member"}"#;
+    let (status, _, body) = call(&d, "POST", "/v1/keys", &console_write, mint);
+    assert_eq!(status, 403, "a session minted a key: {}", text(&body));
+    let (status, _, _) = call(&d, "POST", "/v1/keys", &[("x-api-key", &token)], mint);
+    assert_eq!(status, 403, "a session token as a key minted a key");
+    let (status, _, body) = call(
+        &d,
+        "POST",
+        "/graphql",
+        &console_write,
+        r#"{"query":"{ instances { id } }"}"#,
+    );
+    assert_eq!(status, 403, "a session on GraphQL: {}", text(&body));
+    // A planted cookie without the __Host- prefix (what a sibling host could set) is no
+    // credential at all.
+    let planted = format!("gv_session={token}");
+    let (status, _, _) = call(&d, "GET", "/v1/instances", &[("Cookie", &planted)], "");
+    assert_eq!(status, 401, "a gv_session cookie without __Host- was taken");
 
     // A write without the console's header (a cross-site form or fetch) is refused, and
     // nothing is made; so is one from a foreign origin even with the header.
@@ -369,13 +414,36 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
     );
     assert_eq!(status, 204);
     assert!(header(&head, "set-cookie").unwrap().contains("max-age=0"));
-    let (status, _, _) = call(&d, "GET", "/v1/instances", &[("Cookie", &cookie)], "");
+    let (status, head, _) = call(&d, "GET", "/v1/instances", &[("Cookie", &cookie)], "");
     assert_eq!(status, 401, "a logged-out session still works");
+    assert!(
+        header(&head, "set-cookie").is_some_and(|c| c.contains("max-age=0")),
+        "a dead cookie is not cleared"
+    );
+    // A browser still holding the dead cookie loads the page and logs in again.
+    let (status, _, _) = call(&d, "GET", "/", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 200, "the page with a dead cookie");
+    let (status, _, body) = call(
+        &d,
+        "POST",
+        "/v1/sessions",
+        &[("Cookie", &cookie)],
+        &serde_json::json!({ "api_key": acme }).to_string(),
+    );
+    assert_eq!(status, 200, "a login with a dead cookie: {}", text(&body));
     let closed = closed_reason(&mut ws, Duration::from_secs(8));
     assert!(
         closed.contains("credential ended"),
         "the terminal opened by the session was not closed at logout: {closed:?}"
     );
+
+    // A key holds at most 16 sessions: the 17th login ends the oldest.
+    let (first, _) = login(&d, &acme);
+    for _ in 0..16 {
+        login(&d, &acme);
+    }
+    let (status, _, _) = call(&d, "GET", "/v1/instances", &[("Cookie", &first)], "");
+    assert_eq!(status, 401, "a 17th login left the oldest session alive");
 
     // Revoking the key ends its sessions.
     let k = d.json(&["key", "create", "--tenant", "acme", "--role", "member"]);

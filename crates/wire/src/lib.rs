@@ -40,7 +40,9 @@ pub const API_KEY_HEADER: &str = "x-api-key";
 
 /// The web console's session cookie (HttpOnly, Secure, SameSite=Strict): a session token
 /// that `POST /v1/sessions` gave for an API key.
-pub const SESSION_COOKIE: &str = "gv_session";
+/// The `__Host-` prefix binds it to this host, path `/` and TLS: a page of a sibling host
+/// (e.g. an instance behind the HTTPS proxy) cannot plant one of its own.
+pub const SESSION_COOKIE: &str = "__Host-gv_session";
 
 /// The header a request authenticated by [`SESSION_COOKIE`] must carry unless it is a `GET`
 /// (value `1`): a page of another site cannot send it without a CORS preflight, which the
@@ -955,10 +957,19 @@ pub struct CreateTenant {
 }
 
 /// `POST /v1/sessions`: log in to the web console with an API key.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     pub api_key: String,
+}
+
+/// Never shows the key.
+impl std::fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("api_key", &"<redacted>")
+            .finish()
+    }
 }
 
 /// A web console session: whom it acts for and until when (the token itself travels only in

@@ -833,6 +833,15 @@ async fn ws_caller(
                 .iter()
                 .find_map(|k| payload.get(k).and_then(|v| v.as_str()))
                 .map(|k| k.strip_prefix("Bearer ").unwrap_or(k).to_string());
+            if key
+                .as_deref()
+                .is_some_and(|k| k.starts_with(gpuvisor_wire::SESSION_TOKEN_PREFIX))
+            {
+                // Console sessions are the REST API's (see api::limit_request).
+                return Err(gql(EngineError::Forbidden(
+                    "a console session is not accepted on /graphql: send an API key".into(),
+                )));
+            }
             // Wrong keys here count against the address like REST's (brute force).
             let limits = rates.as_ref().zip(source);
             if let Some((r, ip)) = limits {
