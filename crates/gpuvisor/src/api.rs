@@ -674,9 +674,10 @@ impl<T: IntoResponse> IntoResponse for WithCookie<T> {
     }
 }
 
-/// The `Set-Cookie` value of a session: the browser sends it back only to this origin
-/// (SameSite=Strict, no Domain), never to page scripts (HttpOnly), only over TLS (Secure;
-/// browsers also keep it on plain http://127.0.0.1). `None` clears it.
+/// The `Set-Cookie` value of a session: the browser sends it back only to this host name
+/// (`__Host-`, no Domain; any port of it, as cookies go), only from this site's own pages
+/// (SameSite=Strict), never to page scripts (HttpOnly), only over TLS (Secure; browsers also
+/// keep it on plain http://127.0.0.1). `None` clears it.
 fn session_set_cookie(token: Option<&str>) -> String {
     let (value, max_age) = match token {
         Some(t) => (
