@@ -1356,10 +1356,7 @@ async fn exec_session(
     uri: axum::http::Uri,
     h: HeaderMap,
     hold: Option<axum::Extension<ConnectionHold>>,
-    ws: Result<
-        axum::extract::ws::WebSocketUpgrade,
-        axum::extract::ws::rejection::WebSocketUpgradeRejection,
-    >,
+    ws: WsUpgrade,
 ) -> Result<Response, ApiError> {
     let parsed = axum::extract::Query::<SessionQuery>::try_from_uri(&uri)
         .map_err(|r| r.body_text())
@@ -1526,11 +1523,14 @@ async fn migration_channel(
 
 /// The upgrade a session route needs, or the error saying how to ask for it (as `client`
 /// does).
+/// A WebSocket route's upgrade, or why the request was not one (answered as our error).
+type WsUpgrade = Result<
+    axum::extract::ws::WebSocketUpgrade,
+    axum::extract::ws::rejection::WebSocketUpgradeRejection,
+>;
+
 fn websocket(
-    ws: Result<
-        axum::extract::ws::WebSocketUpgrade,
-        axum::extract::ws::rejection::WebSocketUpgradeRejection,
-    >,
+    ws: WsUpgrade,
     client: &str,
 ) -> Result<axum::extract::ws::WebSocketUpgrade, EngineError> {
     ws.map_err(|r| {
@@ -1566,10 +1566,7 @@ async fn console_session(
     Path(id): Path<String>,
     h: HeaderMap,
     hold: Option<axum::Extension<ConnectionHold>>,
-    ws: Result<
-        axum::extract::ws::WebSocketUpgrade,
-        axum::extract::ws::rejection::WebSocketUpgradeRejection,
-    >,
+    ws: WsUpgrade,
 ) -> Result<Response, ApiError> {
     let ticket = e.console_session(&p, &id).await?;
     let ws = websocket(ws, "gpuvisor instance console")?;
@@ -1724,10 +1721,7 @@ async fn display_session(
     Path(id): Path<String>,
     h: HeaderMap,
     hold: Option<axum::Extension<ConnectionHold>>,
-    ws: Result<
-        axum::extract::ws::WebSocketUpgrade,
-        axum::extract::ws::rejection::WebSocketUpgradeRejection,
-    >,
+    ws: WsUpgrade,
 ) -> Result<Response, ApiError> {
     let ticket = e.display_session(&p, &id).await?;
     let ws = websocket(ws, "a VNC viewer such as noVNC")?;
