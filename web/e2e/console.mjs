@@ -210,6 +210,14 @@ async function containerScenario(page) {
     if (ready) await page.getByTestId(ready).waitFor({ timeout: 15000 });
     else await page.waitForSelector('[data-testid="endpoints-table"], [data-testid="no-endpoints"], .error', { timeout: 15000 });
     ok(`${title} page shown`);
+    if (hash === '#/gpus') {
+      // The daemon's host preflight: the kernel check is always there, with its verdict.
+      const kernel = page.locator('[data-testid="host-checks"] tr[data-check="kernel"]');
+      await kernel.waitFor({ timeout: 30000 });
+      const verdict = (await kernel.locator('.badge').innerText()).trim();
+      if (!['pass', 'warn', 'fail', 'skip'].includes(verdict)) fail(`the kernel host check shows ${JSON.stringify(verdict)}`);
+      ok(`host checks shown (kernel: ${verdict}, ${await page.locator('[data-testid="host-checks"] tbody tr').count()} checks)`);
+    }
     await shot(page, title.toLowerCase());
     await axe(page, title);
   }

@@ -193,6 +193,15 @@ export interface Gpu {
   passthrough_ready?: boolean;
 }
 
+/** One result of the host preflight (`GET /v1/host/checks`, admins). */
+export interface HostCheck {
+  id: string;
+  title: string;
+  status: 'pass' | 'warn' | 'fail' | 'skip';
+  detail: string;
+  remedy?: string;
+}
+
 export interface GpuStats {
   uuid: string;
   index: number;

@@ -350,6 +350,7 @@ fn routes() -> Routes {
     )
     .add("GET", "/metrics", Op::ScrapeMetrics, metrics)
     .add("GET", "/v1/gpus/stats", Op::GpuStats, gpu_stats)
+    .add("GET", "/v1/host/checks", Op::HostChecks, host_checks)
     .add("GET", "/v1/gpus/{id}/metrics", Op::GpuMetrics, gpu_metrics)
     .add(
         "GET",
@@ -1851,6 +1852,10 @@ async fn metrics(State(e): State<Eng>, h: HeaderMap) -> Result<Response, ApiErro
         body,
     )
         .into_response())
+}
+
+async fn host_checks(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::HostCheck>> {
+    Ok(Json(e.host_checks(&p).await?))
 }
 
 async fn gpu_stats(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::GpuStats>> {

@@ -664,6 +664,13 @@ impl Node {
         self.runtime_of(id).console(self, id)
     }
 
+    /// `gpuvisor host check` as the daemon sees this host (the web console's GPUs page): the
+    /// same checks, from the node's root. Blocking (it reads sysfs and asks NVML).
+    pub fn host_checks(&self) -> Vec<crate::hostcheck::Check> {
+        let root = &self.cfg.root;
+        crate::hostcheck::check(root, &crate::hostcheck::NvmlFacts::probe(root))
+    }
+
     /// See [`Runtime::display`].
     pub fn display(&self, id: &str) -> Result<PathBuf, NodeError> {
         self.runtime_of(id).display(self, id)

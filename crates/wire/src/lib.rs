@@ -692,6 +692,21 @@ pub struct GpuUsage {
     pub launches: u64,
 }
 
+/// One result of the host preflight (`gpuvisor host check`; `GET /v1/host/checks`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+pub struct HostCheck {
+    /// Stable id (`kernel`, `iommu`, `iommu_group:0000:3b:00.0`).
+    pub id: String,
+    pub title: String,
+    /// `pass`, `warn`, `fail` or `skip` (does not apply to this host).
+    pub status: String,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it (absent when nothing needs doing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remedy: Option<String>,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Gpu {
     pub uuid: String,

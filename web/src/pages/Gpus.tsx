@@ -3,7 +3,7 @@ import { del, enc, errorMessage, get, post } from '../api';
 import { fmtBytes, fmtPercent, fmtTime } from '../format';
 import { href } from '../router';
 import { isAdmin } from '../session';
-import type { Gpu, GpuStats, MigState, Session } from '../types';
+import type { Gpu, GpuStats, HostCheck, MigState, Session } from '../types';
 import { Dialog, ErrorText, Loading, usePoll } from '../ui';
 
 export function Gpus(props: { session: Session }) {
@@ -167,6 +167,7 @@ export function Gpus(props: { session: Session }) {
       {[...mig].map(([uuid, m]) => (
         <MigLayout key={uuid} gpu={(gpus ?? []).find((g) => g.uuid === uuid)} state={m} />
       ))}
+      {admin && <HostChecks />}
       {cordoning && (
         <CordonDialog
           gpu={cordoning}
@@ -177,6 +178,65 @@ export function Gpus(props: { session: Session }) {
             refresh();
           }}
         />
+      )}
+    </section>
+  );
+}
+
+/** The daemon's host preflight (`gpuvisor host check`), run when the page opens or on Recheck. */
+function HostChecks() {
+  const [checks, setChecks] = useState<HostCheck[] | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const run = async (signal?: AbortSignal) => {
+    try {
+      setChecks(await get<HostCheck[]>('/v1/host/checks', signal));
+      setError(null);
+    } catch (e) {
+      if ((e as Error).name !== 'AbortError') setError(errorMessage(e));
+    }
+  };
+  usePoll(run, 0, []);
+  const count = (s: string) => (checks ?? []).filter((c) => c.status === s).length;
+  return (
+    <section class="card" aria-labelledby="host-checks-title" data-testid="host-checks">
+      <h2 id="host-checks-title">Host checks</h2>
+      <ErrorText error={error} />
+      {!checks ? (
+        <Loading what="host checks" />
+      ) : (
+        <>
+          <p class="muted">
+            {count('pass')} passed, {count('warn')} warnings, {count('fail')} failed, {count('skip')} not applicable{' '}
+            <button type="button" class="secondary" onClick={() => run()}>
+              Recheck
+            </button>
+          </p>
+          <div class="table-wrap">
+            <table class="grid">
+              <caption class="visually-hidden">Host preflight checks</caption>
+              <thead>
+                <tr>
+                  <th scope="col">Result</th>
+                  <th scope="col">Check</th>
+                  <th scope="col">Found</th>
+                  <th scope="col">What to do</th>
+                </tr>
+              </thead>
+              <tbody>
+                {checks.map((c) => (
+                  <tr key={c.id} data-check={c.id}>
+                    <td>
+                      <span class={`badge check-${c.status}`}>{c.status}</span>
+                    </td>
+                    <td>{c.title}</td>
+                    <td>{c.detail}</td>
+                    <td>{c.status === 'pass' ? '' : c.remedy ?? ''}</td>
+                  </tr>
+                ))}
+              </tbody>
+            </table>
+          </div>
+        </>
       )}
     </section>
   );

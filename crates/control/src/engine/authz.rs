@@ -127,6 +127,7 @@ ops! {
     ExecSession => "instance.exec_session", Operate;
     Console => "instance.console", Operate;
     Display => "instance.display", Operate;
+    HostChecks => "host.checks", Admin;
     AuditList => "audit.list", ManageTenant;
     Usage => "usage.list", Read;
     ListGpuTypes => "gpu.types", Read;

@@ -347,6 +347,25 @@ impl Engine {
     }
 
     /// The newest sample of every GPU, with the number of live instances on each.
+    /// The host preflight, run now by the daemon (admins: it describes the host).
+    pub async fn host_checks(&self, who: &Principal) -> Result<Vec<wire::HostCheck>> {
+        who.allow(Op::HostChecks)?;
+        let node = self.node.clone();
+        let checks = tokio::task::spawn_blocking(move || node.host_checks())
+            .await
+            .map_err(|e| EngineError::Internal(format!("host check: {e}")))?;
+        Ok(checks
+            .into_iter()
+            .map(|c| wire::HostCheck {
+                id: c.id,
+                title: c.title,
+                status: c.status.as_str().to_string(),
+                detail: c.detail,
+                remedy: Some(c.remedy).filter(|r| !r.is_empty()),
+            })
+            .collect())
+    }
+
     pub async fn gpu_stats(&self, who: &Principal) -> Result<Vec<wire::GpuStats>> {
         who.allow(Op::GpuStats)?;
         let live = self.store.live_instances(None).await?;

@@ -349,6 +349,8 @@ fn every_route_is_scoped_by_tenant() {
         ("DELETE", "/v1/gpus/{id}/mig/{gi}", row(403, 403, 422)),
         ("GET", "/metrics", row(403, 403, 200)),
         ("GET", "/v1/gpus/stats", row(200, 200, 200)),
+        // The host's preflight describes the host: the admin's.
+        ("GET", "/v1/host/checks", row(403, 403, 200)),
         ("GET", "/v1/gpus/{id}/metrics", row(200, 200, 200)),
         ("GET", "/v1/instances/{id}/metrics", row(200, 404, 200)),
         ("GET", "/v1/images", row(200, 200, 200)),
@@ -637,6 +639,7 @@ fn every_route_by_role() {
         ("DELETE", "/v1/gpus/{id}/mig/{gi}", None, admin),
         ("GET", "/metrics", None, [y, n, n, n, y]),
         ("GET", "/v1/gpus/stats", None, read),
+        ("GET", "/v1/host/checks", None, admin),
         ("GET", "/v1/gpus/{id}/metrics", None, read),
         ("GET", "/v1/instances/{id}/metrics", None, read),
         ("GET", "/v1/images", None, read),
