@@ -35,6 +35,16 @@ fn main() {
         }
     }
     files.sort();
+    // Served: `/` (index.html) and `/assets/*` only. Another top-level file would need a
+    // route of its own beside the API's (see src/console.rs).
+    for f in &files {
+        let rel = f.strip_prefix(&dist).expect("walked under dist");
+        assert!(
+            rel == Path::new("index.html") || rel.starts_with("assets"),
+            "web/dist/{} is neither index.html nor under assets/: the daemon serves only those",
+            rel.display()
+        );
+    }
     let mut table = String::from("&[\n");
     for f in &files {
         let rel = f.strip_prefix(&dist).expect("walked under dist");

@@ -591,14 +591,9 @@ pub fn router(engine: Eng) -> Router {
         // The web console: its page and files (not API routes: no key, no operation).
         .route("/", axum::routing::get(crate::console::index))
         .route("/assets/{*file}", axum::routing::get(crate::console::asset))
-        .fallback(
-            |method: axum::http::Method, uri: axum::http::Uri, h: HeaderMap| async move {
-                crate::console::top_level(&method, uri.path(), &h).unwrap_or_else(|| {
-                    ApiError(EngineError::NotFound("no such route (see /v1/...)".into()))
-                        .into_response()
-                })
-            },
-        )
+        .fallback(|| async {
+            ApiError(EngineError::NotFound("no such route (see /v1/...)".into())).into_response()
+        })
         .with_state(engine)
 }
 
@@ -1522,14 +1517,14 @@ async fn migration_channel(
         .map_err(|err| EngineError::Internal(format!("upgrade answer: {err}")).into())
 }
 
-/// The upgrade a session route needs, or the error saying how to ask for it (as `client`
-/// does).
 /// A WebSocket route's upgrade, or why the request was not one (answered as our error).
 type WsUpgrade = Result<
     axum::extract::ws::WebSocketUpgrade,
     axum::extract::ws::rejection::WebSocketUpgradeRejection,
 >;
 
+/// The upgrade a session route needs, or the error saying how to ask for it (as `client`
+/// does).
 fn websocket(
     ws: WsUpgrade,
     client: &str,
@@ -2051,6 +2046,8 @@ struct Guard {
 
 /// The prefix of a login's place in flight: its address's own pool (see [`limit_request`]).
 const LOGIN_SLOT: &str = "login ";
+/// Addresses with login pools of their own at most (the rest share one until the sweep).
+const MAX_LOGIN_POOLS: usize = 4096;
 
 impl Guard {
     /// Forgets the login pools no request holds a place of (every minute).
@@ -2062,11 +2059,23 @@ impl Guard {
             .retain(|k, s| !k.starts_with(LOGIN_SLOT) || s.available_permits() < full);
     }
 
-    fn slot(&self, principal: &str) -> Arc<tokio::sync::Semaphore> {
+    /// A place in flight for `principal`, taken under the map's lock (a sweep cannot drop its
+    /// pool meanwhile); `None` when its pool is full. Past [`MAX_LOGIN_POOLS`] addresses,
+    /// further logins share one pool.
+    fn take_place(&self, principal: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
         let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(principal.to_string())
+        let mut name = principal;
+        if principal.starts_with(LOGIN_SLOT)
+            && !m.contains_key(principal)
+            && m.keys().filter(|k| k.starts_with(LOGIN_SLOT)).count() >= MAX_LOGIN_POOLS
+        {
+            name = LOGIN_SLOT;
+        }
+        m.entry(name.to_string())
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.limits.requests_per_key)))
             .clone()
+            .try_acquire_owned()
+            .ok()
     }
 }
 
@@ -2174,8 +2183,10 @@ async fn limit_request(
                     }
                     g.rates.auth_failed(ip);
                 }
+                let ended = matches!(e, EngineError::Unauthorized(_));
                 let mut r = error_response(e);
-                if key.as_ref().is_some_and(|(_, cookie)| *cookie) {
+                // (a store hiccup is no reason to log the browser out)
+                if ended && key.as_ref().is_some_and(|(_, cookie)| *cookie) {
                     // A dead session cookie is dropped by the browser at once.
                     if let Ok(v) = session_set_cookie(None).parse() {
                         r.headers_mut().insert(axum::http::header::SET_COOKIE, v);
@@ -2186,7 +2197,8 @@ async fn limit_request(
         },
     };
     let principal = match (login, peer) {
-        (true, Some(ip)) => format!("{LOGIN_SLOT}{ip}"),
+        (true, Some(ip)) => format!("{LOGIN_SLOT}{}", crate::ratelimit::address_of(ip)),
+        (true, None) => LOGIN_SLOT.to_string(),
         _ => principal,
     };
     let op = req
@@ -2197,16 +2209,19 @@ async fn limit_request(
                 .get(&(req.method().as_str(), route.as_str()))
                 .copied()
         });
-    // A console session acts as its key, but does not mint keys: a cookie thief (or a script
-    // injected into the page) would otherwise turn a 12-hour session into a lasting key.
-    if op == Some(Op::CreateKey)
-        && key
+    // A console session acts as its key, but makes nothing that outlives it: a cookie thief
+    // (or a script injected into the page) would otherwise turn a 12-hour session into a
+    // lasting key or a signed link (valid for days, whatever becomes of the session).
+    if let Some(op) = op.filter(|op| matches!(op, Op::CreateKey | Op::CreateLink)) {
+        if key
             .as_ref()
             .is_some_and(|(s, _)| s.starts_with(wire::SESSION_TOKEN_PREFIX))
-    {
-        return error_response(EngineError::Forbidden(
-            "a console session cannot create API keys: use an API key (gpuvisor key create)".into(),
-        ));
+        {
+            return error_response(EngineError::Forbidden(format!(
+                "a console session cannot make what outlives it ({}): use an API key",
+                op.name()
+            )));
+        }
     }
     let mutating = op.is_some_and(Op::mutating);
     // Submitting a job is not audited (the tenant's workload), but is rated as a change.
@@ -2415,8 +2430,7 @@ async fn admit(
     max: u64,
     too_large: impl Fn() -> Response,
 ) -> Response {
-    let slot = g.slot(&principal);
-    let Ok(_permit) = slot.try_acquire_owned() else {
+    let Some(_permit) = g.take_place(&principal) else {
         let who = if principal.is_empty() {
             "unauthenticated requests".to_string()
         } else if let Some(ip) = principal.strip_prefix(LOGIN_SLOT) {

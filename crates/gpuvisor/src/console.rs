@@ -126,18 +126,10 @@ pub async fn asset(Path(file): Path<String>, h: HeaderMap) -> Response {
     serve(&format!("/assets/{file}"), &h)
 }
 
-/// Whether `method path` asks for one of the console's files (the page, an asset, a top-level
-/// file of the build): answered without a key, a cookie or a place in flight.
+/// Whether `method path` asks for one of the console's files (the page or an asset):
+/// answered without a key, a cookie or a place in flight. The build has no other top-level
+/// file (`build.rs` refuses one), so no API path can be taken for a file.
 pub fn is_file(method: &axum::http::Method, path: &str) -> bool {
     (method == axum::http::Method::GET || method == axum::http::Method::HEAD)
-        && (path == "/"
-            || path.starts_with("/assets/")
-            || (!path.get(1..).unwrap_or("").contains('/')
-                && ASSETS.iter().any(|a| a.path == path)))
-}
-
-/// The rest of the build's top-level files (`/favicon.svg`, ...): the router's fallback asks
-/// here before answering that no route matched.
-pub fn top_level(method: &axum::http::Method, path: &str, h: &HeaderMap) -> Option<Response> {
-    (is_file(method, path) && path != "/index.html").then(|| serve(path, h))
+        && (path == "/" || path.starts_with("/assets/"))
 }

@@ -18,6 +18,17 @@ use std::time::{Duration, Instant};
 
 /// Addresses tracked one by one; more share [`OVERFLOW`]'s bucket.
 pub const MAX_ADDRESSES: usize = 65_536;
+
+/// The client `ip` counts as: itself, or for IPv6 its /64 (which one host usually holds whole).
+pub fn address_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
 /// The shared bucket of addresses past [`MAX_ADDRESSES`].
 const OVERFLOW: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 
@@ -105,16 +116,10 @@ impl Limiter {
         })
     }
 
-    /// The bucket of `ip`: its own (an IPv6 address by its /64, which one host usually holds
-    /// whole), or the shared one past [`MAX_ADDRESSES`].
+    /// The bucket of `ip`: its own ([`address_of`]), or the shared one past
+    /// [`MAX_ADDRESSES`].
     fn address_key(&self, ip: IpAddr) -> IpAddr {
-        let ip = match ip {
-            IpAddr::V6(v6) => {
-                let s = v6.segments();
-                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-            v4 => v4,
-        };
+        let ip = address_of(ip);
         match &self.auth {
             Some(l) if l.len() >= MAX_ADDRESSES => OVERFLOW,
             _ => ip,

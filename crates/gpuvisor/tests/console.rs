@@ -299,6 +299,24 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
         r#"{"query":"{ instances { id } }"}"#,
     );
     assert_eq!(status, 403, "a session on GraphQL: {}", text(&body));
+    let bearer = format!("Bearer {token}");
+    let (status, _, _) = call(
+        &d,
+        "POST",
+        "/graphql",
+        &[("Authorization", &bearer)],
+        r#"{"query":"{ instances { id } }"}"#,
+    );
+    assert_eq!(status, 403, "a session token as a bearer on GraphQL");
+    // Nor does it sign links to the instance's ports (they would outlive it).
+    let (status, _, body) = call(
+        &d,
+        "POST",
+        &format!("/v1/instances/{ours}/links"),
+        &console_write,
+        r#"{"port":8080}"#,
+    );
+    assert_eq!(status, 403, "a session signed a link: {}", text(&body));
     // A planted cookie without the __Host- prefix (what a sibling host could set) is no
     // credential at all.
     let planted = format!("gv_session={token}");
@@ -453,6 +471,48 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
     d.json(&["key", "revoke", who2["key_id"].as_str().unwrap()]);
     let (status, _, _) = call(&d, "GET", "/v1/instances", &[("Cookie", &cookie2)], "");
     assert_eq!(status, 401, "a revoked key's session still works");
+}
+
+/// The page, its files and the login answer while keyless requests hold every place in flight
+/// (a slow body each): they take no place, or one of the address's own logins.
+#[test]
+fn the_page_and_the_login_answer_while_keyless_requests_fill_their_pool() {
+    let _s = serial();
+    let d = Daemon::start(&["--requests-per-key", "1"]);
+    // One keyless request holds the pool's only place: its body never comes.
+    let mut held = common::connect(d.port);
+    write!(
+        held,
+        "POST /v1/volumes HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        host(&d)
+    )
+    .unwrap();
+    held.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, _) = call(&d, "GET", "/v1/gpus", &[], "");
+        if status == 429 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the keyless pool never filled ({status})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, _, body) = call(&d, "GET", "/", &[], "");
+    assert_eq!(
+        status,
+        200,
+        "the page while the pool is full: {}",
+        text(&body)
+    );
+    let key = d.key.clone();
+    login(&d, &key);
+    // Only GET and HEAD reach the page.
+    let (status, _, _) = call(&d, "POST", "/", &[], "");
+    assert_ne!(status, 200, "POST / answered the page");
+    drop(held);
 }
 
 /// Guessing keys through the login is rate limited per address like any wrong key.

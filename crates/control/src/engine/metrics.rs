@@ -52,6 +52,9 @@ fn same_secret(a: &str, b: &str) -> bool {
         == 0
 }
 
+/// How long a host check's answer is given again instead of a new run.
+pub const HOST_CHECKS_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Engine {
     /// Samples the host every second until the daemon stops. `cfg` sets the thermal ceiling and
     /// the `/metrics` token.
@@ -346,15 +349,24 @@ impl Engine {
         })
     }
 
-    /// The newest sample of every GPU, with the number of live instances on each.
-    /// The host preflight, run now by the daemon (admins: it describes the host).
+    /// The host preflight as the daemon sees the host (admins: it describes the host). One
+    /// run at a time, its answer kept [`HOST_CHECKS_FRESH`]: a request in between gets that
+    /// answer (the checks scan sysfs and start NVML, which may take seconds).
     pub async fn host_checks(&self, who: &Principal) -> Result<Vec<wire::HostCheck>> {
         who.allow(Op::HostChecks)?;
+        static LAST: tokio::sync::Mutex<Option<(std::time::Instant, Vec<wire::HostCheck>)>> =
+            tokio::sync::Mutex::const_new(None);
+        let mut last = LAST.lock().await;
+        if let Some((at, checks)) = last.as_ref() {
+            if at.elapsed() < HOST_CHECKS_FRESH {
+                return Ok(checks.clone());
+            }
+        }
         let node = self.node.clone();
         let checks = tokio::task::spawn_blocking(move || node.host_checks())
             .await
             .map_err(|e| EngineError::Internal(format!("host check: {e}")))?;
-        Ok(checks
+        let checks: Vec<wire::HostCheck> = checks
             .into_iter()
             .map(|c| wire::HostCheck {
                 id: c.id,
@@ -363,9 +375,12 @@ impl Engine {
                 detail: c.detail,
                 remedy: Some(c.remedy).filter(|r| !r.is_empty()),
             })
-            .collect())
+            .collect();
+        *last = Some((std::time::Instant::now(), checks.clone()));
+        Ok(checks)
     }
 
+    /// The newest sample of every GPU, with the number of live instances on each.
     pub async fn gpu_stats(&self, who: &Principal) -> Result<Vec<wire::GpuStats>> {
         who.allow(Op::GpuStats)?;
         let live = self.store.live_instances(None).await?;
