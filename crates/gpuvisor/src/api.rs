@@ -1681,11 +1681,11 @@ async fn pump_session(
             }
             _ = ping.tick() => {
                 // A key revoked (or its tenant removed) ends what it opened.
-                if !live.alive().await {
-                    tracing::info!(key = live.key_id, "exec session: its key was revoked or its login ended, ended");
+                if let Some(why) = live.ended().await {
+                    tracing::info!(key = live.key_id, "exec session: {why}, ended");
                     let close = axum::extract::ws::CloseFrame {
                         code: axum::extract::ws::close_code::POLICY,
-                        reason: "the session's credential ended".into(),
+                        reason: why.into(),
                     };
                     let _ = send_within(&mut socket, Message::Close(Some(close)), dead).await;
                     return;
@@ -1774,10 +1774,10 @@ async fn pump_display(
             },
             () = &mut deadline => break,
             _ = ping.tick() => {
-                if !live.alive().await {
+                if let Some(why) = live.ended().await {
                     let close = axum::extract::ws::CloseFrame {
                         code: axum::extract::ws::close_code::POLICY,
-                        reason: "the session's credential ended".into(),
+                        reason: why.into(),
                     };
                     let _ = send_within(&mut socket, Message::Close(Some(close)), dead).await;
                     return;
@@ -1814,18 +1814,18 @@ impl Liveness {
         }
     }
 
-    async fn alive(&self) -> bool {
+    /// Why the session must end now, if it must.
+    async fn ended(&self) -> Option<&'static str> {
         if !self.engine.key_active(&self.key_id).await {
-            return false;
+            return Some("the session's API key was revoked");
         }
-        match &self.session {
-            // Only a session known to have ended counts (a store hiccup does not cut it).
-            Some(t) => !matches!(
-                self.engine.web_session(t).await,
-                Err(EngineError::Unauthorized(_))
-            ),
-            None => true,
-        }
+        let t = self.session.as_ref()?;
+        // Only a login known to have ended counts (a store hiccup does not cut it).
+        matches!(
+            self.engine.web_session(t).await,
+            Err(EngineError::Unauthorized(_))
+        )
+        .then_some("the console login that opened it ended (logout or expiry)")
     }
 }
 

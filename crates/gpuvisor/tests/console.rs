@@ -451,7 +451,7 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
     assert_eq!(status, 200, "a login with a dead cookie: {}", text(&body));
     let closed = closed_reason(&mut ws, Duration::from_secs(8));
     assert!(
-        closed.contains("credential ended"),
+        closed.contains("login that opened it ended"),
         "the terminal opened by the session was not closed at logout: {closed:?}"
     );
 
