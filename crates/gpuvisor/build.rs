@@ -3,22 +3,45 @@
 //! (`$OUT_DIR/console_assets.rs`, read by `src/console.rs`). Without a build the binary serves
 //! a page saying how to make one; under `CI=true` a missing build is an error instead.
 
-// A build script that cannot read or write its files can only stop the build, with the reason.
-#![allow(clippy::expect_used)]
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-fn main() {
-    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
-    let web = manifest.join("../../web");
+/// Why the build script stopped: what it was doing, and the cause.
+#[derive(Debug)]
+struct BuildError(String);
+
+impl std::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+type Result<T> = std::result::Result<T, BuildError>;
+
+/// `what` failed on `path`: the error says both.
+fn io<T>(r: std::io::Result<T>, what: &str, path: &Path) -> Result<T> {
+    r.map_err(|e| BuildError(format!("{what} {}: {e}", path.display())))
+}
+
+fn env_path(name: &str) -> Result<PathBuf> {
+    std::env::var_os(name).map(PathBuf::from).ok_or_else(|| {
+        BuildError(format!(
+            "{name} is not set (cargo sets it for build scripts)"
+        ))
+    })
+}
+
+fn main() -> Result<()> {
+    let web = env_path("CARGO_MANIFEST_DIR")?.join("../../web");
     let dist = web.join("dist");
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets it"));
+    let out = env_path("OUT_DIR")?;
     println!("cargo:rerun-if-env-changed=CI");
     let mut files = Vec::new();
     if dist.join("index.html").is_file() {
         println!("cargo:rerun-if-changed={}", dist.display());
-        walk(&dist, &mut files);
+        walk(&dist, &mut files)?;
     } else {
         // Watch for the build to appear (web/ itself: dist/ is made inside it).
         println!(
@@ -27,27 +50,27 @@ fn main() {
         );
         println!("cargo:rerun-if-changed={}", web.display());
         if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!(
+            return Err(BuildError(format!(
                 "the web console is not built ({} has no index.html): run `npm ci && npm run \
                  build` in web/ before cargo build",
                 dist.display()
-            );
+            )));
         }
     }
     files.sort();
-    // Served: `/` (index.html) and `/assets/*` only. Another top-level file would need a
-    // route of its own beside the API's (see src/console.rs).
-    for f in &files {
-        let rel = f.strip_prefix(&dist).expect("walked under dist");
-        assert!(
-            rel == Path::new("index.html") || rel.starts_with("assets"),
-            "web/dist/{} is neither index.html nor under assets/: the daemon serves only those",
-            rel.display()
-        );
-    }
     let mut table = String::from("&[\n");
     for f in &files {
-        let rel = f.strip_prefix(&dist).expect("walked under dist");
+        let rel = f
+            .strip_prefix(&dist)
+            .map_err(|_| BuildError(format!("{} is not under {}", f.display(), dist.display())))?;
+        // Served: `/` (index.html) and `/assets/*` only. Another top-level file would need a
+        // route of its own beside the API's (see src/console.rs).
+        if rel != Path::new("index.html") && !rel.starts_with("assets") {
+            return Err(BuildError(format!(
+                "web/dist/{} is neither index.html nor under assets/: the daemon serves only those",
+                rel.display()
+            )));
+        }
         let url = format!(
             "/{}",
             rel.components()
@@ -55,12 +78,12 @@ fn main() {
                 .collect::<Vec<_>>()
                 .join("/")
         );
-        let raw = std::fs::read(f).expect("read a console file");
+        let raw = io(std::fs::read(f), "read", f)?;
         let gz_path = out.join(format!("console{}.gz", url.replace('/', "_")));
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        enc.write_all(&raw).expect("gzip in memory");
-        std::fs::write(&gz_path, enc.finish().expect("gzip in memory"))
-            .expect("write the gzip of a console file");
+        io(enc.write_all(&raw), "gzip", f)?;
+        let gz = io(enc.finish(), "gzip", f)?;
+        io(std::fs::write(&gz_path, gz), "write", &gz_path)?;
         table.push_str(&format!(
             "    Asset {{ path: {url:?}, mime: {:?}, raw: include_bytes!({:?}), gz: include_bytes!({:?}) }},\n",
             mime(f),
@@ -69,20 +92,21 @@ fn main() {
         ));
     }
     table.push_str("]\n");
-    std::fs::write(out.join("console_assets.rs"), table).expect("write the console table");
+    let at = out.join("console_assets.rs");
+    io(std::fs::write(&at, table), "write", &at)
 }
 
-fn walk(dir: &Path, files: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).expect("read web/dist") {
-        let p = e.expect("read web/dist").path();
+fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+    for e in io(std::fs::read_dir(dir), "read", dir)? {
+        let p = io(e, "read", dir)?.path();
         if p.is_dir() {
-            walk(&p, files);
+            walk(&p, files)?;
         } else if p.is_file() {
             files.push(p);
         }
     }
+    Ok(())
 }
-
 fn mime(p: &Path) -> &'static str {
     match p.extension().and_then(|e| e.to_str()).unwrap_or("") {
         "html" => "text/html; charset=utf-8",

@@ -1807,10 +1807,7 @@ impl Liveness {
         Self {
             engine: e.clone(),
             key_id: p.key_id.clone(),
-            session: credential(h)
-                .map(|c| c.secret)
-                .filter(|t| t.starts_with(wire::SESSION_TOKEN_PREFIX))
-                .map(str::to_string),
+            session: session_token(h).ok().map(str::to_string),
         }
     }
 

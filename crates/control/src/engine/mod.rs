@@ -593,6 +593,11 @@ impl Engine {
             .key_by_hash(&hash_key(secret))
             .await?
             .ok_or_else(|| EngineError::Unauthorized("the API key is unknown or revoked".into()))?;
+        self.principal_of_key(k).await
+    }
+
+    /// Who a live key (or a session of it) acts as: refused when its tenant is gone or going.
+    pub(crate) async fn principal_of_key(&self, k: KeyRow) -> Result<Principal> {
         let t = self.key_tenant(&k.tenant_id).await?;
         Ok(Principal {
             tenant_id: t.id,

@@ -67,16 +67,7 @@ impl Engine {
                     "the API key of this console session was revoked: log in again".into(),
                 )
             })?;
-        let t = self.key_tenant(&key.tenant_id).await?;
-        Ok((
-            Principal {
-                tenant_id: t.id,
-                tenant: t.name,
-                role: key.role,
-                key_id: key.id,
-            },
-            expires_at,
-        ))
+        Ok((self.principal_of_key(key).await?, expires_at))
     }
 
     /// What the session of `token` is (`GET /v1/sessions/current`).
