@@ -4,6 +4,7 @@
 //   GV_URL=https://127.0.0.1:PORT GV_API_KEY=gv_... GV_TEMPLATE=NAME GV_SCENARIO=container \
 //     node web/e2e/console.mjs
 //   GV_SCENARIO=vm GV_VM_ID=ID ...  (a running VM whose serial console shows a login prompt)
+//   GV_EXPECT_GPU_EVENT=KIND ...  (container: the GPUs page must list an event of KIND, e.g. thermal)
 //
 // Optional: GV_SHOTS=DIR (a PNG of each page), CHROMIUM=/path/to/chromium (default
 // /usr/bin/chromium). Prints each step as it passes; exits non-zero with the reason on the first
@@ -20,6 +21,8 @@ const SCENARIO = env.GV_SCENARIO ?? 'container';
 const TEMPLATE = env.GV_TEMPLATE ?? '';
 const VM_ID = env.GV_VM_ID ?? '';
 const SHOTS = env.GV_SHOTS ?? '';
+/** A kind of GPU event (`thermal`, `xid`, …) the GPUs page must list: set where the test made one. */
+const EXPECT_GPU_EVENT = env.GV_EXPECT_GPU_EVENT ?? '';
 const CHROMIUM = env.CHROMIUM ?? '/usr/bin/chromium';
 
 const t0 = Date.now();
@@ -174,6 +177,10 @@ async function containerScenario(page) {
   const after = await read();
   if (!(after.last > later.last)) fail(`the GPU utilisation graph stopped getting points (last at ${later.last}, still ${after.last} 3 s later)`);
   ok(`GPU utilisation graph gets new points: ${first.n} points (last t=${first.last}), then ${after.n} (last t=${after.last}, +${((after.last - first.last) / 1000).toFixed(0)} s)`);
+  // The newest points come over the metrics WebSocket, not from polling the history.
+  const stream = await page.getByTestId('metrics').getAttribute('data-stream');
+  if (stream !== 'open') fail(`the metrics stream (/v1/instances/${inst.id}/metrics/ws) is not open: the metrics section's data-stream is ${JSON.stringify(stream)}`);
+  ok('the graphs are fed by the metrics stream (data-stream="open")');
 
   await page.getByTestId('exec-open').click();
   await waitFor('the terminal to connect', async () => (await page.getByTestId('exec-status').getAttribute('data-state')) === 'open', 30000);
@@ -217,6 +224,12 @@ async function containerScenario(page) {
       const verdict = (await kernel.locator('.badge').innerText()).trim();
       if (!['pass', 'warn', 'fail', 'skip'].includes(verdict)) fail(`the kernel host check shows ${JSON.stringify(verdict)}`);
       ok(`host checks shown (kernel: ${verdict}, ${await page.locator('[data-testid="host-checks"] tbody tr').count()} checks)`);
+      if (EXPECT_GPU_EVENT) {
+        const sel = `[data-testid="gpu-events"] tr[data-kind="${EXPECT_GPU_EVENT}"]`;
+        await waitFor(`a ${EXPECT_GPU_EVENT} event in the GPU events table`, async () => (await page.locator(sel).count()) > 0, 30000, 500);
+        const row = page.locator(sel).first();
+        ok(`GPU event listed: ${(await row.innerText()).replace(/\s+/g, ' ').trim()}`);
+      }
     }
     await shot(page, title.toLowerCase());
     await axe(page, title);

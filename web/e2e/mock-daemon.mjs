@@ -2,9 +2,10 @@
 // daemon: `npm run build && node e2e/mock-daemon.mjs [PORT]`, then open http://127.0.0.1:PORT/
 // and log in with the key `gv_mock`. It serves dist/ with the daemon's Content-Security-Policy,
 // keeps a few simulated instances, answers the exec and console WebSockets with a toy shell and
-// a login prompt, and refuses what the daemon refuses (no CSRF header, no session). It is not
-// the daemon: the end-to-end test proper (e2e/console.mjs) runs against a real one. With
-// GV_SCENARIO=container or vm the end-to-end script also runs against this.
+// a login prompt and the metrics WebSocket with an update a second, and refuses what the daemon
+// refuses (no CSRF header, no session). It is not the daemon: the end-to-end test proper
+// (e2e/console.mjs) runs against a real one. With GV_SCENARIO=container or vm the end-to-end
+// script also runs against this.
 import { createServer } from 'node:http';
 import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync, existsSync } from 'node:fs';
@@ -102,24 +103,40 @@ const json = (res, status, body, headers = {}) => {
 const err = (res, status, code, message) => json(res, status, { error: { code, message } });
 const wave = (t, phase) => 50 + 40 * Math.sin(t / 20000 + phase);
 
-function metrics(inst, since, step) {
+/** Unix ms of a `since` (Unix ms, or a duration back from now like `5m`). */
+function sinceMs(since, dflt) {
+  if (/^\d+$/.test(since ?? '')) return Number(since);
+  const m = /^(\d+)([smhd])$/.exec(since ?? dflt);
+  const mult = { s: 1e3, m: 60e3, h: 3600e3, d: 86400e3 };
+  return now() - (m ? Number(m[1]) * mult[m[2]] : 300e3);
+}
+
+function history(kind, id, from, step, fns) {
   const stepMs = step === '1m' ? 60000 : 1000;
-  let from;
-  if (/^\d+$/.test(since ?? '')) from = Number(since);
-  else {
-    const m = /^(\d+)([smhd])$/.exec(since ?? '5m');
-    const mult = { s: 1e3, m: 60e3, h: 3600e3, d: 86400e3 };
-    from = now() - (m ? Number(m[1]) * mult[m[2]] : 300e3);
-  }
-  from = Math.max(from, inst.created_at);
   const start = Math.ceil(from / stepMs) * stepMs;
   const ts = [];
   for (let t = start; t <= now() - 1000 && ts.length < 20000; t += stepMs) ts.push(t);
-  const s = (metric, f) => ({ metric, points: ts.map((t) => ({ t, avg: f(t), max: f(t) })) });
-  const series = [s('cpu_percent', (t) => wave(t, 1) / 2), s('memory_bytes', (t) => 2e8 + 1e6 * wave(t, 2)), s('net_rx_bytes_per_s', (t) => 1e4 * wave(t, 3)), s('net_tx_bytes_per_s', (t) => 5e3 * wave(t, 4))];
-  if (inst.gpus.length) series.push(s('gpu_util_percent', (t) => wave(t, 0)), s('gpu_memory_bytes', (t) => 1e9 * wave(t, 5)));
-  return { kind: 'instance', id: inst.id, step_s: stepMs / 1000, series };
+  const series = Object.entries(fns).map(([metric, f]) => ({ metric, points: ts.map((t) => ({ t, avg: f(t), max: f(t) })) }));
+  return { kind, id, step_s: stepMs / 1000, series };
 }
+
+function metrics(inst, since, step, dflt = '5m') {
+  const fns = { cpu_percent: (t) => wave(t, 1) / 2, memory_bytes: (t) => 2e8 + 1e6 * wave(t, 2), net_rx_bytes_per_s: (t) => 1e4 * wave(t, 3), net_tx_bytes_per_s: (t) => 5e3 * wave(t, 4) };
+  if (inst.gpus.length) Object.assign(fns, { gpu_util_percent: (t) => wave(t, 0), gpu_memory_bytes: (t) => 1e9 * wave(t, 5) });
+  return history('instance', inst.id, Math.max(sinceMs(since, dflt), inst.created_at), step, fns);
+}
+
+function gpuMetrics(g, since, step, dflt = '5m') {
+  return history('gpu', g.uuid, sinceMs(since, dflt), step, { util_percent: (t) => wave(t, g.index + 0.5), memory_used_bytes: (t) => 4e8 * wave(t, g.index + 2) });
+}
+
+// GPU events, newest first (`/v1/gpus/events`).
+const gpuEvents = [
+  { at: now() - 2 * 86400e3, gpu: gpus[2].uuid, index: 2, kind: 'xid', message: 'XID 79: GPU has fallen off the bus' },
+  { at: now() - 3 * 3600e3, gpu: gpus[1].uuid, index: 1, kind: 'thermal', message: 'temperature 91 °C at or above the slowdown threshold (90 °C)' },
+  { at: now() - 3 * 3600e3 + 600e3, gpu: gpus[1].uuid, index: 1, kind: 'thermal_cleared', message: 'temperature 78 °C: back under the slowdown threshold' },
+  { at: now() - 20 * 60e3, gpu: gpus[2].uuid, index: 2, kind: 'cordoned', message: 'cordoned by k-mock: XID 79' },
+].sort((a, b) => b.at - a.at);
 
 function readBody(req) {
   return new Promise((resolve) => {
@@ -225,8 +242,29 @@ async function api(req, res, url) {
     }
   }
   if (p === '/v1/gpus') return json(res, 200, gpus);
+  if (p === '/v1/host/checks') {
+    if (s.role !== 'admin') return err(res, 403, 'permission_denied', 'host checks are for operators');
+    return json(res, 200, [
+      { id: 'kernel', title: 'Linux kernel', status: 'pass', detail: '6.1.0 (mock)' },
+      { id: 'iommu', title: 'IOMMU enabled', status: 'warn', detail: 'no IOMMU groups (mock)', remedy: 'add intel_iommu=on to the kernel command line' },
+      { id: 'nvml', title: 'NVIDIA driver (NVML)', status: 'skip', detail: 'simulated GPUs' },
+    ]);
+  }
+  if (p === '/v1/gpus/events') {
+    if (s.role !== 'admin') return err(res, 403, 'permission_denied', 'GPU events are for operators');
+    const from = sinceMs(url.searchParams.get('since'), '7d');
+    const which = url.searchParams.get('gpu');
+    const limit = Math.min(Number(url.searchParams.get('limit') ?? 500) || 500, 500);
+    return json(res, 200, gpuEvents.filter((e) => e.at >= from && (!which || e.gpu === which || String(e.index) === which)).slice(0, limit));
+  }
   if (p === '/v1/gpus/stats')
     return json(res, 200, gpus.map((g) => ({ uuid: g.uuid, index: g.index, model: g.model, at: now(), util_percent: g.instances.length ? wave(now(), g.index) : 0, memory_used: g.allocated_vram / 3, memory_total: g.vram, temperature_c: 45 + g.index, power_w: 120, xid_errors: g.index === 2 ? 1 : 0, last_xid: g.index === 2 ? 79 : null, instances: g.instances.length, cordoned: g.cordoned, alarms: [], simulated: true })));
+  m = /^\/v1\/gpus\/([^/]+)\/metrics$/.exec(p);
+  if (m) {
+    const g = gpus.find((x) => x.uuid === m[1] || String(x.index) === m[1]);
+    if (!g) return err(res, 404, 'not_found', 'no such GPU');
+    return json(res, 200, gpuMetrics(g, url.searchParams.get('since'), url.searchParams.get('step')));
+  }
   m = /^\/v1\/gpus\/([^/]+)\/cordon$/.exec(p);
   if (m) {
     const g = gpus.find((x) => x.uuid === m[1]);
@@ -242,7 +280,14 @@ async function api(req, res, url) {
     lines.push({ tenant: 'research', subject: 'volume', id: 'data', name: 'data', resource: 'volume', seconds: 86400, unit_seconds: 86400 * 10, unit_price: 0.0001, cost: 0.024 });
     return json(res, 200, { from: now() - 30 * 86400e3, to: now(), currency: 'USD', lines, total_cost: lines.reduce((a, l) => a + l.cost, 0) });
   }
-  if (p === '/v1/endpoints') return json(res, 200, [{ id: 'ep-1', name: 'sdxl', tenant: 'default', created_at: now() - 3600e3, template: 'small', path: '/v2/ep-1', workers_min: 0, workers_max: 3, health: { jobs: { completed: Math.floor(now() / 10000) % 1000, failed: 2, inProgress: 1, inQueue: 4, retried: 0 }, workers: { idle: 1, running: 1, initializing: 0, ready: 2, parked: 0, throttled: 0, unhealthy: 0 } } }]);
+  if (p === '/v1/endpoints') {
+    const stats = { window_s: 300, completed: 42, failed: 2, timed_out: 1, cancelled: 0, per_minute: 9, delay_ms: { n: 45, p50: 850, p95: 4200, p99: 9100, max: 12500 }, execution_ms: { n: 45, p50: 12300, p95: 125000, p99: 130000, max: 131000 } };
+    const idle = { window_s: 300, completed: 0, failed: 0, timed_out: 0, cancelled: 0, per_minute: 0 };
+    return json(res, 200, [
+      { id: 'ep-1', name: 'sdxl', tenant: 'default', created_at: now() - 3600e3, template: 'small', path: '/v2/ep-1', workers_min: 0, workers_max: 3, health: { jobs: { completed: Math.floor(now() / 10000) % 1000, failed: 2, inProgress: 1, inQueue: 4, retried: 0 }, workers: { idle: 1, running: 1, initializing: 0, ready: 2, parked: 0, throttled: 0, unhealthy: 0 } }, stats },
+      { id: 'ep-2', name: 'whisper', tenant: 'default', created_at: now() - 600e3, template: 'small', path: '/v2/ep-2', workers_min: 0, workers_max: 1, health: { jobs: { completed: 0, failed: 0, inProgress: 0, inQueue: 0, retried: 0 }, workers: { idle: 0, running: 0, initializing: 0, ready: 0, parked: 1, throttled: 0, unhealthy: 0 } }, stats: idle },
+    ]);
+  }
   return err(res, 404, 'not_found', `no route ${req.method} ${p}`);
 }
 
@@ -304,8 +349,9 @@ function wsAccept(req, socket) {
     on: (ev, f) => (handlers[ev] = f),
     text: (s) => send(1, Buffer.from(s)),
     binary: (b) => send(2, b),
-    close: () => {
-      send(8, Buffer.from([3, 232]));
+    close: (code = 1000, reason = '') => {
+      const r = Buffer.from(reason);
+      send(8, Buffer.concat([Buffer.from([code >> 8, code & 255]), r]));
       socket.end();
     },
   };
@@ -313,7 +359,7 @@ function wsAccept(req, socket) {
 
 function upgrade(req, socket) {
   const url = new URL(req.url, 'http://x');
-  const m = /^\/v1\/instances\/([^/]+)\/(exec|console|vnc)\/ws$/.exec(url.pathname);
+  const m = /^\/v1\/instances\/([^/]+)\/(exec|console|vnc|metrics)\/ws$/.exec(url.pathname);
   const refuse = (code, msg) => {
     socket.end(`HTTP/1.1 ${code} ${msg}\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n`);
   };
@@ -321,6 +367,7 @@ function upgrade(req, socket) {
   if (!session(req)) return refuse(401, 'Unauthorized');
   if (req.headers.origin && new URL(req.headers.origin).host !== req.headers.host) return refuse(403, 'Forbidden');
   const inst = instances.get(m[1]);
+  if (m[2] === 'metrics') return inst ? metricsStream(wsAccept(req, socket), req, inst, url) : refuse(404, 'Not Found');
   if (!inst || inst.state !== 'running') return refuse(409, 'Conflict');
   if (m[2] === 'vnc' && (inst.runtime !== 'vm' || process.env.MOCK_NO_VNC)) return refuse(404, 'Not Found');
   const ws = wsAccept(req, socket);
@@ -369,6 +416,36 @@ function upgrade(req, socket) {
       }
     }
   });
+}
+
+/** An instance's metrics stream: the points since `since` (default 10 s back), then every second
+ * each history's points from the newest one sent (that bucket again). Closes 1000 when the
+ * instance is gone, 1008 when the session that opened it ended. */
+function metricsStream(ws, req, inst, url) {
+  const step = url.searchParams.get('step') ?? '1s';
+  const since = url.searchParams.get('since') ?? '10s';
+  const devs = [...new Set(inst.gpus.map((b) => b.uuid))].map((u) => gpus.find((g) => g.uuid === u));
+  const last = new Map();
+  const from = (key) => (last.has(key) ? String(last.get(key)) : since);
+  const tick = () => {
+    if (!instances.has(inst.id)) {
+      clearInterval(timer);
+      return ws.close(1000, 'the instance was terminated');
+    }
+    if (!session(req)) {
+      clearInterval(timer);
+      return ws.close(1008, 'the session that opened the stream ended');
+    }
+    const histories = [metrics(inst, from('i'), step, '10s'), ...devs.map((g) => gpuMetrics(g, from(g.uuid), step, '10s'))];
+    for (const h of histories) {
+      const t = Math.max(0, ...h.series.map((x) => x.points.at(-1)?.t ?? 0));
+      if (t) last.set(h.kind === 'instance' ? 'i' : h.id, t);
+    }
+    ws.text(JSON.stringify({ at: now(), histories }));
+  };
+  const timer = setInterval(tick, 1000);
+  ws.on('close', () => clearInterval(timer));
+  tick();
 }
 
 /** A VNC server of one grey gradient screen: RFB 3.8, no authentication, raw encoding. */

@@ -57,6 +57,19 @@ export function fmtDuration(seconds: number): string {
   return `${(seconds / 3600).toFixed(2)} h`;
 }
 
+/** A duration in ms: `850 ms`, `1.2 s`, `42 s`, `2 min 5 s`, `1 h 3 min`. */
+export function fmtMs(ms: number | null | undefined): string {
+  if (ms == null || !isFinite(ms)) return '—';
+  const v = Math.max(0, ms);
+  if (v < 999.5) return `${Math.round(v)} ms`;
+  if (v < 9950) return `${(v / 1000).toFixed(1)} s`;
+  const s = Math.round(v / 1000);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min${s % 60 ? ` ${s % 60} s` : ''}`;
+  const m = Math.round(s / 60);
+  return `${Math.floor(m / 60)} h${m % 60 ? ` ${m % 60} min` : ''}`;
+}
+
 /** A human size (`4GiB`, `512M`, `10G`, `1GB`) in bytes, as the daemon's parse_size reads it;
  * null when it is not one (the form then sends the text as typed and shows the API's error). */
 export function parseSize(s: string): number | null {

@@ -161,10 +161,19 @@ export interface MetricSeries {
 }
 
 export interface MetricsHistory {
+  /** `instance` (id: the instance's) or `gpu` (id: the GPU's UUID). */
   kind: string;
   id: string;
   step_s: number;
   series: MetricSeries[];
+}
+
+/** One message of an instance's metrics stream (`/v1/instances/{id}/metrics/ws`): the points of
+ * each history from the newest one sent before (that bucket again: it may have grown). */
+export interface MetricsUpdate {
+  /** Unix ms of the sample that made it. */
+  at: number;
+  histories: MetricsHistory[];
 }
 
 export interface MigSlice {
@@ -191,6 +200,17 @@ export interface Gpu {
   mig_enabled?: boolean;
   numa_node?: number | null;
   passthrough_ready?: boolean;
+}
+
+/** One event of a GPU (`GET /v1/gpus/events`, operators): newest first. */
+export interface GpuEvent {
+  /** Unix ms. */
+  at: number;
+  /** The GPU's UUID. */
+  gpu: string;
+  index: number;
+  kind: 'xid' | 'thermal' | 'thermal_cleared' | 'gpu_lost' | 'cordoned' | 'uncordoned' | (string & {});
+  message: string;
 }
 
 /** One result of the host preflight (`GET /v1/host/checks`, admins). */
@@ -305,6 +325,29 @@ export interface WorkerCounts {
   unhealthy: number;
 }
 
+/** Nearest-rank percentiles of durations, ms. */
+export interface Percentiles {
+  n: number;
+  p50: number;
+  p95: number;
+  p99: number;
+  max: number;
+}
+
+/** An endpoint's jobs that ended in the last `window_s` seconds. */
+export interface EndpointStats {
+  window_s: number;
+  completed: number;
+  failed: number;
+  timed_out: number;
+  cancelled: number;
+  per_minute: number;
+  /** Time queued (created to claimed); absent when no job of the window was claimed. */
+  delay_ms?: Percentiles;
+  /** Time run (claimed to ended). */
+  execution_ms?: Percentiles;
+}
+
 export interface Endpoint {
   id: string;
   name: string;
@@ -313,6 +356,7 @@ export interface Endpoint {
   template: string;
   path: string;
   health: { jobs: JobCounts; workers: WorkerCounts };
+  stats: EndpointStats;
   workers_min?: number;
   workers_max?: number;
   gpus?: number | null;

@@ -19,7 +19,7 @@ mod templates;
 mod usage;
 mod web_sessions;
 pub use endpoints::{
-    EndpointRow, JobRow, JobTally, RunningJob, WorkerRow, CHUNK_ROW_OCTETS, JOB_ROW_OCTETS,
+    EndpointRow, JobEnd, JobRow, JobTally, RunningJob, WorkerRow, CHUNK_ROW_OCTETS, JOB_ROW_OCTETS,
     MAX_STREAM_BYTES,
 };
 pub use snapshots::SnapshotRow;
@@ -1744,15 +1744,39 @@ impl Store {
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|r| {
-                Ok(EventRow {
-                    instance_id: r.try_get("instance_id")?,
-                    at: r.try_get("at")?,
-                    kind: r.try_get("kind")?,
-                    message: r.try_get("message")?,
-                })
-            })
+            .map(Self::event_row)
             .collect()
+    }
+
+    /// The newest events of `owner` (an instance or a GPU) at or after `since`, newest first,
+    /// at most `limit`.
+    pub async fn recent_events(
+        &self,
+        owner: &str,
+        since: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRow>> {
+        sqlx::query(
+            "SELECT instance_id, at, kind, message FROM events WHERE instance_id = $1 AND at >= $2 \
+             ORDER BY at DESC, id DESC LIMIT $3",
+        )
+        .bind(owner.to_string())
+        .bind(since)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(Self::event_row)
+        .collect()
+    }
+
+    fn event_row(r: &AnyRow) -> Result<EventRow> {
+        Ok(EventRow {
+            instance_id: r.try_get("instance_id")?,
+            at: r.try_get("at")?,
+            kind: r.try_get("kind")?,
+            message: r.try_get("message")?,
+        })
     }
 
     // --- audit log ----------------------------------------------------------------------------

@@ -2255,6 +2255,72 @@ fn job_row(id: &str, ep: &str, created_at: i64) -> gpuvisor_control::store::JobR
     }
 }
 
+/// Each job's end is recorded once, with its queued and run times (none for a job that
+/// never ran); the window and the pruning go by the end's time.
+#[tokio::test]
+async fn endpoint_job_ends_are_recorded_once() {
+    use gpuvisor_control::store::JobEnd;
+    use gpuvisor_wire::JobState;
+    for_each_backend(|Db { store, backend, .. }| async move {
+        store.insert_job(&job_row("j1", "ep1", 100)).await.unwrap();
+        store.insert_job(&job_row("j2", "ep1", 200)).await.unwrap();
+        store.insert_job(&job_row("j3", "ep2", 300)).await.unwrap();
+        let j1 = store
+            .claim_job("ep1", "w1", 1000, 5000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(j1.id, "j1", "{backend}");
+        assert!(store
+            .finish_job_by("j1", "w1", JobState::Completed, "1", "", 1500, 9000)
+            .await
+            .unwrap());
+        // A second end of the same job is refused and not recorded.
+        assert!(!store
+            .finish_job("j1", JobState::Failed, "", "late", 1600, 9000)
+            .await
+            .unwrap());
+        // Cancelled in the queue: it never ran.
+        assert!(store
+            .finish_job("j2", JobState::Cancelled, "", "", 1700, 9000)
+            .await
+            .unwrap());
+        let ends = store.job_ends("ep1", 0).await.unwrap();
+        assert_eq!(
+            ends,
+            [
+                JobEnd {
+                    state: "CANCELLED".into(),
+                    delay_ms: None,
+                    exec_ms: None
+                },
+                JobEnd {
+                    state: "COMPLETED".into(),
+                    delay_ms: Some(900),
+                    exec_ms: Some(500)
+                },
+            ],
+            "{backend}"
+        );
+        assert!(
+            store.job_ends("ep2", 0).await.unwrap().is_empty(),
+            "{backend}"
+        );
+        assert_eq!(
+            store.job_ends("ep1", 1600).await.unwrap().len(),
+            1,
+            "{backend}"
+        );
+        assert_eq!(store.prune_job_ends(1600).await.unwrap(), 1, "{backend}");
+        assert_eq!(
+            store.job_ends("ep1", 0).await.unwrap().len(),
+            1,
+            "{backend}"
+        );
+    })
+    .await;
+}
+
 /// The serverless queue: claims in order and never twice (also under concurrent claims), the
 /// first end wins, a requeue only from the holder, leases renewed only for the holder, stream
 /// chunks handed out once, tallies, retention, retry, purge.

@@ -351,12 +351,19 @@ fn routes() -> Routes {
     .add("GET", "/metrics", Op::ScrapeMetrics, metrics)
     .add("GET", "/v1/gpus/stats", Op::GpuStats, gpu_stats)
     .add("GET", "/v1/host/checks", Op::HostChecks, host_checks)
+    .add("GET", "/v1/gpus/events", Op::GpuEvents, gpu_events)
     .add("GET", "/v1/gpus/{id}/metrics", Op::GpuMetrics, gpu_metrics)
     .add(
         "GET",
         "/v1/instances/{id}/metrics",
         Op::InstanceMetrics,
         instance_metrics,
+    )
+    .add(
+        "GET",
+        "/v1/instances/{id}/metrics/ws",
+        Op::InstanceMetrics,
+        metrics_stream,
     )
     .add("GET", "/v1/images", Op::ListImages, list_images)
     .add("POST", "/v1/images", Op::ImportImage, import_image)
@@ -1793,6 +1800,153 @@ async fn pump_display(
     let _ = send_within(&mut socket, Message::Close(None), dead).await;
 }
 
+/// An instance's metrics as they are sampled, over a WebSocket
+/// (`/v1/instances/{id}/metrics/ws?since=&step=`): a text message of JSON
+/// [`wire::MetricsUpdate`] per sample (about one a second), the first with the points since
+/// `since` (10 s back by default), each later one from the newest point sent before (that
+/// bucket again: it may have grown). Checked before the upgrade like a console session.
+/// Closed with 1000 when the instance is terminated or gone, with 1008 (policy) when the
+/// credential that opened it ends; a client that takes no message for the liveness period is
+/// taken for gone.
+async fn metrics_stream(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Path(id): Path<String>,
+    Query(mut q): Query<wire::MetricsQuery>,
+    h: HeaderMap,
+    hold: Option<axum::Extension<ConnectionHold>>,
+    ws: WsUpgrade,
+) -> Result<Response, ApiError> {
+    q.since.get_or_insert_with(|| "10s".into());
+    let mut samples = e.metric_samples();
+    samples.mark_unchanged();
+    let (first, _) = e.metrics_update(&p, &id, &q).await?;
+    let ws = websocket(ws, "a WebSocket client such as the web console")?;
+    let live = Liveness::of(&e, &p, &h);
+    Ok(ws
+        .max_message_size(SESSION_MAX_MESSAGE)
+        .max_frame_size(SESSION_MAX_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            let stream = MetricsStream {
+                engine: e,
+                who: p,
+                id,
+                step: q.step,
+                samples,
+            };
+            stream.pump(socket, first, live).await;
+            drop(hold);
+        }))
+}
+
+/// One open metrics stream (see [`metrics_stream`]).
+struct MetricsStream {
+    engine: Eng,
+    who: Principal,
+    id: String,
+    step: Option<String>,
+    samples: tokio::sync::watch::Receiver<i64>,
+}
+
+impl MetricsStream {
+    /// The newest point of `u` (0 when it has none).
+    fn newest(u: &wire::MetricsUpdate) -> i64 {
+        u.histories
+            .iter()
+            .flat_map(|h| &h.series)
+            .filter_map(|s| s.points.last())
+            .map(|p| p.t)
+            .max()
+            .unwrap_or(0)
+    }
+
+    async fn pump(
+        mut self,
+        mut socket: axum::extract::ws::WebSocket,
+        first: wire::MetricsUpdate,
+        live: Liveness,
+    ) {
+        use axum::extract::ws::{close_code, CloseFrame, Message};
+        let dead = session_liveness();
+        let mut ping = tokio::time::interval(dead / 4);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_seen = tokio::time::Instant::now();
+        let mut next = Some(first);
+        // Where the next update starts: the newest point sent (or, before any, the query's).
+        let mut from: Option<i64> = None;
+        let close = |code, why: &str| {
+            Message::Close(Some(CloseFrame {
+                code,
+                reason: why.into(),
+            }))
+        };
+        loop {
+            if let Some(u) = next.take() {
+                let newest = Self::newest(&u);
+                if newest > 0 {
+                    from = Some(from.map_or(newest, |f| f.max(newest)));
+                }
+                let text = serde_json::to_string(&u).unwrap_or_default();
+                if !send_within(&mut socket, Message::Text(text.into()), dead).await {
+                    return;
+                }
+            }
+            tokio::select! {
+                changed = self.samples.changed() => {
+                    if changed.is_err() {
+                        let _ = send_within(&mut socket, close(close_code::AWAY, "the daemon is stopping"), dead).await;
+                        return;
+                    }
+                    let q = wire::MetricsQuery {
+                        since: Some(from.map_or_else(|| "10s".into(), |t| t.to_string())),
+                        step: self.step.clone(),
+                    };
+                    match self.engine.metrics_update(&self.who, &self.id, &q).await {
+                        Ok((u, true)) => next = Some(u),
+                        Ok((u, false)) => {
+                            // The last points, then the end.
+                            let text = serde_json::to_string(&u).unwrap_or_default();
+                            if send_within(&mut socket, Message::Text(text.into()), dead).await {
+                                let _ = send_within(&mut socket, close(close_code::NORMAL, "the instance was terminated"), dead).await;
+                            }
+                            return;
+                        }
+                        Err(EngineError::NotFound(_)) => {
+                            let _ = send_within(&mut socket, close(close_code::NORMAL, "the instance is gone"), dead).await;
+                            return;
+                        }
+                        // Refused now (the key's role changed): the credential's end.
+                        Err(EngineError::Forbidden(m) | EngineError::Unauthorized(m)) => {
+                            let _ = send_within(&mut socket, close(close_code::POLICY, &m), dead).await;
+                            return;
+                        }
+                        // A passing fault (the store): the next sample tries again.
+                        Err(err) => tracing::debug!(instance = self.id, "metrics stream: {err}"),
+                    }
+                }
+                m = socket.recv() => {
+                    last_seen = tokio::time::Instant::now();
+                    match m {
+                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                        Some(Ok(_)) => {}
+                    }
+                }
+                _ = ping.tick() => {
+                    if let Some(why) = live.ended().await {
+                        let _ = send_within(&mut socket, close(close_code::POLICY, why), dead).await;
+                        return;
+                    }
+                    if last_seen.elapsed() > dead
+                        || !send_within(&mut socket, Message::Ping(Default::default()), dead).await
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// What keeps a session (exec, console, graphical console) open: the key it was opened with
 /// stays active and, when it was opened through the web console, its login session too
 /// (a logout or an expiry ends what the page opened).
@@ -1848,6 +2002,14 @@ async fn metrics(State(e): State<Eng>, h: HeaderMap) -> Result<Response, ApiErro
 
 async fn host_checks(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::HostCheck>> {
     Ok(Json(e.host_checks(&p).await?))
+}
+
+async fn gpu_events(
+    State(e): State<Eng>,
+    Who(p): Who,
+    Query(q): Query<wire::GpuEventsQuery>,
+) -> R<Vec<wire::GpuEvent>> {
+    Ok(Json(e.gpu_events(&p, &q).await?))
 }
 
 async fn gpu_stats(State(e): State<Eng>, Who(p): Who) -> R<Vec<wire::GpuStats>> {

@@ -527,6 +527,18 @@ pub enum GpuCmd {
     },
     /// Metric history of a GPU (UUID or index).
     Metrics(MetricsArgs),
+    /// The GPUs' events, newest first: XID errors, thermal alarms, losses, cordons (admin).
+    Events {
+        /// Only this GPU (UUID, index or PCI address).
+        #[arg(long)]
+        gpu: Option<String>,
+        /// How far back: 90s, 10m, 2h, 7d, or epoch milliseconds.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// At most this many (at most 500).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
 }
 
 /// Which metric history to show.
@@ -1539,6 +1551,15 @@ impl Ctx {
             }
             GpuCmd::Metrics(a) => {
                 self.metrics_loop(&a, |c, a| c.gpu_metrics(&a.id, &a.since, a.step.as_deref()))?
+            }
+            GpuCmd::Events { gpu, since, limit } => {
+                let q = gpuvisor_wire::GpuEventsQuery {
+                    since: Some(since),
+                    gpu,
+                    limit,
+                };
+                let events = self.client.gpu_events(&q)?;
+                output::print(self.format, &events, |e| output::gpu_events_table(e))?;
             }
         }
         Ok(exit::OK)

@@ -775,6 +775,23 @@ impl Client {
     pub fn gpu_stats(&self) -> Result<Vec<gpuvisor_wire::GpuStats>> {
         self.get("/gpus/stats")
     }
+
+    pub fn gpu_events(
+        &self,
+        q: &gpuvisor_wire::GpuEventsQuery,
+    ) -> Result<Vec<gpuvisor_wire::GpuEvent>> {
+        let mut query = Vec::new();
+        if let Some(s) = &q.since {
+            query.push(format!("since={}", segment(s)));
+        }
+        if let Some(g) = &q.gpu {
+            query.push(format!("gpu={}", segment(g)));
+        }
+        if let Some(n) = q.limit {
+            query.push(format!("limit={n}"));
+        }
+        self.get(&format!("/gpus/events?{}", query.join("&")))
+    }
 }
 
 fn metrics_query(since: &str, step: Option<&str>) -> String {

@@ -165,7 +165,7 @@ fn operation(r: &RouteDoc) -> Value {
     if r.doc.websocket {
         responses.insert(
             "101".into(),
-            json!({"description": "Switching to a WebSocket: an exec or console session (its frames: gpuvisor_wire::ExecSessionRequest and session::Control), a VM's graphical console (raw RFB in binary messages) or GraphQL subscriptions (graphql-transport-ws)."}),
+            json!({"description": "Switching to a WebSocket: an exec or console session (its frames: gpuvisor_wire::ExecSessionRequest and session::Control), a VM's graphical console (raw RFB in binary messages), an instance's metrics stream (a text message of gpuvisor_wire::MetricsUpdate JSON per sample) or GraphQL subscriptions (graphql-transport-ws)."}),
         );
     }
     match &r.doc.ok {

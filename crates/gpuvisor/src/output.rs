@@ -1035,6 +1035,20 @@ pub fn events_table(events: &[Event]) -> String {
     )
 }
 
+pub fn gpu_events_table(events: &[gpuvisor_wire::GpuEvent]) -> String {
+    table(
+        &["TIME", "GPU", "KIND", "MESSAGE"],
+        events.iter().map(|e| {
+            vec![
+                format_time(e.at),
+                e.index.to_string(),
+                e.kind.clone(),
+                e.message.clone(),
+            ]
+        }),
+    )
+}
+
 pub fn health_table(h: &Health) -> String {
     table(
         &["STATUS", "VERSION", "NODE"],

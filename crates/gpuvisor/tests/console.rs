@@ -401,6 +401,17 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
         .iter()
         .all(|p| !cmdline(*p).contains("5151")));
     let (mut ws, _) = open(Some(&origin(&d))).expect("the console's own WebSocket");
+    // The page's metrics stream rides on the cookie too (and ends with the login, below).
+    let metrics_url = format!("wss://{}/v1/instances/{ours}/metrics/ws", host(&d));
+    let b = tungstenite::ClientRequestBuilder::new(metrics_url.parse().unwrap())
+        .with_header("Cookie", cookie.clone())
+        .with_header("Origin", origin(&d));
+    let (mut mws, _) =
+        tungstenite::client::client(b, common::connect(d.port)).expect("the metrics stream");
+    match mws.read() {
+        Ok(tungstenite::Message::Text(t)) => assert!(t.contains("\"histories\""), "{t}"),
+        other => panic!("the metrics stream's first message: {other:?}"),
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     while !common::instance_pids(&ours)
         .iter()
@@ -453,6 +464,11 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
     assert!(
         closed.contains("login that opened it ended"),
         "the terminal opened by the session was not closed at logout: {closed:?}"
+    );
+    let closed = closed_reason(&mut mws, Duration::from_secs(8));
+    assert!(
+        closed.contains("login that opened it ended"),
+        "the metrics stream opened by the session was not closed at logout: {closed:?}"
     );
 
     // A key holds at most 16 sessions: the 17th login ends the oldest.
@@ -605,11 +621,14 @@ fn the_console_works_end_to_end_in_chromium() {
         &tpl.to_string(),
     );
     assert_eq!(status, 200, "template: {}", text(&body));
+    // A hot GPU (simulated): its thermal event shows on the GPUs page.
+    std::fs::write(d.data().join("dev").join("nvidia0.fault"), "temp=97\n").unwrap();
     console_e2e(
         &d,
         &[
             ("GV_SCENARIO", "container"),
             ("GV_TEMPLATE", "console-small"),
+            ("GV_EXPECT_GPU_EVENT", "thermal"),
         ],
     );
 }

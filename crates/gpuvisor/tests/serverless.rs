@@ -707,6 +707,24 @@ fn failure_cases(f: &Fixture, ep: &str) {
         Duration::from_secs(90),
     );
     assert_eq!(t["status"], "TIMED_OUT", "{t}");
+    // The endpoint's last 5 minutes: the long job's run, the cancel, the timeout.
+    let stats = &f.get(ep)["stats"];
+    eprintln!("endpoint stats: {stats}");
+    assert_eq!(stats["window_s"], 300, "{stats}");
+    for k in ["completed", "cancelled", "timed_out"] {
+        assert!(stats[k].as_u64().unwrap() >= 1, "{k}: {stats}");
+    }
+    assert!(stats["per_minute"].as_f64().unwrap() > 0.0, "{stats}");
+    let run = &stats["execution_ms"];
+    assert!(run["max"].as_u64().unwrap() >= 18_000, "{stats}");
+    let q = &stats["delay_ms"];
+    for p in [run, q] {
+        let v: Vec<u64> = ["p50", "p95", "p99", "max"]
+            .iter()
+            .map(|k| p[k].as_u64().unwrap())
+            .collect();
+        assert!(v.windows(2).all(|w| w[0] <= w[1]), "{stats}");
+    }
     let (c, r) = f.curl(&f.acme, "POST", &format!("/v2/{ep}/retry/{slow}"), None);
     assert_eq!((c, r["status"].clone()), (200, json!("IN_QUEUE")), "{r}");
     // A completed job is not retried.

@@ -167,6 +167,113 @@ fn metrics_history_alarms_and_cordoning() {
     let table = d.cli(&["gpu", "top", "-n", "1"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("simulated"));
 
+    // The live stream (the console's "now"): a message per sample, the instance's history
+    // then its GPU's, each from the newest point sent before; other tenants are refused
+    // before the upgrade. It stays open (read by a thread, which answers pings) until the
+    // instance is terminated below.
+    let gpu_uuid = d.json(&["instance", "get", &id])["gpus"][0]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let stream_url = format!(
+        "{}/v1/instances/{id}/metrics/ws?since=5s",
+        d.endpoint().replacen("http", "ws", 1)
+    );
+    #[allow(clippy::result_large_err)] // tungstenite's own error type
+    let open_stream = |key: &str| {
+        let b = tungstenite::ClientRequestBuilder::new(stream_url.parse().unwrap())
+            .with_header("x-api-key", key.to_string());
+        let s = common::connect(d.port);
+        s.tcp()
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        tungstenite::client::client(b, s)
+    };
+    d.json(&["tenant", "create", "t0"]);
+    let t0 = d.json(&["key", "create", "--tenant", "t0"])["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    match open_stream(&t0) {
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            assert_eq!(r.status().as_u16(), 404, "another tenant's stream")
+        }
+        Ok(_) => panic!("another tenant opened the instance's metrics stream"),
+        Err(e) => panic!("another tenant's stream: {e}"),
+    }
+    let (mut ws, _) = open_stream(&d.key).expect("the metrics stream");
+    let (tx, rx) = std::sync::mpsc::channel::<Result<serde_json::Value, String>>();
+    let reader = std::thread::spawn(move || loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                if tx.send(Ok(serde_json::from_str(&t).unwrap())).is_err() {
+                    return;
+                }
+            }
+            Ok(tungstenite::Message::Close(f)) => {
+                let f = f.map(|f| format!("{} {}", u16::from(f.code), f.reason));
+                let _ = tx.send(Err(f.unwrap_or_default()));
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = tx.send(Err(format!("error: {e}")));
+                return;
+            }
+        }
+    });
+    let newest = |m: &serde_json::Value| {
+        m["histories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|h| h["series"].as_array().unwrap())
+            .filter_map(|s| s["points"].as_array().unwrap().last())
+            .map(|p| p["t"].as_i64().unwrap())
+            .max()
+            .unwrap_or(0)
+    };
+    let mut seen = Vec::new();
+    for n in 0..4 {
+        let m = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no metrics message within 10 s")
+            .expect("the stream closed");
+        let h = m["histories"].as_array().unwrap();
+        assert_eq!(
+            (h[0]["kind"].as_str(), h[0]["id"].as_str()),
+            (Some("instance"), Some(id.as_str())),
+            "{m}"
+        );
+        assert!(
+            h.iter()
+                .any(|x| x["kind"] == "gpu" && x["id"] == gpu_uuid.as_str()),
+            "no history of the instance's GPU: {m}"
+        );
+        let mem = h[0]["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["metric"] == "memory_bytes")
+            .unwrap()["points"]
+            .as_array()
+            .unwrap()
+            .len();
+        if n == 0 {
+            assert!(mem >= 2, "the first message lacks the last 5 s: {m}");
+        } else {
+            assert!(
+                (1..=3).contains(&mem),
+                "a later message does not start from the newest point sent: {m}"
+            );
+        }
+        seen.push(newest(&m));
+    }
+    assert!(
+        seen.windows(2).all(|w| w[1] > w[0]),
+        "the stream's messages did not move forward: {seen:?}"
+    );
+
     // Alarms: heat on GPU 0 (no cordon), a fatal XID on GPU 2 (cordon).
     let dev = d.data().join("dev");
     std::fs::write(dev.join("nvidia0.fault"), "temp=95\n").unwrap();
@@ -229,6 +336,17 @@ fn metrics_history_alarms_and_cordoning() {
     // The cordon is persisted: it survives a restart until an operator lifts it. The first
     // instance holds the H100: free it, so only the cordon stands in the way below.
     d.json(&["instance", "terminate", &id, "--wait"]);
+    // Its metrics stream ends with it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let closed = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Ok(_)) => {}
+            Ok(Err(why)) => break why,
+            Err(e) => panic!("the metrics stream stayed open after the instance ended: {e}"),
+        }
+    };
+    assert_eq!(closed, "1000 the instance was terminated");
+    reader.join().unwrap();
     std::fs::remove_file(dev.join("nvidia2.fault")).unwrap();
     d.restart();
     let gpus = d.json(&["gpu", "list"]);
@@ -278,5 +396,67 @@ fn metrics_history_alarms_and_cordoning() {
     let v = d.json(&a);
     assert_eq!(v["state"], "running", "{v}");
     assert_eq!(v["gpus"][0]["index"], 2, "{v}");
+
+    // The GPUs' events, newest first, across the restarts: GPU 2's XID, then the operator's
+    // cordon and the two lifts; GPU 0's heat. The admin's only.
+    let ev = d.json(&["gpu", "events", "--gpu", "2"]);
+    let kinds: Vec<&str> = ev
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds[..3], ["uncordoned", "cordoned", "uncordoned"], "{ev}");
+    assert!(
+        kinds.len() > 3 && kinds[3..].iter().all(|k| *k == "xid"),
+        "{ev}"
+    );
+    assert!(
+        ev[1]["message"].as_str().unwrap().contains("fan swap"),
+        "{ev}"
+    );
+    assert!(
+        ev[3]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fallen off the bus"),
+        "{ev}"
+    );
+    let uuid2 = gpus[2]["uuid"].as_str().unwrap();
+    assert!(
+        ev.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["index"] == 2 && e["gpu"] == uuid2),
+        "{ev}"
+    );
+    let all = d.json(&["gpu", "events"]);
+    let all = all.as_array().unwrap();
+    assert!(
+        all.windows(2)
+            .all(|w| w[0]["at"].as_i64() >= w[1]["at"].as_i64()),
+        "not newest first: {all:?}"
+    );
+    assert!(
+        all.iter().any(|e| e["index"] == 0
+            && e["kind"] == "thermal"
+            && e["message"].as_str().unwrap().contains("ceiling")),
+        "no thermal event of GPU 0: {all:?}"
+    );
+    assert_eq!(
+        d.json(&["gpu", "events", "--limit", "2"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        d.cli_as(&tkey, &["gpu", "events"]).status.code(),
+        Some(4),
+        "a tenant read the host's GPU events"
+    );
+    let bad = d.cli(&["gpu", "events", "--since", "yesterday"]);
+    assert_ne!(bad.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("since \"yesterday\""));
     d.terminate_all();
 }

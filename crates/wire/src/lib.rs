@@ -15,7 +15,10 @@ pub mod template;
 pub mod usage;
 
 pub use cpulist::{format_cpu_list, parse_cpu_list};
-pub use metrics::{GpuStats, MetricPoint, MetricSeries, MetricsHistory, MetricsQuery};
+pub use metrics::{
+    GpuEvent, GpuEventsQuery, GpuStats, MetricPoint, MetricSeries, MetricsHistory, MetricsQuery,
+    MetricsUpdate,
+};
 pub use migration::{
     DropMigration, MigrateInstance, MigrationAccepted, MigrationChannel, MigrationOffer,
     MigrationPhase, MigrationReport, MigrationStatus, MIGRATION_UPGRADE,

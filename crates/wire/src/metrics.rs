@@ -73,3 +73,38 @@ pub struct GpuStats {
     pub alarms: Vec<String>,
     pub simulated: bool,
 }
+
+/// One event of a GPU (`GET /v1/gpus/events`, `gpu events`): an XID error, a thermal alarm
+/// raised or cleared, the GPU lost, a cordon set or lifted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct GpuEvent {
+    /// Ms since the epoch.
+    pub at: i64,
+    pub gpu: String,
+    pub index: u32,
+    /// `xid`, `thermal`, `thermal_cleared`, `gpu_lost`, `cordoned` or `uncordoned`.
+    pub kind: String,
+    pub message: String,
+}
+
+/// Query of `GET /v1/gpus/events`: `since` as for a history (default 7 days back), `gpu` one
+/// GPU (UUID or index), `limit` the most events (newest first; default and at most 500).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct GpuEventsQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// One message of an instance's metrics stream (`GET /v1/instances/{id}/metrics/ws`): the
+/// points of each history from the newest one sent before (that bucket again: it may have
+/// grown), the instance's first, then the GPUs it is bound to that the caller may read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct MetricsUpdate {
+    /// Ms since the epoch of the sample that made this update.
+    pub at: i64,
+    pub histories: Vec<MetricsHistory>,
+}

@@ -162,6 +162,57 @@ pub struct Endpoint {
     /// The queue API's path: `/v2/<id>` on the API's address.
     pub path: String,
     pub health: EndpointHealth,
+    /// Jobs that ended in the last [`EndpointStats::window_s`] seconds: rates and latency.
+    pub stats: EndpointStats,
+}
+
+/// What an endpoint's jobs that ended lately took: counts by outcome, the rate, and the
+/// percentiles of the time queued (`delay`, created to claimed) and run (`execution`,
+/// claimed to ended).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct EndpointStats {
+    /// How far back it looks (300 s).
+    pub window_s: u64,
+    pub completed: u64,
+    /// Failed by the worker or after three lost workers.
+    pub failed: u64,
+    pub timed_out: u64,
+    pub cancelled: u64,
+    /// Jobs ended per minute over the window.
+    pub per_minute: f64,
+    /// Absent when no job of the window was claimed by a worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<Percentiles>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_ms: Option<Percentiles>,
+}
+
+/// Nearest-rank percentiles of a set of durations, in ms.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+pub struct Percentiles {
+    /// How many values.
+    pub n: u64,
+    pub p50: u64,
+    pub p95: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+impl Percentiles {
+    /// Of `values` (sorted here); `None` when empty.
+    pub fn of(mut values: Vec<u64>) -> Option<Self> {
+        values.sort_unstable();
+        let n = values.len();
+        // Nearest rank: the smallest value with at least p% of the values at or below it.
+        let at = |p: usize| values[(n * p).div_ceil(100).clamp(1, n) - 1];
+        (n > 0).then(|| Self {
+            n: n as u64,
+            p50: at(50),
+            p95: at(95),
+            p99: at(99),
+            max: values[n - 1],
+        })
+    }
 }
 
 /// `policy` of a job request (RunPod's).
@@ -312,6 +363,19 @@ pub struct EndpointHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        assert_eq!(Percentiles::of(vec![]), None);
+        let one = Percentiles::of(vec![7]).unwrap();
+        assert_eq!((one.p50, one.p99, one.max, one.n), (7, 7, 7, 1));
+        // 1..=100 shuffled: the k-th percentile is k.
+        let v: Vec<u64> = (1..=100).rev().collect();
+        let p = Percentiles::of(v).unwrap();
+        assert_eq!((p.p50, p.p95, p.p99, p.max, p.n), (50, 95, 99, 100, 100));
+        let p = Percentiles::of(vec![10, 20, 30, 40]).unwrap();
+        assert_eq!((p.p50, p.p95, p.max), (20, 40, 40));
+    }
 
     #[test]
     fn scaler_round_trips_and_refuses_nonsense() {

@@ -1,37 +1,45 @@
-import { useRef, useState } from 'preact/hooks';
+import { useState } from 'preact/hooks';
 import { errorMessage, get } from '../api';
-import { fmtAge } from '../format';
-import type { Endpoint } from '../types';
+import { fmtAge, fmtMs } from '../format';
+import type { Endpoint, EndpointStats, Percentiles } from '../types';
 import { ErrorText, Loading, usePoll } from '../ui';
 
-/** Completed and failed jobs per minute, from the counters of two polls. */
-interface Rate {
-  at: number;
-  completed: number;
-  failed: number;
-  perMin?: { completed: number; failed: number };
+const pcts = (what: string, p: Percentiles | undefined) => (p ? `${what} p50 ${fmtMs(p.p50)} / p95 ${fmtMs(p.p95)}` : `${what} —`);
+
+/** Jobs that ended in the stats' window: the rate, and the count of each outcome. */
+function Rate(props: { stats?: EndpointStats }) {
+  const st = props.stats;
+  if (!st) return <>—</>;
+  return (
+    <>
+      {st.per_minute.toFixed(1)}
+      <div class="sub">
+        {st.completed} completed, {st.failed + st.timed_out} failed{st.timed_out ? ` (${st.timed_out} timed out)` : ''}, {st.cancelled} cancelled
+      </div>
+    </>
+  );
+}
+
+/** The time queued and the time run of the jobs that ended in the stats' window. */
+function Latency(props: { stats?: EndpointStats }) {
+  const st = props.stats;
+  if (!st || (!st.delay_ms && !st.execution_ms)) return <>—</>;
+  return (
+    <>
+      <div>{pcts('queue', st.delay_ms)}</div>
+      <div>{pcts('run', st.execution_ms)}</div>
+    </>
+  );
 }
 
 export function Endpoints() {
   const [eps, setEps] = useState<Endpoint[] | null>(null);
   const [error, setError] = useState<string | null>(null);
-  const rates = useRef(new Map<string, Rate>());
 
   usePoll(
     async (signal) => {
       try {
         const l = await get<Endpoint[]>('/v1/endpoints', signal);
-        const now = Date.now();
-        for (const e of l) {
-          const j = e.health.jobs;
-          const r = rates.current.get(e.id);
-          const next: Rate = { at: now, completed: j.completed, failed: j.failed, perMin: r?.perMin };
-          if (r && now - r.at >= 1000) {
-            const min = (now - r.at) / 60000;
-            next.perMin = { completed: Math.max(0, j.completed - r.completed) / min, failed: Math.max(0, j.failed - r.failed) / min };
-          }
-          if (!r || now - r.at >= 1000) rates.current.set(e.id, next);
-        }
         setEps(l.sort((a, b) => a.name.localeCompare(b.name)));
         setError(null);
       } catch (e) {
@@ -66,7 +74,8 @@ export function Endpoints() {
                 <th scope="col">Workers</th>
                 <th scope="col">Completed</th>
                 <th scope="col">Failed</th>
-                <th scope="col">Jobs/min</th>
+                <th scope="col">Jobs/min (5 min)</th>
+                <th scope="col">Latency (5 min)</th>
                 <th scope="col">Age</th>
               </tr>
             </thead>
@@ -74,7 +83,6 @@ export function Endpoints() {
               {eps.map((e) => {
                 const w = e.health.workers;
                 const j = e.health.jobs;
-                const r = rates.current.get(e.id)?.perMin;
                 const live = w.running + w.idle + w.ready + w.initializing;
                 return (
                   <tr key={e.id} data-testid="endpoint-row">
@@ -99,7 +107,12 @@ export function Endpoints() {
                       {j.failed}
                       {j.retried ? ` (${j.retried} retried)` : ''}
                     </td>
-                    <td class="num">{r ? `${r.completed.toFixed(1)} ok, ${r.failed.toFixed(1)} failed` : '—'}</td>
+                    <td class="num" data-testid="endpoint-rate">
+                      <Rate stats={e.stats} />
+                    </td>
+                    <td class="num" data-testid="endpoint-latency">
+                      <Latency stats={e.stats} />
+                    </td>
                     <td class="num">{fmtAge(e.created_at)}</td>
                   </tr>
                 );

@@ -1,9 +1,9 @@
 import { useState } from 'preact/hooks';
-import { del, enc, errorMessage, get, post } from '../api';
-import { fmtBytes, fmtPercent, fmtTime } from '../format';
+import { ApiError, del, enc, errorMessage, get, post } from '../api';
+import { fmtAge, fmtBytes, fmtPercent, fmtTime } from '../format';
 import { href } from '../router';
 import { isAdmin } from '../session';
-import type { Gpu, GpuStats, HostCheck, MigState, Session } from '../types';
+import type { Gpu, GpuEvent, GpuStats, HostCheck, MigState, Session } from '../types';
 import { Dialog, ErrorText, Loading, usePoll } from '../ui';
 
 export function Gpus(props: { session: Session }) {
@@ -167,6 +167,7 @@ export function Gpus(props: { session: Session }) {
       {[...mig].map(([uuid, m]) => (
         <MigLayout key={uuid} gpu={(gpus ?? []).find((g) => g.uuid === uuid)} state={m} />
       ))}
+      <GpuEvents />
       {admin && <HostChecks />}
       {cordoning && (
         <CordonDialog
@@ -178,6 +179,84 @@ export function Gpus(props: { session: Session }) {
             refresh();
           }}
         />
+      )}
+    </section>
+  );
+}
+
+/** How an event's kind is shown: its badge's colour. */
+const EVENT_SEVERITY: Record<string, 'fail' | 'warn' | 'pass'> = {
+  xid: 'fail',
+  gpu_lost: 'fail',
+  thermal: 'warn',
+  cordoned: 'warn',
+  thermal_cleared: 'pass',
+  uncordoned: 'pass',
+};
+
+/** XID errors, thermal alarms, lost GPUs and cordons of the last 7 days, newest first. For
+ * operators: anyone else is refused (403), and the section is not shown. */
+function GpuEvents() {
+  const [events, setEvents] = useState<GpuEvent[] | null>(null);
+  const [error, setError] = useState<string | null>(null);
+  const [forbidden, setForbidden] = useState(false);
+  usePoll(
+    async (signal) => {
+      if (forbidden) return;
+      try {
+        setEvents(await get<GpuEvent[]>('/v1/gpus/events?since=7d&limit=200', signal));
+        setError(null);
+      } catch (e) {
+        if (e instanceof ApiError && e.status === 403) setForbidden(true);
+        else if ((e as Error).name !== 'AbortError') setError(errorMessage(e));
+      }
+    },
+    forbidden ? 0 : 5000,
+    [forbidden],
+  );
+  if (forbidden) return null;
+  const now = Date.now();
+  return (
+    <section class="card" aria-labelledby="gpu-events-title" data-testid="gpu-events-section">
+      <h2 id="gpu-events-title">XID and thermal events</h2>
+      <ErrorText error={error} />
+      {!events ? (
+        <Loading what="GPU events" />
+      ) : events.length === 0 ? (
+        <p class="muted" data-testid="no-gpu-events">
+          No GPU events in the last 7 days.
+        </p>
+      ) : (
+        <div class="table-wrap">
+          <table class="grid" data-testid="gpu-events">
+            <caption class="visually-hidden">GPU events of the last 7 days, newest first, refreshed every 5 seconds</caption>
+            <thead>
+              <tr>
+                <th scope="col">Time</th>
+                <th scope="col">GPU</th>
+                <th scope="col">Kind</th>
+                <th scope="col">Message</th>
+              </tr>
+            </thead>
+            <tbody>
+              {events.map((ev, n) => (
+                <tr key={`${ev.at}-${ev.gpu}-${ev.kind}-${n}`} data-kind={ev.kind} data-gpu={ev.gpu}>
+                  <td>
+                    <time dateTime={new Date(ev.at).toISOString()}>{fmtTime(ev.at)}</time>
+                    <div class="sub">{fmtAge(ev.at, now)} ago</div>
+                  </td>
+                  <td class="num" title={ev.gpu}>
+                    #{ev.index}
+                  </td>
+                  <td>
+                    <span class={`badge${EVENT_SEVERITY[ev.kind] ? ` check-${EVENT_SEVERITY[ev.kind]}` : ''}`}>{ev.kind.replace(/_/g, ' ')}</span>
+                  </td>
+                  <td>{ev.message}</td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </div>
       )}
     </section>
   );

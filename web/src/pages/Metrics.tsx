@@ -1,4 +1,5 @@
-// Live graphs of an instance: the history API for the past, then polling for the newest points.
+// Live graphs of an instance: the history API for the past, then the instance's metrics stream
+// (a WebSocket, one update a sample) for the newest points.
 // The instance's own GPU series come from the driver's per-process accounting (NVML); the GPUs
 // it is bound to are graphed beside them from their own history (`/v1/gpus/{id}/metrics`),
 // which is all there is where per-process figures are not (simulated GPUs, MIG, no NVML).
@@ -8,12 +9,13 @@ import { fmtBytes, fmtPercent } from '../format';
 import type { GpuBinding, MetricPoint, MetricsHistory } from '../types';
 import { ErrorText } from '../ui';
 import type { Chart, Unit } from '../lazy/charts';
+import type { MetricsStream, StreamState } from '../lazy/metricsStream';
 
 type RangeKey = '5m' | '1h' | '7d';
-const RANGES: Record<RangeKey, { label: string; since: string; step: string; pollMs: number; spanMs: number }> = {
-  '5m': { label: '5 min', since: '5m', step: '1s', pollMs: 1000, spanMs: 5 * 60e3 },
-  '1h': { label: '1 h', since: '1h', step: '1s', pollMs: 1000, spanMs: 3600e3 },
-  '7d': { label: '7 d', since: '7d', step: '1m', pollMs: 60e3, spanMs: 7 * 86400e3 },
+const RANGES: Record<RangeKey, { label: string; since: string; step: string; spanMs: number }> = {
+  '5m': { label: '5 min', since: '5m', step: '1s', spanMs: 5 * 60e3 },
+  '1h': { label: '1 h', since: '1h', step: '1s', spanMs: 3600e3 },
+  '7d': { label: '7 d', since: '7d', step: '1m', spanMs: 7 * 86400e3 },
 };
 
 interface Series {
@@ -72,6 +74,7 @@ export function Metrics(props: { id: string; gpus: GpuBinding[]; /** Unix ms: no
   const [range, setRange] = useState<RangeKey>('5m');
   const [error, setError] = useState<string | null>(null);
   const [latest, setLatest] = useState<Record<string, string>>({});
+  const [stream, setStream] = useState<{ state: StreamState; retrying?: boolean }>({ state: 'connecting' });
   const boxes = useRef<Record<string, HTMLDivElement | null>>({});
   const figs = useRef<Record<string, HTMLElement | null>>({});
   const gpuKey = props.gpus.map((g) => g.uuid).join(',');
@@ -82,17 +85,19 @@ export function Metrics(props: { id: string; gpus: GpuBinding[]; /** Unix ms: no
     const r = RANGES[range];
     const ps = panels(props.gpus);
     let stop = false;
-    let timer: number | undefined;
+    let live: MetricsStream | null = null;
     const charts: Record<string, Chart> = {};
     const data = new Map<string, MetricPoint[]>();
-    // Where each history is read, and its newest point.
+    /** The newest point held of each history (by prefix). */
+    const newest = new Map<string, number>();
+    // The past: where each history is read.
     const sources = [
-      { prefix: 'i', path: `/v1/instances/${enc(props.id)}/metrics`, last: 0, required: true },
-      ...[...new Set(props.gpus.map((g) => g.uuid))].map((u) => ({ prefix: u, path: `/v1/gpus/${enc(u)}/metrics`, last: 0, required: false })),
+      { prefix: 'i', path: `/v1/instances/${enc(props.id)}/metrics`, required: true },
+      ...[...new Set(props.gpus.map((g) => g.uuid))].map((u) => ({ prefix: u, path: `/v1/gpus/${enc(u)}/metrics`, required: false })),
     ];
+    setStream({ state: 'connecting' });
 
     const merge = (prefix: string, h: MetricsHistory) => {
-      let last = 0;
       for (const s of h.series) {
         const key = `${prefix}/${s.metric}`;
         if (!s.points.length) {
@@ -109,24 +114,29 @@ export function Metrics(props: { id: string; gpus: GpuBinding[]; /** Unix ms: no
         let drop = 0;
         while (drop < merged.length && merged[drop].t < min) drop++;
         data.set(key, drop ? merged.slice(drop) : merged);
-        last = Math.max(last, s.points[s.points.length - 1].t);
+        newest.set(prefix, Math.max(newest.get(prefix) ?? 0, s.points[s.points.length - 1].t));
       }
-      return last;
     };
 
     const fetchAll = async () => {
       await Promise.all(
         sources.map(async (src) => {
           try {
-            const since = src.last ? String(src.last) : r.since;
-            const h = await get<MetricsHistory>(`${src.path}?since=${enc(since)}&step=${r.step}`);
-            if (!stop) src.last = Math.max(src.last, merge(src.prefix, h));
+            const h = await get<MetricsHistory>(`${src.path}?since=${enc(r.since)}&step=${r.step}`);
+            if (!stop) merge(src.prefix, h);
           } catch (e) {
             // A GPU's history is extra (a viewer may not read it): only the instance's counts.
             if (src.required) throw e;
           }
         }),
       );
+    };
+
+    /** Where the stream starts: the oldest of the histories' newest points, so that every one
+     * overlaps what is held (the bucket again); the whole range when nothing is. */
+    const since = () => {
+      const held = [...newest.values()].filter((t) => t > 0);
+      return held.length ? String(Math.min(...held)) : r.since;
     };
 
     const draw = () => {
@@ -162,43 +172,58 @@ export function Metrics(props: { id: string; gpus: GpuBinding[]; /** Unix ms: no
     };
 
     (async () => {
+      // The past and the chart code together; the stream once both are in.
+      const past = fetchAll().then(
+        () => true,
+        (e) => {
+          if (!stop) setError(errorMessage(e));
+          return false;
+        },
+      );
+      let openMetricsStream: typeof import('../lazy/metricsStream').openMetricsStream;
       try {
-        const [{ makeChart }] = await Promise.all([import('../lazy/charts'), fetchAll()]);
+        const [{ makeChart }, ms] = await Promise.all([import('../lazy/charts'), import('../lazy/metricsStream')]);
+        openMetricsStream = ms.openMetricsStream;
         if (stop) return;
         for (const p of ps) {
           const el = boxes.current[p.key];
           if (el) charts[p.key] = makeChart(el, { unit: p.unit, series: p.series });
         }
-        draw();
-        setError(null);
       } catch (e) {
         if (!stop) setError(errorMessage(e));
+        return;
       }
-      const tick = async () => {
-        if (stop) return;
-        try {
-          // Just the newest points of each history: from its last one (it may have grown).
-          await fetchAll();
+      const pastOk = await past;
+      if (stop) return;
+      draw();
+      if (pastOk) setError(null);
+      live = openMetricsStream({
+        path: (from) => `/v1/instances/${enc(props.id)}/metrics/ws?step=${r.step}&since=${enc(from)}`,
+        since,
+        onUpdate: (u) => {
           if (stop) return;
+          for (const h of u.histories) merge(h.kind === 'instance' ? 'i' : h.id, h);
           draw();
           setError(null);
-        } catch (e) {
-          if (!stop) setError(errorMessage(e));
-        }
-        if (!stop) timer = window.setTimeout(tick, r.pollMs);
-      };
-      if (!stop) timer = window.setTimeout(tick, r.pollMs);
+        },
+        onState: (state, retrying) => {
+          if (!stop) setStream({ state, retrying });
+        },
+        onEnd: (reason) => {
+          if (!stop && reason) setError(reason);
+        },
+      });
     })();
 
     return () => {
       stop = true;
-      if (timer !== undefined) clearTimeout(timer);
+      live?.close();
       for (const c of Object.values(charts)) c.destroy();
     };
   }, [props.id, range, gpuKey, props.from]);
 
   return (
-    <section class="card" aria-labelledby="metrics-title">
+    <section class="card" aria-labelledby="metrics-title" data-testid="metrics" data-stream={stream.state}>
       <div class="section-head">
         <h2 id="metrics-title">Metrics</h2>
         <fieldset class="segmented" data-testid="range-picker">
@@ -212,6 +237,11 @@ export function Metrics(props: { id: string; gpus: GpuBinding[]; /** Unix ms: no
         </fieldset>
       </div>
       <ErrorText error={error} testid="metrics-error" />
+      {stream.retrying && (
+        <p class="sub" role="status" data-testid="metrics-reconnecting">
+          Live updates interrupted: reconnecting…
+        </p>
+      )}
       <div class="charts">
         {shown.map((p) => (
           <figure

@@ -128,6 +128,7 @@ ops! {
     Console => "instance.console", Operate;
     Display => "instance.display", Operate;
     HostChecks => "host.checks", Admin;
+    GpuEvents => "gpu.events", Admin;
     AuditList => "audit.list", ManageTenant;
     Usage => "usage.list", Read;
     ListGpuTypes => "gpu.types", Read;

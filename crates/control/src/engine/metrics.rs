@@ -52,6 +52,22 @@ fn same_secret(a: &str, b: &str) -> bool {
         == 0
 }
 
+/// `since` of a query (a duration back from `now` or epoch ms); `back` ms before `now` when
+/// absent.
+fn since_ms(since: Option<&str>, now: i64, back: i64) -> Result<i64> {
+    match since {
+        Some(s) => parse_since(s, now).ok_or_else(|| {
+            invalid(format!(
+                "since {s:?}: expected a duration back (90s, 10m, 2h, 7d) or epoch milliseconds"
+            ))
+        }),
+        None => Ok(now - back),
+    }
+}
+
+/// The most GPU events one answer carries.
+pub const GPU_EVENTS_MAX: u32 = 500;
+
 /// How long a host check's answer is given again instead of a new run.
 pub const HOST_CHECKS_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -286,14 +302,7 @@ impl Engine {
 
     fn window(q: &wire::MetricsQuery) -> Result<(i64, i64)> {
         let now = now_ms();
-        let since = match &q.since {
-            Some(s) => parse_since(s, now).ok_or_else(|| {
-                invalid(format!(
-                    "since {s:?}: expected a duration back (90s, 10m, 2h, 7d) or epoch milliseconds"
-                ))
-            })?,
-            None => now - 5 * 60_000,
-        };
+        let since = since_ms(q.since.as_deref(), now, 5 * 60_000)?;
         let step = match &q.step {
             Some(s) => parse_duration_ms(s).filter(|d| *d >= 1000).ok_or_else(|| {
                 invalid(format!("step {s:?}: expected a duration of at least 1s"))
@@ -320,6 +329,49 @@ impl Engine {
             step_s: (step / 1000) as u64,
             series,
         })
+    }
+
+    /// One message of an instance's live metrics stream: the points since `q.since` of its
+    /// own history, then of the GPUs it is bound to that `who` may read (a GPU's history the
+    /// caller may not read, or a MIG slice's, which has none of its own, is left out). Also
+    /// whether the instance is still there to watch (not terminated).
+    pub async fn metrics_update(
+        &self,
+        who: &Principal,
+        id: &str,
+        q: &wire::MetricsQuery,
+    ) -> Result<(wire::MetricsUpdate, bool)> {
+        who.allow(Op::InstanceMetrics)?;
+        let row = self.find(who, id).await?;
+        let (since, step) = Self::window(q)?;
+        let (step_used, series) = self.telemetry.instance_history(&row.id, since, step);
+        let mut histories = vec![wire::MetricsHistory {
+            kind: "instance".into(),
+            id: row.id.clone(),
+            step_s: (step_used / 1000) as u64,
+            series,
+        }];
+        let mut seen = std::collections::BTreeSet::new();
+        for g in &row.gpus {
+            if seen.insert(g.uuid.as_str()) {
+                if let Ok(h) = self.gpu_metrics(who, &g.uuid, q).await {
+                    histories.push(h);
+                }
+            }
+        }
+        let alive = row.state != InstanceState::Terminated;
+        Ok((
+            wire::MetricsUpdate {
+                at: self.telemetry.newest(),
+                histories,
+            },
+            alive,
+        ))
+    }
+
+    /// Changes with each new sample (to its time): what a live stream waits on.
+    pub fn metric_samples(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.telemetry.samples()
     }
 
     /// History of a GPU, by UUID or index.
@@ -392,6 +444,43 @@ impl Engine {
                 .count() as u32;
         }
         Ok(stats)
+    }
+
+    /// The events of this host's GPUs (XID errors, thermal alarms, losses, cordons), newest
+    /// first: of one GPU (UUID, index or PCI address) or of all, since `q.since` (7 days back
+    /// by default), at most `q.limit` ([`GPU_EVENTS_MAX`] by default and at most).
+    pub async fn gpu_events(
+        &self,
+        who: &Principal,
+        q: &wire::GpuEventsQuery,
+    ) -> Result<Vec<wire::GpuEvent>> {
+        who.allow(Op::GpuEvents)?;
+        let now = now_ms();
+        let since = since_ms(q.since.as_deref(), now, HISTORY_WINDOW_MS)?;
+        let limit = match q.limit {
+            Some(0) => return Err(invalid("limit must be at least 1")),
+            Some(n) => n.min(GPU_EVENTS_MAX),
+            None => GPU_EVENTS_MAX,
+        };
+        let gpus = match q.gpu.as_deref() {
+            Some(g) => vec![self.gpu_by_ref(g)?],
+            None => self.node.gpus(),
+        };
+        let mut out = Vec::new();
+        for g in gpus {
+            for e in self.store.recent_events(&g.uuid, since, limit).await? {
+                out.push(wire::GpuEvent {
+                    at: e.at,
+                    gpu: g.uuid.clone(),
+                    index: g.index,
+                    kind: e.kind,
+                    message: e.message,
+                });
+            }
+        }
+        out.sort_by(|a, b| b.at.cmp(&a.at));
+        out.truncate(limit as usize);
+        Ok(out)
     }
 
     /// GPUs no new instance is placed on, and why.

@@ -70,6 +70,10 @@ pub const MAX_ENDPOINTS_PER_TENANT: usize = 64;
 pub const MAX_WORKERS: u32 = 64;
 /// The autoscaler's period.
 pub const TICK: Duration = Duration::from_millis(500);
+/// How far back an endpoint's rates and latency look.
+pub const STATS_WINDOW_MS: i64 = 5 * 60_000;
+/// How long a job's end is kept for them.
+pub const JOB_ENDS_KEPT_MS: i64 = 15 * 60_000;
 /// A worker row whose instance was never made is given this long (a create in flight).
 const ORPHAN_ROW_MS: i64 = 60_000;
 
@@ -370,6 +374,7 @@ impl Engine {
             .map(|t| t.name)
             .unwrap_or_default();
         let health = self.health_of(snap, &e.id);
+        let stats = self.endpoint_stats(&e.id).await?;
         Ok(wire::Endpoint {
             path: format!("/v2/{}", e.id),
             id: e.id,
@@ -378,6 +383,30 @@ impl Engine {
             created_at: e.created_at,
             spec: e.spec,
             health,
+            stats,
+        })
+    }
+
+    /// What `endpoint_id`'s jobs that ended in the last [`STATS_WINDOW_MS`] took.
+    async fn endpoint_stats(&self, endpoint_id: &str) -> Result<wire::serverless::EndpointStats> {
+        let ends = self
+            .store
+            .job_ends(endpoint_id, now_ms() - STATS_WINDOW_MS)
+            .await?;
+        let n = |s: JobState| ends.iter().filter(|e| e.state == s.as_str()).count() as u64;
+        Ok(wire::serverless::EndpointStats {
+            window_s: (STATS_WINDOW_MS / 1000) as u64,
+            completed: n(JobState::Completed),
+            failed: n(JobState::Failed),
+            timed_out: n(JobState::TimedOut),
+            cancelled: n(JobState::Cancelled),
+            per_minute: ends.len() as f64 * 60_000.0 / STATS_WINDOW_MS as f64,
+            delay_ms: wire::serverless::Percentiles::of(
+                ends.iter().filter_map(|e| e.delay_ms).collect(),
+            ),
+            execution_ms: wire::serverless::Percentiles::of(
+                ends.iter().filter_map(|e| e.exec_ms).collect(),
+            ),
         })
     }
 
@@ -1451,6 +1480,7 @@ impl Engine {
             .store
             .delete_expired_jobs(now, now - WEBHOOK_GRACE_MS)
             .await?;
+        self.store.prune_job_ends(now - JOB_ENDS_KEPT_MS).await?;
         if dropped > 0 {
             tracing::warn!(
                 dropped,

@@ -68,6 +68,18 @@ pub struct WorkerRow {
     pub parked: bool,
 }
 
+/// One job's end ([`Store::job_ends`]): its final state, and how long it was queued and ran
+/// (`None`: it never ran).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEnd {
+    pub state: String,
+    pub delay_ms: Option<u64>,
+    pub exec_ms: Option<u64>,
+}
+
+/// The most job ends [`Store::job_ends`] answers (the newest).
+pub const JOB_ENDS_MAX: i64 = 100_000;
+
 /// Per endpoint and state: how many jobs, the oldest's creation, how many were retried.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobTally {
@@ -238,10 +250,15 @@ impl Store {
         .bind(id.to_string())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM endpoint_jobs WHERE endpoint_id = $1")
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await?;
+        for q in [
+            "DELETE FROM endpoint_jobs WHERE endpoint_id = $1",
+            "DELETE FROM endpoint_job_ends WHERE endpoint_id = $1",
+        ] {
+            sqlx::query(q)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
         let n = sqlx::query("DELETE FROM endpoints WHERE id = $1")
             .bind(id.to_string())
             .execute(&mut *tx)
@@ -455,7 +472,15 @@ impl Store {
         now: i64,
         expires_at: i64,
     ) -> Result<bool> {
-        Ok(sqlx::query(
+        let mut tx = self.begin_write().await?;
+        // What it was before (for its end's record): a job ended from the queue never ran.
+        let before = sqlx::query(
+            "SELECT endpoint_id, state, created_at, started_at FROM endpoint_jobs WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let n = sqlx::query(
             "UPDATE endpoint_jobs SET state = $1, output = $2, error = $3, finished_at = $4, \
              expires_at = $5, lease_until = 0, \
              bytes = bytes - OCTET_LENGTH(output) - OCTET_LENGTH(error) + $9, \
@@ -471,10 +496,70 @@ impl Store {
         .bind(worker_id.to_string())
         .bind(worker_id.to_string())
         .bind(octets(output) + octets(error))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
-        .rows_affected()
-            == 1)
+        .rows_affected();
+        if let (1, Some(r)) = (n, before) {
+            let endpoint: String = r.try_get("endpoint_id")?;
+            let ran = r.try_get::<String, _>("state")? == JobState::InProgress.as_str();
+            let (created, started): (i64, i64) =
+                (r.try_get("created_at")?, r.try_get("started_at")?);
+            let (delay, exec) = if ran {
+                ((started - created).max(0), (now - started).max(0))
+            } else {
+                (-1, -1)
+            };
+            sqlx::query(
+                "INSERT INTO endpoint_job_ends (endpoint_id, finished_at, state, delay_ms, exec_ms) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(endpoint)
+            .bind(now)
+            .bind(state.as_str())
+            .bind(delay)
+            .bind(exec)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    /// The ends of `endpoint_id`'s jobs at or after `since` (at most [`JOB_ENDS_MAX`], the
+    /// newest).
+    pub async fn job_ends(&self, endpoint_id: &str, since: i64) -> Result<Vec<JobEnd>> {
+        sqlx::query(
+            "SELECT state, delay_ms, exec_ms FROM endpoint_job_ends \
+             WHERE endpoint_id = $1 AND finished_at >= $2 ORDER BY finished_at DESC LIMIT $3",
+        )
+        .bind(endpoint_id.to_string())
+        .bind(since)
+        .bind(JOB_ENDS_MAX)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let ms = |c: &str| -> Result<Option<u64>> {
+                Ok(u64::try_from(r.try_get::<i64, _>(c)?).ok())
+            };
+            Ok(JobEnd {
+                state: r.try_get("state")?,
+                delay_ms: ms("delay_ms")?,
+                exec_ms: ms("exec_ms")?,
+            })
+        })
+        .collect()
+    }
+
+    /// Forgets the job ends before `before`; how many.
+    pub async fn prune_job_ends(&self, before: i64) -> Result<u64> {
+        Ok(
+            sqlx::query("DELETE FROM endpoint_job_ends WHERE finished_at < $1")
+                .bind(before)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
     }
 
     /// Of `ids`, those `worker_id` must stop: ended without a result (cancelled, timed out)

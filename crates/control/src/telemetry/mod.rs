@@ -171,6 +171,8 @@ struct State {
 pub struct Telemetry {
     cfg: Mutex<TelemetryConfig>,
     state: Mutex<State>,
+    /// The time of the newest sample ingested (ms since the epoch): what live streams wait on.
+    sampled: tokio::sync::watch::Sender<i64>,
 }
 
 fn f(v: Option<f64>) -> f32 {
@@ -215,7 +217,18 @@ impl Telemetry {
         Self {
             cfg: Mutex::new(TelemetryConfig::default()),
             state: Mutex::new(state),
+            sampled: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Changes each time a sample is ingested (to its time): live streams wait on it.
+    pub fn samples(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.sampled.subscribe()
+    }
+
+    /// The time of the newest sample (0 before the first).
+    pub fn newest(&self) -> i64 {
+        *self.sampled.borrow()
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -421,6 +434,7 @@ impl Telemetry {
                 None => break,
             };
         }
+        self.sampled.send_replace(now);
         alarms
     }
 

@@ -351,6 +351,9 @@ fn every_route_is_scoped_by_tenant() {
         ("GET", "/v1/gpus/stats", row(200, 200, 200)),
         // The host's preflight describes the host: the admin's.
         ("GET", "/v1/host/checks", row(403, 403, 200)),
+        // The GPUs' XID and thermal events describe the host too (a driver's detail may
+        // name a process): the admin's.
+        ("GET", "/v1/gpus/events", row(403, 403, 200)),
         ("GET", "/v1/gpus/{id}/metrics", row(200, 200, 200)),
         ("GET", "/v1/instances/{id}/metrics", row(200, 404, 200)),
         ("GET", "/v1/images", row(200, 200, 200)),
@@ -417,6 +420,8 @@ fn every_route_is_scoped_by_tenant() {
         ("GET", "/v1/instances/{id}/console/ws", row(400, 404, 400)),
         // The graphical console of a container: likewise.
         ("GET", "/v1/instances/{id}/vnc/ws", row(400, 404, 400)),
+        // The metrics stream: likewise, without an upgrade.
+        ("GET", "/v1/instances/{id}/metrics/ws", row(400, 404, 400)),
         ("GET", "/v1/instances/{id}/events", row(200, 404, 200)),
         // Snapshots: the other tenant cannot tell the owner's exists. The name is taken: the
         // owner and the admin (a snapshot is its instance's tenant's) get past tenancy to the
@@ -640,6 +645,7 @@ fn every_route_by_role() {
         ("GET", "/metrics", None, [y, n, n, n, y]),
         ("GET", "/v1/gpus/stats", None, read),
         ("GET", "/v1/host/checks", None, admin),
+        ("GET", "/v1/gpus/events", None, admin),
         ("GET", "/v1/gpus/{id}/metrics", None, read),
         ("GET", "/v1/instances/{id}/metrics", None, read),
         ("GET", "/v1/images", None, read),
@@ -693,6 +699,7 @@ fn every_route_by_role() {
         ("GET", "/v1/instances/{id}/exec/ws", None, operate),
         ("GET", "/v1/instances/{id}/console/ws", None, operate),
         ("GET", "/v1/instances/{id}/vnc/ws", None, operate),
+        ("GET", "/v1/instances/{id}/metrics/ws", None, read),
         ("GET", "/v1/instances/{id}/events", None, read),
         ("GET", "/v1/snapshots", None, read),
         ("GET", "/v1/snapshots/{snap}", None, read),
