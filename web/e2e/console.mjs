@@ -195,6 +195,17 @@ async function containerScenario(page) {
   await shot(page, 'instance');
   await axe(page, 'instance');
 
+  // --- resize it live (a running container's memory changes in place) ------------------------
+  await page.getByRole('button', { name: 'Resize', exact: true }).first().click();
+  const resize = page.getByTestId('resize-dialog');
+  await resize.waitFor({ timeout: 5000 });
+  await resize.getByLabel('Memory').fill('192MiB');
+  await resize.getByRole('button', { name: 'Resize', exact: true }).click();
+  await resize.waitFor({ state: 'detached', timeout: 30000 });
+  const resized = await page.evaluate(async (id) => (await fetch(`/v1/instances/${id}`)).json(), inst.id);
+  if (resized.memory !== 192 * 2 ** 20) fail(`after the resize dialog the API says memory=${resized.memory}, not 192 MiB`);
+  ok(`resized ${name} to 192 MiB through the dialog (the API answers memory=${resized.memory})`);
+
   // --- stop, terminate ---------------------------------------------------------------------
   const pageState = () => page.getByTestId('instance-page').getAttribute('data-state');
   await page.getByTestId('stop').click();
@@ -224,6 +235,24 @@ async function containerScenario(page) {
       const verdict = (await kernel.locator('.badge').innerText()).trim();
       if (!['pass', 'warn', 'fail', 'skip'].includes(verdict)) fail(`the kernel host check shows ${JSON.stringify(verdict)}`);
       ok(`host checks shown (kernel: ${verdict}, ${await page.locator('[data-testid="host-checks"] tbody tr').count()} checks)`);
+      // Cordon a GPU with a reason through the dialog: shown on its row and as an event; then
+      // lift it the same way.
+      const gpuRow = page.locator('[data-testid="gpu-row"]').nth(1);
+      const cordonButton = gpuRow.getByRole('button', { name: /^Cordon GPU/ });
+      if ((await cordonButton.count()) !== 1) fail('no Cordon button on the second GPU row (the e2e logs in as an admin)');
+      const label = await cordonButton.getAttribute('aria-label');
+      await cordonButton.click();
+      const cd = page.getByTestId('cordon-dialog');
+      await cd.getByLabel('Reason').fill('e2e maintenance');
+      await cd.getByRole('button', { name: 'Cordon', exact: true }).click();
+      const reason = gpuRow.getByTestId('cordon-reason');
+      await waitFor('the cordon and its reason on the GPU row', async () => (await reason.count()) > 0 && (await reason.innerText()).includes('e2e maintenance'), 15000);
+      const eventRow = (kind) => page.locator(`[data-testid="gpu-events"] tr[data-kind="${kind}"]`);
+      await waitFor('a cordoned event in the GPU events table', async () => (await eventRow('cordoned').count()) > 0, 15000, 500);
+      await gpuRow.getByRole('button', { name: /^Uncordon GPU/ }).click();
+      await waitFor('the cordon lifted on the GPU row', async () => (await reason.count()) === 0, 15000);
+      await waitFor('an uncordoned event in the GPU events table', async () => (await eventRow('uncordoned').count()) > 0, 15000, 500);
+      ok(`${label?.replace(/^Cordon /, '')}: cordoned with a reason through the dialog (on its row and in the events), then uncordoned`);
       if (EXPECT_GPU_EVENT) {
         const sel = `[data-testid="gpu-events"] tr[data-kind="${EXPECT_GPU_EVENT}"]`;
         await waitFor(`a ${EXPECT_GPU_EVENT} event in the GPU events table`, async () => (await page.locator(sel).count()) > 0, 30000, 500);

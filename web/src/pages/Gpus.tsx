@@ -13,6 +13,8 @@ export function Gpus(props: { session: Session }) {
   const [error, setError] = useState<string | null>(null);
   const [notice, setNotice] = useState<string | null>(null);
   const [cordoning, setCordoning] = useState<Gpu | null>(null);
+  /** Counts the cordons set and lifted here: the events are read again at once. */
+  const [changes, setChanges] = useState(0);
   const admin = isAdmin(props.session);
 
   const refresh = async (signal?: AbortSignal) => {
@@ -42,6 +44,7 @@ export function Gpus(props: { session: Session }) {
     try {
       await del(`/v1/gpus/${enc(g.uuid)}/cordon`);
       setNotice(`GPU ${g.index} uncordoned.`);
+      setChanges((n) => n + 1);
       refresh();
     } catch (e) {
       setError(errorMessage(e));
@@ -167,7 +170,7 @@ export function Gpus(props: { session: Session }) {
       {[...mig].map(([uuid, m]) => (
         <MigLayout key={uuid} gpu={(gpus ?? []).find((g) => g.uuid === uuid)} state={m} />
       ))}
-      <GpuEvents />
+      <GpuEvents changed={changes} />
       {admin && <HostChecks />}
       {cordoning && (
         <CordonDialog
@@ -176,6 +179,7 @@ export function Gpus(props: { session: Session }) {
           onDone={() => {
             setNotice(`GPU ${cordoning.index} cordoned.`);
             setCordoning(null);
+            setChanges((n) => n + 1);
             refresh();
           }}
         />
@@ -196,7 +200,7 @@ const EVENT_SEVERITY: Record<string, 'fail' | 'warn' | 'pass'> = {
 
 /** XID errors, thermal alarms, lost GPUs and cordons of the last 7 days, newest first. For
  * operators: anyone else is refused (403), and the section is not shown. */
-function GpuEvents() {
+function GpuEvents(props: { changed: number }) {
   const [events, setEvents] = useState<GpuEvent[] | null>(null);
   const [error, setError] = useState<string | null>(null);
   const [forbidden, setForbidden] = useState(false);
@@ -212,7 +216,7 @@ function GpuEvents() {
       }
     },
     forbidden ? 0 : 5000,
-    [forbidden],
+    [forbidden, props.changed],
   );
   if (forbidden) return null;
   const now = Date.now();
