@@ -1522,6 +1522,11 @@ impl Store {
         })
     }
 
+    /// Whether instance `id` is live (not terminated), from the cached list.
+    pub async fn is_live(&self, id: &str) -> Result<bool> {
+        Ok(self.all_live().await?.iter().any(|r| r.id == id))
+    }
+
     /// Every live instance: the cached list while no instance write happened since it was
     /// read ([`LiveCache`]), else one query.
     async fn all_live(&self) -> Result<Arc<Vec<InstanceRow>>> {

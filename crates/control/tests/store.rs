@@ -2285,7 +2285,14 @@ async fn endpoint_job_ends_are_recorded_once() {
             .finish_job("j2", JobState::Cancelled, "", "", 1700, 9000)
             .await
             .unwrap());
-        let ends = store.job_ends("ep1", 0).await.unwrap();
+        let (counts, ends) = store.job_ends("ep1", 0).await.unwrap();
+        let mut counts = counts;
+        counts.sort();
+        assert_eq!(
+            counts,
+            [("CANCELLED".to_string(), 1), ("COMPLETED".to_string(), 1)],
+            "{backend}"
+        );
         assert_eq!(
             ends,
             [
@@ -2302,18 +2309,39 @@ async fn endpoint_job_ends_are_recorded_once() {
             ],
             "{backend}"
         );
+        // A job requeued (its worker lost) and then ended by that worker's late result ran.
+        store.insert_job(&job_row("j4", "ep3", 2000)).await.unwrap();
+        store
+            .claim_job("ep3", "w7", 2100, 9000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.requeue_job("j4", "w7").await.unwrap());
+        assert!(store
+            .finish_job_by("j4", "w7", JobState::Completed, "1", "", 2600, 9000)
+            .await
+            .unwrap());
+        assert_eq!(
+            store.job_ends("ep3", 0).await.unwrap().1,
+            [JobEnd {
+                state: "COMPLETED".into(),
+                delay_ms: Some(100),
+                exec_ms: Some(500)
+            }],
+            "{backend}"
+        );
         assert!(
-            store.job_ends("ep2", 0).await.unwrap().is_empty(),
+            store.job_ends("ep2", 0).await.unwrap().1.is_empty(),
             "{backend}"
         );
         assert_eq!(
-            store.job_ends("ep1", 1600).await.unwrap().len(),
+            store.job_ends("ep1", 1600).await.unwrap().1.len(),
             1,
             "{backend}"
         );
         assert_eq!(store.prune_job_ends(1600).await.unwrap(), 1, "{backend}");
         assert_eq!(
-            store.job_ends("ep1", 0).await.unwrap().len(),
+            store.job_ends("ep1", 0).await.unwrap().1.len(),
             1,
             "{backend}"
         );

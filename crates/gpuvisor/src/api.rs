@@ -1803,11 +1803,12 @@ async fn pump_display(
 /// An instance's metrics as they are sampled, over a WebSocket
 /// (`/v1/instances/{id}/metrics/ws?since=&step=`): a text message of JSON
 /// [`wire::MetricsUpdate`] per sample (about one a second), the first with the points since
-/// `since` (10 s back by default), each later one from the newest point sent before (that
-/// bucket again: it may have grown). Checked before the upgrade like a console session.
-/// Closed with 1000 when the instance is terminated or gone, with 1008 (policy) when the
-/// credential that opened it ends; a client that takes no message for the liveness period is
-/// taken for gone.
+/// `since` (10 s back by default, at most 10 minutes: older history is the history API's),
+/// each later one from the newest point sent before (that bucket again: it may have grown);
+/// `step` at most a minute. Checked before the upgrade (tenancy, the query, the streams' gate:
+/// [`gpuvisor_control::engine::limits`]). Closed with 1000 when the instance is terminated or
+/// gone, with 1008 (policy) when the credential that opened it ends (checked with the pings);
+/// a client that takes no message for the liveness period is taken for gone.
 async fn metrics_stream(
     State(e): State<Eng>,
     Who(p): Who,
@@ -1818,136 +1819,121 @@ async fn metrics_stream(
     ws: WsUpgrade,
 ) -> Result<Response, ApiError> {
     q.since.get_or_insert_with(|| "10s".into());
-    let mut samples = e.metric_samples();
-    samples.mark_unchanged();
-    let (first, _) = e.metrics_update(&p, &id, &q).await?;
+    let watch = e.watch_metrics(&p, &id, &q).await?;
     let ws = websocket(ws, "a WebSocket client such as the web console")?;
     let live = Liveness::of(&e, &p, &h);
     Ok(ws
         .max_message_size(SESSION_MAX_MESSAGE)
         .max_frame_size(SESSION_MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
-            let stream = MetricsStream {
-                engine: e,
-                who: p,
-                id,
-                step: q.step,
-                samples,
-            };
-            stream.pump(socket, first, live).await;
+            pump_metrics(socket, e, watch, live).await;
             drop(hold);
         }))
 }
 
-/// One open metrics stream (see [`metrics_stream`]).
-struct MetricsStream {
-    engine: Eng,
-    who: Principal,
-    id: String,
-    step: Option<String>,
-    samples: tokio::sync::watch::Receiver<i64>,
+/// The newest point of `u` (0 when it has none).
+fn newest_point(u: &wire::MetricsUpdate) -> i64 {
+    u.histories
+        .iter()
+        .flat_map(|h| &h.series)
+        .filter_map(|s| s.points.last())
+        .map(|p| p.t)
+        .max()
+        .unwrap_or(0)
 }
 
-impl MetricsStream {
-    /// The newest point of `u` (0 when it has none).
-    fn newest(u: &wire::MetricsUpdate) -> i64 {
-        u.histories
-            .iter()
-            .flat_map(|h| &h.series)
-            .filter_map(|s| s.points.last())
-            .map(|p| p.t)
-            .max()
-            .unwrap_or(0)
-    }
-
-    async fn pump(
-        mut self,
-        mut socket: axum::extract::ws::WebSocket,
-        first: wire::MetricsUpdate,
-        live: Liveness,
-    ) {
-        use axum::extract::ws::{close_code, CloseFrame, Message};
-        let dead = session_liveness();
-        let mut ping = tokio::time::interval(dead / 4);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_seen = tokio::time::Instant::now();
-        let mut next = Some(first);
-        // Where the next update starts: the newest point sent (or, before any, the query's).
-        let mut from: Option<i64> = None;
-        let close = |code, why: &str| {
-            Message::Close(Some(CloseFrame {
-                code,
-                reason: why.into(),
-            }))
-        };
-        loop {
-            if let Some(u) = next.take() {
-                let newest = Self::newest(&u);
-                if newest > 0 {
-                    from = Some(from.map_or(newest, |f| f.max(newest)));
-                }
+/// Sends an update per sample on one metrics stream (see [`metrics_stream`]).
+async fn pump_metrics(
+    mut socket: axum::extract::ws::WebSocket,
+    e: Eng,
+    watch: gpuvisor_control::engine::MetricsWatch,
+    live: Liveness,
+) {
+    use axum::extract::ws::{close_code, CloseFrame, Message};
+    let dead = session_liveness();
+    let mut samples = e.metric_samples();
+    let mut ping = tokio::time::interval(dead / 4);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = tokio::time::Instant::now();
+    let close = |code, why: &str| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: why.into(),
+        }))
+    };
+    let ended = close(close_code::NORMAL, "the instance was terminated");
+    // Where the next update starts: the newest point sent (before any, the query's `since`).
+    let mut from = watch.since;
+    // An update to make: at once, then at each sample.
+    let mut due = true;
+    let mut first = true;
+    loop {
+        if due {
+            due = false;
+            let u = e.metrics_update(&watch, from);
+            let newest = newest_point(&u);
+            // Only with something new (a stopped instance gets no points), except a minute
+            // bucket, which grows in place.
+            if first || newest > from || watch.step >= 60_000 {
+                first = false;
+                from = from.max(newest);
                 let text = serde_json::to_string(&u).unwrap_or_default();
+                drop(u);
                 if !send_within(&mut socket, Message::Text(text.into()), dead).await {
                     return;
                 }
             }
-            tokio::select! {
-                changed = self.samples.changed() => {
-                    if changed.is_err() {
-                        let _ = send_within(&mut socket, close(close_code::AWAY, "the daemon is stopping"), dead).await;
-                        return;
-                    }
-                    let q = wire::MetricsQuery {
-                        since: Some(from.map_or_else(|| "10s".into(), |t| t.to_string())),
-                        step: self.step.clone(),
-                    };
-                    match self.engine.metrics_update(&self.who, &self.id, &q).await {
-                        Ok((u, true)) => next = Some(u),
-                        Ok((u, false)) => {
-                            // The last points, then the end.
-                            let text = serde_json::to_string(&u).unwrap_or_default();
-                            if send_within(&mut socket, Message::Text(text.into()), dead).await {
-                                let _ = send_within(&mut socket, close(close_code::NORMAL, "the instance was terminated"), dead).await;
-                            }
-                            return;
-                        }
-                        Err(EngineError::NotFound(_)) => {
-                            let _ = send_within(&mut socket, close(close_code::NORMAL, "the instance is gone"), dead).await;
-                            return;
-                        }
-                        // Refused now (the key's role changed): the credential's end.
-                        Err(EngineError::Forbidden(m) | EngineError::Unauthorized(m)) => {
-                            let _ = send_within(&mut socket, close(close_code::POLICY, &m), dead).await;
-                            return;
-                        }
-                        // A passing fault (the store): the next sample tries again.
-                        Err(err) => tracing::debug!(instance = self.id, "metrics stream: {err}"),
-                    }
+        }
+        tokio::select! {
+            changed = samples.changed() => {
+                if changed.is_err() {
+                    let _ = send_within(&mut socket, close(close_code::AWAY, "the daemon is stopping"), dead).await;
+                    return;
                 }
-                m = socket.recv() => {
-                    last_seen = tokio::time::Instant::now();
-                    match m {
-                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
-                        Some(Ok(_)) => {}
+                match e.watched_alive(&watch).await {
+                    Ok(true) => due = true,
+                    Ok(false) => {
+                        // The last points, then the end.
+                        let u = e.metrics_update(&watch, from);
+                        let text = serde_json::to_string(&u).unwrap_or_default();
+                        drop(u);
+                        if send_within(&mut socket, Message::Text(text.into()), dead).await {
+                            let _ = send_within(&mut socket, ended, dead).await;
+                        }
+                        return;
                     }
+                    // A passing fault of the store: the next sample tries again.
+                    Err(err) => tracing::debug!(instance = watch.id, "metrics stream: {err}"),
                 }
-                _ = ping.tick() => {
-                    if let Some(why) = live.ended().await {
-                        let _ = send_within(&mut socket, close(close_code::POLICY, why), dead).await;
-                        return;
-                    }
-                    if last_seen.elapsed() > dead
-                        || !send_within(&mut socket, Message::Ping(Default::default()), dead).await
-                    {
-                        return;
-                    }
+            }
+            m = socket.recv() => {
+                last_seen = tokio::time::Instant::now();
+                match m {
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+            _ = ping.tick() => {
+                if let Some(why) = live.ended().await {
+                    let _ = send_within(&mut socket, close(close_code::POLICY, why), dead).await;
+                    return;
+                }
+                // Also without samples (the sampler stopped): a terminated instance ends it.
+                if matches!(e.watched_alive(&watch).await, Ok(false)) {
+                    let _ = send_within(&mut socket, ended, dead).await;
+                    return;
+                }
+                if last_seen.elapsed() > dead
+                    || !send_within(&mut socket, Message::Ping(Default::default()), dead).await
+                {
+                    return;
                 }
             }
         }
     }
 }
 
-/// What keeps a session (exec, console, graphical console) open: the key it was opened with
+/// What keeps a session (exec, console, graphical console, metrics stream) open: the key it was opened with
 /// stays active and, when it was opened through the web console, its login session too
 /// (a logout or an expiry ends what the page opened).
 struct Liveness {

@@ -401,7 +401,16 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
         .iter()
         .all(|p| !cmdline(*p).contains("5151")));
     let (mut ws, _) = open(Some(&origin(&d))).expect("the console's own WebSocket");
-    // The page's metrics stream rides on the cookie too (and ends with the login, below).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !common::instance_pids(&ours)
+        .iter()
+        .any(|p| cmdline(*p).contains("5151"))
+    {
+        assert!(Instant::now() < deadline, "the session's command never ran");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The page's metrics stream rides on the cookie too (and ends with the login).
     let metrics_url = format!("wss://{}/v1/instances/{ours}/metrics/ws", host(&d));
     let b = tungstenite::ClientRequestBuilder::new(metrics_url.parse().unwrap())
         .with_header("Cookie", cookie.clone())
@@ -411,14 +420,6 @@ fn console_sessions_resist_cross_site_use_and_end_with_logout_and_revocation() {
     match mws.read() {
         Ok(tungstenite::Message::Text(t)) => assert!(t.contains("\"histories\""), "{t}"),
         other => panic!("the metrics stream's first message: {other:?}"),
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !common::instance_pids(&ours)
-        .iter()
-        .any(|p| cmdline(*p).contains("5151"))
-    {
-        assert!(Instant::now() < deadline, "the session's command never ran");
-        std::thread::sleep(Duration::from_millis(200));
     }
 
     // Logout: the cookie is cleared, the session is dead for whoever copied it, and the

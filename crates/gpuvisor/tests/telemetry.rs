@@ -233,6 +233,16 @@ fn metrics_history_alarms_and_cordoning() {
             .max()
             .unwrap_or(0)
     };
+    let points = |m: &serde_json::Value| -> Vec<i64> {
+        m["histories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|h| h["series"].as_array().unwrap())
+            .flat_map(|s| s["points"].as_array().unwrap())
+            .map(|p| p["t"].as_i64().unwrap())
+            .collect()
+    };
     let mut seen = Vec::new();
     for n in 0..4 {
         let m = rx
@@ -250,21 +260,17 @@ fn metrics_history_alarms_and_cordoning() {
                 .any(|x| x["kind"] == "gpu" && x["id"] == gpu_uuid.as_str()),
             "no history of the instance's GPU: {m}"
         );
-        let mem = h[0]["series"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["metric"] == "memory_bytes")
-            .unwrap()["points"]
-            .as_array()
-            .unwrap()
-            .len();
+        let ts = points(&m);
         if n == 0 {
-            assert!(mem >= 2, "the first message lacks the last 5 s: {m}");
+            let span = ts.iter().max().unwrap() - ts.iter().min().unwrap();
+            assert!(span >= 2000, "the first message lacks the last 5 s: {m}");
         } else {
+            // Each later message starts from the newest point sent before (that bucket again),
+            // never earlier: nothing is sent twice but the newest point.
+            let prev = *seen.last().unwrap();
             assert!(
-                (1..=3).contains(&mem),
-                "a later message does not start from the newest point sent: {m}"
+                ts.iter().all(|t| *t >= prev),
+                "a later message reaches back before the newest point sent ({prev}): {m}"
             );
         }
         seen.push(newest(&m));
@@ -273,6 +279,52 @@ fn metrics_history_alarms_and_cordoning() {
         seen.windows(2).all(|w| w[1] > w[0]),
         "the stream's messages did not move forward: {seen:?}"
     );
+    // A stream's points are at most a minute apart: a coarser step is refused before the
+    // upgrade.
+    let coarse = stream_url.replace("since=5s", "step=5m");
+    let b = tungstenite::ClientRequestBuilder::new(coarse.parse().unwrap())
+        .with_header("x-api-key", d.key.clone());
+    match tungstenite::client::client(b, common::connect(d.port)) {
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            assert_eq!(r.status().as_u16(), 400)
+        }
+        Ok(_) => panic!("a stream with a 5 min step was opened"),
+        Err(e) => panic!("a 5 min step stream: {e}"),
+    }
+    // A tenant holds at most 32 streams (this one and 31 more); the 33rd is refused before the
+    // upgrade, and a place comes back when a stream closes.
+    let mut more: Vec<_> = (0..31)
+        .map(|i| {
+            open_stream(&d.key)
+                .unwrap_or_else(|e| panic!("stream {}: {e}", i + 2))
+                .0
+        })
+        .collect();
+    let refused = |what: &str| match open_stream(&d.key) {
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            assert_eq!(r.status().as_u16(), 429, "{what}")
+        }
+        Ok(_) => panic!("{what}: opened"),
+        Err(e) => panic!("{what}: {e}"),
+    };
+    refused("a 33rd stream of one tenant");
+    let mut last = more.pop().unwrap();
+    last.close(None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        if let Ok((s, _)) = open_stream(&d.key) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a closed stream's place never came back"
+        );
+        let _ = last.read();
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    more.push(again);
+    refused("a 33rd stream after one was replaced");
+    drop(more);
 
     // Alarms: heat on GPU 0 (no cordon), a fatal XID on GPU 2 (cordon).
     let dev = d.data().join("dev");

@@ -162,7 +162,9 @@ pub struct Endpoint {
     /// The queue API's path: `/v2/<id>` on the API's address.
     pub path: String,
     pub health: EndpointHealth,
-    /// Jobs that ended in the last [`EndpointStats::window_s`] seconds: rates and latency.
+    /// Jobs that ended in the last [`EndpointStats::window_s`] seconds: rates and latency
+    /// (absent from a daemon older than these: zeros).
+    #[serde(default)]
     pub stats: EndpointStats,
 }
 

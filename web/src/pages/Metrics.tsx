@@ -4,7 +4,7 @@
 // it is bound to are graphed beside them from their own history (`/v1/gpus/{id}/metrics`),
 // which is all there is where per-process figures are not (simulated GPUs, MIG, no NVML).
 import { useEffect, useRef, useState } from 'preact/hooks';
-import { enc, errorMessage, get } from '../api';
+import { ApiError, enc, errorMessage, get } from '../api';
 import { fmtBytes, fmtPercent } from '../format';
 import type { GpuBinding, MetricPoint, MetricsHistory } from '../types';
 import { ErrorText } from '../ui';
@@ -173,11 +173,12 @@ export function Metrics(props: { id: string; gpus: GpuBinding[]; /** Unix ms: no
 
     (async () => {
       // The past and the chart code together; the stream once both are in.
+      // 'refused': the API said no (the instance is gone, the key may not read it): no stream.
       const past = fetchAll().then(
-        () => true,
+        () => 'ok' as const,
         (e) => {
           if (!stop) setError(errorMessage(e));
-          return false;
+          return e instanceof ApiError && e.status >= 400 && e.status < 500 ? ('refused' as const) : ('failed' as const);
         },
       );
       let openMetricsStream: typeof import('../lazy/metricsStream').openMetricsStream;
@@ -193,10 +194,11 @@ export function Metrics(props: { id: string; gpus: GpuBinding[]; /** Unix ms: no
         if (!stop) setError(errorMessage(e));
         return;
       }
-      const pastOk = await past;
+      const pastState = await past;
       if (stop) return;
       draw();
-      if (pastOk) setError(null);
+      if (pastState === 'refused') return;
+      if (pastState === 'ok') setError(null);
       live = openMetricsStream({
         path: (from) => `/v1/instances/${enc(props.id)}/metrics/ws?step=${r.step}&since=${enc(from)}`,
         since,

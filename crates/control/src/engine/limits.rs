@@ -87,28 +87,38 @@ pub struct Limits {
     pub retention: Retention,
 }
 
-/// Limits in force and the execs running, per tenant.
+/// Limits in force, and the execs and live metrics streams running, per tenant.
 #[derive(Default)]
 pub(crate) struct LimitState {
     limits: Mutex<Limits>,
-    gate: Arc<ExecGate>,
+    gate: Arc<Gate>,
+    streams: Arc<Gate>,
 }
 
+/// Live metrics streams one tenant may hold open at once.
+pub const STREAMS_PER_TENANT: usize = 32;
+/// Live metrics streams the daemon holds open at once, all tenants together.
+pub const STREAMS_TOTAL: usize = 512;
+
+/// Places per tenant and in total for one kind of long-running work (execs, metrics streams).
 #[derive(Default)]
-struct ExecGate {
-    /// (execs per tenant id, total).
+struct Gate {
+    /// (places held per tenant id, total).
     running: Mutex<(HashMap<String, usize>, usize)>,
 }
 
-/// One running exec's place in the gate; given back on drop. Its instance counts as in use
+/// One place in a [`Gate`]; given back on drop. For an exec its instance counts as in use
 /// meanwhile (idle timeouts).
-pub(super) struct ExecPermit {
-    gate: Arc<ExecGate>,
+pub struct GatePermit {
+    gate: Arc<Gate>,
     tenant: String,
     _in_use: Option<super::ingress::InUse>,
 }
 
-impl Drop for ExecPermit {
+/// A running exec's or console session's place.
+pub(super) type ExecPermit = GatePermit;
+
+impl Drop for GatePermit {
     fn drop(&mut self) {
         let mut r = self.gate.running.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = r.0.get_mut(&self.tenant) {
@@ -121,25 +131,33 @@ impl Drop for ExecPermit {
     }
 }
 
-impl ExecGate {
-    fn acquire(self: &Arc<Self>, who: &Principal, l: &ExecLimits) -> Result<ExecPermit> {
+/// What a gate holds and the settings that bound it, for its refusals.
+struct GateKind {
+    /// `exec(s)`, ...
+    what: &'static str,
+    per_tenant: (usize, &'static str),
+    total: (usize, &'static str),
+}
+
+impl Gate {
+    fn acquire(self: &Arc<Self>, who: &Principal, k: &GateKind) -> Result<GatePermit> {
         let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let mine = r.0.get(&who.tenant_id).copied().unwrap_or(0);
-        if mine >= l.per_tenant {
+        if mine >= k.per_tenant.0 {
             return Err(EngineError::ResourceExhausted(format!(
-                "tenant {} already runs {mine} exec(s), its limit (exec_per_tenant = {}): wait for one to end",
-                who.tenant, l.per_tenant
+                "tenant {} already runs {mine} {}, its limit ({} = {}): wait for one to end",
+                who.tenant, k.what, k.per_tenant.1, k.per_tenant.0
             )));
         }
-        if r.1 >= l.total {
+        if r.1 >= k.total.0 {
             return Err(EngineError::ResourceExhausted(format!(
-                "the daemon already runs {} execs, its limit (exec_total = {}): retry later",
-                r.1, l.total
+                "the daemon already runs {} {}, its limit ({} = {}): retry later",
+                r.1, k.what, k.total.1, k.total.0
             )));
         }
         *r.0.entry(who.tenant_id.clone()).or_default() += 1;
         r.1 += 1;
-        Ok(ExecPermit {
+        Ok(GatePermit {
             gate: self.clone(),
             tenant: who.tenant_id.clone(),
             _in_use: None,
@@ -225,9 +243,24 @@ impl Engine {
         l: &ExecLimits,
         id: &str,
     ) -> Result<ExecPermit> {
-        let mut permit = self.limits.gate.acquire(who, l)?;
+        let kind = GateKind {
+            what: "exec(s)",
+            per_tenant: (l.per_tenant, "exec_per_tenant"),
+            total: (l.total, "exec_total"),
+        };
+        let mut permit = self.limits.gate.acquire(who, &kind)?;
         permit._in_use = Some(self.in_use(id));
         Ok(permit)
+    }
+
+    /// A place for a live metrics stream, given back on drop.
+    pub(super) fn stream_permit(&self, who: &Principal) -> Result<GatePermit> {
+        let kind = GateKind {
+            what: "live metrics stream(s)",
+            per_tenant: (STREAMS_PER_TENANT, "STREAMS_PER_TENANT"),
+            total: (STREAMS_TOTAL, "STREAMS_TOTAL"),
+        };
+        self.limits.streams.acquire(who, &kind)
     }
 
     /// The running instance an exec may start in: the caller's, running, on this host; the

@@ -63,6 +63,25 @@ fn since_ms(since: Option<&str>, now: i64, back: i64) -> Result<i64> {
         }),
         None => Ok(now - back),
     }
+    // Nothing is older than the epoch (and the arithmetic on times stays in range).
+    .map(|t| t.max(0))
+}
+
+/// How far back a live stream's update may reach (older points: the history API).
+pub const STREAM_MAX_BACK_MS: i64 = 10 * 60_000;
+const MINUTE_MS: i64 = 60_000;
+
+/// An open live metrics stream ([`Engine::watch_metrics`]): the instance (by id, resolved
+/// once), the GPUs whose histories go with it, the step, and its place in the streams' gate.
+pub struct MetricsWatch {
+    pub id: String,
+    gpus: Vec<String>,
+    /// Where its first update starts (ms since the epoch).
+    pub since: i64,
+    /// Ms per point.
+    pub step: i64,
+    /// Held: its drop gives the place back.
+    _permit: super::limits::GatePermit,
 }
 
 /// The most GPU events one answer carries.
@@ -331,42 +350,76 @@ impl Engine {
         })
     }
 
-    /// One message of an instance's live metrics stream: the points since `q.since` of its
-    /// own history, then of the GPUs it is bound to that `who` may read (a GPU's history the
-    /// caller may not read, or a MIG slice's, which has none of its own, is left out). Also
-    /// whether the instance is still there to watch (not terminated).
-    pub async fn metrics_update(
+    /// Opens a live metrics stream of instance `id` (tenancy as for its history): checks the
+    /// query a stream's updates use (`since` at most [`STREAM_MAX_BACK_MS`] back, later is
+    /// clamped to it; `step` at most a minute) and takes a place in the streams' gate (per
+    /// tenant and in total), held until the watch is dropped.
+    pub async fn watch_metrics(
         &self,
         who: &Principal,
         id: &str,
         q: &wire::MetricsQuery,
-    ) -> Result<(wire::MetricsUpdate, bool)> {
+    ) -> Result<MetricsWatch> {
         who.allow(Op::InstanceMetrics)?;
         let row = self.find(who, id).await?;
         let (since, step) = Self::window(q)?;
-        let (step_used, series) = self.telemetry.instance_history(&row.id, since, step);
-        let mut histories = vec![wire::MetricsHistory {
-            kind: "instance".into(),
-            id: row.id.clone(),
-            step_s: (step_used / 1000) as u64,
-            series,
-        }];
-        let mut seen = std::collections::BTreeSet::new();
-        for g in &row.gpus {
-            if seen.insert(g.uuid.as_str()) {
-                if let Ok(h) = self.gpu_metrics(who, &g.uuid, q).await {
-                    histories.push(h);
+        if step > MINUTE_MS {
+            return Err(invalid(format!(
+                "step {:?}: a live stream's points are at most a minute apart (older history: \
+                 GET /v1/instances/{{id}}/metrics)",
+                q.step.as_deref().unwrap_or_default()
+            )));
+        }
+        let mut gpus: Vec<String> = Vec::new();
+        // The GPUs' own histories (not a MIG slice's: it has none), if the caller may read them.
+        if who.allow(Op::GpuMetrics).is_ok() {
+            for g in &row.gpus {
+                if !gpus.contains(&g.uuid) {
+                    gpus.push(g.uuid.clone());
                 }
             }
         }
-        let alive = row.state != InstanceState::Terminated;
-        Ok((
-            wire::MetricsUpdate {
-                at: self.telemetry.newest(),
-                histories,
-            },
-            alive,
-        ))
+        Ok(MetricsWatch {
+            _permit: self.stream_permit(who)?,
+            id: row.id,
+            gpus,
+            since,
+            step,
+        })
+    }
+
+    /// One message of a live metrics stream: the points from `since` (clamped to
+    /// [`STREAM_MAX_BACK_MS`] back) of the instance's history, then of its GPUs'.
+    pub fn metrics_update(&self, w: &MetricsWatch, since: i64) -> wire::MetricsUpdate {
+        let since = since.max(now_ms() - STREAM_MAX_BACK_MS);
+        let history = |kind: &str, id: &str, (step, series): (i64, Vec<wire::MetricSeries>)| {
+            wire::MetricsHistory {
+                kind: kind.into(),
+                id: id.to_string(),
+                step_s: (step / 1000) as u64,
+                series,
+            }
+        };
+        let mut histories = vec![history(
+            "instance",
+            &w.id,
+            self.telemetry.instance_history(&w.id, since, w.step),
+        )];
+        for g in &w.gpus {
+            if let Some(h) = self.telemetry.gpu_history(g, since, w.step) {
+                histories.push(history("gpu", g, h));
+            }
+        }
+        wire::MetricsUpdate {
+            at: self.telemetry.newest(),
+            histories,
+        }
+    }
+
+    /// Whether the watched instance is still there (not terminated), from the cached list of
+    /// live instances.
+    pub async fn watched_alive(&self, w: &MetricsWatch) -> Result<bool> {
+        Ok(self.store.is_live(&w.id).await?)
     }
 
     /// Changes with each new sample (to its time): what a live stream waits on.
@@ -478,7 +531,7 @@ impl Engine {
                 });
             }
         }
-        out.sort_by(|a, b| b.at.cmp(&a.at));
+        out.sort_by_key(|e| std::cmp::Reverse(e.at));
         out.truncate(limit as usize);
         Ok(out)
     }

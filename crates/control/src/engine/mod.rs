@@ -15,6 +15,7 @@ pub mod images;
 pub mod ingress;
 pub mod limits;
 mod metrics;
+pub use metrics::MetricsWatch;
 pub mod migration;
 pub mod pricing;
 mod reconcile;

@@ -165,6 +165,8 @@ pub struct Serverless {
     /// Endpoint id → (no new worker before, the next wait): a worker create that failed
     /// (quota, no room, a template gone) is tried again after 2 s, doubling to a minute.
     backoff: Mutex<HashMap<String, (i64, i64)>>,
+    /// When the job ends past their keeping were last forgotten (ms).
+    ends_pruned: std::sync::atomic::AtomicI64,
 }
 
 impl Default for Serverless {
@@ -184,6 +186,7 @@ impl Default for Serverless {
             webhooks_busy: Default::default(),
             webhook_turn: Default::default(),
             backoff: Default::default(),
+            ends_pruned: Default::default(),
         }
     }
 }
@@ -374,7 +377,7 @@ impl Engine {
             .map(|t| t.name)
             .unwrap_or_default();
         let health = self.health_of(snap, &e.id);
-        let stats = self.endpoint_stats(&e.id).await?;
+        let stats = self.endpoint_stats(&e.id).await;
         Ok(wire::Endpoint {
             path: format!("/v2/{}", e.id),
             id: e.id,
@@ -387,27 +390,45 @@ impl Engine {
         })
     }
 
-    /// What `endpoint_id`'s jobs that ended in the last [`STATS_WINDOW_MS`] took.
-    async fn endpoint_stats(&self, endpoint_id: &str) -> Result<wire::serverless::EndpointStats> {
-        let ends = self
+    /// What `endpoint_id`'s jobs that ended in the last [`STATS_WINDOW_MS`] took: counts of
+    /// all of them, percentiles of the newest [`crate::store::JOB_ENDS_SAMPLE`]. Empty (and
+    /// logged) when the store cannot say: the endpoint is still shown.
+    async fn endpoint_stats(&self, endpoint_id: &str) -> wire::serverless::EndpointStats {
+        let (counts, sample) = match self
             .store
             .job_ends(endpoint_id, now_ms() - STATS_WINDOW_MS)
-            .await?;
-        let n = |s: JobState| ends.iter().filter(|e| e.state == s.as_str()).count() as u64;
-        Ok(wire::serverless::EndpointStats {
+            .await
+        {
+            Ok(e) => e,
+            Err(err) => {
+                tracing::warn!(endpoint = endpoint_id, "endpoint stats: {err}");
+                return wire::serverless::EndpointStats {
+                    window_s: (STATS_WINDOW_MS / 1000) as u64,
+                    ..Default::default()
+                };
+            }
+        };
+        let n = |s: JobState| {
+            counts
+                .iter()
+                .find(|(k, _)| k == s.as_str())
+                .map_or(0, |(_, n)| *n)
+        };
+        let all: u64 = counts.iter().map(|(_, n)| n).sum();
+        wire::serverless::EndpointStats {
             window_s: (STATS_WINDOW_MS / 1000) as u64,
             completed: n(JobState::Completed),
             failed: n(JobState::Failed),
             timed_out: n(JobState::TimedOut),
             cancelled: n(JobState::Cancelled),
-            per_minute: ends.len() as f64 * 60_000.0 / STATS_WINDOW_MS as f64,
+            per_minute: all as f64 * 60_000.0 / STATS_WINDOW_MS as f64,
             delay_ms: wire::serverless::Percentiles::of(
-                ends.iter().filter_map(|e| e.delay_ms).collect(),
+                sample.iter().filter_map(|e| e.delay_ms).collect(),
             ),
             execution_ms: wire::serverless::Percentiles::of(
-                ends.iter().filter_map(|e| e.exec_ms).collect(),
+                sample.iter().filter_map(|e| e.exec_ms).collect(),
             ),
-        })
+        }
     }
 
     /// Refuses `more` octets of job data for tenant `tenant_id` when its jobs
@@ -1480,7 +1501,17 @@ impl Engine {
             .store
             .delete_expired_jobs(now, now - WEBHOOK_GRACE_MS)
             .await?;
-        self.store.prune_job_ends(now - JOB_ENDS_KEPT_MS).await?;
+        // Once a minute is enough (they are kept 15).
+        let last = self
+            .serverless
+            .ends_pruned
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now - last >= 60_000 {
+            self.serverless
+                .ends_pruned
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            self.store.prune_job_ends(now - JOB_ENDS_KEPT_MS).await?;
+        }
         if dropped > 0 {
             tracing::warn!(
                 dropped,

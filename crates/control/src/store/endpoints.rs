@@ -77,8 +77,8 @@ pub struct JobEnd {
     pub exec_ms: Option<u64>,
 }
 
-/// The most job ends [`Store::job_ends`] answers (the newest).
-pub const JOB_ENDS_MAX: i64 = 100_000;
+/// How many of the newest job ends [`Store::job_ends`] gives for percentiles.
+pub const JOB_ENDS_SAMPLE: i64 = 2_000;
 
 /// Per endpoint and state: how many jobs, the oldest's creation, how many were retried.
 #[derive(Debug, Clone, PartialEq)]
@@ -473,10 +473,15 @@ impl Store {
         expires_at: i64,
     ) -> Result<bool> {
         let mut tx = self.begin_write().await?;
-        // What it was before (for its end's record): a job ended from the queue never ran.
-        let before = sqlx::query(
-            "SELECT endpoint_id, state, created_at, started_at FROM endpoint_jobs WHERE id = $1",
-        )
+        // What it was before (for its end's record), locked against a claim in between (SQLite:
+        // the write transaction already holds the database).
+        let before = sqlx::query(if self.sqlite {
+            "SELECT endpoint_id, state, worker_id, created_at, started_at FROM endpoint_jobs \
+             WHERE id = $1"
+        } else {
+            "SELECT endpoint_id, state, worker_id, created_at, started_at FROM endpoint_jobs \
+             WHERE id = $1 FOR UPDATE"
+        })
         .bind(id.to_string())
         .fetch_optional(&mut *tx)
         .await?;
@@ -501,7 +506,11 @@ impl Store {
         .rows_affected();
         if let (1, Some(r)) = (n, before) {
             let endpoint: String = r.try_get("endpoint_id")?;
-            let ran = r.try_get::<String, _>("state")? == JobState::InProgress.as_str();
+            // It ran if a worker held it, or if its last holder's late result ends it back in
+            // the queue. Ended from the queue otherwise (cancelled, expired): it never ran.
+            let held_by: String = r.try_get("worker_id")?;
+            let ran = r.try_get::<String, _>("state")? == JobState::InProgress.as_str()
+                || (!worker_id.is_empty() && held_by == worker_id);
             let (created, started): (i64, i64) =
                 (r.try_get("created_at")?, r.try_get("started_at")?);
             let (delay, exec) = if ran {
@@ -525,16 +534,36 @@ impl Store {
         Ok(n == 1)
     }
 
-    /// The ends of `endpoint_id`'s jobs at or after `since` (at most [`JOB_ENDS_MAX`], the
-    /// newest).
-    pub async fn job_ends(&self, endpoint_id: &str, since: i64) -> Result<Vec<JobEnd>> {
-        sqlx::query(
+    /// The ends of `endpoint_id`'s jobs at or after `since`: how many in each final state,
+    /// and the newest [`JOB_ENDS_SAMPLE`] of them (for percentiles).
+    pub async fn job_ends(
+        &self,
+        endpoint_id: &str,
+        since: i64,
+    ) -> Result<(Vec<(String, u64)>, Vec<JobEnd>)> {
+        let counts = sqlx::query(
+            "SELECT state, COUNT(*) AS n FROM endpoint_job_ends \
+             WHERE endpoint_id = $1 AND finished_at >= $2 GROUP BY state",
+        )
+        .bind(endpoint_id.to_string())
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get("state")?,
+                u64::try_from(r.try_get::<i64, _>("n")?).unwrap_or(0),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+        let sample = sqlx::query(
             "SELECT state, delay_ms, exec_ms FROM endpoint_job_ends \
              WHERE endpoint_id = $1 AND finished_at >= $2 ORDER BY finished_at DESC LIMIT $3",
         )
         .bind(endpoint_id.to_string())
         .bind(since)
-        .bind(JOB_ENDS_MAX)
+        .bind(JOB_ENDS_SAMPLE)
         .fetch_all(&self.pool)
         .await?
         .iter()
@@ -548,7 +577,8 @@ impl Store {
                 exec_ms: ms("exec_ms")?,
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+        Ok((counts, sample))
     }
 
     /// Forgets the job ends before `before`; how many.

@@ -78,7 +78,25 @@ impl<T: Copy> Ring<T> {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = T> + '_ {
-        (0..self.buf.len()).filter_map(|i| self.get(i))
+        self.iter_from(0)
+    }
+
+    /// The items from the `from`-th oldest on.
+    pub fn iter_from(&self, from: usize) -> impl Iterator<Item = T> + '_ {
+        (from..self.buf.len()).filter_map(|i| self.get(i))
+    }
+
+    /// How many of the oldest items are `before` (the ring must be ordered by it: times).
+    pub fn count_before(&self, mut before: impl FnMut(T) -> bool) -> usize {
+        let (mut lo, mut hi) = (0, self.buf.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.get(mid) {
+                Some(v) if before(v) => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        lo
     }
 
     pub fn last(&self) -> Option<T> {
@@ -261,12 +279,15 @@ impl History {
             .is_some_and(|m| m + MINUTE_MS <= oldest_sec);
         let complete = self.secs_t.len() < self.secs_t.capacity() && !restored_older;
         if step < MINUTE_MS && (complete || since >= oldest_sec.saturating_sub(1000)) {
+            // Times are in order: the samples before `since` are skipped, not walked (a live
+            // stream asks for the last second or two of an hour's ring).
+            let from = self.secs_t.count_before(|t| t < since);
             let out = (0..m)
                 .map(|i| {
                     bucket(
                         self.secs_t
-                            .iter()
-                            .zip(self.secs[i].iter())
+                            .iter_from(from)
+                            .zip(self.secs[i].iter_from(from))
                             .map(|(t, v)| (t, v, v)),
                         since,
                         step,
@@ -277,12 +298,18 @@ impl History {
         }
         let step = ((step + MINUTE_MS - 1) / MINUTE_MS) * MINUTE_MS;
         let cur = self.cur.as_ref();
+        let first = since - since.rem_euclid(MINUTE_MS);
+        let from = self.mins_t.count_before(|t| t < first);
         let out = (0..m)
             .map(|i| {
                 let closed = self
                     .mins_t
-                    .iter()
-                    .zip(self.mins_avg[i].iter().zip(self.mins_max[i].iter()))
+                    .iter_from(from)
+                    .zip(
+                        self.mins_avg[i]
+                            .iter_from(from)
+                            .zip(self.mins_max[i].iter_from(from)),
+                    )
                     .map(|(t, (a, x))| (t, a, x));
                 let open = cur.into_iter().map(move |c| {
                     let a = if c.n[i] > 0 {
@@ -292,11 +319,7 @@ impl History {
                     };
                     (c.start, a, c.max[i])
                 });
-                bucket(
-                    closed.chain(open),
-                    since - since.rem_euclid(MINUTE_MS),
-                    step,
-                )
+                bucket(closed.chain(open), first, step)
             })
             .collect();
         (step, out)
@@ -351,6 +374,21 @@ fn bucket(items: impl Iterator<Item = (i64, f32, f32)>, since: i64, step: i64) -
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn ring_skips_what_is_before_by_bisection() {
+        let mut r = Ring::new(5);
+        assert_eq!(r.count_before(|t: i64| t < 10), 0);
+        // Wrapped: holds 30..=70 with the head in the middle of the buffer.
+        for t in 1..=7 {
+            r.push(t * 10);
+        }
+        assert_eq!(r.iter().collect::<Vec<_>>(), [30, 40, 50, 60, 70]);
+        for (since, n) in [(0, 0), (30, 0), (31, 1), (50, 2), (55, 3), (70, 4), (71, 5)] {
+            assert_eq!(r.count_before(|t| t < since), n, "since {since}");
+            assert_eq!(r.iter_from(n).next(), r.get(n), "since {since}");
+        }
+    }
 
     #[test]
     fn ring_is_bounded_and_ordered() {
