@@ -97,8 +97,23 @@ async function waitFor(what, fn, timeoutMs, everyMs = 250) {
   }
 }
 
+/** Navigates to `url`. Chromium aborts a navigation with net::ERR_NETWORK_CHANGED when the
+ * host's interfaces change (instances add veths and taps): that is the transport's, not the
+ * page's, so the navigation is tried again (printed), up to five times. */
+async function goto(page, url) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await page.goto(url);
+    } catch (e) {
+      if (attempt >= 5 || !String(e?.message ?? e).includes('net::ERR_NETWORK_CHANGED')) throw e;
+      info(`navigation to ${url} aborted by a host network change (net::ERR_NETWORK_CHANGED); again (${attempt})`);
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
+}
+
 async function login(page) {
-  await page.goto(`${URL0}/`);
+  await goto(page, `${URL0}/`);
   await page.getByLabel('API key').waitFor({ timeout: 20000 });
   ok('login page shown');
   await axe(page, 'login');
@@ -223,7 +238,7 @@ async function containerScenario(page) {
     ['#/endpoints', 'Endpoints', null],
     ['#/usage', 'Usage', 'usage-total'],
   ]) {
-    await page.goto(`${URL0}/${hash}`);
+    await goto(page, `${URL0}/${hash}`);
     await page.getByRole('heading', { name: title, level: 1 }).waitFor({ timeout: 10000 });
     if (ready) await page.getByTestId(ready).waitFor({ timeout: 15000 });
     else await page.waitForSelector('[data-testid="endpoints-table"], [data-testid="no-endpoints"], .error', { timeout: 15000 });
@@ -293,7 +308,7 @@ async function render500(page) {
     updated_at: base + i * 1000,
   }));
   const body = JSON.stringify(rows);
-  await page.goto(`${URL0}/#/usage`);
+  await goto(page, `${URL0}/#/usage`);
   await page.getByRole('heading', { name: 'Usage', level: 1 }).waitFor();
   await page.route('**/v1/instances', (route) =>
     route.request().method() === 'GET' ? route.fulfill({ status: 200, contentType: 'application/json', body }) : route.continue(),
@@ -325,7 +340,7 @@ async function render500(page) {
 }
 
 async function vmScenario(page) {
-  await page.goto(`${URL0}/#/instances/${encodeURIComponent(VM_ID)}`);
+  await goto(page, `${URL0}/#/instances/${encodeURIComponent(VM_ID)}`);
   const ip = page.getByTestId('instance-page');
   await ip.waitFor({ timeout: 20000 });
   if ((await ip.getAttribute('data-runtime')) !== 'vm') fail(`${VM_ID} is not a VM`);
