@@ -499,6 +499,9 @@ pub struct Store {
 struct LiveCache {
     generation: AtomicU64,
     rows: std::sync::Mutex<Option<(u64, Arc<Vec<InstanceRow>>)>>,
+    /// One reader refreshes a stale list at a time; those who waited take its result (many
+    /// readers wake together: a second's live metrics streams, the reconciler, the meter).
+    refresh: tokio::sync::Mutex<()>,
 }
 
 /// Held by the task of each write to `instances` ([`Store::write_instances`]): its drop,
@@ -1522,19 +1525,26 @@ impl Store {
         })
     }
 
-    /// Whether instance `id` is live (not terminated), from the cached list.
-    pub async fn is_live(&self, id: &str) -> Result<bool> {
-        Ok(self.all_live().await?.iter().any(|r| r.id == id))
+    /// Instance `id`'s row if it is live (not terminated), from the cached list.
+    pub async fn live_instance(&self, id: &str) -> Result<Option<InstanceRow>> {
+        Ok(self.all_live().await?.iter().find(|r| r.id == id).cloned())
     }
 
     /// Every live instance: the cached list while no instance write happened since it was
     /// read ([`LiveCache`]), else one query.
     async fn all_live(&self) -> Result<Arc<Vec<InstanceRow>>> {
+        let cached = |seen: u64| match &*self.live.rows.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((g, rows)) if *g == seen => Some(rows.clone()),
+            _ => None,
+        };
+        if let Some(rows) = cached(self.live.generation.load(Ordering::SeqCst)) {
+            return Ok(rows);
+        }
+        let _one = self.live.refresh.lock().await;
+        // Read by the one before us while we waited, if no write came since.
         let seen = self.live.generation.load(Ordering::SeqCst);
-        if let Some((g, rows)) = &*self.live.rows.lock().unwrap_or_else(|p| p.into_inner()) {
-            if *g == seen {
-                return Ok(rows.clone());
-            }
+        if let Some(rows) = cached(seen) {
+            return Ok(rows);
         }
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {INSTANCE_COLS} FROM instances WHERE state <> 'terminated' ORDER BY created_at, id"

@@ -2321,6 +2321,28 @@ async fn endpoint_job_ends_are_recorded_once() {
             .finish_job_by("j4", "w7", JobState::Completed, "1", "", 2600, 9000)
             .await
             .unwrap());
+        // Requeued again and claimed by another worker: the first one's late result is refused
+        // and records nothing.
+        store.insert_job(&job_row("j5", "ep4", 3000)).await.unwrap();
+        store
+            .claim_job("ep4", "w8", 3100, 9000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(store.requeue_job("j5", "w8").await.unwrap());
+        store
+            .claim_job("ep4", "w9", 3200, 9000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!store
+            .finish_job_by("j5", "w8", JobState::Completed, "1", "", 3300, 9000)
+            .await
+            .unwrap());
+        assert!(
+            store.job_ends("ep4", 0).await.unwrap().1.is_empty(),
+            "{backend}"
+        );
         assert_eq!(
             store.job_ends("ep3", 0).await.unwrap().1,
             [JobEnd {

@@ -1553,10 +1553,24 @@ fn upgrade(
     hold: Option<axum::Extension<ConnectionHold>>,
     live: Liveness,
 ) -> Response {
+    pumped(ws, hold, move |socket| pump_session(socket, session, live))
+}
+
+/// Upgrades with the sessions' message bounds and runs `pump` on the socket; the connection
+/// counts against the caps (`hold`) until it returns.
+fn pumped<F, Fut>(
+    ws: axum::extract::ws::WebSocketUpgrade,
+    hold: Option<axum::Extension<ConnectionHold>>,
+    pump: F,
+) -> Response
+where
+    F: FnOnce(axum::extract::ws::WebSocket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     ws.max_message_size(SESSION_MAX_MESSAGE)
         .max_frame_size(SESSION_MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
-            pump_session(socket, session, live).await;
+            pump(socket).await;
             drop(hold);
         })
 }
@@ -1731,13 +1745,9 @@ async fn display_session(
     let total = ticket.total;
     let display = ticket.connect().await?;
     let live = Liveness::of(&e, &p, &h);
-    Ok(ws
-        .max_message_size(SESSION_MAX_MESSAGE)
-        .max_frame_size(SESSION_MAX_MESSAGE)
-        .on_upgrade(move |socket| async move {
-            pump_display(socket, display, total, live).await;
-            drop(hold);
-        }))
+    Ok(pumped(ws, hold, move |socket| {
+        pump_display(socket, display, total, live)
+    }))
 }
 
 /// Moves RFB bytes between the WebSocket and the VNC socket (see [`display_session`]).
@@ -1822,13 +1832,9 @@ async fn metrics_stream(
     let watch = e.watch_metrics(&p, &id, &q).await?;
     let ws = websocket(ws, "a WebSocket client such as the web console")?;
     let live = Liveness::of(&e, &p, &h);
-    Ok(ws
-        .max_message_size(SESSION_MAX_MESSAGE)
-        .max_frame_size(SESSION_MAX_MESSAGE)
-        .on_upgrade(move |socket| async move {
-            pump_metrics(socket, e, watch, live).await;
-            drop(hold);
-        }))
+    Ok(pumped(ws, hold, move |socket| {
+        pump_metrics(socket, e, watch, live)
+    }))
 }
 
 /// The newest point of `u` (0 when it has none).
@@ -1846,7 +1852,7 @@ fn newest_point(u: &wire::MetricsUpdate) -> i64 {
 async fn pump_metrics(
     mut socket: axum::extract::ws::WebSocket,
     e: Eng,
-    watch: gpuvisor_control::engine::MetricsWatch,
+    mut watch: gpuvisor_control::engine::MetricsWatch,
     live: Liveness,
 ) {
     use axum::extract::ws::{close_code, CloseFrame, Message};
@@ -1872,9 +1878,9 @@ async fn pump_metrics(
             due = false;
             let u = e.metrics_update(&watch, from);
             let newest = newest_point(&u);
-            // Only with something new (a stopped instance gets no points), except a minute
-            // bucket, which grows in place.
-            if first || newest > from || watch.step >= 60_000 {
+            // Only with something new (a stopped instance gets no points), except where a
+            // bucket spans several samples and grows in place.
+            if first || newest > from || watch.step > 1000 {
                 first = false;
                 from = from.max(newest);
                 let text = serde_json::to_string(&u).unwrap_or_default();
@@ -1890,7 +1896,7 @@ async fn pump_metrics(
                     let _ = send_within(&mut socket, close(close_code::AWAY, "the daemon is stopping"), dead).await;
                     return;
                 }
-                match e.watched_alive(&watch).await {
+                match e.watched_alive(&mut watch).await {
                     Ok(true) => due = true,
                     Ok(false) => {
                         // The last points, then the end.
@@ -1902,8 +1908,12 @@ async fn pump_metrics(
                         }
                         return;
                     }
-                    // A passing fault of the store: the next sample tries again.
-                    Err(err) => tracing::debug!(instance = watch.id, "metrics stream: {err}"),
+                    // A passing fault of the store: the points (from memory) go all the same;
+                    // the next sample asks again.
+                    Err(err) => {
+                        tracing::debug!(instance = watch.id, "metrics stream: {err}");
+                        due = true;
+                    }
                 }
             }
             m = socket.recv() => {
@@ -1919,7 +1929,7 @@ async fn pump_metrics(
                     return;
                 }
                 // Also without samples (the sampler stopped): a terminated instance ends it.
-                if matches!(e.watched_alive(&watch).await, Ok(false)) {
+                if matches!(e.watched_alive(&mut watch).await, Ok(false)) {
                     let _ = send_within(&mut socket, ended, dead).await;
                     return;
                 }

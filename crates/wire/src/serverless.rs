@@ -168,9 +168,9 @@ pub struct Endpoint {
     pub stats: EndpointStats,
 }
 
-/// What an endpoint's jobs that ended lately took: counts by outcome, the rate, and the
-/// percentiles of the time queued (`delay`, created to claimed) and run (`execution`,
-/// claimed to ended).
+/// What an endpoint's jobs that ended lately took: counts by outcome and the rate (of all
+/// of them), and the percentiles of the time queued (`delay`, created to claimed) and run
+/// (`execution`, claimed to ended) over the newest 2,000 of them (`n` says how many).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct EndpointStats {
     /// How far back it looks (300 s).

@@ -131,12 +131,12 @@ impl Drop for GatePermit {
     }
 }
 
-/// What a gate holds and the settings that bound it, for its refusals.
+/// What a gate holds and its bounds, each with how its refusal names it.
 struct GateKind {
     /// `exec(s)`, ...
     what: &'static str,
-    per_tenant: (usize, &'static str),
-    total: (usize, &'static str),
+    per_tenant: (usize, String),
+    total: (usize, String),
 }
 
 impl Gate {
@@ -145,14 +145,14 @@ impl Gate {
         let mine = r.0.get(&who.tenant_id).copied().unwrap_or(0);
         if mine >= k.per_tenant.0 {
             return Err(EngineError::ResourceExhausted(format!(
-                "tenant {} already runs {mine} {}, its limit ({} = {}): wait for one to end",
-                who.tenant, k.what, k.per_tenant.1, k.per_tenant.0
+                "tenant {} already runs {mine} {}, its limit ({}): wait for one to end",
+                who.tenant, k.what, k.per_tenant.1
             )));
         }
         if r.1 >= k.total.0 {
             return Err(EngineError::ResourceExhausted(format!(
-                "the daemon already runs {} {}, its limit ({} = {}): retry later",
-                r.1, k.what, k.total.1, k.total.0
+                "the daemon already runs {} {}, its limit ({}): retry later",
+                r.1, k.what, k.total.1
             )));
         }
         *r.0.entry(who.tenant_id.clone()).or_default() += 1;
@@ -245,8 +245,8 @@ impl Engine {
     ) -> Result<ExecPermit> {
         let kind = GateKind {
             what: "exec(s)",
-            per_tenant: (l.per_tenant, "exec_per_tenant"),
-            total: (l.total, "exec_total"),
+            per_tenant: (l.per_tenant, format!("exec_per_tenant = {}", l.per_tenant)),
+            total: (l.total, format!("exec_total = {}", l.total)),
         };
         let mut permit = self.limits.gate.acquire(who, &kind)?;
         permit._in_use = Some(self.in_use(id));
@@ -257,8 +257,11 @@ impl Engine {
     pub(super) fn stream_permit(&self, who: &Principal) -> Result<GatePermit> {
         let kind = GateKind {
             what: "live metrics stream(s)",
-            per_tenant: (STREAMS_PER_TENANT, "STREAMS_PER_TENANT"),
-            total: (STREAMS_TOTAL, "STREAMS_TOTAL"),
+            per_tenant: (
+                STREAMS_PER_TENANT,
+                format!("{STREAMS_PER_TENANT} per tenant"),
+            ),
+            total: (STREAMS_TOTAL, format!("{STREAMS_TOTAL} in all")),
         };
         self.limits.streams.acquire(who, &kind)
     }

@@ -75,13 +75,27 @@ const MINUTE_MS: i64 = 60_000;
 /// once), the GPUs whose histories go with it, the step, and its place in the streams' gate.
 pub struct MetricsWatch {
     pub id: String,
+    /// The GPUs whose histories go with the instance's (each once).
     gpus: Vec<String>,
+    /// Whether the caller may read GPU histories.
+    gpu_histories: bool,
     /// Where its first update starts (ms since the epoch).
     pub since: i64,
     /// Ms per point.
     pub step: i64,
     /// Held: its drop gives the place back.
     _permit: super::limits::GatePermit,
+}
+
+/// The GPUs an instance is bound to, each once.
+fn gpu_uuids(row: &crate::store::InstanceRow) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for g in &row.gpus {
+        if !out.contains(&g.uuid) {
+            out.push(g.uuid.clone());
+        }
+    }
+    out
 }
 
 /// The most GPU events one answer carries.
@@ -370,19 +384,17 @@ impl Engine {
                 q.step.as_deref().unwrap_or_default()
             )));
         }
-        let mut gpus: Vec<String> = Vec::new();
         // The GPUs' own histories (not a MIG slice's: it has none), if the caller may read them.
-        if who.allow(Op::GpuMetrics).is_ok() {
-            for g in &row.gpus {
-                if !gpus.contains(&g.uuid) {
-                    gpus.push(g.uuid.clone());
-                }
-            }
-        }
+        let gpu_histories = who.allow(Op::GpuMetrics).is_ok();
         Ok(MetricsWatch {
             _permit: self.stream_permit(who)?,
+            gpus: if gpu_histories {
+                gpu_uuids(&row)
+            } else {
+                Vec::new()
+            },
+            gpu_histories,
             id: row.id,
-            gpus,
             since,
             step,
         })
@@ -400,13 +412,14 @@ impl Engine {
                 series,
             }
         };
+        let recent = crate::telemetry::Span::Recent;
         let mut histories = vec![history(
             "instance",
             &w.id,
-            self.telemetry.instance_history(&w.id, since, w.step),
+            self.telemetry.instance_span(&w.id, since, w.step, recent),
         )];
         for g in &w.gpus {
-            if let Some(h) = self.telemetry.gpu_history(g, since, w.step) {
+            if let Some(h) = self.telemetry.gpu_span(g, since, w.step, recent) {
                 histories.push(history("gpu", g, h));
             }
         }
@@ -417,9 +430,16 @@ impl Engine {
     }
 
     /// Whether the watched instance is still there (not terminated), from the cached list of
-    /// live instances.
-    pub async fn watched_alive(&self, w: &MetricsWatch) -> Result<bool> {
-        Ok(self.store.is_live(&w.id).await?)
+    /// live instances; the GPUs it is bound to now (a resize or a move changes them) become
+    /// those of the next updates.
+    pub async fn watched_alive(&self, w: &mut MetricsWatch) -> Result<bool> {
+        let Some(row) = self.store.live_instance(&w.id).await? else {
+            return Ok(false);
+        };
+        if w.gpu_histories {
+            w.gpus = gpu_uuids(&row);
+        }
+        Ok(true)
     }
 
     /// Changes with each new sample (to its time): what a live stream waits on.

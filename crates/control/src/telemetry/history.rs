@@ -325,6 +325,17 @@ impl History {
         (step, out)
     }
 
+    /// As [`History::query`] for a live stream: a step under a minute is answered from the
+    /// 1 s samples alone, `since` raised to the oldest of them (after a restart the restored
+    /// minutes would otherwise answer, a minute apart, until the 1 s ring reaches back).
+    pub fn query_recent(&self, since: i64, step: i64) -> (i64, Vec<Vec<MetricPoint>>) {
+        let since = match self.secs_t.get(0) {
+            Some(oldest) if step < MINUTE_MS => since.max(oldest),
+            _ => since,
+        };
+        self.query(since, step)
+    }
+
     /// Number of 1 s samples and minute aggregates held.
     pub fn lens(&self) -> (usize, usize) {
         (self.secs_t.len(), self.mins_t.len())

@@ -497,16 +497,38 @@ impl Telemetry {
         since: i64,
         step: i64,
     ) -> Option<(i64, Vec<MetricSeries>)> {
+        self.gpu_span(uuid, since, step, Span::History)
+    }
+
+    /// A GPU's history, queried as `span` says.
+    pub fn gpu_span(
+        &self,
+        uuid: &str,
+        since: i64,
+        step: i64,
+        span: Span,
+    ) -> Option<(i64, Vec<MetricSeries>)> {
         let st = self.state();
         let g = st.gpus.get(uuid)?;
-        Some(series(&g.history, GPU_METRICS, since, step))
+        Some(series(&g.history, GPU_METRICS, since, step, span))
     }
 
     /// History of an instance: empty series before its first sample.
     pub fn instance_history(&self, id: &str, since: i64, step: i64) -> (i64, Vec<MetricSeries>) {
+        self.instance_span(id, since, step, Span::History)
+    }
+
+    /// An instance's history, queried as `span` says.
+    pub fn instance_span(
+        &self,
+        id: &str,
+        since: i64,
+        step: i64,
+        span: Span,
+    ) -> (i64, Vec<MetricSeries>) {
         let st = self.state();
         match st.instances.get(id) {
-            Some(i) => series(&i.history, INSTANCE_METRICS, since, step),
+            Some(i) => series(&i.history, INSTANCE_METRICS, since, step, span),
             None => (
                 step.max(1000),
                 INSTANCE_METRICS
@@ -907,8 +929,25 @@ pub fn instance_entity(id: &str) -> String {
     format!("instance:{id}")
 }
 
-fn series(h: &History, names: &[&str], since: i64, step: i64) -> (i64, Vec<MetricSeries>) {
-    let (step, pts) = h.query(since, step);
+/// Which query of a history: the API's ([`History::query`]) or a live stream's
+/// ([`History::query_recent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    History,
+    Recent,
+}
+
+fn series(
+    h: &History,
+    names: &[&str],
+    since: i64,
+    step: i64,
+    span: Span,
+) -> (i64, Vec<MetricSeries>) {
+    let (step, pts) = match span {
+        Span::History => h.query(since, step),
+        Span::Recent => h.query_recent(since, step),
+    };
     (
         step,
         names
