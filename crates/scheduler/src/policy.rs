@@ -29,11 +29,15 @@ pub enum Policy {
     /// room for a full-node request shape (as many GPUs as the largest node has) of the target
     /// workload is avoided while that shape is scarce, i.e. the nodes that can still take it
     /// number no more than 16× the requests for it expected before the cluster is full
-    /// (per-shape share of the workload's GPU demand × free GPU milli); (2) FGD's score,
-    /// exactly; (3) the stranding move at the same resolution: per spec, the share of the GPU
+    /// (per-shape share of the workload's GPU demand × free GPU milli); (2) for GPU requests,
+    /// when the workload pins GPU models, the pool pressure of the node's model, lowest first:
+    /// the GPU demand pinned to that model expected before the cluster is full (pinned share ×
+    /// free GPU milli) per free GPU milli of the model (0 where nothing is pinned; with no
+    /// pinning at all this key is absent and decisions are unchanged); (3) FGD's score,
+    /// exactly; (4) the stranding move at the same resolution: per spec, the share of the GPU
     /// capacity it could use that the node's remaining CPU and memory cannot feed (seen while
-    /// the balance drifts, not only once the next copy no longer fits); (4) packing
-    /// (whole-GPU and CPU-only) or the tightest GPU (fractions); (5) the lowest-index node.
+    /// the balance drifts, not only once the next copy no longer fits); (5) packing
+    /// (whole-GPU and CPU-only) or the tightest GPU (fractions); (6) the lowest-index node.
     /// The reserve is what keeps 8-GPU jobs placeable as long as FGD does; its factor 16 is the
     /// one constant chosen on data (see docs/bench/scheduler.md).
     GvFrag,

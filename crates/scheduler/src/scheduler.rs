@@ -75,8 +75,9 @@ struct Eval {
     kills: u64,
 }
 
-/// How `decide` ranks a node (greater is better): gvfrag's reserve, score, tie, tie2.
-type Key = (f64, f64, f64, f64);
+/// How `decide` ranks a node (greater is better): gvfrag's reserve, gvfrag's pool pressure
+/// (negated), score, tie, tie2.
+type Key = (f64, f64, f64, f64, f64);
 
 /// A full-node request shape of the target workload (as many GPUs as the largest node has),
 /// with how many of them the sample holds per milli-GPU of its demand.
@@ -127,6 +128,11 @@ pub struct Scheduler {
     full_fit: Vec<u64>,
     full_avail: Vec<u32>,
     free_milli: u64,
+    /// gvfrag's pool pressure: per GPU model, the share of the target workload's GPU demand
+    /// pinned to it (a request allowed k of the models counts 1/k for each), and the free GPU
+    /// milli of that model in the cluster.
+    pin_share: Vec<f64>,
+    model_free: Vec<u64>,
 }
 
 const MAX_CACHED_SHAPES: usize = 4096;
@@ -174,6 +180,8 @@ impl Scheduler {
             full_fit: vec![0; n],
             full_avail: Vec::new(),
             free_milli: 0,
+            pin_share: Vec::new(),
+            model_free: Vec::new(),
         })
     }
 
@@ -273,10 +281,58 @@ impl Scheduler {
             .collect();
         self.full_avail = vec![0; self.full.len()];
         self.free_milli = self.nodes.iter().map(Node::free_gpu_milli).sum();
+        self.set_pin_shares(sample, demand);
         for n in 0..self.nodes.len() {
             self.full_fit[n] = 0;
             self.refresh_full(n);
         }
+    }
+
+    /// The pool pressure's inputs: per model, the share of the sample's GPU demand pinned to
+    /// it, and the free GPU milli of each model now.
+    fn set_pin_shares(&mut self, sample: &[Request], demand: u64) {
+        let nm = self.models.len();
+        let present: u64 = if nm >= 64 { u64::MAX } else { (1u64 << nm) - 1 };
+        self.pin_share = vec![0.0; nm];
+        for r in sample {
+            let m = self.compile(r).models & present;
+            let k = m.count_ones();
+            if m == present || k == 0 || demand == 0 {
+                continue;
+            }
+            let w = r.gpu.milli() as f64 / f64::from(k) / demand as f64;
+            for (i, share) in self.pin_share.iter_mut().enumerate() {
+                if m >> i & 1 == 1 {
+                    *share += w;
+                }
+            }
+        }
+        self.model_free = vec![0; nm];
+        for (n, node) in self.nodes.iter().enumerate() {
+            for (g, gpu) in node.gpus.iter().enumerate() {
+                self.model_free[usize::from(self.gpu_model[n][g])] += u64::from(gpu.free_milli);
+            }
+        }
+    }
+
+    /// gvfrag's pool pressure per model: the GPU demand pinned to the model expected before
+    /// the cluster is full (pinned share × free GPU milli of the cluster) per free GPU milli of
+    /// the model; 0 for a model nothing is pinned to. `None` when nothing is pinned at all.
+    fn pressure(&self) -> Option<[f64; 64]> {
+        if !self.pin_share.iter().any(|&w| w > 0.0) {
+            return None;
+        }
+        let mut out = [0.0; 64];
+        for (i, (&w, &f)) in self.pin_share.iter().zip(&self.model_free).enumerate() {
+            out[i] = if w == 0.0 {
+                0.0
+            } else if f == 0 {
+                f64::INFINITY
+            } else {
+                w * self.free_milli as f64 / f as f64
+            };
+        }
+        Some(out)
     }
 
     /// Recomputes which full-node shapes fit on node `n` and the per-shape node counts.
@@ -379,6 +435,12 @@ impl Scheduler {
         } else {
             0
         };
+        // gvfrag's second key, for GPU requests when the workload pins GPU models.
+        let pressure = if self.policy == Policy::GvFrag && shape.demand.milli() > 0 {
+            self.pressure()
+        } else {
+            None
+        };
         let mut best: Option<(Key, usize, u64)> = None;
         let mut ties = 0u64;
         // FGD and gvfrag keep the first (lowest-index) of equal nodes: consolidation. With
@@ -392,7 +454,12 @@ impl Scheduler {
             }
             // gvfrag's first key: keep the last room for a scarce full-node request.
             let keep = if e.kills & scarce != 0 { 0.0 } else { 1.0 };
-            let key = (keep, e.score, e.tie, e.tie2);
+            // gvfrag's second key: the pool whose pinned demand presses least on its room.
+            let press = match (&pressure, self.gpu_model[n].first()) {
+                (Some(p), Some(&m)) => -p[usize::from(m)],
+                _ => 0.0,
+            };
+            let key = (keep, press, e.score, e.tie, e.tie2);
             let cand = (key, n, e.gpus);
             match best {
                 None => {
@@ -497,6 +564,10 @@ impl Scheduler {
             gpu.free_milli -= milli;
             gpu.free_vram_mib = gpu.free_vram_mib.saturating_sub(vram);
             self.free_milli = self.free_milli.saturating_sub(u64::from(milli));
+            let model = usize::from(self.gpu_model[placement.node][g]);
+            if let Some(f) = self.model_free.get_mut(model) {
+                *f = f.saturating_sub(u64::from(milli));
+            }
         }
         self.touch(placement.node);
         self.instances.insert(
@@ -523,6 +594,10 @@ impl Scheduler {
             gpu.free_milli += milli;
             gpu.free_vram_mib = (gpu.free_vram_mib + vram).min(gpu.vram_mib);
             self.free_milli += u64::from(milli);
+            let model = usize::from(self.gpu_model[inst.placement.node][g]);
+            if let Some(f) = self.model_free.get_mut(model) {
+                *f += u64::from(milli);
+            }
         }
         self.touch(inst.placement.node);
         Ok(inst.placement)

@@ -307,3 +307,40 @@ fn gvfrag_keeps_the_last_full_node_for_a_full_node_job() {
     assert_eq!(s.place(2, &cpu_heavy).unwrap().node, 0, "b stays whole");
     assert_eq!(s.place(3, &eight).unwrap().node, 1);
 }
+
+/// gvfrag's pool pressure. Node "p" has model P, "q" model Q, two GPUs each; 3% of the
+/// workload's GPU demand is pinned to P, too little for FGD's target workload (95% coverage),
+/// so FGD's score cannot tell the nodes apart and the lowest index ("p") would win. Pool
+/// pressure sends the unpinned 1-GPU pods to Q's node, so the pods pinned to P still find room.
+#[test]
+fn gvfrag_keeps_a_pinned_pool_for_its_pinned_pods() {
+    let two = |name: &str, model: &str| {
+        Node::new(
+            name,
+            32_000,
+            131_072,
+            (0..2)
+                .map(|_| Gpu::new(model, 0, GpuKind::Shareable))
+                .collect(),
+        )
+    };
+    let any = whole(1);
+    let pinned = Request {
+        models: vec!["P".to_string()],
+        ..whole(1)
+    };
+    let nodes = vec![two("p", "P"), two("q", "Q")];
+    let mut s = Scheduler::new(nodes.clone(), Policy::GvFrag, 1).unwrap();
+    let mut fgd = Scheduler::new(nodes, Policy::Fgd, 1).unwrap();
+    let sample: Vec<Request> = (0..3)
+        .map(|_| pinned.clone())
+        .chain((0..97).map(|_| any.clone()))
+        .collect();
+    s.set_target_workload(&sample);
+    fgd.set_target_workload(&sample);
+    assert_eq!(fgd.place(1, &any).unwrap().node, 0, "FGD's lowest index");
+    assert_eq!(s.place(1, &any).unwrap().node, 1);
+    assert_eq!(s.place(2, &any).unwrap().node, 1);
+    assert_eq!(s.place(3, &pinned).unwrap().node, 0);
+    assert_eq!(s.place(4, &pinned).unwrap().node, 0);
+}
