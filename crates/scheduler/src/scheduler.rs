@@ -454,10 +454,17 @@ impl Scheduler {
             }
             // gvfrag's first key: keep the last room for a scarce full-node request.
             let keep = if e.kills & scarce != 0 { 0.0 } else { 1.0 };
-            // gvfrag's second key: the pool whose pinned demand presses least on its room.
-            let press = match (&pressure, self.gpu_model[n].first()) {
-                (Some(p), Some(&m)) => -p[usize::from(m)],
-                _ => 0.0,
+            // gvfrag's second key: the pool whose pinned demand presses least on its room,
+            // judged by the most pressed pool among the GPUs the request would take (a node
+            // may hold several models, e.g. MIG profiles).
+            let press = match &pressure {
+                Some(p) => -self.gpu_model[n]
+                    .iter()
+                    .enumerate()
+                    .filter(|(g, _)| e.gpus >> g & 1 == 1)
+                    .map(|(_, &m)| p[usize::from(m)])
+                    .fold(0.0, f64::max),
+                None => 0.0,
             };
             let key = (keep, press, e.score, e.tie, e.tie2);
             let cand = (key, n, e.gpus);

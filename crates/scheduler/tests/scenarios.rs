@@ -343,4 +343,27 @@ fn gvfrag_keeps_a_pinned_pool_for_its_pinned_pods() {
     assert_eq!(s.place(2, &any).unwrap().node, 1);
     assert_eq!(s.place(3, &pinned).unwrap().node, 0);
     assert_eq!(s.place(4, &pinned).unwrap().node, 0);
+    // Both nodes full; one unpinned pod released from Q's node: its GPU takes the next one.
+    s.release(1).unwrap();
+    assert_eq!(s.place(5, &any).unwrap().node, 1);
+}
+
+/// Without pinned pods the key is absent: gvfrag's choice is FGD's lowest index, as before.
+#[test]
+fn gvfrag_without_pins_is_unchanged_by_pool_pressure() {
+    let two = |name: &str, model: &str| {
+        Node::new(
+            name,
+            32_000,
+            131_072,
+            (0..2)
+                .map(|_| Gpu::new(model, 0, GpuKind::Shareable))
+                .collect(),
+        )
+    };
+    let any = whole(1);
+    let mut s = Scheduler::new(vec![two("p", "P"), two("q", "Q")], Policy::GvFrag, 1).unwrap();
+    s.set_target_workload(&vec![any.clone(); 100]);
+    assert_eq!(s.place(1, &any).unwrap().node, 0);
+    assert_eq!(s.place(2, &any).unwrap().node, 0);
 }
