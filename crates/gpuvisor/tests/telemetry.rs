@@ -180,8 +180,8 @@ fn metrics_history_alarms_and_cordoning() {
         d.endpoint().replacen("http", "ws", 1)
     );
     #[allow(clippy::result_large_err)] // tungstenite's own error type
-    let open_stream = |key: &str| {
-        let b = tungstenite::ClientRequestBuilder::new(stream_url.parse().unwrap())
+    let open_at = |url: &str, key: &str| {
+        let b = tungstenite::ClientRequestBuilder::new(url.parse().unwrap())
             .with_header("x-api-key", key.to_string());
         let s = common::connect(d.port);
         s.tcp()
@@ -189,18 +189,22 @@ fn metrics_history_alarms_and_cordoning() {
             .unwrap();
         tungstenite::client::client(b, s)
     };
+    #[allow(clippy::result_large_err)]
+    let open_stream = |key: &str| open_at(&stream_url, key);
+    // Refused with `status` before the upgrade.
+    let refused = |url: &str, key: &str, status: u16, what: &str| match open_at(url, key) {
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            assert_eq!(r.status().as_u16(), status, "{what}")
+        }
+        Ok(_) => panic!("{what}: opened"),
+        Err(e) => panic!("{what}: {e}"),
+    };
     d.json(&["tenant", "create", "t0"]);
     let t0 = d.json(&["key", "create", "--tenant", "t0"])["secret"]
         .as_str()
         .unwrap()
         .to_string();
-    match open_stream(&t0) {
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
-            assert_eq!(r.status().as_u16(), 404, "another tenant's stream")
-        }
-        Ok(_) => panic!("another tenant opened the instance's metrics stream"),
-        Err(e) => panic!("another tenant's stream: {e}"),
-    }
+    refused(&stream_url, &t0, 404, "another tenant's stream");
     let (mut ws, _) = open_stream(&d.key).expect("the metrics stream");
     let (tx, rx) = std::sync::mpsc::channel::<Result<serde_json::Value, String>>();
     let reader = std::thread::spawn(move || loop {
@@ -282,15 +286,7 @@ fn metrics_history_alarms_and_cordoning() {
     // A stream's points are at most a minute apart: a coarser step is refused before the
     // upgrade.
     let coarse = stream_url.replace("since=5s", "step=5m");
-    let b = tungstenite::ClientRequestBuilder::new(coarse.parse().unwrap())
-        .with_header("x-api-key", d.key.clone());
-    match tungstenite::client::client(b, common::connect(d.port)) {
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
-            assert_eq!(r.status().as_u16(), 400)
-        }
-        Ok(_) => panic!("a stream with a 5 min step was opened"),
-        Err(e) => panic!("a 5 min step stream: {e}"),
-    }
+    refused(&coarse, &d.key, 400, "a stream with a 5 min step");
     // A tenant holds at most 32 streams (this one and 31 more); the 33rd is refused before the
     // upgrade, and a place comes back when a stream closes. Requests refused for want of an
     // upgrade first: they give their place back (else the 31 below would not all open).
@@ -309,14 +305,7 @@ fn metrics_history_alarms_and_cordoning() {
                 .0
         })
         .collect();
-    let refused = |what: &str| match open_stream(&d.key) {
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
-            assert_eq!(r.status().as_u16(), 429, "{what}")
-        }
-        Ok(_) => panic!("{what}: opened"),
-        Err(e) => panic!("{what}: {e}"),
-    };
-    refused("a 33rd stream of one tenant");
+    refused(&stream_url, &d.key, 429, "a 33rd stream of one tenant");
     let mut last = more.pop().unwrap();
     last.get_mut()
         .tcp()
@@ -336,7 +325,12 @@ fn metrics_history_alarms_and_cordoning() {
         std::thread::sleep(Duration::from_millis(200));
     };
     more.push(again);
-    refused("a 33rd stream after one was replaced");
+    refused(
+        &stream_url,
+        &d.key,
+        429,
+        "a 33rd stream after one was replaced",
+    );
     drop(more);
 
     // Alarms: heat on GPU 0 (no cordon), a fatal XID on GPU 2 (cordon).

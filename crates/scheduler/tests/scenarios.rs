@@ -6,12 +6,17 @@ use gpuvisor_scheduler::{
 };
 
 fn node(name: &str, gpus: usize) -> Node {
+    node_of(name, gpus, "A100", 40_960)
+}
+
+/// A node of `gpus` shareable GPUs of `model` with `vram_mib` each.
+fn node_of(name: &str, gpus: usize, model: &str, vram_mib: u64) -> Node {
     Node::new(
         name,
         32_000,
         131_072,
         (0..gpus)
-            .map(|_| Gpu::new("A100", 40_960, GpuKind::Shareable))
+            .map(|_| Gpu::new(model, vram_mib, GpuKind::Shareable))
             .collect(),
     )
 }
@@ -314,16 +319,7 @@ fn gvfrag_keeps_the_last_full_node_for_a_full_node_job() {
 /// pressure sends the unpinned 1-GPU pods to Q's node, so the pods pinned to P still find room.
 #[test]
 fn gvfrag_keeps_a_pinned_pool_for_its_pinned_pods() {
-    let two = |name: &str, model: &str| {
-        Node::new(
-            name,
-            32_000,
-            131_072,
-            (0..2)
-                .map(|_| Gpu::new(model, 0, GpuKind::Shareable))
-                .collect(),
-        )
-    };
+    let two = |name: &str, model: &str| node_of(name, 2, model, 0);
     let any = whole(1);
     let pinned = Request {
         models: vec!["P".to_string()],
@@ -351,16 +347,7 @@ fn gvfrag_keeps_a_pinned_pool_for_its_pinned_pods() {
 /// Without pinned pods the key is absent: gvfrag's choice is FGD's lowest index, as before.
 #[test]
 fn gvfrag_without_pins_is_unchanged_by_pool_pressure() {
-    let two = |name: &str, model: &str| {
-        Node::new(
-            name,
-            32_000,
-            131_072,
-            (0..2)
-                .map(|_| Gpu::new(model, 0, GpuKind::Shareable))
-                .collect(),
-        )
-    };
+    let two = |name: &str, model: &str| node_of(name, 2, model, 0);
     let any = whole(1);
     let mut s = Scheduler::new(vec![two("p", "P"), two("q", "Q")], Policy::GvFrag, 1).unwrap();
     s.set_target_workload(&vec![any.clone(); 100]);
