@@ -5,6 +5,7 @@ use super::authz::Op;
 use super::{Engine, Principal};
 use crate::error::{EngineError, Result};
 use gpuvisor_node::vm::migrate::MigrateAsk;
+use gpuvisor_node::vm::VmError;
 use gpuvisor_wire::{self as wire, InstanceState, RuntimeKind};
 
 /// The switchover's default and largest pause, ms.
@@ -120,8 +121,17 @@ impl Engine {
                 self.event(&row.id, "migration_failed", e.to_string()).await;
                 // A lost post-copy guest ended with its QEMUs: the reconciler sees it.
                 self.wake.notify_one();
+                // Whether the source's guest runs on (the error says otherwise where not).
+                let runs_on = !matches!(
+                    &e,
+                    gpuvisor_node::NodeError::Vm(
+                        VmError::PostcopyLost { .. }
+                            | VmError::SwitchIncomplete { .. }
+                            | VmError::NotResumed { .. }
+                    )
+                );
                 Err(match node_refusal(e) {
-                    EngineError::Internal(e) if !e.contains("post-copy") => {
+                    EngineError::Internal(e) if runs_on => {
                         EngineError::Internal(format!(
                             "the migration of instance {} failed: {e}; the VM runs on in its \
                              QEMU",

@@ -85,6 +85,13 @@ impl Principal {
     }
 }
 
+/// An exit reaped by the reconciler: its code and the process's last words.
+#[derive(Debug, Clone)]
+pub(crate) struct SeenExit {
+    pub(crate) code: i32,
+    pub(crate) said: Option<String>,
+}
+
 pub struct Engine {
     pub(crate) store: Store,
     pub(crate) node: Arc<Node>,
@@ -134,9 +141,10 @@ pub struct Engine {
     /// (tenant id, name) of pending volumes the reconciler could not finish, and why: the
     /// reason an instance waiting for one of them shows.
     volume_errors: Mutex<HashMap<(String, String), String>>,
-    /// Exit codes reaped whose instance's teardown has not completed yet (a retry of the
-    /// `Exited` step cannot reap them again).
-    seen_exits: Mutex<HashMap<String, i32>>,
+    /// Exits reaped whose instance's teardown has not completed yet, with the last words
+    /// read then (a retry of the `Exited` step cannot reap them again, and the teardown may
+    /// have removed what the words were read from).
+    seen_exits: Mutex<HashMap<String, SeenExit>>,
     /// When this daemon process started (unix ms): an instance whose run started before it
     /// ended while another daemon (or none, a reboot) was its parent.
     pub(crate) started_ms: i64,
@@ -870,7 +878,7 @@ impl Engine {
     }
 
     /// See `seen_exits`.
-    pub(crate) fn seen_exits(&self) -> std::sync::MutexGuard<'_, HashMap<String, i32>> {
+    pub(crate) fn seen_exits(&self) -> std::sync::MutexGuard<'_, HashMap<String, SeenExit>> {
         self.seen_exits.lock().unwrap_or_else(|p| p.into_inner())
     }
 

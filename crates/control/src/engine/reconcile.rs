@@ -15,7 +15,7 @@
 //! starts (`gpuvisor_node::reap`); a process that ended under an earlier daemon has an unknown
 //! status, which counts as a failure.
 
-use super::Engine;
+use super::{Engine, SeenExit};
 use crate::error::{EngineError, Result};
 use crate::store::InstanceRow;
 use gpuvisor_node::instance::Priority;
@@ -780,19 +780,26 @@ impl Engine {
                     return Ok(true);
                 };
                 // Kept before the teardown: a teardown that fails is retried by the next pass,
-                // which can no longer reap the (already reaped) init.
-                let said = reaped.as_ref().and_then(|(_, w)| w.clone());
-                let code = match reaped.map(|(c, _)| c) {
-                    Some(c) => {
-                        self.seen_exits().insert(id.clone(), c);
+                // which can no longer reap the (already reaped) init, nor read the words from
+                // what the teardown removed.
+                let (code, said) = match reaped {
+                    Some((c, said)) => {
+                        let seen = SeenExit {
+                            code: c,
+                            said: said.clone(),
+                        };
+                        self.seen_exits().insert(id.clone(), seen);
                         let r = crate::store::RestartRow {
                             exit_code: Some(c),
                             ..i.restart.clone()
                         };
                         self.store.set_restart(&id, &r).await?;
-                        Some(c)
+                        (Some(c), said)
                     }
-                    None => self.seen_exits().get(&id).copied(),
+                    None => match self.seen_exits().get(&id) {
+                        Some(s) => (Some(s.code), s.said.clone()),
+                        None => (None, None),
+                    },
                 };
                 self.test_fail_exit_teardown(&id)?;
                 self.teardown(&id, false).await?;

@@ -993,11 +993,14 @@ impl Engine {
         }
         self.mark_settled(id, &i.migration).await?;
         if verdict == Landing::Gone {
-            tracing::warn!(
-                instance = %id,
-                from = %i.from_node,
-                "the QEMU that received it no longer runs: not watched as an arrival any more"
+            let why = format!(
+                "the QEMU that received it from node {} ended before all of its memory was \
+                 seen to arrive: if pages were still coming, the guest was lost with it (the \
+                 instance's exit and restart are reported on their own)",
+                i.from_node
             );
+            tracing::warn!(instance = %id, "{why}");
+            self.event(id, "migration_unsettled", why).await;
             return Ok(());
         }
         self.event(
@@ -1045,8 +1048,7 @@ impl Engine {
                 let mid = mid.clone();
                 let _ = super::blocking(move || peer.drop_migration(&mid, false)).await;
             }
-            self.keep_departed(row).await?;
-            return Ok(true);
+            return self.keep_departed(row).await;
         }
         let Some(peer) = self.peer(&o.to_node) else {
             let why = format!(
@@ -1088,10 +1090,7 @@ impl Engine {
                 .await?;
                 Ok(true)
             }
-            Ok(Departure::Keep) => {
-                self.keep_departed(row).await?;
-                Ok(true)
-            }
+            Ok(Departure::Keep) => self.keep_departed(row).await,
             Ok(Departure::Restart) => {
                 let mut spec = row.spec.clone();
                 spec.outgoing = None;
@@ -1121,20 +1120,33 @@ impl Engine {
         }
     }
 
-    /// A departure that did not happen: the guest resumes here.
-    async fn keep_departed(&self, row: &InstanceRow) -> Result<()> {
+    /// A departure that did not happen: the guest resumes here. False (the departure stays
+    /// recorded, tried again in a minute) while its QEMU runs and its guest could not be
+    /// resumed.
+    async fn keep_departed(&self, row: &InstanceRow) -> Result<bool> {
         let (node, id) = (self.node.clone(), row.id.clone());
-        let _ = super::blocking(move || node.vm()?.keep_sent(&id)).await;
+        let kept = super::blocking(move || node.vm()?.keep_sent(&node, &id)).await?;
+        let what = match kept {
+            Ok(true) => "the guest stays on this node".to_string(),
+            Ok(false) => "the guest stays on this node; its QEMU no longer runs, so the \
+                          instance restarts as its policy says"
+                .to_string(),
+            Err(e) => {
+                let why = format!(
+                    "the migration did not happen but the guest could not be resumed here \
+                     ({e}); tried again in a minute"
+                );
+                tracing::warn!(instance = %row.id, "{why}");
+                self.event(&row.id, "migration_unresolved", why).await;
+                return Ok(false);
+            }
+        };
         let mut spec = row.spec.clone();
         spec.outgoing = None;
         self.store.set_spec(&row.id, &spec, self.tick()).await?;
-        self.event(
-            &row.id,
-            "migration_recovered",
-            "the guest stays on this node".to_string(),
-        )
-        .await;
-        Ok(())
+        self.event(&row.id, "migration_recovered", what).await;
+        self.wake.notify_one();
+        Ok(true)
     }
 }
 
@@ -1205,9 +1217,16 @@ fn send_to_peer(
             });
         }
         Err(e) => {
-            // Not run there (only a post-copy switch asks it to): the guest runs on here.
+            // Not run there (only a post-copy switch asks it to): the guest runs on here, or
+            // is paused here if it could not be resumed (then the departure stays recorded
+            // and its resume is tried again: `resolve_departure`).
             let _ = peer.drop_migration(mid, false);
-            return Err(Away::Stayed(e.to_string()));
+            return Err(match e {
+                gpuvisor_node::NodeError::Vm(e @ VmError::NotResumed { .. }) => {
+                    Away::Unknown(e.to_string())
+                }
+                e => Away::Stayed(e.to_string()),
+            });
         }
     };
     if sent.ran_there {
@@ -1237,8 +1256,8 @@ fn send_to_peer(
             "the destination did not run it ({ran}) and did not confirm it removed it: {e}"
         )));
     }
-    match vm.keep_sent(id) {
-        Ok(()) => Err(Away::Stayed(format!(
+    match vm.keep_sent(node, id) {
+        Ok(_) => Err(Away::Stayed(format!(
             "the destination did not run it: {ran}"
         ))),
         Err(k) => Err(Away::Unknown(format!(

@@ -354,34 +354,67 @@ pub(super) fn copy(
 
 /// Cancels what is left of a migration in the source and resumes its guest if the copy
 /// paused it (`postmigrate` after a completed copy whose destination never ran, `paused`
-/// mid-switchover). Only once the destination is stopped for good.
-pub(super) fn resume_source(src: &mut Monitor) {
+/// mid-switchover). Only once the destination is stopped for good. Ok once the guest runs
+/// again, or is in a state that no resume changes (suspended by its own kernel, shut down,
+/// panicked: as it was before the migration); an error says why it is still paused.
+pub(super) fn resume_source(src: &mut Monitor) -> Result<(), VmError> {
     // Afresh: a command that timed out on this connection (a `stop` flushing the disks) may
     // still have its reply on the way.
-    if let Err(e) = src.reconnect() {
-        tracing::warn!("cannot reach the source's monitor to resume it: {e}");
-    }
+    src.reconnect()?;
     if let Ok(st) = src.migration_stats() {
         if copy_under_way(&st.status) {
             let _ = src.migrate_cancel();
         }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
+    loop {
         match src.migration_stats() {
             Ok(st) if matches!(st.status.as_str(), "cancelling" | "active" | "device") => {}
             _ => break,
         }
+        if Instant::now() > deadline {
+            return Err(failed(
+                "migrate_cancel",
+                "the copy was still being cancelled after 30 s",
+            ));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    match src.status() {
-        Ok((false, state)) if state == "postmigrate" || state == "paused" => {
-            if let Err(e) = src.resume() {
-                tracing::warn!("cannot resume the source of a failed migration: {e}");
-            }
-        }
-        _ => {}
+    let (running, state) = src.status()?;
+    if running || !source_resumes(&state) {
+        return Ok(());
     }
+    src.resume()?;
+    match src.status()? {
+        (true, _) => Ok(()),
+        (false, state) if !source_resumes(&state) => Ok(()),
+        (false, state) => Err(failed(
+            "cont",
+            format!("the guest is still {state} after `cont`"),
+        )),
+    }
+}
+
+/// A source's run state that a migration left and a `cont` ends: paused for the copy or at
+/// its switchover, or done sending (`postmigrate`, `finish-migrate`).
+fn source_resumes(state: &str) -> bool {
+    matches!(state, "paused" | "postmigrate" | "finish_migrate")
+}
+
+/// Whether the source says its copy went whole (completed, or switched to post-copy): after
+/// a live copy the destination may have run the guest. Unsure (no answer) is taken as not:
+/// the caller resumes a source whose destination never showed it had the guest.
+fn may_have_switched(src: &mut Monitor) -> bool {
+    src.migration_stats()
+        .is_ok_and(|st| st.status == "completed" || st.status.starts_with("postcopy"))
+}
+
+/// Why a switch to the new QEMU did not complete.
+enum Unfinished {
+    /// The new QEMU runs the guest: the next daemon start completes the switch.
+    Pending(NodeError),
+    /// The new QEMU ended after it took the guest over: the guest is lost.
+    Lost(NodeError),
 }
 
 /// Where a cut-short migration stands, from what is on disk.
@@ -425,8 +458,18 @@ impl VmRuntime {
                 )));
             }
         }
-        // Leftovers of an earlier attempt first.
-        self.undo(node, id, old_pid, Some(limit), ask)?;
+        // Leftovers of an earlier attempt: judged as a restarted daemon judges them (a
+        // destination that had the guest is finished, not killed), never blindly undone.
+        if self.phase(id) != Phase::None {
+            let what = self.recover_migration(node, ask);
+            tracing::warn!(id, "an earlier migration's leftovers: {what:?}");
+            if self.phase(id) != Phase::None || self.live_pid(node, id) != Some(old_pid) {
+                return Err(refuse(format!(
+                    "an earlier migration of it was left half done and has just been settled                      ({}): look at the instance and migrate it again",
+                    what.unwrap_or_else(|| "nothing to do".into())
+                )));
+            }
+        }
         let staged = self.staged_paths(id);
         // Both QEMUs in the instance's own cgroup (a cgroup cannot be renamed on cgroup v2),
         // its memory limit doubled until the source is gone.
@@ -472,6 +515,22 @@ impl VmRuntime {
                 if took {
                     let st = src.migration_stats().unwrap_or_default();
                     (st, false)
+                } else if mode == CopyMode::Live && may_have_switched(&mut src) {
+                    // Started on its own once the copy completed (a live copy's destination
+                    // autostarts) and gone since: it may have written to the disks, so the
+                    // source must not run again.
+                    let _ = self.kill_qemus(node, id, None);
+                    let _ = self.remove_staged_dirs(id);
+                    let _ = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit);
+                    return Err(VmError::SwitchIncomplete {
+                        id: id.to_string(),
+                        why: format!(
+                            "the copy completed but the new QEMU did not keep the guest ({e}); \
+                             it may have run it, so the old one may not: the guest is lost and \
+                             the instance restarts from its disks"
+                        ),
+                    }
+                    .into());
                 } else {
                     if let Err(u) = self.undo(node, id, old_pid, Some(limit), ask) {
                         return Err(VmError::SwitchIncomplete {
@@ -483,7 +542,13 @@ impl VmRuntime {
                         }
                         .into());
                     }
-                    resume_source(&mut src);
+                    if let Err(r) = resume_source(&mut src) {
+                        return Err(VmError::NotResumed {
+                            id: id.to_string(),
+                            why: format!("{e}; resuming it: {r}"),
+                        }
+                        .into());
+                    }
                     return Err(e.into());
                 }
             }
@@ -492,20 +557,16 @@ impl VmRuntime {
         tracing::info!(id, new_pid, postcopy, status = %stats.status, "live migration copied; switching");
         let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         test_hold("switch");
-        if let Err(e) = self
-            .finish_switch(node, id, new_pid, Some(limit), ask)
-            .or_else(|_| self.finish_switch(node, id, new_pid, Some(limit), ask))
-        {
-            let why = if self.live_pid(node, id) == Some(new_pid) {
-                format!(
+        if let Err(u) = self.finish_or_lose(node, id, new_pid, Some(limit), ask) {
+            let why = match u {
+                Unfinished::Pending(e) => format!(
                     "its guest runs in the new QEMU (pid {new_pid}) but the switch to it did \
                      not complete: {e}; the next daemon start completes it"
-                )
-            } else {
-                format!(
+                ),
+                Unfinished::Lost(e) => format!(
                     "the new QEMU (pid {new_pid}) ended right after it took the guest over \
                      ({e}): the guest is lost and the instance restarts from its disks"
-                )
+                ),
             };
             return Err(VmError::SwitchIncomplete {
                 id: id.to_string(),
@@ -708,6 +769,35 @@ impl VmRuntime {
         Ok(())
     }
 
+    /// [`Self::finish_switch`], tried twice. Where the new QEMU has ended meanwhile the guest
+    /// is lost: every QEMU of the instance is killed (the old one, paused and older than what
+    /// the new one wrote to the disks, must not stay as the instance's process) and the
+    /// staged dirs go, so the reconciler sees the instance's end.
+    fn finish_or_lose(
+        &self,
+        node: &Node,
+        id: &str,
+        new_pid: i32,
+        limit: Option<u64>,
+        ask: &MigrateAsk,
+    ) -> Result<(), Unfinished> {
+        let Err(e) = self
+            .finish_switch(node, id, new_pid, limit, ask)
+            .or_else(|_| self.finish_switch(node, id, new_pid, limit, ask))
+        else {
+            return Ok(());
+        };
+        if cgroup::holds(&node.cfg.root, id, new_pid) {
+            return Err(Unfinished::Pending(e));
+        }
+        let _ = self.kill_qemus(node, id, None);
+        let _ = self.remove_staged_dirs(id);
+        if let Some(limit) = limit {
+            let _ = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit);
+        }
+        Err(Unfinished::Lost(e))
+    }
+
     /// Undoes a migration that did not get the guest: every other process of the instance's
     /// cgroup than the source (`keep`) killed and waited for, the memory limit back to one
     /// VM's (when known), the staging dirs removed.
@@ -789,9 +879,10 @@ impl VmRuntime {
             super::runtime::pid_in(dir).filter(|&p| cgroup::holds(&node.cfg.root, id, p))
         };
         let finish = |new_pid: i32| -> String {
-            match self.finish_switch(node, id, new_pid, limit, ask) {
+            match self.finish_or_lose(node, id, new_pid, limit, ask) {
                 Ok(()) => "a migration cut short by the daemon's end was finished: the VM runs in its new QEMU".into(),
-                Err(e) => format!("a migration cut short by the daemon's end could not be finished: {e}"),
+                Err(Unfinished::Pending(e)) => format!("a migration cut short by the daemon's end could not be finished: {e}"),
+                Err(Unfinished::Lost(e)) => format!("a migration cut short by the daemon's end had given the guest to its new QEMU, which ended ({e}): the guest is lost and the instance restarts from its disks"),
             }
         };
         if phase == Phase::Switching {
@@ -835,10 +926,12 @@ impl VmRuntime {
         }
         match source {
             Some(_) => {
-                if let Ok(mut src) = Monitor::connect(&run.qmp(), Duration::from_secs(2)) {
-                    resume_source(&mut src);
-                }
-                Some("a migration cut short by the daemon's end was undone: the VM runs on in its QEMU".into())
+                let resumed = Monitor::connect(&run.qmp(), Duration::from_secs(2))
+                    .and_then(|mut src| resume_source(&mut src));
+                Some(match resumed {
+                    Ok(()) => "a migration cut short by the daemon's end was undone: the VM runs on in its QEMU".into(),
+                    Err(e) => format!("a migration cut short by the daemon's end was undone, but its guest could not be resumed ({e}): it stays paused in its QEMU (stop and start the instance)"),
+                })
             }
             None => Some("a migration cut short by the daemon's end left no QEMU running: the instance restarts".into()),
         }

@@ -42,6 +42,10 @@ pub enum VmError {
     PostcopyLost { why: String },
     #[error("the live migration of instance {id} did not complete: {why}")]
     SwitchIncomplete { id: String, why: String },
+    /// A migration that failed before the destination ran left the source's guest paused,
+    /// and resuming it failed too.
+    #[error("the live migration of instance {id} failed and its guest could not be resumed: {why}; it stays paused in its QEMU (stop and start the instance)")]
+    NotResumed { id: String, why: String },
     #[error("cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,

@@ -136,19 +136,28 @@ impl VmRuntime {
                 paused_at,
             }),
             Err(e @ VmError::PostcopyLost { .. }) => Err(e.into()),
-            Err(e) => {
-                keep_source(&mut src);
-                Err(e.into())
-            }
+            Err(e) => match keep_source(&mut src) {
+                Ok(()) => Err(e.into()),
+                Err(r) => Err(VmError::NotResumed {
+                    id: id.to_string(),
+                    why: format!("{e}; resuming it: {r}"),
+                }
+                .into()),
+            },
         }
     }
 
     /// The source runs on after all (the destination was refused or failed before it ran):
-    /// what [`VmRuntime::send`] left is removed and the guest resumes.
-    pub fn keep_sent(&self, id: &str) -> Result<(), NodeError> {
+    /// what [`VmRuntime::send`] left is removed and the guest resumes. Ok(false) when no QEMU
+    /// of it runs here any more (nothing to resume: the reconciler sees the exit); an error
+    /// when it runs and its guest could not be resumed.
+    pub fn keep_sent(&self, node: &Node, id: &str) -> Result<bool, NodeError> {
+        if self.live_pid(node, id).is_none() {
+            return Ok(false);
+        }
         let mut src = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
-        keep_source(&mut src);
-        Ok(())
+        keep_source(&mut src)?;
+        Ok(true)
     }
 
     /// The destination's half, once its QEMU waits (`-incoming defer -S`, provisioned from
@@ -418,9 +427,9 @@ fn mirror_failed(why: impl std::fmt::Display) -> VmError {
 }
 
 /// Cancels what a failed send left in the source (migration, mirror, NBD node) and resumes
-/// its guest. Best effort, each step on its own.
-fn keep_source(src: &mut Monitor) {
-    resume_source(src);
+/// its guest. Each step on its own; the answer is the resume's.
+fn keep_source(src: &mut Monitor) -> Result<(), VmError> {
+    let resumed = resume_source(src);
     // A later snapshot's migration into a file must not stop before its switchover.
     let _ = src.migration_capabilities(&[("pause-before-switchover", false)]);
     if src
@@ -431,6 +440,7 @@ fn keep_source(src: &mut Monitor) {
         let _ = await_job(src, MIRROR, "gone", Duration::from_secs(30));
     }
     let _ = src.blockdev_del(MIRROR);
+    resumed
 }
 
 #[cfg(test)]
