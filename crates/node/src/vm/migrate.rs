@@ -470,6 +470,8 @@ impl VmRuntime {
                 )));
             }
         }
+        // Nothing staged: any other QEMU in its cgroup is a stray, and the limit one VM's.
+        self.undo(node, id, old_pid, Some(limit), ask)?;
         let staged = self.staged_paths(id);
         // Both QEMUs in the instance's own cgroup (a cgroup cannot be renamed on cgroup v2),
         // its memory limit doubled until the source is gone.
