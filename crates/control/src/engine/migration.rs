@@ -131,13 +131,11 @@ impl Engine {
                     )
                 );
                 Err(match node_refusal(e) {
-                    EngineError::Internal(e) if runs_on => {
-                        EngineError::Internal(format!(
-                            "the migration of instance {} failed: {e}; the VM runs on in its \
+                    EngineError::Internal(e) if runs_on => EngineError::Internal(format!(
+                        "the migration of instance {} failed: {e}; the VM runs on in its \
                              QEMU",
-                            row.name
-                        ))
-                    }
+                        row.name
+                    )),
                     e => e,
                 })
             }

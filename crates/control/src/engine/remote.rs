@@ -670,6 +670,7 @@ impl Engine {
             row.cpus.clone(),
             row.spec.disk_io,
         );
+        let t0 = std::time::Instant::now();
         let ready = super::blocking(move || node.vm()?.ready_received(&node, &nid, &cpus, &io))
             .await
             .and_then(|r| r.map_err(super::migration::node_refusal));
@@ -682,8 +683,15 @@ impl Engine {
             not_starting();
             return Err(e);
         }
+        let t1 = std::time::Instant::now();
         let (node, nid) = (self.node.clone(), id.clone());
         let resumed = super::blocking(move || node.vm()?.resume_received(&nid)).await?;
+        tracing::info!(
+            instance = %id,
+            ready_and_recorded_ms = (t1 - t0).as_millis() as u64,
+            resume_ms = t1.elapsed().as_millis() as u64,
+            "received guest resumed"
+        );
         let taken = self.receivings().remove(migration);
         let from = row
             .spec
@@ -1207,7 +1215,11 @@ fn send_to_peer(
                 why: format!("the destination did not run the guest: {e}"),
             })
     };
-    let sent = match vm.send(node, id, ask, disk, state, &mut run_there) {
+    // Right before the copy: the connection `run` will use is made now, not in the pause.
+    let mut warm = || {
+        let _ = peer.phase(mid);
+    };
+    let sent = match vm.send(node, id, ask, disk, state, &mut warm, &mut run_there) {
         Ok(s) => s,
         Err(gpuvisor_node::NodeError::Vm(e @ VmError::PostcopyLost { .. })) => {
             let dropped = peer.drop_migration(mid, true).is_ok();

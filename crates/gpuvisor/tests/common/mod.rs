@@ -642,6 +642,13 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // `GPUVISOR_TEST_KEEP_LOGS=1`: every daemon's log is kept, for timings read after a
+        // passing run.
+        if std::env::var_os("GPUVISOR_TEST_KEEP_LOGS").is_some() {
+            let keep = std::env::temp_dir().join(format!("gvtest-kept-{}.log", self.port));
+            let _ = std::fs::copy(self.data().join("daemon.log"), &keep);
+            eprintln!("daemon log kept: {}", keep.display());
+        }
         if self.child.is_some() && !std::thread::panicking() {
             self.terminate_all();
         } else if self.child.is_some() {

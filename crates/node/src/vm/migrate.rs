@@ -299,6 +299,7 @@ pub(super) fn copy(
     // Where the copy paused the guest, its downtime is from that pause until the destination
     // may run (the switch to post-copy, or the end of the copy), not QEMU's figure.
     let mut ran_at = None;
+    let mut switch_at: Option<Instant> = None;
     let deadline = Instant::now() + MIGRATION_DEADLINE;
     loop {
         let mut st = src.migration_stats().map_err(|e| lost(switched, e))?;
@@ -318,16 +319,29 @@ pub(super) fn copy(
                 return Err(lost(switched, failed("migrate", why)));
             }
             "pre-switchover" if !continued => {
+                let t = Instant::now();
                 switchover(src).map_err(|e| lost(switched, e))?;
                 src.migrate_continue().map_err(|e| lost(switched, e))?;
                 continued = true;
+                tracing::info!(
+                    id = ask.id,
+                    switchover_ms = millis(t.elapsed()),
+                    "migration at its switchover: the source's part done, continued"
+                );
             }
             "postcopy-active" | "postcopy-recover" => {
                 switched = true;
                 if !began {
                     began = true;
+                    let active = Instant::now();
                     postcopy_began().map_err(|e| lost(true, e))?;
                     ran_at = Some(Instant::now());
+                    tracing::info!(
+                        id = ask.id,
+                        active_after_ms = switch_at.map(|t| millis(active - t)),
+                        destination_ran_after_ms = millis(active.elapsed()),
+                        "post-copy: the guest switched over"
+                    );
                 }
             }
             _ => {}
@@ -335,6 +349,7 @@ pub(super) fn copy(
         if ask.postcopy && !switched && st.dirty_sync_count >= postcopy_after {
             src.start_postcopy().map_err(|e| lost(true, e))?;
             switched = true;
+            switch_at = Some(Instant::now());
         }
         if Instant::now() > deadline {
             if !switched {

@@ -91,7 +91,10 @@ impl VmRuntime {
     /// the rest to come); otherwise the caller lets it run once this returns. Any error
     /// before the switch leaves the guest running here (mirror ended, NBD node removed,
     /// migration cancelled, guest resumed); an error after it is
-    /// [`VmError::PostcopyLost`].
+    /// [`VmError::PostcopyLost`]. `before_copy` is called once the disk is in step, right
+    /// before the RAM copy starts (and, under TCG, the guest pauses): the caller readies the
+    /// call that runs the destination (a connection made now is not made in the pause).
+    #[allow(clippy::too_many_arguments)]
     pub fn send(
         &self,
         node: &Node,
@@ -99,6 +102,7 @@ impl VmRuntime {
         ask: &MigrateAsk,
         disk: OwnedFd,
         state: OwnedFd,
+        before_copy: &mut dyn FnMut(),
         run_destination: &mut dyn FnMut() -> Result<(), VmError>,
     ) -> Result<Sent, NodeError> {
         let (pid, spec, _) = self.migratable(node, id)?;
@@ -118,6 +122,7 @@ impl VmRuntime {
             src.migration_limits(ask.max_downtime_ms, BANDWIDTH)?;
             src.getfd(STATE_FD, state.as_raw_fd())?;
             drop(state);
+            before_copy();
             let paused = mode.start(&mut src, &format!("fd:{STATE_FD}"))?;
             // At the switchover the guest is paused: the mirror ends in step.
             let mut end_mirror = |m: &mut Monitor| -> Result<(), VmError> {
@@ -211,7 +216,8 @@ impl VmRuntime {
             return Err(refuse("the destination QEMU is not running".into()));
         };
         let mut dst = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
-        let deadline = Instant::now() + RECEIVE_DEADLINE;
+        let asked = Instant::now();
+        let deadline = asked + RECEIVE_DEADLINE;
         loop {
             if dst.status()?.0 {
                 break; // asked again after it ran
@@ -251,12 +257,19 @@ impl VmRuntime {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        let loaded = Instant::now();
         dst.balloon_stats_every(super::runtime::BALLOON_STATS_SECS)?;
         let vcpus = dst.vcpus()?;
         super::qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, cpus)?;
         if !disk_io.is_unlimited() {
             dst.throttle_disks(disk_io)?;
         }
+        tracing::info!(
+            id,
+            state_wait_ms = super::migrate::millis(loaded - asked),
+            setup_ms = super::migrate::millis(loaded.elapsed()),
+            "received state loaded; pinned and throttled"
+        );
         Ok(())
     }
 
