@@ -516,9 +516,7 @@ impl VmRuntime {
             Err(e @ VmError::PostcopyLost { .. }) => {
                 // Neither half of the guest can run on: both QEMUs go, the instance ends
                 // (its restart policy boots it again from its disks).
-                let _ = self.kill_qemus(node, id, None);
-                let _ = self.remove_staged_dirs(id);
-                let _ = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit);
+                self.lose_guest(node, id, Some(limit), ask);
                 return Err(e.into());
             }
             Err(e) => {
@@ -536,9 +534,7 @@ impl VmRuntime {
                     // Started on its own once the copy completed (a live copy's destination
                     // autostarts) and gone since: it may have written to the disks, so the
                     // source must not run again.
-                    let _ = self.kill_qemus(node, id, None);
-                    let _ = self.remove_staged_dirs(id);
-                    let _ = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit);
+                    self.lose_guest(node, id, Some(limit), ask);
                     return Err(VmError::SwitchIncomplete {
                         id: id.to_string(),
                         why: format!(
@@ -807,12 +803,19 @@ impl VmRuntime {
         if cgroup::holds(&node.cfg.root, id, new_pid) {
             return Err(Unfinished::Pending(e));
         }
+        self.lose_guest(node, id, limit, ask);
+        Err(Unfinished::Lost(e))
+    }
+
+    /// The guest is lost (neither QEMU may run it on): every QEMU of the instance killed,
+    /// the staged dirs removed, the memory limit back to one VM's (when known). Best effort:
+    /// the reconciler then sees the instance's end and its restart policy acts.
+    fn lose_guest(&self, node: &Node, id: &str, limit: Option<u64>, ask: &MigrateAsk) {
         let _ = self.kill_qemus(node, id, None);
         let _ = self.remove_staged_dirs(id);
         if let Some(limit) = limit {
             let _ = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit);
         }
-        Err(Unfinished::Lost(e))
     }
 
     /// Undoes a migration that did not get the guest: every other process of the instance's
@@ -923,11 +926,7 @@ impl VmRuntime {
         // Resumed there after a paused copy, and gone since: the guest ran there, so the
         // source (older than what the destination wrote to the disks) must not run again.
         if took_over_mark(&staged).exists() {
-            let _ = self.kill_qemus(node, id, None);
-            let _ = self.remove_staged_dirs(id);
-            if let Some(limit) = limit {
-                let _ = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit);
-            }
+            self.lose_guest(node, id, limit, ask);
             return Some(
                 "a migration cut short by the daemon's end had resumed the guest in its new QEMU, \
                  which is gone: the guest is lost and the instance restarts from its disks"
