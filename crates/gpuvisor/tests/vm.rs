@@ -707,8 +707,8 @@ fn wait_for(
 fn a_guest_panic_ends_the_instance_with_its_status() {
     let _g = serial();
     let Some(fx) = fixture() else { return };
-    // The first teardown after each exit fails (the hidden test hook): the retry must still
-    // tell QEMU's last words, read before that teardown.
+    // The first teardown after this instance's first exit fails (the hidden test hook, once
+    // per instance): the retry must still tell QEMU's last words, read before that teardown.
     std::env::set_var("GPUVISOR_TEST_FAIL_EXIT_TEARDOWN", "1");
     let d = vm_daemon(&fx);
     std::env::remove_var("GPUVISOR_TEST_FAIL_EXIT_TEARDOWN");

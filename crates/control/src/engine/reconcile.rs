@@ -556,6 +556,9 @@ impl Engine {
             done
         })
         .await??;
+        // The instance's processes are gone for good: an exit kept for a retried teardown
+        // is not a later run's.
+        self.seen_exits().remove(id);
         Ok(())
     }
 
@@ -803,7 +806,6 @@ impl Engine {
                 };
                 self.test_fail_exit_teardown(&id)?;
                 self.teardown(&id, false).await?;
-                self.seen_exits().remove(&id);
                 let how = match (code, said) {
                     (Some(c), Some(w)) => format!("exited with code {c} ({w})"),
                     (Some(c), None) => format!("exited with code {c}"),
@@ -906,7 +908,6 @@ impl Engine {
                 let node = self.node.clone();
                 let rid = id.clone();
                 blocking(move || node.forget(&rid)).await?;
-                self.seen_exits().remove(&id);
                 self.set(&id, S::Terminated, None, "state", "terminated".into())
                     .await?;
                 self.drop_lock(&id);

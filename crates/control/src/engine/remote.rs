@@ -168,6 +168,9 @@ pub(crate) fn check_not_departing(row: &InstanceRow) -> Result<()> {
 enum Away {
     /// The guest runs on here (refused, or failed before the destination ran).
     Stayed(String),
+    /// The guest did not leave, but does not run on here either (it could not be resumed,
+    /// or its QEMU ended): the reason says which. Nothing of the departure is left.
+    NotRunning(String),
     /// Post-copy was cut: neither side has the whole guest; `dropped`: the destination
     /// confirmed its half is gone.
     Lost { why: String, dropped: bool },
@@ -293,6 +296,15 @@ impl Engine {
                 self.event(&row.id, "migration_failed", why.clone()).await;
                 Err(EngineError::Unavailable(format!(
                     "live migration of {} to node {to} failed: {why}; the VM runs on here",
+                    row.name
+                )))
+            }
+            Err(Away::NotRunning(why)) => {
+                self.store.set_spec(&row.id, &row.spec, self.tick()).await?;
+                self.event(&row.id, "migration_failed", why.clone()).await;
+                self.wake.notify_one();
+                Err(EngineError::Internal(format!(
+                    "live migration of {} to node {to} failed: {why}",
                     row.name
                 )))
             }
@@ -627,7 +639,7 @@ impl Engine {
             match m.get_mut(migration) {
                 Some(r) if !r.starting => {
                     r.starting = true;
-                    Some(r.id.clone())
+                    Some((r.id.clone(), r.postcopy))
                 }
                 Some(_) => {
                     return Err(EngineError::InUse(format!(
@@ -637,7 +649,7 @@ impl Engine {
                 None => None,
             }
         };
-        let Some(id) = id else {
+        let Some((id, postcopy)) = id else {
             // Asked again (the answer was lost): what happened.
             return match self.arrival_phase(migration).await? {
                 MigrationPhase::Running => Ok(status(migration, MigrationPhase::Running)),
@@ -675,7 +687,7 @@ impl Engine {
             .await
             .and_then(|r| r.map_err(super::migration::node_refusal));
         let marked = match ready {
-            Ok(()) => self.mark_ran(&row).await,
+            Ok(()) => self.mark_ran(&row, !postcopy).await,
             Err(e) => Err(e),
         };
         if let Err(e) = marked {
@@ -688,8 +700,8 @@ impl Engine {
         let resumed = super::blocking(move || node.vm()?.resume_received(&nid)).await?;
         tracing::info!(
             instance = %id,
-            ready_and_recorded_ms = (t1 - t0).as_millis() as u64,
-            resume_ms = t1.elapsed().as_millis() as u64,
+            ready_and_recorded_ms = u64::try_from((t1 - t0).as_millis()).unwrap_or(u64::MAX),
+            resume_ms = u64::try_from(t1.elapsed().as_millis()).unwrap_or(u64::MAX),
             "received guest resumed"
         );
         let taken = self.receivings().remove(migration);
@@ -718,15 +730,26 @@ impl Engine {
             format!("arrived from node {from} by live migration"),
         )
         .await;
+        if !postcopy {
+            // Recorded settled with its run: a pre-copy's state was all here before it ran.
+            self.event(
+                &id,
+                "migration_settled",
+                format!("all of its state arrived from node {from}"),
+            )
+            .await;
+        }
         drop(taken);
         Ok(status(migration, MigrationPhase::Running))
     }
 
     /// Records that the received guest of `row` runs here (before it is resumed): the
     /// migration's id stays in the spec, for a source that asks.
-    async fn mark_ran(&self, row: &InstanceRow) -> Result<()> {
+    /// `whole`: every byte of the state is here already (a pre-copy): nothing to watch.
+    async fn mark_ran(&self, row: &InstanceRow, whole: bool) -> Result<()> {
         self.update_incoming(&row.id, |i| {
             i.ran = true;
+            i.settled |= whole;
             i.vm = None;
             true
         })
@@ -1056,7 +1079,8 @@ impl Engine {
                 let mid = mid.clone();
                 let _ = super::blocking(move || peer.drop_migration(&mid, false)).await;
             }
-            return self.keep_departed(row).await;
+            self.keep_departed(row).await?;
+            return Ok(true);
         }
         let Some(peer) = self.peer(&o.to_node) else {
             let why = format!(
@@ -1098,7 +1122,10 @@ impl Engine {
                 .await?;
                 Ok(true)
             }
-            Ok(Departure::Keep) => self.keep_departed(row).await,
+            Ok(Departure::Keep) => {
+                self.keep_departed(row).await?;
+                Ok(true)
+            }
             Ok(Departure::Restart) => {
                 let mut spec = row.spec.clone();
                 spec.outgoing = None;
@@ -1128,33 +1155,35 @@ impl Engine {
         }
     }
 
-    /// A departure that did not happen: the guest resumes here. False (the departure stays
-    /// recorded, tried again in a minute) while its QEMU runs and its guest could not be
-    /// resumed.
-    async fn keep_departed(&self, row: &InstanceRow) -> Result<bool> {
+    /// A departure that did not happen: the guest resumes here, and the departure's record
+    /// goes (nothing of it is left at the destination), whatever became of the guest: one
+    /// that could not be resumed is said so once, and stays paused for the operator (stop
+    /// and start), never trapped behind a departure.
+    async fn keep_departed(&self, row: &InstanceRow) -> Result<()> {
         let (node, id) = (self.node.clone(), row.id.clone());
         let kept = super::blocking(move || node.vm()?.keep_sent(&node, &id)).await?;
-        let what = match kept {
-            Ok(true) => "the guest stays on this node".to_string(),
-            Ok(false) => "the guest stays on this node; its QEMU no longer runs, so the \
-                          instance restarts as its policy says"
-                .to_string(),
-            Err(e) => {
-                let why = format!(
+        let (kind, what) = match kept {
+            Ok(true) => ("migration_recovered", "the guest stays on this node".to_string()),
+            Ok(false) => (
+                "migration_recovered",
+                "the guest stays on this node; its QEMU no longer runs, so the instance \
+                 restarts as its policy says"
+                    .to_string(),
+            ),
+            Err(e) => (
+                "migration_failed",
+                format!(
                     "the migration did not happen but the guest could not be resumed here \
-                     ({e}); tried again in a minute"
-                );
-                tracing::warn!(instance = %row.id, "{why}");
-                self.event(&row.id, "migration_unresolved", why).await;
-                return Ok(false);
-            }
+                     ({e}): it stays paused in its QEMU (stop and start the instance)"
+                ),
+            ),
         };
         let mut spec = row.spec.clone();
         spec.outgoing = None;
         self.store.set_spec(&row.id, &spec, self.tick()).await?;
-        self.event(&row.id, "migration_recovered", what).await;
+        self.event(&row.id, kind, what).await;
         self.wake.notify_one();
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -1235,7 +1264,7 @@ fn send_to_peer(
             let _ = peer.drop_migration(mid, false);
             return Err(match e {
                 gpuvisor_node::NodeError::Vm(e @ VmError::NotResumed { .. }) => {
-                    Away::Unknown(e.to_string())
+                    Away::NotRunning(e.to_string())
                 }
                 e => Away::Stayed(e.to_string()),
             });
@@ -1269,12 +1298,16 @@ fn send_to_peer(
         )));
     }
     match vm.keep_sent(node, id) {
-        Ok(_) => Err(Away::Stayed(format!(
+        Ok(true) => Err(Away::Stayed(format!(
             "the destination did not run it: {ran}"
         ))),
-        Err(k) => Err(Away::Unknown(format!(
-            "the destination did not run it ({ran}) and the guest could not be resumed here: \
-             {k}"
+        Ok(false) => Err(Away::NotRunning(format!(
+            "the destination did not run it ({ran}), and its QEMU here ended meanwhile: the \
+             instance restarts as its restart policy says"
+        ))),
+        Err(k) => Err(Away::NotRunning(format!(
+            "the destination did not run it ({ran}) and the guest could not be resumed here \
+             ({k}): it stays paused in its QEMU (stop and start the instance)"
         ))),
     }
 }

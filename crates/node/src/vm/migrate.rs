@@ -3,7 +3,8 @@
 //! the same version; the machine type and CPU model are not pinned across QEMU versions).
 //!
 //! The destination QEMU is started from the very spec the source was started with (the run
-//! dir's `spec.json`), with `-incoming defer`, with staging run dirs ([`staging`]: `.in-<id>`,
+//! dir's `spec.json`), held (`-incoming defer -S`: it runs the guest only once the daemon has
+//! written the `took-over` mark and resumed it), with staging run dirs ([`staging`]: `.in-<id>`,
 //! counted as the instance's by every sweep), in the instance's own cgroup (cgroup v2 cannot
 //! rename one), whose memory limit is doubled until the source is gone. It gets the source's
 //! own tap and console pipe (duplicated out of the source with `pidfd_getfd`, the tap checked
@@ -176,10 +177,14 @@ pub fn other_cid(cid: u32) -> u32 {
     3 + (n ^ (1 << 28))
 }
 
-/// Moves the running state from `src` to `dst` (started with `-incoming defer`) and waits
-/// until the destination runs. Returns QEMU's figures and whether it ended in post-copy. An
-/// error after the switch to post-copy is [`VmError::PostcopyLost`]; any other leaves the
-/// rollback to the caller (the destination must be stopped before the source resumes).
+/// Moves the running state from `src` to `dst` (started held: `-incoming defer -S`) and
+/// lets the guest run there. Returns QEMU's figures and whether it ended in post-copy. The
+/// destination never runs the guest on its own: it is resumed here, once it has the devices'
+/// state (the whole state after a pre-copy; at the switch in post-copy), right after the
+/// `took_over` mark is written: from that mark on the source never runs again, and without it
+/// the destination has not run. An error after the switch to post-copy is
+/// [`VmError::PostcopyLost`]; any other leaves the rollback to the caller (the destination
+/// must be stopped before the source resumes).
 pub fn transfer(
     src: &mut Monitor,
     dst: &mut Monitor,
@@ -214,36 +219,47 @@ pub fn transfer(
     let paused = mode.start(src, &format!("fd:{CHANNEL}"))?;
     // Each QEMU has its own end now.
     drop((a, b));
-    let (mut stats, switched, _) = copy(src, ask, paused, &mut |_| Ok(()), &mut || Ok(()))?;
-    // A guest that ran: the destination runs on its own once the state is in (in post-copy,
-    // from the switch). One the copy paused arrives paused and is resumed here, once: from
-    // that `cont` on the destination has the guest (whatever it does next: a suspended guest
-    // stays suspended, one that powers off ends its QEMU), and the source never runs again.
+    // At the post-copy switch the guest must run there for its pages to come.
+    let mut run_there = || run_held(dst, took_over, false);
+    let (mut stats, switched, began) = copy(src, ask, paused, &mut |_| Ok(()), &mut run_there)?;
+    if !began {
+        // The whole state is there: the guest runs there from now on.
+        run_held(dst, took_over, true).map_err(|e| lost(switched, e))?;
+        if let Some(at) = paused {
+            stats.downtime_ms = Some(millis(at.elapsed()));
+        }
+    }
+    Ok((stats, switched))
+}
+
+/// Lets a held destination run the guest once it has the devices' state (`whole`: once it
+/// has loaded the whole state, after a pre-copy), the `took_over` mark written first. Ok at
+/// once where it runs already (resumed by an earlier call).
+fn run_held(dst: &mut Monitor, took_over: &std::path::Path, whole: bool) -> Result<(), VmError> {
     let deadline = Instant::now() + RUN_DEADLINE;
     loop {
-        if dst.status().map_err(|e| lost(switched, e))?.0 {
-            return Ok((stats, switched));
+        let (running, state) = dst.status()?;
+        if running {
+            return Ok(());
         }
-        let st = dst.migration_stats().map_err(|e| lost(switched, e))?;
-        if paused.is_some() && st.status == "completed" {
-            // From this `cont` on the destination has the guest: marked first, so that
-            // whoever judges it later (a failure below, a daemon restart) never resumes the
-            // source.
+        let st = dst.migration_stats()?;
+        let ready = if whole {
+            st.status == "completed"
+        } else {
+            // Post-copy is active from its LISTEN on, before the devices' state (the package
+            // that follows) is loaded: not resumed until the run state has left `inmigrate`.
+            (st.status == "completed" || st.status.starts_with("postcopy"))
+                && state != "inmigrate"
+        };
+        if ready {
             std::fs::write(took_over, b"").map_err(vio(took_over))?;
-            dst.resume().map_err(|e| lost(switched, e))?;
-            if let Some(at) = paused {
-                stats.downtime_ms = Some(millis(at.elapsed()));
-            }
-            return Ok((stats, switched));
+            return dst.resume();
         }
         if matches!(st.status.as_str(), "failed" | "cancelled") || Instant::now() > deadline {
             let why = st.error.unwrap_or(st.status);
-            return Err(lost(
-                switched,
-                failed(
-                    "migrate-incoming",
-                    format!("the destination did not run: {why}"),
-                ),
+            return Err(failed(
+                "migrate-incoming",
+                format!("the destination did not take the guest: {why}"),
             ));
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -416,14 +432,6 @@ fn source_resumes(state: &str) -> bool {
     matches!(state, "paused" | "postmigrate" | "finish_migrate")
 }
 
-/// Whether the source says its copy went whole (completed, or switched to post-copy): after
-/// a live copy the destination may have run the guest. Unsure (no answer) is taken as not:
-/// the caller resumes a source whose destination never showed it had the guest.
-fn may_have_switched(src: &mut Monitor) -> bool {
-    src.migration_stats()
-        .is_ok_and(|st| st.status == "completed" || st.status.starts_with("postcopy"))
-}
-
 /// Why a switch to the new QEMU did not complete.
 enum Unfinished {
     /// The new QEMU runs the guest: the next daemon start completes the switch.
@@ -474,16 +482,17 @@ impl VmRuntime {
             }
         }
         // Leftovers of an earlier attempt: judged as a restarted daemon judges them (a
-        // destination that had the guest is finished, not killed), never blindly undone.
+        // destination that had the guest is finished, not killed), never blindly undone; then
+        // this request is refused (its QEMU, its guest's state may have changed).
         if self.phase(id) != Phase::None {
-            let what = self.recover_migration(node, ask);
-            tracing::warn!(id, "an earlier migration's leftovers: {what:?}");
-            if self.phase(id) != Phase::None || self.live_pid(node, id) != Some(old_pid) {
-                return Err(refuse(format!(
-                    "an earlier migration of it was left half done and has just been settled                      ({}): look at the instance and migrate it again",
-                    what.unwrap_or_else(|| "nothing to do".into())
-                )));
-            }
+            let what = self
+                .recover_migration(node, ask)
+                .unwrap_or_else(|| "nothing to do".into());
+            tracing::warn!(id, "an earlier migration's leftovers: {what}");
+            return Err(refuse(format!(
+                "an earlier migration of it was left half done and has just been settled \
+                 ({what}): look at the instance and migrate it again"
+            )));
         }
         // Nothing staged: any other QEMU in its cgroup is a stray, and the limit one VM's.
         self.undo(node, id, old_pid, Some(limit), ask)?;
@@ -530,20 +539,6 @@ impl VmRuntime {
                 if took {
                     let st = src.migration_stats().unwrap_or_default();
                     (st, false)
-                } else if mode == CopyMode::Live && may_have_switched(&mut src) {
-                    // Started on its own once the copy completed (a live copy's destination
-                    // autostarts) and gone since: it may have written to the disks, so the
-                    // source must not run again.
-                    self.lose_guest(node, id, Some(limit), ask);
-                    return Err(VmError::SwitchIncomplete {
-                        id: id.to_string(),
-                        why: format!(
-                            "the copy completed but the new QEMU did not keep the guest ({e}); \
-                             it may have run it, so the old one may not: the guest is lost and \
-                             the instance restarts from its disks"
-                        ),
-                    }
-                    .into());
                 } else {
                     if let Err(u) = self.undo(node, id, old_pid, Some(limit), ask) {
                         return Err(VmError::SwitchIncomplete {
@@ -698,7 +693,7 @@ impl VmRuntime {
         spec.run = staged.clone();
         spec.seed = spec.seed.as_ref().map(|_| staged.seed());
         spec.vsock_cid = spec.vsock_cid.map(other_cid);
-        spec.incoming = Some(Incoming::Defer);
+        spec.incoming = Some(Incoming::Held);
         if let Some(n) = spec.net.as_mut() {
             n.fd = tap.as_raw_fd();
         }
@@ -976,32 +971,36 @@ impl VmRuntime {
     }
 }
 
-/// Whether the destination in `staged` has taken the guest over: it runs, or it has the whole
-/// state (then it is resumed: the source stopped for good when the copy completed). Otherwise
-/// it is left paused with its autostart off (`stop` while incoming), so that a copy completing
-/// now cannot start it before the caller kills it.
+/// Whether the destination in `staged` has taken the guest over. It is held (`-S`): it ran
+/// only if the daemon resumed it, which it does only after writing the `took-over` mark. So:
+/// the mark says it has the guest (running: resumed again if that `cont` did not take; or not
+/// any more); without it, one that has the whole state takes it now (the source stopped for
+/// good when its copy completed): mark, then resume; any other (unreachable, or still
+/// loading) never ran the guest, and the source may resume once it is killed.
 fn dest_took_over(staged: &RunPaths) -> bool {
-    // Resumed by the daemon after a paused copy: it has the guest, running (resumed again if
-    // that `cont` did not take) or not any more.
-    if took_over_mark(staged).exists() {
-        if let Ok(mut dst) = Monitor::connect(&staged.qmp(), Duration::from_secs(2)) {
+    let mark = took_over_mark(staged);
+    let connect = || Monitor::connect(&staged.qmp(), Duration::from_secs(2));
+    if mark.exists() {
+        if let Ok(mut dst) = connect() {
             if matches!(dst.status(), Ok((false, state)) if state == "paused") {
                 let _ = dst.resume();
             }
         }
         return true;
     }
-    let Ok(mut dst) = Monitor::connect(&staged.qmp(), Duration::from_secs(2)) else {
+    let Ok(mut dst) = connect() else {
         return false;
     };
-    match dst.status() {
-        Ok((true, _)) => return true,
-        Err(_) => return false,
-        Ok(_) => {}
-    }
-    let _ = dst.pause();
     match dst.migration_stats() {
-        Ok(st) if st.status == "completed" => dst.resume().is_ok(),
+        Ok(st) if st.status == "completed" => {
+            if std::fs::write(&mark, b"").is_err() {
+                return false;
+            }
+            if let Err(e) = dst.resume() {
+                tracing::warn!("resuming a destination that has the whole state: {e}");
+            }
+            true
+        }
         _ => false,
     }
 }

@@ -204,10 +204,11 @@ pub struct VmSpec {
 pub enum Incoming {
     /// A snapshot's saved state (QEMU's migration stream in a file): `-incoming fd:N`.
     File(PathBuf),
-    /// A live migration's destination: `-incoming defer`, the channel given later over QMP.
-    Defer,
-    /// Another host's migration's destination: `-incoming defer` and `-S`: the guest waits
-    /// for the source's daemon to say it may run ([`super::remote`]).
+    /// A live migration's destination: `-incoming defer` (the channel given later over QMP)
+    /// and `-S`: the guest never runs on its own, not even once the state is in; the daemon
+    /// resumes it once it has recorded that the destination has the guest (locally: the
+    /// `took-over` mark, [`super::migrate`]; from another host: when the source's daemon
+    /// says so, [`super::remote`]).
     Held,
 }
 
@@ -413,8 +414,6 @@ impl VmSpec {
         }
         if let Some(fd) = fds.incoming {
             a.extend([s("-incoming"), format!("fd:{fd}")]);
-        } else if self.incoming == Some(Incoming::Defer) {
-            a.extend([s("-incoming"), s("defer")]);
         } else if self.incoming == Some(Incoming::Held) {
             a.extend([s("-incoming"), s("defer"), s("-S")]);
         }
