@@ -355,6 +355,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Err(e) = engine.meter_step().await {
         tracing::warn!("usage: last meter step failed: {e}");
     }
+    if let Err(e) = engine.settle_ksm().await {
+        tracing::warn!("{e}");
+    }
     // Our iptables chains go with the last bridge: nothing of ours stays on a host that runs
     // no instance of ours.
     match tokio::task::spawn_blocking(move || node.net.release_host()).await? {

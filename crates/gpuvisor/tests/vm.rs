@@ -273,6 +273,16 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
     let leaks = d.leaks(&ids);
     assert!(leaks.is_empty(), "leaks: {leaks:?}");
     assert!(d.leaked_processes(&ids).is_empty());
+    // A daemon stopped right after its last VM went leaves KSM off (its sampler, which turns
+    // it off within a second, may not have run since).
+    d.stop();
+    if ksm_run().is_ok() {
+        assert_eq!(
+            ksm_run().unwrap(),
+            "0",
+            "KSM left on by a daemon that stopped with no VM running"
+        );
+    }
 }
 
 /// QEMU runs as the VM's own unprivileged user (no capabilities, no_new_privs), and with its

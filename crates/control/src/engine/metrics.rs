@@ -105,6 +105,33 @@ pub const GPU_EVENTS_MAX: u32 = 500;
 pub const HOST_CHECKS_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Engine {
+    /// The VMs of `rows` running on this host (simulated nodes run nothing).
+    fn vms_running<'a>(
+        &self,
+        rows: impl IntoIterator<Item = &'a crate::store::InstanceRow>,
+    ) -> usize {
+        rows.into_iter()
+            .filter(|i| {
+                i.state == InstanceState::Running
+                    && i.runtime == gpuvisor_wire::RuntimeKind::Vm
+                    && !self.is_simulated(i)
+            })
+            .count()
+    }
+
+    /// At the daemon's stop: KSM as the VMs left running need it (off where none runs: the
+    /// sampler that would have turned it off stops with the daemon, and a VM terminated just
+    /// before the stop would leave it on).
+    pub async fn settle_ksm(&self) -> Result<()> {
+        let vms = self.vms_running(self.store.live_instances(None).await?.iter());
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || node.ksm.tune(vms))
+            .await
+            .map_err(|e| EngineError::Internal(format!("KSM: {e}")))?
+            .map_err(|e| EngineError::Internal(format!("KSM for {vms} VMs: {e}")))?;
+        Ok(())
+    }
+
     /// Samples the host every second until the daemon stops. `cfg` sets the thermal ceiling and
     /// the `/metrics` token.
     pub async fn run_telemetry(self: Arc<Self>, cfg: TelemetryConfig) {
@@ -268,10 +295,7 @@ impl Engine {
             })
             .collect();
         // KSM runs while VMs run on this host, faster the more of them (`gpuvisor_node::ksm`).
-        let vms = running
-            .iter()
-            .filter(|i| i.runtime == gpuvisor_wire::RuntimeKind::Vm && !self.is_simulated(i))
-            .count();
+        let vms = self.vms_running(running.iter().copied());
         let node = self.node.clone();
         let (sampler, sample, ksm) = tokio::task::spawn_blocking(move || {
             if let Err(e) = node.ksm.tune(vms) {

@@ -1163,7 +1163,10 @@ impl Engine {
         let (node, id) = (self.node.clone(), row.id.clone());
         let kept = super::blocking(move || node.vm()?.keep_sent(&node, &id)).await?;
         let (kind, what) = match kept {
-            Ok(true) => ("migration_recovered", "the guest stays on this node".to_string()),
+            Ok(true) => (
+                "migration_recovered",
+                "the guest stays on this node".to_string(),
+            ),
             Ok(false) => (
                 "migration_recovered",
                 "the guest stays on this node; its QEMU no longer runs, so the instance \

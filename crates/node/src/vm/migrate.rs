@@ -248,8 +248,7 @@ fn run_held(dst: &mut Monitor, took_over: &std::path::Path, whole: bool) -> Resu
         } else {
             // Post-copy is active from its LISTEN on, before the devices' state (the package
             // that follows) is loaded: not resumed until the run state has left `inmigrate`.
-            (st.status == "completed" || st.status.starts_with("postcopy"))
-                && state != "inmigrate"
+            (st.status == "completed" || st.status.starts_with("postcopy")) && state != "inmigrate"
         };
         if ready {
             std::fs::write(took_over, b"").map_err(vio(took_over))?;
