@@ -384,15 +384,22 @@ fn gvfrag_splits_a_request_allowed_k_models() {
     };
     let nodes = vec![two("r", "R"), two("p", "P"), two("q", "Q")];
     let mut s = Scheduler::new(nodes, Policy::GvFrag, 1).unwrap();
-    let sample = vec![on(&["R"]), on(&["R"]), on(&["P", "Q"]), on(&["P", "Q"]), any.clone()];
+    let sample = vec![
+        on(&["R"]),
+        on(&["R"]),
+        on(&["P", "Q"]),
+        on(&["P", "Q"]),
+        any.clone(),
+    ];
     s.set_target_workload(&sample);
     assert_eq!(s.place(1, &any).unwrap().node, 1);
 }
 
 /// A node with GPUs of two models is judged by the GPUs the request would take. Node "m" has a
-/// Q GPU (taken) and a P GPU; node "q" two Q GPUs. Half the workload is pinned to P, so P's
-/// pool is pressed: a 1-GPU pod would take m's P GPU, so it goes to "q" (judged by m's first
-/// GPU, Q, m would look unpressed and win as the lowest index).
+/// Q GPU (taken) and a P GPU; nodes "q0", "q1" eight Q GPUs each. 4% of the workload is pinned
+/// to P (out of FGD's target workload, so FGD's score sees no difference and packing would
+/// pick m), and P's pool is pressed (0.04 × 17 / 1 = 0.68): a 1-GPU pod would take m's P GPU,
+/// so it goes to "q0". Judged by m's first GPU, Q, m would look unpressed and win.
 #[test]
 fn gvfrag_judges_a_mixed_node_by_the_gpus_it_would_take() {
     let mixed = Node::new(
@@ -409,8 +416,12 @@ fn gvfrag_judges_a_mixed_node_by_the_gpus_it_would_take() {
         models: vec!["P".to_string()],
         ..whole(1)
     };
-    let mut s = Scheduler::new(vec![mixed, node_of("q", 2, "Q", 0)], Policy::GvFrag, 1).unwrap();
-    let sample = vec![pinned.clone(), any.clone()];
+    let nodes = vec![mixed, node_of("q0", 8, "Q", 0), node_of("q1", 8, "Q", 0)];
+    let mut s = Scheduler::new(nodes, Policy::GvFrag, 1).unwrap();
+    let sample: Vec<Request> = (0..4)
+        .map(|_| pinned.clone())
+        .chain((0..96).map(|_| any.clone()))
+        .collect();
     s.set_target_workload(&sample);
     // m's Q GPU is taken whole.
     s.commit(
@@ -423,7 +434,7 @@ fn gvfrag_judges_a_mixed_node_by_the_gpus_it_would_take() {
     )
     .unwrap();
     assert_eq!(s.place(2, &any).unwrap().node, 1);
-    // A share on m can only go on its P GPU too.
+    // A share on m could only go on its P GPU too.
     assert_eq!(s.place(3, &frac(500)).unwrap().node, 1);
     assert_eq!(s.place(4, &pinned).unwrap().node, 0);
 }
