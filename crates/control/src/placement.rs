@@ -1,6 +1,7 @@
 //! Placement on one host, behind the [`Placer`] trait. Pure: it sees a snapshot of capacity and
 //! of the instances already there ([`Resident`]) and returns an assignment, an eviction plan, or
-//! an error naming the missing resource; it never touches the store or the host.
+//! an error naming the missing resource; it never touches the store or the host. Its only state
+//! is a [`Scheduled`] placer's window of recent demands (below).
 //!
 //! Two placers: [`SingleHost`] holds the rules (and picks pinned CPUs, and explains refusals);
 //! [`Scheduled`] asks the scheduler crate's policy (`gvfrag` by default) which GPUs to use and
