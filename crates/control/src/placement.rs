@@ -11,8 +11,10 @@
 //! workload distribution"). [`Scheduled`] and [`Cluster`] give the scheduler the residents'
 //! requests, the recent demands a `Scheduled` placer has accepted ([`RecentDemands`]: bounded,
 //! and no one GPU size may fill more than a quarter of it, so a flood of tiny requests cannot
-//! push the rest out) and the request itself. Without it FGD's measure sees the request alone
-//! and gvfrag has neither its full-node reserve nor its pool pressure.
+//! push the rest out) and the request itself. Without it FGD's measure sees the request alone.
+//! gvfrag's full-node reserve and pool pressure choose between nodes, so they act over the
+//! simulated nodes ([`Cluster`]); on one host the workload changes which GPUs FGD's measure
+//! picks. The window lives in memory: a restarted daemon starts with the residents only.
 //!
 //! Rules: whole GPUs are exclusive; fractional requests share a GPU up to 100% of its compute
 //! and of its VRAM, packed best-fit so whole GPUs stay free for whole requests; pinned CPUs are
@@ -836,6 +838,7 @@ impl Cluster {
     }
 
     /// Adds recent demands (a placer's [`Placer::recent_demands`]) to the target workload.
+    /// (The engine does not pass them yet: its simulated nodes see residents and the request.)
     pub fn with_recent(mut self, recent: Vec<gpuvisor_scheduler::Request>) -> Self {
         self.workload.extend(recent);
         self
