@@ -1,10 +1,20 @@
 //! Placement on one host, behind the [`Placer`] trait. Pure: it sees a snapshot of capacity and
 //! of the instances already there ([`Resident`]) and returns an assignment, an eviction plan, or
-//! an error naming the missing resource; it never touches the store or the host.
+//! an error naming the missing resource; it never touches the store or the host. Its only state
+//! is a [`Scheduled`] placer's window of recent demands (below).
 //!
 //! Two placers: [`SingleHost`] holds the rules (and picks pinned CPUs, and explains refusals);
 //! [`Scheduled`] asks the scheduler crate's policy (`gvfrag` by default) which GPUs to use and
 //! for the cheapest preemption plan, then applies the same rules. The daemon uses `Scheduled`.
+//!
+//! The fragmentation policies measure a placement against a *target workload* (FGD's "recent
+//! workload distribution"). [`Scheduled`] and [`Cluster`] give the scheduler the residents'
+//! requests, the recent demands a `Scheduled` placer has accepted ([`RecentDemands`]: bounded,
+//! and no one GPU size may fill more than a quarter of it, so a flood of tiny requests cannot
+//! push the rest out) and the request itself. Without it FGD's measure sees the request alone.
+//! gvfrag's full-node reserve and pool pressure choose between nodes, so they act over the
+//! simulated nodes ([`Cluster`]); on one host the workload changes which GPUs FGD's measure
+//! picks. The window lives in memory: a restarted daemon starts with the residents only.
 //!
 //! Rules: whole GPUs are exclusive; fractional requests share a GPU up to 100% of its compute
 //! and of its VRAM, packed best-fit so whole GPUs stay free for whole requests; pinned CPUs are
@@ -14,7 +24,8 @@
 //! each request sees the host with the other kind's GPUs left out ([`HostCapacity::for_demand`]),
 //! so a container's placement is exactly what it was before VMs existed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 /// One GPU's capacity and what is already taken.
@@ -257,6 +268,12 @@ pub trait Placer: Send + Sync {
         let _ = (host, demand);
         Err(PlacementError::NoPreemption)
     }
+
+    /// The recent demands this placer has accepted, oldest first, as the scheduler's requests
+    /// (for [`Cluster::with_recent`]); none for a placer that keeps no history.
+    fn recent_demands(&self) -> Vec<gpuvisor_scheduler::Request> {
+        Vec::new()
+    }
 }
 
 /// The single-host placer.
@@ -410,17 +427,102 @@ fn pick_cpus(
     Ok(cpus)
 }
 
-/// The scheduler crate's policies applied to one host.
-#[derive(Debug, Clone, Copy)]
+/// How many recent demands a [`Scheduled`] placer keeps for its target workload.
+pub const RECENT_DEMANDS: usize = 256;
+
+/// No one GPU size (see [`RecentDemands::push`]) holds more of them than this.
+pub const RECENT_PER_SIZE: usize = RECENT_DEMANDS / 4;
+
+/// The last [`RECENT_DEMANDS`] demands a placer accepted, for the target workload.
+///
+/// Bounded in two ways: in length, and per GPU size (none, N whole GPUs, or a share rounded up
+/// to a tenth of a GPU), at most [`RECENT_PER_SIZE`] of each: a new demand of a size that
+/// already has its quota replaces the oldest of that size, not the oldest overall. So a
+/// tenant's flood of one size of request (say thousands of tiny shares) takes at most a quarter
+/// of the window and the other sizes seen before it stay. The cost: a size that really is most
+/// of the workload is under-weighted in the window (its residents still count in full).
+#[derive(Debug, Default, Clone)]
+pub struct RecentDemands {
+    window: VecDeque<(u32, gpuvisor_scheduler::Request)>,
+}
+
+impl RecentDemands {
+    /// The size class of a request: 0 none, 1..=64 whole GPUs, 1000 + tenths for a share.
+    fn size(r: &gpuvisor_scheduler::Request) -> u32 {
+        use gpuvisor_scheduler::GpuDemand;
+        match r.gpu {
+            GpuDemand::None => 0,
+            GpuDemand::Whole(n) => n.min(64),
+            GpuDemand::Fraction { milli, .. } => 1000 + milli.div_ceil(100),
+        }
+    }
+
+    /// Remembers a demand (its identity and priority are dropped: only its shape counts).
+    pub fn push(&mut self, r: &gpuvisor_scheduler::Request) {
+        let r = gpuvisor_scheduler::Request {
+            priority: 0,
+            interruptible: false,
+            ..r.clone()
+        };
+        let size = Self::size(&r);
+        let same = self.window.iter().filter(|(s, _)| *s == size).count();
+        if same >= RECENT_PER_SIZE {
+            if let Some(i) = self.window.iter().position(|(s, _)| *s == size) {
+                self.window.remove(i);
+            }
+        } else if self.window.len() >= RECENT_DEMANDS {
+            self.window.pop_front();
+        }
+        self.window.push_back((size, r));
+    }
+
+    /// The demands kept, oldest first.
+    pub fn requests(&self) -> impl Iterator<Item = &gpuvisor_scheduler::Request> {
+        self.window.iter().map(|(_, r)| r)
+    }
+
+    pub fn len(&self) -> usize {
+        self.window.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.window.is_empty()
+    }
+}
+
+/// The scheduler crate's policies applied to one host, measured against a target workload of
+/// the residents' requests, the recent demands it accepted and the request itself. Clones share
+/// the recent demands.
+#[derive(Debug, Clone)]
 pub struct Scheduled {
     pub policy: gpuvisor_scheduler::Policy,
+    recent: Arc<Mutex<RecentDemands>>,
 }
 
 impl Default for Scheduled {
     fn default() -> Self {
+        Self::new(gpuvisor_scheduler::Policy::GvFrag)
+    }
+}
+
+impl Scheduled {
+    pub fn new(policy: gpuvisor_scheduler::Policy) -> Self {
         Self {
-            policy: gpuvisor_scheduler::Policy::GvFrag,
+            policy,
+            recent: Arc::default(),
         }
+    }
+
+    fn remember(&self, r: &gpuvisor_scheduler::Request) {
+        // A poisoned lock only means another placement panicked mid-push: the window is
+        // still a valid (bounded) list.
+        let mut w = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        w.push(r);
+    }
+
+    fn recent(&self) -> Vec<gpuvisor_scheduler::Request> {
+        let w = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        w.requests().cloned().collect()
     }
 }
 
@@ -502,8 +604,14 @@ fn resident_request(
 
 impl Scheduled {
     /// The host as one scheduler node with every resident committed (instance id = index).
-    /// `host` is one kind's view ([`HostCapacity::for_demand`]).
-    fn model(&self, host: &HostCapacity) -> Result<gpuvisor_scheduler::Scheduler, PlacementError> {
+    /// `host` is one kind's view ([`HostCapacity::for_demand`]). With `workload`, the target
+    /// workload is the residents' requests, then the recent demands (the request being placed
+    /// among them).
+    fn model(
+        &self,
+        host: &HostCapacity,
+        workload: bool,
+    ) -> Result<gpuvisor_scheduler::Scheduler, PlacementError> {
         use gpuvisor_scheduler::{Gpu, GpuKind, Node, Placement, Scheduler};
         let err = |e: gpuvisor_scheduler::SchedError| PlacementError::Model(e.to_string());
         let gpus: Vec<Gpu> = host
@@ -526,6 +634,7 @@ impl Scheduled {
         let node = Node::new("host", cpu_milli, host.memory / MIB, gpus);
         let mut sched = Scheduler::new(vec![node], self.policy, 0).map_err(err)?;
         let passthrough = host.gpus.iter().any(|g| g.passthrough);
+        let mut sample = Vec::new();
         for (i, r) in host.residents.iter().enumerate() {
             let (req, placed) = resident_request(r, passthrough, |uuid| {
                 let g = host.gpus.iter().position(|s| s.uuid == uuid)?;
@@ -541,6 +650,13 @@ impl Scheduled {
                     },
                 )
                 .map_err(err)?;
+            if workload {
+                sample.push(req);
+            }
+        }
+        if workload {
+            sample.extend(self.recent());
+            sched.set_target_workload(&sample);
         }
         Ok(sched)
     }
@@ -551,11 +667,14 @@ impl Placer for Scheduled {
         // The rules first: they give the precise error when something does not fit.
         let rules = SingleHost.place(all, d)?;
         let host = &*all.for_demand(d);
+        let req = sched_request(host, d);
+        // It fits here: part of the workload this host sees.
+        self.remember(&req);
         if d.whole_gpus == 0 && d.milli == 0 {
             return Ok(rules);
         }
-        let mut sched = self.model(host)?;
-        let Ok(p) = sched.decide(&sched_request(host, d)) else {
+        let mut sched = self.model(host, true)?;
+        let Ok(p) = sched.decide(&req) else {
             return Ok(rules);
         };
         let gpus: Vec<GpuAssignment> = p
@@ -602,7 +721,8 @@ impl Placer for Scheduled {
             return Ok(Vec::new());
         }
         let host = &*all.for_demand(d);
-        let sched = self.model(host)?;
+        // The cheapest plan does not depend on the workload.
+        let sched = self.model(host, false)?;
         let plan = sched
             .plan_preemption(&sched_request(host, d))
             .map_err(|_| PlacementError::NoPreemption)?;
@@ -616,6 +736,10 @@ impl Placer for Scheduled {
             return Err(PlacementError::NoPreemption);
         }
         Ok(victims)
+    }
+
+    fn recent_demands(&self) -> Vec<gpuvisor_scheduler::Request> {
+        self.recent()
     }
 }
 
@@ -648,6 +772,8 @@ pub struct Cluster {
     nodes: Vec<SimNode>,
     /// Resident ids, by scheduler instance id.
     residents: Vec<String>,
+    /// The target workload but for the request: the residents' requests, then recent demands.
+    workload: Vec<gpuvisor_scheduler::Request>,
 }
 
 impl Cluster {
@@ -687,6 +813,7 @@ impl Cluster {
         }
         let mut sched = Scheduler::new(model, policy, 0).map_err(err)?;
         let mut ids = Vec::new();
+        let mut workload = Vec::new();
         for (node_id, r) in residents {
             let Some(&node) = where_node.get(node_id.as_str()) else {
                 continue;
@@ -699,13 +826,29 @@ impl Cluster {
             let placement = Placement { node, gpus: placed };
             if sched.commit(id, &req, placement).is_ok() {
                 ids.push(r.id.clone());
+                workload.push(req);
             }
         }
         Ok(Self {
             sched,
             nodes,
             residents: ids,
+            workload,
         })
+    }
+
+    /// Adds recent demands (a placer's [`Placer::recent_demands`]) to the target workload.
+    /// (The engine does not pass them yet: its simulated nodes see residents and the request.)
+    pub fn with_recent(mut self, recent: Vec<gpuvisor_scheduler::Request>) -> Self {
+        self.workload.extend(recent);
+        self
+    }
+
+    /// The target workload for `req`: the residents, the recent demands and `req` itself.
+    fn measure_for(&mut self, req: &gpuvisor_scheduler::Request) {
+        self.workload.push(req.clone());
+        self.sched.set_target_workload(&self.workload);
+        self.workload.pop();
     }
 
     fn request(&self, d: &Demand) -> gpuvisor_scheduler::Request {
@@ -775,6 +918,7 @@ impl Cluster {
     /// A node where `d` fits as things are.
     pub fn place(&mut self, d: &Demand) -> Result<ClusterAssignment, PlacementError> {
         let req = self.request(d);
+        self.measure_for(&req);
         let p = self
             .sched
             .decide(&req)
@@ -794,6 +938,7 @@ impl Cluster {
     /// once the victims are gone.
     pub fn preempt(&mut self, d: &Demand) -> Result<ClusterAssignment, PlacementError> {
         let req = self.request(d);
+        self.measure_for(&req);
         let plan = self
             .sched
             .plan_preemption(&req)
@@ -1394,5 +1539,159 @@ mod tests {
         let d0 = Demand { priority: 0, ..d };
         let mut c = Cluster::new(sim_nodes(2), &res, policy).unwrap();
         assert_eq!(c.preempt(&d0), Err(PlacementError::NoPreemption));
+    }
+
+    /// A 300-milli share on a host whose GPU-0 has 500 milli taken and GPU-2 is taken whole.
+    /// Judged against the request alone (FGD without a workload), the empty GPU-1 looks best:
+    /// nothing is left too small for another 300. Once the workload is known to hold whole-GPU
+    /// requests, breaking GPU-1 costs a whole GPU, so the share goes onto GPU-0.
+    fn share_host(residents: Vec<Resident>) -> (HostCapacity, Demand) {
+        let d = Demand {
+            milli: 300,
+            vcpus: 1,
+            memory: 1 << 30,
+            ..Default::default()
+        };
+        (host_with(residents), d)
+    }
+
+    #[test]
+    fn scheduled_measures_against_the_residents() {
+        let (h, d) = share_host(vec![
+            resident("w", "GPU-2", 1000, 1, false),
+            resident("f", "GPU-0", 500, 1, false),
+        ]);
+        let a = Scheduled::default().place(&h, &d).unwrap();
+        assert_eq!(a.gpus[0].uuid, "GPU-0");
+    }
+
+    #[test]
+    fn scheduled_measures_against_the_demands_it_has_seen() {
+        let (h, d) = share_host(vec![resident("f", "GPU-0", 500, 1, false)]);
+        // A placer that has seen nothing but shares: the empty GPU is as good as any.
+        let fresh = Scheduled::default();
+        assert_eq!(fresh.place(&h, &d).unwrap().gpus[0].uuid, "GPU-1");
+        // One that has seen whole-GPU requests keeps GPU-1 whole.
+        let seen = Scheduled::default();
+        let whole = Demand {
+            whole_gpus: 1,
+            vcpus: 1,
+            memory: 1 << 30,
+            ..Default::default()
+        };
+        for _ in 0..2 {
+            seen.place(&h, &whole).unwrap();
+        }
+        assert_eq!(seen.place(&h, &d).unwrap().gpus[0].uuid, "GPU-0");
+    }
+
+    #[test]
+    fn cluster_measures_against_the_residents() {
+        let share = |id: &str, node: usize, g: usize, milli: u32| {
+            (
+                format!("sim-{node}"),
+                Resident {
+                    id: id.into(),
+                    gpus: vec![(
+                        format!("GPU-sim-{node}-{g}"),
+                        milli,
+                        (16u64 << 30) / 1000 * u64::from(milli),
+                    )],
+                    cpus: vec![],
+                    vcpus: 1,
+                    memory: 1 << 30,
+                    priority: 1,
+                    interruptible: false,
+                },
+            )
+        };
+        let res = vec![share("w", 1, 1, 1000), share("f", 0, 0, 500)];
+        let mut c = Cluster::new(sim_nodes(2), &res, gpuvisor_scheduler::Policy::GvFrag).unwrap();
+        let d = Demand {
+            milli: 300,
+            vcpus: 1,
+            memory: 1 << 30,
+            ..Default::default()
+        };
+        let a = c.place(&d).unwrap();
+        assert_eq!(
+            (a.node_id.as_str(), a.gpus[0].uuid.as_str()),
+            ("sim-0", "GPU-sim-0-0")
+        );
+    }
+
+    #[test]
+    fn cluster_measures_against_recent_demands() {
+        // sim-0 GPU 0 has 500 milli taken; no resident asks for whole GPUs, but recent demands do.
+        let res = vec![(
+            "sim-0".to_string(),
+            Resident {
+                id: "f".into(),
+                gpus: vec![("GPU-sim-0-0".into(), 500, 8 << 30)],
+                cpus: vec![],
+                vcpus: 1,
+                memory: 1 << 30,
+                priority: 1,
+                interruptible: false,
+            },
+        )];
+        let d = Demand {
+            milli: 300,
+            vcpus: 1,
+            memory: 1 << 30,
+            ..Default::default()
+        };
+        let policy = gpuvisor_scheduler::Policy::GvFrag;
+        let mut c = Cluster::new(sim_nodes(2), &res, policy).unwrap();
+        assert_eq!(c.place(&d).unwrap().gpus[0].uuid, "GPU-sim-0-1");
+        let seen = Scheduled::new(policy);
+        let whole = Demand {
+            whole_gpus: 1,
+            vcpus: 1,
+            memory: 1 << 30,
+            ..Default::default()
+        };
+        for _ in 0..2 {
+            seen.place(&host(3, 8), &whole).unwrap();
+        }
+        assert_eq!(seen.recent_demands().len(), 2);
+        let mut c = Cluster::new(sim_nodes(2), &res, policy)
+            .unwrap()
+            .with_recent(seen.recent_demands());
+        assert_eq!(c.place(&d).unwrap().gpus[0].uuid, "GPU-sim-0-0");
+    }
+
+    #[test]
+    fn recent_demands_are_bounded_and_a_flood_keeps_the_rest() {
+        use gpuvisor_scheduler::{GpuDemand, Request};
+        let req = |gpu| Request {
+            cpu_milli: 1000,
+            gpu,
+            ..Request::default()
+        };
+        let mut w = RecentDemands::default();
+        for n in 1..=8 {
+            w.push(&req(GpuDemand::Whole(n)));
+        }
+        // A flood of tiny shares, of many slightly different sizes.
+        for i in 0..10_000u32 {
+            w.push(&req(GpuDemand::Fraction {
+                milli: 1 + i % 100,
+                vram_mib: 0,
+            }));
+        }
+        assert_eq!(w.len(), 8 + RECENT_PER_SIZE);
+        for n in 1..=8 {
+            assert!(w.requests().any(|r| r.gpu == GpuDemand::Whole(n)), "{n}");
+        }
+        // Many sizes fill the window, never past its length, the oldest going first.
+        for i in 0..2000u32 {
+            w.push(&req(GpuDemand::Fraction {
+                milli: 100 + i % 900,
+                vram_mib: 0,
+            }));
+        }
+        assert_eq!(w.len(), RECENT_DEMANDS);
+        assert!(!w.requests().any(|r| r.gpu == GpuDemand::Whole(1)));
     }
 }

@@ -138,9 +138,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let engine = Engine::new(
         store,
         node.clone(),
-        Box::new(Scheduled {
-            policy: cfg.placement_policy,
-        }),
+        Box::new(Scheduled::new(cfg.placement_policy)),
         EngineConfig {
             node_id,
             hostname,

@@ -83,6 +83,54 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+
+    // gvfrag with pool pressure switched on: a third of the GPU pods pinned to one model (as
+    // the gpu-spec:0.33 family), spread over the openb models by their GPU counts.
+    let pinned = pin(&mut rng, &reqs, 3);
+    let mut s = Scheduler::new(cluster(), Policy::GvFrag, 42).unwrap();
+    s.set_target_workload(&pinned);
+    for (i, r) in pinned.iter().take(3000).enumerate() {
+        let _ = s.place(i as u64, r);
+    }
+    let probe = pinned[3000..3100].to_vec();
+    let mut k = 0;
+    c.bench_function("decide/gvfrag/1213 nodes half full, 1/3 pinned", |b| {
+        b.iter(|| {
+            k = (k + 1) % probe.len();
+            black_box(s.decide(black_box(&probe[k])).ok())
+        })
+    });
+}
+
+/// `reqs` with one GPU pod in `every` pinned to a model drawn by the cluster's GPU counts.
+fn pin(rng: &mut SplitMix64, reqs: &[Request], every: u64) -> Vec<Request> {
+    // GPUs per model in `cluster()`.
+    let models = [
+        ("G2", 549 * 8),
+        ("T4", 421 * 2),
+        ("G3", 39 * 8),
+        ("P100", 133 * 2),
+        ("V100M32", 26 * 8),
+        ("V100M16", 38 * 5),
+        ("A10", 1),
+    ];
+    let total: u64 = models.iter().map(|m| m.1).sum();
+    reqs.iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if r.gpu != GpuDemand::None && rng.below(every) == 0 {
+                let mut x = rng.below(total);
+                for (m, n) in models {
+                    if x < n {
+                        r.models = vec![m.to_string()];
+                        break;
+                    }
+                    x -= n;
+                }
+            }
+            r
+        })
+        .collect()
 }
 
 criterion_group!(benches, bench);

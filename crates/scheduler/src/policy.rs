@@ -32,14 +32,16 @@ pub enum Policy {
     /// (per-shape share of the workload's GPU demand × free GPU milli); (2) for GPU requests,
     /// when the workload pins GPU models, the pool pressure of the node's model, lowest first:
     /// the GPU demand pinned to that model expected before the cluster is full (pinned share ×
-    /// free GPU milli) per free GPU milli of the model (0 where nothing is pinned; with no
-    /// pinning at all this key is absent and decisions are unchanged); (3) FGD's score,
+    /// free GPU milli) per free GPU milli of the model (0 where nothing is pinned, and below
+    /// 0.5: a pool with more than twice the room its pinned demand needs is not pressed; with
+    /// no pinning at all this key is absent and decisions are unchanged); (3) FGD's score,
     /// exactly; (4) the stranding move at the same resolution: per spec, the share of the GPU
     /// capacity it could use that the node's remaining CPU and memory cannot feed (seen while
     /// the balance drifts, not only once the next copy no longer fits); (5) packing
     /// (whole-GPU and CPU-only) or the tightest GPU (fractions); (6) the lowest-index node.
-    /// The reserve is what keeps 8-GPU jobs placeable as long as FGD does; its factor 16 is the
-    /// one constant chosen on data (see docs/bench/scheduler.md).
+    /// The reserve is what keeps 8-GPU jobs placeable as long as FGD does. Two constants are
+    /// chosen on data (see docs/bench/scheduler.md): the reserve's factor 16 and the pressure
+    /// gate 0.5.
     GvFrag,
 }
 

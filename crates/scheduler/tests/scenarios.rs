@@ -313,24 +313,25 @@ fn gvfrag_keeps_the_last_full_node_for_a_full_node_job() {
     assert_eq!(s.place(3, &eight).unwrap().node, 1);
 }
 
-/// gvfrag's pool pressure. Node "p" has model P, "q" model Q, two GPUs each; 3% of the
-/// workload's GPU demand is pinned to P, too little for FGD's target workload (95% coverage),
-/// so FGD's score cannot tell the nodes apart and the lowest index ("p") would win. Pool
-/// pressure sends the unpinned 1-GPU pods to Q's node, so the pods pinned to P still find room.
+/// gvfrag's pool pressure. Node "p" has model P (2 GPUs), four "q" nodes model Q (8 GPUs each);
+/// 4% of the workload's GPU demand is pinned to P, too little for FGD's target workload (95%
+/// coverage), so FGD's score cannot tell the nodes apart and the lowest index ("p") would win.
+/// P's pool is pressed (0.04 × 34 GPUs free / 2 GPUs free = 0.68, above the gate 0.5): pool
+/// pressure sends the unpinned 1-GPU pods to Q's nodes, so the pods pinned to P find room.
 #[test]
 fn gvfrag_keeps_a_pinned_pool_for_its_pinned_pods() {
-    let two = |name: &str, model: &str| node_of(name, 2, model, 0);
     let any = whole(1);
     let pinned = Request {
         models: vec!["P".to_string()],
         ..whole(1)
     };
-    let nodes = vec![two("p", "P"), two("q", "Q")];
+    let mut nodes = vec![node_of("p", 2, "P", 0)];
+    nodes.extend((0..4).map(|i| node_of(&format!("q{i}"), 8, "Q", 0)));
     let mut s = Scheduler::new(nodes.clone(), Policy::GvFrag, 1).unwrap();
     let mut fgd = Scheduler::new(nodes, Policy::Fgd, 1).unwrap();
-    let sample: Vec<Request> = (0..3)
+    let sample: Vec<Request> = (0..4)
         .map(|_| pinned.clone())
-        .chain((0..97).map(|_| any.clone()))
+        .chain((0..96).map(|_| any.clone()))
         .collect();
     s.set_target_workload(&sample);
     fgd.set_target_workload(&sample);
@@ -338,10 +339,104 @@ fn gvfrag_keeps_a_pinned_pool_for_its_pinned_pods() {
     assert_eq!(s.place(1, &any).unwrap().node, 1);
     assert_eq!(s.place(2, &any).unwrap().node, 1);
     assert_eq!(s.place(3, &pinned).unwrap().node, 0);
+    // P now has 1 GPU free of 31: pressure 0.04 × 31 / 1 = 1.24, still avoided.
+    assert_eq!(s.place(4, &any).unwrap().node, 1);
+    assert_eq!(s.place(5, &pinned).unwrap().node, 0);
+    // P's pool is empty: infinite pressure, and nothing can take a P GPU anyway; the
+    // unpinned pods go on, and a pinned one is refused rather than misplaced.
+    assert_eq!(s.place(6, &any).unwrap().node, 1);
+    assert!(s.place(7, &pinned).is_err());
+    // A release gives P's GPU back: the next pinned pod takes it.
+    s.release(3).unwrap();
+    assert_eq!(s.place(8, &pinned).unwrap().node, 0);
+}
+
+/// The gate: a pool with far more room than its pinned demand (3% pinned to P, P has half the
+/// GPUs: pressure 0.03 × 4 / 2 = 0.06) is not steered around; FGD's lowest index decides.
+#[test]
+fn gvfrag_ignores_pool_pressure_below_the_gate() {
+    let two = |name: &str, model: &str| node_of(name, 2, model, 0);
+    let any = whole(1);
+    let pinned = Request {
+        models: vec!["P".to_string()],
+        ..whole(1)
+    };
+    let mut s = Scheduler::new(vec![two("p", "P"), two("q", "Q")], Policy::GvFrag, 1).unwrap();
+    let sample: Vec<Request> = (0..3)
+        .map(|_| pinned.clone())
+        .chain((0..97).map(|_| any.clone()))
+        .collect();
+    s.set_target_workload(&sample);
+    assert_eq!(s.place(1, &any).unwrap().node, 0);
+}
+
+/// A request allowed k models counts 1/k for each. Three 2-GPU pools R, P, Q; the workload's
+/// GPU demand: 2/5 pinned to R, 2/5 allowed P or Q, 1/5 any. Pressures: R 0.4 × 6 / 2 = 1.2,
+/// P and Q 0.2 × 6 / 2 = 0.6 each (counted whole, they would be 1.2 like R and the lowest
+/// index, R, would win). So an unpinned pod goes to P, the least pressed pool.
+#[test]
+fn gvfrag_splits_a_request_allowed_k_models() {
+    let two = |name: &str, model: &str| node_of(name, 2, model, 0);
+    let any = whole(1);
+    let on = |models: &[&str]| Request {
+        models: models.iter().map(|m| m.to_string()).collect(),
+        ..whole(1)
+    };
+    let nodes = vec![two("r", "R"), two("p", "P"), two("q", "Q")];
+    let mut s = Scheduler::new(nodes, Policy::GvFrag, 1).unwrap();
+    let sample = vec![
+        on(&["R"]),
+        on(&["R"]),
+        on(&["P", "Q"]),
+        on(&["P", "Q"]),
+        any.clone(),
+    ];
+    s.set_target_workload(&sample);
+    assert_eq!(s.place(1, &any).unwrap().node, 1);
+}
+
+/// A node with GPUs of two models is judged by the GPUs the request would take. Node "m" has a
+/// Q GPU (taken) and a P GPU; nodes "q0", "q1" eight Q GPUs each. 4% of the workload is pinned
+/// to P (out of FGD's target workload, so FGD's score sees no difference and packing would
+/// pick m), and P's pool is pressed (0.04 × 17 / 1 = 0.68): a 1-GPU pod would take m's P GPU,
+/// so it goes to "q0". Judged by m's first GPU, Q, m would look unpressed and win.
+#[test]
+fn gvfrag_judges_a_mixed_node_by_the_gpus_it_would_take() {
+    let mixed = Node::new(
+        "m",
+        32_000,
+        131_072,
+        vec![
+            Gpu::new("Q", 0, GpuKind::Shareable),
+            Gpu::new("P", 0, GpuKind::Shareable),
+        ],
+    );
+    let any = whole(1);
+    let pinned = Request {
+        models: vec!["P".to_string()],
+        ..whole(1)
+    };
+    let nodes = vec![mixed, node_of("q0", 8, "Q", 0), node_of("q1", 8, "Q", 0)];
+    let mut s = Scheduler::new(nodes, Policy::GvFrag, 1).unwrap();
+    let sample: Vec<Request> = (0..4)
+        .map(|_| pinned.clone())
+        .chain((0..96).map(|_| any.clone()))
+        .collect();
+    s.set_target_workload(&sample);
+    // m's Q GPU is taken whole.
+    s.commit(
+        1,
+        &any,
+        Placement {
+            node: 0,
+            gpus: vec![(0, 1000, 0)],
+        },
+    )
+    .unwrap();
+    assert_eq!(s.place(2, &any).unwrap().node, 1);
+    // A share on m could only go on its P GPU too.
+    assert_eq!(s.place(3, &frac(500)).unwrap().node, 1);
     assert_eq!(s.place(4, &pinned).unwrap().node, 0);
-    // Both nodes full; one unpinned pod released from Q's node: its GPU takes the next one.
-    s.release(1).unwrap();
-    assert_eq!(s.place(5, &any).unwrap().node, 1);
 }
 
 /// Without pinned pods the key is absent: gvfrag's choice is FGD's lowest index, as before.
