@@ -1905,8 +1905,11 @@ impl Engine {
                     (i.node_id.clone(), r)
                 })
                 .collect();
+            // gvfrag measures against the cluster's residents and the demands this daemon's
+            // placer has seen lately.
             let mut c = Cluster::new(sim, &residents, self.cfg.simulated_policy)
-                .map_err(|e| EngineError::Internal(e.to_string()))?;
+                .map_err(|e| EngineError::Internal(e.to_string()))?
+                .with_recent(self.placer.recent_demands());
             if let Ok(a) = c.place(demand) {
                 return Ok(simulated_choice(a));
             }
