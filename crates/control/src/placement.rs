@@ -269,6 +269,13 @@ pub trait Placer: Send + Sync {
         Err(PlacementError::NoPreemption)
     }
 
+    /// Tenant `tenant`'s `demand` became an instance (its row exists; `host` is the capacity
+    /// it was placed against): a placer that measures against recent demands remembers it.
+    /// Called by the engine, not by `place` (a placed demand may still be refused after).
+    fn accepted(&self, tenant: &str, host: &HostCapacity, demand: &Demand) {
+        let _ = (tenant, host, demand);
+    }
+
     /// The recent demands this placer has accepted, oldest first, as the scheduler's requests
     /// (for [`Cluster::with_recent`]); none for a placer that keeps no history.
     fn recent_demands(&self) -> Vec<gpuvisor_scheduler::Request> {
@@ -430,50 +437,41 @@ fn pick_cpus(
 /// How many recent demands a [`Scheduled`] placer keeps for its target workload.
 pub const RECENT_DEMANDS: usize = 256;
 
-/// No one GPU size (see [`RecentDemands::push`]) holds more of them than this.
-pub const RECENT_PER_SIZE: usize = RECENT_DEMANDS / 4;
+/// No one tenant has more of them than this.
+pub const RECENT_PER_TENANT: usize = RECENT_DEMANDS / 8;
 
-/// The last [`RECENT_DEMANDS`] demands a placer accepted, for the target workload.
+/// The last [`RECENT_DEMANDS`] instances created through a placer (their demands), for the
+/// target workload.
 ///
-/// Bounded in two ways: in length, and per GPU size (none, N whole GPUs, or a share rounded up
-/// to a tenth of a GPU), at most [`RECENT_PER_SIZE`] of each: a new demand of a size that
-/// already has its quota replaces the oldest of that size, not the oldest overall. So a
-/// tenant's flood of one size of request (say thousands of tiny shares) takes at most a quarter
-/// of the window and the other sizes seen before it stay. The cost: a size that really is most
-/// of the workload is under-weighted in the window (its residents still count in full).
+/// Only what became an instance counts ([`Placer::accepted`], called by the engine once the
+/// instance's row exists): a demand refused, or placed and then refused for another reason, is
+/// not remembered. Bounded in length and per tenant: at most [`RECENT_PER_TENANT`] of one
+/// tenant's, a new one of a tenant at its quota replacing that tenant's oldest, not the oldest
+/// overall. So one tenant's flood (create, delete, create...) weighs at most an eighth of the
+/// window, whatever its sizes, and the others' demands seen before it stay; sizes weigh as they
+/// come, so a size that is most of the workload is most of the window.
 #[derive(Debug, Default, Clone)]
 pub struct RecentDemands {
-    window: VecDeque<(u32, gpuvisor_scheduler::Request)>,
+    window: VecDeque<(String, gpuvisor_scheduler::Request)>,
 }
 
 impl RecentDemands {
-    /// The size class of a request: 0 none, 1..=64 whole GPUs, 1000 + tenths for a share.
-    fn size(r: &gpuvisor_scheduler::Request) -> u32 {
-        use gpuvisor_scheduler::GpuDemand;
-        match r.gpu {
-            GpuDemand::None => 0,
-            GpuDemand::Whole(n) => n.min(64),
-            GpuDemand::Fraction { milli, .. } => 1000 + milli.div_ceil(100),
-        }
-    }
-
-    /// Remembers a demand (its identity and priority are dropped: only its shape counts).
-    pub fn push(&mut self, r: &gpuvisor_scheduler::Request) {
+    /// Remembers tenant `tenant`'s demand (its priority is dropped: only its shape counts).
+    pub fn push(&mut self, tenant: &str, r: &gpuvisor_scheduler::Request) {
         let r = gpuvisor_scheduler::Request {
             priority: 0,
             interruptible: false,
             ..r.clone()
         };
-        let size = Self::size(&r);
-        let same = self.window.iter().filter(|(s, _)| *s == size).count();
-        if same >= RECENT_PER_SIZE {
-            if let Some(i) = self.window.iter().position(|(s, _)| *s == size) {
+        let own = self.window.iter().filter(|(t, _)| t == tenant).count();
+        if own >= RECENT_PER_TENANT {
+            if let Some(i) = self.window.iter().position(|(t, _)| t == tenant) {
                 self.window.remove(i);
             }
         } else if self.window.len() >= RECENT_DEMANDS {
             self.window.pop_front();
         }
-        self.window.push_back((size, r));
+        self.window.push_back((tenant.to_string(), r));
     }
 
     /// The demands kept, oldest first.
@@ -513,16 +511,20 @@ impl Scheduled {
         }
     }
 
-    fn remember(&self, r: &gpuvisor_scheduler::Request) {
+    fn remember(&self, tenant: &str, r: &gpuvisor_scheduler::Request) {
         // A poisoned lock only means another placement panicked mid-push: the window is
         // still a valid (bounded) list.
         let mut w = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        w.push(r);
+        w.push(tenant, r);
     }
 
-    fn recent(&self) -> Vec<gpuvisor_scheduler::Request> {
+    /// The window's demands for GPUs of one kind (`passthrough`: a VM's), or of both.
+    fn recent(&self, passthrough: Option<bool>) -> Vec<gpuvisor_scheduler::Request> {
         let w = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        w.requests().cloned().collect()
+        w.requests()
+            .filter(|r| passthrough.is_none_or(|p| r.passthrough == p))
+            .cloned()
+            .collect()
     }
 }
 
@@ -604,13 +606,13 @@ fn resident_request(
 
 impl Scheduled {
     /// The host as one scheduler node with every resident committed (instance id = index).
-    /// `host` is one kind's view ([`HostCapacity::for_demand`]). With `workload`, the target
-    /// workload is the residents' requests, then the recent demands (the request being placed
-    /// among them).
+    /// `host` is one kind's view ([`HostCapacity::for_demand`]). With `workload` (the request
+    /// being placed), the target workload is the residents' requests that hold GPUs in this
+    /// view, the recent demands of the request's kind, and the request.
     fn model(
         &self,
         host: &HostCapacity,
-        workload: bool,
+        workload: Option<&gpuvisor_scheduler::Request>,
     ) -> Result<gpuvisor_scheduler::Scheduler, PlacementError> {
         use gpuvisor_scheduler::{Gpu, GpuKind, Node, Placement, Scheduler};
         let err = |e: gpuvisor_scheduler::SchedError| PlacementError::Model(e.to_string());
@@ -650,12 +652,13 @@ impl Scheduled {
                     },
                 )
                 .map_err(err)?;
-            if workload {
+            if workload.is_some() && req.gpu != gpuvisor_scheduler::GpuDemand::None {
                 sample.push(req);
             }
         }
-        if workload {
-            sample.extend(self.recent());
+        if let Some(req) = workload {
+            sample.extend(self.recent(Some(req.passthrough)));
+            sample.push(req.clone());
             sched.set_target_workload(&sample);
         }
         Ok(sched)
@@ -667,13 +670,11 @@ impl Placer for Scheduled {
         // The rules first: they give the precise error when something does not fit.
         let rules = SingleHost.place(all, d)?;
         let host = &*all.for_demand(d);
-        let req = sched_request(host, d);
-        // It fits here: part of the workload this host sees.
-        self.remember(&req);
         if d.whole_gpus == 0 && d.milli == 0 {
             return Ok(rules);
         }
-        let mut sched = self.model(host, true)?;
+        let req = sched_request(host, d);
+        let mut sched = self.model(host, Some(&req))?;
         let Ok(p) = sched.decide(&req) else {
             return Ok(rules);
         };
@@ -722,7 +723,7 @@ impl Placer for Scheduled {
         }
         let host = &*all.for_demand(d);
         // The cheapest plan does not depend on the workload.
-        let sched = self.model(host, false)?;
+        let sched = self.model(host, None)?;
         let plan = sched
             .plan_preemption(&sched_request(host, d))
             .map_err(|_| PlacementError::NoPreemption)?;
@@ -738,8 +739,15 @@ impl Placer for Scheduled {
         Ok(victims)
     }
 
+    fn accepted(&self, tenant: &str, all: &HostCapacity, d: &Demand) {
+        if d.whole_gpus == 0 && d.milli == 0 {
+            return; // no GPU: nothing for the fragmentation measure
+        }
+        self.remember(tenant, &sched_request(&all.for_demand(d), d));
+    }
+
     fn recent_demands(&self) -> Vec<gpuvisor_scheduler::Request> {
-        self.recent()
+        self.recent(None)
     }
 }
 
@@ -838,7 +846,6 @@ impl Cluster {
     }
 
     /// Adds recent demands (a placer's [`Placer::recent_demands`]) to the target workload.
-    /// (The engine does not pass them yet: its simulated nodes see residents and the request.)
     pub fn with_recent(mut self, recent: Vec<gpuvisor_scheduler::Request>) -> Self {
         self.workload.extend(recent);
         self
@@ -1579,8 +1586,13 @@ mod tests {
             memory: 1 << 30,
             ..Default::default()
         };
+        // Placing them is not enough: only what became an instance counts.
         for _ in 0..2 {
             seen.place(&h, &whole).unwrap();
+        }
+        assert_eq!(seen.place(&h, &d).unwrap().gpus[0].uuid, "GPU-1");
+        for _ in 0..2 {
+            seen.accepted("t", &h, &whole);
         }
         assert_eq!(seen.place(&h, &d).unwrap().gpus[0].uuid, "GPU-0");
     }
@@ -1651,8 +1663,11 @@ mod tests {
             memory: 1 << 30,
             ..Default::default()
         };
+        // Placed is not remembered (the engine may still refuse it); created is.
+        seen.place(&host(3, 8), &whole).unwrap();
+        assert!(seen.recent_demands().is_empty());
         for _ in 0..2 {
-            seen.place(&host(3, 8), &whole).unwrap();
+            seen.accepted("t", &host(3, 8), &whole);
         }
         assert_eq!(seen.recent_demands().len(), 2);
         let mut c = Cluster::new(sim_nodes(2), &res, policy)
@@ -1671,27 +1686,31 @@ mod tests {
         };
         let mut w = RecentDemands::default();
         for n in 1..=8 {
-            w.push(&req(GpuDemand::Whole(n)));
+            w.push("a", &req(GpuDemand::Whole(n)));
         }
-        // A flood of tiny shares, of many slightly different sizes.
+        // One tenant's flood, of any sizes: an eighth of the window at most, the others stay.
         for i in 0..10_000u32 {
-            w.push(&req(GpuDemand::Fraction {
-                milli: 1 + i % 100,
-                vram_mib: 0,
-            }));
+            let gpu = match i % 3 {
+                0 => GpuDemand::Whole(1),
+                1 => GpuDemand::Whole(8),
+                _ => GpuDemand::Fraction {
+                    milli: 1 + i % 1000,
+                    vram_mib: 0,
+                },
+            };
+            w.push("flood", &req(gpu));
         }
-        assert_eq!(w.len(), 8 + RECENT_PER_SIZE);
+        assert_eq!(w.len(), 8 + RECENT_PER_TENANT);
         for n in 1..=8 {
             assert!(w.requests().any(|r| r.gpu == GpuDemand::Whole(n)), "{n}");
         }
-        // Many sizes fill the window, never past its length, the oldest going first.
-        for i in 0..2000u32 {
-            w.push(&req(GpuDemand::Fraction {
-                milli: 100 + i % 900,
-                vram_mib: 0,
-            }));
+        // Many tenants fill the window, never past its length, the oldest going first.
+        for t in 0..100 {
+            for _ in 0..4 {
+                w.push(&format!("t{t}"), &req(GpuDemand::Whole(2)));
+            }
         }
         assert_eq!(w.len(), RECENT_DEMANDS);
-        assert!(!w.requests().any(|r| r.gpu == GpuDemand::Whole(1)));
+        assert!(!w.requests().any(|r| r.gpu == GpuDemand::Whole(3)));
     }
 }

@@ -1851,6 +1851,11 @@ impl Engine {
             self.rollback_volumes(&who.tenant_id, &created).await;
             return Err(e.into());
         }
+        // Part of the workload later placements measure against (an arrival is not a demand
+        // of this host's tenants).
+        if arrival.is_none() {
+            self.placer.accepted(&who.tenant_id, &capacity, &demand);
+        }
         // The instance exists: its volumes are ready. (Should this fail, the rows stay pending
         // and the reconciler finishes them: a live instance uses them.)
         if let Err(e) = self.volumes_ready(&who.tenant_id, &created).await {
