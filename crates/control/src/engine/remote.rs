@@ -20,7 +20,7 @@ use super::authz::Op;
 use super::{Engine, Principal};
 use crate::error::{EngineError, Result};
 use crate::store::{InstanceRow, InstanceSpec};
-use gpuvisor_node::vm::migrate::MigrateAsk;
+use gpuvisor_node::vm::migrate::{millis, MigrateAsk};
 use gpuvisor_node::vm::qemu::VmSpec;
 use gpuvisor_node::vm::VmError;
 use gpuvisor_wire::{self as wire, InstanceState, MigrationChannel, MigrationPhase, Role};
@@ -700,8 +700,8 @@ impl Engine {
         let resumed = super::blocking(move || node.vm()?.resume_received(&nid)).await?;
         tracing::info!(
             instance = %id,
-            ready_and_recorded_ms = u64::try_from((t1 - t0).as_millis()).unwrap_or(u64::MAX),
-            resume_ms = u64::try_from(t1.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ready_and_recorded_ms = millis(t1 - t0),
+            resume_ms = millis(t1.elapsed()),
             "received guest resumed"
         );
         let taken = self.receivings().remove(migration);
@@ -1262,8 +1262,8 @@ fn send_to_peer(
         }
         Err(e) => {
             // Not run there (only a post-copy switch asks it to): the guest runs on here, or
-            // is paused here if it could not be resumed (then the departure stays recorded
-            // and its resume is tried again: `resolve_departure`).
+            // is paused here if it could not be resumed (said once; the departure's record
+            // goes either way).
             let _ = peer.drop_migration(mid, false);
             return Err(match e {
                 gpuvisor_node::NodeError::Vm(e @ VmError::NotResumed { .. }) => {

@@ -265,7 +265,7 @@ fn run_held(dst: &mut Monitor, took_over: &std::path::Path, whole: bool) -> Resu
     }
 }
 
-pub(super) fn millis(d: Duration) -> u64 {
+pub fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
@@ -550,11 +550,7 @@ impl VmRuntime {
                         .into());
                     }
                     if let Err(r) = resume_source(&mut src) {
-                        return Err(VmError::NotResumed {
-                            id: id.to_string(),
-                            why: format!("{e}; resuming it: {r}"),
-                        }
-                        .into());
+                        return Err(VmError::not_resumed(id, e, r).into());
                     }
                     return Err(e.into());
                 }
@@ -562,7 +558,7 @@ impl VmRuntime {
         };
         drop(src);
         tracing::info!(id, new_pid, postcopy, status = %stats.status, "live migration copied; switching");
-        let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let total_ms = millis(started.elapsed());
         test_hold("switch");
         if let Err(u) = self.finish_or_lose(node, id, new_pid, Some(limit), ask) {
             let why = match u {

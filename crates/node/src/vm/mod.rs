@@ -66,6 +66,21 @@ pub enum VmError {
     },
 }
 
+impl VmError {
+    /// A migration of `id` failed (`failed`) and resuming its paused source failed too
+    /// (`resuming`).
+    pub fn not_resumed(
+        id: &str,
+        failed: impl std::fmt::Display,
+        resuming: impl std::fmt::Display,
+    ) -> Self {
+        VmError::NotResumed {
+            id: id.to_string(),
+            why: format!("{failed}; resuming it: {resuming}"),
+        }
+    }
+}
+
 pub(crate) fn vio(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> VmError {
     let path = path.into();
     move |source| VmError::Io { path, source }

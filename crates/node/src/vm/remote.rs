@@ -143,11 +143,7 @@ impl VmRuntime {
             Err(e @ VmError::PostcopyLost { .. }) => Err(e.into()),
             Err(e) => match keep_source(&mut src) {
                 Ok(()) => Err(e.into()),
-                Err(r) => Err(VmError::NotResumed {
-                    id: id.to_string(),
-                    why: format!("{e}; resuming it: {r}"),
-                }
-                .into()),
+                Err(r) => Err(VmError::not_resumed(id, e, r).into()),
             },
         }
     }
