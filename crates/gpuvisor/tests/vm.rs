@@ -1170,6 +1170,19 @@ fn a_running_vm_grows_and_shrinks_in_place() {
         cpuset.trim().contains(',') || cpuset.trim().contains('-'),
         "cpuset {cpuset:?} after growing to 2 vCPUs"
     );
+    // The vCPU threads may run on every CPU the instance has (under TCG one thread runs
+    // both vCPUs: pinned to one of them, the other's CPU would go unused).
+    let allowed = vcpu_threads_allowed(pid[0]);
+    assert!(
+        !allowed.is_empty(),
+        "no vCPU thread found in QEMU {}",
+        pid[0]
+    );
+    assert_eq!(
+        allowed,
+        cpu_list(&cpuset),
+        "vCPU threads' CPUs against the cpuset {cpuset:?}"
+    );
 
     // Down: the balloon takes memory back below the boot size.
     d.json(&["instance", "scale", &id, "--memory", "192MiB"]);
@@ -1197,10 +1210,13 @@ fn a_running_vm_grows_and_shrinks_in_place() {
     assert_eq!(qemu_pids(&id), pid, "QEMU was restarted");
 
     // Not live: fewer vCPUs; a memory snapshot of a resized VM.
+    // Both are the caller's to change (exit 5: invalid_state), not the daemon's failure.
     let out = d.cli(&["instance", "scale", &id, "--vcpus", "1"]);
     assert!(!out.status.success(), "vCPUs taken away live");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("restart"), "{err}");
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(!err.contains("did not start"), "{err}");
     let out = d.cli(&["instance", "snapshot", &id, "m", "--memory"]);
     assert!(
         !out.status.success(),
@@ -1208,6 +1224,8 @@ fn a_running_vm_grows_and_shrinks_in_place() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("resized"), "{err}");
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(!err.contains("did not start"), "{err}");
 
     d.json(&["instance", "terminate", &id, "--wait"]);
     let leaks = d.leaks(&[id]);
@@ -1510,6 +1528,39 @@ fn root_read_iops(d: &Daemon, id: &str) -> i64 {
 
 /// A 1-vCPU micro-VM of the busybox image with `memory` and a 1 GiB disk (`extra` options
 /// too), its guest booted; its id.
+/// A kernel CPU list (`0-2,5`) as a set.
+fn cpu_list(s: &str) -> std::collections::BTreeSet<u32> {
+    let mut out = std::collections::BTreeSet::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        out.extend(a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap());
+    }
+    out
+}
+
+/// The CPUs QEMU `pid`'s vCPU threads (named `CPU n/TCG`, `ALL CPUs/TCG` or `CPU n/KVM` with
+/// `debug-threads=on`) may run on, together.
+fn vcpu_threads_allowed(pid: u32) -> std::collections::BTreeSet<u32> {
+    let mut out = std::collections::BTreeSet::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.contains("CPU") {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(l) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            out.extend(cpu_list(l));
+        }
+    }
+    out
+}
+
 fn small_vm(d: &Daemon, memory: &str, extra: &[&str]) -> String {
     let mut args = vec![
         "--runtime",

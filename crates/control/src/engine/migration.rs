@@ -177,9 +177,9 @@ pub(crate) fn node_refusal(e: gpuvisor_node::NodeError) -> EngineError {
     match e {
         gpuvisor_node::NodeError::Unsupported { .. }
         | gpuvisor_node::NodeError::RuntimeUnavailable { .. } => EngineError::Node(e),
-        gpuvisor_node::NodeError::Vm(gpuvisor_node::vm::VmError::Migrate { .. }) => {
-            EngineError::InvalidState(e.to_string())
-        }
+        gpuvisor_node::NodeError::Vm(
+            gpuvisor_node::vm::VmError::Migrate { .. } | gpuvisor_node::vm::VmError::Refused { .. },
+        ) => EngineError::InvalidState(e.to_string()),
         e => EngineError::Internal(e.to_string()),
     }
 }

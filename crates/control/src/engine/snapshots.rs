@@ -347,6 +347,10 @@ impl Engine {
                 // What the runtime cannot do: the caller's to change (invalid_argument).
                 gpuvisor_node::NodeError::Unsupported { .. }
                 | gpuvisor_node::NodeError::RuntimeUnavailable { .. } => EngineError::Node(e),
+                // Refused as the VM is (resized, passed-through GPUs): invalid_state.
+                gpuvisor_node::NodeError::Vm(gpuvisor_node::vm::VmError::Refused { .. }) => {
+                    EngineError::InvalidState(format!("{e}; nothing was kept"))
+                }
                 e => EngineError::Internal(format!(
                     "snapshot {:?} of instance {} could not be taken: {e}; nothing was kept",
                     snap.name, row.id

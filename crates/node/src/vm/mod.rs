@@ -36,6 +36,10 @@ pub enum VmError {
     Agent { id: String, why: String },
     #[error("QEMU for instance {id} did not start: {why}")]
     Start { id: String, why: String },
+    /// What the caller asked cannot be done to this VM as it is (a resize beyond its room, a
+    /// memory snapshot of a resized VM, a snapshot of another kind): the caller's to change.
+    #[error("instance {id}: {why}")]
+    Refused { id: String, why: String },
     #[error("instance {id} cannot migrate: {why}")]
     Migrate { id: String, why: String },
     #[error("the post-copy migration failed after the guest switched over; the guest is lost and the instance ends: {why}")]

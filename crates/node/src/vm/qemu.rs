@@ -39,7 +39,15 @@ pub const VIRTIO_MEM: &str = "vmem0dev";
 
 /// QEMU's memory beyond guest RAM allowed in the cgroup: the TCG translation buffer (bounded
 /// with `tb-size`) and QEMU's own heap, device models and thread stacks.
-pub const TCG_TB_MIB: u64 = 64;
+///
+/// Under TCG every vCPU runs on one host thread (`thread=single`). With a thread per vCPU
+/// (MTTCG) QEMU splits the translation buffer into regions that the vCPU threads take as they
+/// fill them and hand back only at the next whole flush; a vCPU hot-plugged while every region
+/// is taken (an idle guest that translated most of the buffer at boot sits there for good)
+/// aborts QEMU (`tcg_region_initial_alloc`: QEMU 7.2 asserts). One thread has one region
+/// and nothing to take at a hot-plug, so the buffer can be small: 32 MiB, private memory of
+/// every TCG VM that KSM cannot merge (docs/bench/vm-operations.md, "KSM"). KVM has neither.
+pub const TCG_TB_MIB: u64 = 32;
 pub const OVERHEAD_TCG: u64 = 192 << 20;
 pub const OVERHEAD_KVM: u64 = 96 << 20;
 
@@ -268,7 +276,7 @@ impl VmSpec {
             s("-accel"),
             match self.accel {
                 Accel::Kvm => s("kvm"),
-                Accel::Tcg { .. } => format!("tcg,tb-size={TCG_TB_MIB}"),
+                Accel::Tcg { .. } => format!("tcg,thread=single,tb-size={TCG_TB_MIB}"),
             },
             s("-cpu"),
             s(match self.accel {
@@ -763,7 +771,8 @@ pub fn spawn(
     }
 }
 
-/// Pins vCPU `i` to `cpus[i]` (one to one; nothing to pin without CPUs).
+/// Pins vCPU `i` to `cpus[i]` (one to one; nothing to pin without CPUs). A thread that runs
+/// several vCPUs (TCG's single thread runs them all) may run on each of their CPUs.
 /// Only threads of QEMU process `pid` are pinned: the thread ids come from QEMU, which a guest
 /// that escaped into it controls, and the daemon must not move another process's threads.
 pub fn pin_vcpus(
@@ -772,6 +781,7 @@ pub fn pin_vcpus(
     vcpus: &[super::qmp::Vcpu],
     cpus: &[u32],
 ) -> Result<(), VmError> {
+    let mut threads: Vec<(i32, &super::qmp::Vcpu, nix::sched::CpuSet)> = Vec::new();
     for (v, cpu) in vcpus.iter().zip(cpus) {
         let task = root.path(format!("/proc/{pid}/task/{}", v.thread_id));
         if v.thread_id <= 0 || !task.exists() {
@@ -783,17 +793,28 @@ pub fn pin_vcpus(
                 )),
             });
         }
-        let mut set = nix::sched::CpuSet::new();
-        set.set(*cpu as usize).map_err(|e| VmError::Cgroup {
-            path: format!("cpu {cpu}").into(),
-            source: e.into(),
-        })?;
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(v.thread_id), &set).map_err(
-            |e| VmError::Cgroup {
-                path: format!("vCPU {} thread {}", v.index, v.thread_id).into(),
+        let at = match threads.iter().position(|(t, _, _)| *t == v.thread_id) {
+            Some(i) => i,
+            None => {
+                threads.push((v.thread_id, v, nix::sched::CpuSet::new()));
+                threads.len() - 1
+            }
+        };
+        threads[at]
+            .2
+            .set(*cpu as usize)
+            .map_err(|e| VmError::Cgroup {
+                path: format!("cpu {cpu}").into(),
                 source: e.into(),
-            },
-        )?;
+            })?;
+    }
+    for (thread, v, set) in &threads {
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(*thread), set).map_err(|e| {
+            VmError::Cgroup {
+                path: format!("vCPU {} thread {thread}", v.index).into(),
+                source: e.into(),
+            }
+        })?;
     }
     Ok(())
 }
@@ -1009,7 +1030,7 @@ pub(crate) mod tests {
     const GOLDEN: &str = "\
 -name gpuvisor-0123456789ab,debug-threads=on -nodefaults -no-user-config \
 -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
--machine q35,mem-merge=on -accel tcg,tb-size=64 -cpu max -smp 2,maxcpus=2 -m 512M -no-reboot \
+-machine q35,mem-merge=on -accel tcg,thread=single,tb-size=32 -cpu max -smp 2,maxcpus=2 -m 512M -no-reboot \
 -action panic=exit-failure -display none \
 -chardev socket,id=qmp,fd=10,server=on,wait=off -mon chardev=qmp,mode=control \
 -add-fd fd=13,set=1 -add-fd fd=14,set=1 -add-fd fd=17,set=2 \

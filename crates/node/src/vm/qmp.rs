@@ -1149,10 +1149,13 @@ impl Agent {
         self.execute("guest-fsfreeze-thaw", &qga::guest_fsfreeze_thaw {})
     }
 
-    /// Onlines every offline vCPU (`guest-get-vcpus`, `guest-set-vcpus`); how many.
-    pub fn online_vcpus(&mut self) -> Result<usize, VmError> {
-        let offline: Vec<qga::GuestLogicalProcessor> = self
-            .execute("guest-get-vcpus", &qga::guest_get_vcpus {})?
+    /// Onlines every offline vCPU (`guest-get-vcpus`, `guest-set-vcpus`): how many vCPUs the
+    /// guest knows of and how many it was asked to online.
+    pub fn online_vcpus(&mut self) -> Result<(usize, usize), VmError> {
+        let all: Vec<qga::GuestLogicalProcessor> =
+            self.execute("guest-get-vcpus", &qga::guest_get_vcpus {})?;
+        let known = all.len();
+        let offline: Vec<qga::GuestLogicalProcessor> = all
             .into_iter()
             .filter(|c| !c.online)
             .map(|c| qga::GuestLogicalProcessor {
@@ -1162,10 +1165,10 @@ impl Agent {
             })
             .collect();
         if offline.is_empty() {
-            return Ok(0);
+            return Ok((known, 0));
         }
         let n = self.execute("guest-set-vcpus", &qga::guest_set_vcpus { vcpus: offline })?;
-        Ok(usize::try_from(n).unwrap_or(0))
+        Ok((known, usize::try_from(n).unwrap_or(0)))
     }
 
     /// Starts `path args` in the guest with its output captured; returns the guest pid.

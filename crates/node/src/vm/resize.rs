@@ -78,9 +78,9 @@ pub const MAX_VCPUS: u32 = 240;
 /// Most RAM a VM grows to (the guest's physical address space, also under TCG).
 pub const MAX_MEMORY: u64 = 1 << 40;
 
-fn refuse(why: String) -> VmError {
-    VmError::Start {
-        id: "resize".into(),
+fn refuse(id: &str, why: String) -> VmError {
+    VmError::Refused {
+        id: id.to_string(),
         why,
     }
 }
@@ -99,38 +99,53 @@ pub fn resize(
     let mut sizes = Sizes::read(&run.dir)?;
     let want = u32::try_from(cpus.len()).unwrap_or(u32::MAX).max(1);
     if want < sizes.vcpus {
-        return Err(refuse(format!(
-            "a running VM's vCPUs cannot be taken away ({} now, {want} asked)",
-            sizes.vcpus
-        )));
+        return Err(refuse(
+            id,
+            format!(
+                "a running VM's vCPUs cannot be taken away ({} now, {want} asked)",
+                sizes.vcpus
+            ),
+        ));
     }
     if want > sizes.max_vcpus {
-        return Err(refuse(format!(
-            "{want} vCPUs is more than the {} this VM can grow to while it runs",
-            sizes.max_vcpus
-        )));
+        return Err(refuse(
+            id,
+            format!(
+                "{want} vCPUs is more than the {} this VM can grow to while it runs",
+                sizes.max_vcpus
+            ),
+        ));
     }
     if memory > sizes.max_memory {
-        return Err(refuse(format!(
-            "{} MiB is more than the {} MiB this VM can grow to while it runs",
-            memory >> 20,
-            sizes.max_memory >> 20
-        )));
+        return Err(refuse(
+            id,
+            format!(
+                "{} MiB is more than the {} MiB this VM can grow to while it runs",
+                memory >> 20,
+                sizes.max_memory >> 20
+            ),
+        ));
     }
     let hotplug = sizes.max_memory - sizes.boot_memory;
     let plugged = memory.saturating_sub(sizes.boot_memory);
     if plugged > 0 && (plugged & ((128 << 20) - 1)) != 0 {
-        return Err(refuse(format!(
-            "memory above the {} MiB the VM booted with is added in steps of 128 MiB",
-            sizes.boot_memory >> 20
-        )));
+        return Err(refuse(
+            id,
+            format!(
+                "memory above the {} MiB the VM booted with is added in steps of 128 MiB",
+                sizes.boot_memory >> 20
+            ),
+        ));
     }
     if plugged > hotplug {
-        return Err(refuse(format!(
-            "{} MiB is more than the {} MiB this VM can grow to while it runs",
-            memory >> 20,
-            sizes.max_memory >> 20
-        )));
+        return Err(refuse(
+            id,
+            format!(
+                "{} MiB is more than the {} MiB this VM can grow to while it runs",
+                memory >> 20,
+                sizes.max_memory >> 20
+            ),
+        ));
     }
     let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
     // Room first: the cpuset and the larger of the two limits.
@@ -146,7 +161,7 @@ pub fn resize(
     let vcpus = mon.vcpus()?;
     qemu::pin_vcpus(root, pid, &vcpus, cpus)?;
     if want > sizes.vcpus {
-        online_vcpus(&run.agent());
+        online_vcpus(&run.agent(), want as usize);
     }
     if memory < sizes.memory {
         let targets = (memory.min(sizes.boot_memory), plugged, hotplug > 0);
@@ -167,7 +182,7 @@ pub fn resize(
             let _ = mon.set_balloon(sizes.memory.min(sizes.boot_memory));
             sizes.vcpus = want;
             sizes.write(&run.dir)?;
-            return Err(refuse(format!(
+            return Err(refuse(id, format!(
                 "the guest did not give {} MiB back within {} s (its balloon or memory hot-unplug did not comply): its memory stays {} MiB",
                 (sizes.memory - memory) >> 20,
                 SHRINK_WAIT.as_secs(),
@@ -223,16 +238,37 @@ fn lower_limit(
     }
 }
 
-/// Onlines every offline vCPU through the guest agent; a guest without one is left to do it.
-fn online_vcpus(agent: &Path) {
-    let done = Agent::connect(agent, Duration::from_secs(3)).and_then(|mut a| {
-        a.sync()?;
-        a.online_vcpus()
-    });
-    match done {
-        Ok(n) => tracing::debug!(onlined = n, "guest vCPUs onlined"),
-        Err(e) => {
-            tracing::info!(error = %e, "the guest agent did not online the new vCPUs: the guest must")
+/// How long the guest has to see hot-plugged vCPUs (its ACPI handler runs on its own time,
+/// slow under TCG on a busy host) before they are left for the guest to online.
+const VCPU_WAIT: Duration = Duration::from_secs(30);
+
+/// Onlines every offline vCPU through the guest agent, once the guest knows of all `want` of
+/// them: a hot-plugged vCPU appears in the guest only when its kernel has handled the ACPI
+/// event, and an agent asked before that finds nothing to online. A guest without an agent,
+/// or one that never sees them in time, is left to do it (logged).
+fn online_vcpus(agent: &Path, want: usize) {
+    let deadline = std::time::Instant::now() + VCPU_WAIT;
+    let mut onlined = 0;
+    let last = loop {
+        let done = Agent::connect(agent, Duration::from_secs(3)).and_then(|mut a| {
+            a.sync()?;
+            a.online_vcpus()
+        });
+        let why = match done {
+            Ok((known, n)) => {
+                onlined += n;
+                if known >= want {
+                    tracing::debug!(onlined, known, "guest vCPUs onlined");
+                    return;
+                }
+                format!("the guest knows of {known} of {want} vCPUs")
+            }
+            Err(e) => e.to_string(),
+        };
+        if std::time::Instant::now() > deadline {
+            break why;
         }
-    }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    tracing::info!(error = %last, onlined, "the guest agent did not online the new vCPUs: the guest must");
 }

@@ -73,19 +73,27 @@ fn failed(command: &str, message: impl std::fmt::Display) -> VmError {
     }
 }
 
+/// The instance whose root disk overlay (`<disks>/<id>.qcow2`) `overlay` is.
+fn instance_of(overlay: &Path) -> String {
+    overlay.file_stem().map_or_else(
+        || overlay.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
+}
+
 /// Makes the new overlay `overlay` from snapshot `src` (a copy of its root disk) and says
 /// what to boot.
 pub fn boot_from(src: &SnapshotSource, overlay: &Path, disk_size: u64) -> Result<Boot, VmError> {
     let meta = crate::snapshot::read_meta(&src.dir).map_err(vio(&src.dir))?;
     if meta.runtime != RuntimeKind::Vm {
-        return Err(VmError::Start {
-            id: overlay.display().to_string(),
+        return Err(VmError::Refused {
+            id: instance_of(overlay),
             why: "the snapshot is a container's, not a VM's".into(),
         });
     }
     if meta.disk_size != disk_size {
-        return Err(VmError::Start {
-            id: overlay.display().to_string(),
+        return Err(VmError::Refused {
+            id: instance_of(overlay),
             why: format!(
                 "the snapshot's disk is {} bytes, the instance's {disk_size}",
                 meta.disk_size
@@ -247,14 +255,14 @@ pub fn take(
     abandon(mon, agent_socket, volume_count(run_dir))?;
     let consistency = if req.memory {
         if super::resize::Sizes::read(run_dir).is_ok_and(|s| s.resized()) {
-            return Err(VmError::Start {
-                id: overlay.display().to_string(),
+            return Err(VmError::Refused {
+                id: instance_of(overlay),
                 why: "the VM was resized while it runs: its running state would not load into a VM started at its size; restart it (or take a disk snapshot)".into(),
             });
         }
         if passthrough {
-            return Err(VmError::Start {
-                id: overlay.display().to_string(),
+            return Err(VmError::Refused {
+                id: instance_of(overlay),
                 why: "the running state of a VM with passed-through GPUs cannot be saved (VFIO devices need vendor migration support): take a disk snapshot".into(),
             });
         }
