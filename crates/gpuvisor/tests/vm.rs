@@ -1282,7 +1282,7 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     assert!(m["transferred_bytes"].as_u64().unwrap() > 96 << 20, "{m}");
     assert!(m["total_ms"].as_u64().unwrap() > 0, "{m}");
     assert_eq!(m["postcopy"], false, "{m}");
-    copy_paused_under_tcg(&d, &id, &m);
+    copy_as_the_vm_allows(&d, &id, &m);
     // One QEMU, the new one, in the instance's cgroup; the old one is gone.
     assert_eq!(qemu_pids(&id), vec![new_pid]);
     let cg = std::fs::read_to_string(format!("/proc/{new_pid}/cgroup")).unwrap();
@@ -1603,35 +1603,26 @@ fn migration_held_at(d: &mut Daemon, id: &str, point: &str) -> std::process::Chi
     cli
 }
 
-/// Under TCG before QEMU 9.0 a pre-copy pauses the guest for the whole copy (those QEMUs
-/// lose guest writes made during a live copy there: `CopyMode::Paused`), and the answer's
-/// downtime is that pause: at least QEMU's time for the copy. Under KVM, or a QEMU with the
-/// fix, the copy is live (nothing to check here beyond the downtime bound QEMU keeps).
-fn copy_paused_under_tcg(d: &Daemon, id: &str, m: &serde_json::Value) {
+/// How the copy went, as the VM allows: live (`paused_copy` false) under KVM, with QEMU 9.0
+/// on, and under TCG before 9.0 for the VMs this daemon starts (their RAM padded two pages off
+/// QEMU 7.2's lossy fast path, none plugged); where it paused the guest, the answer's
+/// downtime is that pause, at least QEMU's time for the copy. The guest's state checks after
+/// every move are what shows a live copy under TCG kept every write.
+fn copy_as_the_vm_allows(d: &Daemon, id: &str, m: &serde_json::Value) {
     let got = d.json(&["instance", "get", id]);
     let accel = got["accel"].as_str().unwrap_or_default();
     assert!(!accel.is_empty(), "{got}");
-    let out = std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .unwrap();
-    let version = String::from_utf8_lossy(&out.stdout).to_string();
-    let major: u32 = version
-        .split("version ")
-        .nth(1)
-        .and_then(|v| v.split('.').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no QEMU version in {version:?}"));
-    if !accel.starts_with("tcg") || major >= 9 {
-        return;
-    }
+    let paused = m["paused_copy"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("no paused_copy in {m}"));
+    assert!(!paused, "the copy of a padded VM paused it ({accel}): {m}");
     let (down, total) = (
         m["downtime_ms"].as_u64().unwrap(),
         m["total_ms"].as_u64().unwrap(),
     );
     assert!(
-        down * 10 >= total * 9,
-        "a TCG guest kept running during its copy (downtime {down} ms of {total} ms): {m}"
+        down < total,
+        "a live copy paused the guest for all of it (downtime {down} ms of {total} ms): {m}"
     );
 }
 
@@ -2044,7 +2035,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     assert_eq!(m["node"], b_node.as_str(), "{m}");
     assert_eq!(m["postcopy"], false, "{m}");
     assert!(m["transferred_bytes"].as_u64().unwrap() > 96 << 20, "{m}");
-    copy_paused_under_tcg(&b, &id, &m);
+    copy_as_the_vm_allows(&b, &id, &m);
     // One QEMU of the instance, B's.
     let q = qemus_by_parent(&id);
     assert_eq!(q.len(), 1, "{q:?}");
@@ -2130,7 +2121,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     for round in 1..=2 {
         let there = a.json(&["instance", "migrate", &id, "--to", &b_node]);
         eprintln!("round {round}, to B: {there}");
-        copy_paused_under_tcg(&b, &id, &there);
+        copy_as_the_vm_allows(&b, &id, &there);
         settles(&b, &id);
         agent_answers(&b, &id);
         guest_loop_runs(&b, &id, &loop_pid);

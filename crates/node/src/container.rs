@@ -405,6 +405,7 @@ impl Runtime for ContainerRuntime {
             image_digest: req.image_digest.clone(),
             vcpus: req.vcpus,
             memory_bytes: req.memory_bytes,
+            ram_pad: 0,
             bytes: 0,
         })
     }

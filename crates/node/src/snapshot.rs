@@ -81,6 +81,10 @@ pub struct SnapshotMeta {
     /// same size).
     pub vcpus: u32,
     pub memory_bytes: u64,
+    /// VM: its guest RAM beyond its size (`VmSpec::ram_pad`): a saved running state loads
+    /// only into RAM of the same length. 0 for snapshots made before it was recorded.
+    #[serde(default)]
+    pub ram_pad: u64,
     /// Bytes the snapshot takes on the host's disk (allocated blocks; hard links counted).
     pub bytes: u64,
 }
@@ -127,6 +131,11 @@ pub struct SnapshotSource {
 }
 
 impl SnapshotSource {
+    /// A VM snapshot's guest RAM beyond the VM's size (`SnapshotMeta::ram_pad`).
+    pub fn ram_pad(&self) -> Result<u64, NodeError> {
+        Ok(read_meta(&self.dir).map_err(io(&self.dir))?.ram_pad)
+    }
+
     /// The snapshot's container disk, for an instance of the image `image_digest`: refused
     /// when the snapshot is not a container's or was taken over other image layers.
     pub fn container_disk(&self, image_digest: &str) -> Result<PathBuf, NodeError> {

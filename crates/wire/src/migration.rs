@@ -3,8 +3,10 @@
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/instances/{id}/migrate`: moves a running VM's running state to a new QEMU process
-/// without stopping it (a switchover of milliseconds; under TCG with QEMU before 9.0 the guest
-/// pauses for the whole copy, or until the switch to post-copy, which then comes at once). Answers once the move has ended, either
+/// without stopping it (a switchover of milliseconds; under TCG with QEMU before 9.0, for a VM
+/// whose RAM QEMU cannot copy live there (see `MigrationReport::paused_copy`), the guest pauses
+/// for the whole copy, or until the switch to post-copy, which then comes at once). Answers
+/// once the move has ended, either
 /// way: a failed or refused migration leaves the VM running where it was.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct MigrateInstance {
@@ -18,7 +20,7 @@ pub struct MigrateInstance {
     #[serde(default)]
     pub postcopy: bool,
     /// The longest pause of the guest the switchover may take, ms (default 300); not held
-    /// where the copy pauses the guest (TCG before QEMU 9.0).
+    /// where the copy pauses the guest (`MigrationReport::paused_copy`).
     #[serde(default)]
     pub max_downtime_ms: Option<u64>,
 }
@@ -30,8 +32,8 @@ pub struct MigrationReport {
     /// The node it runs on now.
     pub node: String,
     /// The guest's pause at the switchover, ms, as QEMU measured it (`query-migrate`); where
-    /// the copy paused the guest (a VM under TCG: QEMU 7.2 loses writes during a live copy
-    /// there), the whole pause, from the start of the copy until the destination may run.
+    /// the copy paused the guest (`paused_copy`), the whole pause, from the start of the copy
+    /// until the destination may run.
     pub downtime_ms: u64,
     /// From the start of the migration to the destination running, ms.
     pub total_ms: u64,
@@ -43,6 +45,11 @@ pub struct MigrationReport {
     pub cpu_throttle_percent: u64,
     /// Whether it ended in post-copy mode.
     pub postcopy: bool,
+    /// The copy paused the guest from its start (under TCG with QEMU before 9.0, for a VM
+    /// whose RAM is a whole number of 256 KiB or has had RAM plugged while it runs: QEMU
+    /// loses guest writes during a live copy of such RAM): `downtime_ms` is that whole pause.
+    #[serde(default)]
+    pub paused_copy: bool,
     /// QEMU's process before and after.
     pub old_pid: i32,
     pub new_pid: i32,
@@ -50,10 +57,11 @@ pub struct MigrationReport {
 
 impl MigrationReport {
     /// `downtime 40 ms, total 2400 ms, 512 MiB sent in 3 passes[, vCPUs throttled by N %][,
-    /// post-copy]`: what the CLI prints and the instance's event says.
+    /// post-copy][, the guest paused for the copy]`: what the CLI prints and the instance's
+    /// event says.
     pub fn summary(&self) -> String {
         format!(
-            "downtime {} ms, total {} ms, {} sent in {} passes{}{}",
+            "downtime {} ms, total {} ms, {} sent in {} passes{}{}{}",
             self.downtime_ms,
             self.total_ms,
             crate::format_size(self.transferred_bytes),
@@ -63,7 +71,12 @@ impl MigrationReport {
             } else {
                 String::new()
             },
-            if self.postcopy { ", post-copy" } else { "" }
+            if self.postcopy { ", post-copy" } else { "" },
+            if self.paused_copy {
+                ", the guest paused for the copy"
+            } else {
+                ""
+            }
         )
     }
 }

@@ -280,6 +280,7 @@ impl Engine {
                     dirty_sync_count: stats.dirty_sync_count,
                     cpu_throttle_percent: stats.cpu_throttle_percent,
                     postcopy: sent.postcopy,
+                    paused_copy: sent.paused_at.is_some(),
                     old_pid: sent.pid,
                     new_pid: 0,
                 };

@@ -18,9 +18,11 @@
 //! pre-copy with auto-converge (the guest's vCPUs are slowed down when it dirties memory
 //! faster than the copy goes) and a switchover bounded by `max_downtime_ms`; with `postcopy`,
 //! once the first full pass is over, the guest switches over and pulls the pages dirtied
-//! since from the source. Under TCG the copy is not live ([`CopyMode::Paused`]: QEMU 7.2
-//! loses guest writes during a live copy there): the guest pauses for the whole copy, or,
-//! with `postcopy`, until it switches over, at once.
+//! since from the source. Under TCG with QEMU before 9.0 the copy is live only for a guest
+//! whose RAM is padded off the dirty sync's fast path and has none plugged
+//! ([`CopyMode::Paused`]: that fast path loses guest writes during a live copy there);
+//! otherwise the guest pauses for the whole copy, or, with `postcopy`, until it switches
+//! over, at once.
 //!
 //! The source is torn down only once the destination runs (`VmRuntime::finish_switch`, each
 //! step safe to take again). Any failure before that stops the destination first, then
@@ -66,26 +68,43 @@ pub enum CopyMode {
     /// While the guest runs: pre-copy passes over what it dirtied, bounded by the downtime.
     Live,
     /// With the guest paused from the start of the copy (with post-copy: until the switch,
-    /// which comes at once). Under TCG: QEMU 7.2 loses guest writes during a live copy. Its
-    /// dirty-bitmap sync clears whole words of the bitmap without resetting TCG's TLB, so a
-    /// page whose TLB entry is already writable is written again without being marked dirty,
-    /// and the destination keeps the page's older copy. Hot kernel pages (free lists, per-CPU
-    /// lists, `struct page`s) are the ones lost, and the guest crashes minutes later (QEMU
-    /// 9.0 fixed it: "physmem: Fix migration dirty bitmap coherency with TCG memory access").
-    /// KVM's dirty log does not go through that TLB.
+    /// which comes at once). Under TCG QEMU 7.2 can lose guest writes during a live copy: its
+    /// dirty-bitmap sync has a fast path for a RAM block whose length is a whole number of
+    /// bitmap words (64 pages, 256 KiB) that clears the words without resetting TCG's TLB,
+    /// so a page whose TLB entry is already writable is written again without being marked
+    /// dirty, and the destination keeps the page's older copy. Hot kernel pages (free lists,
+    /// per-CPU lists, `struct page`s) are the ones lost, and the guest crashes minutes later
+    /// (QEMU 9.0 fixed it: "physmem: Fix migration dirty bitmap coherency with TCG memory
+    /// access"). The page-by-page path resets the TLB: a guest whose boot RAM is not a whole
+    /// number of words (`VmSpec::ram_pad`) and has no RAM plugged since (virtio-mem's block
+    /// is whole 2 MiB blocks) is copied live. KVM's dirty log does not go through that TLB.
     Paused,
 }
 
 /// The first QEMU whose live copy under TCG keeps every write.
 const TCG_LIVE_COPY_SINCE: (i64, i64) = (9, 0);
+/// The length in bytes of RAM whose dirty bits QEMU 7.2 syncs by whole words (64 pages).
+const DIRTY_WORD_BYTES: u64 = 64 << 12;
 
 impl CopyMode {
     /// The mode for a guest under `accel` in a QEMU of `version` (major, minor; None: it did
-    /// not say, taken as one with the bug).
-    pub(super) fn choose(accel: &super::Accel, version: Option<(i64, i64)>) -> Self {
+    /// not say, taken as one with the bug) whose RAM is `ram` (boot RAM, RAM plugged since;
+    /// None: unknown, taken as whole words).
+    pub(super) fn choose(
+        accel: &super::Accel,
+        version: Option<(i64, i64)>,
+        ram: Option<(u64, u64)>,
+    ) -> Self {
         match accel {
             super::Accel::Kvm => CopyMode::Live,
             super::Accel::Tcg { .. } if version.is_some_and(|v| v >= TCG_LIVE_COPY_SINCE) => {
+                CopyMode::Live
+            }
+            super::Accel::Tcg { .. }
+                if ram.is_some_and(|(base, plugged)| {
+                    base % DIRTY_WORD_BYTES != 0 && plugged == 0
+                }) =>
+            {
                 CopyMode::Live
             }
             super::Accel::Tcg { .. } => CopyMode::Paused,
@@ -94,11 +113,11 @@ impl CopyMode {
 
     /// The mode for the guest of the source QEMU `src` runs, started under `accel`.
     pub(super) fn of_source(src: &mut Monitor, accel: &super::Accel) -> Self {
-        let version = match accel {
-            super::Accel::Kvm => None,
-            super::Accel::Tcg { .. } => src.qemu_version().ok(),
+        let (version, ram) = match accel {
+            super::Accel::Kvm => (None, None),
+            super::Accel::Tcg { .. } => (src.qemu_version().ok(), src.memory_sizes().ok()),
         };
-        Self::choose(accel, version)
+        Self::choose(accel, version, ram)
     }
 
     /// Starts the copy into `uri` on `src` (migration capabilities and limits set): pauses
@@ -586,6 +605,7 @@ impl VmRuntime {
             dirty_sync_count: stats.dirty_sync_count,
             cpu_throttle_percent: stats.cpu_throttle_percent,
             postcopy,
+            paused_copy: mode == CopyMode::Paused,
             old_pid,
             new_pid,
         })
@@ -1062,20 +1082,45 @@ mod tests {
     use super::*;
 
     /// Under TCG the copy pauses the guest unless its QEMU has the dirty-bitmap fix (9.0 on)
-    /// or does not say; under KVM it is live.
+    /// or its RAM keeps the sync off the fast path (boot RAM not whole 256 KiB words, none
+    /// plugged); under KVM it is live.
     #[test]
-    fn a_tcg_guest_is_copied_paused_before_qemu_9() {
+    fn a_tcg_guest_is_copied_paused_before_qemu_9_unless_its_ram_is_padded() {
         use crate::vm::Accel;
         let tcg = Accel::Tcg {
             reason: "test".into(),
         };
-        assert_eq!(CopyMode::choose(&Accel::Kvm, None), CopyMode::Live);
-        assert_eq!(CopyMode::choose(&Accel::Kvm, Some((7, 2))), CopyMode::Live);
+        let padded = Some(((512 << 20) + crate::vm::qemu::TCG_RAM_PAD, 0));
+        assert_eq!(CopyMode::choose(&Accel::Kvm, None, None), CopyMode::Live);
+        assert_eq!(
+            CopyMode::choose(&Accel::Kvm, Some((7, 2)), Some((512 << 20, 0))),
+            CopyMode::Live
+        );
         for old in [None, Some((7, 2)), Some((8, 2))] {
-            assert_eq!(CopyMode::choose(&tcg, old), CopyMode::Paused, "{old:?}");
+            for ram in [
+                None,
+                Some((512 << 20, 0)),
+                Some(((512 << 20) + (256 << 10), 0)),
+                Some(((512 << 20) + crate::vm::qemu::TCG_RAM_PAD, 128 << 20)),
+            ] {
+                assert_eq!(
+                    CopyMode::choose(&tcg, old, ram),
+                    CopyMode::Paused,
+                    "{old:?} {ram:?}"
+                );
+            }
+            assert_eq!(
+                CopyMode::choose(&tcg, old, padded),
+                CopyMode::Live,
+                "{old:?}"
+            );
         }
         for new in [(9, 0), (9, 2), (10, 0)] {
-            assert_eq!(CopyMode::choose(&tcg, Some(new)), CopyMode::Live, "{new:?}");
+            assert_eq!(
+                CopyMode::choose(&tcg, Some(new), Some((512 << 20, 0))),
+                CopyMode::Live,
+                "{new:?}"
+            );
         }
     }
 

@@ -49,6 +49,9 @@ pub const VIRTIO_MEM: &str = "vmem0dev";
 /// every TCG VM that KSM cannot merge (docs/bench/vm-operations.md, "KSM"). KVM has neither.
 pub const TCG_TB_MIB: u64 = 32;
 pub const OVERHEAD_TCG: u64 = 192 << 20;
+/// Guest RAM a TCG VM gets above its size (`VmSpec::ram_pad`): two pages, so that its length
+/// is not a multiple of 256 KiB (64 pages: one word of QEMU's dirty bitmap).
+pub const TCG_RAM_PAD: u64 = 8 << 10;
 pub const OVERHEAD_KVM: u64 = 96 << 20;
 
 /// First uid (and gid) of the VM users: uid = base + the instance id's first 28 bits, far above
@@ -205,6 +208,13 @@ pub struct VmSpec {
     /// daemon manages KSM.
     #[serde(default)]
     pub merge_all: bool,
+    /// Bytes of guest RAM above `memory` (`TCG_RAM_PAD` under TCG, else 0), which the
+    /// balloon holds back from the guest. It makes the RAM's length not a multiple of 256
+    /// KiB, which keeps QEMU 7.2's dirty-page sync off the fast path that loses TCG guest
+    /// writes during a live copy (`migrate::CopyMode`). A destination or a restored state
+    /// takes it from its source (a VM started before it existed has none).
+    #[serde(default)]
+    pub ram_pad: u64,
 }
 
 /// Where a VM's running state comes from instead of a boot.
@@ -286,12 +296,13 @@ impl VmSpec {
             s("-smp"),
             format!("{},maxcpus={}", self.vcpus, self.max_vcpus.max(self.vcpus)),
             s("-m"),
-            match self.hotplug_memory() {
-                0 => format!("{}M", self.memory >> 20),
-                _ => format!(
-                    "{}M,maxmem={}M",
-                    self.memory >> 20,
-                    (self.memory >> 20) + (self.hotplug_memory() >> 20)
+            match (self.hotplug_memory(), self.ram_pad >> 10) {
+                (0, 0) => format!("{}M", self.memory >> 20),
+                (0, pad) => format!("{}K", (self.memory >> 20 << 10) + pad),
+                (_, pad) => format!(
+                    "{}K,maxmem={}K",
+                    (self.memory >> 20 << 10) + pad,
+                    (self.memory >> 20 << 10) + pad + (self.hotplug_memory() >> 10)
                 ),
             },
             s("-no-reboot"),
@@ -1010,6 +1021,7 @@ pub(crate) mod tests {
             ),
             incoming: None,
             merge_all: false,
+            ram_pad: 0,
         }
     }
 
@@ -1074,6 +1086,15 @@ pub(crate) mod tests {
         ] {
             assert!(a.contains(want), "{want:?} not in {a}");
         }
+        // Padded RAM (TCG): the boot RAM two pages longer, not a multiple of 256 KiB; the
+        // device memory above it as before.
+        g.ram_pad = TCG_RAM_PAD;
+        let a = g.args(&fds()).join(" ");
+        assert!(a.contains(" -m 524296K,maxmem=1572872K "), "{a}");
+        assert_ne!((524296u64 << 10) % (256 << 10), 0);
+        g.max_memory = 512 << 20;
+        let a = g.args(&fds()).join(" ");
+        assert!(a.contains(" -m 524296K "), "{a}");
     }
 
     #[test]

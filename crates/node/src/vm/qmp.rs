@@ -179,6 +179,16 @@ impl Monitor {
         Ok((v.qemu.major, v.qemu.minor))
     }
 
+    /// The guest's boot RAM and the RAM plugged into it since (DIMMs, virtio-mem), bytes
+    /// (`query-memory-size-summary`).
+    pub fn memory_sizes(&mut self) -> Result<(u64, u64), VmError> {
+        let m = self.execute(
+            "query-memory-size-summary",
+            &qmp::query_memory_size_summary {},
+        )?;
+        Ok((m.base_memory, m.plugged_memory.unwrap_or(0)))
+    }
+
     /// A QMP client for one command: a fresh byte budget and deadline.
     fn qmp(&mut self) -> Qmp<Stream<'_>> {
         let read = Bounded {

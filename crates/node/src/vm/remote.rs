@@ -378,6 +378,12 @@ pub(super) fn receive_into(spec: &mut VmSpec, src: &VmSpec) -> Result<(), VmErro
             "its room to grow is smaller than its size or beyond any VM's".into(),
         ));
     }
+    if src.ram_pad != 0 && src.ram_pad != super::qemu::TCG_RAM_PAD {
+        return Err(refuse(format!(
+            "its RAM beyond its size ({} bytes) is not one this host makes",
+            src.ram_pad
+        )));
+    }
     if !src.volumes.is_empty() || src.root_size != spec.root_size {
         return Err(refuse(
             "its disks are not the instance's here (volumes are not carried; the root disk's \
@@ -389,6 +395,7 @@ pub(super) fn receive_into(spec: &mut VmSpec, src: &VmSpec) -> Result<(), VmErro
     spec.memory = src.memory;
     spec.max_vcpus = src.max_vcpus;
     spec.max_memory = src.max_memory;
+    spec.ram_pad = src.ram_pad;
     spec.cmdline = src.cmdline.clone();
     // This host's CID for the id, or the other one where the source has it (both run at
     // once, on one machine too); never one the offer chose. The guest re-reads it.

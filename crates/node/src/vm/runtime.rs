@@ -340,6 +340,15 @@ impl VmRuntime {
                 .filter(|s| s.memory)
                 .map(|s| qemu::Incoming::File(s.dir.join(crate::snapshot::MEMORY))),
             merge_all: node.cfg.manage_ksm,
+            ram_pad: match (&self.cfg.accel, &plan.from_snapshot) {
+                // A saved running state loads only into RAM of its own length.
+                (_, Some(s)) if s.memory => s.ram_pad().map_err(|e| VmError::Start {
+                    id: id.to_string(),
+                    why: e.to_string(),
+                })?,
+                (super::Accel::Tcg { .. }, _) => qemu::TCG_RAM_PAD,
+                (super::Accel::Kvm, _) => 0,
+            },
         };
         // Another host's migration: its QEMU's shape, waiting for the state.
         let mut spec = spec;
@@ -427,6 +436,11 @@ impl VmRuntime {
         // The guest's memory statistics for `instance get` (a guest without the balloon
         // driver reports none).
         mon.balloon_stats_every(BALLOON_STATS_SECS)?;
+        // RAM beyond its size (`ram_pad`) is held back by the balloon: the guest has what it
+        // asked for. A resumed state brings its balloon's target along.
+        if spec.ram_pad > 0 && spec.incoming.is_none() {
+            mon.set_balloon(spec.memory >> 20 << 20)?;
+        }
         let vcpus = mon.vcpus()?;
         qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, &plan.cpus)?;
         if !plan.disk_io.is_unlimited() {
