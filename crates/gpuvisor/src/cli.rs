@@ -1031,9 +1031,10 @@ pub enum InstanceCmd {
         wait: WaitArgs,
     },
     /// Live-migrate a running VM to a new QEMU process, here or at another daemon, without
-    /// stopping it (admin): the guest pauses only for the switchover (under TCG, without KVM:
-    /// for the whole copy, or with --postcopy until it switches over, at once). Answers once
-    /// it runs there, with the figures.
+    /// stopping it (admin): the guest pauses only for the switchover (under TCG with QEMU
+    /// before 9.0, a VM started before its RAM was padded for that pauses for the whole copy,
+    /// or with --postcopy until it switches over, at once: `paused_copy`). Answers once it
+    /// runs there, with the figures.
     Migrate {
         id: String,
         /// The node to move to: another daemon's node id (one of this daemon's `[[peer]]`s),

@@ -1170,19 +1170,26 @@ fn a_running_vm_grows_and_shrinks_in_place() {
         cpuset.trim().contains(',') || cpuset.trim().contains('-'),
         "cpuset {cpuset:?} after growing to 2 vCPUs"
     );
-    // The vCPU threads may run on every CPU the instance has (under TCG one thread runs
-    // both vCPUs: pinned to one of them, the other's CPU would go unused).
-    let allowed = vcpu_threads_allowed(pid[0]);
-    assert!(
-        !allowed.is_empty(),
-        "no vCPU thread found in QEMU {}",
-        pid[0]
-    );
-    assert_eq!(
-        allowed,
-        cpu_list(&cpuset),
-        "vCPU threads' CPUs against the cpuset {cpuset:?}"
-    );
+    // Pinned per vCPU thread: under TCG one thread runs both vCPUs and may run on both
+    // their CPUs (pinned to one, the other's CPU would go unused); under KVM a thread per
+    // vCPU, one CPU each, all different.
+    let threads = vcpu_thread_cpus(pid[0]);
+    let want = cpu_list(&cpuset);
+    match threads.as_slice() {
+        [(name, cpus)] => {
+            assert!(name.contains("TCG"), "{threads:?}");
+            assert_eq!(cpus, &want, "{threads:?} against the cpuset {cpuset:?}");
+        }
+        _ => {
+            assert_eq!(threads.len(), 2, "{threads:?}");
+            let mut all = std::collections::BTreeSet::new();
+            for (name, cpus) in &threads {
+                assert_eq!(cpus.len(), 1, "{name} may run on {cpus:?}");
+                all.extend(cpus);
+            }
+            assert_eq!(all, want, "{threads:?} against the cpuset {cpuset:?}");
+        }
+    }
 
     // Down: the balloon takes memory back below the boot size.
     d.json(&["instance", "scale", &id, "--memory", "192MiB"]);
@@ -1526,8 +1533,6 @@ fn root_read_iops(d: &Daemon, id: &str) -> i64 {
         .unwrap_or_else(|| panic!("no root drive in {blocks}"))
 }
 
-/// A 1-vCPU micro-VM of the busybox image with `memory` and a 1 GiB disk (`extra` options
-/// too), its guest booted; its id.
 /// A kernel CPU list (`0-2,5`) as a set.
 fn cpu_list(s: &str) -> std::collections::BTreeSet<u32> {
     let mut out = std::collections::BTreeSet::new();
@@ -1538,10 +1543,10 @@ fn cpu_list(s: &str) -> std::collections::BTreeSet<u32> {
     out
 }
 
-/// The CPUs QEMU `pid`'s vCPU threads (named `CPU n/TCG`, `ALL CPUs/TCG` or `CPU n/KVM` with
-/// `debug-threads=on`) may run on, together.
-fn vcpu_threads_allowed(pid: u32) -> std::collections::BTreeSet<u32> {
-    let mut out = std::collections::BTreeSet::new();
+/// QEMU `pid`'s vCPU threads (named `CPU n/KVM`, `CPU n/TCG` or `ALL CPUs/TCG` with
+/// `debug-threads=on`) and the CPUs each may run on.
+fn vcpu_thread_cpus(pid: u32) -> Vec<(String, std::collections::BTreeSet<u32>)> {
+    let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
@@ -1551,16 +1556,18 @@ fn vcpu_threads_allowed(pid: u32) -> std::collections::BTreeSet<u32> {
             continue;
         }
         let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        if let Some(l) = status
+        let allowed = status
             .lines()
             .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        {
-            out.extend(cpu_list(l));
-        }
+            .map(cpu_list)
+            .unwrap_or_default();
+        out.push((comm.trim().to_string(), allowed));
     }
     out
 }
 
+/// A 1-vCPU micro-VM of the busybox image with `memory` and a 1 GiB disk (`extra` options
+/// too), its guest booted; its id.
 fn small_vm(d: &Daemon, memory: &str, extra: &[&str]) -> String {
     let mut args = vec![
         "--runtime",
@@ -1603,26 +1610,40 @@ fn migration_held_at(d: &mut Daemon, id: &str, point: &str) -> std::process::Chi
     cli
 }
 
-/// How the copy went, as the VM allows: live (`paused_copy` false) under KVM, with QEMU 9.0
-/// on, and under TCG before 9.0 for the VMs this daemon starts (their RAM padded two pages off
-/// QEMU 7.2's lossy fast path, none plugged); where it paused the guest, the answer's
-/// downtime is that pause, at least QEMU's time for the copy. The guest's state checks after
-/// every move are what shows a live copy under TCG kept every write.
+/// How the copy went, as the VM allows: live (`paused_copy` false), with a pause of less
+/// than half the move, under KVM, with QEMU 9.0 on, and under TCG before 9.0 for the VMs this
+/// daemon starts (their RAM padded two pages off QEMU 7.2's lossy fast path, none plugged).
+/// The guest's state checks after every move are what shows a live copy under TCG kept every
+/// write.
 fn copy_as_the_vm_allows(d: &Daemon, id: &str, m: &serde_json::Value) {
     let got = d.json(&["instance", "get", id]);
     let accel = got["accel"].as_str().unwrap_or_default();
     assert!(!accel.is_empty(), "{got}");
+    let out = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8_lossy(&out.stdout).to_string();
+    let major: u32 = version
+        .split("version ")
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no QEMU version in {version:?}"));
     let paused = m["paused_copy"]
         .as_bool()
         .unwrap_or_else(|| panic!("no paused_copy in {m}"));
-    assert!(!paused, "the copy of a padded VM paused it ({accel}): {m}");
+    assert!(
+        !paused,
+        "the copy paused a padded VM ({accel}, QEMU {major}): {m}"
+    );
     let (down, total) = (
         m["downtime_ms"].as_u64().unwrap(),
         m["total_ms"].as_u64().unwrap(),
     );
     assert!(
-        down < total,
-        "a live copy paused the guest for all of it (downtime {down} ms of {total} ms): {m}"
+        down * 2 < total,
+        "a live copy paused the guest for much of it (downtime {down} ms of {total} ms): {m}"
     );
 }
 
@@ -2117,7 +2138,8 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     // Back and forth twice more, the guest checked after every move: each one hands it over
     // whole. (With QEMU 7.2 under TCG a live copy lost writes to hot kernel pages in about
     // one move in six between these daemons: the guest crashed soon after, in its page
-    // allocator. The copy pauses such a guest now.)
+    // allocator. The daemon pads a TCG guest's RAM off the sync path that lost them, and
+    // the copy is live.)
     for round in 1..=2 {
         let there = a.json(&["instance", "migrate", &id, "--to", &b_node]);
         eprintln!("round {round}, to B: {there}");

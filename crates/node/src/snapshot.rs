@@ -131,9 +131,19 @@ pub struct SnapshotSource {
 }
 
 impl SnapshotSource {
-    /// A VM snapshot's guest RAM beyond the VM's size (`SnapshotMeta::ram_pad`).
+    /// A VM snapshot's guest RAM beyond the VM's size (`SnapshotMeta::ram_pad`): none, or
+    /// the pad this host gives TCG VMs; anything else is refused.
     pub fn ram_pad(&self) -> Result<u64, NodeError> {
-        Ok(read_meta(&self.dir).map_err(io(&self.dir))?.ram_pad)
+        let pad = read_meta(&self.dir).map_err(io(&self.dir))?.ram_pad;
+        if pad != 0 && pad != crate::vm::qemu::TCG_RAM_PAD {
+            return Err(NodeError::Unsupported {
+                kind: RuntimeKind::Vm,
+                what: format!(
+                    "restoring a saved running state with {pad} bytes of RAM beyond the VM's size"
+                ),
+            });
+        }
+        Ok(pad)
     }
 
     /// The snapshot's container disk, for an instance of the image `image_digest`: refused

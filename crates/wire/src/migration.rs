@@ -46,8 +46,9 @@ pub struct MigrationReport {
     /// Whether it ended in post-copy mode.
     pub postcopy: bool,
     /// The copy paused the guest from its start (under TCG with QEMU before 9.0, for a VM
-    /// whose RAM is a whole number of 256 KiB or has had RAM plugged while it runs: QEMU
-    /// loses guest writes during a live copy of such RAM): `downtime_ms` is that whole pause.
+    /// whose RAM is a whole number of 256 KiB, as VMs started before the daemon padded it:
+    /// QEMU loses guest writes during a live copy of such RAM): `downtime_ms` is that whole
+    /// pause.
     #[serde(default)]
     pub paused_copy: bool,
     /// QEMU's process before and after.

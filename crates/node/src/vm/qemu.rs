@@ -52,6 +52,8 @@ pub const OVERHEAD_TCG: u64 = 192 << 20;
 /// Guest RAM a TCG VM gets above its size (`VmSpec::ram_pad`): two pages, so that its length
 /// is not a multiple of 256 KiB (64 pages: one word of QEMU's dirty bitmap).
 pub const TCG_RAM_PAD: u64 = 8 << 10;
+// The pad keeps the RAM off whole bitmap words and is whole 8 KiB (what QEMU rounds RAM to).
+const _: () = assert!(TCG_RAM_PAD % (64 << 12) != 0 && TCG_RAM_PAD % (8 << 10) == 0);
 pub const OVERHEAD_KVM: u64 = 96 << 20;
 
 /// First uid (and gid) of the VM users: uid = base + the instance id's first 28 bits, far above
@@ -298,6 +300,11 @@ impl VmSpec {
             s("-m"),
             match (self.hotplug_memory(), self.ram_pad >> 10) {
                 (0, 0) => format!("{}M", self.memory >> 20),
+                (_, 0) => format!(
+                    "{}M,maxmem={}M",
+                    self.memory >> 20,
+                    (self.memory >> 20) + (self.hotplug_memory() >> 20)
+                ),
                 (0, pad) => format!("{}K", (self.memory >> 20 << 10) + pad),
                 (_, pad) => format!(
                     "{}K,maxmem={}K",
@@ -792,42 +799,44 @@ pub fn pin_vcpus(
     vcpus: &[super::qmp::Vcpu],
     cpus: &[u32],
 ) -> Result<(), VmError> {
-    let mut threads: Vec<(i32, &super::qmp::Vcpu, nix::sched::CpuSet)> = Vec::new();
-    for (v, cpu) in vcpus.iter().zip(cpus) {
-        let task = root.path(format!("/proc/{pid}/task/{}", v.thread_id));
-        if v.thread_id <= 0 || !task.exists() {
+    for (thread, wanted) in thread_cpus(vcpus, cpus) {
+        let task = root.path(format!("/proc/{pid}/task/{thread}"));
+        if thread <= 0 || !task.exists() {
             return Err(VmError::Cgroup {
                 path: task,
                 source: std::io::Error::other(format!(
-                    "QEMU reported vCPU {} on thread {}, which is not one of its threads",
-                    v.index, v.thread_id
+                    "QEMU reported a vCPU on thread {thread}, which is not one of its threads"
                 )),
             });
         }
-        let at = match threads.iter().position(|(t, _, _)| *t == v.thread_id) {
-            Some(i) => i,
-            None => {
-                threads.push((v.thread_id, v, nix::sched::CpuSet::new()));
-                threads.len() - 1
-            }
-        };
-        threads[at]
-            .2
-            .set(*cpu as usize)
-            .map_err(|e| VmError::Cgroup {
+        let mut set = nix::sched::CpuSet::new();
+        for cpu in &wanted {
+            set.set(*cpu as usize).map_err(|e| VmError::Cgroup {
                 path: format!("cpu {cpu}").into(),
                 source: e.into(),
             })?;
-    }
-    for (thread, v, set) in &threads {
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(*thread), set).map_err(|e| {
+        }
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(thread), &set).map_err(|e| {
             VmError::Cgroup {
-                path: format!("vCPU {} thread {thread}", v.index).into(),
+                path: format!("vCPU thread {thread}").into(),
                 source: e.into(),
             }
         })?;
     }
     Ok(())
+}
+
+/// Each vCPU thread and the CPUs it may run on: vCPU `i`'s `cpus[i]`, gathered per thread
+/// in the order the threads first appear.
+fn thread_cpus(vcpus: &[super::qmp::Vcpu], cpus: &[u32]) -> Vec<(i32, Vec<u32>)> {
+    let mut out: Vec<(i32, Vec<u32>)> = Vec::new();
+    for (v, cpu) in vcpus.iter().zip(cpus) {
+        match out.iter_mut().find(|(t, _)| *t == v.thread_id) {
+            Some((_, set)) => set.push(*cpu),
+            None => out.push((v.thread_id, vec![*cpu])),
+        }
+    }
+    out
 }
 
 /// Where the KVM verdict of this boot is cached: host-wide, per boot id.
@@ -1091,10 +1100,38 @@ pub(crate) mod tests {
         g.ram_pad = TCG_RAM_PAD;
         let a = g.args(&fds()).join(" ");
         assert!(a.contains(" -m 524296K,maxmem=1572872K "), "{a}");
-        assert_ne!((524296u64 << 10) % (256 << 10), 0);
         g.max_memory = 512 << 20;
         let a = g.args(&fds()).join(" ");
         assert!(a.contains(" -m 524296K "), "{a}");
+    }
+
+    /// A spec recorded before `ram_pad` existed reads as unpadded (its QEMU's RAM length).
+    #[test]
+    fn an_old_spec_has_no_ram_pad() {
+        let mut v = serde_json::to_value(spec()).unwrap();
+        v.as_object_mut().unwrap().remove("ram_pad");
+        let old: VmSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(old.ram_pad, 0);
+    }
+
+    /// One thread per vCPU (KVM, MTTCG): one CPU each; one thread for all (TCG): all their
+    /// CPUs; vCPUs beyond the CPUs given are left alone.
+    #[test]
+    fn vcpu_threads_get_the_cpus_of_their_vcpus() {
+        use crate::vm::qmp::Vcpu;
+        let v = |index, thread_id| Vcpu { index, thread_id };
+        assert_eq!(
+            thread_cpus(&[v(0, 10), v(1, 11)], &[4, 5]),
+            vec![(10, vec![4]), (11, vec![5])]
+        );
+        assert_eq!(
+            thread_cpus(&[v(0, 10), v(1, 10), v(2, 10)], &[4, 5, 7]),
+            vec![(10, vec![4, 5, 7])]
+        );
+        assert_eq!(
+            thread_cpus(&[v(0, 10), v(1, 11)], &[4]),
+            vec![(10, vec![4])]
+        );
     }
 
     #[test]

@@ -180,13 +180,17 @@ impl Monitor {
     }
 
     /// The guest's boot RAM and the RAM plugged into it since (DIMMs, virtio-mem), bytes
-    /// (`query-memory-size-summary`).
+    /// (`query-memory-size-summary`); an error where QEMU does not say what is plugged.
     pub fn memory_sizes(&mut self) -> Result<(u64, u64), VmError> {
         let m = self.execute(
             "query-memory-size-summary",
             &qmp::query_memory_size_summary {},
         )?;
-        Ok((m.base_memory, m.plugged_memory.unwrap_or(0)))
+        let plugged = m.plugged_memory.ok_or_else(|| VmError::QmpCommand {
+            command: "query-memory-size-summary".into(),
+            message: "no plugged-memory in the answer".into(),
+        })?;
+        Ok((m.base_memory, plugged))
     }
 
     /// A QMP client for one command: a fresh byte budget and deadline.
@@ -1160,8 +1164,8 @@ impl Agent {
     }
 
     /// Onlines every offline vCPU (`guest-get-vcpus`, `guest-set-vcpus`): how many vCPUs the
-    /// guest knows of and how many it was asked to online.
-    pub fn online_vcpus(&mut self) -> Result<(usize, usize), VmError> {
+    /// guest knows of, and whether every one is online now.
+    pub fn online_vcpus(&mut self) -> Result<(usize, bool), VmError> {
         let all: Vec<qga::GuestLogicalProcessor> =
             self.execute("guest-get-vcpus", &qga::guest_get_vcpus {})?;
         let known = all.len();
@@ -1175,10 +1179,11 @@ impl Agent {
             })
             .collect();
         if offline.is_empty() {
-            return Ok((known, 0));
+            return Ok((known, true));
         }
+        let asked = offline.len();
         let n = self.execute("guest-set-vcpus", &qga::guest_set_vcpus { vcpus: offline })?;
-        Ok((known, usize::try_from(n).unwrap_or(0)))
+        Ok((known, usize::try_from(n).is_ok_and(|n| n >= asked)))
     }
 
     /// Starts `path args` in the guest with its output captured; returns the guest pid.

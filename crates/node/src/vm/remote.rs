@@ -497,6 +497,13 @@ mod tests {
         assert_eq!((mine.max_vcpus, mine.max_memory), (4, 2 << 30));
         assert_eq!(mine.cmdline, src.cmdline);
         assert_eq!(mine.incoming, Some(Incoming::Held));
+        // The source's RAM length, padded or not (its state loads only into that).
+        assert_eq!(mine.ram_pad, 0);
+        let mut padded = source();
+        padded.ram_pad = crate::vm::qemu::TCG_RAM_PAD;
+        let mut p = here();
+        receive_into(&mut p, &padded).unwrap();
+        assert_eq!(p.ram_pad, crate::vm::qemu::TCG_RAM_PAD);
         // This host's CID, never the offer's; flipped when the source has the same.
         assert_eq!(mine.vsock_cid, Some(7));
         let mut same = source();
@@ -540,6 +547,7 @@ mod tests {
                 Box::new(|s| s.volumes = vec![("data".into(), "/etc/shadow".into())]),
             ),
             ("root size", Box::new(|s| s.root_size += 1)),
+            ("RAM padding", Box::new(|s| s.ram_pad = 1 << 30)),
         ];
         for (what, change) in cases {
             let mut src = source();

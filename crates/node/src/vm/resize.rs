@@ -161,7 +161,10 @@ pub fn resize(
     let vcpus = mon.vcpus()?;
     qemu::pin_vcpus(root, pid, &vcpus, cpus)?;
     if want > sizes.vcpus {
+        // QEMU's monitor serves one client: free while the guest catches up.
+        drop(mon);
         online_vcpus(&run.agent(), want as usize);
+        mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
     }
     if memory < sizes.memory {
         let targets = (memory.min(sizes.boot_memory), plugged, hotplug > 0);
@@ -244,31 +247,33 @@ const VCPU_WAIT: Duration = Duration::from_secs(30);
 
 /// Onlines every offline vCPU through the guest agent, once the guest knows of all `want` of
 /// them: a hot-plugged vCPU appears in the guest only when its kernel has handled the ACPI
-/// event, and an agent asked before that finds nothing to online. A guest without an agent,
-/// or one that never sees them in time, is left to do it (logged).
+/// event, and an agent asked before that finds nothing to online. A guest without an agent
+/// (no answer at once), or one that never sees them in time, is left to do it (logged).
 fn online_vcpus(agent: &Path, want: usize) {
     let deadline = std::time::Instant::now() + VCPU_WAIT;
-    let mut onlined = 0;
-    let last = loop {
-        let done = Agent::connect(agent, Duration::from_secs(3)).and_then(|mut a| {
-            a.sync()?;
-            a.online_vcpus()
-        });
-        let why = match done {
-            Ok((known, n)) => {
-                onlined += n;
-                if known >= want {
-                    tracing::debug!(onlined, known, "guest vCPUs onlined");
-                    return;
-                }
-                format!("the guest knows of {known} of {want} vCPUs")
+    let mut a = match Agent::connect(agent, Duration::from_secs(3)).and_then(|mut a| {
+        a.sync()?;
+        Ok(a)
+    }) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::info!(error = %e, "no guest agent to online the new vCPUs: the guest must");
+            return;
+        }
+    };
+    loop {
+        let why = match a.online_vcpus() {
+            Ok((known, true)) if known >= want => {
+                tracing::debug!(known, "guest vCPUs online");
+                return;
             }
+            Ok((known, _)) => format!("the guest knows of {known} of {want} vCPUs, not all online"),
             Err(e) => e.to_string(),
         };
         if std::time::Instant::now() > deadline {
-            break why;
+            tracing::info!(error = %why, "the guest agent did not online the new vCPUs: the guest must");
+            return;
         }
         std::thread::sleep(Duration::from_millis(250));
-    };
-    tracing::info!(error = %last, onlined, "the guest agent did not online the new vCPUs: the guest must");
+    }
 }

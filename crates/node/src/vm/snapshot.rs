@@ -282,7 +282,7 @@ pub fn take(
         image_digest: req.image_digest.clone(),
         vcpus: req.vcpus,
         memory_bytes: req.memory_bytes,
-        ram_pad: super::qemu::VmSpec::read(run_dir).map_or(0, |s| s.ram_pad),
+        ram_pad: super::qemu::VmSpec::read(run_dir)?.ram_pad,
         bytes: 0,
     })
 }
