@@ -107,7 +107,7 @@ impl CopyMode {
             }
             super::Accel::Tcg { .. }
                 if ram.is_some_and(|(base, plugged)| {
-                    base % DIRTY_WORD_BYTES != 0 && plugged == 0
+                    !base.is_multiple_of(DIRTY_WORD_BYTES) && plugged == 0
                 }) =>
             {
                 CopyMode::Live

@@ -53,7 +53,7 @@ pub const OVERHEAD_TCG: u64 = 192 << 20;
 /// is not a multiple of 256 KiB (64 pages: one word of QEMU's dirty bitmap).
 pub const TCG_RAM_PAD: u64 = 8 << 10;
 // The pad keeps the RAM off whole bitmap words and is whole 8 KiB (what QEMU rounds RAM to).
-const _: () = assert!(TCG_RAM_PAD % (64 << 12) != 0 && TCG_RAM_PAD % (8 << 10) == 0);
+const _: () = assert!(!TCG_RAM_PAD.is_multiple_of(64 << 12) && TCG_RAM_PAD.is_multiple_of(8 << 10));
 pub const OVERHEAD_KVM: u64 = 96 << 20;
 
 /// First uid (and gid) of the VM users: uid = base + the instance id's first 28 bits, far above
