@@ -116,7 +116,9 @@ pub fn resize(
             ),
         ));
     }
-    if memory > sizes.max_memory {
+    let hotplug = sizes.max_memory.saturating_sub(sizes.boot_memory);
+    let plugged = memory.saturating_sub(sizes.boot_memory);
+    if memory > sizes.max_memory || plugged > hotplug {
         return Err(refuse(
             id,
             format!(
@@ -126,24 +128,12 @@ pub fn resize(
             ),
         ));
     }
-    let hotplug = sizes.max_memory - sizes.boot_memory;
-    let plugged = memory.saturating_sub(sizes.boot_memory);
     if plugged > 0 && (plugged & ((128 << 20) - 1)) != 0 {
         return Err(refuse(
             id,
             format!(
                 "memory above the {} MiB the VM booted with is added in steps of 128 MiB",
                 sizes.boot_memory >> 20
-            ),
-        ));
-    }
-    if plugged > hotplug {
-        return Err(refuse(
-            id,
-            format!(
-                "{} MiB is more than the {} MiB this VM can grow to while it runs",
-                memory >> 20,
-                sizes.max_memory >> 20
             ),
         ));
     }
