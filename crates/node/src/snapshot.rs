@@ -135,7 +135,7 @@ impl SnapshotSource {
     /// the pad this host gives TCG VMs; anything else is refused.
     pub fn ram_pad(&self) -> Result<u64, NodeError> {
         let pad = read_meta(&self.dir).map_err(io(&self.dir))?.ram_pad;
-        if pad != 0 && pad != crate::vm::qemu::TCG_RAM_PAD {
+        if !crate::vm::qemu::known_ram_pad(pad) {
             return Err(NodeError::Unsupported {
                 kind: RuntimeKind::Vm,
                 what: format!(

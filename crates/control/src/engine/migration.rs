@@ -171,8 +171,8 @@ impl Engine {
     }
 }
 
-/// A node error of a migration as the engine answers it: refusals are the caller's
-/// (unsupported, invalid state), the rest internal.
+/// A node error of a migration or a snapshot as the engine answers it: refusals are the
+/// caller's (unsupported, invalid state), the rest internal.
 pub(crate) fn node_refusal(e: gpuvisor_node::NodeError) -> EngineError {
     match e {
         gpuvisor_node::NodeError::Unsupported { .. }

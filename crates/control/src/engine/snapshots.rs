@@ -343,18 +343,16 @@ impl Engine {
         };
         blocking(move || node.take_snapshot(&id, &sid, &ask))
             .await?
-            .map_err(|e| match e {
-                // What the runtime cannot do: the caller's to change (invalid_argument).
-                gpuvisor_node::NodeError::Unsupported { .. }
-                | gpuvisor_node::NodeError::RuntimeUnavailable { .. } => EngineError::Node(e),
-                // Refused as the VM is (resized, passed-through GPUs): invalid_state.
-                gpuvisor_node::NodeError::Vm(gpuvisor_node::vm::VmError::Refused { .. }) => {
-                    EngineError::InvalidState(format!("{e}; nothing was kept"))
+            // What the runtime cannot do, or not to this VM as it is, is the caller's to change.
+            .map_err(|e| match super::migration::node_refusal(e) {
+                EngineError::InvalidState(m) => {
+                    EngineError::InvalidState(format!("{m}; nothing was kept"))
                 }
-                e => EngineError::Internal(format!(
+                EngineError::Internal(e) => EngineError::Internal(format!(
                     "snapshot {:?} of instance {} could not be taken: {e}; nothing was kept",
                     snap.name, row.id
                 )),
+                e => e,
             })
     }
 

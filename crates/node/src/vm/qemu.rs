@@ -54,6 +54,12 @@ pub const OVERHEAD_TCG: u64 = 192 << 20;
 pub const TCG_RAM_PAD: u64 = 8 << 10;
 // The pad keeps the RAM off whole bitmap words and is whole 8 KiB (what QEMU rounds RAM to).
 const _: () = assert!(!TCG_RAM_PAD.is_multiple_of(64 << 12) && TCG_RAM_PAD.is_multiple_of(8 << 10));
+
+/// Whether `pad` is a RAM pad this host makes (`VmSpec::ram_pad`): none, or `TCG_RAM_PAD`.
+/// A running state from elsewhere (another daemon, a snapshot) with any other is refused.
+pub fn known_ram_pad(pad: u64) -> bool {
+    pad == 0 || pad == TCG_RAM_PAD
+}
 pub const OVERHEAD_KVM: u64 = 96 << 20;
 
 /// First uid (and gid) of the VM users: uid = base + the instance id's first 28 bits, far above
@@ -298,19 +304,17 @@ impl VmSpec {
             s("-smp"),
             format!("{},maxcpus={}", self.vcpus, self.max_vcpus.max(self.vcpus)),
             s("-m"),
-            match (self.hotplug_memory(), self.ram_pad >> 10) {
-                (0, 0) => format!("{}M", self.memory >> 20),
-                (_, 0) => format!(
-                    "{}M,maxmem={}M",
-                    self.memory >> 20,
-                    (self.memory >> 20) + (self.hotplug_memory() >> 20)
-                ),
-                (0, pad) => format!("{}K", (self.memory >> 20 << 10) + pad),
-                (_, pad) => format!(
-                    "{}K,maxmem={}K",
-                    (self.memory >> 20 << 10) + pad,
-                    (self.memory >> 20 << 10) + pad + (self.hotplug_memory() >> 10)
-                ),
+            {
+                // Whole MiB where it is (unpadded RAM), else KiB.
+                let size = |kib: u64| match kib % 1024 {
+                    0 => format!("{}M", kib >> 10),
+                    _ => format!("{kib}K"),
+                };
+                let boot = (self.memory >> 20 << 10) + (self.ram_pad >> 10);
+                match self.hotplug_memory() >> 10 {
+                    0 => size(boot),
+                    more => format!("{},maxmem={}", size(boot), size(boot + more)),
+                }
             },
             s("-no-reboot"),
             // A guest panic (pvpanic) ends QEMU with status 1: the instance fails.

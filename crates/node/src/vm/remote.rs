@@ -378,7 +378,7 @@ pub(super) fn receive_into(spec: &mut VmSpec, src: &VmSpec) -> Result<(), VmErro
             "its room to grow is smaller than its size or beyond any VM's".into(),
         ));
     }
-    if src.ram_pad != 0 && src.ram_pad != super::qemu::TCG_RAM_PAD {
+    if !super::qemu::known_ram_pad(src.ram_pad) {
         return Err(refuse(format!(
             "its RAM beyond its size ({} bytes) is not one this host makes",
             src.ram_pad
