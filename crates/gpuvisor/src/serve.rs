@@ -92,13 +92,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     &qemu,
                     vm_kernel.as_deref(),
                 );
-                tracing::info!(qemu = %qemu.display(), accel = accel.describe(), "micro-VMs available");
+                let qemu_version = gpuvisor_node::vm::qemu::binary_version(&qemu);
+                tracing::info!(qemu = %qemu.display(), version = ?qemu_version, accel = accel.describe(), "micro-VMs available");
                 let vm = gpuvisor_node::vm::runtime::VmRuntime::new(
                     gpuvisor_node::vm::VmConfig {
                         qemu,
                         kernel: vm_kernel,
                         initrd: vm_initrd,
                         accel,
+                        qemu_version,
                     },
                     &data_dir,
                 );

@@ -81,8 +81,6 @@ pub enum CopyMode {
     Paused,
 }
 
-/// The first QEMU whose live copy under TCG keeps every write.
-const TCG_LIVE_COPY_SINCE: (i64, i64) = (9, 0);
 /// The length in bytes of RAM whose dirty bits QEMU 7.2 syncs by whole words (64 pages).
 const DIRTY_WORD_BYTES: u64 = 64 << 12;
 
@@ -102,7 +100,7 @@ impl CopyMode {
     ) -> Self {
         match accel {
             super::Accel::Kvm => CopyMode::Live,
-            super::Accel::Tcg { .. } if version.is_some_and(|v| v >= TCG_LIVE_COPY_SINCE) => {
+            super::Accel::Tcg { .. } if version.is_some_and(|v| v >= super::qemu::TCG_DIRTY_SYNC_FIXED) => {
                 CopyMode::Live
             }
             super::Accel::Tcg { .. }

@@ -49,9 +49,43 @@ pub const VIRTIO_MEM: &str = "vmem0dev";
 /// every TCG VM that KSM cannot merge (docs/bench/vm-operations.md, "KSM"). KVM has neither.
 pub const TCG_TB_MIB: u64 = 32;
 pub const OVERHEAD_TCG: u64 = 192 << 20;
-/// Guest RAM a TCG VM gets above its size (`VmSpec::ram_pad`): two pages, so that its length
-/// is not a multiple of 256 KiB (64 pages: one word of QEMU's dirty bitmap).
+/// Guest RAM a TCG VM gets above its size (`VmSpec::ram_pad`) from a QEMU before
+/// [`TCG_DIRTY_SYNC_FIXED`]: two pages, so that its length is not a multiple of 256 KiB
+/// (64 pages: one word of QEMU's dirty bitmap). See `migrate::CopyMode::Paused` for why.
 pub const TCG_RAM_PAD: u64 = 8 << 10;
+/// The first QEMU whose dirty-bitmap fast path resets TCG's TLB (9.0: "physmem: Fix
+/// migration dirty bitmap coherency with TCG memory access"): from it on, a TCG guest's
+/// writes are kept by a live copy of RAM of any length, and its first dirty sync resets the
+/// TLB once per RAM block instead of once per page.
+pub const TCG_DIRTY_SYNC_FIXED: (i64, i64) = (9, 0);
+
+/// The RAM pad of a new TCG VM run by a QEMU of `version` (None: unknown, taken as one
+/// before the fix): [`TCG_RAM_PAD`] before [`TCG_DIRTY_SYNC_FIXED`], none from it on (a pad
+/// would only put the RAM on the page-by-page path, which stalls the guest at the first sync).
+pub fn tcg_ram_pad(version: Option<(i64, i64)>) -> u64 {
+    if version.is_some_and(|v| v >= TCG_DIRTY_SYNC_FIXED) {
+        0
+    } else {
+        TCG_RAM_PAD
+    }
+}
+
+/// The major and minor version `qemu --version` prints ("QEMU emulator version 10.0.2 (…)").
+pub fn binary_version(qemu: &Path) -> Option<(i64, i64)> {
+    let out = std::process::Command::new(qemu)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    parse_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_version(text: &str) -> Option<(i64, i64)> {
+    let v = text.lines().next()?.split("version ").nth(1)?;
+    let mut parts = v.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
 // The pad keeps the RAM off whole bitmap words and is whole 8 KiB (what QEMU rounds RAM to).
 const _: () = assert!(!TCG_RAM_PAD.is_multiple_of(64 << 12) && TCG_RAM_PAD.is_multiple_of(8 << 10));
 
@@ -980,6 +1014,26 @@ fn boot_probe(qemu: &Path, kernel: &Path, timeout: Duration) -> Accel {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// `qemu --version` read; the pad follows the version (unknown: padded).
+    #[test]
+    fn the_ram_pad_follows_the_qemu_version() {
+        let v = parse_version(
+            "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright",
+        );
+        assert_eq!(v, Some((10, 0)));
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.15 (Debian 1:7.2+dfsg-7+deb12u18)"),
+            Some((7, 2))
+        );
+        assert_eq!(parse_version("qemu-system-x86_64: bad option"), None);
+        assert_eq!(parse_version(""), None);
+        assert_eq!(tcg_ram_pad(Some((7, 2))), TCG_RAM_PAD);
+        assert_eq!(tcg_ram_pad(Some((8, 2))), TCG_RAM_PAD);
+        assert_eq!(tcg_ram_pad(None), TCG_RAM_PAD);
+        assert_eq!(tcg_ram_pad(Some((9, 0))), 0);
+        assert_eq!(tcg_ram_pad(Some((10, 0))), 0);
+    }
 
     /// QEMU's last words: the last non-empty line of a long stderr, quoted with its control
     /// characters escaped; nothing when it said nothing.

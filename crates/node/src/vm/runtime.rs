@@ -346,7 +346,7 @@ impl VmRuntime {
                     id: id.to_string(),
                     why: e.to_string(),
                 })?,
-                (super::Accel::Tcg { .. }, _) => qemu::TCG_RAM_PAD,
+                (super::Accel::Tcg { .. }, _) => qemu::tcg_ram_pad(self.cfg.qemu_version),
                 (super::Accel::Kvm, _) => 0,
             },
         };
