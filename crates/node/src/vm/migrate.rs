@@ -73,39 +73,56 @@ pub enum CopyMode {
     /// bitmap words (64 pages, 256 KiB) that clears the words without resetting TCG's TLB,
     /// so a page whose TLB entry is already writable is written again without being marked
     /// dirty, and the destination keeps the page's older copy. Hot kernel pages (free lists,
-    /// per-CPU lists, `struct page`s) are the ones lost, and the guest crashes minutes later
-    /// (QEMU 9.0 fixed it: "physmem: Fix migration dirty bitmap coherency with TCG memory
-    /// access"). The page-by-page path resets the TLB: a guest whose boot RAM is not a whole
-    /// number of words (`VmSpec::ram_pad`) and has no RAM plugged since (virtio-mem's block
-    /// is whole 2 MiB blocks) is copied live. KVM's dirty log does not go through that TLB.
+    /// per-CPU lists, `struct page`s) are the ones lost, and the guest crashes minutes later.
+    /// QEMU 9.0 ("physmem: Fix migration dirty bitmap coherency with TCG memory access")
+    /// resets the TLB on that path, once per block, but for the block's offset within itself
+    /// rather than within QEMU's RAM address space (still so in 10.0): only a block at
+    /// offset 0 is covered. The daemon puts the boot RAM there ([`super::qemu::MAIN_RAM`],
+    /// created before virtio-mem's block), so from 9.0 on it is copied live while nothing is
+    /// plugged (virtio-mem's block lies above it). The page-by-page path, for a block of any
+    /// other length, resets the TLB page by page, in every version: a guest whose boot RAM
+    /// is not a whole number of words (`VmSpec::ram_pad`, before 9.0) and has no RAM
+    /// plugged since (virtio-mem's block is whole 2 MiB blocks) is copied live too. KVM's
+    /// dirty log does not go through that TLB.
     Paused,
 }
 
-/// The length in bytes of RAM whose dirty bits QEMU 7.2 syncs by whole words (64 pages).
+/// The length in bytes of RAM whose dirty bits QEMU syncs by whole words (64 pages).
 const DIRTY_WORD_BYTES: u64 = 64 << 12;
+
+/// What QEMU says of a guest's RAM, for [`CopyMode::choose`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RamLayout {
+    /// Boot RAM and RAM plugged since, bytes (`query-memory-size-summary`).
+    pub base: u64,
+    pub plugged: u64,
+    /// Where the boot RAM's block starts in QEMU's RAM address space (`x-query-ramblock`);
+    /// None where QEMU did not say.
+    pub main_offset: Option<u64>,
+}
 
 impl CopyMode {
     /// The mode for a guest under `accel` in a QEMU of `version` (major, minor; None: it did
-    /// not say, taken as one with the bug) whose RAM is `ram` (boot RAM, RAM plugged since;
-    /// None: unknown, taken as whole words).
+    /// not say, taken as one with the bug) whose RAM is `ram` (None: unknown, taken as whole
+    /// words off offset 0).
     ///
-    /// Under TCG before 9.0 a live copy of padded RAM keeps every write, but its first dirty
-    /// sync resets TCG's TLB once per page (every page is dirty then), under QEMU's big lock:
-    /// the guest stalls for about 0.3 s per GiB here. A paused copy pays that too, inside its
-    /// pause (post-copy included), so padded RAM is copied live either way.
+    /// Under TCG the page-by-page path's first dirty sync resets TCG's TLB once per page
+    /// (every page is dirty then), under QEMU's big lock: the guest stalls for about 0.3 s
+    /// per GiB here. A paused copy pays that too, inside its pause (post-copy included), so
+    /// padded RAM is copied live either way. The fast path of 9.0 on resets it once.
     pub(super) fn choose(
         accel: &super::Accel,
         version: Option<(i64, i64)>,
-        ram: Option<(u64, u64)>,
+        ram: Option<RamLayout>,
     ) -> Self {
+        let fixed = version.is_some_and(|v| v >= super::qemu::TCG_DIRTY_SYNC_FIXED);
         match accel {
             super::Accel::Kvm => CopyMode::Live,
-            super::Accel::Tcg { .. } if version.is_some_and(|v| v >= super::qemu::TCG_DIRTY_SYNC_FIXED) => {
-                CopyMode::Live
-            }
             super::Accel::Tcg { .. }
-                if ram.is_some_and(|(base, plugged)| {
-                    !base.is_multiple_of(DIRTY_WORD_BYTES) && plugged == 0
+                if ram.is_some_and(|r| {
+                    r.plugged == 0
+                        && (!r.base.is_multiple_of(DIRTY_WORD_BYTES)
+                            || (fixed && r.main_offset == Some(0)))
                 }) =>
             {
                 CopyMode::Live
@@ -118,7 +135,14 @@ impl CopyMode {
     pub(super) fn of_source(src: &mut Monitor, accel: &super::Accel) -> Self {
         let (version, ram) = match accel {
             super::Accel::Kvm => (None, None),
-            super::Accel::Tcg { .. } => (src.qemu_version().ok(), src.memory_sizes().ok()),
+            super::Accel::Tcg { .. } => (
+                src.qemu_version().ok(),
+                src.memory_sizes().ok().map(|(base, plugged)| RamLayout {
+                    base,
+                    plugged,
+                    main_offset: src.ram_block_offset(super::qemu::MAIN_RAM).ok().flatten(),
+                }),
+            ),
         };
         Self::choose(accel, version, ram)
     }
@@ -1084,46 +1108,59 @@ fn test_hold(point: &str) {
 mod tests {
     use super::*;
 
-    /// Under TCG the copy pauses the guest unless its QEMU has the dirty-bitmap fix (9.0 on)
-    /// or its RAM keeps the sync off the fast path (boot RAM not whole 256 KiB words, none
-    /// plugged); under KVM it is live.
+    /// Under TCG the copy pauses the guest unless its RAM keeps the sync off the fast path
+    /// (boot RAM not whole 256 KiB words, none plugged) or its QEMU has the dirty-bitmap fix
+    /// (9.0 on) and the boot RAM's block is the one it covers (at offset 0, none plugged);
+    /// under KVM it is live.
     #[test]
-    fn a_tcg_guest_is_copied_paused_before_qemu_9_unless_its_ram_is_padded() {
+    fn a_tcg_guest_is_copied_paused_unless_qemu_keeps_every_write() {
         use crate::vm::Accel;
         let tcg = Accel::Tcg {
             reason: "test".into(),
         };
-        let padded = Some(((512 << 20) + crate::vm::qemu::TCG_RAM_PAD, 0));
+        let ram = |base: u64, plugged: u64, main_offset: Option<u64>| {
+            Some(RamLayout {
+                base,
+                plugged,
+                main_offset,
+            })
+        };
+        let pad = crate::vm::qemu::TCG_RAM_PAD;
         assert_eq!(CopyMode::choose(&Accel::Kvm, None, None), CopyMode::Live);
         assert_eq!(
-            CopyMode::choose(&Accel::Kvm, Some((7, 2)), Some((512 << 20, 0))),
+            CopyMode::choose(&Accel::Kvm, Some((7, 2)), ram(512 << 20, 0, Some(1 << 30))),
             CopyMode::Live
         );
-        for old in [None, Some((7, 2)), Some((8, 2))] {
-            for ram in [
-                None,
-                Some((512 << 20, 0)),
-                Some(((512 << 20) + (256 << 10), 0)),
-                Some(((512 << 20) + crate::vm::qemu::TCG_RAM_PAD, 128 << 20)),
+        for version in [
+            None,
+            Some((7, 2)),
+            Some((8, 2)),
+            Some((9, 0)),
+            Some((10, 0)),
+        ] {
+            let fixed = version.is_some_and(|v| v >= (9, 0));
+            for (layout, live) in [
+                (None, false),
+                (ram(512 << 20, 0, None), false),
+                (ram(512 << 20, 0, Some(1 << 30)), false),
+                (ram((512 << 20) + (256 << 10), 0, Some(1 << 30)), false),
+                (ram((512 << 20) + pad, 128 << 20, Some(0)), false),
+                (ram(512 << 20, 128 << 20, Some(0)), false),
+                (ram((512 << 20) + pad, 0, None), true),
+                (ram((512 << 20) + pad, 0, Some(1 << 30)), true),
+                (ram(512 << 20, 0, Some(0)), fixed),
             ] {
+                let want = if live {
+                    CopyMode::Live
+                } else {
+                    CopyMode::Paused
+                };
                 assert_eq!(
-                    CopyMode::choose(&tcg, old, ram),
-                    CopyMode::Paused,
-                    "{old:?} {ram:?}"
+                    CopyMode::choose(&tcg, version, layout),
+                    want,
+                    "{version:?} {layout:?}"
                 );
             }
-            assert_eq!(
-                CopyMode::choose(&tcg, old, padded),
-                CopyMode::Live,
-                "{old:?}"
-            );
-        }
-        for new in [(9, 0), (9, 2), (10, 0)] {
-            assert_eq!(
-                CopyMode::choose(&tcg, Some(new), Some((512 << 20, 0))),
-                CopyMode::Live,
-                "{new:?}"
-            );
         }
     }
 

@@ -36,6 +36,11 @@ use std::time::{Duration, Instant};
 pub const BALLOON: &str = "balloon0";
 /// The virtio-mem device's id: RAM added while the VM runs.
 pub const VIRTIO_MEM: &str = "vmem0dev";
+/// The boot RAM's memory backend: created on the command line ahead of every other RAM, so
+/// that its block is the first in QEMU's RAM address space (offset 0: see
+/// `migrate::CopyMode::Paused` for why that matters under TCG). Named as QEMU names the RAM of
+/// a plain `-m` on PC machines, so VMs started either way migrate into each other.
+pub const MAIN_RAM: &str = "pc.ram";
 
 /// QEMU's memory beyond guest RAM allowed in the cgroup: the TCG translation buffer (bounded
 /// with `tb-size`) and QEMU's own heap, device models and thread stacks.
@@ -314,6 +319,21 @@ impl VmSpec {
             fdset(10 + i as u32, *ro);
         }
         let sets = a;
+        // `-m` and the boot RAM's backend, of the same size: whole MiB where it is (unpadded
+        // RAM), else KiB.
+        let size = |kib: u64| match kib % 1024 {
+            0 => format!("{}M", kib >> 10),
+            _ => format!("{kib}K"),
+        };
+        let boot = (self.memory >> 20 << 10) + (self.ram_pad >> 10);
+        let ram = match self.hotplug_memory() >> 10 {
+            0 => size(boot),
+            more => format!("{},maxmem={}", size(boot), size(boot + more)),
+        };
+        let main_ram = format!(
+            "memory-backend-ram,id={MAIN_RAM},size={},merge=on",
+            size(boot)
+        );
         let mut a: Vec<String> = vec![
             s("-name"),
             format!("gpuvisor-{},debug-threads=on", self.id),
@@ -324,7 +344,7 @@ impl VmSpec {
             s("-machine"),
             // q35 for every VM (see the module header); the MMIO window for GPUs comes with
             // the passthrough arguments. Guest RAM is mergeable (KSM, `crate::ksm`).
-            s("q35,mem-merge=on"),
+            format!("q35,mem-merge=on,memory-backend={MAIN_RAM}"),
             s("-accel"),
             match self.accel {
                 Accel::Kvm => s("kvm"),
@@ -338,18 +358,10 @@ impl VmSpec {
             s("-smp"),
             format!("{},maxcpus={}", self.vcpus, self.max_vcpus.max(self.vcpus)),
             s("-m"),
-            {
-                // Whole MiB where it is (unpadded RAM), else KiB.
-                let size = |kib: u64| match kib % 1024 {
-                    0 => format!("{}M", kib >> 10),
-                    _ => format!("{kib}K"),
-                };
-                let boot = (self.memory >> 20 << 10) + (self.ram_pad >> 10);
-                match self.hotplug_memory() >> 10 {
-                    0 => size(boot),
-                    more => format!("{},maxmem={}", size(boot), size(boot + more)),
-                }
-            },
+            ram,
+            // Before any other RAM (virtio-mem's below): the boot RAM's block at offset 0.
+            s("-object"),
+            main_ram,
             s("-no-reboot"),
             // A guest panic (pvpanic) ends QEMU with status 1: the instance fails.
             s("-action"),
@@ -1109,7 +1121,8 @@ pub(crate) mod tests {
     const GOLDEN: &str = "\
 -name gpuvisor-0123456789ab,debug-threads=on -nodefaults -no-user-config \
 -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny \
--machine q35,mem-merge=on -accel tcg,thread=single,tb-size=32 -cpu max -smp 2,maxcpus=2 -m 512M -no-reboot \
+-machine q35,mem-merge=on,memory-backend=pc.ram -accel tcg,thread=single,tb-size=32 -cpu max -smp 2,maxcpus=2 -m 512M \
+-object memory-backend-ram,id=pc.ram,size=512M,merge=on -no-reboot \
 -action panic=exit-failure -display none \
 -chardev socket,id=qmp,fd=10,server=on,wait=off -mon chardev=qmp,mode=control \
 -add-fd fd=13,set=1 -add-fd fd=14,set=1 -add-fd fd=17,set=2 \
@@ -1153,11 +1166,18 @@ pub(crate) mod tests {
         ] {
             assert!(a.contains(want), "{want:?} not in {a}");
         }
+        // The boot RAM's backend comes before virtio-mem's: its block is the first.
+        let (main, vmem) = (
+            a.find("memory-backend-ram,id=pc.ram,size=512M,").unwrap(),
+            a.find("memory-backend-ram,id=vmem0").unwrap(),
+        );
+        assert!(main < vmem, "{a}");
         // Padded RAM (TCG): the boot RAM two pages longer, not a multiple of 256 KiB; the
         // device memory above it as before.
         g.ram_pad = TCG_RAM_PAD;
         let a = g.args(&fds()).join(" ");
         assert!(a.contains(" -m 524296K,maxmem=1572872K "), "{a}");
+        assert!(a.contains(",id=pc.ram,size=524296K,merge=on "), "{a}");
         g.max_memory = 512 << 20;
         let a = g.args(&fds()).join(" ");
         assert!(a.contains(" -m 524296K "), "{a}");
