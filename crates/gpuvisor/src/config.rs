@@ -42,6 +42,8 @@ pub struct Config {
     /// boots).
     pub vm_kernel: Option<PathBuf>,
     pub vm_initrd: Option<PathBuf>,
+    /// The QEMU VMs run in (default: `qemu-system-x86_64` on `PATH`).
+    pub vm_qemu: Option<PathBuf>,
     /// The daemon runs KSM (`/sys/kernel/mm/ksm`) while VMs run and stops it when none do
     /// (default true; false leaves KSM to the operator).
     pub manage_ksm: bool,
@@ -499,6 +501,7 @@ impl Default for Config {
             vm_kernel: None,
             manage_ksm: true,
             vm_initrd: None,
+            vm_qemu: None,
             limiter_context_bytes: 0,
             limiter_over_quota: Default::default(),
             placement_policy: gpuvisor_scheduler::Policy::GvFrag,
@@ -537,6 +540,7 @@ struct FileConfig {
     limiter_lib: Option<PathBuf>,
     vm_kernel: Option<PathBuf>,
     vm_initrd: Option<PathBuf>,
+    vm_qemu: Option<PathBuf>,
     manage_ksm: Option<bool>,
     limiter_context_bytes: Option<String>,
     limiter_over_quota: Option<String>,
@@ -597,6 +601,9 @@ pub struct ConfigOverrides {
     /// Initrd going with --vm-kernel.
     #[arg(long, env = "GPUVISOR_VM_INITRD")]
     pub vm_initrd: Option<PathBuf>,
+    /// The QEMU system emulator VMs run in (default: qemu-system-x86_64 on PATH) [vm_qemu].
+    #[arg(long, env = "GPUVISOR_QEMU")]
+    pub vm_qemu: Option<PathBuf>,
     /// Whether the daemon runs KSM while VMs run (`false`: the operator's) [manage_ksm].
     #[arg(long, value_name = "BOOL")]
     pub manage_ksm: Option<bool>,
@@ -712,6 +719,9 @@ impl Config {
             if f.vm_initrd.is_some() {
                 c.vm_initrd = f.vm_initrd;
             }
+            if f.vm_qemu.is_some() {
+                c.vm_qemu = f.vm_qemu;
+            }
             if let Some(v) = f.manage_ksm {
                 c.manage_ksm = v;
             }
@@ -821,6 +831,9 @@ impl Config {
         }
         if o.vm_initrd.is_some() {
             c.vm_initrd = o.vm_initrd.clone();
+        }
+        if o.vm_qemu.is_some() {
+            c.vm_qemu = o.vm_qemu.clone();
         }
         if let Some(v) = o.manage_ksm {
             c.manage_ksm = v;

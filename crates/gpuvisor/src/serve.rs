@@ -82,10 +82,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cfg.vm_initrd.clone(),
         cfg.data_dir.clone(),
     );
+    let vm_qemu = match &cfg.vm_qemu {
+        Some(q) if !q.is_file() => anyhow::bail!("vm_qemu {} is not a file", q.display()),
+        Some(q) => Some(q.clone()),
+        None => gpuvisor_node::vm::find_qemu(),
+    };
     let node = tokio::task::spawn_blocking(move || {
         let node = Node::open_with_network(node_cfg, policy)?.with_log_limits(log_limits);
         // Micro-VMs where QEMU is installed; KVM or TCG as the probe says (cached per boot).
-        Ok::<_, gpuvisor_node::NodeError>(match gpuvisor_node::vm::find_qemu() {
+        Ok::<_, gpuvisor_node::NodeError>(match vm_qemu {
             Some(qemu) => {
                 let accel = gpuvisor_node::vm::qemu::probe_accel(
                     &node.cfg.root,

@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::vm::{fixture, logs, vm_daemon, wait_log};
+use common::vm::{fixture, logs, previous_qemu, vm_daemon, vm_flags, wait_log};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -1249,7 +1249,14 @@ fn a_running_vm_grows_and_shrinks_in_place() {
 fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     let _g = serial();
     let Some(fx) = fixture() else { return };
-    let d = vm_daemon(&fx);
+    // Started in the QEMU the host had before its upgrade: the first move is into the one it
+    // has now, after the daemon restarts on it.
+    let Some(previous) = previous_qemu() else {
+        return;
+    };
+    let mut flags = vm_flags(&fx);
+    flags.extend(["--vm-qemu".to_string(), previous.display().to_string()]);
+    let mut d = Daemon::start(&flags.iter().map(String::as_str).collect::<Vec<_>>());
     d.import_busybox();
     d.json(&["volume", "create", "vmig", "--size", "64MiB"]);
     let id = small_vm(
@@ -1257,6 +1264,27 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
         "512MiB",
         &["--volume", "vmig:/data", "--disk-iops", "read=500"],
     );
+    let started = qemu_pids(&id);
+    assert_eq!(started.len(), 1, "{started:?}");
+    let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(
+        exe(started[0]).starts_with(previous.parent().unwrap()),
+        "{:?}",
+        exe(started[0])
+    );
+    let machine = |pid: u32| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let i = args.iter().position(|a| a == "-machine").unwrap();
+        args[i + 1].split(',').next().unwrap().to_string()
+    };
+    assert_eq!(machine(started[0]), "q35");
+    // The host's QEMU from now on; the VM runs on in the old one, adopted.
+    d.restart_with(&vm_flags(&fx).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(qemu_pids(&id), started);
     let sh = |cmd: &str| -> String {
         let (code, out, err) = d.exec(&id, cmd);
         // The guest's console too: an agent that stopped answering says why there.
@@ -1276,9 +1304,9 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     let loop_pid = start_guest_loop(&d, &id);
     let count = || -> u64 { sh("cat /.gpuvisor/count").parse().unwrap() };
     std::thread::sleep(Duration::from_secs(1));
-    let before = count();
     let old = qemu_pids(&id);
     assert_eq!(old.len(), 1, "{old:?}");
+    let before = count();
     let limit = memory_limit(&id);
 
     let m = d.json(&["instance", "migrate", &id]);
@@ -1289,9 +1317,15 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     assert!(m["transferred_bytes"].as_u64().unwrap() > 96 << 20, "{m}");
     assert!(m["total_ms"].as_u64().unwrap() > 0, "{m}");
     assert_eq!(m["postcopy"], false, "{m}");
-    copy_as_the_vm_allows(&d, &id, &m);
-    // One QEMU, the new one, in the instance's cgroup; the old one is gone.
+    copy_as_the_vm_allows(&d, &id, &m, 7);
+    // One QEMU, the new one, in the instance's cgroup; the old one is gone. It is the host's
+    // QEMU, running the machine the old one ran (the state loads into no other).
     assert_eq!(qemu_pids(&id), vec![new_pid]);
+    assert_eq!(
+        exe(new_pid),
+        std::path::Path::new("/usr/bin/qemu-system-x86_64")
+    );
+    assert_eq!(machine(new_pid), "pc-q35-7.2");
     let cg = std::fs::read_to_string(format!("/proc/{new_pid}/cgroup")).unwrap();
     assert!(cg.contains(&format!("/{}/{id}\n", cgroup_parent())), "{cg}");
     assert!(!cg.contains(".in-"), "{cg}");
@@ -1610,27 +1644,33 @@ fn migration_held_at(d: &mut Daemon, id: &str, point: &str) -> std::process::Chi
     cli
 }
 
-/// How the copy went, as the VM allows: live (`paused_copy` false), with a pause of less
-/// than half the move, under KVM, with QEMU 9.0 on, and under TCG before 9.0 for the VMs this
-/// daemon starts (their RAM padded two pages off QEMU 7.2's lossy fast path, none plugged).
-/// The VM's QEMU has padded RAM (`-m` in KiB) exactly under TCG before 9.0: from 9.0 on a pad
-/// would only stall the guest. The guest's state checks after every move are what shows a
-/// live copy under TCG kept every write.
-fn copy_as_the_vm_allows(d: &Daemon, id: &str, m: &serde_json::Value) {
-    let got = d.json(&["instance", "get", id]);
-    let accel = got["accel"].as_str().unwrap_or_default();
-    assert!(!accel.is_empty(), "{got}");
+/// The major version of the host's QEMU (`qemu-system-x86_64` on `PATH`).
+fn host_qemu_major() -> u32 {
     let out = std::process::Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
         .unwrap();
     let version = String::from_utf8_lossy(&out.stdout).to_string();
-    let major: u32 = version
+    version
         .split("version ")
         .nth(1)
         .and_then(|v| v.split('.').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no QEMU version in {version:?}"));
+        .unwrap_or_else(|| panic!("no QEMU version in {version:?}"))
+}
+
+/// How the copy went, as the VM allows: live (`paused_copy` false), with a pause of less
+/// than half the move, under KVM, with QEMU 9.0 on, and under TCG before 9.0 for the VMs this
+/// daemon starts (their RAM padded two pages off QEMU 7.2's lossy fast path, none plugged).
+/// The VM's QEMU has padded RAM (`-m` in KiB) exactly under TCG when the VM was started by a
+/// QEMU before 9.0 (`started_by`, its major version; the pad travels with every move): from
+/// 9.0 on a pad would only stall the guest. The guest's state checks after every move are what shows a
+/// live copy under TCG kept every write.
+fn copy_as_the_vm_allows(d: &Daemon, id: &str, m: &serde_json::Value, started_by: u32) {
+    let got = d.json(&["instance", "get", id]);
+    let accel = got["accel"].as_str().unwrap_or_default();
+    assert!(!accel.is_empty(), "{got}");
+    let major = started_by;
     let paused = m["paused_copy"]
         .as_bool()
         .unwrap_or_else(|| panic!("no paused_copy in {m}"));
@@ -2075,7 +2115,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     assert_eq!(m["node"], b_node.as_str(), "{m}");
     assert_eq!(m["postcopy"], false, "{m}");
     assert!(m["transferred_bytes"].as_u64().unwrap() > 96 << 20, "{m}");
-    copy_as_the_vm_allows(&b, &id, &m);
+    copy_as_the_vm_allows(&b, &id, &m, host_qemu_major());
     // One QEMU of the instance, B's.
     let q = qemus_by_parent(&id);
     assert_eq!(q.len(), 1, "{q:?}");
@@ -2162,7 +2202,7 @@ fn a_running_vm_migrates_live_to_another_daemon() {
     for round in 1..=2 {
         let there = a.json(&["instance", "migrate", &id, "--to", &b_node]);
         eprintln!("round {round}, to B: {there}");
-        copy_as_the_vm_allows(&b, &id, &there);
+        copy_as_the_vm_allows(&b, &id, &there, host_qemu_major());
         settles(&b, &id);
         agent_answers(&b, &id);
         guest_loop_runs(&b, &id, &loop_pid);

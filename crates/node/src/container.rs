@@ -406,6 +406,7 @@ impl Runtime for ContainerRuntime {
             vcpus: req.vcpus,
             memory_bytes: req.memory_bytes,
             ram_pad: 0,
+            machine: None,
             bytes: 0,
         })
     }

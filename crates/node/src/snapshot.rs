@@ -85,6 +85,11 @@ pub struct SnapshotMeta {
     /// only into RAM of the same length. 0 for snapshots made before it was recorded.
     #[serde(default)]
     pub ram_pad: u64,
+    /// VM with its running state saved: the versioned machine type it ran
+    /// (`VmSpec::machine`), which the state loads into. None for snapshots made before it
+    /// was recorded (restored into `q35`).
+    #[serde(default)]
+    pub machine: Option<String>,
     /// Bytes the snapshot takes on the host's disk (allocated blocks; hard links counted).
     pub bytes: u64,
 }
@@ -131,19 +136,32 @@ pub struct SnapshotSource {
 }
 
 impl SnapshotSource {
-    /// A VM snapshot's guest RAM beyond the VM's size (`SnapshotMeta::ram_pad`): none, or
-    /// the pad this host gives TCG VMs; anything else is refused.
-    pub fn ram_pad(&self) -> Result<u64, NodeError> {
-        let pad = read_meta(&self.dir).map_err(io(&self.dir))?.ram_pad;
-        if !crate::vm::qemu::known_ram_pad(pad) {
-            return Err(NodeError::Unsupported {
-                kind: RuntimeKind::Vm,
-                what: format!(
-                    "restoring a saved running state with {pad} bytes of RAM beyond the VM's size"
-                ),
-            });
+    /// What a VM snapshot's saved running state loads into: its guest RAM beyond the VM's
+    /// size (`SnapshotMeta::ram_pad`: none, or the pad this host gives TCG VMs) and its
+    /// machine type (`SnapshotMeta::machine`: a versioned q35, or none recorded); anything
+    /// else is refused.
+    pub fn saved_shape(&self) -> Result<(u64, Option<String>), NodeError> {
+        let meta = read_meta(&self.dir).map_err(io(&self.dir))?;
+        let refuse = |what: String| NodeError::Unsupported {
+            kind: RuntimeKind::Vm,
+            what,
+        };
+        if !crate::vm::qemu::known_ram_pad(meta.ram_pad) {
+            return Err(refuse(format!(
+                "restoring a saved running state with {} bytes of RAM beyond the VM's size",
+                meta.ram_pad
+            )));
         }
-        Ok(pad)
+        if let Some(m) = meta
+            .machine
+            .as_deref()
+            .filter(|m| !crate::vm::qemu::known_machine(m))
+        {
+            return Err(refuse(format!(
+                "restoring a saved running state of machine type {m:?}"
+            )));
+        }
+        Ok((meta.ram_pad, meta.machine))
     }
 
     /// The snapshot's container disk, for an instance of the image `image_digest`: refused

@@ -649,6 +649,7 @@ impl Drop for Daemon {
             let _ = std::fs::copy(self.data().join("daemon.log"), &keep);
             eprintln!("daemon log kept: {}", keep.display());
         }
+        let mut listed = Vec::new();
         if self.child.is_some() && !std::thread::panicking() {
             self.terminate_all();
         } else if self.child.is_some() {
@@ -672,11 +673,22 @@ impl Drop for Daemon {
                     if let Some(id) = i["id"].as_str() {
                         let _ =
                             self.cli(&["instance", "terminate", id, "--wait", "--timeout", "30s"]);
+                        listed.push(id.to_string());
                     }
                 }
             }
         }
         self.kill9();
+        // A VM outlives its daemon by design (adopted at the next start); after a failure
+        // nobody will adopt it, and a guest left spinning under TCG slows every later test.
+        for id in listed {
+            for pid in qemu_pids(&id) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 }
 

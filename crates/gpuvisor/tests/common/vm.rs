@@ -48,6 +48,22 @@ pub fn fixture() -> Option<PathBuf> {
     None
 }
 
+/// The QEMU a Debian 12 host had before `scripts/install-deps` upgraded it (bookworm's 7.2,
+/// unpacked by `scripts/qemu-previous` into `/var/tmp/gpuvisor-qemu-previous`): the wrapper to
+/// run it (`serve --vm-qemu`). `None` (skip, or failure under CI) with the reason recorded.
+pub fn previous_qemu() -> Option<PathBuf> {
+    let dir = PathBuf::from("/var/tmp/gpuvisor-qemu-previous");
+    let st = Command::new(scripts().join("qemu-previous"))
+        .arg(&dir)
+        .status();
+    let wrapper = dir.join("qemu-system-x86_64");
+    if st.is_ok_and(|s| s.success()) && wrapper.is_file() {
+        return Some(wrapper);
+    }
+    prerequisite_missing("no previous QEMU (scripts/qemu-previous failed: apt-get download of bookworm's qemu-system-x86)");
+    None
+}
+
 /// The Debian 12 cloud-init template (`scripts/make-vm-template`, an OCI image tar): reused
 /// from `/var/tmp/gpuvisor-debian-template/<hash>.tar`, where `<hash>` is the hash of the
 /// script and of `scripts/oci-pack` (a changed script builds a new one), else built there

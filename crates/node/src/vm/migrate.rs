@@ -673,12 +673,19 @@ impl VmRuntime {
                     .into(),
             ));
         }
-        let spec = VmSpec::read(&run.dir).map_err(|e| {
+        let mut spec = VmSpec::read(&run.dir).map_err(|e| {
             refuse(format!(
                 "its start was not recorded ({e}): it was started by an older gpuvisor; restart \
                  it once to make it migratable"
             ))
         })?;
+        // The running state loads only into the machine it runs, whatever this host's QEMU
+        // starts by default now (an upgrade since: the new QEMU starts the old machine).
+        spec.machine = Some(
+            Monitor::connect(&run.qmp(), Duration::from_secs(5))
+                .and_then(|mut m| m.machine_type())
+                .map_err(|e| refuse(format!("its QEMU does not say which machine it runs: {e}")))?,
+        );
         let Some(net) = spec.net.clone() else {
             return Err(refuse("it has no network device recorded".into()));
         };

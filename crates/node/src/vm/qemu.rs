@@ -262,6 +262,23 @@ pub struct VmSpec {
     /// takes it from its source (a VM started before it existed has none).
     #[serde(default)]
     pub ram_pad: u64,
+    /// The versioned machine type (`pc-q35-7.2`): the one the source runs, for a destination
+    /// or a restored running state (a running state loads only into the machine it was saved
+    /// from, so a QEMU upgraded since starts the old one); None: `q35`, this QEMU's newest.
+    #[serde(default)]
+    pub machine: Option<String>,
+}
+
+/// Whether `m` is a machine type a VM of this host may be started with: a versioned q35
+/// (`pc-q35-<major>.<minor>`). A running state from elsewhere with another is refused.
+pub fn known_machine(m: &str) -> bool {
+    m.strip_prefix("pc-q35-")
+        .and_then(|v| v.split_once('.'))
+        .is_some_and(|(a, b)| {
+            [a, b]
+                .iter()
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|c| c.is_ascii_digit()))
+        })
 }
 
 /// Where a VM's running state comes from instead of a boot.
@@ -344,7 +361,10 @@ impl VmSpec {
             s("-machine"),
             // q35 for every VM (see the module header); the MMIO window for GPUs comes with
             // the passthrough arguments. Guest RAM is mergeable (KSM, `crate::ksm`).
-            format!("q35,mem-merge=on,memory-backend={MAIN_RAM}"),
+            format!(
+                "{},mem-merge=on,memory-backend={MAIN_RAM}",
+                self.machine.as_deref().unwrap_or("q35")
+            ),
             s("-accel"),
             match self.accel {
                 Accel::Kvm => s("kvm"),
@@ -1101,6 +1121,7 @@ pub(crate) mod tests {
             incoming: None,
             merge_all: false,
             ram_pad: 0,
+            machine: None,
         }
     }
 

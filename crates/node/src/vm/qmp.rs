@@ -200,6 +200,25 @@ impl Monitor {
         Ok(ramblock_offset(&t.human_readable_text, name))
     }
 
+    /// The versioned machine type the guest runs (`pc-q35-10.0`: QOM's `/machine` type
+    /// without its `-machine` suffix).
+    pub fn machine_type(&mut self) -> Result<String, VmError> {
+        let t = self.execute(
+            "qom-get",
+            &qmp::qom_get {
+                path: "/machine".into(),
+                property: "type".into(),
+            },
+        )?;
+        t.as_str()
+            .and_then(|t| t.strip_suffix("-machine"))
+            .map(str::to_string)
+            .ok_or_else(|| VmError::QmpCommand {
+                command: "qom-get /machine type".into(),
+                message: format!("not a machine type: {t}"),
+            })
+    }
+
     /// A QMP client for one command: a fresh byte budget and deadline.
     fn qmp(&mut self) -> Qmp<Stream<'_>> {
         let read = Bounded {

@@ -384,6 +384,15 @@ pub(super) fn receive_into(spec: &mut VmSpec, src: &VmSpec) -> Result<(), VmErro
             src.ram_pad
         )));
     }
+    if let Some(m) = src
+        .machine
+        .as_deref()
+        .filter(|m| !super::qemu::known_machine(m))
+    {
+        return Err(refuse(format!(
+            "its machine type {m:?} is not one this host starts"
+        )));
+    }
     if !src.volumes.is_empty() || src.root_size != spec.root_size {
         return Err(refuse(
             "its disks are not the instance's here (volumes are not carried; the root disk's \
@@ -396,6 +405,7 @@ pub(super) fn receive_into(spec: &mut VmSpec, src: &VmSpec) -> Result<(), VmErro
     spec.max_vcpus = src.max_vcpus;
     spec.max_memory = src.max_memory;
     spec.ram_pad = src.ram_pad;
+    spec.machine = src.machine.clone();
     spec.cmdline = src.cmdline.clone();
     // This host's CID for the id, or the other one where the source has it (both run at
     // once, on one machine too); never one the offer chose. The guest re-reads it.

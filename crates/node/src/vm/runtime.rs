@@ -340,18 +340,21 @@ impl VmRuntime {
                 .filter(|s| s.memory)
                 .map(|s| qemu::Incoming::File(s.dir.join(crate::snapshot::MEMORY))),
             merge_all: node.cfg.manage_ksm,
-            ram_pad: match (&self.cfg.accel, &plan.from_snapshot) {
-                // A saved running state loads only into RAM of its own length.
-                (_, Some(s)) if s.memory => s.ram_pad().map_err(|e| VmError::Start {
-                    id: id.to_string(),
-                    why: e.to_string(),
-                })?,
-                (super::Accel::Tcg { .. }, _) => qemu::tcg_ram_pad(self.cfg.qemu_version),
-                (super::Accel::Kvm, _) => 0,
+            ram_pad: match &self.cfg.accel {
+                super::Accel::Tcg { .. } => qemu::tcg_ram_pad(self.cfg.qemu_version),
+                super::Accel::Kvm => 0,
             },
+            machine: None,
         };
-        // Another host's migration: its QEMU's shape, waiting for the state.
+        // A saved running state loads only into RAM of its own length, in its own machine.
         let mut spec = spec;
+        if let Some(s) = plan.from_snapshot.as_ref().filter(|s| s.memory) {
+            (spec.ram_pad, spec.machine) = s.saved_shape().map_err(|e| VmError::Start {
+                id: id.to_string(),
+                why: e.to_string(),
+            })?;
+        }
+        // Another host's migration: its QEMU's shape, waiting for the state.
         if let Some(src) = &plan.incoming {
             super::remote::receive_into(&mut spec, src)?;
         }

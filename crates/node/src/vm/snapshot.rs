@@ -253,6 +253,7 @@ pub fn take(
     let size = qcow2::virtual_size(overlay).map_err(vio(overlay))?;
     let drives = volume_drives(&run_dir.join("volumes"), volumes)?;
     abandon(mon, agent_socket, volume_count(run_dir))?;
+    let mut machine = None;
     let consistency = if req.memory {
         if super::resize::Sizes::read(run_dir).is_ok_and(|s| s.resized()) {
             return Err(VmError::Refused {
@@ -266,6 +267,8 @@ pub fn take(
                 why: "the running state of a VM with passed-through GPUs cannot be saved (VFIO devices need vendor migration support): take a disk snapshot".into(),
             });
         }
+        // The state loads only into the machine it was saved from.
+        machine = Some(mon.machine_type()?);
         with_memory(mon, dir, &req.home, overlay, &drives)?;
         "paused with memory".to_string()
     } else {
@@ -283,6 +286,7 @@ pub fn take(
         vcpus: req.vcpus,
         memory_bytes: req.memory_bytes,
         ram_pad: super::qemu::VmSpec::read(run_dir)?.ram_pad,
+        machine,
         bytes: 0,
     })
 }
