@@ -161,7 +161,15 @@ impl SnapshotSource {
                 "restoring a saved running state of machine type {m:?}"
             )));
         }
-        Ok((meta.ram_pad, meta.machine))
+        // Snapshots from before the machine was recorded: the name at the head of the state.
+        let machine = meta.machine.or_else(|| {
+            use std::io::Read;
+            let mut head = [0u8; 64];
+            let f = std::fs::File::open(self.dir.join(MEMORY)).ok()?;
+            let n = f.take(64).read(&mut head).ok()?;
+            crate::vm::qemu::stream_machine(&head[..n])
+        });
+        Ok((meta.ram_pad, machine))
     }
 
     /// The snapshot's container disk, for an instance of the image `image_digest`: refused
@@ -550,6 +558,50 @@ fn remove_dir_if_exists(dir: &Path) -> Result<(), NodeError> {
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
+
+    /// A saved running state loads into its recorded machine; a snapshot from before the
+    /// machine was recorded, into the one named at the head of its state; a machine type that
+    /// could carry options is refused.
+    #[test]
+    fn a_saved_state_names_its_machine() {
+        let d = tempfile::tempdir().unwrap();
+        let meta = |machine: Option<&str>| SnapshotMeta {
+            runtime: RuntimeKind::Vm,
+            disk_size: 1 << 30,
+            volumes: vec![],
+            memory: true,
+            consistency: "paused with memory".into(),
+            cmdline: None,
+            initrd: false,
+            image_digest: String::new(),
+            vcpus: 1,
+            memory_bytes: 512 << 20,
+            ram_pad: crate::vm::qemu::TCG_RAM_PAD,
+            machine: machine.map(str::to_string),
+            bytes: 0,
+        };
+        let write = |m: &SnapshotMeta| {
+            fs::write(d.path().join(META), serde_json::to_vec(m).unwrap()).unwrap();
+        };
+        let src = SnapshotSource {
+            dir: d.path().to_path_buf(),
+            memory: true,
+        };
+        let mut head = b"QEVM\0\0\0\x03\x07\0\0\0\x0apc-q35-7.2".to_vec();
+        head.extend([1u8, 0, 0, 0, 2]);
+        fs::write(d.path().join(MEMORY), &head).unwrap();
+        write(&meta(Some("pc-q35-10.0")));
+        assert_eq!(
+            src.saved_shape().unwrap(),
+            (crate::vm::qemu::TCG_RAM_PAD, Some("pc-q35-10.0".into()))
+        );
+        write(&meta(None));
+        assert_eq!(src.saved_shape().unwrap().1, Some("pc-q35-7.2".into()));
+        fs::write(d.path().join(MEMORY), b"not a state").unwrap();
+        assert_eq!(src.saved_shape().unwrap().1, None);
+        write(&meta(Some("pc-q35-7.2,kernel=/x")));
+        assert!(src.saved_shape().is_err());
+    }
 
     #[test]
     fn sparse_copy_keeps_data_and_holes() {

@@ -68,7 +68,7 @@ pub enum CopyMode {
     /// While the guest runs: pre-copy passes over what it dirtied, bounded by the downtime.
     Live,
     /// With the guest paused from the start of the copy (with post-copy: until the switch,
-    /// which comes at once). Under TCG QEMU 7.2 can lose guest writes during a live copy: its
+    /// which comes at once). Under TCG QEMU can lose guest writes during a live copy: 7.2's
     /// dirty-bitmap sync has a fast path for a RAM block whose length is a whole number of
     /// bitmap words (64 pages, 256 KiB) that clears the words without resetting TCG's TLB,
     /// so a page whose TLB entry is already writable is written again without being marked
@@ -539,6 +539,12 @@ impl VmRuntime {
                  ({what}): look at the instance and migrate it again"
             )));
         }
+        self.source_shape(id, &mut spec)?;
+        if let Some(why) = qemu::older_qemu(spec.qemu_version, self.cfg.qemu_version) {
+            return Err(refuse(why));
+        }
+        // The new process runs in this host's QEMU.
+        spec.qemu_version = self.cfg.qemu_version;
         // Nothing staged: any other QEMU in its cgroup is a stray, and the limit one VM's.
         self.undo(node, id, old_pid, Some(limit), ask)?;
         let staged = self.staged_paths(id);
@@ -673,23 +679,29 @@ impl VmRuntime {
                     .into(),
             ));
         }
-        let mut spec = VmSpec::read(&run.dir).map_err(|e| {
+        let spec = VmSpec::read(&run.dir).map_err(|e| {
             refuse(format!(
                 "its start was not recorded ({e}): it was started by an older gpuvisor; restart \
                  it once to make it migratable"
             ))
         })?;
-        // The running state loads only into the machine it runs, whatever this host's QEMU
-        // starts by default now (an upgrade since: the new QEMU starts the old machine).
-        spec.machine = Some(
-            Monitor::connect(&run.qmp(), Duration::from_secs(5))
-                .and_then(|mut m| m.machine_type())
-                .map_err(|e| refuse(format!("its QEMU does not say which machine it runs: {e}")))?,
-        );
         let Some(net) = spec.net.clone() else {
             return Err(refuse("it has no network device recorded".into()));
         };
         Ok((old_pid, spec, net))
+    }
+
+    /// What the source QEMU of `id` runs, into `spec` (its recorded start): the machine type,
+    /// which the running state loads into only (whatever this host's QEMU starts by default
+    /// now: after an upgrade, the new QEMU starts the old machine), and its version.
+    pub(super) fn source_shape(&self, id: &str, spec: &mut VmSpec) -> Result<(), NodeError> {
+        let mut m = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
+        spec.machine = Some(m.machine_type().map_err(|e| VmError::Migrate {
+            id: id.to_string(),
+            why: format!("its QEMU does not say which machine it runs: {e}"),
+        })?);
+        spec.qemu_version = m.qemu_version().ok();
+        Ok(())
     }
 
     /// The staging run dir of `id`'s migration destination.

@@ -157,12 +157,8 @@ pub struct VmConfig {
     pub qemu_version: Option<(i64, i64)>,
 }
 
-/// The QEMU binary on `PATH` (or `GPUVISOR_QEMU`), if any.
+/// The QEMU binary on `PATH`, if any (`serve --vm-qemu`, or `GPUVISOR_QEMU`, names another).
 pub fn find_qemu() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("GPUVISOR_QEMU") {
-        let p = PathBuf::from(p);
-        return p.is_file().then_some(p);
-    }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join("qemu-system-x86_64"))

@@ -1017,7 +1017,7 @@ mod tests {
         assert!(plain.devices().unwrap().iter().all(|g| g.driver.is_none()));
     }
 
-    /// QEMU (Debian's 7.2) takes the arguments as they are: with the host's OVMF, a plan over
+    /// QEMU (the host's: 10.0 from bookworm-backports) takes the arguments as they are: with the host's OVMF, a plan over
     /// a fixture GPU gets as far as opening the (absent) host device, every argument before it
     /// parsed; the detached plan (simulated GPUs) starts the machine. Needs qemu-system-x86_64
     /// and ovmf (scripts/install-deps); a missing one fails under CI=true, else is a skip.

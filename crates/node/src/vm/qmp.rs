@@ -201,7 +201,8 @@ impl Monitor {
     }
 
     /// The versioned machine type the guest runs (`pc-q35-10.0`: QOM's `/machine` type
-    /// without its `-machine` suffix).
+    /// without its `-machine` suffix); an error for one that is not a
+    /// [`super::qemu::known_machine`].
     pub fn machine_type(&mut self) -> Result<String, VmError> {
         let t = self.execute(
             "qom-get",
@@ -212,6 +213,7 @@ impl Monitor {
         )?;
         t.as_str()
             .and_then(|t| t.strip_suffix("-machine"))
+            .filter(|m| super::qemu::known_machine(m))
             .map(str::to_string)
             .ok_or_else(|| VmError::QmpCommand {
                 command: "qom-get /machine type".into(),
@@ -274,7 +276,7 @@ impl Monitor {
         let v = |x: Option<u64>| i64::try_from(x.unwrap_or(0)).unwrap_or(i64::MAX);
         for d in &drives {
             // `device`: the drive's name (`-drive id=`); our devices carry no qdev id, and
-            // QEMU 7.2 (Debian 12) still takes the drive name.
+            // QEMU (7.2 and 10.0 both) still takes the drive name.
             #[allow(deprecated)]
             let t = qmp::BlockIOThrottle {
                 device: Some(d.clone()),

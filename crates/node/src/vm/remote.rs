@@ -72,7 +72,8 @@ impl VmRuntime {
     /// The source's recorded start, checked as every migration checks it: what the
     /// destination starts its QEMU from.
     pub fn outgoing_spec(&self, node: &Node, id: &str) -> Result<VmSpec, NodeError> {
-        let (_, spec, _) = self.migratable(node, id)?;
+        let (_, mut spec, _) = self.migratable(node, id)?;
+        self.source_shape(id, &mut spec)?;
         if !spec.volumes.is_empty() {
             return Err(VmError::Migrate {
                 id: id.to_string(),
@@ -384,6 +385,9 @@ pub(super) fn receive_into(spec: &mut VmSpec, src: &VmSpec) -> Result<(), VmErro
             src.ram_pad
         )));
     }
+    if let Some(why) = super::qemu::older_qemu(src.qemu_version, spec.qemu_version) {
+        return Err(refuse(why));
+    }
     if let Some(m) = src
         .machine
         .as_deref()
@@ -486,6 +490,7 @@ mod tests {
         s.kernel = "/here/vmlinuz".into();
         s.root = "/here/root.qcow2".into();
         s.vsock_cid = Some(7);
+        s.qemu_version = Some((10, 0));
         s
     }
 
@@ -558,6 +563,12 @@ mod tests {
             ),
             ("root size", Box::new(|s| s.root_size += 1)),
             ("RAM padding", Box::new(|s| s.ram_pad = 1 << 30)),
+            (
+                "machine type",
+                Box::new(|s| s.machine = Some("pc-q35-7.2,kernel=/etc/shadow".into())),
+            ),
+            ("machine type", Box::new(|s| s.machine = Some("q35".into()))),
+            ("newer QEMU", Box::new(|s| s.qemu_version = Some((11, 0)))),
         ];
         for (what, change) in cases {
             let mut src = source();

@@ -345,6 +345,7 @@ impl VmRuntime {
                 super::Accel::Kvm => 0,
             },
             machine: None,
+            qemu_version: self.cfg.qemu_version,
         };
         // A saved running state loads only into RAM of its own length, in its own machine.
         let mut spec = spec;
