@@ -105,7 +105,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         kernel: vm_kernel,
                         initrd: vm_initrd,
                         accel,
-                        qemu_version,
                     },
                     &data_dir,
                 );

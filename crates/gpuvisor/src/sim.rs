@@ -549,6 +549,15 @@ pub fn run(args: SimArgs, format: Format) -> Result<i32, CliError> {
         .flat_map(|p| seeds.iter().map(move |&s| (p, s)))
         .collect();
     if args.replay != Replay::Shuffle {
+        // Trace time needs the trace's times: a pod list without them would replay as one
+        // instant with no departures.
+        if args.replay == Replay::Time && pods.iter().all(|p| p.created.is_none()) {
+            return Err(invalid(format!(
+                "--replay time needs creation_time (and deletion_time) in the pod list; {} has \
+                 none: use --replay creation or the shuffled protocol",
+                pods_path.display()
+            )));
+        }
         let events = simreplay::events(&pods, args.replay == Replay::Time);
         let runs = par_map(&jobs, args.jobs, |&(p, seed)| {
             simreplay::replay(&nodes, &pods, &workload, &events, policies[p], seed)
@@ -864,6 +873,49 @@ mod tests {
         assert_eq!(p[0].req.models, vec!["V100M16", "V100M32"]);
         assert_eq!(p[1].req.gpu, GpuDemand::Whole(2));
         assert!(p[1].req.models.is_empty());
+    }
+
+    /// `--replay time` over a pod list without times is refused with the reason, not replayed
+    /// as one instant with nobody leaving.
+    #[test]
+    fn a_time_replay_needs_the_trace_times() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sim: SimArgs,
+        }
+        let d = tempfile::tempdir().unwrap();
+        let (nodes, pods) = (d.path().join("nodes.csv"), d.path().join("pods.csv"));
+        std::fs::write(
+            &nodes,
+            "sn,cpu_milli,memory_mib,gpu,model\nn0,96000,786432,8,V100M32\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &pods,
+            "name,cpu_milli,memory_mib,num_gpu,gpu_milli\nx,4000,8192,1,1000\n",
+        )
+        .unwrap();
+        let args = |replay: &str| {
+            <Cli as clap::Parser>::try_parse_from([
+                "sim",
+                "--nodes",
+                nodes.to_str().unwrap(),
+                "--pods",
+                pods.to_str().unwrap(),
+                "--replay",
+                replay,
+                "--policy",
+                "fgd",
+                "--seeds",
+                "1..1",
+            ])
+            .unwrap()
+            .sim
+        };
+        let err = run(args("time"), Format::Json).unwrap_err().to_string();
+        assert!(err.contains("creation_time"), "{err}");
+        assert!(run(args("creation"), Format::Json).is_ok());
     }
 
     /// The multi-GPU variants' shape: only the five required columns.

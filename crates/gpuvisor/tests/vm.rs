@@ -1516,6 +1516,15 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
     assert!(!out.status.success() && err.contains("forbidden"), "{err}");
     assert_eq!(qemu_pids(&id).len(), 1);
 
+    // Back to the older QEMU (a downgrade): a move into it is refused, the guest runs on.
+    let running = qemu_pids(&id);
+    d.restart_with(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = d.cli(&["instance", "migrate", &id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("older"), "{err}");
+    assert_eq!(qemu_pids(&id), running);
+    assert_eq!(d.json(&["instance", "get", &id])["state"], "running");
+
     for i in [&cid, &id] {
         d.json(&["instance", "terminate", i, "--wait"]);
     }

@@ -407,6 +407,7 @@ impl Runtime for ContainerRuntime {
             memory_bytes: req.memory_bytes,
             ram_pad: 0,
             machine: None,
+            qemu_version: None,
             bytes: 0,
         })
     }

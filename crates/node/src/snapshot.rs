@@ -87,9 +87,13 @@ pub struct SnapshotMeta {
     pub ram_pad: u64,
     /// VM with its running state saved: the versioned machine type it ran
     /// (`VmSpec::machine`), which the state loads into. None for snapshots made before it
-    /// was recorded (restored into `q35`).
+    /// was recorded (the machine is then read from the head of the state).
     #[serde(default)]
     pub machine: Option<String>,
+    /// VM: the QEMU version (major, minor) it ran in; a saved running state is not restored
+    /// into an older one (its CPU may lack features the guest uses). None: not recorded.
+    #[serde(default)]
+    pub qemu_version: Option<(i64, i64)>,
     /// Bytes the snapshot takes on the host's disk (allocated blocks; hard links counted).
     pub bytes: u64,
 }
@@ -139,8 +143,11 @@ impl SnapshotSource {
     /// What a VM snapshot's saved running state loads into: its guest RAM beyond the VM's
     /// size (`SnapshotMeta::ram_pad`: none, or the pad this host gives TCG VMs) and its
     /// machine type (`SnapshotMeta::machine`: a versioned q35, or none recorded); anything
-    /// else is refused.
-    pub fn saved_shape(&self) -> Result<(u64, Option<String>), NodeError> {
+    /// else is refused, and so is a QEMU of version `here` older than the one it ran in.
+    pub fn saved_shape(
+        &self,
+        here: Option<(i64, i64)>,
+    ) -> Result<(u64, Option<String>), NodeError> {
         let meta = read_meta(&self.dir).map_err(io(&self.dir))?;
         let refuse = |what: String| NodeError::Unsupported {
             kind: RuntimeKind::Vm,
@@ -151,6 +158,9 @@ impl SnapshotSource {
                 "restoring a saved running state with {} bytes of RAM beyond the VM's size",
                 meta.ram_pad
             )));
+        }
+        if let Some(why) = crate::vm::qemu::older_qemu(meta.qemu_version, here) {
+            return Err(refuse(format!("restoring a saved running state: {why}")));
         }
         if let Some(m) = meta
             .machine
@@ -578,6 +588,7 @@ mod tests {
             memory_bytes: 512 << 20,
             ram_pad: crate::vm::qemu::TCG_RAM_PAD,
             machine: machine.map(str::to_string),
+            qemu_version: Some((10, 0)),
             bytes: 0,
         };
         let write = |m: &SnapshotMeta| {
@@ -592,15 +603,22 @@ mod tests {
         fs::write(d.path().join(MEMORY), &head).unwrap();
         write(&meta(Some("pc-q35-10.0")));
         assert_eq!(
-            src.saved_shape().unwrap(),
+            src.saved_shape(Some((10, 0))).unwrap(),
             (crate::vm::qemu::TCG_RAM_PAD, Some("pc-q35-10.0".into()))
         );
         write(&meta(None));
-        assert_eq!(src.saved_shape().unwrap().1, Some("pc-q35-7.2".into()));
+        assert_eq!(
+            src.saved_shape(Some((10, 0))).unwrap().1,
+            Some("pc-q35-7.2".into())
+        );
         fs::write(d.path().join(MEMORY), b"not a state").unwrap();
-        assert_eq!(src.saved_shape().unwrap().1, None);
+        assert_eq!(src.saved_shape(Some((10, 0))).unwrap().1, None);
         write(&meta(Some("pc-q35-7.2,kernel=/x")));
-        assert!(src.saved_shape().is_err());
+        assert!(src.saved_shape(Some((10, 0))).is_err());
+        // Not into an older QEMU than the one it ran in.
+        write(&meta(Some("pc-q35-7.2")));
+        let err = src.saved_shape(Some((7, 2))).unwrap_err().to_string();
+        assert!(err.contains("older"), "{err}");
     }
 
     #[test]

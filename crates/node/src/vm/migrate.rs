@@ -540,11 +540,12 @@ impl VmRuntime {
             )));
         }
         self.source_shape(id, &mut spec)?;
-        if let Some(why) = qemu::older_qemu(spec.qemu_version, self.cfg.qemu_version) {
+        let here = self.qemu_version();
+        if let Some(why) = qemu::older_qemu(spec.qemu_version, here) {
             return Err(refuse(why));
         }
         // The new process runs in this host's QEMU.
-        spec.qemu_version = self.cfg.qemu_version;
+        spec.qemu_version = here;
         // Nothing staged: any other QEMU in its cgroup is a stray, and the limit one VM's.
         self.undo(node, id, old_pid, Some(limit), ask)?;
         let staged = self.staged_paths(id);
@@ -695,12 +696,15 @@ impl VmRuntime {
     /// which the running state loads into only (whatever this host's QEMU starts by default
     /// now: after an upgrade, the new QEMU starts the old machine), and its version.
     pub(super) fn source_shape(&self, id: &str, spec: &mut VmSpec) -> Result<(), NodeError> {
-        let mut m = Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5))?;
-        spec.machine = Some(m.machine_type().map_err(|e| VmError::Migrate {
+        let refuse = |e: VmError| VmError::Migrate {
             id: id.to_string(),
             why: format!("its QEMU does not say which machine it runs: {e}"),
-        })?);
-        spec.qemu_version = m.qemu_version().ok();
+        };
+        let mut m =
+            Monitor::connect(&self.run_paths(id).qmp(), Duration::from_secs(5)).map_err(refuse)?;
+        spec.machine = Some(m.machine_type().map_err(refuse)?);
+        // The version recorded at its start where QEMU does not say.
+        spec.qemu_version = m.qemu_version().ok().or(spec.qemu_version);
         Ok(())
     }
 

@@ -153,8 +153,6 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// KVM or TCG, as probed at daemon start ([`qemu::probe_accel`]).
     pub accel: Accel,
-    /// `qemu --version`'s (major, minor), read at daemon start ([`qemu::binary_version`]).
-    pub qemu_version: Option<(i64, i64)>,
 }
 
 /// The QEMU binary on `PATH`, if any (`serve --vm-qemu`, or `GPUVISOR_QEMU`, names another).

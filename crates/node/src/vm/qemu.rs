@@ -394,7 +394,12 @@ impl VmSpec {
             // the passthrough arguments. Guest RAM is mergeable (KSM, `crate::ksm`).
             format!(
                 "{},mem-merge=on,memory-backend={MAIN_RAM}",
-                self.machine.as_deref().unwrap_or("q35")
+                // Every source of a machine type checks it; a spec read back from elsewhere
+                // with another starts `q35` (the state then does not load: refused safely).
+                self.machine
+                    .as_deref()
+                    .filter(|m| known_machine(m))
+                    .unwrap_or("q35")
             ),
             s("-accel"),
             match self.accel {

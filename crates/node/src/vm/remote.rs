@@ -519,6 +519,14 @@ mod tests {
         let mut p = here();
         receive_into(&mut p, &padded).unwrap();
         assert_eq!(p.ram_pad, crate::vm::qemu::TCG_RAM_PAD);
+        // The source's machine (its state loads into no other), this host's QEMU version.
+        let mut older = source();
+        older.machine = Some("pc-q35-7.2".into());
+        older.qemu_version = Some((7, 2));
+        let mut up = here();
+        receive_into(&mut up, &older).unwrap();
+        assert_eq!(up.machine.as_deref(), Some("pc-q35-7.2"));
+        assert_eq!(up.qemu_version, Some((10, 0)));
         // This host's CID, never the offer's; flipped when the source has the same.
         assert_eq!(mine.vsock_cid, Some(7));
         let mut same = source();

@@ -53,6 +53,12 @@ impl VmRuntime {
         }
     }
 
+    /// The version of the QEMU VMs start in now (`qemu --version`, read each time: the
+    /// package may be upgraded while the daemon runs).
+    pub(super) fn qemu_version(&self) -> Option<(i64, i64)> {
+        qemu::binary_version(&self.cfg.qemu)
+    }
+
     pub(super) fn run_root(&self) -> PathBuf {
         self.data_dir.join("vm").join("run")
     }
@@ -313,6 +319,7 @@ impl VmRuntime {
             "{} console=tty0 console=ttyS0 panic=-1{hotplug_args} ip={addr}::{gw}:{mask}:{}:eth0:off",
             boot.cmdline, plan.hostname
         );
+        let version = self.qemu_version();
         let spec = VmSpec {
             id: id.to_string(),
             vcpus,
@@ -341,16 +348,16 @@ impl VmRuntime {
                 .map(|s| qemu::Incoming::File(s.dir.join(crate::snapshot::MEMORY))),
             merge_all: node.cfg.manage_ksm,
             ram_pad: match &self.cfg.accel {
-                super::Accel::Tcg { .. } => qemu::tcg_ram_pad(self.cfg.qemu_version),
+                super::Accel::Tcg { .. } => qemu::tcg_ram_pad(version),
                 super::Accel::Kvm => 0,
             },
             machine: None,
-            qemu_version: self.cfg.qemu_version,
+            qemu_version: version,
         };
         // A saved running state loads only into RAM of its own length, in its own machine.
         let mut spec = spec;
         if let Some(s) = plan.from_snapshot.as_ref().filter(|s| s.memory) {
-            (spec.ram_pad, spec.machine) = s.saved_shape().map_err(|e| VmError::Start {
+            (spec.ram_pad, spec.machine) = s.saved_shape(version).map_err(|e| VmError::Start {
                 id: id.to_string(),
                 why: e.to_string(),
             })?;

@@ -287,6 +287,7 @@ pub fn take(
         memory_bytes: req.memory_bytes,
         ram_pad: super::qemu::VmSpec::read(run_dir)?.ram_pad,
         machine,
+        qemu_version: mon.qemu_version().ok(),
         bytes: 0,
     })
 }
