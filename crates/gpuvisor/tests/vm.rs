@@ -895,7 +895,10 @@ fn a_vm_with_a_simulated_vfio_gpu_boots_under_ovmf_with_the_passthrough_plan() {
         .replace('\0', " ");
     // q35 with UEFI firmware (this VM's own variables store) and the GPUs' 64-bit MMIO window;
     // the simulated GPU's vfio-pci device is not attached (noted in the daemon's log).
-    assert!(cmd.contains("-machine q35,mem-merge=on "), "{cmd}");
+    assert!(
+        cmd.contains("-machine q35,mem-merge=on,memory-backend=pc.ram "),
+        "{cmd}"
+    );
     assert!(
         cmd.contains("if=pflash,format=raw,unit=0,readonly=on,file="),
         "{cmd}"

@@ -417,13 +417,17 @@ fn still_open(s: &mut crate::common::ApiStream) -> bool {
             // that keeps sending for 2 s is one that runs).
             Ok(_) if Instant::now() < end => continue,
             Ok(_) => return true,
+            // Silence: read on until the 2 s are up (a loaded host may close an ended exec's
+            // stream a while after its place was given back); silent for 2 s is open.
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return true
+                if Instant::now() >= end {
+                    return true;
+                }
             }
             Err(_) => return false,
         }
