@@ -44,6 +44,9 @@ pub struct Config {
     pub vm_initrd: Option<PathBuf>,
     /// The QEMU VMs run in (default: `qemu-system-x86_64` on `PATH`).
     pub vm_qemu: Option<PathBuf>,
+    /// Where VMs' QEMU threads other than the vCPUs run: `host` (the host's CPUs other than
+    /// the VM's own, the default), `vcpus` (the VM's own) or a CPU list.
+    pub vm_emulator_cpus: gpuvisor_node::vm::qemu::EmulatorCpus,
     /// The daemon runs KSM (`/sys/kernel/mm/ksm`) while VMs run and stops it when none do
     /// (default true; false leaves KSM to the operator).
     pub manage_ksm: bool,
@@ -502,6 +505,7 @@ impl Default for Config {
             manage_ksm: true,
             vm_initrd: None,
             vm_qemu: None,
+            vm_emulator_cpus: Default::default(),
             limiter_context_bytes: 0,
             limiter_over_quota: Default::default(),
             placement_policy: gpuvisor_scheduler::Policy::GvFrag,
@@ -541,6 +545,7 @@ struct FileConfig {
     vm_kernel: Option<PathBuf>,
     vm_initrd: Option<PathBuf>,
     vm_qemu: Option<PathBuf>,
+    vm_emulator_cpus: Option<String>,
     manage_ksm: Option<bool>,
     limiter_context_bytes: Option<String>,
     limiter_over_quota: Option<String>,
@@ -604,6 +609,11 @@ pub struct ConfigOverrides {
     /// The QEMU system emulator VMs run in (default: qemu-system-x86_64 on PATH) [vm_qemu].
     #[arg(long, env = "GPUVISOR_QEMU")]
     pub vm_qemu: Option<PathBuf>,
+    /// Where VMs' QEMU threads other than the vCPUs (I/O, live copies) run: `host` (the
+    /// host's CPUs other than the VM's own; default), `vcpus` (the VM's own) or a CPU list
+    /// such as `0-1` [vm_emulator_cpus].
+    #[arg(long, value_name = "host|vcpus|LIST")]
+    pub vm_emulator_cpus: Option<String>,
     /// Whether the daemon runs KSM while VMs run (`false`: the operator's) [manage_ksm].
     #[arg(long, value_name = "BOOL")]
     pub manage_ksm: Option<bool>,
@@ -722,6 +732,9 @@ impl Config {
             if f.vm_qemu.is_some() {
                 c.vm_qemu = f.vm_qemu;
             }
+            if let Some(v) = f.vm_emulator_cpus {
+                c.vm_emulator_cpus = v.parse().map_err(anyhow::Error::msg)?;
+            }
             if let Some(v) = f.manage_ksm {
                 c.manage_ksm = v;
             }
@@ -834,6 +847,9 @@ impl Config {
         }
         if o.vm_qemu.is_some() {
             c.vm_qemu = o.vm_qemu.clone();
+        }
+        if let Some(v) = &o.vm_emulator_cpus {
+            c.vm_emulator_cpus = v.parse().map_err(anyhow::Error::msg)?;
         }
         if let Some(v) = o.manage_ksm {
             c.manage_ksm = v;

@@ -87,6 +87,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(q) => Some(q.clone()),
         None => gpuvisor_node::vm::find_qemu(),
     };
+    let emulator_cpus = cfg.vm_emulator_cpus.clone();
+    if let Some(online) = HostRoot::real().online_cpus() {
+        emulator_cpus.check(&online).map_err(anyhow::Error::msg)?;
+    }
     let node = tokio::task::spawn_blocking(move || {
         let node = Node::open_with_network(node_cfg, policy)?.with_log_limits(log_limits);
         // Micro-VMs where QEMU is installed; KVM or TCG as the probe says (cached per boot).
@@ -105,6 +109,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         kernel: vm_kernel,
                         initrd: vm_initrd,
                         accel,
+                        emulator_cpus,
                     },
                     &data_dir,
                 );

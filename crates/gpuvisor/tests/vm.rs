@@ -213,6 +213,7 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
     }
     assert!(data.join("vm/own").join(&id).join("vnc.sock").exists());
     qemu_is_confined(&data, &id, q[0]);
+    threads_are_pinned(&d, &id, q[0]);
 
     // KSM runs while a VM runs (the daemon turned it on), and /metrics shows its counters.
     let ksm_run =
@@ -263,6 +264,7 @@ fn vm_boots_stops_starts_is_adopted_and_leaves_nothing() {
     // A few reconciler passes later it is still the same process.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(qemu_pids(&id), before, "adopted, not restarted");
+    threads_are_pinned(&d, &id, before[0]);
     let g = d.json(&["instance", "get", &id]);
     assert_eq!(g["state"], "running", "{g}");
 
@@ -1165,34 +1167,12 @@ fn a_running_vm_grows_and_shrinks_in_place() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let cpuset = cgroup_dirs(&id)
-        .iter()
-        .find_map(|d| std::fs::read_to_string(d.join("cpuset.cpus")).ok())
-        .unwrap_or_default();
-    assert!(
-        cpuset.trim().contains(',') || cpuset.trim().contains('-'),
-        "cpuset {cpuset:?} after growing to 2 vCPUs"
+    let want = threads_are_pinned(&d, &id, pid[0]);
+    assert_eq!(
+        want.len(),
+        2,
+        "pinned CPUs after growing to 2 vCPUs: {want:?}"
     );
-    // Pinned per vCPU thread: under TCG one thread runs both vCPUs and may run on both
-    // their CPUs (pinned to one, the other's CPU would go unused); under KVM a thread per
-    // vCPU, one CPU each, all different.
-    let threads = vcpu_thread_cpus(pid[0]);
-    let want = cpu_list(&cpuset);
-    match threads.as_slice() {
-        [(name, cpus)] => {
-            assert!(name.contains("TCG"), "{threads:?}");
-            assert_eq!(cpus, &want, "{threads:?} against the cpuset {cpuset:?}");
-        }
-        _ => {
-            assert_eq!(threads.len(), 2, "{threads:?}");
-            let mut all = std::collections::BTreeSet::new();
-            for (name, cpus) in &threads {
-                assert_eq!(cpus.len(), 1, "{name} may run on {cpus:?}");
-                all.extend(cpus);
-            }
-            assert_eq!(all, want, "{threads:?} against the cpuset {cpuset:?}");
-        }
-    }
 
     // Down: the balloon takes memory back below the boot size.
     d.json(&["instance", "scale", &id, "--memory", "192MiB"]);
@@ -1329,6 +1309,7 @@ fn a_running_vm_migrates_live_to_a_new_qemu_process() {
         std::path::Path::new("/usr/bin/qemu-system-x86_64")
     );
     assert_eq!(machine(new_pid), "pc-q35-7.2");
+    threads_are_pinned(&d, &id, new_pid);
     let cg = std::fs::read_to_string(format!("/proc/{new_pid}/cgroup")).unwrap();
     assert!(cg.contains(&format!("/{}/{id}\n", cgroup_parent())), "{cg}");
     assert!(!cg.contains(".in-"), "{cg}");
@@ -1587,6 +1568,92 @@ fn cpu_list(s: &str) -> std::collections::BTreeSet<u32> {
         out.extend(a.parse::<u32>().unwrap()..=b.parse::<u32>().unwrap());
     }
     out
+}
+
+/// Checks the pins of instance `id`'s QEMU `pid` on a daemon with the default
+/// `vm_emulator_cpus` (`host`), and returns the instance's CPUs:
+/// - per vCPU thread: under TCG one thread runs every vCPU and may run on each of their CPUs
+///   (pinned to one, the others would go unused); under KVM a thread per vCPU, one CPU each,
+///   all different;
+/// - every other thread (main loop, I/O, RCU) on the host's other online CPUs (the VM's own
+///   where it has them all), so a live copy never waits behind the guest;
+/// - the cgroup's cpuset both sets, and its CPU time limited to the vCPUs and one more CPU
+///   where the emulator threads run on CPUs of their own.
+fn threads_are_pinned(d: &Daemon, id: &str, pid: u32) -> std::collections::BTreeSet<u32> {
+    use std::collections::BTreeSet;
+    let g = d.json(&["instance", "get", id]);
+    let mine: BTreeSet<u32> = g["cpus"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no CPUs in {g}"))
+        .iter()
+        .map(|c| c.as_u64().unwrap() as u32)
+        .collect();
+    assert!(!mine.is_empty(), "{g}");
+    let online = cpu_list(&std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap());
+    let others: BTreeSet<u32> = online.difference(&mine).copied().collect();
+    let emulator = if others.is_empty() {
+        mine.clone()
+    } else {
+        others
+    };
+    let threads = vcpu_thread_cpus(pid);
+    match threads.as_slice() {
+        [(name, cpus)] if name.contains("TCG") => assert_eq!(cpus, &mine, "{threads:?}"),
+        _ => {
+            assert_eq!(threads.len(), mine.len(), "{threads:?}");
+            let mut all = BTreeSet::new();
+            for (name, cpus) in &threads {
+                assert_eq!(cpus.len(), 1, "{name} may run on {cpus:?}");
+                all.extend(cpus);
+            }
+            assert_eq!(all, mine, "{threads:?}");
+        }
+    }
+    let mut others_seen = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.contains("CPU") {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(cpu_list)
+            .unwrap_or_default();
+        assert_eq!(allowed, emulator, "QEMU thread {:?}", comm.trim());
+        others_seen += 1;
+    }
+    assert!(others_seen > 0, "no QEMU thread besides the vCPUs of {pid}");
+    let dirs = cgroup_dirs(id);
+    let cpuset = dirs
+        .iter()
+        .find_map(|d| std::fs::read_to_string(d.join("cpuset.cpus")).ok())
+        .unwrap_or_else(|| panic!("no cpuset among {dirs:?}"));
+    let both: BTreeSet<u32> = mine.union(&emulator).copied().collect();
+    assert_eq!(cpu_list(&cpuset), both, "the cgroup's cpuset");
+    let quota = dirs.iter().find_map(|d| {
+        std::fs::read_to_string(d.join("cpu.max"))
+            .ok()
+            .map(|s| s.split_whitespace().next().unwrap_or_default().to_string())
+            .or_else(|| std::fs::read_to_string(d.join("cpu.cfs_quota_us")).ok())
+    });
+    let want = if emulator == mine {
+        None
+    } else {
+        Some(((mine.len() as u64 + 1) * 100_000).to_string())
+    };
+    match (quota.as_deref().map(str::trim), want) {
+        (Some("max" | "-1"), None) => {}
+        (Some(q), Some(w)) => assert_eq!(q, w, "the cgroup's CPU time limit"),
+        (q, w) => panic!("CPU time limit {q:?}, wanted {w:?}, in {dirs:?}"),
+    }
+    mine
 }
 
 /// QEMU `pid`'s vCPU threads (named `CPU n/KVM`, `CPU n/TCG` or `ALL CPUs/TCG` with

@@ -551,8 +551,23 @@ impl VmRuntime {
         let staged = self.staged_paths(id);
         // Both QEMUs in the instance's own cgroup (a cgroup cannot be renamed on cgroup v2),
         // its memory limit doubled until the source is gone.
-        let procs = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit.saturating_mul(2))?;
-        let r = self.start_destination(node, id, old_pid, &run, &staged, &mut spec, net.fd, &procs);
+        let pins = self.pins(node, &ask.cpus);
+        let procs = qemu::make_cgroup(
+            &node.cfg.root,
+            id,
+            &pins.clone().both_qemus(),
+            limit.saturating_mul(2),
+        )?;
+        let r = self.start_destination(
+            node,
+            id,
+            old_pid,
+            &run,
+            &staged,
+            &mut spec,
+            net.fd,
+            (&procs, &pins.emulator),
+        );
         drop(procs);
         let new_pid = match r {
             Ok(pid) => pid,
@@ -732,7 +747,7 @@ impl VmRuntime {
         staged: &RunPaths,
         spec: &mut VmSpec,
         tap_fd: RawFd,
-        procs: &[OwnedFd],
+        (procs, emulator): (&[OwnedFd], &[u32]),
     ) -> Result<i32, NodeError> {
         let user = self.vm_user(node, id, false)?;
         for dir in [&staged.dir, &staged.own] {
@@ -773,6 +788,7 @@ impl VmRuntime {
             procs,
             &keep,
             user.as_ref(),
+            emulator,
             super::runtime::START_TIMEOUT,
         )?;
         drop((tap, held));
@@ -827,14 +843,14 @@ impl VmRuntime {
         // The mark came along with the staging dir: done with.
         let _ = std::fs::remove_file(took_over_mark(&run));
         if let Some(limit) = limit {
-            qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit)?;
+            qemu::make_cgroup(&node.cfg.root, id, &self.pins(node, &ask.cpus), limit)?;
         }
         let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
         // A later snapshot's migration into a file must not carry post-copy.
         mon.migration_capabilities(&[("postcopy-ram", false)])?;
         mon.balloon_stats_every(super::runtime::BALLOON_STATS_SECS)?;
         let vcpus = mon.vcpus()?;
-        qemu::pin_vcpus(&node.cfg.root, new_pid, &vcpus, &ask.cpus)?;
+        qemu::pin_threads(&node.cfg.root, new_pid, &vcpus, &self.pins(node, &ask.cpus))?;
         if !ask.disk_io.is_unlimited() {
             mon.throttle_disks(&ask.disk_io)?;
         }
@@ -874,7 +890,7 @@ impl VmRuntime {
         let _ = self.kill_qemus(node, id, None);
         let _ = self.remove_staged_dirs(id);
         if let Some(limit) = limit {
-            let _ = qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit);
+            let _ = qemu::make_cgroup(&node.cfg.root, id, &self.pins(node, &ask.cpus), limit);
         }
     }
 
@@ -891,7 +907,7 @@ impl VmRuntime {
     ) -> Result<(), VmError> {
         self.kill_qemus(node, id, Some(keep))?;
         if let Some(limit) = limit {
-            qemu::make_cgroup(&node.cfg.root, id, &ask.cpus, limit)?;
+            qemu::make_cgroup(&node.cfg.root, id, &self.pins(node, &ask.cpus), limit)?;
         }
         self.remove_staged_dirs(id)
     }

@@ -597,96 +597,250 @@ pub fn vsock_missing(root: &HostRoot) -> Option<String> {
     })
 }
 
+/// Where a VM's QEMU threads other than its vCPUs run (its main loop, I/O workers, and the
+/// threads of a live migration or a memory snapshot): libvirt's `emulatorpin`, OpenStack's
+/// `cpu_shared_set`. Set by `serve --vm-emulator-cpus` (config `vm_emulator_cpus`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum EmulatorCpus {
+    /// The host's online CPUs other than the VM's own pinned ones (all of them where it pins
+    /// every CPU): the VM's vCPUs never wait behind its own copy or I/O. The default.
+    #[default]
+    Host,
+    /// Only the VM's own pinned CPUs: the VM pays for its emulation and copies out of its own
+    /// CPUs, neighbours never see them (a live copy under TCG then competes with the vCPUs).
+    Vcpus,
+    /// A set of host CPUs kept for this (e.g. `0-1`), whatever the VM is pinned to.
+    List(Vec<u32>),
+}
+
+impl std::str::FromStr for EmulatorCpus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "host" => Ok(Self::Host),
+            "vcpus" => Ok(Self::Vcpus),
+            list => match crate::host::parse_cpu_list(list) {
+                Some(l) if !l.is_empty() => Ok(Self::List(l)),
+                _ => Err(format!(
+                    "vm_emulator_cpus {list:?}: expected `host`, `vcpus` or a CPU list such as `0-1,4`"
+                )),
+            },
+        }
+    }
+}
+
+impl EmulatorCpus {
+    /// Refuses a list that names a CPU this host does not have online.
+    pub fn check(&self, online: &[u32]) -> Result<(), String> {
+        match self {
+            Self::List(l) => match l.iter().find(|c| !online.contains(c)) {
+                Some(c) => Err(format!(
+                    "vm_emulator_cpus names CPU {c}, which is not online here (online: {})",
+                    crate::host::format_cpu_list(online)
+                )),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// The pins of a VM placed on `cpus`, with the host's `online` CPUs. An unpinned VM
+    /// (`cpus` empty) pins nothing.
+    pub fn pins(&self, cpus: &[u32], online: &[u32]) -> CpuPins {
+        let emulator = match self {
+            _ if cpus.is_empty() => Vec::new(),
+            Self::Vcpus => cpus.to_vec(),
+            Self::Host => {
+                let others: Vec<u32> = online
+                    .iter()
+                    .copied()
+                    .filter(|c| !cpus.contains(c))
+                    .collect();
+                if others.is_empty() {
+                    cpus.to_vec()
+                } else {
+                    others
+                }
+            }
+            Self::List(l) => l.clone(),
+        };
+        CpuPins {
+            vcpus: cpus.to_vec(),
+            emulator,
+            qemus: 1,
+        }
+    }
+}
+
+/// A VM's CPU pins: vCPU `i` on `vcpus[i]`, every other QEMU thread on `emulator`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpuPins {
+    pub vcpus: Vec<u32>,
+    pub emulator: Vec<u32>,
+    /// How many QEMUs share the cgroup: two while a local migration runs both.
+    pub qemus: u64,
+}
+
+impl CpuPins {
+    /// The cgroup's cpuset: both sets.
+    pub fn cpuset(&self) -> Vec<u32> {
+        let mut all: Vec<u32> = self.vcpus.iter().chain(&self.emulator).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// The CPU time the whole VM may take, in CPUs, where its emulator threads run on other
+    /// CPUs than its own: its vCPUs and one more for QEMU's own threads (per QEMU). A VM whose
+    /// copy or I/O runs on shared CPUs takes at most one CPU's time from its neighbours.
+    pub fn cpu_limit(&self) -> Option<u64> {
+        let own = self.emulator.iter().all(|c| self.vcpus.contains(c));
+        (!self.vcpus.is_empty() && !own)
+            .then(|| (self.vcpus.len() as u64 + 1).saturating_mul(self.qemus))
+    }
+
+    /// The pins while a local migration runs a second QEMU in the same cgroup.
+    pub fn both_qemus(mut self) -> Self {
+        self.qemus = 2;
+        self
+    }
+}
+
+/// The CFS period the VM's CPU limit is counted in (100 ms, the kernel's default).
+const CPU_PERIOD_US: u64 = 100_000;
+
 /// The instance's cgroup for QEMU: made in every hierarchy we use (cgroup v1: cpuset, memory,
-/// pids, cpu, cpuacct; v2: one directory), limited to `cpus` and `memory` bytes. Returns the open
-/// `cgroup.procs` files the child writes itself into before exec.
+/// pids, cpu, cpuacct; v2: one directory), its CPUs as [`set_cgroup_cpus`] sets them, its
+/// memory `memory` bytes. Returns the open `cgroup.procs` files the child writes itself into
+/// before exec.
 pub fn make_cgroup(
     root: &HostRoot,
     id: &str,
-    cpus: &[u32],
+    pins: &CpuPins,
     memory: u64,
 ) -> Result<Vec<OwnedFd>, VmError> {
     let base = root.path("/sys/fs/cgroup");
-    let cpulist = cpus
-        .iter()
-        .map(u32::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    let err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| VmError::Cgroup { path, source }
-    };
-    let write = |path: PathBuf, v: &str| std::fs::write(&path, v).map_err(err(&path));
+    let write = |path: PathBuf, v: &str| std::fs::write(&path, v).map_err(cg_err(&path));
     let read = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_default();
-    let mut dirs = Vec::new();
-    if base.join("cgroup.controllers").exists() {
-        // v2: enable the controllers down to gpuvisor/<id>.
+    let v2 = base.join("cgroup.controllers").exists();
+    if v2 {
+        // Enable the controllers down to gpuvisor/<id>.
         let parent = base.join(root.cgroup_parent());
-        std::fs::create_dir_all(&parent).map_err(err(&parent))?;
+        std::fs::create_dir_all(&parent).map_err(cg_err(&parent))?;
         for dir in [&base, &parent] {
             for c in ["+cpuset", "+memory", "+pids", "+cpu"] {
                 let _ = std::fs::write(dir.join("cgroup.subtree_control"), c);
             }
         }
-        let dir = parent.join(id);
-        std::fs::create_dir_all(&dir).map_err(err(&dir))?;
-        if !cpus.is_empty() {
-            write(dir.join("cpuset.cpus"), &cpulist)?;
-        }
-        write(dir.join("memory.max"), &memory.to_string())?;
-        let _ = std::fs::write(dir.join("memory.swap.max"), "0");
-        dirs.push(dir);
-    } else {
-        // `cpu,cpuacct` is one hierarchy on most hosts (`cpu` and `cpuacct` links to it) and
-        // two on others: each mounted hierarchy once, whatever its name.
-        let mut seen = std::collections::BTreeSet::new();
-        for ctrl in ["cpuset", "memory", "pids", "cpu,cpuacct", "cpu", "cpuacct"] {
-            let hier = base.join(ctrl);
-            let Ok(real) = hier.canonicalize() else {
-                continue;
-            };
-            if !hier.is_dir() || !seen.insert(real) {
-                continue;
+    }
+    let dirs = cgroup_dirs(root, id);
+    for (ctrl, dir) in &dirs {
+        let parent = dir.parent().unwrap_or(dir).to_path_buf();
+        std::fs::create_dir_all(dir).map_err(cg_err(dir))?;
+        match *ctrl {
+            "v2" => {
+                write(dir.join("memory.max"), &memory.to_string())?;
+                let _ = std::fs::write(dir.join("memory.swap.max"), "0");
             }
-            let parent = hier.join(root.cgroup_parent());
-            std::fs::create_dir_all(&parent).map_err(err(&parent))?;
-            let dir = parent.join(id);
-            std::fs::create_dir_all(&dir).map_err(err(&dir))?;
-            match ctrl {
-                "cpuset" => {
-                    // v1 cpusets start empty: the parent takes the root's, the child its own.
-                    for f in ["cpuset.cpus", "cpuset.mems"] {
-                        if read(parent.join(f)).trim().is_empty() {
-                            write(parent.join(f), read(hier.join(f)).trim())?;
-                        }
+            "cpuset" => {
+                // v1 cpusets start empty: the parent takes the root's, the child its own.
+                let hier = base.join("cpuset");
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    if read(parent.join(f)).trim().is_empty() {
+                        write(parent.join(f), read(hier.join(f)).trim())?;
                     }
-                    let cpus_v = if cpus.is_empty() {
-                        read(parent.join("cpuset.cpus")).trim().to_string()
-                    } else {
-                        cpulist.clone()
-                    };
-                    write(dir.join("cpuset.cpus"), &cpus_v)?;
-                    write(
-                        dir.join("cpuset.mems"),
-                        read(parent.join("cpuset.mems")).trim(),
-                    )?;
                 }
-                "memory" => write(dir.join("memory.limit_in_bytes"), &memory.to_string())?,
-                _ => {}
+                write(
+                    dir.join("cpuset.mems"),
+                    read(parent.join("cpuset.mems")).trim(),
+                )?;
             }
-            dirs.push(dir);
+            "memory" => write(dir.join("memory.limit_in_bytes"), &memory.to_string())?,
+            _ => {}
         }
     }
+    set_cgroup_cpus(root, id, pins)?;
     dirs.iter()
-        .map(|d| {
+        .map(|(_, d)| {
             let f = d.join("cgroup.procs");
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&f)
                 .map(OwnedFd::from)
-                .map_err(err(&f))
+                .map_err(cg_err(&f))
         })
         .collect()
+}
+
+/// Sets the CPUs of the instance's cgroup (made by [`make_cgroup`]): its cpuset both of
+/// `pins`' sets (v1 without pins: the parent's), its CPU time [`CpuPins::cpu_limit`]. Threads
+/// pinned inside keep their affinity where it stays within the new set (kernel 6.2 and later;
+/// callers pin again after this).
+pub fn set_cgroup_cpus(root: &HostRoot, id: &str, pins: &CpuPins) -> Result<(), VmError> {
+    let write = |path: PathBuf, v: &str| std::fs::write(&path, v).map_err(cg_err(&path));
+    let cpus = pins.cpuset();
+    let quota = pins.cpu_limit().map(|n| n.saturating_mul(CPU_PERIOD_US));
+    for (ctrl, dir) in cgroup_dirs(root, id) {
+        match ctrl {
+            "v2" => {
+                if !cpus.is_empty() {
+                    write(
+                        dir.join("cpuset.cpus"),
+                        &crate::host::format_cpu_list(&cpus),
+                    )?;
+                }
+                let q = quota.map_or("max".to_string(), |q| q.to_string());
+                write(dir.join("cpu.max"), &format!("{q} {CPU_PERIOD_US}"))?;
+            }
+            "cpuset" => {
+                let list = if cpus.is_empty() {
+                    let parent = dir.parent().unwrap_or(&dir).join("cpuset.cpus");
+                    std::fs::read_to_string(parent)
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string()
+                } else {
+                    crate::host::format_cpu_list(&cpus)
+                };
+                write(dir.join("cpuset.cpus"), &list)?;
+            }
+            _ if dir.join("cpu.cfs_quota_us").exists() => {
+                write(dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                let q = quota.map_or("-1".to_string(), |q| q.to_string());
+                write(dir.join("cpu.cfs_quota_us"), &q)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The instance's cgroup directories, each with its controller: `("v2", dir)` on cgroup v2;
+/// on v1 every mounted hierarchy once, whatever its name (`cpu,cpuacct` is one hierarchy on
+/// most hosts, with `cpu` and `cpuacct` links to it, and two on others).
+fn cgroup_dirs(root: &HostRoot, id: &str) -> Vec<(&'static str, PathBuf)> {
+    let base = root.path("/sys/fs/cgroup");
+    if base.join("cgroup.controllers").exists() {
+        return vec![("v2", base.join(root.cgroup_parent()).join(id))];
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for ctrl in ["cpuset", "memory", "pids", "cpu,cpuacct", "cpu", "cpuacct"] {
+        let hier = base.join(ctrl);
+        let Ok(real) = hier.canonicalize() else {
+            continue;
+        };
+        if hier.is_dir() && seen.insert(real) {
+            out.push((ctrl, hier.join(root.cgroup_parent()).join(id)));
+        }
+    }
+    out
+}
+
+fn cg_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
+    let path = path.to_path_buf();
+    move |source| VmError::Cgroup { path, source }
 }
 
 /// Opens what `spec` names for QEMU to inherit: its QMP, console and agent sockets bound in
@@ -769,6 +923,7 @@ pub fn spawn(
     procs: &[OwnedFd],
     keep: &[RawFd],
     user: Option<&VmUser>,
+    emulator: &[u32],
     timeout: Duration,
 ) -> Result<i32, VmError> {
     use std::os::unix::process::CommandExt;
@@ -784,10 +939,20 @@ pub fn spawn(
     let user = user.cloned();
     let fsize = libc::rlim_t::from(spec.file_limit());
     let merge_all = spec.merge_all;
+    // Every thread QEMU starts takes this affinity: its vCPUs are pinned later.
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut affinity: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in emulator {
+        if (cpu as usize) < libc::CPU_SETSIZE as usize {
+            // SAFETY: `cpu` is below CPU_SETSIZE, the set's size.
+            unsafe { libc::CPU_SET(cpu as usize, &mut affinity) };
+        }
+    }
+    let pin = !emulator.is_empty();
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
-    // calls (setsid, write, fcntl, unshare, mount, setrlimit, fchown, prctl, setgroups, setgid,
-    // setuid) on fds that stay open in the parent until spawn returns, and on memory
-    // (`user.groups`, the C strings of the mounts) allocated before the fork.
+    // calls (setsid, write, sched_setaffinity, fcntl, unshare, mount, setrlimit, fchown, prctl,
+    // setgroups, setgid, setuid) on fds that stay open in the parent until spawn returns, and on
+    // memory (`user.groups`, the C strings of the mounts, the CPU set) allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
             let check = |r: libc::c_int| {
@@ -842,6 +1007,14 @@ pub fn spawn(
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // After joining the cpuset, which holds these CPUs.
+            if pin {
+                check(libc::sched_setaffinity(
+                    0,
+                    std::mem::size_of::<libc::cpu_set_t>(),
+                    &affinity,
+                ))?;
+            }
             for &fd in &keep {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
                 check(flags)?;
@@ -895,19 +1068,23 @@ pub fn spawn(
     }
 }
 
-/// Pins vCPU `i` to `cpus[i]` (one to one; nothing to pin without CPUs). A thread that runs
-/// several vCPUs (TCG's single thread runs them all) may run on each of their CPUs.
+/// Pins vCPU `i` to `pins.vcpus[i]` (one to one; nothing to pin without CPUs), and every
+/// other thread of QEMU process `pid` to `pins.emulator`. A thread that runs several vCPUs
+/// (TCG's single thread runs them all) may run on each of their CPUs. Threads QEMU starts
+/// later (a migration's) take the emulator CPUs of the thread that starts them.
 /// Only threads of QEMU process `pid` are pinned: the thread ids come from QEMU, which a guest
 /// that escaped into it controls, and the daemon must not move another process's threads.
-pub fn pin_vcpus(
+/// QEMU cannot move its own threads back (`-sandbox …,resourcecontrol=deny`).
+pub fn pin_threads(
     root: &HostRoot,
     pid: i32,
     vcpus: &[super::qmp::Vcpu],
-    cpus: &[u32],
+    pins: &CpuPins,
 ) -> Result<(), VmError> {
-    for (thread, wanted) in thread_cpus(vcpus, cpus) {
+    let vcpu_threads = thread_cpus(vcpus, &pins.vcpus);
+    for (thread, wanted) in &vcpu_threads {
         let task = root.path(format!("/proc/{pid}/task/{thread}"));
-        if thread <= 0 || !task.exists() {
+        if *thread <= 0 || !task.exists() {
             return Err(VmError::Cgroup {
                 path: task,
                 source: std::io::Error::other(format!(
@@ -915,21 +1092,46 @@ pub fn pin_vcpus(
                 )),
             });
         }
-        let mut set = nix::sched::CpuSet::new();
-        for cpu in &wanted {
-            set.set(*cpu as usize).map_err(|e| VmError::Cgroup {
-                path: format!("cpu {cpu}").into(),
-                source: e.into(),
-            })?;
+        set_affinity(*thread, wanted)?;
+    }
+    if pins.emulator.is_empty() {
+        return Ok(());
+    }
+    let tasks = root.path(format!("/proc/{pid}/task"));
+    for entry in std::fs::read_dir(&tasks).map_err(vio(&tasks))? {
+        let Some(thread) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if vcpus.iter().any(|v| v.thread_id == thread) {
+            continue;
         }
-        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(thread), &set).map_err(|e| {
-            VmError::Cgroup {
-                path: format!("vCPU thread {thread}").into(),
-                source: e.into(),
-            }
-        })?;
+        match set_affinity(thread, &pins.emulator) {
+            // Ended since the listing (a finished worker).
+            Err(VmError::Cgroup { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => {}
+            r => r?,
+        }
     }
     Ok(())
+}
+
+/// Lets thread `thread` run on `cpus` only.
+fn set_affinity(thread: i32, cpus: &[u32]) -> Result<(), VmError> {
+    let mut set = nix::sched::CpuSet::new();
+    for cpu in cpus {
+        set.set(*cpu as usize).map_err(|e| VmError::Cgroup {
+            path: format!("cpu {cpu}").into(),
+            source: e.into(),
+        })?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(thread), &set).map_err(|e| {
+        VmError::Cgroup {
+            path: format!("QEMU thread {thread}").into(),
+            source: e.into(),
+        }
+    })
 }
 
 /// Each vCPU thread and the CPUs it may run on: vCPU `i`'s `cpus[i]`, gathered per thread
@@ -1312,6 +1514,55 @@ pub(crate) mod tests {
             thread_cpus(&[v(0, 10), v(1, 11)], &[4]),
             vec![(10, vec![4])]
         );
+    }
+
+    #[test]
+    fn emulator_threads_run_beside_the_vcpus_and_are_counted() {
+        let online = [0, 1, 2, 3];
+        let host = EmulatorCpus::Host.pins(&[1], &online);
+        assert_eq!(
+            (host.vcpus.clone(), host.emulator.clone()),
+            (vec![1], vec![0, 2, 3])
+        );
+        assert_eq!(host.cpuset(), vec![0, 1, 2, 3]);
+        // One vCPU and one CPU's time for QEMU's threads; twice that while two QEMUs run.
+        assert_eq!(host.cpu_limit(), Some(2));
+        assert_eq!(host.clone().both_qemus().cpu_limit(), Some(4));
+        // A VM on every CPU: its threads stay on its own, and nothing beyond them is counted.
+        let full = EmulatorCpus::Host.pins(&online, &online);
+        assert_eq!(full.emulator, online.to_vec());
+        assert_eq!(full.cpu_limit(), None);
+        let own = EmulatorCpus::Vcpus.pins(&[2, 3], &online);
+        assert_eq!(
+            (own.emulator.clone(), own.cpuset()),
+            (vec![2, 3], vec![2, 3])
+        );
+        assert_eq!(own.cpu_limit(), None);
+        let list: EmulatorCpus = "0".parse().unwrap();
+        let l = list.pins(&[2, 3], &online);
+        assert_eq!((l.emulator.clone(), l.cpuset()), (vec![0], vec![0, 2, 3]));
+        assert_eq!(l.cpu_limit(), Some(3));
+        // Unpinned: nothing pinned, nothing limited.
+        let none = EmulatorCpus::Host.pins(&[], &online);
+        assert!(none.emulator.is_empty() && none.cpuset().is_empty());
+        assert_eq!(none.cpu_limit(), None);
+    }
+
+    #[test]
+    fn the_emulator_setting_says_what_is_wrong() {
+        assert_eq!("host".parse(), Ok(EmulatorCpus::Host));
+        assert_eq!(" vcpus ".parse(), Ok(EmulatorCpus::Vcpus));
+        assert_eq!("0-1,4".parse(), Ok(EmulatorCpus::List(vec![0, 1, 4])));
+        for bad in ["", "all", "3-1", "x,1"] {
+            let e = bad.parse::<EmulatorCpus>().unwrap_err();
+            assert!(
+                e.contains("expected `host`, `vcpus` or a CPU list"),
+                "{bad}: {e}"
+            );
+        }
+        let e = EmulatorCpus::List(vec![0, 9]).check(&[0, 1]).unwrap_err();
+        assert!(e.contains("CPU 9") && e.contains("online: 0-1"), "{e}");
+        assert!(EmulatorCpus::List(vec![1]).check(&[0, 1]).is_ok());
     }
 
     #[test]

@@ -85,17 +85,18 @@ fn refuse(id: &str, why: String) -> VmError {
     }
 }
 
-/// Resizes the running VM (QEMU `pid`) to `cpus` (one vCPU each, pinned in order) and
-/// `memory` bytes.
+/// Resizes the running VM (QEMU `pid`) to `pins.vcpus` (one vCPU each, pinned in order, its
+/// other threads on `pins.emulator`) and `memory` bytes.
 pub fn resize(
     root: &HostRoot,
     id: &str,
     run: &RunPaths,
     pid: i32,
-    cpus: &[u32],
+    pins: &qemu::CpuPins,
     memory: u64,
     overhead: u64,
 ) -> Result<(), VmError> {
+    let cpus = &pins.vcpus[..];
     let mut sizes = Sizes::read(&run.dir)?;
     let want = u32::try_from(cpus.len()).unwrap_or(u32::MAX).max(1);
     if want < sizes.vcpus {
@@ -140,7 +141,7 @@ pub fn resize(
     let mut mon = Monitor::connect(&run.qmp(), Duration::from_secs(5))?;
     // Room first: the cpuset and the larger of the two limits.
     let limit = memory.max(sizes.memory).saturating_add(overhead);
-    drop(qemu::make_cgroup(root, id, cpus, limit)?);
+    drop(qemu::make_cgroup(root, id, pins, limit)?);
     if want > sizes.vcpus {
         mon.add_vcpus(want - sizes.vcpus)?;
     }
@@ -149,7 +150,7 @@ pub fn resize(
     }
     mon.set_balloon(memory.min(sizes.boot_memory))?;
     let vcpus = mon.vcpus()?;
-    qemu::pin_vcpus(root, pid, &vcpus, cpus)?;
+    qemu::pin_threads(root, pid, &vcpus, pins)?;
     if want > sizes.vcpus {
         // QEMU's monitor serves one client: free while the guest catches up.
         drop(mon);
@@ -162,7 +163,7 @@ pub fn resize(
             &mut mon,
             root,
             id,
-            cpus,
+            pins,
             memory.saturating_add(overhead),
             targets,
         ) {
@@ -202,7 +203,7 @@ fn lower_limit(
     mon: &mut Monitor,
     root: &HostRoot,
     id: &str,
-    cpus: &[u32],
+    pins: &qemu::CpuPins,
     limit: u64,
     (balloon, plugged, virtio_mem): (u64, u64, bool),
 ) -> bool {
@@ -212,7 +213,7 @@ fn lower_limit(
             && (!virtio_mem || mon.virtio_mem_size().is_ok_and(|s| s <= plugged));
         let anon = crate::telemetry::cgroup_anon(root, id);
         if given && anon.is_some_and(|a| a <= limit) {
-            if let Err(e) = qemu::make_cgroup(root, id, cpus, limit) {
+            if let Err(e) = qemu::make_cgroup(root, id, pins, limit) {
                 tracing::warn!(id, error = %e, "cannot lower a resized VM's memory limit");
             }
             return true;

@@ -59,6 +59,12 @@ impl VmRuntime {
         qemu::binary_version(&self.cfg.qemu)
     }
 
+    /// The pins of a VM placed on `cpus` (see [`qemu::EmulatorCpus`]).
+    pub(super) fn pins(&self, node: &Node, cpus: &[u32]) -> qemu::CpuPins {
+        let online = node.cfg.root.online_cpus().unwrap_or_else(|| cpus.to_vec());
+        self.cfg.emulator_cpus.pins(cpus, &online)
+    }
+
     pub(super) fn run_root(&self) -> PathBuf {
         self.data_dir.join("vm").join("run")
     }
@@ -405,7 +411,8 @@ impl VmRuntime {
             memory: spec.memory >> 20 << 20,
         }
         .write(&run.dir)?;
-        let procs = qemu::make_cgroup(&node.cfg.root, id, &plan.cpus, spec.memory_limit())?;
+        let pins = self.pins(node, &plan.cpus);
+        let procs = qemu::make_cgroup(&node.cfg.root, id, &pins, spec.memory_limit())?;
         t.mark("vm_cgroup");
         let output = node.container_output(id).map_err(|e| VmError::Start {
             id: id.to_string(),
@@ -423,6 +430,7 @@ impl VmRuntime {
             &procs,
             &keep,
             user.as_ref(),
+            &pins.emulator,
             START_TIMEOUT,
         )?;
         // QEMU holds the tap, sockets and disks now; ours close here.
@@ -453,7 +461,7 @@ impl VmRuntime {
             mon.set_balloon(spec.memory >> 20 << 20)?;
         }
         let vcpus = mon.vcpus()?;
-        qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, &plan.cpus)?;
+        qemu::pin_threads(&node.cfg.root, pid, &vcpus, &pins)?;
         if !plan.disk_io.is_unlimited() {
             mon.throttle_disks(&plan.disk_io)?;
         }
@@ -591,7 +599,11 @@ impl Runtime for VmRuntime {
             // QEMU's start and the pinning. Idempotent.
             let pinned = Monitor::connect(&self.run_paths(&plan.id).qmp(), Duration::from_secs(5))
                 .and_then(|mut m| m.vcpus())
-                .and_then(|v| qemu::pin_vcpus(&node.cfg.root, pid, &v, &plan.cpus));
+                .and_then(|v| {
+                    let pins = self.pins(node, &plan.cpus);
+                    qemu::set_cgroup_cpus(&node.cfg.root, &plan.id, &pins)?;
+                    qemu::pin_threads(&node.cfg.root, pid, &v, &pins)
+                });
             if let Err(e) = pinned {
                 tracing::warn!(id = %plan.id, "re-pinning the vCPUs of a running VM: {e}");
             }
@@ -686,7 +698,7 @@ impl Runtime for VmRuntime {
             id,
             &self.run_paths(id),
             pid,
-            cpus,
+            &self.pins(node, cpus),
             memory,
             overhead,
         )?)
