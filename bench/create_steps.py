@@ -19,11 +19,6 @@ process's clock = the same wall clock) place the engine's parts around them:
   -> state running      node end -> `running` event
   -> CLI exit           `running` -> CLI exit (state write, long-poll answer, CLI exit)
 
-`--runtime crun` runs the daemon's containers with another OCI runtime (`serve --runtime`);
-`--also crun` times a bare `crun run --detach` of its own copy of the bundle as well, in the same
-pairs (one more interleaved arm, its own state root), so a runtime's own speed is shown apart
-from the daemon's.
-
 `--fill K` creates K more instances first (not measured), to see the steps on a fuller host.
 Prints a table of p50 and p90 per part; `--json FILE` writes the raw samples. Needs root.
 """
@@ -32,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -78,9 +72,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", default=gb.DEFAULT_BINARY)
     ap.add_argument("--runc", default="runc")
-    ap.add_argument("--runtime", help="the daemon's OCI runtime (serve --runtime; default its own)")
-    ap.add_argument("--also", action="append", default=[],
-                    help="another bare runtime timed in each pair (e.g. crun)")
     ap.add_argument("-n", type=int, default=40, help="measured pairs (default 40)")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured pairs first (default 3)")
     ap.add_argument("--fill", type=int, default=0, help="unmeasured instances created first")
@@ -94,12 +85,10 @@ def main():
     base = a.data_dir + "-baseline"
     if os.path.exists(base):
         raise SystemExit(f"{base} exists")
-    extra = ["--runtime", a.runtime] if a.runtime else []
-    d = gb.Daemon(a.binary, a.data_dir, a.port, a.log, log_filter="info,gpuvisor_timings=debug",
-                  extra_args=extra)
+    d = gb.Daemon(a.binary, a.data_dir, a.port, a.log, log_filter="info,gpuvisor_timings=debug")
     gb.log(f"starting {a.binary} on {d.endpoint}, data dir {a.data_dir}")
     d.start()
-    gv_ids, rc_names, netns, also_names = [], [], [], []
+    gv_ids, rc_names, netns = [], [], []
     samples = []
     try:
         gb.import_image(d, a.rootfs)
@@ -141,25 +130,10 @@ def main():
             rc_names.append(name)
             if rr.returncode != 0:
                 raise RuntimeError(f"runc run {name} failed: {open(os.path.join(bundle, 'log')).read()}")
-            also = {}
-            for rt in a.also:
-                aname = f"gv{rt[:2]}{k:04d}"
-                abundle, ans = cl.prepare_bundle(base, aname, template, layer)
-                netns.append(ans)
-                with open(os.path.join(abundle, "log"), "a") as alog:
-                    t0 = time.perf_counter()
-                    ar = subprocess.run([rt, "--root", also_root(rt), "run", "--detach", "--bundle",
-                                         abundle, "--pid-file", os.path.join(abundle, "pid"), aname],
-                                        stdin=subprocess.DEVNULL, stdout=alog, stderr=alog)
-                    also[rt] = (time.perf_counter() - t0) * 1000
-                also_names.append((rt, aname))
-                if ar.returncode != 0:
-                    raise RuntimeError(f"{rt} run {aname} failed: {open(os.path.join(abundle, 'log')).read()}")
             if k >= a.warmup:
                 samples.append({"id": iid, "cli_start_ms": t0_wall * 1000, "cli_end_ms": t1_wall * 1000,
-                                "cli_ms": t_gv, "runc_ms": t_rc, "also_ms": also, "events": ev})
-            more = "".join(f", {rt} {v:.0f} ms" for rt, v in also.items())
-            gb.log(f"{k + 1}/{total}: gpuvisor {t_gv:.0f} ms, runc {t_rc:.0f} ms{more}")
+                                "cli_ms": t_gv, "runc_ms": t_rc, "events": ev})
+            gb.log(f"{k + 1}/{total}: gpuvisor {t_gv:.0f} ms, runc {t_rc:.0f} ms")
         api.close()
         load = gb.loadavg()
     finally:
@@ -167,17 +141,7 @@ def main():
         for name in rc_names:
             subprocess.run([a.runc, "--root", cl.RUNC_ROOT, "delete", "-f", name],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        left = []
-        for rt, name in also_names:
-            subprocess.run([rt, "--root", also_root(rt), "delete", "-f", name],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for rt in a.also:
-            r = subprocess.run([rt, "--root", also_root(rt), "list", "-q"], capture_output=True, text=True)
-            if r.returncode == 0 and r.stdout.split():
-                left += [f"{rt} container {c}" for c in r.stdout.split()]
-            elif os.path.isdir(also_root(rt)):
-                shutil.rmtree(also_root(rt), ignore_errors=True)
-        left += [f"runc container {c}" for c in cl.runc_list(a.runc)]
+        left = [f"runc container {c}" for c in cl.runc_list(a.runc)]
         cl.cleanup_baseline(a.runc, base, netns)
         n, failed = gb.terminate_all(d)
         d.stop()
@@ -213,13 +177,7 @@ def parts(s):
             ("running -> CLI exit (long poll answer, CLI exit)", s["cli_end_ms"] - ev["running"]),
             ("gpuvisor create --wait (CLI, end to end)", s["cli_ms"]),
             ("bare runc run --detach", s["runc_ms"])]
-    out += [(f"bare {rt} run --detach", v) for rt, v in s.get("also_ms", {}).items()]
     return out
-
-
-def also_root(rt):
-    """The state root of a bare `--also` runtime's containers."""
-    return f"/run/gvbench-{os.path.basename(rt)}"
 
 
 def report(a, samples, load):
@@ -237,17 +195,13 @@ def report(a, samples, load):
     for k in order:
         v = cols[k]
         rows.append([k, len(v), f"{gb.percentile(v, 50):.1f}", f"{gb.percentile(v, 90):.1f}"])
-    runtime = a.runtime or "the daemon's default"
-    print(f"\ncreate --wait by step, ms ({gb.machine()}; {a.binary}; runtime {runtime}; fill {a.fill}; "
+    print(f"\ncreate --wait by step, ms ({gb.machine()}; {a.binary}; fill {a.fill}; "
           f"load avg at end {load})\n")
     gb.print_table(["part", "n", "p50", "p90"], rows)
     p50 = lambda k: gb.percentile(cols[k], 50)  # noqa: E731
     print(f"\nratio p50(gpuvisor CLI) / p50(runc) = "
           f"{p50('gpuvisor create --wait (CLI, end to end)') / p50('bare runc run --detach'):.2f}"
           "   (target <= 1.25)")
-    for rt in a.also:
-        print(f"ratio p50(gpuvisor CLI) / p50({rt}) = "
-              f"{p50('gpuvisor create --wait (CLI, end to end)') / p50(f'bare {rt} run --detach'):.2f}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,13 @@ Per migration:
 - The guest is checked afterwards: the dirtying loop's pid alive, the random file's checksum
   unchanged outside the rewritten region (the first `--fill-mib` minus the working set).
 
+`--reserved-cpus none,1` measures each rate and copy mode under each setting of the daemon's
+`--reserved-cpus` in turn (`none`: no CPU reserved, every QEMU thread on the VM's own CPU; `1`:
+CPU 1 kept from instances, QEMU's threads other than the vCPU there), side by side in one run:
+the daemon restarts with the setting (it adopts the running VM), then one warm-up move puts the
+VM in a QEMU started under it (a QEMU keeps the threads' CPUs it started with), then `--runs`
+measured moves. The warm-up moves are reported as such.
+
 Needs root and qemu-system-x86_64. `--json FILE` writes the raw results.
 """
 
@@ -44,6 +51,32 @@ def exec_in(d, iid, cmd):
     if r.returncode != 0:
         raise RuntimeError(f"{cmd}: {r.stderr}")
     return r.stdout
+
+
+def qmp_pause(sock_path, ms):
+    """Stops the guest's vCPUs for `ms` through its QEMU's monitor and lets them run again
+    (the same process: its translated code stays). Returns the pause as timed here, ms."""
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sock_path)
+    f = s.makefile("rwb", buffering=0)
+
+    def call(cmd):
+        f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+        while True:
+            msg = json.loads(f.readline())
+            if "return" in msg or "error" in msg:
+                return msg
+
+    json.loads(f.readline())  # greeting
+    call("qmp_capabilities")
+    t0 = time.monotonic()
+    call("stop")
+    time.sleep(ms / 1000)
+    call("cont")
+    took = (time.monotonic() - t0) * 1000
+    s.close()
+    return took
 
 
 class Pinger:
@@ -121,13 +154,28 @@ def main():
     ap.add_argument("--port", type=int, default=18794)
     ap.add_argument("--log", default="/tmp/gvbench-mig.log")
     ap.add_argument("--json")
+    ap.add_argument("--pause-ms", type=int,
+                    help="also pause the guest this long in place (QMP stop/cont), --runs times per "
+                         "rate: the same probes with no new process")
+    ap.add_argument("--reserved-cpus", help="settings of serve --reserved-cpus to compare, e.g. none,1")
     a = ap.parse_args()
     fx = os.path.abspath(a.fixture)
     gb.remove_data_dir(a.data_dir)
-    d = gb.Daemon(a.binary, a.data_dir, a.port, a.log,
-                  extra_args=["--vm-kernel", os.path.join(fx, "vmlinuz"),
-                              "--vm-initrd", os.path.join(fx, "initrd.img"),
-                              "--net-prefix", "gmb", "--net-pool", "10.67.0.0/16"])
+    base_args = ["--vm-kernel", os.path.join(fx, "vmlinuz"),
+                 "--vm-initrd", os.path.join(fx, "initrd.img"),
+                 "--net-prefix", "gmb", "--net-pool", "10.67.0.0/16"]
+    policies = a.reserved_cpus.split(",") if a.reserved_cpus else [None]
+    current = [policies[0]]
+
+    def policy_args(p):
+        return base_args + (["--reserved-cpus", p] if p not in (None, "none") else [])
+
+    def use_policy(p):
+        if p != current[0]:
+            d.restart(extra_args=policy_args(p))
+            current[0] = p
+
+    d = gb.Daemon(a.binary, a.data_dir, a.port, a.log, extra_args=policy_args(policies[0]))
     d.start()
     res = {"machine": gb.machine(), "memory": a.memory, "fill_mib": a.fill_mib,
            "working_set_mib": a.working_set_mib, "runs": []}
@@ -177,10 +225,29 @@ def main():
                                 "report": {}, "ping_max_gap_ms": gap, "ping_answers": answers,
                                 "guest_heartbeat_max_gap_ms": hb_gap * 1000 if hb_gap is not None else None,
                                 "state_intact": True})
+            for k in range(a.runs if a.pause_ms else 0):
+                exec_in(d, iid, ": > /.gpuvisor/hb")
+                p = Pinger(addr)
+                time.sleep(0.5)
+                took = qmp_pause(os.path.join(a.data_dir, "vm", "run", iid, "qmp.sock"), a.pause_ms)
+                time.sleep(0.5)
+                gap, answers = p.stop()
+                hb = exec_in(d, iid, "cat /.gpuvisor/hb").split()
+                stamps = [float(x) for x in hb if re.match(r"^\d+\.\d+$", x)]
+                gaps = sorted((round((b - x) * 1000) for x, b in zip(stamps, stamps[1:])), reverse=True)
+                res["runs"].append({"rate_mib_s": rate, "postcopy": "pause", "run": k, "wall_s": took / 1000,
+                                    "report": {"downtime_ms": round(took)}, "ping_max_gap_ms": gap,
+                                    "ping_answers": answers,
+                                    "guest_heartbeat_max_gap_ms": gaps[0] if gaps else None,
+                                    "guest_heartbeat_top_gaps_ms": gaps[:3], "state_intact": True,
+                                    "reserved_cpus": current[0] or "none"})
+                gb.log(f"rate {rate} pause {took:.0f} ms run {k}: ping gap {gap} hb gaps {gaps[:3]}")
             for postcopy in modes:
                 if postcopy:
                     open(uffd, "w").write("1")
-                for k in range(a.runs):
+                plan = [(p, k) for p in policies for k in ([-1] if len(policies) > 1 else []) + list(range(a.runs))]
+                for p, k in plan:
+                    use_policy(p)
                     exec_in(d, iid, ": > /.gpuvisor/hb")
                     p = Pinger(addr)
                     time.sleep(0.5)
@@ -193,11 +260,15 @@ def main():
                     hb = exec_in(d, iid, "cat /.gpuvisor/hb").split()
                     stamps = [float(x) for x in hb if re.match(r"^\d+\.\d+$", x)]
                     hb_gap = max((b - x for x, b in zip(stamps, stamps[1:])), default=None)
+                    # The three longest gaps (ms): one long one is a pause; several is a slow
+                    # stretch (a new TCG process translating the guest's code again).
+                    top = sorted((round((b - x) * 1000) for x, b in zip(stamps, stamps[1:])), reverse=True)[:3]
                     ok = exec_in(d, iid, f"dd if=/.gpuvisor/fill bs=1M skip={ws} 2>/dev/null | md5sum").split()[0] == keep_sum
                     row = {"rate_mib_s": rate, "postcopy": postcopy, "run": k, "wall_s": wall,
                            "report": m, "ping_max_gap_ms": gap, "ping_answers": answers,
                            "guest_heartbeat_max_gap_ms": hb_gap * 1000 if hb_gap is not None else None,
-                           "state_intact": ok}
+                           "state_intact": ok, "reserved_cpus": current[0] or "none",
+                           "guest_heartbeat_top_gaps_ms": top}
                     res["runs"].append(row)
                     gb.log(f"rate {rate} postcopy {postcopy} run {k}: {m} ping gap {gap} hb gap {row['guest_heartbeat_max_gap_ms']} intact {ok}")
                 if postcopy:
@@ -210,18 +281,21 @@ def main():
     rows = []
     for r in res["runs"]:
         m = r["report"]
-        copy = {None: "none (5 s)", False: "pre", True: "post"}[r["postcopy"]]
-        rows.append([r["rate_mib_s"], copy, r["run"],
+        copy = {None: "none (5 s)", False: "pre", True: "post", "pause": "pause in place"}[r["postcopy"]]
+        run = "warm-up" if r["run"] == -1 else r["run"]
+        rows.append([r["rate_mib_s"], copy, run, r.get("reserved_cpus", "-"),
                      m.get("downtime_ms", "-"), m.get("total_ms", "-"),
                      (m.get("transferred_bytes", 0) or 0) >> 20, m.get("dirty_sync_count", "-"),
                      m.get("cpu_throttle_percent", "-"),
                      f"{r['ping_max_gap_ms']:.0f}" if r["ping_max_gap_ms"] is not None else "-",
                      f"{r['guest_heartbeat_max_gap_ms']:.0f}" if r["guest_heartbeat_max_gap_ms"] is not None else "-",
+                     "/".join(map(str, r.get("guest_heartbeat_top_gaps_ms", []))) or "-",
                      "yes" if r["state_intact"] else "NO", m.get("error", "")[:60]])
     print(f"\n### Live migration of a {a.memory} guest ({a.fill_mib} MiB of random data in RAM, "
           f"dirtying inside {a.working_set_mib} MiB)\n")
-    gb.print_table(["dirty MiB/s", "copy", "run", "QEMU downtime ms", "total ms", "sent MiB", "passes",
-                    "throttle %", "ping max gap ms", "guest heartbeat max gap ms", "state intact", "error"],
+    gb.print_table(["dirty MiB/s", "copy", "run", "reserved CPUs", "QEMU downtime ms", "total ms", "sent MiB", "passes",
+                    "throttle %", "ping max gap ms", "guest heartbeat max gap ms", "3 longest gaps ms",
+                    "state intact", "error"],
                    rows)
     gb.finish(res, a.json)
 

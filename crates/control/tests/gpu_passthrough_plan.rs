@@ -177,6 +177,7 @@ impl Host {
             limiter_context_bytes: 0,
             limiter_over_quota: Default::default(),
             manage_ksm: false,
+            reserved_cpus: Vec::new(),
         };
         let node = tokio::task::spawn_blocking(move || Node::open(cfg))
             .await

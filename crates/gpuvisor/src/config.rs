@@ -44,9 +44,9 @@ pub struct Config {
     pub vm_initrd: Option<PathBuf>,
     /// The QEMU VMs run in (default: `qemu-system-x86_64` on `PATH`).
     pub vm_qemu: Option<PathBuf>,
-    /// Where VMs' QEMU threads other than the vCPUs run: `host` (the host's CPUs other than
-    /// the VM's own, the default), `vcpus` (the VM's own) or a CPU list.
-    pub vm_emulator_cpus: gpuvisor_node::vm::qemu::EmulatorCpus,
+    /// Host CPUs no instance is pinned to (the host's own work and VMs' QEMU threads other than
+    /// the vCPUs run there); none by default.
+    pub reserved_cpus: Vec<u32>,
     /// The daemon runs KSM (`/sys/kernel/mm/ksm`) while VMs run and stops it when none do
     /// (default true; false leaves KSM to the operator).
     pub manage_ksm: bool,
@@ -505,7 +505,7 @@ impl Default for Config {
             manage_ksm: true,
             vm_initrd: None,
             vm_qemu: None,
-            vm_emulator_cpus: Default::default(),
+            reserved_cpus: Vec::new(),
             limiter_context_bytes: 0,
             limiter_over_quota: Default::default(),
             placement_policy: gpuvisor_scheduler::Policy::GvFrag,
@@ -545,7 +545,7 @@ struct FileConfig {
     vm_kernel: Option<PathBuf>,
     vm_initrd: Option<PathBuf>,
     vm_qemu: Option<PathBuf>,
-    vm_emulator_cpus: Option<String>,
+    reserved_cpus: Option<String>,
     manage_ksm: Option<bool>,
     limiter_context_bytes: Option<String>,
     limiter_over_quota: Option<String>,
@@ -609,11 +609,10 @@ pub struct ConfigOverrides {
     /// The QEMU system emulator VMs run in (default: qemu-system-x86_64 on PATH) [vm_qemu].
     #[arg(long, env = "GPUVISOR_QEMU")]
     pub vm_qemu: Option<PathBuf>,
-    /// Where VMs' QEMU threads other than the vCPUs (I/O, live copies) run: `host` (the
-    /// host's CPUs other than the VM's own; default), `vcpus` (the VM's own) or a CPU list
-    /// such as `0-1` [vm_emulator_cpus].
-    #[arg(long, value_name = "host|vcpus|LIST")]
-    pub vm_emulator_cpus: Option<String>,
+    /// Host CPUs kept from instances, e.g. `0` or `0-1`: the host's own work and VMs' QEMU
+    /// threads other than the vCPUs (I/O, live copies) run there [reserved_cpus].
+    #[arg(long, value_name = "LIST", env = "GPUVISOR_RESERVED_CPUS")]
+    pub reserved_cpus: Option<String>,
     /// Whether the daemon runs KSM while VMs run (`false`: the operator's) [manage_ksm].
     #[arg(long, value_name = "BOOL")]
     pub manage_ksm: Option<bool>,
@@ -732,8 +731,8 @@ impl Config {
             if f.vm_qemu.is_some() {
                 c.vm_qemu = f.vm_qemu;
             }
-            if let Some(v) = f.vm_emulator_cpus {
-                c.vm_emulator_cpus = v.parse().map_err(anyhow::Error::msg)?;
+            if let Some(v) = f.reserved_cpus {
+                c.reserved_cpus = parse_reserved_cpus(&v)?;
             }
             if let Some(v) = f.manage_ksm {
                 c.manage_ksm = v;
@@ -848,8 +847,8 @@ impl Config {
         if o.vm_qemu.is_some() {
             c.vm_qemu = o.vm_qemu.clone();
         }
-        if let Some(v) = &o.vm_emulator_cpus {
-            c.vm_emulator_cpus = v.parse().map_err(anyhow::Error::msg)?;
+        if let Some(v) = &o.reserved_cpus {
+            c.reserved_cpus = parse_reserved_cpus(v)?;
         }
         if let Some(v) = o.manage_ksm {
             c.manage_ksm = v;
@@ -1289,6 +1288,14 @@ impl Limits {
     }
 }
 
+/// `reserved_cpus`: a CPU list such as `0` or `0-1,8`.
+fn parse_reserved_cpus(v: &str) -> anyhow::Result<Vec<u32>> {
+    match gpuvisor_node::host::parse_cpu_list(v.trim()) {
+        Some(l) => Ok(l),
+        _ => anyhow::bail!("reserved_cpus {v:?}: expected a CPU list such as `0` or `0-1,8`"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1460,6 +1467,32 @@ mod tests {
         let e = Config::load(Some(&f), &none).unwrap_err().to_string();
         assert!(e.contains("kill"), "{e}");
     }
+    #[test]
+    fn reserved_cpus_from_the_file_and_the_flag() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        let none = ConfigOverrides::default();
+        assert!(Config::load(None, &none).unwrap().reserved_cpus.is_empty());
+        std::fs::write(&f, "reserved_cpus = \"0-1,4\"\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&f), &none).unwrap().reserved_cpus,
+            vec![0, 1, 4]
+        );
+        let flag = ConfigOverrides {
+            reserved_cpus: Some("3".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::load(Some(&f), &flag).unwrap().reserved_cpus,
+            vec![3]
+        );
+        for bad in ["all", "2-1", "0-4000000000"] {
+            std::fs::write(&f, format!("reserved_cpus = \"{bad}\"\n")).unwrap();
+            let e = format!("{:#}", Config::load(Some(&f), &none).unwrap_err());
+            assert!(e.contains("expected a CPU list"), "{bad}: {e}");
+        }
+    }
+
     /// The interactive exec session bounds: read from the file, handed to the engine, and a
     /// zero refused like the other limits.
     #[test]

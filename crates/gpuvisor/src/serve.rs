@@ -43,6 +43,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _data_lock = lock_data_dir(&cfg.data_dir)?;
     let _net_lock = lock_net_prefix(&cfg.network.prefix, &cfg.data_dir)?;
 
+    if let Some(online) = HostRoot::real().online_cpus() {
+        check_reserved_cpus(&cfg.reserved_cpus, &online)?;
+    }
     let node_cfg = NodeConfig {
         data_dir: cfg.data_dir.clone(),
         runtime: cfg.runtime.clone(),
@@ -55,6 +58,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         limiter_context_bytes: cfg.limiter_context_bytes,
         limiter_over_quota: cfg.limiter_over_quota,
         manage_ksm: cfg.manage_ksm,
+        reserved_cpus: cfg.reserved_cpus.clone(),
     };
     let policy = gpuvisor_node::net::NetPolicy {
         prefix: cfg.network.prefix.clone(),
@@ -87,10 +91,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(q) => Some(q.clone()),
         None => gpuvisor_node::vm::find_qemu(),
     };
-    let emulator_cpus = cfg.vm_emulator_cpus.clone();
-    if let Some(online) = HostRoot::real().online_cpus() {
-        emulator_cpus.check(&online).map_err(anyhow::Error::msg)?;
-    }
+
     let node = tokio::task::spawn_blocking(move || {
         let node = Node::open_with_network(node_cfg, policy)?.with_log_limits(log_limits);
         // Micro-VMs where QEMU is installed; KVM or TCG as the probe says (cached per boot).
@@ -109,7 +110,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         kernel: vm_kernel,
                         initrd: vm_initrd,
                         accel,
-                        emulator_cpus,
                     },
                     &data_dir,
                 );
@@ -810,4 +810,40 @@ fn own_addresses(listen: std::net::IpAddr) -> Vec<std::net::IpAddr> {
         }
     }
     out
+}
+
+/// Refuses reserved CPUs this host does not have online, or that leave instances none.
+fn check_reserved_cpus(reserved: &[u32], online: &[u32]) -> anyhow::Result<()> {
+    let list = gpuvisor_node::host::format_cpu_list;
+    if let Some(c) = reserved.iter().find(|c| !online.contains(c)) {
+        anyhow::bail!(
+            "reserved_cpus names CPU {c}, which is not online here (online: {})",
+            list(online)
+        );
+    }
+    if !reserved.is_empty() && online.iter().all(|c| reserved.contains(c)) {
+        anyhow::bail!(
+            "reserved_cpus {} leaves no CPU for instances (online: {})",
+            list(reserved),
+            list(online)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_reserved_cpus;
+
+    #[test]
+    fn reserved_cpus_must_be_online_and_leave_some() {
+        assert!(check_reserved_cpus(&[], &[0, 1]).is_ok());
+        assert!(check_reserved_cpus(&[1], &[0, 1]).is_ok());
+        let e = check_reserved_cpus(&[5], &[0, 1]).unwrap_err().to_string();
+        assert!(e.contains("CPU 5") && e.contains("online: 0-1"), "{e}");
+        let e = check_reserved_cpus(&[0, 1], &[0, 1])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("leaves no CPU for instances"), "{e}");
+    }
 }

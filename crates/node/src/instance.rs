@@ -82,6 +82,9 @@ pub struct NodeConfig {
     pub limiter_over_quota: crate::limiter::OverQuotaAction,
     /// Whether the node runs KSM while VMs run ([`crate::ksm`]).
     pub manage_ksm: bool,
+    /// Host CPUs no instance is pinned to: the host's own work and VMs' QEMU threads other
+    /// than the vCPUs ([`crate::vm::qemu::CpuPins`]) run there.
+    pub reserved_cpus: Vec<u32>,
 }
 
 /// Everything the engine decided for one instance.
@@ -286,6 +289,17 @@ impl Node {
     /// The writer of host attributes (sysfs), for the VFIO commands.
     pub fn sys_writer(&self) -> Arc<dyn SysWriter + Send + Sync> {
         self.sys.clone()
+    }
+
+    /// The CPUs instances may be pinned to: the online ones but the reserved ones.
+    pub fn instance_cpus(&self) -> Option<Vec<u32>> {
+        let online = self.cfg.root.online_cpus()?;
+        Some(
+            online
+                .into_iter()
+                .filter(|c| !self.cfg.reserved_cpus.contains(c))
+                .collect(),
+        )
     }
 
     /// The GPU inventory: whole GPUs, GPUs in MIG mode and their slices.

@@ -1,5 +1,9 @@
 //! Kernel CPU lists (`0-3,6`): how pinned CPUs are written in cgroups, sysfs and our output.
 
+/// The largest CPU id a list may name (the kernel's own limit is 8191 on x86-64): a list is
+/// expanded, so `0-4000000000` must not be.
+const MAX_CPU: u32 = 65_535;
+
 /// Parses a kernel CPU list (`0-3,6,8-9`).
 pub fn parse_cpu_list(s: &str) -> Option<Vec<u32>> {
     let mut out = Vec::new();
@@ -7,12 +11,12 @@ pub fn parse_cpu_list(s: &str) -> Option<Vec<u32>> {
         match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
-                if b < a {
+                if b < a || b > MAX_CPU {
                     return None;
                 }
                 out.extend(a..=b);
             }
-            None => out.push(part.parse().ok()?),
+            None => out.push(part.parse().ok().filter(|c| *c <= MAX_CPU)?),
         }
     }
     Some(out)
@@ -52,6 +56,8 @@ mod tests {
         assert_eq!(format_cpu_list(&[6, 0, 1, 2, 3]), "0-3,6");
         assert_eq!(format_cpu_list(&[]), "");
         assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("0-4000000000"), None);
+        assert_eq!(parse_cpu_list("70000"), None);
         assert_eq!(parse_cpu_list("x"), None);
     }
 }

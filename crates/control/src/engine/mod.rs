@@ -407,7 +407,7 @@ impl Engine {
     /// store. Returns that key's secret the one time it is created.
     pub async fn bootstrap(&self) -> Result<Option<String>> {
         let now = now_ms();
-        let cpus = self.node.cfg.root.online_cpus().unwrap_or_default().len() as u32;
+        let cpus = self.node.instance_cpus().unwrap_or_default().len() as u32;
         let mem = self.node.cfg.root.mem_total().unwrap_or(0);
         self.store
             .upsert_node(&self.cfg.node_id, &self.cfg.hostname, cpus, mem, now)
@@ -1064,8 +1064,9 @@ impl Engine {
 
     fn host_capacity(&self, live: &[InstanceRow]) -> HostCapacity {
         let root = &self.node.cfg.root;
-        let cpus: Vec<(u32, u32)> = root
-            .online_cpus()
+        let cpus: Vec<(u32, u32)> = self
+            .node
+            .instance_cpus()
             .unwrap_or_default()
             .into_iter()
             .map(|c| {
@@ -1376,9 +1377,7 @@ impl Engine {
             gpus: self.node.gpus().iter().filter(|g| g.schedulable()).count() as u32,
             cpus: self
                 .node
-                .cfg
-                .root
-                .online_cpus()
+                .instance_cpus()
                 .map(|c| c.len() as u32)
                 .unwrap_or(0),
             cpu_ratio: self.cfg.cpu_ratio,

@@ -6,7 +6,9 @@
 //! dir's `spec.json`), held (`-incoming defer -S`: it runs the guest only once the daemon has
 //! written the `took-over` mark and resumed it), with staging run dirs ([`staging`]: `.in-<id>`,
 //! counted as the instance's by every sweep), in the instance's own cgroup (cgroup v2 cannot
-//! rename one), whose memory limit is doubled until the source is gone. It gets the source's
+//! rename one), whose memory limit is doubled until the source is gone; its vCPUs are pinned
+//! as soon as it has started, its other threads (those that receive the state) run on the
+//! host's reserved CPUs where there are some ([`qemu::CpuPins`]). It gets the source's
 //! own tap and console pipe (duplicated out of the source with `pidfd_getfd`, the tap checked
 //! to be the instance's: same bridge port, same filter, no link flap; a paused or not yet
 //! running guest's NIC takes no frames, so only one of the two reads it at a time) and, where
@@ -552,21 +554,9 @@ impl VmRuntime {
         // Both QEMUs in the instance's own cgroup (a cgroup cannot be renamed on cgroup v2),
         // its memory limit doubled until the source is gone.
         let pins = self.pins(node, &ask.cpus);
-        let procs = qemu::make_cgroup(
-            &node.cfg.root,
-            id,
-            &pins.clone().both_qemus(),
-            limit.saturating_mul(2),
-        )?;
+        let procs = qemu::make_cgroup(&node.cfg.root, id, &pins, limit.saturating_mul(2))?;
         let r = self.start_destination(
-            node,
-            id,
-            old_pid,
-            &run,
-            &staged,
-            &mut spec,
-            net.fd,
-            (&procs, &pins.emulator),
+            node, id, old_pid, &run, &staged, &mut spec, net.fd, &procs, &pins,
         );
         drop(procs);
         let new_pid = match r {
@@ -747,7 +737,8 @@ impl VmRuntime {
         staged: &RunPaths,
         spec: &mut VmSpec,
         tap_fd: RawFd,
-        (procs, emulator): (&[OwnedFd], &[u32]),
+        procs: &[OwnedFd],
+        pins: &qemu::CpuPins,
     ) -> Result<i32, NodeError> {
         let user = self.vm_user(node, id, false)?;
         for dir in [&staged.dir, &staged.own] {
@@ -788,10 +779,13 @@ impl VmRuntime {
             procs,
             &keep,
             user.as_ref(),
-            emulator,
+            &pins.emulator,
             super::runtime::START_TIMEOUT,
         )?;
         drop((tap, held));
+        // Its vCPUs on the VM's CPUs before any of them runs the guest.
+        let vcpus = Monitor::connect(&staged.qmp(), Duration::from_secs(5))?.vcpus()?;
+        qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, &pins.vcpus)?;
         std::os::unix::fs::chown(&staged.own, Some(0), Some(0)).map_err(vio(&staged.own))?;
         let pid_file = staged.dir.join(super::runtime::MAIN_PID);
         std::fs::write(&pid_file, format!("{pid}\n")).map_err(vio(&pid_file))?;
@@ -850,7 +844,7 @@ impl VmRuntime {
         mon.migration_capabilities(&[("postcopy-ram", false)])?;
         mon.balloon_stats_every(super::runtime::BALLOON_STATS_SECS)?;
         let vcpus = mon.vcpus()?;
-        qemu::pin_threads(&node.cfg.root, new_pid, &vcpus, &self.pins(node, &ask.cpus))?;
+        qemu::pin_vcpus(&node.cfg.root, new_pid, &vcpus, &ask.cpus)?;
         if !ask.disk_io.is_unlimited() {
             mon.throttle_disks(&ask.disk_io)?;
         }

@@ -153,8 +153,6 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// KVM or TCG, as probed at daemon start ([`qemu::probe_accel`]).
     pub accel: Accel,
-    /// Where QEMU's threads other than the vCPUs run.
-    pub emulator_cpus: qemu::EmulatorCpus,
 }
 
 /// The QEMU binary on `PATH`, if any (`serve --vm-qemu`, or `GPUVISOR_QEMU`, names another).

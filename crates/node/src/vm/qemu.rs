@@ -1,8 +1,9 @@
 //! The QEMU process of a VM: its command line ([`VmSpec::args`], golden-tested), its cgroup
-//! (`gpuvisor/<id>`: the instance's CPUs, guest RAM plus QEMU's own overhead), the spawn
-//! (own session, so a daemon's death does not touch it; stdout is the log relay's pipe, which
-//! the serial console's log writes to; stderr to a file the daemon reads on a failed start),
-//! vCPU pinning from `query-cpus-fast`, and the KVM probe.
+//! (`gpuvisor/<id>`: the instance's CPUs and the host's reserved ones, guest RAM plus QEMU's own
+//! overhead), the spawn (own session, so a daemon's death does not touch it; stdout is the log
+//! relay's pipe, which the serial console's log writes to; stderr to a file the daemon reads on
+//! a failed start; its threads on the reserved CPUs, [`CpuPins`]), vCPU pinning from
+//! `query-cpus-fast`, and the KVM probe.
 //!
 //! Key decisions:
 //! - One machine type, `q35`, for every VM: PCI virtio devices, ACPI power button for a clean
@@ -597,92 +598,32 @@ pub fn vsock_missing(root: &HostRoot) -> Option<String> {
     })
 }
 
-/// Where a VM's QEMU threads other than its vCPUs run (its main loop, I/O workers, and the
-/// threads of a live migration or a memory snapshot): libvirt's `emulatorpin`, OpenStack's
-/// `cpu_shared_set`. Set by `serve --vm-emulator-cpus` (config `vm_emulator_cpus`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum EmulatorCpus {
-    /// The host's online CPUs other than the VM's own pinned ones (all of them where it pins
-    /// every CPU): the VM's vCPUs never wait behind its own copy or I/O. The default.
-    #[default]
-    Host,
-    /// Only the VM's own pinned CPUs: the VM pays for its emulation and copies out of its own
-    /// CPUs, neighbours never see them (a live copy under TCG then competes with the vCPUs).
-    Vcpus,
-    /// A set of host CPUs kept for this (e.g. `0-1`), whatever the VM is pinned to.
-    List(Vec<u32>),
-}
-
-impl std::str::FromStr for EmulatorCpus {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "host" => Ok(Self::Host),
-            "vcpus" => Ok(Self::Vcpus),
-            list => match crate::host::parse_cpu_list(list) {
-                Some(l) if !l.is_empty() => Ok(Self::List(l)),
-                _ => Err(format!(
-                    "vm_emulator_cpus {list:?}: expected `host`, `vcpus` or a CPU list such as `0-1,4`"
-                )),
-            },
-        }
-    }
-}
-
-impl EmulatorCpus {
-    /// Refuses a list that names a CPU this host does not have online.
-    pub fn check(&self, online: &[u32]) -> Result<(), String> {
-        match self {
-            Self::List(l) => match l.iter().find(|c| !online.contains(c)) {
-                Some(c) => Err(format!(
-                    "vm_emulator_cpus names CPU {c}, which is not online here (online: {})",
-                    crate::host::format_cpu_list(online)
-                )),
-                None => Ok(()),
-            },
-            _ => Ok(()),
-        }
-    }
-
-    /// The pins of a VM placed on `cpus`, with the host's `online` CPUs. An unpinned VM
-    /// (`cpus` empty) pins nothing.
-    pub fn pins(&self, cpus: &[u32], online: &[u32]) -> CpuPins {
-        let emulator = match self {
-            _ if cpus.is_empty() => Vec::new(),
-            Self::Vcpus => cpus.to_vec(),
-            Self::Host => {
-                let others: Vec<u32> = online
-                    .iter()
-                    .copied()
-                    .filter(|c| !cpus.contains(c))
-                    .collect();
-                if others.is_empty() {
-                    cpus.to_vec()
-                } else {
-                    others
-                }
-            }
-            Self::List(l) => l.clone(),
-        };
-        CpuPins {
-            vcpus: cpus.to_vec(),
-            emulator,
-            qemus: 1,
-        }
-    }
-}
-
-/// A VM's CPU pins: vCPU `i` on `vcpus[i]`, every other QEMU thread on `emulator`.
+/// A VM's CPU pins: vCPU `i` on `vcpus[i]`, QEMU's other threads (main loop, I/O workers, a
+/// live copy's threads) on `emulator`: the host's reserved CPUs (`serve --reserved-cpus`, which
+/// placement gives no instance; libvirt's emulatorpin, OpenStack's `cpu_shared_set`). Empty
+/// where the host reserves none: they then run anywhere in the cgroup's cpuset, the VM's own
+/// CPUs, and follow it when it grows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CpuPins {
     pub vcpus: Vec<u32>,
     pub emulator: Vec<u32>,
-    /// How many QEMUs share the cgroup: two while a local migration runs both.
-    pub qemus: u64,
 }
 
 impl CpuPins {
+    /// The pins of a VM placed on `cpus` on a host that reserves `reserved`. An unpinned VM
+    /// (`cpus` empty) pins nothing.
+    pub fn new(cpus: &[u32], reserved: &[u32]) -> Self {
+        let emulator = if cpus.is_empty() {
+            Vec::new()
+        } else {
+            reserved.to_vec()
+        };
+        Self {
+            vcpus: cpus.to_vec(),
+            emulator,
+        }
+    }
+
     /// The cgroup's cpuset: both sets.
     pub fn cpuset(&self) -> Vec<u32> {
         let mut all: Vec<u32> = self.vcpus.iter().chain(&self.emulator).copied().collect();
@@ -690,29 +631,11 @@ impl CpuPins {
         all.dedup();
         all
     }
-
-    /// The CPU time the whole VM may take, in CPUs, where its emulator threads run on other
-    /// CPUs than its own: its vCPUs and one more for QEMU's own threads (per QEMU). A VM whose
-    /// copy or I/O runs on shared CPUs takes at most one CPU's time from its neighbours.
-    pub fn cpu_limit(&self) -> Option<u64> {
-        let own = self.emulator.iter().all(|c| self.vcpus.contains(c));
-        (!self.vcpus.is_empty() && !own)
-            .then(|| (self.vcpus.len() as u64 + 1).saturating_mul(self.qemus))
-    }
-
-    /// The pins while a local migration runs a second QEMU in the same cgroup.
-    pub fn both_qemus(mut self) -> Self {
-        self.qemus = 2;
-        self
-    }
 }
 
-/// The CFS period the VM's CPU limit is counted in (100 ms, the kernel's default).
-const CPU_PERIOD_US: u64 = 100_000;
-
 /// The instance's cgroup for QEMU: made in every hierarchy we use (cgroup v1: cpuset, memory,
-/// pids, cpu, cpuacct; v2: one directory), its CPUs as [`set_cgroup_cpus`] sets them, its
-/// memory `memory` bytes. Returns the open `cgroup.procs` files the child writes itself into
+/// pids, cpu, cpuacct; v2: one directory), its cpuset both of `pins`' sets, its memory
+/// `memory` bytes. Returns the open `cgroup.procs` files the child writes itself into
 /// before exec.
 pub fn make_cgroup(
     root: &HostRoot,
@@ -760,7 +683,7 @@ pub fn make_cgroup(
             _ => {}
         }
     }
-    set_cgroup_cpus(root, id, pins)?;
+    write_cpuset(&dirs, pins)?;
     dirs.iter()
         .map(|(_, d)| {
             let f = d.join("cgroup.procs");
@@ -773,45 +696,26 @@ pub fn make_cgroup(
         .collect()
 }
 
-/// Sets the CPUs of the instance's cgroup (made by [`make_cgroup`]): its cpuset both of
-/// `pins`' sets (v1 without pins: the parent's), its CPU time [`CpuPins::cpu_limit`]. Threads
-/// pinned inside keep their affinity where it stays within the new set (kernel 6.2 and later;
-/// callers pin again after this).
-pub fn set_cgroup_cpus(root: &HostRoot, id: &str, pins: &CpuPins) -> Result<(), VmError> {
-    let write = |path: PathBuf, v: &str| std::fs::write(&path, v).map_err(cg_err(&path));
+/// Writes the cpuset of the instance's cgroup: both of `pins`' sets (v1 without pins: the
+/// parent's). Threads already pinned keep their affinity where it stays within it (kernel 6.2
+/// and later; callers pin again after this).
+fn write_cpuset(dirs: &[(&str, PathBuf)], pins: &CpuPins) -> Result<(), VmError> {
     let cpus = pins.cpuset();
-    let quota = pins.cpu_limit().map(|n| n.saturating_mul(CPU_PERIOD_US));
-    for (ctrl, dir) in cgroup_dirs(root, id) {
-        match ctrl {
-            "v2" => {
-                if !cpus.is_empty() {
-                    write(
-                        dir.join("cpuset.cpus"),
-                        &crate::host::format_cpu_list(&cpus),
-                    )?;
-                }
-                let q = quota.map_or("max".to_string(), |q| q.to_string());
-                write(dir.join("cpu.max"), &format!("{q} {CPU_PERIOD_US}"))?;
+    for (ctrl, dir) in dirs {
+        let list = match *ctrl {
+            "v2" if !cpus.is_empty() => crate::host::format_cpu_list(&cpus),
+            "cpuset" if cpus.is_empty() => {
+                let parent = dir.parent().unwrap_or(dir).join("cpuset.cpus");
+                std::fs::read_to_string(parent)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
             }
-            "cpuset" => {
-                let list = if cpus.is_empty() {
-                    let parent = dir.parent().unwrap_or(&dir).join("cpuset.cpus");
-                    std::fs::read_to_string(parent)
-                        .unwrap_or_default()
-                        .trim()
-                        .to_string()
-                } else {
-                    crate::host::format_cpu_list(&cpus)
-                };
-                write(dir.join("cpuset.cpus"), &list)?;
-            }
-            _ if dir.join("cpu.cfs_quota_us").exists() => {
-                write(dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                let q = quota.map_or("-1".to_string(), |q| q.to_string());
-                write(dir.join("cpu.cfs_quota_us"), &q)?;
-            }
-            _ => {}
-        }
+            "cpuset" => crate::host::format_cpu_list(&cpus),
+            _ => continue,
+        };
+        let f = dir.join("cpuset.cpus");
+        std::fs::write(&f, list).map_err(cg_err(&f))?;
     }
     Ok(())
 }
@@ -940,19 +844,13 @@ pub fn spawn(
     let fsize = libc::rlim_t::from(spec.file_limit());
     let merge_all = spec.merge_all;
     // Every thread QEMU starts takes this affinity: its vCPUs are pinned later.
-    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
-    let mut affinity: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in emulator {
-        if (cpu as usize) < libc::CPU_SETSIZE as usize {
-            // SAFETY: `cpu` is below CPU_SETSIZE, the set's size.
-            unsafe { libc::CPU_SET(cpu as usize, &mut affinity) };
-        }
-    }
-    let pin = !emulator.is_empty();
+    let affinity = (!emulator.is_empty())
+        .then(|| cpu_set(emulator))
+        .transpose()?;
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
     // calls (setsid, write, sched_setaffinity, fcntl, unshare, mount, setrlimit, fchown, prctl,
     // setgroups, setgid, setuid) on fds that stay open in the parent until spawn returns, and on
-    // memory (`user.groups`, the C strings of the mounts, the CPU set) allocated before the fork.
+    // memory (`user.groups`, the C strings of the mounts, the CPU set) made before the fork.
     unsafe {
         cmd.pre_exec(move || {
             let check = |r: libc::c_int| {
@@ -1008,12 +906,8 @@ pub fn spawn(
                 }
             }
             // After joining the cpuset, which holds these CPUs.
-            if pin {
-                check(libc::sched_setaffinity(
-                    0,
-                    std::mem::size_of::<libc::cpu_set_t>(),
-                    &affinity,
-                ))?;
+            if let Some(set) = &affinity {
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)?;
             }
             for &fd in &keep {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
@@ -1068,23 +962,21 @@ pub fn spawn(
     }
 }
 
-/// Pins vCPU `i` to `pins.vcpus[i]` (one to one; nothing to pin without CPUs), and every
-/// other thread of QEMU process `pid` to `pins.emulator`. A thread that runs several vCPUs
-/// (TCG's single thread runs them all) may run on each of their CPUs. Threads QEMU starts
-/// later (a migration's) take the emulator CPUs of the thread that starts them.
+/// Pins vCPU `i` to `cpus[i]` (one to one; nothing to pin without CPUs). A thread that runs
+/// several vCPUs (TCG's single thread runs them all) may run on each of their CPUs. QEMU's
+/// other threads keep the emulator CPUs [`spawn`] gave the process.
 /// Only threads of QEMU process `pid` are pinned: the thread ids come from QEMU, which a guest
 /// that escaped into it controls, and the daemon must not move another process's threads.
-/// QEMU cannot move its own threads back (`-sandbox …,resourcecontrol=deny`).
-pub fn pin_threads(
+/// QEMU cannot move its own threads (`-sandbox …,resourcecontrol=deny`).
+pub fn pin_vcpus(
     root: &HostRoot,
     pid: i32,
     vcpus: &[super::qmp::Vcpu],
-    pins: &CpuPins,
+    cpus: &[u32],
 ) -> Result<(), VmError> {
-    let vcpu_threads = thread_cpus(vcpus, &pins.vcpus);
-    for (thread, wanted) in &vcpu_threads {
+    for (thread, wanted) in thread_cpus(vcpus, cpus) {
         let task = root.path(format!("/proc/{pid}/task/{thread}"));
-        if *thread <= 0 || !task.exists() {
+        if thread <= 0 || !task.exists() {
             return Err(VmError::Cgroup {
                 path: task,
                 source: std::io::Error::other(format!(
@@ -1092,33 +984,13 @@ pub fn pin_threads(
                 )),
             });
         }
-        set_affinity(*thread, wanted)?;
-    }
-    if pins.emulator.is_empty() {
-        return Ok(());
-    }
-    let tasks = root.path(format!("/proc/{pid}/task"));
-    for entry in std::fs::read_dir(&tasks).map_err(vio(&tasks))? {
-        let Some(thread) = entry
-            .ok()
-            .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if vcpus.iter().any(|v| v.thread_id == thread) {
-            continue;
-        }
-        match set_affinity(thread, &pins.emulator) {
-            // Ended since the listing (a finished worker).
-            Err(VmError::Cgroup { source, .. }) if source.raw_os_error() == Some(libc::ESRCH) => {}
-            r => r?,
-        }
+        set_affinity(thread, &wanted)?;
     }
     Ok(())
 }
 
-/// Lets thread `thread` run on `cpus` only.
-fn set_affinity(thread: i32, cpus: &[u32]) -> Result<(), VmError> {
+/// `cpus` as an affinity mask.
+fn cpu_set(cpus: &[u32]) -> Result<nix::sched::CpuSet, VmError> {
     let mut set = nix::sched::CpuSet::new();
     for cpu in cpus {
         set.set(*cpu as usize).map_err(|e| VmError::Cgroup {
@@ -1126,6 +998,12 @@ fn set_affinity(thread: i32, cpus: &[u32]) -> Result<(), VmError> {
             source: e.into(),
         })?;
     }
+    Ok(set)
+}
+
+/// Lets thread `thread` run on `cpus` only.
+fn set_affinity(thread: i32, cpus: &[u32]) -> Result<(), VmError> {
+    let set = cpu_set(cpus)?;
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(thread), &set).map_err(|e| {
         VmError::Cgroup {
             path: format!("QEMU thread {thread}").into(),
@@ -1517,52 +1395,38 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn emulator_threads_run_beside_the_vcpus_and_are_counted() {
-        let online = [0, 1, 2, 3];
-        let host = EmulatorCpus::Host.pins(&[1], &online);
-        assert_eq!(
-            (host.vcpus.clone(), host.emulator.clone()),
-            (vec![1], vec![0, 2, 3])
-        );
-        assert_eq!(host.cpuset(), vec![0, 1, 2, 3]);
-        // One vCPU and one CPU's time for QEMU's threads; twice that while two QEMUs run.
-        assert_eq!(host.cpu_limit(), Some(2));
-        assert_eq!(host.clone().both_qemus().cpu_limit(), Some(4));
-        // A VM on every CPU: its threads stay on its own, and nothing beyond them is counted.
-        let full = EmulatorCpus::Host.pins(&online, &online);
-        assert_eq!(full.emulator, online.to_vec());
-        assert_eq!(full.cpu_limit(), None);
-        let own = EmulatorCpus::Vcpus.pins(&[2, 3], &online);
-        assert_eq!(
-            (own.emulator.clone(), own.cpuset()),
-            (vec![2, 3], vec![2, 3])
-        );
-        assert_eq!(own.cpu_limit(), None);
-        let list: EmulatorCpus = "0".parse().unwrap();
-        let l = list.pins(&[2, 3], &online);
-        assert_eq!((l.emulator.clone(), l.cpuset()), (vec![0], vec![0, 2, 3]));
-        assert_eq!(l.cpu_limit(), Some(3));
-        // Unpinned: nothing pinned, nothing limited.
-        let none = EmulatorCpus::Host.pins(&[], &online);
+    fn emulator_threads_run_on_the_reserved_cpus() {
+        let p = CpuPins::new(&[2, 3], &[0]);
+        assert_eq!((p.vcpus.clone(), p.emulator.clone()), (vec![2, 3], vec![0]));
+        assert_eq!(p.cpuset(), vec![0, 2, 3]);
+        // Nothing reserved: no affinity of their own, the cpuset is the VM's CPUs.
+        let own = CpuPins::new(&[3, 1], &[]);
+        assert!(own.emulator.is_empty());
+        assert_eq!(own.cpuset(), vec![1, 3]);
+        // Unpinned: nothing pinned.
+        let none = CpuPins::new(&[], &[0]);
         assert!(none.emulator.is_empty() && none.cpuset().is_empty());
-        assert_eq!(none.cpu_limit(), None);
     }
 
     #[test]
-    fn the_emulator_setting_says_what_is_wrong() {
-        assert_eq!("host".parse(), Ok(EmulatorCpus::Host));
-        assert_eq!(" vcpus ".parse(), Ok(EmulatorCpus::Vcpus));
-        assert_eq!("0-1,4".parse(), Ok(EmulatorCpus::List(vec![0, 1, 4])));
-        for bad in ["", "all", "3-1", "x,1"] {
-            let e = bad.parse::<EmulatorCpus>().unwrap_err();
-            assert!(
-                e.contains("expected `host`, `vcpus` or a CPU list"),
-                "{bad}: {e}"
-            );
-        }
-        let e = EmulatorCpus::List(vec![0, 9]).check(&[0, 1]).unwrap_err();
-        assert!(e.contains("CPU 9") && e.contains("online: 0-1"), "{e}");
-        assert!(EmulatorCpus::List(vec![1]).check(&[0, 1]).is_ok());
+    fn the_cgroup_cpuset_holds_both_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = HostRoot::at(dir.path());
+        // cgroup v1: a cpuset hierarchy whose root has CPUs 0-3 and memory node 0.
+        let hier = dir.path().join("sys/fs/cgroup/cpuset");
+        std::fs::create_dir_all(&hier).unwrap();
+        std::fs::write(hier.join("cpuset.cpus"), "0-3\n").unwrap();
+        std::fs::write(hier.join("cpuset.mems"), "0\n").unwrap();
+        let child = hier.join(root.cgroup_parent()).join("vm1");
+        std::fs::create_dir_all(&child).unwrap();
+        std::fs::write(child.join("cgroup.procs"), "").unwrap();
+        drop(make_cgroup(&root, "vm1", &CpuPins::new(&[2, 3], &[0]), 1 << 30).unwrap());
+        let read = |f: &str| std::fs::read_to_string(child.join(f)).unwrap();
+        assert_eq!(read("cpuset.cpus"), "0,2-3");
+        assert_eq!(read("cpuset.mems"), "0");
+        // An unpinned VM gets the parent's CPUs.
+        drop(make_cgroup(&root, "vm1", &CpuPins::new(&[], &[0]), 1 << 30).unwrap());
+        assert_eq!(read("cpuset.cpus"), "0-3");
     }
 
     #[test]

@@ -257,7 +257,7 @@ impl VmRuntime {
         let loaded = Instant::now();
         dst.balloon_stats_every(super::runtime::BALLOON_STATS_SECS)?;
         let vcpus = dst.vcpus()?;
-        super::qemu::pin_threads(&node.cfg.root, pid, &vcpus, &self.pins(node, cpus))?;
+        super::qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, cpus)?;
         if !disk_io.is_unlimited() {
             dst.throttle_disks(disk_io)?;
         }

@@ -150,7 +150,7 @@ pub fn resize(
     }
     mon.set_balloon(memory.min(sizes.boot_memory))?;
     let vcpus = mon.vcpus()?;
-    qemu::pin_threads(root, pid, &vcpus, pins)?;
+    qemu::pin_vcpus(root, pid, &vcpus, cpus)?;
     if want > sizes.vcpus {
         // QEMU's monitor serves one client: free while the guest catches up.
         drop(mon);

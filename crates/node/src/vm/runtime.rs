@@ -59,10 +59,9 @@ impl VmRuntime {
         qemu::binary_version(&self.cfg.qemu)
     }
 
-    /// The pins of a VM placed on `cpus` (see [`qemu::EmulatorCpus`]).
+    /// The pins of a VM placed on `cpus` (see [`qemu::CpuPins`]).
     pub(super) fn pins(&self, node: &Node, cpus: &[u32]) -> qemu::CpuPins {
-        let online = node.cfg.root.online_cpus().unwrap_or_else(|| cpus.to_vec());
-        self.cfg.emulator_cpus.pins(cpus, &online)
+        qemu::CpuPins::new(cpus, &node.cfg.reserved_cpus)
     }
 
     pub(super) fn run_root(&self) -> PathBuf {
@@ -461,7 +460,7 @@ impl VmRuntime {
             mon.set_balloon(spec.memory >> 20 << 20)?;
         }
         let vcpus = mon.vcpus()?;
-        qemu::pin_threads(&node.cfg.root, pid, &vcpus, &pins)?;
+        qemu::pin_vcpus(&node.cfg.root, pid, &vcpus, &plan.cpus)?;
         if !plan.disk_io.is_unlimited() {
             mon.throttle_disks(&plan.disk_io)?;
         }
@@ -599,11 +598,7 @@ impl Runtime for VmRuntime {
             // QEMU's start and the pinning. Idempotent.
             let pinned = Monitor::connect(&self.run_paths(&plan.id).qmp(), Duration::from_secs(5))
                 .and_then(|mut m| m.vcpus())
-                .and_then(|v| {
-                    let pins = self.pins(node, &plan.cpus);
-                    qemu::set_cgroup_cpus(&node.cfg.root, &plan.id, &pins)?;
-                    qemu::pin_threads(&node.cfg.root, pid, &v, &pins)
-                });
+                .and_then(|v| qemu::pin_vcpus(&node.cfg.root, pid, &v, &plan.cpus));
             if let Err(e) = pinned {
                 tracing::warn!(id = %plan.id, "re-pinning the vCPUs of a running VM: {e}");
             }
