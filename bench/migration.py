@@ -245,9 +245,10 @@ def main():
             for postcopy in modes:
                 if postcopy:
                     open(uffd, "w").write("1")
-                plan = [(p, k) for p in policies for k in ([-1] if len(policies) > 1 else []) + list(range(a.runs))]
-                for p, k in plan:
-                    use_policy(p)
+                plan = [(setting, k) for setting in policies
+                        for k in ([-1] if len(policies) > 1 else []) + list(range(a.runs))]
+                for setting, k in plan:
+                    use_policy(setting)
                     exec_in(d, iid, ": > /.gpuvisor/hb")
                     p = Pinger(addr)
                     time.sleep(0.5)

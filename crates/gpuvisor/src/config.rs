@@ -44,8 +44,8 @@ pub struct Config {
     pub vm_initrd: Option<PathBuf>,
     /// The QEMU VMs run in (default: `qemu-system-x86_64` on `PATH`).
     pub vm_qemu: Option<PathBuf>,
-    /// Host CPUs no instance is pinned to (the host's own work and VMs' QEMU threads other than
-    /// the vCPUs run there); none by default.
+    /// Host CPUs no instance is pinned to (VMs' QEMU threads other than the vCPUs run there);
+    /// none by default.
     pub reserved_cpus: Vec<u32>,
     /// The daemon runs KSM (`/sys/kernel/mm/ksm`) while VMs run and stops it when none do
     /// (default true; false leaves KSM to the operator).
@@ -609,8 +609,8 @@ pub struct ConfigOverrides {
     /// The QEMU system emulator VMs run in (default: qemu-system-x86_64 on PATH) [vm_qemu].
     #[arg(long, env = "GPUVISOR_QEMU")]
     pub vm_qemu: Option<PathBuf>,
-    /// Host CPUs kept from instances, e.g. `0` or `0-1`: the host's own work and VMs' QEMU
-    /// threads other than the vCPUs (I/O, live copies) run there [reserved_cpus].
+    /// Host CPUs kept from instances, e.g. `0` or `0-1`: VMs' QEMU threads other than the
+    /// vCPUs (I/O, live copies) run there [reserved_cpus].
     #[arg(long, value_name = "LIST", env = "GPUVISOR_RESERVED_CPUS")]
     pub reserved_cpus: Option<String>,
     /// Whether the daemon runs KSM while VMs run (`false`: the operator's) [manage_ksm].

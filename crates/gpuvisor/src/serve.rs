@@ -145,6 +145,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| "localhost".into());
     let node_id = node_id(&cfg.data_dir, &store).await?;
     tracing::info!(node_id, hostname, "node identity");
+    let running: Vec<Pinned> = store
+        .live_instances(None)
+        .await?
+        .into_iter()
+        .filter(|r| r.node_id == node_id)
+        .filter(|r| {
+            use gpuvisor_wire::InstanceState as S;
+            matches!(r.state, S::Provisioning | S::Running | S::Stopping)
+        })
+        .map(|r| Pinned {
+            vm: r.runtime == gpuvisor_wire::RuntimeKind::Vm,
+            id: r.id,
+            cpus: r.cpus,
+        })
+        .collect();
+    reserved_cpus_fit(&cfg.data_dir, &cfg.reserved_cpus, &running)?;
     let node = Arc::new(node);
     let engine = Engine::new(
         store,
@@ -831,9 +847,94 @@ fn check_reserved_cpus(reserved: &[u32], online: &[u32]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An instance that runs on this node, and its CPUs.
+struct Pinned {
+    id: String,
+    vm: bool,
+    cpus: Vec<u32>,
+}
+
+/// Where the reserved CPUs a daemon last started with are kept: a running VM's QEMU keeps the
+/// threads' CPUs it started with.
+const RESERVED_CPUS_FILE: &str = "reserved-cpus";
+
+/// Refuses reserved CPUs that instances running on this node are pinned to, or CPUs no longer
+/// reserved while VMs run (their QEMU threads stay on the CPUs reserved when they started,
+/// which would then be given to instances); then records the set.
+fn reserved_cpus_fit(data_dir: &Path, reserved: &[u32], running: &[Pinned]) -> anyhow::Result<()> {
+    let list = gpuvisor_node::host::format_cpu_list;
+    if let Some(r) = running
+        .iter()
+        .find(|r| r.cpus.iter().any(|c| reserved.contains(c)))
+    {
+        anyhow::bail!(
+            "reserved_cpus {} holds CPUs {} that instance {} runs on; stop it first, or leave \
+             those CPUs out",
+            list(reserved),
+            list(&r.cpus),
+            r.id
+        );
+    }
+    let file = data_dir.join(RESERVED_CPUS_FILE);
+    let before = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|s| gpuvisor_node::host::parse_cpu_list(s.trim()))
+        .unwrap_or_default();
+    let vms = running.iter().filter(|r| r.vm).count();
+    let freed: Vec<u32> = before
+        .iter()
+        .copied()
+        .filter(|c| !reserved.contains(c))
+        .collect();
+    if !freed.is_empty() && vms > 0 {
+        anyhow::bail!(
+            "reserved_cpus no longer holds CPUs {} while {vms} VM(s) run with their QEMU \
+             threads there; start with reserved_cpus {:?} and stop or move (`instance migrate`) \
+             them first",
+            list(&freed),
+            list(&before)
+        );
+    }
+    std::fs::write(&file, list(reserved))
+        .with_context(|| format!("cannot write {}", file.display()))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::check_reserved_cpus;
+    use super::{check_reserved_cpus, reserved_cpus_fit, Pinned};
+
+    #[test]
+    fn reserved_cpus_never_hold_a_running_instance_or_a_vms_threads() {
+        let d = tempfile::tempdir().unwrap();
+        let pinned = |id: &str, vm, cpus: &[u32]| Pinned {
+            id: id.into(),
+            vm,
+            cpus: cpus.to_vec(),
+        };
+        let running = [pinned("c1", false, &[1]), pinned("v1", true, &[2])];
+        // An instance runs on CPU 1: it cannot be reserved.
+        let e = reserved_cpus_fit(d.path(), &[0, 1], &running)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CPUs 1 that instance c1 runs on"), "{e}");
+        // Reserving more while VMs run is fine, and recorded.
+        reserved_cpus_fit(d.path(), &[0], &running).unwrap();
+        reserved_cpus_fit(d.path(), &[0, 3], &running).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.path().join(super::RESERVED_CPUS_FILE)).unwrap(),
+            "0,3"
+        );
+        // Giving CPU 3 back while a VM's QEMU threads may be there: refused.
+        let e = reserved_cpus_fit(d.path(), &[0], &running)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no longer holds CPUs 3 while 1 VM(s) run"),
+            "{e}"
+        );
+        // With no VM running it may be.
+        reserved_cpus_fit(d.path(), &[0], &running[..1]).unwrap();
+    }
 
     #[test]
     fn reserved_cpus_must_be_online_and_leave_some() {

@@ -1653,15 +1653,16 @@ fn threads_are_pinned(
     mine
 }
 
-/// The host's last online CPU, to reserve (`--reserved-cpus`); `None` (a counted skip, a
-/// failure in CI) on a host with one CPU.
+/// The host's first online CPU, to reserve (`--reserved-cpus`): the one placement would pick
+/// first, so a placement that ignored the reservation is seen. `None` (a counted skip, a failure
+/// in CI) on a host with one CPU.
 fn a_cpu_to_reserve() -> Option<u32> {
     let online = cpu_list(&std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap());
     if online.len() < 2 {
         common::prerequisite_missing("two online CPUs (one to reserve)");
         return None;
     }
-    online.last().copied()
+    online.first().copied()
 }
 
 /// QEMU `pid`'s vCPU threads (named `CPU n/KVM`, `CPU n/TCG` or `ALL CPUs/TCG` with

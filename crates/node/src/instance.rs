@@ -82,8 +82,9 @@ pub struct NodeConfig {
     pub limiter_over_quota: crate::limiter::OverQuotaAction,
     /// Whether the node runs KSM while VMs run ([`crate::ksm`]).
     pub manage_ksm: bool,
-    /// Host CPUs no instance is pinned to: the host's own work and VMs' QEMU threads other
-    /// than the vCPUs ([`crate::vm::qemu::CpuPins`]) run there.
+    /// Host CPUs no instance is pinned to: VMs' QEMU threads other than the vCPUs
+    /// ([`crate::vm::qemu::CpuPins`]) run there (and the host's own processes, where the
+    /// operator confines them there).
     pub reserved_cpus: Vec<u32>,
 }
 

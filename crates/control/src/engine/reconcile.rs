@@ -611,19 +611,21 @@ impl Engine {
                 )));
             }
         }
-        if let Some(online) = self.node.cfg.root.online_cpus() {
+        // Online and not reserved (`--reserved-cpus`): instances are pinned to no other.
+        if let Some(usable) = self.node.instance_cpus() {
             let gone: Vec<u32> = i
                 .cpus
                 .iter()
                 .copied()
-                .filter(|c| !online.contains(c))
+                .filter(|c| !usable.contains(c))
                 .collect();
             if !gone.is_empty() {
                 return Ok(Err((
                     "cpus_gone".into(),
                     format!(
                         "cpus_gone: CPUs {gone:?} of the instance are no longer online on this \
-                         host; terminate the instance and create it again"
+                         host, or are reserved for the host; terminate the instance and create it \
+                         again"
                     ),
                 )));
             }
