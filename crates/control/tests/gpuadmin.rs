@@ -51,6 +51,11 @@ impl Host {
 
     /// Like [`Host::new`], with the kernel double adjusted by `tune` (e.g. slow writes).
     async fn with_kernel(fx: Fx, tune: impl FnOnce(Kernel) -> Kernel) -> Self {
+        Self::build(fx, tune, Vec::new()).await
+    }
+
+    /// Like [`Host::with_kernel`], with CPUs kept from instances (`serve --reserved-cpus`).
+    async fn build(fx: Fx, tune: impl FnOnce(Kernel) -> Kernel, reserved: Vec<u32>) -> Self {
         // What create_instance sizes requests against.
         fx.file("/sys/devices/system/cpu/online", "0-3\n");
         fx.file("/proc/meminfo", "MemTotal:       16777216 kB\n");
@@ -78,7 +83,7 @@ impl Host {
             limiter_context_bytes: 0,
             limiter_over_quota: Default::default(),
             manage_ksm: false,
-            reserved_cpus: Vec::new(),
+            reserved_cpus: reserved,
         };
         let node = tokio::task::spawn_blocking(move || Node::open(cfg))
             .await
@@ -264,6 +269,28 @@ async fn bind_moves_the_gpu_and_its_audio_function_to_vfio_pci() {
     let again = h.engine.bind_vfio(&h.admin, GPU).await.unwrap();
     assert!(again.passthrough_ready);
     assert!(h.kernel.writes().is_empty(), "{:?}", h.kernel.writes());
+}
+
+/// CPUs the host reserves (`serve --reserved-cpus`) are no instance's: a request is placed on
+/// the others, or refused where they are too few.
+#[tokio::test]
+async fn reserved_cpus_are_kept_from_placement() {
+    let h = Host::build(Fx::clean(), |k| k, vec![0]).await;
+    let ask = |vcpus| wire::CreateInstance {
+        image: IMAGE.into(),
+        vcpus,
+        memory: 256 << 20,
+        container_disk: 1 << 30,
+        ..Default::default()
+    };
+    let err = h
+        .engine
+        .create_instance(&h.user, &ask(4))
+        .await
+        .unwrap_err();
+    assert_code(&err, code::INSUFFICIENT_RESOURCES);
+    let inst = h.engine.create_instance(&h.user, &ask(3)).await.unwrap();
+    assert_eq!(inst.cpus, vec![1, 2, 3]);
 }
 
 #[tokio::test]
