@@ -143,21 +143,21 @@ fn wait_signal(set: &nix::sys::signal::SigSet, d: std::time::Duration) -> Option
     (r > 0).then_some(r)
 }
 
-/// Waits for child `pid` and returns its status (128+N for signal N). On SIGTERM (taken with
-/// `sigtimedwait`: blocked, so never lost between a check and a wait) calls `kill`, again on
-/// every round until the child is gone.
+/// Waits for child `pid` and returns its status (128+N for signal N) and whether SIGTERM came.
+/// On SIGTERM (taken with `sigtimedwait`: blocked, so never lost between a check and a wait)
+/// calls `kill`, again on every round until the child is gone.
 fn wait_child(
     pid: i32,
     signals: &nix::sys::signal::SigSet,
     mut kill: impl FnMut(),
-) -> nix::Result<i32> {
+) -> nix::Result<(i32, bool)> {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     use nix::unistd::Pid;
     let mut term = false;
     loop {
         match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, c)) => return Ok(c),
-            Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
+            Ok(WaitStatus::Exited(_, c)) => return Ok((c, term)),
+            Ok(WaitStatus::Signaled(_, s, _)) => return Ok((128 + s as i32, term)),
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e),
         }
@@ -167,6 +167,17 @@ fn wait_child(
         if wait_signal(signals, std::time::Duration::from_secs(1)) == Some(libc::SIGTERM) {
             term = true;
             kill();
+        }
+    }
+}
+
+/// Kills the trees of the shim's own children in instance `id`: processes reparented to it
+/// (a child subreaper) when the runtime that started them died.
+fn kill_orphans(root: &crate::HostRoot, id: &str) {
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    for (pid, parent) in crate::oci::proc_parents(root) {
+        if parent == me && crate::cgroup::holds(root, id, pid) {
+            crate::oci::kill_exec_tree(root, id, pid);
         }
     }
 }
@@ -244,7 +255,14 @@ pub fn shim_main(
             }
         });
         match waited {
-            Ok(c) => c,
+            Ok((c, term)) => {
+                if term {
+                    // The runtime may have started the command and been killed before it wrote
+                    // its pid: the command is then ours (a child subreaper's) and goes too.
+                    kill_orphans(root, id);
+                }
+                c
+            }
             Err(e) => {
                 eprintln!("exec-shim: waiting for the runtime: {e}");
                 125
@@ -276,7 +294,7 @@ pub fn shim_main(
         match wait_child(pid, &signals, || {
             crate::oci::kill_exec_tree(root, id, pid);
         }) {
-            Ok(c) => c,
+            Ok((c, _)) => c,
             Err(e) => {
                 eprintln!("exec-shim: waiting for pid {pid}: {e}");
                 return 125;

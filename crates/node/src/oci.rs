@@ -691,7 +691,7 @@ pub fn kill_exec_tree_pids(root: &crate::HostRoot, id: &str, pid: i32) -> Vec<i3
 }
 
 /// (pid, parent pid) of every process.
-fn proc_parents(root: &crate::HostRoot) -> Vec<(i32, i32)> {
+pub(crate) fn proc_parents(root: &crate::HostRoot) -> Vec<(i32, i32)> {
     let Ok(rd) = std::fs::read_dir(root.path("/proc")) else {
         return Vec::new();
     };
