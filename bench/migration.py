@@ -79,6 +79,14 @@ def qmp_pause(sock_path, ms):
     return took
 
 
+def heartbeat_gaps(d, iid):
+    """The gaps between the guest heartbeat's lines since it was last cleared, ms, longest
+    first (one long gap is a pause; several are a slow stretch)."""
+    hb = exec_in(d, iid, "cat /.gpuvisor/hb").split()
+    stamps = [float(x) for x in hb if re.match(r"^\d+\.\d+$", x)]
+    return sorted(((b - x) * 1000 for x, b in zip(stamps, stamps[1:])), reverse=True)
+
+
 class Pinger:
     """ICMP echo requests to the guest every 2 ms (a raw socket: root) while a migration runs;
     the longest gap between two answers."""
@@ -218,12 +226,10 @@ def main():
             p = Pinger(addr)
             time.sleep(5)
             gap, answers = p.stop()
-            hb = exec_in(d, iid, "cat /.gpuvisor/hb").split()
-            stamps = [float(x) for x in hb if re.match(r"^\d+\.\d+$", x)]
-            hb_gap = max((b - x for x, b in zip(stamps, stamps[1:])), default=None)
+            gaps = heartbeat_gaps(d, iid)
             res["runs"].append({"rate_mib_s": rate, "postcopy": None, "run": 0, "wall_s": 5.0,
                                 "report": {}, "ping_max_gap_ms": gap, "ping_answers": answers,
-                                "guest_heartbeat_max_gap_ms": hb_gap * 1000 if hb_gap is not None else None,
+                                "guest_heartbeat_max_gap_ms": gaps[0] if gaps else None,
                                 "state_intact": True})
             for k in range(a.runs if a.pause_ms else 0):
                 exec_in(d, iid, ": > /.gpuvisor/hb")
@@ -232,16 +238,15 @@ def main():
                 took = qmp_pause(os.path.join(a.data_dir, "vm", "run", iid, "qmp.sock"), a.pause_ms)
                 time.sleep(0.5)
                 gap, answers = p.stop()
-                hb = exec_in(d, iid, "cat /.gpuvisor/hb").split()
-                stamps = [float(x) for x in hb if re.match(r"^\d+\.\d+$", x)]
-                gaps = sorted((round((b - x) * 1000) for x, b in zip(stamps, stamps[1:])), reverse=True)
+                gaps = heartbeat_gaps(d, iid)
                 res["runs"].append({"rate_mib_s": rate, "postcopy": "pause", "run": k, "wall_s": took / 1000,
                                     "report": {"downtime_ms": round(took)}, "ping_max_gap_ms": gap,
                                     "ping_answers": answers,
                                     "guest_heartbeat_max_gap_ms": gaps[0] if gaps else None,
-                                    "guest_heartbeat_top_gaps_ms": gaps[:3], "state_intact": True,
+                                    "guest_heartbeat_top_gaps_ms": [round(g) for g in gaps[:3]],
+                                    "state_intact": True,
                                     "reserved_cpus": current[0] or "none"})
-                gb.log(f"rate {rate} pause {took:.0f} ms run {k}: ping gap {gap} hb gaps {gaps[:3]}")
+                gb.log(f"rate {rate} pause {took:.0f} ms run {k}: ping gap {gap} hb gaps {[round(g) for g in gaps[:3]]}")
             for postcopy in modes:
                 if postcopy:
                     open(uffd, "w").write("1")
@@ -258,18 +263,13 @@ def main():
                     wall = time.monotonic() - t0
                     time.sleep(0.5)
                     gap, answers = p.stop()
-                    hb = exec_in(d, iid, "cat /.gpuvisor/hb").split()
-                    stamps = [float(x) for x in hb if re.match(r"^\d+\.\d+$", x)]
-                    hb_gap = max((b - x for x, b in zip(stamps, stamps[1:])), default=None)
-                    # The three longest gaps (ms): one long one is a pause; several is a slow
-                    # stretch (a new TCG process translating the guest's code again).
-                    top = sorted((round((b - x) * 1000) for x, b in zip(stamps, stamps[1:])), reverse=True)[:3]
+                    gaps = heartbeat_gaps(d, iid)
                     ok = exec_in(d, iid, f"dd if=/.gpuvisor/fill bs=1M skip={ws} 2>/dev/null | md5sum").split()[0] == keep_sum
                     row = {"rate_mib_s": rate, "postcopy": postcopy, "run": k, "wall_s": wall,
                            "report": m, "ping_max_gap_ms": gap, "ping_answers": answers,
-                           "guest_heartbeat_max_gap_ms": hb_gap * 1000 if hb_gap is not None else None,
+                           "guest_heartbeat_max_gap_ms": gaps[0] if gaps else None,
                            "state_intact": ok, "reserved_cpus": current[0] or "none",
-                           "guest_heartbeat_top_gaps_ms": top}
+                           "guest_heartbeat_top_gaps_ms": [round(g) for g in gaps[:3]]}
                     res["runs"].append(row)
                     gb.log(f"rate {rate} postcopy {postcopy} run {k}: {m} ping gap {gap} hb gap {row['guest_heartbeat_max_gap_ms']} intact {ok}")
                 if postcopy:

@@ -646,8 +646,9 @@ pub fn make_cgroup(
     let base = root.path("/sys/fs/cgroup");
     let write = |path: PathBuf, v: &str| std::fs::write(&path, v).map_err(cg_err(&path));
     let read = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_default();
-    let v2 = base.join("cgroup.controllers").exists();
-    if v2 {
+    let cpus = pins.cpuset();
+    let dirs = cgroup_dirs(root, id);
+    if matches!(dirs.first(), Some(("v2", _))) {
         // Enable the controllers down to gpuvisor/<id>.
         let parent = base.join(root.cgroup_parent());
         std::fs::create_dir_all(&parent).map_err(cg_err(&parent))?;
@@ -657,23 +658,37 @@ pub fn make_cgroup(
             }
         }
     }
-    let dirs = cgroup_dirs(root, id);
+    // Threads already pinned keep their affinity where it stays within the new cpuset (kernel
+    // 6.2 and later; callers pin again after this).
     for (ctrl, dir) in &dirs {
-        let parent = dir.parent().unwrap_or(dir).to_path_buf();
         std::fs::create_dir_all(dir).map_err(cg_err(dir))?;
         match *ctrl {
             "v2" => {
+                if !cpus.is_empty() {
+                    write(
+                        dir.join("cpuset.cpus"),
+                        &crate::host::format_cpu_list(&cpus),
+                    )?;
+                }
                 write(dir.join("memory.max"), &memory.to_string())?;
                 let _ = std::fs::write(dir.join("memory.swap.max"), "0");
             }
             "cpuset" => {
-                // v1 cpusets start empty: the parent takes the root's, the child its own.
+                // v1 cpusets start empty: the parent takes the root's, the child its own (the
+                // parent's CPUs when it has no pins).
+                let parent = dir.parent().unwrap_or(dir);
                 let hier = base.join("cpuset");
                 for f in ["cpuset.cpus", "cpuset.mems"] {
                     if read(parent.join(f)).trim().is_empty() {
                         write(parent.join(f), read(hier.join(f)).trim())?;
                     }
                 }
+                let list = if cpus.is_empty() {
+                    read(parent.join("cpuset.cpus")).trim().to_string()
+                } else {
+                    crate::host::format_cpu_list(&cpus)
+                };
+                write(dir.join("cpuset.cpus"), &list)?;
                 write(
                     dir.join("cpuset.mems"),
                     read(parent.join("cpuset.mems")).trim(),
@@ -683,7 +698,6 @@ pub fn make_cgroup(
             _ => {}
         }
     }
-    write_cpuset(&dirs, pins)?;
     dirs.iter()
         .map(|(_, d)| {
             let f = d.join("cgroup.procs");
@@ -694,30 +708,6 @@ pub fn make_cgroup(
                 .map_err(cg_err(&f))
         })
         .collect()
-}
-
-/// Writes the cpuset of the instance's cgroup: both of `pins`' sets (v1 without pins: the
-/// parent's). Threads already pinned keep their affinity where it stays within it (kernel 6.2
-/// and later; callers pin again after this).
-fn write_cpuset(dirs: &[(&str, PathBuf)], pins: &CpuPins) -> Result<(), VmError> {
-    let cpus = pins.cpuset();
-    for (ctrl, dir) in dirs {
-        let list = match *ctrl {
-            "v2" if !cpus.is_empty() => crate::host::format_cpu_list(&cpus),
-            "cpuset" if cpus.is_empty() => {
-                let parent = dir.parent().unwrap_or(dir).join("cpuset.cpus");
-                std::fs::read_to_string(parent)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string()
-            }
-            "cpuset" => crate::host::format_cpu_list(&cpus),
-            _ => continue,
-        };
-        let f = dir.join("cpuset.cpus");
-        std::fs::write(&f, list).map_err(cg_err(&f))?;
-    }
-    Ok(())
 }
 
 /// The instance's cgroup directories, each with its controller: `("v2", dir)` on cgroup v2;
